@@ -1,0 +1,129 @@
+# kiln — GNU Makefile.
+#
+#   make            build build/libkiln.a and build/kiln
+#   make test       install missing Debian packages, build, run every test
+#   make asan       the same tests under AddressSanitizer + UBSan
+#   make bench      build and run the benchmarks
+#   make demo       the quick start: train a small model on a real corpus
+#   make info       what optional dependencies were found
+#   make fuzz       build the libFuzzer harnesses (clang) and run them briefly
+#
+# Variables: WERROR=1 (warnings are errors; CI), BUILD=dir, SAN=1,
+# ARCH=-march=native (set ARCH= for a portable build), NO_DNNL=1, NO_MPI=1.
+
+BUILD   ?= build
+CC      ?= gcc
+ARCH    ?= -march=native
+OPT     ?= -O2
+WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes
+CFLAGS_BASE := -std=c11 -D_GNU_SOURCE $(OPT) $(ARCH) -g -fopenmp -fno-math-errno $(WARN) \
+               -Iinclude -Isrc -MMD -MP
+LDLIBS  := -fopenmp -lm -lpthread
+DEFS    :=
+
+ifeq ($(WERROR),1)
+CFLAGS_BASE += -Werror
+endif
+ifeq ($(SAN),1)
+CFLAGS_BASE += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDLIBS  += -fsanitize=address,undefined
+DEFS    += -DKILN_SANITIZE=1
+endif
+
+# ---- required dependencies (Debian packages; scripts/deps.sh installs) --
+LDLIBS  += -ljansson -lpcre2-8 -lmicrohttpd
+
+# ---- optional dependencies, detected ---------------------------------
+HAVE_DNNL := $(if $(NO_DNNL),,$(shell test -f /usr/include/dnnl.h -o -f /usr/include/oneapi/dnnl/dnnl.h && echo 1))
+ifeq ($(HAVE_DNNL),1)
+DEFS    += -DKILN_HAVE_DNNL=1
+LDLIBS  += -ldnnl
+endif
+HAVE_MPI := $(if $(NO_MPI),,$(shell command -v mpicc >/dev/null 2>&1 && echo 1))
+ifeq ($(HAVE_MPI),1)
+DEFS    += -DKILN_HAVE_MPI=1
+CFLAGS_BASE += $(shell mpicc --showme:compile)
+LDLIBS  += $(shell mpicc --showme:link)
+endif
+
+CFLAGS  := $(CFLAGS_BASE) $(DEFS) $(EXTRA_CFLAGS)
+
+LIB_SRC   := $(sort $(wildcard src/*/*.c src/*/*/*.c))
+TOOL_SRC  := $(sort $(wildcard tools/*.c))
+TEST_SRC  := $(sort $(wildcard tests/test_*.c))
+BENCH_SRC := $(sort $(wildcard bench/*.c))
+EX_SRC    := $(sort $(wildcard examples/*.c))
+
+LIB_OBJ   := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+TOOL_OBJ  := $(TOOL_SRC:%.c=$(BUILD)/obj/%.o)
+TEST_BIN  := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+EX_BIN    := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
+LIB       := $(BUILD)/libkiln.a
+
+.PHONY: all info test asan bench demo deps fuzz clean examples tests
+all: info-line $(LIB) $(BUILD)/kiln
+
+info-line:
+	@echo "kiln: oneDNN=$(if $(HAVE_DNNL),yes,no) MPI=$(if $(HAVE_MPI),yes,no) CC=$(CC) BUILD=$(BUILD)"
+.PHONY: info-line
+
+info:
+	@echo "kiln $(shell sed -n 's/^#define KILN_VERSION "\(.*\)"/\1/p' include/kiln.h)"
+	@echo "  compiler : $(CC) ($(shell $(CC) -dumpversion))"
+	@echo "  flags    : $(OPT) $(ARCH)"
+	@echo "  oneDNN   : $(if $(HAVE_DNNL),yes (libdnnl: fast fp32/bf16 GEMM),no (portable kernels only; apt-get install libdnnl-dev))"
+	@echo "  Open MPI : $(if $(HAVE_MPI),yes (distributed training),no (world size 1; apt-get install libopenmpi-dev openmpi-bin))"
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(LIB): $(LIB_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/kiln: $(TOOL_OBJ) $(LIB)
+	$(CC) $(CFLAGS) -o $@ $(TOOL_OBJ) $(LIB) $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c $(LIB) tests/check.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests -o $@ $< $(LIB) $(LDLIBS)
+
+$(BUILD)/bench/%: bench/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+
+$(BUILD)/examples/%: examples/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+
+tests: all $(TEST_BIN) $(EX_BIN)
+examples: $(EX_BIN)
+
+deps:
+	@bash scripts/deps.sh
+
+test: deps
+	@$(MAKE) --no-print-directory tests
+	@bash tests/run.sh $(BUILD)
+
+asan: deps
+	@$(MAKE) --no-print-directory BUILD=build-asan SAN=1 OPT=-O1 tests
+	@KILN_SANITIZE=1 ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1 bash tests/run.sh build-asan
+
+bench: deps all $(BENCH_BIN)
+	@bash bench/run.sh $(BUILD)
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@bash scripts/demo.sh $(BUILD)
+
+fuzz: deps
+	@bash fuzz/run.sh
+
+clean:
+	rm -rf build build-asan build-fuzz
+
+-include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d)

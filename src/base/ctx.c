@@ -1,0 +1,149 @@
+/*
+ * ctx.c — status strings, the context (last error, log level, threads),
+ * logging, assertions, checked allocation and the monotonic clock.
+ */
+#include "base.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#define ERRMSG_CAP 2048
+
+struct kiln_ctx {
+    char errmsg[ERRMSG_CAP];
+    kiln_log_level level;
+    int threads;
+};
+
+static const char *const status_str[] = {
+#define XX(name, msg) msg,
+    KILN_STATUS_MAP(XX)
+#undef XX
+};
+
+static const char *const status_name[] = {
+#define XX(name, msg) #name,
+    KILN_STATUS_MAP(XX)
+#undef XX
+};
+
+const char *kiln_status_str(kiln_status s)
+{
+    if ((unsigned)s >= KILN_STATUS_COUNT) return "unknown status";
+    return status_str[s];
+}
+
+const char *kiln_status_name(kiln_status s)
+{
+    if ((unsigned)s >= KILN_STATUS_COUNT) return "UNKNOWN";
+    return status_name[s];
+}
+
+kiln_ctx *kiln_ctx_new(void)
+{
+    kiln_ctx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return NULL;
+    ctx->level = KILN_LOG_INFO;
+    const char *env = getenv("KILN_LOG");
+    if (env) {
+        if (!strcasecmp(env, "error")) ctx->level = KILN_LOG_ERROR;
+        else if (!strcasecmp(env, "warn")) ctx->level = KILN_LOG_WARN;
+        else if (!strcasecmp(env, "info")) ctx->level = KILN_LOG_INFO;
+        else if (!strcasecmp(env, "debug")) ctx->level = KILN_LOG_DEBUG;
+    }
+    return ctx;
+}
+
+void kiln_ctx_free(kiln_ctx *ctx) { free(ctx); }
+
+const char *kiln_errmsg(const kiln_ctx *ctx)
+{
+    return ctx ? ctx->errmsg : "";
+}
+
+kiln_status kiln_fail(kiln_ctx *ctx, kiln_status s, const char *fmt, ...)
+{
+    if (ctx) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(ctx->errmsg, sizeof ctx->errmsg, fmt, ap);
+        va_end(ap);
+    }
+    return s;
+}
+
+void kiln_clear_error(kiln_ctx *ctx)
+{
+    if (ctx) ctx->errmsg[0] = 0;
+}
+
+void kiln_set_log_level(kiln_ctx *ctx, kiln_log_level level)
+{
+    ctx->level = level;
+}
+
+kiln_log_level kiln_get_log_level(const kiln_ctx *ctx) { return ctx->level; }
+
+void kiln_log(const kiln_ctx *ctx, kiln_log_level level, const char *fmt, ...)
+{
+    if (ctx && level > ctx->level) return;
+    static const char *const tag[] = {"error", "warn", "info", "debug"};
+    fprintf(stderr, "kiln: %s: ", tag[level]);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+void kiln_set_threads(kiln_ctx *ctx, int n) { ctx->threads = n < 0 ? 0 : n; }
+int kiln_get_threads(const kiln_ctx *ctx) { return ctx->threads; }
+
+void kiln_assert_fail(const char *expr, const char *file, int line)
+{
+    fprintf(stderr, "kiln: internal assertion failed: %s (%s:%d)\n", expr,
+            file, line);
+    abort();
+}
+
+void *kiln_malloc(kiln_ctx *ctx, size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory allocating %zu bytes",
+                  n);
+    return p;
+}
+
+void *kiln_calloc(kiln_ctx *ctx, size_t count, size_t size)
+{
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p)
+        kiln_fail(ctx, KILN_ERR_NOMEM,
+                  "out of memory allocating %zu x %zu bytes", count, size);
+    return p;
+}
+
+void *kiln_aligned_alloc(kiln_ctx *ctx, size_t n)
+{
+    size_t sz = (n + 63) & ~(size_t)63;
+    if (sz == 0) sz = 64;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, sz) != 0) {
+        kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory allocating %zu bytes",
+                  n);
+        return NULL;
+    }
+    memset(p, 0, sz);
+    return p;
+}
+
+double kiln_time_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}

@@ -1,0 +1,99 @@
+/*
+ * check.h — the tiny shared test harness. A test file defines static
+ * void functions and runs them with RUN_TEST(fn) from main(), then returns
+ * TEST_EXIT(). Each test prints one line, "PASS name", "FAIL name" or
+ * "SKIP name: why", which tests/run.sh counts; a failed CHECK prints both
+ * values and where it was.
+ */
+#ifndef KILN_CHECK_H
+#define KILN_CHECK_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int check_fails_;       /* failures inside the current test */
+static int check_total_fails_; /* failed tests in this program */
+static const char *check_skip_;
+
+#define CHECK(cond)                                                        \
+    do {                                                                   \
+        if (!(cond)) {                                                     \
+            fprintf(stderr, "  %s:%d: CHECK(%s) failed\n", __FILE__,        \
+                    __LINE__, #cond);                                      \
+            check_fails_++;                                                \
+        }                                                                  \
+    } while (0)
+
+#define CHECK_MSG(cond, ...)                                               \
+    do {                                                                   \
+        if (!(cond)) {                                                     \
+            fprintf(stderr, "  %s:%d: CHECK(%s) failed: ", __FILE__,        \
+                    __LINE__, #cond);                                      \
+            fprintf(stderr, __VA_ARGS__);                                  \
+            fputc('\n', stderr);                                           \
+            check_fails_++;                                                \
+        }                                                                  \
+    } while (0)
+
+#define CHECK_EQ(a, b)                                                     \
+    do {                                                                   \
+        long long ca_ = (long long)(a), cb_ = (long long)(b);              \
+        if (ca_ != cb_) {                                                  \
+            fprintf(stderr, "  %s:%d: CHECK_EQ(%s, %s) failed: %lld != %lld\n", \
+                    __FILE__, __LINE__, #a, #b, ca_, cb_);                 \
+            check_fails_++;                                                \
+        }                                                                  \
+    } while (0)
+
+#define CHECK_STREQ(a, b)                                                  \
+    do {                                                                   \
+        const char *ca_ = (a), *cb_ = (b);                                 \
+        if (!ca_ || !cb_ || strcmp(ca_, cb_) != 0) {                       \
+            fprintf(stderr, "  %s:%d: CHECK_STREQ(%s, %s) failed: \"%s\" != \"%s\"\n", \
+                    __FILE__, __LINE__, #a, #b, ca_ ? ca_ : "(null)",      \
+                    cb_ ? cb_ : "(null)");                                 \
+            check_fails_++;                                                \
+        }                                                                  \
+    } while (0)
+
+/* |a - b| <= tol * max(1, |a|, |b|): relative for large values, absolute
+ * near zero. */
+#define CHECK_NEAR(a, b, tol)                                              \
+    do {                                                                   \
+        double ca_ = (double)(a), cb_ = (double)(b);                       \
+        double sc_ = fmax(1.0, fmax(fabs(ca_), fabs(cb_)));                \
+        if (!(fabs(ca_ - cb_) <= (tol) * sc_)) {                           \
+            fprintf(stderr, "  %s:%d: CHECK_NEAR(%s, %s, %g) failed: %.9g vs %.9g\n", \
+                    __FILE__, __LINE__, #a, #b, (double)(tol), ca_, cb_);  \
+            check_fails_++;                                                \
+        }                                                                  \
+    } while (0)
+
+/* Marks the current test skipped (with the reason) and returns. */
+#define SKIP(why)                                                          \
+    do {                                                                   \
+        check_skip_ = (why);                                               \
+        return;                                                            \
+    } while (0)
+
+#define RUN_TEST(fn)                                                       \
+    do {                                                                   \
+        check_fails_ = 0;                                                  \
+        check_skip_ = NULL;                                                \
+        fn();                                                              \
+        if (check_fails_) {                                                \
+            printf("FAIL %s\n", #fn);                                      \
+            check_total_fails_++;                                          \
+        } else if (check_skip_) {                                          \
+            printf("SKIP %s: %s\n", #fn, check_skip_);                     \
+        } else {                                                           \
+            printf("PASS %s\n", #fn);                                      \
+        }                                                                  \
+        fflush(stdout);                                                    \
+    } while (0)
+
+#define TEST_EXIT() (check_total_fails_ ? 1 : 0)
+
+#endif /* KILN_CHECK_H */

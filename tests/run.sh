@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# tests/run.sh BUILD_DIR — runs every test program (BUILD_DIR/tests/test_*)
+# and every shell test (tests/t_*.sh), counts their PASS/FAIL/SKIP lines and
+# ends with "N passed, N failed, N skipped". A program that exits non-zero
+# without printing FAIL counts as one failure (a crash is never a pass).
+# Set TESTS=pattern to run a subset.
+set -u
+build=${1:-build}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export KILN="$root/$build/kiln" KILN_BUILD="$root/$build" KILN_ROOT="$root"
+export KILN_TMP=$(mktemp -d /tmp/kiln-test.XXXXXX)
+trap 'rm -rf "$KILN_TMP"' EXIT
+pass=0 fail=0 skip=0
+failed_names=()
+progs=()
+for p in "$build"/tests/test_*; do [ -x "$p" ] && progs+=("$p"); done
+for s in tests/t_*.sh; do [ -f "$s" ] && progs+=("$s"); done
+for p in "${progs[@]}"; do
+  name=$(basename "$p")
+  if [ -n "${TESTS:-}" ] && [[ "$name" != *${TESTS}* ]]; then continue; fi
+  log="$KILN_TMP/$name.log"
+  start=$(date +%s.%N)
+  case "$p" in
+    *.sh) bash "$p" >"$log" 2>&1; rc=$? ;;
+    *)    "$p" >"$log" 2>&1; rc=$? ;;
+  esac
+  secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+  np=$(grep -c '^PASS ' "$log"); nf=$(grep -c '^FAIL ' "$log"); ns=$(grep -c '^SKIP ' "$log")
+  if [ "$rc" -ne 0 ] && [ "$nf" -eq 0 ]; then
+    nf=1; echo "FAIL $name: exited with status $rc" >>"$log"
+  fi
+  pass=$((pass+np)); fail=$((fail+nf)); skip=$((skip+ns))
+  if [ "$nf" -gt 0 ]; then
+    echo "FAIL  $name ($np passed, $nf failed, ${secs}s)"
+    sed 's/^/    /' "$log" | tail -n 60
+    failed_names+=("$name")
+  else
+    echo "ok    $name ($np passed, $ns skipped, ${secs}s)"
+    grep '^SKIP ' "$log" | sed 's/^/    /'
+  fi
+done
+[ ${#failed_names[@]} -gt 0 ] && echo "failed: ${failed_names[*]}"
+echo "$pass passed, $fail failed, $skip skipped"
+[ "$fail" -eq 0 ]

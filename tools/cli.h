@@ -1,0 +1,83 @@
+/*
+ * cli.h — shared pieces of the kiln command: the subcommand entry points
+ * (one file per family, tools/cmd_<family>.c) and a small long-flag parser
+ * that gives every subcommand the same --help and error messages.
+ */
+#ifndef KILN_CLI_H
+#define KILN_CLI_H
+
+#include "kiln.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* Flag kinds. */
+typedef enum cli_kind {
+    CLI_STR,   /* const char **         --name VALUE                      */
+    CLI_INT,   /* int *                 --name 12                         */
+    CLI_I64,   /* int64_t *             --name 12                         */
+    CLI_F64,   /* double *              --name 0.5                        */
+    CLI_BOOL,  /* bool *                --name (no value) sets true       */
+    CLI_LIST,  /* cli_list *            --name A B C (until the next --)  */
+    CLI_OPTSTR /* const char **         --name [VALUE]; "" when no value  */
+} cli_kind;
+
+typedef struct cli_list {
+    const char **items;
+    int n;
+} cli_list;
+
+typedef struct cli_opt {
+    const char *name; /* without the leading "--" */
+    cli_kind kind;
+    void *dst;
+    const char *help; /* "help text [default]" */
+    bool required;
+} cli_opt;
+
+/* Parses argv (argv[0] is the subcommand name) against opts, terminated by
+ * an entry with name == NULL. Positional arguments are collected into
+ * *pos (may be NULL when none are accepted). Returns 0 on success, 1 when
+ * --help was printed (exit 0), 2 on a usage error (message printed to
+ * stderr naming the flag; exit 2). `usage` is the one-line synopsis and
+ * `about` a paragraph printed by --help. The cli_list arrays point into
+ * argv and are malloc'ed (free with cli_free). */
+int cli_parse(const char *cmd, const char *usage, const char *about,
+              cli_opt *opts, int argc, char **argv, cli_list *pos);
+void cli_free(cli_opt *opts, cli_list *pos);
+
+/* Prints "kiln CMD: <kiln_errmsg>" to stderr and returns exit code 1. */
+int cli_fail(kiln_ctx *ctx, const char *cmd, kiln_status s);
+
+/* True when stdout is a terminal (progress bars) . */
+bool cli_isatty(void);
+
+/* Subcommands. Each returns the process exit code. Families that a build
+ * does not have are weak and reported as unavailable by the dispatcher. */
+#define KILN_COMMANDS(XX)                                                  \
+    XX(init, "write a randomly initialised model directory")               \
+    XX(info, "describe a model directory or file")                         \
+    XX(eval, "mean next-token loss / perplexity on tokens")                \
+    XX(tokenizer, "train, encode and decode tokenizers")                   \
+    XX(tokenize, "turn text or JSONL into token shards")                   \
+    XX(train, "pretrain or continue training a model")                     \
+    XX(plot, "render a run's loss curves to SVG")                          \
+    XX(generate, "sample text from a model")                               \
+    XX(chat, "interactive chat with a model")                              \
+    XX(serve, "OpenAI-compatible HTTP server")                             \
+    XX(sft, "supervised fine-tuning")                                      \
+    XX(dpo, "direct preference optimisation")                              \
+    XX(grpo, "group relative policy optimisation")                         \
+    XX(distill, "knowledge distillation")                                  \
+    XX(prune, "prune a model")                                             \
+    XX(quantize, "quantize a model")                                       \
+    XX(export, "export to other formats (GGUF)")                           \
+    XX(import, "import Hugging Face models")                               \
+    XX(bench, "measure kernels and training speed")
+
+#define KILN_XX_DECL(name, help) \
+    int cmd_##name(int argc, char **argv) __attribute__((weak));
+KILN_COMMANDS(KILN_XX_DECL)
+#undef KILN_XX_DECL
+
+#endif /* KILN_CLI_H */
