@@ -120,6 +120,111 @@ double kiln_time_now(void);
  * model: config, parameters, forward, backward
  * ====================================================================== */
 
+#include <stdbool.h>
+
+typedef enum kiln_arch {
+    KILN_ARCH_GPT2 = 0,  /* learned positions, LayerNorm, GELU MLP, biases */
+    KILN_ARCH_LLAMA = 1  /* RoPE, RMSNorm, SwiGLU MLP, GQA, no biases      */
+} kiln_arch;
+
+/* The transformer family's hyper-parameters, read from / written to an
+ * HF-style config.json (model_type gpt2 | llama). Shapes elsewhere use
+ * B (batch), T (time), C (n_embd), V (vocab_size), L (n_layer),
+ * NH (n_head), KVH (n_kv_head), HS = C / NH (head size), F (n_inner). */
+typedef struct kiln_config {
+    kiln_arch arch;
+    int n_layer;         /* L */
+    int n_embd;          /* C */
+    int n_head;          /* NH */
+    int n_kv_head;       /* KVH; == NH without GQA */
+    int n_inner;         /* F: MLP hidden size (gpt2 default 4C) */
+    int vocab_size;      /* V */
+    int n_ctx;           /* maximum sequence length */
+    float norm_eps;      /* LayerNorm / RMSNorm epsilon */
+    float rope_theta;    /* llama only */
+    bool tie_embeddings; /* LM head shares the token embedding */
+    bool bias;           /* biases on linear layers (gpt2: true) */
+    int bos_token_id;    /* -1 when unset */
+    int eos_token_id;    /* -1 when unset */
+} kiln_config;
+
+/* A small gpt2 config (L=4, C=256, NH=4, V=257 bytes+eot, n_ctx=256). */
+kiln_config kiln_config_default(void);
+/* Reads config.json. Unknown keys that change the math are rejected with a
+ * message naming the key; informational keys are accepted. */
+kiln_status kiln_config_load(kiln_ctx *ctx, const char *path, kiln_config *out);
+/* Writes config.json atomically with HF key names. */
+kiln_status kiln_config_save(kiln_ctx *ctx, const char *path,
+                             const kiln_config *cfg);
+/* Checks consistency (divisibility, ranges); message names the key. */
+kiln_status kiln_config_validate(kiln_ctx *ctx, const kiln_config *cfg);
+/* Number of fp32 parameters the config implies. */
+size_t kiln_config_num_params(const kiln_config *cfg);
+
+typedef struct kiln_model kiln_model;
+
+/* One named parameter tensor, a view into the contiguous parameter block.
+ * Names and shapes are those of HF GPT2LMHeadModel / LlamaForCausalLM. */
+typedef struct kiln_tensor_info {
+    const char *name;  /* e.g. "transformer.h.0.attn.c_attn.weight" */
+    int ndim;
+    int64_t shape[4];
+    size_t offset;     /* in floats, from kiln_model_params() */
+    size_t numel;
+    bool decay;        /* AdamW weight decay applies (matrices, not
+                          norms, biases or embeddings) */
+} kiln_tensor_info;
+
+/* Creates a model with zeroed parameters. Free with kiln_model_free. */
+kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
+                           kiln_model **out);
+/* GPT-2 initialisation: N(0, 0.02), residual projections scaled by
+ * 1/sqrt(2L), norms 1, biases 0. Same seed, same weights. */
+void kiln_model_init_random(kiln_model *m, uint64_t seed);
+/* Loads DIR/config.json + DIR/model.safetensors (validated). */
+kiln_status kiln_model_load(kiln_ctx *ctx, const char *dir, kiln_model **out);
+/* Writes DIR/config.json + DIR/model.safetensors atomically (creates DIR). */
+kiln_status kiln_model_save(kiln_ctx *ctx, const kiln_model *m,
+                            const char *dir);
+void kiln_model_free(kiln_model *m);
+
+const kiln_config *kiln_model_config(const kiln_model *m);
+size_t kiln_model_num_params(const kiln_model *m);
+float *kiln_model_params(kiln_model *m);
+/* Gradient block mirroring the parameters; NULL before kiln_model_prepare. */
+float *kiln_model_grads(kiln_model *m);
+int kiln_model_num_tensors(const kiln_model *m);
+const kiln_tensor_info *kiln_model_tensor(const kiln_model *m, int i);
+/* Index of the tensor with this HF name, or -1. */
+int kiln_model_find_tensor(const kiln_model *m, const char *name);
+
+/* Allocates gradients and the activation arena for batches up to (B, T).
+ * Call again to grow. T <= n_ctx is checked (error names --seq). */
+kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T);
+/* Forward pass. tokens (B, T) in [0, V) (checked). *logits (B, T, V)
+ * points into the model's activations, valid until the next forward;
+ * callers may overwrite it with dlogits in place. */
+kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
+                               const int32_t *tokens, int B, int T,
+                               float **logits);
+/* Backward pass of the last forward: accumulates d(loss)/d(params) into
+ * the gradient block given dlogits (B, T, V) (may alias the logits). */
+kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
+                                const float *dlogits);
+void kiln_model_zero_grad(kiln_model *m);
+
+/* Fused softmax + cross-entropy over N = B*T rows of V logits.
+ * targets < 0 are ignored; mask (N) weights each row (NULL = all 1).
+ * Adds sum_i mask_i * -log softmax(logits_i)[target_i] to *loss_sum and
+ * sum_i mask_i to *weight_sum. When dlogits is non-NULL writes
+ * grad_scale * mask_i * (softmax_i - onehot_i) there (dlogits may alias
+ * logits). The caller picks grad_scale (e.g. 1 / total weight). */
+kiln_status kiln_cross_entropy(kiln_ctx *ctx, const float *logits,
+                               const int32_t *targets, const float *mask,
+                               int64_t N, int V, float grad_scale,
+                               float *dlogits, double *loss_sum,
+                               double *weight_sum);
+
 /* ======================================================================
  * io: safetensors, gguf, checkpoint directories
  * ====================================================================== */
@@ -128,9 +233,50 @@ double kiln_time_now(void);
  * tokenizer
  * ====================================================================== */
 
+typedef struct kiln_tokenizer kiln_tokenizer;
+
+/* Loads a tokenizer. spec is a tokenizer.json path, a directory holding
+ * tokenizer.json or GPT-2's encoder.json + vocab.bpe, or "bytes" (the
+ * byte-level vocabulary: ids 0..255 are bytes, 256 is <|endoftext|>). */
+kiln_status kiln_tokenizer_load(kiln_ctx *ctx, const char *spec,
+                                kiln_tokenizer **out);
+/* Writes Hugging Face tokenizer.json atomically. */
+kiln_status kiln_tokenizer_save(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                const char *path);
+void kiln_tokenizer_free(kiln_tokenizer *tok);
+int kiln_tokenizer_vocab_size(const kiln_tokenizer *tok);
+/* The end-of-text token id. */
+int kiln_tokenizer_eot(const kiln_tokenizer *tok);
+/* Encodes len bytes of text (special tokens are not recognised in text).
+ * *ids is malloc'ed; caller frees. */
+kiln_status kiln_tokenizer_encode(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                  const char *text, size_t len,
+                                  int32_t **ids, size_t *n);
+/* Decodes ids to exact bytes; *text is malloc'ed and NUL-terminated. */
+kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                  const int32_t *ids, size_t n, char **text,
+                                  size_t *len);
+
 /* ======================================================================
  * data: token shards, loaders, jsonl datasets
  * ====================================================================== */
+
+/* Token shard files (docs/formats.md): a header with magic, version,
+ * token dtype, vocab size and count, then raw little-endian tokens. A data
+ * directory holds train_NNNN.bin, val_NNNN.bin and meta.json. */
+typedef struct kiln_shard_writer kiln_shard_writer;
+
+/* Opens path for writing (atomically committed by close). The token dtype
+ * is uint16 when vocab_size <= 65536, else uint32. */
+kiln_status kiln_shard_writer_open(kiln_ctx *ctx, const char *path,
+                                   int vocab_size, kiln_shard_writer **out);
+/* Appends tokens; each must be in [0, vocab_size) (checked). */
+kiln_status kiln_shard_writer_append(kiln_ctx *ctx, kiln_shard_writer *w,
+                                     const int32_t *ids, size_t n);
+/* Writes the final header, fsyncs, renames into place, frees w. */
+kiln_status kiln_shard_writer_close(kiln_ctx *ctx, kiln_shard_writer *w);
+/* Discards the partial file and frees w. */
+void kiln_shard_writer_abort(kiln_shard_writer *w);
 
 /* ======================================================================
  * train: optimizer, schedules, loss scaler, trainer, distributed
