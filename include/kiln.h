@@ -213,6 +213,14 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
                                 const float *dlogits);
 void kiln_model_zero_grad(kiln_model *m);
 
+/* Called by kiln_model_backward as soon as a contiguous range of the
+ * gradient block is final (per layer, in reverse layer order, then the
+ * embeddings), so gradient communication can overlap the rest of the
+ * backward pass. offset and numel are in floats from kiln_model_grads().
+ * Every gradient float is reported exactly once per backward call. */
+typedef void (*kiln_grad_ready_fn)(void *ud, size_t offset, size_t numel);
+void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud);
+
 /* Fused softmax + cross-entropy over N = B*T rows of V logits.
  * targets < 0 are ignored; mask (N) weights each row (NULL = all 1).
  * Adds sum_i mask_i * -log softmax(logits_i)[target_i] to *loss_sum and
