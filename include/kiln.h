@@ -467,7 +467,7 @@ kiln_status kiln_textstream_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                 const char *const *stops, int n_stops,
                                 kiln_textstream **out);
 void kiln_textstream_free(kiln_textstream *ts);
-/* Appends a token's bytes. *out/*len receive the newly emittable text
+/* Appends a token's bytes. *out and *len receive the newly emittable text
  * (valid until the next call). *stopped becomes true when a stop string
  * appeared: the text is cut before it and nothing more is emitted. */
 kiln_status kiln_textstream_push(kiln_ctx *ctx, kiln_textstream *ts,
