@@ -265,6 +265,15 @@ kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const int32_t *ids, size_t n, char **text,
                                   size_t *len);
 
+/* A position p in [from, len] at which text may be cut so that encoding
+ * text[0..p) and text[p..len) separately gives exactly the ids of encoding
+ * the whole (a pre-token boundary every supported pattern respects, e.g.
+ * between a newline and an ASCII letter). Returns len when none is found
+ * or the tokenizer's pattern is not one kiln knows to be safe. Lets
+ * callers encode one large document on several threads. */
+size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
+                                  size_t len, size_t from);
+
 /* ======================================================================
  * data: token shards, loaders, jsonl datasets
  * ====================================================================== */
@@ -343,6 +352,66 @@ int64_t kiln_loader_window_at(kiln_loader *l, int64_t pos);
  * pos. */
 void kiln_loader_get(kiln_loader *l, int64_t pos, int32_t *inputs,
                      int32_t *targets);
+
+/* ---- corpus tokenization (`kiln tokenize`) ---------------------------
+ * Turns text files, directories of them and JSONL files into a data
+ * directory (kiln_data_open reads it): DIR/train_NNNN.bin,
+ * DIR/val_NNNN.bin, DIR/tokenizer.json (a copy of the tokenizer) and
+ * DIR/meta.json = {"format":"kiln-tokens","version":1,"vocab_size":V,
+ * "eot":id,"tokenizer":spec,"train_files":[...],"val_files":[...],
+ * "train_tokens":N,"val_tokens":N}. Every document is preceded by the
+ * end-of-text token, so documents are separated by it. Output does not
+ * depend on the thread count. */
+typedef struct kiln_tokenize_progress {
+    int64_t bytes_done, bytes_total; /* input bytes */
+    int64_t tokens;                  /* tokens written so far */
+    int64_t docs;
+    double seconds;                  /* since the start */
+} kiln_tokenize_progress;
+
+typedef struct kiln_tokenize_opts {
+    const char *tokenizer_spec;  /* recorded in meta.json ["bytes"] */
+    const char *const *inputs;   /* files or directories (walked recursively,
+                                    sorted; hidden and binary files skipped) */
+    int n_inputs;
+    const char *out_dir;
+    const char *format;          /* "auto" (.jsonl files are JSONL), "text",
+                                    "jsonl" ["auto"] */
+    const char *field;           /* JSONL string field holding the text ["text"] */
+    const char *doc_separator;   /* a line equal to this separates documents in
+                                    text files; NULL: one document per file */
+    double val_fraction;         /* share of documents (by bytes) held out [0] */
+    int64_t shard_tokens;        /* tokens per shard file [100M] */
+    int threads;                 /* 0: all cores */
+    bool skip_bad;               /* skip malformed JSONL lines (each is still
+                                    reported) instead of failing [false] */
+    void (*progress)(void *ud, const kiln_tokenize_progress *p);
+    void *progress_ud;           /* called about twice a second and at the end */
+} kiln_tokenize_opts;
+
+typedef struct kiln_tokenize_stats {
+    int64_t files, docs, bytes, bad_lines;
+    int64_t train_tokens, val_tokens;
+    int train_files, val_files;
+    double seconds;
+} kiln_tokenize_stats;
+
+kiln_tokenize_opts kiln_tokenize_opts_default(void);
+/* Tokenizes the inputs into o->out_dir (created). Malformed JSONL lines are
+ * each logged (file:line: what is wrong); unless skip_bad, any of them
+ * fails the run after all are reported and no meta.json is written.
+ * stats may be NULL. */
+kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                 const kiln_tokenize_opts *o,
+                                 kiln_tokenize_stats *stats);
+
+/* Reads the string field `field` of one JSONL line (len bytes, no newline
+ * needed). *out is malloc'ed, NUL-terminated, *out_len its length. Errors
+ * (invalid JSON with column, not an object, missing field, not a string)
+ * name the field; the caller adds file and line. */
+kiln_status kiln_jsonl_get_string(kiln_ctx *ctx, const char *line, size_t len,
+                                  const char *field, char **out,
+                                  size_t *out_len);
 
 /* ======================================================================
  * train: optimizer, schedules, loss scaler, trainer, distributed

@@ -4,8 +4,14 @@
  * gradient averaging, ZeRO-1 reduce-scatter / all-gather, and a world-size-1
  * fallback used by plain processes and by builds without MPI.
  *
- * The watchdog needs no thread: every collective is started non-blocking and
- * completed by polling MPI_Testall until a deadline. To say *which* ranks
+ * Collectives are Open MPI's blocking ones (its tuned algorithms are much
+ * faster than the non-blocking schedules at large sizes), guarded by a
+ * watchdog thread: each wait arms a deadline; if the wait is still armed
+ * when it passes (checked every min(1 s, timeout/10)), the thread prints what was waited on and exits the
+ * process with status 3, and mpirun then terminates every other rank. The
+ * thread makes no MPI calls, so MPI runs at MPI_THREAD_FUNNELED. Gradient
+ * buckets are MPI_Iallreduce (to overlap backward) finished by a guarded
+ * MPI_Waitall. To say *which* ranks
  * are missing when a deadline passes, the ranks of one node share a small
  * progress table (MPI_Win_allocate_shared): each rank stores the sequence
  * number and name of the collective it is in with plain atomic stores, at
@@ -18,14 +24,15 @@
 
 #include <errno.h>
 #include <limits.h>
-#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #ifdef KILN_HAVE_MPI
 #include <mpi.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <unistd.h>
 #endif
 
 #define DIST_DEFAULT_TIMEOUT 300.0
@@ -78,6 +85,15 @@ struct dist {
     bool have_win;
     int node_size, node_rank;
     dist_slot *slots;    /* (node_size) */
+    /* watchdog thread and the wait it guards */
+    pthread_t wd_thread;
+    pthread_mutex_t wd_mu;
+    pthread_cond_t wd_cv;
+    bool wd_init, wd_running, wd_quit, wd_armed;
+    double wd_t0, wd_deadline;
+    int64_t wd_seq;
+    const char *wd_name;
+    size_t wd_bytes;
 #endif
 };
 
@@ -125,19 +141,6 @@ static int launcher_world(void)
 
 #ifdef KILN_HAVE_MPI
 
-static void short_pause(int *spins)
-{
-    if (*spins < 200) {
-        (*spins)++;
-    } else if (*spins < 2000) {
-        (*spins)++;
-        sched_yield();
-    } else {
-        struct timespec ts = {0, 50 * 1000};
-        nanosleep(&ts, NULL);
-    }
-}
-
 /* The attribute key that lets the error handler find its dist. A
  * process-wide MPI handle created once; MPI offers no other way to pass
  * user data to an error handler. */
@@ -180,9 +183,10 @@ static void slot_done(dist *d, int64_t seq)
     __atomic_store_n(&d->slots[d->node_rank].done, seq, __ATOMIC_RELEASE);
 }
 
-/* Called when a wait passes its deadline: names the collective and the
- * node-local ranks that have not reached it, then aborts the job. */
-__attribute__((noreturn)) static void watchdog_fire(dist *d, double waited)
+/* Prints why the watchdog fired: the collective and the node-local ranks
+ * that have not reached it. Runs on the watchdog thread (no MPI calls). */
+static void watchdog_report(dist *d, int64_t seq, const char *name,
+                            size_t bytes, double waited)
 {
     char who[1024] = "";
     size_t w = 0;
@@ -191,7 +195,7 @@ __attribute__((noreturn)) static void watchdog_fire(dist *d, double waited)
         for (int i = 0; i < d->node_size; i++) {
             dist_slot *s = &d->slots[i];
             int64_t e = __atomic_load_n(&s->entered, __ATOMIC_ACQUIRE);
-            if (i == d->node_rank || e >= d->seq) continue;
+            if (i == d->node_rank || e >= seq) continue;
             char nm[sizeof s->name];
             memcpy(nm, s->name, sizeof nm);
             nm[sizeof nm - 1] = 0;
@@ -206,24 +210,63 @@ __attribute__((noreturn)) static void watchdog_fire(dist *d, double waited)
     fprintf(stderr,
             "kiln: rank %d: watchdog: collective #%lld '%s' (%.1f MB) did "
             "not complete within %.0f s (waited %.1f s); ",
-            d->rank, (long long)d->seq, d->cur ? d->cur : "?",
-            (double)d->cur_bytes / 1e6, d->timeout, waited);
+            d->rank, (long long)seq, name ? name : "?", (double)bytes / 1e6,
+            d->timeout, waited);
     if (missing)
         fprintf(stderr, "rank%s that did not reach it: %s. ",
                 missing > 1 ? "s" : "", who);
     else if (d->have_win && d->node_size == d->world)
         fprintf(stderr, "every rank entered it (a rank is stuck inside it or "
-                        "the network is down). ");
+                        "the interconnect failed). ");
     else
         fprintf(stderr, "ranks on other nodes report their own state. ");
     fprintf(stderr, "Aborting the job (raise KILN_DIST_TIMEOUT if the "
                     "ranks are just slow).\n");
     fflush(stderr);
-    MPI_Abort(MPI_COMM_WORLD, 3);
-    abort(); /* MPI_Abort does not return */
 }
 
-/* Marks the start of a collective (for the table and messages). */
+static double mono_now(void) { return kiln_time_now(); }
+
+static struct timespec mono_ts(double t)
+{
+    struct timespec ts;
+    ts.tv_sec = (time_t)t;
+    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
+/* The watchdog thread: sleeps until a wait is armed, then until its
+ * deadline; if the wait is still armed then, reports and ends the process
+ * with exit status 3, which makes mpirun abort every other rank. It makes
+ * no MPI calls (MPI runs at MPI_THREAD_FUNNELED). */
+static void *watchdog_main(void *arg)
+{
+    dist *d = arg;
+    /* Polls instead of being signalled, so arming a wait costs an
+     * uncontended lock and no wake-up; a hang is caught within the
+     * timeout plus one period. */
+    double period = KILN_MIN(1.0, KILN_MAX(0.01, d->timeout / 10));
+    pthread_mutex_lock(&d->wd_mu);
+    while (!d->wd_quit) {
+        double now = mono_now();
+        if (d->wd_armed && now >= d->wd_deadline) {
+            watchdog_report(d, d->wd_seq, d->wd_name, d->wd_bytes,
+                            now - d->wd_t0);
+            _exit(3);
+        }
+        period = KILN_MIN(1.0, KILN_MAX(0.01, d->timeout / 10));
+        struct timespec ts = mono_ts(now + period);
+        pthread_cond_timedwait(&d->wd_cv, &d->wd_mu, &ts);
+    }
+    pthread_mutex_unlock(&d->wd_mu);
+    return NULL;
+}
+
+/* Marks the start of a collective (for the table, stats and messages). */
 static void coll_start(dist *d, const char *name, size_t bytes)
 {
     d->seq++;
@@ -234,26 +277,77 @@ static void coll_start(dist *d, const char *name, size_t bytes)
     slot_enter(d, name);
 }
 
-/* Waits for n requests with the watchdog deadline. */
-static void wait_all(dist *d, int n, MPI_Request *reqs)
+/* Arms the watchdog around a blocking wait on the current collective. */
+static double guard_begin(dist *d)
 {
-    double t0 = kiln_time_now();
-    int spins = 0;
-    for (unsigned it = 1;; it++) {
-        int flag = 0;
-        MPI_Testall(n, reqs, &flag, MPI_STATUSES_IGNORE);
-        if (flag) break;
-        short_pause(&spins);
-        if ((it & 63) == 0) {
-            double waited = kiln_time_now() - t0;
-            if (waited > d->timeout) watchdog_fire(d, waited);
-        }
+    double t0 = mono_now();
+    if (d->wd_running) {
+        pthread_mutex_lock(&d->wd_mu);
+        d->wd_armed = true;
+        d->wd_t0 = t0;
+        d->wd_deadline = t0 + d->timeout;
+        d->wd_seq = d->seq;
+        d->wd_name = d->cur;
+        d->wd_bytes = d->cur_bytes;
+        pthread_mutex_unlock(&d->wd_mu);
     }
-    d->st.wait_s += kiln_time_now() - t0;
+    return t0;
+}
+
+static void guard_end(dist *d, double t0)
+{
+    if (d->wd_running) {
+        pthread_mutex_lock(&d->wd_mu);
+        d->wd_armed = false;
+        pthread_mutex_unlock(&d->wd_mu);
+    }
+    d->st.wait_s += mono_now() - t0;
     slot_done(d, d->seq);
 }
 
-static void wait_one(dist *d, MPI_Request *req) { wait_all(d, 1, req); }
+/* Waits for n requests under the watchdog. */
+static void wait_all(dist *d, int n, MPI_Request *reqs)
+{
+    double t0 = guard_begin(d);
+    MPI_Waitall(n, reqs, MPI_STATUSES_IGNORE);
+    guard_end(d, t0);
+}
+
+static kiln_status watchdog_start(kiln_ctx *ctx, dist *d)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&d->wd_mu, NULL);
+    pthread_cond_init(&d->wd_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    d->wd_init = true;
+    if (pthread_create(&d->wd_thread, NULL, watchdog_main, d)) {
+        kiln_log(ctx, KILN_LOG_WARN,
+                 "rank %d: cannot start the collective watchdog thread; "
+                 "collectives run without a timeout", d->rank);
+        return KILN_OK;
+    }
+    d->wd_running = true;
+    return KILN_OK;
+}
+
+static void watchdog_stop(dist *d)
+{
+    if (d->wd_running) {
+        pthread_mutex_lock(&d->wd_mu);
+        d->wd_quit = true;
+        pthread_cond_signal(&d->wd_cv);
+        pthread_mutex_unlock(&d->wd_mu);
+        pthread_join(d->wd_thread, NULL);
+        d->wd_running = false;
+    }
+    if (d->wd_init) {
+        pthread_mutex_destroy(&d->wd_mu);
+        pthread_cond_destroy(&d->wd_cv);
+        d->wd_init = false;
+    }
+}
 
 static kiln_status mpi_setup(kiln_ctx *ctx, dist *d)
 {
@@ -304,11 +398,12 @@ static kiln_status mpi_setup(kiln_ctx *ctx, dist *d)
             MPI_Barrier(d->node);
         }
     }
-    return KILN_OK;
+    return watchdog_start(ctx, d);
 }
 
 static void mpi_teardown(dist *d)
 {
+    watchdog_stop(d);
     if (d->have_win) MPI_Win_free(&d->win);
     if (d->node != MPI_COMM_NULL) MPI_Comm_free(&d->node);
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
@@ -328,10 +423,10 @@ static void allreduce_chunks(dist *d, const char *name, void *buf, size_t n,
     unsigned char *p = buf;
     for (size_t o = 0; o < n; o += DIST_CHUNK) {
         size_t k = KILN_MIN(DIST_CHUNK, n - o);
-        MPI_Request r;
         coll_start(d, name, k * esz);
-        MPI_Iallreduce(MPI_IN_PLACE, p + o * esz, (int)k, t, op, d->comm, &r);
-        wait_one(d, &r);
+        double t0 = guard_begin(d);
+        MPI_Allreduce(MPI_IN_PLACE, p + o * esz, (int)k, t, op, d->comm);
+        guard_end(d, t0);
     }
 }
 
@@ -422,10 +517,10 @@ kiln_status dist_barrier(kiln_ctx *ctx, dist *d)
     KILN_UNUSED(ctx);
     if (!d->mpi) return KILN_OK;
 #ifdef KILN_HAVE_MPI
-    MPI_Request r;
     coll_start(d, "barrier", 0);
-    MPI_Ibarrier(d->comm, &r);
-    wait_one(d, &r);
+    double t0 = guard_begin(d);
+    MPI_Barrier(d->comm);
+    guard_end(d, t0);
 #endif
     return KILN_OK;
 }
@@ -442,10 +537,10 @@ kiln_status dist_bcast(kiln_ctx *ctx, dist *d, void *buf, size_t bytes,
     unsigned char *p = buf;
     for (size_t o = 0; o < bytes; o += DIST_CHUNK) {
         size_t k = KILN_MIN(DIST_CHUNK, bytes - o);
-        MPI_Request r;
         coll_start(d, "bcast", k);
-        MPI_Ibcast(p + o, (int)k, MPI_BYTE, root, d->comm, &r);
-        wait_one(d, &r);
+        double t0 = guard_begin(d);
+        MPI_Bcast(p + o, (int)k, MPI_BYTE, root, d->comm);
+        guard_end(d, t0);
     }
 #else
     KILN_UNUSED(buf);
@@ -596,13 +691,27 @@ kiln_status dist_grads_finish(kiln_ctx *ctx, dist *d)
                          "dist_grads_finish without dist_grads_begin");
     d->g_active = false;
     if (d->nb == 0) return KILN_OK;
-    /* Not started yet (overlap off, or ranges never reported): start in a
-     * fixed order, the same on every rank. */
-    for (size_t b = d->nb; b-- > 0;)
-        if (!d->started[b]) bucket_start(d, b);
 #ifdef KILN_HAVE_MPI
-    d->cur = "allreduce gradient buckets (finish)";
-    wait_all(d, (int)d->nb, d->req);
+    if (!d->g_overlap) {
+        /* Overlap off: one blocking allreduce per bucket, in a fixed order
+         * (Open MPI's blocking algorithms are the faster ones). */
+        for (size_t b = d->nb; b-- > 0;) {
+            size_t o = b * d->bucket_floats, k = bucket_size(d, b);
+            d->started[b] = true;
+            coll_start(d, "allreduce gradient bucket", k * sizeof(float));
+            double t0 = guard_begin(d);
+            MPI_Allreduce(MPI_IN_PLACE, d->g + o, (int)k, MPI_FLOAT, MPI_SUM,
+                          d->comm);
+            guard_end(d, t0);
+        }
+    } else {
+        /* Buckets whose ranges were never reported start now, in a fixed
+         * order (the same on every rank). */
+        for (size_t b = d->nb; b-- > 0;)
+            if (!d->started[b]) bucket_start(d, b);
+        d->cur = "allreduce gradient buckets (finish)";
+        wait_all(d, (int)d->nb, d->req);
+    }
 #endif
     float s = 1.0f / (float)d->world;
     float *g = d->g;
@@ -667,12 +776,11 @@ kiln_status dist_reduce_scatter_f32(kiln_ctx *ctx, dist *d, float *buf,
     int *cnt, *dis;
     kiln_status st = shard_counts(ctx, d, n, &cnt, &dis);
     if (st) return st;
-    MPI_Request r;
     coll_start(d, "reduce-scatter f32", n * sizeof(float));
+    double t0 = guard_begin(d);
     /* In place: input from buf, this rank's result at the start of buf. */
-    MPI_Ireduce_scatter(MPI_IN_PLACE, buf, cnt, MPI_FLOAT, MPI_SUM, d->comm,
-                        &r);
-    wait_one(d, &r);
+    MPI_Reduce_scatter(MPI_IN_PLACE, buf, cnt, MPI_FLOAT, MPI_SUM, d->comm);
+    guard_end(d, t0);
     int me = d->rank;
     if (dis[me] && cnt[me])
         memmove(buf + dis[me], buf, (size_t)cnt[me] * sizeof(float));
@@ -693,11 +801,11 @@ kiln_status dist_allgather_f32(kiln_ctx *ctx, dist *d, float *buf, size_t n)
     int *cnt, *dis;
     kiln_status st = shard_counts(ctx, d, n, &cnt, &dis);
     if (st) return st;
-    MPI_Request r;
     coll_start(d, "all-gather f32", n * sizeof(float));
-    MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, cnt, dis,
-                    MPI_FLOAT, d->comm, &r);
-    wait_one(d, &r);
+    double t0 = guard_begin(d);
+    MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, cnt, dis,
+                   MPI_FLOAT, d->comm);
+    guard_end(d, t0);
     free(cnt);
     free(dis);
 #else

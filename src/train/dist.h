@@ -7,12 +7,12 @@
  * of N ranks; a plain process, or a build without MPI (no -DKILN_HAVE_MPI),
  * is world size 1 and every collective is a local no-op (bcast) or a copy.
  *
- * Every collective is run as a non-blocking MPI operation waited on with a
- * deadline (the watchdog): when it does not complete within the timeout the
- * rank prints which collective (name, sequence number, bytes) it waited on,
- * which ranks had not reached it (read from a small progress table every
- * rank writes into rank 0's memory with one-sided MPI), and aborts the whole
- * job with MPI_Abort. MPI errors go through an error handler that prints
+ * Every collective is waited on under a deadline (the watchdog thread):
+ * when it does not complete within the timeout the rank prints which
+ * collective (name, sequence number, bytes) it waited on and which ranks of
+ * its node had not reached it (from a progress table in node-shared
+ * memory), and exits with status 3, upon which mpirun terminates the whole
+ * job. MPI errors go through an error handler that prints
  * the MPI message with the rank and the collective and aborts the job with
  * a non-zero exit. A dead rank (SIGKILL, crash) is detected by Open MPI's
  * launcher, which terminates the other ranks and names the dead one.
