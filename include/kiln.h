@@ -286,6 +286,64 @@ kiln_status kiln_shard_writer_close(kiln_ctx *ctx, kiln_shard_writer *w);
 /* Discards the partial file and frees w. */
 void kiln_shard_writer_abort(kiln_shard_writer *w);
 
+/* A token shard opened for reading: memory-mapped, header validated
+ * (magic, version, dtype, count against the file size, token checksum).
+ * Free with kiln_shard_close. */
+typedef struct kiln_shard kiln_shard;
+
+kiln_status kiln_shard_open(kiln_ctx *ctx, const char *path,
+                            kiln_shard **out);
+void kiln_shard_close(kiln_shard *s);
+/* Number of tokens in the shard. */
+size_t kiln_shard_count(const kiln_shard *s);
+/* The vocabulary size recorded in the header. */
+int kiln_shard_vocab_size(const kiln_shard *s);
+/* Copies tokens [start, start+n) into out (caller checks bounds). */
+void kiln_shard_read(const kiln_shard *s, size_t start, size_t n,
+                     int32_t *out);
+
+/* A data directory written by `kiln tokenize`: meta.json (format
+ * "kiln-tokens", vocab_size, eot, tokenizer, train_files, val_files) and
+ * the shards it lists. Each split reads as one concatenated token
+ * stream. Free with kiln_data_close. */
+typedef struct kiln_data kiln_data;
+
+typedef enum kiln_split {
+    KILN_SPLIT_TRAIN = 0,
+    KILN_SPLIT_VAL = 1
+} kiln_split;
+
+kiln_status kiln_data_open(kiln_ctx *ctx, const char *dir, kiln_data **out);
+void kiln_data_close(kiln_data *d);
+int kiln_data_vocab_size(const kiln_data *d);
+int kiln_data_eot(const kiln_data *d);
+/* The tokenizer spec meta.json records ("bytes", a path, ...). */
+const char *kiln_data_tokenizer(const kiln_data *d);
+const char *kiln_data_dir(const kiln_data *d);
+/* Tokens in a split (0 when the split has no files). */
+size_t kiln_data_tokens(const kiln_data *d, kiln_split split);
+
+/* Training windows: a split's stream cut into windows of T+1 tokens with
+ * stride T (inputs tokens[0..T), targets tokens[1..T]); window w starts
+ * at token w*T. Windows are drawn by a global position p = 0, 1, 2, ...
+ * that runs across epochs: epoch = p / num_windows. With shuffle, each
+ * epoch visits every window once in an order that depends only on
+ * (seed, epoch); without, in file order. The position is the only data
+ * state a checkpoint needs. */
+typedef struct kiln_loader kiln_loader;
+
+kiln_status kiln_loader_new(kiln_ctx *ctx, const kiln_data *d,
+                            kiln_split split, int T, bool shuffle,
+                            uint64_t seed, kiln_loader **out);
+void kiln_loader_free(kiln_loader *l);
+int64_t kiln_loader_num_windows(const kiln_loader *l);
+/* Window index (in [0, num_windows)) visited at global position pos. */
+int64_t kiln_loader_window_at(kiln_loader *l, int64_t pos);
+/* Fills inputs (T) and targets (T) of the window visited at position
+ * pos. */
+void kiln_loader_get(kiln_loader *l, int64_t pos, int32_t *inputs,
+                     int32_t *targets);
+
 /* ======================================================================
  * train: optimizer, schedules, loss scaler, trainer, distributed
  * ====================================================================== */
