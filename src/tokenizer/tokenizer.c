@@ -444,3 +444,28 @@ kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
     if (len) *len = k;
     return KILN_OK;
 }
+
+size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
+                                  size_t len, size_t from)
+{
+    if (from >= len) return len;
+    if (tok->add_prefix_space) return len; /* a segment would gain a space */
+    if (tok->n_merges == 0) return from;
+    if (!tok->pattern || (strcmp(tok->pattern, TOK_PATTERN_GPT2) != 0 &&
+                          strcmp(tok->pattern, TOK_PATTERN_HF_GPT2) != 0 &&
+                          strcmp(tok->pattern, TOK_PATTERN_LLAMA3) != 0))
+        return len;
+    /* Between "\n" and an ASCII letter every known pattern ends a
+     * pre-token: no alternative matches a newline followed by a letter. */
+    if (from == 0) from = 1;
+    const char *p = text + from;
+    const char *end = text + len;
+    while (p < end) {
+        const char *nl = memchr(p - 1, '\n', (size_t)(end - p) + 1);
+        if (!nl || nl + 1 >= end) return len;
+        unsigned char c = (unsigned char)nl[1];
+        if ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') return (size_t)(nl + 1 - text);
+        p = nl + 2;
+    }
+    return len;
+}
