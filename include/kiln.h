@@ -425,9 +425,153 @@ kiln_status kiln_jsonl_get_string(kiln_ctx *ctx, const char *line, size_t len,
  * infer: sampling, generation
  * ====================================================================== */
 
+/* Weight storage of an inference engine. Activations and the KV cache are
+ * always fp32; bf16 halves the bytes streamed per decoded token. */
+typedef enum kiln_wtype {
+    KILN_WTYPE_F32 = 0,
+    KILN_WTYPE_BF16 = 1
+} kiln_wtype;
+
+typedef struct kiln_engine_opts {
+    int n_slots;      /* sequences held at once (each with a KV cache) */
+    int n_ctx;        /* KV cache length per slot; 0 = the model's n_ctx */
+    int chunk;        /* most tokens in one forward step (prefill chunk) */
+    kiln_wtype wtype; /* weight storage */
+} kiln_engine_opts;
+
+/* n_slots 1, n_ctx 0, chunk 64, fp32. */
+kiln_engine_opts kiln_engine_opts_default(void);
+
+/* An inference engine: the model's weights packed for matrix-vector
+ * decoding (rows = outputs), a KV cache per slot, and scratch sized up
+ * front. A slot is one sequence; each has its own position. */
+typedef struct kiln_engine kiln_engine;
+
+/* Builds an engine from a model's weights. The weights are copied (and
+ * converted for bf16), so the model may be freed afterwards. */
+kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m,
+                            const kiln_engine_opts *opts, kiln_engine **out);
+void kiln_engine_free(kiln_engine *e);
+const kiln_config *kiln_engine_config(const kiln_engine *e);
+int kiln_engine_n_slots(const kiln_engine *e);
+int kiln_engine_n_ctx(const kiln_engine *e);
+/* Bytes of weights streamed by one decode step (all matrices + head). */
+size_t kiln_engine_weight_bytes(const kiln_engine *e);
+/* Empties a slot's cache (position 0). */
+void kiln_engine_reset(kiln_engine *e, int slot);
+/* Number of tokens in a slot's cache (the next token's position). */
+int kiln_engine_pos(const kiln_engine *e, int slot);
+
+/* One entry of a forward step: append `token` to `slot` at the slot's
+ * next position; when want_logits, its next-token logits are returned. */
+typedef struct kiln_engine_tok {
+    int slot;
+    int32_t token;
+    bool want_logits;
+} kiln_engine_tok;
+
+/* Runs one forward step over T entries (1 <= T <= opts.chunk) in a single
+ * pass over the weights: a batch of decodes, a prefill chunk, or both
+ * mixed. Entries of the same slot must be in order. Writes the logits of
+ * the entries with want_logits, in entry order, to logits (n_want, V).
+ * Errors: token out of range, slot out of range, cache full (KILN_ERR_RANGE;
+ * the step is not applied). */
+kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
+                             const kiln_engine_tok *toks, int T,
+                             float *logits);
+/* Appends n tokens to a slot in chunks; writes the last token's logits
+ * (V) when logits is non-NULL. */
+kiln_status kiln_engine_prefill(kiln_ctx *ctx, kiln_engine *e, int slot,
+                                const int32_t *tokens, int n, float *logits);
+
+/* Sampling parameters (OpenAI / HF semantics). Order of application:
+ * repetition penalty (HF: over prompt and generated tokens), frequency and
+ * presence penalties (OpenAI: over generated tokens), temperature (0 =
+ * greedy), top-k, top-p, min-p, then a draw from the rng seeded by seed. */
+typedef struct kiln_sampling {
+    float temperature;        /* >= 0; 0 = greedy            [1]   */
+    int top_k;                /* >= 0; 0 = off               [0]   */
+    float top_p;              /* (0, 1]; 1 = off             [1]   */
+    float min_p;              /* [0, 1]; 0 = off             [0]   */
+    float repetition_penalty; /* > 0; 1 = off                [1]   */
+    float frequency_penalty;  /* [-2, 2]                     [0]   */
+    float presence_penalty;   /* [-2, 2]                     [0]   */
+    uint64_t seed;            /*                             [0]   */
+    int top_logprobs;         /* alternatives reported, 0..20 [0]  */
+} kiln_sampling;
+
+kiln_sampling kiln_sampling_default(void);
+/* Checks ranges (NaN rejected); the message names the field. */
+kiln_status kiln_sampling_validate(kiln_ctx *ctx, const kiln_sampling *p);
+
+typedef struct kiln_sampler kiln_sampler;
+
+typedef struct kiln_token_logprob {
+    int32_t token;
+    float logprob; /* log-softmax of the model's raw logits */
+} kiln_token_logprob;
+
+/* A sampler for vocabulary size V (validates p). Free with
+ * kiln_sampler_free. */
+kiln_status kiln_sampler_new(kiln_ctx *ctx, const kiln_sampling *p, int V,
+                             kiln_sampler **out);
+void kiln_sampler_free(kiln_sampler *s);
+/* Records prompt tokens (context of the repetition penalty). */
+void kiln_sampler_add_prompt(kiln_sampler *s, const int32_t *ids, size_t n);
+/* Picks the next token from logits (V floats, overwritten as scratch) and
+ * records it as generated. When chosen is non-NULL it receives the chosen
+ * token's log-probability; when top is non-NULL it receives the
+ * top_logprobs most likely tokens (by raw log-probability). */
+int32_t kiln_sampler_sample(kiln_sampler *s, float *logits,
+                            kiln_token_logprob *chosen,
+                            kiln_token_logprob *top);
+
+/* Text assembly for streaming: turns generated tokens into text that is
+ * safe to show — whole UTF-8 characters only, with any text that could be
+ * the start of a stop string held back until it is decided. */
+typedef struct kiln_textstream kiln_textstream;
+
+/* stops: n_stops non-empty strings (copied). */
+kiln_status kiln_textstream_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                const char *const *stops, int n_stops,
+                                kiln_textstream **out);
+void kiln_textstream_free(kiln_textstream *ts);
+/* Appends a token's bytes. *out and *len receive the newly emittable text
+ * (valid until the next call). *stopped becomes true when a stop string
+ * appeared: the text is cut before it and nothing more is emitted. */
+kiln_status kiln_textstream_push(kiln_ctx *ctx, kiln_textstream *ts,
+                                 int32_t token, const char **out,
+                                 size_t *len, bool *stopped);
+/* Flushes held-back text at the end (invalid UTF-8 becomes U+FFFD). */
+void kiln_textstream_finish(kiln_textstream *ts, const char **out,
+                            size_t *len);
+/* All text emitted so far (NUL-terminated, valid UTF-8). */
+const char *kiln_textstream_text(const kiln_textstream *ts, size_t *len);
+
 /* ======================================================================
  * serve: HTTP server
  * ====================================================================== */
+
+typedef struct kiln_serve_opts {
+    const char *model_dir;  /* config.json, model.safetensors, tokenizer.json */
+    const char *model_name; /* id in /v1/models; NULL = basename of dir */
+    const char *tokenizer;  /* NULL = model_dir (tokenizer.json) */
+    const char *host;       /* [127.0.0.1] */
+    int port;               /* [8080]; 0 = any free port (printed) */
+    const char *api_key;    /* NULL = no authentication */
+    int parallel;           /* slots decoded together [4] */
+    int n_ctx;              /* context per slot; 0 = model's */
+    int max_queue;          /* waiting requests before 429 [64] */
+    size_t max_body;        /* request body limit in bytes [1 MiB] */
+    int max_connections;    /* [256] */
+    kiln_wtype wtype;
+} kiln_serve_opts;
+
+kiln_serve_opts kiln_serve_opts_default(void);
+/* Loads the model and serves the OpenAI-compatible API until SIGINT or
+ * SIGTERM. Prints "kiln serve: listening on http://HOST:PORT" to stdout
+ * once accepting. */
+kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts);
 
 #ifdef __cplusplus
 }
