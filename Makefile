@@ -9,7 +9,8 @@
 #   make fuzz       build the libFuzzer harnesses (clang) and run them briefly
 #
 # Variables: WERROR=1 (warnings are errors; CI), BUILD=dir, SAN=1,
-# ARCH=-march=native (set ARCH= for a portable build), NO_DNNL=1, NO_MPI=1.
+# ARCH=-march=native (set ARCH= for a portable build), NO_DNNL=1, NO_MPI=1,
+# V=1 (print full compiler command lines).
 
 BUILD   ?= build
 CC      ?= gcc
@@ -75,29 +76,41 @@ info:
 	@echo "  oneDNN   : $(if $(HAVE_DNNL),yes (libdnnl: fast fp32/bf16 GEMM),no (portable kernels only; apt-get install libdnnl-dev))"
 	@echo "  Open MPI : $(if $(HAVE_MPI),yes (distributed training),no (world size 1; apt-get install libopenmpi-dev openmpi-bin))"
 
+ifeq ($(V),1)
+Q :=
+else
+Q := @
+endif
+
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(CFLAGS) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
-	rm -f $@
-	ar rcs $@ $^
+	@rm -f $@
+	@$(if $(Q),echo "  AR      $@")
+	$(Q)ar rcs $@ $^
 
 $(BUILD)/kiln: $(TOOL_OBJ) $(LIB)
-	$(CC) $(CFLAGS) -o $@ $(TOOL_OBJ) $(LIB) $(LDLIBS)
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(CFLAGS) -o $@ $(TOOL_OBJ) $(LIB) $(LDLIBS)
 
 $(BUILD)/tests/%: tests/%.c $(LIB) tests/check.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Itests -o $@ $< $(LIB) $(LDLIBS)
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(CFLAGS) -Itests -o $@ $< $(LIB) $(LDLIBS)
 
 $(BUILD)/bench/%: bench/%.c $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDLIBS)
 
 $(BUILD)/examples/%: examples/%.c $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDLIBS)
 
 tests: all $(TEST_BIN) $(EX_BIN)
 examples: $(EX_BIN)
