@@ -155,17 +155,43 @@ done:
     return rc;
 }
 
+static int tokenizer_convert(int argc, char **argv)
+{
+    const char *spec = NULL, *out = NULL;
+    cli_opt opts[] = {
+        {"tokenizer", CLI_STR, &spec, "tokenizer.json, a directory, or bytes", true},
+        {"out", CLI_STR, &out, "tokenizer.json to write", true},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("tokenizer convert", "tokenizer convert --tokenizer SPEC --out FILE",
+                       "Writes any tokenizer kiln reads (GPT-2's encoder.json + vocab.bpe, "
+                       "bytes, a tokenizer.json) as a Hugging Face tokenizer.json.",
+                       opts, argc, argv, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_tokenizer *tok = NULL;
+    kiln_status s = kiln_tokenizer_load(ctx, spec, &tok);
+    if (!s) s = kiln_tokenizer_save(ctx, tok, out);
+    if (s) rc = cli_fail(ctx, "tokenizer convert", s);
+    else printf("wrote %s (vocab %d, end-of-text id %d)\n", out,
+                kiln_tokenizer_vocab_size(tok), kiln_tokenizer_eot(tok));
+    kiln_tokenizer_free(tok);
+    kiln_ctx_free(ctx);
+    return rc;
+}
+
 int cmd_tokenizer(int argc, char **argv)
 {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
-        printf("usage: kiln tokenizer train|encode|decode [flags]  (--help on each)\n\n"
-               "  train   learn a byte-level BPE tokenizer from text files\n"
-               "  encode  text to token ids\n"
-               "  decode  token ids to text\n");
+        printf("usage: kiln tokenizer train|encode|decode|convert [flags]  (--help on each)\n\n"
+               "  train    learn a byte-level BPE tokenizer from text files\n"
+               "  encode   text to token ids\n"
+               "  decode   token ids to text\n"
+               "  convert  write any tokenizer kiln reads as tokenizer.json\n");
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "encode")) return tokenizer_encode(argc - 1, argv + 1);
     if (!strcmp(argv[1], "decode")) return tokenizer_decode(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "convert")) return tokenizer_convert(argc - 1, argv + 1);
     fprintf(stderr, "kiln tokenizer: unknown subcommand '%s' (train, encode or decode)\n",
             argv[1]);
     return 2;
