@@ -444,3 +444,33 @@ kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
     if (len) *len = k;
     return KILN_OK;
 }
+
+size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
+                                  size_t len, size_t from)
+{
+    if (from >= len) return len;
+    if (tok->add_prefix_space) return len; /* a segment would gain a space */
+    if (tok->n_merges == 0) return from;
+    if (!tok->pattern || (strcmp(tok->pattern, TOK_PATTERN_GPT2) != 0 &&
+                          strcmp(tok->pattern, TOK_PATTERN_HF_GPT2) != 0 &&
+                          strcmp(tok->pattern, TOK_PATTERN_LLAMA3) != 0))
+        return len;
+    /* Cut after "X\n" before an ASCII letter, X printable ASCII and not
+     * a space: the newline is then a whitespace run of its own (a lone
+     * "\n" pre-token, or absorbed by punctuation X in the Llama-3
+     * pattern) whether or not the letter follows, and no alternative
+     * continues across a newline into a letter. */
+    if (from < 2) from = 2;
+    size_t i = from;
+    while (i < len) {
+        const char *nl = memchr(text + i - 1, '\n', len - i + 1);
+        if (!nl) return len;
+        size_t c = (size_t)(nl - text) + 1; /* candidate cut */
+        if (c >= len) return len;
+        unsigned char x = (unsigned char)text[c - 2], a = (unsigned char)text[c];
+        if (c >= 2 && x > 0x20 && x < 0x7f && (a | 0x20) >= 'a' && (a | 0x20) <= 'z')
+            return c;
+        i = c + 1;
+    }
+    return len;
+}
