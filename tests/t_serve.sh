@@ -32,7 +32,7 @@ start_server() {
   SPID=$!
   PORT=""
   for _ in $(seq 200); do
-    PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$D/serve.log")
+    PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$D/serve.log" 2>/dev/null)
     [ -n "$PORT" ] && return 0
     kill -0 "$SPID" 2>/dev/null || break
     sleep 0.05

@@ -105,7 +105,7 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
 int cmd_chat(int argc, char **argv)
 {
     const char *model = NULL, *tokenizer = NULL, *system = NULL, *dtype = "fp32";
-    int max_tokens = 256, top_k = 0, ctx_len = 0;
+    int max_tokens = 256, top_k = 0, ctx_len = 0, threads = 0;
     double temperature = 0.7, top_p = 0.95, rep = 1.0;
     int64_t seed = 0;
     cli_opt opts[] = {
@@ -120,6 +120,7 @@ int cmd_chat(int argc, char **argv)
         {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
         {"dtype", CLI_STR, &dtype, "fp32 | bf16 [fp32]", false},
         {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
+        {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {NULL, 0, NULL, NULL, false},
     };
     int rc = cli_parse("chat", "chat --model DIR [--system TEXT] [--temperature T]",
@@ -129,6 +130,7 @@ int cmd_chat(int argc, char **argv)
     if (rc) return rc == 1 ? 0 : 2;
     chat c = {0};
     c.ctx = kiln_ctx_new();
+    if (threads > 0) kiln_set_threads(c.ctx, threads);
     c.system = system;
     c.max_tokens = max_tokens;
     c.sp = kiln_sampling_default();

@@ -13,6 +13,7 @@ int cmd_serve(int argc, char **argv)
     kiln_serve_opts o = kiln_serve_opts_default();
     const char *dtype = "fp32", *key_env = NULL;
     int64_t max_body = (int64_t)o.max_body;
+    int threads = 0;
     cli_opt opts[] = {
         {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json)", true},
         {"host", CLI_STR, &o.host, "address to bind [127.0.0.1]", false},
@@ -27,6 +28,7 @@ int cmd_serve(int argc, char **argv)
         {"name", CLI_STR, &o.model_name, "model id in the API [the directory's name]", false},
         {"tokenizer", CLI_STR, &o.tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
         {"dtype", CLI_STR, &dtype, "weight storage: fp32 | bf16 [fp32]", false},
+        {"threads", CLI_INT, &threads, "OpenMP threads of the engine, 0 = all cores [0]", false},
         {NULL, 0, NULL, NULL, false},
     };
     int rc = cli_parse("serve",
@@ -62,6 +64,7 @@ int cmd_serve(int argc, char **argv)
         }
     }
     kiln_ctx *ctx = kiln_ctx_new();
+    if (threads > 0) kiln_set_threads(ctx, threads);
     kiln_status st = kiln_serve_run(ctx, &o);
     rc = st ? cli_fail(ctx, "serve", st) : 0;
     kiln_ctx_free(ctx);
