@@ -124,7 +124,7 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
     rb = (rb + 3) & ~3;
     if (rb < 4) rb = 4;
     const int nblk = (R + rb - 1) / rb;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && nblk > 1 && (size_t)R * K * T > 32768)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && nblk > 1 && (size_t)R * K * T > 131072)
     for (int blk = 0; blk < nblk; blk++) {
         int r_lo = blk * rb, r_hi = KILN_MIN(R, r_lo + rb);
         for (int t0 = 0; t0 < T; t0 += 4) {
