@@ -265,6 +265,15 @@ kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const int32_t *ids, size_t n, char **text,
                                   size_t *len);
 
+/* A position p in [from, len] at which text may be cut so that encoding
+ * text[0..p) and text[p..len) separately gives exactly the ids of encoding
+ * the whole (a pre-token boundary every supported pattern respects, e.g.
+ * between a newline and an ASCII letter). Returns len when none is found
+ * or the tokenizer's pattern is not one kiln knows to be safe. Lets
+ * callers encode one large document on several threads. */
+size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
+                                  size_t len, size_t from);
+
 /* ======================================================================
  * data: token shards, loaders, jsonl datasets
  * ====================================================================== */
@@ -343,6 +352,66 @@ int64_t kiln_loader_window_at(kiln_loader *l, int64_t pos);
  * pos. */
 void kiln_loader_get(kiln_loader *l, int64_t pos, int32_t *inputs,
                      int32_t *targets);
+
+/* ---- corpus tokenization (`kiln tokenize`) ---------------------------
+ * Turns text files, directories of them and JSONL files into a data
+ * directory (kiln_data_open reads it): DIR/train_NNNN.bin,
+ * DIR/val_NNNN.bin, DIR/tokenizer.json (a copy of the tokenizer) and
+ * DIR/meta.json = {"format":"kiln-tokens","version":1,"vocab_size":V,
+ * "eot":id,"tokenizer":spec,"train_files":[...],"val_files":[...],
+ * "train_tokens":N,"val_tokens":N}. Every document is preceded by the
+ * end-of-text token, so documents are separated by it. Output does not
+ * depend on the thread count. */
+typedef struct kiln_tokenize_progress {
+    int64_t bytes_done, bytes_total; /* input bytes */
+    int64_t tokens;                  /* tokens written so far */
+    int64_t docs;
+    double seconds;                  /* since the start */
+} kiln_tokenize_progress;
+
+typedef struct kiln_tokenize_opts {
+    const char *tokenizer_spec;  /* recorded in meta.json ["bytes"] */
+    const char *const *inputs;   /* files or directories (walked recursively,
+                                    sorted; hidden and binary files skipped) */
+    int n_inputs;
+    const char *out_dir;
+    const char *format;          /* "auto" (.jsonl files are JSONL), "text",
+                                    "jsonl" ["auto"] */
+    const char *field;           /* JSONL string field holding the text ["text"] */
+    const char *doc_separator;   /* a line equal to this separates documents in
+                                    text files; NULL: one document per file */
+    double val_fraction;         /* share of documents (by bytes) held out [0] */
+    int64_t shard_tokens;        /* tokens per shard file [100M] */
+    int threads;                 /* 0: all cores */
+    bool skip_bad;               /* skip malformed JSONL lines (each is still
+                                    reported) instead of failing [false] */
+    void (*progress)(void *ud, const kiln_tokenize_progress *p);
+    void *progress_ud;           /* called about twice a second and at the end */
+} kiln_tokenize_opts;
+
+typedef struct kiln_tokenize_stats {
+    int64_t files, docs, bytes, bad_lines;
+    int64_t train_tokens, val_tokens;
+    int train_files, val_files;
+    double seconds;
+} kiln_tokenize_stats;
+
+kiln_tokenize_opts kiln_tokenize_opts_default(void);
+/* Tokenizes the inputs into o->out_dir (created). Malformed JSONL lines are
+ * each logged (file:line: what is wrong); unless skip_bad, any of them
+ * fails the run after all are reported and no meta.json is written.
+ * stats may be NULL. */
+kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                 const kiln_tokenize_opts *o,
+                                 kiln_tokenize_stats *stats);
+
+/* Reads the string field `field` of one JSONL line (len bytes, no newline
+ * needed). *out is malloc'ed, NUL-terminated, *out_len its length. Errors
+ * (invalid JSON with column, not an object, missing field, not a string)
+ * name the field; the caller adds file and line. */
+kiln_status kiln_jsonl_get_string(kiln_ctx *ctx, const char *line, size_t len,
+                                  const char *field, char **out,
+                                  size_t *out_len);
 
 /* ======================================================================
  * train: optimizer, schedules, loss scaler, trainer, distributed
@@ -517,9 +586,153 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
  * infer: sampling, generation
  * ====================================================================== */
 
+/* Weight storage of an inference engine. Activations and the KV cache are
+ * always fp32; bf16 halves the bytes streamed per decoded token. */
+typedef enum kiln_wtype {
+    KILN_WTYPE_F32 = 0,
+    KILN_WTYPE_BF16 = 1
+} kiln_wtype;
+
+typedef struct kiln_engine_opts {
+    int n_slots;      /* sequences held at once (each with a KV cache) */
+    int n_ctx;        /* KV cache length per slot; 0 = the model's n_ctx */
+    int chunk;        /* most tokens in one forward step (prefill chunk) */
+    kiln_wtype wtype; /* weight storage */
+} kiln_engine_opts;
+
+/* n_slots 1, n_ctx 0, chunk 64, fp32. */
+kiln_engine_opts kiln_engine_opts_default(void);
+
+/* An inference engine: the model's weights packed for matrix-vector
+ * decoding (rows = outputs), a KV cache per slot, and scratch sized up
+ * front. A slot is one sequence; each has its own position. */
+typedef struct kiln_engine kiln_engine;
+
+/* Builds an engine from a model's weights. The weights are copied (and
+ * converted for bf16), so the model may be freed afterwards. */
+kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m,
+                            const kiln_engine_opts *opts, kiln_engine **out);
+void kiln_engine_free(kiln_engine *e);
+const kiln_config *kiln_engine_config(const kiln_engine *e);
+int kiln_engine_n_slots(const kiln_engine *e);
+int kiln_engine_n_ctx(const kiln_engine *e);
+/* Bytes of weights streamed by one decode step (all matrices + head). */
+size_t kiln_engine_weight_bytes(const kiln_engine *e);
+/* Empties a slot's cache (position 0). */
+void kiln_engine_reset(kiln_engine *e, int slot);
+/* Number of tokens in a slot's cache (the next token's position). */
+int kiln_engine_pos(const kiln_engine *e, int slot);
+
+/* One entry of a forward step: append `token` to `slot` at the slot's
+ * next position; when want_logits, its next-token logits are returned. */
+typedef struct kiln_engine_tok {
+    int slot;
+    int32_t token;
+    bool want_logits;
+} kiln_engine_tok;
+
+/* Runs one forward step over T entries (1 <= T <= opts.chunk) in a single
+ * pass over the weights: a batch of decodes, a prefill chunk, or both
+ * mixed. Entries of the same slot must be in order. Writes the logits of
+ * the entries with want_logits, in entry order, to logits (n_want, V).
+ * Errors: token out of range, slot out of range, cache full (KILN_ERR_RANGE;
+ * the step is not applied). */
+kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
+                             const kiln_engine_tok *toks, int T,
+                             float *logits);
+/* Appends n tokens to a slot in chunks; writes the last token's logits
+ * (V) when logits is non-NULL. */
+kiln_status kiln_engine_prefill(kiln_ctx *ctx, kiln_engine *e, int slot,
+                                const int32_t *tokens, int n, float *logits);
+
+/* Sampling parameters (OpenAI / HF semantics). Order of application:
+ * repetition penalty (HF: over prompt and generated tokens), frequency and
+ * presence penalties (OpenAI: over generated tokens), temperature (0 =
+ * greedy), top-k, top-p, min-p, then a draw from the rng seeded by seed. */
+typedef struct kiln_sampling {
+    float temperature;        /* >= 0; 0 = greedy            [1]   */
+    int top_k;                /* >= 0; 0 = off               [0]   */
+    float top_p;              /* (0, 1]; 1 = off             [1]   */
+    float min_p;              /* [0, 1]; 0 = off             [0]   */
+    float repetition_penalty; /* > 0; 1 = off                [1]   */
+    float frequency_penalty;  /* [-2, 2]                     [0]   */
+    float presence_penalty;   /* [-2, 2]                     [0]   */
+    uint64_t seed;            /*                             [0]   */
+    int top_logprobs;         /* alternatives reported, 0..20 [0]  */
+} kiln_sampling;
+
+kiln_sampling kiln_sampling_default(void);
+/* Checks ranges (NaN rejected); the message names the field. */
+kiln_status kiln_sampling_validate(kiln_ctx *ctx, const kiln_sampling *p);
+
+typedef struct kiln_sampler kiln_sampler;
+
+typedef struct kiln_token_logprob {
+    int32_t token;
+    float logprob; /* log-softmax of the model's raw logits */
+} kiln_token_logprob;
+
+/* A sampler for vocabulary size V (validates p). Free with
+ * kiln_sampler_free. */
+kiln_status kiln_sampler_new(kiln_ctx *ctx, const kiln_sampling *p, int V,
+                             kiln_sampler **out);
+void kiln_sampler_free(kiln_sampler *s);
+/* Records prompt tokens (context of the repetition penalty). */
+void kiln_sampler_add_prompt(kiln_sampler *s, const int32_t *ids, size_t n);
+/* Picks the next token from logits (V floats, overwritten as scratch) and
+ * records it as generated. When chosen is non-NULL it receives the chosen
+ * token's log-probability; when top is non-NULL it receives the
+ * top_logprobs most likely tokens (by raw log-probability). */
+int32_t kiln_sampler_sample(kiln_sampler *s, float *logits,
+                            kiln_token_logprob *chosen,
+                            kiln_token_logprob *top);
+
+/* Text assembly for streaming: turns generated tokens into text that is
+ * safe to show — whole UTF-8 characters only, with any text that could be
+ * the start of a stop string held back until it is decided. */
+typedef struct kiln_textstream kiln_textstream;
+
+/* stops: n_stops non-empty strings (copied). */
+kiln_status kiln_textstream_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                const char *const *stops, int n_stops,
+                                kiln_textstream **out);
+void kiln_textstream_free(kiln_textstream *ts);
+/* Appends a token's bytes. *out and *len receive the newly emittable text
+ * (valid until the next call). *stopped becomes true when a stop string
+ * appeared: the text is cut before it and nothing more is emitted. */
+kiln_status kiln_textstream_push(kiln_ctx *ctx, kiln_textstream *ts,
+                                 int32_t token, const char **out,
+                                 size_t *len, bool *stopped);
+/* Flushes held-back text at the end (invalid UTF-8 becomes U+FFFD). */
+void kiln_textstream_finish(kiln_textstream *ts, const char **out,
+                            size_t *len);
+/* All text emitted so far (NUL-terminated, valid UTF-8). */
+const char *kiln_textstream_text(const kiln_textstream *ts, size_t *len);
+
 /* ======================================================================
  * serve: HTTP server
  * ====================================================================== */
+
+typedef struct kiln_serve_opts {
+    const char *model_dir;  /* config.json, model.safetensors, tokenizer.json */
+    const char *model_name; /* id in /v1/models; NULL = basename of dir */
+    const char *tokenizer;  /* NULL = model_dir (tokenizer.json) */
+    const char *host;       /* [127.0.0.1] */
+    int port;               /* [8080]; 0 = any free port (printed) */
+    const char *api_key;    /* NULL = no authentication */
+    int parallel;           /* slots decoded together [4] */
+    int n_ctx;              /* context per slot; 0 = model's */
+    int max_queue;          /* waiting requests before 429 [64] */
+    size_t max_body;        /* request body limit in bytes [1 MiB] */
+    int max_connections;    /* [256] */
+    kiln_wtype wtype;
+} kiln_serve_opts;
+
+kiln_serve_opts kiln_serve_opts_default(void);
+/* Loads the model and serves the OpenAI-compatible API until SIGINT or
+ * SIGTERM. Prints "kiln serve: listening on http://HOST:PORT" to stdout
+ * once accepting. */
+kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts);
 
 #ifdef __cplusplus
 }

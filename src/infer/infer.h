@@ -1,0 +1,61 @@
+/*
+ * infer.h — private interface of the inference layer: the weight source an
+ * engine is built from (so the engine does not depend on how the model
+ * stores its parameters), and the kernels the engine runs.
+ *
+ * Matrices are packed as (rows = outputs, cols = inputs), row-major, in
+ * fp32 or bf16: y = W x streams each row once and dots it with x.
+ */
+#ifndef KILN_INFER_H
+#define KILN_INFER_H
+
+#include "base/base.h"
+
+/* Returns the fp32 data of the tensor with this Hugging Face name and its
+ * shape, or NULL when the model has no such tensor (optional biases). */
+typedef const float *(*infer_src_fn)(void *ud, const char *name, int *ndim,
+                                     int64_t shape[4]);
+
+/* Builds an engine for cfg from a weight source (kiln_engine_new is this
+ * with the model's named tensors). Shapes are checked against cfg. */
+kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
+                                 infer_src_fn src, void *ud,
+                                 const kiln_engine_opts *opts,
+                                 kiln_engine **out);
+
+/* ---- kernels (kernels.c) ------------------------------------------------ */
+
+typedef struct imat {
+    int rows, cols;  /* (rows = out, cols = in) */
+    float *f32;      /* (rows, cols) when fp32 */
+    uint16_t *bf16;  /* (rows, cols) when bf16 */
+} imat;
+
+/* Y (T, rows) = X (T, cols) W^T + b (b may be NULL); when acc, adds into Y
+ * instead of overwriting. Streams W once for all T rows (T <= 8 in the
+ * register tile; larger T is tiled over blocks of W that stay in cache).
+ * Parallel over output rows (OpenMP). */
+void ik_linear(float *Y, const float *X, int T, const imat *W,
+               const float *b, bool acc);
+/* Portable reference of the same (scalar, no threads). */
+void ik_linear_ref(float *Y, const float *X, int T, const imat *W,
+                   const float *b, bool acc);
+
+static inline uint16_t ik_f32_to_bf16(float f)
+{
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    uint32_t r = v.u + 0x7fffu + ((v.u >> 16) & 1u);     /* nearest even */
+    return (uint16_t)(r >> 16);
+}
+static inline float ik_bf16_to_f32(uint16_t h)
+{
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+/* Streaming read of n bytes (the bandwidth roofline): returns a checksum
+ * so the read cannot be optimised away. Parallel (OpenMP). */
+double ik_stream_read(const void *p, size_t n);
+
+#endif /* KILN_INFER_H */

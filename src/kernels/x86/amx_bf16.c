@@ -1,0 +1,200 @@
+/*
+ * amx_bf16.c — the AMX kernel of the bf16 products and the peak probe.
+ *
+ * Tiles: tmm0..3 accumulate a 32 x 32 block of C in fp32 (2 x 2 tiles of
+ * 16 x 16), tmm4/5 are two 16-row x 32-k tiles of A read straight from the
+ * packed row-major A (row stride Kp), tmm6/7 are two 16-pair x 16-column
+ * tiles of B, i.e. 16 consecutive 64-byte rows of a packed panel. Each
+ * 32-wide step of K is 4 loads and 4 TDPBF16PS (16 x 16 x 32 MACs each).
+ * Every OpenMP thread configures its own tiles (the configuration is per
+ * thread) and releases them at the end.
+ */
+#include "kernels/x86/bf16.h"
+
+#include "base/base.h"
+
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define MP_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+
+typedef struct tilecfg {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg;
+
+MP_TAMX static void tiles_config(void)
+{
+    tilecfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Blocking: a macro tile of MC x NC of C is one task; inside it K runs in
+ * chunks of KC, and for each chunk the 2 B panels of a 32-column block
+ * (32 KiB at KC = 512) stay in L1 while the A blocks of the macro tile
+ * (128 KiB) come from L2. C tiles are loaded and stored straight from C
+ * (fp32, row stride ldc); tiles cut by the edge of C go through a buffer. */
+enum { MC = 128, NC = 128, KC = 512 };
+
+/* Accumulator tile t <- C block at (i0, j0) (or bias rows, or zero). */
+#define ACC_INIT(t, i0, j0)                                                        \
+    do {                                                                           \
+        int r_ = M - (i0), c_ = N - (j0);                                          \
+        if (first && !accumulate) {                                                \
+            if (!bias || c_ <= 0) _tile_zero(t);                                   \
+            else {                                                                 \
+                int n_ = c_ < 16 ? c_ : 16;                                        \
+                for (int q_ = 0; q_ < 16; q_++) {                                  \
+                    memset(buf[q_], 0, 64);                                        \
+                    memcpy(buf[q_], bias + (j0), (size_t)n_ * 4);                  \
+                }                                                                  \
+                _tile_loadd(t, buf, 64);                                           \
+            }                                                                      \
+        } else if (r_ >= 16 && c_ >= 16 && !(first && bias)) {                     \
+            _tile_loadd(t, C + (size_t)(i0) * ldc + (j0), cstride);                \
+        } else {                                                                   \
+            memset(buf, 0, sizeof buf);                                            \
+            for (int q_ = 0; q_ < 16 && q_ < r_; q_++)                             \
+                for (int e_ = 0; e_ < 16 && e_ < c_; e_++)                         \
+                    buf[q_][e_] = C[(size_t)((i0) + q_) * ldc + (j0) + e_] +       \
+                                  (first && bias ? bias[(j0) + e_] : 0.f);         \
+            _tile_loadd(t, buf, 64);                                               \
+        }                                                                          \
+    } while (0)
+
+#define ACC_STORE(t, i0, j0)                                                       \
+    do {                                                                           \
+        int r_ = M - (i0), c_ = N - (j0);                                          \
+        if (r_ >= 16 && c_ >= 16) {                                                \
+            _tile_stored(t, C + (size_t)(i0) * ldc + (j0), cstride);               \
+        } else if (r_ > 0 && c_ > 0) {                                             \
+            _tile_stored(t, buf, 64);                                              \
+            for (int q_ = 0; q_ < 16 && q_ < r_; q_++)                             \
+                memcpy(C + (size_t)((i0) + q_) * ldc + (j0), buf[q_],              \
+                       (size_t)(c_ < 16 ? c_ : 16) * 4);                           \
+        }                                                                          \
+    } while (0)
+
+MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
+                         float *C, int ldc, bool accumulate, const float *bias);
+MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
+                         float *C, int ldc, bool accumulate, const float *bias)
+{
+    int Mp = (M + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
+    int mtiles = (Mp + MC - 1) / MC, ntiles = (Np + NC - 1) / NC;
+    size_t astride = (size_t)Kp * 2, cstride = (size_t)ldc * 4;
+    #pragma omp parallel
+    {
+        tiles_config();
+        float buf[16][16] __attribute__((aligned(64)));
+        #pragma omp for schedule(static) collapse(2)
+        for (int mt = 0; mt < mtiles; mt++) {
+            for (int nt = 0; nt < ntiles; nt++) {
+                int iend = (mt + 1) * MC < Mp ? (mt + 1) * MC : Mp;
+                int jend = (nt + 1) * NC < Np ? (nt + 1) * NC : Np;
+                for (int k0 = 0; k0 < Kp; k0 += KC) {
+                    int k1 = k0 + KC < Kp ? k0 + KC : Kp;
+                    bool first = k0 == 0;
+                    for (int j0 = nt * NC; j0 < jend; j0 += 32) {
+                        const uint16_t *b0 = pb + (size_t)(j0 / 16) * Kp * 16;
+                        const uint16_t *b1 = b0 + (size_t)Kp * 16;
+                        for (int i0 = mt * MC; i0 < iend; i0 += 32) {
+                            const uint16_t *a0 = pa + (size_t)i0 * Kp;
+                            const uint16_t *a1 = a0 + (size_t)16 * Kp;
+                            ACC_INIT(0, i0, j0);
+                            ACC_INIT(1, i0, j0 + 16);
+                            ACC_INIT(2, i0 + 16, j0);
+                            ACC_INIT(3, i0 + 16, j0 + 16);
+                            for (int k = k0; k < k1; k += 32) {
+                                _tile_loadd(4, a0 + k, astride);
+                                _tile_loadd(6, b0 + (size_t)k * 16, 64);
+                                _tile_loadd(5, a1 + k, astride);
+                                _tile_loadd(7, b1 + (size_t)k * 16, 64);
+                                _tile_dpbf16ps(0, 4, 6);
+                                _tile_dpbf16ps(1, 4, 7);
+                                _tile_dpbf16ps(2, 5, 6);
+                                _tile_dpbf16ps(3, 5, 7);
+                            }
+                            ACC_STORE(0, i0, j0);
+                            ACC_STORE(1, i0, j0 + 16);
+                            ACC_STORE(2, i0 + 16, j0);
+                            ACC_STORE(3, i0 + 16, j0 + 16);
+                        }
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+}
+
+/* Tile products done by this thread in about secs seconds. */
+MP_TAMX static double amx_peak_thread(double secs)
+{
+    tiles_config();
+    static const uint16_t zeros[16 * 32] __attribute__((aligned(64)));
+    _tile_loadd(4, zeros, 64);
+    _tile_loadd(5, zeros, 64);
+    _tile_loadd(6, zeros, 64);
+    _tile_loadd(7, zeros, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    long iters = 0;
+    double t0 = kiln_time_now(), t;
+    do {
+        for (int i = 0; i < 1000; i++) {
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        iters += 1000;
+        t = kiln_time_now();
+    } while (t - t0 < secs);
+    _tile_release();
+    /* 4 tile products of 16 x 16 x 32 multiply-adds per iteration. */
+    return (double)iters * 4 * 16 * 16 * 32 * 2;
+}
+
+double mp_amx_peak_gflops(double secs)
+{
+    if (!mp_amx_usable()) return 0;
+    /* Total work over wall time: threads that do not really run at the same
+     * time (shared cores, other load) do not inflate the figure. */
+    double total = 0, t0 = kiln_time_now();
+    #pragma omp parallel reduction(+ : total)
+    total += amx_peak_thread(secs);
+    return total / (kiln_time_now() - t0) / 1e9;
+}
+
+#else /* not x86-64: never called (mp_amx_usable() is false) */
+
+void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
+                 float *C, int ldc, bool accumulate, const float *bias);
+void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
+                 float *C, int ldc, bool accumulate, const float *bias)
+{
+    (void)M, (void)N, (void)Kp, (void)pa, (void)pb, (void)C, (void)ldc;
+    (void)accumulate, (void)bias;
+    KILN_ASSERT(0);
+}
+
+double mp_amx_peak_gflops(double secs)
+{
+    (void)secs;
+    return 0;
+}
+#endif

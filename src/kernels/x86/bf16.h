@@ -1,0 +1,177 @@
+/*
+ * bf16.h — mixed-precision compute: bf16 / fp16 conversions, CPU feature
+ * detection, and matrix products with 16-bit inputs and fp32 accumulation
+ * (AMX tiles, AVX512_BF16, portable C), plus the three products of a linear
+ * layer built on them.
+ *
+ * Everything here is internal (prefix mp_). The layout that all fast paths
+ * share is the "packed B" panel: the right-hand operand of C = A * B (K x N)
+ * is stored as ceil(N/16) panels of 16 columns; panel j holds Kp/2 rows of
+ * 16 column pairs (VNNI: B[2k][n], B[2k+1][n] adjacent), Kp = K rounded up
+ * to a multiple of 32 and zero padded. One AMX B tile is 16 consecutive
+ * 64-byte rows of a panel; one AVX512_BF16 operand is one such row. The
+ * left operand A is bf16 row-major with its K padded to Kp (zeros).
+ *
+ * fp16 compute: an fp16 value x is split exactly into two bf16 values
+ * hi = bf16(x), lo = bf16(x - hi) (fp16 has 11 significant bits, hi+lo
+ * carry 16), and A*B = Ah*Bh + Ah*Bl + Al*Bh + O(2^-16 |A||B|) runs as one
+ * bf16 product over a K three times as long. So fp16 has fp16's rounding
+ * and range (values beyond 65504 become inf, which the loss scaler sees)
+ * and still runs on AMX.
+ */
+#ifndef KILN_KERNELS_X86_BF16_H
+#define KILN_KERNELS_X86_BF16_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- scalar conversions (round to nearest even; NaN stays NaN) -------- */
+
+static inline uint16_t mp_f32_to_bf16_1(float f)
+{
+    union { float f; uint32_t u; } v = {.f = f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+static inline float mp_bf16_to_f32_1(uint16_t h)
+{
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+
+/* IEEE binary16 <-> fp32, portable (F16C is used by the array versions). */
+uint16_t mp_f32_to_f16_1(float f);
+float mp_f16_to_f32_1(uint16_t h);
+
+/* ---- array conversions (AVX-512 / F16C when the CPU has them) --------- */
+
+void mp_f32_to_bf16(const float *x, uint16_t *y, size_t n);
+void mp_bf16_to_f32(const uint16_t *x, float *y, size_t n);
+void mp_f32_to_f16(const float *x, uint16_t *y, size_t n);
+void mp_f16_to_f32(const uint16_t *x, float *y, size_t n);
+/* y[i] = value of x[i] after a round trip through the type (in place ok). */
+void mp_round_bf16(const float *x, float *y, size_t n);
+void mp_round_f16(const float *x, float *y, size_t n);
+
+/* ---- CPU features ----------------------------------------------------- */
+
+typedef struct mp_caps {
+    bool avx512f;     /* AVX-512 F/BW/VL usable (OS saves the state) */
+    bool avx512_bf16; /* VDPBF16PS */
+    bool avx512_fp16;
+    bool f16c;
+    bool amx_bf16;    /* CPU has AMX-TILE + AMX-BF16 */
+    bool amx_usable;  /* ...and the kernel granted XTILEDATA to us */
+} mp_caps;
+
+/* Detected once (thread-safe); asks the kernel for AMX tile state
+ * (arch_prctl ARCH_REQ_XCOMP_PERM) the first time. */
+const mp_caps *mp_cpu_caps(void);
+
+typedef enum mp_backend {
+    MP_BACKEND_AUTO = 0,   /* the fastest the CPU has */
+    MP_BACKEND_REF = 1,    /* portable C */
+    MP_BACKEND_AVX512 = 2, /* AVX512_BF16 dot products */
+    MP_BACKEND_AMX = 3     /* AMX tiles */
+} mp_backend;
+
+/* The backend AUTO resolves to, and whether b can run here. */
+mp_backend mp_backend_best(void);
+bool mp_backend_available(mp_backend b);
+const char *mp_backend_name(mp_backend b);
+
+/* ---- compute dtypes --------------------------------------------------- */
+
+typedef enum mp_dtype { MP_F32 = 0, MP_BF16 = 1, MP_F16 = 2 } mp_dtype;
+const char *mp_dtype_name(mp_dtype t);
+
+/* ---- packed operands -------------------------------------------------- */
+
+/* Packed-B size in bf16 elements for a K x N operand under dtype dt (fp16
+ * triples K; see the file comment). */
+size_t mp_packb_elems(mp_dtype dt, int K, int N);
+/* Packed-A size in bf16 elements for an M x K operand (rows padded to 32). */
+size_t mp_packa_elems(mp_dtype dt, int M, int K);
+
+/* Packs the fp32 operand B (K x N) into panels, rounding to dt (BF16 or
+ * F16). trans=false: B[k][n] = src[k*ld + n]; trans=true: B[k][n] =
+ * src[n*ld + k] (e.g. a weight W (N, K) for X W^T). dst holds
+ * mp_packb_elems() elements. Multithreaded. */
+void mp_pack_b(mp_dtype dt, bool trans, int K, int N, const float *src,
+               int ld, uint16_t *dst);
+/* Packs the fp32 operand A (M x K) row-major bf16 with K padded (and rows
+ * padded to a multiple of 32 with zeros). trans=false: A[m][k] =
+ * src[m*ld + k]; trans=true: A[m][k] = src[k*ld + m]. */
+void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
+               int ld, uint16_t *dst);
+
+/* C (M x N, row stride ldc) = (accumulate ? C : 0) + A * B (+ bias[n] when
+ * bias is non-NULL), from packed A (mp_pack_a with the same dt, M, K) and
+ * packed B. fp32 accumulation. Multithreaded (OpenMP). */
+void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
+                    const uint16_t *pa, const uint16_t *pb, float *C,
+                    int ldc, bool accumulate, const float *bias);
+
+/* ---- AMX -------------------------------------------------------------- */
+
+/* Whether the AMX kernels can run (CPU + kernel permission). */
+bool mp_amx_usable(void);
+/* Runs TDPBF16PS on registers only (no memory traffic) for about `secs`
+ * seconds on every OpenMP thread and returns the achieved GFLOP/s: the AMX
+ * peak of this machine measured now. 0 when AMX is not usable. */
+double mp_amx_peak_gflops(double secs);
+
+/* ---- a linear layer in compute precision ------------------------------ */
+
+/* Compute-dtype copies of one fp32 weight W (OC, C) (row-major, the
+ * y = x W^T + b convention), packed for the forward product (B = W^T) and
+ * for the input-gradient product (B = W). Refreshed once per optimizer
+ * step with mp_weight_refresh; never per call. */
+typedef struct mp_weight {
+    mp_dtype dt;
+    int OC, C;
+    uint16_t *fwd; /* packed W^T: K = C, N = OC */
+    uint16_t *bwd; /* packed W:   K = OC, N = C */
+} mp_weight;
+
+/* Allocates the packed copies (no conversion yet). Returns false on OOM. */
+bool mp_weight_init(mp_weight *w, mp_dtype dt, int OC, int C);
+void mp_weight_free(mp_weight *w);
+/* Converts and packs W (OC, C) into both copies. */
+void mp_weight_refresh(mp_weight *w, const float *W);
+
+/* Scratch for the activation operands of the products; grows on demand
+ * (allocation only happens the first time a shape is seen). */
+typedef struct mp_scratch {
+    uint16_t *a;
+    size_t a_cap;
+    uint16_t *b;
+    size_t b_cap;
+} mp_scratch;
+void mp_scratch_free(mp_scratch *s);
+
+/* y (N, OC) = x (N, C) W^T (+ b). Returns false on OOM. */
+bool mp_linear_forward(mp_backend be, mp_scratch *s, const mp_weight *w,
+                       const float *x, const float *b, int N, float *y);
+/* dx (N, C) (+)= dy (N, OC) W. */
+bool mp_linear_backward_x(mp_backend be, mp_scratch *s, const mp_weight *w,
+                          const float *dy, int N, float *dx,
+                          bool accumulate);
+/* dW (OC, C) += dy^T (OC, N) x (N, C). */
+bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
+                          const float *dy, const float *x, int N, int OC,
+                          int C, float *dW);
+
+/* General product from fp32 operands (packs both every call; for tests,
+ * attention products and one-off shapes). C (M, N) (+)= op(A) op(B) where
+ * op(A) is M x K (ta: A stored K x M) and op(B) is K x N (tb: B stored
+ * N x K). */
+bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,
+                   bool tb, int M, int N, int K, const float *A, int lda,
+                   const float *B, int ldb, float *C, int ldc,
+                   bool accumulate);
+
+#endif /* KILN_KERNELS_X86_BF16_H */

@@ -1,0 +1,445 @@
+/*
+ * gemm_bf16.c — packing of fp32 operands into the compute dtype (bf16, or
+ * fp16 as an exact bf16 hi/lo pair), the portable and AVX512_BF16 product
+ * kernels over the packed layout, backend dispatch, and the three products
+ * of a linear layer. The AMX kernel lives in amx_bf16.c. Layouts are
+ * described in bf16.h.
+ */
+#include "kernels/x86/bf16.h"
+
+#include "base/base.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define KILN_MP_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define MP_X86 1
+#endif
+
+/* Implemented in amx_bf16.c. */
+void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
+                 float *C, int ldc, bool accumulate, const float *bias);
+
+static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+/* K of the packed operands: padded to 32, tripled for fp16. */
+static inline int packed_k(mp_dtype dt, int K)
+{
+    int kp = round_up(K, 32);
+    return dt == MP_F16 ? 3 * kp : kp;
+}
+
+size_t mp_packb_elems(mp_dtype dt, int K, int N)
+{
+    return (size_t)packed_k(dt, K) * (size_t)round_up(N, 32);
+}
+
+size_t mp_packa_elems(mp_dtype dt, int M, int K)
+{
+    return (size_t)packed_k(dt, K) * (size_t)round_up(M, 32);
+}
+
+/* The bf16 part(s) of one fp32 value under dt: bf16 -> (round, 0);
+ * fp16 -> round to fp16 first, then hi = bf16(x16), lo = bf16(x16 - hi)
+ * (both exact). inf/NaN stay in hi with lo = 0. */
+static inline void split(mp_dtype dt, float x, uint16_t *hi, uint16_t *lo)
+{
+    if (dt == MP_BF16) {
+        *hi = mp_f32_to_bf16_1(x);
+        *lo = 0;
+        return;
+    }
+    float h = mp_f16_to_f32_1(mp_f32_to_f16_1(x));
+    uint16_t bh = mp_f32_to_bf16_1(h);
+    float r = h - mp_bf16_to_f32_1(bh);
+    *hi = bh;
+    *lo = (r == r && r - r == 0) ? mp_f32_to_bf16_1(r) : 0;
+}
+
+#if MP_X86
+#define MP_T512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+
+MP_T512 static inline __m256i bf16x16(__m512 x)
+{
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __m512i abs = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* 16 values -> hi (and lo for fp16), the vector twin of split(). */
+MP_T512 static inline void split16(mp_dtype dt, __m512 x, __m256i *hi, __m256i *lo)
+{
+    if (dt == MP_BF16) {
+        *hi = bf16x16(x);
+        *lo = _mm256_setzero_si256();
+        return;
+    }
+    __m512 h = _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i bh = bf16x16(h);
+    __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bh), 16));
+    __m512 r = _mm512_sub_ps(h, hf);
+    __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(h), _mm512_set1_ps(__builtin_inff()), _CMP_LT_OQ);
+    *hi = bh;
+    *lo = _mm256_maskz_mov_epi16(fin, bf16x16(r));
+}
+
+/* Loads 16 floats: contiguous (st == 1) or strided (gather), cnt valid. */
+MP_T512 static inline __m512 load16(const float *p, size_t st, int cnt)
+{
+    __mmask16 m = cnt >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1);
+    if (st == 1) return _mm512_maskz_loadu_ps(m, p);
+    __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32((int)st));
+    if (st <= 0x7fffffff / 16)
+        return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, p, 4);
+    float t[16] = {0};
+    for (int i = 0; i < cnt; i++) t[i] = p[(size_t)i * st];
+    return _mm512_loadu_ps(t);
+}
+
+/* Row of n values (stride st) -> h[0..n) (and l[0..n) for fp16). */
+MP_T512 static void convert_row_avx512(mp_dtype dt, const float *src, size_t st, int n,
+                                       uint16_t *h, uint16_t *l)
+{
+    for (int i = 0; i < n; i += 16) {
+        int cnt = KILN_MP_MIN(16, n - i);
+        __mmask16 m = (__mmask16)(cnt >= 16 ? 0xffff : (1u << cnt) - 1);
+        __m256i hi, lo;
+        split16(dt, load16(src + (size_t)i * st, st, cnt), &hi, &lo);
+        _mm256_mask_storeu_epi16(h + i, m, hi);
+        if (l) _mm256_mask_storeu_epi16(l + i, m, lo);
+    }
+}
+
+/* One 32-element panel row from two K rows: (b0[c], b1[c]) pairs. */
+MP_T512 static inline void store_pairs(uint16_t *o, __m256i b0, __m256i b1)
+{
+    __m512i v = _mm512_or_si512(_mm512_cvtepu16_epi32(b0),
+                                _mm512_slli_epi32(_mm512_cvtepu16_epi32(b1), 16));
+    _mm512_storeu_si512(o, v);
+}
+
+/* Panel p, K slice s (32 rows) of packed B from fp32. */
+MP_T512 static void pack_b_slice_avx512(mp_dtype dt, bool trans, int K, int N, const float *src,
+                                        int ld, uint16_t *pan, int kp, int p, int s)
+{
+    int n0 = p * 16, cnt = KILN_MP_MIN(16, N - n0);
+    for (int r2 = 0; r2 < 16; r2++) {
+        int k = s * 32 + 2 * r2;
+        __m256i h[2], l[2];
+        for (int q = 0; q < 2; q++) {
+            if (k + q >= K || cnt <= 0) {
+                h[q] = l[q] = _mm256_setzero_si256();
+                continue;
+            }
+            __m512 v = trans ? load16(src + (size_t)n0 * ld + k + q, (size_t)ld, cnt)
+                             : load16(src + (size_t)(k + q) * ld + n0, 1, cnt);
+            split16(dt, v, &h[q], &l[q]);
+        }
+        store_pairs(pan + ((size_t)s * 32 + 2 * r2) * 16, h[0], h[1]);
+        if (dt == MP_F16) {
+            store_pairs(pan + ((size_t)kp + s * 32 + 2 * r2) * 16, l[0], l[1]);
+            store_pairs(pan + ((size_t)2 * kp + s * 32 + 2 * r2) * 16, h[0], h[1]);
+        }
+    }
+}
+#endif
+
+/* Converts one row of n fp32 values (stride st) to bf16 (dt = BF16) or to
+ * the fp16 hi/lo pair, writing hi to h[] and lo to l[]. */
+static void convert_row(mp_dtype dt, const float *src, size_t st, int n,
+                        uint16_t *h, uint16_t *l)
+{
+#if MP_X86
+    if (mp_cpu_caps()->avx512f && mp_cpu_caps()->f16c) {
+        convert_row_avx512(dt, src, st, n, h, l);
+        return;
+    }
+#endif
+    for (int i = 0; i < n; i++) {
+        uint16_t a, b;
+        split(dt, src[(size_t)i * st], &a, &b);
+        h[i] = a;
+        if (l) l[i] = b;
+    }
+}
+
+void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
+               int ld, uint16_t *dst)
+{
+    KILN_ASSERT(dt == MP_BF16 || dt == MP_F16);
+    int kp = round_up(K, 32), kk = packed_k(dt, K), mp = round_up(M, 32);
+    #pragma omp parallel
+    {
+        uint16_t *lbuf = dt == MP_F16 ? malloc((size_t)kp * 2) : NULL;
+        #pragma omp for schedule(static)
+        for (int m = 0; m < mp; m++) {
+            uint16_t *row = dst + (size_t)m * kk;
+            if (m >= M) {
+                memset(row, 0, (size_t)kk * 2);
+                continue;
+            }
+            const float *s = trans ? src + m : src + (size_t)m * ld;
+            size_t st = trans ? (size_t)ld : 1;
+            if (dt == MP_BF16) {
+                convert_row(dt, s, st, K, row, NULL);
+                memset(row + K, 0, (size_t)(kp - K) * 2);
+            } else {
+                /* A' = [hi | hi | lo]: pairs with B' = [hi; lo; hi]. */
+                convert_row(dt, s, st, K, row, lbuf);
+                memset(row + K, 0, (size_t)(kp - K) * 2);
+                memcpy(row + kp, row, (size_t)kp * 2);
+                memcpy(row + 2 * kp, lbuf, (size_t)K * 2);
+                memset(row + 2 * kp + K, 0, (size_t)(kp - K) * 2);
+            }
+        }
+        free(lbuf);
+    }
+}
+
+static void pack_b_slice_ref(mp_dtype dt, bool trans, int K, int N, const float *src,
+                             int ld, uint16_t *pan, int kp, int p, int s)
+{
+    uint16_t hi[32][16], lo[32][16];
+    for (int c = 0; c < 16; c++) {
+        int n = p * 16 + c;
+        for (int r = 0; r < 32; r++) {
+            int k = s * 32 + r;
+            if (n < N && k < K) {
+                float v = trans ? src[(size_t)n * ld + k] : src[(size_t)k * ld + n];
+                split(dt, v, &hi[r][c], &lo[r][c]);
+            } else {
+                hi[r][c] = lo[r][c] = 0;
+            }
+        }
+    }
+    /* Interleave pairs of K: row (k/2) of the panel holds B[k][c],
+     * B[k+1][c] for c = 0..15. Parts: [hi; lo; hi] for fp16. */
+    for (int part = 0; part < (dt == MP_F16 ? 3 : 1); part++) {
+        uint16_t (*v)[16] = part == 1 ? lo : hi;
+        uint16_t *o = pan + ((size_t)part * kp + (size_t)s * 32) * 16;
+        for (int r2 = 0; r2 < 16; r2++)
+            for (int c = 0; c < 16; c++) {
+                o[r2 * 32 + 2 * c] = v[2 * r2][c];
+                o[r2 * 32 + 2 * c + 1] = v[2 * r2 + 1][c];
+            }
+    }
+}
+
+void mp_pack_b(mp_dtype dt, bool trans, int K, int N, const float *src,
+               int ld, uint16_t *dst)
+{
+    KILN_ASSERT(dt == MP_BF16 || dt == MP_F16);
+    int kp = round_up(K, 32), kk = packed_k(dt, K), np = round_up(N, 32);
+    int npanel = np / 16, nslice = kp / 32;
+    bool vec = false;
+#if MP_X86
+    vec = mp_cpu_caps()->avx512f && mp_cpu_caps()->f16c;
+#endif
+    /* One task per (panel, 32-row slice of K). */
+    #pragma omp parallel for schedule(static) collapse(2)
+    for (int p = 0; p < npanel; p++) {
+        for (int s = 0; s < nslice; s++) {
+            uint16_t *pan = dst + (size_t)p * kk * 16;
+#if MP_X86
+            if (vec) {
+                pack_b_slice_avx512(dt, trans, K, N, src, ld, pan, kp, p, s);
+                continue;
+            }
+#endif
+            pack_b_slice_ref(dt, trans, K, N, src, ld, pan, kp, p, s);
+        }
+    }
+    (void)vec;
+}
+
+/* ---- portable kernel -------------------------------------------------- */
+
+static void gemm_ref(int M, int N, int Kp, const uint16_t *pa,
+                     const uint16_t *pb, float *C, int ldc, bool accumulate,
+                     const float *bias)
+{
+    #pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++) {
+        const uint16_t *a = pa + (size_t)m * Kp;
+        for (int n = 0; n < N; n++) {
+            const uint16_t *pan = pb + (size_t)(n / 16) * Kp * 16;
+            int c = n % 16;
+            float acc = 0;
+            for (int k = 0; k < Kp; k += 2) {
+                const uint16_t *row = pan + (size_t)(k / 2) * 32;
+                acc += mp_bf16_to_f32_1(a[k]) * mp_bf16_to_f32_1(row[2 * c]);
+                acc += mp_bf16_to_f32_1(a[k + 1]) * mp_bf16_to_f32_1(row[2 * c + 1]);
+            }
+            float *o = C + (size_t)m * ldc + n;
+            *o = (accumulate ? *o : 0.f) + acc + (bias ? bias[n] : 0.f);
+        }
+    }
+}
+
+/* ---- AVX512_BF16 kernel ----------------------------------------------- */
+
+#if MP_X86
+/* 8 rows x 32 columns per block; the B rows come straight from the packed
+ * panels, the A pairs are broadcast. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void gemm_avx512(int M, int N, int Kp, const uint16_t *pa,
+                        const uint16_t *pb, float *C, int ldc, bool accumulate,
+                        const float *bias)
+{
+    int mb = (M + 7) / 8, nb = (N + 31) / 32;
+    #pragma omp parallel for schedule(static) collapse(2)
+    for (int jb = 0; jb < nb; jb++) {
+        for (int ib = 0; ib < mb; ib++) {
+            int j0 = jb * 32, i0 = ib * 8;
+            const uint16_t *p0 = pb + (size_t)(j0 / 16) * Kp * 16;
+            const uint16_t *p1 = p0 + (size_t)Kp * 16;
+            __m512 acc[8][2];
+            for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+            const uint16_t *a = pa + (size_t)i0 * Kp; /* rows padded to 32 */
+            for (int k2 = 0; k2 < Kp / 2; k2++) {
+                __m512bh b0 = (__m512bh)_mm512_loadu_si512(p0 + (size_t)k2 * 32);
+                __m512bh b1 = (__m512bh)_mm512_loadu_si512(p1 + (size_t)k2 * 32);
+                for (int r = 0; r < 8; r++) {
+                    uint32_t pair;
+                    memcpy(&pair, a + (size_t)r * Kp + 2 * k2, 4);
+                    __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair);
+                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+                }
+            }
+            int rows = KILN_MP_MIN(8, M - i0);
+            for (int r = 0; r < rows; r++) {
+                for (int h = 0; h < 2; h++) {
+                    int n0 = j0 + 16 * h;
+                    if (n0 >= N) break;
+                    int cols = KILN_MP_MIN(16, N - n0);
+                    __mmask16 mk = (__mmask16)((1u << cols) - 1);
+                    float *o = C + (size_t)(i0 + r) * ldc + n0;
+                    __m512 v = acc[r][h];
+                    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, o));
+                    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n0));
+                    _mm512_mask_storeu_ps(o, mk, v);
+                }
+            }
+        }
+    }
+}
+#endif
+
+void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
+                    const uint16_t *pa, const uint16_t *pb, float *C,
+                    int ldc, bool accumulate, const float *bias)
+{
+    if (M <= 0 || N <= 0) return;
+    int kk = packed_k(dt, K);
+    if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
+#if MP_X86
+    if (be == MP_BACKEND_AMX) {
+        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias);
+        return;
+    }
+    if (be == MP_BACKEND_AVX512) {
+        gemm_avx512(M, N, kk, pa, pb, C, ldc, accumulate, bias);
+        return;
+    }
+#endif
+    gemm_ref(M, N, kk, pa, pb, C, ldc, accumulate, bias);
+}
+
+/* ---- linear layer ----------------------------------------------------- */
+
+bool mp_weight_init(mp_weight *w, mp_dtype dt, int OC, int C)
+{
+    memset(w, 0, sizeof *w);
+    w->dt = dt;
+    w->OC = OC;
+    w->C = C;
+    w->fwd = aligned_alloc(64, round_up((int)(mp_packb_elems(dt, C, OC) * 2), 64));
+    w->bwd = aligned_alloc(64, round_up((int)(mp_packb_elems(dt, OC, C) * 2), 64));
+    if (!w->fwd || !w->bwd) {
+        mp_weight_free(w);
+        return false;
+    }
+    return true;
+}
+
+void mp_weight_free(mp_weight *w)
+{
+    if (!w) return;
+    free(w->fwd);
+    free(w->bwd);
+    w->fwd = w->bwd = NULL;
+}
+
+void mp_weight_refresh(mp_weight *w, const float *W)
+{
+    mp_pack_b(w->dt, true, w->C, w->OC, W, w->C, w->fwd);  /* B = W^T */
+    mp_pack_b(w->dt, false, w->OC, w->C, W, w->C, w->bwd); /* B = W */
+}
+
+static uint16_t *grow(uint16_t **p, size_t *cap, size_t need)
+{
+    if (need <= *cap) return *p;
+    free(*p);
+    size_t bytes = (need * 2 + 63) / 64 * 64;
+    *p = aligned_alloc(64, bytes);
+    *cap = *p ? need : 0;
+    return *p;
+}
+
+void mp_scratch_free(mp_scratch *s)
+{
+    if (!s) return;
+    free(s->a);
+    free(s->b);
+    memset(s, 0, sizeof *s);
+}
+
+bool mp_linear_forward(mp_backend be, mp_scratch *s, const mp_weight *w,
+                       const float *x, const float *b, int N, float *y)
+{
+    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(w->dt, N, w->C));
+    if (!pa) return false;
+    mp_pack_a(w->dt, false, N, w->C, x, w->C, pa);
+    mp_gemm_packed(be, w->dt, N, w->OC, w->C, pa, w->fwd, y, w->OC, false, b);
+    return true;
+}
+
+bool mp_linear_backward_x(mp_backend be, mp_scratch *s, const mp_weight *w,
+                          const float *dy, int N, float *dx, bool accumulate)
+{
+    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(w->dt, N, w->OC));
+    if (!pa) return false;
+    mp_pack_a(w->dt, false, N, w->OC, dy, w->OC, pa);
+    mp_gemm_packed(be, w->dt, N, w->C, w->OC, pa, w->bwd, dx, w->C, accumulate, NULL);
+    return true;
+}
+
+bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
+                          const float *dy, const float *x, int N, int OC,
+                          int C, float *dW)
+{
+    return mp_gemm_f32io(be, s, dt, true, false, OC, C, N, dy, OC, x, C, dW, C, true);
+}
+
+bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,
+                   bool tb, int M, int N, int K, const float *A, int lda,
+                   const float *B, int ldb, float *C, int ldc,
+                   bool accumulate)
+{
+    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(dt, M, K));
+    uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(dt, K, N));
+    if (!pa || !pb) return false;
+    mp_pack_a(dt, ta, M, K, A, lda, pa);
+    mp_pack_b(dt, tb, K, N, B, ldb, pb);
+    mp_gemm_packed(be, dt, M, N, K, pa, pb, C, ldc, accumulate, NULL);
+    return true;
+}

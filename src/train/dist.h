@@ -1,0 +1,146 @@
+/*
+ * dist.h — the distributed communication layer of the train layer: data
+ * parallel training over Open MPI, or world size 1.
+ *
+ * A process started by `mpirun -np N` (detected through the launcher's
+ * environment: OMPI_COMM_WORLD_SIZE, PMIX_RANK, PMI_SIZE) joins an MPI job
+ * of N ranks; a plain process, or a build without MPI (no -DKILN_HAVE_MPI),
+ * is world size 1 and every collective is a local no-op (bcast) or a copy.
+ *
+ * Every collective is waited on under a deadline (the watchdog thread):
+ * when it does not complete within the timeout the rank prints which
+ * collective (name, sequence number, bytes) it waited on and which ranks of
+ * its node had not reached it (from a progress table in node-shared
+ * memory), and exits with status 3, upon which mpirun terminates the whole
+ * job. MPI errors go through an error handler that prints
+ * the MPI message with the rank and the collective and aborts the job with
+ * a non-zero exit. A dead rank (SIGKILL, crash) is detected by Open MPI's
+ * launcher, which terminates the other ranks and names the dead one.
+ *
+ * Gradient averaging overlaps the backward pass: dist_grads_begin() splits
+ * the gradient block into buckets (~25 MB, KILN_DIST_BUCKET_MB) and
+ * dist_grad_ready(), installed as the model's kiln_grad_ready_fn, starts an
+ * MPI_Iallreduce on each bucket as soon as all of its floats are final.
+ * dist_grads_finish() waits for them and scales by 1/world.
+ *
+ * ZeRO-1 helpers: dist_shard_range() partitions a block of n floats into
+ * `world` contiguous shards, dist_reduce_scatter_f32() sums a block across
+ * ranks leaving each rank its own shard, dist_allgather_f32() reassembles
+ * the block from the shards.
+ *
+ * Environment knobs (read by dist_init):
+ *   KILN_DIST_TIMEOUT    watchdog timeout in seconds (default 300; the
+ *                        timeout_s argument of dist_init wins when > 0)
+ *   KILN_DIST_BUCKET_MB  gradient bucket size in MB (default 25)
+ *   KILN_DIST_OVERLAP    0 turns the backward/communication overlap off
+ *                        (all buckets start in dist_grads_finish)
+ *
+ * A dist handle is used by one thread (the training loop). Collectives must
+ * be called in the same order on every rank (as MPI requires).
+ */
+#ifndef KILN_DIST_H
+#define KILN_DIST_H
+
+#include "kiln.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct dist dist;
+
+/* Communication counters, accumulated since dist_init or the last
+ * dist_stats_reset. wait_s is the time this rank spent blocked waiting for
+ * communication (the exposed cost: what the step would save if the network
+ * were infinitely fast); with overlap on it excludes the time collectives
+ * ran behind the backward pass. */
+typedef struct dist_stats {
+    double wait_s;        /* seconds blocked inside dist collectives */
+    double bytes;         /* payload bytes handed to collectives */
+    uint64_t collectives; /* number of collectives started */
+} dist_stats;
+
+/* Joins the MPI job when launched by mpirun (MPI_Init_thread, a private
+ * communicator, the error handler, the progress table), otherwise creates a
+ * world-size-1 handle. timeout_s > 0 sets the watchdog timeout; <= 0 takes
+ * KILN_DIST_TIMEOUT or 300 s. Errors: KILN_ERR_DIST when launched with N > 1
+ * ranks by a build without MPI, or MPI cannot start; KILN_ERR_INVALID_ARG on
+ * a malformed environment knob (the message names it). Free with
+ * dist_free (which finalizes MPI when dist_init initialized it). MPI can be
+ * initialized once per process: do not call dist_init again after
+ * dist_free in an MPI job. */
+kiln_status dist_init(kiln_ctx *ctx, dist **out, double timeout_s);
+/* Frees d; finalizes MPI if dist_init initialized it. NULL is a no-op. */
+void dist_free(dist *d);
+
+int dist_rank(const dist *d);
+int dist_world(const dist *d);
+/* True on rank 0 (the rank that logs and writes files). */
+bool dist_is_root(const dist *d);
+/* True when this handle talks to other processes through MPI. */
+bool dist_uses_mpi(const dist *d);
+
+/* Watchdog timeout in seconds for every later collective. */
+void dist_set_timeout(dist *d, double timeout_s);
+double dist_timeout(const dist *d);
+/* Gradient bucket size in bytes (>= 4; default 25 MB or
+ * KILN_DIST_BUCKET_MB). Takes effect at the next dist_grads_begin. */
+void dist_set_bucket_bytes(dist *d, size_t bytes);
+/* Overlap of gradient communication with backward (default on or
+ * KILN_DIST_OVERLAP). Takes effect at the next dist_grads_begin. */
+void dist_set_overlap(dist *d, bool on);
+bool dist_overlap(const dist *d);
+
+/* Blocks until every rank arrives (with the watchdog). */
+kiln_status dist_barrier(kiln_ctx *ctx, dist *d);
+/* Broadcasts bytes of buf from root to every rank. */
+kiln_status dist_bcast(kiln_ctx *ctx, dist *d, void *buf, size_t bytes,
+                       int root);
+/* In-place sums across ranks (every rank gets the sum). */
+kiln_status dist_allreduce_sum_f32(kiln_ctx *ctx, dist *d, float *buf,
+                                   size_t n);
+kiln_status dist_allreduce_sum_f64(kiln_ctx *ctx, dist *d, double *buf,
+                                   size_t n);
+/* In-place maximum across ranks. */
+kiln_status dist_allreduce_max_f64(kiln_ctx *ctx, dist *d, double *buf,
+                                   size_t n);
+
+/* ---- bucketed gradient averaging --------------------------------- */
+
+/* Starts one round of gradient averaging over grads (n floats). Call
+ * before the backward pass of the last micro-step of an optimizer step
+ * (accumulation micro-steps before it need no communication), with
+ * dist_grad_ready installed as the model's grad hook (ud = d). No-op
+ * bookkeeping when world == 1. */
+kiln_status dist_grads_begin(kiln_ctx *ctx, dist *d, float *grads, size_t n);
+/* A kiln_grad_ready_fn (ud is the dist*): marks [offset, offset+numel) of
+ * the gradient block final and starts the allreduce of every bucket that
+ * became complete. Ignored outside begin/finish. */
+void dist_grad_ready(void *ud, size_t offset, size_t numel);
+/* Starts the buckets not started yet (ranges never reported), waits for
+ * all of them and divides the block by world: afterwards every rank holds
+ * the average of the ranks' gradients. */
+kiln_status dist_grads_finish(kiln_ctx *ctx, dist *d);
+
+/* ---- ZeRO-1 sharding ----------------------------------------------- */
+
+/* The shard of rank r over a block of n floats: [*off, *off + *len).
+ * Shards are contiguous, in rank order, 16-float aligned, cover [0, n)
+ * exactly; the last ones may be shorter or empty. */
+void dist_shard_range(const dist *d, size_t n, int r, size_t *off,
+                      size_t *len);
+/* Sums buf (n floats) across ranks; on return this rank's shard of buf
+ * (dist_shard_range) holds the sum; the rest of buf is unspecified.
+ * Error KILN_ERR_RANGE when a shard exceeds INT_MAX floats. */
+kiln_status dist_reduce_scatter_f32(kiln_ctx *ctx, dist *d, float *buf,
+                                    size_t n);
+/* Every rank contributes its shard of buf (n floats); on return buf holds
+ * every rank's shard. */
+kiln_status dist_allgather_f32(kiln_ctx *ctx, dist *d, float *buf, size_t n);
+
+/* ---- counters ------------------------------------------------------- */
+
+void dist_stats_get(const dist *d, dist_stats *out);
+void dist_stats_reset(dist *d);
+
+#endif /* KILN_DIST_H */

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# t_tokenizer_cli.sh — kiln tokenize and kiln tokenizer encode/decode from
+# the command line: data directory layout, exact shard contents for the
+# bytes tokenizer, JSONL input, bad-line reporting, and error exits.
+set -u
+T="$KILN_TMP/tokcli"; rm -rf "$T"; mkdir -p "$T/in/sub"
+ok() { echo "PASS $1"; }
+no() { echo "FAIL $1: $2"; }
+
+# --- bytes tokenizer: exact shard contents ------------------------------
+printf 'ab' >"$T/in/a.txt"
+printf 'c\n' >"$T/in/sub/b.txt"
+printf '.hidden' >"$T/in/.h.txt"
+if "$KILN" tokenize --quiet --tokenizer bytes --input "$T/in" --out "$T/d1" >"$T/o1" 2>&1; then
+  # train_0000.bin: 32-byte header, then uint16 tokens: eot a b eot c \n
+  got=$(od -An -tu2 -j32 -v "$T/d1/train_0000.bin" | tr -s ' \n' ' ' | sed 's/^ //; s/ $//')
+  if [ "$got" = "256 97 98 256 99 10" ]; then ok tokenize_bytes_shard; else no tokenize_bytes_shard "tokens '$got'"; fi
+  if grep -q '"format": "kiln-tokens"' "$T/d1/meta.json" && grep -q '"train_tokens": 6' "$T/d1/meta.json" \
+     && grep -q '"eot": 256' "$T/d1/meta.json" && grep -q '"vocab_size": 257' "$T/d1/meta.json" \
+     && [ -f "$T/d1/tokenizer.json" ]; then ok tokenize_meta; else no tokenize_meta "$(cat "$T/d1/meta.json")"; fi
+else
+  no tokenize_bytes_shard "$(cat "$T/o1")"; no tokenize_meta "tokenize failed"
+fi
+
+# --- JSONL with --field, a blank line, and the validation split -----------
+{
+  for i in $(seq 1 40); do printf '{"body": "document number %d with some text"}\n' "$i"; done
+  printf '\n'
+} >"$T/c.jsonl"
+if "$KILN" tokenize --quiet --input "$T/c.jsonl" --field body --val-fraction 0.1 --out "$T/d2" >"$T/o2" 2>&1; then
+  tr_t=$(sed -n 's/.*"train_tokens": \([0-9]*\).*/\1/p' "$T/d2/meta.json")
+  va_t=$(sed -n 's/.*"val_tokens": \([0-9]*\).*/\1/p' "$T/d2/meta.json")
+  total=0; for i in $(seq 1 40); do s="document number $i with some text"; total=$((total + ${#s} + 1)); done
+  if [ "$((tr_t + va_t))" = "$total" ] && [ "$va_t" -gt 0 ] && [ -f "$T/d2/val_0000.bin" ]; then
+    ok tokenize_jsonl_split; else no tokenize_jsonl_split "train $tr_t val $va_t expected total $total"; fi
+else
+  no tokenize_jsonl_split "$(cat "$T/o2")"
+fi
+
+# --- malformed JSONL lines: every one reported by line, non-zero exit ----
+printf '{"text": "fine"}\n{"text": 3}\n{"txt": "x"}\n{"text": "ok"}\nnot json\n' >"$T/bad.jsonl"
+if "$KILN" tokenize --quiet --input "$T/bad.jsonl" --out "$T/d3" >"$T/o3" 2>&1; then
+  no tokenize_bad_lines "exit 0"
+elif grep -q 'bad.jsonl:2: field "text" must be a string' "$T/o3" && grep -q 'bad.jsonl:3: field "text" is missing' "$T/o3" \
+     && grep -q 'bad.jsonl:5: invalid JSON' "$T/o3" && grep -q '3 malformed JSONL lines' "$T/o3" && [ ! -f "$T/d3/meta.json" ]; then
+  ok tokenize_bad_lines
+else
+  no tokenize_bad_lines "$(cat "$T/o3")"
+fi
+if "$KILN" tokenize --quiet --skip-bad --input "$T/bad.jsonl" --out "$T/d4" >"$T/o4" 2>&1 \
+   && grep -q '"train_tokens": 8' "$T/d4/meta.json"; then ok tokenize_skip_bad; else no tokenize_skip_bad "$(cat "$T/o4")"; fi
+
+# --- usage errors -------------------------------------------------------
+"$KILN" tokenize --input /nonexistent/x --out "$T/d5" >"$T/o5" 2>&1; rc=$?
+if [ $rc -ne 0 ] && grep -q "/nonexistent/x" "$T/o5"; then ok tokenize_missing_input; else no tokenize_missing_input "rc $rc $(cat "$T/o5")"; fi
+"$KILN" tokenize --input "$T/in" --out "$T/d6" --val-fraction 1.5 >"$T/o6" 2>&1; rc=$?
+if [ $rc -ne 0 ] && grep -q "val-fraction" "$T/o6"; then ok tokenize_bad_fraction; else no tokenize_bad_fraction "rc $rc"; fi
+"$KILN" tokenize --tokenizer /nonexistent/tok.json --input "$T/in" --out "$T/d7" >"$T/o7" 2>&1; rc=$?
+if [ $rc -ne 0 ] && grep -q "/nonexistent/tok.json" "$T/o7"; then ok tokenize_bad_tokenizer; else no tokenize_bad_tokenizer "rc $rc"; fi
+
+# --- encode / decode round trip with the bytes tokenizer ----------------
+printf 'h\xc3\xa9llo \xff!' >"$T/e.txt"
+ids=$("$KILN" tokenizer encode --tokenizer bytes --input "$T/e.txt")
+if [ "$ids" = "104 195 169 108 108 111 32 255 33" ]; then ok encode_bytes; else no encode_bytes "got '$ids'"; fi
+echo "$ids" | "$KILN" tokenizer decode --tokenizer bytes >"$T/e.out"
+if cmp -s "$T/e.txt" "$T/e.out"; then ok decode_bytes; else no decode_bytes "bytes differ"; fi
+json=$("$KILN" tokenizer encode --tokenizer bytes --json --input "$T/e.txt")
+if [ "$json" = "[104, 195, 169, 108, 108, 111, 32, 255, 33]" ]; then ok encode_json; else no encode_json "got '$json'"; fi
+echo "1 2 999" | "$KILN" tokenizer decode --tokenizer bytes >"$T/o8" 2>&1; rc=$?
+if [ $rc -ne 0 ] && grep -q "999" "$T/o8"; then ok decode_out_of_range; else no decode_out_of_range "rc $rc"; fi
+exit 0

@@ -1,0 +1,355 @@
+/*
+ * test_bf16.c — the mixed-precision kernels against independent oracles:
+ * bf16/fp16 conversions against known values and against the scalar
+ * versions bit for bit (random bit patterns, inf, NaN, subnormals); every
+ * product backend (portable, AVX512_BF16, AMX) in bf16 and fp16 against a
+ * double-precision product of the rounded inputs, over odd shapes,
+ * transposes, accumulation and bias; the three linear-layer products; the
+ * AMX peak probe.
+ */
+#include "check.h"
+#include "kernels/x86/bf16.h"
+
+#include "kiln.h"
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static float bits_f(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint32_t f_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static void test_bf16_known_values(void)
+{
+    CHECK_EQ(mp_f32_to_bf16_1(1.0f), 0x3f80);
+    CHECK_EQ(mp_f32_to_bf16_1(-2.0f), 0xc000);
+    /* 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even -> 1. */
+    CHECK_EQ(mp_f32_to_bf16_1(1.0f + 1.0f / 256), 0x3f80);
+    /* 1 + 3*2^-8 is a tie between 1+2^-7 and 1+2^-6: even -> 1+2^-6. */
+    CHECK_EQ(mp_f32_to_bf16_1(1.0f + 3.0f / 256), 0x3f82);
+    CHECK_EQ(mp_f32_to_bf16_1(1.0f + 1.0f / 256 + 1.0f / 65536), 0x3f81);
+    CHECK_EQ(mp_f32_to_bf16_1(bits_f(0x7f800000u)), 0x7f80);     /* inf */
+    CHECK_EQ(mp_f32_to_bf16_1(bits_f(0x7f7fffffu)), 0x7f80);     /* max -> inf */
+    uint16_t nan = mp_f32_to_bf16_1(bits_f(0x7f800001u));       /* sNaN stays NaN */
+    CHECK((nan & 0x7f80) == 0x7f80 && (nan & 0x7f) != 0);
+    CHECK_EQ(mp_f32_to_bf16_1(bits_f(0x00010000u)), 0x0001);     /* subnormal kept */
+    CHECK(mp_bf16_to_f32_1(0x4049) == 3.140625f);
+}
+
+static void test_f16_known_values(void)
+{
+    CHECK_EQ(mp_f32_to_f16_1(1.0f), 0x3c00);
+    CHECK_EQ(mp_f32_to_f16_1(65504.0f), 0x7bff);
+    CHECK_EQ(mp_f32_to_f16_1(65519.0f), 0x7bff);
+    CHECK_EQ(mp_f32_to_f16_1(65520.0f), 0x7c00); /* overflow -> inf */
+    CHECK_EQ(mp_f32_to_f16_1(-1e6f), 0xfc00);
+    CHECK_EQ(mp_f32_to_f16_1(5.9604645e-8f), 0x0001); /* 2^-24 */
+    CHECK_EQ(mp_f32_to_f16_1(2.98e-8f), 0x0000);      /* < 2^-25 -> 0 */
+    CHECK_EQ(mp_f32_to_f16_1(6.1035156e-5f), 0x0400); /* 2^-14 */
+    CHECK(mp_f16_to_f32_1(0x3555) == 0.333251953125f);
+    CHECK(mp_f16_to_f32_1(0x0001) == 5.9604645e-8f);
+    CHECK(mp_f16_to_f32_1(0xfc00) == -__builtin_inff());
+    float n = mp_f16_to_f32_1(0x7e00);
+    CHECK(n != n);
+}
+
+/* Array paths (AVX-512 / F16C) must equal the scalar ones bit for bit. */
+static void test_arrays_match_scalar(void)
+{
+    enum { N = 200003 };
+    float *x = malloc(N * sizeof *x), *y = malloc(N * sizeof *y);
+    uint16_t *h = malloc(N * 2);
+    kiln_rng r;
+    kiln_rng_seed(&r, 7);
+    for (int i = 0; i < N; i++) {
+        uint32_t u = (uint32_t)kiln_rng_u64(&r);
+        if (i % 3 == 0) u = f_bits(kiln_rng_normal(&r) * 100.f); /* typical values */
+        if (i % 11 == 0) u &= 0x807fffffu | (0x67u << 23);     /* near f16 range edges */
+        x[i] = bits_f(u);
+    }
+    x[0] = bits_f(0x7f800000u);
+    x[1] = bits_f(0xff800001u);
+    x[2] = bits_f(0x00000001u);
+    int bad = 0;
+    mp_f32_to_bf16(x, h, N);
+    for (int i = 0; i < N; i++) bad += h[i] != mp_f32_to_bf16_1(x[i]);
+    CHECK_EQ(bad, 0);
+    mp_bf16_to_f32(h, y, N);
+    bad = 0;
+    for (int i = 0; i < N; i++) bad += f_bits(y[i]) != f_bits(mp_bf16_to_f32_1(h[i]));
+    CHECK_EQ(bad, 0);
+    mp_f32_to_f16(x, h, N);
+    bad = 0;
+    for (int i = 0; i < N; i++) {
+        uint16_t s = mp_f32_to_f16_1(x[i]);
+        if (h[i] != s && bad++ < 5)
+            fprintf(stderr, "  f16 %08x: vector %04x scalar %04x\n", f_bits(x[i]), h[i], s);
+    }
+    CHECK_EQ(bad, 0);
+    /* Every half value round-trips exactly through fp32. */
+    bad = 0;
+    for (uint32_t v = 0; v < 65536; v++) {
+        uint16_t hv = (uint16_t)v;
+        float f = mp_f16_to_f32_1(hv);
+        uint16_t back = mp_f32_to_f16_1(f);
+        bool nan = (hv & 0x7c00) == 0x7c00 && (hv & 0x3ff);
+        if (!nan && back != hv) bad++;
+        float g;
+        mp_f16_to_f32(&hv, &g, 1);
+        if (!nan && f_bits(g) != f_bits(f)) bad++;
+    }
+    CHECK_EQ(bad, 0);
+    mp_round_f16(x, y, N);
+    bad = 0;
+    for (int i = 0; i < N; i++)
+        if (f_bits(y[i]) != f_bits(mp_f16_to_f32_1(mp_f32_to_f16_1(x[i])))) bad++;
+    CHECK_EQ(bad, 0);
+    free(x);
+    free(y);
+    free(h);
+}
+
+static float round_dt(mp_dtype dt, float v)
+{
+    return dt == MP_BF16 ? mp_bf16_to_f32_1(mp_f32_to_bf16_1(v))
+                         : mp_f16_to_f32_1(mp_f32_to_f16_1(v));
+}
+
+/* Oracle: C = (acc ? C : 0) + sum_k rd(A)[m][k] rd(B)[k][n] (+ bias) in
+ * double; also returns the scale sum |a||b| for the tolerance. */
+static void oracle(mp_dtype dt, bool ta, bool tb, int M, int N, int K, const float *A,
+                   int lda, const float *B, int ldb, float *C, int ldc, bool acc,
+                   const float *bias, double *scale)
+{
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double s = 0, sa = 0;
+            for (int k = 0; k < K; k++) {
+                double a = round_dt(dt, ta ? A[(size_t)k * lda + m] : A[(size_t)m * lda + k]);
+                double b = round_dt(dt, tb ? B[(size_t)n * ldb + k] : B[(size_t)k * ldb + n]);
+                s += a * b;
+                sa += fabs(a * b);
+            }
+            float *o = C + (size_t)m * ldc + n;
+            *o = (float)((acc ? *o : 0) + s + (bias ? bias[n] : 0));
+            scale[(size_t)m * N + n] = sa + 1e-30;
+        }
+}
+
+static void fill(kiln_rng *r, float *x, size_t n, float s)
+{
+    for (size_t i = 0; i < n; i++) x[i] = kiln_rng_normal(r) * s;
+}
+
+/* One product on one backend against the oracle; returns the worst error
+ * in units of sum |a||b|. */
+static double gemm_case(mp_backend be, mp_dtype dt, bool ta, bool tb, int M, int N, int K,
+                        bool acc, bool use_bias, uint64_t seed)
+{
+    kiln_rng r;
+    kiln_rng_seed(&r, seed);
+    int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 5, ldc = N + 2;
+    float *A = malloc(sizeof(float) * (size_t)lda * (ta ? K : M));
+    float *B = malloc(sizeof(float) * (size_t)ldb * (tb ? N : K));
+    float *C = malloc(sizeof(float) * (size_t)ldc * M), *C2 = malloc(sizeof(float) * (size_t)ldc * M);
+    float *bias = malloc(sizeof(float) * (size_t)N);
+    double *sc = malloc(sizeof(double) * (size_t)M * N);
+    fill(&r, A, (size_t)lda * (ta ? K : M), 1.f);
+    fill(&r, B, (size_t)ldb * (tb ? N : K), 0.5f);
+    fill(&r, C, (size_t)ldc * M, 1.f);
+    fill(&r, bias, (size_t)N, 1.f);
+    memcpy(C2, C, sizeof(float) * (size_t)ldc * M);
+    oracle(dt, ta, tb, M, N, K, A, lda, B, ldb, C2, ldc, acc, use_bias ? bias : NULL, sc);
+    uint16_t *pa = aligned_alloc(64, (mp_packa_elems(dt, M, K) * 2 + 63) / 64 * 64);
+    uint16_t *pb = aligned_alloc(64, (mp_packb_elems(dt, K, N) * 2 + 63) / 64 * 64);
+    mp_pack_a(dt, ta, M, K, A, lda, pa);
+    mp_pack_b(dt, tb, K, N, B, ldb, pb);
+    mp_gemm_packed(be, dt, M, N, K, pa, pb, C, ldc, acc, use_bias ? bias : NULL);
+    double worst = 0;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double e = fabs((double)C[(size_t)m * ldc + n] - C2[(size_t)m * ldc + n]) /
+                       (sc[(size_t)m * N + n] + (acc ? 1 : 0) + (use_bias ? 1 : 0));
+            if (e > worst) worst = e;
+        }
+    /* Padding columns of C (ldc > N) are untouched. */
+    int touched = 0;
+    for (int m = 0; m < M; m++)
+        touched += C[(size_t)m * ldc + N] != C2[(size_t)m * ldc + N];
+    if (touched) worst = 1;
+    free(A), free(B), free(C), free(C2), free(bias), free(sc), free(pa), free(pb);
+    return worst;
+}
+
+static void check_backend(mp_backend be)
+{
+    static const int shapes[][3] = {{1, 1, 1}, {37, 45, 70}, {64, 64, 64}, {33, 17, 96},
+                                    {100, 130, 200}, {16, 512, 33}};
+    for (int dt = MP_BF16; dt <= MP_F16; dt++)
+        for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+            for (int t = 0; t < 4; t++) {
+                bool ta = t & 1, tb = t & 2, acc = (s + t) % 2, bias = (s + t) % 3 == 0;
+                int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+                double e = gemm_case(be, (mp_dtype)dt, ta, tb, M, N, K, acc, bias,
+                                     1000 + s * 10 + t);
+                /* fp32 accumulation: ~K * 2^-24 relative; fp16 also drops
+                 * the lo*lo term (<= 2^-16). */
+                double tol = dt == MP_BF16 ? 2e-6 * sqrt(K) + 1e-6 : 2e-5;
+                CHECK_MSG(e <= tol, "%s %s M=%d N=%d K=%d ta=%d tb=%d acc=%d bias=%d: error %.3g > %.3g",
+                          mp_backend_name(be), mp_dtype_name((mp_dtype)dt), M, N, K, ta, tb,
+                          acc, bias, e, tol);
+            }
+}
+
+static void test_gemm_ref(void) { check_backend(MP_BACKEND_REF); }
+
+static void test_gemm_avx512_bf16(void)
+{
+    if (!mp_backend_available(MP_BACKEND_AVX512)) SKIP("CPU has no AVX512_BF16");
+    check_backend(MP_BACKEND_AVX512);
+}
+
+static void test_gemm_amx(void)
+{
+    if (!mp_backend_available(MP_BACKEND_AMX)) SKIP("no AMX-BF16 (or the kernel refused tile state)");
+    check_backend(MP_BACKEND_AMX);
+}
+
+/* fp16 keeps fp16's range: an input beyond 65504 becomes inf, and the
+ * product non-finite (inf, or NaN where the hi/lo split meets inf * 0),
+ * which is what the loss scaler looks for. */
+static void test_f16_overflow_is_inf(void)
+{
+    float A[2] = {70000.f, 1.f}, B[2] = {1.f, 1.f}, C[1] = {0};
+    mp_scratch s = {0};
+    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, MP_F16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
+                        false));
+    CHECK(!isfinite(C[0]));
+    A[0] = 60000.f;
+    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, MP_F16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
+                        false));
+    CHECK_NEAR(C[0], 60001.0, 1e-7);
+    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, MP_BF16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
+                        false));
+    CHECK_NEAR(C[0], 59904.0 + 1.0, 1e-7); /* 60000 in bf16 is 59904 */
+    mp_scratch_free(&s);
+}
+
+/* The three products of a linear layer against the oracle. */
+static void test_linear_layer(void)
+{
+    enum { N = 70, C = 96, OC = 80 };
+    for (int dt = MP_BF16; dt <= MP_F16; dt++) {
+        kiln_rng r;
+        kiln_rng_seed(&r, 42 + dt);
+        float *W = malloc(sizeof(float) * OC * C), *x = malloc(sizeof(float) * N * C);
+        float *b = malloc(sizeof(float) * OC), *dy = malloc(sizeof(float) * N * OC);
+        float *y = malloc(sizeof(float) * N * OC), *y2 = malloc(sizeof(float) * N * OC);
+        float *dx = malloc(sizeof(float) * N * C), *dx2 = malloc(sizeof(float) * N * C);
+        float *dW = malloc(sizeof(float) * OC * C), *dW2 = malloc(sizeof(float) * OC * C);
+        double *sc = malloc(sizeof(double) * N * (OC > C ? OC : C) * 2);
+        fill(&r, W, OC * C, 0.1f);
+        fill(&r, x, N * C, 1.f);
+        fill(&r, b, OC, 0.1f);
+        fill(&r, dy, N * OC, 0.01f);
+        fill(&r, dW, OC * C, 0.01f);
+        memcpy(dW2, dW, sizeof(float) * OC * C);
+        mp_weight w;
+        mp_scratch s = {0};
+        CHECK(mp_weight_init(&w, (mp_dtype)dt, OC, C));
+        mp_weight_refresh(&w, W);
+        CHECK(mp_linear_forward(MP_BACKEND_AUTO, &s, &w, x, b, N, y));
+        oracle((mp_dtype)dt, false, true, N, OC, C, x, C, W, C, y2, OC, false, b, sc);
+        double e = 0;
+        for (int i = 0; i < N * OC; i++) e = fmax(e, fabs(y[i] - y2[i]) / (sc[i] + 0.1));
+        CHECK_MSG(e < 2e-5, "%s forward error %g", mp_dtype_name((mp_dtype)dt), e);
+        CHECK(mp_linear_backward_x(MP_BACKEND_AUTO, &s, &w, dy, N, dx, false));
+        oracle((mp_dtype)dt, false, false, N, C, OC, dy, OC, W, C, dx2, C, false, NULL, sc);
+        e = 0;
+        for (int i = 0; i < N * C; i++) e = fmax(e, fabs(dx[i] - dx2[i]) / sc[i]);
+        CHECK_MSG(e < 2e-5, "%s backward_x error %g", mp_dtype_name((mp_dtype)dt), e);
+        CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &s, (mp_dtype)dt, dy, x, N, OC, C, dW));
+        oracle((mp_dtype)dt, true, false, OC, C, N, dy, OC, x, C, dW2, C, true, NULL, sc);
+        e = 0;
+        for (int i = 0; i < OC * C; i++) e = fmax(e, fabs(dW[i] - dW2[i]) / (sc[i] + 0.01));
+        CHECK_MSG(e < 2e-5, "%s backward_w error %g", mp_dtype_name((mp_dtype)dt), e);
+        /* After a weight update, refresh makes the packed copies follow. */
+        for (int i = 0; i < OC * C; i++) W[i] *= -1;
+        mp_weight_refresh(&w, W);
+        CHECK(mp_linear_forward(MP_BACKEND_AUTO, &s, &w, x, NULL, N, y));
+        oracle((mp_dtype)dt, false, true, N, OC, C, x, C, W, C, y2, OC, false, NULL, sc);
+        e = 0;
+        for (int i = 0; i < N * OC; i++) e = fmax(e, fabs(y[i] - y2[i]) / (sc[i] + 0.1));
+        CHECK_MSG(e < 2e-5, "%s forward after refresh error %g", mp_dtype_name((mp_dtype)dt), e);
+        mp_weight_free(&w);
+        mp_scratch_free(&s);
+        free(W), free(x), free(b), free(dy), free(y), free(y2), free(dx), free(dx2);
+        free(dW), free(dW2), free(sc);
+    }
+}
+
+/* bf16 products really are lower precision than fp32 (the oracle is not
+ * fooling itself): against an fp32-input double product the error is
+ * ~2^-9 relative, far above the fp32 tolerance. */
+static void test_bf16_is_not_fp32(void)
+{
+    enum { M = 32, N = 32, K = 64 };
+    kiln_rng r;
+    kiln_rng_seed(&r, 3);
+    float A[M * K], B[K * N], C[M * N];
+    fill(&r, A, M * K, 1.f);
+    fill(&r, B, K * N, 1.f);
+    mp_scratch s = {0};
+    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, MP_BF16, false, false, M, N, K, A, K, B, N, C, N,
+                        false));
+    double worst = 0;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double e = 0, sa = 0;
+            for (int k = 0; k < K; k++) {
+                e += (double)A[m * K + k] * B[k * N + n];
+                sa += fabs((double)A[m * K + k] * B[k * N + n]);
+            }
+            worst = fmax(worst, fabs(C[m * N + n] - e) / sa);
+        }
+    CHECK_MSG(worst > 1e-4 && worst < 1e-2, "bf16 relative error %g", worst);
+    mp_scratch_free(&s);
+}
+
+static void test_amx_peak_probe(void)
+{
+    if (!mp_amx_usable()) SKIP("no AMX-BF16");
+    double g = mp_amx_peak_gflops(0.05);
+    printf("  AMX peak probe: %.0f GFLOP/s\n", g);
+    CHECK(g > 100 && g < 100000);
+}
+
+int main(void)
+{
+    const mp_caps *c = mp_cpu_caps();
+    printf("  caps: avx512f=%d avx512_bf16=%d avx512_fp16=%d f16c=%d amx_bf16=%d amx_usable=%d best=%s\n",
+           c->avx512f, c->avx512_bf16, c->avx512_fp16, c->f16c, c->amx_bf16, c->amx_usable,
+           mp_backend_name(mp_backend_best()));
+    RUN_TEST(test_bf16_known_values);
+    RUN_TEST(test_f16_known_values);
+    RUN_TEST(test_arrays_match_scalar);
+    RUN_TEST(test_gemm_ref);
+    RUN_TEST(test_gemm_avx512_bf16);
+    RUN_TEST(test_gemm_amx);
+    RUN_TEST(test_f16_overflow_is_inf);
+    RUN_TEST(test_linear_layer);
+    RUN_TEST(test_bf16_is_not_fp32);
+    RUN_TEST(test_amx_peak_probe);
+    return TEST_EXIT();
+}

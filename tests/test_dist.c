@@ -1,0 +1,297 @@
+/*
+ * test_dist.c — the communication layer (src/train/dist.h) at any world
+ * size. tests/run.sh runs it as a plain process (world size 1);
+ * tests/t_dist.sh runs it under mpirun with 2 and 4 ranks, where every
+ * rank runs every test, failures are summed across ranks and rank 0 prints
+ * the PASS/FAIL lines. Expected values are computed in closed form from
+ * each rank's known contribution.
+ *
+ * Fault modes for t_dist.sh (argv[1]): --watchdog (rank 1 is late to a
+ * barrier; the watchdog must abort the job naming rank 1), --kill (rank 1
+ * kills itself with SIGKILL; the job must end), --mpi-error (an invalid MPI
+ * call must give a clear message and a non-zero exit).
+ */
+#include "check.h"
+#include "train/dist.h"
+
+#include <signal.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#ifdef KILN_HAVE_MPI
+#include <mpi.h>
+#endif
+
+static kiln_ctx *ctx;
+static dist *D;
+static int R, W;
+
+static void test_world(void)
+{
+    CHECK(W >= 1);
+    CHECK(R >= 0 && R < W);
+    const char *e = getenv("OMPI_COMM_WORLD_SIZE");
+    CHECK_EQ(W, e ? atoi(e) : 1);
+    CHECK_EQ(dist_is_root(D), R == 0);
+    /* Every rank agrees on the world size and holds a distinct rank. */
+    double v[2] = {(double)W, (double)R};
+    CHECK_EQ(dist_allreduce_sum_f64(ctx, D, v, 2), KILN_OK);
+    CHECK_EQ((long long)v[0], (long long)W * W);
+    CHECK_EQ((long long)v[1], (long long)W * (W - 1) / 2);
+}
+
+static void test_bcast(void)
+{
+    for (int root = 0; root < W; root += (W > 1 ? W - 1 : 1)) {
+        size_t n = 100003;
+        unsigned char *b = malloc(n);
+        for (size_t i = 0; i < n; i++)
+            b[i] = R == root ? (unsigned char)(i * 7 + 3) : 0;
+        CHECK_EQ(dist_bcast(ctx, D, b, n, root), KILN_OK);
+        size_t bad = 0;
+        for (size_t i = 0; i < n; i++) bad += b[i] != (unsigned char)(i * 7 + 3);
+        CHECK_EQ(bad, 0);
+        free(b);
+    }
+    CHECK_EQ(dist_bcast(ctx, D, NULL, 0, W), KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), "root") != NULL);
+}
+
+static void test_allreduce(void)
+{
+    size_t n = 70001;
+    float *f = malloc(n * sizeof *f);
+    double *g = malloc(n * sizeof *g);
+    for (size_t i = 0; i < n; i++) {
+        f[i] = (float)(R + 1) + 0.5f * (float)(i % 1000);
+        g[i] = (double)(R + 1) * 1e-3 + (double)i;
+    }
+    CHECK_EQ(dist_allreduce_sum_f32(ctx, D, f, n), KILN_OK);
+    CHECK_EQ(dist_allreduce_sum_f64(ctx, D, g, n), KILN_OK);
+    size_t badf = 0, badg = 0;
+    double ws = (double)W * (W + 1) / 2;
+    for (size_t i = 0; i < n; i++) {
+        double ef = ws + (double)W * 0.5 * (double)(i % 1000);
+        double eg = ws * 1e-3 + (double)W * (double)i;
+        badf += f[i] != (float)ef;
+        badg += fabs(g[i] - eg) > 1e-9 * fabs(eg) + 1e-12;
+    }
+    CHECK_EQ(badf, 0);
+    CHECK_EQ(badg, 0);
+    double m = (double)R;
+    CHECK_EQ(dist_allreduce_max_f64(ctx, D, &m, 1), KILN_OK);
+    CHECK_EQ((long long)m, W - 1);
+    CHECK_EQ(dist_barrier(ctx, D), KILN_OK);
+    free(f);
+    free(g);
+}
+
+/* Fills the gradients of this rank: g = (rank+1) * (1 + i % 97). The
+ * average over ranks is (W+1)/2 * (1 + i % 97). */
+static void fill_grads(float *g, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        g[i] = (float)(R + 1) * (float)(1 + i % 97);
+}
+
+static size_t check_avg(const float *g, size_t n)
+{
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        float e = (float)((W + 1) / 2.0 * (double)(1 + i % 97));
+        bad += fabsf(g[i] - e) > 1e-6f * e;
+    }
+    return bad;
+}
+
+/* Reports the block as a backward pass would: "layers" of irregular sizes
+ * in reverse order, some ranges spanning bucket boundaries, one range
+ * (the first 37 floats) only when report_all. */
+static void report_ranges(size_t n, bool report_all)
+{
+    size_t cuts[] = {37, 1000, 1001, 2500, 4999, 5000, 7777, 9000};
+    size_t nc = sizeof cuts / sizeof *cuts;
+    size_t hi = n;
+    for (size_t c = nc; c-- > 0;) {
+        size_t lo = cuts[c];
+        /* split each layer's range into two pieces, high half first */
+        size_t mid = lo + (hi - lo) / 2;
+        dist_grad_ready(D, mid, hi - mid);
+        dist_grad_ready(D, lo, mid - lo);
+        hi = lo;
+    }
+    if (report_all) dist_grad_ready(D, 0, hi);
+}
+
+static void test_grads_bucketed(void)
+{
+    size_t n = 10007;
+    float *g = malloc(n * sizeof *g);
+    for (int mode = 0; mode < 4; mode++) {
+        bool overlap = mode & 1, all = !(mode & 2);
+        dist_set_bucket_bytes(D, 1000 * sizeof(float));
+        dist_set_overlap(D, overlap);
+        fill_grads(g, n);
+        dist_stats s0, s1;
+        dist_stats_get(D, &s0);
+        CHECK_EQ(dist_grads_begin(ctx, D, g, n), KILN_OK);
+        report_ranges(n, all);
+        CHECK_EQ(dist_grads_finish(ctx, D), KILN_OK);
+        dist_stats_get(D, &s1);
+        size_t bad = check_avg(g, n);
+        CHECK_MSG(bad == 0, "mode %d: %zu wrong averages", mode, bad);
+        if (W > 1) /* 11 buckets of up to 1000 floats */
+            CHECK_EQ(s1.collectives - s0.collectives, 11);
+        else
+            CHECK_EQ(s1.collectives, s0.collectives);
+    }
+    /* A range reported twice breaks the contract: reported, not hidden. */
+    fill_grads(g, n);
+    dist_set_overlap(D, true);
+    CHECK_EQ(dist_grads_begin(ctx, D, g, n), KILN_OK);
+    report_ranges(n, true);
+    dist_grad_ready(D, 0, 10);
+    kiln_status st = dist_grads_finish(ctx, D);
+    if (W > 1) CHECK_EQ(st, KILN_ERR_INTERNAL);
+    CHECK_EQ(dist_grads_finish(ctx, D), KILN_ERR_INTERNAL); /* not begun */
+    /* A large block in the default 25 MB buckets, one range. */
+    dist_set_bucket_bytes(D, 25u << 20);
+    size_t big = 9u << 20; /* 36 MB: two buckets */
+    float *gb = malloc(big * sizeof *gb);
+    fill_grads(gb, big);
+    CHECK_EQ(dist_grads_begin(ctx, D, gb, big), KILN_OK);
+    dist_grad_ready(D, big / 2, big - big / 2);
+    dist_grad_ready(D, 0, big / 2);
+    CHECK_EQ(dist_grads_finish(ctx, D), KILN_OK);
+    CHECK_EQ(check_avg(gb, big), 0);
+    free(gb);
+    free(g);
+}
+
+static void test_shards(void)
+{
+    size_t ns[] = {0, 1, 15, 16, 17, 1000, 100003};
+    for (size_t k = 0; k < sizeof ns / sizeof *ns; k++) {
+        size_t n = ns[k], next = 0;
+        for (int r = 0; r < W; r++) {
+            size_t o, l;
+            dist_shard_range(D, n, r, &o, &l);
+            CHECK_EQ(o, next);
+            CHECK(o % 16 == 0 || l == 0);
+            next = o + l;
+        }
+        CHECK_EQ(next, n);
+    }
+    size_t n = 100003;
+    float *b = malloc(n * sizeof *b);
+    for (size_t i = 0; i < n; i++) b[i] = (float)(R + 1) * (float)(i % 1013);
+    CHECK_EQ(dist_reduce_scatter_f32(ctx, D, b, n), KILN_OK);
+    size_t o, l, bad = 0;
+    dist_shard_range(D, n, R, &o, &l);
+    float ws = (float)(W * (W + 1) / 2);
+    for (size_t i = o; i < o + l; i++) bad += b[i] != ws * (float)(i % 1013);
+    CHECK_EQ(bad, 0);
+    /* all-gather: each rank fills only its own shard */
+    for (size_t i = 0; i < n; i++) b[i] = -1.0f;
+    for (size_t i = o; i < o + l; i++) b[i] = (float)i * 0.25f;
+    CHECK_EQ(dist_allgather_f32(ctx, D, b, n), KILN_OK);
+    bad = 0;
+    for (size_t i = 0; i < n; i++) bad += b[i] != (float)i * 0.25f;
+    CHECK_EQ(bad, 0);
+    free(b);
+}
+
+static void test_env_knobs(void)
+{
+    /* A malformed knob is an error naming it (checked on a fresh handle
+     * only at world size 1: MPI cannot be initialized twice). */
+    if (W > 1 || dist_uses_mpi(D)) SKIP("needs a plain (non-MPI) process");
+    setenv("KILN_DIST_TIMEOUT", "soon", 1);
+    dist *d2 = NULL;
+    CHECK_EQ(dist_init(ctx, &d2, 0), KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), "KILN_DIST_TIMEOUT") != NULL);
+    CHECK(d2 == NULL);
+    setenv("KILN_DIST_TIMEOUT", "12.5", 1);
+    CHECK_EQ(dist_init(ctx, &d2, 0), KILN_OK);
+    CHECK_NEAR(dist_timeout(d2), 12.5, 1e-12);
+    dist_free(d2);
+    CHECK_EQ(dist_init(ctx, &d2, 7), KILN_OK);
+    CHECK_NEAR(dist_timeout(d2), 7, 1e-12);
+    dist_free(d2);
+    unsetenv("KILN_DIST_TIMEOUT");
+}
+
+static int fails_total;
+
+#define DRUN(fn)                                                           \
+    do {                                                                   \
+        check_fails_ = 0;                                                  \
+        check_skip_ = NULL;                                                \
+        fn();                                                              \
+        double f_ = check_fails_;                                          \
+        dist_allreduce_sum_f64(ctx, D, &f_, 1);                            \
+        if (R == 0) {                                                      \
+            if (f_ > 0) printf("FAIL %s\n", #fn);                          \
+            else if (check_skip_) printf("SKIP %s: %s\n", #fn, check_skip_); \
+            else printf("PASS %s\n", #fn);                                 \
+            fflush(stdout);                                                \
+        }                                                                  \
+        fails_total += f_ > 0;                                             \
+        check_total_fails_ += f_ > 0;                                      \
+    } while (0)
+
+static int fault_mode(const char *mode)
+{
+    dist_set_timeout(D, 3.0);
+    if (!strcmp(mode, "--watchdog")) {
+        if (R == 1) sleep(30);
+        dist_barrier(ctx, D);
+        return 0;
+    }
+    if (!strcmp(mode, "--kill")) {
+        double x = 1;
+        dist_allreduce_sum_f64(ctx, D, &x, 1);
+        dist_set_timeout(D, 60.0); /* Open MPI's detection, not the watchdog */
+        if (R == 1) raise(SIGKILL);
+        dist_barrier(ctx, D);
+        sleep(60);
+        return 0;
+    }
+#ifdef KILN_HAVE_MPI
+    if (!strcmp(mode, "--mpi-error")) {
+        int x = 0;
+        if (R == 0) MPI_Send(&x, 1, MPI_INT, W + 5, 0, MPI_COMM_WORLD);
+        dist_barrier(ctx, D);
+        return 0;
+    }
+#endif
+    fprintf(stderr, "unknown mode %s\n", mode);
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    ctx = kiln_ctx_new();
+    if (dist_init(ctx, &D, 60.0)) {
+        fprintf(stderr, "dist_init: %s\n", kiln_errmsg(ctx));
+        printf("FAIL dist_init\n");
+        return 1;
+    }
+    R = dist_rank(D);
+    W = dist_world(D);
+    if (argc > 1) {
+        int rc = fault_mode(argv[1]);
+        dist_free(D);
+        kiln_ctx_free(ctx);
+        return rc;
+    }
+    DRUN(test_world);
+    DRUN(test_bcast);
+    DRUN(test_allreduce);
+    DRUN(test_grads_bucketed);
+    DRUN(test_shards);
+    DRUN(test_env_knobs);
+    dist_free(D);
+    kiln_ctx_free(ctx);
+    return fails_total ? 1 : 0;
+}

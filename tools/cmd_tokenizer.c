@@ -1,0 +1,304 @@
+/*
+ * cmd_tokenizer.c — `kiln tokenizer train|encode|decode` and
+ * `kiln tokenize` (text / JSONL corpora to token shards).
+ */
+#include "cli.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ---- shared helpers ------------------------------------------------- */
+
+static const char *tok_help =
+    "tokenizer: a tokenizer.json, a directory holding one (or GPT-2's encoder.json + "
+    "vocab.bpe), or bytes";
+
+/* Reads a whole stream into a malloc'ed buffer. */
+static int read_stream(FILE *f, char **out, size_t *len)
+{
+    size_t cap = 1 << 16, n = 0;
+    char *b = malloc(cap + 1);
+    if (!b) return -1;
+    for (;;) {
+        if (n == cap) {
+            cap *= 2;
+            char *nb = realloc(b, cap + 1);
+            if (!nb) { free(b); return -1; }
+            b = nb;
+        }
+        size_t k = fread(b + n, 1, cap - n, f);
+        n += k;
+        if (k == 0) break;
+    }
+    if (ferror(f)) { free(b); return -1; }
+    b[n] = 0;
+    *out = b;
+    *len = n;
+    return 0;
+}
+
+static int read_input(const char *cmd, const char *path, char **buf, size_t *len)
+{
+    FILE *f = path ? fopen(path, "rb") : stdin;
+    if (!f) {
+        fprintf(stderr, "kiln %s: --input '%s': %s\n", cmd, path, strerror(errno));
+        return 1;
+    }
+    int rc = read_stream(f, buf, len);
+    if (path) fclose(f);
+    if (rc) {
+        fprintf(stderr, "kiln %s: cannot read %s\n", cmd, path ? path : "stdin");
+        return 1;
+    }
+    return 0;
+}
+
+static void human_bytes(char *o, size_t cap, double b)
+{
+    if (b >= 1e9) snprintf(o, cap, "%.2f GB", b / 1e9);
+    else if (b >= 1e6) snprintf(o, cap, "%.1f MB", b / 1e6);
+    else if (b >= 1e3) snprintf(o, cap, "%.1f kB", b / 1e3);
+    else snprintf(o, cap, "%.0f B", b);
+}
+
+/* ---- kiln tokenizer encode / decode --------------------------------- */
+
+static int tokenizer_encode(int argc, char **argv)
+{
+    const char *spec = NULL, *input = NULL;
+    bool json = false;
+    cli_opt opts[] = {
+        {"tokenizer", CLI_STR, &spec, "tokenizer.json, a directory, or bytes", true},
+        {"input", CLI_STR, &input, "text file to encode [stdin]", false},
+        {"json", CLI_BOOL, &json, "print a JSON array instead of space-separated ids", false},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("tokenizer encode", "tokenizer encode --tokenizer PATH [--input FILE] [--json]",
+                       "Encodes text (stdin or --input) to token ids printed on one line. "
+                       "Special tokens are not recognised in the text.",
+                       opts, argc, argv, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_tokenizer *tok = NULL;
+    char *buf = NULL;
+    size_t len = 0;
+    kiln_status s = kiln_tokenizer_load(ctx, spec, &tok);
+    if (s) { rc = cli_fail(ctx, "tokenizer encode", s); goto done; }
+    if ((rc = read_input("tokenizer encode", input, &buf, &len))) goto done;
+    int32_t *ids;
+    size_t n;
+    s = kiln_tokenizer_encode(ctx, tok, buf, len, &ids, &n);
+    if (s) { rc = cli_fail(ctx, "tokenizer encode", s); goto done; }
+    if (json) putchar('[');
+    for (size_t i = 0; i < n; i++) printf(i ? (json ? ", %d" : " %d") : "%d", ids[i]);
+    printf(json ? "]\n" : "\n");
+    free(ids);
+done:
+    free(buf);
+    kiln_tokenizer_free(tok);
+    kiln_ctx_free(ctx);
+    return rc;
+}
+
+static int tokenizer_decode(int argc, char **argv)
+{
+    const char *spec = NULL, *input = NULL;
+    cli_opt opts[] = {
+        {"tokenizer", CLI_STR, &spec, "tokenizer.json, a directory, or bytes", true},
+        {"input", CLI_STR, &input, "file of ids (space/comma separated or a JSON array) [stdin]", false},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("tokenizer decode", "tokenizer decode --tokenizer PATH [--input FILE]",
+                       "Decodes token ids (whitespace or comma separated, brackets "
+                       "allowed) back to the exact bytes, written to stdout.",
+                       opts, argc, argv, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_tokenizer *tok = NULL;
+    char *buf = NULL, *text = NULL;
+    int32_t *ids = NULL;
+    size_t len = 0, n = 0, cap = 0;
+    kiln_status s = kiln_tokenizer_load(ctx, spec, &tok);
+    if (s) { rc = cli_fail(ctx, "tokenizer decode", s); goto done; }
+    if ((rc = read_input("tokenizer decode", input, &buf, &len))) goto done;
+    for (char *p = buf; *p;) {
+        if (strchr(" \t\r\n,[]", *p)) { p++; continue; }
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 0 || v > 2147483647L) {
+            fprintf(stderr, "kiln tokenizer decode: '%.20s' at byte %zu is not a token id\n",
+                    p, (size_t)(p - buf));
+            rc = 1;
+            goto done;
+        }
+        if (n == cap) {
+            cap = cap ? 2 * cap : 1024;
+            int32_t *ni = realloc(ids, cap * sizeof *ni);
+            if (!ni) { rc = 1; goto done; }
+            ids = ni;
+        }
+        ids[n++] = (int32_t)v;
+        p = end;
+    }
+    size_t tl;
+    s = kiln_tokenizer_decode(ctx, tok, ids, n, &text, &tl);
+    if (s) { rc = cli_fail(ctx, "tokenizer decode", s); goto done; }
+    fwrite(text, 1, tl, stdout);
+done:
+    free(buf);
+    free(ids);
+    free(text);
+    kiln_tokenizer_free(tok);
+    kiln_ctx_free(ctx);
+    return rc;
+}
+
+static int tokenizer_convert(int argc, char **argv)
+{
+    const char *spec = NULL, *out = NULL;
+    cli_opt opts[] = {
+        {"tokenizer", CLI_STR, &spec, "tokenizer.json, a directory, or bytes", true},
+        {"out", CLI_STR, &out, "tokenizer.json to write", true},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("tokenizer convert", "tokenizer convert --tokenizer SPEC --out FILE",
+                       "Writes any tokenizer kiln reads (GPT-2's encoder.json + vocab.bpe, "
+                       "bytes, a tokenizer.json) as a Hugging Face tokenizer.json.",
+                       opts, argc, argv, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_tokenizer *tok = NULL;
+    kiln_status s = kiln_tokenizer_load(ctx, spec, &tok);
+    if (!s) s = kiln_tokenizer_save(ctx, tok, out);
+    if (s) rc = cli_fail(ctx, "tokenizer convert", s);
+    else printf("wrote %s (vocab %d, end-of-text id %d)\n", out,
+                kiln_tokenizer_vocab_size(tok), kiln_tokenizer_eot(tok));
+    kiln_tokenizer_free(tok);
+    kiln_ctx_free(ctx);
+    return rc;
+}
+
+int cmd_tokenizer(int argc, char **argv)
+{
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        printf("usage: kiln tokenizer train|encode|decode|convert [flags]  (--help on each)\n\n"
+               "  train    learn a byte-level BPE tokenizer from text files\n"
+               "  encode   text to token ids\n"
+               "  decode   token ids to text\n"
+               "  convert  write any tokenizer kiln reads as tokenizer.json\n");
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "encode")) return tokenizer_encode(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "decode")) return tokenizer_decode(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "convert")) return tokenizer_convert(argc - 1, argv + 1);
+    fprintf(stderr, "kiln tokenizer: unknown subcommand '%s' (train, encode or decode)\n",
+            argv[1]);
+    return 2;
+}
+
+/* ---- kiln tokenize -------------------------------------------------- */
+
+typedef struct progress_state {
+    bool tty;
+    double last_line;
+} progress_state;
+
+static void tokenize_progress(void *ud, const kiln_tokenize_progress *p)
+{
+    progress_state *ps = ud;
+    double frac = p->bytes_total > 0 ? (double)p->bytes_done / (double)p->bytes_total : 1;
+    if (frac > 1) frac = 1;
+    double rate = p->seconds > 0 ? (double)p->bytes_done / p->seconds : 0;
+    double eta = rate > 0 ? (double)(p->bytes_total - p->bytes_done) / rate : 0;
+    if (eta < 0) eta = 0;
+    char done[32], tot[32];
+    human_bytes(done, sizeof done, (double)p->bytes_done);
+    human_bytes(tot, sizeof tot, (double)p->bytes_total);
+    if (ps->tty) {
+        char bar[31];
+        int k = (int)(frac * 30);
+        for (int i = 0; i < 30; i++) bar[i] = i < k ? '#' : '.';
+        bar[30] = 0;
+        fprintf(stderr, "\rtokenize [%s] %5.1f%% %s/%s %.1f MB/s %lld tokens ETA %.0fs ",
+                bar, 100 * frac, done, tot, rate / 1e6, (long long)p->tokens, eta);
+        if (frac >= 1) fputc('\n', stderr);
+    } else if (p->seconds - ps->last_line >= 10 || frac >= 1) {
+        ps->last_line = p->seconds;
+        fprintf(stderr, "tokenize: %5.1f%% %s/%s %.1f MB/s %lld tokens ETA %.0fs\n",
+                100 * frac, done, tot, rate / 1e6, (long long)p->tokens, eta);
+    }
+}
+
+int cmd_tokenize(int argc, char **argv)
+{
+    kiln_tokenize_opts o = kiln_tokenize_opts_default();
+    const char *spec = "bytes";
+    cli_list inputs = {0};
+    int threads = 0;
+    bool quiet = false;
+    cli_opt opts[] = {
+        {"tokenizer", CLI_STR, &spec, "tokenizer.json, a directory holding one or GPT-2's "
+                                      "encoder.json + vocab.bpe, or bytes [bytes]", false},
+        {"input", CLI_LIST, &inputs, "text files, JSONL files or directories", true},
+        {"out", CLI_STR, &o.out_dir, "output data directory", true},
+        {"val-fraction", CLI_F64, &o.val_fraction, "share of documents held out for validation [0]", false},
+        {"format", CLI_STR, &o.format, "auto (.jsonl files are JSONL), text or jsonl [auto]", false},
+        {"field", CLI_STR, &o.field, "JSONL field holding the text [text]", false},
+        {"doc-separator", CLI_STR, &o.doc_separator, "a line equal to this separates documents "
+                                                     "in text files [one document per file]", false},
+        {"shard-tokens", CLI_I64, &o.shard_tokens, "tokens per shard file [100000000]", false},
+        {"threads", CLI_INT, &threads, "encoding threads [all cores]", false},
+        {"skip-bad", CLI_BOOL, &o.skip_bad, "skip malformed JSONL lines (still reported)", false},
+        {"quiet", CLI_BOOL, &quiet, "no progress output", false},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("tokenize",
+                       "tokenize --input FILES... --out DIR [--tokenizer SPEC] [--val-fraction F]",
+                       "Turns text files, directories and JSONL files into token shards "
+                       "(DIR/train_NNNN.bin, DIR/val_NNNN.bin, DIR/meta.json, "
+                       "DIR/tokenizer.json) for kiln train. Every document is preceded by "
+                       "the end-of-text token. Inside directories, hidden files, symlinks "
+                       "and binary files are skipped.",
+                       opts, argc, argv, NULL);
+    if (rc) {
+        cli_free(opts, NULL);
+        return rc == 1 ? 0 : 2;
+    }
+    (void)tok_help;
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_tokenizer *tok = NULL;
+    kiln_status s = kiln_tokenizer_load(ctx, spec, &tok);
+    if (s) {
+        rc = cli_fail(ctx, "tokenize", s);
+        goto done;
+    }
+    progress_state ps = {.tty = isatty(STDERR_FILENO) != 0};
+    o.tokenizer_spec = spec;
+    o.inputs = inputs.items;
+    o.n_inputs = inputs.n;
+    o.threads = threads;
+    if (!quiet) {
+        o.progress = tokenize_progress;
+        o.progress_ud = &ps;
+    }
+    kiln_tokenize_stats st;
+    s = kiln_tokenize_corpus(ctx, tok, &o, &st);
+    if (s) {
+        rc = cli_fail(ctx, "tokenize", s);
+        goto done;
+    }
+    char b[32];
+    human_bytes(b, sizeof b, (double)st.bytes);
+    printf("tokenized %lld files (%s, %lld documents) in %.1fs: %lld train tokens in %d "
+           "file%s, %lld val tokens in %d file%s -> %s\n",
+           (long long)st.files, b, (long long)st.docs, st.seconds,
+           (long long)st.train_tokens, st.train_files, st.train_files == 1 ? "" : "s",
+           (long long)st.val_tokens, st.val_files, st.val_files == 1 ? "" : "s", o.out_dir);
+    if (st.bad_lines)
+        printf("skipped %lld malformed JSONL lines\n", (long long)st.bad_lines);
+done:
+    kiln_tokenizer_free(tok);
+    kiln_ctx_free(ctx);
+    cli_free(opts, NULL);
+    return rc;
+}
