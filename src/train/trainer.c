@@ -17,6 +17,7 @@
  * step in RUN/metrics.jsonl.
  */
 #include "train/ckpt.h"
+#include "train/dist.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -69,6 +70,7 @@ typedef struct trainer {
     size_t n_val;
     int32_t *inputs;    /* (B, T) */
     int32_t *targets;   /* (B, T) */
+    dist *dist;
     int rank, world;
     int64_t step;       /* completed optimizer steps */
     int64_t total;      /* steps of the whole run */
@@ -87,41 +89,54 @@ typedef struct trainer {
     char last_ckpt[1024];
 } trainer;
 
-/* ---- distributed: the only place the trainer talks to other processes.
- * Single process until src/train/dist.h is wired here. ----------------- */
+/* ---- distributed: the only place the trainer talks to other processes
+ * (src/train/dist.h; world size 1 when not started by mpirun). ---------- */
 
 static kiln_status tr_dist_init(trainer *t)
 {
-    t->rank = 0;
-    t->world = 1;
+    kiln_status s = dist_init(t->ctx, &t->dist, 0);
+    if (s) return s;
+    t->rank = dist_rank(t->dist);
+    t->world = dist_world(t->dist);
     return KILN_OK;
 }
 
 /* Rank 0's initial (or resumed) weights to everyone. */
 static kiln_status tr_dist_bcast_params(trainer *t)
 {
-    (void)t;
-    return KILN_OK;
+    if (t->world == 1) return KILN_OK;
+    return dist_bcast(t->ctx, t->dist, kiln_model_params(t->model),
+                      kiln_model_num_params(t->model) * sizeof(float), 0);
 }
 
-/* Mean of the gradient block over processes, after the last micro-step's
- * backward. */
-static kiln_status tr_dist_average_grads(trainer *t)
+/* Before the last micro-step's backward: open a round of gradient
+ * averaging. */
+static kiln_status tr_dist_grads_begin(trainer *t)
 {
-    (void)t;
-    return KILN_OK;
+    if (t->world == 1) return KILN_OK;
+    return dist_grads_begin(t->ctx, t->dist, kiln_model_grads(t->model),
+                            kiln_model_num_params(t->model));
+}
+
+/* After it: every rank holds the mean of the ranks' gradients. */
+static kiln_status tr_dist_grads_finish(trainer *t)
+{
+    if (t->world == 1) return KILN_OK;
+    return dist_grads_finish(t->ctx, t->dist);
 }
 
 /* Sum of v[0..n) over processes, in place. */
 static kiln_status tr_dist_sum(trainer *t, double *v, int n)
 {
-    (void)t;
-    (void)v;
-    (void)n;
-    return KILN_OK;
+    if (t->world == 1) return KILN_OK;
+    return dist_allreduce_sum_f64(t->ctx, t->dist, v, (size_t)n);
 }
 
-static void tr_dist_free(trainer *t) { (void)t; }
+static void tr_dist_free(trainer *t)
+{
+    dist_free(t->dist);
+    t->dist = NULL;
+}
 
 /* ---- output ---------------------------------------------------------- */
 
@@ -562,7 +577,7 @@ static kiln_status setup(trainer *t)
     if ((s = kiln_loader_new(ctx, t->data, KILN_SPLIT_TRAIN, o->seq,
                              o->shuffle, o->seed, &t->train)))
         return s;
-    if (!o->resume && t->rank == 0) {
+    if (!o->resume) {
         char *lp = file_join(o->out, "latest");
         bool has = lp && file_exists(lp);
         free(lp);
@@ -653,13 +668,14 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         float *logits;
         if ((s = kiln_model_forward(ctx, t->model, t->inputs, B, T, &logits)))
             return s;
+        if (k == K - 1 && (s = tr_dist_grads_begin(t))) return s;
         if ((s = kiln_cross_entropy(ctx, logits, t->targets, NULL,
                                     (int64_t)B * T, V, scale, logits,
                                     &sums[0], &sums[1])))
             return s;
         if ((s = kiln_model_backward(ctx, t->model, logits))) return s;
     }
-    if ((s = tr_dist_average_grads(t))) return s;
+    if ((s = tr_dist_grads_finish(t))) return s;
     if ((s = tr_dist_sum(t, sums, 2))) return s;
     *loss = sums[0] / sums[1];
     *lr = kiln_lr_at(o->schedule, o->lr, o->min_lr, o->warmup, t->total, t->step);
