@@ -199,6 +199,30 @@ static void test_shards(void)
     for (size_t i = 0; i < n; i++) bad += b[i] != (float)i * 0.25f;
     CHECK_EQ(bad, 0);
     free(b);
+    /* gather shards to the last rank, scatter them back from it */
+    int root = W - 1;
+    float *shard = malloc((l ? l : 1) * sizeof *shard);
+    float *full = malloc(n * sizeof *full);
+    for (size_t i = 0; i < l; i++) shard[i] = (float)(o + i) + 0.5f;
+    for (size_t i = 0; i < n; i++) full[i] = -7;
+    CHECK_EQ(dist_gather_shards_f32(ctx, D, shard, R == root ? full : NULL, n,
+                                    root),
+             KILN_OK);
+    bad = 0;
+    if (R == root)
+        for (size_t i = 0; i < n; i++) bad += full[i] != (float)i + 0.5f;
+    CHECK_EQ(bad, 0);
+    for (size_t i = 0; i < l; i++) shard[i] = 0;
+    if (R == root)
+        for (size_t i = 0; i < n; i++) full[i] = (float)i * 3.0f;
+    CHECK_EQ(dist_scatter_shards_f32(ctx, D, R == root ? full : NULL, shard, n,
+                                     root),
+             KILN_OK);
+    bad = 0;
+    for (size_t i = 0; i < l; i++) bad += shard[i] != (float)(o + i) * 3.0f;
+    CHECK_EQ(bad, 0);
+    free(shard);
+    free(full);
 }
 
 static void test_env_knobs(void)

@@ -815,3 +815,55 @@ kiln_status dist_allgather_f32(kiln_ctx *ctx, dist *d, float *buf, size_t n)
 #endif
     return KILN_OK;
 }
+
+kiln_status dist_gather_shards_f32(kiln_ctx *ctx, dist *d, const float *shard,
+                                   float *full, size_t n, int root)
+{
+    if (root < 0 || root >= d->world)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "dist_gather_shards_f32: root %d outside [0, %d)",
+                         root, d->world);
+    if (!d->mpi || d->world == 1) {
+        if (full != shard && n) memmove(full, shard, n * sizeof(float));
+        return KILN_OK;
+    }
+#ifdef KILN_HAVE_MPI
+    int *cnt, *dis;
+    kiln_status st = shard_counts(ctx, d, n, &cnt, &dis);
+    if (st) return st;
+    coll_start(d, "gather shards f32", n * sizeof(float));
+    double t0 = guard_begin(d);
+    MPI_Gatherv(shard, cnt[d->rank], MPI_FLOAT, full, cnt, dis, MPI_FLOAT,
+                root, d->comm);
+    guard_end(d, t0);
+    free(cnt);
+    free(dis);
+#endif
+    return KILN_OK;
+}
+
+kiln_status dist_scatter_shards_f32(kiln_ctx *ctx, dist *d, const float *full,
+                                    float *shard, size_t n, int root)
+{
+    if (root < 0 || root >= d->world)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "dist_scatter_shards_f32: root %d outside [0, %d)",
+                         root, d->world);
+    if (!d->mpi || d->world == 1) {
+        if (full != shard && n) memmove(shard, full, n * sizeof(float));
+        return KILN_OK;
+    }
+#ifdef KILN_HAVE_MPI
+    int *cnt, *dis;
+    kiln_status st = shard_counts(ctx, d, n, &cnt, &dis);
+    if (st) return st;
+    coll_start(d, "scatter shards f32", n * sizeof(float));
+    double t0 = guard_begin(d);
+    MPI_Scatterv(full, cnt, dis, MPI_FLOAT, shard, cnt[d->rank], MPI_FLOAT,
+                 root, d->comm);
+    guard_end(d, t0);
+    free(cnt);
+    free(dis);
+#endif
+    return KILN_OK;
+}

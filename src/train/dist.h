@@ -138,6 +138,16 @@ kiln_status dist_reduce_scatter_f32(kiln_ctx *ctx, dist *d, float *buf,
  * every rank's shard. */
 kiln_status dist_allgather_f32(kiln_ctx *ctx, dist *d, float *buf, size_t n);
 
+/* Collects every rank's shard of a block of n floats on root: shard
+ * (this rank's dist_shard_range length) in, full (n floats, read on root
+ * only; may be NULL elsewhere) out. For saving sharded optimizer state. */
+kiln_status dist_gather_shards_f32(kiln_ctx *ctx, dist *d, const float *shard,
+                                   float *full, size_t n, int root);
+/* The reverse: root's full block (n floats; NULL elsewhere) is cut into
+ * shards, each rank receiving its own in shard. For loading. */
+kiln_status dist_scatter_shards_f32(kiln_ctx *ctx, dist *d, const float *full,
+                                    float *shard, size_t n, int root);
+
 /* ---- counters ------------------------------------------------------- */
 
 void dist_stats_get(const dist *d, dist_stats *out);
