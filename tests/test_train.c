@@ -338,6 +338,8 @@ static void test_sigkill_then_resume(void)
     char *log = slurp(P("resume.log"), NULL);
     CHECK_MSG(rc == 0, "resume exited %d:\n%s", rc, log ? log : "");
     CHECK(log && strstr(log, "resumed from"));
+    /* not a terminal: plain progress lines, no bar control codes */
+    CHECK(log && strstr(log, "step 10/120 | loss ") && !strchr(log, '\r'));
     free(log);
     char *la = losses(ref), *lb = losses(run);
     CHECK_MSG(strcmp(la, lb) == 0, "losses after SIGKILL+resume differ");
@@ -455,6 +457,34 @@ static void test_eval_matches_trainer(void)
     CHECK_MSG(l && t, "%s", j ? j : "(no output)");
     CHECK_NEAR(loss, res.val_loss, 1e-5);
     CHECK_EQ((long)toks, 199);
+    free(j);
+    /* the same tokens as raw little-endian uint32 give the same loss */
+    kiln_data *d;
+    CHECK_EQ(kiln_data_open(ctx, P("data"), &d), KILN_OK);
+    int32_t ids[200];
+    kiln_data_read(d, KILN_SPLIT_VAL, 0, 200, ids);
+    kiln_data_close(d);
+    FILE *f = fopen(P("val.u32"), "wb");
+    for (int i = 0; i < 200; i++) {
+        unsigned char b[4] = {(unsigned char)ids[i], (unsigned char)(ids[i] >> 8), 0, 0};
+        fwrite(b, 1, 4, f);
+    }
+    fclose(f);
+    snprintf(cmd, sizeof cmd,
+             "%s eval --model %s --tokens %s --batch 3 --seq 16 --json > %s",
+             kiln_bin, P("run_eval/step_00000004"), P("val.u32"), P("eval2.json"));
+    CHECK_EQ(system(cmd), 0);
+    j = slurp(P("eval2.json"), NULL);
+    l = j ? strstr(j, "\"loss\": ") : NULL;
+    CHECK_MSG(l && fabs(strtod(l + 8, NULL) - loss) < 1e-5, "%s", j ? j : "");
+    free(j);
+    /* kiln plot renders both curves */
+    snprintf(cmd, sizeof cmd, "%s plot %s --out %s > /dev/null", kiln_bin,
+             P("run_eval"), P("plot.svg"));
+    CHECK_EQ(system(cmd), 0);
+    j = slurp(P("plot.svg"), NULL);
+    CHECK(j && strstr(j, "<svg") && strstr(j, "</svg>"));
+    CHECK(j && strstr(j, "validation loss") && strstr(j, "<polyline"));
     free(j);
     kiln_ctx_free(ctx);
 }
