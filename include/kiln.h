@@ -274,6 +274,44 @@ kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
 size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
                                   size_t len, size_t from);
 
+/* Id of the special (or added) token whose text is exactly `text`, or -1. */
+int kiln_tokenizer_special_id(const kiln_tokenizer *tok, const char *text);
+/* Like kiln_tokenizer_encode, but occurrences of the tokenizer's special
+ * tokens in text become their ids (longest match first); the rest is
+ * encoded as ordinary text. For trusted templates only: user text should
+ * go through kiln_tokenizer_encode so it can never forge a special. */
+kiln_status kiln_tokenizer_encode_special(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                          const char *text, size_t len,
+                                          int32_t **ids, size_t *n);
+
+/* ---- chat template (ChatML) -----------------------------------------
+ * A conversation renders as, for each message,
+ *     <|im_start|>{role}\n{content}<|im_end|>\n
+ * and, with add_generation_prompt, a final "<|im_start|>assistant\n".
+ * <|im_start|> and <|im_end|> are single special-token ids when the
+ * tokenizer has them (kiln-trained tokenizers always do); otherwise the
+ * markers are encoded as ordinary text (the "bytes" and GPT-2
+ * vocabularies). Message contents are encoded as ordinary text, so a user
+ * cannot forge a role marker. The loss mask is 1 on the tokens of every
+ * assistant message's content and its closing <|im_end|> (what the model
+ * must learn to produce, including when to stop), 0 elsewhere. */
+typedef struct kiln_chat_msg {
+    const char *role;    /* "system", "user", "assistant" or "tool" */
+    const char *content; /* UTF-8 text */
+} kiln_chat_msg;
+
+/* Renders msgs[0..n). *ids (and *mask when mask != NULL) are malloc'ed,
+ * *n_ids long. Fails on an unknown role or a NULL content. */
+kiln_status kiln_chat_render(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                             const kiln_chat_msg *msgs, int n,
+                             bool add_generation_prompt, int32_t **ids,
+                             uint8_t **mask, size_t *n_ids);
+/* The id that ends an assistant turn: <|im_end|> when the tokenizer has
+ * it, else the end-of-text id. Generation should stop on it (and on the
+ * end-of-text id). Text-marker tokenizers (no <|im_end|> special) should
+ * also stop when the decoded text ends with "<|im_end|>". */
+int kiln_chat_stop_id(const kiln_tokenizer *tok);
+
 /* ---- training a byte-level BPE (`kiln tokenizer train`) -------------
  * Ids 0..255 are the bytes (id = byte value), 256.. the merges in the
  * order they were learned, then the special tokens: <|endoftext|> (the
@@ -441,6 +479,97 @@ kiln_tokenize_opts kiln_tokenize_opts_default(void);
 kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                  const kiln_tokenize_opts *o,
                                  kiln_tokenize_stats *stats);
+
+/* ---- tuning datasets (JSONL) ----------------------------------------
+ * One JSON object per line (blank lines are ignored):
+ *   SFT         {"messages":[{"role":..,"content":..},...]}  rendered with
+ *               the chat template, loss on the assistant turns; or
+ *               {"prompt":"..","completion":".."}  raw text: prompt ids,
+ *               then completion ids and the end-of-text id (loss on those)
+ *   PREFERENCE  {"prompt":P,"chosen":C,"rejected":R}  (DPO)
+ *   PROMPTS     {"prompt":P,"answer":A}  (GRPO; A a string or number)
+ * A prompt P is a string (raw text) or a messages array (rendered with the
+ * chat template and a generation prompt). A completion C/R is a string, or
+ * a messages array holding one assistant message; it is followed by the
+ * turn's end: <|im_end|> after a chat prompt (kiln_chat_stop_id), the
+ * end-of-text id after a raw one.
+ * Loading validates every line and logs each malformed one as
+ * "PATH:LINE: what is wrong" (invalid JSON, missing field, wrong type,
+ * empty content, unknown role, no assistant message), then fails naming
+ * the count and the first, unless skip_bad. */
+typedef enum kiln_dataset_kind {
+    KILN_DATASET_SFT = 0,
+    KILN_DATASET_PREFERENCE = 1,
+    KILN_DATASET_PROMPTS = 2
+} kiln_dataset_kind;
+
+typedef struct kiln_dataset_opts {
+    int max_len;   /* SFT: keep the first max_len tokens (examples left with
+                      no loss token are dropped); PREFERENCE: prompt +
+                      completion <= max_len by cutting the completion's end
+                      (dropped when the prompt alone does not fit);
+                      PROMPTS: prompts longer are dropped. 0: no limit [0] */
+    bool skip_bad; /* skip malformed lines (still logged) [false] */
+} kiln_dataset_opts;
+
+kiln_dataset_opts kiln_dataset_opts_default(void);
+
+typedef struct kiln_dataset kiln_dataset;
+
+/* One example; pointers stay valid while the dataset lives. */
+typedef struct kiln_example {
+    const int32_t *ids;      /* SFT: the whole sequence; else the prompt   */
+    const uint8_t *mask;     /* (n) 1 where the token is learned (SFT)     */
+    size_t n;
+    const int32_t *chosen;   /* PREFERENCE: completion ids after the prompt */
+    size_t n_chosen;
+    const int32_t *rejected;
+    size_t n_rejected;
+    const char *answer;      /* PROMPTS: the reference answer (text)       */
+    int64_t line;            /* 1-based line in the file                    */
+} kiln_example;
+
+typedef struct kiln_dataset_stats {
+    int64_t lines;      /* non-blank lines read                   */
+    int64_t examples;   /* kept                                   */
+    int64_t bad_lines;  /* malformed (skipped with skip_bad)      */
+    int64_t truncated;  /* cut to max_len                         */
+    int64_t dropped;    /* too long to keep anything useful       */
+    int64_t tokens;     /* total tokens of the kept examples      */
+    int64_t loss_tokens;/* SFT: tokens with mask 1                */
+} kiln_dataset_stats;
+
+kiln_status kiln_dataset_load(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                              const char *path, kiln_dataset_kind kind,
+                              const kiln_dataset_opts *opts,
+                              kiln_dataset **out);
+void kiln_dataset_free(kiln_dataset *ds);
+size_t kiln_dataset_count(const kiln_dataset *ds);
+kiln_dataset_kind kiln_dataset_kind_of(const kiln_dataset *ds);
+/* Example i in [0, count). */
+void kiln_dataset_get(const kiln_dataset *ds, size_t i, kiln_example *ex);
+void kiln_dataset_get_stats(const kiln_dataset *ds, kiln_dataset_stats *st);
+
+/* SFT examples packed into rows of T positions, in dataset order (each
+ * example goes to the first of the open rows it fits in). An example of n
+ * tokens takes n-1 positions: inputs ids[0..n-1), targets ids[1..n) where
+ * the mask is 1, else -1; longer examples are cut to T+1 tokens. Padding
+ * has token = end-of-text, target -1, doc -1. pos and doc let a model
+ * keep attention inside each document (doc equal, pos restarting at 0);
+ * targets never cross a document boundary. Free with kiln_packed_free. */
+typedef struct kiln_packed {
+    int64_t rows;
+    int T;
+    int32_t *tokens;  /* (rows, T) */
+    int32_t *targets; /* (rows, T) -1: no loss */
+    int32_t *pos;     /* (rows, T) position inside the document */
+    int32_t *doc;     /* (rows, T) document number inside the row, -1 pad */
+    int64_t examples, cut; /* examples packed, of which cut to T+1 */
+} kiln_packed;
+
+kiln_status kiln_dataset_pack(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                              kiln_packed **out);
+void kiln_packed_free(kiln_packed *p);
 
 /* Reads the string field `field` of one JSONL line (len bytes, no newline
  * needed). *out is malloc'ed, NUL-terminated, *out_len its length. Errors
