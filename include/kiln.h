@@ -274,6 +274,43 @@ kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
 size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
                                   size_t len, size_t from);
 
+/* ---- training a byte-level BPE (`kiln tokenizer train`) -------------
+ * Ids 0..255 are the bytes (id = byte value), 256.. the merges in the
+ * order they were learned, then the special tokens: <|endoftext|> (the
+ * end-of-text id), <|im_start|> and <|im_end|> (the chat template's role
+ * markers), then any extra specials. */
+typedef struct kiln_tokenizer_train_opts {
+    const char *const *inputs;   /* text/JSONL files or directories */
+    int n_inputs;
+    const char *field;           /* JSONL (.jsonl files) string field ["text"] */
+    int vocab_size;              /* total, bytes and specials included [32000] */
+    const char *const *specials; /* extra special tokens (may be NULL) */
+    int n_specials;
+    const char *pattern;         /* "gpt2", "llama3" or a PCRE2 regex ["gpt2"] */
+    int min_frequency;           /* stop when the best pair is rarer [2] */
+    int threads;                 /* pre-token counting threads; 0: all cores */
+    int64_t max_bytes;           /* read at most this much input; 0: all */
+    /* progress: phase "count" (done/total in bytes) or "merge" (merges) */
+    void (*progress)(void *ud, const char *phase, int64_t done, int64_t total);
+    void *progress_ud;
+} kiln_tokenizer_train_opts;
+
+typedef struct kiln_tokenizer_train_stats {
+    int64_t bytes, pretokens, unique_pretokens;
+    int merges;
+    double count_seconds, merge_seconds;
+} kiln_tokenizer_train_stats;
+
+kiln_tokenizer_train_opts kiln_tokenizer_train_opts_default(void);
+/* Learns merges from the inputs: pre-tokens are counted on all threads,
+ * then merged by most frequent adjacent pair (ties: smallest ids) with
+ * incremental pair counts. Fewer merges are learned when no pair reaches
+ * min_frequency (the vocabulary is then smaller than asked). stats may be
+ * NULL. */
+kiln_status kiln_tokenizer_train(kiln_ctx *ctx, const kiln_tokenizer_train_opts *o,
+                                 kiln_tokenizer **out,
+                                 kiln_tokenizer_train_stats *stats);
+
 /* ======================================================================
  * data: token shards, loaders, jsonl datasets
  * ====================================================================== */

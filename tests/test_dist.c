@@ -8,7 +8,8 @@
  *
  * Fault modes for t_dist.sh (argv[1]): --watchdog (rank 1 is late to a
  * barrier; the watchdog must abort the job naming rank 1), --kill (rank 1
- * kills itself with SIGKILL; the job must end), --mpi-error (an invalid MPI
+ * kills itself with SIGKILL; the job must end), --abandon (rank 1 fails,
+ * leaves with dist_abandon and exit(2); the job must end), --mpi-error (an invalid MPI
  * call must give a clear message and a non-zero exit).
  */
 #include "check.h"
@@ -199,6 +200,30 @@ static void test_shards(void)
     for (size_t i = 0; i < n; i++) bad += b[i] != (float)i * 0.25f;
     CHECK_EQ(bad, 0);
     free(b);
+    /* gather shards to the last rank, scatter them back from it */
+    int root = W - 1;
+    float *shard = malloc((l ? l : 1) * sizeof *shard);
+    float *full = malloc(n * sizeof *full);
+    for (size_t i = 0; i < l; i++) shard[i] = (float)(o + i) + 0.5f;
+    for (size_t i = 0; i < n; i++) full[i] = -7;
+    CHECK_EQ(dist_gather_shards_f32(ctx, D, shard, R == root ? full : NULL, n,
+                                    root),
+             KILN_OK);
+    bad = 0;
+    if (R == root)
+        for (size_t i = 0; i < n; i++) bad += full[i] != (float)i + 0.5f;
+    CHECK_EQ(bad, 0);
+    for (size_t i = 0; i < l; i++) shard[i] = 0;
+    if (R == root)
+        for (size_t i = 0; i < n; i++) full[i] = (float)i * 3.0f;
+    CHECK_EQ(dist_scatter_shards_f32(ctx, D, R == root ? full : NULL, shard, n,
+                                     root),
+             KILN_OK);
+    bad = 0;
+    for (size_t i = 0; i < l; i++) bad += shard[i] != (float)(o + i) * 3.0f;
+    CHECK_EQ(bad, 0);
+    free(shard);
+    free(full);
 }
 
 static void test_env_knobs(void)
@@ -253,6 +278,17 @@ static int fault_mode(const char *mode)
         dist_allreduce_sum_f64(ctx, D, &x, 1);
         dist_set_timeout(D, 60.0); /* Open MPI's detection, not the watchdog */
         if (R == 1) raise(SIGKILL);
+        dist_barrier(ctx, D);
+        sleep(60);
+        return 0;
+    }
+    if (!strcmp(mode, "--abandon")) {
+        dist_set_timeout(D, 60.0);
+        if (R == 1) {
+            fprintf(stderr, "rank 1: simulated error, leaving\n");
+            dist_abandon(D);
+            exit(2);
+        }
         dist_barrier(ctx, D);
         sleep(60);
         return 0;

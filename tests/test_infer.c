@@ -555,6 +555,58 @@ static void test_errors(void)
     store_free(&s2);
 }
 
+/* The engine built from a kiln_model (kiln_engine_new) decodes greedily
+ * with its KV cache exactly as the model's own forward pass recomputing
+ * the whole sequence every step (kiln_model_forward), both families. */
+static void greedy_vs_model_forward(kiln_arch arch, kiln_wtype wt, double tol)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config c = tiny_cfg(arch);
+    c.n_ctx = 40;
+    kiln_model *m = NULL;
+    kiln_status st = kiln_model_new(ctx, &c, &m);
+    CHECK_MSG(st == KILN_OK, "model_new: %s", kiln_errmsg(ctx));
+    if (st) { kiln_ctx_free(ctx); return; }
+    kiln_model_init_random(m, 99 + arch);
+    /* larger weights than GPT-2 init so the logits are not all alike */
+    float *p = kiln_model_params(m);
+    kiln_rng r;
+    kiln_rng_seed(&r, 3);
+    for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.05f * kiln_rng_normal(&r);
+    const int N = 24, P = 4, V = c.vocab_size;
+    CHECK(kiln_model_prepare(ctx, m, 1, P + N) == KILN_OK);
+    kiln_engine_opts o = kiln_engine_opts_default();
+    o.wtype = wt;
+    o.chunk = 3;
+    kiln_engine *e = NULL;
+    st = kiln_engine_new(ctx, m, &o, &e);
+    CHECK_MSG(st == KILN_OK, "engine_new: %s", kiln_errmsg(ctx));
+    if (st) { kiln_model_free(m); kiln_ctx_free(ctx); return; }
+    int32_t seq[64] = {7, 1, 50, 3};
+    float *lg = malloc(sizeof(float) * V), *ref;
+    CHECK(kiln_engine_prefill(ctx, e, 0, seq, P, lg) == KILN_OK);
+    int n = P, mismatches = 0;
+    double worst = 0;
+    for (int step = 0; step < N; step++) {
+        CHECK(kiln_model_forward(ctx, m, seq, 1, n, &ref) == KILN_OK);
+        const float *last = ref + (size_t)(n - 1) * V;
+        int rt = argmax_f(last, V);
+        for (int i = 0; i < V; i++) worst = fmax(worst, fabs(lg[i] - last[i]));
+        if (argmax_f(lg, V) != rt) mismatches++;
+        seq[n++] = rt;
+        kiln_engine_tok tk = {0, rt, true};
+        CHECK(kiln_engine_step(ctx, e, &tk, 1, lg) == KILN_OK);
+    }
+    CHECK_MSG(mismatches == 0, "arch %d: %d of %d greedy tokens differ", arch, mismatches, N);
+    CHECK_MSG(worst < tol, "arch %d wtype %d: max logit diff vs kiln_model_forward %g", arch, wt, worst);
+    free(lg);
+    kiln_engine_free(e);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+static void test_vs_model_gpt2(void) { greedy_vs_model_forward(KILN_ARCH_GPT2, KILN_WTYPE_F32, 1e-3); }
+static void test_vs_model_llama(void) { greedy_vs_model_forward(KILN_ARCH_LLAMA, KILN_WTYPE_F32, 1e-3); }
+
 int main(void)
 {
     RUN_TEST(test_linear_matches_reference);
@@ -568,5 +620,7 @@ int main(void)
     RUN_TEST(test_batched_llama);
     RUN_TEST(test_batched_llama_bf16);
     RUN_TEST(test_errors);
+    RUN_TEST(test_vs_model_gpt2);
+    RUN_TEST(test_vs_model_llama);
     return TEST_EXIT();
 }

@@ -516,7 +516,9 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
             memcpy(e->kc + co, k, (size_t)KVD * 4);
             memcpy(e->vc + co, v, (size_t)KVD * 4);
         }
-#pragma omp parallel for schedule(dynamic, 1) if (T * NH > 1)
+        long work = 0; /* multiply-adds of attention in this step */
+        for (int t = 0; t < T; t++) work += (long)(e->epos[t] + 1) * 2 * C;
+#pragma omp parallel for schedule(dynamic, 1) if (T * NH > 1 && work > 200000)
         for (int th = 0; th < T * NH; th++) {
             int t = th / NH, h = th % NH, kh = h / grp, n = e->epos[t] + 1;
             const float *q = e->qkv + (size_t)t * QKV + h * HS;

@@ -58,4 +58,8 @@ static inline float ik_bf16_to_f32(uint16_t h)
  * so the read cannot be optimised away. Parallel (OpenMP). */
 double ik_stream_read(const void *p, size_t n);
 
+/* Copies n bytes into a malloc'ed NUL-terminated string of valid UTF-8,
+ * each invalid byte replaced by U+FFFD; *out_len gets its length. */
+char *infer_utf8_sanitize(const char *p, size_t n, size_t *out_len);
+
 #endif /* KILN_INFER_H */

@@ -219,3 +219,16 @@ const char *kiln_textstream_text(const kiln_textstream *ts, size_t *len)
     if (len) *len = ts->tlen;
     return ts->text;
 }
+
+char *infer_utf8_sanitize(const char *p, size_t n, size_t *out_len)
+{
+    kiln_textstream t = {0};
+    t.raw = (char *)p;
+    t.len = n;
+    if (!grow(&t.text, &t.tcap, 3 * n + 1) || !emit(&t, 0, n)) {
+        free(t.text);
+        return NULL;
+    }
+    if (out_len) *out_len = t.tlen;
+    return t.text;
+}

@@ -451,21 +451,33 @@ size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
     if (from >= len) return len;
     if (tok->add_prefix_space) return len; /* a segment would gain a space */
     if (tok->n_merges == 0) return from;
-    if (!tok->pattern || (strcmp(tok->pattern, TOK_PATTERN_GPT2) != 0 &&
-                          strcmp(tok->pattern, TOK_PATTERN_HF_GPT2) != 0 &&
-                          strcmp(tok->pattern, TOK_PATTERN_LLAMA3) != 0))
+    return tok_split_point_pattern(tok->pattern, text, len, from);
+}
+
+size_t tok_split_point_pattern(const char *pattern, const char *text, size_t len,
+                               size_t from)
+{
+    if (from >= len) return len;
+    if (!pattern || (strcmp(pattern, TOK_PATTERN_GPT2) != 0 &&
+                     strcmp(pattern, TOK_PATTERN_HF_GPT2) != 0 &&
+                     strcmp(pattern, TOK_PATTERN_LLAMA3) != 0))
         return len;
-    /* Between "\n" and an ASCII letter every known pattern ends a
-     * pre-token: no alternative matches a newline followed by a letter. */
-    if (from == 0) from = 1;
-    const char *p = text + from;
-    const char *end = text + len;
-    while (p < end) {
-        const char *nl = memchr(p - 1, '\n', (size_t)(end - p) + 1);
-        if (!nl || nl + 1 >= end) return len;
-        unsigned char c = (unsigned char)nl[1];
-        if ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') return (size_t)(nl + 1 - text);
-        p = nl + 2;
+    /* Cut after "X\n" before an ASCII letter, X printable ASCII and not
+     * a space: the newline is then a whitespace run of its own (a lone
+     * "\n" pre-token, or absorbed by punctuation X in the Llama-3
+     * pattern) whether or not the letter follows, and no alternative
+     * continues across a newline into a letter. */
+    if (from < 2) from = 2;
+    size_t i = from;
+    while (i < len) {
+        const char *nl = memchr(text + i - 1, '\n', len - i + 1);
+        if (!nl) return len;
+        size_t c = (size_t)(nl - text) + 1; /* candidate cut */
+        if (c >= len) return len;
+        unsigned char x = (unsigned char)text[c - 2], a = (unsigned char)text[c];
+        if (c >= 2 && x > 0x20 && x < 0x7f && (a | 0x20) >= 'a' && (a | 0x20) <= 'z')
+            return c;
+        i = c + 1;
     }
     return len;
 }

@@ -401,9 +401,10 @@ static kiln_status mpi_setup(kiln_ctx *ctx, dist *d)
     return watchdog_start(ctx, d);
 }
 
-static void mpi_teardown(dist *d)
+static void mpi_teardown(dist *d, bool finalize)
 {
     watchdog_stop(d);
+    if (!finalize) return;
     if (d->have_win) MPI_Win_free(&d->win);
     if (d->node != MPI_COMM_NULL) MPI_Comm_free(&d->node);
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
@@ -479,17 +480,22 @@ kiln_status dist_init(kiln_ctx *ctx, dist **out, double timeout_s)
     return KILN_OK;
 }
 
-void dist_free(dist *d)
+static void dist_release(dist *d, bool finalize)
 {
     if (!d) return;
 #ifdef KILN_HAVE_MPI
-    if (d->mpi) mpi_teardown(d);
+    if (d->mpi) mpi_teardown(d, finalize);
     free(d->req);
+#else
+    KILN_UNUSED(finalize);
 #endif
     free(d->ready);
     free(d->started);
     free(d);
 }
+
+void dist_free(dist *d) { dist_release(d, true); }
+void dist_abandon(dist *d) { dist_release(d, false); }
 
 int dist_rank(const dist *d) { return d ? d->rank : 0; }
 int dist_world(const dist *d) { return d ? d->world : 1; }
@@ -812,6 +818,58 @@ kiln_status dist_allgather_f32(kiln_ctx *ctx, dist *d, float *buf, size_t n)
     KILN_UNUSED(ctx);
     KILN_UNUSED(buf);
     KILN_UNUSED(n);
+#endif
+    return KILN_OK;
+}
+
+kiln_status dist_gather_shards_f32(kiln_ctx *ctx, dist *d, const float *shard,
+                                   float *full, size_t n, int root)
+{
+    if (root < 0 || root >= d->world)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "dist_gather_shards_f32: root %d outside [0, %d)",
+                         root, d->world);
+    if (!d->mpi || d->world == 1) {
+        if (full != shard && n) memmove(full, shard, n * sizeof(float));
+        return KILN_OK;
+    }
+#ifdef KILN_HAVE_MPI
+    int *cnt, *dis;
+    kiln_status st = shard_counts(ctx, d, n, &cnt, &dis);
+    if (st) return st;
+    coll_start(d, "gather shards f32", n * sizeof(float));
+    double t0 = guard_begin(d);
+    MPI_Gatherv(shard, cnt[d->rank], MPI_FLOAT, full, cnt, dis, MPI_FLOAT,
+                root, d->comm);
+    guard_end(d, t0);
+    free(cnt);
+    free(dis);
+#endif
+    return KILN_OK;
+}
+
+kiln_status dist_scatter_shards_f32(kiln_ctx *ctx, dist *d, const float *full,
+                                    float *shard, size_t n, int root)
+{
+    if (root < 0 || root >= d->world)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "dist_scatter_shards_f32: root %d outside [0, %d)",
+                         root, d->world);
+    if (!d->mpi || d->world == 1) {
+        if (full != shard && n) memmove(shard, full, n * sizeof(float));
+        return KILN_OK;
+    }
+#ifdef KILN_HAVE_MPI
+    int *cnt, *dis;
+    kiln_status st = shard_counts(ctx, d, n, &cnt, &dis);
+    if (st) return st;
+    coll_start(d, "scatter shards f32", n * sizeof(float));
+    double t0 = guard_begin(d);
+    MPI_Scatterv(full, cnt, dis, MPI_FLOAT, shard, cnt[d->rank], MPI_FLOAT,
+                 root, d->comm);
+    guard_end(d, t0);
+    free(cnt);
+    free(dis);
 #endif
     return KILN_OK;
 }

@@ -72,6 +72,11 @@ typedef struct dist_stats {
 kiln_status dist_init(kiln_ctx *ctx, dist **out, double timeout_s);
 /* Frees d; finalizes MPI if dist_init initialized it. NULL is a no-op. */
 void dist_free(dist *d);
+/* Frees d after an error on this rank, without MPI_Finalize (which would
+ * wait for ranks that are still inside collectives). The process must then
+ * exit with a non-zero status, upon which mpirun ends the whole job; the
+ * error message printed before exiting is the job's explanation. */
+void dist_abandon(dist *d);
 
 int dist_rank(const dist *d);
 int dist_world(const dist *d);
@@ -137,6 +142,16 @@ kiln_status dist_reduce_scatter_f32(kiln_ctx *ctx, dist *d, float *buf,
 /* Every rank contributes its shard of buf (n floats); on return buf holds
  * every rank's shard. */
 kiln_status dist_allgather_f32(kiln_ctx *ctx, dist *d, float *buf, size_t n);
+
+/* Collects every rank's shard of a block of n floats on root: shard
+ * (this rank's dist_shard_range length) in, full (n floats, read on root
+ * only; may be NULL elsewhere) out. For saving sharded optimizer state. */
+kiln_status dist_gather_shards_f32(kiln_ctx *ctx, dist *d, const float *shard,
+                                   float *full, size_t n, int root);
+/* The reverse: root's full block (n floats; NULL elsewhere) is cut into
+ * shards, each rank receiving its own in shard. For loading. */
+kiln_status dist_scatter_shards_f32(kiln_ctx *ctx, dist *d, const float *full,
+                                    float *shard, size_t n, int root);
 
 /* ---- counters ------------------------------------------------------- */
 

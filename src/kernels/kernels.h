@@ -1,0 +1,162 @@
+/*
+ * kernels.h — the compute kernels of the model (kernels layer, private).
+ *
+ * Two implementations of every op sit behind one table (kern_ops):
+ *   ref  (kernels/ref)  plain C, one thread, written for clarity: the oracle
+ *   fast (kernels/x86 + kernels/onednn)  OpenMP, AVX-512 where it pays,
+ *        matrix products through oneDNN when the build has it
+ * tests/test_kernels.c runs every op through both tables and compares.
+ *
+ * Every matrix product of the model goes through kern_gemm, one small
+ * interface (row-major sgemm). The linear layers use kern_matmul_fwd/bwd,
+ * which are built on it:
+ *     out(N,OC)  = inp(N,C) @ W^T + b          W (OC,C)  nn.Linear layout
+ *                  inp(N,C) @ W   + b          W (C,OC)  HF Conv1D layout
+ *     dinp(N,C)  (+)= dout(N,OC) @ W
+ *     dW         += dout^T @ inp  (layout of W)
+ *     db(OC)     += sum_n dout(n, :)
+ * A mixed-precision backend (bf16/fp16, AMX) plugs in by providing another
+ * kern_gemm (or by overriding matmul_fwd / matmul_bwd in a kern_ops copy).
+ *
+ * Determinism: no kernel depends on the order in which threads finish;
+ * reductions are split by output element or by fixed partitions, so the
+ * same inputs and thread count give bit-identical outputs.
+ */
+#ifndef KILN_KERNELS_H
+#define KILN_KERNELS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- matrix products ------------------------------------------------- */
+
+typedef struct kern_gemm kern_gemm;
+/* C(M,N) = alpha * op(A)(M,K) @ op(B)(K,N) + beta * C, row-major, with
+ * op(X) = X^T when the trans flag is set (then X is stored (K,M) / (N,K)).
+ * lda/ldb/ldc are row strides in elements. beta == 0 ignores C's contents
+ * (NaN in C does not propagate). */
+typedef void (*kern_gemm_fn)(kern_gemm *g, bool ta, bool tb, int M, int N,
+                             int K, float alpha, const float *A, int lda,
+                             const float *B, int ldb, float beta, float *C,
+                             int ldc);
+struct kern_gemm {
+    const char *name; /* "ref", "onednn", "avx512" ... */
+    kern_gemm_fn gemm;
+    void (*destroy)(kern_gemm *g); /* frees g (may be NULL for static) */
+    void *state;                   /* backend caches */
+};
+
+/* The portable reference GEMM (static object; destroy is NULL). */
+kern_gemm *kern_gemm_ref(void);
+/* The fastest GEMM this build has (oneDNN when present, else an OpenMP
+ * blocked C kernel). Heap object: free with kern_gemm_free. NULL on OOM. */
+kern_gemm *kern_gemm_fast_new(void);
+void kern_gemm_free(kern_gemm *g);
+
+/* Weight layouts of linear layers. */
+typedef enum kern_wlayout {
+    KERN_W_OUT_IN = 0, /* W (OC, C): nn.Linear (llama) */
+    KERN_W_IN_OUT = 1  /* W (C, OC): HF Conv1D (gpt2) */
+} kern_wlayout;
+
+/* ---- the op table ---------------------------------------------------- */
+
+typedef struct kern_ops {
+    const char *name;
+
+    /* Linear layer. b may be NULL. */
+    void (*matmul_fwd)(kern_gemm *g, float *out, const float *inp,
+                       const float *w, const float *b, int N, int C, int OC,
+                       kern_wlayout lay);
+    /* dinp (may be NULL) is overwritten, or accumulated when dinp_acc;
+     * dw and db (may be NULL) are accumulated. */
+    void (*matmul_bwd)(kern_gemm *g, float *dinp, float *dw, float *db,
+                       const float *dout, const float *inp, const float *w,
+                       int N, int C, int OC, kern_wlayout lay, bool dinp_acc);
+
+    /* out = wte[tok] + wpe[t] (wpe may be NULL: RoPE models). tokens are
+     * assumed in range (the model checks them). */
+    void (*embed_fwd)(float *out, const int32_t *tok, const float *wte,
+                      const float *wpe, int B, int T, int C);
+    /* dwte[tok] += dout, dwpe[t] += dout (dwpe may be NULL). */
+    void (*embed_bwd)(float *dwte, float *dwpe, const float *dout,
+                      const int32_t *tok, int B, int T, int C, int V);
+
+    /* LayerNorm over rows of C. mean/rstd (N) saved for backward. */
+    void (*layernorm_fwd)(float *out, float *mean, float *rstd,
+                          const float *inp, const float *w, const float *b,
+                          int N, int C, float eps);
+    /* dinp, dw, db accumulated (db may be NULL). */
+    void (*layernorm_bwd)(float *dinp, float *dw, float *db,
+                          const float *dout, const float *inp, const float *w,
+                          const float *mean, const float *rstd, int N, int C);
+    /* RMSNorm (HF llama): out = inp * rstd * w. */
+    void (*rmsnorm_fwd)(float *out, float *rstd, const float *inp,
+                        const float *w, int N, int C, float eps);
+    void (*rmsnorm_bwd)(float *dinp, float *dw, const float *dout,
+                        const float *inp, const float *w, const float *rstd,
+                        int N, int C);
+
+    /* GELU, tanh approximation (HF "gelu_new"). dinp is overwritten. */
+    void (*gelu_fwd)(float *out, const float *inp, size_t n);
+    void (*gelu_bwd)(float *dinp, const float *inp, const float *dout,
+                     size_t n);
+    /* SwiGLU: inp (N, 2F) = [gate | up] per row; out (N, F) =
+     * silu(gate) * up. dinp (N, 2F) is overwritten. */
+    void (*swiglu_fwd)(float *out, const float *inp, int N, int F);
+    void (*swiglu_bwd)(float *dinp, const float *inp, const float *dout,
+                       int N, int F);
+
+    /* Rotary embedding (HF rotate_half), in place on the q and k heads of
+     * qkv (B*T, (NH + 2*KVH) * HS). cos/sin tables are (T, HS/2).
+     * inverse=true applies the transpose rotation (the backward pass). */
+    void (*rope)(float *qkv, const float *cos_t, const float *sin_t, int B,
+                 int T, int NH, int KVH, int HS, bool inverse);
+
+    /* Causal self-attention with GQA. qkv (B*T, (NH + 2*KVH)*HS): q heads,
+     * then k heads, then v heads; query head h uses kv head h / (NH/KVH).
+     * out (B*T, NH*HS); att (B, NH, T, T) softmax probabilities (row t
+     * valid for t2 <= t, the rest zero). Scale 1/sqrt(HS). */
+    void (*attention_fwd)(kern_gemm *g, float *out, float *att,
+                          const float *qkv, int B, int T, int NH, int KVH,
+                          int HS);
+    /* dqkv is overwritten; datt (B, NH, T, T) is scratch. */
+    void (*attention_bwd)(kern_gemm *g, float *dqkv, float *datt,
+                          const float *dout, const float *qkv,
+                          const float *att, int B, int T, int NH, int KVH,
+                          int HS);
+
+    /* out = a + b (out may alias a or b). */
+    void (*add)(float *out, const float *a, const float *b, size_t n);
+
+    /* Fused softmax + cross-entropy (see kiln_cross_entropy). Rows with
+     * target < 0 contribute nothing (their dlogits row is zeroed). Adds
+     * the mask-weighted loss and weight to *loss_sum / *weight_sum, summed
+     * in a fixed order (deterministic for a given thread count). dlogits
+     * may alias logits or be NULL. */
+    void (*cross_entropy)(const float *logits, const int32_t *targets,
+                          const float *mask, int64_t N, int V,
+                          float grad_scale, float *dlogits, double *loss_sum,
+                          double *weight_sum);
+} kern_ops;
+
+/* The reference table and the fast table (the same functions as ref where
+ * no faster version exists). Static, immutable. */
+const kern_ops *kern_ops_ref(void);
+const kern_ops *kern_ops_fast(void);
+
+/* Generic linear-layer implementations on top of kern_gemm (used by both
+ * tables; bias handling is single-threaded in ref, threaded in fast). */
+void kern_matmul_fwd_gemm(kern_gemm *g, float *out, const float *inp,
+                          const float *w, const float *b, int N, int C,
+                          int OC, kern_wlayout lay);
+void kern_matmul_bwd_gemm(kern_gemm *g, float *dinp, float *dw, float *db,
+                          const float *dout, const float *inp,
+                          const float *w, int N, int C, int OC,
+                          kern_wlayout lay, bool dinp_acc);
+
+/* The FLOP count of the model's matrix products is documented in
+ * docs/performance.md; kernels do not count. */
+
+#endif /* KILN_KERNELS_H */

@@ -1,0 +1,428 @@
+/*
+ * ref.c — the reference kernels: plain single-threaded C written to be
+ * obviously right, the oracle the fast kernels are tested against. Sums
+ * that feed normalisations are carried in double.
+ */
+#include "kernels/kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+/* ---- gemm ------------------------------------------------------------ */
+
+static void ref_gemm(kern_gemm *g, bool ta, bool tb, int M, int N, int K,
+                     float alpha, const float *A, int lda, const float *B,
+                     int ldb, float beta, float *C, int ldc)
+{
+    (void)g;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) {
+                float a = ta ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+                float b = tb ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                acc += a * b;
+            }
+            float *c = &C[(size_t)i * ldc + j];
+            *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
+        }
+}
+
+static kern_gemm ref_gemm_obj = {"ref", ref_gemm, NULL, NULL};
+
+kern_gemm *kern_gemm_ref(void) { return &ref_gemm_obj; }
+
+void kern_gemm_free(kern_gemm *g)
+{
+    if (g && g->destroy) g->destroy(g);
+}
+
+/* ---- linear layers on top of gemm ------------------------------------ */
+
+void kern_matmul_fwd_gemm(kern_gemm *g, float *out, const float *inp,
+                          const float *w, const float *b, int N, int C,
+                          int OC, kern_wlayout lay)
+{
+    if (lay == KERN_W_OUT_IN)
+        g->gemm(g, false, true, N, OC, C, 1.0f, inp, C, w, C, 0.0f, out, OC);
+    else
+        g->gemm(g, false, false, N, OC, C, 1.0f, inp, C, w, OC, 0.0f, out, OC);
+    if (b) {
+#pragma omp parallel for schedule(static) if (g != &ref_gemm_obj && (size_t)N * OC > 65536)
+        for (int n = 0; n < N; n++) {
+            float *o = out + (size_t)n * OC;
+            for (int j = 0; j < OC; j++) o[j] += b[j];
+        }
+    }
+}
+
+void kern_matmul_bwd_gemm(kern_gemm *g, float *dinp, float *dw, float *db,
+                          const float *dout, const float *inp,
+                          const float *w, int N, int C, int OC,
+                          kern_wlayout lay, bool dinp_acc)
+{
+    float beta = dinp_acc ? 1.0f : 0.0f;
+    if (dinp) {
+        if (lay == KERN_W_OUT_IN) /* dinp = dout(N,OC) @ W(OC,C) */
+            g->gemm(g, false, false, N, C, OC, 1.0f, dout, OC, w, C, beta,
+                    dinp, C);
+        else /* W (C,OC): dinp = dout @ W^T */
+            g->gemm(g, false, true, N, C, OC, 1.0f, dout, OC, w, OC, beta,
+                    dinp, C);
+    }
+    if (dw) {
+        if (lay == KERN_W_OUT_IN) /* dW(OC,C) += dout^T @ inp */
+            g->gemm(g, true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f,
+                    dw, C);
+        else /* dW(C,OC) += inp^T @ dout */
+            g->gemm(g, true, false, C, OC, N, 1.0f, inp, C, dout, OC, 1.0f,
+                    dw, OC);
+    }
+    if (db) {
+        /* Column sums, split by column: each output summed in row order. */
+        int nb = (OC + 63) / 64;
+#pragma omp parallel for schedule(static) if (g != &ref_gemm_obj && (size_t)N * OC > 65536)
+        for (int blk = 0; blk < nb; blk++) {
+            int j0 = blk * 64, j1 = j0 + 64 < OC ? j0 + 64 : OC;
+            float acc[64];
+            for (int j = j0; j < j1; j++) acc[j - j0] = 0.0f;
+            for (int n = 0; n < N; n++) {
+                const float *d = dout + (size_t)n * OC;
+                for (int j = j0; j < j1; j++) acc[j - j0] += d[j];
+            }
+            for (int j = j0; j < j1; j++) db[j] += acc[j - j0];
+        }
+    }
+}
+
+/* ---- embeddings ------------------------------------------------------ */
+
+static void ref_embed_fwd(float *out, const int32_t *tok, const float *wte,
+                          const float *wpe, int B, int T, int C)
+{
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            float *o = out + ((size_t)b * T + t) * C;
+            const float *e = wte + (size_t)tok[b * T + t] * C;
+            for (int i = 0; i < C; i++)
+                o[i] = e[i] + (wpe ? wpe[(size_t)t * C + i] : 0.0f);
+        }
+}
+
+static void ref_embed_bwd(float *dwte, float *dwpe, const float *dout,
+                          const int32_t *tok, int B, int T, int C, int V)
+{
+    (void)V;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float *d = dout + ((size_t)b * T + t) * C;
+            float *e = dwte + (size_t)tok[b * T + t] * C;
+            for (int i = 0; i < C; i++) e[i] += d[i];
+            if (dwpe)
+                for (int i = 0; i < C; i++) dwpe[(size_t)t * C + i] += d[i];
+        }
+}
+
+/* ---- norms ----------------------------------------------------------- */
+
+static void ref_layernorm_fwd(float *out, float *mean, float *rstd,
+                              const float *inp, const float *w,
+                              const float *b, int N, int C, float eps)
+{
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        double m = 0, v = 0;
+        for (int i = 0; i < C; i++) m += x[i];
+        m /= C;
+        for (int i = 0; i < C; i++) v += (x[i] - m) * (x[i] - m);
+        v /= C;
+        float s = (float)(1.0 / sqrt(v + eps));
+        float *o = out + (size_t)n * C;
+        for (int i = 0; i < C; i++)
+            o[i] = ((x[i] - (float)m) * s) * w[i] + (b ? b[i] : 0.0f);
+        mean[n] = (float)m;
+        rstd[n] = s;
+    }
+}
+
+static void ref_layernorm_bwd(float *dinp, float *dw, float *db,
+                              const float *dout, const float *inp,
+                              const float *w, const float *mean,
+                              const float *rstd, int N, int C)
+{
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *d = dout + (size_t)n * C;
+        float m = mean[n], s = rstd[n];
+        double dsum = 0, dxsum = 0;
+        for (int i = 0; i < C; i++) {
+            float xh = (x[i] - m) * s;
+            float dn = w[i] * d[i];
+            dsum += dn;
+            dxsum += dn * xh;
+        }
+        float dm = (float)(dsum / C), dxm = (float)(dxsum / C);
+        float *di = dinp + (size_t)n * C;
+        for (int i = 0; i < C; i++) {
+            float xh = (x[i] - m) * s;
+            if (db) db[i] += d[i];
+            dw[i] += xh * d[i];
+            di[i] += (w[i] * d[i] - dm - xh * dxm) * s;
+        }
+    }
+}
+
+static void ref_rmsnorm_fwd(float *out, float *rstd, const float *inp,
+                            const float *w, int N, int C, float eps)
+{
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        double ss = 0;
+        for (int i = 0; i < C; i++) ss += (double)x[i] * x[i];
+        float s = (float)(1.0 / sqrt(ss / C + eps));
+        float *o = out + (size_t)n * C;
+        for (int i = 0; i < C; i++) o[i] = w[i] * (x[i] * s);
+        rstd[n] = s;
+    }
+}
+
+static void ref_rmsnorm_bwd(float *dinp, float *dw, const float *dout,
+                            const float *inp, const float *w,
+                            const float *rstd, int N, int C)
+{
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *d = dout + (size_t)n * C;
+        float s = rstd[n];
+        double dot = 0;
+        for (int i = 0; i < C; i++) dot += (double)w[i] * d[i] * x[i];
+        /* d/dx_i of x_i*s: s*dn_i - x_i * s^3 * sum_j dn_j x_j / C */
+        float k = (float)(dot / C) * s * s * s;
+        float *di = dinp + (size_t)n * C;
+        for (int i = 0; i < C; i++) {
+            dw[i] += d[i] * x[i] * s;
+            di[i] += w[i] * d[i] * s - x[i] * k;
+        }
+    }
+}
+
+/* ---- activations ------------------------------------------------------ */
+
+#define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
+
+static void ref_gelu_fwd(float *out, const float *inp, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        float u = GELU_K * (x + 0.044715f * x * x * x);
+        out[i] = 0.5f * x * (1.0f + tanhf(u));
+    }
+}
+
+static void ref_gelu_bwd(float *dinp, const float *inp, const float *dout,
+                         size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        float u = GELU_K * (x + 0.044715f * x * x * x);
+        float th = tanhf(u);
+        float sech2 = 1.0f - th * th;
+        float g = 0.5f * (1.0f + th) +
+                  0.5f * x * sech2 * GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = g * dout[i];
+    }
+}
+
+static void ref_swiglu_fwd(float *out, const float *inp, int N, int F)
+{
+    for (int n = 0; n < N; n++) {
+        const float *g = inp + (size_t)n * 2 * F, *u = g + F;
+        float *o = out + (size_t)n * F;
+        for (int i = 0; i < F; i++) {
+            float sg = 1.0f / (1.0f + expf(-g[i]));
+            o[i] = g[i] * sg * u[i];
+        }
+    }
+}
+
+static void ref_swiglu_bwd(float *dinp, const float *inp, const float *dout,
+                           int N, int F)
+{
+    for (int n = 0; n < N; n++) {
+        const float *g = inp + (size_t)n * 2 * F, *u = g + F;
+        const float *d = dout + (size_t)n * F;
+        float *dg = dinp + (size_t)n * 2 * F, *du = dg + F;
+        for (int i = 0; i < F; i++) {
+            float sg = 1.0f / (1.0f + expf(-g[i]));
+            float silu = g[i] * sg;
+            du[i] = d[i] * silu;
+            dg[i] = d[i] * u[i] * sg * (1.0f + g[i] * (1.0f - sg));
+        }
+    }
+}
+
+/* ---- rope ------------------------------------------------------------ */
+
+static void ref_rope(float *qkv, const float *cos_t, const float *sin_t,
+                     int B, int T, int NH, int KVH, int HS, bool inverse)
+{
+    int S = (NH + 2 * KVH) * HS, half = HS / 2;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            float *row = qkv + ((size_t)b * T + t) * S;
+            const float *c = cos_t + (size_t)t * half, *s = sin_t + (size_t)t * half;
+            for (int h = 0; h < NH + KVH; h++) {
+                float *x = row + h * HS;
+                for (int i = 0; i < half; i++) {
+                    float x1 = x[i], x2 = x[i + half];
+                    float sn = inverse ? -s[i] : s[i];
+                    x[i] = x1 * c[i] - x2 * sn;
+                    x[i + half] = x2 * c[i] + x1 * sn;
+                }
+            }
+        }
+}
+
+/* ---- attention -------------------------------------------------------- */
+
+static void ref_attention_fwd(kern_gemm *g, float *out, float *att,
+                              const float *qkv, int B, int T, int NH, int KVH,
+                              int HS)
+{
+    (void)g;
+    int S = (NH + 2 * KVH) * HS, grp = NH / KVH;
+    float scale = 1.0f / sqrtf((float)HS);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            int kh = h / grp;
+            for (int t = 0; t < T; t++) {
+                const float *q = qkv + ((size_t)b * T + t) * S + h * HS;
+                float *a = att + (((size_t)b * NH + h) * T + t) * T;
+                float mx = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *k = qkv + ((size_t)b * T + t2) * S + (NH + kh) * HS;
+                    float dot = 0.0f;
+                    for (int i = 0; i < HS; i++) dot += q[i] * k[i];
+                    a[t2] = dot * scale;
+                    if (a[t2] > mx) mx = a[t2];
+                }
+                double sum = 0;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    a[t2] = expf(a[t2] - mx);
+                    sum += a[t2];
+                }
+                float inv = (float)(1.0 / sum);
+                for (int t2 = 0; t2 < T; t2++) a[t2] = t2 <= t ? a[t2] * inv : 0.0f;
+                float *o = out + ((size_t)b * T + t) * NH * HS + h * HS;
+                for (int i = 0; i < HS; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *v = qkv + ((size_t)b * T + t2) * S + (NH + KVH + kh) * HS;
+                    for (int i = 0; i < HS; i++) o[i] += a[t2] * v[i];
+                }
+            }
+        }
+}
+
+static void ref_attention_bwd(kern_gemm *g, float *dqkv, float *datt,
+                              const float *dout, const float *qkv,
+                              const float *att, int B, int T, int NH, int KVH,
+                              int HS)
+{
+    (void)g;
+    int S = (NH + 2 * KVH) * HS, grp = NH / KVH;
+    float scale = 1.0f / sqrtf((float)HS);
+    memset(dqkv, 0, (size_t)B * T * S * sizeof(float));
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            int kh = h / grp;
+            for (int t = 0; t < T; t++) {
+                const float *a = att + (((size_t)b * NH + h) * T + t) * T;
+                float *da = datt + (((size_t)b * NH + h) * T + t) * T;
+                const float *d = dout + ((size_t)b * T + t) * NH * HS + h * HS;
+                const float *q = qkv + ((size_t)b * T + t) * S + h * HS;
+                float *dq = dqkv + ((size_t)b * T + t) * S + h * HS;
+                double s = 0;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *v = qkv + ((size_t)b * T + t2) * S + (NH + KVH + kh) * HS;
+                    float *dv = dqkv + ((size_t)b * T + t2) * S + (NH + KVH + kh) * HS;
+                    float dot = 0.0f;
+                    for (int i = 0; i < HS; i++) {
+                        dot += d[i] * v[i];
+                        dv[i] += a[t2] * d[i];
+                    }
+                    da[t2] = dot;
+                    s += (double)a[t2] * dot;
+                }
+                for (int t2 = 0; t2 <= t; t2++) {
+                    float dp = a[t2] * (da[t2] - (float)s) * scale;
+                    const float *k = qkv + ((size_t)b * T + t2) * S + (NH + kh) * HS;
+                    float *dk = dqkv + ((size_t)b * T + t2) * S + (NH + kh) * HS;
+                    for (int i = 0; i < HS; i++) {
+                        dq[i] += dp * k[i];
+                        dk[i] += dp * q[i];
+                    }
+                }
+            }
+        }
+}
+
+/* ---- misc ------------------------------------------------------------- */
+
+static void ref_add(float *out, const float *a, const float *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+static void ref_cross_entropy(const float *logits, const int32_t *targets,
+                              const float *mask, int64_t N, int V,
+                              float grad_scale, float *dlogits,
+                              double *loss_sum, double *weight_sum)
+{
+    double ls = 0, ws = 0;
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = logits + n * V;
+        float *d = dlogits ? dlogits + n * V : NULL;
+        int tgt = targets[n];
+        float wgt = mask ? mask[n] : 1.0f;
+        if (tgt < 0) {
+            if (d) memset(d, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+        float mx = -INFINITY;
+        for (int i = 0; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+        double sum = 0;
+        for (int i = 0; i < V; i++) sum += exp((double)x[i] - mx);
+        double lse = mx + log(sum);
+        ls += wgt * (lse - x[tgt]);
+        ws += wgt;
+        if (d) {
+            float k = grad_scale * wgt;
+            float xt = x[tgt];
+            for (int i = 0; i < V; i++) d[i] = k * (float)exp((double)x[i] - lse);
+            d[tgt] = k * ((float)exp((double)xt - lse) - 1.0f);
+        }
+    }
+    *loss_sum += ls;
+    *weight_sum += ws;
+}
+
+static const kern_ops ref_ops = {
+    .name = "ref",
+    .matmul_fwd = kern_matmul_fwd_gemm,
+    .matmul_bwd = kern_matmul_bwd_gemm,
+    .embed_fwd = ref_embed_fwd,
+    .embed_bwd = ref_embed_bwd,
+    .layernorm_fwd = ref_layernorm_fwd,
+    .layernorm_bwd = ref_layernorm_bwd,
+    .rmsnorm_fwd = ref_rmsnorm_fwd,
+    .rmsnorm_bwd = ref_rmsnorm_bwd,
+    .gelu_fwd = ref_gelu_fwd,
+    .gelu_bwd = ref_gelu_bwd,
+    .swiglu_fwd = ref_swiglu_fwd,
+    .swiglu_bwd = ref_swiglu_bwd,
+    .rope = ref_rope,
+    .attention_fwd = ref_attention_fwd,
+    .attention_bwd = ref_attention_bwd,
+    .add = ref_add,
+    .cross_entropy = ref_cross_entropy,
+};
+
+const kern_ops *kern_ops_ref(void) { return &ref_ops; }

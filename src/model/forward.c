@@ -1,0 +1,251 @@
+/*
+ * forward.c — the forward and backward passes of the transformer family
+ * and the fused cross-entropy loss. Activations are carved from the arena
+ * sized by kiln_model_prepare (no allocation inside a step); every matrix
+ * product goes through m->ops->matmul_* on m->gemm (kernels.h).
+ */
+#include "model/model.h"
+
+#include <math.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define FWD_ALLOC(field, count)                                             \
+    do {                                                                    \
+        m->a.field = arena_alloc(&m->act, (size_t)(count) * sizeof(float)); \
+        KILN_ASSERT(m->a.field);                                            \
+    } while (0)
+
+/* Carves the activation buffers for (B, T) (arena already large enough). */
+static void carve(kiln_model *m, int B, int T)
+{
+    size_t N = (size_t)B * T, L = (size_t)m->L, C = (size_t)m->C;
+    size_t F = (size_t)m->F, NH = (size_t)m->NH;
+    size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
+    size_t big = KILN_MAX((size_t)m->QKV, FH);
+    size_t att = (size_t)B * NH * T * T;
+    arena_reset(&m->act);
+    m->a.tokens = arena_alloc(&m->act, N * sizeof(int32_t));
+    KILN_ASSERT(m->a.tokens);
+    FWD_ALLOC(encoded, N * C);
+    FWD_ALLOC(ln1, L * N * C);
+    FWD_ALLOC(ln1_mean, L * N);
+    FWD_ALLOC(ln1_rstd, L * N);
+    FWD_ALLOC(qkv, L * N * (size_t)m->QKV);
+    FWD_ALLOC(att, L * att);
+    FWD_ALLOC(atty, L * N * C);
+    FWD_ALLOC(res2, L * N * C);
+    FWD_ALLOC(ln2, L * N * C);
+    FWD_ALLOC(ln2_mean, L * N);
+    FWD_ALLOC(ln2_rstd, L * N);
+    FWD_ALLOC(fch, L * N * FH);
+    FWD_ALLOC(fch_act, L * N * F);
+    FWD_ALLOC(res3, L * N * C);
+    FWD_ALLOC(lnf, N * C);
+    FWD_ALLOC(lnf_mean, N);
+    FWD_ALLOC(lnf_rstd, N);
+    FWD_ALLOC(logits, N * (size_t)m->V);
+    FWD_ALLOC(dres, N * C);
+    FWD_ALLOC(dc, N * C);
+    FWD_ALLOC(df, N * F);
+    FWD_ALLOC(dbig, N * big);
+    FWD_ALLOC(datt, att);
+}
+
+static void set_threads(const kiln_model *m)
+{
+#ifdef _OPENMP
+    if (m->threads > 0) omp_set_num_threads(m->threads);
+#else
+    (void)m;
+#endif
+}
+
+kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
+                               const int32_t *tokens, int B, int T,
+                               float **logits)
+{
+    if (B > m->B_cap || T > m->T_cap || !m->grads) {
+        kiln_status s = kiln_model_prepare(ctx, m, B, T);
+        if (s) return s;
+    }
+    if (B < 1 || T < 1)
+        return kiln_fail(ctx, KILN_ERR_RANGE, "forward: empty batch (%d x %d)", B, T);
+    size_t N = (size_t)B * T;
+    for (size_t i = 0; i < N; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->V)
+            return kiln_fail(ctx, KILN_ERR_RANGE,
+                             "token id %d at batch row %zu, position %zu is outside the "
+                             "model's vocabulary [0, %d) (tokenizer and model do not match?)",
+                             tokens[i], i / (size_t)T, i % (size_t)T, m->V);
+    set_threads(m);
+    m->threads = kiln_get_threads(ctx);
+    set_threads(m);
+    carve(m, B, T);
+    m->B = B;
+    m->T = T;
+    memcpy(m->a.tokens, tokens, N * sizeof(int32_t));
+
+    const kern_ops *k = m->ops;
+    kern_gemm *g = m->gemm;
+    bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
+    kern_wlayout lay = gpt2 ? KERN_W_IN_OUT : KERN_W_OUT_IN;
+    int C = m->C, F = m->F, QKV = m->QKV, V = m->V, n = (int)N;
+    int FH = gpt2 ? F : 2 * F;
+    float eps = m->cfg.norm_eps;
+    size_t att_sz = (size_t)B * m->NH * T * T;
+    model_acts *a = &m->a;
+
+    k->embed_fwd(a->encoded, tokens, m->w.wte, m->w.wpe, B, T, C);
+    for (int l = 0; l < m->L; l++) {
+        const model_layer *w = &m->w.layers[l];
+        const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
+        float *ln1 = a->ln1 + (size_t)l * N * C;
+        float *qkv = a->qkv + (size_t)l * N * QKV;
+        float *att = a->att + (size_t)l * att_sz;
+        float *atty = a->atty + (size_t)l * N * C;
+        float *res2 = a->res2 + (size_t)l * N * C;
+        float *ln2 = a->ln2 + (size_t)l * N * C;
+        float *fch = a->fch + (size_t)l * N * FH;
+        float *fca = a->fch_act + (size_t)l * N * F;
+        float *res3 = a->res3 + (size_t)l * N * C;
+        if (gpt2)
+            k->layernorm_fwd(ln1, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N,
+                             inp, w->ln1_w, w->ln1_b, n, C, eps);
+        else
+            k->rmsnorm_fwd(ln1, a->ln1_rstd + (size_t)l * N, inp, w->ln1_w, n, C, eps);
+        k->matmul_fwd(g, qkv, ln1, w->qkv_w, w->qkv_b, n, C, QKV, lay);
+        if (!gpt2)
+            k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false);
+        k->attention_fwd(g, atty, att, qkv, B, T, m->NH, m->KVH, m->HS);
+        k->matmul_fwd(g, res2, atty, w->proj_w, w->proj_b, n, C, C, lay);
+        k->add(res2, res2, inp, N * C);
+        if (gpt2)
+            k->layernorm_fwd(ln2, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N,
+                             res2, w->ln2_w, w->ln2_b, n, C, eps);
+        else
+            k->rmsnorm_fwd(ln2, a->ln2_rstd + (size_t)l * N, res2, w->ln2_w, n, C, eps);
+        k->matmul_fwd(g, fch, ln2, w->fc_w, w->fc_b, n, C, FH, lay);
+        if (gpt2) k->gelu_fwd(fca, fch, N * F);
+        else k->swiglu_fwd(fca, fch, n, F);
+        k->matmul_fwd(g, res3, fca, w->fcproj_w, w->fcproj_b, n, F, C, lay);
+        k->add(res3, res3, res2, N * C);
+    }
+    const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
+    if (gpt2)
+        k->layernorm_fwd(a->lnf, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b,
+                         n, C, eps);
+    else
+        k->rmsnorm_fwd(a->lnf, a->lnf_rstd, last, m->w.lnf_w, n, C, eps);
+    k->matmul_fwd(g, a->logits, a->lnf, m->w.lm_head, NULL, n, C, V, KERN_W_OUT_IN);
+    *logits = a->logits;
+    return KILN_OK;
+}
+
+static void hook(kiln_model *m, size_t begin, size_t end)
+{
+    if (m->hook && end > begin) m->hook(m->hook_ud, begin, end - begin);
+}
+
+kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
+                                const float *dlogits)
+{
+    if (!m->B || !m->grads)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "backward called without a forward pass");
+    set_threads(m);
+    const kern_ops *k = m->ops;
+    kern_gemm *g = m->gemm;
+    bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
+    kern_wlayout lay = gpt2 ? KERN_W_IN_OUT : KERN_W_OUT_IN;
+    int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
+    size_t N = (size_t)B * T;
+    int n = (int)N, FH = gpt2 ? F : 2 * F;
+    size_t att_sz = (size_t)B * m->NH * T * T;
+    model_acts *a = &m->a;
+    model_weights *dw = &m->g;
+
+    /* LM head and final norm. */
+    k->matmul_bwd(g, a->dc, dw->lm_head, NULL, dlogits, a->lnf, m->w.lm_head, n, C, V,
+                  KERN_W_OUT_IN, false);
+    memset(a->dres, 0, N * C * sizeof(float));
+    const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
+    if (gpt2)
+        k->layernorm_bwd(a->dres, dw->lnf_w, dw->lnf_b, a->dc, last, m->w.lnf_w,
+                         a->lnf_mean, a->lnf_rstd, n, C);
+    else
+        k->rmsnorm_bwd(a->dres, dw->lnf_w, a->dc, last, m->w.lnf_w, a->lnf_rstd, n, C);
+    hook(m, m->layer_off[m->L], m->layer_off[m->L + 1]);
+
+    for (int l = m->L - 1; l >= 0; l--) {
+        const model_layer *w = &m->w.layers[l];
+        model_layer *d = &dw->layers[l];
+        const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
+        const float *ln1 = a->ln1 + (size_t)l * N * C;
+        const float *qkv = a->qkv + (size_t)l * N * QKV;
+        const float *att = a->att + (size_t)l * att_sz;
+        const float *atty = a->atty + (size_t)l * N * C;
+        const float *res2 = a->res2 + (size_t)l * N * C;
+        const float *ln2 = a->ln2 + (size_t)l * N * C;
+        const float *fch = a->fch + (size_t)l * N * FH;
+        const float *fca = a->fch_act + (size_t)l * N * F;
+
+        /* MLP: res3 = res2 + fcproj(act(fc(ln2(res2)))) */
+        k->matmul_bwd(g, a->df, d->fcproj_w, d->fcproj_b, a->dres, fca, w->fcproj_w, n, F,
+                      C, lay, false);
+        if (gpt2) k->gelu_bwd(a->dbig, fch, a->df, N * F);
+        else k->swiglu_bwd(a->dbig, fch, a->df, n, F);
+        k->matmul_bwd(g, a->dc, d->fc_w, d->fc_b, a->dbig, ln2, w->fc_w, n, C, FH, lay,
+                      false);
+        if (gpt2)
+            k->layernorm_bwd(a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
+                             a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n, C);
+        else
+            k->rmsnorm_bwd(a->dres, d->ln2_w, a->dc, res2, w->ln2_w,
+                           a->ln2_rstd + (size_t)l * N, n, C);
+        /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */
+        k->matmul_bwd(g, a->dc, d->proj_w, d->proj_b, a->dres, atty, w->proj_w, n, C, C,
+                      lay, false);
+        k->attention_bwd(g, a->dbig, a->datt, a->dc, qkv, att, B, T, m->NH, m->KVH, m->HS);
+        if (!gpt2)
+            k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true);
+        k->matmul_bwd(g, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1, w->qkv_w, n, C, QKV, lay,
+                      false);
+        if (gpt2)
+            k->layernorm_bwd(a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
+                             a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n, C);
+        else
+            k->rmsnorm_bwd(a->dres, d->ln1_w, a->dc, inp, w->ln1_w,
+                           a->ln1_rstd + (size_t)l * N, n, C);
+        hook(m, m->layer_off[l], m->layer_off[l + 1]);
+    }
+    k->embed_bwd(dw->wte, dw->wpe, a->dres, a->tokens, B, T, C, V);
+    hook(m, 0, m->layer_off[0]);
+    return KILN_OK;
+}
+
+kiln_status kiln_cross_entropy(kiln_ctx *ctx, const float *logits,
+                               const int32_t *targets, const float *mask,
+                               int64_t N, int V, float grad_scale,
+                               float *dlogits, double *loss_sum,
+                               double *weight_sum)
+{
+    if (N < 0 || V < 1)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "cross_entropy: bad sizes N=%lld V=%d", (long long)N, V);
+    for (int64_t i = 0; i < N; i++) {
+        if (targets[i] >= V)
+            return kiln_fail(ctx, KILN_ERR_RANGE,
+                             "target token id %d at row %lld is outside the vocabulary "
+                             "[0, %d)", targets[i], (long long)i, V);
+        if (mask && !(mask[i] >= 0.0f && isfinite(mask[i])))
+            return kiln_fail(ctx, KILN_ERR_RANGE,
+                             "loss mask at row %lld is %g; weights must be finite and >= 0",
+                             (long long)i, (double)mask[i]);
+    }
+    kern_ops_fast()->cross_entropy(logits, targets, mask, N, V, grad_scale, dlogits,
+                                   loss_sum, weight_sum);
+    return KILN_OK;
+}

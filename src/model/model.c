@@ -1,0 +1,474 @@
+/*
+ * model.c — the model object: parameter layout with HF names (one block,
+ * named views), creation, GPT-2 initialisation, accessors, the activation
+ * arena, and loading/saving a model directory (config.json +
+ * model.safetensors). The forward and backward passes are in forward.c.
+ */
+#include "model/model.h"
+#include "io/safetensors.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- layout ----------------------------------------------------------- */
+
+typedef struct layout_state {
+    kiln_model *m;
+    float *base;       /* params or grads block (NULL: only count) */
+    kiln_tensor_info *info; /* filled when non-NULL */
+    int n;
+    size_t off;
+    bool names_failed;
+} layout_state;
+
+static float *add(layout_state *s, bool decay, int ndim, int64_t d0,
+                  int64_t d1, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+
+static float *add(layout_state *s, bool decay, int ndim, int64_t d0,
+                  int64_t d1, const char *fmt, ...)
+{
+    size_t numel = (size_t)d0 * (size_t)(ndim == 2 ? d1 : 1);
+    if (s->info) {
+        kiln_tensor_info *t = &s->info[s->n];
+        char name[160];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(name, sizeof name, fmt, ap);
+        va_end(ap);
+        t->name = strdup(name);
+        if (!t->name) s->names_failed = true;
+        t->ndim = ndim;
+        t->shape[0] = d0;
+        t->shape[1] = ndim == 2 ? d1 : 0;
+        t->shape[2] = t->shape[3] = 0;
+        t->offset = s->off;
+        t->numel = numel;
+        t->decay = decay;
+    }
+    float *p = s->base ? s->base + s->off : NULL;
+    s->off += numel;
+    s->n++;
+    return p;
+}
+
+/* Walks the tensors in block order. w (may be NULL) receives the views. */
+static void layout(layout_state *s, model_weights *w)
+{
+    kiln_model *m = s->m;
+    const kiln_config *c = &m->cfg;
+    int C = m->C, F = m->F, V = m->V, HS = m->HS;
+    model_weights tmp = {0};
+    model_weights *W = w ? w : &tmp;
+    if (c->arch == KILN_ARCH_GPT2) {
+        W->wte = add(s, false, 2, V, C, "transformer.wte.weight");
+        W->wpe = add(s, false, 2, c->n_ctx, C, "transformer.wpe.weight");
+    } else {
+        W->wte = add(s, false, 2, V, C, "model.embed_tokens.weight");
+        W->wpe = NULL;
+    }
+    for (int l = 0; l < m->L; l++) {
+        if (m->layer_off && s->info) m->layer_off[l] = s->off;
+        model_layer tl = {0};
+        model_layer *ly = w ? &W->layers[l] : &tl;
+        if (c->arch == KILN_ARCH_GPT2) {
+            const char *p = "transformer.h";
+            ly->ln1_w = add(s, false, 1, C, 0, "%s.%d.ln_1.weight", p, l);
+            ly->ln1_b = add(s, false, 1, C, 0, "%s.%d.ln_1.bias", p, l);
+            ly->qkv_w = add(s, true, 2, C, 3 * C, "%s.%d.attn.c_attn.weight", p, l);
+            ly->qkv_b = add(s, false, 1, 3 * C, 0, "%s.%d.attn.c_attn.bias", p, l);
+            ly->proj_w = add(s, true, 2, C, C, "%s.%d.attn.c_proj.weight", p, l);
+            ly->proj_b = add(s, false, 1, C, 0, "%s.%d.attn.c_proj.bias", p, l);
+            ly->ln2_w = add(s, false, 1, C, 0, "%s.%d.ln_2.weight", p, l);
+            ly->ln2_b = add(s, false, 1, C, 0, "%s.%d.ln_2.bias", p, l);
+            ly->fc_w = add(s, true, 2, C, F, "%s.%d.mlp.c_fc.weight", p, l);
+            ly->fc_b = add(s, false, 1, F, 0, "%s.%d.mlp.c_fc.bias", p, l);
+            ly->fcproj_w = add(s, true, 2, F, C, "%s.%d.mlp.c_proj.weight", p, l);
+            ly->fcproj_b = add(s, false, 1, C, 0, "%s.%d.mlp.c_proj.bias", p, l);
+        } else {
+            const char *p = "model.layers";
+            int QH = m->NH * HS, KH = m->KVH * HS;
+            ly->ln1_w = add(s, false, 1, C, 0, "%s.%d.input_layernorm.weight", p, l);
+            ly->qkv_w = add(s, true, 2, QH, C, "%s.%d.self_attn.q_proj.weight", p, l);
+            add(s, true, 2, KH, C, "%s.%d.self_attn.k_proj.weight", p, l);
+            add(s, true, 2, KH, C, "%s.%d.self_attn.v_proj.weight", p, l);
+            if (c->bias) {
+                ly->qkv_b = add(s, false, 1, QH, 0, "%s.%d.self_attn.q_proj.bias", p, l);
+                add(s, false, 1, KH, 0, "%s.%d.self_attn.k_proj.bias", p, l);
+                add(s, false, 1, KH, 0, "%s.%d.self_attn.v_proj.bias", p, l);
+            }
+            ly->proj_w = add(s, true, 2, C, QH, "%s.%d.self_attn.o_proj.weight", p, l);
+            if (c->bias)
+                ly->proj_b = add(s, false, 1, C, 0, "%s.%d.self_attn.o_proj.bias", p, l);
+            ly->ln2_w = add(s, false, 1, C, 0, "%s.%d.post_attention_layernorm.weight", p, l);
+            ly->fc_w = add(s, true, 2, F, C, "%s.%d.mlp.gate_proj.weight", p, l);
+            add(s, true, 2, F, C, "%s.%d.mlp.up_proj.weight", p, l);
+            ly->fcproj_w = add(s, true, 2, C, F, "%s.%d.mlp.down_proj.weight", p, l);
+        }
+    }
+    if (m->layer_off && s->info) m->layer_off[m->L] = s->off;
+    if (c->arch == KILN_ARCH_GPT2) {
+        W->lnf_w = add(s, false, 1, C, 0, "transformer.ln_f.weight");
+        W->lnf_b = add(s, false, 1, C, 0, "transformer.ln_f.bias");
+    } else {
+        W->lnf_w = add(s, false, 1, C, 0, "model.norm.weight");
+        W->lnf_b = NULL;
+    }
+    if (c->tie_embeddings) W->lm_head = W->wte;
+    else W->lm_head = add(s, true, 2, V, C, "lm_head.weight");
+    if (m->layer_off && s->info) m->layer_off[m->L + 1] = s->off;
+}
+
+static void set_views(kiln_model *m, float *base, model_weights *w)
+{
+    layout_state s = {.m = m, .base = base};
+    layout(&s, w);
+}
+
+/* ---- creation --------------------------------------------------------- */
+
+void model_use_ref_kernels(kiln_model *m, bool ref)
+{
+    kern_gemm_free(m->gemm);
+    m->gemm = NULL;
+    if (ref) {
+        m->ops = kern_ops_ref();
+        m->gemm = kern_gemm_ref();
+    } else {
+        m->ops = kern_ops_fast();
+        m->gemm = kern_gemm_fast_new();
+        if (!m->gemm) {
+            m->ops = kern_ops_ref();
+            m->gemm = kern_gemm_ref();
+        }
+    }
+}
+
+static void rope_tables(kiln_model *m)
+{
+    int half = m->HS / 2;
+    for (int i = 0; i < half; i++) {
+        /* As HF computes it in fp32: inv_freq = 1 / theta^(2i/HS), then
+         * freqs = t * inv_freq (fp32 product), then cos/sin. */
+        float inv = 1.0f / powf(m->cfg.rope_theta, (float)(2 * i) / (float)m->HS);
+        for (int t = 0; t < m->cfg.n_ctx; t++) {
+            float f = (float)t * inv;
+            m->rope_cos[(size_t)t * half + i] = (float)cos((double)f);
+            m->rope_sin[(size_t)t * half + i] = (float)sin((double)f);
+        }
+    }
+}
+
+kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
+                           kiln_model **out)
+{
+    *out = NULL;
+    kiln_status s = kiln_config_validate(ctx, cfg);
+    if (s) return s;
+    kiln_model *m = kiln_calloc(ctx, 1, sizeof *m);
+    if (!m) return KILN_ERR_NOMEM;
+    m->cfg = *cfg;
+    m->L = cfg->n_layer;
+    m->C = cfg->n_embd;
+    m->NH = cfg->n_head;
+    m->KVH = cfg->n_kv_head;
+    m->HS = cfg->n_embd / cfg->n_head;
+    m->QKV = (m->NH + 2 * m->KVH) * m->HS;
+    m->F = cfg->n_inner;
+    m->V = cfg->vocab_size;
+    m->threads = kiln_get_threads(ctx);
+    layout_state cnt = {.m = m};
+    layout(&cnt, NULL);
+    m->num_params = cnt.off;
+    m->n_tensors = cnt.n;
+    KILN_ASSERT(m->num_params == kiln_config_num_params(cfg));
+    m->tensors = kiln_calloc(ctx, (size_t)m->n_tensors, sizeof(kiln_tensor_info));
+    m->layer_off = kiln_calloc(ctx, (size_t)m->L + 2, sizeof(size_t));
+    m->w.layers = kiln_calloc(ctx, (size_t)m->L, sizeof(model_layer));
+    m->g.layers = kiln_calloc(ctx, (size_t)m->L, sizeof(model_layer));
+    m->params = kiln_aligned_alloc(ctx, m->num_params * sizeof(float));
+    if (cfg->arch == KILN_ARCH_LLAMA) {
+        size_t n = (size_t)cfg->n_ctx * (size_t)(m->HS / 2);
+        m->rope_cos = kiln_aligned_alloc(ctx, n * sizeof(float));
+        m->rope_sin = kiln_aligned_alloc(ctx, n * sizeof(float));
+    }
+    if (!m->tensors || !m->layer_off || !m->w.layers || !m->g.layers ||
+        !m->params || (cfg->arch == KILN_ARCH_LLAMA && (!m->rope_cos || !m->rope_sin))) {
+        kiln_model_free(m);
+        return kiln_fail(ctx, KILN_ERR_NOMEM,
+                         "out of memory creating a model of %zu parameters (%.1f GiB)",
+                         cnt.off, (double)cnt.off * 4 / (1u << 30));
+    }
+    layout_state full = {.m = m, .base = m->params, .info = m->tensors};
+    layout(&full, &m->w);
+    if (full.names_failed) {
+        kiln_model_free(m);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    }
+    if (m->rope_cos) rope_tables(m);
+    model_use_ref_kernels(m, false);
+    *out = m;
+    return KILN_OK;
+}
+
+void kiln_model_free(kiln_model *m)
+{
+    if (!m) return;
+    if (m->tensors)
+        for (int i = 0; i < m->n_tensors; i++) free((char *)m->tensors[i].name);
+    free(m->tensors);
+    free(m->layer_off);
+    free(m->w.layers);
+    free(m->g.layers);
+    free(m->params);
+    free(m->grads);
+    free(m->rope_cos);
+    free(m->rope_sin);
+    kern_gemm_free(m->gemm);
+    arena_free(&m->act);
+    free(m);
+}
+
+void kiln_model_init_random(kiln_model *m, uint64_t seed)
+{
+    /* Each tensor draws from its own stream (seed, tensor index), so
+     * initialisation does not depend on thread count or tensor order. */
+    float resid_std = 0.02f / sqrtf(2.0f * (float)m->L);
+    for (int i = 0; i < m->n_tensors; i++) {
+        const kiln_tensor_info *t = &m->tensors[i];
+        float *p = m->params + t->offset;
+        const char *n = t->name;
+        size_t len = strlen(n);
+        bool is_norm = strstr(n, "ln_") || strstr(n, "layernorm") ||
+                       !strcmp(n, "model.norm.weight");
+        bool is_bias = len > 5 && !strcmp(n + len - 5, ".bias");
+        if (is_bias) {
+            memset(p, 0, t->numel * sizeof(float));
+            continue;
+        }
+        if (is_norm) {
+            for (size_t k = 0; k < t->numel; k++) p[k] = 1.0f;
+            continue;
+        }
+        bool resid = strstr(n, "attn.c_proj.weight") || strstr(n, "mlp.c_proj.weight") ||
+                     strstr(n, "o_proj.weight") || strstr(n, "down_proj.weight");
+        float std = resid ? resid_std : 0.02f;
+        kiln_rng r;
+        kiln_rng_seed(&r, seed * 0x9E3779B97F4A7C15ULL + (uint64_t)i + 1);
+        for (size_t k = 0; k < t->numel; k++) p[k] = std * kiln_rng_normal(&r);
+    }
+}
+
+const kiln_config *kiln_model_config(const kiln_model *m) { return &m->cfg; }
+size_t kiln_model_num_params(const kiln_model *m) { return m->num_params; }
+float *kiln_model_params(kiln_model *m) { return m->params; }
+float *kiln_model_grads(kiln_model *m) { return m->grads; }
+int kiln_model_num_tensors(const kiln_model *m) { return m->n_tensors; }
+
+const kiln_tensor_info *kiln_model_tensor(const kiln_model *m, int i)
+{
+    return (i >= 0 && i < m->n_tensors) ? &m->tensors[i] : NULL;
+}
+
+int kiln_model_find_tensor(const kiln_model *m, const char *name)
+{
+    for (int i = 0; i < m->n_tensors; i++)
+        if (!strcmp(m->tensors[i].name, name)) return i;
+    return -1;
+}
+
+void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud)
+{
+    m->hook = fn;
+    m->hook_ud = ud;
+}
+
+void kiln_model_zero_grad(kiln_model *m)
+{
+    if (m->grads) memset(m->grads, 0, m->num_params * sizeof(float));
+}
+
+/* ---- activations ------------------------------------------------------ */
+
+/* The arena holds these buffers (each rounded up to 64 bytes). */
+static size_t act_bytes(const kiln_model *m, int B, int T)
+{
+    size_t N = (size_t)B * T, L = (size_t)m->L, C = (size_t)m->C;
+    size_t F = (size_t)m->F, V = (size_t)m->V, NH = (size_t)m->NH;
+    size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
+    size_t big = KILN_MAX((size_t)m->QKV, FH);
+    size_t att = (size_t)B * NH * T * T;
+    size_t floats[] = {
+        N * C,                      /* encoded */
+        L * N * C, L * N, L * N,    /* ln1, mean, rstd */
+        L * N * (size_t)m->QKV,     /* qkv */
+        L * att,                    /* att */
+        L * N * C, L * N * C,       /* atty, res2 */
+        L * N * C, L * N, L * N,    /* ln2, mean, rstd */
+        L * N * FH, L * N * F,      /* fch, fch_act */
+        L * N * C,                  /* res3 */
+        N * C, N, N,                /* lnf, mean, rstd */
+        N * V,                      /* logits */
+        N * C, N * C, N * F, N * big, att, /* dres, dc, df, dbig, datt */
+    };
+    size_t total = (N * sizeof(int32_t) + 63) & ~(size_t)63;
+    for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)
+        total += (floats[i] * sizeof(float) + 63) & ~(size_t)63;
+    return total;
+}
+
+size_t model_act_bytes(const kiln_model *m, int B, int T)
+{
+    return act_bytes(m, B, T);
+}
+
+kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
+{
+    if (B < 1 || B > (1 << 20))
+        return kiln_fail(ctx, KILN_ERR_RANGE, "batch size %d is out of range (--batch)", B);
+    if (T < 1 || T > m->cfg.n_ctx)
+        return kiln_fail(ctx, KILN_ERR_RANGE,
+                         "sequence length %d is outside [1, %d], the model's context "
+                         "length (--seq)", T, m->cfg.n_ctx);
+    if (!m->grads) {
+        m->grads = kiln_aligned_alloc(ctx, m->num_params * sizeof(float));
+        if (!m->grads) return KILN_ERR_NOMEM;
+        set_views(m, m->grads, &m->g);
+    }
+    int nB = KILN_MAX(B, m->B_cap), nT = KILN_MAX(T, m->T_cap);
+    if (nB == m->B_cap && nT == m->T_cap) return KILN_OK;
+    size_t bytes = act_bytes(m, nB, nT);
+    arena_free(&m->act);
+    m->B_cap = m->T_cap = 0;
+    m->B = m->T = 0;
+    kiln_status s = arena_init(ctx, &m->act, bytes);
+    if (s)
+        return kiln_fail(ctx, KILN_ERR_NOMEM,
+                         "out of memory allocating %.2f GiB of activations for batch %d "
+                         "x sequence %d (lower --batch or --seq)",
+                         (double)bytes / (1u << 30), nB, nT);
+    m->B_cap = nB;
+    m->T_cap = nT;
+    return KILN_OK;
+}
+
+/* ---- loading and saving ------------------------------------------------ */
+
+kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *path)
+{
+    st_file f;
+    kiln_status s = st_open(ctx, path, &f);
+    if (s) return s;
+    /* Original GPT-2 checkpoints name tensors without "transformer.". */
+    bool bare = m->cfg.arch == KILN_ARCH_GPT2 &&
+                !st_find(&f, "transformer.wte.weight") && st_find(&f, "wte.weight");
+    for (int i = 0; i < m->n_tensors && !s; i++) {
+        const kiln_tensor_info *ti = &m->tensors[i];
+        const char *name = ti->name;
+        if (bare && !strncmp(name, "transformer.", 12)) name += 12;
+        const st_tensor *t = st_find(&f, name);
+        if (!t) {
+            s = kiln_fail(ctx, KILN_ERR_FORMAT,
+                          "%s: tensor \"%s\" is missing (is config.json for this file?)",
+                          path, name);
+            break;
+        }
+        bool ok = t->ndim == ti->ndim;
+        for (int d = 0; ok && d < ti->ndim; d++) ok = t->shape[d] == ti->shape[d];
+        if (!ok) {
+            char want[64], got[96];
+            int k = 0;
+            for (int d = 0; d < ti->ndim; d++)
+                k += snprintf(want + k, sizeof want - (size_t)k, "%s%lld", d ? ", " : "",
+                              (long long)ti->shape[d]);
+            k = 0;
+            for (int d = 0; d < t->ndim && k < 80; d++)
+                k += snprintf(got + k, sizeof got - (size_t)k, "%s%lld", d ? ", " : "",
+                              (long long)t->shape[d]);
+            if (t->ndim == 0) got[0] = 0;
+            s = kiln_fail(ctx, KILN_ERR_FORMAT,
+                          "%s: tensor \"%s\" has shape [%s] but config.json implies [%s]",
+                          path, name, got, want);
+            break;
+        }
+        s = st_read_f32(ctx, &f, t, path, m->params + ti->offset);
+    }
+    if (!s) {
+        /* Non-finite weights poison everything downstream: say so now. */
+        for (size_t i = 0; i < m->num_params; i++)
+            if (!isfinite(m->params[i])) {
+                int ti = 0;
+                while (ti + 1 < m->n_tensors && m->tensors[ti + 1].offset <= i) ti++;
+                s = kiln_fail(ctx, KILN_ERR_NUMERIC,
+                              "%s: tensor \"%s\" contains NaN or infinity", path,
+                              m->tensors[ti].name);
+                break;
+            }
+    }
+    st_close(&f);
+    return s;
+}
+
+kiln_status kiln_model_load(kiln_ctx *ctx, const char *dir, kiln_model **out)
+{
+    *out = NULL;
+    char *cpath = file_join(dir, "config.json");
+    char *wpath = file_join(dir, "model.safetensors");
+    kiln_status s = KILN_OK;
+    kiln_model *m = NULL;
+    kiln_config cfg;
+    if (!cpath || !wpath) {
+        s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    if (!file_is_dir(dir)) {
+        s = kiln_fail(ctx, KILN_ERR_IO,
+                      "'%s' is not a model directory (expected config.json and "
+                      "model.safetensors in it)", dir);
+        goto done;
+    }
+    if ((s = kiln_config_load(ctx, cpath, &cfg))) goto done;
+    if ((s = kiln_model_new(ctx, &cfg, &m))) goto done;
+    if ((s = model_load_weights(ctx, m, wpath))) goto done;
+    *out = m;
+    m = NULL;
+done:
+    kiln_model_free(m);
+    free(cpath);
+    free(wpath);
+    return s;
+}
+
+kiln_status kiln_model_save(kiln_ctx *ctx, const kiln_model *m, const char *dir)
+{
+    kiln_status s = file_mkdirs(ctx, dir);
+    if (s) return s;
+    char *cpath = file_join(dir, "config.json");
+    char *wpath = file_join(dir, "model.safetensors");
+    st_entry *e = calloc((size_t)m->n_tensors, sizeof *e);
+    if (!cpath || !wpath || !e) {
+        s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    for (int i = 0; i < m->n_tensors; i++) {
+        const kiln_tensor_info *t = &m->tensors[i];
+        e[i].name = t->name;
+        e[i].dtype = KILN_DTYPE_F32;
+        e[i].ndim = t->ndim;
+        e[i].shape[0] = t->shape[0];
+        e[i].shape[1] = t->shape[1];
+        e[i].data = m->params + t->offset;
+    }
+    /* Weights first: a directory whose config.json is new always has
+     * matching weights. */
+    if ((s = st_save(ctx, wpath, e, m->n_tensors, NULL, 0))) goto done;
+    s = kiln_config_save(ctx, cpath, &m->cfg);
+done:
+    free(e);
+    free(cpath);
+    free(wpath);
+    return s;
+}

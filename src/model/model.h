@@ -1,0 +1,130 @@
+/*
+ * model.h — the transformer's internals (model layer, private): parameter
+ * views, activations and the kiln_model struct, for the layers that work on
+ * the weights directly (the KV-cache decode path in infer/serve, mixed
+ * precision, LoRA, quantization).
+ *
+ * Shapes use B, T, C, V, L, NH, KVH, HS, F (kiln.h) and
+ *   QKV = (NH + 2*KVH) * HS   (= 3C without GQA)
+ * Parameters live in one contiguous block (kiln_model_params), in this
+ * order, which is also the order of kiln_model_tensor(i):
+ *   embeddings (wte, wpe) | layer 0 | ... | layer L-1 | final norm, lm_head
+ * so "layer l" and "the head" are contiguous ranges (model->layer_off).
+ * Gradients mirror the block exactly.
+ *
+ * Weight layouts are those of the HF files, so the block can be written
+ * out unchanged:
+ *   gpt2  Conv1D weights are (in, out): c_attn (C, 3C), c_proj (C, C),
+ *         c_fc (C, F), mlp.c_proj (F, C)          -> KERN_W_IN_OUT
+ *   llama nn.Linear weights are (out, in): q_proj (NH*HS, C), k_proj and
+ *         v_proj (KVH*HS, C) stored back to back = one (QKV, C) matrix;
+ *         gate_proj and up_proj (F, C) back to back = one (2F, C) matrix;
+ *         o_proj (C, NH*HS), down_proj (C, F)      -> KERN_W_OUT_IN
+ */
+#ifndef KILN_MODEL_H
+#define KILN_MODEL_H
+
+#include "base/base.h"
+#include "kernels/kernels.h"
+
+/* Views of one layer's tensors (into params or grads). NULL when the
+ * architecture has no such tensor. */
+typedef struct model_layer {
+    float *ln1_w;    /* (C)  ln_1 / input_layernorm */
+    float *ln1_b;    /* (C)  gpt2 only */
+    float *qkv_w;    /* gpt2 (C, 3C) c_attn; llama (QKV, C) q|k|v_proj */
+    float *qkv_b;    /* gpt2 (3C); llama (QKV) when attention_bias */
+    float *proj_w;   /* gpt2 (C, C) attn.c_proj (in,out); llama (C, C) o_proj */
+    float *proj_b;   /* (C) gpt2, llama when attention_bias */
+    float *ln2_w;    /* (C)  ln_2 / post_attention_layernorm */
+    float *ln2_b;    /* (C)  gpt2 only */
+    float *fc_w;     /* gpt2 (C, F) c_fc; llama (2F, C) gate_proj|up_proj */
+    float *fc_b;     /* gpt2 (F) */
+    float *fcproj_w; /* gpt2 (F, C) mlp.c_proj; llama (C, F) down_proj */
+    float *fcproj_b; /* gpt2 (C) */
+} model_layer;
+
+typedef struct model_weights {
+    float *wte;          /* (V, C) wte / embed_tokens */
+    float *wpe;          /* (n_ctx, C) gpt2 only */
+    model_layer *layers; /* (L) */
+    float *lnf_w;        /* (C) ln_f / model.norm */
+    float *lnf_b;        /* (C) gpt2 only */
+    float *lm_head;      /* (V, C); == wte when tied */
+} model_weights;
+
+/* Activations of the last forward pass, carved from the arena for (B, T).
+ * N = B*T. Per-layer tensors are (L, ...) blocks; layer l's slice starts at
+ * l * (its per-layer size). */
+typedef struct model_acts {
+    int32_t *tokens;  /* (B, T) copy of the inputs */
+    float *encoded;   /* (N, C) embeddings (+ positions) */
+    float *ln1;       /* (L, N, C) */
+    float *ln1_mean;  /* (L, N) gpt2 */
+    float *ln1_rstd;  /* (L, N) */
+    float *qkv;       /* (L, N, QKV) after RoPE */
+    float *att;       /* (L, B, NH, T, T) softmax probabilities */
+    float *atty;      /* (L, N, C) attention output before c_proj/o_proj */
+    float *res2;      /* (L, N, C) residual after attention */
+    float *ln2;       /* (L, N, C) */
+    float *ln2_mean;  /* (L, N) gpt2 */
+    float *ln2_rstd;  /* (L, N) */
+    float *fch;       /* (L, N, F) gpt2 pre-GELU; (L, N, 2F) llama gate|up */
+    float *fch_act;   /* (L, N, F) GELU / SwiGLU output */
+    float *res3;      /* (L, N, C) layer output */
+    float *lnf;       /* (N, C) */
+    float *lnf_mean;  /* (N) */
+    float *lnf_rstd;  /* (N) */
+    float *logits;    /* (N, V) */
+    /* backward scratch */
+    float *dres;      /* (N, C) gradient of the residual stream */
+    float *dc;        /* (N, C) */
+    float *df;        /* (N, F) */
+    float *dbig;      /* (N, max(QKV, 2F)) */
+    float *datt;      /* (B, NH, T, T) */
+} model_acts;
+
+struct kiln_model {
+    kiln_config cfg;
+    int L, C, NH, KVH, HS, QKV, F, V;
+    size_t num_params;
+    float *params; /* (num_params) 64-byte aligned */
+    float *grads;  /* (num_params) after prepare, else NULL */
+    model_weights w; /* views into params */
+    model_weights g; /* views into grads (valid after prepare) */
+    kiln_tensor_info *tensors;
+    int n_tensors;
+    size_t *layer_off; /* (L + 2): layer l is [layer_off[l], layer_off[l+1]);
+                          layer_off[L+1] = num_params (the head ends there) */
+    float *rope_cos;   /* (n_ctx, HS/2) llama */
+    float *rope_sin;   /* (n_ctx, HS/2) */
+    const kern_ops *ops;
+    kern_gemm *gemm;
+    arena act;
+    int B_cap, T_cap;  /* what the arena is sized for */
+    int B, T;          /* shape of the last forward (0 = none) */
+    model_acts a;
+    int threads;       /* 0 = OpenMP default */
+    kiln_grad_ready_fn hook;
+    void *hook_ud;
+};
+
+/* Reads a config from parsed JSON (what names the source in messages).
+ * Used by kiln_config_load and the fuzz harness. */
+kiln_status config_from_json(kiln_ctx *ctx, const json_t *o, const char *what,
+                             kiln_config *out);
+/* The HF config.json object for cfg (caller json_decref's). */
+json_t *config_to_json(const kiln_config *cfg);
+
+/* Chooses the kernel tables: ref=true uses the reference kernels and the
+ * reference GEMM (tests), false the fast ones (default). */
+void model_use_ref_kernels(kiln_model *m, bool ref);
+
+/* Byte size of the activation arena for (B, T). */
+size_t model_act_bytes(const kiln_model *m, int B, int T);
+
+/* Loads weights from a validated safetensors file into m's parameter
+ * block (names/shapes checked; F32/BF16/F16 converted). */
+kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *path);
+
+#endif /* KILN_MODEL_H */

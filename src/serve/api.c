@@ -1,0 +1,572 @@
+/*
+ * api.c — the OpenAI wire format: parsing and validating /v1/completions
+ * and /v1/chat/completions bodies into generation requests (every field
+ * type- and range-checked; the error names the field), rendering chat
+ * messages with the ChatML template, and building responses, streamed
+ * chunks and error objects.
+ */
+#include "serve/serve.h"
+#include "infer/infer.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int fail(api_err *e, int status, const char *param, const char *code,
+                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static int fail(api_err *e, int status, const char *param, const char *code,
+                const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+    va_end(ap);
+    e->status = status;
+    e->type = status == 404 ? "not_found_error" : "invalid_request_error";
+    e->param = param;
+    e->code = code;
+    return status;
+}
+
+/* Optional number in [lo, hi]; absent or null keeps *out. */
+static int num(const json_t *o, const char *key, double lo, double hi,
+               double *out, api_err *e)
+{
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v))
+        return fail(e, 400, key, "invalid_type", "'%s' must be a number", key);
+    double d = json_number_value(v);
+    if (!(d >= lo && d <= hi))
+        return fail(e, 400, key, "invalid_value", "'%s' must be in [%g, %g] (got %g)",
+                    key, lo, hi, d);
+    *out = d;
+    return 0;
+}
+
+static int integer(const json_t *o, const char *key, long long lo, long long hi,
+                   long long *out, api_err *e)
+{
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    long long x;
+    if (json_is_integer(v)) x = json_integer_value(v);
+    else if (json_is_real(v) && json_real_value(v) == floor(json_real_value(v)) &&
+             fabs(json_real_value(v)) < 9e15)
+        x = (long long)json_real_value(v);
+    else
+        return fail(e, 400, key, "invalid_type", "'%s' must be an integer", key);
+    if (x < lo || x > hi)
+        return fail(e, 400, key, "invalid_value", "'%s' must be in [%lld, %lld] (got %lld)",
+                    key, lo, hi, x);
+    *out = x;
+    return 0;
+}
+
+static int boolean(const json_t *o, const char *key, bool *out, api_err *e)
+{
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_boolean(v))
+        return fail(e, 400, key, "invalid_type", "'%s' must be true or false", key);
+    *out = json_is_true(v);
+    return 0;
+}
+
+static bool sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len)
+{
+    if (*n + len + 1 > *cap) {
+        size_t c = *cap ? *cap : 512;
+        while (c < *n + len + 1) c *= 2;
+        char *t = realloc(*b, c);
+        if (!t) return false;
+        *b = t;
+        *cap = c;
+    }
+    memcpy(*b + *n, s, len);
+    *n += len;
+    (*b)[*n] = 0;
+    return true;
+}
+
+/* Renders messages with ChatML:
+ *   <|im_start|>ROLE\nCONTENT<|im_end|>\n ... <|im_start|>assistant\n */
+static int render_chat(const json_t *msgs, char **out, size_t *out_len, api_err *e)
+{
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
+        return fail(e, 400, "messages", "invalid_type",
+                    "'messages' must be a non-empty array of {role, content} objects");
+    char *b = NULL;
+    size_t n = 0, cap = 0;
+    size_t i;
+    json_t *m;
+    json_array_foreach(msgs, i, m) {
+        if (!json_is_object(m)) {
+            free(b);
+            return fail(e, 400, "messages", "invalid_type",
+                        "messages[%zu] must be an object", i);
+        }
+        json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
+        const char *r = json_is_string(role) ? json_string_value(role) : NULL;
+        if (!r || (strcmp(r, "system") && strcmp(r, "user") && strcmp(r, "assistant") &&
+                   strcmp(r, "developer") && strcmp(r, "tool"))) {
+            free(b);
+            return fail(e, 400, "messages", "invalid_value",
+                        "messages[%zu].role must be one of system, developer, user, "
+                        "assistant, tool",
+                        i);
+        }
+        if (!strcmp(r, "developer")) r = "system";
+        sbuf_add(&b, &n, &cap, "<|im_start|>", 12);
+        sbuf_add(&b, &n, &cap, r, strlen(r));
+        sbuf_add(&b, &n, &cap, "\n", 1);
+        if (json_is_string(content)) {
+            sbuf_add(&b, &n, &cap, json_string_value(content), json_string_length(content));
+        } else if (json_is_array(content)) {
+            size_t j;
+            json_t *part;
+            json_array_foreach(content, j, part) {
+                json_t *ty = json_object_get(part, "type"), *tx = json_object_get(part, "text");
+                if (!json_is_string(ty) || strcmp(json_string_value(ty), "text") ||
+                    !json_is_string(tx)) {
+                    free(b);
+                    return fail(e, 400, "messages", "invalid_value",
+                                "messages[%zu].content[%zu]: only {\"type\": \"text\", "
+                                "\"text\": ...} parts are supported",
+                                i, j);
+                }
+                sbuf_add(&b, &n, &cap, json_string_value(tx), json_string_length(tx));
+            }
+        } else if (!json_is_null(content) || strcmp(r, "assistant")) {
+            free(b);
+            return fail(e, 400, "messages", "invalid_type",
+                        "messages[%zu].content must be a string or an array of text parts", i);
+        }
+        if (!sbuf_add(&b, &n, &cap, "<|im_end|>\n", 11)) {
+            free(b);
+            return fail(e, 500, NULL, NULL, "out of memory");
+        }
+    }
+    if (!sbuf_add(&b, &n, &cap, "<|im_start|>assistant\n", 22)) {
+        free(b);
+        return fail(e, 500, NULL, NULL, "out of memory");
+    }
+    *out = b;
+    *out_len = n;
+    return 0;
+}
+
+static int add_stop(sreq *r, const char *s, size_t n, api_err *e)
+{
+    if (n == 0) return 0;
+    if (r->n_stops >= SREQ_MAX_STOPS)
+        return fail(e, 400, "stop", "invalid_value", "at most %d stop strings are allowed",
+                    SREQ_MAX_STOPS - 1);
+    if (n > 256) return fail(e, 400, "stop", "invalid_value", "a stop string is longer than 256 bytes");
+    r->stops[r->n_stops] = strndup(s, n);
+    if (!r->stops[r->n_stops]) return fail(e, 500, NULL, NULL, "out of memory");
+    r->n_stops++;
+    return 0;
+}
+
+static int tokenize(const api_model *m, const char *text, size_t len, sreq *r, api_err *e)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    int32_t *ids = NULL;
+    size_t n = 0;
+    kiln_status st = ctx ? kiln_tokenizer_encode(ctx, m->tok, text, len, &ids, &n) : KILN_ERR_NOMEM;
+    if (st) {
+        fail(e, 400, "prompt", "invalid_value", "cannot tokenize the prompt: %s",
+             ctx ? kiln_errmsg(ctx) : "out of memory");
+        kiln_ctx_free(ctx);
+        return 400;
+    }
+    kiln_ctx_free(ctx);
+    int extra = m->bos >= 0 ? 1 : 0;
+    if (n + (size_t)extra == 0) extra = 1; /* empty prompt: start from end-of-text */
+    r->prompt = malloc((n + (size_t)extra) * sizeof(int32_t));
+    if (!r->prompt) {
+        free(ids);
+        return fail(e, 500, NULL, NULL, "out of memory");
+    }
+    if (extra) r->prompt[0] = m->bos >= 0 ? m->bos : m->eot;
+    if (n) memcpy(r->prompt + extra, ids, n * sizeof(int32_t));
+    free(ids);
+    r->n_prompt = (int)(n + (size_t)extra);
+    return 0;
+}
+
+int api_parse(const char *body, size_t len, bool chat, const api_model *m,
+              api_req *out, api_err *e)
+{
+    memset(out, 0, sizeof *out);
+    out->chat = chat;
+    json_error_t jerr;
+    json_t *o = json_loadb(body, len, 0, &jerr);
+    if (!o)
+        return fail(e, 400, NULL, "invalid_json",
+                    "the request body is not valid JSON (line %d, column %d: %s)",
+                    jerr.line, jerr.column, jerr.text);
+    if (!json_is_object(o)) {
+        json_decref(o);
+        return fail(e, 400, NULL, "invalid_json", "the request body must be a JSON object");
+    }
+    sreq *r = sreq_new();
+    if (!r) {
+        json_decref(o);
+        return fail(e, 500, NULL, NULL, "out of memory");
+    }
+    out->r = r;
+    int rc = 0;
+    double d;
+    long long ll;
+    r->sp = kiln_sampling_default();
+
+    json_t *mv = json_object_get(o, "model");
+    if (mv && !json_is_null(mv)) {
+        if (!json_is_string(mv)) { rc = fail(e, 400, "model", "invalid_type", "'model' must be a string"); goto done; }
+        if (strcmp(json_string_value(mv), m->name) != 0) {
+            rc = fail(e, 404, "model", "model_not_found",
+                      "The model '%.200s' does not exist; this server serves '%.200s' (GET /v1/models)",
+                      json_string_value(mv), m->name);
+            goto done;
+        }
+    }
+    if ((rc = boolean(o, "stream", &out->stream, e))) goto done;
+    json_t *so = json_object_get(o, "stream_options");
+    if (so && !json_is_null(so)) {
+        if (!json_is_object(so)) { rc = fail(e, 400, "stream_options", "invalid_type", "'stream_options' must be an object"); goto done; }
+        if ((rc = boolean(so, "include_usage", &out->include_usage, e))) goto done;
+    }
+    ll = 1;
+    if ((rc = integer(o, "n", 1, 128, &ll, e))) goto done;
+    if (ll != 1) { rc = fail(e, 400, "n", "invalid_value", "only n = 1 is supported"); goto done; }
+    bool echo = false;
+    if ((rc = boolean(o, "echo", &echo, e))) goto done;
+    if (echo) { rc = fail(e, 400, "echo", "invalid_value", "echo is not supported"); goto done; }
+
+    d = 1.0;
+    if ((rc = num(o, "temperature", 0, 2, &d, e))) goto done;
+    r->sp.temperature = (float)d;
+    d = 1.0;
+    if ((rc = num(o, "top_p", 0, 1, &d, e))) goto done;
+    if (d <= 0) { rc = fail(e, 400, "top_p", "invalid_value", "'top_p' must be in (0, 1]"); goto done; }
+    r->sp.top_p = (float)d;
+    ll = 0;
+    if ((rc = integer(o, "top_k", -1, 1 << 30, &ll, e))) goto done;
+    r->sp.top_k = ll < 0 ? 0 : (int)ll;
+    d = 0;
+    if ((rc = num(o, "min_p", 0, 1, &d, e))) goto done;
+    r->sp.min_p = (float)d;
+    d = 0;
+    if ((rc = num(o, "frequency_penalty", -2, 2, &d, e))) goto done;
+    r->sp.frequency_penalty = (float)d;
+    d = 0;
+    if ((rc = num(o, "presence_penalty", -2, 2, &d, e))) goto done;
+    r->sp.presence_penalty = (float)d;
+    d = 1;
+    if ((rc = num(o, "repetition_penalty", 1e-3, 100, &d, e))) goto done;
+    r->sp.repetition_penalty = (float)d;
+    {
+        json_t *sv = json_object_get(o, "seed");
+        if (sv && !json_is_null(sv)) {
+            if (!json_is_integer(sv)) { rc = fail(e, 400, "seed", "invalid_type", "'seed' must be an integer"); goto done; }
+            r->sp.seed = (uint64_t)json_integer_value(sv);
+        } else {
+            static _Atomic uint64_t ctr;
+            r->sp.seed = (uint64_t)(kiln_time_now() * 1e9) ^ (++ctr * 0x9e3779b97f4a7c15ULL);
+        }
+    }
+    if ((rc = boolean(o, "ignore_eos", &r->ignore_eos, e))) goto done;
+
+    /* logprobs: completions take an integer (0..5 alternatives); chat a
+     * boolean plus top_logprobs (0..20). */
+    {
+        json_t *lv = json_object_get(o, "logprobs");
+        if (chat) {
+            bool lp = false;
+            if ((rc = boolean(o, "logprobs", &lp, e))) goto done;
+            ll = 0;
+            if ((rc = integer(o, "top_logprobs", 0, 20, &ll, e))) goto done;
+            if (ll > 0 && !lp) { rc = fail(e, 400, "top_logprobs", "invalid_value", "'top_logprobs' requires 'logprobs': true"); goto done; }
+            out->logprobs = lp;
+            r->sp.top_logprobs = (int)ll;
+        } else if (lv && !json_is_null(lv)) {
+            ll = 0;
+            if ((rc = integer(o, "logprobs", 0, 5, &ll, e))) goto done;
+            out->logprobs = true;
+            r->sp.top_logprobs = (int)ll;
+        }
+        r->want_logprobs = out->logprobs;
+    }
+    {
+        json_t *lb = json_object_get(o, "logit_bias");
+        if (lb && !json_is_null(lb)) {
+            if (!json_is_object(lb)) { rc = fail(e, 400, "logit_bias", "invalid_type", "'logit_bias' must be an object of token id -> bias"); goto done; }
+            size_t nb = json_object_size(lb);
+            if (nb > 1024) { rc = fail(e, 400, "logit_bias", "invalid_value", "'logit_bias' has more than 1024 entries"); goto done; }
+            r->bias = calloc(nb ? nb : 1, sizeof *r->bias);
+            const char *k;
+            json_t *v;
+            json_object_foreach(lb, k, v) {
+                char *end;
+                long id = strtol(k, &end, 10);
+                if (!*k || *end || id < 0 || id > 1 << 30 || !json_is_number(v) ||
+                    !(json_number_value(v) >= -100 && json_number_value(v) <= 100)) {
+                    rc = fail(e, 400, "logit_bias", "invalid_value",
+                              "'logit_bias' keys must be token ids and values numbers in [-100, 100]");
+                    goto done;
+                }
+                r->bias[r->n_bias++] = (logit_bias){(int32_t)id, (float)json_number_value(v)};
+            }
+        }
+    }
+    {
+        json_t *st = json_object_get(o, "stop");
+        if (json_is_string(st)) {
+            if ((rc = add_stop(r, json_string_value(st), json_string_length(st), e))) goto done;
+        } else if (json_is_array(st)) {
+            size_t i;
+            json_t *v;
+            json_array_foreach(st, i, v) {
+                if (!json_is_string(v)) { rc = fail(e, 400, "stop", "invalid_type", "'stop' must be a string or an array of strings"); goto done; }
+                if ((rc = add_stop(r, json_string_value(v), json_string_length(v), e))) goto done;
+            }
+        } else if (st && !json_is_null(st)) {
+            rc = fail(e, 400, "stop", "invalid_type", "'stop' must be a string or an array of strings");
+            goto done;
+        }
+    }
+
+    /* the prompt */
+    if (chat) {
+        char *text = NULL;
+        size_t tl = 0;
+        if ((rc = render_chat(json_object_get(o, "messages"), &text, &tl, e))) goto done;
+        rc = tokenize(m, text, tl, r, e);
+        free(text);
+        if (rc) goto done;
+        if ((rc = add_stop(r, "<|im_end|>", 10, e))) goto done;
+    } else {
+        json_t *p = json_object_get(o, "prompt");
+        if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
+            p = json_array_get(p, 0);
+        if (json_is_string(p)) {
+            if ((rc = tokenize(m, json_string_value(p), json_string_length(p), r, e))) goto done;
+        } else if (json_is_array(p) && json_array_size(p) > 0 &&
+                   json_is_integer(json_array_get(p, 0))) {
+            size_t np = json_array_size(p);
+            if (np > (size_t)m->n_ctx) {
+                rc = fail(e, 400, "prompt", "context_length_exceeded",
+                          "the prompt is %zu tokens; this server's context is %d tokens", np, m->n_ctx);
+                goto done;
+            }
+            r->prompt = malloc(np * sizeof(int32_t));
+            if (!r->prompt) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+            for (size_t i = 0; i < np; i++) {
+                json_t *v = json_array_get(p, i);
+                if (!json_is_integer(v)) { rc = fail(e, 400, "prompt", "invalid_type", "a token-id prompt must contain only integers"); goto done; }
+                json_int_t t = json_integer_value(v);
+                if (t < 0 || t > (1 << 30)) { rc = fail(e, 400, "prompt", "invalid_value", "prompt token %lld is out of range", (long long)t); goto done; }
+                r->prompt[i] = (int32_t)t;
+            }
+            r->n_prompt = (int)np;
+        } else {
+            rc = fail(e, 400, "prompt", "invalid_type",
+                      "'prompt' must be a string, an array of one string, or an array of token ids");
+            goto done;
+        }
+    }
+    if (r->n_prompt >= m->n_ctx) {
+        rc = fail(e, 400, chat ? "messages" : "prompt", "context_length_exceeded",
+                  "the prompt is %d tokens; this server's context is %d tokens (prompt plus "
+                  "at least one generated token must fit)",
+                  r->n_prompt, m->n_ctx);
+        goto done;
+    }
+    {
+        int room = m->n_ctx - r->n_prompt;
+        long long mt = -1;
+        const char *key = "max_tokens";
+        if (chat && json_object_get(o, "max_completion_tokens") &&
+            !json_is_null(json_object_get(o, "max_completion_tokens")))
+            key = "max_completion_tokens";
+        if ((rc = integer(o, key, 1, 1LL << 40, &mt, e))) goto done;
+        if (mt < 0) mt = chat ? room : KILN_MIN(16, room);
+        if (mt > room) {
+            rc = fail(e, 400, key, "context_length_exceeded",
+                      "'%s' is %lld but only %d tokens fit after the %d-token prompt in "
+                      "this server's %d-token context",
+                      key, mt, room, r->n_prompt, m->n_ctx);
+            goto done;
+        }
+        r->max_tokens = (int)mt;
+    }
+done:
+    json_decref(o);
+    if (rc) {
+        sreq_free(r);
+        out->r = NULL;
+    }
+    return rc;
+}
+
+char *api_error_json(const api_err *e)
+{
+    json_t *o = json_pack("{s:{s:s, s:s, s:s?, s:s?}}", "error", "message", e->msg,
+                          "type", e->type ? e->type : "invalid_request_error",
+                          "param", e->param, "code", e->code);
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    return s;
+}
+
+static json_t *jstr_bytes(const char *p, size_t n)
+{
+    size_t l;
+    char *s = infer_utf8_sanitize(p, n, &l);
+    json_t *j = s ? json_stringn(s, l) : json_string("");
+    free(s);
+    return j;
+}
+
+/* A token's text and bytes. */
+static void token_text(const api_model *m, int32_t id, char **p, size_t *n)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    *p = NULL;
+    *n = 0;
+    if (ctx && kiln_tokenizer_decode(ctx, m->tok, &id, 1, p, n)) {
+        *p = NULL;
+        *n = 0;
+    }
+    kiln_ctx_free(ctx);
+}
+
+static json_t *lp_entry_chat(const api_model *m, int32_t id, float lp, bool with_top,
+                             const slp *e)
+{
+    char *p;
+    size_t n;
+    token_text(m, id, &p, &n);
+    json_t *bytes = json_array();
+    for (size_t i = 0; i < n; i++) json_array_append_new(bytes, json_integer((unsigned char)p[i]));
+    json_t *o = json_object();
+    json_object_set_new(o, "token", jstr_bytes(p ? p : "", n));
+    json_object_set_new(o, "logprob", json_real(lp));
+    json_object_set_new(o, "bytes", bytes);
+    free(p);
+    if (with_top) {
+        json_t *top = json_array();
+        for (int k = 0; k < e->n_top; k++)
+            json_array_append_new(top, lp_entry_chat(m, e->top[k].token, e->top[k].logprob, false, NULL));
+        json_object_set_new(o, "top_logprobs", top);
+    }
+    return o;
+}
+
+static json_t *logprobs_json(const api_req *q, const sreq *r, const api_model *m,
+                             int lp0, int lp1, size_t text_off)
+{
+    if (!q->logprobs) return json_null();
+    if (q->chat) {
+        json_t *content = json_array();
+        for (int i = lp0; i < lp1; i++)
+            json_array_append_new(content, lp_entry_chat(m, r->lps[i].token, r->lps[i].logprob,
+                                                         true, &r->lps[i]));
+        return json_pack("{s:o}", "content", content);
+    }
+    json_t *toks = json_array(), *tlp = json_array(), *top = json_array(), *off = json_array();
+    size_t pos = text_off;
+    for (int i = lp0; i < lp1; i++) {
+        char *p;
+        size_t n;
+        token_text(m, r->lps[i].token, &p, &n);
+        json_array_append_new(toks, jstr_bytes(p ? p : "", n));
+        json_array_append_new(tlp, json_real(r->lps[i].logprob));
+        json_array_append_new(off, json_integer((json_int_t)pos));
+        pos += n;
+        free(p);
+        json_t *alt = json_object();
+        for (int k = 0; k < r->lps[i].n_top; k++) {
+            token_text(m, r->lps[i].top[k].token, &p, &n);
+            size_t l;
+            char *s = infer_utf8_sanitize(p ? p : "", n, &l);
+            if (s) json_object_set_new(alt, s, json_real(r->lps[i].top[k].logprob));
+            free(s);
+            free(p);
+        }
+        json_array_append_new(top, alt);
+    }
+    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", toks, "token_logprobs", tlp,
+                     "top_logprobs", top, "text_offset", off);
+}
+
+static json_t *usage_json(const sreq *r)
+{
+    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", r->n_prompt, "completion_tokens",
+                     r->n_gen, "total_tokens", r->n_prompt + r->n_gen);
+}
+
+char *api_response(const api_req *q, const sreq *r, const api_model *m,
+                   const char *id, long created)
+{
+    json_t *choice;
+    json_t *text = jstr_bytes(r->text ? r->text : "", r->text_len);
+    const char *fin = r->finish ? r->finish : "stop";
+    if (q->chat)
+        choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role",
+                           "assistant", "content", text, "logprobs",
+                           logprobs_json(q, r, m, 0, r->n_lps, 0), "finish_reason", fin);
+    else
+        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text, "logprobs",
+                           logprobs_json(q, r, m, 0, r->n_lps, 0), "finish_reason", fin);
+    json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:[o], s:o}", "id", id, "object",
+                          q->chat ? "chat.completion" : "text_completion", "created",
+                          (json_int_t)created, "model", m->name, "choices", choice, "usage",
+                          usage_json(r));
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    return s;
+}
+
+char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
+                const char *id, long created, const char *text, size_t n,
+                int lp0, int lp1, const char *finish, bool first, bool usage_only)
+{
+    json_t *choices = json_array();
+    if (!usage_only) {
+        json_t *fin = finish ? json_string(finish) : json_null();
+        json_t *lp = lp1 > lp0 ? logprobs_json(q, r, m, lp0, lp1, (size_t)(text - r->text)) : json_null();
+        json_t *c;
+        if (q->chat) {
+            json_t *delta = json_object();
+            if (first) json_object_set_new(delta, "role", json_string("assistant"));
+            if (n || first) json_object_set_new(delta, "content", jstr_bytes(text, n));
+            c = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs", lp,
+                          "finish_reason", fin);
+        } else {
+            c = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text", jstr_bytes(text, n),
+                          "logprobs", lp, "finish_reason", fin);
+        }
+        json_array_append_new(choices, c);
+    }
+    json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:o}", "id", id, "object",
+                          q->chat ? "chat.completion.chunk" : "text_completion", "created",
+                          (json_int_t)created, "model", m->name, "choices", choices);
+    if (usage_only) json_object_set_new(o, "usage", usage_json(r));
+    else if (q->include_usage) json_object_set_new(o, "usage", json_null());
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (!s) return NULL;
+    size_t l = strlen(s);
+    char *ev = malloc(l + 9);
+    if (ev) {
+        memcpy(ev, "data: ", 6);
+        memcpy(ev + 6, s, l);
+        memcpy(ev + 6 + l, "\n\n", 3);
+    }
+    free(s);
+    return ev;
+}

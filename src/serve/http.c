@@ -1,0 +1,552 @@
+/*
+ * http.c — the HTTP side of kiln serve on libmicrohttpd (one thread per
+ * connection): routing, API-key check (constant time), body size limit,
+ * OpenAI error objects, non-streamed responses and server-sent-event
+ * streams, /health and /metrics. A handler thread submits a request to the
+ * scheduler and waits on it; while it waits it watches its socket, and a
+ * client that went away cancels its request, which frees the slot.
+ */
+#include "serve/serve.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_OTHER, R_N };
+static const char *const route_name[R_N] = {"models", "model", "completions",
+                                            "chat_completions", "health", "metrics", "other"};
+static const int code_list[] = {200, 400, 401, 404, 405, 413, 429, 500, 503};
+#define N_CODES 10 /* the list plus "other" */
+
+struct server {
+    struct MHD_Daemon *d;
+    sched *s;
+    api_model m;
+    char *name;
+    const char *key;
+    size_t key_len;
+    size_t max_body;
+    pthread_mutex_t mu;
+    uint64_t hits[R_N][N_CODES];
+    _Atomic uint64_t next_id;
+    long started;
+};
+
+typedef struct conn {
+    server *sv;
+    int route;
+    int fd;
+    char *body;
+    size_t len, cap;
+    bool too_big;
+    /* streaming */
+    api_req q;
+    sreq *r;
+    char id[48];
+    long created;
+    char *pend;
+    size_t pend_len, pend_off;
+    size_t text_sent;
+    int lp_sent;
+    bool first_sent, done;
+} conn;
+
+static int route_of(const char *url)
+{
+    if (!strcmp(url, "/v1/models")) return R_MODELS;
+    if (!strncmp(url, "/v1/models/", 11)) return R_MODEL;
+    if (!strcmp(url, "/v1/completions")) return R_COMPL;
+    if (!strcmp(url, "/v1/chat/completions")) return R_CHAT;
+    if (!strcmp(url, "/health")) return R_HEALTH;
+    if (!strcmp(url, "/metrics")) return R_METRICS;
+    return R_OTHER;
+}
+
+static void count(server *sv, int route, int status)
+{
+    int ci = N_CODES - 1;
+    for (int i = 0; i < N_CODES - 1; i++)
+        if (code_list[i] == status) ci = i;
+    pthread_mutex_lock(&sv->mu);
+    sv->hits[route][ci]++;
+    pthread_mutex_unlock(&sv->mu);
+}
+
+static enum MHD_Result send_body(conn *k, struct MHD_Connection *c, int status,
+                                 char *body, const char *ctype)
+{
+    if (!body) {
+        status = 500;
+        body = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}");
+        ctype = "application/json";
+        if (!body) return MHD_NO;
+    }
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, "Content-Type", ctype);
+    enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    count(k->sv, k->route, status);
+    return ret;
+}
+
+static enum MHD_Result send_err(conn *k, struct MHD_Connection *c, const api_err *e)
+{
+    return send_body(k, c, e->status, api_error_json(e), "application/json");
+}
+
+static enum MHD_Result err(conn *k, struct MHD_Connection *c, int status, const char *type,
+                           const char *code, const char *msg)
+{
+    api_err e = {.status = status, .type = type, .code = code};
+    snprintf(e.msg, sizeof e.msg, "%s", msg);
+    return send_err(k, c, &e);
+}
+
+/* Constant-time comparison: time depends only on the key's length. */
+static bool key_ok(const server *sv, const char *hdr)
+{
+    if (!hdr) return false;
+    if (strncmp(hdr, "Bearer ", 7) != 0) return false;
+    const char *got = hdr + 7;
+    size_t gl = strlen(got);
+    unsigned char d = (unsigned char)(gl != sv->key_len);
+    for (size_t i = 0; i < sv->key_len; i++)
+        d |= (unsigned char)((i < gl ? (unsigned char)got[i] : 0) ^ (unsigned char)sv->key[i]);
+    return d == 0;
+}
+
+static bool client_gone(int fd)
+{
+    if (fd < 0) return false;
+    char b;
+    ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
+static void deadline(struct timespec *ts, int ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_nsec += (long)ms * 1000000L;
+    ts->tv_sec += ts->tv_nsec / 1000000000L;
+    ts->tv_nsec %= 1000000000L;
+}
+
+static void new_id(server *sv, conn *k, bool chat)
+{
+    uint64_t n = atomic_fetch_add(&sv->next_id, 1);
+    snprintf(k->id, sizeof k->id, "%s-%08lx%012llx", chat ? "chatcmpl" : "cmpl",
+             (unsigned long)sv->started, (unsigned long long)n);
+    k->created = (long)time(NULL);
+}
+
+/* ---- SSE stream ------------------------------------------------------- */
+
+static bool pend_add(conn *k, char *ev)
+{
+    if (!ev) return false;
+    size_t l = strlen(ev);
+    char *p = realloc(k->pend, k->pend_len + l + 1);
+    if (!p) {
+        free(ev);
+        return false;
+    }
+    k->pend = p;
+    memcpy(k->pend + k->pend_len, ev, l + 1);
+    k->pend_len += l;
+    free(ev);
+    return true;
+}
+
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    (void)pos;
+    conn *k = cls;
+    sched *s = k->sv->s;
+    sreq *r = k->r;
+    int idle_ms = 0;
+    for (;;) {
+        if (k->pend_off < k->pend_len) {
+            size_t n = KILN_MIN(max, k->pend_len - k->pend_off);
+            memcpy(buf, k->pend + k->pend_off, n);
+            k->pend_off += n;
+            if (k->pend_off == k->pend_len) {
+                k->pend_off = k->pend_len = 0;
+            }
+            return (ssize_t)n;
+        }
+        if (k->done) return MHD_CONTENT_READER_END_OF_STREAM;
+        pthread_mutex_lock(&s->mu);
+        if (!k->first_sent) {
+            k->first_sent = true;
+            if (k->q.chat)
+                pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
+                                      NULL, true, false));
+            pthread_mutex_unlock(&s->mu);
+            continue;
+        }
+        while (r->state != SREQ_DONE && r->text_len == k->text_sent && r->n_lps == k->lp_sent) {
+            struct timespec ts;
+            deadline(&ts, 100);
+            pthread_cond_timedwait(&r->cv, &s->mu, &ts);
+            if (r->state == SREQ_DONE || r->text_len != k->text_sent || r->n_lps != k->lp_sent)
+                break;
+            pthread_mutex_unlock(&s->mu);
+            bool gone = client_gone(k->fd);
+            idle_ms += 100;
+            pthread_mutex_lock(&s->mu);
+            if (gone) {
+                if (r->state != SREQ_DONE) {
+                    r->cancelled = true;
+                    pthread_cond_signal(&s->cv);
+                }
+                pthread_mutex_unlock(&s->mu);
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+            }
+            if (idle_ms >= 10000) break;
+        }
+        if (r->text_len == k->text_sent && r->n_lps == k->lp_sent && r->state != SREQ_DONE) {
+            /* nothing for a while: an SSE comment keeps proxies and the
+             * connection timeout from closing the stream */
+            idle_ms = 0;
+            pthread_mutex_unlock(&s->mu);
+            pend_add(k, strdup(": keep-alive\n\n"));
+            continue;
+        }
+        if (r->text_len > k->text_sent || r->n_lps > k->lp_sent) {
+            pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, r->text + k->text_sent,
+                                  r->text_len - k->text_sent, k->lp_sent, r->n_lps, NULL,
+                                  false, false));
+            k->text_sent = r->text_len;
+            k->lp_sent = r->n_lps;
+        }
+        if (r->state == SREQ_DONE) {
+            if (r->err_status) {
+                api_err e = {.status = r->err_status, .type = "server_error"};
+                snprintf(e.msg, sizeof e.msg, "%s", r->err);
+                char *j = api_error_json(&e);
+                if (j) {
+                    size_t l = strlen(j);
+                    char *ev = malloc(l + 9);
+                    if (ev) snprintf(ev, l + 9, "data: %s\n\n", j);
+                    pend_add(k, ev);
+                    free(j);
+                }
+            } else {
+                pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
+                                      r->finish ? r->finish : "stop", false, false));
+                if (k->q.include_usage)
+                    pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
+                                          NULL, false, true));
+            }
+            pend_add(k, strdup("data: [DONE]\n\n"));
+            k->done = true;
+        }
+        pthread_mutex_unlock(&s->mu);
+    }
+}
+
+/* ---- generation routes -------------------------------------------------- */
+
+static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
+{
+    server *sv = k->sv;
+    api_err e = {0};
+    if (api_parse(k->body ? k->body : "", k->len, chat, &sv->m, &k->q, &e))
+        return send_err(k, c, &e);
+    sreq *r = k->q.r;
+    int st = sched_submit(sv->s, r);
+    if (st) {
+        e = (api_err){.status = st,
+                      .type = st == 503 ? "server_error" : "invalid_request_error",
+                      .code = st == 503 ? "server_overloaded" : "context_length_exceeded"};
+        snprintf(e.msg, sizeof e.msg, "%s", r->err);
+        sreq_free(r);
+        k->q.r = NULL;
+        return send_err(k, c, &e);
+    }
+    new_id(sv, k, chat);
+    if (k->q.stream) {
+        k->r = r; /* released in completed() */
+        struct MHD_Response *resp =
+            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, k, NULL);
+        if (!resp) return MHD_NO;
+        MHD_add_response_header(resp, "Content-Type", "text/event-stream");
+        MHD_add_response_header(resp, "Cache-Control", "no-cache");
+        enum MHD_Result ret = MHD_queue_response(c, 200, resp);
+        MHD_destroy_response(resp);
+        count(sv, k->route, 200);
+        return ret;
+    }
+    sched *s = sv->s;
+    pthread_mutex_lock(&s->mu);
+    while (r->state != SREQ_DONE) {
+        struct timespec ts;
+        deadline(&ts, 100);
+        pthread_cond_timedwait(&r->cv, &s->mu, &ts);
+        if (r->state == SREQ_DONE) break;
+        pthread_mutex_unlock(&s->mu);
+        bool gone = client_gone(k->fd);
+        pthread_mutex_lock(&s->mu);
+        if (gone && r->state != SREQ_DONE) {
+            r->cancelled = true;
+            pthread_cond_signal(&s->cv);
+            pthread_mutex_unlock(&s->mu);
+            sreq_release(s, r);
+            count(sv, k->route, 499);
+            return MHD_NO; /* closes the connection */
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    enum MHD_Result ret;
+    if (r->err_status) {
+        e = (api_err){.status = r->err_status, .type = "server_error"};
+        snprintf(e.msg, sizeof e.msg, "%s", r->err);
+        ret = send_err(k, c, &e);
+    } else {
+        ret = send_body(k, c, 200, api_response(&k->q, r, &sv->m, k->id, k->created),
+                        "application/json");
+    }
+    sreq_release(s, r);
+    return ret;
+}
+
+static enum MHD_Result models(conn *k, struct MHD_Connection *c, const char *url)
+{
+    server *sv = k->sv;
+    json_t *mo = json_pack("{s:s, s:s, s:i, s:s, s:i}", "id", sv->name, "object", "model",
+                           "created", (json_int_t)sv->started, "owned_by", "kiln",
+                           "context_length", sv->m.n_ctx);
+    if (k->route == R_MODEL) {
+        if (strcmp(url + 11, sv->name) != 0) {
+            json_decref(mo);
+            char msg[300];
+            snprintf(msg, sizeof msg, "The model '%.200s' does not exist", url + 11);
+            return err(k, c, 404, "not_found_error", "model_not_found", msg);
+        }
+        char *s = json_dumps(mo, JSON_COMPACT);
+        json_decref(mo);
+        return send_body(k, c, 200, s, "application/json");
+    }
+    json_t *o = json_pack("{s:s, s:[o]}", "object", "list", "data", mo);
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    return send_body(k, c, 200, s, "application/json");
+}
+
+static char *render_metrics(server *sv)
+{
+    metrics hm = {0};
+    char *base = metrics_render(sv->s, &hm);
+    if (!base) return NULL;
+    size_t cap = strlen(base) + 8192, n = strlen(base);
+    char *out = realloc(base, cap);
+    if (!out) {
+        free(base);
+        return NULL;
+    }
+    n += (size_t)snprintf(out + n, cap - n,
+                          "# HELP kiln_http_requests_total HTTP requests by route and status.\n"
+                          "# TYPE kiln_http_requests_total counter\n");
+    pthread_mutex_lock(&sv->mu);
+    for (int r = 0; r < R_N; r++)
+        for (int ci = 0; ci < N_CODES; ci++) {
+            if (!sv->hits[r][ci]) continue;
+            char code[8];
+            if (ci < N_CODES - 1) snprintf(code, sizeof code, "%d", code_list[ci]);
+            else snprintf(code, sizeof code, "other");
+            n += (size_t)snprintf(out + n, cap - n,
+                                  "kiln_http_requests_total{route=\"%s\",code=\"%s\"} %llu\n",
+                                  route_name[r], code, (unsigned long long)sv->hits[r][ci]);
+            if (n >= cap) n = cap - 1;
+        }
+    pthread_mutex_unlock(&sv->mu);
+    return out;
+}
+
+/* ---- MHD callbacks -------------------------------------------------------- */
+
+static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
+                               const char *method, const char *version,
+                               const char *upload, size_t *upload_size, void **con_cls)
+{
+    (void)version;
+    server *sv = cls;
+    conn *k = *con_cls;
+    if (!k) {
+        k = calloc(1, sizeof *k);
+        if (!k) return MHD_NO;
+        *con_cls = k;
+        k->sv = sv;
+        k->route = route_of(url);
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        k->fd = ci ? ci->connect_fd : -1;
+        bool post = !strcmp(method, "POST");
+        bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+        if (k->route == R_OTHER)
+            return err(k, c, 404, "invalid_request_error", "unknown_url",
+                       "Unknown route; kiln serves GET /v1/models, POST /v1/completions, "
+                       "POST /v1/chat/completions, GET /health, GET /metrics");
+        if (!strncmp(url, "/v1/", 4) && sv->key &&
+            !key_ok(sv, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization")))
+            return err(k, c, 401, "authentication_error", "invalid_api_key",
+                       "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'");
+        bool want_post = k->route == R_COMPL || k->route == R_CHAT;
+        if ((want_post && !post) || (!want_post && !get))
+            return err(k, c, 405, "invalid_request_error", "method_not_allowed",
+                       want_post ? "This route accepts POST only" : "This route accepts GET only");
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+        if (cl && strtoull(cl, NULL, 10) > sv->max_body) {
+            k->too_big = true;
+            char msg[160];
+            snprintf(msg, sizeof msg, "The request body is larger than this server's limit of %zu bytes",
+                     sv->max_body);
+            return err(k, c, 413, "invalid_request_error", "request_too_large", msg);
+        }
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        if (!k->too_big) {
+            if (k->len + *upload_size > sv->max_body) {
+                k->too_big = true;
+                free(k->body);
+                k->body = NULL;
+                k->len = k->cap = 0;
+            } else {
+                if (k->len + *upload_size + 1 > k->cap) {
+                    size_t cap = k->cap ? k->cap : 4096;
+                    while (cap < k->len + *upload_size + 1) cap *= 2;
+                    char *b = realloc(k->body, cap);
+                    if (!b) return MHD_NO;
+                    k->body = b;
+                    k->cap = cap;
+                }
+                memcpy(k->body + k->len, upload, *upload_size);
+                k->len += *upload_size;
+                k->body[k->len] = 0;
+            }
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (k->too_big) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "The request body is larger than this server's limit of %zu bytes",
+                 sv->max_body);
+        return err(k, c, 413, "invalid_request_error", "request_too_large", msg);
+    }
+    switch (k->route) {
+    case R_HEALTH:
+        return send_body(k, c, 200, strdup("{\"status\":\"ok\"}"), "application/json");
+    case R_METRICS:
+        return send_body(k, c, 200, render_metrics(sv), "text/plain; version=0.0.4");
+    case R_MODELS:
+    case R_MODEL: return models(k, c, url);
+    case R_COMPL: return generate(k, c, false);
+    case R_CHAT: return generate(k, c, true);
+    default: return MHD_NO;
+    }
+}
+
+static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                      enum MHD_RequestTerminationCode toe)
+{
+    (void)c;
+    (void)toe;
+    server *sv = cls;
+    conn *k = *con_cls;
+    if (!k) return;
+    if (k->r) {
+        sched_cancel(sv->s, k->r);
+        sreq_release(sv->s, k->r);
+    }
+    free(k->body);
+    free(k->pend);
+    free(k);
+    *con_cls = NULL;
+}
+
+kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
+                       const kiln_serve_opts *o, const char *model_name,
+                       int *bound_port)
+{
+    *out = NULL;
+    server *sv = kiln_calloc(ctx, 1, sizeof *sv);
+    if (!sv) return KILN_ERR_NOMEM;
+    sv->s = s;
+    sv->name = strdup(model_name);
+    sv->m = (api_model){.name = sv->name, .tok = s->tok, .n_ctx = s->n_ctx,
+                        .bos = -1, .eot = s->eot};
+    const kiln_config *cfg = kiln_engine_config(s->eng);
+    if (cfg->arch == KILN_ARCH_LLAMA && cfg->bos_token_id >= 0) sv->m.bos = cfg->bos_token_id;
+    sv->key = o->api_key && *o->api_key ? o->api_key : NULL;
+    sv->key_len = sv->key ? strlen(sv->key) : 0;
+    sv->max_body = o->max_body;
+    sv->started = (long)time(NULL);
+    pthread_mutex_init(&sv->mu, NULL);
+
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD;
+    const char *host = o->host && *o->host ? o->host : "127.0.0.1";
+    if (!strcmp(host, "localhost")) host = "127.0.0.1";
+    struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)o->port);
+    } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)o->port);
+        flags |= MHD_USE_IPv6;
+    } else {
+        free(sv->name);
+        free(sv);
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--host '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1 or 0.0.0.0)",
+                         host);
+    }
+    if (o->port < 0 || o->port > 65535) {
+        free(sv->name);
+        free(sv);
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--port %d is not in 0..65535", o->port);
+    }
+    sv->d = MHD_start_daemon(
+        flags, (uint16_t)o->port, NULL, NULL, handler, sv, MHD_OPTION_SOCK_ADDR, &ss,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned)(o->max_connections > 0 ? o->max_connections : 256),
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_LISTENING_ADDRESS_REUSE,
+        (unsigned)1, MHD_OPTION_END);
+    if (!sv->d) {
+        int e = errno;
+        free(sv->name);
+        free(sv);
+        return kiln_fail(ctx, KILN_ERR_IO,
+                         "cannot listen on %s:%d (%s); is the port in use? pick another with --port",
+                         host, o->port, strerror(e));
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(sv->d, MHD_DAEMON_INFO_BIND_PORT);
+    *bound_port = di ? di->port : o->port;
+    *out = sv;
+    return KILN_OK;
+}
+
+void http_stop(server *sv)
+{
+    if (!sv) return;
+    MHD_stop_daemon(sv->d);
+    pthread_mutex_destroy(&sv->mu);
+    free(sv->name);
+    free(sv);
+}

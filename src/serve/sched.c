@@ -1,0 +1,377 @@
+/*
+ * sched.c — the continuous-batching scheduler. One thread owns the
+ * engine. Each iteration it admits queued requests into free slots, builds
+ * one forward step from every active slot (a decode entry for each slot
+ * past its prompt, then prefill chunks of newcomers up to the step's
+ * capacity), runs it, samples the next token of every slot that produced
+ * logits, and publishes the new text to the waiting HTTP threads. A
+ * request whose client went away is dropped at the next iteration, which
+ * frees its slot. See serve.h for the threading rules.
+ */
+#include "serve/serve.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+sreq *sreq_new(void)
+{
+    sreq *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    pthread_cond_init(&r->cv, NULL);
+    r->refs = 1;
+    r->slot = -1;
+    return r;
+}
+
+void sreq_free(sreq *r)
+{
+    free(r->prompt);
+    for (int i = 0; i < r->n_stops; i++) free(r->stops[i]);
+    free(r->bias);
+    free(r->text);
+    free(r->lps);
+    kiln_sampler_free(r->smp);
+    kiln_textstream_free(r->ts);
+    pthread_cond_destroy(&r->cv);
+    free(r);
+}
+
+void sreq_release(sched *s, sreq *r)
+{
+    if (!r) return;
+    pthread_mutex_lock(&s->mu);
+    int left = --r->refs;
+    pthread_mutex_unlock(&s->mu);
+    if (left == 0) sreq_free(r);
+}
+
+/* Called with mu held. */
+static void finish(sched *s, sreq *r, const char *why, int err_status,
+                   const char *err)
+{
+    r->state = SREQ_DONE;
+    r->finish = why;
+    r->t_done = kiln_time_now();
+    if (err_status) {
+        r->err_status = err_status;
+        snprintf(r->err, sizeof r->err, "%s", err);
+    }
+    if (r->slot >= 0) {
+        s->slots[r->slot] = NULL;
+        s->n_active--;
+        r->slot = -1;
+    }
+    if (!err_status && !r->cancelled)
+        metrics_observe(s->m.lat_b, &s->m.lat_n, &s->m.lat_sum, r->t_done - r->t_submit);
+    pthread_cond_broadcast(&r->cv);
+    r->refs--; /* the scheduler's reference */
+    if (r->refs == 0) {
+        /* the HTTP side is gone too: free outside the lock is not needed,
+         * nothing else can reach r any more */
+        sreq_free(r);
+    }
+}
+
+static bool append_text(sreq *r, const char *p, size_t n)
+{
+    if (r->text_len + n + 1 > r->text_cap) {
+        size_t c = r->text_cap ? r->text_cap : 256;
+        while (c < r->text_len + n + 1) c *= 2;
+        char *t = realloc(r->text, c);
+        if (!t) return false;
+        r->text = t;
+        r->text_cap = c;
+    }
+    memcpy(r->text + r->text_len, p, n);
+    r->text_len += n;
+    r->text[r->text_len] = 0;
+    return true;
+}
+
+static void admit(sched *s)
+{
+    while (s->qhead && s->n_active < s->n_slots) {
+        sreq *r = s->qhead;
+        s->qhead = r->qnext;
+        if (!s->qhead) s->qtail = NULL;
+        s->qlen--;
+        if (r->cancelled) {
+            s->m.cancelled++;
+            finish(s, r, "cancelled", 0, "");
+            continue;
+        }
+        int slot = 0;
+        while (s->slots[slot]) slot++;
+        kiln_status st = kiln_sampler_new(s->ctx, &r->sp, s->V, &r->smp);
+        if (!st)
+            st = kiln_textstream_new(s->ctx, s->tok, (const char *const *)r->stops,
+                                     r->n_stops, &r->ts);
+        if (st) {
+            finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
+            continue;
+        }
+        kiln_sampler_add_prompt(r->smp, r->prompt, (size_t)r->n_prompt);
+        kiln_engine_reset(s->eng, slot);
+        r->slot = slot;
+        r->n_fed = 0;
+        r->state = SREQ_RUNNING;
+        s->slots[slot] = r;
+        s->n_active++;
+    }
+}
+
+/* Samples r's next token from lg and publishes its text. mu held. */
+static void on_logits(sched *s, sreq *r, float *lg)
+{
+    for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
+    slp e = {0};
+    kiln_token_logprob ch;
+    int32_t id = kiln_sampler_sample(r->smp, lg, r->want_logprobs ? &ch : NULL,
+                                     r->want_logprobs ? e.top : NULL);
+    if (r->n_gen == 0) {
+        r->t_first = kiln_time_now();
+        metrics_observe(s->m.ttft_b, &s->m.ttft_n, &s->m.ttft_sum, r->t_first - r->t_submit);
+    }
+    r->n_gen++;
+    s->m.gen_tokens++;
+    bool eos = !r->ignore_eos && (id == s->eot || (s->eos >= 0 && id == s->eos));
+    if (eos) {
+        const char *o;
+        size_t n;
+        kiln_textstream_finish(r->ts, &o, &n);
+        append_text(r, o, n);
+        finish(s, r, "stop", 0, "");
+        return;
+    }
+    if (r->want_logprobs) {
+        e.token = ch.token;
+        e.logprob = ch.logprob;
+        e.n_top = r->sp.top_logprobs;
+        if (r->n_lps == r->lps_cap) {
+            int c = r->lps_cap ? 2 * r->lps_cap : 16;
+            slp *p = realloc(r->lps, (size_t)c * sizeof *p);
+            if (p) {
+                r->lps = p;
+                r->lps_cap = c;
+            }
+        }
+        if (r->n_lps < r->lps_cap) r->lps[r->n_lps++] = e;
+    }
+    const char *o;
+    size_t n;
+    bool stopped = false;
+    if (kiln_textstream_push(s->ctx, r->ts, id, &o, &n, &stopped)) {
+        finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
+        return;
+    }
+    append_text(r, o, n);
+    if (stopped) {
+        finish(s, r, "stop", 0, "");
+        return;
+    }
+    if (r->n_gen >= r->max_tokens || kiln_engine_pos(s->eng, r->slot) >= s->n_ctx) {
+        kiln_textstream_finish(r->ts, &o, &n);
+        append_text(r, o, n);
+        finish(s, r, "length", 0, "");
+        return;
+    }
+    r->next = id;
+    pthread_cond_broadcast(&r->cv);
+}
+
+static void *sched_main(void *arg)
+{
+    sched *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->stop) {
+        /* drop requests whose clients went away */
+        for (int i = 0; i < s->n_slots; i++) {
+            sreq *r = s->slots[i];
+            if (r && r->cancelled) {
+                s->m.cancelled++;
+                finish(s, r, "cancelled", 0, "");
+            }
+        }
+        admit(s);
+        if (s->n_active == 0) {
+            pthread_cond_wait(&s->cv, &s->mu);
+            continue;
+        }
+        /* build the step: decodes first, then prefill chunks */
+        int T = 0, nw = 0;
+        for (int i = 0; i < s->n_slots; i++) {
+            sreq *r = s->slots[i];
+            if (r && r->n_fed == r->n_prompt) {
+                s->toks[T++] = (kiln_engine_tok){i, r->next, true};
+                s->owner[nw++] = r;
+            }
+        }
+        for (int i = 0; i < s->n_slots && T < s->chunk; i++) {
+            sreq *r = s->slots[i];
+            if (!r || r->n_fed == r->n_prompt) continue;
+            int m = KILN_MIN(s->chunk - T, r->n_prompt - r->n_fed);
+            for (int j = 0; j < m; j++) {
+                bool last = r->n_fed + j == r->n_prompt - 1;
+                s->toks[T++] = (kiln_engine_tok){i, r->prompt[r->n_fed + j], last};
+                if (last) s->owner[nw++] = r;
+            }
+            r->n_fed += m;
+            s->m.prompt_tokens += (uint64_t)m;
+        }
+        pthread_mutex_unlock(&s->mu);
+        kiln_status st = kiln_engine_step(s->ctx, s->eng, s->toks, T, s->logits);
+        pthread_mutex_lock(&s->mu);
+        s->m.steps++;
+        s->m.step_tokens += (uint64_t)T;
+        if (st) {
+            /* a failed step leaves the caches unchanged; fail its owners */
+            for (int i = 0; i < s->n_slots; i++)
+                if (s->slots[i]) finish(s, s->slots[i], NULL, 500, kiln_errmsg(s->ctx));
+            continue;
+        }
+        for (int k = 0; k < nw; k++) {
+            sreq *r = s->owner[k];
+            if (r->state != SREQ_RUNNING || r->cancelled) continue;
+            on_logits(s, r, s->logits + (size_t)k * s->V);
+        }
+    }
+    /* shutting down: fail what is left */
+    for (int i = 0; i < s->n_slots; i++)
+        if (s->slots[i]) finish(s, s->slots[i], NULL, 503, "server is shutting down");
+    while (s->qhead) {
+        sreq *r = s->qhead;
+        s->qhead = r->qnext;
+        finish(s, r, NULL, 503, "server is shutting down");
+    }
+    s->qtail = NULL;
+    s->qlen = 0;
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
+                        const kiln_tokenizer *tok, int max_queue)
+{
+    memset(s, 0, sizeof *s);
+    s->eng = eng;
+    s->tok = tok;
+    const kiln_config *c = kiln_engine_config(eng);
+    s->V = c->vocab_size;
+    s->n_slots = kiln_engine_n_slots(eng);
+    s->n_ctx = kiln_engine_n_ctx(eng);
+    s->chunk = KILN_MAX(64, s->n_slots);
+    s->max_queue = max_queue;
+    s->eot = kiln_tokenizer_eot(tok);
+    s->eos = c->eos_token_id;
+    s->ctx = kiln_ctx_new();
+    s->slots = calloc((size_t)s->n_slots, sizeof(sreq *));
+    s->toks = calloc((size_t)s->chunk, sizeof(kiln_engine_tok));
+    s->owner = calloc((size_t)s->chunk, sizeof(sreq *));
+    s->logits = malloc((size_t)s->chunk * s->V * sizeof(float));
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->mu_init = true;
+    if (!s->ctx || !s->slots || !s->toks || !s->owner || !s->logits) {
+        sched_free(s);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "scheduler: out of memory");
+    }
+    if (pthread_create(&s->th, NULL, sched_main, s) != 0) {
+        sched_free(s);
+        return kiln_fail(ctx, KILN_ERR_INTERNAL, "scheduler: cannot start thread");
+    }
+    s->started = true;
+    return KILN_OK;
+}
+
+void sched_stop(sched *s)
+{
+    if (!s->started) return;
+    pthread_mutex_lock(&s->mu);
+    s->stop = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    pthread_join(s->th, NULL);
+    s->started = false;
+}
+
+void sched_free(sched *s)
+{
+    sched_stop(s);
+    if (s->mu_init) {
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->cv);
+        s->mu_init = false;
+    }
+    free(s->slots);
+    free(s->toks);
+    free(s->owner);
+    free(s->logits);
+    kiln_ctx_free(s->ctx);
+    s->slots = NULL;
+    s->toks = NULL;
+    s->owner = NULL;
+    s->logits = NULL;
+    s->ctx = NULL;
+}
+
+int sched_submit(sched *s, sreq *r)
+{
+    if (r->n_prompt < 1) {
+        snprintf(r->err, sizeof r->err, "the prompt is empty");
+        return 400;
+    }
+    if (r->n_prompt >= s->n_ctx) {
+        snprintf(r->err, sizeof r->err,
+                 "the prompt is %d tokens; this server's context is %d tokens "
+                 "(prompt plus at least one generated token must fit)",
+                 r->n_prompt, s->n_ctx);
+        return 400;
+    }
+    for (int i = 0; i < r->n_prompt; i++)
+        if (r->prompt[i] < 0 || r->prompt[i] >= s->V) {
+            snprintf(r->err, sizeof r->err, "prompt token %d is out of range [0, %d)",
+                     (int)r->prompt[i], s->V);
+            return 400;
+        }
+    for (int i = 0; i < r->n_bias; i++)
+        if (r->bias[i].token < 0 || r->bias[i].token >= s->V) {
+            snprintf(r->err, sizeof r->err, "logit_bias token %d is out of range [0, %d)",
+                     (int)r->bias[i].token, s->V);
+            return 400;
+        }
+    pthread_mutex_lock(&s->mu);
+    if (s->stop) {
+        pthread_mutex_unlock(&s->mu);
+        snprintf(r->err, sizeof r->err, "the server is shutting down");
+        return 503;
+    }
+    if (s->qlen >= s->max_queue) {
+        s->m.rejected_queue++;
+        pthread_mutex_unlock(&s->mu);
+        snprintf(r->err, sizeof r->err,
+                 "the server is overloaded (%d requests waiting); retry later", s->qlen);
+        return 503;
+    }
+    r->t_submit = kiln_time_now();
+    r->state = SREQ_QUEUED;
+    r->refs++;
+    r->qnext = NULL;
+    if (s->qtail) s->qtail->qnext = r;
+    else s->qhead = r;
+    s->qtail = r;
+    s->qlen++;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+void sched_cancel(sched *s, sreq *r)
+{
+    pthread_mutex_lock(&s->mu);
+    if (r->state != SREQ_DONE) {
+        r->cancelled = true;
+        pthread_cond_signal(&s->cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+}

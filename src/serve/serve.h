@@ -1,0 +1,195 @@
+/*
+ * serve.h — private interface of the HTTP server: generation requests as
+ * the HTTP threads and the scheduler share them, the continuous-batching
+ * scheduler, request parsing (OpenAI JSON) and metrics.
+ *
+ * Threads: libmicrohttpd runs one thread per connection; each submits a
+ * request to the scheduler and waits on the request's condition variable
+ * for text. One scheduler thread owns the engine: each step it admits
+ * waiting requests into free slots (continuous batching: a new request
+ * joins the running batch at the next step), runs one forward pass over
+ * every active slot (decodes plus prefill chunks of newcomers), samples,
+ * and publishes text. One mutex (sched.mu) guards all shared state.
+ */
+#ifndef KILN_SERVE_H
+#define KILN_SERVE_H
+
+#include "base/base.h"
+
+#include <pthread.h>
+
+#define SREQ_MAX_STOPS 8
+#define SREQ_MAX_TOP 20
+
+typedef enum sreq_state {
+    SREQ_QUEUED = 0,
+    SREQ_RUNNING = 1,
+    SREQ_DONE = 2
+} sreq_state;
+
+/* One generated token's log-probabilities (when asked for). */
+typedef struct slp {
+    int32_t token;
+    float logprob;
+    int n_top;
+    kiln_token_logprob top[SREQ_MAX_TOP];
+} slp;
+
+typedef struct logit_bias {
+    int32_t token;
+    float bias;
+} logit_bias;
+
+/* A generation request. Fields above `shared` are set before submit and
+ * then read-only; fields below are guarded by the scheduler's mutex. */
+typedef struct sreq {
+    int32_t *prompt;
+    int n_prompt;
+    kiln_sampling sp;
+    int max_tokens;
+    char *stops[SREQ_MAX_STOPS];
+    int n_stops;
+    bool want_logprobs;
+    bool ignore_eos;
+    logit_bias *bias;
+    int n_bias;
+
+    /* shared (sched.mu) */
+    pthread_cond_t cv;
+    sreq_state state;
+    bool cancelled;      /* client went away */
+    char *text;          /* published text (valid UTF-8) */
+    size_t text_len, text_cap;
+    slp *lps;            /* per generated token when want_logprobs */
+    int n_lps, lps_cap;
+    int n_gen;           /* tokens generated */
+    const char *finish;  /* "stop" | "length" | NULL (running) */
+    int err_status;      /* > 0: failed with this HTTP status */
+    char err[256];
+    double t_submit, t_first, t_done;
+    int refs;
+
+    /* scheduler-private */
+    int slot;
+    int n_fed;           /* prompt tokens already in the cache */
+    int32_t next;        /* sampled token to feed next step */
+    kiln_sampler *smp;
+    kiln_textstream *ts;
+    struct sreq *qnext;  /* queue link */
+} sreq;
+
+typedef struct metrics {
+    uint64_t requests[8];      /* by route index x status class, see http.c */
+    uint64_t req_by_status[6]; /* 1xx..5xx (index 1..5) */
+    uint64_t prompt_tokens, gen_tokens;
+    uint64_t steps, step_tokens;
+    /* histograms (seconds) */
+    uint64_t ttft_b[12], lat_b[12];
+    uint64_t ttft_n, lat_n;
+    double ttft_sum, lat_sum;
+    uint64_t cancelled, rejected_queue;
+} metrics;
+
+typedef struct sched {
+    kiln_engine *eng;
+    const kiln_tokenizer *tok;
+    int V, n_slots, n_ctx, chunk, max_queue;
+    int eot, eos;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;     /* work arrived / cancel */
+    pthread_t th;
+    bool stop, started, mu_init;
+    sreq *qhead, *qtail;
+    int qlen;
+    sreq **slots;          /* (n_slots) active request or NULL */
+    int n_active;
+    metrics m;
+    /* step scratch (scheduler thread) */
+    kiln_engine_tok *toks;
+    sreq **owner;          /* (chunk) request per logits row */
+    float *logits;         /* (chunk, V) */
+    kiln_ctx *ctx;
+} sched;
+
+/* Creates the scheduler over an engine (not owned) and starts its
+ * thread. */
+kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
+                        const kiln_tokenizer *tok, int max_queue);
+/* Stops the thread and fails every queued/active request (503); the
+ * mutex stays usable for HTTP threads still draining. */
+void sched_stop(sched *s);
+/* Stops if needed and frees everything (after the HTTP side stopped). */
+void sched_free(sched *s);
+
+/* Allocates a request (refs = 1, held by the caller). */
+sreq *sreq_new(void);
+/* Frees a request that was never submitted. */
+void sreq_free(sreq *r);
+/* Drops a reference (takes sched.mu); frees at zero. */
+void sreq_release(sched *s, sreq *r);
+
+/* Queues r (the scheduler takes a reference). Returns 0, or an HTTP
+ * status (503 queue full, 400 prompt too long) with r->err set. */
+int sched_submit(sched *s, sreq *r);
+/* Marks r cancelled (client gone); its slot is freed at the next step. */
+void sched_cancel(sched *s, sreq *r);
+
+/* Prometheus text of s's metrics (malloc'ed). */
+char *metrics_render(sched *s, const metrics *http_m);
+/* Adds one observation to a latency histogram. */
+void metrics_observe(uint64_t *b, uint64_t *n, double *sum, double secs);
+extern const double metrics_buckets[12];
+
+/* ---- OpenAI requests and responses (api.c) --------------------------- */
+
+typedef struct api_err {
+    int status;          /* HTTP status */
+    const char *type;    /* invalid_request_error, ... */
+    const char *param;   /* offending field or NULL */
+    const char *code;    /* machine-readable code or NULL */
+    char msg[512];
+} api_err;
+
+typedef struct api_req {
+    bool chat;
+    bool stream;
+    bool include_usage;
+    bool logprobs;
+    sreq *r;             /* owned until submitted */
+} api_req;
+
+typedef struct api_model {
+    const char *name;
+    const kiln_tokenizer *tok;
+    int n_ctx;
+    int bos;             /* prepended when >= 0 */
+    int eot;
+} api_model;
+
+/* Parses an OpenAI completions (chat=false) or chat completions body into
+ * out->r. Returns 0, or fills err (status 400 / 404) and returns it. */
+int api_parse(const char *body, size_t len, bool chat, const api_model *m,
+              api_req *out, api_err *err);
+/* The OpenAI error object as a JSON string (malloc'ed). */
+char *api_error_json(const api_err *e);
+/* Non-streamed response body (malloc'ed). r must be done. */
+char *api_response(const api_req *q, const sreq *r, const api_model *m,
+                   const char *id, long created);
+/* One SSE event "data: {...}\n\n" for streaming (malloc'ed): text delta
+ * [text, text+n), logprob entries [lp0, lp1), finish reason or NULL; when
+ * first (chat) the delta carries the role. usage_only: the final usage
+ * chunk (choices empty). */
+char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
+                const char *id, long created, const char *text, size_t n,
+                int lp0, int lp1, const char *finish, bool first,
+                bool usage_only);
+
+/* ---- http ------------------------------------------------------------ */
+
+typedef struct server server;
+kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
+                       const kiln_serve_opts *o, const char *model_name,
+                       int *bound_port);
+void http_stop(server *sv);
+
+#endif /* KILN_SERVE_H */

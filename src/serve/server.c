@@ -1,0 +1,162 @@
+/*
+ * server.c — kiln_serve_run: load the model and tokenizer, build the
+ * engine with one KV-cache slot per parallel request, start the scheduler
+ * and the HTTP daemon, and run until SIGINT/SIGTERM; plus the Prometheus
+ * rendering of the scheduler's metrics.
+ */
+#include "serve/serve.h"
+
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+
+const double metrics_buckets[12] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                    0.5,   1,    2.5,   5,    10,  1e300};
+
+kiln_serve_opts kiln_serve_opts_default(void)
+{
+    return (kiln_serve_opts){.host = "127.0.0.1", .port = 8080, .parallel = 4,
+                             .n_ctx = 0, .max_queue = 64, .max_body = 1 << 20,
+                             .max_connections = 256, .wtype = KILN_WTYPE_F32};
+}
+
+void metrics_observe(uint64_t *b, uint64_t *n, double *sum, double secs)
+{
+    for (int i = 0; i < 12; i++)
+        if (secs <= metrics_buckets[i]) {
+            b[i]++;
+            break;
+        }
+    (*n)++;
+    *sum += secs;
+}
+
+static size_t hist(char *o, size_t cap, const char *name, const char *help,
+                   const uint64_t *b, uint64_t n, double sum)
+{
+    size_t k = (size_t)snprintf(o, cap, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (int i = 0; i < 12 && k < cap; i++) {
+        cum += b[i];
+        if (i < 11)
+            k += (size_t)snprintf(o + k, cap - k, "%s_bucket{le=\"%g\"} %llu\n", name,
+                                  metrics_buckets[i], (unsigned long long)cum);
+        else
+            k += (size_t)snprintf(o + k, cap - k, "%s_bucket{le=\"+Inf\"} %llu\n", name,
+                                  (unsigned long long)cum);
+    }
+    if (k < cap)
+        k += (size_t)snprintf(o + k, cap - k, "%s_sum %.6f\n%s_count %llu\n", name, sum, name,
+                              (unsigned long long)n);
+    return KILN_MIN(k, cap);
+}
+
+char *metrics_render(sched *s, const metrics *http_m)
+{
+    (void)http_m;
+    size_t cap = 8192, k = 0;
+    char *o = malloc(cap);
+    if (!o) return NULL;
+    pthread_mutex_lock(&s->mu);
+    metrics m = s->m;
+    int q = s->qlen, act = s->n_active;
+    pthread_mutex_unlock(&s->mu);
+#define C(name, help, type, val)                                                   \
+    k += (size_t)snprintf(o + k, cap - k, "# HELP " name " " help "\n# TYPE " name " " type \
+                          "\n" name " %llu\n", (unsigned long long)(val))
+    C("kiln_prompt_tokens_total", "Prompt tokens prefilled.", "counter", m.prompt_tokens);
+    C("kiln_generation_tokens_total", "Tokens generated.", "counter", m.gen_tokens);
+    C("kiln_engine_steps_total", "Forward steps run by the scheduler.", "counter", m.steps);
+    C("kiln_engine_step_tokens_total", "Tokens processed by forward steps.", "counter", m.step_tokens);
+    C("kiln_requests_cancelled_total", "Requests dropped because the client went away.", "counter", m.cancelled);
+    C("kiln_requests_rejected_total", "Requests rejected because the queue was full.", "counter", m.rejected_queue);
+    C("kiln_queue_depth", "Requests waiting for a slot.", "gauge", (uint64_t)q);
+    C("kiln_slots_active", "Slots generating now.", "gauge", (uint64_t)act);
+    C("kiln_slots_total", "Slots (parallel sequences).", "gauge", (uint64_t)s->n_slots);
+#undef C
+    k += hist(o + k, cap - k, "kiln_time_to_first_token_seconds",
+              "Time from arrival to the first generated token.", m.ttft_b, m.ttft_n, m.ttft_sum);
+    k += hist(o + k, cap - k, "kiln_request_duration_seconds",
+              "Time from arrival to the last generated token.", m.lat_b, m.lat_n, m.lat_sum);
+    return o;
+}
+
+static const char *base_name(const char *dir)
+{
+    size_t n = strlen(dir);
+    while (n > 1 && dir[n - 1] == '/') n--;
+    size_t i = n;
+    while (i > 0 && dir[i - 1] != '/') i--;
+    static _Thread_local char buf[256];
+    snprintf(buf, sizeof buf, "%.*s", (int)(n - i), dir + i);
+    return buf[0] ? buf : "kiln";
+}
+
+kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
+{
+    kiln_serve_opts o = *opts;
+    if (!o.model_dir)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--model DIR is required");
+    if (o.parallel < 1 || o.parallel > 256)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--parallel %d is not in 1..256", o.parallel);
+    if (o.max_queue < 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--max-queue must be >= 0");
+    if (o.max_body < 64) o.max_body = 64;
+
+    kiln_model *model = NULL;
+    kiln_tokenizer *tok = NULL;
+    kiln_engine *eng = NULL;
+    server *sv = NULL;
+    sched s;
+    memset(&s, 0, sizeof s);
+    kiln_status st = kiln_model_load(ctx, o.model_dir, &model);
+    if (st) return st;
+    st = kiln_tokenizer_load(ctx, o.tokenizer ? o.tokenizer : o.model_dir, &tok);
+    if (st) goto out;
+    if (kiln_tokenizer_vocab_size(tok) > kiln_model_config(model)->vocab_size) {
+        st = kiln_fail(ctx, KILN_ERR_FORMAT,
+                       "the tokenizer has %d tokens but the model's vocabulary is %d",
+                       kiln_tokenizer_vocab_size(tok), kiln_model_config(model)->vocab_size);
+        goto out;
+    }
+    kiln_engine_opts eo = kiln_engine_opts_default();
+    eo.n_slots = o.parallel;
+    eo.n_ctx = o.n_ctx;
+    eo.wtype = o.wtype;
+    eo.chunk = KILN_MAX(64, o.parallel);
+    st = kiln_engine_new(ctx, model, &eo, &eng);
+    if (st) goto out;
+    kiln_model_free(model); /* the engine holds its own packed copy */
+    model = NULL;
+    st = sched_start(ctx, &s, eng, tok, o.max_queue);
+    if (st) goto out;
+
+    /* Signals: block them in every thread (inherited), wait here. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    int port = 0;
+    const char *name = o.model_name ? o.model_name : base_name(o.model_dir);
+    st = http_start(ctx, &sv, &s, &o, name, &port);
+    if (st) goto out;
+    printf("kiln serve: model '%s' (%s, %d slots x %d context) listening on http://%s:%d\n",
+           name, o.wtype == KILN_WTYPE_BF16 ? "bf16" : "fp32", kiln_engine_n_slots(eng),
+           kiln_engine_n_ctx(eng), o.host ? o.host : "127.0.0.1", port);
+    fflush(stdout);
+    int sig = 0;
+    sigwait(&set, &sig);
+    kiln_log(ctx, KILN_LOG_INFO, "kiln serve: signal %d, shutting down", sig);
+    sched_stop(&s);
+    http_stop(sv);
+    sv = NULL;
+out:
+    if (sv) http_stop(sv);
+    sched_free(&s);
+    kiln_engine_free(eng);
+    kiln_tokenizer_free(tok);
+    kiln_model_free(model);
+    return st;
+}

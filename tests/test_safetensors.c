@@ -1,0 +1,261 @@
+/*
+ * test_safetensors.c — the safetensors reader/writer and dtype
+ * conversions: round trips, and every kind of malformed file (truncated,
+ * header lying about its length or offsets, overlaps, holes, unknown or
+ * wrong dtypes, bad shapes) rejected with a message, never a crash. Also
+ * model directories with broken weights.
+ */
+#include "check.h"
+#include "io/safetensors.h"
+#include "model/model.h"
+
+#include <unistd.h>
+
+static char dir[64];
+
+static unsigned char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    *len = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *b = malloc(*len + 1);
+    if (fread(b, 1, *len, f) != *len) *len = 0;
+    fclose(f);
+    return b;
+}
+
+static void spit(const char *path, const void *b, size_t len)
+{
+    FILE *f = fopen(path, "wb");
+    fwrite(b, 1, len, f);
+    fclose(f);
+}
+
+/* Builds a raw file from a header string and a data buffer size. */
+static unsigned char *raw(const char *header, size_t data, size_t *len)
+{
+    size_t hl = strlen(header);
+    *len = 8 + hl + data;
+    unsigned char *b = calloc(1, *len);
+    for (int i = 0; i < 8; i++) b[i] = (unsigned char)((uint64_t)hl >> (8 * i));
+    memcpy(b + 8, header, hl);
+    return b;
+}
+
+static void expect_reject(const char *header, size_t data, const char *needle)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    size_t len;
+    unsigned char *b = raw(header, data, &len);
+    st_file f;
+    kiln_status s = st_parse(ctx, b, len, "x.safetensors", &f);
+    CHECK_MSG(s == KILN_ERR_FORMAT, "accepted: %s", header);
+    CHECK_MSG(strstr(kiln_errmsg(ctx), needle) != NULL, "'%s' lacks '%s'", kiln_errmsg(ctx),
+              needle);
+    if (!s) st_close(&f);
+    free(b);
+    kiln_ctx_free(ctx);
+}
+
+static void test_roundtrip(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    char path[128];
+    snprintf(path, sizeof path, "%s/a.safetensors", dir);
+    float a[6] = {1, -2, 3.5f, 0, 1e-3f, -7};
+    uint16_t h[3] = {f32_to_bf16(1.5f), f32_to_bf16(-2.0f), f32_to_bf16(0.25f)};
+    st_entry e[3] = {
+        {.name = "a", .dtype = KILN_DTYPE_F32, .ndim = 2, .shape = {2, 3}, .data = a},
+        {.name = "b.bf16", .dtype = KILN_DTYPE_BF16, .ndim = 1, .shape = {3}, .data = h},
+        {.name = "empty", .dtype = KILN_DTYPE_F32, .ndim = 2, .shape = {0, 4}, .data = a},
+    };
+    const char *meta[2] = {"note", "hello"};
+    CHECK(st_save(ctx, path, e, 3, meta, 1) == KILN_OK);
+    st_file f;
+    CHECK(st_open(ctx, path, &f) == KILN_OK);
+    CHECK_EQ(f.n_tensors, 3);
+    const st_tensor *t = st_find(&f, "a");
+    CHECK(t && t->ndim == 2 && t->shape[0] == 2 && t->shape[1] == 3 && t->numel == 6);
+    float out[6];
+    CHECK(st_read_f32(ctx, &f, t, path, out) == KILN_OK);
+    CHECK(memcmp(out, a, sizeof a) == 0);
+    t = st_find(&f, "b.bf16");
+    CHECK(st_read_f32(ctx, &f, t, path, out) == KILN_OK);
+    CHECK(out[0] == 1.5f && out[1] == -2.0f && out[2] == 0.25f);
+    CHECK_STREQ(json_string_value(json_object_get(f.metadata, "format")), "pt");
+    CHECK_STREQ(json_string_value(json_object_get(f.metadata, "note")), "hello");
+    CHECK(((size_t)(f.data - f.map.data)) % 8 == 0); /* aligned data */
+    st_close(&f);
+    kiln_ctx_free(ctx);
+}
+
+static void test_malformed(void)
+{
+    /* valid baseline parses */
+    kiln_ctx *ctx = kiln_ctx_new();
+    size_t len;
+    unsigned char *b = raw("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8, &len);
+    st_file f;
+    CHECK(st_parse(ctx, b, len, "x", &f) == KILN_OK);
+    st_close(&f);
+    /* truncated: every prefix is rejected cleanly */
+    for (size_t cut = 0; cut < len; cut++) {
+        kiln_status s = st_parse(ctx, b, cut, "x", &f);
+        CHECK_MSG(s == KILN_ERR_FORMAT, "prefix of %zu bytes accepted", cut);
+        if (!s) st_close(&f);
+    }
+    /* header length larger than the file / than 100 MB */
+    b[0] = 0xff; b[1] = 0xff;
+    CHECK(st_parse(ctx, b, len, "x", &f) == KILN_ERR_FORMAT);
+    CHECK(strstr(kiln_errmsg(ctx), "header length") != NULL);
+    memset(b, 0xff, 8);
+    CHECK(st_parse(ctx, b, len, "x", &f) == KILN_ERR_FORMAT);
+    free(b);
+    kiln_ctx_free(ctx);
+
+    const char *T = "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},";
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,16]}}", 8, "outside");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}", 8, "outside");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8, "needs");
+    expect_reject("{\"a\":{\"dtype\":\"F33\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8, "dtype");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", 8, "shape");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0]}}", 8, "data_offsets");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":2,\"data_offsets\":[0,8]}}", 8, "shape");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[1,1,1,1,1,1,1,1,2],\"data_offsets\":[0,8]}}", 8, "dimensions");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[4611686018427387904,4],\"data_offsets\":[0,8]}}", 8, "large");
+    expect_reject("{\"a\":[1,2]}", 8, "not an object");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}", 8, "invalid JSON");
+    expect_reject("[1]", 0, "JSON object");
+    expect_reject("{\"__metadata__\":{\"format\":1}}", 0, "__metadata__");
+    char h[256];
+    snprintf(h, sizeof h, "%s\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", T);
+    expect_reject(h, 12, "overlaps");
+    snprintf(h, sizeof h, "%s\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[12,16]}}", T);
+    expect_reject(h, 16, "unindexed");
+    expect_reject("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 12, "trailing");
+    snprintf(h, sizeof h, "%s\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}", T);
+    expect_reject(h, 16, "duplicate");
+}
+
+static void test_dtype_conversions(void)
+{
+    /* exhaustive: every f16 and bf16 value survives f32 and back */
+    int bad16 = 0, badb = 0;
+    for (uint32_t i = 0; i < 65536; i++) {
+        uint16_t x = (uint16_t)i;
+        float f = f16_to_f32(x);
+        uint16_t y = f32_to_f16(f);
+        if (f == f ? y != x : ((y & 0x7c00) != 0x7c00 || !(y & 0x3ff))) bad16++;
+        float g = bf16_to_f32(x);
+        uint16_t z = f32_to_bf16(g);
+        if (g == g ? z != x : !((z & 0x7f80) == 0x7f80 && (z & 0x7f))) badb++;
+    }
+    CHECK_EQ(bad16, 0);
+    CHECK_EQ(badb, 0);
+    /* rounding to nearest even, overflow, subnormals */
+    CHECK(f32_to_bf16(1.0f + 1.0f / 256) == 0x3f80);           /* tie -> even */
+    CHECK(f32_to_bf16(1.0f + 3.0f / 256) == 0x3f82);           /* tie -> even (up) */
+    CHECK(f32_to_f16(65504.0f) == 0x7bff);
+    CHECK(f32_to_f16(65520.0f) == 0x7c00);                     /* rounds to inf */
+    CHECK(f32_to_f16(1e-8f) == 0x0000);
+    CHECK(f32_to_f16(5.9604645e-08f) == 0x0001);               /* smallest subnormal */
+    CHECK(f32_to_f16(-2.0f) == 0xc000);
+    CHECK(f16_to_f32(0x3555) == 0.333251953125f);
+    /* bulk == scalar on random data (also exercises the vector paths) */
+    enum { N = 1000 };
+    float src[N], back[N];
+    uint16_t a[N], b[N];
+    kiln_rng r;
+    kiln_rng_seed(&r, 1);
+    for (int i = 0; i < N; i++) src[i] = kiln_rng_normal(&r) * (i % 7 == 0 ? 1e4f : 1.0f);
+    f32_to_f16_n(a, src, N);
+    for (int i = 0; i < N; i++) b[i] = f32_to_f16(src[i]);
+    CHECK(memcmp(a, b, sizeof a) == 0);
+    f16_to_f32_n(back, a, N);
+    for (int i = 0; i < N; i++) CHECK(back[i] == f16_to_f32(a[i]));
+    f32_to_bf16_n(a, src, N);
+    for (int i = 0; i < N; i++) b[i] = f32_to_bf16(src[i]);
+    CHECK(memcmp(a, b, sizeof a) == 0);
+    bf16_to_f32_n(back, a, N);
+    for (int i = 0; i < N; i++) CHECK(back[i] == bf16_to_f32(a[i]));
+}
+
+/* Model directories with broken weights load with a clear error. */
+static void test_model_dir_errors(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg = kiln_config_default();
+    cfg.n_layer = 1;
+    cfg.n_embd = 16;
+    cfg.n_head = 2;
+    cfg.n_kv_head = 2;
+    cfg.n_inner = 32;
+    cfg.n_ctx = 8;
+    kiln_model *m, *m2 = NULL;
+    CHECK(kiln_model_new(ctx, &cfg, &m) == KILN_OK);
+    kiln_model_init_random(m, 1);
+    char md[128], wp[160];
+    snprintf(md, sizeof md, "%s/model", dir);
+    snprintf(wp, sizeof wp, "%s/model.safetensors", md);
+    CHECK(kiln_model_save(ctx, m, md) == KILN_OK);
+    size_t len = 0;
+    unsigned char *orig = slurp(wp, &len);
+    CHECK(orig && len > 100);
+    if (!orig || len <= 100) return;
+    /* truncated */
+    spit(wp, orig, len - 5);
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_ERR_FORMAT && m2 == NULL);
+    CHECK(strstr(kiln_errmsg(ctx), wp) != NULL);
+    /* empty file */
+    spit(wp, orig, 0);
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_ERR_FORMAT && m2 == NULL);
+    /* wrong dtype: relabel the first tensor's F32 as I32 */
+    unsigned char *mod = malloc(len);
+    memcpy(mod, orig, len);
+    char *p = memmem(mod, len, "\"F32\"", 5);
+    CHECK(p != NULL);
+    if (p) memcpy(p, "\"I32\"", 5);
+    spit(wp, mod, len);
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_ERR_FORMAT && m2 == NULL);
+    CHECK(strstr(kiln_errmsg(ctx), "I32") != NULL);
+    /* a NaN in the weights */
+    memcpy(mod, orig, len);
+    float nan = NAN;
+    memcpy(mod + len - 4, &nan, 4);
+    spit(wp, mod, len);
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_ERR_NUMERIC && m2 == NULL);
+    /* missing tensor: rename one in the header */
+    memcpy(mod, orig, len);
+    p = memmem(mod, len, "ln_f.weight", 11);
+    CHECK(p != NULL);
+    if (p) p[0] = 'X';
+    spit(wp, mod, len);
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_ERR_FORMAT && m2 == NULL);
+    CHECK(strstr(kiln_errmsg(ctx), "missing") != NULL);
+    /* the original file loads again */
+    spit(wp, orig, len);
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_OK);
+    kiln_model_free(m2);
+    /* missing directory / config */
+    CHECK(kiln_model_load(ctx, "/nonexistent-kiln-dir", &m2) == KILN_ERR_IO);
+    free(mod);
+    free(orig);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+
+int main(void)
+{
+    snprintf(dir, sizeof dir, "/tmp/kiln-test-st-XXXXXX");
+    if (!mkdtemp(dir)) return 1;
+    RUN_TEST(test_roundtrip);
+    RUN_TEST(test_malformed);
+    RUN_TEST(test_dtype_conversions);
+    RUN_TEST(test_model_dir_errors);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    if (system(cmd) != 0) return 1;
+    return TEST_EXIT();
+}

@@ -1,0 +1,207 @@
+/*
+ * cmd_generate.c — `kiln generate`: sample a continuation of a prompt,
+ * streaming the text to stdout as it is produced and reporting prefill and
+ * decode speed on stderr; and `kiln chat`'s shared pieces live in
+ * cmd_chat.c. Built on kiln.h only.
+ */
+#include "cli.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int cmd_generate(int argc, char **argv)
+{
+    const char *model = NULL, *prompt = NULL, *tokenizer = NULL, *dtype = "fp32";
+    int max_tokens = 128, top_k = 0, ctx_len = 0, threads = 0;
+    double temperature = 1.0, top_p = 1.0, min_p = 0.0, rep = 1.0, freq = 0.0, pres = 0.0;
+    int64_t seed = 0;
+    bool ignore_eos = false, no_echo = false, quiet = false;
+    cli_list stops = {0};
+    cli_opt opts[] = {
+        {"model", CLI_STR, &model, "model directory (config.json, model.safetensors, tokenizer.json)", true},
+        {"prompt", CLI_STR, &prompt, "text to continue [\"\": start from end-of-text]", false},
+        {"max-tokens", CLI_INT, &max_tokens, "tokens to generate at most [128]", false},
+        {"temperature", CLI_F64, &temperature, "0 = greedy [1.0]", false},
+        {"top-k", CLI_INT, &top_k, "keep the k most likely tokens, 0 = off [0]", false},
+        {"top-p", CLI_F64, &top_p, "nucleus sampling mass, 1 = off [1.0]", false},
+        {"min-p", CLI_F64, &min_p, "drop tokens below min-p x the top probability [0]", false},
+        {"repetition-penalty", CLI_F64, &rep, "HF repetition penalty, 1 = off [1.0]", false},
+        {"frequency-penalty", CLI_F64, &freq, "OpenAI frequency penalty [0]", false},
+        {"presence-penalty", CLI_F64, &pres, "OpenAI presence penalty [0]", false},
+        {"seed", CLI_I64, &seed, "sampling seed [0]", false},
+        {"stop", CLI_LIST, &stops, "stop strings (generation ends before them)", false},
+        {"ignore-eos", CLI_BOOL, &ignore_eos, "keep going past end-of-text", false},
+        {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
+        {"dtype", CLI_STR, &dtype, "weight storage: fp32 | bf16 [fp32]", false},
+        {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
+        {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
+        {"no-echo", CLI_BOOL, &no_echo, "do not print the prompt before the continuation", false},
+        {"quiet", CLI_BOOL, &quiet, "no speed report on stderr", false},
+        {NULL, 0, NULL, NULL, false},
+    };
+    int rc = cli_parse("generate",
+                       "generate --model DIR [--prompt TEXT] [--max-tokens N] [--temperature T] "
+                       "[--top-k K] [--top-p P] [--seed S]",
+                       "Samples a continuation of --prompt with a KV cache, streaming text to\n"
+                       "stdout as it is produced; prefill and decode speed go to stderr.",
+                       opts, argc, argv, NULL);
+    if (rc) {
+        cli_free(opts, NULL);
+        return rc == 1 ? 0 : 2;
+    }
+    kiln_wtype wt;
+    if (!strcmp(dtype, "fp32")) wt = KILN_WTYPE_F32;
+    else if (!strcmp(dtype, "bf16")) wt = KILN_WTYPE_BF16;
+    else {
+        fprintf(stderr, "kiln generate: --dtype '%s' is not fp32 or bf16\n", dtype);
+        cli_free(opts, NULL);
+        return 2;
+    }
+    if (max_tokens < 0) {
+        fprintf(stderr, "kiln generate: --max-tokens must be >= 0\n");
+        cli_free(opts, NULL);
+        return 2;
+    }
+    kiln_ctx *ctx = kiln_ctx_new();
+    if (threads > 0) kiln_set_threads(ctx, threads);
+    kiln_model *m = NULL;
+    kiln_tokenizer *tok = NULL;
+    kiln_engine *e = NULL;
+    kiln_sampler *smp = NULL;
+    kiln_textstream *ts = NULL;
+    int32_t *ids = NULL;
+    float *logits = NULL;
+    kiln_sampling sp = kiln_sampling_default();
+    sp.temperature = (float)temperature;
+    sp.top_k = top_k;
+    sp.top_p = (float)top_p;
+    sp.min_p = (float)min_p;
+    sp.repetition_penalty = (float)rep;
+    sp.frequency_penalty = (float)freq;
+    sp.presence_penalty = (float)pres;
+    sp.seed = (uint64_t)seed;
+    kiln_status st = kiln_sampling_validate(ctx, &sp);
+    if (st) {
+        fprintf(stderr, "kiln generate: --%s\n", kiln_errmsg(ctx));
+        rc = 2;
+        goto out;
+    }
+    if ((st = kiln_model_load(ctx, model, &m))) goto fail;
+    if ((st = kiln_tokenizer_load(ctx, tokenizer ? tokenizer : model, &tok))) goto fail;
+    const kiln_config cfg = *kiln_model_config(m);
+    if (kiln_tokenizer_vocab_size(tok) > cfg.vocab_size) {
+        st = kiln_fail(ctx, KILN_ERR_FORMAT,
+                       "the tokenizer has %d tokens but the model's vocabulary is %d; pass the "
+                       "model's own tokenizer with --tokenizer",
+                       kiln_tokenizer_vocab_size(tok), cfg.vocab_size);
+        goto fail;
+    }
+    kiln_engine_opts eo = kiln_engine_opts_default();
+    eo.n_ctx = ctx_len;
+    eo.wtype = wt;
+    if ((st = kiln_engine_new(ctx, m, &eo, &e))) goto fail;
+    kiln_model_free(m);
+    m = NULL;
+    const int V = cfg.vocab_size, n_ctx = kiln_engine_n_ctx(e);
+    const int eot = kiln_tokenizer_eot(tok);
+    size_t n = 0;
+    const char *p = prompt ? prompt : "";
+    if ((st = kiln_tokenizer_encode(ctx, tok, p, strlen(p), &ids, &n))) goto fail;
+    if (n == 0) {
+        /* nothing to continue: start from end-of-text (or BOS) */
+        free(ids);
+        ids = malloc(sizeof(int32_t));
+        ids[0] = cfg.bos_token_id >= 0 ? cfg.bos_token_id : eot;
+        n = 1;
+    } else if (cfg.arch == KILN_ARCH_LLAMA && cfg.bos_token_id >= 0) {
+        int32_t *t = malloc((n + 1) * sizeof(int32_t));
+        t[0] = cfg.bos_token_id;
+        memcpy(t + 1, ids, n * sizeof(int32_t));
+        free(ids);
+        ids = t;
+        n++;
+    }
+    if ((int)n >= n_ctx) {
+        st = kiln_fail(ctx, KILN_ERR_RANGE,
+                       "the prompt is %zu tokens; the context is %d (shorten --prompt or raise --ctx)",
+                       n, n_ctx);
+        goto fail;
+    }
+    if (max_tokens > n_ctx - (int)n) {
+        fprintf(stderr, "kiln generate: --max-tokens %d does not fit the context; generating %d\n",
+                max_tokens, n_ctx - (int)n);
+        max_tokens = n_ctx - (int)n;
+    }
+    if ((st = kiln_sampler_new(ctx, &sp, V, &smp))) goto fail;
+    kiln_sampler_add_prompt(smp, ids, n);
+    if ((st = kiln_textstream_new(ctx, tok, (const char *const *)stops.items, stops.n, &ts)))
+        goto fail;
+    logits = malloc((size_t)V * sizeof(float));
+    if (!logits) {
+        st = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    if (!no_echo && prompt) {
+        fputs(prompt, stdout);
+        fflush(stdout);
+    }
+    double t0 = kiln_time_now();
+    if ((st = kiln_engine_prefill(ctx, e, 0, ids, (int)n, logits))) goto fail;
+    double t1 = kiln_time_now();
+    int gen = 0;
+    const char *why = "length";
+    while (gen < max_tokens) {
+        int32_t id = kiln_sampler_sample(smp, logits, NULL, NULL);
+        gen++;
+        if (!ignore_eos && (id == eot || id == cfg.eos_token_id)) {
+            why = "end-of-text";
+            break;
+        }
+        const char *o;
+        size_t len;
+        bool stopped;
+        if ((st = kiln_textstream_push(ctx, ts, id, &o, &len, &stopped))) goto fail;
+        fwrite(o, 1, len, stdout);
+        fflush(stdout);
+        if (stopped) {
+            why = "stop string";
+            break;
+        }
+        if (gen == max_tokens) break;
+        kiln_engine_tok tk = {0, id, true};
+        if ((st = kiln_engine_step(ctx, e, &tk, 1, logits))) goto fail;
+    }
+    double t2 = kiln_time_now();
+    const char *o;
+    size_t len;
+    kiln_textstream_finish(ts, &o, &len);
+    fwrite(o, 1, len, stdout);
+    fputc('\n', stdout);
+    fflush(stdout);
+    if (!quiet) {
+        /* decode steps: one forward per generated token after the first */
+        int steps = gen > 0 ? gen - 1 : 0;
+        fprintf(stderr,
+                "[kiln generate] prefill %zu tokens in %.1f ms (%.0f tok/s); decode %d tokens in "
+                "%.1f ms (%.1f tok/s); stopped by %s; %s weights\n",
+                n, (t1 - t0) * 1e3, (double)n / (t1 - t0 > 0 ? t1 - t0 : 1e-9), gen,
+                (t2 - t1) * 1e3, steps > 0 ? (double)steps / (t2 - t1) : 0.0, why,
+                wt == KILN_WTYPE_BF16 ? "bf16" : "fp32");
+    }
+    rc = 0;
+    goto out;
+fail:
+    rc = cli_fail(ctx, "generate", st);
+out:
+    free(logits);
+    free(ids);
+    kiln_textstream_free(ts);
+    kiln_sampler_free(smp);
+    kiln_engine_free(e);
+    kiln_tokenizer_free(tok);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+    cli_free(opts, NULL);
+    return rc;
+}
