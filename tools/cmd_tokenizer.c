@@ -182,6 +182,7 @@ static int tokenizer_convert(int argc, char **argv)
 typedef struct train_progress {
     bool tty;
     double t0, last_line;
+    char done_phase[8]; /* last phase reported complete */
 } train_progress;
 
 static void train_progress_fn(void *ud, const char *phase, int64_t done, int64_t total)
@@ -191,6 +192,10 @@ static void train_progress_fn(void *ud, const char *phase, int64_t done, int64_t
     double frac = total > 0 ? (double)done / (double)total : 1;
     if (frac > 1) frac = 1;
     bool count = !strcmp(phase, "count");
+    if (frac >= 1) {
+        if (!strcmp(tp->done_phase, phase)) return; /* already reported */
+        snprintf(tp->done_phase, sizeof tp->done_phase, "%s", phase);
+    }
     char what[64];
     if (count) {
         char a[32], b[32];
@@ -257,6 +262,7 @@ static int tokenizer_train(int argc, char **argv)
     kiln_tokenizer_train_stats st;
     kiln_status s = kiln_tokenizer_train(ctx, &o, &tok, &st);
     if (!s) s = kiln_tokenizer_save(ctx, tok, out);
+    fflush(stderr);
     if (s) rc = cli_fail(ctx, "tokenizer train", s);
     else {
         char b[32];
