@@ -707,6 +707,8 @@ typedef struct kiln_train_result {
     double val_loss;         /* last validation loss (NAN when none) */
     bool interrupted;        /* stopped early (signal, max_time, stop_at) */
     char checkpoint[1024];   /* last checkpoint written ("" when none) */
+    int rank, world;         /* this process in a data-parallel job; only
+                                rank 0 logs and writes files */
 } kiln_train_result;
 
 /* Runs (or, with opts->resume, continues) a pretraining run. Returns an

@@ -177,6 +177,7 @@ int cmd_train(int argc, char **argv)
         ret = cli_fail(ctx, "train", s);
         goto done;
     }
+    if (res.rank != 0) goto done; /* rank 0 reports for the job */
     char *svg = malloc(strlen(o.out) + 16);
     bool plotted = false;
     if (svg) {

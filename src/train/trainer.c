@@ -808,6 +808,8 @@ out:
     res->loss = loss;
     res->val_loss = t->val_loss;
     res->interrupted = stopped;
+    res->rank = t->rank;
+    res->world = t->world;
     snprintf(res->checkpoint, sizeof res->checkpoint, "%.1000s", t->last_ckpt);
     trainer_free(t);
     return s;
