@@ -697,6 +697,9 @@ typedef struct kiln_train_opts {
      * the current step, saves a checkpoint and returns KILN_OK with
      * *interrupted set in the result. */
     volatile int *stop_flag;
+    /* ZeRO stage under MPI data parallelism: 0 = every rank holds the whole
+     * AdamW state; 1 = moments sharded across ranks (docs/distributed.md). */
+    int zero;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);
@@ -705,10 +708,10 @@ typedef struct kiln_train_result {
     int64_t step;            /* last completed step */
     double loss;             /* its training loss */
     double val_loss;         /* last validation loss (NAN when none) */
+    int rank;                /* this process's MPI rank (0 when alone) */
+    int world_size;          /* number of ranks (1 when alone) */
     bool interrupted;        /* stopped early (signal, max_time, stop_at) */
     char checkpoint[1024];   /* last checkpoint written ("" when none) */
-    int rank, world;         /* this process in a data-parallel job; only
-                                rank 0 logs and writes files */
 } kiln_train_result;
 
 /* Runs (or, with opts->resume, continues) a pretraining run. Returns an
