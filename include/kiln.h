@@ -221,6 +221,33 @@ void kiln_model_zero_grad(kiln_model *m);
 typedef void (*kiln_grad_ready_fn)(void *ud, size_t offset, size_t numel);
 void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud);
 
+/* Mixed precision (docs/precision.md): the compute dtype of the model's
+ * matrix products. Parameters (the master weights), gradients and optimizer
+ * state stay fp32; bf16/fp16 products take rounded copies of the weights
+ * (refreshed once per forward pass, i.e. once per optimizer step) and of
+ * the activations and accumulate in fp32. fp16 needs loss scaling (the
+ * trainer's --precision fp16 does it). Values are only ever appended. */
+typedef enum kiln_precision {
+    KILN_PRECISION_FP32 = 0,
+    KILN_PRECISION_BF16 = 1,
+    KILN_PRECISION_FP16 = 2,
+    KILN_PRECISION_AUTO = 3 /* bf16 when the CPU has AMX-BF16 or AVX512_BF16 */
+} kiln_precision;
+
+/* Parses "fp32" | "bf16" | "fp16" | "auto"; -1 when unknown. */
+int kiln_precision_parse(const char *name);
+const char *kiln_precision_name(kiln_precision p);
+/* AUTO -> BF16 or FP32 for this CPU; other values unchanged. */
+kiln_precision kiln_precision_resolve(kiln_precision p);
+/* Writes one line naming the CPU's mixed-precision features and the
+ * kernel bf16/fp16 products run on (for logs and benchmarks) into buf. */
+void kiln_precision_describe(char *buf, size_t cap);
+/* Switches the model's matrix products to precision p (AUTO resolved).
+ * Errors: KILN_ERR_NOMEM. */
+kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m,
+                                     kiln_precision p);
+kiln_precision kiln_model_precision(const kiln_model *m);
+
 /* Fused softmax + cross-entropy over N = B*T rows of V logits.
  * targets < 0 are ignored; mask (N) weights each row (NULL = all 1).
  * Adds sum_i mask_i * -log softmax(logits_i)[target_i] to *loss_sum and
@@ -264,6 +291,19 @@ kiln_status kiln_tokenizer_encode(kiln_ctx *ctx, const kiln_tokenizer *tok,
 kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const int32_t *ids, size_t n, char **text,
                                   size_t *len);
+
+/* Encoding state for one thread (pattern match data and caches of
+ * frequent pre-tokens), reused across calls: faster than
+ * kiln_tokenizer_encode for many small texts. Not thread-safe; the
+ * tokenizer must outlive it. */
+typedef struct kiln_encoder kiln_encoder;
+kiln_status kiln_encoder_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                             kiln_encoder **out);
+void kiln_encoder_free(kiln_encoder *enc);
+/* Same result as kiln_tokenizer_encode; *ids is malloc'ed. */
+kiln_status kiln_encoder_encode(kiln_ctx *ctx, kiln_encoder *enc,
+                                const char *text, size_t len, int32_t **ids,
+                                size_t *n);
 
 /* A position p in [from, len] at which text may be cut so that encoding
  * text[0..p) and text[p..len) separately gives exactly the ids of encoding
