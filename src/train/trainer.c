@@ -904,8 +904,11 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
         trainer_free(t, s);
         return s;
     }
+    /* Open MPI gives every rank a pseudo-terminal even when mpirun's
+     * output goes to a file, so under MPI "auto" means plain lines. */
     t->bar = t->o.progress == KILN_PROGRESS_BAR ||
-             (t->o.progress == KILN_PROGRESS_AUTO && isatty(STDOUT_FILENO));
+             (t->o.progress == KILN_PROGRESS_AUTO && t->world == 1 &&
+              isatty(STDOUT_FILENO));
     banner(t);
     if (t->o.resume) snprintf(t->last_ckpt, sizeof t->last_ckpt, "%s", t->o.resume);
     double loss = NAN, lr = 0, gnorm = 0;
