@@ -274,6 +274,81 @@ kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
 size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
                                   size_t len, size_t from);
 
+/* Id of the special (or added) token whose text is exactly `text`, or -1. */
+int kiln_tokenizer_special_id(const kiln_tokenizer *tok, const char *text);
+/* Like kiln_tokenizer_encode, but occurrences of the tokenizer's special
+ * tokens in text become their ids (longest match first); the rest is
+ * encoded as ordinary text. For trusted templates only: user text should
+ * go through kiln_tokenizer_encode so it can never forge a special. */
+kiln_status kiln_tokenizer_encode_special(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                          const char *text, size_t len,
+                                          int32_t **ids, size_t *n);
+
+/* ---- chat template (ChatML) -----------------------------------------
+ * A conversation renders as, for each message,
+ *     <|im_start|>{role}\n{content}<|im_end|>\n
+ * and, with add_generation_prompt, a final "<|im_start|>assistant\n".
+ * <|im_start|> and <|im_end|> are single special-token ids when the
+ * tokenizer has them (kiln-trained tokenizers always do); otherwise the
+ * markers are encoded as ordinary text (the "bytes" and GPT-2
+ * vocabularies). Message contents are encoded as ordinary text, so a user
+ * cannot forge a role marker. The loss mask is 1 on the tokens of every
+ * assistant message's content and its closing <|im_end|> (what the model
+ * must learn to produce, including when to stop), 0 elsewhere. */
+typedef struct kiln_chat_msg {
+    const char *role;    /* "system", "user", "assistant" or "tool" */
+    const char *content; /* UTF-8 text */
+} kiln_chat_msg;
+
+/* Renders msgs[0..n). *ids (and *mask when mask != NULL) are malloc'ed,
+ * *n_ids long. Fails on an unknown role or a NULL content. */
+kiln_status kiln_chat_render(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                             const kiln_chat_msg *msgs, int n,
+                             bool add_generation_prompt, int32_t **ids,
+                             uint8_t **mask, size_t *n_ids);
+/* The id that ends an assistant turn: <|im_end|> when the tokenizer has
+ * it, else the end-of-text id. Generation should stop on it (and on the
+ * end-of-text id). Text-marker tokenizers (no <|im_end|> special) should
+ * also stop when the decoded text ends with "<|im_end|>". */
+int kiln_chat_stop_id(const kiln_tokenizer *tok);
+
+/* ---- training a byte-level BPE (`kiln tokenizer train`) -------------
+ * Ids 0..255 are the bytes (id = byte value), 256.. the merges in the
+ * order they were learned, then the special tokens: <|endoftext|> (the
+ * end-of-text id), <|im_start|> and <|im_end|> (the chat template's role
+ * markers), then any extra specials. */
+typedef struct kiln_tokenizer_train_opts {
+    const char *const *inputs;   /* text/JSONL files or directories */
+    int n_inputs;
+    const char *field;           /* JSONL (.jsonl files) string field ["text"] */
+    int vocab_size;              /* total, bytes and specials included [32000] */
+    const char *const *specials; /* extra special tokens (may be NULL) */
+    int n_specials;
+    const char *pattern;         /* "gpt2", "llama3" or a PCRE2 regex ["gpt2"] */
+    int min_frequency;           /* stop when the best pair is rarer [2] */
+    int threads;                 /* pre-token counting threads; 0: all cores */
+    int64_t max_bytes;           /* read at most this much input; 0: all */
+    /* progress: phase "count" (done/total in bytes) or "merge" (merges) */
+    void (*progress)(void *ud, const char *phase, int64_t done, int64_t total);
+    void *progress_ud;
+} kiln_tokenizer_train_opts;
+
+typedef struct kiln_tokenizer_train_stats {
+    int64_t bytes, pretokens, unique_pretokens;
+    int merges;
+    double count_seconds, merge_seconds;
+} kiln_tokenizer_train_stats;
+
+kiln_tokenizer_train_opts kiln_tokenizer_train_opts_default(void);
+/* Learns merges from the inputs: pre-tokens are counted on all threads,
+ * then merged by most frequent adjacent pair (ties: smallest ids) with
+ * incremental pair counts. Fewer merges are learned when no pair reaches
+ * min_frequency (the vocabulary is then smaller than asked). stats may be
+ * NULL. */
+kiln_status kiln_tokenizer_train(kiln_ctx *ctx, const kiln_tokenizer_train_opts *o,
+                                 kiln_tokenizer **out,
+                                 kiln_tokenizer_train_stats *stats);
+
 /* ======================================================================
  * data: token shards, loaders, jsonl datasets
  * ====================================================================== */
@@ -405,6 +480,97 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                  const kiln_tokenize_opts *o,
                                  kiln_tokenize_stats *stats);
 
+/* ---- tuning datasets (JSONL) ----------------------------------------
+ * One JSON object per line (blank lines are ignored):
+ *   SFT         {"messages":[{"role":..,"content":..},...]}  rendered with
+ *               the chat template, loss on the assistant turns; or
+ *               {"prompt":"..","completion":".."}  raw text: prompt ids,
+ *               then completion ids and the end-of-text id (loss on those)
+ *   PREFERENCE  {"prompt":P,"chosen":C,"rejected":R}  (DPO)
+ *   PROMPTS     {"prompt":P,"answer":A}  (GRPO; A a string or number)
+ * A prompt P is a string (raw text) or a messages array (rendered with the
+ * chat template and a generation prompt). A completion C/R is a string, or
+ * a messages array holding one assistant message; it is followed by the
+ * turn's end: <|im_end|> after a chat prompt (kiln_chat_stop_id), the
+ * end-of-text id after a raw one.
+ * Loading validates every line and logs each malformed one as
+ * "PATH:LINE: what is wrong" (invalid JSON, missing field, wrong type,
+ * empty content, unknown role, no assistant message), then fails naming
+ * the count and the first, unless skip_bad. */
+typedef enum kiln_dataset_kind {
+    KILN_DATASET_SFT = 0,
+    KILN_DATASET_PREFERENCE = 1,
+    KILN_DATASET_PROMPTS = 2
+} kiln_dataset_kind;
+
+typedef struct kiln_dataset_opts {
+    int max_len;   /* SFT: keep the first max_len tokens (examples left with
+                      no loss token are dropped); PREFERENCE: prompt +
+                      completion <= max_len by cutting the completion's end
+                      (dropped when the prompt alone does not fit);
+                      PROMPTS: prompts longer are dropped. 0: no limit [0] */
+    bool skip_bad; /* skip malformed lines (still logged) [false] */
+} kiln_dataset_opts;
+
+kiln_dataset_opts kiln_dataset_opts_default(void);
+
+typedef struct kiln_dataset kiln_dataset;
+
+/* One example; pointers stay valid while the dataset lives. */
+typedef struct kiln_example {
+    const int32_t *ids;      /* SFT: the whole sequence; else the prompt   */
+    const uint8_t *mask;     /* (n) 1 where the token is learned (SFT)     */
+    size_t n;
+    const int32_t *chosen;   /* PREFERENCE: completion ids after the prompt */
+    size_t n_chosen;
+    const int32_t *rejected;
+    size_t n_rejected;
+    const char *answer;      /* PROMPTS: the reference answer (text)       */
+    int64_t line;            /* 1-based line in the file                    */
+} kiln_example;
+
+typedef struct kiln_dataset_stats {
+    int64_t lines;      /* non-blank lines read                   */
+    int64_t examples;   /* kept                                   */
+    int64_t bad_lines;  /* malformed (skipped with skip_bad)      */
+    int64_t truncated;  /* cut to max_len                         */
+    int64_t dropped;    /* too long to keep anything useful       */
+    int64_t tokens;     /* total tokens of the kept examples      */
+    int64_t loss_tokens;/* SFT: tokens with mask 1                */
+} kiln_dataset_stats;
+
+kiln_status kiln_dataset_load(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                              const char *path, kiln_dataset_kind kind,
+                              const kiln_dataset_opts *opts,
+                              kiln_dataset **out);
+void kiln_dataset_free(kiln_dataset *ds);
+size_t kiln_dataset_count(const kiln_dataset *ds);
+kiln_dataset_kind kiln_dataset_kind_of(const kiln_dataset *ds);
+/* Example i in [0, count). */
+void kiln_dataset_get(const kiln_dataset *ds, size_t i, kiln_example *ex);
+void kiln_dataset_get_stats(const kiln_dataset *ds, kiln_dataset_stats *st);
+
+/* SFT examples packed into rows of T positions, in dataset order (each
+ * example goes to the first of the open rows it fits in). An example of n
+ * tokens takes n-1 positions: inputs ids[0..n-1), targets ids[1..n) where
+ * the mask is 1, else -1; longer examples are cut to T+1 tokens. Padding
+ * has token = end-of-text, target -1, doc -1. pos and doc let a model
+ * keep attention inside each document (doc equal, pos restarting at 0);
+ * targets never cross a document boundary. Free with kiln_packed_free. */
+typedef struct kiln_packed {
+    int64_t rows;
+    int T;
+    int32_t *tokens;  /* (rows, T) */
+    int32_t *targets; /* (rows, T) -1: no loss */
+    int32_t *pos;     /* (rows, T) position inside the document */
+    int32_t *doc;     /* (rows, T) document number inside the row, -1 pad */
+    int64_t examples, cut; /* examples packed, of which cut to T+1 */
+} kiln_packed;
+
+kiln_status kiln_dataset_pack(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                              kiln_packed **out);
+void kiln_packed_free(kiln_packed *p);
+
 /* Reads the string field `field` of one JSONL line (len bytes, no newline
  * needed). *out is malloc'ed, NUL-terminated, *out_len its length. Errors
  * (invalid JSON with column, not an object, missing field, not a string)
@@ -416,6 +582,167 @@ kiln_status kiln_jsonl_get_string(kiln_ctx *ctx, const char *line, size_t len,
 /* ======================================================================
  * train: optimizer, schedules, loss scaler, trainer, distributed
  * ====================================================================== */
+
+/* Reads tokens [start, start+n) of a split's stream into out (bounds are
+ * checked by the caller against kiln_data_tokens). */
+void kiln_data_read(const kiln_data *d, kiln_split split, size_t start,
+                    size_t n, int32_t *out);
+
+/* ---- AdamW ---------------------------------------------------------- */
+
+typedef struct kiln_adamw_opts {
+    float beta1;        /* 0.9 */
+    float beta2;        /* 0.95 */
+    float eps;          /* 1e-8 */
+    float weight_decay; /* 0.1, decoupled (AdamW), only where decay=true */
+} kiln_adamw_opts;
+
+kiln_adamw_opts kiln_adamw_opts_default(void);
+
+/* AdamW over n fp32 parameters with first/second moments m, v (n each).
+ * Weight decay applies to ranges marked with kiln_adamw_set_decay (none
+ * by default). Free with kiln_adamw_free. */
+typedef struct kiln_adamw kiln_adamw;
+
+kiln_status kiln_adamw_new(kiln_ctx *ctx, size_t n,
+                           const kiln_adamw_opts *opts, kiln_adamw **out);
+/* An optimizer for a model's parameter block: decay follows each tensor's
+ * kiln_tensor_info.decay (matrices yes; norms, biases, embeddings no). */
+kiln_status kiln_adamw_new_for_model(kiln_ctx *ctx, const kiln_model *m,
+                                     const kiln_adamw_opts *opts,
+                                     kiln_adamw **out);
+void kiln_adamw_free(kiln_adamw *o);
+/* Marks floats [offset, offset+numel) as decayed or not. */
+kiln_status kiln_adamw_set_decay(kiln_ctx *ctx, kiln_adamw *o, size_t offset,
+                                 size_t numel, bool decay);
+/* One update with learning rate lr: t += 1, then for each i
+ * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+ * p -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd_i p). */
+void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
+                     float lr);
+size_t kiln_adamw_size(const kiln_adamw *o);
+int64_t kiln_adamw_t(const kiln_adamw *o);
+void kiln_adamw_set_t(kiln_adamw *o, int64_t t);
+float *kiln_adamw_m(kiln_adamw *o); /* (n) */
+float *kiln_adamw_v(kiln_adamw *o); /* (n) */
+/* Writes m, v and t to a safetensors file ("exp_avg", "exp_avg_sq", F32,
+ * shape (n); metadata "step") atomically / reads it back (sizes checked). */
+kiln_status kiln_adamw_save(kiln_ctx *ctx, const kiln_adamw *o,
+                            const char *path);
+kiln_status kiln_adamw_load(kiln_ctx *ctx, kiln_adamw *o, const char *path);
+
+/* L2 norm of x (n), accumulated in double in a fixed order (the result
+ * does not depend on the thread count). */
+double kiln_l2_norm(const float *x, size_t n);
+/* Scales x so that its L2 norm (given) is at most max_norm; returns the
+ * factor applied (1 when no clipping). max_norm <= 0 disables. */
+float kiln_clip_grad_norm(float *x, size_t n, double norm, double max_norm);
+
+/* ---- learning-rate schedules ---------------------------------------- */
+
+typedef enum kiln_schedule {
+    KILN_SCHEDULE_COSINE = 0,
+    KILN_SCHEDULE_LINEAR = 1,
+    KILN_SCHEDULE_CONSTANT = 2
+} kiln_schedule;
+
+/* Parses "cosine" | "linear" | "constant"; -1 when unknown. */
+int kiln_schedule_parse(const char *name);
+const char *kiln_schedule_name(kiln_schedule s);
+/* Learning rate of 0-based step `step` of `total`: linear warmup from
+ * lr/warmup to lr over `warmup` steps, then decay to min_lr at the last
+ * step (cosine or linear) or stay at lr (constant). */
+double kiln_lr_at(kiln_schedule s, double lr, double min_lr, int64_t warmup,
+                  int64_t total, int64_t step);
+
+/* ---- trainer -------------------------------------------------------- */
+
+typedef enum kiln_progress {
+    KILN_PROGRESS_AUTO = 0,  /* bar on a terminal, lines otherwise */
+    KILN_PROGRESS_BAR = 1,
+    KILN_PROGRESS_LINES = 2,
+    KILN_PROGRESS_NONE = 3
+} kiln_progress;
+
+/* Everything a pretraining run is configured by (kiln train's flags).
+ * Start from kiln_train_opts_default(). Strings are borrowed. */
+typedef struct kiln_train_opts {
+    const char *config;    /* model config.json for a fresh model, or NULL */
+    const char *init_from; /* model directory to start from, or NULL */
+    const char *data;      /* data directory (kiln tokenize --out) */
+    const char *out;       /* run directory: checkpoints, metrics.jsonl */
+    const char *resume;    /* checkpoint dir to resume from, or NULL */
+    int batch;             /* B: sequences per micro-batch per process */
+    int seq;               /* T */
+    int grad_accum;        /* micro-batches per optimizer step */
+    double lr, min_lr;
+    int64_t warmup;
+    kiln_schedule schedule;
+    int64_t steps;         /* optimizer steps; 0 = from epochs */
+    double epochs;         /* used when steps == 0 */
+    double weight_decay, beta1, beta2, eps;
+    double grad_clip;      /* max global grad norm; <= 0 disables */
+    bool shuffle;          /* per-epoch seeded shuffle (else sequential) */
+    int64_t eval_every;    /* steps between validation evals; 0 = never */
+    int64_t eval_steps;    /* validation batches (of B windows) per eval */
+    int64_t save_every;    /* steps between checkpoints; 0 = only at end */
+    int keep_last;         /* checkpoints kept (0 = all) */
+    uint64_t seed;         /* init, data order */
+    int threads;           /* 0 = all cores */
+    int64_t log_every;     /* steps between plain progress lines */
+    kiln_progress progress;
+    double max_time;       /* seconds; stop, save and exit when reached */
+    int64_t stop_at;       /* stop (save, exit) after this step; 0 = off */
+    /* Set asynchronously (e.g. by a SIGINT handler): the trainer finishes
+     * the current step, saves a checkpoint and returns KILN_OK with
+     * *interrupted set in the result. */
+    volatile int *stop_flag;
+} kiln_train_opts;
+
+kiln_train_opts kiln_train_opts_default(void);
+
+typedef struct kiln_train_result {
+    int64_t step;            /* last completed step */
+    double loss;             /* its training loss */
+    double val_loss;         /* last validation loss (NAN when none) */
+    bool interrupted;        /* stopped early (signal, max_time, stop_at) */
+    char checkpoint[1024];   /* last checkpoint written ("" when none) */
+} kiln_train_result;
+
+/* Runs (or, with opts->resume, continues) a pretraining run. Returns an
+ * error for bad options/data/model and for a NaN loss. */
+kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
+                       kiln_train_result *res);
+
+/* Fills *opts with the options a checkpoint's run was started with
+ * (trainer_state.json), so `--resume` continues the same run. The data
+ * directory path is copied to data_buf (cap bytes) and opts->data points
+ * there; other strings are left as they were. */
+kiln_status kiln_train_opts_load(kiln_ctx *ctx, const char *ckpt_dir,
+                                 kiln_train_opts *opts, char *data_buf,
+                                 size_t cap);
+
+/* Resolves what --resume names: a checkpoint directory itself, or a run
+ * directory (its newest checkpoint, from the file "latest"). Writes the
+ * checkpoint path to out. */
+kiln_status kiln_checkpoint_resolve(kiln_ctx *ctx, const char *path,
+                                    char *out, size_t cap);
+/* Verifies every file of a checkpoint directory against checksums.json
+ * (sizes and CRC-32C); the error names the file. KILN_OK when the
+ * directory has no checksums.json (a plain model directory). */
+kiln_status kiln_checkpoint_verify(kiln_ctx *ctx, const char *dir);
+
+/* Mean next-token loss over a token stream: every token after the first
+ * is predicted once, in windows of up to T+1 tokens (stride T) run B at
+ * a time. Adds to *loss_sum and *count (tokens predicted). */
+kiln_status kiln_eval_tokens(kiln_ctx *ctx, kiln_model *m,
+                             const int32_t *tokens, size_t n, int B, int T,
+                             double *loss_sum, double *count);
+
+/* Renders a run directory's metrics.jsonl (train loss and validation
+ * loss vs step) as an SVG file at svg_path. */
+kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
+                              const char *svg_path);
 
 /* ======================================================================
  * tune / compress

@@ -41,4 +41,5 @@ fault() {
 }
 fault dist_watchdog_names_rank --watchdog 3 "watchdog: collective #1 'barrier'.*did not reach it: 1 "
 fault dist_sigkill_ends_job --kill 3 "rank 1 .*exited on signal 9"
+fault dist_error_exit_ends_job --abandon 3 "rank 1: simulated error"
 fault dist_mpi_error_message --mpi-error 2 "kiln: rank 0: MPI error.*invalid rank"

@@ -8,7 +8,8 @@
  *
  * Fault modes for t_dist.sh (argv[1]): --watchdog (rank 1 is late to a
  * barrier; the watchdog must abort the job naming rank 1), --kill (rank 1
- * kills itself with SIGKILL; the job must end), --mpi-error (an invalid MPI
+ * kills itself with SIGKILL; the job must end), --abandon (rank 1 fails,
+ * leaves with dist_abandon and exit(2); the job must end), --mpi-error (an invalid MPI
  * call must give a clear message and a non-zero exit).
  */
 #include "check.h"
@@ -277,6 +278,17 @@ static int fault_mode(const char *mode)
         dist_allreduce_sum_f64(ctx, D, &x, 1);
         dist_set_timeout(D, 60.0); /* Open MPI's detection, not the watchdog */
         if (R == 1) raise(SIGKILL);
+        dist_barrier(ctx, D);
+        sleep(60);
+        return 0;
+    }
+    if (!strcmp(mode, "--abandon")) {
+        dist_set_timeout(D, 60.0);
+        if (R == 1) {
+            fprintf(stderr, "rank 1: simulated error, leaving\n");
+            dist_abandon(D);
+            exit(2);
+        }
         dist_barrier(ctx, D);
         sleep(60);
         return 0;

@@ -179,6 +179,109 @@ static int tokenizer_convert(int argc, char **argv)
     return rc;
 }
 
+typedef struct train_progress {
+    bool tty;
+    double t0, last_line;
+    char done_phase[8]; /* last phase reported complete */
+} train_progress;
+
+static void train_progress_fn(void *ud, const char *phase, int64_t done, int64_t total)
+{
+    train_progress *tp = ud;
+    double el = kiln_time_now() - tp->t0;
+    double frac = total > 0 ? (double)done / (double)total : 1;
+    if (frac > 1) frac = 1;
+    bool count = !strcmp(phase, "count");
+    if (frac >= 1) {
+        if (!strcmp(tp->done_phase, phase)) return; /* already reported */
+        snprintf(tp->done_phase, sizeof tp->done_phase, "%s", phase);
+    }
+    char what[64];
+    if (count) {
+        char a[32], b[32];
+        human_bytes(a, sizeof a, (double)done);
+        human_bytes(b, sizeof b, (double)total);
+        snprintf(what, sizeof what, "%s/%s", a, b);
+    } else {
+        snprintf(what, sizeof what, "%lld/%lld merges", (long long)done, (long long)total);
+    }
+    if (tp->tty) {
+        char bar[31];
+        int k = (int)(frac * 30);
+        for (int i = 0; i < 30; i++) bar[i] = i < k ? '#' : '.';
+        bar[30] = 0;
+        fprintf(stderr, "\r%-5s [%s] %5.1f%% %s %.0fs ", count ? "count" : "merge", bar,
+                100 * frac, what, el);
+        if (frac >= 1) fputc('\n', stderr);
+    } else if (el - tp->last_line >= 10 || frac >= 1) {
+        tp->last_line = el;
+        fprintf(stderr, "tokenizer train: %s %5.1f%% %s %.0fs\n", phase, 100 * frac, what, el);
+    }
+}
+
+static int tokenizer_train(int argc, char **argv)
+{
+    kiln_tokenizer_train_opts o = kiln_tokenizer_train_opts_default();
+    cli_list inputs = {0}, specials = {0};
+    const char *out = NULL;
+    bool quiet = false;
+    cli_opt opts[] = {
+        {"input", CLI_LIST, &inputs, "text files, .jsonl files or directories", true},
+        {"vocab-size", CLI_INT, &o.vocab_size, "vocabulary size, bytes and specials included [32000]", false},
+        {"out", CLI_STR, &out, "tokenizer.json to write", true},
+        {"special", CLI_LIST, &specials, "extra special tokens (<|endoftext|>, <|im_start|>, "
+                                         "<|im_end|> are always added)", false},
+        {"pattern", CLI_STR, &o.pattern, "pre-tokenization: gpt2, llama3 or a PCRE2 regex [gpt2]", false},
+        {"min-frequency", CLI_INT, &o.min_frequency, "stop when the best pair occurs fewer times [2]", false},
+        {"field", CLI_STR, &o.field, "JSONL field holding the text [text]", false},
+        {"max-bytes", CLI_I64, &o.max_bytes, "read at most this many input bytes [all]", false},
+        {"threads", CLI_INT, &o.threads, "counting threads [all cores]", false},
+        {"quiet", CLI_BOOL, &quiet, "no progress output", false},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("tokenizer train",
+                       "tokenizer train --input FILES... --vocab-size N --out tokenizer.json [--special TOK...]",
+                       "Learns a byte-level BPE (GPT-2 style) from text and writes a Hugging "
+                       "Face tokenizer.json. Ids 0..255 are bytes, then the merges, then the "
+                       "special tokens.",
+                       opts, argc, argv, NULL);
+    if (rc) {
+        cli_free(opts, NULL);
+        return rc == 1 ? 0 : 2;
+    }
+    kiln_ctx *ctx = kiln_ctx_new();
+    train_progress tp = {.tty = isatty(STDERR_FILENO) != 0, .t0 = kiln_time_now()};
+    o.inputs = inputs.items;
+    o.n_inputs = inputs.n;
+    o.specials = specials.items;
+    o.n_specials = specials.n;
+    if (!quiet) {
+        o.progress = train_progress_fn;
+        o.progress_ud = &tp;
+    }
+    kiln_tokenizer *tok = NULL;
+    kiln_tokenizer_train_stats st;
+    kiln_status s = kiln_tokenizer_train(ctx, &o, &tok, &st);
+    if (!s) s = kiln_tokenizer_save(ctx, tok, out);
+    fflush(stderr);
+    if (s) rc = cli_fail(ctx, "tokenizer train", s);
+    else {
+        char b[32];
+        human_bytes(b, sizeof b, (double)st.bytes);
+        printf("trained on %s (%lld pre-tokens, %lld distinct): %d merges, vocab %d, "
+               "end-of-text id %d; counting %.1fs, merging %.1fs -> %s\n",
+               b, (long long)st.pretokens, (long long)st.unique_pretokens, st.merges,
+               kiln_tokenizer_vocab_size(tok), kiln_tokenizer_eot(tok), st.count_seconds,
+               st.merge_seconds, out);
+        if (kiln_tokenizer_vocab_size(tok) < o.vocab_size)
+            printf("note: no pair occurs %d times any more, so the vocabulary is smaller "
+                   "than --vocab-size %d\n", o.min_frequency, o.vocab_size);
+    }
+    kiln_tokenizer_free(tok);
+    kiln_ctx_free(ctx);
+    cli_free(opts, NULL);
+    return rc;
+}
+
 int cmd_tokenizer(int argc, char **argv)
 {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
@@ -191,6 +294,7 @@ int cmd_tokenizer(int argc, char **argv)
     }
     if (!strcmp(argv[1], "encode")) return tokenizer_encode(argc - 1, argv + 1);
     if (!strcmp(argv[1], "decode")) return tokenizer_decode(argc - 1, argv + 1);
+    if (!strcmp(argv[1], "train")) return tokenizer_train(argc - 1, argv + 1);
     if (!strcmp(argv[1], "convert")) return tokenizer_convert(argc - 1, argv + 1);
     fprintf(stderr, "kiln tokenizer: unknown subcommand '%s' (train, encode or decode)\n",
             argv[1]);

@@ -291,3 +291,11 @@ void kiln_loader_get(kiln_loader *l, int64_t pos, int32_t *inputs,
     memmove(targets, inputs + 1, (size_t)(T - 1) * sizeof *targets);
     stream_read(l, (size_t)w * (size_t)T + (size_t)T, 1, targets + T - 1);
 }
+
+void kiln_data_read(const kiln_data *d, kiln_split split, size_t start,
+                    size_t n, int32_t *out)
+{
+    kiln_loader l = {.sf = &d->split[split == KILN_SPLIT_VAL]};
+    KILN_ASSERT(start + n <= kiln_data_tokens(d, split));
+    stream_read(&l, start, n, out);
+}

@@ -105,6 +105,10 @@ kiln_status tok_set_merges(kiln_ctx *ctx, kiln_tokenizer *t, int32_t n,
 /* Compiles the pattern (NULL = by t->pre). */
 kiln_status tok_set_pattern(kiln_ctx *ctx, kiln_tokenizer *t,
                             const char *pattern);
+/* kiln_tokenizer_split_point for a pattern string (len when the pattern
+ * is not one of the known ones). */
+size_t tok_split_point_pattern(const char *pattern, const char *text, size_t len,
+                               size_t from);
 /* Looks up bytes among non-special tokens; -1 when absent. */
 int32_t tok_lookup(const kiln_tokenizer *t, const void *bytes, size_t len);
 /* Merge lookup: returns rank (or -1) and sets *result. */

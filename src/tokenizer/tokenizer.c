@@ -451,9 +451,16 @@ size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
     if (from >= len) return len;
     if (tok->add_prefix_space) return len; /* a segment would gain a space */
     if (tok->n_merges == 0) return from;
-    if (!tok->pattern || (strcmp(tok->pattern, TOK_PATTERN_GPT2) != 0 &&
-                          strcmp(tok->pattern, TOK_PATTERN_HF_GPT2) != 0 &&
-                          strcmp(tok->pattern, TOK_PATTERN_LLAMA3) != 0))
+    return tok_split_point_pattern(tok->pattern, text, len, from);
+}
+
+size_t tok_split_point_pattern(const char *pattern, const char *text, size_t len,
+                               size_t from)
+{
+    if (from >= len) return len;
+    if (!pattern || (strcmp(pattern, TOK_PATTERN_GPT2) != 0 &&
+                     strcmp(pattern, TOK_PATTERN_HF_GPT2) != 0 &&
+                     strcmp(pattern, TOK_PATTERN_LLAMA3) != 0))
         return len;
     /* Cut after "X\n" before an ASCII letter, X printable ASCII and not
      * a space: the newline is then a whitespace run of its own (a lone

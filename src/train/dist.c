@@ -401,9 +401,10 @@ static kiln_status mpi_setup(kiln_ctx *ctx, dist *d)
     return watchdog_start(ctx, d);
 }
 
-static void mpi_teardown(dist *d)
+static void mpi_teardown(dist *d, bool finalize)
 {
     watchdog_stop(d);
+    if (!finalize) return;
     if (d->have_win) MPI_Win_free(&d->win);
     if (d->node != MPI_COMM_NULL) MPI_Comm_free(&d->node);
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
@@ -479,17 +480,22 @@ kiln_status dist_init(kiln_ctx *ctx, dist **out, double timeout_s)
     return KILN_OK;
 }
 
-void dist_free(dist *d)
+static void dist_release(dist *d, bool finalize)
 {
     if (!d) return;
 #ifdef KILN_HAVE_MPI
-    if (d->mpi) mpi_teardown(d);
+    if (d->mpi) mpi_teardown(d, finalize);
     free(d->req);
+#else
+    KILN_UNUSED(finalize);
 #endif
     free(d->ready);
     free(d->started);
     free(d);
 }
+
+void dist_free(dist *d) { dist_release(d, true); }
+void dist_abandon(dist *d) { dist_release(d, false); }
 
 int dist_rank(const dist *d) { return d ? d->rank : 0; }
 int dist_world(const dist *d) { return d ? d->world : 1; }

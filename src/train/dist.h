@@ -72,6 +72,11 @@ typedef struct dist_stats {
 kiln_status dist_init(kiln_ctx *ctx, dist **out, double timeout_s);
 /* Frees d; finalizes MPI if dist_init initialized it. NULL is a no-op. */
 void dist_free(dist *d);
+/* Frees d after an error on this rank, without MPI_Finalize (which would
+ * wait for ranks that are still inside collectives). The process must then
+ * exit with a non-zero status, upon which mpirun ends the whole job; the
+ * error message printed before exiting is the job's explanation. */
+void dist_abandon(dist *d);
 
 int dist_rank(const dist *d);
 int dist_world(const dist *d);

@@ -1,0 +1,814 @@
+/*
+ * trainer.c — the pretraining loop behind `kiln train`.
+ *
+ * One optimizer step: zero the gradients; for each of K micro-steps draw B
+ * windows, forward, fused cross-entropy (dlogits in place), backward;
+ * average gradients over processes; global-norm clip (the norm is logged
+ * before clipping); AdamW with the scheduled learning rate. The loss and
+ * the gradient are means over the global batch's tokens.
+ *
+ * Data order is world-size independent: step g uses the windows at global
+ * positions pos .. pos+G-1 with G = B*K*world, and process r on micro-step
+ * k takes rows [(k*world + r)*B, +B). The position, the optimizer state,
+ * the rng and the metrics history are saved in every checkpoint, so a
+ * resumed run continues the same trajectory bit for bit.
+ *
+ * Progress: a bar on a terminal, plain lines otherwise; one JSON object per
+ * step in RUN/metrics.jsonl.
+ */
+#include "train/ckpt.h"
+#include "train/dist.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <limits.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+kiln_train_opts kiln_train_opts_default(void)
+{
+    return (kiln_train_opts){
+        .batch = 8,
+        .seq = 128,
+        .grad_accum = 1,
+        .lr = 3e-4,
+        .min_lr = 3e-5,
+        .warmup = 100,
+        .schedule = KILN_SCHEDULE_COSINE,
+        .steps = 0,
+        .epochs = 1.0,
+        .weight_decay = 0.1,
+        .beta1 = 0.9,
+        .beta2 = 0.95,
+        .eps = 1e-8,
+        .grad_clip = 1.0,
+        .shuffle = true,
+        .eval_every = 100,
+        .eval_steps = 20,
+        .save_every = 500,
+        .keep_last = 3,
+        .seed = 1337,
+        .threads = 0,
+        .log_every = 10,
+        .progress = KILN_PROGRESS_AUTO,
+    };
+}
+
+typedef struct trainer {
+    kiln_ctx *ctx;
+    kiln_train_opts o;
+    char run_dir[1024];
+    char data_real[PATH_MAX];
+    kiln_model *model;
+    kiln_adamw *opt;
+    kiln_data *data;
+    kiln_loader *train;
+    int32_t *val;       /* (n_val) validation tokens */
+    size_t n_val;
+    int32_t *inputs;    /* (B, T) */
+    int32_t *targets;   /* (B, T) */
+    dist *dist;
+    int rank, world;
+    int64_t step;       /* completed optimizer steps */
+    int64_t total;      /* steps of the whole run */
+    int64_t pos;        /* windows consumed (global data position) */
+    int64_t G;          /* windows per optimizer step, all processes */
+    kiln_rng rng;
+    json_t *history;    /* array of metrics objects */
+    FILE *metrics;
+    double elapsed_before; /* wall seconds of earlier sessions */
+    double t_start;        /* this session */
+    double step_time;      /* seconds spent in steps this session */
+    int64_t steps_timed;
+    double val_loss;
+    bool bar;
+    bool bar_drawn;
+    char last_ckpt[1024];
+} trainer;
+
+/* ---- distributed: the only place the trainer talks to other processes
+ * (src/train/dist.h; world size 1 when not started by mpirun). ---------- */
+
+static kiln_status tr_dist_init(trainer *t)
+{
+    kiln_status s = dist_init(t->ctx, &t->dist, 0);
+    if (s) return s;
+    t->rank = dist_rank(t->dist);
+    t->world = dist_world(t->dist);
+    return KILN_OK;
+}
+
+/* Rank 0's initial (or resumed) weights to everyone. */
+static kiln_status tr_dist_bcast_params(trainer *t)
+{
+    if (t->world == 1) return KILN_OK;
+    return dist_bcast(t->ctx, t->dist, kiln_model_params(t->model),
+                      kiln_model_num_params(t->model) * sizeof(float), 0);
+}
+
+/* Before the last micro-step's backward: open a round of gradient
+ * averaging. */
+static kiln_status tr_dist_grads_begin(trainer *t)
+{
+    if (t->world == 1) return KILN_OK;
+    return dist_grads_begin(t->ctx, t->dist, kiln_model_grads(t->model),
+                            kiln_model_num_params(t->model));
+}
+
+/* After it: every rank holds the mean of the ranks' gradients. */
+static kiln_status tr_dist_grads_finish(trainer *t)
+{
+    if (t->world == 1) return KILN_OK;
+    return dist_grads_finish(t->ctx, t->dist);
+}
+
+/* Sum of v[0..n) over processes, in place. */
+static kiln_status tr_dist_sum(trainer *t, double *v, int n)
+{
+    if (t->world == 1) return KILN_OK;
+    return dist_allreduce_sum_f64(t->ctx, t->dist, v, (size_t)n);
+}
+
+static void tr_dist_free(trainer *t)
+{
+    dist_free(t->dist);
+    t->dist = NULL;
+}
+
+/* ---- output ---------------------------------------------------------- */
+
+static void fmt_duration(char *buf, size_t cap, double s)
+{
+    if (!(s >= 0) || s > 1e8) {
+        snprintf(buf, cap, "?");
+        return;
+    }
+    long x = (long)(s + 0.5);
+    if (x >= 3600)
+        snprintf(buf, cap, "%ldh%02ldm", x / 3600, (x / 60) % 60);
+    else if (x >= 60)
+        snprintf(buf, cap, "%ldm%02lds", x / 60, x % 60);
+    else
+        snprintf(buf, cap, "%lds", x);
+}
+
+/* Prints a whole line, clearing a drawn progress bar first. */
+static void say(trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void say(trainer *t, const char *fmt, ...)
+{
+    if (t->rank != 0 || t->o.progress == KILN_PROGRESS_NONE) return;
+    if (t->bar_drawn) {
+        fputs("\r\033[K", stdout);
+        t->bar_drawn = false;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    fputc('\n', stdout);
+    fflush(stdout);
+}
+
+static void progress(trainer *t, double loss, double lr, double gnorm,
+                     double tps)
+{
+    if (t->rank != 0 || t->o.progress == KILN_PROGRESS_NONE) return;
+    double per = t->steps_timed ? t->step_time / (double)t->steps_timed : 0;
+    char eta[32];
+    fmt_duration(eta, sizeof eta, per * (double)(t->total - t->step));
+    if (t->bar) {
+        int width = 24;
+        double frac = (double)t->step / (double)t->total;
+        int fill = (int)(frac * width);
+        char bar[64];
+        for (int i = 0; i < width; i++) bar[i] = i < fill ? '#' : '.';
+        bar[width] = 0;
+        char val[32] = "";
+        if (!isnan(t->val_loss)) snprintf(val, sizeof val, " val %.4f", t->val_loss);
+        printf("\r\033[Kstep %lld/%lld [%s] %3.0f%% loss %.4f%s lr %.2e "
+               "%.0f tok/s ETA %s",
+               (long long)t->step, (long long)t->total, bar, 100 * frac, loss,
+               val, lr, tps, eta);
+        fflush(stdout);
+        t->bar_drawn = true;
+        return;
+    }
+    if (t->step % t->o.log_every == 0 || t->step == 1 || t->step == t->total) {
+        char el[32];
+        fmt_duration(el, sizeof el, t->elapsed_before + kiln_time_now() - t->t_start);
+        say(t, "step %lld/%lld | loss %.4f | lr %.2e | grad_norm %.3f | "
+               "%.0f tok/s | elapsed %s | ETA %s",
+            (long long)t->step, (long long)t->total, loss, lr, gnorm, tps, el,
+            eta);
+    }
+}
+
+static void metrics_append(trainer *t, json_t *obj)
+{
+    json_array_append(t->history, obj);
+    if (t->metrics) {
+        char *line = json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        if (line) {
+            fprintf(t->metrics, "%s\n", line);
+            fflush(t->metrics);
+            free(line);
+        }
+    }
+}
+
+/* Rewrites RUN/metrics.jsonl from the history (after a resume, dropping
+ * lines a killed run wrote after its last checkpoint) and opens it for
+ * appending. */
+static kiln_status metrics_open(trainer *t)
+{
+    if (t->rank != 0) return KILN_OK;
+    char *path = file_join(t->run_dir, "metrics.jsonl");
+    if (!path) return kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    size_t i;
+    json_t *v;
+    json_array_foreach(t->history, i, v)
+    {
+        char *line = json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER);
+        size_t n = line ? strlen(line) : 0;
+        while (buf && len + n + 2 > cap) {
+            char *nb = realloc(buf, cap *= 2);
+            if (!nb) {
+                free(buf);
+                buf = NULL;
+            }
+            buf = nb;
+        }
+        if (buf && line) {
+            memcpy(buf + len, line, n);
+            len += n;
+            buf[len++] = '\n';
+        }
+        free(line);
+    }
+    kiln_status s = buf ? file_write_atomic(t->ctx, path, buf, len)
+                        : kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
+    free(buf);
+    if (!s) {
+        t->metrics = fopen(path, "a");
+        if (!t->metrics)
+            s = kiln_fail(t->ctx, KILN_ERR_IO, "cannot open '%s': %s", path,
+                          strerror(errno));
+    }
+    free(path);
+    return s;
+}
+
+/* ---- state ----------------------------------------------------------- */
+
+static json_t *options_json(const trainer *t)
+{
+    const kiln_train_opts *o = &t->o;
+    json_t *j = json_object();
+    json_object_set_new(j, "data", json_string(t->data_real));
+    json_object_set_new(j, "batch", json_integer(o->batch));
+    json_object_set_new(j, "seq", json_integer(o->seq));
+    json_object_set_new(j, "grad_accum", json_integer(o->grad_accum));
+    json_object_set_new(j, "lr", json_real(o->lr));
+    json_object_set_new(j, "min_lr", json_real(o->min_lr));
+    json_object_set_new(j, "warmup", json_integer(o->warmup));
+    json_object_set_new(j, "schedule", json_string(kiln_schedule_name(o->schedule)));
+    json_object_set_new(j, "steps", json_integer(t->total));
+    json_object_set_new(j, "epochs", json_real(o->epochs));
+    json_object_set_new(j, "weight_decay", json_real(o->weight_decay));
+    json_object_set_new(j, "beta1", json_real(o->beta1));
+    json_object_set_new(j, "beta2", json_real(o->beta2));
+    json_object_set_new(j, "eps", json_real(o->eps));
+    json_object_set_new(j, "grad_clip", json_real(o->grad_clip));
+    json_object_set_new(j, "shuffle", json_boolean(o->shuffle));
+    json_object_set_new(j, "eval_every", json_integer(o->eval_every));
+    json_object_set_new(j, "eval_steps", json_integer(o->eval_steps));
+    json_object_set_new(j, "save_every", json_integer(o->save_every));
+    json_object_set_new(j, "keep_last", json_integer(o->keep_last));
+    json_object_set_new(j, "log_every", json_integer(o->log_every));
+    char seed[24];
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
+    json_object_set_new(j, "seed", json_string(seed));
+    return j;
+}
+
+static json_t *state_json(trainer *t, double lr)
+{
+    json_t *opts = options_json(t);
+    json_t *rng = json_array();
+    for (int i = 0; i < 4; i++) {
+        char h[24];
+        snprintf(h, sizeof h, "%016llx", (unsigned long long)t->rng.s[i]);
+        json_array_append_new(rng, json_string(h));
+    }
+    int64_t nwin = kiln_loader_num_windows(t->train);
+    json_t *st = json_object();
+    json_object_set_new(st, "format", json_string("kiln-trainer-state"));
+    json_object_set_new(st, "version", json_integer(1));
+    json_object_set_new(st, "step", json_integer(t->step));
+    json_object_set_new(st, "epoch", json_integer(t->pos / nwin));
+    json_object_set_new(st, "data_position", json_integer(t->pos));
+    json_object_set_new(st, "windows_per_epoch", json_integer(nwin));
+    json_object_set_new(st, "tokens_seen",
+                        json_integer(t->pos * (json_int_t)t->o.seq));
+    json_object_set_new(st, "world_size", json_integer(t->world));
+    json_object_set_new(st, "rng", rng);
+    json_object_set_new(
+        st, "schedule",
+        json_pack("{s:s,s:f,s:f,s:I,s:I,s:f}", "name",
+                  kiln_schedule_name(t->o.schedule), "lr", t->o.lr, "min_lr",
+                  t->o.min_lr, "warmup", (json_int_t)t->o.warmup,
+                  "total_steps", (json_int_t)t->total, "current_lr", lr));
+    json_object_set_new(st, "elapsed",
+                        json_real(t->elapsed_before + kiln_time_now() - t->t_start));
+    json_object_set_new(st, "options", opts);
+    json_object_set(st, "metrics", t->history);
+    return st;
+}
+
+static kiln_status save(trainer *t, double lr)
+{
+    if (t->rank != 0) return KILN_OK;
+    json_t *st = state_json(t, lr);
+    if (!st) return kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
+    char *tokj = file_join(kiln_data_dir(t->data), "tokenizer.json");
+    ckpt_save_args a = {.run_dir = t->run_dir,
+                        .step = t->step,
+                        .model = t->model,
+                        .opt = t->opt,
+                        .state = st,
+                        .tokenizer_json = tokj,
+                        .keep_last = t->o.keep_last};
+    kiln_status s = ckpt_save(t->ctx, &a, t->last_ckpt, sizeof t->last_ckpt);
+    free(tokj);
+    json_decref(st);
+    if (!s) say(t, "saved checkpoint %s", t->last_ckpt);
+    return s;
+}
+
+static kiln_status load_state(trainer *t, const char *dir)
+{
+    kiln_ctx *ctx = t->ctx;
+    char *p = file_join(dir, "trainer_state.json");
+    json_t *st = NULL;
+    kiln_status s = js_load_file(ctx, p, &st);
+    if (s) goto done;
+    const char *fmt = NULL;
+    int64_t step = 0, pos = 0;
+    double elapsed = 0;
+    if ((s = js_get_str(ctx, st, "format", p, true, &fmt))) goto done;
+    if (strcmp(fmt, "kiln-trainer-state")) {
+        s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: format is \"%s\"", p, fmt);
+        goto done;
+    }
+    if ((s = js_get_int(ctx, st, "step", p, true, &step)) ||
+        (s = js_get_int(ctx, st, "data_position", p, true, &pos)) ||
+        (s = js_get_double(ctx, st, "elapsed", p, false, &elapsed)))
+        goto done;
+    json_t *rng = json_object_get(st, "rng");
+    json_t *hist = json_object_get(st, "metrics");
+    if (json_array_size(rng) != 4 || !json_is_array(hist) || step < 0 || pos < 0) {
+        s = kiln_fail(ctx, KILN_ERR_FORMAT,
+                      "%s: \"rng\", \"metrics\", \"step\" or \"data_position\" "
+                      "is malformed",
+                      p);
+        goto done;
+    }
+    for (int i = 0; i < 4; i++) {
+        const char *h = json_string_value(json_array_get(rng, (size_t)i));
+        if (!h) {
+            s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: \"rng\" is malformed", p);
+            goto done;
+        }
+        t->rng.s[i] = strtoull(h, NULL, 16);
+    }
+    t->step = step;
+    t->pos = pos;
+    t->elapsed_before = elapsed;
+    json_decref(t->history);
+    t->history = json_deep_copy(hist);
+    /* keep only entries up to the checkpoint's step */
+    size_t n = json_array_size(t->history);
+    while (n > 0) {
+        json_t *last = json_array_get(t->history, n - 1);
+        if (json_integer_value(json_object_get(last, "step")) <= step) break;
+        json_array_remove(t->history, --n);
+    }
+    if (kiln_adamw_t(t->opt) != step)
+        kiln_log(ctx, KILN_LOG_DEBUG, "optimizer t %lld, step %lld",
+                 (long long)kiln_adamw_t(t->opt), (long long)step);
+done:
+    json_decref(st);
+    free(p);
+    return s;
+}
+
+kiln_status kiln_train_opts_load(kiln_ctx *ctx, const char *ckpt_dir,
+                                 kiln_train_opts *o, char *data_buf,
+                                 size_t cap)
+{
+    char *p = file_join(ckpt_dir, "trainer_state.json");
+    json_t *st = NULL;
+    kiln_status s = js_load_file(ctx, p, &st);
+    if (s) {
+        free(p);
+        return s;
+    }
+    json_t *j = json_object_get(st, "options");
+    int64_t i64;
+    double f;
+    bool b;
+    const char *str;
+#define GETI(key, field)                                                   \
+    if (!s && !(s = js_get_int(ctx, j, key, p, true, &i64))) o->field = i64
+#define GETF(key, field)                                                   \
+    if (!s && !(s = js_get_double(ctx, j, key, p, true, &f))) o->field = f
+    if (!json_is_object(j))
+        s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: \"options\" is missing", p);
+    GETI("batch", batch);
+    GETI("seq", seq);
+    GETI("grad_accum", grad_accum);
+    GETF("lr", lr);
+    GETF("min_lr", min_lr);
+    GETI("warmup", warmup);
+    GETI("steps", steps);
+    GETF("epochs", epochs);
+    GETF("weight_decay", weight_decay);
+    GETF("beta1", beta1);
+    GETF("beta2", beta2);
+    GETF("eps", eps);
+    GETF("grad_clip", grad_clip);
+    GETI("eval_every", eval_every);
+    GETI("eval_steps", eval_steps);
+    GETI("save_every", save_every);
+    GETI("keep_last", keep_last);
+    GETI("log_every", log_every);
+#undef GETI
+#undef GETF
+    if (!s && !(s = js_get_bool(ctx, j, "shuffle", p, true, &b))) o->shuffle = b;
+    if (!s && !(s = js_get_str(ctx, j, "schedule", p, true, &str))) {
+        int k = kiln_schedule_parse(str);
+        if (k < 0) s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: bad schedule", p);
+        else o->schedule = (kiln_schedule)k;
+    }
+    if (!s && !(s = js_get_str(ctx, j, "seed", p, true, &str)))
+        o->seed = strtoull(str, NULL, 10);
+    if (!s && !(s = js_get_str(ctx, j, "data", p, true, &str))) {
+        snprintf(data_buf, cap, "%s", str);
+        o->data = data_buf;
+    }
+    json_decref(st);
+    free(p);
+    return s;
+}
+
+/* ---- setup ----------------------------------------------------------- */
+
+static kiln_status check_opts(kiln_ctx *ctx, const kiln_train_opts *o)
+{
+    if (!o->data)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--data DIR is required");
+    if (!o->out)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--out DIR is required");
+    if (o->config && o->init_from)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "give either --config or --init-from, not both");
+    if (o->batch <= 0 || o->seq <= 0 || o->grad_accum <= 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--batch, --seq and --grad-accum must be positive "
+                         "(got %d, %d, %d)",
+                         o->batch, o->seq, o->grad_accum);
+    if (!(o->lr > 0) || o->min_lr < 0 || o->warmup < 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--lr must be positive and --min-lr, --warmup >= 0");
+    if (o->steps < 0 || (o->steps == 0 && !(o->epochs > 0)))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "give --steps N > 0 or --epochs E > 0");
+    if (o->beta1 < 0 || o->beta1 >= 1 || o->beta2 < 0 || o->beta2 >= 1 ||
+        !(o->eps > 0) || o->weight_decay < 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--beta1/--beta2 must be in [0,1), --eps > 0, "
+                         "--weight-decay >= 0");
+    if (o->eval_every < 0 || o->eval_steps < 0 || o->save_every < 0 ||
+        o->keep_last < 0 || o->log_every <= 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--eval-every, --eval-steps, --save-every, "
+                         "--keep-last must be >= 0 and --log-every > 0");
+    return KILN_OK;
+}
+
+static kiln_status make_model(trainer *t)
+{
+    kiln_ctx *ctx = t->ctx;
+    const kiln_train_opts *o = &t->o;
+    kiln_status s;
+    const char *from = NULL;
+    if (o->resume) {
+        if ((s = kiln_checkpoint_verify(ctx, o->resume))) return s;
+        if ((s = kiln_model_load(ctx, o->resume, &t->model))) return s;
+        from = o->resume;
+    } else if (o->init_from) {
+        if ((s = kiln_checkpoint_verify(ctx, o->init_from))) return s;
+        if ((s = kiln_model_load(ctx, o->init_from, &t->model))) return s;
+        from = o->init_from;
+    } else {
+        kiln_config cfg = kiln_config_default();
+        if (o->config) {
+            if ((s = kiln_config_load(ctx, o->config, &cfg))) return s;
+            from = o->config;
+        } else {
+            cfg.vocab_size = kiln_data_vocab_size(t->data);
+            from = "the default config";
+        }
+        if ((s = kiln_config_validate(ctx, &cfg))) return s;
+        if ((s = kiln_model_new(ctx, &cfg, &t->model))) return s;
+        kiln_model_init_random(t->model, o->seed);
+    }
+    const kiln_config *cfg = kiln_model_config(t->model);
+    int dv = kiln_data_vocab_size(t->data);
+    if (cfg->vocab_size < dv)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "vocab size mismatch: the model (%s) has vocab_size "
+                         "%d but the data in '%s' has vocab_size %d; use a "
+                         "model config with vocab_size %d or tokenize the "
+                         "data with the model's tokenizer",
+                         from, cfg->vocab_size, o->data, dv, dv);
+    if (o->seq > cfg->n_ctx)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--seq %d exceeds the model's context length (n_ctx "
+                         "%d in %s); use --seq %d or less",
+                         o->seq, cfg->n_ctx, from, cfg->n_ctx);
+    kiln_adamw_opts ao = {.beta1 = (float)o->beta1,
+                          .beta2 = (float)o->beta2,
+                          .eps = (float)o->eps,
+                          .weight_decay = (float)o->weight_decay};
+    if ((s = kiln_adamw_new_for_model(ctx, t->model, &ao, &t->opt))) return s;
+    if (o->resume) {
+        char *p = file_join(o->resume, "optimizer.safetensors");
+        s = kiln_adamw_load(ctx, t->opt, p);
+        free(p);
+        if (s) return s;
+    }
+    return kiln_model_prepare(ctx, t->model, o->batch, o->seq);
+}
+
+static kiln_status setup(trainer *t)
+{
+    kiln_ctx *ctx = t->ctx;
+    kiln_train_opts *o = &t->o;
+    kiln_status s;
+    if ((s = check_opts(ctx, o))) return s;
+    if (o->threads > 0) {
+        kiln_set_threads(ctx, o->threads);
+        omp_set_num_threads(o->threads);
+    }
+    if ((s = tr_dist_init(t))) return s;
+    if ((s = kiln_data_open(ctx, o->data, &t->data))) return s;
+    if (!realpath(o->data, t->data_real)) snprintf(t->data_real, sizeof t->data_real, "%s", o->data);
+    snprintf(t->run_dir, sizeof t->run_dir, "%s", o->out);
+    if (kiln_data_tokens(t->data, KILN_SPLIT_TRAIN) == 0)
+        return kiln_fail(ctx, KILN_ERR_FORMAT,
+                         "'%s' has no training shards (train_files is empty)",
+                         o->data);
+    if ((s = kiln_loader_new(ctx, t->data, KILN_SPLIT_TRAIN, o->seq,
+                             o->shuffle, o->seed, &t->train)))
+        return s;
+    if (!o->resume) {
+        char *lp = file_join(o->out, "latest");
+        bool has = lp && file_exists(lp);
+        free(lp);
+        if (has)
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "'%s' already holds checkpoints of a run; "
+                             "continue it with --resume %s, or choose "
+                             "another --out",
+                             o->out, o->out);
+    }
+    if ((s = make_model(t))) return s;
+    if ((s = tr_dist_bcast_params(t))) return s;
+    t->G = (int64_t)o->batch * o->grad_accum * t->world;
+    int64_t nwin = kiln_loader_num_windows(t->train);
+    t->total = o->steps > 0 ? o->steps
+                            : (int64_t)ceil(o->epochs * (double)nwin / (double)t->G);
+    if (t->total < 1) t->total = 1;
+    t->history = json_array();
+    kiln_rng_seed(&t->rng, o->seed);
+    t->val_loss = NAN;
+    if (o->resume && (s = load_state(t, o->resume))) return s;
+    /* validation tokens: enough for eval_steps batches of B windows */
+    size_t nv = kiln_data_tokens(t->data, KILN_SPLIT_VAL);
+    if (o->eval_every > 0 && o->eval_steps > 0) {
+        if (nv < 2) {
+            kiln_log(ctx, KILN_LOG_WARN,
+                     "'%s' has no validation split: no val_loss will be "
+                     "reported (tokenize with --val-fraction)",
+                     o->data);
+        } else {
+            size_t want = (size_t)o->eval_steps * (size_t)o->batch * (size_t)o->seq + 1;
+            t->n_val = KILN_MIN(nv, want);
+            t->val = kiln_malloc(ctx, t->n_val * sizeof *t->val);
+            if (!t->val) return KILN_ERR_NOMEM;
+            kiln_data_read(t->data, KILN_SPLIT_VAL, 0, t->n_val, t->val);
+        }
+    }
+    size_t bt = (size_t)o->batch * (size_t)o->seq;
+    t->inputs = kiln_malloc(ctx, bt * sizeof *t->inputs);
+    t->targets = kiln_malloc(ctx, bt * sizeof *t->targets);
+    if (!t->inputs || !t->targets) return KILN_ERR_NOMEM;
+    if (t->rank == 0 && (s = file_mkdirs(ctx, o->out))) return s;
+    return metrics_open(t);
+}
+
+/* ---- the loop -------------------------------------------------------- */
+
+static kiln_status evaluate(trainer *t, double *out)
+{
+    double ls = 0, n = 0;
+    kiln_status s = kiln_eval_tokens(t->ctx, t->model, t->val, t->n_val,
+                                     t->o.batch, t->o.seq, &ls, &n);
+    if (s) return s;
+    *out = n > 0 ? ls / n : NAN;
+    return KILN_OK;
+}
+
+static kiln_status diverged(trainer *t, const char *what, double v, double lr)
+{
+    return kiln_fail(t->ctx, KILN_ERR_NUMERIC,
+                     "%s is %g at step %lld (lr %.3g): training diverged; "
+                     "lower --lr, raise --warmup or use --grad-clip, and "
+                     "restart%s%s",
+                     what, v, (long long)t->step + 1, lr,
+                     t->last_ckpt[0] ? " or resume from " : "",
+                     t->last_ckpt[0] ? t->last_ckpt : "");
+}
+
+/* One optimizer step. */
+static kiln_status train_step(trainer *t, double *loss, double *gnorm,
+                              double *lr)
+{
+    kiln_ctx *ctx = t->ctx;
+    const kiln_train_opts *o = &t->o;
+    const int B = o->batch, T = o->seq, K = o->grad_accum;
+    const int V = kiln_model_config(t->model)->vocab_size;
+    kiln_status s;
+    kiln_model_zero_grad(t->model);
+    double sums[2] = {0, 0}; /* loss sum, tokens */
+    /* Each process's gradient is the mean over its own B*K*T tokens;
+     * averaging over processes makes it the global-batch mean. */
+    const float scale = (float)(1.0 / ((double)B * K * T));
+    for (int k = 0; k < K; k++) {
+        int64_t row0 = t->pos + ((int64_t)k * t->world + t->rank) * B;
+        for (int b = 0; b < B; b++)
+            kiln_loader_get(t->train, row0 + b, t->inputs + (size_t)b * T,
+                            t->targets + (size_t)b * T);
+        float *logits;
+        if ((s = kiln_model_forward(ctx, t->model, t->inputs, B, T, &logits)))
+            return s;
+        if (k == K - 1 && (s = tr_dist_grads_begin(t))) return s;
+        if ((s = kiln_cross_entropy(ctx, logits, t->targets, NULL,
+                                    (int64_t)B * T, V, scale, logits,
+                                    &sums[0], &sums[1])))
+            return s;
+        if ((s = kiln_model_backward(ctx, t->model, logits))) return s;
+    }
+    if ((s = tr_dist_grads_finish(t))) return s;
+    if ((s = tr_dist_sum(t, sums, 2))) return s;
+    *loss = sums[0] / sums[1];
+    *lr = kiln_lr_at(o->schedule, o->lr, o->min_lr, o->warmup, t->total, t->step);
+    if (!isfinite(*loss)) return diverged(t, "the training loss", *loss, *lr);
+    float *g = kiln_model_grads(t->model);
+    size_t n = kiln_model_num_params(t->model);
+    /* precision: a loss scaler unscales g here and may skip the update
+     * (bool skip) when g holds inf/NaN. */
+    *gnorm = kiln_l2_norm(g, n);
+    if (!isfinite(*gnorm)) return diverged(t, "the gradient norm", *gnorm, *lr);
+    kiln_clip_grad_norm(g, n, *gnorm, o->grad_clip);
+    kiln_adamw_step(t->opt, kiln_model_params(t->model), g, (float)*lr);
+    t->pos += t->G;
+    t->step++;
+    return KILN_OK;
+}
+
+static void trainer_free(trainer *t)
+{
+    if (t->metrics) fclose(t->metrics);
+    json_decref(t->history);
+    free(t->inputs);
+    free(t->targets);
+    free(t->val);
+    kiln_loader_free(t->train);
+    kiln_data_close(t->data);
+    kiln_adamw_free(t->opt);
+    kiln_model_free(t->model);
+    tr_dist_free(t);
+}
+
+static void banner(trainer *t)
+{
+    const kiln_config *c = kiln_model_config(t->model);
+    const kiln_train_opts *o = &t->o;
+    int64_t nwin = kiln_loader_num_windows(t->train);
+    say(t, "model: %s L=%d C=%d NH=%d V=%d n_ctx=%d, %.2fM parameters",
+        c->arch == KILN_ARCH_LLAMA ? "llama" : "gpt2", c->n_layer, c->n_embd,
+        c->n_head, c->vocab_size, c->n_ctx,
+        (double)kiln_model_num_params(t->model) / 1e6);
+    say(t, "data: %s, %zu train tokens (%lld windows of %d+1), %zu val tokens",
+        o->data, kiln_data_tokens(t->data, KILN_SPLIT_TRAIN), (long long)nwin,
+        o->seq, kiln_data_tokens(t->data, KILN_SPLIT_VAL));
+    say(t, "batch: %d x %d seq x %d accum x %d proc = %lld tokens/step; %lld "
+           "steps (%.2f epochs); lr %.2e %s, warmup %lld, min %.2e",
+        o->batch, o->seq, o->grad_accum, t->world, (long long)(t->G * o->seq),
+        (long long)t->total, (double)t->total * (double)t->G / (double)nwin,
+        o->lr, kiln_schedule_name(o->schedule), (long long)o->warmup, o->min_lr);
+    if (o->resume)
+        say(t, "resumed from %s at step %lld", o->resume, (long long)t->step);
+}
+
+kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
+                       kiln_train_result *res)
+{
+    trainer tr;
+    memset(&tr, 0, sizeof tr);
+    trainer *t = &tr;
+    t->ctx = ctx;
+    t->o = *opts;
+    t->val_loss = NAN;
+    memset(res, 0, sizeof *res);
+    res->val_loss = NAN;
+    t->t_start = kiln_time_now();
+    kiln_status s = setup(t);
+    if (s) {
+        trainer_free(t);
+        return s;
+    }
+    t->bar = t->o.progress == KILN_PROGRESS_BAR ||
+             (t->o.progress == KILN_PROGRESS_AUTO && isatty(STDOUT_FILENO));
+    banner(t);
+    if (t->o.resume) snprintf(t->last_ckpt, sizeof t->last_ckpt, "%s", t->o.resume);
+    double loss = NAN, lr = 0, gnorm = 0;
+    bool stopped = false;
+    if (t->step == 0 && t->val && !opts->resume) {
+        if ((s = evaluate(t, &t->val_loss))) goto out;
+        say(t, "step 0: val_loss %.4f (perplexity %.2f)", t->val_loss,
+            exp(t->val_loss));
+        json_t *m = json_pack("{s:I,s:f}", "step", (json_int_t)0, "val_loss",
+                              t->val_loss);
+        if (t->rank == 0) metrics_append(t, m);
+        json_decref(m);
+    }
+    while (t->step < t->total) {
+        double t0 = kiln_time_now();
+        if ((s = train_step(t, &loss, &gnorm, &lr))) goto out;
+        double dt = kiln_time_now() - t0;
+        t->step_time += dt;
+        t->steps_timed++;
+        double tps = (double)(t->G * t->o.seq) / (t->step_time / (double)t->steps_timed);
+        bool last = t->step == t->total;
+        json_t *m = json_pack(
+            "{s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:I}", "step", (json_int_t)t->step,
+            "loss", loss, "lr", lr, "grad_norm", gnorm, "tokens_per_s",
+            (double)(t->G * t->o.seq) / dt, "elapsed",
+            t->elapsed_before + kiln_time_now() - t->t_start, "epoch",
+            (double)t->pos / (double)kiln_loader_num_windows(t->train),
+            "tokens", (json_int_t)(t->pos * t->o.seq));
+        bool stop = (t->o.stop_flag && *t->o.stop_flag) ||
+                    (t->o.stop_at > 0 && t->step >= t->o.stop_at) ||
+                    (t->o.max_time > 0 && kiln_time_now() - t->t_start >= t->o.max_time);
+        if (t->val && ((t->o.eval_every > 0 && t->step % t->o.eval_every == 0) || last)) {
+            if ((s = evaluate(t, &t->val_loss))) {
+                json_decref(m);
+                goto out;
+            }
+            json_object_set_new(m, "val_loss", json_real(t->val_loss));
+            say(t, "step %lld: val_loss %.4f (perplexity %.2f)",
+                (long long)t->step, t->val_loss, exp(t->val_loss));
+        }
+        if (t->rank == 0) metrics_append(t, m);
+        json_decref(m);
+        progress(t, loss, lr, gnorm, tps);
+        if (last || stop ||
+            (t->o.save_every > 0 && t->step % t->o.save_every == 0)) {
+            if ((s = save(t, lr))) goto out;
+        }
+        if (stop && !last) {
+            stopped = true;
+            break;
+        }
+    }
+out:
+    if (t->bar_drawn) {
+        fputc('\n', stdout);
+        fflush(stdout);
+    }
+    res->step = t->step;
+    res->loss = loss;
+    res->val_loss = t->val_loss;
+    res->interrupted = stopped;
+    snprintf(res->checkpoint, sizeof res->checkpoint, "%.1000s", t->last_ckpt);
+    trainer_free(t);
+    return s;
+}

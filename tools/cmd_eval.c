@@ -1,0 +1,215 @@
+/*
+ * cmd_eval.c — `kiln eval`: mean next-token cross-entropy and perplexity
+ * of a model on a token file or on a data directory's validation split.
+ */
+#include "cli.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* Reads FILE as a token shard (magic "KILNTOK") or as raw little-endian
+ * uint32 ids. *ids is malloc'ed. */
+static kiln_status read_tokens(kiln_ctx *ctx, const char *path, int32_t **ids,
+                               size_t *n, const char **kind)
+{
+    *ids = NULL;
+    *n = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return kiln_fail(ctx, KILN_ERR_IO, "--tokens: cannot open '%s'", path);
+    char magic[8] = {0};
+    size_t got = fread(magic, 1, 8, f);
+    if (got == 8 && !memcmp(magic, "KILNTOK", 8)) {
+        fclose(f);
+        kiln_shard *sh;
+        kiln_status s = kiln_shard_open(ctx, path, &sh);
+        if (s) return s;
+        *n = kiln_shard_count(sh);
+        *ids = malloc((*n ? *n : 1) * sizeof **ids);
+        if (!*ids) {
+            kiln_shard_close(sh);
+            return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        }
+        kiln_shard_read(sh, 0, *n, *ids);
+        kiln_shard_close(sh);
+        *kind = "token shard";
+        return KILN_OK;
+    }
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || st.st_size % 4 != 0) {
+        fclose(f);
+        return kiln_fail(ctx, KILN_ERR_FORMAT,
+                         "--tokens: '%s' is neither a kiln token shard nor raw "
+                         "little-endian uint32 ids (its size is not a "
+                         "multiple of 4)",
+                         path);
+    }
+    *n = (size_t)st.st_size / 4;
+    unsigned char *raw = malloc((size_t)st.st_size + 4);
+    *ids = malloc((*n ? *n : 1) * sizeof **ids);
+    rewind(f);
+    if (!raw || !*ids || fread(raw, 1, (size_t)st.st_size, f) != (size_t)st.st_size) {
+        free(raw);
+        free(*ids);
+        *ids = NULL;
+        fclose(f);
+        return kiln_fail(ctx, KILN_ERR_IO, "--tokens: cannot read '%s'", path);
+    }
+    fclose(f);
+    for (size_t i = 0; i < *n; i++) {
+        uint32_t v = (uint32_t)raw[4 * i] | (uint32_t)raw[4 * i + 1] << 8 |
+                     (uint32_t)raw[4 * i + 2] << 16 | (uint32_t)raw[4 * i + 3] << 24;
+        if (v > INT32_MAX) {
+            free(raw);
+            free(*ids);
+            *ids = NULL;
+            return kiln_fail(ctx, KILN_ERR_RANGE,
+                             "--tokens: '%s': id %u at position %zu is out of "
+                             "range",
+                             path, v, i);
+        }
+        (*ids)[i] = (int32_t)v;
+    }
+    free(raw);
+    *kind = "raw uint32";
+    return KILN_OK;
+}
+
+int cmd_eval(int argc, char **argv)
+{
+    const char *model_dir = NULL, *tokens = NULL, *data = NULL, *split = "val";
+    bool json = false;
+    int B = 4, T = 0, threads = 0;
+    int64_t max_tokens = 0;
+    cli_opt opts[] = {
+        {"model", CLI_STR, &model_dir, "model directory, checkpoint, or run directory (its latest checkpoint)", true},
+        {"tokens", CLI_STR, &tokens, "token file: a kiln token shard or raw little-endian uint32 ids", false},
+        {"data", CLI_STR, &data, "data directory from kiln tokenize", false},
+        {"split", CLI_STR, &split, "with --data: val | train [val]", false},
+        {"batch", CLI_INT, &B, "windows per forward pass [4]", false},
+        {"seq", CLI_INT, &T, "window length [the model's n_ctx]", false},
+        {"max-tokens", CLI_I64, &max_tokens, "evaluate only the first N tokens [all]", false},
+        {"threads", CLI_INT, &threads, "compute threads, 0 = all cores [0]", false},
+        {"json", CLI_BOOL, &json, "print one JSON object", false},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("eval", "eval --model DIR (--tokens FILE | --data DIR) [--json] [--batch B] [--seq T]",
+                       "Mean next-token cross-entropy (nats/token) and perplexity.\n"
+                       "Every token after the first is predicted once, in windows of\n"
+                       "--seq tokens of context.",
+                       opts, argc, argv, NULL);
+    if (rc) {
+        cli_free(opts, NULL);
+        return rc == 1 ? 0 : 2;
+    }
+    if (!tokens == !data) {
+        fprintf(stderr, "kiln eval: give exactly one of --tokens FILE or --data DIR\n");
+        cli_free(opts, NULL);
+        return 2;
+    }
+    kiln_split sp = KILN_SPLIT_VAL;
+    if (!strcmp(split, "train")) sp = KILN_SPLIT_TRAIN;
+    else if (strcmp(split, "val")) {
+        fprintf(stderr, "kiln eval: --split '%s' is not val or train\n", split);
+        cli_free(opts, NULL);
+        return 2;
+    }
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_set_threads(ctx, threads);
+    kiln_model *m = NULL;
+    kiln_data *d = NULL;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    const char *kind = "";
+    int ret = 0;
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", model_dir);
+    /* a run directory stands for its latest checkpoint */
+    char cfgp[1100];
+    snprintf(cfgp, sizeof cfgp, "%s/config.json", model_dir);
+    struct stat st;
+    kiln_status s = KILN_OK;
+    if (stat(cfgp, &st) != 0) {
+        char lp[1100];
+        snprintf(lp, sizeof lp, "%s/latest", model_dir);
+        if (stat(lp, &st) == 0) s = kiln_checkpoint_resolve(ctx, model_dir, dir, sizeof dir);
+    }
+    if (!s) s = kiln_checkpoint_verify(ctx, dir);
+    if (!s) s = kiln_model_load(ctx, dir, &m);
+    if (s) goto fail;
+    const kiln_config *cfg = kiln_model_config(m);
+    if (T <= 0) T = cfg->n_ctx;
+    if (T > cfg->n_ctx) {
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                      "--seq %d exceeds the model's context length (n_ctx %d); "
+                      "use --seq %d or less",
+                      T, cfg->n_ctx, cfg->n_ctx);
+        goto fail;
+    }
+    if (B <= 0) {
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--batch must be positive");
+        goto fail;
+    }
+    if (tokens) {
+        if ((s = read_tokens(ctx, tokens, &ids, &n, &kind))) goto fail;
+    } else {
+        if ((s = kiln_data_open(ctx, data, &d))) goto fail;
+        if (kiln_data_vocab_size(d) > cfg->vocab_size) {
+            s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                          "vocab size mismatch: the data in '%s' has vocab_size "
+                          "%d but the model has %d",
+                          data, kiln_data_vocab_size(d), cfg->vocab_size);
+            goto fail;
+        }
+        n = kiln_data_tokens(d, sp);
+        if (n < 2) {
+            s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                          "'%s' has no %s split%s", data, split,
+                          sp == KILN_SPLIT_VAL ? " (use --split train, or tokenize with --val-fraction)" : "");
+            goto fail;
+        }
+        if (max_tokens > 0 && (size_t)max_tokens < n) n = (size_t)max_tokens;
+        ids = malloc(n * sizeof *ids);
+        if (!ids) {
+            s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+            goto fail;
+        }
+        kiln_data_read(d, sp, 0, n, ids);
+        kind = sp == KILN_SPLIT_VAL ? "validation split" : "training split";
+    }
+    if (max_tokens > 0 && (size_t)max_tokens < n) n = (size_t)max_tokens;
+    if (n < 2) {
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                      "%s holds %zu tokens; at least 2 are needed",
+                      tokens ? tokens : data, n);
+        goto fail;
+    }
+    double t0 = kiln_time_now(), ls = 0, cnt = 0;
+    if ((s = kiln_eval_tokens(ctx, m, ids, n, B, T, &ls, &cnt))) goto fail;
+    double dt = kiln_time_now() - t0, loss = ls / cnt;
+    if (json) {
+        printf("{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %.0f, "
+               "\"bits_per_token\": %.6f, \"seq\": %d, \"model\": \"%s\", "
+               "\"source\": \"%s\", \"seconds\": %.3f}\n",
+               loss, exp(loss), cnt, loss / log(2.0), T, dir,
+               tokens ? tokens : data, dt);
+    } else {
+        printf("%s (%s): %.0f tokens predicted, seq %d\n", tokens ? tokens : data,
+               kind, cnt, T);
+        printf("loss %.4f nats/token | perplexity %.3f | %.3f bits/token | "
+               "%.1fs (%.0f tok/s)\n",
+               loss, exp(loss), loss / log(2.0), dt, cnt / dt);
+    }
+    goto done;
+fail:
+    ret = cli_fail(ctx, "eval", s);
+done:
+    free(ids);
+    kiln_data_close(d);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+    cli_free(opts, NULL);
+    return ret;
+}

@@ -1,0 +1,237 @@
+/*
+ * cmd_train.c — `kiln train` (pretraining with checkpoints and exact
+ * resume) and `kiln plot` (a run's loss curves as SVG).
+ */
+#include "cli.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static volatile int g_stop; /* set by SIGINT/SIGTERM */
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    if (g_stop) _exit(130); /* second signal: leave now */
+    g_stop = 1;
+    static const char msg[] =
+        "\nkiln train: stopping after this step and saving a checkpoint "
+        "(signal again to quit without saving)\n";
+    ssize_t r = write(STDERR_FILENO, msg, sizeof msg - 1);
+    (void)r;
+}
+
+/* True when --name was given on the command line. */
+static bool given(int argc, char **argv, const char *name)
+{
+    size_t n = strlen(name);
+    for (int i = 1; i < argc; i++)
+        if (!strncmp(argv[i], "--", 2) && !strncmp(argv[i] + 2, name, n) &&
+            (argv[i][2 + n] == 0 || argv[i][2 + n] == '='))
+            return true;
+    return false;
+}
+
+static int parse_progress(const char *s)
+{
+    if (!strcmp(s, "auto")) return KILN_PROGRESS_AUTO;
+    if (!strcmp(s, "bar")) return KILN_PROGRESS_BAR;
+    if (!strcmp(s, "lines")) return KILN_PROGRESS_LINES;
+    if (!strcmp(s, "none")) return KILN_PROGRESS_NONE;
+    return -1;
+}
+
+int cmd_train(int argc, char **argv)
+{
+    kiln_train_opts o = kiln_train_opts_default();
+    const char *schedule = "cosine", *progress = "auto", *resume = NULL;
+    int64_t seed = (int64_t)o.seed;
+    bool sequential = false;
+    cli_opt opts[] = {
+        {"config", CLI_STR, &o.config, "model config.json for a new model", false},
+        {"init-from", CLI_STR, &o.init_from, "start from this model directory", false},
+        {"data", CLI_STR, &o.data, "data directory from kiln tokenize", false},
+        {"out", CLI_STR, &o.out, "run directory (checkpoints, metrics.jsonl)", false},
+        {"resume", CLI_OPTSTR, &resume, "continue a run: a run directory (its latest checkpoint) or a step_* checkpoint [--out]", false},
+        {"batch", CLI_INT, &o.batch, "sequences per micro-batch [8]", false},
+        {"seq", CLI_INT, &o.seq, "tokens per sequence [128]", false},
+        {"grad-accum", CLI_INT, &o.grad_accum, "micro-batches per optimizer step [1]", false},
+        {"lr", CLI_F64, &o.lr, "peak learning rate [3e-4]", false},
+        {"min-lr", CLI_F64, &o.min_lr, "final learning rate of cosine/linear decay [3e-5]", false},
+        {"warmup", CLI_I64, &o.warmup, "linear warmup steps [100]", false},
+        {"schedule", CLI_STR, &schedule, "cosine | linear | constant [cosine]", false},
+        {"steps", CLI_I64, &o.steps, "optimizer steps (overrides --epochs)", false},
+        {"epochs", CLI_F64, &o.epochs, "passes over the training split [1]", false},
+        {"weight-decay", CLI_F64, &o.weight_decay, "AdamW decoupled weight decay on matrices [0.1]", false},
+        {"beta1", CLI_F64, &o.beta1, "AdamW beta1 [0.9]", false},
+        {"beta2", CLI_F64, &o.beta2, "AdamW beta2 [0.95]", false},
+        {"eps", CLI_F64, &o.eps, "AdamW epsilon [1e-8]", false},
+        {"grad-clip", CLI_F64, &o.grad_clip, "max global gradient norm, 0 = off [1.0]", false},
+        {"sequential", CLI_BOOL, &sequential, "read windows in file order instead of a seeded shuffle per epoch", false},
+        {"eval-every", CLI_I64, &o.eval_every, "steps between validation evals, 0 = off [100]", false},
+        {"eval-steps", CLI_I64, &o.eval_steps, "validation batches per eval [20]", false},
+        {"save-every", CLI_I64, &o.save_every, "steps between checkpoints, 0 = at the end only [500]", false},
+        {"keep-last", CLI_INT, &o.keep_last, "checkpoints to keep, 0 = all [3]", false},
+        {"seed", CLI_I64, &seed, "seed of initialisation and data order [1337]", false},
+        {"threads", CLI_INT, &o.threads, "compute threads, 0 = all cores [0]", false},
+        {"log-every", CLI_I64, &o.log_every, "steps between progress lines when not on a terminal [10]", false},
+        {"progress", CLI_STR, &progress, "auto | bar | lines | none [auto]", false},
+        {"max-time", CLI_F64, &o.max_time, "stop, save and exit after this many seconds [off]", false},
+        {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step (as an interruption would) [off]", false},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("train", "train --data DIR --out DIR [--config C.json | --init-from DIR] [flags]\n       kiln train --resume RUN_DIR [flags]",
+                       "Pretrains a causal language model on token shards. Writes\n"
+                       "RUN/metrics.jsonl, RUN/step_*/ checkpoints and RUN/loss.svg.\n"
+                       "Ctrl-C (SIGINT) or SIGTERM finishes the step, saves and exits 0.\n"
+                       "With --resume, the run's saved options are used; flags given\n"
+                       "on the command line override them.",
+                       opts, argc, argv, NULL);
+    if (rc) {
+        cli_free(opts, NULL);
+        return rc == 1 ? 0 : 2;
+    }
+    kiln_ctx *ctx = kiln_ctx_new();
+    int ret = 0;
+    char ckpt[1024], databuf[4096], outbuf[1024];
+    kiln_status s = KILN_OK;
+    o.seed = (uint64_t)seed;
+    o.shuffle = !sequential;
+    int k = kiln_schedule_parse(schedule), pk = parse_progress(progress);
+    if (k < 0 || pk < 0) {
+        fprintf(stderr, "kiln train: %s '%s' is not one of %s\n",
+                k < 0 ? "--schedule" : "--progress", k < 0 ? schedule : progress,
+                k < 0 ? "cosine, linear, constant" : "auto, bar, lines, none");
+        ret = 2;
+        goto done;
+    }
+    o.schedule = (kiln_schedule)k;
+    o.progress = (kiln_progress)pk;
+    if (resume) {
+        const char *where = *resume ? resume : o.out;
+        if (!where) {
+            fprintf(stderr, "kiln train: --resume needs a directory (or --out RUN)\n");
+            ret = 2;
+            goto done;
+        }
+        if ((s = kiln_checkpoint_resolve(ctx, where, ckpt, sizeof ckpt))) {
+            ret = cli_fail(ctx, "train", s);
+            goto done;
+        }
+        kiln_train_opts saved = kiln_train_opts_default();
+        if ((s = kiln_train_opts_load(ctx, ckpt, &saved, databuf, sizeof databuf))) {
+            ret = cli_fail(ctx, "train", s);
+            goto done;
+        }
+        /* flags given now override the saved run options */
+#define OVR(flag, field) if (given(argc, argv, flag)) saved.field = o.field
+        OVR("data", data); OVR("batch", batch); OVR("seq", seq);
+        OVR("grad-accum", grad_accum); OVR("lr", lr); OVR("min-lr", min_lr);
+        OVR("warmup", warmup); OVR("schedule", schedule); OVR("weight-decay", weight_decay);
+        OVR("beta1", beta1); OVR("beta2", beta2); OVR("eps", eps);
+        OVR("grad-clip", grad_clip); OVR("sequential", shuffle);
+        OVR("eval-every", eval_every); OVR("eval-steps", eval_steps);
+        OVR("save-every", save_every); OVR("keep-last", keep_last); OVR("seed", seed);
+        OVR("log-every", log_every);
+#undef OVR
+        if (given(argc, argv, "steps")) saved.steps = o.steps;
+        else if (given(argc, argv, "epochs")) {
+            saved.steps = 0;
+            saved.epochs = o.epochs;
+        }
+        saved.threads = o.threads;
+        saved.progress = o.progress;
+        saved.max_time = o.max_time;
+        saved.stop_at = o.stop_at;
+        if (!o.out) { /* the run directory holding the checkpoint */
+            snprintf(outbuf, sizeof outbuf, "%s", ckpt);
+            char *sl = strrchr(outbuf, '/');
+            if (sl) *sl = 0;
+            else snprintf(outbuf, sizeof outbuf, ".");
+            saved.out = outbuf;
+        } else {
+            saved.out = o.out;
+        }
+        saved.resume = ckpt;
+        saved.config = saved.init_from = NULL;
+        o = saved;
+    } else if (!o.data || !o.out) {
+        fprintf(stderr, "kiln train: --data and --out are required (or --resume RUN_DIR; see kiln train --help)\n");
+        ret = 2;
+        goto done;
+    }
+    g_stop = 0;
+    o.stop_flag = &g_stop;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    kiln_train_result res;
+    s = kiln_train(ctx, &o, &res);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    if (s) {
+        ret = cli_fail(ctx, "train", s);
+        goto done;
+    }
+    char *svg = malloc(strlen(o.out) + 16);
+    bool plotted = false;
+    if (svg) {
+        sprintf(svg, "%s/loss.svg", o.out);
+        plotted = kiln_plot_metrics(ctx, o.out, svg) == KILN_OK;
+    }
+    if (res.interrupted) {
+        printf("stopped at step %lld; checkpoint %s\n"
+               "resume with: kiln train --resume %s\n",
+               (long long)res.step, res.checkpoint, o.out);
+    } else {
+        printf("done: step %lld, loss %.4f", (long long)res.step, res.loss);
+        if (res.val_loss == res.val_loss) printf(", val_loss %.4f", res.val_loss);
+        printf("\ncheckpoint: %s\nmetrics:    %s/metrics.jsonl\n", res.checkpoint, o.out);
+    }
+    if (plotted) printf("loss plot:  %s\n", svg);
+    free(svg);
+done:
+    kiln_ctx_free(ctx);
+    cli_free(opts, NULL);
+    return ret;
+}
+
+int cmd_plot(int argc, char **argv)
+{
+    const char *out = NULL;
+    cli_opt opts[] = {
+        {"out", CLI_STR, &out, "SVG file to write [RUN_DIR/loss.svg]", false},
+        {NULL, 0, NULL, NULL, false}};
+    cli_list pos;
+    int rc = cli_parse("plot", "plot RUN_DIR [--out FILE.svg]",
+                       "Renders RUN_DIR/metrics.jsonl (train and validation loss vs\n"
+                       "step) as an SVG image.",
+                       opts, argc, argv, &pos);
+    if (rc) {
+        cli_free(opts, &pos);
+        return rc == 1 ? 0 : 2;
+    }
+    if (pos.n != 1) {
+        fprintf(stderr, "kiln plot: give one run directory (see kiln plot --help)\n");
+        cli_free(opts, &pos);
+        return 2;
+    }
+    kiln_ctx *ctx = kiln_ctx_new();
+    const char *run = pos.items[0];
+    char *def = malloc(strlen(run) + 16);
+    if (!def) return 1;
+    sprintf(def, "%s/loss.svg", run);
+    const char *svg = out ? out : def;
+    kiln_status s = kiln_plot_metrics(ctx, run, svg);
+    int ret = 0;
+    if (s) ret = cli_fail(ctx, "plot", s);
+    else printf("wrote %s\n", svg);
+    free(def);
+    kiln_ctx_free(ctx);
+    cli_free(opts, &pos);
+    return ret;
+}
