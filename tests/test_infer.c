@@ -354,7 +354,7 @@ static void test_linear_matches_reference(void)
             for (int acc = 0; acc < 2; acc++) {
                 imat m = {R, K, bf ? NULL : w, bf ? wb : NULL};
                 for (int i = 0; i < T * R; i++) y[i] = y2[i] = (float)i * 0.01f;
-                ik_linear(y, x, T, &m, acc ? b : NULL, acc);
+                ik_linear(y, x, T, &m, acc ? b : NULL, acc, 2);
                 ik_linear_ref(y2, x, T, &m, acc ? b : NULL, acc);
                 double worst = 0;
                 for (int i = 0; i < T * R; i++) worst = fmax(worst, fabs(y[i] - y2[i]));

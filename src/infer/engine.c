@@ -18,6 +18,9 @@
 #include "infer/infer.h"
 
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -48,6 +51,7 @@ struct kiln_engine {
     int *wrow;      /* (T) */
     int *slot_next; /* (S) */
     size_t weight_bytes;
+    int nth;        /* OpenMP threads */
     bool own_wte;
     bool head_is_wte;
 };
@@ -322,6 +326,12 @@ kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
     if (!e) return KILN_ERR_NOMEM;
     e->cfg = *cfg;
     e->opts = o;
+    e->nth = kiln_get_threads(ctx);
+#ifdef _OPENMP
+    if (e->nth <= 0) e->nth = omp_get_max_threads();
+#else
+    e->nth = 1;
+#endif
     e->C = cfg->n_embd;
     e->NH = cfg->n_head;
     e->KVH = cfg->n_kv_head > 0 ? cfg->n_kv_head : cfg->n_head;
@@ -505,7 +515,7 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
     for (int l = 0; l < e->L; l++) {
         const ilayer *y = &e->layers[l];
         norm_rows(e, e->xn, e->x, T, y->ln1_w, y->ln1_b);
-        ik_linear(e->qkv, e->xn, T, &y->qkv, y->qkv_b, false);
+        ik_linear(e->qkv, e->xn, T, &y->qkv, y->qkv_b, false, e->nth);
         for (int t = 0; t < T; t++) {
             float *q = e->qkv + (size_t)t * QKV, *k = q + C, *v = k + KVD;
             if (llama) {
@@ -518,7 +528,7 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
         }
         long work = 0; /* multiply-adds of attention in this step */
         for (int t = 0; t < T; t++) work += (long)(e->epos[t] + 1) * 2 * C;
-#pragma omp parallel for schedule(dynamic, 1) if (T * NH > 1 && work > 200000)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(e->nth) if (e->nth > 1 && T * NH > 1 && work > 200000)
         for (int th = 0; th < T * NH; th++) {
             int t = th / NH, h = th % NH, kh = h / grp, n = e->epos[t] + 1;
             const float *q = e->qkv + (size_t)t * QKV + h * HS;
@@ -546,20 +556,20 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
                 for (int i = 0; i < HS; i++) o[i] += a * v[i];
             }
         }
-        ik_linear(e->x, e->att, T, &y->o, y->o_b, true);
+        ik_linear(e->x, e->att, T, &y->o, y->o_b, true, e->nth);
         norm_rows(e, e->xn, e->x, T, y->ln2_w, y->ln2_b);
         if (llama) {
-            ik_linear(e->hid, e->xn, T, &y->up, y->up_b, false);
+            ik_linear(e->hid, e->xn, T, &y->up, y->up_b, false, e->nth);
             for (int t = 0; t < T; t++) {
                 const float *g = e->hid + (size_t)t * 2 * F, *u = g + F;
                 float *f = e->ff + (size_t)t * F;
                 for (int i = 0; i < F; i++) f[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
             }
         } else {
-            ik_linear(e->ff, e->xn, T, &y->up, y->up_b, false);
+            ik_linear(e->ff, e->xn, T, &y->up, y->up_b, false, e->nth);
             for (size_t i = 0; i < (size_t)T * F; i++) e->ff[i] = gelu_tanh(e->ff[i]);
         }
-        ik_linear(e->x, e->ff, T, &y->down, y->down_b, true);
+        ik_linear(e->x, e->ff, T, &y->down, y->down_b, true, e->nth);
     }
     if (nw > 0) {
         /* Final norm of the rows whose logits are wanted, compacted. */
@@ -569,7 +579,7 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
             if (llama) rmsnorm(o, x, e->lnf_w, C, e->cfg.norm_eps);
             else layernorm(o, x, e->lnf_w, e->lnf_b, C, e->cfg.norm_eps);
         }
-        ik_linear(logits, e->xn, nw, &e->head, NULL, false);
+        ik_linear(logits, e->xn, nw, &e->head, NULL, false, e->nth);
     }
     memcpy(e->pos, e->slot_next, (size_t)e->S * sizeof(int));
     return KILN_OK;

@@ -34,9 +34,9 @@ typedef struct imat {
 /* Y (T, rows) = X (T, cols) W^T + b (b may be NULL); when acc, adds into Y
  * instead of overwriting. Streams W once for all T rows (T <= 8 in the
  * register tile; larger T is tiled over blocks of W that stay in cache).
- * Parallel over output rows (OpenMP). */
+ * Parallel over output rows on nth OpenMP threads (0 = all). */
 void ik_linear(float *Y, const float *X, int T, const imat *W,
-               const float *b, bool acc);
+               const float *b, bool acc, int nth);
 /* Portable reference of the same (scalar, no threads). */
 void ik_linear_ref(float *Y, const float *X, int T, const imat *W,
                    const float *b, bool acc);
@@ -56,7 +56,7 @@ static inline float ik_bf16_to_f32(uint16_t h)
 
 /* Streaming read of n bytes (the bandwidth roofline): returns a checksum
  * so the read cannot be optimised away. Parallel (OpenMP). */
-double ik_stream_read(const void *p, size_t n);
+double ik_stream_read(const void *p, size_t n, int nth);
 
 /* Copies n bytes into a malloc'ed NUL-terminated string of valid UTF-8,
  * each invalid byte replaced by U+FFFD; *out_len gets its length. */

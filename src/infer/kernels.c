@@ -103,16 +103,18 @@ static inline void micro(const imat *W, int r0, int nr, const float *X,
 #endif
 
 void ik_linear(float *Y, const float *X, int T, const imat *W,
-               const float *b, bool acc)
+               const float *b, bool acc, int nth)
 {
 #ifndef IK_AVX512
+    (void)nth;
     ik_linear_ref(Y, X, T, W, b, acc);
 #else
     const int R = W->rows, K = W->cols;
     const size_t row_bytes = (size_t)K * (W->f32 ? 4 : 2);
-    int nth = 1;
 #ifdef _OPENMP
-    nth = omp_get_max_threads();
+    if (nth <= 0) nth = omp_get_max_threads();
+#else
+    nth = 1;
 #endif
     /* Rows per block: what fits in ~256 KiB of L2, but enough blocks to
      * keep every thread busy. Multiple of 4. */
@@ -122,7 +124,7 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
     rb = (rb + 3) & ~3;
     if (rb < 4) rb = 4;
     const int nblk = (R + rb - 1) / rb;
-#pragma omp parallel for schedule(dynamic, 1) if (nblk > 1 && (size_t)R * K * T > 32768)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && nblk > 1 && (size_t)R * K * T > 131072)
     for (int blk = 0; blk < nblk; blk++) {
         int r_lo = blk * rb, r_hi = KILN_MIN(R, r_lo + rb);
         for (int t0 = 0; t0 < T; t0 += 4) {
@@ -143,12 +145,17 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
 #endif
 }
 
-double ik_stream_read(const void *p, size_t n)
+double ik_stream_read(const void *p, size_t n, int nth)
 {
+#ifdef _OPENMP
+    if (nth <= 0) nth = omp_get_max_threads();
+#else
+    nth = 1;
+#endif
     const unsigned char *c = p;
     size_t nl = n / 64;
     uint64_t total = 0;
-#pragma omp parallel for schedule(static) reduction(^ : total)
+#pragma omp parallel for schedule(static) reduction(^ : total) num_threads(nth)
     for (size_t chunk = 0; chunk < (nl + 1023) / 1024; chunk++) {
         size_t lo = chunk * 1024, hi = KILN_MIN(nl, lo + 1024);
 #ifdef IK_AVX512

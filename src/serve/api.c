@@ -203,7 +203,7 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     memset(out, 0, sizeof *out);
     out->chat = chat;
     json_error_t jerr;
-    json_t *o = json_loadb(body, len, 0, &jerr);
+    json_t *o = json_loadb(body, len, JSON_ALLOW_NUL, &jerr);
     if (!o)
         return fail(e, 400, NULL, "invalid_json",
                     "the request body is not valid JSON (line %d, column %d: %s)",

@@ -10,6 +10,7 @@
  */
 #include "serve/serve.h"
 
+#include <malloc.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -195,9 +196,16 @@ static void *sched_main(void *arg)
         }
         admit(s);
         if (s->n_active == 0) {
+            /* idle: hand memory freed by finished requests (and their
+             * connection threads' malloc arenas) back to the system */
+            if (s->dirty) {
+                s->dirty = false;
+                malloc_trim(0);
+            }
             pthread_cond_wait(&s->cv, &s->mu);
             continue;
         }
+        s->dirty = true;
         /* build the step: decodes first, then prefill chunks */
         int T = 0, nw = 0;
         for (int i = 0; i < s->n_slots; i++) {

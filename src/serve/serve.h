@@ -99,6 +99,7 @@ typedef struct sched {
     pthread_cond_t cv;     /* work arrived / cancel */
     pthread_t th;
     bool stop, started, mu_init;
+    bool dirty;            /* ran since the last malloc_trim */
     sreq *qhead, *qtail;
     int qlen;
     sreq **slots;          /* (n_slots) active request or NULL */

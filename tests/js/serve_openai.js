@@ -1,0 +1,83 @@
+// serve_openai.js — the official `openai` npm client against kiln serve:
+// model list, a completion, a chat completion, a streamed chat completion
+// reassembled to the same text as the non-streamed one at temperature 0,
+// a streamed completion, usage counts, and error cases (unknown model ->
+// NotFoundError 404, bad parameter -> BadRequestError 400, wrong key ->
+// AuthenticationError 401). Usage: node serve_openai.js BASE_URL KEY MODEL
+// Prints PASS/FAIL lines.
+const OpenAI = require("openai");
+
+const [base, key, model] = process.argv.slice(2);
+const client = new OpenAI({ baseURL: base, apiKey: key, maxRetries: 0, timeout: 20000 });
+let failed = 0;
+function check(name, cond, detail) {
+  if (cond) console.log(`PASS ${name}`);
+  else { failed++; console.log(`FAIL ${name}${detail ? ": " + detail : ""}`); }
+}
+
+async function main() {
+  const list = await client.models.list();
+  const ids = list.data.map((m) => m.id);
+  check("openai_models_list", ids.length === 1 && ids[0] === model, JSON.stringify(ids));
+
+  const c = await client.completions.create({ model, prompt: "Once upon", max_tokens: 8, temperature: 0 });
+  check("openai_completion", c.object === "text_completion" && typeof c.choices[0].text === "string" &&
+        c.usage.prompt_tokens === 9 && c.usage.completion_tokens >= 1 && c.usage.completion_tokens <= 8,
+        JSON.stringify(c));
+
+  const msgs = [{ role: "system", content: "You are terse." }, { role: "user", content: "Say something." }];
+  const full = await client.chat.completions.create({ model, messages: msgs, max_tokens: 24, temperature: 0 });
+  const fullText = full.choices[0].message.content;
+  check("openai_chat", full.object === "chat.completion" && full.choices[0].message.role === "assistant" &&
+        typeof fullText === "string" && ["stop", "length"].includes(full.choices[0].finish_reason),
+        JSON.stringify(full));
+
+  const stream = await client.chat.completions.create({ model, messages: msgs, max_tokens: 24, temperature: 0,
+                                                         stream: true, stream_options: { include_usage: true } });
+  let text = "", chunks = 0, finish = null, usage = null;
+  for await (const ch of stream) {
+    chunks++;
+    if (ch.choices.length) {
+      text += ch.choices[0].delta.content || "";
+      if (ch.choices[0].finish_reason) finish = ch.choices[0].finish_reason;
+    }
+    if (ch.usage) usage = ch.usage;
+  }
+  check("openai_chat_stream_equals_nonstream", text === fullText, JSON.stringify([text, fullText]));
+  check("openai_chat_stream_finish", finish === full.choices[0].finish_reason && chunks >= 2);
+  check("openai_chat_stream_usage", usage && usage.completion_tokens === full.usage.completion_tokens &&
+        usage.prompt_tokens === full.usage.prompt_tokens, JSON.stringify(usage));
+
+  const cs = await client.completions.create({ model, prompt: "Once upon", max_tokens: 8, temperature: 0, stream: true });
+  let ctext = "";
+  for await (const ch of cs) ctext += ch.choices.length ? ch.choices[0].text : "";
+  check("openai_completion_stream_equals", ctext === c.choices[0].text, JSON.stringify([ctext, c.choices[0].text]));
+
+  try {
+    await client.chat.completions.create({ model: "no-such-model", messages: msgs });
+    check("openai_error_unknown_model", false, "no error");
+  } catch (e) {
+    check("openai_error_unknown_model", e instanceof OpenAI.NotFoundError && e.status === 404 &&
+          e.error && e.error.code === "model_not_found", `${e.constructor.name} ${e.status}`);
+  }
+  try {
+    await client.chat.completions.create({ model, messages: msgs, temperature: -3 });
+    check("openai_error_bad_param", false, "no error");
+  } catch (e) {
+    check("openai_error_bad_param", e instanceof OpenAI.BadRequestError && e.status === 400 &&
+          e.error && e.error.param === "temperature", `${e.constructor.name} ${e.status}`);
+  }
+  try {
+    const bad = new OpenAI({ baseURL: base, apiKey: key + "x", maxRetries: 0 });
+    await bad.models.list();
+    check("openai_error_bad_key", false, "no error");
+  } catch (e) {
+    check("openai_error_bad_key", e instanceof OpenAI.AuthenticationError && e.status === 401,
+          `${e.constructor.name} ${e.status}`);
+  }
+}
+
+main().then(() => process.exit(failed ? 1 : 0)).catch((e) => {
+  console.log(`FAIL openai_client: ${e && e.stack ? e.stack : e}`);
+  process.exit(1);
+});

@@ -1,0 +1,210 @@
+/*
+ * cmd_chat.c — `kiln chat`: an interactive chat with a model. Each turn is
+ * rendered with the ChatML template (the same one the server's
+ * /v1/chat/completions uses) and appended to the conversation already in
+ * the KV cache, so only the new turn is prefilled. /reset forgets the
+ * history, /exit (or end of input) quits. Built on kiln.h only.
+ */
+#include "cli.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct chat {
+    kiln_ctx *ctx;
+    kiln_engine *e;
+    kiln_tokenizer *tok;
+    kiln_sampling sp;
+    float *logits;
+    int V, eot, eos, n_ctx, max_tokens;
+    const char *system;
+    bool started;
+} chat;
+
+/* Appends text to the conversation in the cache; logits get the next
+ * token's distribution. */
+static kiln_status feed(chat *c, const char *text)
+{
+    int32_t *ids = NULL;
+    size_t n = 0;
+    kiln_status st = kiln_tokenizer_encode(c->ctx, c->tok, text, strlen(text), &ids, &n);
+    if (st) return st;
+    if (n > 0) {
+        if (kiln_engine_pos(c->e, 0) + (int)n >= c->n_ctx) {
+            free(ids);
+            return kiln_fail(c->ctx, KILN_ERR_RANGE,
+                             "the conversation no longer fits the %d-token context; type /reset",
+                             c->n_ctx);
+        }
+        st = kiln_engine_prefill(c->ctx, c->e, 0, ids, (int)n, c->logits);
+    }
+    free(ids);
+    return st;
+}
+
+static kiln_status turn(chat *c, const char *user, uint64_t seed)
+{
+    size_t need = strlen(user) + (c->system ? strlen(c->system) : 0) + 128;
+    char *t = malloc(need);
+    if (!t) return kiln_fail(c->ctx, KILN_ERR_NOMEM, "out of memory");
+    size_t k = 0;
+    if (!c->started && c->system && *c->system)
+        k += (size_t)snprintf(t + k, need - k, "<|im_start|>system\n%s<|im_end|>\n", c->system);
+    snprintf(t + k, need - k, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
+    kiln_status st = feed(c, t);
+    free(t);
+    if (st) return st;
+    c->started = true;
+    kiln_sampling sp = c->sp;
+    sp.seed = seed;
+    kiln_sampler *smp = NULL;
+    kiln_textstream *ts = NULL;
+    const char *stop = "<|im_end|>";
+    if ((st = kiln_sampler_new(c->ctx, &sp, c->V, &smp))) return st;
+    if ((st = kiln_textstream_new(c->ctx, c->tok, &stop, 1, &ts))) {
+        kiln_sampler_free(smp);
+        return st;
+    }
+    double t0 = kiln_time_now();
+    int gen = 0;
+    bool ended = false;
+    while (gen < c->max_tokens && kiln_engine_pos(c->e, 0) < c->n_ctx - 16) {
+        int32_t id = kiln_sampler_sample(smp, c->logits, NULL, NULL);
+        gen++;
+        if (id == c->eot || id == c->eos) break;
+        const char *o;
+        size_t len;
+        bool stopped;
+        if ((st = kiln_textstream_push(c->ctx, ts, id, &o, &len, &stopped))) break;
+        fwrite(o, 1, len, stdout);
+        fflush(stdout);
+        if (stopped) {
+            ended = true;
+            break;
+        }
+        kiln_engine_tok tk = {0, id, true};
+        if ((st = kiln_engine_step(c->ctx, c->e, &tk, 1, c->logits))) break;
+    }
+    const char *o;
+    size_t len;
+    kiln_textstream_finish(ts, &o, &len);
+    fwrite(o, 1, len, stdout);
+    double dt = kiln_time_now() - t0;
+    fprintf(stdout, "\n");
+    fprintf(stderr, "[%d tokens, %.1f tok/s]\n", gen, dt > 0 ? gen / dt : 0.0);
+    kiln_textstream_free(ts);
+    kiln_sampler_free(smp);
+    if (st) return st;
+    /* close the assistant turn in the cache ("<|im_end|>" already there
+     * when the model produced it) */
+    return feed(c, ended ? "\n" : "<|im_end|>\n");
+}
+
+int cmd_chat(int argc, char **argv)
+{
+    const char *model = NULL, *tokenizer = NULL, *system = NULL, *dtype = "fp32";
+    int max_tokens = 256, top_k = 0, ctx_len = 0, threads = 0;
+    double temperature = 0.7, top_p = 0.95, rep = 1.0;
+    int64_t seed = 0;
+    cli_opt opts[] = {
+        {"model", CLI_STR, &model, "model directory", true},
+        {"system", CLI_STR, &system, "system message", false},
+        {"max-tokens", CLI_INT, &max_tokens, "tokens per reply at most [256]", false},
+        {"temperature", CLI_F64, &temperature, "0 = greedy [0.7]", false},
+        {"top-k", CLI_INT, &top_k, "0 = off [0]", false},
+        {"top-p", CLI_F64, &top_p, "[0.95]", false},
+        {"repetition-penalty", CLI_F64, &rep, "[1.0]", false},
+        {"seed", CLI_I64, &seed, "sampling seed of the first reply (then +1 per reply) [0]", false},
+        {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
+        {"dtype", CLI_STR, &dtype, "fp32 | bf16 [fp32]", false},
+        {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
+        {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
+        {NULL, 0, NULL, NULL, false},
+    };
+    int rc = cli_parse("chat", "chat --model DIR [--system TEXT] [--temperature T]",
+                       "Interactive chat (ChatML template). Type a message and Enter;\n"
+                       "/reset forgets the conversation, /exit quits.",
+                       opts, argc, argv, NULL);
+    if (rc) return rc == 1 ? 0 : 2;
+    chat c = {0};
+    c.ctx = kiln_ctx_new();
+    if (threads > 0) kiln_set_threads(c.ctx, threads);
+    c.system = system;
+    c.max_tokens = max_tokens;
+    c.sp = kiln_sampling_default();
+    c.sp.temperature = (float)temperature;
+    c.sp.top_k = top_k;
+    c.sp.top_p = (float)top_p;
+    c.sp.repetition_penalty = (float)rep;
+    kiln_model *m = NULL;
+    kiln_status st = kiln_sampling_validate(c.ctx, &c.sp);
+    if (st) {
+        fprintf(stderr, "kiln chat: --%s\n", kiln_errmsg(c.ctx));
+        kiln_ctx_free(c.ctx);
+        return 2;
+    }
+    kiln_engine_opts eo = kiln_engine_opts_default();
+    eo.n_ctx = ctx_len;
+    if (!strcmp(dtype, "bf16")) eo.wtype = KILN_WTYPE_BF16;
+    else if (strcmp(dtype, "fp32")) {
+        fprintf(stderr, "kiln chat: --dtype '%s' is not fp32 or bf16\n", dtype);
+        kiln_ctx_free(c.ctx);
+        return 2;
+    }
+    if (!(st = kiln_model_load(c.ctx, model, &m)) &&
+        !(st = kiln_tokenizer_load(c.ctx, tokenizer ? tokenizer : model, &c.tok)))
+        st = kiln_engine_new(c.ctx, m, &eo, &c.e);
+    if (!st) {
+        c.V = kiln_model_config(m)->vocab_size;
+        c.eos = kiln_model_config(m)->eos_token_id;
+        c.eot = kiln_tokenizer_eot(c.tok);
+        c.n_ctx = kiln_engine_n_ctx(c.e);
+        c.logits = malloc((size_t)c.V * sizeof(float));
+        if (!c.logits) st = kiln_fail(c.ctx, KILN_ERR_NOMEM, "out of memory");
+    }
+    kiln_model_free(m);
+    if (st) {
+        rc = cli_fail(c.ctx, "chat", st);
+        goto out;
+    }
+    bool tty = isatty(STDIN_FILENO);
+    if (tty) fprintf(stderr, "kiln chat: /reset to start over, /exit to quit\n");
+    char *line = NULL;
+    size_t cap = 0;
+    uint64_t s = (uint64_t)seed;
+    for (;;) {
+        if (tty) {
+            fputs("> ", stdout);
+            fflush(stdout);
+        }
+        ssize_t n = getline(&line, &cap, stdin);
+        if (n < 0) break;
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
+        if (n == 0) continue;
+        if (!strcmp(line, "/exit") || !strcmp(line, "/quit")) break;
+        if (!strcmp(line, "/reset")) {
+            kiln_engine_reset(c.e, 0);
+            c.started = false;
+            fprintf(stderr, "(conversation reset)\n");
+            continue;
+        }
+        st = turn(&c, line, s++);
+        if (st) {
+            fprintf(stderr, "kiln chat: %s\n", kiln_errmsg(c.ctx));
+            if (st == KILN_ERR_RANGE) {
+                kiln_engine_reset(c.e, 0);
+                c.started = false;
+                fprintf(stderr, "(conversation reset)\n");
+            }
+        }
+    }
+    free(line);
+out:
+    free(c.logits);
+    kiln_engine_free(c.e);
+    kiln_tokenizer_free(c.tok);
+    kiln_ctx_free(c.ctx);
+    return rc;
+}

@@ -1,0 +1,73 @@
+/*
+ * cmd_serve.c — `kiln serve`: the OpenAI-compatible HTTP server. Built on
+ * kiln.h only; the server itself is kiln_serve_run (src/serve).
+ */
+#include "cli.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int cmd_serve(int argc, char **argv)
+{
+    kiln_serve_opts o = kiln_serve_opts_default();
+    const char *dtype = "fp32", *key_env = NULL;
+    int64_t max_body = (int64_t)o.max_body;
+    int threads = 0;
+    cli_opt opts[] = {
+        {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json)", true},
+        {"host", CLI_STR, &o.host, "address to bind [127.0.0.1]", false},
+        {"port", CLI_INT, &o.port, "port; 0 = any free port (printed) [8080]", false},
+        {"api-key", CLI_STR, &o.api_key, "require 'Authorization: Bearer KEY' on /v1 routes", false},
+        {"api-key-env", CLI_STR, &key_env, "read the API key from this environment variable", false},
+        {"parallel", CLI_INT, &o.parallel, "requests decoded together (KV-cache slots) [4]", false},
+        {"ctx", CLI_INT, &o.n_ctx, "context per slot, 0 = the model's [0]", false},
+        {"max-queue", CLI_INT, &o.max_queue, "waiting requests before 503 [64]", false},
+        {"max-body", CLI_I64, &max_body, "request body limit in bytes [1048576]", false},
+        {"max-connections", CLI_INT, &o.max_connections, "open connections at most [256]", false},
+        {"name", CLI_STR, &o.model_name, "model id in the API [the directory's name]", false},
+        {"tokenizer", CLI_STR, &o.tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
+        {"dtype", CLI_STR, &dtype, "weight storage: fp32 | bf16 [fp32]", false},
+        {"threads", CLI_INT, &threads, "OpenMP threads of the engine, 0 = all cores [0]", false},
+        {NULL, 0, NULL, NULL, false},
+    };
+    int rc = cli_parse("serve",
+                       "serve --model DIR [--host 127.0.0.1] [--port 8080] [--api-key KEY] "
+                       "[--parallel N] [--ctx N]",
+                       "Serves the model over OpenAI's HTTP API: GET /v1/models, POST\n"
+                       "/v1/completions, POST /v1/chat/completions (stream: true for\n"
+                       "server-sent events), GET /health, GET /metrics (Prometheus). Requests\n"
+                       "share the model through continuous batching over --parallel slots.\n"
+                       "Stops on SIGINT / SIGTERM.",
+                       opts, argc, argv, NULL);
+    if (rc) {
+        cli_free(opts, NULL);
+        return rc == 1 ? 0 : 2;
+    }
+    if (!strcmp(dtype, "fp32")) o.wtype = KILN_WTYPE_F32;
+    else if (!strcmp(dtype, "bf16")) o.wtype = KILN_WTYPE_BF16;
+    else {
+        fprintf(stderr, "kiln serve: --dtype '%s' is not fp32 or bf16\n", dtype);
+        return 2;
+    }
+    if (max_body < 64 || max_body > (int64_t)1 << 32) {
+        fprintf(stderr, "kiln serve: --max-body must be in 64..4294967296\n");
+        return 2;
+    }
+    o.max_body = (size_t)max_body;
+    if (key_env) {
+        o.api_key = getenv(key_env);
+        if (!o.api_key || !*o.api_key) {
+            fprintf(stderr, "kiln serve: --api-key-env: environment variable %s is not set\n",
+                    key_env);
+            return 2;
+        }
+    }
+    kiln_ctx *ctx = kiln_ctx_new();
+    if (threads > 0) kiln_set_threads(ctx, threads);
+    kiln_status st = kiln_serve_run(ctx, &o);
+    rc = st ? cli_fail(ctx, "serve", st) : 0;
+    kiln_ctx_free(ctx);
+    cli_free(opts, NULL);
+    return rc;
+}
