@@ -6,7 +6,7 @@
 # generated sample, and says where the checkpoint and the loss plot are.
 #
 # Environment: KILN_DEMO_DIR (output, default BUILD_DIR/demo),
-# KILN_DEMO_STEPS (optimizer steps, default 200), KILN_DEMO_MAX_TIME
+# KILN_DEMO_STEPS (optimizer steps, default 150), KILN_DEMO_MAX_TIME
 # (seconds; the run stops, saves and is resumable when reached; default
 # 240), KILN_DEMO_THREADS (default: all cores).
 set -euo pipefail
@@ -15,7 +15,7 @@ build=${1:-build}
 case "$build" in /*) ;; *) build="$root/$build" ;; esac
 kiln="$build/kiln"
 demo=${KILN_DEMO_DIR:-$build/demo}
-steps=${KILN_DEMO_STEPS:-200}
+steps=${KILN_DEMO_STEPS:-150}
 max_time=${KILN_DEMO_MAX_TIME:-240}
 threads=${KILN_DEMO_THREADS:-0}
 corpus=/usr/share/games/fortunes
