@@ -221,6 +221,33 @@ void kiln_model_zero_grad(kiln_model *m);
 typedef void (*kiln_grad_ready_fn)(void *ud, size_t offset, size_t numel);
 void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud);
 
+/* Mixed precision (docs/precision.md): the compute dtype of the model's
+ * matrix products. Parameters (the master weights), gradients and optimizer
+ * state stay fp32; bf16/fp16 products take rounded copies of the weights
+ * (refreshed once per forward pass, i.e. once per optimizer step) and of
+ * the activations and accumulate in fp32. fp16 needs loss scaling (the
+ * trainer's --precision fp16 does it). Values are only ever appended. */
+typedef enum kiln_precision {
+    KILN_PRECISION_FP32 = 0,
+    KILN_PRECISION_BF16 = 1,
+    KILN_PRECISION_FP16 = 2,
+    KILN_PRECISION_AUTO = 3 /* bf16 when the CPU has AMX-BF16 or AVX512_BF16 */
+} kiln_precision;
+
+/* Parses "fp32" | "bf16" | "fp16" | "auto"; -1 when unknown. */
+int kiln_precision_parse(const char *name);
+const char *kiln_precision_name(kiln_precision p);
+/* AUTO -> BF16 or FP32 for this CPU; other values unchanged. */
+kiln_precision kiln_precision_resolve(kiln_precision p);
+/* Writes one line naming the CPU's mixed-precision features and the
+ * kernel bf16/fp16 products run on (for logs and benchmarks) into buf. */
+void kiln_precision_describe(char *buf, size_t cap);
+/* Switches the model's matrix products to precision p (AUTO resolved).
+ * Errors: KILN_ERR_NOMEM. */
+kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m,
+                                     kiln_precision p);
+kiln_precision kiln_model_precision(const kiln_model *m);
+
 /* Fused softmax + cross-entropy over N = B*T rows of V logits.
  * targets < 0 are ignored; mask (N) weights each row (NULL = all 1).
  * Adds sum_i mask_i * -log softmax(logits_i)[target_i] to *loss_sum and
@@ -697,6 +724,9 @@ typedef struct kiln_train_opts {
      * the current step, saves a checkpoint and returns KILN_OK with
      * *interrupted set in the result. */
     volatile int *stop_flag;
+    /* ZeRO stage under MPI data parallelism: 0 = every rank holds the whole
+     * AdamW state; 1 = moments sharded across ranks (docs/distributed.md). */
+    int zero;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);
@@ -705,6 +735,8 @@ typedef struct kiln_train_result {
     int64_t step;            /* last completed step */
     double loss;             /* its training loss */
     double val_loss;         /* last validation loss (NAN when none) */
+    int rank;                /* this process's MPI rank (0 when alone) */
+    int world_size;          /* number of ranks (1 when alone) */
     bool interrupted;        /* stopped early (signal, max_time, stop_at) */
     char checkpoint[1024];   /* last checkpoint written ("" when none) */
 } kiln_train_result;

@@ -5,12 +5,13 @@
 #
 #   required : build-essential, libjansson-dev, libpcre2-dev, libmicrohttpd-dev
 #   optional : libdnnl-dev (fast GEMM), openmpi-bin + libopenmpi-dev (MPI)
-#   tests    : python3-torch (PyTorch reference), nodejs + npm (JS clients),
+#   tests    : python3-torch (PyTorch reference), libopenblas0-pthread (its
+#              fp32 BLAS in the benchmarks), nodejs + npm (JS clients),
 #              clang + libclang-rt-14-dev (fuzzers, sanitizers), curl
 #   corpus   : fortunes, fortunes-min (the demo's training text)
 set -u
 pkgs="build-essential libjansson-dev libpcre2-dev libmicrohttpd-dev
-libdnnl-dev openmpi-bin libopenmpi-dev python3-torch python3-numpy
+libdnnl-dev openmpi-bin libopenmpi-dev python3-torch python3-numpy libopenblas0-pthread
 clang libclang-rt-14-dev curl fortunes fortunes-min"
 missing=()
 for p in $pkgs; do

@@ -17,12 +17,16 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
 MPIRUN=(mpirun --oversubscribe)
 
-for np in 2 4; do
-  out="$KILN_TMP/dist_np$np.out"
-  timeout 120 "${MPIRUN[@]}" -np $np "$prog" >"$out" 2>&1
-  rc=$?
-  sed -n 's/^\(PASS\|FAIL\|SKIP\) /\1 np'$np':/p' "$out"
-  if [ $rc -ne 0 ]; then echo "FAIL dist_np$np: exit $rc"; sed 's/^/    /' "$out" | tail -20; fi
+for p in "$prog" "$KILN_BUILD/tests/test_dist_zero"; do
+  [ -x "$p" ] || { echo "FAIL $(basename "$p"): not built"; continue; }
+  for np in 2 4; do
+    out="$KILN_TMP/$(basename "$p")_np$np.out"
+    timeout 120 "${MPIRUN[@]}" -np $np "$p" >"$out" 2>&1
+    rc=$?
+    sed -n 's/^\(PASS\|FAIL\|SKIP\) /\1 np'$np':/p' "$out"
+    grep '^zero-1 optimizer state' "$out"
+    if [ $rc -ne 0 ]; then echo "FAIL $(basename "$p")_np$np: exit $rc"; sed 's/^/    /' "$out" | tail -20; fi
+  done
 done
 
 # fault <name> <mode> <np> <regex the output must match> <expected exit: nonzero>

@@ -246,11 +246,15 @@ static void test_f16_overflow_is_inf(void)
     mp_scratch_free(&s);
 }
 
-/* The three products of a linear layer against the oracle. */
+/* The three products of a linear layer against the oracle, in both weight
+ * layouts: W (OC, C) (nn.Linear) and W (C, OC) (HF Conv1D). */
 static void test_linear_layer(void)
 {
     enum { N = 70, C = 96, OC = 80 };
+    for (int lay = 0; lay < 2; lay++)
     for (int dt = MP_BF16; dt <= MP_F16; dt++) {
+        bool io = lay == 1;
+        int ldw = io ? OC : C;
         kiln_rng r;
         kiln_rng_seed(&r, 42 + dt);
         float *W = malloc(sizeof(float) * OC * C), *x = malloc(sizeof(float) * N * C);
@@ -267,36 +271,71 @@ static void test_linear_layer(void)
         memcpy(dW2, dW, sizeof(float) * OC * C);
         mp_weight w;
         mp_scratch s = {0};
-        CHECK(mp_weight_init(&w, (mp_dtype)dt, OC, C));
+        const char *nm = mp_dtype_name((mp_dtype)dt);
+        CHECK(mp_weight_init(&w, (mp_dtype)dt, OC, C, io));
         mp_weight_refresh(&w, W);
         CHECK(mp_linear_forward(MP_BACKEND_AUTO, &s, &w, x, b, N, y));
-        oracle((mp_dtype)dt, false, true, N, OC, C, x, C, W, C, y2, OC, false, b, sc);
+        oracle((mp_dtype)dt, false, !io, N, OC, C, x, C, W, ldw, y2, OC, false, b, sc);
         double e = 0;
         for (int i = 0; i < N * OC; i++) e = fmax(e, fabs(y[i] - y2[i]) / (sc[i] + 0.1));
-        CHECK_MSG(e < 2e-5, "%s forward error %g", mp_dtype_name((mp_dtype)dt), e);
+        CHECK_MSG(e < 2e-5, "%s in_out=%d forward error %g", nm, io, e);
         CHECK(mp_linear_backward_x(MP_BACKEND_AUTO, &s, &w, dy, N, dx, false));
-        oracle((mp_dtype)dt, false, false, N, C, OC, dy, OC, W, C, dx2, C, false, NULL, sc);
+        oracle((mp_dtype)dt, false, io, N, C, OC, dy, OC, W, ldw, dx2, C, false, NULL, sc);
         e = 0;
         for (int i = 0; i < N * C; i++) e = fmax(e, fabs(dx[i] - dx2[i]) / sc[i]);
-        CHECK_MSG(e < 2e-5, "%s backward_x error %g", mp_dtype_name((mp_dtype)dt), e);
-        CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &s, (mp_dtype)dt, dy, x, N, OC, C, dW));
-        oracle((mp_dtype)dt, true, false, OC, C, N, dy, OC, x, C, dW2, C, true, NULL, sc);
+        CHECK_MSG(e < 2e-5, "%s in_out=%d backward_x error %g", nm, io, e);
+        CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &s, (mp_dtype)dt, io, dy, x, N, OC, C, dW));
+        if (io)
+            oracle((mp_dtype)dt, true, false, C, OC, N, x, C, dy, OC, dW2, OC, true, NULL, sc);
+        else
+            oracle((mp_dtype)dt, true, false, OC, C, N, dy, OC, x, C, dW2, C, true, NULL, sc);
         e = 0;
         for (int i = 0; i < OC * C; i++) e = fmax(e, fabs(dW[i] - dW2[i]) / (sc[i] + 0.01));
-        CHECK_MSG(e < 2e-5, "%s backward_w error %g", mp_dtype_name((mp_dtype)dt), e);
+        CHECK_MSG(e < 2e-5, "%s in_out=%d backward_w error %g", nm, io, e);
         /* After a weight update, refresh makes the packed copies follow. */
         for (int i = 0; i < OC * C; i++) W[i] *= -1;
         mp_weight_refresh(&w, W);
         CHECK(mp_linear_forward(MP_BACKEND_AUTO, &s, &w, x, NULL, N, y));
-        oracle((mp_dtype)dt, false, true, N, OC, C, x, C, W, C, y2, OC, false, NULL, sc);
+        oracle((mp_dtype)dt, false, !io, N, OC, C, x, C, W, ldw, y2, OC, false, NULL, sc);
         e = 0;
         for (int i = 0; i < N * OC; i++) e = fmax(e, fabs(y[i] - y2[i]) / (sc[i] + 0.1));
-        CHECK_MSG(e < 2e-5, "%s forward after refresh error %g", mp_dtype_name((mp_dtype)dt), e);
+        CHECK_MSG(e < 2e-5, "%s in_out=%d forward after refresh error %g", nm, io, e);
         mp_weight_free(&w);
         mp_scratch_free(&s);
         free(W), free(x), free(b), free(dy), free(y), free(y2), free(dx), free(dx2);
         free(dW), free(dW2), free(sc);
     }
+}
+
+/* The sgemm contract with alpha and beta (attention scores use alpha). */
+static void test_sgemm_alpha_beta(void)
+{
+    enum { M = 40, N = 24, K = 64 };
+    static const float ab[][2] = {{0.125f, 0.f}, {1.f, 0.f}, {1.f, 1.f}, {0.5f, 2.f}};
+    kiln_rng r;
+    kiln_rng_seed(&r, 8);
+    float A[M * K], B[N * K], C[M * N], C2[M * N];
+    double sc[M * N];
+    fill(&r, A, M * K, 1.f);
+    fill(&r, B, N * K, 1.f);
+    mp_scratch s = {0};
+    for (size_t i = 0; i < sizeof ab / sizeof ab[0]; i++) {
+        float alpha = ab[i][0], beta = ab[i][1];
+        fill(&r, C, M * N, 1.f);
+        if (beta == 0) C[3] = __builtin_nanf(""); /* beta 0 ignores C */
+        for (int j = 0; j < M * N; j++) C2[j] = C[j];
+        CHECK(mp_sgemm(MP_BACKEND_AUTO, &s, MP_BF16, false, true, M, N, K, alpha, A, K, B, K,
+                       beta, C, N));
+        float P[M * N];
+        oracle(MP_BF16, false, true, M, N, K, A, K, B, K, P, N, false, NULL, sc);
+        double e = 0;
+        for (int j = 0; j < M * N; j++) {
+            double want = alpha * (double)P[j] + (beta == 0 ? 0 : beta * (double)C2[j]);
+            e = fmax(e, fabs(C[j] - want) / (sc[j] + 1));
+        }
+        CHECK_MSG(e < 1e-5, "alpha %g beta %g: error %g", alpha, beta, e);
+    }
+    mp_scratch_free(&s);
 }
 
 /* bf16 products really are lower precision than fp32 (the oracle is not
@@ -349,6 +388,7 @@ int main(void)
     RUN_TEST(test_gemm_amx);
     RUN_TEST(test_f16_overflow_is_inf);
     RUN_TEST(test_linear_layer);
+    RUN_TEST(test_sgemm_alpha_beta);
     RUN_TEST(test_bf16_is_not_fp32);
     RUN_TEST(test_amx_peak_probe);
     return TEST_EXIT();

@@ -80,12 +80,14 @@ int cmd_train(int argc, char **argv)
         {"log-every", CLI_I64, &o.log_every, "steps between progress lines when not on a terminal [10]", false},
         {"progress", CLI_STR, &progress, "auto | bar | lines | none [auto]", false},
         {"max-time", CLI_F64, &o.max_time, "stop, save and exit after this many seconds [off]", false},
+        {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
         {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step (as an interruption would) [off]", false},
         {NULL, 0, NULL, NULL, false}};
     int rc = cli_parse("train", "train --data DIR --out DIR [--config C.json | --init-from DIR] [flags]\n       kiln train --resume RUN_DIR [flags]",
                        "Pretrains a causal language model on token shards. Writes\n"
                        "RUN/metrics.jsonl, RUN/step_*/ checkpoints and RUN/loss.svg.\n"
-                       "Ctrl-C (SIGINT) or SIGTERM finishes the step, saves and exits 0.\n"
+                       "Ctrl-C (SIGINT), SIGTERM or SIGUSR1 finishes the step, saves and exits 0\n"
+                       "(under mpirun: every rank, after the same step).\n"
                        "With --resume, the run's saved options are used; flags given\n"
                        "on the command line override them.",
                        opts, argc, argv, NULL);
@@ -145,6 +147,7 @@ int cmd_train(int argc, char **argv)
         saved.progress = o.progress;
         saved.max_time = o.max_time;
         saved.stop_at = o.stop_at;
+        saved.zero = o.zero;
         if (!o.out) { /* the run directory holding the checkpoint */
             snprintf(outbuf, sizeof outbuf, "%s", ckpt);
             char *sl = strrchr(outbuf, '/');
@@ -169,14 +172,17 @@ int cmd_train(int argc, char **argv)
     sa.sa_handler = on_signal;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL); /* mpirun forwards SIGUSR1 to the ranks */
     kiln_train_result res;
     s = kiln_train(ctx, &o, &res);
     signal(SIGINT, SIG_DFL);
     signal(SIGTERM, SIG_DFL);
+    signal(SIGUSR1, SIG_DFL);
     if (s) {
         ret = cli_fail(ctx, "train", s);
         goto done;
     }
+    if (res.rank != 0) goto done; /* rank 0 reports for an MPI job */
     char *svg = malloc(strlen(o.out) + 16);
     bool plotted = false;
     if (svg) {

@@ -45,6 +45,10 @@ struct kern_gemm {
     kern_gemm_fn gemm;
     void (*destroy)(kern_gemm *g); /* frees g (may be NULL for static) */
     void *state;                   /* backend caches */
+    /* The weights may have changed (called by the model at the start of
+     * every forward pass): backends that cache converted weights (mixed
+     * precision, kernels/x86/bf16_ops.c) drop them. May be NULL. */
+    void (*invalidate)(kern_gemm *g);
 };
 
 /* The portable reference GEMM (static object; destroy is NULL). */

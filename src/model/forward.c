@@ -115,6 +115,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
 
     const kern_ops *k = m->ops;
     kern_gemm *g = m->gemm;
+    if (g->invalidate) g->invalidate(g); /* parameters may have changed */
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
     kern_wlayout lay = gpt2 ? KERN_W_IN_OUT : KERN_W_OUT_IN;
     int C = m->C, F = m->F, QKV = m->QKV, V = m->V, n = (int)N;

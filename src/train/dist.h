@@ -153,6 +153,50 @@ kiln_status dist_gather_shards_f32(kiln_ctx *ctx, dist *d, const float *shard,
 kiln_status dist_scatter_shards_f32(kiln_ctx *ctx, dist *d, const float *full,
                                     float *shard, size_t n, int root);
 
+/* ---- ZeRO-1: AdamW with moments sharded across ranks (dist_zero.c) -- */
+
+/* Each rank owns the moments of its shard (dist_shard_range) of the
+ * parameter block and updates only that shard; the block is reassembled
+ * with an all-gather. The arithmetic per element is kiln_adamw_step's
+ * (it is called on the shard), so results match the unsharded optimizer up
+ * to the order of the gradient sums. */
+typedef struct dist_zero dist_zero;
+
+/* Creates the sharded optimizer for model m (decay ranges from the
+ * model's tensors, intersected with this rank's shard). Free with
+ * dist_zero_free. */
+kiln_status dist_zero_new(kiln_ctx *ctx, dist *d, const kiln_model *m,
+                          const kiln_adamw_opts *opts, dist_zero **out);
+void dist_zero_free(dist_zero *z);
+/* This rank's shard [*off, *off + *len) of the block. */
+void dist_zero_shard(const dist_zero *z, size_t *off, size_t *len);
+/* Bytes of optimizer state this rank holds (two moments of its shard). */
+size_t dist_zero_state_bytes(const dist_zero *z);
+int64_t dist_zero_t(const dist_zero *z);
+
+/* Collective. Sums grads (n floats) across ranks into this rank's shard
+ * and divides it by world: the shard holds the mean gradient, the rest of
+ * grads is unspecified afterwards. */
+kiln_status dist_zero_reduce_grads(kiln_ctx *ctx, dist_zero *z, float *grads);
+/* Collective. The global L2 norm of the mean gradient (sum of the shards'
+ * squares, allreduced). */
+kiln_status dist_zero_grad_norm(kiln_ctx *ctx, dist_zero *z,
+                                const float *grads, double *norm);
+/* Scales this rank's shard of grads like kiln_clip_grad_norm. */
+void dist_zero_clip(dist_zero *z, float *grads, double norm, double max_norm);
+/* Collective. AdamW on this rank's shard of params, then an all-gather so
+ * every rank holds the whole updated block. */
+kiln_status dist_zero_update(kiln_ctx *ctx, dist_zero *z, float *params,
+                             const float *grads, float lr);
+/* Collective. Gathers the moments on rank 0 into a new full-size
+ * kiln_adamw (*full, freed by the caller; NULL on other ranks) with the
+ * same step count, ready for kiln_adamw_save. */
+kiln_status dist_zero_gather(kiln_ctx *ctx, dist_zero *z, kiln_adamw **full);
+/* Collective. Rank 0 reads a full optimizer.safetensors (written at any
+ * world size) and every rank receives its shard. A load error on rank 0 is
+ * reported on every rank. */
+kiln_status dist_zero_load(kiln_ctx *ctx, dist_zero *z, const char *path);
+
 /* ---- counters ------------------------------------------------------- */
 
 void dist_stats_get(const dist *d, dist_stats *out);

@@ -71,6 +71,7 @@ typedef struct trainer {
     int32_t *inputs;    /* (B, T) */
     int32_t *targets;   /* (B, T) */
     dist *dist;
+    dist_zero *zero;    /* --zero 1: sharded AdamW (t->opt is then NULL) */
     int rank, world;
     int64_t step;       /* completed optimizer steps */
     int64_t total;      /* steps of the whole run */
@@ -132,9 +133,63 @@ static kiln_status tr_dist_sum(trainer *t, double *v, int n)
     return dist_allreduce_sum_f64(t->ctx, t->dist, v, (size_t)n);
 }
 
-static void tr_dist_free(trainer *t)
+/* Stops only when some rank wants to (signal, --max-time), and then on
+ * every rank after the same step, so the checkpoint is coherent. */
+static kiln_status tr_dist_agree_stop(trainer *t, bool *stop)
 {
-    dist_free(t->dist);
+    if (t->world == 1) return KILN_OK;
+    double v = *stop ? 1 : 0;
+    kiln_status s = dist_allreduce_max_f64(t->ctx, t->dist, &v, 1);
+    *stop = v > 0;
+    return s;
+}
+
+/* A run saved at world W0 resumes at this world size with the same global
+ * batch: B is rescaled to B0 * W0 / world unless --batch was changed. */
+static kiln_status tr_dist_resume_batch(trainer *t)
+{
+    kiln_ctx *ctx = t->ctx;
+    char *p = file_join(t->o.resume, "trainer_state.json");
+    json_t *st = NULL;
+    kiln_status s = js_load_file(ctx, p, &st);
+    int64_t w0 = 1, b0 = t->o.batch;
+    if (!s) s = js_get_int(ctx, st, "world_size", p, false, &w0);
+    json_t *oj = st ? json_object_get(st, "options") : NULL;
+    if (!s && oj) s = js_get_int(ctx, oj, "batch", p, false, &b0);
+    if (!s && w0 != t->world && b0 == t->o.batch) {
+        if (w0 < 1 || (b0 * w0) % t->world) {
+            s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                          "%s: the run was saved at %lld ranks with --batch "
+                          "%lld (%lld sequences per micro-step); %d ranks "
+                          "cannot split that evenly: pass --batch and "
+                          "--grad-accum so that batch x grad_accum x ranks "
+                          "keeps the global batch",
+                          p, (long long)w0, (long long)b0,
+                          (long long)(b0 * w0), t->world);
+        } else {
+            t->o.batch = (int)(b0 * w0 / t->world);
+            if (t->rank == 0)
+                kiln_log(ctx, KILN_LOG_INFO,
+                         "resuming a %lld-rank run on %d rank%s: --batch %lld "
+                         "-> %d (same global batch)",
+                (long long)w0, t->world, t->world > 1 ? "s" : "",
+                (long long)b0, t->o.batch);
+        }
+    }
+    json_decref(st);
+    free(p);
+    return s;
+}
+
+static void tr_dist_free(trainer *t, kiln_status s)
+{
+    dist_zero_free(t->zero);
+    t->zero = NULL;
+    /* After an error, leave without MPI_Finalize: the other ranks may be
+     * inside a collective, and this process's non-zero exit makes mpirun
+     * end the job. */
+    if (s && t->world > 1) dist_abandon(t->dist);
+    else dist_free(t->dist);
     t->dist = NULL;
 }
 
@@ -332,18 +387,27 @@ static json_t *state_json(trainer *t, double lr)
 
 static kiln_status save(trainer *t, double lr)
 {
+    kiln_adamw *full = NULL; /* --zero 1: the shards, gathered on rank 0 */
+    if (t->zero) {
+        kiln_status zs = dist_zero_gather(t->ctx, t->zero, &full);
+        if (zs) return zs;
+    }
     if (t->rank != 0) return KILN_OK;
     json_t *st = state_json(t, lr);
-    if (!st) return kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
+    if (!st) {
+        kiln_adamw_free(full);
+        return kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
+    }
     char *tokj = file_join(kiln_data_dir(t->data), "tokenizer.json");
     ckpt_save_args a = {.run_dir = t->run_dir,
                         .step = t->step,
                         .model = t->model,
-                        .opt = t->opt,
+                        .opt = t->zero ? full : t->opt,
                         .state = st,
                         .tokenizer_json = tokj,
                         .keep_last = t->o.keep_last};
     kiln_status s = ckpt_save(t->ctx, &a, t->last_ckpt, sizeof t->last_ckpt);
+    kiln_adamw_free(full);
     free(tokj);
     json_decref(st);
     if (!s) say(t, "saved checkpoint %s", t->last_ckpt);
@@ -398,9 +462,10 @@ static kiln_status load_state(trainer *t, const char *dir)
         if (json_integer_value(json_object_get(last, "step")) <= step) break;
         json_array_remove(t->history, --n);
     }
-    if (kiln_adamw_t(t->opt) != step)
+    int64_t ot = t->zero ? dist_zero_t(t->zero) : kiln_adamw_t(t->opt);
+    if (ot != step)
         kiln_log(ctx, KILN_LOG_DEBUG, "optimizer t %lld, step %lld",
-                 (long long)kiln_adamw_t(t->opt), (long long)step);
+                 (long long)ot, (long long)step);
 done:
     json_decref(st);
     free(p);
@@ -546,10 +611,20 @@ static kiln_status make_model(trainer *t)
                           .beta2 = (float)o->beta2,
                           .eps = (float)o->eps,
                           .weight_decay = (float)o->weight_decay};
-    if ((s = kiln_adamw_new_for_model(ctx, t->model, &ao, &t->opt))) return s;
+    if (o->zero) { /* moments sharded across ranks (dist_zero.c) */
+        if ((s = dist_zero_new(ctx, t->dist, t->model, &ao, &t->zero)))
+            return s;
+    } else {
+        if ((s = kiln_adamw_new_for_model(ctx, t->model, &ao, &t->opt)))
+            return s;
+        /* gradients are averaged bucket by bucket during backward */
+        if (t->world > 1)
+            kiln_model_set_grad_hook(t->model, dist_grad_ready, t->dist);
+    }
     if (o->resume) {
         char *p = file_join(o->resume, "optimizer.safetensors");
-        s = kiln_adamw_load(ctx, t->opt, p);
+        s = t->zero ? dist_zero_load(ctx, t->zero, p)
+                    : kiln_adamw_load(ctx, t->opt, p);
         free(p);
         if (s) return s;
     }
@@ -567,6 +642,12 @@ static kiln_status setup(trainer *t)
         omp_set_num_threads(o->threads);
     }
     if ((s = tr_dist_init(t))) return s;
+    if (o->zero < 0 || o->zero > 1)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--zero %d is not supported; use 0 (off) or 1 "
+                         "(shard the optimizer state)",
+                         o->zero);
+    if (o->resume && (s = tr_dist_resume_batch(t))) return s;
     if ((s = kiln_data_open(ctx, o->data, &t->data))) return s;
     if (!realpath(o->data, t->data_real)) snprintf(t->data_real, sizeof t->data_real, "%s", o->data);
     snprintf(t->run_dir, sizeof t->run_dir, "%s", o->out);
@@ -668,32 +749,46 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         float *logits;
         if ((s = kiln_model_forward(ctx, t->model, t->inputs, B, T, &logits)))
             return s;
-        if (k == K - 1 && (s = tr_dist_grads_begin(t))) return s;
+        if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;
         if ((s = kiln_cross_entropy(ctx, logits, t->targets, NULL,
                                     (int64_t)B * T, V, scale, logits,
                                     &sums[0], &sums[1])))
             return s;
         if ((s = kiln_model_backward(ctx, t->model, logits))) return s;
     }
-    if ((s = tr_dist_grads_finish(t))) return s;
+    float *g = kiln_model_grads(t->model);
+    size_t n = kiln_model_num_params(t->model);
+    /* --zero 1: each rank receives the mean gradient of its shard only */
+    if ((s = t->zero ? dist_zero_reduce_grads(ctx, t->zero, g)
+                     : tr_dist_grads_finish(t)))
+        return s;
     if ((s = tr_dist_sum(t, sums, 2))) return s;
     *loss = sums[0] / sums[1];
     *lr = kiln_lr_at(o->schedule, o->lr, o->min_lr, o->warmup, t->total, t->step);
     if (!isfinite(*loss)) return diverged(t, "the training loss", *loss, *lr);
-    float *g = kiln_model_grads(t->model);
-    size_t n = kiln_model_num_params(t->model);
     /* precision: a loss scaler unscales g here and may skip the update
      * (bool skip) when g holds inf/NaN. */
-    *gnorm = kiln_l2_norm(g, n);
+    if (t->zero) {
+        if ((s = dist_zero_grad_norm(ctx, t->zero, g, gnorm))) return s;
+    } else {
+        *gnorm = kiln_l2_norm(g, n);
+    }
     if (!isfinite(*gnorm)) return diverged(t, "the gradient norm", *gnorm, *lr);
-    kiln_clip_grad_norm(g, n, *gnorm, o->grad_clip);
-    kiln_adamw_step(t->opt, kiln_model_params(t->model), g, (float)*lr);
+    if (t->zero) {
+        dist_zero_clip(t->zero, g, *gnorm, o->grad_clip);
+        if ((s = dist_zero_update(ctx, t->zero, kiln_model_params(t->model),
+                                  g, (float)*lr)))
+            return s;
+    } else {
+        kiln_clip_grad_norm(g, n, *gnorm, o->grad_clip);
+        kiln_adamw_step(t->opt, kiln_model_params(t->model), g, (float)*lr);
+    }
     t->pos += t->G;
     t->step++;
     return KILN_OK;
 }
 
-static void trainer_free(trainer *t)
+static void trainer_free(trainer *t, kiln_status s)
 {
     if (t->metrics) fclose(t->metrics);
     json_decref(t->history);
@@ -704,7 +799,7 @@ static void trainer_free(trainer *t)
     kiln_data_close(t->data);
     kiln_adamw_free(t->opt);
     kiln_model_free(t->model);
-    tr_dist_free(t);
+    tr_dist_free(t, s);
 }
 
 static void banner(trainer *t)
@@ -724,6 +819,15 @@ static void banner(trainer *t)
         o->batch, o->seq, o->grad_accum, t->world, (long long)(t->G * o->seq),
         (long long)t->total, (double)t->total * (double)t->G / (double)nwin,
         o->lr, kiln_schedule_name(o->schedule), (long long)o->warmup, o->min_lr);
+    size_t np = kiln_model_num_params(t->model);
+    if (t->zero)
+        say(t, "optimizer: AdamW state %.2f MB per rank (ZeRO-1 over %d "
+               "rank%s; %.2f MB unsharded)",
+            (double)dist_zero_state_bytes(t->zero) / 1e6, t->world,
+            t->world > 1 ? "s" : "", 8.0 * (double)np / 1e6);
+    else
+        say(t, "optimizer: AdamW state %.2f MB per rank%s", 8.0 * (double)np / 1e6,
+            t->world > 1 ? " (use --zero 1 to shard it)" : "");
     if (o->resume)
         say(t, "resumed from %s at step %lld", o->resume, (long long)t->step);
 }
@@ -742,7 +846,9 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
     t->t_start = kiln_time_now();
     kiln_status s = setup(t);
     if (s) {
-        trainer_free(t);
+        res->rank = t->rank;
+        res->world_size = t->world ? t->world : 1;
+        trainer_free(t, s);
         return s;
     }
     t->bar = t->o.progress == KILN_PROGRESS_BAR ||
@@ -762,8 +868,11 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
     }
     while (t->step < t->total) {
         double t0 = kiln_time_now();
+        dist_stats_reset(t->dist);
         if ((s = train_step(t, &loss, &gnorm, &lr))) goto out;
         double dt = kiln_time_now() - t0;
+        dist_stats comm;
+        dist_stats_get(t->dist, &comm);
         t->step_time += dt;
         t->steps_timed++;
         double tps = (double)(t->G * t->o.seq) / (t->step_time / (double)t->steps_timed);
@@ -775,9 +884,17 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
             t->elapsed_before + kiln_time_now() - t->t_start, "epoch",
             (double)t->pos / (double)kiln_loader_num_windows(t->train),
             "tokens", (json_int_t)(t->pos * t->o.seq));
+        /* communication: seconds this rank waited on other ranks */
+        json_object_set_new(m, "world_size", json_integer(t->world));
+        json_object_set_new(m, "comm_s", json_real(comm.wait_s));
+        json_object_set_new(m, "comm_frac", json_real(dt > 0 ? comm.wait_s / dt : 0));
         bool stop = (t->o.stop_flag && *t->o.stop_flag) ||
                     (t->o.stop_at > 0 && t->step >= t->o.stop_at) ||
                     (t->o.max_time > 0 && kiln_time_now() - t->t_start >= t->o.max_time);
+        if ((s = tr_dist_agree_stop(t, &stop))) {
+            json_decref(m);
+            goto out;
+        }
         if (t->val && ((t->o.eval_every > 0 && t->step % t->o.eval_every == 0) || last)) {
             if ((s = evaluate(t, &t->val_loss))) {
                 json_decref(m);
@@ -809,6 +926,8 @@ out:
     res->val_loss = t->val_loss;
     res->interrupted = stopped;
     snprintf(res->checkpoint, sizeof res->checkpoint, "%.1000s", t->last_ckpt);
-    trainer_free(t);
+    res->rank = t->rank;
+    res->world_size = t->world;
+    trainer_free(t, s);
     return s;
 }

@@ -28,7 +28,7 @@ static void ref_gemm(kern_gemm *g, bool ta, bool tb, int M, int N, int K,
         }
 }
 
-static kern_gemm ref_gemm_obj = {"ref", ref_gemm, NULL, NULL};
+static kern_gemm ref_gemm_obj = {"ref", ref_gemm, NULL, NULL, NULL};
 
 kern_gemm *kern_gemm_ref(void) { return &ref_gemm_obj; }
 

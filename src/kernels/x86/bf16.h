@@ -126,22 +126,27 @@ double mp_amx_peak_gflops(double secs);
 
 /* ---- a linear layer in compute precision ------------------------------ */
 
-/* Compute-dtype copies of one fp32 weight W (OC, C) (row-major, the
- * y = x W^T + b convention), packed for the forward product (B = W^T) and
- * for the input-gradient product (B = W). Refreshed once per optimizer
- * step with mp_weight_refresh; never per call. */
+/* Compute-dtype copies of one fp32 weight of a linear layer y = x W' + b
+ * with x (N, C), y (N, OC), packed for the forward product (B = W', K = C,
+ * N = OC) and for the input-gradient product (B = W'^T, K = OC, N = C).
+ * W is stored (OC, C) (nn.Linear, in_out = false: W' = W^T) or (C, OC)
+ * (HF Conv1D, in_out = true: W' = W). Refreshed once per optimizer step
+ * with mp_weight_refresh (or one layout at a time); never per call. */
 typedef struct mp_weight {
     mp_dtype dt;
     int OC, C;
-    uint16_t *fwd; /* packed W^T: K = C, N = OC */
-    uint16_t *bwd; /* packed W:   K = OC, N = C */
+    bool in_out;
+    uint16_t *fwd; /* packed W':   K = C,  N = OC */
+    uint16_t *bwd; /* packed W'^T: K = OC, N = C  */
 } mp_weight;
 
 /* Allocates the packed copies (no conversion yet). Returns false on OOM. */
-bool mp_weight_init(mp_weight *w, mp_dtype dt, int OC, int C);
+bool mp_weight_init(mp_weight *w, mp_dtype dt, int OC, int C, bool in_out);
 void mp_weight_free(mp_weight *w);
-/* Converts and packs W (OC, C) into both copies. */
+/* Converts and packs W into both copies / into one of them. */
 void mp_weight_refresh(mp_weight *w, const float *W);
+void mp_weight_refresh_fwd(mp_weight *w, const float *W);
+void mp_weight_refresh_bwd(mp_weight *w, const float *W);
 
 /* Scratch for the activation operands of the products; grows on demand
  * (allocation only happens the first time a shape is seen). */
@@ -150,6 +155,8 @@ typedef struct mp_scratch {
     size_t a_cap;
     uint16_t *b;
     size_t b_cap;
+    float *c; /* fp32 result when alpha/beta need a second pass */
+    size_t c_cap;
 } mp_scratch;
 void mp_scratch_free(mp_scratch *s);
 
@@ -160,10 +167,11 @@ bool mp_linear_forward(mp_backend be, mp_scratch *s, const mp_weight *w,
 bool mp_linear_backward_x(mp_backend be, mp_scratch *s, const mp_weight *w,
                           const float *dy, int N, float *dx,
                           bool accumulate);
-/* dW (OC, C) += dy^T (OC, N) x (N, C). */
+/* dW += the weight gradient in W's layout: (OC, C) += dy^T x, or with
+ * in_out (C, OC) += x^T dy. */
 bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
-                          const float *dy, const float *x, int N, int OC,
-                          int C, float *dW);
+                          bool in_out, const float *dy, const float *x,
+                          int N, int OC, int C, float *dW);
 
 /* General product from fp32 operands (packs both every call; for tests,
  * attention products and one-off shapes). C (M, N) (+)= op(A) op(B) where
@@ -173,5 +181,10 @@ bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,
                    bool tb, int M, int N, int K, const float *A, int lda,
                    const float *B, int ldb, float *C, int ldc,
                    bool accumulate);
+/* The sgemm contract: C = alpha op(A) op(B) + beta C (beta == 0 ignores
+ * C's contents). Returns false on OOM. */
+bool mp_sgemm(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta, bool tb,
+              int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc);
 
 #endif /* KILN_KERNELS_X86_BF16_H */

@@ -356,14 +356,15 @@ void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
 
 /* ---- linear layer ----------------------------------------------------- */
 
-bool mp_weight_init(mp_weight *w, mp_dtype dt, int OC, int C)
+bool mp_weight_init(mp_weight *w, mp_dtype dt, int OC, int C, bool in_out)
 {
     memset(w, 0, sizeof *w);
     w->dt = dt;
     w->OC = OC;
     w->C = C;
-    w->fwd = aligned_alloc(64, round_up((int)(mp_packb_elems(dt, C, OC) * 2), 64));
-    w->bwd = aligned_alloc(64, round_up((int)(mp_packb_elems(dt, OC, C) * 2), 64));
+    w->in_out = in_out;
+    w->fwd = aligned_alloc(64, (mp_packb_elems(dt, C, OC) * 2 + 63) / 64 * 64);
+    w->bwd = aligned_alloc(64, (mp_packb_elems(dt, OC, C) * 2 + 63) / 64 * 64);
     if (!w->fwd || !w->bwd) {
         mp_weight_free(w);
         return false;
@@ -379,10 +380,22 @@ void mp_weight_free(mp_weight *w)
     w->fwd = w->bwd = NULL;
 }
 
+void mp_weight_refresh_fwd(mp_weight *w, const float *W)
+{
+    /* B = W' (K = C, N = OC): W (C, OC) as is, or W (OC, C) transposed. */
+    mp_pack_b(w->dt, !w->in_out, w->C, w->OC, W, w->in_out ? w->OC : w->C, w->fwd);
+}
+
+void mp_weight_refresh_bwd(mp_weight *w, const float *W)
+{
+    /* B = W'^T (K = OC, N = C). */
+    mp_pack_b(w->dt, w->in_out, w->OC, w->C, W, w->in_out ? w->OC : w->C, w->bwd);
+}
+
 void mp_weight_refresh(mp_weight *w, const float *W)
 {
-    mp_pack_b(w->dt, true, w->C, w->OC, W, w->C, w->fwd);  /* B = W^T */
-    mp_pack_b(w->dt, false, w->OC, w->C, W, w->C, w->bwd); /* B = W */
+    mp_weight_refresh_fwd(w, W);
+    mp_weight_refresh_bwd(w, W);
 }
 
 static uint16_t *grow(uint16_t **p, size_t *cap, size_t need)
@@ -400,6 +413,7 @@ void mp_scratch_free(mp_scratch *s)
     if (!s) return;
     free(s->a);
     free(s->b);
+    free(s->c);
     memset(s, 0, sizeof *s);
 }
 
@@ -424,9 +438,11 @@ bool mp_linear_backward_x(mp_backend be, mp_scratch *s, const mp_weight *w,
 }
 
 bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
-                          const float *dy, const float *x, int N, int OC,
-                          int C, float *dW)
+                          bool in_out, const float *dy, const float *x,
+                          int N, int OC, int C, float *dW)
 {
+    if (in_out) /* dW (C, OC) += x^T dy */
+        return mp_gemm_f32io(be, s, dt, true, false, C, OC, N, x, C, dy, OC, dW, OC, true);
     return mp_gemm_f32io(be, s, dt, true, false, OC, C, N, dy, OC, x, C, dW, C, true);
 }
 
@@ -441,5 +457,40 @@ bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,
     mp_pack_a(dt, ta, M, K, A, lda, pa);
     mp_pack_b(dt, tb, K, N, B, ldb, pb);
     mp_gemm_packed(be, dt, M, N, K, pa, pb, C, ldc, accumulate, NULL);
+    return true;
+}
+
+bool mp_sgemm(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta, bool tb,
+              int M, int N, int K, float alpha, const float *A, int lda,
+              const float *B, int ldb, float beta, float *C, int ldc)
+{
+    if (M <= 0 || N <= 0) return true;
+    if (K <= 0 || alpha == 0.0f) {
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                float *o = C + (size_t)i * ldc + j;
+                *o = beta == 0.0f ? 0.0f : beta * *o;
+            }
+        return true;
+    }
+    if (alpha == 1.0f && (beta == 0.0f || beta == 1.0f))
+        return mp_gemm_f32io(be, s, dt, ta, tb, M, N, K, A, lda, B, ldb, C, ldc, beta == 1.0f);
+    size_t need = (size_t)M * N;
+    if (need > s->c_cap) {
+        free(s->c);
+        s->c = aligned_alloc(64, (need * 4 + 63) / 64 * 64);
+        s->c_cap = s->c ? need : 0;
+        if (!s->c) return false;
+    }
+    if (!mp_gemm_f32io(be, s, dt, ta, tb, M, N, K, A, lda, B, ldb, s->c, N, false)) return false;
+    #pragma omp parallel for schedule(static)
+    for (int i = 0; i < M; i++) {
+        float *o = C + (size_t)i * ldc;
+        const float *t = s->c + (size_t)i * N;
+        if (beta == 0.0f)
+            for (int j = 0; j < N; j++) o[j] = alpha * t[j];
+        else
+            for (int j = 0; j < N; j++) o[j] = alpha * t[j] + beta * o[j];
+    }
     return true;
 }

@@ -1,0 +1,194 @@
+/*
+ * bf16_ops.c — mixed precision behind the model's kernel interface
+ * (kernels.h): a kern_gemm whose products run in bf16 or fp16 with fp32
+ * accumulation (AMX / AVX512_BF16 / portable, bf16.h), and a kern_ops table
+ * that is the fast table with the linear layers replaced by versions that
+ * keep the compute-dtype copies of every weight packed in a cache.
+ *
+ * Weight cache: keyed by the weight's address, one mp_weight per linear
+ * layer, each of its two layouts repacked at most once per epoch. The model
+ * calls g->invalidate (a new epoch) at the start of every forward pass,
+ * so after an optimizer step the next forward repacks each weight once for
+ * the forward product and the backward pass packs the transposed layout
+ * once: never per call. Products too small to pay for packing (decode
+ * steps, M < 16) go to the fp32 fast GEMM.
+ */
+#include "kernels/x86/bf16_ops.h"
+
+#include "base/base.h"
+#include "kernels/x86/bf16.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define MP_MAGIC 0x6d707831u /* "mpx1" */
+
+typedef struct wentry {
+    const float *w;
+    int OC, C;
+    bool in_out;
+    mp_weight pw;
+    uint64_t fwd_epoch, bwd_epoch; /* epoch + 1 of the last repack; 0 = never */
+} wentry;
+
+typedef struct mp_state {
+    uint32_t magic;
+    mp_dtype dt;
+    mp_backend be;
+    kern_ops ops;       /* fast ops with matmul_fwd/bwd replaced */
+    kern_gemm *fp32;    /* for products too small to pack */
+    mp_scratch scratch;
+    wentry *cache;
+    int n_cache, cap_cache;
+    size_t cache_bytes;
+    uint64_t epoch; /* bumped by invalidate (start of every forward) */
+} mp_state;
+
+static mp_state *state_of(kern_gemm *g)
+{
+    mp_state *st = g ? g->state : NULL;
+    KILN_ASSERT(st && st->magic == MP_MAGIC);
+    return st;
+}
+
+static bool small(int M, int N, int K) { return M < 16 || N < 16 || K < 16; }
+
+static void mp_gemm_fn(kern_gemm *g, bool ta, bool tb, int M, int N, int K, float alpha,
+                       const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                       int ldc)
+{
+    mp_state *st = state_of(g);
+    if (small(M, N, K) ||
+        !mp_sgemm(st->be, &st->scratch, st->dt, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta,
+                  C, ldc))
+        st->fp32->gemm(st->fp32, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* The cache entry of weight w, created on first sight. NULL on OOM. */
+static wentry *lookup(mp_state *st, const float *w, int OC, int C, bool in_out)
+{
+    for (int i = 0; i < st->n_cache; i++) {
+        wentry *e = &st->cache[i];
+        if (e->w == w && e->OC == OC && e->C == C && e->in_out == in_out) return e;
+    }
+    if (st->n_cache == st->cap_cache) {
+        int cap = st->cap_cache ? 2 * st->cap_cache : 64;
+        wentry *n = realloc(st->cache, sizeof *n * (size_t)cap);
+        if (!n) return NULL;
+        st->cache = n;
+        st->cap_cache = cap;
+    }
+    wentry *e = &st->cache[st->n_cache];
+    memset(e, 0, sizeof *e);
+    if (!mp_weight_init(&e->pw, st->dt, OC, C, in_out)) return NULL;
+    e->w = w;
+    e->OC = OC;
+    e->C = C;
+    e->in_out = in_out;
+    st->n_cache++;
+    st->cache_bytes += (mp_packb_elems(st->dt, C, OC) + mp_packb_elems(st->dt, OC, C)) * 2;
+    return e;
+}
+
+static void mp_matmul_fwd(kern_gemm *g, float *out, const float *inp, const float *w,
+                          const float *b, int N, int C, int OC, kern_wlayout lay)
+{
+    mp_state *st = state_of(g);
+    wentry *e = small(N, OC, C) ? NULL : lookup(st, w, OC, C, lay == KERN_W_IN_OUT);
+    if (!e) {
+        kern_matmul_fwd_gemm(st->fp32, out, inp, w, b, N, C, OC, lay);
+        return;
+    }
+    if (e->fwd_epoch != st->epoch + 1) {
+        mp_weight_refresh_fwd(&e->pw, w);
+        e->fwd_epoch = st->epoch + 1;
+    }
+    if (!mp_linear_forward(st->be, &st->scratch, &e->pw, inp, b, N, out))
+        kern_matmul_fwd_gemm(st->fp32, out, inp, w, b, N, C, OC, lay);
+}
+
+static void mp_matmul_bwd(kern_gemm *g, float *dinp, float *dw, float *db, const float *dout,
+                          const float *inp, const float *w, int N, int C, int OC,
+                          kern_wlayout lay, bool dinp_acc)
+{
+    mp_state *st = state_of(g);
+    bool io = lay == KERN_W_IN_OUT;
+    wentry *e = small(N, OC, C) ? NULL : lookup(st, w, OC, C, io);
+    if (!e) {
+        kern_matmul_bwd_gemm(st->fp32, dinp, dw, db, dout, inp, w, N, C, OC, lay, dinp_acc);
+        return;
+    }
+    if (db) {
+        /* fp32 column sums, split by column so the result does not depend
+         * on the thread count. */
+        #pragma omp parallel for schedule(static)
+        for (int j0 = 0; j0 < OC; j0 += 64) {
+            float acc[64] = {0};
+            int j1 = j0 + 64 < OC ? j0 + 64 : OC;
+            for (int n = 0; n < N; n++) {
+                const float *d = dout + (size_t)n * OC;
+                for (int j = j0; j < j1; j++) acc[j - j0] += d[j];
+            }
+            for (int j = j0; j < j1; j++) db[j] += acc[j - j0];
+        }
+    }
+    if (dw && !mp_linear_backward_w(st->be, &st->scratch, st->dt, io, dout, inp, N, OC, C, dw))
+        kern_matmul_bwd_gemm(st->fp32, NULL, dw, NULL, dout, inp, w, N, C, OC, lay, dinp_acc);
+    if (dinp) {
+        if (e->bwd_epoch != st->epoch + 1) {
+            mp_weight_refresh_bwd(&e->pw, w);
+            e->bwd_epoch = st->epoch + 1;
+        }
+        if (!mp_linear_backward_x(st->be, &st->scratch, &e->pw, dout, N, dinp, dinp_acc))
+            kern_matmul_bwd_gemm(st->fp32, dinp, NULL, NULL, dout, inp, w, N, C, OC, lay,
+                                 dinp_acc);
+    }
+}
+
+static void mp_invalidate(kern_gemm *g) { state_of(g)->epoch++; }
+
+static void mp_destroy(kern_gemm *g)
+{
+    if (!g) return;
+    mp_state *st = g->state;
+    if (st) {
+        for (int i = 0; i < st->n_cache; i++) mp_weight_free(&st->cache[i].pw);
+        free(st->cache);
+        mp_scratch_free(&st->scratch);
+        kern_gemm_free(st->fp32);
+        free(st);
+    }
+    free(g);
+}
+
+kern_gemm *mp_kern_gemm_new(mp_dtype dt, mp_backend be)
+{
+    KILN_ASSERT(dt == MP_BF16 || dt == MP_F16);
+    kern_gemm *g = calloc(1, sizeof *g);
+    mp_state *st = calloc(1, sizeof *st);
+    kern_gemm *f = kern_gemm_fast_new();
+    if (!g || !st || !f) {
+        free(g), free(st), kern_gemm_free(f);
+        return NULL;
+    }
+    st->magic = MP_MAGIC;
+    st->dt = dt;
+    st->be = be == MP_BACKEND_AUTO || !mp_backend_available(be) ? mp_backend_best() : be;
+    st->fp32 = f;
+    st->ops = *kern_ops_fast();
+    st->ops.name = dt == MP_BF16 ? "bf16" : "fp16";
+    st->ops.matmul_fwd = mp_matmul_fwd;
+    st->ops.matmul_bwd = mp_matmul_bwd;
+    g->name = st->be == MP_BACKEND_AMX ? (dt == MP_BF16 ? "amx_bf16" : "amx_fp16")
+              : st->be == MP_BACKEND_AVX512 ? (dt == MP_BF16 ? "avx512_bf16" : "avx512_fp16")
+                                            : (dt == MP_BF16 ? "ref_bf16" : "ref_fp16");
+    g->gemm = mp_gemm_fn;
+    g->destroy = mp_destroy;
+    g->invalidate = mp_invalidate;
+    g->state = st;
+    return g;
+}
+
+const kern_ops *mp_kern_ops(kern_gemm *g) { return &state_of(g)->ops; }
+
+size_t mp_kern_cache_bytes(kern_gemm *g) { return state_of(g)->cache_bytes; }

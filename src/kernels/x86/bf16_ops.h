@@ -1,0 +1,21 @@
+/*
+ * bf16_ops.h — mixed precision behind the model's kernel interface: a
+ * kern_gemm running every product in bf16 or fp16 (fp32 accumulation) and
+ * the kern_ops table that goes with it (the fast table with linear layers
+ * that cache packed compute-dtype weights). See bf16_ops.c.
+ */
+#ifndef KILN_KERNELS_X86_BF16_OPS_H
+#define KILN_KERNELS_X86_BF16_OPS_H
+
+#include "kernels/kernels.h"
+#include "kernels/x86/bf16.h"
+
+/* A heap kern_gemm for dtype dt (MP_BF16 or MP_F16) on backend be (AUTO:
+ * the best this CPU has). Free with kern_gemm_free. NULL on OOM. */
+kern_gemm *mp_kern_gemm_new(mp_dtype dt, mp_backend be);
+/* The op table to use with g (lives as long as g). */
+const kern_ops *mp_kern_ops(kern_gemm *g);
+/* Bytes held by g's packed weight copies. */
+size_t mp_kern_cache_bytes(kern_gemm *g);
+
+#endif /* KILN_KERNELS_X86_BF16_OPS_H */
