@@ -210,6 +210,27 @@ static void dnnl_destroy(kern_gemm *g)
 
 static void plain_destroy(kern_gemm *g) { free(g); }
 
+/* Stateless, thread-safe: oneDNN's sgemm (single-threaded inside a
+ * parallel region) or the blocked loop run serially. */
+static void threadsafe_gemm_fn(kern_gemm *g, bool ta, bool tb, int M, int N, int K,
+                               float alpha, const float *A, int lda, const float *B, int ldb,
+                               float beta, float *C, int ldc)
+{
+    (void)g;
+    if (M == 0 || N == 0) return;
+    if (K == 0 || beta == 0.0f) zero_k(M, N, 0.0f, C, ldc);
+    if (K == 0) return;
+#ifdef KILN_HAVE_DNNL
+    dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#else
+    omp_gemm_fn(NULL, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+}
+
+static kern_gemm threadsafe_obj = {"threadsafe", threadsafe_gemm_fn, NULL, NULL, NULL};
+
+kern_gemm *kern_gemm_threadsafe(void) { return &threadsafe_obj; }
+
 kern_gemm *kern_gemm_fast_new(void)
 {
     kern_gemm *g = calloc(1, sizeof *g);

@@ -352,10 +352,12 @@ static void softmax_row(float *a, int len, int zero_to)
     for (int j = len; j < zero_to; j++) a[j] = 0.0f;
 }
 
-static void fast_attention_fwd(kern_gemm *g, float *out, float *att,
+static void fast_attention_fwd(kern_gemm *model_gemm, float *out, float *att,
                                const float *qkv, int B, int T, int NH, int KVH,
                                int HS)
 {
+    (void)model_gemm;
+    kern_gemm *g = kern_gemm_threadsafe();
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH;
     float scale = 1.0f / sqrtf((float)HS);
 #pragma omp parallel for schedule(dynamic, 1)
@@ -378,11 +380,13 @@ static void fast_attention_fwd(kern_gemm *g, float *out, float *att,
     }
 }
 
-static void fast_attention_bwd(kern_gemm *g, float *dqkv, float *datt,
+static void fast_attention_bwd(kern_gemm *model_gemm, float *dqkv, float *datt,
                                const float *dout, const float *qkv,
                                const float *att, int B, int T, int NH, int KVH,
                                int HS)
 {
+    (void)model_gemm;
+    kern_gemm *g = kern_gemm_threadsafe();
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH;
     float scale = 1.0f / sqrtf((float)HS);
     /* One task per (batch, kv head): the query heads sharing a kv head
