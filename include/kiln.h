@@ -292,6 +292,19 @@ kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const int32_t *ids, size_t n, char **text,
                                   size_t *len);
 
+/* Encoding state for one thread (pattern match data and caches of
+ * frequent pre-tokens), reused across calls: faster than
+ * kiln_tokenizer_encode for many small texts. Not thread-safe; the
+ * tokenizer must outlive it. */
+typedef struct kiln_encoder kiln_encoder;
+kiln_status kiln_encoder_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                             kiln_encoder **out);
+void kiln_encoder_free(kiln_encoder *enc);
+/* Same result as kiln_tokenizer_encode; *ids is malloc'ed. */
+kiln_status kiln_encoder_encode(kiln_ctx *ctx, kiln_encoder *enc,
+                                const char *text, size_t len, int32_t **ids,
+                                size_t *n);
+
 /* A position p in [from, len] at which text may be cut so that encoding
  * text[0..p) and text[p..len) separately gives exactly the ids of encoding
  * the whole (a pre-token boundary every supported pattern respects, e.g.

@@ -68,4 +68,21 @@ json=$("$KILN" tokenizer encode --tokenizer bytes --json --input "$T/e.txt")
 if [ "$json" = "[104, 195, 169, 108, 108, 111, 32, 255, 33]" ]; then ok encode_json; else no encode_json "got '$json'"; fi
 echo "1 2 999" | "$KILN" tokenizer decode --tokenizer bytes >"$T/o8" 2>&1; rc=$?
 if [ $rc -ne 0 ] && grep -q "999" "$T/o8"; then ok decode_out_of_range; else no decode_out_of_range "rc $rc"; fi
+
+# --- chat rendering from the command line (bytes: markers as text) ------
+printf '[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]' >"$T/chat.json"
+"$KILN" tokenizer encode --tokenizer bytes --chat --input "$T/chat.json" >"$T/chat.out" 2>&1
+head -1 "$T/chat.out" | "$KILN" tokenizer decode --tokenizer bytes >"$T/chat.txt"
+want=$(printf '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n')
+ones=$(sed -n 's/^mask://p' "$T/chat.out" | tr ' ' '\n' | grep -c '^1$')
+if [ "$(cat "$T/chat.txt")" = "$want" ] && [ "$ones" = 12 ]; then ok encode_chat; else no encode_chat "$(cat "$T/chat.out" | head -c 300)"; fi
+
+# --- dataset validation: every bad line by number ------------------------
+printf '{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}\n{"messages":[{"role":"bot","content":"x"}]}\n{"prompt":"p"}\n' >"$T/sft.jsonl"
+"$KILN" tokenize --tokenizer bytes --dataset sft --input "$T/sft.jsonl" >"$T/ds.out" 2>&1; rc=$?
+if [ $rc -ne 0 ] && grep -q 'sft.jsonl:2: messages\[0\]: unknown role "bot"' "$T/ds.out" \
+   && grep -q 'sft.jsonl:3: field "completion" is missing' "$T/ds.out" && grep -q '2 malformed lines' "$T/ds.out"; then
+  ok dataset_check_bad_lines; else no dataset_check_bad_lines "rc $rc $(cat "$T/ds.out")"; fi
+"$KILN" tokenize --tokenizer bytes --dataset sft --skip-bad --input "$T/sft.jsonl" >"$T/ds2.out" 2>&1
+if grep -q '3 lines, 1 examples' "$T/ds2.out" && grep -q '2 malformed' "$T/ds2.out"; then ok dataset_check_stats; else no dataset_check_stats "$(cat "$T/ds2.out")"; fi
 exit 0

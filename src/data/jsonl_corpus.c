@@ -384,9 +384,11 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
     int nt = o->threads > 0 ? o->threads : omp_get_num_procs();
     if (nt < 1) nt = 1;
     kiln_ctx **tctx = calloc((size_t)nt, sizeof *tctx);
-    if (!tctx && !s) s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    kiln_encoder **tenc = calloc((size_t)nt, sizeof *tenc);
+    if ((!tctx || !tenc) && !s) s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
     for (int i = 0; i < nt && !s; i++)
         if (!(tctx[i] = kiln_ctx_new())) s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        else s = kiln_encoder_new(ctx, tok, &tenc[i]);
     json_object_seed(0); /* before threads use jansson */
 
     splitw tr = {.prefix = "train"}, va = {.prefix = "val"};
@@ -413,6 +415,7 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
         for (size_t i = 0; i < n_units; i++) {
             kiln_ctx *c = tctx[omp_get_thread_num()];
+            kiln_encoder *en = tenc[omp_get_thread_num()];
             const unit *u = &units[i];
             result *q = &res[i];
             const char *text = u->p;
@@ -425,7 +428,7 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
                 }
                 text = owned;
             }
-            if (kiln_tokenizer_encode(c, tok, text, len, &q->ids, &q->n))
+            if (kiln_encoder_encode(c, en, text, len, &q->ids, &q->n))
                 q->err = strdup(kiln_errmsg(c));
             free(owned);
         }
@@ -531,7 +534,10 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
     free(res);
     if (tctx)
         for (int i = 0; i < nt; i++) kiln_ctx_free(tctx[i]);
+    if (tenc)
+        for (int i = 0; i < nt; i++) kiln_encoder_free(tenc[i]);
     free(tctx);
+    free(tenc);
     if (stats) *stats = st;
     return s;
 }

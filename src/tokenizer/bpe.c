@@ -17,14 +17,31 @@
 #include <string.h>
 
 #define SHORT_PIECE 48
+#define CACHE_BITS 12
 
+/* Each thread's scratch keeps a direct-mapped cache of short pre-tokens
+ * (up to 8 bytes) that encode to one id: frequent words then cost one
+ * probe of a small, hot table instead of the vocabulary hash. */
 struct tok_scratch {
     pcre2_match_data *md;
     bool jit;
+    uint64_t ckey[1 << CACHE_BITS]; /* piece bytes, zero-padded */
+    uint32_t cval[1 << CACHE_BITS]; /* len << 24 | id; 0 = empty */
+    struct mcache *mc;              /* multi-id results, allocated on use */
     /* merge workspace, grown on demand */
     int32_t *sym, *rank, *res, *prev, *next;
     uint64_t *heap;
     size_t cap;
+};
+
+/* Cache of pre-tokens up to 16 bytes whose BPE gives 2..MC_IDS ids. */
+#define MC_BITS 12
+#define MC_IDS 6
+struct mcache {
+    uint64_t key[1 << MC_BITS][2];
+    uint8_t len[1 << MC_BITS]; /* 0 = empty */
+    uint8_t n[1 << MC_BITS];
+    int32_t ids[1 << MC_BITS][MC_IDS];
 };
 
 bool tok_ids_push(tok_ids *b, int32_t id)
@@ -60,6 +77,7 @@ void tok_scratch_free(tok_scratch *s)
 {
     if (!s) return;
     if (s->md) pcre2_match_data_free(s->md);
+    free(s->mc);
     free(s->sym);
     free(s->rank);
     free(s->res);
@@ -198,16 +216,58 @@ bool tok_bpe_piece(const kiln_tokenizer *t, tok_scratch *s,
 {
     if (n == 0) return true;
     if (n == 1) return tok_ids_push(out, t->byte_id[p[0]]);
+    uint64_t key = 0;
+    uint32_t slot = 0;
+    if (n <= 8) {
+        memcpy(&key, p, n);
+        uint64_t h = (key ^ n) * 0x9E3779B97F4A7C15ull;
+        slot = (uint32_t)(h >> (64 - CACHE_BITS));
+        uint32_t v = s->cval[slot];
+        if (v >> 24 == n && s->ckey[slot] == key) return tok_ids_push(out, (int32_t)(v & 0xFFFFFF));
+    }
     int32_t id = tok_lookup(t, p, n);
-    if (id >= 0 && (t->flags[id] & TOKF_WHOLE)) return tok_ids_push(out, id);
+    if (id >= 0 && (t->flags[id] & TOKF_WHOLE)) {
+        if (n <= 8) {
+            s->ckey[slot] = key;
+            s->cval[slot] = (uint32_t)n << 24 | (uint32_t)id;
+        }
+        return tok_ids_push(out, id);
+    }
     if (t->n_merges == 0) {
         for (size_t i = 0; i < n; i++)
             if (!tok_ids_push(out, t->byte_id[p[i]])) return false;
         return true;
     }
+    uint64_t k2[2] = {0, 0};
+    uint32_t ms = 0;
+    if (n <= 16) {
+        if (!s->mc) s->mc = calloc(1, sizeof *s->mc);
+        if (s->mc) {
+            memcpy(k2, p, n);
+            uint64_t h = ((k2[0] * 0x9E3779B97F4A7C15ull) ^ k2[1] ^ n) * 0xbf58476d1ce4e5b9ull;
+            ms = (uint32_t)(h >> (64 - MC_BITS));
+            struct mcache *c = s->mc;
+            if (c->len[ms] == n && c->key[ms][0] == k2[0] && c->key[ms][1] == k2[1]) {
+                for (int i = 0; i < c->n[ms]; i++)
+                    if (!tok_ids_push(out, c->ids[ms][i])) return false;
+                return true;
+            }
+        }
+    }
     if (!reserve(s, n)) return false;
     for (size_t i = 0; i < n; i++) s->sym[i] = t->byte_id[p[i]];
-    return n <= SHORT_PIECE ? bpe_short(t, s, n, out) : bpe_long(t, s, n, out);
+    size_t before = out->n;
+    bool ok = n <= SHORT_PIECE ? bpe_short(t, s, n, out) : bpe_long(t, s, n, out);
+    size_t got = out->n - before;
+    if (ok && n <= 16 && s->mc && got <= MC_IDS) {
+        struct mcache *c = s->mc;
+        c->key[ms][0] = k2[0];
+        c->key[ms][1] = k2[1];
+        c->len[ms] = (uint8_t)n;
+        c->n[ms] = (uint8_t)got;
+        memcpy(c->ids[ms], out->v + before, got * sizeof(int32_t));
+    }
+    return ok;
 }
 
 static size_t utf8_next(const unsigned char *p, size_t len, size_t i)

@@ -417,6 +417,50 @@ kiln_status kiln_tokenizer_encode(kiln_ctx *ctx, const kiln_tokenizer *tok,
     return KILN_OK;
 }
 
+struct kiln_encoder {
+    const kiln_tokenizer *tok;
+    tok_scratch *s;
+};
+
+kiln_status kiln_encoder_new(kiln_ctx *ctx, const kiln_tokenizer *tok, kiln_encoder **out)
+{
+    *out = NULL;
+    kiln_encoder *e = kiln_calloc(ctx, 1, sizeof *e);
+    if (!e) return KILN_ERR_NOMEM;
+    e->tok = tok;
+    e->s = tok_scratch_new(tok);
+    if (!e->s) {
+        free(e);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    }
+    *out = e;
+    return KILN_OK;
+}
+
+void kiln_encoder_free(kiln_encoder *enc)
+{
+    if (!enc) return;
+    tok_scratch_free(enc->s);
+    free(enc);
+}
+
+kiln_status kiln_encoder_encode(kiln_ctx *ctx, kiln_encoder *enc, const char *text,
+                                size_t len, int32_t **ids, size_t *n)
+{
+    *ids = NULL;
+    *n = 0;
+    tok_ids out = {0};
+    if (!tok_encode_text(enc->tok, enc->s, text, len, &out)) {
+        free(out.v);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory encoding %zu bytes", len);
+    }
+    if (!out.v && !(out.v = malloc(sizeof(int32_t))))
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    *ids = out.v;
+    *n = out.n;
+    return KILN_OK;
+}
+
 kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const int32_t *ids, size_t n, char **text,
                                   size_t *len)
