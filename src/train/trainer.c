@@ -144,6 +144,19 @@ static kiln_status tr_dist_agree_stop(trainer *t, bool *stop)
     return s;
 }
 
+/* The other ranks wait here while rank 0 writes a checkpoint, under a
+ * watchdog of at least an hour (large checkpoints), so that no rank runs
+ * ahead into a collective whose normal timeout the write could exceed. */
+static kiln_status tr_dist_after_save(trainer *t)
+{
+    if (t->world == 1) return KILN_OK;
+    double keep = dist_timeout(t->dist);
+    dist_set_timeout(t->dist, KILN_MAX(keep, 3600.0));
+    kiln_status s = dist_barrier(t->ctx, t->dist);
+    dist_set_timeout(t->dist, keep);
+    return s;
+}
+
 /* A run saved at world W0 resumes at this world size with the same global
  * batch: B is rescaled to B0 * W0 / world unless --batch was changed. */
 static kiln_status tr_dist_resume_batch(trainer *t)
@@ -392,7 +405,7 @@ static kiln_status save(trainer *t, double lr)
         kiln_status zs = dist_zero_gather(t->ctx, t->zero, &full);
         if (zs) return zs;
     }
-    if (t->rank != 0) return KILN_OK;
+    if (t->rank != 0) return tr_dist_after_save(t);
     json_t *st = state_json(t, lr);
     if (!st) {
         kiln_adamw_free(full);
@@ -411,7 +424,7 @@ static kiln_status save(trainer *t, double lr)
     free(tokj);
     json_decref(st);
     if (!s) say(t, "saved checkpoint %s", t->last_ckpt);
-    return s;
+    return s ? s : tr_dist_after_save(t);
 }
 
 static kiln_status load_state(trainer *t, const char *dir)
@@ -689,7 +702,10 @@ static kiln_status setup(trainer *t)
                      "reported (tokenize with --val-fraction)",
                      o->data);
         } else {
-            size_t want = (size_t)o->eval_steps * (size_t)o->batch * (size_t)o->seq + 1;
+            /* eval_steps batches of the global batch (B x world), shared
+             * out among the ranks by evaluate() */
+            size_t want = (size_t)o->eval_steps * (size_t)o->batch *
+                          (size_t)t->world * (size_t)o->seq + 1;
             t->n_val = KILN_MIN(nv, want);
             t->val = kiln_malloc(ctx, t->n_val * sizeof *t->val);
             if (!t->val) return KILN_ERR_NOMEM;
@@ -708,11 +724,23 @@ static kiln_status setup(trainer *t)
 
 static kiln_status evaluate(trainer *t, double *out)
 {
-    double ls = 0, n = 0;
-    kiln_status s = kiln_eval_tokens(t->ctx, t->model, t->val, t->n_val,
-                                     t->o.batch, t->o.seq, &ls, &n);
+    /* Under MPI each rank evaluates its share of the validation windows
+     * (stride T) and the sums are added: the same tokens, N times faster. */
+    double sums[2] = {0, 0};
+    size_t T = (size_t)t->o.seq, start = 0, end = t->n_val;
+    if (t->world > 1 && t->n_val > 1) {
+        size_t nw = (t->n_val - 1 + T - 1) / T, W = (size_t)t->world;
+        size_t a = nw * (size_t)t->rank / W, b = nw * ((size_t)t->rank + 1) / W;
+        start = KILN_MIN(a * T, t->n_val);
+        end = KILN_MIN(b * T + 1, t->n_val);
+    }
+    kiln_status s = KILN_OK;
+    if (end > start)
+        s = kiln_eval_tokens(t->ctx, t->model, t->val + start, end - start,
+                             t->o.batch, t->o.seq, &sums[0], &sums[1]);
     if (s) return s;
-    *out = n > 0 ? ls / n : NAN;
+    if ((s = tr_dist_sum(t, sums, 2))) return s;
+    *out = sums[1] > 0 ? sums[0] / sums[1] : NAN;
     return KILN_OK;
 }
 
@@ -767,7 +795,10 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     *lr = kiln_lr_at(o->schedule, o->lr, o->min_lr, o->warmup, t->total, t->step);
     if (!isfinite(*loss)) return diverged(t, "the training loss", *loss, *lr);
     /* precision: a loss scaler unscales g here and may skip the update
-     * (bool skip) when g holds inf/NaN. */
+     * (bool skip) when g holds inf/NaN. With --zero 1 only this rank's
+     * shard of g (dist_zero_shard) is valid here: unscale and test that
+     * shard, and make the skip decision agree across ranks
+     * (dist_allreduce_max_f64). */
     if (t->zero) {
         if ((s = dist_zero_grad_norm(ctx, t->zero, g, gnorm))) return s;
     } else {
