@@ -87,6 +87,8 @@ typedef struct trainer {
     double val_loss;
     bool bar;
     bool bar_drawn;
+    double last_draw;   /* when the bar was last drawn */
+    int64_t bar_step;   /* the step it shows */
     char last_ckpt[1024];
 } trainer;
 
@@ -229,7 +231,9 @@ static void say(trainer *t, const char *fmt, ...)
 {
     if (t->rank != 0 || t->o.progress == KILN_PROGRESS_NONE) return;
     if (t->bar_drawn) {
-        fputs("\r\033[K", stdout);
+        /* the finished bar stays on screen; a running one is redrawn
+         * below the message */
+        fputs(t->bar_step >= t->total ? "\n" : "\r\033[K", stdout);
         t->bar_drawn = false;
     }
     va_list ap;
@@ -248,6 +252,11 @@ static void progress(trainer *t, double loss, double lr, double gnorm,
     char eta[32];
     fmt_duration(eta, sizeof eta, per * (double)(t->total - t->step));
     if (t->bar) {
+        /* redraw at most 10 times a second (and always the last step) */
+        double now = kiln_time_now();
+        if (t->bar_drawn && t->step < t->total && now - t->last_draw < 0.1) return;
+        t->last_draw = now;
+        t->bar_step = t->step;
         int width = 24;
         double frac = (double)t->step / (double)t->total;
         int fill = (int)(frac * width);
@@ -882,8 +891,11 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
         trainer_free(t, s);
         return s;
     }
+    /* Open MPI gives every rank a pseudo-terminal even when mpirun's
+     * output goes to a file, so under MPI "auto" means plain lines. */
     t->bar = t->o.progress == KILN_PROGRESS_BAR ||
-             (t->o.progress == KILN_PROGRESS_AUTO && isatty(STDOUT_FILENO));
+             (t->o.progress == KILN_PROGRESS_AUTO && t->world == 1 &&
+              isatty(STDOUT_FILENO));
     banner(t);
     if (t->o.resume) snprintf(t->last_ckpt, sizeof t->last_ckpt, "%s", t->o.resume);
     double loss = NAN, lr = 0, gnorm = 0;
