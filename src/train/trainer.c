@@ -62,6 +62,7 @@ typedef struct trainer {
     kiln_train_opts o;
     char run_dir[1024];
     char data_real[PATH_MAX];
+    char init_dir[1024]; /* --init-from resolved to a checkpoint */
     kiln_model *model;
     kiln_adamw *opt;
     kiln_data *data;
@@ -599,9 +600,21 @@ static kiln_status make_model(trainer *t)
         if ((s = kiln_model_load(ctx, o->resume, &t->model))) return s;
         from = o->resume;
     } else if (o->init_from) {
-        if ((s = kiln_checkpoint_verify(ctx, o->init_from))) return s;
-        if ((s = kiln_model_load(ctx, o->init_from, &t->model))) return s;
+        /* a run directory stands for its latest checkpoint */
+        char *cp = file_join(o->init_from, "config.json");
+        char *lp = file_join(o->init_from, "latest");
+        bool run = cp && lp && !file_exists(cp) && file_exists(lp);
+        free(cp);
+        free(lp);
         from = o->init_from;
+        if (run) {
+            if ((s = kiln_checkpoint_resolve(ctx, o->init_from, t->init_dir,
+                                             sizeof t->init_dir)))
+                return s;
+            from = t->init_dir;
+        }
+        if ((s = kiln_checkpoint_verify(ctx, from))) return s;
+        if ((s = kiln_model_load(ctx, from, &t->model))) return s;
     } else {
         kiln_config cfg = kiln_config_default();
         if (o->config) {
