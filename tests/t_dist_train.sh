@@ -47,8 +47,10 @@ cat >"$W/tiny.json" <<'EOF'
 {"model_type": "gpt2", "vocab_size": 257, "n_layer": 2, "n_embd": 32, "n_head": 2,
  "n_positions": 64, "bos_token_id": 256, "eos_token_id": 256}
 EOF
+# fp32: the equivalences below are checked to 1e-5, tighter than bf16
+# rounding (the default precision on AMX/AVX512_BF16 CPUs) preserves.
 COMMON=(--data "$W/data" --config "$W/tiny.json" --seq 32 --warmup 2 --lr 3e-3
-        --eval-every 0 --progress lines --log-every 10 --threads 1)
+        --eval-every 0 --progress lines --log-every 10 --threads 1 --precision fp32)
 
 # losses FILE -> "step loss" lines (train steps only), or with KEY=val_loss
 # "step val_loss" lines
