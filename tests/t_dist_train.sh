@@ -28,21 +28,32 @@ rm -rf "$W"; mkdir -p "$W"
 MPI=(timeout 120 mpirun --oversubscribe)
 BG=(mpirun --oversubscribe) # background runs: $! is mpirun, the ranks its children
 
-# a deterministic corpus: 64 kB of varied text
-awk 'BEGIN { srand(7); for (i = 0; i < 3000; i++) { n = int(rand() * 12) + 3;
+# a deterministic corpus: 20 documents of varied text, 2 held out
+mkdir -p "$W/corpus"
+awk -v dir="$W/corpus" 'BEGIN { srand(7); for (i = 0; i < 3000; i++) { n = int(rand() * 12) + 3;
   line = ""; for (j = 0; j < n; j++) line = line sprintf("%c", 97 + int(rand() * 26));
-  printf "%s %d the quick brown fox %s\n", line, i, (i % 3 ? "jumps" : "sleeps") } }' >"$W/corpus.txt"
-"$KILN" tokenize --tokenizer bytes --input "$W/corpus.txt" --out "$W/data" --quiet >/dev/null 2>&1 \
+  f = sprintf("%s/doc%02d.txt", dir, i % 20);
+  printf "%s %d the quick brown fox %s\n", line, i, (i % 3 ? "jumps" : "sleeps") >> f } }'
+"$KILN" tokenize --tokenizer bytes --input "$W/corpus" --out "$W/data" --val-fraction 0.1 --quiet >/dev/null 2>&1 \
   || { echo "FAIL dist_train_setup: kiln tokenize failed"; exit 0; }
 cat >"$W/tiny.json" <<'EOF'
 {"model_type": "gpt2", "vocab_size": 257, "n_layer": 2, "n_embd": 32, "n_head": 2,
  "n_positions": 64, "bos_token_id": 256, "eos_token_id": 256}
 EOF
-COMMON=(--data "$W/data" --config "$W/tiny.json" --seq 32 --warmup 2 --lr 1e-2
-        --eval-every 0 --progress lines --log-every 10 --threads 1)
+# fp32: the equivalences below are checked to 1e-5, tighter than bf16
+# rounding (the default precision on AMX/AVX512_BF16 CPUs) preserves.
+COMMON=(--data "$W/data" --config "$W/tiny.json" --seq 32 --warmup 2 --lr 3e-3
+        --eval-every 0 --progress lines --log-every 10 --threads 1 --precision fp32)
 
-# losses FILE -> "step loss" lines (train steps only)
-losses() { grep -o '"step":[0-9]*,"loss":[-0-9.e+]*' "$1" | sed 's/"step":\([0-9]*\),"loss":/\1 /'; }
+# losses FILE -> "step loss" lines (train steps only), or with KEY=val_loss
+# "step val_loss" lines
+losses() {
+  if [ "${KEY:-loss}" = loss ]; then
+    grep -o '"step":[0-9]*,"loss":[-0-9.e+]*' "$1" | sed 's/"step":\([0-9]*\),"loss":/\1 /'
+  else
+    sed -n 's/^{"step":\([0-9]*\),.*"val_loss":\([-0-9.e+]*\).*/\1 \2/p' "$1"
+  fi
+}
 
 # same_losses NAME REF RUN [FROM_STEP] — every step of RUN from FROM_STEP on
 # (default 1) within 1e-5 relative of REF's same step.
@@ -75,7 +86,9 @@ run() { # run LOG NP ARGS... — mpirun (NP > 0) or a plain process (NP = 0)
 }
 
 # ---- equivalence over 20 steps: global batch 4 sequences ---------------
-run "$W/r1.log"   0 "${COMMON[@]}" --steps 20 --out "$W/r1" --batch 4
+EV=(--eval-every 10 --eval-steps 2)
+run "$W/r1.log"   0 "${COMMON[@]}" "${EV[@]}" --steps 20 --out "$W/r1" --batch 4
+run "$W/np2e.log" 2 "${COMMON[@]}" "${EV[@]}" --steps 20 --out "$W/np2e" --batch 2
 run "$W/np2.log"  2 "${COMMON[@]}" --steps 20 --out "$W/np2" --batch 2
 run "$W/np4.log"  4 "${COMMON[@]}" --steps 20 --out "$W/np4" --batch 1
 run "$W/np2z.log" 2 "${COMMON[@]}" --steps 20 --out "$W/np2z" --batch 2 --zero 1
@@ -83,6 +96,7 @@ run "$W/np4z.log" 4 "${COMMON[@]}" --steps 20 --out "$W/np4z" --batch 1 --zero 1
 run "$W/np2a.log" 2 "${COMMON[@]}" --steps 20 --out "$W/np2a" --batch 1 --grad-accum 2
 run "$W/np2az.log" 2 "${COMMON[@]}" --steps 20 --out "$W/np2az" --batch 1 --grad-accum 2 --zero 1
 same_losses dist_np2_equals_np1 "$W/r1" "$W/np2"
+KEY=val_loss same_losses dist_np2_val_loss_equals_np1 "$W/r1" "$W/np2e"
 same_losses dist_np4_equals_np1 "$W/r1" "$W/np4"
 same_losses dist_np2_zero1_equals_np1 "$W/r1" "$W/np2z"
 same_losses dist_np4_zero1_equals_np1 "$W/r1" "$W/np4z"

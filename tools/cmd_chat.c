@@ -1,9 +1,9 @@
 /*
- * cmd_chat.c — `kiln chat`: an interactive chat with a model. Each turn is
- * rendered with the ChatML template (the same one the server's
- * /v1/chat/completions uses) and appended to the conversation already in
- * the KV cache, so only the new turn is prefilled. /reset forgets the
- * history, /exit (or end of input) quits. Built on kiln.h only.
+ * cmd_chat.c — `kiln chat`: an interactive chat with a model. The history
+ * is rendered with the tokenizer's chat template (kiln_chat_render, the
+ * same as the server's /v1/chat/completions) and each reply streams to
+ * stdout. /reset forgets the history, /exit (or end of input) quits.
+ * Built on kiln.h only.
  */
 #include "cli.h"
 
@@ -18,45 +18,53 @@ typedef struct chat {
     kiln_tokenizer *tok;
     kiln_sampling sp;
     float *logits;
-    int V, eot, eos, n_ctx, max_tokens;
-    const char *system;
-    bool started;
+    int V, eot, eos, stop_id, n_ctx, max_tokens;
+    kiln_chat_msg *hist; /* the conversation; contents are owned */
+    int n, cap;
 } chat;
 
-/* Appends text to the conversation in the cache; logits get the next
- * token's distribution. */
-static kiln_status feed(chat *c, const char *text)
+static bool push(chat *c, const char *role, const char *content)
 {
+    if (c->n == c->cap) {
+        int cap = c->cap ? 2 * c->cap : 16;
+        kiln_chat_msg *h = realloc(c->hist, (size_t)cap * sizeof *h);
+        if (!h) return false;
+        c->hist = h;
+        c->cap = cap;
+    }
+    char *t = strdup(content);
+    if (!t) return false;
+    c->hist[c->n++] = (kiln_chat_msg){role, t};
+    return true;
+}
+
+static void pop_to(chat *c, int n)
+{
+    while (c->n > n) free((char *)c->hist[--c->n].content);
+}
+
+/* One turn: the whole conversation is rendered with the chat template and
+ * prefilled (matrix products make that cheap), then the reply streams. */
+static kiln_status turn(chat *c, const char *user, uint64_t seed)
+{
+    int keep = c->n;
+    if (!push(c, "user", user)) return kiln_fail(c->ctx, KILN_ERR_NOMEM, "out of memory");
     int32_t *ids = NULL;
     size_t n = 0;
-    kiln_status st = kiln_tokenizer_encode(c->ctx, c->tok, text, strlen(text), &ids, &n);
-    if (st) return st;
-    if (n > 0) {
-        if (kiln_engine_pos(c->e, 0) + (int)n >= c->n_ctx) {
-            free(ids);
-            return kiln_fail(c->ctx, KILN_ERR_RANGE,
-                             "the conversation no longer fits the %d-token context; type /reset",
-                             c->n_ctx);
-        }
+    kiln_status st = kiln_chat_render(c->ctx, c->tok, c->hist, c->n, true, &ids, NULL, &n);
+    if (!st && (int)n + 8 >= c->n_ctx)
+        st = kiln_fail(c->ctx, KILN_ERR_RANGE,
+                       "the conversation (%zu tokens) no longer fits the %d-token context; "
+                       "type /reset", n, c->n_ctx);
+    if (!st) {
+        kiln_engine_reset(c->e, 0);
         st = kiln_engine_prefill(c->ctx, c->e, 0, ids, (int)n, c->logits);
     }
     free(ids);
-    return st;
-}
-
-static kiln_status turn(chat *c, const char *user, uint64_t seed)
-{
-    size_t need = strlen(user) + (c->system ? strlen(c->system) : 0) + 128;
-    char *t = malloc(need);
-    if (!t) return kiln_fail(c->ctx, KILN_ERR_NOMEM, "out of memory");
-    size_t k = 0;
-    if (!c->started && c->system && *c->system)
-        k += (size_t)snprintf(t + k, need - k, "<|im_start|>system\n%s<|im_end|>\n", c->system);
-    snprintf(t + k, need - k, "<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", user);
-    kiln_status st = feed(c, t);
-    free(t);
-    if (st) return st;
-    c->started = true;
+    if (st) {
+        pop_to(c, keep);
+        return st;
+    }
     kiln_sampling sp = c->sp;
     sp.seed = seed;
     kiln_sampler *smp = NULL;
@@ -69,21 +77,17 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
     }
     double t0 = kiln_time_now();
     int gen = 0;
-    bool ended = false;
-    while (gen < c->max_tokens && kiln_engine_pos(c->e, 0) < c->n_ctx - 16) {
+    while (gen < c->max_tokens && kiln_engine_pos(c->e, 0) < c->n_ctx) {
         int32_t id = kiln_sampler_sample(smp, c->logits, NULL, NULL);
         gen++;
-        if (id == c->eot || id == c->eos) break;
+        if (id == c->eot || id == c->eos || id == c->stop_id) break;
         const char *o;
         size_t len;
         bool stopped;
         if ((st = kiln_textstream_push(c->ctx, ts, id, &o, &len, &stopped))) break;
         fwrite(o, 1, len, stdout);
         fflush(stdout);
-        if (stopped) {
-            ended = true;
-            break;
-        }
+        if (stopped || kiln_engine_pos(c->e, 0) >= c->n_ctx) break;
         kiln_engine_tok tk = {0, id, true};
         if ((st = kiln_engine_step(c->ctx, c->e, &tk, 1, c->logits))) break;
     }
@@ -93,13 +97,13 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
     fwrite(o, 1, len, stdout);
     double dt = kiln_time_now() - t0;
     fprintf(stdout, "\n");
+    fflush(stdout);
     fprintf(stderr, "[%d tokens, %.1f tok/s]\n", gen, dt > 0 ? gen / dt : 0.0);
+    if (!st && !push(c, "assistant", kiln_textstream_text(ts, NULL)))
+        st = kiln_fail(c->ctx, KILN_ERR_NOMEM, "out of memory");
     kiln_textstream_free(ts);
     kiln_sampler_free(smp);
-    if (st) return st;
-    /* close the assistant turn in the cache ("<|im_end|>" already there
-     * when the model produced it) */
-    return feed(c, ended ? "\n" : "<|im_end|>\n");
+    return st;
 }
 
 int cmd_chat(int argc, char **argv)
@@ -131,7 +135,6 @@ int cmd_chat(int argc, char **argv)
     chat c = {0};
     c.ctx = kiln_ctx_new();
     if (threads > 0) kiln_set_threads(c.ctx, threads);
-    c.system = system;
     c.max_tokens = max_tokens;
     c.sp = kiln_sampling_default();
     c.sp.temperature = (float)temperature;
@@ -160,6 +163,9 @@ int cmd_chat(int argc, char **argv)
         c.V = kiln_model_config(m)->vocab_size;
         c.eos = kiln_model_config(m)->eos_token_id;
         c.eot = kiln_tokenizer_eot(c.tok);
+        c.stop_id = kiln_chat_stop_id(c.tok);
+        if (system && *system && !push(&c, "system", system))
+            st = kiln_fail(c.ctx, KILN_ERR_NOMEM, "out of memory");
         c.n_ctx = kiln_engine_n_ctx(c.e);
         c.logits = malloc((size_t)c.V * sizeof(float));
         if (!c.logits) st = kiln_fail(c.ctx, KILN_ERR_NOMEM, "out of memory");
@@ -185,8 +191,7 @@ int cmd_chat(int argc, char **argv)
         if (n == 0) continue;
         if (!strcmp(line, "/exit") || !strcmp(line, "/quit")) break;
         if (!strcmp(line, "/reset")) {
-            kiln_engine_reset(c.e, 0);
-            c.started = false;
+            pop_to(&c, system && *system ? 1 : 0);
             fprintf(stderr, "(conversation reset)\n");
             continue;
         }
@@ -194,14 +199,15 @@ int cmd_chat(int argc, char **argv)
         if (st) {
             fprintf(stderr, "kiln chat: %s\n", kiln_errmsg(c.ctx));
             if (st == KILN_ERR_RANGE) {
-                kiln_engine_reset(c.e, 0);
-                c.started = false;
+                pop_to(&c, system && *system ? 1 : 0);
                 fprintf(stderr, "(conversation reset)\n");
             }
         }
     }
     free(line);
 out:
+    pop_to(&c, 0);
+    free(c.hist);
     free(c.logits);
     kiln_engine_free(c.e);
     kiln_tokenizer_free(c.tok);

@@ -90,71 +90,96 @@ static bool sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len
     return true;
 }
 
-/* Renders messages with ChatML:
- *   <|im_start|>ROLE\nCONTENT<|im_end|>\n ... <|im_start|>assistant\n */
-static int render_chat(const json_t *msgs, char **out, size_t *out_len, api_err *e)
+/* Renders messages with the tokenizer's chat template (ChatML, see
+ * kiln_chat_render) into prompt ids, with the assistant generation prompt. */
+static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err *e)
 {
     if (!json_is_array(msgs) || json_array_size(msgs) == 0)
         return fail(e, 400, "messages", "invalid_type",
                     "'messages' must be a non-empty array of {role, content} objects");
-    char *b = NULL;
-    size_t n = 0, cap = 0;
+    size_t nm = json_array_size(msgs);
+    if (nm > 4096) return fail(e, 400, "messages", "invalid_value", "more than 4096 messages");
+    kiln_chat_msg *cm = calloc(nm, sizeof *cm);
+    char **owned = calloc(nm, sizeof *owned);
+    int rc = 0;
+    if (!cm || !owned) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto out; }
     size_t i;
-    json_t *m;
-    json_array_foreach(msgs, i, m) {
-        if (!json_is_object(m)) {
-            free(b);
-            return fail(e, 400, "messages", "invalid_type",
-                        "messages[%zu] must be an object", i);
+    json_t *msg;
+    json_array_foreach(msgs, i, msg) {
+        if (!json_is_object(msg)) {
+            rc = fail(e, 400, "messages", "invalid_type", "messages[%zu] must be an object", i);
+            goto out;
         }
-        json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
-        const char *r = json_is_string(role) ? json_string_value(role) : NULL;
-        if (!r || (strcmp(r, "system") && strcmp(r, "user") && strcmp(r, "assistant") &&
-                   strcmp(r, "developer") && strcmp(r, "tool"))) {
-            free(b);
-            return fail(e, 400, "messages", "invalid_value",
-                        "messages[%zu].role must be one of system, developer, user, "
-                        "assistant, tool",
-                        i);
+        json_t *role = json_object_get(msg, "role"), *content = json_object_get(msg, "content");
+        const char *rl = json_is_string(role) ? json_string_value(role) : NULL;
+        if (!rl || (strcmp(rl, "system") && strcmp(rl, "user") && strcmp(rl, "assistant") &&
+                    strcmp(rl, "developer") && strcmp(rl, "tool"))) {
+            rc = fail(e, 400, "messages", "invalid_value",
+                      "messages[%zu].role must be one of system, developer, user, assistant, tool", i);
+            goto out;
         }
-        if (!strcmp(r, "developer")) r = "system";
-        sbuf_add(&b, &n, &cap, "<|im_start|>", 12);
-        sbuf_add(&b, &n, &cap, r, strlen(r));
-        sbuf_add(&b, &n, &cap, "\n", 1);
+        cm[i].role = strcmp(rl, "developer") ? rl : "system";
         if (json_is_string(content)) {
-            sbuf_add(&b, &n, &cap, json_string_value(content), json_string_length(content));
+            cm[i].content = json_string_value(content);
         } else if (json_is_array(content)) {
+            char *b = NULL;
+            size_t n = 0, cap = 0;
             size_t j;
             json_t *part;
             json_array_foreach(content, j, part) {
                 json_t *ty = json_object_get(part, "type"), *tx = json_object_get(part, "text");
-                if (!json_is_string(ty) || strcmp(json_string_value(ty), "text") ||
-                    !json_is_string(tx)) {
+                if (!json_is_string(ty) || strcmp(json_string_value(ty), "text") || !json_is_string(tx)) {
                     free(b);
-                    return fail(e, 400, "messages", "invalid_value",
-                                "messages[%zu].content[%zu]: only {\"type\": \"text\", "
-                                "\"text\": ...} parts are supported",
-                                i, j);
+                    rc = fail(e, 400, "messages", "invalid_value",
+                              "messages[%zu].content[%zu]: only {\"type\": \"text\", \"text\": ...} "
+                              "parts are supported", i, j);
+                    goto out;
                 }
-                sbuf_add(&b, &n, &cap, json_string_value(tx), json_string_length(tx));
+                if (!sbuf_add(&b, &n, &cap, json_string_value(tx), json_string_length(tx))) {
+                    free(b);
+                    rc = fail(e, 500, NULL, NULL, "out of memory");
+                    goto out;
+                }
             }
-        } else if (!json_is_null(content) || strcmp(r, "assistant")) {
-            free(b);
-            return fail(e, 400, "messages", "invalid_type",
-                        "messages[%zu].content must be a string or an array of text parts", i);
-        }
-        if (!sbuf_add(&b, &n, &cap, "<|im_end|>\n", 11)) {
-            free(b);
-            return fail(e, 500, NULL, NULL, "out of memory");
+            owned[i] = b ? b : strdup("");
+            cm[i].content = owned[i];
+        } else if (json_is_null(content) && !strcmp(rl, "assistant")) {
+            cm[i].content = "";
+        } else {
+            rc = fail(e, 400, "messages", "invalid_type",
+                      "messages[%zu].content must be a string or an array of text parts", i);
+            goto out;
         }
     }
-    if (!sbuf_add(&b, &n, &cap, "<|im_start|>assistant\n", 22)) {
-        free(b);
-        return fail(e, 500, NULL, NULL, "out of memory");
+    {
+        kiln_ctx *ctx = kiln_ctx_new();
+        int32_t *ids = NULL;
+        size_t n = 0;
+        kiln_status st = ctx ? kiln_chat_render(ctx, m->tok, cm, (int)nm, true, &ids, NULL, &n)
+                             : KILN_ERR_NOMEM;
+        if (st) {
+            rc = fail(e, 400, "messages", "invalid_value", "cannot render the messages: %s",
+                      ctx ? kiln_errmsg(ctx) : "out of memory");
+        } else {
+            int extra = m->bos >= 0 ? 1 : 0;
+            r->prompt = malloc((n + (size_t)extra + 1) * sizeof(int32_t));
+            if (!r->prompt) rc = fail(e, 500, NULL, NULL, "out of memory");
+            else {
+                if (extra) r->prompt[0] = m->bos;
+                memcpy(r->prompt + extra, ids, n * sizeof(int32_t));
+                r->n_prompt = (int)n + extra;
+                r->stop_id = kiln_chat_stop_id(m->tok);
+            }
+        }
+        free(ids);
+        kiln_ctx_free(ctx);
     }
-    *out = b;
-    *out_len = n;
-    return 0;
+out:
+    if (owned)
+        for (size_t k = 0; k < nm; k++) free(owned[k]);
+    free(owned);
+    free(cm);
+    return rc;
 }
 
 static int add_stop(sreq *r, const char *s, size_t n, api_err *e)
@@ -341,12 +366,8 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
 
     /* the prompt */
     if (chat) {
-        char *text = NULL;
-        size_t tl = 0;
-        if ((rc = render_chat(json_object_get(o, "messages"), &text, &tl, e))) goto done;
-        rc = tokenize(m, text, tl, r, e);
-        free(text);
-        if (rc) goto done;
+        if ((rc = render_chat(m, json_object_get(o, "messages"), r, e))) goto done;
+        /* text-marker tokenizers spell the end of the turn out */
         if ((rc = add_stop(r, "<|im_end|>", 10, e))) goto done;
     } else {
         json_t *p = json_object_get(o, "prompt");

@@ -22,6 +22,7 @@ sreq *sreq_new(void)
     pthread_cond_init(&r->cv, NULL);
     r->refs = 1;
     r->slot = -1;
+    r->stop_id = -1;
     return r;
 }
 
@@ -136,7 +137,8 @@ static void on_logits(sched *s, sreq *r, float *lg)
     }
     r->n_gen++;
     s->m.gen_tokens++;
-    bool eos = !r->ignore_eos && (id == s->eot || (s->eos >= 0 && id == s->eos));
+    bool eos = !r->ignore_eos &&
+               (id == s->eot || (s->eos >= 0 && id == s->eos) || (r->stop_id >= 0 && id == r->stop_id));
     if (eos) {
         const char *o;
         size_t n;

@@ -51,6 +51,7 @@ typedef struct sreq {
     int n_stops;
     bool want_logprobs;
     bool ignore_eos;
+    int32_t stop_id;     /* ends the turn (chat: <|im_end|>), -1 none */
     logit_bias *bias;
     int n_bias;
 
