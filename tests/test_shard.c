@@ -146,6 +146,19 @@ static void test_bad_shards(void)
     write_bytes(tpath("ver.bin"), c, n);
     expect_open_error(tpath("ver.bin"), KILN_ERR_FORMAT, "version 9");
 
+    /* ids beyond the declared vocabulary, with a valid checksum */
+    {
+        int32_t big[4] = {1, 2, 300, 4};
+        write_shard(tpath("vocab.bin"), 1000, big, 4);
+        size_t vn;
+        unsigned char *v = read_bytes(tpath("vocab.bin"), &vn);
+        v[16] = 0x00; /* header vocab_size 1000 (e8 03) -> 256 (00 01) */
+        v[17] = 0x01;
+        write_bytes(tpath("vocab.bin"), v, vn);
+        free(v);
+        expect_open_error(tpath("vocab.bin"), KILN_ERR_FORMAT, "token id 300 at position 2");
+    }
+
     write_bytes(tpath("empty.bin"), b, 0);
     expect_open_error(tpath("empty.bin"), KILN_ERR_FORMAT, "wrong magic");
 

@@ -16,8 +16,8 @@
  * The writer streams tokens to a temporary file and commits it (header,
  * fsync, rename) on close, so a crash never leaves a half shard under the
  * final name. The reader checks the magic, version, dtype, that the file
- * size is exactly 32 + N*b (a truncated tail is named as such) and the
- * checksum.
+ * size is exactly 32 + N*b (a truncated tail is named as such), the
+ * checksum, and that every id is below the declared vocab_size.
  */
 #include "base/base.h"
 
@@ -221,10 +221,30 @@ kiln_status kiln_shard_open(kiln_ctx *ctx, const char *path,
             s->count = (size_t)n;
             s->tokens = h + SHARD_HEADER;
             uint32_t crc = crc32c(0, s->tokens, (size_t)payload);
-            if (crc != get_u32(h + 20))
+            if (crc != get_u32(h + 20)) {
                 snprintf(detail, sizeof detail,
                          "is corrupted: token checksum %08x, header says %08x",
                          crc, get_u32(h + 20));
+            } else {
+                /* every id must be inside the vocabulary it declares */
+                uint32_t mx = 0;
+                size_t at = 0;
+                for (size_t i = 0; i < s->count; i++) {
+                    const unsigned char *q = s->tokens + i * s->tok_bytes;
+                    uint32_t v = s->tok_bytes == 2
+                                     ? (uint32_t)q[0] | (uint32_t)q[1] << 8
+                                     : get_u32(q);
+                    if (v > mx) {
+                        mx = v;
+                        at = i;
+                    }
+                }
+                if (s->count && mx >= (uint32_t)s->vocab_size)
+                    snprintf(detail, sizeof detail,
+                             "holds token id %u at position %zu, outside its "
+                             "vocabulary [0, %d)",
+                             mx, at, s->vocab_size);
+            }
         }
     }
     if (why || detail[0]) {
