@@ -51,6 +51,13 @@ struct kern_gemm {
     void (*invalidate)(kern_gemm *g);
 };
 
+/* kern_gemm objects need not be thread-safe (backends keep caches and
+ * scratch): call one from one thread at a time. The attention kernels,
+ * which run one head per OpenMP thread, take their per-head products from
+ * kern_gemm_threadsafe(): a stateless fp32 GEMM (oneDNN's sgemm, which runs
+ * single-threaded inside a parallel region; else a plain loop). */
+kern_gemm *kern_gemm_threadsafe(void);
+
 /* The portable reference GEMM (static object; destroy is NULL). */
 kern_gemm *kern_gemm_ref(void);
 /* The fastest GEMM this build has (oneDNN when present, else an OpenMP
@@ -118,7 +125,8 @@ typedef struct kern_ops {
     void (*rope)(float *qkv, const float *cos_t, const float *sin_t, int B,
                  int T, int NH, int KVH, int HS, bool inverse);
 
-    /* Causal self-attention with GQA. qkv (B*T, (NH + 2*KVH)*HS): q heads,
+    /* Causal self-attention with GQA. g is the model's GEMM; the fast
+     * version runs heads in parallel on kern_gemm_threadsafe() instead. qkv (B*T, (NH + 2*KVH)*HS): q heads,
      * then k heads, then v heads; query head h uses kv head h / (NH/KVH).
      * out (B*T, NH*HS); att (B, NH, T, T) softmax probabilities (row t
      * valid for t2 <= t, the rest zero). Scale 1/sqrt(HS). */

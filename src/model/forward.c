@@ -8,6 +8,7 @@
 
 #include <math.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -54,6 +55,30 @@ static void carve(kiln_model *m, int B, int T)
     FWD_ALLOC(datt, att);
 }
 
+const char *const model_prof_names[MODEL_PROF_N] = {
+    "matmul fwd", "matmul bwd", "attention fwd", "attention bwd", "norms",
+    "activations", "other"};
+
+/* Profiling clock: wall time (profile == 1) or process CPU time
+ * (profile == 2, robust to other processes on a shared machine). */
+static double prof_now(const kiln_model *m)
+{
+    if (m->profile == 2) {
+        struct timespec ts;
+        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    return kiln_time_now();
+}
+
+/* Runs stmt, adding its time to m->prof[id] when profiling. */
+#define P(id, stmt)                                                         \
+    do {                                                                    \
+        double t0_ = m->profile ? prof_now(m) : 0;                          \
+        stmt;                                                               \
+        if (m->profile) m->prof[MODEL_PROF_##id] += prof_now(m) - t0_;      \
+    } while (0)
+
 static void set_threads(const kiln_model *m)
 {
 #ifdef _OPENMP
@@ -99,7 +124,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
     size_t att_sz = (size_t)B * m->NH * T * T;
     model_acts *a = &m->a;
 
-    k->embed_fwd(a->encoded, tokens, m->w.wte, m->w.wpe, B, T, C);
+    P(OTHER, k->embed_fwd(a->encoded, tokens, m->w.wte, m->w.wpe, B, T, C));
     for (int l = 0; l < m->L; l++) {
         const model_layer *w = &m->w.layers[l];
         const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
@@ -113,34 +138,34 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
         float *fca = a->fch_act + (size_t)l * N * F;
         float *res3 = a->res3 + (size_t)l * N * C;
         if (gpt2)
-            k->layernorm_fwd(ln1, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N,
-                             inp, w->ln1_w, w->ln1_b, n, C, eps);
+            P(NORM, k->layernorm_fwd(ln1, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N,
+                             inp, w->ln1_w, w->ln1_b, n, C, eps));
         else
-            k->rmsnorm_fwd(ln1, a->ln1_rstd + (size_t)l * N, inp, w->ln1_w, n, C, eps);
-        k->matmul_fwd(g, qkv, ln1, w->qkv_w, w->qkv_b, n, C, QKV, lay);
+            P(NORM, k->rmsnorm_fwd(ln1, a->ln1_rstd + (size_t)l * N, inp, w->ln1_w, n, C, eps));
+        P(MATMUL_FWD, k->matmul_fwd(g, qkv, ln1, w->qkv_w, w->qkv_b, n, C, QKV, lay));
         if (!gpt2)
-            k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false);
-        k->attention_fwd(g, atty, att, qkv, B, T, m->NH, m->KVH, m->HS);
-        k->matmul_fwd(g, res2, atty, w->proj_w, w->proj_b, n, C, C, lay);
-        k->add(res2, res2, inp, N * C);
+            P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
+        P(ATTN_FWD, k->attention_fwd(g, atty, att, qkv, B, T, m->NH, m->KVH, m->HS));
+        P(MATMUL_FWD, k->matmul_fwd(g, res2, atty, w->proj_w, w->proj_b, n, C, C, lay));
+        P(OTHER, k->add(res2, res2, inp, N * C));
         if (gpt2)
-            k->layernorm_fwd(ln2, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N,
-                             res2, w->ln2_w, w->ln2_b, n, C, eps);
+            P(NORM, k->layernorm_fwd(ln2, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N,
+                             res2, w->ln2_w, w->ln2_b, n, C, eps));
         else
-            k->rmsnorm_fwd(ln2, a->ln2_rstd + (size_t)l * N, res2, w->ln2_w, n, C, eps);
-        k->matmul_fwd(g, fch, ln2, w->fc_w, w->fc_b, n, C, FH, lay);
-        if (gpt2) k->gelu_fwd(fca, fch, N * F);
-        else k->swiglu_fwd(fca, fch, n, F);
-        k->matmul_fwd(g, res3, fca, w->fcproj_w, w->fcproj_b, n, F, C, lay);
-        k->add(res3, res3, res2, N * C);
+            P(NORM, k->rmsnorm_fwd(ln2, a->ln2_rstd + (size_t)l * N, res2, w->ln2_w, n, C, eps));
+        P(MATMUL_FWD, k->matmul_fwd(g, fch, ln2, w->fc_w, w->fc_b, n, C, FH, lay));
+        if (gpt2) P(ACT, k->gelu_fwd(fca, fch, N * F));
+        else P(ACT, k->swiglu_fwd(fca, fch, n, F));
+        P(MATMUL_FWD, k->matmul_fwd(g, res3, fca, w->fcproj_w, w->fcproj_b, n, F, C, lay));
+        P(OTHER, k->add(res3, res3, res2, N * C));
     }
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
     if (gpt2)
-        k->layernorm_fwd(a->lnf, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b,
-                         n, C, eps);
+        P(NORM, k->layernorm_fwd(a->lnf, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b,
+                         n, C, eps));
     else
-        k->rmsnorm_fwd(a->lnf, a->lnf_rstd, last, m->w.lnf_w, n, C, eps);
-    k->matmul_fwd(g, a->logits, a->lnf, m->w.lm_head, NULL, n, C, V, KERN_W_OUT_IN);
+        P(NORM, k->rmsnorm_fwd(a->lnf, a->lnf_rstd, last, m->w.lnf_w, n, C, eps));
+    P(MATMUL_FWD, k->matmul_fwd(g, a->logits, a->lnf, m->w.lm_head, NULL, n, C, V, KERN_W_OUT_IN));
     *logits = a->logits;
     return KILN_OK;
 }
@@ -169,15 +194,15 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
     model_weights *dw = &m->g;
 
     /* LM head and final norm. */
-    k->matmul_bwd(g, a->dc, dw->lm_head, NULL, dlogits, a->lnf, m->w.lm_head, n, C, V,
-                  KERN_W_OUT_IN, false);
+    P(MATMUL_BWD, k->matmul_bwd(g, a->dc, dw->lm_head, NULL, dlogits, a->lnf, m->w.lm_head, n, C, V,
+                  KERN_W_OUT_IN, false));
     memset(a->dres, 0, N * C * sizeof(float));
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
     if (gpt2)
-        k->layernorm_bwd(a->dres, dw->lnf_w, dw->lnf_b, a->dc, last, m->w.lnf_w,
-                         a->lnf_mean, a->lnf_rstd, n, C);
+        P(NORM, k->layernorm_bwd(a->dres, dw->lnf_w, dw->lnf_b, a->dc, last, m->w.lnf_w,
+                         a->lnf_mean, a->lnf_rstd, n, C));
     else
-        k->rmsnorm_bwd(a->dres, dw->lnf_w, a->dc, last, m->w.lnf_w, a->lnf_rstd, n, C);
+        P(NORM, k->rmsnorm_bwd(a->dres, dw->lnf_w, a->dc, last, m->w.lnf_w, a->lnf_rstd, n, C));
     hook(m, m->layer_off[m->L], m->layer_off[m->L + 1]);
 
     for (int l = m->L - 1; l >= 0; l--) {
@@ -194,35 +219,35 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
         const float *fca = a->fch_act + (size_t)l * N * F;
 
         /* MLP: res3 = res2 + fcproj(act(fc(ln2(res2)))) */
-        k->matmul_bwd(g, a->df, d->fcproj_w, d->fcproj_b, a->dres, fca, w->fcproj_w, n, F,
-                      C, lay, false);
-        if (gpt2) k->gelu_bwd(a->dbig, fch, a->df, N * F);
-        else k->swiglu_bwd(a->dbig, fch, a->df, n, F);
-        k->matmul_bwd(g, a->dc, d->fc_w, d->fc_b, a->dbig, ln2, w->fc_w, n, C, FH, lay,
-                      false);
+        P(MATMUL_BWD, k->matmul_bwd(g, a->df, d->fcproj_w, d->fcproj_b, a->dres, fca, w->fcproj_w, n, F,
+                      C, lay, false));
+        if (gpt2) P(ACT, k->gelu_bwd(a->dbig, fch, a->df, N * F));
+        else P(ACT, k->swiglu_bwd(a->dbig, fch, a->df, n, F));
+        P(MATMUL_BWD, k->matmul_bwd(g, a->dc, d->fc_w, d->fc_b, a->dbig, ln2, w->fc_w, n, C, FH, lay,
+                      false));
         if (gpt2)
-            k->layernorm_bwd(a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
-                             a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n, C);
+            P(NORM, k->layernorm_bwd(a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
+                             a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n, C));
         else
-            k->rmsnorm_bwd(a->dres, d->ln2_w, a->dc, res2, w->ln2_w,
-                           a->ln2_rstd + (size_t)l * N, n, C);
+            P(NORM, k->rmsnorm_bwd(a->dres, d->ln2_w, a->dc, res2, w->ln2_w,
+                           a->ln2_rstd + (size_t)l * N, n, C));
         /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */
-        k->matmul_bwd(g, a->dc, d->proj_w, d->proj_b, a->dres, atty, w->proj_w, n, C, C,
-                      lay, false);
-        k->attention_bwd(g, a->dbig, a->datt, a->dc, qkv, att, B, T, m->NH, m->KVH, m->HS);
+        P(MATMUL_BWD, k->matmul_bwd(g, a->dc, d->proj_w, d->proj_b, a->dres, atty, w->proj_w, n, C, C,
+                      lay, false));
+        P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->datt, a->dc, qkv, att, B, T, m->NH, m->KVH, m->HS));
         if (!gpt2)
-            k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true);
-        k->matmul_bwd(g, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1, w->qkv_w, n, C, QKV, lay,
-                      false);
+            P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
+        P(MATMUL_BWD, k->matmul_bwd(g, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1, w->qkv_w, n, C, QKV, lay,
+                      false));
         if (gpt2)
-            k->layernorm_bwd(a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
-                             a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n, C);
+            P(NORM, k->layernorm_bwd(a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
+                             a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n, C));
         else
-            k->rmsnorm_bwd(a->dres, d->ln1_w, a->dc, inp, w->ln1_w,
-                           a->ln1_rstd + (size_t)l * N, n, C);
+            P(NORM, k->rmsnorm_bwd(a->dres, d->ln1_w, a->dc, inp, w->ln1_w,
+                           a->ln1_rstd + (size_t)l * N, n, C));
         hook(m, m->layer_off[l], m->layer_off[l + 1]);
     }
-    k->embed_bwd(dw->wte, dw->wpe, a->dres, a->tokens, B, T, C, V);
+    P(OTHER, k->embed_bwd(dw->wte, dw->wpe, a->dres, a->tokens, B, T, C, V));
     hook(m, 0, m->layer_off[0]);
     return KILN_OK;
 }

@@ -84,6 +84,19 @@ typedef struct model_acts {
     float *datt;      /* (B, NH, T, T) */
 } model_acts;
 
+/* Per-op time accounting (bench/bench_train prints it). */
+enum {
+    MODEL_PROF_MATMUL_FWD,
+    MODEL_PROF_MATMUL_BWD,
+    MODEL_PROF_ATTN_FWD,
+    MODEL_PROF_ATTN_BWD,
+    MODEL_PROF_NORM,
+    MODEL_PROF_ACT,
+    MODEL_PROF_OTHER,
+    MODEL_PROF_N
+};
+extern const char *const model_prof_names[MODEL_PROF_N];
+
 struct kiln_model {
     kiln_config cfg;
     int L, C, NH, KVH, HS, QKV, F, V;
@@ -105,6 +118,8 @@ struct kiln_model {
     int B, T;          /* shape of the last forward (0 = none) */
     model_acts a;
     int threads;       /* 0 = OpenMP default */
+    int profile;       /* 1: per-op wall seconds into prof[]; 2: CPU seconds */
+    double prof[MODEL_PROF_N];
     kiln_grad_ready_fn hook;
     void *hook_ud;
 };
