@@ -740,6 +740,10 @@ typedef struct kiln_train_opts {
     /* ZeRO stage under MPI data parallelism: 0 = every rank holds the whole
      * AdamW state; 1 = moments sharded across ranks (docs/distributed.md). */
     int zero;
+    /* Compute dtype of the matrix products (docs/precision.md): master
+     * weights and AdamW state stay fp32; fp16 runs the dynamic loss scaler.
+     * AUTO = bf16 where the CPU has AMX-BF16 or AVX512_BF16. [AUTO] */
+    kiln_precision precision;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);
@@ -752,6 +756,8 @@ typedef struct kiln_train_result {
     int world_size;          /* number of ranks (1 when alone) */
     bool interrupted;        /* stopped early (signal, max_time, stop_at) */
     char checkpoint[1024];   /* last checkpoint written ("" when none) */
+    int64_t skipped_steps;   /* fp16: steps skipped for inf/NaN gradients */
+    double loss_scale;       /* fp16: the loss scale at the end (else 1) */
 } kiln_train_result;
 
 /* Runs (or, with opts->resume, continues) a pretraining run. Returns an

@@ -456,6 +456,7 @@ static void test_eval_matches_trainer(void)
     kiln_train_opts o = base_opts(P("run_eval"));
     o.steps = 4;
     o.eval_steps = 1000;
+    o.precision = KILN_PRECISION_FP32; /* kiln eval computes in fp32 */
     kiln_train_result res;
     CHECK_EQ(kiln_train(ctx, &o, &res), KILN_OK);
     char cmd[2048];

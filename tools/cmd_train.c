@@ -47,7 +47,7 @@ static int parse_progress(const char *s)
 int cmd_train(int argc, char **argv)
 {
     kiln_train_opts o = kiln_train_opts_default();
-    const char *schedule = "cosine", *progress = "auto", *resume = NULL;
+    const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
     int64_t seed = (int64_t)o.seed;
     bool sequential = false;
     cli_opt opts[] = {
@@ -81,6 +81,7 @@ int cmd_train(int argc, char **argv)
         {"progress", CLI_STR, &progress, "auto | bar | lines | none [auto]", false},
         {"max-time", CLI_F64, &o.max_time, "stop, save and exit after this many seconds [off]", false},
         {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
+        {"precision", CLI_STR, &precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products (fp32 master weights and AdamW; fp16 with dynamic loss scaling); auto = bf16 on CPUs with AMX-BF16 or AVX512_BF16 [auto]", false},
         {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step (as an interruption would) [off]", false},
         {NULL, 0, NULL, NULL, false}};
     int rc = cli_parse("train", "train --data DIR --out DIR [--config C.json | --init-from DIR] [flags]\n       kiln train --resume RUN_DIR [flags]",
@@ -111,6 +112,14 @@ int cmd_train(int argc, char **argv)
     }
     o.schedule = (kiln_schedule)k;
     o.progress = (kiln_progress)pk;
+    int pp = kiln_precision_parse(precision);
+    if (pp < 0) {
+        fprintf(stderr, "kiln train: --precision '%s' is not one of fp32, bf16, fp16, auto\n",
+                precision);
+        ret = 2;
+        goto done;
+    }
+    o.precision = (kiln_precision)pp;
     if (resume) {
         const char *where = *resume ? resume : o.out;
         if (!where) {
@@ -148,6 +157,7 @@ int cmd_train(int argc, char **argv)
         saved.max_time = o.max_time;
         saved.stop_at = o.stop_at;
         saved.zero = o.zero;
+        if (given(argc, argv, "precision")) saved.precision = o.precision;
         if (!o.out) { /* the run directory holding the checkpoint */
             snprintf(outbuf, sizeof outbuf, "%s", ckpt);
             char *sl = strrchr(outbuf, '/');

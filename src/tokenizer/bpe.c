@@ -313,9 +313,17 @@ bool tok_encode_text(const kiln_tokenizer *t, tok_scratch *s, const char *text,
     while (pos < len && ok) {
         int rc = s->jit ? pcre2_jit_match(t->re, p, len, pos, 0, s->md, NULL)
                         : pcre2_match(t->re, p, len, pos, 0, s->md, NULL);
-        if (rc < 0) { /* no further match: the rest is one pre-token */
+        if (rc < 0 && rc != PCRE2_ERROR_NOMATCH && s->jit) /* e.g. JIT stack */
+            rc = pcre2_match(t->re, p, len, pos, 0, s->md, NULL);
+        if (rc == PCRE2_ERROR_NOMATCH) { /* only invalid UTF-8 left: one pre-token */
             ok = tok_bpe_piece(t, s, p + pos, len - pos, out);
             break;
+        }
+        if (rc < 0) { /* a resource limit: take one character and go on */
+            size_t b = utf8_next(p, len, pos);
+            ok = tok_bpe_piece(t, s, p + pos, b - pos, out);
+            pos = b;
+            continue;
         }
         size_t a = ov[0], b = ov[1];
         if (a > pos) ok = tok_bpe_piece(t, s, p + pos, a - pos, out);

@@ -18,6 +18,7 @@
  */
 #include "train/ckpt.h"
 #include "train/dist.h"
+#include "train/scaler.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -54,6 +55,7 @@ kiln_train_opts kiln_train_opts_default(void)
         .threads = 0,
         .log_every = 10,
         .progress = KILN_PROGRESS_AUTO,
+        .precision = KILN_PRECISION_AUTO,
     };
 }
 
@@ -91,6 +93,10 @@ typedef struct trainer {
     double last_draw;   /* when the bar was last drawn */
     int64_t bar_step;   /* the step it shows */
     char last_ckpt[1024];
+    kiln_precision prec;  /* resolved compute precision */
+    kiln_scaler scaler;   /* enabled for fp16 */
+    double step_scale;    /* loss scale the last step ran with */
+    bool step_skipped;    /* the last step was skipped (inf/NaN gradient) */
 } trainer;
 
 /* ---- distributed: the only place the trainer talks to other processes
@@ -371,6 +377,7 @@ static json_t *options_json(const trainer *t)
     char seed[24];
     snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
     json_object_set_new(j, "seed", json_string(seed));
+    json_object_set_new(j, "precision", json_string(kiln_precision_name(t->prec)));
     return j;
 }
 
@@ -405,6 +412,8 @@ static json_t *state_json(trainer *t, double lr)
                         json_real(t->elapsed_before + kiln_time_now() - t->t_start));
     json_object_set_new(st, "options", opts);
     json_object_set(st, "metrics", t->history);
+    json_object_set_new(st, "precision", json_string(kiln_precision_name(t->prec)));
+    json_object_set_new(st, "scaler", scaler_to_json(&t->scaler));
     return st;
 }
 
@@ -485,6 +494,14 @@ static kiln_status load_state(trainer *t, const char *dir)
         if (json_integer_value(json_object_get(last, "step")) <= step) break;
         json_array_remove(t->history, --n);
     }
+    /* fp16: continue the loss scale and its growth counter */
+    json_t *sj = json_object_get(st, "scaler");
+    if (sj && t->prec == KILN_PRECISION_FP16) {
+        char what[1100];
+        snprintf(what, sizeof what, "%s: \"scaler\"", p);
+        if ((s = scaler_from_json(ctx, sj, what, &t->scaler))) goto done;
+        t->scaler.enabled = true;
+    }
     int64_t ot = t->zero ? dist_zero_t(t->zero) : kiln_adamw_t(t->opt);
     if (ot != step)
         kiln_log(ctx, KILN_LOG_DEBUG, "optimizer t %lld, step %lld",
@@ -545,6 +562,14 @@ kiln_status kiln_train_opts_load(kiln_ctx *ctx, const char *ckpt_dir,
     }
     if (!s && !(s = js_get_str(ctx, j, "seed", p, true, &str)))
         o->seed = strtoull(str, NULL, 10);
+    str = NULL;
+    if (!s && !(s = js_get_str(ctx, j, "precision", p, false, &str)) && str) {
+        int k = kiln_precision_parse(str);
+        if (k < 0)
+            s = kiln_fail(ctx, KILN_ERR_FORMAT,
+                          "%s: \"precision\" is \"%s\"; expected fp32, bf16 or fp16", p, str);
+        else o->precision = (kiln_precision)k;
+    }
     if (!s && !(s = js_get_str(ctx, j, "data", p, true, &str))) {
         snprintf(data_buf, cap, "%s", str);
         o->data = data_buf;
@@ -663,6 +688,21 @@ static kiln_status make_model(trainer *t)
         free(p);
         if (s) return s;
     }
+    if ((s = kiln_model_set_precision(ctx, t->model, o->precision))) return s;
+    t->prec = kiln_model_precision(t->model);
+    t->scaler = scaler_default(t->prec == KILN_PRECISION_FP16);
+    /* KILN_LOSS_SCALE: initial fp16 loss scale (tests force overflow with
+     * a huge one; docs/precision.md). A checkpoint's scale wins on resume. */
+    const char *ls = getenv("KILN_LOSS_SCALE");
+    if (ls && t->scaler.enabled) {
+        char *end;
+        double v = strtod(ls, &end);
+        if (!(v > 0) || !isfinite(v) || *end)
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "KILN_LOSS_SCALE='%s' is not a positive number", ls);
+        t->scaler.scale = v;
+    }
+    t->step_scale = 1.0;
     return kiln_model_prepare(ctx, t->model, o->batch, o->seq);
 }
 
@@ -790,7 +830,9 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     double sums[2] = {0, 0}; /* loss sum, tokens */
     /* Each process's gradient is the mean over its own B*K*T tokens;
      * averaging over processes makes it the global-batch mean. */
-    const float scale = (float)(1.0 / ((double)B * K * T));
+    const float scale = (float)(1.0 / ((double)B * K * T)) * scaler_loss_scale(&t->scaler);
+    t->step_scale = scaler_loss_scale(&t->scaler);
+    t->step_skipped = false;
     for (int k = 0; k < K; k++) {
         int64_t row0 = t->pos + ((int64_t)k * t->world + t->rank) * B;
         for (int b = 0; b < B; b++)
@@ -825,6 +867,26 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         if ((s = dist_zero_grad_norm(ctx, t->zero, g, gnorm))) return s;
     } else {
         *gnorm = kiln_l2_norm(g, n);
+    }
+    if (t->scaler.enabled) {
+        /* fp16 loss scaling (torch.amp.GradScaler): the gradients carry the
+         * scale. The global norm is reduced over every rank, so all ranks
+         * see the same inf/NaN verdict; the power-of-two unscale is exact,
+         * so the clip below works on the unscaled norm. On inf/NaN the
+         * step is skipped and the scale halved. */
+        bool inf = !isfinite(*gnorm);
+        if (!inf) {
+            scaler_unscale(&t->scaler, g, n);
+            *gnorm /= t->step_scale;
+        }
+        if (!scaler_update(&t->scaler, inf)) {
+            t->step_skipped = true;
+            say(t, "step %lld: skipped: inf/NaN gradient at loss scale %g; loss scale now %g",
+                (long long)t->step + 1, t->step_scale, t->scaler.scale);
+            t->pos += t->G;
+            t->step++;
+            return KILN_OK;
+        }
     }
     if (!isfinite(*gnorm)) return diverged(t, "the gradient norm", *gnorm, *lr);
     if (t->zero) {
@@ -881,6 +943,11 @@ static void banner(trainer *t)
     else
         say(t, "optimizer: AdamW state %.2f MB per rank%s", 8.0 * (double)np / 1e6,
             t->world > 1 ? " (use --zero 1 to shard it)" : "");
+    char cpu[256];
+    kiln_precision_describe(cpu, sizeof cpu);
+    say(t, "precision: %s matrix products, fp32 master weights and AdamW%s [%s]",
+        kiln_precision_name(t->prec),
+        t->prec == KILN_PRECISION_FP16 ? ", dynamic loss scaling" : "", cpu);
     if (o->resume)
         say(t, "resumed from %s at step %lld", o->resume, (long long)t->step);
 }
@@ -935,7 +1002,7 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
         bool last = t->step == t->total;
         json_t *m = json_pack(
             "{s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:I}", "step", (json_int_t)t->step,
-            "loss", loss, "lr", lr, "grad_norm", gnorm, "tokens_per_s",
+            "loss", loss, "lr", lr, "grad_norm", isfinite(gnorm) ? gnorm : 0.0, "tokens_per_s",
             (double)(t->G * t->o.seq) / dt, "elapsed",
             t->elapsed_before + kiln_time_now() - t->t_start, "epoch",
             (double)t->pos / (double)kiln_loader_num_windows(t->train),
@@ -944,6 +1011,12 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
         json_object_set_new(m, "world_size", json_integer(t->world));
         json_object_set_new(m, "comm_s", json_real(comm.wait_s));
         json_object_set_new(m, "comm_frac", json_real(dt > 0 ? comm.wait_s / dt : 0));
+        if (!isfinite(gnorm)) /* a skipped fp16 step: JSON has no inf/NaN */
+            json_object_set_new(m, "grad_norm", json_null());
+        if (t->scaler.enabled) {
+            json_object_set_new(m, "loss_scale", json_real(t->step_scale));
+            json_object_set_new(m, "skipped", json_boolean(t->step_skipped));
+        }
         bool stop = (t->o.stop_flag && *t->o.stop_flag) ||
                     (t->o.stop_at > 0 && t->step >= t->o.stop_at) ||
                     (t->o.max_time > 0 && kiln_time_now() - t->t_start >= t->o.max_time);
@@ -984,6 +1057,8 @@ out:
     snprintf(res->checkpoint, sizeof res->checkpoint, "%.1000s", t->last_ckpt);
     res->rank = t->rank;
     res->world_size = t->world;
+    res->skipped_steps = t->scaler.skipped_steps;
+    res->loss_scale = scaler_loss_scale(&t->scaler);
     trainer_free(t, s);
     return s;
 }

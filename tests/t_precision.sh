@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# t_precision.sh — `kiln train --precision` end to end on a tiny model:
+#   - bad --precision values are refused naming the flag (exit 2);
+#   - bf16 and fp32 runs start from the same loss and end close; the banner
+#     names the precision and the kernels;
+#   - fp16 with an overflowing initial loss scale (KILN_LOSS_SCALE=2^40):
+#     steps are skipped with a log line, metrics.jsonl carries loss_scale /
+#     skipped, the scale halves on each skip, then training proceeds;
+#   - the scaler state is in trainer_state.json and a resumed fp16 run
+#     continues from that scale (stop + resume == straight run, bit for bit).
+set -u
+if [ ! -x "$KILN" ]; then echo "FAIL precision_cli: $KILN not built"; exit 0; fi
+W="$KILN_TMP/precision"
+rm -rf "$W"; mkdir -p "$W"
+awk 'BEGIN { srand(3); for (i = 0; i < 2000; i++) { n = int(rand() * 10) + 3;
+  line = ""; for (j = 0; j < n; j++) line = line sprintf("%c", 97 + int(rand() * 26));
+  printf "%s %d a stitch in time saves %s\n", line, i, (i % 2 ? "nine" : "ten") } }' >"$W/corpus.txt"
+"$KILN" tokenize --tokenizer bytes --input "$W/corpus.txt" --out "$W/data" --quiet >/dev/null 2>&1 \
+  || { echo "FAIL precision_setup: kiln tokenize failed"; exit 0; }
+cat >"$W/tiny.json" <<'EOF2'
+{"model_type": "gpt2", "vocab_size": 257, "n_layer": 2, "n_embd": 64, "n_head": 2,
+ "n_positions": 32, "bos_token_id": 256, "eos_token_id": 256}
+EOF2
+COMMON=(--data "$W/data" --config "$W/tiny.json" --seq 32 --batch 8 --warmup 2 --lr 3e-3
+        --eval-every 0 --progress lines --log-every 5 --threads 1)
+field() { grep -o "\"$2\": *[-0-9.e+a-z]*" "$1" | sed "s/\"$2\": *//"; }
+
+# 1. bad values
+out=$("$KILN" train "${COMMON[@]}" --steps 2 --out "$W/bad" --precision fp8 2>&1); rc=$?
+if [ $rc -eq 2 ] && echo "$out" | grep -q -- "--precision 'fp8'"; then echo "PASS precision_bad_value"
+else echo "FAIL precision_bad_value: rc=$rc: $out"; fi
+
+# 2. fp32 vs bf16
+timeout 300 "$KILN" train "${COMMON[@]}" --steps 30 --out "$W/f32" --precision fp32 >"$W/f32.log" 2>&1
+timeout 300 "$KILN" train "${COMMON[@]}" --steps 30 --out "$W/b16" --precision bf16 >"$W/b16.log" 2>&1
+a0=$(field "$W/f32/metrics.jsonl" loss | head -1); b0=$(field "$W/b16/metrics.jsonl" loss | head -1)
+a1=$(field "$W/f32/metrics.jsonl" loss | tail -1); b1=$(field "$W/b16/metrics.jsonl" loss | tail -1)
+if [ -n "$a1" ] && [ -n "$b1" ] && awk -v a0="$a0" -v b0="$b0" -v a="$a1" -v b="$b1" \
+   'BEGIN { d0 = (a0 - b0) / a0; d = (a - b) / a; if (d0 < 0) d0 = -d0; if (d < 0) d = -d;
+            exit !(d0 < 0.01 && d < 0.05 && a < a0 - 0.5) }' \
+   && grep -q "precision: bf16 matrix products" "$W/b16.log" && grep -q "precision: fp32" "$W/f32.log"; then
+  echo "PASS precision_bf16_tracks_fp32 (loss fp32 $a0 -> $a1, bf16 $b0 -> $b1)"
+else echo "FAIL precision_bf16_tracks_fp32: fp32 $a0 -> $a1, bf16 $b0 -> $b1"; tail -3 "$W/b16.log"; fi
+if grep -q '"precision": "bf16"' "$W/b16/step_00000030/trainer_state.json"; then echo "PASS precision_saved_in_state"
+else echo "FAIL precision_saved_in_state"; fi
+
+# 3. fp16 with an overflowing loss scale: skips, halving, then progress
+KILN_LOSS_SCALE=1099511627776 timeout 300 "$KILN" train "${COMMON[@]}" --steps 40 --save-every 20 \
+  --out "$W/h16" --precision fp16 >"$W/h16.log" 2>&1
+nskip=$(grep -c '"skipped": *true' "$W/h16/metrics.jsonl")
+first=$(field "$W/h16/metrics.jsonl" loss_scale | head -1); second=$(field "$W/h16/metrics.jsonl" loss_scale | sed -n 2p)
+last_scale=$(field "$W/h16/metrics.jsonl" loss_scale | tail -1)
+l0=$(field "$W/h16/metrics.jsonl" loss | head -1); l1=$(field "$W/h16/metrics.jsonl" loss | tail -1)
+if [ "$nskip" -ge 3 ] && [ "$nskip" -lt 40 ] && grep -q "skipped: inf/NaN gradient at loss scale" "$W/h16.log" \
+   && awk -v a="$first" -v b="$second" -v c="$last_scale" -v l0="$l0" -v l1="$l1" \
+      'BEGIN { exit !(a == 2 * b && c < a && l1 < l0 - 0.3) }'; then
+  echo "PASS precision_fp16_skips_and_backs_off ($nskip skipped, scale $first -> $last_scale, loss $l0 -> $l1)"
+else echo "FAIL precision_fp16_skips_and_backs_off: skipped=$nskip scale $first, $second .. $last_scale loss $l0 -> $l1"; tail -5 "$W/h16.log"; fi
+sc=$(grep -A3 '"scaler"' "$W/h16/step_00000040/trainer_state.json" | grep -o '"scale": *[0-9.e+]*' | sed 's/.*: *//')
+if [ -n "$sc" ] && awk -v s="$sc" -v c="$last_scale" 'BEGIN { exit !(s > 0 && s <= c) }'; then
+  echo "PASS precision_scaler_in_state (scale $sc)"
+else echo "FAIL precision_scaler_in_state: '$sc'"; fi
+
+# 4. resume continues the scale: stop at 20, resume to 40 == straight run
+KILN_LOSS_SCALE=1099511627776 timeout 300 "$KILN" train "${COMMON[@]}" --steps 40 --save-every 20 \
+  --stop-at 20 --out "$W/r16" --precision fp16 >"$W/r16a.log" 2>&1
+timeout 300 "$KILN" train --resume "$W/r16" --progress lines --threads 1 >"$W/r16b.log" 2>&1
+if [ -f "$W/r16/step_00000040/model.safetensors" ] && \
+   cmp -s "$W/h16/step_00000040/model.safetensors" "$W/r16/step_00000040/model.safetensors" && \
+   diff <(field "$W/h16/metrics.jsonl" loss_scale) <(field "$W/r16/metrics.jsonl" loss_scale) >/dev/null; then
+  echo "PASS precision_fp16_resume_exact"
+else echo "FAIL precision_fp16_resume_exact"; tail -3 "$W/r16b.log"; fi
