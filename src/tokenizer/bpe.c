@@ -277,8 +277,40 @@ static size_t utf8_next(const unsigned char *p, size_t len, size_t i)
     return k;
 }
 
+static bool encode_plain(const kiln_tokenizer *t, tok_scratch *s, const char *text,
+                         size_t len, tok_ids *out);
+
+/* Non-special added tokens (Hugging Face added_tokens with special false)
+ * are user vocabulary: like Hugging Face, they are matched in the text
+ * (longest first) before pre-tokenization. Special tokens never are. */
 bool tok_encode_text(const kiln_tokenizer *t, tok_scratch *s, const char *text,
                      size_t len, tok_ids *out)
+{
+    if (t->n_added == 0) return encode_plain(t, s, text, len, out);
+    size_t start = 0, i = 0;
+    while (i < len) {
+        int32_t hit = -1;
+        for (int k = 0; k < t->n_special && hit < 0; k++) {
+            int32_t id = t->special_ids[k];
+            size_t sl = t->len[id];
+            if ((t->flags[id] & TOKF_ADDED) && sl && sl <= len - i &&
+                !memcmp(text + i, t->blob + t->off[id], sl))
+                hit = id;
+        }
+        if (hit < 0) {
+            i++;
+            continue;
+        }
+        if (!encode_plain(t, s, text + start, i - start, out) || !tok_ids_push(out, hit))
+            return false;
+        i += t->len[hit];
+        start = i;
+    }
+    return encode_plain(t, s, text + start, len - start, out);
+}
+
+static bool encode_plain(const kiln_tokenizer *t, tok_scratch *s, const char *text,
+                         size_t len, tok_ids *out)
 {
     const unsigned char *p = (const unsigned char *)text;
     if (len == 0) return true;
