@@ -4,9 +4,10 @@
  * tokens/s at batch 1 and batch 8, and prefill tokens/s, each beside the
  * memory-bandwidth roofline measured in the same run: a streaming read of
  * as many bytes as the engine's weights, which bounds decoding (every
- * weight byte is read once per step). The roofline is re-measured around
- * every timing and the faster of the two is used, so a ratio compares
- * numbers taken under the same load (the machine is shared).
+ * weight byte is read once per step). Roofline reads and engine steps are
+ * interleaved round by round and the best of each is compared, so a ratio
+ * compares numbers taken under the same load (the machine is shared);
+ * medians are printed beside them.
  *
  *   bench_decode [CONFIG] [THREADS]
  */
@@ -16,75 +17,65 @@
 #include <stdlib.h>
 #include <string.h>
 
-static double roofline_bps(const void *buf, size_t n, int nth)
-{
-    double best = 0;
-    volatile double sink = 0;
-    for (int r = 0; r < 8; r++) {
-        double t0 = kiln_time_now();
-        sink += ik_stream_read(buf, n, nth);
-        double dt = kiln_time_now() - t0;
-        if (n / dt > best) best = n / dt;
-    }
-    (void)sink;
-    return best;
-}
-
 static int32_t tok_of(int i, int V) { return (int32_t)((i * 2654435761u) % (unsigned)V); }
 
-/* Seconds of the fastest decode step at batch B (each slot prefilled with
- * 16 tokens first, then `steps` timed decode steps): on a shared machine
- * the fastest step is the one least disturbed, like the best roofline
- * read. *median gets the median step. */
 static int cmp_d(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
 }
 
-static double decode_step_secs(kiln_ctx *ctx, kiln_engine *e, int B, int steps, int V,
-                               float *logits, double *median)
+/* Timings of one kind: best (the least disturbed) and median. */
+typedef struct timing {
+    double best, median;
+} timing;
+
+static timing summarize(double *v, int n)
 {
-    double best = 1e30;
-    kiln_engine_tok tk[64];
-    double *all = malloc(sizeof(double) * (size_t)steps * 2);
-    int na = 0;
-    for (int rep = 0; rep < 2; rep++) {
-        for (int b = 0; b < B; b++) {
-            int32_t p[16];
-            for (int i = 0; i < 16; i++) p[i] = tok_of(b * 16 + i, V);
-            kiln_engine_reset(e, b);
-            if (kiln_engine_prefill(ctx, e, b, p, 16, logits)) return -1;
-        }
-        for (int s = 0; s < steps; s++) {
-            for (int b = 0; b < B; b++) tk[b] = (kiln_engine_tok){b, tok_of(s * B + b, V), true};
-            double t0 = kiln_time_now();
-            if (kiln_engine_step(ctx, e, tk, B, logits)) { free(all); return -1; }
-            double dt = kiln_time_now() - t0;
-            all[na++] = dt;
-            if (dt < best) best = dt;
-        }
-    }
-    qsort(all, (size_t)na, sizeof(double), cmp_d);
-    if (median) *median = all[na / 2];
-    free(all);
-    return best;
+    qsort(v, (size_t)n, sizeof(double), cmp_d);
+    return (timing){v[0], v[n / 2]};
 }
 
-static double prefill_secs(kiln_ctx *ctx, kiln_engine *e, int n, int V, float *logits)
+/* Runs `reps` rounds; each round times one streaming read of the weight
+ * bytes (the roofline) and then one engine step of `B` decodes (or, when
+ * prefill > 0, one prefill of that many tokens). Interleaving puts both
+ * under the same load, and the best of each is compared. */
+static void measure(kiln_ctx *ctx, kiln_engine *e, const void *buf, size_t wb, int nth, int B,
+                    int prefill, int reps, int V, float *logits, timing *roof, timing *eng)
 {
-    int32_t *p = malloc((size_t)n * sizeof(int32_t));
-    for (int i = 0; i < n; i++) p[i] = tok_of(i, V);
-    double best = 1e30;
-    for (int rep = 0; rep < 3; rep++) {
-        kiln_engine_reset(e, 0);
+    double *tr = malloc(sizeof(double) * (size_t)reps), *te = malloc(sizeof(double) * (size_t)reps);
+    int32_t p[256];
+    kiln_engine_tok tk[64];
+    volatile double sink = 0;
+    for (int r = 0; r < reps; r++) {
+        /* keep every slot's position small and equal from round to round */
+        if (prefill > 0 || r % 32 == 0)
+            for (int b = 0; b < (prefill > 0 ? 1 : B); b++) {
+                int n = prefill > 0 ? 1 : 16;
+                for (int i = 0; i < n; i++) p[i] = tok_of(b * 16 + i, V);
+                kiln_engine_reset(e, b);
+                kiln_engine_prefill(ctx, e, b, p, n, logits);
+                if (prefill > 0) kiln_engine_reset(e, 0);
+            }
         double t0 = kiln_time_now();
-        if (kiln_engine_prefill(ctx, e, 0, p, n, logits)) { free(p); return -1; }
-        double dt = kiln_time_now() - t0;
-        if (dt < best) best = dt;
+        sink += ik_stream_read(buf, wb, nth);
+        double t1 = kiln_time_now();
+        if (prefill > 0) {
+            for (int i = 0; i < prefill; i++) p[i] = tok_of(r * 7 + i, V);
+            kiln_engine_prefill(ctx, e, 0, p, prefill, logits);
+        } else {
+            for (int b = 0; b < B; b++) tk[b] = (kiln_engine_tok){b, tok_of(r * B + b, V), true};
+            kiln_engine_step(ctx, e, tk, B, logits);
+        }
+        double t2 = kiln_time_now();
+        tr[r] = t1 - t0;
+        te[r] = t2 - t1;
     }
-    free(p);
-    return best;
+    (void)sink;
+    *roof = summarize(tr, reps);
+    *eng = summarize(te, reps);
+    free(tr);
+    free(te);
 }
 
 int main(int argc, char **argv)
@@ -121,36 +112,25 @@ int main(int argc, char **argv)
         size_t wb = kiln_engine_weight_bytes(e);
         unsigned char *buf = kiln_aligned_alloc(ctx, wb);
         memset(buf, 1, wb);
-        /* warm up */
-        decode_step_secs(ctx, e, 1, 4, V, logits, NULL);
-
-        double bw0 = roofline_bps(buf, wb, nth);
-        double med1, med8;
-        double s1 = decode_step_secs(ctx, e, 1, 48, V, logits, &med1);
-        double bw1 = roofline_bps(buf, wb, nth);
-        double bw = bw0 > bw1 ? bw0 : bw1;
-        double roof = bw / (double)wb; /* steps/s if only the weights cost */
-        printf("decode %s batch 1: %8.1f tok/s (%.2f ms/token; median %.2f) | roofline %8.1f tok/s "
-               "(%.1f GB/s over %.1f MB of weights) | %.0f%% of roofline\n",
-               dt, 1 / s1, s1 * 1e3, med1 * 1e3, roof, bw / 1e9, wb / 1e6, 100.0 / s1 / roof);
-
-        bw0 = roofline_bps(buf, wb, nth);
-        double s8 = decode_step_secs(ctx, e, 8, 24, V, logits, &med8);
-        bw1 = roofline_bps(buf, wb, nth);
-        bw = bw0 > bw1 ? bw0 : bw1;
-        roof = bw / (double)wb;
-        printf("decode %s batch 8: %8.1f tok/s (%.2f ms/step; median %.2f) | roofline %8.1f steps/s | "
-               "step at %.0f%% of roofline, %.1fx the batch-1 throughput\n",
-               dt, 8 / s8, s8 * 1e3, med8 * 1e3, roof, 100.0 / s8 / roof, (8 / s8) * s1);
-
-        bw0 = roofline_bps(buf, wb, nth);
-        double sp = prefill_secs(ctx, e, PRE, V, logits);
-        bw1 = roofline_bps(buf, wb, nth);
-        bw = bw0 > bw1 ? bw0 : bw1;
+        timing roof, t1, t8, tp;
+        measure(ctx, e, buf, wb, nth, 1, 0, 8, V, logits, &roof, &t1); /* warm up */
+        measure(ctx, e, buf, wb, nth, 1, 0, 64, V, logits, &roof, &t1);
+        double bw = wb / roof.best, rt = 1 / roof.best; /* steps/s if only the weights cost */
+        printf("decode %s batch 1: %8.1f tok/s (best step %.2f ms, median %.2f) | roofline %8.1f "
+               "tok/s (%.1f GB/s over %.1f MB of weights; median read %.2f ms) | %.0f%% of roofline\n",
+               dt, 1 / t1.best, t1.best * 1e3, t1.median * 1e3, rt, bw / 1e9, wb / 1e6,
+               roof.median * 1e3, 100.0 * roof.best / t1.best);
+        measure(ctx, e, buf, wb, nth, 8, 0, 48, V, logits, &roof, &t8);
+        printf("decode %s batch 8: %8.1f tok/s (best step %.2f ms, median %.2f) | roofline %8.1f "
+               "steps/s | step at %.0f%% of roofline; %.1fx the batch-1 throughput\n",
+               dt, 8 / t8.best, t8.best * 1e3, t8.median * 1e3, 1 / roof.best,
+               100.0 * roof.best / t8.best, t1.best * 8 / t8.best);
+        measure(ctx, e, buf, wb, nth, 1, PRE, 12, V, logits, &roof, &tp);
         double flops = 2.0 * (double)(wb / (w ? 2 : 4)) * PRE;
-        printf("prefill %s %d tokens: %8.1f tok/s (%.1f GFLOP/s) | %.1fx the batch-1 decode rate "
-               "| roofline-bound rate for one pass %.1f tok/s x %d\n",
-               dt, PRE, PRE / sp, flops / sp / 1e9, (PRE / sp) * s1, bw / (double)wb, PRE);
+        printf("prefill %s %d tokens: %8.1f tok/s (best %.1f ms, median %.1f; %.1f GFLOP/s) | "
+               "%.1fx the batch-1 decode rate\n",
+               dt, PRE, PRE / tp.best, tp.best * 1e3, tp.median * 1e3, flops / tp.best / 1e9,
+               (PRE / tp.best) * t1.best);
         free(buf);
         kiln_engine_free(e);
     }

@@ -6,7 +6,8 @@
 # overlap on and off (KILN_DIST_OVERLAP). Prints per-step time, tokens/s and
 # the share of the step rank 0 spent waiting on communication (metrics.jsonl
 # comm_s / step time), the first step excluded (warm-up).
-# Knobs: BENCH_STEPS (default 3), BENCH_BATCH (2), BENCH_SEQ (128).
+# Knobs: BENCH_STEPS (default 3), BENCH_BATCH (2), BENCH_SEQ (128),
+# BENCH_PRECISION (fp32; bf16 | fp16 | auto).
 set -u
 root=${KILN_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
 KILN=${KILN:-$root/build/kiln}
@@ -14,7 +15,7 @@ if ! command -v mpirun >/dev/null 2>&1 || ! ldd "$KILN" 2>/dev/null | grep -q li
   echo "bench_dist.sh: needs mpirun and an MPI build of kiln; nothing measured"; exit 0
 fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-steps=${BENCH_STEPS:-3} B=${BENCH_BATCH:-2} T=${BENCH_SEQ:-128}
+steps=${BENCH_STEPS:-3} B=${BENCH_BATCH:-2} T=${BENCH_SEQ:-128} P=${BENCH_PRECISION:-fp32}
 W=$(mktemp -d /tmp/kiln-bench-dist.XXXXXX)
 trap 'rm -rf "$W"' EXIT
 if [ -d /usr/share/games/fortunes ]; then src=(/usr/share/games/fortunes)
@@ -22,7 +23,7 @@ else src=("$root/docs" "$root/src"); fi
 "$KILN" tokenize --tokenizer bytes --input "${src[@]}" --out "$W/data" --quiet >/dev/null 2>&1 \
   || { echo "bench_dist.sh: kiln tokenize failed"; exit 0; }
 args=(--data "$W/data" --config "$root/configs/bench-gpt2-30m.json" --batch "$B" --seq "$T"
-      --steps "$steps" --warmup 1 --eval-every 0 --save-every 0 --threads 1 --progress none)
+      --steps "$steps" --precision "$P" --warmup 1 --eval-every 0 --save-every 0 --threads 1 --progress none)
 
 # summary RUN TOKENS_PER_STEP -> "step_s comm_s tokens_per_s comm_frac",
 # averaged over steps 2..N
@@ -35,7 +36,7 @@ summary() {
     END { if (n) printf "%.3f %.3f %.1f %.4f\n", st / n, cs / n, ts / n, fs / n }'
 }
 
-echo "model configs/bench-gpt2-30m.json, B=$B T=$T per rank, $steps steps, 1 thread per rank, fp32"
+echo "model configs/bench-gpt2-30m.json, B=$B T=$T per rank, $steps steps, 1 thread per rank, --precision $P"
 "$KILN" train "${args[@]}" --out "$W/r1" >"$W/r1.log" 2>&1 || { echo "1-rank run failed"; tail -3 "$W/r1.log"; exit 0; }
 read -r s1 c1 t1 f1 <<<"$(summary "$W/r1" $((B * T)))"
 printf "%-34s step %7.3f s  %8.1f tok/s\n" "1 rank" "$s1" "$t1"

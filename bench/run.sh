@@ -10,6 +10,7 @@ cd "$root"
 export KILN="$root/$build/kiln" KILN_BUILD="$root/$build" KILN_ROOT="$root"
 for p in "$build"/bench/bench_* bench/bench_*.sh; do
   [ -e "$p" ] || continue
+  case "$p" in *.d | *.o) continue ;; esac   # the compiler's dependency files
   if [ -n "${BENCH:-}" ] && [[ "$(basename "$p")" != *${BENCH}* ]]; then continue; fi
   echo "== $(basename "$p")"
   case "$p" in

@@ -282,7 +282,8 @@ void kiln_tokenizer_free(kiln_tokenizer *tok);
 int kiln_tokenizer_vocab_size(const kiln_tokenizer *tok);
 /* The end-of-text token id. */
 int kiln_tokenizer_eot(const kiln_tokenizer *tok);
-/* Encodes len bytes of text (special tokens are not recognised in text).
+/* Encodes len bytes of text (special tokens are not recognised in text;
+ * non-special added tokens of a tokenizer.json are, as in Hugging Face).
  * *ids is malloc'ed; caller frees. */
 kiln_status kiln_tokenizer_encode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const char *text, size_t len,

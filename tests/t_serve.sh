@@ -11,6 +11,12 @@ mkdir -p "$D"
 PY=/usr/bin/python3
 SPID=""
 cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null; }
+# stops the server with SIGTERM: it must exit 0 with no sanitizer report
+stop_checked() {
+  kill "$SPID" 2>/dev/null; wait "$SPID"; local rc=$?; SPID=""
+  if [ $rc -eq 0 ] && ! grep -q 'Sanitizer\|runtime error' "$D/serve.log"; then echo "PASS server_clean_exit"
+  else echo "FAIL server_clean_exit: status $rc"; grep -A20 'Sanitizer\|runtime error' "$D/serve.log" | head -40; fi
+}
 trap cleanup EXIT
 
 pass() { echo "PASS $1"; }
@@ -39,7 +45,7 @@ start_server() {
   done
   cat "$D/serve.log"; return 1
 }
-stop_server() { cleanup; SPID=""; }
+stop_server() { stop_checked; }
 
 # req METHOD PATH [BODY] [curl args...]: CODE <- status, body in $D/body
 req() {

@@ -12,6 +12,12 @@ mkdir -p "$D"
 PY=/usr/bin/python3
 SPID=""
 cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null; }
+# stops the server with SIGTERM: it must exit 0 with no sanitizer report
+stop_checked() {
+  kill "$SPID" 2>/dev/null; wait "$SPID"; local rc=$?; SPID=""
+  if [ $rc -eq 0 ] && ! grep -q 'Sanitizer\|runtime error' "$D/serve.log"; then echo "PASS server_clean_exit"
+  else echo "FAIL server_clean_exit: status $rc"; grep -A20 'Sanitizer\|runtime error' "$D/serve.log" | head -40; fi
+}
 trap cleanup EXIT
 pass() { echo "PASS $1"; }
 fail() { echo "FAIL $1${2:+: $2}"; }
@@ -43,7 +49,7 @@ start_server() { # MODEL ARGS...
   done
   cat "$D/serve.log"; return 1
 }
-stop_server() { cleanup; SPID=""; }
+stop_server() { stop_checked; }
 alive() { [ "$(curl -s -m 5 "http://127.0.0.1:$PORT/health")" = '{"status":"ok"}' ] && kill -0 "$SPID" 2>/dev/null; }
 # raw NAME: sends stdin bytes over a raw socket (python below), prints the
 # status code (or "closed"); argument 2 = seconds to wait for a reply

@@ -7,6 +7,12 @@ D="$KILN_TMP/t_serve_openai"
 mkdir -p "$D"
 SPID=""
 cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null; }
+# stops the server with SIGTERM: it must exit 0 with no sanitizer report
+stop_checked() {
+  kill "$SPID" 2>/dev/null; wait "$SPID"; local rc=$?; SPID=""
+  if [ $rc -eq 0 ] && ! grep -q 'Sanitizer\|runtime error' "$D/serve.log"; then echo "PASS server_clean_exit"
+  else echo "FAIL server_clean_exit: status $rc"; grep -A20 'Sanitizer\|runtime error' "$D/serve.log" | head -40; fi
+}
 trap cleanup EXIT
 if ! command -v node >/dev/null || [ ! -d "$KILN_ROOT/tests/js/node_modules/openai" ]; then
   echo "SKIP serve_openai_client: needs node and tests/js/node_modules (bash scripts/deps.sh installs them)"
@@ -29,3 +35,5 @@ for _ in $(seq 200); do
 done
 [ -n "$PORT" ] || { cat "$D/serve.log"; echo "FAIL serve_start"; exit 1; }
 node "$KILN_ROOT/tests/js/serve_openai.js" "http://127.0.0.1:$PORT/v1" test-key-123 tiny-llama
+stop_checked
+exit 0

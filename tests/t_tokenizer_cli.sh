@@ -69,6 +69,22 @@ if [ "$json" = "[104, 195, 169, 108, 108, 111, 32, 255, 33]" ]; then ok encode_j
 echo "1 2 999" | "$KILN" tokenizer decode --tokenizer bytes >"$T/o8" 2>&1; rc=$?
 if [ $rc -ne 0 ] && grep -q "999" "$T/o8"; then ok decode_out_of_range; else no decode_out_of_range "rc $rc"; fi
 
+# --- thread count and sharding do not change the token stream ----------
+FORT=/usr/share/games/fortunes
+if [ -d "$FORT" ]; then
+  "$KILN" tokenizer train --quiet --input "$FORT/computers" --vocab-size 800 --out "$T/t800.json" >/dev/null 2>&1
+  "$KILN" tokenize --quiet --tokenizer "$T/t800.json" --input "$FORT" --doc-separator % --val-fraction 0.1 --threads 1 --out "$T/th1" >/dev/null 2>&1
+  "$KILN" tokenize --quiet --tokenizer "$T/t800.json" --input "$FORT" --doc-separator % --val-fraction 0.1 --threads 2 --shard-tokens 50000 --out "$T/th2" >/dev/null 2>&1
+  cat_tokens() { for f in "$@"; do od -An -tu2 -j32 -v "$f"; done | tr -s ' \n' '\n' | sed '/^$/d'; }
+  cat_tokens "$T"/th1/train_*.bin >"$T/th1.t"; cat_tokens "$T"/th2/train_*.bin >"$T/th2.t"
+  cat_tokens "$T"/th1/val_*.bin >"$T/th1.v"; cat_tokens "$T"/th2/val_*.bin >"$T/th2.v"
+  n2=$(ls "$T"/th2/train_*.bin | wc -l)
+  if [ -s "$T/th1.t" ] && [ -s "$T/th1.v" ] && cmp -s "$T/th1.t" "$T/th2.t" && cmp -s "$T/th1.v" "$T/th2.v" && [ "$n2" -gt 1 ]; then
+    ok tokenize_threads_shards_same_stream; else no tokenize_threads_shards_same_stream "streams differ ($n2 shards)"; fi
+else
+  echo "SKIP tokenize_threads_shards_same_stream: fortunes corpus missing"
+fi
+
 # --- chat rendering from the command line (bytes: markers as text) ------
 printf '[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]' >"$T/chat.json"
 "$KILN" tokenizer encode --tokenizer bytes --chat --input "$T/chat.json" >"$T/chat.out" 2>&1

@@ -62,7 +62,20 @@ else
   else no train_llama3_roundtrip "$(cat "$T/o4" "$T/l3.ids" | head -5)"; fi
 fi
 
-# 5. errors
+# 5. Llama-3 pattern: kiln (PCRE2) against JavaScript's regex engine and
+#    an independent merge-rank BPE (gpt2_ref.js bpe-json) on mixed text
+if [ $have_node = 0 ] || [ ! -f "$FORT/fortunes" ]; then echo "SKIP llama3_matches_js: node, node_modules or fortunes missing"
+else
+  "$KILN" tokenizer train --quiet --pattern llama3 --input "$FORT" --vocab-size 2000 --out "$T/l3k.json" >/dev/null 2>&1
+  { head -c 50000 "$FORT/fortunes"; cat "$T/small.txt"
+    printf "DON'T I'M it'S Ll 12345678 1,234.5 x\r\n\r\n  y  \n\t\tz!!!\n\n  \n"; } >"$T/l3in.txt"
+  "$KILN" tokenizer encode --tokenizer "$T/l3k.json" --input "$T/l3in.txt" >"$T/l3.k" 2>&1
+  node "$JS/gpt2_ref.js" bpe-json "$T/l3k.json" "$T/l3in.txt" >"$T/l3.r" 2>&1
+  if [ -s "$T/l3.k" ] && cmp -s "$T/l3.k" "$T/l3.r"; then ok llama3_matches_js; echo "  $(wc -w <"$T/l3.k") ids identical"
+  else no llama3_matches_js "$(head -c 200 "$T/l3.r")"; fi
+fi
+
+# 6. errors
 "$KILN" tokenizer train --input "$KILN_ROOT/README.md" --vocab-size 100 --out "$T/x.json" >"$T/e1" 2>&1; rc=$?
 if [ $rc -ne 0 ] && grep -q -- "--vocab-size 100" "$T/e1"; then ok train_vocab_too_small; else no train_vocab_too_small "rc $rc $(cat "$T/e1")"; fi
 "$KILN" tokenizer train --input "$KILN_ROOT/README.md" --vocab-size 100000000 --out "$T/x.json" >"$T/e2" 2>&1; rc=$?

@@ -380,23 +380,23 @@ static kiln_engine *mk(kiln_arch arch, store *s, int slots, int chunk, kiln_wtyp
     return e;
 }
 
-static void prefill_logits_vs_ref(kiln_arch arch, kiln_wtype wt, double tol)
+static void prefill_logits_vs_ref_chunk(kiln_arch arch, kiln_wtype wt, double tol, int chunk,
+                                        int maxn)
 {
     store s = {0};
     kiln_config c = tiny_cfg(arch);
     make_weights(&s, &c, 11 + arch);
-    /* chunk 5 makes the 17-token prompt take several chunked steps */
-    kiln_engine *e = mk(arch, &s, 1, 5, wt);
+    kiln_engine *e = mk(arch, &s, 1, chunk, wt);
     if (!e) { store_free(&s); return; }
     kiln_ctx *ctx = kiln_ctx_new();
-    int32_t tok[17];
-    for (int i = 0; i < 17; i++) tok[i] = (i * 7 + 3) % c.vocab_size;
+    int32_t tok[48];
+    for (int i = 0; i < maxn; i++) tok[i] = (i * 7 + 3) % c.vocab_size;
     const int V = c.vocab_size;
-    double *ref = malloc(sizeof(double) * 17 * V);
-    ref_forward(&s, &c, tok, 17, ref, wt == KILN_WTYPE_BF16);
+    double *ref = malloc(sizeof(double) * (size_t)maxn * V);
+    ref_forward(&s, &c, tok, maxn, ref, wt == KILN_WTYPE_BF16);
     float *lg = malloc(sizeof(float) * V);
-    /* logits at every prefix length n: prefill n tokens from empty */
-    for (int n = 1; n <= 17; n += 4) {
+    /* logits at several prefix lengths n: prefill n tokens from empty */
+    for (int n = 1; n <= maxn; n += 4) {
         kiln_engine_reset(e, 0);
         CHECK(kiln_engine_prefill(ctx, e, 0, tok, n, lg) == KILN_OK);
         double worst = 0;
@@ -408,6 +408,14 @@ static void prefill_logits_vs_ref(kiln_arch arch, kiln_wtype wt, double tol)
     kiln_ctx_free(ctx);
     kiln_engine_free(e);
     store_free(&s);
+}
+
+/* chunk 5 makes a 17-token prompt take several chunked steps (the
+ * streaming kernel); chunk 40 sends 20..40-token steps through the GEMM */
+static void prefill_logits_vs_ref(kiln_arch arch, kiln_wtype wt, double tol)
+{
+    prefill_logits_vs_ref_chunk(arch, wt, tol, 5, 17);
+    prefill_logits_vs_ref_chunk(arch, wt, tol, 40, 41);
 }
 
 static void test_prefill_gpt2(void) { prefill_logits_vs_ref(KILN_ARCH_GPT2, KILN_WTYPE_F32, 2e-4); }

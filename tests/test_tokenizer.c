@@ -319,6 +319,47 @@ static void test_gpt2_known(void)
     kiln_tokenizer_free(t);
 }
 
+/* Non-special added tokens are matched in text (as Hugging Face does);
+ * special ones are not. */
+static void test_hf_added_tokens(void)
+{
+    char *doc = strdup(mini_json(",\"ab\":256", "\"a b\"", ""));
+    const char *from = "\"special\":true}]";
+    char *at = strstr(doc, from);
+    CHECK(at != NULL);
+    if (!at) { free(doc); return; }
+    const char *to = "\"special\":true},{\"id\":301,\"content\":\"<tool>\",\"special\":false}]";
+    char *d2 = malloc(strlen(doc) + strlen(to) + 1);
+    size_t k = (size_t)(at - doc);
+    memcpy(d2, doc, k);
+    strcpy(d2 + k, to);
+    strcat(d2, at + strlen(from));
+    free(doc);
+    kiln_tokenizer *t = NULL;
+    CHECK_EQ(load_text("added.json", d2, &t), KILN_OK);
+    free(d2);
+    if (!t) return;
+    const char *txt = "ab<tool>b<|endoftext|>";
+    int32_t *ids;
+    size_t n;
+    CHECK_EQ(kiln_tokenizer_encode(ctx, t, txt, strlen(txt), &ids, &n), KILN_OK);
+    CHECK(n >= 3);
+    if (n >= 3) {
+        CHECK_EQ(ids[0], 256);
+        CHECK_EQ(ids[1], 301);
+        CHECK_EQ(ids[2], 'b');
+    }
+    for (size_t i = 0; i < n; i++) CHECK(ids[i] != 300);
+    char *back;
+    size_t bl;
+    CHECK_EQ(kiln_tokenizer_decode(ctx, t, ids, n, &back, &bl), KILN_OK);
+    CHECK(bl == strlen(txt) && !memcmp(back, txt, bl));
+    free(back);
+    free(ids);
+    CHECK_EQ(kiln_tokenizer_split_point(t, "x\nab", 4, 0), 4);
+    kiln_tokenizer_free(t);
+}
+
 int main(void)
 {
     ctx = kiln_ctx_new();
@@ -328,6 +369,7 @@ int main(void)
     RUN_TEST(test_hf_mini);
     RUN_TEST(test_hf_errors);
     RUN_TEST(test_hf_roundtrip);
+    RUN_TEST(test_hf_added_tokens);
     RUN_TEST(test_gpt2_known);
     kiln_ctx_free(ctx);
     return TEST_EXIT();

@@ -251,7 +251,7 @@ static int tokenizer_convert(int argc, char **argv)
 
 typedef struct train_progress {
     bool tty;
-    double t0, last_line;
+    double t0, last_line, merge_t0;
     char done_phase[8]; /* last phase reported complete */
 } train_progress;
 
@@ -275,17 +275,21 @@ static void train_progress_fn(void *ud, const char *phase, int64_t done, int64_t
     } else {
         snprintf(what, sizeof what, "%lld/%lld merges", (long long)done, (long long)total);
     }
+    if (!count && tp->merge_t0 == 0) tp->merge_t0 = el;
+    double pel = count ? el : el - tp->merge_t0; /* time in this phase */
+    double eta = frac > 0.01 && frac < 1 ? pel * (1 - frac) / frac : 0;
     if (tp->tty) {
         char bar[31];
         int k = (int)(frac * 30);
         for (int i = 0; i < 30; i++) bar[i] = i < k ? '#' : '.';
         bar[30] = 0;
-        fprintf(stderr, "\r%-5s [%s] %5.1f%% %s %.0fs ", count ? "count" : "merge", bar,
-                100 * frac, what, el);
+        fprintf(stderr, "\r%-5s [%s] %5.1f%% %s %.0fs ETA %.0fs ", count ? "count" : "merge", bar,
+                100 * frac, what, el, eta);
         if (frac >= 1) fputc('\n', stderr);
     } else if (el - tp->last_line >= 10 || frac >= 1) {
         tp->last_line = el;
-        fprintf(stderr, "tokenizer train: %s %5.1f%% %s %.0fs\n", phase, 100 * frac, what, el);
+        fprintf(stderr, "tokenizer train: %s %5.1f%% %s %.0fs ETA %.0fs\n", phase, 100 * frac,
+                what, el, eta);
     }
 }
 

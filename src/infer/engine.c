@@ -16,6 +16,7 @@
  * and llama (RoPE rotate-half as in HF, RMSNorm, SwiGLU, GQA).
  */
 #include "infer/infer.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
 #ifdef _OPENMP
@@ -52,6 +53,8 @@ struct kiln_engine {
     int *slot_next; /* (S) */
     size_t weight_bytes;
     int nth;        /* OpenMP threads */
+    kern_gemm *gemm; /* the library's fastest GEMM (oneDNN when built with
+                        it), used for fp32 prefill chunks */
     bool own_wte;
     bool head_is_wte;
 };
@@ -217,6 +220,7 @@ void kiln_engine_free(kiln_engine *e)
     free(e->x); free(e->xn); free(e->qkv); free(e->att); free(e->hid);
     free(e->ff); free(e->scores); free(e->epos); free(e->wrow);
     free(e->slot_next);
+    kern_gemm_free(e->gemm);
     free(e);
 }
 
@@ -383,6 +387,7 @@ kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
             }
     }
 
+    if (o.wtype == KILN_WTYPE_F32) e->gemm = kern_gemm_fast_new();
     size_t kvn = (size_t)e->L * e->S * e->NCTX * e->KVD;
     const int T = o.chunk;
     const int QKV = e->C + 2 * e->KVD;
@@ -428,6 +433,24 @@ int kiln_engine_pos(const kiln_engine *e, int slot)
 }
 
 /* ---- forward ------------------------------------------------------- */
+
+/* Y (T, rows) (+)= X W^T + b. Decode-sized T streams W through ik_linear;
+ * prefill chunks of fp32 weights go through the library's GEMM. */
+static void linear(const kiln_engine *e, float *Y, const float *X, int T,
+                   const imat *W, const float *b, bool acc)
+{
+    if (T < 16 || !W->f32 || !e->gemm) {
+        ik_linear(Y, X, T, W, b, acc, e->nth);
+        return;
+    }
+    e->gemm->gemm(e->gemm, false, true, T, W->rows, W->cols, 1.0f, X, W->cols, W->f32,
+                  W->cols, acc ? 1.0f : 0.0f, Y, W->rows);
+    if (b)
+        for (int t = 0; t < T; t++) {
+            float *y = Y + (size_t)t * W->rows;
+            for (int r = 0; r < W->rows; r++) y[r] += b[r];
+        }
+}
 
 static void layernorm(float *out, const float *x, const float *w,
                       const float *b, int C, float eps)
@@ -477,8 +500,8 @@ static inline float gelu_tanh(float x)
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
 
-kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
-                             const kiln_engine_tok *toks, int T, float *logits)
+static kiln_status step(kiln_ctx *ctx, kiln_engine *e, const kiln_engine_tok *toks,
+                        int T, float *logits)
 {
     if (T < 1 || T > e->opts.chunk)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
@@ -515,7 +538,7 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
     for (int l = 0; l < e->L; l++) {
         const ilayer *y = &e->layers[l];
         norm_rows(e, e->xn, e->x, T, y->ln1_w, y->ln1_b);
-        ik_linear(e->qkv, e->xn, T, &y->qkv, y->qkv_b, false, e->nth);
+        linear(e, e->qkv, e->xn, T, &y->qkv, y->qkv_b, false);
         for (int t = 0; t < T; t++) {
             float *q = e->qkv + (size_t)t * QKV, *k = q + C, *v = k + KVD;
             if (llama) {
@@ -556,20 +579,20 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
                 for (int i = 0; i < HS; i++) o[i] += a * v[i];
             }
         }
-        ik_linear(e->x, e->att, T, &y->o, y->o_b, true, e->nth);
+        linear(e, e->x, e->att, T, &y->o, y->o_b, true);
         norm_rows(e, e->xn, e->x, T, y->ln2_w, y->ln2_b);
         if (llama) {
-            ik_linear(e->hid, e->xn, T, &y->up, y->up_b, false, e->nth);
+            linear(e, e->hid, e->xn, T, &y->up, y->up_b, false);
             for (int t = 0; t < T; t++) {
                 const float *g = e->hid + (size_t)t * 2 * F, *u = g + F;
                 float *f = e->ff + (size_t)t * F;
                 for (int i = 0; i < F; i++) f[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
             }
         } else {
-            ik_linear(e->ff, e->xn, T, &y->up, y->up_b, false, e->nth);
+            linear(e, e->ff, e->xn, T, &y->up, y->up_b, false);
             for (size_t i = 0; i < (size_t)T * F; i++) e->ff[i] = gelu_tanh(e->ff[i]);
         }
-        ik_linear(e->x, e->ff, T, &y->down, y->down_b, true, e->nth);
+        linear(e, e->x, e->ff, T, &y->down, y->down_b, true);
     }
     if (nw > 0) {
         /* Final norm of the rows whose logits are wanted, compacted. */
@@ -579,10 +602,26 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
             if (llama) rmsnorm(o, x, e->lnf_w, C, e->cfg.norm_eps);
             else layernorm(o, x, e->lnf_w, e->lnf_b, C, e->cfg.norm_eps);
         }
-        ik_linear(logits, e->xn, nw, &e->head, NULL, false, e->nth);
+        linear(e, logits, e->xn, nw, &e->head, NULL, false);
     }
     memcpy(e->pos, e->slot_next, (size_t)e->S * sizeof(int));
     return KILN_OK;
+}
+
+kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
+                             const kiln_engine_tok *toks, int T, float *logits)
+{
+#ifdef _OPENMP
+    /* the GEMM backend sizes its team from the caller's setting: run it on
+     * the engine's thread count and restore the caller's afterwards */
+    const int prev = omp_get_max_threads();
+    if (prev != e->nth) omp_set_num_threads(e->nth);
+    kiln_status st = step(ctx, e, toks, T, logits);
+    if (prev != e->nth) omp_set_num_threads(prev);
+    return st;
+#else
+    return step(ctx, e, toks, T, logits);
+#endif
 }
 
 kiln_status kiln_engine_prefill(kiln_ctx *ctx, kiln_engine *e, int slot,

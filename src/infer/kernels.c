@@ -47,6 +47,13 @@ static inline __m512 load_w(const imat *W, size_t off, __mmask16 m)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+static inline __m512 load_w_full(const imat *W, size_t off)
+{
+    if (W->f32) return _mm512_loadu_ps(W->f32 + off);
+    __m256i h = _mm256_loadu_si256((const __m256i *)(W->bf16 + off));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 /* out[r][t] = dot(W row r0+r, X row t0+t) for r < nr <= 4, t < nt <= 4.
  * Rows / tokens past nr / nt are computed on duplicates and dropped. */
 static inline void micro(const imat *W, int r0, int nr, const float *X,
@@ -70,13 +77,13 @@ static inline void micro(const imat *W, int r0, int nr, const float *X,
             __m512 x0 = _mm512_loadu_ps(xp[0] + k);
 #pragma GCC unroll 4
             for (int r = 0; r < 4; r++)
-                a[r][0] = _mm512_fmadd_ps(load_w(W, ro[r] + k, 0xffff), x0, a[r][0]);
+                a[r][0] = _mm512_fmadd_ps(load_w_full(W, ro[r] + k), x0, a[r][0]);
         }
     } else {
         for (; k + 16 <= K; k += 16) {
             __m512 w[4];
 #pragma GCC unroll 4
-            for (int r = 0; r < 4; r++) w[r] = load_w(W, ro[r] + k, 0xffff);
+            for (int r = 0; r < 4; r++) w[r] = load_w_full(W, ro[r] + k);
 #pragma GCC unroll 4
             for (int t = 0; t < 4; t++) {
                 __m512 x = _mm512_loadu_ps(xp[t] + k);

@@ -277,8 +277,40 @@ static size_t utf8_next(const unsigned char *p, size_t len, size_t i)
     return k;
 }
 
+static bool encode_plain(const kiln_tokenizer *t, tok_scratch *s, const char *text,
+                         size_t len, tok_ids *out);
+
+/* Non-special added tokens (Hugging Face added_tokens with special false)
+ * are user vocabulary: like Hugging Face, they are matched in the text
+ * (longest first) before pre-tokenization. Special tokens never are. */
 bool tok_encode_text(const kiln_tokenizer *t, tok_scratch *s, const char *text,
                      size_t len, tok_ids *out)
+{
+    if (t->n_added == 0) return encode_plain(t, s, text, len, out);
+    size_t start = 0, i = 0;
+    while (i < len) {
+        int32_t hit = -1;
+        for (int k = 0; k < t->n_special && hit < 0; k++) {
+            int32_t id = t->special_ids[k];
+            size_t sl = t->len[id];
+            if ((t->flags[id] & TOKF_ADDED) && sl && sl <= len - i &&
+                !memcmp(text + i, t->blob + t->off[id], sl))
+                hit = id;
+        }
+        if (hit < 0) {
+            i++;
+            continue;
+        }
+        if (!encode_plain(t, s, text + start, i - start, out) || !tok_ids_push(out, hit))
+            return false;
+        i += t->len[hit];
+        start = i;
+    }
+    return encode_plain(t, s, text + start, len - start, out);
+}
+
+static bool encode_plain(const kiln_tokenizer *t, tok_scratch *s, const char *text,
+                         size_t len, tok_ids *out)
 {
     const unsigned char *p = (const unsigned char *)text;
     if (len == 0) return true;
@@ -313,9 +345,17 @@ bool tok_encode_text(const kiln_tokenizer *t, tok_scratch *s, const char *text,
     while (pos < len && ok) {
         int rc = s->jit ? pcre2_jit_match(t->re, p, len, pos, 0, s->md, NULL)
                         : pcre2_match(t->re, p, len, pos, 0, s->md, NULL);
-        if (rc < 0) { /* no further match: the rest is one pre-token */
+        if (rc < 0 && rc != PCRE2_ERROR_NOMATCH && s->jit) /* e.g. JIT stack */
+            rc = pcre2_match(t->re, p, len, pos, 0, s->md, NULL);
+        if (rc == PCRE2_ERROR_NOMATCH) { /* only invalid UTF-8 left: one pre-token */
             ok = tok_bpe_piece(t, s, p + pos, len - pos, out);
             break;
+        }
+        if (rc < 0) { /* a resource limit: take one character and go on */
+            size_t b = utf8_next(p, len, pos);
+            ok = tok_bpe_piece(t, s, p + pos, b - pos, out);
+            pos = b;
+            continue;
         }
         size_t a = ov[0], b = ov[1];
         if (a > pos) ok = tok_bpe_piece(t, s, p + pos, a - pos, out);

@@ -69,6 +69,7 @@ struct kiln_tokenizer {
     /* specials, longest first for matching in chat rendering */
     int32_t *special_ids;
     int n_special;
+    int n_added; /* non-special added tokens (TOKF_ADDED): matched in text */
 
     /* pre-tokenization */
     tok_pre pre;

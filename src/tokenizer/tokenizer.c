@@ -119,6 +119,7 @@ kiln_status tok_finish_vocab(kiln_ctx *ctx, kiln_tokenizer *t, const char *what)
     if (!t->vh || !t->special_ids) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
     t->vh_mask = cap - 1;
     t->n_special = 0;
+    t->n_added = 0;
     for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
     for (int32_t id = 0; id < t->n_vocab; id++) {
         if (t->flags[id] & TOKF_HOLE) continue;
@@ -126,6 +127,7 @@ kiln_status tok_finish_vocab(kiln_ctx *ctx, kiln_tokenizer *t, const char *what)
         size_t n = t->len[id];
         if (t->flags[id] & (TOKF_SPECIAL | TOKF_ADDED)) {
             t->special_ids[t->n_special++] = id;
+            if (t->flags[id] & TOKF_ADDED) t->n_added++;
             continue;
         }
         if (n == 0)
@@ -494,6 +496,7 @@ size_t kiln_tokenizer_split_point(const kiln_tokenizer *tok, const char *text,
 {
     if (from >= len) return len;
     if (tok->add_prefix_space) return len; /* a segment would gain a space */
+    if (tok->n_added) return len;          /* a cut could split an added token */
     if (tok->n_merges == 0) return from;
     return tok_split_point_pattern(tok->pattern, text, len, from);
 }

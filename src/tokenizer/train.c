@@ -255,9 +255,18 @@ static void count_text(const kiln_tokenizer *t, pcre2_match_data *md, bool jit,
     while (pos < len) {
         int rc = jit ? pcre2_jit_match(t->re, p, len, pos, 0, md, NULL)
                      : pcre2_match(t->re, p, len, pos, 0, md, NULL);
-        if (rc < 0) {
+        if (rc < 0 && rc != PCRE2_ERROR_NOMATCH && jit)
+            rc = pcre2_match(t->re, p, len, pos, 0, md, NULL);
+        if (rc == PCRE2_ERROR_NOMATCH) {
             sm_add(m, p + pos, len - pos, 1, hash_str(p + pos, len - pos));
             return;
+        }
+        if (rc < 0) { /* a resource limit: count one character */
+            size_t b = pos + 1;
+            while (b < len && (p[b] & 0xC0) == 0x80) b++;
+            sm_add(m, p + pos, b - pos, 1, hash_str(p + pos, b - pos));
+            pos = b;
+            continue;
         }
         size_t a = ov[0], b = ov[1];
         if (a > pos) sm_add(m, p + pos, a - pos, 1, hash_str(p + pos, a - pos));

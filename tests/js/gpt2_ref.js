@@ -9,6 +9,12 @@
 //   node gpt2_ref.js tiktoken-json TOKENIZER_JSON FILE
 //       ids from tiktoken's core with its ranks taken from a tokenizer.json
 //       (rank = id, as in GPT-2's vocabulary) and the ByteLevel pattern.
+//   node gpt2_ref.js bpe-json TOKENIZER_JSON FILE
+//       ids from this file's own merge-rank BPE (encoder.py's algorithm)
+//       with the tokenizer.json's pre-tokenization pattern run by
+//       JavaScript's Unicode regex engine (ByteLevel: GPT-2's pattern;
+//       Split: its Regex, with the (?i:...) group spelled out, which
+//       JavaScript lacks). FILE must be valid UTF-8.
 //   node gpt2_ref.js gpt3enc TOKENIZER_JSON FILE
 //       ids from gpt-3-encoder's Encoder.js (OpenAI's encoder.py ported,
 //       merge-rank BPE) run on the vocabulary and merges of a tokenizer.json,
@@ -152,6 +158,32 @@ if (mode === 'tiktoken') {
   const text = fs.readFileSync(process.argv[4], 'utf-8');
   out(enc.encode_ordinary(text));
   enc.free();
+} else if (mode === 'bpe-json') {
+  const tj = JSON.parse(fs.readFileSync(process.argv[3], 'utf-8'));
+  let src = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+  const pre = tj.pre_tokenizer;
+  if (pre.type === 'Sequence') src = pre.pretokenizers[0].pattern.Regex;
+  src = src.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+                    "'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD]");
+  const re = new RegExp(src, 'gu');
+  const ranks = bpeRanks(hfMerges(tj));
+  const vocab = tj.model.vocab;
+  const text = fs.readFileSync(process.argv[4], 'utf-8');
+  const enc = new TextEncoder();
+  const cache = new Map();
+  const ids = [];
+  let last = 0;
+  for (const m of text.matchAll(re)) {
+    if (m.index !== last) throw new Error('pattern left a gap at ' + last);
+    last = m.index + m[0].length;
+    let r = cache.get(m[0]);
+    if (!r) {
+      r = bpe(Array.from(enc.encode(m[0]), b => B2U[b]), ranks).map(t => vocab[t]);
+      cache.set(m[0], r);
+    }
+    for (const id of r) ids.push(id);
+  }
+  out(ids);
 } else if (mode === 'gpt3enc') {
   const tj = JSON.parse(fs.readFileSync(process.argv[3], 'utf-8'));
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kiln-g3-'));
