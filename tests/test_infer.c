@@ -157,6 +157,9 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
     char nm[128];
 #define W(name) find(s, name)
 #define RD(p, i) (bf16 ? (double)ik_bf16_to_f32(ik_f32_to_bf16((p)[i])) : (double)(p)[i])
+    /* activations entering a bf16 product are rounded to bf16 too when the
+     * kernels use bf16 dot products (IK_BF16_DOT) */
+#define RX(v) (bf16 && IK_BF16_DOT ? (double)ik_bf16_to_f32(ik_f32_to_bf16((float)(v))) : (double)(v))
     const float *wte = W(llama ? "model.embed_tokens.weight" : "transformer.wte.weight");
     for (int t = 0; t < n; t++)
         for (int i = 0; i < C; i++) {
@@ -189,14 +192,14 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
             for (int t = 0; t < n; t++) {
                 for (int o = 0; o < C; o++) {
                     double acc = 0;
-                    for (int i = 0; i < C; i++) acc += RD(wq, o * C + i) * xn[t * C + i];
+                    for (int i = 0; i < C; i++) acc += RD(wq, o * C + i) * RX(xn[t * C + i]);
                     q[t * C + o] = acc;
                 }
                 for (int o = 0; o < KVD; o++) {
                     double ak = 0, av = 0;
                     for (int i = 0; i < C; i++) {
-                        ak += RD(wk, o * C + i) * xn[t * C + i];
-                        av += RD(wv, o * C + i) * xn[t * C + i];
+                        ak += RD(wk, o * C + i) * RX(xn[t * C + i]);
+                        av += RD(wv, o * C + i) * RX(xn[t * C + i]);
                     }
                     k[t * KVD + o] = ak;
                     v[t * KVD + o] = av;
@@ -223,7 +226,7 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
             for (int t = 0; t < n; t++)
                 for (int o = 0; o < 3 * C; o++) {
                     double acc = bb[o];
-                    for (int i = 0; i < C; i++) acc += RD(w, i * 3 * C + o) * xn[t * C + i];
+                    for (int i = 0; i < C; i++) acc += RD(w, i * 3 * C + o) * RX(xn[t * C + i]);
                     if (o < C) q[t * C + o] = acc;
                     else if (o < 2 * C) k[t * C + o - C] = acc;
                     else v[t * C + o - 2 * C] = acc;
@@ -258,7 +261,7 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
             for (int o = 0; o < C; o++) {
                 double acc = bo ? bo[o] : 0;
                 for (int i = 0; i < C; i++)
-                    acc += (llama ? RD(wo, o * C + i) : RD(wo, i * C + o)) * att[t * C + i];
+                    acc += (llama ? RD(wo, o * C + i) : RD(wo, i * C + o)) * RX(att[t * C + i]);
                 x[t * C + o] += acc;
             }
         if (llama) {
@@ -272,14 +275,14 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
                 for (int o = 0; o < F; o++) {
                     double g = 0, u = 0;
                     for (int i = 0; i < C; i++) {
-                        g += RD(wg, o * C + i) * xn[t * C + i];
-                        u += RD(wu, o * C + i) * xn[t * C + i];
+                        g += RD(wg, o * C + i) * RX(xn[t * C + i]);
+                        u += RD(wu, o * C + i) * RX(xn[t * C + i]);
                     }
                     h[t * F + o] = g / (1 + exp(-g)) * u;
                 }
                 for (int o = 0; o < C; o++) {
                     double acc = 0;
-                    for (int i = 0; i < F; i++) acc += RD(wd, o * F + i) * h[t * F + i];
+                    for (int i = 0; i < F; i++) acc += RD(wd, o * F + i) * RX(h[t * F + i]);
                     x[t * C + o] += acc;
                 }
             }
@@ -295,12 +298,12 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
             for (int t = 0; t < n; t++) {
                 for (int o = 0; o < F; o++) {
                     double acc = bf[o];
-                    for (int i = 0; i < C; i++) acc += RD(wf, i * F + o) * xn[t * C + i];
+                    for (int i = 0; i < C; i++) acc += RD(wf, i * F + o) * RX(xn[t * C + i]);
                     h[t * F + o] = 0.5 * acc * (1 + tanh(sqrt(2 / M_PI) * (acc + 0.044715 * acc * acc * acc)));
                 }
                 for (int o = 0; o < C; o++) {
                     double acc = bp[o];
-                    for (int i = 0; i < F; i++) acc += RD(wp, i * C + o) * h[t * F + i];
+                    for (int i = 0; i < F; i++) acc += RD(wp, i * C + o) * RX(h[t * F + i]);
                     x[t * C + o] += acc;
                 }
             }
@@ -312,11 +315,12 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
     for (int t = 0; t < n; t++)
         for (int o = 0; o < V; o++) {
             double acc = 0;
-            for (int i = 0; i < C; i++) acc += RD(head, o * C + i) * xn[t * C + i];
+            for (int i = 0; i < C; i++) acc += RD(head, o * C + i) * RX(xn[t * C + i]);
             logits[(size_t)t * V + o] = acc;
         }
 #undef W
 #undef RD
+#undef RX
 #undef NORM
     free(x); free(xn); free(q); free(k); free(v); free(att); free(h);
 }

@@ -561,6 +561,7 @@ static kiln_status step(kiln_ctx *ctx, kiln_engine *e, const kiln_engine_tok *to
             for (int j = 0; j < n; j++) {
                 const float *k = e->kc + base + (size_t)j * KVD;
                 float s = 0;
+#pragma omp simd reduction(+ : s)
                 for (int i = 0; i < HS; i++) s += q[i] * k[i];
                 sc[j] = s * scale;
                 if (sc[j] > mx) mx = sc[j];
@@ -576,6 +577,7 @@ static kiln_status step(kiln_ctx *ctx, kiln_engine *e, const kiln_engine_tok *to
             for (int j = 0; j < n; j++) {
                 const float *v = e->vc + base + (size_t)j * KVD;
                 float a = sc[j] * inv;
+#pragma omp simd
                 for (int i = 0; i < HS; i++) o[i] += a * v[i];
             }
         }

@@ -31,6 +31,16 @@ typedef struct imat {
     uint16_t *bf16;  /* (rows, cols) when bf16 */
 } imat;
 
+/* With AVX512-BF16, bf16 weights are dotted with activations rounded to
+ * bf16 (products exact in fp32, sums in fp32), as bf16 hardware does;
+ * without it the weights are widened and the activations stay fp32. The
+ * reference follows the same rule, so the two agree to fp32 rounding. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define IK_BF16_DOT 1
+#else
+#define IK_BF16_DOT 0
+#endif
+
 /* Y (T, rows) = X (T, cols) W^T + b (b may be NULL); when acc, adds into Y
  * instead of overwriting. Streams W once for all T rows (T <= 8 in the
  * register tile; larger T is tiled over blocks of W that stay in cache).

@@ -21,6 +21,7 @@
 #include <immintrin.h>
 #define IK_AVX512 1
 #endif
+#include <stdlib.h>
 
 void ik_linear_ref(float *Y, const float *X, int T, const imat *W,
                    const float *b, bool acc)
@@ -32,7 +33,9 @@ void ik_linear_ref(float *Y, const float *X, int T, const imat *W,
             for (int k = 0; k < K; k++) {
                 float w = W->f32 ? W->f32[(size_t)r * K + k]
                                  : ik_bf16_to_f32(W->bf16[(size_t)r * K + k]);
-                s += (double)w * X[(size_t)t * K + k];
+                float x = X[(size_t)t * K + k];
+                if (!W->f32 && IK_BF16_DOT) x = ik_bf16_to_f32(ik_f32_to_bf16(x));
+                s += (double)w * x;
             }
             float *y = &Y[(size_t)t * R + r];
             *y = acc ? *y + (float)s : (float)s;
@@ -109,6 +112,63 @@ static inline void micro(const imat *W, int r0, int nr, const float *X,
 }
 #endif
 
+#if IK_BF16_DOT
+/* The bf16 x bf16 -> fp32 form of micro(): W rows and the activations Xb
+ * (already rounded to bf16) are dotted 32 pairs per instruction
+ * (vdpbf16ps), so a bf16 row costs one load and one instruction per 32
+ * weights and the step is bound by the bytes, not by widening them. */
+static inline void micro_bf16(const imat *W, int r0, int nr, const uint16_t *Xb, int t0,
+                              int nt, float out[4][4])
+{
+    const int K = W->cols;
+    __m512 a[4][4];
+    const uint16_t *wp[4], *xp[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) wp[r] = W->bf16 + (size_t)(r0 + (r < nr ? r : nr - 1)) * K;
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; t++) xp[t] = Xb + (size_t)(t0 + (t < nt ? t : nt - 1)) * K;
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) a[r][t] = _mm512_setzero_ps();
+    int k = 0;
+    if (nt == 1) {
+        for (; k + 32 <= K; k += 32) {
+            __m512bh x0 = (__m512bh)_mm512_loadu_si512(xp[0] + k);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++)
+                a[r][0] = _mm512_dpbf16_ps(a[r][0], (__m512bh)_mm512_loadu_si512(wp[r] + k), x0);
+        }
+    } else {
+        for (; k + 32 <= K; k += 32) {
+            __m512bh w[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) w[r] = (__m512bh)_mm512_loadu_si512(wp[r] + k);
+#pragma GCC unroll 4
+            for (int t = 0; t < 4; t++) {
+                __m512bh x = (__m512bh)_mm512_loadu_si512(xp[t] + k);
+#pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) a[r][t] = _mm512_dpbf16_ps(a[r][t], w[r], x);
+            }
+        }
+    }
+    if (k < K) {
+        __mmask32 m = (__mmask32)((K - k) >= 32 ? 0xffffffffu : ((1u << (K - k)) - 1u));
+        __m512bh w[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) w[r] = (__m512bh)_mm512_maskz_loadu_epi16(m, wp[r] + k);
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(m, xp[t] + k);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) a[r][t] = _mm512_dpbf16_ps(a[r][t], w[r], x);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) out[r][t] = _mm512_reduce_add_ps(a[r][t]);
+}
+#endif
+
 void ik_linear(float *Y, const float *X, int T, const imat *W,
                const float *b, bool acc, int nth)
 {
@@ -131,6 +191,17 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
     rb = (rb + 3) & ~3;
     if (rb < 4) rb = 4;
     const int nblk = (R + rb - 1) / rb;
+    uint16_t *Xb = NULL;
+#if IK_BF16_DOT
+    if (W->bf16) {
+        Xb = malloc((size_t)T * K * sizeof(uint16_t));
+        if (!Xb) {
+            ik_linear_ref(Y, X, T, W, b, acc);
+            return;
+        }
+        for (size_t i = 0; i < (size_t)T * K; i++) Xb[i] = ik_f32_to_bf16(X[i]);
+    }
+#endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && nblk > 1 && (size_t)R * K * T > 131072)
     for (int blk = 0; blk < nblk; blk++) {
         int r_lo = blk * rb, r_hi = KILN_MIN(R, r_lo + rb);
@@ -139,7 +210,11 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
             for (int r0 = r_lo; r0 < r_hi; r0 += 4) {
                 int nr = KILN_MIN(4, r_hi - r0);
                 float o[4][4];
-                micro(W, r0, nr, X, t0, nt, o);
+#if IK_BF16_DOT
+                if (Xb) micro_bf16(W, r0, nr, Xb, t0, nt, o);
+                else
+#endif
+                    micro(W, r0, nr, X, t0, nt, o);
                 for (int t = 0; t < nt; t++)
                     for (int r = 0; r < nr; r++) {
                         float v = o[r][t] + (b ? b[r0 + r] : 0.0f);
@@ -149,6 +224,7 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
             }
         }
     }
+    free(Xb);
 #endif
 }
 
