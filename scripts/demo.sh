@@ -71,8 +71,8 @@ echo "   before training: $before   after: $loss"
 ckpt="$demo/run/$(cat "$demo/run/latest")"
 step "6/6 a sample from the trained model"
 if "$kiln" generate --help >/dev/null 2>&1; then
-  "$kiln" generate --model "$ckpt" --prompt "Q: What is the meaning of life?
-A:" --max-tokens 200 --temperature 0.8 --top-k 40 --seed 7 --threads "$threads"
+  "$kiln" generate --model "$ckpt" --prompt "The meaning of life is" \
+    --max-tokens 200 --temperature 0.8 --top-k 40 --seed 7 --threads "$threads"
   echo
 else
   echo "   (kiln generate is not in this build; sample with it once it is)"
