@@ -459,6 +459,29 @@ static void test_determinism_and_fast_vs_ref(void)
     kiln_ctx_free(ctx);
 }
 
+/* A model prepared for a large batch runs smaller ones exactly like a
+ * model prepared for the small one. */
+static void test_smaller_batch_than_prepared(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg = tiny(KILN_ARCH_LLAMA, false);
+    kiln_model *a, *b;
+    CHECK(kiln_model_new(ctx, &cfg, &a) == KILN_OK);
+    CHECK(kiln_model_new(ctx, &cfg, &b) == KILN_OK);
+    kiln_model_init_random(a, 8);
+    kiln_model_init_random(b, 8);
+    CHECK(kiln_model_prepare(ctx, a, 4, 8) == KILN_OK);
+    int32_t tok[6] = {1, 2, 3, 4, 5, 6}, tgt[6] = {2, 3, 4, 5, 6, 7};
+    model_case ca = {ctx, a, tok, tgt, 2, 3}, cb = {ctx, b, tok, tgt, 2, 3};
+    CHECK(model_loss(&ca) == model_loss(&cb));
+    model_grads(&ca);
+    model_grads(&cb);
+    CHECK(memcmp(a->grads, b->grads, a->num_params * sizeof(float)) == 0);
+    kiln_model_free(a);
+    kiln_model_free(b);
+    kiln_ctx_free(ctx);
+}
+
 static void test_bad_inputs(void)
 {
     kiln_ctx *ctx = kiln_ctx_new();
@@ -593,6 +616,7 @@ int main(void)
     RUN_TEST(test_llama_fd_fast);
     RUN_TEST(test_hook_order);
     RUN_TEST(test_determinism_and_fast_vs_ref);
+    RUN_TEST(test_smaller_batch_than_prepared);
     RUN_TEST(test_bad_inputs);
     RUN_TEST(test_layout_and_roundtrip);
     return TEST_EXIT();
