@@ -459,6 +459,29 @@ static void test_determinism_and_fast_vs_ref(void)
     kiln_ctx_free(ctx);
 }
 
+/* A model prepared for a large batch runs smaller ones exactly like a
+ * model prepared for the small one. */
+static void test_smaller_batch_than_prepared(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg = tiny(KILN_ARCH_LLAMA, false);
+    kiln_model *a, *b;
+    CHECK(kiln_model_new(ctx, &cfg, &a) == KILN_OK);
+    CHECK(kiln_model_new(ctx, &cfg, &b) == KILN_OK);
+    kiln_model_init_random(a, 8);
+    kiln_model_init_random(b, 8);
+    CHECK(kiln_model_prepare(ctx, a, 4, 8) == KILN_OK);
+    int32_t tok[6] = {1, 2, 3, 4, 5, 6}, tgt[6] = {2, 3, 4, 5, 6, 7};
+    model_case ca = {ctx, a, tok, tgt, 2, 3}, cb = {ctx, b, tok, tgt, 2, 3};
+    CHECK(model_loss(&ca) == model_loss(&cb));
+    model_grads(&ca);
+    model_grads(&cb);
+    CHECK(memcmp(a->grads, b->grads, a->num_params * sizeof(float)) == 0);
+    kiln_model_free(a);
+    kiln_model_free(b);
+    kiln_ctx_free(ctx);
+}
+
 static void test_bad_inputs(void)
 {
     kiln_ctx *ctx = kiln_ctx_new();
@@ -472,6 +495,21 @@ static void test_bad_inputs(void)
     tok[2] = -5;
     CHECK(kiln_model_forward(ctx, m, tok, 1, 4, &logits) == KILN_ERR_RANGE);
     CHECK(kiln_model_prepare(ctx, m, 1, 9) == KILN_ERR_RANGE); /* > n_ctx */
+    CHECK(kiln_model_prepare(ctx, m, 0, 4) == KILN_ERR_RANGE);
+    {
+        /* activations that overflow or cannot exist are refused, not
+         * allocated short */
+        kiln_config big = cfg;
+        big.n_ctx = 1 << 20;
+        big.n_head = 8;
+        big.n_kv_head = 8;
+        kiln_model *mb;
+        CHECK(kiln_model_new(ctx, &big, &mb) == KILN_OK);
+        CHECK(kiln_model_prepare(ctx, mb, 1 << 20, 1 << 20) == KILN_ERR_RANGE);
+        CHECK(kiln_model_prepare(ctx, mb, 1000, 1 << 20) == KILN_ERR_RANGE);
+        CHECK(strstr(kiln_errmsg(ctx), "--batch") != NULL);
+        kiln_model_free(mb);
+    }
     CHECK(strstr(kiln_errmsg(ctx), "--seq") != NULL);
     kiln_model *m2;
     CHECK(kiln_model_new(ctx, &cfg, &m2) == KILN_OK);
@@ -578,6 +616,7 @@ int main(void)
     RUN_TEST(test_llama_fd_fast);
     RUN_TEST(test_hook_order);
     RUN_TEST(test_determinism_and_fast_vs_ref);
+    RUN_TEST(test_smaller_batch_than_prepared);
     RUN_TEST(test_bad_inputs);
     RUN_TEST(test_layout_and_roundtrip);
     return TEST_EXIT();

@@ -340,6 +340,16 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
     }
     int nB = KILN_MAX(B, m->B_cap), nT = KILN_MAX(T, m->T_cap);
     if (nB == m->B_cap && nT == m->T_cap) return KILN_OK;
+    /* Size in double first: B * NH * T^2 * L can overflow size_t long
+     * before malloc would refuse. Kernels index rows with int. */
+    double approx = (double)nB * nT *
+                    ((double)m->L * (8.0 * m->C + m->QKV + 3.0 * m->F + (double)m->NH * nT) +
+                     m->V + 4.0 * m->C + 2.0 * m->F + m->QKV + (double)m->NH * nT) * 4.0;
+    if ((double)nB * nT > 1073741824.0 || approx > 1.1e15)
+        return kiln_fail(ctx, KILN_ERR_RANGE,
+                         "batch %d x sequence %d needs about %.3g GiB of activations, "
+                         "beyond what kiln supports (lower --batch or --seq)",
+                         nB, nT, approx / (1u << 30));
     size_t bytes = act_bytes(m, nB, nT);
     arena_free(&m->act);
     m->B_cap = m->T_cap = 0;

@@ -14,6 +14,7 @@
 #include "base/base.h"
 
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -169,15 +170,25 @@ MP_TAMX static double amx_peak_thread(double secs)
     return (double)iters * 4 * 16 * 16 * 32 * 2;
 }
 
-double mp_amx_peak_gflops(double secs)
+static double cpu_seconds(void)
 {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double mp_amx_peak_gflops(double secs, double *per_cpu)
+{
+    if (per_cpu) *per_cpu = 0;
     if (!mp_amx_usable()) return 0;
     /* Total work over wall time: threads that do not really run at the same
      * time (shared cores, other load) do not inflate the figure. */
-    double total = 0, t0 = kiln_time_now();
+    double total = 0, t0 = kiln_time_now(), c0 = cpu_seconds();
     #pragma omp parallel reduction(+ : total)
     total += amx_peak_thread(secs);
-    return total / (kiln_time_now() - t0) / 1e9;
+    double wall = kiln_time_now() - t0, cpu = cpu_seconds() - c0;
+    if (per_cpu) *per_cpu = cpu > 0 ? total / cpu / 1e9 : 0;
+    return total / wall / 1e9;
 }
 
 #else /* not x86-64: never called (mp_amx_usable() is false) */
@@ -192,9 +203,10 @@ void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
     KILN_ASSERT(0);
 }
 
-double mp_amx_peak_gflops(double secs)
+double mp_amx_peak_gflops(double secs, double *per_cpu)
 {
     (void)secs;
+    if (per_cpu) *per_cpu = 0;
     return 0;
 }
 #endif

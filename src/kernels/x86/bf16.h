@@ -120,9 +120,12 @@ void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
 /* Whether the AMX kernels can run (CPU + kernel permission). */
 bool mp_amx_usable(void);
 /* Runs TDPBF16PS on registers only (no memory traffic) for about `secs`
- * seconds on every OpenMP thread and returns the achieved GFLOP/s: the AMX
- * peak of this machine measured now. 0 when AMX is not usable. */
-double mp_amx_peak_gflops(double secs);
+ * seconds on every OpenMP thread and returns the achieved GFLOP/s over
+ * wall time: the AMX peak of this machine measured now. When per_cpu is
+ * non-NULL it receives GFLOP per second of process CPU time (what one core
+ * delivers, whatever other load shares the machine). 0 when AMX is not
+ * usable. */
+double mp_amx_peak_gflops(double secs, double *per_cpu);
 
 /* ---- a linear layer in compute precision ------------------------------ */
 

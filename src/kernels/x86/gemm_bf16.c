@@ -118,6 +118,64 @@ MP_T512 static void convert_row_avx512(mp_dtype dt, const float *src, size_t st,
     }
 }
 
+/* In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, col[j]
+ * = column j out (unpack, 4-wide shuffles, two 128-bit lane shuffles). */
+MP_T512 static inline void transpose16(const __m512 r[16], __m512 col[16])
+{
+    __m512 t[16], u[16], v[16];
+    for (int g = 0; g < 4; g++) {
+        t[4 * g + 0] = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+        t[4 * g + 1] = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        t[4 * g + 2] = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+        t[4 * g + 3] = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xee);
+        u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xee);
+    }
+    for (int j = 0; j < 4; j++) {
+        v[j] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0x88);
+        v[j + 4] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0xdd);
+        v[j + 8] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0x88);
+        v[j + 12] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0xdd);
+    }
+    for (int j = 0; j < 4; j++) {
+        col[j] = _mm512_shuffle_f32x4(v[j], v[j + 8], 0x88);
+        col[j + 8] = _mm512_shuffle_f32x4(v[j], v[j + 8], 0xdd);
+        col[j + 4] = _mm512_shuffle_f32x4(v[j + 4], v[j + 12], 0x88);
+        col[j + 12] = _mm512_shuffle_f32x4(v[j + 4], v[j + 12], 0xdd);
+    }
+}
+
+/* Rows m0..m0+15 of packed A from a transposed source (A[m][k] =
+ * src[k*ld + m]): 16 x 16 blocks are transposed in registers, so the
+ * source is read row by row (no gathers). Padding is written elsewhere. */
+MP_T512 static void pack_a_trans_block(mp_dtype dt, int M, int K, const float *src, int ld,
+                                       uint16_t *dst, int kp, int kk, int m0)
+{
+    int mc = KILN_MP_MIN(16, M - m0);
+    __mmask16 mm = (__mmask16)(mc >= 16 ? 0xffff : (1u << mc) - 1);
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        int kc = KILN_MP_MIN(16, K - k0);
+        __mmask16 km = (__mmask16)(kc >= 16 ? 0xffff : (1u << kc) - 1);
+        __m512 r[16], c[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i < kc ? _mm512_maskz_loadu_ps(mm, src + (size_t)(k0 + i) * ld + m0)
+                          : _mm512_setzero_ps();
+        transpose16(r, c);
+        for (int j = 0; j < mc; j++) {
+            uint16_t *row = dst + (size_t)(m0 + j) * kk;
+            __m256i hi, lo;
+            split16(dt, c[j], &hi, &lo);
+            _mm256_mask_storeu_epi16(row + k0, km, hi);
+            if (dt == MP_F16) {
+                _mm256_mask_storeu_epi16(row + kp + k0, km, hi);
+                _mm256_mask_storeu_epi16(row + 2 * kp + k0, km, lo);
+            }
+        }
+    }
+}
+
 /* One 32-element panel row from two K rows: (b0[c], b1[c]) pairs. */
 MP_T512 static inline void store_pairs(uint16_t *o, __m256i b0, __m256i b1)
 {
@@ -176,6 +234,24 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
 {
     KILN_ASSERT(dt == MP_BF16 || dt == MP_F16);
     int kp = round_up(K, 32), kk = packed_k(dt, K), mp = round_up(M, 32);
+#if MP_X86
+    if (trans && mp_cpu_caps()->avx512f && mp_cpu_caps()->f16c) {
+        #pragma omp parallel for schedule(static)
+        for (int m0 = 0; m0 < mp; m0 += 16) {
+            if (m0 < M) pack_a_trans_block(dt, M, K, src, ld, dst, kp, kk, m0);
+            for (int m = m0; m < m0 + 16; m++) {
+                uint16_t *row = dst + (size_t)m * kk;
+                if (m >= M) {
+                    memset(row, 0, (size_t)kk * 2);
+                    continue;
+                }
+                for (int part = 0; part < (dt == MP_F16 ? 3 : 1); part++)
+                    memset(row + (size_t)part * kp + K, 0, (size_t)(kp - K) * 2);
+            }
+        }
+        return;
+    }
+#endif
     #pragma omp parallel
     {
         uint16_t *lbuf = dt == MP_F16 ? malloc((size_t)kp * 2) : NULL;

@@ -1,0 +1,314 @@
+/*
+ * bench_precision.c — training speed and memory of the benchmark model
+ * (configs/bench-gpt2-30m.json: gpt2, 8 layers, 512 wide, 8 heads, vocab
+ * 8192; T=256, batch 8) in kiln's three precisions and in PyTorch (fp32 and
+ * bf16 autocast, bench/bench_precision_torch.py), all in the same run, with:
+ *   - the AMX bf16 peak of this machine, measured now by a tile loop
+ *     (TDPBF16PS on registers) on the same threads;
+ *   - the matrix products of one bf16 training step alone (the linear
+ *     layers' forward, input-gradient and weight-gradient products at the
+ *     step's shapes, packing included), as a fraction of that peak;
+ *   - peak resident memory of each precision (each runs in its own
+ *     process: this program re-executes itself with --child).
+ * A training step is forward + cross-entropy + backward + AdamW (fp16 also
+ * unscales). FLOPs per step = tokens * (6 * N + 12 * L * C * T): N = the
+ * parameters in matrix products (tied head counted once), the second term
+ * attention's QK^T and PV. Step times are the best of --steps after one
+ * warm-up step; "cpu" figures divide by process CPU time instead of wall
+ * time, which other load on a shared machine disturbs less.
+ *
+ * Usage: bench_precision [--config F] [--batch B] [--seq T] [--steps N]
+ *                        [--no-torch] [--child PREC]
+ */
+#include "kiln.h"
+#include "kernels/x86/bf16.h"
+#include "model/model.h"
+#include "train/scaler.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+static double cpu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static double step_flops(const kiln_config *c, int B, int T)
+{
+    double C = c->n_embd, L = c->n_layer, V = c->vocab_size, F = c->n_inner;
+    double N = L * (C * 3 * C + C * C + 2 * C * F) + V * C;
+    return (double)B * T * (6 * N + 12 * L * C * T);
+}
+
+/* ---- one precision, in a child process -------------------------------- */
+
+static int child(const char *cfgpath, const char *prec, int B, int T, int steps)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg;
+    kiln_model *m = NULL;
+    kiln_adamw *opt = NULL;
+    int p = kiln_precision_parse(prec);
+    if (p < 0 || kiln_config_load(ctx, cfgpath, &cfg) || kiln_model_new(ctx, &cfg, &m)) {
+        fprintf(stderr, "bench_precision: %s\n", p < 0 ? "bad precision" : kiln_errmsg(ctx));
+        return 1;
+    }
+    kiln_model_init_random(m, 42);
+    kiln_adamw_opts ao = kiln_adamw_opts_default();
+    if (kiln_model_set_precision(ctx, m, (kiln_precision)p) ||
+        kiln_model_prepare(ctx, m, B, T) || kiln_adamw_new_for_model(ctx, m, &ao, &opt)) {
+        fprintf(stderr, "bench_precision: %s\n", kiln_errmsg(ctx));
+        return 1;
+    }
+    kiln_scaler sc = scaler_default(p == KILN_PRECISION_FP16);
+    int32_t *tok = malloc(sizeof(int32_t) * B * T), *tgt = malloc(sizeof(int32_t) * B * T);
+    kiln_rng r;
+    kiln_rng_seed(&r, 1);
+    for (int i = 0; i < B * T; i++) tok[i] = (int32_t)kiln_rng_below(&r, (uint64_t)cfg.vocab_size);
+    for (int i = 0; i < B * T; i++) tgt[i] = (int32_t)kiln_rng_below(&r, (uint64_t)cfg.vocab_size);
+    size_t n = kiln_model_num_params(m);
+    double best = 1e30, best_cpu = 1e30, loss = 0, fwd = 0, bwd = 0, upd = 0;
+    for (int s = 0; s <= steps; s++) {
+        double t0 = kiln_time_now(), c0 = cpu_now();
+        float *logits;
+        double ls = 0, ws = 0;
+        kiln_model_zero_grad(m);
+        if (kiln_model_forward(ctx, m, tok, B, T, &logits)) return 1;
+        double t1 = kiln_time_now();
+        kiln_cross_entropy(ctx, logits, tgt, NULL, (int64_t)B * T, cfg.vocab_size,
+                           scaler_loss_scale(&sc) / (float)(B * T), logits, &ls, &ws);
+        if (kiln_model_backward(ctx, m, logits)) return 1;
+        double t2 = kiln_time_now();
+        float *g = kiln_model_grads(m);
+        bool inf = scaler_unscale(&sc, g, n);
+        if (scaler_update(&sc, inf)) {
+            kiln_clip_grad_norm(g, n, kiln_l2_norm(g, n), 1.0);
+            kiln_adamw_step(opt, kiln_model_params(m), g, 1e-4f);
+        }
+        double t3 = kiln_time_now(), c3 = cpu_now();
+        loss = ls / ws;
+        if (s > 0 && t3 - t0 < best) {
+            best = t3 - t0;
+            fwd = t1 - t0;
+            bwd = t2 - t1;
+            upd = t3 - t2;
+        }
+        if (s > 0 && c3 - c0 < best_cpu) best_cpu = c3 - c0;
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("RESULT %s %.1f %.1f %.1f %.4f %.1f %.1f %.1f %.1f %.1f %s\n", prec,
+           (double)B * T / best, (double)B * T / best_cpu, best * 1e3, loss,
+           (double)ru.ru_maxrss / 1024.0, (double)m->act.cap / 1048576.0, fwd * 1e3, bwd * 1e3,
+           upd * 1e3, m->gemm->name);
+    kiln_adamw_free(opt);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+    free(tok);
+    free(tgt);
+    return 0;
+}
+
+/* ---- the matrix products of one bf16 step, alone ---------------------- */
+
+static double products_gflops(const kiln_config *c, int B, int T, double *secs, double *gf_cpu)
+{
+    int N = B * T, C = c->n_embd, F = c->n_inner, V = c->vocab_size, L = c->n_layer;
+    int shapes[5][2] = {{3 * C, C}, {C, C}, {F, C}, {C, F}, {V, C}}; /* (OC, C) */
+    float *x = calloc((size_t)N * (F > V ? F : V), 4), *y = calloc((size_t)N * (F > V ? F : V), 4);
+    float *w = calloc((size_t)V * C > (size_t)F * C * 3 ? (size_t)V * C : (size_t)F * C * 3, 4);
+    float *dw = calloc((size_t)V * C > (size_t)F * C * 3 ? (size_t)V * C : (size_t)F * C * 3, 4);
+    for (size_t i = 0; i < (size_t)N * (F > V ? F : V); i++) x[i] = (float)(i % 13) * 0.01f;
+    mp_weight mw[5];
+    mp_scratch s = {0};
+    for (int i = 0; i < 5; i++) mp_weight_init(&mw[i], MP_BF16, shapes[i][0], shapes[i][1], false);
+    double best = 1e30, best_cpu = 1e30, flops = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = kiln_time_now(), c0 = cpu_now();
+        flops = 0;
+        for (int i = 0; i < 5; i++) {
+            int OC = shapes[i][0], K = shapes[i][1], times = i == 4 ? 1 : L;
+            for (int l = 0; l < times; l++) {
+                if (l == 0) mp_weight_refresh(&mw[i], w); /* once per step */
+                mp_linear_forward(MP_BACKEND_AUTO, &s, &mw[i], x, NULL, N, y);
+                mp_linear_backward_x(MP_BACKEND_AUTO, &s, &mw[i], y, N, x, false);
+                mp_linear_backward_w(MP_BACKEND_AUTO, &s, MP_BF16, false, y, x, N, OC, K, dw);
+                flops += 6.0 * N * OC * K;
+            }
+        }
+        double dt = kiln_time_now() - t0, dc = cpu_now() - c0;
+        if (dt < best) best = dt;
+        if (dc < best_cpu) best_cpu = dc;
+    }
+    *gf_cpu = flops / best_cpu / 1e9;
+    for (int i = 0; i < 5; i++) mp_weight_free(&mw[i]);
+    mp_scratch_free(&s);
+    free(x), free(y), free(w), free(dw);
+    *secs = best;
+    return flops / best / 1e9;
+}
+
+/* ---- the parent ------------------------------------------------------- */
+
+typedef struct res {
+    char prec[16];
+    double tps, tps_cpu, ms, loss, rss, act, fwd, bwd, upd;
+    char kern[32];
+    bool ok;
+} res;
+
+static bool run_child(const char *self, const char *cfg, const char *prec, int B, int T,
+                      int steps, res *r)
+{
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd, "'%s' --child %s --config '%s' --batch %d --seq %d --steps %d", self,
+             prec, cfg, B, T, steps);
+    FILE *p = popen(cmd, "r");
+    if (!p) return false;
+    char line[1024];
+    bool ok = false;
+    while (fgets(line, sizeof line, p))
+        if (sscanf(line, "RESULT %15s %lf %lf %lf %lf %lf %lf %lf %lf %lf %31s", r->prec, &r->tps,
+                   &r->tps_cpu, &r->ms, &r->loss, &r->rss, &r->act, &r->fwd, &r->bwd, &r->upd,
+                   r->kern) == 11)
+            ok = true;
+    pclose(p);
+    r->ok = ok;
+    return ok;
+}
+
+int main(int argc, char **argv)
+{
+    const char *cfgpath = "configs/bench-gpt2-30m.json", *childp = NULL;
+    int B = 8, T = 256, steps = 3;
+    bool torch = true;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--config") && i + 1 < argc) cfgpath = argv[++i];
+        else if (!strcmp(argv[i], "--batch") && i + 1 < argc) B = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--seq") && i + 1 < argc) T = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--child") && i + 1 < argc) childp = argv[++i];
+        else if (!strcmp(argv[i], "--no-torch")) torch = false;
+        else {
+            fprintf(stderr, "usage: bench_precision [--config F] [--batch B] [--seq T] "
+                            "[--steps N] [--no-torch]\n");
+            return 2;
+        }
+    }
+    if (B <= 0 || T <= 0 || steps <= 0) {
+        fprintf(stderr, "bench_precision: --batch, --seq and --steps must be positive\n");
+        return 2;
+    }
+    if (childp) return child(cfgpath, childp, B, T, steps);
+
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg;
+    if (kiln_config_load(ctx, cfgpath, &cfg)) {
+        fprintf(stderr, "bench_precision: %s\n", kiln_errmsg(ctx));
+        return 1;
+    }
+    char self[4096];
+    ssize_t sl = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (sl <= 0) return 1;
+    self[sl] = 0;
+    char desc[256];
+    kiln_precision_describe(desc, sizeof desc);
+    double flops = step_flops(&cfg, B, T);
+    printf("config %s: L=%d C=%d NH=%d V=%d, B=%d T=%d, %.1f GFLOP per training step\n", cfgpath,
+           cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B, T, flops / 1e9);
+    printf("%s\n", desc);
+    double getl[3] = {0};
+    if (getloadavg(getl, 3) > 0) printf("load average %.2f (on %ld CPUs)\n", getl[0], sysconf(_SC_NPROCESSORS_ONLN));
+    double peak_cpu = 0, peak = mp_amx_peak_gflops(0.3, &peak_cpu);
+    if (peak > 0)
+        printf("AMX bf16 peak (tile loop, now):     %8.0f GFLOP/s  (%.0f per CPU second)\n", peak,
+               peak_cpu);
+    double psecs = 0, pg_cpu = 0, pg = products_gflops(&cfg, B, T, &psecs, &pg_cpu);
+    printf("bf16 matrix products of one step:   %8.0f GFLOP/s  (%.0f per CPU second; %.0f ms)", pg,
+           pg_cpu, psecs * 1e3);
+    if (peak > 0)
+        printf(": %.0f%% of the AMX peak (%.0f%% per CPU second)", 100 * pg / peak,
+               100 * pg_cpu / peak_cpu);
+    printf("\n");
+    fflush(stdout);
+
+    const char *precs[3] = {"fp32", "bf16", "fp16"};
+    res r[3];
+    memset(r, 0, sizeof r);
+    for (int i = 0; i < 3; i++) {
+        if (!run_child(self, cfgpath, precs[i], B, T, steps, &r[i])) {
+            printf("kiln %-5s: failed\n", precs[i]);
+            continue;
+        }
+        printf("kiln %-5s %8.0f tok/s  %6.3f TFLOP/s  (cpu %7.0f tok/s)  step %7.0f ms "
+               "(fwd %.0f, bwd %.0f, opt %.0f)  peak RSS %5.0f MiB  act %4.0f MiB  [%s]\n",
+               precs[i], r[i].tps, r[i].tps * flops / (B * T) / 1e12, r[i].tps_cpu, r[i].ms,
+               r[i].fwd, r[i].bwd, r[i].upd, r[i].rss, r[i].act, r[i].kern);
+        fflush(stdout);
+    }
+    double tt[2] = {0, 0}, tcpu[2] = {0, 0}, trss[2] = {0, 0};
+    for (int tp = 0; tp < 2 && torch && access("/usr/bin/python3", X_OK) == 0; tp++) {
+        /* one process per precision, so each peak RSS is its own */
+        char cmd[8192];
+        snprintf(cmd, sizeof cmd,
+                 "OPENBLAS_CORETYPE=SkylakeX /usr/bin/python3 bench/bench_precision_torch.py "
+                 "'%s' %d %d %d %s 2>&1",
+                 cfgpath, B, T, steps, tp ? "bf16" : "fp32");
+        FILE *p = popen(cmd, "r");
+        char line[1024];
+        while (p && fgets(line, sizeof line, p)) {
+            char prec[16];
+            double tps, tc, ms, rss, loss;
+            if (sscanf(line, "TORCH %15s %lf %lf %lf %lf %lf", prec, &tps, &tc, &ms, &rss,
+                       &loss) == 6) {
+                int k = !strcmp(prec, "bf16");
+                tt[k] = tps;
+                tcpu[k] = tc;
+                trss[k] = rss;
+                printf("torch %-4s %8.0f tok/s  %6.3f TFLOP/s  (cpu %7.0f tok/s)  step %7.0f ms  "
+                       "peak RSS %5.0f MiB%s\n",
+                       prec, tps, tps * flops / (B * T) / 1e12, tc, ms, rss,
+                       k ? "  (autocast)" : "");
+            } else if (strstr(line, "Error") || strstr(line, "No module")) {
+                printf("torch: %s", line);
+            }
+        }
+        if (p) pclose(p);
+    }
+    if (!torch || access("/usr/bin/python3", X_OK) != 0)
+        printf("torch: skipped (--no-torch or no /usr/bin/python3)\n");
+    printf("ratios (wall; cpu-time in brackets):\n");
+    if (r[0].ok && r[1].ok)
+        printf("  kiln bf16 / kiln fp32     %5.2fx [%5.2fx]  (target >= 4)\n", r[1].tps / r[0].tps,
+               r[1].tps_cpu / r[0].tps_cpu);
+    if (r[0].ok && r[2].ok)
+        printf("  kiln fp16 / kiln fp32     %5.2fx [%5.2fx]\n", r[2].tps / r[0].tps,
+               r[2].tps_cpu / r[0].tps_cpu);
+    if (r[1].ok && tt[1] > 0)
+        printf("  kiln bf16 / torch bf16    %5.2fx [%5.2fx]  (target >= 2)\n", r[1].tps / tt[1],
+               r[1].tps_cpu / tcpu[1]);
+    if (r[0].ok && tt[0] > 0)
+        printf("  kiln fp32 / torch fp32    %5.2fx [%5.2fx]\n", r[0].tps / tt[0],
+               r[0].tps_cpu / tcpu[0]);
+    if (tt[0] > 0 && tt[1] > 0) printf("  torch bf16 / torch fp32   %5.2fx\n", tt[1] / tt[0]);
+    if (r[1].ok && peak > 0)
+        printf("  kiln bf16 step / AMX peak %5.1f%% [%5.1f%%]   matrix products alone %5.1f%% "
+               "[%5.1f%%]  (target >= 25%%)\n",
+               100 * r[1].tps * flops / (B * T) / 1e9 / peak,
+               100 * r[1].tps_cpu * flops / (B * T) / 1e9 / peak_cpu, 100 * pg / peak,
+               100 * pg_cpu / peak_cpu);
+    if (r[0].ok && r[1].ok)
+        printf("  peak RSS bf16 / fp32      %5.2fx   fp16 / fp32 %5.2fx\n", r[1].rss / r[0].rss,
+               r[2].ok ? r[2].rss / r[0].rss : 0.0);
+    if (r[1].ok && trss[1] > 0)
+        printf("  peak RSS kiln bf16 / torch bf16 %5.2fx\n", r[1].rss / trss[1]);
+    kiln_ctx_free(ctx);
+    return 0;
+}
