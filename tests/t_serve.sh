@@ -147,6 +147,23 @@ else
   echo "SKIP stop_string: the greedy text has no ASCII pair to stop on"
 fi
 
+# ---- stop_token_ids: generation ends at the first such token (bytes: id = byte) ----
+SID=$("$PY" -c "
+import json; t=json.load(open('$D/c1.json'))['choices'][0]['text']
+c=[ch for ch in t[3:] if ch.isascii()]
+print(ord(c[0]) if c else '')")
+if [ -n "$SID" ]; then
+  req POST /v1/completions "{\"prompt\":\"Hello\",\"max_tokens\":12,\"temperature\":0,\"ignore_eos\":true,\"stop_token_ids\":[$SID]}"
+  check stop_token_ids "$PY" -c "
+import json; a=json.load(open('$D/c1.json'))['choices'][0]['text']; d=json.load(open('$D/body'))
+i=a.index(chr($SID)); c=d['choices'][0]
+exit(not (c['text']==a[:i] and c['finish_reason']=='stop' and d['usage']['completion_tokens']==len(a[:i].encode())+1))"
+else
+  echo "SKIP stop_token_ids: the greedy text has no ASCII character to stop on"
+fi
+req POST /v1/completions '{"prompt":"x","stop_token_ids":[100000]}'
+check stop_token_ids_range_400 err_is 400 invalid_request_error
+
 # ---- logprobs ----
 req POST /v1/completions '{"prompt":"Hello","max_tokens":6,"temperature":0,"ignore_eos":true,"logprobs":3}'
 check completion_logprobs py "len(d['choices'][0]['logprobs']['tokens'])==6 and all(x<=0 for x in d['choices'][0]['logprobs']['token_logprobs']) and all(len(t)>=1 for t in d['choices'][0]['logprobs']['top_logprobs']) and max(d['choices'][0]['logprobs']['top_logprobs'][0].values())>=d['choices'][0]['logprobs']['token_logprobs'][0]-1e-6"

@@ -345,6 +345,19 @@ static void test_sigkill_then_resume(void)
     if (rc == 0) SKIP("the run finished before it could be killed");
     CHECK_EQ(rc, 128 + SIGKILL);
     CHECK(killed);
+    /* whatever instant the kill hit, every checkpoint left behind is
+     * complete and `latest` names one of them */
+    kiln_ctx *ctx = kiln_ctx_new();
+    char ck[1024];
+    CHECK_EQ(kiln_checkpoint_resolve(ctx, run, ck, sizeof ck), KILN_OK);
+    CHECK_MSG(kiln_checkpoint_verify(ctx, ck) == KILN_OK, "%s", kiln_errmsg(ctx));
+    for (int st = 4; st <= 60; st += 4) {
+        char d[1100];
+        snprintf(d, sizeof d, "%s/step_%08d", run, st);
+        if (access(d, F_OK) == 0)
+            CHECK_MSG(kiln_checkpoint_verify(ctx, d) == KILN_OK, "%s", kiln_errmsg(ctx));
+    }
+    kiln_ctx_free(ctx);
     const char *args[] = {kiln_bin, "train", "--resume", run, "--threads", "1",
                           "--progress", "lines", NULL};
     rc = wait_rc(spawn(P("resume.log"), args));

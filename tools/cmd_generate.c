@@ -17,7 +17,7 @@ int cmd_generate(int argc, char **argv)
     double temperature = 1.0, top_p = 1.0, min_p = 0.0, rep = 1.0, freq = 0.0, pres = 0.0;
     int64_t seed = 0;
     bool ignore_eos = false, no_echo = false, quiet = false;
-    cli_list stops = {0};
+    cli_list stops = {0}, stop_tokens = {0};
     cli_opt opts[] = {
         {"model", CLI_STR, &model, "model directory (config.json, model.safetensors, tokenizer.json)", true},
         {"prompt", CLI_STR, &prompt, "text to continue [\"\": start from end-of-text]", false},
@@ -31,6 +31,7 @@ int cmd_generate(int argc, char **argv)
         {"presence-penalty", CLI_F64, &pres, "OpenAI presence penalty [0]", false},
         {"seed", CLI_I64, &seed, "sampling seed [0]", false},
         {"stop", CLI_LIST, &stops, "stop strings (generation ends before them)", false},
+        {"stop-token", CLI_LIST, &stop_tokens, "token ids that end generation (besides end-of-text)", false},
         {"ignore-eos", CLI_BOOL, &ignore_eos, "keep going past end-of-text", false},
         {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
         {"dtype", CLI_STR, &dtype, "weight storage: fp32 | bf16 [fp32]", false},
@@ -62,6 +63,19 @@ int cmd_generate(int argc, char **argv)
         fprintf(stderr, "kiln generate: --max-tokens must be >= 0\n");
         cli_free(opts, NULL);
         return 2;
+    }
+    int32_t stop_ids[64];
+    int n_stop_ids = 0;
+    for (int i = 0; i < stop_tokens.n; i++) {
+        char *end;
+        long v = strtol(stop_tokens.items[i], &end, 10);
+        if (*end || end == stop_tokens.items[i] || v < 0 || v > 1 << 30 || n_stop_ids == 64) {
+            fprintf(stderr, "kiln generate: --stop-token '%s' is not a token id (at most 64)\n",
+                    stop_tokens.items[i]);
+            cli_free(opts, NULL);
+            return 2;
+        }
+        stop_ids[n_stop_ids++] = (int32_t)v;
     }
     kiln_ctx *ctx = kiln_ctx_new();
     if (threads > 0) kiln_set_threads(ctx, threads);
@@ -156,6 +170,12 @@ int cmd_generate(int argc, char **argv)
         gen++;
         if (!ignore_eos && (id == eot || id == cfg.eos_token_id)) {
             why = "end-of-text";
+            break;
+        }
+        bool stop_tok = false;
+        for (int i = 0; i < n_stop_ids; i++) stop_tok = stop_tok || id == stop_ids[i];
+        if (stop_tok) {
+            why = "stop token";
             break;
         }
         const char *o;

@@ -364,6 +364,28 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         }
     }
 
+    {
+        json_t *sv = json_object_get(o, "stop_token_ids");
+        if (sv && !json_is_null(sv)) {
+            size_t i;
+            json_t *v;
+            if (!json_is_array(sv) || json_array_size(sv) > SREQ_MAX_STOPS) {
+                rc = fail(e, 400, "stop_token_ids", "invalid_type",
+                          "'stop_token_ids' must be an array of at most %d token ids", SREQ_MAX_STOPS);
+                goto done;
+            }
+            json_array_foreach(sv, i, v) {
+                if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+                    json_integer_value(v) >= m->vocab) {
+                    rc = fail(e, 400, "stop_token_ids", "invalid_value",
+                              "'stop_token_ids' entries must be token ids in [0, %d)", m->vocab);
+                    goto done;
+                }
+                r->stop_ids[r->n_stop_ids++] = (int32_t)json_integer_value(v);
+            }
+        }
+    }
+
     /* the prompt */
     if (chat) {
         if ((rc = render_chat(m, json_object_get(o, "messages"), r, e))) goto done;

@@ -139,6 +139,7 @@ static void on_logits(sched *s, sreq *r, float *lg)
     s->m.gen_tokens++;
     bool eos = !r->ignore_eos &&
                (id == s->eot || (s->eos >= 0 && id == s->eos) || (r->stop_id >= 0 && id == r->stop_id));
+    for (int i = 0; i < r->n_stop_ids; i++) eos = eos || id == r->stop_ids[i];
     if (eos) {
         const char *o;
         size_t n;

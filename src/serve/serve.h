@@ -52,6 +52,8 @@ typedef struct sreq {
     bool want_logprobs;
     bool ignore_eos;
     int32_t stop_id;     /* ends the turn (chat: <|im_end|>), -1 none */
+    int32_t stop_ids[SREQ_MAX_STOPS]; /* stop_token_ids (extension) */
+    int n_stop_ids;
     logit_bias *bias;
     int n_bias;
 
@@ -166,6 +168,7 @@ typedef struct api_model {
     int n_ctx;
     int bos;             /* prepended when >= 0 */
     int eot;
+    int vocab;           /* the model's vocabulary size */
 } api_model;
 
 /* Parses an OpenAI completions (chat=false) or chat completions body into
