@@ -4,6 +4,7 @@
  */
 #include "cli.h"
 
+#include <sys/stat.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -334,7 +335,31 @@ static int tokenizer_train(int argc, char **argv)
     }
     kiln_tokenizer *tok = NULL;
     kiln_tokenizer_train_stats st;
-    kiln_status s = kiln_tokenizer_train(ctx, &o, &tok, &st);
+    kiln_status s = KILN_OK;
+    {
+        /* fail before a long training run, not after it: --out must name a
+         * file in an existing directory */
+        struct stat ost;
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%s", out);
+        char *sl = strrchr(parent, '/');
+        if (sl == parent) sl[1] = 0;
+        else if (sl) *sl = 0;
+        else snprintf(parent, sizeof parent, ".");
+        if (stat(out, &ost) == 0 && S_ISDIR(ost.st_mode))
+            s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                          "--out '%s' is a directory; give the tokenizer.json file "
+                          "to write (e.g. %s/tokenizer.json)", out, out);
+        else if (stat(parent, &ost) != 0 || !S_ISDIR(ost.st_mode))
+            s = kiln_fail(ctx, KILN_ERR_IO,
+                          "--out '%s': directory '%s' does not exist; create it first",
+                          out, parent);
+    }
+    if (!s) s = kiln_tokenizer_train(ctx, &o, &tok, &st);
+    if (!s && st.pretokens == 0)
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                      "the --input files hold no text to learn merges from; "
+                      "give non-empty text or JSONL files");
     if (!s) s = kiln_tokenizer_save(ctx, tok, out);
     fflush(stderr);
     if (s) rc = cli_fail(ctx, "tokenizer train", s);
