@@ -336,7 +336,13 @@ static int tokenizer_train(int argc, char **argv)
     kiln_tokenizer *tok = NULL;
     kiln_tokenizer_train_stats st;
     kiln_status s = KILN_OK;
-    {
+    if (o.min_frequency < 1 || o.max_bytes < 0)
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                      o.min_frequency < 1 ? "--min-frequency %lld must be at least 1"
+                                          : "--max-bytes %lld must be >= 0 (0 = all)",
+                      o.min_frequency < 1 ? (long long)o.min_frequency
+                                          : (long long)o.max_bytes);
+    if (!s) {
         /* fail before a long training run, not after it: --out must name a
          * file in an existing directory */
         struct stat ost;
