@@ -159,6 +159,11 @@ int cmd_chat(int argc, char **argv)
     if (!(st = kiln_model_load(c.ctx, model, &m)) &&
         !(st = kiln_tokenizer_load(c.ctx, tokenizer ? tokenizer : model, &c.tok)))
         st = kiln_engine_new(c.ctx, m, &eo, &c.e);
+    if (!st && kiln_tokenizer_vocab_size(c.tok) > kiln_model_config(m)->vocab_size)
+        st = kiln_fail(c.ctx, KILN_ERR_INVALID_ARG,
+                       "the tokenizer has %d tokens but the model's vocabulary is %d; "
+                       "pass the model's own tokenizer with --tokenizer",
+                       kiln_tokenizer_vocab_size(c.tok), kiln_model_config(m)->vocab_size);
     if (!st) {
         c.V = kiln_model_config(m)->vocab_size;
         c.eos = kiln_model_config(m)->eos_token_id;
