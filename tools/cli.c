@@ -71,6 +71,10 @@ static int set_value(const char *cmd, const cli_opt *o, const char *v)
             return bad(cmd, o->name, v,
                        "0 (all cores) or a thread count from 1 to "
                        KILN_CLI_MAX_THREADS_STR);
+        /* --ctx (generate, chat, serve): 0 is the model's context, a
+         * negative one was silently read as 0 */
+        if (!strcmp(o->name, "ctx") && x < 0)
+            return bad(cmd, o->name, v, "0 (the model's context) or a positive length");
         *(int *)o->dst = (int)x;
         return 0;
     }
