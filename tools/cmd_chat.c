@@ -132,6 +132,10 @@ int cmd_chat(int argc, char **argv)
                        "/reset forgets the conversation, /exit quits.",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
+    if (max_tokens < 0) {
+        fprintf(stderr, "kiln chat: --max-tokens must be >= 0\n");
+        return 2;
+    }
     chat c = {0};
     c.ctx = kiln_ctx_new();
     if (threads > 0) kiln_set_threads(c.ctx, threads);
