@@ -136,6 +136,10 @@ static int tokenizer_encode(int argc, char **argv)
                        "a line \"mask: 0 0 1 ...\" (1 = learned in fine-tuning).",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
+    if (gen && !chat) {
+        fprintf(stderr, "kiln tokenizer encode: --generation-prompt needs --chat\n");
+        return 2;
+    }
     kiln_ctx *ctx = kiln_ctx_new();
     kiln_tokenizer *tok = NULL;
     char *buf = NULL;
@@ -401,7 +405,7 @@ int cmd_tokenizer(int argc, char **argv)
     if (!strcmp(argv[1], "decode")) return tokenizer_decode(argc - 1, argv + 1);
     if (!strcmp(argv[1], "train")) return tokenizer_train(argc - 1, argv + 1);
     if (!strcmp(argv[1], "convert")) return tokenizer_convert(argc - 1, argv + 1);
-    fprintf(stderr, "kiln tokenizer: unknown subcommand '%s' (train, encode or decode)\n",
+    fprintf(stderr, "kiln tokenizer: unknown subcommand '%s' (train, encode, decode or convert)\n",
             argv[1]);
     return 2;
 }
