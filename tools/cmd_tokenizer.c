@@ -4,6 +4,8 @@
  */
 #include "cli.h"
 
+#include <limits.h>
+#include <dirent.h>
 #include <sys/stat.h>
 #include <errno.h>
 #include <stdio.h>
@@ -478,6 +480,47 @@ static int check_datasets(kiln_ctx *ctx, const kiln_tokenizer *tok, const char *
     return rc;
 }
 
+/* --out of kiln tokenize: a new or empty directory, or an earlier kiln data
+ * directory (it has meta.json; re-tokenizing replaces it). Anything else --
+ * a model directory, a run, a folder of notes -- would have its
+ * tokenizer.json / meta.json overwritten, so it is refused. An --input equal
+ * to --out would read the outputs back as documents. */
+static kiln_status check_data_out(kiln_ctx *ctx, const char *out, const cli_list *inputs)
+{
+    char ro[PATH_MAX], ri[PATH_MAX];
+    if (!realpath(out, ro)) return KILN_OK; /* does not exist yet */
+    for (int i = 0; i < inputs->n; i++)
+        if (realpath(inputs->items[i], ri) && !strcmp(ri, ro))
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "--input '%s' is the --out directory; write the "
+                             "shards to another directory",
+                             inputs->items[i]);
+    struct stat st;
+    if (stat(ro, &st) != 0 || !S_ISDIR(st.st_mode)) return KILN_OK; /* reported later */
+    char mp[PATH_MAX + 16];
+    snprintf(mp, sizeof mp, "%s/meta.json", ro);
+    if (stat(mp, &st) == 0) return KILN_OK; /* an earlier kiln data directory */
+    DIR *d = opendir(ro);
+    if (!d) return KILN_OK;
+    const char *found = NULL;
+    char first[256] = "";
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(first, sizeof first, "%s", e->d_name);
+        found = first;
+        break;
+    }
+    closedir(d);
+    if (found)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--out '%s' is not empty (it holds '%s') and is not a kiln "
+                         "data directory (no meta.json); choose a new or empty "
+                         "directory so nothing in it is overwritten",
+                         out, found);
+    return KILN_OK;
+}
+
 int cmd_tokenize(int argc, char **argv)
 {
     kiln_tokenize_opts o = kiln_tokenize_opts_default();
@@ -533,6 +576,10 @@ int cmd_tokenize(int argc, char **argv)
     if (!o.out_dir) {
         fprintf(stderr, "kiln tokenize: --out is required (see kiln tokenize --help)\n");
         rc = 2;
+        goto done;
+    }
+    if ((s = check_data_out(ctx, o.out_dir, &inputs))) {
+        rc = cli_fail(ctx, "tokenize", s);
         goto done;
     }
     progress_state ps = {.tty = isatty(STDERR_FILENO) != 0};
