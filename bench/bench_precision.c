@@ -17,8 +17,11 @@
  * warm-up step; "cpu" figures divide by process CPU time instead of wall
  * time, which other load on a shared machine disturbs less.
  *
+ * Both kiln and PyTorch run with --threads threads (default 1: PyTorch's
+ * own default here, one physical core).
+ *
  * Usage: bench_precision [--config F] [--batch B] [--seq T] [--steps N]
- *                        [--no-torch] [--child PREC]
+ *                        [--threads N] [--no-torch] [--child PREC]
  */
 #include "kiln.h"
 #include "kernels/x86/bf16.h"
@@ -32,6 +35,9 @@
 #include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static double cpu_now(void)
 {
@@ -49,9 +55,18 @@ static double step_flops(const kiln_config *c, int B, int T)
 
 /* ---- one precision, in a child process -------------------------------- */
 
-static int child(const char *cfgpath, const char *prec, int B, int T, int steps)
+static void use_threads(kiln_ctx *ctx, int n)
+{
+    kiln_set_threads(ctx, n);
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+}
+
+static int child(const char *cfgpath, const char *prec, int B, int T, int steps, int threads)
 {
     kiln_ctx *ctx = kiln_ctx_new();
+    use_threads(ctx, threads);
     kiln_config cfg;
     kiln_model *m = NULL;
     kiln_adamw *opt = NULL;
@@ -165,11 +180,12 @@ typedef struct res {
 } res;
 
 static bool run_child(const char *self, const char *cfg, const char *prec, int B, int T,
-                      int steps, res *r)
+                      int steps, int threads, res *r)
 {
     char cmd[8192];
-    snprintf(cmd, sizeof cmd, "'%s' --child %s --config '%s' --batch %d --seq %d --steps %d", self,
-             prec, cfg, B, T, steps);
+    snprintf(cmd, sizeof cmd,
+             "'%s' --child %s --config '%s' --batch %d --seq %d --steps %d --threads %d", self,
+             prec, cfg, B, T, steps, threads);
     FILE *p = popen(cmd, "r");
     if (!p) return false;
     char line[1024];
@@ -187,28 +203,30 @@ static bool run_child(const char *self, const char *cfg, const char *prec, int B
 int main(int argc, char **argv)
 {
     const char *cfgpath = "configs/bench-gpt2-30m.json", *childp = NULL;
-    int B = 8, T = 256, steps = 3;
+    int B = 8, T = 256, steps = 3, threads = 1;
     bool torch = true;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfgpath = argv[++i];
         else if (!strcmp(argv[i], "--batch") && i + 1 < argc) B = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--seq") && i + 1 < argc) T = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--child") && i + 1 < argc) childp = argv[++i];
         else if (!strcmp(argv[i], "--no-torch")) torch = false;
         else {
             fprintf(stderr, "usage: bench_precision [--config F] [--batch B] [--seq T] "
-                            "[--steps N] [--no-torch]\n");
+                            "[--steps N] [--threads N] [--no-torch]\n");
             return 2;
         }
     }
-    if (B <= 0 || T <= 0 || steps <= 0) {
-        fprintf(stderr, "bench_precision: --batch, --seq and --steps must be positive\n");
+    if (B <= 0 || T <= 0 || steps <= 0 || threads <= 0) {
+        fprintf(stderr, "bench_precision: --batch, --seq, --steps and --threads must be positive\n");
         return 2;
     }
-    if (childp) return child(cfgpath, childp, B, T, steps);
+    if (childp) return child(cfgpath, childp, B, T, steps, threads);
 
     kiln_ctx *ctx = kiln_ctx_new();
+    use_threads(ctx, threads);
     kiln_config cfg;
     if (kiln_config_load(ctx, cfgpath, &cfg)) {
         fprintf(stderr, "bench_precision: %s\n", kiln_errmsg(ctx));
@@ -223,7 +241,7 @@ int main(int argc, char **argv)
     double flops = step_flops(&cfg, B, T);
     printf("config %s: L=%d C=%d NH=%d V=%d, B=%d T=%d, %.1f GFLOP per training step\n", cfgpath,
            cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B, T, flops / 1e9);
-    printf("%s\n", desc);
+    printf("%s; %d thread%s (kiln and PyTorch)\n", desc, threads, threads > 1 ? "s" : "");
     double getl[3] = {0};
     if (getloadavg(getl, 3) > 0) printf("load average %.2f (on %ld CPUs)\n", getl[0], sysconf(_SC_NPROCESSORS_ONLN));
     double peak_cpu = 0, peak = mp_amx_peak_gflops(0.3, &peak_cpu);
@@ -243,7 +261,7 @@ int main(int argc, char **argv)
     res r[3];
     memset(r, 0, sizeof r);
     for (int i = 0; i < 3; i++) {
-        if (!run_child(self, cfgpath, precs[i], B, T, steps, &r[i])) {
+        if (!run_child(self, cfgpath, precs[i], B, T, steps, threads, &r[i])) {
             printf("kiln %-5s: failed\n", precs[i]);
             continue;
         }
@@ -258,9 +276,9 @@ int main(int argc, char **argv)
         /* one process per precision, so each peak RSS is its own */
         char cmd[8192];
         snprintf(cmd, sizeof cmd,
-                 "OPENBLAS_CORETYPE=SkylakeX /usr/bin/python3 bench/bench_precision_torch.py "
-                 "'%s' %d %d %d %s 2>&1",
-                 cfgpath, B, T, steps, tp ? "bf16" : "fp32");
+                 "OPENBLAS_CORETYPE=SkylakeX KILN_THREADS=%d /usr/bin/python3 "
+                 "bench/bench_precision_torch.py '%s' %d %d %d %s 2>&1",
+                 threads, cfgpath, B, T, steps, tp ? "bf16" : "fp32");
         FILE *p = popen(cmd, "r");
         char line[1024];
         while (p && fgets(line, sizeof line, p)) {

@@ -179,6 +179,51 @@ static void test_weights_follow_updates_and_determinism(void)
     kiln_ctx_free(ctx);
 }
 
+/* The model in bf16 on each kernel this CPU has (AMX, AVX512_BF16, the
+ * portable one): the same rounded inputs and fp32 accumulation, so the
+ * logits agree to fp32 summation-order noise. */
+static void test_kernels_agree_in_model(void)
+{
+    enum { B = 2, T = 32 };
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg = kiln_config_default();
+    cfg.n_layer = 2;
+    cfg.n_embd = 64;
+    cfg.n_inner = 256;
+    int V = cfg.vocab_size;
+    int32_t tok[B * T], tgt[B * T];
+    for (int i = 0; i < B * T; i++) tok[i] = tgt[i] = (i * 11) % V;
+    static const char *kern[3] = {"amx", "avx512", "ref"};
+    mp_backend be[3] = {MP_BACKEND_AMX, MP_BACKEND_AVX512, MP_BACKEND_REF};
+    float *l[3];
+    int ran = 0;
+    for (int i = 0; i < 3; i++) {
+        l[i] = malloc(sizeof(float) * B * T * V);
+        if (!mp_backend_available(be[i])) continue;
+        setenv("KILN_BF16_KERNEL", kern[i], 1);
+        kiln_model *m = make_model(ctx, &cfg, KILN_PRECISION_BF16, B, T);
+        unsetenv("KILN_BF16_KERNEL");
+        CHECK(m != NULL);
+        if (!m) continue;
+        run_batch(ctx, m, tok, tgt, B, T, l[i], 1.f);
+        kiln_model_free(m);
+        ran |= 1 << i;
+    }
+    CHECK(ran & 4); /* the portable kernel always runs */
+    for (int i = 0; i < 2; i++) {
+        if (!(ran & (1 << i))) continue;
+        double num = 0, den = 0;
+        for (int j = 0; j < B * T * V; j++) {
+            num += (double)(l[i][j] - l[2][j]) * (l[i][j] - l[2][j]);
+            den += (double)l[2][j] * l[2][j];
+        }
+        printf("  bf16 %s vs ref kernel: logits rel. difference %.2e\n", kern[i], sqrt(num / den));
+        CHECK(sqrt(num / den) < 1e-4);
+    }
+    for (int i = 0; i < 3; i++) free(l[i]);
+    kiln_ctx_free(ctx);
+}
+
 /* ---- convergence parity on real text ---------------------------------- */
 
 static unsigned char *load_corpus(size_t *len)
@@ -320,6 +365,7 @@ int main(void)
     RUN_TEST(test_gpt2_bf16_fp16_vs_fp32);
     RUN_TEST(test_llama_bf16_fp16_vs_fp32);
     RUN_TEST(test_weights_follow_updates_and_determinism);
+    RUN_TEST(test_kernels_agree_in_model);
     RUN_TEST(test_convergence_parity);
     return TEST_EXIT();
 }

@@ -9,6 +9,7 @@
 #include "model/model.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int kiln_precision_parse(const char *name)
@@ -71,8 +72,14 @@ kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m, kiln_precisio
     if (p != KILN_PRECISION_BF16 && p != KILN_PRECISION_FP16)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "precision %d is not one of fp32, bf16, fp16, auto", (int)p);
-    kern_gemm *g = mp_kern_gemm_new(p == KILN_PRECISION_BF16 ? MP_BF16 : MP_F16,
-                                    MP_BACKEND_AUTO);
+    /* KILN_BF16_KERNEL=amx|avx512|ref picks the kernel (tests of the
+     * fallbacks; an unavailable one falls back to the best there is). */
+    mp_backend be = MP_BACKEND_AUTO;
+    const char *k = getenv("KILN_BF16_KERNEL");
+    if (k && !strcmp(k, "amx")) be = MP_BACKEND_AMX;
+    else if (k && !strcmp(k, "avx512")) be = MP_BACKEND_AVX512;
+    else if (k && !strcmp(k, "ref")) be = MP_BACKEND_REF;
+    kern_gemm *g = mp_kern_gemm_new(p == KILN_PRECISION_BF16 ? MP_BF16 : MP_F16, be);
     if (!g)
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory setting up %s kernels",
                          kiln_precision_name(p));

@@ -147,30 +147,35 @@ MP_T512 static inline void transpose16(const __m512 r[16], __m512 col[16])
     }
 }
 
-/* Rows m0..m0+15 of packed A from a transposed source (A[m][k] =
- * src[k*ld + m]): 16 x 16 blocks are transposed in registers, so the
- * source is read row by row (no gathers). Padding is written elsewhere. */
-MP_T512 static void pack_a_trans_block(mp_dtype dt, int M, int K, const float *src, int ld,
-                                       uint16_t *dst, int kp, int kk, int m0)
+/* Columns k0..k0+31 of every row of packed A from a transposed source
+ * (A[m][k] = src[k*ld + m]): 32 source rows are read front to back (32
+ * sequential streams), 16 x 16 blocks transposed in registers, and each
+ * output row gets one full 64-byte line per visit. Padding is written
+ * elsewhere. */
+MP_T512 static void pack_a_trans_kblock(mp_dtype dt, int M, int K, const float *src, int ld,
+                                        uint16_t *dst, int kp, int kk, int k0)
 {
-    int mc = KILN_MP_MIN(16, M - m0);
-    __mmask16 mm = (__mmask16)(mc >= 16 ? 0xffff : (1u << mc) - 1);
-    for (int k0 = 0; k0 < K; k0 += 16) {
-        int kc = KILN_MP_MIN(16, K - k0);
-        __mmask16 km = (__mmask16)(kc >= 16 ? 0xffff : (1u << kc) - 1);
-        __m512 r[16], c[16];
-        for (int i = 0; i < 16; i++)
-            r[i] = i < kc ? _mm512_maskz_loadu_ps(mm, src + (size_t)(k0 + i) * ld + m0)
-                          : _mm512_setzero_ps();
-        transpose16(r, c);
+    for (int m0 = 0; m0 < M; m0 += 16) {
+        int mc = KILN_MP_MIN(16, M - m0);
+        __mmask16 mm = (__mmask16)(mc >= 16 ? 0xffff : (1u << mc) - 1);
+        __m256i hi[2][16], lo[2][16];
+        for (int h = 0; h < 2; h++) {
+            int kb = k0 + 16 * h;
+            __m512 r[16], c[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = kb + i < K ? _mm512_maskz_loadu_ps(mm, src + (size_t)(kb + i) * ld + m0)
+                                  : _mm512_setzero_ps();
+            transpose16(r, c);
+            for (int j = 0; j < mc; j++) split16(dt, c[j], &hi[h][j], &lo[h][j]);
+        }
         for (int j = 0; j < mc; j++) {
             uint16_t *row = dst + (size_t)(m0 + j) * kk;
-            __m256i hi, lo;
-            split16(dt, c[j], &hi, &lo);
-            _mm256_mask_storeu_epi16(row + k0, km, hi);
+            __m512i vh = _mm512_inserti64x4(_mm512_castsi256_si512(hi[0][j]), hi[1][j], 1);
+            _mm512_storeu_si512(row + k0, vh);
             if (dt == MP_F16) {
-                _mm256_mask_storeu_epi16(row + kp + k0, km, hi);
-                _mm256_mask_storeu_epi16(row + 2 * kp + k0, km, lo);
+                __m512i vl = _mm512_inserti64x4(_mm512_castsi256_si512(lo[0][j]), lo[1][j], 1);
+                _mm512_storeu_si512(row + kp + k0, vh);
+                _mm512_storeu_si512(row + 2 * kp + k0, vl);
             }
         }
     }
@@ -236,19 +241,11 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
     int kp = round_up(K, 32), kk = packed_k(dt, K), mp = round_up(M, 32);
 #if MP_X86
     if (trans && mp_cpu_caps()->avx512f && mp_cpu_caps()->f16c) {
+        /* k beyond K within the last 32-block is written as zeros by the
+         * block itself (masked loads); rows beyond M are zeroed here. */
         #pragma omp parallel for schedule(static)
-        for (int m0 = 0; m0 < mp; m0 += 16) {
-            if (m0 < M) pack_a_trans_block(dt, M, K, src, ld, dst, kp, kk, m0);
-            for (int m = m0; m < m0 + 16; m++) {
-                uint16_t *row = dst + (size_t)m * kk;
-                if (m >= M) {
-                    memset(row, 0, (size_t)kk * 2);
-                    continue;
-                }
-                for (int part = 0; part < (dt == MP_F16 ? 3 : 1); part++)
-                    memset(row + (size_t)part * kp + K, 0, (size_t)(kp - K) * 2);
-            }
-        }
+        for (int k0 = 0; k0 < kp; k0 += 32) pack_a_trans_kblock(dt, M, K, src, ld, dst, kp, kk, k0);
+        if (mp > M) memset(dst + (size_t)M * kk, 0, (size_t)(mp - M) * kk * 2);
         return;
     }
 #endif

@@ -446,10 +446,12 @@ static void fast_add(float *out, const float *a, const float *b, size_t n)
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-/* One row: returns log-sum-exp and (when d) writes the gradient. */
+/* One row: returns -log softmax(x)[tgt] and (when d) writes k * (softmax -
+ * onehot). d may alias x: exp(x - max) is stored in d on the way and
+ * scaled by k / sum afterwards, so each logit is exponentiated once. */
 static double ce_row(const float *x, float *d, int V, int tgt, float k)
 {
-    float mx = -INFINITY;
+    float mx = -INFINITY, xt = x[tgt];
     int i = 0;
 #ifdef __AVX512F__
     __m512 vm = _mm512_set1_ps(-INFINITY);
@@ -461,24 +463,30 @@ static double ce_row(const float *x, float *d, int V, int tgt, float k)
     i = 0;
 #ifdef __AVX512F__
     __m512 vs = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
-    for (; i + 16 <= V; i += 16) vs = _mm512_add_ps(vs, vexp(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmx)));
+    for (; i + 16 <= V; i += 16) {
+        __m512 e = vexp(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmx));
+        if (d) _mm512_storeu_ps(d + i, e);
+        vs = _mm512_add_ps(vs, e);
+    }
     sum = _mm512_reduce_add_ps(vs);
 #endif
-    for (; i < V; i++) sum += expf(x[i] - mx);
+    for (; i < V; i++) {
+        float e = expf(x[i] - mx);
+        if (d) d[i] = e;
+        sum += e;
+    }
     float lse = mx + logf(sum);
-    double loss = (double)lse - x[tgt];
     if (d) {
-        float xt = x[tgt];
+        float s = k / sum;
         i = 0;
 #ifdef __AVX512F__
-        __m512 vl = _mm512_set1_ps(lse), vk = _mm512_set1_ps(k);
-        for (; i + 16 <= V; i += 16)
-            _mm512_storeu_ps(d + i, _mm512_mul_ps(vk, vexp(_mm512_sub_ps(_mm512_loadu_ps(x + i), vl))));
+        __m512 vsc = _mm512_set1_ps(s);
+        for (; i + 16 <= V; i += 16) _mm512_storeu_ps(d + i, _mm512_mul_ps(vsc, _mm512_loadu_ps(d + i)));
 #endif
-        for (; i < V; i++) d[i] = k * expf(x[i] - lse);
-        d[tgt] = k * (expf(xt - lse) - 1.0f);
+        for (; i < V; i++) d[i] *= s;
+        d[tgt] -= k;
     }
-    return loss;
+    return (double)lse - xt;
 }
 
 static void fast_cross_entropy(const float *logits, const int32_t *targets,
