@@ -40,6 +40,9 @@ static void print_help(const char *cmd, const char *usage, const char *about,
     (void)cmd;
 }
 
+#define KILN_CLI_MAX_THREADS 1024
+#define KILN_CLI_MAX_THREADS_STR "1024"
+
 static int bad(const char *cmd, const char *flag, const char *val,
                const char *want)
 {
@@ -61,6 +64,17 @@ static int set_value(const char *cmd, const cli_opt *o, const char *v)
         long x = strtol(v, &end, 10);
         if (errno || *end || end == v || x < -2147483647L || x > 2147483647L)
             return bad(cmd, o->name, v, "an integer");
+        /* every --threads flag sizes OpenMP teams and per-thread buffers:
+         * an absurd count crashes the runtime, a negative one was silently
+         * read as "all cores" */
+        if (!strcmp(o->name, "threads") && (x < 0 || x > KILN_CLI_MAX_THREADS))
+            return bad(cmd, o->name, v,
+                       "0 (all cores) or a thread count from 1 to "
+                       KILN_CLI_MAX_THREADS_STR);
+        /* --ctx (generate, chat, serve): 0 is the model's context, a
+         * negative one was silently read as 0 */
+        if (!strcmp(o->name, "ctx") && x < 0)
+            return bad(cmd, o->name, v, "0 (the model's context) or a positive length");
         *(int *)o->dst = (int)x;
         return 0;
     }

@@ -132,6 +132,10 @@ int cmd_chat(int argc, char **argv)
                        "/reset forgets the conversation, /exit quits.",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
+    if (max_tokens < 0) {
+        fprintf(stderr, "kiln chat: --max-tokens must be >= 0\n");
+        return 2;
+    }
     chat c = {0};
     c.ctx = kiln_ctx_new();
     if (threads > 0) kiln_set_threads(c.ctx, threads);
@@ -159,6 +163,11 @@ int cmd_chat(int argc, char **argv)
     if (!(st = kiln_model_load(c.ctx, model, &m)) &&
         !(st = kiln_tokenizer_load(c.ctx, tokenizer ? tokenizer : model, &c.tok)))
         st = kiln_engine_new(c.ctx, m, &eo, &c.e);
+    if (!st && kiln_tokenizer_vocab_size(c.tok) > kiln_model_config(m)->vocab_size)
+        st = kiln_fail(c.ctx, KILN_ERR_INVALID_ARG,
+                       "the tokenizer has %d tokens but the model's vocabulary is %d; "
+                       "pass the model's own tokenizer with --tokenizer",
+                       kiln_tokenizer_vocab_size(c.tok), kiln_model_config(m)->vocab_size);
     if (!st) {
         c.V = kiln_model_config(m)->vocab_size;
         c.eos = kiln_model_config(m)->eos_token_id;

@@ -109,6 +109,14 @@ int cmd_eval(int argc, char **argv)
         cli_free(opts, NULL);
         return 2;
     }
+    if (T < 0 || max_tokens < 0) {
+        fprintf(stderr, "kiln eval: %s must be >= 0 (0 = %s; got %lld)\n",
+                T < 0 ? "--seq" : "--max-tokens",
+                T < 0 ? "the model's n_ctx" : "all tokens",
+                T < 0 ? (long long)T : (long long)max_tokens);
+        cli_free(opts, NULL);
+        return 2;
+    }
     kiln_split sp = KILN_SPLIT_VAL;
     if (!strcmp(split, "train")) sp = KILN_SPLIT_TRAIN;
     else if (strcmp(split, "val")) {

@@ -4,6 +4,9 @@
  */
 #include "cli.h"
 
+#include <limits.h>
+#include <dirent.h>
+#include <sys/stat.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -135,6 +138,10 @@ static int tokenizer_encode(int argc, char **argv)
                        "a line \"mask: 0 0 1 ...\" (1 = learned in fine-tuning).",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
+    if (gen && !chat) {
+        fprintf(stderr, "kiln tokenizer encode: --generation-prompt needs --chat\n");
+        return 2;
+    }
     kiln_ctx *ctx = kiln_ctx_new();
     kiln_tokenizer *tok = NULL;
     char *buf = NULL;
@@ -334,7 +341,37 @@ static int tokenizer_train(int argc, char **argv)
     }
     kiln_tokenizer *tok = NULL;
     kiln_tokenizer_train_stats st;
-    kiln_status s = kiln_tokenizer_train(ctx, &o, &tok, &st);
+    kiln_status s = KILN_OK;
+    if (o.min_frequency < 1 || o.max_bytes < 0)
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                      o.min_frequency < 1 ? "--min-frequency %lld must be at least 1"
+                                          : "--max-bytes %lld must be >= 0 (0 = all)",
+                      o.min_frequency < 1 ? (long long)o.min_frequency
+                                          : (long long)o.max_bytes);
+    if (!s) {
+        /* fail before a long training run, not after it: --out must name a
+         * file in an existing directory */
+        struct stat ost;
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%s", out);
+        char *sl = strrchr(parent, '/');
+        if (sl == parent) sl[1] = 0;
+        else if (sl) *sl = 0;
+        else snprintf(parent, sizeof parent, ".");
+        if (stat(out, &ost) == 0 && S_ISDIR(ost.st_mode))
+            s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                          "--out '%s' is a directory; give the tokenizer.json file "
+                          "to write (e.g. %s/tokenizer.json)", out, out);
+        else if (stat(parent, &ost) != 0 || !S_ISDIR(ost.st_mode))
+            s = kiln_fail(ctx, KILN_ERR_IO,
+                          "--out '%s': directory '%s' does not exist; create it first",
+                          out, parent);
+    }
+    if (!s) s = kiln_tokenizer_train(ctx, &o, &tok, &st);
+    if (!s && st.pretokens == 0)
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                      "the --input files hold no text to learn merges from; "
+                      "give non-empty text or JSONL files");
     if (!s) s = kiln_tokenizer_save(ctx, tok, out);
     fflush(stderr);
     if (s) rc = cli_fail(ctx, "tokenizer train", s);
@@ -370,7 +407,7 @@ int cmd_tokenizer(int argc, char **argv)
     if (!strcmp(argv[1], "decode")) return tokenizer_decode(argc - 1, argv + 1);
     if (!strcmp(argv[1], "train")) return tokenizer_train(argc - 1, argv + 1);
     if (!strcmp(argv[1], "convert")) return tokenizer_convert(argc - 1, argv + 1);
-    fprintf(stderr, "kiln tokenizer: unknown subcommand '%s' (train, encode or decode)\n",
+    fprintf(stderr, "kiln tokenizer: unknown subcommand '%s' (train, encode, decode or convert)\n",
             argv[1]);
     return 2;
 }
@@ -443,6 +480,47 @@ static int check_datasets(kiln_ctx *ctx, const kiln_tokenizer *tok, const char *
     return rc;
 }
 
+/* --out of kiln tokenize: a new or empty directory, or an earlier kiln data
+ * directory (it has meta.json; re-tokenizing replaces it). Anything else --
+ * a model directory, a run, a folder of notes -- would have its
+ * tokenizer.json / meta.json overwritten, so it is refused. An --input equal
+ * to --out would read the outputs back as documents. */
+static kiln_status check_data_out(kiln_ctx *ctx, const char *out, const cli_list *inputs)
+{
+    char ro[PATH_MAX], ri[PATH_MAX];
+    if (!realpath(out, ro)) return KILN_OK; /* does not exist yet */
+    for (int i = 0; i < inputs->n; i++)
+        if (realpath(inputs->items[i], ri) && !strcmp(ri, ro))
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "--input '%s' is the --out directory; write the "
+                             "shards to another directory",
+                             inputs->items[i]);
+    struct stat st;
+    if (stat(ro, &st) != 0 || !S_ISDIR(st.st_mode)) return KILN_OK; /* reported later */
+    char mp[PATH_MAX + 16];
+    snprintf(mp, sizeof mp, "%s/meta.json", ro);
+    if (stat(mp, &st) == 0) return KILN_OK; /* an earlier kiln data directory */
+    DIR *d = opendir(ro);
+    if (!d) return KILN_OK;
+    const char *found = NULL;
+    char first[256] = "";
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(first, sizeof first, "%s", e->d_name);
+        found = first;
+        break;
+    }
+    closedir(d);
+    if (found)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--out '%s' is not empty (it holds '%s') and is not a kiln "
+                         "data directory (no meta.json); choose a new or empty "
+                         "directory so nothing in it is overwritten",
+                         out, found);
+    return KILN_OK;
+}
+
 int cmd_tokenize(int argc, char **argv)
 {
     kiln_tokenize_opts o = kiln_tokenize_opts_default();
@@ -498,6 +576,10 @@ int cmd_tokenize(int argc, char **argv)
     if (!o.out_dir) {
         fprintf(stderr, "kiln tokenize: --out is required (see kiln tokenize --help)\n");
         rc = 2;
+        goto done;
+    }
+    if ((s = check_data_out(ctx, o.out_dir, &inputs))) {
+        rc = cli_fail(ctx, "tokenize", s);
         goto done;
     }
     progress_state ps = {.tty = isatty(STDERR_FILENO) != 0};

@@ -67,10 +67,15 @@ const char *kiln_errmsg(const kiln_ctx *ctx)
 kiln_status kiln_fail(kiln_ctx *ctx, kiln_status s, const char *fmt, ...)
 {
     if (ctx) {
+        /* format into a copy first: callers wrap the previous message,
+         * kiln_fail(ctx, s, "--flag: %s", kiln_errmsg(ctx)), and vsnprintf
+         * into the buffer it reads from garbles it (undefined behaviour) */
+        char tmp[sizeof ctx->errmsg];
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(ctx->errmsg, sizeof ctx->errmsg, fmt, ap);
+        vsnprintf(tmp, sizeof tmp, fmt, ap);
         va_end(ap);
+        memcpy(ctx->errmsg, tmp, sizeof tmp);
     }
     return s;
 }

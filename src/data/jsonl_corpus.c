@@ -411,7 +411,7 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
             res = nr;
             res_cap = n_units;
         }
-        memset(res, 0, n_units * sizeof *res);
+        if (n_units) memset(res, 0, n_units * sizeof *res);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
         for (size_t i = 0; i < n_units; i++) {
             kiln_ctx *c = tctx[omp_get_thread_num()];

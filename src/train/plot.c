@@ -5,6 +5,7 @@
  */
 #include "base/base.h"
 
+#include <stdbool.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -32,6 +33,8 @@ static int series_push(series *s, double x, double y)
     s->n++;
     return 0;
 }
+
+static bool plottable(double v) { return isfinite(v) && fabs(v) < 1e100; }
 
 /* A "nice" tick step for a range, about n ticks. */
 static double nice_step(double range, int n)
@@ -107,10 +110,14 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
         json_t *lo = json_object_get(j, "loss");
         json_t *vl = json_object_get(j, "val_loss");
         double x = json_number_value(st);
-        if (json_is_number(lo) && isfinite(json_number_value(lo)))
-            series_push(&tr, x, json_number_value(lo));
-        if (json_is_number(vl) && isfinite(json_number_value(vl)))
-            series_push(&va, x, json_number_value(vl));
+        /* a point needs a numeric step; values so large that the axis
+         * range overflows would turn every coordinate into NaN */
+        if (json_is_number(st) && plottable(x)) {
+            if (json_is_number(lo) && plottable(json_number_value(lo)))
+                series_push(&tr, x, json_number_value(lo));
+            if (json_is_number(vl) && plottable(json_number_value(vl)))
+                series_push(&va, x, json_number_value(vl));
+        }
         json_decref(j);
     }
     free(text);

@@ -461,6 +461,14 @@ static kiln_status load_state(trainer *t, const char *dir)
         s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: format is \"%s\"", p, fmt);
         goto done;
     }
+    int64_t version = 1;
+    if ((s = js_get_int(ctx, st, "version", p, false, &version))) goto done;
+    if (version != 1) {
+        s = kiln_fail(ctx, KILN_ERR_FORMAT,
+                      "%s: version %lld is not supported (this kiln reads 1)", p,
+                      (long long)version);
+        goto done;
+    }
     if ((s = js_get_int(ctx, st, "step", p, true, &step)) ||
         (s = js_get_int(ctx, st, "data_position", p, true, &pos)) ||
         (s = js_get_double(ctx, st, "elapsed", p, false, &elapsed)))
@@ -476,11 +484,22 @@ static kiln_status load_state(trainer *t, const char *dir)
     }
     for (int i = 0; i < 4; i++) {
         const char *h = json_string_value(json_array_get(rng, (size_t)i));
-        if (!h) {
-            s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: \"rng\" is malformed", p);
+        char *end = NULL;
+        if (h) {
+            errno = 0;
+            t->rng.s[i] = strtoull(h, &end, 16);
+        }
+        if (!h || !*h || *end || errno) {
+            s = kiln_fail(ctx, KILN_ERR_FORMAT,
+                          "%s: \"rng\" entry %d is not a hexadecimal number",
+                          p, i);
             goto done;
         }
-        t->rng.s[i] = strtoull(h, NULL, 16);
+    }
+    if (!(t->rng.s[0] | t->rng.s[1] | t->rng.s[2] | t->rng.s[3])) {
+        /* an all-zero xoshiro state yields zeros forever */
+        s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: \"rng\" state is all zero", p);
+        goto done;
     }
     t->step = step;
     t->pos = pos;
