@@ -89,7 +89,11 @@ kiln_log_level kiln_get_log_level(const kiln_ctx *ctx);
 void kiln_log(const kiln_ctx *ctx, kiln_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-/* Number of threads kiln's parallel kernels use (OpenMP). 0 = all cores. */
+/* Number of threads kiln's parallel kernels use (OpenMP). 0 = auto: one
+ * per physical core of the CPUs this process may run on (hyperthread
+ * siblings share a core's FMA units), or OpenMP's own choice when
+ * OMP_NUM_THREADS is set. kiln_get_threads returns the resolved count, or
+ * 0 when OpenMP decides. */
 void kiln_set_threads(kiln_ctx *ctx, int n);
 int kiln_get_threads(const kiln_ctx *ctx);
 

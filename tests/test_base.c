@@ -131,6 +131,24 @@ static void test_json(void)
     kiln_ctx_free(ctx);
 }
 
+static void test_threads(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    int n = kiln_get_threads(ctx);
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    if (getenv("OMP_NUM_THREADS")) {
+        CHECK_EQ(n, 0);
+    } else {
+        /* auto: at least one, at most one per CPU */
+        CHECK(n >= 1 && n <= cpus);
+    }
+    kiln_set_threads(ctx, 3);
+    CHECK_EQ(kiln_get_threads(ctx), 3);
+    kiln_set_threads(ctx, 0);
+    CHECK_EQ(kiln_get_threads(ctx), n);
+    kiln_ctx_free(ctx);
+}
+
 int main(void)
 {
     snprintf(tmpdir, sizeof tmpdir, "%s/base.XXXXXX",
@@ -142,5 +160,6 @@ int main(void)
     RUN_TEST(test_atomic_write);
     RUN_TEST(test_crc32c);
     RUN_TEST(test_json);
+    RUN_TEST(test_threads);
     return TEST_EXIT();
 }

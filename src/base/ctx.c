@@ -4,19 +4,57 @@
  */
 #include "base.h"
 
+#include <sched.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 #define ERRMSG_CAP 2048
 
 struct kiln_ctx {
     char errmsg[ERRMSG_CAP];
     kiln_log_level level;
-    int threads;
+    int threads;      /* set by kiln_set_threads; 0 = auto */
+    int auto_threads; /* physical cores we may run on; 0 = OpenMP decides */
 };
+
+/* Physical cores in this process's affinity mask: hyperthreads of one core
+ * share its FMA units, so a second thread adds nothing to compute-bound
+ * kernels and, when another process holds the sibling, every OpenMP
+ * barrier waits for a descheduled thread. Returns 0 when OMP_NUM_THREADS
+ * is set (the user's choice wins) and the CPU count when the topology
+ * cannot be read. */
+static int physical_cores(void)
+{
+    if (getenv("OMP_NUM_THREADS")) return 0;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return 0;
+    int ncpu = CPU_COUNT(&set), ncores = 0;
+    long seen[CPU_SETSIZE];
+    for (int c = 0; c < CPU_SETSIZE; c++) {
+        if (!CPU_ISSET(c, &set)) continue;
+        char path[128];
+        long core = -1, pkg = -1;
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/core_id", c);
+        FILE *f = fopen(path, "r");
+        if (!f || fscanf(f, "%ld", &core) != 1) core = -1;
+        if (f) fclose(f);
+        snprintf(path, sizeof path,
+                 "/sys/devices/system/cpu/cpu%d/topology/physical_package_id", c);
+        f = fopen(path, "r");
+        if (!f || fscanf(f, "%ld", &pkg) != 1) pkg = -1;
+        if (f) fclose(f);
+        if (core < 0 || pkg < 0) return ncpu;
+        long key = pkg * 1000000L + core;
+        int dup = 0;
+        for (int i = 0; i < ncores && !dup; i++) dup = seen[i] == key;
+        if (!dup) seen[ncores++] = key;
+    }
+    return ncores > 0 ? ncores : ncpu;
+}
 
 static const char *const status_str[] = {
 #define XX(name, msg) msg,
@@ -47,6 +85,7 @@ kiln_ctx *kiln_ctx_new(void)
     kiln_ctx *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return NULL;
     ctx->level = KILN_LOG_INFO;
+    ctx->auto_threads = physical_cores();
     const char *env = getenv("KILN_LOG");
     if (env) {
         if (!strcasecmp(env, "error")) ctx->level = KILN_LOG_ERROR;
@@ -105,7 +144,10 @@ void kiln_log(const kiln_ctx *ctx, kiln_log_level level, const char *fmt, ...)
 }
 
 void kiln_set_threads(kiln_ctx *ctx, int n) { ctx->threads = n < 0 ? 0 : n; }
-int kiln_get_threads(const kiln_ctx *ctx) { return ctx->threads; }
+int kiln_get_threads(const kiln_ctx *ctx)
+{
+    return ctx->threads > 0 ? ctx->threads : ctx->auto_threads;
+}
 
 void kiln_assert_fail(const char *expr, const char *file, int line)
 {
