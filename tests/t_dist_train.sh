@@ -139,8 +139,10 @@ if grep -q 'batch 4 -> 2' "$W/s1r.log"; then same_losses dist_resume_1_to_2_zero
 else echo "FAIL dist_resume_1_to_2_zero1: no batch rescale in the log"; tail -5 "$W/s1r.log"; fi
 
 # ---- failures ---------------------------------------------------------
-LONG=(--steps 80 --batch 2 --save-every 5 --keep-last 0)
-run "$W/ref80.log" 2 "${COMMON[@]}" "${LONG[@]}" --out "$W/ref80"
+# Runs far longer than the tests wait (--steps 100000), so a signal or a
+# kill always lands mid-run however fast the machine is; the reference for
+# resumed losses is the same run stopped by --stop-at a few steps later.
+SIG=(--steps 100000 --batch 2 --save-every 0 --keep-last 0)
 
 # rank_pid MPIRUN_PID RANK — the pid of a rank started by that mpirun
 rank_pid() {
@@ -161,7 +163,7 @@ wait_steps() {
 }
 
 # SIGKILL one rank mid-run
-"${BG[@]}" -np 2 "$KILN" train "${COMMON[@]}" "${LONG[@]}" --out "$W/k" >"$W/k.log" 2>&1 &
+"${BG[@]}" -np 2 "$KILN" train "${COMMON[@]}" "${SIG[@]}" --save-every 5 --out "$W/k" >"$W/k.log" 2>&1 &
 mp=$!
 ( sleep 90; kill -KILL $mp 2>/dev/null ) & guard=$!
 if wait_steps "$W/k/metrics.jsonl" 12; then
@@ -175,9 +177,10 @@ if wait_steps "$W/k/metrics.jsonl" 12; then
     echo "FAIL dist_sigkill_rank_ends_job: victim '$victim', exit $rc after $((t1 - t0)) s"; tail -8 "$W/k.log" | sed 's/^/    /'
   fi
   last=$(cat "$W/k/latest" 2>/dev/null)
-  if run "$W/kr.log" 2 --resume "$W/k" --threads 1 --progress lines; then
-    step=$(echo "$last" | sed 's/.*step_0*//')
-    same_losses dist_resume_after_sigkill "$W/ref80" "$W/k" $((step + 1))
+  step=$(echo "$last" | sed 's/.*step_0*//')
+  if run "$W/kr.log" 2 --resume "$W/k" --threads 1 --progress lines --stop-at $((step + 5)) &&
+     run "$W/kref.log" 2 "${COMMON[@]}" "${SIG[@]}" --stop-at $((step + 5)) --out "$W/kref"; then
+    same_losses dist_resume_after_sigkill "$W/kref" "$W/k" $((step + 1))
   else
     echo "FAIL dist_resume_after_sigkill: resume from '$last' failed"
   fi
@@ -189,10 +192,6 @@ fi
 kill $guard 2>/dev/null; wait $guard 2>/dev/null
 
 # SIGTERM to every rank (as a scheduler does): one coherent checkpoint
-# A run far longer than the test waits (--steps 100000), so the signal
-# always arrives mid-run however fast the machine is; the reference for the
-# resumed losses is the same run stopped by --stop-at a few steps later.
-SIG=(--steps 100000 --batch 2 --save-every 0 --keep-last 0)
 "${BG[@]}" -np 2 "$KILN" train "${COMMON[@]}" "${SIG[@]}" --out "$W/t" >"$W/t.log" 2>&1 &
 mp=$!
 ( sleep 90; kill -KILL $mp 2>/dev/null ) & guard=$!
