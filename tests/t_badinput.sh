@@ -100,6 +100,8 @@ rej tokenizer_decode_out_of_vocab "outside the vocabulary" bash -c "echo '1 2 99
 # chat: a tokenizer larger than the model failed every turn and exited 0
 rej chat_vocab_mismatch "vocabulary is 100" bash -c "echo hi | $KILN chat --model '$d/sm' --tokenizer bytes --max-tokens 2"
 rej chat_max_tokens_negative "--max-tokens" bash -c "echo hi | $KILN chat --model '$d/m' --max-tokens -5"
+# --stop-token beyond the vocabulary was silently accepted
+rej generate_stop_token_oov "--stop-token 99999" $KILN generate --model "$d/m" --max-tokens 1 --stop-token 99999
 rej generate_vocab_mismatch "vocabulary is 100" $KILN generate --model "$d/sm" --tokenizer bytes --max-tokens 1
 
 # train flags and inputs
@@ -127,6 +129,14 @@ EOF
   rej resume_rng_zero '"rng"' $KILN train --resume "$d/run_r" --steps 3 --progress none
   cp -r "$d/run" "$d/run_t"; truncate -s 100 "$d/run_t/$ck/optimizer.safetensors"
   rej resume_truncated_optimizer "optimizer.safetensors" $KILN train --resume "$d/run_t" --steps 3 --progress none
+  # info on a run directory now describes its latest checkpoint
+  if $KILN info --model "$d/run" --json 2>/dev/null | grep -q '"params"'; then
+    echo "PASS info_run_directory"
+  else
+    echo "FAIL info_run_directory"
+  fi
+  cp -r "$d/run" "$d/run_l"; echo step_99 >"$d/run_l/latest"
+  rej info_run_bad_latest "step_99" $KILN info --model "$d/run_l"
   rej train_rerun_into_run "already holds checkpoints" $KILN train --config "$d/cfg.json" $T --out "$d/run" --steps 1
 else
   echo "FAIL train_fixture_run: kiln train did not finish"

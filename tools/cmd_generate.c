@@ -111,6 +111,13 @@ int cmd_generate(int argc, char **argv)
                        kiln_tokenizer_vocab_size(tok), cfg.vocab_size);
         goto fail;
     }
+    for (int i = 0; i < n_stop_ids; i++)
+        if (stop_ids[i] >= cfg.vocab_size) {
+            st = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                           "--stop-token %d is outside the model's vocabulary [0, %d)",
+                           stop_ids[i], cfg.vocab_size);
+            goto fail;
+        }
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_ctx = ctx_len;
     eo.wtype = wt;

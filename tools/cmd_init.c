@@ -102,8 +102,18 @@ int cmd_info(int argc, char **argv)
     kiln_model *m = NULL;
     kiln_config cfg;
     kiln_status s;
+    char dir[4096]; /* outlives the block: model may point here */
     if (model) {
-        s = kiln_model_load(ctx, model, &m);
+        /* a run directory (it has 'latest') stands for its latest checkpoint */
+        char cfgp[4200], lp[4200];
+        struct stat stt;
+        snprintf(cfgp, sizeof cfgp, "%s/config.json", model);
+        snprintf(lp, sizeof lp, "%s/latest", model);
+        s = KILN_OK;
+        if (stat(cfgp, &stt) != 0 && stat(lp, &stt) == 0 &&
+            !(s = kiln_checkpoint_resolve(ctx, model, dir, sizeof dir)))
+            model = dir;
+        if (!s) s = kiln_model_load(ctx, model, &m);
         if (!s) cfg = *kiln_model_config(m);
     } else {
         s = kiln_config_load(ctx, config, &cfg);
