@@ -108,6 +108,8 @@ rej generate_vocab_mismatch "vocabulary is 100" $KILN generate --model "$d/sm" -
 T="--data $d/data --seq 16 --batch 1 --progress none --eval-every 0"
 rej train_batch_zero "--batch" $KILN train --config "$d/cfg.json" $T --out "$d/r1" --steps 1 --batch 0
 rej train_lr_nan "--lr" $KILN train --config "$d/cfg.json" $T --out "$d/r2" --steps 1 --lr nan
+# an explicit --steps 0 silently trained a whole epoch
+rej train_steps_zero "--steps" $KILN train --config "$d/cfg.json" $T --out "$d/r0" --steps 0
 rej train_steps_negative "--steps" $KILN train --config "$d/cfg.json" $T --out "$d/r3" --steps -3
 rej train_vocab_mismatch "vocab size mismatch" $KILN train --config "$d/small.json" $T --out "$d/r4" --steps 1
 rej train_out_is_file "exists and is not a directory" $KILN train --config "$d/cfg.json" $T --out "$d/text.txt" --steps 1

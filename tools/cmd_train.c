@@ -100,6 +100,14 @@ int cmd_train(int argc, char **argv)
     int ret = 0;
     char ckpt[1024], databuf[4096], outbuf[1024];
     kiln_status s = KILN_OK;
+    if (given(argc, argv, "steps") && o.steps == 0) {
+        /* steps 0 means "use --epochs" internally; typed on the command
+         * line it silently trained a whole epoch */
+        fprintf(stderr, "kiln train: --steps must be positive (leave it out to train "
+                        "for --epochs)\n");
+        ret = 2;
+        goto done;
+    }
     o.seed = (uint64_t)seed;
     o.shuffle = !sequential;
     int k = kiln_schedule_parse(schedule), pk = parse_progress(progress);
