@@ -160,4 +160,9 @@ cp -r "$d/m" "$d/mt"; truncate -s 1000 "$d/mt/model.safetensors"
 rej model_truncated "model.safetensors" $KILN generate --model "$d/mt" --max-tokens 1
 echo '{"model_type":"gpt2","vocab_size":-5,"n_layer":1,"n_embd":8,"n_head":2,"n_positions":8}' >"$d/neg.json"
 rej config_negative_vocab '"vocab_size" = -5' $KILN info --config "$d/neg.json"
+# sampler flags: the message named the API field (--top_p) not the CLI flag
+rej generate_top_p_flag "--top-p" $KILN generate --model "$d/m" --max-tokens 1 --top-p 0
+rej generate_min_p_flag "--min-p" $KILN generate --model "$d/m" --max-tokens 1 --min-p 2
+rej generate_rep_penalty_flag "--repetition-penalty" $KILN generate --model "$d/m" --max-tokens 1 --repetition-penalty 0
+rej chat_top_p_flag "--top-p" $KILN chat --model "$d/m" --top-p 5
 exit 0

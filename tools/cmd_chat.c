@@ -148,7 +148,7 @@ int cmd_chat(int argc, char **argv)
     kiln_model *m = NULL;
     kiln_status st = kiln_sampling_validate(c.ctx, &c.sp);
     if (st) {
-        fprintf(stderr, "kiln chat: --%s\n", kiln_errmsg(c.ctx));
+        fprintf(stderr, "kiln chat: %s\n", kiln_errmsg(c.ctx));
         kiln_ctx_free(c.ctx);
         return 2;
     }

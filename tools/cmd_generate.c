@@ -97,7 +97,7 @@ int cmd_generate(int argc, char **argv)
     sp.seed = (uint64_t)seed;
     kiln_status st = kiln_sampling_validate(ctx, &sp);
     if (st) {
-        fprintf(stderr, "kiln generate: --%s\n", kiln_errmsg(ctx));
+        fprintf(stderr, "kiln generate: %s\n", kiln_errmsg(ctx));
         rc = 2;
         goto out;
     }

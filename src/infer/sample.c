@@ -34,32 +34,35 @@ kiln_sampling kiln_sampling_default(void)
                            .seed = 0, .top_logprobs = 0};
 }
 
+/* Messages name the API field and, in parentheses, the CLI flag of kiln
+ * generate/chat, so one message serves both (the HTTP server validates its
+ * JSON fields itself, see src/serve/api.c). */
 kiln_status kiln_sampling_validate(kiln_ctx *ctx, const kiln_sampling *p)
 {
     if (!(p->temperature >= 0.0f && p->temperature <= 100.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "temperature must be a number in [0, 100] (got %g)",
+                         "temperature (--temperature) must be a number in [0, 100] (got %g)",
                          (double)p->temperature);
     if (p->top_k < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "top_k must be >= 0 (0 = off) (got %d)", p->top_k);
+                         "top_k (--top-k) must be >= 0 (0 = off) (got %d)", p->top_k);
     if (!(p->top_p > 0.0f && p->top_p <= 1.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "top_p must be in (0, 1] (got %g)", (double)p->top_p);
+                         "top_p (--top-p) must be in (0, 1] (got %g)", (double)p->top_p);
     if (!(p->min_p >= 0.0f && p->min_p <= 1.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "min_p must be in [0, 1] (got %g)", (double)p->min_p);
+                         "min_p (--min-p) must be in [0, 1] (got %g)", (double)p->min_p);
     if (!(p->repetition_penalty > 0.0f && p->repetition_penalty <= 100.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "repetition_penalty must be in (0, 100] (got %g)",
+                         "repetition_penalty (--repetition-penalty) must be in (0, 100] (got %g)",
                          (double)p->repetition_penalty);
     if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "frequency_penalty must be in [-2, 2] (got %g)",
+                         "frequency_penalty (--frequency-penalty) must be in [-2, 2] (got %g)",
                          (double)p->frequency_penalty);
     if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "presence_penalty must be in [-2, 2] (got %g)",
+                         "presence_penalty (--presence-penalty) must be in [-2, 2] (got %g)",
                          (double)p->presence_penalty);
     if (p->top_logprobs < 0 || p->top_logprobs > 20)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
