@@ -139,6 +139,13 @@ EOF
   fi
   cp -r "$d/run" "$d/run_l"; echo step_99 >"$d/run_l/latest"
   rej info_run_bad_latest "step_99" $KILN info --model "$d/run_l"
+  # generate/chat/serve on a checkpoint ignored its checksums.json: a flipped
+  # byte near the end of model.safetensors ran with exit 0
+  cp -r "$d/run" "$d/run_f"; f="$d/run_f/$ck/model.safetensors"
+  printf '\x55' | dd of="$f" bs=1 seek=$(( $(stat -c %s "$f") - 3 )) conv=notrunc 2>/dev/null
+  rej generate_checkpoint_corrupt "model.safetensors' is corrupted" $KILN generate --model "$d/run_f/$ck" --max-tokens 1
+  rej chat_checkpoint_corrupt "model.safetensors' is corrupted" bash -c "echo hi | $KILN chat --model '$d/run_f/$ck' --max-tokens 1"
+  rej serve_checkpoint_corrupt "model.safetensors' is corrupted" $KILN serve --model "$d/run_f/$ck" --port 0
   rej train_rerun_into_run "already holds checkpoints" $KILN train --config "$d/cfg.json" $T --out "$d/run" --steps 1
 else
   echo "FAIL train_fixture_run: kiln train did not finish"

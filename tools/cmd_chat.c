@@ -160,7 +160,9 @@ int cmd_chat(int argc, char **argv)
         kiln_ctx_free(c.ctx);
         return 2;
     }
-    if (!(st = kiln_model_load(c.ctx, model, &m)) &&
+    /* a trainer checkpoint carries checksums.json: verify before loading */
+    if (!(st = kiln_checkpoint_verify(c.ctx, model)) &&
+        !(st = kiln_model_load(c.ctx, model, &m)) &&
         !(st = kiln_tokenizer_load(c.ctx, tokenizer ? tokenizer : model, &c.tok)))
         st = kiln_engine_new(c.ctx, m, &eo, &c.e);
     if (!st && kiln_tokenizer_vocab_size(c.tok) > kiln_model_config(m)->vocab_size)

@@ -101,6 +101,8 @@ int cmd_generate(int argc, char **argv)
         rc = 2;
         goto out;
     }
+    /* a trainer checkpoint carries checksums.json: verify before loading */
+    if ((st = kiln_checkpoint_verify(ctx, model))) goto fail;
     if ((st = kiln_model_load(ctx, model, &m))) goto fail;
     if ((st = kiln_tokenizer_load(ctx, tokenizer ? tokenizer : model, &tok))) goto fail;
     const kiln_config cfg = *kiln_model_config(m);

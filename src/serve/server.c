@@ -109,7 +109,10 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     server *sv = NULL;
     sched s;
     memset(&s, 0, sizeof s);
-    kiln_status st = kiln_model_load(ctx, o.model_dir, &model);
+    /* a trainer checkpoint carries checksums.json: verify before loading */
+    kiln_status st = kiln_checkpoint_verify(ctx, o.model_dir);
+    if (st) return st;
+    st = kiln_model_load(ctx, o.model_dir, &model);
     if (st) return st;
     st = kiln_tokenizer_load(ctx, o.tokenizer ? o.tokenizer : o.model_dir, &tok);
     if (st) goto out;
