@@ -172,4 +172,9 @@ rej generate_top_p_flag "--top-p" $KILN generate --model "$d/m" --max-tokens 1 -
 rej generate_min_p_flag "--min-p" $KILN generate --model "$d/m" --max-tokens 1 --min-p 2
 rej generate_rep_penalty_flag "--repetition-penalty" $KILN generate --model "$d/m" --max-tokens 1 --repetition-penalty 0
 rej chat_top_p_flag "--top-p" $KILN chat --model "$d/m" --top-p 5
+# meta.json train_tokens/val_tokens were not checked against the shards
+cp -r "$d/data" "$d/data_bad"
+sed -i 's/"train_tokens": *[0-9]*/"train_tokens": 99999999/' "$d/data_bad/meta.json"
+rej meta_train_tokens_mismatch '"train_tokens" is 99999999' $KILN train --config "$d/cfg.json" --data "$d/data_bad" --seq 16 --batch 1 --progress none --eval-every 0 --out "$d/r5" --steps 1
+rej meta_train_tokens_mismatch_eval "meta.json" $KILN eval --model "$d/m" --data "$d/data_bad" --split train
 exit 0

@@ -151,6 +151,21 @@ kiln_status kiln_data_open(kiln_ctx *ctx, const char *dir, kiln_data **out)
     if ((s = open_split(ctx, d, meta, meta_path, "train_files", &d->split[0])) ||
         (s = open_split(ctx, d, meta, meta_path, "val_files", &d->split[1])))
         goto done;
+    /* the recorded counts (optional) must match the shards' headers */
+    for (int k = 0; k < 2; k++) {
+        const char *key = k ? "val_tokens" : "train_tokens";
+        int64_t want = -1;
+        if ((s = js_get_int(ctx, meta, key, meta_path, false, &want))) goto done;
+        size_t have = kiln_data_tokens(d, k ? KILN_SPLIT_VAL : KILN_SPLIT_TRAIN);
+        if (want != -1 && (want < 0 || (uint64_t)want != (uint64_t)have)) {
+            s = kiln_fail(ctx, KILN_ERR_FORMAT,
+                          "%s: \"%s\" is %lld but its shards hold %zu tokens; "
+                          "the data directory is damaged or was edited, "
+                          "re-create it with kiln tokenize",
+                          meta_path, key, (long long)want, have);
+            goto done;
+        }
+    }
     if (d->split[0].n == 0 && d->split[1].n == 0)
         s = kiln_fail(ctx, KILN_ERR_FORMAT,
                       "%s lists no train_files and no val_files", meta_path);
