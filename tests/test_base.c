@@ -131,6 +131,48 @@ static void test_json(void)
     kiln_ctx_free(ctx);
 }
 
+static kiln_status record(kiln_ctx *ctx, void *ud, const char *path, int64_t size)
+{
+    (void)ctx;
+    char *out = ud;
+    const char *base = strrchr(path, '/');
+    snprintf(out + strlen(out), 256 - strlen(out), "%s:%lld ", base ? base + 1 : path,
+             (long long)size);
+    return KILN_OK;
+}
+
+static void test_file_walk(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    char *root = file_join(tmpdir, "walk"), *sub = file_join(root, "b_dir");
+    CHECK(file_mkdirs(ctx, sub) == KILN_OK);
+    const char *names[] = {"c.txt", ".hidden", "bin.dat", "b_dir/a.txt", "a.txt"};
+    const char *data[] = {"ccc", "h", "x\0y", "1", "aa"};
+    size_t lens[] = {3, 1, 3, 1, 2};
+    for (int i = 0; i < 5; i++) {
+        char *p = file_join(root, names[i]);
+        CHECK(file_write_atomic(ctx, p, data[i], lens[i]) == KILN_OK);
+        free(p);
+    }
+    char seen[256] = "";
+    CHECK(file_walk(ctx, root, "--input", record, seen) == KILN_OK);
+    /* sorted, recursive; hidden and binary files skipped */
+    CHECK_STREQ(seen, "a.txt:2 a.txt:1 c.txt:3 ");
+    /* a binary file named at the top level is taken as given */
+    seen[0] = 0;
+    char *bin = file_join(root, "bin.dat");
+    CHECK(file_walk(ctx, bin, "--input", record, seen) == KILN_OK);
+    CHECK_STREQ(seen, "bin.dat:3 ");
+    char *missing = file_join(root, "nope");
+    CHECK(file_walk(ctx, missing, "--input", record, seen) == KILN_ERR_IO);
+    CHECK(strstr(kiln_errmsg(ctx), "--input") && strstr(kiln_errmsg(ctx), "nope"));
+    free(missing);
+    free(bin);
+    free(sub);
+    free(root);
+    kiln_ctx_free(ctx);
+}
+
 static void test_threads(void)
 {
     kiln_ctx *ctx = kiln_ctx_new();
@@ -161,5 +203,6 @@ int main(void)
     RUN_TEST(test_crc32c);
     RUN_TEST(test_json);
     RUN_TEST(test_threads);
+    RUN_TEST(test_file_walk);
     return TEST_EXIT();
 }

@@ -93,6 +93,19 @@ kiln_status file_writer_commit(kiln_ctx *ctx, file_writer *w);
 /* Abandons the write, removing the temp file. */
 void file_writer_abort(file_writer *w);
 
+/* Called by file_walk for each file it selects, with its size in bytes. */
+typedef kiln_status (*file_visit_fn)(kiln_ctx *ctx, void *ud, const char *path,
+                                     int64_t size);
+
+/* Visits path: a regular file, or a directory walked recursively in sorted
+ * name order. Inside directories, hidden entries, symlinks, other
+ * non-regular files and binary files (a NUL byte in the first 4 KiB) are
+ * skipped. A top-level path that is missing or neither a file nor a
+ * directory is an error naming `flag` (e.g. "--input"). Stops at the first
+ * status visit returns that is not KILN_OK and returns it. */
+kiln_status file_walk(kiln_ctx *ctx, const char *path, const char *flag,
+                      file_visit_fn visit, void *ud);
+
 /* mkdir -p. */
 kiln_status file_mkdirs(kiln_ctx *ctx, const char *path);
 bool file_exists(const char *path);

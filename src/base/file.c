@@ -7,6 +7,7 @@
  */
 #include "base.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -150,6 +151,80 @@ kiln_status file_mkdirs(kiln_ctx *ctx, const char *path)
         return kiln_fail(ctx, KILN_ERR_IO, "'%s' exists and is not a directory",
                          path);
     return KILN_OK;
+}
+
+static bool looks_binary(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return false;
+    unsigned char buf[4096];
+    size_t n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    return memchr(buf, 0, n) != NULL;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static kiln_status walk(kiln_ctx *ctx, const char *path, const char *flag,
+                        bool top, file_visit_fn visit, void *ud)
+{
+    struct stat st;
+    if ((top ? stat(path, &st) : lstat(path, &st)) != 0)
+        return kiln_fail(ctx, KILN_ERR_IO, "%s '%s': %s", flag, path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) {
+        DIR *d = opendir(path);
+        if (!d)
+            return kiln_fail(ctx, KILN_ERR_IO, "cannot read directory '%s': %s", path,
+                             strerror(errno));
+        char **names = NULL;
+        size_t n = 0, cap = 0;
+        struct dirent *e;
+        kiln_status s = KILN_OK;
+        while ((e = readdir(d))) {
+            if (e->d_name[0] == '.') continue;
+            if (n == cap) {
+                cap = cap ? 2 * cap : 64;
+                char **nn = realloc(names, cap * sizeof *nn);
+                if (!nn) {
+                    s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+                    break;
+                }
+                names = nn;
+            }
+            names[n] = file_join(path, e->d_name);
+            if (!names[n]) {
+                s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+                break;
+            }
+            n++;
+        }
+        closedir(d);
+        if (names) qsort(names, n, sizeof *names, cmp_str);
+        for (size_t i = 0; i < n && !s; i++) s = walk(ctx, names[i], flag, false, visit, ud);
+        for (size_t i = 0; i < n; i++) free(names[i]);
+        free(names);
+        return s;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        if (top)
+            return kiln_fail(ctx, KILN_ERR_IO,
+                             "%s '%s' is not a regular file or directory", flag, path);
+        return KILN_OK;
+    }
+    if (!top && looks_binary(path)) {
+        kiln_log(ctx, KILN_LOG_DEBUG, "skipping binary file %s", path);
+        return KILN_OK;
+    }
+    return visit(ctx, ud, path, (int64_t)st.st_size);
+}
+
+kiln_status file_walk(kiln_ctx *ctx, const char *path, const char *flag,
+                      file_visit_fn visit, void *ud)
+{
+    return walk(ctx, path, flag, true, visit, ud);
 }
 
 kiln_status file_fsync_dir(kiln_ctx *ctx, const char *dir)

@@ -14,7 +14,6 @@
  */
 #include "base/base.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -99,65 +98,15 @@ static kiln_status add_file(kiln_ctx *ctx, flist *l, const char *path, int64_t s
     return KILN_OK;
 }
 
-static bool looks_binary(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return false;
-    unsigned char buf[4096];
-    size_t n = fread(buf, 1, sizeof buf, f);
-    fclose(f);
-    return memchr(buf, 0, n) != NULL;
-}
+typedef struct collect_ud {
+    flist *l;
+    const kiln_tokenize_opts *o;
+} collect_ud;
 
-static int cmp_str(const void *a, const void *b)
+static kiln_status collect_one(kiln_ctx *ctx, void *ud, const char *path, int64_t size)
 {
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-/* Adds path (a file, or a directory walked recursively in sorted order;
- * inside directories symlinks, hidden and binary files are skipped). */
-static kiln_status collect(kiln_ctx *ctx, flist *l, const char *path, bool top,
-                           const kiln_tokenize_opts *o)
-{
-    struct stat st;
-    if ((top ? stat(path, &st) : lstat(path, &st)) != 0)
-        return kiln_fail(ctx, KILN_ERR_IO, "--input '%s': %s", path, strerror(errno));
-    if (S_ISDIR(st.st_mode)) {
-        DIR *d = opendir(path);
-        if (!d) return kiln_fail(ctx, KILN_ERR_IO, "cannot read directory '%s': %s", path,
-                                 strerror(errno));
-        char **names = NULL;
-        size_t n = 0, cap = 0;
-        struct dirent *e;
-        kiln_status s = KILN_OK;
-        while ((e = readdir(d))) {
-            if (e->d_name[0] == '.') continue;
-            if (n == cap) {
-                cap = cap ? 2 * cap : 64;
-                char **nn = realloc(names, cap * sizeof *nn);
-                if (!nn) { s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory"); break; }
-                names = nn;
-            }
-            names[n] = file_join(path, e->d_name);
-            if (!names[n]) { s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory"); break; }
-            n++;
-        }
-        closedir(d);
-        if (names) qsort(names, n, sizeof *names, cmp_str);
-        for (size_t i = 0; i < n && !s; i++) s = collect(ctx, l, names[i], false, o);
-        for (size_t i = 0; i < n; i++) free(names[i]);
-        free(names);
-        return s;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        if (top) return kiln_fail(ctx, KILN_ERR_IO, "--input '%s' is not a regular file or directory", path);
-        return KILN_OK;
-    }
-    if (!top && looks_binary(path)) {
-        kiln_log(ctx, KILN_LOG_DEBUG, "tokenize: skipping binary file %s", path);
-        return KILN_OK;
-    }
-    return add_file(ctx, l, path, (int64_t)st.st_size, o);
+    collect_ud *c = ud;
+    return add_file(ctx, c->l, path, size, c->o);
 }
 
 static kiln_status split_append(kiln_ctx *ctx, splitw *sw, const kiln_tokenize_opts *o,
@@ -374,7 +323,9 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
 
     flist files = {0};
     kiln_status s = KILN_OK;
-    for (int i = 0; i < o->n_inputs && !s; i++) s = collect(ctx, &files, o->inputs[i], true, &oo);
+    collect_ud cu = {&files, &oo};
+    for (int i = 0; i < o->n_inputs && !s; i++)
+        s = file_walk(ctx, o->inputs[i], "--input", collect_one, &cu);
     if (!s && files.n == 0)
         s = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--input: no text files found in the inputs");
     int64_t total = 0;

@@ -16,7 +16,6 @@
  */
 #include "tokenizer/tok_internal.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -171,51 +170,18 @@ typedef struct tinput {
     int64_t bytes;
 } tinput;
 
-static int cmp_str(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
 static bool ends_with(const char *s, const char *suf)
 {
     size_t a = strlen(s), b = strlen(suf);
     return a >= b && !strcmp(s + a - b, suf);
 }
 
-static kiln_status walk(kiln_ctx *ctx, tinput *in, const char *path, bool top)
+/* file_walk visitor: maps one input file (binary files inside directories
+ * were already skipped by file_walk). */
+static kiln_status add_input(kiln_ctx *ctx, void *ud, const char *path, int64_t size)
 {
-    struct stat st;
-    if ((top ? stat(path, &st) : lstat(path, &st)) != 0)
-        return kiln_fail(ctx, KILN_ERR_IO, "--input '%s': %s", path, strerror(errno));
-    if (S_ISDIR(st.st_mode)) {
-        DIR *d = opendir(path);
-        if (!d) return kiln_fail(ctx, KILN_ERR_IO, "cannot read directory '%s': %s", path,
-                                 strerror(errno));
-        char **names = NULL;
-        size_t n = 0, cap = 0;
-        struct dirent *e;
-        while ((e = readdir(d))) {
-            if (e->d_name[0] == '.') continue;
-            if (n == cap) {
-                cap = cap ? 2 * cap : 64;
-                char **nn = realloc(names, cap * sizeof *nn);
-                if (!nn) break;
-                names = nn;
-            }
-            if ((names[n] = file_join(path, e->d_name))) n++;
-        }
-        closedir(d);
-        if (names) qsort(names, n, sizeof *names, cmp_str);
-        kiln_status s = KILN_OK;
-        for (size_t i = 0; i < n && !s; i++) s = walk(ctx, in, names[i], false);
-        for (size_t i = 0; i < n; i++) free(names[i]);
-        free(names);
-        return s;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        if (top) return kiln_fail(ctx, KILN_ERR_IO, "--input '%s' is not a regular file", path);
-        return KILN_OK;
-    }
+    tinput *in = ud;
+    (void)size;
     if (in->n == in->cap) {
         int cap = in->cap ? 2 * in->cap : 64;
         tfile *f = realloc(in->f, (size_t)cap * sizeof *f);
@@ -227,10 +193,6 @@ static kiln_status walk(kiln_ctx *ctx, tinput *in, const char *path, bool top)
     memset(f, 0, sizeof *f);
     kiln_status s = file_map_open(ctx, path, &f->map);
     if (s) return s;
-    if (!top && memchr(f->map.data, 0, KILN_MIN(f->map.size, (size_t)4096))) {
-        file_map_close(&f->map); /* binary file inside a directory */
-        return KILN_OK;
-    }
     f->path = strdup(path);
     f->jsonl = ends_with(path, ".jsonl");
     in->bytes += (int64_t)f->map.size;
@@ -517,7 +479,8 @@ kiln_status kiln_tokenizer_train(kiln_ctx *ctx, const kiln_tokenizer_train_opts 
     }
 
     tinput in = {0};
-    for (int i = 0; i < o->n_inputs && !s; i++) s = walk(ctx, &in, o->inputs[i], true);
+    for (int i = 0; i < o->n_inputs && !s; i++)
+        s = file_walk(ctx, o->inputs[i], "--input", add_input, &in);
     if (!s && in.n == 0) s = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--input: no text files found");
 
     /* units of ~1 MB (JSONL: whole lines) */
