@@ -82,6 +82,7 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
         fprintf(stderr, "bench_precision: %s\n", kiln_errmsg(ctx));
         return 1;
     }
+    m->profile = getenv("KILN_BENCH_PROFILE") ? 2 : 0;
     kiln_scaler sc = scaler_default(p == KILN_PRECISION_FP16);
     int32_t *tok = malloc(sizeof(int32_t) * B * T), *tgt = malloc(sizeof(int32_t) * B * T);
     kiln_rng r;
@@ -116,6 +117,12 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
             upd = t3 - t2;
         }
         if (s > 0 && c3 - c0 < best_cpu) best_cpu = c3 - c0;
+    }
+    if (m->profile) {
+        fprintf(stderr, "profile %s (CPU s over %d steps):", prec, steps + 1);
+        for (int i = 0; i < MODEL_PROF_N; i++)
+            fprintf(stderr, " %s %.3f", model_prof_names[i], m->prof[i]);
+        fprintf(stderr, "\n");
     }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
