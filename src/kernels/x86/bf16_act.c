@@ -113,10 +113,15 @@ static void act_pack_row(uint16_t *xp, int kx, uint16_t *ap, int ka, const float
 {
     int FH = kind == MP_ACT_SWIGLU ? 2 * F : F;
     for (int k0 = 0; k0 < rup32(FH); k0 += 32) {
-        uint16_t h[32];
         int cnt = FH - k0 < 32 ? FH - k0 : 32;
-        for (int i = 0; i < 32; i++) h[i] = i < cnt ? mp_f32_to_bf16_1(x[k0 + i]) : 0;
-        memcpy(xp + mp_packa_off(kx, m, k0), h, 64);
+        uint16_t *o = xp + mp_packa_off(kx, m, k0);
+#ifdef __AVX512F__
+        __m256i lo = v_f2bf(_mm512_maskz_loadu_ps(v_mask(cnt), x + k0));
+        __m256i hi = v_f2bf(_mm512_maskz_loadu_ps(v_mask(cnt - 16), x + k0 + 16));
+        _mm512_storeu_si512(o, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+#else
+        for (int i = 0; i < 32; i++) o[i] = i < cnt ? mp_f32_to_bf16_1(x[k0 + i]) : 0;
+#endif
     }
     for (int k0 = 0; k0 < rup32(F); k0 += 32) {
         uint16_t h[32];
@@ -267,12 +272,29 @@ void mp_bias_grad(float *db, const float *dout, int N, int OC)
      * the thread count. */
     #pragma omp parallel for schedule(static)
     for (int j0 = 0; j0 < OC; j0 += 64) {
-        float acc[64] = {0};
         int j1 = j0 + 64 < OC ? j0 + 64 : OC;
+#ifdef __AVX512F__
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                         _mm512_setzero_ps()};
+        __mmask16 mk[4];
+        for (int q = 0; q < 4; q++) mk[q] = v_mask(j1 - j0 - 16 * q);
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * OC + j0;
+            for (int q = 0; q < 4; q++)
+                acc[q] = _mm512_add_ps(acc[q], _mm512_maskz_loadu_ps(mk[q], d + 16 * q));
+        }
+        for (int q = 0; q < 4; q++) {
+            float t[16];
+            _mm512_storeu_ps(t, acc[q]);
+            for (int j = j0 + 16 * q; j < j1 && j < j0 + 16 * q + 16; j++) db[j] += t[j - j0 - 16 * q];
+        }
+#else
+        float acc[64] = {0};
         for (int n = 0; n < N; n++) {
             const float *d = dout + (size_t)n * OC;
             for (int j = j0; j < j1; j++) acc[j - j0] += d[j];
         }
         for (int j = j0; j < j1; j++) db[j] += acc[j - j0];
+#endif
     }
 }

@@ -153,6 +153,19 @@ MP_T512 static void pack_a_trans_kblock(mp_dtype dt, int M, int K, const float *
     }
 }
 
+/* One row of a bf16 packed A from a contiguous fp32 row. */
+MP_T512 static void pack_a_row_bf16(const float *src, int K, uint16_t *dst, int kk, int m)
+{
+    for (int k0 = 0; k0 < kk; k0 += 32) {
+        int c0 = K - k0, c1 = K - k0 - 16;
+        __mmask16 m0 = (__mmask16)(c0 >= 16 ? 0xffff : c0 <= 0 ? 0 : (1u << c0) - 1);
+        __mmask16 m1 = (__mmask16)(c1 >= 16 ? 0xffff : c1 <= 0 ? 0 : (1u << c1) - 1);
+        __m256i lo = bf16x16(_mm512_maskz_loadu_ps(m0, src + k0));
+        __m256i hi = bf16x16(_mm512_maskz_loadu_ps(m1, src + k0 + 16));
+        _mm512_storeu_si512(dst + a_off(kk, m, k0), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    }
+}
+
 /* One 32-element panel row from two K rows: (b0[c], b1[c]) pairs. */
 MP_T512 static inline void store_pairs(uint16_t *o, __m256i b0, __m256i b1)
 {
@@ -236,6 +249,12 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
         }
         const float *s = trans ? src + m : src + (size_t)m * ld;
         size_t st = trans ? (size_t)ld : 1;
+#if MP_X86
+        if (dt == MP_BF16 && st == 1 && mp_cpu_caps()->avx512f) {
+            pack_a_row_bf16(s, K, dst, kk, m);
+            continue;
+        }
+#endif
         for (int k0 = 0; k0 < kp; k0 += 32) {
             /* A' = [hi | hi | lo] for fp16: pairs with B' = [hi; lo; hi]. */
             uint16_t h[32] = {0}, l[32] = {0};
