@@ -423,13 +423,55 @@ static void att_mm(int m, int n, int k, const float *A, size_t ars, size_t aks,
 #endif
 }
 
+#ifdef __AVX512F__
+/* dst (16 x 16, row stride ld) = the transpose of src (row stride ls). */
+static inline void tr16(float *dst, size_t ld, const float *src, size_t ls)
+{
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * ls);
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+        r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * ld, r[i]);
+}
+#endif
+
 /* dst[d * AB + c] = src[c * ld + d] for rows c < nc, d < HS; columns
  * nc..AB-1 zeroed. */
 static void att_load_t(float *dst, const float *src, int ld, int nc, int HS)
 {
     for (int d = 0; d < HS; d++)
         for (int c = nc; c < AB; c++) dst[d * AB + c] = 0.0f;
-    for (int c = 0; c < nc; c++) {
+    int c0 = 0;
+#ifdef __AVX512F__
+    int h16 = HS & ~15;
+    for (; c0 + 16 <= nc; c0 += 16) {
+        for (int d0 = 0; d0 < h16; d0 += 16)
+            tr16(dst + d0 * AB + c0, AB, src + (size_t)c0 * ld + d0, (size_t)ld);
+        for (int c = c0; c < c0 + 16; c++)
+            for (int d = h16; d < HS; d++) dst[d * AB + c] = src[(size_t)c * ld + d];
+    }
+#endif
+    for (int c = c0; c < nc; c++) {
         const float *s = src + (size_t)c * ld;
         for (int d = 0; d < HS; d++) dst[d * AB + c] = s[d];
     }
@@ -439,8 +481,19 @@ static void att_load_t(float *dst, const float *src, int ld, int nc, int HS)
  * att_mm stay in L1 instead of striding through qkv. */
 static void att_copy_rows(float *dst, const float *src, int ld, int n, int HS)
 {
+#ifdef __AVX512F__
+    __mmask16 lm = HS % 16 ? vtail(HS % 16) : (__mmask16)0xFFFF;
+    int h16 = (HS - 1) & ~15; /* start of the last (maybe partial) vector */
+    for (int r = 0; r < n; r++) {
+        const float *s = src + (size_t)r * ld;
+        float *d = dst + (size_t)r * HS;
+        for (int e = 0; e < h16; e += 16) _mm512_storeu_ps(d + e, _mm512_loadu_ps(s + e));
+        _mm512_mask_storeu_ps(d + h16, lm, _mm512_maskz_loadu_ps(lm, s + h16));
+    }
+#else
     for (int r = 0; r < n; r++)
         memcpy(dst + (size_t)r * HS, src + (size_t)r * ld, (size_t)HS * sizeof(float));
+#endif
 }
 
 /* One query block [i0, i0 + nr) of head (b, h). Scores are kept
@@ -450,6 +503,7 @@ static void flash_fwd_block(float *out, float *lse, const float *qkv, int T,
                             int NH, int KVH, int HS, int b, int h, int i0)
 {
     _Alignas(64) float qt[AHS_MAX * AB], st[AB * AB], ot[AB * AHS_MAX], vt[AB * AHS_MAX];
+    _Alignas(64) float kc[AB * AHS_MAX];
     _Alignas(64) float mrow[AB], lrow[AB], alpha[AB];
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH);
     int nr = T - i0 < AB ? T - i0 : AB, jend = i0 + nr;
@@ -465,17 +519,18 @@ static void flash_fwd_block(float *out, float *lse, const float *qkv, int T,
     memset(ot, 0, (size_t)nr * HS * sizeof(float));
     for (int j0 = 0; j0 < jend; j0 += AB) {
         int nc = jend - j0 < AB ? jend - j0 : AB;
-        const float *kj = kb + (size_t)j0 * S, *vj = vb + (size_t)j0 * S;
+        const float *kj = kc, *vj = vb + (size_t)j0 * S;
+        att_copy_rows(kc, kb + (size_t)j0 * S, S, nc, HS);
         bool diag = j0 + nc - 1 > i0; /* some key is after some query */
         /* st = K_j Q_i^T (keys x queries); on the diagonal per strip of 16
          * keys, from the first vector of queries that can see them */
         if (!diag) {
-            att_mm(nc, AB, HS, kj, (size_t)S, 1, qt, AB, st, AB, false);
+            att_mm(nc, AB, HS, kj, (size_t)HS, 1, qt, AB, st, AB, false);
         } else {
             for (int c0 = 0; c0 < nc; c0 += 16) {
                 int mc = nc - c0 < 16 ? nc - c0 : 16, rs = j0 + c0 - i0;
                 rs = rs < 0 ? 0 : rs & ~15;
-                att_mm(mc, AB - rs, HS, kj + (size_t)c0 * S, (size_t)S, 1, qt + rs, AB,
+                att_mm(mc, AB - rs, HS, kj + (size_t)c0 * HS, (size_t)HS, 1, qt + rs, AB,
                        st + c0 * AB + rs, AB, false);
             }
         }
@@ -540,9 +595,9 @@ static void flash_fwd_block(float *out, float *lse, const float *qkv, int T,
         } else {
             att_copy_rows(vt, vj, S, nc, HS);
             for (int r0 = 0; r0 < nr; r0 += 16) {
-                int mr = nr - r0 < 16 ? nr - r0 : 16, kc = i0 + r0 + mr - j0;
-                kc = kc > nc ? nc : kc;
-                att_mm(mr, HS, kc, st + r0, 1, AB, vt, HS, ot + r0 * HS, HS, true);
+                int mr = nr - r0 < 16 ? nr - r0 : 16, nk = i0 + r0 + mr - j0;
+                nk = nk > nc ? nc : nk;
+                att_mm(mr, HS, nk, st + r0, 1, AB, vt, HS, ot + r0 * HS, HS, true);
             }
         }
     }
@@ -563,10 +618,11 @@ static void fast_attention_fwd(kern_gemm *g, float *out, float *lse,
         return;
     }
     int nb = (T + AB - 1) / AB;
-    /* tasks (b, h, query block), the longest (last) blocks first */
+    /* tasks (b, h, query block), the blocks of one head consecutive (its
+     * k and v stay in L2), the longest (last) block first */
 #pragma omp parallel for schedule(dynamic, 1)
     for (int task = 0; task < B * NH * nb; task++) {
-        int i = nb - 1 - task / (B * NH), bh = task % (B * NH);
+        int i = nb - 1 - task % nb, bh = task / nb;
         flash_fwd_block(out, lse, qkv, T, NH, KVH, HS, bh / NH, bh % NH, i * AB);
     }
 }
