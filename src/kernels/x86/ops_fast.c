@@ -331,7 +331,9 @@ static void fast_rope(float *qkv, const float *cos_t, const float *sin_t, int B,
  * and Q once per query block (forward). Head sizes above AHS_MAX fall back
  * to the reference kernels. */
 
-#define AB 64       /* rows of a query block = columns of a key block */
+#ifndef AB
+#define AB 64 /* rows of a query block = columns of a key block */
+#endif
 #define AHS_MAX 128 /* largest head size with stack tiles */
 #define ANEG -1e30f /* "no score yet": finite, so exp(ANEG - ANEG) = 1 */
 
