@@ -10,7 +10,12 @@
  * 16 column pairs (VNNI: B[2k][n], B[2k+1][n] adjacent), Kp = K rounded up
  * to a multiple of 32 and zero padded. One AMX B tile is 16 consecutive
  * 64-byte rows of a panel; one AVX512_BF16 operand is one such row. The
- * left operand A is bf16 row-major with its K padded to Kp (zeros).
+ * left operand A ("packed A") is bf16 in groups of 16 rows, each group a
+ * run of 16 x 32 tiles: element (m, k) is at
+ *   (m / 16) * 16 * Kp + (k / 32) * 512 + (m % 16) * 32 + k % 32,
+ * M padded to a multiple of 32 and K to Kp with zeros, so one AMX A tile
+ * is 1 KiB read in order (a row-major A of K = 2048 put every row of a
+ * tile in the same L1 set).
  *
  * fp16 compute: an fp16 value x is split exactly into two bf16 values
  * hi = bf16(x), lo = bf16(x - hi) (fp16 has 11 significant bits, hi+lo

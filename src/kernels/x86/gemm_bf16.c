@@ -32,6 +32,14 @@ static inline int packed_k(mp_dtype dt, int K)
     return dt == MP_F16 ? 3 * kp : kp;
 }
 
+/* Element (m, k) of packed A: 16-row groups, each a run of 16 x 32 tiles
+ * (1 KiB, rows of 64 bytes), so one AMX tile load reads 1 KiB in order. */
+static inline size_t a_off(int kk, int m, int k)
+{
+    return (size_t)(m / 16) * 16 * (size_t)kk + (size_t)(k / 32) * 512 + (size_t)(m % 16) * 32 +
+           (size_t)(k % 32);
+}
+
 size_t mp_packb_elems(mp_dtype dt, int K, int N)
 {
     return (size_t)packed_k(dt, K) * (size_t)round_up(N, 32);
@@ -169,13 +177,12 @@ MP_T512 static void pack_a_trans_kblock(mp_dtype dt, int M, int K, const float *
             for (int j = 0; j < mc; j++) split16(dt, c[j], &hi[h][j], &lo[h][j]);
         }
         for (int j = 0; j < mc; j++) {
-            uint16_t *row = dst + (size_t)(m0 + j) * kk;
             __m512i vh = _mm512_inserti64x4(_mm512_castsi256_si512(hi[0][j]), hi[1][j], 1);
-            _mm512_storeu_si512(row + k0, vh);
+            _mm512_storeu_si512(dst + a_off(kk, m0 + j, k0), vh);
             if (dt == MP_F16) {
                 __m512i vl = _mm512_inserti64x4(_mm512_castsi256_si512(lo[0][j]), lo[1][j], 1);
-                _mm512_storeu_si512(row + kp + k0, vh);
-                _mm512_storeu_si512(row + 2 * kp + k0, vl);
+                _mm512_storeu_si512(dst + a_off(kk, m0 + j, kp + k0), vh);
+                _mm512_storeu_si512(dst + a_off(kk, m0 + j, 2 * kp + k0), vl);
             }
         }
     }
@@ -234,6 +241,13 @@ static void convert_row(mp_dtype dt, const float *src, size_t st, int n,
     }
 }
 
+/* Zeroes rows m0..m1 of packed A (the padding rows of the last group). */
+static void zero_a_rows(uint16_t *dst, int kk, int m0, int m1)
+{
+    for (int m = m0; m < m1; m++)
+        for (int k = 0; k < kk; k += 32) memset(dst + a_off(kk, m, k), 0, 64);
+}
+
 void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
                int ld, uint16_t *dst)
 {
@@ -245,35 +259,29 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
          * block itself (masked loads); rows beyond M are zeroed here. */
         #pragma omp parallel for schedule(static)
         for (int k0 = 0; k0 < kp; k0 += 32) pack_a_trans_kblock(dt, M, K, src, ld, dst, kp, kk, k0);
-        if (mp > M) memset(dst + (size_t)M * kk, 0, (size_t)(mp - M) * kk * 2);
+        zero_a_rows(dst, kk, M, mp);
         return;
     }
 #endif
-    #pragma omp parallel
-    {
-        uint16_t *lbuf = dt == MP_F16 ? malloc((size_t)kp * 2) : NULL;
-        #pragma omp for schedule(static)
-        for (int m = 0; m < mp; m++) {
-            uint16_t *row = dst + (size_t)m * kk;
-            if (m >= M) {
-                memset(row, 0, (size_t)kk * 2);
-                continue;
-            }
-            const float *s = trans ? src + m : src + (size_t)m * ld;
-            size_t st = trans ? (size_t)ld : 1;
-            if (dt == MP_BF16) {
-                convert_row(dt, s, st, K, row, NULL);
-                memset(row + K, 0, (size_t)(kp - K) * 2);
-            } else {
-                /* A' = [hi | hi | lo]: pairs with B' = [hi; lo; hi]. */
-                convert_row(dt, s, st, K, row, lbuf);
-                memset(row + K, 0, (size_t)(kp - K) * 2);
-                memcpy(row + kp, row, (size_t)kp * 2);
-                memcpy(row + 2 * kp, lbuf, (size_t)K * 2);
-                memset(row + 2 * kp + K, 0, (size_t)(kp - K) * 2);
+    #pragma omp parallel for schedule(static)
+    for (int m = 0; m < mp; m++) {
+        if (m >= M) {
+            zero_a_rows(dst, kk, m, m + 1);
+            continue;
+        }
+        const float *s = trans ? src + m : src + (size_t)m * ld;
+        size_t st = trans ? (size_t)ld : 1;
+        for (int k0 = 0; k0 < kp; k0 += 32) {
+            /* A' = [hi | hi | lo] for fp16: pairs with B' = [hi; lo; hi]. */
+            uint16_t h[32] = {0}, l[32] = {0};
+            int cnt = KILN_MP_MIN(32, K - k0);
+            convert_row(dt, s + (size_t)k0 * st, st, cnt, h, dt == MP_F16 ? l : NULL);
+            memcpy(dst + a_off(kk, m, k0), h, 64);
+            if (dt == MP_F16) {
+                memcpy(dst + a_off(kk, m, kp + k0), h, 64);
+                memcpy(dst + a_off(kk, m, 2 * kp + k0), l, 64);
             }
         }
-        free(lbuf);
     }
 }
 
@@ -341,15 +349,15 @@ static void gemm_ref(int M, int N, int Kp, const uint16_t *pa,
 {
     #pragma omp parallel for schedule(static)
     for (int m = 0; m < M; m++) {
-        const uint16_t *a = pa + (size_t)m * Kp;
         for (int n = 0; n < N; n++) {
             const uint16_t *pan = pb + (size_t)(n / 16) * Kp * 16;
             int c = n % 16;
             float acc = 0;
             for (int k = 0; k < Kp; k += 2) {
                 const uint16_t *row = pan + (size_t)(k / 2) * 32;
-                acc += mp_bf16_to_f32_1(a[k]) * mp_bf16_to_f32_1(row[2 * c]);
-                acc += mp_bf16_to_f32_1(a[k + 1]) * mp_bf16_to_f32_1(row[2 * c + 1]);
+                const uint16_t *a = pa + a_off(Kp, m, k);
+                acc += mp_bf16_to_f32_1(a[0]) * mp_bf16_to_f32_1(row[2 * c]);
+                acc += mp_bf16_to_f32_1(a[1]) * mp_bf16_to_f32_1(row[2 * c + 1]);
             }
             float *o = C + (size_t)m * ldc + n;
             *o = (accumulate ? *o : 0.f) + acc + (bias ? bias[n] : 0.f);
@@ -376,13 +384,12 @@ static void gemm_avx512(int M, int N, int Kp, const uint16_t *pa,
             const uint16_t *p1 = p0 + (size_t)Kp * 16;
             __m512 acc[8][2];
             for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-            const uint16_t *a = pa + (size_t)i0 * Kp; /* rows padded to 32 */
             for (int k2 = 0; k2 < Kp / 2; k2++) {
                 __m512bh b0 = (__m512bh)_mm512_loadu_si512(p0 + (size_t)k2 * 32);
                 __m512bh b1 = (__m512bh)_mm512_loadu_si512(p1 + (size_t)k2 * 32);
                 for (int r = 0; r < 8; r++) {
                     uint32_t pair;
-                    memcpy(&pair, a + (size_t)r * Kp + 2 * k2, 4);
+                    memcpy(&pair, pa + a_off(Kp, i0 + r, 2 * k2), 4); /* rows padded to 32 */
                     __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair);
                     acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
                     acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
