@@ -154,7 +154,7 @@ typedef struct att_case {
     const kern_ops *k;
     kern_gemm *g;
     int B, T, NH, KVH, HS;
-    float *qkv, *work, *out, *att, *R, *cs, *sn;
+    float *qkv, *work, *out, *lse, *R, *cs, *sn;
     bool rope;
 } att_case;
 
@@ -164,7 +164,7 @@ static double att_loss(void *ud)
     size_t n = (size_t)c->B * c->T * (c->NH + 2 * c->KVH) * c->HS;
     memcpy(c->work, c->qkv, n * sizeof(float));
     if (c->rope) c->k->rope(c->work, c->cs, c->sn, c->B, c->T, c->NH, c->KVH, c->HS, false);
-    c->k->attention_fwd(c->g, c->out, c->att, c->work, c->B, c->T, c->NH, c->KVH, c->HS);
+    c->k->attention_fwd(c->g, c->out, c->lse, c->work, c->B, c->T, c->NH, c->KVH, c->HS);
     return dotR(c->out, c->R, (size_t)c->B * c->T * c->NH * c->HS);
 }
 
@@ -179,7 +179,7 @@ static void test_attention_fd(void)
                           .KVH = v ? 2 : 4, .HS = 4, .rope = v == 1};
             size_t S = (size_t)(c.NH + 2 * c.KVH) * c.HS, n = (size_t)c.B * c.T * S;
             float qkv[2 * 5 * 48], work[2 * 5 * 48], dqkv[2 * 5 * 48];
-            float out[2 * 5 * 16], R[2 * 5 * 16], att[2 * 4 * 25], datt[2 * 4 * 25];
+            float out[2 * 5 * 16], R[2 * 5 * 16], lse[2 * 4 * 5];
             float cs[5 * 2], sn[5 * 2];
             for (int p = 0; p < 5; p++)
                 for (int i = 0; i < 2; i++) {
@@ -190,9 +190,9 @@ static void test_attention_fd(void)
             kiln_rng_seed(&r, 7 + (uint64_t)v);
             fill(qkv, n, &r, 1.0f);
             fill(R, (size_t)c.B * c.T * c.NH * c.HS, &r, 1.0f);
-            c.qkv = qkv; c.work = work; c.out = out; c.att = att; c.R = R; c.cs = cs; c.sn = sn;
+            c.qkv = qkv; c.work = work; c.out = out; c.lse = lse; c.R = R; c.cs = cs; c.sn = sn;
             att_loss(&c);
-            c.k->attention_bwd(c.g, dqkv, datt, R, work, att, c.B, c.T, c.NH, c.KVH, c.HS);
+            c.k->attention_bwd(c.g, dqkv, R, work, out, lse, c.B, c.T, c.NH, c.KVH, c.HS);
             if (c.rope) c.k->rope(dqkv, cs, sn, c.B, c.T, c.NH, c.KVH, c.HS, true);
             double e = fd_check(att_loss, &c, qkv, dqkv, n, 1e-2f);
             CHECK_MSG(e < 2e-3, "%s attention (KVH=%d rope=%d): worst error %g",

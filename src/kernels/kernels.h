@@ -52,10 +52,10 @@ struct kern_gemm {
 };
 
 /* kern_gemm objects need not be thread-safe (backends keep caches and
- * scratch): call one from one thread at a time. The attention kernels,
- * which run one head per OpenMP thread, take their per-head products from
- * kern_gemm_threadsafe(): a stateless fp32 GEMM (oneDNN's sgemm, which runs
- * single-threaded inside a parallel region; else a plain loop). */
+ * scratch): call one from one thread at a time. kern_gemm_threadsafe() is
+ * a stateless fp32 GEMM callable from inside an OpenMP parallel region
+ * (oneDNN's sgemm, which runs single-threaded there; else a plain loop);
+ * the attention kernels no longer use it (they tile their own products). */
 kern_gemm *kern_gemm_threadsafe(void);
 
 /* The portable reference GEMM (static object; destroy is NULL). */
@@ -125,18 +125,23 @@ typedef struct kern_ops {
     void (*rope)(float *qkv, const float *cos_t, const float *sin_t, int B,
                  int T, int NH, int KVH, int HS, bool inverse);
 
-    /* Causal self-attention with GQA. g is the model's GEMM; the fast
-     * version runs heads in parallel on kern_gemm_threadsafe() instead. qkv (B*T, (NH + 2*KVH)*HS): q heads,
-     * then k heads, then v heads; query head h uses kv head h / (NH/KVH).
-     * out (B*T, NH*HS); att (B, NH, T, T) softmax probabilities (row t
-     * valid for t2 <= t, the rest zero). Scale 1/sqrt(HS). */
-    void (*attention_fwd)(kern_gemm *g, float *out, float *att,
+    /* Causal self-attention with GQA, flash style: no (T, T) matrix is
+     * stored. qkv (B*T, (NH + 2*KVH)*HS): q heads, then k heads, then v
+     * heads; query head h uses kv head h / (NH/KVH). Scale 1/sqrt(HS).
+     * out (B*T, NH*HS); lse (B, NH, T) the log-sum-exp of each query row's
+     * scaled scores (over keys t2 <= t), which is all the backward needs to
+     * recompute the softmax probabilities P = exp(scale q k^T - lse).
+     * g is the model's GEMM (unused: ref loops row by row, fast tiles the
+     * products itself on per-thread tiles, OpenMP over heads). */
+    void (*attention_fwd)(kern_gemm *g, float *out, float *lse,
                           const float *qkv, int B, int T, int NH, int KVH,
                           int HS);
-    /* dqkv is overwritten; datt (B, NH, T, T) is scratch. */
-    void (*attention_bwd)(kern_gemm *g, float *dqkv, float *datt,
-                          const float *dout, const float *qkv,
-                          const float *att, int B, int T, int NH, int KVH,
+    /* dqkv is overwritten. out and lse are the forward's; D = rowsum(dout *
+     * out) is computed inside. Deterministic for a given thread count (the
+     * dk/dv of a kv head are summed by one task in a fixed order). */
+    void (*attention_bwd)(kern_gemm *g, float *dqkv, const float *dout,
+                          const float *qkv, const float *out,
+                          const float *lse, int B, int T, int NH, int KVH,
                           int HS);
 
     /* out = a + b (out may alias a or b). */

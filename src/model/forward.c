@@ -26,7 +26,7 @@ static void carve(kiln_model *m, int B, int T)
     size_t F = (size_t)m->F, NH = (size_t)m->NH;
     size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
     size_t big = KILN_MAX((size_t)m->QKV, FH);
-    size_t att = (size_t)B * NH * T * T;
+    size_t lse = (size_t)B * NH * T;
     arena_reset(&m->act);
     m->a.tokens = arena_alloc(&m->act, N * sizeof(int32_t));
     KILN_ASSERT(m->a.tokens);
@@ -35,7 +35,7 @@ static void carve(kiln_model *m, int B, int T)
     FWD_ALLOC(ln1_mean, L * N);
     FWD_ALLOC(ln1_rstd, L * N);
     FWD_ALLOC(qkv, L * N * (size_t)m->QKV);
-    FWD_ALLOC(att, L * att);
+    FWD_ALLOC(lse, L * lse);
     FWD_ALLOC(atty, L * N * C);
     FWD_ALLOC(res2, L * N * C);
     FWD_ALLOC(ln2, L * N * C);
@@ -52,7 +52,6 @@ static void carve(kiln_model *m, int B, int T)
     FWD_ALLOC(dc, N * C);
     FWD_ALLOC(df, N * F);
     FWD_ALLOC(dbig, N * big);
-    FWD_ALLOC(datt, att);
 }
 
 const char *const model_prof_names[MODEL_PROF_N] = {
@@ -121,7 +120,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
     int C = m->C, F = m->F, QKV = m->QKV, V = m->V, n = (int)N;
     int FH = gpt2 ? F : 2 * F;
     float eps = m->cfg.norm_eps;
-    size_t att_sz = (size_t)B * m->NH * T * T;
+    size_t lse_sz = (size_t)B * m->NH * T;
     model_acts *a = &m->a;
 
     P(OTHER, k->embed_fwd(a->encoded, tokens, m->w.wte, m->w.wpe, B, T, C));
@@ -130,7 +129,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
         const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
         float *ln1 = a->ln1 + (size_t)l * N * C;
         float *qkv = a->qkv + (size_t)l * N * QKV;
-        float *att = a->att + (size_t)l * att_sz;
+        float *lse = a->lse + (size_t)l * lse_sz;
         float *atty = a->atty + (size_t)l * N * C;
         float *res2 = a->res2 + (size_t)l * N * C;
         float *ln2 = a->ln2 + (size_t)l * N * C;
@@ -145,7 +144,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
         P(MATMUL_FWD, k->matmul_fwd(g, qkv, ln1, w->qkv_w, w->qkv_b, n, C, QKV, lay));
         if (!gpt2)
             P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-        P(ATTN_FWD, k->attention_fwd(g, atty, att, qkv, B, T, m->NH, m->KVH, m->HS));
+        P(ATTN_FWD, k->attention_fwd(g, atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
         P(MATMUL_FWD, k->matmul_fwd(g, res2, atty, w->proj_w, w->proj_b, n, C, C, lay));
         P(OTHER, k->add(res2, res2, inp, N * C));
         if (gpt2)
@@ -189,7 +188,7 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
     int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
     size_t N = (size_t)B * T;
     int n = (int)N, FH = gpt2 ? F : 2 * F;
-    size_t att_sz = (size_t)B * m->NH * T * T;
+    size_t lse_sz = (size_t)B * m->NH * T;
     model_acts *a = &m->a;
     model_weights *dw = &m->g;
 
@@ -211,7 +210,7 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
         const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
         const float *ln1 = a->ln1 + (size_t)l * N * C;
         const float *qkv = a->qkv + (size_t)l * N * QKV;
-        const float *att = a->att + (size_t)l * att_sz;
+        const float *lse = a->lse + (size_t)l * lse_sz;
         const float *atty = a->atty + (size_t)l * N * C;
         const float *res2 = a->res2 + (size_t)l * N * C;
         const float *ln2 = a->ln2 + (size_t)l * N * C;
@@ -234,7 +233,7 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
         /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */
         P(MATMUL_BWD, k->matmul_bwd(g, a->dc, d->proj_w, d->proj_b, a->dres, atty, w->proj_w, n, C, C,
                       lay, false));
-        P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->datt, a->dc, qkv, att, B, T, m->NH, m->KVH, m->HS));
+        P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, qkv, atty, lse, B, T, m->NH, m->KVH, m->HS));
         if (!gpt2)
             P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
         P(MATMUL_BWD, k->matmul_bwd(g, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1, w->qkv_w, n, C, QKV, lay,

@@ -300,19 +300,19 @@ static size_t act_bytes(const kiln_model *m, int B, int T)
     size_t F = (size_t)m->F, V = (size_t)m->V, NH = (size_t)m->NH;
     size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
     size_t big = KILN_MAX((size_t)m->QKV, FH);
-    size_t att = (size_t)B * NH * T * T;
+    size_t lse = (size_t)B * NH * T;
     size_t floats[] = {
         N * C,                      /* encoded */
         L * N * C, L * N, L * N,    /* ln1, mean, rstd */
         L * N * (size_t)m->QKV,     /* qkv */
-        L * att,                    /* att */
+        L * lse,                    /* lse */
         L * N * C, L * N * C,       /* atty, res2 */
         L * N * C, L * N, L * N,    /* ln2, mean, rstd */
         L * N * FH, L * N * F,      /* fch, fch_act */
         L * N * C,                  /* res3 */
         N * C, N, N,                /* lnf, mean, rstd */
         N * V,                      /* logits */
-        N * C, N * C, N * F, N * big, att, /* dres, dc, df, dbig, datt */
+        N * C, N * C, N * F, N * big, /* dres, dc, df, dbig */
     };
     size_t total = (N * sizeof(int32_t) + 63) & ~(size_t)63;
     for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)

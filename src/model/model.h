@@ -63,7 +63,8 @@ typedef struct model_acts {
     float *ln1_mean;  /* (L, N) gpt2 */
     float *ln1_rstd;  /* (L, N) */
     float *qkv;       /* (L, N, QKV) after RoPE */
-    float *att;       /* (L, B, NH, T, T) softmax probabilities */
+    float *lse;       /* (L, B, NH, T) log-sum-exp of each attention row's
+                         scaled scores (flash attention: no (T, T) matrix) */
     float *atty;      /* (L, N, C) attention output before c_proj/o_proj */
     float *res2;      /* (L, N, C) residual after attention */
     float *ln2;       /* (L, N, C) */
@@ -81,7 +82,6 @@ typedef struct model_acts {
     float *dc;        /* (N, C) */
     float *df;        /* (N, F) */
     float *dbig;      /* (N, max(QKV, 2F)) */
-    float *datt;      /* (B, NH, T, T) */
 } model_acts;
 
 /* Per-op time accounting (bench/bench_train prints it). */

@@ -283,7 +283,17 @@ static void ref_rope(float *qkv, const float *cos_t, const float *sin_t,
 
 /* ---- attention -------------------------------------------------------- */
 
-static void ref_attention_fwd(kern_gemm *g, float *out, float *att,
+/* Row by row, no buffers: each probability is recomputed from q, k and the
+ * row's log-sum-exp, p(t, t2) = exp(scale q_t . k_t2 - lse_t). */
+
+static float ref_score(const float *q, const float *k, int HS, float scale)
+{
+    float dot = 0.0f;
+    for (int i = 0; i < HS; i++) dot += q[i] * k[i];
+    return dot * scale;
+}
+
+static void ref_attention_fwd(kern_gemm *g, float *out, float *lse,
                               const float *qkv, int B, int T, int NH, int KVH,
                               int HS)
 {
@@ -293,37 +303,34 @@ static void ref_attention_fwd(kern_gemm *g, float *out, float *att,
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             int kh = h / grp;
+            const float *kb = qkv + (size_t)b * T * S + (NH + kh) * HS;
+            const float *vb = qkv + (size_t)b * T * S + (NH + KVH + kh) * HS;
             for (int t = 0; t < T; t++) {
                 const float *q = qkv + ((size_t)b * T + t) * S + h * HS;
-                float *a = att + (((size_t)b * NH + h) * T + t) * T;
                 float mx = -INFINITY;
                 for (int t2 = 0; t2 <= t; t2++) {
-                    const float *k = qkv + ((size_t)b * T + t2) * S + (NH + kh) * HS;
-                    float dot = 0.0f;
-                    for (int i = 0; i < HS; i++) dot += q[i] * k[i];
-                    a[t2] = dot * scale;
-                    if (a[t2] > mx) mx = a[t2];
+                    float s = ref_score(q, kb + (size_t)t2 * S, HS, scale);
+                    if (s > mx) mx = s;
                 }
                 double sum = 0;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    a[t2] = expf(a[t2] - mx);
-                    sum += a[t2];
-                }
-                float inv = (float)(1.0 / sum);
-                for (int t2 = 0; t2 < T; t2++) a[t2] = t2 <= t ? a[t2] * inv : 0.0f;
+                for (int t2 = 0; t2 <= t; t2++)
+                    sum += exp((double)ref_score(q, kb + (size_t)t2 * S, HS, scale) - mx);
+                float l = mx + (float)log(sum);
+                lse[((size_t)b * NH + h) * T + t] = l;
                 float *o = out + ((size_t)b * T + t) * NH * HS + h * HS;
                 for (int i = 0; i < HS; i++) o[i] = 0.0f;
                 for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v = qkv + ((size_t)b * T + t2) * S + (NH + KVH + kh) * HS;
-                    for (int i = 0; i < HS; i++) o[i] += a[t2] * v[i];
+                    float p = expf(ref_score(q, kb + (size_t)t2 * S, HS, scale) - l);
+                    const float *v = vb + (size_t)t2 * S;
+                    for (int i = 0; i < HS; i++) o[i] += p * v[i];
                 }
             }
         }
 }
 
-static void ref_attention_bwd(kern_gemm *g, float *dqkv, float *datt,
-                              const float *dout, const float *qkv,
-                              const float *att, int B, int T, int NH, int KVH,
+static void ref_attention_bwd(kern_gemm *g, float *dqkv, const float *dout,
+                              const float *qkv, const float *out,
+                              const float *lse, int B, int T, int NH, int KVH,
                               int HS)
 {
     (void)g;
@@ -334,30 +341,31 @@ static void ref_attention_bwd(kern_gemm *g, float *dqkv, float *datt,
         for (int h = 0; h < NH; h++) {
             int kh = h / grp;
             for (int t = 0; t < T; t++) {
-                const float *a = att + (((size_t)b * NH + h) * T + t) * T;
-                float *da = datt + (((size_t)b * NH + h) * T + t) * T;
-                const float *d = dout + ((size_t)b * T + t) * NH * HS + h * HS;
-                const float *q = qkv + ((size_t)b * T + t) * S + h * HS;
-                float *dq = dqkv + ((size_t)b * T + t) * S + h * HS;
-                double s = 0;
+                size_t row = (size_t)b * T + t;
+                const float *d = dout + row * NH * HS + h * HS;
+                const float *o = out + row * NH * HS + h * HS;
+                const float *q = qkv + row * S + h * HS;
+                float *dq = dqkv + row * S + h * HS;
+                float l = lse[((size_t)b * NH + h) * T + t];
+                /* D = rowsum(dO * O) = sum_t2 p dp */
+                double D = 0;
+                for (int i = 0; i < HS; i++) D += (double)d[i] * o[i];
                 for (int t2 = 0; t2 <= t; t2++) {
-                    const float *v = qkv + ((size_t)b * T + t2) * S + (NH + KVH + kh) * HS;
-                    float *dv = dqkv + ((size_t)b * T + t2) * S + (NH + KVH + kh) * HS;
-                    float dot = 0.0f;
+                    size_t r2 = ((size_t)b * T + t2) * S;
+                    const float *k = qkv + r2 + (NH + kh) * HS;
+                    const float *v = qkv + r2 + (NH + KVH + kh) * HS;
+                    float *dk = dqkv + r2 + (NH + kh) * HS;
+                    float *dv = dqkv + r2 + (NH + KVH + kh) * HS;
+                    float p = expf(ref_score(q, k, HS, scale) - l);
+                    float dp = 0.0f;
                     for (int i = 0; i < HS; i++) {
-                        dot += d[i] * v[i];
-                        dv[i] += a[t2] * d[i];
+                        dp += d[i] * v[i];
+                        dv[i] += p * d[i];
                     }
-                    da[t2] = dot;
-                    s += (double)a[t2] * dot;
-                }
-                for (int t2 = 0; t2 <= t; t2++) {
-                    float dp = a[t2] * (da[t2] - (float)s) * scale;
-                    const float *k = qkv + ((size_t)b * T + t2) * S + (NH + kh) * HS;
-                    float *dk = dqkv + ((size_t)b * T + t2) * S + (NH + kh) * HS;
+                    float ds = p * (dp - (float)D) * scale;
                     for (int i = 0; i < HS; i++) {
-                        dq[i] += dp * k[i];
-                        dk[i] += dp * q[i];
+                        dq[i] += ds * k[i];
+                        dk[i] += ds * q[i];
                     }
                 }
             }

@@ -2,9 +2,9 @@
  * ops_fast.c — the fast kernel table: OpenMP threading over rows (or over
  * columns for reductions across rows, so every output is summed by one
  * thread in a fixed order: deterministic for any thread count), AVX-512
- * inner loops with scalar tails, and attention built from per-head GEMMs
- * on causal row blocks. Compiled without AVX-512 the same code runs its
- * scalar paths.
+ * inner loops with scalar tails, and a tiled flash attention (forward and
+ * backward) with its own register-blocked micro-kernel. Compiled without
+ * AVX-512 the same code runs its scalar paths.
  */
 #include "kernels/kernels.h"
 #include "kernels/x86/simd.h"
@@ -318,123 +318,324 @@ static void fast_rope(float *qkv, const float *cos_t, const float *sin_t, int B,
 
 /* ---- attention --------------------------------------------------------- */
 
-#define TB 64 /* causal row block */
+/* Flash attention (FlashAttention-2 schedule) on per-thread tiles: query
+ * blocks of ABR rows against key blocks of ABC columns, causal blocks above
+ * the diagonal skipped, an online softmax in the forward and the
+ * probabilities recomputed from q, k and the saved log-sum-exp in the
+ * backward. No (T, T) matrix exists anywhere. The small products run on
+ * att_mm, a register-blocked FMA kernel (4 rows x 64 columns). Head sizes
+ * above AHS_MAX fall back to the reference kernels. */
 
-/* Softmax of row a[0..len) in place (len >= 1), zeroing a[len..zero_to). */
-static void softmax_row(float *a, int len, int zero_to)
+#define ABR 64      /* query rows per block */
+#define ABC 64      /* key columns per block */
+#define AHS_MAX 128 /* largest head size with stack tiles */
+
+#ifdef __AVX512F__
+/* C (RB, 16*NV) (+)= A (RB, k) B (k, 16*NV); the last vector uses mask lm. */
+static inline __attribute__((always_inline)) void
+att_mk(int RB, int NV, __mmask16 lm, int k, const float *A, int lda,
+       const float *B, int ldb, float *C, int ldc, bool acc)
 {
-    float mx = -INFINITY;
-    int i = 0;
-#ifdef __AVX512F__
-    __m512 vm = _mm512_set1_ps(-INFINITY);
-    for (; i + 16 <= len; i += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(a + i));
-    mx = _mm512_reduce_max_ps(vm);
-#endif
-    for (; i < len; i++) mx = a[i] > mx ? a[i] : mx;
-    float sum = 0.0f;
-    i = 0;
-#ifdef __AVX512F__
-    __m512 vs = _mm512_setzero_ps(), vmx = _mm512_set1_ps(mx);
-    for (; i + 16 <= len; i += 16) {
-        __m512 e = vexp(_mm512_sub_ps(_mm512_loadu_ps(a + i), vmx));
-        _mm512_storeu_ps(a + i, e);
-        vs = _mm512_add_ps(vs, e);
+    __m512 c[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++)
+            c[r][v] = !acc ? _mm512_setzero_ps()
+                      : v == NV - 1 ? _mm512_maskz_loadu_ps(lm, C + (size_t)r * ldc + 16 * v)
+                                    : _mm512_loadu_ps(C + (size_t)r * ldc + 16 * v);
+    for (int p = 0; p < k; p++) {
+        __m512 b[4];
+        const float *bp = B + (size_t)p * ldb;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++)
+            b[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(lm, bp + 16 * v) : _mm512_loadu_ps(bp + 16 * v);
+#pragma GCC unroll 4
+        for (int r = 0; r < RB; r++) {
+            __m512 a = _mm512_set1_ps(A[(size_t)r * lda + p]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+        }
     }
-    sum = _mm512_reduce_add_ps(vs);
-#endif
-    for (; i < len; i++) {
-        a[i] = expf(a[i] - mx);
-        sum += a[i];
-    }
-    float inv = 1.0f / sum;
-#pragma omp simd
-    for (int j = 0; j < len; j++) a[j] *= inv;
-    for (int j = len; j < zero_to; j++) a[j] = 0.0f;
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) {
+            if (v == NV - 1) _mm512_mask_storeu_ps(C + (size_t)r * ldc + 16 * v, lm, c[r][v]);
+            else _mm512_storeu_ps(C + (size_t)r * ldc + 16 * v, c[r][v]);
+        }
 }
 
-static void fast_attention_fwd(kern_gemm *model_gemm, float *out, float *att,
+#define ATT_MK_NV(RB)                                                          \
+    switch (nv) {                                                              \
+    case 4: att_mk(RB, 4, lm, k, Ai, lda, Bj, ldb, Ci, ldc, acc); break;       \
+    case 3: att_mk(RB, 3, lm, k, Ai, lda, Bj, ldb, Ci, ldc, acc); break;       \
+    case 2: att_mk(RB, 2, lm, k, Ai, lda, Bj, ldb, Ci, ldc, acc); break;       \
+    default: att_mk(RB, 1, lm, k, Ai, lda, Bj, ldb, Ci, ldc, acc); break;      \
+    }
+#endif
+
+/* C (m, n) (+)= A (m, k) B (k, n), row-major with row strides (acc: add to
+ * C, else overwrite). */
+static void att_mm(int m, int n, int k, const float *A, int lda, const float *B,
+                   int ldb, float *C, int ldc, bool acc)
+{
+#ifdef __AVX512F__
+    for (int j = 0; j < n; j += 64) {
+        int w = n - j < 64 ? n - j : 64, nv = (w + 15) / 16;
+        __mmask16 lm = w % 16 ? vtail(w % 16) : (__mmask16)0xFFFF;
+        const float *Bj = B + j;
+        int i = 0;
+        for (; i + 4 <= m; i += 4) {
+            const float *Ai = A + (size_t)i * lda;
+            float *Ci = C + (size_t)i * ldc + j;
+            ATT_MK_NV(4)
+        }
+        const float *Ai = A + (size_t)i * lda;
+        float *Ci = C + (size_t)i * ldc + j;
+        switch (m - i) {
+        case 3: ATT_MK_NV(3) break;
+        case 2: ATT_MK_NV(2) break;
+        case 1: ATT_MK_NV(1) break;
+        default: break;
+        }
+    }
+#else
+    for (int i = 0; i < m; i++) {
+        float *c = C + (size_t)i * ldc;
+        if (!acc)
+            for (int j = 0; j < n; j++) c[j] = 0.0f;
+        for (int p = 0; p < k; p++) {
+            float a = A[(size_t)i * lda + p];
+            const float *b = B + (size_t)p * ldb;
+#pragma omp simd
+            for (int j = 0; j < n; j++) c[j] += a * b[j];
+        }
+    }
+#endif
+}
+
+/* dst (ABC-wide rows: dst[d * ABC + c]) = src rows c < nc (stride ld), HS
+ * columns, transposed; columns nc..ABC-1 zeroed. */
+static void att_load_t(float *dst, const float *src, int ld, int nc, int HS)
+{
+    for (int d = 0; d < HS; d++)
+        for (int c = nc; c < ABC; c++) dst[d * ABC + c] = 0.0f;
+    for (int c = 0; c < nc; c++) {
+        const float *s = src + (size_t)c * ld;
+        for (int d = 0; d < HS; d++) dst[d * ABC + c] = s[d];
+    }
+}
+
+/* dst (n, m) = src (m, n) (row stride of src ABC, of dst ABR). */
+static void att_transpose(float *dst, const float *src, int m, int n)
+{
+    for (int c = 0; c < n; c++)
+        for (int r = 0; r < m; r++) dst[c * ABR + r] = src[r * ABC + c];
+}
+
+/* Row of scores s[0..ABC) (unscaled): p = exp(scale s - sub) for columns
+ * < lim, 0 after; returns the sum of p. With mx != NULL, sub is first
+ * raised to the max of the row's scaled scores (online softmax). */
+static float att_exp_row(float *s, int lim, float scale, float sub, float *mx)
+{
+    float sum = 0.0f;
+#ifdef __AVX512F__
+    __m512 vs = _mm512_set1_ps(scale);
+    __mmask16 mk[ABC / 16];
+    for (int v = 0; v < ABC / 16; v++) {
+        int n = lim - 16 * v;
+        mk[v] = n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : vtail(n);
+    }
+    if (mx) {
+        __m512 vm = _mm512_set1_ps(-INFINITY);
+        for (int v = 0; v < ABC / 16; v++)
+            vm = _mm512_mask_max_ps(vm, mk[v], vm, _mm512_loadu_ps(s + 16 * v));
+        float m = _mm512_reduce_max_ps(vm) * scale;
+        sub = m > *mx ? m : *mx;
+        *mx = sub;
+    }
+    __m512 vsub = _mm512_set1_ps(sub), acc = _mm512_setzero_ps();
+    for (int v = 0; v < ABC / 16; v++) {
+        __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * v), vs, vsub);
+        __m512 e = _mm512_maskz_mov_ps(mk[v], vexp(x));
+        _mm512_storeu_ps(s + 16 * v, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#else
+    if (mx) {
+        float m = -INFINITY;
+        for (int c = 0; c < lim; c++) m = s[c] > m ? s[c] : m;
+        m *= scale;
+        sub = m > *mx ? m : *mx;
+        *mx = sub;
+    }
+    for (int c = 0; c < ABC; c++) {
+        float e = c < lim ? expf(s[c] * scale - sub) : 0.0f;
+        s[c] = e;
+        sum += e;
+    }
+#endif
+    return sum;
+}
+
+/* One query block [i0, i0 + nr) of head (b, h). */
+static void flash_fwd_block(float *out, float *lse, const float *qkv, int T,
+                            int NH, int KVH, int HS, int b, int h, int i0)
+{
+    _Alignas(64) float kt[AHS_MAX * ABC], sc[ABR * ABC], ot[ABR * AHS_MAX];
+    float mrow[ABR], lrow[ABR];
+    int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH);
+    int nr = T - i0 < ABR ? T - i0 : ABR, jend = i0 + nr;
+    float scale = 1.0f / sqrtf((float)HS);
+    const float *q = qkv + ((size_t)b * T + i0) * S + h * HS;
+    const float *kb = qkv + (size_t)b * T * S + (NH + kh) * HS;
+    const float *vb = qkv + (size_t)b * T * S + (NH + KVH + kh) * HS;
+    for (int r = 0; r < nr; r++) {
+        mrow[r] = -INFINITY;
+        lrow[r] = 0.0f;
+    }
+    memset(ot, 0, (size_t)nr * HS * sizeof(float));
+    for (int j0 = 0; j0 < jend; j0 += ABC) {
+        int nc = jend - j0 < ABC ? jend - j0 : ABC;
+        att_load_t(kt, kb + (size_t)j0 * S, S, nc, HS);
+        att_mm(nr, ABC, HS, q, S, kt, ABC, sc, ABC, false);
+        for (int r = 0; r < nr; r++) {
+            float *s = sc + r * ABC;
+            int lim = i0 + r - j0 + 1;
+            lim = lim > nc ? nc : lim;
+            if (lim <= 0) {
+                memset(s, 0, ABC * sizeof(float));
+                continue;
+            }
+            float mold = mrow[r];
+            float sum = att_exp_row(s, lim, scale, 0.0f, &mrow[r]);
+            float alpha = expf(mold - mrow[r]); /* 0 on the first block */
+            lrow[r] = lrow[r] * alpha + sum;
+            if (alpha != 1.0f) {
+                float *o = ot + r * HS;
+#pragma omp simd
+                for (int d = 0; d < HS; d++) o[d] *= alpha;
+            }
+        }
+        att_mm(nr, HS, nc, sc, ABC, vb + (size_t)j0 * S, S, ot, HS, true);
+    }
+    for (int r = 0; r < nr; r++) {
+        float inv = 1.0f / lrow[r], *o = out + ((size_t)b * T + i0 + r) * OC + h * HS;
+#pragma omp simd
+        for (int d = 0; d < HS; d++) o[d] = ot[r * HS + d] * inv;
+        lse[((size_t)b * NH + h) * T + i0 + r] = mrow[r] + logf(lrow[r]);
+    }
+}
+
+static void fast_attention_fwd(kern_gemm *g, float *out, float *lse,
                                const float *qkv, int B, int T, int NH, int KVH,
                                int HS)
 {
-    (void)model_gemm;
-    kern_gemm *g = kern_gemm_threadsafe();
+    if (HS > AHS_MAX) {
+        kern_ops_ref()->attention_fwd(g, out, lse, qkv, B, T, NH, KVH, HS);
+        return;
+    }
+    int nb = (T + ABR - 1) / ABR;
+    /* tasks (b, h, query block), the longest (last) blocks first */
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int task = 0; task < B * NH * nb; task++) {
+        int i = nb - 1 - task / (B * NH), bh = task % (B * NH);
+        flash_fwd_block(out, lse, qkv, T, NH, KVH, HS, bh / NH, bh % NH, i * ABR);
+    }
+}
+
+typedef struct att_bwd_tiles {
+    _Alignas(64) float kt[AHS_MAX * ABC], vt[AHS_MAX * ABC];
+    _Alignas(64) float dk[ABC * AHS_MAX], dv[ABC * AHS_MAX];
+    _Alignas(64) float p[ABR * ABC], ds[ABR * ABC], pt[ABC * ABR], dst[ABC * ABR];
+    float D[ABR];
+} att_bwd_tiles;
+
+/* All of kv head kh of batch row b: key blocks outer, then the query heads
+ * of the group and the query blocks at or below the diagonal, in order. */
+static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
+                         const float *qkv, const float *out, const float *lse,
+                         int T, int NH, int KVH, int HS, int b, int kh)
+{
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH;
     float scale = 1.0f / sqrtf((float)HS);
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int bh = 0; bh < B * NH; bh++) {
-        int b = bh / NH, h = bh % NH, kh = h / grp;
-        const float *q = qkv + (size_t)b * T * S + h * HS;
-        const float *k = qkv + (size_t)b * T * S + (NH + kh) * HS;
-        const float *v = qkv + (size_t)b * T * S + (NH + KVH + kh) * HS;
-        float *a = att + (size_t)bh * T * T;
-        float *o = out + (size_t)b * T * OC + h * HS;
-        for (int r0 = 0; r0 < T; r0 += TB) {
-            int r1 = r0 + TB < T ? r0 + TB : T;
-            /* scores (r1-r0, r1) = scale * q[r0:r1] k[0:r1]^T */
-            g->gemm(g, false, true, r1 - r0, r1, HS, scale, q + (size_t)r0 * S, S, k, S, 0.0f,
-                    a + (size_t)r0 * T, T);
-            for (int t = r0; t < r1; t++) softmax_row(a + (size_t)t * T, t + 1, T);
-            g->gemm(g, false, false, r1 - r0, HS, r1, 1.0f, a + (size_t)r0 * T, T, v, S, 0.0f,
-                    o + (size_t)r0 * OC, OC);
+    const float *base = qkv + (size_t)b * T * S;
+    float *dbase = dqkv + (size_t)b * T * S;
+    const float *kb = base + (NH + kh) * HS, *vb = base + (NH + KVH + kh) * HS;
+    for (int t = 0; t < T; t++)
+        memset(dbase + (size_t)t * S + kh * grp * HS, 0, (size_t)grp * HS * sizeof(float));
+    for (int j0 = 0; j0 < T; j0 += ABC) {
+        int nc = T - j0 < ABC ? T - j0 : ABC;
+        att_load_t(w->kt, kb + (size_t)j0 * S, S, nc, HS);
+        att_load_t(w->vt, vb + (size_t)j0 * S, S, nc, HS);
+        memset(w->dk, 0, (size_t)nc * HS * sizeof(float));
+        memset(w->dv, 0, (size_t)nc * HS * sizeof(float));
+        for (int h = kh * grp; h < (kh + 1) * grp; h++) {
+            const float *lh = lse + ((size_t)b * NH + h) * T;
+            for (int i0 = j0 / ABR * ABR; i0 < T; i0 += ABR) {
+                int nr = T - i0 < ABR ? T - i0 : ABR;
+                const float *q = base + (size_t)i0 * S + h * HS;
+                float *dq = dbase + (size_t)i0 * S + h * HS;
+                const float *d = dout + ((size_t)b * T + i0) * OC + h * HS;
+                const float *o = out + ((size_t)b * T + i0) * OC + h * HS;
+                for (int r = 0; r < nr; r++) {
+                    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (int e = 0; e < HS; e++) s += d[(size_t)r * OC + e] * o[(size_t)r * OC + e];
+                    w->D[r] = s;
+                }
+                /* P = exp(scale Q K^T - lse), dP = dO V^T */
+                att_mm(nr, ABC, HS, q, S, w->kt, ABC, w->p, ABC, false);
+                att_mm(nr, ABC, HS, d, OC, w->vt, ABC, w->ds, ABC, false);
+                for (int r = 0; r < nr; r++) {
+                    float *p = w->p + r * ABC, *ds = w->ds + r * ABC;
+                    int lim = i0 + r - j0 + 1;
+                    lim = lim > nc ? nc : lim;
+                    if (lim <= 0) {
+                        memset(p, 0, ABC * sizeof(float));
+                        memset(ds, 0, ABC * sizeof(float));
+                        continue;
+                    }
+                    att_exp_row(p, lim, scale, lh[i0 + r], NULL);
+                    /* dS = P (dP - D) scale */
+                    float Dr = w->D[r];
+#pragma omp simd
+                    for (int c = 0; c < ABC; c++) ds[c] = p[c] * (ds[c] - Dr) * scale;
+                }
+                /* dV += P^T dO, dK += dS^T Q, dQ += dS K */
+                att_transpose(w->pt, w->p, nr, nc);
+                att_transpose(w->dst, w->ds, nr, nc);
+                att_mm(nc, HS, nr, w->pt, ABR, d, OC, w->dv, HS, true);
+                att_mm(nc, HS, nr, w->dst, ABR, q, S, w->dk, HS, true);
+                att_mm(nr, HS, nc, w->ds, ABC, kb + (size_t)j0 * S, S, dq, S, true);
+            }
+        }
+        for (int c = 0; c < nc; c++) {
+            memcpy(dbase + (size_t)(j0 + c) * S + (NH + kh) * HS, w->dk + c * HS,
+                   (size_t)HS * sizeof(float));
+            memcpy(dbase + (size_t)(j0 + c) * S + (NH + KVH + kh) * HS, w->dv + c * HS,
+                   (size_t)HS * sizeof(float));
         }
     }
 }
 
-static void fast_attention_bwd(kern_gemm *model_gemm, float *dqkv, float *datt,
-                               const float *dout, const float *qkv,
-                               const float *att, int B, int T, int NH, int KVH,
+static void fast_attention_bwd(kern_gemm *g, float *dqkv, const float *dout,
+                               const float *qkv, const float *out,
+                               const float *lse, int B, int T, int NH, int KVH,
                                int HS)
 {
-    (void)model_gemm;
-    kern_gemm *g = kern_gemm_threadsafe();
-    int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH;
-    float scale = 1.0f / sqrtf((float)HS);
+    if (HS > AHS_MAX) {
+        kern_ops_ref()->attention_bwd(g, dqkv, dout, qkv, out, lse, B, T, NH, KVH, HS);
+        return;
+    }
     /* One task per (batch, kv head): the query heads sharing a kv head
      * accumulate into its dk/dv in a fixed order. */
 #pragma omp parallel for schedule(dynamic, 1)
     for (int bk = 0; bk < B * KVH; bk++) {
-        int b = bk / KVH, kh = bk % KVH;
-        const float *base = qkv + (size_t)b * T * S;
-        float *dbase = dqkv + (size_t)b * T * S;
-        const float *k = base + (NH + kh) * HS, *v = base + (NH + KVH + kh) * HS;
-        float *dk = dbase + (NH + kh) * HS, *dv = dbase + (NH + KVH + kh) * HS;
-        for (int t = 0; t < T; t++) {
-            memset(dk + (size_t)t * S, 0, (size_t)HS * sizeof(float));
-            memset(dv + (size_t)t * S, 0, (size_t)HS * sizeof(float));
-        }
-        for (int h = kh * grp; h < (kh + 1) * grp; h++) {
-            size_t bh = (size_t)b * NH + h;
-            const float *a = att + bh * T * T;
-            float *da = datt + bh * T * T;
-            const float *q = base + h * HS;
-            float *dq = dbase + h * HS;
-            const float *d = dout + (size_t)b * T * OC + h * HS;
-            for (int r0 = 0; r0 < T; r0 += TB) {
-                int r1 = r0 + TB < T ? r0 + TB : T, nr = r1 - r0;
-                float *dar = da + (size_t)r0 * T;
-                const float *ar = a + (size_t)r0 * T;
-                /* dP = dO V^T */
-                g->gemm(g, false, true, nr, r1, HS, 1.0f, d + (size_t)r0 * OC, OC, v, S, 0.0f,
-                        dar, T);
-                /* dS = P (dP - rowsum(P dP)) * scale, in place in datt */
-                for (int t = r0; t < r1; t++) {
-                    float *dp = da + (size_t)t * T;
-                    const float *p = a + (size_t)t * T;
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int j = 0; j <= t; j++) s += p[j] * dp[j];
-#pragma omp simd
-                    for (int j = 0; j < r1; j++) dp[j] = p[j] * (dp[j] - s) * scale;
-                }
-                /* dQ = dS K ; dK += dS^T Q ; dV += P^T dO */
-                g->gemm(g, false, false, nr, HS, r1, 1.0f, dar, T, k, S, 0.0f,
-                        dq + (size_t)r0 * S, S);
-                g->gemm(g, true, false, r1, HS, nr, 1.0f, dar, T, q + (size_t)r0 * S, S, 1.0f,
-                        dk, S);
-                g->gemm(g, true, false, r1, HS, nr, 1.0f, ar, T, d + (size_t)r0 * OC, OC, 1.0f,
-                        dv, S);
-            }
-        }
+        att_bwd_tiles w;
+        flash_bwd_kv(&w, dqkv, dout, qkv, out, lse, T, NH, KVH, HS, bk / KVH, bk % KVH);
     }
 }
 
