@@ -103,11 +103,13 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
         if (kiln_model_backward(ctx, m, logits)) return 1;
         double t2 = kiln_time_now();
         float *g = kiln_model_grads(m);
-        bool inf = scaler_unscale(&sc, g, n);
-        if (scaler_update(&sc, inf)) {
-            kiln_clip_grad_norm(g, n, kiln_l2_norm(g, n), 1.0);
-            kiln_adamw_step(opt, kiln_model_params(m), g, 1e-4f);
-        }
+        /* the trainer's update: the norm of the scaled gradients is the
+         * inf check; unscale and clip are folded into the AdamW pass */
+        double gn = kiln_l2_norm(g, n);
+        float gmul = scaler_inv_scale(&sc);
+        if (scaler_update(&sc, !isfinite(gn)))
+            kiln_adamw_step_scaled(opt, kiln_model_params(m), g, 1e-4f,
+                                   gmul * kiln_clip_grad_coef(gn * gmul, 1.0));
         double t3 = kiln_time_now(), c3 = cpu_now();
         loss = ls / ws;
         if (s > 0 && t3 - t0 < best) {

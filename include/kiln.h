@@ -665,6 +665,18 @@ kiln_status kiln_adamw_set_decay(kiln_ctx *ctx, kiln_adamw *o, size_t offset,
  * p -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd_i p). */
 void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
                      float lr);
+/* kiln_adamw_step with every gradient read as grads[i] * grad_mul, in the
+ * same pass (grads is not written). grad_mul folds the loss-scaler unscale
+ * (1/scale) and the clip coefficient (kiln_clip_grad_coef) into the
+ * update, so neither rewrites the gradient block:
+ *   norm = kiln_l2_norm(g, n);               (one read of g)
+ *   kiln_adamw_step_scaled(o, p, g, lr, kiln_clip_grad_coef(norm, max));
+ * equals kiln_clip_grad_norm + kiln_adamw_step up to float rounding
+ * (bit-equal when grad_mul is a power of two). Vectorized (AVX-512 when
+ * the CPU has it) and split over the OpenMP threads; per element the
+ * result does not depend on the thread count. */
+void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
+                            float lr, float grad_mul);
 size_t kiln_adamw_size(const kiln_adamw *o);
 int64_t kiln_adamw_t(const kiln_adamw *o);
 void kiln_adamw_set_t(kiln_adamw *o, int64_t t);
@@ -677,10 +689,17 @@ kiln_status kiln_adamw_save(kiln_ctx *ctx, const kiln_adamw *o,
 kiln_status kiln_adamw_load(kiln_ctx *ctx, kiln_adamw *o, const char *path);
 
 /* L2 norm of x (n), accumulated in double in a fixed order (the result
- * does not depend on the thread count). */
+ * does not depend on the thread count). It is inf or NaN exactly when some
+ * x[i] is (squares of finite floats cannot overflow a double sum), so the
+ * norm doubles as the inf/NaN check of a loss scaler: no separate pass. */
 double kiln_l2_norm(const float *x, size_t n);
+/* The clip coefficient for an L2 norm: max_norm / (norm + 1e-6) when
+ * norm > max_norm, else 1 (also for max_norm <= 0 or a NaN norm). */
+float kiln_clip_grad_coef(double norm, double max_norm);
 /* Scales x so that its L2 norm (given) is at most max_norm; returns the
- * factor applied (1 when no clipping). max_norm <= 0 disables. */
+ * factor applied (kiln_clip_grad_coef; 1 when no clipping). max_norm <= 0
+ * disables. To clip without rewriting x, pass the coefficient to
+ * kiln_adamw_step_scaled instead. */
 float kiln_clip_grad_norm(float *x, size_t n, double norm, double max_norm);
 
 /* ---- learning-rate schedules ---------------------------------------- */

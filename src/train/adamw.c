@@ -11,6 +11,15 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__)
+#include "kernels/x86/bf16.h" /* mp_cpu_caps */
+#include <immintrin.h>
+#define KILN_OPT_X86 1
+#endif
 
 typedef struct decay_range {
     size_t offset, numel;
@@ -125,29 +134,131 @@ kiln_status kiln_adamw_new_for_model(kiln_ctx *ctx, const kiln_model *m,
     return KILN_OK;
 }
 
+/* ---- the update kernel ---------------------------------------------- */
+
+/* Per-step constants of the update, hoisted out of the element loop. */
+typedef struct adamw_k {
+    float gmul;       /* grad_mul: unscale x clip coefficient */
+    float b1, omb1;   /* beta1, 1 - beta1 */
+    float b2, omb2;   /* beta2, 1 - beta2 */
+    float rsbc2;      /* 1 / sqrt(1 - beta2^t) */
+    float eps;
+    float step;       /* lr / (1 - beta1^t) */
+} adamw_k;
+
+/* One element, in the order every path uses (no FMA: C11 mode compiles
+ * with -ffp-contract=off, and the AVX-512 path spells out mul + add, so
+ * both paths give the same bits):
+ *   g = G gmul;  m = b1 m + (1-b1) g;  v = b2 v + ((1-b2) g) g;
+ *   p = p - (step (m / (sqrt(v) rsbc2 + eps)) + lrwd p)
+ * which is torch's AdamW (p *= 1 - lr wd; p -= lr/bc1 m / (sqrt(v) /
+ * sqrt(bc2) + eps)) with the bias corrections hoisted into step and rsbc2:
+ * one sqrt and one division per element. Subtracting the decay and the
+ * step together rounds p once, as the unfused loop did. */
+static void adamw_portable(float *restrict p, const float *restrict g,
+                           float *restrict m, float *restrict v, size_t n,
+                           const adamw_k *k, float lrwd)
+{
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i] * k->gmul;
+        float mi = k->b1 * m[i] + k->omb1 * gi;
+        float vi = k->b2 * v[i] + k->omb2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float d = sqrtf(vi) * k->rsbc2 + k->eps;
+        p[i] = p[i] - (k->step * (mi / d) + lrwd * p[i]);
+    }
+}
+
+#if KILN_OPT_X86
+#define OPT_T512 __attribute__((target("avx512f")))
+
+OPT_T512 static inline void adamw16(float *p, const float *g, float *m, float *v,
+                                    __mmask16 k16, const adamw_k *k, __m512 lrwd)
+{
+    __m512 gi = _mm512_mul_ps(_mm512_maskz_loadu_ps(k16, g), _mm512_set1_ps(k->gmul));
+    __m512 mi = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(k->b1), _mm512_maskz_loadu_ps(k16, m)),
+                              _mm512_mul_ps(_mm512_set1_ps(k->omb1), gi));
+    __m512 vi = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(k->b2), _mm512_maskz_loadu_ps(k16, v)),
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(k->omb2), gi), gi));
+    _mm512_mask_storeu_ps(m, k16, mi);
+    _mm512_mask_storeu_ps(v, k16, vi);
+    __m512 d = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), _mm512_set1_ps(k->rsbc2)),
+                             _mm512_set1_ps(k->eps));
+    __m512 u = _mm512_mul_ps(_mm512_set1_ps(k->step), _mm512_div_ps(mi, d));
+    __m512 p0 = _mm512_maskz_loadu_ps(k16, p);
+    __m512 pi = _mm512_sub_ps(p0, _mm512_add_ps(u, _mm512_mul_ps(p0, lrwd)));
+    _mm512_mask_storeu_ps(p, k16, pi);
+}
+
+OPT_T512 static void adamw_avx512(float *p, const float *g, float *m, float *v, size_t n,
+                                  const adamw_k *k, float lrwd)
+{
+    const __m512 dv = _mm512_set1_ps(lrwd);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) adamw16(p + i, g + i, m + i, v + i, 0xffff, k, dv);
+    if (i < n)
+        adamw16(p + i, g + i, m + i, v + i, (__mmask16)((1u << (n - i)) - 1), k, dv);
+}
+#endif
+
+typedef void (*adamw_fn)(float *, const float *, float *, float *, size_t,
+                         const adamw_k *, float);
+
+static adamw_fn adamw_kernel(void)
+{
+#if KILN_OPT_X86
+    if (mp_cpu_caps()->avx512f) return adamw_avx512;
+#endif
+    return adamw_portable;
+}
+
+void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
+                            float lr, float grad_mul)
+{
+    o->t++;
+    const double b1 = o->opts.beta1, b2 = o->opts.beta2;
+    const double bc1 = 1.0 - pow(b1, (double)o->t);
+    const double bc2 = 1.0 - pow(b2, (double)o->t);
+    const adamw_k k = {
+        .gmul = grad_mul,
+        .b1 = o->opts.beta1, .omb1 = 1.0f - o->opts.beta1,
+        .b2 = o->opts.beta2, .omb2 = 1.0f - o->opts.beta2,
+        .rsbc2 = (float)(1.0 / sqrt(bc2)),
+        .eps = o->opts.eps,
+        .step = (float)((double)lr / bc1),
+    };
+    const float lrwd = (float)((double)lr * (double)o->opts.weight_decay);
+    const adamw_fn fn = adamw_kernel();
+    const size_t n = o->n;
+    float *m = o->m, *v = o->v;
+    const decay_range *rg = o->ranges;
+    const int nr = o->nranges;
+    /* One parallel region: thread `id` takes the contiguous chunk
+     * [lo, hi) (64-byte multiples) and walks the decay ranges in it. */
+#pragma omp parallel if (n > 65536)
+    {
+        int nt = 1, id = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        size_t per = ((n + (size_t)nt - 1) / (size_t)nt + 15) & ~(size_t)15;
+        size_t lo = KILN_MIN(n, (size_t)id * per), hi = KILN_MIN(n, lo + per);
+        for (int r = 0; r < nr && lo < hi; r++) {
+            size_t a = KILN_MAX(lo, rg[r].offset);
+            size_t b = KILN_MIN(hi, rg[r].offset + rg[r].numel);
+            if (a >= b) continue;
+            fn(params + a, grads + a, m + a, v + a, b - a, &k,
+               rg[r].decay ? lrwd : 0.0f);
+        }
+    }
+}
+
 void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
                      float lr)
 {
-    o->t++;
-    const float b1 = o->opts.beta1, b2 = o->opts.beta2, eps = o->opts.eps;
-    const float bc1 = (float)(1.0 - pow((double)b1, (double)o->t));
-    const float bc2 = (float)(1.0 - pow((double)b2, (double)o->t));
-    float *restrict m = o->m, *restrict v = o->v;
-    for (int r = 0; r < o->nranges; r++) {
-        const float wd = o->ranges[r].decay ? o->opts.weight_decay : 0.0f;
-        const ptrdiff_t a = (ptrdiff_t)o->ranges[r].offset;
-        const ptrdiff_t b = a + (ptrdiff_t)o->ranges[r].numel;
-#pragma omp parallel for schedule(static)
-        for (ptrdiff_t i = a; i < b; i++) {
-            float g = grads[i];
-            float mi = b1 * m[i] + (1.0f - b1) * g;
-            float vi = b2 * v[i] + (1.0f - b2) * g * g;
-            m[i] = mi;
-            v[i] = vi;
-            float mhat = mi / bc1, vhat = vi / bc2;
-            params[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * params[i]);
-        }
-    }
+    kiln_adamw_step_scaled(o, params, grads, lr, 1.0f);
 }
 
 size_t kiln_adamw_size(const kiln_adamw *o) { return o->n; }
@@ -160,36 +271,80 @@ float *kiln_adamw_v(kiln_adamw *o) { return o->v; }
 
 #define NORM_BLOCK 16384
 
+/* Sum of squares of one block (n <= NORM_BLOCK) in double, in 16 lanes
+ * (element i goes to lane i % 16), the lanes then added in order. Both
+ * paths do exactly this, so they give the same bits. */
+static double sumsq_portable(const float *x, size_t n)
+{
+    double lane[16] = {0};
+    for (size_t i = 0; i < n; i++) lane[i % 16] += (double)x[i] * (double)x[i];
+    double s = 0;
+    for (int j = 0; j < 8; j++) s += lane[j] + lane[j + 8];
+    return s;
+}
+
+#if KILN_OPT_X86
+OPT_T512 static double sumsq_avx512(const float *x, size_t n)
+{
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+    size_t i = 0;
+    for (;; i += 16) {
+        __m512 v;
+        if (i + 16 <= n)
+            v = _mm512_loadu_ps(x + i);
+        else if (i < n)
+            v = _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1), x + i);
+        else
+            break;
+        __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        __m512d b = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        lo = _mm512_add_pd(lo, _mm512_mul_pd(a, a));
+        hi = _mm512_add_pd(hi, _mm512_mul_pd(b, b));
+    }
+    double l[8], h[8];
+    _mm512_storeu_pd(l, lo);
+    _mm512_storeu_pd(h, hi);
+    double s = 0;
+    for (int j = 0; j < 8; j++) s += l[j] + h[j];
+    return s;
+}
+#endif
+
 double kiln_l2_norm(const float *x, size_t n)
 {
+    double (*fn)(const float *, size_t) = sumsq_portable;
+#if KILN_OPT_X86
+    if (mp_cpu_caps()->avx512f) fn = sumsq_avx512;
+#endif
     size_t nb = (n + NORM_BLOCK - 1) / NORM_BLOCK;
-    double *part = malloc((nb ? nb : 1) * sizeof *part);
+    double stack[64];
+    double *part = nb <= 64 ? stack : malloc(nb * sizeof *part);
     double total = 0;
     if (!part) { /* sequential fallback, same block order */
-        for (size_t b = 0; b < nb; b++) {
-            double s = 0;
-            size_t e = KILN_MIN(n, (b + 1) * NORM_BLOCK);
-            for (size_t i = b * NORM_BLOCK; i < e; i++) s += (double)x[i] * x[i];
-            total += s;
-        }
+        for (size_t b = 0; b < nb; b++)
+            total += fn(x + b * NORM_BLOCK, KILN_MIN(n - b * NORM_BLOCK, NORM_BLOCK));
         return sqrt(total);
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (nb > 4)
     for (ptrdiff_t b = 0; b < (ptrdiff_t)nb; b++) {
-        double s = 0;
-        size_t e = KILN_MIN(n, ((size_t)b + 1) * NORM_BLOCK);
-        for (size_t i = (size_t)b * NORM_BLOCK; i < e; i++) s += (double)x[i] * x[i];
-        part[b] = s;
+        size_t a = (size_t)b * NORM_BLOCK;
+        part[b] = fn(x + a, KILN_MIN(n - a, NORM_BLOCK));
     }
     for (size_t b = 0; b < nb; b++) total += part[b];
-    free(part);
+    if (part != stack) free(part);
     return sqrt(total);
+}
+
+float kiln_clip_grad_coef(double norm, double max_norm)
+{
+    if (max_norm <= 0 || !(norm > max_norm)) return 1.0f;
+    return (float)(max_norm / (norm + 1e-6));
 }
 
 float kiln_clip_grad_norm(float *x, size_t n, double norm, double max_norm)
 {
-    if (max_norm <= 0 || !(norm > max_norm)) return 1.0f;
-    float f = (float)(max_norm / (norm + 1e-6));
+    float f = kiln_clip_grad_coef(norm, max_norm);
+    if (f == 1.0f) return f;
 #pragma omp parallel for schedule(static)
     for (ptrdiff_t i = 0; i < (ptrdiff_t)n; i++) x[i] *= f;
     return f;

@@ -188,6 +188,11 @@ void dist_zero_clip(dist_zero *z, float *grads, double norm, double max_norm);
  * every rank holds the whole updated block. */
 kiln_status dist_zero_update(kiln_ctx *ctx, dist_zero *z, float *params,
                              const float *grads, float lr);
+/* dist_zero_update reading each gradient times grad_mul (loss-scaler
+ * unscale x clip coefficient), as kiln_adamw_step_scaled: no pass over the
+ * gradients before it. */
+kiln_status dist_zero_update_scaled(kiln_ctx *ctx, dist_zero *z, float *params,
+                                    const float *grads, float lr, float grad_mul);
 /* Collective. Gathers the moments on rank 0 into a new full-size
  * kiln_adamw (*full, freed by the caller; NULL on other ranks) with the
  * same step count, ready for kiln_adamw_save. */

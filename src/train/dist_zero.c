@@ -113,8 +113,14 @@ void dist_zero_clip(dist_zero *z, float *grads, double norm, double max_norm)
 kiln_status dist_zero_update(kiln_ctx *ctx, dist_zero *z, float *params,
                              const float *grads, float lr)
 {
+    return dist_zero_update_scaled(ctx, z, params, grads, lr, 1.0f);
+}
+
+kiln_status dist_zero_update_scaled(kiln_ctx *ctx, dist_zero *z, float *params,
+                                    const float *grads, float lr, float grad_mul)
+{
     if (z->opt)
-        kiln_adamw_step(z->opt, params + z->off, grads + z->off, lr);
+        kiln_adamw_step_scaled(z->opt, params + z->off, grads + z->off, lr, grad_mul);
     else
         z->t_empty++;
     return dist_allgather_f32(ctx, z->d, params, z->n);

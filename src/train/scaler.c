@@ -22,10 +22,15 @@ float scaler_loss_scale(const kiln_scaler *s)
     return s->enabled ? (float)s->scale : 1.0f;
 }
 
-bool scaler_unscale(const kiln_scaler *s, float *grads, size_t n)
+float scaler_inv_scale(const kiln_scaler *s)
 {
     /* torch multiplies by the fp32 reciprocal of the scale. */
-    float inv = s->enabled ? (float)(1.0 / s->scale) : 1.0f;
+    return s->enabled ? (float)(1.0 / s->scale) : 1.0f;
+}
+
+bool scaler_unscale(const kiln_scaler *s, float *grads, size_t n)
+{
+    float inv = scaler_inv_scale(s);
     int bad = 0;
     if (inv == 1.0f) {
         #pragma omp parallel for reduction(| : bad) schedule(static)

@@ -14,6 +14,14 @@
  *      step (the gradients are garbage); the scale has been halved.
  *      Otherwise step; after growth_interval consecutive clean steps the
  *      scale doubles.
+ * Fused form (what the trainer runs; same arithmetic, no pass that
+ * rewrites the gradients): norm = kiln_l2_norm(grads) of the still-scaled
+ * gradients is the inf/NaN check (non-finite exactly when some gradient
+ * is), apply = scaler_update(s, !isfinite(norm)), and the optimizer reads
+ * each gradient times scaler_inv_scale(s) (taken before the update) times
+ * the clip coefficient of norm * inv_scale via kiln_adamw_step_scaled. The
+ * scale is a power of two, so the unscale stays exact and still happens
+ * before the clip.
  * The state is plain data and round-trips through JSON (trainer_state.json)
  * so a resumed run continues the same scale and growth counter.
  */
@@ -43,6 +51,10 @@ kiln_scaler scaler_default(bool enabled);
 /* The factor to multiply the loss (or dlogits) by: scale, or 1 when
  * disabled. */
 float scaler_loss_scale(const kiln_scaler *s);
+
+/* The factor scaler_unscale multiplies gradients by: the fp32 reciprocal
+ * of the scale, or 1 when disabled. */
+float scaler_inv_scale(const kiln_scaler *s);
 
 /* Multiplies grads[0..n) by 1/scale (no-op when disabled) and reports
  * whether any gradient is inf or NaN (checked even when disabled, so a

@@ -877,27 +877,27 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     *loss = sums[0] / sums[1];
     *lr = kiln_lr_at(o->schedule, o->lr, o->min_lr, o->warmup, t->total, t->step);
     if (!isfinite(*loss)) return diverged(t, "the training loss", *loss, *lr);
-    /* precision: a loss scaler unscales g here and may skip the update
-     * (bool skip) when g holds inf/NaN. With --zero 1 only this rank's
-     * shard of g (dist_zero_shard) is valid here: unscale and test that
-     * shard, and make the skip decision agree across ranks
-     * (dist_allreduce_max_f64). */
+    /* The update reads g once for the norm and once in the fused AdamW
+     * pass; neither the unscale nor the clip rewrites g. With --zero 1
+     * only this rank's shard of g (dist_zero_shard) is valid here; its
+     * norm is reduced over the ranks, so every rank sees the same norm,
+     * the same inf/NaN verdict and the same clip coefficient. */
     if (t->zero) {
         if ((s = dist_zero_grad_norm(ctx, t->zero, g, gnorm))) return s;
     } else {
         *gnorm = kiln_l2_norm(g, n);
     }
+    float grad_mul = 1.0f;
     if (t->scaler.enabled) {
         /* fp16 loss scaling (torch.amp.GradScaler): the gradients carry the
-         * scale. The global norm is reduced over every rank, so all ranks
-         * see the same inf/NaN verdict; the power-of-two unscale is exact,
-         * so the clip below works on the unscaled norm. On inf/NaN the
-         * step is skipped and the scale halved. */
+         * scale. The norm of the scaled gradients is non-finite exactly
+         * when one of them is: that is the inf/NaN check. The power-of-two
+         * unscale is exact, so it is folded into the optimizer's read of
+         * g (grad_mul) and the clip below works on the unscaled norm. On
+         * inf/NaN the step is skipped and the scale halved. */
         bool inf = !isfinite(*gnorm);
-        if (!inf) {
-            scaler_unscale(&t->scaler, g, n);
-            *gnorm /= t->step_scale;
-        }
+        grad_mul = scaler_inv_scale(&t->scaler); /* before the update */
+        if (!inf) *gnorm /= t->step_scale;
         if (!scaler_update(&t->scaler, inf)) {
             t->step_skipped = true;
             say(t, "step %lld: skipped: inf/NaN gradient at loss scale %g; loss scale now %g",
@@ -908,14 +908,14 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         }
     }
     if (!isfinite(*gnorm)) return diverged(t, "the gradient norm", *gnorm, *lr);
+    grad_mul *= kiln_clip_grad_coef(*gnorm, o->grad_clip);
     if (t->zero) {
-        dist_zero_clip(t->zero, g, *gnorm, o->grad_clip);
-        if ((s = dist_zero_update(ctx, t->zero, kiln_model_params(t->model),
-                                  g, (float)*lr)))
+        if ((s = dist_zero_update_scaled(ctx, t->zero, kiln_model_params(t->model),
+                                         g, (float)*lr, grad_mul)))
             return s;
     } else {
-        kiln_clip_grad_norm(g, n, *gnorm, o->grad_clip);
-        kiln_adamw_step(t->opt, kiln_model_params(t->model), g, (float)*lr);
+        kiln_adamw_step_scaled(t->opt, kiln_model_params(t->model), g, (float)*lr,
+                               grad_mul);
     }
     t->pos += t->G;
     t->step++;
