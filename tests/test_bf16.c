@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 static float bits_f(uint32_t u)
 {
@@ -181,7 +182,9 @@ static double gemm_case(mp_backend be, mp_dtype dt, bool ta, bool tb, int M, int
         float *Ct = malloc(sizeof(float) * (size_t)ldt * N);
         for (int n = 0; n < N; n++)
             for (int m = 0; m < ldt; m++) Ct[(size_t)n * ldt + m] = m < M ? C[(size_t)m * ldc + n] : 7.f;
-        mp_gemm_packed_t(be, dt, M, N, K, pa, pb, Ct, ldt, acc, NULL, true);
+        float *tscr = K > 40 ? malloc(sizeof(float) * mp_gemm_tscr_floats(omp_get_max_threads())) : NULL;
+        mp_gemm_packed_t(be, dt, M, N, K, pa, pb, Ct, ldt, acc, NULL, true, tscr);
+        free(tscr);
         for (int n = 0; n < N; n++) {
             for (int m = 0; m < M; m++) C[(size_t)m * ldc + n] = Ct[(size_t)n * ldt + m];
             if (Ct[(size_t)n * ldt + M] != 7.f) C[N] = NAN; /* padding touched */
@@ -209,7 +212,7 @@ static double gemm_case(mp_backend be, mp_dtype dt, bool ta, bool tb, int M, int
 static void check_backend(mp_backend be)
 {
     static const int shapes[][3] = {{1, 1, 1}, {37, 45, 70}, {64, 64, 64}, {33, 17, 96},
-                                    {100, 130, 200}, {16, 512, 33}};
+                                    {100, 130, 200}, {16, 512, 33}, {40, 36, 1100}};
     for (int dt = MP_BF16; dt <= MP_F16; dt++)
         for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
             for (int t = 0; t < 4; t++) {

@@ -13,10 +13,13 @@
  * The activation function's output (the input of the MLP's second
  * product) is not stored: the forward writes it for one layer at a time
  * (actp) in the fc product's fused epilogue, and the backward recomputes it
- * from fchp while packing the weight-gradient operand. What stays fp32:
- * the residual stream (encoded, res2, res3), norm statistics, qkv (the
- * attention kernels' input, fp32 like the softmax), the attention
- * log-sum-exp, the logits (cross-entropy in fp32), and all gradients.
+ * from fchp while packing the weight-gradient operand. qkv is stored in
+ * bf16 too (qkvh, plain rows): the attention kernels run in fp32 on its
+ * values, widened into one layer's scratch, in the forward and again in the
+ * backward, so both see the same numbers. What stays fp32: the residual
+ * stream (encoded, res2, res3), norm statistics, the softmax (and the
+ * attention log-sum-exp), the logits (cross-entropy in fp32), and all
+ * gradients.
  * The residual adds are fused into the products: the output block starts
  * as residual + bias and the product accumulates into it.
  *
@@ -59,7 +62,7 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
         {4, N * C},                /* encoded */
         {2, L * pk(N, C)},         /* ln1p */
         {4, L * N}, {4, L * N},    /* ln1 mean, rstd */
-        {4, L * N * QKV},          /* qkv */
+        {2, L * N * QKV},          /* qkvh */
         {4, L * B * NH * T},       /* lse */
         {2, L * pk(N, C)},         /* attyp */
         {4, L * N * C},            /* res2 */
@@ -108,7 +111,7 @@ void model_mp_carve(kiln_model *m, int B, int T)
     a->ln1p = p[i++];
     a->ln1_mean = p[i++];
     a->ln1_rstd = p[i++];
-    a->qkv = p[i++];
+    a->qkvh = p[i++];
     a->lse = p[i++];
     a->attyp = p[i++];
     a->res2 = p[i++];
@@ -195,7 +198,8 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
         uint16_t *ln1p = a->ln1p + (size_t)l * pk(N, C), *attyp = a->attyp + (size_t)l * pk(N, C);
         uint16_t *ln2p = a->ln2p + (size_t)l * pk(N, C), *fchp = a->fchp + (size_t)l * pk(N, FH);
-        float *qkv = a->qkv + (size_t)l * N * QKV, *lse = a->lse + (size_t)l * lse_sz;
+        uint16_t *qkvh = a->qkvh + (size_t)l * N * QKV;
+        float *qkv = a->tmp, *lse = a->lse + (size_t)l * lse_sz;
         float *res2 = a->res2 + (size_t)l * N * C, *res3 = a->res3 + (size_t)l * N * C;
         const mp_weight *wq = mp_kern_weight(g, w->qkv_w, QKV, C, io, false);
         const mp_weight *wp = mp_kern_weight(g, w->proj_w, C, C, io, false);
@@ -208,6 +212,7 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
         if (!gpt2)
             P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
+        P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV); mp_bf16_to_f32(qkvh, qkv, N * QKV));
         P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
         P(OTHER, mp_pack_a(MP_BF16, false, n, C, a->atty, C, attyp));
         P(OTHER, residual_init(res2, inp, w->proj_b, n, C));
@@ -283,7 +288,8 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         const uint16_t *attyp = a->attyp + (size_t)l * pk(N, C);
         const uint16_t *ln2p = a->ln2p + (size_t)l * pk(N, C);
         const uint16_t *fchp = a->fchp + (size_t)l * pk(N, FH);
-        const float *qkv = a->qkv + (size_t)l * N * QKV, *lse = a->lse + (size_t)l * lse_sz;
+        const uint16_t *qkvh = a->qkvh + (size_t)l * N * QKV;
+        const float *lse = a->lse + (size_t)l * lse_sz;
         const float *res2 = a->res2 + (size_t)l * N * C;
 
         /* MLP: res3 = res2 + fcproj(act(fc(ln2(res2)))) */
@@ -304,8 +310,8 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      MP_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
-        P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
-        P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, qkv, a->atty, lse, B, T, m->NH, m->KVH,
+        P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C); mp_bf16_to_f32(qkvh, a->tmp, N * QKV));
+        P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T, m->NH, m->KVH,
                                      m->HS));
         if (!gpt2)
             P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));

@@ -82,6 +82,7 @@ typedef struct model_acts {
      * layer's fp32 scratch) */
     uint16_t *ln1p, *attyp, *ln2p, *fchp, *lnfp; /* (L, packed) / (packed) */
     uint16_t *actp;   /* one layer's act(fch), packed */
+    uint16_t *qkvh;   /* (L, N, QKV) bf16 (qkv is NULL then) */
     float *tmp;       /* (N, max(C, FH, QKV)) one layer's fp32 scratch */
     /* backward scratch */
     float *dres;      /* (N, C) gradient of the residual stream */

@@ -14,6 +14,11 @@
 #include "base/base.h"
 
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 #include <time.h>
 
 #if defined(__x86_64__)
@@ -52,7 +57,7 @@ MP_TAMX static void tiles_config(void)
  * as well cost more in prefetch instructions than it saved). C tiles are
  * loaded and stored straight from C (fp32, row stride ldc); tiles cut by
  * the edge of C go through a buffer. */
-enum { MC = 512, NC = 128, KC = 512 };
+enum { MC = MP_AMX_MC, NC = MP_AMX_NC, KC = MP_AMX_KC };
 
 /* transc: C is stored transposed (element (i, j) at C[j * ldc + i]); the
  * 16 x 16 blocks go through buf and an in-register transpose. */
@@ -82,7 +87,9 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
 #define ACC_INIT(t, i0, j0)                                                        \
     do {                                                                           \
         int r_ = M - (i0), c_ = N - (j0);                                          \
-        if (transc && !(first && !accumulate)) {                                   \
+        if (transc && sb && !first) {                                              \
+            _tile_loadd(t, sb + 256 * (((i0) & 16) / 8 + ((j0) & 16) / 16), 64);   \
+        } else if (transc && !(first && !accumulate)) {                            \
             tr_load(buf, C, ldc, (i0), (j0), r_, c_);                              \
             _tile_loadd(t, buf, 64);                                               \
         } else if (first && !accumulate) {                                                \
@@ -110,7 +117,9 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
 #define ACC_STORE(t, i0, j0)                                                       \
     do {                                                                           \
         int r_ = M - (i0), c_ = N - (j0);                                          \
-        if (transc) {                                                              \
+        if (transc && sb && !last) {                                               \
+            _tile_stored(t, sb + 256 * (((i0) & 16) / 8 + ((j0) & 16) / 16), 64);  \
+        } else if (transc) {                                                       \
             if (r_ > 0 && c_ > 0) {                                                \
                 _tile_stored(t, buf, 64);                                          \
                 tr_store(buf, C, ldc, (i0), (j0), r_, c_);                         \
@@ -126,9 +135,9 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
     } while (0)
 
 MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias, bool transc);
+                         float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr);
 MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias, bool transc)
+                         float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr)
 {
     int Mp = (M + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
     int mtiles = (Mp + MC - 1) / MC, ntiles = (Np + NC - 1) / NC;
@@ -137,6 +146,10 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
     {
         tiles_config();
         float buf[16][16] __attribute__((aligned(64)));
+        /* transc over several K chunks: the partial sums of this thread's
+         * macro tile wait in tscr (plain tiles) between chunks, so C is
+         * read and written transposed once, not once per chunk. */
+        float *tbase = transc && tscr && Kp > KC ? tscr + (size_t)omp_get_thread_num() * MC * NC : NULL;
         #pragma omp for schedule(static) collapse(2)
         for (int mt = 0; mt < mtiles; mt++) {
             for (int nt = 0; nt < ntiles; nt++) {
@@ -144,7 +157,7 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
                 int jend = (nt + 1) * NC < Np ? (nt + 1) * NC : Np;
                 for (int k0 = 0; k0 < Kp; k0 += KC) {
                     int k1 = k0 + KC < Kp ? k0 + KC : Kp;
-                    bool first = k0 == 0;
+                    bool first = k0 == 0, last = k1 == Kp;
                     for (int j0 = nt * NC; j0 < jend; j0 += 32) {
                         const uint16_t *b0 = pb + (size_t)(j0 / 16) * Kp * 16;
                         const uint16_t *b1 = b0 + (size_t)Kp * 16;
@@ -156,6 +169,9 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
                         int steps = ((iend - mt * MC) / 32) * ((k1 - k0) / 32);
                         size_t bn_step = steps ? (2 * bn_bytes / 64 + steps - 1) / steps * 64 : 0;
                         for (int i0 = mt * MC; i0 < iend; i0 += 32) {
+                            float *sb = tbase ? tbase + (size_t)(((i0 - mt * MC) / 32) * (NC / 32) +
+                                                                 (j0 - nt * NC) / 32) * 1024
+                                              : NULL;
                             const uint16_t *a0 = pa + (size_t)i0 * Kp; /* 2 groups */
                             const uint16_t *a1 = a0 + (size_t)16 * Kp;
                             ACC_INIT(0, i0, j0);
@@ -245,12 +261,12 @@ double mp_amx_peak_gflops(double secs, double *per_cpu)
 #else /* not x86-64: never called (mp_amx_usable() is false) */
 
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias, bool transc);
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr);
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias, bool transc)
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr)
 {
     (void)M, (void)N, (void)Kp, (void)pa, (void)pb, (void)C, (void)ldc;
-    (void)accumulate, (void)bias, (void)transc;
+    (void)accumulate, (void)bias, (void)transc, (void)tscr;
     KILN_ASSERT(0);
 }
 

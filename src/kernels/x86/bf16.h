@@ -123,12 +123,22 @@ static inline size_t mp_packa_off(int kk, int m, int k)
            (size_t)(k % 32);
 }
 
+/* The AMX kernel's blocking (amx_bf16.c): macro tiles of MC x NC of C, K
+ * in chunks of KC. A transposed product over more than one chunk may pass
+ * a scratch of mp_gemm_tscr_floats(threads) floats. */
+enum { MP_AMX_MC = 512, MP_AMX_NC = 128, MP_AMX_KC = 512 };
+static inline size_t mp_gemm_tscr_floats(int threads)
+{
+    return (size_t)threads * MP_AMX_MC * MP_AMX_NC;
+}
+
 /* mp_gemm_packed with C stored transposed when transc (element (i, j) of
  * the product at C[j * ldc + i]; no bias then): a weight gradient computed
  * as dY^T X lands in an (in, out) weight as it is. */
 void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
                       const uint16_t *pa, const uint16_t *pb, float *C,
-                      int ldc, bool accumulate, const float *bias, bool transc);
+                      int ldc, bool accumulate, const float *bias, bool transc,
+                      float *tscr);
 void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
                     const uint16_t *pa, const uint16_t *pb, float *C,
                     int ldc, bool accumulate, const float *bias);

@@ -11,6 +11,11 @@
 
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
 
 #define KILN_MP_MIN(a, b) ((a) < (b) ? (a) : (b))
 
@@ -21,7 +26,8 @@
 
 /* Implemented in amx_bf16.c. */
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias, bool transc);
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc,
+                 float *tscr);
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -411,12 +417,13 @@ void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
                     const uint16_t *pa, const uint16_t *pb, float *C,
                     int ldc, bool accumulate, const float *bias)
 {
-    mp_gemm_packed_t(be, dt, M, N, K, pa, pb, C, ldc, accumulate, bias, false);
+    mp_gemm_packed_t(be, dt, M, N, K, pa, pb, C, ldc, accumulate, bias, false, NULL);
 }
 
 void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
                       const uint16_t *pa, const uint16_t *pb, float *C,
-                      int ldc, bool accumulate, const float *bias, bool transc)
+                      int ldc, bool accumulate, const float *bias, bool transc,
+                      float *tscr)
 {
     KILN_ASSERT(!(transc && bias));
     if (M <= 0 || N <= 0) return;
@@ -424,7 +431,7 @@ void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
     if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
 #if MP_X86
     if (be == MP_BACKEND_AMX) {
-        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc);
+        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc, tscr);
         return;
     }
     if (be == MP_BACKEND_AVX512) {
@@ -536,7 +543,17 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
     if (!pa || !pb) return false;
     mp_pack_a(MP_BF16, true, OC, N, dy, OC, pa); /* dy^T: (OC, N) */
     mp_pack_b_tokens(pb, xp, N, C, act);         /* x: K = N tokens, C columns */
-    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pa, pb, dW, in_out ? OC : C, true, NULL, in_out);
+    float *tscr = NULL;
+    if (in_out) {
+        size_t need = mp_gemm_tscr_floats(omp_get_max_threads());
+        if (need > s->c_cap) {
+            free(s->c);
+            s->c = aligned_alloc(64, need * 4);
+            s->c_cap = s->c ? need : 0;
+        }
+        tscr = s->c; /* NULL (OOM): the slower transposed reloads */
+    }
+    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pa, pb, dW, in_out ? OC : C, true, NULL, in_out, tscr);
     return true;
 }
 
