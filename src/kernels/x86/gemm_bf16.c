@@ -185,6 +185,33 @@ MP_T512 static void pack_b_slice_avx512(mp_dtype dt, bool trans, int K, int N, c
                                         int ld, uint16_t *pan, int kp, int p, int s)
 {
     int n0 = p * 16, cnt = KILN_MP_MIN(16, N - n0);
+    if (trans) {
+        /* B[k][n] = src[n * ld + k]: 16 rows of 32 contiguous k, two 16 x 16
+         * register transposes instead of a gather per k. */
+        __m512 col[2][16];
+        for (int hf = 0; hf < 2; hf++) {
+            int kb = s * 32 + 16 * hf, kc = K - kb;
+            __mmask16 km = (__mmask16)(kc >= 16 ? 0xffff : kc <= 0 ? 0 : (1u << kc) - 1);
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < cnt ? _mm512_maskz_loadu_ps(km, src + (size_t)(n0 + i) * ld + kb)
+                               : _mm512_setzero_ps();
+            mp_transpose16(r, col[hf]);
+        }
+        for (int r2 = 0; r2 < 16; r2++) {
+            __m256i h[2], l[2];
+            for (int q = 0; q < 2; q++) {
+                int kk = 2 * r2 + q;
+                split16(dt, col[kk / 16][kk % 16], &h[q], &l[q]);
+            }
+            store_pairs(pan + ((size_t)s * 32 + 2 * r2) * 16, h[0], h[1]);
+            if (dt == MP_F16) {
+                store_pairs(pan + ((size_t)kp + s * 32 + 2 * r2) * 16, l[0], l[1]);
+                store_pairs(pan + ((size_t)2 * kp + s * 32 + 2 * r2) * 16, h[0], h[1]);
+            }
+        }
+        return;
+    }
     for (int r2 = 0; r2 < 16; r2++) {
         int k = s * 32 + 2 * r2;
         __m256i h[2], l[2];
