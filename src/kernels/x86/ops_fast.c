@@ -498,12 +498,12 @@ static void att_copy_rows(float *dst, const float *src, int ld, int n, int HS)
 #endif
 }
 
-/* Prefetches rows [0, n) (row stride ld, HS floats each) of src into L1:
+/* Prefetches rows [0, n) (row stride ld, HS floats each) of src into L2:
  * the next block's operands load while this block computes. */
 static void att_prefetch_rows(const float *src, int ld, int n, int HS)
 {
     for (int r = 0; r < n; r++)
-        for (int e = 0; e < HS; e += 16) __builtin_prefetch(src + (size_t)r * ld + e, 0, 3);
+        for (int e = 0; e < HS; e += 16) __builtin_prefetch(src + (size_t)r * ld + e, 0, 2);
 }
 
 /* One query block [i0, i0 + nr) of head (b, h). Scores are kept
@@ -664,9 +664,10 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
     const float *base = qkv + (size_t)b * T * S;
     float *dbase = dqkv + (size_t)b * T * S;
     const float *kb = base + (NH + kh) * HS, *vb = base + (NH + KVH + kh) * HS;
-    for (int t = 0; t < T; t++)
-        memset(dbase + (size_t)t * S + kh * grp * HS, 0, (size_t)grp * HS * sizeof(float));
+    /* dq needs no zeroing: the first key block (j0 = 0) reaches every
+     * query row and overwrites it (every product there has k >= 1) */
     for (int j0 = 0; j0 < T; j0 += AB) {
+        bool dq_acc = j0 > 0;
         int nc = T - j0 < AB ? T - j0 : AB;
         const float *kj = w->kc;
         att_copy_rows(w->kc, kb + (size_t)j0 * S, S, nc, HS);
@@ -750,7 +751,7 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                 if (!diag) {
                     att_mm(nc, HS, nr, w->p, 1, AB, d, HS, w->dv, HS, true);
                     att_mm(nc, HS, nr, w->ds, 1, AB, q, HS, w->dk, HS, true);
-                    att_mm(nr, HS, nc, w->ds, AB, 1, kj, HS, dq, S, true);
+                    att_mm(nr, HS, nc, w->ds, AB, 1, kj, HS, dq, S, dq_acc);
                 } else {
                     for (int c0 = 0; c0 < nc; c0 += 16) {
                         int mc = nc - c0 < 16 ? nc - c0 : 16, rs = j0 + c0 - i0;
@@ -763,7 +764,8 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                     for (int r0 = 0; r0 < nr; r0 += 16) {
                         int mr = nr - r0 < 16 ? nr - r0 : 16, kc = i0 + r0 + mr - j0;
                         kc = kc > nc ? nc : kc;
-                        att_mm(mr, HS, kc, w->ds + r0 * AB, AB, 1, kj, HS, dq + (size_t)r0 * S, S, true);
+                        att_mm(mr, HS, kc, w->ds + r0 * AB, AB, 1, kj, HS, dq + (size_t)r0 * S, S,
+                               dq_acc);
                     }
                 }
             }
