@@ -506,6 +506,13 @@ static void att_prefetch_rows(const float *src, int ld, int n, int HS)
         for (int e = 0; e < HS; e += 16) __builtin_prefetch(src + (size_t)r * ld + e, 0, 2);
 }
 
+/* The same for rows about to be written. */
+static void att_prefetchw_rows(float *dst, int ld, int n, int HS)
+{
+    for (int r = 0; r < n; r++)
+        for (int e = 0; e < HS; e += 16) __builtin_prefetch(dst + (size_t)r * ld + e, 1, 2);
+}
+
 /* One query block [i0, i0 + nr) of head (b, h). Scores are kept
  * transposed, st[c * AB + r] (key c, query r), so the softmax statistics
  * of 16 queries sit in one vector. */
@@ -673,6 +680,8 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
         att_copy_rows(w->kc, kb + (size_t)j0 * S, S, nc, HS);
         att_load_t(w->kt, kj, HS, nc, HS);
         att_load_t(w->vt, vb + (size_t)j0 * S, S, nc, HS);
+        att_prefetchw_rows(dbase + (size_t)j0 * S + (NH + kh) * HS, S, nc, HS);
+        att_prefetchw_rows(dbase + (size_t)j0 * S + (NH + KVH + kh) * HS, S, nc, HS);
         memset(w->dk, 0, (size_t)nc * HS * sizeof(float));
         memset(w->dv, 0, (size_t)nc * HS * sizeof(float));
         for (int h = kh * grp; h < (kh + 1) * grp; h++) {
@@ -689,6 +698,7 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                     att_prefetch_rows(base + (size_t)(i0 + AB) * S + h * HS, S, nn, HS);
                     att_prefetch_rows(dout + ((size_t)b * T + i0 + AB) * OC + h * HS, OC, nn, HS);
                     att_prefetch_rows(o + (size_t)AB * OC, OC, nn, HS);
+                    if (!dq_acc) att_prefetchw_rows(dq + (size_t)AB * S, S, nn, HS);
                 }
                 att_copy_rows(w->dc, dout + ((size_t)b * T + i0) * OC + h * HS, OC, nr, HS);
                 for (int r = 0; r < nr; r++) {
