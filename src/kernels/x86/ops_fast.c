@@ -319,22 +319,30 @@ static void fast_rope(float *qkv, const float *cos_t, const float *sin_t, int B,
 /* ---- attention --------------------------------------------------------- */
 
 /* Flash attention (FlashAttention-2 schedule) on per-thread tiles: query
- * blocks of ABR rows against key blocks of ABC columns, causal blocks above
- * the diagonal skipped, an online softmax in the forward and the
- * probabilities recomputed from q, k and the saved log-sum-exp in the
- * backward. No (T, T) matrix exists anywhere. The small products run on
- * att_mm, a register-blocked FMA kernel (4 rows x 64 columns). Head sizes
- * above AHS_MAX fall back to the reference kernels. */
+ * blocks of AB rows against key blocks of AB columns, blocks above the
+ * diagonal skipped and the diagonal block computed in 16-wide strips (only
+ * the causal triangle, to a vector's granularity), an online softmax in the
+ * forward and the probabilities recomputed from q, k and the saved
+ * log-sum-exp in the backward. No (T, T) matrix exists anywhere. Every
+ * small product runs on att_mm, a register-blocked FMA kernel (4 rows x 64
+ * columns) whose A operand has arbitrary row and column strides, so the
+ * transposed products (P^T dO, dS^T Q, the scores as K Q^T) need no
+ * transposed copies; K and V are transposed once per key block (backward)
+ * and Q once per query block (forward). Head sizes above AHS_MAX fall back
+ * to the reference kernels. */
 
-#define ABR 64      /* query rows per block */
-#define ABC 64      /* key columns per block */
+#ifndef AB
+#define AB 64 /* rows of a query block = columns of a key block */
+#endif
 #define AHS_MAX 128 /* largest head size with stack tiles */
+#define ANEG -1e30f /* "no score yet": finite, so exp(ANEG - ANEG) = 1 */
 
 #ifdef __AVX512F__
-/* C (RB, 16*NV) (+)= A (RB, k) B (k, 16*NV); the last vector uses mask lm. */
+/* C (RB, 16*NV) (+)= A (RB, k) B (k, 16*NV), A(r, p) = A[r*ars + p*aks];
+ * the last vector of each row uses mask lm. */
 static inline __attribute__((always_inline)) void
-att_mk(int RB, int NV, __mmask16 lm, int k, const float *A, int lda,
-       const float *B, int ldb, float *C, int ldc, bool acc)
+att_mk(int RB, int NV, __mmask16 lm, int k, const float *A, size_t ars,
+       size_t aks, const float *B, int ldb, float *C, int ldc, bool acc)
 {
     __m512 c[4][4];
 #pragma GCC unroll 4
@@ -346,13 +354,13 @@ att_mk(int RB, int NV, __mmask16 lm, int k, const float *A, int lda,
                                     : _mm512_loadu_ps(C + (size_t)r * ldc + 16 * v);
     for (int p = 0; p < k; p++) {
         __m512 b[4];
-        const float *bp = B + (size_t)p * ldb;
+        const float *bp = B + (size_t)p * ldb, *ap = A + (size_t)p * aks;
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++)
             b[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(lm, bp + 16 * v) : _mm512_loadu_ps(bp + 16 * v);
 #pragma GCC unroll 4
         for (int r = 0; r < RB; r++) {
-            __m512 a = _mm512_set1_ps(A[(size_t)r * lda + p]);
+            __m512 a = _mm512_set1_ps(ap[r * ars]);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
         }
@@ -366,20 +374,22 @@ att_mk(int RB, int NV, __mmask16 lm, int k, const float *A, int lda,
         }
 }
 
-#define ATT_MK_NV(RB)                                                          \
-    switch (nv) {                                                              \
-    case 4: att_mk(RB, 4, lm, k, Ai, lda, Bj, ldb, Ci, ldc, acc); break;       \
-    case 3: att_mk(RB, 3, lm, k, Ai, lda, Bj, ldb, Ci, ldc, acc); break;       \
-    case 2: att_mk(RB, 2, lm, k, Ai, lda, Bj, ldb, Ci, ldc, acc); break;       \
-    default: att_mk(RB, 1, lm, k, Ai, lda, Bj, ldb, Ci, ldc, acc); break;      \
+#define ATT_MK_NV(RB)                                                            \
+    switch (nv) {                                                                \
+    case 4: att_mk(RB, 4, lm, k, Ai, ars, aks, Bj, ldb, Ci, ldc, acc); break;    \
+    case 3: att_mk(RB, 3, lm, k, Ai, ars, aks, Bj, ldb, Ci, ldc, acc); break;    \
+    case 2: att_mk(RB, 2, lm, k, Ai, ars, aks, Bj, ldb, Ci, ldc, acc); break;    \
+    default: att_mk(RB, 1, lm, k, Ai, ars, aks, Bj, ldb, Ci, ldc, acc); break;   \
     }
 #endif
 
-/* C (m, n) (+)= A (m, k) B (k, n), row-major with row strides (acc: add to
- * C, else overwrite). */
-static void att_mm(int m, int n, int k, const float *A, int lda, const float *B,
-                   int ldb, float *C, int ldc, bool acc)
+/* C (m, n) (+)= A (m, k) B (k, n) with A(i, p) = A[i*ars + p*aks], B and C
+ * row-major with row strides ldb, ldc (acc: add to C, else overwrite).
+ * m, n or k <= 0: nothing (k <= 0 with !acc zeroes C). */
+static void att_mm(int m, int n, int k, const float *A, size_t ars, size_t aks,
+                   const float *B, int ldb, float *C, int ldc, bool acc)
 {
+    if (k < 0) k = 0;
 #ifdef __AVX512F__
     for (int j = 0; j < n; j += 64) {
         int w = n - j < 64 ? n - j : 64, nv = (w + 15) / 16;
@@ -387,11 +397,11 @@ static void att_mm(int m, int n, int k, const float *A, int lda, const float *B,
         const float *Bj = B + j;
         int i = 0;
         for (; i + 4 <= m; i += 4) {
-            const float *Ai = A + (size_t)i * lda;
+            const float *Ai = A + i * ars;
             float *Ci = C + (size_t)i * ldc + j;
             ATT_MK_NV(4)
         }
-        const float *Ai = A + (size_t)i * lda;
+        const float *Ai = A + i * ars;
         float *Ci = C + (size_t)i * ldc + j;
         switch (m - i) {
         case 3: ATT_MK_NV(3) break;
@@ -406,7 +416,7 @@ static void att_mm(int m, int n, int k, const float *A, int lda, const float *B,
         if (!acc)
             for (int j = 0; j < n; j++) c[j] = 0.0f;
         for (int p = 0; p < k; p++) {
-            float a = A[(size_t)i * lda + p];
+            float a = A[i * ars + p * aks];
             const float *b = B + (size_t)p * ldb;
 #pragma omp simd
             for (int j = 0; j < n; j++) c[j] += a * b[j];
@@ -415,111 +425,183 @@ static void att_mm(int m, int n, int k, const float *A, int lda, const float *B,
 #endif
 }
 
-/* dst (ABC-wide rows: dst[d * ABC + c]) = src rows c < nc (stride ld), HS
- * columns, transposed; columns nc..ABC-1 zeroed. */
+#ifdef __AVX512F__
+/* dst (16 x 16, row stride ld) = the transpose of src (row stride ls). */
+static inline void tr16(float *dst, size_t ld, const float *src, size_t ls)
+{
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * ls);
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+        r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * ld, r[i]);
+}
+#endif
+
+/* dst[d * AB + c] = src[c * ld + d] for rows c < nc, d < HS; columns
+ * nc..AB-1 zeroed. */
 static void att_load_t(float *dst, const float *src, int ld, int nc, int HS)
 {
     for (int d = 0; d < HS; d++)
-        for (int c = nc; c < ABC; c++) dst[d * ABC + c] = 0.0f;
-    for (int c = 0; c < nc; c++) {
-        const float *s = src + (size_t)c * ld;
-        for (int d = 0; d < HS; d++) dst[d * ABC + c] = s[d];
-    }
-}
-
-/* dst (n, m) = src (m, n) (row stride of src ABC, of dst ABR). */
-static void att_transpose(float *dst, const float *src, int m, int n)
-{
-    for (int c = 0; c < n; c++)
-        for (int r = 0; r < m; r++) dst[c * ABR + r] = src[r * ABC + c];
-}
-
-/* Row of scores s[0..ABC) (unscaled): p = exp(scale s - sub) for columns
- * < lim, 0 after; returns the sum of p. With mx != NULL, sub is first
- * raised to the max of the row's scaled scores (online softmax). */
-static float att_exp_row(float *s, int lim, float scale, float sub, float *mx)
-{
-    float sum = 0.0f;
+        for (int c = nc; c < AB; c++) dst[d * AB + c] = 0.0f;
+    int c0 = 0;
 #ifdef __AVX512F__
-    __m512 vs = _mm512_set1_ps(scale);
-    __mmask16 mk[ABC / 16];
-    for (int v = 0; v < ABC / 16; v++) {
-        int n = lim - 16 * v;
-        mk[v] = n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : vtail(n);
-    }
-    if (mx) {
-        __m512 vm = _mm512_set1_ps(-INFINITY);
-        for (int v = 0; v < ABC / 16; v++)
-            vm = _mm512_mask_max_ps(vm, mk[v], vm, _mm512_loadu_ps(s + 16 * v));
-        float m = _mm512_reduce_max_ps(vm) * scale;
-        sub = m > *mx ? m : *mx;
-        *mx = sub;
-    }
-    __m512 vsub = _mm512_set1_ps(sub), acc = _mm512_setzero_ps();
-    for (int v = 0; v < ABC / 16; v++) {
-        __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * v), vs, vsub);
-        __m512 e = _mm512_maskz_mov_ps(mk[v], vexp(x));
-        _mm512_storeu_ps(s + 16 * v, e);
-        acc = _mm512_add_ps(acc, e);
-    }
-    sum = _mm512_reduce_add_ps(acc);
-#else
-    if (mx) {
-        float m = -INFINITY;
-        for (int c = 0; c < lim; c++) m = s[c] > m ? s[c] : m;
-        m *= scale;
-        sub = m > *mx ? m : *mx;
-        *mx = sub;
-    }
-    for (int c = 0; c < ABC; c++) {
-        float e = c < lim ? expf(s[c] * scale - sub) : 0.0f;
-        s[c] = e;
-        sum += e;
+    int h16 = HS & ~15;
+    for (; c0 + 16 <= nc; c0 += 16) {
+        for (int d0 = 0; d0 < h16; d0 += 16)
+            tr16(dst + d0 * AB + c0, AB, src + (size_t)c0 * ld + d0, (size_t)ld);
+        for (int c = c0; c < c0 + 16; c++)
+            for (int d = h16; d < HS; d++) dst[d * AB + c] = src[(size_t)c * ld + d];
     }
 #endif
-    return sum;
+    for (int c = c0; c < nc; c++) {
+        const float *s = src + (size_t)c * ld;
+        for (int d = 0; d < HS; d++) dst[d * AB + c] = s[d];
+    }
 }
 
-/* One query block [i0, i0 + nr) of head (b, h). */
+/* dst (n, HS) contiguous = rows of src (row stride ld): the B operands of
+ * att_mm stay in L1 instead of striding through qkv. */
+static void att_copy_rows(float *dst, const float *src, int ld, int n, int HS)
+{
+#ifdef __AVX512F__
+    __mmask16 lm = HS % 16 ? vtail(HS % 16) : (__mmask16)0xFFFF;
+    int h16 = (HS - 1) & ~15; /* start of the last (maybe partial) vector */
+    for (int r = 0; r < n; r++) {
+        const float *s = src + (size_t)r * ld;
+        float *d = dst + (size_t)r * HS;
+        for (int e = 0; e < h16; e += 16) _mm512_storeu_ps(d + e, _mm512_loadu_ps(s + e));
+        _mm512_mask_storeu_ps(d + h16, lm, _mm512_maskz_loadu_ps(lm, s + h16));
+    }
+#else
+    for (int r = 0; r < n; r++)
+        memcpy(dst + (size_t)r * HS, src + (size_t)r * ld, (size_t)HS * sizeof(float));
+#endif
+}
+
+/* One query block [i0, i0 + nr) of head (b, h). Scores are kept
+ * transposed, st[c * AB + r] (key c, query r), so the softmax statistics
+ * of 16 queries sit in one vector. */
 static void flash_fwd_block(float *out, float *lse, const float *qkv, int T,
                             int NH, int KVH, int HS, int b, int h, int i0)
 {
-    _Alignas(64) float kt[AHS_MAX * ABC], sc[ABR * ABC], ot[ABR * AHS_MAX];
-    float mrow[ABR], lrow[ABR];
+    _Alignas(64) float qt[AHS_MAX * AB], st[AB * AB], ot[AB * AHS_MAX], vt[AB * AHS_MAX];
+    _Alignas(64) float kc[AB * AHS_MAX];
+    _Alignas(64) float mrow[AB], lrow[AB], alpha[AB];
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH);
-    int nr = T - i0 < ABR ? T - i0 : ABR, jend = i0 + nr;
+    int nr = T - i0 < AB ? T - i0 : AB, jend = i0 + nr;
     float scale = 1.0f / sqrtf((float)HS);
     const float *q = qkv + ((size_t)b * T + i0) * S + h * HS;
     const float *kb = qkv + (size_t)b * T * S + (NH + kh) * HS;
     const float *vb = qkv + (size_t)b * T * S + (NH + KVH + kh) * HS;
-    for (int r = 0; r < nr; r++) {
-        mrow[r] = -INFINITY;
+    att_load_t(qt, q, S, nr, HS);
+    for (int r = 0; r < AB; r++) {
+        mrow[r] = ANEG;
         lrow[r] = 0.0f;
     }
     memset(ot, 0, (size_t)nr * HS * sizeof(float));
-    for (int j0 = 0; j0 < jend; j0 += ABC) {
-        int nc = jend - j0 < ABC ? jend - j0 : ABC;
-        att_load_t(kt, kb + (size_t)j0 * S, S, nc, HS);
-        att_mm(nr, ABC, HS, q, S, kt, ABC, sc, ABC, false);
-        for (int r = 0; r < nr; r++) {
-            float *s = sc + r * ABC;
-            int lim = i0 + r - j0 + 1;
-            lim = lim > nc ? nc : lim;
-            if (lim <= 0) {
-                memset(s, 0, ABC * sizeof(float));
-                continue;
-            }
-            float mold = mrow[r];
-            float sum = att_exp_row(s, lim, scale, 0.0f, &mrow[r]);
-            float alpha = expf(mold - mrow[r]); /* 0 on the first block */
-            lrow[r] = lrow[r] * alpha + sum;
-            if (alpha != 1.0f) {
-                float *o = ot + r * HS;
-#pragma omp simd
-                for (int d = 0; d < HS; d++) o[d] *= alpha;
+    for (int j0 = 0; j0 < jend; j0 += AB) {
+        int nc = jend - j0 < AB ? jend - j0 : AB;
+        const float *kj = kc, *vj = vb + (size_t)j0 * S;
+        att_copy_rows(kc, kb + (size_t)j0 * S, S, nc, HS);
+        bool diag = j0 + nc - 1 > i0; /* some key is after some query */
+        /* st = K_j Q_i^T (keys x queries); on the diagonal per strip of 16
+         * keys, from the first vector of queries that can see them */
+        if (!diag) {
+            att_mm(nc, AB, HS, kj, (size_t)HS, 1, qt, AB, st, AB, false);
+        } else {
+            for (int c0 = 0; c0 < nc; c0 += 16) {
+                int mc = nc - c0 < 16 ? nc - c0 : 16, rs = j0 + c0 - i0;
+                rs = rs < 0 ? 0 : rs & ~15;
+                att_mm(mc, AB - rs, HS, kj + (size_t)c0 * HS, (size_t)HS, 1, qt + rs, AB,
+                       st + c0 * AB + rs, AB, false);
             }
         }
-        att_mm(nr, HS, nc, sc, ABC, vb + (size_t)j0 * S, S, ot, HS, true);
+        /* online softmax over the keys (down the columns of st) */
+#ifdef __AVX512F__
+        __m512 vs = _mm512_set1_ps(scale);
+        for (int v = 0; v < AB / 16; v++) {
+            if (16 * v >= nr) break;
+            int hi = nr - 16 * v > 16 ? 16 : nr - 16 * v;
+            __m512 mo = _mm512_load_ps(mrow + 16 * v), mx = mo, sum = _mm512_setzero_ps();
+            for (int c = 0; c < nc; c++) {
+                int lo = j0 + c - i0 - 16 * v;
+                if (lo >= hi) break;
+                __mmask16 mk = vtail(hi) & (__mmask16)~vtail(lo < 0 ? 0 : lo);
+                mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_mul_ps(_mm512_loadu_ps(st + c * AB + 16 * v), vs));
+            }
+            for (int c = 0; c < nc; c++) {
+                int lo = j0 + c - i0 - 16 * v;
+                float *sp = st + c * AB + 16 * v;
+                if (lo >= hi) {
+                    _mm512_storeu_ps(sp, _mm512_setzero_ps());
+                    continue;
+                }
+                __mmask16 mk = vtail(hi) & (__mmask16)~vtail(lo < 0 ? 0 : lo);
+                __m512 e = _mm512_maskz_mov_ps(mk, vexp(_mm512_fmsub_ps(_mm512_loadu_ps(sp), vs, mx)));
+                _mm512_storeu_ps(sp, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            __m512 al = vexp(_mm512_sub_ps(mo, mx));
+            _mm512_store_ps(alpha + 16 * v, al);
+            _mm512_store_ps(mrow + 16 * v, mx);
+            _mm512_store_ps(lrow + 16 * v, _mm512_fmadd_ps(_mm512_load_ps(lrow + 16 * v), al, sum));
+        }
+#else
+        for (int r = 0; r < nr; r++) {
+            float mx = mrow[r], sum = 0.0f;
+            int lim = i0 + r - j0 + 1;
+            lim = lim > nc ? nc : lim;
+            for (int c = 0; c < lim; c++) mx = fmaxf(mx, st[c * AB + r] * scale);
+            for (int c = 0; c < nc; c++) {
+                float e = c < lim ? expf(st[c * AB + r] * scale - mx) : 0.0f;
+                st[c * AB + r] = e;
+                sum += e;
+            }
+            alpha[r] = expf(mrow[r] - mx);
+            mrow[r] = mx;
+            lrow[r] = lrow[r] * alpha[r] + sum;
+        }
+#endif
+        for (int r = 0; r < nr; r++) {
+            float a = alpha[r], *o = ot + r * HS;
+            if (a != 1.0f) {
+#pragma omp simd
+                for (int d = 0; d < HS; d++) o[d] *= a;
+            }
+        }
+        /* ot += P V_j, P(r, c) = st[c * AB + r]; on the diagonal per strip
+         * of 16 queries, up to the last key they see */
+        if (!diag) {
+            att_copy_rows(vt, vj, S, nc, HS);
+            att_mm(nr, HS, nc, st, 1, AB, vt, HS, ot, HS, true);
+        } else {
+            att_copy_rows(vt, vj, S, nc, HS);
+            for (int r0 = 0; r0 < nr; r0 += 16) {
+                int mr = nr - r0 < 16 ? nr - r0 : 16, nk = i0 + r0 + mr - j0;
+                nk = nk > nc ? nc : nk;
+                att_mm(mr, HS, nk, st + r0, 1, AB, vt, HS, ot + r0 * HS, HS, true);
+            }
+        }
     }
     for (int r = 0; r < nr; r++) {
         float inv = 1.0f / lrow[r], *o = out + ((size_t)b * T + i0 + r) * OC + h * HS;
@@ -537,24 +619,27 @@ static void fast_attention_fwd(kern_gemm *g, float *out, float *lse,
         kern_ops_ref()->attention_fwd(g, out, lse, qkv, B, T, NH, KVH, HS);
         return;
     }
-    int nb = (T + ABR - 1) / ABR;
-    /* tasks (b, h, query block), the longest (last) blocks first */
+    int nb = (T + AB - 1) / AB;
+    /* tasks (b, h, query block), the blocks of one head consecutive (its
+     * k and v stay in L2), the longest (last) block first */
 #pragma omp parallel for schedule(dynamic, 1)
     for (int task = 0; task < B * NH * nb; task++) {
-        int i = nb - 1 - task / (B * NH), bh = task % (B * NH);
-        flash_fwd_block(out, lse, qkv, T, NH, KVH, HS, bh / NH, bh % NH, i * ABR);
+        int i = nb - 1 - task % nb, bh = task / nb;
+        flash_fwd_block(out, lse, qkv, T, NH, KVH, HS, bh / NH, bh % NH, i * AB);
     }
 }
 
 typedef struct att_bwd_tiles {
-    _Alignas(64) float kt[AHS_MAX * ABC], vt[AHS_MAX * ABC];
-    _Alignas(64) float dk[ABC * AHS_MAX], dv[ABC * AHS_MAX];
-    _Alignas(64) float p[ABR * ABC], ds[ABR * ABC], pt[ABC * ABR], dst[ABC * ABR];
-    float D[ABR];
+    _Alignas(64) float kt[AHS_MAX * AB], vt[AHS_MAX * AB];
+    _Alignas(64) float dk[AB * AHS_MAX], dv[AB * AHS_MAX];
+    _Alignas(64) float p[AB * AB], ds[AB * AB];
+    _Alignas(64) float kc[AB * AHS_MAX], qc[AB * AHS_MAX], dc[AB * AHS_MAX];
+    float D[AB];
 } att_bwd_tiles;
 
 /* All of kv head kh of batch row b: key blocks outer, then the query heads
- * of the group and the query blocks at or below the diagonal, in order. */
+ * of the group and the query blocks at or below the diagonal, in order.
+ * Tiles p and ds are (queries x keys). */
 static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                          const float *qkv, const float *out, const float *lse,
                          int T, int NH, int KVH, int HS, int b, int kh)
@@ -566,50 +651,93 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
     const float *kb = base + (NH + kh) * HS, *vb = base + (NH + KVH + kh) * HS;
     for (int t = 0; t < T; t++)
         memset(dbase + (size_t)t * S + kh * grp * HS, 0, (size_t)grp * HS * sizeof(float));
-    for (int j0 = 0; j0 < T; j0 += ABC) {
-        int nc = T - j0 < ABC ? T - j0 : ABC;
-        att_load_t(w->kt, kb + (size_t)j0 * S, S, nc, HS);
+    for (int j0 = 0; j0 < T; j0 += AB) {
+        int nc = T - j0 < AB ? T - j0 : AB;
+        const float *kj = w->kc;
+        att_copy_rows(w->kc, kb + (size_t)j0 * S, S, nc, HS);
+        att_load_t(w->kt, kj, HS, nc, HS);
         att_load_t(w->vt, vb + (size_t)j0 * S, S, nc, HS);
         memset(w->dk, 0, (size_t)nc * HS * sizeof(float));
         memset(w->dv, 0, (size_t)nc * HS * sizeof(float));
         for (int h = kh * grp; h < (kh + 1) * grp; h++) {
             const float *lh = lse + ((size_t)b * NH + h) * T;
-            for (int i0 = j0 / ABR * ABR; i0 < T; i0 += ABR) {
-                int nr = T - i0 < ABR ? T - i0 : ABR;
-                const float *q = base + (size_t)i0 * S + h * HS;
+            for (int i0 = j0 / AB * AB; i0 < T; i0 += AB) {
+                int nr = T - i0 < AB ? T - i0 : AB;
+                bool diag = j0 + nc - 1 > i0;
                 float *dq = dbase + (size_t)i0 * S + h * HS;
-                const float *d = dout + ((size_t)b * T + i0) * OC + h * HS;
                 const float *o = out + ((size_t)b * T + i0) * OC + h * HS;
+                const float *q = w->qc, *d = w->dc;
+                att_copy_rows(w->qc, base + (size_t)i0 * S + h * HS, S, nr, HS);
+                att_copy_rows(w->dc, dout + ((size_t)b * T + i0) * OC + h * HS, OC, nr, HS);
                 for (int r = 0; r < nr; r++) {
                     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-                    for (int e = 0; e < HS; e++) s += d[(size_t)r * OC + e] * o[(size_t)r * OC + e];
+                    for (int e = 0; e < HS; e++) s += d[(size_t)r * HS + e] * o[(size_t)r * OC + e];
                     w->D[r] = s;
                 }
-                /* P = exp(scale Q K^T - lse), dP = dO V^T */
-                att_mm(nr, ABC, HS, q, S, w->kt, ABC, w->p, ABC, false);
-                att_mm(nr, ABC, HS, d, OC, w->vt, ABC, w->ds, ABC, false);
-                for (int r = 0; r < nr; r++) {
-                    float *p = w->p + r * ABC, *ds = w->ds + r * ABC;
-                    int lim = i0 + r - j0 + 1;
-                    lim = lim > nc ? nc : lim;
-                    if (lim <= 0) {
-                        memset(p, 0, ABC * sizeof(float));
-                        memset(ds, 0, ABC * sizeof(float));
-                        continue;
+                /* S = Q K^T, dP = dO V^T (the diagonal per strip of 16
+                 * queries, up to the last key they see) */
+                if (!diag) {
+                    att_mm(nr, AB, HS, q, (size_t)HS, 1, w->kt, AB, w->p, AB, false);
+                    att_mm(nr, AB, HS, d, (size_t)HS, 1, w->vt, AB, w->ds, AB, false);
+                } else {
+                    for (int r0 = 0; r0 < nr; r0 += 16) {
+                        int mr = nr - r0 < 16 ? nr - r0 : 16, kc = i0 + r0 + mr - j0;
+                        kc = kc > nc ? nc : kc;
+                        att_mm(mr, kc, HS, q + (size_t)r0 * HS, (size_t)HS, 1, w->kt, AB,
+                               w->p + r0 * AB, AB, false);
+                        att_mm(mr, kc, HS, d + (size_t)r0 * HS, (size_t)HS, 1, w->vt, AB,
+                               w->ds + r0 * AB, AB, false);
                     }
-                    att_exp_row(p, lim, scale, lh[i0 + r], NULL);
-                    /* dS = P (dP - D) scale */
-                    float Dr = w->D[r];
-#pragma omp simd
-                    for (int c = 0; c < ABC; c++) ds[c] = p[c] * (ds[c] - Dr) * scale;
                 }
-                /* dV += P^T dO, dK += dS^T Q, dQ += dS K */
-                att_transpose(w->pt, w->p, nr, nc);
-                att_transpose(w->dst, w->ds, nr, nc);
-                att_mm(nc, HS, nr, w->pt, ABR, d, OC, w->dv, HS, true);
-                att_mm(nc, HS, nr, w->dst, ABR, q, S, w->dk, HS, true);
-                att_mm(nr, HS, nc, w->ds, ABC, kb + (size_t)j0 * S, S, dq, S, true);
+                /* P = exp(scale S - lse), dS = P (dP - D) scale; zero past
+                 * the causal limit (entries there were not computed) */
+                for (int r = 0; r < nr; r++) {
+                    float *p = w->p + r * AB, *ds = w->ds + r * AB;
+                    int lim = i0 + r - j0 + 1;
+                    lim = lim > nc ? nc : lim < 0 ? 0 : lim;
+                    float Dr = w->D[r], l = lh[i0 + r];
+#ifdef __AVX512F__
+                    __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(l), vD = _mm512_set1_ps(Dr);
+                    for (int v = 0; v < AB / 16; v++) {
+                        int n = lim - 16 * v;
+                        __mmask16 mk = n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : vtail(n);
+                        __m512 e = _mm512_maskz_mov_ps(
+                            mk, vexp(_mm512_fmsub_ps(_mm512_loadu_ps(p + 16 * v), vs, vl)));
+                        __m512 g = _mm512_mul_ps(_mm512_mul_ps(e, vs),
+                                                 _mm512_sub_ps(_mm512_loadu_ps(ds + 16 * v), vD));
+                        _mm512_storeu_ps(p + 16 * v, e);
+                        _mm512_storeu_ps(ds + 16 * v, _mm512_maskz_mov_ps(mk, g));
+                    }
+#else
+                    for (int c = 0; c < AB; c++) {
+                        float e = c < lim ? expf(p[c] * scale - l) : 0.0f;
+                        ds[c] = c < lim ? e * (ds[c] - Dr) * scale : 0.0f;
+                        p[c] = e;
+                    }
+#endif
+                }
+                /* dV += P^T dO, dK += dS^T Q (the diagonal per strip of 16
+                 * keys, from the first query that sees them); dQ += dS K */
+                if (!diag) {
+                    att_mm(nc, HS, nr, w->p, 1, AB, d, HS, w->dv, HS, true);
+                    att_mm(nc, HS, nr, w->ds, 1, AB, q, HS, w->dk, HS, true);
+                    att_mm(nr, HS, nc, w->ds, AB, 1, kj, HS, dq, S, true);
+                } else {
+                    for (int c0 = 0; c0 < nc; c0 += 16) {
+                        int mc = nc - c0 < 16 ? nc - c0 : 16, rs = j0 + c0 - i0;
+                        rs = rs < 0 ? 0 : rs;
+                        att_mm(mc, HS, nr - rs, w->p + rs * AB + c0, 1, AB, d + (size_t)rs * HS, HS,
+                               w->dv + c0 * HS, HS, true);
+                        att_mm(mc, HS, nr - rs, w->ds + rs * AB + c0, 1, AB, q + (size_t)rs * HS, HS,
+                               w->dk + c0 * HS, HS, true);
+                    }
+                    for (int r0 = 0; r0 < nr; r0 += 16) {
+                        int mr = nr - r0 < 16 ? nr - r0 : 16, kc = i0 + r0 + mr - j0;
+                        kc = kc > nc ? nc : kc;
+                        att_mm(mr, HS, kc, w->ds + r0 * AB, AB, 1, kj, HS, dq + (size_t)r0 * S, S, true);
+                    }
+                }
             }
         }
         for (int c = 0; c < nc; c++) {
