@@ -155,7 +155,7 @@ static void fill(kiln_rng *r, float *x, size_t n, float s)
 /* One product on one backend against the oracle; returns the worst error
  * in units of sum |a||b|. */
 static double gemm_case(mp_backend be, mp_dtype dt, bool ta, bool tb, int M, int N, int K,
-                        bool acc, bool use_bias, uint64_t seed)
+                        bool acc, bool use_bias, bool tc, uint64_t seed)
 {
     kiln_rng r;
     kiln_rng_seed(&r, seed);
@@ -175,7 +175,21 @@ static double gemm_case(mp_backend be, mp_dtype dt, bool ta, bool tb, int M, int
     uint16_t *pb = aligned_alloc(64, (mp_packb_elems(dt, K, N) * 2 + 63) / 64 * 64);
     mp_pack_a(dt, ta, M, K, A, lda, pa);
     mp_pack_b(dt, tb, K, N, B, ldb, pb);
-    mp_gemm_packed(be, dt, M, N, K, pa, pb, C, ldc, acc, use_bias ? bias : NULL);
+    if (tc) {
+        /* the same product stored transposed: Ct (N, M + 2) */
+        int ldt = M + 2;
+        float *Ct = malloc(sizeof(float) * (size_t)ldt * N);
+        for (int n = 0; n < N; n++)
+            for (int m = 0; m < ldt; m++) Ct[(size_t)n * ldt + m] = m < M ? C[(size_t)m * ldc + n] : 7.f;
+        mp_gemm_packed_t(be, dt, M, N, K, pa, pb, Ct, ldt, acc, NULL, true);
+        for (int n = 0; n < N; n++) {
+            for (int m = 0; m < M; m++) C[(size_t)m * ldc + n] = Ct[(size_t)n * ldt + m];
+            if (Ct[(size_t)n * ldt + M] != 7.f) C[N] = NAN; /* padding touched */
+        }
+        free(Ct);
+    } else {
+        mp_gemm_packed(be, dt, M, N, K, pa, pb, C, ldc, acc, use_bias ? bias : NULL);
+    }
     double worst = 0;
     for (int m = 0; m < M; m++)
         for (int n = 0; n < N; n++) {
@@ -201,8 +215,13 @@ static void check_backend(mp_backend be)
             for (int t = 0; t < 4; t++) {
                 bool ta = t & 1, tb = t & 2, acc = (s + t) % 2, bias = (s + t) % 3 == 0;
                 int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
-                double e = gemm_case(be, (mp_dtype)dt, ta, tb, M, N, K, acc, bias,
+                double e = gemm_case(be, (mp_dtype)dt, ta, tb, M, N, K, acc, bias, false,
                                      1000 + s * 10 + t);
+                /* C stored transposed (weight gradients of (in, out) weights) */
+                double et = gemm_case(be, (mp_dtype)dt, ta, tb, M, N, K, !acc, false, true,
+                                      2000 + s * 10 + t);
+                if (et != et) et = 1;
+                if (et > e) e = et;
                 /* fp32 accumulation: ~K * 2^-24 relative; fp16 also drops
                  * the lo*lo term (<= 2^-16). */
                 double tol = dt == MP_BF16 ? 2e-6 * sqrt(K) + 1e-6 : 2e-5;

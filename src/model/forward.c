@@ -91,7 +91,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
                                const int32_t *tokens, int B, int T,
                                float **logits)
 {
-    if (B > m->B_cap || T > m->T_cap || !m->grads) {
+    if (B > m->B_cap || T > m->T_cap || !m->grads || model_mp_wanted(m) != m->act_mp) {
         kiln_status s = kiln_model_prepare(ctx, m, B, T);
         if (s) return s;
     }
@@ -107,7 +107,8 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
     set_threads(m);
     m->threads = kiln_get_threads(ctx);
     set_threads(m);
-    carve(m, B, T);
+    if (m->act_mp) model_mp_carve(m, B, T);
+    else carve(m, B, T);
     m->B = B;
     m->T = T;
     memcpy(m->a.tokens, tokens, N * sizeof(int32_t));
@@ -115,6 +116,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
     const kern_ops *k = m->ops;
     kern_gemm *g = m->gemm;
     if (g->invalidate) g->invalidate(g); /* parameters may have changed */
+    if (m->act_mp) return model_mp_forward(ctx, m, logits);
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
     kern_wlayout lay = gpt2 ? KERN_W_IN_OUT : KERN_W_OUT_IN;
     int C = m->C, F = m->F, QKV = m->QKV, V = m->V, n = (int)N;
@@ -181,6 +183,7 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "backward called without a forward pass");
     set_threads(m);
+    if (m->act_mp) return model_mp_backward(ctx, m, dlogits);
     const kern_ops *k = m->ops;
     kern_gemm *g = m->gemm;
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;

@@ -322,7 +322,7 @@ static size_t act_bytes(const kiln_model *m, int B, int T)
 
 size_t model_act_bytes(const kiln_model *m, int B, int T)
 {
-    return act_bytes(m, B, T);
+    return model_mp_wanted(m) ? model_mp_act_bytes(m, B, T) : act_bytes(m, B, T);
 }
 
 kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
@@ -339,7 +339,8 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
         set_views(m, m->grads, &m->g);
     }
     int nB = KILN_MAX(B, m->B_cap), nT = KILN_MAX(T, m->T_cap);
-    if (nB == m->B_cap && nT == m->T_cap) return KILN_OK;
+    bool mp = model_mp_wanted(m);
+    if (nB == m->B_cap && nT == m->T_cap && mp == m->act_mp) return KILN_OK;
     /* Size in double first: B * NH * T^2 * L can overflow size_t long
      * before malloc would refuse. Kernels index rows with int. */
     double approx = (double)nB * nT *
@@ -350,7 +351,7 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
                          "batch %d x sequence %d needs about %.3g GiB of activations, "
                          "beyond what kiln supports (lower --batch or --seq)",
                          nB, nT, approx / (1u << 30));
-    size_t bytes = act_bytes(m, nB, nT);
+    size_t bytes = mp ? model_mp_act_bytes(m, nB, nT) : act_bytes(m, nB, nT);
     arena_free(&m->act);
     m->B_cap = m->T_cap = 0;
     m->B = m->T = 0;
@@ -362,6 +363,7 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
                          (double)bytes / (1u << 30), nB, nT);
     m->B_cap = nB;
     m->T_cap = nT;
+    m->act_mp = mp;
     return KILN_OK;
 }
 

@@ -77,6 +77,12 @@ typedef struct model_acts {
     float *lnf_mean;  /* (N) */
     float *lnf_rstd;  /* (N) */
     float *logits;    /* (N, V) */
+    /* bf16 training (forward_mp.c): packed bf16 copies instead of ln1,
+     * atty, ln2, fch, fch_act, lnf (those are NULL then, atty is one
+     * layer's fp32 scratch) */
+    uint16_t *ln1p, *attyp, *ln2p, *fchp, *lnfp; /* (L, packed) / (packed) */
+    uint16_t *actp;   /* one layer's act(fch), packed */
+    float *tmp;       /* (N, max(C, FH, QKV)) one layer's fp32 scratch */
     /* backward scratch */
     float *dres;      /* (N, C) gradient of the residual stream */
     float *dc;        /* (N, C) */
@@ -115,6 +121,7 @@ struct kiln_model {
     kern_gemm *gemm;
     arena act;
     int B_cap, T_cap;  /* what the arena is sized for */
+    bool act_mp;       /* ... and whether for bf16 activations */
     int B, T;          /* shape of the last forward (0 = none) */
     model_acts a;
     int threads;       /* 0 = OpenMP default */
@@ -134,6 +141,16 @@ json_t *config_to_json(const kiln_config *cfg);
 /* Chooses the kernel tables: ref=true uses the reference kernels and the
  * reference GEMM (tests), false the fast ones (default). */
 void model_use_ref_kernels(kiln_model *m, bool ref);
+
+/* bf16 training with bf16 activations (forward_mp.c): whether m uses it
+ * (precision bf16, KILN_BF16_ACTS not 0), its arena size and carving, and
+ * the passes (called by kiln_model_forward/backward after their checks,
+ * with m->B, m->T and the tokens set). */
+bool model_mp_wanted(const kiln_model *m);
+size_t model_mp_act_bytes(const kiln_model *m, int B, int T);
+void model_mp_carve(kiln_model *m, int B, int T);
+kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits);
+kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits);
 
 /* Byte size of the activation arena for (B, T). */
 size_t model_act_bytes(const kiln_model *m, int B, int T);

@@ -54,11 +54,38 @@ MP_TAMX static void tiles_config(void)
  * the edge of C go through a buffer. */
 enum { MC = 512, NC = 128, KC = 512 };
 
+/* transc: C is stored transposed (element (i, j) at C[j * ldc + i]); the
+ * 16 x 16 blocks go through buf and an in-register transpose. */
+MP_TAMX static void tr_load(float buf[16][16], const float *C, int ldc, int i0, int j0, int r,
+                            int c)
+{
+    __m512 row[16], col[16];
+    __mmask16 mk = (__mmask16)(r >= 16 ? 0xffff : (1u << (r > 0 ? r : 0)) - 1);
+    for (int e = 0; e < 16; e++)
+        row[e] = e < c ? _mm512_maskz_loadu_ps(mk, C + (size_t)(j0 + e) * ldc + i0)
+                       : _mm512_setzero_ps();
+    mp_transpose16(row, col);
+    for (int q = 0; q < 16; q++) _mm512_store_ps(buf[q], col[q]);
+}
+
+MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j0, int r, int c)
+{
+    __m512 row[16], col[16];
+    __mmask16 mk = (__mmask16)(r >= 16 ? 0xffff : (1u << (r > 0 ? r : 0)) - 1);
+    for (int q = 0; q < 16; q++) row[q] = _mm512_load_ps(buf[q]);
+    mp_transpose16(row, col);
+    for (int e = 0; e < 16 && e < c; e++)
+        _mm512_mask_storeu_ps(C + (size_t)(j0 + e) * ldc + i0, mk, col[e]);
+}
+
 /* Accumulator tile t <- C block at (i0, j0) (or bias rows, or zero). */
 #define ACC_INIT(t, i0, j0)                                                        \
     do {                                                                           \
         int r_ = M - (i0), c_ = N - (j0);                                          \
-        if (first && !accumulate) {                                                \
+        if (transc && !(first && !accumulate)) {                                   \
+            tr_load(buf, C, ldc, (i0), (j0), r_, c_);                              \
+            _tile_loadd(t, buf, 64);                                               \
+        } else if (first && !accumulate) {                                                \
             if (!bias || c_ <= 0) _tile_zero(t);                                   \
             else {                                                                 \
                 int n_ = c_ < 16 ? c_ : 16;                                        \
@@ -83,7 +110,12 @@ enum { MC = 512, NC = 128, KC = 512 };
 #define ACC_STORE(t, i0, j0)                                                       \
     do {                                                                           \
         int r_ = M - (i0), c_ = N - (j0);                                          \
-        if (r_ >= 16 && c_ >= 16) {                                                \
+        if (transc) {                                                              \
+            if (r_ > 0 && c_ > 0) {                                                \
+                _tile_stored(t, buf, 64);                                          \
+                tr_store(buf, C, ldc, (i0), (j0), r_, c_);                         \
+            }                                                                      \
+        } else if (r_ >= 16 && c_ >= 16) {                                         \
             _tile_stored(t, C + (size_t)(i0) * ldc + (j0), cstride);               \
         } else if (r_ > 0 && c_ > 0) {                                             \
             _tile_stored(t, buf, 64);                                              \
@@ -94,9 +126,9 @@ enum { MC = 512, NC = 128, KC = 512 };
     } while (0)
 
 MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias);
+                         float *C, int ldc, bool accumulate, const float *bias, bool transc);
 MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias)
+                         float *C, int ldc, bool accumulate, const float *bias, bool transc)
 {
     int Mp = (M + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
     int mtiles = (Mp + MC - 1) / MC, ntiles = (Np + NC - 1) / NC;
@@ -213,12 +245,12 @@ double mp_amx_peak_gflops(double secs, double *per_cpu)
 #else /* not x86-64: never called (mp_amx_usable() is false) */
 
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias);
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc);
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias)
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc)
 {
     (void)M, (void)N, (void)Kp, (void)pa, (void)pb, (void)C, (void)ldc;
-    (void)accumulate, (void)bias;
+    (void)accumulate, (void)bias, (void)transc;
     KILN_ASSERT(0);
 }
 

@@ -116,6 +116,19 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
 /* C (M x N, row stride ldc) = (accumulate ? C : 0) + A * B (+ bias[n] when
  * bias is non-NULL), from packed A (mp_pack_a with the same dt, M, K) and
  * packed B. fp32 accumulation. Multithreaded (OpenMP). */
+/* Offset of element (m, k) in a packed A whose packed K is kk. */
+static inline size_t mp_packa_off(int kk, int m, int k)
+{
+    return (size_t)(m / 16) * 16 * (size_t)kk + (size_t)(k / 32) * 512 + (size_t)(m % 16) * 32 +
+           (size_t)(k % 32);
+}
+
+/* mp_gemm_packed with C stored transposed when transc (element (i, j) of
+ * the product at C[j * ldc + i]; no bias then): a weight gradient computed
+ * as dY^T X lands in an (in, out) weight as it is. */
+void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
+                      const uint16_t *pa, const uint16_t *pb, float *C,
+                      int ldc, bool accumulate, const float *bias, bool transc);
 void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
                     const uint16_t *pa, const uint16_t *pb, float *C,
                     int ldc, bool accumulate, const float *bias);
@@ -181,6 +194,35 @@ bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
                           bool in_out, const float *dy, const float *x,
                           int N, int OC, int C, float *dW);
 
+/* dW += the weight gradient in W's layout from a packed bf16 activation:
+ * xp is the packed A of x (N, C) (act = MP_ACT_NONE), or of the MLP's
+ * pre-activation (N, C) / gate|up (N, 2C) with x = act(pre-activation)
+ * computed on the way (MP_ACT_GELU / MP_ACT_SWIGLU). Runs as
+ * dW' = dy^T x with dy^T packed from fp32 and x packed over tokens
+ * (mp_pack_b_tokens), stored transposed for in_out weights. bf16 only.
+ * Returns false on OOM. */
+bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
+                                 const float *dy, const uint16_t *xp, int act,
+                                 int N, int OC, int C, float *dW);
+
+/* ---- bf16 activations (bf16_act.c) ------------------------------------ */
+
+enum { MP_ACT_NONE = 0, MP_ACT_GELU = 1, MP_ACT_SWIGLU = 2 };
+
+/* out (M, K) fp32 (row stride ldo) <- packed bf16 A. */
+void mp_unpack_a(float *out, int ldo, const uint16_t *pa, int M, int K);
+/* The MLP's epilogue: x (N, FH) fp32 (FH = F, or 2F = gate|up for
+ * SwiGLU) -> xp packed (N, FH) = bf16(x) and ap packed (N, F) =
+ * bf16(act(bf16(x))). */
+void mp_act_pack(uint16_t *xp, uint16_t *ap, const float *x, int N, int F, int kind);
+/* dinp (N, FH) = d act / d x at the stored xp, times dout (N, F). */
+void mp_act_bwd(float *dinp, const uint16_t *xp, const float *dout, int N, int F, int kind);
+/* Packed B (K = M tokens, N = K columns) of act(X) from packed X (M, K)
+ * (M, 2K for SwiGLU), act as in mp_act_pack; MP_ACT_NONE copies. */
+void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind);
+/* db (OC) += column sums of dout (N, OC), fixed order. */
+void mp_bias_grad(float *db, const float *dout, int N, int OC);
+
 /* General product from fp32 operands (packs both every call; for tests,
  * attention products and one-off shapes). C (M, N) (+)= op(A) op(B) where
  * op(A) is M x K (ta: A stored K x M) and op(B) is K x N (tb: B stored
@@ -194,5 +236,38 @@ bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,
 bool mp_sgemm(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta, bool tb,
               int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+/* In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, col[j]
+ * = column j out (unpack, 4-wide shuffles, two 128-bit lane shuffles). */
+__attribute__((target("avx512f"))) static inline void mp_transpose16(const __m512 r[16],
+                                                                     __m512 col[16])
+{
+    __m512 t[16], u[16], v[16];
+    for (int g = 0; g < 4; g++) {
+        t[4 * g + 0] = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
+        t[4 * g + 1] = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        t[4 * g + 2] = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
+        t[4 * g + 3] = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xee);
+        u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xee);
+    }
+    for (int j = 0; j < 4; j++) {
+        v[j] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0x88);
+        v[j + 4] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0xdd);
+        v[j + 8] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0x88);
+        v[j + 12] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0xdd);
+    }
+    for (int j = 0; j < 4; j++) {
+        col[j] = _mm512_shuffle_f32x4(v[j], v[j + 8], 0x88);
+        col[j + 8] = _mm512_shuffle_f32x4(v[j], v[j + 8], 0xdd);
+        col[j + 4] = _mm512_shuffle_f32x4(v[j + 4], v[j + 12], 0x88);
+        col[j + 12] = _mm512_shuffle_f32x4(v[j + 4], v[j + 12], 0xdd);
+    }
+}
+#endif
 
 #endif /* KILN_KERNELS_X86_BF16_H */

@@ -118,20 +118,7 @@ static void mp_matmul_bwd(kern_gemm *g, float *dinp, float *dw, float *db, const
         kern_matmul_bwd_gemm(st->fp32, dinp, dw, db, dout, inp, w, N, C, OC, lay, dinp_acc);
         return;
     }
-    if (db) {
-        /* fp32 column sums, split by column so the result does not depend
-         * on the thread count. */
-        #pragma omp parallel for schedule(static)
-        for (int j0 = 0; j0 < OC; j0 += 64) {
-            float acc[64] = {0};
-            int j1 = j0 + 64 < OC ? j0 + 64 : OC;
-            for (int n = 0; n < N; n++) {
-                const float *d = dout + (size_t)n * OC;
-                for (int j = j0; j < j1; j++) acc[j - j0] += d[j];
-            }
-            for (int j = j0; j < j1; j++) db[j] += acc[j - j0];
-        }
-    }
+    if (db) mp_bias_grad(db, dout, N, OC);
     if (dw && !mp_linear_backward_w(st->be, &st->scratch, st->dt, io, dout, inp, N, OC, C, dw))
         kern_matmul_bwd_gemm(st->fp32, NULL, dw, NULL, dout, inp, w, N, C, OC, lay, dinp_acc);
     if (dinp) {
@@ -190,5 +177,24 @@ kern_gemm *mp_kern_gemm_new(mp_dtype dt, mp_backend be)
 }
 
 const kern_ops *mp_kern_ops(kern_gemm *g) { return &state_of(g)->ops; }
+
+mp_dtype mp_kern_dtype(kern_gemm *g) { return state_of(g)->dt; }
+mp_backend mp_kern_backend(kern_gemm *g) { return state_of(g)->be; }
+mp_scratch *mp_kern_scratch(kern_gemm *g) { return &state_of(g)->scratch; }
+
+const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, bool in_out,
+                                bool bwd)
+{
+    mp_state *st = state_of(g);
+    wentry *e = lookup(st, w, OC, C, in_out);
+    if (!e) return NULL;
+    uint64_t *ep = bwd ? &e->bwd_epoch : &e->fwd_epoch;
+    if (*ep != st->epoch + 1) {
+        if (bwd) mp_weight_refresh_bwd(&e->pw, w);
+        else mp_weight_refresh_fwd(&e->pw, w);
+        *ep = st->epoch + 1;
+    }
+    return &e->pw;
+}
 
 size_t mp_kern_cache_bytes(kern_gemm *g) { return state_of(g)->cache_bytes; }

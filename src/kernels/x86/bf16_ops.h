@@ -18,4 +18,14 @@ const kern_ops *mp_kern_ops(kern_gemm *g);
 /* Bytes held by g's packed weight copies. */
 size_t mp_kern_cache_bytes(kern_gemm *g);
 
+/* For the bf16 training path (model/forward_mp.c): g's dtype, backend,
+ * scratch, and the packed copy of weight w, refreshed for the current
+ * epoch (g->invalidate) in the forward (bwd = false) or input-gradient
+ * (bwd = true) layout. NULL on OOM. */
+mp_dtype mp_kern_dtype(kern_gemm *g);
+mp_backend mp_kern_backend(kern_gemm *g);
+mp_scratch *mp_kern_scratch(kern_gemm *g);
+const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, bool in_out,
+                                bool bwd);
+
 #endif /* KILN_KERNELS_X86_BF16_OPS_H */

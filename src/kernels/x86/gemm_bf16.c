@@ -21,7 +21,7 @@
 
 /* Implemented in amx_bf16.c. */
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias);
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc);
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -32,13 +32,7 @@ static inline int packed_k(mp_dtype dt, int K)
     return dt == MP_F16 ? 3 * kp : kp;
 }
 
-/* Element (m, k) of packed A: 16-row groups, each a run of 16 x 32 tiles
- * (1 KiB, rows of 64 bytes), so one AMX tile load reads 1 KiB in order. */
-static inline size_t a_off(int kk, int m, int k)
-{
-    return (size_t)(m / 16) * 16 * (size_t)kk + (size_t)(k / 32) * 512 + (size_t)(m % 16) * 32 +
-           (size_t)(k % 32);
-}
+#define a_off mp_packa_off
 
 size_t mp_packb_elems(mp_dtype dt, int K, int N)
 {
@@ -126,35 +120,6 @@ MP_T512 static void convert_row_avx512(mp_dtype dt, const float *src, size_t st,
     }
 }
 
-/* In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, col[j]
- * = column j out (unpack, 4-wide shuffles, two 128-bit lane shuffles). */
-MP_T512 static inline void transpose16(const __m512 r[16], __m512 col[16])
-{
-    __m512 t[16], u[16], v[16];
-    for (int g = 0; g < 4; g++) {
-        t[4 * g + 0] = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]);
-        t[4 * g + 1] = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
-        t[4 * g + 2] = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]);
-        t[4 * g + 3] = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
-        u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
-        u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xee);
-        u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
-        u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xee);
-    }
-    for (int j = 0; j < 4; j++) {
-        v[j] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0x88);
-        v[j + 4] = _mm512_shuffle_f32x4(u[j], u[j + 4], 0xdd);
-        v[j + 8] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0x88);
-        v[j + 12] = _mm512_shuffle_f32x4(u[j + 8], u[j + 12], 0xdd);
-    }
-    for (int j = 0; j < 4; j++) {
-        col[j] = _mm512_shuffle_f32x4(v[j], v[j + 8], 0x88);
-        col[j + 8] = _mm512_shuffle_f32x4(v[j], v[j + 8], 0xdd);
-        col[j + 4] = _mm512_shuffle_f32x4(v[j + 4], v[j + 12], 0x88);
-        col[j + 12] = _mm512_shuffle_f32x4(v[j + 4], v[j + 12], 0xdd);
-    }
-}
-
 /* Columns k0..k0+31 of every row of packed A from a transposed source
  * (A[m][k] = src[k*ld + m]): 32 source rows are read front to back (32
  * sequential streams), 16 x 16 blocks transposed in registers, and each
@@ -173,7 +138,7 @@ MP_T512 static void pack_a_trans_kblock(mp_dtype dt, int M, int K, const float *
             for (int i = 0; i < 16; i++)
                 r[i] = kb + i < K ? _mm512_maskz_loadu_ps(mm, src + (size_t)(kb + i) * ld + m0)
                                   : _mm512_setzero_ps();
-            transpose16(r, c);
+            mp_transpose16(r, c);
             for (int j = 0; j < mc; j++) split16(dt, c[j], &hi[h][j], &lo[h][j]);
         }
         for (int j = 0; j < mc; j++) {
@@ -185,6 +150,19 @@ MP_T512 static void pack_a_trans_kblock(mp_dtype dt, int M, int K, const float *
                 _mm512_storeu_si512(dst + a_off(kk, m0 + j, 2 * kp + k0), vl);
             }
         }
+    }
+}
+
+/* One row of a bf16 packed A from a contiguous fp32 row. */
+MP_T512 static void pack_a_row_bf16(const float *src, int K, uint16_t *dst, int kk, int m)
+{
+    for (int k0 = 0; k0 < kk; k0 += 32) {
+        int c0 = K - k0, c1 = K - k0 - 16;
+        __mmask16 m0 = (__mmask16)(c0 >= 16 ? 0xffff : c0 <= 0 ? 0 : (1u << c0) - 1);
+        __mmask16 m1 = (__mmask16)(c1 >= 16 ? 0xffff : c1 <= 0 ? 0 : (1u << c1) - 1);
+        __m256i lo = bf16x16(_mm512_maskz_loadu_ps(m0, src + k0));
+        __m256i hi = bf16x16(_mm512_maskz_loadu_ps(m1, src + k0 + 16));
+        _mm512_storeu_si512(dst + a_off(kk, m, k0), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
     }
 }
 
@@ -271,6 +249,12 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
         }
         const float *s = trans ? src + m : src + (size_t)m * ld;
         size_t st = trans ? (size_t)ld : 1;
+#if MP_X86
+        if (dt == MP_BF16 && st == 1 && mp_cpu_caps()->avx512f) {
+            pack_a_row_bf16(s, K, dst, kk, m);
+            continue;
+        }
+#endif
         for (int k0 = 0; k0 < kp; k0 += 32) {
             /* A' = [hi | hi | lo] for fp16: pairs with B' = [hi; lo; hi]. */
             uint16_t h[32] = {0}, l[32] = {0};
@@ -345,7 +329,7 @@ void mp_pack_b(mp_dtype dt, bool trans, int K, int N, const float *src,
 
 static void gemm_ref(int M, int N, int Kp, const uint16_t *pa,
                      const uint16_t *pb, float *C, int ldc, bool accumulate,
-                     const float *bias)
+                     const float *bias, bool transc)
 {
     #pragma omp parallel for schedule(static)
     for (int m = 0; m < M; m++) {
@@ -359,7 +343,7 @@ static void gemm_ref(int M, int N, int Kp, const uint16_t *pa,
                 acc += mp_bf16_to_f32_1(a[0]) * mp_bf16_to_f32_1(row[2 * c]);
                 acc += mp_bf16_to_f32_1(a[1]) * mp_bf16_to_f32_1(row[2 * c + 1]);
             }
-            float *o = C + (size_t)m * ldc + n;
+            float *o = transc ? C + (size_t)n * ldc + m : C + (size_t)m * ldc + n;
             *o = (accumulate ? *o : 0.f) + acc + (bias ? bias[n] : 0.f);
         }
     }
@@ -373,7 +357,7 @@ static void gemm_ref(int M, int N, int Kp, const uint16_t *pa,
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void gemm_avx512(int M, int N, int Kp, const uint16_t *pa,
                         const uint16_t *pb, float *C, int ldc, bool accumulate,
-                        const float *bias)
+                        const float *bias, bool transc)
 {
     int mb = (M + 7) / 8, nb = (N + 31) / 32;
     #pragma omp parallel for schedule(static) collapse(2)
@@ -402,10 +386,19 @@ static void gemm_avx512(int M, int N, int Kp, const uint16_t *pa,
                     if (n0 >= N) break;
                     int cols = KILN_MP_MIN(16, N - n0);
                     __mmask16 mk = (__mmask16)((1u << cols) - 1);
-                    float *o = C + (size_t)(i0 + r) * ldc + n0;
                     __m512 v = acc[r][h];
-                    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, o));
                     if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n0));
+                    if (transc) {
+                        float t[16];
+                        _mm512_storeu_ps(t, v);
+                        for (int e = 0; e < cols; e++) {
+                            float *o = C + (size_t)(n0 + e) * ldc + i0 + r;
+                            *o = (accumulate ? *o : 0.f) + t[e];
+                        }
+                        continue;
+                    }
+                    float *o = C + (size_t)(i0 + r) * ldc + n0;
+                    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, o));
                     _mm512_mask_storeu_ps(o, mk, v);
                 }
             }
@@ -418,20 +411,28 @@ void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
                     const uint16_t *pa, const uint16_t *pb, float *C,
                     int ldc, bool accumulate, const float *bias)
 {
+    mp_gemm_packed_t(be, dt, M, N, K, pa, pb, C, ldc, accumulate, bias, false);
+}
+
+void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
+                      const uint16_t *pa, const uint16_t *pb, float *C,
+                      int ldc, bool accumulate, const float *bias, bool transc)
+{
+    KILN_ASSERT(!(transc && bias));
     if (M <= 0 || N <= 0) return;
     int kk = packed_k(dt, K);
     if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
 #if MP_X86
     if (be == MP_BACKEND_AMX) {
-        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias);
+        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc);
         return;
     }
     if (be == MP_BACKEND_AVX512) {
-        gemm_avx512(M, N, kk, pa, pb, C, ldc, accumulate, bias);
+        gemm_avx512(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc);
         return;
     }
 #endif
-    gemm_ref(M, N, kk, pa, pb, C, ldc, accumulate, bias);
+    gemm_ref(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc);
 }
 
 /* ---- linear layer ----------------------------------------------------- */
@@ -524,6 +525,19 @@ bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
     if (in_out) /* dW (C, OC) += x^T dy */
         return mp_gemm_f32io(be, s, dt, true, false, C, OC, N, x, C, dy, OC, dW, OC, true);
     return mp_gemm_f32io(be, s, dt, true, false, OC, C, N, dy, OC, x, C, dW, C, true);
+}
+
+bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
+                                 const float *dy, const uint16_t *xp, int act,
+                                 int N, int OC, int C, float *dW)
+{
+    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, OC, N));
+    uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(MP_BF16, N, C));
+    if (!pa || !pb) return false;
+    mp_pack_a(MP_BF16, true, OC, N, dy, OC, pa); /* dy^T: (OC, N) */
+    mp_pack_b_tokens(pb, xp, N, C, act);         /* x: K = N tokens, C columns */
+    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pa, pb, dW, in_out ? OC : C, true, NULL, in_out);
+    return true;
 }
 
 bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,

@@ -1,0 +1,300 @@
+/*
+ * bf16_act.c — the activation kernels of bf16 training (model/forward_mp.c),
+ * where every input of a matrix product is stored once, in bf16, already
+ * in the packed-A layout the AMX kernel reads (bf16.h):
+ *   - the MLP's fused epilogue: the fc product's fp32 output x becomes the
+ *     stored pre-activation bf16(x) and the packed input of the next
+ *     product act(bf16(x)) in one pass (GELU or SwiGLU);
+ *   - its backward from the stored bf16 pre-activation;
+ *   - the right-hand operand of a weight gradient over tokens (packed B
+ *     with K = tokens) straight from a packed activation, the activation
+ *     function applied on the way for the MLP's second product, so that
+ *     act(x) is never stored;
+ *   - unpacking to fp32 and the column sums of a bias gradient.
+ * The activation function of bf16 training is evaluated on the bf16-rounded
+ * pre-activation in forward and backward alike (what torch.autocast does:
+ * the fc product's output is a bf16 tensor).
+ */
+#include "kernels/x86/bf16.h"
+
+#include "base/base.h"
+
+#include <math.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include "kernels/x86/simd.h"
+#endif
+
+#define GELU_K 0.7978845608028654f
+#define GELU_A 0.044715f
+
+static inline int rup32(int x) { return (x + 31) / 32 * 32; }
+
+static inline float gelu1(float x)
+{
+    return 0.5f * x * (1.0f + tanhf(GELU_K * (x + GELU_A * x * x * x)));
+}
+
+static inline float gelu_grad1(float x)
+{
+    float th = tanhf(GELU_K * (x + GELU_A * x * x * x));
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_K * (1.0f + 3.0f * GELU_A * x * x);
+}
+
+static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
+
+static inline float bf(float x) { return mp_bf16_to_f32_1(mp_f32_to_bf16_1(x)); }
+
+#ifdef __AVX512F__
+/* 16 floats -> bf16, round to nearest even, NaN kept (quiet). */
+static inline __m256i v_f2bf(__m512 x)
+{
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __m512i abs = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+static inline __m512 v_bf2f(__m256i h)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512 v_gelu(__m512 x)
+{
+    __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+    __m512 u = _mm512_mul_ps(_mm512_set1_ps(GELU_K), _mm512_fmadd_ps(_mm512_set1_ps(GELU_A), x3, x));
+    __m512 hx = _mm512_mul_ps(_mm512_set1_ps(0.5f), x);
+    return _mm512_fmadd_ps(hx, vtanh(u), hx);
+}
+
+static inline __m512 v_gelu_grad(__m512 x)
+{
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    __m512 x2 = _mm512_mul_ps(x, x);
+    __m512 u = _mm512_mul_ps(_mm512_set1_ps(GELU_K),
+                             _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(GELU_A), x2), x, x));
+    __m512 t = vtanh(u);
+    __m512 sech2 = _mm512_fnmadd_ps(t, t, one);
+    __m512 du = _mm512_mul_ps(_mm512_set1_ps(GELU_K),
+                              _mm512_fmadd_ps(_mm512_set1_ps(3.0f * GELU_A), x2, one));
+    return _mm512_fmadd_ps(_mm512_mul_ps(half, x), _mm512_mul_ps(sech2, du),
+                           _mm512_mul_ps(half, _mm512_add_ps(one, t)));
+}
+
+static inline __mmask16 v_mask(int cnt)
+{
+    return cnt >= 16 ? (__mmask16)0xffff : cnt <= 0 ? 0 : (__mmask16)((1u << cnt) - 1);
+}
+#endif
+
+/* ---- unpacking ---------------------------------------------------------- */
+
+void mp_unpack_a(float *out, int ldo, const uint16_t *pa, int M, int K)
+{
+    int kk = rup32(K);
+    #pragma omp parallel for schedule(static)
+    for (int m = 0; m < M; m++)
+        for (int k0 = 0; k0 < K; k0 += 32) {
+            const uint16_t *s = pa + mp_packa_off(kk, m, k0);
+            int cnt = K - k0 < 32 ? K - k0 : 32;
+            for (int i = 0; i < cnt; i++) out[(size_t)m * ldo + k0 + i] = mp_bf16_to_f32_1(s[i]);
+        }
+}
+
+/* ---- MLP activation: forward epilogue and backward ---------------------- */
+
+/* One row: x (FH fp32) -> xp row (bf16 of x), ap row (act of bf16 x). */
+static void act_pack_row(uint16_t *xp, int kx, uint16_t *ap, int ka, const float *x, int m, int F,
+                         int kind)
+{
+    int FH = kind == MP_ACT_SWIGLU ? 2 * F : F;
+    for (int k0 = 0; k0 < rup32(FH); k0 += 32) {
+        int cnt = FH - k0 < 32 ? FH - k0 : 32;
+        uint16_t *o = xp + mp_packa_off(kx, m, k0);
+#ifdef __AVX512F__
+        __m256i lo = v_f2bf(_mm512_maskz_loadu_ps(v_mask(cnt), x + k0));
+        __m256i hi = v_f2bf(_mm512_maskz_loadu_ps(v_mask(cnt - 16), x + k0 + 16));
+        _mm512_storeu_si512(o, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+#else
+        for (int i = 0; i < 32; i++) o[i] = i < cnt ? mp_f32_to_bf16_1(x[k0 + i]) : 0;
+#endif
+    }
+    for (int k0 = 0; k0 < rup32(F); k0 += 32) {
+        uint16_t h[32];
+        int cnt = F - k0 < 32 ? F - k0 : 32, i = 0;
+#ifdef __AVX512F__
+        if (kind == MP_ACT_GELU) {
+            for (; i < cnt; i += 16) {
+                __mmask16 mk = v_mask(cnt - i);
+                __m512 v = v_bf2f(v_f2bf(_mm512_maskz_loadu_ps(mk, x + k0 + i)));
+                _mm256_storeu_si256((__m256i *)(h + i), v_f2bf(_mm512_maskz_mov_ps(mk, v_gelu(v))));
+            }
+        } else {
+            for (; i < cnt; i += 16) {
+                __mmask16 mk = v_mask(cnt - i);
+                __m512 g = v_bf2f(v_f2bf(_mm512_maskz_loadu_ps(mk, x + k0 + i)));
+                __m512 u = v_bf2f(v_f2bf(_mm512_maskz_loadu_ps(mk, x + F + k0 + i)));
+                __m512 a = _mm512_mul_ps(_mm512_mul_ps(g, vsigmoid(g)), u);
+                _mm256_storeu_si256((__m256i *)(h + i), v_f2bf(_mm512_maskz_mov_ps(mk, a)));
+            }
+        }
+        for (int j = cnt; j < 32; j++) h[j] = 0;
+#endif
+        for (; i < cnt; i++)
+            h[i] = mp_f32_to_bf16_1(kind == MP_ACT_GELU ? gelu1(bf(x[k0 + i]))
+                                                         : silu1(bf(x[k0 + i])) * bf(x[F + k0 + i]));
+        for (int j = cnt; j < 32; j++) h[j] = 0;
+        memcpy(ap + mp_packa_off(ka, m, k0), h, 64);
+    }
+}
+
+void mp_act_pack(uint16_t *xp, uint16_t *ap, const float *x, int N, int F, int kind)
+{
+    int FH = kind == MP_ACT_SWIGLU ? 2 * F : F, kx = rup32(FH), ka = rup32(F);
+    #pragma omp parallel for schedule(static)
+    for (int m = 0; m < rup32(N); m++) {
+        if (m >= N) {
+            for (int k0 = 0; k0 < kx; k0 += 32) memset(xp + mp_packa_off(kx, m, k0), 0, 64);
+            for (int k0 = 0; k0 < ka; k0 += 32) memset(ap + mp_packa_off(ka, m, k0), 0, 64);
+            continue;
+        }
+        act_pack_row(xp, kx, ap, ka, x + (size_t)m * FH, m, F, kind);
+    }
+}
+
+void mp_act_bwd(float *dinp, const uint16_t *xp, const float *dout, int N, int F, int kind)
+{
+    int FH = kind == MP_ACT_SWIGLU ? 2 * F : F, kx = rup32(FH);
+    #pragma omp parallel for schedule(static)
+    for (int m = 0; m < N; m++) {
+        const float *d = dout + (size_t)m * F;
+        float *o = dinp + (size_t)m * FH;
+        for (int k0 = 0; k0 < F; k0 += 32) {
+            int cnt = F - k0 < 32 ? F - k0 : 32, i = 0;
+            const uint16_t *xs = xp + mp_packa_off(kx, m, k0);
+#ifdef __AVX512F__
+            if (kind == MP_ACT_GELU) {
+                for (; i + 16 <= cnt; i += 16) {
+                    __m512 x = v_bf2f(_mm256_loadu_si256((const __m256i *)(xs + i)));
+                    _mm512_storeu_ps(o + k0 + i, _mm512_mul_ps(v_gelu_grad(x), _mm512_loadu_ps(d + k0 + i)));
+                }
+            }
+#endif
+            for (; i < cnt; i++) {
+                float dv = d[k0 + i];
+                if (kind == MP_ACT_GELU) {
+                    o[k0 + i] = gelu_grad1(mp_bf16_to_f32_1(xs[i])) * dv;
+                } else {
+                    float g = mp_bf16_to_f32_1(xs[i]);
+                    float u = mp_bf16_to_f32_1(xp[mp_packa_off(kx, m, F + k0 + i)]);
+                    float s = 1.0f / (1.0f + expf(-g));
+                    o[F + k0 + i] = dv * g * s;
+                    o[k0 + i] = dv * u * s * (1.0f + g * (1.0f - s));
+                }
+            }
+        }
+    }
+}
+
+/* ---- weight-gradient operand over tokens -------------------------------- */
+
+/* 16 values of row t, columns c0..c0+15 (those < ncols; the rest 0) of
+ * act(X), X packed with packed K kx, as fp32. */
+static inline void cols16(float *v, const uint16_t *xp, int kx, int t, int c0, int ncols, int F,
+                          int kind)
+{
+    for (int i = 0; i < 16; i++) {
+        int c = c0 + i;
+        if (c >= ncols) {
+            v[i] = 0;
+            continue;
+        }
+        float x = mp_bf16_to_f32_1(xp[mp_packa_off(kx, t, c)]);
+        if (kind == MP_ACT_GELU) x = mp_bf16_to_f32_1(mp_f32_to_bf16_1(gelu1(x)));
+        else if (kind == MP_ACT_SWIGLU)
+            x = mp_bf16_to_f32_1(mp_f32_to_bf16_1(
+                silu1(x) * mp_bf16_to_f32_1(xp[mp_packa_off(kx, t, F + c)])));
+        v[i] = x;
+    }
+}
+
+void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind)
+{
+    /* K = the columns of act(X) (F for the MLP's activations); the packed
+     * X has 2K columns (gate | up) for SwiGLU. */
+    int ncols = K, kx = rup32(kind == MP_ACT_SWIGLU ? 2 * K : K), kb = rup32(M);
+    int npanel = rup32(K) / 16;
+    #pragma omp parallel for schedule(static)
+    for (int p = 0; p < npanel; p++) {
+        uint16_t *pan = pb + (size_t)p * kb * 16;
+        int c0 = p * 16;
+        for (int r2 = 0; r2 < kb / 2; r2++) {
+            int t = 2 * r2;
+            uint16_t *o = pan + (size_t)r2 * 32;
+#ifdef __AVX512F__
+            if (kind != MP_ACT_SWIGLU && c0 + 16 <= ncols) {
+                /* rows t and t + 1 are zero padding beyond M in packed X */
+                __m256i r0 = _mm256_loadu_si256((const __m256i *)(xp + mp_packa_off(kx, t, c0)));
+                __m256i r1 = _mm256_loadu_si256((const __m256i *)(xp + mp_packa_off(kx, t + 1, c0)));
+                if (kind == MP_ACT_GELU) {
+                    r0 = v_f2bf(v_gelu(v_bf2f(r0)));
+                    r1 = v_f2bf(v_gelu(v_bf2f(r1)));
+                }
+                const __m512i idx = _mm512_set_epi16(
+                    47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                    39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+                __m512i v = _mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), idx,
+                                                      _mm512_castsi256_si512(r1));
+                _mm512_storeu_si512(o, v);
+                continue;
+            }
+#endif
+            float a[16], b[16];
+            cols16(a, xp, kx, t, c0, ncols, K, kind);
+            cols16(b, xp, kx, t + 1, c0, ncols, K, kind);
+            for (int i = 0; i < 16; i++) {
+                o[2 * i] = t < M ? mp_f32_to_bf16_1(a[i]) : 0;
+                o[2 * i + 1] = t + 1 < M ? mp_f32_to_bf16_1(b[i]) : 0;
+            }
+        }
+    }
+}
+
+/* ---- bias gradient ------------------------------------------------------- */
+
+void mp_bias_grad(float *db, const float *dout, int N, int OC)
+{
+    /* fp32 column sums, split by column so the result does not depend on
+     * the thread count. */
+    #pragma omp parallel for schedule(static)
+    for (int j0 = 0; j0 < OC; j0 += 64) {
+        int j1 = j0 + 64 < OC ? j0 + 64 : OC;
+#ifdef __AVX512F__
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                         _mm512_setzero_ps()};
+        __mmask16 mk[4];
+        for (int q = 0; q < 4; q++) mk[q] = v_mask(j1 - j0 - 16 * q);
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * OC + j0;
+            for (int q = 0; q < 4; q++)
+                acc[q] = _mm512_add_ps(acc[q], _mm512_maskz_loadu_ps(mk[q], d + 16 * q));
+        }
+        for (int q = 0; q < 4; q++) {
+            float t[16];
+            _mm512_storeu_ps(t, acc[q]);
+            for (int j = j0 + 16 * q; j < j1 && j < j0 + 16 * q + 16; j++) db[j] += t[j - j0 - 16 * q];
+        }
+#else
+        float acc[64] = {0};
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * OC;
+            for (int j = j0; j < j1; j++) acc[j - j0] += d[j];
+        }
+        for (int j = j0; j < j1; j++) db[j] += acc[j - j0];
+#endif
+    }
+}

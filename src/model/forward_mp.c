@@ -1,0 +1,326 @@
+/*
+ * forward_mp.c — the forward and backward passes of bf16 training with
+ * bf16 activations.
+ *
+ * Every input of a matrix product is stored once, in bf16, in the packed-A
+ * layout the AMX kernel reads (kernels/x86/bf16.h), so no product converts
+ * or packs its left operand from fp32 again, and the stored activations
+ * take half the memory:
+ *   ln1p, ln2p   the normalized inputs of the qkv and fc products (L, N, C)
+ *   attyp        the attention output, input of the projection    (L, N, C)
+ *   fchp         the fc product's output, pre-activation          (L, N, FH)
+ *   lnfp         the final norm's output, input of the LM head    (N, C)
+ * The activation function's output (the input of the MLP's second
+ * product) is not stored: the forward writes it for one layer at a time
+ * (actp) in the fc product's fused epilogue, and the backward recomputes it
+ * from fchp while packing the weight-gradient operand. What stays fp32:
+ * the residual stream (encoded, res2, res3), norm statistics, qkv (the
+ * attention kernels' input, fp32 like the softmax), the attention
+ * log-sum-exp, the logits (cross-entropy in fp32), and all gradients.
+ * The residual adds are fused into the products: the output block starts
+ * as residual + bias and the product accumulates into it.
+ *
+ * Weight gradients run as dW' = dY^T X with dY^T packed from fp32 and X
+ * packed over tokens from its stored bf16 copy (mp_pack_b_tokens); the
+ * products of (in, out) weights store their result transposed.
+ *
+ * Used when the model's precision is bf16 (fp16 keeps fp32 activations:
+ * its exact hi/lo split needs the fp32 value). KILN_BF16_ACTS=0 switches
+ * it off (bf16 products on fp32 activations, for comparison).
+ */
+#include "kernels/x86/bf16_ops.h"
+#include "model/model.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static size_t rup32(size_t x) { return (x + 31) / 32 * 32; }
+
+/* Elements of a packed bf16 (M, K) activation. */
+static size_t pk(size_t M, size_t K) { return rup32(M) * rup32(K); }
+
+bool model_mp_wanted(const kiln_model *m)
+{
+    if (kiln_model_precision(m) != KILN_PRECISION_BF16) return false;
+    const char *e = getenv("KILN_BF16_ACTS");
+    return !(e && !strcmp(e, "0"));
+}
+
+/* The buffers, in carve order: {bytes per element, count}. */
+static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
+{
+    size_t N = (size_t)B * T, L = (size_t)m->L, C = (size_t)m->C;
+    size_t F = (size_t)m->F, V = (size_t)m->V, NH = (size_t)m->NH, QKV = (size_t)m->QKV;
+    size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
+    size_t wide = KILN_MAX(KILN_MAX(C, FH), QKV);
+    size_t s[][2] = {
+        {4, N},                    /* tokens */
+        {4, N * C},                /* encoded */
+        {2, L * pk(N, C)},         /* ln1p */
+        {4, L * N}, {4, L * N},    /* ln1 mean, rstd */
+        {4, L * N * QKV},          /* qkv */
+        {4, L * B * NH * T},       /* lse */
+        {2, L * pk(N, C)},         /* attyp */
+        {4, L * N * C},            /* res2 */
+        {2, L * pk(N, C)},         /* ln2p */
+        {4, L * N}, {4, L * N},    /* ln2 mean, rstd */
+        {2, L * pk(N, FH)},        /* fchp */
+        {4, L * N * C},            /* res3 */
+        {2, pk(N, C)},             /* lnfp */
+        {4, N}, {4, N},            /* lnf mean, rstd */
+        {4, N * V},                /* logits */
+        {2, pk(N, F)},             /* actp (one layer) */
+        {4, N * wide},             /* tmp (one layer) */
+        {4, N * C},                /* atty (one layer) */
+        {4, N * C}, {4, N * C},    /* dres, dc */
+        {4, N * F}, {4, N * KILN_MAX(QKV, FH)}, /* df, dbig */
+    };
+    *n = (int)(sizeof s / sizeof s[0]);
+    memcpy(out, s, sizeof s);
+}
+
+size_t model_mp_act_bytes(const kiln_model *m, int B, int T)
+{
+    size_t s[32][2], total = 0;
+    int n;
+    sizes(m, B, T, s, &n);
+    for (int i = 0; i < n; i++) total += (s[i][0] * s[i][1] + 63) & ~(size_t)63;
+    return total;
+}
+
+void model_mp_carve(kiln_model *m, int B, int T)
+{
+    size_t s[32][2];
+    int n;
+    sizes(m, B, T, s, &n);
+    void *p[32];
+    arena_reset(&m->act);
+    for (int i = 0; i < n; i++) {
+        p[i] = arena_alloc(&m->act, s[i][0] * s[i][1]);
+        KILN_ASSERT(p[i]);
+    }
+    model_acts *a = &m->a;
+    memset(a, 0, sizeof *a);
+    int i = 0;
+    a->tokens = p[i++];
+    a->encoded = p[i++];
+    a->ln1p = p[i++];
+    a->ln1_mean = p[i++];
+    a->ln1_rstd = p[i++];
+    a->qkv = p[i++];
+    a->lse = p[i++];
+    a->attyp = p[i++];
+    a->res2 = p[i++];
+    a->ln2p = p[i++];
+    a->ln2_mean = p[i++];
+    a->ln2_rstd = p[i++];
+    a->fchp = p[i++];
+    a->res3 = p[i++];
+    a->lnfp = p[i++];
+    a->lnf_mean = p[i++];
+    a->lnf_rstd = p[i++];
+    a->logits = p[i++];
+    a->actp = p[i++];
+    a->tmp = p[i++];
+    a->atty = p[i++];
+    a->dres = p[i++];
+    a->dc = p[i++];
+    a->df = p[i++];
+    a->dbig = p[i++];
+    KILN_ASSERT(i == n);
+}
+
+/* Profiling as in forward.c. */
+static double prof_now(const kiln_model *m)
+{
+    if (m->profile == 2) {
+        struct timespec ts;
+        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    return kiln_time_now();
+}
+
+#define P(id, stmt)                                                         \
+    do {                                                                    \
+        double t0_ = m->profile ? prof_now(m) : 0;                          \
+        stmt;                                                               \
+        if (m->profile) m->prof[MODEL_PROF_##id] += prof_now(m) - t0_;      \
+    } while (0)
+
+#define NOMEM(ctx) kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory in the bf16 products")
+
+/* out (N, C) = base (+ bias per row), the start of a fused residual. */
+static void residual_init(float *out, const float *base, const float *bias, int N, int C)
+{
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float *o = out + (size_t)n * C;
+        const float *b = base + (size_t)n * C;
+        if (bias)
+            for (int j = 0; j < C; j++) o[j] = b[j] + bias[j];
+        else
+            memcpy(o, b, (size_t)C * sizeof(float));
+    }
+}
+
+/* The norm of one layer: fp32 statistics, bf16 packed output. */
+static void norm_packed(kiln_model *m, uint16_t *outp, float *mean, float *rstd, const float *inp,
+                        const float *w, const float *b, int n)
+{
+    const kern_ops *k = m->ops;
+    int C = m->C;
+    float eps = m->cfg.norm_eps;
+    if (m->cfg.arch == KILN_ARCH_GPT2) k->layernorm_fwd(m->a.tmp, mean, rstd, inp, w, b, n, C, eps);
+    else k->rmsnorm_fwd(m->a.tmp, rstd, inp, w, n, C, eps);
+    mp_pack_a(MP_BF16, false, n, C, m->a.tmp, C, outp);
+}
+
+kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
+{
+    const kern_ops *k = m->ops;
+    kern_gemm *g = m->gemm;
+    mp_backend be = mp_kern_backend(g);
+    bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2, io = gpt2;
+    int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
+    size_t N = (size_t)B * T;
+    int n = (int)N, FH = gpt2 ? F : 2 * F, act = gpt2 ? MP_ACT_GELU : MP_ACT_SWIGLU;
+    size_t lse_sz = (size_t)B * m->NH * T;
+    model_acts *a = &m->a;
+
+    P(OTHER, k->embed_fwd(a->encoded, a->tokens, m->w.wte, m->w.wpe, B, T, C));
+    for (int l = 0; l < m->L; l++) {
+        const model_layer *w = &m->w.layers[l];
+        const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
+        uint16_t *ln1p = a->ln1p + (size_t)l * pk(N, C), *attyp = a->attyp + (size_t)l * pk(N, C);
+        uint16_t *ln2p = a->ln2p + (size_t)l * pk(N, C), *fchp = a->fchp + (size_t)l * pk(N, FH);
+        float *qkv = a->qkv + (size_t)l * N * QKV, *lse = a->lse + (size_t)l * lse_sz;
+        float *res2 = a->res2 + (size_t)l * N * C, *res3 = a->res3 + (size_t)l * N * C;
+        const mp_weight *wq = mp_kern_weight(g, w->qkv_w, QKV, C, io, false);
+        const mp_weight *wp = mp_kern_weight(g, w->proj_w, C, C, io, false);
+        const mp_weight *wf = mp_kern_weight(g, w->fc_w, FH, C, io, false);
+        const mp_weight *wo = mp_kern_weight(g, w->fcproj_w, C, F, io, false);
+        if (!wq || !wp || !wf || !wo) return NOMEM(ctx);
+
+        P(NORM, norm_packed(m, ln1p, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, inp,
+                            w->ln1_w, w->ln1_b, n));
+        P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
+        if (!gpt2)
+            P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
+        P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
+        P(OTHER, mp_pack_a(MP_BF16, false, n, C, a->atty, C, attyp));
+        P(OTHER, residual_init(res2, inp, w->proj_b, n, C));
+        P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, C, C, attyp, wp->fwd, res2, C, true, NULL));
+        P(NORM, norm_packed(m, ln2p, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res2,
+                            w->ln2_w, w->ln2_b, n));
+        P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, FH, C, ln2p, wf->fwd, a->tmp, FH, false, w->fc_b));
+        P(ACT, mp_act_pack(fchp, a->actp, a->tmp, n, F, act));
+        P(OTHER, residual_init(res3, res2, w->fcproj_b, n, C));
+        P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, C, F, a->actp, wo->fwd, res3, C, true, NULL));
+    }
+    const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
+    P(NORM, norm_packed(m, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n));
+    const mp_weight *wh = mp_kern_weight(g, m->w.lm_head, V, C, false, false);
+    if (!wh) return NOMEM(ctx);
+    P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, V, C, a->lnfp, wh->fwd, a->logits, V, false, NULL));
+    *logits = a->logits;
+    return KILN_OK;
+}
+
+/* The backward of one linear layer y = x W' + b: bias and weight gradient
+ * (accumulated), input gradient dx (overwritten). */
+static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, float *dx, float *dw, float *db,
+                              const float *dy, const uint16_t *xp, int act, const float *w,
+                              int n, int Cin, int OC, bool io)
+{
+    kern_gemm *g = m->gemm;
+    mp_backend be = mp_kern_backend(g);
+    mp_scratch *s = mp_kern_scratch(g);
+    if (db) mp_bias_grad(db, dy, n, OC);
+    if (!mp_linear_backward_w_packed(be, s, io, dy, xp, act, n, OC, Cin, dw)) return NOMEM(ctx);
+    const mp_weight *pw = mp_kern_weight(g, w, OC, Cin, io, true);
+    if (!pw || !mp_linear_backward_x(be, s, pw, dy, n, dx, false)) return NOMEM(ctx);
+    return KILN_OK;
+}
+
+static void hook(kiln_model *m, size_t begin, size_t end)
+{
+    if (m->hook && end > begin) m->hook(m->hook_ud, begin, end - begin);
+}
+
+kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits)
+{
+    const kern_ops *k = m->ops;
+    kern_gemm *g = m->gemm;
+    bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2, io = gpt2;
+    int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
+    size_t N = (size_t)B * T;
+    int n = (int)N, FH = gpt2 ? F : 2 * F, act = gpt2 ? MP_ACT_GELU : MP_ACT_SWIGLU;
+    size_t lse_sz = (size_t)B * m->NH * T;
+    model_acts *a = &m->a;
+    model_weights *dw = &m->g;
+    kiln_status s = KILN_OK;
+
+    /* LM head and final norm. */
+    P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, dw->lm_head, NULL, dlogits, a->lnfp, MP_ACT_NONE,
+                                 m->w.lm_head, n, C, V, false));
+    if (s) return s;
+    memset(a->dres, 0, N * C * sizeof(float));
+    const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
+    if (gpt2)
+        P(NORM, k->layernorm_bwd(a->dres, dw->lnf_w, dw->lnf_b, a->dc, last, m->w.lnf_w,
+                                 a->lnf_mean, a->lnf_rstd, n, C));
+    else
+        P(NORM, k->rmsnorm_bwd(a->dres, dw->lnf_w, a->dc, last, m->w.lnf_w, a->lnf_rstd, n, C));
+    hook(m, m->layer_off[m->L], m->layer_off[m->L + 1]);
+
+    for (int l = m->L - 1; l >= 0; l--) {
+        const model_layer *w = &m->w.layers[l];
+        model_layer *d = &dw->layers[l];
+        const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
+        const uint16_t *ln1p = a->ln1p + (size_t)l * pk(N, C);
+        const uint16_t *attyp = a->attyp + (size_t)l * pk(N, C);
+        const uint16_t *ln2p = a->ln2p + (size_t)l * pk(N, C);
+        const uint16_t *fchp = a->fchp + (size_t)l * pk(N, FH);
+        const float *qkv = a->qkv + (size_t)l * N * QKV, *lse = a->lse + (size_t)l * lse_sz;
+        const float *res2 = a->res2 + (size_t)l * N * C;
+
+        /* MLP: res3 = res2 + fcproj(act(fc(ln2(res2)))) */
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp, act,
+                                     w->fcproj_w, n, F, C, io));
+        if (s) return s;
+        P(ACT, mp_act_bwd(a->dbig, fchp, a->df, n, F, act));
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p, MP_ACT_NONE,
+                                     w->fc_w, n, C, FH, io));
+        if (s) return s;
+        if (gpt2)
+            P(NORM, k->layernorm_bwd(a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
+                                     a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n, C));
+        else
+            P(NORM, k->rmsnorm_bwd(a->dres, d->ln2_w, a->dc, res2, w->ln2_w,
+                                   a->ln2_rstd + (size_t)l * N, n, C));
+        /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
+                                     MP_ACT_NONE, w->proj_w, n, C, C, io));
+        if (s) return s;
+        P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
+        P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, qkv, a->atty, lse, B, T, m->NH, m->KVH,
+                                     m->HS));
+        if (!gpt2)
+            P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p, MP_ACT_NONE,
+                                     w->qkv_w, n, C, QKV, io));
+        if (s) return s;
+        if (gpt2)
+            P(NORM, k->layernorm_bwd(a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
+                                     a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n, C));
+        else
+            P(NORM, k->rmsnorm_bwd(a->dres, d->ln1_w, a->dc, inp, w->ln1_w,
+                                   a->ln1_rstd + (size_t)l * N, n, C));
+        hook(m, m->layer_off[l], m->layer_off[l + 1]);
+    }
+    P(OTHER, k->embed_bwd(dw->wte, dw->wpe, a->dres, a->tokens, B, T, C, V));
+    hook(m, 0, m->layer_off[0]);
+    return KILN_OK;
+}
