@@ -210,13 +210,25 @@ OPT_T512 static void adamw_avx512(float *p, const float *g, float *m, float *v, 
 }
 #endif
 
+/* AVX-512 when the CPU has it, unless KILN_OPTIM_KERNEL=portable (read at
+ * each call, so a test can compare both paths in one process). */
+static bool use_avx512(void)
+{
+#if KILN_OPT_X86
+    const char *e = getenv("KILN_OPTIM_KERNEL");
+    return mp_cpu_caps()->avx512f && !(e && !strcmp(e, "portable"));
+#else
+    return false;
+#endif
+}
+
 typedef void (*adamw_fn)(float *, const float *, float *, float *, size_t,
                          const adamw_k *, float);
 
 static adamw_fn adamw_kernel(void)
 {
 #if KILN_OPT_X86
-    if (mp_cpu_caps()->avx512f) return adamw_avx512;
+    if (use_avx512()) return adamw_avx512;
 #endif
     return adamw_portable;
 }
@@ -326,7 +338,7 @@ double kiln_l2_norm(const float *x, size_t n)
 {
     double (*fn)(const float *, size_t) = sumsq_portable;
 #if KILN_OPT_X86
-    if (mp_cpu_caps()->avx512f) fn = sumsq_avx512;
+    if (use_avx512()) fn = sumsq_avx512;
 #endif
     size_t nb = (n + NORM_BLOCK - 1) / NORM_BLOCK;
     double stack[64];
