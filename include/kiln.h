@@ -673,8 +673,9 @@ void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
  *   kiln_adamw_step_scaled(o, p, g, lr, kiln_clip_grad_coef(norm, max));
  * equals kiln_clip_grad_norm + kiln_adamw_step up to float rounding
  * (bit-equal when grad_mul is a power of two). Vectorized (AVX-512 when
- * the CPU has it) and split over the OpenMP threads; per element the
- * result does not depend on the thread count. */
+ * the CPU has it; KILN_OPTIM_KERNEL=portable forces the portable loop,
+ * which gives the same bits) and split over the OpenMP threads; per
+ * element the result does not depend on the thread count. */
 void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
                             float lr, float grad_mul);
 size_t kiln_adamw_size(const kiln_adamw *o);

@@ -498,6 +498,21 @@ static void att_copy_rows(float *dst, const float *src, int ld, int n, int HS)
 #endif
 }
 
+/* Prefetches rows [0, n) (row stride ld, HS floats each) of src into L2:
+ * the next block's operands load while this block computes. */
+static void att_prefetch_rows(const float *src, int ld, int n, int HS)
+{
+    for (int r = 0; r < n; r++)
+        for (int e = 0; e < HS; e += 16) __builtin_prefetch(src + (size_t)r * ld + e, 0, 2);
+}
+
+/* The same for rows about to be written. */
+static void att_prefetchw_rows(float *dst, int ld, int n, int HS)
+{
+    for (int r = 0; r < n; r++)
+        for (int e = 0; e < HS; e += 16) __builtin_prefetch(dst + (size_t)r * ld + e, 1, 2);
+}
+
 /* One query block [i0, i0 + nr) of head (b, h). Scores are kept
  * transposed, st[c * AB + r] (key c, query r), so the softmax statistics
  * of 16 queries sit in one vector. */
@@ -523,6 +538,13 @@ static void flash_fwd_block(float *out, float *lse, const float *qkv, int T,
         int nc = jend - j0 < AB ? jend - j0 : AB;
         const float *kj = kc, *vj = vb + (size_t)j0 * S;
         att_copy_rows(kc, kb + (size_t)j0 * S, S, nc, HS);
+        if (j0 + AB < jend) { /* the next key block */
+            int nn = jend - j0 - AB < AB ? jend - j0 - AB : AB;
+            att_prefetch_rows(kb + (size_t)(j0 + AB) * S, S, nn, HS);
+            att_prefetch_rows(vb + (size_t)(j0 + AB) * S, S, nn, HS);
+        } else if (i0 >= AB) { /* the next task's queries (head-major order) */
+            att_prefetch_rows(q - (size_t)AB * S, S, AB, HS);
+        }
         bool diag = j0 + nc - 1 > i0; /* some key is after some query */
         /* st = K_j Q_i^T (keys x queries); on the diagonal per strip of 16
          * keys, from the first vector of queries that can see them */
@@ -649,14 +671,17 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
     const float *base = qkv + (size_t)b * T * S;
     float *dbase = dqkv + (size_t)b * T * S;
     const float *kb = base + (NH + kh) * HS, *vb = base + (NH + KVH + kh) * HS;
-    for (int t = 0; t < T; t++)
-        memset(dbase + (size_t)t * S + kh * grp * HS, 0, (size_t)grp * HS * sizeof(float));
+    /* dq needs no zeroing: the first key block (j0 = 0) reaches every
+     * query row and overwrites it (every product there has k >= 1) */
     for (int j0 = 0; j0 < T; j0 += AB) {
+        bool dq_acc = j0 > 0;
         int nc = T - j0 < AB ? T - j0 : AB;
         const float *kj = w->kc;
         att_copy_rows(w->kc, kb + (size_t)j0 * S, S, nc, HS);
         att_load_t(w->kt, kj, HS, nc, HS);
         att_load_t(w->vt, vb + (size_t)j0 * S, S, nc, HS);
+        att_prefetchw_rows(dbase + (size_t)j0 * S + (NH + kh) * HS, S, nc, HS);
+        att_prefetchw_rows(dbase + (size_t)j0 * S + (NH + KVH + kh) * HS, S, nc, HS);
         memset(w->dk, 0, (size_t)nc * HS * sizeof(float));
         memset(w->dv, 0, (size_t)nc * HS * sizeof(float));
         for (int h = kh * grp; h < (kh + 1) * grp; h++) {
@@ -668,11 +693,25 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                 const float *o = out + ((size_t)b * T + i0) * OC + h * HS;
                 const float *q = w->qc, *d = w->dc;
                 att_copy_rows(w->qc, base + (size_t)i0 * S + h * HS, S, nr, HS);
+                if (i0 + AB < T) { /* the next query block of this head */
+                    int nn = T - i0 - AB < AB ? T - i0 - AB : AB;
+                    att_prefetch_rows(base + (size_t)(i0 + AB) * S + h * HS, S, nn, HS);
+                    att_prefetch_rows(dout + ((size_t)b * T + i0 + AB) * OC + h * HS, OC, nn, HS);
+                    att_prefetch_rows(o + (size_t)AB * OC, OC, nn, HS);
+                    if (!dq_acc) att_prefetchw_rows(dq + (size_t)AB * S, S, nn, HS);
+                }
                 att_copy_rows(w->dc, dout + ((size_t)b * T + i0) * OC + h * HS, OC, nr, HS);
                 for (int r = 0; r < nr; r++) {
+                    const float *dr = d + (size_t)r * HS, *orow = o + (size_t)r * OC;
                     float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int e = 0; e < HS; e++) s += d[(size_t)r * HS + e] * o[(size_t)r * OC + e];
+                    int e = 0;
+#ifdef __AVX512F__
+                    __m512 acc = _mm512_setzero_ps();
+                    for (; e + 16 <= HS; e += 16)
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(dr + e), _mm512_loadu_ps(orow + e), acc);
+                    s = _mm512_reduce_add_ps(acc);
+#endif
+                    for (; e < HS; e++) s += dr[e] * orow[e];
                     w->D[r] = s;
                 }
                 /* S = Q K^T, dP = dO V^T (the diagonal per strip of 16
@@ -722,7 +761,7 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                 if (!diag) {
                     att_mm(nc, HS, nr, w->p, 1, AB, d, HS, w->dv, HS, true);
                     att_mm(nc, HS, nr, w->ds, 1, AB, q, HS, w->dk, HS, true);
-                    att_mm(nr, HS, nc, w->ds, AB, 1, kj, HS, dq, S, true);
+                    att_mm(nr, HS, nc, w->ds, AB, 1, kj, HS, dq, S, dq_acc);
                 } else {
                     for (int c0 = 0; c0 < nc; c0 += 16) {
                         int mc = nc - c0 < 16 ? nc - c0 : 16, rs = j0 + c0 - i0;
@@ -735,7 +774,8 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                     for (int r0 = 0; r0 < nr; r0 += 16) {
                         int mr = nr - r0 < 16 ? nr - r0 : 16, kc = i0 + r0 + mr - j0;
                         kc = kc > nc ? nc : kc;
-                        att_mm(mr, HS, kc, w->ds + r0 * AB, AB, 1, kj, HS, dq + (size_t)r0 * S, S, true);
+                        att_mm(mr, HS, kc, w->ds + r0 * AB, AB, 1, kj, HS, dq + (size_t)r0 * S, S,
+                               dq_acc);
                     }
                 }
             }
