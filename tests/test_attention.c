@@ -5,10 +5,10 @@
  *     attention written here (out and the row log-sum-exp);
  *   - the reference backward against fourth-order finite differences;
  *   - the fast (tiled, AVX-512) ops against the reference: out, lse, dqkv,
- *     on shapes with T not a multiple of the 64-row blocks (1, 7, 65, 130,
- *     256), GQA (KVH = NH, NH/2, 1), head sizes 8, 24, 32, 64 (vector
- *     tails) and 160 (above the tiled limit: the fallback), several thread
- *     counts, and bit-identical repeats for a fixed thread count.
+ *     on T a multiple of the 64-row blocks or not (1, 7, 65, 130, 256,
+ *     600), GQA (KVH = NH, NH/2, 1), head sizes 8, 16, 24, 32, 64, 128
+ *     (vector tails) and 160 (above the tiled limit: the fallback), several
+ *     thread counts, and bit-identical repeats for a fixed thread count.
  * Tolerance fast vs ref: max |fast - ref| <= 2e-5 * max(1, max |ref|).
  */
 #include "check.h"
@@ -205,6 +205,7 @@ static void test_fast_vs_ref(void)
 static void test_fast_odd_shapes(void)
 {
     fast_vs_ref(1, 256, 2, 1, 64, 1.0f);  /* full blocks only */
+    fast_vs_ref(1, 600, 2, 2, 32, 1.0f);  /* ten key blocks, a partial last one */
     fast_vs_ref(3, 70, 6, 2, 16, 1.0f);
     fast_vs_ref(2, 67, 2, 2, 8, 1.0f);    /* head size below a vector */
     fast_vs_ref(1, 129, 2, 1, 24, 1.0f);  /* a vector and a masked tail */
