@@ -206,6 +206,7 @@ static void test_fast_odd_shapes(void)
 {
     fast_vs_ref(1, 256, 2, 1, 64, 1.0f);  /* full blocks only */
     fast_vs_ref(1, 600, 2, 2, 32, 1.0f);  /* ten key blocks, a partial last one */
+    fast_vs_ref(1, 1100, 4, 1, 16, 1.0f); /* D not cached (4 x 1100 rows) */
     fast_vs_ref(3, 70, 6, 2, 16, 1.0f);
     fast_vs_ref(2, 67, 2, 2, 8, 1.0f);    /* head size below a vector */
     fast_vs_ref(1, 129, 2, 1, 24, 1.0f);  /* a vector and a masked tail */

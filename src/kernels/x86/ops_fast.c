@@ -506,12 +506,6 @@ static void att_prefetch_rows(const float *src, int ld, int n, int HS)
         for (int e = 0; e < HS; e += 16) __builtin_prefetch(src + (size_t)r * ld + e, 0, 2);
 }
 
-/* The same for rows about to be written. */
-static void att_prefetchw_rows(float *dst, int ld, int n, int HS)
-{
-    for (int r = 0; r < n; r++)
-        for (int e = 0; e < HS; e += 16) __builtin_prefetch(dst + (size_t)r * ld + e, 1, 2);
-}
 
 /* One query block [i0, i0 + nr) of head (b, h). Scores are kept
  * transposed, st[c * AB + r] (key c, query r), so the softmax statistics
@@ -651,12 +645,34 @@ static void fast_attention_fwd(kern_gemm *g, float *out, float *lse,
     }
 }
 
+#define ATT_DMAX 4096 /* rows of D = rowsum(dO * O) cached per backward task */
+
+/* D[r] = dot(d row r, o row r) for r < n (row strides ldd, ldo). */
+static void att_rowdot(float *D, const float *d, int ldd, const float *o, int ldo, int n,
+                       int HS)
+{
+    for (int r = 0; r < n; r++) {
+        const float *dr = d + (size_t)r * ldd, *orow = o + (size_t)r * ldo;
+        float s = 0.0f;
+        int e = 0;
+#ifdef __AVX512F__
+        __m512 acc = _mm512_setzero_ps();
+        for (; e + 16 <= HS; e += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(dr + e), _mm512_loadu_ps(orow + e), acc);
+        s = _mm512_reduce_add_ps(acc);
+#endif
+        for (; e < HS; e++) s += dr[e] * orow[e];
+        D[r] = s;
+    }
+}
+
 typedef struct att_bwd_tiles {
     _Alignas(64) float kt[AHS_MAX * AB], vt[AHS_MAX * AB];
     _Alignas(64) float dk[AB * AHS_MAX], dv[AB * AHS_MAX];
     _Alignas(64) float p[AB * AB], ds[AB * AB];
     _Alignas(64) float kc[AB * AHS_MAX], qc[AB * AHS_MAX], dc[AB * AHS_MAX];
     float D[AB];
+    float Dc[ATT_DMAX]; /* D of every row of the group's heads, when it fits */
 } att_bwd_tiles;
 
 /* All of kv head kh of batch row b: key blocks outer, then the query heads
@@ -671,6 +687,12 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
     const float *base = qkv + (size_t)b * T * S;
     float *dbase = dqkv + (size_t)b * T * S;
     const float *kb = base + (NH + kh) * HS, *vb = base + (NH + KVH + kh) * HS;
+    /* D of all the task's rows once (else per block pair) */
+    bool dcache = (size_t)grp * T <= ATT_DMAX;
+    if (dcache)
+        for (int g = 0; g < grp; g++)
+            att_rowdot(w->Dc + (size_t)g * T, dout + (size_t)b * T * OC + (kh * grp + g) * HS, OC,
+                       out + (size_t)b * T * OC + (kh * grp + g) * HS, OC, T, HS);
     /* dq needs no zeroing: the first key block (j0 = 0) reaches every
      * query row and overwrites it (every product there has k >= 1) */
     for (int j0 = 0; j0 < T; j0 += AB) {
@@ -680,8 +702,6 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
         att_copy_rows(w->kc, kb + (size_t)j0 * S, S, nc, HS);
         att_load_t(w->kt, kj, HS, nc, HS);
         att_load_t(w->vt, vb + (size_t)j0 * S, S, nc, HS);
-        att_prefetchw_rows(dbase + (size_t)j0 * S + (NH + kh) * HS, S, nc, HS);
-        att_prefetchw_rows(dbase + (size_t)j0 * S + (NH + KVH + kh) * HS, S, nc, HS);
         memset(w->dk, 0, (size_t)nc * HS * sizeof(float));
         memset(w->dv, 0, (size_t)nc * HS * sizeof(float));
         for (int h = kh * grp; h < (kh + 1) * grp; h++) {
@@ -698,21 +718,12 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                     att_prefetch_rows(base + (size_t)(i0 + AB) * S + h * HS, S, nn, HS);
                     att_prefetch_rows(dout + ((size_t)b * T + i0 + AB) * OC + h * HS, OC, nn, HS);
                     att_prefetch_rows(o + (size_t)AB * OC, OC, nn, HS);
-                    if (!dq_acc) att_prefetchw_rows(dq + (size_t)AB * S, S, nn, HS);
                 }
                 att_copy_rows(w->dc, dout + ((size_t)b * T + i0) * OC + h * HS, OC, nr, HS);
-                for (int r = 0; r < nr; r++) {
-                    const float *dr = d + (size_t)r * HS, *orow = o + (size_t)r * OC;
-                    float s = 0.0f;
-                    int e = 0;
-#ifdef __AVX512F__
-                    __m512 acc = _mm512_setzero_ps();
-                    for (; e + 16 <= HS; e += 16)
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(dr + e), _mm512_loadu_ps(orow + e), acc);
-                    s = _mm512_reduce_add_ps(acc);
-#endif
-                    for (; e < HS; e++) s += dr[e] * orow[e];
-                    w->D[r] = s;
+                const float *Dv = w->Dc + (size_t)(h - kh * grp) * T + i0;
+                if (!dcache) {
+                    att_rowdot(w->D, d, HS, o, OC, nr, HS);
+                    Dv = w->D;
                 }
                 /* S = Q K^T, dP = dO V^T (the diagonal per strip of 16
                  * queries, up to the last key they see) */
@@ -735,7 +746,7 @@ static void flash_bwd_kv(att_bwd_tiles *w, float *dqkv, const float *dout,
                     float *p = w->p + r * AB, *ds = w->ds + r * AB;
                     int lim = i0 + r - j0 + 1;
                     lim = lim > nc ? nc : lim < 0 ? 0 : lim;
-                    float Dr = w->D[r], l = lh[i0 + r];
+                    float Dr = Dv[r], l = lh[i0 + r];
 #ifdef __AVX512F__
                     __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(l), vD = _mm512_set1_ps(Dr);
                     for (int v = 0; v < AB / 16; v++) {
