@@ -328,8 +328,11 @@ static void fast_rope(float *qkv, const float *cos_t, const float *sin_t, int B,
  * columns) whose A operand has arbitrary row and column strides, so the
  * transposed products (P^T dO, dS^T Q, the scores as K Q^T) need no
  * transposed copies; K and V are transposed once per key block (backward)
- * and Q once per query block (forward). Head sizes above AHS_MAX fall back
- * to the reference kernels. */
+ * and Q once per query block (forward), and the other operand rows (S
+ * floats apart in qkv, each on its own page) are copied into contiguous
+ * tiles. The tiles live on each thread's stack (~170 KB forward, ~270 KB
+ * backward at AHS_MAX). Head sizes above AHS_MAX fall back to the
+ * reference kernels. */
 
 #ifndef AB
 #define AB 64 /* rows of a query block = columns of a key block */
