@@ -330,7 +330,7 @@ static void fast_rope(float *qkv, const float *cos_t, const float *sin_t, int B,
  * transposed copies; K and V are transposed once per key block (backward)
  * and Q once per query block (forward), and the other operand rows (S
  * floats apart in qkv, each on its own page) are copied into contiguous
- * tiles. The tiles live on each thread's stack (~170 KB forward, ~270 KB
+ * tiles. The tiles live on each thread's stack (~145 KB forward, ~270 KB
  * backward at AHS_MAX). Head sizes above AHS_MAX fall back to the
  * reference kernels. */
 
