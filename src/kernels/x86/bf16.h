@@ -126,7 +126,7 @@ static inline size_t mp_packa_off(int kk, int m, int k)
 /* The AMX kernel's blocking (amx_bf16.c): macro tiles of MC x NC of C, K
  * in chunks of KC. A transposed product over more than one chunk may pass
  * a scratch of mp_gemm_tscr_floats(threads) floats. */
-enum { MP_AMX_MC = 512, MP_AMX_NC = 128, MP_AMX_KC = 512 };
+enum { MP_AMX_MC = 256, MP_AMX_NC = 256, MP_AMX_KC = 512 };
 static inline size_t mp_gemm_tscr_floats(int threads)
 {
     return (size_t)threads * MP_AMX_MC * MP_AMX_NC;
@@ -251,7 +251,7 @@ bool mp_sgemm(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta, bool tb,
 #include <immintrin.h>
 /* In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, col[j]
  * = column j out (unpack, 4-wide shuffles, two 128-bit lane shuffles). */
-__attribute__((target("avx512f"))) static inline void mp_transpose16(const __m512 r[16],
+__attribute__((target("avx512f"), always_inline)) static inline void mp_transpose16(const __m512 r[16],
                                                                      __m512 col[16])
 {
     __m512 t[16], u[16], v[16];
