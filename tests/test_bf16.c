@@ -388,6 +388,150 @@ static void test_bf16_is_not_fp32(void)
     mp_scratch_free(&s);
 }
 
+/* ---- bf16 activation kernels (bf16_act.c) against double formulas ---- */
+
+static double bfd(float x) { return (double)mp_bf16_to_f32_1(mp_f32_to_bf16_1(x)); }
+
+static double gelu_d(double x)
+{
+    return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+}
+
+static double gelu_grad_d(double x)
+{
+    double th = tanh(0.7978845608028654 * (x + 0.044715 * x * x * x));
+    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x);
+}
+
+static double silu_d(double g) { return g / (1 + exp(-g)); }
+
+/* act(x) for column c of row n of x (N, FH), kind as in mp_act_pack. */
+static double act_d(const float *x, int FH, int F, int n, int c, int kind)
+{
+    double g = bfd(x[(size_t)n * FH + c]);
+    return kind == MP_ACT_GELU ? gelu_d(g) : silu_d(g) * bfd(x[(size_t)n * FH + F + c]);
+}
+
+static void test_act_pack_and_bwd(void)
+{
+    enum { N = 37, F = 40 };
+    for (int kind = MP_ACT_GELU; kind <= MP_ACT_SWIGLU; kind++) {
+        int FH = kind == MP_ACT_SWIGLU ? 2 * F : F;
+        kiln_rng r;
+        kiln_rng_seed(&r, 50 + kind);
+        float *x = malloc(sizeof(float) * N * FH), *d = malloc(sizeof(float) * N * F);
+        float *dx = malloc(sizeof(float) * N * FH), *xu = malloc(sizeof(float) * N * FH);
+        float *au = malloc(sizeof(float) * N * F);
+        fill(&r, x, (size_t)N * FH, 2.f);
+        fill(&r, d, (size_t)N * F, 1.f);
+        uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, FH) * 2);
+        uint16_t *ap = aligned_alloc(64, mp_packa_elems(MP_BF16, N, F) * 2);
+        mp_act_pack(xp, ap, x, N, F, kind);
+        mp_unpack_a(xu, FH, xp, N, FH);
+        mp_unpack_a(au, F, ap, N, F);
+        double ex = 0, ea = 0, eg = 0;
+        for (int n = 0; n < N; n++)
+            for (int c = 0; c < FH; c++) ex = fmax(ex, fabs(xu[n * FH + c] - bfd(x[n * FH + c])));
+        for (int n = 0; n < N; n++)
+            for (int c = 0; c < F; c++) {
+                double want = act_d(x, FH, F, n, c, kind);
+                ea = fmax(ea, fabs(au[n * F + c] - want) / (fabs(want) + 1e-3));
+            }
+        mp_act_bwd(dx, xp, d, N, F, kind);
+        for (int n = 0; n < N; n++)
+            for (int c = 0; c < F; c++) {
+                double g = bfd(x[n * FH + c]), dv = d[n * F + c], want, want2 = 0;
+                if (kind == MP_ACT_GELU) {
+                    want = gelu_grad_d(g) * dv;
+                } else {
+                    double u = bfd(x[n * FH + F + c]), sg = 1 / (1 + exp(-g));
+                    want = dv * u * sg * (1 + g * (1 - sg));
+                    want2 = dv * silu_d(g);
+                    eg = fmax(eg, fabs(dx[n * FH + F + c] - want2) / (fabs(want2) + 0.1));
+                }
+                eg = fmax(eg, fabs(dx[n * FH + c] - want) / (fabs(want) + 0.1));
+            }
+        /* the stored pre-activation is exactly bf16(x); act(x) is one bf16
+         * rounding (2^-9) from the double formula; the gradient is fp32
+         * (its tanh form loses ~1e-6 absolute where GELU' is near 0) */
+        CHECK_MSG(ex == 0, "kind %d: stored pre-activation differs by %g", kind, ex);
+        CHECK_MSG(ea < 4.5e-3, "kind %d: act error %g", kind, ea);
+        CHECK_MSG(eg < 5e-5, "kind %d: act gradient error %g", kind, eg);
+        /* padding rows and columns of the packed copies are zero */
+        int nz = 0;
+        for (int n = N; n < 64; n++)
+            for (int c = 0; c < 64; c++) nz += ap[mp_packa_off(64, n, c)] != 0;
+        for (int n = 0; n < N; n++)
+            for (int c = F; c < 64; c++) nz += ap[mp_packa_off(64, n, c)] != 0;
+        CHECK_EQ(nz, 0);
+        free(x), free(d), free(dx), free(xu), free(au), free(xp), free(ap);
+    }
+}
+
+/* The weight gradient from packed bf16 activations (with the activation
+ * applied on the way, both weight layouts) against a double product of the
+ * same bf16-rounded operands; the bias gradient against double sums. */
+static void test_weight_grad_from_packed(void)
+{
+    enum { N = 70, C = 48, OC = 36 };
+    for (int kind = MP_ACT_NONE; kind <= MP_ACT_SWIGLU; kind++)
+        for (int io = 0; io < 2; io++) {
+            int XH = kind == MP_ACT_SWIGLU ? 2 * C : C;
+            kiln_rng r;
+            kiln_rng_seed(&r, 90 + kind * 2 + io);
+            float *x = malloc(sizeof(float) * N * XH), *dy = malloc(sizeof(float) * N * OC);
+            float *dW = malloc(sizeof(float) * OC * C), *dW0 = malloc(sizeof(float) * OC * C);
+            float *xa = malloc(sizeof(float) * N * C);
+            fill(&r, x, (size_t)N * XH, 1.f);
+            fill(&r, dy, (size_t)N * OC, 1.f);
+            fill(&r, dW, (size_t)OC * C, 1.f);
+            memcpy(dW0, dW, sizeof(float) * OC * C);
+            uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, XH) * 2);
+            uint16_t *ap = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
+            if (kind == MP_ACT_NONE) mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+            else mp_act_pack(xp, ap, x, N, C, kind);
+            /* the operand the product should see: act(x) rounded to bf16 */
+            for (int n = 0; n < N; n++)
+                for (int c = 0; c < C; c++)
+                    xa[n * C + c] = kind == MP_ACT_NONE ? (float)bfd(x[n * XH + c])
+                                                        : (float)bfd((float)act_d(x, XH, C, n, c, kind));
+            mp_scratch s = {0};
+            CHECK(mp_linear_backward_w_packed(MP_BACKEND_AUTO, &s, io, dy, xp, kind, N, OC, C, dW));
+            double worst = 0;
+            for (int o = 0; o < OC; o++)
+                for (int c = 0; c < C; c++) {
+                    double e = 0, sa = 0;
+                    for (int n = 0; n < N; n++) {
+                        double t = bfd(dy[n * OC + o]) * xa[n * C + c];
+                        e += t;
+                        sa += fabs(t);
+                    }
+                    size_t at = io ? (size_t)c * OC + o : (size_t)o * C + c;
+                    /* the act value may round to the neighbouring bf16 */
+                    worst = fmax(worst, fabs(dW[at] - dW0[at] - e) / (sa + 1));
+                }
+            CHECK_MSG(worst < (kind == MP_ACT_NONE ? 2e-6 : 1e-2), "kind %d io %d: error %g", kind,
+                      io, worst);
+            mp_scratch_free(&s);
+            free(x), free(dy), free(dW), free(dW0), free(xa), free(xp), free(ap);
+        }
+    enum { BN = 300, BOC = 77 };
+    kiln_rng r;
+    kiln_rng_seed(&r, 7);
+    float *d = malloc(sizeof(float) * BN * BOC), db[BOC];
+    fill(&r, d, (size_t)BN * BOC, 1.f);
+    for (int j = 0; j < BOC; j++) db[j] = 0.5f;
+    mp_bias_grad(db, d, BN, BOC);
+    double worst = 0;
+    for (int j = 0; j < BOC; j++) {
+        double e = 0.5;
+        for (int n = 0; n < BN; n++) e += d[n * BOC + j];
+        worst = fmax(worst, fabs(db[j] - e));
+    }
+    CHECK_MSG(worst < 1e-4, "bias gradient error %g", worst);
+    free(d);
+}
+
 static void test_amx_peak_probe(void)
 {
     if (!mp_amx_usable()) SKIP("no AMX-BF16");
@@ -413,6 +557,8 @@ int main(void)
     RUN_TEST(test_linear_layer);
     RUN_TEST(test_sgemm_alpha_beta);
     RUN_TEST(test_bf16_is_not_fp32);
+    RUN_TEST(test_act_pack_and_bwd);
+    RUN_TEST(test_weight_grad_from_packed);
     RUN_TEST(test_amx_peak_probe);
     return TEST_EXIT();
 }
