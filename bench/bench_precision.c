@@ -119,11 +119,12 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
             upd = t3 - t2;
         }
         if (s > 0 && c3 - c0 < best_cpu) best_cpu = c3 - c0;
+        if (s == 0) memset(m->prof, 0, sizeof m->prof); /* the profile leaves out the warm-up */
     }
     if (m->profile) {
-        fprintf(stderr, "profile %s (CPU s over %d steps):", prec, steps + 1);
+        fprintf(stderr, "profile %s (CPU s per step, mean of %d after the warm-up):", prec, steps);
         for (int i = 0; i < MODEL_PROF_N; i++)
-            fprintf(stderr, " %s %.3f", model_prof_names[i], m->prof[i]);
+            fprintf(stderr, " %s %.3f", model_prof_names[i], m->prof[i] / steps);
         fprintf(stderr, "\n");
     }
     struct rusage ru;
