@@ -92,16 +92,9 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
         } else if (transc && !(first && !accumulate)) {                            \
             tr_load(buf, C, ldc, (i0), (j0), r_, c_);                              \
             _tile_loadd(t, buf, 64);                                               \
-        } else if (first && !accumulate) {                                                \
+        } else if (first && !accumulate) {                                         \
             if (!bias || c_ <= 0) _tile_zero(t);                                   \
-            else {                                                                 \
-                int n_ = c_ < 16 ? c_ : 16;                                        \
-                for (int q_ = 0; q_ < 16; q_++) {                                  \
-                    memset(buf[q_], 0, 64);                                        \
-                    memcpy(buf[q_], bias + (j0), (size_t)n_ * 4);                  \
-                }                                                                  \
-                _tile_loadd(t, buf, 64);                                           \
-            }                                                                      \
+            else _tile_loadd(t, bbuf[((j0) & 16) / 16], 64);                       \
         } else if (r_ >= 16 && c_ >= 16 && !(first && bias)) {                     \
             _tile_loadd(t, C + (size_t)(i0) * ldc + (j0), cstride);                \
         } else {                                                                   \
@@ -146,6 +139,7 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
     {
         tiles_config();
         float buf[16][16] __attribute__((aligned(64)));
+        float bbuf[2][16][16] __attribute__((aligned(64))); /* bias rows, 2 tiles */
         /* transc over several K chunks: the partial sums of this thread's
          * macro tile wait in tscr (plain tiles) between chunks, so C is
          * read and written transposed once, not once per chunk. */
@@ -168,6 +162,13 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
                         size_t bn_bytes = (size_t)(k1 - k0) * 32, bn_pos = 0;
                         int steps = ((iend - mt * MC) / 32) * ((k1 - k0) / 32);
                         size_t bn_step = steps ? (2 * bn_bytes / 64 + steps - 1) / steps * 64 : 0;
+                        if (bias && first && !accumulate) /* the bias rows of this column block */
+                            for (int h = 0; h < 2; h++) {
+                                int c = N - (j0 + 16 * h);
+                                __mmask16 mk = (__mmask16)(c >= 16 ? 0xffff : c <= 0 ? 0 : (1u << c) - 1);
+                                __m512 v = _mm512_maskz_loadu_ps(mk, bias + j0 + 16 * h);
+                                for (int q = 0; q < 16; q++) _mm512_store_ps(bbuf[h][q], v);
+                            }
                         for (int i0 = mt * MC; i0 < iend; i0 += 32) {
                             float *sb = tbase ? tbase + (size_t)(((i0 - mt * MC) / 32) * (NC / 32) +
                                                                  (j0 - nt * NC) / 32) * 1024
