@@ -21,6 +21,12 @@
 
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 #ifdef __AVX512F__
 #include "kernels/x86/simd.h"
 #endif
@@ -268,33 +274,32 @@ void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind)
 
 void mp_bias_grad(float *db, const float *dout, int N, int OC)
 {
-    /* fp32 column sums, split by column so the result does not depend on
-     * the thread count. */
-    #pragma omp parallel for schedule(static)
-    for (int j0 = 0; j0 < OC; j0 += 64) {
-        int j1 = j0 + 64 < OC ? j0 + 64 : OC;
+    /* fp32 column sums, each column summed over the rows in order: the
+     * columns are split between the threads (so the result does not depend
+     * on their number) and each thread streams the rows front to back with
+     * its accumulators in L1. */
+    #pragma omp parallel
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int per = (OC + nt - 1) / nt;
+        per = (per + 63) / 64 * 64;
+        int j0 = t * per, j1 = j0 + per < OC ? j0 + per : OC;
+        for (int b0 = j0; b0 < j1; b0 += 256) {
+            int b1 = b0 + 256 < j1 ? b0 + 256 : j1;
+            float acc[256] __attribute__((aligned(64))) = {0};
+            for (int n = 0; n < N; n++) {
+                const float *d = dout + (size_t)n * OC;
 #ifdef __AVX512F__
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                         _mm512_setzero_ps()};
-        __mmask16 mk[4];
-        for (int q = 0; q < 4; q++) mk[q] = v_mask(j1 - j0 - 16 * q);
-        for (int n = 0; n < N; n++) {
-            const float *d = dout + (size_t)n * OC + j0;
-            for (int q = 0; q < 4; q++)
-                acc[q] = _mm512_add_ps(acc[q], _mm512_maskz_loadu_ps(mk[q], d + 16 * q));
-        }
-        for (int q = 0; q < 4; q++) {
-            float t[16];
-            _mm512_storeu_ps(t, acc[q]);
-            for (int j = j0 + 16 * q; j < j1 && j < j0 + 16 * q + 16; j++) db[j] += t[j - j0 - 16 * q];
-        }
+                int j = b0;
+                for (; j + 16 <= b1; j += 16)
+                    _mm512_store_ps(acc + j - b0, _mm512_add_ps(_mm512_load_ps(acc + j - b0),
+                                                                _mm512_loadu_ps(d + j)));
+                for (; j < b1; j++) acc[j - b0] += d[j];
 #else
-        float acc[64] = {0};
-        for (int n = 0; n < N; n++) {
-            const float *d = dout + (size_t)n * OC;
-            for (int j = j0; j < j1; j++) acc[j - j0] += d[j];
-        }
-        for (int j = j0; j < j1; j++) db[j] += acc[j - j0];
+                for (int j = b0; j < b1; j++) acc[j - b0] += d[j];
 #endif
+            }
+            for (int j = b0; j < b1; j++) db[j] += acc[j - b0];
+        }
     }
 }
