@@ -58,25 +58,7 @@ const char *const model_prof_names[MODEL_PROF_N] = {
     "matmul fwd", "matmul bwd", "attention fwd", "attention bwd", "norms",
     "activations", "other"};
 
-/* Profiling clock: wall time (profile == 1) or process CPU time
- * (profile == 2, robust to other processes on a shared machine). */
-static double prof_now(const kiln_model *m)
-{
-    if (m->profile == 2) {
-        struct timespec ts;
-        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-    }
-    return kiln_time_now();
-}
-
-/* Runs stmt, adding its time to m->prof[id] when profiling. */
-#define P(id, stmt)                                                         \
-    do {                                                                    \
-        double t0_ = m->profile ? prof_now(m) : 0;                          \
-        stmt;                                                               \
-        if (m->profile) m->prof[MODEL_PROF_##id] += prof_now(m) - t0_;      \
-    } while (0)
+#define P MODEL_P
 
 static void set_threads(const kiln_model *m)
 {
@@ -200,11 +182,8 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
                   KERN_W_OUT_IN, false));
     memset(a->dres, 0, N * C * sizeof(float));
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
-    if (gpt2)
-        P(NORM, k->layernorm_bwd(a->dres, dw->lnf_w, dw->lnf_b, a->dc, last, m->w.lnf_w,
-                         a->lnf_mean, a->lnf_rstd, n, C));
-    else
-        P(NORM, k->rmsnorm_bwd(a->dres, dw->lnf_w, a->dc, last, m->w.lnf_w, a->lnf_rstd, n, C));
+    P(NORM, model_norm_bwd(m, a->dres, dw->lnf_w, dw->lnf_b, a->dc, last,
+                           m->w.lnf_w, a->lnf_mean, a->lnf_rstd, n));
     hook(m, m->layer_off[m->L], m->layer_off[m->L + 1]);
 
     for (int l = m->L - 1; l >= 0; l--) {
@@ -227,12 +206,8 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
         else P(ACT, k->swiglu_bwd(a->dbig, fch, a->df, n, F));
         P(MATMUL_BWD, k->matmul_bwd(g, a->dc, d->fc_w, d->fc_b, a->dbig, ln2, w->fc_w, n, C, FH, lay,
                       false));
-        if (gpt2)
-            P(NORM, k->layernorm_bwd(a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
-                             a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n, C));
-        else
-            P(NORM, k->rmsnorm_bwd(a->dres, d->ln2_w, a->dc, res2, w->ln2_w,
-                           a->ln2_rstd + (size_t)l * N, n, C));
+        P(NORM, model_norm_bwd(m, a->dres, d->ln2_w, d->ln2_b, a->dc, res2,
+                               w->ln2_w, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n));
         /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */
         P(MATMUL_BWD, k->matmul_bwd(g, a->dc, d->proj_w, d->proj_b, a->dres, atty, w->proj_w, n, C, C,
                       lay, false));
@@ -241,12 +216,8 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
             P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
         P(MATMUL_BWD, k->matmul_bwd(g, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1, w->qkv_w, n, C, QKV, lay,
                       false));
-        if (gpt2)
-            P(NORM, k->layernorm_bwd(a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
-                             a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n, C));
-        else
-            P(NORM, k->rmsnorm_bwd(a->dres, d->ln1_w, a->dc, inp, w->ln1_w,
-                           a->ln1_rstd + (size_t)l * N, n, C));
+        P(NORM, model_norm_bwd(m, a->dres, d->ln1_w, d->ln1_b, a->dc, inp,
+                               w->ln1_w, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n));
         hook(m, m->layer_off[l], m->layer_off[l + 1]);
     }
     P(OTHER, k->embed_bwd(dw->wte, dw->wpe, a->dres, a->tokens, B, T, C, V));

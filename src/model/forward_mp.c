@@ -134,23 +134,7 @@ void model_mp_carve(kiln_model *m, int B, int T)
     KILN_ASSERT(i == n);
 }
 
-/* Profiling as in forward.c. */
-static double prof_now(const kiln_model *m)
-{
-    if (m->profile == 2) {
-        struct timespec ts;
-        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-    }
-    return kiln_time_now();
-}
-
-#define P(id, stmt)                                                         \
-    do {                                                                    \
-        double t0_ = m->profile ? prof_now(m) : 0;                          \
-        stmt;                                                               \
-        if (m->profile) m->prof[MODEL_PROF_##id] += prof_now(m) - t0_;      \
-    } while (0)
+#define P MODEL_P
 
 #define NOMEM(ctx) kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory in the bf16 products")
 
@@ -273,11 +257,8 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
     if (s) return s;
     memset(a->dres, 0, N * C * sizeof(float));
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
-    if (gpt2)
-        P(NORM, k->layernorm_bwd(a->dres, dw->lnf_w, dw->lnf_b, a->dc, last, m->w.lnf_w,
-                                 a->lnf_mean, a->lnf_rstd, n, C));
-    else
-        P(NORM, k->rmsnorm_bwd(a->dres, dw->lnf_w, a->dc, last, m->w.lnf_w, a->lnf_rstd, n, C));
+    P(NORM, model_norm_bwd(m, a->dres, dw->lnf_w, dw->lnf_b, a->dc, last, m->w.lnf_w,
+                           a->lnf_mean, a->lnf_rstd, n));
     hook(m, m->layer_off[m->L], m->layer_off[m->L + 1]);
 
     for (int l = m->L - 1; l >= 0; l--) {
@@ -300,12 +281,8 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p, MP_ACT_NONE,
                                      w->fc_w, n, C, FH, io));
         if (s) return s;
-        if (gpt2)
-            P(NORM, k->layernorm_bwd(a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
-                                     a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n, C));
-        else
-            P(NORM, k->rmsnorm_bwd(a->dres, d->ln2_w, a->dc, res2, w->ln2_w,
-                                   a->ln2_rstd + (size_t)l * N, n, C));
+        P(NORM, model_norm_bwd(m, a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
+                               a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n));
         /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      MP_ACT_NONE, w->proj_w, n, C, C, io));
@@ -318,12 +295,8 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p, MP_ACT_NONE,
                                      w->qkv_w, n, C, QKV, io));
         if (s) return s;
-        if (gpt2)
-            P(NORM, k->layernorm_bwd(a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
-                                     a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n, C));
-        else
-            P(NORM, k->rmsnorm_bwd(a->dres, d->ln1_w, a->dc, inp, w->ln1_w,
-                                   a->ln1_rstd + (size_t)l * N, n, C));
+        P(NORM, model_norm_bwd(m, a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
+                               a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n));
         hook(m, m->layer_off[l], m->layer_off[l + 1]);
     }
     P(OTHER, k->embed_bwd(dw->wte, dw->wpe, a->dres, a->tokens, B, T, C, V));

@@ -27,6 +27,8 @@
 #include "base/base.h"
 #include "kernels/kernels.h"
 
+#include <time.h>
+
 /* Views of one layer's tensors (into params or grads). NULL when the
  * architecture has no such tensor. */
 typedef struct model_layer {
@@ -131,6 +133,38 @@ struct kiln_model {
     kiln_grad_ready_fn hook;
     void *hook_ud;
 };
+
+/* Profiling clock: wall time (m->profile == 1) or process CPU time
+ * (profile == 2, robust to other processes on a shared machine). */
+static inline double model_prof_now(const kiln_model *m)
+{
+    if (m->profile == 2) {
+        struct timespec ts;
+        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+        return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    }
+    return kiln_time_now();
+}
+
+/* Runs stmt, adding its time to m->prof[MODEL_PROF_id] when profiling. */
+#define MODEL_P(id, stmt)                                                   \
+    do {                                                                    \
+        double t0_ = m->profile ? model_prof_now(m) : 0;                    \
+        stmt;                                                               \
+        if (m->profile) m->prof[MODEL_PROF_##id] += model_prof_now(m) - t0_; \
+    } while (0)
+
+/* The architecture's norm backward (LayerNorm with bias for gpt2, RMSNorm
+ * for llama; mean and db unused by the latter): dinp, dw, db accumulate. */
+static inline void model_norm_bwd(const kiln_model *m, float *dinp, float *dw, float *db,
+                                  const float *dout, const float *inp, const float *w,
+                                  const float *mean, const float *rstd, int n)
+{
+    if (m->cfg.arch == KILN_ARCH_GPT2)
+        m->ops->layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, n, m->C);
+    else
+        m->ops->rmsnorm_bwd(dinp, dw, dout, inp, w, rstd, n, m->C);
+}
 
 /* Reads a config from parsed JSON (what names the source in messages).
  * Used by kiln_config_load and the fuzz harness. */

@@ -249,6 +249,19 @@ bool mp_sgemm(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta, bool tb,
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+/* 16 floats -> 16 bf16, round to nearest even, NaN kept (quiet): the
+ * vector twin of mp_f32_to_bf16_1. */
+__attribute__((target("avx512f"), always_inline)) static inline __m256i mp_f32x16_to_bf16(__m512 x)
+{
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    __m512i abs = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
 /* In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, col[j]
  * = column j out (unpack, 4-wide shuffles, two 128-bit lane shuffles). */
 __attribute__((target("avx512f"), always_inline)) static inline void mp_transpose16(const __m512 r[16],

@@ -52,17 +52,7 @@ static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
 static inline float bf(float x) { return mp_bf16_to_f32_1(mp_f32_to_bf16_1(x)); }
 
 #ifdef __AVX512F__
-/* 16 floats -> bf16, round to nearest even, NaN kept (quiet). */
-static inline __m256i v_f2bf(__m512 x)
-{
-    __m512i u = _mm512_castps_si512(x);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    __m512i abs = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
+#define v_f2bf mp_f32x16_to_bf16
 
 static inline __m512 v_bf2f(__m256i h)
 {

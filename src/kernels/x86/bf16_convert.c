@@ -118,17 +118,7 @@ const char *mp_dtype_name(mp_dtype t)
 /* ---- fp32 <-> bf16 arrays --------------------------------------------- */
 
 #if MP_X86
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-static inline __m256i cvt16_f32_bf16(__m512 x)
-{
-    __m512i u = _mm512_castps_si512(x);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    __m512i abs = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
+#define cvt16_f32_bf16 mp_f32x16_to_bf16
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static void f32_to_bf16_avx512(const float *x, uint16_t *y, size_t n)

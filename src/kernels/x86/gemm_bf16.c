@@ -39,6 +39,7 @@ static inline int packed_k(mp_dtype dt, int K)
 }
 
 #define a_off mp_packa_off
+#define bf16x16 mp_f32x16_to_bf16
 
 size_t mp_packb_elems(mp_dtype dt, int K, int N)
 {
@@ -70,16 +71,6 @@ static inline void split(mp_dtype dt, float x, uint16_t *hi, uint16_t *lo)
 #if MP_X86
 #define MP_T512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 
-MP_T512 static inline __m256i bf16x16(__m512 x)
-{
-    __m512i u = _mm512_castps_si512(x);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    __m512i abs = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
 
 /* 16 values -> hi (and lo for fp16), the vector twin of split(). */
 MP_T512 static inline void split16(mp_dtype dt, __m512 x, __m256i *hi, __m256i *lo)

@@ -8,6 +8,7 @@
  */
 #include "kernels/kernels.h"
 #include "kernels/x86/simd.h"
+#include "kernels/x86/bf16.h" /* mp_transpose16 */
 
 #include <math.h>
 #include <string.h>
@@ -432,31 +433,10 @@ static void att_mm(int m, int n, int k, const float *A, size_t ars, size_t aks,
 /* dst (16 x 16, row stride ld) = the transpose of src (row stride ls). */
 static inline void tr16(float *dst, size_t ld, const float *src, size_t ls)
 {
-    __m512 r[16], t[16];
+    __m512 r[16], c[16];
     for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * ls);
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
-        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
-        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-    }
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-    }
-    for (int i = 0; i < 4; i++) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-        r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
-    }
-    for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * ld, r[i]);
+    mp_transpose16(r, c);
+    for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * ld, c[i]);
 }
 #endif
 
