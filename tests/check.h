@@ -94,6 +94,20 @@ static const char *check_skip_;
         fflush(stdout);                                                    \
     } while (0)
 
+/* Largest |a - b| over n values (inf if a has a NaN); *scale receives
+ * max(1, max |b|), the scale a relative tolerance multiplies. */
+static inline double check_maxdiff(const float *a, const float *b, size_t n, double *scale)
+{
+    double d = 0, s = 1;
+    for (size_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)a[i] - b[i]));
+        s = fmax(s, fabs(b[i]));
+        if (a[i] != a[i]) d = INFINITY;
+    }
+    *scale = s;
+    return d;
+}
+
 #define TEST_EXIT() (check_total_fails_ ? 1 : 0)
 
 #endif /* KILN_CHECK_H */

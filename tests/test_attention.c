@@ -28,21 +28,9 @@ static float *rnd(size_t n, float scale)
     return p;
 }
 
-static double maxdiff(const float *a, const float *b, size_t n, double *scale)
-{
-    double d = 0, s = 1;
-    for (size_t i = 0; i < n; i++) {
-        d = fmax(d, fabs((double)a[i] - b[i]));
-        s = fmax(s, fabs(b[i]));
-        if (a[i] != a[i]) d = INFINITY;
-    }
-    *scale = s;
-    return d;
-}
-
 #define SAME(fast, ref, n, tol, ...)                                            \
     do {                                                                        \
-        double sc_, d_ = maxdiff(fast, ref, n, &sc_);                           \
+        double sc_, d_ = check_maxdiff(fast, ref, n, &sc_);                           \
         if (!(d_ <= (tol) * sc_)) {                                             \
             fprintf(stderr, "  max diff %g (scale %g): ", d_, sc_);             \
             fprintf(stderr, __VA_ARGS__);                                       \

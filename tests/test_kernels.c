@@ -26,21 +26,9 @@ static float *dup(const float *x, size_t n)
     return p;
 }
 
-static double maxdiff(const float *a, const float *b, size_t n, double *scale)
-{
-    double d = 0, s = 1;
-    for (size_t i = 0; i < n; i++) {
-        d = fmax(d, fabs((double)a[i] - b[i]));
-        s = fmax(s, fabs(b[i]));
-        if (a[i] != a[i]) d = INFINITY;
-    }
-    *scale = s;
-    return d;
-}
-
 #define SAME(fast, ref, n, what)                                                   \
     do {                                                                           \
-        double sc_, d_ = maxdiff(fast, ref, n, &sc_);                               \
+        double sc_, d_ = check_maxdiff(fast, ref, n, &sc_);                               \
         CHECK_MSG(d_ <= 2e-5 * sc_, "%s: max diff %g (scale %g)", what, d_, sc_);  \
     } while (0)
 

@@ -139,16 +139,23 @@ static void test_llama_bf16_fp16_vs_fp32(void)
     kiln_ctx_free(ctx);
 }
 
+/* A 2-layer, 64-wide byte-level GPT-2. */
+static kiln_config tiny_config(void)
+{
+    kiln_config cfg = kiln_config_default();
+    cfg.n_layer = 2;
+    cfg.n_embd = 64;
+    cfg.n_inner = 256;
+    return cfg;
+}
+
 /* After a parameter update the next forward uses the new weights (the
  * packed copies are refreshed), and repeated forwards are bit-identical. */
 static void test_weights_follow_updates_and_determinism(void)
 {
     enum { B = 2, T = 32 };
     kiln_ctx *ctx = kiln_ctx_new();
-    kiln_config cfg = kiln_config_default();
-    cfg.n_layer = 2;
-    cfg.n_embd = 64;
-    cfg.n_inner = 256;
+    kiln_config cfg = tiny_config();
     int V = cfg.vocab_size;
     int32_t tok[B * T], tgt[B * T];
     for (int i = 0; i < B * T; i++) tok[i] = tgt[i] = (i * 7) % V;
@@ -186,10 +193,7 @@ static void test_kernels_agree_in_model(void)
 {
     enum { B = 2, T = 32 };
     kiln_ctx *ctx = kiln_ctx_new();
-    kiln_config cfg = kiln_config_default();
-    cfg.n_layer = 2;
-    cfg.n_embd = 64;
-    cfg.n_inner = 256;
+    kiln_config cfg = tiny_config();
     int V = cfg.vocab_size;
     int32_t tok[B * T], tgt[B * T];
     for (int i = 0; i < B * T; i++) tok[i] = tgt[i] = (i * 11) % V;
