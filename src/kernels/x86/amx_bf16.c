@@ -24,7 +24,7 @@ static inline int omp_get_thread_num(void) { return 0; }
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#define MP_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+#define MP_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,prfchw")))
 
 typedef struct tilecfg {
     uint8_t palette;
@@ -175,6 +175,25 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
                                               : NULL;
                             const uint16_t *a0 = pa + (size_t)i0 * Kp; /* 2 groups */
                             const uint16_t *a1 = a0 + (size_t)16 * Kp;
+                            /* The next C block (next rows, or the next
+                             * column block's first rows) is fetched for
+                             * writing while this one computes: without it
+                             * the tile stores of a K = 512 product miss to
+                             * memory and stall (measured 15-40% slower on
+                             * 2048 x {512..8192} x 512). */
+                            const float *cn = NULL;
+                            int cn_rows = 0;
+                            if (!(transc && sb && !last)) {
+                                int ni = i0 + 32 < iend ? i0 + 32 : mt * MC;
+                                int nj = i0 + 32 < iend ? j0 : j0 + 32;
+                                if (nj < jend && ni < M && nj < N) {
+                                    cn = transc ? C + (size_t)nj * ldc + ni : C + (size_t)ni * ldc + nj;
+                                    cn_rows = transc ? N - nj : M - ni;
+                                    if (cn_rows > 32) cn_rows = 32;
+                                }
+                            }
+                            int cn_step = (k1 - k0) / 32, cn_q = 0;
+                            cn_step = cn_step ? (2 * cn_rows + cn_step - 1) / cn_step : 0;
                             ACC_INIT(0, i0, j0);
                             ACC_INIT(1, i0, j0 + 16);
                             ACC_INIT(2, i0 + 16, j0);
@@ -188,6 +207,8 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
                                 _tile_dpbf16ps(1, 4, 7);
                                 _tile_dpbf16ps(2, 5, 6);
                                 _tile_dpbf16ps(3, 5, 7);
+                                for (int q = 0; q < cn_step && cn_q < 2 * cn_rows; q++, cn_q++)
+                                    _m_prefetchw((void *)(cn + (size_t)(cn_q >> 1) * ldc + (cn_q & 1) * 16));
                                 if (bn)
                                     for (size_t q = 0; q < bn_step && bn_pos < 2 * bn_bytes; q += 64, bn_pos += 64) {
                                         size_t off = bn_pos < bn_bytes ? (size_t)k0 * 32 + bn_pos
