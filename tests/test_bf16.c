@@ -5,7 +5,8 @@
  * product backend (portable, AVX512_BF16, AMX) in bf16 and fp16 against a
  * double-precision product of the rounded inputs, over odd shapes,
  * transposes, accumulation and bias; the three linear-layer products; the
- * AMX peak probe.
+ * one-pass packing of an output gradient against the passes it replaces;
+ * the AMX peak probe.
  */
 #include "check.h"
 #include "kernels/x86/bf16.h"
@@ -532,6 +533,71 @@ static void test_weight_grad_from_packed(void)
     free(d);
 }
 
+/* The one-pass packing of an output gradient against the three passes it
+ * replaces (both packed forms and the bias gradient, bit for bit, padding
+ * included), and the fused linear backward against the separate products. */
+static void test_pack_dy(void)
+{
+    static const int shapes[][2] = {{1, 1}, {37, 45}, {70, 36}, {64, 32}, {300, 77}, {256, 512}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int threads = 1; threads <= 2; threads++) {
+            int N = shapes[si][0], OC = shapes[si][1];
+            omp_set_num_threads(threads);
+            kiln_rng r;
+            kiln_rng_seed(&r, 300 + (uint64_t)si);
+            float *dy = malloc(sizeof(float) * N * OC), *db = malloc(sizeof(float) * OC);
+            float *db0 = malloc(sizeof(float) * OC);
+            fill(&r, dy, (size_t)N * OC, 1.f);
+            fill(&r, db, (size_t)OC, 1.f);
+            memcpy(db0, db, sizeof(float) * OC);
+            size_t na = mp_packa_elems(MP_BF16, N, OC), nt = mp_packa_elems(MP_BF16, OC, N);
+            uint16_t *pa = aligned_alloc(64, na * 2), *pt = aligned_alloc(64, nt * 2);
+            uint16_t *pa0 = aligned_alloc(64, na * 2), *pt0 = aligned_alloc(64, nt * 2);
+            memset(pa, 0xff, na * 2); /* padding must be written, not left */
+            memset(pt, 0xff, nt * 2);
+            mp_pack_dy(pa, pt, db, dy, N, OC);
+            mp_pack_a(MP_BF16, false, N, OC, dy, OC, pa0);
+            mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt0);
+            mp_bias_grad(db0, dy, N, OC);
+            CHECK_MSG(!memcmp(pa, pa0, na * 2), "N %d OC %d: packed dy differs", N, OC);
+            CHECK_MSG(!memcmp(pt, pt0, nt * 2), "N %d OC %d: packed dy^T differs", N, OC);
+            CHECK_MSG(!memcmp(db, db0, sizeof(float) * OC), "N %d OC %d: bias gradient differs", N, OC);
+            free(dy), free(db), free(db0), free(pa), free(pt), free(pa0), free(pt0);
+        }
+    omp_set_num_threads(2);
+    enum { N = 70, C = 48, OC = 36 };
+    for (int io = 0; io < 2; io++) {
+        kiln_rng r;
+        kiln_rng_seed(&r, 400 + io);
+        float *x = malloc(sizeof(float) * N * C), *dy = malloc(sizeof(float) * N * OC);
+        float *W = malloc(sizeof(float) * OC * C), *dW = malloc(sizeof(float) * OC * C);
+        float *dW0 = malloc(sizeof(float) * OC * C), *db = calloc(OC, sizeof(float));
+        float *db0 = calloc(OC, sizeof(float)), *dx = malloc(sizeof(float) * N * C);
+        float *dx0 = malloc(sizeof(float) * N * C);
+        fill(&r, x, (size_t)N * C, 1.f);
+        fill(&r, dy, (size_t)N * OC, 1.f);
+        fill(&r, W, (size_t)OC * C, 1.f);
+        fill(&r, dW, (size_t)OC * C, 1.f);
+        memcpy(dW0, dW, sizeof(float) * OC * C);
+        uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
+        mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+        mp_weight w;
+        CHECK(mp_weight_init(&w, MP_BF16, OC, C, io));
+        mp_weight_refresh(&w, W);
+        mp_scratch s = {0};
+        CHECK(mp_linear_backward_packed(MP_BACKEND_AUTO, &s, &w, dy, xp, MP_ACT_NONE, N, dW, db, dx));
+        CHECK(mp_linear_backward_w_packed(MP_BACKEND_AUTO, &s, io, dy, xp, MP_ACT_NONE, N, OC, C, dW0));
+        CHECK(mp_linear_backward_x(MP_BACKEND_AUTO, &s, &w, dy, N, dx0, false));
+        mp_bias_grad(db0, dy, N, OC);
+        CHECK_MSG(!memcmp(dW, dW0, sizeof(float) * OC * C), "io %d: weight gradient differs", io);
+        CHECK_MSG(!memcmp(dx, dx0, sizeof(float) * N * C), "io %d: input gradient differs", io);
+        CHECK_MSG(!memcmp(db, db0, sizeof(float) * OC), "io %d: bias gradient differs", io);
+        mp_scratch_free(&s);
+        mp_weight_free(&w);
+        free(x), free(dy), free(W), free(dW), free(dW0), free(db), free(db0), free(dx), free(dx0), free(xp);
+    }
+}
+
 static void test_amx_peak_probe(void)
 {
     if (!mp_amx_usable()) SKIP("no AMX-BF16");
@@ -559,6 +625,7 @@ int main(void)
     RUN_TEST(test_bf16_is_not_fp32);
     RUN_TEST(test_act_pack_and_bwd);
     RUN_TEST(test_weight_grad_from_packed);
+    RUN_TEST(test_pack_dy);
     RUN_TEST(test_amx_peak_probe);
     return TEST_EXIT();
 }

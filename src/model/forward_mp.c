@@ -23,7 +23,8 @@
  * The residual adds are fused into the products: the output block starts
  * as residual + bias and the product accumulates into it.
  *
- * Weight gradients run as dW' = dY^T X with dY^T packed from fp32 and X
+ * Weight gradients run as dW' = dY^T X with dY^T packed from fp32 (in the
+ * same pass as dY itself and the bias gradient: dY is read once) and X
  * packed over tokens from its stored bf16 copy (mp_pack_b_tokens); the
  * products of (in, out) weights store their result transposed.
  *
@@ -224,12 +225,10 @@ static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, float *dx, float *dw
                               int n, int Cin, int OC, bool io)
 {
     kern_gemm *g = m->gemm;
-    mp_backend be = mp_kern_backend(g);
-    mp_scratch *s = mp_kern_scratch(g);
-    if (db) mp_bias_grad(db, dy, n, OC);
-    if (!mp_linear_backward_w_packed(be, s, io, dy, xp, act, n, OC, Cin, dw)) return NOMEM(ctx);
     const mp_weight *pw = mp_kern_weight(g, w, OC, Cin, io, true);
-    if (!pw || !mp_linear_backward_x(be, s, pw, dy, n, dx, false)) return NOMEM(ctx);
+    if (!pw || !mp_linear_backward_packed(mp_kern_backend(g), mp_kern_scratch(g), pw, dy, xp, act, n,
+                                          dw, db, dx))
+        return NOMEM(ctx);
     return KILN_OK;
 }
 

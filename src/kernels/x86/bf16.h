@@ -188,6 +188,8 @@ typedef struct mp_scratch {
     size_t b_cap;
     float *c; /* fp32 result when alpha/beta need a second pass */
     size_t c_cap;
+    uint16_t *t; /* packed dy^T of a weight gradient */
+    size_t t_cap;
 } mp_scratch;
 void mp_scratch_free(mp_scratch *s);
 
@@ -215,6 +217,14 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
                                  const float *dy, const uint16_t *xp, int act,
                                  int N, int OC, int C, float *dW);
 
+/* The whole backward of y = x W' + b from a packed bf16 activation (xp,
+ * act as in mp_linear_backward_w_packed) and W's bf16 copy w: dW += the
+ * weight gradient, db += the bias gradient (db NULL: none), dx = dy W
+ * (overwritten). dy is read once (mp_pack_dy). Returns false on OOM. */
+bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
+                               const float *dy, const uint16_t *xp, int act, int N,
+                               float *dW, float *db, float *dx);
+
 /* ---- bf16 activations (bf16_act.c) ------------------------------------ */
 
 enum { MP_ACT_NONE = 0, MP_ACT_GELU = 1, MP_ACT_SWIGLU = 2 };
@@ -232,6 +242,12 @@ void mp_act_bwd(float *dinp, const uint16_t *xp, const float *dout, int N, int F
 void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind);
 /* db (OC) += column sums of dout (N, OC), fixed order. */
 void mp_bias_grad(float *db, const float *dout, int N, int OC);
+/* The output gradient dy (N, OC) of a linear layer in both packed forms
+ * its backward needs, read once: pa = packed A of dy (M = N, K = OC; the
+ * input gradient dy W), pt = packed A of dy^T (M = OC, K = N; the weight
+ * gradient dy^T x), and db += the column sums of dy (db NULL: none), the
+ * same bit for bit as mp_bias_grad. */
+void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, int OC);
 
 /* General product from fp32 operands (packs both every call; for tests,
  * attention products and one-off shapes). C (M, N) (+)= op(A) op(B) where

@@ -293,3 +293,75 @@ void mp_bias_grad(float *db, const float *dout, int N, int OC)
         }
     }
 }
+
+/* ---- the output gradient of a linear layer, read once --------------------- */
+
+void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, int OC)
+{
+    /* One task per strip of 32 columns (channels), streaming the rows in
+     * blocks of 32 tokens: each 32 x 32 block becomes 32 rows of pa (one
+     * 64-byte tile row each) and, through two 16 x 16 transposes per half,
+     * 32 rows of pt. The column sums run over the rows in order, as in
+     * mp_bias_grad, so db is the same bit for bit. Padding (rows and
+     * columns up to multiples of 32) is written as zeros in both. */
+    int np = rup32(N), op = rup32(OC);
+    #pragma omp parallel for schedule(static)
+    for (int c0 = 0; c0 < op; c0 += 32) {
+#ifdef __AVX512F__
+        int w0 = OC - c0, w1 = OC - c0 - 16;
+        __mmask16 m0 = (__mmask16)(w0 >= 16 ? 0xffff : w0 <= 0 ? 0 : (1u << w0) - 1);
+        __mmask16 m1 = (__mmask16)(w1 >= 16 ? 0xffff : w1 <= 0 ? 0 : (1u << w1) - 1);
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int n0 = 0; n0 < np; n0 += 32) {
+            __m512 r[2][2][16]; /* [token half][channel half][token] */
+            for (int t = 0; t < 32; t++) {
+                int n = n0 + t;
+                __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+                if (n < N) {
+                    const float *d = dy + (size_t)n * OC + c0;
+                    a = _mm512_maskz_loadu_ps(m0, d);
+                    b = _mm512_maskz_loadu_ps(m1, d + 16);
+                    if (n + 32 < N) {
+                        _mm_prefetch((const char *)(d + (size_t)32 * OC), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(d + (size_t)32 * OC + 16), _MM_HINT_T0);
+                    }
+                    acc0 = _mm512_add_ps(acc0, a);
+                    acc1 = _mm512_add_ps(acc1, b);
+                }
+                __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(a)), v_f2bf(b), 1);
+                _mm512_store_si512(pa + mp_packa_off(op, n, c0), row);
+                r[t / 16][0][t % 16] = a;
+                r[t / 16][1][t % 16] = b;
+            }
+            for (int h = 0; h < 2; h++) {
+                __m512 lo[16], hi[16];
+                mp_transpose16(r[0][h], lo);
+                mp_transpose16(r[1][h], hi);
+                for (int e = 0; e < 16; e++) {
+                    __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(lo[e])),
+                                                     v_f2bf(hi[e]), 1);
+                    _mm512_store_si512(pt + mp_packa_off(np, c0 + 16 * h + e, n0), row);
+                }
+            }
+        }
+        if (db) {
+            float s[32] __attribute__((aligned(64)));
+            _mm512_store_ps(s, acc0);
+            _mm512_store_ps(s + 16, acc1);
+            for (int j = 0; j < 32 && c0 + j < OC; j++) db[c0 + j] += s[j];
+        }
+#else
+        float acc[32] = {0};
+        for (int n = 0; n < np; n++)
+            for (int j = 0; j < 32; j++) {
+                float v = n < N && c0 + j < OC ? dy[(size_t)n * OC + c0 + j] : 0.0f;
+                uint16_t h = mp_f32_to_bf16_1(v);
+                acc[j] += v;
+                pa[mp_packa_off(op, n, c0 + j)] = h;
+                pt[mp_packa_off(np, c0 + j, n)] = h;
+            }
+        if (db)
+            for (int j = 0; j < 32 && c0 + j < OC; j++) db[c0 + j] += acc[j];
+#endif
+    }
+}

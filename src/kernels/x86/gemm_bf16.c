@@ -520,6 +520,7 @@ void mp_scratch_free(mp_scratch *s)
     free(s->a);
     free(s->b);
     free(s->c);
+    free(s->t);
     memset(s, 0, sizeof *s);
 }
 
@@ -552,15 +553,13 @@ bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
     return mp_gemm_f32io(be, s, dt, true, false, OC, C, N, dy, OC, x, C, dW, C, true);
 }
 
-bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
-                                 const float *dy, const uint16_t *xp, int act,
-                                 int N, int OC, int C, float *dW)
+/* dW += dy^T x from pt = packed A of dy^T and the packed activation xp. */
+static bool backward_w_from(mp_backend be, mp_scratch *s, bool in_out, const uint16_t *pt,
+                            const uint16_t *xp, int act, int N, int OC, int C, float *dW)
 {
-    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, OC, N));
     uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(MP_BF16, N, C));
-    if (!pa || !pb) return false;
-    mp_pack_a(MP_BF16, true, OC, N, dy, OC, pa); /* dy^T: (OC, N) */
-    mp_pack_b_tokens(pb, xp, N, C, act);         /* x: K = N tokens, C columns */
+    if (!pb) return false;
+    mp_pack_b_tokens(pb, xp, N, C, act); /* x: K = N tokens, C columns */
     float *tscr = NULL;
     if (in_out) {
         size_t need = mp_gemm_tscr_floats(omp_get_max_threads());
@@ -571,7 +570,32 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
         }
         tscr = s->c; /* NULL (OOM): the slower transposed reloads */
     }
-    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pa, pb, dW, in_out ? OC : C, true, NULL, in_out, tscr);
+    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pt, pb, dW, in_out ? OC : C, true, NULL, in_out, tscr);
+    return true;
+}
+
+bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
+                                 const float *dy, const uint16_t *xp, int act,
+                                 int N, int OC, int C, float *dW)
+{
+    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
+    if (!pt) return false;
+    mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt); /* dy^T: (OC, N) */
+    return backward_w_from(be, s, in_out, pt, xp, act, N, OC, C, dW);
+}
+
+bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
+                               const float *dy, const uint16_t *xp, int act, int N,
+                               float *dW, float *db, float *dx)
+{
+    KILN_ASSERT(w->dt == MP_BF16);
+    int OC = w->OC, C = w->C;
+    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, N, OC));
+    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
+    if (!pa || !pt) return false;
+    mp_pack_dy(pa, pt, db, dy, N, OC);
+    if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, OC, C, dW)) return false;
+    mp_gemm_packed(be, MP_BF16, N, C, OC, pa, w->bwd, dx, C, false, NULL);
     return true;
 }
 
