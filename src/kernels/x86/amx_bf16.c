@@ -56,7 +56,8 @@ MP_TAMX static void tiles_config(void)
  * 2048 x 1536 x 512 against the same kernel without; prefetching A into L1
  * as well cost more in prefetch instructions than it saved). C tiles are
  * loaded and stored straight from C (fp32, row stride ldc); tiles cut by
- * the edge of C go through a buffer. */
+ * the edge of C go through a buffer. With an epilogue (epi), the finished
+ * 32 x 32 blocks go to mp_epi_block instead of C. */
 enum { MC = MP_AMX_MC, NC = MP_AMX_NC, KC = MP_AMX_KC };
 
 /* transc: C is stored transposed (element (i, j) at C[j * ldc + i]); the
@@ -128,10 +129,13 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
     } while (0)
 
 MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr);
+                         float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,
+                         const mp_epi *epi);
 MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr)
+                         float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,
+                         const mp_epi *epi)
 {
+    KILN_ASSERT(!epi || (!transc && !accumulate));
     int Mp = (M + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
     int mtiles = (Mp + MC - 1) / MC, ntiles = (Np + NC - 1) / NC;
     size_t cstride = (size_t)ldc * 4;
@@ -140,6 +144,7 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
         tiles_config();
         float buf[16][16] __attribute__((aligned(64)));
         float bbuf[2][16][16] __attribute__((aligned(64))); /* bias rows, 2 tiles */
+        float eblk[32][32] __attribute__((aligned(64)));    /* a finished block, for epi */
         /* transc over several K chunks: the partial sums of this thread's
          * macro tile wait in tscr (plain tiles) between chunks, so C is
          * read and written transposed once, not once per chunk. */
@@ -183,7 +188,7 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
                              * 2048 x {512..8192} x 512). */
                             const float *cn = NULL;
                             int cn_rows = 0;
-                            if (!(transc && sb && !last)) {
+                            if (!(transc && sb && !last) && !epi) {
                                 int ni = i0 + 32 < iend ? i0 + 32 : mt * MC;
                                 int nj = i0 + 32 < iend ? j0 : j0 + 32;
                                 if (nj < jend && ni < M && nj < N) {
@@ -215,6 +220,14 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
                                                                        : (size_t)Kp * 32 + (size_t)k0 * 32 + bn_pos - bn_bytes;
                                         _mm_prefetch(bn + off, _MM_HINT_T1);
                                     }
+                            }
+                            if (epi && last) {
+                                _tile_stored(0, &eblk[0][0], 128);
+                                _tile_stored(1, &eblk[0][16], 128);
+                                _tile_stored(2, &eblk[16][0], 128);
+                                _tile_stored(3, &eblk[16][16], 128);
+                                mp_epi_block(epi, eblk, i0, j0);
+                                continue;
                             }
                             ACC_STORE(0, i0, j0);
                             ACC_STORE(1, i0, j0 + 16);
@@ -283,12 +296,14 @@ double mp_amx_peak_gflops(double secs, double *per_cpu)
 #else /* not x86-64: never called (mp_amx_usable() is false) */
 
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr);
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,
+                 const mp_epi *epi);
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr)
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,
+                 const mp_epi *epi)
 {
     (void)M, (void)N, (void)Kp, (void)pa, (void)pb, (void)C, (void)ldc;
-    (void)accumulate, (void)bias, (void)transc, (void)tscr;
+    (void)accumulate, (void)bias, (void)transc, (void)tscr, (void)epi;
     KILN_ASSERT(0);
 }
 

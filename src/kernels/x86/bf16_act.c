@@ -329,7 +329,7 @@ void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, i
                     acc1 = _mm512_add_ps(acc1, b);
                 }
                 __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(a)), v_f2bf(b), 1);
-                _mm512_store_si512(pa + mp_packa_off(op, n, c0), row);
+                _mm512_storeu_si512(pa + mp_packa_off(op, n, c0), row);
                 r[t / 16][0][t % 16] = a;
                 r[t / 16][1][t % 16] = b;
             }
@@ -340,7 +340,7 @@ void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, i
                 for (int e = 0; e < 16; e++) {
                     __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(lo[e])),
                                                      v_f2bf(hi[e]), 1);
-                    _mm512_store_si512(pt + mp_packa_off(np, c0 + 16 * h + e, n0), row);
+                    _mm512_storeu_si512(pt + mp_packa_off(np, c0 + 16 * h + e, n0), row);
                 }
             }
         }
@@ -363,5 +363,109 @@ void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, i
         if (db)
             for (int j = 0; j < 32 && c0 + j < OC; j++) db[c0 + j] += acc[j];
 #endif
+    }
+}
+
+/* ---- epilogues of the AMX products ---------------------------------------- */
+
+void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
+{
+    int M = e->M, N = e->N, kn = rup32(N);
+#ifdef __AVX512F__
+    __mmask16 m0 = v_mask(N - j0), m1 = v_mask(N - j0 - 16);
+    if (e->kind == MP_EPI_ACT) {
+        for (int r = 0; r < 32; r++) {
+            int i = i0 + r;
+            __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+            if (i < M) {
+                a = _mm512_maskz_loadu_ps(m0, blk[r]);
+                b = _mm512_maskz_loadu_ps(m1, blk[r] + 16);
+            }
+            __m256i ha = v_f2bf(a), hb = v_f2bf(b);
+            _mm512_storeu_si512(e->xp + mp_packa_off(kn, i, j0),
+                               _mm512_inserti64x4(_mm512_castsi256_si512(ha), hb, 1));
+            if (e->act == MP_ACT_GELU) {
+                ha = v_f2bf(_mm512_maskz_mov_ps(m0, v_gelu(v_bf2f(ha))));
+                hb = v_f2bf(_mm512_maskz_mov_ps(m1, v_gelu(v_bf2f(hb))));
+            }
+            _mm512_storeu_si512(e->ap + mp_packa_off(kn, i, j0),
+                               _mm512_inserti64x4(_mm512_castsi256_si512(ha), hb, 1));
+        }
+        return;
+    }
+    /* MP_EPI_DACT */
+    int km = rup32(M);
+    __m512 r[2][2][16]; /* [row half][column half][row] */
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int q = 0; q < 32; q++) {
+        int i = i0 + q;
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        if (i < M) {
+            a = _mm512_maskz_loadu_ps(m0, blk[q]);
+            b = _mm512_maskz_loadu_ps(m1, blk[q] + 16);
+            if (e->act == MP_ACT_GELU) {
+                __m512i h = _mm512_loadu_si512(e->hp + mp_packa_off(kn, i, j0));
+                a = _mm512_mul_ps(a, v_gelu_grad(v_bf2f(_mm512_castsi512_si256(h))));
+                b = _mm512_mul_ps(b, v_gelu_grad(v_bf2f(_mm512_extracti64x4_epi64(h, 1))));
+            }
+            s0 = _mm512_add_ps(s0, a);
+            s1 = _mm512_add_ps(s1, b);
+        }
+        _mm512_storeu_si512(e->pa + mp_packa_off(kn, i, j0),
+                           _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(a)), v_f2bf(b), 1));
+        r[q / 16][0][q % 16] = a;
+        r[q / 16][1][q % 16] = b;
+    }
+    for (int h = 0; h < 2; h++) {
+        __m512 lo[16], hi[16];
+        mp_transpose16(r[0][h], lo);
+        mp_transpose16(r[1][h], hi);
+        for (int c = 0; c < 16; c++)
+            _mm512_storeu_si512(e->pt + mp_packa_off(km, j0 + 16 * h + c, i0),
+                               _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(lo[c])),
+                                                  v_f2bf(hi[c]), 1));
+    }
+    if (e->bpart) {
+        float *bp = e->bpart + (size_t)(i0 / 32) * kn + j0;
+        _mm512_storeu_ps(bp, s0);
+        _mm512_storeu_ps(bp + 16, s1);
+    }
+#else
+    int km = rup32(M);
+    float s[32] = {0};
+    for (int q = 0; q < 32; q++) {
+        int i = i0 + q;
+        for (int c = 0; c < 32; c++) {
+            int j = j0 + c;
+            float v = i < M && j < N ? blk[q][c] : 0.0f;
+            if (e->kind == MP_EPI_ACT) {
+                uint16_t h = mp_f32_to_bf16_1(v);
+                e->xp[mp_packa_off(kn, i, j)] = h;
+                float a = mp_bf16_to_f32_1(h);
+                if (e->act == MP_ACT_GELU && i < M && j < N) a = gelu1(a);
+                e->ap[mp_packa_off(kn, i, j)] = mp_f32_to_bf16_1(a);
+                continue;
+            }
+            if (e->act == MP_ACT_GELU && i < M && j < N)
+                v *= gelu_grad1(mp_bf16_to_f32_1(e->hp[mp_packa_off(kn, i, j)]));
+            s[c] += v;
+            uint16_t h = mp_f32_to_bf16_1(v);
+            e->pa[mp_packa_off(kn, i, j)] = h;
+            e->pt[mp_packa_off(km, j, i)] = h;
+        }
+    }
+    if (e->kind == MP_EPI_DACT && e->bpart)
+        memcpy(e->bpart + (size_t)(i0 / 32) * kn + j0, s, sizeof s);
+#endif
+}
+
+void mp_epi_bias_sum(const mp_epi *e, float *db)
+{
+    int kn = rup32(e->N), blocks = rup32(e->M) / 32;
+    #pragma omp parallel for schedule(static)
+    for (int j = 0; j < e->N; j++) {
+        float acc = 0;
+        for (int b = 0; b < blocks; b++) acc += e->bpart[(size_t)b * kn + j];
+        db[j] += acc;
     }
 }
