@@ -38,13 +38,18 @@
 
 bool mp_attention_amx_ok(int HS)
 {
-    return HS >= 32 && HS <= 128 && HS % 32 == 0 && mp_amx_usable();
+    return HS >= 32 && HS <= 128 && HS % 32 == 0 && mp_amx_usable() && mp_cpu_caps()->avx512_bf16;
 }
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#define MP_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
+#define MP_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* 32 floats (lo, hi) -> 32 bf16 in that order, round to nearest even
+ * (VCVTNE2PS2BF16: one instruction; denormals flush to zero, which only
+ * moves a probability below 1e-38 to 0). */
+#define CVT32(lo, hi) ((__m512i)_mm512_cvtne2ps_pbh((hi), (lo)))
 
 enum { BK = 32, HSMAX = 128 };
 
@@ -193,73 +198,128 @@ MP_TAMX static void prod_acc(float *c, const uint16_t x[BK][BK], const uint16_t 
 
 /* ---- forward ---- */
 
+/* dst (HS, np) = the transpose of src's first n rows (row stride ld),
+ * zero past n: V^T as the A operand of O^T += V^T P^T (the tile of d group
+ * g and key block j0 starts at element 16 g np + j0, row stride np). */
+MP_TAMX static void pk_t16(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
+{
+    for (int k0 = 0; k0 < np; k0 += 16)
+        for (int d0 = 0; d0 < HS; d0 += 16) {
+            __m512 r[16], c[16];
+            for (int i = 0; i < 16; i++) /* bf16 in the low half of 32-bit lanes */
+                r[i] = k0 + i < n ? _mm512_castsi512_ps(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                        (const __m256i *)(src + (size_t)(k0 + i) * ld + d0))))
+                                  : _mm512_setzero_ps();
+            mp_transpose16(r, c);
+            for (int d = 0; d < 16; d++)
+                _mm256_storeu_si256((__m256i *)(dst + (size_t)(d0 + d) * np + k0),
+                                    _mm512_cvtepi32_epi16(_mm512_castps_si512(c[d])));
+        }
+}
+
 typedef struct fwd_buf {
-    uint16_t *q, *kt, *vp; /* (Tp, HS) each: rows, wt, pairs */
+    uint16_t *qt, *k, *vt; /* Q wt (Tp, HS), K rows (Tp, HS), V^T (HS, Tp) */
 } fwd_buf;
 
-/* One (batch b, query head h): out rows and lse. */
+/* One (batch b, query head h): out rows and lse. Scores are kept
+ * transposed, st[key][query], so the softmax statistics of 16 queries are
+ * one vector and the running max and sum need no horizontal reductions;
+ * the output accumulates transposed too, ot[d][query] = (V^T P^T)[d][q],
+ * rescaled by a vector per row, and is transposed once per query block. */
 MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uint16_t *qkvh, int T,
                              int NH, int KVH, int HS, int b, int h)
 {
-    _Alignas(64) float s[BK][BK], o[BK * HSMAX];
-    _Alignas(64) uint16_t p[BK][BK];
-    _Alignas(64) float m[BK], l[BK], mn[BK], sum[BK];
+    static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    _Alignas(64) float st[BK][BK], ot[HSMAX * BK], lo[BK];
+    _Alignas(64) uint16_t pp[2][16][32]; /* P^T in pairs: B tiles of 16 queries */
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH), Tp = (int)rup32(T);
     float scale = 1.0f / sqrtf((float)HS);
     const uint16_t *base = qkvh + (size_t)b * T * S;
-    pk_rows(w->q, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
-    pk_wt(w->kt, base + (size_t)(NH + kh) * HS, (size_t)S, T, Tp, HS);
-    pk_pairs(w->vp, base + (size_t)(NH + KVH + kh) * HS, (size_t)S, T, Tp, HS);
+    pk_wt(w->qt, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
+    pk_rows(w->k, base + (size_t)(NH + kh) * HS, (size_t)S, T, Tp, HS);
+    pk_t16(w->vt, base + (size_t)(NH + KVH + kh) * HS, (size_t)S, T, Tp, HS);
+    __m512i idx = _mm512_loadu_si512(ix);
     __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
     for (int i0 = 0; i0 < T; i0 += BK) {
-        memset(o, 0, sizeof(float) * BK * HS);
-        for (int r = 0; r < BK; r++) {
-            m[r] = -INFINITY;
-            l[r] = 0.0f;
-        }
+        __m512 m[2] = {ninf, ninf}, l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        memset(ot, 0, sizeof(float) * HS * BK);
         for (int j0 = 0; j0 <= i0; j0 += BK) {
             bool diag = j0 == i0;
-            prod_xyt(s, w->q + (size_t)i0 * HS, w->kt + (size_t)(j0 / 16) * 16 * HS, HS);
-            /* online softmax per query row (keys c <= r on the diagonal) */
-            for (int r = 0; r < BK; r++) {
-                __mmask16 k0 = diag ? lanes(0, r + 1) : 0xffff, k1 = diag ? lanes(0, r - 15) : 0xffff;
-                __m512 x0 = _mm512_mul_ps(_mm512_load_ps(&s[r][0]), vs);
-                __m512 x1 = _mm512_mul_ps(_mm512_load_ps(&s[r][16]), vs);
-                __m512 mx = _mm512_max_ps(_mm512_mask_mov_ps(ninf, k0, x0), _mm512_mask_mov_ps(ninf, k1, x1));
-                float mr = _mm512_reduce_max_ps(mx);
-                mr = mr > m[r] ? mr : m[r];
-                __m512 vm = _mm512_set1_ps(mr);
-                __m512 e0 = _mm512_maskz_mov_ps(k0, att_exp(_mm512_sub_ps(x0, vm)));
-                __m512 e1 = _mm512_maskz_mov_ps(k1, att_exp(_mm512_sub_ps(x1, vm)));
-                sum[r] = _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-                mn[r] = mr;
-                _mm256_store_si256((__m256i *)&p[r][0], mp_f32x16_to_bf16(e0));
-                _mm256_store_si256((__m256i *)&p[r][16], mp_f32x16_to_bf16(e1));
-            }
-            /* l = l alpha + sum, alpha = exp(m_old - m_new); O rows *= alpha */
-            for (int v = 0; v < BK / 16; v++) {
-                __m512 al = att_exp(_mm512_sub_ps(_mm512_load_ps(m + 16 * v), _mm512_load_ps(mn + 16 * v)));
-                _mm512_store_ps(l + 16 * v, _mm512_fmadd_ps(_mm512_load_ps(l + 16 * v), al,
-                                                            _mm512_load_ps(sum + 16 * v)));
-                _mm512_store_ps(m + 16 * v, _mm512_load_ps(mn + 16 * v));
-                _mm512_store_ps(mn + 16 * v, al); /* mn now holds alpha */
-            }
-            if (j0 > 0)
-                for (int r = 0; r < BK; r++) {
-                    if (mn[r] == 1.0f) continue;
-                    __m512 a = _mm512_set1_ps(mn[r]);
-                    for (int d = 0; d < HS; d += 16)
-                        _mm512_store_ps(o + r * HS + d, _mm512_mul_ps(_mm512_load_ps(o + r * HS + d), a));
+            prod_xyt(st, w->k + (size_t)j0 * HS, w->qt + (size_t)(i0 / 16) * 16 * HS, HS);
+            __m512 al[2];
+            for (int v = 0; v < 2; v++) {
+                /* on the diagonal query lane q of half v sees key c when 16v + q >= c */
+                __m512 mx = ninf;
+                for (int c = 0; c < BK; c++) {
+                    __mmask16 mk = diag ? lanes(c - 16 * v, 16) : 0xffff;
+                    mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_load_ps(&st[c][16 * v]));
                 }
-            prod_acc(o, (const uint16_t(*)[BK])p, w->vp + (size_t)(j0 / 32) * 32 * HS, HS);
+                /* the running max moves only when a score passes it by
+                 * more than 8: exp(x - m) <= e^8 is still exact enough in
+                 * fp32 and bf16, and O (and l) rarely need a rescale */
+                mx = _mm512_mul_ps(mx, vs);
+                mx = _mm512_mask_mov_ps(m[v], _mm512_cmp_ps_mask(mx, _mm512_add_ps(m[v], _mm512_set1_ps(8.0f)), _CMP_GT_OQ), mx);
+                __m512 sum = _mm512_setzero_ps();
+                for (int c = 0; c < BK; c += 2) {
+                    __mmask16 ka = diag ? lanes(c - 16 * v, 16) : 0xffff;
+                    __mmask16 kb = diag ? lanes(c + 1 - 16 * v, 16) : 0xffff;
+                    __m512 ea = _mm512_maskz_mov_ps(
+                        ka, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, mx)));
+                    __m512 eb = _mm512_maskz_mov_ps(
+                        kb, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c + 1][16 * v]), vs, mx)));
+                    sum = _mm512_add_ps(sum, _mm512_add_ps(ea, eb));
+                    _mm512_store_si512(&pp[v][c / 2][0], _mm512_permutexvar_epi16(idx, CVT32(ea, eb)));
+                }
+                al[v] = att_exp(_mm512_sub_ps(m[v], mx));
+                l[v] = _mm512_fmadd_ps(l[v], al[v], sum);
+                m[v] = mx;
+            }
+            /* rescale where a running max moved (rarer as j0 grows: the
+             * AVX stores also make the next tile loads of ot wait) */
+            for (int v = 0; v < 2 && j0 > 0; v++)
+                if (_mm512_cmpneq_ps_mask(al[v], _mm512_set1_ps(1.0f)))
+                    for (int d = 0; d < HS; d++)
+                        _mm512_store_ps(ot + d * BK + 16 * v,
+                                        _mm512_mul_ps(_mm512_load_ps(ot + d * BK + 16 * v), al[v]));
+            /* ot += V^T P^T: A = V^T rows of 2 d groups, B = the two query halves */
+            const uint16_t *va = w->vt + j0;
+            _tile_loadd(6, &pp[0][0][0], 64);
+            _tile_loadd(7, &pp[1][0][0], 64);
+            for (int g = 0; g < HS / 16; g += 2) {
+                float *c0 = ot + 16 * g * BK, *c1 = c0 + 16 * BK;
+                _tile_loadd(0, c0, BK * 4);
+                _tile_loadd(1, c0 + 16, BK * 4);
+                _tile_loadd(2, c1, BK * 4);
+                _tile_loadd(3, c1 + 16, BK * 4);
+                _tile_loadd(4, va + (size_t)16 * g * Tp, Tp * 2);
+                _tile_loadd(5, va + (size_t)16 * (g + 1) * Tp, Tp * 2);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+                _tile_stored(0, c0, BK * 4);
+                _tile_stored(1, c0 + 16, BK * 4);
+                _tile_stored(2, c1, BK * 4);
+                _tile_stored(3, c1 + 16, BK * 4);
+            }
         }
+        /* out rows = (ot / l)^T, lse = m + log l */
         int nr = T - i0 < BK ? T - i0 : BK;
-        for (int r = 0; r < nr; r++) {
-            float *dst = out + ((size_t)b * T + i0 + r) * OC + (size_t)h * HS;
-            __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-            for (int d = 0; d < HS; d += 16)
-                _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_load_ps(o + r * HS + d), inv));
-            lse[((size_t)b * NH + h) * T + i0 + r] = m[r] + logf(l[r]);
+        for (int v = 0; v < 2 && 16 * v < nr; v++) {
+            __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l[v]);
+            _mm512_store_ps(lo + 16 * v, l[v]);
+            for (int d0 = 0; d0 < HS; d0 += 16) {
+                __m512 r[16], c[16];
+                for (int x = 0; x < 16; x++) r[x] = _mm512_mul_ps(_mm512_load_ps(ot + (d0 + x) * BK + 16 * v), inv);
+                mp_transpose16(r, c);
+                for (int y = 0; y < 16 && 16 * v + y < nr; y++)
+                    _mm512_storeu_ps(out + ((size_t)b * T + i0 + 16 * v + y) * OC + (size_t)h * HS + d0, c[y]);
+            }
+            float mv[16];
+            _mm512_storeu_ps(mv, m[v]);
+            for (int y = 0; y < 16 && 16 * v + y < nr; y++)
+                lse[((size_t)b * NH + h) * T + i0 + 16 * v + y] = mv[y] + logf(lo[16 * v + y]);
         }
     }
 }
@@ -335,30 +395,34 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                 /* S^T = K_j Q_i^T, dP^T = V_j dO_i^T (keys x queries) */
                 prod_xyt(st, w->k + (size_t)j0 * HS, w->qt + (size_t)(i0 / 16) * 16 * HS, HS);
                 prod_xyt(dpt, w->v + (size_t)j0 * HS, w->dot + (size_t)(i0 / 16) * 16 * HS, HS);
-                for (int v = 0; v < BK / 16; v++) {
-                    __m512 vl = _mm512_loadu_ps(w->L + i0 + 16 * v);
-                    __m512 vD = _mm512_loadu_ps(w->D + i0 + 16 * v);
-                    for (int c = 0; c < BK; c++) {
+                __m512 vl[2], vD[2];
+                for (int v = 0; v < 2; v++) {
+                    vl[v] = _mm512_loadu_ps(w->L + i0 + 16 * v);
+                    vD[v] = _mm512_loadu_ps(w->D + i0 + 16 * v);
+                }
+                for (int c = 0; c < BK; c++) {
+                    __m512 e[2], g[2];
+                    for (int v = 0; v < 2; v++) {
                         /* query i0 + 16v + lane sees key j0 + c when >=, and exists when < T */
                         __mmask16 mk = lanes(j0 + c - i0 - 16 * v, T - i0 - 16 * v);
-                        __m512 e = _mm512_maskz_mov_ps(
-                            mk, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, vl)));
-                        __m512 g = _mm512_mul_ps(_mm512_mul_ps(e, vs),
-                                                 _mm512_sub_ps(_mm512_load_ps(&dpt[c][16 * v]), vD));
-                        _mm256_store_si256((__m256i *)&pt[c][16 * v], mp_f32x16_to_bf16(e));
-                        _mm256_store_si256((__m256i *)&dst[c][16 * v], mp_f32x16_to_bf16(g));
-                        _mm512_store_ps(&dsf[c][16 * v], g);
+                        e[v] = _mm512_maskz_mov_ps(
+                            mk, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, vl[v])));
+                        g[v] = _mm512_mul_ps(_mm512_mul_ps(e[v], vs),
+                                             _mm512_sub_ps(_mm512_load_ps(&dpt[c][16 * v]), vD[v]));
+                        _mm512_store_ps(&dsf[c][16 * v], g[v]);
                     }
+                    _mm512_store_si512(&pt[c][0], CVT32(e[0], e[1]));
+                    _mm512_store_si512(&dst[c][0], CVT32(g[0], g[1]));
                 }
                 /* dS = transpose of dS^T (fp32, then rounded: same values) */
-                for (int bi = 0; bi < 2; bi++)
-                    for (int bj = 0; bj < 2; bj++) {
-                        __m512 r[16], c[16];
-                        for (int x = 0; x < 16; x++) r[x] = _mm512_load_ps(&dsf[16 * bi + x][16 * bj]);
-                        mp_transpose16(r, c);
-                        for (int y = 0; y < 16; y++)
-                            _mm256_store_si256((__m256i *)&ds[16 * bj + y][16 * bi], mp_f32x16_to_bf16(c[y]));
-                    }
+                for (int bj = 0; bj < 2; bj++) {
+                    __m512 r[16], c0[16], c1[16];
+                    for (int x = 0; x < 16; x++) r[x] = _mm512_load_ps(&dsf[x][16 * bj]);
+                    mp_transpose16(r, c0);
+                    for (int x = 0; x < 16; x++) r[x] = _mm512_load_ps(&dsf[16 + x][16 * bj]);
+                    mp_transpose16(r, c1);
+                    for (int y = 0; y < 16; y++) _mm512_store_si512(&ds[16 * bj + y][0], CVT32(c0[y], c1[y]));
+                }
                 size_t qb = (size_t)(i0 / 32) * 32 * HS, kb = (size_t)(j0 / 32) * 32 * HS;
                 prod_acc(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt, w->dop + qb, HS);
                 prod_acc(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst, w->qp + qb, HS);
