@@ -12,20 +12,24 @@
  * block product is 2 x 2 fp32 C tiles (tmm0..3) over A tiles tmm4/5 (16
  * rows x 32 bf16) and B tiles tmm6/7 (16 VNNI pairs x 16 columns). The
  * operands of one head are repacked once per task into per-thread buffers
- * (T rounded up to 32 rows, zero padded), in three layouts:
+ * (T rounded up to 32 rows, zero padded), in four layouts:
  *   rows   plain (Tp, HS) bf16: an A operand, tile = 16 rows, stride HS;
  *   wt     the 32-bit transpose (pairs of d as one word, 16 rows per
  *          group): the B operand of X Y^T, one tile per group and 32 d;
  *   pairs  rows 2p, 2p+1 interleaved (VNNI): the B operand of X Y, one
- *          tile per 32 rows and 16 columns.
- * Forward, per (batch, query head): S = Q K^T (A = Q rows, B = K wt), an
- * online softmax on each row, O (fp32, per query block in L1) rescaled and
- * O += bf16(P) V (B = V pairs). Backward, per (batch, kv head), the query
- * heads of its group in order: S^T = K Q^T and dP^T = V dO^T (keys in
- * rows, so the per-query lse and D are vectors across a row), P^T and
- * dS^T = P^T (dP^T - D) scale in fp32, then dV += P^T dO, dK += dS^T Q,
- * dQ += dS K (dS by an in-register transpose), accumulated in fp32
- * buffers. Every output is computed by one task in a fixed order:
+ *          tile per 32 rows and 16 columns;
+ *   t16    the plain transpose (HS, Tp): V^T, an A operand.
+ * Forward, per (batch, query head), all transposed so that the statistics
+ * of 16 queries are one vector: S^T = K Q^T (A = K rows, B = Q wt), the
+ * online softmax down the key rows (the running max moves only when a
+ * score passes it by more than 8, so the fp32 O^T rarely needs a rescale
+ * between its tile loads), O^T += V^T bf16(P^T) (A = V^T, B = P^T in
+ * pairs), O transposed once per query block. Backward, per (batch, kv
+ * head), the query heads of its group in order: S^T = K Q^T and dP^T =
+ * V dO^T (keys in rows, so the per-query lse and D are vectors across a
+ * row), P^T and dS^T = P^T (dP^T - D) scale in fp32, then dV += P^T dO,
+ * dK += dS^T Q, dQ += dS K (dS by an in-register transpose), accumulated
+ * in fp32 buffers. Every output is computed by one task in a fixed order:
  * deterministic for any thread count.
  */
 #include "kernels/x86/bf16.h"
