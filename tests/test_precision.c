@@ -292,6 +292,7 @@ static double train_run(kiln_ctx *ctx, kiln_precision p, const unsigned char *te
     kiln_config cfg = kiln_config_default();
     cfg.n_layer = 2;
     cfg.n_embd = 96;
+    cfg.n_head = cfg.n_kv_head = 3; /* head size 32: bf16 attention on AMX where it runs */
     cfg.n_inner = 384;
     cfg.n_ctx = T;
     kiln_model *m = make_model(ctx, &cfg, p, B, T);

@@ -18,9 +18,11 @@
  * the backward's gradient of the pre-activation goes from the tiles of its
  * product, through GELU', straight into both packed forms the fc layer's
  * backward reads (mp_mlp_backward_packed). qkv is stored in
- * bf16 too (qkvh, plain rows): the attention kernels run in fp32 on its
- * values, widened into one layer's scratch, in the forward and again in the
- * backward, so both see the same numbers. What stays fp32: the residual
+ * bf16 too (qkvh, plain rows): with the AMX backend and a head size it
+ * supports (mp_attention_amx_ok) attention reads it directly and runs its
+ * products in bf16 (attn_amx.c); otherwise the fp32 attention kernels run
+ * on its values, widened into one layer's scratch, in the forward and again
+ * in the backward, so both see the same numbers. What stays fp32: the residual
  * stream (encoded, res2, res3), norm statistics, the softmax (and the
  * attention log-sum-exp), the logits (cross-entropy in fp32), and all
  * gradients.
@@ -201,8 +203,13 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
         if (!gpt2)
             P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-        P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV); mp_bf16_to_f32(qkvh, qkv, N * QKV));
-        P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
+        if (be == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS)) { /* bf16 on AMX, from qkvh */
+            P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV));
+            P(ATTN_FWD, mp_attention_fwd_amx(a->atty, lse, qkvh, B, T, m->NH, m->KVH, m->HS));
+        } else { /* fp32 on the bf16 values */
+            P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV); mp_bf16_to_f32(qkvh, qkv, N * QKV));
+            P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
+        }
         P(OTHER, mp_pack_a(MP_BF16, false, n, C, a->atty, C, attyp));
         P(OTHER, residual_init(res2, inp, w->proj_b, n, C));
         P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, C, C, attyp, wp->fwd, res2, C, true, NULL));
@@ -309,9 +316,15 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      MP_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
-        P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C); mp_bf16_to_f32(qkvh, a->tmp, N * QKV));
-        P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T, m->NH, m->KVH,
-                                     m->HS));
+        P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
+        if (mp_kern_backend(g) == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS)) { /* as the forward */
+            P(ATTN_BWD, mp_attention_bwd_amx(a->dbig, a->dc, qkvh, a->atty, lse, B, T, m->NH, m->KVH,
+                                             m->HS));
+        } else {
+            P(OTHER, mp_bf16_to_f32(qkvh, a->tmp, N * QKV));
+            P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T, m->NH,
+                                         m->KVH, m->HS));
+        }
         if (!gpt2)
             P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p, MP_ACT_NONE,

@@ -34,17 +34,17 @@ typedef struct tilecfg {
     uint8_t rows[16];
 } tilecfg;
 
-MP_TAMX static void tiles_config(void)
-{
-    tilecfg c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
-    }
-    _tile_loadconfig(&c);
-}
+/* The configuration lives in static memory: this GCC does not model the
+ * memory read of ldtilecfg, and with a local struct it dropped the stores
+ * that fill colsb and rows once the function was compiled on its own
+ * (mp_amx_tiles_config): ldtilecfg then read garbage and faulted. */
+static const tilecfg g_tilecfg __attribute__((aligned(64))) = {
+    .palette = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+
+MP_TAMX static void tiles_config(void) { _tile_loadconfig(&g_tilecfg); }
 
 /* Blocking: a macro tile of MC x NC of C is one task; inside it K runs in
  * chunks of KC, and for each chunk the 2 B panels of a 32-column block
@@ -293,7 +293,11 @@ double mp_amx_peak_gflops(double secs, double *per_cpu)
     return total / wall / 1e9;
 }
 
+MP_TAMX void mp_amx_tiles_config(void) { tiles_config(); }
+
 #else /* not x86-64: never called (mp_amx_usable() is false) */
+
+void mp_amx_tiles_config(void) { KILN_ASSERT(0); }
 
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
                  float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,

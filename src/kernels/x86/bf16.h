@@ -154,6 +154,29 @@ bool mp_amx_usable(void);
  * delivers, whatever other load shares the machine). 0 when AMX is not
  * usable. */
 double mp_amx_peak_gflops(double secs, double *per_cpu);
+/* Loads this thread's tile configuration (8 tiles of 16 rows x 64 bytes,
+ * what every AMX kernel here uses); the caller ends with _tile_release. */
+void mp_amx_tiles_config(void);
+
+/* ---- attention on AMX (attn_amx.c) ------------------------------------ */
+
+/* Whether the AMX attention kernels run for head size HS: HS a multiple
+ * of 32 up to 128 and AMX usable. Otherwise use kernels.h's fp32 ops. */
+bool mp_attention_amx_ok(int HS);
+/* Causal flash attention with GQA, the contract of kernels.h's
+ * attention_fwd / attention_bwd (out (B*T, NH*HS), lse (B, NH, T), dqkv
+ * (B*T, (NH+2*KVH)*HS) overwritten, scale 1/sqrt(HS), deterministic), but
+ * q, k, v read from qkvh, bf16 (B*T, (NH+2*KVH)*HS) plain rows. The
+ * products run on AMX with fp32 accumulation; softmax, lse and D =
+ * rowsum(dout * out) are fp32; P, dS and dout are rounded to bf16 as
+ * product operands (the error of torch.autocast). Needs
+ * mp_attention_amx_ok(HS); allocates per-thread scratch of 6 (forward)
+ * or 28 (backward) bytes per T * HS, and asserts that it got it. */
+void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
+                          int KVH, int HS);
+void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
+                          const float *out, const float *lse, int B, int T, int NH, int KVH,
+                          int HS);
 
 /* ---- a linear layer in compute precision ------------------------------ */
 

@@ -1,0 +1,488 @@
+/*
+ * attn_amx.c — causal flash attention (forward and backward) on AMX tiles
+ * in bf16, for the bf16 training path: q, k, v are read from the stored
+ * bf16 qkv (qkvh), the matrix products run as TDPBF16PS (bf16 operands,
+ * fp32 accumulation), the softmax, the log-sum-exp and D = rowsum(dO * O)
+ * stay fp32, and the probabilities P, the score gradients dS and dO are
+ * rounded to bf16 only as operands of the products (what torch.autocast
+ * does). Results and gradients are fp32.
+ *
+ * Schedule (FlashAttention-2): blocks of 32 queries x 32 keys, blocks
+ * above the diagonal skipped, the diagonal block masked per element. Each
+ * block product is 2 x 2 fp32 C tiles (tmm0..3) over A tiles tmm4/5 (16
+ * rows x 32 bf16) and B tiles tmm6/7 (16 VNNI pairs x 16 columns). The
+ * operands of one head are repacked once per task into per-thread buffers
+ * (T rounded up to 32 rows, zero padded), in four layouts:
+ *   rows   plain (Tp, HS) bf16: an A operand, tile = 16 rows, stride HS;
+ *   wt     the 32-bit transpose (pairs of d as one word, 16 rows per
+ *          group): the B operand of X Y^T, one tile per group and 32 d;
+ *   pairs  rows 2p, 2p+1 interleaved (VNNI): the B operand of X Y, one
+ *          tile per 32 rows and 16 columns;
+ *   t16    the plain transpose (HS, Tp): V^T, an A operand.
+ * Forward, per (batch, query head), all transposed so that the statistics
+ * of 16 queries are one vector: S^T = K Q^T (A = K rows, B = Q wt), the
+ * online softmax down the key rows (the running max moves only when a
+ * score passes it by more than 8, so the fp32 O^T rarely needs a rescale
+ * between its tile loads), O^T += V^T bf16(P^T) (A = V^T, B = P^T in
+ * pairs), O transposed once per query block. Backward, per (batch, kv
+ * head), the query heads of its group in order: S^T = K Q^T and dP^T =
+ * V dO^T (keys in rows, so the per-query lse and D are vectors across a
+ * row), P^T and dS^T = P^T (dP^T - D) scale in fp32, then dV += P^T dO,
+ * dK += dS^T Q, dQ += dS K (dS by an in-register transpose), accumulated
+ * in fp32 buffers. Every output is computed by one task in a fixed order:
+ * deterministic for any thread count.
+ */
+#include "kernels/x86/bf16.h"
+
+#include "base/base.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+bool mp_attention_amx_ok(int HS)
+{
+    return HS >= 32 && HS <= 128 && HS % 32 == 0 && mp_amx_usable() && mp_cpu_caps()->avx512_bf16;
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define MP_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* 32 floats (lo, hi) -> 32 bf16 in that order, round to nearest even
+ * (VCVTNE2PS2BF16: one instruction; denormals flush to zero, which only
+ * moves a probability below 1e-38 to 0). */
+#define CVT32(lo, hi) ((__m512i)_mm512_cvtne2ps_pbh((hi), (lo)))
+
+enum { BK = 32, HSMAX = 128 };
+
+static size_t rup32(int x) { return (size_t)(x + 31) / 32 * 32; }
+
+/* exp on 16 floats: simd.h's vexp (same reduction and polynomial, ~2 ulp),
+ * repeated here with a target attribute because this file also builds
+ * without -march (simd.h exists only under __AVX512F__). */
+MP_TAMX static inline __m512 att_exp(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Lanes [lo, hi) of 16 (clamped). */
+static inline __mmask16 lanes(int lo, int hi)
+{
+    lo = lo < 0 ? 0 : lo;
+    hi = hi > 16 ? 16 : hi;
+    if (hi <= lo) return 0;
+    return (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+/* ---- repacking (src: n rows of HS bf16, row stride ld; rows n..np-1 are
+ * zero in dst; np a multiple of 32) ---- */
+
+/* rows: dst (np, HS) plain. */
+static void pk_rows(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
+{
+    for (int r = 0; r < n; r++) memcpy(dst + (size_t)r * HS, src + (size_t)r * ld, (size_t)HS * 2);
+    memset(dst + (size_t)n * HS, 0, (size_t)(np - n) * HS * 2);
+}
+
+/* rows from fp32 (row stride ld), rounded to bf16. */
+MP_TAMX static void pk_rows_f32(uint16_t *dst, const float *src, size_t ld, int n, int np, int HS)
+{
+    for (int r = 0; r < n; r++)
+        for (int d = 0; d < HS; d += 16)
+            _mm256_storeu_si256((__m256i *)(dst + (size_t)r * HS + d),
+                                mp_f32x16_to_bf16(_mm512_loadu_ps(src + (size_t)r * ld + d)));
+    memset(dst + (size_t)n * HS, 0, (size_t)(np - n) * HS * 2);
+}
+
+/* wt: word (r, w) (elements 2w, 2w+1 of row r) at 32-bit offset
+ * (r / 16) * (HS / 2) * 16 + w * 16 + r % 16; the tile of row group g and
+ * d chunk c (32 elements) starts at element g * 16 * HS + c * 512. */
+MP_TAMX static void pk_wt(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
+{
+    int W = HS / 2;
+    for (int g = 0; g < np / 16; g++)
+        for (int w0 = 0; w0 < W; w0 += 16) {
+            __m512 r[16], c[16];
+            for (int i = 0; i < 16; i++) {
+                int row = 16 * g + i;
+                r[i] = row < n ? _mm512_loadu_ps((const float *)(src + (size_t)row * ld + 2 * w0))
+                               : _mm512_setzero_ps();
+            }
+            mp_transpose16(r, c); /* bit moves only: any bf16 pair survives */
+            float *d = (float *)(dst + (size_t)g * 16 * HS) + (size_t)w0 * 16;
+            for (int w = 0; w < 16; w++) _mm512_storeu_ps(d + 16 * w, c[w]);
+        }
+}
+
+/* pairs: element (r, d) at (r / 32) * 32 * HS + (d / 16) * 512 +
+ * ((r % 32) / 2) * 32 + (d % 16) * 2 + r % 2; the tile of row block kb and
+ * column tile t starts at kb * 32 * HS + t * 512. */
+MP_TAMX static void pk_pairs(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
+{
+    static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    __m512i idx = _mm512_loadu_si512(ix);
+    for (int r = 0; r < np; r += 2)
+        for (int d = 0; d < HS; d += 16) {
+            __m256i a = r < n ? _mm256_loadu_si256((const __m256i *)(src + (size_t)r * ld + d))
+                              : _mm256_setzero_si256();
+            __m256i b = r + 1 < n ? _mm256_loadu_si256((const __m256i *)(src + (size_t)(r + 1) * ld + d))
+                                  : _mm256_setzero_si256();
+            __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+            _mm512_storeu_si512(dst + (size_t)(r / 32) * 32 * HS + (size_t)(d / 16) * 512 +
+                                    (size_t)((r % 32) / 2) * 32,
+                                _mm512_permutexvar_epi16(idx, ab));
+        }
+}
+
+/* ---- block products ---- */
+
+/* s (32 x 32 fp32) = X Y^T over HS: X = 32 rows (stride HS) from a, Y =
+ * two row groups of a wt buffer starting at bw. */
+MP_TAMX static void prod_xyt(float s[BK][BK], const uint16_t *a, const uint16_t *bw, int HS)
+{
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int c = 0; c < HS / 32; c++) {
+        _tile_loadd(4, a + 32 * c, HS * 2);
+        _tile_loadd(6, bw + 512 * c, 64);
+        _tile_loadd(5, a + (size_t)16 * HS + 32 * c, HS * 2);
+        _tile_loadd(7, bw + (size_t)16 * HS + 512 * c, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, &s[0][0], BK * 4);
+    _tile_stored(1, &s[0][16], BK * 4);
+    _tile_stored(2, &s[16][0], BK * 4);
+    _tile_stored(3, &s[16][16], BK * 4);
+}
+
+/* c (32 x HS fp32, stride HS) += X Y: X (32 x 32 bf16, row-major), Y the
+ * 32-row block of a pairs buffer starting at bp. */
+MP_TAMX static void prod_acc(float *c, const uint16_t x[BK][BK], const uint16_t *bp, int HS)
+{
+    _tile_loadd(4, &x[0][0], 64);
+    _tile_loadd(5, &x[16][0], 64);
+    for (int t = 0; t < HS / 16; t += 2) {
+        _tile_loadd(0, c + 16 * t, HS * 4);
+        _tile_loadd(1, c + 16 * t + 16, HS * 4);
+        _tile_loadd(2, c + (size_t)16 * HS + 16 * t, HS * 4);
+        _tile_loadd(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
+        _tile_loadd(6, bp + 512 * t, 64);
+        _tile_loadd(7, bp + 512 * (t + 1), 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_stored(0, c + 16 * t, HS * 4);
+        _tile_stored(1, c + 16 * t + 16, HS * 4);
+        _tile_stored(2, c + (size_t)16 * HS + 16 * t, HS * 4);
+        _tile_stored(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
+    }
+}
+
+/* ---- forward ---- */
+
+/* dst (HS, np) = the transpose of src's first n rows (row stride ld),
+ * zero past n: V^T as the A operand of O^T += V^T P^T (the tile of d group
+ * g and key block j0 starts at element 16 g np + j0, row stride np). */
+MP_TAMX static void pk_t16(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
+{
+    for (int k0 = 0; k0 < np; k0 += 16)
+        for (int d0 = 0; d0 < HS; d0 += 16) {
+            __m512 r[16], c[16];
+            for (int i = 0; i < 16; i++) /* bf16 in the low half of 32-bit lanes */
+                r[i] = k0 + i < n ? _mm512_castsi512_ps(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                        (const __m256i *)(src + (size_t)(k0 + i) * ld + d0))))
+                                  : _mm512_setzero_ps();
+            mp_transpose16(r, c);
+            for (int d = 0; d < 16; d++)
+                _mm256_storeu_si256((__m256i *)(dst + (size_t)(d0 + d) * np + k0),
+                                    _mm512_cvtepi32_epi16(_mm512_castps_si512(c[d])));
+        }
+}
+
+typedef struct fwd_buf {
+    uint16_t *qt, *k, *vt; /* Q wt (Tp, HS), K rows (Tp, HS), V^T (HS, Tp) */
+} fwd_buf;
+
+/* One (batch b, query head h): out rows and lse. Scores are kept
+ * transposed, st[key][query], so the softmax statistics of 16 queries are
+ * one vector and the running max and sum need no horizontal reductions;
+ * the output accumulates transposed too, ot[d][query] = (V^T P^T)[d][q],
+ * rescaled by a vector per row, and is transposed once per query block. */
+MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uint16_t *qkvh, int T,
+                             int NH, int KVH, int HS, int b, int h)
+{
+    static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    _Alignas(64) float st[BK][BK], ot[HSMAX * BK], lo[BK];
+    _Alignas(64) uint16_t pp[2][16][32]; /* P^T in pairs: B tiles of 16 queries */
+    int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH), Tp = (int)rup32(T);
+    float scale = 1.0f / sqrtf((float)HS);
+    const uint16_t *base = qkvh + (size_t)b * T * S;
+    pk_wt(w->qt, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
+    pk_rows(w->k, base + (size_t)(NH + kh) * HS, (size_t)S, T, Tp, HS);
+    pk_t16(w->vt, base + (size_t)(NH + KVH + kh) * HS, (size_t)S, T, Tp, HS);
+    __m512i idx = _mm512_loadu_si512(ix);
+    __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+    for (int i0 = 0; i0 < T; i0 += BK) {
+        __m512 m[2] = {ninf, ninf}, l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        memset(ot, 0, sizeof(float) * HS * BK);
+        for (int j0 = 0; j0 <= i0; j0 += BK) {
+            bool diag = j0 == i0;
+            prod_xyt(st, w->k + (size_t)j0 * HS, w->qt + (size_t)(i0 / 16) * 16 * HS, HS);
+            __m512 al[2];
+            for (int v = 0; v < 2; v++) {
+                /* on the diagonal query lane q of half v sees key c when 16v + q >= c */
+                __m512 mx = ninf;
+                for (int c = 0; c < BK; c++) {
+                    __mmask16 mk = diag ? lanes(c - 16 * v, 16) : 0xffff;
+                    mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_load_ps(&st[c][16 * v]));
+                }
+                /* the running max moves only when a score passes it by
+                 * more than 8: exp(x - m) <= e^8 is still exact enough in
+                 * fp32 and bf16, and O (and l) rarely need a rescale */
+                mx = _mm512_mul_ps(mx, vs);
+                mx = _mm512_mask_mov_ps(m[v], _mm512_cmp_ps_mask(mx, _mm512_add_ps(m[v], _mm512_set1_ps(8.0f)), _CMP_GT_OQ), mx);
+                __m512 sum = _mm512_setzero_ps();
+                for (int c = 0; c < BK; c += 2) {
+                    __mmask16 ka = diag ? lanes(c - 16 * v, 16) : 0xffff;
+                    __mmask16 kb = diag ? lanes(c + 1 - 16 * v, 16) : 0xffff;
+                    __m512 ea = _mm512_maskz_mov_ps(
+                        ka, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, mx)));
+                    __m512 eb = _mm512_maskz_mov_ps(
+                        kb, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c + 1][16 * v]), vs, mx)));
+                    sum = _mm512_add_ps(sum, _mm512_add_ps(ea, eb));
+                    _mm512_store_si512(&pp[v][c / 2][0], _mm512_permutexvar_epi16(idx, CVT32(ea, eb)));
+                }
+                al[v] = att_exp(_mm512_sub_ps(m[v], mx));
+                l[v] = _mm512_fmadd_ps(l[v], al[v], sum);
+                m[v] = mx;
+            }
+            /* rescale where a running max moved (rarer as j0 grows: the
+             * AVX stores also make the next tile loads of ot wait) */
+            for (int v = 0; v < 2 && j0 > 0; v++)
+                if (_mm512_cmpneq_ps_mask(al[v], _mm512_set1_ps(1.0f)))
+                    for (int d = 0; d < HS; d++)
+                        _mm512_store_ps(ot + d * BK + 16 * v,
+                                        _mm512_mul_ps(_mm512_load_ps(ot + d * BK + 16 * v), al[v]));
+            /* ot += V^T P^T: A = V^T rows of 2 d groups, B = the two query halves */
+            const uint16_t *va = w->vt + j0;
+            _tile_loadd(6, &pp[0][0][0], 64);
+            _tile_loadd(7, &pp[1][0][0], 64);
+            for (int g = 0; g < HS / 16; g += 2) {
+                float *c0 = ot + 16 * g * BK, *c1 = c0 + 16 * BK;
+                _tile_loadd(0, c0, BK * 4);
+                _tile_loadd(1, c0 + 16, BK * 4);
+                _tile_loadd(2, c1, BK * 4);
+                _tile_loadd(3, c1 + 16, BK * 4);
+                _tile_loadd(4, va + (size_t)16 * g * Tp, Tp * 2);
+                _tile_loadd(5, va + (size_t)16 * (g + 1) * Tp, Tp * 2);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+                _tile_stored(0, c0, BK * 4);
+                _tile_stored(1, c0 + 16, BK * 4);
+                _tile_stored(2, c1, BK * 4);
+                _tile_stored(3, c1 + 16, BK * 4);
+            }
+        }
+        /* out rows = (ot / l)^T, lse = m + log l */
+        int nr = T - i0 < BK ? T - i0 : BK;
+        for (int v = 0; v < 2 && 16 * v < nr; v++) {
+            __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l[v]);
+            _mm512_store_ps(lo + 16 * v, l[v]);
+            for (int d0 = 0; d0 < HS; d0 += 16) {
+                __m512 r[16], c[16];
+                for (int x = 0; x < 16; x++) r[x] = _mm512_mul_ps(_mm512_load_ps(ot + (d0 + x) * BK + 16 * v), inv);
+                mp_transpose16(r, c);
+                for (int y = 0; y < 16 && 16 * v + y < nr; y++)
+                    _mm512_storeu_ps(out + ((size_t)b * T + i0 + 16 * v + y) * OC + (size_t)h * HS + d0, c[y]);
+            }
+            float mv[16];
+            _mm512_storeu_ps(mv, m[v]);
+            for (int y = 0; y < 16 && 16 * v + y < nr; y++)
+                lse[((size_t)b * NH + h) * T + i0 + 16 * v + y] = mv[y] + logf(lo[16 * v + y]);
+        }
+    }
+}
+
+MP_TAMX void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
+                                  int KVH, int HS)
+{
+    KILN_ASSERT(HS % 32 == 0 && HS <= HSMAX && NH % KVH == 0);
+    size_t per = rup32(T) * (size_t)HS;
+    #pragma omp parallel
+    {
+        mp_amx_tiles_config();
+        uint16_t *buf = malloc(3 * per * sizeof(uint16_t));
+        KILN_ASSERT(buf);
+        fwd_buf w = {buf, buf + per, buf + 2 * per};
+        #pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < B * NH; bh++) fwd_head(&w, out, lse, qkvh, T, NH, KVH, HS, bh / NH, bh % NH);
+        free(buf);
+        _tile_release();
+    }
+}
+
+/* ---- backward ---- */
+
+typedef struct bwd_buf {
+    uint16_t *k, *v, *kp;         /* kv head: K rows, V rows, K pairs */
+    uint16_t *qt, *qp, *dor, *dot, *dop; /* query head: Q wt, Q pairs, dO rows / wt / pairs */
+    float *dk, *dv, *dq;          /* (Tp, HS) fp32 accumulators */
+    float *D, *L;                 /* (Tp) rowsum(dO * O), lse; 0 past T */
+} bwd_buf;
+
+/* All of kv head kh of batch row b, its query heads in order. */
+MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, const uint16_t *qkvh,
+                           const float *out, const float *lse, int T, int NH, int KVH, int HS, int b,
+                           int kh)
+{
+    _Alignas(64) float st[BK][BK], dpt[BK][BK], dsf[BK][BK];
+    _Alignas(64) uint16_t pt[BK][BK], dst[BK][BK], ds[BK][BK];
+    int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH, Tp = (int)rup32(T);
+    size_t per = (size_t)Tp * HS;
+    float scale = 1.0f / sqrtf((float)HS);
+    const uint16_t *base = qkvh + (size_t)b * T * S;
+    float *dbase = dqkv + (size_t)b * T * S;
+    pk_rows(w->k, base + (size_t)(NH + kh) * HS, (size_t)S, T, Tp, HS);
+    pk_rows(w->v, base + (size_t)(NH + KVH + kh) * HS, (size_t)S, T, Tp, HS);
+    pk_pairs(w->kp, base + (size_t)(NH + kh) * HS, (size_t)S, T, Tp, HS);
+    memset(w->dk, 0, per * sizeof(float));
+    memset(w->dv, 0, per * sizeof(float));
+    __m512 vs = _mm512_set1_ps(scale);
+    for (int h = kh * grp; h < (kh + 1) * grp; h++) {
+        const float *dob = dout + (size_t)b * T * OC + (size_t)h * HS;
+        const float *ob = out + (size_t)b * T * OC + (size_t)h * HS;
+        pk_wt(w->qt, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
+        pk_pairs(w->qp, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
+        pk_rows_f32(w->dor, dob, (size_t)OC, T, Tp, HS);
+        pk_wt(w->dot, w->dor, (size_t)HS, T, Tp, HS);
+        pk_pairs(w->dop, w->dor, (size_t)HS, T, Tp, HS);
+        for (int t = 0; t < Tp; t++) {
+            float d = 0.0f;
+            if (t < T) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int e = 0; e < HS; e += 16)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(dob + (size_t)t * OC + e),
+                                          _mm512_loadu_ps(ob + (size_t)t * OC + e), acc);
+                d = _mm512_reduce_add_ps(acc);
+            }
+            w->D[t] = d;
+            w->L[t] = t < T ? lse[((size_t)b * NH + h) * T + t] : 0.0f;
+        }
+        memset(w->dq, 0, per * sizeof(float));
+        for (int j0 = 0; j0 < T; j0 += BK) {
+            for (int i0 = j0; i0 < T; i0 += BK) {
+                /* S^T = K_j Q_i^T, dP^T = V_j dO_i^T (keys x queries) */
+                prod_xyt(st, w->k + (size_t)j0 * HS, w->qt + (size_t)(i0 / 16) * 16 * HS, HS);
+                prod_xyt(dpt, w->v + (size_t)j0 * HS, w->dot + (size_t)(i0 / 16) * 16 * HS, HS);
+                __m512 vl[2], vD[2];
+                for (int v = 0; v < 2; v++) {
+                    vl[v] = _mm512_loadu_ps(w->L + i0 + 16 * v);
+                    vD[v] = _mm512_loadu_ps(w->D + i0 + 16 * v);
+                }
+                for (int c = 0; c < BK; c++) {
+                    __m512 e[2], g[2];
+                    for (int v = 0; v < 2; v++) {
+                        /* query i0 + 16v + lane sees key j0 + c when >=, and exists when < T */
+                        __mmask16 mk = lanes(j0 + c - i0 - 16 * v, T - i0 - 16 * v);
+                        e[v] = _mm512_maskz_mov_ps(
+                            mk, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, vl[v])));
+                        g[v] = _mm512_mul_ps(_mm512_mul_ps(e[v], vs),
+                                             _mm512_sub_ps(_mm512_load_ps(&dpt[c][16 * v]), vD[v]));
+                        _mm512_store_ps(&dsf[c][16 * v], g[v]);
+                    }
+                    _mm512_store_si512(&pt[c][0], CVT32(e[0], e[1]));
+                    _mm512_store_si512(&dst[c][0], CVT32(g[0], g[1]));
+                }
+                /* dS = transpose of dS^T (fp32, then rounded: same values) */
+                for (int bj = 0; bj < 2; bj++) {
+                    __m512 r[16], c0[16], c1[16];
+                    for (int x = 0; x < 16; x++) r[x] = _mm512_load_ps(&dsf[x][16 * bj]);
+                    mp_transpose16(r, c0);
+                    for (int x = 0; x < 16; x++) r[x] = _mm512_load_ps(&dsf[16 + x][16 * bj]);
+                    mp_transpose16(r, c1);
+                    for (int y = 0; y < 16; y++) _mm512_store_si512(&ds[16 * bj + y][0], CVT32(c0[y], c1[y]));
+                }
+                size_t qb = (size_t)(i0 / 32) * 32 * HS, kb = (size_t)(j0 / 32) * 32 * HS;
+                prod_acc(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt, w->dop + qb, HS);
+                prod_acc(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst, w->qp + qb, HS);
+                prod_acc(w->dq + (size_t)i0 * HS, (const uint16_t(*)[BK])ds, w->kp + kb, HS);
+            }
+        }
+        for (int t = 0; t < T; t++)
+            memcpy(dbase + (size_t)t * S + (size_t)h * HS, w->dq + (size_t)t * HS, (size_t)HS * sizeof(float));
+    }
+    for (int t = 0; t < T; t++) {
+        memcpy(dbase + (size_t)t * S + (size_t)(NH + kh) * HS, w->dk + (size_t)t * HS,
+               (size_t)HS * sizeof(float));
+        memcpy(dbase + (size_t)t * S + (size_t)(NH + KVH + kh) * HS, w->dv + (size_t)t * HS,
+               (size_t)HS * sizeof(float));
+    }
+}
+
+MP_TAMX void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
+                                  const float *out, const float *lse, int B, int T, int NH, int KVH,
+                                  int HS)
+{
+    KILN_ASSERT(HS % 32 == 0 && HS <= HSMAX && NH % KVH == 0);
+    size_t tp = rup32(T), per = tp * (size_t)HS;
+    #pragma omp parallel
+    {
+        mp_amx_tiles_config();
+        uint16_t *hb = malloc(8 * per * sizeof(uint16_t));
+        float *fb = malloc((3 * per + 2 * tp) * sizeof(float));
+        KILN_ASSERT(hb && fb);
+        bwd_buf w = {hb, hb + per, hb + 2 * per, hb + 3 * per, hb + 4 * per, hb + 5 * per,
+                     hb + 6 * per, hb + 7 * per, fb, fb + per, fb + 2 * per, fb + 3 * per,
+                     fb + 3 * per + tp};
+        #pragma omp for schedule(dynamic, 1)
+        for (int bk = 0; bk < B * KVH; bk++)
+            bwd_kv(&w, dqkv, dout, qkvh, out, lse, T, NH, KVH, HS, bk / KVH, bk % KVH);
+        free(hb);
+        free(fb);
+        _tile_release();
+    }
+}
+
+#else /* not x86-64: never called (mp_attention_amx_ok() is false) */
+
+void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
+                          int KVH, int HS)
+{
+    (void)out, (void)lse, (void)qkvh, (void)B, (void)T, (void)NH, (void)KVH, (void)HS;
+    KILN_ASSERT(0);
+}
+
+void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
+                          const float *out, const float *lse, int B, int T, int NH, int KVH,
+                          int HS)
+{
+    (void)dqkv, (void)dout, (void)qkvh, (void)out, (void)lse;
+    (void)B, (void)T, (void)NH, (void)KVH, (void)HS;
+    KILN_ASSERT(0);
+}
+#endif
