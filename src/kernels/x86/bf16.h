@@ -310,9 +310,11 @@ void mp_bias_grad(float *db, const float *dout, int N, int OC);
 /* The output gradient dy (N, OC) of a linear layer in both packed forms
  * its backward needs, read once: pa = packed A of dy (M = N, K = OC; the
  * input gradient dy W), pt = packed A of dy^T (M = OC, K = N; the weight
- * gradient dy^T x), and db += the column sums of dy (db NULL: none), the
- * same bit for bit as mp_bias_grad. */
-void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, int OC);
+ * gradient dy^T x), and db += the column sums of dy (db NULL: none),
+ * summed per 32 rows into part (mp_pack_dy_part_floats(N, OC) floats)
+ * and then over the blocks in order. */
+size_t mp_pack_dy_part_floats(int N, int OC);
+void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, float *part, const float *dy, int N, int OC);
 
 /* General product from fp32 operands (packs both every call; for tests,
  * attention products and one-off shapes). C (M, N) (+)= op(A) op(B) where

@@ -336,23 +336,41 @@ void mp_bias_grad(float *db, const float *dout, int N, int OC)
 
 /* ---- the output gradient of a linear layer, read once --------------------- */
 
-void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, int OC)
-{
-    /* One task per strip of 32 columns (channels), streaming the rows in
-     * blocks of 32 tokens: each 32 x 32 block becomes 32 rows of pa (one
-     * 64-byte tile row each) and, through two 16 x 16 transposes per half,
-     * 32 rows of pt. The column sums run over the rows in order, as in
-     * mp_bias_grad, so db is the same bit for bit. Padding (rows and
-     * columns up to multiples of 32) is written as zeros in both. */
-    int np = rup32(N), op = rup32(OC);
-    #pragma omp parallel for schedule(static)
-    for (int c0 = 0; c0 < op; c0 += 32) {
 #ifdef __AVX512F__
-        int w0 = OC - c0, w1 = OC - c0 - 16;
-        __mmask16 m0 = (__mmask16)(w0 >= 16 ? 0xffff : w0 <= 0 ? 0 : (1u << w0) - 1);
-        __mmask16 m1 = (__mmask16)(w1 >= 16 ? 0xffff : w1 <= 0 ? 0 : (1u << w1) - 1);
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (int n0 = 0; n0 < np; n0 += 32) {
+/* One 64-byte row of packed bf16 from 32 floats (lo = the first 16). */
+static inline __m512i v_row_bf16(__m512 lo, __m512 hi)
+{
+#ifdef __AVX512BF16__
+    /* VCVTNE2PS2BF16: round to nearest even like mp_f32x16_to_bf16; it
+     * flushes fp32 subnormals (|x| < 1.2e-38) to zero. */
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+#else
+    return _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(lo)), v_f2bf(hi), 1);
+#endif
+}
+
+static inline void v_put_row(uint16_t *dst, __m512i v) { _mm512_storeu_si512(dst, v); }
+#endif
+
+size_t mp_pack_dy_part_floats(int N, int OC) { return (size_t)rup32(N) / 32 * rup32(OC); }
+
+void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, float *part, const float *dy, int N, int OC)
+{
+    /* One task per block of 32 tokens (rows of dy, read in order), each
+     * 32 x 32 block becoming 32 rows of pa (one 64-byte tile row each) and,
+     * through two 16 x 16 transposes per half, 32 rows of pt. The bias
+     * gradient: column sums per block into part, then summed over the
+     * blocks in order, so it does not depend on the number of threads.
+     * Padding (rows and columns up to multiples of 32) is written as zeros
+     * in both. */
+    int np = rup32(N), op = rup32(OC);
+    KILN_ASSERT(!db || part);
+    #pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < np; n0 += 32) {
+        for (int c0 = 0; c0 < op; c0 += 32) {
+#ifdef __AVX512F__
+            __mmask16 m0 = v_mask(OC - c0), m1 = v_mask(OC - c0 - 16);
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
             __m512 r[2][2][16]; /* [token half][channel half][token] */
             for (int t = 0; t < 32; t++) {
                 int n = n0 + t;
@@ -361,15 +379,10 @@ void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, i
                     const float *d = dy + (size_t)n * OC + c0;
                     a = _mm512_maskz_loadu_ps(m0, d);
                     b = _mm512_maskz_loadu_ps(m1, d + 16);
-                    if (n + 32 < N) {
-                        _mm_prefetch((const char *)(d + (size_t)32 * OC), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(d + (size_t)32 * OC + 16), _MM_HINT_T0);
-                    }
                     acc0 = _mm512_add_ps(acc0, a);
                     acc1 = _mm512_add_ps(acc1, b);
                 }
-                __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(a)), v_f2bf(b), 1);
-                _mm512_storeu_si512(pa + mp_packa_off(op, n, c0), row);
+                v_put_row(pa + mp_packa_off(op, n, c0), v_row_bf16(a, b));
                 r[t / 16][0][t % 16] = a;
                 r[t / 16][1][t % 16] = b;
             }
@@ -377,32 +390,35 @@ void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, i
                 __m512 lo[16], hi[16];
                 mp_transpose16(r[0][h], lo);
                 mp_transpose16(r[1][h], hi);
-                for (int e = 0; e < 16; e++) {
-                    __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(lo[e])),
-                                                     v_f2bf(hi[e]), 1);
-                    _mm512_storeu_si512(pt + mp_packa_off(np, c0 + 16 * h + e, n0), row);
-                }
+                for (int e = 0; e < 16; e++)
+                    v_put_row(pt + mp_packa_off(np, c0 + 16 * h + e, n0), v_row_bf16(lo[e], hi[e]));
             }
-        }
-        if (db) {
-            float s[32] __attribute__((aligned(64)));
-            _mm512_store_ps(s, acc0);
-            _mm512_store_ps(s + 16, acc1);
-            for (int j = 0; j < 32 && c0 + j < OC; j++) db[c0 + j] += s[j];
-        }
+            if (db) {
+                float *bp = part + (size_t)(n0 / 32) * op + c0;
+                _mm512_storeu_ps(bp, acc0);
+                _mm512_storeu_ps(bp + 16, acc1);
+            }
 #else
-        float acc[32] = {0};
-        for (int n = 0; n < np; n++)
-            for (int j = 0; j < 32; j++) {
-                float v = n < N && c0 + j < OC ? dy[(size_t)n * OC + c0 + j] : 0.0f;
-                uint16_t h = mp_f32_to_bf16_1(v);
-                acc[j] += v;
-                pa[mp_packa_off(op, n, c0 + j)] = h;
-                pt[mp_packa_off(np, c0 + j, n)] = h;
-            }
-        if (db)
-            for (int j = 0; j < 32 && c0 + j < OC; j++) db[c0 + j] += acc[j];
+            float acc[32] = {0};
+            for (int n = n0; n < n0 + 32; n++)
+                for (int j = 0; j < 32; j++) {
+                    float v = n < N && c0 + j < OC ? dy[(size_t)n * OC + c0 + j] : 0.0f;
+                    uint16_t h = mp_f32_to_bf16_1(v);
+                    acc[j] += v;
+                    pa[mp_packa_off(op, n, c0 + j)] = h;
+                    pt[mp_packa_off(np, c0 + j, n)] = h;
+                }
+            if (db) memcpy(part + (size_t)(n0 / 32) * op + c0, acc, sizeof acc);
 #endif
+        }
+    }
+    if (db) {
+        #pragma omp parallel for schedule(static)
+        for (int j = 0; j < OC; j++) {
+            float acc = 0;
+            for (int b = 0; b < np / 32; b++) acc += part[(size_t)b * op + j];
+            db[j] += acc;
+        }
     }
 }
 
@@ -422,15 +438,12 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
                 a = _mm512_maskz_loadu_ps(m0, blk[r]);
                 b = _mm512_maskz_loadu_ps(m1, blk[r] + 16);
             }
-            __m256i ha = v_f2bf(a), hb = v_f2bf(b);
-            _mm512_storeu_si512(e->xp + mp_packa_off(kn, i, j0),
-                               _mm512_inserti64x4(_mm512_castsi256_si512(ha), hb, 1));
-            if (e->act == MP_ACT_GELU) { /* masked lanes: GELU(0) = 0 */
-                ha = v_gelu_bf(ha);
-                hb = v_gelu_bf(hb);
-            }
-            _mm512_storeu_si512(e->ap + mp_packa_off(kn, i, j0),
-                               _mm512_inserti64x4(_mm512_castsi256_si512(ha), hb, 1));
+            __m512i h = v_row_bf16(a, b);
+            v_put_row(e->xp + mp_packa_off(kn, i, j0), h);
+            if (e->act == MP_ACT_GELU) /* masked lanes: GELU(0) = 0 */
+                h = _mm512_inserti64x4(_mm512_castsi256_si512(v_gelu_bf(_mm512_castsi512_si256(h))),
+                                       v_gelu_bf(_mm512_extracti64x4_epi64(h, 1)), 1);
+            v_put_row(e->ap + mp_packa_off(kn, i, j0), h);
         }
         return;
     }
@@ -452,8 +465,7 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
             s0 = _mm512_add_ps(s0, a);
             s1 = _mm512_add_ps(s1, b);
         }
-        _mm512_storeu_si512(e->pa + mp_packa_off(kn, i, j0),
-                           _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(a)), v_f2bf(b), 1));
+        v_put_row(e->pa + mp_packa_off(kn, i, j0), v_row_bf16(a, b));
         r[q / 16][0][q % 16] = a;
         r[q / 16][1][q % 16] = b;
     }
@@ -462,9 +474,7 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
         mp_transpose16(r[0][h], lo);
         mp_transpose16(r[1][h], hi);
         for (int c = 0; c < 16; c++)
-            _mm512_storeu_si512(e->pt + mp_packa_off(km, j0 + 16 * h + c, i0),
-                               _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(lo[c])),
-                                                  v_f2bf(hi[c]), 1));
+            v_put_row(e->pt + mp_packa_off(km, j0 + 16 * h + c, i0), v_row_bf16(lo[c], hi[c]));
     }
     if (e->bpart) {
         float *bp = e->bpart + (size_t)(i0 / 32) * kn + j0;

@@ -514,6 +514,15 @@ static uint16_t *grow(uint16_t **p, size_t *cap, size_t need)
     return *p;
 }
 
+static float *grow_f(float **p, size_t *cap, size_t need)
+{
+    if (need <= *cap) return *p;
+    free(*p);
+    *p = aligned_alloc(64, (need * 4 + 63) / 64 * 64);
+    *cap = *p ? need : 0;
+    return *p;
+}
+
 void mp_scratch_free(mp_scratch *s)
 {
     if (!s) return;
@@ -596,7 +605,9 @@ bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
     uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, N, OC));
     uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
     if (!pa || !pt) return false;
-    mp_pack_dy(pa, pt, db, dy, N, OC);
+    float *part = db ? grow_f(&s->part, &s->part_cap, mp_pack_dy_part_floats(N, OC)) : NULL;
+    if (db && !part) return false;
+    mp_pack_dy(pa, pt, db, part, dy, N, OC);
     if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, OC, C, dW)) return false;
     mp_gemm_packed(be, MP_BF16, N, C, OC, pa, w->bwd, dx, C, false, NULL);
     return true;
@@ -647,19 +658,15 @@ bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
     uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
     uint16_t *pa2 = grow(&s->a2, &s->a2_cap, mp_packa_elems(MP_BF16, N, F));
     uint16_t *pt2 = grow(&s->t2, &s->t2_cap, mp_packa_elems(MP_BF16, F, N));
-    size_t np = (size_t)round_up(N, 32) / 32 * round_up(F, 32);
-    if (np > s->part_cap) {
-        free(s->part);
-        s->part = aligned_alloc(64, (np * 4 + 63) / 64 * 64);
-        s->part_cap = s->part ? np : 0;
-    }
-    if (!pa || !pt || !pa2 || !pt2 || !s->part) return false;
+    size_t np = (size_t)round_up(N, 32) / 32 * round_up(F > OC ? F : OC, 32);
+    float *part = grow_f(&s->part, &s->part_cap, np);
+    if (!pa || !pt || !pa2 || !pt2 || !part) return false;
     /* second layer: its gradients, and its input gradient through the
      * activation's derivative straight into both packed forms */
-    mp_pack_dy(pa, pt, db2, dy, N, OC);
+    mp_pack_dy(pa, pt, db2, part, dy, N, OC);
     if (!backward_w_from(be, s, w2->in_out, pt, hp, act, N, OC, F, dW2)) return false;
     mp_epi e = {.kind = MP_EPI_DACT, .act = act, .M = N, .N = F, .hp = hp, .pa = pa2, .pt = pt2,
-                .bpart = db1 ? s->part : NULL};
+                .bpart = db1 ? part : NULL};
     if (!mp_gemm_packed_epi(be, s, N, F, OC, pa, w2->bwd, NULL, &e)) return false;
     if (db1) mp_epi_bias_sum(&e, db1);
     /* first layer */
