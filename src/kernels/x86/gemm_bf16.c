@@ -171,6 +171,50 @@ MP_T512 static inline void store_pairs(uint16_t *o, __m256i b0, __m256i b1)
     _mm512_storeu_si512(o, v);
 }
 
+#define MP_TBF __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* One 32-element panel row of bf16 pairs (b0[c], b1[c]) from two rows of
+ * 16 floats, rounded by VCVTNE2PS2BF16 (as bf16x16, except that fp32
+ * subnormals become zero). */
+MP_TBF static inline void store_pairs_hw(uint16_t *o, __m512 b0, __m512 b1)
+{
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512i v = (__m512i)_mm512_cvtne2ps_pbh(b1, b0);
+    _mm512_storeu_si512(o, _mm512_permutexvar_epi16(idx, v));
+}
+
+/* pack_b_slice_avx512 for bf16 on CPUs with AVX512_BF16. */
+MP_TBF static void pack_b_slice_bf16hw(bool trans, int K, int N, const float *src, int ld,
+                                       uint16_t *pan, int p, int s)
+{
+    int n0 = p * 16, cnt = KILN_MP_MIN(16, N - n0);
+    __mmask16 nm = (__mmask16)(cnt >= 16 ? 0xffff : cnt <= 0 ? 0 : (1u << cnt) - 1);
+    if (trans) {
+        __m512 col[2][16];
+        for (int hf = 0; hf < 2; hf++) {
+            int kb = s * 32 + 16 * hf, kc = K - kb;
+            __mmask16 km = (__mmask16)(kc >= 16 ? 0xffff : kc <= 0 ? 0 : (1u << kc) - 1);
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = i < cnt ? _mm512_maskz_loadu_ps(km, src + (size_t)(n0 + i) * ld + kb)
+                               : _mm512_setzero_ps();
+            mp_transpose16(r, col[hf]);
+        }
+        for (int r2 = 0; r2 < 16; r2++)
+            store_pairs_hw(pan + ((size_t)s * 32 + 2 * r2) * 16, col[r2 / 8][(2 * r2) % 16],
+                           col[r2 / 8][(2 * r2 + 1) % 16]);
+        return;
+    }
+    for (int r2 = 0; r2 < 16; r2++) {
+        int k = s * 32 + 2 * r2;
+        __m512 b0 = k < K ? _mm512_maskz_loadu_ps(nm, src + (size_t)k * ld + n0) : _mm512_setzero_ps();
+        __m512 b1 = k + 1 < K ? _mm512_maskz_loadu_ps(nm, src + (size_t)(k + 1) * ld + n0)
+                              : _mm512_setzero_ps();
+        store_pairs_hw(pan + ((size_t)s * 32 + 2 * r2) * 16, b0, b1);
+    }
+}
+
 /* Panel p, K slice s (32 rows) of packed B from fp32. */
 MP_T512 static void pack_b_slice_avx512(mp_dtype dt, bool trans, int K, int N, const float *src,
                                         int ld, uint16_t *pan, int kp, int p, int s)
@@ -328,16 +372,25 @@ void mp_pack_b(mp_dtype dt, bool trans, int K, int N, const float *src,
     KILN_ASSERT(dt == MP_BF16 || dt == MP_F16);
     int kp = round_up(K, 32), kk = packed_k(dt, K), np = round_up(N, 32);
     int npanel = np / 16, nslice = kp / 32;
-    bool vec = false;
+    bool vec = false, hw = false;
 #if MP_X86
     vec = mp_cpu_caps()->avx512f && mp_cpu_caps()->f16c;
+    hw = vec && dt == MP_BF16 && mp_cpu_caps()->avx512_bf16;
 #endif
-    /* One task per (panel, 32-row slice of K). */
+    /* One task per (panel, 32-row slice of K), in the order that reads the
+     * source along its rows: slice by slice when B's rows are the source's
+     * (a panel alone would walk down a 64-byte column, a page per row),
+     * panel by panel when transposed (a panel's 16 source rows). */
     #pragma omp parallel for schedule(static) collapse(2)
-    for (int p = 0; p < npanel; p++) {
-        for (int s = 0; s < nslice; s++) {
+    for (int a = 0; a < (trans ? npanel : nslice); a++) {
+        for (int b = 0; b < (trans ? nslice : npanel); b++) {
+            int p = trans ? a : b, s = trans ? b : a;
             uint16_t *pan = dst + (size_t)p * kk * 16;
 #if MP_X86
+            if (hw) {
+                pack_b_slice_bf16hw(trans, K, N, src, ld, pan, p, s);
+                continue;
+            }
             if (vec) {
                 pack_b_slice_avx512(dt, trans, K, N, src, ld, pan, kp, p, s);
                 continue;
@@ -346,7 +399,7 @@ void mp_pack_b(mp_dtype dt, bool trans, int K, int N, const float *src,
             pack_b_slice_ref(dt, trans, K, N, src, ld, pan, kp, p, s);
         }
     }
-    (void)vec;
+    (void)vec, (void)hw;
 }
 
 /* ---- portable kernel -------------------------------------------------- */
