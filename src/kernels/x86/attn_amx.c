@@ -89,6 +89,13 @@ static inline __mmask16 lanes(int lo, int hi)
     return (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
+/* Lanes [lo, 16) of 16 (lo clamped to [0, 16]), without branches. */
+static inline __mmask16 from_lane(int lo)
+{
+    lo = lo < 0 ? 0 : lo > 16 ? 16 : lo;
+    return (__mmask16)(0xffffu << lo);
+}
+
 /* ---- repacking (src: n rows of HS bf16, row stride ld; rows n..np-1 are
  * zero in dst; np a multiple of 32) ---- */
 
@@ -252,7 +259,7 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
 {
     static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    _Alignas(64) float st[BK][BK], ot[HSMAX * BK], lo[BK];
+    _Alignas(64) float st2[2][BK][BK], ot[HSMAX * BK], lo[BK];
     _Alignas(64) uint16_t pp[2][16][32]; /* P^T in pairs: B tiles of 16 queries */
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH), Tp = (int)rup32(T);
     float scale = 1.0f / sqrtf((float)HS);
@@ -269,15 +276,21 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
                 _mm_prefetch((const char *)(out + ((size_t)b * T + i0 + r) * OC + (size_t)h * HS + d), _MM_HINT_ET0);
         __m512 m[2] = {ninf, ninf}, l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         memset(ot, 0, sizeof(float) * HS * BK);
+        /* the scores of the next key block are computed one block ahead
+         * (two buffers), so that their tile products overlap this
+         * block's vector softmax instead of stalling it */
+        const uint16_t *qi = w->qt + (size_t)(i0 / 16) * 16 * HS;
+        prod_xyt(st2[0], w->k, qi, HS);
         for (int j0 = 0; j0 <= i0; j0 += BK) {
             bool diag = j0 == i0;
-            prod_xyt(st, w->k + (size_t)j0 * HS, w->qt + (size_t)(i0 / 16) * 16 * HS, HS);
+            float(*st)[BK] = st2[(j0 / BK) & 1];
+            if (j0 + BK <= i0) prod_xyt(st2[(j0 / BK + 1) & 1], w->k + (size_t)(j0 + BK) * HS, qi, HS);
             __m512 al[2];
             for (int v = 0; v < 2; v++) {
                 /* on the diagonal query lane q of half v sees key c when 16v + q >= c */
                 __m512 mx = ninf;
                 for (int c = 0; c < BK; c++) {
-                    __mmask16 mk = diag ? lanes(c - 16 * v, 16) : 0xffff;
+                    __mmask16 mk = from_lane(diag ? c - 16 * v : 0);
                     mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_load_ps(&st[c][16 * v]));
                 }
                 /* the running max moves only when a score passes it by
@@ -287,8 +300,8 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
                 mx = _mm512_mask_mov_ps(m[v], _mm512_cmp_ps_mask(mx, _mm512_add_ps(m[v], _mm512_set1_ps(8.0f)), _CMP_GT_OQ), mx);
                 __m512 sum = _mm512_setzero_ps();
                 for (int c = 0; c < BK; c += 2) {
-                    __mmask16 ka = diag ? lanes(c - 16 * v, 16) : 0xffff;
-                    __mmask16 kb = diag ? lanes(c + 1 - 16 * v, 16) : 0xffff;
+                    __mmask16 ka = from_lane(diag ? c - 16 * v : 0);
+                    __mmask16 kb = from_lane(diag ? c + 1 - 16 * v : 0);
                     __m512 ea = _mm512_maskz_mov_ps(
                         ka, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, mx)));
                     __m512 eb = _mm512_maskz_mov_ps(
@@ -381,7 +394,7 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                            const float *out, const float *lse, int T, int NH, int KVH, int HS, int b,
                            int kh)
 {
-    _Alignas(64) float st[BK][BK], dpt[BK][BK], dsf[BK][BK];
+    _Alignas(64) float st2[2][BK][BK], dpt2[2][BK][BK], dsf[BK][BK];
     _Alignas(64) uint16_t pt[BK][BK], dst[BK][BK], ds[BK][BK];
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH, Tp = (int)rup32(T);
     size_t per = (size_t)Tp * HS;
@@ -416,10 +429,18 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
         }
         memset(w->dq, 0, per * sizeof(float));
         for (int j0 = 0; j0 < T; j0 += BK) {
+            /* S^T = K_j Q_i^T, dP^T = V_j dO_i^T (keys x queries), one
+             * query block ahead (two buffers, as in the forward) */
+            const uint16_t *kj = w->k + (size_t)j0 * HS, *vj = w->v + (size_t)j0 * HS;
+            prod_xyt(st2[0], kj, w->qt + (size_t)(j0 / 16) * 16 * HS, HS);
+            prod_xyt(dpt2[0], vj, w->dot + (size_t)(j0 / 16) * 16 * HS, HS);
             for (int i0 = j0; i0 < T; i0 += BK) {
-                /* S^T = K_j Q_i^T, dP^T = V_j dO_i^T (keys x queries) */
-                prod_xyt(st, w->k + (size_t)j0 * HS, w->qt + (size_t)(i0 / 16) * 16 * HS, HS);
-                prod_xyt(dpt, w->v + (size_t)j0 * HS, w->dot + (size_t)(i0 / 16) * 16 * HS, HS);
+                int cur = ((i0 - j0) / BK) & 1;
+                float(*st)[BK] = st2[cur], (*dpt)[BK] = dpt2[cur];
+                if (i0 + BK < T) {
+                    prod_xyt(st2[cur ^ 1], kj, w->qt + (size_t)((i0 + BK) / 16) * 16 * HS, HS);
+                    prod_xyt(dpt2[cur ^ 1], vj, w->dot + (size_t)((i0 + BK) / 16) * 16 * HS, HS);
+                }
                 __m512 vl[2], vD[2];
                 for (int v = 0; v < 2; v++) {
                     vl[v] = _mm512_loadu_ps(w->L + i0 + 16 * v);
