@@ -97,22 +97,38 @@ static inline __mmask16 from_lane(int lo)
 }
 
 /* ---- repacking (src: n rows of HS bf16, row stride ld; rows n..np-1 are
- * zero in dst; np a multiple of 32) ---- */
+ * zero in dst; np a multiple of 32) ----
+ * The rows of one head are short runs KiBs apart (qkv, dout, out rows),
+ * which the hardware prefetchers do not follow across pages: every loop
+ * here prefetches the rows PFR ahead of the ones it reads. */
+enum { PFR = 16 };
+
+/* Prefetches row r (bytes long) of src (row stride ld bytes) when r < n. */
+MP_TAMX static inline void pf_row(const void *src, size_t ld, int r, int n, int bytes)
+{
+    if (r < n)
+        for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)src + (size_t)r * ld + o, _MM_HINT_T0);
+}
 
 /* rows: dst (np, HS) plain. */
-static void pk_rows(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
+MP_TAMX static void pk_rows(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
 {
-    for (int r = 0; r < n; r++) memcpy(dst + (size_t)r * HS, src + (size_t)r * ld, (size_t)HS * 2);
+    for (int r = 0; r < n; r++) {
+        pf_row(src, ld * 2, r + PFR, n, HS * 2);
+        memcpy(dst + (size_t)r * HS, src + (size_t)r * ld, (size_t)HS * 2);
+    }
     memset(dst + (size_t)n * HS, 0, (size_t)(np - n) * HS * 2);
 }
 
 /* rows from fp32 (row stride ld), rounded to bf16. */
 MP_TAMX static void pk_rows_f32(uint16_t *dst, const float *src, size_t ld, int n, int np, int HS)
 {
-    for (int r = 0; r < n; r++)
+    for (int r = 0; r < n; r++) {
+        pf_row(src, ld * 4, r + PFR, n, HS * 4);
         for (int d = 0; d < HS; d += 16)
             _mm256_storeu_si256((__m256i *)(dst + (size_t)r * HS + d),
                                 mp_f32x16_to_bf16(_mm512_loadu_ps(src + (size_t)r * ld + d)));
+    }
     memset(dst + (size_t)n * HS, 0, (size_t)(np - n) * HS * 2);
 }
 
@@ -124,6 +140,8 @@ MP_TAMX static void pk_wt(uint16_t *dst, const uint16_t *src, size_t ld, int n, 
     int W = HS / 2;
     for (int g = 0; g < np / 16; g++)
         for (int w0 = 0; w0 < W; w0 += 16) {
+            if (w0 == 0)
+                for (int i = 0; i < 16; i++) pf_row(src, ld * 2, 16 * g + PFR + i, n, HS * 2);
             __m512 r[16], c[16];
             for (int i = 0; i < 16; i++) {
                 int row = 16 * g + i;
@@ -144,7 +162,9 @@ MP_TAMX static void pk_pairs(uint16_t *dst, const uint16_t *src, size_t ld, int 
     static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     __m512i idx = _mm512_loadu_si512(ix);
-    for (int r = 0; r < np; r += 2)
+    for (int r = 0; r < np; r += 2) {
+        pf_row(src, ld * 2, r + PFR, n, HS * 2);
+        pf_row(src, ld * 2, r + PFR + 1, n, HS * 2);
         for (int d = 0; d < HS; d += 16) {
             __m256i a = r < n ? _mm256_loadu_si256((const __m256i *)(src + (size_t)r * ld + d))
                               : _mm256_setzero_si256();
@@ -155,6 +175,7 @@ MP_TAMX static void pk_pairs(uint16_t *dst, const uint16_t *src, size_t ld, int 
                                     (size_t)((r % 32) / 2) * 32,
                                 _mm512_permutexvar_epi16(idx, ab));
         }
+    }
 }
 
 /* dst rows (row stride ld floats) = src rows (HS floats each, contiguous),
@@ -234,6 +255,8 @@ MP_TAMX static void pk_t16(uint16_t *dst, const uint16_t *src, size_t ld, int n,
     for (int k0 = 0; k0 < np; k0 += 16)
         for (int d0 = 0; d0 < HS; d0 += 16) {
             __m512 r[16], c[16];
+            if (d0 == 0)
+                for (int i = 0; i < 16; i++) pf_row(src, ld * 2, k0 + PFR + i, n, HS * 2);
             for (int i = 0; i < 16; i++) /* bf16 in the low half of 32-bit lanes */
                 r[i] = k0 + i < n ? _mm512_castsi512_ps(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
                                         (const __m256i *)(src + (size_t)(k0 + i) * ld + d0))))
@@ -417,6 +440,7 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
         pk_pairs(w->dop, w->dor, (size_t)HS, T, Tp, HS);
         for (int t = 0; t < Tp; t++) {
             float d = 0.0f;
+            pf_row(ob, (size_t)OC * 4, t + PFR, T, HS * 4);
             if (t < T) {
                 __m512 acc = _mm512_setzero_ps();
                 for (int e = 0; e < HS; e += 16)
