@@ -388,7 +388,8 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
 MP_TAMX void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
                                   int KVH, int HS)
 {
-    KILN_ASSERT(HS % 32 == 0 && HS <= HSMAX && NH % KVH == 0);
+    KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
+    if (B <= 0 || T <= 0) return;
     size_t per = rup32(T) * (size_t)HS;
     #pragma omp parallel
     {
@@ -509,7 +510,8 @@ MP_TAMX void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t
                                   const float *out, const float *lse, int B, int T, int NH, int KVH,
                                   int HS)
 {
-    KILN_ASSERT(HS % 32 == 0 && HS <= HSMAX && NH % KVH == 0);
+    KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
+    if (B <= 0 || T <= 0) return;
     size_t tp = rup32(T), per = tp * (size_t)HS;
     #pragma omp parallel
     {
