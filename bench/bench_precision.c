@@ -145,9 +145,10 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
 
 /* As the bf16 training step runs them (model/forward_mp.c): forward from
  * the stored packed bf16 activation (made by the op before, not counted);
- * input gradient packing the fp32 upstream gradient; weight gradient
- * packing dy^T and the activation over tokens, stored transposed for the
- * (in, out) layers; each weight packed once per step. */
+ * the backward packing the fp32 upstream gradient in both forms (with the
+ * bias gradient of the biased layers) and the activation over tokens, the
+ * weight gradient stored transposed for the (in, out) layers; each weight
+ * packed once per step. */
 static double products_gflops(const kiln_config *c, int B, int T, double *secs, double *gf_cpu)
 {
     int N = B * T, C = c->n_embd, F = c->n_inner, V = c->vocab_size, L = c->n_layer;
@@ -155,6 +156,7 @@ static double products_gflops(const kiln_config *c, int B, int T, double *secs, 
     size_t big = (size_t)N * (size_t)(F > V ? F : V);
     size_t wbig = (size_t)V * C > (size_t)F * C * 3 ? (size_t)V * C : (size_t)F * C * 3;
     float *x = calloc(big, 4), *y = calloc(big, 4), *w = calloc(wbig, 4), *dw = calloc(wbig, 4);
+    float *db = calloc((size_t)(V > F ? V : F) * 3, 4);
     uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, F > C ? F : C) * 2);
     for (size_t i = 0; i < big; i++) x[i] = (float)(i % 13) * 0.01f;
     mp_weight mw[5];
@@ -173,8 +175,8 @@ static double products_gflops(const kiln_config *c, int B, int T, double *secs, 
                 mp_pack_a(MP_BF16, false, N, K, x, K, xp); /* the op before: not counted */
                 t0 += kiln_time_now() - p0, c0 += cpu_now() - q0;
                 mp_gemm_packed(MP_BACKEND_AUTO, MP_BF16, N, OC, K, xp, mw[i].fwd, y, OC, false, NULL);
-                mp_linear_backward_x(MP_BACKEND_AUTO, &s, &mw[i], y, N, x, false);
-                mp_linear_backward_w_packed(MP_BACKEND_AUTO, &s, io, y, xp, MP_ACT_NONE, N, OC, K, dw);
+                mp_linear_backward_packed(MP_BACKEND_AUTO, &s, &mw[i], y, xp, MP_ACT_NONE, N, dw,
+                                          io ? db : NULL, x);
                 flops += 6.0 * N * OC * K;
             }
         }
@@ -185,7 +187,7 @@ static double products_gflops(const kiln_config *c, int B, int T, double *secs, 
     *gf_cpu = flops / best_cpu / 1e9;
     for (int i = 0; i < 5; i++) mp_weight_free(&mw[i]);
     mp_scratch_free(&s);
-    free(x), free(y), free(w), free(dw), free(xp);
+    free(x), free(y), free(w), free(dw), free(db), free(xp);
     *secs = best;
     return flops / best / 1e9;
 }

@@ -5,7 +5,8 @@
  * product backend (portable, AVX512_BF16, AMX) in bf16 and fp16 against a
  * double-precision product of the rounded inputs, over odd shapes,
  * transposes, accumulation and bias; the three linear-layer products; the
- * AMX peak probe.
+ * one-pass packing of an output gradient against the passes it replaces;
+ * the AMX peak probe.
  */
 #include "check.h"
 #include "kernels/x86/bf16.h"
@@ -532,6 +533,171 @@ static void test_weight_grad_from_packed(void)
     free(d);
 }
 
+/* The one-pass packing of an output gradient against the three passes it
+ * replaces (both packed forms and the bias gradient, bit for bit, padding
+ * included), and the fused linear backward against the separate products. */
+static void test_pack_dy(void)
+{
+    static const int shapes[][2] = {{1, 1}, {37, 45}, {70, 36}, {64, 32}, {300, 77}, {256, 512}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int threads = 1; threads <= 2; threads++) {
+            int N = shapes[si][0], OC = shapes[si][1];
+            omp_set_num_threads(threads);
+            kiln_rng r;
+            kiln_rng_seed(&r, 300 + (uint64_t)si);
+            float *dy = malloc(sizeof(float) * N * OC), *db = malloc(sizeof(float) * OC);
+            float *db0 = malloc(sizeof(float) * OC);
+            fill(&r, dy, (size_t)N * OC, 1.f);
+            fill(&r, db, (size_t)OC, 1.f);
+            memcpy(db0, db, sizeof(float) * OC);
+            size_t na = mp_packa_elems(MP_BF16, N, OC), nt = mp_packa_elems(MP_BF16, OC, N);
+            uint16_t *pa = aligned_alloc(64, na * 2), *pt = aligned_alloc(64, nt * 2);
+            uint16_t *pa0 = aligned_alloc(64, na * 2), *pt0 = aligned_alloc(64, nt * 2);
+            memset(pa, 0xff, na * 2); /* padding must be written, not left */
+            memset(pt, 0xff, nt * 2);
+            mp_pack_dy(pa, pt, db, dy, N, OC);
+            mp_pack_a(MP_BF16, false, N, OC, dy, OC, pa0);
+            mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt0);
+            mp_bias_grad(db0, dy, N, OC);
+            CHECK_MSG(!memcmp(pa, pa0, na * 2), "N %d OC %d: packed dy differs", N, OC);
+            CHECK_MSG(!memcmp(pt, pt0, nt * 2), "N %d OC %d: packed dy^T differs", N, OC);
+            CHECK_MSG(!memcmp(db, db0, sizeof(float) * OC), "N %d OC %d: bias gradient differs", N, OC);
+            free(dy), free(db), free(db0), free(pa), free(pt), free(pa0), free(pt0);
+        }
+    omp_set_num_threads(2);
+    enum { N = 70, C = 48, OC = 36 };
+    for (int io = 0; io < 2; io++) {
+        kiln_rng r;
+        kiln_rng_seed(&r, 400 + io);
+        float *x = malloc(sizeof(float) * N * C), *dy = malloc(sizeof(float) * N * OC);
+        float *W = malloc(sizeof(float) * OC * C), *dW = malloc(sizeof(float) * OC * C);
+        float *dW0 = malloc(sizeof(float) * OC * C), *db = calloc(OC, sizeof(float));
+        float *db0 = calloc(OC, sizeof(float)), *dx = malloc(sizeof(float) * N * C);
+        float *dx0 = malloc(sizeof(float) * N * C);
+        fill(&r, x, (size_t)N * C, 1.f);
+        fill(&r, dy, (size_t)N * OC, 1.f);
+        fill(&r, W, (size_t)OC * C, 1.f);
+        fill(&r, dW, (size_t)OC * C, 1.f);
+        memcpy(dW0, dW, sizeof(float) * OC * C);
+        uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
+        mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+        mp_weight w;
+        CHECK(mp_weight_init(&w, MP_BF16, OC, C, io));
+        mp_weight_refresh(&w, W);
+        mp_scratch s = {0};
+        CHECK(mp_linear_backward_packed(MP_BACKEND_AUTO, &s, &w, dy, xp, MP_ACT_NONE, N, dW, db, dx));
+        CHECK(mp_linear_backward_w_packed(MP_BACKEND_AUTO, &s, io, dy, xp, MP_ACT_NONE, N, OC, C, dW0));
+        CHECK(mp_linear_backward_x(MP_BACKEND_AUTO, &s, &w, dy, N, dx0, false));
+        mp_bias_grad(db0, dy, N, OC);
+        CHECK_MSG(!memcmp(dW, dW0, sizeof(float) * OC * C), "io %d: weight gradient differs", io);
+        CHECK_MSG(!memcmp(dx, dx0, sizeof(float) * N * C), "io %d: input gradient differs", io);
+        CHECK_MSG(!memcmp(db, db0, sizeof(float) * OC), "io %d: bias gradient differs", io);
+        mp_scratch_free(&s);
+        mp_weight_free(&w);
+        free(x), free(dy), free(W), free(dW), free(dW0), free(db), free(db0), free(dx), free(dx0), free(xp);
+    }
+}
+
+/* The products with an epilogue against the same product stored in fp32
+ * and the passes the epilogue replaces: the forward's GELU packing bit for
+ * bit, and the MLP backward (weight, input gradients bit for bit, the bias
+ * gradient of the inner layer to rounding, as it sums by 32-row blocks),
+ * with padding rows/columns, on AMX and on the scratch fallback. */
+static void test_epilogues(void)
+{
+    enum { N = 70, C = 48, F = 80, OC = 36 };
+    mp_backend bes[2] = {MP_BACKEND_AMX, MP_BACKEND_AVX512};
+    for (int bi = 0; bi < 2; bi++) {
+        mp_backend be = bes[bi];
+        if (!mp_backend_available(be)) {
+            printf("  %s not available here: its epilogue case not run\n", mp_backend_name(be));
+            continue;
+        }
+        for (int act = MP_ACT_NONE; act <= MP_ACT_GELU; act++) {
+            kiln_rng r;
+            kiln_rng_seed(&r, 500 + act);
+            float *x = malloc(sizeof(float) * N * C), *W1 = malloc(sizeof(float) * F * C);
+            float *b1 = malloc(sizeof(float) * F), *h = malloc(sizeof(float) * N * F);
+            fill(&r, x, (size_t)N * C, 1.f);
+            fill(&r, W1, (size_t)F * C, 0.3f);
+            fill(&r, b1, (size_t)F, 0.5f);
+            uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
+            size_t nh = mp_packa_elems(MP_BF16, N, F);
+            uint16_t *hp = aligned_alloc(64, nh * 2), *ap = aligned_alloc(64, nh * 2);
+            uint16_t *hp0 = aligned_alloc(64, nh * 2), *ap0 = aligned_alloc(64, nh * 2);
+            mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+            mp_weight w1;
+            CHECK(mp_weight_init(&w1, MP_BF16, F, C, false));
+            mp_weight_refresh(&w1, W1);
+            mp_scratch s = {0};
+            memset(hp, 0xff, nh * 2);
+            memset(ap, 0xff, nh * 2);
+            mp_epi e = {.kind = MP_EPI_ACT, .act = act, .M = N, .N = F, .xp = hp, .ap = ap};
+            CHECK(mp_gemm_packed_epi(be, &s, N, F, C, xp, w1.fwd, b1, &e));
+            mp_gemm_packed(be, MP_BF16, N, F, C, xp, w1.fwd, h, F, false, b1);
+            if (act == MP_ACT_GELU) mp_act_pack(hp0, ap0, h, N, F, act);
+            else {
+                mp_pack_a(MP_BF16, false, N, F, h, F, hp0);
+                memcpy(ap0, hp0, nh * 2);
+            }
+            CHECK_MSG(!memcmp(hp, hp0, nh * 2), "%s act %d: packed pre-activation differs",
+                      mp_backend_name(be), act);
+            CHECK_MSG(!memcmp(ap, ap0, nh * 2), "%s act %d: packed activation differs",
+                      mp_backend_name(be), act);
+            /* the backward, from the stored hp */
+            for (int io = 0; io < 2; io++) {
+                float *W2 = malloc(sizeof(float) * OC * F), *dy = malloc(sizeof(float) * N * OC);
+                fill(&r, W2, (size_t)OC * F, 0.3f);
+                fill(&r, dy, (size_t)N * OC, 1.f);
+                mp_weight v1, v2;
+                CHECK(mp_weight_init(&v1, MP_BF16, F, C, io));
+                CHECK(mp_weight_init(&v2, MP_BF16, OC, F, io));
+                mp_weight_refresh(&v1, W1);
+                mp_weight_refresh(&v2, W2);
+                float *g[2][5]; /* dW1 db1 dW2 db2 dx, fused and not */
+                size_t sz[5] = {(size_t)F * C, F, (size_t)OC * F, OC, (size_t)N * C};
+                for (int k = 0; k < 2; k++)
+                    for (int q = 0; q < 5; q++) {
+                        g[k][q] = malloc(sizeof(float) * sz[q]);
+                        for (size_t t = 0; t < sz[q]; t++) g[k][q][t] = 0.25f;
+                    }
+                CHECK(mp_mlp_backward_packed(be, &s, &v1, &v2, dy, xp, hp, act, N, g[0][0], g[0][1],
+                                             g[0][2], g[0][3], g[0][4]));
+                float *df = malloc(sizeof(float) * N * F), *dh = malloc(sizeof(float) * N * F);
+                CHECK(mp_linear_backward_packed(be, &s, &v2, dy, hp, act, N, g[1][2], g[1][3], df));
+                if (act == MP_ACT_GELU) mp_act_bwd(dh, hp, df, N, F, act);
+                else memcpy(dh, df, sizeof(float) * N * F);
+                CHECK(mp_linear_backward_packed(be, &s, &v1, dh, xp, MP_ACT_NONE, N, g[1][0], g[1][1],
+                                                g[1][4]));
+                const char *nm[5] = {"dW1", "db1", "dW2", "db2", "dx"};
+                for (int q = 0; q < 5; q++) {
+                    double worst = 0;
+                    for (size_t t = 0; t < sz[q]; t++) {
+                        /* db1 is summed in 32-row blocks, not row by row:
+                         * fp32 rounding, relative to the sum of |terms| */
+                        double scale = 1;
+                        if (q == 1) {
+                            scale = 0;
+                            for (int n = 0; n < N; n++) scale += fabs(dh[(size_t)n * F + t]);
+                        }
+                        worst = fmax(worst, fabs((double)g[0][q][t] - g[1][q][t]) / scale);
+                    }
+                    CHECK_MSG(worst <= (q == 1 ? N * 6e-8 : 0), "%s act %d io %d: %s differs by %g",
+                              mp_backend_name(be), act, io, nm[q], worst);
+                }
+                for (int k = 0; k < 2; k++)
+                    for (int q = 0; q < 5; q++) free(g[k][q]);
+                mp_weight_free(&v1);
+                mp_weight_free(&v2);
+                free(W2), free(dy), free(df), free(dh);
+            }
+            mp_scratch_free(&s);
+            mp_weight_free(&w1);
+            free(x), free(W1), free(b1), free(h), free(xp), free(hp), free(ap), free(hp0), free(ap0);
+        }
+    }
+}
+
 static void test_amx_peak_probe(void)
 {
     if (!mp_amx_usable()) SKIP("no AMX-BF16");
@@ -559,6 +725,8 @@ int main(void)
     RUN_TEST(test_bf16_is_not_fp32);
     RUN_TEST(test_act_pack_and_bwd);
     RUN_TEST(test_weight_grad_from_packed);
+    RUN_TEST(test_pack_dy);
+    RUN_TEST(test_epilogues);
     RUN_TEST(test_amx_peak_probe);
     return TEST_EXIT();
 }

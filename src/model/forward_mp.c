@@ -13,7 +13,11 @@
  * The activation function's output (the input of the MLP's second
  * product) is not stored: the forward writes it for one layer at a time
  * (actp) in the fc product's fused epilogue, and the backward recomputes it
- * from fchp while packing the weight-gradient operand. qkv is stored in
+ * from fchp while packing the weight-gradient operand. For GELU the
+ * epilogue runs on the product's finished tiles (no fp32 fc output), and
+ * the backward's gradient of the pre-activation goes from the tiles of its
+ * product, through GELU', straight into both packed forms the fc layer's
+ * backward reads (mp_mlp_backward_packed). qkv is stored in
  * bf16 too (qkvh, plain rows): with the AMX backend and a head size it
  * supports (mp_attention_amx_ok) attention reads it directly and runs its
  * products in bf16 (attn_amx.c); otherwise the fp32 attention kernels run
@@ -25,7 +29,8 @@
  * The residual adds are fused into the products: the output block starts
  * as residual + bias and the product accumulates into it.
  *
- * Weight gradients run as dW' = dY^T X with dY^T packed from fp32 and X
+ * Weight gradients run as dW' = dY^T X with dY^T packed from fp32 (in the
+ * same pass as dY itself and the bias gradient: dY is read once) and X
  * packed over tokens from its stored bf16 copy (mp_pack_b_tokens); the
  * products of (in, out) weights store their result transposed.
  *
@@ -210,8 +215,17 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, C, C, attyp, wp->fwd, res2, C, true, NULL));
         P(NORM, norm_packed(m, ln2p, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res2,
                             w->ln2_w, w->ln2_b, n));
-        P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, FH, C, ln2p, wf->fwd, a->tmp, FH, false, w->fc_b));
-        P(ACT, mp_act_pack(fchp, a->actp, a->tmp, n, F, act));
+        if (act == MP_ACT_GELU) { /* the fc output goes from the tiles to fchp and actp */
+            mp_epi e = {.kind = MP_EPI_ACT, .act = act, .M = n, .N = F, .xp = fchp, .ap = a->actp};
+            bool ok;
+            P(MATMUL_FWD, ok = mp_gemm_packed_epi(be, mp_kern_scratch(g), n, F, C, ln2p, wf->fwd,
+                                                  w->fc_b, &e));
+            if (!ok) return NOMEM(ctx);
+        } else {
+            P(MATMUL_FWD,
+              mp_gemm_packed(be, MP_BF16, n, FH, C, ln2p, wf->fwd, a->tmp, FH, false, w->fc_b));
+            P(ACT, mp_act_pack(fchp, a->actp, a->tmp, n, F, act));
+        }
         P(OTHER, residual_init(res3, res2, w->fcproj_b, n, C));
         P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, C, F, a->actp, wo->fwd, res3, C, true, NULL));
     }
@@ -231,12 +245,10 @@ static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, float *dx, float *dw
                               int n, int Cin, int OC, bool io)
 {
     kern_gemm *g = m->gemm;
-    mp_backend be = mp_kern_backend(g);
-    mp_scratch *s = mp_kern_scratch(g);
-    if (db) mp_bias_grad(db, dy, n, OC);
-    if (!mp_linear_backward_w_packed(be, s, io, dy, xp, act, n, OC, Cin, dw)) return NOMEM(ctx);
     const mp_weight *pw = mp_kern_weight(g, w, OC, Cin, io, true);
-    if (!pw || !mp_linear_backward_x(be, s, pw, dy, n, dx, false)) return NOMEM(ctx);
+    if (!pw || !mp_linear_backward_packed(mp_kern_backend(g), mp_kern_scratch(g), pw, dy, xp, act, n,
+                                          dw, db, dx))
+        return NOMEM(ctx);
     return KILN_OK;
 }
 
@@ -281,13 +293,23 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         const float *res2 = a->res2 + (size_t)l * N * C;
 
         /* MLP: res3 = res2 + fcproj(act(fc(ln2(res2)))) */
-        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp, act,
-                                     w->fcproj_w, n, F, C, io));
-        if (s) return s;
-        P(ACT, mp_act_bwd(a->dbig, fchp, a->df, n, F, act));
-        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p, MP_ACT_NONE,
-                                     w->fc_w, n, C, FH, io));
-        if (s) return s;
+        if (act == MP_ACT_GELU) { /* the gradient of the pre-activation stays packed bf16 */
+            const mp_weight *w1 = mp_kern_weight(g, w->fc_w, F, C, io, true);
+            const mp_weight *w2 = mp_kern_weight(g, w->fcproj_w, C, F, io, true);
+            bool ok = w1 && w2;
+            P(MATMUL_BWD, ok = ok && mp_mlp_backward_packed(mp_kern_backend(g), mp_kern_scratch(g), w1,
+                                                            w2, a->dres, ln2p, fchp, act, n, d->fc_w,
+                                                            d->fc_b, d->fcproj_w, d->fcproj_b, a->dc));
+            if (!ok) return NOMEM(ctx);
+        } else {
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp,
+                                         act, w->fcproj_w, n, F, C, io));
+            if (s) return s;
+            P(ACT, mp_act_bwd(a->dbig, fchp, a->df, n, F, act));
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p,
+                                         MP_ACT_NONE, w->fc_w, n, C, FH, io));
+            if (s) return s;
+        }
         P(NORM, model_norm_bwd(m, a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
                                a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n));
         /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */

@@ -211,6 +211,12 @@ typedef struct mp_scratch {
     size_t b_cap;
     float *c; /* fp32 result when alpha/beta need a second pass */
     size_t c_cap;
+    uint16_t *t; /* packed dy^T of a weight gradient */
+    size_t t_cap;
+    uint16_t *a2, *t2; /* the MLP backward's inner gradient, both packed forms */
+    size_t a2_cap, t2_cap;
+    float *part; /* its bias partial sums */
+    size_t part_cap;
 } mp_scratch;
 void mp_scratch_free(mp_scratch *s);
 
@@ -238,9 +244,55 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
                                  const float *dy, const uint16_t *xp, int act,
                                  int N, int OC, int C, float *dW);
 
+/* The whole backward of y = x W' + b from a packed bf16 activation (xp,
+ * act as in mp_linear_backward_w_packed) and W's bf16 copy w: dW += the
+ * weight gradient, db += the bias gradient (db NULL: none), dx = dy W
+ * (overwritten). dy is read once (mp_pack_dy). Returns false on OOM. */
+bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
+                               const float *dy, const uint16_t *xp, int act, int N,
+                               float *dW, float *db, float *dx);
+
 /* ---- bf16 activations (bf16_act.c) ------------------------------------ */
 
 enum { MP_ACT_NONE = 0, MP_ACT_GELU = 1, MP_ACT_SWIGLU = 2 };
+
+/* An epilogue: a product C (M, N) that is not stored; each finished
+ * 32 x 32 block of C (i0, j0 multiples of 32, over M and N rounded up to
+ * 32; entries outside C undefined) goes to mp_epi_block, which writes the
+ * packed bf16 operands the next products read, padding included:
+ *   MP_EPI_ACT (forward, act NONE or GELU): xp = packed bf16(C),
+ *     ap = packed bf16(act(bf16(C))) — what mp_act_pack makes of C;
+ *   MP_EPI_DACT (backward, act NONE or GELU): D = C * act'(h) with h the
+ *     stored packed pre-activation hp (N columns); pa = packed D (M, N),
+ *     pt = packed D^T (N, M), and bpart[(i0 / 32) * rup32(N) + j] = the
+ *     sum of D's column j over the block's rows (in order), for a bias
+ *     gradient summed over the blocks by mp_epi_bias_sum. */
+enum { MP_EPI_ACT = 1, MP_EPI_DACT = 2 };
+typedef struct mp_epi {
+    int kind, act, M, N;
+    uint16_t *xp, *ap;  /* MP_EPI_ACT */
+    const uint16_t *hp; /* MP_EPI_DACT */
+    uint16_t *pa, *pt;
+    float *bpart;
+} mp_epi;
+void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0);
+/* db (N) += the column sums in e->bpart, block by block in order. */
+void mp_epi_bias_sum(const mp_epi *e, float *db);
+/* C = A B (bf16, packed as in mp_gemm_packed, + bias) through epi. On
+ * backends without an epilogue the product goes through scratch first.
+ * Returns false on OOM. */
+bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const uint16_t *pa,
+                        const uint16_t *pb, const float *bias, const mp_epi *epi);
+/* The backward of an MLP y = act(x W1' + b1) W2' + b2 (act NONE or GELU)
+ * from the packed bf16 x (xp) and pre-activation h (hp), the weights'
+ * bf16 copies w1, w2: dW1, dW2 += the weight gradients, db1, db2 += the
+ * bias gradients (NULL: none), dx = the input gradient (overwritten).
+ * The gradient of h is never stored in fp32: the product that makes it
+ * writes it packed, both ways, through MP_EPI_DACT. Returns false on OOM. */
+bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
+                            const mp_weight *w2, const float *dy, const uint16_t *xp,
+                            const uint16_t *hp, int act, int N, float *dW1, float *db1,
+                            float *dW2, float *db2, float *dx);
 
 /* out (M, K) fp32 (row stride ldo) <- packed bf16 A. */
 void mp_unpack_a(float *out, int ldo, const uint16_t *pa, int M, int K);
@@ -255,6 +307,12 @@ void mp_act_bwd(float *dinp, const uint16_t *xp, const float *dout, int N, int F
 void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind);
 /* db (OC) += column sums of dout (N, OC), fixed order. */
 void mp_bias_grad(float *db, const float *dout, int N, int OC);
+/* The output gradient dy (N, OC) of a linear layer in both packed forms
+ * its backward needs, read once: pa = packed A of dy (M = N, K = OC; the
+ * input gradient dy W), pt = packed A of dy^T (M = OC, K = N; the weight
+ * gradient dy^T x), and db += the column sums of dy (db NULL: none), the
+ * same bit for bit as mp_bias_grad. */
+void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, int OC);
 
 /* General product from fp32 operands (packs both every call; for tests,
  * attention products and one-off shapes). C (M, N) (+)= op(A) op(B) where

@@ -20,6 +20,7 @@
 #include "base/base.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -79,6 +80,42 @@ static inline __m512 v_gelu_grad(__m512 x)
                               _mm512_fmadd_ps(_mm512_set1_ps(3.0f * GELU_A), x2, one));
     return _mm512_fmadd_ps(_mm512_mul_ps(half, x), _mm512_mul_ps(sech2, du),
                            _mm512_mul_ps(half, _mm512_add_ps(one, t)));
+}
+
+/* GELU and its derivative at every bf16 value, made by v_gelu and
+ * v_gelu_grad themselves: a lookup (a gather from 128 + 256 KiB that stay
+ * in L2) gives the same bits as the evaluation at ~1/3 of its cost. Every
+ * input of GELU in bf16 training is a bf16 value (the stored
+ * pre-activation). */
+static uint16_t g_gelu_bf[65536 + 32] __attribute__((aligned(64)));
+static float g_gelu_d[65536] __attribute__((aligned(64)));
+static pthread_once_t g_gelu_once = PTHREAD_ONCE_INIT;
+
+static void gelu_tabs_init(void)
+{
+    for (int h = 0; h < 65536; h += 16) {
+        __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_add_epi32(_mm512_set1_epi32(h), _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
+                                                                    6, 5, 4, 3, 2, 1, 0)),
+            16));
+        _mm256_storeu_si256((__m256i *)(g_gelu_bf + h), v_f2bf(v_gelu(x)));
+        _mm512_storeu_ps(g_gelu_d + h, v_gelu_grad(x));
+    }
+}
+
+static inline void gelu_tabs(void) { pthread_once(&g_gelu_once, gelu_tabs_init); }
+
+/* bf16(GELU(x)) of 16 bf16 values (the tables must be made). */
+static inline __m256i v_gelu_bf(__m256i h)
+{
+    __m512i g = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(h), (const void *)g_gelu_bf, 2);
+    return _mm512_cvtepi32_epi16(g);
+}
+
+/* GELU'(x) of 16 bf16 values, fp32. */
+static inline __m512 v_gelu_grad_bf(__m256i h)
+{
+    return _mm512_i32gather_ps(_mm512_cvtepu16_epi32(h), g_gelu_d, 4);
 }
 
 static inline __mmask16 v_mask(int cnt)
@@ -224,6 +261,9 @@ void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind)
      * X has 2K columns (gate | up) for SwiGLU. */
     int ncols = K, kx = rup32(kind == MP_ACT_SWIGLU ? 2 * K : K), kb = rup32(M);
     int npanel = rup32(K) / 16;
+#ifdef __AVX512F__
+    if (kind == MP_ACT_GELU) gelu_tabs();
+#endif
     #pragma omp parallel for schedule(static)
     for (int p = 0; p < npanel; p++) {
         uint16_t *pan = pb + (size_t)p * kb * 16;
@@ -237,8 +277,8 @@ void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind)
                 __m256i r0 = _mm256_loadu_si256((const __m256i *)(xp + mp_packa_off(kx, t, c0)));
                 __m256i r1 = _mm256_loadu_si256((const __m256i *)(xp + mp_packa_off(kx, t + 1, c0)));
                 if (kind == MP_ACT_GELU) {
-                    r0 = v_f2bf(v_gelu(v_bf2f(r0)));
-                    r1 = v_f2bf(v_gelu(v_bf2f(r1)));
+                    r0 = v_gelu_bf(r0);
+                    r1 = v_gelu_bf(r1);
                 }
                 const __m512i idx = _mm512_set_epi16(
                     47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
@@ -291,5 +331,182 @@ void mp_bias_grad(float *db, const float *dout, int N, int OC)
             }
             for (int j = b0; j < b1; j++) db[j] += acc[j - b0];
         }
+    }
+}
+
+/* ---- the output gradient of a linear layer, read once --------------------- */
+
+void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, const float *dy, int N, int OC)
+{
+    /* One task per strip of 32 columns (channels), streaming the rows in
+     * blocks of 32 tokens: each 32 x 32 block becomes 32 rows of pa (one
+     * 64-byte tile row each) and, through two 16 x 16 transposes per half,
+     * 32 rows of pt. The column sums run over the rows in order, as in
+     * mp_bias_grad, so db is the same bit for bit. Padding (rows and
+     * columns up to multiples of 32) is written as zeros in both. */
+    int np = rup32(N), op = rup32(OC);
+    #pragma omp parallel for schedule(static)
+    for (int c0 = 0; c0 < op; c0 += 32) {
+#ifdef __AVX512F__
+        int w0 = OC - c0, w1 = OC - c0 - 16;
+        __mmask16 m0 = (__mmask16)(w0 >= 16 ? 0xffff : w0 <= 0 ? 0 : (1u << w0) - 1);
+        __mmask16 m1 = (__mmask16)(w1 >= 16 ? 0xffff : w1 <= 0 ? 0 : (1u << w1) - 1);
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int n0 = 0; n0 < np; n0 += 32) {
+            __m512 r[2][2][16]; /* [token half][channel half][token] */
+            for (int t = 0; t < 32; t++) {
+                int n = n0 + t;
+                __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+                if (n < N) {
+                    const float *d = dy + (size_t)n * OC + c0;
+                    a = _mm512_maskz_loadu_ps(m0, d);
+                    b = _mm512_maskz_loadu_ps(m1, d + 16);
+                    if (n + 32 < N) {
+                        _mm_prefetch((const char *)(d + (size_t)32 * OC), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(d + (size_t)32 * OC + 16), _MM_HINT_T0);
+                    }
+                    acc0 = _mm512_add_ps(acc0, a);
+                    acc1 = _mm512_add_ps(acc1, b);
+                }
+                __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(a)), v_f2bf(b), 1);
+                _mm512_storeu_si512(pa + mp_packa_off(op, n, c0), row);
+                r[t / 16][0][t % 16] = a;
+                r[t / 16][1][t % 16] = b;
+            }
+            for (int h = 0; h < 2; h++) {
+                __m512 lo[16], hi[16];
+                mp_transpose16(r[0][h], lo);
+                mp_transpose16(r[1][h], hi);
+                for (int e = 0; e < 16; e++) {
+                    __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(lo[e])),
+                                                     v_f2bf(hi[e]), 1);
+                    _mm512_storeu_si512(pt + mp_packa_off(np, c0 + 16 * h + e, n0), row);
+                }
+            }
+        }
+        if (db) {
+            float s[32] __attribute__((aligned(64)));
+            _mm512_store_ps(s, acc0);
+            _mm512_store_ps(s + 16, acc1);
+            for (int j = 0; j < 32 && c0 + j < OC; j++) db[c0 + j] += s[j];
+        }
+#else
+        float acc[32] = {0};
+        for (int n = 0; n < np; n++)
+            for (int j = 0; j < 32; j++) {
+                float v = n < N && c0 + j < OC ? dy[(size_t)n * OC + c0 + j] : 0.0f;
+                uint16_t h = mp_f32_to_bf16_1(v);
+                acc[j] += v;
+                pa[mp_packa_off(op, n, c0 + j)] = h;
+                pt[mp_packa_off(np, c0 + j, n)] = h;
+            }
+        if (db)
+            for (int j = 0; j < 32 && c0 + j < OC; j++) db[c0 + j] += acc[j];
+#endif
+    }
+}
+
+/* ---- epilogues of the AMX products ---------------------------------------- */
+
+void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
+{
+    int M = e->M, N = e->N, kn = rup32(N);
+#ifdef __AVX512F__
+    if (e->act == MP_ACT_GELU) gelu_tabs();
+    __mmask16 m0 = v_mask(N - j0), m1 = v_mask(N - j0 - 16);
+    if (e->kind == MP_EPI_ACT) {
+        for (int r = 0; r < 32; r++) {
+            int i = i0 + r;
+            __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+            if (i < M) {
+                a = _mm512_maskz_loadu_ps(m0, blk[r]);
+                b = _mm512_maskz_loadu_ps(m1, blk[r] + 16);
+            }
+            __m256i ha = v_f2bf(a), hb = v_f2bf(b);
+            _mm512_storeu_si512(e->xp + mp_packa_off(kn, i, j0),
+                               _mm512_inserti64x4(_mm512_castsi256_si512(ha), hb, 1));
+            if (e->act == MP_ACT_GELU) { /* masked lanes: GELU(0) = 0 */
+                ha = v_gelu_bf(ha);
+                hb = v_gelu_bf(hb);
+            }
+            _mm512_storeu_si512(e->ap + mp_packa_off(kn, i, j0),
+                               _mm512_inserti64x4(_mm512_castsi256_si512(ha), hb, 1));
+        }
+        return;
+    }
+    /* MP_EPI_DACT */
+    int km = rup32(M);
+    __m512 r[2][2][16]; /* [row half][column half][row] */
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int q = 0; q < 32; q++) {
+        int i = i0 + q;
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        if (i < M) {
+            a = _mm512_maskz_loadu_ps(m0, blk[q]);
+            b = _mm512_maskz_loadu_ps(m1, blk[q] + 16);
+            if (e->act == MP_ACT_GELU) {
+                __m512i h = _mm512_loadu_si512(e->hp + mp_packa_off(kn, i, j0));
+                a = _mm512_mul_ps(a, v_gelu_grad_bf(_mm512_castsi512_si256(h)));
+                b = _mm512_mul_ps(b, v_gelu_grad_bf(_mm512_extracti64x4_epi64(h, 1)));
+            }
+            s0 = _mm512_add_ps(s0, a);
+            s1 = _mm512_add_ps(s1, b);
+        }
+        _mm512_storeu_si512(e->pa + mp_packa_off(kn, i, j0),
+                           _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(a)), v_f2bf(b), 1));
+        r[q / 16][0][q % 16] = a;
+        r[q / 16][1][q % 16] = b;
+    }
+    for (int h = 0; h < 2; h++) {
+        __m512 lo[16], hi[16];
+        mp_transpose16(r[0][h], lo);
+        mp_transpose16(r[1][h], hi);
+        for (int c = 0; c < 16; c++)
+            _mm512_storeu_si512(e->pt + mp_packa_off(km, j0 + 16 * h + c, i0),
+                               _mm512_inserti64x4(_mm512_castsi256_si512(v_f2bf(lo[c])),
+                                                  v_f2bf(hi[c]), 1));
+    }
+    if (e->bpart) {
+        float *bp = e->bpart + (size_t)(i0 / 32) * kn + j0;
+        _mm512_storeu_ps(bp, s0);
+        _mm512_storeu_ps(bp + 16, s1);
+    }
+#else
+    int km = rup32(M);
+    float s[32] = {0};
+    for (int q = 0; q < 32; q++) {
+        int i = i0 + q;
+        for (int c = 0; c < 32; c++) {
+            int j = j0 + c;
+            float v = i < M && j < N ? blk[q][c] : 0.0f;
+            if (e->kind == MP_EPI_ACT) {
+                uint16_t h = mp_f32_to_bf16_1(v);
+                e->xp[mp_packa_off(kn, i, j)] = h;
+                float a = mp_bf16_to_f32_1(h);
+                if (e->act == MP_ACT_GELU && i < M && j < N) a = gelu1(a);
+                e->ap[mp_packa_off(kn, i, j)] = mp_f32_to_bf16_1(a);
+                continue;
+            }
+            if (e->act == MP_ACT_GELU && i < M && j < N)
+                v *= gelu_grad1(mp_bf16_to_f32_1(e->hp[mp_packa_off(kn, i, j)]));
+            s[c] += v;
+            uint16_t h = mp_f32_to_bf16_1(v);
+            e->pa[mp_packa_off(kn, i, j)] = h;
+            e->pt[mp_packa_off(km, j, i)] = h;
+        }
+    }
+    if (e->kind == MP_EPI_DACT && e->bpart)
+        memcpy(e->bpart + (size_t)(i0 / 32) * kn + j0, s, sizeof s);
+#endif
+}
+
+void mp_epi_bias_sum(const mp_epi *e, float *db)
+{
+    int kn = rup32(e->N), blocks = rup32(e->M) / 32;
+    #pragma omp parallel for schedule(static)
+    for (int j = 0; j < e->N; j++) {
+        float acc = 0;
+        for (int b = 0; b < blocks; b++) acc += e->bpart[(size_t)b * kn + j];
+        db[j] += acc;
     }
 }

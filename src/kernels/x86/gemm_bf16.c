@@ -27,7 +27,7 @@ static inline int omp_get_max_threads(void) { return 1; }
 /* Implemented in amx_bf16.c. */
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
                  float *C, int ldc, bool accumulate, const float *bias, bool transc,
-                 float *tscr);
+                 float *tscr, const mp_epi *epi);
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -449,7 +449,7 @@ void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
     if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
 #if MP_X86
     if (be == MP_BACKEND_AMX) {
-        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc, tscr);
+        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc, tscr, NULL);
         return;
     }
     if (be == MP_BACKEND_AVX512) {
@@ -520,6 +520,10 @@ void mp_scratch_free(mp_scratch *s)
     free(s->a);
     free(s->b);
     free(s->c);
+    free(s->t);
+    free(s->a2);
+    free(s->t2);
+    free(s->part);
     memset(s, 0, sizeof *s);
 }
 
@@ -552,15 +556,13 @@ bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
     return mp_gemm_f32io(be, s, dt, true, false, OC, C, N, dy, OC, x, C, dW, C, true);
 }
 
-bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
-                                 const float *dy, const uint16_t *xp, int act,
-                                 int N, int OC, int C, float *dW)
+/* dW += dy^T x from pt = packed A of dy^T and the packed activation xp. */
+static bool backward_w_from(mp_backend be, mp_scratch *s, bool in_out, const uint16_t *pt,
+                            const uint16_t *xp, int act, int N, int OC, int C, float *dW)
 {
-    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, OC, N));
     uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(MP_BF16, N, C));
-    if (!pa || !pb) return false;
-    mp_pack_a(MP_BF16, true, OC, N, dy, OC, pa); /* dy^T: (OC, N) */
-    mp_pack_b_tokens(pb, xp, N, C, act);         /* x: K = N tokens, C columns */
+    if (!pb) return false;
+    mp_pack_b_tokens(pb, xp, N, C, act); /* x: K = N tokens, C columns */
     float *tscr = NULL;
     if (in_out) {
         size_t need = mp_gemm_tscr_floats(omp_get_max_threads());
@@ -571,7 +573,98 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
         }
         tscr = s->c; /* NULL (OOM): the slower transposed reloads */
     }
-    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pa, pb, dW, in_out ? OC : C, true, NULL, in_out, tscr);
+    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pt, pb, dW, in_out ? OC : C, true, NULL, in_out, tscr);
+    return true;
+}
+
+bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
+                                 const float *dy, const uint16_t *xp, int act,
+                                 int N, int OC, int C, float *dW)
+{
+    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
+    if (!pt) return false;
+    mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt); /* dy^T: (OC, N) */
+    return backward_w_from(be, s, in_out, pt, xp, act, N, OC, C, dW);
+}
+
+bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
+                               const float *dy, const uint16_t *xp, int act, int N,
+                               float *dW, float *db, float *dx)
+{
+    KILN_ASSERT(w->dt == MP_BF16);
+    int OC = w->OC, C = w->C;
+    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, N, OC));
+    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
+    if (!pa || !pt) return false;
+    mp_pack_dy(pa, pt, db, dy, N, OC);
+    if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, OC, C, dW)) return false;
+    mp_gemm_packed(be, MP_BF16, N, C, OC, pa, w->bwd, dx, C, false, NULL);
+    return true;
+}
+
+bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const uint16_t *pa,
+                        const uint16_t *pb, const float *bias, const mp_epi *epi)
+{
+    if (M <= 0 || N <= 0) return true;
+    if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
+#if MP_X86
+    if (be == MP_BACKEND_AMX) {
+        mp_gemm_amx(M, N, packed_k(MP_BF16, K), pa, pb, NULL, 0, false, bias, false, NULL, epi);
+        return true;
+    }
+#endif
+    /* The product into scratch, then the blocks through the epilogue. */
+    int Mp = round_up(M, 32), Np = round_up(N, 32);
+    size_t need = (size_t)Mp * Np;
+    if (need > s->c_cap) {
+        free(s->c);
+        s->c = aligned_alloc(64, need * 4);
+        s->c_cap = s->c ? need : 0;
+        if (!s->c) return false;
+    }
+    mp_gemm_packed(be, MP_BF16, M, N, K, pa, pb, s->c, Np, false, bias);
+    #pragma omp parallel for schedule(static) collapse(2)
+    for (int i0 = 0; i0 < Mp; i0 += 32)
+        for (int j0 = 0; j0 < Np; j0 += 32) {
+            float blk[32][32];
+            for (int q = 0; q < 32; q++)
+                for (int c = 0; c < 32; c++)
+                    blk[q][c] = i0 + q < M && j0 + c < N ? s->c[(size_t)(i0 + q) * Np + j0 + c] : 0.0f;
+            mp_epi_block(epi, blk, i0, j0);
+        }
+    return true;
+}
+
+bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
+                            const mp_weight *w2, const float *dy, const uint16_t *xp,
+                            const uint16_t *hp, int act, int N, float *dW1, float *db1,
+                            float *dW2, float *db2, float *dx)
+{
+    KILN_ASSERT(act == MP_ACT_NONE || act == MP_ACT_GELU);
+    KILN_ASSERT(w1->dt == MP_BF16 && w2->dt == MP_BF16 && w1->OC == w2->C);
+    int C = w1->C, F = w1->OC, OC = w2->OC;
+    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, N, OC));
+    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
+    uint16_t *pa2 = grow(&s->a2, &s->a2_cap, mp_packa_elems(MP_BF16, N, F));
+    uint16_t *pt2 = grow(&s->t2, &s->t2_cap, mp_packa_elems(MP_BF16, F, N));
+    size_t np = (size_t)round_up(N, 32) / 32 * round_up(F, 32);
+    if (np > s->part_cap) {
+        free(s->part);
+        s->part = aligned_alloc(64, (np * 4 + 63) / 64 * 64);
+        s->part_cap = s->part ? np : 0;
+    }
+    if (!pa || !pt || !pa2 || !pt2 || !s->part) return false;
+    /* second layer: its gradients, and its input gradient through the
+     * activation's derivative straight into both packed forms */
+    mp_pack_dy(pa, pt, db2, dy, N, OC);
+    if (!backward_w_from(be, s, w2->in_out, pt, hp, act, N, OC, F, dW2)) return false;
+    mp_epi e = {.kind = MP_EPI_DACT, .act = act, .M = N, .N = F, .hp = hp, .pa = pa2, .pt = pt2,
+                .bpart = db1 ? s->part : NULL};
+    if (!mp_gemm_packed_epi(be, s, N, F, OC, pa, w2->bwd, NULL, &e)) return false;
+    if (db1) mp_epi_bias_sum(&e, db1);
+    /* first layer */
+    if (!backward_w_from(be, s, w1->in_out, pt2, xp, MP_ACT_NONE, N, F, C, dW1)) return false;
+    mp_gemm_packed(be, MP_BF16, N, C, F, pa2, w1->bwd, dx, C, false, NULL);
     return true;
 }
 
