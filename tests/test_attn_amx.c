@@ -190,7 +190,7 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
 
 static void test_amx_ok(void)
 {
-    bool u = mp_amx_usable();
+    bool u = mp_amx_usable() && mp_cpu_caps()->avx512_bf16;
     CHECK_EQ(mp_attention_amx_ok(32), u);
     CHECK_EQ(mp_attention_amx_ok(64), u);
     CHECK_EQ(mp_attention_amx_ok(128), u);
@@ -202,6 +202,7 @@ static void test_amx_ok(void)
 static void test_amx_vs_naive(void)
 {
     if (!mp_amx_usable()) SKIP("AMX not usable on this CPU/kernel (mp_amx_usable() false)");
+    if (!mp_cpu_caps()->avx512_bf16) SKIP("AMX without AVX512_BF16 (the kernels' conversions need it)");
     const int Ts[] = {1, 17, 32, 33, 100, 256, 300};
     const int HSs[] = {32, 64, 128};
     const int heads[][2] = {{4, 2}, {2, 2}};
