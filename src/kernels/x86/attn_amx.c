@@ -245,6 +245,35 @@ MP_TAMX static void prod_acc(float *c, const uint16_t x[BK][BK], const uint16_t 
     }
 }
 
+/* c += X0 Y0 + X1 Y1, each as in prod_acc: one load and store of c for
+ * two products. */
+MP_TAMX static void prod_acc2(float *c, const uint16_t x0[BK][BK], const uint16_t *b0,
+                              const uint16_t x1[BK][BK], const uint16_t *b1, int HS)
+{
+    for (int t = 0; t < HS / 16; t += 2) {
+        _tile_loadd(0, c + 16 * t, HS * 4);
+        _tile_loadd(1, c + 16 * t + 16, HS * 4);
+        _tile_loadd(2, c + (size_t)16 * HS + 16 * t, HS * 4);
+        _tile_loadd(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
+        for (int h = 0; h < 2; h++) {
+            const uint16_t(*x)[BK] = h ? x1 : x0;
+            const uint16_t *bp = h ? b1 : b0;
+            _tile_loadd(4, &x[0][0], 64);
+            _tile_loadd(5, &x[16][0], 64);
+            _tile_loadd(6, bp + 512 * t, 64);
+            _tile_loadd(7, bp + 512 * (t + 1), 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c + 16 * t, HS * 4);
+        _tile_stored(1, c + 16 * t + 16, HS * 4);
+        _tile_stored(2, c + (size_t)16 * HS + 16 * t, HS * 4);
+        _tile_stored(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
+    }
+}
+
 /* ---- forward ---- */
 
 /* dst (HS, np) = the transpose of src's first n rows (row stride ld),
@@ -419,7 +448,7 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                            int kh)
 {
     _Alignas(64) float st2[2][BK][BK], dpt2[2][BK][BK], dsf[BK][BK];
-    _Alignas(64) uint16_t pt[BK][BK], dst[BK][BK], ds[BK][BK];
+    _Alignas(64) uint16_t pt2[2][BK][BK], dst2[2][BK][BK], ds[BK][BK];
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH, Tp = (int)rup32(T);
     size_t per = (size_t)Tp * HS;
     float scale = 1.0f / sqrtf((float)HS);
@@ -462,6 +491,7 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
             for (int i0 = j0; i0 < T; i0 += BK) {
                 int cur = ((i0 - j0) / BK) & 1;
                 float(*st)[BK] = st2[cur], (*dpt)[BK] = dpt2[cur];
+                uint16_t(*pt)[BK] = pt2[cur], (*dst)[BK] = dst2[cur];
                 if (i0 + BK < T) {
                     prod_xyt(st2[cur ^ 1], kj, w->qt + (size_t)((i0 + BK) / 16) * 16 * HS, HS);
                     prod_xyt(dpt2[cur ^ 1], vj, w->dot + (size_t)((i0 + BK) / 16) * 16 * HS, HS);
@@ -495,9 +525,17 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                     for (int y = 0; y < 16; y++) _mm512_store_si512(&ds[16 * bj + y][0], CVT32(c0[y], c1[y]));
                 }
                 size_t qb = (size_t)(i0 / 32) * 32 * HS, kb = (size_t)(j0 / 32) * 32 * HS;
-                prod_acc(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt, w->dop + qb, HS);
-                prod_acc(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst, w->qp + qb, HS);
                 prod_acc(w->dq + (size_t)i0 * HS, (const uint16_t(*)[BK])ds, w->kp + kb, HS);
+                /* dV, dK: two query blocks per accumulation (K = 64) */
+                if (cur) {
+                    prod_acc2(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt2[0], w->dop + qb - 32 * HS,
+                              (const uint16_t(*)[BK])pt, w->dop + qb, HS);
+                    prod_acc2(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst2[0], w->qp + qb - 32 * HS,
+                              (const uint16_t(*)[BK])dst, w->qp + qb, HS);
+                } else if (i0 + BK >= T) {
+                    prod_acc(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt, w->dop + qb, HS);
+                    prod_acc(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst, w->qp + qb, HS);
+                }
             }
         }
         put_rows(dbase + (size_t)h * HS, (size_t)S, w->dq, T, HS);
