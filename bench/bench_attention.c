@@ -71,11 +71,13 @@ int main(int argc, char **argv)
 #endif
     printf("attention B %d T %d NH %d KVH %d HS %d, %d thread(s), best of %d [worst]\n", B, T, NH,
            KVH, HS, threads, reps);
-    if (!mp_attention_amx_ok(HS)) {
+    if (!mp_attention_amx_ok(HS, (T + 31) / 32 * 32)) {
         printf("SKIP: AMX attention not available here (AMX usable: %s, HS %d)\n",
                mp_amx_usable() ? "yes" : "no", HS);
         return 0;
     }
+    if (!mp_attention_amx_ok(HS, T))
+        printf("(at this T the model runs the fp32 kernel: too much of the last block is padding)\n");
     size_t nq = (size_t)B * T * (NH + 2 * KVH) * HS, no = (size_t)B * T * NH * HS;
     size_t nl = (size_t)B * NH * T;
     float *qkv = malloc(nq * 4), *dout = malloc(no * 4), *out = malloc(no * 4);

@@ -40,9 +40,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-bool mp_attention_amx_ok(int HS)
+bool mp_attention_amx_ok(int HS, int T)
 {
-    return HS >= 32 && HS <= 128 && HS % 32 == 0 && mp_amx_usable() && mp_cpu_caps()->avx512_bf16;
+    /* At most a quarter of T rounded up to 32 blocks is padding: below
+     * that the fp32 kernel (16-row strips) was faster (bench_attention,
+     * one thread: T 8 0.56x, 16 0.9x, 33 0.8x, 40 0.9x, 65 ~1.0x; 24 1.2x,
+     * 48 1.0x, 72 1.1-1.3x, 80 1.2-1.4x, 100 1.2x). */
+    int Tp = (T + 31) / 32 * 32;
+    return HS >= 32 && HS <= 128 && HS % 32 == 0 && T >= 1 && 4 * (Tp - T) <= Tp &&
+           mp_amx_usable() && mp_cpu_caps()->avx512_bf16;
 }
 
 #if defined(__x86_64__)
