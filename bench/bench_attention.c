@@ -9,8 +9,10 @@
  * AMX bwd) so that a noisy machine slows both alike; each figure is the
  * best of --reps with the worst in brackets, ratios use the best.
  *
- * Usage: bench_attention [--reps R] [--B b] [--T t] [--NH n] [--KVH k] [--HS s]
- * Threads: OMP_NUM_THREADS.
+ * Usage: bench_attention [--reps R] [--threads N] [--B b] [--T t] [--NH n]
+ *                        [--KVH k] [--HS s]
+ * --threads defaults to 1: on this shared 2-vCPU machine two threads wait
+ * for each other in scheduler quanta and both kernels read ~16 ms.
  */
 #include "kiln.h"
 #include "kernels/kernels.h"
@@ -43,10 +45,11 @@ static void add(stat *s, double t)
 
 int main(int argc, char **argv)
 {
-    int reps = 15, B = 8, T = 256, NH = 8, KVH = 8, HS = 64;
+    int reps = 15, threads = 1, B = 8, T = 256, NH = 8, KVH = 8, HS = 64;
     for (int i = 1; i + 1 < argc; i += 2) {
         int v = atoi(argv[i + 1]);
         if (!strcmp(argv[i], "--reps")) reps = v;
+        else if (!strcmp(argv[i], "--threads")) threads = v;
         else if (!strcmp(argv[i], "--B")) B = v;
         else if (!strcmp(argv[i], "--T")) T = v;
         else if (!strcmp(argv[i], "--NH")) NH = v;
@@ -57,21 +60,24 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (reps < 1 || B < 1 || T < 1 || NH < 1 || KVH < 1 || NH % KVH || HS < 1) {
-        fprintf(stderr, "bench_attention: bad shape or reps (NH must be a multiple of KVH)\n");
+    if (reps < 1 || threads < 1 || B < 1 || T < 1 || NH < 1 || KVH < 1 || NH % KVH || HS < 1) {
+        fprintf(stderr, "bench_attention: --reps, --threads and the shape must be >= 1, NH a multiple of KVH\n");
         return 2;
     }
-    int threads = 1;
 #ifdef _OPENMP
-    threads = omp_get_max_threads();
+    omp_set_num_threads(threads);
+#else
+    threads = 1;
 #endif
     printf("attention B %d T %d NH %d KVH %d HS %d, %d thread(s), best of %d [worst]\n", B, T, NH,
            KVH, HS, threads, reps);
-    if (!mp_attention_amx_ok(HS)) {
+    if (!mp_attention_amx_ok(HS, (T + 31) / 32 * 32)) {
         printf("SKIP: AMX attention not available here (AMX usable: %s, HS %d)\n",
                mp_amx_usable() ? "yes" : "no", HS);
         return 0;
     }
+    if (!mp_attention_amx_ok(HS, T))
+        printf("(at this T the model runs the fp32 kernel: too much of the last block is padding)\n");
     size_t nq = (size_t)B * T * (NH + 2 * KVH) * HS, no = (size_t)B * T * NH * HS;
     size_t nl = (size_t)B * NH * T;
     float *qkv = malloc(nq * 4), *dout = malloc(no * 4), *out = malloc(no * 4);

@@ -190,18 +190,29 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
 
 static void test_amx_ok(void)
 {
-    bool u = mp_amx_usable();
-    CHECK_EQ(mp_attention_amx_ok(32), u);
-    CHECK_EQ(mp_attention_amx_ok(64), u);
-    CHECK_EQ(mp_attention_amx_ok(128), u);
-    CHECK_EQ(mp_attention_amx_ok(16), 0);
-    CHECK_EQ(mp_attention_amx_ok(48), 0);
-    CHECK_EQ(mp_attention_amx_ok(160), 0);
+    bool u = mp_amx_usable() && mp_cpu_caps()->avx512_bf16;
+    CHECK_EQ(mp_attention_amx_ok(32, 256), u);
+    CHECK_EQ(mp_attention_amx_ok(64, 256), u);
+    CHECK_EQ(mp_attention_amx_ok(96, 256), u);
+    CHECK_EQ(mp_attention_amx_ok(128, 256), u);
+    CHECK_EQ(mp_attention_amx_ok(16, 256), 0);
+    CHECK_EQ(mp_attention_amx_ok(48, 256), 0);
+    CHECK_EQ(mp_attention_amx_ok(160, 256), 0);
+    /* T: at most a quarter of T rounded up to 32 is padding */
+    CHECK_EQ(mp_attention_amx_ok(64, 1), 0);
+    CHECK_EQ(mp_attention_amx_ok(64, 23), 0);
+    CHECK_EQ(mp_attention_amx_ok(64, 24), u);
+    CHECK_EQ(mp_attention_amx_ok(64, 32), u);
+    CHECK_EQ(mp_attention_amx_ok(64, 33), 0);
+    CHECK_EQ(mp_attention_amx_ok(64, 72), u);
+    CHECK_EQ(mp_attention_amx_ok(64, 97), u);
+    CHECK_EQ(mp_attention_amx_ok(64, 0), 0);
 }
 
 static void test_amx_vs_naive(void)
 {
     if (!mp_amx_usable()) SKIP("AMX not usable on this CPU/kernel (mp_amx_usable() false)");
+    if (!mp_cpu_caps()->avx512_bf16) SKIP("AMX without AVX512_BF16 (the kernels' conversions need it)");
     const int Ts[] = {1, 17, 32, 33, 100, 256, 300};
     const int HSs[] = {32, 64, 128};
     const int heads[][2] = {{4, 2}, {2, 2}};

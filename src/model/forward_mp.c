@@ -19,7 +19,7 @@
  * product, through GELU', straight into both packed forms the fc layer's
  * backward reads (mp_mlp_backward_packed). qkv is stored in
  * bf16 too (qkvh, plain rows): with the AMX backend and a head size it
- * supports (mp_attention_amx_ok) attention reads it directly and runs its
+ * supports at this T (mp_attention_amx_ok) attention reads it directly and runs its
  * products in bf16 (attn_amx.c); otherwise the fp32 attention kernels run
  * on its values, widened into one layer's scratch, in the forward and again
  * in the backward, so both see the same numbers. What stays fp32: the residual
@@ -203,7 +203,7 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
         if (!gpt2)
             P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-        if (be == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS)) { /* bf16 on AMX, from qkvh */
+        if (be == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T)) { /* bf16 on AMX, from qkvh */
             P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV));
             P(ATTN_FWD, mp_attention_fwd_amx(a->atty, lse, qkvh, B, T, m->NH, m->KVH, m->HS));
         } else { /* fp32 on the bf16 values */
@@ -317,7 +317,7 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
                                      MP_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
         P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
-        if (mp_kern_backend(g) == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS)) { /* as the forward */
+        if (mp_kern_backend(g) == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T)) { /* as the forward */
             P(ATTN_BWD, mp_attention_bwd_amx(a->dbig, a->dc, qkvh, a->atty, lse, B, T, m->NH, m->KVH,
                                              m->HS));
         } else {

@@ -40,9 +40,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-bool mp_attention_amx_ok(int HS)
+bool mp_attention_amx_ok(int HS, int T)
 {
-    return HS >= 32 && HS <= 128 && HS % 32 == 0 && mp_amx_usable() && mp_cpu_caps()->avx512_bf16;
+    /* At most a quarter of T rounded up to 32 blocks is padding: below
+     * that the fp32 kernel (16-row strips) was faster (bench_attention,
+     * one thread: T 8 0.56x, 16 0.9x, 33 0.8x, 40 0.9x, 65 ~1.0x; 24 1.2x,
+     * 48 1.0x, 72 1.1-1.3x, 80 1.2-1.4x, 100 1.2x). */
+    int Tp = (T + 31) / 32 * 32;
+    return HS >= 32 && HS <= 128 && HS % 32 == 0 && T >= 1 && 4 * (Tp - T) <= Tp &&
+           mp_amx_usable() && mp_cpu_caps()->avx512_bf16;
 }
 
 #if defined(__x86_64__)
@@ -89,23 +95,46 @@ static inline __mmask16 lanes(int lo, int hi)
     return (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
 }
 
+/* Lanes [lo, 16) of 16 (lo clamped to [0, 16]), without branches. */
+static inline __mmask16 from_lane(int lo)
+{
+    lo = lo < 0 ? 0 : lo > 16 ? 16 : lo;
+    return (__mmask16)(0xffffu << lo);
+}
+
 /* ---- repacking (src: n rows of HS bf16, row stride ld; rows n..np-1 are
- * zero in dst; np a multiple of 32) ---- */
+ * zero in dst; np a multiple of 32) ----
+ * The rows of one head are short runs KiBs apart (qkv, dout, out rows),
+ * which the hardware prefetchers do not follow across pages: every loop
+ * here prefetches the rows PFR ahead of the ones it reads. */
+enum { PFR = 16 };
+
+/* Prefetches row r (bytes long) of src (row stride ld bytes) when r < n. */
+MP_TAMX static inline void pf_row(const void *src, size_t ld, int r, int n, int bytes)
+{
+    if (r < n)
+        for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)src + (size_t)r * ld + o, _MM_HINT_T0);
+}
 
 /* rows: dst (np, HS) plain. */
-static void pk_rows(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
+MP_TAMX static void pk_rows(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
 {
-    for (int r = 0; r < n; r++) memcpy(dst + (size_t)r * HS, src + (size_t)r * ld, (size_t)HS * 2);
+    for (int r = 0; r < n; r++) {
+        pf_row(src, ld * 2, r + PFR, n, HS * 2);
+        memcpy(dst + (size_t)r * HS, src + (size_t)r * ld, (size_t)HS * 2);
+    }
     memset(dst + (size_t)n * HS, 0, (size_t)(np - n) * HS * 2);
 }
 
 /* rows from fp32 (row stride ld), rounded to bf16. */
 MP_TAMX static void pk_rows_f32(uint16_t *dst, const float *src, size_t ld, int n, int np, int HS)
 {
-    for (int r = 0; r < n; r++)
+    for (int r = 0; r < n; r++) {
+        pf_row(src, ld * 4, r + PFR, n, HS * 4);
         for (int d = 0; d < HS; d += 16)
             _mm256_storeu_si256((__m256i *)(dst + (size_t)r * HS + d),
                                 mp_f32x16_to_bf16(_mm512_loadu_ps(src + (size_t)r * ld + d)));
+    }
     memset(dst + (size_t)n * HS, 0, (size_t)(np - n) * HS * 2);
 }
 
@@ -117,6 +146,8 @@ MP_TAMX static void pk_wt(uint16_t *dst, const uint16_t *src, size_t ld, int n, 
     int W = HS / 2;
     for (int g = 0; g < np / 16; g++)
         for (int w0 = 0; w0 < W; w0 += 16) {
+            if (w0 == 0)
+                for (int i = 0; i < 16; i++) pf_row(src, ld * 2, 16 * g + PFR + i, n, HS * 2);
             __m512 r[16], c[16];
             for (int i = 0; i < 16; i++) {
                 int row = 16 * g + i;
@@ -137,7 +168,9 @@ MP_TAMX static void pk_pairs(uint16_t *dst, const uint16_t *src, size_t ld, int 
     static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     __m512i idx = _mm512_loadu_si512(ix);
-    for (int r = 0; r < np; r += 2)
+    for (int r = 0; r < np; r += 2) {
+        pf_row(src, ld * 2, r + PFR, n, HS * 2);
+        pf_row(src, ld * 2, r + PFR + 1, n, HS * 2);
         for (int d = 0; d < HS; d += 16) {
             __m256i a = r < n ? _mm256_loadu_si256((const __m256i *)(src + (size_t)r * ld + d))
                               : _mm256_setzero_si256();
@@ -148,6 +181,7 @@ MP_TAMX static void pk_pairs(uint16_t *dst, const uint16_t *src, size_t ld, int 
                                     (size_t)((r % 32) / 2) * 32,
                                 _mm512_permutexvar_epi16(idx, ab));
         }
+    }
 }
 
 /* dst rows (row stride ld floats) = src rows (HS floats each, contiguous),
@@ -217,6 +251,35 @@ MP_TAMX static void prod_acc(float *c, const uint16_t x[BK][BK], const uint16_t 
     }
 }
 
+/* c += X0 Y0 + X1 Y1, each as in prod_acc: one load and store of c for
+ * two products. */
+MP_TAMX static void prod_acc2(float *c, const uint16_t x0[BK][BK], const uint16_t *b0,
+                              const uint16_t x1[BK][BK], const uint16_t *b1, int HS)
+{
+    for (int t = 0; t < HS / 16; t += 2) {
+        _tile_loadd(0, c + 16 * t, HS * 4);
+        _tile_loadd(1, c + 16 * t + 16, HS * 4);
+        _tile_loadd(2, c + (size_t)16 * HS + 16 * t, HS * 4);
+        _tile_loadd(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
+        for (int h = 0; h < 2; h++) {
+            const uint16_t(*x)[BK] = h ? x1 : x0;
+            const uint16_t *bp = h ? b1 : b0;
+            _tile_loadd(4, &x[0][0], 64);
+            _tile_loadd(5, &x[16][0], 64);
+            _tile_loadd(6, bp + 512 * t, 64);
+            _tile_loadd(7, bp + 512 * (t + 1), 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c + 16 * t, HS * 4);
+        _tile_stored(1, c + 16 * t + 16, HS * 4);
+        _tile_stored(2, c + (size_t)16 * HS + 16 * t, HS * 4);
+        _tile_stored(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
+    }
+}
+
 /* ---- forward ---- */
 
 /* dst (HS, np) = the transpose of src's first n rows (row stride ld),
@@ -227,6 +290,8 @@ MP_TAMX static void pk_t16(uint16_t *dst, const uint16_t *src, size_t ld, int n,
     for (int k0 = 0; k0 < np; k0 += 16)
         for (int d0 = 0; d0 < HS; d0 += 16) {
             __m512 r[16], c[16];
+            if (d0 == 0)
+                for (int i = 0; i < 16; i++) pf_row(src, ld * 2, k0 + PFR + i, n, HS * 2);
             for (int i = 0; i < 16; i++) /* bf16 in the low half of 32-bit lanes */
                 r[i] = k0 + i < n ? _mm512_castsi512_ps(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
                                         (const __m256i *)(src + (size_t)(k0 + i) * ld + d0))))
@@ -252,7 +317,7 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
 {
     static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    _Alignas(64) float st[BK][BK], ot[HSMAX * BK], lo[BK];
+    _Alignas(64) float st2[2][BK][BK], ot[HSMAX * BK], lo[BK];
     _Alignas(64) uint16_t pp[2][16][32]; /* P^T in pairs: B tiles of 16 queries */
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH), Tp = (int)rup32(T);
     float scale = 1.0f / sqrtf((float)HS);
@@ -269,15 +334,21 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
                 _mm_prefetch((const char *)(out + ((size_t)b * T + i0 + r) * OC + (size_t)h * HS + d), _MM_HINT_ET0);
         __m512 m[2] = {ninf, ninf}, l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         memset(ot, 0, sizeof(float) * HS * BK);
+        /* the scores of the next key block are computed one block ahead
+         * (two buffers), so that their tile products overlap this
+         * block's vector softmax instead of stalling it */
+        const uint16_t *qi = w->qt + (size_t)(i0 / 16) * 16 * HS;
+        prod_xyt(st2[0], w->k, qi, HS);
         for (int j0 = 0; j0 <= i0; j0 += BK) {
             bool diag = j0 == i0;
-            prod_xyt(st, w->k + (size_t)j0 * HS, w->qt + (size_t)(i0 / 16) * 16 * HS, HS);
+            float(*st)[BK] = st2[(j0 / BK) & 1];
+            if (j0 + BK <= i0) prod_xyt(st2[(j0 / BK + 1) & 1], w->k + (size_t)(j0 + BK) * HS, qi, HS);
             __m512 al[2];
             for (int v = 0; v < 2; v++) {
                 /* on the diagonal query lane q of half v sees key c when 16v + q >= c */
                 __m512 mx = ninf;
                 for (int c = 0; c < BK; c++) {
-                    __mmask16 mk = diag ? lanes(c - 16 * v, 16) : 0xffff;
+                    __mmask16 mk = from_lane(diag ? c - 16 * v : 0);
                     mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_load_ps(&st[c][16 * v]));
                 }
                 /* the running max moves only when a score passes it by
@@ -287,8 +358,8 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
                 mx = _mm512_mask_mov_ps(m[v], _mm512_cmp_ps_mask(mx, _mm512_add_ps(m[v], _mm512_set1_ps(8.0f)), _CMP_GT_OQ), mx);
                 __m512 sum = _mm512_setzero_ps();
                 for (int c = 0; c < BK; c += 2) {
-                    __mmask16 ka = diag ? lanes(c - 16 * v, 16) : 0xffff;
-                    __mmask16 kb = diag ? lanes(c + 1 - 16 * v, 16) : 0xffff;
+                    __mmask16 ka = from_lane(diag ? c - 16 * v : 0);
+                    __mmask16 kb = from_lane(diag ? c + 1 - 16 * v : 0);
                     __m512 ea = _mm512_maskz_mov_ps(
                         ka, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, mx)));
                     __m512 eb = _mm512_maskz_mov_ps(
@@ -352,7 +423,8 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
 MP_TAMX void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
                                   int KVH, int HS)
 {
-    KILN_ASSERT(HS % 32 == 0 && HS <= HSMAX && NH % KVH == 0);
+    KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
+    if (B <= 0 || T <= 0) return;
     size_t per = rup32(T) * (size_t)HS;
     #pragma omp parallel
     {
@@ -381,8 +453,8 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                            const float *out, const float *lse, int T, int NH, int KVH, int HS, int b,
                            int kh)
 {
-    _Alignas(64) float st[BK][BK], dpt[BK][BK], dsf[BK][BK];
-    _Alignas(64) uint16_t pt[BK][BK], dst[BK][BK], ds[BK][BK];
+    _Alignas(64) float st2[2][BK][BK], dpt2[2][BK][BK], dsf[BK][BK];
+    _Alignas(64) uint16_t pt2[2][BK][BK], dst2[2][BK][BK], ds[BK][BK];
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH, Tp = (int)rup32(T);
     size_t per = (size_t)Tp * HS;
     float scale = 1.0f / sqrtf((float)HS);
@@ -404,6 +476,7 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
         pk_pairs(w->dop, w->dor, (size_t)HS, T, Tp, HS);
         for (int t = 0; t < Tp; t++) {
             float d = 0.0f;
+            pf_row(ob, (size_t)OC * 4, t + PFR, T, HS * 4);
             if (t < T) {
                 __m512 acc = _mm512_setzero_ps();
                 for (int e = 0; e < HS; e += 16)
@@ -416,10 +489,19 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
         }
         memset(w->dq, 0, per * sizeof(float));
         for (int j0 = 0; j0 < T; j0 += BK) {
+            /* S^T = K_j Q_i^T, dP^T = V_j dO_i^T (keys x queries), one
+             * query block ahead (two buffers, as in the forward) */
+            const uint16_t *kj = w->k + (size_t)j0 * HS, *vj = w->v + (size_t)j0 * HS;
+            prod_xyt(st2[0], kj, w->qt + (size_t)(j0 / 16) * 16 * HS, HS);
+            prod_xyt(dpt2[0], vj, w->dot + (size_t)(j0 / 16) * 16 * HS, HS);
             for (int i0 = j0; i0 < T; i0 += BK) {
-                /* S^T = K_j Q_i^T, dP^T = V_j dO_i^T (keys x queries) */
-                prod_xyt(st, w->k + (size_t)j0 * HS, w->qt + (size_t)(i0 / 16) * 16 * HS, HS);
-                prod_xyt(dpt, w->v + (size_t)j0 * HS, w->dot + (size_t)(i0 / 16) * 16 * HS, HS);
+                int cur = ((i0 - j0) / BK) & 1;
+                float(*st)[BK] = st2[cur], (*dpt)[BK] = dpt2[cur];
+                uint16_t(*pt)[BK] = pt2[cur], (*dst)[BK] = dst2[cur];
+                if (i0 + BK < T) {
+                    prod_xyt(st2[cur ^ 1], kj, w->qt + (size_t)((i0 + BK) / 16) * 16 * HS, HS);
+                    prod_xyt(dpt2[cur ^ 1], vj, w->dot + (size_t)((i0 + BK) / 16) * 16 * HS, HS);
+                }
                 __m512 vl[2], vD[2];
                 for (int v = 0; v < 2; v++) {
                     vl[v] = _mm512_loadu_ps(w->L + i0 + 16 * v);
@@ -449,9 +531,17 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                     for (int y = 0; y < 16; y++) _mm512_store_si512(&ds[16 * bj + y][0], CVT32(c0[y], c1[y]));
                 }
                 size_t qb = (size_t)(i0 / 32) * 32 * HS, kb = (size_t)(j0 / 32) * 32 * HS;
-                prod_acc(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt, w->dop + qb, HS);
-                prod_acc(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst, w->qp + qb, HS);
                 prod_acc(w->dq + (size_t)i0 * HS, (const uint16_t(*)[BK])ds, w->kp + kb, HS);
+                /* dV, dK: two query blocks per accumulation (K = 64) */
+                if (cur) {
+                    prod_acc2(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt2[0], w->dop + qb - 32 * HS,
+                              (const uint16_t(*)[BK])pt, w->dop + qb, HS);
+                    prod_acc2(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst2[0], w->qp + qb - 32 * HS,
+                              (const uint16_t(*)[BK])dst, w->qp + qb, HS);
+                } else if (i0 + BK >= T) {
+                    prod_acc(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt, w->dop + qb, HS);
+                    prod_acc(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst, w->qp + qb, HS);
+                }
             }
         }
         put_rows(dbase + (size_t)h * HS, (size_t)S, w->dq, T, HS);
@@ -464,7 +554,8 @@ MP_TAMX void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t
                                   const float *out, const float *lse, int B, int T, int NH, int KVH,
                                   int HS)
 {
-    KILN_ASSERT(HS % 32 == 0 && HS <= HSMAX && NH % KVH == 0);
+    KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
+    if (B <= 0 || T <= 0) return;
     size_t tp = rup32(T), per = tp * (size_t)HS;
     #pragma omp parallel
     {

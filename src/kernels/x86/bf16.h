@@ -160,9 +160,13 @@ void mp_amx_tiles_config(void);
 
 /* ---- attention on AMX (attn_amx.c) ------------------------------------ */
 
-/* Whether the AMX attention kernels run for head size HS: HS a multiple
- * of 32 up to 128 and AMX usable. Otherwise use kernels.h's fp32 ops. */
-bool mp_attention_amx_ok(int HS);
+/* Whether the model should run attention on AMX for head size HS and
+ * sequence length T: HS a multiple of 32 up to 128, AMX and AVX512_BF16
+ * usable, and T at least 3/4 of T rounded up to 32 (the kernels compute
+ * whole 32 x 32 blocks; with more padding the fp32 kernel is faster).
+ * Otherwise use kernels.h's fp32 ops. The kernels themselves work for
+ * any T >= 1 with a supported HS. */
+bool mp_attention_amx_ok(int HS, int T);
 /* Causal flash attention with GQA, the contract of kernels.h's
  * attention_fwd / attention_bwd (out (B*T, NH*HS), lse (B, NH, T), dqkv
  * (B*T, (NH+2*KVH)*HS) overwritten, scale 1/sqrt(HS), deterministic), but
@@ -170,7 +174,7 @@ bool mp_attention_amx_ok(int HS);
  * products run on AMX with fp32 accumulation; softmax, lse and D =
  * rowsum(dout * out) are fp32; P, dS and dout are rounded to bf16 as
  * product operands (the error of torch.autocast). Needs
- * mp_attention_amx_ok(HS); allocates per-thread scratch of 6 (forward)
+ * a supported HS (see above); allocates per-thread scratch of 6 (forward)
  * or 28 (backward) bytes per T * HS, and asserts that it got it. */
 void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
                           int KVH, int HS);
