@@ -20,8 +20,13 @@
  * Both kiln and PyTorch run with --threads threads (default 1: PyTorch's
  * own default here, one physical core).
  *
+ * --rounds R (default 3) repeats the peak, the products and kiln's three precisions R
+ * times in turn and reports the median of the ratios taken within each
+ * round (PyTorch runs once, against kiln's median round): on a shared host
+ * the AMX throughput itself moves 2x from minute to minute.
+ *
  * Usage: bench_precision [--config F] [--batch B] [--seq T] [--steps N]
- *                        [--threads N] [--no-torch] [--child PREC]
+ *                        [--threads N] [--rounds R] [--no-torch] [--child PREC]
  */
 #include "kiln.h"
 #include "kernels/x86/bf16.h"
@@ -194,6 +199,21 @@ static double products_gflops(const kiln_config *c, int B, int T, double *secs, 
 
 /* ---- the parent ------------------------------------------------------- */
 
+enum { MAX_ROUNDS = 15 };
+
+/* The median of v[0..n) (n >= 1; v is reordered). For an even n, the
+ * lower middle value, so the result is one of the measured rounds. */
+static double median(double *v, int n)
+{
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && v[j - 1] > v[j]; j--) {
+            double t = v[j];
+            v[j] = v[j - 1];
+            v[j - 1] = t;
+        }
+    return v[(n - 1) / 2];
+}
+
 typedef struct res {
     char prec[16];
     double tps, tps_cpu, ms, loss, rss, act, fwd, bwd, upd;
@@ -225,7 +245,7 @@ static bool run_child(const char *self, const char *cfg, const char *prec, int B
 int main(int argc, char **argv)
 {
     const char *cfgpath = "configs/bench-gpt2-30m.json", *childp = NULL;
-    int B = 8, T = 256, steps = 3, threads = 1;
+    int B = 8, T = 256, steps = 3, threads = 1, rounds = 3;
     bool torch = true;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--config") && i + 1 < argc) cfgpath = argv[++i];
@@ -234,15 +254,17 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--child") && i + 1 < argc) childp = argv[++i];
+        else if (!strcmp(argv[i], "--rounds") && i + 1 < argc) rounds = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--no-torch")) torch = false;
         else {
             fprintf(stderr, "usage: bench_precision [--config F] [--batch B] [--seq T] "
-                            "[--steps N] [--threads N] [--no-torch]\n");
+                            "[--steps N] [--threads N] [--rounds R] [--no-torch]\n");
             return 2;
         }
     }
-    if (B <= 0 || T <= 0 || steps <= 0 || threads <= 0) {
-        fprintf(stderr, "bench_precision: --batch, --seq, --steps and --threads must be positive\n");
+    if (B <= 0 || T <= 0 || steps <= 0 || threads <= 0 || rounds <= 0 || rounds > MAX_ROUNDS) {
+        fprintf(stderr, "bench_precision: --batch, --seq, --steps and --threads must be positive, "
+                        "--rounds 1..%d\n", MAX_ROUNDS);
         return 2;
     }
     if (childp) return child(cfgpath, childp, B, T, steps, threads);
@@ -266,33 +288,72 @@ int main(int argc, char **argv)
     printf("%s; %d thread%s (kiln and PyTorch)\n", desc, threads, threads > 1 ? "s" : "");
     double getl[3] = {0};
     if (getloadavg(getl, 3) > 0) printf("load average %.2f (on %ld CPUs)\n", getl[0], sysconf(_SC_NPROCESSORS_ONLN));
-    double peak_cpu = 0, peak = mp_amx_peak_gflops(0.3, &peak_cpu);
-    if (peak > 0)
-        printf("AMX bf16 peak (tile loop, now):     %8.0f GFLOP/s  (%.0f per CPU second)\n", peak,
-               peak_cpu);
-    double psecs = 0, pg_cpu = 0, pg = products_gflops(&cfg, B, T, &psecs, &pg_cpu);
-    printf("bf16 matrix products of one step:   %8.0f GFLOP/s  (%.0f per CPU second; %.0f ms)", pg,
-           pg_cpu, psecs * 1e3);
-    if (peak > 0)
-        printf(": %.0f%% of the AMX peak (%.0f%% per CPU second)", 100 * pg / peak,
-               100 * pg_cpu / peak_cpu);
-    printf("\n");
-    fflush(stdout);
-
+    /* Rounds: the AMX peak, the products alone and the three precisions,
+     * one after the other, as close in time as they can be; the ratios are
+     * taken within a round and their median over the rounds is reported
+     * (this host's AMX throughput moves 2x from minute to minute). */
     const char *precs[3] = {"fp32", "bf16", "fp16"};
-    res r[3];
-    memset(r, 0, sizeof r);
-    for (int i = 0; i < 3; i++) {
-        if (!run_child(self, cfgpath, precs[i], B, T, steps, threads, &r[i])) {
-            printf("kiln %-5s: failed\n", precs[i]);
-            continue;
-        }
-        printf("kiln %-5s %8.0f tok/s  %6.3f TFLOP/s  (cpu %7.0f tok/s)  step %7.0f ms "
-               "(fwd %.0f, bwd %.0f, opt %.0f)  peak RSS %5.0f MiB  act %4.0f MiB  [%s]\n",
-               precs[i], r[i].tps, r[i].tps * flops / (B * T) / 1e12, r[i].tps_cpu, r[i].ms,
-               r[i].fwd, r[i].bwd, r[i].upd, r[i].rss, r[i].act, r[i].kern);
+    res rr[MAX_ROUNDS][3];
+    double peaks[MAX_ROUNDS], peaks_cpu[MAX_ROUNDS], pgs[MAX_ROUNDS], pgs_cpu[MAX_ROUNDS];
+    memset(rr, 0, sizeof rr);
+    for (int k = 0; k < rounds; k++) {
+        if (rounds > 1) printf("round %d of %d\n", k + 1, rounds);
+        peaks[k] = mp_amx_peak_gflops(0.3, &peaks_cpu[k]);
+        if (peaks[k] > 0)
+            printf("AMX bf16 peak (tile loop, now):     %8.0f GFLOP/s  (%.0f per CPU second)\n",
+                   peaks[k], peaks_cpu[k]);
+        double psecs = 0;
+        pgs[k] = products_gflops(&cfg, B, T, &psecs, &pgs_cpu[k]);
+        printf("bf16 matrix products of one step:   %8.0f GFLOP/s  (%.0f per CPU second; %.0f ms)",
+               pgs[k], pgs_cpu[k], psecs * 1e3);
+        if (peaks[k] > 0)
+            printf(": %.0f%% of the AMX peak (%.0f%% per CPU second)", 100 * pgs[k] / peaks[k],
+                   100 * pgs_cpu[k] / peaks_cpu[k]);
+        printf("\n");
         fflush(stdout);
+        for (int i = 0; i < 3; i++) {
+            res *q = &rr[k][i];
+            if (!run_child(self, cfgpath, precs[i], B, T, steps, threads, q)) {
+                printf("kiln %-5s: failed\n", precs[i]);
+                continue;
+            }
+            printf("kiln %-5s %8.0f tok/s  %6.3f TFLOP/s  (cpu %7.0f tok/s)  step %7.0f ms "
+                   "(fwd %.0f, bwd %.0f, opt %.0f)  peak RSS %5.0f MiB  act %4.0f MiB  [%s]\n",
+                   precs[i], q->tps, q->tps * flops / (B * T) / 1e12, q->tps_cpu, q->ms, q->fwd,
+                   q->bwd, q->upd, q->rss, q->act, q->kern);
+            fflush(stdout);
+        }
     }
+    /* the median round of each figure */
+    res r[3];
+    for (int i = 0; i < 3; i++) {
+        double v[MAX_ROUNDS];
+        int n = 0;
+        for (int k = 0; k < rounds; k++)
+            if (rr[k][i].ok) v[n++] = rr[k][i].tps;
+        r[i] = rr[0][i];
+        r[i].ok = n > 0;
+        if (!n) continue;
+        double med = median(v, n);
+        for (int k = 0; k < rounds; k++)
+            if (rr[k][i].ok && rr[k][i].tps == med) r[i] = rr[k][i];
+    }
+    double ratio[MAX_ROUNDS], ratio_cpu[MAX_ROUNDS];
+    int nr = 0;
+    for (int k = 0; k < rounds; k++)
+        if (rr[k][0].ok && rr[k][1].ok) {
+            ratio[nr] = rr[k][1].tps / rr[k][0].tps;
+            ratio_cpu[nr++] = rr[k][1].tps_cpu / rr[k][0].tps_cpu;
+        }
+    double fr[MAX_ROUNDS], fr_cpu[MAX_ROUNDS], pr[MAX_ROUNDS], pr_cpu[MAX_ROUNDS];
+    int nf = 0;
+    for (int k = 0; k < rounds; k++)
+        if (rr[k][1].ok && peaks[k] > 0) {
+            fr[nf] = rr[k][1].tps * flops / (B * T) / 1e9 / peaks[k];
+            fr_cpu[nf] = rr[k][1].tps_cpu * flops / (B * T) / 1e9 / peaks_cpu[k];
+            pr[nf] = pgs[k] / peaks[k];
+            pr_cpu[nf++] = pgs_cpu[k] / peaks_cpu[k];
+        }
     double tt[2] = {0, 0}, tcpu[2] = {0, 0}, trss[2] = {0, 0};
     for (int tp = 0; tp < 2 && torch && access("/usr/bin/python3", X_OK) == 0; tp++) {
         /* one process per precision, so each peak RSS is its own */
@@ -324,10 +385,11 @@ int main(int argc, char **argv)
     }
     if (!torch || access("/usr/bin/python3", X_OK) != 0)
         printf("torch: skipped (--no-torch or no /usr/bin/python3)\n");
-    printf("ratios (wall; cpu-time in brackets):\n");
-    if (r[0].ok && r[1].ok)
-        printf("  kiln bf16 / kiln fp32     %5.2fx [%5.2fx]  (target >= 4)\n", r[1].tps / r[0].tps,
-               r[1].tps_cpu / r[0].tps_cpu);
+    printf("ratios (wall; cpu-time in brackets%s):\n",
+           rounds > 1 ? "; kiln's: the median of the rounds' ratios" : "");
+    if (nr)
+        printf("  kiln bf16 / kiln fp32     %5.2fx [%5.2fx]  (target >= 4)\n", median(ratio, nr),
+               median(ratio_cpu, nr));
     if (r[0].ok && r[2].ok)
         printf("  kiln fp16 / kiln fp32     %5.2fx [%5.2fx]\n", r[2].tps / r[0].tps,
                r[2].tps_cpu / r[0].tps_cpu);
@@ -338,12 +400,11 @@ int main(int argc, char **argv)
         printf("  kiln fp32 / torch fp32    %5.2fx [%5.2fx]\n", r[0].tps / tt[0],
                r[0].tps_cpu / tcpu[0]);
     if (tt[0] > 0 && tt[1] > 0) printf("  torch bf16 / torch fp32   %5.2fx\n", tt[1] / tt[0]);
-    if (r[1].ok && peak > 0)
+    if (nf)
         printf("  kiln bf16 step / AMX peak %5.1f%% [%5.1f%%]   matrix products alone %5.1f%% "
                "[%5.1f%%]  (target >= 25%%)\n",
-               100 * r[1].tps * flops / (B * T) / 1e9 / peak,
-               100 * r[1].tps_cpu * flops / (B * T) / 1e9 / peak_cpu, 100 * pg / peak,
-               100 * pg_cpu / peak_cpu);
+               100 * median(fr, nf), 100 * median(fr_cpu, nf), 100 * median(pr, nf),
+               100 * median(pr_cpu, nf));
     if (r[0].ok && r[1].ok)
         printf("  peak RSS bf16 / fp32      %5.2fx   fp16 / fp32 %5.2fx\n", r[1].rss / r[0].rss,
                r[2].ok ? r[2].rss / r[0].rss : 0.0);

@@ -666,6 +666,14 @@ static void test_epilogues(void)
                       mp_backend_name(be), act);
             CHECK_MSG(!memcmp(ap, ap0, nh * 2), "%s act %d: packed activation differs",
                       mp_backend_name(be), act);
+            /* plain bf16 rows of the same product */
+            uint16_t *rows = malloc(sizeof(uint16_t) * N * F), *rows0 = malloc(sizeof(uint16_t) * N * F);
+            mp_epi er = {.kind = MP_EPI_ROWS, .M = N, .N = F, .xp = rows};
+            CHECK(mp_gemm_packed_epi(be, &s, N, F, C, xp, w1.fwd, b1, &er));
+            mp_f32_to_bf16(h, rows0, (size_t)N * F);
+            CHECK_MSG(!memcmp(rows, rows0, sizeof(uint16_t) * N * F), "%s: bf16 rows differ",
+                      mp_backend_name(be));
+            free(rows), free(rows0);
             /* the backward, from the stored hp */
             for (int io = 0; io < 2; io++) {
                 float *W2 = malloc(sizeof(float) * OC * F), *dy = malloc(sizeof(float) * N * OC);

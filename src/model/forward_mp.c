@@ -200,11 +200,21 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
 
         P(NORM, norm_packed(m, ln1p, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, inp,
                             w->ln1_w, w->ln1_b, n));
-        P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
+        bool amx_att = be == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T);
+        if (gpt2 && amx_att) { /* no rope: qkv goes from the tiles to qkvh */
+            mp_epi e = {.kind = MP_EPI_ROWS, .M = n, .N = QKV, .xp = qkvh};
+            bool ok;
+            P(MATMUL_FWD, ok = mp_gemm_packed_epi(be, mp_kern_scratch(g), n, QKV, C, ln1p, wq->fwd,
+                                                  w->qkv_b, &e));
+            if (!ok) return NOMEM(ctx);
+        } else {
+            P(MATMUL_FWD,
+              mp_gemm_packed(be, MP_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
+        }
         if (!gpt2)
             P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-        if (be == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T)) { /* bf16 on AMX, from qkvh */
-            P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV));
+        if (amx_att) { /* bf16 on AMX, from qkvh */
+            if (!gpt2) P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV));
             P(ATTN_FWD, mp_attention_fwd_amx(a->atty, lse, qkvh, B, T, m->NH, m->KVH, m->HS));
         } else { /* fp32 on the bf16 values */
             P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV); mp_bf16_to_f32(qkvh, qkv, N * QKV));

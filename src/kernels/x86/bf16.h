@@ -270,11 +270,14 @@ enum { MP_ACT_NONE = 0, MP_ACT_GELU = 1, MP_ACT_SWIGLU = 2 };
  *     stored packed pre-activation hp (N columns); pa = packed D (M, N),
  *     pt = packed D^T (N, M), and bpart[(i0 / 32) * rup32(N) + j] = the
  *     sum of D's column j over the block's rows (in order), for a bias
- *     gradient summed over the blocks by mp_epi_bias_sum. */
-enum { MP_EPI_ACT = 1, MP_EPI_DACT = 2 };
+ *     gradient summed over the blocks by mp_epi_bias_sum;
+ *   MP_EPI_ROWS: xp = bf16(C) as plain rows (row stride N, M rows).
+ * Rows are rounded to bf16 to nearest even (VCVTNE2PS2BF16 where the CPU
+ * has it, which also flushes fp32 subnormals to zero). */
+enum { MP_EPI_ACT = 1, MP_EPI_DACT = 2, MP_EPI_ROWS = 3 };
 typedef struct mp_epi {
     int kind, act, M, N;
-    uint16_t *xp, *ap;  /* MP_EPI_ACT */
+    uint16_t *xp, *ap;  /* MP_EPI_ACT (xp: MP_EPI_ROWS too) */
     const uint16_t *hp; /* MP_EPI_DACT */
     uint16_t *pa, *pt;
     float *bpart;

@@ -430,6 +430,14 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
 #ifdef __AVX512F__
     if (e->act == MP_ACT_GELU) gelu_tabs();
     __mmask16 m0 = v_mask(N - j0), m1 = v_mask(N - j0 - 16);
+    if (e->kind == MP_EPI_ROWS) {
+        __mmask32 mw = (__mmask32)m0 | (__mmask32)m1 << 16;
+        for (int r = 0; r < 32 && i0 + r < M; r++) {
+            __m512i h = v_row_bf16(_mm512_maskz_loadu_ps(m0, blk[r]), _mm512_maskz_loadu_ps(m1, blk[r] + 16));
+            _mm512_mask_storeu_epi16(e->xp + (size_t)(i0 + r) * N + j0, mw, h);
+        }
+        return;
+    }
     if (e->kind == MP_EPI_ACT) {
         for (int r = 0; r < 32; r++) {
             int i = i0 + r;
@@ -489,6 +497,10 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
         for (int c = 0; c < 32; c++) {
             int j = j0 + c;
             float v = i < M && j < N ? blk[q][c] : 0.0f;
+            if (e->kind == MP_EPI_ROWS) {
+                if (i < M && j < N) e->xp[(size_t)i * N + j] = mp_f32_to_bf16_1(v);
+                continue;
+            }
             if (e->kind == MP_EPI_ACT) {
                 uint16_t h = mp_f32_to_bf16_1(v);
                 e->xp[mp_packa_off(kn, i, j)] = h;
