@@ -148,43 +148,60 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
 
 /* ---- the matrix products of one bf16 step, alone ---------------------- */
 
-/* As the bf16 training step runs them (model/forward_mp.c): forward from
- * the stored packed bf16 activation (made by the op before, not counted);
- * the backward packing the fp32 upstream gradient in both forms (with the
- * bias gradient of the biased layers) and the activation over tokens, the
- * weight gradient stored transposed for the (in, out) layers; each weight
- * packed once per step. */
+/* As the bf16 training step of the gpt2 benchmark model runs them
+ * (model/forward_mp.c with AMX attention): per layer the qkv product
+ * writing bf16 rows through its epilogue, the projection and the MLP's
+ * second product accumulating into the residual, the fc product writing
+ * its packed bf16 pre-activation and GELU through its epilogue; backward
+ * the MLP as one mp_mlp_backward_packed (the inner gradient never in
+ * fp32), the projection and qkv through mp_linear_backward_packed (both
+ * packed forms of the fp32 upstream gradient and the bias gradient in one
+ * pass, the activation packed over tokens, the (in, out) weight gradients
+ * stored transposed); the LM head likewise; each weight packed once. The
+ * activations read by the forward products are made by the op before them
+ * in the step (norms, attention) and are not counted here. */
 static double products_gflops(const kiln_config *c, int B, int T, double *secs, double *gf_cpu)
 {
     int N = B * T, C = c->n_embd, F = c->n_inner, V = c->vocab_size, L = c->n_layer;
-    int shapes[5][2] = {{3 * C, C}, {C, C}, {F, C}, {C, F}, {V, C}}; /* (OC, C) */
     size_t big = (size_t)N * (size_t)(F > V ? F : V);
     size_t wbig = (size_t)V * C > (size_t)F * C * 3 ? (size_t)V * C : (size_t)F * C * 3;
     float *x = calloc(big, 4), *y = calloc(big, 4), *w = calloc(wbig, 4), *dw = calloc(wbig, 4);
-    float *db = calloc((size_t)(V > F ? V : F) * 3, 4);
-    uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, F > C ? F : C) * 2);
-    for (size_t i = 0; i < big; i++) x[i] = (float)(i % 13) * 0.01f;
+    float *db = calloc((size_t)(V > F ? V : F) * 3, 4), *db2 = calloc((size_t)(V > F ? V : F) * 3, 4);
+    uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
+    uint16_t *hp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, F) * 2);
+    uint16_t *ap = aligned_alloc(64, mp_packa_elems(MP_BF16, N, F) * 2);
+    uint16_t *qh = aligned_alloc(64, (size_t)N * 3 * C * 2);
+    for (size_t i = 0; i < big; i++) x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
+    for (size_t i = 0; i < wbig; i++) w[i] = (float)((i * 40503u) % 1000) * 1e-4f - 0.05f;
+    mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+    int shapes[5][2] = {{3 * C, C}, {C, C}, {F, C}, {C, F}, {V, C}}; /* (OC, C) */
     mp_weight mw[5];
     mp_scratch s = {0};
     for (int i = 0; i < 5; i++) mp_weight_init(&mw[i], MP_BF16, shapes[i][0], shapes[i][1], i < 4);
+    mp_backend be = MP_BACKEND_AUTO;
     double best = 1e30, best_cpu = 1e30, flops = 0;
     for (int rep = 0; rep < 3; rep++) {
         double t0 = kiln_time_now(), c0 = cpu_now();
         flops = 0;
-        for (int i = 0; i < 5; i++) {
-            int OC = shapes[i][0], K = shapes[i][1], times = i == 4 ? 1 : L;
-            bool io = i < 4;
-            for (int l = 0; l < times; l++) {
-                if (l == 0) mp_weight_refresh(&mw[i], w); /* once per step */
-                double p0 = kiln_time_now(), q0 = cpu_now();
-                mp_pack_a(MP_BF16, false, N, K, x, K, xp); /* the op before: not counted */
-                t0 += kiln_time_now() - p0, c0 += cpu_now() - q0;
-                mp_gemm_packed(MP_BACKEND_AUTO, MP_BF16, N, OC, K, xp, mw[i].fwd, y, OC, false, NULL);
-                mp_linear_backward_packed(MP_BACKEND_AUTO, &s, &mw[i], y, xp, MP_ACT_NONE, N, dw,
-                                          io ? db : NULL, x);
-                flops += 6.0 * N * OC * K;
-            }
+        for (int i = 0; i < 5; i++) mp_weight_refresh(&mw[i], w); /* once per step */
+        for (int l = 0; l < L; l++) {
+            mp_epi eq = {.kind = MP_EPI_ROWS, .M = N, .N = 3 * C, .xp = qh};
+            mp_gemm_packed_epi(be, &s, N, 3 * C, C, xp, mw[0].fwd, db, &eq);
+            mp_gemm_packed(be, MP_BF16, N, C, C, xp, mw[1].fwd, y, C, true, NULL);
+            mp_epi ef = {.kind = MP_EPI_ACT, .act = MP_ACT_GELU, .M = N, .N = F, .xp = hp, .ap = ap};
+            mp_gemm_packed_epi(be, &s, N, F, C, xp, mw[2].fwd, db, &ef);
+            mp_gemm_packed(be, MP_BF16, N, C, F, ap, mw[3].fwd, y, C, true, NULL);
         }
+        mp_gemm_packed(be, MP_BF16, N, V, C, xp, mw[4].fwd, y, V, false, NULL);
+        mp_linear_backward_packed(be, &s, &mw[4], y, xp, MP_ACT_NONE, N, dw, NULL, x);
+        for (int l = 0; l < L; l++) {
+            mp_mlp_backward_packed(be, &s, &mw[2], &mw[3], y, xp, hp, MP_ACT_GELU, N, dw, db, dw,
+                                   db2, x);
+            mp_linear_backward_packed(be, &s, &mw[1], y, xp, MP_ACT_NONE, N, dw, db, x);
+            mp_linear_backward_packed(be, &s, &mw[0], y, xp, MP_ACT_NONE, N, dw, db, x);
+        }
+        for (int i = 0; i < 5; i++)
+            flops += 6.0 * N * shapes[i][0] * shapes[i][1] * (i == 4 ? 1 : L);
         double dt = kiln_time_now() - t0, dc = cpu_now() - c0;
         if (dt < best) best = dt;
         if (dc < best_cpu) best_cpu = dc;
@@ -192,7 +209,7 @@ static double products_gflops(const kiln_config *c, int B, int T, double *secs, 
     *gf_cpu = flops / best_cpu / 1e9;
     for (int i = 0; i < 5; i++) mp_weight_free(&mw[i]);
     mp_scratch_free(&s);
-    free(x), free(y), free(w), free(dw), free(db), free(xp);
+    free(x), free(y), free(w), free(dw), free(db), free(db2), free(xp), free(hp), free(ap), free(qh);
     *secs = best;
     return flops / best / 1e9;
 }
