@@ -350,6 +350,20 @@ static inline __m512i v_row_bf16(__m512 lo, __m512 hi)
 }
 
 static inline void v_put_row(uint16_t *dst, __m512i v) { _mm512_storeu_si512(dst, v); }
+
+/* A 32 x 32 fp32 block r[row half][column half][row] (rows m0.., columns
+ * c0..) as 32 rows of the packed A of its transpose (packed K kk):
+ * row c0 + c holds the block's column c over rows m0..m0+31. */
+static inline void put_block_t(uint16_t *pt, int kk, int c0, int m0, __m512 r[2][2][16])
+{
+    for (int h = 0; h < 2; h++) {
+        __m512 lo[16], hi[16];
+        mp_transpose16(r[0][h], lo);
+        mp_transpose16(r[1][h], hi);
+        for (int c = 0; c < 16; c++)
+            v_put_row(pt + mp_packa_off(kk, c0 + 16 * h + c, m0), v_row_bf16(lo[c], hi[c]));
+    }
+}
 #endif
 
 size_t mp_pack_dy_part_floats(int N, int OC) { return (size_t)rup32(N) / 32 * rup32(OC); }
@@ -386,13 +400,7 @@ void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, float *part, const float 
                 r[t / 16][0][t % 16] = a;
                 r[t / 16][1][t % 16] = b;
             }
-            for (int h = 0; h < 2; h++) {
-                __m512 lo[16], hi[16];
-                mp_transpose16(r[0][h], lo);
-                mp_transpose16(r[1][h], hi);
-                for (int e = 0; e < 16; e++)
-                    v_put_row(pt + mp_packa_off(np, c0 + 16 * h + e, n0), v_row_bf16(lo[e], hi[e]));
-            }
+            put_block_t(pt, np, c0, n0, r);
             if (db) {
                 float *bp = part + (size_t)(n0 / 32) * op + c0;
                 _mm512_storeu_ps(bp, acc0);
@@ -477,13 +485,7 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
         r[q / 16][0][q % 16] = a;
         r[q / 16][1][q % 16] = b;
     }
-    for (int h = 0; h < 2; h++) {
-        __m512 lo[16], hi[16];
-        mp_transpose16(r[0][h], lo);
-        mp_transpose16(r[1][h], hi);
-        for (int c = 0; c < 16; c++)
-            v_put_row(e->pt + mp_packa_off(km, j0 + 16 * h + c, i0), v_row_bf16(lo[c], hi[c]));
-    }
+    put_block_t(e->pt, km, j0, i0, r);
     if (e->bpart) {
         float *bp = e->bpart + (size_t)(i0 / 32) * kn + j0;
         _mm512_storeu_ps(bp, s0);

@@ -171,6 +171,24 @@ MP_T512 static inline void store_pairs(uint16_t *o, __m256i b0, __m256i b1)
     _mm512_storeu_si512(o, v);
 }
 
+/* The K slice s (32 rows) of columns n0..n0+cnt-1 of B = src^T
+ * (B[k][n] = src[n * ld + k]): 16 source rows of 32 contiguous k, two
+ * 16 x 16 register transposes instead of a gather per k; col[k / 16][k % 16]
+ * holds B's row s * 32 + k (zeros beyond K and cnt). */
+__attribute__((target("avx512f"), always_inline)) static inline void
+load_trans_slice(const float *src, int ld, int K, int n0, int cnt, int s, __m512 col[2][16])
+{
+    for (int hf = 0; hf < 2; hf++) {
+        int kb = s * 32 + 16 * hf, kc = K - kb;
+        __mmask16 km = (__mmask16)(kc >= 16 ? 0xffff : kc <= 0 ? 0 : (1u << kc) - 1);
+        __m512 r[16];
+        for (int i = 0; i < 16; i++)
+            r[i] = i < cnt ? _mm512_maskz_loadu_ps(km, src + (size_t)(n0 + i) * ld + kb)
+                           : _mm512_setzero_ps();
+        mp_transpose16(r, col[hf]);
+    }
+}
+
 #define MP_TBF __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 /* One 32-element panel row of bf16 pairs (b0[c], b1[c]) from two rows of
@@ -192,15 +210,7 @@ MP_TBF static void pack_b_slice_bf16hw(bool trans, int K, int N, const float *sr
     __mmask16 nm = (__mmask16)(cnt >= 16 ? 0xffff : cnt <= 0 ? 0 : (1u << cnt) - 1);
     if (trans) {
         __m512 col[2][16];
-        for (int hf = 0; hf < 2; hf++) {
-            int kb = s * 32 + 16 * hf, kc = K - kb;
-            __mmask16 km = (__mmask16)(kc >= 16 ? 0xffff : kc <= 0 ? 0 : (1u << kc) - 1);
-            __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = i < cnt ? _mm512_maskz_loadu_ps(km, src + (size_t)(n0 + i) * ld + kb)
-                               : _mm512_setzero_ps();
-            mp_transpose16(r, col[hf]);
-        }
+        load_trans_slice(src, ld, K, n0, cnt, s, col);
         for (int r2 = 0; r2 < 16; r2++)
             store_pairs_hw(pan + ((size_t)s * 32 + 2 * r2) * 16, col[r2 / 8][(2 * r2) % 16],
                            col[r2 / 8][(2 * r2 + 1) % 16]);
@@ -221,18 +231,8 @@ MP_T512 static void pack_b_slice_avx512(mp_dtype dt, bool trans, int K, int N, c
 {
     int n0 = p * 16, cnt = KILN_MP_MIN(16, N - n0);
     if (trans) {
-        /* B[k][n] = src[n * ld + k]: 16 rows of 32 contiguous k, two 16 x 16
-         * register transposes instead of a gather per k. */
         __m512 col[2][16];
-        for (int hf = 0; hf < 2; hf++) {
-            int kb = s * 32 + 16 * hf, kc = K - kb;
-            __mmask16 km = (__mmask16)(kc >= 16 ? 0xffff : kc <= 0 ? 0 : (1u << kc) - 1);
-            __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = i < cnt ? _mm512_maskz_loadu_ps(km, src + (size_t)(n0 + i) * ld + kb)
-                               : _mm512_setzero_ps();
-            mp_transpose16(r, col[hf]);
-        }
+        load_trans_slice(src, ld, K, n0, cnt, s, col);
         for (int r2 = 0; r2 < 16; r2++) {
             __m256i h[2], l[2];
             for (int q = 0; q < 2; q++) {
