@@ -227,32 +227,9 @@ MP_TAMX static void prod_xyt(float s[BK][BK], const uint16_t *a, const uint16_t 
     _tile_stored(3, &s[16][16], BK * 4);
 }
 
-/* c (32 x HS fp32, stride HS) += X Y: X (32 x 32 bf16, row-major), Y the
- * 32-row block of a pairs buffer starting at bp. */
-MP_TAMX static void prod_acc(float *c, const uint16_t x[BK][BK], const uint16_t *bp, int HS)
-{
-    _tile_loadd(4, &x[0][0], 64);
-    _tile_loadd(5, &x[16][0], 64);
-    for (int t = 0; t < HS / 16; t += 2) {
-        _tile_loadd(0, c + 16 * t, HS * 4);
-        _tile_loadd(1, c + 16 * t + 16, HS * 4);
-        _tile_loadd(2, c + (size_t)16 * HS + 16 * t, HS * 4);
-        _tile_loadd(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
-        _tile_loadd(6, bp + 512 * t, 64);
-        _tile_loadd(7, bp + 512 * (t + 1), 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_stored(0, c + 16 * t, HS * 4);
-        _tile_stored(1, c + 16 * t + 16, HS * 4);
-        _tile_stored(2, c + (size_t)16 * HS + 16 * t, HS * 4);
-        _tile_stored(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
-    }
-}
-
-/* c += X0 Y0 + X1 Y1, each as in prod_acc: one load and store of c for
- * two products. */
+/* c (32 x HS fp32, stride HS) += X0 Y0 (+ X1 Y1 when x1 is not NULL): X
+ * (32 x 32 bf16, row-major), Y the 32-row block of a pairs buffer starting
+ * at b; one load and store of c for both products. */
 MP_TAMX static void prod_acc2(float *c, const uint16_t x0[BK][BK], const uint16_t *b0,
                               const uint16_t x1[BK][BK], const uint16_t *b1, int HS)
 {
@@ -261,7 +238,7 @@ MP_TAMX static void prod_acc2(float *c, const uint16_t x0[BK][BK], const uint16_
         _tile_loadd(1, c + 16 * t + 16, HS * 4);
         _tile_loadd(2, c + (size_t)16 * HS + 16 * t, HS * 4);
         _tile_loadd(3, c + (size_t)16 * HS + 16 * t + 16, HS * 4);
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < (x1 ? 2 : 1); h++) {
             const uint16_t(*x)[BK] = h ? x1 : x0;
             const uint16_t *bp = h ? b1 : b0;
             _tile_loadd(4, &x[0][0], 64);
@@ -531,7 +508,7 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                     for (int y = 0; y < 16; y++) _mm512_store_si512(&ds[16 * bj + y][0], CVT32(c0[y], c1[y]));
                 }
                 size_t qb = (size_t)(i0 / 32) * 32 * HS, kb = (size_t)(j0 / 32) * 32 * HS;
-                prod_acc(w->dq + (size_t)i0 * HS, (const uint16_t(*)[BK])ds, w->kp + kb, HS);
+                prod_acc2(w->dq + (size_t)i0 * HS, (const uint16_t(*)[BK])ds, w->kp + kb, NULL, NULL, HS);
                 /* dV, dK: two query blocks per accumulation (K = 64) */
                 if (cur) {
                     prod_acc2(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt2[0], w->dop + qb - 32 * HS,
@@ -539,8 +516,8 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                     prod_acc2(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst2[0], w->qp + qb - 32 * HS,
                               (const uint16_t(*)[BK])dst, w->qp + qb, HS);
                 } else if (i0 + BK >= T) {
-                    prod_acc(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt, w->dop + qb, HS);
-                    prod_acc(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst, w->qp + qb, HS);
+                    prod_acc2(w->dv + (size_t)j0 * HS, (const uint16_t(*)[BK])pt, w->dop + qb, NULL, NULL, HS);
+                    prod_acc2(w->dk + (size_t)j0 * HS, (const uint16_t(*)[BK])dst, w->qp + qb, NULL, NULL, HS);
                 }
             }
         }
