@@ -157,7 +157,7 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
  * fp32), the projection and qkv through mp_linear_backward_packed (both
  * packed forms of the fp32 upstream gradient and the bias gradient in one
  * pass, the activation packed over tokens, the (in, out) weight gradients
- * stored transposed); the LM head likewise; each weight packed once. The
+ * as x^T dy); the LM head likewise; each weight packed once. The
  * activations read by the forward products are made by the op before them
  * in the step (norms, attention) and are not counted here. */
 static double products_gflops(const kiln_config *c, int B, int T, double *secs, double *gf_cpu)

@@ -559,12 +559,46 @@ static void test_pack_dy(void)
             memset(pa, 0xff, na * 2); /* padding must be written, not left */
             memset(pt, 0xff, nt * 2);
             float *part = malloc(sizeof(float) * mp_pack_dy_part_floats(N, OC));
-            mp_pack_dy(pa, pt, db, part, dy, N, OC);
+            mp_pack_dy(pa, pt, false, db, part, dy, N, OC);
             mp_pack_a(MP_BF16, false, N, OC, dy, OC, pa0);
             mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt0);
             mp_bias_grad(db0, dy, N, OC);
             CHECK_MSG(!memcmp(pa, pa0, na * 2), "N %d OC %d: packed dy differs", N, OC);
             CHECK_MSG(!memcmp(pt, pt0, nt * 2), "N %d OC %d: packed dy^T differs", N, OC);
+            /* the tok form: packed B of dy over tokens */
+            size_t nb = mp_packb_elems(MP_BF16, N, OC);
+            uint16_t *pb = aligned_alloc(64, nb * 2), *pb0 = aligned_alloc(64, nb * 2);
+            memset(pb, 0xff, nb * 2);
+            mp_pack_dy(pa, pb, true, NULL, NULL, dy, N, OC);
+            mp_pack_b(MP_BF16, false, N, OC, dy, OC, pb0);
+            CHECK_MSG(!memcmp(pb, pb0, nb * 2), "N %d OC %d: dy packed over tokens differs", N, OC);
+            CHECK_MSG(!memcmp(pa, pa0, na * 2), "N %d OC %d: packed dy differs (tok)", N, OC);
+            /* and the activation over tokens as a left operand: dy's packed
+             * copy standing in for a stored activation */
+            size_t nx = mp_packa_elems(MP_BF16, OC, N);
+            uint16_t *xt = aligned_alloc(64, nx * 2);
+            float *g = malloc(sizeof(float) * N * OC);
+            for (int act = MP_ACT_NONE; act <= MP_ACT_GELU; act++) {
+                memset(xt, 0xff, nx * 2);
+                mp_pack_a_tokens(xt, pa0, N, OC, act);
+                for (size_t t = 0; t < (size_t)N * OC; t++) {
+                    float v = mp_bf16_to_f32_1(mp_f32_to_bf16_1(dy[t]));
+                    g[t] = act == MP_ACT_GELU ? (float)bfd((float)gelu_d(v)) : v;
+                }
+                mp_pack_a(MP_BF16, true, OC, N, g, OC, pt0);
+                /* GELU by the vector formula against tanh in double: the
+                 * bf16 of the two can differ in the last place (relative
+                 * to |GELU| + 1e-3, as in test_act_pack_and_bwd) */
+                int bad = 0;
+                for (size_t t = 0; t < nx; t++) {
+                    double u = mp_bf16_to_f32_1(xt[t]), v = mp_bf16_to_f32_1(pt0[t]);
+                    bad += act == MP_ACT_NONE ? xt[t] != pt0[t]
+                                              : fabs(u - v) / (fabs(v) + 1e-3) > 1.0 / 128;
+                }
+                CHECK_MSG(!bad, "N %d OC %d act %d: %d packed values of act(x)^T differ", N, OC, act,
+                          bad);
+            }
+            free(pb), free(pb0), free(xt), free(g);
             /* the bias gradient is summed per 32 rows, then over the
              * blocks: fp32 rounding relative to the sum of |terms| */
             double worst = 0;

@@ -29,10 +29,11 @@
  * The residual adds are fused into the products: the output block starts
  * as residual + bias and the product accumulates into it.
  *
- * Weight gradients run as dW' = dY^T X with dY^T packed from fp32 (in the
- * same pass as dY itself and the bias gradient: dY is read once) and X
- * packed over tokens from its stored bf16 copy (mp_pack_b_tokens); the
- * products of (in, out) weights store their result transposed.
+ * Weight gradients of (out, in) weights run as dW = dY^T X, of (in, out)
+ * weights (gpt2) as dW = X^T dY, both stored as they are: dY packed from
+ * fp32 (in the same pass as dY itself for the input gradient and the bias
+ * gradient: dY is read once), X packed over tokens from its stored bf16
+ * copy (mp_pack_b_tokens, mp_pack_a_tokens).
  *
  * Used when the model's precision is bf16 (fp16 keeps fp32 activations:
  * its exact hi/lo split needs the fp32 value). KILN_BF16_ACTS=0 switches

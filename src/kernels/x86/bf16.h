@@ -242,7 +242,9 @@ bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
  * pre-activation (N, C) / gate|up (N, 2C) with x = act(pre-activation)
  * computed on the way (MP_ACT_GELU / MP_ACT_SWIGLU). Runs as
  * dW' = dy^T x with dy^T packed from fp32 and x packed over tokens
- * (mp_pack_b_tokens), stored transposed for in_out weights. bf16 only.
+ * (mp_pack_b_tokens), or for in_out weights (but SwiGLU) as dW = x^T dy
+ * from x^T packed over tokens (mp_pack_a_tokens) and dy packed over
+ * tokens, both stored as they are. bf16 only.
  * Returns false on OOM. */
 bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
                                  const float *dy, const uint16_t *xp, int act,
@@ -280,6 +282,7 @@ typedef struct mp_epi {
     uint16_t *xp, *ap;  /* MP_EPI_ACT (xp: MP_EPI_ROWS too) */
     const uint16_t *hp; /* MP_EPI_DACT */
     uint16_t *pa, *pt;
+    bool tok; /* MP_EPI_DACT: pt as mp_pack_dy's tok form */
     float *bpart;
 } mp_epi;
 void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0);
@@ -321,7 +324,13 @@ void mp_bias_grad(float *db, const float *dout, int N, int OC);
  * summed per 32 rows into part (mp_pack_dy_part_floats(N, OC) floats)
  * and then over the blocks in order. */
 size_t mp_pack_dy_part_floats(int N, int OC);
-void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, float *part, const float *dy, int N, int OC);
+/* tok: pt is instead packed B of dy over tokens (K = N, N = OC), the
+ * right operand of the weight gradient x^T dy of an (in, out) weight. */
+void mp_pack_dy(uint16_t *pa, uint16_t *pt, bool tok, float *db, float *part, const float *dy,
+                int N, int OC);
+/* Packed A of act(X)^T (M = K columns of X, K = M tokens) from X's packed
+ * bf16 copy xp (M, K); act NONE or GELU. The left operand of x^T dy. */
+void mp_pack_a_tokens(uint16_t *pa, const uint16_t *xp, int M, int K, int act);
 
 /* General product from fp32 operands (packs both every call; for tests,
  * attention products and one-off shapes). C (M, N) (+)= op(A) op(B) where

@@ -368,11 +368,37 @@ static inline void put_block_t(uint16_t *pt, int kk, int c0, int m0, __m512 r[2]
 
 size_t mp_pack_dy_part_floats(int N, int OC) { return (size_t)rup32(N) / 32 * rup32(OC); }
 
-void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, float *part, const float *dy, int N, int OC)
+/* The same block as packed B over its rows (the K of a weight gradient
+ * over tokens, row stride kb = the packed K): panel (c0 + c) / 16 gets
+ * the pairs (row m0 + 2i, row m0 + 2i + 1) of its 16 columns. */
+static inline void put_block_pairs(uint16_t *pb, int kb, int c0, int m0, __m512 r[2][2][16])
+{
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int h = 0; h < 2; h++) {
+        uint16_t *pan = pb + (size_t)(c0 / 16 + h) * kb * 16 + (size_t)m0 * 16;
+        for (int i = 0; i < 16; i++) {
+            int q = 2 * i;
+            __m512i v = v_row_bf16(r[q / 16][h][q % 16], r[(q + 1) / 16][h][(q + 1) % 16]);
+            v_put_row(pan + (size_t)i * 32, _mm512_permutexvar_epi16(idx, v));
+        }
+    }
+}
+
+/* Element (m, c) of a packed B with K = rows (m), row stride kb: the pair
+ * layout of bf16.h. */
+static inline size_t pb_off(int kb, int m, int c)
+{
+    return (size_t)(c / 16) * kb * 16 + (size_t)(m / 2) * 32 + (size_t)(c % 16) * 2 + (size_t)(m % 2);
+}
+
+void mp_pack_dy(uint16_t *pa, uint16_t *pt, bool tok, float *db, float *part, const float *dy,
+                int N, int OC)
 {
     /* One task per block of 32 tokens (rows of dy, read in order), each
      * 32 x 32 block becoming 32 rows of pa (one 64-byte tile row each) and,
-     * through two 16 x 16 transposes per half, 32 rows of pt. The bias
+     * through two 16 x 16 transposes per half, 32 rows of pt (or, tok, 16
+     * pair rows in each of its two panels). The bias
      * gradient: column sums per block into part, then summed over the
      * blocks in order, so it does not depend on the number of threads.
      * Padding (rows and columns up to multiples of 32) is written as zeros
@@ -400,7 +426,8 @@ void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, float *part, const float 
                 r[t / 16][0][t % 16] = a;
                 r[t / 16][1][t % 16] = b;
             }
-            put_block_t(pt, np, c0, n0, r);
+            if (tok) put_block_pairs(pt, np, c0, n0, r);
+            else put_block_t(pt, np, c0, n0, r);
             if (db) {
                 float *bp = part + (size_t)(n0 / 32) * op + c0;
                 _mm512_storeu_ps(bp, acc0);
@@ -414,7 +441,7 @@ void mp_pack_dy(uint16_t *pa, uint16_t *pt, float *db, float *part, const float 
                     uint16_t h = mp_f32_to_bf16_1(v);
                     acc[j] += v;
                     pa[mp_packa_off(op, n, c0 + j)] = h;
-                    pt[mp_packa_off(np, c0 + j, n)] = h;
+                    pt[tok ? pb_off(np, n, c0 + j) : mp_packa_off(np, c0 + j, n)] = h;
                 }
             if (db) memcpy(part + (size_t)(n0 / 32) * op + c0, acc, sizeof acc);
 #endif
@@ -485,7 +512,8 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
         r[q / 16][0][q % 16] = a;
         r[q / 16][1][q % 16] = b;
     }
-    put_block_t(e->pt, km, j0, i0, r);
+    if (e->tok) put_block_pairs(e->pt, km, j0, i0, r);
+    else put_block_t(e->pt, km, j0, i0, r);
     if (e->bpart) {
         float *bp = e->bpart + (size_t)(i0 / 32) * kn + j0;
         _mm512_storeu_ps(bp, s0);
@@ -516,7 +544,7 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
             s[c] += v;
             uint16_t h = mp_f32_to_bf16_1(v);
             e->pa[mp_packa_off(kn, i, j)] = h;
-            e->pt[mp_packa_off(km, j, i)] = h;
+            e->pt[e->tok ? pb_off(km, i, j) : mp_packa_off(km, j, i)] = h;
         }
     }
     if (e->kind == MP_EPI_DACT && e->bpart)
@@ -532,5 +560,46 @@ void mp_epi_bias_sum(const mp_epi *e, float *db)
         float acc = 0;
         for (int b = 0; b < blocks; b++) acc += e->bpart[(size_t)b * kn + j];
         db[j] += acc;
+    }
+}
+
+/* ---- the activation over tokens as the left operand ---------------------- */
+
+void mp_pack_a_tokens(uint16_t *pa, const uint16_t *xp, int M, int K, int act)
+{
+    /* 32 x 32 blocks of X widened to fp32 (act applied by table), written
+     * transposed: the values are bf16 already, so the rounding on the way
+     * back changes nothing (but fp32 subnormals, flushed where the CPU's
+     * conversion does). */
+    KILN_ASSERT(act == MP_ACT_NONE || act == MP_ACT_GELU);
+    int km = rup32(M), kx = rup32(K);
+#ifdef __AVX512F__
+    if (act == MP_ACT_GELU) gelu_tabs();
+#endif
+    #pragma omp parallel for schedule(static)
+    for (int c0 = 0; c0 < kx; c0 += 32) {
+        for (int n0 = 0; n0 < km; n0 += 32) {
+#ifdef __AVX512F__
+            __m512 r[2][2][16];
+            for (int t = 0; t < 32; t++) {
+                __m512i h = _mm512_loadu_si512(xp + mp_packa_off(kx, n0 + t, c0));
+                __m256i lo = _mm512_castsi512_si256(h), hi = _mm512_extracti64x4_epi64(h, 1);
+                if (act == MP_ACT_GELU) {
+                    lo = v_gelu_bf(lo);
+                    hi = v_gelu_bf(hi);
+                }
+                r[t / 16][0][t % 16] = v_bf2f(lo);
+                r[t / 16][1][t % 16] = v_bf2f(hi);
+            }
+            put_block_t(pa, km, c0, n0, r);
+#else
+            for (int t = 0; t < 32; t++)
+                for (int c = 0; c < 32; c++) {
+                    float v = mp_bf16_to_f32_1(xp[mp_packa_off(kx, n0 + t, c0 + c)]);
+                    if (act == MP_ACT_GELU) v = gelu1(v);
+                    pa[mp_packa_off(km, c0 + c, n0 + t)] = mp_f32_to_bf16_1(v);
+                }
+#endif
+        }
     }
 }

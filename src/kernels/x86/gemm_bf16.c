@@ -618,10 +618,23 @@ bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
     return mp_gemm_f32io(be, s, dt, true, false, OC, C, N, dy, OC, x, C, dW, C, true);
 }
 
-/* dW += dy^T x from pt = packed A of dy^T and the packed activation xp. */
+/* The weight gradient of an (in, out) weight runs as dW = x^T dy, stored
+ * as is (the transposed store of dy^T x cost ~25% more at the benchmark's
+ * shapes), from dy packed over tokens; others as dW' = dy^T x. */
+static bool w_tok(bool in_out, int act) { return in_out && act != MP_ACT_SWIGLU; }
+
+/* dW += the weight gradient from pt (packed A of dy^T, or with w_tok
+ * packed B of dy over tokens) and the packed activation xp. */
 static bool backward_w_from(mp_backend be, mp_scratch *s, bool in_out, const uint16_t *pt,
                             const uint16_t *xp, int act, int N, int OC, int C, float *dW)
 {
+    if (w_tok(in_out, act)) {
+        uint16_t *pxt = grow(&s->b, &s->b_cap, mp_packa_elems(MP_BF16, C, N));
+        if (!pxt) return false;
+        mp_pack_a_tokens(pxt, xp, N, C, act);
+        mp_gemm_packed(be, MP_BF16, C, OC, N, pxt, pt, dW, OC, true, NULL);
+        return true;
+    }
     uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(MP_BF16, N, C));
     if (!pb) return false;
     mp_pack_b_tokens(pb, xp, N, C, act); /* x: K = N tokens, C columns */
@@ -645,7 +658,8 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
 {
     uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
     if (!pt) return false;
-    mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt); /* dy^T: (OC, N) */
+    if (w_tok(in_out, act)) mp_pack_b(MP_BF16, false, N, OC, dy, OC, pt); /* dy over tokens */
+    else mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt);                     /* dy^T: (OC, N) */
     return backward_w_from(be, s, in_out, pt, xp, act, N, OC, C, dW);
 }
 
@@ -660,7 +674,7 @@ bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
     if (!pa || !pt) return false;
     float *part = db ? grow_f(&s->part, &s->part_cap, mp_pack_dy_part_floats(N, OC)) : NULL;
     if (db && !part) return false;
-    mp_pack_dy(pa, pt, db, part, dy, N, OC);
+    mp_pack_dy(pa, pt, w_tok(w->in_out, act), db, part, dy, N, OC);
     if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, OC, C, dW)) return false;
     mp_gemm_packed(be, MP_BF16, N, C, OC, pa, w->bwd, dx, C, false, NULL);
     return true;
@@ -716,10 +730,10 @@ bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
     if (!pa || !pt || !pa2 || !pt2 || !part) return false;
     /* second layer: its gradients, and its input gradient through the
      * activation's derivative straight into both packed forms */
-    mp_pack_dy(pa, pt, db2, part, dy, N, OC);
+    mp_pack_dy(pa, pt, w_tok(w2->in_out, act), db2, part, dy, N, OC);
     if (!backward_w_from(be, s, w2->in_out, pt, hp, act, N, OC, F, dW2)) return false;
     mp_epi e = {.kind = MP_EPI_DACT, .act = act, .M = N, .N = F, .hp = hp, .pa = pa2, .pt = pt2,
-                .bpart = db1 ? part : NULL};
+                .tok = w_tok(w1->in_out, MP_ACT_NONE), .bpart = db1 ? part : NULL};
     if (!mp_gemm_packed_epi(be, s, N, F, OC, pa, w2->bwd, NULL, &e)) return false;
     if (db1) mp_epi_bias_sum(&e, db1);
     /* first layer */
