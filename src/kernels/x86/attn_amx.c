@@ -54,6 +54,8 @@ bool mp_attention_amx_ok(int HS, int T)
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "kernels/x86/simd.h" /* vexp */
+
 #define MP_TAMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 
 /* 32 floats (lo, hi) -> 32 bf16 in that order, round to nearest even
@@ -64,27 +66,6 @@ bool mp_attention_amx_ok(int HS, int T)
 enum { BK = 32, HSMAX = 128 };
 
 static size_t rup32(int x) { return (size_t)(x + 31) / 32 * 32; }
-
-/* exp on 16 floats: simd.h's vexp (same reduction and polynomial, ~2 ulp),
- * repeated here with a target attribute because this file also builds
- * without -march (simd.h exists only under __AVX512F__). */
-MP_TAMX static inline __m512 att_exp(__m512 x)
-{
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Lanes [lo, hi) of 16 (clamped). */
 static inline __mmask16 lanes(int lo, int hi)
@@ -338,13 +319,13 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
                     __mmask16 ka = from_lane(diag ? c - 16 * v : 0);
                     __mmask16 kb = from_lane(diag ? c + 1 - 16 * v : 0);
                     __m512 ea = _mm512_maskz_mov_ps(
-                        ka, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, mx)));
+                        ka, vexp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, mx)));
                     __m512 eb = _mm512_maskz_mov_ps(
-                        kb, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c + 1][16 * v]), vs, mx)));
+                        kb, vexp(_mm512_fmsub_ps(_mm512_load_ps(&st[c + 1][16 * v]), vs, mx)));
                     sum = _mm512_add_ps(sum, _mm512_add_ps(ea, eb));
                     _mm512_store_si512(&pp[v][c / 2][0], _mm512_permutexvar_epi16(idx, CVT32(ea, eb)));
                 }
-                al[v] = att_exp(_mm512_sub_ps(m[v], mx));
+                al[v] = vexp(_mm512_sub_ps(m[v], mx));
                 l[v] = _mm512_fmadd_ps(l[v], al[v], sum);
                 m[v] = mx;
             }
@@ -490,7 +471,7 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                         /* query i0 + 16v + lane sees key j0 + c when >=, and exists when < T */
                         __mmask16 mk = lanes(j0 + c - i0 - 16 * v, T - i0 - 16 * v);
                         e[v] = _mm512_maskz_mov_ps(
-                            mk, att_exp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, vl[v])));
+                            mk, vexp(_mm512_fmsub_ps(_mm512_load_ps(&st[c][16 * v]), vs, vl[v])));
                         g[v] = _mm512_mul_ps(_mm512_mul_ps(e[v], vs),
                                              _mm512_sub_ps(_mm512_load_ps(&dpt[c][16 * v]), vD[v]));
                         _mm512_store_ps(&dsf[c][16 * v], g[v]);

@@ -364,9 +364,6 @@ static inline void put_block_t(uint16_t *pt, int kk, int c0, int m0, __m512 r[2]
             v_put_row(pt + mp_packa_off(kk, c0 + 16 * h + c, m0), v_row_bf16(lo[c], hi[c]));
     }
 }
-#endif
-
-size_t mp_pack_dy_part_floats(int N, int OC) { return (size_t)rup32(N) / 32 * rup32(OC); }
 
 /* The same block as packed B over its rows (the K of a weight gradient
  * over tokens, row stride kb = the packed K): panel (c0 + c) / 16 gets
@@ -384,13 +381,16 @@ static inline void put_block_pairs(uint16_t *pb, int kb, int c0, int m0, __m512 
         }
     }
 }
-
+#else
 /* Element (m, c) of a packed B with K = rows (m), row stride kb: the pair
  * layout of bf16.h. */
 static inline size_t pb_off(int kb, int m, int c)
 {
     return (size_t)(c / 16) * kb * 16 + (size_t)(m / 2) * 32 + (size_t)(c % 16) * 2 + (size_t)(m % 2);
 }
+#endif
+
+size_t mp_pack_dy_part_floats(int N, int OC) { return (size_t)rup32(N) / 32 * rup32(OC); }
 
 void mp_pack_dy(uint16_t *pa, uint16_t *pt, bool tok, float *db, float *part, const float *dy,
                 int N, int OC)

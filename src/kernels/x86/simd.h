@@ -1,7 +1,8 @@
 /*
  * simd.h — small AVX-512 helpers shared by the fast kernels: exp, tanh,
- * sigmoid on 16 floats, horizontal sums. Only included where __AVX512F__
- * is defined; every user keeps a scalar fallback.
+ * sigmoid on 16 floats, horizontal sums. Defined where __AVX512F__ is
+ * (vexp: on any x86-64, for functions with an avx512f target attribute);
+ * every user keeps a scalar fallback.
  *
  * vexp: Cephes-style range reduction (n = round(x log2 e), r = x - n ln 2
  * in two steps) and a degree-6 polynomial, scaled with vscalefps, which
@@ -11,10 +12,12 @@
 #ifndef KILN_SIMD_H
 #define KILN_SIMD_H
 
-#ifdef __AVX512F__
+#if defined(__x86_64__)
 #include <immintrin.h>
 
-static inline __m512 vexp(__m512 x)
+/* vexp also serves code that gets AVX-512 from a target attribute rather
+ * than from -march (attn_amx.c), so it carries the attribute itself. */
+__attribute__((target("avx512f"), always_inline)) static inline __m512 vexp(__m512 x)
 {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
     const __m512 ln2hi = _mm512_set1_ps(0.693359375f);
@@ -35,6 +38,9 @@ static inline __m512 vexp(__m512 x)
     p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
+#endif
+
+#ifdef __AVX512F__
 
 /* 1/x for finite x >= 1 (callers clamp): rcp14 plus one Newton step
  * (~1 ulp), much cheaper than a division. */
