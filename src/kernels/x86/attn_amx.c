@@ -146,9 +146,6 @@ MP_TAMX static void pk_wt(uint16_t *dst, const uint16_t *src, size_t ld, int n, 
  * column tile t starts at kb * 32 * HS + t * 512. */
 MP_TAMX static void pk_pairs(uint16_t *dst, const uint16_t *src, size_t ld, int n, int np, int HS)
 {
-    static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    __m512i idx = _mm512_loadu_si512(ix);
     for (int r = 0; r < np; r += 2) {
         pf_row(src, ld * 2, r + PFR, n, HS * 2);
         pf_row(src, ld * 2, r + PFR + 1, n, HS * 2);
@@ -160,7 +157,7 @@ MP_TAMX static void pk_pairs(uint16_t *dst, const uint16_t *src, size_t ld, int 
             __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
             _mm512_storeu_si512(dst + (size_t)(r / 32) * 32 * HS + (size_t)(d / 16) * 512 +
                                     (size_t)((r % 32) / 2) * 32,
-                                _mm512_permutexvar_epi16(idx, ab));
+                                mp_pairs16(ab));
         }
     }
 }
@@ -273,8 +270,6 @@ typedef struct fwd_buf {
 MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uint16_t *qkvh, int T,
                              int NH, int KVH, int HS, int b, int h)
 {
-    static const uint16_t ix[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     _Alignas(64) float st2[2][BK][BK], ot[HSMAX * BK], lo[BK];
     _Alignas(64) uint16_t pp[2][16][32]; /* P^T in pairs: B tiles of 16 queries */
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH), Tp = (int)rup32(T);
@@ -283,7 +278,6 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
     pk_wt(w->qt, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
     pk_rows(w->k, base + (size_t)(NH + kh) * HS, (size_t)S, T, Tp, HS);
     pk_t16(w->vt, base + (size_t)(NH + KVH + kh) * HS, (size_t)S, T, Tp, HS);
-    __m512i idx = _mm512_loadu_si512(ix);
     __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
     for (int i0 = 0; i0 < T; i0 += BK) {
         /* this block's out rows, for writing at its end (as put_rows) */
@@ -323,7 +317,7 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
                     __m512 eb = _mm512_maskz_mov_ps(
                         kb, vexp(_mm512_fmsub_ps(_mm512_load_ps(&st[c + 1][16 * v]), vs, mx)));
                     sum = _mm512_add_ps(sum, _mm512_add_ps(ea, eb));
-                    _mm512_store_si512(&pp[v][c / 2][0], _mm512_permutexvar_epi16(idx, CVT32(ea, eb)));
+                    _mm512_store_si512(&pp[v][c / 2][0], mp_pairs16(CVT32(ea, eb)));
                 }
                 al[v] = vexp(_mm512_sub_ps(m[v], mx));
                 l[v] = _mm512_fmadd_ps(l[v], al[v], sum);

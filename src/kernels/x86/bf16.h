@@ -361,6 +361,16 @@ __attribute__((target("avx512f"), always_inline)) static inline __m256i mp_f32x1
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
+/* The two halves of v (16-bit lanes 0..15 = a, 16..31 = b) as pairs
+ * a0 b0 a1 b1 ... a15 b15: two rows of K made into one row of VNNI pairs,
+ * the layout of packed B and of AMX B tiles. */
+__attribute__((target("avx512f,avx512bw"), always_inline)) static inline __m512i mp_pairs16(__m512i v)
+{
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(idx, v);
+}
+
 /* In-register transpose of a 16 x 16 fp32 block: r[i] = row i in, col[j]
  * = column j out (unpack, 4-wide shuffles, two 128-bit lane shuffles). */
 __attribute__((target("avx512f"), always_inline)) static inline void mp_transpose16(const __m512 r[16],

@@ -280,12 +280,8 @@ void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind)
                     r0 = v_gelu_bf(r0);
                     r1 = v_gelu_bf(r1);
                 }
-                const __m512i idx = _mm512_set_epi16(
-                    47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                    39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-                __m512i v = _mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), idx,
-                                                      _mm512_castsi256_si512(r1));
-                _mm512_storeu_si512(o, v);
+                _mm512_storeu_si512(
+                    o, mp_pairs16(_mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1)));
                 continue;
             }
 #endif
@@ -370,14 +366,12 @@ static inline void put_block_t(uint16_t *pt, int kk, int c0, int m0, __m512 r[2]
  * the pairs (row m0 + 2i, row m0 + 2i + 1) of its 16 columns. */
 static inline void put_block_pairs(uint16_t *pb, int kb, int c0, int m0, __m512 r[2][2][16])
 {
-    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
-                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int h = 0; h < 2; h++) {
         uint16_t *pan = pb + (size_t)(c0 / 16 + h) * kb * 16 + (size_t)m0 * 16;
         for (int i = 0; i < 16; i++) {
             int q = 2 * i;
             __m512i v = v_row_bf16(r[q / 16][h][q % 16], r[(q + 1) / 16][h][(q + 1) % 16]);
-            v_put_row(pan + (size_t)i * 32, _mm512_permutexvar_epi16(idx, v));
+            v_put_row(pan + (size_t)i * 32, mp_pairs16(v));
         }
     }
 }

@@ -196,10 +196,7 @@ load_trans_slice(const float *src, int ld, int K, int n0, int cnt, int s, __m512
  * subnormals become zero). */
 MP_TBF static inline void store_pairs_hw(uint16_t *o, __m512 b0, __m512 b1)
 {
-    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
-                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    __m512i v = (__m512i)_mm512_cvtne2ps_pbh(b1, b0);
-    _mm512_storeu_si512(o, _mm512_permutexvar_epi16(idx, v));
+    _mm512_storeu_si512(o, mp_pairs16((__m512i)_mm512_cvtne2ps_pbh(b1, b0)));
 }
 
 /* pack_b_slice_avx512 for bf16 on CPUs with AVX512_BF16. */
