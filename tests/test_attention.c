@@ -2,7 +2,7 @@
  * test_attention.c — the flash attention ops (kernels.h attention_fwd /
  * attention_bwd):
  *   - the reference forward against a naive double-precision softmax
- *     attention written here (out and the row log-sum-exp);
+ *     attention (attn_naive.h: out and the row log-sum-exp);
  *   - the reference backward against fourth-order finite differences;
  *   - the fast (tiled, AVX-512) ops against the reference: out, lse, dqkv,
  *     on T a multiple of the 64-row blocks or not (1, 7, 65, 130, 256,
@@ -14,6 +14,7 @@
 #include "check.h"
 #include "kiln.h"
 #include "kernels/kernels.h"
+#include "attn_naive.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -39,39 +40,6 @@ static float *rnd(size_t n, float scale)
         }                                                                       \
     } while (0)
 
-/* The textbook definition in double: scores, causal mask, softmax, P V. */
-static void naive_fwd(double *out, double *lse, const float *qkv, int B, int T,
-                      int NH, int KVH, int HS)
-{
-    int S = (NH + 2 * KVH) * HS;
-    double *s = malloc((size_t)T * sizeof(double));
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++) {
-            int kh = h / (NH / KVH);
-            for (int t = 0; t < T; t++) {
-                const float *q = qkv + ((size_t)b * T + t) * S + h * HS;
-                double mx = -INFINITY, sum = 0;
-                for (int u = 0; u <= t; u++) {
-                    const float *k = qkv + ((size_t)b * T + u) * S + (NH + kh) * HS;
-                    double dot = 0;
-                    for (int i = 0; i < HS; i++) dot += (double)q[i] * k[i];
-                    s[u] = dot / sqrt((double)HS);
-                    mx = fmax(mx, s[u]);
-                }
-                for (int u = 0; u <= t; u++) sum += exp(s[u] - mx);
-                lse[((size_t)b * NH + h) * T + t] = mx + log(sum);
-                double *o = out + ((size_t)b * T + t) * NH * HS + h * HS;
-                for (int i = 0; i < HS; i++) o[i] = 0;
-                for (int u = 0; u <= t; u++) {
-                    const float *v = qkv + ((size_t)b * T + u) * S + (NH + KVH + kh) * HS;
-                    double p = exp(s[u] - mx) / sum;
-                    for (int i = 0; i < HS; i++) o[i] += p * v[i];
-                }
-            }
-        }
-    free(s);
-}
-
 static void test_ref_vs_naive(void)
 {
     const kern_ops *R = kern_ops_ref();
@@ -83,7 +51,7 @@ static void test_ref_vs_naive(void)
         float *qkv = rnd(nq, 1.5f), *o = malloc(no * 4), *l = malloc(nl * 4);
         double *od = malloc(no * 8), *ld = malloc(nl * 8);
         R->attention_fwd(kern_gemm_ref(), o, l, qkv, B, T, NH, KVH, HS);
-        naive_fwd(od, ld, qkv, B, T, NH, KVH, HS);
+        attn_naive(qkv, NULL, NULL, NULL, B, T, NH, KVH, HS, od, ld, NULL, NULL, NULL);
         double w = 0;
         for (size_t i = 0; i < no; i++) w = fmax(w, fabs(o[i] - od[i]));
         CHECK_MSG(w < 1e-5, "ref out vs naive: %g (cfg %d)", w, c);

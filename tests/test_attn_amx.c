@@ -29,6 +29,7 @@
 #include "check.h"
 #include "kiln.h"
 #include "kernels/x86/bf16.h"
+#include "attn_naive.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -38,73 +39,6 @@ static kiln_rng rng;
 static double worst_ratio; /* max over checks of err / (u * M) */
 
 #define U (1.0 / 256)
-
-/* Naive attention in double on qkv (already bf16 values). Forward: out,
- * lse, Mo. Backward from dout and the float out / lse given (what the
- * kernel is fed): dqkv and its magnitude bound M (same layout). */
-static void naive(const float *qkv, const float *dout, const float *outf, const float *lsef,
-                  int B, int T, int NH, int KVH, int HS, double *out, double *lse, double *Mo,
-                  double *dqkv, double *M)
-{
-    int S = (NH + 2 * KVH) * HS, OC = NH * HS, grp = NH / KVH;
-    double scale = 1.0 / sqrt((double)HS);
-    double *s = malloc((size_t)T * sizeof(double));
-    size_t nq = (size_t)B * T * S;
-    for (size_t i = 0; i < nq; i++) dqkv[i] = M[i] = 0;
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++) {
-            int kh = h / grp;
-            for (int t = 0; t < T; t++) {
-                const float *q = qkv + ((size_t)b * T + t) * S + h * HS;
-                double mx = -INFINITY, sum = 0;
-                for (int u = 0; u <= t; u++) {
-                    const float *k = qkv + ((size_t)b * T + u) * S + (NH + kh) * HS;
-                    double dot = 0;
-                    for (int i = 0; i < HS; i++) dot += (double)q[i] * k[i];
-                    s[u] = dot * scale;
-                    mx = fmax(mx, s[u]);
-                }
-                for (int u = 0; u <= t; u++) sum += exp(s[u] - mx);
-                size_t li = ((size_t)b * NH + h) * T + t, oi = ((size_t)b * T + t) * OC + h * HS;
-                lse[li] = mx + log(sum);
-                for (int i = 0; i < HS; i++) out[oi + i] = Mo[oi + i] = 0;
-                for (int u = 0; u <= t; u++) {
-                    const float *v = qkv + ((size_t)b * T + u) * S + (NH + KVH + kh) * HS;
-                    double p = exp(s[u] - mx) / sum;
-                    for (int i = 0; i < HS; i++) {
-                        out[oi + i] += p * v[i];
-                        Mo[oi + i] += p * fabs(v[i]);
-                    }
-                }
-                /* backward of this query row with the float out and lse */
-                const float *dO = dout + oi, *O = outf + oi;
-                double D = 0;
-                for (int i = 0; i < HS; i++) D += (double)dO[i] * O[i];
-                double *dq = dqkv + ((size_t)b * T + t) * S + h * HS;
-                double *mq = M + ((size_t)b * T + t) * S + h * HS;
-                for (int u = 0; u <= t; u++) {
-                    size_t ku = ((size_t)b * T + u) * S + (NH + kh) * HS;
-                    size_t vu = ((size_t)b * T + u) * S + (NH + KVH + kh) * HS;
-                    const float *k = qkv + ku, *v = qkv + vu;
-                    double p = exp(s[u] - (double)lsef[li]), dp = 0, adp = 0;
-                    for (int i = 0; i < HS; i++) {
-                        dp += (double)dO[i] * v[i];
-                        adp += fabs((double)dO[i] * v[i]);
-                    }
-                    double ds = p * (dp - D) * scale, mds = fabs(ds) + p * scale * adp;
-                    for (int i = 0; i < HS; i++) {
-                        dqkv[vu + i] += p * dO[i];
-                        M[vu + i] += p * fabs(dO[i]);
-                        dqkv[ku + i] += ds * q[i];
-                        M[ku + i] += mds * fabs(q[i]);
-                        dq[i] += ds * k[i];
-                        mq[i] += mds * fabs(k[i]);
-                    }
-                }
-            }
-        }
-    free(s);
-}
 
 /* |got - ref| <= 2u M + 1e-5 max|ref| element by element. */
 static void within(const float *got, const double *ref, const double *M, size_t n,
@@ -143,10 +77,10 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
     double *dq = malloc(nq * 8), *Mq = malloc(nq * 8), *lone = malloc(nl * 8);
     float *outf = calloc(no, 4), *lsef = calloc(nl, 4);
     /* the reference forward first (the backward is fed its out and lse) */
-    naive(qkv, dout, outf, lsef, B, T, NH, KVH, HS, out, lse, Mo, dq, Mq);
+    attn_naive(qkv, dout, outf, lsef, B, T, NH, KVH, HS, out, lse, Mo, dq, Mq);
     for (size_t i = 0; i < no; i++) outf[i] = (float)out[i];
     for (size_t i = 0; i < nl; i++) lsef[i] = (float)lse[i];
-    naive(qkv, dout, outf, lsef, B, T, NH, KVH, HS, out, lse, Mo, dq, Mq);
+    attn_naive(qkv, dout, outf, lsef, B, T, NH, KVH, HS, out, lse, Mo, dq, Mq);
     for (size_t i = 0; i < nl; i++) lone[i] = fmax(1.0, fabs(lse[i]));
 
     float *o[3], *l[3], *g[3];
