@@ -13,12 +13,9 @@
 
 #include "base/base.h"
 
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static inline int omp_get_thread_num(void) { return 0; }
-#endif
 #include <time.h>
 
 #if defined(__x86_64__)
@@ -57,8 +54,37 @@ MP_TAMX static void tiles_config(void) { _tile_loadconfig(&g_tilecfg); }
  * as well cost more in prefetch instructions than it saved). C tiles are
  * loaded and stored straight from C (fp32, row stride ldc); tiles cut by
  * the edge of C go through a buffer. With an epilogue (epi), the finished
- * 32 x 32 blocks go to mp_epi_block instead of C. */
+ * 32 x 32 blocks go to mp_epi_block instead of C.
+ *
+ * A product over more than one K chunk keeps the partial sums of the
+ * macro tile between chunks in a per-thread buffer (MC x NC fp32, 256 KiB,
+ * which stays in L2), so C is read and written once, not once per chunk
+ * (+8-15% on 2048 x 512 x 2048 and 512 x 2048 x 2048 from memory, and
+ * C stored transposed needs no transposed reloads). */
 enum { MC = MP_AMX_MC, NC = MP_AMX_NC, KC = MP_AMX_KC };
+
+/* The calling thread's partial-sum buffer: made on its first product over
+ * several chunks, freed when the thread exits; NULL if it could not be
+ * made (the partial sums then go through C, slower but the same result). */
+static pthread_key_t g_part_key;
+static bool g_part_key_ok;
+static void part_key_make(void) { g_part_key_ok = pthread_key_create(&g_part_key, free) == 0; }
+
+static float *thread_part(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, part_key_make);
+    if (!g_part_key_ok) return NULL;
+    float *p = pthread_getspecific(g_part_key);
+    if (!p) {
+        p = aligned_alloc(64, (size_t)MC * NC * sizeof(float));
+        if (p && pthread_setspecific(g_part_key, p) != 0) {
+            free(p);
+            p = NULL;
+        }
+    }
+    return p;
+}
 
 /* transc: C is stored transposed (element (i, j) at C[j * ldc + i]); the
  * 16 x 16 blocks go through buf and an in-register transpose. */
@@ -88,7 +114,7 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
 #define ACC_INIT(t, i0, j0)                                                        \
     do {                                                                           \
         int r_ = M - (i0), c_ = N - (j0);                                          \
-        if (transc && sb && !first) {                                              \
+        if (sb && !first) {                                                        \
             _tile_loadd(t, sb + 256 * (((i0) & 16) / 8 + ((j0) & 16) / 16), 64);   \
         } else if (transc && !(first && !accumulate)) {                            \
             tr_load(buf, C, ldc, (i0), (j0), r_, c_);                              \
@@ -111,7 +137,7 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
 #define ACC_STORE(t, i0, j0)                                                       \
     do {                                                                           \
         int r_ = M - (i0), c_ = N - (j0);                                          \
-        if (transc && sb && !last) {                                               \
+        if (sb && !last) {                                                         \
             _tile_stored(t, sb + 256 * (((i0) & 16) / 8 + ((j0) & 16) / 16), 64);  \
         } else if (transc) {                                                       \
             if (r_ > 0 && c_ > 0) {                                                \
@@ -129,13 +155,13 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
     } while (0)
 
 MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,
+                         float *C, int ldc, bool accumulate, const float *bias, bool transc,
                          const mp_epi *epi);
 MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,
+                         float *C, int ldc, bool accumulate, const float *bias, bool transc,
                          const mp_epi *epi)
 {
-    KILN_ASSERT(!epi || (!transc && !accumulate));
+    KILN_ASSERT(!epi || (!transc && !accumulate && Kp <= KC));
     int Mp = (M + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
     int mtiles = (Mp + MC - 1) / MC, ntiles = (Np + NC - 1) / NC;
     size_t cstride = (size_t)ldc * 4;
@@ -145,10 +171,9 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
         float buf[16][16] __attribute__((aligned(64)));
         float bbuf[2][16][16] __attribute__((aligned(64))); /* bias rows, 2 tiles */
         float eblk[32][32] __attribute__((aligned(64)));    /* a finished block, for epi */
-        /* transc over several K chunks: the partial sums of this thread's
-         * macro tile wait in tscr (plain tiles) between chunks, so C is
-         * read and written transposed once, not once per chunk. */
-        float *tbase = transc && tscr && Kp > KC ? tscr + (size_t)omp_get_thread_num() * MC * NC : NULL;
+        /* over several K chunks: the partial sums of this thread's macro
+         * tile wait here (plain tiles) between chunks */
+        float *tbase = Kp > KC ? thread_part() : NULL;
         #pragma omp for schedule(static) collapse(2)
         for (int mt = 0; mt < mtiles; mt++) {
             for (int nt = 0; nt < ntiles; nt++) {
@@ -188,7 +213,7 @@ MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_
                              * 2048 x {512..8192} x 512). */
                             const float *cn = NULL;
                             int cn_rows = 0;
-                            if (!(transc && sb && !last) && !epi) {
+                            if (!(sb && !last) && !epi) {
                                 int ni = i0 + 32 < iend ? i0 + 32 : mt * MC;
                                 int nj = i0 + 32 < iend ? j0 : j0 + 32;
                                 if (nj < jend && ni < M && nj < N) {
@@ -300,14 +325,14 @@ MP_TAMX void mp_amx_tiles_config(void) { tiles_config(); }
 void mp_amx_tiles_config(void) { KILN_ASSERT(0); }
 
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc,
                  const mp_epi *epi);
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                 float *C, int ldc, bool accumulate, const float *bias, bool transc, float *tscr,
+                 float *C, int ldc, bool accumulate, const float *bias, bool transc,
                  const mp_epi *epi)
 {
     (void)M, (void)N, (void)Kp, (void)pa, (void)pb, (void)C, (void)ldc;
-    (void)accumulate, (void)bias, (void)transc, (void)tscr, (void)epi;
+    (void)accumulate, (void)bias, (void)transc, (void)epi;
     KILN_ASSERT(0);
 }
 

@@ -124,21 +124,16 @@ static inline size_t mp_packa_off(int kk, int m, int k)
 }
 
 /* The AMX kernel's blocking (amx_bf16.c): macro tiles of MC x NC of C, K
- * in chunks of KC. A transposed product over more than one chunk may pass
- * a scratch of mp_gemm_tscr_floats(threads) floats. */
+ * in chunks of KC (the partial sums between chunks wait in a per-thread
+ * buffer of MC x NC floats). */
 enum { MP_AMX_MC = 256, MP_AMX_NC = 256, MP_AMX_KC = 512 };
-static inline size_t mp_gemm_tscr_floats(int threads)
-{
-    return (size_t)threads * MP_AMX_MC * MP_AMX_NC;
-}
 
 /* mp_gemm_packed with C stored transposed when transc (element (i, j) of
  * the product at C[j * ldc + i]; no bias then): a weight gradient computed
  * as dY^T X lands in an (in, out) weight as it is. */
 void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
                       const uint16_t *pa, const uint16_t *pb, float *C,
-                      int ldc, bool accumulate, const float *bias, bool transc,
-                      float *tscr);
+                      int ldc, bool accumulate, const float *bias, bool transc);
 void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
                     const uint16_t *pa, const uint16_t *pb, float *C,
                     int ldc, bool accumulate, const float *bias);
@@ -289,7 +284,8 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0);
 /* db (N) += the column sums in e->bpart, block by block in order. */
 void mp_epi_bias_sum(const mp_epi *e, float *db);
 /* C = A B (bf16, packed as in mp_gemm_packed, + bias) through epi. On
- * backends without an epilogue the product goes through scratch first.
+ * backends without an epilogue, and for K over MP_AMX_KC, the product goes
+ * through scratch first.
  * Returns false on OOM. */
 bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const uint16_t *pa,
                         const uint16_t *pb, const float *bias, const mp_epi *epi);

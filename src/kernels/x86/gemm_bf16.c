@@ -27,7 +27,7 @@ static inline int omp_get_max_threads(void) { return 1; }
 /* Implemented in amx_bf16.c. */
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
                  float *C, int ldc, bool accumulate, const float *bias, bool transc,
-                 float *tscr, const mp_epi *epi);
+                 const mp_epi *epi);
 
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -485,13 +485,12 @@ void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
                     const uint16_t *pa, const uint16_t *pb, float *C,
                     int ldc, bool accumulate, const float *bias)
 {
-    mp_gemm_packed_t(be, dt, M, N, K, pa, pb, C, ldc, accumulate, bias, false, NULL);
+    mp_gemm_packed_t(be, dt, M, N, K, pa, pb, C, ldc, accumulate, bias, false);
 }
 
 void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
                       const uint16_t *pa, const uint16_t *pb, float *C,
-                      int ldc, bool accumulate, const float *bias, bool transc,
-                      float *tscr)
+                      int ldc, bool accumulate, const float *bias, bool transc)
 {
     KILN_ASSERT(!(transc && bias));
     if (M <= 0 || N <= 0) return;
@@ -499,7 +498,7 @@ void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
     if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
 #if MP_X86
     if (be == MP_BACKEND_AMX) {
-        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc, tscr, NULL);
+        mp_gemm_amx(M, N, kk, pa, pb, C, ldc, accumulate, bias, transc, NULL);
         return;
     }
     if (be == MP_BACKEND_AVX512) {
@@ -635,17 +634,7 @@ static bool backward_w_from(mp_backend be, mp_scratch *s, bool in_out, const uin
     uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(MP_BF16, N, C));
     if (!pb) return false;
     mp_pack_b_tokens(pb, xp, N, C, act); /* x: K = N tokens, C columns */
-    float *tscr = NULL;
-    if (in_out) {
-        size_t need = mp_gemm_tscr_floats(omp_get_max_threads());
-        if (need > s->c_cap) {
-            free(s->c);
-            s->c = aligned_alloc(64, need * 4);
-            s->c_cap = s->c ? need : 0;
-        }
-        tscr = s->c; /* NULL (OOM): the slower transposed reloads */
-    }
-    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pt, pb, dW, in_out ? OC : C, true, NULL, in_out, tscr);
+    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pt, pb, dW, in_out ? OC : C, true, NULL, in_out);
     return true;
 }
 
@@ -683,8 +672,8 @@ bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const
     if (M <= 0 || N <= 0) return true;
     if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
 #if MP_X86
-    if (be == MP_BACKEND_AMX) {
-        mp_gemm_amx(M, N, packed_k(MP_BF16, K), pa, pb, NULL, 0, false, bias, false, NULL, epi);
+    if (be == MP_BACKEND_AMX && packed_k(MP_BF16, K) <= MP_AMX_KC) {
+        mp_gemm_amx(M, N, packed_k(MP_BF16, K), pa, pb, NULL, 0, false, bias, false, epi);
         return true;
     }
 #endif
