@@ -137,6 +137,6 @@ fuzz: deps
 	@bash fuzz/run.sh
 
 clean:
-	rm -rf build build-asan build-fuzz
+	rm -rf build build-asan build-fuzz build-clang-portable
 
 -include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d)

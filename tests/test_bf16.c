@@ -765,6 +765,28 @@ static void test_epilogues(void)
     }
 }
 
+/* The per-thread scratch: aligned, kept while big enough, grown when
+ * asked for more, one buffer per slot and per thread. */
+static void test_thread_scratch(void)
+{
+    char *a = mp_thread_scratch(MP_SCRATCH_GEMM, 100);
+    CHECK(a && (uintptr_t)a % 64 == 0);
+    if (!a) return;
+    memset(a, 1, 100);
+    CHECK(mp_thread_scratch(MP_SCRATCH_GEMM, 60) == a);
+    char *b = mp_thread_scratch(MP_SCRATCH_ATTN_H, 100);
+    CHECK(b && b != a);
+    char *c = mp_thread_scratch(MP_SCRATCH_GEMM, 1 << 20);
+    CHECK(c && (uintptr_t)c % 64 == 0);
+    if (c) memset(c, 2, 1 << 20); /* ASan: the whole size is there */
+    CHECK(mp_thread_scratch(MP_SCRATCH_ATTN_H, 100) == b);
+    void *p[2] = {NULL, NULL};
+    #pragma omp parallel num_threads(2)
+    p[omp_get_thread_num() & 1] = mp_thread_scratch(MP_SCRATCH_ATTN_F, 4096);
+    CHECK(p[0] != NULL);
+    if (p[1]) CHECK(p[0] != p[1]);
+}
+
 static void test_amx_peak_probe(void)
 {
     if (!mp_amx_usable()) SKIP("no AMX-BF16");
@@ -794,6 +816,7 @@ int main(void)
     RUN_TEST(test_weight_grad_from_packed);
     RUN_TEST(test_pack_dy);
     RUN_TEST(test_epilogues);
+    RUN_TEST(test_thread_scratch);
     RUN_TEST(test_amx_peak_probe);
     return TEST_EXIT();
 }

@@ -18,6 +18,51 @@
 #include <string.h>
 #include <time.h>
 
+/* ---- per-thread scratch ------------------------------------------------ */
+
+typedef struct tscratch {
+    void *p[MP_SCRATCH_SLOTS];
+    size_t n[MP_SCRATCH_SLOTS];
+} tscratch;
+
+static pthread_key_t g_scratch_key;
+static bool g_scratch_key_ok;
+
+static void tscratch_free(void *v)
+{
+    tscratch *t = v;
+    for (int i = 0; i < MP_SCRATCH_SLOTS; i++) free(t->p[i]);
+    free(t);
+}
+
+static void scratch_key_make(void)
+{
+    g_scratch_key_ok = pthread_key_create(&g_scratch_key, tscratch_free) == 0;
+}
+
+void *mp_thread_scratch(int slot, size_t bytes)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    KILN_ASSERT(slot >= 0 && slot < MP_SCRATCH_SLOTS);
+    pthread_once(&once, scratch_key_make);
+    if (!g_scratch_key_ok) return NULL;
+    tscratch *t = pthread_getspecific(g_scratch_key);
+    if (!t) {
+        t = calloc(1, sizeof *t);
+        if (!t) return NULL;
+        if (pthread_setspecific(g_scratch_key, t) != 0) {
+            free(t);
+            return NULL;
+        }
+    }
+    if (t->n[slot] < bytes) {
+        free(t->p[slot]);
+        t->p[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        t->n[slot] = t->p[slot] ? bytes : 0;
+    }
+    return t->p[slot];
+}
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 
@@ -60,31 +105,10 @@ MP_TAMX static void tiles_config(void) { _tile_loadconfig(&g_tilecfg); }
  * macro tile between chunks in a per-thread buffer (MC x NC fp32, 256 KiB,
  * which stays in L2), so C is read and written once, not once per chunk
  * (+8-15% on 2048 x 512 x 2048 and 512 x 2048 x 2048 from memory, and
- * C stored transposed needs no transposed reloads). */
+ * C stored transposed needs no transposed reloads); without that buffer
+ * (out of memory) they go through C, slower but the same result. */
 enum { MC = MP_AMX_MC, NC = MP_AMX_NC, KC = MP_AMX_KC };
 
-/* The calling thread's partial-sum buffer: made on its first product over
- * several chunks, freed when the thread exits; NULL if it could not be
- * made (the partial sums then go through C, slower but the same result). */
-static pthread_key_t g_part_key;
-static bool g_part_key_ok;
-static void part_key_make(void) { g_part_key_ok = pthread_key_create(&g_part_key, free) == 0; }
-
-static float *thread_part(void)
-{
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, part_key_make);
-    if (!g_part_key_ok) return NULL;
-    float *p = pthread_getspecific(g_part_key);
-    if (!p) {
-        p = aligned_alloc(64, (size_t)MC * NC * sizeof(float));
-        if (p && pthread_setspecific(g_part_key, p) != 0) {
-            free(p);
-            p = NULL;
-        }
-    }
-    return p;
-}
 
 /* transc: C is stored transposed (element (i, j) at C[j * ldc + i]); the
  * 16 x 16 blocks go through buf and an in-register transpose. */
@@ -154,124 +178,156 @@ MP_TAMX static void tr_store(float buf[16][16], float *C, int ldc, int i0, int j
         }                                                                          \
     } while (0)
 
-MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias, bool transc,
-                         const mp_epi *epi);
-MP_TAMX void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
-                         float *C, int ldc, bool accumulate, const float *bias, bool transc,
-                         const mp_epi *epi)
+/* One thread's share of mp_gemm_amx (called inside its parallel region:
+ * the worksharing loop below binds to it). A function of its own so that
+ * the AMX and AVX-512 code carries its target attribute: clang outlines the
+ * body of a parallel region into a function without it. */
+MP_TAMX static void gemm_amx_thread(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
+                                    float *C, int ldc, bool accumulate, const float *bias,
+                                    bool transc, const mp_epi *epi)
 {
-    KILN_ASSERT(!epi || (!transc && !accumulate && Kp <= KC));
     int Mp = (M + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
     int mtiles = (Mp + MC - 1) / MC, ntiles = (Np + NC - 1) / NC;
     size_t cstride = (size_t)ldc * 4;
-    #pragma omp parallel
-    {
-        tiles_config();
-        float buf[16][16] __attribute__((aligned(64)));
-        float bbuf[2][16][16] __attribute__((aligned(64))); /* bias rows, 2 tiles */
-        float eblk[32][32] __attribute__((aligned(64)));    /* a finished block, for epi */
-        /* over several K chunks: the partial sums of this thread's macro
-         * tile wait here (plain tiles) between chunks */
-        float *tbase = Kp > KC ? thread_part() : NULL;
-        /* Macro tiles go to whichever thread is free: on this VM the two
-         * vCPUs often run at different speeds (another tenant on a sibling
-         * hyperthread), and a static split then waits for the slower one
-         * (2 threads, best of 25 interleaved: 1.3-1.5x on 2048 x {512,
-         * 1536, 8192} x 512 in such minutes, 0.9-1.05x when both run at
-         * full speed). Each tile is still computed by one thread in one
-         * order, so the result does not depend on the schedule. */
-        #pragma omp for schedule(dynamic, 1) collapse(2)
-        for (int mt = 0; mt < mtiles; mt++) {
-            for (int nt = 0; nt < ntiles; nt++) {
-                int iend = (mt + 1) * MC < Mp ? (mt + 1) * MC : Mp;
-                int jend = (nt + 1) * NC < Np ? (nt + 1) * NC : Np;
-                for (int k0 = 0; k0 < Kp; k0 += KC) {
-                    int k1 = k0 + KC < Kp ? k0 + KC : Kp;
-                    bool first = k0 == 0, last = k1 == Kp;
-                    for (int j0 = nt * NC; j0 < jend; j0 += 32) {
-                        const uint16_t *b0 = pb + (size_t)(j0 / 16) * Kp * 16;
-                        const uint16_t *b1 = b0 + (size_t)Kp * 16;
-                        /* The next 32 columns' panels (this K chunk) go to
-                         * L2 a few lines per k step while this panel pair
-                         * is in use: panel pairs are 2 * Kp * 32 bytes apart. */
-                        const char *bn = j0 + 32 < Np ? (const char *)(b0 + (size_t)Kp * 32) : NULL;
-                        size_t bn_bytes = (size_t)(k1 - k0) * 32, bn_pos = 0;
-                        int steps = ((iend - mt * MC) / 32) * ((k1 - k0) / 32);
-                        size_t bn_step = steps ? (2 * bn_bytes / 64 + steps - 1) / steps * 64 : 0;
-                        if (bias && first && !accumulate) /* the bias rows of this column block */
-                            for (int h = 0; h < 2; h++) {
-                                int c = N - (j0 + 16 * h);
-                                __mmask16 mk = (__mmask16)(c >= 16 ? 0xffff : c <= 0 ? 0 : (1u << c) - 1);
-                                __m512 v = _mm512_maskz_loadu_ps(mk, bias + j0 + 16 * h);
-                                for (int q = 0; q < 16; q++) _mm512_store_ps(bbuf[h][q], v);
-                            }
-                        for (int i0 = mt * MC; i0 < iend; i0 += 32) {
-                            float *sb = tbase ? tbase + (size_t)(((i0 - mt * MC) / 32) * (NC / 32) +
-                                                                 (j0 - nt * NC) / 32) * 1024
-                                              : NULL;
-                            const uint16_t *a0 = pa + (size_t)i0 * Kp; /* 2 groups */
-                            const uint16_t *a1 = a0 + (size_t)16 * Kp;
-                            /* The next C block (next rows, or the next
-                             * column block's first rows) is fetched for
-                             * writing while this one computes: without it
-                             * the tile stores of a K = 512 product miss to
-                             * memory and stall (measured 15-40% slower on
-                             * 2048 x {512..8192} x 512). */
-                            const float *cn = NULL;
-                            int cn_rows = 0;
-                            if (!(sb && !last) && !epi) {
-                                int ni = i0 + 32 < iend ? i0 + 32 : mt * MC;
-                                int nj = i0 + 32 < iend ? j0 : j0 + 32;
-                                if (nj < jend && ni < M && nj < N) {
-                                    cn = transc ? C + (size_t)nj * ldc + ni : C + (size_t)ni * ldc + nj;
-                                    cn_rows = transc ? N - nj : M - ni;
-                                    if (cn_rows > 32) cn_rows = 32;
-                                }
-                            }
-                            int cn_step = (k1 - k0) / 32, cn_q = 0;
-                            cn_step = cn_step ? (2 * cn_rows + cn_step - 1) / cn_step : 0;
-                            ACC_INIT(0, i0, j0);
-                            ACC_INIT(1, i0, j0 + 16);
-                            ACC_INIT(2, i0 + 16, j0);
-                            ACC_INIT(3, i0 + 16, j0 + 16);
-                            for (int k = k0; k < k1; k += 32) {
-                                _tile_loadd(4, a0 + (size_t)k * 16, 64);
-                                _tile_loadd(6, b0 + (size_t)k * 16, 64);
-                                _tile_loadd(5, a1 + (size_t)k * 16, 64);
-                                _tile_loadd(7, b1 + (size_t)k * 16, 64);
-                                _tile_dpbf16ps(0, 4, 6);
-                                _tile_dpbf16ps(1, 4, 7);
-                                _tile_dpbf16ps(2, 5, 6);
-                                _tile_dpbf16ps(3, 5, 7);
-                                for (int q = 0; q < cn_step && cn_q < 2 * cn_rows; q++, cn_q++)
-                                    _m_prefetchw((void *)(cn + (size_t)(cn_q >> 1) * ldc + (cn_q & 1) * 16));
-                                if (bn)
-                                    for (size_t q = 0; q < bn_step && bn_pos < 2 * bn_bytes; q += 64, bn_pos += 64) {
-                                        size_t off = bn_pos < bn_bytes ? (size_t)k0 * 32 + bn_pos
-                                                                       : (size_t)Kp * 32 + (size_t)k0 * 32 + bn_pos - bn_bytes;
-                                        _mm_prefetch(bn + off, _MM_HINT_T1);
-                                    }
-                            }
-                            if (epi && last) {
-                                _tile_stored(0, &eblk[0][0], 128);
-                                _tile_stored(1, &eblk[0][16], 128);
-                                _tile_stored(2, &eblk[16][0], 128);
-                                _tile_stored(3, &eblk[16][16], 128);
-                                mp_epi_block(epi, eblk, i0, j0);
-                                continue;
-                            }
-                            ACC_STORE(0, i0, j0);
-                            ACC_STORE(1, i0, j0 + 16);
-                            ACC_STORE(2, i0 + 16, j0);
-                            ACC_STORE(3, i0 + 16, j0 + 16);
+    tiles_config();
+    float buf[16][16] __attribute__((aligned(64)));
+    float bbuf[2][16][16] __attribute__((aligned(64))); /* bias rows, 2 tiles */
+    float eblk[32][32] __attribute__((aligned(64)));    /* a finished block, for epi */
+    /* over several K chunks: the partial sums of this thread's macro
+     * tile wait here (plain tiles) between chunks */
+    float *tbase = Kp > KC ? mp_thread_scratch(MP_SCRATCH_GEMM, (size_t)MC * NC * sizeof(float)) : NULL;
+    /* Macro tiles go to whichever thread is free: on this VM the two
+     * vCPUs often run at different speeds (another tenant on a sibling
+     * hyperthread), and a static split then waits for the slower one
+     * (2 threads, best of 25 interleaved: 1.3-1.5x on 2048 x {512,
+     * 1536, 8192} x 512 in such minutes, 0.9-1.05x when both run at
+     * full speed). Each tile is still computed by one thread in one
+     * order, so the result does not depend on the schedule. */
+    #pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int mt = 0; mt < mtiles; mt++) {
+        for (int nt = 0; nt < ntiles; nt++) {
+            int iend = (mt + 1) * MC < Mp ? (mt + 1) * MC : Mp;
+            int jend = (nt + 1) * NC < Np ? (nt + 1) * NC : Np;
+            for (int k0 = 0; k0 < Kp; k0 += KC) {
+                int k1 = k0 + KC < Kp ? k0 + KC : Kp;
+                bool first = k0 == 0, last = k1 == Kp;
+                for (int j0 = nt * NC; j0 < jend; j0 += 32) {
+                    const uint16_t *b0 = pb + (size_t)(j0 / 16) * Kp * 16;
+                    const uint16_t *b1 = b0 + (size_t)Kp * 16;
+                    /* The next 32 columns' panels (this K chunk) go to
+                     * L2 a few lines per k step while this panel pair
+                     * is in use: panel pairs are 2 * Kp * 32 bytes apart. */
+                    const char *bn = j0 + 32 < Np
+                                         ? (const char *)(b0 + (size_t)Kp * 32)
+                                         : NULL;
+                    size_t bn_bytes = (size_t)(k1 - k0) * 32, bn_pos = 0;
+                    int steps = ((iend - mt * MC) / 32) * ((k1 - k0) / 32);
+                    size_t bn_step =
+                        steps ? (2 * bn_bytes / 64 + steps - 1) / steps * 64
+                              : 0;
+                    if (bias && first &&
+                        !accumulate) /* the bias rows of this column block */
+                        for (int h = 0; h < 2; h++) {
+                            int c = N - (j0 + 16 * h);
+                            __mmask16 mk =
+                                (__mmask16)(c >= 16  ? 0xffff
+                                            : c <= 0 ? 0
+                                                     : (1u << c) - 1);
+                            __m512 v =
+                                _mm512_maskz_loadu_ps(mk, bias + j0 + 16 * h);
+                            for (int q = 0; q < 16; q++)
+                                _mm512_store_ps(bbuf[h][q], v);
                         }
+                    for (int i0 = mt * MC; i0 < iend; i0 += 32) {
+                        float *sb =
+                            tbase ? tbase + (size_t)(((i0 - mt * MC) / 32) *
+                                                         (NC / 32) +
+                                                     (j0 - nt * NC) / 32) *
+                                                1024
+                                  : NULL;
+                        const uint16_t *a0 =
+                            pa + (size_t)i0 * Kp; /* 2 groups */
+                        const uint16_t *a1 = a0 + (size_t)16 * Kp;
+                        /* The next C block (next rows, or the next
+                         * column block's first rows) is fetched for
+                         * writing while this one computes: without it
+                         * the tile stores of a K = 512 product miss to
+                         * memory and stall (measured 15-40% slower on
+                         * 2048 x {512..8192} x 512). */
+                        const float *cn = NULL;
+                        int cn_rows = 0;
+                        if (!(sb && !last) && !epi) {
+                            int ni = i0 + 32 < iend ? i0 + 32 : mt * MC;
+                            int nj = i0 + 32 < iend ? j0 : j0 + 32;
+                            if (nj < jend && ni < M && nj < N) {
+                                cn = transc ? C + (size_t)nj * ldc + ni
+                                            : C + (size_t)ni * ldc + nj;
+                                cn_rows = transc ? N - nj : M - ni;
+                                if (cn_rows > 32) cn_rows = 32;
+                            }
+                        }
+                        int cn_step = (k1 - k0) / 32, cn_q = 0;
+                        cn_step =
+                            cn_step ? (2 * cn_rows + cn_step - 1) / cn_step : 0;
+                        ACC_INIT(0, i0, j0);
+                        ACC_INIT(1, i0, j0 + 16);
+                        ACC_INIT(2, i0 + 16, j0);
+                        ACC_INIT(3, i0 + 16, j0 + 16);
+                        for (int k = k0; k < k1; k += 32) {
+                            _tile_loadd(4, a0 + (size_t)k * 16, 64);
+                            _tile_loadd(6, b0 + (size_t)k * 16, 64);
+                            _tile_loadd(5, a1 + (size_t)k * 16, 64);
+                            _tile_loadd(7, b1 + (size_t)k * 16, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_dpbf16ps(1, 4, 7);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                            for (int q = 0; q < cn_step && cn_q < 2 * cn_rows;
+                                 q++, cn_q++)
+                                __builtin_prefetch(
+                                    cn + (size_t)(cn_q >> 1) * ldc +
+                                        (cn_q & 1) * 16,
+                                    1, 3);
+                            if (bn)
+                                for (size_t q = 0;
+                                     q < bn_step && bn_pos < 2 * bn_bytes;
+                                     q += 64, bn_pos += 64) {
+                                    size_t off = bn_pos < bn_bytes
+                                                     ? (size_t)k0 * 32 + bn_pos
+                                                     : (size_t)Kp * 32 +
+                                                           (size_t)k0 * 32 +
+                                                           bn_pos - bn_bytes;
+                                    _mm_prefetch(bn + off, _MM_HINT_T1);
+                                }
+                        }
+                        if (epi && last) {
+                            _tile_stored(0, &eblk[0][0], 128);
+                            _tile_stored(1, &eblk[0][16], 128);
+                            _tile_stored(2, &eblk[16][0], 128);
+                            _tile_stored(3, &eblk[16][16], 128);
+                            mp_epi_block(epi, eblk, i0, j0);
+                            continue;
+                        }
+                        ACC_STORE(0, i0, j0);
+                        ACC_STORE(1, i0, j0 + 16);
+                        ACC_STORE(2, i0 + 16, j0);
+                        ACC_STORE(3, i0 + 16, j0 + 16);
                     }
                 }
             }
         }
-        _tile_release();
     }
+    _tile_release();
+}
+
+void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb, float *C, int ldc,
+                 bool accumulate, const float *bias, bool transc, const mp_epi *epi);
+void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb, float *C, int ldc,
+                 bool accumulate, const float *bias, bool transc, const mp_epi *epi)
+{
+    KILN_ASSERT(!epi || (!transc && !accumulate && Kp <= KC));
+    #pragma omp parallel
+    gemm_amx_thread(M, N, Kp, pa, pb, C, ldc, accumulate, bias, transc, epi);
 }
 
 /* Tile products done by this thread in about secs seconds. */

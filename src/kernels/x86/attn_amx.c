@@ -372,23 +372,31 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
     }
 }
 
-MP_TAMX void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
-                                  int KVH, int HS)
+/* The threads' shares of the forward and the backward, called inside
+ * their parallel regions (the worksharing loops bind to them): functions
+ * of their own so that the tile code carries its target attribute, which
+ * clang does not give the outlined body of a parallel region. Their
+ * buffers are the threads' own scratch (mp_thread_scratch), made once. */
+MP_TAMX static void fwd_thread(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
+                               int KVH, int HS)
+{
+    size_t per = rup32(T) * (size_t)HS;
+    uint16_t *buf = mp_thread_scratch(MP_SCRATCH_ATTN_H, 3 * per * sizeof(uint16_t));
+    KILN_ASSERT(buf);
+    mp_amx_tiles_config();
+    fwd_buf w = {buf, buf + per, buf + 2 * per};
+    #pragma omp for schedule(dynamic, 1)
+    for (int bh = 0; bh < B * NH; bh++) fwd_head(&w, out, lse, qkvh, T, NH, KVH, HS, bh / NH, bh % NH);
+    _tile_release();
+}
+
+void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
+                          int KVH, int HS)
 {
     KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
     if (B <= 0 || T <= 0) return;
-    size_t per = rup32(T) * (size_t)HS;
     #pragma omp parallel
-    {
-        mp_amx_tiles_config();
-        uint16_t *buf = malloc(3 * per * sizeof(uint16_t));
-        KILN_ASSERT(buf);
-        fwd_buf w = {buf, buf + per, buf + 2 * per};
-        #pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < B * NH; bh++) fwd_head(&w, out, lse, qkvh, T, NH, KVH, HS, bh / NH, bh % NH);
-        free(buf);
-        _tile_release();
-    }
+    fwd_thread(out, lse, qkvh, B, T, NH, KVH, HS);
 }
 
 /* ---- backward ---- */
@@ -502,29 +510,31 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
     put_rows(dbase + (size_t)(NH + KVH + kh) * HS, (size_t)S, w->dv, T, HS);
 }
 
-MP_TAMX void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
-                                  const float *out, const float *lse, int B, int T, int NH, int KVH,
-                                  int HS)
+MP_TAMX static void bwd_thread(float *dqkv, const float *dout, const uint16_t *qkvh,
+                               const float *out, const float *lse, int B, int T, int NH, int KVH,
+                               int HS)
+{
+    size_t tp = rup32(T), per = tp * (size_t)HS;
+    uint16_t *hb = mp_thread_scratch(MP_SCRATCH_ATTN_H, 8 * per * sizeof(uint16_t));
+    float *fb = mp_thread_scratch(MP_SCRATCH_ATTN_F, (3 * per + 2 * tp) * sizeof(float));
+    KILN_ASSERT(hb && fb);
+    mp_amx_tiles_config();
+    bwd_buf w = {hb, hb + per, hb + 2 * per, hb + 3 * per, hb + 4 * per, hb + 5 * per,
+                 hb + 6 * per, hb + 7 * per, fb, fb + per, fb + 2 * per, fb + 3 * per,
+                 fb + 3 * per + tp};
+    #pragma omp for schedule(dynamic, 1)
+    for (int bk = 0; bk < B * KVH; bk++)
+        bwd_kv(&w, dqkv, dout, qkvh, out, lse, T, NH, KVH, HS, bk / KVH, bk % KVH);
+    _tile_release();
+}
+
+void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh, const float *out,
+                          const float *lse, int B, int T, int NH, int KVH, int HS)
 {
     KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
     if (B <= 0 || T <= 0) return;
-    size_t tp = rup32(T), per = tp * (size_t)HS;
     #pragma omp parallel
-    {
-        mp_amx_tiles_config();
-        uint16_t *hb = malloc(8 * per * sizeof(uint16_t));
-        float *fb = malloc((3 * per + 2 * tp) * sizeof(float));
-        KILN_ASSERT(hb && fb);
-        bwd_buf w = {hb, hb + per, hb + 2 * per, hb + 3 * per, hb + 4 * per, hb + 5 * per,
-                     hb + 6 * per, hb + 7 * per, fb, fb + per, fb + 2 * per, fb + 3 * per,
-                     fb + 3 * per + tp};
-        #pragma omp for schedule(dynamic, 1)
-        for (int bk = 0; bk < B * KVH; bk++)
-            bwd_kv(&w, dqkv, dout, qkvh, out, lse, T, NH, KVH, HS, bk / KVH, bk % KVH);
-        free(hb);
-        free(fb);
-        _tile_release();
-    }
+    bwd_thread(dqkv, dout, qkvh, out, lse, B, T, NH, KVH, HS);
 }
 
 #else /* not x86-64: never called (mp_attention_amx_ok() is false) */

@@ -427,57 +427,61 @@ static void gemm_ref(int M, int N, int Kp, const uint16_t *pa,
 
 #if MP_X86
 /* 8 rows x 32 columns per block; the B rows come straight from the packed
- * panels, the A pairs are broadcast. */
+ * panels, the A pairs are broadcast. A function of its own so that it keeps
+ * its target attribute under clang, which outlines the body of a parallel
+ * loop into a function without it. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void gemm_avx512(int M, int N, int Kp, const uint16_t *pa,
-                        const uint16_t *pb, float *C, int ldc, bool accumulate,
-                        const float *bias, bool transc)
+static void avx512_block(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb, float *C,
+                         int ldc, bool accumulate, const float *bias, bool transc, int i0, int j0)
+{
+    const uint16_t *p0 = pb + (size_t)(j0 / 16) * Kp * 16;
+    const uint16_t *p1 = p0 + (size_t)Kp * 16;
+    __m512 acc[8][2];
+    for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int k2 = 0; k2 < Kp / 2; k2++) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(p0 + (size_t)k2 * 32);
+        __m512bh b1 = (__m512bh)_mm512_loadu_si512(p1 + (size_t)k2 * 32);
+        for (int r = 0; r < 8; r++) {
+            uint32_t pair;
+            memcpy(&pair, pa + a_off(Kp, i0 + r, 2 * k2), 4); /* rows padded to 32 */
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+        }
+    }
+    int rows = KILN_MP_MIN(8, M - i0);
+    for (int r = 0; r < rows; r++) {
+        for (int h = 0; h < 2; h++) {
+            int n0 = j0 + 16 * h;
+            if (n0 >= N) break;
+            int cols = KILN_MP_MIN(16, N - n0);
+            __mmask16 mk = (__mmask16)((1u << cols) - 1);
+            __m512 v = acc[r][h];
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n0));
+            if (transc) {
+                float t[16];
+                _mm512_storeu_ps(t, v);
+                for (int e = 0; e < cols; e++) {
+                    float *o = C + (size_t)(n0 + e) * ldc + i0 + r;
+                    *o = (accumulate ? *o : 0.f) + t[e];
+                }
+                continue;
+            }
+            float *o = C + (size_t)(i0 + r) * ldc + n0;
+            if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, o));
+            _mm512_mask_storeu_ps(o, mk, v);
+        }
+    }
+}
+
+static void gemm_avx512(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb, float *C,
+                        int ldc, bool accumulate, const float *bias, bool transc)
 {
     int mb = (M + 7) / 8, nb = (N + 31) / 32;
     #pragma omp parallel for schedule(static) collapse(2)
-    for (int jb = 0; jb < nb; jb++) {
-        for (int ib = 0; ib < mb; ib++) {
-            int j0 = jb * 32, i0 = ib * 8;
-            const uint16_t *p0 = pb + (size_t)(j0 / 16) * Kp * 16;
-            const uint16_t *p1 = p0 + (size_t)Kp * 16;
-            __m512 acc[8][2];
-            for (int r = 0; r < 8; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-            for (int k2 = 0; k2 < Kp / 2; k2++) {
-                __m512bh b0 = (__m512bh)_mm512_loadu_si512(p0 + (size_t)k2 * 32);
-                __m512bh b1 = (__m512bh)_mm512_loadu_si512(p1 + (size_t)k2 * 32);
-                for (int r = 0; r < 8; r++) {
-                    uint32_t pair;
-                    memcpy(&pair, pa + a_off(Kp, i0 + r, 2 * k2), 4); /* rows padded to 32 */
-                    __m512bh av = (__m512bh)_mm512_set1_epi32((int)pair);
-                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
-                }
-            }
-            int rows = KILN_MP_MIN(8, M - i0);
-            for (int r = 0; r < rows; r++) {
-                for (int h = 0; h < 2; h++) {
-                    int n0 = j0 + 16 * h;
-                    if (n0 >= N) break;
-                    int cols = KILN_MP_MIN(16, N - n0);
-                    __mmask16 mk = (__mmask16)((1u << cols) - 1);
-                    __m512 v = acc[r][h];
-                    if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n0));
-                    if (transc) {
-                        float t[16];
-                        _mm512_storeu_ps(t, v);
-                        for (int e = 0; e < cols; e++) {
-                            float *o = C + (size_t)(n0 + e) * ldc + i0 + r;
-                            *o = (accumulate ? *o : 0.f) + t[e];
-                        }
-                        continue;
-                    }
-                    float *o = C + (size_t)(i0 + r) * ldc + n0;
-                    if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, o));
-                    _mm512_mask_storeu_ps(o, mk, v);
-                }
-            }
-        }
-    }
+    for (int jb = 0; jb < nb; jb++)
+        for (int ib = 0; ib < mb; ib++)
+            avx512_block(M, N, Kp, pa, pb, C, ldc, accumulate, bias, transc, ib * 8, jb * 32);
 }
 #endif
 
