@@ -4,24 +4,38 @@
  */
 #include "cli.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-static volatile int g_stop; /* set by SIGINT/SIGTERM */
+static volatile int g_stop; /* set on SIGINT, SIGTERM or SIGUSR1 */
 
-static void on_signal(int sig)
+/* The stop signals are blocked in every thread of kiln train (the threads
+ * that OpenMP, MPI and oneDNN start later inherit the mask) and taken
+ * synchronously by one thread of its own: no handler ever runs on a
+ * compute thread's stack or interrupts a system call there. (With an
+ * asynchronous handler a rank stopped by SIGTERM now and then died of
+ * heap corruption inside oneDNN's sgemm, before and after the AMX work.) */
+static sigset_t g_stop_sigs;
+
+static void *stop_signal_thread(void *arg)
 {
-    (void)sig;
-    if (g_stop) _exit(130); /* second signal: leave now */
-    g_stop = 1;
-    static const char msg[] =
-        "\nkiln train: stopping after this step and saving a checkpoint "
-        "(signal again to quit without saving)\n";
-    ssize_t r = write(STDERR_FILENO, msg, sizeof msg - 1);
-    (void)r;
+    (void)arg;
+    for (;;) {
+        int sig;
+        if (sigwait(&g_stop_sigs, &sig) != 0) continue;
+        if (g_stop) _exit(130); /* second signal: leave now */
+        g_stop = 1;
+        static const char msg[] =
+            "\nkiln train: stopping after this step and saving a checkpoint "
+            "(signal again to quit without saving)\n";
+        ssize_t r = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void)r;
+    }
+    return NULL;
 }
 
 /* True when --name was given on the command line. */
@@ -46,6 +60,12 @@ static int parse_progress(const char *s)
 
 int cmd_train(int argc, char **argv)
 {
+    /* before any thread starts: see stop_signal_thread */
+    sigemptyset(&g_stop_sigs);
+    sigaddset(&g_stop_sigs, SIGINT);
+    sigaddset(&g_stop_sigs, SIGTERM);
+    sigaddset(&g_stop_sigs, SIGUSR1); /* mpirun forwards SIGUSR1 to the ranks */
+    pthread_sigmask(SIG_BLOCK, &g_stop_sigs, NULL);
     kiln_train_opts o = kiln_train_opts_default();
     const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
     int64_t seed = (int64_t)o.seed;
@@ -185,17 +205,17 @@ int cmd_train(int argc, char **argv)
     }
     g_stop = 0;
     o.stop_flag = &g_stop;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGUSR1, &sa, NULL); /* mpirun forwards SIGUSR1 to the ranks */
+    pthread_t sig_thread;
+    bool sig_thread_ok = pthread_create(&sig_thread, NULL, stop_signal_thread, NULL) == 0;
+    if (!sig_thread_ok) /* the signals keep their default action (terminate) */
+        pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL);
     kiln_train_result res;
     s = kiln_train(ctx, &o, &res);
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
-    signal(SIGUSR1, SIG_DFL);
+    if (sig_thread_ok) {
+        pthread_cancel(sig_thread); /* sigwait is a cancellation point */
+        pthread_join(sig_thread, NULL);
+        pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL);
+    }
     if (s) {
         ret = cli_fail(ctx, "train", s);
         goto done;
@@ -219,6 +239,7 @@ int cmd_train(int argc, char **argv)
     if (plotted) printf("loss plot:  %s\n", svg);
     free(svg);
 done:
+    pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL);
     kiln_ctx_free(ctx);
     cli_free(opts, NULL);
     return ret;
