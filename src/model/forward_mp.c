@@ -146,6 +146,16 @@ void model_mp_carve(kiln_model *m, int B, int T)
 
 #define NOMEM(ctx) kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory in the bf16 products")
 
+/* A forward product (M, N, K) through its epilogue e, timed as MATMUL_FWD. */
+static kiln_status fwd_epi(kiln_ctx *ctx, kiln_model *m, kern_gemm *g, mp_backend be, int M,
+                           int N, int K, const uint16_t *pa, const uint16_t *pb, const float *bias,
+                           const mp_epi *e)
+{
+    bool ok;
+    P(MATMUL_FWD, ok = mp_gemm_packed_epi(be, mp_kern_scratch(g), M, N, K, pa, pb, bias, e));
+    return ok ? KILN_OK : NOMEM(ctx);
+}
+
 /* out (N, C) = base (+ bias per row), the start of a fused residual. */
 static void residual_init(float *out, const float *base, const float *bias, int N, int C)
 {
@@ -204,10 +214,8 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         bool amx_att = be == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T);
         if (gpt2 && amx_att) { /* no rope: qkv goes from the tiles to qkvh */
             mp_epi e = {.kind = MP_EPI_ROWS, .M = n, .N = QKV, .xp = qkvh};
-            bool ok;
-            P(MATMUL_FWD, ok = mp_gemm_packed_epi(be, mp_kern_scratch(g), n, QKV, C, ln1p, wq->fwd,
-                                                  w->qkv_b, &e));
-            if (!ok) return NOMEM(ctx);
+            kiln_status s = fwd_epi(ctx, m, g, be, n, QKV, C, ln1p, wq->fwd, w->qkv_b, &e);
+            if (s) return s;
         } else {
             P(MATMUL_FWD,
               mp_gemm_packed(be, MP_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
@@ -228,10 +236,8 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
                             w->ln2_w, w->ln2_b, n));
         if (act == MP_ACT_GELU) { /* the fc output goes from the tiles to fchp and actp */
             mp_epi e = {.kind = MP_EPI_ACT, .act = act, .M = n, .N = F, .xp = fchp, .ap = a->actp};
-            bool ok;
-            P(MATMUL_FWD, ok = mp_gemm_packed_epi(be, mp_kern_scratch(g), n, F, C, ln2p, wf->fwd,
-                                                  w->fc_b, &e));
-            if (!ok) return NOMEM(ctx);
+            kiln_status s = fwd_epi(ctx, m, g, be, n, F, C, ln2p, wf->fwd, w->fc_b, &e);
+            if (s) return s;
         } else {
             P(MATMUL_FWD,
               mp_gemm_packed(be, MP_BF16, n, FH, C, ln2p, wf->fwd, a->tmp, FH, false, w->fc_b));
