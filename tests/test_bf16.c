@@ -765,6 +765,79 @@ static void test_epilogues(void)
     }
 }
 
+/* The fused residual add (MP_EPI_RES): out = res + (x W' + b) against the
+ * product stored by mp_gemm_packed (bias included) and then added to res
+ * here, bit for bit, on every backend: K within one chunk of the AMX
+ * kernel (attention projection) and over several (K = 2048, the MLP
+ * projection: the epilogue runs on the last chunk), M and N not multiples
+ * of 32 (nothing past them written), and out == res. The MP_EPI_ACT case
+ * at K over one chunk too, against mp_act_pack of the stored product. */
+static void test_residual_epilogue(void)
+{
+    static const int shapes[3][3] = {{70, 48, 80}, {300, 100, 2048}, {2050, 64, 1056}};
+    mp_backend bes[3] = {MP_BACKEND_AMX, MP_BACKEND_AVX512, MP_BACKEND_REF};
+    int ran = 0;
+    for (int si = 0; si < 3; si++)
+        for (int bi = 0; bi < 3; bi++) {
+            mp_backend be = bes[bi];
+            int N = shapes[si][0], C = shapes[si][1], K = shapes[si][2];
+            if (!mp_backend_available(be)) {
+                printf("  %s not available here: its residual case not run\n", mp_backend_name(be));
+                continue;
+            }
+            if (si == 2 && be == MP_BACKEND_REF) continue; /* slow, and as the avx512 case */
+            kiln_rng r;
+            kiln_rng_seed(&r, 700 + si);
+            float *x = malloc(sizeof(float) * N * K), *W = malloc(sizeof(float) * C * K);
+            float *b = malloc(sizeof(float) * C), *res = malloc(sizeof(float) * (N + 1) * C);
+            float *y = malloc(sizeof(float) * N * C), *out = malloc(sizeof(float) * (N + 1) * C);
+            float *ref = malloc(sizeof(float) * N * C), *inpl = malloc(sizeof(float) * N * C);
+            fill(&r, x, (size_t)N * K, 1.f);
+            fill(&r, W, (size_t)C * K, 0.1f);
+            fill(&r, b, (size_t)C, 0.5f);
+            fill(&r, res, (size_t)(N + 1) * C, 2.f);
+            uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, K) * 2);
+            mp_pack_a(MP_BF16, false, N, K, x, K, xp);
+            mp_weight w;
+            CHECK(mp_weight_init(&w, MP_BF16, C, K, si == 1));
+            mp_weight_refresh(&w, W);
+            mp_scratch s = {0};
+            mp_gemm_packed(be, MP_BF16, N, C, K, xp, w.fwd, y, C, false, b);
+            for (size_t t = 0; t < (size_t)N * C; t++) ref[t] = y[t] + res[t];
+            for (size_t t = 0; t < (size_t)(N + 1) * C; t++) out[t] = -77.f;
+            mp_epi e = {.kind = MP_EPI_RES, .M = N, .N = C, .out = out, .res = res};
+            CHECK(mp_gemm_packed_epi(be, &s, N, C, K, xp, w.fwd, b, &e));
+            CHECK_MSG(!memcmp(out, ref, sizeof(float) * N * C), "%s %dx%dx%d: residual sum differs",
+                      mp_backend_name(be), N, C, K);
+            bool tail = true;
+            for (int j = 0; j < C; j++) tail &= out[(size_t)N * C + j] == -77.f;
+            CHECK_MSG(tail, "%s %dx%dx%d: wrote past the last row", mp_backend_name(be), N, C, K);
+            /* in place: out is res */
+            memcpy(inpl, res, sizeof(float) * N * C);
+            mp_epi ei = {.kind = MP_EPI_RES, .M = N, .N = C, .out = inpl, .res = inpl};
+            CHECK(mp_gemm_packed_epi(be, &s, N, C, K, xp, w.fwd, b, &ei));
+            CHECK_MSG(!memcmp(inpl, ref, sizeof(float) * N * C), "%s %dx%dx%d: in place differs",
+                      mp_backend_name(be), N, C, K);
+            /* a packing epilogue over several K chunks */
+            size_t nh = mp_packa_elems(MP_BF16, N, C);
+            uint16_t *hp = aligned_alloc(64, nh * 2), *ap = aligned_alloc(64, nh * 2);
+            uint16_t *hp0 = aligned_alloc(64, nh * 2), *ap0 = aligned_alloc(64, nh * 2);
+            memset(hp, 0xff, nh * 2);
+            memset(ap, 0xff, nh * 2);
+            mp_epi ea = {.kind = MP_EPI_ACT, .act = MP_ACT_GELU, .M = N, .N = C, .xp = hp, .ap = ap};
+            CHECK(mp_gemm_packed_epi(be, &s, N, C, K, xp, w.fwd, b, &ea));
+            mp_act_pack(hp0, ap0, y, N, C, MP_ACT_GELU);
+            CHECK_MSG(!memcmp(hp, hp0, nh * 2) && !memcmp(ap, ap0, nh * 2),
+                      "%s %dx%dx%d: GELU epilogue differs", mp_backend_name(be), N, C, K);
+            ran++;
+            mp_scratch_free(&s);
+            mp_weight_free(&w);
+            free(x), free(W), free(b), free(res), free(y), free(out), free(ref), free(inpl), free(xp);
+            free(hp), free(ap), free(hp0), free(ap0);
+        }
+    CHECK(ran > 0);
+}
+
 /* The per-thread scratch: aligned, kept while big enough, grown when
  * asked for more, one buffer per slot and per thread. */
 static void test_thread_scratch(void)
@@ -867,6 +940,7 @@ int main(void)
     RUN_TEST(test_weight_grad_from_packed);
     RUN_TEST(test_pack_dy);
     RUN_TEST(test_epilogues);
+    RUN_TEST(test_residual_epilogue);
     RUN_TEST(test_thread_scratch);
     RUN_TEST(test_weight_refresh_strips);
     RUN_TEST(test_amx_peak_probe);

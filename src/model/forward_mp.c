@@ -26,8 +26,9 @@
  * stream (encoded, res2, res3), norm statistics, the softmax (and the
  * attention log-sum-exp), the logits (cross-entropy in fp32), and all
  * gradients.
- * The residual adds are fused into the products: the output block starts
- * as residual + bias and the product accumulates into it.
+ * The residual adds are fused into the products: the tiles start from the
+ * bias, and the residual is added as each finished block is stored
+ * (MP_EPI_RES), so no pass writes residual + bias first.
  *
  * Weight gradients of (out, in) weights run as dW = dY^T X, of (in, out)
  * weights (gpt2) as dW = X^T dY, both stored as they are: dY packed from
@@ -156,18 +157,13 @@ static kiln_status fwd_epi(kiln_ctx *ctx, kiln_model *m, kern_gemm *g, mp_backen
     return ok ? KILN_OK : NOMEM(ctx);
 }
 
-/* out (N, C) = base (+ bias per row), the start of a fused residual. */
-static void residual_init(float *out, const float *base, const float *bias, int N, int C)
+/* out (n, C) = res + (a W' + bias): a residual product, the add done as
+ * each block of the product is stored (MP_EPI_RES). */
+static kiln_status fwd_res(kiln_ctx *ctx, kiln_model *m, mp_backend be, float *out, const float *res,
+                           int n, int K, const uint16_t *pa, const mp_weight *w, const float *bias)
 {
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * C;
-        const float *b = base + (size_t)n * C;
-        if (bias)
-            for (int j = 0; j < C; j++) o[j] = b[j] + bias[j];
-        else
-            memcpy(o, b, (size_t)C * sizeof(float));
-    }
+    mp_epi e = {.kind = MP_EPI_RES, .M = n, .N = m->C, .out = out, .res = res};
+    return fwd_epi(ctx, m, m->gemm, be, n, m->C, K, pa, w->fwd, bias, &e);
 }
 
 /* The norm of one layer: fp32 statistics, bf16 packed output. */
@@ -230,21 +226,21 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
             P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
         }
         P(OTHER, mp_pack_a(MP_BF16, false, n, C, a->atty, C, attyp));
-        P(OTHER, residual_init(res2, inp, w->proj_b, n, C));
-        P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, C, C, attyp, wp->fwd, res2, C, true, NULL));
+        kiln_status s = fwd_res(ctx, m, be, res2, inp, n, C, attyp, wp, w->proj_b);
+        if (s) return s;
         P(NORM, norm_packed(m, ln2p, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res2,
                             w->ln2_w, w->ln2_b, n));
         if (act == MP_ACT_GELU) { /* the fc output goes from the tiles to fchp and actp */
             mp_epi e = {.kind = MP_EPI_ACT, .act = act, .M = n, .N = F, .xp = fchp, .ap = a->actp};
-            kiln_status s = fwd_epi(ctx, m, g, be, n, F, C, ln2p, wf->fwd, w->fc_b, &e);
+            s = fwd_epi(ctx, m, g, be, n, F, C, ln2p, wf->fwd, w->fc_b, &e);
             if (s) return s;
         } else {
             P(MATMUL_FWD,
               mp_gemm_packed(be, MP_BF16, n, FH, C, ln2p, wf->fwd, a->tmp, FH, false, w->fc_b));
             P(ACT, mp_act_pack(fchp, a->actp, a->tmp, n, F, act));
         }
-        P(OTHER, residual_init(res3, res2, w->fcproj_b, n, C));
-        P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, C, F, a->actp, wo->fwd, res3, C, true, NULL));
+        s = fwd_res(ctx, m, be, res3, res2, n, F, a->actp, wo, w->fcproj_b);
+        if (s) return s;
     }
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
     P(NORM, norm_packed(m, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n));

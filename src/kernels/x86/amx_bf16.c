@@ -196,6 +196,14 @@ MP_TAMX static void gemm_amx_thread(int M, int N, int Kp, const uint16_t *pa, co
     /* over several K chunks: the partial sums of this thread's macro
      * tile wait here (plain tiles) between chunks */
     float *tbase = Kp > KC ? mp_thread_scratch(MP_SCRATCH_GEMM, (size_t)MC * NC * sizeof(float)) : NULL;
+    /* an epilogue has no C to keep the partial sums in */
+    KILN_ASSERT(tbase || !epi || Kp <= KC);
+    /* The block stores that the prefetch below looks ahead for: C, or the
+     * output and the residual of a fused residual add. */
+    bool res_epi = epi && epi->kind == MP_EPI_RES;
+    float *cw = res_epi ? epi->out : C;
+    const float *cr = res_epi ? epi->res : NULL;
+    int cld = res_epi ? epi->N : ldc;
     /* Macro tiles go to whichever thread is free: on this VM the two
      * vCPUs often run at different speeds (another tenant on a sibling
      * hyperthread), and a static split then waits for the slower one
@@ -254,14 +262,15 @@ MP_TAMX static void gemm_amx_thread(int M, int N, int Kp, const uint16_t *pa, co
                          * the tile stores of a K = 512 product miss to
                          * memory and stall (measured 15-40% slower on
                          * 2048 x {512..8192} x 512). */
-                        const float *cn = NULL;
+                        const float *cn = NULL, *rn = NULL;
                         int cn_rows = 0;
-                        if (!(sb && !last) && !epi) {
+                        if (!(sb && !last) && (!epi || res_epi)) {
                             int ni = i0 + 32 < iend ? i0 + 32 : mt * MC;
                             int nj = i0 + 32 < iend ? j0 : j0 + 32;
                             if (nj < jend && ni < M && nj < N) {
-                                cn = transc ? C + (size_t)nj * ldc + ni
-                                            : C + (size_t)ni * ldc + nj;
+                                cn = transc ? cw + (size_t)nj * cld + ni
+                                            : cw + (size_t)ni * cld + nj;
+                                if (cr) rn = cr + (size_t)ni * cld + nj;
                                 cn_rows = transc ? N - nj : M - ni;
                                 if (cn_rows > 32) cn_rows = 32;
                             }
@@ -283,11 +292,11 @@ MP_TAMX static void gemm_amx_thread(int M, int N, int Kp, const uint16_t *pa, co
                             _tile_dpbf16ps(2, 5, 6);
                             _tile_dpbf16ps(3, 5, 7);
                             for (int q = 0; q < cn_step && cn_q < 2 * cn_rows;
-                                 q++, cn_q++)
-                                __builtin_prefetch(
-                                    cn + (size_t)(cn_q >> 1) * ldc +
-                                        (cn_q & 1) * 16,
-                                    1, 3);
+                                 q++, cn_q++) {
+                                size_t off = (size_t)(cn_q >> 1) * cld + (cn_q & 1) * 16;
+                                __builtin_prefetch(cn + off, 1, 3);
+                                if (rn) __builtin_prefetch(rn + off, 0, 3);
+                            }
                             if (bn)
                                 for (size_t q = 0;
                                      q < bn_step && bn_pos < 2 * bn_bytes;
@@ -325,7 +334,7 @@ void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb, f
 void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb, float *C, int ldc,
                  bool accumulate, const float *bias, bool transc, const mp_epi *epi)
 {
-    KILN_ASSERT(!epi || (!transc && !accumulate && Kp <= KC));
+    KILN_ASSERT(!epi || (!transc && !accumulate));
     #pragma omp parallel
     gemm_amx_thread(M, N, Kp, pa, pb, C, ldc, accumulate, bias, transc, epi);
 }

@@ -283,10 +283,14 @@ enum { MP_ACT_NONE = 0, MP_ACT_GELU = 1, MP_ACT_SWIGLU = 2 };
  *     pt = packed D^T (N, M), and bpart[(i0 / 32) * rup32(N) + j] = the
  *     sum of D's column j over the block's rows (in order), for a bias
  *     gradient summed over the blocks by mp_epi_bias_sum;
- *   MP_EPI_ROWS: xp = bf16(C) as plain rows (row stride N, M rows).
+ *   MP_EPI_ROWS: xp = bf16(C) as plain rows (row stride N, M rows);
+ *   MP_EPI_RES (fp32, no rounding): out = C + res, both (M, N) with row
+ *     stride N (out may be res): a residual add fused into the product,
+ *     C including the product's bias. Rows and columns past M, N are
+ *     neither read nor written.
  * Rows are rounded to bf16 to nearest even (VCVTNE2PS2BF16 where the CPU
  * has it, which also flushes fp32 subnormals to zero). */
-enum { MP_EPI_ACT = 1, MP_EPI_DACT = 2, MP_EPI_ROWS = 3 };
+enum { MP_EPI_ACT = 1, MP_EPI_DACT = 2, MP_EPI_ROWS = 3, MP_EPI_RES = 4 };
 typedef struct mp_epi {
     int kind, act, M, N;
     uint16_t *xp, *ap;  /* MP_EPI_ACT (xp: MP_EPI_ROWS too) */
@@ -294,13 +298,16 @@ typedef struct mp_epi {
     uint16_t *pa, *pt;
     bool tok; /* MP_EPI_DACT: pt as mp_pack_dy's tok form */
     float *bpart;
+    float *out;       /* MP_EPI_RES */
+    const float *res;
 } mp_epi;
 void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0);
 /* db (N) += the column sums in e->bpart, block by block in order. */
 void mp_epi_bias_sum(const mp_epi *e, float *db);
 /* C = A B (bf16, packed as in mp_gemm_packed, + bias) through epi. On
- * backends without an epilogue, and for K over MP_AMX_KC, the product goes
- * through scratch first.
+ * backends without an epilogue (all but AMX) the product goes through
+ * scratch first; on AMX any K runs in the kernel (partial sums over K
+ * chunks wait in its per-thread buffer, the last chunk goes to epi).
  * Returns false on OOM. */
 bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const uint16_t *pa,
                         const uint16_t *pb, const float *bias, const mp_epi *epi);

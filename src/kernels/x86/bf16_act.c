@@ -459,6 +459,17 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
 #ifdef __AVX512F__
     if (e->act == MP_ACT_GELU) gelu_tabs();
     __mmask16 m0 = v_mask(N - j0), m1 = v_mask(N - j0 - 16);
+    if (e->kind == MP_EPI_RES) {
+        for (int r = 0; r < 32 && i0 + r < M; r++) {
+            size_t o = (size_t)(i0 + r) * N + j0;
+            __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, blk[r]), _mm512_maskz_loadu_ps(m0, e->res + o));
+            __m512 b = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, blk[r] + 16),
+                                     _mm512_maskz_loadu_ps(m1, e->res + o + 16));
+            _mm512_mask_storeu_ps(e->out + o, m0, a);
+            _mm512_mask_storeu_ps(e->out + o + 16, m1, b);
+        }
+        return;
+    }
     if (e->kind == MP_EPI_ROWS) {
         __mmask32 mw = (__mmask32)m0 | (__mmask32)m1 << 16;
         for (int r = 0; r < 32 && i0 + r < M; r++) {
@@ -521,6 +532,10 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
         for (int c = 0; c < 32; c++) {
             int j = j0 + c;
             float v = i < M && j < N ? blk[q][c] : 0.0f;
+            if (e->kind == MP_EPI_RES) {
+                if (i < M && j < N) e->out[(size_t)i * N + j] = v + e->res[(size_t)i * N + j];
+                continue;
+            }
             if (e->kind == MP_EPI_ROWS) {
                 if (i < M && j < N) e->xp[(size_t)i * N + j] = mp_f32_to_bf16_1(v);
                 continue;

@@ -720,7 +720,7 @@ bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const
     if (M <= 0 || N <= 0) return true;
     if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
 #if MP_X86
-    if (be == MP_BACKEND_AMX && packed_k(MP_BF16, K) <= MP_AMX_KC) {
+    if (be == MP_BACKEND_AMX) {
         mp_gemm_amx(M, N, packed_k(MP_BF16, K), pa, pb, NULL, 0, false, bias, false, epi);
         return true;
     }
