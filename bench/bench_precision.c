@@ -115,8 +115,8 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
         double gn = kiln_l2_norm(g, n);
         float gmul = scaler_inv_scale(&sc);
         if (scaler_update(&sc, !isfinite(gn)))
-            kiln_adamw_step_scaled(opt, kiln_model_params(m), g, 1e-4f,
-                                   gmul * kiln_clip_grad_coef(gn * gmul, 1.0));
+            kiln_model_adamw_step(m, opt, g, 1e-4f,
+                                  gmul * kiln_clip_grad_coef(gn * gmul, 1.0));
         double t3 = kiln_time_now(), c3 = cpu_now();
         loss = ls / ws;
         if (s > 0 && t3 - t0 < best) {

@@ -678,6 +678,17 @@ void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
  * element the result does not depend on the thread count. */
 void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
                             float lr, float grad_mul);
+/* kiln_adamw_step_scaled(o, kiln_model_params(m), grads, lr, grad_mul)
+ * for an o made for m's parameters, and for a bf16 model on a CPU with
+ * AVX512_BF16, in the same pass the packed bf16 copies of its weight
+ * matrices that the next forward and backward read: each strip of updated
+ * rows is packed while it is in cache, so the next forward does not read
+ * every fp32 weight back to convert it. The same parameter values and
+ * products as the plain step. The copies count as current until the
+ * parameters are written by other means (kiln_model_params, a load, an
+ * init), which makes the next forward repack them. */
+void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, float lr,
+                           float grad_mul);
 size_t kiln_adamw_size(const kiln_adamw *o);
 int64_t kiln_adamw_t(const kiln_adamw *o);
 void kiln_adamw_set_t(kiln_adamw *o, int64_t t);

@@ -923,6 +923,57 @@ static void test_amx_peak_probe(void)
     CHECK(pc > 100 && pc < 10000); /* ~1000 per core on Sapphire Rapids */
 }
 
+/* The optimizer's strip-by-strip refresh writes the same bytes as
+ * mp_weight_refresh, whatever order the strips come in, for both weight
+ * layouts; weights it cannot do (fp16, a side not a multiple of 32, no
+ * AVX512_BF16) say so with 0 rows. */
+static void test_weight_refresh_strips(void)
+{
+    kiln_rng r;
+    kiln_rng_seed(&r, 77);
+    const struct { int OC, C; bool io; } cases[] = {
+        {96, 64, true}, {96, 64, false}, {32, 32, true}, {64, 160, false}, {256, 96, true},
+    };
+    bool hw = mp_cpu_caps()->avx512_bf16;
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        int OC = cases[ci].OC, C = cases[ci].C;
+        bool io = cases[ci].io;
+        int R = io ? C : OC;
+        float *W = malloc(sizeof(float) * OC * C);
+        fill(&r, W, (size_t)OC * C, 0.5f);
+        W[3] = 1e-40f; /* a subnormal: the same flush either way */
+        mp_weight a, b;
+        CHECK(mp_weight_init(&a, MP_BF16, OC, C, io));
+        CHECK(mp_weight_init(&b, MP_BF16, OC, C, io));
+        size_t nf = mp_packb_elems(MP_BF16, C, OC), nb = mp_packb_elems(MP_BF16, OC, C);
+        mp_weight_refresh(&a, W);
+        memset(b.fwd, 0xab, nf * 2);
+        memset(b.bwd, 0xab, nb * 2);
+        int strip = mp_weight_strip_rows(&b);
+        CHECK_EQ(strip, hw ? 32 : 0);
+        if (strip) {
+            for (int r0 = R - strip; r0 >= 0; r0 -= strip) mp_weight_refresh_strip(&b, W, r0);
+            CHECK_MSG(memcmp(a.fwd, b.fwd, nf * 2) == 0, "OC %d C %d in_out %d: fwd copy differs",
+                      OC, C, io);
+            CHECK_MSG(memcmp(a.bwd, b.bwd, nb * 2) == 0, "OC %d C %d in_out %d: bwd copy differs",
+                      OC, C, io);
+        }
+        mp_weight_free(&a);
+        mp_weight_free(&b);
+        free(W);
+    }
+    mp_weight w;
+    CHECK(mp_weight_init(&w, MP_BF16, 48, 64, true)); /* 48 rows of the (out, in) side */
+    CHECK_EQ(mp_weight_strip_rows(&w), 0);
+    mp_weight_free(&w);
+    CHECK(mp_weight_init(&w, MP_BF16, 64, 40, true));
+    CHECK_EQ(mp_weight_strip_rows(&w), 0);
+    mp_weight_free(&w);
+    CHECK(mp_weight_init(&w, MP_F16, 64, 64, true));
+    CHECK_EQ(mp_weight_strip_rows(&w), 0);
+    mp_weight_free(&w);
+}
+
 int main(void)
 {
     const mp_caps *c = mp_cpu_caps();
@@ -946,6 +997,7 @@ int main(void)
     RUN_TEST(test_residual_epilogue);
     RUN_TEST(test_norm_packed);
     RUN_TEST(test_thread_scratch);
+    RUN_TEST(test_weight_refresh_strips);
     RUN_TEST(test_amx_peak_probe);
     return TEST_EXIT();
 }

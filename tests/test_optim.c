@@ -9,6 +9,7 @@
  */
 #include "check.h"
 #include "kiln.h"
+#include "train/adamw.h"
 
 #include <math.h>
 #include <omp.h>
@@ -368,6 +369,87 @@ static void test_schedules(void)
     CHECK_STREQ(kiln_schedule_name(KILN_SCHEDULE_CONSTANT), "constant");
 }
 
+/* adamw_step_matrices: the same bits as the plain step for every
+ * parameter, matrices or not; after() once per strip of each matrix it
+ * takes, with the strip already updated; the matrices it cannot take
+ * whole (across a decay boundary, rows not a whole number of strips,
+ * overlapping an earlier one) are left to the plain pass. */
+typedef struct strip_log {
+    const float *ref; /* the plain step's parameters */
+    size_t offset;
+    int cols, strip;
+    int calls[8];
+    bool updated;
+} strip_log;
+
+static void log_strip(void *ud, const float *W, int r0)
+{
+    strip_log *l = ud;
+    size_t off = (size_t)r0 * (size_t)l->cols, len = (size_t)l->strip * (size_t)l->cols;
+    l->calls[r0 / l->strip]++;
+    if (memcmp(W + off, l->ref + l->offset + off, len * sizeof(float)) != 0) l->updated = false;
+}
+
+static void test_step_matrices(void)
+{
+    enum { NM = 7 };
+    const size_t n = 60000, dlo = 20000, dhi = 45000;
+    kiln_adamw_opts ao = {.beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f};
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_adamw *a, *b;
+    CHECK_EQ(kiln_adamw_new(ctx, n, &ao, &a), KILN_OK);
+    CHECK_EQ(kiln_adamw_new(ctx, n, &ao, &b), KILN_OK);
+    CHECK_EQ(kiln_adamw_set_decay(ctx, a, dlo, dhi - dlo, true), KILN_OK);
+    CHECK_EQ(kiln_adamw_set_decay(ctx, b, dlo, dhi - dlo, true), KILN_OK);
+    float *pa = malloc(n * sizeof *pa), *pb = malloc(n * sizeof *pb), *g = malloc(n * sizeof *g);
+    kiln_rng r;
+    kiln_rng_seed(&r, 5);
+    for (size_t i = 0; i < n; i++) pa[i] = pb[i] = kiln_rng_normal(&r);
+    /* offset, rows, cols, strip; whether it is taken */
+    const struct { size_t off; int rows, cols, strip; bool taken; } mk[NM] = {
+        {100, 64, 48, 32, true},           /* no decay */
+        {dlo, 96, 40, 32, true},           /* starts the decay range */
+        {dlo + 96 * 40, 32, 64, 16, true}, /* right after it */
+        {dlo + 96 * 40 + 10, 32, 32, 32, false}, /* overlaps the one before */
+        {dhi - 1000, 64, 32, 32, false},   /* across the decay boundary */
+        {dhi + 100, 50, 32, 32, false},    /* 50 rows: not whole strips */
+        {dhi + 5000, 64, 64, 32, true},
+    };
+    adamw_matrix mats[NM];
+    strip_log logs[NM];
+    int omp_before = omp_get_max_threads();
+    omp_set_num_threads(2);
+    for (int step = 1; step <= 3; step++) {
+        for (size_t i = 0; i < n; i++) g[i] = kiln_rng_normal(&r) * 0.01f;
+        kiln_adamw_step_scaled(b, pb, g, 1e-2f, 0.5f);
+        for (int i = 0; i < NM; i++) {
+            logs[i] = (strip_log){.ref = pb, .offset = mk[i].off, .cols = mk[i].cols,
+                                  .strip = mk[i].strip, .updated = true};
+            mats[i] = (adamw_matrix){.offset = mk[i].off, .rows = mk[i].rows, .cols = mk[i].cols,
+                                     .strip = mk[i].strip, .after = log_strip, .ud = &logs[i]};
+        }
+        adamw_step_matrices(a, pa, g, 1e-2f, 0.5f, mats, NM);
+        CHECK(memcmp(pa, pb, n * sizeof *pa) == 0);
+        CHECK(memcmp(kiln_adamw_m(a), kiln_adamw_m(b), n * sizeof(float)) == 0);
+        CHECK(memcmp(kiln_adamw_v(a), kiln_adamw_v(b), n * sizeof(float)) == 0);
+        CHECK_EQ(kiln_adamw_t(a), kiln_adamw_t(b));
+        for (int i = 0; i < NM; i++) {
+            CHECK_MSG(mats[i].done == mk[i].taken, "matrix %d done %d", i, mats[i].done);
+            for (int s = 0; s < 8; s++) {
+                int want = mk[i].taken && s < mk[i].rows / mk[i].strip ? 1 : 0;
+                CHECK_MSG(logs[i].calls[s] == want, "matrix %d strip %d: %d calls", i, s,
+                          logs[i].calls[s]);
+            }
+            CHECK_MSG(logs[i].updated, "matrix %d: after() saw rows not yet updated", i);
+        }
+    }
+    omp_set_num_threads(omp_before);
+    free(pa), free(pb), free(g);
+    kiln_adamw_free(a);
+    kiln_adamw_free(b);
+    kiln_ctx_free(ctx);
+}
+
 int main(void)
 {
     const char *base = getenv("KILN_TMP");
@@ -379,6 +461,7 @@ int main(void)
     RUN_TEST(test_norm_and_clip);
     RUN_TEST(test_fused_step_matches_unfused);
     RUN_TEST(test_portable_path_same_bits);
+    RUN_TEST(test_step_matrices);
     RUN_TEST(test_schedules);
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);

@@ -9,6 +9,7 @@
  */
 #include "check.h"
 #include "kernels/x86/bf16.h"
+#include "kernels/x86/bf16_ops.h"
 #include "model/model.h"
 #include "train/scaler.h"
 
@@ -181,6 +182,64 @@ static void test_weights_follow_updates_and_determinism(void)
     run_batch(ctx, a, tok, tgt, B, T, la, 1.f);
     CHECK(memcmp(la, lb, sizeof(float) * B * T * V) != 0);
     free(la), free(lb);
+    kiln_model_free(a);
+    kiln_model_free(b);
+    kiln_ctx_free(ctx);
+}
+
+/* kiln_model_adamw_step against the plain AdamW step on a twin model:
+ * the same parameters, logits and gradients step after step; it has
+ * written the packed copies itself (they hold the new weights before the
+ * next forward); and a write through kiln_model_params afterwards is still
+ * seen by the next forward. */
+static void test_fused_update(void)
+{
+    enum { B = 2, T = 32 };
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg = tiny_config();
+    int V = cfg.vocab_size;
+    int32_t tok[B * T], tgt[B * T];
+    for (int i = 0; i < B * T; i++) tok[i] = (i * 7) % V, tgt[i] = (i * 11 + 3) % V;
+    kiln_model *a = make_model(ctx, &cfg, KILN_PRECISION_BF16, B, T);
+    kiln_model *b = make_model(ctx, &cfg, KILN_PRECISION_BF16, B, T);
+    kiln_adamw *oa = NULL, *ob = NULL;
+    CHECK(a && b);
+    if (!a || !b) return;
+    CHECK_EQ(kiln_adamw_new_for_model(ctx, a, NULL, &oa), KILN_OK);
+    CHECK_EQ(kiln_adamw_new_for_model(ctx, b, NULL, &ob), KILN_OK);
+    size_t n = kiln_model_num_params(a), nl = (size_t)B * T * V;
+    float *la = malloc(sizeof(float) * nl), *lb = malloc(sizeof(float) * nl);
+    bool hw = mp_cpu_caps()->avx512_bf16;
+    for (int step = 0; step < 3; step++) {
+        run_batch(ctx, a, tok, tgt, B, T, la, 1.f);
+        run_batch(ctx, b, tok, tgt, B, T, lb, 1.f);
+        CHECK(memcmp(la, lb, sizeof(float) * nl) == 0);
+        CHECK(memcmp(kiln_model_grads(a), kiln_model_grads(b), sizeof(float) * n) == 0);
+        kiln_model_adamw_step(a, oa, kiln_model_grads(a), 1e-2f, 0.5f);
+        kiln_adamw_step_scaled(ob, kiln_model_params(b), kiln_model_grads(b), 1e-2f, 0.5f);
+        CHECK(memcmp(a->params, b->params, sizeof(float) * n) == 0);
+        /* the copies of a weight already hold its new values (without the
+         * strip path they would still hold the old ones) */
+        const float *wq = a->w.layers[1].fc_w;
+        mp_weight *e = mp_kern_weight_entry(a->gemm, wq, a->F, a->C, true);
+        mp_weight ref;
+        CHECK(e && mp_weight_init(&ref, MP_BF16, a->F, a->C, true));
+        if (!e) break;
+        mp_weight_refresh(&ref, wq);
+        size_t nf = mp_packb_elems(MP_BF16, a->C, a->F), nb = mp_packb_elems(MP_BF16, a->F, a->C);
+        CHECK_EQ(mp_weight_strip_rows(e), hw ? 32 : 0);
+        CHECK_EQ(memcmp(e->fwd, ref.fwd, nf * 2) == 0 && memcmp(e->bwd, ref.bwd, nb * 2) == 0, hw);
+        mp_weight_free(&ref);
+    }
+    /* a write by other means right after the fused step */
+    float *pa = kiln_model_params(a), *pb = kiln_model_params(b);
+    for (size_t i = 0; i < n; i++) pa[i] = pb[i] = pa[i] * -0.75f;
+    run_batch(ctx, a, tok, tgt, B, T, la, 1.f);
+    run_batch(ctx, b, tok, tgt, B, T, lb, 1.f);
+    CHECK(memcmp(la, lb, sizeof(float) * nl) == 0);
+    free(la), free(lb);
+    kiln_adamw_free(oa);
+    kiln_adamw_free(ob);
     kiln_model_free(a);
     kiln_model_free(b);
     kiln_ctx_free(ctx);
@@ -406,6 +465,7 @@ int main(void)
     RUN_TEST(test_gpt2_bf16_fp16_vs_fp32);
     RUN_TEST(test_llama_bf16_fp16_vs_fp32);
     RUN_TEST(test_weights_follow_updates_and_determinism);
+    RUN_TEST(test_fused_update);
     RUN_TEST(test_kernels_agree_in_model);
     RUN_TEST(test_convergence_parity);
     return TEST_EXIT();

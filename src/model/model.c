@@ -228,6 +228,7 @@ void kiln_model_free(kiln_model *m)
     free(m->rope_cos);
     free(m->rope_sin);
     kern_gemm_free(m->gemm);
+    model_upd_free(m);
     arena_free(&m->act);
     free(m);
 }
@@ -236,6 +237,7 @@ void kiln_model_init_random(kiln_model *m, uint64_t seed)
 {
     /* Each tensor draws from its own stream (seed, tensor index), so
      * initialisation does not depend on thread count or tensor order. */
+    model_params_touched(m);
     float resid_std = 0.02f / sqrtf(2.0f * (float)m->L);
     for (int i = 0; i < m->n_tensors; i++) {
         const kiln_tensor_info *t = &m->tensors[i];
@@ -264,7 +266,19 @@ void kiln_model_init_random(kiln_model *m, uint64_t seed)
 
 const kiln_config *kiln_model_config(const kiln_model *m) { return &m->cfg; }
 size_t kiln_model_num_params(const kiln_model *m) { return m->num_params; }
-float *kiln_model_params(kiln_model *m) { return m->params; }
+void model_params_touched(kiln_model *m)
+{
+    if (m->gemm && m->gemm->invalidate) m->gemm->invalidate(m->gemm);
+}
+
+/* A writable view: whatever the caller writes there must be seen by the
+ * next forward, so the packed copies made by kiln_model_adamw_step are no
+ * longer taken as fresh. */
+float *kiln_model_params(kiln_model *m)
+{
+    model_params_touched(m);
+    return m->params;
+}
 float *kiln_model_grads(kiln_model *m) { return m->grads; }
 int kiln_model_num_tensors(const kiln_model *m) { return m->n_tensors; }
 
@@ -406,6 +420,7 @@ kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *path)
                           path, name, got, want);
             break;
         }
+        model_params_touched(m);
         s = st_read_f32(ctx, &f, t, path, m->params + ti->offset);
     }
     if (!s) {

@@ -106,6 +106,13 @@ enum {
 };
 extern const char *const model_prof_names[MODEL_PROF_N];
 
+/* update_mp.c */
+struct model_upd;
+void model_upd_free(kiln_model *m);
+/* The parameters are about to be written by other means than
+ * kiln_model_adamw_step: packed copies marked fresh by it are stale. */
+void model_params_touched(kiln_model *m);
+
 struct kiln_model {
     kiln_config cfg;
     int L, C, NH, KVH, HS, QKV, F, V;
@@ -132,6 +139,7 @@ struct kiln_model {
     double prof[MODEL_PROF_N];
     kiln_grad_ready_fn hook;
     void *hook_ud;
+    struct model_upd *upd; /* kiln_model_adamw_step's matrix list (update_mp.c) */
 };
 
 /* Profiling clock: wall time (m->profile == 1) or process CPU time

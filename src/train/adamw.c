@@ -6,6 +6,8 @@
  * Everything here is elementwise or reduced in a fixed order, so results
  * do not depend on the OpenMP thread count.
  */
+#include "train/adamw.h"
+
 #include "base/base.h"
 
 #include <math.h>
@@ -233,14 +235,15 @@ static adamw_fn adamw_kernel(void)
     return adamw_portable;
 }
 
-void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
-                            float lr, float grad_mul)
+/* Counts step t and returns its constants. */
+static adamw_k adamw_begin(kiln_adamw *o, float lr, float grad_mul, float *lrwd)
 {
     o->t++;
     const double b1 = o->opts.beta1, b2 = o->opts.beta2;
     const double bc1 = 1.0 - pow(b1, (double)o->t);
     const double bc2 = 1.0 - pow(b2, (double)o->t);
-    const adamw_k k = {
+    *lrwd = (float)((double)lr * (double)o->opts.weight_decay);
+    return (adamw_k){
         .gmul = grad_mul,
         .b1 = o->opts.beta1, .omb1 = 1.0f - o->opts.beta1,
         .b2 = o->opts.beta2, .omb2 = 1.0f - o->opts.beta2,
@@ -248,31 +251,126 @@ void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
         .eps = o->opts.eps,
         .step = (float)((double)lr / bc1),
     };
-    const float lrwd = (float)((double)lr * (double)o->opts.weight_decay);
-    const adamw_fn fn = adamw_kernel();
-    const size_t n = o->n;
-    float *m = o->m, *v = o->v;
-    const decay_range *rg = o->ranges;
-    const int nr = o->nranges;
-    /* One parallel region: thread `id` takes the contiguous chunk
-     * [lo, hi) (64-byte multiples) and walks the decay ranges in it. */
-#pragma omp parallel if (n > 65536)
+}
+
+/* The pieces of [0, n) outside the matrices marked done (mats sorted by
+ * offset, each inside one decay range), in order: calls visit(a, b, decay)
+ * for each piece [a, b) that overlaps [lo, hi) in "gap space" (positions
+ * counted over the pieces only), clipped to it; returns the gap total. */
+typedef struct gap_walk {
+    const decay_range *rg;
+    int nr;
+    const adamw_matrix *mats;
+    int nm;
+} gap_walk;
+
+static size_t walk_gaps(const gap_walk *w, size_t lo, size_t hi,
+                        void (*visit)(void *, size_t, size_t, bool), void *ud)
+{
+    size_t pos = 0; /* gap-space position of the next piece */
+    int j = 0;
+    for (int r = 0; r < w->nr; r++) {
+        size_t a = w->rg[r].offset, end = a + w->rg[r].numel;
+        while (a < end) {
+            while (j < w->nm && (!w->mats[j].done || w->mats[j].offset < a)) j++;
+            size_t b = end;
+            if (j < w->nm && w->mats[j].offset < end) b = w->mats[j].offset;
+            if (b > a && visit) {
+                size_t s = KILN_MAX(lo, pos), e = KILN_MIN(hi, pos + (b - a));
+                if (s < e) visit(ud, a + (s - pos), a + (e - pos), w->rg[r].decay);
+            }
+            pos += b - a;
+            a = b;
+            if (j < w->nm && w->mats[j].offset == b && b < end) {
+                a = b + (size_t)w->mats[j].rows * (size_t)w->mats[j].cols;
+                j++;
+            }
+        }
+    }
+    return pos;
+}
+
+typedef struct step_args {
+    float *p;
+    const float *g;
+    float *m, *v;
+    const adamw_k *k;
+    float lrwd;
+    adamw_fn fn;
+} step_args;
+
+static void step_piece(void *ud, size_t a, size_t b, bool decay)
+{
+    const step_args *s = ud;
+    s->fn(s->p + a, s->g + a, s->m + a, s->v + a, b - a, s->k, decay ? s->lrwd : 0.0f);
+}
+
+void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float lr,
+                         float grad_mul, adamw_matrix *mats, int nmats)
+{
+    float lrwd;
+    const adamw_k k = adamw_begin(o, lr, grad_mul, &lrwd);
+    step_args sa = {params, grads, o->m, o->v, &k, lrwd, adamw_kernel()};
+    /* Which matrices go strip by strip: in order, inside [0, n) and one
+     * decay range, rows a multiple of their strip. The others are plain
+     * parameters to this step (done = false). */
+    int units = 0;
+    size_t prev_end = 0;
+    for (int i = 0; i < nmats; i++) {
+        adamw_matrix *a = &mats[i];
+        size_t numel = (size_t)a->rows * (size_t)a->cols;
+        a->done = false;
+        if (a->rows <= 0 || a->cols <= 0 || a->strip <= 0 || a->rows % a->strip ||
+            a->offset < prev_end || a->offset > o->n || numel > o->n - a->offset)
+            continue;
+        for (int r = 0; r < o->nranges; r++) {
+            const decay_range *d = &o->ranges[r];
+            if (a->offset >= d->offset && a->offset < d->offset + d->numel) {
+                a->done = a->offset + numel <= d->offset + d->numel;
+                a->decay = d->decay;
+                break;
+            }
+        }
+        if (!a->done) continue;
+        prev_end = a->offset + numel;
+        a->unit0 = units;
+        units += a->rows / a->strip;
+    }
+    gap_walk gw = {o->ranges, o->nranges, mats, nmats};
+    const size_t gaps = walk_gaps(&gw, 0, 0, NULL, NULL);
+    /* One parallel region: the strips, each updated then handed to its
+     * matrix's `after` while its rows are still in cache, go to whichever
+     * thread is free; then the rest as kiln_adamw_step_scaled splits it
+     * (a contiguous share of the pieces per thread). */
+#pragma omp parallel if (o->n > 65536)
     {
         int nt = 1, id = 0;
 #ifdef _OPENMP
         nt = omp_get_num_threads();
         id = omp_get_thread_num();
 #endif
-        size_t per = ((n + (size_t)nt - 1) / (size_t)nt + 15) & ~(size_t)15;
-        size_t lo = KILN_MIN(n, (size_t)id * per), hi = KILN_MIN(n, lo + per);
-        for (int r = 0; r < nr && lo < hi; r++) {
-            size_t a = KILN_MAX(lo, rg[r].offset);
-            size_t b = KILN_MIN(hi, rg[r].offset + rg[r].numel);
-            if (a >= b) continue;
-            fn(params + a, grads + a, m + a, v + a, b - a, &k,
-               rg[r].decay ? lrwd : 0.0f);
+        int cur = 0;
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int u = 0; u < units; u++) {
+            while (!mats[cur].done || u >= mats[cur].unit0 + mats[cur].rows / mats[cur].strip)
+                cur++;
+            const adamw_matrix *a = &mats[cur];
+            int r0 = (u - a->unit0) * a->strip;
+            size_t off = a->offset + (size_t)r0 * (size_t)a->cols;
+            sa.fn(params + off, grads + off, o->m + off, o->v + off,
+                  (size_t)a->strip * (size_t)a->cols, &k, a->decay ? lrwd : 0.0f);
+            a->after(a->ud, params + a->offset, r0);
         }
+        size_t per = ((gaps + (size_t)nt - 1) / (size_t)nt + 15) & ~(size_t)15;
+        size_t lo = KILN_MIN(gaps, (size_t)id * per), hi = KILN_MIN(gaps, lo + per);
+        if (lo < hi) walk_gaps(&gw, lo, hi, step_piece, &sa);
     }
+}
+
+void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
+                            float lr, float grad_mul)
+{
+    adamw_step_matrices(o, params, grads, lr, grad_mul, NULL, 0);
 }
 
 void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,

@@ -914,8 +914,8 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
                                          g, (float)*lr, grad_mul)))
             return s;
     } else {
-        kiln_adamw_step_scaled(t->opt, kiln_model_params(t->model), g, (float)*lr,
-                               grad_mul);
+        /* for bf16, also the packed weight copies of the next forward */
+        kiln_model_adamw_step(t->model, t->opt, g, (float)*lr, grad_mul);
     }
     t->pos += t->G;
     t->step++;

@@ -207,6 +207,14 @@ void mp_weight_free(mp_weight *w);
 void mp_weight_refresh(mp_weight *w, const float *W);
 void mp_weight_refresh_fwd(mp_weight *w, const float *W);
 void mp_weight_refresh_bwd(mp_weight *w, const float *W);
+/* Both copies, strip by strip, for an optimizer that updates W in strips
+ * of rows (row-major W: (C, OC) when in_out, else (OC, C)): the rows per
+ * strip (0: this weight has no strip refresh on this CPU; use
+ * mp_weight_refresh), and the packing of rows r0 .. r0 + rows - 1 into both
+ * copies, byte for byte what mp_weight_refresh writes there. Single
+ * threaded: call it from the optimizer's threads, one strip each. */
+int mp_weight_strip_rows(const mp_weight *w);
+void mp_weight_refresh_strip(mp_weight *w, const float *W, int r0);
 
 /* Scratch for the activation operands of the products; grows on demand
  * (allocation only happens the first time a shape is seen). */

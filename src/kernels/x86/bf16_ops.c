@@ -10,7 +10,11 @@
  * calls g->invalidate (a new epoch) at the start of every forward pass,
  * so after an optimizer step the next forward repacks each weight once for
  * the forward product and the backward pass packs the transposed layout
- * once: never per call. Products too small to pay for packing (decode
+ * once: never per call. An optimizer that has just written both copies
+ * itself (kiln_model_adamw_step, strip by strip as it updates W) marks them
+ * fresh for the next epoch instead (mp_kern_weight_fresh), and any other
+ * write to the parameters goes through an invalidate first (model.c), so
+ * a mark never outlives the values it was made from. Products too small to pay for packing (decode
  * steps, M < 16) go to the fp32 fast GEMM.
  */
 #include "kernels/x86/bf16_ops.h"
@@ -195,6 +199,20 @@ const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, boo
         *ep = st->epoch + 1;
     }
     return &e->pw;
+}
+
+mp_weight *mp_kern_weight_entry(kern_gemm *g, const float *w, int OC, int C, bool in_out)
+{
+    wentry *e = lookup(state_of(g), w, OC, C, in_out);
+    return e ? &e->pw : NULL;
+}
+
+void mp_kern_weight_fresh(kern_gemm *g, const float *w, int OC, int C, bool in_out)
+{
+    mp_state *st = state_of(g);
+    wentry *e = lookup(st, w, OC, C, in_out);
+    /* valid in the next epoch: the one the next forward starts */
+    if (e) e->fwd_epoch = e->bwd_epoch = st->epoch + 2;
 }
 
 size_t mp_kern_cache_bytes(kern_gemm *g) { return state_of(g)->cache_bytes; }

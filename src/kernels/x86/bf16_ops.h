@@ -28,4 +28,11 @@ mp_scratch *mp_kern_scratch(kern_gemm *g);
 const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, bool in_out,
                                 bool bwd);
 
+/* For an optimizer that refreshes the packed copies itself: weight w's
+ * cache entry (created if new, not refreshed; NULL on OOM), and the mark
+ * that both its copies already hold w's current values for the next epoch
+ * (the next forward's), so that forward does not repack them. */
+mp_weight *mp_kern_weight_entry(kern_gemm *g, const float *w, int OC, int C, bool in_out);
+void mp_kern_weight_fresh(kern_gemm *g, const float *w, int OC, int C, bool in_out);
+
 #endif /* KILN_KERNELS_X86_BF16_OPS_H */

@@ -557,6 +557,50 @@ void mp_weight_refresh(mp_weight *w, const float *W)
     mp_weight_refresh_bwd(w, W);
 }
 
+/* Rows of the strips mp_weight_refresh_strip packs: 32 for a bf16 weight
+ * on a CPU with AVX512_BF16 whose sides are multiples of 32 (no padding in
+ * either layout), else 0 (refresh the whole weight instead). */
+int mp_weight_strip_rows(const mp_weight *w)
+{
+#if MP_X86
+    int R = w->in_out ? w->C : w->OC, cols = w->in_out ? w->OC : w->C;
+    if (w->dt == MP_BF16 && mp_cpu_caps()->avx512_bf16 && R > 0 && cols > 0 && R % 32 == 0 &&
+        cols % 32 == 0)
+        return 32;
+#endif
+    (void)w;
+    return 0;
+}
+
+#if MP_X86
+/* W is stored row-major, R rows of `cols`: (C, OC) when in_out, else
+ * (OC, C). One packed layout has K along W's rows (the "rows form": fwd
+ * when in_out, bwd otherwise), the other K along its columns (the "cols
+ * form"). Rows r0 .. r0 + 31 fill slice r0 / 32 of every panel of the rows
+ * form and panels r0 / 16, r0 / 16 + 1 of the cols form: the same slices
+ * mp_pack_b writes, by the same code, so the bytes are mp_pack_b's. */
+MP_TBF static void refresh_strip_hw(mp_weight *w, const float *W, int r0)
+{
+    int R = w->in_out ? w->C : w->OC, cols = w->in_out ? w->OC : w->C;
+    uint16_t *rows_form = w->in_out ? w->fwd : w->bwd; /* K = R, N = cols */
+    uint16_t *cols_form = w->in_out ? w->bwd : w->fwd; /* K = cols, N = R */
+    for (int p = 0; p < cols / 16; p++)
+        pack_b_slice_bf16hw(false, R, cols, W, cols, rows_form + (size_t)p * R * 16, p, r0 / 32);
+    for (int p = r0 / 16; p < r0 / 16 + 2; p++)
+        for (int s = 0; s < cols / 32; s++)
+            pack_b_slice_bf16hw(true, cols, R, W, cols, cols_form + (size_t)p * cols * 16, p, s);
+}
+#endif
+
+void mp_weight_refresh_strip(mp_weight *w, const float *W, int r0)
+{
+    KILN_ASSERT(mp_weight_strip_rows(w) == 32 && r0 % 32 == 0);
+#if MP_X86
+    refresh_strip_hw(w, W, r0);
+#endif
+    (void)W, (void)r0;
+}
+
 static uint16_t *grow(uint16_t **p, size_t *cap, size_t need)
 {
     if (need <= *cap) return *p;

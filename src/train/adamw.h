@@ -1,0 +1,36 @@
+/*
+ * adamw.h — the AdamW step over a parameter block in which some matrices
+ * are updated strip by strip, each strip handed on while it is in cache:
+ * the mixed-precision trainer packs the compute-dtype copies of a weight
+ * there (kiln_model_adamw_step), instead of reading the updated fp32
+ * weight back from memory at the next forward.
+ */
+#ifndef KILN_TRAIN_ADAMW_H
+#define KILN_TRAIN_ADAMW_H
+
+#include "kiln.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+typedef struct adamw_matrix {
+    size_t offset;    /* in floats, into the parameter block */
+    int rows, cols;   /* row-major */
+    int strip;        /* rows per strip */
+    /* called once per strip after its rows are updated, W = the matrix */
+    void (*after)(void *ud, const float *W, int r0);
+    void *ud;
+    bool done;        /* out: updated strip by strip, after() called */
+    bool decay;       /* internal */
+    int unit0;        /* internal */
+} adamw_matrix;
+
+/* kiln_adamw_step_scaled over all o's parameters; the matrices (sorted by
+ * offset, not overlapping) that lie inside one weight-decay range and have
+ * a whole number of strips are updated strip by strip, with after() for
+ * each strip (done = true); the others are updated as any parameter
+ * (done = false). The updated values are the same bits either way. */
+void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float lr,
+                         float grad_mul, adamw_matrix *mats, int nmats);
+
+#endif /* KILN_TRAIN_ADAMW_H */
