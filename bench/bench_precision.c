@@ -195,12 +195,13 @@ static double products_gflops(const kiln_config *c, int B, int T, double *secs, 
             mp_gemm_packed(be, MP_BF16, N, C, F, ap, mw[3].fwd, y, C, true, NULL);
         }
         mp_gemm_packed(be, MP_BF16, N, V, C, xp, mw[4].fwd, y, V, false, NULL);
-        mp_linear_backward_packed(be, &s, &mw[4], y, xp, MP_ACT_NONE, N, dw, NULL, x);
+        /* the weight gradients stored, as a step's backward does */
+        mp_linear_backward_packed(be, &s, &mw[4], y, xp, MP_ACT_NONE, N, dw, false, NULL, x);
         for (int l = 0; l < L; l++) {
             mp_mlp_backward_packed(be, &s, &mw[2], &mw[3], y, xp, hp, MP_ACT_GELU, N, dw, db, dw,
-                                   db2, x);
-            mp_linear_backward_packed(be, &s, &mw[1], y, xp, MP_ACT_NONE, N, dw, db, x);
-            mp_linear_backward_packed(be, &s, &mw[0], y, xp, MP_ACT_NONE, N, dw, db, x);
+                                   db2, x, false);
+            mp_linear_backward_packed(be, &s, &mw[1], y, xp, MP_ACT_NONE, N, dw, false, db, x);
+            mp_linear_backward_packed(be, &s, &mw[0], y, xp, MP_ACT_NONE, N, dw, false, db, x);
         }
         for (int i = 0; i < 5; i++)
             flops += 6.0 * N * shapes[i][0] * shapes[i][1] * (i == 4 ? 1 : L);

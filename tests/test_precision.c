@@ -245,6 +245,63 @@ static void test_fused_update(void)
     kiln_ctx_free(ctx);
 }
 
+/* The bf16 backward stores the weight matrices' gradients after a
+ * kiln_model_zero_grad instead of adding them to zeros: the gradients read
+ * right after zero_grad are zeros, a second backward without zero_grad
+ * adds (exactly twice the first), and a zero_grad then backward gives the
+ * first gradients again, bit for bit. */
+static void test_lazy_zero_grad(void)
+{
+    enum { B = 2, T = 32 };
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg = tiny_config();
+    int V = cfg.vocab_size;
+    int32_t tok[B * T], tgt[B * T];
+    for (int i = 0; i < B * T; i++) tok[i] = (i * 5) % V, tgt[i] = (i * 3 + 1) % V;
+    kiln_model *m = make_model(ctx, &cfg, KILN_PRECISION_BF16, B, T);
+    CHECK(m != NULL);
+    if (!m) return;
+    size_t n = kiln_model_num_params(m);
+    float *g1 = malloc(sizeof(float) * n);
+    run_batch(ctx, m, tok, tgt, B, T, NULL, 1.f); /* zero_grad, forward, backward */
+    CHECK(m->act_mp && !m->grads_lazy);
+    memcpy(g1, kiln_model_grads(m), sizeof(float) * n);
+    kiln_model_zero_grad(m);
+    CHECK(m->grads_lazy); /* the bf16 path: the matrices only marked */
+    const float *g = kiln_model_grads(m);
+    size_t nonzero = 0;
+    for (size_t i = 0; i < n; i++) nonzero += g[i] != 0.0f;
+    CHECK_EQ(nonzero, 0);
+    /* accumulate two backwards of the same batch */
+    run_batch(ctx, m, tok, tgt, B, T, NULL, 1.f);
+    float *logits;
+    CHECK_EQ(kiln_model_forward(ctx, m, tok, B, T, &logits), KILN_OK);
+    double ls = 0, ws = 0;
+    CHECK_EQ(kiln_cross_entropy(ctx, logits, tgt, NULL, (int64_t)B * T, V, 1.f / (float)(B * T),
+                                logits, &ls, &ws), KILN_OK);
+    CHECK_EQ(kiln_model_backward(ctx, m, logits), KILN_OK);
+    g = kiln_model_grads(m);
+    /* per tensor, to fp32 rounding (the second product accumulates onto
+     * the first in its tiles, so the sums round differently): a backward
+     * that stored instead of adding would be off by half */
+    for (int ti = 0; ti < kiln_model_num_tensors(m); ti++) {
+        const kiln_tensor_info *t = kiln_model_tensor(m, ti);
+        double d2 = 0, w2 = 0;
+        for (size_t i = t->offset; i < t->offset + t->numel; i++) {
+            double want = 2.0 * g1[i];
+            d2 += (g[i] - want) * (g[i] - want);
+            w2 += want * want;
+        }
+        CHECK_MSG(d2 <= 1e-10 * w2 && w2 > 0, "%s: not twice one backward's gradient (rel %g)",
+                  t->name, sqrt(d2 / w2));
+    }
+    run_batch(ctx, m, tok, tgt, B, T, NULL, 1.f);
+    CHECK(memcmp(kiln_model_grads(m), g1, sizeof(float) * n) == 0);
+    free(g1);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+
 /* The model in bf16 on each kernel this CPU has (AMX, AVX512_BF16, the
  * portable one): the same rounded inputs and fp32 accumulation, so the
  * logits agree to fp32 summation-order noise. */
@@ -466,6 +523,7 @@ int main(void)
     RUN_TEST(test_llama_bf16_fp16_vs_fp32);
     RUN_TEST(test_weights_follow_updates_and_determinism);
     RUN_TEST(test_fused_update);
+    RUN_TEST(test_lazy_zero_grad);
     RUN_TEST(test_kernels_agree_in_model);
     RUN_TEST(test_convergence_parity);
     return TEST_EXIT();

@@ -165,7 +165,13 @@ kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "backward called without a forward pass");
     set_threads(m);
-    if (m->act_mp) return model_mp_backward(ctx, m, dlogits);
+    if (m->act_mp) {
+        kiln_status s = model_mp_backward(ctx, m, dlogits);
+        if (s) model_grads_materialize(m); /* a failure leaves no stale matrices */
+        m->grads_lazy = false;             /* else every matrix is written */
+        return s;
+    }
+    model_grads_materialize(m); /* this backward adds onto them */
     const kern_ops *k = m->ops;
     kern_gemm *g = m->gemm;
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;

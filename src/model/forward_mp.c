@@ -272,7 +272,7 @@ static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, float *dx, float *dw
     kern_gemm *g = m->gemm;
     const mp_weight *pw = mp_kern_weight(g, w, OC, Cin, io, true);
     if (!pw || !mp_linear_backward_packed(mp_kern_backend(g), mp_kern_scratch(g), pw, dy, xp, act, n,
-                                          dw, db, dx))
+                                          dw, !m->grads_lazy, db, dx))
         return NOMEM(ctx);
     return KILN_OK;
 }
@@ -324,7 +324,8 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
             bool ok = w1 && w2;
             P(MATMUL_BWD, ok = ok && mp_mlp_backward_packed(mp_kern_backend(g), mp_kern_scratch(g), w1,
                                                             w2, a->dres, ln2p, fchp, act, n, d->fc_w,
-                                                            d->fc_b, d->fcproj_w, d->fcproj_b, a->dc));
+                                                            d->fc_b, d->fcproj_w, d->fcproj_b, a->dc,
+                                                            !m->grads_lazy));
             if (!ok) return NOMEM(ctx);
         } else {
             P(MATMUL_BWD, s = linear_bwd(ctx, m, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp,

@@ -279,7 +279,11 @@ float *kiln_model_params(kiln_model *m)
     model_params_touched(m);
     return m->params;
 }
-float *kiln_model_grads(kiln_model *m) { return m->grads; }
+float *kiln_model_grads(kiln_model *m)
+{
+    model_grads_materialize(m);
+    return m->grads;
+}
 int kiln_model_num_tensors(const kiln_model *m) { return m->n_tensors; }
 
 const kiln_tensor_info *kiln_model_tensor(const kiln_model *m, int i)
@@ -302,7 +306,7 @@ void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud)
 
 void kiln_model_zero_grad(kiln_model *m)
 {
-    if (m->grads) memset(m->grads, 0, m->num_params * sizeof(float));
+    if (m->grads) model_mp_zero_grad(m);
 }
 
 /* ---- activations ------------------------------------------------------ */

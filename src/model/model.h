@@ -109,6 +109,11 @@ extern const char *const model_prof_names[MODEL_PROF_N];
 /* update_mp.c */
 struct model_upd;
 void model_upd_free(kiln_model *m);
+/* kiln_model_zero_grad of the bf16-activation path: the weight matrices'
+ * gradients only marked zero (grads_lazy); and the zeros written out, for
+ * whatever reads or accumulates onto them other than that backward. */
+void model_mp_zero_grad(kiln_model *m);
+void model_grads_materialize(kiln_model *m);
 /* The parameters are about to be written by other means than
  * kiln_model_adamw_step: packed copies marked fresh by it are stale. */
 void model_params_touched(kiln_model *m);
@@ -140,6 +145,8 @@ struct kiln_model {
     kiln_grad_ready_fn hook;
     void *hook_ud;
     struct model_upd *upd; /* kiln_model_adamw_step's matrix list (update_mp.c) */
+    bool grads_lazy;       /* the weight matrices' gradients are zero but not
+                              written: the next bf16 backward stores them */
 };
 
 /* Profiling clock: wall time (m->profile == 1) or process CPU time

@@ -20,8 +20,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+typedef struct span {
+    size_t off, len;
+} span;
+
 struct model_upd {
     int n;
+    span *spans;        /* the matrices' ranges in the parameter block, sorted */
     adamw_matrix *mats; /* sorted by offset */
     mp_weight *pw;      /* copies of the cache entries' descriptors */
     const float **w;    /* the weights, as the cache keys them */
@@ -34,6 +39,7 @@ void model_upd_free(kiln_model *m)
     struct model_upd *u = m->upd;
     if (!u) return;
     free(u->mats);
+    free(u->spans);
     free(u->pw);
     free(u->w);
     free(u->oc);
@@ -46,6 +52,12 @@ void model_upd_free(kiln_model *m)
 static void after_strip(void *ud, const float *W, int r0)
 {
     mp_weight_refresh_strip(ud, W, r0);
+}
+
+static int by_span(const void *a, const void *b)
+{
+    const span *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
 }
 
 static int by_offset(const void *a, const void *b)
@@ -79,17 +91,21 @@ static struct model_upd *upd_of(kiln_model *m)
     if (!u) return NULL;
     u->n = n;
     u->mats = calloc((size_t)n, sizeof *u->mats);
+    u->spans = calloc((size_t)n, sizeof *u->spans);
     u->pw = calloc((size_t)n, sizeof *u->pw);
     u->w = calloc((size_t)n, sizeof *u->w);
     u->oc = calloc((size_t)n, sizeof *u->oc);
     u->c = calloc((size_t)n, sizeof *u->c);
     u->io = calloc((size_t)n, sizeof *u->io);
     m->upd = u;
-    if (!u->mats || !u->pw || !u->w || !u->oc || !u->c || !u->io) {
+    if (!u->mats || !u->spans || !u->pw || !u->w || !u->oc || !u->c || !u->io) {
         model_upd_free(m);
         return NULL;
     }
     list(m, u->w, u->oc, u->c, u->io);
+    for (int i = 0; i < n; i++)
+        u->spans[i] = (span){(size_t)(u->w[i] - m->params), (size_t)u->oc[i] * (size_t)u->c[i]};
+    qsort(u->spans, (size_t)n, sizeof *u->spans, by_span);
     return u;
 }
 
@@ -132,4 +148,40 @@ void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, flo
             mp_kern_weight_fresh(m->gemm, m->params + u->mats[i].offset, pw->OC, pw->C,
                                  pw->in_out);
     }
+}
+
+/* ---- lazily zeroed weight-matrix gradients ------------------------------
+ * The bf16 backward writes each weight matrix's gradient with one product
+ * (model_mp_backward). Zeroing those ~85% of the gradient block before it
+ * was a memset of them plus a read of the zeros by the first K chunk of
+ * each product; now kiln_model_zero_grad zeroes the rest and marks the
+ * matrices lazy, the next bf16 backward stores their products instead of
+ * adding them, and anything else that would see the zeros first
+ * (kiln_model_grads, the fp32-activation backward) writes them out. */
+
+void model_mp_zero_grad(kiln_model *m)
+{
+    struct model_upd *u = m->act_mp ? upd_of(m) : NULL;
+    if (!u) {
+        memset(m->grads, 0, m->num_params * sizeof(float));
+        m->grads_lazy = false;
+        return;
+    }
+    size_t pos = 0;
+    for (int i = 0; i < u->n; i++) {
+        memset(m->grads + pos, 0, (u->spans[i].off - pos) * sizeof(float));
+        pos = u->spans[i].off + u->spans[i].len;
+    }
+    memset(m->grads + pos, 0, (m->num_params - pos) * sizeof(float));
+    m->grads_lazy = true;
+}
+
+void model_grads_materialize(kiln_model *m)
+{
+    if (!m->grads_lazy) return;
+    struct model_upd *u = m->upd;
+    KILN_ASSERT(u); /* grads_lazy is only set with the list at hand */
+    for (int i = 0; i < u->n; i++)
+        memset(m->grads + u->spans[i].off, 0, u->spans[i].len * sizeof(float));
+    m->grads_lazy = false;
 }

@@ -262,11 +262,12 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
 
 /* The whole backward of y = x W' + b from a packed bf16 activation (xp,
  * act as in mp_linear_backward_w_packed) and W's bf16 copy w: dW += the
- * weight gradient, db += the bias gradient (db NULL: none), dx = dy W
- * (overwritten). dy is read once (mp_pack_dy). Returns false on OOM. */
+ * weight gradient (dW = it when !dw_acc: dW's old contents are not read),
+ * db += the bias gradient (db NULL: none), dx = dy W (overwritten). dy is
+ * read once (mp_pack_dy). Returns false on OOM. */
 bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
                                const float *dy, const uint16_t *xp, int act, int N,
-                               float *dW, float *db, float *dx);
+                               float *dW, bool dw_acc, float *db, float *dx);
 
 /* ---- bf16 activations (bf16_act.c) ------------------------------------ */
 
@@ -313,14 +314,15 @@ bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const
                         const uint16_t *pb, const float *bias, const mp_epi *epi);
 /* The backward of an MLP y = act(x W1' + b1) W2' + b2 (act NONE or GELU)
  * from the packed bf16 x (xp) and pre-activation h (hp), the weights'
- * bf16 copies w1, w2: dW1, dW2 += the weight gradients, db1, db2 += the
- * bias gradients (NULL: none), dx = the input gradient (overwritten).
+ * bf16 copies w1, w2: dW1, dW2 += the weight gradients (= them when
+ * !dw_acc), db1, db2 += the bias gradients (NULL: none), dx = the input
+ * gradient (overwritten).
  * The gradient of h is never stored in fp32: the product that makes it
  * writes it packed, both ways, through MP_EPI_DACT. Returns false on OOM. */
 bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
                             const mp_weight *w2, const float *dy, const uint16_t *xp,
                             const uint16_t *hp, int act, int N, float *dW1, float *db1,
-                            float *dW2, float *db2, float *dx);
+                            float *dW2, float *db2, float *dx, bool dw_acc);
 
 /* out (M, K) fp32 (row stride ldo) <- packed bf16 A. */
 void mp_unpack_a(float *out, int ldo, const uint16_t *pa, int M, int K);

@@ -667,22 +667,23 @@ bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
  * shapes), from dy packed over tokens; others as dW' = dy^T x. */
 static bool w_tok(bool in_out, int act) { return in_out && act != MP_ACT_SWIGLU; }
 
-/* dW += the weight gradient from pt (packed A of dy^T, or with w_tok
+/* dW (+)= the weight gradient from pt (packed A of dy^T, or with w_tok
  * packed B of dy over tokens) and the packed activation xp. */
 static bool backward_w_from(mp_backend be, mp_scratch *s, bool in_out, const uint16_t *pt,
-                            const uint16_t *xp, int act, int N, int OC, int C, float *dW)
+                            const uint16_t *xp, int act, int N, int OC, int C, float *dW,
+                            bool acc)
 {
     if (w_tok(in_out, act)) {
         uint16_t *pxt = grow(&s->b, &s->b_cap, mp_packa_elems(MP_BF16, C, N));
         if (!pxt) return false;
         mp_pack_a_tokens(pxt, xp, N, C, act);
-        mp_gemm_packed(be, MP_BF16, C, OC, N, pxt, pt, dW, OC, true, NULL);
+        mp_gemm_packed(be, MP_BF16, C, OC, N, pxt, pt, dW, OC, acc, NULL);
         return true;
     }
     uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(MP_BF16, N, C));
     if (!pb) return false;
     mp_pack_b_tokens(pb, xp, N, C, act); /* x: K = N tokens, C columns */
-    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pt, pb, dW, in_out ? OC : C, true, NULL, in_out);
+    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pt, pb, dW, in_out ? OC : C, acc, NULL, in_out);
     return true;
 }
 
@@ -694,12 +695,12 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
     if (!pt) return false;
     if (w_tok(in_out, act)) mp_pack_b(MP_BF16, false, N, OC, dy, OC, pt); /* dy over tokens */
     else mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt);                     /* dy^T: (OC, N) */
-    return backward_w_from(be, s, in_out, pt, xp, act, N, OC, C, dW);
+    return backward_w_from(be, s, in_out, pt, xp, act, N, OC, C, dW, true);
 }
 
 bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
                                const float *dy, const uint16_t *xp, int act, int N,
-                               float *dW, float *db, float *dx)
+                               float *dW, bool dw_acc, float *db, float *dx)
 {
     KILN_ASSERT(w->dt == MP_BF16);
     int OC = w->OC, C = w->C;
@@ -709,7 +710,7 @@ bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
     float *part = db ? grow_f(&s->part, &s->part_cap, mp_pack_dy_part_floats(N, OC)) : NULL;
     if (db && !part) return false;
     mp_pack_dy(pa, pt, w_tok(w->in_out, act), db, part, dy, N, OC);
-    if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, OC, C, dW)) return false;
+    if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, OC, C, dW, dw_acc)) return false;
     mp_gemm_packed(be, MP_BF16, N, C, OC, pa, w->bwd, dx, C, false, NULL);
     return true;
 }
@@ -750,7 +751,7 @@ bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const
 bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
                             const mp_weight *w2, const float *dy, const uint16_t *xp,
                             const uint16_t *hp, int act, int N, float *dW1, float *db1,
-                            float *dW2, float *db2, float *dx)
+                            float *dW2, float *db2, float *dx, bool dw_acc)
 {
     KILN_ASSERT(act == MP_ACT_NONE || act == MP_ACT_GELU);
     KILN_ASSERT(w1->dt == MP_BF16 && w2->dt == MP_BF16 && w1->OC == w2->C);
@@ -765,13 +766,14 @@ bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
     /* second layer: its gradients, and its input gradient through the
      * activation's derivative straight into both packed forms */
     mp_pack_dy(pa, pt, w_tok(w2->in_out, act), db2, part, dy, N, OC);
-    if (!backward_w_from(be, s, w2->in_out, pt, hp, act, N, OC, F, dW2)) return false;
+    if (!backward_w_from(be, s, w2->in_out, pt, hp, act, N, OC, F, dW2, dw_acc)) return false;
     mp_epi e = {.kind = MP_EPI_DACT, .act = act, .M = N, .N = F, .hp = hp, .pa = pa2, .pt = pt2,
                 .tok = w_tok(w1->in_out, MP_ACT_NONE), .bpart = db1 ? part : NULL};
     if (!mp_gemm_packed_epi(be, s, N, F, OC, pa, w2->bwd, NULL, &e)) return false;
     if (db1) mp_epi_bias_sum(&e, db1);
     /* first layer */
-    if (!backward_w_from(be, s, w1->in_out, pt2, xp, MP_ACT_NONE, N, F, C, dW1)) return false;
+    if (!backward_w_from(be, s, w1->in_out, pt2, xp, MP_ACT_NONE, N, F, C, dW1, dw_acc))
+        return false;
     mp_gemm_packed(be, MP_BF16, N, C, F, pa2, w1->bwd, dx, C, false, NULL);
     return true;
 }
