@@ -9,6 +9,7 @@
  * the AMX peak probe.
  */
 #include "check.h"
+#include "kernels/kernels.h"
 #include "kernels/x86/bf16.h"
 
 #include "kiln.h"
@@ -843,6 +844,59 @@ static void test_residual_epilogue(void)
     CHECK(ran > 0);
 }
 
+/* The fused norm with packed bf16 output (what the bf16 forward's norms
+ * run) against the fast table's fp32 norm then mp_pack_a, byte for byte,
+ * padding included (the output starts as 0xff), and the same mean and
+ * rstd: LayerNorm with and without bias and RMSNorm, rows not a multiple
+ * of 16 or 32, C not a multiple of 32, one row, and a training shape
+ * (threaded). Inputs with an offset and a spread so that the output has
+ * many rounding cases, plus a few rows of exact ties and huge values. */
+static void test_norm_packed(void)
+{
+    static const int shapes[5][2] = {{70, 48}, {33, 100}, {1, 20}, {2048, 512}, {250, 768}};
+    const kern_ops *k = kern_ops_fast();
+    for (int si = 0; si < 5; si++)
+        for (int kind = 0; kind < 3; kind++) { /* LN + bias, LN, RMS */
+            int N = shapes[si][0], C = shapes[si][1];
+            kiln_rng r;
+            kiln_rng_seed(&r, 900 + si * 3 + kind);
+            float *x = malloc(sizeof(float) * N * C), *w = malloc(sizeof(float) * C);
+            float *b = malloc(sizeof(float) * C), *y = malloc(sizeof(float) * N * C);
+            float *mean = malloc(sizeof(float) * N), *rstd = malloc(sizeof(float) * N);
+            float *mean0 = malloc(sizeof(float) * N), *rstd0 = malloc(sizeof(float) * N);
+            fill(&r, x, (size_t)N * C, 3.f);
+            for (int n = 0; n < N; n++)
+                for (int i = 0; i < C; i++) x[(size_t)n * C + i] += (float)(n % 7) - 3.f;
+            if (N > 3)
+                for (int i = 0; i < C; i++) x[(size_t)2 * C + i] = i % 2 ? 1e30f : -1e30f;
+            fill(&r, w, (size_t)C, 1.f);
+            fill(&r, b, (size_t)C, 0.5f);
+            size_t np = mp_packa_elems(MP_BF16, N, C);
+            uint16_t *p = aligned_alloc(64, np * 2), *p0 = aligned_alloc(64, np * 2);
+            memset(p, 0xff, np * 2);
+            memset(p0, 0xee, np * 2);
+            const float *bb = kind == 0 ? b : NULL;
+            if (kind < 2) k->layernorm_fwd(y, mean0, rstd0, x, w, bb, N, C, 1e-5f);
+            else k->rmsnorm_fwd(y, rstd0, x, w, N, C, 1e-5f);
+            mp_pack_a(MP_BF16, false, N, C, y, C, p0);
+            kern_fast_norm_fwd_packed(p, mean, rstd, x, w, bb, N, C, 1e-5f, kind == 2);
+            size_t diff = 0;
+            for (size_t t = 0; t < np; t++) diff += p[t] != p0[t];
+            CHECK_MSG(diff == 0, "%dx%d kind %d: %zu of %zu packed elements differ", N, C, kind,
+                      diff, np);
+            CHECK_MSG(!memcmp(rstd, rstd0, sizeof(float) * N), "%dx%d kind %d: rstd differs", N, C,
+                      kind);
+            if (kind < 2)
+                CHECK_MSG(!memcmp(mean, mean0, sizeof(float) * N), "%dx%d kind %d: mean differs",
+                          N, C, kind);
+            /* and the values are the norm's (not, say, all zeros) */
+            float v = mp_bf16_to_f32_1(p[mp_packa_off((C + 31) / 32 * 32, N - 1, C - 1)]);
+            CHECK_NEAR(v, y[(size_t)N * C - 1], fabsf(y[(size_t)N * C - 1]) * 0.008f + 1e-30f);
+            free(x), free(w), free(b), free(y), free(mean), free(rstd), free(mean0), free(rstd0);
+            free(p), free(p0);
+        }
+}
+
 /* The per-thread scratch: aligned, kept while big enough, grown when
  * asked for more, one buffer per slot and per thread. */
 static void test_thread_scratch(void)
@@ -946,6 +1000,7 @@ int main(void)
     RUN_TEST(test_pack_dy);
     RUN_TEST(test_epilogues);
     RUN_TEST(test_residual_epilogue);
+    RUN_TEST(test_norm_packed);
     RUN_TEST(test_thread_scratch);
     RUN_TEST(test_weight_refresh_strips);
     RUN_TEST(test_amx_peak_probe);

@@ -163,6 +163,15 @@ typedef struct kern_ops {
 const kern_ops *kern_ops_ref(void);
 const kern_ops *kern_ops_fast(void);
 
+/* The fast table's LayerNorm (rms false: mean, rstd; b may be NULL) or
+ * RMSNorm (rms true: rstd only; mean and b unused) forward of N rows of C
+ * with the output written as packed bf16 only (kernels/x86/bf16.h's
+ * packed-A layout: K = C padded to 32, rows padded to a multiple of 32,
+ * padding zero): bit for bit mp_pack_a of that table's fp32 output,
+ * without the fp32 output. */
+void kern_fast_norm_fwd_packed(uint16_t *outp, float *mean, float *rstd, const float *inp,
+                               const float *w, const float *b, int N, int C, float eps, bool rms);
+
 /* Generic linear-layer implementations on top of kern_gemm (used by both
  * tables; bias handling is single-threaded in ref, threaded in fast). */
 void kern_matmul_fwd_gemm(kern_gemm *g, float *out, const float *inp,

@@ -28,7 +28,9 @@
  * gradients.
  * The residual adds are fused into the products: the tiles start from the
  * bias, and the residual is added as each finished block is stored
- * (MP_EPI_RES), so no pass writes residual + bias first.
+ * (MP_EPI_RES), so no pass writes residual + bias first. The norms write
+ * their packed bf16 output directly (kern_fast_norm_fwd_packed: the same
+ * bytes as the fp32 norm then mp_pack_a, without the fp32 output).
  *
  * Weight gradients of (out, in) weights run as dW = dY^T X, of (in, out)
  * weights (gpt2) as dW = X^T dY, both stored as they are: dY packed from
@@ -166,14 +168,24 @@ static kiln_status fwd_res(kiln_ctx *ctx, kiln_model *m, mp_backend be, float *o
     return fwd_epi(ctx, m, m->gemm, be, n, m->C, K, pa, w->fwd, bias, &e);
 }
 
-/* The norm of one layer: fp32 statistics, bf16 packed output. */
+/* The norm of one layer (n rows): fp32 statistics (mean, rstd; no mean
+ * for RMSNorm), outp = the output packed bf16 (pk(n, C), padding zero).
+ * The mixed-precision kernel table has the fast table's norms, whose
+ * fused form (kern_fast_norm_fwd_packed) writes the packed output
+ * directly, bit for bit mp_pack_a of their fp32 output, which is never
+ * stored. Any other table: its fp32 output in m->a.tmp, then packed. */
 static void norm_packed(kiln_model *m, uint16_t *outp, float *mean, float *rstd, const float *inp,
                         const float *w, const float *b, int n)
 {
-    const kern_ops *k = m->ops;
+    const kern_ops *k = m->ops, *fast = kern_ops_fast();
     int C = m->C;
     float eps = m->cfg.norm_eps;
-    if (m->cfg.arch == KILN_ARCH_GPT2) k->layernorm_fwd(m->a.tmp, mean, rstd, inp, w, b, n, C, eps);
+    bool ln = m->cfg.arch == KILN_ARCH_GPT2;
+    if (ln ? k->layernorm_fwd == fast->layernorm_fwd : k->rmsnorm_fwd == fast->rmsnorm_fwd) {
+        kern_fast_norm_fwd_packed(outp, mean, rstd, inp, w, b, n, C, eps, !ln);
+        return;
+    }
+    if (ln) k->layernorm_fwd(m->a.tmp, mean, rstd, inp, w, b, n, C, eps);
     else k->rmsnorm_fwd(m->a.tmp, rstd, inp, w, n, C, eps);
     mp_pack_a(MP_BF16, false, n, C, m->a.tmp, C, outp);
 }

@@ -62,6 +62,50 @@ static void fast_embed_bwd(float *dwte, float *dwpe, const float *dout,
 
 /* ---- norms ------------------------------------------------------------ */
 
+/* The statistics of one LayerNorm row (mean, 1 / sqrt(var + eps)) and
+ * of one RMSNorm row (1 / sqrt(mean square + eps)), in one order of
+ * operations shared by the fp32 outputs and the packed bf16 ones, which
+ * must agree bit for bit. */
+static inline void ln_stats(const float *x, int C, float eps, float *mean, float *rstd)
+{
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < C; i++) s += x[i];
+    float m = s / C;
+    float v = 0.0f;
+#pragma omp simd reduction(+ : v)
+    for (int i = 0; i < C; i++) v += (x[i] - m) * (x[i] - m);
+    *mean = m;
+    *rstd = 1.0f / sqrtf(v / C + eps);
+}
+
+static inline float rms_rstd(const float *x, int C, float eps)
+{
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < C; i++) ss += x[i] * x[i];
+    return 1.0f / sqrtf(ss / C + eps);
+}
+
+/* The output elements (the same expressions in both forms). */
+static inline void ln_out(float *o, const float *x, const float *w, const float *b, float m,
+                          float r, int C)
+{
+    if (b) {
+#pragma omp simd
+        for (int i = 0; i < C; i++) o[i] = (x[i] - m) * r * w[i] + b[i];
+    } else {
+#pragma omp simd
+        for (int i = 0; i < C; i++) o[i] = (x[i] - m) * r * w[i];
+    }
+}
+
+static inline void rms_out(float *o, const float *x, const float *w, float r, int C)
+{
+#pragma omp simd
+    for (int i = 0; i < C; i++) o[i] = w[i] * (x[i] * r);
+}
+
 static void fast_layernorm_fwd(float *out, float *mean, float *rstd,
                                const float *inp, const float *w,
                                const float *b, int N, int C, float eps)
@@ -69,22 +113,9 @@ static void fast_layernorm_fwd(float *out, float *mean, float *rstd,
 #pragma omp parallel for schedule(static) if ((size_t)N * C > PAR_MIN)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int i = 0; i < C; i++) s += x[i];
-        float m = s / C;
-        float v = 0.0f;
-#pragma omp simd reduction(+ : v)
-        for (int i = 0; i < C; i++) v += (x[i] - m) * (x[i] - m);
-        float r = 1.0f / sqrtf(v / C + eps);
-        float *o = out + (size_t)n * C;
-        if (b) {
-#pragma omp simd
-            for (int i = 0; i < C; i++) o[i] = (x[i] - m) * r * w[i] + b[i];
-        } else {
-#pragma omp simd
-            for (int i = 0; i < C; i++) o[i] = (x[i] - m) * r * w[i];
-        }
+        float m, r;
+        ln_stats(x, C, eps, &m, &r);
+        ln_out(out + (size_t)n * C, x, w, b, m, r, C);
         mean[n] = m;
         rstd[n] = r;
     }
@@ -167,13 +198,56 @@ static void fast_rmsnorm_fwd(float *out, float *rstd, const float *inp,
 #pragma omp parallel for schedule(static) if ((size_t)N * C > PAR_MIN)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int i = 0; i < C; i++) ss += x[i] * x[i];
-        float r = 1.0f / sqrtf(ss / C + eps);
-        float *o = out + (size_t)n * C;
-#pragma omp simd
-        for (int i = 0; i < C; i++) o[i] = w[i] * (x[i] * r);
+        float r = rms_rstd(x, C, eps);
+        rms_out(out + (size_t)n * C, x, w, r, C);
+        rstd[n] = r;
+    }
+}
+
+/* 32 floats -> 64 bytes of bf16 at dst, rounded as mp_pack_a does. */
+static inline void put_bf16x32(uint16_t *dst, const float *o)
+{
+#ifdef __AVX512F__
+    __m256i lo = mp_f32x16_to_bf16(_mm512_loadu_ps(o));
+    __m256i hi = mp_f32x16_to_bf16(_mm512_loadu_ps(o + 16));
+    _mm512_storeu_si512(dst, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+#else
+    for (int i = 0; i < 32; i++) dst[i] = mp_f32_to_bf16_1(o[i]);
+#endif
+}
+
+void kern_fast_norm_fwd_packed(uint16_t *outp, float *mean, float *rstd, const float *inp,
+                               const float *w, const float *b, int N, int C, float eps, bool rms)
+{
+    /* Row by row: the statistics, then the row 32 columns at a time into
+     * a block of registers / L1 and from there to its 64-byte piece of
+     * packed row; rows past N (up to a multiple of 32) are zeros. */
+    int np = (N + 31) / 32 * 32, kk = (C + 31) / 32 * 32;
+#pragma omp parallel for schedule(static) if ((size_t)N * C > PAR_MIN)
+    for (int n = 0; n < np; n++) {
+        if (n >= N) {
+            for (int k0 = 0; k0 < kk; k0 += 32) memset(outp + mp_packa_off(kk, n, k0), 0, 64);
+            continue;
+        }
+        const float *x = inp + (size_t)n * C;
+        float m = 0.0f, r;
+        if (rms) r = rms_rstd(x, C, eps);
+        else ln_stats(x, C, eps, &m, &r);
+        for (int k0 = 0; k0 < kk; k0 += 32) {
+            float o[32] __attribute__((aligned(64)));
+            const float *bk = b ? b + k0 : NULL;
+            if (C - k0 >= 32) { /* a constant count: two vectors, no tail */
+                if (rms) rms_out(o, x + k0, w + k0, r, 32);
+                else ln_out(o, x + k0, w + k0, bk, m, r, 32);
+            } else {
+                int cnt = C - k0;
+                if (rms) rms_out(o, x + k0, w + k0, r, cnt);
+                else ln_out(o, x + k0, w + k0, bk, m, r, cnt);
+                for (int i = cnt; i < 32; i++) o[i] = 0.0f;
+            }
+            put_bf16x32(outp + mp_packa_off(kk, n, k0), o);
+        }
+        if (!rms) mean[n] = m;
         rstd[n] = r;
     }
 }
