@@ -6,7 +6,9 @@
  * blocks, exact blocks, one past, several blocks), HS 32 / 64 / 128 (and
  * 96 once), GQA
  * (NH 4, KVH 2) and MHA, 1 and 2 threads (results must be bit-identical
- * across thread counts and repeats).
+ * across thread counts and repeats); for T a multiple of 32 also the
+ * backward that writes its gradient packed (mp_attention_bwd_amx_packed),
+ * which must give mp_pack_dy's bytes and bias sums of the fp32 rows.
  *
  * Tolerance, element by element. With u = 2^-8 (the unit roundoff of
  * bf16, 8 significant bits, round to nearest) and
@@ -108,6 +110,26 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
     for (size_t i = 0; i < nl; i++) lw = fmax(lw, fabs(l[0][i] - lse[i]) / lone[i]);
     CHECK_MSG(lw <= 1e-5, "fwd lse T%d NH%d KVH%d HS%d: relative error %g", T, NH, KVH, HS, lw);
     within(g[0], dq, Mq, nq, "bwd dqkv", T, NH, KVH, HS);
+    if (T % 32 == 0) /* the packed output: mp_pack_dy of the rows, bit for bit */
+        for (int tok = 0; tok < 2; tok++) {
+            int N = B * T;
+            size_t na = mp_packa_elems(MP_BF16, N, S), nt = mp_packa_elems(MP_BF16, S, N);
+            size_t np = mp_pack_dy_part_floats(N, S);
+            uint16_t *pa[2] = {malloc(na * 2), malloc(na * 2)}, *pt[2] = {malloc(nt * 2), malloc(nt * 2)};
+            float *part = malloc(np * 4), *db[2] = {calloc((size_t)S, 4), calloc((size_t)S, 4)};
+            memset(pa[0], 0xff, na * 2);
+            memset(pt[0], 0xff, nt * 2);
+            mp_dy_out od = {.pa = pa[0], .pt = pt[0], .tok = tok, .part = part, .np = N, .op = S};
+            mp_attention_bwd_amx_packed(&od, dout, qkvh, outf, lsef, B, T, NH, KVH, HS);
+            mp_pack_dy_bias(db[0], part, N, S);
+            mp_pack_dy(pa[1], pt[1], tok, db[1], part, g[0], N, S);
+            CHECK_MSG(!memcmp(pa[0], pa[1], na * 2) && !memcmp(pt[0], pt[1], nt * 2) &&
+                          !memcmp(db[0], db[1], (size_t)S * 4),
+                      "packed output (tok %d) differs from mp_pack_dy: T%d NH%d KVH%d HS%d", tok, T,
+                      NH, KVH, HS);
+            for (int k = 0; k < 2; k++) free(pa[k]), free(pt[k]), free(db[k]);
+            free(part);
+        }
     for (int r = 1; r < 3; r++)
         CHECK_MSG(!memcmp(o[0], o[r], no * 4) && !memcmp(l[0], l[r], nl * 4) &&
                       !memcmp(g[0], g[r], nq * 4),
