@@ -8,6 +8,7 @@
  * take half the memory:
  *   ln1p, ln2p   the normalized inputs of the qkv and fc products (L, N, C)
  *   attyp        the attention output, input of the projection    (L, N, C)
+ *                (the AMX attention backward reads it as it is)
  *   fchp         the fc product's output, pre-activation          (L, N, FH)
  *   lnfp         the final norm's output, input of the LM head    (N, C)
  * The activation function's output (the input of the MLP's second
@@ -342,11 +343,11 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      MP_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
-        P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
         if (mp_kern_backend(g) == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T)) { /* as the forward */
-            P(ATTN_BWD, mp_attention_bwd_amx(a->dbig, a->dc, qkvh, a->atty, lse, B, T, m->NH, m->KVH,
-                                             m->HS));
+            P(ATTN_BWD, mp_attention_bwd_amx_packed(a->dbig, a->dc, qkvh, attyp, lse, B, T, m->NH,
+                                                    m->KVH, m->HS));
         } else {
+            P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
             P(OTHER, mp_bf16_to_f32(qkvh, a->tmp, N * QKV));
             P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T, m->NH,
                                          m->KVH, m->HS));

@@ -183,6 +183,13 @@ void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, i
 void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
                           const float *out, const float *lse, int B, int T, int NH, int KVH,
                           int HS);
+/* mp_attention_bwd_amx with out read from its packed bf16 copy outp (the
+ * packed A of out (B*T, NH*HS), what the bf16 forward stores for the
+ * projection) instead of fp32 rows: the same result bit for bit as from
+ * out's values widened to fp32, without that copy. */
+void mp_attention_bwd_amx_packed(float *dqkv, const float *dout, const uint16_t *qkvh,
+                                 const uint16_t *outp, const float *lse, int B, int T, int NH,
+                                 int KVH, int HS);
 
 /* ---- a linear layer in compute precision ------------------------------ */
 
