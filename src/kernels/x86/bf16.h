@@ -127,7 +127,13 @@ static inline size_t mp_packa_off(int kk, int m, int k)
  * long, 64-byte aligned, kept for the thread's later calls (no allocation
  * once warm) and freed when the thread exits; NULL if it cannot be made.
  * One slot per user, so that callers do not overwrite each other. */
-enum { MP_SCRATCH_GEMM = 0, MP_SCRATCH_ATTN_H = 1, MP_SCRATCH_ATTN_F = 2, MP_SCRATCH_SLOTS = 3 };
+enum {
+    MP_SCRATCH_GEMM = 0,
+    MP_SCRATCH_ATTN_H = 1,
+    MP_SCRATCH_ATTN_F = 2,
+    MP_SCRATCH_NORM = 3, /* the norms' backward: weight-gradient sums per row block */
+    MP_SCRATCH_SLOTS = 4
+};
 void *mp_thread_scratch(int slot, size_t bytes);
 
 /* The AMX kernel's blocking (amx_bf16.c): macro tiles of MC x NC of C, K

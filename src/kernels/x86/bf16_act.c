@@ -28,6 +28,9 @@
 static inline int omp_get_num_threads(void) { return 1; }
 static inline int omp_get_thread_num(void) { return 0; }
 #endif
+#if defined(__AVX512F__) && !defined(__AVX512BW__)
+#error "bf16_act.c: an AVX-512 build needs AVX512BW too (every AVX-512 CPU since Skylake-SP has it); ARCH= builds the portable code"
+#endif
 #ifdef __AVX512F__
 #include "kernels/x86/simd.h"
 #endif
@@ -347,18 +350,47 @@ static inline __m512i v_row_bf16(__m512 lo, __m512 hi)
 
 static inline void v_put_row(uint16_t *dst, __m512i v) { _mm512_storeu_si512(dst, v); }
 
-/* A 32 x 32 fp32 block r[row half][column half][row] (rows m0.., columns
- * c0..) as 32 rows of the packed A of its transpose (packed K kk):
- * row c0 + c holds the block's column c over rows m0..m0+31. */
+/* 32 rows of 32 bf16 (row t in w[t]) -> the transpose, in place: w[c] =
+ * column c over the 32 rows. Rows 2j, 2j+1 interleave into 32-bit words
+ * (word c = their column c; the lane fix puts columns 0-15 in p0, 16-31
+ * in p1), then two 16 x 16 transposes of the words: ~190 instructions,
+ * about half of transposing the block widened to fp32. */
+static inline void v_transpose32_u16(__m512i w[32])
+{
+    const __m512i i0 = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    const __m512i i1 = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    __m512 p0[16], p1[16], c0[16], c1[16];
+    for (int j = 0; j < 16; j++) {
+        __m512i lo = _mm512_unpacklo_epi16(w[2 * j], w[2 * j + 1]);
+        __m512i hi = _mm512_unpackhi_epi16(w[2 * j], w[2 * j + 1]);
+        p0[j] = _mm512_castsi512_ps(_mm512_permutex2var_epi64(lo, i0, hi));
+        p1[j] = _mm512_castsi512_ps(_mm512_permutex2var_epi64(lo, i1, hi));
+    }
+    mp_transpose16(p0, c0);
+    mp_transpose16(p1, c1);
+    for (int c = 0; c < 16; c++) {
+        w[c] = _mm512_castps_si512(c0[c]);
+        w[16 + c] = _mm512_castps_si512(c1[c]);
+    }
+}
+
+/* The 32 bf16 rows w (rows m0.., columns c0..) as 32 rows of the packed A
+ * of their transpose (packed K kk): row c0 + c holds column c over rows
+ * m0..m0+31. */
+static inline void put_rows_t(uint16_t *pt, int kk, int c0, int m0, __m512i w[32])
+{
+    v_transpose32_u16(w);
+    for (int c = 0; c < 32; c++) v_put_row(pt + mp_packa_off(kk, c0 + c, m0), w[c]);
+}
+
+/* The same from a 32 x 32 fp32 block r[row half][column half][row],
+ * rounded to bf16 row by row first (the same bits as rounding it after
+ * the transpose, in half the shuffles). */
 static inline void put_block_t(uint16_t *pt, int kk, int c0, int m0, __m512 r[2][2][16])
 {
-    for (int h = 0; h < 2; h++) {
-        __m512 lo[16], hi[16];
-        mp_transpose16(r[0][h], lo);
-        mp_transpose16(r[1][h], hi);
-        for (int c = 0; c < 16; c++)
-            v_put_row(pt + mp_packa_off(kk, c0 + 16 * h + c, m0), v_row_bf16(lo[c], hi[c]));
-    }
+    __m512i w[32];
+    for (int t = 0; t < 32; t++) w[t] = v_row_bf16(r[t / 16][0][t % 16], r[t / 16][1][t % 16]);
+    put_rows_t(pt, kk, c0, m0, w);
 }
 
 /* The same block as packed B over its rows (the K of a weight gradient
@@ -576,10 +608,9 @@ void mp_epi_bias_sum(const mp_epi *e, float *db)
 
 void mp_pack_a_tokens(uint16_t *pa, const uint16_t *xp, int M, int K, int act)
 {
-    /* 32 x 32 blocks of X widened to fp32 (act applied by table), written
-     * transposed: the values are bf16 already, so the rounding on the way
-     * back changes nothing (but fp32 subnormals, flushed where the CPU's
-     * conversion does). */
+    /* 32 x 32 blocks of X (act applied by table), transposed as bf16:
+     * the values are copied as they are (bf16 subnormals included, which
+     * the AMX products read as zero anyway). */
     KILN_ASSERT(act == MP_ACT_NONE || act == MP_ACT_GELU);
     int km = rup32(M), kx = rup32(K);
 #ifdef __AVX512F__
@@ -589,18 +620,17 @@ void mp_pack_a_tokens(uint16_t *pa, const uint16_t *xp, int M, int K, int act)
     for (int c0 = 0; c0 < kx; c0 += 32) {
         for (int n0 = 0; n0 < km; n0 += 32) {
 #ifdef __AVX512F__
-            __m512 r[2][2][16];
+            __m512i w[32];
             for (int t = 0; t < 32; t++) {
                 __m512i h = _mm512_loadu_si512(xp + mp_packa_off(kx, n0 + t, c0));
-                __m256i lo = _mm512_castsi512_si256(h), hi = _mm512_extracti64x4_epi64(h, 1);
                 if (act == MP_ACT_GELU) {
-                    lo = v_gelu_bf(lo);
-                    hi = v_gelu_bf(hi);
+                    __m256i lo = v_gelu_bf(_mm512_castsi512_si256(h));
+                    __m256i hi = v_gelu_bf(_mm512_extracti64x4_epi64(h, 1));
+                    h = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
                 }
-                r[t / 16][0][t % 16] = v_bf2f(lo);
-                r[t / 16][1][t % 16] = v_bf2f(hi);
+                w[t] = h;
             }
-            put_block_t(pa, km, c0, n0, r);
+            put_rows_t(pa, km, c0, n0, w);
 #else
             for (int t = 0; t < 32; t++)
                 for (int c = 0; c < 32; c++) {
