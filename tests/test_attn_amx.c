@@ -110,31 +110,51 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
     for (size_t i = 0; i < nl; i++) lw = fmax(lw, fabs(l[0][i] - lse[i]) / lone[i]);
     CHECK_MSG(lw <= 1e-5, "fwd lse T%d NH%d KVH%d HS%d: relative error %g", T, NH, KVH, HS, lw);
     within(g[0], dq, Mq, nq, "bwd dqkv", T, NH, KVH, HS);
-    if (T % 32 == 0) /* the packed output: mp_pack_dy of the rows, bit for bit */
-        for (int tok = 0; tok < 2; tok++) {
-            int N = B * T;
-            size_t na = mp_packa_elems(MP_BF16, N, S), nt = mp_packa_elems(MP_BF16, S, N);
-            size_t np = mp_pack_dy_part_floats(N, S);
-            uint16_t *pa[2] = {malloc(na * 2), malloc(na * 2)}, *pt[2] = {malloc(nt * 2), malloc(nt * 2)};
-            float *part = malloc(np * 4), *db[2] = {calloc((size_t)S, 4), calloc((size_t)S, 4)};
-            memset(pa[0], 0xff, na * 2);
-            memset(pt[0], 0xff, nt * 2);
-            mp_dy_out od = {.pa = pa[0], .pt = pt[0], .tok = tok, .part = part, .np = N, .op = S};
-            mp_attention_bwd_amx_packed(&od, dout, qkvh, outf, lsef, B, T, NH, KVH, HS);
-            mp_pack_dy_bias(db[0], part, N, S);
-            mp_pack_dy(pa[1], pt[1], tok, db[1], part, g[0], N, S);
-            CHECK_MSG(!memcmp(pa[0], pa[1], na * 2) && !memcmp(pt[0], pt[1], nt * 2) &&
-                          !memcmp(db[0], db[1], (size_t)S * 4),
-                      "packed output (tok %d) differs from mp_pack_dy: T%d NH%d KVH%d HS%d", tok, T,
-                      NH, KVH, HS);
-            for (int k = 0; k < 2; k++) free(pa[k]), free(pt[k]), free(db[k]);
-            free(part);
-        }
     for (int r = 1; r < 3; r++)
         CHECK_MSG(!memcmp(o[0], o[r], no * 4) && !memcmp(l[0], l[r], nl * 4) &&
                       !memcmp(g[0], g[r], nq * 4),
                   "run %d (%d threads) not bit-identical to 1 thread: T%d NH%d KVH%d HS%d", r,
                   r == 0 ? 1 : 2, T, NH, KVH, HS);
+    /* out from its packed bf16 copy (the bf16 model's backward) against
+     * the fp32 rows of the same bf16 values: bit for bit */
+    {
+        int M = B * T, K = NH * HS;
+        float *ob = malloc(no * 4), *ga = malloc(nq * 4), *gb = malloc(nq * 4);
+        uint16_t *op = aligned_alloc(64, mp_packa_elems(MP_BF16, M, K) * 2);
+        mp_round_bf16(outf, ob, no);
+        mp_pack_a(MP_BF16, false, M, K, outf, K, op);
+        mp_attention_bwd_amx(ga, dout, qkvh, ob, lsef, B, T, NH, KVH, HS);
+        for (size_t i = 0; i < nq; i++) gb[i] = NAN;
+        mp_attention_bwd_amx_packed(gb, NULL, dout, qkvh, op, lsef, B, T, NH, KVH, HS);
+        CHECK_MSG(!memcmp(ga, gb, nq * 4), "bwd from packed out differs: T%d NH%d KVH%d HS%d", T, NH,
+                  KVH, HS);
+        /* and it is not the fp32 out's result (the rounding is seen;
+         * with one key D cancels out) */
+        if (T > 1)
+            CHECK_MSG(memcmp(ga, g[0], nq * 4), "bwd from bf16 out equals fp32: T%d NH%d KVH%d HS%d", T,
+                  NH, KVH, HS);
+        if (T % 32 == 0) /* the gradient packed: mp_pack_dy of the rows, bit for bit */
+            for (int tok = 0; tok < 2; tok++) {
+                int N = B * T;
+                size_t na = mp_packa_elems(MP_BF16, N, S), nt = mp_packa_elems(MP_BF16, S, N);
+                size_t np = mp_pack_dy_part_floats(N, S);
+                uint16_t *pa[2] = {malloc(na * 2), malloc(na * 2)}, *pt[2] = {malloc(nt * 2), malloc(nt * 2)};
+                float *part = malloc(np * 4), *db[2] = {calloc((size_t)S, 4), calloc((size_t)S, 4)};
+                memset(pa[0], 0xff, na * 2);
+                memset(pt[0], 0xff, nt * 2);
+                mp_dy_out od = {.pa = pa[0], .pt = pt[0], .tok = tok, .part = part, .np = N, .op = S};
+                mp_attention_bwd_amx_packed(NULL, &od, dout, qkvh, op, lsef, B, T, NH, KVH, HS);
+                mp_pack_dy_bias(db[0], part, N, S);
+                mp_pack_dy(pa[1], pt[1], tok, db[1], part, gb, N, S);
+                CHECK_MSG(!memcmp(pa[0], pa[1], na * 2) && !memcmp(pt[0], pt[1], nt * 2) &&
+                              !memcmp(db[0], db[1], (size_t)S * 4),
+                          "packed output (tok %d) differs from mp_pack_dy: T%d NH%d KVH%d HS%d", tok, T,
+                          NH, KVH, HS);
+                for (int k = 0; k < 2; k++) free(pa[k]), free(pt[k]), free(db[k]);
+                free(part);
+            }
+        free(ob), free(ga), free(gb), free(op);
+    }
     for (int r = 0; r < 3; r++) {
         free(o[r]);
         free(l[r]);

@@ -8,6 +8,7 @@
  * take half the memory:
  *   ln1p, ln2p   the normalized inputs of the qkv and fc products (L, N, C)
  *   attyp        the attention output, input of the projection    (L, N, C)
+ *                (the AMX attention backward reads it as it is)
  *   fchp         the fc product's output, pre-activation          (L, N, FH)
  *   lnfp         the final norm's output, input of the LM head    (N, C)
  * The activation function's output (the input of the MLP's second
@@ -342,7 +343,6 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      MP_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
-        P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
         bool amx_att = mp_kern_backend(g) == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T);
         if (amx_att && gpt2 && T % 32 == 0) {
             /* no rope: the gradient of qkv goes from the attention's
@@ -353,7 +353,7 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
             if (!pw || !mp_scratch_dy(mp_kern_scratch(g), n, QKV, d->qkv_b != NULL, &o.pa, &o.pt,
                                       &o.part))
                 return NOMEM(ctx);
-            P(ATTN_BWD, mp_attention_bwd_amx_packed(&o, a->dc, qkvh, a->atty, lse, B, T, m->NH,
+            P(ATTN_BWD, mp_attention_bwd_amx_packed(NULL, &o, a->dc, qkvh, attyp, lse, B, T, m->NH,
                                                     m->KVH, m->HS));
             if (d->qkv_b) P(MATMUL_BWD, mp_pack_dy_bias(d->qkv_b, o.part, n, QKV));
             bool ok;
@@ -363,9 +363,10 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
             if (!ok) return NOMEM(ctx);
         } else {
             if (amx_att) { /* as the forward */
-                P(ATTN_BWD, mp_attention_bwd_amx(a->dbig, a->dc, qkvh, a->atty, lse, B, T, m->NH,
-                                                 m->KVH, m->HS));
+                P(ATTN_BWD, mp_attention_bwd_amx_packed(a->dbig, NULL, a->dc, qkvh, attyp, lse, B, T,
+                                                        m->NH, m->KVH, m->HS));
             } else {
+                P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
                 P(OTHER, mp_bf16_to_f32(qkvh, a->tmp, N * QKV));
                 P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T, m->NH,
                                              m->KVH, m->HS));

@@ -428,8 +428,29 @@ MP_TAMX static void put_grad(const mp_dy_out *o, float *dbase, size_t S, const f
     }
 }
 
+/* D[t] = rowsum(dout * out) of query head h's row t, out read from its
+ * packed bf16 copy outp (packed K kk; row n = b * T + t): bf16 widens
+ * exactly, and the products go in the fp32 path's order (16 columns at
+ * a time), so D is the same bit for bit. */
+MP_TAMX static inline float rowdot_packed(const float *dor, const uint16_t *outp, int kk, size_t n,
+                                          int c0, int HS)
+{
+    __m512 acc = _mm512_setzero_ps();
+    for (int e = 0; e < HS; e += 32) {
+        __m512i h = _mm512_loadu_si512(outp + mp_packa_off(kk, (int)n, c0 + e));
+        __m512 o0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+        __m512 o1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(dor + e), o0, acc);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(dor + e + 16), o1, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* out: fp32 rows, or (outp non-NULL) the packed bf16 copy; the gradient
+ * as rows of dqkv or (o non-NULL) packed (put_grad). */
 MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const mp_dy_out *o, const float *dout,
-                           const uint16_t *qkvh, const float *out, const float *lse, int T, int NH,
+                           const uint16_t *qkvh, const float *out, const uint16_t *outp,
+                           const float *lse, int T, int NH,
                            int KVH, int HS, int b, int kh)
 {
     _Alignas(64) float st2[2][BK][BK], dpt2[2][BK][BK], dsf[BK][BK];
@@ -447,7 +468,8 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const mp_dy_out *o, co
     __m512 vs = _mm512_set1_ps(scale);
     for (int h = kh * grp; h < (kh + 1) * grp; h++) {
         const float *dob = dout + (size_t)b * T * OC + (size_t)h * HS;
-        const float *ob = out + (size_t)b * T * OC + (size_t)h * HS;
+        const float *ob = outp ? NULL : out + (size_t)b * T * OC + (size_t)h * HS;
+        int kk = (int)rup32(OC);
         pk_wt(w->qt, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
         pk_pairs(w->qp, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
         pk_rows_f32(w->dor, dob, (size_t)OC, T, Tp, HS);
@@ -455,13 +477,21 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const mp_dy_out *o, co
         pk_pairs(w->dop, w->dor, (size_t)HS, T, Tp, HS);
         for (int t = 0; t < Tp; t++) {
             float d = 0.0f;
-            pf_row(ob, (size_t)OC * 4, t + PFR, T, HS * 4);
-            if (t < T) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int e = 0; e < HS; e += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(dob + (size_t)t * OC + e),
-                                          _mm512_loadu_ps(ob + (size_t)t * OC + e), acc);
-                d = _mm512_reduce_add_ps(acc);
+            if (outp) {
+                if (t + PFR < T)
+                    for (int e = 0; e < HS; e += 32)
+                        _mm_prefetch((const char *)(outp + mp_packa_off(kk, b * T + t + PFR, h * HS + e)),
+                                     _MM_HINT_T0);
+                if (t < T) d = rowdot_packed(dob + (size_t)t * OC, outp, kk, (size_t)b * T + t, h * HS, HS);
+            } else {
+                pf_row(ob, (size_t)OC * 4, t + PFR, T, HS * 4);
+                if (t < T) {
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int e = 0; e < HS; e += 16)
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(dob + (size_t)t * OC + e),
+                                              _mm512_loadu_ps(ob + (size_t)t * OC + e), acc);
+                    d = _mm512_reduce_add_ps(acc);
+                }
             }
             w->D[t] = d;
             w->L[t] = t < T ? lse[((size_t)b * NH + h) * T + t] : 0.0f;
@@ -530,8 +560,8 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const mp_dy_out *o, co
 }
 
 MP_TAMX static void bwd_thread(float *dqkv, const mp_dy_out *o, const float *dout,
-                               const uint16_t *qkvh, const float *out, const float *lse, int B,
-                               int T, int NH, int KVH, int HS)
+                               const uint16_t *qkvh, const float *out, const uint16_t *outp,
+                               const float *lse, int B, int T, int NH, int KVH, int HS)
 {
     size_t tp = rup32(T), per = tp * (size_t)HS;
     uint16_t *hb = mp_thread_scratch(MP_SCRATCH_ATTN_H, 8 * per * sizeof(uint16_t));
@@ -543,7 +573,7 @@ MP_TAMX static void bwd_thread(float *dqkv, const mp_dy_out *o, const float *dou
                  fb + 3 * per + tp};
     #pragma omp for schedule(dynamic, 1)
     for (int bk = 0; bk < B * KVH; bk++)
-        bwd_kv(&w, dqkv, o, dout, qkvh, out, lse, T, NH, KVH, HS, bk / KVH, bk % KVH);
+        bwd_kv(&w, dqkv, o, dout, qkvh, out, outp, lse, T, NH, KVH, HS, bk / KVH, bk % KVH);
     _tile_release();
 }
 
@@ -553,18 +583,19 @@ void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh, 
     KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
     if (B <= 0 || T <= 0) return;
     #pragma omp parallel
-    bwd_thread(dqkv, NULL, dout, qkvh, out, lse, B, T, NH, KVH, HS);
+    bwd_thread(dqkv, NULL, dout, qkvh, out, NULL, lse, B, T, NH, KVH, HS);
 }
 
-void mp_attention_bwd_amx_packed(const mp_dy_out *o, const float *dout, const uint16_t *qkvh,
-                                 const float *out, const float *lse, int B, int T, int NH, int KVH,
-                                 int HS)
+void mp_attention_bwd_amx_packed(float *dqkv, const mp_dy_out *o, const float *dout,
+                                 const uint16_t *qkvh, const uint16_t *outp, const float *lse, int B,
+                                 int T, int NH, int KVH, int HS)
 {
     KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
-    KILN_ASSERT(T % 32 == 0 && o->np == B * T && o->op == (NH + 2 * KVH) * HS);
+    KILN_ASSERT(!dqkv != !o);
+    KILN_ASSERT(!o || (T % 32 == 0 && o->np == B * T && o->op == (NH + 2 * KVH) * HS));
     if (B <= 0 || T <= 0) return;
     #pragma omp parallel
-    bwd_thread(NULL, o, dout, qkvh, out, lse, B, T, NH, KVH, HS);
+    bwd_thread(dqkv, o, dout, qkvh, NULL, outp, lse, B, T, NH, KVH, HS);
 }
 
 #else /* not x86-64: never called (mp_attention_amx_ok() is false) */
@@ -585,11 +616,11 @@ void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
     KILN_ASSERT(0);
 }
 
-void mp_attention_bwd_amx_packed(const mp_dy_out *o, const float *dout, const uint16_t *qkvh,
-                                 const float *out, const float *lse, int B, int T, int NH, int KVH,
-                                 int HS)
+void mp_attention_bwd_amx_packed(float *dqkv, const mp_dy_out *o, const float *dout,
+                                 const uint16_t *qkvh, const uint16_t *outp, const float *lse, int B,
+                                 int T, int NH, int KVH, int HS)
 {
-    (void)o, (void)dout, (void)qkvh, (void)out, (void)lse;
+    (void)dqkv, (void)o, (void)dout, (void)qkvh, (void)outp, (void)lse;
     (void)B, (void)T, (void)NH, (void)KVH, (void)HS;
     KILN_ASSERT(0);
 }

@@ -189,20 +189,24 @@ void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, i
 void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
                           const float *out, const float *lse, int B, int T, int NH, int KVH,
                           int HS);
-/* The same with the gradient of qkv written as mp_pack_dy would pack it
- * (pa, pt in the tok form or not, the bias sums per 32 rows in part, NULL:
- * none; np = B * T, op = (NH + 2 KVH) HS), never as fp32 rows: for the qkv
- * layer's backward (mp_linear_backward_prepacked). T must be a multiple of
- * 32 (no block spans two sequences). */
+/* mp_attention_bwd_amx with out read from its packed bf16 copy outp (the
+ * packed A of out (B*T, NH*HS), what the bf16 forward stores for the
+ * projection) instead of fp32 rows: the same result bit for bit as from
+ * out's values widened to fp32, without that copy. The gradient of qkv
+ * goes to dqkv as fp32 rows, or (dqkv NULL, o given) written as mp_pack_dy
+ * would pack it (pa, pt in the tok form or not, the bias sums per 32 rows
+ * in part, NULL: none; np = B * T, op = (NH + 2 KVH) HS), never as fp32
+ * rows: for the qkv layer's backward (mp_linear_backward_prepacked). With
+ * o, T must be a multiple of 32 (no block spans two sequences). */
 typedef struct mp_dy_out {
     uint16_t *pa, *pt;
     bool tok;
     float *part;
     int np, op;
 } mp_dy_out;
-void mp_attention_bwd_amx_packed(const mp_dy_out *o, const float *dout, const uint16_t *qkvh,
-                                 const float *out, const float *lse, int B, int T, int NH, int KVH,
-                                 int HS);
+void mp_attention_bwd_amx_packed(float *dqkv, const mp_dy_out *o, const float *dout,
+                                 const uint16_t *qkvh, const uint16_t *outp, const float *lse, int B,
+                                 int T, int NH, int KVH, int HS);
 
 /* ---- a linear layer in compute precision ------------------------------ */
 
