@@ -105,9 +105,9 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
         kiln_model_zero_grad(m);
         if (kiln_model_forward(ctx, m, tok, B, T, &logits)) return 1;
         double t1 = kiln_time_now();
-        kiln_cross_entropy(ctx, logits, tgt, NULL, (int64_t)B * T, cfg.vocab_size,
-                           scaler_loss_scale(&sc) / (float)(B * T), logits, &ls, &ws);
-        if (kiln_model_backward(ctx, m, logits)) return 1;
+        if (kiln_model_backward_ce(ctx, m, tgt, NULL, scaler_loss_scale(&sc) / (float)(B * T),
+                                   &ls, &ws))
+            return 1;
         double t2 = kiln_time_now();
         float *g = kiln_model_grads(m);
         /* the trainer's update: the norm of the scaled gradients is the

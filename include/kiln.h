@@ -215,6 +215,16 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
  * the gradient block given dlogits (B, T, V) (may alias the logits). */
 kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
                                 const float *dlogits);
+/* kiln_cross_entropy on the logits of the last forward (N = B*T rows;
+ * targets, mask, grad_scale, the sums as there) and then the backward
+ * from its gradient: the same as the two calls, with the logits' gradient
+ * written in place. In bf16 the gradient goes straight into the packed
+ * operands of the LM head's backward and is never stored as fp32 (the
+ * loss's last bits may differ from kiln_cross_entropy's: it is summed
+ * per 32 rows). */
+kiln_status kiln_model_backward_ce(kiln_ctx *ctx, kiln_model *m, const int32_t *targets,
+                                   const float *mask, float grad_scale, double *loss_sum,
+                                   double *weight_sum);
 void kiln_model_zero_grad(kiln_model *m);
 
 /* Called by kiln_model_backward as soon as a contiguous range of the

@@ -302,6 +302,61 @@ static void test_lazy_zero_grad(void)
     kiln_ctx_free(ctx);
 }
 
+/* kiln_model_backward_ce against kiln_cross_entropy + kiln_model_backward
+ * on the same model and batch: the same gradients bit for bit (in bf16 the
+ * loss's gradient never exists as fp32 rows there), the same loss to
+ * double rounding, for gpt2 and llama in bf16 and fp32, with a mask and an
+ * ignored target; and a bad target is an error naming it. */
+static void test_backward_ce(void)
+{
+    enum { B = 2, T = 32 };
+    kiln_ctx *ctx = kiln_ctx_new();
+    for (int arch = 0; arch < 2; arch++)
+        for (int p = 0; p < 2; p++) {
+            kiln_config cfg = tiny_config();
+            if (arch && kiln_config_load(ctx, "configs/llama-tiny.json", &cfg)) {
+                CHECK_MSG(0, "configs/llama-tiny.json: %s", kiln_errmsg(ctx));
+                continue;
+            }
+            if (arch) cfg.n_layer = 2;
+            kiln_precision prec = p ? KILN_PRECISION_FP32 : KILN_PRECISION_BF16;
+            int V = cfg.vocab_size;
+            int32_t tok[B * T], tgt[B * T];
+            float mask[B * T];
+            for (int i = 0; i < B * T; i++) {
+                tok[i] = (i * 7 + 1) % V;
+                tgt[i] = i == 5 ? -1 : (i * 13 + 2) % V;
+                mask[i] = i % 9 == 0 ? 0.0f : 1.0f + 0.25f * (float)(i % 3);
+            }
+            kiln_model *m = make_model(ctx, &cfg, prec, B, T);
+            CHECK(m != NULL);
+            if (!m) continue;
+            size_t n = kiln_model_num_params(m);
+            float *g1 = malloc(sizeof(float) * n), *logits;
+            double l1 = 0, w1 = 0, l2 = 0, w2 = 0;
+            CHECK_EQ(kiln_model_forward(ctx, m, tok, B, T, &logits), KILN_OK);
+            kiln_model_zero_grad(m);
+            CHECK_EQ(kiln_cross_entropy(ctx, logits, tgt, mask, B * T, V, 0.01f, logits, &l1, &w1),
+                     KILN_OK);
+            CHECK_EQ(kiln_model_backward(ctx, m, logits), KILN_OK);
+            memcpy(g1, kiln_model_grads(m), sizeof(float) * n);
+            CHECK_EQ(kiln_model_forward(ctx, m, tok, B, T, &logits), KILN_OK);
+            kiln_model_zero_grad(m);
+            CHECK_EQ(kiln_model_backward_ce(ctx, m, tgt, mask, 0.01f, &l2, &w2), KILN_OK);
+            CHECK_MSG(memcmp(g1, kiln_model_grads(m), sizeof(float) * n) == 0,
+                      "arch %d %s: gradients differ", arch, kiln_precision_name(prec));
+            CHECK(w1 == w2 && w1 > 0);
+            CHECK_MSG(fabs(l1 - l2) <= 1e-12 * fabs(l1), "arch %d %s: loss %.17g vs %.17g", arch,
+                      kiln_precision_name(prec), l2, l1);
+            tgt[7] = V; /* outside the vocabulary */
+            CHECK_EQ(kiln_model_backward_ce(ctx, m, tgt, mask, 0.01f, &l2, &w2), KILN_ERR_RANGE);
+            CHECK(strstr(kiln_errmsg(ctx), "row 7") != NULL);
+            free(g1);
+            kiln_model_free(m);
+        }
+    kiln_ctx_free(ctx);
+}
+
 /* The model in bf16 on each kernel this CPU has (AMX, AVX512_BF16, the
  * portable one): the same rounded inputs and fp32 accumulation, so the
  * logits agree to fp32 summation-order noise. */
@@ -524,6 +579,7 @@ int main(void)
     RUN_TEST(test_weights_follow_updates_and_determinism);
     RUN_TEST(test_fused_update);
     RUN_TEST(test_lazy_zero_grad);
+    RUN_TEST(test_backward_ce);
     RUN_TEST(test_kernels_agree_in_model);
     RUN_TEST(test_convergence_parity);
     return TEST_EXIT();

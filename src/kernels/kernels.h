@@ -172,6 +172,15 @@ const kern_ops *kern_ops_fast(void);
 void kern_fast_norm_fwd_packed(uint16_t *outp, float *mean, float *rstd, const float *inp,
                                const float *w, const float *b, int N, int C, float eps, bool rms);
 
+/* The fast table's cross-entropy (the same loss and gradient values as
+ * its cross_entropy; the loss summed per 32 rows, then in row-block order)
+ * with the gradient written only as mp_pack_dy would pack it (pa, pt in
+ * the tok form or not; kernels/x86/bf16.h), never as fp32 rows: for the
+ * LM head's backward of the bf16 path. */
+void kern_fast_ce_packed(uint16_t *pa, uint16_t *pt, bool tok, const float *logits,
+                         const int32_t *targets, const float *mask, int N, int V,
+                         float grad_scale, double *loss_sum, double *weight_sum);
+
 /* Generic linear-layer implementations on top of kern_gemm (used by both
  * tables; bias handling is single-threaded in ref, threaded in fast). */
 void kern_matmul_fwd_gemm(kern_gemm *g, float *out, const float *inp,

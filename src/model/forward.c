@@ -158,15 +158,45 @@ static void hook(kiln_model *m, size_t begin, size_t end)
     if (m->hook && end > begin) m->hook(m->hook_ud, begin, end - begin);
 }
 
+static kiln_status backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
+                            const model_ce *ce);
+static kiln_status ce_check(kiln_ctx *ctx, const int32_t *targets, const float *mask, int64_t N,
+                            int V);
+
 kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
                                 const float *dlogits)
+{
+    return backward(ctx, m, dlogits, NULL);
+}
+
+kiln_status kiln_model_backward_ce(kiln_ctx *ctx, kiln_model *m, const int32_t *targets,
+                                   const float *mask, float grad_scale, double *loss_sum,
+                                   double *weight_sum)
+{
+    if (!m->B || !m->grads)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "backward called without a forward pass");
+    int64_t N = (int64_t)m->B * m->T;
+    kiln_status s = ce_check(ctx, targets, mask, N, m->V);
+    if (s) return s;
+    if (!m->act_mp) {
+        kern_ops_fast()->cross_entropy(m->a.logits, targets, mask, N, m->V, grad_scale,
+                                       m->a.logits, loss_sum, weight_sum);
+        return backward(ctx, m, m->a.logits, NULL);
+    }
+    model_ce ce = {targets, mask, grad_scale, loss_sum, weight_sum};
+    return backward(ctx, m, NULL, &ce);
+}
+
+static kiln_status backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
+                            const model_ce *ce)
 {
     if (!m->B || !m->grads)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "backward called without a forward pass");
     set_threads(m);
     if (m->act_mp) {
-        kiln_status s = model_mp_backward(ctx, m, dlogits);
+        kiln_status s = model_mp_backward(ctx, m, dlogits, ce);
         if (s) model_grads_materialize(m); /* a failure leaves no stale matrices */
         m->grads_lazy = false;             /* else every matrix is written */
         return s;
@@ -237,6 +267,16 @@ kiln_status kiln_cross_entropy(kiln_ctx *ctx, const float *logits,
                                float *dlogits, double *loss_sum,
                                double *weight_sum)
 {
+    kiln_status s = ce_check(ctx, targets, mask, N, V);
+    if (s) return s;
+    kern_ops_fast()->cross_entropy(logits, targets, mask, N, V, grad_scale, dlogits,
+                                   loss_sum, weight_sum);
+    return KILN_OK;
+}
+
+static kiln_status ce_check(kiln_ctx *ctx, const int32_t *targets, const float *mask, int64_t N,
+                            int V)
+{
     if (N < 0 || V < 1)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "cross_entropy: bad sizes N=%lld V=%d", (long long)N, V);
@@ -250,7 +290,5 @@ kiln_status kiln_cross_entropy(kiln_ctx *ctx, const float *logits,
                              "loss mask at row %lld is %g; weights must be finite and >= 0",
                              (long long)i, (double)mask[i]);
     }
-    kern_ops_fast()->cross_entropy(logits, targets, mask, N, V, grad_scale, dlogits,
-                                   loss_sum, weight_sum);
     return KILN_OK;
 }

@@ -283,7 +283,8 @@ static void hook(kiln_model *m, size_t begin, size_t end)
     if (m->hook && end > begin) m->hook(m->hook_ud, begin, end - begin);
 }
 
-kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits)
+kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
+                              const model_ce *ce)
 {
     const kern_ops *k = m->ops;
     kern_gemm *g = m->gemm;
@@ -297,9 +298,24 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
     kiln_status s = KILN_OK;
 
     /* LM head and final norm. */
-    P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, dw->lm_head, NULL, dlogits, a->lnfp, MP_ACT_NONE,
-                                 m->w.lm_head, n, C, V, false));
-    if (s) return s;
+    if (ce) { /* the loss's gradient straight into the head's packed operands */
+        const mp_weight *pw = mp_kern_weight(g, m->w.lm_head, V, C, false, true);
+        uint16_t *pa, *pt;
+        float *part;
+        if (!pw || !mp_scratch_dy(mp_kern_scratch(g), n, V, false, &pa, &pt, &part))
+            return NOMEM(ctx);
+        P(OTHER, kern_fast_ce_packed(pa, pt, mp_dy_tok(pw, MP_ACT_NONE), a->logits, ce->targets,
+                                     ce->mask, n, V, ce->grad_scale, ce->loss_sum, ce->weight_sum));
+        bool ok;
+        P(MATMUL_BWD, ok = mp_linear_backward_prepacked(mp_kern_backend(g), mp_kern_scratch(g), pw,
+                                                        pa, pt, a->lnfp, MP_ACT_NONE, n,
+                                                        dw->lm_head, !m->grads_lazy, a->dc));
+        if (!ok) return NOMEM(ctx);
+    } else {
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, dw->lm_head, NULL, dlogits, a->lnfp,
+                                     MP_ACT_NONE, m->w.lm_head, n, C, V, false));
+        if (s) return s;
+    }
     memset(a->dres, 0, N * C * sizeof(float));
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
     P(NORM, model_norm_bwd(m, a->dres, dw->lnf_w, dw->lnf_b, a->dc, last, m->w.lnf_w,

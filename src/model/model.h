@@ -200,7 +200,16 @@ bool model_mp_wanted(const kiln_model *m);
 size_t model_mp_act_bytes(const kiln_model *m, int B, int T);
 void model_mp_carve(kiln_model *m, int B, int T);
 kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits);
-kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits);
+/* From dlogits, or (dlogits NULL) from the cross-entropy of the last
+ * logits against ce's targets (kiln_model_backward_ce). */
+typedef struct model_ce {
+    const int32_t *targets;
+    const float *mask;
+    float grad_scale;
+    double *loss_sum, *weight_sum;
+} model_ce;
+kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
+                              const model_ce *ce);
 
 /* Byte size of the activation arena for (B, T). */
 size_t model_act_bytes(const kiln_model *m, int B, int T);

@@ -843,7 +843,6 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     kiln_ctx *ctx = t->ctx;
     const kiln_train_opts *o = &t->o;
     const int B = o->batch, T = o->seq, K = o->grad_accum;
-    const int V = kiln_model_config(t->model)->vocab_size;
     kiln_status s;
     kiln_model_zero_grad(t->model);
     double sums[2] = {0, 0}; /* loss sum, tokens */
@@ -861,11 +860,11 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         if ((s = kiln_model_forward(ctx, t->model, t->inputs, B, T, &logits)))
             return s;
         if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;
-        if ((s = kiln_cross_entropy(ctx, logits, t->targets, NULL,
-                                    (int64_t)B * T, V, scale, logits,
-                                    &sums[0], &sums[1])))
+        /* cross-entropy + backward (in bf16 the logits' gradient goes
+         * straight into the LM head's packed operands) */
+        if ((s = kiln_model_backward_ce(ctx, t->model, t->targets, NULL, scale, &sums[0],
+                                        &sums[1])))
             return s;
-        if ((s = kiln_model_backward(ctx, t->model, logits))) return s;
     }
     float *g = kiln_model_grads(t->model);
     size_t n = kiln_model_num_params(t->model);

@@ -132,7 +132,9 @@ enum {
     MP_SCRATCH_ATTN_H = 1,
     MP_SCRATCH_ATTN_F = 2,
     MP_SCRATCH_NORM = 3, /* the norms' backward: weight-gradient sums per row block */
-    MP_SCRATCH_SLOTS = 4
+    MP_SCRATCH_CE = 4,   /* cross-entropy into packed gradients: 32 rows of V */
+    MP_SCRATCH_CE_SUM = 5, /* ... and its loss sums per row block */
+    MP_SCRATCH_SLOTS = 6
 };
 void *mp_thread_scratch(int slot, size_t bytes);
 

@@ -949,6 +949,45 @@ static double ce_row(const float *x, float *d, int V, int tgt, float k)
     return (double)lse - xt;
 }
 
+void kern_fast_ce_packed(uint16_t *pa, uint16_t *pt, bool tok, const float *logits,
+                         const int32_t *targets, const float *mask, int N, int V,
+                         float grad_scale, double *loss_sum, double *weight_sum)
+{
+    /* Blocks of 32 rows: the gradient rows (ce_row, as fast_cross_entropy)
+     * into a per-thread buffer that stays in L2, then packed from there
+     * block by block (mp_pack_dy_block). The loss sums per block, added in
+     * block order: the same for any thread count. */
+    int np = (N + 31) / 32 * 32, vp = (V + 31) / 32 * 32, nb = np / 32;
+    double *sums = mp_thread_scratch(MP_SCRATCH_CE_SUM, sizeof(double) * 2 * (size_t)(nb ? nb : 1));
+    KILN_ASSERT(sums);
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < nb; b++) {
+        float *buf = mp_thread_scratch(MP_SCRATCH_CE, sizeof(float) * 32 * (size_t)vp);
+        KILN_ASSERT(buf); /* 32 rows of the vocabulary per thread */
+        int rows = N - 32 * b < 32 ? N - 32 * b : 32;
+        double ls = 0, ws = 0;
+        for (int t = 0; t < rows; t++) {
+            int n = 32 * b + t, tgt = targets[n];
+            float *d = buf + (size_t)t * vp, wgt = mask ? mask[n] : 1.0f;
+            if (tgt < 0) {
+                memset(d, 0, (size_t)V * sizeof(float));
+                continue;
+            }
+            ls += wgt * ce_row(logits + (size_t)n * V, d, V, tgt, grad_scale * wgt);
+            ws += wgt;
+        }
+        for (int c0 = 0; c0 < vp; c0 += 32)
+            mp_pack_dy_block(pa, pt, tok, NULL, buf + c0, (size_t)vp, rows, V - c0, 32 * b, c0, np,
+                             vp);
+        sums[2 * b] = ls;
+        sums[2 * b + 1] = ws;
+    }
+    for (int b = 0; b < nb; b++) {
+        *loss_sum += sums[2 * b];
+        *weight_sum += sums[2 * b + 1];
+    }
+}
+
 static void fast_cross_entropy(const float *logits, const int32_t *targets,
                                const float *mask, int64_t N, int V,
                                float grad_scale, float *dlogits,
