@@ -6,7 +6,9 @@
  * blocks, exact blocks, one past, several blocks), HS 32 / 64 / 128 (and
  * 96 once), GQA
  * (NH 4, KVH 2) and MHA, 1 and 2 threads (results must be bit-identical
- * across thread counts and repeats).
+ * across thread counts and repeats); for T a multiple of 32 also the
+ * backward that writes its gradient packed (mp_attention_bwd_amx_packed),
+ * which must give mp_pack_dy's bytes and bias sums of the fp32 rows.
  *
  * Tolerance, element by element. With u = 2^-8 (the unit roundoff of
  * bf16, 8 significant bits, round to nearest) and
@@ -124,7 +126,7 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
         mp_pack_a(MP_BF16, false, M, K, outf, K, op);
         mp_attention_bwd_amx(ga, dout, qkvh, ob, lsef, B, T, NH, KVH, HS);
         for (size_t i = 0; i < nq; i++) gb[i] = NAN;
-        mp_attention_bwd_amx_packed(gb, dout, qkvh, op, lsef, B, T, NH, KVH, HS);
+        mp_attention_bwd_amx_packed(gb, NULL, dout, qkvh, op, lsef, B, T, NH, KVH, HS);
         CHECK_MSG(!memcmp(ga, gb, nq * 4), "bwd from packed out differs: T%d NH%d KVH%d HS%d", T, NH,
                   KVH, HS);
         /* and it is not the fp32 out's result (the rounding is seen;
@@ -132,6 +134,26 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
         if (T > 1)
             CHECK_MSG(memcmp(ga, g[0], nq * 4), "bwd from bf16 out equals fp32: T%d NH%d KVH%d HS%d", T,
                   NH, KVH, HS);
+        if (T % 32 == 0) /* the gradient packed: mp_pack_dy of the rows, bit for bit */
+            for (int tok = 0; tok < 2; tok++) {
+                int N = B * T;
+                size_t na = mp_packa_elems(MP_BF16, N, S), nt = mp_packa_elems(MP_BF16, S, N);
+                size_t np = mp_pack_dy_part_floats(N, S);
+                uint16_t *pa[2] = {malloc(na * 2), malloc(na * 2)}, *pt[2] = {malloc(nt * 2), malloc(nt * 2)};
+                float *part = malloc(np * 4), *db[2] = {calloc((size_t)S, 4), calloc((size_t)S, 4)};
+                memset(pa[0], 0xff, na * 2);
+                memset(pt[0], 0xff, nt * 2);
+                mp_dy_out od = {.pa = pa[0], .pt = pt[0], .tok = tok, .part = part, .np = N, .op = S};
+                mp_attention_bwd_amx_packed(NULL, &od, dout, qkvh, op, lsef, B, T, NH, KVH, HS);
+                mp_pack_dy_bias(db[0], part, N, S);
+                mp_pack_dy(pa[1], pt[1], tok, db[1], part, gb, N, S);
+                CHECK_MSG(!memcmp(pa[0], pa[1], na * 2) && !memcmp(pt[0], pt[1], nt * 2) &&
+                              !memcmp(db[0], db[1], (size_t)S * 4),
+                          "packed output (tok %d) differs from mp_pack_dy: T%d NH%d KVH%d HS%d", tok, T,
+                          NH, KVH, HS);
+                for (int k = 0; k < 2; k++) free(pa[k]), free(pt[k]), free(db[k]);
+                free(part);
+            }
         free(ob), free(ga), free(gb), free(op);
         /* the forward writing out packed: mp_pack_a of its fp32 out, bit
          * for bit, padding rows included (the buffer starts as 0xff) */

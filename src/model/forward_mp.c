@@ -344,20 +344,40 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      MP_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
-        if (mp_kern_backend(g) == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T)) { /* as the forward */
-            P(ATTN_BWD, mp_attention_bwd_amx_packed(a->dbig, a->dc, qkvh, attyp, lse, B, T, m->NH,
+        bool amx_att = mp_kern_backend(g) == MP_BACKEND_AMX && mp_attention_amx_ok(m->HS, T);
+        if (amx_att && gpt2 && T % 32 == 0) {
+            /* no rope: the gradient of qkv goes from the attention's
+             * accumulators straight into the packed forms (and bias sums)
+             * the qkv layer's backward reads, never as fp32 rows */
+            const mp_weight *pw = mp_kern_weight(g, w->qkv_w, QKV, C, io, true);
+            mp_dy_out o = {.tok = pw && mp_dy_tok(pw, MP_ACT_NONE), .np = n, .op = QKV};
+            if (!pw || !mp_scratch_dy(mp_kern_scratch(g), n, QKV, d->qkv_b != NULL, &o.pa, &o.pt,
+                                      &o.part))
+                return NOMEM(ctx);
+            P(ATTN_BWD, mp_attention_bwd_amx_packed(NULL, &o, a->dc, qkvh, attyp, lse, B, T, m->NH,
                                                     m->KVH, m->HS));
+            if (d->qkv_b) P(MATMUL_BWD, mp_pack_dy_bias(d->qkv_b, o.part, n, QKV));
+            bool ok;
+            P(MATMUL_BWD, ok = mp_linear_backward_prepacked(mp_kern_backend(g), mp_kern_scratch(g), pw,
+                                                            o.pa, o.pt, ln1p, MP_ACT_NONE, n,
+                                                            d->qkv_w, !m->grads_lazy, a->dc));
+            if (!ok) return NOMEM(ctx);
         } else {
-            P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
-            P(OTHER, mp_bf16_to_f32(qkvh, a->tmp, N * QKV));
-            P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T, m->NH,
-                                         m->KVH, m->HS));
+            if (amx_att) { /* as the forward */
+                P(ATTN_BWD, mp_attention_bwd_amx_packed(a->dbig, NULL, a->dc, qkvh, attyp, lse, B, T,
+                                                        m->NH, m->KVH, m->HS));
+            } else {
+                P(OTHER, mp_unpack_a(a->atty, C, attyp, n, C));
+                P(OTHER, mp_bf16_to_f32(qkvh, a->tmp, N * QKV));
+                P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T, m->NH,
+                                             m->KVH, m->HS));
+            }
+            if (!gpt2)
+                P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p,
+                                         MP_ACT_NONE, w->qkv_w, n, C, QKV, io));
+            if (s) return s;
         }
-        if (!gpt2)
-            P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
-        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p, MP_ACT_NONE,
-                                     w->qkv_w, n, C, QKV, io));
-        if (s) return s;
         P(NORM, model_norm_bwd(m, a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
                                a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n));
         hook(m, m->layer_off[l], m->layer_off[l + 1]);

@@ -441,6 +441,25 @@ typedef struct bwd_buf {
 } bwd_buf;
 
 /* All of kv head kh of batch row b, its query heads in order. */
+/* A finished (T, HS) fp32 gradient block of head column col0 (in
+ * elements of a qkv row): as rows of dqkv, or (o) straight into
+ * mp_pack_dy's packed forms and bias sums, 32 x 32 blocks at a time. */
+MP_TAMX static void put_grad(const mp_dy_out *o, float *dbase, size_t S, const float *src, int b,
+                             int T, int col0, int HS)
+{
+    if (!o) {
+        put_rows(dbase + col0, S, src, T, HS);
+        return;
+    }
+    for (int t0 = 0; t0 < T; t0 += 32) {
+        int n0 = b * T + t0;
+        for (int c = 0; c < HS; c += 32)
+            mp_pack_dy_block(o->pa, o->pt, o->tok,
+                             o->part ? o->part + (size_t)(n0 / 32) * o->op + col0 + c : NULL,
+                             src + (size_t)t0 * HS + c, (size_t)HS, 32, 32, n0, col0 + c, o->np, o->op);
+    }
+}
+
 /* D[t] = rowsum(dout * out) of query head h's row t, out read from its
  * packed bf16 copy outp (packed K kk; row n = b * T + t): bf16 widens
  * exactly, and the products go in the fp32 path's order (16 columns at
@@ -459,9 +478,11 @@ MP_TAMX static inline float rowdot_packed(const float *dor, const uint16_t *outp
     return _mm512_reduce_add_ps(acc);
 }
 
-/* out: fp32 rows, or (outp non-NULL) the packed bf16 copy. */
-MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, const uint16_t *qkvh,
-                           const float *out, const uint16_t *outp, const float *lse, int T, int NH,
+/* out: fp32 rows, or (outp non-NULL) the packed bf16 copy; the gradient
+ * as rows of dqkv or (o non-NULL) packed (put_grad). */
+MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const mp_dy_out *o, const float *dout,
+                           const uint16_t *qkvh, const float *out, const uint16_t *outp,
+                           const float *lse, int T, int NH,
                            int KVH, int HS, int b, int kh)
 {
     _Alignas(64) float st2[2][BK][BK], dpt2[2][BK][BK], dsf[BK][BK];
@@ -470,7 +491,7 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
     size_t per = (size_t)Tp * HS;
     float scale = 1.0f / sqrtf((float)HS);
     const uint16_t *base = qkvh + (size_t)b * T * S;
-    float *dbase = dqkv + (size_t)b * T * S;
+    float *dbase = dqkv ? dqkv + (size_t)b * T * S : NULL;
     pk_rows(w->k, base + (size_t)(NH + kh) * HS, (size_t)S, T, Tp, HS);
     pk_rows(w->v, base + (size_t)(NH + KVH + kh) * HS, (size_t)S, T, Tp, HS);
     pk_pairs(w->kp, base + (size_t)(NH + kh) * HS, (size_t)S, T, Tp, HS);
@@ -564,15 +585,15 @@ MP_TAMX static void bwd_kv(const bwd_buf *w, float *dqkv, const float *dout, con
                 }
             }
         }
-        put_rows(dbase + (size_t)h * HS, (size_t)S, w->dq, T, HS);
+        put_grad(o, dbase, (size_t)S, w->dq, b, T, h * HS, HS);
     }
-    put_rows(dbase + (size_t)(NH + kh) * HS, (size_t)S, w->dk, T, HS);
-    put_rows(dbase + (size_t)(NH + KVH + kh) * HS, (size_t)S, w->dv, T, HS);
+    put_grad(o, dbase, (size_t)S, w->dk, b, T, (NH + kh) * HS, HS);
+    put_grad(o, dbase, (size_t)S, w->dv, b, T, (NH + KVH + kh) * HS, HS);
 }
 
-MP_TAMX static void bwd_thread(float *dqkv, const float *dout, const uint16_t *qkvh,
-                               const float *out, const uint16_t *outp, const float *lse, int B, int T,
-                               int NH, int KVH, int HS)
+MP_TAMX static void bwd_thread(float *dqkv, const mp_dy_out *o, const float *dout,
+                               const uint16_t *qkvh, const float *out, const uint16_t *outp,
+                               const float *lse, int B, int T, int NH, int KVH, int HS)
 {
     size_t tp = rup32(T), per = tp * (size_t)HS;
     uint16_t *hb = mp_thread_scratch(MP_SCRATCH_ATTN_H, 8 * per * sizeof(uint16_t));
@@ -584,7 +605,7 @@ MP_TAMX static void bwd_thread(float *dqkv, const float *dout, const uint16_t *q
                  fb + 3 * per + tp};
     #pragma omp for schedule(dynamic, 1)
     for (int bk = 0; bk < B * KVH; bk++)
-        bwd_kv(&w, dqkv, dout, qkvh, out, outp, lse, T, NH, KVH, HS, bk / KVH, bk % KVH);
+        bwd_kv(&w, dqkv, o, dout, qkvh, out, outp, lse, T, NH, KVH, HS, bk / KVH, bk % KVH);
     _tile_release();
 }
 
@@ -594,17 +615,19 @@ void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh, 
     KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
     if (B <= 0 || T <= 0) return;
     #pragma omp parallel
-    bwd_thread(dqkv, dout, qkvh, out, NULL, lse, B, T, NH, KVH, HS);
+    bwd_thread(dqkv, NULL, dout, qkvh, out, NULL, lse, B, T, NH, KVH, HS);
 }
 
-void mp_attention_bwd_amx_packed(float *dqkv, const float *dout, const uint16_t *qkvh,
-                                 const uint16_t *outp, const float *lse, int B, int T, int NH,
-                                 int KVH, int HS)
+void mp_attention_bwd_amx_packed(float *dqkv, const mp_dy_out *o, const float *dout,
+                                 const uint16_t *qkvh, const uint16_t *outp, const float *lse, int B,
+                                 int T, int NH, int KVH, int HS)
 {
     KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
+    KILN_ASSERT(!dqkv != !o);
+    KILN_ASSERT(!o || (T % 32 == 0 && o->np == B * T && o->op == (NH + 2 * KVH) * HS));
     if (B <= 0 || T <= 0) return;
     #pragma omp parallel
-    bwd_thread(dqkv, dout, qkvh, NULL, outp, lse, B, T, NH, KVH, HS);
+    bwd_thread(dqkv, o, dout, qkvh, NULL, outp, lse, B, T, NH, KVH, HS);
 }
 
 #else /* not x86-64: never called (mp_attention_amx_ok() is false) */
@@ -632,11 +655,11 @@ void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
     KILN_ASSERT(0);
 }
 
-void mp_attention_bwd_amx_packed(float *dqkv, const float *dout, const uint16_t *qkvh,
-                                 const uint16_t *outp, const float *lse, int B, int T, int NH,
-                                 int KVH, int HS)
+void mp_attention_bwd_amx_packed(float *dqkv, const mp_dy_out *o, const float *dout,
+                                 const uint16_t *qkvh, const uint16_t *outp, const float *lse, int B,
+                                 int T, int NH, int KVH, int HS)
 {
-    (void)dqkv, (void)dout, (void)qkvh, (void)outp, (void)lse;
+    (void)dqkv, (void)o, (void)dout, (void)qkvh, (void)outp, (void)lse;
     (void)B, (void)T, (void)NH, (void)KVH, (void)HS;
     KILN_ASSERT(0);
 }

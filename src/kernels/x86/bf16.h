@@ -197,10 +197,21 @@ void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
 /* mp_attention_bwd_amx with out read from its packed bf16 copy outp (the
  * packed A of out (B*T, NH*HS), what the bf16 forward stores for the
  * projection) instead of fp32 rows: the same result bit for bit as from
- * out's values widened to fp32, without that copy. */
-void mp_attention_bwd_amx_packed(float *dqkv, const float *dout, const uint16_t *qkvh,
-                                 const uint16_t *outp, const float *lse, int B, int T, int NH,
-                                 int KVH, int HS);
+ * out's values widened to fp32, without that copy. The gradient of qkv
+ * goes to dqkv as fp32 rows, or (dqkv NULL, o given) written as mp_pack_dy
+ * would pack it (pa, pt in the tok form or not, the bias sums per 32 rows
+ * in part, NULL: none; np = B * T, op = (NH + 2 KVH) HS), never as fp32
+ * rows: for the qkv layer's backward (mp_linear_backward_prepacked). With
+ * o, T must be a multiple of 32 (no block spans two sequences). */
+typedef struct mp_dy_out {
+    uint16_t *pa, *pt;
+    bool tok;
+    float *part;
+    int np, op;
+} mp_dy_out;
+void mp_attention_bwd_amx_packed(float *dqkv, const mp_dy_out *o, const float *dout,
+                                 const uint16_t *qkvh, const uint16_t *outp, const float *lse, int B,
+                                 int T, int NH, int KVH, int HS);
 
 /* ---- a linear layer in compute precision ------------------------------ */
 
@@ -286,6 +297,16 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
 bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
                                const float *dy, const uint16_t *xp, int act, int N,
                                float *dW, bool dw_acc, float *db, float *dx);
+/* The same in parts, for a producer of dy that packs it itself (as
+ * mp_attention_bwd_amx_packed does): whether dy's pt is the tok form for
+ * w (and act); buffers in s for mp_pack_dy's outputs of an (N, OC) dy
+ * (part NULL without bias; false on OOM); and the products from them. */
+bool mp_dy_tok(const mp_weight *w, int act);
+bool mp_scratch_dy(mp_scratch *s, int N, int OC, bool bias, uint16_t **pa, uint16_t **pt,
+                   float **part);
+bool mp_linear_backward_prepacked(mp_backend be, mp_scratch *s, const mp_weight *w,
+                                  const uint16_t *pa, const uint16_t *pt, const uint16_t *xp,
+                                  int act, int N, float *dW, bool dw_acc, float *dx);
 
 /* ---- bf16 activations (bf16_act.c) ------------------------------------ */
 
@@ -366,6 +387,16 @@ size_t mp_pack_dy_part_floats(int N, int OC);
  * right operand of the weight gradient x^T dy of an (in, out) weight. */
 void mp_pack_dy(uint16_t *pa, uint16_t *pt, bool tok, float *db, float *part, const float *dy,
                 int N, int OC);
+/* One 32 x 32 block of mp_pack_dy, for a producer that has it at hand:
+ * src = dy row n0, column c0 (row stride ld), rows / cols of it valid
+ * (the rest taken as zeros), np = rup32(N), op = rup32(OC); bpart (NULL:
+ * no bias) = part + (n0 / 32) * op + c0 gets the block's column sums.
+ * Every block of the padded (np, op) written once this way gives
+ * mp_pack_dy's bytes; then mp_pack_dy_bias adds the sums to db in
+ * mp_pack_dy's order. */
+void mp_pack_dy_block(uint16_t *pa, uint16_t *pt, bool tok, float *bpart, const float *src,
+                      size_t ld, int rows, int cols, int n0, int c0, int np, int op);
+void mp_pack_dy_bias(float *db, const float *part, int N, int OC);
 /* Packed A of act(X)^T (M = K columns of X, K = M tokens) from X's packed
  * bf16 copy xp (M, K); act NONE or GELU. The left operand of x^T dy. */
 void mp_pack_a_tokens(uint16_t *pa, const uint16_t *xp, int M, int K, int act);

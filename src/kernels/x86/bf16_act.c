@@ -418,69 +418,75 @@ static inline size_t pb_off(int kb, int m, int c)
 
 size_t mp_pack_dy_part_floats(int N, int OC) { return (size_t)rup32(N) / 32 * rup32(OC); }
 
+void mp_pack_dy_block(uint16_t *pa, uint16_t *pt, bool tok, float *bpart, const float *src,
+                      size_t ld, int rows, int cols, int n0, int c0, int np, int op)
+{
+#ifdef __AVX512F__
+    __mmask16 m0 = v_mask(cols), m1 = v_mask(cols - 16);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m512 r[2][2][16]; /* [token half][channel half][token] */
+    for (int t = 0; t < 32; t++) {
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        if (t < rows) {
+            const float *d = src + (size_t)t * ld;
+            a = _mm512_maskz_loadu_ps(m0, d);
+            b = _mm512_maskz_loadu_ps(m1, d + 16);
+            acc0 = _mm512_add_ps(acc0, a);
+            acc1 = _mm512_add_ps(acc1, b);
+        }
+        v_put_row(pa + mp_packa_off(op, n0 + t, c0), v_row_bf16(a, b));
+        r[t / 16][0][t % 16] = a;
+        r[t / 16][1][t % 16] = b;
+    }
+    if (tok) put_block_pairs(pt, np, c0, n0, r);
+    else put_block_t(pt, np, c0, n0, r);
+    if (bpart) {
+        _mm512_storeu_ps(bpart, acc0);
+        _mm512_storeu_ps(bpart + 16, acc1);
+    }
+#else
+    float acc[32] = {0};
+    for (int t = 0; t < 32; t++)
+        for (int j = 0; j < 32; j++) {
+            float v = t < rows && j < cols ? src[(size_t)t * ld + j] : 0.0f;
+            uint16_t h = mp_f32_to_bf16_1(v);
+            acc[j] += v;
+            pa[mp_packa_off(op, n0 + t, c0 + j)] = h;
+            pt[tok ? pb_off(np, n0 + t, c0 + j) : mp_packa_off(np, c0 + j, n0 + t)] = h;
+        }
+    if (bpart) memcpy(bpart, acc, sizeof acc);
+#endif
+}
+
+void mp_pack_dy_bias(float *db, const float *part, int N, int OC)
+{
+    int np = rup32(N), op = rup32(OC);
+    #pragma omp parallel for schedule(static)
+    for (int j = 0; j < OC; j++) {
+        float acc = 0;
+        for (int b = 0; b < np / 32; b++) acc += part[(size_t)b * op + j];
+        db[j] += acc;
+    }
+}
+
 void mp_pack_dy(uint16_t *pa, uint16_t *pt, bool tok, float *db, float *part, const float *dy,
                 int N, int OC)
 {
     /* One task per block of 32 tokens (rows of dy, read in order), each
-     * 32 x 32 block becoming 32 rows of pa (one 64-byte tile row each) and,
-     * through two 16 x 16 transposes per half, 32 rows of pt (or, tok, 16
-     * pair rows in each of its two panels). The bias
-     * gradient: column sums per block into part, then summed over the
-     * blocks in order, so it does not depend on the number of threads.
-     * Padding (rows and columns up to multiples of 32) is written as zeros
-     * in both. */
+     * 32 x 32 block becoming 32 rows of pa (one 64-byte tile row each) and
+     * 32 rows of pt (transposed as 16-bit words), or, tok, 16 pair rows in
+     * each of its two panels. The bias gradient: column sums per block
+     * into part, then summed over the blocks in order, so it does not
+     * depend on the number of threads. Padding (rows and columns up to
+     * multiples of 32) is written as zeros in both. */
     int np = rup32(N), op = rup32(OC);
     KILN_ASSERT(!db || part);
     #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < np; n0 += 32) {
-        for (int c0 = 0; c0 < op; c0 += 32) {
-#ifdef __AVX512F__
-            __mmask16 m0 = v_mask(OC - c0), m1 = v_mask(OC - c0 - 16);
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            __m512 r[2][2][16]; /* [token half][channel half][token] */
-            for (int t = 0; t < 32; t++) {
-                int n = n0 + t;
-                __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-                if (n < N) {
-                    const float *d = dy + (size_t)n * OC + c0;
-                    a = _mm512_maskz_loadu_ps(m0, d);
-                    b = _mm512_maskz_loadu_ps(m1, d + 16);
-                    acc0 = _mm512_add_ps(acc0, a);
-                    acc1 = _mm512_add_ps(acc1, b);
-                }
-                v_put_row(pa + mp_packa_off(op, n, c0), v_row_bf16(a, b));
-                r[t / 16][0][t % 16] = a;
-                r[t / 16][1][t % 16] = b;
-            }
-            if (tok) put_block_pairs(pt, np, c0, n0, r);
-            else put_block_t(pt, np, c0, n0, r);
-            if (db) {
-                float *bp = part + (size_t)(n0 / 32) * op + c0;
-                _mm512_storeu_ps(bp, acc0);
-                _mm512_storeu_ps(bp + 16, acc1);
-            }
-#else
-            float acc[32] = {0};
-            for (int n = n0; n < n0 + 32; n++)
-                for (int j = 0; j < 32; j++) {
-                    float v = n < N && c0 + j < OC ? dy[(size_t)n * OC + c0 + j] : 0.0f;
-                    uint16_t h = mp_f32_to_bf16_1(v);
-                    acc[j] += v;
-                    pa[mp_packa_off(op, n, c0 + j)] = h;
-                    pt[tok ? pb_off(np, n, c0 + j) : mp_packa_off(np, c0 + j, n)] = h;
-                }
-            if (db) memcpy(part + (size_t)(n0 / 32) * op + c0, acc, sizeof acc);
-#endif
-        }
-    }
-    if (db) {
-        #pragma omp parallel for schedule(static)
-        for (int j = 0; j < OC; j++) {
-            float acc = 0;
-            for (int b = 0; b < np / 32; b++) acc += part[(size_t)b * op + j];
-            db[j] += acc;
-        }
-    }
+    for (int n0 = 0; n0 < np; n0 += 32)
+        for (int c0 = 0; c0 < op; c0 += 32)
+            mp_pack_dy_block(pa, pt, tok, db ? part + (size_t)(n0 / 32) * op + c0 : NULL,
+                             dy + (size_t)n0 * OC + c0, (size_t)OC, N - n0, OC - c0, n0, c0, np, op);
+    if (db) mp_pack_dy_bias(db, part, N, OC);
 }
 
 /* ---- epilogues of the AMX products ---------------------------------------- */

@@ -698,21 +698,36 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
     return backward_w_from(be, s, in_out, pt, xp, act, N, OC, C, dW, true);
 }
 
+bool mp_dy_tok(const mp_weight *w, int act) { return w_tok(w->in_out, act); }
+
+bool mp_scratch_dy(mp_scratch *s, int N, int OC, bool bias, uint16_t **pa, uint16_t **pt,
+                   float **part)
+{
+    *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, N, OC));
+    *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
+    *part = bias ? grow_f(&s->part, &s->part_cap, mp_pack_dy_part_floats(N, OC)) : NULL;
+    return *pa && *pt && (!bias || *part);
+}
+
+bool mp_linear_backward_prepacked(mp_backend be, mp_scratch *s, const mp_weight *w,
+                                  const uint16_t *pa, const uint16_t *pt, const uint16_t *xp,
+                                  int act, int N, float *dW, bool dw_acc, float *dx)
+{
+    KILN_ASSERT(w->dt == MP_BF16);
+    if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, w->OC, w->C, dW, dw_acc)) return false;
+    mp_gemm_packed(be, MP_BF16, N, w->C, w->OC, pa, w->bwd, dx, w->C, false, NULL);
+    return true;
+}
+
 bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
                                const float *dy, const uint16_t *xp, int act, int N,
                                float *dW, bool dw_acc, float *db, float *dx)
 {
-    KILN_ASSERT(w->dt == MP_BF16);
-    int OC = w->OC, C = w->C;
-    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, N, OC));
-    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
-    if (!pa || !pt) return false;
-    float *part = db ? grow_f(&s->part, &s->part_cap, mp_pack_dy_part_floats(N, OC)) : NULL;
-    if (db && !part) return false;
-    mp_pack_dy(pa, pt, w_tok(w->in_out, act), db, part, dy, N, OC);
-    if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, OC, C, dW, dw_acc)) return false;
-    mp_gemm_packed(be, MP_BF16, N, C, OC, pa, w->bwd, dx, C, false, NULL);
-    return true;
+    uint16_t *pa, *pt;
+    float *part;
+    if (!mp_scratch_dy(s, N, w->OC, db != NULL, &pa, &pt, &part)) return false;
+    mp_pack_dy(pa, pt, w_tok(w->in_out, act), db, part, dy, N, w->OC);
+    return mp_linear_backward_prepacked(be, s, w, pa, pt, xp, act, N, dW, dw_acc, dx);
 }
 
 bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const uint16_t *pa,
