@@ -116,7 +116,8 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
                   "run %d (%d threads) not bit-identical to 1 thread: T%d NH%d KVH%d HS%d", r,
                   r == 0 ? 1 : 2, T, NH, KVH, HS);
     /* out from its packed bf16 copy (the bf16 model's backward) against
-     * the fp32 rows of the same bf16 values: bit for bit */
+     * the fp32 rows of the same bf16 values: bit for bit; and the forward
+     * writing that copy itself */
     {
         int M = B * T, K = NH * HS;
         float *ob = malloc(no * 4), *ga = malloc(nq * 4), *gb = malloc(nq * 4);
@@ -154,6 +155,17 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
                 free(part);
             }
         free(ob), free(ga), free(gb), free(op);
+        /* the forward writing out packed: mp_pack_a of its fp32 out, bit
+         * for bit, padding rows included (the buffer starts as 0xff) */
+        size_t np = mp_packa_elems(MP_BF16, M, K);
+        uint16_t *p0 = aligned_alloc(64, np * 2), *p1 = aligned_alloc(64, np * 2);
+        float *lp = malloc(nl * 4);
+        memset(p1, 0xff, np * 2);
+        mp_pack_a(MP_BF16, false, M, K, o[0], K, p0);
+        mp_attention_fwd_amx_packed(p1, lp, qkvh, B, T, NH, KVH, HS);
+        CHECK_MSG(!memcmp(p0, p1, np * 2) && !memcmp(lp, l[0], nl * 4),
+                  "fwd to packed out differs: T%d NH%d KVH%d HS%d", T, NH, KVH, HS);
+        free(p0), free(p1), free(lp);
     }
     for (int r = 0; r < 3; r++) {
         free(o[r]);

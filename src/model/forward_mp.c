@@ -8,7 +8,8 @@
  * take half the memory:
  *   ln1p, ln2p   the normalized inputs of the qkv and fc products (L, N, C)
  *   attyp        the attention output, input of the projection    (L, N, C)
- *                (the AMX attention backward reads it as it is)
+ *                (the AMX attention writes it directly, and its
+ *                backward reads it as it is)
  *   fchp         the fc product's output, pre-activation          (L, N, FH)
  *   lnfp         the final norm's output, input of the LM head    (N, C)
  * The activation function's output (the input of the MLP's second
@@ -231,14 +232,14 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         }
         if (!gpt2)
             P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-        if (amx_att) { /* bf16 on AMX, from qkvh */
+        if (amx_att) { /* bf16 on AMX, from qkvh, straight to attyp */
             if (!gpt2) P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV));
-            P(ATTN_FWD, mp_attention_fwd_amx(a->atty, lse, qkvh, B, T, m->NH, m->KVH, m->HS));
+            P(ATTN_FWD, mp_attention_fwd_amx_packed(attyp, lse, qkvh, B, T, m->NH, m->KVH, m->HS));
         } else { /* fp32 on the bf16 values */
             P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV); mp_bf16_to_f32(qkvh, qkv, N * QKV));
             P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
+            P(OTHER, mp_pack_a(MP_BF16, false, n, C, a->atty, C, attyp));
         }
-        P(OTHER, mp_pack_a(MP_BF16, false, n, C, a->atty, C, attyp));
         kiln_status s = fwd_res(ctx, m, be, res2, inp, n, C, attyp, wp, w->proj_b);
         if (s) return s;
         P(NORM, norm_packed(m, ln2p, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res2,

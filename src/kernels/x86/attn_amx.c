@@ -267,12 +267,15 @@ typedef struct fwd_buf {
  * one vector and the running max and sum need no horizontal reductions;
  * the output accumulates transposed too, ot[d][query] = (V^T P^T)[d][q],
  * rescaled by a vector per row, and is transposed once per query block. */
-MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uint16_t *qkvh, int T,
-                             int NH, int KVH, int HS, int b, int h)
+/* out: fp32 rows, or (outp non-NULL) packed bf16 rows (packed A of
+ * (B*T, NH*HS), rounded as mp_pack_a rounds). */
+MP_TAMX static void fwd_head(const fwd_buf *w, float *out, uint16_t *outp, float *lse,
+                             const uint16_t *qkvh, int T, int NH, int KVH, int HS, int b, int h)
 {
     _Alignas(64) float st2[2][BK][BK], ot[HSMAX * BK], lo[BK];
     _Alignas(64) uint16_t pp[2][16][32]; /* P^T in pairs: B tiles of 16 queries */
     int S = (NH + 2 * KVH) * HS, OC = NH * HS, kh = h / (NH / KVH), Tp = (int)rup32(T);
+    int kk = (int)rup32(OC);
     float scale = 1.0f / sqrtf((float)HS);
     const uint16_t *base = qkvh + (size_t)b * T * S;
     pk_wt(w->qt, base + (size_t)h * HS, (size_t)S, T, Tp, HS);
@@ -282,8 +285,10 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
     for (int i0 = 0; i0 < T; i0 += BK) {
         /* this block's out rows, for writing at its end (as put_rows) */
         for (int r = 0; r < BK && i0 + r < T; r++)
-            for (int d = 0; d < HS; d += 16)
-                _mm_prefetch((const char *)(out + ((size_t)b * T + i0 + r) * OC + (size_t)h * HS + d), _MM_HINT_ET0);
+            for (int d = 0; d < HS; d += outp ? 32 : 16)
+                _mm_prefetch(outp ? (const char *)(outp + mp_packa_off(kk, b * T + i0 + r, h * HS + d))
+                                  : (const char *)(out + ((size_t)b * T + i0 + r) * OC + (size_t)h * HS + d),
+                             _MM_HINT_ET0);
         __m512 m[2] = {ninf, ninf}, l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
         memset(ot, 0, sizeof(float) * HS * BK);
         /* the scores of the next key block are computed one block ahead
@@ -357,12 +362,25 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
         for (int v = 0; v < 2 && 16 * v < nr; v++) {
             __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l[v]);
             _mm512_store_ps(lo + 16 * v, l[v]);
-            for (int d0 = 0; d0 < HS; d0 += 16) {
+            for (int d0 = 0; d0 < HS && !outp; d0 += 16) {
                 __m512 r[16], c[16];
                 for (int x = 0; x < 16; x++) r[x] = _mm512_mul_ps(_mm512_load_ps(ot + (d0 + x) * BK + 16 * v), inv);
                 mp_transpose16(r, c);
                 for (int y = 0; y < 16 && 16 * v + y < nr; y++)
                     _mm512_storeu_ps(out + ((size_t)b * T + i0 + 16 * v + y) * OC + (size_t)h * HS + d0, c[y]);
+            }
+            for (int d0 = 0; d0 < HS && outp; d0 += 32) { /* 32 columns: one packed piece */
+                __m512 r[16], c[2][16];
+                for (int q = 0; q < 2; q++) {
+                    for (int x = 0; x < 16; x++)
+                        r[x] = _mm512_mul_ps(_mm512_load_ps(ot + (d0 + 16 * q + x) * BK + 16 * v), inv);
+                    mp_transpose16(r, c[q]);
+                }
+                for (int y = 0; y < 16 && 16 * v + y < nr; y++) {
+                    __m512i pc = _mm512_inserti64x4(_mm512_castsi256_si512(mp_f32x16_to_bf16(c[0][y])),
+                                                    mp_f32x16_to_bf16(c[1][y]), 1);
+                    _mm512_storeu_si512(outp + mp_packa_off(kk, b * T + i0 + 16 * v + y, h * HS + d0), pc);
+                }
             }
             float mv[16];
             _mm512_storeu_ps(mv, m[v]);
@@ -377,8 +395,8 @@ MP_TAMX static void fwd_head(const fwd_buf *w, float *out, float *lse, const uin
  * of their own so that the tile code carries its target attribute, which
  * clang does not give the outlined body of a parallel region. Their
  * buffers are the threads' own scratch (mp_thread_scratch), made once. */
-MP_TAMX static void fwd_thread(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
-                               int KVH, int HS)
+MP_TAMX static void fwd_thread(float *out, uint16_t *outp, float *lse, const uint16_t *qkvh, int B,
+                               int T, int NH, int KVH, int HS)
 {
     size_t per = rup32(T) * (size_t)HS;
     uint16_t *buf = mp_thread_scratch(MP_SCRATCH_ATTN_H, 3 * per * sizeof(uint16_t));
@@ -386,7 +404,8 @@ MP_TAMX static void fwd_thread(float *out, float *lse, const uint16_t *qkvh, int
     mp_amx_tiles_config();
     fwd_buf w = {buf, buf + per, buf + 2 * per};
     #pragma omp for schedule(dynamic, 1)
-    for (int bh = 0; bh < B * NH; bh++) fwd_head(&w, out, lse, qkvh, T, NH, KVH, HS, bh / NH, bh % NH);
+    for (int bh = 0; bh < B * NH; bh++)
+        fwd_head(&w, out, outp, lse, qkvh, T, NH, KVH, HS, bh / NH, bh % NH);
     _tile_release();
 }
 
@@ -396,7 +415,20 @@ void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, i
     KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
     if (B <= 0 || T <= 0) return;
     #pragma omp parallel
-    fwd_thread(out, lse, qkvh, B, T, NH, KVH, HS);
+    fwd_thread(out, NULL, lse, qkvh, B, T, NH, KVH, HS);
+}
+
+void mp_attention_fwd_amx_packed(uint16_t *outp, float *lse, const uint16_t *qkvh, int B, int T,
+                                 int NH, int KVH, int HS)
+{
+    KILN_ASSERT(HS >= 32 && HS % 32 == 0 && HS <= HSMAX && KVH > 0 && NH % KVH == 0);
+    if (B <= 0 || T <= 0) return;
+    #pragma omp parallel
+    fwd_thread(NULL, outp, lse, qkvh, B, T, NH, KVH, HS);
+    /* the padding rows (all columns: NH * HS is a multiple of 32) */
+    int M = B * T, kk = (int)rup32(NH * HS);
+    for (int m = M; m < (int)rup32(M); m++)
+        for (int k = 0; k < kk; k += 32) memset(outp + mp_packa_off(kk, m, k), 0, 64);
 }
 
 /* ---- backward ---- */
@@ -604,6 +636,13 @@ void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, i
                           int KVH, int HS)
 {
     (void)out, (void)lse, (void)qkvh, (void)B, (void)T, (void)NH, (void)KVH, (void)HS;
+    KILN_ASSERT(0);
+}
+
+void mp_attention_fwd_amx_packed(uint16_t *outp, float *lse, const uint16_t *qkvh, int B, int T,
+                                 int NH, int KVH, int HS)
+{
+    (void)outp, (void)lse, (void)qkvh, (void)B, (void)T, (void)NH, (void)KVH, (void)HS;
     KILN_ASSERT(0);
 }
 

@@ -188,6 +188,11 @@ bool mp_attention_amx_ok(int HS, int T);
  * or 28 (backward) bytes per T * HS, and asserts that it got it. */
 void mp_attention_fwd_amx(float *out, float *lse, const uint16_t *qkvh, int B, int T, int NH,
                           int KVH, int HS);
+/* mp_attention_fwd_amx with out written only as packed bf16 (the packed
+ * A of out (B*T, NH*HS), padding rows zero): bit for bit mp_pack_a of
+ * mp_attention_fwd_amx's out, without the fp32 rows. */
+void mp_attention_fwd_amx_packed(uint16_t *outp, float *lse, const uint16_t *qkvh, int B, int T,
+                                 int NH, int KVH, int HS);
 void mp_attention_bwd_amx(float *dqkv, const float *dout, const uint16_t *qkvh,
                           const float *out, const float *lse, int B, int T, int NH, int KVH,
                           int HS);
