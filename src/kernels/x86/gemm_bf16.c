@@ -206,11 +206,23 @@ MP_TBF static void pack_b_slice_bf16hw(bool trans, int K, int N, const float *sr
     int n0 = p * 16, cnt = KILN_MP_MIN(16, N - n0);
     __mmask16 nm = (__mmask16)(cnt >= 16 ? 0xffff : cnt <= 0 ? 0 : (1u << cnt) - 1);
     if (trans) {
-        __m512 col[2][16];
-        load_trans_slice(src, ld, K, n0, cnt, s, col);
-        for (int r2 = 0; r2 < 16; r2++)
-            store_pairs_hw(pan + ((size_t)s * 32 + 2 * r2) * 16, col[r2 / 8][(2 * r2) % 16],
-                           col[r2 / 8][(2 * r2 + 1) % 16]);
+        /* Each source row's 32 k rounded first: its 32-bit word j is then
+         * the pair (k 2j, 2j+1), so the 16 panel rows of pairs are the
+         * 16 x 16 transpose of those words (one transpose of rounded words
+         * instead of two of fp32; the same bits). */
+        int kb = s * 32, kc = K - kb;
+        __mmask16 m0 = (__mmask16)(kc >= 16 ? 0xffff : kc <= 0 ? 0 : (1u << kc) - 1);
+        __mmask16 m1 = (__mmask16)(kc >= 32 ? 0xffff : kc <= 16 ? 0 : (1u << (kc - 16)) - 1);
+        __m512 r[16], c[16];
+        for (int i = 0; i < 16; i++) {
+            const float *row = src + (size_t)(n0 + i) * ld + kb;
+            r[i] = i < cnt ? (__m512)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, row + 16),
+                                                         _mm512_maskz_loadu_ps(m0, row))
+                           : _mm512_setzero_ps();
+        }
+        mp_transpose16(r, c);
+        for (int j = 0; j < 16; j++)
+            _mm512_storeu_ps((float *)(pan + ((size_t)s * 32 + 2 * j) * 16), c[j]);
         return;
     }
     for (int r2 = 0; r2 < 16; r2++) {
