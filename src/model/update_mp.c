@@ -20,31 +20,29 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct span {
+/* A weight matrix as model_mp_forward / the linear ops look it up in the
+ * cache (w, OC, C, in_out), and where it lies in the parameter block. */
+typedef struct wmat {
+    const float *w;
+    int oc, c;
+    bool io;
     size_t off, len;
-} span;
+} wmat;
 
 struct model_upd {
     int n;
-    span *spans;        /* the matrices' ranges in the parameter block, sorted */
-    adamw_matrix *mats; /* sorted by offset */
+    wmat *wm;           /* sorted by offset (made once) */
+    adamw_matrix *mats; /* this step's, in the same order */
     mp_weight *pw;      /* copies of the cache entries' descriptors */
-    const float **w;    /* the weights, as the cache keys them */
-    int *oc, *c;
-    bool *io;
 };
 
 void model_upd_free(kiln_model *m)
 {
     struct model_upd *u = m->upd;
     if (!u) return;
+    free(u->wm);
     free(u->mats);
-    free(u->spans);
     free(u->pw);
-    free(u->w);
-    free(u->oc);
-    free(u->c);
-    free(u->io);
     free(u);
     m->upd = NULL;
 }
@@ -54,58 +52,51 @@ static void after_strip(void *ud, const float *W, int r0)
     mp_weight_refresh_strip(ud, W, r0);
 }
 
-static int by_span(const void *a, const void *b)
+static int by_offset(const void *a, const void *b)
 {
-    const span *x = a, *y = b;
+    const wmat *x = a, *y = b;
     return x->off < y->off ? -1 : x->off > y->off;
 }
 
-static int by_offset(const void *a, const void *b)
+static void add(kiln_model *m, wmat *wm, int *n, const float *w, int oc, int c, bool io)
 {
-    const adamw_matrix *x = a, *y = b;
-    return x->offset < y->offset ? -1 : x->offset > y->offset;
+    if (wm) wm[*n] = (wmat){w, oc, c, io, (size_t)(w - m->params), (size_t)oc * (size_t)c};
+    ++*n;
 }
 
-/* The weight matrices as model_mp_forward / the linear ops look them up:
- * (w, OC, C, in_out). */
-static int list(kiln_model *m, const float **w, int *oc, int *c, bool *io)
+/* The weight matrices into wm (NULL: only counted); returns how many. */
+static int list(kiln_model *m, wmat *wm)
 {
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
     int FH = gpt2 ? m->F : 2 * m->F, n = 0;
     for (int l = 0; l < m->L; l++) {
         const model_layer *y = &m->w.layers[l];
-        const float *ws[4] = {y->qkv_w, y->proj_w, y->fc_w, y->fcproj_w};
-        int ocs[4] = {m->QKV, m->C, FH, m->C}, cs[4] = {m->C, m->C, m->C, m->F};
-        for (int i = 0; i < 4; i++, n++)
-            if (w) w[n] = ws[i], oc[n] = ocs[i], c[n] = cs[i], io[n] = gpt2;
+        add(m, wm, &n, y->qkv_w, m->QKV, m->C, gpt2);
+        add(m, wm, &n, y->proj_w, m->C, m->C, gpt2);
+        add(m, wm, &n, y->fc_w, FH, m->C, gpt2);
+        add(m, wm, &n, y->fcproj_w, m->C, m->F, gpt2);
     }
-    if (w) w[n] = m->w.lm_head, oc[n] = m->V, c[n] = m->C, io[n] = false;
-    return n + 1;
+    add(m, wm, &n, m->w.lm_head, m->V, m->C, false);
+    return n;
 }
 
 static struct model_upd *upd_of(kiln_model *m)
 {
     if (m->upd) return m->upd;
     struct model_upd *u = calloc(1, sizeof *u);
-    int n = list(m, NULL, NULL, NULL, NULL);
     if (!u) return NULL;
+    int n = list(m, NULL);
     u->n = n;
+    u->wm = calloc((size_t)n, sizeof *u->wm);
     u->mats = calloc((size_t)n, sizeof *u->mats);
-    u->spans = calloc((size_t)n, sizeof *u->spans);
     u->pw = calloc((size_t)n, sizeof *u->pw);
-    u->w = calloc((size_t)n, sizeof *u->w);
-    u->oc = calloc((size_t)n, sizeof *u->oc);
-    u->c = calloc((size_t)n, sizeof *u->c);
-    u->io = calloc((size_t)n, sizeof *u->io);
     m->upd = u;
-    if (!u->mats || !u->spans || !u->pw || !u->w || !u->oc || !u->c || !u->io) {
+    if (!u->wm || !u->mats || !u->pw) {
         model_upd_free(m);
         return NULL;
     }
-    list(m, u->w, u->oc, u->c, u->io);
-    for (int i = 0; i < n; i++)
-        u->spans[i] = (span){(size_t)(u->w[i] - m->params), (size_t)u->oc[i] * (size_t)u->c[i]};
-    qsort(u->spans, (size_t)n, sizeof *u->spans, by_span);
+    list(m, u->wm);
+    qsort(u->wm, (size_t)n, sizeof *u->wm, by_offset);
     return u;
 }
 
@@ -121,16 +112,17 @@ void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, flo
         /* entries first (creating one may move the others), then copies */
         bool ok = true;
         for (int i = 0; i < u->n && ok; i++)
-            ok = mp_kern_weight_entry(g, u->w[i], u->oc[i], u->c[i], u->io[i]) != NULL;
+            ok = mp_kern_weight_entry(g, u->wm[i].w, u->wm[i].oc, u->wm[i].c, u->wm[i].io) != NULL;
         for (int i = 0; i < u->n && ok; i++) {
-            mp_weight *e = mp_kern_weight_entry(g, u->w[i], u->oc[i], u->c[i], u->io[i]);
+            const wmat *x = &u->wm[i];
+            mp_weight *e = mp_kern_weight_entry(g, x->w, x->oc, x->c, x->io);
             int strip = mp_weight_strip_rows(e);
             if (!strip) continue;
             u->pw[nm] = *e;
             u->mats[nm] = (adamw_matrix){
-                .offset = (size_t)(u->w[i] - m->params),
-                .rows = u->io[i] ? u->c[i] : u->oc[i],
-                .cols = u->io[i] ? u->oc[i] : u->c[i],
+                .offset = x->off,
+                .rows = x->io ? x->c : x->oc,
+                .cols = x->io ? x->oc : x->c,
                 .strip = strip,
                 .after = after_strip,
                 .ud = &u->pw[nm],
@@ -138,8 +130,6 @@ void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, flo
             nm++;
         }
         if (!ok) nm = 0; /* out of memory: the plain step; the forward repacks */
-        /* the ud pointers stay valid: sorting moves the adamw_matrix only */
-        qsort(u->mats, (size_t)nm, sizeof *u->mats, by_offset);
     }
     adamw_step_matrices(o, m->params, grads, lr, grad_mul, nm ? u->mats : NULL, nm);
     for (int i = 0; i < nm; i++) {
@@ -169,8 +159,8 @@ void model_mp_zero_grad(kiln_model *m)
     }
     size_t pos = 0;
     for (int i = 0; i < u->n; i++) {
-        memset(m->grads + pos, 0, (u->spans[i].off - pos) * sizeof(float));
-        pos = u->spans[i].off + u->spans[i].len;
+        memset(m->grads + pos, 0, (u->wm[i].off - pos) * sizeof(float));
+        pos = u->wm[i].off + u->wm[i].len;
     }
     memset(m->grads + pos, 0, (m->num_params - pos) * sizeof(float));
     m->grads_lazy = true;
@@ -182,6 +172,6 @@ void model_grads_materialize(kiln_model *m)
     struct model_upd *u = m->upd;
     KILN_ASSERT(u); /* grads_lazy is only set with the list at hand */
     for (int i = 0; i < u->n; i++)
-        memset(m->grads + u->spans[i].off, 0, u->spans[i].len * sizeof(float));
+        memset(m->grads + u->wm[i].off, 0, u->wm[i].len * sizeof(float));
     m->grads_lazy = false;
 }
