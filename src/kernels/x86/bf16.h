@@ -159,11 +159,13 @@ void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
 bool mp_amx_usable(void);
 /* Runs TDPBF16PS on registers only (no memory traffic) for about `secs`
  * seconds on every OpenMP thread and returns the achieved GFLOP/s over
- * wall time: the AMX peak of this machine measured now. When per_cpu is
- * non-NULL it receives GFLOP per second of process CPU time (what one core
- * delivers, whatever other load shares the machine). 0 when AMX is not
- * usable. */
-double mp_amx_peak_gflops(double secs, double *per_cpu);
+ * wall time: the AMX peak of this machine measured now. The operand tiles
+ * hold pseudo-random bf16 values, or zeros (zeros: the unit runs 10-25%
+ * faster on them, a speed no product of real data reaches). When per_cpu
+ * is non-NULL it receives GFLOP per second of process CPU time (what one
+ * core delivers, whatever other load shares the machine). 0 when AMX is
+ * not usable. */
+double mp_amx_peak_gflops(double secs, bool zeros, double *per_cpu);
 /* Loads this thread's tile configuration (8 tiles of 16 rows x 64 bytes,
  * what every AMX kernel here uses); the caller ends with _tile_release. */
 void mp_amx_tiles_config(void);
