@@ -352,6 +352,10 @@ void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float
         int cur = 0;
 #pragma omp for schedule(dynamic, 1) nowait
         for (int u = 0; u < units; u++) {
+            /* A thread's units usually come in increasing order, but
+             * OpenMP does not promise it (LLVM's runtime steals chunks
+             * from other threads' ranges): start over on a lower one. */
+            if (mats[cur].done && u < mats[cur].unit0) cur = 0;
             while (!mats[cur].done || u >= mats[cur].unit0 + mats[cur].rows / mats[cur].strip)
                 cur++;
             const adamw_matrix *a = &mats[cur];
