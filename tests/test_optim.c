@@ -189,6 +189,25 @@ static void test_norm_and_clip(void)
     CHECK(f < 1.0f);
     CHECK_NEAR(kiln_l2_norm(x, n), 1.0, 1e-5);
     free(x);
+    /* more than 64 blocks of 16384 (summed 64 at a time): a model's
+     * gradient; still the reference and the same bits on any thread count */
+    n = (size_t)130 * 16384 + 77;
+    x = malloc(n * sizeof *x);
+    ref = 0;
+    for (size_t i = 0; i < n; i++) {
+        x[i] = kiln_rng_normal(&r) * (i % 7 == 0 ? 3.f : 1.f);
+        ref += (double)x[i] * x[i];
+    }
+    ref = sqrt(ref);
+    omp_set_num_threads(1);
+    n1 = kiln_l2_norm(x, n);
+    omp_set_num_threads(2);
+    n2 = kiln_l2_norm(x, n);
+    omp_set_num_threads(3);
+    n3 = kiln_l2_norm(x, n);
+    CHECK_NEAR(n1, ref, 1e-9 * ref);
+    CHECK(n1 == n2 && n2 == n3);
+    free(x);
 }
 
 /* The pre-fusion update, transcribed: loss-scaler unscale and clip as

@@ -442,22 +442,20 @@ double kiln_l2_norm(const float *x, size_t n)
 #if KILN_OPT_X86
     if (use_avx512()) fn = sumsq_avx512;
 #endif
+    /* Blocks of NORM_BLOCK summed in parallel, 64 at a time (no allocation:
+     * this runs inside the training step), then added in block order: the
+     * same bits whatever the thread count. */
     size_t nb = (n + NORM_BLOCK - 1) / NORM_BLOCK;
-    double stack[64];
-    double *part = nb <= 64 ? stack : malloc(nb * sizeof *part);
-    double total = 0;
-    if (!part) { /* sequential fallback, same block order */
-        for (size_t b = 0; b < nb; b++)
-            total += fn(x + b * NORM_BLOCK, KILN_MIN(n - b * NORM_BLOCK, NORM_BLOCK));
-        return sqrt(total);
+    double part[64], total = 0;
+    for (size_t g = 0; g < nb; g += 64) {
+        ptrdiff_t ng = (ptrdiff_t)KILN_MIN(nb - g, (size_t)64);
+#pragma omp parallel for schedule(static) if (ng > 4)
+        for (ptrdiff_t b = 0; b < ng; b++) {
+            size_t a = (g + (size_t)b) * NORM_BLOCK;
+            part[b] = fn(x + a, KILN_MIN(n - a, NORM_BLOCK));
+        }
+        for (ptrdiff_t b = 0; b < ng; b++) total += part[b];
     }
-#pragma omp parallel for schedule(static) if (nb > 4)
-    for (ptrdiff_t b = 0; b < (ptrdiff_t)nb; b++) {
-        size_t a = (size_t)b * NORM_BLOCK;
-        part[b] = fn(x + a, KILN_MIN(n - a, NORM_BLOCK));
-    }
-    for (size_t b = 0; b < nb; b++) total += part[b];
-    if (part != stack) free(part);
     return sqrt(total);
 }
 
