@@ -253,6 +253,46 @@ static void test_gemm_amx(void)
     check_backend(MP_BACKEND_AMX);
 }
 
+/* A large written-only output goes out with non-temporal stores
+ * (MP_AMX_STREAM_BYTES): the same bits as the product added to zeros
+ * (accumulate, which never streams), edges not a multiple of 16 (rows and
+ * columns through the normal stores), one K chunk and several, with and
+ * without bias; the column past N of each row untouched. */
+static void test_gemm_amx_stream(void)
+{
+    if (!mp_backend_available(MP_BACKEND_AMX)) SKIP("no AMX-BF16 (or the kernel refused tile state)");
+    static const int shapes[2][3] = {{1030, 2056, 96}, {1040, 2048, 600}};
+    for (int si = 0; si < 2; si++) {
+        int M = shapes[si][0], N = shapes[si][1], K = shapes[si][2], ldc = (N + 15) / 16 * 16 + 16;
+        CHECK((size_t)M * N * 4 >= MP_AMX_STREAM_BYTES);
+        kiln_rng r;
+        kiln_rng_seed(&r, 77 + si);
+        float *A = malloc(sizeof(float) * M * K), *B = malloc(sizeof(float) * K * N);
+        float *bias = malloc(sizeof(float) * N);
+        fill(&r, A, (size_t)M * K, 1.f);
+        fill(&r, B, (size_t)K * N, 0.5f);
+        fill(&r, bias, (size_t)N, 1.f);
+        uint16_t *pa = aligned_alloc(64, mp_packa_elems(MP_BF16, M, K) * 2);
+        uint16_t *pb = aligned_alloc(64, mp_packb_elems(MP_BF16, K, N) * 2);
+        mp_pack_a(MP_BF16, false, M, K, A, K, pa);
+        mp_pack_b(MP_BF16, false, K, N, B, N, pb);
+        size_t cn = (size_t)M * ldc;
+        float *C = aligned_alloc(64, cn * 4), *C0 = aligned_alloc(64, cn * 4);
+        for (int b = 0; b < 2; b++) {
+            for (size_t i = 0; i < cn; i++) C[i] = 7.f;
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < ldc; j++) C0[(size_t)m * ldc + j] = j < N ? (b ? bias[j] : 0.f) : 7.f;
+            mp_gemm_packed(MP_BACKEND_AMX, MP_BF16, M, N, K, pa, pb, C, ldc, false, b ? bias : NULL);
+            mp_gemm_packed(MP_BACKEND_AMX, MP_BF16, M, N, K, pa, pb, C0, ldc, true, NULL);
+            size_t bad = 0;
+            for (size_t i = 0; i < cn; i++) bad += C[i] != C0[i];
+            CHECK_MSG(bad == 0, "M=%d N=%d K=%d bias=%d: %zu of %zu values differ", M, N, K, b, bad,
+                      cn);
+        }
+        free(A), free(B), free(bias), free(pa), free(pb), free(C), free(C0);
+    }
+}
+
 /* fp16 keeps fp16's range: an input beyond 65504 becomes inf, and the
  * product non-finite (inf, or NaN where the hi/lo split meets inf * 0),
  * which is what the loss scaler looks for. */
@@ -994,6 +1034,7 @@ int main(void)
     RUN_TEST(test_gemm_ref);
     RUN_TEST(test_gemm_avx512_bf16);
     RUN_TEST(test_gemm_amx);
+    RUN_TEST(test_gemm_amx_stream);
     RUN_TEST(test_f16_overflow_is_inf);
     RUN_TEST(test_linear_layer);
     RUN_TEST(test_sgemm_alpha_beta);

@@ -142,6 +142,10 @@ void *mp_thread_scratch(int slot, size_t bytes);
  * in chunks of KC (the partial sums between chunks wait in a per-thread
  * buffer of MC x NC floats). */
 enum { MP_AMX_MC = 256, MP_AMX_NC = 256, MP_AMX_KC = 512 };
+/* An fp32 output of at least this many bytes that the AMX kernel only
+ * writes (no accumulate, epilogue or transposed store) is stored with
+ * non-temporal stores when its rows are 64-byte aligned. */
+#define MP_AMX_STREAM_BYTES ((size_t)8 << 20)
 
 /* mp_gemm_packed with C stored transposed when transc (element (i, j) of
  * the product at C[j * ldc + i]; no bias then): a weight gradient computed
