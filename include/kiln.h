@@ -195,6 +195,15 @@ void kiln_model_free(kiln_model *m);
 const kiln_config *kiln_model_config(const kiln_model *m);
 size_t kiln_model_num_params(const kiln_model *m);
 float *kiln_model_params(kiln_model *m);
+/* Declares that the parameters have not been written since the last
+ * forward, as between the micro-steps of a gradient accumulation: the next
+ * kiln_model_forward (only that one) keeps the bf16 / fp16 weight copies
+ * that the last forward and backward packed instead of packing them again
+ * from the fp32 weights. A call to kiln_model_params, a load or an init
+ * after it cancels it; writing through an older kiln_model_params pointer
+ * after it is the caller's error (the products would use the old
+ * weights). No effect in fp32. */
+void kiln_model_keep_weights(kiln_model *m);
 /* Gradient block mirroring the parameters; NULL before kiln_model_prepare. */
 float *kiln_model_grads(kiln_model *m);
 int kiln_model_num_tensors(const kiln_model *m);

@@ -571,6 +571,62 @@ static void test_convergence_parity(void)
     kiln_ctx_free(ctx);
 }
 
+/* Gradient accumulation with kiln_model_keep_weights: the micro-steps
+ * after the first keep the packed weight copies (no repack at all) and
+ * give the bits of the same micro-steps repacking every time; a
+ * kiln_model_params call after it cancels it, and a write through that
+ * pointer is seen by the next forward. */
+static void test_keep_weights(void)
+{
+    enum { B = 2, T = 32, K = 3 };
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg = tiny_config();
+    int V = cfg.vocab_size;
+    int32_t tok[K][B * T], tgt[K][B * T];
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < B * T; i++)
+            tok[k][i] = (i * 5 + k * 11) % V, tgt[k][i] = (i * 3 + k * 7 + 1) % V;
+    kiln_model *m = make_model(ctx, &cfg, KILN_PRECISION_BF16, B, T);
+    CHECK(m != NULL);
+    if (!m) return;
+    size_t n = kiln_model_num_params(m);
+    float *g[2] = {malloc(sizeof(float) * n), malloc(sizeof(float) * n)};
+    uint64_t reps[2];
+    float *logits;
+    for (int keep = 0; keep < 2; keep++) {
+        kiln_model_zero_grad(m);
+        uint64_t r0 = mp_kern_repacks(m->gemm);
+        for (int k = 0; k < K; k++) {
+            double ls = 0, ws = 0;
+            if (keep && k) kiln_model_keep_weights(m);
+            CHECK_EQ(kiln_model_forward(ctx, m, tok[k], B, T, &logits), KILN_OK);
+            CHECK_EQ(kiln_model_backward_ce(ctx, m, tgt[k], NULL, 1.0f / (B * T * K), &ls, &ws),
+                     KILN_OK);
+        }
+        reps[keep] = mp_kern_repacks(m->gemm) - r0;
+        memcpy(g[keep], kiln_model_grads(m), sizeof(float) * n);
+    }
+    printf("  %d micro-steps: %llu layouts packed, %llu with keep_weights\n", K,
+           (unsigned long long)reps[0], (unsigned long long)reps[1]);
+    CHECK(reps[1] > 0 && reps[0] == K * reps[1]);
+    CHECK(!memcmp(g[0], g[1], sizeof(float) * n));
+    /* cancelled: the LM head (tied to the embedding here) changed through
+     * kiln_model_params after keep_weights moves that vocabulary column */
+    CHECK_EQ(kiln_model_forward(ctx, m, tok[0], B, T, &logits), KILN_OK);
+    float before = logits[5];
+    uint64_t r0 = mp_kern_repacks(m->gemm);
+    kiln_model_keep_weights(m);
+    float *p = kiln_model_params(m);
+    size_t head = (size_t)(m->w.lm_head - m->params);
+    for (int c = 0; c < cfg.n_embd; c++) p[head + 5 * (size_t)cfg.n_embd + c] += 0.5f;
+    CHECK_EQ(kiln_model_forward(ctx, m, tok[0], B, T, &logits), KILN_OK);
+    CHECK(mp_kern_repacks(m->gemm) > r0);
+    CHECK_MSG(fabsf(logits[5] - before) > 1e-3f, "logit of token 5 %g -> %g", before, logits[5]);
+    free(g[0]), free(g[1]);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+
 int main(void)
 {
     RUN_TEST(test_parse_and_resolve);
@@ -580,6 +636,7 @@ int main(void)
     RUN_TEST(test_fused_update);
     RUN_TEST(test_lazy_zero_grad);
     RUN_TEST(test_backward_ce);
+    RUN_TEST(test_keep_weights);
     RUN_TEST(test_kernels_agree_in_model);
     RUN_TEST(test_convergence_parity);
     return TEST_EXIT();

@@ -97,7 +97,9 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
 
     const kern_ops *k = m->ops;
     kern_gemm *g = m->gemm;
-    if (g->invalidate) g->invalidate(g); /* parameters may have changed */
+    /* parameters may have changed, unless the caller says they have not */
+    if (g->invalidate && !m->keep_weights) g->invalidate(g);
+    m->keep_weights = false;
     if (m->act_mp) return model_mp_forward(ctx, m, logits);
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
     kern_wlayout lay = gpt2 ? KERN_W_IN_OUT : KERN_W_OUT_IN;

@@ -268,8 +268,11 @@ const kiln_config *kiln_model_config(const kiln_model *m) { return &m->cfg; }
 size_t kiln_model_num_params(const kiln_model *m) { return m->num_params; }
 void model_params_touched(kiln_model *m)
 {
+    m->keep_weights = false;
     if (m->gemm && m->gemm->invalidate) m->gemm->invalidate(m->gemm);
 }
+
+void kiln_model_keep_weights(kiln_model *m) { m->keep_weights = true; }
 
 /* A writable view: whatever the caller writes there must be seen by the
  * next forward, so the packed copies made by kiln_model_adamw_step are no

@@ -147,6 +147,8 @@ struct kiln_model {
     struct model_upd *upd; /* kiln_model_adamw_step's matrix list (update_mp.c) */
     bool grads_lazy;       /* the weight matrices' gradients are zero but not
                               written: the next bf16 backward stores them */
+    bool keep_weights;     /* kiln_model_keep_weights: the next forward keeps
+                              the packed weight copies */
 };
 
 /* Profiling clock: wall time (m->profile == 1) or process CPU time

@@ -857,6 +857,8 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
             kiln_loader_get(t->train, row0 + b, t->inputs + (size_t)b * T,
                             t->targets + (size_t)b * T);
         float *logits;
+        /* the weights are those of micro-step 0: keep their packed copies */
+        if (k > 0) kiln_model_keep_weights(t->model);
         if ((s = kiln_model_forward(ctx, t->model, t->inputs, B, T, &logits)))
             return s;
         if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;

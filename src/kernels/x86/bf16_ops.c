@@ -45,7 +45,8 @@ typedef struct mp_state {
     wentry *cache;
     int n_cache, cap_cache;
     size_t cache_bytes;
-    uint64_t epoch; /* bumped by invalidate (start of every forward) */
+    uint64_t epoch;   /* bumped by invalidate (start of every forward) */
+    uint64_t repacks; /* layouts packed from the fp32 weights, ever */
 } mp_state;
 
 static mp_state *state_of(kern_gemm *g)
@@ -105,6 +106,7 @@ static void mp_matmul_fwd(kern_gemm *g, float *out, const float *inp, const floa
     }
     if (e->fwd_epoch != st->epoch + 1) {
         mp_weight_refresh_fwd(&e->pw, w);
+        st->repacks++;
         e->fwd_epoch = st->epoch + 1;
     }
     if (!mp_linear_forward(st->be, &st->scratch, &e->pw, inp, b, N, out))
@@ -128,6 +130,7 @@ static void mp_matmul_bwd(kern_gemm *g, float *dinp, float *dw, float *db, const
     if (dinp) {
         if (e->bwd_epoch != st->epoch + 1) {
             mp_weight_refresh_bwd(&e->pw, w);
+            st->repacks++;
             e->bwd_epoch = st->epoch + 1;
         }
         if (!mp_linear_backward_x(st->be, &st->scratch, &e->pw, dout, N, dinp, dinp_acc))
@@ -196,6 +199,7 @@ const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, boo
     if (*ep != st->epoch + 1) {
         if (bwd) mp_weight_refresh_bwd(&e->pw, w);
         else mp_weight_refresh_fwd(&e->pw, w);
+        st->repacks++;
         *ep = st->epoch + 1;
     }
     return &e->pw;
@@ -216,3 +220,4 @@ void mp_kern_weight_fresh(kern_gemm *g, const float *w, int OC, int C, bool in_o
 }
 
 size_t mp_kern_cache_bytes(kern_gemm *g) { return state_of(g)->cache_bytes; }
+uint64_t mp_kern_repacks(kern_gemm *g) { return state_of(g)->repacks; }

@@ -17,6 +17,9 @@ kern_gemm *mp_kern_gemm_new(mp_dtype dt, mp_backend be);
 const kern_ops *mp_kern_ops(kern_gemm *g);
 /* Bytes held by g's packed weight copies. */
 size_t mp_kern_cache_bytes(kern_gemm *g);
+/* How many weight layouts the cache has packed from fp32 weights so far
+ * (not counting the optimizer's strip-by-strip refresh). */
+uint64_t mp_kern_repacks(kern_gemm *g);
 
 /* For the bf16 training path (model/forward_mp.c): g's dtype, backend,
  * scratch, and the packed copy of weight w, refreshed for the current
