@@ -287,6 +287,7 @@ float *kiln_model_grads(kiln_model *m)
     model_grads_materialize(m);
     return m->grads;
 }
+float *model_grads_deferred(kiln_model *m) { return m->grads; }
 int kiln_model_num_tensors(const kiln_model *m) { return m->n_tensors; }
 
 const kiln_tensor_info *kiln_model_tensor(const kiln_model *m, int i)

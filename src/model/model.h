@@ -114,6 +114,11 @@ void model_upd_free(kiln_model *m);
  * whatever reads or accumulates onto them other than that backward. */
 void model_mp_zero_grad(kiln_model *m);
 void model_grads_materialize(kiln_model *m);
+/* The gradient block as it is, lazily zeroed matrices not written out: for
+ * a reader of only the ranges the gradient hook reports final during the
+ * next backward (the trainer's overlapped allreduce), which that backward
+ * has written whole by then. */
+float *model_grads_deferred(kiln_model *m);
 /* The parameters are about to be written by other means than
  * kiln_model_adamw_step: packed copies marked fresh by it are stale. */
 void model_params_touched(kiln_model *m);

@@ -16,6 +16,7 @@
  * Progress: a bar on a terminal, plain lines otherwise; one JSON object per
  * step in RUN/metrics.jsonl.
  */
+#include "model/model.h"
 #include "train/ckpt.h"
 #include "train/dist.h"
 #include "train/scaler.h"
@@ -124,7 +125,10 @@ static kiln_status tr_dist_bcast_params(trainer *t)
 static kiln_status tr_dist_grads_begin(trainer *t)
 {
     if (t->world == 1) return KILN_OK;
-    return dist_grads_begin(t->ctx, t->dist, kiln_model_grads(t->model),
+    /* Only the ranges the backward reports final are read (the hook), so
+     * the bf16 path's lazily zeroed weight-matrix gradients need not be
+     * written out first: that backward stores them whole. */
+    return dist_grads_begin(t->ctx, t->dist, model_grads_deferred(t->model),
                             kiln_model_num_params(t->model));
 }
 
