@@ -63,9 +63,9 @@ losses() {
 }
 
 # same_losses NAME REF RUN [FROM_STEP] — every step of RUN from FROM_STEP on
-# (default 1) within 1e-5 relative of REF's same step.
+# (default 1) within 1e-5 (or $TOL) relative of REF's same step.
 same_losses() {
-  local name=$1 ref=$2 run=$3 from=${4:-1}
+  local name=$1 ref=$2 run=$3 from=${4:-1} tol=${TOL:-1e-5}
   if [ ! -s "$ref/metrics.jsonl" ] || [ ! -s "$run/metrics.jsonl" ]; then
     echo "FAIL $name: missing metrics.jsonl ($ref, $run)"; return
   fi
@@ -76,10 +76,10 @@ same_losses() {
       r = d / (s > 1 ? s : 1); if (r > worst) worst = r }
     END { printf "%d %d %.3g", n, miss, worst }' <(losses "$ref/metrics.jsonl") <(losses "$run/metrics.jsonl"))
   read -r n miss worst <<<"$res"
-  if [ "$n" -ge 1 ] && [ "$miss" -eq 0 ] && awk -v w="$worst" 'BEGIN { exit !(w <= 1e-5) }'; then
+  if [ "$n" -ge 1 ] && [ "$miss" -eq 0 ] && awk -v w="$worst" -v t="$tol" 'BEGIN { exit !(w <= t) }'; then
     echo "PASS $name ($n steps, worst relative difference $worst)"
   else
-    echo "FAIL $name: $n steps compared, $miss missing, worst relative difference $worst (want <= 1e-5)"
+    echo "FAIL $name: $n steps compared, $miss missing, worst relative difference $worst (want <= $tol)"
   fi
 }
 
@@ -109,6 +109,22 @@ same_losses dist_np2_zero1_equals_np1 "$W/r1" "$W/np2z"
 same_losses dist_np4_zero1_equals_np1 "$W/r1" "$W/np4z"
 same_losses dist_np2_accum_equals_np1 "$W/r1" "$W/np2a"
 same_losses dist_np2_accum_zero1_equals_np1 "$W/r1" "$W/np2az"
+
+# bf16 (the default on AMX / AVX512_BF16 CPUs): each rank's backward stores
+# its weight-matrix gradients over the lazily zeroed block while the
+# overlapped allreduce reads the ranges the backward reports final. The
+# ranks' gradients are summed in another order than one rank's backward
+# sums its tokens, so the losses agree to bf16's rounding, not bit for bit
+# (measured worst 1.9e-5 over 20 steps); a gradient read before it was
+# written would be off by O(1).
+if [ -n "$(grep -o 'avx512_bf16\|amx_bf16' /proc/cpuinfo | head -1)" ]; then
+  BF=("${COMMON[@]/fp32/bf16}")
+  run "$W/b1.log"  0 "${BF[@]}" --steps 20 --out "$W/b1" --batch 4
+  run "$W/b2.log"  2 "${BF[@]}" --steps 20 --out "$W/b2" --batch 2
+  TOL=1e-3 same_losses dist_np2_bf16_close_to_np1 "$W/b1" "$W/b2"
+else
+  echo "SKIP dist_np2_bf16_close_to_np1: no AVX512_BF16 / AMX-BF16 (bf16 products would be emulated)"
+fi
 
 # metrics: rank 0 alone writes them, with the communication figures
 if grep -q '"world_size":2' "$W/np2/metrics.jsonl" && grep -q '"comm_frac"' "$W/np2/metrics.jsonl" \
