@@ -359,7 +359,8 @@ static void test_backward_ce(void)
 
 /* The model in bf16 on each kernel this CPU has (AMX, AVX512_BF16, the
  * portable one): the same rounded inputs and fp32 accumulation, so the
- * logits agree to fp32 summation-order noise. */
+ * first product agrees to fp32 summation-order noise and the logits to
+ * what bf16 rounding makes of that noise over two layers (below). */
 static void test_kernels_agree_in_model(void)
 {
     enum { B = 2, T = 32 };

@@ -46,7 +46,7 @@ void *memalign(size_t a, size_t n);
 /* the linker's bounds of this executable's code */
 extern char __executable_start[], etext[];
 
-static void count(const void *caller)
+static void count_caller(const void *caller)
 {
     if (!atomic_load_explicit(&g_on, memory_order_relaxed)) return;
     uintptr_t c = (uintptr_t)caller;
@@ -54,7 +54,7 @@ static void count(const void *caller)
     else atomic_fetch_add(&g_lib, 1);
 }
 /* the wrappers are never inlined: the return address is their caller's */
-#define count() count(__builtin_return_address(0))
+#define count() count_caller(__builtin_return_address(0))
 #define NOINL __attribute__((noinline))
 NOINL void *malloc(size_t n)
 {
