@@ -71,6 +71,20 @@ static const char *check_skip_;
         }                                                                  \
     } while (0)
 
+/* |a - b| <= rtol * max(|a|, |b|): purely relative (for a tolerance that
+ * already scales with the value, which CHECK_NEAR would scale again).
+ * A NaN on either side fails. */
+#define CHECK_REL(a, b, rtol)                                              \
+    do {                                                                   \
+        double ca_ = (double)(a), cb_ = (double)(b);                       \
+        double sc_ = fmax(fabs(ca_), fabs(cb_));                           \
+        if (!(fabs(ca_ - cb_) <= (rtol) * sc_)) {                          \
+            fprintf(stderr, "  %s:%d: CHECK_REL(%s, %s, %g) failed: %.12g vs %.12g\n", \
+                    __FILE__, __LINE__, #a, #b, (double)(rtol), ca_, cb_); \
+            check_fails_++;                                                \
+        }                                                                  \
+    } while (0)
+
 /* Marks the current test skipped (with the reason) and returns. */
 #define SKIP(why)                                                          \
     do {                                                                   \
@@ -94,15 +108,23 @@ static const char *check_skip_;
         fflush(stdout);                                                    \
     } while (0)
 
-/* Largest |a - b| over n values (inf if a has a NaN); *scale receives
- * max(1, max |b|), the scale a relative tolerance multiplies. */
+/* max(w, e) that keeps a NaN on either side (fmax drops it): error and
+ * scale accumulators built with it fail every comparison after a NaN. */
+static inline double check_max(double w, double e)
+{
+    return (w != w || e != e) ? NAN : (w > e ? w : e);
+}
+
+/* Largest |a - b| over n values (inf if a NaN is on either side: fmax
+ * would drop it); *scale receives max(1, max |b|), the scale a relative
+ * tolerance multiplies. */
 static inline double check_maxdiff(const float *a, const float *b, size_t n, double *scale)
 {
     double d = 0, s = 1;
     for (size_t i = 0; i < n; i++) {
         d = fmax(d, fabs((double)a[i] - b[i]));
         s = fmax(s, fabs(b[i]));
-        if (a[i] != a[i]) d = INFINITY;
+        if (a[i] != a[i] || b[i] != b[i]) d = INFINITY;
     }
     *scale = s;
     return d;

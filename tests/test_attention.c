@@ -53,10 +53,10 @@ static void test_ref_vs_naive(void)
         R->attention_fwd(kern_gemm_ref(), o, l, qkv, B, T, NH, KVH, HS);
         attn_naive(qkv, NULL, NULL, NULL, B, T, NH, KVH, HS, od, ld, NULL, NULL, NULL);
         double w = 0;
-        for (size_t i = 0; i < no; i++) w = fmax(w, fabs(o[i] - od[i]));
+        for (size_t i = 0; i < no; i++) w = check_max(w, fabs(o[i] - od[i]));
         CHECK_MSG(w < 1e-5, "ref out vs naive: %g (cfg %d)", w, c);
         w = 0;
-        for (size_t i = 0; i < nl; i++) w = fmax(w, fabs(l[i] - ld[i]));
+        for (size_t i = 0; i < nl; i++) w = check_max(w, fabs(l[i] - ld[i]));
         CHECK_MSG(w < 1e-5, "ref lse vs naive: %g (cfg %d)", w, c);
         free(qkv); free(o); free(l); free(od); free(ld);
     }
@@ -96,7 +96,7 @@ static void test_ref_bwd_fd(void)
         kern_ops_ref()->attention_bwd(kern_gemm_ref(), dqkv, c.R, c.qkv, o, c.lse, c.B, c.T,
                                       c.NH, c.KVH, c.HS);
         double gmax = 1e-12, worst = 0;
-        for (size_t i = 0; i < nq; i++) gmax = fmax(gmax, fabs(dqkv[i]));
+        for (size_t i = 0; i < nq; i++) gmax = check_max(gmax, fabs(dqkv[i]));
         const float eps = 1e-2f, k[4] = {1, -1, 2, -2};
         for (size_t i = 0; i < nq; i++) {
             float x0 = c.qkv[i];
@@ -107,7 +107,7 @@ static void test_ref_bwd_fd(void)
             }
             c.qkv[i] = x0;
             double num = (8.0 * (l[0] - l[1]) - (l[2] - l[3])) / (12.0 * eps);
-            worst = fmax(worst, fabs(num - dqkv[i]) / gmax);
+            worst = check_max(worst, fabs(num - dqkv[i]) / gmax);
         }
         CHECK_MSG(worst < 2e-3, "ref attention backward vs finite differences: worst %g (cfg %d)",
                   worst, cf);

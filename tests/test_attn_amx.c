@@ -47,11 +47,11 @@ static void within(const float *got, const double *ref, const double *M, size_t 
                    const char *what, int T, int NH, int KVH, int HS)
 {
     double mref = 0;
-    for (size_t i = 0; i < n; i++) mref = fmax(mref, fabs(ref[i]));
+    for (size_t i = 0; i < n; i++) mref = check_max(mref, fabs(ref[i]));
     size_t bad = 0, first = 0;
     for (size_t i = 0; i < n; i++) {
         double e = fabs((double)got[i] - ref[i]);
-        if (M[i] > 0) worst_ratio = fmax(worst_ratio, (e - 1e-5 * mref) / (U * M[i]));
+        if (M[i] > 0) worst_ratio = check_max(worst_ratio, (e - 1e-5 * mref) / (U * M[i]));
         if (!(e <= 2 * U * M[i] + 1e-5 * mref)) {
             if (!bad) first = i;
             bad++;
@@ -107,7 +107,7 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
 #endif
     within(o[0], out, Mo, no, "fwd out", T, NH, KVH, HS);
     double lw = 0;
-    for (size_t i = 0; i < nl; i++) lw = fmax(lw, fabs(l[0][i] - lse[i]) / lone[i]);
+    for (size_t i = 0; i < nl; i++) lw = check_max(lw, fabs(l[0][i] - lse[i]) / lone[i]);
     CHECK_MSG(lw <= 1e-5, "fwd lse T%d NH%d KVH%d HS%d: relative error %g", T, NH, KVH, HS, lw);
     within(g[0], dq, Mq, nq, "bwd dqkv", T, NH, KVH, HS);
     for (int r = 1; r < 3; r++)

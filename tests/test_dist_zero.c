@@ -50,7 +50,7 @@ static double max_abs(const float *a, const float *b, size_t n)
 {
     double worst = 0;
     for (size_t i = 0; i < n; i++)
-        worst = fmax(worst, fabs((double)a[i] - b[i]));
+        worst = check_max(worst, fabs((double)a[i] - b[i]));
     return worst;
 }
 
@@ -117,13 +117,13 @@ static void test_zero_matches_adamw(void)
         CHECK_EQ(dist_zero_grad_norm(ctx, z, g, &nz), KILN_OK);
         dist_zero_clip(z, g, nz, clip);
         CHECK_EQ(dist_zero_update(ctx, z, p, g, 1e-2f), KILN_OK);
-        worst_norm = fmax(worst_norm, fabs(nz - nref) / nref);
+        worst_norm = check_max(worst_norm, fabs(nz - nref) / nref);
         /* Absolute: where the mean gradient cancels to ~1e-7 the AdamW
          * ratio m/(sqrt(v)+eps) is sensitive to the order of the rank
          * sums (reduce-scatter vs the sequential reference), as in any
          * data-parallel optimizer; 1e-6 is 1e-4 of one step's largest
          * update (lr). */
-        worst_p = fmax(worst_p, max_abs(p, p_ref, n));
+        worst_p = check_max(worst_p, max_abs(p, p_ref, n));
         if (s == 2) {
             /* checkpoint round trip mid-run: gather, save, reload into a
              * fresh sharded optimizer that continues instead */

@@ -361,7 +361,7 @@ static void test_linear_matches_reference(void)
                 ik_linear(y, x, T, &m, acc ? b : NULL, acc, 2);
                 ik_linear_ref(y2, x, T, &m, acc ? b : NULL, acc);
                 double worst = 0;
-                for (int i = 0; i < T * R; i++) worst = fmax(worst, fabs(y[i] - y2[i]));
+                for (int i = 0; i < T * R; i++) worst = check_max(worst, fabs(y[i] - y2[i]));
                 CHECK_MSG(worst < 1e-3, "T=%d R=%d K=%d bf16=%d acc=%d: max diff %g",
                           T, R, K, bf, acc, worst);
             }
@@ -404,7 +404,7 @@ static void prefill_logits_vs_ref_chunk(kiln_arch arch, kiln_wtype wt, double to
         kiln_engine_reset(e, 0);
         CHECK(kiln_engine_prefill(ctx, e, 0, tok, n, lg) == KILN_OK);
         double worst = 0;
-        for (int i = 0; i < V; i++) worst = fmax(worst, fabs(lg[i] - ref[(size_t)(n - 1) * V + i]));
+        for (int i = 0; i < V; i++) worst = check_max(worst, fabs(lg[i] - ref[(size_t)(n - 1) * V + i]));
         CHECK_MSG(worst < tol, "arch %d wtype %d n=%d: max |engine - ref| = %g", arch, wt, n, worst);
         CHECK_EQ(kiln_engine_pos(e, 0), n);
     }
@@ -446,7 +446,7 @@ static void greedy_cache_vs_recompute(kiln_arch arch)
     for (int step = 0; step < N; step++) {
         ref_forward(&s, &c, seq, n, ref, false);
         int rt = argmax_d(ref + (size_t)(n - 1) * V, V), et = argmax_f(lg, V);
-        for (int i = 0; i < V; i++) worst = fmax(worst, fabs(lg[i] - ref[(size_t)(n - 1) * V + i]));
+        for (int i = 0; i < V; i++) worst = check_max(worst, fabs(lg[i] - ref[(size_t)(n - 1) * V + i]));
         if (rt != et) mismatches++;
         seq[n++] = rt;
         kiln_engine_tok tk = {0, rt, true};
@@ -496,16 +496,16 @@ static void batched_vs_alone(kiln_arch arch, kiln_wtype wt)
     CHECK(kiln_engine_prefill(ctx, eb, 0, prompts[0], plen[0], l0) == KILN_OK);
     CHECK(kiln_engine_prefill(ctx, eb, 1, prompts[1], plen[1], l0 + V) == KILN_OK);
     for (int i = 0; i < V; i++) {
-        worst = fmax(worst, fabs(l0[i] - alone[i]));
-        worst = fmax(worst, fabs(l0[V + i] - alone[(size_t)N * V + i]));
+        worst = check_max(worst, fabs(l0[i] - alone[i]));
+        worst = check_max(worst, fabs(l0[V + i] - alone[(size_t)N * V + i]));
     }
     kiln_engine_tok mixed[3] = {{0, gen[0][0], true}, {1, gen[1][0], true}, {2, prompts[2][0], true}};
     CHECK(kiln_engine_step(ctx, eb, mixed, 3, lg) == KILN_OK);
     /* lg rows: seq0 step1, seq1 step1, seq2 step0 */
     for (int i = 0; i < V; i++) {
-        worst = fmax(worst, fabs(lg[i] - alone[((size_t)0 * N + 1) * V + i]));
-        worst = fmax(worst, fabs(lg[V + i] - alone[((size_t)1 * N + 1) * V + i]));
-        worst = fmax(worst, fabs(lg[2 * V + i] - alone[((size_t)2 * N + 0) * V + i]));
+        worst = check_max(worst, fabs(lg[i] - alone[((size_t)0 * N + 1) * V + i]));
+        worst = check_max(worst, fabs(lg[V + i] - alone[((size_t)1 * N + 1) * V + i]));
+        worst = check_max(worst, fabs(lg[2 * V + i] - alone[((size_t)2 * N + 0) * V + i]));
     }
     int step[3] = {1, 1, 0};
     while (step[0] < N - 1) {
@@ -515,7 +515,7 @@ static void batched_vs_alone(kiln_arch arch, kiln_wtype wt)
         for (int q = 0; q < 3; q++) {
             step[q]++;
             for (int i = 0; i < V; i++)
-                worst = fmax(worst, fabs(lg[(size_t)q * V + i] - alone[((size_t)q * N + step[q]) * V + i]));
+                worst = check_max(worst, fabs(lg[(size_t)q * V + i] - alone[((size_t)q * N + step[q]) * V + i]));
         }
     }
     CHECK_MSG(worst < 1e-4, "batched vs alone: max logit diff %g", worst);
@@ -603,7 +603,7 @@ static void greedy_vs_model_forward(kiln_arch arch, kiln_wtype wt, double tol)
         CHECK(kiln_model_forward(ctx, m, seq, 1, n, &ref) == KILN_OK);
         const float *last = ref + (size_t)(n - 1) * V;
         int rt = argmax_f(last, V);
-        for (int i = 0; i < V; i++) worst = fmax(worst, fabs(lg[i] - last[i]));
+        for (int i = 0; i < V; i++) worst = check_max(worst, fabs(lg[i] - last[i]));
         if (argmax_f(lg, V) != rt) mismatches++;
         seq[n++] = rt;
         kiln_engine_tok tk = {0, rt, true};

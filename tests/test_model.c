@@ -31,7 +31,7 @@ static double fd_check(loss_fn f, void *ud, float *x, const float *grad,
                        size_t n, float eps)
 {
     double gmax = 1e-12, worst = 0;
-    for (size_t i = 0; i < n; i++) gmax = fmax(gmax, fabs(grad[i]));
+    for (size_t i = 0; i < n; i++) gmax = check_max(gmax, fabs(grad[i]));
     for (size_t i = 0; i < n; i++) {
         float x0 = x[i];
         double l[4];
@@ -440,11 +440,11 @@ static void test_determinism_and_fast_vs_ref(void)
                 CHECK_NEAR(loss[0], loss[2], 1e-5);
                 double gmax = 0, emax = 0, lmax = 0;
                 for (size_t i = 0; i < np; i++) {
-                    gmax = fmax(gmax, fabs(g[2][i]));
-                    emax = fmax(emax, fabs(g[0][i] - g[2][i]));
+                    gmax = check_max(gmax, fabs(g[2][i]));
+                    emax = check_max(emax, fabs(g[0][i] - g[2][i]));
                 }
                 for (size_t i = 0; i < (size_t)B * T * 97; i++)
-                    lmax = fmax(lmax, fabs(lg[0][i] - lg[2][i]));
+                    lmax = check_max(lmax, fabs(lg[0][i] - lg[2][i]));
                 CHECK_MSG(emax <= 1e-4 * gmax, "fast vs ref grads: max diff %g (max |g| %g)",
                           emax, gmax);
                 CHECK_MSG(lmax <= 1e-4, "fast vs ref logits: max diff %g", lmax);

@@ -131,8 +131,8 @@ static void test_llama_bf16_fp16_vs_fp32(void)
     kiln_ctx *ctx = kiln_ctx_new();
     kiln_config cfg;
     if (kiln_config_load(ctx, "configs/llama-tiny.json", &cfg)) {
-        kiln_ctx_free(ctx);
         CHECK_MSG(0, "configs/llama-tiny.json: %s", kiln_errmsg(ctx));
+        kiln_ctx_free(ctx);
         return;
     }
     cfg.n_layer = 2;

@@ -286,8 +286,8 @@ static void test_textstream(void)
     kiln_ctx *ctx = kiln_ctx_new();
     kiln_tokenizer *tok = NULL;
     if (kiln_tokenizer_load(ctx, "bytes", &tok) != KILN_OK) {
-        kiln_ctx_free(ctx);
         CHECK_MSG(0, "bytes tokenizer: %s", kiln_errmsg(ctx));
+        kiln_ctx_free(ctx);
         return;
     }
     kiln_textstream *ts;
