@@ -759,6 +759,20 @@ typedef enum kiln_progress {
     KILN_PROGRESS_NONE = 3
 } kiln_progress;
 
+/* What the trainer reports after each optimizer step (kiln_train_opts.
+ * on_step). */
+typedef struct kiln_step_info {
+    int64_t step;        /* the step just completed (1-based) */
+    int64_t total;       /* the run's last step */
+    double loss;         /* its training loss (mean over the global batch) */
+    double lr;           /* the learning rate it ran with */
+    double grad_norm;    /* global L2 norm of the true (unscaled) gradient;
+                            NAN for a skipped fp16 step */
+    double loss_scale;   /* fp16: the loss scale it ran with; else 1 */
+    bool skipped;        /* fp16: skipped for an inf/NaN gradient */
+    double tokens_per_s; /* this step's throughput on this rank */
+} kiln_step_info;
+
 /* Everything a pretraining run is configured by (kiln train's flags).
  * Start from kiln_train_opts_default(). Strings are borrowed. */
 typedef struct kiln_train_opts {
@@ -799,6 +813,13 @@ typedef struct kiln_train_opts {
      * weights and AdamW state stay fp32; fp16 runs the dynamic loss scaler.
      * AUTO = bf16 where the CPU has AMX-BF16 or AVX512_BF16. [AUTO] */
     kiln_precision precision;
+    /* Called on every rank after each optimizer step, on the calling
+     * thread, before the step's evaluation, metrics line and checkpoint.
+     * Returning false stops the run as stop_flag does (checkpoint saved,
+     * result interrupted); under MPI the ranks agree, any one stopping
+     * stops all. NULL = none. [NULL] */
+    bool (*on_step)(void *user, const kiln_step_info *info);
+    void *on_step_user; /* passed to on_step */
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);

@@ -1041,7 +1041,21 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
             json_object_set_new(m, "loss_scale", json_real(t->step_scale));
             json_object_set_new(m, "skipped", json_boolean(t->step_skipped));
         }
-        bool stop = (t->o.stop_flag && *t->o.stop_flag) ||
+        bool stop = false;
+        if (t->o.on_step) {
+            kiln_step_info si = {
+                .step = t->step,
+                .total = t->total,
+                .loss = loss,
+                .lr = lr,
+                .grad_norm = isfinite(gnorm) ? gnorm : NAN,
+                .loss_scale = t->scaler.enabled ? t->step_scale : 1.0,
+                .skipped = t->scaler.enabled && t->step_skipped,
+                .tokens_per_s = (double)(t->G * t->o.seq) / dt,
+            };
+            stop = !t->o.on_step(t->o.on_step_user, &si);
+        }
+        stop = stop || (t->o.stop_flag && *t->o.stop_flag) ||
                     (t->o.stop_at > 0 && t->step >= t->o.stop_at) ||
                     (t->o.max_time > 0 && kiln_time_now() - t->t_start >= t->o.max_time);
         if ((s = tr_dist_agree_stop(t, &stop))) {
