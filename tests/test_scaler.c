@@ -93,9 +93,44 @@ static void test_unscale_before_clip(void)
         n2 += (double)g[i] * g[i];
     }
     CHECK_NEAR(sqrt(n2), sqrt(norm2), 1e-12);
-    /* clip to max_norm 0.1 on the unscaled norm, as torch's recipe does */
-    double clip = fmin(1.0, 0.1 / sqrt(n2));
-    CHECK(clip < 1.0 || sqrt(n2) <= 0.1);
+    /* kiln's clip on the unscaled norm is torch.nn.utils.clip_grad_norm_'s
+     * coefficient, max_norm / (norm + 1e-6) (the norm here is ~0.32, so
+     * max_norm 0.1 clips) */
+    double norm = kiln_l2_norm(ref, N);
+    CHECK_NEAR(norm, sqrt(norm2), 1e-12);
+    float coef = kiln_clip_grad_coef(norm, 0.1);
+    CHECK_REL(coef, 0.1 / (sqrt(norm2) + 1e-6), 1e-6);
+    CHECK(coef < 0.5f);
+    CHECK(kiln_clip_grad_coef(norm, 10.0) == 1.0f); /* under the limit: untouched */
+    /* The trainer's fp16 update: the scaled gradient read once, unscale x
+     * clip folded into grad_mul (inv_scale x the clip coefficient of the
+     * unscaled norm) == unscale, clip, then a plain AdamW step. */
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_adamw_opts ao = kiln_adamw_opts_default();
+    kiln_adamw *oa = NULL, *ob = NULL;
+    CHECK_EQ(kiln_adamw_new(ctx, N, &ao, &oa), KILN_OK);
+    CHECK_EQ(kiln_adamw_new(ctx, N, &ao, &ob), KILN_OK);
+    float pa[N], pb[N], gc[N], gs[N];
+    for (int i = 0; i < N; i++) {
+        pa[i] = pb[i] = 0.5f - 0.001f * (float)i;
+        gs[i] = ref[i] * (float)s.scale;
+    }
+    memcpy(gc, ref, sizeof gc);
+    float c2 = kiln_clip_grad_norm(gc, N, kiln_l2_norm(gc, N), 0.1);
+    CHECK(c2 == coef);
+    kiln_adamw_step(oa, pa, gc, 1e-2f);
+    double scaled_norm = kiln_l2_norm(gs, N) * scaler_inv_scale(&s); /* unscaled: exact */
+    CHECK(scaled_norm == norm);
+    kiln_adamw_step_scaled(ob, pb, gs, 1e-2f,
+                           scaler_inv_scale(&s) * kiln_clip_grad_coef(scaled_norm, 0.1));
+    double worst = 0;
+    for (int i = 0; i < N; i++) worst = check_max(worst, fabs((double)pa[i] - pb[i]));
+    CHECK_MSG(worst <= 1e-7, "scaled update differs from unscale+clip+step by %g", worst);
+    /* the update did move the weights, by about lr each (AdamW's first step) */
+    CHECK_NEAR(fabs((double)pb[3] - (0.5 - 0.003)), 1e-2, 1e-3);
+    kiln_adamw_free(oa);
+    kiln_adamw_free(ob);
+    kiln_ctx_free(ctx);
     /* disabled (bf16/fp32): unscale leaves values alone but reports NaN */
     kiln_scaler d = scaler_default(false);
     float h[2] = {3.f, __builtin_nanf("")};
@@ -201,7 +236,7 @@ static void test_fp16_overflow_end_to_end(void)
     CHECK(s.scale == 32768.0);
     CHECK_EQ(s.skipped_steps, 1);
     double e = 0;
-    for (int i = 0; i < OC * C; i++) e = fmax(e, fabs(dW[i] - ref[i]));
+    for (int i = 0; i < OC * C; i++) e = check_max(e, fabs(dW[i] - ref[i]));
     CHECK_MSG(e < 1e-3, "unscaled fp16 gradient off by %g", e);
     mp_scratch_free(&sc);
     free(x), free(dy), free(dyS), free(dW), free(ref);
