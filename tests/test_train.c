@@ -324,7 +324,10 @@ static const char *const *train_args(const char *out, const char *steps,
 
 static void test_sigkill_then_resume(void)
 {
-    if (!kiln_bin) SKIP("$KILN (the kiln binary) is not set");
+    if (!kiln_bin) {
+        CHECK_MSG(0, "$KILN (the kiln binary, built by make tests) is not set or not executable");
+        return;
+    }
     /* uninterrupted reference, through the CLI */
     char ref[1024], run[1024];
     snprintf(ref, sizeof ref, "%s", P("run_ref60"));
@@ -342,9 +345,11 @@ static void test_sigkill_then_resume(void)
         }
     }
     rc = wait_rc(pid);
-    if (rc == 0) SKIP("the run finished before it could be killed");
-    CHECK_EQ(rc, 128 + SIGKILL);
-    CHECK(killed);
+    /* a run that finished (or died) before the kill landed tests nothing:
+     * that is a failure, not a skip */
+    CHECK_MSG(killed, "step 8's checkpoint never appeared within 120 s (exit %d)", rc);
+    CHECK_MSG(rc == 128 + SIGKILL, "the run exited %d before SIGKILL reached it", rc);
+    if (!killed || rc != 128 + SIGKILL) return;
     /* whatever instant the kill hit, every checkpoint left behind is
      * complete and `latest` names one of them */
     kiln_ctx *ctx = kiln_ctx_new();
@@ -377,7 +382,10 @@ static void test_sigkill_then_resume(void)
 
 static void test_sigint_saves(void)
 {
-    if (!kiln_bin) SKIP("$KILN (the kiln binary) is not set");
+    if (!kiln_bin) {
+        CHECK_MSG(0, "$KILN (the kiln binary, built by make tests) is not set or not executable");
+        return;
+    }
     char run[1024];
     snprintf(run, sizeof run, "%s", P("run_int"));
     pid_t pid = spawn(P("int.log"), train_args(run, "100000", "--save-every=0"));
@@ -461,9 +469,70 @@ static void test_corrupt_checkpoint(void)
     kiln_ctx_free(ctx);
 }
 
+/* Flips one bit of byte off (0-based) and returns the old byte. */
+static int flip_at(const char *path, long off)
+{
+    FILE *f = fopen(path, "r+b");
+    if (!f) return -1;
+    fseek(f, off, SEEK_SET);
+    int c = fgetc(f);
+    fseek(f, off, SEEK_SET);
+    fputc(c ^ 0x01, f);
+    fclose(f);
+    return c;
+}
+
+static void put_at(const char *path, long off, int c)
+{
+    FILE *f = fopen(path, "r+b");
+    fseek(f, off, SEEK_SET);
+    fputc(c, f);
+    fclose(f);
+}
+
+/* Every file of a checkpoint, with its first, middle and last byte
+ * flipped in turn (one bit: the smallest damage), is refused with
+ * KILN_ERR_CHECKSUM and a message naming that file; put back, the
+ * checkpoint verifies again. checksums.json itself is refused too. */
+static void test_checkpoint_flips_refused(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    char *ck = P("run_det_a/step_00000012");
+    CHECK_MSG(kiln_checkpoint_verify(ctx, ck) == KILN_OK, "%s", kiln_errmsg(ctx));
+    static const char *files[] = {"config.json", "model.safetensors", "optimizer.safetensors",
+                                  "trainer_state.json", "checksums.json"};
+    int nfiles = 0;
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char *p = P("run_det_a/step_00000012/%s", files[i]);
+        struct stat st;
+        CHECK_MSG(stat(p, &st) == 0 && st.st_size > 2, "%s missing or empty", p);
+        if (stat(p, &st) != 0 || st.st_size <= 2) continue;
+        nfiles++;
+        long at[3] = {0, (long)st.st_size / 2, (long)st.st_size - 1};
+        for (int k = 0; k < 3; k++) {
+            int old = flip_at(p, at[k]);
+            kiln_status s = kiln_checkpoint_verify(ctx, ck);
+            CHECK_MSG(s == KILN_ERR_CHECKSUM, "%s: byte %ld of %ld flipped: status %d",
+                      files[i], at[k], (long)st.st_size, (int)s);
+            if (strcmp(files[i], "checksums.json"))
+                CHECK_MSG(strstr(kiln_errmsg(ctx), files[i]) != NULL,
+                          "%s, byte %ld flipped: the message does not name it: %s", files[i],
+                          at[k], kiln_errmsg(ctx));
+            put_at(p, at[k], old);
+            CHECK_MSG(kiln_checkpoint_verify(ctx, ck) == KILN_OK, "%s restored: %s", files[i],
+                      kiln_errmsg(ctx));
+        }
+    }
+    CHECK_EQ(nfiles, 5);
+    kiln_ctx_free(ctx);
+}
+
 static void test_eval_matches_trainer(void)
 {
-    if (!kiln_bin) SKIP("$KILN (the kiln binary) is not set");
+    if (!kiln_bin) {
+        CHECK_MSG(0, "$KILN (the kiln binary, built by make tests) is not set or not executable");
+        return;
+    }
     kiln_ctx *ctx = kiln_ctx_new();
     /* val split of 200 tokens: eval_steps large enough to cover it all */
     kiln_train_opts o = base_opts(P("run_eval"));
@@ -601,6 +670,7 @@ int main(void)
     RUN_TEST(test_determinism);
     RUN_TEST(test_exact_resume);
     RUN_TEST(test_corrupt_checkpoint);
+    RUN_TEST(test_checkpoint_flips_refused);
     RUN_TEST(test_eval_matches_trainer);
     RUN_TEST(test_sigkill_then_resume);
     RUN_TEST(test_sigint_saves);
