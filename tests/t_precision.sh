@@ -3,6 +3,8 @@
 #   - bad --precision values are refused naming the flag (exit 2);
 #   - bf16 and fp32 runs start from the same loss and end close; the banner
 #     names the precision and the kernels;
+#   - fp16 at the default loss scale tracks fp32 step by step (loss and the
+#     logged grad_norm, which must be the unscaled gradient's);
 #   - fp16 with an overflowing initial loss scale (KILN_LOSS_SCALE=2^40):
 #     steps are skipped with a log line, metrics.jsonl carries loss_scale /
 #     skipped, the scale halves on each skip, then training proceeds;
@@ -43,6 +45,25 @@ if [ -n "$a1" ] && [ -n "$b1" ] && awk -v a0="$a0" -v b0="$b0" -v a="$a1" -v b="
 else echo "FAIL precision_bf16_tracks_fp32: fp32 $a0 -> $a1, bf16 $b0 -> $b1"; tail -3 "$W/b16.log"; fi
 if grep -q '"precision": "bf16"' "$W/b16/step_00000030/trainer_state.json"; then echo "PASS precision_saved_in_state"
 else echo "FAIL precision_saved_in_state"; fi
+
+# 2b. fp16 with the default loss scale (65536, no overflow here) against
+#     the same fp32 run, step by step: the loss within 0.5% and the logged
+#     grad_norm (the true, unscaled gradient's) within 5% at every step,
+#     and of the fp32 size (measured: loss within 6e-5 relative, grad_norm
+#     within 0.4%). A norm left scaled, or clipping on the scaled norm,
+#     fails this at step 1.
+timeout 300 "$KILN" train "${COMMON[@]}" --steps 30 --out "$W/h16d" --precision fp16 >"$W/h16d.log" 2>&1
+pairs() { paste <(field "$1" loss) <(field "$1" grad_norm); }
+if [ -s "$W/h16d/metrics.jsonl" ] && grep -q '"loss_scale": *65536' "$W/h16d/metrics.jsonl" && \
+   paste <(pairs "$W/f32/metrics.jsonl") <(pairs "$W/h16d/metrics.jsonl") | awk '
+     function abs(x) { return x < 0 ? -x : x }
+     NF != 4 { bad = "step " NR ": missing values"; exit }
+     { if (abs($3 - $1) > 0.005 * abs($1)) { bad = "step " NR ": loss fp32 " $1 " fp16 " $3; exit }
+       if (abs($4 - $2) > 0.05 * abs($2) || $4 <= 0) { bad = "step " NR ": grad_norm fp32 " $2 " fp16 " $4; exit }
+       n++ }
+     END { if (bad != "" || n != 30) { print (bad != "" ? bad : n " steps"); exit 1 } }' >"$W/h16d.cmp"; then
+  echo "PASS precision_fp16_tracks_fp32 (30 steps: loss within 0.5%, grad_norm within 5%)"
+else echo "FAIL precision_fp16_tracks_fp32: $(cat "$W/h16d.cmp" 2>/dev/null)"; tail -3 "$W/h16d.log"; fi
 
 # 3. fp16 with an overflowing loss scale: skips, halving, then progress
 KILN_LOSS_SCALE=1099511627776 timeout 300 "$KILN" train "${COMMON[@]}" --steps 40 --save-every 20 \
