@@ -169,6 +169,55 @@ req POST /v1/completions '{"prompt":"Hello","max_tokens":6,"temperature":0,"igno
 check completion_logprobs py "len(d['choices'][0]['logprobs']['tokens'])==6 and all(x<=0 for x in d['choices'][0]['logprobs']['token_logprobs']) and all(len(t)>=1 for t in d['choices'][0]['logprobs']['top_logprobs']) and max(d['choices'][0]['logprobs']['top_logprobs'][0].values())>=d['choices'][0]['logprobs']['token_logprobs'][0]-1e-6"
 req POST /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"max_tokens":4,"temperature":0,"ignore_eos":true,"logprobs":true,"top_logprobs":2}'
 check chat_logprobs py "len(d['choices'][0]['logprobs']['content'])==4 and all(len(e['top_logprobs'])==2 and e['logprob']<=0 and isinstance(e['bytes'],list) for e in d['choices'][0]['logprobs']['content'])"
+# streamed logprobs: every chunk that carries text carries the logprobs of
+# its tokens (one-token chunks included), and together they are the
+# non-streamed request's, token for token
+req POST /v1/completions '{"prompt":"Hello","max_tokens":8,"temperature":0,"ignore_eos":true,"logprobs":2}'
+cp "$D/body" "$D/lp_full.json"
+curl -sN -H 'Content-Type: application/json' -d '{"prompt":"Hello","max_tokens":8,"temperature":0,"ignore_eos":true,"logprobs":2,"stream":true}' \
+  "http://127.0.0.1:$PORT/v1/completions" >"$D/lp_sse.txt"
+req POST /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"max_tokens":6,"temperature":0,"ignore_eos":true,"logprobs":true,"top_logprobs":1}'
+cp "$D/body" "$D/lpc_full.json"
+curl -sN -H 'Content-Type: application/json' -d '{"messages":[{"role":"user","content":"x"}],"max_tokens":6,"temperature":0,"ignore_eos":true,"logprobs":true,"top_logprobs":1,"stream":true}' \
+  "http://127.0.0.1:$PORT/v1/chat/completions" >"$D/lpc_sse.txt"
+check stream_logprobs_every_chunk "$PY" - "$D/lp_sse.txt" "$D/lp_full.json" "$D/lpc_sse.txt" "$D/lpc_full.json" <<'EOF'
+import json, sys
+def chunks(p):
+    out = []
+    for ev in open(p).read().split("\n\n"):
+        if ev.startswith("data: ") and ev[6:] != "[DONE]":
+            out.append(json.loads(ev[6:]))
+    return out
+ok = True
+# completions: tokens and token_logprobs, chunk by chunk
+toks, lps, n1 = [], [], 0
+for c in chunks(sys.argv[1]):
+    for ch in c["choices"]:
+        if ch["text"]:
+            if not ch["logprobs"] or len(ch["logprobs"]["tokens"]) < 1:
+                print("completion chunk with text %r has logprobs %r" % (ch["text"], ch["logprobs"])); ok = False
+                continue
+            toks += ch["logprobs"]["tokens"]; lps += ch["logprobs"]["token_logprobs"]
+            n1 += len(ch["logprobs"]["tokens"]) == 1
+full = json.load(open(sys.argv[2]))["choices"][0]["logprobs"]
+if toks != full["tokens"] or any(abs(a - b) > 1e-5 for a, b in zip(lps, full["token_logprobs"])) or len(lps) != 8:
+    print("streamed", toks, lps, "non-streamed", full["tokens"], full["token_logprobs"]); ok = False
+if n1 == 0:
+    print("no one-token chunk to test"); ok = False
+# chat: logprobs.content entries
+ents = []
+for c in chunks(sys.argv[3]):
+    for ch in c["choices"]:
+        if ch["delta"].get("content"):
+            if not ch["logprobs"] or not ch["logprobs"]["content"]:
+                print("chat chunk with content %r has logprobs %r" % (ch["delta"]["content"], ch["logprobs"])); ok = False
+                continue
+            ents += ch["logprobs"]["content"]
+fullc = json.load(open(sys.argv[4]))["choices"][0]["logprobs"]["content"]
+if [e["token"] for e in ents] != [e["token"] for e in fullc] or len(ents) != 6:
+    print("chat streamed", [e["token"] for e in ents], "non-streamed", [e["token"] for e in fullc]); ok = False
+sys.exit(0 if ok else 1)
+EOF
 
 # ---- errors ----
 req POST /v1/completions '{"prompt": "x", "max_tokens": 5'
