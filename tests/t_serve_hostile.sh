@@ -98,6 +98,7 @@ check deep_nesting_400 [ "$C" = 400 ]
 C=$(post "$D/deep2.json")
 check deep_unclosed_400 [ "$C" = 400 ]
 # numbers out of every range
+nbad=0
 for b in '{"prompt":"x","max_tokens":1e400}' '{"prompt":"x","temperature":1e308}' \
          '{"prompt":"x","top_k":-7}' '{"prompt":"x","seed":"abc"}' '{"prompt":"x","logprobs":99}' \
          '{"prompt":"x","logit_bias":{"99999":5}}' '{"prompt":"x","logit_bias":{"a":1}}' \
@@ -105,9 +106,9 @@ for b in '{"prompt":"x","max_tokens":1e400}' '{"prompt":"x","temperature":1e308}
          '{"prompt":[1,2,-3]}' '{"prompt":"x","frequency_penalty":-2.5}' '{"prompt":"x","stream":"yes"}'; do
   printf '%s' "$b" >"$D/n.json"
   C=$(post "$D/n.json")
-  if [ "$C" != 400 ] || ! is_err; then fail "bad_params_400" "$b -> $C $(cat "$D/body")"; fi
+  if [ "$C" != 400 ] || ! is_err; then fail "bad_params_400" "$b -> $C $(cat "$D/body")"; nbad=$((nbad+1)); fi
 done
-pass bad_params_400_all
+[ "$nbad" -eq 0 ] && pass bad_params_400_all
 # NUL characters are valid JSON text
 printf '{"prompt":"a\\u0000b","max_tokens":3}' >"$D/nul.json"
 check nul_in_prompt_200 [ "$(post "$D/nul.json")" = 200 ]

@@ -49,7 +49,7 @@ done
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$SPID/status"; }
 
 "$PY" - "$PORT" "$CLIENTS" "$SECS" "$SPID" <<'EOF'
-import http.client, json, sys, threading, time
+import http.client, json, sys, threading, time, traceback
 
 port, clients, secs, pid = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 
@@ -108,9 +108,14 @@ def one(i, stream):
     c.close()
     return ttft, toks
 
-# warm up, then the baseline
-for i in range(8):
-    one(i, i % 2 == 0)
+# warm up, then the baseline; a warm-up that fails is a failed test
+try:
+    for i in range(8):
+        one(i, i % 2 == 0)
+except Exception:
+    traceback.print_exc()
+    print("FAIL load_warm_up: a warm-up request failed (traceback above)")
+    sys.exit(1)
 time.sleep(0.5)
 base = rss()
 stats = {"ok": 0, "fail": 0, "toks": 0, "ttft": [], "errors": []}
@@ -157,6 +162,9 @@ if os.environ.get("KILN_SANITIZE") == "1":
 else:
     print(("PASS" if after <= base + 16 else "FAIL") + " load_memory_back_to_baseline")
 EOF
+rc=$?
+# the driver's own checks vanish when it crashes: its status is a check too
+[ $rc -eq 0 ] || echo "FAIL load_driver: the Python load driver exited with status $rc"
 [ "$(curl -s -m 5 "http://127.0.0.1:$PORT/health")" = '{"status":"ok"}' ] && echo "PASS load_server_healthy" || echo "FAIL load_server_healthy"
 curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^kiln_(slots_active|queue_depth|generation_tokens_total) ' | sed 's/^/  /'
 stop_checked

