@@ -3,7 +3,8 @@
 # and every shell test (tests/t_*.sh), counts their PASS/FAIL/SKIP lines and
 # ends with "N passed, N failed, N skipped". A program that exits non-zero
 # without printing FAIL counts as one failure (a crash is never a pass).
-# Set TESTS=pattern to run a subset.
+# Set TESTS=pattern to run a subset (names containing it), or
+# TEST_NAMES="test_x t_y.sh" for exactly those.
 set -u
 build=${1:-build}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,6 +20,7 @@ for s in tests/t_*.sh; do [ -f "$s" ] && progs+=("$s"); done
 for p in "${progs[@]}"; do
   name=$(basename "$p")
   if [ -n "${TESTS:-}" ] && [[ "$name" != *${TESTS}* ]]; then continue; fi
+  if [ -n "${TEST_NAMES:-}" ] && [[ " $TEST_NAMES " != *" $name "* ]]; then continue; fi
   log="$KILN_TMP/$name.log"
   start=$(date +%s.%N)
   case "$p" in

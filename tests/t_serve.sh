@@ -172,14 +172,37 @@ check chat_logprobs py "len(d['choices'][0]['logprobs']['content'])==4 and all(l
 # streamed logprobs: every chunk that carries text carries the logprobs of
 # its tokens (one-token chunks included), and together they are the
 # non-streamed request's, token for token
-req POST /v1/completions '{"prompt":"Hello","max_tokens":8,"temperature":0,"ignore_eos":true,"logprobs":2}'
+# (the completion is biased to "A", an ASCII byte: each token its own chunk)
+req POST /v1/completions '{"prompt":"Hello","max_tokens":8,"temperature":0,"ignore_eos":true,"logprobs":2,"logit_bias":{"65":100}}'
 cp "$D/body" "$D/lp_full.json"
-curl -sN -H 'Content-Type: application/json' -d '{"prompt":"Hello","max_tokens":8,"temperature":0,"ignore_eos":true,"logprobs":2,"stream":true}' \
+curl -sN -H 'Content-Type: application/json' -d '{"prompt":"Hello","max_tokens":8,"temperature":0,"ignore_eos":true,"logprobs":2,"logit_bias":{"65":100},"stream":true}' \
   "http://127.0.0.1:$PORT/v1/completions" >"$D/lp_sse.txt"
 req POST /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"max_tokens":6,"temperature":0,"ignore_eos":true,"logprobs":true,"top_logprobs":1}'
 cp "$D/body" "$D/lpc_full.json"
 curl -sN -H 'Content-Type: application/json' -d '{"messages":[{"role":"user","content":"x"}],"max_tokens":6,"temperature":0,"ignore_eos":true,"logprobs":true,"top_logprobs":1,"stream":true}' \
   "http://127.0.0.1:$PORT/v1/chat/completions" >"$D/lpc_sse.txt"
+# a one-token reply is one chunk of one token (tokens generated faster than
+# they are sent share a chunk, so this is the one-token chunk for sure)
+curl -sN -H 'Content-Type: application/json' -d '{"prompt":"Hello","max_tokens":1,"temperature":0,"logprobs":1,"logit_bias":{"65":100},"stream":true}' \
+  "http://127.0.0.1:$PORT/v1/completions" >"$D/lp1_sse.txt"
+curl -sN -H 'Content-Type: application/json' -d '{"messages":[{"role":"user","content":"x"}],"max_tokens":1,"temperature":0,"logprobs":true,"logit_bias":{"65":100},"stream":true}' \
+  "http://127.0.0.1:$PORT/v1/chat/completions" >"$D/lpc1_sse.txt"
+check stream_logprobs_one_token_chunk "$PY" - "$D/lp1_sse.txt" "$D/lpc1_sse.txt" <<'EOF'
+import json, sys
+def texts(p, chat):
+    out = []
+    for ev in open(p).read().split("\n\n"):
+        if ev.startswith("data: ") and ev[6:] != "[DONE]":
+            for ch in json.loads(ev[6:])["choices"]:
+                t = ch["delta"].get("content") if chat else ch["text"]
+                if t: out.append((t, ch["logprobs"]))
+    return out
+a, b = texts(sys.argv[1], False), texts(sys.argv[2], True)
+ok = (len(a) == 1 and a[0][0] == "A" and a[0][1] and a[0][1]["tokens"] == ["A"] and a[0][1]["token_logprobs"][0] <= 0
+      and len(b) == 1 and b[0][0] == "A" and b[0][1] and len(b[0][1]["content"]) == 1 and b[0][1]["content"][0]["token"] == "A")
+if not ok: print("one-token chunks:", a, b)
+sys.exit(0 if ok else 1)
+EOF
 check stream_logprobs_every_chunk "$PY" - "$D/lp_sse.txt" "$D/lp_full.json" "$D/lpc_sse.txt" "$D/lpc_full.json" <<'EOF'
 import json, sys
 def chunks(p):
@@ -190,7 +213,7 @@ def chunks(p):
     return out
 ok = True
 # completions: tokens and token_logprobs, chunk by chunk
-toks, lps, n1 = [], [], 0
+toks, lps = [], []
 for c in chunks(sys.argv[1]):
     for ch in c["choices"]:
         if ch["text"]:
@@ -198,12 +221,9 @@ for c in chunks(sys.argv[1]):
                 print("completion chunk with text %r has logprobs %r" % (ch["text"], ch["logprobs"])); ok = False
                 continue
             toks += ch["logprobs"]["tokens"]; lps += ch["logprobs"]["token_logprobs"]
-            n1 += len(ch["logprobs"]["tokens"]) == 1
 full = json.load(open(sys.argv[2]))["choices"][0]["logprobs"]
 if toks != full["tokens"] or any(abs(a - b) > 1e-5 for a, b in zip(lps, full["token_logprobs"])) or len(lps) != 8:
     print("streamed", toks, lps, "non-streamed", full["tokens"], full["token_logprobs"]); ok = False
-if n1 == 0:
-    print("no one-token chunk to test"); ok = False
 # chat: logprobs.content entries
 ents = []
 for c in chunks(sys.argv[3]):
