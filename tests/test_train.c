@@ -527,6 +527,71 @@ static void test_checkpoint_flips_refused(void)
     kiln_ctx_free(ctx);
 }
 
+/* on_step sees every step in order with the values metrics.jsonl logs,
+ * and returning false stops the run like stop_flag: checkpoint saved,
+ * result interrupted. */
+typedef struct {
+    int64_t seen[32];
+    double loss[32], gnorm[32];
+    int n;
+    int64_t total;
+    bool bad;
+} step_seen;
+
+static bool stop_at_5(void *user, const kiln_step_info *si)
+{
+    step_seen *p = user;
+    if (p->n < 32) {
+        p->seen[p->n] = si->step;
+        p->loss[p->n] = si->loss;
+        p->gnorm[p->n] = si->grad_norm;
+        p->n++;
+    }
+    p->total = si->total;
+    if (!(si->lr > 0) || si->loss_scale != 1.0 || si->skipped || !(si->tokens_per_s > 0))
+        p->bad = true;
+    return si->step < 5;
+}
+
+static void test_on_step_callback(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_train_opts o = base_opts(P("run_cb"));
+    o.precision = KILN_PRECISION_FP32;
+    step_seen seen = {0};
+    o.on_step = stop_at_5;
+    o.on_step_user = &seen;
+    kiln_train_result res;
+    kiln_status s = kiln_train(ctx, &o, &res);
+    CHECK_MSG(s == KILN_OK, "%s", kiln_errmsg(ctx));
+    CHECK_EQ(seen.n, 5);
+    for (int i = 0; i < seen.n && i < 5; i++) CHECK_EQ(seen.seen[i], i + 1);
+    CHECK_EQ(seen.total, 16);
+    CHECK(!seen.bad);
+    CHECK(res.interrupted);
+    CHECK_EQ(res.step, 5);
+    CHECK_EQ(res.loss, seen.loss[4]);
+    CHECK(strstr(res.checkpoint, "step_00000005") != NULL);
+    CHECK_EQ(kiln_checkpoint_verify(ctx, P("run_cb/step_00000005")), KILN_OK);
+    /* the values are the ones metrics.jsonl logged for those steps */
+    char *m = slurp(P("run_cb/metrics.jsonl"), NULL);
+    CHECK(m != NULL);
+    for (int i = 0; m && i < 5; i++) {
+        char key[64];
+        snprintf(key, sizeof key, "\"step\":%d,", i + 1);
+        const char *at = strstr(m, key);
+        const char *gl = at ? strstr(at, "\"grad_norm\":") : NULL;
+        const char *ll = at ? strstr(at, "\"loss\":") : NULL;
+        CHECK_MSG(gl && ll, "step %d not in metrics.jsonl", i + 1);
+        if (gl && ll) {
+            CHECK_REL(strtod(ll + 7, NULL), seen.loss[i], 1e-12);
+            CHECK_REL(strtod(gl + 12, NULL), seen.gnorm[i], 1e-12);
+        }
+    }
+    free(m);
+    kiln_ctx_free(ctx);
+}
+
 static void test_eval_matches_trainer(void)
 {
     if (!kiln_bin) {
@@ -671,6 +736,7 @@ int main(void)
     RUN_TEST(test_exact_resume);
     RUN_TEST(test_corrupt_checkpoint);
     RUN_TEST(test_checkpoint_flips_refused);
+    RUN_TEST(test_on_step_callback);
     RUN_TEST(test_eval_matches_trainer);
     RUN_TEST(test_sigkill_then_resume);
     RUN_TEST(test_sigint_saves);
