@@ -7,6 +7,8 @@
 #   make demo       the quick start: train a small model on a real corpus
 #   make info       what optional dependencies were found
 #   make fuzz       build the libFuzzer harnesses (clang) and run them briefly
+#   make mutate     plant each bug of tests/mutations.txt in a copy; every one
+#                   must be caught by the tests it names (tests/mutate.py)
 #
 # Variables: WERROR=1 (warnings are errors; CI), BUILD=dir, SAN=1,
 # ARCH=-march=native (set ARCH= for a portable build), NO_DNNL=1, NO_MPI=1,
@@ -62,7 +64,7 @@ BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 EX_BIN    := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
 LIB       := $(BUILD)/libkiln.a
 
-.PHONY: all info test asan bench demo deps fuzz clean examples tests
+.PHONY: all info test asan bench demo deps fuzz mutate clean examples tests
 all: info-line $(LIB) $(BUILD)/kiln
 
 info-line:
@@ -135,6 +137,9 @@ demo: deps
 
 fuzz: deps
 	@bash fuzz/run.sh
+
+mutate: deps
+	@python3 tests/mutate.py
 
 clean:
 	rm -rf build build-asan build-fuzz build-clang-portable
