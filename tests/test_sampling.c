@@ -110,6 +110,14 @@ static void test_top_p(void)
     CHECK_EQ(n, 3);
     CHECK_NEAR(prob_of(s, cand, n, 2), 0.15 / 0.95, 1e-5);
     kiln_sampler_free(s);
+    /* 0.99: the smallest (0.05) is above 1 - top_p, so every token stays */
+    p.top_p = 0.99f;
+    s = mk(p, 4);
+    memcpy(l, base, sizeof l);
+    n = infer_sample_probs(s, l, cand);
+    CHECK_EQ(n, 4);
+    CHECK_NEAR(prob_of(s, cand, n, 3), 0.05, 1e-5);
+    kiln_sampler_free(s);
 }
 
 static void test_min_p(void)

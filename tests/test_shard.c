@@ -145,6 +145,9 @@ static void test_bad_shards(void)
     c[8] = 9;
     write_bytes(tpath("ver.bin"), c, n);
     expect_open_error(tpath("ver.bin"), KILN_ERR_FORMAT, "version 9");
+    c[8] = 2; /* the next version, as much as a far one */
+    write_bytes(tpath("ver2.bin"), c, n);
+    expect_open_error(tpath("ver2.bin"), KILN_ERR_FORMAT, "version 2");
 
     /* ids beyond the declared vocabulary, with a valid checksum */
     {
