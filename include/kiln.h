@@ -265,11 +265,55 @@ kiln_precision kiln_precision_resolve(kiln_precision p);
 /* Writes one line naming the CPU's mixed-precision features and the
  * kernel bf16/fp16 products run on (for logs and benchmarks) into buf. */
 void kiln_precision_describe(char *buf, size_t cap);
-/* Switches the model's matrix products to precision p (AUTO resolved).
+/* Switches the model's matrix products to precision p (AUTO resolved),
+ * keeping the kernel choice and activation mode last set with
+ * kiln_model_set_precision_opts (default: AUTO kernel, bf16 activations).
  * Errors: KILN_ERR_NOMEM. */
 kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m,
                                      kiln_precision p);
 kiln_precision kiln_model_precision(const kiln_model *m);
+
+/* The kernel behind bf16 and fp16 matrix products. A kernel this CPU
+ * lacks falls back to the best one it has (no error). Values are only ever
+ * appended. */
+typedef enum kiln_bf16_kernel {
+    KILN_BF16_KERNEL_AUTO = 0,   /* the fastest here: AMX, AVX512, then REF */
+    KILN_BF16_KERNEL_REF = 1,    /* portable C (the oracle) */
+    KILN_BF16_KERNEL_AVX512 = 2, /* AVX512_BF16 dot products */
+    KILN_BF16_KERNEL_AMX = 3     /* AMX-BF16 tiles */
+} kiln_bf16_kernel;
+
+/* Parses "auto" | "ref" | "avx512" | "amx"; -1 when unknown. */
+int kiln_bf16_kernel_parse(const char *name);
+/* "auto", "ref", "avx512", "amx" ("?" for a value out of range). */
+const char *kiln_bf16_kernel_name(kiln_bf16_kernel k);
+
+/* How a model computes (docs/precision.md). Plain data; start from
+ * kiln_precision_opts_default(). */
+typedef struct kiln_precision_opts {
+    kiln_precision precision;     /* compute dtype of the products [AUTO] */
+    kiln_bf16_kernel bf16_kernel; /* kernel of bf16/fp16 products [AUTO];
+                                     tests and benchmarks force one */
+    bool bf16_acts;               /* bf16 only: activations kept as bf16
+                                     (the fast path) [true]; false = bf16
+                                     products on fp32 activations, for
+                                     comparison. No effect in fp32/fp16. */
+} kiln_precision_opts;
+
+/* precision AUTO, bf16_kernel AUTO, bf16_acts true. */
+kiln_precision_opts kiln_precision_opts_default(void);
+/* Applies all of *o to m: the precision (AUTO resolved), the kernel (the
+ * GEMM is rebuilt when it changes) and the activation mode (takes effect at
+ * the next kiln_model_prepare or forward, which re-carves the activations
+ * when it changed). Errors: KILN_ERR_INVALID_ARG naming the field
+ * (kiln_precision_opts.precision / .bf16_kernel) for a value out of
+ * range, with m unchanged; KILN_ERR_NOMEM. */
+kiln_status kiln_model_set_precision_opts(kiln_ctx *ctx, kiln_model *m,
+                                          const kiln_precision_opts *o);
+/* What m runs with: precision resolved; bf16_kernel the kernel its
+ * products actually run on (never AUTO in bf16/fp16: a fallback shows
+ * here; AUTO in fp32); bf16_acts as last set. */
+kiln_precision_opts kiln_model_precision_opts(const kiln_model *m);
 
 /* Fused softmax + cross-entropy over N = B*T rows of V logits.
  * targets < 0 are ignored; mask (N) weights each row (NULL = all 1).
