@@ -698,11 +698,23 @@ void kiln_data_read(const kiln_data *d, kiln_split split, size_t start,
 
 /* ---- AdamW ---------------------------------------------------------- */
 
+/* The loop behind kiln_adamw_step_scaled. Both give the same bits; the
+ * choice is for tests and benchmarks. Values are only ever appended. */
+typedef enum kiln_optim_kernel {
+    KILN_OPTIM_KERNEL_AUTO = 0,    /* AVX-512 when the CPU has it, else portable */
+    KILN_OPTIM_KERNEL_PORTABLE = 1 /* the portable C loop */
+} kiln_optim_kernel;
+
+/* Parses "auto" | "portable"; -1 when unknown. */
+int kiln_optim_kernel_parse(const char *name);
+
 typedef struct kiln_adamw_opts {
     float beta1;        /* 0.9 */
     float beta2;        /* 0.95 */
     float eps;          /* 1e-8 */
     float weight_decay; /* 0.1, decoupled (AdamW), only where decay=true */
+    kiln_optim_kernel kernel; /* [AUTO]; kiln_adamw_new rejects other values
+                                 naming kiln_adamw_opts.kernel */
 } kiln_adamw_opts;
 
 kiln_adamw_opts kiln_adamw_opts_default(void);
@@ -736,9 +748,10 @@ void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
  *   kiln_adamw_step_scaled(o, p, g, lr, kiln_clip_grad_coef(norm, max));
  * equals kiln_clip_grad_norm + kiln_adamw_step up to float rounding
  * (bit-equal when grad_mul is a power of two). Vectorized (AVX-512 when
- * the CPU has it; KILN_OPTIM_KERNEL=portable forces the portable loop,
- * which gives the same bits) and split over the OpenMP threads; per
- * element the result does not depend on the thread count. */
+ * the CPU has it; kiln_adamw_opts.kernel = KILN_OPTIM_KERNEL_PORTABLE
+ * forces the portable loop, which gives the same bits) and split over the
+ * OpenMP threads; per element the result does not depend on the thread
+ * count. */
 void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
                             float lr, float grad_mul);
 /* kiln_adamw_step_scaled(o, kiln_model_params(m), grads, lr, grad_mul)
@@ -752,6 +765,9 @@ void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
  * init), which makes the next forward repack them. */
 void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, float lr,
                            float grad_mul);
+/* The kernel o's steps run on: "avx512" or "portable" (opts.kernel
+ * resolved for this CPU). Static string. */
+const char *kiln_adamw_kernel_name(const kiln_adamw *o);
 size_t kiln_adamw_size(const kiln_adamw *o);
 int64_t kiln_adamw_t(const kiln_adamw *o);
 void kiln_adamw_set_t(kiln_adamw *o, int64_t t);
