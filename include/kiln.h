@@ -833,6 +833,27 @@ typedef struct kiln_step_info {
     double tokens_per_s; /* this step's throughput on this rank */
 } kiln_step_info;
 
+/* ---- distributed (MPI data parallel, docs/distributed.md) ------------ */
+
+/* How the ranks of an MPI job talk. Under `mpirun -np N` the trainer joins
+ * the job itself (the launcher's environment says so); a plain process is
+ * world size 1 and these are unused. Plain data; start from
+ * kiln_dist_opts_default(). */
+typedef struct kiln_dist_opts {
+    double timeout_s; /* seconds any one collective may take before the
+                         watchdog aborts the job, in (0, 1e9] [300] */
+    double bucket_mb; /* gradient bucket size in MB, in (0, 1e9] [25] */
+    bool overlap;     /* start each bucket's allreduce as soon as the
+                         backward has finished it [true]; false: all buckets
+                         after the backward (to measure what overlap buys) */
+    bool progress_table; /* keep a node-shared table of each rank's last
+                            collective, so the watchdog can name the ranks
+                            that did not arrive [true] */
+} kiln_dist_opts;
+
+/* timeout_s 300, bucket_mb 25, overlap true, progress_table true. */
+kiln_dist_opts kiln_dist_opts_default(void);
+
 /* Everything a pretraining run is configured by (kiln train's flags).
  * Start from kiln_train_opts_default(). Strings are borrowed. */
 typedef struct kiln_train_opts {
@@ -880,6 +901,18 @@ typedef struct kiln_train_opts {
      * stops all. NULL = none. [NULL] */
     bool (*on_step)(void *user, const kiln_step_info *info);
     void *on_step_user; /* passed to on_step */
+    /* The rest of the model's kiln_precision_opts: the kernel of bf16/fp16
+     * products [AUTO] and bf16 activations [true] (see there). */
+    kiln_bf16_kernel bf16_kernel;
+    bool bf16_acts;
+    /* fp16 only: the loss scaler's initial scale, > 0 and finite; 0 = the
+     * default 65536 [0]. A resumed checkpoint's scale wins. Ignored in
+     * fp32/bf16. kiln_train_result.loss_scale reports the final one. */
+    double loss_scale;
+    /* The AdamW loop (kiln_adamw_opts.kernel) [AUTO]. */
+    kiln_optim_kernel optim_kernel;
+    /* Communication of an MPI job [kiln_dist_opts_default()]. */
+    kiln_dist_opts dist;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);
