@@ -20,7 +20,7 @@ ARCH    ?= -march=native
 OPT     ?= -O2
 WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes
 CFLAGS_BASE := -std=c11 -D_GNU_SOURCE $(OPT) $(ARCH) -g -fopenmp -fno-math-errno $(WARN) \
-               -Iinclude -Isrc -MMD -MP
+               -Iinclude -MMD -MP
 LDLIBS  := -fopenmp -lm -lpthread
 DEFS    :=
 
@@ -51,6 +51,13 @@ endif
 
 CFLAGS  := $(CFLAGS_BASE) $(DEFS) $(EXTRA_CFLAGS)
 
+# The layers (docs/architecture.md): the library's objects see its private
+# headers (-Isrc); tools/ and examples/ are built on include/kiln.h alone
+# (tools/cli.h sits beside the tools), so an #include of anything under
+# src/ there fails to compile. Tests and benchmarks may look inside.
+LIB_INC   := -Isrc
+TOOL_INC  :=
+
 LIB_SRC   := $(sort $(wildcard src/*/*.c src/*/*/*.c))
 TOOL_SRC  := $(sort $(wildcard tools/*.c))
 TEST_SRC  := $(sort $(wildcard tests/test_*.c))
@@ -63,6 +70,9 @@ TEST_BIN  := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
 BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 EX_BIN    := $(EX_SRC:examples/%.c=$(BUILD)/examples/%)
 LIB       := $(BUILD)/libkiln.a
+
+$(LIB_OBJ): LAYER_INC := $(LIB_INC)
+$(TOOL_OBJ): LAYER_INC := $(TOOL_INC)
 
 .PHONY: all info test asan bench demo deps fuzz mutate clean examples tests
 all: info-line $(LIB) $(BUILD)/kiln
@@ -87,7 +97,7 @@ endif
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $<")
-	$(Q)$(CC) $(CFLAGS) -c $< -o $@
+	$(Q)$(CC) $(CFLAGS) $(LAYER_INC) -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
@@ -102,12 +112,12 @@ $(BUILD)/kiln: $(TOOL_OBJ) $(LIB)
 $(BUILD)/tests/%: tests/%.c $(LIB) tests/check.h
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
-	$(Q)$(CC) $(CFLAGS) -Itests -o $@ $< $(LIB) $(LDLIBS)
+	$(Q)$(CC) $(CFLAGS) -Isrc -Itests -o $@ $< $(LIB) $(LDLIBS)
 
 $(BUILD)/bench/%: bench/%.c $(LIB)
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
-	$(Q)$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDLIBS)
+	$(Q)$(CC) $(CFLAGS) -Isrc -o $@ $< $(LIB) $(LDLIBS)
 
 $(BUILD)/examples/%: examples/%.c $(LIB)
 	@mkdir -p $(dir $@)

@@ -62,7 +62,9 @@ int main(int argc, char **argv)
 #else
     kiln_ctx *ctx = kiln_ctx_new();
     dist *d;
-    if (dist_init(ctx, &d, 120)) {
+    kiln_dist_opts dopts = kiln_dist_opts_default();
+    dopts.timeout_s = 120;
+    if (dist_init(ctx, &d, &dopts)) {
         fprintf(stderr, "bench_dist: %s\n", kiln_errmsg(ctx));
         return 1;
     }

@@ -265,11 +265,55 @@ kiln_precision kiln_precision_resolve(kiln_precision p);
 /* Writes one line naming the CPU's mixed-precision features and the
  * kernel bf16/fp16 products run on (for logs and benchmarks) into buf. */
 void kiln_precision_describe(char *buf, size_t cap);
-/* Switches the model's matrix products to precision p (AUTO resolved).
+/* Switches the model's matrix products to precision p (AUTO resolved),
+ * keeping the kernel choice and activation mode last set with
+ * kiln_model_set_precision_opts (default: AUTO kernel, bf16 activations).
  * Errors: KILN_ERR_NOMEM. */
 kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m,
                                      kiln_precision p);
 kiln_precision kiln_model_precision(const kiln_model *m);
+
+/* The kernel behind bf16 and fp16 matrix products. A kernel this CPU
+ * lacks falls back to the best one it has (no error). Values are only ever
+ * appended. */
+typedef enum kiln_bf16_kernel {
+    KILN_BF16_KERNEL_AUTO = 0,   /* the fastest here: AMX, AVX512, then REF */
+    KILN_BF16_KERNEL_REF = 1,    /* portable C (the oracle) */
+    KILN_BF16_KERNEL_AVX512 = 2, /* AVX512_BF16 dot products */
+    KILN_BF16_KERNEL_AMX = 3     /* AMX-BF16 tiles */
+} kiln_bf16_kernel;
+
+/* Parses "auto" | "ref" | "avx512" | "amx"; -1 when unknown. */
+int kiln_bf16_kernel_parse(const char *name);
+/* "auto", "ref", "avx512", "amx" ("?" for a value out of range). */
+const char *kiln_bf16_kernel_name(kiln_bf16_kernel k);
+
+/* How a model computes (docs/precision.md). Plain data; start from
+ * kiln_precision_opts_default(). */
+typedef struct kiln_precision_opts {
+    kiln_precision precision;     /* compute dtype of the products [AUTO] */
+    kiln_bf16_kernel bf16_kernel; /* kernel of bf16/fp16 products [AUTO];
+                                     tests and benchmarks force one */
+    bool bf16_acts;               /* bf16 only: activations kept as bf16
+                                     (the fast path) [true]; false = bf16
+                                     products on fp32 activations, for
+                                     comparison. No effect in fp32/fp16. */
+} kiln_precision_opts;
+
+/* precision AUTO, bf16_kernel AUTO, bf16_acts true. */
+kiln_precision_opts kiln_precision_opts_default(void);
+/* Applies all of *o to m: the precision (AUTO resolved), the kernel (the
+ * GEMM is rebuilt when it changes) and the activation mode (takes effect at
+ * the next kiln_model_prepare or forward, which re-carves the activations
+ * when it changed). Errors: KILN_ERR_INVALID_ARG naming the field
+ * (kiln_precision_opts.precision / .bf16_kernel) for a value out of
+ * range, with m unchanged; KILN_ERR_NOMEM. */
+kiln_status kiln_model_set_precision_opts(kiln_ctx *ctx, kiln_model *m,
+                                          const kiln_precision_opts *o);
+/* What m runs with: precision resolved; bf16_kernel the kernel its
+ * products actually run on (never AUTO in bf16/fp16: a fallback shows
+ * here; AUTO in fp32); bf16_acts as last set. */
+kiln_precision_opts kiln_model_precision_opts(const kiln_model *m);
 
 /* Fused softmax + cross-entropy over N = B*T rows of V logits.
  * targets < 0 are ignored; mask (N) weights each row (NULL = all 1).
@@ -654,11 +698,23 @@ void kiln_data_read(const kiln_data *d, kiln_split split, size_t start,
 
 /* ---- AdamW ---------------------------------------------------------- */
 
+/* The loop behind kiln_adamw_step_scaled. Both give the same bits; the
+ * choice is for tests and benchmarks. Values are only ever appended. */
+typedef enum kiln_optim_kernel {
+    KILN_OPTIM_KERNEL_AUTO = 0,    /* AVX-512 when the CPU has it, else portable */
+    KILN_OPTIM_KERNEL_PORTABLE = 1 /* the portable C loop */
+} kiln_optim_kernel;
+
+/* Parses "auto" | "portable"; -1 when unknown. */
+int kiln_optim_kernel_parse(const char *name);
+
 typedef struct kiln_adamw_opts {
     float beta1;        /* 0.9 */
     float beta2;        /* 0.95 */
     float eps;          /* 1e-8 */
     float weight_decay; /* 0.1, decoupled (AdamW), only where decay=true */
+    kiln_optim_kernel kernel; /* [AUTO]; kiln_adamw_new rejects other values
+                                 naming kiln_adamw_opts.kernel */
 } kiln_adamw_opts;
 
 kiln_adamw_opts kiln_adamw_opts_default(void);
@@ -692,9 +748,10 @@ void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
  *   kiln_adamw_step_scaled(o, p, g, lr, kiln_clip_grad_coef(norm, max));
  * equals kiln_clip_grad_norm + kiln_adamw_step up to float rounding
  * (bit-equal when grad_mul is a power of two). Vectorized (AVX-512 when
- * the CPU has it; KILN_OPTIM_KERNEL=portable forces the portable loop,
- * which gives the same bits) and split over the OpenMP threads; per
- * element the result does not depend on the thread count. */
+ * the CPU has it; kiln_adamw_opts.kernel = KILN_OPTIM_KERNEL_PORTABLE
+ * forces the portable loop, which gives the same bits) and split over the
+ * OpenMP threads; per element the result does not depend on the thread
+ * count. */
 void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
                             float lr, float grad_mul);
 /* kiln_adamw_step_scaled(o, kiln_model_params(m), grads, lr, grad_mul)
@@ -708,6 +765,9 @@ void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
  * init), which makes the next forward repack them. */
 void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, float lr,
                            float grad_mul);
+/* The kernel o's steps run on: "avx512" or "portable" (opts.kernel
+ * resolved for this CPU). Static string. */
+const char *kiln_adamw_kernel_name(const kiln_adamw *o);
 size_t kiln_adamw_size(const kiln_adamw *o);
 int64_t kiln_adamw_t(const kiln_adamw *o);
 void kiln_adamw_set_t(kiln_adamw *o, int64_t t);
@@ -773,6 +833,27 @@ typedef struct kiln_step_info {
     double tokens_per_s; /* this step's throughput on this rank */
 } kiln_step_info;
 
+/* ---- distributed (MPI data parallel, docs/distributed.md) ------------ */
+
+/* How the ranks of an MPI job talk. Under `mpirun -np N` the trainer joins
+ * the job itself (the launcher's environment says so); a plain process is
+ * world size 1 and these are unused. Plain data; start from
+ * kiln_dist_opts_default(). */
+typedef struct kiln_dist_opts {
+    double timeout_s; /* seconds any one collective may take before the
+                         watchdog aborts the job, in (0, 1e9] [300] */
+    double bucket_mb; /* gradient bucket size in MB, in (0, 1e9] [25] */
+    bool overlap;     /* start each bucket's allreduce as soon as the
+                         backward has finished it [true]; false: all buckets
+                         after the backward (to measure what overlap buys) */
+    bool progress_table; /* keep a node-shared table of each rank's last
+                            collective, so the watchdog can name the ranks
+                            that did not arrive [true] */
+} kiln_dist_opts;
+
+/* timeout_s 300, bucket_mb 25, overlap true, progress_table true. */
+kiln_dist_opts kiln_dist_opts_default(void);
+
 /* Everything a pretraining run is configured by (kiln train's flags).
  * Start from kiln_train_opts_default(). Strings are borrowed. */
 typedef struct kiln_train_opts {
@@ -820,6 +901,18 @@ typedef struct kiln_train_opts {
      * stops all. NULL = none. [NULL] */
     bool (*on_step)(void *user, const kiln_step_info *info);
     void *on_step_user; /* passed to on_step */
+    /* The rest of the model's kiln_precision_opts: the kernel of bf16/fp16
+     * products [AUTO] and bf16 activations [true] (see there). */
+    kiln_bf16_kernel bf16_kernel;
+    bool bf16_acts;
+    /* fp16 only: the loss scaler's initial scale, > 0 and finite; 0 = the
+     * default 65536 [0]. A resumed checkpoint's scale wins. Ignored in
+     * fp32/bf16. kiln_train_result.loss_scale reports the final one. */
+    double loss_scale;
+    /* The AdamW loop (kiln_adamw_opts.kernel) [AUTO]. */
+    kiln_optim_kernel optim_kernel;
+    /* Communication of an MPI job [kiln_dist_opts_default()]. */
+    kiln_dist_opts dist;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);

@@ -9,7 +9,9 @@
 #     steps are skipped with a log line, metrics.jsonl carries loss_scale /
 #     skipped, the scale halves on each skip, then training proceeds;
 #   - the scaler state is in trainer_state.json and a resumed fp16 run
-#     continues from that scale (stop + resume == straight run, bit for bit).
+#     continues from that scale (stop + resume == straight run, bit for bit);
+#   - --loss-scale (over KILN_LOSS_SCALE) sets the first scale; bad
+#     --bf16-kernel / KILN_OPTIM_KERNEL values are refused naming them.
 set -u
 if [ ! -x "$KILN" ]; then echo "FAIL precision_cli: $KILN not built"; exit 0; fi
 W="$KILN_TMP/precision"
@@ -91,3 +93,16 @@ if [ -f "$W/r16/step_00000040/model.safetensors" ] && \
    diff <(field "$W/h16/metrics.jsonl" loss_scale) <(field "$W/r16/metrics.jsonl" loss_scale) >/dev/null; then
   echo "PASS precision_fp16_resume_exact"
 else echo "FAIL precision_fp16_resume_exact"; tail -3 "$W/r16b.log"; fi
+
+# 5. the settings' flags and the variables the CLI maps onto the same
+#    fields: --loss-scale wins over KILN_LOSS_SCALE; bad values name the
+#    flag or the variable (exit 2)
+KILN_LOSS_SCALE=1099511627776 timeout 300 "$KILN" train "${COMMON[@]}" --steps 2 --out "$W/ls" \
+  --precision fp16 --loss-scale 1024 --optim-kernel portable --bf16-kernel ref >"$W/ls.log" 2>&1
+if awk -v s="$(field "$W/ls/metrics.jsonl" loss_scale | head -1)" 'BEGIN { exit !(s == 1024) }'; then echo "PASS precision_loss_scale_flag"
+else echo "FAIL precision_loss_scale_flag: $(field "$W/ls/metrics.jsonl" loss_scale | head -1)"; tail -3 "$W/ls.log"; fi
+o1=$("$KILN" train "${COMMON[@]}" --steps 2 --out "$W/bad2" --bf16-kernel avx2 2>&1); r1=$?
+o2=$(KILN_OPTIM_KERNEL=fast "$KILN" train "${COMMON[@]}" --steps 2 --out "$W/bad3" 2>&1); r2=$?
+if [ $r1 -eq 2 ] && echo "$o1" | grep -q -- "--bf16-kernel 'avx2'" &&
+   [ $r2 -eq 2 ] && echo "$o2" | grep -q "KILN_OPTIM_KERNEL 'fast'"; then echo "PASS precision_settings_bad_values"
+else echo "FAIL precision_settings_bad_values: $r1 '$o1' / $r2 '$o2'"; fi

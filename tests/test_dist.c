@@ -15,6 +15,8 @@
 #include "check.h"
 #include "train/dist.h"
 
+#include <math.h>
+#include <string.h>
 #include <signal.h>
 #include <stdint.h>
 #include <unistd.h>
@@ -226,24 +228,36 @@ static void test_shards(void)
     free(full);
 }
 
-static void test_env_knobs(void)
+static void test_dist_opts(void)
 {
-    /* A malformed knob is an error naming it (checked on a fresh handle
-     * only at world size 1: MPI cannot be initialized twice). */
+    /* The settings of kiln_dist_opts reach the handle; one out of range is
+     * an error naming the field (checked on a fresh handle only at world
+     * size 1: MPI cannot be initialized twice). */
     if (W > 1 || dist_uses_mpi(D)) SKIP("needs a plain (non-MPI) process");
-    setenv("KILN_DIST_TIMEOUT", "soon", 1);
+    kiln_dist_opts o = kiln_dist_opts_default();
+    CHECK_NEAR(o.timeout_s, 300, 0);
+    CHECK_NEAR(o.bucket_mb, 25, 0);
+    CHECK(o.overlap && o.progress_table);
     dist *d2 = NULL;
-    CHECK_EQ(dist_init(ctx, &d2, 0), KILN_ERR_INVALID_ARG);
-    CHECK(strstr(kiln_errmsg(ctx), "KILN_DIST_TIMEOUT") != NULL);
+    o.timeout_s = -1;
+    CHECK_EQ(dist_init(ctx, &d2, &o), KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), "kiln_dist_opts.timeout_s") != NULL);
     CHECK(d2 == NULL);
-    setenv("KILN_DIST_TIMEOUT", "12.5", 1);
-    CHECK_EQ(dist_init(ctx, &d2, 0), KILN_OK);
+    o.timeout_s = 12.5;
+    o.bucket_mb = NAN;
+    CHECK_EQ(dist_init(ctx, &d2, &o), KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), "kiln_dist_opts.bucket_mb") != NULL);
+    CHECK(d2 == NULL);
+    o.bucket_mb = 25;
+    o.overlap = false;
+    CHECK_EQ(dist_init(ctx, &d2, &o), KILN_OK);
     CHECK_NEAR(dist_timeout(d2), 12.5, 1e-12);
+    CHECK(!dist_overlap(d2));
     dist_free(d2);
-    CHECK_EQ(dist_init(ctx, &d2, 7), KILN_OK);
-    CHECK_NEAR(dist_timeout(d2), 7, 1e-12);
+    CHECK_EQ(dist_init(ctx, &d2, NULL), KILN_OK);
+    CHECK_NEAR(dist_timeout(d2), 300, 1e-12);
+    CHECK(dist_overlap(d2));
     dist_free(d2);
-    unsetenv("KILN_DIST_TIMEOUT");
 }
 
 static int fails_total;
@@ -308,7 +322,9 @@ static int fault_mode(const char *mode)
 int main(int argc, char **argv)
 {
     ctx = kiln_ctx_new();
-    if (dist_init(ctx, &D, 60.0)) {
+    kiln_dist_opts dopts = kiln_dist_opts_default();
+    dopts.timeout_s = 60.0;
+    if (dist_init(ctx, &D, &dopts)) {
         fprintf(stderr, "dist_init: %s\n", kiln_errmsg(ctx));
         printf("FAIL dist_init\n");
         return 1;
@@ -326,7 +342,7 @@ int main(int argc, char **argv)
     DRUN(test_allreduce);
     DRUN(test_grads_bucketed);
     DRUN(test_shards);
-    DRUN(test_env_knobs);
+    DRUN(test_dist_opts);
     dist_free(D);
     kiln_ctx_free(ctx);
     return fails_total ? 1 : 0;

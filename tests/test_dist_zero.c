@@ -194,7 +194,9 @@ int main(void)
     ctx = kiln_ctx_new();
     tmpdir = getenv("KILN_TMP");
     if (!tmpdir) tmpdir = "/tmp";
-    if (dist_init(ctx, &D, 60.0)) {
+    kiln_dist_opts dopts = kiln_dist_opts_default();
+    dopts.timeout_s = 60.0;
+    if (dist_init(ctx, &D, &dopts)) {
         fprintf(stderr, "dist_init: %s\n", kiln_errmsg(ctx));
         printf("FAIL dist_init\n");
         return 1;

@@ -389,15 +389,21 @@ static void test_kernels_agree_in_model(void)
      * 6e-8 difference in its GELU input), still far below a wrong kernel's
      * O(1). */
     for (int acts = 0; acts < 2; acts++) {
-        setenv("KILN_BF16_ACTS", acts ? "1" : "0", 1);
         int ran = 0;
         for (int i = 0; i < 3; i++) {
             if (!mp_backend_available(be[i])) continue;
-            setenv("KILN_BF16_KERNEL", kern[i], 1);
-            kiln_model *m = make_model(ctx, &cfg, KILN_PRECISION_BF16, B, T);
-            unsetenv("KILN_BF16_KERNEL");
-            CHECK(m != NULL);
+            kiln_precision_opts po = {.precision = KILN_PRECISION_BF16,
+                                      .bf16_kernel = (kiln_bf16_kernel)kiln_bf16_kernel_parse(kern[i]),
+                                      .bf16_acts = acts};
+            kiln_model *m = NULL;
+            CHECK_EQ(kiln_model_new(ctx, &cfg, &m), KILN_OK);
             if (!m) continue;
+            kiln_model_init_random(m, 1234);
+            CHECK_EQ(kiln_model_set_precision_opts(ctx, m, &po), KILN_OK);
+            CHECK_EQ(kiln_model_prepare(ctx, m, B, T), KILN_OK);
+            kiln_precision_opts got = kiln_model_precision_opts(m);
+            CHECK_EQ((int)got.bf16_kernel, (int)po.bf16_kernel);
+            CHECK_EQ((int)got.bf16_acts, acts);
             run_batch(ctx, m, tok, tgt, B, T, l[i], 1.f);
             /* with fp32 activations: layer 0's qkv product, whose input
              * (the first norm of the embeddings) is the same bits on every
@@ -428,7 +434,6 @@ static void test_kernels_agree_in_model(void)
             CHECK(sqrt(num / den) < 1e-6);
         }
     }
-    unsetenv("KILN_BF16_ACTS");
     for (int i = 0; i < 3; i++) free(l[i]), free(q[i]);
     kiln_ctx_free(ctx);
 }

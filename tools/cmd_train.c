@@ -50,6 +50,101 @@ static bool given(int argc, char **argv, const char *name)
     return false;
 }
 
+/* ---- settings from the environment ----------------------------------
+ * Older scripts steer kiln train through environment variables; the
+ * library reads none of them (its settings are fields of
+ * kiln_train_opts), so they are mapped here, each onto its field. A flag
+ * given on the command line wins over its variable. Under mpirun, pass the
+ * variables to the ranks with -x NAME. */
+
+/* A positive number no larger than 1e9, from flag or variable `what`. */
+static bool pos_number(const char *what, const char *s, double *out)
+{
+    char *end;
+    double v = strtod(s, &end);
+    if (!*s || *end || !(v > 0) || v > 1e9) {
+        fprintf(stderr, "kiln train: %s='%s' is not a positive number; set it to e.g. 300 "
+                        "or leave it out\n",
+                what, s);
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+typedef struct env_flags {
+    const char *bf16_kernel, *optim_kernel;
+    double loss_scale, dist_timeout, dist_bucket_mb;
+    bool fp32_acts, no_dist_overlap, no_dist_progress;
+} env_flags;
+
+/* Applies the flags given, else the environment variables set, to *o.
+ * Returns false after printing what is wrong. */
+static bool apply_settings(int argc, char **argv, const env_flags *f, kiln_train_opts *o)
+{
+    const char *e;
+    const char *bk = given(argc, argv, "bf16-kernel") ? f->bf16_kernel : getenv("KILN_BF16_KERNEL");
+    if (bk && *bk) {
+        int k = kiln_bf16_kernel_parse(bk);
+        if (k < 0) {
+            fprintf(stderr, "kiln train: %s '%s' is not one of auto, ref, avx512, amx\n",
+                    given(argc, argv, "bf16-kernel") ? "--bf16-kernel" : "KILN_BF16_KERNEL", bk);
+            return false;
+        }
+        o->bf16_kernel = (kiln_bf16_kernel)k;
+    }
+    if (given(argc, argv, "fp32-acts")) o->bf16_acts = !f->fp32_acts;
+    else if ((e = getenv("KILN_BF16_ACTS")) && !strcmp(e, "0")) o->bf16_acts = false;
+    const char *ok = given(argc, argv, "optim-kernel") ? f->optim_kernel : getenv("KILN_OPTIM_KERNEL");
+    if (ok && *ok) {
+        int k = kiln_optim_kernel_parse(ok);
+        if (k < 0) {
+            fprintf(stderr, "kiln train: %s '%s' is not one of auto, portable\n",
+                    given(argc, argv, "optim-kernel") ? "--optim-kernel" : "KILN_OPTIM_KERNEL", ok);
+            return false;
+        }
+        o->optim_kernel = (kiln_optim_kernel)k;
+    }
+    if (given(argc, argv, "loss-scale")) {
+        if (!(f->loss_scale > 0) || f->loss_scale > 1e30) {
+            fprintf(stderr, "kiln train: --loss-scale must be a positive number\n");
+            return false;
+        }
+        o->loss_scale = f->loss_scale;
+    } else if ((e = getenv("KILN_LOSS_SCALE")) && *e) {
+        char *end;
+        double v = strtod(e, &end);
+        if (*end || !(v > 0) || v > 1e30) {
+            fprintf(stderr, "kiln train: KILN_LOSS_SCALE='%s' is not a positive number\n", e);
+            return false;
+        }
+        o->loss_scale = v;
+    }
+    if (given(argc, argv, "dist-timeout")) {
+        if (!(f->dist_timeout > 0 && f->dist_timeout <= 1e9)) {
+            fprintf(stderr, "kiln train: --dist-timeout must be a positive number of seconds\n");
+            return false;
+        }
+        o->dist.timeout_s = f->dist_timeout;
+    } else if ((e = getenv("KILN_DIST_TIMEOUT")) && *e &&
+             !pos_number("KILN_DIST_TIMEOUT", e, &o->dist.timeout_s))
+        return false;
+    if (given(argc, argv, "dist-bucket-mb")) {
+        if (!(f->dist_bucket_mb > 0 && f->dist_bucket_mb <= 1e9)) {
+            fprintf(stderr, "kiln train: --dist-bucket-mb must be a positive number\n");
+            return false;
+        }
+        o->dist.bucket_mb = f->dist_bucket_mb;
+    } else if ((e = getenv("KILN_DIST_BUCKET_MB")) && *e &&
+             !pos_number("KILN_DIST_BUCKET_MB", e, &o->dist.bucket_mb))
+        return false;
+    if (given(argc, argv, "no-dist-overlap")) o->dist.overlap = !f->no_dist_overlap;
+    else if ((e = getenv("KILN_DIST_OVERLAP")) && !strcmp(e, "0")) o->dist.overlap = false;
+    if (given(argc, argv, "no-dist-progress")) o->dist.progress_table = !f->no_dist_progress;
+    else if ((e = getenv("KILN_DIST_PROGRESS")) && !strcmp(e, "0")) o->dist.progress_table = false;
+    return true;
+}
+
 static int parse_progress(const char *s)
 {
     if (!strcmp(s, "auto")) return KILN_PROGRESS_AUTO;
@@ -71,6 +166,7 @@ int cmd_train(int argc, char **argv)
     const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
     int64_t seed = (int64_t)o.seed;
     bool sequential = false;
+    env_flags ef = {0};
     cli_opt opts[] = {
         {"config", CLI_STR, &o.config, "model config.json for a new model", false},
         {"init-from", CLI_STR, &o.init_from, "start from this model directory", false},
@@ -104,6 +200,14 @@ int cmd_train(int argc, char **argv)
         {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
         {"precision", CLI_STR, &precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products (fp32 master weights and AdamW; fp16 with dynamic loss scaling); auto = bf16 on CPUs with AMX-BF16 or AVX512_BF16 [auto]", false},
         {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step (as an interruption would) [off]", false},
+        {"bf16-kernel", CLI_STR, &ef.bf16_kernel, "auto | ref | avx512 | amx: kernel of bf16/fp16 products (env KILN_BF16_KERNEL) [auto]", false},
+        {"fp32-acts", CLI_BOOL, &ef.fp32_acts, "bf16: keep fp32 activations between the bf16 products, for comparison (env KILN_BF16_ACTS=0)", false},
+        {"optim-kernel", CLI_STR, &ef.optim_kernel, "auto | portable: the AdamW loop (env KILN_OPTIM_KERNEL) [auto]", false},
+        {"loss-scale", CLI_F64, &ef.loss_scale, "fp16: initial loss scale (env KILN_LOSS_SCALE) [65536]", false},
+        {"dist-timeout", CLI_F64, &ef.dist_timeout, "under mpirun: seconds a collective may take before the job is aborted (env KILN_DIST_TIMEOUT) [300]", false},
+        {"dist-bucket-mb", CLI_F64, &ef.dist_bucket_mb, "under mpirun: gradient bucket size in MB (env KILN_DIST_BUCKET_MB) [25]", false},
+        {"no-dist-overlap", CLI_BOOL, &ef.no_dist_overlap, "under mpirun: reduce gradients after the backward, not during it (env KILN_DIST_OVERLAP=0)", false},
+        {"no-dist-progress", CLI_BOOL, &ef.no_dist_progress, "under mpirun: no node-shared progress table for the watchdog (env KILN_DIST_PROGRESS=0)", false},
         {NULL, 0, NULL, NULL, false}};
     int rc = cli_parse("train", "train --data DIR --out DIR [--config C.json | --init-from DIR] [flags]\n       kiln train --resume RUN_DIR [flags]",
                        "Pretrains a causal language model on token shards. Writes\n"
@@ -201,6 +305,10 @@ int cmd_train(int argc, char **argv)
         o = saved;
     } else if (!o.data || !o.out) {
         fprintf(stderr, "kiln train: --data and --out are required (or --resume RUN_DIR; see kiln train --help)\n");
+        ret = 2;
+        goto done;
+    }
+    if (!apply_settings(argc, argv, &ef, &o)) {
         ret = 2;
         goto done;
     }

@@ -41,8 +41,9 @@
  * copy (mp_pack_b_tokens, mp_pack_a_tokens).
  *
  * Used when the model's precision is bf16 (fp16 keeps fp32 activations:
- * its exact hi/lo split needs the fp32 value). KILN_BF16_ACTS=0 switches
- * it off (bf16 products on fp32 activations, for comparison).
+ * its exact hi/lo split needs the fp32 value) and
+ * kiln_precision_opts.bf16_acts is true (the default); false switches it
+ * off (bf16 products on fp32 activations, for comparison).
  */
 #include "kernels/x86/bf16_ops.h"
 #include "model/model.h"
@@ -58,9 +59,7 @@ static size_t pk(size_t M, size_t K) { return rup32(M) * rup32(K); }
 
 bool model_mp_wanted(const kiln_model *m)
 {
-    if (kiln_model_precision(m) != KILN_PRECISION_BF16) return false;
-    const char *e = getenv("KILN_BF16_ACTS");
-    return !(e && !strcmp(e, "0"));
+    return kiln_model_precision(m) == KILN_PRECISION_BF16 && !m->bf16_f32_acts;
 }
 
 /* The buffers, in carve order: {bytes per element, count}. */

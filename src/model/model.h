@@ -139,6 +139,8 @@ struct kiln_model {
     float *rope_sin;   /* (n_ctx, HS/2) */
     const kern_ops *ops;
     kern_gemm *gemm;
+    kiln_bf16_kernel bf16_kernel; /* kiln_precision_opts.bf16_kernel (asked) */
+    bool bf16_f32_acts;  /* !kiln_precision_opts.bf16_acts (zero = default) */
     arena act;
     int B_cap, T_cap;  /* what the arena is sized for */
     bool act_mp;       /* ... and whether for bf16 activations */
@@ -200,9 +202,9 @@ json_t *config_to_json(const kiln_config *cfg);
 void model_use_ref_kernels(kiln_model *m, bool ref);
 
 /* bf16 training with bf16 activations (forward_mp.c): whether m uses it
- * (precision bf16, KILN_BF16_ACTS not 0), its arena size and carving, and
- * the passes (called by kiln_model_forward/backward after their checks,
- * with m->B, m->T and the tokens set). */
+ * (precision bf16 and kiln_precision_opts.bf16_acts), its arena size and
+ * carving, and the passes (called by kiln_model_forward/backward after
+ * their checks, with m->B, m->T and the tokens set). */
 bool model_mp_wanted(const kiln_model *m);
 size_t model_mp_act_bytes(const kiln_model *m, int B, int T);
 void model_mp_carve(kiln_model *m, int B, int T);

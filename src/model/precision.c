@@ -61,25 +61,68 @@ kiln_precision kiln_model_precision(const kiln_model *m)
     return KILN_PRECISION_FP32;
 }
 
-kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m, kiln_precision p)
+int kiln_bf16_kernel_parse(const char *name)
 {
-    p = kiln_precision_resolve(p);
-    if (p == kiln_model_precision(m)) return KILN_OK;
+    if (!name) return -1;
+    if (!strcmp(name, "auto")) return KILN_BF16_KERNEL_AUTO;
+    if (!strcmp(name, "ref")) return KILN_BF16_KERNEL_REF;
+    if (!strcmp(name, "avx512")) return KILN_BF16_KERNEL_AVX512;
+    if (!strcmp(name, "amx")) return KILN_BF16_KERNEL_AMX;
+    return -1;
+}
+
+const char *kiln_bf16_kernel_name(kiln_bf16_kernel k)
+{
+    switch (k) {
+    case KILN_BF16_KERNEL_AUTO: return "auto";
+    case KILN_BF16_KERNEL_REF: return "ref";
+    case KILN_BF16_KERNEL_AVX512: return "avx512";
+    case KILN_BF16_KERNEL_AMX: return "amx";
+    }
+    return "?";
+}
+
+kiln_precision_opts kiln_precision_opts_default(void)
+{
+    return (kiln_precision_opts){.precision = KILN_PRECISION_AUTO,
+                                 .bf16_kernel = KILN_BF16_KERNEL_AUTO,
+                                 .bf16_acts = true};
+}
+
+static mp_backend to_backend(kiln_bf16_kernel k)
+{
+    switch (k) {
+    case KILN_BF16_KERNEL_REF: return MP_BACKEND_REF;
+    case KILN_BF16_KERNEL_AVX512: return MP_BACKEND_AVX512;
+    case KILN_BF16_KERNEL_AMX: return MP_BACKEND_AMX;
+    case KILN_BF16_KERNEL_AUTO: break;
+    }
+    return MP_BACKEND_AUTO;
+}
+
+static kiln_bf16_kernel from_backend(mp_backend b)
+{
+    switch (b) {
+    case MP_BACKEND_REF: return KILN_BF16_KERNEL_REF;
+    case MP_BACKEND_AVX512: return KILN_BF16_KERNEL_AVX512;
+    case MP_BACKEND_AMX: return KILN_BF16_KERNEL_AMX;
+    case MP_BACKEND_AUTO: break;
+    }
+    return KILN_BF16_KERNEL_AUTO;
+}
+
+/* Installs the kernels of precision p (resolved) with m's kernel choice,
+ * rebuilding the mixed-precision GEMM when the precision or the kernel
+ * asked for changed. */
+static kiln_status apply(kiln_ctx *ctx, kiln_model *m, kiln_precision p, bool kernel_changed)
+{
+    if (p == kiln_model_precision(m) && !kernel_changed) return KILN_OK;
     if (p == KILN_PRECISION_FP32) {
         model_use_ref_kernels(m, false);
         return KILN_OK;
     }
-    if (p != KILN_PRECISION_BF16 && p != KILN_PRECISION_FP16)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "precision %d is not one of fp32, bf16, fp16, auto", (int)p);
-    /* KILN_BF16_KERNEL=amx|avx512|ref picks the kernel (tests of the
-     * fallbacks; an unavailable one falls back to the best there is). */
-    mp_backend be = MP_BACKEND_AUTO;
-    const char *k = getenv("KILN_BF16_KERNEL");
-    if (k && !strcmp(k, "amx")) be = MP_BACKEND_AMX;
-    else if (k && !strcmp(k, "avx512")) be = MP_BACKEND_AVX512;
-    else if (k && !strcmp(k, "ref")) be = MP_BACKEND_REF;
-    kern_gemm *g = mp_kern_gemm_new(p == KILN_PRECISION_BF16 ? MP_BF16 : MP_F16, be);
+    kern_gemm *g = mp_kern_gemm_new(p == KILN_PRECISION_BF16 ? MP_BF16 : MP_F16,
+                                    to_backend(m->bf16_kernel));
     if (!g)
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory setting up %s kernels",
                          kiln_precision_name(p));
@@ -87,4 +130,53 @@ kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m, kiln_precisio
     m->gemm = g;
     m->ops = mp_kern_ops(g);
     return KILN_OK;
+}
+
+static bool precision_ok(kiln_precision p)
+{
+    return p == KILN_PRECISION_FP32 || p == KILN_PRECISION_BF16 || p == KILN_PRECISION_FP16 ||
+           p == KILN_PRECISION_AUTO;
+}
+
+kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m, kiln_precision p)
+{
+    if (!precision_ok(p))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "precision %d is not one of fp32, bf16, fp16, auto", (int)p);
+    return apply(ctx, m, kiln_precision_resolve(p), false);
+}
+
+kiln_status kiln_model_set_precision_opts(kiln_ctx *ctx, kiln_model *m,
+                                          const kiln_precision_opts *o)
+{
+    if (!precision_ok(o->precision))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_precision_opts.precision = %d is not one of "
+                         "KILN_PRECISION_FP32, _BF16, _FP16, _AUTO",
+                         (int)o->precision);
+    if (o->bf16_kernel < KILN_BF16_KERNEL_AUTO || o->bf16_kernel > KILN_BF16_KERNEL_AMX)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_precision_opts.bf16_kernel = %d is not one of "
+                         "KILN_BF16_KERNEL_AUTO, _REF, _AVX512, _AMX",
+                         (int)o->bf16_kernel);
+    bool changed = o->bf16_kernel != m->bf16_kernel;
+    kiln_bf16_kernel keep = m->bf16_kernel;
+    m->bf16_kernel = o->bf16_kernel;
+    kiln_status s = apply(ctx, m, kiln_precision_resolve(o->precision), changed);
+    if (s) {
+        m->bf16_kernel = keep;
+        return s;
+    }
+    m->bf16_f32_acts = !o->bf16_acts;
+    return KILN_OK;
+}
+
+kiln_precision_opts kiln_model_precision_opts(const kiln_model *m)
+{
+    kiln_precision p = kiln_model_precision(m);
+    return (kiln_precision_opts){
+        .precision = p,
+        .bf16_kernel = p == KILN_PRECISION_FP32 ? KILN_BF16_KERNEL_AUTO
+                                                : from_backend(mp_kern_backend(m->gemm)),
+        .bf16_acts = !m->bf16_f32_acts};
 }

@@ -41,7 +41,8 @@ struct kiln_adamw {
 kiln_adamw_opts kiln_adamw_opts_default(void)
 {
     return (kiln_adamw_opts){
-        .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f};
+        .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f,
+        .kernel = KILN_OPTIM_KERNEL_AUTO};
 }
 
 kiln_status kiln_adamw_new(kiln_ctx *ctx, size_t n,
@@ -53,6 +54,14 @@ kiln_status kiln_adamw_new(kiln_ctx *ctx, size_t n,
     kiln_adamw *o = kiln_calloc(ctx, 1, sizeof *o);
     if (!o) return KILN_ERR_NOMEM;
     o->opts = opts ? *opts : kiln_adamw_opts_default();
+    if (o->opts.kernel != KILN_OPTIM_KERNEL_AUTO && o->opts.kernel != KILN_OPTIM_KERNEL_PORTABLE) {
+        int k = (int)o->opts.kernel;
+        free(o);
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_adamw_opts.kernel = %d is not one of "
+                         "KILN_OPTIM_KERNEL_AUTO, KILN_OPTIM_KERNEL_PORTABLE",
+                         k);
+    }
     o->n = n;
     o->m = kiln_aligned_alloc(ctx, n * sizeof(float));
     o->v = kiln_aligned_alloc(ctx, n * sizeof(float));
@@ -212,26 +221,39 @@ OPT_T512 static void adamw_avx512(float *p, const float *g, float *m, float *v, 
 }
 #endif
 
-/* AVX-512 when the CPU has it, unless KILN_OPTIM_KERNEL=portable (read at
- * each call, so a test can compare both paths in one process). */
-static bool use_avx512(void)
+/* AVX-512 when the CPU has it, unless kernel k is
+ * KILN_OPTIM_KERNEL_PORTABLE. */
+static bool use_avx512(kiln_optim_kernel k)
 {
 #if KILN_OPT_X86
-    const char *e = getenv("KILN_OPTIM_KERNEL");
-    return mp_cpu_caps()->avx512f && !(e && !strcmp(e, "portable"));
+    return mp_cpu_caps()->avx512f && k != KILN_OPTIM_KERNEL_PORTABLE;
 #else
+    (void)k;
     return false;
 #endif
+}
+
+int kiln_optim_kernel_parse(const char *name)
+{
+    if (name && !strcmp(name, "auto")) return KILN_OPTIM_KERNEL_AUTO;
+    if (name && !strcmp(name, "portable")) return KILN_OPTIM_KERNEL_PORTABLE;
+    return -1;
+}
+
+const char *kiln_adamw_kernel_name(const kiln_adamw *o)
+{
+    return use_avx512(o->opts.kernel) ? "avx512" : "portable";
 }
 
 typedef void (*adamw_fn)(float *, const float *, float *, float *, size_t,
                          const adamw_k *, float);
 
-static adamw_fn adamw_kernel(void)
+static adamw_fn adamw_kernel(const kiln_adamw *o)
 {
 #if KILN_OPT_X86
-    if (use_avx512()) return adamw_avx512;
+    if (use_avx512(o->opts.kernel)) return adamw_avx512;
 #endif
+    (void)o;
     return adamw_portable;
 }
 
@@ -310,7 +332,7 @@ void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float
 {
     float lrwd;
     const adamw_k k = adamw_begin(o, lr, grad_mul, &lrwd);
-    step_args sa = {params, grads, o->m, o->v, &k, lrwd, adamw_kernel()};
+    step_args sa = {params, grads, o->m, o->v, &k, lrwd, adamw_kernel(o)};
     /* Which matrices go strip by strip: in order, inside [0, n) and one
      * decay range, rows a multiple of their strip. The others are plain
      * parameters to this step (done = false). */
@@ -438,9 +460,16 @@ OPT_T512 static double sumsq_avx512(const float *x, size_t n)
 
 double kiln_l2_norm(const float *x, size_t n)
 {
+    return adamw_l2_norm_with(x, n, KILN_OPTIM_KERNEL_AUTO);
+}
+
+double adamw_l2_norm_with(const float *x, size_t n, kiln_optim_kernel k)
+{
     double (*fn)(const float *, size_t) = sumsq_portable;
 #if KILN_OPT_X86
-    if (use_avx512()) fn = sumsq_avx512;
+    if (use_avx512(k)) fn = sumsq_avx512;
+#else
+    (void)k;
 #endif
     /* Blocks of NORM_BLOCK summed in parallel, 64 at a time (no allocation:
      * this runs inside the training step), then added in block order: the

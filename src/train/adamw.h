@@ -33,4 +33,8 @@ typedef struct adamw_matrix {
 void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float lr,
                          float grad_mul, adamw_matrix *mats, int nmats);
 
+/* kiln_l2_norm on the kernel k asks for (AUTO: AVX-512 when the CPU has
+ * it). Both kernels give the same bits; tests compare them. */
+double adamw_l2_norm_with(const float *x, size_t n, kiln_optim_kernel k);
+
 #endif /* KILN_TRAIN_ADAMW_H */

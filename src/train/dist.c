@@ -58,6 +58,7 @@ struct dist {
     double timeout;
     size_t bucket_bytes;
     bool overlap;
+    bool progress_table; /* kiln_dist_opts.progress_table */
     dist_stats st;
 
     /* gradient averaging state */
@@ -107,24 +108,6 @@ static int env_int(const char *name, int dflt)
     long v = strtol(s, &end, 10);
     if (*end || v < 0 || v > INT_MAX) return dflt;
     return (int)v;
-}
-
-/* Parses a positive number from env var name into *out (unchanged when the
- * variable is unset). */
-static kiln_status env_pos_double(kiln_ctx *ctx, const char *name, double *out)
-{
-    const char *s = getenv(name);
-    if (!s || !*s) return KILN_OK;
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || *end || !(v > 0) || v > 1e9)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "environment variable %s='%s' is not a positive "
-                         "number; set it to e.g. 300 or unset it",
-                         name, s);
-    *out = v;
-    return KILN_OK;
 }
 
 /* The world size the launcher announced (0 when not launched by one). */
@@ -220,7 +203,7 @@ static void watchdog_report(dist *d, int64_t seq, const char *name,
                         "the interconnect failed). ");
     else
         fprintf(stderr, "ranks on other nodes report their own state. ");
-    fprintf(stderr, "Aborting the job (raise KILN_DIST_TIMEOUT if the "
+    fprintf(stderr, "Aborting the job (raise kiln_dist_opts.timeout_s if the "
                     "ranks are just slow).\n");
     fflush(stderr);
 }
@@ -376,7 +359,7 @@ static kiln_status mpi_setup(kiln_ctx *ctx, dist *d)
 
     /* node-local progress table */
     d->node = MPI_COMM_NULL;
-    if (env_int("KILN_DIST_PROGRESS", 1)) {
+    if (d->progress_table) {
         MPI_Comm_split_type(d->comm, MPI_COMM_TYPE_SHARED, d->rank,
                             MPI_INFO_NULL, &d->node);
         MPI_Comm_rank(d->node, &d->node_rank);
@@ -435,25 +418,37 @@ static void allreduce_chunks(dist *d, const char *name, void *buf, size_t n,
 
 /* ---- lifecycle ------------------------------------------------------- */
 
-kiln_status dist_init(kiln_ctx *ctx, dist **out, double timeout_s)
+kiln_dist_opts kiln_dist_opts_default(void)
+{
+    return (kiln_dist_opts){.timeout_s = DIST_DEFAULT_TIMEOUT,
+                            .bucket_mb = DIST_DEFAULT_BUCKET_MB,
+                            .overlap = true,
+                            .progress_table = true};
+}
+
+/* A positive number no larger than 1e9 (NaN fails). */
+static bool pos_ok(double v) { return v > 0 && v <= 1e9; }
+
+kiln_status dist_init(kiln_ctx *ctx, dist **out, const kiln_dist_opts *opts)
 {
     *out = NULL;
+    kiln_dist_opts o = opts ? *opts : kiln_dist_opts_default();
+    if (!pos_ok(o.timeout_s) || !pos_ok(o.bucket_mb))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_dist_opts.%s = %g is not a positive number of "
+                         "at most 1e9 (default %g)",
+                         !pos_ok(o.timeout_s) ? "timeout_s" : "bucket_mb",
+                         !pos_ok(o.timeout_s) ? o.timeout_s : o.bucket_mb,
+                         !pos_ok(o.timeout_s) ? DIST_DEFAULT_TIMEOUT : DIST_DEFAULT_BUCKET_MB);
     dist *d = kiln_calloc(ctx, 1, sizeof *d);
     if (!d) return KILN_ERR_NOMEM;
     d->world = 1;
-    d->timeout = DIST_DEFAULT_TIMEOUT;
-    double mb = DIST_DEFAULT_BUCKET_MB;
-    kiln_status st = env_pos_double(ctx, "KILN_DIST_TIMEOUT", &d->timeout);
-    if (!st) st = env_pos_double(ctx, "KILN_DIST_BUCKET_MB", &mb);
-    if (st) {
-        free(d);
-        return st;
-    }
-    if (timeout_s > 0) d->timeout = timeout_s;
-    d->bucket_bytes = (size_t)(mb * 1e6);
+    d->timeout = o.timeout_s;
+    d->bucket_bytes = (size_t)(o.bucket_mb * 1e6);
     if (d->bucket_bytes < 4) d->bucket_bytes = 4;
-    const char *ov = getenv("KILN_DIST_OVERLAP");
-    d->overlap = !(ov && !strcmp(ov, "0"));
+    d->overlap = o.overlap;
+    d->progress_table = o.progress_table;
+    kiln_status st;
 
     int lw = launcher_world();
 #ifdef KILN_HAVE_MPI

@@ -18,7 +18,7 @@
  * launcher, which terminates the other ranks and names the dead one.
  *
  * Gradient averaging overlaps the backward pass: dist_grads_begin() splits
- * the gradient block into buckets (~25 MB, KILN_DIST_BUCKET_MB) and
+ * the gradient block into buckets (~25 MB, kiln_dist_opts.bucket_mb) and
  * dist_grad_ready(), installed as the model's kiln_grad_ready_fn, starts an
  * MPI_Iallreduce on each bucket as soon as all of its floats are final.
  * dist_grads_finish() waits for them and scales by 1/world.
@@ -28,12 +28,11 @@
  * ranks leaving each rank its own shard, dist_allgather_f32() reassembles
  * the block from the shards.
  *
- * Environment knobs (read by dist_init):
- *   KILN_DIST_TIMEOUT    watchdog timeout in seconds (default 300; the
- *                        timeout_s argument of dist_init wins when > 0)
- *   KILN_DIST_BUCKET_MB  gradient bucket size in MB (default 25)
- *   KILN_DIST_OVERLAP    0 turns the backward/communication overlap off
- *                        (all buckets start in dist_grads_finish)
+ * Settings come from the public kiln_dist_opts (kiln.h): the watchdog
+ * timeout, the bucket size, the overlap (off: all buckets start in
+ * dist_grads_finish), the progress table. The launcher's variables above are the only
+ * environment read here: they say whether this process is a rank of a
+ * job, which is a fact about the process, not a setting.
  *
  * A dist handle is used by one thread (the training loop). Collectives must
  * be called in the same order on every rank (as MPI requires).
@@ -62,14 +61,14 @@ typedef struct dist_stats {
 
 /* Joins the MPI job when launched by mpirun (MPI_Init_thread, a private
  * communicator, the error handler, the progress table), otherwise creates a
- * world-size-1 handle. timeout_s > 0 sets the watchdog timeout; <= 0 takes
- * KILN_DIST_TIMEOUT or 300 s. Errors: KILN_ERR_DIST when launched with N > 1
- * ranks by a build without MPI, or MPI cannot start; KILN_ERR_INVALID_ARG on
- * a malformed environment knob (the message names it). Free with
+ * world-size-1 handle, with the settings of opts (NULL: the defaults).
+ * Errors: KILN_ERR_DIST when launched with N > 1 ranks by a build without
+ * MPI, or MPI cannot start; KILN_ERR_INVALID_ARG on a timeout_s or
+ * bucket_mb out of range (the message names the field). Free with
  * dist_free (which finalizes MPI when dist_init initialized it). MPI can be
  * initialized once per process: do not call dist_init again after
  * dist_free in an MPI job. */
-kiln_status dist_init(kiln_ctx *ctx, dist **out, double timeout_s);
+kiln_status dist_init(kiln_ctx *ctx, dist **out, const kiln_dist_opts *opts);
 /* Frees d; finalizes MPI if dist_init initialized it. NULL is a no-op. */
 void dist_free(dist *d);
 /* Frees d after an error on this rank, without MPI_Finalize (which would
@@ -88,11 +87,11 @@ bool dist_uses_mpi(const dist *d);
 /* Watchdog timeout in seconds for every later collective. */
 void dist_set_timeout(dist *d, double timeout_s);
 double dist_timeout(const dist *d);
-/* Gradient bucket size in bytes (>= 4; default 25 MB or
- * KILN_DIST_BUCKET_MB). Takes effect at the next dist_grads_begin. */
+/* Gradient bucket size in bytes (>= 4; default from
+ * kiln_dist_opts.bucket_mb). Takes effect at the next dist_grads_begin. */
 void dist_set_bucket_bytes(dist *d, size_t bytes);
-/* Overlap of gradient communication with backward (default on or
- * KILN_DIST_OVERLAP). Takes effect at the next dist_grads_begin. */
+/* Overlap of gradient communication with backward (default from
+ * kiln_dist_opts.overlap). Takes effect at the next dist_grads_begin. */
 void dist_set_overlap(dist *d, bool on);
 bool dist_overlap(const dist *d);
 

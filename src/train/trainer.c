@@ -57,6 +57,11 @@ kiln_train_opts kiln_train_opts_default(void)
         .log_every = 10,
         .progress = KILN_PROGRESS_AUTO,
         .precision = KILN_PRECISION_AUTO,
+        .bf16_kernel = KILN_BF16_KERNEL_AUTO,
+        .bf16_acts = true,
+        .loss_scale = 0,
+        .optim_kernel = KILN_OPTIM_KERNEL_AUTO,
+        .dist = kiln_dist_opts_default(),
     };
 }
 
@@ -105,7 +110,7 @@ typedef struct trainer {
 
 static kiln_status tr_dist_init(trainer *t)
 {
-    kiln_status s = dist_init(t->ctx, &t->dist, 0);
+    kiln_status s = dist_init(t->ctx, &t->dist, &t->o.dist);
     if (s) return s;
     t->rank = dist_rank(t->dist);
     t->world = dist_world(t->dist);
@@ -634,6 +639,22 @@ static kiln_status check_opts(kiln_ctx *ctx, const kiln_train_opts *o)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "--eval-every, --eval-steps, --save-every, "
                          "--keep-last must be >= 0 and --log-every > 0");
+    if (!(o->loss_scale >= 0) || !isfinite(o->loss_scale))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.loss_scale = %g is not a positive finite "
+                         "number (0 = the default, 65536)",
+                         o->loss_scale);
+    if (o->optim_kernel != KILN_OPTIM_KERNEL_AUTO &&
+        o->optim_kernel != KILN_OPTIM_KERNEL_PORTABLE)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.optim_kernel = %d is not one of "
+                         "KILN_OPTIM_KERNEL_AUTO, KILN_OPTIM_KERNEL_PORTABLE",
+                         (int)o->optim_kernel);
+    if (o->bf16_kernel < KILN_BF16_KERNEL_AUTO || o->bf16_kernel > KILN_BF16_KERNEL_AMX)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.bf16_kernel = %d is not one of "
+                         "KILN_BF16_KERNEL_AUTO, _REF, _AVX512, _AMX",
+                         (int)o->bf16_kernel);
     return KILN_OK;
 }
 
@@ -693,7 +714,8 @@ static kiln_status make_model(trainer *t)
     kiln_adamw_opts ao = {.beta1 = (float)o->beta1,
                           .beta2 = (float)o->beta2,
                           .eps = (float)o->eps,
-                          .weight_decay = (float)o->weight_decay};
+                          .weight_decay = (float)o->weight_decay,
+                          .kernel = o->optim_kernel};
     if (o->zero) { /* moments sharded across ranks (dist_zero.c) */
         if ((s = dist_zero_new(ctx, t->dist, t->model, &ao, &t->zero)))
             return s;
@@ -711,20 +733,15 @@ static kiln_status make_model(trainer *t)
         free(p);
         if (s) return s;
     }
-    if ((s = kiln_model_set_precision(ctx, t->model, o->precision))) return s;
+    kiln_precision_opts po = {.precision = o->precision,
+                              .bf16_kernel = o->bf16_kernel,
+                              .bf16_acts = o->bf16_acts};
+    if ((s = kiln_model_set_precision_opts(ctx, t->model, &po))) return s;
     t->prec = kiln_model_precision(t->model);
     t->scaler = scaler_default(t->prec == KILN_PRECISION_FP16);
-    /* KILN_LOSS_SCALE: initial fp16 loss scale (tests force overflow with
+    /* opts.loss_scale: initial fp16 loss scale (tests force overflow with
      * a huge one; docs/precision.md). A checkpoint's scale wins on resume. */
-    const char *ls = getenv("KILN_LOSS_SCALE");
-    if (ls && t->scaler.enabled) {
-        char *end;
-        double v = strtod(ls, &end);
-        if (!(v > 0) || !isfinite(v) || *end)
-            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                             "KILN_LOSS_SCALE='%s' is not a positive number", ls);
-        t->scaler.scale = v;
-    }
+    if (o->loss_scale > 0 && t->scaler.enabled) t->scaler.scale = o->loss_scale;
     t->step_scale = 1.0;
     return kiln_model_prepare(ctx, t->model, o->batch, o->seq);
 }
