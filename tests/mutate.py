@@ -243,7 +243,7 @@ def main():
                 # newer than the mutated object: the next build recompiles it
                 os.utime(path, None)
         results.append((m, status, by))
-        print("%-5s %2d/%d %-34s %-11s %s (%.0f s) [%s]" %
+        print("%-5s %2d/%d %-40s %-11s %s (%.0f s) [%s]" %
               ("ok" if status == "caught" else "FAIL", i, len(muts), m.id, status, by, secs_total,
                m.get("layer")), flush=True)
         if status != "caught" and status != "stale":
