@@ -1095,6 +1095,98 @@ void kiln_textstream_finish(kiln_textstream *ts, const char **out,
 /* All text emitted so far (NUL-terminated, valid UTF-8). */
 const char *kiln_textstream_text(const kiln_textstream *ts, size_t *len);
 
+/* ---- the generation loop ---------------------------------------------
+ * One loop for every caller (kiln generate, kiln chat, the server, the
+ * examples): the BOS rule, then per token: sample, end-of-text and stop
+ * tokens, the text stream with its stop strings, max_tokens. */
+
+/* The ids a model is prompted with, from encoded text or a rendered chat:
+ * BOS first for Llama-family models with a bos_token_id (their tokenizers
+ * add it), nothing for GPT-2; an empty prompt becomes one token to start
+ * from, bos_token_id or else the tokenizer's end-of-text. *out is
+ * malloc'ed (free it); *n_out >= 1. */
+kiln_status kiln_prompt_ids(kiln_ctx *ctx, const kiln_config *cfg, const kiln_tokenizer *tok,
+                            const int32_t *ids, size_t n, int32_t **out, size_t *n_out);
+
+/* Why a generation ended. */
+typedef enum kiln_finish {
+    KILN_FINISH_NONE = 0,        /* still going */
+    KILN_FINISH_LENGTH = 1,      /* max_tokens, or the context is full */
+    KILN_FINISH_EOS = 2,         /* end-of-text or the model's eos_token_id */
+    KILN_FINISH_STOP_TOKEN = 3,  /* one of stop_ids */
+    KILN_FINISH_STOP_STRING = 4, /* a stop string (the text is cut before it) */
+    KILN_FINISH_CANCELLED = 5    /* the caller stopped it */
+} kiln_finish;
+
+/* "length", "end-of-text", "stop token", "stop string", "cancelled". */
+const char *kiln_finish_name(kiln_finish f);
+
+/* Start from kiln_gen_opts_default(). Arrays are copied by kiln_gen_new. */
+typedef struct kiln_gen_opts {
+    kiln_sampling sampling;     /* (validated by kiln_gen_new)              */
+    int max_tokens;             /* > 0; tokens generated, the ending one
+                                   included                         [256] */
+    bool ignore_eos;            /* end-of-text/eos_token_id do not end [false] */
+    const char *const *stops;   /* n_stops non-empty stop strings          */
+    int n_stops;
+    const int32_t *stop_ids;    /* n_stop_ids tokens that end the reply    */
+    int n_stop_ids;
+    bool logprobs;              /* report each token's log-probability and
+                                   sampling.top_logprobs alternatives      */
+} kiln_gen_opts;
+
+kiln_gen_opts kiln_gen_opts_default(void);
+
+/* The state of one generated sequence. */
+typedef struct kiln_gen kiln_gen;
+
+/* For a model with config cfg and tokenizer tok; prompt (the ids from
+ * kiln_prompt_ids) is the repetition penalty's context. Errors name the
+ * kiln_gen_opts field (or the kiln_sampling field). */
+kiln_status kiln_gen_new(kiln_ctx *ctx, const kiln_tokenizer *tok, const kiln_config *cfg,
+                         const kiln_gen_opts *opts, const int32_t *prompt, size_t n_prompt,
+                         kiln_gen **out);
+void kiln_gen_free(kiln_gen *g);
+
+/* One generated token. */
+typedef struct kiln_gen_token {
+    int32_t id;                     /* -1 when none was sampled */
+    const char *text;               /* the text this token releases (with
+                                       the held-back tail when it is the
+                                       last); valid until the next call */
+    size_t len;
+    kiln_finish finish;             /* NONE while the sequence goes on */
+    kiln_token_logprob chosen;      /* opts.logprobs: this token's      */
+    const kiln_token_logprob *top;  /* and the n_top most likely ones   */
+    int n_top;
+} kiln_gen_token;
+
+/* Samples the next token from logits (V floats; overwritten as scratch),
+ * decides whether it ends the sequence and releases its text. A token
+ * that ends it by end-of-text or a stop token adds no text (the held-back
+ * tail is released); one that reaches max_tokens or completes a stop
+ * string does. After the end every call returns finish with id -1. */
+kiln_status kiln_gen_next(kiln_ctx *ctx, kiln_gen *g, float *logits, kiln_gen_token *out);
+/* Ends the sequence from outside (the context is full, the client left):
+ * text and len receive the held-back tail. No-op once ended. */
+void kiln_gen_end(kiln_gen *g, kiln_finish why, const char **text, size_t *len);
+int kiln_gen_count(const kiln_gen *g);           /* tokens generated */
+kiln_finish kiln_gen_finished(const kiln_gen *g); /* NONE while going */
+/* All text released so far (valid UTF-8, cut before a stop string). */
+const char *kiln_gen_text(const kiln_gen *g, size_t *len);
+
+/* Called for every token; return false to stop (KILN_FINISH_CANCELLED,
+ * after one more call carrying the held-back tail when there is one). */
+typedef bool (*kiln_gen_cb)(void *user, const kiln_gen_token *t);
+
+/* The whole loop for one sequence: prefills prompt (n >= 1 ids) into the
+ * engine's slot after what the slot holds, then samples, calls cb and
+ * feeds each token back until g ends; the context filling up ends it with
+ * KILN_FINISH_LENGTH. logits: V floats of scratch. */
+kiln_status kiln_generate(kiln_ctx *ctx, kiln_engine *e, int slot, kiln_gen *g,
+                          const int32_t *prompt, size_t n, float *logits, kiln_gen_cb cb,
+                          void *user);
+
 /* ======================================================================
  * serve: HTTP server
  * ====================================================================== */
