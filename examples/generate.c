@@ -1,12 +1,14 @@
 /*
  * generate.c — greedy or sampled generation on kiln.h: load a model
- * directory, pack it into an inference engine (KV cache), prefill the
- * prompt in one pass, then decode one token at a time.
+ * directory, pack it into an inference engine (KV cache), then run the
+ * library's generation loop (kiln_generate: prefill the prompt in one
+ * pass, then decode one token at a time), printing each token's text as
+ * it comes.
  *
  *   build/examples/generate MODEL_DIR [PROMPT] [MAX_TOKENS] [TEMPERATURE]
  *
- * Prints the prompt followed by the continuation, streamed through
- * kiln_textstream (whole UTF-8 characters only).
+ * Prints the prompt followed by the continuation (whole UTF-8 characters
+ * only) and, on stderr, why it stopped.
  */
 #include "kiln.h"
 
@@ -18,6 +20,15 @@ static int die(kiln_ctx *ctx, const char *what)
 {
     fprintf(stderr, "generate: %s: %s\n", what, kiln_errmsg(ctx));
     return 1;
+}
+
+/* Called for every generated token: print what it releases. */
+static bool print_token(void *user, const kiln_gen_token *t)
+{
+    (void)user;
+    fwrite(t->text, 1, t->len, stdout);
+    fflush(stdout);
+    return true;
 }
 
 int main(int argc, char **argv)
@@ -36,62 +47,41 @@ int main(int argc, char **argv)
     kiln_tokenizer *tok;
     if (kiln_model_load(ctx, dir, &model)) return die(ctx, "model");
     if (kiln_tokenizer_load(ctx, dir, &tok)) return die(ctx, "tokenizer");
+    const kiln_config cfg = *kiln_model_config(model);
     kiln_engine_opts eo = kiln_engine_opts_default();
     kiln_engine *eng;
     if (kiln_engine_new(ctx, model, &eo, &eng)) return die(ctx, "engine");
-    int V = kiln_model_config(model)->vocab_size;
-    int n_ctx = kiln_engine_n_ctx(eng);
+    kiln_model_free(model); /* the engine holds its own copy of the weights */
 
-    /* The prompt's tokens; an empty prompt starts from end-of-text (the
-     * document separator the model was trained with). */
-    int32_t *seq;
-    size_t n;
-    if (kiln_tokenizer_encode(ctx, tok, prompt, strlen(prompt), &seq, &n))
+    /* The prompt's tokens with the model's BOS rule; an empty prompt
+     * starts from BOS or end-of-text. */
+    int32_t *text_ids, *seq;
+    size_t n_text, n;
+    if (kiln_tokenizer_encode(ctx, tok, prompt, strlen(prompt), &text_ids, &n_text))
         return die(ctx, "encode");
-    if (n == 0) {
-        seq = realloc(seq, sizeof(int32_t));
-        seq[0] = kiln_tokenizer_eot(tok);
-        n = 1;
-    }
-    if ((int)n + max_tokens > n_ctx) max_tokens = n_ctx - (int)n;
+    if (kiln_prompt_ids(ctx, &cfg, tok, text_ids, n_text, &seq, &n)) return die(ctx, "prompt");
+    free(text_ids);
 
-    float *logits = malloc(sizeof(float) * V);
-    if (kiln_engine_prefill(ctx, eng, 0, seq, (int)n, logits))
-        return die(ctx, "prefill");
-    kiln_sampling sp = kiln_sampling_default();
-    sp.temperature = temperature;
-    sp.seed = 1;
-    kiln_sampler *smp;
-    if (kiln_sampler_new(ctx, &sp, V, &smp)) return die(ctx, "sampler");
-    kiln_sampler_add_prompt(smp, seq, n);
-
-    kiln_textstream *ts;
-    if (kiln_textstream_new(ctx, tok, NULL, 0, &ts)) return die(ctx, "textstream");
-    const char *out;
-    size_t len;
-    bool stopped = false;
+    kiln_gen_opts go = kiln_gen_opts_default();
+    go.sampling.temperature = temperature;
+    go.sampling.seed = 1;
+    go.max_tokens = max_tokens > 0 ? max_tokens : 1;
+    kiln_gen *g;
+    if (kiln_gen_new(ctx, tok, &cfg, &go, seq, n, &g)) return die(ctx, "generation options");
+    float *logits = malloc(sizeof(float) * (size_t)cfg.vocab_size);
+    if (!logits) return die(ctx, "out of memory");
     fputs(prompt, stdout);
-    for (int i = 0; i < max_tokens && !stopped; i++) {
-        int32_t next = kiln_sampler_sample(smp, logits, NULL, NULL);
-        if (next == kiln_tokenizer_eot(tok)) break;
-        if (kiln_textstream_push(ctx, ts, next, &out, &len, &stopped))
-            return die(ctx, "decode");
-        fwrite(out, 1, len, stdout);
-        fflush(stdout);
-        kiln_engine_tok et = {.slot = 0, .token = next, .want_logits = true};
-        if (kiln_engine_step(ctx, eng, &et, 1, logits)) return die(ctx, "decode step");
-    }
-    kiln_textstream_finish(ts, &out, &len);
-    fwrite(out, 1, len, stdout);
+    if (kiln_generate(ctx, eng, 0, g, seq, n, logits, print_token, NULL))
+        return die(ctx, "generate");
     fputc('\n', stdout);
+    fprintf(stderr, "generate: %d tokens, stopped by %s\n", kiln_gen_count(g),
+            kiln_finish_name(kiln_gen_finished(g)));
 
-    kiln_textstream_free(ts);
-    kiln_sampler_free(smp);
+    kiln_gen_free(g);
     free(logits);
     free(seq);
     kiln_engine_free(eng);
     kiln_tokenizer_free(tok);
-    kiln_model_free(model);
     kiln_ctx_free(ctx);
     return 0;
 }

@@ -32,10 +32,10 @@ fi
 m="$tmp/model"
 "$KILN" init --config "$KILN_ROOT/configs/gpt2-tiny.json" --out "$m" --seed 5 >/dev/null &&
   "$KILN" tokenizer convert --tokenizer bytes --out "$m/tokenizer.json" >/dev/null 2>&1
-a=$("$ex/generate" "$m" "Hello" 40 0 2>&1)
+a=$("$ex/generate" "$m" "Hello" 40 0 2>"$tmp/ex.err"); ra=$?
 b=$("$KILN" generate --model "$m" --prompt "Hello" --max-tokens 40 --temperature 0 --quiet 2>&1)
-if [ ${#a} -gt 10 ] && [ "$a" = "$b" ]; then
+if [ $ra -eq 0 ] && [ ${#a} -gt 10 ] && [ "$a" = "$b" ] && grep -q "stopped by" "$tmp/ex.err"; then
   echo "PASS examples_generate_matches_cli"
 else
-  printf 'example: %q\ncli    : %q\n' "$a" "$b"; echo "FAIL examples_generate_matches_cli"
+  printf 'example (exit %d): %q\ncli    : %q\n' "$ra" "$a" "$b"; cat "$tmp/ex.err"; echo "FAIL examples_generate_matches_cli"
 fi

@@ -18,7 +18,8 @@ typedef struct chat {
     kiln_tokenizer *tok;
     kiln_sampling sp;
     float *logits;
-    int V, eot, eos, stop_id, n_ctx, max_tokens;
+    kiln_config cfg;
+    int V, stop_id, n_ctx, max_tokens;
     kiln_chat_msg *hist; /* the conversation; contents are owned */
     int n, cap;
 } chat;
@@ -43,66 +44,61 @@ static void pop_to(chat *c, int n)
     while (c->n > n) free((char *)c->hist[--c->n].content);
 }
 
-/* One turn: the whole conversation is rendered with the chat template and
- * prefilled (matrix products make that cheap), then the reply streams. */
+static bool print_piece(void *user, const kiln_gen_token *t)
+{
+    (void)user;
+    fwrite(t->text, 1, t->len, stdout);
+    fflush(stdout);
+    return true;
+}
+
+/* One turn: the whole conversation is rendered with the chat template
+ * (BOS first where the model wants it, as the server does) and prefilled
+ * (matrix products make that cheap), then the reply streams through the
+ * library's generation loop, ending at <|im_end|>. */
 static kiln_status turn(chat *c, const char *user, uint64_t seed)
 {
     int keep = c->n;
     if (!push(c, "user", user)) return kiln_fail(c->ctx, KILN_ERR_NOMEM, "out of memory");
-    int32_t *ids = NULL;
-    size_t n = 0;
-    kiln_status st = kiln_chat_render(c->ctx, c->tok, c->hist, c->n, true, &ids, NULL, &n);
+    int32_t *ids = NULL, *rendered = NULL;
+    size_t n = 0, nr = 0;
+    kiln_status st = kiln_chat_render(c->ctx, c->tok, c->hist, c->n, true, &rendered, NULL, &nr);
+    if (!st) st = kiln_prompt_ids(c->ctx, &c->cfg, c->tok, rendered, nr, &ids, &n);
+    free(rendered);
     if (!st && (int)n + 8 >= c->n_ctx)
         st = kiln_fail(c->ctx, KILN_ERR_RANGE,
                        "the conversation (%zu tokens) no longer fits the %d-token context; "
                        "type /reset", n, c->n_ctx);
+    kiln_gen *g = NULL;
+    kiln_gen_opts go = kiln_gen_opts_default();
+    go.sampling = c->sp;
+    go.sampling.seed = seed;
+    go.max_tokens = c->max_tokens;
+    const char *stop = "<|im_end|>";
+    int32_t stop_id = c->stop_id;
+    go.stops = &stop;
+    go.n_stops = 1;
+    go.stop_ids = &stop_id;
+    go.n_stop_ids = stop_id >= 0 ? 1 : 0;
+    if (!st) st = kiln_gen_new(c->ctx, c->tok, &c->cfg, &go, ids, n, &g);
+    double t0 = kiln_time_now();
     if (!st) {
         kiln_engine_reset(c->e, 0);
-        st = kiln_engine_prefill(c->ctx, c->e, 0, ids, (int)n, c->logits);
+        st = kiln_generate(c->ctx, c->e, 0, g, ids, n, c->logits, print_piece, NULL);
     }
     free(ids);
-    if (st) {
+    if (st && !g) {
         pop_to(c, keep);
         return st;
     }
-    kiln_sampling sp = c->sp;
-    sp.seed = seed;
-    kiln_sampler *smp = NULL;
-    kiln_textstream *ts = NULL;
-    const char *stop = "<|im_end|>";
-    if ((st = kiln_sampler_new(c->ctx, &sp, c->V, &smp))) return st;
-    if ((st = kiln_textstream_new(c->ctx, c->tok, &stop, 1, &ts))) {
-        kiln_sampler_free(smp);
-        return st;
-    }
-    double t0 = kiln_time_now();
-    int gen = 0;
-    while (gen < c->max_tokens && kiln_engine_pos(c->e, 0) < c->n_ctx) {
-        int32_t id = kiln_sampler_sample(smp, c->logits, NULL, NULL);
-        gen++;
-        if (id == c->eot || id == c->eos || id == c->stop_id) break;
-        const char *o;
-        size_t len;
-        bool stopped;
-        if ((st = kiln_textstream_push(c->ctx, ts, id, &o, &len, &stopped))) break;
-        fwrite(o, 1, len, stdout);
-        fflush(stdout);
-        if (stopped || kiln_engine_pos(c->e, 0) >= c->n_ctx) break;
-        kiln_engine_tok tk = {0, id, true};
-        if ((st = kiln_engine_step(c->ctx, c->e, &tk, 1, c->logits))) break;
-    }
-    const char *o;
-    size_t len;
-    kiln_textstream_finish(ts, &o, &len);
-    fwrite(o, 1, len, stdout);
     double dt = kiln_time_now() - t0;
+    int gen = kiln_gen_count(g);
     fprintf(stdout, "\n");
     fflush(stdout);
     fprintf(stderr, "[%d tokens, %.1f tok/s]\n", gen, dt > 0 ? gen / dt : 0.0);
-    if (!st && !push(c, "assistant", kiln_textstream_text(ts, NULL)))
+    if (!st && !push(c, "assistant", kiln_gen_text(g, NULL)))
         st = kiln_fail(c->ctx, KILN_ERR_NOMEM, "out of memory");
-    kiln_textstream_free(ts);
-    kiln_sampler_free(smp);
+    kiln_gen_free(g);
     return st;
 }
 
@@ -132,8 +128,8 @@ int cmd_chat(int argc, char **argv)
                        "/reset forgets the conversation, /exit quits.",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
-    if (max_tokens < 0) {
-        fprintf(stderr, "kiln chat: --max-tokens must be >= 0\n");
+    if (max_tokens < 1) {
+        fprintf(stderr, "kiln chat: --max-tokens must be >= 1 (got %d)\n", max_tokens);
         return 2;
     }
     chat c = {0};
@@ -172,8 +168,7 @@ int cmd_chat(int argc, char **argv)
                        kiln_tokenizer_vocab_size(c.tok), kiln_model_config(m)->vocab_size);
     if (!st) {
         c.V = kiln_model_config(m)->vocab_size;
-        c.eos = kiln_model_config(m)->eos_token_id;
-        c.eot = kiln_tokenizer_eot(c.tok);
+        c.cfg = *kiln_model_config(m);
         c.stop_id = kiln_chat_stop_id(c.tok);
         if (system && *system && !push(&c, "system", system))
             st = kiln_fail(c.ctx, KILN_ERR_NOMEM, "out of memory");

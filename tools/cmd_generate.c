@@ -10,6 +10,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Prints each token's text as it comes; notes when the first arrived
+ * (the end of the prefill). */
+typedef struct gen_clock {
+    double t0, t1;
+} gen_clock;
+
+static bool print_token(void *user, const kiln_gen_token *t)
+{
+    gen_clock *c = user;
+    if (c->t1 == 0) c->t1 = kiln_time_now();
+    fwrite(t->text, 1, t->len, stdout);
+    fflush(stdout);
+    return true;
+}
+
 int cmd_generate(int argc, char **argv)
 {
     const char *model = NULL, *prompt = NULL, *tokenizer = NULL, *dtype = "fp32";
@@ -82,8 +97,7 @@ int cmd_generate(int argc, char **argv)
     kiln_model *m = NULL;
     kiln_tokenizer *tok = NULL;
     kiln_engine *e = NULL;
-    kiln_sampler *smp = NULL;
-    kiln_textstream *ts = NULL;
+    kiln_gen *g = NULL;
     int32_t *ids = NULL;
     float *logits = NULL;
     kiln_sampling sp = kiln_sampling_default();
@@ -127,24 +141,13 @@ int cmd_generate(int argc, char **argv)
     kiln_model_free(m);
     m = NULL;
     const int V = cfg.vocab_size, n_ctx = kiln_engine_n_ctx(e);
-    const int eot = kiln_tokenizer_eot(tok);
-    size_t n = 0;
+    size_t n = 0, n_text = 0;
     const char *p = prompt ? prompt : "";
-    if ((st = kiln_tokenizer_encode(ctx, tok, p, strlen(p), &ids, &n))) goto fail;
-    if (n == 0) {
-        /* nothing to continue: start from end-of-text (or BOS) */
-        free(ids);
-        ids = malloc(sizeof(int32_t));
-        ids[0] = cfg.bos_token_id >= 0 ? cfg.bos_token_id : eot;
-        n = 1;
-    } else if (cfg.arch == KILN_ARCH_LLAMA && cfg.bos_token_id >= 0) {
-        int32_t *t = malloc((n + 1) * sizeof(int32_t));
-        t[0] = cfg.bos_token_id;
-        memcpy(t + 1, ids, n * sizeof(int32_t));
-        free(ids);
-        ids = t;
-        n++;
-    }
+    int32_t *text_ids = NULL;
+    if ((st = kiln_tokenizer_encode(ctx, tok, p, strlen(p), &text_ids, &n_text))) goto fail;
+    st = kiln_prompt_ids(ctx, &cfg, tok, text_ids, n_text, &ids, &n);
+    free(text_ids);
+    if (st) goto fail;
     if ((int)n >= n_ctx) {
         st = kiln_fail(ctx, KILN_ERR_RANGE,
                        "the prompt is %zu tokens; the context is %d (shorten --prompt or raise --ctx)",
@@ -156,10 +159,15 @@ int cmd_generate(int argc, char **argv)
                 max_tokens, n_ctx - (int)n);
         max_tokens = n_ctx - (int)n;
     }
-    if ((st = kiln_sampler_new(ctx, &sp, V, &smp))) goto fail;
-    kiln_sampler_add_prompt(smp, ids, n);
-    if ((st = kiln_textstream_new(ctx, tok, (const char *const *)stops.items, stops.n, &ts)))
-        goto fail;
+    kiln_gen_opts go = kiln_gen_opts_default();
+    go.sampling = sp;
+    go.max_tokens = max_tokens > 0 ? max_tokens : 1;
+    go.ignore_eos = ignore_eos;
+    go.stops = (const char *const *)stops.items;
+    go.n_stops = stops.n;
+    go.stop_ids = stop_ids;
+    go.n_stop_ids = n_stop_ids;
+    if ((st = kiln_gen_new(ctx, tok, &cfg, &go, ids, n, &g))) goto fail;
     logits = malloc((size_t)V * sizeof(float));
     if (!logits) {
         st = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
@@ -169,53 +177,22 @@ int cmd_generate(int argc, char **argv)
         fputs(prompt, stdout);
         fflush(stdout);
     }
-    double t0 = kiln_time_now();
-    if ((st = kiln_engine_prefill(ctx, e, 0, ids, (int)n, logits))) goto fail;
-    double t1 = kiln_time_now();
-    int gen = 0;
-    const char *why = "length";
-    while (gen < max_tokens) {
-        int32_t id = kiln_sampler_sample(smp, logits, NULL, NULL);
-        gen++;
-        if (!ignore_eos && (id == eot || id == cfg.eos_token_id)) {
-            why = "end-of-text";
-            break;
-        }
-        bool stop_tok = false;
-        for (int i = 0; i < n_stop_ids; i++) stop_tok = stop_tok || id == stop_ids[i];
-        if (stop_tok) {
-            why = "stop token";
-            break;
-        }
-        const char *o;
-        size_t len;
-        bool stopped;
-        if ((st = kiln_textstream_push(ctx, ts, id, &o, &len, &stopped))) goto fail;
-        fwrite(o, 1, len, stdout);
-        fflush(stdout);
-        if (stopped) {
-            why = "stop string";
-            break;
-        }
-        if (gen == max_tokens) break;
-        kiln_engine_tok tk = {0, id, true};
-        if ((st = kiln_engine_step(ctx, e, &tk, 1, logits))) goto fail;
-    }
+    gen_clock clk = {.t0 = kiln_time_now()};
+    if (max_tokens > 0 && (st = kiln_generate(ctx, e, 0, g, ids, n, logits, print_token, &clk)))
+        goto fail;
     double t2 = kiln_time_now();
-    const char *o;
-    size_t len;
-    kiln_textstream_finish(ts, &o, &len);
-    fwrite(o, 1, len, stdout);
     fputc('\n', stdout);
     fflush(stdout);
     if (!quiet) {
         /* decode steps: one forward per generated token after the first */
-        int steps = gen > 0 ? gen - 1 : 0;
+        int gen = kiln_gen_count(g), steps = gen > 0 ? gen - 1 : 0;
+        double t1 = clk.t1 > 0 ? clk.t1 : t2;
         fprintf(stderr,
                 "[kiln generate] prefill %zu tokens in %.1f ms (%.0f tok/s); decode %d tokens in "
                 "%.1f ms (%.1f tok/s); stopped by %s; %s weights\n",
-                n, (t1 - t0) * 1e3, (double)n / (t1 - t0 > 0 ? t1 - t0 : 1e-9), gen,
-                (t2 - t1) * 1e3, steps > 0 ? (double)steps / (t2 - t1) : 0.0, why,
+                n, (t1 - clk.t0) * 1e3, (double)n / (t1 - clk.t0 > 0 ? t1 - clk.t0 : 1e-9), gen,
+                (t2 - t1) * 1e3, steps > 0 ? (double)steps / (t2 - t1) : 0.0,
+                max_tokens > 0 ? kiln_finish_name(kiln_gen_finished(g)) : "length",
                 wt == KILN_WTYPE_BF16 ? "bf16" : "fp32");
     }
     rc = 0;
@@ -225,8 +202,7 @@ fail:
 out:
     free(logits);
     free(ids);
-    kiln_textstream_free(ts);
-    kiln_sampler_free(smp);
+    kiln_gen_free(g);
     kiln_engine_free(e);
     kiln_tokenizer_free(tok);
     kiln_model_free(m);
