@@ -18,7 +18,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (int i = 0; i < f.n_tensors; i++) {
             const st_tensor *t = &f.tensors[i];
             KILN_ASSERT(t->begin <= t->end && t->end <= f.data_size);
-            KILN_ASSERT(t->end - t->begin == t->numel * dtype_size(t->dtype));
+            KILN_ASSERT(t->end - t->begin == dtype_row_bytes(t->dtype, (int64_t)t->numel));
             float *dst = malloc(t->numel * sizeof(float) + 1);
             if (dst) st_read_f32(ctx, &f, t, "fuzz", dst);
             free(dst);

@@ -13,6 +13,7 @@
 #ifndef KILN_H
 #define KILN_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -120,11 +121,56 @@ double kiln_time_now(void);
  * tensor: dtypes
  * ====================================================================== */
 
+/* The element type of a tensor: one enum for files, storage and compute.
+ * Values 0..999 ARE GGUF's tensor type numbers (ggml's enum ggml_type), so
+ * a GGUF header's type field is a kiln_dtype as it stands; numbers GGUF
+ * defines that kiln has no entry for yet (the IQ formats, 16..23 and 29)
+ * are left out, never reused. Types that safetensors has and GGUF does not
+ * are numbered from 1000 up, where GGUF never goes. Block-quantized types
+ * (Q*) store blocks of 32 or 256 elements; the rest store one element per
+ * "block". Sizes, names and conversions: kiln_dtype_name and, inside the
+ * library, the traits table of src/tensor/tensor.h (docs/architecture.md,
+ * "dtypes"). Values are only ever appended. */
+typedef enum kiln_dtype {
+    KILN_DTYPE_F32 = 0,
+    KILN_DTYPE_F16 = 1,
+    KILN_DTYPE_Q4_0 = 2,
+    KILN_DTYPE_Q4_1 = 3,
+    KILN_DTYPE_Q5_0 = 6,
+    KILN_DTYPE_Q5_1 = 7,
+    KILN_DTYPE_Q8_0 = 8,
+    KILN_DTYPE_Q8_1 = 9,
+    KILN_DTYPE_Q2_K = 10,
+    KILN_DTYPE_Q3_K = 11,
+    KILN_DTYPE_Q4_K = 12,
+    KILN_DTYPE_Q5_K = 13,
+    KILN_DTYPE_Q6_K = 14,
+    KILN_DTYPE_Q8_K = 15,
+    KILN_DTYPE_I8 = 24,
+    KILN_DTYPE_I16 = 25,
+    KILN_DTYPE_I32 = 26,
+    KILN_DTYPE_I64 = 27,
+    KILN_DTYPE_F64 = 28,
+    KILN_DTYPE_BF16 = 30,
+    /* not in GGUF (safetensors only): a private range */
+    KILN_DTYPE_U8 = 1000,
+    KILN_DTYPE_BOOL = 1001,
+    KILN_DTYPE_U16 = 1002,
+    KILN_DTYPE_U32 = 1003,
+    KILN_DTYPE_U64 = 1004,
+    KILN_DTYPE_END /* one past the largest value; not a type */
+} kiln_dtype;
+
+/* GGUF's (ggml's) name of t ("f32", "bf16", "q4_0", "q6_K", ...; for the
+ * private range, the safetensors spelling in lower case: "u8", "bool");
+ * "?" for a value that is not a kiln_dtype. Static storage. */
+const char *kiln_dtype_name(kiln_dtype t);
+/* Whether t is one of the values above. */
+bool kiln_dtype_valid(int t);
+
 /* ======================================================================
  * model: config, parameters, forward, backward
  * ====================================================================== */
-
-#include <stdbool.h>
 
 typedef enum kiln_arch {
     KILN_ARCH_GPT2 = 0,  /* learned positions, LayerNorm, GELU MLP, biases */

@@ -37,7 +37,7 @@ static kiln_status parse_entry(kiln_ctx *ctx, const char *what,
         return kiln_fail(ctx, KILN_ERR_FORMAT,
                          "%s: tensor \"%s\": needs \"dtype\" (string), \"shape\" "
                          "(array) and \"data_offsets\" (array)", what, key);
-    int d = dtype_from_name(json_string_value(dt));
+    int d = dtype_from_st_name(json_string_value(dt));
     if (d < 0)
         return kiln_fail(ctx, KILN_ERR_FORMAT,
                          "%s: tensor \"%s\": unknown dtype \"%s\"", what, key,
@@ -77,11 +77,11 @@ static kiln_status parse_entry(kiln_ctx *ctx, const char *what,
                          what, key, (long long)b, (long long)e, data_size);
     t->begin = (size_t)b;
     t->end = (size_t)e;
-    if (t->end - t->begin != numel * dtype_size(t->dtype))
+    size_t need = numel * dtype_traits_of(t->dtype)->block_bytes; /* block 1 */
+    if (t->end - t->begin != need)
         return kiln_fail(ctx, KILN_ERR_FORMAT,
                          "%s: tensor \"%s\": %zu bytes in data_offsets but shape x "
-                         "dtype needs %zu", what, key, t->end - t->begin,
-                         numel * dtype_size(t->dtype));
+                         "dtype needs %zu", what, key, t->end - t->begin, need);
     return KILN_OK;
 }
 
@@ -233,7 +233,8 @@ kiln_status st_read_f32(kiln_ctx *ctx, const st_file *f, const st_tensor *t,
     default:
         return kiln_fail(ctx, KILN_ERR_FORMAT,
                          "%s: tensor \"%s\" has dtype %s; expected a float type "
-                         "(F32, BF16, F16 or F64)", what, t->name, dtype_name(t->dtype));
+                         "(F32, BF16, F16 or F64)", what, t->name,
+                         dtype_traits_of(t->dtype)->st_name);
     }
     return KILN_OK;
 }
@@ -253,15 +254,23 @@ kiln_status st_save(kiln_ctx *ctx, const char *path, const st_entry *e,
     json_object_set_new(h, "__metadata__", meta);
     size_t pos = 0;
     for (int i = 0; i < n; i++) {
+        const dtype_traits *tr = dtype_traits_of(e[i].dtype);
+        if (!tr || !tr->st_name || tr->block != 1) {
+            json_decref(h);
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "%s: tensor \"%s\": dtype %s has no safetensors spelling "
+                             "(safetensors stores plain types: F32, BF16, F16, I32, ...)",
+                             path, e[i].name, kiln_dtype_name(e[i].dtype));
+        }
         size_t numel = 1;
         json_t *sh = json_array();
         for (int d = 0; d < e[i].ndim; d++) {
             numel *= (size_t)e[i].shape[d];
             json_array_append_new(sh, json_integer(e[i].shape[d]));
         }
-        size_t bytes = numel * dtype_size(e[i].dtype);
+        size_t bytes = numel * tr->block_bytes;
         json_t *ent = json_object();
-        json_object_set_new(ent, "dtype", json_string(dtype_name(e[i].dtype)));
+        json_object_set_new(ent, "dtype", json_string(tr->st_name));
         json_object_set_new(ent, "shape", sh);
         json_object_set_new(ent, "data_offsets",
                             json_pack("[II]", (json_int_t)pos, (json_int_t)(pos + bytes)));
@@ -288,7 +297,7 @@ kiln_status st_save(kiln_ctx *ctx, const char *path, const st_entry *e,
     for (int i = 0; i < n; i++) {
         size_t numel = 1;
         for (int d = 0; d < e[i].ndim; d++) numel *= (size_t)e[i].shape[d];
-        file_writer_write(&w, e[i].data, numel * dtype_size(e[i].dtype));
+        file_writer_write(&w, e[i].data, numel * dtype_traits_of(e[i].dtype)->block_bytes);
     }
     return file_writer_commit(ctx, &w);
 }

@@ -5,7 +5,8 @@
  * "__metadata__": {str: str}}), then the data buffer.
  *
  * Parsing validates everything the reference implementation does: header
- * size bounds (<= 100 MB and inside the file), JSON shape, known dtypes,
+ * size bounds (<= 100 MB and inside the file), JSON shape, known dtypes
+ * (the plain types of the traits table, src/tensor/tensor.h),
  * shapes whose element count times the dtype size equals the byte range,
  * offsets inside the data buffer, no overlaps and no holes (the byte ranges
  * tile the buffer exactly). Any violation is KILN_ERR_FORMAT with a message
@@ -62,7 +63,9 @@ typedef struct st_entry {
 
 /* Writes the tensors (in the given order) atomically to path, with
  * __metadata__ {"format": "pt"} plus the optional extra string pairs
- * meta_kv[0..2*n_meta) (key, value, key, value, ...). */
+ * meta_kv[0..2*n_meta) (key, value, key, value, ...). A dtype without
+ * a safetensors spelling (the Q* block types) is KILN_ERR_INVALID_ARG,
+ * nothing written. */
 kiln_status st_save(kiln_ctx *ctx, const char *path, const st_entry *e,
                     int n, const char *const *meta_kv, int n_meta);
 

@@ -1,8 +1,10 @@
 /*
- * dtype.c — element sizes, safetensors dtype names and fp32 <-> bf16/fp16
- * conversions (round to nearest even; NaN stays NaN; overflow -> inf;
- * fp16 subnormals handled exactly). The bulk loops use F16C / AVX-512 BF16
- * instructions when the compiler targets them, else the scalar code.
+ * dtype.c — the traits table of the one dtype enum (sizes, GGUF and
+ * safetensors names, conversions to and from fp32) and the fp32 <->
+ * bf16/fp16 conversions (round to nearest even; NaN stays NaN; overflow ->
+ * inf; fp16 subnormals handled exactly). The bulk loops use F16C / AVX-512
+ * instructions when the compiler targets them, else the scalar code. The
+ * block-quantized types' conversions are in quant.c.
  */
 #include "tensor/tensor.h"
 
@@ -11,33 +13,149 @@
 #include <immintrin.h>
 #endif
 
-static const struct {
-    const char *name;
-    size_t size;
-} dtypes[KILN_DTYPE_COUNT] = {
-    [KILN_DTYPE_F32] = {"F32", 4},   [KILN_DTYPE_BF16] = {"BF16", 2},
-    [KILN_DTYPE_F16] = {"F16", 2},   [KILN_DTYPE_F64] = {"F64", 8},
-    [KILN_DTYPE_I32] = {"I32", 4},   [KILN_DTYPE_I64] = {"I64", 8},
-    [KILN_DTYPE_U8] = {"U8", 1},     [KILN_DTYPE_I8] = {"I8", 1},
-    [KILN_DTYPE_U16] = {"U16", 2},   [KILN_DTYPE_I16] = {"I16", 2},
-    [KILN_DTYPE_U32] = {"U32", 4},   [KILN_DTYPE_U64] = {"U64", 8},
-    [KILN_DTYPE_BOOL] = {"BOOL", 1},
+/* ---- plain types' row conversions ------------------------------------- */
+
+static void f32_to_float(const void *src, float *dst, int64_t n)
+{
+    memcpy(dst, src, (size_t)n * 4);
+}
+static void f32_from_float(const float *src, void *dst, int64_t n)
+{
+    memcpy(dst, src, (size_t)n * 4);
+}
+static void f16_row_to_float(const void *src, float *dst, int64_t n)
+{
+    f16_to_f32_n(dst, src, (size_t)n);
+}
+static void f16_row_from_float(const float *src, void *dst, int64_t n)
+{
+    f32_to_f16_n(dst, src, (size_t)n);
+}
+static void bf16_row_to_float(const void *src, float *dst, int64_t n)
+{
+    bf16_to_f32_n(dst, src, (size_t)n);
+}
+static void bf16_row_from_float(const float *src, void *dst, int64_t n)
+{
+    f32_to_bf16_n(dst, src, (size_t)n);
+}
+static void f64_from_float(const float *src, void *dst, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        double v = src[i];
+        memcpy((char *)dst + 8 * i, &v, 8);
+    }
+}
+
+/* Integer and f64 rows widen element by element (memcpy: the file's bytes
+ * need not be aligned). */
+#define WIDEN(fn, T)                                                    \
+    static void fn(const void *src, float *dst, int64_t n)              \
+    {                                                                   \
+        for (int64_t i = 0; i < n; i++) {                               \
+            T v;                                                        \
+            memcpy(&v, (const char *)src + (size_t)i * sizeof(T), sizeof(T)); \
+            dst[i] = (float)v;                                          \
+        }                                                               \
+    }
+WIDEN(f64_to_float, double)
+WIDEN(i8_to_float, int8_t)
+WIDEN(i16_to_float, int16_t)
+WIDEN(i32_to_float, int32_t)
+WIDEN(i64_to_float, int64_t)
+WIDEN(u8_to_float, uint8_t)
+WIDEN(u16_to_float, uint16_t)
+WIDEN(u32_to_float, uint32_t)
+WIDEN(u64_to_float, uint64_t)
+#undef WIDEN
+
+static void bool_to_float(const void *src, float *dst, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) dst[i] = ((const uint8_t *)src)[i] ? 1.0f : 0.0f;
+}
+
+/* ---- the table -------------------------------------------------------- */
+
+/* Block sizes and bytes per block of the Q types are ggml's (ggml-common.h:
+ * QK4_0 = QK8_0 = 32, QK_K = 256). Types with NULL conversions have their
+ * sizes here so a file reader can skip or copy them. */
+#define PLAIN(T, nm, st, bytes, tf, ff) \
+    {KILN_DTYPE_##T, nm, st, 1, bytes, false, tf, ff}
+#define QUANT(T, nm, blk, bytes, tf, ff) \
+    {KILN_DTYPE_##T, nm, NULL, blk, bytes, true, tf, ff}
+static const dtype_traits traits[] = {
+    PLAIN(F32, "f32", "F32", 4, f32_to_float, f32_from_float),
+    PLAIN(F16, "f16", "F16", 2, f16_row_to_float, f16_row_from_float),
+    QUANT(Q4_0, "q4_0", 32, 18, q4_0_to_float, q4_0_from_float),
+    QUANT(Q4_1, "q4_1", 32, 20, NULL, NULL),
+    QUANT(Q5_0, "q5_0", 32, 22, NULL, NULL),
+    QUANT(Q5_1, "q5_1", 32, 24, NULL, NULL),
+    QUANT(Q8_0, "q8_0", 32, 34, q8_0_to_float, q8_0_from_float),
+    QUANT(Q8_1, "q8_1", 32, 36, NULL, NULL),
+    QUANT(Q2_K, "q2_K", 256, 84, NULL, NULL),
+    QUANT(Q3_K, "q3_K", 256, 110, NULL, NULL),
+    QUANT(Q4_K, "q4_K", 256, 144, q4_k_to_float, q4_k_from_float),
+    QUANT(Q5_K, "q5_K", 256, 176, NULL, NULL),
+    QUANT(Q6_K, "q6_K", 256, 210, q6_k_to_float, q6_k_from_float),
+    QUANT(Q8_K, "q8_K", 256, 292, NULL, NULL),
+    PLAIN(I8, "i8", "I8", 1, i8_to_float, NULL),
+    PLAIN(I16, "i16", "I16", 2, i16_to_float, NULL),
+    PLAIN(I32, "i32", "I32", 4, i32_to_float, NULL),
+    PLAIN(I64, "i64", "I64", 8, i64_to_float, NULL),
+    PLAIN(F64, "f64", "F64", 8, f64_to_float, f64_from_float),
+    PLAIN(BF16, "bf16", "BF16", 2, bf16_row_to_float, bf16_row_from_float),
+    PLAIN(U8, "u8", "U8", 1, u8_to_float, NULL),
+    PLAIN(BOOL, "bool", "BOOL", 1, bool_to_float, NULL),
+    PLAIN(U16, "u16", "U16", 2, u16_to_float, NULL),
+    PLAIN(U32, "u32", "U32", 4, u32_to_float, NULL),
+    PLAIN(U64, "u64", "U64", 8, u64_to_float, NULL),
 };
+#undef PLAIN
+#undef QUANT
+enum { N_TYPES = sizeof traits / sizeof traits[0] };
 
-size_t dtype_size(kiln_dtype t)
+const kiln_dtype dtype_list[] = {
+    KILN_DTYPE_F32,  KILN_DTYPE_F16,  KILN_DTYPE_Q4_0, KILN_DTYPE_Q4_1, KILN_DTYPE_Q5_0,
+    KILN_DTYPE_Q5_1, KILN_DTYPE_Q8_0, KILN_DTYPE_Q8_1, KILN_DTYPE_Q2_K, KILN_DTYPE_Q3_K,
+    KILN_DTYPE_Q4_K, KILN_DTYPE_Q5_K, KILN_DTYPE_Q6_K, KILN_DTYPE_Q8_K, KILN_DTYPE_I8,
+    KILN_DTYPE_I16,  KILN_DTYPE_I32,  KILN_DTYPE_I64,  KILN_DTYPE_F64,  KILN_DTYPE_BF16,
+    KILN_DTYPE_U8,   KILN_DTYPE_BOOL, KILN_DTYPE_U16,  KILN_DTYPE_U32,  KILN_DTYPE_U64,
+};
+_Static_assert(sizeof dtype_list / sizeof dtype_list[0] == N_TYPES,
+               "dtype_list and traits list the same types");
+
+int dtype_count(void) { return N_TYPES; }
+
+const dtype_traits *dtype_traits_of(kiln_dtype t)
 {
-    return (unsigned)t < KILN_DTYPE_COUNT ? dtypes[t].size : 0;
+    /* 25 entries: a scan is as fast as an index table and cannot get out
+     * of step with the enum (test_dtype checks every entry's type). */
+    for (int i = 0; i < N_TYPES; i++)
+        if (traits[i].type == t) return &traits[i];
+    return NULL;
 }
 
-const char *dtype_name(kiln_dtype t)
+bool kiln_dtype_valid(int t) { return dtype_traits_of((kiln_dtype)t) != NULL; }
+
+const char *kiln_dtype_name(kiln_dtype t)
 {
-    return (unsigned)t < KILN_DTYPE_COUNT ? dtypes[t].name : "?";
+    const dtype_traits *tr = dtype_traits_of(t);
+    return tr ? tr->name : "?";
 }
 
-int dtype_from_name(const char *s)
+size_t dtype_row_bytes(kiln_dtype t, int64_t n)
 {
-    for (int i = 0; i < KILN_DTYPE_COUNT; i++)
-        if (!strcmp(s, dtypes[i].name)) return i;
+    const dtype_traits *tr = dtype_traits_of(t);
+    if (!tr || n < 0 || n % tr->block) return (size_t)-1;
+    uint64_t blocks = (uint64_t)(n / tr->block);
+    if (blocks > (uint64_t)(SIZE_MAX / 2) / tr->block_bytes) return (size_t)-1;
+    return (size_t)blocks * tr->block_bytes;
+}
+
+int dtype_from_st_name(const char *s)
+{
+    for (int i = 0; i < N_TYPES; i++)
+        if (traits[i].st_name && !strcmp(s, traits[i].st_name)) return (int)traits[i].type;
     return -1;
 }
 
@@ -54,16 +172,6 @@ static float u2f(uint32_t u)
     memcpy(&f, &u, 4);
     return f;
 }
-
-uint16_t f32_to_bf16(float f)
-{
-    uint32_t u = f2u(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-float bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
 
 uint16_t f32_to_f16(float f)
 {
