@@ -71,8 +71,8 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
     uint16_t *qkvh = malloc(nq * 2);
     for (size_t i = 0; i < nq; i++) {
         bool isq = (int)(i % S) < NH * HS;
-        qkvh[i] = mp_f32_to_bf16_1((isq ? qs : 1.0f) * kiln_rng_normal(&rng));
-        qkv[i] = mp_bf16_to_f32_1(qkvh[i]);
+        qkvh[i] = f32_to_bf16((isq ? qs : 1.0f) * kiln_rng_normal(&rng));
+        qkv[i] = bf16_to_f32(qkvh[i]);
     }
     for (size_t i = 0; i < no; i++) dout[i] = kiln_rng_normal(&rng);
     double *out = malloc(no * 8), *lse = malloc(nl * 8), *Mo = malloc(no * 8);

@@ -35,19 +35,19 @@ static uint32_t f_bits(float f)
 
 static void test_bf16_known_values(void)
 {
-    CHECK_EQ(mp_f32_to_bf16_1(1.0f), 0x3f80);
-    CHECK_EQ(mp_f32_to_bf16_1(-2.0f), 0xc000);
+    CHECK_EQ(f32_to_bf16(1.0f), 0x3f80);
+    CHECK_EQ(f32_to_bf16(-2.0f), 0xc000);
     /* 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even -> 1. */
-    CHECK_EQ(mp_f32_to_bf16_1(1.0f + 1.0f / 256), 0x3f80);
+    CHECK_EQ(f32_to_bf16(1.0f + 1.0f / 256), 0x3f80);
     /* 1 + 3*2^-8 is a tie between 1+2^-7 and 1+2^-6: even -> 1+2^-6. */
-    CHECK_EQ(mp_f32_to_bf16_1(1.0f + 3.0f / 256), 0x3f82);
-    CHECK_EQ(mp_f32_to_bf16_1(1.0f + 1.0f / 256 + 1.0f / 65536), 0x3f81);
-    CHECK_EQ(mp_f32_to_bf16_1(bits_f(0x7f800000u)), 0x7f80);     /* inf */
-    CHECK_EQ(mp_f32_to_bf16_1(bits_f(0x7f7fffffu)), 0x7f80);     /* max -> inf */
-    uint16_t nan = mp_f32_to_bf16_1(bits_f(0x7f800001u));       /* sNaN stays NaN */
+    CHECK_EQ(f32_to_bf16(1.0f + 3.0f / 256), 0x3f82);
+    CHECK_EQ(f32_to_bf16(1.0f + 1.0f / 256 + 1.0f / 65536), 0x3f81);
+    CHECK_EQ(f32_to_bf16(bits_f(0x7f800000u)), 0x7f80);     /* inf */
+    CHECK_EQ(f32_to_bf16(bits_f(0x7f7fffffu)), 0x7f80);     /* max -> inf */
+    uint16_t nan = f32_to_bf16(bits_f(0x7f800001u));       /* sNaN stays NaN */
     CHECK((nan & 0x7f80) == 0x7f80 && (nan & 0x7f) != 0);
-    CHECK_EQ(mp_f32_to_bf16_1(bits_f(0x00010000u)), 0x0001);     /* subnormal kept */
-    CHECK(mp_bf16_to_f32_1(0x4049) == 3.140625f);
+    CHECK_EQ(f32_to_bf16(bits_f(0x00010000u)), 0x0001);     /* subnormal kept */
+    CHECK(bf16_to_f32(0x4049) == 3.140625f);
 }
 
 static void test_f16_known_values(void)
@@ -86,11 +86,11 @@ static void test_arrays_match_scalar(void)
     x[2] = bits_f(0x00000001u);
     int bad = 0;
     mp_f32_to_bf16(x, h, N);
-    for (int i = 0; i < N; i++) bad += h[i] != mp_f32_to_bf16_1(x[i]);
+    for (int i = 0; i < N; i++) bad += h[i] != f32_to_bf16(x[i]);
     CHECK_EQ(bad, 0);
     mp_bf16_to_f32(h, y, N);
     bad = 0;
-    for (int i = 0; i < N; i++) bad += f_bits(y[i]) != f_bits(mp_bf16_to_f32_1(h[i]));
+    for (int i = 0; i < N; i++) bad += f_bits(y[i]) != f_bits(bf16_to_f32(h[i]));
     CHECK_EQ(bad, 0);
     mp_f32_to_f16(x, h, N);
     bad = 0;
@@ -125,7 +125,7 @@ static void test_arrays_match_scalar(void)
 
 static float round_dt(mp_dtype dt, float v)
 {
-    return dt == MP_BF16 ? mp_bf16_to_f32_1(mp_f32_to_bf16_1(v))
+    return dt == MP_BF16 ? bf16_to_f32(f32_to_bf16(v))
                          : mp_f16_to_f32_1(mp_f32_to_f16_1(v));
 }
 
@@ -435,7 +435,7 @@ static void test_bf16_is_not_fp32(void)
 
 /* ---- bf16 activation kernels (bf16_act.c) against double formulas ---- */
 
-static double bfd(float x) { return (double)mp_bf16_to_f32_1(mp_f32_to_bf16_1(x)); }
+static double bfd(float x) { return (double)bf16_to_f32(f32_to_bf16(x)); }
 
 static double gelu_d(double x)
 {
@@ -626,7 +626,7 @@ static void test_pack_dy(void)
                 memset(xt, 0xff, nx * 2);
                 mp_pack_a_tokens(xt, pa0, N, OC, act);
                 for (size_t t = 0; t < (size_t)N * OC; t++) {
-                    float v = mp_bf16_to_f32_1(mp_f32_to_bf16_1(dy[t]));
+                    float v = bf16_to_f32(f32_to_bf16(dy[t]));
                     g[t] = act == MP_ACT_GELU ? (float)bfd((float)gelu_d(v)) : v;
                 }
                 mp_pack_a(MP_BF16, true, OC, N, g, OC, pt0);
@@ -635,7 +635,7 @@ static void test_pack_dy(void)
                  * to |GELU| + 1e-3, as in test_act_pack_and_bwd) */
                 int bad = 0;
                 for (size_t t = 0; t < nx; t++) {
-                    double u = mp_bf16_to_f32_1(xt[t]), v = mp_bf16_to_f32_1(pt0[t]);
+                    double u = bf16_to_f32(xt[t]), v = bf16_to_f32(pt0[t]);
                     bad += act == MP_ACT_NONE ? xt[t] != pt0[t]
                                               : fabs(u - v) / (fabs(v) + 1e-3) > 1.0 / 128;
                 }
@@ -930,7 +930,7 @@ static void test_norm_packed(void)
                 CHECK_MSG(!memcmp(mean, mean0, sizeof(float) * N), "%dx%d kind %d: mean differs",
                           N, C, kind);
             /* and the values are the norm's (not, say, all zeros) */
-            float v = mp_bf16_to_f32_1(p[mp_packa_off((C + 31) / 32 * 32, N - 1, C - 1)]);
+            float v = bf16_to_f32(p[mp_packa_off((C + 31) / 32 * 32, N - 1, C - 1)]);
             CHECK_REL(v, y[(size_t)N * C - 1], 0.008);
             free(x), free(w), free(b), free(y), free(mean), free(rstd), free(mean0), free(rstd0);
             free(p), free(p0);

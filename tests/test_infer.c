@@ -156,10 +156,10 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
     double *att = calloc((size_t)n * C, 8), *h = calloc((size_t)n * 2 * F, 8);
     char nm[128];
 #define W(name) find(s, name)
-#define RD(p, i) (bf16 ? (double)ik_bf16_to_f32(ik_f32_to_bf16((p)[i])) : (double)(p)[i])
+#define RD(p, i) (bf16 ? (double)bf16_to_f32(f32_to_bf16((p)[i])) : (double)(p)[i])
     /* activations entering a bf16 product are rounded to bf16 too when the
      * kernels use bf16 dot products (IK_BF16_DOT) */
-#define RX(v) (bf16 && IK_BF16_DOT ? (double)ik_bf16_to_f32(ik_f32_to_bf16((float)(v))) : (double)(v))
+#define RX(v) (bf16 && IK_BF16_DOT ? (double)bf16_to_f32(f32_to_bf16((float)(v))) : (double)(v))
     const float *wte = W(llama ? "model.embed_tokens.weight" : "transformer.wte.weight");
     for (int t = 0; t < n; t++)
         for (int i = 0; i < C; i++) {
@@ -351,7 +351,7 @@ static void test_linear_matches_reference(void)
         float *w = malloc((size_t)R * K * 4), *x = malloc((size_t)T * K * 4);
         float *b = malloc((size_t)R * 4), *y = malloc((size_t)T * R * 4), *y2 = malloc((size_t)T * R * 4);
         uint16_t *wb = malloc((size_t)R * K * 2);
-        for (int i = 0; i < R * K; i++) { w[i] = kiln_rng_normal(&r); wb[i] = ik_f32_to_bf16(w[i]); }
+        for (int i = 0; i < R * K; i++) { w[i] = kiln_rng_normal(&r); wb[i] = f32_to_bf16(w[i]); }
         for (int i = 0; i < T * K; i++) x[i] = kiln_rng_normal(&r);
         for (int i = 0; i < R; i++) b[i] = kiln_rng_normal(&r);
         for (int bf = 0; bf < 2; bf++)

@@ -122,7 +122,7 @@ static kiln_status pack(kiln_ctx *ctx, kiln_engine *e, infer_src_fn src,
             for (int c = 0; c < cols; c++) {
                 float v = trans ? p[(size_t)c * pr + r] : p[(size_t)r * cols + c];
                 size_t o = (size_t)(r0 + r) * cols + c;
-                if (bf) m->bf16[o] = ik_f32_to_bf16(v);
+                if (bf) m->bf16[o] = f32_to_bf16(v);
                 else m->f32[o] = v;
             }
         r0 += pr;
@@ -370,7 +370,7 @@ kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
         e->head.bf16 = kiln_aligned_alloc(ctx, (size_t)e->V * e->C * 2 + 64);
         if (!e->head.bf16) { kiln_engine_free(e); return KILN_ERR_NOMEM; }
         for (size_t i = 0; i < (size_t)e->V * e->C; i++)
-            e->head.bf16[i] = ik_f32_to_bf16(e->wte[i]);
+            e->head.bf16[i] = f32_to_bf16(e->wte[i]);
         e->weight_bytes += (size_t)e->V * e->C * 2;
     }
 

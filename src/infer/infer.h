@@ -10,6 +10,7 @@
 #define KILN_INFER_H
 
 #include "base/base.h"
+#include "tensor/tensor.h"
 
 /* Returns the fp32 data of the tensor with this Hugging Face name and its
  * shape, or NULL when the model has no such tensor (optional biases). */
@@ -50,19 +51,6 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
 /* Portable reference of the same (scalar, no threads). */
 void ik_linear_ref(float *Y, const float *X, int T, const imat *W,
                    const float *b, bool acc);
-
-static inline uint16_t ik_f32_to_bf16(float f)
-{
-    union { float f; uint32_t u; } v = {f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    uint32_t r = v.u + 0x7fffu + ((v.u >> 16) & 1u);     /* nearest even */
-    return (uint16_t)(r >> 16);
-}
-static inline float ik_bf16_to_f32(uint16_t h)
-{
-    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
-    return v.f;
-}
 
 /* Streaming read of n bytes (the bandwidth roofline): returns a checksum
  * so the read cannot be optimised away. Parallel (OpenMP). */

@@ -32,9 +32,9 @@ void ik_linear_ref(float *Y, const float *X, int T, const imat *W,
             double s = b ? b[r] : 0.0;
             for (int k = 0; k < K; k++) {
                 float w = W->f32 ? W->f32[(size_t)r * K + k]
-                                 : ik_bf16_to_f32(W->bf16[(size_t)r * K + k]);
+                                 : bf16_to_f32(W->bf16[(size_t)r * K + k]);
                 float x = X[(size_t)t * K + k];
-                if (!W->f32 && IK_BF16_DOT) x = ik_bf16_to_f32(ik_f32_to_bf16(x));
+                if (!W->f32 && IK_BF16_DOT) x = bf16_to_f32(f32_to_bf16(x));
                 s += (double)w * x;
             }
             float *y = &Y[(size_t)t * R + r];
@@ -199,7 +199,7 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
             ik_linear_ref(Y, X, T, W, b, acc);
             return;
         }
-        for (size_t i = 0; i < (size_t)T * K; i++) Xb[i] = ik_f32_to_bf16(X[i]);
+        for (size_t i = 0; i < (size_t)T * K; i++) Xb[i] = f32_to_bf16(X[i]);
     }
 #endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && nblk > 1 && (size_t)R * K * T > 131072)

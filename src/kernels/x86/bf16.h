@@ -31,21 +31,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* ---- scalar conversions (round to nearest even; NaN stays NaN) -------- */
+#include "tensor/tensor.h"
 
-static inline uint16_t mp_f32_to_bf16_1(float f)
-{
-    union { float f; uint32_t u; } v = {.f = f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)(v.u >> 16);
-}
+/* ---- scalar conversions ------------------------------------------------ */
 
-static inline float mp_bf16_to_f32_1(uint16_t h)
-{
-    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
-    return v.f;
-}
+/* bf16: the tensor layer's f32_to_bf16 / bf16_to_f32 (tensor/tensor.h,
+ * inline): one rounding for the whole library. */
 
 /* IEEE binary16 <-> fp32, portable (F16C is used by the array versions). */
 uint16_t mp_f32_to_f16_1(float f);
@@ -426,7 +417,7 @@ bool mp_sgemm(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta, bool tb,
 #if defined(__x86_64__)
 #include <immintrin.h>
 /* 16 floats -> 16 bf16, round to nearest even, NaN kept (quiet): the
- * vector twin of mp_f32_to_bf16_1. */
+ * vector twin of f32_to_bf16. */
 __attribute__((target("avx512f"), always_inline)) static inline __m256i mp_f32x16_to_bf16(__m512 x)
 {
     __m512i u = _mm512_castps_si512(x);

@@ -53,7 +53,7 @@ static inline float gelu_grad1(float x)
 
 static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
 
-static inline float bf(float x) { return mp_bf16_to_f32_1(mp_f32_to_bf16_1(x)); }
+static inline float bf(float x) { return bf16_to_f32(f32_to_bf16(x)); }
 
 #ifdef __AVX512F__
 #define v_f2bf mp_f32x16_to_bf16
@@ -137,7 +137,7 @@ void mp_unpack_a(float *out, int ldo, const uint16_t *pa, int M, int K)
         for (int k0 = 0; k0 < K; k0 += 32) {
             const uint16_t *s = pa + mp_packa_off(kk, m, k0);
             int cnt = K - k0 < 32 ? K - k0 : 32;
-            for (int i = 0; i < cnt; i++) out[(size_t)m * ldo + k0 + i] = mp_bf16_to_f32_1(s[i]);
+            for (int i = 0; i < cnt; i++) out[(size_t)m * ldo + k0 + i] = bf16_to_f32(s[i]);
         }
 }
 
@@ -156,7 +156,7 @@ static void act_pack_row(uint16_t *xp, int kx, uint16_t *ap, int ka, const float
         __m256i hi = v_f2bf(_mm512_maskz_loadu_ps(v_mask(cnt - 16), x + k0 + 16));
         _mm512_storeu_si512(o, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
 #else
-        for (int i = 0; i < 32; i++) o[i] = i < cnt ? mp_f32_to_bf16_1(x[k0 + i]) : 0;
+        for (int i = 0; i < 32; i++) o[i] = i < cnt ? f32_to_bf16(x[k0 + i]) : 0;
 #endif
     }
     for (int k0 = 0; k0 < rup32(F); k0 += 32) {
@@ -181,7 +181,7 @@ static void act_pack_row(uint16_t *xp, int kx, uint16_t *ap, int ka, const float
         for (int j = cnt; j < 32; j++) h[j] = 0;
 #endif
         for (; i < cnt; i++)
-            h[i] = mp_f32_to_bf16_1(kind == MP_ACT_GELU ? gelu1(bf(x[k0 + i]))
+            h[i] = f32_to_bf16(kind == MP_ACT_GELU ? gelu1(bf(x[k0 + i]))
                                                          : silu1(bf(x[k0 + i])) * bf(x[F + k0 + i]));
         for (int j = cnt; j < 32; j++) h[j] = 0;
         memcpy(ap + mp_packa_off(ka, m, k0), h, 64);
@@ -223,10 +223,10 @@ void mp_act_bwd(float *dinp, const uint16_t *xp, const float *dout, int N, int F
             for (; i < cnt; i++) {
                 float dv = d[k0 + i];
                 if (kind == MP_ACT_GELU) {
-                    o[k0 + i] = gelu_grad1(mp_bf16_to_f32_1(xs[i])) * dv;
+                    o[k0 + i] = gelu_grad1(bf16_to_f32(xs[i])) * dv;
                 } else {
-                    float g = mp_bf16_to_f32_1(xs[i]);
-                    float u = mp_bf16_to_f32_1(xp[mp_packa_off(kx, m, F + k0 + i)]);
+                    float g = bf16_to_f32(xs[i]);
+                    float u = bf16_to_f32(xp[mp_packa_off(kx, m, F + k0 + i)]);
                     float s = 1.0f / (1.0f + expf(-g));
                     o[F + k0 + i] = dv * g * s;
                     o[k0 + i] = dv * u * s * (1.0f + g * (1.0f - s));
@@ -249,11 +249,11 @@ static inline void cols16(float *v, const uint16_t *xp, int kx, int t, int c0, i
             v[i] = 0;
             continue;
         }
-        float x = mp_bf16_to_f32_1(xp[mp_packa_off(kx, t, c)]);
-        if (kind == MP_ACT_GELU) x = mp_bf16_to_f32_1(mp_f32_to_bf16_1(gelu1(x)));
+        float x = bf16_to_f32(xp[mp_packa_off(kx, t, c)]);
+        if (kind == MP_ACT_GELU) x = bf16_to_f32(f32_to_bf16(gelu1(x)));
         else if (kind == MP_ACT_SWIGLU)
-            x = mp_bf16_to_f32_1(mp_f32_to_bf16_1(
-                silu1(x) * mp_bf16_to_f32_1(xp[mp_packa_off(kx, t, F + c)])));
+            x = bf16_to_f32(f32_to_bf16(
+                silu1(x) * bf16_to_f32(xp[mp_packa_off(kx, t, F + c)])));
         v[i] = x;
     }
 }
@@ -292,8 +292,8 @@ void mp_pack_b_tokens(uint16_t *pb, const uint16_t *xp, int M, int K, int kind)
             cols16(a, xp, kx, t, c0, ncols, K, kind);
             cols16(b, xp, kx, t + 1, c0, ncols, K, kind);
             for (int i = 0; i < 16; i++) {
-                o[2 * i] = t < M ? mp_f32_to_bf16_1(a[i]) : 0;
-                o[2 * i + 1] = t + 1 < M ? mp_f32_to_bf16_1(b[i]) : 0;
+                o[2 * i] = t < M ? f32_to_bf16(a[i]) : 0;
+                o[2 * i + 1] = t + 1 < M ? f32_to_bf16(b[i]) : 0;
             }
         }
     }
@@ -449,7 +449,7 @@ void mp_pack_dy_block(uint16_t *pa, uint16_t *pt, bool tok, float *bpart, const 
     for (int t = 0; t < 32; t++)
         for (int j = 0; j < 32; j++) {
             float v = t < rows && j < cols ? src[(size_t)t * ld + j] : 0.0f;
-            uint16_t h = mp_f32_to_bf16_1(v);
+            uint16_t h = f32_to_bf16(v);
             acc[j] += v;
             pa[mp_packa_off(op, n0 + t, c0 + j)] = h;
             pt[tok ? pb_off(np, n0 + t, c0 + j) : mp_packa_off(np, c0 + j, n0 + t)] = h;
@@ -575,21 +575,21 @@ void mp_epi_block(const mp_epi *e, const float blk[32][32], int i0, int j0)
                 continue;
             }
             if (e->kind == MP_EPI_ROWS) {
-                if (i < M && j < N) e->xp[(size_t)i * N + j] = mp_f32_to_bf16_1(v);
+                if (i < M && j < N) e->xp[(size_t)i * N + j] = f32_to_bf16(v);
                 continue;
             }
             if (e->kind == MP_EPI_ACT) {
-                uint16_t h = mp_f32_to_bf16_1(v);
+                uint16_t h = f32_to_bf16(v);
                 e->xp[mp_packa_off(kn, i, j)] = h;
-                float a = mp_bf16_to_f32_1(h);
+                float a = bf16_to_f32(h);
                 if (e->act == MP_ACT_GELU && i < M && j < N) a = gelu1(a);
-                e->ap[mp_packa_off(kn, i, j)] = mp_f32_to_bf16_1(a);
+                e->ap[mp_packa_off(kn, i, j)] = f32_to_bf16(a);
                 continue;
             }
             if (e->act == MP_ACT_GELU && i < M && j < N)
-                v *= gelu_grad1(mp_bf16_to_f32_1(e->hp[mp_packa_off(kn, i, j)]));
+                v *= gelu_grad1(bf16_to_f32(e->hp[mp_packa_off(kn, i, j)]));
             s[c] += v;
-            uint16_t h = mp_f32_to_bf16_1(v);
+            uint16_t h = f32_to_bf16(v);
             e->pa[mp_packa_off(kn, i, j)] = h;
             e->pt[e->tok ? pb_off(km, i, j) : mp_packa_off(km, j, i)] = h;
         }
@@ -640,9 +640,9 @@ void mp_pack_a_tokens(uint16_t *pa, const uint16_t *xp, int M, int K, int act)
 #else
             for (int t = 0; t < 32; t++)
                 for (int c = 0; c < 32; c++) {
-                    float v = mp_bf16_to_f32_1(xp[mp_packa_off(kx, n0 + t, c0 + c)]);
+                    float v = bf16_to_f32(xp[mp_packa_off(kx, n0 + t, c0 + c)]);
                     if (act == MP_ACT_GELU) v = gelu1(v);
-                    pa[mp_packa_off(km, c0 + c, n0 + t)] = mp_f32_to_bf16_1(v);
+                    pa[mp_packa_off(km, c0 + c, n0 + t)] = f32_to_bf16(v);
                 }
 #endif
         }

@@ -1,7 +1,7 @@
 /*
  * bf16_convert.c — fp32 <-> bf16 array conversions (round to nearest even,
- * NaN kept quiet, denormals kept: the same bits as the scalar inline
- * versions in bf16.h on every path), CPU feature detection and backend
+ * NaN kept quiet, denormals kept: the same bits as the scalar
+ * f32_to_bf16 of tensor/tensor.h on every path), CPU feature detection and backend
  * names for the mixed-precision kernels.
  */
 #include "kernels/x86/bf16.h"
@@ -141,7 +141,7 @@ static void bf16_to_f32_avx512(const uint16_t *x, float *y, size_t n)
         __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i)));
         _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
     }
-    for (; i < n; i++) y[i] = mp_bf16_to_f32_1(x[i]);
+    for (; i < n; i++) y[i] = bf16_to_f32(x[i]);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -152,7 +152,7 @@ static void round_bf16_avx512(const float *x, float *y, size_t n)
         __m512i v = _mm512_cvtepu16_epi32(cvt16_f32_bf16(_mm512_loadu_ps(x + i)));
         _mm512_storeu_ps(y + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
     }
-    for (; i < n; i++) y[i] = mp_bf16_to_f32_1(mp_f32_to_bf16_1(x[i]));
+    for (; i < n; i++) y[i] = bf16_to_f32(f32_to_bf16(x[i]));
 }
 #endif
 
@@ -161,7 +161,7 @@ void mp_f32_to_bf16(const float *x, uint16_t *y, size_t n)
 #if MP_X86
     if (mp_cpu_caps()->avx512f) { f32_to_bf16_avx512(x, y, n); return; }
 #endif
-    for (size_t i = 0; i < n; i++) y[i] = mp_f32_to_bf16_1(x[i]);
+    for (size_t i = 0; i < n; i++) y[i] = f32_to_bf16(x[i]);
 }
 
 void mp_bf16_to_f32(const uint16_t *x, float *y, size_t n)
@@ -169,7 +169,7 @@ void mp_bf16_to_f32(const uint16_t *x, float *y, size_t n)
 #if MP_X86
     if (mp_cpu_caps()->avx512f) { bf16_to_f32_avx512(x, y, n); return; }
 #endif
-    for (size_t i = 0; i < n; i++) y[i] = mp_bf16_to_f32_1(x[i]);
+    for (size_t i = 0; i < n; i++) y[i] = bf16_to_f32(x[i]);
 }
 
 void mp_round_bf16(const float *x, float *y, size_t n)
@@ -177,5 +177,5 @@ void mp_round_bf16(const float *x, float *y, size_t n)
 #if MP_X86
     if (mp_cpu_caps()->avx512f) { round_bf16_avx512(x, y, n); return; }
 #endif
-    for (size_t i = 0; i < n; i++) y[i] = mp_bf16_to_f32_1(mp_f32_to_bf16_1(x[i]));
+    for (size_t i = 0; i < n; i++) y[i] = bf16_to_f32(f32_to_bf16(x[i]));
 }

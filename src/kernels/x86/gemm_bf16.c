@@ -57,15 +57,15 @@ size_t mp_packa_elems(mp_dtype dt, int M, int K)
 static inline void split(mp_dtype dt, float x, uint16_t *hi, uint16_t *lo)
 {
     if (dt == MP_BF16) {
-        *hi = mp_f32_to_bf16_1(x);
+        *hi = f32_to_bf16(x);
         *lo = 0;
         return;
     }
     float h = mp_f16_to_f32_1(mp_f32_to_f16_1(x));
-    uint16_t bh = mp_f32_to_bf16_1(h);
-    float r = h - mp_bf16_to_f32_1(bh);
+    uint16_t bh = f32_to_bf16(h);
+    float r = h - bf16_to_f32(bh);
     *hi = bh;
-    *lo = (r == r && r - r == 0) ? mp_f32_to_bf16_1(r) : 0;
+    *lo = (r == r && r - r == 0) ? f32_to_bf16(r) : 0;
 }
 
 #if MP_X86
@@ -426,8 +426,8 @@ static void gemm_ref(int M, int N, int Kp, const uint16_t *pa,
             for (int k = 0; k < Kp; k += 2) {
                 const uint16_t *row = pan + (size_t)(k / 2) * 32;
                 const uint16_t *a = pa + a_off(Kp, m, k);
-                acc += mp_bf16_to_f32_1(a[0]) * mp_bf16_to_f32_1(row[2 * c]);
-                acc += mp_bf16_to_f32_1(a[1]) * mp_bf16_to_f32_1(row[2 * c + 1]);
+                acc += bf16_to_f32(a[0]) * bf16_to_f32(row[2 * c]);
+                acc += bf16_to_f32(a[1]) * bf16_to_f32(row[2 * c + 1]);
             }
             float *o = transc ? C + (size_t)n * ldc + m : C + (size_t)m * ldc + n;
             *o = (accumulate ? *o : 0.f) + acc + (bias ? bias[n] : 0.f);

@@ -212,7 +212,7 @@ static inline void put_bf16x32(uint16_t *dst, const float *o)
     __m256i hi = mp_f32x16_to_bf16(_mm512_loadu_ps(o + 16));
     _mm512_storeu_si512(dst, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
 #else
-    for (int i = 0; i < 32; i++) dst[i] = mp_f32_to_bf16_1(o[i]);
+    for (int i = 0; i < 32; i++) dst[i] = f32_to_bf16(o[i]);
 #endif
 }
 
