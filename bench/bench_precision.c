@@ -171,17 +171,17 @@ static double products_gflops(const kiln_config *c, int B, int T, double *secs, 
     size_t wbig = (size_t)V * C > (size_t)F * C * 3 ? (size_t)V * C : (size_t)F * C * 3;
     float *x = calloc(big, 4), *y = calloc(big, 4), *w = calloc(wbig, 4), *dw = calloc(wbig, 4);
     float *db = calloc((size_t)(V > F ? V : F) * 3, 4), *db2 = calloc((size_t)(V > F ? V : F) * 3, 4);
-    uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
-    uint16_t *hp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, F) * 2);
-    uint16_t *ap = aligned_alloc(64, mp_packa_elems(MP_BF16, N, F) * 2);
+    uint16_t *xp = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, C) * 2);
+    uint16_t *hp = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, F) * 2);
+    uint16_t *ap = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, F) * 2);
     uint16_t *qh = aligned_alloc(64, (size_t)N * 3 * C * 2);
     for (size_t i = 0; i < big; i++) x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
     for (size_t i = 0; i < wbig; i++) w[i] = (float)((i * 40503u) % 1000) * 1e-4f - 0.05f;
-    mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+    mp_pack_a(KILN_DTYPE_BF16, false, N, C, x, C, xp);
     int shapes[5][2] = {{3 * C, C}, {C, C}, {F, C}, {C, F}, {V, C}}; /* (OC, C) */
     mp_weight mw[5];
     mp_scratch s = {0};
-    for (int i = 0; i < 5; i++) mp_weight_init(&mw[i], MP_BF16, shapes[i][0], shapes[i][1], i < 4);
+    for (int i = 0; i < 5; i++) mp_weight_init(&mw[i], KILN_DTYPE_BF16, shapes[i][0], shapes[i][1], i < 4);
     mp_backend be = MP_BACKEND_AUTO;
     double best = 1e30, best_cpu = 1e30, flops = 0;
     for (int rep = 0; rep < 3; rep++) {
@@ -191,12 +191,12 @@ static double products_gflops(const kiln_config *c, int B, int T, double *secs, 
         for (int l = 0; l < L; l++) {
             mp_epi eq = {.kind = MP_EPI_ROWS, .M = N, .N = 3 * C, .xp = qh};
             mp_gemm_packed_epi(be, &s, N, 3 * C, C, xp, mw[0].fwd, db, &eq);
-            mp_gemm_packed(be, MP_BF16, N, C, C, xp, mw[1].fwd, y, C, true, NULL);
+            mp_gemm_packed(be, KILN_DTYPE_BF16, N, C, C, xp, mw[1].fwd, y, C, true, NULL);
             mp_epi ef = {.kind = MP_EPI_ACT, .act = MP_ACT_GELU, .M = N, .N = F, .xp = hp, .ap = ap};
             mp_gemm_packed_epi(be, &s, N, F, C, xp, mw[2].fwd, db, &ef);
-            mp_gemm_packed(be, MP_BF16, N, C, F, ap, mw[3].fwd, y, C, true, NULL);
+            mp_gemm_packed(be, KILN_DTYPE_BF16, N, C, F, ap, mw[3].fwd, y, C, true, NULL);
         }
-        mp_gemm_packed(be, MP_BF16, N, V, C, xp, mw[4].fwd, y, V, false, NULL);
+        mp_gemm_packed(be, KILN_DTYPE_BF16, N, V, C, xp, mw[4].fwd, y, V, false, NULL);
         /* the weight gradients stored, as a step's backward does */
         mp_linear_backward_packed(be, &s, &mw[4], y, xp, MP_ACT_NONE, N, dw, false, NULL, x);
         for (int l = 0; l < L; l++) {

@@ -121,9 +121,9 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
     {
         int M = B * T, K = NH * HS;
         float *ob = malloc(no * 4), *ga = malloc(nq * 4), *gb = malloc(nq * 4);
-        uint16_t *op = aligned_alloc(64, mp_packa_elems(MP_BF16, M, K) * 2);
+        uint16_t *op = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, M, K) * 2);
         mp_round_bf16(outf, ob, no);
-        mp_pack_a(MP_BF16, false, M, K, outf, K, op);
+        mp_pack_a(KILN_DTYPE_BF16, false, M, K, outf, K, op);
         mp_attention_bwd_amx(ga, dout, qkvh, ob, lsef, B, T, NH, KVH, HS);
         for (size_t i = 0; i < nq; i++) gb[i] = NAN;
         mp_attention_bwd_amx_packed(gb, NULL, dout, qkvh, op, lsef, B, T, NH, KVH, HS);
@@ -137,7 +137,7 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
         if (T % 32 == 0) /* the gradient packed: mp_pack_dy of the rows, bit for bit */
             for (int tok = 0; tok < 2; tok++) {
                 int N = B * T;
-                size_t na = mp_packa_elems(MP_BF16, N, S), nt = mp_packa_elems(MP_BF16, S, N);
+                size_t na = mp_packa_elems(KILN_DTYPE_BF16, N, S), nt = mp_packa_elems(KILN_DTYPE_BF16, S, N);
                 size_t np = mp_pack_dy_part_floats(N, S);
                 uint16_t *pa[2] = {malloc(na * 2), malloc(na * 2)}, *pt[2] = {malloc(nt * 2), malloc(nt * 2)};
                 float *part = malloc(np * 4), *db[2] = {calloc((size_t)S, 4), calloc((size_t)S, 4)};
@@ -157,11 +157,11 @@ static void one(int B, int T, int NH, int KVH, int HS, float qs)
         free(ob), free(ga), free(gb), free(op);
         /* the forward writing out packed: mp_pack_a of its fp32 out, bit
          * for bit, padding rows included (the buffer starts as 0xff) */
-        size_t np = mp_packa_elems(MP_BF16, M, K);
+        size_t np = mp_packa_elems(KILN_DTYPE_BF16, M, K);
         uint16_t *p0 = aligned_alloc(64, np * 2), *p1 = aligned_alloc(64, np * 2);
         float *lp = malloc(nl * 4);
         memset(p1, 0xff, np * 2);
-        mp_pack_a(MP_BF16, false, M, K, o[0], K, p0);
+        mp_pack_a(KILN_DTYPE_BF16, false, M, K, o[0], K, p0);
         mp_attention_fwd_amx_packed(p1, lp, qkvh, B, T, NH, KVH, HS);
         CHECK_MSG(!memcmp(p0, p1, np * 2) && !memcmp(lp, l[0], nl * 4),
                   "fwd to packed out differs: T%d NH%d KVH%d HS%d", T, NH, KVH, HS);

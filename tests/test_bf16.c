@@ -123,15 +123,15 @@ static void test_arrays_match_scalar(void)
     free(h);
 }
 
-static float round_dt(mp_dtype dt, float v)
+static float round_dt(kiln_dtype dt, float v)
 {
-    return dt == MP_BF16 ? bf16_to_f32(f32_to_bf16(v))
+    return dt == KILN_DTYPE_BF16 ? bf16_to_f32(f32_to_bf16(v))
                          : mp_f16_to_f32_1(mp_f32_to_f16_1(v));
 }
 
 /* Oracle: C = (acc ? C : 0) + sum_k rd(A)[m][k] rd(B)[k][n] (+ bias) in
  * double; also returns the scale sum |a||b| for the tolerance. */
-static void oracle(mp_dtype dt, bool ta, bool tb, int M, int N, int K, const float *A,
+static void oracle(kiln_dtype dt, bool ta, bool tb, int M, int N, int K, const float *A,
                    int lda, const float *B, int ldb, float *C, int ldc, bool acc,
                    const float *bias, double *scale)
 {
@@ -157,7 +157,7 @@ static void fill(kiln_rng *r, float *x, size_t n, float s)
 
 /* One product on one backend against the oracle; returns the worst error
  * in units of sum |a||b|. */
-static double gemm_case(mp_backend be, mp_dtype dt, bool ta, bool tb, int M, int N, int K,
+static double gemm_case(mp_backend be, kiln_dtype dt, bool ta, bool tb, int M, int N, int K,
                         bool acc, bool use_bias, bool tc, uint64_t seed)
 {
     kiln_rng r;
@@ -215,7 +215,8 @@ static void check_backend(mp_backend be)
                                     {100, 130, 200}, {16, 512, 33}, {40, 36, 1100},
                                     {270, 290, 530}};
     int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
-    for (int dt = MP_BF16; dt <= MP_F16; dt++)
+    static const kiln_dtype dts[] = {KILN_DTYPE_BF16, KILN_DTYPE_F16};
+    for (int di = 0; di < 2; di++)
         for (int s = 0; s < nshapes; s++)
             for (int t = 0; t < 4; t++) {
                 /* the last shape (2 x 2 macro tiles, 2 K chunks) only with
@@ -223,18 +224,19 @@ static void check_backend(mp_backend be)
                 if (s == nshapes - 1 && t < 2) continue;
                 bool ta = t & 1, tb = t & 2, acc = (s + t) % 2, bias = (s + t) % 3 == 0;
                 int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
-                double e = gemm_case(be, (mp_dtype)dt, ta, tb, M, N, K, acc, bias, false,
+                kiln_dtype dt = dts[di];
+                double e = gemm_case(be, dt, ta, tb, M, N, K, acc, bias, false,
                                      1000 + s * 10 + t);
                 /* C stored transposed (weight gradients of (in, out) weights) */
-                double et = gemm_case(be, (mp_dtype)dt, ta, tb, M, N, K, !acc, false, true,
+                double et = gemm_case(be, dt, ta, tb, M, N, K, !acc, false, true,
                                       2000 + s * 10 + t);
                 if (et != et) et = 1;
                 if (et > e) e = et;
                 /* fp32 accumulation: ~K * 2^-24 relative; fp16 also drops
                  * the lo*lo term (<= 2^-16). */
-                double tol = dt == MP_BF16 ? 2e-6 * sqrt(K) + 1e-6 : 2e-5;
+                double tol = dt == KILN_DTYPE_BF16 ? 2e-6 * sqrt(K) + 1e-6 : 2e-5;
                 CHECK_MSG(e <= tol, "%s %s M=%d N=%d K=%d ta=%d tb=%d acc=%d bias=%d: error %.3g > %.3g",
-                          mp_backend_name(be), mp_dtype_name((mp_dtype)dt), M, N, K, ta, tb,
+                          mp_backend_name(be), kiln_dtype_name(dt), M, N, K, ta, tb,
                           acc, bias, e, tol);
             }
 }
@@ -272,18 +274,18 @@ static void test_gemm_amx_stream(void)
         fill(&r, A, (size_t)M * K, 1.f);
         fill(&r, B, (size_t)K * N, 0.5f);
         fill(&r, bias, (size_t)N, 1.f);
-        uint16_t *pa = aligned_alloc(64, mp_packa_elems(MP_BF16, M, K) * 2);
-        uint16_t *pb = aligned_alloc(64, mp_packb_elems(MP_BF16, K, N) * 2);
-        mp_pack_a(MP_BF16, false, M, K, A, K, pa);
-        mp_pack_b(MP_BF16, false, K, N, B, N, pb);
+        uint16_t *pa = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, M, K) * 2);
+        uint16_t *pb = aligned_alloc(64, mp_packb_elems(KILN_DTYPE_BF16, K, N) * 2);
+        mp_pack_a(KILN_DTYPE_BF16, false, M, K, A, K, pa);
+        mp_pack_b(KILN_DTYPE_BF16, false, K, N, B, N, pb);
         size_t cn = (size_t)M * ldc;
         float *C = aligned_alloc(64, cn * 4), *C0 = aligned_alloc(64, cn * 4);
         for (int b = 0; b < 2; b++) {
             for (size_t i = 0; i < cn; i++) C[i] = 7.f;
             for (int m = 0; m < M; m++)
                 for (int j = 0; j < ldc; j++) C0[(size_t)m * ldc + j] = j < N ? (b ? bias[j] : 0.f) : 7.f;
-            mp_gemm_packed(MP_BACKEND_AMX, MP_BF16, M, N, K, pa, pb, C, ldc, false, b ? bias : NULL);
-            mp_gemm_packed(MP_BACKEND_AMX, MP_BF16, M, N, K, pa, pb, C0, ldc, true, NULL);
+            mp_gemm_packed(MP_BACKEND_AMX, KILN_DTYPE_BF16, M, N, K, pa, pb, C, ldc, false, b ? bias : NULL);
+            mp_gemm_packed(MP_BACKEND_AMX, KILN_DTYPE_BF16, M, N, K, pa, pb, C0, ldc, true, NULL);
             size_t bad = 0;
             for (size_t i = 0; i < cn; i++) bad += C[i] != C0[i];
             CHECK_MSG(bad == 0, "M=%d N=%d K=%d bias=%d: %zu of %zu values differ", M, N, K, b, bad,
@@ -300,14 +302,14 @@ static void test_f16_overflow_is_inf(void)
 {
     float A[2] = {70000.f, 1.f}, B[2] = {1.f, 1.f}, C[1] = {0};
     mp_scratch s = {0};
-    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, MP_F16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
+    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, KILN_DTYPE_F16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
                         false));
     CHECK(!isfinite(C[0]));
     A[0] = 60000.f;
-    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, MP_F16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
+    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, KILN_DTYPE_F16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
                         false));
     CHECK_NEAR(C[0], 60001.0, 1e-7);
-    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, MP_BF16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
+    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, KILN_DTYPE_BF16, false, false, 1, 1, 2, A, 2, B, 1, C, 1,
                         false));
     CHECK_NEAR(C[0], 59904.0 + 1.0, 1e-7); /* 60000 in bf16 is 59904 */
     mp_scratch_free(&s);
@@ -318,8 +320,10 @@ static void test_f16_overflow_is_inf(void)
 static void test_linear_layer(void)
 {
     enum { N = 70, C = 96, OC = 80 };
+    static const kiln_dtype dts[] = {KILN_DTYPE_BF16, KILN_DTYPE_F16};
     for (int lay = 0; lay < 2; lay++)
-    for (int dt = MP_BF16; dt <= MP_F16; dt++) {
+    for (int di = 0; di < 2; di++) {
+        kiln_dtype dt = dts[di];
         bool io = lay == 1;
         int ldw = io ? OC : C;
         kiln_rng r;
@@ -338,24 +342,24 @@ static void test_linear_layer(void)
         memcpy(dW2, dW, sizeof(float) * OC * C);
         mp_weight w;
         mp_scratch s = {0};
-        const char *nm = mp_dtype_name((mp_dtype)dt);
-        CHECK(mp_weight_init(&w, (mp_dtype)dt, OC, C, io));
+        const char *nm = kiln_dtype_name(dt);
+        CHECK(mp_weight_init(&w, dt, OC, C, io));
         mp_weight_refresh(&w, W);
         CHECK(mp_linear_forward(MP_BACKEND_AUTO, &s, &w, x, b, N, y));
-        oracle((mp_dtype)dt, false, !io, N, OC, C, x, C, W, ldw, y2, OC, false, b, sc);
+        oracle(dt, false, !io, N, OC, C, x, C, W, ldw, y2, OC, false, b, sc);
         double e = 0;
         for (int i = 0; i < N * OC; i++) e = check_max(e, fabs(y[i] - y2[i]) / (sc[i] + 0.1));
         CHECK_MSG(e < 2e-5, "%s in_out=%d forward error %g", nm, io, e);
         CHECK(mp_linear_backward_x(MP_BACKEND_AUTO, &s, &w, dy, N, dx, false));
-        oracle((mp_dtype)dt, false, io, N, C, OC, dy, OC, W, ldw, dx2, C, false, NULL, sc);
+        oracle(dt, false, io, N, C, OC, dy, OC, W, ldw, dx2, C, false, NULL, sc);
         e = 0;
         for (int i = 0; i < N * C; i++) e = check_max(e, fabs(dx[i] - dx2[i]) / sc[i]);
         CHECK_MSG(e < 2e-5, "%s in_out=%d backward_x error %g", nm, io, e);
-        CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &s, (mp_dtype)dt, io, dy, x, N, OC, C, dW));
+        CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &s, dt, io, dy, x, N, OC, C, dW));
         if (io)
-            oracle((mp_dtype)dt, true, false, C, OC, N, x, C, dy, OC, dW2, OC, true, NULL, sc);
+            oracle(dt, true, false, C, OC, N, x, C, dy, OC, dW2, OC, true, NULL, sc);
         else
-            oracle((mp_dtype)dt, true, false, OC, C, N, dy, OC, x, C, dW2, C, true, NULL, sc);
+            oracle(dt, true, false, OC, C, N, dy, OC, x, C, dW2, C, true, NULL, sc);
         e = 0;
         for (int i = 0; i < OC * C; i++) e = check_max(e, fabs(dW[i] - dW2[i]) / (sc[i] + 0.01));
         CHECK_MSG(e < 2e-5, "%s in_out=%d backward_w error %g", nm, io, e);
@@ -363,7 +367,7 @@ static void test_linear_layer(void)
         for (int i = 0; i < OC * C; i++) W[i] *= -1;
         mp_weight_refresh(&w, W);
         CHECK(mp_linear_forward(MP_BACKEND_AUTO, &s, &w, x, NULL, N, y));
-        oracle((mp_dtype)dt, false, !io, N, OC, C, x, C, W, ldw, y2, OC, false, NULL, sc);
+        oracle(dt, false, !io, N, OC, C, x, C, W, ldw, y2, OC, false, NULL, sc);
         e = 0;
         for (int i = 0; i < N * OC; i++) e = check_max(e, fabs(y[i] - y2[i]) / (sc[i] + 0.1));
         CHECK_MSG(e < 2e-5, "%s in_out=%d forward after refresh error %g", nm, io, e);
@@ -391,10 +395,10 @@ static void test_sgemm_alpha_beta(void)
         fill(&r, C, M * N, 1.f);
         if (beta == 0) C[3] = __builtin_nanf(""); /* beta 0 ignores C */
         for (int j = 0; j < M * N; j++) C2[j] = C[j];
-        CHECK(mp_sgemm(MP_BACKEND_AUTO, &s, MP_BF16, false, true, M, N, K, alpha, A, K, B, K,
+        CHECK(mp_sgemm(MP_BACKEND_AUTO, &s, KILN_DTYPE_BF16, false, true, M, N, K, alpha, A, K, B, K,
                        beta, C, N));
         float P[M * N];
-        oracle(MP_BF16, false, true, M, N, K, A, K, B, K, P, N, false, NULL, sc);
+        oracle(KILN_DTYPE_BF16, false, true, M, N, K, A, K, B, K, P, N, false, NULL, sc);
         double e = 0;
         for (int j = 0; j < M * N; j++) {
             double want = alpha * (double)P[j] + (beta == 0 ? 0 : beta * (double)C2[j]);
@@ -417,7 +421,7 @@ static void test_bf16_is_not_fp32(void)
     fill(&r, A, M * K, 1.f);
     fill(&r, B, K * N, 1.f);
     mp_scratch s = {0};
-    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, MP_BF16, false, false, M, N, K, A, K, B, N, C, N,
+    CHECK(mp_gemm_f32io(MP_BACKEND_AUTO, &s, KILN_DTYPE_BF16, false, false, M, N, K, A, K, B, N, C, N,
                         false));
     double worst = 0;
     for (int m = 0; m < M; m++)
@@ -469,8 +473,8 @@ static void test_act_pack_and_bwd(void)
         float *au = malloc(sizeof(float) * N * F);
         fill(&r, x, (size_t)N * FH, 2.f);
         fill(&r, d, (size_t)N * F, 1.f);
-        uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, FH) * 2);
-        uint16_t *ap = aligned_alloc(64, mp_packa_elems(MP_BF16, N, F) * 2);
+        uint16_t *xp = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, FH) * 2);
+        uint16_t *ap = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, F) * 2);
         mp_act_pack(xp, ap, x, N, F, kind);
         mp_unpack_a(xu, FH, xp, N, FH);
         mp_unpack_a(au, F, ap, N, F);
@@ -531,9 +535,9 @@ static void test_weight_grad_from_packed(void)
             fill(&r, dy, (size_t)N * OC, 1.f);
             fill(&r, dW, (size_t)OC * C, 1.f);
             memcpy(dW0, dW, sizeof(float) * OC * C);
-            uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, XH) * 2);
-            uint16_t *ap = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
-            if (kind == MP_ACT_NONE) mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+            uint16_t *xp = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, XH) * 2);
+            uint16_t *ap = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, C) * 2);
+            if (kind == MP_ACT_NONE) mp_pack_a(KILN_DTYPE_BF16, false, N, C, x, C, xp);
             else mp_act_pack(xp, ap, x, N, C, kind);
             /* the operand the product should see: act(x) rounded to bf16 */
             for (int n = 0; n < N; n++)
@@ -597,29 +601,29 @@ static void test_pack_dy(void)
             fill(&r, dy, (size_t)N * OC, 1.f);
             fill(&r, db, (size_t)OC, 1.f);
             memcpy(db0, db, sizeof(float) * OC);
-            size_t na = mp_packa_elems(MP_BF16, N, OC), nt = mp_packa_elems(MP_BF16, OC, N);
+            size_t na = mp_packa_elems(KILN_DTYPE_BF16, N, OC), nt = mp_packa_elems(KILN_DTYPE_BF16, OC, N);
             uint16_t *pa = aligned_alloc(64, na * 2), *pt = aligned_alloc(64, nt * 2);
             uint16_t *pa0 = aligned_alloc(64, na * 2), *pt0 = aligned_alloc(64, nt * 2);
             memset(pa, 0xff, na * 2); /* padding must be written, not left */
             memset(pt, 0xff, nt * 2);
             float *part = malloc(sizeof(float) * mp_pack_dy_part_floats(N, OC));
             mp_pack_dy(pa, pt, false, db, part, dy, N, OC);
-            mp_pack_a(MP_BF16, false, N, OC, dy, OC, pa0);
-            mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt0);
+            mp_pack_a(KILN_DTYPE_BF16, false, N, OC, dy, OC, pa0);
+            mp_pack_a(KILN_DTYPE_BF16, true, OC, N, dy, OC, pt0);
             mp_bias_grad(db0, dy, N, OC);
             CHECK_MSG(!memcmp(pa, pa0, na * 2), "N %d OC %d: packed dy differs", N, OC);
             CHECK_MSG(!memcmp(pt, pt0, nt * 2), "N %d OC %d: packed dy^T differs", N, OC);
             /* the tok form: packed B of dy over tokens */
-            size_t nb = mp_packb_elems(MP_BF16, N, OC);
+            size_t nb = mp_packb_elems(KILN_DTYPE_BF16, N, OC);
             uint16_t *pb = aligned_alloc(64, nb * 2), *pb0 = aligned_alloc(64, nb * 2);
             memset(pb, 0xff, nb * 2);
             mp_pack_dy(pa, pb, true, NULL, NULL, dy, N, OC);
-            mp_pack_b(MP_BF16, false, N, OC, dy, OC, pb0);
+            mp_pack_b(KILN_DTYPE_BF16, false, N, OC, dy, OC, pb0);
             CHECK_MSG(!memcmp(pb, pb0, nb * 2), "N %d OC %d: dy packed over tokens differs", N, OC);
             CHECK_MSG(!memcmp(pa, pa0, na * 2), "N %d OC %d: packed dy differs (tok)", N, OC);
             /* and the activation over tokens as a left operand: dy's packed
              * copy standing in for a stored activation */
-            size_t nx = mp_packa_elems(MP_BF16, OC, N);
+            size_t nx = mp_packa_elems(KILN_DTYPE_BF16, OC, N);
             uint16_t *xt = aligned_alloc(64, nx * 2);
             float *g = malloc(sizeof(float) * N * OC);
             for (int act = MP_ACT_NONE; act <= MP_ACT_GELU; act++) {
@@ -629,7 +633,7 @@ static void test_pack_dy(void)
                     float v = bf16_to_f32(f32_to_bf16(dy[t]));
                     g[t] = act == MP_ACT_GELU ? (float)bfd((float)gelu_d(v)) : v;
                 }
-                mp_pack_a(MP_BF16, true, OC, N, g, OC, pt0);
+                mp_pack_a(KILN_DTYPE_BF16, true, OC, N, g, OC, pt0);
                 /* GELU by the vector formula against tanh in double: the
                  * bf16 of the two can differ in the last place (relative
                  * to |GELU| + 1e-3, as in test_act_pack_and_bwd) */
@@ -669,10 +673,10 @@ static void test_pack_dy(void)
         fill(&r, W, (size_t)OC * C, 1.f);
         fill(&r, dW, (size_t)OC * C, 1.f);
         memcpy(dW0, dW, sizeof(float) * OC * C);
-        uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
-        mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+        uint16_t *xp = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, C) * 2);
+        mp_pack_a(KILN_DTYPE_BF16, false, N, C, x, C, xp);
         mp_weight w;
-        CHECK(mp_weight_init(&w, MP_BF16, OC, C, io));
+        CHECK(mp_weight_init(&w, KILN_DTYPE_BF16, OC, C, io));
         mp_weight_refresh(&w, W);
         mp_scratch s = {0};
         CHECK(mp_linear_backward_packed(MP_BACKEND_AUTO, &s, &w, dy, xp, MP_ACT_NONE, N, dW, true, db, dx));
@@ -721,23 +725,23 @@ static void test_epilogues(void)
             fill(&r, x, (size_t)N * C, 1.f);
             fill(&r, W1, (size_t)F * C, 0.3f);
             fill(&r, b1, (size_t)F, 0.5f);
-            uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, C) * 2);
-            size_t nh = mp_packa_elems(MP_BF16, N, F);
+            uint16_t *xp = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, C) * 2);
+            size_t nh = mp_packa_elems(KILN_DTYPE_BF16, N, F);
             uint16_t *hp = aligned_alloc(64, nh * 2), *ap = aligned_alloc(64, nh * 2);
             uint16_t *hp0 = aligned_alloc(64, nh * 2), *ap0 = aligned_alloc(64, nh * 2);
-            mp_pack_a(MP_BF16, false, N, C, x, C, xp);
+            mp_pack_a(KILN_DTYPE_BF16, false, N, C, x, C, xp);
             mp_weight w1;
-            CHECK(mp_weight_init(&w1, MP_BF16, F, C, false));
+            CHECK(mp_weight_init(&w1, KILN_DTYPE_BF16, F, C, false));
             mp_weight_refresh(&w1, W1);
             mp_scratch s = {0};
             memset(hp, 0xff, nh * 2);
             memset(ap, 0xff, nh * 2);
             mp_epi e = {.kind = MP_EPI_ACT, .act = act, .M = N, .N = F, .xp = hp, .ap = ap};
             CHECK(mp_gemm_packed_epi(be, &s, N, F, C, xp, w1.fwd, b1, &e));
-            mp_gemm_packed(be, MP_BF16, N, F, C, xp, w1.fwd, h, F, false, b1);
+            mp_gemm_packed(be, KILN_DTYPE_BF16, N, F, C, xp, w1.fwd, h, F, false, b1);
             if (act == MP_ACT_GELU) mp_act_pack(hp0, ap0, h, N, F, act);
             else {
-                mp_pack_a(MP_BF16, false, N, F, h, F, hp0);
+                mp_pack_a(KILN_DTYPE_BF16, false, N, F, h, F, hp0);
                 memcpy(ap0, hp0, nh * 2);
             }
             CHECK_MSG(!memcmp(hp, hp0, nh * 2), "%s act %d: packed pre-activation differs",
@@ -758,8 +762,8 @@ static void test_epilogues(void)
                 fill(&r, W2, (size_t)OC * F, 0.3f);
                 fill(&r, dy, (size_t)N * OC, 1.f);
                 mp_weight v1, v2;
-                CHECK(mp_weight_init(&v1, MP_BF16, F, C, io));
-                CHECK(mp_weight_init(&v2, MP_BF16, OC, F, io));
+                CHECK(mp_weight_init(&v1, KILN_DTYPE_BF16, F, C, io));
+                CHECK(mp_weight_init(&v2, KILN_DTYPE_BF16, OC, F, io));
                 mp_weight_refresh(&v1, W1);
                 mp_weight_refresh(&v2, W2);
                 float *g[2][5]; /* dW1 db1 dW2 db2 dx, fused and not */
@@ -842,13 +846,13 @@ static void test_residual_epilogue(void)
             fill(&r, W, (size_t)C * K, 0.1f);
             fill(&r, b, (size_t)C, 0.5f);
             fill(&r, res, (size_t)(N + 1) * C, 2.f);
-            uint16_t *xp = aligned_alloc(64, mp_packa_elems(MP_BF16, N, K) * 2);
-            mp_pack_a(MP_BF16, false, N, K, x, K, xp);
+            uint16_t *xp = aligned_alloc(64, mp_packa_elems(KILN_DTYPE_BF16, N, K) * 2);
+            mp_pack_a(KILN_DTYPE_BF16, false, N, K, x, K, xp);
             mp_weight w;
-            CHECK(mp_weight_init(&w, MP_BF16, C, K, si == 1));
+            CHECK(mp_weight_init(&w, KILN_DTYPE_BF16, C, K, si == 1));
             mp_weight_refresh(&w, W);
             mp_scratch s = {0};
-            mp_gemm_packed(be, MP_BF16, N, C, K, xp, w.fwd, y, C, false, b);
+            mp_gemm_packed(be, KILN_DTYPE_BF16, N, C, K, xp, w.fwd, y, C, false, b);
             for (size_t t = 0; t < (size_t)N * C; t++) ref[t] = y[t] + res[t];
             for (size_t t = 0; t < (size_t)(N + 1) * C; t++) out[t] = -77.f;
             mp_epi e = {.kind = MP_EPI_RES, .M = N, .N = C, .out = out, .res = res};
@@ -865,7 +869,7 @@ static void test_residual_epilogue(void)
             CHECK_MSG(!memcmp(inpl, ref, sizeof(float) * N * C), "%s %dx%dx%d: in place differs",
                       mp_backend_name(be), N, C, K);
             /* a packing epilogue over several K chunks */
-            size_t nh = mp_packa_elems(MP_BF16, N, C);
+            size_t nh = mp_packa_elems(KILN_DTYPE_BF16, N, C);
             uint16_t *hp = aligned_alloc(64, nh * 2), *ap = aligned_alloc(64, nh * 2);
             uint16_t *hp0 = aligned_alloc(64, nh * 2), *ap0 = aligned_alloc(64, nh * 2);
             memset(hp, 0xff, nh * 2);
@@ -911,14 +915,14 @@ static void test_norm_packed(void)
                 for (int i = 0; i < C; i++) x[(size_t)2 * C + i] = i % 2 ? 1e30f : -1e30f;
             fill(&r, w, (size_t)C, 1.f);
             fill(&r, b, (size_t)C, 0.5f);
-            size_t np = mp_packa_elems(MP_BF16, N, C);
+            size_t np = mp_packa_elems(KILN_DTYPE_BF16, N, C);
             uint16_t *p = aligned_alloc(64, np * 2), *p0 = aligned_alloc(64, np * 2);
             memset(p, 0xff, np * 2);
             memset(p0, 0xee, np * 2);
             const float *bb = kind == 0 ? b : NULL;
             if (kind < 2) k->layernorm_fwd(y, mean0, rstd0, x, w, bb, N, C, 1e-5f);
             else k->rmsnorm_fwd(y, rstd0, x, w, N, C, 1e-5f);
-            mp_pack_a(MP_BF16, false, N, C, y, C, p0);
+            mp_pack_a(KILN_DTYPE_BF16, false, N, C, y, C, p0);
             kern_fast_norm_fwd_packed(p, mean, rstd, x, w, bb, N, C, 1e-5f, kind == 2);
             size_t diff = 0;
             for (size_t t = 0; t < np; t++) diff += p[t] != p0[t];
@@ -991,9 +995,9 @@ static void test_weight_refresh_strips(void)
         fill(&r, W, (size_t)OC * C, 0.5f);
         W[3] = 1e-40f; /* a subnormal: the same flush either way */
         mp_weight a, b;
-        CHECK(mp_weight_init(&a, MP_BF16, OC, C, io));
-        CHECK(mp_weight_init(&b, MP_BF16, OC, C, io));
-        size_t nf = mp_packb_elems(MP_BF16, C, OC), nb = mp_packb_elems(MP_BF16, OC, C);
+        CHECK(mp_weight_init(&a, KILN_DTYPE_BF16, OC, C, io));
+        CHECK(mp_weight_init(&b, KILN_DTYPE_BF16, OC, C, io));
+        size_t nf = mp_packb_elems(KILN_DTYPE_BF16, C, OC), nb = mp_packb_elems(KILN_DTYPE_BF16, OC, C);
         mp_weight_refresh(&a, W);
         memset(b.fwd, 0xab, nf * 2);
         memset(b.bwd, 0xab, nb * 2);
@@ -1011,13 +1015,13 @@ static void test_weight_refresh_strips(void)
         free(W);
     }
     mp_weight w;
-    CHECK(mp_weight_init(&w, MP_BF16, 48, 64, true)); /* 48 rows of the (out, in) side */
+    CHECK(mp_weight_init(&w, KILN_DTYPE_BF16, 48, 64, true)); /* 48 rows of the (out, in) side */
     CHECK_EQ(mp_weight_strip_rows(&w), 0);
     mp_weight_free(&w);
-    CHECK(mp_weight_init(&w, MP_BF16, 64, 40, true));
+    CHECK(mp_weight_init(&w, KILN_DTYPE_BF16, 64, 40, true));
     CHECK_EQ(mp_weight_strip_rows(&w), 0);
     mp_weight_free(&w);
-    CHECK(mp_weight_init(&w, MP_F16, 64, 64, true));
+    CHECK(mp_weight_init(&w, KILN_DTYPE_F16, 64, 64, true));
     CHECK_EQ(mp_weight_strip_rows(&w), 0);
     mp_weight_free(&w);
 }

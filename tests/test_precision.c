@@ -223,10 +223,10 @@ static void test_fused_update(void)
         const float *wq = a->w.layers[1].fc_w;
         mp_weight *e = mp_kern_weight_entry(a->gemm, wq, a->F, a->C, true);
         mp_weight ref;
-        CHECK(e && mp_weight_init(&ref, MP_BF16, a->F, a->C, true));
+        CHECK(e && mp_weight_init(&ref, KILN_DTYPE_BF16, a->F, a->C, true));
         if (!e) break;
         mp_weight_refresh(&ref, wq);
-        size_t nf = mp_packb_elems(MP_BF16, a->C, a->F), nb = mp_packb_elems(MP_BF16, a->F, a->C);
+        size_t nf = mp_packb_elems(KILN_DTYPE_BF16, a->C, a->F), nb = mp_packb_elems(KILN_DTYPE_BF16, a->F, a->C);
         CHECK_EQ(mp_weight_strip_rows(e), hw ? 32 : 0);
         CHECK_EQ(memcmp(e->fwd, ref.fwd, nf * 2) == 0 && memcmp(e->bwd, ref.bwd, nb * 2) == 0, hw);
         mp_weight_free(&ref);

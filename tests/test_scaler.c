@@ -219,7 +219,7 @@ static void test_fp16_overflow_end_to_end(void)
     dy[7] = 1.5f;
     mp_scratch sc = {0};
     memset(ref, 0, sizeof(float) * OC * C);
-    CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &sc, MP_F16, false, dy, x, N, OC, C, ref));
+    CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &sc, KILN_DTYPE_F16, false, dy, x, N, OC, C, ref));
     kiln_scaler s = scaler_default(true);
     int attempts = 0;
     bool applied = false;
@@ -228,7 +228,7 @@ static void test_fp16_overflow_end_to_end(void)
         float f = scaler_loss_scale(&s);
         for (int i = 0; i < N * OC; i++) dyS[i] = dy[i] * f;
         memset(dW, 0, sizeof(float) * OC * C);
-        CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &sc, MP_F16, false, dyS, x, N, OC, C, dW));
+        CHECK(mp_linear_backward_w(MP_BACKEND_AUTO, &sc, KILN_DTYPE_F16, false, dyS, x, N, OC, C, dW));
         bool inf = scaler_unscale(&s, dW, OC * C);
         applied = scaler_update(&s, inf);
     }

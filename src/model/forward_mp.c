@@ -188,7 +188,7 @@ static void norm_packed(kiln_model *m, uint16_t *outp, float *mean, float *rstd,
     }
     if (ln) k->layernorm_fwd(m->a.tmp, mean, rstd, inp, w, b, n, C, eps);
     else k->rmsnorm_fwd(m->a.tmp, rstd, inp, w, n, C, eps);
-    mp_pack_a(MP_BF16, false, n, C, m->a.tmp, C, outp);
+    mp_pack_a(KILN_DTYPE_BF16, false, n, C, m->a.tmp, C, outp);
 }
 
 kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
@@ -227,7 +227,7 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
             if (s) return s;
         } else {
             P(MATMUL_FWD,
-              mp_gemm_packed(be, MP_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
+              mp_gemm_packed(be, KILN_DTYPE_BF16, n, QKV, C, ln1p, wq->fwd, qkv, QKV, false, w->qkv_b));
         }
         if (!gpt2)
             P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
@@ -237,7 +237,7 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         } else { /* fp32 on the bf16 values */
             P(OTHER, mp_f32_to_bf16(qkv, qkvh, N * QKV); mp_bf16_to_f32(qkvh, qkv, N * QKV));
             P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
-            P(OTHER, mp_pack_a(MP_BF16, false, n, C, a->atty, C, attyp));
+            P(OTHER, mp_pack_a(KILN_DTYPE_BF16, false, n, C, a->atty, C, attyp));
         }
         kiln_status s = fwd_res(ctx, m, be, res2, inp, n, C, attyp, wp, w->proj_b);
         if (s) return s;
@@ -249,7 +249,7 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
             if (s) return s;
         } else {
             P(MATMUL_FWD,
-              mp_gemm_packed(be, MP_BF16, n, FH, C, ln2p, wf->fwd, a->tmp, FH, false, w->fc_b));
+              mp_gemm_packed(be, KILN_DTYPE_BF16, n, FH, C, ln2p, wf->fwd, a->tmp, FH, false, w->fc_b));
             P(ACT, mp_act_pack(fchp, a->actp, a->tmp, n, F, act));
         }
         s = fwd_res(ctx, m, be, res3, res2, n, F, a->actp, wo, w->fcproj_b);
@@ -259,7 +259,7 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
     P(NORM, norm_packed(m, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n));
     const mp_weight *wh = mp_kern_weight(g, m->w.lm_head, V, C, false, false);
     if (!wh) return NOMEM(ctx);
-    P(MATMUL_FWD, mp_gemm_packed(be, MP_BF16, n, V, C, a->lnfp, wh->fwd, a->logits, V, false, NULL));
+    P(MATMUL_FWD, mp_gemm_packed(be, KILN_DTYPE_BF16, n, V, C, a->lnfp, wh->fwd, a->logits, V, false, NULL));
     *logits = a->logits;
     return KILN_OK;
 }

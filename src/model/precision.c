@@ -121,7 +121,7 @@ static kiln_status apply(kiln_ctx *ctx, kiln_model *m, kiln_precision p, bool ke
         model_use_ref_kernels(m, false);
         return KILN_OK;
     }
-    kern_gemm *g = mp_kern_gemm_new(p == KILN_PRECISION_BF16 ? MP_BF16 : MP_F16,
+    kern_gemm *g = mp_kern_gemm_new(p == KILN_PRECISION_BF16 ? KILN_DTYPE_BF16 : KILN_DTYPE_F16,
                                     to_backend(m->bf16_kernel));
     if (!g)
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory setting up %s kernels",

@@ -81,27 +81,28 @@ const char *mp_backend_name(mp_backend b);
 
 /* ---- compute dtypes --------------------------------------------------- */
 
-typedef enum mp_dtype { MP_F32 = 0, MP_BF16 = 1, MP_F16 = 2 } mp_dtype;
-const char *mp_dtype_name(mp_dtype t);
+/* The products below take the compute dtype as a kiln_dtype (the one enum,
+ * tensor/tensor.h): KILN_DTYPE_BF16 or KILN_DTYPE_F16 (fp16 runs as three
+ * bf16 products, see the file comment). */
 
 /* ---- packed operands -------------------------------------------------- */
 
 /* Packed-B size in bf16 elements for a K x N operand under dtype dt (fp16
  * triples K; see the file comment). */
-size_t mp_packb_elems(mp_dtype dt, int K, int N);
+size_t mp_packb_elems(kiln_dtype dt, int K, int N);
 /* Packed-A size in bf16 elements for an M x K operand (rows padded to 32). */
-size_t mp_packa_elems(mp_dtype dt, int M, int K);
+size_t mp_packa_elems(kiln_dtype dt, int M, int K);
 
 /* Packs the fp32 operand B (K x N) into panels, rounding to dt (BF16 or
  * F16). trans=false: B[k][n] = src[k*ld + n]; trans=true: B[k][n] =
  * src[n*ld + k] (e.g. a weight W (N, K) for X W^T). dst holds
  * mp_packb_elems() elements. Multithreaded. */
-void mp_pack_b(mp_dtype dt, bool trans, int K, int N, const float *src,
+void mp_pack_b(kiln_dtype dt, bool trans, int K, int N, const float *src,
                int ld, uint16_t *dst);
 /* Packs the fp32 operand A (M x K) row-major bf16 with K padded (and rows
  * padded to a multiple of 32 with zeros). trans=false: A[m][k] =
  * src[m*ld + k]; trans=true: A[m][k] = src[k*ld + m]. */
-void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
+void mp_pack_a(kiln_dtype dt, bool trans, int M, int K, const float *src,
                int ld, uint16_t *dst);
 
 /* C (M x N, row stride ldc) = (accumulate ? C : 0) + A * B (+ bias[n] when
@@ -141,10 +142,10 @@ enum { MP_AMX_MC = 256, MP_AMX_NC = 256, MP_AMX_KC = 512 };
 /* mp_gemm_packed with C stored transposed when transc (element (i, j) of
  * the product at C[j * ldc + i]; no bias then): a weight gradient computed
  * as dY^T X lands in an (in, out) weight as it is. */
-void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
+void mp_gemm_packed_t(mp_backend be, kiln_dtype dt, int M, int N, int K,
                       const uint16_t *pa, const uint16_t *pb, float *C,
                       int ldc, bool accumulate, const float *bias, bool transc);
-void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
+void mp_gemm_packed(mp_backend be, kiln_dtype dt, int M, int N, int K,
                     const uint16_t *pa, const uint16_t *pb, float *C,
                     int ldc, bool accumulate, const float *bias);
 
@@ -221,7 +222,7 @@ void mp_attention_bwd_amx_packed(float *dqkv, const mp_dy_out *o, const float *d
  * (HF Conv1D, in_out = true: W' = W). Refreshed once per optimizer step
  * with mp_weight_refresh (or one layout at a time); never per call. */
 typedef struct mp_weight {
-    mp_dtype dt;
+    kiln_dtype dt;
     int OC, C;
     bool in_out;
     uint16_t *fwd; /* packed W':   K = C,  N = OC */
@@ -229,7 +230,7 @@ typedef struct mp_weight {
 } mp_weight;
 
 /* Allocates the packed copies (no conversion yet). Returns false on OOM. */
-bool mp_weight_init(mp_weight *w, mp_dtype dt, int OC, int C, bool in_out);
+bool mp_weight_init(mp_weight *w, kiln_dtype dt, int OC, int C, bool in_out);
 void mp_weight_free(mp_weight *w);
 /* Converts and packs W into both copies / into one of them. */
 void mp_weight_refresh(mp_weight *w, const float *W);
@@ -271,7 +272,7 @@ bool mp_linear_backward_x(mp_backend be, mp_scratch *s, const mp_weight *w,
                           bool accumulate);
 /* dW += the weight gradient in W's layout: (OC, C) += dy^T x, or with
  * in_out (C, OC) += x^T dy. */
-bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
+bool mp_linear_backward_w(mp_backend be, mp_scratch *s, kiln_dtype dt,
                           bool in_out, const float *dy, const float *x,
                           int N, int OC, int C, float *dW);
 
@@ -404,13 +405,13 @@ void mp_pack_a_tokens(uint16_t *pa, const uint16_t *xp, int M, int K, int act);
  * attention products and one-off shapes). C (M, N) (+)= op(A) op(B) where
  * op(A) is M x K (ta: A stored K x M) and op(B) is K x N (tb: B stored
  * N x K). */
-bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,
+bool mp_gemm_f32io(mp_backend be, mp_scratch *s, kiln_dtype dt, bool ta,
                    bool tb, int M, int N, int K, const float *A, int lda,
                    const float *B, int ldb, float *C, int ldc,
                    bool accumulate);
 /* The sgemm contract: C = alpha op(A) op(B) + beta C (beta == 0 ignores
  * C's contents). Returns false on OOM. */
-bool mp_sgemm(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta, bool tb,
+bool mp_sgemm(mp_backend be, mp_scratch *s, kiln_dtype dt, bool ta, bool tb,
               int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc);
 

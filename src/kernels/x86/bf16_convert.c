@@ -105,16 +105,6 @@ const char *mp_backend_name(mp_backend b)
     return "?";
 }
 
-const char *mp_dtype_name(mp_dtype t)
-{
-    switch (t) {
-    case MP_F32: return "fp32";
-    case MP_BF16: return "bf16";
-    case MP_F16: return "fp16";
-    }
-    return "?";
-}
-
 /* ---- fp32 <-> bf16 arrays --------------------------------------------- */
 
 #if MP_X86

@@ -37,7 +37,7 @@ typedef struct wentry {
 
 typedef struct mp_state {
     uint32_t magic;
-    mp_dtype dt;
+    kiln_dtype dt;
     mp_backend be;
     kern_ops ops;       /* fast ops with matmul_fwd/bwd replaced */
     kern_gemm *fp32;    /* for products too small to pack */
@@ -155,9 +155,9 @@ static void mp_destroy(kern_gemm *g)
     free(g);
 }
 
-kern_gemm *mp_kern_gemm_new(mp_dtype dt, mp_backend be)
+kern_gemm *mp_kern_gemm_new(kiln_dtype dt, mp_backend be)
 {
-    KILN_ASSERT(dt == MP_BF16 || dt == MP_F16);
+    KILN_ASSERT(dt == KILN_DTYPE_BF16 || dt == KILN_DTYPE_F16);
     kern_gemm *g = calloc(1, sizeof *g);
     mp_state *st = calloc(1, sizeof *st);
     kern_gemm *f = kern_gemm_fast_new();
@@ -170,12 +170,12 @@ kern_gemm *mp_kern_gemm_new(mp_dtype dt, mp_backend be)
     st->be = be == MP_BACKEND_AUTO || !mp_backend_available(be) ? mp_backend_best() : be;
     st->fp32 = f;
     st->ops = *kern_ops_fast();
-    st->ops.name = dt == MP_BF16 ? "bf16" : "fp16";
+    st->ops.name = dt == KILN_DTYPE_BF16 ? "bf16" : "fp16";
     st->ops.matmul_fwd = mp_matmul_fwd;
     st->ops.matmul_bwd = mp_matmul_bwd;
-    g->name = st->be == MP_BACKEND_AMX ? (dt == MP_BF16 ? "amx_bf16" : "amx_fp16")
-              : st->be == MP_BACKEND_AVX512 ? (dt == MP_BF16 ? "avx512_bf16" : "avx512_fp16")
-                                            : (dt == MP_BF16 ? "ref_bf16" : "ref_fp16");
+    g->name = st->be == MP_BACKEND_AMX ? (dt == KILN_DTYPE_BF16 ? "amx_bf16" : "amx_fp16")
+              : st->be == MP_BACKEND_AVX512 ? (dt == KILN_DTYPE_BF16 ? "avx512_bf16" : "avx512_fp16")
+                                            : (dt == KILN_DTYPE_BF16 ? "ref_bf16" : "ref_fp16");
     g->gemm = mp_gemm_fn;
     g->destroy = mp_destroy;
     g->invalidate = mp_invalidate;
@@ -185,7 +185,7 @@ kern_gemm *mp_kern_gemm_new(mp_dtype dt, mp_backend be)
 
 const kern_ops *mp_kern_ops(kern_gemm *g) { return &state_of(g)->ops; }
 
-mp_dtype mp_kern_dtype(kern_gemm *g) { return state_of(g)->dt; }
+kiln_dtype mp_kern_dtype(kern_gemm *g) { return state_of(g)->dt; }
 mp_backend mp_kern_backend(kern_gemm *g) { return state_of(g)->be; }
 mp_scratch *mp_kern_scratch(kern_gemm *g) { return &state_of(g)->scratch; }
 

@@ -10,9 +10,9 @@
 #include "kernels/kernels.h"
 #include "kernels/x86/bf16.h"
 
-/* A heap kern_gemm for dtype dt (MP_BF16 or MP_F16) on backend be (AUTO:
+/* A heap kern_gemm for dtype dt (KILN_DTYPE_BF16 or KILN_DTYPE_F16) on backend be (AUTO:
  * the best this CPU has). Free with kern_gemm_free. NULL on OOM. */
-kern_gemm *mp_kern_gemm_new(mp_dtype dt, mp_backend be);
+kern_gemm *mp_kern_gemm_new(kiln_dtype dt, mp_backend be);
 /* The op table to use with g (lives as long as g). */
 const kern_ops *mp_kern_ops(kern_gemm *g);
 /* Bytes held by g's packed weight copies. */
@@ -25,7 +25,7 @@ uint64_t mp_kern_repacks(kern_gemm *g);
  * scratch, and the packed copy of weight w, refreshed for the current
  * epoch (g->invalidate) in the forward (bwd = false) or input-gradient
  * (bwd = true) layout. NULL on OOM. */
-mp_dtype mp_kern_dtype(kern_gemm *g);
+kiln_dtype mp_kern_dtype(kern_gemm *g);
 mp_backend mp_kern_backend(kern_gemm *g);
 mp_scratch *mp_kern_scratch(kern_gemm *g);
 const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, bool in_out,

@@ -32,21 +32,21 @@ void mp_gemm_amx(int M, int N, int Kp, const uint16_t *pa, const uint16_t *pb,
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 /* K of the packed operands: padded to 32, tripled for fp16. */
-static inline int packed_k(mp_dtype dt, int K)
+static inline int packed_k(kiln_dtype dt, int K)
 {
     int kp = round_up(K, 32);
-    return dt == MP_F16 ? 3 * kp : kp;
+    return dt == KILN_DTYPE_F16 ? 3 * kp : kp;
 }
 
 #define a_off mp_packa_off
 #define bf16x16 mp_f32x16_to_bf16
 
-size_t mp_packb_elems(mp_dtype dt, int K, int N)
+size_t mp_packb_elems(kiln_dtype dt, int K, int N)
 {
     return (size_t)packed_k(dt, K) * (size_t)round_up(N, 32);
 }
 
-size_t mp_packa_elems(mp_dtype dt, int M, int K)
+size_t mp_packa_elems(kiln_dtype dt, int M, int K)
 {
     return (size_t)packed_k(dt, K) * (size_t)round_up(M, 32);
 }
@@ -54,9 +54,9 @@ size_t mp_packa_elems(mp_dtype dt, int M, int K)
 /* The bf16 part(s) of one fp32 value under dt: bf16 -> (round, 0);
  * fp16 -> round to fp16 first, then hi = bf16(x16), lo = bf16(x16 - hi)
  * (both exact). inf/NaN stay in hi with lo = 0. */
-static inline void split(mp_dtype dt, float x, uint16_t *hi, uint16_t *lo)
+static inline void split(kiln_dtype dt, float x, uint16_t *hi, uint16_t *lo)
 {
-    if (dt == MP_BF16) {
+    if (dt == KILN_DTYPE_BF16) {
         *hi = f32_to_bf16(x);
         *lo = 0;
         return;
@@ -73,9 +73,9 @@ static inline void split(mp_dtype dt, float x, uint16_t *hi, uint16_t *lo)
 
 
 /* 16 values -> hi (and lo for fp16), the vector twin of split(). */
-MP_T512 static inline void split16(mp_dtype dt, __m512 x, __m256i *hi, __m256i *lo)
+MP_T512 static inline void split16(kiln_dtype dt, __m512 x, __m256i *hi, __m256i *lo)
 {
-    if (dt == MP_BF16) {
+    if (dt == KILN_DTYPE_BF16) {
         *hi = bf16x16(x);
         *lo = _mm256_setzero_si256();
         return;
@@ -104,7 +104,7 @@ MP_T512 static inline __m512 load16(const float *p, size_t st, int cnt)
 }
 
 /* Row of n values (stride st) -> h[0..n) (and l[0..n) for fp16). */
-MP_T512 static void convert_row_avx512(mp_dtype dt, const float *src, size_t st, int n,
+MP_T512 static void convert_row_avx512(kiln_dtype dt, const float *src, size_t st, int n,
                                        uint16_t *h, uint16_t *l)
 {
     for (int i = 0; i < n; i += 16) {
@@ -122,7 +122,7 @@ MP_T512 static void convert_row_avx512(mp_dtype dt, const float *src, size_t st,
  * sequential streams), 16 x 16 blocks transposed in registers, and each
  * output row gets one full 64-byte line per visit. Padding is written
  * elsewhere. */
-MP_T512 static void pack_a_trans_kblock(mp_dtype dt, int M, int K, const float *src, int ld,
+MP_T512 static void pack_a_trans_kblock(kiln_dtype dt, int M, int K, const float *src, int ld,
                                         uint16_t *dst, int kp, int kk, int k0)
 {
     for (int m0 = 0; m0 < M; m0 += 16) {
@@ -141,7 +141,7 @@ MP_T512 static void pack_a_trans_kblock(mp_dtype dt, int M, int K, const float *
         for (int j = 0; j < mc; j++) {
             __m512i vh = _mm512_inserti64x4(_mm512_castsi256_si512(hi[0][j]), hi[1][j], 1);
             _mm512_storeu_si512(dst + a_off(kk, m0 + j, k0), vh);
-            if (dt == MP_F16) {
+            if (dt == KILN_DTYPE_F16) {
                 __m512i vl = _mm512_inserti64x4(_mm512_castsi256_si512(lo[0][j]), lo[1][j], 1);
                 _mm512_storeu_si512(dst + a_off(kk, m0 + j, kp + k0), vh);
                 _mm512_storeu_si512(dst + a_off(kk, m0 + j, 2 * kp + k0), vl);
@@ -235,7 +235,7 @@ MP_TBF static void pack_b_slice_bf16hw(bool trans, int K, int N, const float *sr
 }
 
 /* Panel p, K slice s (32 rows) of packed B from fp32. */
-MP_T512 static void pack_b_slice_avx512(mp_dtype dt, bool trans, int K, int N, const float *src,
+MP_T512 static void pack_b_slice_avx512(kiln_dtype dt, bool trans, int K, int N, const float *src,
                                         int ld, uint16_t *pan, int kp, int p, int s)
 {
     int n0 = p * 16, cnt = KILN_MP_MIN(16, N - n0);
@@ -249,7 +249,7 @@ MP_T512 static void pack_b_slice_avx512(mp_dtype dt, bool trans, int K, int N, c
                 split16(dt, col[kk / 16][kk % 16], &h[q], &l[q]);
             }
             store_pairs(pan + ((size_t)s * 32 + 2 * r2) * 16, h[0], h[1]);
-            if (dt == MP_F16) {
+            if (dt == KILN_DTYPE_F16) {
                 store_pairs(pan + ((size_t)kp + s * 32 + 2 * r2) * 16, l[0], l[1]);
                 store_pairs(pan + ((size_t)2 * kp + s * 32 + 2 * r2) * 16, h[0], h[1]);
             }
@@ -269,7 +269,7 @@ MP_T512 static void pack_b_slice_avx512(mp_dtype dt, bool trans, int K, int N, c
             split16(dt, v, &h[q], &l[q]);
         }
         store_pairs(pan + ((size_t)s * 32 + 2 * r2) * 16, h[0], h[1]);
-        if (dt == MP_F16) {
+        if (dt == KILN_DTYPE_F16) {
             store_pairs(pan + ((size_t)kp + s * 32 + 2 * r2) * 16, l[0], l[1]);
             store_pairs(pan + ((size_t)2 * kp + s * 32 + 2 * r2) * 16, h[0], h[1]);
         }
@@ -279,7 +279,7 @@ MP_T512 static void pack_b_slice_avx512(mp_dtype dt, bool trans, int K, int N, c
 
 /* Converts one row of n fp32 values (stride st) to bf16 (dt = BF16) or to
  * the fp16 hi/lo pair, writing hi to h[] and lo to l[]. */
-static void convert_row(mp_dtype dt, const float *src, size_t st, int n,
+static void convert_row(kiln_dtype dt, const float *src, size_t st, int n,
                         uint16_t *h, uint16_t *l)
 {
 #if MP_X86
@@ -303,10 +303,10 @@ static void zero_a_rows(uint16_t *dst, int kk, int m0, int m1)
         for (int k = 0; k < kk; k += 32) memset(dst + a_off(kk, m, k), 0, 64);
 }
 
-void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
+void mp_pack_a(kiln_dtype dt, bool trans, int M, int K, const float *src,
                int ld, uint16_t *dst)
 {
-    KILN_ASSERT(dt == MP_BF16 || dt == MP_F16);
+    KILN_ASSERT(dt == KILN_DTYPE_BF16 || dt == KILN_DTYPE_F16);
     int kp = round_up(K, 32), kk = packed_k(dt, K), mp = round_up(M, 32);
 #if MP_X86
     if (trans && mp_cpu_caps()->avx512f && mp_cpu_caps()->f16c) {
@@ -327,7 +327,7 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
         const float *s = trans ? src + m : src + (size_t)m * ld;
         size_t st = trans ? (size_t)ld : 1;
 #if MP_X86
-        if (dt == MP_BF16 && st == 1 && mp_cpu_caps()->avx512f) {
+        if (dt == KILN_DTYPE_BF16 && st == 1 && mp_cpu_caps()->avx512f) {
             pack_a_row_bf16(s, K, dst, kk, m);
             continue;
         }
@@ -336,9 +336,9 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
             /* A' = [hi | hi | lo] for fp16: pairs with B' = [hi; lo; hi]. */
             uint16_t h[32] = {0}, l[32] = {0};
             int cnt = KILN_MP_MIN(32, K - k0);
-            convert_row(dt, s + (size_t)k0 * st, st, cnt, h, dt == MP_F16 ? l : NULL);
+            convert_row(dt, s + (size_t)k0 * st, st, cnt, h, dt == KILN_DTYPE_F16 ? l : NULL);
             memcpy(dst + a_off(kk, m, k0), h, 64);
-            if (dt == MP_F16) {
+            if (dt == KILN_DTYPE_F16) {
                 memcpy(dst + a_off(kk, m, kp + k0), h, 64);
                 memcpy(dst + a_off(kk, m, 2 * kp + k0), l, 64);
             }
@@ -346,7 +346,7 @@ void mp_pack_a(mp_dtype dt, bool trans, int M, int K, const float *src,
     }
 }
 
-static void pack_b_slice_ref(mp_dtype dt, bool trans, int K, int N, const float *src,
+static void pack_b_slice_ref(kiln_dtype dt, bool trans, int K, int N, const float *src,
                              int ld, uint16_t *pan, int kp, int p, int s)
 {
     uint16_t hi[32][16], lo[32][16];
@@ -364,7 +364,7 @@ static void pack_b_slice_ref(mp_dtype dt, bool trans, int K, int N, const float 
     }
     /* Interleave pairs of K: row (k/2) of the panel holds B[k][c],
      * B[k+1][c] for c = 0..15. Parts: [hi; lo; hi] for fp16. */
-    for (int part = 0; part < (dt == MP_F16 ? 3 : 1); part++) {
+    for (int part = 0; part < (dt == KILN_DTYPE_F16 ? 3 : 1); part++) {
         uint16_t (*v)[16] = part == 1 ? lo : hi;
         uint16_t *o = pan + ((size_t)part * kp + (size_t)s * 32) * 16;
         for (int r2 = 0; r2 < 16; r2++)
@@ -375,16 +375,16 @@ static void pack_b_slice_ref(mp_dtype dt, bool trans, int K, int N, const float 
     }
 }
 
-void mp_pack_b(mp_dtype dt, bool trans, int K, int N, const float *src,
+void mp_pack_b(kiln_dtype dt, bool trans, int K, int N, const float *src,
                int ld, uint16_t *dst)
 {
-    KILN_ASSERT(dt == MP_BF16 || dt == MP_F16);
+    KILN_ASSERT(dt == KILN_DTYPE_BF16 || dt == KILN_DTYPE_F16);
     int kp = round_up(K, 32), kk = packed_k(dt, K), np = round_up(N, 32);
     int npanel = np / 16, nslice = kp / 32;
     bool vec = false, hw = false;
 #if MP_X86
     vec = mp_cpu_caps()->avx512f && mp_cpu_caps()->f16c;
-    hw = vec && dt == MP_BF16 && mp_cpu_caps()->avx512_bf16;
+    hw = vec && dt == KILN_DTYPE_BF16 && mp_cpu_caps()->avx512_bf16;
 #endif
     /* One task per (panel, 32-row slice of K), in the order that reads the
      * source along its rows: slice by slice when B's rows are the source's
@@ -497,14 +497,14 @@ static void gemm_avx512(int M, int N, int Kp, const uint16_t *pa, const uint16_t
 }
 #endif
 
-void mp_gemm_packed(mp_backend be, mp_dtype dt, int M, int N, int K,
+void mp_gemm_packed(mp_backend be, kiln_dtype dt, int M, int N, int K,
                     const uint16_t *pa, const uint16_t *pb, float *C,
                     int ldc, bool accumulate, const float *bias)
 {
     mp_gemm_packed_t(be, dt, M, N, K, pa, pb, C, ldc, accumulate, bias, false);
 }
 
-void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
+void mp_gemm_packed_t(mp_backend be, kiln_dtype dt, int M, int N, int K,
                       const uint16_t *pa, const uint16_t *pb, float *C,
                       int ldc, bool accumulate, const float *bias, bool transc)
 {
@@ -527,7 +527,7 @@ void mp_gemm_packed_t(mp_backend be, mp_dtype dt, int M, int N, int K,
 
 /* ---- linear layer ----------------------------------------------------- */
 
-bool mp_weight_init(mp_weight *w, mp_dtype dt, int OC, int C, bool in_out)
+bool mp_weight_init(mp_weight *w, kiln_dtype dt, int OC, int C, bool in_out)
 {
     memset(w, 0, sizeof *w);
     w->dt = dt;
@@ -576,7 +576,7 @@ int mp_weight_strip_rows(const mp_weight *w)
 {
 #if MP_X86
     int R = w->in_out ? w->C : w->OC, cols = w->in_out ? w->OC : w->C;
-    if (w->dt == MP_BF16 && mp_cpu_caps()->avx512_bf16 && R > 0 && cols > 0 && R % 32 == 0 &&
+    if (w->dt == KILN_DTYPE_BF16 && mp_cpu_caps()->avx512_bf16 && R > 0 && cols > 0 && R % 32 == 0 &&
         cols % 32 == 0)
         return 32;
 #endif
@@ -665,7 +665,7 @@ bool mp_linear_backward_x(mp_backend be, mp_scratch *s, const mp_weight *w,
     return true;
 }
 
-bool mp_linear_backward_w(mp_backend be, mp_scratch *s, mp_dtype dt,
+bool mp_linear_backward_w(mp_backend be, mp_scratch *s, kiln_dtype dt,
                           bool in_out, const float *dy, const float *x,
                           int N, int OC, int C, float *dW)
 {
@@ -686,16 +686,16 @@ static bool backward_w_from(mp_backend be, mp_scratch *s, bool in_out, const uin
                             bool acc)
 {
     if (w_tok(in_out, act)) {
-        uint16_t *pxt = grow(&s->b, &s->b_cap, mp_packa_elems(MP_BF16, C, N));
+        uint16_t *pxt = grow(&s->b, &s->b_cap, mp_packa_elems(KILN_DTYPE_BF16, C, N));
         if (!pxt) return false;
         mp_pack_a_tokens(pxt, xp, N, C, act);
-        mp_gemm_packed(be, MP_BF16, C, OC, N, pxt, pt, dW, OC, acc, NULL);
+        mp_gemm_packed(be, KILN_DTYPE_BF16, C, OC, N, pxt, pt, dW, OC, acc, NULL);
         return true;
     }
-    uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(MP_BF16, N, C));
+    uint16_t *pb = grow(&s->b, &s->b_cap, mp_packb_elems(KILN_DTYPE_BF16, N, C));
     if (!pb) return false;
     mp_pack_b_tokens(pb, xp, N, C, act); /* x: K = N tokens, C columns */
-    mp_gemm_packed_t(be, MP_BF16, OC, C, N, pt, pb, dW, in_out ? OC : C, acc, NULL, in_out);
+    mp_gemm_packed_t(be, KILN_DTYPE_BF16, OC, C, N, pt, pb, dW, in_out ? OC : C, acc, NULL, in_out);
     return true;
 }
 
@@ -703,10 +703,10 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
                                  const float *dy, const uint16_t *xp, int act,
                                  int N, int OC, int C, float *dW)
 {
-    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
+    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(KILN_DTYPE_BF16, OC, N));
     if (!pt) return false;
-    if (w_tok(in_out, act)) mp_pack_b(MP_BF16, false, N, OC, dy, OC, pt); /* dy over tokens */
-    else mp_pack_a(MP_BF16, true, OC, N, dy, OC, pt);                     /* dy^T: (OC, N) */
+    if (w_tok(in_out, act)) mp_pack_b(KILN_DTYPE_BF16, false, N, OC, dy, OC, pt); /* dy over tokens */
+    else mp_pack_a(KILN_DTYPE_BF16, true, OC, N, dy, OC, pt);                     /* dy^T: (OC, N) */
     return backward_w_from(be, s, in_out, pt, xp, act, N, OC, C, dW, true);
 }
 
@@ -715,8 +715,8 @@ bool mp_dy_tok(const mp_weight *w, int act) { return w_tok(w->in_out, act); }
 bool mp_scratch_dy(mp_scratch *s, int N, int OC, bool bias, uint16_t **pa, uint16_t **pt,
                    float **part)
 {
-    *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, N, OC));
-    *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
+    *pa = grow(&s->a, &s->a_cap, mp_packa_elems(KILN_DTYPE_BF16, N, OC));
+    *pt = grow(&s->t, &s->t_cap, mp_packa_elems(KILN_DTYPE_BF16, OC, N));
     *part = bias ? grow_f(&s->part, &s->part_cap, mp_pack_dy_part_floats(N, OC)) : NULL;
     return *pa && *pt && (!bias || *part);
 }
@@ -725,9 +725,9 @@ bool mp_linear_backward_prepacked(mp_backend be, mp_scratch *s, const mp_weight 
                                   const uint16_t *pa, const uint16_t *pt, const uint16_t *xp,
                                   int act, int N, float *dW, bool dw_acc, float *dx)
 {
-    KILN_ASSERT(w->dt == MP_BF16);
+    KILN_ASSERT(w->dt == KILN_DTYPE_BF16);
     if (!backward_w_from(be, s, w->in_out, pt, xp, act, N, w->OC, w->C, dW, dw_acc)) return false;
-    mp_gemm_packed(be, MP_BF16, N, w->C, w->OC, pa, w->bwd, dx, w->C, false, NULL);
+    mp_gemm_packed(be, KILN_DTYPE_BF16, N, w->C, w->OC, pa, w->bwd, dx, w->C, false, NULL);
     return true;
 }
 
@@ -749,7 +749,7 @@ bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const
     if (be == MP_BACKEND_AUTO || !mp_backend_available(be)) be = mp_backend_best();
 #if MP_X86
     if (be == MP_BACKEND_AMX) {
-        mp_gemm_amx(M, N, packed_k(MP_BF16, K), pa, pb, NULL, 0, false, bias, false, epi);
+        mp_gemm_amx(M, N, packed_k(KILN_DTYPE_BF16, K), pa, pb, NULL, 0, false, bias, false, epi);
         return true;
     }
 #endif
@@ -762,7 +762,7 @@ bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const
         s->c_cap = s->c ? need : 0;
         if (!s->c) return false;
     }
-    mp_gemm_packed(be, MP_BF16, M, N, K, pa, pb, s->c, Np, false, bias);
+    mp_gemm_packed(be, KILN_DTYPE_BF16, M, N, K, pa, pb, s->c, Np, false, bias);
     #pragma omp parallel for schedule(static) collapse(2)
     for (int i0 = 0; i0 < Mp; i0 += 32)
         for (int j0 = 0; j0 < Np; j0 += 32) {
@@ -781,12 +781,12 @@ bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
                             float *dW2, float *db2, float *dx, bool dw_acc)
 {
     KILN_ASSERT(act == MP_ACT_NONE || act == MP_ACT_GELU);
-    KILN_ASSERT(w1->dt == MP_BF16 && w2->dt == MP_BF16 && w1->OC == w2->C);
+    KILN_ASSERT(w1->dt == KILN_DTYPE_BF16 && w2->dt == KILN_DTYPE_BF16 && w1->OC == w2->C);
     int C = w1->C, F = w1->OC, OC = w2->OC;
-    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(MP_BF16, N, OC));
-    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(MP_BF16, OC, N));
-    uint16_t *pa2 = grow(&s->a2, &s->a2_cap, mp_packa_elems(MP_BF16, N, F));
-    uint16_t *pt2 = grow(&s->t2, &s->t2_cap, mp_packa_elems(MP_BF16, F, N));
+    uint16_t *pa = grow(&s->a, &s->a_cap, mp_packa_elems(KILN_DTYPE_BF16, N, OC));
+    uint16_t *pt = grow(&s->t, &s->t_cap, mp_packa_elems(KILN_DTYPE_BF16, OC, N));
+    uint16_t *pa2 = grow(&s->a2, &s->a2_cap, mp_packa_elems(KILN_DTYPE_BF16, N, F));
+    uint16_t *pt2 = grow(&s->t2, &s->t2_cap, mp_packa_elems(KILN_DTYPE_BF16, F, N));
     size_t np = (size_t)round_up(N, 32) / 32 * round_up(F > OC ? F : OC, 32);
     float *part = grow_f(&s->part, &s->part_cap, np);
     if (!pa || !pt || !pa2 || !pt2 || !part) return false;
@@ -801,11 +801,11 @@ bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,
     /* first layer */
     if (!backward_w_from(be, s, w1->in_out, pt2, xp, MP_ACT_NONE, N, F, C, dW1, dw_acc))
         return false;
-    mp_gemm_packed(be, MP_BF16, N, C, F, pa2, w1->bwd, dx, C, false, NULL);
+    mp_gemm_packed(be, KILN_DTYPE_BF16, N, C, F, pa2, w1->bwd, dx, C, false, NULL);
     return true;
 }
 
-bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,
+bool mp_gemm_f32io(mp_backend be, mp_scratch *s, kiln_dtype dt, bool ta,
                    bool tb, int M, int N, int K, const float *A, int lda,
                    const float *B, int ldb, float *C, int ldc,
                    bool accumulate)
@@ -819,7 +819,7 @@ bool mp_gemm_f32io(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta,
     return true;
 }
 
-bool mp_sgemm(mp_backend be, mp_scratch *s, mp_dtype dt, bool ta, bool tb,
+bool mp_sgemm(mp_backend be, mp_scratch *s, kiln_dtype dt, bool ta, bool tb,
               int M, int N, int K, float alpha, const float *A, int lda,
               const float *B, int ldb, float beta, float *C, int ldc)
 {
