@@ -102,7 +102,7 @@ int main(int argc, char **argv)
         kiln_engine_opts o = kiln_engine_opts_default();
         o.n_slots = 8;
         o.chunk = PRE;
-        o.wtype = w ? KILN_WTYPE_BF16 : KILN_WTYPE_F32;
+        o.wtype = w ? KILN_DTYPE_BF16 : KILN_DTYPE_F32;
         kiln_engine *e = NULL;
         if (kiln_engine_new(ctx, m, &o, &e)) {
             fprintf(stderr, "bench_decode: %s\n", kiln_errmsg(ctx));

@@ -1018,18 +1018,21 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
  * infer: sampling, generation
  * ====================================================================== */
 
-/* Weight storage of an inference engine. Activations and the KV cache are
- * always fp32; bf16 halves the bytes streamed per decoded token. */
-typedef enum kiln_wtype {
-    KILN_WTYPE_F32 = 0,
-    KILN_WTYPE_BF16 = 1
-} kiln_wtype;
+/* Deprecated: the engine's weight storage had an enum of its own; it is
+ * the one kiln_dtype now. These aliases keep old sources compiling (the
+ * numbers changed: KILN_WTYPE_BF16 is KILN_DTYPE_BF16, 30). */
+typedef kiln_dtype kiln_wtype;
+#define KILN_WTYPE_F32 KILN_DTYPE_F32
+#define KILN_WTYPE_BF16 KILN_DTYPE_BF16
 
 typedef struct kiln_engine_opts {
     int n_slots;      /* sequences held at once (each with a KV cache) */
     int n_ctx;        /* KV cache length per slot; 0 = the model's n_ctx */
     int chunk;        /* most tokens in one forward step (prefill chunk) */
-    kiln_wtype wtype; /* weight storage */
+    /* Weight storage: KILN_DTYPE_F32 or KILN_DTYPE_BF16 [F32]. Activations
+     * and the KV cache are always fp32; bf16 halves the bytes streamed per
+     * decoded token. */
+    kiln_dtype wtype;
 } kiln_engine_opts;
 
 /* n_slots 1, n_ctx 0, chunk 64, fp32. */
@@ -1249,7 +1252,7 @@ typedef struct kiln_serve_opts {
     int max_queue;          /* waiting requests before 429 [64] */
     size_t max_body;        /* request body limit in bytes [1 MiB] */
     int max_connections;    /* [256] */
-    kiln_wtype wtype;
+    kiln_dtype wtype;       /* engine weights: KILN_DTYPE_F32 [] or BF16 */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

@@ -369,7 +369,7 @@ static void test_linear_matches_reference(void)
     }
 }
 
-static kiln_engine *mk(kiln_arch arch, store *s, int slots, int chunk, kiln_wtype wt)
+static kiln_engine *mk(kiln_arch arch, store *s, int slots, int chunk, kiln_dtype wt)
 {
     kiln_ctx *ctx = kiln_ctx_new();
     kiln_config c = tiny_cfg(arch);
@@ -384,7 +384,7 @@ static kiln_engine *mk(kiln_arch arch, store *s, int slots, int chunk, kiln_wtyp
     return e;
 }
 
-static void prefill_logits_vs_ref_chunk(kiln_arch arch, kiln_wtype wt, double tol, int chunk,
+static void prefill_logits_vs_ref_chunk(kiln_arch arch, kiln_dtype wt, double tol, int chunk,
                                         int maxn)
 {
     store s = {0};
@@ -397,7 +397,7 @@ static void prefill_logits_vs_ref_chunk(kiln_arch arch, kiln_wtype wt, double to
     for (int i = 0; i < maxn; i++) tok[i] = (i * 7 + 3) % c.vocab_size;
     const int V = c.vocab_size;
     double *ref = malloc(sizeof(double) * (size_t)maxn * V);
-    ref_forward(&s, &c, tok, maxn, ref, wt == KILN_WTYPE_BF16);
+    ref_forward(&s, &c, tok, maxn, ref, wt == KILN_DTYPE_BF16);
     float *lg = malloc(sizeof(float) * V);
     /* logits at several prefix lengths n: prefill n tokens from empty */
     for (int n = 1; n <= maxn; n += 4) {
@@ -416,16 +416,16 @@ static void prefill_logits_vs_ref_chunk(kiln_arch arch, kiln_wtype wt, double to
 
 /* chunk 5 makes a 17-token prompt take several chunked steps (the
  * streaming kernel); chunk 40 sends 20..40-token steps through the GEMM */
-static void prefill_logits_vs_ref(kiln_arch arch, kiln_wtype wt, double tol)
+static void prefill_logits_vs_ref(kiln_arch arch, kiln_dtype wt, double tol)
 {
     prefill_logits_vs_ref_chunk(arch, wt, tol, 5, 17);
     prefill_logits_vs_ref_chunk(arch, wt, tol, 40, 41);
 }
 
-static void test_prefill_gpt2(void) { prefill_logits_vs_ref(KILN_ARCH_GPT2, KILN_WTYPE_F32, 2e-4); }
-static void test_prefill_llama(void) { prefill_logits_vs_ref(KILN_ARCH_LLAMA, KILN_WTYPE_F32, 2e-4); }
-static void test_prefill_gpt2_bf16(void) { prefill_logits_vs_ref(KILN_ARCH_GPT2, KILN_WTYPE_BF16, 5e-3); }
-static void test_prefill_llama_bf16(void) { prefill_logits_vs_ref(KILN_ARCH_LLAMA, KILN_WTYPE_BF16, 5e-3); }
+static void test_prefill_gpt2(void) { prefill_logits_vs_ref(KILN_ARCH_GPT2, KILN_DTYPE_F32, 2e-4); }
+static void test_prefill_llama(void) { prefill_logits_vs_ref(KILN_ARCH_LLAMA, KILN_DTYPE_F32, 2e-4); }
+static void test_prefill_gpt2_bf16(void) { prefill_logits_vs_ref(KILN_ARCH_GPT2, KILN_DTYPE_BF16, 5e-3); }
+static void test_prefill_llama_bf16(void) { prefill_logits_vs_ref(KILN_ARCH_LLAMA, KILN_DTYPE_BF16, 5e-3); }
 
 /* Greedy with the cache == greedy recomputing the whole sequence. */
 static void greedy_cache_vs_recompute(kiln_arch arch)
@@ -433,7 +433,7 @@ static void greedy_cache_vs_recompute(kiln_arch arch)
     store s = {0};
     kiln_config c = tiny_cfg(arch);
     make_weights(&s, &c, 21 + arch);
-    kiln_engine *e = mk(arch, &s, 1, 8, KILN_WTYPE_F32);
+    kiln_engine *e = mk(arch, &s, 1, 8, KILN_DTYPE_F32);
     if (!e) { store_free(&s); return; }
     kiln_ctx *ctx = kiln_ctx_new();
     const int V = c.vocab_size, P = 5, N = 30;
@@ -466,7 +466,7 @@ static void test_greedy_cache_llama(void) { greedy_cache_vs_recompute(KILN_ARCH_
 /* Three sequences of different lengths decoded together (one step per
  * token for all) give the same logits as each decoded alone; the first
  * decode step is mixed with the third sequence's prefill. */
-static void batched_vs_alone(kiln_arch arch, kiln_wtype wt)
+static void batched_vs_alone(kiln_arch arch, kiln_dtype wt)
 {
     store s = {0};
     kiln_config c = tiny_cfg(arch);
@@ -525,16 +525,16 @@ static void batched_vs_alone(kiln_arch arch, kiln_wtype wt)
     kiln_engine_free(e1);
     store_free(&s);
 }
-static void test_batched_gpt2(void) { batched_vs_alone(KILN_ARCH_GPT2, KILN_WTYPE_F32); }
-static void test_batched_llama(void) { batched_vs_alone(KILN_ARCH_LLAMA, KILN_WTYPE_F32); }
-static void test_batched_llama_bf16(void) { batched_vs_alone(KILN_ARCH_LLAMA, KILN_WTYPE_BF16); }
+static void test_batched_gpt2(void) { batched_vs_alone(KILN_ARCH_GPT2, KILN_DTYPE_F32); }
+static void test_batched_llama(void) { batched_vs_alone(KILN_ARCH_LLAMA, KILN_DTYPE_F32); }
+static void test_batched_llama_bf16(void) { batched_vs_alone(KILN_ARCH_LLAMA, KILN_DTYPE_BF16); }
 
 static void test_errors(void)
 {
     store s = {0};
     kiln_config c = tiny_cfg(KILN_ARCH_GPT2);
     make_weights(&s, &c, 5);
-    kiln_engine *e = mk(KILN_ARCH_GPT2, &s, 2, 8, KILN_WTYPE_F32);
+    kiln_engine *e = mk(KILN_ARCH_GPT2, &s, 2, 8, KILN_DTYPE_F32);
     if (!e) { store_free(&s); return; }
     kiln_ctx *ctx = kiln_ctx_new();
     float *lg = malloc(sizeof(float) * c.vocab_size * 8);
@@ -560,6 +560,15 @@ static void test_errors(void)
     CHECK(infer_engine_new_src(ctx, &c, src_fn, &s2, &o, &e2) == KILN_ERR_FORMAT);
     CHECK(strstr(kiln_errmsg(ctx), "transformer.h.0.") != NULL);
     CHECK(e2 == NULL);
+    /* a weight dtype the engine does not store names the field and type */
+    o.wtype = KILN_DTYPE_Q4_0;
+    CHECK(infer_engine_new_src(ctx, &c, src_fn, &s, &o, &e2) == KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), "kiln_engine_opts.wtype") != NULL);
+    CHECK(strstr(kiln_errmsg(ctx), "q4_0") != NULL);
+    CHECK(e2 == NULL);
+    /* the deprecated aliases are the one dtype's values */
+    CHECK_EQ(KILN_WTYPE_F32, KILN_DTYPE_F32);
+    CHECK_EQ(KILN_WTYPE_BF16, KILN_DTYPE_BF16);
     free(t); free(lg);
     kiln_ctx_free(ctx);
     kiln_engine_free(e);
@@ -570,7 +579,7 @@ static void test_errors(void)
 /* The engine built from a kiln_model (kiln_engine_new) decodes greedily
  * with its KV cache exactly as the model's own forward pass recomputing
  * the whole sequence every step (kiln_model_forward), both families. */
-static void greedy_vs_model_forward(kiln_arch arch, kiln_wtype wt, double tol)
+static void greedy_vs_model_forward(kiln_arch arch, kiln_dtype wt, double tol)
 {
     kiln_ctx *ctx = kiln_ctx_new();
     kiln_config c = tiny_cfg(arch);
@@ -616,8 +625,8 @@ static void greedy_vs_model_forward(kiln_arch arch, kiln_wtype wt, double tol)
     kiln_model_free(m);
     kiln_ctx_free(ctx);
 }
-static void test_vs_model_gpt2(void) { greedy_vs_model_forward(KILN_ARCH_GPT2, KILN_WTYPE_F32, 1e-3); }
-static void test_vs_model_llama(void) { greedy_vs_model_forward(KILN_ARCH_LLAMA, KILN_WTYPE_F32, 1e-3); }
+static void test_vs_model_gpt2(void) { greedy_vs_model_forward(KILN_ARCH_GPT2, KILN_DTYPE_F32, 1e-3); }
+static void test_vs_model_llama(void) { greedy_vs_model_forward(KILN_ARCH_LLAMA, KILN_DTYPE_F32, 1e-3); }
 
 int main(void)
 {

@@ -150,7 +150,7 @@ int cmd_chat(int argc, char **argv)
     }
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_ctx = ctx_len;
-    if (!strcmp(dtype, "bf16")) eo.wtype = KILN_WTYPE_BF16;
+    if (!strcmp(dtype, "bf16")) eo.wtype = KILN_DTYPE_BF16;
     else if (strcmp(dtype, "fp32")) {
         fprintf(stderr, "kiln chat: --dtype '%s' is not fp32 or bf16\n", dtype);
         kiln_ctx_free(c.ctx);

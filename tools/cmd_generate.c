@@ -66,9 +66,9 @@ int cmd_generate(int argc, char **argv)
         cli_free(opts, NULL);
         return rc == 1 ? 0 : 2;
     }
-    kiln_wtype wt;
-    if (!strcmp(dtype, "fp32")) wt = KILN_WTYPE_F32;
-    else if (!strcmp(dtype, "bf16")) wt = KILN_WTYPE_BF16;
+    kiln_dtype wt;
+    if (!strcmp(dtype, "fp32")) wt = KILN_DTYPE_F32;
+    else if (!strcmp(dtype, "bf16")) wt = KILN_DTYPE_BF16;
     else {
         fprintf(stderr, "kiln generate: --dtype '%s' is not fp32 or bf16\n", dtype);
         cli_free(opts, NULL);
@@ -193,7 +193,7 @@ int cmd_generate(int argc, char **argv)
                 n, (t1 - clk.t0) * 1e3, (double)n / (t1 - clk.t0 > 0 ? t1 - clk.t0 : 1e-9), gen,
                 (t2 - t1) * 1e3, steps > 0 ? (double)steps / (t2 - t1) : 0.0,
                 max_tokens > 0 ? kiln_finish_name(kiln_gen_finished(g)) : "length",
-                wt == KILN_WTYPE_BF16 ? "bf16" : "fp32");
+                wt == KILN_DTYPE_BF16 ? "bf16" : "fp32");
     }
     rc = 0;
     goto out;

@@ -44,8 +44,8 @@ int cmd_serve(int argc, char **argv)
         cli_free(opts, NULL);
         return rc == 1 ? 0 : 2;
     }
-    if (!strcmp(dtype, "fp32")) o.wtype = KILN_WTYPE_F32;
-    else if (!strcmp(dtype, "bf16")) o.wtype = KILN_WTYPE_BF16;
+    if (!strcmp(dtype, "fp32")) o.wtype = KILN_DTYPE_F32;
+    else if (!strcmp(dtype, "bf16")) o.wtype = KILN_DTYPE_BF16;
     else {
         fprintf(stderr, "kiln serve: --dtype '%s' is not fp32 or bf16\n", dtype);
         return 2;

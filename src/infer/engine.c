@@ -62,7 +62,7 @@ struct kiln_engine {
 kiln_engine_opts kiln_engine_opts_default(void)
 {
     return (kiln_engine_opts){.n_slots = 1, .n_ctx = 0, .chunk = 64,
-                              .wtype = KILN_WTYPE_F32};
+                              .wtype = KILN_DTYPE_F32};
 }
 
 /* ---- building ------------------------------------------------------ */
@@ -98,7 +98,7 @@ static kiln_status pack(kiln_ctx *ctx, kiln_engine *e, infer_src_fn src,
     m->f32 = NULL;
     m->bf16 = NULL;
     size_t n = (size_t)rows * cols;
-    bool bf = e->opts.wtype == KILN_WTYPE_BF16;
+    bool bf = e->opts.wtype == KILN_DTYPE_BF16;
     if (bf) m->bf16 = kiln_aligned_alloc(ctx, n * 2 + 64);
     else m->f32 = kiln_aligned_alloc(ctx, n * 4 + 64);
     if (!m->bf16 && !m->f32) return KILN_ERR_NOMEM;
@@ -322,9 +322,11 @@ kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
     }
     if (o.chunk < 1) o.chunk = 64;
     if (o.chunk < o.n_slots) o.chunk = o.n_slots;
-    if (o.wtype != KILN_WTYPE_F32 && o.wtype != KILN_WTYPE_BF16)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "engine: unknown weight type %d",
-                         (int)o.wtype);
+    if (o.wtype != KILN_DTYPE_F32 && o.wtype != KILN_DTYPE_BF16)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_engine_opts.wtype = %d (%s): the engine stores weights as "
+                         "KILN_DTYPE_F32 or KILN_DTYPE_BF16",
+                         (int)o.wtype, kiln_dtype_name(o.wtype));
 
     kiln_engine *e = kiln_calloc(ctx, 1, sizeof *e);
     if (!e) return KILN_ERR_NOMEM;
@@ -361,7 +363,7 @@ kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
         st = pack(ctx, e, src, ud, &e->head, &(part){"lm_head.weight", e->V}, 1,
                   e->C, false);
         if (st) { kiln_engine_free(e); return st; }
-    } else if (o.wtype == KILN_WTYPE_F32) {
+    } else if (o.wtype == KILN_DTYPE_F32) {
         e->head = (imat){.rows = e->V, .cols = e->C, .f32 = e->wte};
         e->head_is_wte = true;
         e->weight_bytes += (size_t)e->V * e->C * 4;
@@ -387,7 +389,7 @@ kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
             }
     }
 
-    if (o.wtype == KILN_WTYPE_F32) e->gemm = kern_gemm_fast_new();
+    if (o.wtype == KILN_DTYPE_F32) e->gemm = kern_gemm_fast_new();
     size_t kvn = (size_t)e->L * e->S * e->NCTX * e->KVD;
     const int T = o.chunk;
     const int QKV = e->C + 2 * e->KVD;

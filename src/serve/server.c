@@ -17,7 +17,7 @@ kiln_serve_opts kiln_serve_opts_default(void)
 {
     return (kiln_serve_opts){.host = "127.0.0.1", .port = 8080, .parallel = 4,
                              .n_ctx = 0, .max_queue = 64, .max_body = 1 << 20,
-                             .max_connections = 256, .wtype = KILN_WTYPE_F32};
+                             .max_connections = 256, .wtype = KILN_DTYPE_F32};
 }
 
 void metrics_observe(uint64_t *b, uint64_t *n, double *sum, double secs)
@@ -146,7 +146,7 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     st = http_start(ctx, &sv, &s, &o, name, &port);
     if (st) goto out;
     printf("kiln serve: model '%s' (%s, %d slots x %d context) listening on http://%s:%d\n",
-           name, o.wtype == KILN_WTYPE_BF16 ? "bf16" : "fp32", kiln_engine_n_slots(eng),
+           name, o.wtype == KILN_DTYPE_BF16 ? "bf16" : "fp32", kiln_engine_n_slots(eng),
            kiln_engine_n_ctx(eng), o.host ? o.host : "127.0.0.1", port);
     fflush(stdout);
     int sig = 0;
