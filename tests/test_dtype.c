@@ -523,10 +523,12 @@ static void k_error(kiln_dtype t, double max_rel_rms, double max_rel_abs)
               worst, max_rel_abs);
 }
 
-/* 4 bits with a fitted min: ~1/15 of a sub-block's range per step; 6 bits:
- * ~1/63. Bounds a step or so above what the quantizers reach. */
-static void test_q4_k_error(void) { k_error(KILN_DTYPE_Q4_K, 0.10, 0.12); }
-static void test_q6_k_error(void) { k_error(KILN_DTYPE_Q6_K, 0.025, 0.03); }
+/* 4 bits with a fitted min: ~1/15 of a sub-block's range per step; 6 bits
+ * in groups of 16: ~1/63. The quantizers reach rms 0.054 and 0.017,
+ * largest 0.078 and 0.016 of max|x| on this (fixed-seed) data; the bounds
+ * leave some room, not a factor. */
+static void test_q4_k_error(void) { k_error(KILN_DTYPE_Q4_K, 0.07, 0.10); }
+static void test_q6_k_error(void) { k_error(KILN_DTYPE_Q6_K, 0.021, 0.022); }
 
 static void test_quant_zeros(void)
 {
@@ -640,7 +642,7 @@ static void test_vs_numpy(void)
     }
     if (f) fclose(f);
     CHECK_MSG(rc == 0, "scripts/dtype_ref.py exited %d (lines above)", rc);
-    CHECK_MSG(oks >= 8, "dtype_ref.py: %d comparisons passed, want at least 8", oks);
+    CHECK_MSG(oks == 10, "dtype_ref.py: %d comparisons passed, want 10", oks);
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     if (system(cmd) != 0) fprintf(stderr, "  could not remove %s\n", dir);
 }
