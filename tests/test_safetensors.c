@@ -88,6 +88,36 @@ static void test_roundtrip(void)
     CHECK_STREQ(json_string_value(json_object_get(f.metadata, "note")), "hello");
     CHECK(((size_t)(f.data - f.map.data)) % 8 == 0); /* aligned data */
     st_close(&f);
+    /* every plain dtype's spelling and element size from the traits table
+     * (the safetensors spec's strings) */
+    static const struct {
+        kiln_dtype t;
+        const char *st;
+        size_t size;
+    } plain[] = {{KILN_DTYPE_I8, "I8", 1},   {KILN_DTYPE_I16, "I16", 2}, {KILN_DTYPE_I64, "I64", 8},
+                 {KILN_DTYPE_U8, "U8", 1},   {KILN_DTYPE_U16, "U16", 2}, {KILN_DTYPE_U32, "U32", 4},
+                 {KILN_DTYPE_U64, "U64", 8}, {KILN_DTYPE_BOOL, "BOOL", 1}, {KILN_DTYPE_F64, "F64", 8},
+                 {KILN_DTYPE_F16, "F16", 2}};
+    uint64_t buf[3] = {0};
+    for (size_t i = 0; i < sizeof plain / sizeof plain[0]; i++) {
+        st_entry one = {.name = "x", .dtype = plain[i].t, .ndim = 1, .shape = {3}, .data = buf};
+        CHECK(st_save(ctx, path, &one, 1, NULL, 0) == KILN_OK);
+        CHECK(st_open(ctx, path, &f) == KILN_OK);
+        t = st_find(&f, "x");
+        CHECK_MSG(t && t->dtype == plain[i].t && t->end - t->begin == 3 * plain[i].size,
+                  "%s", plain[i].st);
+        st_close(&f);
+        char head[256] = {0}, want[32];
+        FILE *fp = fopen(path, "rb");
+        CHECK(fp && fread(head, 1, sizeof head - 1, fp) > 8);
+        if (fp) fclose(fp);
+        snprintf(want, sizeof want, "\"dtype\":\"%s\"", plain[i].st);
+        CHECK_MSG(strstr(head + 8, want) != NULL, "%s not in %s", want, head + 8);
+    }
+    /* a block-quantized type has no safetensors spelling: refused by name */
+    st_entry q = {.name = "w", .dtype = KILN_DTYPE_Q8_0, .ndim = 1, .shape = {32}, .data = a};
+    CHECK(st_save(ctx, path, &q, 1, NULL, 0) == KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), "q8_0") != NULL);
     kiln_ctx_free(ctx);
 }
 
