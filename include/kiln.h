@@ -1252,7 +1252,7 @@ typedef struct kiln_serve_opts {
     int max_queue;          /* waiting requests before 429 [64] */
     size_t max_body;        /* request body limit in bytes [1 MiB] */
     int max_connections;    /* [256] */
-    kiln_dtype wtype;       /* engine weights: KILN_DTYPE_F32 [] or BF16 */
+    kiln_dtype wtype;       /* engine weights: [KILN_DTYPE_F32] or KILN_DTYPE_BF16 */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);
