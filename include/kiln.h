@@ -922,6 +922,8 @@ const kiln_objective *kiln_objective_ce(void);
  * mask. fused_ce, with weigh. With every row learned and weight 1 it is
  * kiln_objective_ce(), bit for bit. */
 const kiln_objective *kiln_objective_masked_ce(void);
+/* The built-in objective named name ("ce", "masked_ce"), or NULL. */
+const kiln_objective *kiln_objective_builtin(const char *name);
 
 /* Log-probabilities of given ids, for objectives on sequence likelihoods
  * (DPO, GRPO): logp[i] = log softmax(logits_i)[targets_i] for N rows of V
@@ -1021,7 +1023,8 @@ typedef struct kiln_train_opts {
     kiln_dist_opts dist;
     /* What the run minimizes (see kiln_objective; borrowed, with its user
      * data, for the run). NULL = kiln_objective_ce(). The checkpoint
-     * records its name; resuming takes the objective given again.
+     * records its name; kiln_train_opts_load restores a built-in one
+     * (kiln_objective_builtin), one's own is given again on resume.
      * [kiln_objective_ce()] */
     const kiln_objective *objective;
 } kiln_train_opts;

@@ -14,6 +14,7 @@
 #include "base/base.h"
 
 #include <math.h>
+#include <string.h>
 
 /* ---- cross-entropy and masked cross-entropy --------------------------- */
 
@@ -59,6 +60,14 @@ static const kiln_objective objective_masked_ce = {
 
 const kiln_objective *kiln_objective_ce(void) { return &objective_ce; }
 const kiln_objective *kiln_objective_masked_ce(void) { return &objective_masked_ce; }
+
+const kiln_objective *kiln_objective_builtin(const char *name)
+{
+    if (!name) return NULL;
+    if (!strcmp(name, objective_ce.name)) return &objective_ce;
+    if (!strcmp(name, objective_masked_ce.name)) return &objective_masked_ce;
+    return NULL;
+}
 
 /* ---- per-token log-probabilities -------------------------------------- */
 

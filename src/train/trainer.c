@@ -605,6 +605,12 @@ kiln_status kiln_train_opts_load(kiln_ctx *ctx, const char *ckpt_dir,
                           "%s: \"precision\" is \"%s\"; expected fp32, bf16 or fp16", p, str);
         else o->precision = (kiln_precision)k;
     }
+    /* a built-in objective is restored by name; one of the caller's own
+     * stays what the caller set (older checkpoints have no name: CE) */
+    str = NULL;
+    if (!s && !(s = js_get_str(ctx, j, "objective", p, false, &str)) && str &&
+        kiln_objective_builtin(str))
+        o->objective = kiln_objective_builtin(str);
     if (!s && !(s = js_get_str(ctx, j, "data", p, true, &str))) {
         snprintf(data_buf, cap, "%s", str);
         o->data = data_buf;
