@@ -869,11 +869,12 @@ typedef struct kiln_objective_batch {
  * sequences, their targets < 0 outside the part that is learned):
  * - masked CE (SFT): kiln_objective_masked_ce(); the mask is targets -1
  *   (prompt, padding) and/or b->weights, written by a weigh of one's own.
- * - DPO: rows in pairs (chosen, rejected); loss: kiln_token_logprobs of
- *   the policy's logits, summed per row; the frozen reference model's sums
- *   from user data (precomputed, or a kiln_model_forward of a reference
- *   model held in user on b->tokens); l = -log sigmoid(beta * ((pc - rc) -
- *   (pr - rr))) per pair; dl/dlogp per token back through
+ * - DPO: rows in pairs (chosen, rejected; B even); loss: kiln_token_logprobs
+ *   of the policy's logits summed per row (pc, pr); the frozen reference
+ *   model's sums (rc, rr) from user data (precomputed, or a
+ *   kiln_model_forward of a reference model held in user on b->tokens);
+ *   l = -log sigmoid(beta * ((pc - rc) - (pr - rr))) per pair; dl/dpc and
+ *   dl/dpr spread over the row's tokens as dlogp, back through
  *   kiln_token_logprobs_backward; weigh: +1 per pair.
  * - GRPO: rows = sampled completions; user holds per-token old log-probs
  *   and per-row advantages (by step, micro); ratio = exp(logp - old),
