@@ -879,6 +879,115 @@ typedef struct kiln_step_info {
     double tokens_per_s; /* this step's throughput on this rank */
 } kiln_step_info;
 
+/* ---- objectives (docs/training.md, "Objectives") -------------------- */
+
+/* One micro-batch as an objective sees it: N = B*T rows, row i = b*T + t
+ * predicting targets[i] from tokens[b*T .. i]. Plain data owned by the
+ * trainer (or by the caller of an objective's functions). */
+typedef struct kiln_objective_batch {
+    int B, T, V;
+    const int32_t *tokens;  /* (B, T) the model's inputs */
+    const int32_t *targets; /* (B, T) next-token ids in [0, V); < 0: no loss
+                               at that row (PyTorch's ignore_index=-100) */
+    float *weights;         /* (B, T) per-row loss weight >= 0, or NULL (all
+                               1); written only by weigh (below) */
+    int64_t step;           /* 0-based optimizer step */
+    int micro;              /* micro-step in [0, grad_accum) */
+} kiln_objective_batch;
+
+/* A training objective: the model's logits for a micro-batch in; the loss,
+ * what it is averaged over, and its gradient with respect to the logits
+ * out. The trainer (kiln_train_opts.objective) calls it and does not know
+ * which one it runs. Per optimizer step the trainer
+ *   1. (weigh != NULL) calls weigh for every micro-batch of the step and
+ *      sums the weights over the micro-steps and the MPI processes: W;
+ *      (weigh == NULL) W = B*T per micro-batch, every row counts once;
+ *   2. for each micro-batch: forward; then, fused_ce: the model's fused
+ *      cross-entropy + backward (kiln_model_backward_ce), else
+ *      loss(..., grad_scale, dlogits = logits in place) and
+ *      kiln_model_backward(dlogits); grad_scale = (fp16 loss scale) / W
+ *      (times the process count, whose gradients are then averaged), so
+ *      the step's gradient is that of (sum of loss terms) / W;
+ *   3. logs the loss sum / weight sum (over micro-steps and processes).
+ * The validation loss stays plain next-token cross-entropy.
+ *
+ * How the coming objectives map onto it (B rows of a micro-batch are
+ * sequences, their targets < 0 outside the part that is learned):
+ * - masked CE (SFT): kiln_objective_masked_ce(); the mask is targets -1
+ *   (prompt, padding) and/or b->weights, written by a weigh of one's own.
+ * - DPO: rows in pairs (chosen, rejected; B even); loss: kiln_token_logprobs
+ *   of the policy's logits summed per row (pc, pr); the frozen reference
+ *   model's sums (rc, rr) from user data (precomputed, or a
+ *   kiln_model_forward of a reference model held in user on b->tokens);
+ *   l = -log sigmoid(beta * ((pc - rc) - (pr - rr))) per pair; dl/dpc and
+ *   dl/dpr spread over the row's tokens as dlogp, back through
+ *   kiln_token_logprobs_backward; weigh: +1 per pair.
+ * - GRPO: rows = sampled completions; user holds per-token old log-probs
+ *   and per-row advantages (by step, micro); ratio = exp(logp - old),
+ *   clipped surrogate per token, dl/dlogp through
+ *   kiln_token_logprobs_backward; weigh: completion tokens (or rows).
+ * - distillation KL: user holds the teacher; loss runs the teacher's
+ *   forward on b->tokens and writes, per row, grad_scale * tau *
+ *   (softmax(logits/tau) - softmax(teacher/tau)) as dlogits (KL * tau^2);
+ *   weigh: tokens. */
+typedef struct kiln_objective {
+    const char *name; /* short, for messages and trainer_state.json */
+    /* true: the loss is exactly the weighted cross-entropy of
+     * kiln_cross_entropy (mask = b->weights, grad_scale as given), so the
+     * trainer runs the model's fused path (kiln_model_backward_ce: in bf16
+     * the gradient goes straight into the LM head's packed operands) and
+     * does not call loss. false: loss is called. */
+    bool fused_ce;
+    /* Optional (NULL: W = B*T per micro-batch, b->weights NULL). Adds to
+     * *weight what this micro-batch contributes to the loss's denominator
+     * (tokens, summed weights, pairs), > 0 over the step's global batch.
+     * May write b->weights (B*T floats, set to 1 before the call), e.g. an
+     * SFT mask; loss then sees them. Called for all of a step's
+     * micro-batches before its first backward. */
+    kiln_status (*weigh)(void *user, kiln_ctx *ctx, kiln_objective_batch *b,
+                         double *weight);
+    /* Required (also for fused_ce: tests and evaluations call it). From
+     * logits (B*T, V) of b: adds the sum of the loss terms to *loss_sum and
+     * the micro-batch's weight (as weigh counts it) to *weight_sum, and
+     * writes grad_scale * d(sum of loss terms)/d(logits) to dlogits
+     * (B*T, V; may alias logits: the trainer passes the logits, the
+     * gradient is written in place). Rows without a loss get 0. An error
+     * (with kiln_fail's message) stops the run. */
+    kiln_status (*loss)(void *user, kiln_ctx *ctx, const kiln_objective_batch *b,
+                        const float *logits, float grad_scale, float *dlogits,
+                        double *loss_sum, double *weight_sum);
+    void *user; /* passed to weigh and loss */
+} kiln_objective;
+
+/* Next-token cross-entropy, the mean over all B*T rows (pretraining: the
+ * data has no ignored rows); fused_ce, no weigh. The default. */
+const kiln_objective *kiln_objective_ce(void);
+/* Masked cross-entropy (SFT): sum_i w_i * -log p_i[targets_i] over the rows
+ * with targets_i >= 0, divided by sum_i w_i over the same rows (w =
+ * b->weights, 1 when NULL): PyTorch's F.cross_entropy(logits, targets,
+ * ignore_index=-100, reduction='sum') / (targets != -100).sum() for a 0/1
+ * mask. fused_ce, with weigh. With every row learned and weight 1 it is
+ * kiln_objective_ce(), bit for bit. */
+const kiln_objective *kiln_objective_masked_ce(void);
+/* The built-in objective named name ("ce", "masked_ce"), or NULL. */
+const kiln_objective *kiln_objective_builtin(const char *name);
+
+/* Log-probabilities of given ids, for objectives on sequence likelihoods
+ * (DPO, GRPO): logp[i] = log softmax(logits_i)[targets_i] for N rows of V
+ * logits, 0 where targets_i < 0. Errors: KILN_ERR_RANGE for a target >= V
+ * (naming the row). */
+kiln_status kiln_token_logprobs(kiln_ctx *ctx, const float *logits,
+                                const int32_t *targets, int64_t N, int V,
+                                float *logp);
+/* Back through kiln_token_logprobs: given dlogp (N) = d(loss)/d(logp_i),
+ * writes dlogits_i = grad_scale * dlogp_i * (onehot(targets_i) -
+ * softmax(logits_i)), 0 in rows with targets_i < 0. dlogits may alias
+ * logits. Errors as kiln_token_logprobs. */
+kiln_status kiln_token_logprobs_backward(kiln_ctx *ctx, const float *logits,
+                                         const int32_t *targets,
+                                         const float *dlogp, int64_t N, int V,
+                                         float grad_scale, float *dlogits);
+
 /* ---- distributed (MPI data parallel, docs/distributed.md) ------------ */
 
 /* How the ranks of an MPI job talk. Under `mpirun -np N` the trainer joins
@@ -959,6 +1068,12 @@ typedef struct kiln_train_opts {
     kiln_optim_kernel optim_kernel;
     /* Communication of an MPI job [kiln_dist_opts_default()]. */
     kiln_dist_opts dist;
+    /* What the run minimizes (see kiln_objective; borrowed, with its user
+     * data, for the run). NULL = kiln_objective_ce(). The checkpoint
+     * records its name; kiln_train_opts_load restores a built-in one
+     * (kiln_objective_builtin), one's own is given again on resume.
+     * [kiln_objective_ce()] */
+    const kiln_objective *objective;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);

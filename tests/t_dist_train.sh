@@ -53,10 +53,12 @@ COMMON=(--data "$W/data" --config "$W/tiny.json" --seq 32 --warmup 2 --lr 3e-3
         --eval-every 0 --progress lines --log-every 10 --threads 1 --precision fp32)
 
 # losses FILE -> "step loss" lines (train steps only), or with KEY=val_loss
-# "step val_loss" lines
+# "step val_loss" lines, with KEY=grad_norm "step grad_norm" lines
 losses() {
   if [ "${KEY:-loss}" = loss ]; then
     grep -o '"step":[0-9]*,"loss":[-0-9.e+]*' "$1" | sed 's/"step":\([0-9]*\),"loss":/\1 /'
+  elif [ "$KEY" = grad_norm ]; then
+    sed -n 's/^{"step":\([0-9]*\),"loss".*"grad_norm":\([-0-9.e+]*\).*/\1 \2/p' "$1"
   else
     sed -n 's/^{"step":\([0-9]*\),.*"val_loss":\([-0-9.e+]*\).*/\1 \2/p' "$1"
   fi
@@ -109,6 +111,27 @@ same_losses dist_np2_zero1_equals_np1 "$W/r1" "$W/np2z"
 same_losses dist_np4_zero1_equals_np1 "$W/r1" "$W/np4z"
 same_losses dist_np2_accum_equals_np1 "$W/r1" "$W/np2a"
 same_losses dist_np2_accum_zero1_equals_np1 "$W/r1" "$W/np2az"
+
+# --objective masked_ce weighs the step's micro-batches first and sums the
+# weight over the ranks: on token shards (every token learned) it is CE,
+# at 1 rank bit for bit, at 2 ranks with accumulation to 1e-5 — the loss
+# and the grad_norm (a gradient scaled by the rank count would move the
+# norm, not the loss: AdamW and clipping hide a constant scale). Stopped
+# and resumed without the flag, the checkpoint's objective continues.
+run "$W/m1.log"   0 "${COMMON[@]}" --steps 20 --out "$W/m1" --batch 4 --objective masked_ce
+run "$W/m2a.log"  2 "${COMMON[@]}" --steps 20 --out "$W/m2a" --batch 1 --grad-accum 2 --objective masked_ce
+run "$W/m1s.log"  0 "${COMMON[@]}" --steps 20 --out "$W/m1s" --batch 4 --objective masked_ce --stop-at 10
+run "$W/m1r.log"  0 --resume "$W/m1s" --progress lines --threads 1
+TOL=0 same_losses dist_masked_ce_np1_is_ce "$W/r1" "$W/m1"
+TOL=0 KEY=grad_norm same_losses dist_masked_ce_np1_grad_norm_is_ce "$W/r1" "$W/m1"
+same_losses dist_masked_ce_np2_accum_equals_np1 "$W/r1" "$W/m2a"
+KEY=grad_norm same_losses dist_masked_ce_np2_accum_grad_norm_equals_np1 "$W/r1" "$W/m2a"
+TOL=0 same_losses dist_masked_ce_resume_continues "$W/m1" "$W/m1s" 11
+if grep -q '"objective": *"masked_ce"' "$W/m1s/step_00000020/trainer_state.json" 2>/dev/null; then
+  echo "PASS dist_masked_ce_resume_keeps_objective"
+else
+  echo "FAIL dist_masked_ce_resume_keeps_objective: $W/m1s/step_00000020/trainer_state.json does not name masked_ce"
+fi
 
 # bf16 (the default on AMX / AVX512_BF16 CPUs): each rank's backward stores
 # its weight-matrix gradients over the lazily zeroed block while the

@@ -5,7 +5,8 @@
  *   - the trainer's own loop (kiln_train): counting is switched on and off
  *     from its on_step callback, so everything the loop runs between two
  *     steps (the step itself, the loss scaler, clipping, the metrics line,
- *     progress) is inside the window;
+ *     progress) is inside the window; with the default objective, masked
+ *     CE (micro-batches weighed first) and CE through the general path;
  *   - a loop written on the public API (zero_grad, forward, backward with
  *     the fused cross-entropy, the gradient norm, AdamW with the bf16 weight
  *     copies refreshed), as examples/train_loop.c does.
@@ -231,7 +232,8 @@ static void write_data(const char *dir, int vocab) /* dir: under 512 bytes */
     kiln_ctx_free(ctx);
 }
 
-static void run_trainer(const char *arch, kiln_precision p)
+/* obj: kiln_train_opts.objective (NULL: the default CE). */
+static void run_trainer(const char *arch, kiln_precision p, const kiln_objective *obj)
 {
     const char *tmp = getenv("KILN_TMP");
     char dir[400], cfgp[600], data[600], out[600];
@@ -239,7 +241,8 @@ static void run_trainer(const char *arch, kiln_precision p)
     mkdir(dir, 0755);
     snprintf(cfgp, sizeof cfgp, "%s/%s.json", dir, arch);
     snprintf(data, sizeof data, "%s/data", dir);
-    snprintf(out, sizeof out, "%s/run_%s_%s", dir, arch, kiln_precision_name(p));
+    snprintf(out, sizeof out, "%s/run_%s_%s_%s", dir, arch, kiln_precision_name(p),
+             obj ? obj->name : "default");
     kiln_ctx *ctx = kiln_ctx_new();
     bool llama = !strcmp(arch, "llama");
     kiln_config cfg = kiln_config_default();
@@ -272,6 +275,7 @@ static void run_trainer(const char *arch, kiln_precision p)
     o.log_every = 1;   /* a progress line and a metrics line every step */
     o.progress = KILN_PROGRESS_LINES;
     o.precision = p;
+    if (obj) o.objective = obj;
     loop_probe pr = {.on_at = 2, .off_at = 4};
     o.on_step = on_step;
     o.on_step_user = &pr;
@@ -286,26 +290,43 @@ static void run_trainer(const char *arch, kiln_precision p)
               kiln_precision_name(p), pr.loss[0], pr.loss[5]);
     CHECK_MSG(pr.own == 0, "%s %s: the trainer's loop allocated %ld times in kiln's code "
               "over steps 3-4", arch, kiln_precision_name(p), pr.own);
-    printf("  kiln_train %s %s, steps 3-4 of the trainer's loop: %ld allocations by kiln, "
+    printf("  kiln_train %s %s %s, steps 3-4 of the trainer's loop: %ld allocations by kiln, "
            "%ld inside library calls (OpenMP, oneDNN, jansson's metrics line)\n",
-           arch, kiln_precision_name(p), pr.own, pr.lib);
+           arch, kiln_precision_name(p), obj ? obj->name : "ce", pr.own, pr.lib);
     kiln_ctx_free(ctx);
 }
 
 static void test_trainer_loop_gpt2(void)
 {
     if (!COUNTING) SKIP("AddressSanitizer build: its allocator cannot be wrapped");
-    run_trainer("gpt2", KILN_PRECISION_FP32);
-    run_trainer("gpt2", KILN_PRECISION_BF16);
-    run_trainer("gpt2", KILN_PRECISION_FP16);
+    run_trainer("gpt2", KILN_PRECISION_FP32, NULL);
+    run_trainer("gpt2", KILN_PRECISION_BF16, NULL);
+    run_trainer("gpt2", KILN_PRECISION_FP16, NULL);
 }
 
 static void test_trainer_loop_llama(void)
 {
     if (!COUNTING) SKIP("AddressSanitizer build: its allocator cannot be wrapped");
-    run_trainer("llama", KILN_PRECISION_FP32);
-    run_trainer("llama", KILN_PRECISION_BF16);
-    run_trainer("llama", KILN_PRECISION_FP16);
+    run_trainer("llama", KILN_PRECISION_FP32, NULL);
+    run_trainer("llama", KILN_PRECISION_BF16, NULL);
+    run_trainer("llama", KILN_PRECISION_FP16, NULL);
+}
+
+/* The objectives' paths: masked CE (its weigh: the step's micro-batches
+ * drawn and weighed up front) and CE through the general path (dlogits in
+ * place, kiln_model_backward). */
+static void test_trainer_loop_objectives(void)
+{
+    if (!COUNTING) SKIP("AddressSanitizer build: its allocator cannot be wrapped");
+    kiln_objective general = *kiln_objective_ce();
+    general.name = "ce_general";
+    general.fused_ce = false;
+    for (int p = 0; p < 3; p++) {
+        kiln_precision prec = p == 0 ? KILN_PRECISION_FP32
+                            : p == 1 ? KILN_PRECISION_BF16 : KILN_PRECISION_FP16;
+        run_trainer("gpt2", prec, kiln_objective_masked_ce());
+        run_trainer("gpt2", prec, &general);
+    }
 }
 
 static void test_counter_counts(void)
@@ -346,6 +367,7 @@ int main(void)
     RUN_TEST(test_counter_counts);
     RUN_TEST(test_trainer_loop_gpt2);
     RUN_TEST(test_trainer_loop_llama);
+    RUN_TEST(test_trainer_loop_objectives);
     RUN_TEST(test_api_loop_gpt2);
     RUN_TEST(test_api_loop_llama);
     return TEST_EXIT();

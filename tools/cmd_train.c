@@ -164,6 +164,7 @@ int cmd_train(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &g_stop_sigs, NULL);
     kiln_train_opts o = kiln_train_opts_default();
     const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
+    const char *objective = "ce";
     int64_t seed = (int64_t)o.seed;
     bool sequential = false;
     env_flags ef = {0};
@@ -199,6 +200,7 @@ int cmd_train(int argc, char **argv)
         {"max-time", CLI_F64, &o.max_time, "stop, save and exit after this many seconds [off]", false},
         {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
         {"precision", CLI_STR, &precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products (fp32 master weights and AdamW; fp16 with dynamic loss scaling); auto = bf16 on CPUs with AMX-BF16 or AVX512_BF16 [auto]", false},
+        {"objective", CLI_STR, &objective, "ce | masked_ce: what the run minimizes; masked_ce is cross-entropy over the tokens that have a target, averaged over their count (SFT's loss; on token shards every token has one) [ce]", false},
         {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step (as an interruption would) [off]", false},
         {"bf16-kernel", CLI_STR, &ef.bf16_kernel, "auto | ref | avx512 | amx: kernel of bf16/fp16 products (env KILN_BF16_KERNEL) [auto]", false},
         {"fp32-acts", CLI_BOOL, &ef.fp32_acts, "bf16: keep fp32 activations between the bf16 products, for comparison (env KILN_BF16_ACTS=0)", false},
@@ -253,6 +255,12 @@ int cmd_train(int argc, char **argv)
         goto done;
     }
     o.precision = (kiln_precision)pp;
+    o.objective = kiln_objective_builtin(objective);
+    if (!o.objective) {
+        fprintf(stderr, "kiln train: --objective '%s' is not one of ce, masked_ce\n", objective);
+        ret = 2;
+        goto done;
+    }
     if (resume) {
         const char *where = *resume ? resume : o.out;
         if (!where) {
@@ -291,6 +299,7 @@ int cmd_train(int argc, char **argv)
         saved.stop_at = o.stop_at;
         saved.zero = o.zero;
         if (given(argc, argv, "precision")) saved.precision = o.precision;
+        if (given(argc, argv, "objective")) saved.objective = o.objective;
         if (!o.out) { /* the run directory holding the checkpoint */
             snprintf(outbuf, sizeof outbuf, "%s", ckpt);
             char *sl = strrchr(outbuf, '/');

@@ -2,10 +2,13 @@
  * trainer.c — the pretraining loop behind `kiln train`.
  *
  * One optimizer step: zero the gradients; for each of K micro-steps draw B
- * windows, forward, fused cross-entropy (dlogits in place), backward;
- * average gradients over processes; global-norm clip (the norm is logged
- * before clipping); AdamW with the scheduled learning rate. The loss and
- * the gradient are means over the global batch's tokens.
+ * windows, forward, the objective (kiln_train_opts.objective: its loss and
+ * dlogits, or for cross-entropy the model's fused path), backward; average
+ * gradients over processes; global-norm clip (the norm is logged before
+ * clipping); AdamW with the scheduled learning rate. The loss and the
+ * gradient are means over the global batch's tokens (or what the
+ * objective's weigh counts instead: then all K micro-batches are drawn and
+ * weighed before the first backward).
  *
  * Data order is world-size independent: step g uses the windows at global
  * positions pos .. pos+G-1 with G = B*K*world, and process r on micro-step
@@ -62,6 +65,7 @@ kiln_train_opts kiln_train_opts_default(void)
         .loss_scale = 0,
         .optim_kernel = KILN_OPTIM_KERNEL_AUTO,
         .dist = kiln_dist_opts_default(),
+        .objective = kiln_objective_ce(),
     };
 }
 
@@ -77,8 +81,10 @@ typedef struct trainer {
     kiln_loader *train;
     int32_t *val;       /* (n_val) validation tokens */
     size_t n_val;
-    int32_t *inputs;    /* (B, T) */
-    int32_t *targets;   /* (B, T) */
+    const kiln_objective *obj; /* opts.objective, NULL resolved to CE */
+    int32_t *inputs;    /* (B, T); (K, B, T) when obj->weigh */
+    int32_t *targets;   /* (B, T); (K, B, T) when obj->weigh */
+    float *weights;     /* (K, B, T) when obj->weigh, else NULL */
     dist *dist;
     dist_zero *zero;    /* --zero 1: sharded AdamW (t->opt is then NULL) */
     int rank, world;
@@ -387,6 +393,7 @@ static json_t *options_json(const trainer *t)
     snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
     json_object_set_new(j, "seed", json_string(seed));
     json_object_set_new(j, "precision", json_string(kiln_precision_name(t->prec)));
+    json_object_set_new(j, "objective", json_string(t->obj->name));
     return j;
 }
 
@@ -598,6 +605,12 @@ kiln_status kiln_train_opts_load(kiln_ctx *ctx, const char *ckpt_dir,
                           "%s: \"precision\" is \"%s\"; expected fp32, bf16 or fp16", p, str);
         else o->precision = (kiln_precision)k;
     }
+    /* a built-in objective is restored by name; one of the caller's own
+     * stays what the caller set (older checkpoints have no name: CE) */
+    str = NULL;
+    if (!s && !(s = js_get_str(ctx, j, "objective", p, false, &str)) && str &&
+        kiln_objective_builtin(str))
+        o->objective = kiln_objective_builtin(str);
     if (!s && !(s = js_get_str(ctx, j, "data", p, true, &str))) {
         snprintf(data_buf, cap, "%s", str);
         o->data = data_buf;
@@ -655,6 +668,11 @@ static kiln_status check_opts(kiln_ctx *ctx, const kiln_train_opts *o)
                          "kiln_train_opts.bf16_kernel = %d is not one of "
                          "KILN_BF16_KERNEL_AUTO, _REF, _AVX512, _AMX",
                          (int)o->bf16_kernel);
+    if (o->objective && (!o->objective->loss || !o->objective->name))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.objective has no %s; an objective needs a "
+                         "name and a loss function (kiln.h, kiln_objective)",
+                         o->objective->loss ? "name" : "loss function");
     return KILN_OK;
 }
 
@@ -752,6 +770,7 @@ static kiln_status setup(trainer *t)
     kiln_train_opts *o = &t->o;
     kiln_status s;
     if ((s = check_opts(ctx, o))) return s;
+    t->obj = o->objective ? o->objective : kiln_objective_ce();
     if (o->threads > 0) {
         kiln_set_threads(ctx, o->threads);
         omp_set_num_threads(o->threads);
@@ -814,10 +833,13 @@ static kiln_status setup(trainer *t)
             kiln_data_read(t->data, KILN_SPLIT_VAL, 0, t->n_val, t->val);
         }
     }
-    size_t bt = (size_t)o->batch * (size_t)o->seq;
+    /* with a weigh, the whole step's micro-batches are drawn up front */
+    size_t bt = (size_t)o->batch * (size_t)o->seq * (size_t)(t->obj->weigh ? o->grad_accum : 1);
     t->inputs = kiln_malloc(ctx, bt * sizeof *t->inputs);
     t->targets = kiln_malloc(ctx, bt * sizeof *t->targets);
     if (!t->inputs || !t->targets) return KILN_ERR_NOMEM;
+    if (t->obj->weigh && !(t->weights = kiln_malloc(ctx, bt * sizeof *t->weights)))
+        return KILN_ERR_NOMEM;
     if (t->rank == 0 && (s = file_mkdirs(ctx, o->out))) return s;
     return metrics_open(t);
 }
@@ -857,37 +879,96 @@ static kiln_status diverged(trainer *t, const char *what, double v, double lr)
                      t->last_ckpt[0] ? t->last_ckpt : "");
 }
 
+/* Draws micro-step k's B windows of this process into in, tg (B, T). */
+static void draw_micro(trainer *t, int k, int32_t *in, int32_t *tg)
+{
+    const int B = t->o.batch, T = t->o.seq;
+    int64_t row0 = t->pos + ((int64_t)k * t->world + t->rank) * B;
+    for (int b = 0; b < B; b++)
+        kiln_loader_get(t->train, row0 + b, in + (size_t)b * T, tg + (size_t)b * T);
+}
+
+/* The objective's view of micro-step k (its rows in t's buffers). */
+static kiln_objective_batch micro_batch(trainer *t, int k)
+{
+    size_t bt = (size_t)t->o.batch * (size_t)t->o.seq, off = t->obj->weigh ? (size_t)k * bt : 0;
+    return (kiln_objective_batch){
+        .B = t->o.batch,
+        .T = t->o.seq,
+        .V = kiln_model_config(t->model)->vocab_size,
+        .tokens = t->inputs + off,
+        .targets = t->targets + off,
+        .weights = t->weights ? t->weights + off : NULL,
+        .step = t->step,
+        .micro = k,
+    };
+}
+
+/* With a weigh: draws and weighs all K micro-batches of the step; *denom
+ * is this process's share of the global batch's weight (the sum over the
+ * processes / world), what its gradient sum is divided by before the
+ * processes' gradients are averaged. */
+static kiln_status weigh_step(trainer *t, double *denom)
+{
+    const int K = t->o.grad_accum;
+    const size_t bt = (size_t)t->o.batch * (size_t)t->o.seq;
+    double w = 0;
+    kiln_status s;
+    for (int k = 0; k < K; k++) {
+        draw_micro(t, k, t->inputs + (size_t)k * bt, t->targets + (size_t)k * bt);
+        kiln_objective_batch b = micro_batch(t, k);
+        for (size_t i = 0; i < bt; i++) b.weights[i] = 1.0f;
+        if ((s = t->obj->weigh(t->obj->user, t->ctx, &b, &w))) return s;
+    }
+    if ((s = tr_dist_sum(t, &w, 1))) return s;
+    if (!(w > 0) || !isfinite(w))
+        return kiln_fail(t->ctx, KILN_ERR_NUMERIC,
+                         "objective '%s': the batch of step %lld weighs %g; it needs a "
+                         "positive finite weight (a token with a target and weight > 0)",
+                         t->obj->name, (long long)t->step + 1, w);
+    *denom = w / t->world;
+    return KILN_OK;
+}
+
 /* One optimizer step. */
 static kiln_status train_step(trainer *t, double *loss, double *gnorm,
                               double *lr)
 {
     kiln_ctx *ctx = t->ctx;
     const kiln_train_opts *o = &t->o;
+    const kiln_objective *obj = t->obj;
     const int B = o->batch, T = o->seq, K = o->grad_accum;
     kiln_status s;
     kiln_model_zero_grad(t->model);
-    double sums[2] = {0, 0}; /* loss sum, tokens */
-    /* Each process's gradient is the mean over its own B*K*T tokens;
-     * averaging over processes makes it the global-batch mean. */
-    const float scale = (float)(1.0 / ((double)B * K * T)) * scaler_loss_scale(&t->scaler);
+    double sums[2] = {0, 0}; /* loss sum, weight (tokens) */
+    /* Each process's gradient is the mean over its own B*K*T tokens (or
+     * its share of the objective's weight); averaging over processes makes
+     * it the global-batch mean. */
+    double denom = (double)B * K * T;
+    if (obj->weigh && (s = weigh_step(t, &denom))) return s;
+    const float scale = (float)(1.0 / denom) * scaler_loss_scale(&t->scaler);
     t->step_scale = scaler_loss_scale(&t->scaler);
     t->step_skipped = false;
     for (int k = 0; k < K; k++) {
-        int64_t row0 = t->pos + ((int64_t)k * t->world + t->rank) * B;
-        for (int b = 0; b < B; b++)
-            kiln_loader_get(t->train, row0 + b, t->inputs + (size_t)b * T,
-                            t->targets + (size_t)b * T);
+        kiln_objective_batch mb = micro_batch(t, k);
+        if (!obj->weigh) draw_micro(t, k, t->inputs, t->targets);
         float *logits;
         /* the weights are those of micro-step 0: keep their packed copies */
         if (k > 0) kiln_model_keep_weights(t->model);
-        if ((s = kiln_model_forward(ctx, t->model, t->inputs, B, T, &logits)))
+        if ((s = kiln_model_forward(ctx, t->model, mb.tokens, B, T, &logits)))
             return s;
         if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;
-        /* cross-entropy + backward (in bf16 the logits' gradient goes
-         * straight into the LM head's packed operands) */
-        if ((s = kiln_model_backward_ce(ctx, t->model, t->targets, NULL, scale, &sums[0],
-                                        &sums[1])))
-            return s;
+        if (obj->fused_ce) {
+            /* cross-entropy + backward (in bf16 the logits' gradient goes
+             * straight into the LM head's packed operands) */
+            s = kiln_model_backward_ce(ctx, t->model, mb.targets, mb.weights, scale, &sums[0],
+                                       &sums[1]);
+        } else {
+            /* the objective's dlogits, in place, then the backward */
+            s = obj->loss(obj->user, ctx, &mb, logits, scale, logits, &sums[0], &sums[1]);
+            if (!s) s = kiln_model_backward(ctx, t->model, logits);
+        }
+        if (s) return s;
     }
     float *g = kiln_model_grads(t->model);
     size_t n = kiln_model_num_params(t->model);
@@ -950,6 +1031,7 @@ static void trainer_free(trainer *t, kiln_status s)
     json_decref(t->history);
     free(t->inputs);
     free(t->targets);
+    free(t->weights);
     free(t->val);
     kiln_loader_free(t->train);
     kiln_data_close(t->data);
