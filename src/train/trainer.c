@@ -16,13 +16,11 @@
  * the rng and the metrics history are saved in every checkpoint, so a
  * resumed run continues the same trajectory bit for bit.
  *
- * Progress: a bar on a terminal, plain lines otherwise; one JSON object per
+ * Progress (trainer_io.c): a bar on a terminal, plain lines otherwise; one JSON object per
  * step in RUN/metrics.jsonl.
  */
-#include "model/model.h"
 #include "train/ckpt.h"
-#include "train/dist.h"
-#include "train/scaler.h"
+#include "train/trainer_int.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -69,47 +67,6 @@ kiln_train_opts kiln_train_opts_default(void)
     };
 }
 
-typedef struct trainer {
-    kiln_ctx *ctx;
-    kiln_train_opts o;
-    char run_dir[1024];
-    char data_real[PATH_MAX];
-    char init_dir[1024]; /* --init-from resolved to a checkpoint */
-    kiln_model *model;
-    kiln_adamw *opt;
-    kiln_data *data;
-    kiln_loader *train;
-    int32_t *val;       /* (n_val) validation tokens */
-    size_t n_val;
-    const kiln_objective *obj; /* opts.objective, NULL resolved to CE */
-    int32_t *inputs;    /* (B, T); (K, B, T) when obj->weigh */
-    int32_t *targets;   /* (B, T); (K, B, T) when obj->weigh */
-    float *weights;     /* (K, B, T) when obj->weigh, else NULL */
-    dist *dist;
-    dist_zero *zero;    /* --zero 1: sharded AdamW (t->opt is then NULL) */
-    int rank, world;
-    int64_t step;       /* completed optimizer steps */
-    int64_t total;      /* steps of the whole run */
-    int64_t pos;        /* windows consumed (global data position) */
-    int64_t G;          /* windows per optimizer step, all processes */
-    kiln_rng rng;
-    json_t *history;    /* array of metrics objects */
-    FILE *metrics;
-    double elapsed_before; /* wall seconds of earlier sessions */
-    double t_start;        /* this session */
-    double step_time;      /* seconds spent in steps this session */
-    int64_t steps_timed;
-    double val_loss;
-    bool bar;
-    bool bar_drawn;
-    double last_draw;   /* when the bar was last drawn */
-    int64_t bar_step;   /* the step it shows */
-    char last_ckpt[1024];
-    kiln_precision prec;  /* resolved compute precision */
-    kiln_scaler scaler;   /* enabled for fp16 */
-    double step_scale;    /* loss scale the last step ran with */
-    bool step_skipped;    /* the last step was skipped (inf/NaN gradient) */
-} trainer;
 
 /* ---- distributed: the only place the trainer talks to other processes
  * (src/train/dist.h; world size 1 when not started by mpirun). ---------- */
@@ -230,209 +187,6 @@ static void tr_dist_free(trainer *t, kiln_status s)
     t->dist = NULL;
 }
 
-/* ---- output ---------------------------------------------------------- */
-
-static void fmt_duration(char *buf, size_t cap, double s)
-{
-    if (!(s >= 0) || s > 1e8) {
-        snprintf(buf, cap, "?");
-        return;
-    }
-    long x = (long)(s + 0.5);
-    if (x >= 3600)
-        snprintf(buf, cap, "%ldh%02ldm", x / 3600, (x / 60) % 60);
-    else if (x >= 60)
-        snprintf(buf, cap, "%ldm%02lds", x / 60, x % 60);
-    else
-        snprintf(buf, cap, "%lds", x);
-}
-
-/* Prints a whole line, clearing a drawn progress bar first. */
-static void say(trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void say(trainer *t, const char *fmt, ...)
-{
-    if (t->rank != 0 || t->o.progress == KILN_PROGRESS_NONE) return;
-    if (t->bar_drawn) {
-        /* the finished bar stays on screen; a running one is redrawn
-         * below the message */
-        fputs(t->bar_step >= t->total ? "\n" : "\r\033[K", stdout);
-        t->bar_drawn = false;
-    }
-    va_list ap;
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    fputc('\n', stdout);
-    fflush(stdout);
-}
-
-static void progress(trainer *t, double loss, double lr, double gnorm,
-                     double tps)
-{
-    if (t->rank != 0 || t->o.progress == KILN_PROGRESS_NONE) return;
-    double per = t->steps_timed ? t->step_time / (double)t->steps_timed : 0;
-    char eta[32];
-    fmt_duration(eta, sizeof eta, per * (double)(t->total - t->step));
-    if (t->bar) {
-        /* redraw at most 10 times a second (and always the last step) */
-        double now = kiln_time_now();
-        if (t->bar_drawn && t->step < t->total && now - t->last_draw < 0.1) return;
-        t->last_draw = now;
-        t->bar_step = t->step;
-        int width = 24;
-        double frac = (double)t->step / (double)t->total;
-        int fill = (int)(frac * width);
-        char bar[64];
-        for (int i = 0; i < width; i++) bar[i] = i < fill ? '#' : '.';
-        bar[width] = 0;
-        char val[32] = "";
-        if (!isnan(t->val_loss)) snprintf(val, sizeof val, " val %.4f", t->val_loss);
-        printf("\r\033[Kstep %lld/%lld [%s] %3.0f%% loss %.4f%s lr %.2e "
-               "%.0f tok/s ETA %s",
-               (long long)t->step, (long long)t->total, bar, 100 * frac, loss,
-               val, lr, tps, eta);
-        fflush(stdout);
-        t->bar_drawn = true;
-        return;
-    }
-    if (t->step % t->o.log_every == 0 || t->step == 1 || t->step == t->total) {
-        char el[32];
-        fmt_duration(el, sizeof el, t->elapsed_before + kiln_time_now() - t->t_start);
-        say(t, "step %lld/%lld | loss %.4f | lr %.2e | grad_norm %.3f | "
-               "%.0f tok/s | elapsed %s | ETA %s",
-            (long long)t->step, (long long)t->total, loss, lr, gnorm, tps, el,
-            eta);
-    }
-}
-
-static void metrics_append(trainer *t, json_t *obj)
-{
-    json_array_append(t->history, obj);
-    if (t->metrics) {
-        char *line = json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER);
-        if (line) {
-            fprintf(t->metrics, "%s\n", line);
-            fflush(t->metrics);
-            free(line);
-        }
-    }
-}
-
-/* Rewrites RUN/metrics.jsonl from the history (after a resume, dropping
- * lines a killed run wrote after its last checkpoint) and opens it for
- * appending. */
-static kiln_status metrics_open(trainer *t)
-{
-    if (t->rank != 0) return KILN_OK;
-    char *path = file_join(t->run_dir, "metrics.jsonl");
-    if (!path) return kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
-    size_t cap = 4096, len = 0;
-    char *buf = malloc(cap);
-    size_t i;
-    json_t *v;
-    json_array_foreach(t->history, i, v)
-    {
-        char *line = json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER);
-        size_t n = line ? strlen(line) : 0;
-        while (buf && len + n + 2 > cap) {
-            char *nb = realloc(buf, cap *= 2);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-            }
-            buf = nb;
-        }
-        if (buf && line) {
-            memcpy(buf + len, line, n);
-            len += n;
-            buf[len++] = '\n';
-        }
-        free(line);
-    }
-    kiln_status s = buf ? file_write_atomic(t->ctx, path, buf, len)
-                        : kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
-    free(buf);
-    if (!s) {
-        t->metrics = fopen(path, "a");
-        if (!t->metrics)
-            s = kiln_fail(t->ctx, KILN_ERR_IO, "cannot open '%s': %s", path,
-                          strerror(errno));
-    }
-    free(path);
-    return s;
-}
-
-/* ---- state ----------------------------------------------------------- */
-
-static json_t *options_json(const trainer *t)
-{
-    const kiln_train_opts *o = &t->o;
-    json_t *j = json_object();
-    json_object_set_new(j, "data", json_string(t->data_real));
-    json_object_set_new(j, "batch", json_integer(o->batch));
-    json_object_set_new(j, "seq", json_integer(o->seq));
-    json_object_set_new(j, "grad_accum", json_integer(o->grad_accum));
-    json_object_set_new(j, "lr", json_real(o->lr));
-    json_object_set_new(j, "min_lr", json_real(o->min_lr));
-    json_object_set_new(j, "warmup", json_integer(o->warmup));
-    json_object_set_new(j, "schedule", json_string(kiln_schedule_name(o->schedule)));
-    json_object_set_new(j, "steps", json_integer(t->total));
-    json_object_set_new(j, "epochs", json_real(o->epochs));
-    json_object_set_new(j, "weight_decay", json_real(o->weight_decay));
-    json_object_set_new(j, "beta1", json_real(o->beta1));
-    json_object_set_new(j, "beta2", json_real(o->beta2));
-    json_object_set_new(j, "eps", json_real(o->eps));
-    json_object_set_new(j, "grad_clip", json_real(o->grad_clip));
-    json_object_set_new(j, "shuffle", json_boolean(o->shuffle));
-    json_object_set_new(j, "eval_every", json_integer(o->eval_every));
-    json_object_set_new(j, "eval_steps", json_integer(o->eval_steps));
-    json_object_set_new(j, "save_every", json_integer(o->save_every));
-    json_object_set_new(j, "keep_last", json_integer(o->keep_last));
-    json_object_set_new(j, "log_every", json_integer(o->log_every));
-    char seed[24];
-    snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
-    json_object_set_new(j, "seed", json_string(seed));
-    json_object_set_new(j, "precision", json_string(kiln_precision_name(t->prec)));
-    json_object_set_new(j, "objective", json_string(t->obj->name));
-    return j;
-}
-
-static json_t *state_json(trainer *t, double lr)
-{
-    json_t *opts = options_json(t);
-    json_t *rng = json_array();
-    for (int i = 0; i < 4; i++) {
-        char h[24];
-        snprintf(h, sizeof h, "%016llx", (unsigned long long)t->rng.s[i]);
-        json_array_append_new(rng, json_string(h));
-    }
-    int64_t nwin = kiln_loader_num_windows(t->train);
-    json_t *st = json_object();
-    json_object_set_new(st, "format", json_string("kiln-trainer-state"));
-    json_object_set_new(st, "version", json_integer(1));
-    json_object_set_new(st, "step", json_integer(t->step));
-    json_object_set_new(st, "epoch", json_integer(t->pos / nwin));
-    json_object_set_new(st, "data_position", json_integer(t->pos));
-    json_object_set_new(st, "windows_per_epoch", json_integer(nwin));
-    json_object_set_new(st, "tokens_seen",
-                        json_integer(t->pos * (json_int_t)t->o.seq));
-    json_object_set_new(st, "world_size", json_integer(t->world));
-    json_object_set_new(st, "rng", rng);
-    json_object_set_new(
-        st, "schedule",
-        json_pack("{s:s,s:f,s:f,s:I,s:I,s:f}", "name",
-                  kiln_schedule_name(t->o.schedule), "lr", t->o.lr, "min_lr",
-                  t->o.min_lr, "warmup", (json_int_t)t->o.warmup,
-                  "total_steps", (json_int_t)t->total, "current_lr", lr));
-    json_object_set_new(st, "elapsed",
-                        json_real(t->elapsed_before + kiln_time_now() - t->t_start));
-    json_object_set_new(st, "options", opts);
-    json_object_set(st, "metrics", t->history);
-    json_object_set_new(st, "precision", json_string(kiln_precision_name(t->prec)));
-    json_object_set_new(st, "scaler", scaler_to_json(&t->scaler));
-    return st;
-}
-
 static kiln_status save(trainer *t, double lr)
 {
     kiln_adamw *full = NULL; /* --zero 1: the shards, gathered on rank 0 */
@@ -441,7 +195,7 @@ static kiln_status save(trainer *t, double lr)
         if (zs) return zs;
     }
     if (t->rank != 0) return tr_dist_after_save(t);
-    json_t *st = state_json(t, lr);
+    json_t *st = tr_state_json(t, lr);
     if (!st) {
         kiln_adamw_free(full);
         return kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
@@ -458,166 +212,8 @@ static kiln_status save(trainer *t, double lr)
     kiln_adamw_free(full);
     free(tokj);
     json_decref(st);
-    if (!s) say(t, "saved checkpoint %s", t->last_ckpt);
+    if (!s) tr_say(t, "saved checkpoint %s", t->last_ckpt);
     return s ? s : tr_dist_after_save(t);
-}
-
-static kiln_status load_state(trainer *t, const char *dir)
-{
-    kiln_ctx *ctx = t->ctx;
-    char *p = file_join(dir, "trainer_state.json");
-    json_t *st = NULL;
-    kiln_status s = js_load_file(ctx, p, &st);
-    if (s) goto done;
-    const char *fmt = NULL;
-    int64_t step = 0, pos = 0;
-    double elapsed = 0;
-    if ((s = js_get_str(ctx, st, "format", p, true, &fmt))) goto done;
-    if (strcmp(fmt, "kiln-trainer-state")) {
-        s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: format is \"%s\"", p, fmt);
-        goto done;
-    }
-    int64_t version = 1;
-    if ((s = js_get_int(ctx, st, "version", p, false, &version))) goto done;
-    if (version != 1) {
-        s = kiln_fail(ctx, KILN_ERR_FORMAT,
-                      "%s: version %lld is not supported (this kiln reads 1)", p,
-                      (long long)version);
-        goto done;
-    }
-    if ((s = js_get_int(ctx, st, "step", p, true, &step)) ||
-        (s = js_get_int(ctx, st, "data_position", p, true, &pos)) ||
-        (s = js_get_double(ctx, st, "elapsed", p, false, &elapsed)))
-        goto done;
-    json_t *rng = json_object_get(st, "rng");
-    json_t *hist = json_object_get(st, "metrics");
-    if (json_array_size(rng) != 4 || !json_is_array(hist) || step < 0 || pos < 0) {
-        s = kiln_fail(ctx, KILN_ERR_FORMAT,
-                      "%s: \"rng\", \"metrics\", \"step\" or \"data_position\" "
-                      "is malformed",
-                      p);
-        goto done;
-    }
-    for (int i = 0; i < 4; i++) {
-        const char *h = json_string_value(json_array_get(rng, (size_t)i));
-        char *end = NULL;
-        if (h) {
-            errno = 0;
-            t->rng.s[i] = strtoull(h, &end, 16);
-        }
-        if (!h || !*h || *end || errno) {
-            s = kiln_fail(ctx, KILN_ERR_FORMAT,
-                          "%s: \"rng\" entry %d is not a hexadecimal number",
-                          p, i);
-            goto done;
-        }
-    }
-    if (!(t->rng.s[0] | t->rng.s[1] | t->rng.s[2] | t->rng.s[3])) {
-        /* an all-zero xoshiro state yields zeros forever */
-        s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: \"rng\" state is all zero", p);
-        goto done;
-    }
-    t->step = step;
-    t->pos = pos;
-    t->elapsed_before = elapsed;
-    json_decref(t->history);
-    t->history = json_deep_copy(hist);
-    /* keep only entries up to the checkpoint's step */
-    size_t n = json_array_size(t->history);
-    while (n > 0) {
-        json_t *last = json_array_get(t->history, n - 1);
-        if (json_integer_value(json_object_get(last, "step")) <= step) break;
-        json_array_remove(t->history, --n);
-    }
-    /* fp16: continue the loss scale and its growth counter */
-    json_t *sj = json_object_get(st, "scaler");
-    if (sj && t->prec == KILN_PRECISION_FP16) {
-        char what[1100];
-        snprintf(what, sizeof what, "%s: \"scaler\"", p);
-        if ((s = scaler_from_json(ctx, sj, what, &t->scaler))) goto done;
-        t->scaler.enabled = true;
-    }
-    int64_t ot = t->zero ? dist_zero_t(t->zero) : kiln_adamw_t(t->opt);
-    if (ot != step)
-        kiln_log(ctx, KILN_LOG_DEBUG, "optimizer t %lld, step %lld",
-                 (long long)ot, (long long)step);
-done:
-    json_decref(st);
-    free(p);
-    return s;
-}
-
-kiln_status kiln_train_opts_load(kiln_ctx *ctx, const char *ckpt_dir,
-                                 kiln_train_opts *o, char *data_buf,
-                                 size_t cap)
-{
-    char *p = file_join(ckpt_dir, "trainer_state.json");
-    json_t *st = NULL;
-    kiln_status s = js_load_file(ctx, p, &st);
-    if (s) {
-        free(p);
-        return s;
-    }
-    json_t *j = json_object_get(st, "options");
-    int64_t i64;
-    double f;
-    bool b;
-    const char *str;
-#define GETI(key, field)                                                   \
-    if (!s && !(s = js_get_int(ctx, j, key, p, true, &i64))) o->field = i64
-#define GETF(key, field)                                                   \
-    if (!s && !(s = js_get_double(ctx, j, key, p, true, &f))) o->field = f
-    if (!json_is_object(j))
-        s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: \"options\" is missing", p);
-    GETI("batch", batch);
-    GETI("seq", seq);
-    GETI("grad_accum", grad_accum);
-    GETF("lr", lr);
-    GETF("min_lr", min_lr);
-    GETI("warmup", warmup);
-    GETI("steps", steps);
-    GETF("epochs", epochs);
-    GETF("weight_decay", weight_decay);
-    GETF("beta1", beta1);
-    GETF("beta2", beta2);
-    GETF("eps", eps);
-    GETF("grad_clip", grad_clip);
-    GETI("eval_every", eval_every);
-    GETI("eval_steps", eval_steps);
-    GETI("save_every", save_every);
-    GETI("keep_last", keep_last);
-    GETI("log_every", log_every);
-#undef GETI
-#undef GETF
-    if (!s && !(s = js_get_bool(ctx, j, "shuffle", p, true, &b))) o->shuffle = b;
-    if (!s && !(s = js_get_str(ctx, j, "schedule", p, true, &str))) {
-        int k = kiln_schedule_parse(str);
-        if (k < 0) s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: bad schedule", p);
-        else o->schedule = (kiln_schedule)k;
-    }
-    if (!s && !(s = js_get_str(ctx, j, "seed", p, true, &str)))
-        o->seed = strtoull(str, NULL, 10);
-    str = NULL;
-    if (!s && !(s = js_get_str(ctx, j, "precision", p, false, &str)) && str) {
-        int k = kiln_precision_parse(str);
-        if (k < 0)
-            s = kiln_fail(ctx, KILN_ERR_FORMAT,
-                          "%s: \"precision\" is \"%s\"; expected fp32, bf16 or fp16", p, str);
-        else o->precision = (kiln_precision)k;
-    }
-    /* a built-in objective is restored by name; one of the caller's own
-     * stays what the caller set (older checkpoints have no name: CE) */
-    str = NULL;
-    if (!s && !(s = js_get_str(ctx, j, "objective", p, false, &str)) && str &&
-        kiln_objective_builtin(str))
-        o->objective = kiln_objective_builtin(str);
-    if (!s && !(s = js_get_str(ctx, j, "data", p, true, &str))) {
-        snprintf(data_buf, cap, "%s", str);
-        o->data = data_buf;
-    }
-    json_decref(st);
-    free(p);
-    return s;
 }
 
 /* ---- setup ----------------------------------------------------------- */
@@ -813,7 +409,7 @@ static kiln_status setup(trainer *t)
     t->history = json_array();
     kiln_rng_seed(&t->rng, o->seed);
     t->val_loss = NAN;
-    if (o->resume && (s = load_state(t, o->resume))) return s;
+    if (o->resume && (s = tr_load_state(t, o->resume))) return s;
     /* validation tokens: enough for eval_steps batches of B windows */
     size_t nv = kiln_data_tokens(t->data, KILN_SPLIT_VAL);
     if (o->eval_every > 0 && o->eval_steps > 0) {
@@ -841,7 +437,7 @@ static kiln_status setup(trainer *t)
     if (t->obj->weigh && !(t->weights = kiln_malloc(ctx, bt * sizeof *t->weights)))
         return KILN_ERR_NOMEM;
     if (t->rank == 0 && (s = file_mkdirs(ctx, o->out))) return s;
-    return metrics_open(t);
+    return tr_metrics_open(t);
 }
 
 /* ---- the loop -------------------------------------------------------- */
@@ -1003,7 +599,7 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         if (!inf) *gnorm /= t->step_scale;
         if (!scaler_update(&t->scaler, inf)) {
             t->step_skipped = true;
-            say(t, "step %lld: skipped: inf/NaN gradient at loss scale %g; loss scale now %g",
+            tr_say(t, "step %lld: skipped: inf/NaN gradient at loss scale %g; loss scale now %g",
                 (long long)t->step + 1, t->step_scale, t->scaler.scale);
             t->pos += t->G;
             t->step++;
@@ -1040,41 +636,6 @@ static void trainer_free(trainer *t, kiln_status s)
     tr_dist_free(t, s);
 }
 
-static void banner(trainer *t)
-{
-    const kiln_config *c = kiln_model_config(t->model);
-    const kiln_train_opts *o = &t->o;
-    int64_t nwin = kiln_loader_num_windows(t->train);
-    say(t, "model: %s L=%d C=%d NH=%d V=%d n_ctx=%d, %.2fM parameters",
-        c->arch == KILN_ARCH_LLAMA ? "llama" : "gpt2", c->n_layer, c->n_embd,
-        c->n_head, c->vocab_size, c->n_ctx,
-        (double)kiln_model_num_params(t->model) / 1e6);
-    say(t, "data: %s, %zu train tokens (%lld windows of %d+1), %zu val tokens",
-        o->data, kiln_data_tokens(t->data, KILN_SPLIT_TRAIN), (long long)nwin,
-        o->seq, kiln_data_tokens(t->data, KILN_SPLIT_VAL));
-    say(t, "batch: %d x %d seq x %d accum x %d proc = %lld tokens/step; %lld "
-           "steps (%.2f epochs); lr %.2e %s, warmup %lld, min %.2e",
-        o->batch, o->seq, o->grad_accum, t->world, (long long)(t->G * o->seq),
-        (long long)t->total, (double)t->total * (double)t->G / (double)nwin,
-        o->lr, kiln_schedule_name(o->schedule), (long long)o->warmup, o->min_lr);
-    size_t np = kiln_model_num_params(t->model);
-    if (t->zero)
-        say(t, "optimizer: AdamW state %.2f MB per rank (ZeRO-1 over %d "
-               "rank%s; %.2f MB unsharded)",
-            (double)dist_zero_state_bytes(t->zero) / 1e6, t->world,
-            t->world > 1 ? "s" : "", 8.0 * (double)np / 1e6);
-    else
-        say(t, "optimizer: AdamW state %.2f MB per rank%s", 8.0 * (double)np / 1e6,
-            t->world > 1 ? " (use --zero 1 to shard it)" : "");
-    char cpu[256];
-    kiln_precision_describe(cpu, sizeof cpu);
-    say(t, "precision: %s matrix products, fp32 master weights and AdamW%s [%s]",
-        kiln_precision_name(t->prec),
-        t->prec == KILN_PRECISION_FP16 ? ", dynamic loss scaling" : "", cpu);
-    if (o->resume)
-        say(t, "resumed from %s at step %lld", o->resume, (long long)t->step);
-}
-
 kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
                        kiln_train_result *res)
 {
@@ -1099,17 +660,17 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
     t->bar = t->o.progress == KILN_PROGRESS_BAR ||
              (t->o.progress == KILN_PROGRESS_AUTO && t->world == 1 &&
               isatty(STDOUT_FILENO));
-    banner(t);
+    tr_banner(t);
     if (t->o.resume) snprintf(t->last_ckpt, sizeof t->last_ckpt, "%s", t->o.resume);
     double loss = NAN, lr = 0, gnorm = 0;
     bool stopped = false;
     if (t->step == 0 && t->val && !opts->resume) {
         if ((s = evaluate(t, &t->val_loss))) goto out;
-        say(t, "step 0: val_loss %.4f (perplexity %.2f)", t->val_loss,
+        tr_say(t, "step 0: val_loss %.4f (perplexity %.2f)", t->val_loss,
             exp(t->val_loss));
         json_t *m = json_pack("{s:I,s:f}", "step", (json_int_t)0, "val_loss",
                               t->val_loss);
-        if (t->rank == 0) metrics_append(t, m);
+        if (t->rank == 0) tr_metrics_append(t, m);
         json_decref(m);
     }
     while (t->step < t->total) {
@@ -1167,12 +728,12 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
                 goto out;
             }
             json_object_set_new(m, "val_loss", json_real(t->val_loss));
-            say(t, "step %lld: val_loss %.4f (perplexity %.2f)",
+            tr_say(t, "step %lld: val_loss %.4f (perplexity %.2f)",
                 (long long)t->step, t->val_loss, exp(t->val_loss));
         }
-        if (t->rank == 0) metrics_append(t, m);
+        if (t->rank == 0) tr_metrics_append(t, m);
         json_decref(m);
-        progress(t, loss, lr, gnorm, tps);
+        tr_progress(t, loss, lr, gnorm, tps);
         if (last || stop ||
             (t->o.save_every > 0 && t->step % t->o.save_every == 0)) {
             if ((s = save(t, lr))) goto out;

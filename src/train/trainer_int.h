@@ -1,0 +1,80 @@
+/*
+ * trainer_int.h — the trainer's state, shared by the loop (trainer.c) and
+ * its run-directory and console side (trainer_io.c). Private to train/.
+ */
+#ifndef KILN_TRAINER_INT_H
+#define KILN_TRAINER_INT_H
+
+#include "model/model.h"
+#include "train/dist.h"
+#include "train/scaler.h"
+
+#include <limits.h>
+#include <stdio.h>
+
+typedef struct trainer {
+    kiln_ctx *ctx;
+    kiln_train_opts o;
+    char run_dir[1024];
+    char data_real[PATH_MAX];
+    char init_dir[1024]; /* --init-from resolved to a checkpoint */
+    kiln_model *model;
+    kiln_adamw *opt;
+    kiln_data *data;
+    kiln_loader *train;
+    int32_t *val;       /* (n_val) validation tokens */
+    size_t n_val;
+    const kiln_objective *obj; /* opts.objective, NULL resolved to CE */
+    int32_t *inputs;    /* (B, T); (K, B, T) when obj->weigh */
+    int32_t *targets;   /* (B, T); (K, B, T) when obj->weigh */
+    float *weights;     /* (K, B, T) when obj->weigh, else NULL */
+    dist *dist;
+    dist_zero *zero;    /* --zero 1: sharded AdamW (t->opt is then NULL) */
+    int rank, world;
+    int64_t step;       /* completed optimizer steps */
+    int64_t total;      /* steps of the whole run */
+    int64_t pos;        /* windows consumed (global data position) */
+    int64_t G;          /* windows per optimizer step, all processes */
+    kiln_rng rng;
+    json_t *history;    /* array of metrics objects */
+    FILE *metrics;
+    double elapsed_before; /* wall seconds of earlier sessions */
+    double t_start;        /* this session */
+    double step_time;      /* seconds spent in steps this session */
+    int64_t steps_timed;
+    double val_loss;
+    bool bar;
+    bool bar_drawn;
+    double last_draw;   /* when the bar was last drawn */
+    int64_t bar_step;   /* the step it shows */
+    char last_ckpt[1024];
+    kiln_precision prec;  /* resolved compute precision */
+    kiln_scaler scaler;   /* enabled for fp16 */
+    double step_scale;    /* loss scale the last step ran with */
+    bool step_skipped;    /* the last step was skipped (inf/NaN gradient) */
+} trainer;
+
+/* ---- trainer_io.c ---------------------------------------------------- */
+
+/* Prints a whole line on rank 0 (nothing with progress NONE), clearing a
+ * drawn progress bar first. */
+void tr_say(trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The step's progress: the bar (redrawn at most 10 times a second) or a
+ * plain line every log_every steps. */
+void tr_progress(trainer *t, double loss, double lr, double gnorm, double tps);
+/* The run's banner: model, data, batch, optimizer, precision. */
+void tr_banner(trainer *t);
+/* Appends a metrics object to the history and to RUN/metrics.jsonl. */
+void tr_metrics_append(trainer *t, json_t *obj);
+/* Rewrites RUN/metrics.jsonl from the history and opens it for appending
+ * (rank 0). */
+kiln_status tr_metrics_open(trainer *t);
+/* trainer_state.json's object for the checkpoint of the current step (a
+ * new reference; NULL when out of memory). */
+json_t *tr_state_json(trainer *t, double lr);
+/* Restores step, data position, rng, elapsed time, metrics history (cut
+ * at the checkpoint's step) and, for fp16, the loss scaler from
+ * DIR/trainer_state.json. */
+kiln_status tr_load_state(trainer *t, const char *dir);
+
+#endif /* KILN_TRAINER_INT_H */
