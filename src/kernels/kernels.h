@@ -181,6 +181,14 @@ void kern_fast_ce_packed(uint16_t *pa, uint16_t *pt, bool tok, const float *logi
                          const int32_t *targets, const float *mask, int N, int V,
                          float grad_scale, double *loss_sum, double *weight_sum);
 
+/* The fast table's attention (attn_fast.c): its attention_fwd and
+ * attention_bwd entries. */
+void kern_fast_attention_fwd(kern_gemm *g, float *out, float *lse, const float *qkv, int B, int T,
+                             int NH, int KVH, int HS);
+void kern_fast_attention_bwd(kern_gemm *g, float *dqkv, const float *dout, const float *qkv,
+                             const float *out, const float *lse, int B, int T, int NH, int KVH,
+                             int HS);
+
 /* Generic linear-layer implementations on top of kern_gemm (used by both
  * tables; bias handling is single-threaded in ref, threaded in fast). */
 void kern_matmul_fwd_gemm(kern_gemm *g, float *out, const float *inp,
