@@ -8,7 +8,8 @@
  *
  * Sections below are owned by layers (base, tensor, model, io, tokenizer,
  * data, train, tune, compress, infer, serve); each layer appends to its own
- * section only.
+ * section only. Why it is over ~800 lines: it is the whole published API in
+ * one place (SQLite's sqlite.h is the model), one section per layer.
  */
 #ifndef KILN_H
 #define KILN_H

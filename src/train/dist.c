@@ -2,7 +2,10 @@
  * dist.c — the communication layer (dist.h): MPI job detection and setup,
  * collectives waited on with a watchdog deadline, bucketed overlapped
  * gradient averaging, ZeRO-1 reduce-scatter / all-gather, and a world-size-1
- * fallback used by plain processes and by builds without MPI.
+ * fallback used by plain processes and by builds without MPI. Why it is over
+ * ~800 lines: every MPI call of the project is here, behind one watchdog
+ * (a rank that waits goes through the same deadline), with its #ifdef
+ * KILN_HAVE_MPI fallback beside it.
  *
  * Collectives are Open MPI's blocking ones (its tuned algorithms are much
  * faster than the non-blocking schedules at large sizes), guarded by a
