@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_OTHER, R_N };
 static const char *const route_name[R_N] = {"models", "model", "completions",
@@ -498,17 +499,25 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
 
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof ss);
+    socklen_t sslen;
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD;
     const char *host = o->host && *o->host ? o->host : "127.0.0.1";
     if (!strcmp(host, "localhost")) host = "127.0.0.1";
     struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
     struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+    if (o->port < 0 || o->port > 65535) {
+        free(sv->name);
+        free(sv);
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--port %d is not in 0..65535", o->port);
+    }
     if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
         a4->sin_family = AF_INET;
         a4->sin_port = htons((uint16_t)o->port);
+        sslen = sizeof *a4;
     } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
         a6->sin6_family = AF_INET6;
         a6->sin6_port = htons((uint16_t)o->port);
+        sslen = sizeof *a6;
         flags |= MHD_USE_IPv6;
     } else {
         free(sv->name);
@@ -517,24 +526,37 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
                          "--host '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1 or 0.0.0.0)",
                          host);
     }
-    if (o->port < 0 || o->port > 65535) {
+    /* The listening socket is ours: SO_REUSEADDR (a restart need not wait
+     * out TIME_WAIT) but never SO_REUSEPORT, so a second server on a busy
+     * port fails here instead of silently sharing its connections. */
+    int lfd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (lfd < 0 || setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+        bind(lfd, (struct sockaddr *)&ss, sslen) || listen(lfd, 128)) {
+        int e = errno;
+        if (lfd >= 0) close(lfd);
         free(sv->name);
         free(sv);
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--port %d is not in 0..65535", o->port);
+        if (e == EADDRINUSE)
+            return kiln_fail(ctx, KILN_ERR_IO,
+                             "cannot listen on %s:%d: address already in use (another server "
+                             "has port %d); stop it or pick another with --port",
+                             host, o->port, o->port);
+        return kiln_fail(ctx, KILN_ERR_IO, "cannot listen on %s:%d: %s; check --host and --port",
+                         host, o->port, strerror(e));
     }
     sv->d = MHD_start_daemon(
-        flags, (uint16_t)o->port, NULL, NULL, handler, sv, MHD_OPTION_SOCK_ADDR, &ss,
+        flags, (uint16_t)o->port, NULL, NULL, handler, sv, MHD_OPTION_LISTEN_SOCKET, lfd,
         MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned)(o->max_connections > 0 ? o->max_connections : 256),
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_LISTENING_ADDRESS_REUSE,
-        (unsigned)1, MHD_OPTION_END);
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_END);
     if (!sv->d) {
         int e = errno;
+        close(lfd);
         free(sv->name);
         free(sv);
-        return kiln_fail(ctx, KILN_ERR_IO,
-                         "cannot listen on %s:%d (%s); is the port in use? pick another with --port",
-                         host, o->port, strerror(e));
+        return kiln_fail(ctx, KILN_ERR_IO, "cannot start the HTTP server on %s:%d (%s)", host,
+                         o->port, strerror(e));
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(sv->d, MHD_DAEMON_INFO_BIND_PORT);
     *bound_port = di ? di->port : o->port;

