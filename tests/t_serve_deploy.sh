@@ -112,5 +112,27 @@ check port_in_use_fails test "$rc" -ne 0 -a "$rc" -ne 124
 check port_in_use_message grep -q "address already in use.*$PORT\|$PORT.*address already in use" "$D/second.log"
 req GET /health
 check first_server_still_serves py "d['status']=='ok'"
+
+# ---- unsupported OpenAI parameters: a 400 naming them, not a plain 200 ----
+for pb in 'response_format:{"type":"json_object"}' 'response_format:{"type":"json_schema","json_schema":{"name":"x","schema":{}}}' \
+          'tools:[{"type":"function","function":{"name":"f","parameters":{}}}]' 'tool_choice:"required"' \
+          'tool_choice:{"type":"function","function":{"name":"f"}}' 'functions:[{"name":"f"}]' 'function_call:{"name":"f"}'; do
+  p=${pb%%:*}; v=${pb#*:}
+  req POST /v1/chat/completions "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":2,\"$p\":$v}"
+  check "unsupported_${p}_400 ($v)" err_is 400 unsupported_parameter "'$p'"
+done
+for pb in 'best_of:3' 'suffix:"tail"'; do
+  p=${pb%%:*}; v=${pb#*:}
+  req POST /v1/completions "{\"prompt\":\"x\",\"max_tokens\":2,\"$p\":$v}"
+  check "unsupported_${p}_400 ($v)" err_is 400 unsupported_parameter "'$p'"
+done
+# the defaults spelled out are fine
+req POST /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"max_tokens":2,"response_format":{"type":"text"},"tools":[],"tool_choice":"none"}'
+DETAIL="$CODE $(head -c 200 "$D/body")"
+check default_params_200 [ "$CODE" = 200 ]
+req POST /v1/completions '{"prompt":"x","max_tokens":2,"best_of":1,"suffix":null}'
+DETAIL="$CODE $(head -c 200 "$D/body")"
+check default_best_of_200 [ "$CODE" = 200 ]
+
 stop_checked
 exit 0

@@ -90,6 +90,41 @@ static bool sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len
     return true;
 }
 
+/* OpenAI parameters kiln does not implement: a 400 naming the parameter
+ * rather than a plain-text 200 the client would take for what it asked
+ * for. Values that mean "the default" (response_format text, no tools,
+ * best_of 1, an empty suffix) are accepted. */
+static int unsupported(const json_t *o, api_err *e)
+{
+    /* e->param must outlive the request's JSON: the static names */
+    static const char *const names[] = {"response_format", "tools", "functions", "tool_choice",
+                                        "function_call", "best_of", "suffix"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        const char *key = names[i];
+        json_t *v = json_object_get(o, key);
+        if (!v || json_is_null(v)) continue;
+        bool bad;
+        if (!strcmp(key, "response_format")) {
+            json_t *t = json_is_object(v) ? json_object_get(v, "type") : NULL;
+            bad = !json_is_string(t) || strcmp(json_string_value(t), "text") != 0;
+        } else if (!strcmp(key, "tools") || !strcmp(key, "functions")) {
+            bad = !json_is_array(v) || json_array_size(v) > 0;
+        } else if (!strcmp(key, "tool_choice") || !strcmp(key, "function_call")) {
+            bad = !json_is_string(v) || (strcmp(json_string_value(v), "none") != 0 &&
+                                         strcmp(json_string_value(v), "auto") != 0);
+        } else if (!strcmp(key, "best_of")) {
+            bad = !(json_is_integer(v) && json_integer_value(v) == 1);
+        } else { /* suffix */
+            bad = !json_is_string(v) || json_string_length(v) > 0;
+        }
+        if (bad)
+            return fail(e, 400, key, "unsupported_parameter",
+                        "Unsupported parameter: '%s' is not supported by this server "
+                        "(kiln serve generates plain text only; omit it)", key);
+    }
+    return 0;
+}
+
 /* Renders messages with the tokenizer's chat template (ChatML, see
  * kiln_chat_render) into prompt ids, with the assistant generation prompt. */
 static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err *e)
@@ -270,6 +305,7 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     bool echo = false;
     if ((rc = boolean(o, "echo", &echo, e))) goto done;
     if (echo) { rc = fail(e, 400, "echo", "invalid_value", "echo is not supported"); goto done; }
+    if ((rc = unsupported(o, e))) goto done;
 
     d = 1.0;
     if ((rc = num(o, "temperature", 0, 2, &d, e))) goto done;
