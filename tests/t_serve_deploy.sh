@@ -134,5 +134,17 @@ req POST /v1/completions '{"prompt":"x","max_tokens":2,"best_of":1,"suffix":null
 DETAIL="$CODE $(head -c 200 "$D/body")"
 check default_best_of_200 [ "$CODE" = 200 ]
 
+# ---- out-of-vocabulary ids: invalid_value naming the field ----
+req POST /v1/completions '{"prompt":"x","max_tokens":2,"logit_bias":{"257":5}}'
+check oov_logit_bias_400 err_is 400 invalid_value "'logit_bias'"
+req POST /v1/completions '{"prompt":"x","max_tokens":2,"logit_bias":{"99999":5}}'
+check oov_logit_bias_far_400 err_is 400 invalid_value "'logit_bias'"
+req POST /v1/completions '{"prompt":[72,257],"max_tokens":2}'
+check oov_prompt_400 err_is 400 invalid_value "'prompt'"
+req POST /v1/completions '{"prompt":[72,100000],"max_tokens":2}'
+check oov_prompt_far_400 err_is 400 invalid_value "'prompt'"
+req POST /v1/completions '{"prompt":[72,256],"max_tokens":2,"logit_bias":{"256":-1}}'
+DETAIL="$CODE $(head -c 200 "$D/body")"
+check last_token_id_ok [ "$CODE" = 200 ]
 stop_checked
 exit 0

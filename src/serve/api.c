@@ -368,6 +368,7 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
             size_t nb = json_object_size(lb);
             if (nb > 1024) { rc = fail(e, 400, "logit_bias", "invalid_value", "'logit_bias' has more than 1024 entries"); goto done; }
             r->bias = calloc(nb ? nb : 1, sizeof *r->bias);
+            if (!r->bias) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
             const char *k;
             json_t *v;
             json_object_foreach(lb, k, v) {
@@ -377,6 +378,12 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
                     !(json_number_value(v) >= -100 && json_number_value(v) <= 100)) {
                     rc = fail(e, 400, "logit_bias", "invalid_value",
                               "'logit_bias' keys must be token ids and values numbers in [-100, 100]");
+                    goto done;
+                }
+                if (id >= m->vocab) {
+                    rc = fail(e, 400, "logit_bias", "invalid_value",
+                              "'logit_bias' key %ld is not a token id of this model (vocabulary "
+                              "[0, %d))", id, m->vocab);
                     goto done;
                 }
                 r->bias[r->n_bias++] = (logit_bias){(int32_t)id, (float)json_number_value(v)};
@@ -447,7 +454,12 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
                 json_t *v = json_array_get(p, i);
                 if (!json_is_integer(v)) { rc = fail(e, 400, "prompt", "invalid_type", "a token-id prompt must contain only integers"); goto done; }
                 json_int_t t = json_integer_value(v);
-                if (t < 0 || t > (1 << 30)) { rc = fail(e, 400, "prompt", "invalid_value", "prompt token %lld is out of range", (long long)t); goto done; }
+                if (t < 0 || t >= m->vocab) {
+                    rc = fail(e, 400, "prompt", "invalid_value",
+                              "prompt[%zu] = %lld is not a token id of this model (vocabulary "
+                              "[0, %d))", i, (long long)t, m->vocab);
+                    goto done;
+                }
                 r->prompt[i] = (int32_t)t;
             }
             r->n_prompt = (int)np;

@@ -268,9 +268,14 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
     sreq *r = k->q.r;
     int st = sched_submit(sv->s, r);
     if (st) {
+        /* api_parse has checked ids and lengths already; this is the
+         * scheduler's own guard */
         e = (api_err){.status = st,
                       .type = st == 503 ? "server_error" : "invalid_request_error",
-                      .code = st == 503 ? "server_overloaded" : "context_length_exceeded"};
+                      .param = st == 503 ? NULL : "prompt",
+                      .code = st == 503                      ? "server_overloaded"
+                              : r->n_prompt >= sv->m.n_ctx ? "context_length_exceeded"
+                                                           : "invalid_value"};
         snprintf(e.msg, sizeof e.msg, "%s", r->err);
         sreq_free(r);
         k->q.r = NULL;
