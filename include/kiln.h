@@ -991,7 +991,7 @@ typedef struct kiln_serve_opts {
     const char *tokenizer;  /* NULL = model_dir (tokenizer.json) */
     const char *host;       /* [127.0.0.1] */
     int port;               /* [8080]; 0 = any free port (printed) */
-    const char *api_key;    /* NULL = no authentication */
+    const char *api_key;    /* NULL = no authentication; "" is refused */
     int parallel;           /* slots decoded together [4] */
     int n_ctx;              /* context per slot; 0 = model's */
     int max_queue;          /* waiting requests before 429 [64] */

@@ -146,5 +146,23 @@ check oov_prompt_far_400 err_is 400 invalid_value "'prompt'"
 req POST /v1/completions '{"prompt":[72,256],"max_tokens":2,"logit_bias":{"256":-1}}'
 DETAIL="$CODE $(head -c 200 "$D/body")"
 check last_token_id_ok [ "$CODE" = 200 ]
+
+# ---- the API key: an empty one is refused, the scheme is case-insensitive ----
+timeout 10 "$KILN" serve --model "$D/tiny" --tokenizer bytes --port 0 --threads 1 --api-key "" >"$D/empty.log" 2>&1
+rc=$?
+DETAIL="status $rc: $(head -c 300 "$D/empty.log")"
+check empty_api_key_refused test "$rc" -ne 0 -a "$rc" -ne 124
+check empty_api_key_names_flag grep -q -- '--api-key' "$D/empty.log"
+stop_checked
+start_server --api-key 'k3y-123' || { fail start_server_key; exit 1; }
+for scheme in Bearer bearer BEARER 'bearer  '; do
+  req GET /v1/models "" -H "Authorization: $scheme k3y-123"
+  DETAIL="$CODE $(head -c 200 "$D/body")"
+  check "key_scheme_${scheme// /_}_200" [ "$CODE" = 200 ]
+done
+for h in 'Basic k3y-123' 'bearerk3y-123' 'bearer k3y-12' 'bearer'; do
+  req GET /v1/models "" -H "Authorization: $h"
+  check "bad_auth_401 ($h)" err_is 401 invalid_api_key
+done
 stop_checked
 exit 0

@@ -55,6 +55,12 @@ int cmd_serve(int argc, char **argv)
         return 2;
     }
     o.max_body = (size_t)max_body;
+    if (o.api_key && !*o.api_key) {
+        fprintf(stderr, "kiln serve: --api-key is empty, which would serve without "
+                        "authentication; give a key, or leave --api-key out\n");
+        cli_free(opts, NULL);
+        return 2;
+    }
     if (key_env) {
         o.api_key = getenv(key_env);
         if (!o.api_key || !*o.api_key) {

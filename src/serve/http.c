@@ -15,6 +15,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -114,12 +115,15 @@ static enum MHD_Result err(conn *k, struct MHD_Connection *c, int status, const 
     return send_err(k, c, &e);
 }
 
-/* Constant-time comparison: time depends only on the key's length. */
+/* "Bearer KEY": the scheme is case-insensitive and followed by one or
+ * more spaces (RFC 9110 11.1). Constant-time comparison: time depends
+ * only on the key's length. */
 static bool key_ok(const server *sv, const char *hdr)
 {
     if (!hdr) return false;
-    if (strncmp(hdr, "Bearer ", 7) != 0) return false;
-    const char *got = hdr + 7;
+    if (strncasecmp(hdr, "Bearer", 6) != 0 || (hdr[6] != ' ' && hdr[6] != '\t')) return false;
+    const char *got = hdr + 6;
+    while (*got == ' ' || *got == '\t') got++;
     size_t gl = strlen(got);
     unsigned char d = (unsigned char)(gl != sv->key_len);
     for (size_t i = 0; i < sv->key_len; i++)
@@ -496,7 +500,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
                         .bos = -1, .eot = s->eot, .vocab = s->V};
     const kiln_config *cfg = kiln_engine_config(s->eng);
     if (cfg->arch == KILN_ARCH_LLAMA && cfg->bos_token_id >= 0) sv->m.bos = cfg->bos_token_id;
-    sv->key = o->api_key && *o->api_key ? o->api_key : NULL;
+    sv->key = o->api_key; /* kiln_serve_run refused an empty one */
     sv->key_len = sv->key ? strlen(sv->key) : 0;
     sv->max_body = o->max_body;
     sv->started = (long)time(NULL);

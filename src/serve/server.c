@@ -102,6 +102,10 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     if (o.max_queue < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--max-queue must be >= 0");
     if (o.max_body < 64) o.max_body = 64;
+    if (o.api_key && !*o.api_key)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--api-key is empty, which would serve without authentication; "
+                         "give a key, or leave --api-key out to serve without one");
 
     kiln_model *model = NULL;
     kiln_tokenizer *tok = NULL;
