@@ -24,7 +24,7 @@ stop_checked() {
 }
 pass() { echo "PASS $1"; }
 fail() { echo "FAIL $1${2:+: $2}"; }
-check() { local n=$1; shift; if "$@"; then pass "$n"; else fail "$n" "${DETAIL:-}"; fi; }
+check() { local n=$1; shift; if "$@"; then pass "$n"; else fail "$n" "${DETAIL:-}"; fi; DETAIL=""; }
 if ! command -v curl >/dev/null || [ ! -x "$PY" ]; then
   echo "SKIP serve_deploy: needs curl and /usr/bin/python3 (bash scripts/deps.sh installs them)"; exit 0
 fi
@@ -63,8 +63,8 @@ err_is() {
   [ "$CODE" = "$1" ] && py "set(d['error']) >= {'message','type','param','code'} and d['error']['code'] == '$2' and d['error']['param'] == ${3:-None} and len(d['error']['message']) > 10"
 }
 # raw SECS: sends stdin over a raw socket, the reply (status line, headers, body) in $D/raw
-raw() {
-  "$PY" - "$PORT" "${1:-5}" "$D/raw" <<'EOF'
+# (the client is a file: "python3 -" would read its program from the data)
+cat >"$D/raw.py" <<'EOF'
 import socket, sys, time
 data = sys.stdin.buffer.read()
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -81,9 +81,10 @@ except (socket.timeout, ConnectionError):
     pass
 open(sys.argv[3], "wb").write(buf)
 EOF
-}
+raw() { "$PY" "$D/raw.py" "$PORT" "${1:-5}" "$D/raw"; }
 # raw_json_err STATUS: the raw reply is that status with an OpenAI JSON error body
 raw_json_err() {
+  DETAIL=$(head -c 300 "$D/raw")
   "$PY" - "$D/raw" "$1" <<'EOF'
 import json, sys
 b = open(sys.argv[1], "rb").read()
@@ -97,7 +98,6 @@ try:
     ok = ok and set(e) >= {"message", "type", "param", "code"} and len(e["message"]) > 10
 except Exception:
     ok = False
-if not ok: print(repr(b[:300]))
 sys.exit(0 if ok else 1)
 EOF
 }
@@ -164,5 +164,103 @@ for h in 'Basic k3y-123' 'bearerk3y-123' 'bearer k3y-12' 'bearer'; do
   req GET /v1/models "" -H "Authorization: $h"
   check "bad_auth_401 ($h)" err_is 401 invalid_api_key
 done
+
+# ---- errors of the HTTP layer are OpenAI JSON too ----
+stop_checked
+start_server --max-connections 8 || { fail start_server_http; exit 1; }
+printf 'garbage\r\n\r\n' | raw 3
+check malformed_request_line_json raw_json_err 400
+printf 'GET /health HTTP/1.1\r\n\r\n' | raw 3
+check missing_host_json raw_json_err 400
+printf 'GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n' | raw 3
+check malformed_header_json raw_json_err 400
+printf 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12x\r\n\r\n{}' | raw 3
+check bad_content_length_json raw_json_err 400
+printf 'GET /health HTTP/2.0\r\nHost: x\r\n\r\n' | raw 3
+check http_version_505_json raw_json_err 505
+{ printf 'GET /health?'; head -c 10000 /dev/zero | tr '\0' a; printf ' HTTP/1.1\r\nHost: x\r\n\r\n'; } | raw 3
+check uri_too_long_414_json raw_json_err 414
+{ printf 'GET /health HTTP/1.1\r\nHost: x\r\nX-Big: '; head -c 40000 /dev/zero | tr '\0' a; printf '\r\n\r\n'; } | raw 3
+check headers_too_large_431_json raw_json_err 431
+req GET /v1/completions
+check method_405_json err_is 405 method_not_allowed
+DETAIL=$(cat "$D/hdr")
+check method_405_allow_header grep -qi '^Allow: POST' "$D/hdr"
+req POST /health '{}'
+check method_405_allow_get grep -qi '^Allow: GET, HEAD' "$D/hdr"
+
+# ---- slow senders: a head deadline, and they do not take the connection limit ----
+# 8 sockets (= --max-connections) trickle a header byte each second; /health
+# must still answer promptly, and each trickler gets a 408 after the 10 s
+# head deadline.
+"$PY" - "$PORT" "$D/slow.out" <<'EOF' &
+import socket, sys, time
+port, out = int(sys.argv[1]), sys.argv[2]
+req = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n"
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+got = [b""] * 8
+t0 = time.time()
+for i in range(16):                       # at most 16 s
+    for k, s in enumerate(socks):
+        if got[k]: continue
+        s.settimeout(0.01)
+        try:
+            s.send(req[i:i + 1])
+            c = s.recv(4096)
+            got[k] = c if c else b"closed"
+        except socket.timeout: pass
+        except OSError: got[k] = b"closed"
+    if all(got): break
+    time.sleep(1)
+open(out, "w").write("%d %.1f\n" % (sum(g.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in g for g in got), time.time() - t0))
+EOF
+SLOW=$!
+sleep 2.5
+T0=$(date +%s.%N)
+ok=1
+for _ in 1 2 3; do [ "$(curl -s -m 3 "http://127.0.0.1:$PORT/health")" = '{"status":"ok"}' ] || ok=0; done
+T1=$(date +%s.%N)
+check slow_senders_health_served [ $ok = 1 ]
+check slow_senders_health_fast awk -v a="$T0" -v b="$T1" 'BEGIN{exit !(b-a < 3)}'
+wait $SLOW
+DETAIL="$(cat "$D/slow.out" 2>/dev/null) (408s, seconds)"
+check slow_senders_get_408 awk '$1 == 8 && $2 < 14 {ok=1} END {exit !ok}' "$D/slow.out"
+
+# ---- a per-client share of the connection limit ----
+# 127.0.0.2 (loopback too) opens 8 connections with complete heads whose
+# bodies never come; a client from 127.0.0.1 is still served, and the
+# greedy client's connections past its share (3/4) are refused with 503.
+"$PY" - "$PORT" "$D/share.out" <<'EOF' &
+import socket, sys, time
+port, out = int(sys.argv[1]), sys.argv[2]
+socks, codes = [], []
+for _ in range(8):
+    try:
+        s = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        socks.append(s)
+    except OSError:
+        pass
+    time.sleep(0.1)
+time.sleep(0.5)
+for s in socks:
+    s.settimeout(0.2)
+    try:
+        c = s.recv(4096)
+        codes.append(c.split(b" ")[1].decode() if c.startswith(b"HTTP/") else "closed")
+    except socket.timeout:
+        codes.append("held")
+    except OSError:
+        codes.append("closed")
+open(out, "w").write(" ".join(codes) + "\n")
+time.sleep(3)
+EOF
+SHARE=$!
+sleep 1.5
+C=$(curl -s -m 3 -o "$D/body" -w '%{http_code}' "http://127.0.0.1:$PORT/health")
+check per_client_share_others_served [ "$C" = 200 ]
+wait $SHARE
+DETAIL=$(cat "$D/share.out")
+check per_client_share_capped grep -qx 'held held held held held held 503 503' "$D/share.out"
 stop_checked
 exit 0

@@ -6,11 +6,12 @@
  * scheduler and waits on it; while it waits it watches its socket, and a
  * client that went away cancels its request, which frees the slot.
  */
+#include <microhttpd.h> /* before serve.h: declares gate_notify */
+
 #include "serve/serve.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <microhttpd.h>
 #include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -28,6 +29,7 @@ static const int code_list[] = {200, 400, 401, 404, 405, 413, 429, 500, 503};
 
 struct server {
     struct MHD_Daemon *d;
+    gate *g;
     sched *s;
     api_model m;
     char *name;
@@ -96,6 +98,11 @@ static enum MHD_Result send_body(conn *k, struct MHD_Connection *c, int status,
         return MHD_NO;
     }
     MHD_add_response_header(resp, "Content-Type", ctype);
+    /* one request per connection: every request passes the gate */
+    MHD_add_response_header(resp, "Connection", "close");
+    if (status == 405)
+        MHD_add_response_header(resp, "Allow",
+                                k->route == R_COMPL || k->route == R_CHAT ? "POST" : "GET, HEAD");
     enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, resp);
     MHD_destroy_response(resp);
     count(k->sv, k->route, status);
@@ -293,6 +300,7 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
         if (!resp) return MHD_NO;
         MHD_add_response_header(resp, "Content-Type", "text/event-stream");
         MHD_add_response_header(resp, "Cache-Control", "no-cache");
+        MHD_add_response_header(resp, "Connection", "close");
         enum MHD_Result ret = MHD_queue_response(c, 200, resp);
         MHD_destroy_response(resp);
         count(sv, k->route, 200);
@@ -554,21 +562,37 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         return kiln_fail(ctx, KILN_ERR_IO, "cannot listen on %s:%d: %s; check --host and --port",
                          host, o->port, strerror(e));
     }
-    sv->d = MHD_start_daemon(
-        flags, (uint16_t)o->port, NULL, NULL, handler, sv, MHD_OPTION_LISTEN_SOCKET, lfd,
-        MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned)(o->max_connections > 0 ? o->max_connections : 256),
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_END);
-    if (!sv->d) {
-        int e = errno;
+    int maxc = o->max_connections > 0 ? o->max_connections : 256;
+    struct sockaddr_storage bound;
+    socklen_t bl = sizeof bound;
+    int port = o->port;
+    if (!getsockname(lfd, (struct sockaddr *)&bound, &bl))
+        port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                 : ((struct sockaddr_in *)&bound)->sin_port);
+    sv->g = gate_new(lfd, maxc, 10.0);
+    if (!sv->g) {
         close(lfd);
         free(sv->name);
         free(sv);
-        return kiln_fail(ctx, KILN_ERR_IO, "cannot start the HTTP server on %s:%d (%s)", host,
-                         o->port, strerror(e));
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "serve: out of memory");
     }
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(sv->d, MHD_DAEMON_INFO_BIND_PORT);
-    *bound_port = di ? di->port : o->port;
+    /* the gate accepts and screens; MHD gets well-formed connections */
+    sv->d = MHD_start_daemon(
+        flags | MHD_USE_NO_LISTEN_SOCKET | MHD_USE_ITC, 0, NULL, NULL, handler, sv,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_NOTIFY_CONNECTION, gate_notify,
+        sv->g, MHD_OPTION_CONNECTION_LIMIT, (unsigned)maxc, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)30, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536, MHD_OPTION_END);
+    kiln_status st = sv->d ? gate_start(ctx, sv->g, sv->d)
+                           : kiln_fail(ctx, KILN_ERR_IO, "cannot start the HTTP server on %s:%d (%s)",
+                                       host, o->port, strerror(errno));
+    if (st) {
+        if (sv->d) MHD_stop_daemon(sv->d);
+        gate_free(sv->g);
+        free(sv->name);
+        free(sv);
+        return st;
+    }
+    *bound_port = port;
     *out = sv;
     return KILN_OK;
 }
@@ -576,7 +600,9 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
 void http_stop(server *sv)
 {
     if (!sv) return;
+    gate_stop(sv->g);
     MHD_stop_daemon(sv->d);
+    gate_free(sv->g);
     pthread_mutex_destroy(&sv->mu);
     free(sv->name);
     free(sv);
