@@ -362,6 +362,7 @@ kiln_status kiln_tokenizer_encode_special(kiln_ctx *ctx, const kiln_tokenizer *t
 typedef struct kiln_chat_msg {
     const char *role;    /* "system", "user", "assistant" or "tool" */
     const char *content; /* UTF-8 text */
+    size_t content_len;  /* its bytes, NULs included; 0 = strlen(content) */
 } kiln_chat_msg;
 
 /* Renders msgs[0..n). *ids (and *mask when mask != NULL) are malloc'ed,

@@ -165,6 +165,15 @@ for h in 'Basic k3y-123' 'bearerk3y-123' 'bearer k3y-12' 'bearer'; do
   check "bad_auth_401 ($h)" err_is 401 invalid_api_key
 done
 
+# ---- NUL characters in chat content count (JSON strings carry their length) ----
+chat_pt() { # CONTENT-JSON -> prompt_tokens of a one-message chat
+  req POST /v1/chat/completions "{\"messages\":[{\"role\":\"user\",\"content\":$1}],\"max_tokens\":1}" -H "Authorization: Bearer k3y-123"
+  "$PY" -c "import json;print(json.load(open('$D/body'))['usage']['prompt_tokens'])" 2>/dev/null
+}
+A=$(chat_pt '"ab"'); B=$(chat_pt '"a\u0000b"'); C=$(chat_pt '[{"type":"text","text":"a\u0000b"}]')
+DETAIL="ab=$A a\\0b=$B parts=$C"
+check chat_nul_counts test -n "$A" -a "$B" = "$((A + 1))" -a "$C" = "$((A + 1))"
+
 # ---- errors of the HTTP layer are OpenAI JSON too ----
 stop_checked
 start_server --max-connections 8 || { fail start_server_http; exit 1; }

@@ -34,7 +34,7 @@ static bool push(chat *c, const char *role, const char *content)
     }
     char *t = strdup(content);
     if (!t) return false;
-    c->hist[c->n++] = (kiln_chat_msg){role, t};
+    c->hist[c->n++] = (kiln_chat_msg){.role = role, .content = t};
     return true;
 }
 

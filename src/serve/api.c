@@ -156,6 +156,7 @@ static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err 
         cm[i].role = strcmp(rl, "developer") ? rl : "system";
         if (json_is_string(content)) {
             cm[i].content = json_string_value(content);
+            cm[i].content_len = json_string_length(content); /* NULs count */
         } else if (json_is_array(content)) {
             char *b = NULL;
             size_t n = 0, cap = 0;
@@ -178,6 +179,7 @@ static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err 
             }
             owned[i] = b ? b : strdup("");
             cm[i].content = owned[i];
+            cm[i].content_len = n;
         } else if (json_is_null(content) && !strcmp(rl, "assistant")) {
             cm[i].content = "";
         } else {
