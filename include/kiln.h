@@ -305,6 +305,10 @@ void kiln_tokenizer_free(kiln_tokenizer *tok);
 int kiln_tokenizer_vocab_size(const kiln_tokenizer *tok);
 /* The end-of-text token id. */
 int kiln_tokenizer_eot(const kiln_tokenizer *tok);
+/* True when id is a special token (<|endoftext|>, <|im_start|>, ..., and
+ * tokenizer.json added tokens marked "special"): text a decoder usually
+ * leaves out (skip_special_tokens). False for other ids and out of range. */
+bool kiln_tokenizer_is_special(const kiln_tokenizer *tok, int32_t id);
 /* Encodes len bytes of text (special tokens are not recognised in text;
  * non-special added tokens of a tokenizer.json are, as in Hugging Face).
  * *ids is malloc'ed; caller frees. */

@@ -174,6 +174,23 @@ A=$(chat_pt '"ab"'); B=$(chat_pt '"a\u0000b"'); C=$(chat_pt '[{"type":"text","te
 DETAIL="ab=$A a\\0b=$B parts=$C"
 check chat_nul_counts test -n "$A" -a "$B" = "$((A + 1))" -a "$C" = "$((A + 1))"
 
+# ---- special tokens add no text unless skip_special_tokens is false ----
+# logit_bias pins every step to <|endoftext|> (256); ignore_eos keeps going
+SP='{"prompt":"Hi","max_tokens":4,"ignore_eos":true,"logit_bias":{"256":100}'
+req POST /v1/completions "$SP}" -H "Authorization: Bearer k3y-123"
+DETAIL="$CODE $(head -c 300 "$D/body")"
+check special_skipped py "d['choices'][0]['text']=='' and d['usage']['completion_tokens']==4"
+req POST /v1/completions "$SP,\"skip_special_tokens\":false}" -H "Authorization: Bearer k3y-123"
+DETAIL="$CODE $(head -c 300 "$D/body")"
+check special_kept_on_request py "d['choices'][0]['text']=='<|endoftext|>'*4"
+curl -sN -m 10 -H 'Authorization: Bearer k3y-123' -d "$SP,\"stream\":true}" "http://127.0.0.1:$PORT/v1/completions" >"$D/sp.txt"
+DETAIL=$(head -c 300 "$D/sp.txt")
+check special_skipped_stream "$PY" -c "
+import json,sys; ev=[e[6:] for e in open('$D/sp.txt').read().split('\n\n') if e.startswith('data: {')]
+sys.exit(''.join(json.loads(e)['choices'][0]['text'] for e in ev if json.loads(e)['choices']) != '')"
+req POST /v1/completions "$SP,\"skip_special_tokens\":1}" -H "Authorization: Bearer k3y-123"
+check skip_special_type_400 err_is 400 invalid_type "'skip_special_tokens'"
+
 # ---- errors of the HTTP layer are OpenAI JSON too ----
 stop_checked
 start_server --max-connections 8 || { fail start_server_http; exit 1; }

@@ -342,6 +342,8 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         }
     }
     if ((rc = boolean(o, "ignore_eos", &r->ignore_eos, e))) goto done;
+    r->skip_special = true;
+    if ((rc = boolean(o, "skip_special_tokens", &r->skip_special, e))) goto done;
 
     /* logprobs: completions take an integer (0..5 alternatives); chat a
      * boolean plus top_logprobs (0..20). */

@@ -51,6 +51,7 @@ typedef struct sreq {
     int n_stops;
     bool want_logprobs;
     bool ignore_eos;
+    bool skip_special;   /* special tokens add no text (skip_special_tokens) */
     int32_t stop_id;     /* ends the turn (chat: <|im_end|>), -1 none */
     int32_t stop_ids[SREQ_MAX_STOPS]; /* stop_token_ids (extension) */
     int n_stop_ids;
