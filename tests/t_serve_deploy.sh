@@ -215,6 +215,32 @@ check method_405_allow_header grep -qi '^Allow: POST' "$D/hdr"
 req POST /health '{}'
 check method_405_allow_get grep -qi '^Allow: GET, HEAD' "$D/hdr"
 
+# ---- a chunked body over --max-body is refused when it passes the limit ----
+# 1.1 MB in one chunk (the limit is 1 MiB), then the body never ends: the
+# 413 must come anyway, within 3 s
+"$PY" - "$PORT" "$D/chunk413" <<'EOF'
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(3)
+buf = b""
+try:
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    n = 1100000
+    s.sendall(b"%x\r\n" % n + b'{"prompt":"' + b"a" * (n - 11) + b"\r\n")
+    end = time.time() + 3
+    while time.time() < end and b"\r\n\r\n" not in buf:
+        c = s.recv(65536)
+        if not c: break
+        buf += c
+    time.sleep(0.2)
+    buf += s.recv(65536)
+except (socket.timeout, OSError):
+    pass
+open(sys.argv[2], "wb").write(buf)
+EOF
+cp "$D/chunk413" "$D/raw"
+check chunked_413_before_body_ends raw_json_err 413
+
 # ---- slow senders: a head deadline, and they do not take the connection limit ----
 # 8 sockets (= --max-connections) trickle a header byte each second; /health
 # must still answer promptly, and each trickler gets a 408 after the 10 s

@@ -13,6 +13,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -392,6 +393,44 @@ static char *render_metrics(server *sv)
     return out;
 }
 
+/* 413 for a body that passed --max-body while arriving, written straight
+ * to the socket: MHD queues no response before the whole body is read.
+ * Then the write side is shut and the input drained briefly (at most
+ * 1 s), so the close does not reset the answer away before the client
+ * reads it. */
+static void refuse_body(conn *k)
+{
+    server *sv = k->sv;
+    api_err e = {.status = 413, .type = "invalid_request_error", .code = "request_too_large"};
+    snprintf(e.msg, sizeof e.msg, "The request body is larger than this server's limit of %zu bytes",
+             sv->max_body);
+    char *j = api_error_json(&e);
+    count(sv, k->route, 413);
+    if (k->fd < 0 || !j) {
+        free(j);
+        return;
+    }
+    char head[200];
+    int hl = snprintf(head, sizeof head,
+                      "HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+                      "Content-Length: %zu\r\nConnection: close\r\n\r\n", strlen(j));
+    (void)!send(k->fd, head, (size_t)hl, MSG_NOSIGNAL | MSG_MORE);
+    (void)!send(k->fd, j, strlen(j), MSG_NOSIGNAL);
+    free(j);
+    shutdown(k->fd, SHUT_WR);
+    char buf[4096];
+    for (int i = 0; i < 10; i++) {
+        struct pollfd pf = {k->fd, POLLIN, 0};
+        if (poll(&pf, 1, 100) <= 0) continue;
+        ssize_t n;
+        while ((n = recv(k->fd, buf, sizeof buf, MSG_DONTWAIT)) > 0) {}
+        if (n == 0) break;
+    }
+    free(k->body);
+    k->body = NULL;
+    k->len = k->cap = 0;
+}
+
 /* ---- MHD callbacks -------------------------------------------------------- */
 
 static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
@@ -437,10 +476,11 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     if (*upload_size) {
         if (!k->too_big) {
             if (k->len + *upload_size > sv->max_body) {
+                /* a body without Content-Length (chunked) passed the limit:
+                 * answer now and close, not when the body ends */
                 k->too_big = true;
-                free(k->body);
-                k->body = NULL;
-                k->len = k->cap = 0;
+                refuse_body(k);
+                return MHD_NO; /* MHD closes the connection */
             } else {
                 if (k->len + *upload_size + 1 > k->cap) {
                     size_t cap = k->cap ? k->cap : 4096;
