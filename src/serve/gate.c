@@ -101,6 +101,16 @@ static ipcount *ip_get(gate *g, const ipkey *ip)
     return &g->ips[g->n_ips++];
 }
 
+/* One open connection of ip fewer. */
+static void count_closed(gate *g, const ipkey *ip)
+{
+    pthread_mutex_lock(&g->mu);
+    ipcount *c = ip_get(g, ip);
+    if (g->active > 0) g->active--;
+    if (c && c->active > 0) c->active--;
+    pthread_mutex_unlock(&g->mu);
+}
+
 static const char *reason(int status)
 {
     switch (status) {
@@ -318,9 +328,18 @@ static void look(gate *g, int i, bool hup)
                msg);
         goto unpend;
     }
+    /* counted as open from the hand-over (MHD reports STARTED later, from
+     * its own thread) until MHD reports it CLOSED */
     pthread_mutex_lock(&g->mu);
     ipcount *c = ip_get(g, &p->ip);
     bool full = g->active >= g->max_active || (c && c->active >= g->per_ip_active);
+    if (!full) {
+        g->active++;
+        if (c) {
+            c->active++;
+            if (c->pending > 0) c->pending--;
+        }
+    }
     pthread_mutex_unlock(&g->mu);
     if (full) {
         reject(g, p, 503, "server_error", "too_many_connections",
@@ -329,11 +348,10 @@ static void look(gate *g, int i, bool hup)
     }
     int one = 1;
     setsockopt(p->fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
-    pthread_mutex_lock(&g->mu);
-    if (c && c->pending > 0) c->pending--;
-    pthread_mutex_unlock(&g->mu);
+    ipkey ip = p->ip;
     /* MHD owns the socket from here, and closes it if it refuses it */
-    MHD_add_connection(g->d, p->fd, (struct sockaddr *)&p->sa, p->salen);
+    if (MHD_add_connection(g->d, p->fd, (struct sockaddr *)&p->sa, p->salen) != MHD_YES)
+        count_closed(g, &ip);
     g->p[i] = g->p[--g->np];
     return;
 unpend:
@@ -414,22 +432,18 @@ static void *gate_main(void *arg)
     return NULL;
 }
 
-/* MHD_OPTION_NOTIFY_CONNECTION: counts open connections per client. */
+/* MHD_OPTION_NOTIFY_CONNECTION: a handed-over connection closed (the
+ * gate counted it open when it handed it over). */
 void gate_notify(void *cls, struct MHD_Connection *c, void **socket_context,
                  enum MHD_ConnectionNotificationCode toe)
 {
     (void)socket_context;
     gate *g = cls;
+    if (!g || toe != MHD_CONNECTION_NOTIFY_CLOSED) return;
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    if (!g || !ci || !ci->client_addr) return;
+    if (!ci || !ci->client_addr) return;
     ipkey ip = key_of(ci->client_addr);
-    pthread_mutex_lock(&g->mu);
-    ipcount *n = ip_get(g, &ip);
-    int d = toe == MHD_CONNECTION_NOTIFY_STARTED ? 1 : -1;
-    g->active += d;
-    if (n) n->active += d;
-    if (n && n->active < 0) n->active = 0;
-    pthread_mutex_unlock(&g->mu);
+    count_closed(g, &ip);
 }
 
 gate *gate_new(int lfd, int max_connections, double head_secs)

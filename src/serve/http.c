@@ -616,11 +616,17 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         free(sv);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "serve: out of memory");
     }
-    /* the gate accepts and screens; MHD gets well-formed connections */
+    /* The gate accepts and screens; MHD gets well-formed connections.
+     * The gate enforces --max-connections, counting from the hand-over;
+     * MHD's own limit stays far above it: MHD counts a connection until
+     * its daemon thread cleans it up, and libmicrohttpd 0.9.75 leaves its
+     * cleanup mutex locked when an added connection meets that limit
+     * (new_connection_process_'s "firm check under lock"), which
+     * deadlocks every connection thread and the shutdown. */
     sv->d = MHD_start_daemon(
         flags | MHD_USE_NO_LISTEN_SOCKET | MHD_USE_ITC, 0, NULL, NULL, handler, sv,
         MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_NOTIFY_CONNECTION, gate_notify,
-        sv->g, MHD_OPTION_CONNECTION_LIMIT, (unsigned)maxc, MHD_OPTION_CONNECTION_TIMEOUT,
+        sv->g, MHD_OPTION_CONNECTION_LIMIT, (unsigned)(4 * maxc + 64), MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)30, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536, MHD_OPTION_END);
     kiln_status st = sv->d ? gate_start(ctx, sv->g, sv->d)
                            : kiln_fail(ctx, KILN_ERR_IO, "cannot start the HTTP server on %s:%d (%s)",
