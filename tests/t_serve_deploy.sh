@@ -198,6 +198,58 @@ sys.exit(''.join(json.loads(e)['choices'][0]['text'] for e in ev if json.loads(e
 req POST /v1/completions "$SP,\"skip_special_tokens\":1}" -H "Authorization: Bearer k3y-123"
 check skip_special_type_400 err_is 400 invalid_type "'skip_special_tokens'"
 
+# ---- resident memory comes back after a burst of large hostile requests ----
+# 24 clients x 6 requests of ~1 MB (invalid JSON, over-long prompts, huge
+# token-id arrays, a deep nest): RSS after 2 s idle within 10% of the
+# warmed-up baseline
+stop_checked
+start_server || { fail start_server_rss; exit 1; }
+cat >"$D/rss.py" <<'EOF'
+import http.client, json, sys, threading, time
+port, pid, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def rss():
+    for l in open(f"/proc/{pid}/status"):
+        if l.startswith("VmRSS"): return int(l.split()[1]) / 1024
+def post(body, path="/v1/completions"):
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        r = c.getresponse(); r.read(); c.close(); return r.status
+    except Exception as e:
+        return type(e).__name__
+for _ in range(20):
+    post(json.dumps({"prompt": "Hello", "max_tokens": 8}))
+    post(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}), "/v1/chat/completions")
+time.sleep(1.5)
+base = rss()
+big = "a" * 1000000
+bodies = [(b'{"prompt":"' + big.encode() + b'"', "/v1/completions"),
+          (json.dumps({"prompt": big, "max_tokens": 2}).encode(), "/v1/completions"),
+          (json.dumps({"messages": [{"role": "user", "content": big}]}).encode(), "/v1/chat/completions"),
+          (json.dumps({"prompt": [1] * 150000}).encode(), "/v1/completions"),
+          (b"[" * 500000, "/v1/completions")]
+codes = {}
+lock = threading.Lock()
+def worker(k):
+    for i in range(6):
+        b, p = bodies[(k + i) % len(bodies)]
+        s = post(b, p)
+        with lock: codes[s] = codes.get(s, 0) + 1
+ts = [threading.Thread(target=worker, args=(k,)) for k in range(24)]
+[t.start() for t in ts]
+peak = 0
+while any(t.is_alive() for t in ts):
+    peak = max(peak, rss()); time.sleep(0.05)
+[t.join() for t in ts]
+time.sleep(2)
+idle = rss()
+open(out, "w").write("%.1f %.1f %.1f %s\n" % (base, peak, idle, json.dumps(codes)))
+EOF
+"$PY" "$D/rss.py" "$PORT" "$SPID" "$D/rss.out"
+DETAIL="baseline, peak, after 2 s idle (MiB), statuses: $(cat "$D/rss.out")"
+echo "rss: $DETAIL"
+check rss_back_after_hostile_burst awk '$1 > 0 && $3 <= 1.10 * $1 && $4 == "{\"400\":" && $5 == "144}" {ok=1} END {exit !ok}' "$D/rss.out"
+
 # ---- errors of the HTTP layer are OpenAI JSON too ----
 stop_checked
 start_server --max-connections 8 || { fail start_server_http; exit 1; }

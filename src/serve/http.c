@@ -12,6 +12,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdatomic.h>
@@ -21,6 +22,10 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+/* A request body this large marks a request whose buffers are given back
+ * (malloc_trim) when it completes. */
+#define BIG_BODY (64 * 1024)
 
 enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_OTHER, R_N };
 static const char *const route_name[R_N] = {"models", "model", "completions",
@@ -40,6 +45,7 @@ struct server {
     pthread_mutex_t mu;
     uint64_t hits[R_N][N_CODES];
     _Atomic uint64_t next_id;
+    _Atomic int big_inflight; /* requests with a body >= BIG_BODY */
     long started;
 };
 
@@ -50,6 +56,7 @@ typedef struct conn {
     char *body;
     size_t len, cap;
     bool too_big;
+    bool big;            /* counted in big_inflight */
     /* streaming */
     api_req q;
     sreq *r;
@@ -493,6 +500,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
                 memcpy(k->body + k->len, upload, *upload_size);
                 k->len += *upload_size;
                 k->body[k->len] = 0;
+                if (!k->big && k->len >= BIG_BODY) {
+                    k->big = true;
+                    atomic_fetch_add(&sv->big_inflight, 1);
+                }
             }
         }
         *upload_size = 0;
@@ -529,10 +540,16 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
         sched_cancel(sv->s, k->r);
         sreq_release(sv->s, k->r);
     }
+    bool big = k->big;
     free(k->body);
     free(k->pend);
     free(k);
     *con_cls = NULL;
+    /* A big body brings big parses (JSON, token ids, rendered chats); when
+     * the last such request is done, hand the freed memory back, so
+     * resident memory returns to its baseline after a burst of large or
+     * hostile requests (see also the mallopt() in kiln_serve_run). */
+    if (big && atomic_fetch_sub(&sv->big_inflight, 1) == 1) malloc_trim(0);
 }
 
 kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
