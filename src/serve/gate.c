@@ -367,7 +367,12 @@ static void accept_all(gate *g)
         struct sockaddr_storage sa;
         socklen_t sl = sizeof sa;
         int fd = accept4(g->lfd, (struct sockaddr *)&sa, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) return;
+        if (fd < 0) {
+            /* out of descriptors: the listening socket stays readable, so
+             * pause instead of spinning until connections close */
+            if (errno == EMFILE || errno == ENFILE) poll(NULL, 0, 50);
+            return;
+        }
         ipkey ip = key_of((struct sockaddr *)&sa);
         pthread_mutex_lock(&g->mu);
         ipcount *c = ip_get(g, &ip);
