@@ -396,6 +396,10 @@ void kiln_tokenizer_free(kiln_tokenizer *tok);
 int kiln_tokenizer_vocab_size(const kiln_tokenizer *tok);
 /* The end-of-text token id. */
 int kiln_tokenizer_eot(const kiln_tokenizer *tok);
+/* True when id is a special token (<|endoftext|>, <|im_start|>, ..., and
+ * tokenizer.json added tokens marked "special"): text a decoder usually
+ * leaves out (skip_special_tokens). False for other ids and out of range. */
+bool kiln_tokenizer_is_special(const kiln_tokenizer *tok, int32_t id);
 /* Encodes len bytes of text (special tokens are not recognised in text;
  * non-special added tokens of a tokenizer.json are, as in Hugging Face).
  * *ids is malloc'ed; caller frees. */
@@ -453,6 +457,7 @@ kiln_status kiln_tokenizer_encode_special(kiln_ctx *ctx, const kiln_tokenizer *t
 typedef struct kiln_chat_msg {
     const char *role;    /* "system", "user", "assistant" or "tool" */
     const char *content; /* UTF-8 text */
+    size_t content_len;  /* its bytes, NULs included; 0 = strlen(content) */
 } kiln_chat_msg;
 
 /* Renders msgs[0..n). *ids (and *mask when mask != NULL) are malloc'ed,
@@ -1362,7 +1367,7 @@ typedef struct kiln_serve_opts {
     const char *tokenizer;  /* NULL = model_dir (tokenizer.json) */
     const char *host;       /* [127.0.0.1] */
     int port;               /* [8080]; 0 = any free port (printed) */
-    const char *api_key;    /* NULL = no authentication */
+    const char *api_key;    /* NULL = no authentication; "" is refused */
     int parallel;           /* slots decoded together [4] */
     int n_ctx;              /* context per slot; 0 = model's */
     int max_queue;          /* waiting requests before 429 [64] */

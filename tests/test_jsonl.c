@@ -55,8 +55,9 @@ static char *decode(const kiln_tokenizer *t, const int32_t *ids, size_t n)
  * covers exactly the assistant content and its <|im_end|>. */
 static void check_render(kiln_tokenizer *t, bool specials)
 {
-    kiln_chat_msg m[3] = {{"system", "be brief"}, {"user", "hello <|im_end|> world"},
-                          {"assistant", "the answer"}};
+    kiln_chat_msg m[3] = {{.role = "system", .content = "be brief"},
+                          {.role = "user", .content = "hello <|im_end|> world"},
+                          {.role = "assistant", .content = "the answer"}};
     int32_t *ids;
     uint8_t *mask;
     size_t n;
@@ -98,7 +99,7 @@ static void check_render(kiln_tokenizer *t, bool specials)
     free(s);
     free(ids);
     /* unknown role */
-    kiln_chat_msg bad[1] = {{"robot", "x"}};
+    kiln_chat_msg bad[1] = {{.role = "robot", .content = "x"}};
     CHECK_EQ(kiln_chat_render(ctx, t, bad, 1, false, &ids, NULL, &n), KILN_ERR_INVALID_ARG);
     CHECK(strstr(kiln_errmsg(ctx), "robot") != NULL);
 }

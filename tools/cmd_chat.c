@@ -3,14 +3,28 @@
  * is rendered with the tokenizer's chat template (kiln_chat_render, the
  * same as the server's /v1/chat/completions) and each reply streams to
  * stdout. /reset forgets the history, /exit (or end of input) quits.
- * Built on kiln.h only.
+ * Ctrl-C during a reply stops that reply (what was said stays in the
+ * history); at the prompt it quits. When the conversation outgrows the
+ * context the oldest turns are dropped (the system message stays), so
+ * the new message is still answered. Built on kiln.h only.
  */
 #include "cli.h"
 
+#include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+/* Set by SIGINT; a signal handler can only reach a global. */
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
 
 typedef struct chat {
     kiln_ctx *ctx;
@@ -22,6 +36,7 @@ typedef struct chat {
     int V, stop_id, n_ctx, max_tokens;
     kiln_chat_msg *hist; /* the conversation; contents are owned */
     int n, cap;
+    int n_fixed;         /* leading messages never dropped (the system one) */
 } chat;
 
 static bool push(chat *c, const char *role, const char *content)
@@ -35,7 +50,7 @@ static bool push(chat *c, const char *role, const char *content)
     }
     char *t = strdup(content);
     if (!t) return false;
-    c->hist[c->n++] = (kiln_chat_msg){role, t};
+    c->hist[c->n++] = (kiln_chat_msg){.role = role, .content = t};
     return true;
 }
 
@@ -44,31 +59,67 @@ static void pop_to(chat *c, int n)
     while (c->n > n) free((char *)c->hist[--c->n].content);
 }
 
+/* Drops the oldest turn after the fixed messages: a user message and the
+ * assistant reply after it. Returns false when only the last message (the
+ * new user message) is left to drop. */
+static bool drop_oldest(chat *c)
+{
+    int k = c->n_fixed;
+    if (c->n - k <= 1) return false;
+    int m = 1;
+    if (k + 1 < c->n - 1 && !strcmp(c->hist[k + 1].role, "assistant")) m = 2;
+    for (int i = k; i < k + m; i++) free((char *)c->hist[i].content);
+    memmove(c->hist + k, c->hist + k + m, (size_t)(c->n - k - m) * sizeof *c->hist);
+    c->n -= m;
+    return true;
+}
+
+/* Prints a reply's text as it comes; Ctrl-C (the flag) stops the reply. */
 static bool print_piece(void *user, const kiln_gen_token *t)
 {
     (void)user;
     fwrite(t->text, 1, t->len, stdout);
     fflush(stdout);
-    return true;
+    return !interrupted;
 }
 
-/* One turn: the whole conversation is rendered with the chat template
- * (BOS first where the model wants it, as the server does) and prefilled
- * (matrix products make that cheap), then the reply streams through the
- * library's generation loop, ending at <|im_end|>. */
+/* One turn: the whole conversation is rendered with the chat template and
+ * prefilled (matrix products make that cheap), then the reply streams
+ * through the library's generation loop, ending at <|im_end|>. */
 static kiln_status turn(chat *c, const char *user, uint64_t seed)
 {
     int keep = c->n;
     if (!push(c, "user", user)) return kiln_fail(c->ctx, KILN_ERR_NOMEM, "out of memory");
-    int32_t *ids = NULL, *rendered = NULL;
-    size_t n = 0, nr = 0;
-    kiln_status st = kiln_chat_render(c->ctx, c->tok, c->hist, c->n, true, &rendered, NULL, &nr);
-    if (!st) st = kiln_prompt_ids(c->ctx, &c->cfg, c->tok, rendered, nr, &ids, &n);
-    free(rendered);
-    if (!st && (int)n + 8 >= c->n_ctx)
-        st = kiln_fail(c->ctx, KILN_ERR_RANGE,
-                       "the conversation (%zu tokens) no longer fits the %d-token context; "
-                       "type /reset", n, c->n_ctx);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    /* room for a reply: --max-tokens, at most a quarter of the context */
+    int room = c->max_tokens < c->n_ctx / 4 ? c->max_tokens : c->n_ctx / 4;
+    if (room < 8) room = 8;
+    int dropped = 0;
+    kiln_status st;
+    for (;;) {
+        st = kiln_chat_render(c->ctx, c->tok, c->hist, c->n, true, &ids, NULL, &n);
+        if (st || (int)n + room < c->n_ctx) break;
+        free(ids);
+        ids = NULL;
+        int before = c->n;
+        if (!drop_oldest(c)) {
+            st = kiln_fail(c->ctx, KILN_ERR_RANGE,
+                           "the message (%zu tokens with the template) leaves no room for a "
+                           "reply in the %d-token context; send a shorter one", n, c->n_ctx);
+            break;
+        }
+        dropped += before - c->n;
+        keep -= before - c->n;
+    }
+    if (dropped)
+        fprintf(stderr, "(dropped the %d oldest message%s to fit the %d-token context)\n",
+                dropped, dropped == 1 ? "" : "s", c->n_ctx);
+    /* BOS first where the model wants it, as the server does */
+    int32_t *prompt = NULL;
+    size_t np = 0;
+    if (!st) st = kiln_prompt_ids(c->ctx, &c->cfg, c->tok, ids, n, &prompt, &np);
+    free(ids);
     kiln_gen *g = NULL;
     kiln_gen_opts go = kiln_gen_opts_default();
     go.sampling = c->sp;
@@ -80,14 +131,16 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
     go.n_stops = 1;
     go.stop_ids = &stop_id;
     go.n_stop_ids = stop_id >= 0 ? 1 : 0;
-    if (!st) st = kiln_gen_new(c->ctx, c->tok, &c->cfg, &go, ids, n, &g);
+    if (!st) st = kiln_gen_new(c->ctx, c->tok, &c->cfg, &go, prompt, np, &g);
     double t0 = kiln_time_now();
+    interrupted = 0;
     if (!st) {
         kiln_engine_reset(c->e, 0);
-        st = kiln_generate(c->ctx, c->e, 0, g, ids, n, c->logits, print_piece, NULL);
+        st = kiln_generate(c->ctx, c->e, 0, g, prompt, np, c->logits, print_piece, NULL);
     }
-    free(ids);
-    if (st && !g) {
+    free(prompt);
+    if (st && (!g || kiln_gen_count(g) == 0)) {
+        kiln_gen_free(g);
         pop_to(c, keep);
         return st;
     }
@@ -95,7 +148,9 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
     int gen = kiln_gen_count(g);
     fprintf(stdout, "\n");
     fflush(stdout);
-    fprintf(stderr, "[%d tokens, %.1f tok/s]\n", gen, dt > 0 ? gen / dt : 0.0);
+    fprintf(stderr, "[%d tokens, %.1f tok/s%s]\n", gen, dt > 0 ? gen / dt : 0.0,
+            kiln_gen_finished(g) == KILN_FINISH_CANCELLED ? ", stopped by Ctrl-C" : "");
+    interrupted = 0;
     if (!st && !push(c, "assistant", kiln_gen_text(g, NULL)))
         st = kiln_fail(c->ctx, KILN_ERR_NOMEM, "out of memory");
     kiln_gen_free(g);
@@ -125,7 +180,9 @@ int cmd_chat(int argc, char **argv)
     };
     int rc = cli_parse("chat", "chat --model DIR [--system TEXT] [--temperature T]",
                        "Interactive chat (ChatML template). Type a message and Enter;\n"
-                       "/reset forgets the conversation, /exit quits.",
+                       "/reset forgets the conversation, /exit quits. Ctrl-C stops a\n"
+                       "reply; at the prompt it quits. The oldest turns are dropped when\n"
+                       "the conversation outgrows the context.",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
     if (max_tokens < 1) {
@@ -150,7 +207,7 @@ int cmd_chat(int argc, char **argv)
     }
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_ctx = ctx_len;
-    if (!strcmp(dtype, "bf16")) eo.wtype = KILN_DTYPE_BF16;
+    if (!strcmp(dtype, "bf16")) eo.wtype = KILN_WTYPE_BF16;
     else if (strcmp(dtype, "fp32")) {
         fprintf(stderr, "kiln chat: --dtype '%s' is not fp32 or bf16\n", dtype);
         kiln_ctx_free(c.ctx);
@@ -172,6 +229,7 @@ int cmd_chat(int argc, char **argv)
         c.stop_id = kiln_chat_stop_id(c.tok);
         if (system && *system && !push(&c, "system", system))
             st = kiln_fail(c.ctx, KILN_ERR_NOMEM, "out of memory");
+        c.n_fixed = c.n;
         c.n_ctx = kiln_engine_n_ctx(c.e);
         c.logits = malloc((size_t)c.V * sizeof(float));
         if (!c.logits) st = kiln_fail(c.ctx, KILN_ERR_NOMEM, "out of memory");
@@ -181,6 +239,12 @@ int cmd_chat(int argc, char **argv)
         rc = cli_fail(c.ctx, "chat", st);
         goto out;
     }
+    /* Ctrl-C stops a reply (no SA_RESTART: at the prompt it ends getline) */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
     bool tty = isatty(STDIN_FILENO);
     if (tty) fprintf(stderr, "kiln chat: /reset to start over, /exit to quit\n");
     char *line = NULL;
@@ -192,23 +256,21 @@ int cmd_chat(int argc, char **argv)
             fflush(stdout);
         }
         ssize_t n = getline(&line, &cap, stdin);
-        if (n < 0) break;
+        if (n < 0) {
+            if (interrupted || errno != EINTR) break; /* Ctrl-C at the prompt, or end */
+            clearerr(stdin);
+            continue;
+        }
         while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
         if (n == 0) continue;
         if (!strcmp(line, "/exit") || !strcmp(line, "/quit")) break;
         if (!strcmp(line, "/reset")) {
-            pop_to(&c, system && *system ? 1 : 0);
+            pop_to(&c, c.n_fixed);
             fprintf(stderr, "(conversation reset)\n");
             continue;
         }
         st = turn(&c, line, s++);
-        if (st) {
-            fprintf(stderr, "kiln chat: %s\n", kiln_errmsg(c.ctx));
-            if (st == KILN_ERR_RANGE) {
-                pop_to(&c, system && *system ? 1 : 0);
-                fprintf(stderr, "(conversation reset)\n");
-            }
-        }
+        if (st) fprintf(stderr, "kiln chat: %s\n", kiln_errmsg(c.ctx));
     }
     free(line);
 out:

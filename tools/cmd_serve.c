@@ -18,13 +18,13 @@ int cmd_serve(int argc, char **argv)
         {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json)", true},
         {"host", CLI_STR, &o.host, "address to bind [127.0.0.1]", false},
         {"port", CLI_INT, &o.port, "port; 0 = any free port (printed) [8080]", false},
-        {"api-key", CLI_STR, &o.api_key, "require 'Authorization: Bearer KEY' on /v1 routes", false},
+        {"api-key", CLI_STR, &o.api_key, "require 'Authorization: Bearer KEY' on /v1 routes (not empty)", false},
         {"api-key-env", CLI_STR, &key_env, "read the API key from this environment variable", false},
         {"parallel", CLI_INT, &o.parallel, "requests decoded together (KV-cache slots) [4]", false},
         {"ctx", CLI_INT, &o.n_ctx, "context per slot, 0 = the model's [0]", false},
         {"max-queue", CLI_INT, &o.max_queue, "waiting requests before 503 [64]", false},
         {"max-body", CLI_I64, &max_body, "request body limit in bytes [1048576]", false},
-        {"max-connections", CLI_INT, &o.max_connections, "open connections at most [256]", false},
+        {"max-connections", CLI_INT, &o.max_connections, "open connections at most; 3/4 of them per client address [256]", false},
         {"name", CLI_STR, &o.model_name, "model id in the API [the directory's name]", false},
         {"tokenizer", CLI_STR, &o.tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
         {"dtype", CLI_STR, &dtype, "weight storage: fp32 | bf16 [fp32]", false},
@@ -55,6 +55,12 @@ int cmd_serve(int argc, char **argv)
         return 2;
     }
     o.max_body = (size_t)max_body;
+    if (o.api_key && !*o.api_key) {
+        fprintf(stderr, "kiln serve: --api-key is empty, which would serve without "
+                        "authentication; give a key, or leave --api-key out\n");
+        cli_free(opts, NULL);
+        return 2;
+    }
     if (key_env) {
         o.api_key = getenv(key_env);
         if (!o.api_key || !*o.api_key) {

@@ -90,6 +90,41 @@ static bool sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len
     return true;
 }
 
+/* OpenAI parameters kiln does not implement: a 400 naming the parameter
+ * rather than a plain-text 200 the client would take for what it asked
+ * for. Values that mean "the default" (response_format text, no tools,
+ * best_of 1, an empty suffix) are accepted. */
+static int unsupported(const json_t *o, api_err *e)
+{
+    /* e->param must outlive the request's JSON: the static names */
+    static const char *const names[] = {"response_format", "tools", "functions", "tool_choice",
+                                        "function_call", "best_of", "suffix"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        const char *key = names[i];
+        json_t *v = json_object_get(o, key);
+        if (!v || json_is_null(v)) continue;
+        bool bad;
+        if (!strcmp(key, "response_format")) {
+            json_t *t = json_is_object(v) ? json_object_get(v, "type") : NULL;
+            bad = !json_is_string(t) || strcmp(json_string_value(t), "text") != 0;
+        } else if (!strcmp(key, "tools") || !strcmp(key, "functions")) {
+            bad = !json_is_array(v) || json_array_size(v) > 0;
+        } else if (!strcmp(key, "tool_choice") || !strcmp(key, "function_call")) {
+            bad = !json_is_string(v) || (strcmp(json_string_value(v), "none") != 0 &&
+                                         strcmp(json_string_value(v), "auto") != 0);
+        } else if (!strcmp(key, "best_of")) {
+            bad = !(json_is_integer(v) && json_integer_value(v) == 1);
+        } else { /* suffix */
+            bad = !json_is_string(v) || json_string_length(v) > 0;
+        }
+        if (bad)
+            return fail(e, 400, key, "unsupported_parameter",
+                        "Unsupported parameter: '%s' is not supported by this server "
+                        "(kiln serve generates plain text only; omit it)", key);
+    }
+    return 0;
+}
+
 /* Renders messages with the tokenizer's chat template (ChatML, see
  * kiln_chat_render) into prompt ids, with the assistant generation prompt. */
 static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err *e)
@@ -121,6 +156,7 @@ static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err 
         cm[i].role = strcmp(rl, "developer") ? rl : "system";
         if (json_is_string(content)) {
             cm[i].content = json_string_value(content);
+            cm[i].content_len = json_string_length(content); /* NULs count */
         } else if (json_is_array(content)) {
             char *b = NULL;
             size_t n = 0, cap = 0;
@@ -143,6 +179,7 @@ static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err 
             }
             owned[i] = b ? b : strdup("");
             cm[i].content = owned[i];
+            cm[i].content_len = n;
         } else if (json_is_null(content) && !strcmp(rl, "assistant")) {
             cm[i].content = "";
         } else {
@@ -270,6 +307,7 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     bool echo = false;
     if ((rc = boolean(o, "echo", &echo, e))) goto done;
     if (echo) { rc = fail(e, 400, "echo", "invalid_value", "echo is not supported"); goto done; }
+    if ((rc = unsupported(o, e))) goto done;
 
     d = 1.0;
     if ((rc = num(o, "temperature", 0, 2, &d, e))) goto done;
@@ -304,6 +342,8 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         }
     }
     if ((rc = boolean(o, "ignore_eos", &r->ignore_eos, e))) goto done;
+    r->skip_special = true;
+    if ((rc = boolean(o, "skip_special_tokens", &r->skip_special, e))) goto done;
 
     /* logprobs: completions take an integer (0..5 alternatives); chat a
      * boolean plus top_logprobs (0..20). */
@@ -332,6 +372,7 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
             size_t nb = json_object_size(lb);
             if (nb > 1024) { rc = fail(e, 400, "logit_bias", "invalid_value", "'logit_bias' has more than 1024 entries"); goto done; }
             r->bias = calloc(nb ? nb : 1, sizeof *r->bias);
+            if (!r->bias) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
             const char *k;
             json_t *v;
             json_object_foreach(lb, k, v) {
@@ -341,6 +382,12 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
                     !(json_number_value(v) >= -100 && json_number_value(v) <= 100)) {
                     rc = fail(e, 400, "logit_bias", "invalid_value",
                               "'logit_bias' keys must be token ids and values numbers in [-100, 100]");
+                    goto done;
+                }
+                if (id >= m->vocab) {
+                    rc = fail(e, 400, "logit_bias", "invalid_value",
+                              "'logit_bias' key %ld is not a token id of this model (vocabulary "
+                              "[0, %d))", id, m->vocab);
                     goto done;
                 }
                 r->bias[r->n_bias++] = (logit_bias){(int32_t)id, (float)json_number_value(v)};
@@ -411,7 +458,12 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
                 json_t *v = json_array_get(p, i);
                 if (!json_is_integer(v)) { rc = fail(e, 400, "prompt", "invalid_type", "a token-id prompt must contain only integers"); goto done; }
                 json_int_t t = json_integer_value(v);
-                if (t < 0 || t > (1 << 30)) { rc = fail(e, 400, "prompt", "invalid_value", "prompt token %lld is out of range", (long long)t); goto done; }
+                if (t < 0 || t >= m->vocab) {
+                    rc = fail(e, 400, "prompt", "invalid_value",
+                              "prompt[%zu] = %lld is not a token id of this model (vocabulary "
+                              "[0, %d))", i, (long long)t, m->vocab);
+                    goto done;
+                }
                 r->prompt[i] = (int32_t)t;
             }
             r->n_prompt = (int)np;

@@ -6,17 +6,26 @@
  * scheduler and waits on it; while it waits it watches its socket, and a
  * client that went away cancels its request, which frees the slot.
  */
+#include <microhttpd.h> /* before serve.h: declares gate_notify */
+
 #include "serve/serve.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <microhttpd.h>
+#include <malloc.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
+
+/* A request body this large marks a request whose buffers are given back
+ * (malloc_trim) when it completes. */
+#define BIG_BODY (64 * 1024)
 
 enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_OTHER, R_N };
 static const char *const route_name[R_N] = {"models", "model", "completions",
@@ -26,6 +35,7 @@ static const int code_list[] = {200, 400, 401, 404, 405, 413, 429, 500, 503};
 
 struct server {
     struct MHD_Daemon *d;
+    gate *g;
     sched *s;
     api_model m;
     char *name;
@@ -35,6 +45,7 @@ struct server {
     pthread_mutex_t mu;
     uint64_t hits[R_N][N_CODES];
     _Atomic uint64_t next_id;
+    _Atomic int big_inflight; /* requests with a body >= BIG_BODY */
     long started;
 };
 
@@ -45,6 +56,7 @@ typedef struct conn {
     char *body;
     size_t len, cap;
     bool too_big;
+    bool big;            /* counted in big_inflight */
     /* streaming */
     api_req q;
     sreq *r;
@@ -94,6 +106,11 @@ static enum MHD_Result send_body(conn *k, struct MHD_Connection *c, int status,
         return MHD_NO;
     }
     MHD_add_response_header(resp, "Content-Type", ctype);
+    /* one request per connection: every request passes the gate */
+    MHD_add_response_header(resp, "Connection", "close");
+    if (status == 405)
+        MHD_add_response_header(resp, "Allow",
+                                k->route == R_COMPL || k->route == R_CHAT ? "POST" : "GET, HEAD");
     enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, resp);
     MHD_destroy_response(resp);
     count(k->sv, k->route, status);
@@ -113,12 +130,15 @@ static enum MHD_Result err(conn *k, struct MHD_Connection *c, int status, const 
     return send_err(k, c, &e);
 }
 
-/* Constant-time comparison: time depends only on the key's length. */
+/* "Bearer KEY": the scheme is case-insensitive and followed by one or
+ * more spaces (RFC 9110 11.1). Constant-time comparison: time depends
+ * only on the key's length. */
 static bool key_ok(const server *sv, const char *hdr)
 {
     if (!hdr) return false;
-    if (strncmp(hdr, "Bearer ", 7) != 0) return false;
-    const char *got = hdr + 7;
+    if (strncasecmp(hdr, "Bearer", 6) != 0 || (hdr[6] != ' ' && hdr[6] != '\t')) return false;
+    const char *got = hdr + 6;
+    while (*got == ' ' || *got == '\t') got++;
     size_t gl = strlen(got);
     unsigned char d = (unsigned char)(gl != sv->key_len);
     for (size_t i = 0; i < sv->key_len; i++)
@@ -267,9 +287,14 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
     sreq *r = k->q.r;
     int st = sched_submit(sv->s, r);
     if (st) {
+        /* api_parse has checked ids and lengths already; this is the
+         * scheduler's own guard */
         e = (api_err){.status = st,
                       .type = st == 503 ? "server_error" : "invalid_request_error",
-                      .code = st == 503 ? "server_overloaded" : "context_length_exceeded"};
+                      .param = st == 503 ? NULL : "prompt",
+                      .code = st == 503                      ? "server_overloaded"
+                              : r->n_prompt >= sv->m.n_ctx ? "context_length_exceeded"
+                                                           : "invalid_value"};
         snprintf(e.msg, sizeof e.msg, "%s", r->err);
         sreq_free(r);
         k->q.r = NULL;
@@ -283,6 +308,7 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
         if (!resp) return MHD_NO;
         MHD_add_response_header(resp, "Content-Type", "text/event-stream");
         MHD_add_response_header(resp, "Cache-Control", "no-cache");
+        MHD_add_response_header(resp, "Connection", "close");
         enum MHD_Result ret = MHD_queue_response(c, 200, resp);
         MHD_destroy_response(resp);
         count(sv, k->route, 200);
@@ -374,6 +400,44 @@ static char *render_metrics(server *sv)
     return out;
 }
 
+/* 413 for a body that passed --max-body while arriving, written straight
+ * to the socket: MHD queues no response before the whole body is read.
+ * Then the write side is shut and the input drained briefly (at most
+ * 1 s), so the close does not reset the answer away before the client
+ * reads it. */
+static void refuse_body(conn *k)
+{
+    server *sv = k->sv;
+    api_err e = {.status = 413, .type = "invalid_request_error", .code = "request_too_large"};
+    snprintf(e.msg, sizeof e.msg, "The request body is larger than this server's limit of %zu bytes",
+             sv->max_body);
+    char *j = api_error_json(&e);
+    count(sv, k->route, 413);
+    if (k->fd < 0 || !j) {
+        free(j);
+        return;
+    }
+    char head[200];
+    int hl = snprintf(head, sizeof head,
+                      "HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+                      "Content-Length: %zu\r\nConnection: close\r\n\r\n", strlen(j));
+    (void)!send(k->fd, head, (size_t)hl, MSG_NOSIGNAL | MSG_MORE);
+    (void)!send(k->fd, j, strlen(j), MSG_NOSIGNAL);
+    free(j);
+    shutdown(k->fd, SHUT_WR);
+    char buf[4096];
+    for (int i = 0; i < 10; i++) {
+        struct pollfd pf = {k->fd, POLLIN, 0};
+        if (poll(&pf, 1, 100) <= 0) continue;
+        ssize_t n;
+        while ((n = recv(k->fd, buf, sizeof buf, MSG_DONTWAIT)) > 0) {}
+        if (n == 0) break;
+    }
+    free(k->body);
+    k->body = NULL;
+    k->len = k->cap = 0;
+}
+
 /* ---- MHD callbacks -------------------------------------------------------- */
 
 static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
@@ -419,10 +483,11 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     if (*upload_size) {
         if (!k->too_big) {
             if (k->len + *upload_size > sv->max_body) {
+                /* a body without Content-Length (chunked) passed the limit:
+                 * answer now and close, not when the body ends */
                 k->too_big = true;
-                free(k->body);
-                k->body = NULL;
-                k->len = k->cap = 0;
+                refuse_body(k);
+                return MHD_NO; /* MHD closes the connection */
             } else {
                 if (k->len + *upload_size + 1 > k->cap) {
                     size_t cap = k->cap ? k->cap : 4096;
@@ -435,6 +500,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
                 memcpy(k->body + k->len, upload, *upload_size);
                 k->len += *upload_size;
                 k->body[k->len] = 0;
+                if (!k->big && k->len >= BIG_BODY) {
+                    k->big = true;
+                    atomic_fetch_add(&sv->big_inflight, 1);
+                }
             }
         }
         *upload_size = 0;
@@ -471,10 +540,16 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
         sched_cancel(sv->s, k->r);
         sreq_release(sv->s, k->r);
     }
+    bool big = k->big;
     free(k->body);
     free(k->pend);
     free(k);
     *con_cls = NULL;
+    /* A big body brings big parses (JSON, token ids, rendered chats); when
+     * the last such request is done, hand the freed memory back, so
+     * resident memory returns to its baseline after a burst of large or
+     * hostile requests (see also the mallopt() in kiln_serve_run). */
+    if (big && atomic_fetch_sub(&sv->big_inflight, 1) == 1) malloc_trim(0);
 }
 
 kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
@@ -490,7 +565,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
                         .bos = -1, .eot = s->eot, .vocab = s->V};
     const kiln_config *cfg = kiln_engine_config(s->eng);
     if (cfg->arch == KILN_ARCH_LLAMA && cfg->bos_token_id >= 0) sv->m.bos = cfg->bos_token_id;
-    sv->key = o->api_key && *o->api_key ? o->api_key : NULL;
+    sv->key = o->api_key; /* kiln_serve_run refused an empty one */
     sv->key_len = sv->key ? strlen(sv->key) : 0;
     sv->max_body = o->max_body;
     sv->started = (long)time(NULL);
@@ -498,17 +573,25 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
 
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof ss);
+    socklen_t sslen;
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD;
     const char *host = o->host && *o->host ? o->host : "127.0.0.1";
     if (!strcmp(host, "localhost")) host = "127.0.0.1";
     struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
     struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+    if (o->port < 0 || o->port > 65535) {
+        free(sv->name);
+        free(sv);
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--port %d is not in 0..65535", o->port);
+    }
     if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
         a4->sin_family = AF_INET;
         a4->sin_port = htons((uint16_t)o->port);
+        sslen = sizeof *a4;
     } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
         a6->sin6_family = AF_INET6;
         a6->sin6_port = htons((uint16_t)o->port);
+        sslen = sizeof *a6;
         flags |= MHD_USE_IPv6;
     } else {
         free(sv->name);
@@ -517,27 +600,62 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
                          "--host '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1 or 0.0.0.0)",
                          host);
     }
-    if (o->port < 0 || o->port > 65535) {
-        free(sv->name);
-        free(sv);
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--port %d is not in 0..65535", o->port);
-    }
-    sv->d = MHD_start_daemon(
-        flags, (uint16_t)o->port, NULL, NULL, handler, sv, MHD_OPTION_SOCK_ADDR, &ss,
-        MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned)(o->max_connections > 0 ? o->max_connections : 256),
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_LISTENING_ADDRESS_REUSE,
-        (unsigned)1, MHD_OPTION_END);
-    if (!sv->d) {
+    /* The listening socket is ours: SO_REUSEADDR (a restart need not wait
+     * out TIME_WAIT) but never SO_REUSEPORT, so a second server on a busy
+     * port fails here instead of silently sharing its connections. */
+    int lfd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    if (lfd < 0 || setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+        bind(lfd, (struct sockaddr *)&ss, sslen) || listen(lfd, 128)) {
         int e = errno;
+        if (lfd >= 0) close(lfd);
         free(sv->name);
         free(sv);
-        return kiln_fail(ctx, KILN_ERR_IO,
-                         "cannot listen on %s:%d (%s); is the port in use? pick another with --port",
+        if (e == EADDRINUSE)
+            return kiln_fail(ctx, KILN_ERR_IO,
+                             "cannot listen on %s:%d: address already in use (another server "
+                             "has port %d); stop it or pick another with --port",
+                             host, o->port, o->port);
+        return kiln_fail(ctx, KILN_ERR_IO, "cannot listen on %s:%d: %s; check --host and --port",
                          host, o->port, strerror(e));
     }
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(sv->d, MHD_DAEMON_INFO_BIND_PORT);
-    *bound_port = di ? di->port : o->port;
+    int maxc = o->max_connections > 0 ? o->max_connections : 256;
+    struct sockaddr_storage bound;
+    socklen_t bl = sizeof bound;
+    int port = o->port;
+    if (!getsockname(lfd, (struct sockaddr *)&bound, &bl))
+        port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                 : ((struct sockaddr_in *)&bound)->sin_port);
+    sv->g = gate_new(lfd, maxc, 10.0);
+    if (!sv->g) {
+        close(lfd);
+        free(sv->name);
+        free(sv);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "serve: out of memory");
+    }
+    /* The gate accepts and screens; MHD gets well-formed connections.
+     * The gate enforces --max-connections, counting from the hand-over;
+     * MHD's own limit stays far above it: MHD counts a connection until
+     * its daemon thread cleans it up, and libmicrohttpd 0.9.75 leaves its
+     * cleanup mutex locked when an added connection meets that limit
+     * (new_connection_process_'s "firm check under lock"), which
+     * deadlocks every connection thread and the shutdown. */
+    sv->d = MHD_start_daemon(
+        flags | MHD_USE_NO_LISTEN_SOCKET | MHD_USE_ITC, 0, NULL, NULL, handler, sv,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_NOTIFY_CONNECTION, gate_notify,
+        sv->g, MHD_OPTION_CONNECTION_LIMIT, (unsigned)(4 * maxc + 64), MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)30, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536, MHD_OPTION_END);
+    kiln_status st = sv->d ? gate_start(ctx, sv->g, sv->d)
+                           : kiln_fail(ctx, KILN_ERR_IO, "cannot start the HTTP server on %s:%d (%s)",
+                                       host, o->port, strerror(errno));
+    if (st) {
+        if (sv->d) MHD_stop_daemon(sv->d);
+        gate_free(sv->g);
+        free(sv->name);
+        free(sv);
+        return st;
+    }
+    *bound_port = port;
     *out = sv;
     return KILN_OK;
 }
@@ -545,7 +663,9 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
 void http_stop(server *sv)
 {
     if (!sv) return;
+    gate_stop(sv->g);
     MHD_stop_daemon(sv->d);
+    gate_free(sv->g);
     pthread_mutex_destroy(&sv->mu);
     free(sv->name);
     free(sv);

@@ -162,10 +162,12 @@ static void on_logits(sched *s, sreq *r, float *lg)
         }
         if (r->n_lps < r->lps_cap) r->lps[r->n_lps++] = e;
     }
-    const char *o;
-    size_t n;
+    const char *o = "";
+    size_t n = 0;
     bool stopped = false;
-    if (kiln_textstream_push(s->ctx, r->ts, id, &o, &n, &stopped)) {
+    if (r->skip_special && kiln_tokenizer_is_special(s->tok, id)) {
+        /* counted, but no text (skip_special_tokens, as Hugging Face) */
+    } else if (kiln_textstream_push(s->ctx, r->ts, id, &o, &n, &stopped)) {
         finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
         return;
     }

@@ -51,6 +51,7 @@ typedef struct sreq {
     int n_stops;
     bool want_logprobs;
     bool ignore_eos;
+    bool skip_special;   /* special tokens add no text (skip_special_tokens) */
     int32_t stop_id;     /* ends the turn (chat: <|im_end|>), -1 none */
     int32_t stop_ids[SREQ_MAX_STOPS]; /* stop_token_ids (extension) */
     int n_stop_ids;
@@ -188,6 +189,26 @@ char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
                 const char *id, long created, const char *text, size_t n,
                 int lp0, int lp1, const char *finish, bool first,
                 bool usage_only);
+
+/* ---- gate (gate.c): accepts and screens request heads ---------------- */
+
+typedef struct gate gate;
+struct MHD_Daemon;
+/* A gate over the listening socket lfd (owned from here on): heads must
+ * arrive within head_secs; max_connections open connections at most.
+ * NULL when out of memory. */
+gate *gate_new(int lfd, int max_connections, double head_secs);
+/* Starts the accept thread, handing screened connections to d. */
+kiln_status gate_start(kiln_ctx *ctx, gate *g, struct MHD_Daemon *d);
+/* Stops accepting and closes the connections still waiting. */
+void gate_stop(gate *g);
+/* Stops, closes the listening socket and frees. gate_free(NULL) is a no-op. */
+void gate_free(gate *g);
+#ifdef MHD_VERSION
+/* MHD_OPTION_NOTIFY_CONNECTION callback (cls = the gate). */
+void gate_notify(void *cls, struct MHD_Connection *c, void **socket_context,
+                 enum MHD_ConnectionNotificationCode toe);
+#endif
 
 /* ---- http ------------------------------------------------------------ */
 

@@ -6,6 +6,7 @@
  */
 #include "serve/serve.h"
 
+#include <malloc.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,6 +103,20 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     if (o.max_queue < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--max-queue must be >= 0");
     if (o.max_body < 64) o.max_body = 64;
+    if (o.api_key && !*o.api_key)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--api-key is empty, which would serve without authentication; "
+                         "give a key, or leave --api-key out to serve without one");
+
+    /* Fixed malloc thresholds (glibc otherwise raises them after each
+     * big free, up to 32 MiB / 64 MiB): a request's big buffers (its
+     * body, parse, token ids) are mmapped and go back to the system when
+     * freed instead of staying in the connection threads' arenas, and an
+     * arena's free top over 1 MiB is trimmed at once. Without this a
+     * burst of large requests left ~250 MiB resident for good. */
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+    mallopt(M_TRIM_THRESHOLD, 1024 * 1024);
+    mallopt(M_ARENA_MAX, 2);
 
     kiln_model *model = NULL;
     kiln_tokenizer *tok = NULL;

@@ -93,11 +93,16 @@ static void set_mask(render *r, size_t from, uint8_t v)
     for (size_t i = from; i < r->ids.n; i++) r->mask[i] = v;
 }
 
-static void put_text(render *r, const char *text, uint8_t m)
+static void put_bytes(render *r, const char *text, size_t len, uint8_t m)
 {
     size_t from = r->ids.n;
-    if (r->ok) r->ok = tok_encode_text(r->t, r->s, text, strlen(text), &r->ids);
+    if (r->ok) r->ok = tok_encode_text(r->t, r->s, text, len, &r->ids);
     set_mask(r, from, m);
+}
+
+static void put_text(render *r, const char *text, uint8_t m)
+{
+    put_bytes(r, text, strlen(text), m);
 }
 
 /* A marker: its special id when the vocabulary has it, else its text. */
@@ -139,7 +144,8 @@ kiln_status kiln_chat_render(kiln_ctx *ctx, const kiln_tokenizer *tok,
         put_marker(&r, "<|im_start|>", 0);
         put_text(&r, msgs[i].role, 0);
         put_text(&r, "\n", 0);
-        put_text(&r, msgs[i].content, m);
+        put_bytes(&r, msgs[i].content,
+                  msgs[i].content_len ? msgs[i].content_len : strlen(msgs[i].content), m);
         put_marker(&r, "<|im_end|>", m);
         put_text(&r, "\n", 0);
     }

@@ -398,6 +398,12 @@ int kiln_tokenizer_vocab_size(const kiln_tokenizer *tok) { return tok->n_vocab; 
 
 int kiln_tokenizer_eot(const kiln_tokenizer *tok) { return tok->eot; }
 
+bool kiln_tokenizer_is_special(const kiln_tokenizer *tok, int32_t id)
+{
+    return id >= 0 && id < tok->n_vocab && (tok->flags[id] & TOKF_SPECIAL) &&
+           !(tok->flags[id] & TOKF_HOLE);
+}
+
 kiln_status kiln_tokenizer_encode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const char *text, size_t len, int32_t **ids,
                                   size_t *n)
