@@ -1303,6 +1303,9 @@ typedef struct kiln_gen_opts {
     int n_stop_ids;
     bool logprobs;              /* report each token's log-probability and
                                    sampling.top_logprobs alternatives      */
+    bool skip_special;          /* special tokens (kiln_tokenizer_is_special)
+                                   add no text, as Hugging Face's
+                                   skip_special_tokens               [true] */
 } kiln_gen_opts;
 
 kiln_gen_opts kiln_gen_opts_default(void);

@@ -14,6 +14,7 @@
 
 struct kiln_gen {
     kiln_gen_opts o;
+    const kiln_tokenizer *tok;
     kiln_sampler *smp;
     kiln_textstream *ts;
     int32_t *stop_ids; /* (n_stop_ids) copied */
@@ -25,7 +26,8 @@ struct kiln_gen {
 
 kiln_gen_opts kiln_gen_opts_default(void)
 {
-    return (kiln_gen_opts){.sampling = kiln_sampling_default(), .max_tokens = 256};
+    return (kiln_gen_opts){.sampling = kiln_sampling_default(), .max_tokens = 256,
+                           .skip_special = true};
 }
 
 const char *kiln_finish_name(kiln_finish f)
@@ -82,6 +84,7 @@ kiln_status kiln_gen_new(kiln_ctx *ctx, const kiln_tokenizer *tok, const kiln_co
     g->o = *o;
     g->o.stops = NULL;
     g->o.stop_ids = NULL;
+    g->tok = tok;
     g->eot = kiln_tokenizer_eot(tok);
     g->eos = cfg->eos_token_id;
     kiln_status st = kiln_sampler_new(ctx, &o->sampling, cfg->vocab_size, &g->smp);
@@ -155,8 +158,11 @@ kiln_status kiln_gen_next(kiln_ctx *ctx, kiln_gen *g, float *logits, kiln_gen_to
         return KILN_OK;
     }
     bool stopped = false;
-    kiln_status st = kiln_textstream_push(ctx, g->ts, id, &t->text, &t->len, &stopped);
-    if (st) return st;
+    if (!(g->o.skip_special && kiln_tokenizer_is_special(g->tok, id))) {
+        /* (a special token is counted but adds no text: skip_special_tokens) */
+        kiln_status st = kiln_textstream_push(ctx, g->ts, id, &t->text, &t->len, &stopped);
+        if (st) return st;
+    }
     if (stopped) {
         g->finish = KILN_FINISH_STOP_STRING;
     } else if (g->n >= g->o.max_tokens) {

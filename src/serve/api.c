@@ -198,13 +198,12 @@ static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err 
             rc = fail(e, 400, "messages", "invalid_value", "cannot render the messages: %s",
                       ctx ? kiln_errmsg(ctx) : "out of memory");
         } else {
-            int extra = m->bos >= 0 ? 1 : 0;
-            r->prompt = malloc((n + (size_t)extra + 1) * sizeof(int32_t));
-            if (!r->prompt) rc = fail(e, 500, NULL, NULL, "out of memory");
-            else {
-                if (extra) r->prompt[0] = m->bos;
-                memcpy(r->prompt + extra, ids, n * sizeof(int32_t));
-                r->n_prompt = (int)n + extra;
+            /* the BOS rule of kiln generate and kiln chat */
+            size_t np = 0;
+            if (kiln_prompt_ids(ctx, m->cfg, m->tok, ids, n, &r->prompt, &np)) {
+                rc = fail(e, 500, NULL, NULL, "out of memory");
+            } else {
+                r->n_prompt = (int)np;
                 r->stop_id = kiln_chat_stop_id(m->tok);
             }
         }
@@ -244,18 +243,14 @@ static int tokenize(const api_model *m, const char *text, size_t len, sreq *r, a
         kiln_ctx_free(ctx);
         return 400;
     }
+    /* the BOS rule of kiln generate and kiln chat (an empty prompt starts
+     * from BOS or end-of-text) */
+    size_t np = 0;
+    st = kiln_prompt_ids(ctx, m->cfg, m->tok, ids, n, &r->prompt, &np);
     kiln_ctx_free(ctx);
-    int extra = m->bos >= 0 ? 1 : 0;
-    if (n + (size_t)extra == 0) extra = 1; /* empty prompt: start from end-of-text */
-    r->prompt = malloc((n + (size_t)extra) * sizeof(int32_t));
-    if (!r->prompt) {
-        free(ids);
-        return fail(e, 500, NULL, NULL, "out of memory");
-    }
-    if (extra) r->prompt[0] = m->bos >= 0 ? m->bos : m->eot;
-    if (n) memcpy(r->prompt + extra, ids, n * sizeof(int32_t));
     free(ids);
-    r->n_prompt = (int)(n + (size_t)extra);
+    if (st) return fail(e, 500, NULL, NULL, "out of memory");
+    r->n_prompt = (int)np;
     return 0;
 }
 

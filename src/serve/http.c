@@ -562,9 +562,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     sv->s = s;
     sv->name = strdup(model_name);
     sv->m = (api_model){.name = sv->name, .tok = s->tok, .n_ctx = s->n_ctx,
-                        .bos = -1, .eot = s->eot, .vocab = s->V};
-    const kiln_config *cfg = kiln_engine_config(s->eng);
-    if (cfg->arch == KILN_ARCH_LLAMA && cfg->bos_token_id >= 0) sv->m.bos = cfg->bos_token_id;
+                        .cfg = kiln_engine_config(s->eng), .vocab = s->V};
     sv->key = o->api_key; /* kiln_serve_run refused an empty one */
     sv->key_len = sv->key ? strlen(sv->key) : 0;
     sv->max_body = o->max_body;

@@ -33,8 +33,7 @@ void sreq_free(sreq *r)
     free(r->bias);
     free(r->text);
     free(r->lps);
-    kiln_sampler_free(r->smp);
-    kiln_textstream_free(r->ts);
+    kiln_gen_free(r->gen);
     pthread_cond_destroy(&r->cv);
     free(r);
 }
@@ -105,15 +104,29 @@ static void admit(sched *s)
         }
         int slot = 0;
         while (s->slots[slot]) slot++;
-        kiln_status st = kiln_sampler_new(s->ctx, &r->sp, s->V, &r->smp);
-        if (!st)
-            st = kiln_textstream_new(s->ctx, s->tok, (const char *const *)r->stops,
-                                     r->n_stops, &r->ts);
+        /* the library's generation loop, one token per engine step: the
+         * chat turn's end (<|im_end|>) is a stop token unless ignore_eos,
+         * stop_token_ids always are */
+        kiln_gen_opts go = kiln_gen_opts_default();
+        go.sampling = r->sp;
+        go.max_tokens = r->max_tokens > 0 ? r->max_tokens : 1;
+        go.ignore_eos = r->ignore_eos;
+        go.skip_special = r->skip_special;
+        go.logprobs = r->want_logprobs;
+        go.stops = (const char *const *)r->stops;
+        go.n_stops = r->n_stops;
+        int32_t stop_ids[SREQ_MAX_STOPS + 1];
+        int n_ids = 0;
+        for (int i = 0; i < r->n_stop_ids; i++) stop_ids[n_ids++] = r->stop_ids[i];
+        if (r->stop_id >= 0 && !r->ignore_eos) stop_ids[n_ids++] = r->stop_id;
+        go.stop_ids = stop_ids;
+        go.n_stop_ids = n_ids;
+        kiln_status st = kiln_gen_new(s->ctx, s->tok, kiln_engine_config(s->eng), &go, r->prompt,
+                                      (size_t)r->n_prompt, &r->gen);
         if (st) {
             finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
             continue;
         }
-        kiln_sampler_add_prompt(r->smp, r->prompt, (size_t)r->n_prompt);
         kiln_engine_reset(s->eng, slot);
         r->slot = slot;
         r->n_fed = 0;
@@ -123,35 +136,31 @@ static void admit(sched *s)
     }
 }
 
-/* Samples r's next token from lg and publishes its text. mu held. */
+/* Samples r's next token from lg (kiln_gen_next) and publishes its text.
+ * mu held. */
 static void on_logits(sched *s, sreq *r, float *lg)
 {
     for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
-    slp e = {0};
-    kiln_token_logprob ch;
-    int32_t id = kiln_sampler_sample(r->smp, lg, r->want_logprobs ? &ch : NULL,
-                                     r->want_logprobs ? e.top : NULL);
+    kiln_gen_token t;
+    if (kiln_gen_next(s->ctx, r->gen, lg, &t)) {
+        finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
+        return;
+    }
     if (r->n_gen == 0) {
         r->t_first = kiln_time_now();
         metrics_observe(s->m.ttft_b, &s->m.ttft_n, &s->m.ttft_sum, r->t_first - r->t_submit);
     }
     r->n_gen++;
     s->m.gen_tokens++;
-    bool eos = !r->ignore_eos &&
-               (id == s->eot || (s->eos >= 0 && id == s->eos) || (r->stop_id >= 0 && id == r->stop_id));
-    for (int i = 0; i < r->n_stop_ids; i++) eos = eos || id == r->stop_ids[i];
-    if (eos) {
-        const char *o;
-        size_t n;
-        kiln_textstream_finish(r->ts, &o, &n);
-        append_text(r, o, n);
+    if (t.finish == KILN_FINISH_EOS || t.finish == KILN_FINISH_STOP_TOKEN) {
+        /* the ending token is counted but has no text and no logprobs */
+        append_text(r, t.text, t.len);
         finish(s, r, "stop", 0, "");
         return;
     }
     if (r->want_logprobs) {
-        e.token = ch.token;
-        e.logprob = ch.logprob;
-        e.n_top = r->sp.top_logprobs;
+        slp e = {.token = t.chosen.token, .logprob = t.chosen.logprob, .n_top = t.n_top};
+        if (t.n_top > 0 && t.top) memcpy(e.top, t.top, (size_t)t.n_top * sizeof *e.top);
         if (r->n_lps == r->lps_cap) {
             int c = r->lps_cap ? 2 * r->lps_cap : 16;
             slp *p = realloc(r->lps, (size_t)c * sizeof *p);
@@ -162,27 +171,24 @@ static void on_logits(sched *s, sreq *r, float *lg)
         }
         if (r->n_lps < r->lps_cap) r->lps[r->n_lps++] = e;
     }
-    const char *o = "";
-    size_t n = 0;
-    bool stopped = false;
-    if (r->skip_special && kiln_tokenizer_is_special(s->tok, id)) {
-        /* counted, but no text (skip_special_tokens, as Hugging Face) */
-    } else if (kiln_textstream_push(s->ctx, r->ts, id, &o, &n, &stopped)) {
-        finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
-        return;
-    }
-    append_text(r, o, n);
-    if (stopped) {
+    append_text(r, t.text, t.len);
+    if (t.finish == KILN_FINISH_STOP_STRING) {
         finish(s, r, "stop", 0, "");
         return;
     }
-    if (r->n_gen >= r->max_tokens || kiln_engine_pos(s->eng, r->slot) >= s->n_ctx) {
-        kiln_textstream_finish(r->ts, &o, &n);
+    if (t.finish == KILN_FINISH_NONE && kiln_engine_pos(s->eng, r->slot) >= s->n_ctx) {
+        /* the context is full: no room to feed this token back */
+        const char *o;
+        size_t n;
+        kiln_gen_end(r->gen, KILN_FINISH_LENGTH, &o, &n);
         append_text(r, o, n);
+        t.finish = KILN_FINISH_LENGTH;
+    }
+    if (t.finish == KILN_FINISH_LENGTH) {
         finish(s, r, "length", 0, "");
         return;
     }
-    r->next = id;
+    r->next = t.id;
     pthread_cond_broadcast(&r->cv);
 }
 

@@ -77,8 +77,7 @@ typedef struct sreq {
     int slot;
     int n_fed;           /* prompt tokens already in the cache */
     int32_t next;        /* sampled token to feed next step */
-    kiln_sampler *smp;
-    kiln_textstream *ts;
+    kiln_gen *gen;       /* the generation loop's state (sched.c) */
     struct sreq *qnext;  /* queue link */
 } sreq;
 
@@ -167,8 +166,7 @@ typedef struct api_model {
     const char *name;
     const kiln_tokenizer *tok;
     int n_ctx;
-    int bos;             /* prepended when >= 0 */
-    int eot;
+    const kiln_config *cfg; /* the model's (kiln_prompt_ids' BOS rule) */
     int vocab;           /* the model's vocabulary size */
 } api_model;
 
