@@ -109,7 +109,7 @@ $(BUILD)/kiln: $(TOOL_OBJ) $(LIB)
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(CFLAGS) -o $@ $(TOOL_OBJ) $(LIB) $(LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c $(LIB) tests/check.h
+$(BUILD)/tests/%: tests/%.c $(LIB) tests/check.h tests/testdata.h
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(CFLAGS) -Isrc -Itests -o $@ $< $(LIB) $(LDLIBS)

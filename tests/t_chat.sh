@@ -7,9 +7,7 @@ set -u
 D="$KILN_TMP/t_chat"
 mkdir -p "$D"
 PY=/usr/bin/python3
-pass() { echo "PASS $1"; }
-fail() { echo "FAIL $1${2:+: $2}"; }
-check() { local n=$1; shift; if "$@"; then pass "$n"; else fail "$n" "${DETAIL:-}"; fi; DETAIL=""; }
+. "$KILN_ROOT/tests/lib_serve.sh" # pass, fail, check
 if [ ! -x "$PY" ]; then echo "SKIP chat: needs /usr/bin/python3"; exit 0; fi
 cat >"$D/tiny.json" <<'EOF'
 {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 257, "n_positions": 128}

@@ -8,20 +8,9 @@
 set -u
 D="$KILN_TMP/t_serve"
 mkdir -p "$D"
+. "$KILN_ROOT/tests/lib_serve.sh"
 PY=/usr/bin/python3
-SPID=""
-cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null; }
-# stops the server with SIGTERM: it must exit 0 with no sanitizer report
-stop_checked() {
-  kill "$SPID" 2>/dev/null; wait "$SPID"; local rc=$?; SPID=""
-  if [ $rc -eq 0 ] && ! grep -q 'Sanitizer\|runtime error' "$D/serve.log"; then echo "PASS server_clean_exit"
-  else echo "FAIL server_clean_exit: status $rc"; grep -A20 'Sanitizer\|runtime error' "$D/serve.log" | head -40; fi
-}
-trap cleanup EXIT
 
-pass() { echo "PASS $1"; }
-fail() { echo "FAIL $1${2:+: $2}"; }
-check() { local n=$1; shift; if "$@"; then pass "$n"; else fail "$n"; fi; }
 
 if ! command -v curl >/dev/null || [ ! -x "$PY" ]; then
   echo "SKIP serve_http: needs curl and /usr/bin/python3 (bash scripts/deps.sh installs them)"; exit 0
@@ -32,19 +21,8 @@ cat >"$D/tiny.json" <<'EOF'
 EOF
 "$KILN" init --config "$D/tiny.json" --out "$D/tiny" --force >/dev/null || { fail init; exit 1; }
 
-# start_server ARGS... : starts kiln serve on a free port, sets SPID, PORT
-start_server() {
-  "$KILN" serve --model "$D/tiny" --tokenizer bytes --port 0 "$@" >"$D/serve.log" 2>&1 &
-  SPID=$!
-  PORT=""
-  for _ in $(seq 200); do
-    PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$D/serve.log" 2>/dev/null)
-    [ -n "$PORT" ] && return 0
-    kill -0 "$SPID" 2>/dev/null || break
-    sleep 0.05
-  done
-  cat "$D/serve.log"; return 1
-}
+# start_server ARGS... : the tiny model on a free port (SPID, PORT)
+start_server() { serve_start "$D/tiny" "$@"; }
 stop_server() { stop_checked; }
 
 # req METHOD PATH [BODY] [curl args...]: CODE <- status, body in $D/body

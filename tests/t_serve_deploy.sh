@@ -9,29 +9,8 @@
 set -u
 D="$KILN_TMP/t_serve_deploy"
 mkdir -p "$D"
+. "$KILN_ROOT/tests/lib_serve.sh"
 PY=/usr/bin/python3
-SPID=""
-SPID2=""
-cleanup() {
-  [ -n "$SPID2" ] && kill "$SPID2" 2>/dev/null && wait "$SPID2" 2>/dev/null
-  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null
-}
-trap cleanup EXIT
-# stops the server with SIGTERM: it must exit 0 within 10 s, with no sanitizer report
-stop_checked() {
-  kill "$SPID" 2>/dev/null
-  for _ in $(seq 100); do kill -0 "$SPID" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$SPID" 2>/dev/null; then
-    kill -9 "$SPID"; wait "$SPID" 2>/dev/null; SPID=""
-    echo "FAIL server_clean_exit: still running 10 s after SIGTERM (a deadlock?)"; return
-  fi
-  wait "$SPID"; local rc=$?; SPID=""
-  if [ $rc -eq 0 ] && ! grep -q 'Sanitizer\|runtime error' "$D/serve.log"; then echo "PASS server_clean_exit"
-  else echo "FAIL server_clean_exit: status $rc"; grep -A20 'Sanitizer\|runtime error' "$D/serve.log" | head -40; fi
-}
-pass() { echo "PASS $1"; }
-fail() { echo "FAIL $1${2:+: $2}"; }
-check() { local n=$1; shift; if "$@"; then pass "$n"; else fail "$n" "${DETAIL:-}"; fi; DETAIL=""; }
 if ! command -v curl >/dev/null || [ ! -x "$PY" ]; then
   echo "SKIP serve_deploy: needs curl and /usr/bin/python3 (bash scripts/deps.sh installs them)"; exit 0
 fi
@@ -40,18 +19,7 @@ cat >"$D/tiny.json" <<'EOF'
 EOF
 "$KILN" init --config "$D/tiny.json" --out "$D/tiny" --force >/dev/null || { fail init; exit 1; }
 
-start_server() { # ARGS... : a server on a free port; sets SPID, PORT
-  "$KILN" serve --model "$D/tiny" --tokenizer bytes --port 0 --threads 1 "$@" >"$D/serve.log" 2>&1 &
-  SPID=$!
-  PORT=""
-  for _ in $(seq 200); do
-    PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$D/serve.log" 2>/dev/null)
-    [ -n "$PORT" ] && return 0
-    kill -0 "$SPID" 2>/dev/null || break
-    sleep 0.05
-  done
-  cat "$D/serve.log"; return 1
-}
+start_server() { serve_start "$D/tiny" --threads 1 "$@"; } # ARGS...: SPID, PORT
 # req METHOD PATH [BODY] [curl args...]: CODE <- status, body in $D/body, headers in $D/hdr
 req() {
   local m=$1 p=$2 b=${3-}

@@ -9,19 +9,8 @@
 set -u
 D="$KILN_TMP/t_serve_hostile"
 mkdir -p "$D"
+. "$KILN_ROOT/tests/lib_serve.sh"
 PY=/usr/bin/python3
-SPID=""
-cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null; }
-# stops the server with SIGTERM: it must exit 0 with no sanitizer report
-stop_checked() {
-  kill "$SPID" 2>/dev/null; wait "$SPID"; local rc=$?; SPID=""
-  if [ $rc -eq 0 ] && ! grep -q 'Sanitizer\|runtime error' "$D/serve.log"; then echo "PASS server_clean_exit"
-  else echo "FAIL server_clean_exit: status $rc"; grep -A20 'Sanitizer\|runtime error' "$D/serve.log" | head -40; fi
-}
-trap cleanup EXIT
-pass() { echo "PASS $1"; }
-fail() { echo "FAIL $1${2:+: $2}"; }
-check() { local n=$1; shift; if "$@"; then pass "$n"; else fail "$n"; fi; }
 if ! command -v curl >/dev/null || [ ! -x "$PY" ]; then
   echo "SKIP serve_hostile: needs curl and /usr/bin/python3"; exit 0
 fi
@@ -36,19 +25,7 @@ EOF
 "$KILN" init --config "$D/tiny.json" --out "$D/tiny" --force >/dev/null || { fail init; exit 1; }
 "$KILN" init --config "$D/slow.json" --out "$D/slow" --force >/dev/null || { fail init_slow; exit 1; }
 
-start_server() { # MODEL ARGS...
-  local m=$1; shift
-  "$KILN" serve --model "$D/$m" --tokenizer bytes --port 0 --threads 1 "$@" >"$D/serve.log" 2>&1 &
-  SPID=$!
-  PORT=""
-  for _ in $(seq 200); do
-    PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$D/serve.log" 2>/dev/null)
-    [ -n "$PORT" ] && return 0
-    kill -0 "$SPID" 2>/dev/null || break
-    sleep 0.05
-  done
-  cat "$D/serve.log"; return 1
-}
+start_server() { local m=$1; shift; serve_start "$D/$m" --threads 1 "$@"; } # MODEL ARGS...
 stop_server() { stop_checked; }
 alive() { [ "$(curl -s -m 5 "http://127.0.0.1:$PORT/health")" = '{"status":"ok"}' ] && kill -0 "$SPID" 2>/dev/null; }
 # raw NAME: sends stdin bytes over a raw socket (python below), prints the

@@ -12,16 +12,8 @@
 set -u
 D="$KILN_TMP/t_serve_load"
 mkdir -p "$D"
+. "$KILN_ROOT/tests/lib_serve.sh"
 PY=/usr/bin/python3
-SPID=""
-cleanup() { [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null; }
-# stops the server with SIGTERM: it must exit 0 with no sanitizer report
-stop_checked() {
-  kill "$SPID" 2>/dev/null; wait "$SPID"; local rc=$?; SPID=""
-  if [ $rc -eq 0 ] && ! grep -q 'Sanitizer\|runtime error' "$D/serve.log"; then echo "PASS server_clean_exit"
-  else echo "FAIL server_clean_exit: status $rc"; grep -A20 'Sanitizer\|runtime error' "$D/serve.log" | head -40; fi
-}
-trap cleanup EXIT
 if [ ! -x "$PY" ] || ! command -v curl >/dev/null; then
   echo "SKIP serve_load: needs /usr/bin/python3 and curl"; exit 0
 fi
@@ -35,17 +27,8 @@ EOF
   "$KILN" init --config "$D/m.json" --out "$D/load-model" --force >/dev/null || { echo "FAIL init"; exit 1; }
   MODEL="$D/load-model"
 fi
-"$KILN" serve --model "$MODEL" --tokenizer "${LOAD_TOKENIZER:-bytes}" --port 0 --parallel 8 --max-queue 256 \
-  --name load ${LOAD_SERVE_ARGS:---threads 1} >"$D/serve.log" 2>&1 &
-SPID=$!
-PORT=""
-for _ in $(seq 400); do
-  PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$D/serve.log" 2>/dev/null)
-  [ -n "$PORT" ] && break
-  kill -0 "$SPID" 2>/dev/null || break
-  sleep 0.05
-done
-[ -n "$PORT" ] || { cat "$D/serve.log"; echo "FAIL serve_start"; exit 1; }
+SERVE_TOKENIZER="${LOAD_TOKENIZER:-bytes}" serve_start "$MODEL" --parallel 8 --max-queue 256 --name load \
+  ${LOAD_SERVE_ARGS:---threads 1} || { echo "FAIL serve_start"; exit 1; }
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$SPID/status"; }
 
 "$PY" - "$PORT" "$CLIENTS" "$SECS" "$SPID" <<'EOF'

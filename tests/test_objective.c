@@ -16,6 +16,7 @@
  */
 #include "check.h"
 #include "kiln.h"
+#include "testdata.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -26,21 +27,7 @@
 
 #define PY "/usr/bin/python3"
 
-static char tmp[256];
 
-static char *P(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *P(const char *fmt, ...)
-{
-    static char buf[16][1024];
-    static int k;
-    char *p = buf[k++ % 16];
-    int n = snprintf(p, 1024, "%s/", tmp);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(p + n, (size_t)(1024 - n), fmt, ap);
-    va_end(ap);
-    return p;
-}
 
 static const char *root(void)
 {
@@ -123,7 +110,7 @@ static void test_against_torch(void)
         put(P("weights.f32"), w, sizeof w);
         char cmd[1024];
         snprintf(cmd, sizeof cmd, PY " '%s/scripts/objective_ref.py' '%s' %d %d > '%s' 2>&1",
-                 root(), tmp, NN, NV, P("py.log"));
+                 root(), test_tmp, NN, NV, P("py.log"));
         int rc = system(cmd);
         CHECK_MSG(rc == 0, "objective_ref.py failed (rc %d), see %s", rc, P("py.log"));
         if (rc) break;
@@ -287,8 +274,6 @@ static void test_finite_differences(void)
 
 static void make_data(const char *dir, size_t ntrain, int vocab)
 {
-    kiln_ctx *ctx = kiln_ctx_new();
-    mkdir(dir, 0755);
     static const char *words[] = {"the ", "cat ", "sat ", "on ", "a ", "mat. ",
                                   "dog ", "ran ", "far ", "away. ", "\n"};
     kiln_rng r;
@@ -299,22 +284,10 @@ static void make_data(const char *dir, size_t ntrain, int vocab)
         const char *w = words[kiln_rng_below(&r, 11)];
         for (; *w && k < ntrain; w++) ids[k++] = (unsigned char)*w;
     }
-    char path[600];
-    snprintf(path, sizeof path, "%s/train_0000.bin", dir);
-    kiln_shard_writer *sw;
-    CHECK_EQ(kiln_shard_writer_open(ctx, path, vocab, &sw), KILN_OK);
-    CHECK_EQ(kiln_shard_writer_append(ctx, sw, ids, ntrain), KILN_OK);
-    CHECK_EQ(kiln_shard_writer_close(ctx, sw), KILN_OK);
+    test_write_tokens(dir, ids, ntrain, NULL, 0, vocab, 256);
     free(ids);
-    snprintf(path, sizeof path, "%s/meta.json", dir);
-    FILE *f = fopen(path, "w");
-    fprintf(f,
-            "{\"format\":\"kiln-tokens\",\"version\":1,\"vocab_size\":%d,"
-            "\"eot\":256,\"tokenizer\":\"bytes\",\"train_files\":"
-            "[\"train_0000.bin\"],\"val_files\":[],"
-            "\"train_tokens\":%zu,\"val_tokens\":0}\n",
-            vocab, ntrain);
-    fclose(f);
+    char path[600];
+    FILE *f;
     snprintf(path, sizeof path, "%s/../config.json", dir);
     f = fopen(path, "w");
     fprintf(f,
@@ -323,7 +296,6 @@ static void make_data(const char *dir, size_t ntrain, int vocab)
             "\"tie_word_embeddings\":true}\n",
             vocab);
     fclose(f);
-    kiln_ctx_free(ctx);
 }
 
 enum { STEPS = 6 };
@@ -588,8 +560,8 @@ static void test_bad_objectives(void)
 int main(void)
 {
     const char *base = getenv("KILN_TMP");
-    snprintf(tmp, sizeof tmp, "%s/test_objective.XXXXXX", base ? base : "/tmp");
-    if (!mkdtemp(tmp)) return 1;
+    snprintf(test_tmp, sizeof test_tmp, "%s/test_objective.XXXXXX", base ? base : "/tmp");
+    if (!mkdtemp(test_tmp)) return 1;
     make_data(P("data"), 20000, 257);
     RUN_TEST(test_against_torch);
     RUN_TEST(test_finite_differences);
@@ -600,7 +572,7 @@ int main(void)
     RUN_TEST(test_bad_objectives);
     if (!getenv("KILN_KEEP_TMP")) {
         char cmd[600];
-        snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+        snprintf(cmd, sizeof cmd, "rm -rf %s", test_tmp);
         if (system(cmd) != 0) return 1;
     }
     return TEST_EXIT();

@@ -14,6 +14,7 @@
  */
 #include "check.h"
 #include "kiln.h"
+#include "testdata.h"
 #include "train/dist.h"
 
 #include <stdarg.h>
@@ -22,21 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-static char tmp[256];
 
-static char *P(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *P(const char *fmt, ...)
-{
-    static char buf[8][1024];
-    static int k;
-    char *p = buf[k++ % 8];
-    int n = snprintf(p, 1024, "%s/", tmp);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(p + n, (size_t)(1024 - n), fmt, ap);
-    va_end(ap);
-    return p;
-}
 
 /* The variables the library used to read; set to non-default values by
  * test_env_ignored around library calls that must not see them. */
@@ -72,36 +59,17 @@ static kiln_config tiny_config(void)
 /* A byte-token data directory (train and val shards, meta.json). */
 static void make_data(const char *dir)
 {
-    kiln_ctx *ctx = kiln_ctx_new();
-    mkdir(dir, 0755);
     enum { N = 4000 };
     static int32_t ids[N];
     kiln_rng r;
     kiln_rng_seed(&r, 5);
     for (int i = 0; i < N; i++) ids[i] = 'a' + (int32_t)kiln_rng_below(&r, 8);
-    for (int split = 0; split < 2; split++) {
-        char path[600];
-        snprintf(path, sizeof path, "%s/%s_0000.bin", dir, split ? "val" : "train");
-        kiln_shard_writer *sw;
-        CHECK_EQ(kiln_shard_writer_open(ctx, path, 257, &sw), KILN_OK);
-        CHECK_EQ(kiln_shard_writer_append(ctx, sw, ids, split ? 400 : N), KILN_OK);
-        CHECK_EQ(kiln_shard_writer_close(ctx, sw), KILN_OK);
-    }
-    char path[600];
-    snprintf(path, sizeof path, "%s/meta.json", dir);
-    FILE *f = fopen(path, "w");
-    fprintf(f, "{\"format\":\"kiln-tokens\",\"version\":1,\"vocab_size\":257,"
-               "\"eot\":256,\"tokenizer\":\"bytes\",\"train_files\":"
-               "[\"train_0000.bin\"],\"val_files\":[\"val_0000.bin\"],"
-               "\"train_tokens\":%d,\"val_tokens\":400}\n",
-            N);
-    fclose(f);
-    f = fopen(P("config.json"), "w");
+    test_write_tokens(dir, ids, N, ids, 400, 257, 256);
+    FILE *f = fopen(P("config.json"), "w");
     fprintf(f, "{\"model_type\":\"gpt2\",\"n_layer\":1,\"n_embd\":32,\"n_head\":2,"
                "\"n_positions\":64,\"vocab_size\":257,\"layer_norm_epsilon\":1e-5,"
                "\"tie_word_embeddings\":true}\n");
     fclose(f);
-    kiln_ctx_free(ctx);
 }
 
 static kiln_train_opts train_opts(const char *out)
@@ -366,8 +334,8 @@ static void test_env_ignored(void)
 int main(void)
 {
     const char *base = getenv("KILN_TMP");
-    snprintf(tmp, sizeof tmp, "%s/test_settings.XXXXXX", base ? base : "/tmp");
-    if (!mkdtemp(tmp)) return 1;
+    snprintf(test_tmp, sizeof test_tmp, "%s/test_settings.XXXXXX", base ? base : "/tmp");
+    if (!mkdtemp(test_tmp)) return 1;
     set_old_env(false);
     make_data(P("data"));
     RUN_TEST(test_precision_opts);

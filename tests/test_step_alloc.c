@@ -21,6 +21,7 @@
  */
 #include "check.h"
 #include "kiln.h"
+#include "testdata.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -200,36 +201,16 @@ static bool on_step(void *user, const kiln_step_info *si)
     return true;
 }
 
-static void write_data(const char *dir, int vocab) /* dir: under 512 bytes */
+static void write_data(const char *dir, int vocab)
 {
-    kiln_ctx *ctx = kiln_ctx_new();
-    mkdir(dir, 0755);
     enum { N = 4096 };
     static int32_t ids[N];
     kiln_rng r;
     kiln_rng_seed(&r, 3);
-    for (int split = 0; split < 2; split++) {
-        /* a short repeating phrase: learnable in a few steps */
-        for (int i = 0; i < N; i++) ids[i] = (int32_t)((i % 13) * 457 % vocab);
-        ids[kiln_rng_below(&r, N)] = (int32_t)kiln_rng_below(&r, (uint32_t)vocab);
-        char path[700];
-        snprintf(path, sizeof path, "%s/%s_0000.bin", dir, split ? "val" : "train");
-        kiln_shard_writer *sw;
-        CHECK_EQ(kiln_shard_writer_open(ctx, path, vocab, &sw), KILN_OK);
-        CHECK_EQ(kiln_shard_writer_append(ctx, sw, ids, N), KILN_OK);
-        CHECK_EQ(kiln_shard_writer_close(ctx, sw), KILN_OK);
-    }
-    char path[700];
-    snprintf(path, sizeof path, "%s/meta.json", dir);
-    FILE *f = fopen(path, "w");
-    fprintf(f,
-            "{\"format\":\"kiln-tokens\",\"version\":1,\"vocab_size\":%d,"
-            "\"eot\":0,\"tokenizer\":\"bytes\",\"train_files\":"
-            "[\"train_0000.bin\"],\"val_files\":[\"val_0000.bin\"],"
-            "\"train_tokens\":%d,\"val_tokens\":%d}\n",
-            vocab, N, N);
-    fclose(f);
-    kiln_ctx_free(ctx);
+    /* a short repeating phrase: learnable in a few steps */
+    for (int i = 0; i < N; i++) ids[i] = (int32_t)((i % 13) * 457 % vocab);
+    ids[kiln_rng_below(&r, N)] = (int32_t)kiln_rng_below(&r, (uint32_t)vocab);
+    test_write_tokens(dir, ids, N, ids, N, vocab, 0);
 }
 
 /* obj: kiln_train_opts.objective (NULL: the default CE). */

@@ -10,6 +10,7 @@
  */
 #include "check.h"
 #include "kiln.h"
+#include "testdata.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -22,59 +23,23 @@
 #include <time.h>
 #include <unistd.h>
 
-static char tmp[256];
 static const char *kiln_bin;
-
-static char *P(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *P(const char *fmt, ...)
-{
-    static char buf[16][1024];
-    static int k;
-    char *p = buf[k++ % 16];
-    int n = snprintf(p, 1024, "%s/", tmp);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(p + n, (size_t)(1024 - n), fmt, ap);
-    va_end(ap);
-    return p;
-}
 
 /* Text with structure a tiny model can learn: words from a small set. */
 static void make_data(const char *dir, size_t ntrain, size_t nval, int vocab)
 {
-    kiln_ctx *ctx = kiln_ctx_new();
-    mkdir(dir, 0755);
     static const char *words[] = {"the ", "cat ", "sat ", "on ", "a ", "mat. ",
                                   "dog ", "ran ", "far ", "away. ", "\n"};
     kiln_rng r;
     kiln_rng_seed(&r, 99);
-    for (int split = 0; split < 2; split++) {
-        size_t n = split ? nval : ntrain;
-        int32_t *ids = malloc(n * sizeof *ids);
-        size_t k = 0;
-        while (k < n) {
-            const char *w = words[kiln_rng_below(&r, 11)];
-            for (; *w && k < n; w++) ids[k++] = (unsigned char)*w;
-        }
-        char path[600];
-        snprintf(path, sizeof path, "%s/%s_0000.bin", dir, split ? "val" : "train");
-        kiln_shard_writer *sw;
-        CHECK_EQ(kiln_shard_writer_open(ctx, path, vocab, &sw), KILN_OK);
-        CHECK_EQ(kiln_shard_writer_append(ctx, sw, ids, n), KILN_OK);
-        CHECK_EQ(kiln_shard_writer_close(ctx, sw), KILN_OK);
-        free(ids);
+    int32_t *ids = malloc((ntrain + nval) * sizeof *ids);
+    size_t k = 0;
+    while (k < ntrain + nval) {
+        const char *w = words[kiln_rng_below(&r, 11)];
+        for (; *w && k < ntrain + nval; w++) ids[k++] = (unsigned char)*w;
     }
-    char path[600];
-    snprintf(path, sizeof path, "%s/meta.json", dir);
-    FILE *f = fopen(path, "w");
-    fprintf(f,
-            "{\"format\":\"kiln-tokens\",\"version\":1,\"vocab_size\":%d,"
-            "\"eot\":256,\"tokenizer\":\"bytes\",\"train_files\":"
-            "[\"train_0000.bin\"],\"val_files\":[\"val_0000.bin\"],"
-            "\"train_tokens\":%zu,\"val_tokens\":%zu}\n",
-            vocab, ntrain, nval);
-    fclose(f);
-    kiln_ctx_free(ctx);
+    test_write_tokens(dir, ids, ntrain, ids + ntrain, nval, vocab, 256);
+    free(ids);
 }
 
 static void write_config(const char *path, int vocab, int n_ctx)
@@ -786,8 +751,8 @@ int main(void)
     const char *base = getenv("KILN_TMP");
     kiln_bin = getenv("KILN");
     if (kiln_bin && access(kiln_bin, X_OK) != 0) kiln_bin = NULL;
-    snprintf(tmp, sizeof tmp, "%s/test_train.XXXXXX", base ? base : "/tmp");
-    if (!mkdtemp(tmp)) return 1;
+    snprintf(test_tmp, sizeof test_tmp, "%s/test_train.XXXXXX", base ? base : "/tmp");
+    if (!mkdtemp(test_tmp)) return 1;
     make_data(P("data"), 20000, 200, 257);
     write_config(P("config.json"), 257, 64);
     RUN_TEST(test_overfit_one_batch);
@@ -803,7 +768,7 @@ int main(void)
     RUN_TEST(test_bad_inputs);
     if (!getenv("KILN_KEEP_TMP")) {
         char cmd[600];
-        snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+        snprintf(cmd, sizeof cmd, "rm -rf %s", test_tmp);
         if (system(cmd) != 0) return 1;
     }
     return TEST_EXIT();
