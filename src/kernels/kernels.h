@@ -29,6 +29,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* ---- the CPU ---------------------------------------------------------- */
+
+/* AVX-512 (F/BW/VL) is usable here: the CPU has it and the OS saves its
+ * state (false on other architectures). Detected once. */
+bool kern_cpu_avx512(void);
+
 /* ---- matrix products ------------------------------------------------- */
 
 typedef struct kern_gemm kern_gemm;

@@ -109,6 +109,25 @@ extern const char *const model_prof_names[MODEL_PROF_N];
 /* update_mp.c */
 struct model_upd;
 void model_upd_free(kiln_model *m);
+/* The weight matrices whose packed bf16 copies an optimizer step can
+ * refresh strip by strip while the updated rows are in cache (a bf16
+ * model on AVX512_BF16/AMX). The optimizer (train/: kiln_model_adamw_step)
+ * updates each listed matrix in strips of `strip` rows, calls after(ud,
+ * W, r0) on each strip, and then model_wstrip_fresh(m, i) for each matrix
+ * it did so; the next forward then skips repacking it. */
+typedef struct model_wstrip {
+    size_t offset;  /* in floats, into the parameter block */
+    int rows, cols; /* row-major, as stored */
+    int strip;      /* rows per strip */
+    void (*after)(void *ud, const float *W, int r0);
+    void *ud;
+} model_wstrip;
+/* This step's list (sorted by offset) in *out; returns its length, 0 when
+ * there is nothing to refresh (not bf16, no packed copies, out of memory).
+ * Valid until the next call. */
+int model_wstrips(kiln_model *m, const model_wstrip **out);
+/* Marks matrix i of the last model_wstrips list current. */
+void model_wstrip_fresh(kiln_model *m, int i);
 /* kiln_model_zero_grad of the bf16-activation path: the weight matrices'
  * gradients only marked zero (grads_lazy); and the zeros written out, for
  * whatever reads or accumulates onto them other than that backward. */

@@ -1,6 +1,8 @@
 /*
- * update_mp.c — the optimizer step of a bf16 model that also writes the
- * packed bf16 copies of its weight matrices (kiln_model_adamw_step).
+ * update_mp.c — what the optimizer step of a bf16 model needs from the
+ * model to write the packed bf16 copies of its weight matrices as it goes
+ * (model_wstrips, model_wstrip_fresh; the step is kiln_model_adamw_step in
+ * train/model_step.c), and the lazily zeroed weight-matrix gradients.
  *
  * The bf16 products read each weight twice per step, packed two ways
  * (bf16_ops.c: the forward layout and the transposed one of the input
@@ -15,7 +17,6 @@
  */
 #include "kernels/x86/bf16_ops.h"
 #include "model/model.h"
-#include "train/adamw.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +33,7 @@ typedef struct wmat {
 struct model_upd {
     int n;
     wmat *wm;           /* sorted by offset (made once) */
-    adamw_matrix *mats; /* this step's, in the same order */
+    model_wstrip *ws;   /* this step's, in the same order */
     mp_weight *pw;      /* copies of the cache entries' descriptors */
 };
 
@@ -41,7 +42,7 @@ void model_upd_free(kiln_model *m)
     struct model_upd *u = m->upd;
     if (!u) return;
     free(u->wm);
-    free(u->mats);
+    free(u->ws);
     free(u->pw);
     free(u);
     m->upd = NULL;
@@ -88,10 +89,10 @@ static struct model_upd *upd_of(kiln_model *m)
     int n = list(m, NULL);
     u->n = n;
     u->wm = calloc((size_t)n, sizeof *u->wm);
-    u->mats = calloc((size_t)n, sizeof *u->mats);
+    u->ws = calloc((size_t)n, sizeof *u->ws);
     u->pw = calloc((size_t)n, sizeof *u->pw);
     m->upd = u;
-    if (!u->wm || !u->mats || !u->pw) {
+    if (!u->wm || !u->ws || !u->pw) {
         model_upd_free(m);
         return NULL;
     }
@@ -100,44 +101,44 @@ static struct model_upd *upd_of(kiln_model *m)
     return u;
 }
 
-void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, float lr,
-                           float grad_mul)
+int model_wstrips(kiln_model *m, const model_wstrip **out)
 {
-    struct model_upd *u = NULL;
-    if (kiln_model_precision(m) == KILN_PRECISION_BF16 && kiln_adamw_size(o) == m->num_params)
-        u = upd_of(m);
+    *out = NULL;
+    if (kiln_model_precision(m) != KILN_PRECISION_BF16) return 0;
+    struct model_upd *u = upd_of(m);
+    if (!u) return 0;
+    kern_gemm *g = m->gemm;
+    /* entries first (creating one may move the others), then copies */
+    for (int i = 0; i < u->n; i++)
+        if (!mp_kern_weight_entry(g, u->wm[i].w, u->wm[i].oc, u->wm[i].c, u->wm[i].io))
+            return 0; /* out of memory: the plain step; the forward repacks */
     int nm = 0;
-    if (u) {
-        kern_gemm *g = m->gemm;
-        /* entries first (creating one may move the others), then copies */
-        bool ok = true;
-        for (int i = 0; i < u->n && ok; i++)
-            ok = mp_kern_weight_entry(g, u->wm[i].w, u->wm[i].oc, u->wm[i].c, u->wm[i].io) != NULL;
-        for (int i = 0; i < u->n && ok; i++) {
-            const wmat *x = &u->wm[i];
-            mp_weight *e = mp_kern_weight_entry(g, x->w, x->oc, x->c, x->io);
-            int strip = mp_weight_strip_rows(e);
-            if (!strip) continue;
-            u->pw[nm] = *e;
-            u->mats[nm] = (adamw_matrix){
-                .offset = x->off,
-                .rows = x->io ? x->c : x->oc,
-                .cols = x->io ? x->oc : x->c,
-                .strip = strip,
-                .after = after_strip,
-                .ud = &u->pw[nm],
-            };
-            nm++;
-        }
-        if (!ok) nm = 0; /* out of memory: the plain step; the forward repacks */
+    for (int i = 0; i < u->n; i++) {
+        const wmat *x = &u->wm[i];
+        mp_weight *e = mp_kern_weight_entry(g, x->w, x->oc, x->c, x->io);
+        int strip = mp_weight_strip_rows(e);
+        if (!strip) continue;
+        u->pw[nm] = *e;
+        u->ws[nm] = (model_wstrip){
+            .offset = x->off,
+            .rows = x->io ? x->c : x->oc,
+            .cols = x->io ? x->oc : x->c,
+            .strip = strip,
+            .after = after_strip,
+            .ud = &u->pw[nm],
+        };
+        nm++;
     }
-    adamw_step_matrices(o, m->params, grads, lr, grad_mul, nm ? u->mats : NULL, nm);
-    for (int i = 0; i < nm; i++) {
-        const mp_weight *pw = u->mats[i].ud;
-        if (u->mats[i].done)
-            mp_kern_weight_fresh(m->gemm, m->params + u->mats[i].offset, pw->OC, pw->C,
-                                 pw->in_out);
-    }
+    *out = u->ws;
+    return nm;
+}
+
+void model_wstrip_fresh(kiln_model *m, int i)
+{
+    struct model_upd *u = m->upd;
+    KILN_ASSERT(u && i >= 0 && i < u->n);
+    const mp_weight *pw = &u->pw[i];
+    mp_kern_weight_fresh(m->gemm, m->params + u->ws[i].offset, pw->OC, pw->C, pw->in_out);
 }
 
 /* ---- lazily zeroed weight-matrix gradients ------------------------------

@@ -18,7 +18,7 @@
 #endif
 
 #if defined(__x86_64__)
-#include "kernels/x86/bf16.h" /* mp_cpu_caps */
+#include "kernels/kernels.h" /* kern_cpu_avx512 */
 #include <immintrin.h>
 #define KILN_OPT_X86 1
 #endif
@@ -36,6 +36,8 @@ struct kiln_adamw {
     float *v; /* (n) second moment */
     decay_range *ranges; /* disjoint, sorted, cover [0, n) */
     int nranges;
+    adamw_matrix *mats;  /* adamw_matrix_scratch */
+    int mats_cap;
 };
 
 kiln_adamw_opts kiln_adamw_opts_default(void)
@@ -82,7 +84,19 @@ void kiln_adamw_free(kiln_adamw *o)
     free(o->m);
     free(o->v);
     free(o->ranges);
+    free(o->mats);
     free(o);
+}
+
+adamw_matrix *adamw_matrix_scratch(kiln_adamw *o, int n)
+{
+    if (n > o->mats_cap) {
+        adamw_matrix *p = realloc(o->mats, (size_t)n * sizeof *p);
+        if (!p) return NULL;
+        o->mats = p;
+        o->mats_cap = n;
+    }
+    return o->mats;
 }
 
 kiln_status kiln_adamw_set_decay(kiln_ctx *ctx, kiln_adamw *o, size_t offset,
@@ -226,7 +240,7 @@ OPT_T512 static void adamw_avx512(float *p, const float *g, float *m, float *v, 
 static bool use_avx512(kiln_optim_kernel k)
 {
 #if KILN_OPT_X86
-    return mp_cpu_caps()->avx512f && k != KILN_OPTIM_KERNEL_PORTABLE;
+    return kern_cpu_avx512() && k != KILN_OPTIM_KERNEL_PORTABLE;
 #else
     (void)k;
     return false;

@@ -33,6 +33,10 @@ typedef struct adamw_matrix {
 void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float lr,
                          float grad_mul, adamw_matrix *mats, int nmats);
 
+/* Room for n adamw_matrix entries, owned by o (grown, never shrunk, so a
+ * step after the first allocates nothing); NULL when out of memory. */
+adamw_matrix *adamw_matrix_scratch(kiln_adamw *o, int n);
+
 /* kiln_l2_norm on the kernel k asks for (AUTO: AVX-512 when the CPU has
  * it). Both kernels give the same bits; tests compare them. */
 double adamw_l2_norm_with(const float *x, size_t n, kiln_optim_kernel k);

@@ -5,6 +5,7 @@
  * names for the mixed-precision kernels.
  */
 #include "kernels/x86/bf16.h"
+#include "kernels/kernels.h" /* kern_cpu_avx512 */
 
 #include <pthread.h>
 #include <string.h>
@@ -74,6 +75,8 @@ const mp_caps *mp_cpu_caps(void)
 }
 
 bool mp_amx_usable(void) { return mp_cpu_caps()->amx_usable; }
+
+bool kern_cpu_avx512(void) { return mp_cpu_caps()->avx512f; }
 
 bool mp_backend_available(mp_backend b)
 {
