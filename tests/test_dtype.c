@@ -535,13 +535,20 @@ static void test_quant_zeros(void)
     static const kiln_dtype ts[] = {KILN_DTYPE_Q8_0, KILN_DTYPE_Q4_0, KILN_DTYPE_Q4_K,
                                     KILN_DTYPE_Q6_K};
     float x[256] = {0}, y[256];
-    uint8_t q[256];
+    uint8_t q[512]; /* 256 elements are 272 bytes in Q8_0: room, and a margin checked */
     for (int k = 0; k < 4; k++) {
         const dtype_traits *tr = dtype_traits_of(ts[k]);
+        size_t bytes = (size_t)(256 / tr->block) * tr->block_bytes;
+        CHECK(bytes <= sizeof q);
+        if (bytes > sizeof q) continue;
         memset(q, 0xab, sizeof q);
         tr->from_float(x, q, 256);
         tr->to_float(q, y, 256);
         for (int i = 0; i < 256; i++) CHECK_MSG(y[i] == 0.0f, "%s: zeros -> %g", tr->name, y[i]);
+        /* the quantizer wrote its row and nothing past it */
+        size_t past = 0;
+        for (size_t i = bytes; i < sizeof q; i++) past += q[i] != 0xab;
+        CHECK_MSG(past == 0, "%s: %zu bytes written past the %zu-byte row", tr->name, past, bytes);
     }
 }
 
