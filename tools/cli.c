@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static const char *kind_arg(cli_kind k)
@@ -227,3 +228,15 @@ int cli_fail(kiln_ctx *ctx, const char *cmd, kiln_status s)
 }
 
 bool cli_isatty(void) { return isatty(STDOUT_FILENO) != 0; }
+
+kiln_status cli_model_dir(kiln_ctx *ctx, const char *model, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s", model);
+    char cfgp[4200], lp[4200];
+    struct stat st;
+    snprintf(cfgp, sizeof cfgp, "%s/config.json", model);
+    snprintf(lp, sizeof lp, "%s/latest", model);
+    if (stat(cfgp, &st) != 0 && stat(lp, &st) == 0)
+        return kiln_checkpoint_resolve(ctx, model, out, cap);
+    return KILN_OK;
+}

@@ -49,6 +49,12 @@ void cli_free(cli_opt *opts, cli_list *pos);
 /* Prints "kiln CMD: <kiln_errmsg>" to stderr and returns exit code 1. */
 int cli_fail(kiln_ctx *ctx, const char *cmd, kiln_status s);
 
+/* What --model names: a model or checkpoint directory as given, or a run
+ * directory (a 'latest' file and no config.json) as its newest checkpoint
+ * (kiln_checkpoint_resolve). The directory to load goes to out (cap
+ * bytes). */
+kiln_status cli_model_dir(kiln_ctx *ctx, const char *model, char *out, size_t cap);
+
 /* True when stdout is a terminal (progress bars) . */
 bool cli_isatty(void);
 

@@ -164,7 +164,7 @@ int cmd_chat(int argc, char **argv)
     double temperature = 0.7, top_p = 0.95, rep = 1.0;
     int64_t seed = 0;
     cli_opt opts[] = {
-        {"model", CLI_STR, &model, "model directory", true},
+        {"model", CLI_STR, &model, "model directory, or a run directory: its latest checkpoint", true},
         {"system", CLI_STR, &system, "system message", false},
         {"max-tokens", CLI_INT, &max_tokens, "tokens per reply at most [256]", false},
         {"temperature", CLI_F64, &temperature, "0 = greedy [0.7]", false},
@@ -207,14 +207,16 @@ int cmd_chat(int argc, char **argv)
     }
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_ctx = ctx_len;
-    if (!strcmp(dtype, "bf16")) eo.wtype = KILN_WTYPE_BF16;
+    if (!strcmp(dtype, "bf16")) eo.wtype = KILN_DTYPE_BF16;
     else if (strcmp(dtype, "fp32")) {
         fprintf(stderr, "kiln chat: --dtype '%s' is not fp32 or bf16\n", dtype);
         kiln_ctx_free(c.ctx);
         return 2;
     }
     /* a trainer checkpoint carries checksums.json: verify before loading */
-    if (!(st = kiln_checkpoint_verify(c.ctx, model)) &&
+    char model_dir[4096]; /* a run directory stands for its latest checkpoint */
+    if (!(st = cli_model_dir(c.ctx, model, model_dir, sizeof model_dir))) model = model_dir;
+    if (!st && !(st = kiln_checkpoint_verify(c.ctx, model)) &&
         !(st = kiln_model_load(c.ctx, model, &m)) &&
         !(st = kiln_tokenizer_load(c.ctx, tokenizer ? tokenizer : model, &c.tok)))
         st = kiln_engine_new(c.ctx, m, &eo, &c.e);

@@ -133,17 +133,8 @@ int cmd_eval(int argc, char **argv)
     const char *kind = "";
     int ret = 0;
     char dir[1024];
-    snprintf(dir, sizeof dir, "%s", model_dir);
     /* a run directory stands for its latest checkpoint */
-    char cfgp[1100];
-    snprintf(cfgp, sizeof cfgp, "%s/config.json", model_dir);
-    struct stat st;
-    kiln_status s = KILN_OK;
-    if (stat(cfgp, &st) != 0) {
-        char lp[1100];
-        snprintf(lp, sizeof lp, "%s/latest", model_dir);
-        if (stat(lp, &st) == 0) s = kiln_checkpoint_resolve(ctx, model_dir, dir, sizeof dir);
-    }
+    kiln_status s = cli_model_dir(ctx, model_dir, dir, sizeof dir);
     if (!s) s = kiln_checkpoint_verify(ctx, dir);
     if (!s) s = kiln_model_load(ctx, dir, &m);
     if (s) goto fail;

@@ -34,7 +34,7 @@ int cmd_generate(int argc, char **argv)
     bool ignore_eos = false, no_echo = false, quiet = false;
     cli_list stops = {0}, stop_tokens = {0};
     cli_opt opts[] = {
-        {"model", CLI_STR, &model, "model directory (config.json, model.safetensors, tokenizer.json)", true},
+        {"model", CLI_STR, &model, "model directory (config.json, model.safetensors, tokenizer.json), or a run directory: its latest checkpoint", true},
         {"prompt", CLI_STR, &prompt, "text to continue [\"\": start from end-of-text]", false},
         {"max-tokens", CLI_INT, &max_tokens, "tokens to generate at most [128]", false},
         {"temperature", CLI_F64, &temperature, "0 = greedy [1.0]", false},
@@ -116,6 +116,10 @@ int cmd_generate(int argc, char **argv)
         goto out;
     }
     /* a trainer checkpoint carries checksums.json: verify before loading */
+    /* a run directory stands for its latest checkpoint */
+    char model_dir[4096];
+    if ((st = cli_model_dir(ctx, model, model_dir, sizeof model_dir))) goto fail;
+    model = model_dir;
     if ((st = kiln_checkpoint_verify(ctx, model))) goto fail;
     if ((st = kiln_model_load(ctx, model, &m))) goto fail;
     if ((st = kiln_tokenizer_load(ctx, tokenizer ? tokenizer : model, &tok))) goto fail;

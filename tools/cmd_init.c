@@ -105,14 +105,8 @@ int cmd_info(int argc, char **argv)
     char dir[4096]; /* outlives the block: model may point here */
     if (model) {
         /* a run directory (it has 'latest') stands for its latest checkpoint */
-        char cfgp[4200], lp[4200];
-        struct stat stt;
-        snprintf(cfgp, sizeof cfgp, "%s/config.json", model);
-        snprintf(lp, sizeof lp, "%s/latest", model);
-        s = KILN_OK;
-        if (stat(cfgp, &stt) != 0 && stat(lp, &stt) == 0 &&
-            !(s = kiln_checkpoint_resolve(ctx, model, dir, sizeof dir)))
-            model = dir;
+        s = cli_model_dir(ctx, model, dir, sizeof dir);
+        if (!s) model = dir;
         if (!s) s = kiln_model_load(ctx, model, &m);
         if (!s) cfg = *kiln_model_config(m);
     } else {

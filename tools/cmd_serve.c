@@ -15,7 +15,7 @@ int cmd_serve(int argc, char **argv)
     int64_t max_body = (int64_t)o.max_body;
     int threads = 0;
     cli_opt opts[] = {
-        {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json)", true},
+        {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json), or a run directory: its latest checkpoint", true},
         {"host", CLI_STR, &o.host, "address to bind [127.0.0.1]", false},
         {"port", CLI_INT, &o.port, "port; 0 = any free port (printed) [8080]", false},
         {"api-key", CLI_STR, &o.api_key, "require 'Authorization: Bearer KEY' on /v1 routes (not empty)", false},
@@ -71,7 +71,21 @@ int cmd_serve(int argc, char **argv)
     }
     kiln_ctx *ctx = kiln_ctx_new();
     if (threads > 0) kiln_set_threads(ctx, threads);
-    kiln_status st = kiln_serve_run(ctx, &o);
+    /* a run directory serves its latest checkpoint, under the run's name */
+    char model_dir[4096], name[256];
+    kiln_status st = cli_model_dir(ctx, o.model_dir, model_dir, sizeof model_dir);
+    if (!st && !o.model_name && strcmp(model_dir, o.model_dir)) {
+        const char *b = o.model_dir + strlen(o.model_dir);
+        while (b > o.model_dir && b[-1] == '/') b--;
+        const char *e = b;
+        while (b > o.model_dir && b[-1] != '/') b--;
+        snprintf(name, sizeof name, "%.*s", (int)(e - b), b);
+        if (*name) o.model_name = name;
+    }
+    if (!st) {
+        o.model_dir = model_dir;
+        st = kiln_serve_run(ctx, &o);
+    }
     rc = st ? cli_fail(ctx, "serve", st) : 0;
     kiln_ctx_free(ctx);
     cli_free(opts, NULL);
