@@ -52,18 +52,18 @@ static void test_bf16_known_values(void)
 
 static void test_f16_known_values(void)
 {
-    CHECK_EQ(mp_f32_to_f16_1(1.0f), 0x3c00);
-    CHECK_EQ(mp_f32_to_f16_1(65504.0f), 0x7bff);
-    CHECK_EQ(mp_f32_to_f16_1(65519.0f), 0x7bff);
-    CHECK_EQ(mp_f32_to_f16_1(65520.0f), 0x7c00); /* overflow -> inf */
-    CHECK_EQ(mp_f32_to_f16_1(-1e6f), 0xfc00);
-    CHECK_EQ(mp_f32_to_f16_1(5.9604645e-8f), 0x0001); /* 2^-24 */
-    CHECK_EQ(mp_f32_to_f16_1(2.98e-8f), 0x0000);      /* < 2^-25 -> 0 */
-    CHECK_EQ(mp_f32_to_f16_1(6.1035156e-5f), 0x0400); /* 2^-14 */
-    CHECK(mp_f16_to_f32_1(0x3555) == 0.333251953125f);
-    CHECK(mp_f16_to_f32_1(0x0001) == 5.9604645e-8f);
-    CHECK(mp_f16_to_f32_1(0xfc00) == -__builtin_inff());
-    float n = mp_f16_to_f32_1(0x7e00);
+    CHECK_EQ(f32_to_f16(1.0f), 0x3c00);
+    CHECK_EQ(f32_to_f16(65504.0f), 0x7bff);
+    CHECK_EQ(f32_to_f16(65519.0f), 0x7bff);
+    CHECK_EQ(f32_to_f16(65520.0f), 0x7c00); /* overflow -> inf */
+    CHECK_EQ(f32_to_f16(-1e6f), 0xfc00);
+    CHECK_EQ(f32_to_f16(5.9604645e-8f), 0x0001); /* 2^-24 */
+    CHECK_EQ(f32_to_f16(2.98e-8f), 0x0000);      /* < 2^-25 -> 0 */
+    CHECK_EQ(f32_to_f16(6.1035156e-5f), 0x0400); /* 2^-14 */
+    CHECK(f16_to_f32(0x3555) == 0.333251953125f);
+    CHECK(f16_to_f32(0x0001) == 5.9604645e-8f);
+    CHECK(f16_to_f32(0xfc00) == -__builtin_inff());
+    float n = f16_to_f32(0x7e00);
     CHECK(n != n);
 }
 
@@ -95,7 +95,7 @@ static void test_arrays_match_scalar(void)
     mp_f32_to_f16(x, h, N);
     bad = 0;
     for (int i = 0; i < N; i++) {
-        uint16_t s = mp_f32_to_f16_1(x[i]);
+        uint16_t s = f32_to_f16(x[i]);
         if (h[i] != s && bad++ < 5)
             fprintf(stderr, "  f16 %08x: vector %04x scalar %04x\n", f_bits(x[i]), h[i], s);
     }
@@ -104,8 +104,8 @@ static void test_arrays_match_scalar(void)
     bad = 0;
     for (uint32_t v = 0; v < 65536; v++) {
         uint16_t hv = (uint16_t)v;
-        float f = mp_f16_to_f32_1(hv);
-        uint16_t back = mp_f32_to_f16_1(f);
+        float f = f16_to_f32(hv);
+        uint16_t back = f32_to_f16(f);
         bool nan = (hv & 0x7c00) == 0x7c00 && (hv & 0x3ff);
         if (!nan && back != hv) bad++;
         float g;
@@ -116,7 +116,7 @@ static void test_arrays_match_scalar(void)
     mp_round_f16(x, y, N);
     bad = 0;
     for (int i = 0; i < N; i++)
-        if (f_bits(y[i]) != f_bits(mp_f16_to_f32_1(mp_f32_to_f16_1(x[i])))) bad++;
+        if (f_bits(y[i]) != f_bits(f16_to_f32(f32_to_f16(x[i])))) bad++;
     CHECK_EQ(bad, 0);
     free(x);
     free(y);
@@ -126,7 +126,7 @@ static void test_arrays_match_scalar(void)
 static float round_dt(kiln_dtype dt, float v)
 {
     return dt == KILN_DTYPE_BF16 ? bf16_to_f32(f32_to_bf16(v))
-                         : mp_f16_to_f32_1(mp_f32_to_f16_1(v));
+                         : f16_to_f32(f32_to_f16(v));
 }
 
 /* Oracle: C = (acc ? C : 0) + sum_k rd(A)[m][k] rd(B)[k][n] (+ bias) in

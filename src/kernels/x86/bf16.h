@@ -38,9 +38,8 @@
 /* bf16: the tensor layer's f32_to_bf16 / bf16_to_f32 (tensor/tensor.h,
  * inline): one rounding for the whole library. */
 
-/* IEEE binary16 <-> fp32, portable (F16C is used by the array versions). */
-uint16_t mp_f32_to_f16_1(float f);
-float mp_f16_to_f32_1(uint16_t h);
+/* IEEE binary16 <-> fp32 scalars: the tensor layer's f32_to_f16 and
+ * f16_to_f32 (one implementation; F16C is used by the array versions). */
 
 /* ---- array conversions (AVX-512 / F16C when the CPU has them) --------- */
 

@@ -64,7 +64,7 @@ static inline void split(kiln_dtype dt, float x, uint16_t *hi, uint16_t *lo)
         *lo = 0;
         return;
     }
-    float h = mp_f16_to_f32_1(mp_f32_to_f16_1(x));
+    float h = f16_to_f32(f32_to_f16(x));
     uint16_t bh = f32_to_bf16(h);
     float r = h - bf16_to_f32(bh);
     *hi = bh;
