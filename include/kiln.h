@@ -80,16 +80,25 @@ const char *kiln_errmsg(const kiln_ctx *ctx);
 
 /* Records an error message (printf-style) and returns status s, so callers
  * can write `return kiln_fail(ctx, KILN_ERR_IO, "...", ...)`. The message
- * should name what was wrong (file, field, flag) and what to do. */
+ * should name what was wrong (file, field, option) and what to do. A
+ * message about an option names its field as STRUCT.FIELD, e.g.
+ * "kiln_train_opts.batch = 0 must be positive" (nested: kiln_train_opts.
+ * dist.timeout_s), never a command-line flag: the kiln command maps these
+ * names to its flags when it prints them (tools/cli.c). */
 kiln_status kiln_fail(kiln_ctx *ctx, kiln_status s, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 void kiln_clear_error(kiln_ctx *ctx);
 
 void kiln_set_log_level(kiln_ctx *ctx, kiln_log_level level);
 kiln_log_level kiln_get_log_level(const kiln_ctx *ctx);
-/* Logs to stderr when level <= the ctx's level. */
+/* Logs when level <= the ctx's level: to the ctx's log function, else to
+ * stderr as "kiln: LEVEL: message". Log lines name options as errors do. */
 void kiln_log(const kiln_ctx *ctx, kiln_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Receives each log line (msg without prefix or newline) instead of stderr.
+ * It may be called from the threads kiln starts. NULL restores stderr. */
+typedef void (*kiln_log_fn)(void *user, kiln_log_level level, const char *msg);
+void kiln_set_log_fn(kiln_ctx *ctx, kiln_log_fn fn, void *user);
 
 /* Number of threads kiln's parallel kernels use (OpenMP). 0 = auto: one
  * per physical core of the CPUs this process may run on (hyperthread
@@ -259,7 +268,7 @@ const kiln_tensor_info *kiln_model_tensor(const kiln_model *m, int i);
 int kiln_model_find_tensor(const kiln_model *m, const char *name);
 
 /* Allocates gradients and the activation arena for batches up to (B, T).
- * Call again to grow. T <= n_ctx is checked (error names --seq). */
+ * Call again to grow. T <= n_ctx is checked (the error names B or T). */
 kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T);
 /* Forward pass. tokens (B, T) in [0, V) (checked). *logits (B, T, V)
  * points into the model's activations, valid until the next forward;

@@ -19,6 +19,8 @@ struct kiln_ctx {
     kiln_log_level level;
     int threads;      /* set by kiln_set_threads; 0 = auto */
     int auto_threads; /* physical cores we may run on; 0 = OpenMP decides */
+    kiln_log_fn log_fn; /* kiln_set_log_fn; NULL = stderr */
+    void *log_user;
 };
 
 /* Physical cores in this process's affinity mask: hyperthreads of one core
@@ -107,7 +109,7 @@ kiln_status kiln_fail(kiln_ctx *ctx, kiln_status s, const char *fmt, ...)
 {
     if (ctx) {
         /* format into a copy first: callers wrap the previous message,
-         * kiln_fail(ctx, s, "--flag: %s", kiln_errmsg(ctx)), and vsnprintf
+         * kiln_fail(ctx, s, "%s: %s", path, kiln_errmsg(ctx)), and vsnprintf
          * into the buffer it reads from garbles it (undefined behaviour) */
         char tmp[sizeof ctx->errmsg];
         va_list ap;
@@ -134,13 +136,27 @@ kiln_log_level kiln_get_log_level(const kiln_ctx *ctx) { return ctx->level; }
 void kiln_log(const kiln_ctx *ctx, kiln_log_level level, const char *fmt, ...)
 {
     if (ctx && level > ctx->level) return;
+    va_list ap;
+    if (ctx && ctx->log_fn) {
+        char msg[ERRMSG_CAP];
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof msg, fmt, ap);
+        va_end(ap);
+        ctx->log_fn(ctx->log_user, level, msg);
+        return;
+    }
     static const char *const tag[] = {"error", "warn", "info", "debug"};
     fprintf(stderr, "kiln: %s: ", tag[level]);
-    va_list ap;
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
     fputc('\n', stderr);
+}
+
+void kiln_set_log_fn(kiln_ctx *ctx, kiln_log_fn fn, void *user)
+{
+    ctx->log_fn = fn;
+    ctx->log_user = fn ? user : NULL;
 }
 
 void kiln_set_threads(kiln_ctx *ctx, int n) { ctx->threads = n < 0 ? 0 : n; }
