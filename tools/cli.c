@@ -41,6 +41,8 @@ static void print_help(const char *cmd, const char *usage, const char *about,
     (void)cmd;
 }
 
+#define KILN_MIN_SZ(a, b) ((a) < (b) ? (a) : (b))
+
 #define KILN_CLI_MAX_THREADS 1024
 #define KILN_CLI_MAX_THREADS_STR "1024"
 
@@ -220,11 +222,181 @@ void cli_free(cli_opt *opts, cli_list *pos)
     }
 }
 
+/* ---- option fields -> flags ------------------------------------------
+ * The library names an option by its field, STRUCT.FIELD (kiln.h,
+ * kiln_fail); the kiln command shows its flag instead. One table for every
+ * subcommand: a field missing here is printed as it is. Fields whose flag
+ * means the opposite (shuffle / --sequential, bf16_acts / --fp32-acts) are
+ * left out on purpose. */
+static const struct {
+    const char *field, *flag;
+} flag_of[] = {
+    /* kiln train */
+    {"kiln_train_opts.config", "--config"},
+    {"kiln_train_opts.init_from", "--init-from"},
+    {"kiln_train_opts.data", "--data"},
+    {"kiln_train_opts.out", "--out"},
+    {"kiln_train_opts.resume", "--resume"},
+    {"kiln_train_opts.batch", "--batch"},
+    {"kiln_train_opts.seq", "--seq"},
+    {"kiln_train_opts.grad_accum", "--grad-accum"},
+    {"kiln_train_opts.lr", "--lr"},
+    {"kiln_train_opts.min_lr", "--min-lr"},
+    {"kiln_train_opts.warmup", "--warmup"},
+    {"kiln_train_opts.schedule", "--schedule"},
+    {"kiln_train_opts.steps", "--steps"},
+    {"kiln_train_opts.epochs", "--epochs"},
+    {"kiln_train_opts.weight_decay", "--weight-decay"},
+    {"kiln_train_opts.beta1", "--beta1"},
+    {"kiln_train_opts.beta2", "--beta2"},
+    {"kiln_train_opts.eps", "--eps"},
+    {"kiln_train_opts.grad_clip", "--grad-clip"},
+    {"kiln_train_opts.eval_every", "--eval-every"},
+    {"kiln_train_opts.eval_steps", "--eval-steps"},
+    {"kiln_train_opts.save_every", "--save-every"},
+    {"kiln_train_opts.keep_last", "--keep-last"},
+    {"kiln_train_opts.seed", "--seed"},
+    {"kiln_train_opts.threads", "--threads"},
+    {"kiln_train_opts.log_every", "--log-every"},
+    {"kiln_train_opts.progress", "--progress"},
+    {"kiln_train_opts.max_time", "--max-time"},
+    {"kiln_train_opts.stop_at", "--stop-at"},
+    {"kiln_train_opts.zero", "--zero"},
+    {"kiln_train_opts.precision", "--precision"},
+    {"kiln_train_opts.objective", "--objective"},
+    {"kiln_train_opts.bf16_kernel", "--bf16-kernel"},
+    {"kiln_train_opts.loss_scale", "--loss-scale"},
+    {"kiln_train_opts.optim_kernel", "--optim-kernel"},
+    {"kiln_train_opts.dist.timeout_s", "--dist-timeout"},
+    {"kiln_train_opts.dist.bucket_mb", "--dist-bucket-mb"},
+    {"kiln_dist_opts.timeout_s", "--dist-timeout"},
+    {"kiln_dist_opts.bucket_mb", "--dist-bucket-mb"},
+    {"kiln_precision_opts.precision", "--precision"},
+    {"kiln_precision_opts.bf16_kernel", "--bf16-kernel"},
+    {"kiln_adamw_opts.kernel", "--optim-kernel"},
+    /* kiln tokenize (--dataset: kiln_dataset_opts) */
+    {"kiln_tokenize_opts.tokenizer_spec", "--tokenizer"},
+    {"kiln_tokenize_opts.inputs", "--input"},
+    {"kiln_tokenize_opts.out_dir", "--out"},
+    {"kiln_tokenize_opts.format", "--format"},
+    {"kiln_tokenize_opts.field", "--field"},
+    {"kiln_tokenize_opts.doc_separator", "--doc-separator"},
+    {"kiln_tokenize_opts.val_fraction", "--val-fraction"},
+    {"kiln_tokenize_opts.shard_tokens", "--shard-tokens"},
+    {"kiln_tokenize_opts.threads", "--threads"},
+    {"kiln_tokenize_opts.skip_bad", "--skip-bad"},
+    {"kiln_dataset_opts.max_len", "--max-len"},
+    {"kiln_dataset_opts.skip_bad", "--skip-bad"},
+    /* kiln tokenizer train */
+    {"kiln_tokenizer_train_opts.inputs", "--input"},
+    {"kiln_tokenizer_train_opts.field", "--field"},
+    {"kiln_tokenizer_train_opts.vocab_size", "--vocab-size"},
+    {"kiln_tokenizer_train_opts.specials", "--special"},
+    {"kiln_tokenizer_train_opts.pattern", "--pattern"},
+    {"kiln_tokenizer_train_opts.min_frequency", "--min-frequency"},
+    {"kiln_tokenizer_train_opts.threads", "--threads"},
+    {"kiln_tokenizer_train_opts.max_bytes", "--max-bytes"},
+    /* kiln generate, chat */
+    {"kiln_sampling.temperature", "--temperature"},
+    {"kiln_sampling.top_k", "--top-k"},
+    {"kiln_sampling.top_p", "--top-p"},
+    {"kiln_sampling.min_p", "--min-p"},
+    {"kiln_sampling.repetition_penalty", "--repetition-penalty"},
+    {"kiln_sampling.frequency_penalty", "--frequency-penalty"},
+    {"kiln_sampling.presence_penalty", "--presence-penalty"},
+    {"kiln_sampling.seed", "--seed"},
+    {"kiln_gen_opts.max_tokens", "--max-tokens"},
+    {"kiln_gen_opts.stops", "--stop"},
+    {"kiln_gen_opts.stop_ids", "--stop-token"},
+    {"kiln_gen_opts.ignore_eos", "--ignore-eos"},
+    {"kiln_engine_opts.n_slots", "--parallel"},
+    {"kiln_engine_opts.n_ctx", "--ctx"},
+    {"kiln_engine_opts.wtype", "--dtype"},
+    /* kiln serve */
+    {"kiln_serve_opts.model_dir", "--model"},
+    {"kiln_serve_opts.model_name", "--name"},
+    {"kiln_serve_opts.tokenizer", "--tokenizer"},
+    {"kiln_serve_opts.host", "--host"},
+    {"kiln_serve_opts.port", "--port"},
+    {"kiln_serve_opts.api_key", "--api-key"},
+    {"kiln_serve_opts.parallel", "--parallel"},
+    {"kiln_serve_opts.n_ctx", "--ctx"},
+    {"kiln_serve_opts.max_queue", "--max-queue"},
+    {"kiln_serve_opts.max_body", "--max-body"},
+    {"kiln_serve_opts.max_connections", "--max-connections"},
+    {"kiln_serve_opts.wtype", "--dtype"},
+};
+
+static bool ident_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '_';
+}
+
+const char *cli_flag_of(const char *field, size_t len)
+{
+    for (size_t i = 0; i < sizeof flag_of / sizeof flag_of[0]; i++)
+        if (strlen(flag_of[i].field) == len && !strncmp(flag_of[i].field, field, len))
+            return flag_of[i].flag;
+    return NULL;
+}
+
+const char *cli_flags(const char *msg, char *buf, size_t cap)
+{
+    size_t o = 0;
+    if (!cap) return msg;
+    for (const char *p = msg; *p && o + 1 < cap;) {
+        if (!strncmp(p, "kiln_", 5) && (p == msg || !ident_char(p[-1]))) {
+            /* the whole dotted name: kiln_x_opts.field or .sub.field */
+            const char *e = p;
+            while (ident_char(*e) || (*e == '.' && ident_char(e[1]))) e++;
+            const char *flag = cli_flag_of(p, (size_t)(e - p));
+            if (flag) {
+                int n = snprintf(buf + o, cap - o, "%s", flag);
+                o = n < 0 ? o : KILN_MIN_SZ(o + (size_t)n, cap - 1);
+                p = e;
+                /* "FIELD = VALUE" reads "--flag VALUE" */
+                if (!strncmp(p, " = ", 3)) p += 2;
+                continue;
+            }
+            while (p < e && o + 1 < cap) buf[o++] = *p++;
+            continue;
+        }
+        buf[o++] = *p++;
+    }
+    buf[o] = 0;
+    return buf;
+}
+
 int cli_fail(kiln_ctx *ctx, const char *cmd, kiln_status s)
 {
     const char *m = kiln_errmsg(ctx);
-    fprintf(stderr, "kiln %s: %s\n", cmd, (m && *m) ? m : kiln_status_str(s));
+    char buf[4096];
+    fprintf(stderr, "kiln %s: %s\n", cmd,
+            (m && *m) ? cli_flags(m, buf, sizeof buf) : kiln_status_str(s));
     return 1;
+}
+
+const char *cli_errmsg(kiln_ctx *ctx, char *buf, size_t cap)
+{
+    return cli_flags(kiln_errmsg(ctx), buf, cap);
+}
+
+/* The library's log lines, with flags for option fields. */
+static void cli_log(void *user, kiln_log_level level, const char *msg)
+{
+    (void)user;
+    static const char *const tag[] = {"error", "warn", "info", "debug"};
+    char buf[4096];
+    fprintf(stderr, "kiln: %s: %s\n", (unsigned)level < 4 ? tag[level] : "log",
+            cli_flags(msg, buf, sizeof buf));
+}
+
+kiln_ctx *cli_ctx_new(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    if (ctx) kiln_set_log_fn(ctx, cli_log, NULL);
+    return ctx;
 }
 
 bool cli_isatty(void) { return isatty(STDOUT_FILENO) != 0; }

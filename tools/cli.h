@@ -46,8 +46,21 @@ int cli_parse(const char *cmd, const char *usage, const char *about,
               cli_opt *opts, int argc, char **argv, cli_list *pos);
 void cli_free(cli_opt *opts, cli_list *pos);
 
-/* Prints "kiln CMD: <kiln_errmsg>" to stderr and returns exit code 1. */
+/* Prints "kiln CMD: <kiln_errmsg>" to stderr, option fields shown as
+ * flags (cli_flags), and returns exit code 1. */
 int cli_fail(kiln_ctx *ctx, const char *cmd, kiln_status s);
+
+/* The library names options by field ("kiln_train_opts.batch = 0 ...");
+ * the command shows its flags. Copies msg to buf (cap bytes) with every
+ * field the table in cli.c knows replaced by its flag ("FIELD = V" becomes
+ * "--flag V"); unknown fields stay as they are. Returns buf. */
+const char *cli_flags(const char *msg, char *buf, size_t cap);
+/* The flag of one field (len bytes at field), or NULL when none. */
+const char *cli_flag_of(const char *field, size_t len);
+/* kiln_errmsg(ctx) through cli_flags. */
+const char *cli_errmsg(kiln_ctx *ctx, char *buf, size_t cap);
+/* kiln_ctx_new with the library's log lines printed through cli_flags. */
+kiln_ctx *cli_ctx_new(void);
 
 /* What --model names: a model or checkpoint directory as given, or a run
  * directory (a 'latest' file and no config.json) as its newest checkpoint

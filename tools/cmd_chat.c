@@ -190,7 +190,7 @@ int cmd_chat(int argc, char **argv)
         return 2;
     }
     chat c = {0};
-    c.ctx = kiln_ctx_new();
+    c.ctx = cli_ctx_new();
     if (threads > 0) kiln_set_threads(c.ctx, threads);
     c.max_tokens = max_tokens;
     c.sp = kiln_sampling_default();
@@ -201,7 +201,8 @@ int cmd_chat(int argc, char **argv)
     kiln_model *m = NULL;
     kiln_status st = kiln_sampling_validate(c.ctx, &c.sp);
     if (st) {
-        fprintf(stderr, "kiln chat: %s\n", kiln_errmsg(c.ctx));
+        char eb[4096];
+        fprintf(stderr, "kiln chat: %s\n", cli_errmsg(c.ctx, eb, sizeof eb));
         kiln_ctx_free(c.ctx);
         return 2;
     }
@@ -272,7 +273,8 @@ int cmd_chat(int argc, char **argv)
             continue;
         }
         st = turn(&c, line, s++);
-        if (st) fprintf(stderr, "kiln chat: %s\n", kiln_errmsg(c.ctx));
+        char eb[4096];
+        if (st) fprintf(stderr, "kiln chat: %s\n", cli_errmsg(c.ctx, eb, sizeof eb));
     }
     free(line);
 out:

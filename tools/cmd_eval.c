@@ -124,7 +124,7 @@ int cmd_eval(int argc, char **argv)
         cli_free(opts, NULL);
         return 2;
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     kiln_set_threads(ctx, threads);
     kiln_model *m = NULL;
     kiln_data *d = NULL;

@@ -92,7 +92,7 @@ int cmd_generate(int argc, char **argv)
         }
         stop_ids[n_stop_ids++] = (int32_t)v;
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     if (threads > 0) kiln_set_threads(ctx, threads);
     kiln_model *m = NULL;
     kiln_tokenizer *tok = NULL;
@@ -111,7 +111,8 @@ int cmd_generate(int argc, char **argv)
     sp.seed = (uint64_t)seed;
     kiln_status st = kiln_sampling_validate(ctx, &sp);
     if (st) {
-        fprintf(stderr, "kiln generate: %s\n", kiln_errmsg(ctx));
+        char eb[4096];
+        fprintf(stderr, "kiln generate: %s\n", cli_errmsg(ctx, eb, sizeof eb));
         rc = 2;
         goto out;
     }

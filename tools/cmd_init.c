@@ -45,7 +45,7 @@ int cmd_init(int argc, char **argv)
                 out);
         return 1;
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     kiln_config cfg;
     kiln_model *m = NULL;
     kiln_status s = kiln_config_load(ctx, config, &cfg);
@@ -98,7 +98,7 @@ int cmd_info(int argc, char **argv)
         cli_free(opts, &pos);
         return 2;
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     kiln_model *m = NULL;
     kiln_config cfg;
     kiln_status s;

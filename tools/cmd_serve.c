@@ -69,7 +69,7 @@ int cmd_serve(int argc, char **argv)
             return 2;
         }
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     if (threads > 0) kiln_set_threads(ctx, threads);
     /* a run directory serves its latest checkpoint, under the run's name */
     char model_dir[4096], name[256];

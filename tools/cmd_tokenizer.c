@@ -142,7 +142,7 @@ static int tokenizer_encode(int argc, char **argv)
         fprintf(stderr, "kiln tokenizer encode: --generation-prompt needs --chat\n");
         return 2;
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     kiln_tokenizer *tok = NULL;
     char *buf = NULL;
     size_t len = 0;
@@ -191,7 +191,7 @@ static int tokenizer_decode(int argc, char **argv)
                        "allowed) back to the exact bytes, written to stdout.",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     kiln_tokenizer *tok = NULL;
     char *buf = NULL, *text = NULL;
     int32_t *ids = NULL;
@@ -244,7 +244,7 @@ static int tokenizer_convert(int argc, char **argv)
                        "bytes, a tokenizer.json) as a Hugging Face tokenizer.json.",
                        opts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     kiln_tokenizer *tok = NULL;
     kiln_status s = kiln_tokenizer_load(ctx, spec, &tok);
     if (!s) s = kiln_tokenizer_save(ctx, tok, out);
@@ -329,7 +329,7 @@ static int tokenizer_train(int argc, char **argv)
         cli_free(opts, NULL);
         return rc == 1 ? 0 : 2;
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     train_progress tp = {.tty = isatty(STDERR_FILENO) != 0, .t0 = kiln_time_now()};
     o.inputs = inputs.items;
     o.n_inputs = inputs.n;
@@ -562,7 +562,7 @@ int cmd_tokenize(int argc, char **argv)
         return rc == 1 ? 0 : 2;
     }
     (void)tok_help;
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     kiln_tokenizer *tok = NULL;
     kiln_status s = kiln_tokenizer_load(ctx, spec, &tok);
     if (s) {

@@ -223,7 +223,7 @@ int cmd_train(int argc, char **argv)
         cli_free(opts, NULL);
         return rc == 1 ? 0 : 2;
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     int ret = 0;
     char ckpt[1024], databuf[4096], outbuf[1024];
     kiln_status s = KILN_OK;
@@ -269,6 +269,7 @@ int cmd_train(int argc, char **argv)
             goto done;
         }
         if ((s = kiln_checkpoint_resolve(ctx, where, ckpt, sizeof ckpt))) {
+            kiln_fail(ctx, s, "--resume: %s", kiln_errmsg(ctx));
             ret = cli_fail(ctx, "train", s);
             goto done;
         }
@@ -383,7 +384,7 @@ int cmd_plot(int argc, char **argv)
         cli_free(opts, &pos);
         return 2;
     }
-    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_ctx *ctx = cli_ctx_new();
     const char *run = pos.items[0];
     char *def = malloc(strlen(run) + 16);
     if (!def) return 1;
