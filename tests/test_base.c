@@ -155,17 +155,17 @@ static void test_file_walk(void)
         free(p);
     }
     char seen[256] = "";
-    CHECK(file_walk(ctx, root, "--input", record, seen) == KILN_OK);
+    CHECK(file_walk(ctx, root, "kiln_tokenize_opts.inputs", record, seen) == KILN_OK);
     /* sorted, recursive; hidden and binary files skipped */
     CHECK_STREQ(seen, "a.txt:2 a.txt:1 c.txt:3 ");
     /* a binary file named at the top level is taken as given */
     seen[0] = 0;
     char *bin = file_join(root, "bin.dat");
-    CHECK(file_walk(ctx, bin, "--input", record, seen) == KILN_OK);
+    CHECK(file_walk(ctx, bin, "kiln_tokenize_opts.inputs", record, seen) == KILN_OK);
     CHECK_STREQ(seen, "bin.dat:3 ");
     char *missing = file_join(root, "nope");
-    CHECK(file_walk(ctx, missing, "--input", record, seen) == KILN_ERR_IO);
-    CHECK(strstr(kiln_errmsg(ctx), "--input") && strstr(kiln_errmsg(ctx), "nope"));
+    CHECK(file_walk(ctx, missing, "kiln_tokenize_opts.inputs", record, seen) == KILN_ERR_IO);
+    CHECK(strstr(kiln_errmsg(ctx), "kiln_tokenize_opts.inputs '") && strstr(kiln_errmsg(ctx), "nope"));
     free(missing);
     free(bin);
     free(sub);

@@ -264,10 +264,10 @@ static void test_data_dir_and_loader(void)
     CHECK_EQ(tg[T - 1], w5 * T + T);
     free(seen);
 
-    /* too-long windows name --seq */
+    /* too-long windows name T */
     kiln_loader *big;
     CHECK_EQ(kiln_loader_new(ctx, d, KILN_SPLIT_VAL, 400, false, 0, &big), KILN_ERR_RANGE);
-    CHECK(strstr(kiln_errmsg(ctx), "--seq") != NULL);
+    CHECK(strstr(kiln_errmsg(ctx), "window of T = 400 + 1") != NULL);
     kiln_loader_free(seq);
     kiln_loader_free(shuf);
     kiln_loader_free(shuf2);

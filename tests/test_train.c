@@ -685,6 +685,8 @@ static void expect_fail(kiln_train_opts *o, kiln_status want, const char *needle
               kiln_errmsg(ctx), kiln_status_name(want));
     CHECK_MSG(strstr(kiln_errmsg(ctx), needle) != NULL, "message '%s' lacks '%s'",
               kiln_errmsg(ctx), needle);
+    /* the library names options by field, never by a kiln train flag */
+    CHECK_MSG(!strstr(kiln_errmsg(ctx), "--"), "message '%s' names a flag", kiln_errmsg(ctx));
     kiln_ctx_free(ctx);
 }
 
@@ -713,7 +715,7 @@ static void test_bad_inputs(void)
 
     o = base_opts(P("run_bad5"));
     o.seq = 65;
-    expect_fail(&o, KILN_ERR_INVALID_ARG, "--seq 65 exceeds");
+    expect_fail(&o, KILN_ERR_INVALID_ARG, "kiln_train_opts.seq = 65 exceeds");
 
     o = base_opts(P("run_bad6"));
     o.lr = 1e30;
@@ -724,7 +726,7 @@ static void test_bad_inputs(void)
 
     /* a fresh run refuses to overwrite a run directory */
     o = base_opts(P("run_det_a"));
-    expect_fail(&o, KILN_ERR_INVALID_ARG, "--resume");
+    expect_fail(&o, KILN_ERR_INVALID_ARG, "kiln_train_opts.resume = ");
 
     if (kiln_bin) { /* the CLI exits non-zero with the message */
         char cmd[2048];

@@ -101,9 +101,10 @@ typedef kiln_status (*file_visit_fn)(kiln_ctx *ctx, void *ud, const char *path,
  * name order. Inside directories, hidden entries, symlinks, other
  * non-regular files and binary files (a NUL byte in the first 4 KiB) are
  * skipped. A top-level path that is missing or neither a file nor a
- * directory is an error naming `flag` (e.g. "--input"). Stops at the first
+ * directory is an error naming `what`, the option that gave it
+ * (e.g. "kiln_tokenize_opts.inputs"). Stops at the first
  * status visit returns that is not KILN_OK and returns it. */
-kiln_status file_walk(kiln_ctx *ctx, const char *path, const char *flag,
+kiln_status file_walk(kiln_ctx *ctx, const char *path, const char *what,
                       file_visit_fn visit, void *ud);
 
 /* mkdir -p. */

@@ -168,12 +168,12 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static kiln_status walk(kiln_ctx *ctx, const char *path, const char *flag,
+static kiln_status walk(kiln_ctx *ctx, const char *path, const char *what,
                         bool top, file_visit_fn visit, void *ud)
 {
     struct stat st;
     if ((top ? stat(path, &st) : lstat(path, &st)) != 0)
-        return kiln_fail(ctx, KILN_ERR_IO, "%s '%s': %s", flag, path, strerror(errno));
+        return kiln_fail(ctx, KILN_ERR_IO, "%s '%s': %s", what, path, strerror(errno));
     if (S_ISDIR(st.st_mode)) {
         DIR *d = opendir(path);
         if (!d)
@@ -203,7 +203,7 @@ static kiln_status walk(kiln_ctx *ctx, const char *path, const char *flag,
         }
         closedir(d);
         if (names) qsort(names, n, sizeof *names, cmp_str);
-        for (size_t i = 0; i < n && !s; i++) s = walk(ctx, names[i], flag, false, visit, ud);
+        for (size_t i = 0; i < n && !s; i++) s = walk(ctx, names[i], what, false, visit, ud);
         for (size_t i = 0; i < n; i++) free(names[i]);
         free(names);
         return s;
@@ -211,7 +211,7 @@ static kiln_status walk(kiln_ctx *ctx, const char *path, const char *flag,
     if (!S_ISREG(st.st_mode)) {
         if (top)
             return kiln_fail(ctx, KILN_ERR_IO,
-                             "%s '%s' is not a regular file or directory", flag, path);
+                             "%s '%s' is not a regular file or directory", what, path);
         return KILN_OK;
     }
     if (!top && looks_binary(path)) {
@@ -221,10 +221,10 @@ static kiln_status walk(kiln_ctx *ctx, const char *path, const char *flag,
     return visit(ctx, ud, path, (int64_t)st.st_size);
 }
 
-kiln_status file_walk(kiln_ctx *ctx, const char *path, const char *flag,
+kiln_status file_walk(kiln_ctx *ctx, const char *path, const char *what,
                       file_visit_fn visit, void *ud)
 {
-    return walk(ctx, path, flag, true, visit, ud);
+    return walk(ctx, path, what, true, visit, ud);
 }
 
 kiln_status file_fsync_dir(kiln_ctx *ctx, const char *dir)

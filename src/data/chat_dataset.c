@@ -266,7 +266,8 @@ static void load_sft(kiln_dataset *ds, loader *L, const json_t *obj, int max_len
     for (size_t i = 1; i < n; i++) loss += mask[i]; /* the first token is never predicted */
     if (loss == 0) {
         ds->st.dropped++;
-        kiln_log(L->ctx, KILN_LOG_WARN, "%s:%lld: no learned token left within --max-len %d; "
+        kiln_log(L->ctx, KILN_LOG_WARN, "%s:%lld: no learned token left within "
+                 "kiln_dataset_opts.max_len = %d; "
                  "example dropped", L->path, (long long)L->line, max_len);
     } else {
         ex_rec *e = new_ex(ds, L);
@@ -295,7 +296,7 @@ static void load_pref(kiln_dataset *ds, loader *L, const json_t *obj, int max_le
     if (ok && max_len > 0 && np + 1 > (size_t)max_len) {
         ds->st.dropped++;
         kiln_log(L->ctx, KILN_LOG_WARN, "%s:%lld: the prompt (%zu tokens) leaves no room within "
-                 "--max-len %d; example dropped", L->path, (long long)L->line, np, max_len);
+                 "kiln_dataset_opts.max_len = %d; example dropped", L->path, (long long)L->line, np, max_len);
         ok = false;
     }
     if (ok) {
@@ -339,7 +340,7 @@ static void load_prompt(kiln_dataset *ds, loader *L, const json_t *obj, int max_
     if (max_len > 0 && np > (size_t)max_len) {
         ds->st.dropped++;
         kiln_log(L->ctx, KILN_LOG_WARN, "%s:%lld: the prompt (%zu tokens) is longer than "
-                 "--max-len %d; example dropped", L->path, (long long)L->line, np, max_len);
+                 "kiln_dataset_opts.max_len = %d; example dropped", L->path, (long long)L->line, np, max_len);
         free(answer);
         free(p);
         return;
@@ -368,7 +369,8 @@ kiln_status kiln_dataset_load(kiln_ctx *ctx, const kiln_tokenizer *tok, const ch
     if (kind > KILN_DATASET_PROMPTS)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "unknown dataset kind %d", (int)kind);
     if (o.max_len < 0)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--max-len %d must be >= 0", o.max_len);
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_dataset_opts.max_len = %d must be >= 0",
+                         o.max_len);
     if (kiln_tokenizer_eot(tok) < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "the tokenizer has no end-of-text token to end completions with");
@@ -411,7 +413,7 @@ kiln_status kiln_dataset_load(kiln_ctx *ctx, const kiln_tokenizer *tok, const ch
     else if (L.bad && !o.skip_bad)
         s = kiln_fail(ctx, KILN_ERR_FORMAT,
                       "%s: %lld malformed line%s (each logged; first: %s); fix them or "
-                      "skip them with --skip-bad", path, (long long)L.bad,
+                      "skip them with kiln_dataset_opts.skip_bad", path, (long long)L.bad,
                       L.bad == 1 ? "" : "s", L.first);
     else if (ds->n_ex == 0)
         s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: no usable examples (%lld lines read)", path,

@@ -299,18 +299,20 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
     kiln_tokenize_stats st = {0};
     double t0 = kiln_time_now();
     if (!o->out_dir || !*o->out_dir)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--out: no output directory given");
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_tokenize_opts.out_dir: no output directory given");
     if (o->n_inputs <= 0)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--input: no input files given");
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_tokenize_opts.inputs: no input files given");
     if (!(o->val_fraction >= 0 && o->val_fraction < 1))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--val-fraction %g must be in [0, 1)", o->val_fraction);
+                         "kiln_tokenize_opts.val_fraction = %g must be in [0, 1)",
+                         o->val_fraction);
     if (o->shard_tokens <= 0)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--shard-tokens must be positive");
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_tokenize_opts.shard_tokens = %lld must be positive",
+                         (long long)o->shard_tokens);
     const char *fmt = o->format ? o->format : "auto";
     if (strcmp(fmt, "auto") && strcmp(fmt, "text") && strcmp(fmt, "jsonl"))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--format '%s' must be auto, text or jsonl", fmt);
+                         "kiln_tokenize_opts.format = '%s' must be auto, text or jsonl", fmt);
     kiln_tokenize_opts oo = *o;
     oo.format = fmt;
     if (!oo.field) oo.field = "text";
@@ -325,9 +327,9 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
     kiln_status s = KILN_OK;
     collect_ud cu = {&files, &oo};
     for (int i = 0; i < o->n_inputs && !s; i++)
-        s = file_walk(ctx, o->inputs[i], "--input", collect_one, &cu);
+        s = file_walk(ctx, o->inputs[i], "kiln_tokenize_opts.inputs", collect_one, &cu);
     if (!s && files.n == 0)
-        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--input: no text files found in the inputs");
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_tokenize_opts.inputs: no text files found in the inputs");
     int64_t total = 0;
     for (int i = 0; i < files.n; i++) total += files.v[i].size;
     if (!s) s = file_mkdirs(ctx, o->out_dir);
@@ -426,7 +428,7 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
     if (!s && bad && !o->skip_bad)
         s = kiln_fail(ctx, KILN_ERR_FORMAT,
                       "%lld malformed JSONL line%s (each reported above); fix them or "
-                      "pass --skip-bad to leave them out",
+                      "set kiln_tokenize_opts.skip_bad to leave them out",
                       (long long)st.bad_lines, st.bad_lines == 1 ? "" : "s");
     if (!s && tr.w) {
         kiln_shard_writer *w = tr.w;
@@ -472,7 +474,7 @@ kiln_status kiln_tokenize_corpus(kiln_ctx *ctx, const kiln_tokenizer *tok,
     if (o->val_fraction > 0 && va.tokens == 0 && !s)
         kiln_log(ctx, KILN_LOG_WARN,
                  "tokenize: no document went to validation (%lld documents); use "
-                 "more files or --doc-separator to cut them into documents",
+                 "more files or kiln_tokenize_opts.doc_separator to cut them into documents",
                  (long long)st.docs);
     split_cleanup(&tr, o->out_dir, s != KILN_OK);
     split_cleanup(&va, o->out_dir, s != KILN_OK);

@@ -97,8 +97,8 @@ kiln_status kiln_data_open(kiln_ctx *ctx, const char *dir, kiln_data **out)
     if (!file_is_dir(dir))
         return kiln_fail(ctx, KILN_ERR_IO,
                          "data directory '%s' does not exist; create it with "
-                         "kiln tokenize --tokenizer bytes --input FILES... "
-                         "--out %s",
+                         "kiln_tokenize_corpus (kiln tokenize), "
+                         "kiln_tokenize_opts.out_dir = %s",
                          dir, dir);
     kiln_data *d = kiln_calloc(ctx, 1, sizeof *d);
     if (!d) return KILN_ERR_NOMEM;
@@ -218,7 +218,7 @@ kiln_status kiln_loader_new(kiln_ctx *ctx, const kiln_data *d,
     if (ntok < (size_t)T + 1)
         return kiln_fail(ctx, KILN_ERR_RANGE,
                          "the %s split of '%s' has %zu tokens, fewer than one "
-                         "window of --seq %d + 1; use a smaller --seq or more "
+                         "window of T = %d + 1 tokens; use a smaller T or more "
                          "data",
                          name, d->dir, ntok, T);
     kiln_loader *l = kiln_calloc(ctx, 1, sizeof *l);

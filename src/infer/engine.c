@@ -311,12 +311,12 @@ kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
     kiln_engine_opts o = opts ? *opts : kiln_engine_opts_default();
     if (o.n_slots < 1 || o.n_slots > 4096)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "engine: n_slots %d out of range (1..4096)", o.n_slots);
+                         "kiln_engine_opts.n_slots = %d is outside 1..4096", o.n_slots);
     if (o.n_ctx <= 0 || o.n_ctx > cfg->n_ctx) {
         if (o.n_ctx > cfg->n_ctx)
             return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                             "engine: context %d exceeds the model's n_ctx %d "
-                             "(use --ctx %d or less)",
+                             "kiln_engine_opts.n_ctx = %d exceeds the model's n_ctx %d "
+                             "(use kiln_engine_opts.n_ctx = %d or less)",
                              o.n_ctx, cfg->n_ctx, cfg->n_ctx);
         o.n_ctx = cfg->n_ctx;
     }
@@ -412,7 +412,7 @@ kiln_status infer_engine_new_src(kiln_ctx *ctx, const kiln_config *cfg,
         kiln_engine_free(e);
         return kiln_fail(ctx, KILN_ERR_NOMEM,
                          "engine: out of memory for the KV cache (%d slots x %d "
-                         "positions); lower --parallel or --ctx",
+                         "positions); lower kiln_engine_opts.n_slots or kiln_engine_opts.n_ctx",
                          e->S, e->NCTX);
     }
     *out = e;

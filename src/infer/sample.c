@@ -34,39 +34,39 @@ kiln_sampling kiln_sampling_default(void)
                            .seed = 0, .top_logprobs = 0};
 }
 
-/* Messages name the API field and, in parentheses, the CLI flag of kiln
- * generate/chat, so one message serves both (the HTTP server validates its
- * JSON fields itself, see src/serve/api.c). */
+/* Messages name the field as kiln_sampling.FIELD (the kiln command shows
+ * its flag instead; the HTTP server validates its JSON fields itself, see
+ * src/serve/api.c). */
 kiln_status kiln_sampling_validate(kiln_ctx *ctx, const kiln_sampling *p)
 {
     if (!(p->temperature >= 0.0f && p->temperature <= 100.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "temperature (--temperature) must be a number in [0, 100] (got %g)",
+                         "kiln_sampling.temperature = %g must be a number in [0, 100]",
                          (double)p->temperature);
     if (p->top_k < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "top_k (--top-k) must be >= 0 (0 = off) (got %d)", p->top_k);
+                         "kiln_sampling.top_k = %d must be >= 0 (0 = off)", p->top_k);
     if (!(p->top_p > 0.0f && p->top_p <= 1.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "top_p (--top-p) must be in (0, 1] (got %g)", (double)p->top_p);
+                         "kiln_sampling.top_p = %g must be in (0, 1]", (double)p->top_p);
     if (!(p->min_p >= 0.0f && p->min_p <= 1.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "min_p (--min-p) must be in [0, 1] (got %g)", (double)p->min_p);
+                         "kiln_sampling.min_p = %g must be in [0, 1]", (double)p->min_p);
     if (!(p->repetition_penalty > 0.0f && p->repetition_penalty <= 100.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "repetition_penalty (--repetition-penalty) must be in (0, 100] (got %g)",
+                         "kiln_sampling.repetition_penalty = %g must be in (0, 100]",
                          (double)p->repetition_penalty);
     if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "frequency_penalty (--frequency-penalty) must be in [-2, 2] (got %g)",
+                         "kiln_sampling.frequency_penalty = %g must be in [-2, 2]",
                          (double)p->frequency_penalty);
     if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "presence_penalty (--presence-penalty) must be in [-2, 2] (got %g)",
+                         "kiln_sampling.presence_penalty = %g must be in [-2, 2]",
                          (double)p->presence_penalty);
     if (p->top_logprobs < 0 || p->top_logprobs > 20)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "top_logprobs must be in [0, 20] (got %d)", p->top_logprobs);
+                         "kiln_sampling.top_logprobs = %d must be in [0, 20]", p->top_logprobs);
     return KILN_OK;
 }
 

@@ -350,11 +350,11 @@ size_t model_act_bytes(const kiln_model *m, int B, int T)
 kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
 {
     if (B < 1 || B > (1 << 20))
-        return kiln_fail(ctx, KILN_ERR_RANGE, "batch size %d is out of range (--batch)", B);
+        return kiln_fail(ctx, KILN_ERR_RANGE, "batch size B = %d is outside [1, %d]", B, 1 << 20);
     if (T < 1 || T > m->cfg.n_ctx)
         return kiln_fail(ctx, KILN_ERR_RANGE,
-                         "sequence length %d is outside [1, %d], the model's context "
-                         "length (--seq)", T, m->cfg.n_ctx);
+                         "sequence length T = %d is outside [1, %d], the model's context "
+                         "length", T, m->cfg.n_ctx);
     if (!m->grads) {
         m->grads = kiln_aligned_alloc(ctx, m->num_params * sizeof(float));
         if (!m->grads) return KILN_ERR_NOMEM;
@@ -371,7 +371,7 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
     if ((double)nB * nT > 1073741824.0 || approx > 1.1e15)
         return kiln_fail(ctx, KILN_ERR_RANGE,
                          "batch %d x sequence %d needs about %.3g GiB of activations, "
-                         "beyond what kiln supports (lower --batch or --seq)",
+                         "beyond what kiln supports; lower B or T",
                          nB, nT, approx / (1u << 30));
     size_t bytes = mp ? model_mp_act_bytes(m, nB, nT) : act_bytes(m, nB, nT);
     arena_free(&m->act);
@@ -381,7 +381,7 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
     if (s)
         return kiln_fail(ctx, KILN_ERR_NOMEM,
                          "out of memory allocating %.2f GiB of activations for batch %d "
-                         "x sequence %d (lower --batch or --seq)",
+                         "x sequence %d; lower B or T",
                          (double)bytes / (1u << 30), nB, nT);
     m->B_cap = nB;
     m->T_cap = nT;

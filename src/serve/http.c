@@ -580,7 +580,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     if (o->port < 0 || o->port > 65535) {
         free(sv->name);
         free(sv);
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--port %d is not in 0..65535", o->port);
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.port = %d is not in 0..65535", o->port);
     }
     if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
         a4->sin_family = AF_INET;
@@ -595,7 +595,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         free(sv->name);
         free(sv);
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--host '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1 or 0.0.0.0)",
+                         "kiln_serve_opts.host = '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1 or 0.0.0.0)",
                          host);
     }
     /* The listening socket is ours: SO_REUSEADDR (a restart need not wait
@@ -612,9 +612,9 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         if (e == EADDRINUSE)
             return kiln_fail(ctx, KILN_ERR_IO,
                              "cannot listen on %s:%d: address already in use (another server "
-                             "has port %d); stop it or pick another with --port",
+                             "has port %d); stop it or pick another kiln_serve_opts.port",
                              host, o->port, o->port);
-        return kiln_fail(ctx, KILN_ERR_IO, "cannot listen on %s:%d: %s; check --host and --port",
+        return kiln_fail(ctx, KILN_ERR_IO, "cannot listen on %s:%d: %s; check kiln_serve_opts.host and kiln_serve_opts.port",
                          host, o->port, strerror(e));
     }
     int maxc = o->max_connections > 0 ? o->max_connections : 256;

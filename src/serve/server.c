@@ -97,16 +97,16 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
 {
     kiln_serve_opts o = *opts;
     if (!o.model_dir)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--model DIR is required");
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.model_dir is required");
     if (o.parallel < 1 || o.parallel > 256)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--parallel %d is not in 1..256", o.parallel);
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.parallel = %d is not in 1..256", o.parallel);
     if (o.max_queue < 0)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--max-queue must be >= 0");
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.max_queue = %d must be >= 0", o.max_queue);
     if (o.max_body < 64) o.max_body = 64;
     if (o.api_key && !*o.api_key)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--api-key is empty, which would serve without authentication; "
-                         "give a key, or leave --api-key out to serve without one");
+                         "kiln_serve_opts.api_key is empty, which would serve without authentication; "
+                         "give a key, or no kiln_serve_opts.api_key to serve without one");
 
     /* Fixed malloc thresholds (glibc otherwise raises them after each
      * big free, up to 32 MiB / 64 MiB): a request's big buffers (its

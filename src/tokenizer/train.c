@@ -447,24 +447,25 @@ kiln_status kiln_tokenizer_train(kiln_ctx *ctx, const kiln_tokenizer_train_opts 
     static const char *base_specials[] = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
     int n_spec = 3 + (o->n_specials > 0 ? o->n_specials : 0);
     if (o->n_inputs <= 0)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--input: no training text given");
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_tokenizer_train_opts.inputs: no training text given");
     if (o->vocab_size < 256 + n_spec || o->vocab_size > MAX_VOCAB)
         return kiln_fail(ctx, KILN_ERR_RANGE,
-                         "--vocab-size %d must be in %d..%d (256 bytes + %d special "
+                         "kiln_tokenizer_train_opts.vocab_size = %d must be in %d..%d (256 bytes + %d special "
                          "tokens at least; token ids are stored as 32-bit integers in "
                          "kiln and at most 2^24 are supported)",
                          o->vocab_size, 256 + n_spec, MAX_VOCAB, n_spec);
     for (int i = 0; i < o->n_specials; i++) {
         const char *sp = o->specials[i];
         if (!sp || !*sp)
-            return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--special: empty special token");
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_tokenizer_train_opts.specials: empty special token");
         for (int j = 0; j < 3; j++)
             if (!strcmp(sp, base_specials[j]))
                 return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                                 "--special %s is always included; list only extra tokens", sp);
+                                 "kiln_tokenizer_train_opts.specials: %s is always included; "
+                                 "list only extra tokens", sp);
         for (int j = 0; j < i; j++)
             if (!strcmp(sp, o->specials[j]))
-                return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--special %s is given twice", sp);
+                return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_tokenizer_train_opts.specials: %s is given twice", sp);
     }
     int min_freq = o->min_frequency > 0 ? o->min_frequency : 1;
     double t0 = kiln_time_now();
@@ -475,13 +476,13 @@ kiln_status kiln_tokenizer_train(kiln_ctx *ctx, const kiln_tokenizer_train_opts 
     kiln_status s = tok_set_pattern(ctx, pre, pattern_for(o->pattern));
     if (s) {
         kiln_tokenizer_free(pre);
-        return kiln_fail(ctx, s, "--pattern: %s", kiln_errmsg(ctx));
+        return kiln_fail(ctx, s, "kiln_tokenizer_train_opts.pattern: %s", kiln_errmsg(ctx));
     }
 
     tinput in = {0};
     for (int i = 0; i < o->n_inputs && !s; i++)
-        s = file_walk(ctx, o->inputs[i], "--input", add_input, &in);
-    if (!s && in.n == 0) s = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--input: no text files found");
+        s = file_walk(ctx, o->inputs[i], "kiln_tokenizer_train_opts.inputs", add_input, &in);
+    if (!s && in.n == 0) s = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_tokenizer_train_opts.inputs: no text files found");
 
     /* units of ~1 MB (JSONL: whole lines) */
     tunit *units = NULL;

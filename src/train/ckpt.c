@@ -242,7 +242,7 @@ static kiln_status fail_with_alternatives(kiln_ctx *ctx, kiln_status st,
     }
     if (pick)
         kiln_fail(ctx, st, "%s; other checkpoints of this run: %s (resume "
-                  "from one with --resume %s/%s)",
+                  "from one: kiln_train_opts.resume = %s/%s)",
                   msg, alt, run, pick);
     else
         kiln_fail(ctx, st, "%s", msg);
@@ -323,8 +323,8 @@ kiln_status kiln_checkpoint_resolve(kiln_ctx *ctx, const char *path,
 {
     if (!file_is_dir(path))
         return kiln_fail(ctx, KILN_ERR_IO,
-                         "--resume: '%s' is not a directory (give a run "
-                         "directory or one of its step_* checkpoints)",
+                         "'%s' is not a directory (give a run directory or one "
+                         "of its step_* checkpoints)",
                          path);
     char *st = file_join(path, "trainer_state.json");
     bool is_ckpt = st && file_exists(st);
@@ -338,7 +338,7 @@ kiln_status kiln_checkpoint_resolve(kiln_ctx *ctx, const char *path,
     kiln_status s = KILN_OK;
     if (!lp || !file_exists(lp)) {
         s = kiln_fail(ctx, KILN_ERR_IO,
-                      "--resume: '%s' holds no checkpoint (no "
+                      "'%s' holds no checkpoint (no "
                       "trainer_state.json and no 'latest' file)",
                       path);
     } else if (!(s = file_read_all(ctx, lp, &buf, NULL))) {

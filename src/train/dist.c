@@ -759,7 +759,7 @@ static kiln_status shard_counts(kiln_ctx *ctx, dist *d, size_t n, int **cnt,
         return kiln_fail(ctx, KILN_ERR_RANGE,
                          "ZeRO-1: a block of %zu floats exceeds the MPI "
                          "count limit (%d) of one collective; this model is "
-                         "too large for --zero 1 in this version",
+                         "too large for kiln_train_opts.zero = 1 in this version",
                          n, INT_MAX);
     }
     for (int r = 0; r < d->world; r++) {

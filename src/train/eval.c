@@ -18,13 +18,13 @@ kiln_status kiln_eval_tokens(kiln_ctx *ctx, kiln_model *m,
 {
     if (B <= 0 || T <= 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "eval: --batch and --seq must be positive");
+                         "kiln_eval_tokens: B = %d and T = %d must be positive", B, T);
     if (n < 2) return KILN_OK;
     const kiln_config *cfg = kiln_model_config(m);
     if (T > cfg->n_ctx)
         return kiln_fail(ctx, KILN_ERR_RANGE,
-                         "--seq %d exceeds the model's context length "
-                         "(n_ctx %d); use --seq %d or less",
+                         "kiln_eval_tokens: T = %d exceeds the model's context length "
+                         "(n_ctx %d); use T = %d or less",
                          T, cfg->n_ctx, cfg->n_ctx);
     for (size_t i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= cfg->vocab_size)

@@ -84,8 +84,8 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
     kiln_status s = file_read_all(ctx, path, &text, &len);
     if (s) {
         kiln_fail(ctx, s,
-                  "cannot read '%s': is '%s' a kiln train run directory "
-                  "(--out)?",
+                  "cannot read '%s': is '%s' the run directory of a training "
+                  "run (its kiln_train_opts.out)?",
                   path, run_dir);
         free(path);
         return s;

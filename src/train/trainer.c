@@ -153,19 +153,20 @@ static kiln_status tr_dist_resume_batch(trainer *t)
     if (!s && w0 != t->world && b0 == t->o.batch) {
         if (w0 < 1 || (b0 * w0) % t->world) {
             s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                          "%s: the run was saved at %lld ranks with --batch "
-                          "%lld (%lld sequences per micro-step); %d ranks "
-                          "cannot split that evenly: pass --batch and "
-                          "--grad-accum so that batch x grad_accum x ranks "
-                          "keeps the global batch",
+                          "%s: the run was saved at %lld ranks with "
+                          "kiln_train_opts.batch = %lld (%lld sequences per "
+                          "micro-step); %d ranks cannot split that evenly: "
+                          "set kiln_train_opts.batch and kiln_train_opts.grad_accum "
+                          "so that batch x grad_accum x ranks keeps the global "
+                          "batch",
                           p, (long long)w0, (long long)b0,
                           (long long)(b0 * w0), t->world);
         } else {
             t->o.batch = (int)(b0 * w0 / t->world);
             if (t->rank == 0)
                 kiln_log(ctx, KILN_LOG_INFO,
-                         "resuming a %lld-rank run on %d rank%s: --batch %lld "
-                         "-> %d (same global batch)",
+                         "resuming a %lld-rank run on %d rank%s: "
+                         "kiln_train_opts.batch = %lld -> %d (same global batch)",
                 (long long)w0, t->world, t->world > 1 ? "s" : "",
                 (long long)b0, t->o.batch);
         }
@@ -221,33 +222,40 @@ static kiln_status save(trainer *t, double lr)
 static kiln_status check_opts(kiln_ctx *ctx, const kiln_train_opts *o)
 {
     if (!o->data)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--data DIR is required");
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.data (a data directory) is required");
     if (!o->out)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--out DIR is required");
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.out (the run directory) is required");
     if (o->config && o->init_from)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "give either --config or --init-from, not both");
+                         "give either kiln_train_opts.config or kiln_train_opts.init_from, "
+                         "not both");
     if (o->batch <= 0 || o->seq <= 0 || o->grad_accum <= 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--batch, --seq and --grad-accum must be positive "
-                         "(got %d, %d, %d)",
+                         "kiln_train_opts.batch, kiln_train_opts.seq and "
+                         "kiln_train_opts.grad_accum must be positive (got %d, %d, %d)",
                          o->batch, o->seq, o->grad_accum);
     if (!(o->lr > 0) || o->min_lr < 0 || o->warmup < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--lr must be positive and --min-lr, --warmup >= 0");
+                         "kiln_train_opts.lr must be positive and kiln_train_opts.min_lr, "
+                         "kiln_train_opts.warmup >= 0 (got %g, %g, %lld)",
+                         o->lr, o->min_lr, (long long)o->warmup);
     if (o->steps < 0 || (o->steps == 0 && !(o->epochs > 0)))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "give --steps N > 0 or --epochs E > 0");
+                         "give kiln_train_opts.steps > 0 or kiln_train_opts.epochs > 0 "
+                         "(got %lld, %g)", (long long)o->steps, o->epochs);
     if (o->beta1 < 0 || o->beta1 >= 1 || o->beta2 < 0 || o->beta2 >= 1 ||
         !(o->eps > 0) || o->weight_decay < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--beta1/--beta2 must be in [0,1), --eps > 0, "
-                         "--weight-decay >= 0");
+                         "kiln_train_opts.beta1 and kiln_train_opts.beta2 must be in "
+                         "[0,1), kiln_train_opts.eps > 0, "
+                         "kiln_train_opts.weight_decay >= 0 (got %g, %g, %g, %g)",
+                         o->beta1, o->beta2, o->eps, o->weight_decay);
     if (o->eval_every < 0 || o->eval_steps < 0 || o->save_every < 0 ||
         o->keep_last < 0 || o->log_every <= 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--eval-every, --eval-steps, --save-every, "
-                         "--keep-last must be >= 0 and --log-every > 0");
+                         "kiln_train_opts.eval_every, kiln_train_opts.eval_steps, "
+                         "kiln_train_opts.save_every, kiln_train_opts.keep_last "
+                         "must be >= 0 and kiln_train_opts.log_every > 0");
     if (!(o->loss_scale >= 0) || !isfinite(o->loss_scale))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "kiln_train_opts.loss_scale = %g is not a positive finite "
@@ -322,8 +330,8 @@ static kiln_status make_model(trainer *t)
                          from, cfg->vocab_size, o->data, dv, dv);
     if (o->seq > cfg->n_ctx)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--seq %d exceeds the model's context length (n_ctx "
-                         "%d in %s); use --seq %d or less",
+                         "kiln_train_opts.seq = %d exceeds the model's context length "
+                         "(n_ctx %d in %s); use kiln_train_opts.seq = %d or less",
                          o->seq, cfg->n_ctx, from, cfg->n_ctx);
     kiln_adamw_opts ao = {.beta1 = (float)o->beta1,
                           .beta2 = (float)o->beta2,
@@ -357,7 +365,11 @@ static kiln_status make_model(trainer *t)
      * a huge one; docs/precision.md). A checkpoint's scale wins on resume. */
     if (o->loss_scale > 0 && t->scaler.enabled) t->scaler.scale = o->loss_scale;
     t->step_scale = 1.0;
-    return kiln_model_prepare(ctx, t->model, o->batch, o->seq);
+    s = kiln_model_prepare(ctx, t->model, o->batch, o->seq);
+    if (s == KILN_ERR_RANGE || s == KILN_ERR_NOMEM) /* name the options */
+        kiln_fail(ctx, s, "%s (B = kiln_train_opts.batch, T = kiln_train_opts.seq)",
+                  kiln_errmsg(ctx));
+    return s;
 }
 
 static kiln_status setup(trainer *t)
@@ -374,7 +386,7 @@ static kiln_status setup(trainer *t)
     if ((s = tr_dist_init(t))) return s;
     if (o->zero < 0 || o->zero > 1)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--zero %d is not supported; use 0 (off) or 1 "
+                         "kiln_train_opts.zero = %d is not supported; use 0 (off) or 1 "
                          "(shard the optimizer state)",
                          o->zero);
     if (o->resume && (s = tr_dist_resume_batch(t))) return s;
@@ -386,8 +398,11 @@ static kiln_status setup(trainer *t)
                          "'%s' has no training shards (train_files is empty)",
                          o->data);
     if ((s = kiln_loader_new(ctx, t->data, KILN_SPLIT_TRAIN, o->seq,
-                             o->shuffle, o->seed, &t->train)))
+                             o->shuffle, o->seed, &t->train))) {
+        if (s == KILN_ERR_RANGE)
+            kiln_fail(ctx, s, "%s (T = kiln_train_opts.seq)", kiln_errmsg(ctx));
         return s;
+    }
     if (!o->resume) {
         char *lp = file_join(o->out, "latest");
         bool has = lp && file_exists(lp);
@@ -395,8 +410,8 @@ static kiln_status setup(trainer *t)
         if (has)
             return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                              "'%s' already holds checkpoints of a run; "
-                             "continue it with --resume %s, or choose "
-                             "another --out",
+                             "continue it with kiln_train_opts.resume = %s, or "
+                             "choose another kiln_train_opts.out",
                              o->out, o->out);
     }
     if ((s = make_model(t))) return s;
@@ -416,7 +431,7 @@ static kiln_status setup(trainer *t)
         if (nv < 2) {
             kiln_log(ctx, KILN_LOG_WARN,
                      "'%s' has no validation split: no val_loss will be "
-                     "reported (tokenize with --val-fraction)",
+                     "reported (tokenize with kiln_tokenize_opts.val_fraction > 0)",
                      o->data);
         } else {
             /* eval_steps batches of the global batch (B x world), shared
@@ -468,7 +483,8 @@ static kiln_status diverged(trainer *t, const char *what, double v, double lr)
 {
     return kiln_fail(t->ctx, KILN_ERR_NUMERIC,
                      "%s is %g at step %lld (lr %.3g): training diverged; "
-                     "lower --lr, raise --warmup or use --grad-clip, and "
+                     "lower kiln_train_opts.lr, raise kiln_train_opts.warmup or use "
+                     "kiln_train_opts.grad_clip, and "
                      "restart%s%s",
                      what, v, (long long)t->step + 1, lr,
                      t->last_ckpt[0] ? " or resume from " : "",

@@ -397,7 +397,7 @@ void tr_banner(trainer *t)
             t->world > 1 ? "s" : "", 8.0 * (double)np / 1e6);
     else
         tr_say(t, "optimizer: AdamW state %.2f MB per rank%s", 8.0 * (double)np / 1e6,
-            t->world > 1 ? " (use --zero 1 to shard it)" : "");
+            t->world > 1 ? " (unsharded; ZeRO-1 would shard it)" : "");
     char cpu[256];
     kiln_precision_describe(cpu, sizeof cpu);
     tr_say(t, "precision: %s matrix products, fp32 master weights and AdamW%s [%s]",
