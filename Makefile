@@ -154,4 +154,4 @@ mutate: deps
 clean:
 	rm -rf build build-asan build-fuzz build-clang-portable
 
--include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) $(TEST_BIN:=.d)

@@ -41,8 +41,6 @@ static void print_help(const char *cmd, const char *usage, const char *about,
     (void)cmd;
 }
 
-#define KILN_MIN_SZ(a, b) ((a) < (b) ? (a) : (b))
-
 #define KILN_CLI_MAX_THREADS 1024
 #define KILN_CLI_MAX_THREADS_STR "1024"
 
@@ -353,7 +351,7 @@ const char *cli_flags(const char *msg, char *buf, size_t cap)
             const char *flag = cli_flag_of(p, (size_t)(e - p));
             if (flag) {
                 int n = snprintf(buf + o, cap - o, "%s", flag);
-                o = n < 0 ? o : KILN_MIN_SZ(o + (size_t)n, cap - 1);
+                if (n > 0) o = o + (size_t)n < cap - 1 ? o + (size_t)n : cap - 1;
                 p = e;
                 /* "FIELD = VALUE" reads "--flag VALUE" */
                 if (!strncmp(p, " = ", 3)) p += 2;
