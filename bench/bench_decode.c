@@ -12,6 +12,7 @@
  *   bench_decode [CONFIG] [THREADS]
  */
 #include "infer/infer.h"
+#include "kernels/kernels.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,7 +59,7 @@ static void measure(kiln_ctx *ctx, kiln_engine *e, const void *buf, size_t wb, i
                 if (prefill > 0) kiln_engine_reset(e, 0);
             }
         double t0 = kiln_time_now();
-        sink += ik_stream_read(buf, wb, nth);
+        sink += kern_stream_read(buf, wb, nth);
         double t1 = kiln_time_now();
         if (prefill > 0) {
             for (int i = 0; i < prefill; i++) p[i] = tok_of(r * 7 + i, V);
