@@ -110,6 +110,8 @@ static const float *vput(vcopy *v, const float *p, size_t n)
 
 static size_t vsize(size_t n) { return (n + 15) & ~(size_t)15; }
 
+/* weight_bytes counts what a decode step streams: the matrices and the
+ * head (the embedding tables are looked up, a row per token). */
 static kiln_status prep(kiln_ctx *ctx, kiln_engine *e, const kern_wt *src, kern_wt *out)
 {
     if (!kern_weight_prepare(e->opts.wtype, src, out))
@@ -138,7 +140,6 @@ static kiln_status build_weights(kiln_ctx *ctx, kiln_engine *e, const kiln_model
     e->wpe = gpt2 ? vput(&v, w->wpe, (size_t)e->NCTX * C) : NULL;
     e->lnf_w = vput(&v, w->lnf_w, C);
     e->lnf_b = vput(&v, w->lnf_b, C);
-    e->weight_bytes += (size_t)e->V * C * 4 + (gpt2 ? (size_t)e->NCTX * C * 4 : 0);
     for (int l = 0; l < L; l++) {
         model_blk_w b = model_blk_weights(m, l), *o = &e->lw[l];
         o->ln1_w = vput(&v, b.ln1_w, C);
@@ -159,6 +160,7 @@ static kiln_status build_weights(kiln_ctx *ctx, kiln_engine *e, const kiln_model
     kern_wt hw = {KILN_DTYPE_F32, KERN_W_OUT_IN, e->V, C, w->lm_head};
     if (w->lm_head == w->wte && e->opts.wtype == KILN_DTYPE_F32) {
         e->head = (kern_wt){KILN_DTYPE_F32, KERN_W_OUT_IN, e->V, C, e->wte};
+        e->weight_bytes += (size_t)e->V * C * 4; /* streamed as the head */
         return KILN_OK;
     }
     e->head_owned = true;
