@@ -186,10 +186,12 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
     }
     if (o.chunk < 1) o.chunk = 64;
     if (o.chunk < o.n_slots) o.chunk = o.n_slots;
-    if (o.wtype != KILN_DTYPE_F32 && o.wtype != KILN_DTYPE_BF16)
+    if (o.wtype != KILN_DTYPE_F32 && o.wtype != KILN_DTYPE_BF16 &&
+        o.wtype != KILN_DTYPE_Q8_0 && o.wtype != KILN_DTYPE_Q4_0 &&
+        o.wtype != KILN_DTYPE_Q4_K && o.wtype != KILN_DTYPE_Q6_K)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "kiln_engine_opts.wtype = %d (%s): the engine stores weights as "
-                         "KILN_DTYPE_F32 or KILN_DTYPE_BF16",
+                         "KILN_DTYPE_F32, BF16, Q8_0, Q4_0, Q4_K or Q6_K",
                          (int)o.wtype, kiln_dtype_name(o.wtype));
 
     kiln_engine *e = kiln_calloc(ctx, 1, sizeof *e);

@@ -107,6 +107,23 @@ typedef struct kern_wt {
  * (kern_weight_free). false when out of memory. */
 bool kern_weight_prepare(kiln_dtype dt, const kern_wt *src, kern_wt *out);
 void kern_weight_free(kern_wt *w);
+/* The dtype a weight of rows of `cols` inputs is prepared as when dt is
+ * asked: dt itself, or, for a Q type whose block does not divide the
+ * rows (K-quants need multiples of 256), Q8_0 (multiples of 32) or else
+ * BF16, as llama.cpp falls back. */
+kiln_dtype kern_weight_dtype(kiln_dtype dt, int cols);
+
+/* Activations for the Q types' dot products: each row of K inputs (K a
+ * multiple of 32) in blocks of 32 as int8 q (round to nearest of x *
+ * 127/amax) with fp32 scale d = amax/127, and the sums of q over each half
+ * block (s16, two per block: the Q4/Q6 offsets). Every backend quantizes
+ * activations with this one function, so they dot the same integers. */
+void kern_quant_act(const float *x, int K, int8_t *q, float *d, int32_t *s16);
+/* The reference dot product of one row of Q-type weights (K inputs) with
+ * one quantized activation row: integer sums per block, scaled and summed
+ * in double. */
+double kern_qdot_ref(kiln_dtype t, const void *row, int K, const int8_t *q, const float *d,
+                     const int32_t *s16);
 
 /* ---- the op table ---------------------------------------------------- */
 
@@ -257,6 +274,9 @@ void kern_fast_attention_bwd(kern_gemm *g, float *dqkv, const float *dout, const
 /* The fast table's inference ops (x86/linear_stream.c). */
 void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
                       const float *b);
+/* Block-quantized weights (x86/linear_quant.c); false when this build has
+ * no AVX512-VNNI kernel or memory ran out (the caller runs ref). */
+bool kern_fast_linear_q(float *Y, const float *X, int T, const kern_wt *W, const float *b);
 void kern_fast_rope_at(float *x, int n, size_t stride, const int *pos, const float *cos_t,
                        const float *sin_t, int nheads, int HS);
 void kern_fast_attention_kv(float *out, const float *qkv, size_t qkv_stride, int T,

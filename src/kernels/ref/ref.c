@@ -3,9 +3,11 @@
  * obviously right, the oracle the fast kernels are tested against. Sums
  * that feed normalisations are carried in double.
  */
+#include "base/base.h"
 #include "kernels/kernels.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- gemm ------------------------------------------------------------ */
@@ -417,10 +419,33 @@ static void ref_cross_entropy(const float *logits, const int32_t *targets,
 /* One output at a time, summed in double: the oracle of every backend's
  * linear. The weight may be stored either way round; bf16 activations are
  * rounded as the fast kernel rounds them (KERN_BF16_DOT). g is unused. */
+static void ref_linear_q(float *Y, const float *X, int T, const kern_wt *W, const float *b)
+{
+    const int R = W->rows, K = W->cols, nb = K / 32;
+    const size_t rb = dtype_row_bytes(W->dtype, K);
+    int8_t *q = malloc((size_t)K);
+    float *d = malloc(sizeof(float) * (size_t)nb);
+    int32_t *s16 = malloc(sizeof(int32_t) * 2 * (size_t)nb);
+    KILN_ASSERT(q && d && s16);
+    for (int t = 0; t < T; t++) {
+        kern_quant_act(X + (size_t)t * K, K, q, d, s16);
+        for (int r = 0; r < R; r++)
+            Y[(size_t)t * R + r] =
+                (float)((b ? b[r] : 0.0) +
+                        kern_qdot_ref(W->dtype, (const uint8_t *)W->data + rb * (size_t)r, K, q, d,
+                                      s16));
+    }
+    free(q), free(d), free(s16);
+}
+
 static void ref_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
                        const float *b)
 {
     (void)g;
+    if (dtype_traits_of(W->dtype)->quantized) {
+        ref_linear_q(Y, X, T, W, b);
+        return;
+    }
     const int R = W->rows, K = W->cols;
     const bool f32 = W->dtype == KILN_DTYPE_F32, io = W->lay == KERN_W_IN_OUT;
     for (int t = 0; t < T; t++)

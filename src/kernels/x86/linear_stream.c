@@ -220,6 +220,10 @@ void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_
         kern_matmul_fwd_gemm(g, Y, X, W->data, b, T, W->cols, W->rows, W->lay);
         return;
     }
+    if (dtype_traits_of(W->dtype)->quantized) {
+        if (!kern_fast_linear_q(Y, X, T, W, b)) kern_ops_ref()->linear(g, Y, X, T, W, b);
+        return;
+    }
     if (W->lay != KERN_W_OUT_IN) { /* bf16 rows are stored (out, in) only */
         kern_ops_ref()->linear(g, Y, X, T, W, b);
         return;
