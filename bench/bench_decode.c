@@ -1,6 +1,7 @@
 /*
  * bench_decode.c — inference speed of the benchmark model
- * (configs/bench-gpt2-30m.json, random weights) in fp32 and bf16: decode
+ * (configs/bench-gpt2-30m.json, random weights) with its matrices in fp32,
+ * bf16 and the block-quantized types Q8_0, Q6_K, Q4_K, Q4_0: decode
  * tokens/s at batch 1 and batch 8, and prefill tokens/s, each beside the
  * memory-bandwidth roofline measured in the same run: a streaming read of
  * as many bytes as the engine's weights, which bounds decoding (every
@@ -12,6 +13,7 @@
  *   bench_decode [CONFIG] [THREADS]
  */
 #include "infer/infer.h"
+#include "kernels/kernels.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,7 +60,7 @@ static void measure(kiln_ctx *ctx, kiln_engine *e, const void *buf, size_t wb, i
                 if (prefill > 0) kiln_engine_reset(e, 0);
             }
         double t0 = kiln_time_now();
-        sink += ik_stream_read(buf, wb, nth);
+        sink += kern_stream_read(buf, wb, nth);
         double t1 = kiln_time_now();
         if (prefill > 0) {
             for (int i = 0; i < prefill; i++) p[i] = tok_of(r * 7 + i, V);
@@ -98,18 +100,22 @@ int main(int argc, char **argv)
     printf("model %s: %zu parameters, n_ctx %d; threads %s\n", cfg_path,
            kiln_model_num_params(m), cfg.n_ctx, nth > 0 ? argv[2] : "all");
     float *logits = malloc((size_t)64 * V * sizeof(float));
-    for (int w = 0; w < 2; w++) {
+    const kiln_dtype types[] = {KILN_DTYPE_F32, KILN_DTYPE_BF16, KILN_DTYPE_Q8_0,
+                                KILN_DTYPE_Q6_K, KILN_DTYPE_Q4_K, KILN_DTYPE_Q4_0};
+    double n_weights = 0; /* matrix weights streamed per step (from the fp32 engine) */
+    for (int w = 0; w < (int)(sizeof types / sizeof types[0]); w++) {
         kiln_engine_opts o = kiln_engine_opts_default();
         o.n_slots = 8;
         o.chunk = PRE;
-        o.wtype = w ? KILN_DTYPE_BF16 : KILN_DTYPE_F32;
+        o.wtype = types[w];
         kiln_engine *e = NULL;
         if (kiln_engine_new(ctx, m, &o, &e)) {
             fprintf(stderr, "bench_decode: %s\n", kiln_errmsg(ctx));
             return 1;
         }
-        const char *dt = w ? "bf16" : "fp32";
+        const char *dt = types[w] == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(types[w]);
         size_t wb = kiln_engine_weight_bytes(e);
+        if (w == 0) n_weights = wb / 4.0;
         unsigned char *buf = kiln_aligned_alloc(ctx, wb);
         memset(buf, 1, wb);
         timing roof, t1, t8, tp;
@@ -126,7 +132,7 @@ int main(int argc, char **argv)
                dt, 8 / t8.best, t8.best * 1e3, t8.median * 1e3, 1 / roof.best,
                100.0 * roof.best / t8.best, t1.best * 8 / t8.best);
         measure(ctx, e, buf, wb, nth, 1, PRE, 12, V, logits, &roof, &tp);
-        double flops = 2.0 * (double)(wb / (w ? 2 : 4)) * PRE;
+        double flops = 2.0 * n_weights * PRE;
         printf("prefill %s %d tokens: %8.1f tok/s (best %.1f ms, median %.1f; %.1f GFLOP/s) | "
                "%.1fx the batch-1 decode rate\n",
                dt, PRE, PRE / tp.best, tp.best * 1e3, tp.median * 1e3, flops / tp.best / 1e9,

@@ -1159,9 +1159,14 @@ typedef struct kiln_engine_opts {
     int n_slots;      /* sequences held at once (each with a KV cache) */
     int n_ctx;        /* KV cache length per slot; 0 = the model's n_ctx */
     int chunk;        /* most tokens in one forward step (prefill chunk) */
-    /* Weight storage: KILN_DTYPE_F32 or KILN_DTYPE_BF16 [F32]. Activations
-     * and the KV cache are always fp32; bf16 halves the bytes streamed per
-     * decoded token. */
+    /* Weight storage of the matrices [F32]: KILN_DTYPE_F32, BF16, or a
+     * block-quantized type quantized at load (Q8_0, Q4_0, Q4_K, Q6_K;
+     * ggml's layouts; a matrix whose rows the type's block does not divide
+     * is stored Q8_0, or BF16 if 32 does not divide them either, as
+     * llama.cpp falls back). Activations and the KV cache are fp32;
+     * bf16 halves the bytes streamed per decoded token, Q8_0 takes 8.5
+     * bits per weight, Q4_0 4.5, Q4_K 4.5, Q6_K 6.56. Embedding tables
+     * and norms stay fp32. */
     kiln_dtype wtype;
 } kiln_engine_opts;
 
@@ -1385,7 +1390,7 @@ typedef struct kiln_serve_opts {
     int max_queue;          /* waiting requests before 429 [64] */
     size_t max_body;        /* request body limit in bytes [1 MiB] */
     int max_connections;    /* [256] */
-    kiln_dtype wtype;       /* engine weights: [KILN_DTYPE_F32] or KILN_DTYPE_BF16 */
+    kiln_dtype wtype;       /* engine weights (kiln_engine_opts.wtype) [F32] */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

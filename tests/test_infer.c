@@ -10,6 +10,7 @@
  */
 #include "check.h"
 #include "infer/infer.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -50,17 +51,27 @@ static const float *find(const store *s, const char *name)
     return NULL;
 }
 
-static const float *src_fn(void *ud, const char *name, int *ndim, int64_t shape[4])
+/* A kiln_model holding the store's tensors (by Hugging Face name; the
+ * engine is built from a model). NULL with a message when one is missing. */
+static kiln_model *store_model(kiln_ctx *ctx, const store *s, const kiln_config *c)
 {
-    store *s = ud;
-    for (int i = 0; i < s->n; i++)
-        if (!strcmp(s->t[i].name, name)) {
-            *ndim = s->t[i].ndim;
-            shape[0] = s->t[i].shape[0];
-            shape[1] = s->t[i].shape[1];
-            return s->t[i].data;
+    kiln_model *m = NULL;
+    if (kiln_model_new(ctx, c, &m)) return NULL;
+    float *p = kiln_model_params(m);
+    for (int i = 0; i < kiln_model_num_tensors(m); i++) {
+        const kiln_tensor_info *t = kiln_model_tensor(m, i);
+        const tens *st = NULL;
+        for (int j = 0; j < s->n; j++)
+            if (!strcmp(s->t[j].name, t->name)) st = &s->t[j];
+        size_t n = st ? (size_t)st->shape[0] * (st->ndim == 2 ? (size_t)st->shape[1] : 1) : 0;
+        if (!st || n != t->numel) {
+            CHECK_MSG(false, "store lacks %s (or its size differs)", t->name);
+            kiln_model_free(m);
+            return NULL;
         }
-    return NULL;
+        memcpy(p + t->offset, st->data, n * sizeof(float));
+    }
+    return m;
 }
 
 static void store_free(store *s)
@@ -159,7 +170,7 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
 #define RD(p, i) (bf16 ? (double)bf16_to_f32(f32_to_bf16((p)[i])) : (double)(p)[i])
     /* activations entering a bf16 product are rounded to bf16 too when the
      * kernels use bf16 dot products (IK_BF16_DOT) */
-#define RX(v) (bf16 && IK_BF16_DOT ? (double)bf16_to_f32(f32_to_bf16((float)(v))) : (double)(v))
+#define RX(v) (bf16 && KERN_BF16_DOT ? (double)bf16_to_f32(f32_to_bf16((float)(v))) : (double)(v))
     const float *wte = W(llama ? "model.embed_tokens.weight" : "transformer.wte.weight");
     for (int t = 0; t < n; t++)
         for (int i = 0; i < C; i++) {
@@ -340,34 +351,275 @@ static int argmax_d(const double *x, int n)
 
 /* ---- tests ---------------------------------------------------------------- */
 
+/* The fast table's typed linear against the reference, every storage the
+ * engine prepares (fp32 either layout, bf16 rows), decode-sized T (the
+ * streaming kernel) and prefill-sized T (the GEMM). */
 static void test_linear_matches_reference(void)
 {
     kiln_rng r;
     kiln_rng_seed(&r, 7);
     int shapes[][3] = {{1, 5, 3}, {1, 33, 17}, {3, 64, 48}, {4, 13, 100},
-                       {8, 40, 256}, {9, 7, 31}, {70, 65, 129}};
+                       {8, 40, 256}, {9, 7, 31}, {70, 65, 129}, {16, 48, 40}};
+    kern_gemm *g = kern_gemm_fast_new();
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         int T = shapes[si][0], R = shapes[si][1], K = shapes[si][2];
         float *w = malloc((size_t)R * K * 4), *x = malloc((size_t)T * K * 4);
         float *b = malloc((size_t)R * 4), *y = malloc((size_t)T * R * 4), *y2 = malloc((size_t)T * R * 4);
-        uint16_t *wb = malloc((size_t)R * K * 2);
-        for (int i = 0; i < R * K; i++) { w[i] = kiln_rng_normal(&r); wb[i] = f32_to_bf16(w[i]); }
+        for (int i = 0; i < R * K; i++) w[i] = kiln_rng_normal(&r);
         for (int i = 0; i < T * K; i++) x[i] = kiln_rng_normal(&r);
         for (int i = 0; i < R; i++) b[i] = kiln_rng_normal(&r);
-        for (int bf = 0; bf < 2; bf++)
-            for (int acc = 0; acc < 2; acc++) {
-                imat m = {R, K, bf ? NULL : w, bf ? wb : NULL};
-                for (int i = 0; i < T * R; i++) y[i] = y2[i] = (float)i * 0.01f;
-                ik_linear(y, x, T, &m, acc ? b : NULL, acc, 2);
-                ik_linear_ref(y2, x, T, &m, acc ? b : NULL, acc);
+        struct { kiln_dtype dt; kern_wlayout lay; } kinds[] = {
+            {KILN_DTYPE_F32, KERN_W_OUT_IN}, {KILN_DTYPE_F32, KERN_W_IN_OUT},
+            {KILN_DTYPE_BF16, KERN_W_OUT_IN}};
+        for (int ki = 0; ki < 3; ki++)
+            for (int bias = 0; bias < 2; bias++) {
+                kern_wt src = {KILN_DTYPE_F32, kinds[ki].lay, R, K, w}, W;
+                CHECK(kern_weight_prepare(kinds[ki].dt, &src, &W));
+                for (int i = 0; i < T * R; i++) y[i] = y2[i] = NAN; /* overwritten */
+                kern_ops_fast()->linear(g, y, x, T, &W, bias ? b : NULL);
+                kern_ops_ref()->linear(NULL, y2, x, T, &W, bias ? b : NULL);
                 double worst = 0;
                 for (int i = 0; i < T * R; i++) worst = check_max(worst, fabs(y[i] - y2[i]));
-                CHECK_MSG(worst < 1e-3, "T=%d R=%d K=%d bf16=%d acc=%d: max diff %g",
-                          T, R, K, bf, acc, worst);
+                CHECK_MSG(worst < 1e-3, "T=%d R=%d K=%d dtype %d layout %d bias=%d: max diff %g",
+                          T, R, K, kinds[ki].dt, kinds[ki].lay, bias, worst);
+                kern_weight_free(&W);
             }
-        free(w); free(x); free(b); free(y); free(y2); free(wb);
+        free(w); free(x); free(b); free(y); free(y2);
     }
+    kern_gemm_free(g);
 }
+
+/* Block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K): the fast linear
+ * against the reference (the same integers: only the float summation
+ * order differs), and both against the exact product of the dequantized
+ * weights with the unquantized activations, within the bound that 8-bit
+ * activations allow: each activation is off by at most half its block's
+ * step, so a row's error is at most sum_b (sum |w_b|) * step_b / 2. */
+static void test_linear_quantized(void)
+{
+    kiln_rng r;
+    kiln_rng_seed(&r, 23);
+    kiln_dtype types[] = {KILN_DTYPE_Q8_0, KILN_DTYPE_Q4_0, KILN_DTYPE_Q4_K, KILN_DTYPE_Q6_K};
+    int shapes[][3] = {{1, 7, 256}, {3, 33, 512}, {5, 16, 768}, {1, 64, 1024}, {9, 5, 256}};
+    for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+            kiln_dtype dt = types[ti];
+            int T = shapes[si][0], R = shapes[si][1], K = shapes[si][2];
+            float *w = malloc((size_t)R * K * 4), *x = malloc((size_t)T * K * 4);
+            float *b = malloc((size_t)R * 4), *y = malloc((size_t)T * R * 4);
+            float *y2 = malloc((size_t)T * R * 4), *wd = malloc((size_t)K * 4);
+            for (int i = 0; i < R * K; i++) w[i] = kiln_rng_normal(&r) * (1 + i % 7);
+            for (int i = 0; i < T * K; i++) x[i] = kiln_rng_normal(&r);
+            for (int i = 0; i < R; i++) b[i] = kiln_rng_normal(&r);
+            kern_wt src = {KILN_DTYPE_F32, KERN_W_OUT_IN, R, K, w}, W;
+            CHECK(kern_weight_prepare(dt, &src, &W));
+            CHECK_EQ(W.dtype, dt);
+            kern_ops_fast()->linear(NULL, y, x, T, &W, b);
+            kern_ops_ref()->linear(NULL, y2, x, T, &W, b);
+            const dtype_traits *tr = dtype_traits_of(dt);
+            size_t rb = dtype_row_bytes(dt, K);
+            double worst_fr = 0, worst_b = 0;
+            for (int t = 0; t < T; t++)
+                for (int i = 0; i < R; i++) {
+                    tr->to_float((const uint8_t *)W.data + rb * (size_t)i, wd, K);
+                    const float *xt = x + (size_t)t * K;
+                    double exact = b[i], bound = 0, mag = fabs(b[i]);
+                    for (int bl = 0; bl < K / 32; bl++) {
+                        double amax = 0, aw = 0;
+                        for (int j = 0; j < 32; j++) {
+                            amax = fmax(amax, fabs(xt[bl * 32 + j]));
+                            aw += fabs(wd[bl * 32 + j]);
+                            exact += (double)wd[bl * 32 + j] * xt[bl * 32 + j];
+                            mag += fabs((double)wd[bl * 32 + j] * xt[bl * 32 + j]);
+                        }
+                        bound += aw * (amax / 127) / 2;
+                    }
+                    double yf = y[(size_t)t * R + i], yr = y2[(size_t)t * R + i];
+                    worst_fr = check_max(worst_fr, fabs(yf - yr) / (mag + 1e-30));
+                    /* fp32 rounding of the sums on top of the bound */
+                    worst_b = check_max(worst_b, (fabs(yr - exact) - 1e-5 * mag) / (bound + 1e-30));
+                }
+            CHECK_MSG(worst_fr < 2e-6, "%s T=%d R=%d K=%d: fast vs ref %g (of the row's |terms|)",
+                      tr->name, T, R, K, worst_fr);
+            CHECK_MSG(worst_b <= 1.0, "%s T=%d R=%d K=%d: error %g of the 8-bit activation bound",
+                      tr->name, T, R, K, worst_b);
+            kern_weight_free(&W);
+            free(w); free(x); free(b); free(y); free(y2); free(wd);
+        }
+    /* rows that a K-quant's block does not divide fall back as llama.cpp's do */
+    CHECK_EQ(kern_weight_dtype(KILN_DTYPE_Q4_K, 96), KILN_DTYPE_Q8_0);
+    CHECK_EQ(kern_weight_dtype(KILN_DTYPE_Q6_K, 512), KILN_DTYPE_Q6_K);
+    CHECK_EQ(kern_weight_dtype(KILN_DTYPE_Q4_0, 40), KILN_DTYPE_BF16);
+    CHECK_EQ(kern_weight_dtype(KILN_DTYPE_BF16, 40), KILN_DTYPE_BF16);
+}
+
+/* An engine on block-quantized weights computes what its dequantized
+ * weights compute, up to the 8-bit activations of the Q dot products:
+ * the logits of a prefill against an fp32 engine on a model whose matrices
+ * hold exactly the dequantized values (relative RMS error; measured about
+ * 1.2% for every type, bound 2%), and the same greedy token at (nearly) every
+ * position. */
+static void test_engine_quantized(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config c = tiny_cfg(KILN_ARCH_LLAMA);
+    c.n_embd = 256;
+    c.n_inner = 512;
+    kiln_model *m = NULL;
+    CHECK(kiln_model_new(ctx, &c, &m) == KILN_OK);
+    kiln_model_init_random(m, 31);
+    float *p = kiln_model_params(m);
+    kiln_rng r;
+    kiln_rng_seed(&r, 8);
+    for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.02f * kiln_rng_normal(&r);
+    enum { T = 20 };
+    const int V = c.vocab_size;
+    int32_t tok[T];
+    for (int i = 0; i < T; i++) tok[i] = (i * 13 + 5) % V;
+    kiln_dtype types[] = {KILN_DTYPE_Q8_0, KILN_DTYPE_Q4_0, KILN_DTYPE_Q4_K, KILN_DTYPE_Q6_K};
+    float *lq = malloc(sizeof(float) * T * V), *lf = malloc(sizeof(float) * T * V);
+    for (size_t ti = 0; ti < 4; ti++) {
+        kiln_model *md = NULL;
+        CHECK(kiln_model_new(ctx, &c, &md) == KILN_OK);
+        float *pd = kiln_model_params(md);
+        memcpy(pd, p, kiln_model_num_params(m) * sizeof(float));
+        /* every matrix (not the embedding table) rounded through the type */
+        for (int i = 0; i < kiln_model_num_tensors(m); i++) {
+            const kiln_tensor_info *t = kiln_model_tensor(m, i);
+            if (t->ndim != 2 || strstr(t->name, "embed_tokens")) continue;
+            int R = (int)t->shape[0], K = (int)t->shape[1];
+            kern_wt src = {KILN_DTYPE_F32, KERN_W_OUT_IN, R, K, p + t->offset}, W;
+            CHECK(kern_weight_prepare(types[ti], &src, &W));
+            size_t rb = dtype_row_bytes(W.dtype, K);
+            for (int row = 0; row < R; row++)
+                dtype_traits_of(W.dtype)->to_float((const uint8_t *)W.data + rb * row,
+                                                   pd + t->offset + (size_t)row * K, K);
+            kern_weight_free(&W);
+        }
+        kiln_engine_opts o = kiln_engine_opts_default();
+        o.chunk = T;
+        o.wtype = types[ti];
+        kiln_engine *eq = NULL, *ef = NULL;
+        CHECK(kiln_engine_new(ctx, m, &o, &eq) == KILN_OK);
+        o.wtype = KILN_DTYPE_F32;
+        CHECK(kiln_engine_new(ctx, md, &o, &ef) == KILN_OK);
+        CHECK(kiln_engine_weight_bytes(eq) * 3 < kiln_engine_weight_bytes(ef));
+        kiln_engine_tok tk[T];
+        for (int i = 0; i < T; i++) tk[i] = (kiln_engine_tok){0, tok[i], true};
+        CHECK(kiln_engine_step(ctx, eq, tk, T, lq) == KILN_OK);
+        CHECK(kiln_engine_step(ctx, ef, tk, T, lf) == KILN_OK);
+        double se = 0, sr = 0;
+        int agree = 0;
+        for (int i = 0; i < T * V; i++) se += (double)(lq[i] - lf[i]) * (lq[i] - lf[i]), sr += (double)lf[i] * lf[i];
+        for (int t = 0; t < T; t++) agree += argmax_f(lq + t * V, V) == argmax_f(lf + t * V, V);
+        double rel = sqrt(se / sr);
+        CHECK_MSG(rel < 0.02, "%s: relative RMS logit error %g vs the dequantized fp32 model",
+                  kiln_dtype_name(types[ti]), rel);
+        CHECK_MSG(agree >= T - 1, "%s: greedy token agrees at %d of %d positions",
+                  kiln_dtype_name(types[ti]), agree, T);
+        kiln_engine_free(eq);
+        kiln_engine_free(ef);
+        kiln_model_free(md);
+    }
+    free(lq); free(lf);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+
+/* rope_at and attention_kv (the engine's decode ops): fast against ref,
+ * and rope_at at position p against rope at t = p (the training op): the
+ * same arithmetic, so the same bits. */
+static void test_decode_ops_match_reference(void)
+{
+    kiln_rng r;
+    kiln_rng_seed(&r, 17);
+    enum { NH = 4, KVH = 2, HS = 8, QKV = (NH + 2 * KVH) * HS, NCTX = 40, S = 3, T = 5 };
+    const int KVD = KVH * HS, half = HS / 2;
+    float *cs = malloc(sizeof(float) * NCTX * half), *sn = malloc(sizeof(float) * NCTX * half);
+    for (int p = 0; p < NCTX; p++)
+        for (int i = 0; i < half; i++) {
+            cs[p * half + i] = cosf(p * powf(10000.0f, -2.0f * i / HS));
+            sn[p * half + i] = sinf(p * powf(10000.0f, -2.0f * i / HS));
+        }
+    /* rope_at vs rope: a (1, NCTX) sequence rotated by rope equals each
+     * row rotated at its position */
+    float *a = malloc(sizeof(float) * NCTX * QKV), *b = malloc(sizeof(float) * NCTX * QKV);
+    float *c = malloc(sizeof(float) * NCTX * QKV);
+    for (int i = 0; i < NCTX * QKV; i++) a[i] = b[i] = c[i] = kiln_rng_normal(&r);
+    int pos[NCTX];
+    for (int i = 0; i < NCTX; i++) pos[i] = i;
+    kern_ops_fast()->rope(a, cs, sn, 1, NCTX, NH, KVH, HS, false);
+    kern_ops_fast()->rope_at(b, NCTX, QKV, pos, cs, sn, NH + KVH, HS);
+    kern_ops_ref()->rope_at(c, NCTX, QKV, pos, cs, sn, NH + KVH, HS);
+    CHECK(memcmp(a, b, sizeof(float) * NCTX * QKV) == 0);
+    double worst = 0;
+    for (int i = 0; i < NCTX * QKV; i++) worst = check_max(worst, fabs(b[i] - c[i]));
+    CHECK_MSG(worst < 1e-6, "rope_at fast vs ref: %g", worst);
+    /* attention_kv: T queries of different slots and positions */
+    float *kc = malloc(sizeof(float) * S * NCTX * KVD), *vc = malloc(sizeof(float) * S * NCTX * KVD);
+    for (int i = 0; i < S * NCTX * KVD; i++) kc[i] = kiln_rng_normal(&r), vc[i] = kiln_rng_normal(&r);
+    int slot[T] = {0, 2, 1, 2, 0}, qpos[T] = {0, 7, 39, 8, 3};
+    float *q = malloc(sizeof(float) * T * QKV), *o1 = malloc(sizeof(float) * T * NH * HS);
+    float *o2 = malloc(sizeof(float) * T * NH * HS), *sc = malloc(sizeof(float) * T * NH * NCTX);
+    for (int i = 0; i < T * QKV; i++) q[i] = kiln_rng_normal(&r);
+    kern_ops_fast()->attention_kv(o1, q, QKV, T, slot, qpos, kc, vc, (size_t)NCTX * KVD, NH,
+                                  KVH, HS, NCTX, sc);
+    kern_ops_ref()->attention_kv(o2, q, QKV, T, slot, qpos, kc, vc, (size_t)NCTX * KVD, NH,
+                                 KVH, HS, NCTX, sc);
+    worst = 0;
+    for (int i = 0; i < T * NH * HS; i++) worst = check_max(worst, fabs(o1[i] - o2[i]));
+    CHECK_MSG(worst < 1e-5, "attention_kv fast vs ref: %g", worst);
+    /* the first query attends to one position: its output is that value row */
+    for (int h = 0; h < NH; h++)
+        for (int i = 0; i < HS; i++)
+            CHECK_NEAR(o1[h * HS + i], vc[(h / (NH / KVH)) * HS + i], 1e-6);
+    free(cs); free(sn); free(a); free(b); free(c); free(kc); free(vc);
+    free(q); free(o1); free(o2); free(sc);
+}
+
+/* The engine runs the model's own layer: an fp32 prefill of a fresh
+ * sequence in one chunk gives the training forward's logits bit for bit,
+ * both families (the same ops, in the same order, on the same weights). */
+static void engine_equals_forward(kiln_arch arch)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config c = tiny_cfg(arch);
+    kiln_model *m = NULL;
+    CHECK(kiln_model_new(ctx, &c, &m) == KILN_OK);
+    kiln_model_init_random(m, 5 + arch);
+    float *p = kiln_model_params(m);
+    kiln_rng r;
+    kiln_rng_seed(&r, 4);
+    for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.05f * kiln_rng_normal(&r);
+    enum { T = 24 };
+    const int V = c.vocab_size;
+    int32_t tok[T];
+    for (int i = 0; i < T; i++) tok[i] = (i * 11 + 2) % V;
+    float *ref = NULL;
+    CHECK(kiln_model_forward(ctx, m, tok, 1, T, &ref) == KILN_OK);
+    kiln_engine_opts o = kiln_engine_opts_default();
+    o.chunk = T;
+    kiln_engine *e = NULL;
+    CHECK(kiln_engine_new(ctx, m, &o, &e) == KILN_OK);
+    kiln_engine_tok tk[T];
+    for (int i = 0; i < T; i++) tk[i] = (kiln_engine_tok){0, tok[i], true};
+    float *lg = malloc(sizeof(float) * T * V);
+    CHECK(kiln_engine_step(ctx, e, tk, T, lg) == KILN_OK);
+    size_t differ = 0;
+    double worst = 0;
+    for (size_t i = 0; i < (size_t)T * V; i++) {
+        differ += memcmp(&lg[i], &ref[i], sizeof(float)) != 0;
+        worst = check_max(worst, fabs(lg[i] - ref[i]));
+    }
+    CHECK_MSG(differ == 0, "arch %d: %zu of %d logits differ from the training forward (max %g)",
+              arch, differ, T * V, worst);
+    free(lg);
+    kiln_engine_free(e);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+static void test_engine_equals_forward_gpt2(void) { engine_equals_forward(KILN_ARCH_GPT2); }
+static void test_engine_equals_forward_llama(void) { engine_equals_forward(KILN_ARCH_LLAMA); }
 
 static kiln_engine *mk(kiln_arch arch, store *s, int slots, int chunk, kiln_dtype wt)
 {
@@ -378,8 +630,10 @@ static kiln_engine *mk(kiln_arch arch, store *s, int slots, int chunk, kiln_dtyp
     o.chunk = chunk;
     o.wtype = wt;
     kiln_engine *e = NULL;
-    kiln_status st = infer_engine_new_src(ctx, &c, src_fn, s, &o, &e);
+    kiln_model *m = store_model(ctx, s, &c);
+    kiln_status st = m ? kiln_engine_new(ctx, m, &o, &e) : KILN_ERR_FORMAT;
     CHECK_MSG(st == KILN_OK, "engine_new: %s", kiln_errmsg(ctx));
+    kiln_model_free(m); /* the engine keeps its own prepared copy */
     kiln_ctx_free(ctx);
     return e;
 }
@@ -551,20 +805,15 @@ static void test_errors(void)
     CHECK(kiln_engine_step(ctx, e, &one, 1, lg) == KILN_ERR_RANGE);
     CHECK(strstr(kiln_errmsg(ctx), "full") != NULL);
     CHECK_EQ(kiln_engine_pos(e, 0), c.n_ctx);
-    /* a missing tensor names it */
-    store s2 = {0};
-    make_weights(&s2, &c, 5);
-    strcpy(s2.t[4].name, "renamed");
+    /* a weight dtype the engine does not store names the field and type */
     kiln_engine *e2 = NULL;
     kiln_engine_opts o = kiln_engine_opts_default();
-    CHECK(infer_engine_new_src(ctx, &c, src_fn, &s2, &o, &e2) == KILN_ERR_FORMAT);
-    CHECK(strstr(kiln_errmsg(ctx), "transformer.h.0.") != NULL);
-    CHECK(e2 == NULL);
-    /* a weight dtype the engine does not store names the field and type */
-    o.wtype = KILN_DTYPE_Q4_0;
-    CHECK(infer_engine_new_src(ctx, &c, src_fn, &s, &o, &e2) == KILN_ERR_INVALID_ARG);
+    o.wtype = KILN_DTYPE_Q5_0;
+    kiln_model *m = store_model(ctx, &s, &c);
+    CHECK(m && kiln_engine_new(ctx, m, &o, &e2) == KILN_ERR_INVALID_ARG);
+    kiln_model_free(m);
     CHECK(strstr(kiln_errmsg(ctx), "kiln_engine_opts.wtype") != NULL);
-    CHECK(strstr(kiln_errmsg(ctx), "q4_0") != NULL);
+    CHECK(strstr(kiln_errmsg(ctx), "q5_0") != NULL);
     CHECK(e2 == NULL);
     /* the deprecated aliases are the one dtype's values */
     CHECK_EQ(KILN_WTYPE_F32, KILN_DTYPE_F32);
@@ -573,7 +822,6 @@ static void test_errors(void)
     kiln_ctx_free(ctx);
     kiln_engine_free(e);
     store_free(&s);
-    store_free(&s2);
 }
 
 /* The engine built from a kiln_model (kiln_engine_new) decodes greedily
@@ -631,6 +879,11 @@ static void test_vs_model_llama(void) { greedy_vs_model_forward(KILN_ARCH_LLAMA,
 int main(void)
 {
     RUN_TEST(test_linear_matches_reference);
+    RUN_TEST(test_linear_quantized);
+    RUN_TEST(test_engine_quantized);
+    RUN_TEST(test_decode_ops_match_reference);
+    RUN_TEST(test_engine_equals_forward_gpt2);
+    RUN_TEST(test_engine_equals_forward_llama);
     RUN_TEST(test_prefill_gpt2);
     RUN_TEST(test_prefill_llama);
     RUN_TEST(test_prefill_gpt2_bf16);

@@ -410,3 +410,20 @@ kiln_status cli_model_dir(kiln_ctx *ctx, const char *model, char *out, size_t ca
         return kiln_checkpoint_resolve(ctx, model, out, cap);
     return KILN_OK;
 }
+
+bool cli_weight_dtype(const char *cmd, const char *s, kiln_dtype *out)
+{
+    static const struct {
+        const char *name;
+        kiln_dtype t;
+    } k[] = {{"fp32", KILN_DTYPE_F32}, {"f32", KILN_DTYPE_F32}, {"bf16", KILN_DTYPE_BF16},
+             {"q8_0", KILN_DTYPE_Q8_0}, {"q4_0", KILN_DTYPE_Q4_0}, {"q4_k", KILN_DTYPE_Q4_K},
+             {"q6_k", KILN_DTYPE_Q6_K}};
+    for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
+        if (!strcmp(s, k[i].name)) {
+            *out = k[i].t;
+            return true;
+        }
+    fprintf(stderr, "kiln %s: --dtype '%s' is not one of %s\n", cmd, s, CLI_WEIGHT_DTYPES);
+    return false;
+}

@@ -99,4 +99,10 @@ bool cli_isatty(void);
 KILN_COMMANDS(KILN_XX_DECL)
 #undef KILN_XX_DECL
 
+/* The weight storage named by --dtype for the inference commands:
+ * fp32 (or f32), bf16, q8_0, q4_0, q4_k, q6_k. false (and a message naming
+ * the flag on stderr, prefixed by cmd) for anything else. */
+bool cli_weight_dtype(const char *cmd, const char *s, kiln_dtype *out);
+#define CLI_WEIGHT_DTYPES "fp32 | bf16 | q8_0 | q4_0 | q4_k | q6_k"
+
 #endif /* KILN_CLI_H */

@@ -173,7 +173,7 @@ int cmd_chat(int argc, char **argv)
         {"repetition-penalty", CLI_F64, &rep, "[1.0]", false},
         {"seed", CLI_I64, &seed, "sampling seed of the first reply (then +1 per reply) [0]", false},
         {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
-        {"dtype", CLI_STR, &dtype, "fp32 | bf16 [fp32]", false},
+        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32]", false},
         {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {NULL, 0, NULL, NULL, false},
@@ -208,9 +208,7 @@ int cmd_chat(int argc, char **argv)
     }
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_ctx = ctx_len;
-    if (!strcmp(dtype, "bf16")) eo.wtype = KILN_DTYPE_BF16;
-    else if (strcmp(dtype, "fp32")) {
-        fprintf(stderr, "kiln chat: --dtype '%s' is not fp32 or bf16\n", dtype);
+    if (!cli_weight_dtype("chat", dtype, &eo.wtype)) {
         kiln_ctx_free(c.ctx);
         return 2;
     }

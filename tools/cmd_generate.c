@@ -49,7 +49,7 @@ int cmd_generate(int argc, char **argv)
         {"stop-token", CLI_LIST, &stop_tokens, "token ids that end generation (besides end-of-text)", false},
         {"ignore-eos", CLI_BOOL, &ignore_eos, "keep going past end-of-text", false},
         {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
-        {"dtype", CLI_STR, &dtype, "weight storage: fp32 | bf16 [fp32]", false},
+        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32]", false},
         {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {"no-echo", CLI_BOOL, &no_echo, "do not print the prompt before the continuation", false},
@@ -67,10 +67,7 @@ int cmd_generate(int argc, char **argv)
         return rc == 1 ? 0 : 2;
     }
     kiln_dtype wt;
-    if (!strcmp(dtype, "fp32")) wt = KILN_DTYPE_F32;
-    else if (!strcmp(dtype, "bf16")) wt = KILN_DTYPE_BF16;
-    else {
-        fprintf(stderr, "kiln generate: --dtype '%s' is not fp32 or bf16\n", dtype);
+    if (!cli_weight_dtype("generate", dtype, &wt)) {
         cli_free(opts, NULL);
         return 2;
     }

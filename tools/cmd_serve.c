@@ -27,7 +27,7 @@ int cmd_serve(int argc, char **argv)
         {"max-connections", CLI_INT, &o.max_connections, "open connections at most; 3/4 of them per client address [256]", false},
         {"name", CLI_STR, &o.model_name, "model id in the API [the directory's name]", false},
         {"tokenizer", CLI_STR, &o.tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
-        {"dtype", CLI_STR, &dtype, "weight storage: fp32 | bf16 [fp32]", false},
+        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads of the engine, 0 = all cores [0]", false},
         {NULL, 0, NULL, NULL, false},
     };
@@ -44,12 +44,7 @@ int cmd_serve(int argc, char **argv)
         cli_free(opts, NULL);
         return rc == 1 ? 0 : 2;
     }
-    if (!strcmp(dtype, "fp32")) o.wtype = KILN_DTYPE_F32;
-    else if (!strcmp(dtype, "bf16")) o.wtype = KILN_DTYPE_BF16;
-    else {
-        fprintf(stderr, "kiln serve: --dtype '%s' is not fp32 or bf16\n", dtype);
-        return 2;
-    }
+    if (!cli_weight_dtype("serve", dtype, &o.wtype)) return 2;
     if (max_body < 64 || max_body > (int64_t)1 << 32) {
         fprintf(stderr, "kiln serve: --max-body must be in 64..4294967296\n");
         return 2;

@@ -25,6 +25,8 @@
 #ifndef KILN_KERNELS_H
 #define KILN_KERNELS_H
 
+#include "tensor/tensor.h"
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -76,6 +78,52 @@ typedef enum kern_wlayout {
     KERN_W_OUT_IN = 0, /* W (OC, C): nn.Linear (llama) */
     KERN_W_IN_OUT = 1  /* W (C, OC): HF Conv1D (gpt2) */
 } kern_wlayout;
+
+/* A typed weight matrix as the ops read it: rows = outputs, cols =
+ * inputs (y = W x), in the given storage layout. KILN_DTYPE_F32 in either
+ * layout (the model's own tensors, read in place); KILN_DTYPE_BF16 in
+ * KERN_W_OUT_IN only (rows of bf16 streamed by decode). The quantized
+ * dtypes of tensor.h plug in here. */
+typedef struct kern_wt {
+    kiln_dtype dtype;
+    kern_wlayout lay;
+    int rows, cols;
+    const void *data;
+} kern_wt;
+
+/* With AVX512_BF16 (in the build's target), bf16 weights are dotted with
+ * activations rounded to bf16 (products exact in fp32, sums in fp32), as
+ * bf16 hardware does; without it the weights are widened and the
+ * activations stay fp32. The reference linear follows the same rule, so
+ * the two agree to fp32 rounding. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define KERN_BF16_DOT 1
+#else
+#define KERN_BF16_DOT 0
+#endif
+
+/* Prepares src (fp32, either layout) as dtype dt for the linear op (fp32:
+ * a copy in the same layout; bf16: rows (out, in)); out owns the memory
+ * (kern_weight_free). false when out of memory. */
+bool kern_weight_prepare(kiln_dtype dt, const kern_wt *src, kern_wt *out);
+void kern_weight_free(kern_wt *w);
+/* The dtype a weight of rows of `cols` inputs is prepared as when dt is
+ * asked: dt itself, or, for a Q type whose block does not divide the
+ * rows (K-quants need multiples of 256), Q8_0 (multiples of 32) or else
+ * BF16, as llama.cpp falls back. */
+kiln_dtype kern_weight_dtype(kiln_dtype dt, int cols);
+
+/* Activations for the Q types' dot products: each row of K inputs (K a
+ * multiple of 32) in blocks of 32 as int8 q (round to nearest of x *
+ * 127/amax) with fp32 scale d = amax/127, and the sums of q over each half
+ * block (s16, two per block: the Q4/Q6 offsets). Every backend quantizes
+ * activations with this one function, so they dot the same integers. */
+void kern_quant_act(const float *x, int K, int8_t *q, float *d, int32_t *s16);
+/* The reference dot product of one row of Q-type weights (K inputs) with
+ * one quantized activation row: integer sums per block, scaled and summed
+ * in double. */
+double kern_qdot_ref(kiln_dtype t, const void *row, int K, const int8_t *q, const float *d,
+                     const int32_t *s16);
 
 /* ---- the op table ---------------------------------------------------- */
 
@@ -150,6 +198,34 @@ typedef struct kern_ops {
                           const float *lse, int B, int T, int NH, int KVH,
                           int HS);
 
+    /* Inference linear layer on a typed weight: Y (T, W->rows) = X (T,
+     * W->cols) W^T + b (b may be NULL), overwritten. The backend picks the
+     * kernel by shape: a decode-sized T streams each weight row once for
+     * all T rows (the memory-bound case); a prefill-sized T of fp32
+     * weights is a GEMM on g, the same call as matmul_fwd (so a prefill
+     * and the training forward give the same bits). With AVX512_BF16, bf16
+     * weights are dotted with activations rounded to bf16 (exact products,
+     * fp32 sums), as bf16 hardware does; ref follows the same rule. */
+    void (*linear)(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
+                   const float *b);
+
+    /* Rotary embedding of n rows at explicit positions: row i (stride
+     * floats apart) holds nheads heads of HS, rotated by position pos[i]
+     * (the same arithmetic as rope at t = pos[i]). */
+    void (*rope_at)(float *x, int n, size_t stride, const int *pos, const float *cos_t,
+                    const float *sin_t, int nheads, int HS);
+
+    /* Attention of T query rows against a KV cache (inference). Row t's
+     * query heads are qkv + t * qkv_stride (NH heads of HS); it attends to
+     * positions 0..pos[t] of its slot's cache, whose keys and values for
+     * that position are already written: key j of slot s, kv head h is
+     * kc + s * slot_stride + j * KVH*HS + h*HS (vc alike). out (T, NH*HS).
+     * scores: scratch of T * NH * n_ctx floats. Scale 1/sqrt(HS). */
+    void (*attention_kv)(float *out, const float *qkv, size_t qkv_stride, int T,
+                         const int *slot, const int *pos, const float *kc, const float *vc,
+                         size_t slot_stride, int NH, int KVH, int HS, int n_ctx,
+                         float *scores);
+
     /* out = a + b (out may alias a or b). */
     void (*add)(float *out, const float *a, const float *b, size_t n);
 
@@ -195,6 +271,19 @@ void kern_fast_attention_bwd(kern_gemm *g, float *dqkv, const float *dout, const
                              const float *out, const float *lse, int B, int T, int NH, int KVH,
                              int HS);
 
+/* The fast table's inference ops (x86/linear_stream.c). */
+void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
+                      const float *b);
+/* Block-quantized weights (x86/linear_quant.c); false when this build has
+ * no AVX512-VNNI kernel or memory ran out (the caller runs ref). */
+bool kern_fast_linear_q(float *Y, const float *X, int T, const kern_wt *W, const float *b);
+void kern_fast_rope_at(float *x, int n, size_t stride, const int *pos, const float *cos_t,
+                       const float *sin_t, int nheads, int HS);
+void kern_fast_attention_kv(float *out, const float *qkv, size_t qkv_stride, int T,
+                            const int *slot, const int *pos, const float *kc, const float *vc,
+                            size_t slot_stride, int NH, int KVH, int HS, int n_ctx,
+                            float *scores);
+
 /* Generic linear-layer implementations on top of kern_gemm (used by both
  * tables; bias handling is single-threaded in ref, threaded in fast). */
 void kern_matmul_fwd_gemm(kern_gemm *g, float *out, const float *inp,
@@ -204,6 +293,11 @@ void kern_matmul_bwd_gemm(kern_gemm *g, float *dinp, float *dw, float *db,
                           const float *dout, const float *inp,
                           const float *w, int N, int C, int OC,
                           kern_wlayout lay, bool dinp_acc);
+
+/* Streaming read of n bytes on nth threads (0 = all): the bandwidth
+ * roofline of decode (bench_decode). Returns a checksum so that the read
+ * cannot be optimised away. */
+double kern_stream_read(const void *p, size_t n, int nth);
 
 /* The FLOP count of the model's matrix products is documented in
  * docs/performance.md; kernels do not count. */

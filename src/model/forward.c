@@ -69,6 +69,24 @@ static void set_threads(const kiln_model *m)
 #endif
 }
 
+/* The training forward's attention of layer l: rope (llama) and the flash
+ * kernel over the batch, its log-sum-exp kept for the backward. */
+typedef struct train_attend_ud {
+    kiln_model *m;
+    size_t lse_sz;
+} train_attend_ud;
+
+static void train_attend(void *p, int l, float *qkv, float *atty)
+{
+    train_attend_ud *u = p;
+    kiln_model *m = u->m;
+    const kern_ops *k = m->ops;
+    float *lse = m->a.lse + (size_t)l * u->lse_sz;
+    if (m->cfg.arch != KILN_ARCH_GPT2)
+        P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, m->B, m->T, m->NH, m->KVH, m->HS, false));
+    P(ATTN_FWD, k->attention_fwd(m->gemm, atty, lse, qkv, m->B, m->T, m->NH, m->KVH, m->HS));
+}
+
 kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
                                const int32_t *tokens, int B, int T,
                                float **logits)
@@ -102,54 +120,29 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
     m->keep_weights = false;
     if (m->act_mp) return model_mp_forward(ctx, m, logits);
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
-    kern_wlayout lay = gpt2 ? KERN_W_IN_OUT : KERN_W_OUT_IN;
     int C = m->C, F = m->F, QKV = m->QKV, V = m->V, n = (int)N;
     int FH = gpt2 ? F : 2 * F;
-    float eps = m->cfg.norm_eps;
     size_t lse_sz = (size_t)B * m->NH * T;
     model_acts *a = &m->a;
 
     P(OTHER, k->embed_fwd(a->encoded, tokens, m->w.wte, m->w.wpe, B, T, C));
+    model_shape sh = model_shape_of(m);
+    train_attend_ud ud = {m, lse_sz};
+    model_run r = {.k = k, .g = g, .s = &sh, .attend = train_attend, .ud = &ud, .prof = m};
     for (int l = 0; l < m->L; l++) {
-        const model_layer *w = &m->w.layers[l];
-        const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
-        float *ln1 = a->ln1 + (size_t)l * N * C;
-        float *qkv = a->qkv + (size_t)l * N * QKV;
-        float *lse = a->lse + (size_t)l * lse_sz;
-        float *atty = a->atty + (size_t)l * N * C;
-        float *res2 = a->res2 + (size_t)l * N * C;
-        float *ln2 = a->ln2 + (size_t)l * N * C;
-        float *fch = a->fch + (size_t)l * N * FH;
-        float *fca = a->fch_act + (size_t)l * N * F;
-        float *res3 = a->res3 + (size_t)l * N * C;
-        if (gpt2)
-            P(NORM, k->layernorm_fwd(ln1, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N,
-                             inp, w->ln1_w, w->ln1_b, n, C, eps));
-        else
-            P(NORM, k->rmsnorm_fwd(ln1, a->ln1_rstd + (size_t)l * N, inp, w->ln1_w, n, C, eps));
-        P(MATMUL_FWD, k->matmul_fwd(g, qkv, ln1, w->qkv_w, w->qkv_b, n, C, QKV, lay));
-        if (!gpt2)
-            P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-        P(ATTN_FWD, k->attention_fwd(g, atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
-        P(MATMUL_FWD, k->matmul_fwd(g, res2, atty, w->proj_w, w->proj_b, n, C, C, lay));
-        P(OTHER, k->add(res2, res2, inp, N * C));
-        if (gpt2)
-            P(NORM, k->layernorm_fwd(ln2, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N,
-                             res2, w->ln2_w, w->ln2_b, n, C, eps));
-        else
-            P(NORM, k->rmsnorm_fwd(ln2, a->ln2_rstd + (size_t)l * N, res2, w->ln2_w, n, C, eps));
-        P(MATMUL_FWD, k->matmul_fwd(g, fch, ln2, w->fc_w, w->fc_b, n, C, FH, lay));
-        if (gpt2) P(ACT, k->gelu_fwd(fca, fch, N * F));
-        else P(ACT, k->swiglu_fwd(fca, fch, n, F));
-        P(MATMUL_FWD, k->matmul_fwd(g, res3, fca, w->fcproj_w, w->fcproj_b, n, F, C, lay));
-        P(OTHER, k->add(res3, res3, res2, N * C));
+        model_blk_w w = model_blk_weights(m, l);
+        size_t nc = (size_t)l * N * C, ns = (size_t)l * N;
+        model_blk io = {.inp = l == 0 ? a->encoded : a->res3 + nc - N * C,
+                        .ln1 = a->ln1 + nc, .ln1_mean = a->ln1_mean + ns,
+                        .ln1_rstd = a->ln1_rstd + ns, .qkv = a->qkv + (size_t)l * N * QKV,
+                        .atty = a->atty + nc, .res2 = a->res2 + nc, .ln2 = a->ln2 + nc,
+                        .ln2_mean = a->ln2_mean + ns, .ln2_rstd = a->ln2_rstd + ns,
+                        .fch = a->fch + (size_t)l * N * FH, .fca = a->fch_act + (size_t)l * N * F,
+                        .res3 = a->res3 + nc};
+        model_block_fwd(&r, l, &w, n, &io);
     }
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
-    if (gpt2)
-        P(NORM, k->layernorm_fwd(a->lnf, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b,
-                         n, C, eps));
-    else
-        P(NORM, k->rmsnorm_fwd(a->lnf, a->lnf_rstd, last, m->w.lnf_w, n, C, eps));
+    model_final_norm(&r, a->lnf, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n);
     P(MATMUL_FWD, k->matmul_fwd(g, a->logits, a->lnf, m->w.lm_head, NULL, n, C, V, KERN_W_OUT_IN));
     *logits = a->logits;
     return KILN_OK;

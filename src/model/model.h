@@ -209,6 +209,56 @@ static inline void model_norm_bwd(const kiln_model *m, float *dinp, float *dw, f
         m->ops->rmsnorm_bwd(dinp, dw, dout, inp, w, rstd, n, m->C);
 }
 
+/* ---- one layer's forward (block.c), shared with the engine ------------ */
+
+/* The sizes a layer needs (QKV = (NH + 2*KVH) * HS). */
+typedef struct model_shape {
+    kiln_arch arch;
+    int C, F, QKV, NH, KVH, HS;
+    float eps;
+} model_shape;
+
+/* One layer's weights as the block reads them: the four matrices typed
+ * (kernels.h kern_wt), vectors fp32 (NULL where the architecture has
+ * none). */
+typedef struct model_blk_w {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    kern_wt qkv, proj, fc, fcproj;
+    const float *qkv_b, *proj_b, *fc_b, *fcproj_b;
+} model_blk_w;
+
+/* One layer's buffers for n rows (see block.c for what each holds):
+ * inp, res2, res3, ln1, ln2, atty (n, C); qkv (n, QKV); fch (n, F or 2F);
+ * fca (n, F); ln*_mean (n, gpt2), ln*_rstd (n). res3 may alias inp. */
+typedef struct model_blk {
+    const float *inp;
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *res2;
+    float *ln2, *ln2_mean, *ln2_rstd, *fch, *fca, *res3;
+} model_blk;
+
+/* How a block runs: the op table and GEMM, the sizes, the attention
+ * (rope included) of layer l from qkv (n, QKV; rotated in place) into
+ * atty (n, C), and whether this is inference (typed linear) or training
+ * (matmul_fwd: always the GEMM). prof: the model whose per-op clock the
+ * block adds to (NULL: none). */
+typedef struct model_run {
+    const kern_ops *k;
+    kern_gemm *g;
+    const model_shape *s;
+    void (*attend)(void *ud, int l, float *qkv, float *atty);
+    void *ud;
+    bool infer;
+    kiln_model *prof;
+} model_run;
+
+void model_block_fwd(const model_run *r, int l, const model_blk_w *w, int n, const model_blk *io);
+/* The final norm of n rows (the architecture's), timed as NORM. */
+void model_final_norm(const model_run *r, float *out, float *mean, float *rstd, const float *inp,
+                      const float *w, const float *b, int n);
+model_shape model_shape_of(const kiln_model *m);
+/* Layer l's weights of m, fp32 in the model's layout (read in place). */
+model_blk_w model_blk_weights(const kiln_model *m, int l);
+
 /* Reads a config from parsed JSON (what names the source in messages).
  * Used by kiln_config_load and the fuzz harness. */
 kiln_status config_from_json(kiln_ctx *ctx, const json_t *o, const char *what,

@@ -3,9 +3,11 @@
  * obviously right, the oracle the fast kernels are tested against. Sums
  * that feed normalisations are carried in double.
  */
+#include "base/base.h"
 #include "kernels/kernels.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- gemm ------------------------------------------------------------ */
@@ -412,6 +414,107 @@ static void ref_cross_entropy(const float *logits, const int32_t *targets,
     *weight_sum += ws;
 }
 
+/* ---- inference ops ---------------------------------------------------- */
+
+/* One output at a time, summed in double: the oracle of every backend's
+ * linear. The weight may be stored either way round; bf16 activations are
+ * rounded as the fast kernel rounds them (KERN_BF16_DOT). g is unused. */
+static void ref_linear_q(float *Y, const float *X, int T, const kern_wt *W, const float *b)
+{
+    const int R = W->rows, K = W->cols, nb = K / 32;
+    const size_t rb = dtype_row_bytes(W->dtype, K);
+    int8_t *q = malloc((size_t)K);
+    float *d = malloc(sizeof(float) * (size_t)nb);
+    int32_t *s16 = malloc(sizeof(int32_t) * 2 * (size_t)nb);
+    KILN_ASSERT(q && d && s16);
+    for (int t = 0; t < T; t++) {
+        kern_quant_act(X + (size_t)t * K, K, q, d, s16);
+        for (int r = 0; r < R; r++)
+            Y[(size_t)t * R + r] =
+                (float)((b ? b[r] : 0.0) +
+                        kern_qdot_ref(W->dtype, (const uint8_t *)W->data + rb * (size_t)r, K, q, d,
+                                      s16));
+    }
+    free(q), free(d), free(s16);
+}
+
+static void ref_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
+                       const float *b)
+{
+    (void)g;
+    if (dtype_traits_of(W->dtype)->quantized) {
+        ref_linear_q(Y, X, T, W, b);
+        return;
+    }
+    const int R = W->rows, K = W->cols;
+    const bool f32 = W->dtype == KILN_DTYPE_F32, io = W->lay == KERN_W_IN_OUT;
+    for (int t = 0; t < T; t++)
+        for (int r = 0; r < R; r++) {
+            double s = b ? b[r] : 0.0;
+            for (int k = 0; k < K; k++) {
+                size_t i = io ? (size_t)k * R + r : (size_t)r * K + k;
+                float w = f32 ? ((const float *)W->data)[i]
+                              : bf16_to_f32(((const uint16_t *)W->data)[i]);
+                float x = X[(size_t)t * K + k];
+                if (!f32 && KERN_BF16_DOT) x = bf16_to_f32(f32_to_bf16(x));
+                s += (double)w * x;
+            }
+            Y[(size_t)t * R + r] = (float)s;
+        }
+}
+
+static void ref_rope_at(float *x, int n, size_t stride, const int *pos, const float *cos_t,
+                        const float *sin_t, int nheads, int HS)
+{
+    int half = HS / 2;
+    for (int r = 0; r < n; r++) {
+        const float *c = cos_t + (size_t)pos[r] * half, *s = sin_t + (size_t)pos[r] * half;
+        for (int h = 0; h < nheads; h++) {
+            float *v = x + (size_t)r * stride + (size_t)h * HS;
+            for (int i = 0; i < half; i++) {
+                float x1 = v[i], x2 = v[i + half];
+                v[i] = x1 * c[i] - x2 * s[i];
+                v[i + half] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    }
+}
+
+/* Softmax in double over each row's scores, then the weighted sum of the
+ * values; the scratch is unused. */
+static void ref_attention_kv(float *out, const float *qkv, size_t qkv_stride, int T,
+                             const int *slot, const int *pos, const float *kc, const float *vc,
+                             size_t slot_stride, int NH, int KVH, int HS, int n_ctx,
+                             float *scores)
+{
+    (void)n_ctx, (void)scores;
+    const int grp = NH / KVH, KVD = KVH * HS;
+    const double scale = 1.0 / sqrt((double)HS);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < NH; h++) {
+            const float *q = qkv + (size_t)t * qkv_stride + (size_t)h * HS;
+            const size_t base = (size_t)slot[t] * slot_stride + (size_t)(h / grp) * HS;
+            float *o = out + (size_t)t * NH * HS + (size_t)h * HS;
+            double mx = -INFINITY, sum = 0;
+            for (int j = 0; j <= pos[t]; j++) {
+                double s = 0;
+                for (int i = 0; i < HS; i++) s += (double)q[i] * kc[base + (size_t)j * KVD + i];
+                if (s * scale > mx) mx = s * scale;
+            }
+            for (int i = 0; i < HS; i++) o[i] = 0;
+            for (int pass = 0; pass < 2; pass++) /* sum, then the weighted values */
+                for (int j = 0; j <= pos[t]; j++) {
+                    double s = 0;
+                    for (int i = 0; i < HS; i++) s += (double)q[i] * kc[base + (size_t)j * KVD + i];
+                    double p = exp(s * scale - mx);
+                    if (pass == 0) sum += p;
+                    else
+                        for (int i = 0; i < HS; i++)
+                            o[i] += (float)(p / sum * vc[base + (size_t)j * KVD + i]);
+                }
+        }
+}
+
 static const kern_ops ref_ops = {
     .name = "ref",
     .matmul_fwd = kern_matmul_fwd_gemm,
@@ -427,6 +530,9 @@ static const kern_ops ref_ops = {
     .swiglu_fwd = ref_swiglu_fwd,
     .swiglu_bwd = ref_swiglu_bwd,
     .rope = ref_rope,
+    .linear = ref_linear,
+    .rope_at = ref_rope_at,
+    .attention_kv = ref_attention_kv,
     .attention_fwd = ref_attention_fwd,
     .attention_bwd = ref_attention_bwd,
     .add = ref_add,

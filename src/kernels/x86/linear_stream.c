@@ -1,65 +1,53 @@
 /*
- * kernels.c — the matrix kernels of the inference engine.
+ * linear_stream.c — the fast table's inference ops (kernels.h: linear,
+ * rope_at, attention_kv) and the bandwidth probe.
  *
  * Decoding is bound by memory bandwidth: every weight byte is read once per
- * step, whatever the batch. ik_linear therefore streams each block of rows
- * of W once and dots it with all T input rows while it is in registers (a
- * 4 rows x 4 tokens register tile of AVX-512 accumulators); bf16 rows are
- * widened to fp32 in registers, so they cost half the bytes. For prefill
- * (large T) the rows are tiled in blocks that stay in L2 while all token
- * groups pass over them. A portable scalar reference (ik_linear_ref) is
- * the oracle the tests compare against, and the fallback without AVX-512.
+ * step, whatever the batch. linear therefore streams each block of rows of
+ * W once and dots it with all T input rows while it is in registers (a 4
+ * rows x 4 tokens register tile of AVX-512 accumulators); bf16 rows are
+ * widened to fp32 in registers (or dotted as bf16 pairs with
+ * AVX512_BF16), so they cost half the bytes. For prefill-sized T of fp32
+ * weights the product is a GEMM (kern_matmul_fwd_gemm, as the training
+ * forward computes it); bf16 rows are tiled in blocks that stay in L2
+ * while all token groups pass over them. The reference versions are in
+ * kernels/ref/ref.c; tests/test_kernels.c compares the two.
  */
-#include "infer/infer.h"
+#include "base/base.h"
+#include "kernels/kernels.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
-#define IK_AVX512 1
+#define LS_AVX512 1
 #endif
-#include <stdlib.h>
 
-void ik_linear_ref(float *Y, const float *X, int T, const imat *W,
-                   const float *b, bool acc)
-{
-    const int R = W->rows, K = W->cols;
-    for (int t = 0; t < T; t++)
-        for (int r = 0; r < R; r++) {
-            double s = b ? b[r] : 0.0;
-            for (int k = 0; k < K; k++) {
-                float w = W->f32 ? W->f32[(size_t)r * K + k]
-                                 : bf16_to_f32(W->bf16[(size_t)r * K + k]);
-                float x = X[(size_t)t * K + k];
-                if (!W->f32 && IK_BF16_DOT) x = bf16_to_f32(f32_to_bf16(x));
-                s += (double)w * x;
-            }
-            float *y = &Y[(size_t)t * R + r];
-            *y = acc ? *y + (float)s : (float)s;
-        }
-}
+/* prefill-sized: from this many rows on, fp32 products are GEMMs */
+#define GEMM_MIN_T 16
 
-#ifdef IK_AVX512
-static inline __m512 load_w(const imat *W, size_t off, __mmask16 m)
+#ifdef LS_AVX512
+static inline __m512 load_w(const kern_wt *W, size_t off, __mmask16 m)
 {
-    if (W->f32) return _mm512_maskz_loadu_ps(m, W->f32 + off);
-    __m256i h = _mm256_maskz_loadu_epi16(m, W->bf16 + off);
+    if (W->dtype == KILN_DTYPE_F32) return _mm512_maskz_loadu_ps(m, (const float *)W->data + off);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)W->data + off);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-static inline __m512 load_w_full(const imat *W, size_t off)
+static inline __m512 load_w_full(const kern_wt *W, size_t off)
 {
-    if (W->f32) return _mm512_loadu_ps(W->f32 + off);
-    __m256i h = _mm256_loadu_si256((const __m256i *)(W->bf16 + off));
+    if (W->dtype == KILN_DTYPE_F32) return _mm512_loadu_ps((const float *)W->data + off);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)W->data + off));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 /* out[r][t] = dot(W row r0+r, X row t0+t) for r < nr <= 4, t < nt <= 4.
  * Rows / tokens past nr / nt are computed on duplicates and dropped. */
-static inline void micro(const imat *W, int r0, int nr, const float *X,
+static inline void micro(const kern_wt *W, int r0, int nr, const float *X,
                          int t0, int nt, float out[4][4])
 {
     const int K = W->cols;
@@ -112,19 +100,19 @@ static inline void micro(const imat *W, int r0, int nr, const float *X,
 }
 #endif
 
-#if IK_BF16_DOT
+#if KERN_BF16_DOT
 /* The bf16 x bf16 -> fp32 form of micro(): W rows and the activations Xb
  * (already rounded to bf16) are dotted 32 pairs per instruction
  * (vdpbf16ps), so a bf16 row costs one load and one instruction per 32
  * weights and the step is bound by the bytes, not by widening them. */
-static inline void micro_bf16(const imat *W, int r0, int nr, const uint16_t *Xb, int t0,
+static inline void micro_bf16(const kern_wt *W, int r0, int nr, const uint16_t *Xb, int t0,
                               int nt, float out[4][4])
 {
     const int K = W->cols;
     __m512 a[4][4];
     const uint16_t *wp[4], *xp[4];
 #pragma GCC unroll 4
-    for (int r = 0; r < 4; r++) wp[r] = W->bf16 + (size_t)(r0 + (r < nr ? r : nr - 1)) * K;
+    for (int r = 0; r < 4; r++) wp[r] = (const uint16_t *)W->data + (size_t)(r0 + (r < nr ? r : nr - 1)) * K;
 #pragma GCC unroll 4
     for (int t = 0; t < 4; t++) xp[t] = Xb + (size_t)(t0 + (t < nt ? t : nt - 1)) * K;
 #pragma GCC unroll 4
@@ -169,19 +157,19 @@ static inline void micro_bf16(const imat *W, int r0, int nr, const uint16_t *Xb,
 }
 #endif
 
-void ik_linear(float *Y, const float *X, int T, const imat *W,
-               const float *b, bool acc, int nth)
+
+static void linear_stream(float *Y, const float *X, int T, const kern_wt *W, const float *b)
 {
-#ifndef IK_AVX512
-    (void)nth;
-    ik_linear_ref(Y, X, T, W, b, acc);
+#ifndef LS_AVX512
+    kern_ops_ref()->linear(NULL, Y, X, T, W, b);
 #else
     const int R = W->rows, K = W->cols;
-    const size_t row_bytes = (size_t)K * (W->f32 ? 4 : 2);
+    const bool f32 = W->dtype == KILN_DTYPE_F32;
+    const size_t row_bytes = (size_t)K * (f32 ? 4 : 2);
 #ifdef _OPENMP
-    if (nth <= 0) nth = omp_get_max_threads();
+    const int nth = omp_get_max_threads();
 #else
-    nth = 1;
+    const int nth = 1;
 #endif
     /* Rows per block: what fits in ~256 KiB of L2, but enough blocks to
      * keep every thread busy. Multiple of 4. */
@@ -192,17 +180,17 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
     if (rb < 4) rb = 4;
     const int nblk = (R + rb - 1) / rb;
     uint16_t *Xb = NULL;
-#if IK_BF16_DOT
-    if (W->bf16) {
+#if KERN_BF16_DOT
+    if (!f32) {
         Xb = malloc((size_t)T * K * sizeof(uint16_t));
-        if (!Xb) {
-            ik_linear_ref(Y, X, T, W, b, acc);
+        if (!Xb) { /* the reference needs no memory */
+            kern_ops_ref()->linear(NULL, Y, X, T, W, b);
             return;
         }
         for (size_t i = 0; i < (size_t)T * K; i++) Xb[i] = f32_to_bf16(X[i]);
     }
 #endif
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && nblk > 1 && (size_t)R * K * T > 131072)
+#pragma omp parallel for schedule(dynamic, 1) if (nth > 1 && nblk > 1 && (size_t)R * K * T > 131072)
     for (int blk = 0; blk < nblk; blk++) {
         int r_lo = blk * rb, r_hi = KILN_MIN(R, r_lo + rb);
         for (int t0 = 0; t0 < T; t0 += 4) {
@@ -210,17 +198,14 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
             for (int r0 = r_lo; r0 < r_hi; r0 += 4) {
                 int nr = KILN_MIN(4, r_hi - r0);
                 float o[4][4];
-#if IK_BF16_DOT
+#if KERN_BF16_DOT
                 if (Xb) micro_bf16(W, r0, nr, Xb, t0, nt, o);
                 else
 #endif
                     micro(W, r0, nr, X, t0, nt, o);
                 for (int t = 0; t < nt; t++)
-                    for (int r = 0; r < nr; r++) {
-                        float v = o[r][t] + (b ? b[r0 + r] : 0.0f);
-                        float *y = &Y[(size_t)(t0 + t) * R + r0 + r];
-                        *y = acc ? *y + v : v;
-                    }
+                    for (int r = 0; r < nr; r++)
+                        Y[(size_t)(t0 + t) * R + r0 + r] = o[r][t] + (b ? b[r0 + r] : 0.0f);
             }
         }
     }
@@ -228,7 +213,89 @@ void ik_linear(float *Y, const float *X, int T, const imat *W,
 #endif
 }
 
-double ik_stream_read(const void *p, size_t n, int nth)
+void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
+                      const float *b)
+{
+    if (W->dtype == KILN_DTYPE_F32 && (T >= GEMM_MIN_T || W->lay == KERN_W_IN_OUT) && g) {
+        kern_matmul_fwd_gemm(g, Y, X, W->data, b, T, W->cols, W->rows, W->lay);
+        return;
+    }
+    if (dtype_traits_of(W->dtype)->quantized) {
+        if (!kern_fast_linear_q(Y, X, T, W, b)) kern_ops_ref()->linear(g, Y, X, T, W, b);
+        return;
+    }
+    if (W->lay != KERN_W_OUT_IN) { /* bf16 rows are stored (out, in) only */
+        kern_ops_ref()->linear(g, Y, X, T, W, b);
+        return;
+    }
+    linear_stream(Y, X, T, W, b);
+}
+
+void kern_fast_rope_at(float *x, int n, size_t stride, const int *pos, const float *cos_t,
+                       const float *sin_t, int nheads, int HS)
+{
+    int half = HS / 2;
+#pragma omp parallel for schedule(static) if ((size_t)n * nheads * HS > 16384)
+    for (int r = 0; r < n; r++) {
+        float *row = x + (size_t)r * stride;
+        const float *c = cos_t + (size_t)pos[r] * half, *s = sin_t + (size_t)pos[r] * half;
+        for (int h = 0; h < nheads; h++) {
+            float *v = row + (size_t)h * HS;
+#pragma omp simd
+            for (int i = 0; i < half; i++) {
+                float x1 = v[i], x2 = v[i + half], sn = s[i];
+                v[i] = x1 * c[i] - x2 * sn;
+                v[i + half] = x2 * c[i] + x1 * sn;
+            }
+        }
+    }
+}
+
+/* One (query row, head) pair per task; the scores of a row live in its
+ * slice of the scratch, so tasks are independent and the result does not
+ * depend on the thread count. */
+void kern_fast_attention_kv(float *out, const float *qkv, size_t qkv_stride, int T,
+                            const int *slot, const int *pos, const float *kc, const float *vc,
+                            size_t slot_stride, int NH, int KVH, int HS, int n_ctx,
+                            float *scores)
+{
+    const int grp = NH / KVH, KVD = KVH * HS;
+    const float scale = 1.0f / sqrtf((float)HS);
+    long work = 0; /* multiply-adds of this call */
+    for (int t = 0; t < T; t++) work += (long)(pos[t] + 1) * 2 * NH * HS;
+#pragma omp parallel for schedule(dynamic, 1) if (T * NH > 1 && work > 200000)
+    for (int th = 0; th < T * NH; th++) {
+        int t = th / NH, h = th % NH, kh = h / grp, n = pos[t] + 1;
+        const float *q = qkv + (size_t)t * qkv_stride + (size_t)h * HS;
+        const size_t base = (size_t)slot[t] * slot_stride + (size_t)kh * HS;
+        float *sc = scores + (size_t)th * n_ctx;
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const float *k = kc + base + (size_t)j * KVD;
+            float s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int i = 0; i < HS; i++) s += q[i] * k[i];
+            sc[j] = s * scale;
+            if (sc[j] > mx) mx = sc[j];
+        }
+        float sum = 0;
+        for (int j = 0; j < n; j++) {
+            sc[j] = expf(sc[j] - mx);
+            sum += sc[j];
+        }
+        float inv = 1.0f / sum;
+        float *o = out + (size_t)t * NH * HS + (size_t)h * HS;
+        for (int i = 0; i < HS; i++) o[i] = 0;
+        for (int j = 0; j < n; j++) {
+            const float *v = vc + base + (size_t)j * KVD;
+            float a = sc[j] * inv;
+#pragma omp simd
+            for (int i = 0; i < HS; i++) o[i] += a * v[i];
+        }
+    }
+}
+
+double kern_stream_read(const void *p, size_t n, int nth)
 {
 #ifdef _OPENMP
     if (nth <= 0) nth = omp_get_max_threads();
@@ -241,7 +308,7 @@ double ik_stream_read(const void *p, size_t n, int nth)
 #pragma omp parallel for schedule(static) reduction(^ : total) num_threads(nth)
     for (size_t chunk = 0; chunk < (nl + 1023) / 1024; chunk++) {
         size_t lo = chunk * 1024, hi = KILN_MIN(nl, lo + 1024);
-#ifdef IK_AVX512
+#ifdef LS_AVX512
         __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
         size_t i = lo;
         for (; i + 2 <= hi; i += 2) {
