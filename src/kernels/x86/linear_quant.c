@@ -51,28 +51,47 @@ typedef struct qacts {
     const int8_t *q;    /* (T, K) */
     const float *d;     /* (T, nb) */
     const int32_t *s16; /* (T, 2 nb) */
+    const float *ds;    /* (T, nb): d * (sum of the block's q), Q4_K's minimum term */
+    const __m256i *init; /* (T, nb): each block's dpbusd start (init_q4_0 / init_q6_k) */
     int K, nb;
 } qacts;
 
-/* One row r of W against tokens t0 .. t0 + nt - 1: out[t]. Inlined into
- * a copy per nt (row_dot_n), so the accumulators live in registers. */
-static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, const uint8_t *w, const qacts *a, int t0, int nt, float *out)
+/* The int32 lanes that start a block's dpbusd: the code offset taken out
+ * in integers (Q4_0: -8 sum q in lane 0; Q6_K: -32 sum q of each half in
+ * lanes 0 and 4, which its two sub-block scales multiply). */
+static inline __m256i init_q4_0(const int32_t *s16)
+{
+    return _mm256_castsi128_si256(_mm_cvtsi32_si128(-8 * (s16[0] + s16[1])));
+}
+
+static inline __m256i init_q6_k(const int32_t *s16)
+{
+    return _mm256_set_m128i(_mm_cvtsi32_si128(-32 * s16[1]), _mm_cvtsi32_si128(-32 * s16[0]));
+}
+
+/* One row of W against tokens t0 .. t0 + nt - 1: out[t]. Inlined into a
+ * copy per nt (row_dot_n), so the accumulators live in registers; two
+ * accumulators per token (even and odd blocks) halve the chain of
+ * dependent FMAs. */
+static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, const uint8_t *w,
+                                                          const qacts *a, int t0, int nt,
+                                                          float *out)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
-    __m256 acc[NT];
-    float off[NT];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), off[t] = 0;
+    __m256 acc[2][NT];
+    for (int t = 0; t < NT; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
     const int nb = a->nb;
     const int8_t *xq[NT];
-    const float *xd[NT];
-    const int32_t *xs[NT];
+    const float *xd[NT], *xds[NT];
+    const __m256i *xi[NT];
     for (int t = 0; t < nt; t++) {
+        xi[t] = a->init + (size_t)(t0 + t) * nb;
         xq[t] = a->q + (size_t)(t0 + t) * a->K;
         xd[t] = a->d + (size_t)(t0 + t) * nb;
-        xs[t] = a->s16 + (size_t)(t0 + t) * 2 * nb;
+        xds[t] = a->ds + (size_t)(t0 + t) * nb;
     }
-#define DOT(u, xv) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (xv))
 #define XQ(t, b) _mm256_loadu_si256((const __m256i *)(xq[t] + (size_t)(b) * 32))
+#define ACC(k, t, is, f) acc[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), (f), acc[k][t])
     switch (W->dtype) {
     case KILN_DTYPE_Q8_0:
         for (int b = 0; b < nb; b++, w += 34) {
@@ -80,84 +99,100 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
             __m256i u = _mm256_sign_epi8(wv, wv);
             float dw = ld16(w);
             for (int t = 0; t < nt; t++) {
-                __m256i is = DOT(u, _mm256_sign_epi8(XQ(t, b), wv));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(dw * xd[t][b]), acc[t]);
+                __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u,
+                                                 _mm256_sign_epi8(XQ(t, b), wv));
+                ACC(b & 1, t, is, _mm256_set1_ps(dw * xd[t][b]));
             }
         }
         break;
     case KILN_DTYPE_Q4_0:
         for (int b = 0; b < nb; b++, w += 18) {
             __m128i qs = _mm_loadu_si128((const __m128i *)(w + 2));
-            __m256i u = _mm256_and_si256(
-                _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), m4);
+            __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), m4);
             float dw = ld16(w);
             for (int t = 0; t < nt; t++) {
-                float f = dw * xd[t][b];
-                __m256i is = DOT(u, XQ(t, b));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_set1_ps(f), acc[t]);
-                off[t] -= 8 * f * (float)(xs[t][2 * b] + xs[t][2 * b + 1]);
+                __m256i is = _mm256_dpbusd_epi32(xi[t][b], u, XQ(t, b));
+                ACC(b & 1, t, is, _mm256_set1_ps(dw * xd[t][b]));
             }
         }
         break;
-    case KILN_DTYPE_Q4_K:
+    case KILN_DTYPE_Q4_K: {
+        __m256 accm[NT]; /* the minimum terms, 8 sub-blocks a lane each */
+        for (int t = 0; t < NT; t++) accm[t] = _mm256_setzero_ps();
         for (int sb = 0; sb < nb / 8; sb++, w += 144) {
-            float dw = ld16(w), dmin = ld16(w + 2);
             const uint8_t *scl = w + 4;
-            int sc[8], mn[8];
-            for (int j = 0; j < 4; j++) {
-                sc[j] = scl[j] & 63, mn[j] = scl[j + 4] & 63;
-                sc[j + 4] = (scl[j + 8] & 0x0f) | ((scl[j] >> 6) << 4);
-                mn[j + 4] = (scl[j + 8] >> 4) | ((scl[j + 4] >> 6) << 4);
+            uint32_t u32[3];
+            memcpy(u32, scl, 12);
+            /* ggml's unpacking of the eight 6-bit scales and mins */
+            const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+            uint32_t sc_lo = u32[0] & k1, mn_lo = u32[1] & k1;
+            uint32_t sc_hi = (u32[2] & k2) | (((u32[0] >> 6) & k3) << 4);
+            uint32_t mn_hi = ((u32[2] >> 4) & k2) | (((u32[1] >> 6) & k3) << 4);
+            __m256 scv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                _mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+            __m256 mnv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                _mm_set_epi32(0, 0, (int)mn_hi, (int)mn_lo)));
+            scv = _mm256_mul_ps(scv, _mm256_set1_ps(ld16(w)));
+            mnv = _mm256_mul_ps(mnv, _mm256_set1_ps(ld16(w + 2)));
+            __m256 f[NT];
+            for (int t = 0; t < nt; t++) {
+                f[t] = _mm256_mul_ps(scv, _mm256_loadu_ps(xd[t] + 8 * sb));
+                accm[t] = _mm256_fmadd_ps(mnv, _mm256_loadu_ps(xds[t] + 8 * sb), accm[t]);
             }
             for (int c = 0; c < 4; c++) {
                 __m256i qs = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * c));
                 __m256i u0 = _mm256_and_si256(qs, m4);
                 __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
+                const __m256i j0 = _mm256_set1_epi32(2 * c), j1 = _mm256_set1_epi32(2 * c + 1);
                 int b0 = 8 * sb + 2 * c;
                 for (int t = 0; t < nt; t++) {
-                    __m256i i0 = DOT(u0, XQ(t, b0)), i1 = DOT(u1, XQ(t, b0 + 1));
-                    float d0 = xd[t][b0], d1 = xd[t][b0 + 1];
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0),
-                                             _mm256_set1_ps(dw * sc[2 * c] * d0), acc[t]);
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1),
-                                             _mm256_set1_ps(dw * sc[2 * c + 1] * d1), acc[t]);
-                    off[t] -= dmin * (mn[2 * c] * d0 * (float)(xs[t][2 * b0] + xs[t][2 * b0 + 1]) +
-                                      mn[2 * c + 1] * d1 *
-                                          (float)(xs[t][2 * b0 + 2] + xs[t][2 * b0 + 3]));
+                    __m256i i0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, XQ(t, b0));
+                    __m256i i1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u1, XQ(t, b0 + 1));
+                    ACC(0, t, i0, _mm256_permutevar8x32_ps(f[t], j0));
+                    ACC(1, t, i1, _mm256_permutevar8x32_ps(f[t], j1));
                 }
             }
         }
+        for (int t = 0; t < nt; t++) acc[0][t] = _mm256_sub_ps(acc[0][t], accm[t]);
         break;
+    }
     case KILN_DTYPE_Q6_K:
         for (int sb = 0; sb < nb / 8; sb++, w += 210) {
-            float dw = ld16(w + 208);
+            __m256 dw = _mm256_set1_ps(ld16(w + 208));
             const int8_t *sc = (const int8_t *)(w + 192);
-            for (int jb = 0; jb < 8; jb++) { /* x block 8 sb + jb: elements 32 jb .. */
-                int h = jb / 4, k = jb % 4, b = 8 * sb + jb;
-                __m256i ql = _mm256_loadu_si256((const __m256i *)(w + 64 * h + (k % 2) * 32));
+            for (int h = 0; h < 2; h++) {
+                __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w + 64 * h));
+                __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32));
                 __m256i qh = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));
-                __m256i lo = k < 2 ? _mm256_and_si256(ql, m4)
-                                   : _mm256_and_si256(_mm256_srli_epi16(ql, 4), m4);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), m2);
-                __m256i u = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-                float fa = dw * sc[2 * jb], fb = dw * sc[2 * jb + 1];
-                __m256 fv = _mm256_set_m128(_mm_set1_ps(fb), _mm_set1_ps(fa));
+                /* the four 32-element blocks of this half, codes 0..63 */
+                __m256i uk[4] = {
+                    _mm256_or_si256(_mm256_and_si256(ql0, m4),
+                                    _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m4),
+                                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4))};
+            for (int k = 0; k < 4; k++) { /* x block 8 sb + jb: elements 32 jb .. */
+                int jb = 4 * h + k, b = 8 * sb + jb;
+                __m256i u = uk[k];
+                __m256 fv = _mm256_mul_ps(
+                    dw, _mm256_set_m128(_mm_set1_ps(sc[2 * jb + 1]), _mm_set1_ps(sc[2 * jb])));
                 for (int t = 0; t < nt; t++) {
-                    float dx = xd[t][b];
-                    __m256i is = DOT(u, XQ(t, b));
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is),
-                                             _mm256_mul_ps(fv, _mm256_set1_ps(dx)), acc[t]);
-                    off[t] -= 32 * dx * (fa * (float)xs[t][2 * b] + fb * (float)xs[t][2 * b + 1]);
+                    __m256i is = _mm256_dpbusd_epi32(xi[t][b], u, XQ(t, b));
+                    ACC(jb & 1, t, is, _mm256_mul_ps(fv, _mm256_set1_ps(xd[t][b])));
                 }
+            }
             }
         }
         break;
     default:
         KILN_ASSERT(!"linear_quant: not a Q type");
     }
-#undef DOT
 #undef XQ
-    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]) + off[t];
+#undef ACC
+    for (int t = 0; t < nt; t++) out[t] = hsum8(_mm256_add_ps(acc[0][t], acc[1][t]));
 }
 
 static void row_dot_n(const kern_wt *W, const uint8_t *w, const qacts *a, int t0, int nt,
@@ -183,14 +218,22 @@ bool kern_fast_linear_q(float *Y, const float *X, int T, const kern_wt *W, const
     int8_t *q = malloc((size_t)T * K);
     float *d = malloc(sizeof(float) * (size_t)T * nb);
     int32_t *s16 = malloc(sizeof(int32_t) * 2 * (size_t)T * nb);
-    if (!q || !d || !s16) {
-        free(q), free(d), free(s16);
+    float *ds = malloc(sizeof(float) * (size_t)T * nb);
+    __m256i *init = kiln_aligned_alloc(NULL, sizeof(__m256i) * (size_t)T * nb);
+    if (!q || !d || !s16 || !ds || !init) {
+        free(q), free(d), free(s16), free(ds), free(init);
         return false;
     }
     for (int t = 0; t < T; t++)
         kern_quant_act(X + (size_t)t * K, K, q + (size_t)t * K, d + (size_t)t * nb,
                        s16 + (size_t)t * 2 * nb);
-    qacts a = {q, d, s16, K, nb};
+    for (size_t i = 0; i < (size_t)T * nb; i++) {
+        ds[i] = d[i] * (float)(s16[2 * i] + s16[2 * i + 1]);
+        init[i] = W->dtype == KILN_DTYPE_Q4_0   ? init_q4_0(s16 + 2 * i)
+                  : W->dtype == KILN_DTYPE_Q6_K ? init_q6_k(s16 + 2 * i)
+                                                : _mm256_setzero_si256();
+    }
+    qacts a = {q, d, s16, ds, init, K, nb};
 #pragma omp parallel for schedule(static) if ((size_t)R * K * T > 65536)
     for (int r = 0; r < R; r++) {
         const uint8_t *w = (const uint8_t *)W->data + rb * (size_t)r;
@@ -201,7 +244,7 @@ bool kern_fast_linear_q(float *Y, const float *X, int T, const kern_wt *W, const
             for (int t = 0; t < nt; t++) Y[(size_t)(t0 + t) * R + r] = o[t] + (b ? b[r] : 0.0f);
         }
     }
-    free(q), free(d), free(s16);
+    free(q), free(d), free(s16), free(ds), free(init);
     return true;
 #endif
 }
