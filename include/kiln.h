@@ -1188,6 +1188,14 @@ int kiln_engine_n_slots(const kiln_engine *e);
 int kiln_engine_n_ctx(const kiln_engine *e);
 /* Bytes of weights streamed by one decode step (all matrices + head). */
 size_t kiln_engine_weight_bytes(const kiln_engine *e);
+/* Most entries one step takes (kiln_engine_opts.chunk as resolved). */
+int kiln_engine_chunk(const kiln_engine *e);
+/* Mean next-token loss of the engine's weights (as served: fp32, bf16 or
+ * quantized) over a token stream, in the windows of kiln_eval_tokens
+ * (up to T+1 tokens, stride T; T <= the engine's context). Uses slot 0
+ * and leaves it empty. Adds to *loss_sum and *count. */
+kiln_status kiln_engine_eval_tokens(kiln_ctx *ctx, kiln_engine *e, const int32_t *tokens,
+                                    size_t n, int T, double *loss_sum, double *count);
 /* Empties a slot's cache (position 0). */
 void kiln_engine_reset(kiln_engine *e, int slot);
 /* Number of tokens in a slot's cache (the next token's position). */

@@ -80,7 +80,7 @@ static kiln_status read_tokens(kiln_ctx *ctx, const char *path, int32_t **ids,
 
 int cmd_eval(int argc, char **argv)
 {
-    const char *model_dir = NULL, *tokens = NULL, *data = NULL, *split = "val";
+    const char *model_dir = NULL, *tokens = NULL, *data = NULL, *split = "val", *dtype = NULL;
     bool json = false;
     int B = 4, T = 0, threads = 0;
     int64_t max_tokens = 0;
@@ -94,6 +94,7 @@ int cmd_eval(int argc, char **argv)
         {"max-tokens", CLI_I64, &max_tokens, "evaluate only the first N tokens [all]", false},
         {"threads", CLI_INT, &threads, "compute threads, 0 = all cores [0]", false},
         {"json", CLI_BOOL, &json, "print one JSON object", false},
+        {"dtype", CLI_STR, &dtype, "evaluate through the inference engine with its weights stored as " CLI_WEIGHT_DTYPES " (the perplexity of a quantized model) [the training forward, fp32]", false},
         {NULL, 0, NULL, NULL, false}};
     int rc = cli_parse("eval", "eval --model DIR (--tokens FILE | --data DIR) [--json] [--batch B] [--seq T]",
                        "Mean next-token cross-entropy (nats/token) and perplexity.\n"
@@ -117,6 +118,11 @@ int cmd_eval(int argc, char **argv)
         cli_free(opts, NULL);
         return 2;
     }
+    kiln_dtype wt = KILN_DTYPE_F32;
+    if (dtype && !cli_weight_dtype("eval", dtype, &wt)) {
+        cli_free(opts, NULL);
+        return 2;
+    }
     kiln_split sp = KILN_SPLIT_VAL;
     if (!strcmp(split, "train")) sp = KILN_SPLIT_TRAIN;
     else if (strcmp(split, "val")) {
@@ -127,6 +133,7 @@ int cmd_eval(int argc, char **argv)
     kiln_ctx *ctx = cli_ctx_new();
     kiln_set_threads(ctx, threads);
     kiln_model *m = NULL;
+    kiln_engine *eng = NULL;
     kiln_data *d = NULL;
     int32_t *ids = NULL;
     size_t n = 0;
@@ -186,17 +193,26 @@ int cmd_eval(int argc, char **argv)
         goto fail;
     }
     double t0 = kiln_time_now(), ls = 0, cnt = 0;
-    if ((s = kiln_eval_tokens(ctx, m, ids, n, B, T, &ls, &cnt))) goto fail;
+    if (dtype) { /* the weights as the engine serves them */
+        kiln_engine_opts eo = kiln_engine_opts_default();
+        eo.n_ctx = T;
+        eo.chunk = T;
+        eo.wtype = wt;
+        if ((s = kiln_engine_new(ctx, m, &eo, &eng))) goto fail;
+        if ((s = kiln_engine_eval_tokens(ctx, eng, ids, n, T, &ls, &cnt))) goto fail;
+    } else if ((s = kiln_eval_tokens(ctx, m, ids, n, B, T, &ls, &cnt))) {
+        goto fail;
+    }
     double dt = kiln_time_now() - t0, loss = ls / cnt;
     if (json) {
         printf("{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %.0f, "
                "\"bits_per_token\": %.6f, \"seq\": %d, \"model\": \"%s\", "
-               "\"source\": \"%s\", \"seconds\": %.3f}\n",
+               "\"source\": \"%s\", \"weights\": \"%s\", \"seconds\": %.3f}\n",
                loss, exp(loss), cnt, loss / log(2.0), T, dir,
-               tokens ? tokens : data, dt);
+               tokens ? tokens : data, dtype ? dtype : "fp32 (training forward)", dt);
     } else {
-        printf("%s (%s): %.0f tokens predicted, seq %d\n", tokens ? tokens : data,
-               kind, cnt, T);
+        printf("%s (%s): %.0f tokens predicted, seq %d, %s\n", tokens ? tokens : data,
+               kind, cnt, T, dtype ? dtype : "training forward (fp32)");
         printf("loss %.4f nats/token | perplexity %.3f | %.3f bits/token | "
                "%.1fs (%.0f tok/s)\n",
                loss, exp(loss), loss / log(2.0), dt, cnt / dt);
@@ -206,6 +222,7 @@ fail:
     ret = cli_fail(ctx, "eval", s);
 done:
     free(ids);
+    kiln_engine_free(eng);
     kiln_data_close(d);
     kiln_model_free(m);
     kiln_ctx_free(ctx);

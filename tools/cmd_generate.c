@@ -195,7 +195,7 @@ int cmd_generate(int argc, char **argv)
                 n, (t1 - clk.t0) * 1e3, (double)n / (t1 - clk.t0 > 0 ? t1 - clk.t0 : 1e-9), gen,
                 (t2 - t1) * 1e3, steps > 0 ? (double)steps / (t2 - t1) : 0.0,
                 max_tokens > 0 ? kiln_finish_name(kiln_gen_finished(g)) : "length",
-                wt == KILN_DTYPE_BF16 ? "bf16" : "fp32");
+                wt == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(wt));
     }
     rc = 0;
     goto out;

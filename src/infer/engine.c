@@ -60,6 +60,7 @@ struct kiln_engine {
     int step_T;        /* the step being run (for the attention callback) */
     const kiln_engine_tok *step_toks;
     size_t weight_bytes;
+    int n_fallback;    /* matrices stored in another type than opts.wtype */
     int nth;           /* OpenMP threads */
 };
 
@@ -116,6 +117,7 @@ static kiln_status prep(kiln_ctx *ctx, kiln_engine *e, const kern_wt *src, kern_
 {
     if (!kern_weight_prepare(e->opts.wtype, src, out))
         return kiln_fail(ctx, KILN_ERR_NOMEM, "engine: out of memory for the weights");
+    if (out->dtype != e->opts.wtype) e->n_fallback++;
     e->weight_bytes += dtype_row_bytes(out->dtype, (int64_t)out->cols) * (size_t)out->rows;
     return KILN_OK;
 }
@@ -221,6 +223,14 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
     const bool llama = cfg->arch == KILN_ARCH_LLAMA;
     kiln_status st = e->gemm ? build_weights(ctx, e, m) : KILN_ERR_NOMEM;
     if (st) { kiln_engine_free(e); return st; }
+    if (e->n_fallback) {
+        int blk = (int)dtype_traits_of(o.wtype)->block, wd = e->C % blk ? e->C : e->F;
+        kiln_log(ctx, KILN_LOG_INFO,
+                 "engine: %d of %d matrices stored as %s instead of %s: their rows of %d "
+                 "inputs are not a multiple of its %d-element block",
+                 e->n_fallback, 4 * e->L + 1, kiln_dtype_name(kern_weight_dtype(o.wtype, wd)),
+                 kiln_dtype_name(o.wtype), wd, blk);
+    }
 
     if (llama) { /* the model's own table, for the positions the engine uses */
         size_t n = (size_t)e->NCTX * (e->HS / 2);
@@ -267,6 +277,7 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
 const kiln_config *kiln_engine_config(const kiln_engine *e) { return &e->cfg; }
 int kiln_engine_n_slots(const kiln_engine *e) { return e->S; }
 int kiln_engine_n_ctx(const kiln_engine *e) { return e->NCTX; }
+int kiln_engine_chunk(const kiln_engine *e) { return e->opts.chunk; }
 size_t kiln_engine_weight_bytes(const kiln_engine *e) { return e->weight_bytes; }
 
 void kiln_engine_reset(kiln_engine *e, int slot)

@@ -161,7 +161,7 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     st = http_start(ctx, &sv, &s, &o, name, &port);
     if (st) goto out;
     printf("kiln serve: model '%s' (%s, %d slots x %d context) listening on http://%s:%d\n",
-           name, o.wtype == KILN_DTYPE_BF16 ? "bf16" : "fp32", kiln_engine_n_slots(eng),
+           name, o.wtype == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(o.wtype), kiln_engine_n_slots(eng),
            kiln_engine_n_ctx(eng), o.host ? o.host : "127.0.0.1", port);
     fflush(stdout);
     int sig = 0;

@@ -213,6 +213,35 @@ static void linear_stream(float *Y, const float *X, int T, const kern_wt *W, con
 #endif
 }
 
+/* A prefill-sized product with block-quantized weights: tiles of rows are
+ * dequantized to fp32 (exactly, tensor/quant.c) and multiplied through
+ * the GEMM, the activations unquantized, so the dequantizing costs 1/T of
+ * the products. false when out of memory (the caller falls back). */
+static bool linear_q_gemm(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
+                          const float *b)
+{
+    enum { TILE = 256 };
+    const int R = W->rows, K = W->cols;
+    const dtype_traits *tr = dtype_traits_of(W->dtype);
+    const size_t rb = dtype_row_bytes(W->dtype, K);
+    const int rows = KILN_MIN(R, TILE);
+    float *wt = kiln_aligned_alloc(NULL, (size_t)rows * K * sizeof(float));
+    if (!wt) return false;
+    for (int r0 = 0; r0 < R; r0 += TILE) {
+        int nr = KILN_MIN(TILE, R - r0);
+#pragma omp parallel for schedule(static) if ((size_t)nr * K > 65536)
+        for (int r = 0; r < nr; r++)
+            tr->to_float((const uint8_t *)W->data + rb * (size_t)(r0 + r), wt + (size_t)r * K, K);
+        g->gemm(g, false, true, T, nr, K, 1.0f, X, K, wt, K, 0.0f, Y + r0, R);
+    }
+    free(wt);
+    if (b)
+#pragma omp parallel for schedule(static) if ((size_t)T * R > 65536)
+        for (int t = 0; t < T; t++)
+            for (int r = 0; r < R; r++) Y[(size_t)t * R + r] += b[r];
+    return true;
+}
+
 void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
                       const float *b)
 {
@@ -221,6 +250,7 @@ void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_
         return;
     }
     if (dtype_traits_of(W->dtype)->quantized) {
+        if (T >= GEMM_MIN_T && g && linear_q_gemm(g, Y, X, T, W, b)) return;
         if (!kern_fast_linear_q(Y, X, T, W, b)) kern_ops_ref()->linear(g, Y, X, T, W, b);
         return;
     }

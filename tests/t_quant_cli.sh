@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# t_quant_cli.sh — quantized weights from the command line: `kiln eval
+# --dtype` runs held-out tokens through the inference engine with the
+# weights as served. fp32 through the engine gives the training forward's
+# loss to the last printed digit (the same logits, bit for bit); q8_0,
+# q6_k, q4_k and q4_0 stay close to it; generate and serve take the same
+# --dtype; a type the engine does not store is refused naming the flag.
+set -u
+D="$KILN_TMP/t_quant_cli"
+rm -rf "$D"; mkdir -p "$D"
+pass() { echo "PASS $1"; }
+fail() { echo "FAIL $1${2:+: $2}"; }
+check() { local n=$1; shift; if "$@"; then pass "$n"; else fail "$n" "${DETAIL:-}"; fi; DETAIL=""; }
+PY=/usr/bin/python3
+awk 'BEGIN { for (i = 0; i < 600; i++) printf "the cat sat on the mat %d times, and the dog ran %d laps\n", i, i % 7 }' >"$D/corpus.txt"
+"$KILN" tokenize --tokenizer bytes --input "$D/corpus.txt" --out "$D/data" --quiet >/dev/null 2>&1 \
+  || { fail quant_setup "kiln tokenize failed"; exit 1; }
+# n_embd 256 and n_inner 512: every row suits the K-quants' 256-blocks
+cat >"$D/cfg.json" <<'J'
+{"model_type": "llama", "vocab_size": 257, "num_hidden_layers": 2, "hidden_size": 256,
+ "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+ "max_position_embeddings": 64, "bos_token_id": 256, "eos_token_id": 256}
+J
+"$KILN" train --data "$D/data" --config "$D/cfg.json" --out "$D/run" --seq 32 --batch 4 --steps 30 \
+  --eval-every 0 --warmup 3 --lr 3e-3 --threads 1 --progress none >"$D/train.log" 2>&1 \
+  || { fail quant_setup "kiln train failed: $(tail -3 "$D/train.log")"; exit 1; }
+ev() { "$KILN" eval --model "$D/run" --data "$D/data" --split train --max-tokens 20000 --seq 64 --threads 1 --json "$@" 2>"$D/eval.err"; }
+loss() { "$PY" -c 'import json,sys; print(json.loads(sys.stdin.read())["loss"])' 2>/dev/null; }
+ref=$(ev | loss)
+f32=$(ev --dtype fp32 | loss)
+DETAIL="training forward $ref, engine fp32 $f32"; check quant_eval_fp32_is_training_forward [ -n "$ref" ] && [ "$ref" = "$f32" ]
+# the 8-bit activations and the weights' rounding cost little on held-out
+# tokens: bounds about 7-20x what each type measures here (relative loss
+# change 4e-5 bf16, 6e-5 q8_0, 6e-4 q6_k and q4_k, 1.5e-3 q4_0)
+for t in bf16:0.001 q8_0:0.002 q6_k:0.005 q4_k:0.01 q4_0:0.01; do
+  dt=${t%%:*}; tol=${t#*:}
+  l=$(ev --dtype "$dt" | loss)
+  DETAIL="$dt loss $l vs fp32 $ref (tolerance $tol relative): $(cat "$D/eval.err")"
+  check "quant_eval_$dt" "$PY" -c "import sys; l, r, t = map(float, sys.argv[1:]); sys.exit(0 if abs(l - r) <= t * r else 1)" "$l" "$ref" "$tol"
+done
+out=$("$KILN" generate --model "$D/run" --tokenizer bytes --prompt "the cat" --max-tokens 16 --temperature 0 --dtype q4_k --threads 1 2>&1); rc=$?
+DETAIL="exit $rc: $out"; check quant_generate_q4_k [ $rc -eq 0 ] && echo "$out" | grep -q "q4_K weights"
+out=$("$KILN" eval --model "$D/run" --data "$D/data" --dtype q5_0 2>&1); rc=$?
+DETAIL="exit $rc: $out"; check quant_bad_dtype_names_flag [ $rc -eq 2 ] && echo "$out" | grep -q -- "--dtype 'q5_0'"
