@@ -33,7 +33,10 @@ typedef struct ref_state {
     int n, cap;
 } ref_state;
 
-static float rb(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+static float rb(float x)
+{
+    return bf16_to_f32(f32_to_bf16(x));
+}
 
 /* W'(k, o) of y = x W': the weight as the product's right operand. */
 static float wt(const ref_weight *w, int k, int o)
@@ -104,7 +107,10 @@ static void ref_weight_refresh(kern_backend *b, kern_weight *w, int r0)
     KILN_ASSERT(!"ref has no strip refresh (weight_refresh_rows is 0)");
 }
 
-static void ref_weight_fresh(kern_backend *b, kern_weight *w) { (void)b, (void)w; }
+static void ref_weight_fresh(kern_backend *b, kern_weight *w)
+{
+    (void)b, (void)w;
+}
 
 /* ---- the mixed-precision ops -------------------------------------------- */
 
@@ -117,13 +123,15 @@ static size_t ref_act_bytes(const kern_backend *b, int rows, int cols)
 static void ref_to_rows(const kern_backend *b, uint16_t *dst, const float *x, size_t n)
 {
     (void)b;
-    for (size_t i = 0; i < n; i++) dst[i] = f32_to_bf16(x[i]);
+    for (size_t i = 0; i < n; i++)
+        dst[i] = f32_to_bf16(x[i]);
 }
 
 static void ref_from_rows(const kern_backend *b, float *dst, const uint16_t *x, size_t n)
 {
     (void)b;
-    for (size_t i = 0; i < n; i++) dst[i] = bf16_to_f32(x[i]);
+    for (size_t i = 0; i < n; i++)
+        dst[i] = bf16_to_f32(x[i]);
 }
 
 static void ref_act_pack(const kern_backend *b, kern_act *dst, const float *x, int rows, int cols)
@@ -131,8 +139,7 @@ static void ref_act_pack(const kern_backend *b, kern_act *dst, const float *x, i
     ref_to_rows(b, (uint16_t *)dst, x, (size_t)rows * cols);
 }
 
-static void ref_act_unpack(const kern_backend *b, float *x, const kern_act *src, int rows,
-                           int cols)
+static void ref_act_unpack(const kern_backend *b, float *x, const kern_act *src, int rows, int cols)
 {
     ref_from_rows(b, x, (const uint16_t *)src, (size_t)rows * cols);
 }
@@ -144,8 +151,10 @@ static void ref_norm_fwd(const kern_backend *b, kern_act *outp, float *mean, flo
     const kern_ops *k = kern_ops_ref();
     float *out = malloc((size_t)N * C * sizeof *out);
     KILN_ASSERT(out); /* void op: the oracle runs on test sizes */
-    if (rms) k->rmsnorm_fwd(out, rstd, inp, w, N, C, eps);
-    else k->layernorm_fwd(out, mean, rstd, inp, w, bias, N, C, eps);
+    if (rms)
+        k->rmsnorm_fwd(out, rstd, inp, w, N, C, eps);
+    else
+        k->layernorm_fwd(out, mean, rstd, inp, w, bias, N, C, eps);
     ref_act_pack(b, outp, out, N, C);
     free(out);
 }
@@ -155,11 +164,15 @@ static void apply_act(float *a, const float *x, int N, int F, int act)
 {
     const kern_ops *k = kern_ops_ref();
     size_t n = (size_t)N * F;
-    if (act == KERN_ACT_NONE) memcpy(a, x, n * sizeof *a);
-    else if (act == KERN_ACT_GELU) k->gelu_fwd(a, x, n);
-    else k->swiglu_fwd(a, x, N, F);
+    if (act == KERN_ACT_NONE)
+        memcpy(a, x, n * sizeof *a);
+    else if (act == KERN_ACT_GELU)
+        k->gelu_fwd(a, x, n);
+    else
+        k->swiglu_fwd(a, x, N, F);
     if (act != KERN_ACT_NONE)
-        for (size_t i = 0; i < n; i++) a[i] = rb(a[i]);
+        for (size_t i = 0; i < n; i++)
+            a[i] = rb(a[i]);
 }
 
 static bool ref_linear_fwd(kern_backend *b, const kern_out *o, const kern_act *x, kern_weight *w,
@@ -177,9 +190,15 @@ static bool ref_linear_fwd(kern_backend *b, const kern_out *o, const kern_act *x
             float v = (float)acc + (bias ? bias[j] : 0.0f);
             size_t i = (size_t)n * OC + j;
             switch (o->kind) {
-            case KERN_OUT_F32: o->y[i] = v; break;
-            case KERN_OUT_RES: o->y[i] = o->res[i] + v; break;
-            case KERN_OUT_ROWS: o->rows[i] = f32_to_bf16(v); break;
+            case KERN_OUT_F32:
+                o->y[i] = v;
+                break;
+            case KERN_OUT_RES:
+                o->y[i] = o->res[i] + v;
+                break;
+            case KERN_OUT_ROWS:
+                o->rows[i] = f32_to_bf16(v);
+                break;
             case KERN_OUT_GELU: {
                 float h = rb(v), a;
                 kern_ops_ref()->gelu_fwd(&a, &h, 1);
@@ -214,9 +233,12 @@ static void ref_act_bwd(const kern_backend *b, float *dh, const kern_act *hp, co
     float *x = malloc((size_t)N * FH * sizeof *x);
     KILN_ASSERT(x);
     ref_act_unpack(b, x, hp, N, FH);
-    if (act == KERN_ACT_GELU) k->gelu_bwd(dh, x, dout, (size_t)N * F);
-    else if (act == KERN_ACT_SWIGLU) k->swiglu_bwd(dh, x, dout, N, F);
-    else memcpy(dh, dout, (size_t)N * F * sizeof *dh);
+    if (act == KERN_ACT_GELU)
+        k->gelu_bwd(dh, x, dout, (size_t)N * F);
+    else if (act == KERN_ACT_SWIGLU)
+        k->swiglu_bwd(dh, x, dout, N, F);
+    else
+        memcpy(dh, dout, (size_t)N * F * sizeof *dh);
     free(x);
 }
 
@@ -242,14 +264,16 @@ static bool ref_linear_bwd(kern_backend *b, kern_weight *w, const float *dy, con
         }
         if (db) {
             double s = 0;
-            for (int n = 0; n < N; n++) s += dy[(size_t)n * OC + j];
+            for (int n = 0; n < N; n++)
+                s += dy[(size_t)n * OC + j];
             db[j] += (float)s;
         }
     }
     for (int n = 0; n < N; n++)
         for (int c = 0; c < C; c++) { /* dx (n, c) = sum_j dy(n, j) W'(c, j) */
             double acc = 0;
-            for (int j = 0; j < OC; j++) acc += (double)rb(dy[(size_t)n * OC + j]) * rb(wt(rw, c, j));
+            for (int j = 0; j < OC; j++)
+                acc += (double)rb(dy[(size_t)n * OC + j]) * rb(wt(rw, c, j));
             dx[(size_t)n * C + c] = (float)acc;
         }
     free(xf);
@@ -321,10 +345,10 @@ static void ref_attention_bwd(const kern_backend *b, float *dqkv, const float *d
 }
 
 static bool ref_attention_linear_bwd(kern_backend *b, kern_weight *w, float *dqkv,
-                                     const float *dout, const uint16_t *qkvh,
-                                     const kern_act *outp, const float *lse, int B, int T, int NH,
-                                     int KVH, int HS, const kern_act *x, float *dW, bool dw_acc,
-                                     float *db, float *dx)
+                                     const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                     const float *lse, int B, int T, int NH, int KVH, int HS,
+                                     const kern_act *x, float *dW, bool dw_acc, float *db,
+                                     float *dx)
 {
     ref_attention_bwd(b, dqkv, dout, qkvh, outp, lse, B, T, NH, KVH, HS);
     return ref_linear_bwd(b, w, dqkv, x, KERN_ACT_NONE, B * T, dW, dw_acc, db, dx);
@@ -335,7 +359,8 @@ static bool ref_attention_linear_bwd(kern_backend *b, kern_weight *w, float *dqk
 static void ref_destroy(kern_backend *b)
 {
     ref_state *st = b->state;
-    for (int i = 0; i < st->n; i++) free(st->w[i]);
+    for (int i = 0; i < st->n; i++)
+        free(st->w[i]);
     free(st->w);
     free(st);
 }

@@ -21,10 +21,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-static size_t rup32(size_t x) { return (x + 31) / 32 * 32; }
+static size_t rup32(size_t x)
+{
+    return (x + 31) / 32 * 32;
+}
 
-static mp_backend kern_of(const kern_backend *b) { return mp_kern_backend(b->gemm); }
-static mp_scratch *scratch_of(const kern_backend *b) { return mp_kern_scratch(b->gemm); }
+static mp_backend kern_of(const kern_backend *b)
+{
+    return mp_kern_backend(b->gemm);
+}
+static mp_scratch *scratch_of(const kern_backend *b)
+{
+    return mp_kern_scratch(b->gemm);
+}
 static const mp_weight *cur(kern_backend *b, kern_weight *w, bool bwd)
 {
     return mp_kern_weight_current(b, w, bwd);
@@ -70,8 +79,7 @@ static void cpu_act_pack(const kern_backend *b, kern_act *dst, const float *x, i
     mp_pack_a(KILN_DTYPE_BF16, false, rows, cols, x, cols, (uint16_t *)dst);
 }
 
-static void cpu_act_unpack(const kern_backend *b, float *x, const kern_act *src, int rows,
-                           int cols)
+static void cpu_act_unpack(const kern_backend *b, float *x, const kern_act *src, int rows, int cols)
 {
     (void)b;
     mp_unpack_a(x, cols, (const uint16_t *)src, rows, cols);
@@ -166,10 +174,10 @@ static bool cpu_ce_linear_bwd(kern_backend *b, kern_weight *w, const float *logi
     uint16_t *pa, *pt;
     float *part;
     if (!mp_scratch_dy(scratch_of(b), N, V, false, &pa, &pt, &part)) return false;
-    kern_fast_ce_packed(pa, pt, mp_dy_tok(pw, MP_ACT_NONE), logits, targets, mask, N, V,
-                        grad_scale, loss_sum, weight_sum);
-    return mp_linear_backward_prepacked(kern_of(b), scratch_of(b), pw, pa, pt,
-                                        (const uint16_t *)x, MP_ACT_NONE, N, dW, dw_acc, dx);
+    kern_fast_ce_packed(pa, pt, mp_dy_tok(pw, MP_ACT_NONE), logits, targets, mask, N, V, grad_scale,
+                        loss_sum, weight_sum);
+    return mp_linear_backward_prepacked(kern_of(b), scratch_of(b), pw, pa, pt, (const uint16_t *)x,
+                                        MP_ACT_NONE, N, dW, dw_acc, dx);
 }
 
 static bool cpu_attention_ok(const kern_backend *b, int HS, int T)
@@ -197,10 +205,10 @@ static void cpu_attention_bwd(const kern_backend *b, float *dqkv, const float *d
  * accumulators straight into the packed forms (and bias sums) the qkv
  * layer's backward reads, never as fp32 rows; else through dqkv. */
 static bool cpu_attention_linear_bwd(kern_backend *b, kern_weight *w, float *dqkv,
-                                     const float *dout, const uint16_t *qkvh,
-                                     const kern_act *outp, const float *lse, int B, int T, int NH,
-                                     int KVH, int HS, const kern_act *x, float *dW, bool dw_acc,
-                                     float *db, float *dx)
+                                     const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                     const float *lse, int B, int T, int NH, int KVH, int HS,
+                                     const kern_act *x, float *dW, bool dw_acc, float *db,
+                                     float *dx)
 {
     int n = B * T, QKV = (NH + 2 * KVH) * HS;
     if (T % 32) {
@@ -227,10 +235,14 @@ static void cpu_destroy(kern_backend *b)
 static mp_backend to_mp(kiln_bf16_kernel k)
 {
     switch (k) {
-    case KILN_BF16_KERNEL_REF: return MP_BACKEND_REF;
-    case KILN_BF16_KERNEL_AVX512: return MP_BACKEND_AVX512;
-    case KILN_BF16_KERNEL_AMX: return MP_BACKEND_AMX;
-    case KILN_BF16_KERNEL_AUTO: break;
+    case KILN_BF16_KERNEL_REF:
+        return MP_BACKEND_REF;
+    case KILN_BF16_KERNEL_AVX512:
+        return MP_BACKEND_AVX512;
+    case KILN_BF16_KERNEL_AMX:
+        return MP_BACKEND_AMX;
+    case KILN_BF16_KERNEL_AUTO:
+        break;
     }
     return MP_BACKEND_AUTO;
 }
@@ -281,10 +293,14 @@ kiln_bf16_kernel kern_backend_kernel(const kern_backend *b)
 {
     if (!b || strcmp(b->name, "cpu") != 0) return KILN_BF16_KERNEL_AUTO;
     switch (mp_kern_backend(b->gemm)) {
-    case MP_BACKEND_REF: return KILN_BF16_KERNEL_REF;
-    case MP_BACKEND_AVX512: return KILN_BF16_KERNEL_AVX512;
-    case MP_BACKEND_AMX: return KILN_BF16_KERNEL_AMX;
-    case MP_BACKEND_AUTO: break;
+    case MP_BACKEND_REF:
+        return KILN_BF16_KERNEL_REF;
+    case MP_BACKEND_AVX512:
+        return KILN_BF16_KERNEL_AVX512;
+    case MP_BACKEND_AMX:
+        return KILN_BF16_KERNEL_AMX;
+    case MP_BACKEND_AUTO:
+        break;
     }
     return KILN_BF16_KERNEL_AUTO;
 }
