@@ -386,8 +386,10 @@ static void op_linear_fwd(kern_backend *b)
                                 .rows = rowsr,
                                 .hp = hpr,
                                 .ap = apr};
-                if (kind == KERN_OUT_RES) memcpy(y, res, no * 4), memcpy(yr, res, no * 4);
-                if (kind == KERN_OUT_RES) o.res = y, orf.res = yr; /* in place */
+                if (kind == KERN_OUT_RES && hb) { /* in place (y is res), and not */
+                    memcpy(y, res, no * 4), memcpy(yr, res, no * 4);
+                    o.res = y, orf.res = yr;
+                }
                 CHECK(b->mp.linear_fwd(b, &o, xa, w, bias, N));
                 CHECK(R->mp.linear_fwd(R, &orf, xr, wr, bias, N));
                 /* magnitudes: the ref product on |x|, |W|, |bias| */

@@ -1,7 +1,11 @@
 /*
- * kernels.h — the compute kernels of the model (kernels layer, private).
+ * kernels.h — the compute kernels of the model (kernels layer, private):
+ * the one header of this layer that other layers include. A backend
+ * (kern_backend, below) carries buffers, prepared weights, the fp32 op
+ * table and the bf16 path's ops; its folder (kernels/ref, kernels/x86,
+ * kernels/onednn) is its private business (docs/architecture.md).
  *
- * Two implementations of every op sit behind one table (kern_ops):
+ * Two implementations of every fp32 op sit behind one table (kern_ops):
  *   ref  (kernels/ref)  plain C, one thread, written for clarity: the oracle
  *   fast (kernels/x86 + kernels/onednn)  OpenMP, AVX-512 where it pays,
  *        matrix products through oneDNN when the build has it
