@@ -21,8 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A weight matrix as model_mp_forward / the linear ops look it up in the
- * cache (w, OC, C, in_out), and where it lies in the parameter block. */
+/* A weight matrix as model_mp_forward prepares it on the backend (w, OC,
+ * C, in_out), and where it lies in the parameter block. */
 typedef struct wmat {
     const float *w;
     int oc, c;
