@@ -1,8 +1,10 @@
 /*
  * test_backend_ops.c — every op of every backend against the ref backend,
  * in one loop (ggml's test-backend-ops): backends {ref, cpu with the AMX,
- * AVX512_BF16 and portable product kernels} x ops {buffers, the fp32 op
- * table's linear layers, the weight refresh, and every kern_mp_ops entry}.
+ * AVX512_BF16 and portable product kernels, in bf16 and in fp16} x ops
+ * {buffers, the fp32 op table's linear layers, the weight refresh, and
+ * every kern_mp_ops entry (bf16 backends: fp16 has none, which the op
+ * table's case checks)}.
  * Each (backend, op) pair prints one PASS / FAIL / SKIP line; a kernel
  * this CPU lacks is a SKIP. Inputs live in the backend's buffers
  * (buf_alloc / buf_set / buf_get), as a device backend needs.
@@ -63,6 +65,14 @@ static float *absv(const float *x, size_t n)
     for (size_t i = 0; i < n; i++)
         p[i] = fabsf(x[i]);
     return p;
+}
+
+static double maxabs(const float *x, size_t n)
+{
+    double m = 0;
+    for (size_t i = 0; i < n; i++)
+        m = fmax(m, fabs(x[i]));
+    return m;
 }
 
 static float *zeros(size_t n)
@@ -223,8 +233,27 @@ static void op_table(kern_backend *b)
     SAME_AS(add);
     SAME_AS(cross_entropy);
 #undef SAME_AS
+    /* the bf16 path's ops: all offered with a bf16 compute dtype, none else */
+    const void *const mp[] = {
+        (const void *)b->mp.act_bytes,     (const void *)b->mp.act_pack,
+        (const void *)b->mp.act_unpack,    (const void *)b->mp.to_rows,
+        (const void *)b->mp.from_rows,     (const void *)b->mp.norm_fwd,
+        (const void *)b->mp.linear_fwd,    (const void *)b->mp.act_fwd,
+        (const void *)b->mp.act_bwd,       (const void *)b->mp.linear_bwd,
+        (const void *)b->mp.mlp_bwd,       (const void *)b->mp.ce_linear_bwd,
+        (const void *)b->mp.attention_ok,  (const void *)b->mp.attention_fwd,
+        (const void *)b->mp.attention_bwd, (const void *)b->mp.attention_linear_bwd};
+    for (size_t i = 0; i < sizeof mp / sizeof mp[0]; i++)
+        CHECK_MSG((mp[i] != NULL) == (b->dtype == KILN_DTYPE_BF16), "mp op %zu of a %s backend", i,
+                  kiln_dtype_name(b->dtype));
     int N = 37, C = 48, OC = 80;
-    double rel = 2 * UB + UB * UB;
+    /* both operands rounded: bf16 2 ub + ub^2; fp16 (uh = 2^-11) the
+     * same with uh, plus the hi/lo split's dropped lo*lo term (2^-16
+     * relative, bf16.h) over 3 K products, plus fp16's subnormal spacing
+     * (2^-24, half of it per operand) times the other operand */
+    bool f16 = b->dtype == KILN_DTYPE_F16 && k != Rf;
+    double uh = 1.0 / 2048, rel = f16 ? 2 * uh + uh * uh + 1.0 / 65536 : 2 * UB + UB * UB;
+    int kk = f16 ? 3 : 1;
     for (int lay = 0; lay < 2; lay++) {
         size_t nw = (size_t)C * OC, no = (size_t)N * OC, ni = (size_t)N * C;
         float *x = rnd(ni, 1), *w = rnd(nw, 0.2f), *bias = rnd((size_t)OC, 1);
@@ -234,8 +263,13 @@ static void op_table(kern_backend *b)
         float *xa = absv(x, ni), *wa = absv(w, nw), *ba = absv(bias, (size_t)OC), *m = zeros(no);
         Rf->matmul_fwd(kern_gemm_ref(), m, xa, wa, ba, N, C, OC, (kern_wlayout)lay);
         double *tol = dzeros(no);
+        /* fp16 rounds an operand a to within uh |a| + 2^-25 (half the
+         * subnormal spacing): the products then to within rel |a||b| +
+         * 2^-25 (1 + uh) (|a| + |b|), summed over K */
+        double mxx = maxabs(x, ni), mxw = maxabs(w, nw), mxd = maxabs(dout, no);
+        double sub = f16 ? 0x1p-25 * (1 + uh) * C * (mxx + mxw) : 0;
         for (size_t i = 0; i < no; i++)
-            tol[i] = (rel + (C + 2) * U32) * m[i];
+            tol[i] = (rel + (kk * C + 2) * U32) * m[i] + sub;
         within(lay ? "matmul_fwd in_out" : "matmul_fwd out_in", y, yr, tol, no);
         /* backward: dinp overwritten, dw and db accumulated */
         float *dx = zeros(ni), *dxr = zeros(ni), *dw = rnd(nw, 1), *dwr = malloc(nw * 4);
@@ -249,10 +283,12 @@ static void op_table(kern_backend *b)
         float *da = absv(dout, no), *mx = zeros(ni), *mw = zeros(nw), *mb = zeros((size_t)OC);
         Rf->matmul_bwd(kern_gemm_ref(), mx, mw, mb, da, xa, wa, N, C, OC, (kern_wlayout)lay, false);
         double *tx = dzeros(ni), *tw = dzeros(nw), *tb = dzeros((size_t)OC);
+        double subx = f16 ? 0x1p-25 * (1 + uh) * OC * (mxd + mxw) : 0;
+        double subw = f16 ? 0x1p-25 * (1 + uh) * N * (mxd + mxx) : 0;
         for (size_t i = 0; i < ni; i++)
-            tx[i] = (rel + (OC + 2) * U32) * mx[i];
+            tx[i] = (rel + (kk * OC + 2) * U32) * mx[i] + subx;
         for (size_t i = 0; i < nw; i++)
-            tw[i] = (rel + (N + 2) * U32) * mw[i] + U32 * (dw0[i] + mw[i]);
+            tw[i] = (rel + (kk * N + 2) * U32) * mw[i] + subw + U32 * (dw0[i] + mw[i] + subw);
         for (int i = 0; i < OC; i++)
             tb[i] = (N + 2) * U32 * (mb[i] + fabsf(dbr[i]));
         within("matmul_bwd dinp", dx, dxr, tx, ni);
@@ -979,47 +1015,49 @@ static void op_weight_refresh(kern_backend *b, const char *name, kiln_bf16_kerne
 {
     int N = 40, C = 64, OC = 96;
     size_t nw = (size_t)OC * C, no = (size_t)N * OC, nx = (size_t)N * C;
+    bool mp = b->mp.linear_fwd != NULL; /* else through the op table's linear layers */
     for (int lay = 0; lay < 2; lay++) {
         kern_wlayout L = (kern_wlayout)lay;
-        float *W = rnd(nw, 0.2f), *x = rnd(nx, 1), *dy = rnd(no, 1), *y = zeros(no),
-              *dx = zeros(nx);
-        float *dW = zeros(nw);
-        kern_weight *w = b->weight_prepare(b, W, OC, C, L);
-        kern_act *xa = act_of(b, x, N, C);
-        kern_out o = {.kind = KERN_OUT_F32, .y = y};
-        new_epoch(b);
-        CHECK(b->mp.linear_fwd(b, &o, xa, w, NULL, N));
-        CHECK(b->mp.linear_bwd(b, w, dy, xa, KERN_ACT_NONE, N, dW, false, NULL, dx));
-        int rows = lay == KERN_W_IN_OUT ? C : OC, cols = lay == KERN_W_IN_OUT ? OC : C;
-        int strip = b->weight_refresh_rows(b, w);
-        for (size_t i = 0; i < nw; i++)
-            W[i] += 0.5f * kiln_rng_normal(&rng);
-        if (strip > 0) {
-            CHECK(rows % strip == 0);
-            for (int r0 = 0; r0 < rows; r0 += strip)
-                b->weight_refresh(b, w, r0);
-            b->weight_fresh(b, w);
+        float *W = rnd(nw, 0.2f), *x = rnd(nx, 1), *dy = rnd(no, 1);
+        float *y[2] = {zeros(no), zeros(no)}, *dx[2] = {zeros(nx), zeros(nx)}, *dW = zeros(nw);
+        kern_backend *f = NULL;
+        for (int pass = 0; pass < 3; pass++) {
+            /* 0: b before the update, 1: b after it, 2: a new backend after it */
+            kern_backend *e = pass < 2 ? b : (f = kern_backend_new(name, b->dtype, kern));
+            int o = pass == 0 ? 0 : pass - 1; /* pass 0's results are overwritten */
+            if (pass == 1) {
+                kern_weight *w = b->weight_prepare(b, W, OC, C, L);
+                int rows = lay == KERN_W_IN_OUT ? C : OC, strip = b->weight_refresh_rows(b, w);
+                for (size_t i = 0; i < nw; i++)
+                    W[i] += 0.5f * kiln_rng_normal(&rng);
+                if (strip > 0) { /* as the optimizer: strip by strip, then fresh */
+                    CHECK(rows % strip == 0);
+                    for (int r0 = 0; r0 < rows; r0 += strip)
+                        e->weight_refresh(e, w, r0);
+                    e->weight_fresh(e, w);
+                }
+            }
+            new_epoch(e); /* the forward's */
+            if (mp) {
+                kern_weight *w = e->weight_prepare(e, W, OC, C, L);
+                kern_act *xa = act_of(e, x, N, C);
+                kern_out ko = {.kind = KERN_OUT_F32, .y = y[o]};
+                CHECK(e->mp.linear_fwd(e, &ko, xa, w, NULL, N));
+                CHECK(e->mp.linear_bwd(e, w, dy, xa, KERN_ACT_NONE, N, dW, false, NULL, dx[o]));
+                e->buf_free(e, xa);
+            } else {
+                e->ops->matmul_fwd(e->gemm, y[o], x, W, NULL, N, C, OC, L);
+                e->ops->matmul_bwd(e->gemm, dx[o], NULL, NULL, dy, x, W, N, C, OC, L, false);
+            }
         }
-        (void)cols;
-        new_epoch(b); /* the next forward's */
-        CHECK(b->mp.linear_fwd(b, &o, xa, w, NULL, N));
-        CHECK(b->mp.linear_bwd(b, w, dy, xa, KERN_ACT_NONE, N, dW, false, NULL, dx));
-        kern_backend *f = kern_backend_new(name, b->dtype, kern);
-        float *yf = zeros(no), *dxf = zeros(nx), *dWf = zeros(nw);
-        kern_weight *wf = f->weight_prepare(f, W, OC, C, L);
-        kern_act *xf = act_of(f, x, N, C);
-        kern_out of = {.kind = KERN_OUT_F32, .y = yf};
-        CHECK(f->mp.linear_fwd(f, &of, xf, wf, NULL, N));
-        CHECK(f->mp.linear_bwd(f, wf, dy, xf, KERN_ACT_NONE, N, dWf, false, NULL, dxf));
-        within(strip ? "weight_refresh (strips) forward copy" : "weight epoch forward copy", y, yf,
-               NULL, no);
-        within(strip ? "weight_refresh (strips) input-gradient copy"
-                     : "weight epoch input-gradient copy",
-               dx, dxf, NULL, nx);
-        f->buf_free(f, xf);
+        bool strips = b->weight_refresh_rows(b, b->weight_prepare(b, W, OC, C, L)) > 0;
+        within(strips ? "weight_refresh (strips) forward copy" : "weight epoch forward copy", y[0],
+               y[1], NULL, no);
+        within(strips ? "weight_refresh (strips) input-gradient copy"
+                      : "weight epoch input-gradient copy",
+               dx[0], dx[1], NULL, nx);
         kern_backend_free(f);
-        free(W), free(x), free(dy), free(y), free(dx), free(dW), free(yf), free(dxf), free(dWf);
-        b->buf_free(b, xa);
+        free(W), free(x), free(dy), free(y[0]), free(y[1]), free(dx[0]), free(dx[1]), free(dW);
     }
 }
 
@@ -1027,34 +1065,37 @@ static void op_weight_refresh(kern_backend *b, const char *name, kiln_bf16_kerne
 
 typedef struct backend_spec {
     const char *name;
+    kiln_dtype dtype;
     kiln_bf16_kernel kernel;
 } backend_spec;
 
-static const backend_spec BACKENDS[] = {{"ref", KILN_BF16_KERNEL_AUTO},
-                                        {"cpu", KILN_BF16_KERNEL_AMX},
-                                        {"cpu", KILN_BF16_KERNEL_AVX512},
-                                        {"cpu", KILN_BF16_KERNEL_REF}};
+static const backend_spec BACKENDS[] = {
+    {"ref", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AUTO}, {"cpu", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AMX},
+    {"cpu", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AVX512}, {"cpu", KILN_DTYPE_BF16, KILN_BF16_KERNEL_REF},
+    {"cpu", KILN_DTYPE_F16, KILN_BF16_KERNEL_AMX},  {"cpu", KILN_DTYPE_F16, KILN_BF16_KERNEL_AVX512},
+    {"cpu", KILN_DTYPE_F16, KILN_BF16_KERNEL_REF}};
 
 typedef struct op_spec {
     const char *name;
     void (*run)(kern_backend *b);
+    bool mp; /* a kern_mp_ops entry (bf16 backends) */
 } op_spec;
 
 static const op_spec OPS[] = {
-    {"buffers", op_buffers},
-    {"ops_table", op_table},
-    {"act_pack", op_act_pack},
-    {"rows", op_rows},
-    {"norm_fwd", op_norm_fwd},
-    {"linear_fwd", op_linear_fwd},
-    {"act_fwd", op_act_fwd},
-    {"act_bwd", op_act_bwd},
-    {"linear_bwd", op_linear_bwd},
-    {"mlp_bwd", op_mlp_bwd},
-    {"ce_linear_bwd", op_ce_linear_bwd},
-    {"attention_fwd", op_attention_fwd},
-    {"attention_bwd", op_attention_bwd},
-    {"attention_linear_bwd", op_attention_linear_bwd},
+    {"buffers", op_buffers, false},
+    {"ops_table", op_table, false},
+    {"act_pack", op_act_pack, true},
+    {"rows", op_rows, true},
+    {"norm_fwd", op_norm_fwd, true},
+    {"linear_fwd", op_linear_fwd, true},
+    {"act_fwd", op_act_fwd, true},
+    {"act_bwd", op_act_bwd, true},
+    {"linear_bwd", op_linear_bwd, true},
+    {"mlp_bwd", op_mlp_bwd, true},
+    {"ce_linear_bwd", op_ce_linear_bwd, true},
+    {"attention_fwd", op_attention_fwd, true},
+    {"attention_bwd", op_attention_bwd, true},
+    {"attention_linear_bwd", op_attention_linear_bwd, true},
 };
 
 static void report(const char *label, const char *op)
@@ -1079,9 +1120,9 @@ int main(void)
     CHECK(kern_backend_new("ref", KILN_DTYPE_F32, KILN_BF16_KERNEL_AUTO) == NULL);
     for (size_t i = 0; i < sizeof BACKENDS / sizeof BACKENDS[0]; i++) {
         const backend_spec *s = &BACKENDS[i];
-        kern_backend *b = kern_backend_new(s->name, KILN_DTYPE_BF16, s->kernel);
+        kern_backend *b = kern_backend_new(s->name, s->dtype, s->kernel);
         char label[64];
-        snprintf(label, sizeof label, "%s/%s", s->name,
+        snprintf(label, sizeof label, "%s/%s/%s", s->name, kiln_dtype_name(s->dtype),
                  s->kernel == KILN_BF16_KERNEL_AUTO ? "auto" : kiln_bf16_kernel_name(s->kernel));
         check_fails_ = 0;
         check_skip_ = NULL;
@@ -1097,6 +1138,7 @@ int main(void)
         }
         worst = 0;
         for (size_t k = 0; k < sizeof OPS / sizeof OPS[0]; k++) {
+            if (OPS[k].mp && !b->mp.linear_fwd) continue; /* checked NULL by ops_table */
             check_fails_ = 0;
             check_skip_ = NULL;
             OPS[k].run(b);
