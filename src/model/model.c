@@ -141,10 +141,15 @@ static void drop_kernels(kiln_model *m)
 
 void model_use_backend(kiln_model *m, kern_backend *be)
 {
+    /* bf16 activations stored in another backend's layout: be cannot read
+     * them (no backward from them), and the arena is resized for be's
+     * layout at the next forward */
+    bool relayout = m->act_mp && (!m->be || m->be->mp.act_bytes != be->mp.act_bytes);
     drop_kernels(m);
     m->be = be;
     m->ops = be->ops;
     m->gemm = be->gemm;
+    if (relayout) m->B = m->T = m->B_cap = m->T_cap = 0;
 }
 
 void model_use_ref_kernels(kiln_model *m, bool ref)

@@ -221,7 +221,9 @@ json_t *config_to_json(const kiln_config *cfg);
 /* Chooses the kernel tables: ref=true uses the reference kernels and the
  * reference GEMM (tests), false the fast ones (default). */
 void model_use_ref_kernels(kiln_model *m, bool ref);
-/* Installs backend be (owned by m from now on): its op table and GEMM. */
+/* Installs backend be (owned by m from now on): its op table, GEMM and,
+ * for a bf16 backend, the bf16-activation path (model_mp_*). Activations
+ * of a forward in another backend's layout are dropped. */
 void model_use_backend(kiln_model *m, kern_backend *be);
 
 /* bf16 training with bf16 activations (forward_mp.c): whether m uses it

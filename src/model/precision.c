@@ -48,12 +48,11 @@ void kiln_precision_describe(char *buf, size_t cap)
              kiln_precision_name(kiln_precision_resolve(KILN_PRECISION_AUTO)));
 }
 
+/* The compute dtype of the model's backend (none: the fp32 kernels). */
 kiln_precision kiln_model_precision(const kiln_model *m)
 {
-    const char *n = m->ops ? m->ops->name : "";
-    if (!strcmp(n, "bf16")) return KILN_PRECISION_BF16;
-    if (!strcmp(n, "fp16")) return KILN_PRECISION_FP16;
-    return KILN_PRECISION_FP32;
+    if (!m->be) return KILN_PRECISION_FP32;
+    return m->be->dtype == KILN_DTYPE_F16 ? KILN_PRECISION_FP16 : KILN_PRECISION_BF16;
 }
 
 int kiln_bf16_kernel_parse(const char *name)
