@@ -438,6 +438,85 @@ static void test_kernels_agree_in_model(void)
     kiln_ctx_free(ctx);
 }
 
+/* The model through the ref backend (kernels/ref/backend_ref.c: its own
+ * activation layout, plain row-major bf16, and its own weight handles):
+ * forward_mp.c knows no layout, so the bf16 path runs on it unchanged and
+ * agrees with the cpu backend's portable kernel. Both round the same
+ * operands to bf16 and differ by fp32 summation order only, so the
+ * logits agree within test_kernels_agree_in_model's 3e-3 (last-bit
+ * differences flipping a few bf16 roundings downstream), and the
+ * gradients at least as closely as bf16 agrees with fp32 (cosine >
+ * 0.995, compare_to_fp32). A layout leak (an arena carved with the cpu
+ * backend's padded sizes, an offset into the packed layout) gives O(1). */
+static void ref_backend_model(const kiln_config *cfg, const char *name)
+{
+    enum { B = 2, T = 24 };
+    kiln_ctx *ctx = kiln_ctx_new();
+    int V = cfg->vocab_size;
+    int32_t tok[B * T], tgt[B * T];
+    for (int i = 0; i < B * T; i++) tok[i] = (i * 11) % V, tgt[i] = (i * 7 + 3) % V;
+    float *l[2];
+    float *g[2] = {NULL, NULL};
+    double loss[2];
+    size_t n = 0;
+    for (int k = 0; k < 2; k++) {
+        l[k] = malloc(sizeof(float) * B * T * V);
+        kiln_precision_opts po = {.precision = KILN_PRECISION_BF16,
+                                  .bf16_kernel = KILN_BF16_KERNEL_REF, .bf16_acts = true};
+        kiln_model *m = NULL;
+        CHECK_EQ(kiln_model_new(ctx, cfg, &m), KILN_OK);
+        if (!m) return;
+        kiln_model_init_random(m, 1234);
+        CHECK_EQ(kiln_model_set_precision_opts(ctx, m, &po), KILN_OK);
+        CHECK_EQ(kiln_model_prepare(ctx, m, B, T), KILN_OK);
+        if (k == 1) {
+            kern_backend *be = kern_backend_new("ref", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AUTO);
+            CHECK(be != NULL);
+            if (!be) return;
+            model_use_backend(m, be);
+            CHECK_EQ(kiln_model_precision(m), KILN_PRECISION_BF16);
+        }
+        loss[k] = run_batch(ctx, m, tok, tgt, B, T, l[k], 1.f);
+        CHECK(m->act_mp); /* the bf16-activation path ran */
+        n = kiln_model_num_params(m);
+        g[k] = malloc(n * sizeof(float));
+        memcpy(g[k], kiln_model_grads(m), n * sizeof(float));
+        kiln_model_free(m);
+    }
+    double num = 0, den = 0, dot = 0, na = 0, nb = 0;
+    for (int j = 0; j < B * T * V; j++) {
+        num += (double)(l[1][j] - l[0][j]) * (l[1][j] - l[0][j]);
+        den += (double)l[0][j] * l[0][j];
+    }
+    for (size_t i = 0; i < n; i++) {
+        dot += (double)g[0][i] * g[1][i];
+        na += (double)g[0][i] * g[0][i];
+        nb += (double)g[1][i] * g[1][i];
+    }
+    double rel = sqrt(num / den), cosv = dot / sqrt(na * nb);
+    printf("  %s bf16, ref backend vs cpu backend (portable kernel): loss %.6f vs %.6f, logits "
+           "rel. difference %.2e, grad cosine %.6f\n",
+           name, loss[1], loss[0], rel, cosv);
+    CHECK(rel < 3e-3);
+    CHECK(cosv > 0.995);
+    for (int k = 0; k < 2; k++) free(l[k]), free(g[k]);
+    kiln_ctx_free(ctx);
+}
+
+static void test_ref_backend_in_model(void)
+{
+    kiln_config cfg = tiny_config();
+    ref_backend_model(&cfg, "gpt2");
+    kiln_ctx *ctx = kiln_ctx_new();
+    if (kiln_config_load(ctx, "configs/llama-tiny.json", &cfg)) {
+        CHECK_MSG(0, "configs/llama-tiny.json: %s", kiln_errmsg(ctx));
+    } else {
+        cfg.n_layer = 2;
+        ref_backend_model(&cfg, "llama");
+    }
+    kiln_ctx_free(ctx);
+}
+
 /* ---- convergence parity on real text ---------------------------------- */
 
 static int int_env(const char *name, int dflt)
@@ -665,6 +744,7 @@ int main(void)
     RUN_TEST(test_backward_ce);
     RUN_TEST(test_keep_weights);
     RUN_TEST(test_kernels_agree_in_model);
+    RUN_TEST(test_ref_backend_in_model);
     RUN_TEST(test_convergence_parity);
     return TEST_EXIT();
 }

@@ -1,7 +1,11 @@
 /*
- * kernels.h — the compute kernels of the model (kernels layer, private).
+ * kernels.h — the compute kernels of the model (kernels layer, private):
+ * the one header of this layer that other layers include. A backend
+ * (kern_backend, below) carries buffers, prepared weights, the fp32 op
+ * table and the bf16 path's ops; its folder (kernels/ref, kernels/x86,
+ * kernels/onednn) is its private business (docs/architecture.md).
  *
- * Two implementations of every op sit behind one table (kern_ops):
+ * Two implementations of every fp32 op sit behind one table (kern_ops):
  *   ref  (kernels/ref)  plain C, one thread, written for clarity: the oracle
  *   fast (kernels/x86 + kernels/onednn)  OpenMP, AVX-512 where it pays,
  *        matrix products through oneDNN when the build has it
@@ -30,6 +34,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+#include "tensor/tensor.h"
 
 /* ---- the CPU ---------------------------------------------------------- */
 
@@ -298,6 +304,192 @@ void kern_matmul_bwd_gemm(kern_gemm *g, float *dinp, float *dw, float *db,
  * roofline of decode (bench_decode). Returns a checksum so that the read
  * cannot be optimised away. */
 double kern_stream_read(const void *p, size_t n, int nth);
+
+/* ---- backends ----------------------------------------------------------
+ *
+ * A backend is one vtable (kern_backend) carrying everything the model
+ * needs from a compute device: buffers, weights prepared once in the
+ * backend's own layout, the fp32 op table (kern_ops) and the ops of the
+ * mixed-precision training path on opaque handles (kern_mp_ops). Packed
+ * layouts, weight caches, CPU features and scratch are the backend's
+ * private business; the model includes this header only.
+ *   ref  (kernels/ref/backend_ref.c)  portable C, plain row-major bf16
+ *        layouts, one thread: the oracle tests compare every backend to
+ *   cpu  (kernels/x86/backend_cpu.c)  oneDNN, AVX-512, AVX512_BF16, AMX
+ *        (chosen at run time by CPUID, or forced by the kernel option)
+ * tests/test_backend_ops.c runs every op of every backend against ref.
+ * docs/architecture.md says how to add an op or a backend (cuda/). */
+
+typedef struct kern_backend kern_backend;
+/* A weight matrix prepared by a backend (converted / packed / uploaded):
+ * opaque, owned by the backend, valid until the backend is freed. */
+typedef struct kern_weight kern_weight;
+/* An activation (rows, cols) stored in the backend's compute dtype and
+ * layout: opaque bytes, kern_mp_ops.act_bytes(rows, cols) of them, in
+ * memory the caller provides (the model's activation arena). */
+typedef struct kern_act kern_act;
+
+/* Activation functions of the MLP (the values of the x86 MP_ACT_*). */
+enum { KERN_ACT_NONE = 0, KERN_ACT_GELU = 1, KERN_ACT_SWIGLU = 2 };
+
+/* Where the product of kern_mp_ops.linear_fwd goes (y = x W' + bias). */
+typedef enum kern_out_kind {
+    KERN_OUT_F32 = 0,  /* y (N, OC) fp32 rows */
+    KERN_OUT_RES = 1,  /* y = res + product, fp32 (y may be res) */
+    KERN_OUT_ROWS = 2, /* rows = bf16(product) as plain rows (N, OC) */
+    KERN_OUT_GELU = 3  /* hp = bf16(product), ap = bf16(gelu(bf16(product))) */
+} kern_out_kind;
+typedef struct kern_out {
+    kern_out_kind kind;
+    float *y;           /* F32, RES */
+    const float *res;   /* RES */
+    uint16_t *rows;     /* ROWS */
+    kern_act *hp, *ap;  /* GELU */
+} kern_out;
+
+/* The mixed-precision (bf16 compute, fp32 accumulation) ops of the bf16
+ * training path (model/forward_mp.c). Activations that are inputs of
+ * products are kern_act in the backend's layout; "rows" are plain bf16
+ * rows (tensor.h's f32_to_bf16); everything else is fp32 host rows. The
+ * ops returning bool return false on out of memory (nothing is then
+ * promised about their outputs). N rows of tokens throughout; weights are
+ * prepared with weight_prepare (OC, C, layout). */
+typedef struct kern_mp_ops {
+    /* Bytes of a kern_act of (rows, cols). */
+    size_t (*act_bytes)(const kern_backend *b, int rows, int cols);
+    /* dst = bf16(x) for x (rows, cols) fp32; and back (exact). */
+    void (*act_pack)(const kern_backend *b, kern_act *dst, const float *x, int rows, int cols);
+    void (*act_unpack)(const kern_backend *b, float *x, const kern_act *src, int rows, int cols);
+    /* Plain bf16 rows <-> fp32, n elements. */
+    void (*to_rows)(const kern_backend *b, uint16_t *dst, const float *x, size_t n);
+    void (*from_rows)(const kern_backend *b, float *dst, const uint16_t *x, size_t n);
+    /* LayerNorm (rms false: mean, rstd; b may be NULL) or RMSNorm (rms
+     * true: rstd only) of N rows of C, the output written only as outp =
+     * bf16(the fp32 norm output of kern_ops.layernorm_fwd / rmsnorm_fwd). */
+    void (*norm_fwd)(const kern_backend *b, kern_act *outp, float *mean, float *rstd,
+                     const float *inp, const float *w, const float *bias, int N, int C,
+                     float eps, bool rms);
+    /* The product x (N, C) W' (+ bias (OC), may be NULL) of a prepared
+     * weight (OC, C), stored as o says. */
+    bool (*linear_fwd)(kern_backend *b, const kern_out *o, const kern_act *x, kern_weight *w,
+                       const float *bias, int N);
+    /* The MLP activation from fp32 h (N, FH) (FH = F; 2F = gate|up for
+     * SwiGLU): hp = bf16(h) (N, FH), ap = bf16(act(bf16(h))) (N, F). */
+    void (*act_fwd)(const kern_backend *b, kern_act *hp, kern_act *ap, const float *h, int N,
+                    int F, int act);
+    /* dh (N, FH) = act'(hp) * dout (N, F), overwritten. */
+    void (*act_bwd)(const kern_backend *b, float *dh, const kern_act *hp, const float *dout,
+                    int N, int F, int act);
+    /* The backward of y = a W' + bias with a = act(x) (x (N, C) for act
+     * NONE; the pre-activation (N, C) / (N, 2C) for GELU / SWIGLU, a then
+     * bf16(act(x))): dW (+)= the weight gradient in W's layout (= when
+     * !dw_acc: dW's old contents not read), db += column sums of dy (NULL:
+     * none), dx (N, C) = dy W (overwritten). */
+    bool (*linear_bwd)(kern_backend *b, kern_weight *w, const float *dy, const kern_act *x,
+                       int act, int N, float *dW, bool dw_acc, float *db, float *dx);
+    /* The backward of the MLP y = gelu(x W1' + b1) W2' + b2 (act NONE or
+     * GELU) from x and its pre-activation h: the gradient of h is
+     * dact(bf16(dy) W2) * act'(h) (never needed in fp32 outside). Weight
+     * and bias gradients as linear_bwd; dx overwritten. */
+    bool (*mlp_bwd)(kern_backend *b, kern_weight *w1, kern_weight *w2, const float *dy,
+                    const kern_act *x, const kern_act *h, int act, int N, float *dW1, float *db1,
+                    float *dW2, float *db2, float *dx, bool dw_acc);
+    /* Cross-entropy of logits (N, V) (kern_ops.cross_entropy's contract:
+     * loss and weight sums added) fused with the LM head's backward: its
+     * gradient goes straight to linear_bwd(w, ., x, NONE, dW, dw_acc, no
+     * bias, dx) without being stored as fp32 rows. */
+    bool (*ce_linear_bwd)(kern_backend *b, kern_weight *w, const float *logits,
+                          const int32_t *targets, const float *mask, int N, int V,
+                          float grad_scale, double *loss_sum, double *weight_sum,
+                          const kern_act *x, float *dW, bool dw_acc, float *dx);
+    /* Whether attention runs in the compute dtype for head size HS and
+     * sequence length T (else the model runs kern_ops' fp32 attention on
+     * bf16-rounded values). */
+    bool (*attention_ok)(const kern_backend *b, int HS, int T);
+    /* Causal GQA attention (kern_ops.attention_fwd's contract) from bf16
+     * rows qkvh (B*T, (NH+2*KVH)*HS); the output written as outp (B*T,
+     * NH*HS) only. P is a bf16 product operand (torch.autocast's error). */
+    void (*attention_fwd)(const kern_backend *b, kern_act *outp, float *lse,
+                          const uint16_t *qkvh, int B, int T, int NH, int KVH, int HS);
+    /* Its backward: dqkv (B*T, QKV) overwritten, from the forward's outp
+     * and lse; dout, P and dS are bf16 product operands. */
+    void (*attention_bwd)(const kern_backend *b, float *dqkv, const float *dout,
+                          const uint16_t *qkvh, const kern_act *outp, const float *lse, int B,
+                          int T, int NH, int KVH, int HS);
+    /* attention_bwd followed by linear_bwd of the qkv layer (w, input x,
+     * no activation, bias gradient db): the same results, with the
+     * gradient of qkv not stored as fp32 rows where the backend can
+     * (dqkv: fp32 scratch of (B*T, QKV) for where it cannot). */
+    bool (*attention_linear_bwd)(kern_backend *b, kern_weight *w, float *dqkv,
+                                 const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                 const float *lse, int B, int T, int NH, int KVH, int HS,
+                                 const kern_act *x, float *dW, bool dw_acc, float *db, float *dx);
+} kern_mp_ops;
+
+struct kern_backend {
+    const char *name;   /* "ref", "cpu" */
+    const char *kernel; /* the products' kernel: "ref", "avx512_bf16", "amx_bf16" */
+    kiln_dtype dtype;   /* compute dtype of the products: F32, BF16 or F16 */
+    void *state;        /* the backend's */
+
+    /* The fp32 op table, linear layers in the compute dtype (kern_ops's
+     * layout is stable: other ops are added at its end), and the GEMM the
+     * ops take (the backend's; kern_gemm.invalidate starts a new weight
+     * epoch: the model calls it at the start of every forward). */
+    const kern_ops *ops;
+    kern_gemm *gemm;
+
+    /* Buffers: memory of the backend's device (host memory for ref and
+     * cpu; a cuda/ backend returns device memory). alloc: NULL on OOM;
+     * free(NULL) is a no-op; set / get copy n bytes between host memory
+     * and offset off of the buffer. */
+    void *(*buf_alloc)(kern_backend *b, size_t bytes);
+    void (*buf_free)(kern_backend *b, void *buf);
+    void (*buf_set)(kern_backend *b, void *buf, size_t off, const void *src, size_t n);
+    void (*buf_get)(kern_backend *b, const void *buf, size_t off, void *dst, size_t n);
+
+    /* Weights. weight_prepare: the handle of fp32 weight w (OC, C) in
+     * layout lay (the same handle for the same arguments; NULL on OOM).
+     * The backend keeps its converted copies current: they follow w's
+     * values as of the start of the epoch in which an op reads them
+     * (converted at most once per epoch), unless weight_refresh has
+     * already written them for the next epoch. weight_refresh_rows: the
+     * rows per strip (rows of w as stored: C when lay is IN_OUT, else OC)
+     * that weight_refresh takes (0: none; the next epoch converts w
+     * whole). weight_refresh(r0): rows r0 .. r0 + strip - 1 of w, just
+     * updated by an optimizer, converted into every copy (thread-safe for
+     * disjoint strips); after all strips, weight_fresh marks the copies
+     * current for the next epoch. */
+    kern_weight *(*weight_prepare)(kern_backend *b, const float *w, int OC, int C,
+                                   kern_wlayout lay);
+    int (*weight_refresh_rows)(const kern_backend *b, const kern_weight *w);
+    void (*weight_refresh)(kern_backend *b, kern_weight *w, int r0);
+    void (*weight_fresh)(kern_backend *b, kern_weight *w);
+
+    /* The bf16 training path's ops (dtype BF16; NULL entries elsewhere). */
+    kern_mp_ops mp;
+
+    void (*destroy)(kern_backend *b);
+};
+
+/* The backends: "ref" and "cpu", for compute dtype dt (KILN_DTYPE_BF16
+ * or KILN_DTYPE_F16; ref: BF16 only) with the product kernel k (kiln.h's
+ * kiln_bf16_kernel; cpu: AUTO = the best this CPU has, a kernel it cannot
+ * run also falls back to the best; ref ignores it). NULL on OOM or for an
+ * unknown name / unsupported dtype. Free with kern_backend_free. */
+kern_backend *kern_backend_new(const char *name, kiln_dtype dt, kiln_bf16_kernel k);
+kern_backend *kern_backend_ref_new(kiln_dtype dt);
+kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k);
+void kern_backend_free(kern_backend *b);
+/* The kernel a cpu backend runs (resolved, never AUTO); AUTO for other
+ * backends. */
+kiln_bf16_kernel kern_backend_kernel(const kern_backend *b);
+
+/* The CPU has bf16 products in hardware (AMX-BF16 usable or
+ * AVX512_BF16), and a one-line description of its mixed-precision
+ * features and the kernel AUTO picks. */
+bool kern_cpu_bf16(void);
+void kern_cpu_describe(char *buf, size_t cap);
 
 /* The FLOP count of the model's matrix products is documented in
  * docs/performance.md; kernels do not count. */

@@ -130,10 +130,31 @@ static void set_views(kiln_model *m, float *base, model_weights *w)
 
 /* ---- creation --------------------------------------------------------- */
 
+/* Frees m's kernels: the backend (which owns its GEMM), or the GEMM. */
+static void drop_kernels(kiln_model *m)
+{
+    if (m->be) kern_backend_free(m->be);
+    else kern_gemm_free(m->gemm);
+    m->be = NULL;
+    m->gemm = NULL;
+}
+
+void model_use_backend(kiln_model *m, kern_backend *be)
+{
+    /* bf16 activations stored in another backend's layout: be cannot read
+     * them (no backward from them), and the arena is resized for be's
+     * layout at the next forward */
+    bool relayout = m->act_mp && (!m->be || m->be->mp.act_bytes != be->mp.act_bytes);
+    drop_kernels(m);
+    m->be = be;
+    m->ops = be->ops;
+    m->gemm = be->gemm;
+    if (relayout) m->B = m->T = m->B_cap = m->T_cap = 0;
+}
+
 void model_use_ref_kernels(kiln_model *m, bool ref)
 {
-    kern_gemm_free(m->gemm);
-    m->gemm = NULL;
+    drop_kernels(m);
     if (ref) {
         m->ops = kern_ops_ref();
         m->gemm = kern_gemm_ref();
@@ -227,7 +248,7 @@ void kiln_model_free(kiln_model *m)
     free(m->grads);
     free(m->rope_cos);
     free(m->rope_sin);
-    kern_gemm_free(m->gemm);
+    drop_kernels(m);
     model_upd_free(m);
     arena_free(&m->act);
     free(m);

@@ -82,8 +82,8 @@ typedef struct model_acts {
     /* bf16 training (forward_mp.c): packed bf16 copies instead of ln1,
      * atty, ln2, fch, fch_act, lnf (those are NULL then, atty is one
      * layer's fp32 scratch) */
-    uint16_t *ln1p, *attyp, *ln2p, *fchp, *lnfp; /* (L, packed) / (packed) */
-    uint16_t *actp;   /* one layer's act(fch), packed */
+    void *ln1p, *attyp, *ln2p, *fchp, *lnfp; /* (L, kern_act) / (kern_act) */
+    void *actp;       /* one layer's act(fch), a kern_act */
     uint16_t *qkvh;   /* (L, N, QKV) bf16 (qkv is NULL then) */
     float *tmp;       /* (N, max(C, FH, QKV)) one layer's fp32 scratch */
     /* backward scratch */
@@ -158,6 +158,8 @@ struct kiln_model {
     float *rope_sin;   /* (n_ctx, HS/2) */
     const kern_ops *ops;
     kern_gemm *gemm;
+    kern_backend *be; /* the bf16/fp16 backend (precision.c), NULL in fp32;
+                         it owns ops and gemm then */
     kiln_bf16_kernel bf16_kernel; /* kiln_precision_opts.bf16_kernel (asked) */
     bool bf16_f32_acts;  /* !kiln_precision_opts.bf16_acts (zero = default) */
     arena act;
@@ -269,6 +271,10 @@ json_t *config_to_json(const kiln_config *cfg);
 /* Chooses the kernel tables: ref=true uses the reference kernels and the
  * reference GEMM (tests), false the fast ones (default). */
 void model_use_ref_kernels(kiln_model *m, bool ref);
+/* Installs backend be (owned by m from now on): its op table, GEMM and,
+ * for a bf16 backend, the bf16-activation path (model_mp_*). Activations
+ * of a forward in another backend's layout are dropped. */
+void model_use_backend(kiln_model *m, kern_backend *be);
 
 /* bf16 training with bf16 activations (forward_mp.c): whether m uses it
  * (precision bf16 and kiln_precision_opts.bf16_acts), its arena size and

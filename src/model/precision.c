@@ -1,11 +1,10 @@
 /*
- * precision.c — the model's compute precision: swaps the model's kernel
- * table and GEMM for the mixed-precision ones (kernels/x86/bf16_ops.c) or
- * back to the fp32 fast ones. Master weights stay fp32 in the parameter
- * block; the bf16/fp16 GEMM caches packed copies and refreshes them when
- * the model starts a forward pass.
+ * precision.c — the model's compute precision: installs the cpu backend
+ * for bf16 / fp16 (kernels.h's kern_backend: its op table and GEMM) or
+ * the fp32 fast kernels. Master weights stay fp32 in the parameter block;
+ * the backend keeps its prepared copies current (a new weight epoch at
+ * the start of every forward pass).
  */
-#include "kernels/x86/bf16_ops.h"
 #include "model/model.h"
 
 #include <stdio.h>
@@ -38,27 +37,22 @@ const char *kiln_precision_name(kiln_precision p)
 kiln_precision kiln_precision_resolve(kiln_precision p)
 {
     if (p != KILN_PRECISION_AUTO) return p;
-    const mp_caps *c = mp_cpu_caps();
-    return c->amx_usable || c->avx512_bf16 ? KILN_PRECISION_BF16 : KILN_PRECISION_FP32;
+    return kern_cpu_bf16() ? KILN_PRECISION_BF16 : KILN_PRECISION_FP32;
 }
 
 void kiln_precision_describe(char *buf, size_t cap)
 {
-    const mp_caps *c = mp_cpu_caps();
-    snprintf(buf, cap,
-             "cpu: amx_bf16=%s avx512_bf16=%s f16c=%s; bf16/fp16 products on %s; auto = %s",
-             c->amx_bf16 ? (c->amx_usable ? "yes" : "yes (kernel refused tile state)") : "no",
-             c->avx512_bf16 ? "yes" : "no", c->f16c ? "yes" : "no",
-             mp_backend_name(mp_backend_best()),
+    char cpu[256];
+    kern_cpu_describe(cpu, sizeof cpu);
+    snprintf(buf, cap, "%s; auto = %s", cpu,
              kiln_precision_name(kiln_precision_resolve(KILN_PRECISION_AUTO)));
 }
 
+/* The compute dtype of the model's backend (none: the fp32 kernels). */
 kiln_precision kiln_model_precision(const kiln_model *m)
 {
-    const char *n = m->ops ? m->ops->name : "";
-    if (!strcmp(n, "bf16")) return KILN_PRECISION_BF16;
-    if (!strcmp(n, "fp16")) return KILN_PRECISION_FP16;
-    return KILN_PRECISION_FP32;
+    if (!m->be) return KILN_PRECISION_FP32;
+    return m->be->dtype == KILN_DTYPE_F16 ? KILN_PRECISION_FP16 : KILN_PRECISION_BF16;
 }
 
 int kiln_bf16_kernel_parse(const char *name)
@@ -89,28 +83,6 @@ kiln_precision_opts kiln_precision_opts_default(void)
                                  .bf16_acts = true};
 }
 
-static mp_backend to_backend(kiln_bf16_kernel k)
-{
-    switch (k) {
-    case KILN_BF16_KERNEL_REF: return MP_BACKEND_REF;
-    case KILN_BF16_KERNEL_AVX512: return MP_BACKEND_AVX512;
-    case KILN_BF16_KERNEL_AMX: return MP_BACKEND_AMX;
-    case KILN_BF16_KERNEL_AUTO: break;
-    }
-    return MP_BACKEND_AUTO;
-}
-
-static kiln_bf16_kernel from_backend(mp_backend b)
-{
-    switch (b) {
-    case MP_BACKEND_REF: return KILN_BF16_KERNEL_REF;
-    case MP_BACKEND_AVX512: return KILN_BF16_KERNEL_AVX512;
-    case MP_BACKEND_AMX: return KILN_BF16_KERNEL_AMX;
-    case MP_BACKEND_AUTO: break;
-    }
-    return KILN_BF16_KERNEL_AUTO;
-}
-
 /* Installs the kernels of precision p (resolved) with m's kernel choice,
  * rebuilding the mixed-precision GEMM when the precision or the kernel
  * asked for changed. */
@@ -121,14 +93,12 @@ static kiln_status apply(kiln_ctx *ctx, kiln_model *m, kiln_precision p, bool ke
         model_use_ref_kernels(m, false);
         return KILN_OK;
     }
-    kern_gemm *g = mp_kern_gemm_new(p == KILN_PRECISION_BF16 ? KILN_DTYPE_BF16 : KILN_DTYPE_F16,
-                                    to_backend(m->bf16_kernel));
-    if (!g)
+    kern_backend *be = kern_backend_new(
+        "cpu", p == KILN_PRECISION_BF16 ? KILN_DTYPE_BF16 : KILN_DTYPE_F16, m->bf16_kernel);
+    if (!be)
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory setting up %s kernels",
                          kiln_precision_name(p));
-    kern_gemm_free(m->gemm);
-    m->gemm = g;
-    m->ops = mp_kern_ops(g);
+    model_use_backend(m, be);
     return KILN_OK;
 }
 
@@ -177,6 +147,6 @@ kiln_precision_opts kiln_model_precision_opts(const kiln_model *m)
     return (kiln_precision_opts){
         .precision = p,
         .bf16_kernel = p == KILN_PRECISION_FP32 ? KILN_BF16_KERNEL_AUTO
-                                                : from_backend(mp_kern_backend(m->gemm)),
+                                                : kern_backend_kernel(m->be),
         .bf16_acts = !m->bf16_f32_acts};
 }

@@ -4,25 +4,25 @@
  * (model_wstrips, model_wstrip_fresh; the step is kiln_model_adamw_step in
  * train/model_step.c), and the lazily zeroed weight-matrix gradients.
  *
- * The bf16 products read each weight twice per step, packed two ways
- * (bf16_ops.c: the forward layout and the transposed one of the input
- * gradient). Refreshed at the next forward, that is one more read of
- * every fp32 weight per layout, the transposed one strided, after the
- * optimizer has just written them all. Here AdamW updates each matrix in
- * strips of 32 rows, and each strip, still in cache, is packed into both
- * copies (mp_weight_refresh_strip, the bytes mp_weight_refresh writes);
- * the cache entries are then marked fresh for the next forward. Any other
- * write to the parameters (kiln_model_params, load, init) invalidates the
- * cache first (model.c), so a mark never outlives its values.
+ * The bf16 products read each weight in the backend's prepared copies
+ * (the cpu backend: packed two ways, the forward layout and the transposed
+ * one of the input gradient). Refreshed at the next forward, that is one
+ * more read of every fp32 weight per layout, the transposed one strided,
+ * after the optimizer has just written them all. Here AdamW updates each
+ * matrix in strips of the rows the backend asks for (weight_refresh_rows),
+ * and each strip, still in cache, goes to the backend's weight_refresh
+ * (the bytes its whole conversion writes); the weights are then marked
+ * fresh for the next forward (weight_fresh). Any other write to the
+ * parameters (kiln_model_params, load, init) starts a new weight epoch
+ * first (model.c), so a mark never outlives its values.
  */
-#include "kernels/x86/bf16_ops.h"
 #include "model/model.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-/* A weight matrix as model_mp_forward / the linear ops look it up in the
- * cache (w, OC, C, in_out), and where it lies in the parameter block. */
+/* A weight matrix as model_mp_forward prepares it on the backend (w, OC,
+ * C, in_out), and where it lies in the parameter block. */
 typedef struct wmat {
     const float *w;
     int oc, c;
@@ -30,11 +30,17 @@ typedef struct wmat {
     size_t off, len;
 } wmat;
 
+/* A prepared weight and its backend: the ud of a strip callback. */
+typedef struct wref {
+    kern_backend *be;
+    kern_weight *w;
+} wref;
+
 struct model_upd {
     int n;
     wmat *wm;           /* sorted by offset (made once) */
     model_wstrip *ws;   /* this step's, in the same order */
-    mp_weight *pw;      /* copies of the cache entries' descriptors */
+    wref *pw;           /* the backend's handles of this step's matrices */
 };
 
 void model_upd_free(kiln_model *m)
@@ -48,9 +54,13 @@ void model_upd_free(kiln_model *m)
     m->upd = NULL;
 }
 
+/* ud: a wref (the refresh reads the weight the handle was prepared from,
+ * which is W). */
 static void after_strip(void *ud, const float *W, int r0)
 {
-    mp_weight_refresh_strip(ud, W, r0);
+    const wref *r = ud;
+    (void)W;
+    r->be->weight_refresh(r->be, r->w, r0);
 }
 
 static int by_offset(const void *a, const void *b)
@@ -104,21 +114,19 @@ static struct model_upd *upd_of(kiln_model *m)
 int model_wstrips(kiln_model *m, const model_wstrip **out)
 {
     *out = NULL;
-    if (kiln_model_precision(m) != KILN_PRECISION_BF16) return 0;
+    if (kiln_model_precision(m) != KILN_PRECISION_BF16 || !m->be) return 0;
     struct model_upd *u = upd_of(m);
     if (!u) return 0;
-    kern_gemm *g = m->gemm;
-    /* entries first (creating one may move the others), then copies */
-    for (int i = 0; i < u->n; i++)
-        if (!mp_kern_weight_entry(g, u->wm[i].w, u->wm[i].oc, u->wm[i].c, u->wm[i].io))
-            return 0; /* out of memory: the plain step; the forward repacks */
+    kern_backend *be = m->be;
     int nm = 0;
     for (int i = 0; i < u->n; i++) {
         const wmat *x = &u->wm[i];
-        mp_weight *e = mp_kern_weight_entry(g, x->w, x->oc, x->c, x->io);
-        int strip = mp_weight_strip_rows(e);
+        kern_weight *h = be->weight_prepare(be, x->w, x->oc, x->c,
+                                            x->io ? KERN_W_IN_OUT : KERN_W_OUT_IN);
+        if (!h) return 0; /* out of memory: the plain step; the forward repacks */
+        int strip = be->weight_refresh_rows(be, h);
         if (!strip) continue;
-        u->pw[nm] = *e;
+        u->pw[nm] = (wref){be, h};
         u->ws[nm] = (model_wstrip){
             .offset = x->off,
             .rows = x->io ? x->c : x->oc,
@@ -137,8 +145,7 @@ void model_wstrip_fresh(kiln_model *m, int i)
 {
     struct model_upd *u = m->upd;
     KILN_ASSERT(u && i >= 0 && i < u->n);
-    const mp_weight *pw = &u->pw[i];
-    mp_kern_weight_fresh(m->gemm, m->params + u->ws[i].offset, pw->OC, pw->C, pw->in_out);
+    u->pw[i].be->weight_fresh(u->pw[i].be, u->pw[i].w);
 }
 
 /* ---- lazily zeroed weight-matrix gradients ------------------------------

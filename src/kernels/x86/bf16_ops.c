@@ -37,12 +37,13 @@ typedef struct wentry {
 
 typedef struct mp_state {
     uint32_t magic;
+    kern_backend backend; /* the cpu backend of this GEMM (backend_cpu.c fills it) */
     kiln_dtype dt;
     mp_backend be;
     kern_ops ops;       /* fast ops with matmul_fwd/bwd replaced */
     kern_gemm *fp32;    /* for products too small to pack */
     mp_scratch scratch;
-    wentry *cache;
+    wentry **cache; /* each entry on its own: handles (kern_weight) stay put */
     int n_cache, cap_cache;
     size_t cache_bytes;
     uint64_t epoch;   /* bumped by invalidate (start of every forward) */
@@ -73,19 +74,23 @@ static void mp_gemm_fn(kern_gemm *g, bool ta, bool tb, int M, int N, int K, floa
 static wentry *lookup(mp_state *st, const float *w, int OC, int C, bool in_out)
 {
     for (int i = 0; i < st->n_cache; i++) {
-        wentry *e = &st->cache[i];
+        wentry *e = st->cache[i];
         if (e->w == w && e->OC == OC && e->C == C && e->in_out == in_out) return e;
     }
     if (st->n_cache == st->cap_cache) {
         int cap = st->cap_cache ? 2 * st->cap_cache : 64;
-        wentry *n = realloc(st->cache, sizeof *n * (size_t)cap);
+        wentry **n = realloc(st->cache, sizeof *n * (size_t)cap);
         if (!n) return NULL;
         st->cache = n;
         st->cap_cache = cap;
     }
-    wentry *e = &st->cache[st->n_cache];
-    memset(e, 0, sizeof *e);
-    if (!mp_weight_init(&e->pw, st->dt, OC, C, in_out)) return NULL;
+    wentry *e = calloc(1, sizeof *e);
+    if (!e) return NULL;
+    if (!mp_weight_init(&e->pw, st->dt, OC, C, in_out)) {
+        free(e);
+        return NULL;
+    }
+    st->cache[st->n_cache] = e;
     e->w = w;
     e->OC = OC;
     e->C = C;
@@ -146,7 +151,10 @@ static void mp_destroy(kern_gemm *g)
     if (!g) return;
     mp_state *st = g->state;
     if (st) {
-        for (int i = 0; i < st->n_cache; i++) mp_weight_free(&st->cache[i].pw);
+        for (int i = 0; i < st->n_cache; i++) {
+            mp_weight_free(&st->cache[i]->pw);
+            free(st->cache[i]);
+        }
         free(st->cache);
         mp_scratch_free(&st->scratch);
         kern_gemm_free(st->fp32);
@@ -189,20 +197,26 @@ kiln_dtype mp_kern_dtype(kern_gemm *g) { return state_of(g)->dt; }
 mp_backend mp_kern_backend(kern_gemm *g) { return state_of(g)->be; }
 mp_scratch *mp_kern_scratch(kern_gemm *g) { return &state_of(g)->scratch; }
 
+/* e's copy in the forward (bwd false) or input-gradient layout, repacked
+ * if it is not current in this epoch. */
+static const mp_weight *current(mp_state *st, wentry *e, bool bwd)
+{
+    uint64_t *ep = bwd ? &e->bwd_epoch : &e->fwd_epoch;
+    if (*ep != st->epoch + 1) {
+        if (bwd) mp_weight_refresh_bwd(&e->pw, e->w);
+        else mp_weight_refresh_fwd(&e->pw, e->w);
+        st->repacks++;
+        *ep = st->epoch + 1;
+    }
+    return &e->pw;
+}
+
 const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, bool in_out,
                                 bool bwd)
 {
     mp_state *st = state_of(g);
     wentry *e = lookup(st, w, OC, C, in_out);
-    if (!e) return NULL;
-    uint64_t *ep = bwd ? &e->bwd_epoch : &e->fwd_epoch;
-    if (*ep != st->epoch + 1) {
-        if (bwd) mp_weight_refresh_bwd(&e->pw, w);
-        else mp_weight_refresh_fwd(&e->pw, w);
-        st->repacks++;
-        *ep = st->epoch + 1;
-    }
-    return &e->pw;
+    return e ? current(st, e, bwd) : NULL;
 }
 
 mp_weight *mp_kern_weight_entry(kern_gemm *g, const float *w, int OC, int C, bool in_out)
@@ -217,6 +231,51 @@ void mp_kern_weight_fresh(kern_gemm *g, const float *w, int OC, int C, bool in_o
     wentry *e = lookup(st, w, OC, C, in_out);
     /* valid in the next epoch: the one the next forward starts */
     if (e) e->fwd_epoch = e->bwd_epoch = st->epoch + 2;
+}
+
+/* ---- the weights of the cpu backend (kernels.h's kern_backend) ---------
+ * A kern_weight of the cpu backend is its cache entry (a wentry). */
+
+kern_backend *mp_kern_backend_of(kern_gemm *g) { return &state_of(g)->backend; }
+
+static kern_weight *cpu_weight_prepare(kern_backend *b, const float *w, int OC, int C,
+                                       kern_wlayout lay)
+{
+    return (kern_weight *)lookup(state_of(b->gemm), w, OC, C, lay == KERN_W_IN_OUT);
+}
+
+static int cpu_weight_refresh_rows(const kern_backend *b, const kern_weight *w)
+{
+    (void)b;
+    return mp_weight_strip_rows(&((const wentry *)w)->pw);
+}
+
+static void cpu_weight_refresh(kern_backend *b, kern_weight *w, int r0)
+{
+    (void)b;
+    wentry *e = (wentry *)w;
+    mp_weight_refresh_strip(&e->pw, e->w, r0);
+}
+
+static void cpu_weight_fresh(kern_backend *b, kern_weight *w)
+{
+    mp_state *st = state_of(b->gemm);
+    wentry *e = (wentry *)w;
+    /* valid in the next epoch: the one the next forward starts */
+    e->fwd_epoch = e->bwd_epoch = st->epoch + 2;
+}
+
+const mp_weight *mp_kern_weight_current(kern_backend *b, kern_weight *w, bool bwd)
+{
+    return current(state_of(b->gemm), (wentry *)w, bwd);
+}
+
+void mp_kern_backend_weights(kern_backend *b)
+{
+    b->weight_prepare = cpu_weight_prepare;
+    b->weight_refresh_rows = cpu_weight_refresh_rows;
+    b->weight_refresh = cpu_weight_refresh;
+    b->weight_fresh = cpu_weight_fresh;
 }
 
 size_t mp_kern_cache_bytes(kern_gemm *g) { return state_of(g)->cache_bytes; }

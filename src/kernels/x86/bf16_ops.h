@@ -38,4 +38,13 @@ const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, boo
 mp_weight *mp_kern_weight_entry(kern_gemm *g, const float *w, int OC, int C, bool in_out);
 void mp_kern_weight_fresh(kern_gemm *g, const float *w, int OC, int C, bool in_out);
 
+/* The cpu backend (backend_cpu.c) lives in the state of its GEMM: the
+ * kern_backend of g (filled by kern_backend_cpu_new), its weight entries
+ * (mp_kern_backend_weights sets the weight_* entries of b: a kern_weight
+ * is a cache entry), and the packed copy of prepared weight w current in
+ * this epoch, in the forward (bwd false) or input-gradient layout. */
+kern_backend *mp_kern_backend_of(kern_gemm *g);
+void mp_kern_backend_weights(kern_backend *b);
+const mp_weight *mp_kern_weight_current(kern_backend *b, kern_weight *w, bool bwd);
+
 #endif /* KILN_KERNELS_X86_BF16_OPS_H */

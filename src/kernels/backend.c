@@ -1,0 +1,20 @@
+/*
+ * backend.c — the backends by name (kernels.h). A new backend (cuda/)
+ * adds its constructor here and to kernels.h.
+ */
+#include "kernels/kernels.h"
+
+#include <string.h>
+
+kern_backend *kern_backend_new(const char *name, kiln_dtype dt, kiln_bf16_kernel k)
+{
+    if (!name) return NULL;
+    if (!strcmp(name, "ref")) return kern_backend_ref_new(dt);
+    if (!strcmp(name, "cpu")) return kern_backend_cpu_new(dt, k);
+    return NULL;
+}
+
+void kern_backend_free(kern_backend *b)
+{
+    if (b) b->destroy(b);
+}
