@@ -2,9 +2,10 @@
  * test_backend_ops.c — every op of every backend against the ref backend,
  * in one loop (ggml's test-backend-ops): backends {ref, cpu with the AMX,
  * AVX512_BF16 and portable product kernels, in bf16 and in fp16} x ops
- * {buffers, the fp32 op table's linear layers, the weight refresh, and
- * every kern_mp_ops entry (bf16 backends: fp16 has none, which the op
- * table's case checks)}.
+ * {buffers, the fp32 op table's linear layers, the inference ops (the
+ * typed linear on fp32, bf16 and the Q types at decode and prefill sizes,
+ * rope_at, attention_kv), the weight refresh, and every kern_mp_ops entry
+ * (bf16 backends: fp16 has none, which the op table's case checks)}.
  * Each (backend, op) pair prints one PASS / FAIL / SKIP line; a kernel
  * this CPU lacks is a SKIP. Inputs live in the backend's buffers
  * (buf_alloc / buf_set / buf_get), as a device backend needs.
@@ -228,6 +229,9 @@ static void op_table(kern_backend *b)
     SAME_AS(swiglu_fwd);
     SAME_AS(swiglu_bwd);
     SAME_AS(rope);
+    SAME_AS(linear);
+    SAME_AS(rope_at);
+    SAME_AS(attention_kv);
     SAME_AS(attention_fwd);
     SAME_AS(attention_bwd);
     SAME_AS(add);
@@ -1061,6 +1065,124 @@ static void op_weight_refresh(kern_backend *b, const char *name, kiln_bf16_kerne
     }
 }
 
+/* ---- the inference ops (kern_ops: linear, rope_at, attention_kv) ---------------- */
+
+/* The typed linear on every weight storage the engine prepares, at a
+ * decode-sized and a prefill-sized T. Both backends dot the same operands
+ * (bf16 activations rounded alike under KERN_BF16_DOT; Q types' 8-bit
+ * activations from kern_quant_act below KERN_GEMM_MIN_T rows, fp32 from
+ * it on), so they differ by accumulation only: |got - ref| <= (K + 8) u M,
+ * M = sum_k |w_k| |x_k| over those operands (+ |bias|), the 8 covering the
+ * per-block scale products and the final roundings. The products run on an
+ * fp32 GEMM (the engine's; a backend's own GEMM may be its bf16 one). */
+static void op_infer_linear(kern_backend *b)
+{
+    const kern_ops *k = b->ops, *Rf = R->ops;
+    kern_gemm *g32 = kern_gemm_fast_new();
+    const kiln_dtype types[] = {KILN_DTYPE_F32, KILN_DTYPE_F32, KILN_DTYPE_BF16, KILN_DTYPE_Q8_0,
+                                KILN_DTYPE_Q4_0, KILN_DTYPE_Q4_K, KILN_DTYPE_Q6_K};
+    const int Ts[] = {3, KERN_GEMM_MIN_T + 5};
+    const int OC = 40, C = 512;
+    for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++)
+        for (int ts = 0; ts < 2; ts++) {
+            int N = Ts[ts];
+            kern_wlayout lay = ti == 1 ? KERN_W_IN_OUT : KERN_W_OUT_IN;
+            size_t nw = (size_t)OC * C, no = (size_t)N * OC;
+            float *w = rnd(nw, 0.2f), *x = rnd((size_t)N * C, 1), *bias = rnd((size_t)OC, 1);
+            float *y = zeros(no), *yr = zeros(no), *wd = zeros((size_t)C), *xe = zeros((size_t)C);
+            kern_wt src = {KILN_DTYPE_F32, lay, OC, C, w}, W;
+            CHECK(kern_weight_prepare(types[ti], &src, &W));
+            k->linear(g32, y, x, N, &W, bias);
+            Rf->linear(kern_gemm_ref(), yr, x, N, &W, bias);
+            const dtype_traits *tr = dtype_traits_of(W.dtype);
+            size_t rb = dtype_row_bytes(W.dtype, C);
+            int8_t q[512];
+            float d[16];
+            int32_t s16[32];
+            double *tol = dzeros(no);
+            for (int t = 0; t < N; t++) {
+                const float *xt = x + (size_t)t * C;
+                for (int c = 0; c < C; c++) xe[c] = xt[c]; /* the operand the products see */
+                if (tr->quantized && N < KERN_GEMM_MIN_T) {
+                    kern_quant_act(xt, C, q, d, s16);
+                    for (int c = 0; c < C; c++) xe[c] = (float)q[c] * d[c / 32];
+                } else if (W.dtype == KILN_DTYPE_BF16 && KERN_BF16_DOT) {
+                    for (int c = 0; c < C; c++) xe[c] = bf16_to_f32(f32_to_bf16(xt[c]));
+                }
+                for (int o = 0; o < OC; o++) {
+                    if (W.dtype == KILN_DTYPE_F32)
+                        for (int c = 0; c < C; c++)
+                            wd[c] = lay == KERN_W_IN_OUT ? w[(size_t)c * OC + o] : w[(size_t)o * C + c];
+                    else
+                        tr->to_float((const uint8_t *)W.data + rb * (size_t)o, wd, C);
+                    double m = fabs(bias[o]);
+                    for (int c = 0; c < C; c++) m += fabs((double)wd[c] * xe[c]);
+                    tol[(size_t)t * OC + o] = (C + 8) * U32 * m;
+                }
+            }
+            char what[64];
+            snprintf(what, sizeof what, "linear %s%s T=%d", tr->name,
+                     lay == KERN_W_IN_OUT ? " in_out" : "", N);
+            within(what, y, yr, tol, no);
+            kern_weight_free(&W);
+            free(w), free(x), free(bias), free(y), free(yr), free(wd), free(xe), free(tol);
+        }
+    kern_gemm_free(g32);
+}
+
+/* rope_at: the same formula as ref's, one rounding per product and sum
+ * (|x1 c| + |x2 s|) u * 2 per output. */
+static void op_rope_at(kern_backend *b)
+{
+    enum { NCTX = 50, HS = 16, NHEADS = 6, STRIDE = 8 * 16, N = 9 };
+    float cs[NCTX * HS / 2], sn[NCTX * HS / 2];
+    for (int p = 0; p < NCTX; p++)
+        for (int i = 0; i < HS / 2; i++) {
+            cs[p * HS / 2 + i] = cosf(p * powf(10000.0f, -2.0f * i / HS));
+            sn[p * HS / 2 + i] = sinf(p * powf(10000.0f, -2.0f * i / HS));
+        }
+    int pos[N] = {0, 49, 3, 3, 17, 1, 48, 25, 9};
+    float *x = rnd((size_t)N * STRIDE, 1), *xr = malloc(sizeof(float) * N * STRIDE);
+    memcpy(xr, x, sizeof(float) * N * STRIDE);
+    double *tol = dzeros((size_t)N * STRIDE);
+    for (int r = 0; r < N; r++)
+        for (int h = 0; h < NHEADS; h++)
+            for (int i = 0; i < HS / 2; i++) {
+                size_t o = (size_t)r * STRIDE + (size_t)h * HS + i;
+                double m = fabs(x[o]) + fabs(x[o + HS / 2]);
+                tol[o] = tol[o + HS / 2] = 3 * U32 * m;
+            }
+    b->ops->rope_at(x, N, STRIDE, pos, cs, sn, NHEADS, HS);
+    R->ops->rope_at(xr, N, STRIDE, pos, cs, sn, NHEADS, HS);
+    within("rope_at", x, xr, tol, (size_t)N * STRIDE); /* untouched columns: bit for bit */
+    free(x), free(xr), free(tol);
+}
+
+/* attention_kv against ref's double-precision softmax: each output is a
+ * convex combination of value rows, so its error is bounded by the
+ * probabilities' error times max |v| plus the sum's rounding; the fp32
+ * softmax of n scores is within (n + HS + 8) u relative per probability
+ * (exp's few ulp and the scale product included). */
+static void op_attention_kv(kern_backend *b)
+{
+    enum { NH = 4, KVH = 2, HS = 16, NCTX = 40, S = 3, T = 6, QKV = (NH + 2 * KVH) * HS };
+    const int KVD = KVH * HS;
+    float *kc = rnd((size_t)S * NCTX * KVD, 1), *vc = rnd((size_t)S * NCTX * KVD, 1);
+    float *q = rnd((size_t)T * QKV, 1), *o = zeros((size_t)T * NH * HS);
+    float *orf = zeros((size_t)T * NH * HS), *sc = zeros((size_t)T * NH * NCTX);
+    int slot[T] = {0, 2, 1, 2, 0, 1}, pos[T] = {0, 7, 39, 8, 3, 20};
+    b->ops->attention_kv(o, q, QKV, T, slot, pos, kc, vc, (size_t)NCTX * KVD, NH, KVH, HS, NCTX, sc);
+    R->ops->attention_kv(orf, q, QKV, T, slot, pos, kc, vc, (size_t)NCTX * KVD, NH, KVH, HS, NCTX,
+                         sc);
+    double mv = maxabs(vc, (size_t)S * NCTX * KVD);
+    double *tol = dzeros((size_t)T * NH * HS);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < NH * HS; i++)
+            tol[(size_t)t * NH * HS + i] = (pos[t] + 1 + HS + 8) * 4 * U32 * mv * (pos[t] + 1);
+    within("attention_kv", o, orf, tol, (size_t)T * NH * HS);
+    free(kc), free(vc), free(q), free(o), free(orf), free(sc), free(tol);
+}
+
 /* ---- the loop ------------------------------------------------------------------- */
 
 typedef struct backend_spec {
@@ -1084,6 +1206,9 @@ typedef struct op_spec {
 static const op_spec OPS[] = {
     {"buffers", op_buffers, false},
     {"ops_table", op_table, false},
+    {"linear", op_infer_linear, false},
+    {"rope_at", op_rope_at, false},
+    {"attention_kv", op_attention_kv, false},
     {"act_pack", op_act_pack, true},
     {"rows", op_rows, true},
     {"norm_fwd", op_norm_fwd, true},

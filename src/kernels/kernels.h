@@ -108,6 +108,9 @@ typedef struct kern_wt {
 #define KERN_BF16_DOT 0
 #endif
 
+/* From this many rows on, a linear is "prefill-sized" (kern_ops.linear). */
+#define KERN_GEMM_MIN_T 16
+
 /* Prepares src (fp32, either layout) as dtype dt for the linear op (fp32:
  * a copy in the same layout; bf16: rows (out, in)); out owns the memory
  * (kern_weight_free). false when out of memory. */
@@ -211,7 +214,12 @@ typedef struct kern_ops {
      * weights is a GEMM on g, the same call as matmul_fwd (so a prefill
      * and the training forward give the same bits). With AVX512_BF16, bf16
      * weights are dotted with activations rounded to bf16 (exact products,
-     * fp32 sums), as bf16 hardware does; ref follows the same rule. */
+     * fp32 sums), as bf16 hardware does; ref follows the same rule.
+     * Block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K): for T <
+     * KERN_GEMM_MIN_T the activations are quantized to 8 bits per block
+     * of 32 (kern_quant_act) and dotted in integers; from KERN_GEMM_MIN_T
+     * rows on the weights are dequantized and the activations stay fp32.
+     * Every backend, ref included, follows this rule. */
     void (*linear)(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
                    const float *b);
 

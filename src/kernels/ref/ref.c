@@ -426,7 +426,20 @@ static void ref_linear_q(float *Y, const float *X, int T, const kern_wt *W, cons
     int8_t *q = malloc((size_t)K);
     float *d = malloc(sizeof(float) * (size_t)nb);
     int32_t *s16 = malloc(sizeof(int32_t) * 2 * (size_t)nb);
-    KILN_ASSERT(q && d && s16);
+    float *wd = malloc(sizeof(float) * (size_t)K);
+    KILN_ASSERT(q && d && s16 && wd);
+    if (T >= KERN_GEMM_MIN_T) { /* prefill-sized: dequantized weights, fp32 activations */
+        for (int r = 0; r < R; r++) {
+            dtype_traits_of(W->dtype)->to_float((const uint8_t *)W->data + rb * (size_t)r, wd, K);
+            for (int t = 0; t < T; t++) {
+                double acc = b ? b[r] : 0.0;
+                for (int k = 0; k < K; k++) acc += (double)wd[k] * X[(size_t)t * K + k];
+                Y[(size_t)t * R + r] = (float)acc;
+            }
+        }
+        free(q), free(d), free(s16), free(wd);
+        return;
+    }
     for (int t = 0; t < T; t++) {
         kern_quant_act(X + (size_t)t * K, K, q, d, s16);
         for (int r = 0; r < R; r++)
@@ -435,7 +448,7 @@ static void ref_linear_q(float *Y, const float *X, int T, const kern_wt *W, cons
                         kern_qdot_ref(W->dtype, (const uint8_t *)W->data + rb * (size_t)r, K, q, d,
                                       s16));
     }
-    free(q), free(d), free(s16);
+    free(q), free(d), free(s16), free(wd);
 }
 
 static void ref_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,

@@ -27,8 +27,7 @@
 #define LS_AVX512 1
 #endif
 
-/* prefill-sized: from this many rows on, fp32 products are GEMMs */
-#define GEMM_MIN_T 16
+#define GEMM_MIN_T KERN_GEMM_MIN_T
 
 #ifdef LS_AVX512
 static inline __m512 load_w(const kern_wt *W, size_t off, __mmask16 m)
