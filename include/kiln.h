@@ -1377,6 +1377,8 @@ typedef struct kiln_serve_opts {
     size_t max_body;        /* request body limit in bytes [1 MiB] */
     int max_connections;    /* [256] */
     kiln_dtype wtype;       /* engine weights: [KILN_DTYPE_F32] or KILN_DTYPE_BF16 */
+    const char *cors;       /* CORS: "*" or comma-separated origins; NULL = off */
+    const char *log_format; /* access log on stderr: ["text"], "json" or "off" */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

@@ -29,6 +29,8 @@ int cmd_serve(int argc, char **argv)
         {"tokenizer", CLI_STR, &o.tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
         {"dtype", CLI_STR, &dtype, "weight storage: fp32 | bf16 [fp32]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads of the engine, 0 = all cores [0]", false},
+        {"cors", CLI_STR, &o.cors, "allow browsers from these origins: \"*\" or comma-separated origins (CORS, OPTIONS preflight) [off]", false},
+        {"log-format", CLI_STR, &o.log_format, "access log on stderr, one line per request: text | json | off [text]", false},
         {NULL, 0, NULL, NULL, false},
     };
     int rc = cli_parse("serve",
@@ -36,7 +38,8 @@ int cmd_serve(int argc, char **argv)
                        "[--parallel N] [--ctx N]",
                        "Serves the model over OpenAI's HTTP API: GET /v1/models, POST\n"
                        "/v1/completions, POST /v1/chat/completions (stream: true for\n"
-                       "server-sent events), GET /health, GET /metrics (Prometheus). Requests\n"
+                       "server-sent events), POST /tokenize, POST /detokenize, GET /props,\n"
+                       "GET /health, GET /metrics (Prometheus). Requests\n"
                        "share the model through continuous batching over --parallel slots.\n"
                        "Stops on SIGINT / SIGTERM.",
                        opts, argc, argv, NULL);

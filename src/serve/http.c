@@ -27,11 +27,21 @@
  * (malloc_trim) when it completes. */
 #define BIG_BODY (64 * 1024)
 
-enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_OTHER, R_N };
-static const char *const route_name[R_N] = {"models", "model", "completions",
-                                            "chat_completions", "health", "metrics", "other"};
-static const int code_list[] = {200, 400, 401, 404, 405, 413, 429, 500, 503};
-#define N_CODES 10 /* the list plus "other" */
+#ifdef __VERSION__
+#define KILN_BUILD_INFO "kiln " KILN_VERSION " (cc " __VERSION__ ")"
+#else
+#define KILN_BUILD_INFO "kiln " KILN_VERSION
+#endif
+
+enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE,
+       R_PROPS, R_OTHER, R_N };
+static const char *const route_name[R_N] = {"models",   "model",      "completions",
+                                            "chat_completions", "health", "metrics",
+                                            "tokenize", "detokenize", "props", "other"};
+static const int code_list[] = {200, 204, 400, 401, 404, 405, 413, 429, 500, 503};
+#define N_CODES 11 /* the list plus "other" */
+
+enum { LOG_OFF, LOG_TEXT, LOG_JSON };
 
 struct server {
     struct MHD_Daemon *d;
@@ -47,6 +57,9 @@ struct server {
     _Atomic uint64_t next_id;
     _Atomic int big_inflight; /* requests with a body >= BIG_BODY */
     long started;
+    int n_slots;
+    char *cors;          /* "*" or comma-separated origins; NULL = off */
+    int log;             /* LOG_OFF, LOG_TEXT, LOG_JSON */
 };
 
 typedef struct conn {
@@ -67,6 +80,15 @@ typedef struct conn {
     size_t text_sent;
     int lp_sent;
     bool first_sent, done;
+    /* the access log */
+    double t0;
+    char method[16];
+    char *path;
+    char rid[48];        /* request id (X-Request-Id), the completion id on those routes */
+    char client[64];
+    int status;
+    uint64_t bytes;      /* response body bytes sent */
+    int n_prompt, n_gen; /* generation routes */
 } conn;
 
 static int route_of(const char *url)
@@ -77,7 +99,57 @@ static int route_of(const char *url)
     if (!strcmp(url, "/v1/chat/completions")) return R_CHAT;
     if (!strcmp(url, "/health")) return R_HEALTH;
     if (!strcmp(url, "/metrics")) return R_METRICS;
+    if (!strcmp(url, "/tokenize")) return R_TOKENIZE;
+    if (!strcmp(url, "/detokenize")) return R_DETOKENIZE;
+    if (!strcmp(url, "/props")) return R_PROPS;
     return R_OTHER;
+}
+
+static bool post_route(int route)
+{
+    return route == R_COMPL || route == R_CHAT || route == R_TOKENIZE || route == R_DETOKENIZE;
+}
+
+/* The Access-Control-Allow-Origin value for a request from origin (NULL
+ * when CORS is off or the origin is not allowed): "*", or the origin
+ * itself when it is one of the listed ones. */
+static const char *cors_allow(const server *sv, const char *origin)
+{
+    if (!sv->cors) return NULL;
+    if (!strcmp(sv->cors, "*")) return "*";
+    if (!origin || !*origin) return NULL;
+    size_t ol = strlen(origin);
+    for (const char *p = sv->cors; *p;) {
+        const char *e = strchr(p, ',');
+        size_t l = e ? (size_t)(e - p) : strlen(p);
+        while (l && *p == ' ') { p++; l--; }
+        while (l && p[l - 1] == ' ') l--;
+        if (l == ol && !memcmp(p, origin, l)) return origin;
+        if (!e) break;
+        p = e + 1;
+    }
+    return NULL;
+}
+
+/* Headers every response carries: the request id and, when enabled, CORS. */
+static void common_headers(conn *k, struct MHD_Connection *c, struct MHD_Response *resp)
+{
+    MHD_add_response_header(resp, "X-Request-Id", k->rid);
+    const char *allow =
+        cors_allow(k->sv, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Origin"));
+    if (allow) {
+        MHD_add_response_header(resp, "Access-Control-Allow-Origin", allow);
+        MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Request-Id");
+        if (!strcmp(k->method, "OPTIONS")) {
+            const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                        "Access-Control-Request-Headers");
+            MHD_add_response_header(resp, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+            MHD_add_response_header(resp, "Access-Control-Allow-Headers",
+                                    h && *h ? h : "Authorization, Content-Type");
+            MHD_add_response_header(resp, "Access-Control-Max-Age", "86400");
+        }
+    }
+    if (k->sv->cors && strcmp(k->sv->cors, "*")) MHD_add_response_header(resp, "Vary", "Origin");
 }
 
 static void count(server *sv, int route, int status)
@@ -105,15 +177,18 @@ static enum MHD_Result send_body(conn *k, struct MHD_Connection *c, int status,
         free(body);
         return MHD_NO;
     }
-    MHD_add_response_header(resp, "Content-Type", ctype);
+    size_t blen = strlen(body);
+    if (ctype) MHD_add_response_header(resp, "Content-Type", ctype);
     /* one request per connection: every request passes the gate */
     MHD_add_response_header(resp, "Connection", "close");
+    common_headers(k, c, resp);
     if (status == 405)
-        MHD_add_response_header(resp, "Allow",
-                                k->route == R_COMPL || k->route == R_CHAT ? "POST" : "GET, HEAD");
+        MHD_add_response_header(resp, "Allow", post_route(k->route) ? "POST" : "GET, HEAD");
     enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, resp);
     MHD_destroy_response(resp);
     count(k->sv, k->route, status);
+    k->status = status;
+    k->bytes = blen;
     return ret;
 }
 
@@ -203,6 +278,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
             if (k->pend_off == k->pend_len) {
                 k->pend_off = k->pend_len = 0;
             }
+            k->bytes += n;
             return (ssize_t)n;
         }
         if (k->done) return MHD_CONTENT_READER_END_OF_STREAM;
@@ -301,6 +377,8 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
         return send_err(k, c, &e);
     }
     new_id(sv, k, chat);
+    snprintf(k->rid, sizeof k->rid, "%s", k->id);
+    k->n_prompt = r->n_prompt;
     if (k->q.stream) {
         k->r = r; /* released in completed() */
         struct MHD_Response *resp =
@@ -309,9 +387,11 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
         MHD_add_response_header(resp, "Content-Type", "text/event-stream");
         MHD_add_response_header(resp, "Cache-Control", "no-cache");
         MHD_add_response_header(resp, "Connection", "close");
+        common_headers(k, c, resp);
         enum MHD_Result ret = MHD_queue_response(c, 200, resp);
         MHD_destroy_response(resp);
         count(sv, k->route, 200);
+        k->status = 200;
         return ret;
     }
     sched *s = sv->s;
@@ -328,11 +408,14 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
             r->cancelled = true;
             pthread_cond_signal(&s->cv);
             pthread_mutex_unlock(&s->mu);
+            k->n_gen = r->n_gen;
             sreq_release(s, r);
             count(sv, k->route, 499);
+            k->status = 499;
             return MHD_NO; /* closes the connection */
         }
     }
+    k->n_gen = r->n_gen;
     pthread_mutex_unlock(&s->mu);
     enum MHD_Result ret;
     if (r->err_status) {
@@ -413,6 +496,7 @@ static void refuse_body(conn *k)
              sv->max_body);
     char *j = api_error_json(&e);
     count(sv, k->route, 413);
+    k->status = 413;
     if (k->fd < 0 || !j) {
         free(j);
         return;
@@ -423,6 +507,7 @@ static void refuse_body(conn *k)
                       "Content-Length: %zu\r\nConnection: close\r\n\r\n", strlen(j));
     (void)!send(k->fd, head, (size_t)hl, MSG_NOSIGNAL | MSG_MORE);
     (void)!send(k->fd, j, strlen(j), MSG_NOSIGNAL);
+    k->bytes = strlen(j);
     free(j);
     shutdown(k->fd, SHUT_WR);
     char buf[4096];
@@ -453,20 +538,44 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         *con_cls = k;
         k->sv = sv;
         k->route = route_of(url);
+        k->t0 = kiln_time_now();
+        k->status = 0;
+        snprintf(k->method, sizeof k->method, "%s", method);
+        k->path = strndup(url, 1024);
+        snprintf(k->rid, sizeof k->rid, "req-%08lx%012llx", (unsigned long)sv->started,
+                 (unsigned long long)atomic_fetch_add(&sv->next_id, 1));
         const union MHD_ConnectionInfo *ci =
             MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
         k->fd = ci ? ci->connect_fd : -1;
+        ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        if (ci && ci->client_addr) {
+            const struct sockaddr *sa = ci->client_addr;
+            if (sa->sa_family == AF_INET)
+                inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, k->client,
+                          sizeof k->client);
+            else if (sa->sa_family == AF_INET6)
+                inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, k->client,
+                          sizeof k->client);
+        }
+        if (!k->client[0]) snprintf(k->client, sizeof k->client, "-");
         bool post = !strcmp(method, "POST");
         bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
         if (k->route == R_OTHER)
             return err(k, c, 404, "invalid_request_error", "unknown_url",
                        "Unknown route; kiln serves GET /v1/models, POST /v1/completions, "
-                       "POST /v1/chat/completions, GET /health, GET /metrics");
-        if (!strncmp(url, "/v1/", 4) && sv->key &&
+                       "POST /v1/chat/completions, POST /tokenize, POST /detokenize, "
+                       "GET /props, GET /health, GET /metrics");
+        if (!strcmp(method, "OPTIONS") && sv->cors) {
+            /* a CORS preflight: no API key (browsers send none), no body */
+            return send_body(k, c, 204, strdup(""), NULL);
+        }
+        bool keyed = !strncmp(url, "/v1/", 4) || k->route == R_TOKENIZE ||
+                     k->route == R_DETOKENIZE || k->route == R_PROPS;
+        if (keyed && sv->key &&
             !key_ok(sv, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization")))
             return err(k, c, 401, "authentication_error", "invalid_api_key",
                        "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'");
-        bool want_post = k->route == R_COMPL || k->route == R_CHAT;
+        bool want_post = post_route(k->route);
         if ((want_post && !post) || (!want_post && !get))
             return err(k, c, 405, "invalid_request_error", "method_not_allowed",
                        want_post ? "This route accepts POST only" : "This route accepts GET only");
@@ -524,23 +633,87 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     case R_MODEL: return models(k, c, url);
     case R_COMPL: return generate(k, c, false);
     case R_CHAT: return generate(k, c, true);
+    case R_TOKENIZE:
+    case R_DETOKENIZE:
+    case R_PROPS: {
+        api_err e = {0};
+        char *out = k->route == R_TOKENIZE
+                        ? api_tokenize(k->body ? k->body : "", k->len, &sv->m, &e)
+                    : k->route == R_DETOKENIZE
+                        ? api_detokenize(k->body ? k->body : "", k->len, &sv->m, &e)
+                        : api_props(&sv->m, sv->n_slots, KILN_BUILD_INFO, &e);
+        return out ? send_body(k, c, 200, out, "application/json") : send_err(k, c, &e);
+    }
     default: return MHD_NO;
     }
+}
+
+/* One access-log line on stderr for a finished request. */
+static void access_log(const conn *k, bool aborted)
+{
+    const server *sv = k->sv;
+    if (sv->log == LOG_OFF) return;
+    double ms = (kiln_time_now() - k->t0) * 1e3;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    char when[96];
+    snprintf(when, sizeof when, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(ts.tv_nsec / 1000000L));
+    /* no status queued (the client left first): 499, as nginx logs it */
+    int status = k->status ? k->status : 499;
+    bool gen = k->route == R_COMPL || k->route == R_CHAT;
+    if (sv->log == LOG_JSON) {
+        json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:i, s:I, s:f, s:s}", "time", when, "client",
+                              k->client, "method", k->method, "path", k->path ? k->path : "",
+                              "status", status, "bytes", (json_int_t)k->bytes, "duration_ms",
+                              ms, "request_id", k->rid);
+        if (o && gen && status == 200) {
+            json_object_set_new(o, "prompt_tokens", json_integer(k->n_prompt));
+            json_object_set_new(o, "completion_tokens", json_integer(k->n_gen));
+        }
+        if (o && aborted) json_object_set_new(o, "aborted", json_true());
+        char *s = o ? json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_REAL_PRECISION(6)) : NULL;
+        json_decref(o);
+        if (s) fprintf(stderr, "%s\n", s);
+        free(s);
+        return;
+    }
+    /* text: the path with anything outside printable ASCII as %XX */
+    char path[1100];
+    size_t n = 0;
+    for (const char *p = k->path ? k->path : ""; *p && n + 4 < sizeof path; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch > 0x20 && ch < 0x7f && ch != '"') path[n++] = (char)ch;
+        else n += (size_t)snprintf(path + n, sizeof path - n, "%%%02X", ch);
+    }
+    path[n] = 0;
+    char toks[64] = "";
+    if (gen && status == 200)
+        snprintf(toks, sizeof toks, " prompt_tokens=%d completion_tokens=%d", k->n_prompt,
+                 k->n_gen);
+    fprintf(stderr, "%s %s %s %s %d %llu %.1fms %s%s%s\n", when, k->client, k->method, path,
+            status, (unsigned long long)k->bytes, ms, k->rid, toks, aborted ? " aborted" : "");
 }
 
 static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
                       enum MHD_RequestTerminationCode toe)
 {
     (void)c;
-    (void)toe;
     server *sv = cls;
     conn *k = *con_cls;
     if (!k) return;
     if (k->r) {
+        pthread_mutex_lock(&sv->s->mu);
+        k->n_gen = k->r->n_gen;
+        pthread_mutex_unlock(&sv->s->mu);
         sched_cancel(sv->s, k->r);
         sreq_release(sv->s, k->r);
     }
+    access_log(k, toe != MHD_REQUEST_TERMINATED_COMPLETED_OK);
     bool big = k->big;
+    free(k->path);
     free(k->body);
     free(k->pend);
     free(k);
@@ -567,6 +740,11 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     sv->key_len = sv->key ? strlen(sv->key) : 0;
     sv->max_body = o->max_body;
     sv->started = (long)time(NULL);
+    sv->n_slots = s->n_slots;
+    sv->cors = o->cors ? strdup(o->cors) : NULL;
+    sv->log = !o->log_format || !strcmp(o->log_format, "text") ? LOG_TEXT
+              : !strcmp(o->log_format, "json")                 ? LOG_JSON
+                                                               : LOG_OFF;
     pthread_mutex_init(&sv->mu, NULL);
 
     struct sockaddr_storage ss;
@@ -579,6 +757,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
     if (o->port < 0 || o->port > 65535) {
         free(sv->name);
+        free(sv->cors);
         free(sv);
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--port %d is not in 0..65535", o->port);
     }
@@ -593,6 +772,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         flags |= MHD_USE_IPv6;
     } else {
         free(sv->name);
+        free(sv->cors);
         free(sv);
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "--host '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1 or 0.0.0.0)",
@@ -608,6 +788,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         int e = errno;
         if (lfd >= 0) close(lfd);
         free(sv->name);
+        free(sv->cors);
         free(sv);
         if (e == EADDRINUSE)
             return kiln_fail(ctx, KILN_ERR_IO,
@@ -628,6 +809,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     if (!sv->g) {
         close(lfd);
         free(sv->name);
+        free(sv->cors);
         free(sv);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "serve: out of memory");
     }
@@ -650,6 +832,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         if (sv->d) MHD_stop_daemon(sv->d);
         gate_free(sv->g);
         free(sv->name);
+        free(sv->cors);
         free(sv);
         return st;
     }
@@ -666,5 +849,6 @@ void http_stop(server *sv)
     gate_free(sv->g);
     pthread_mutex_destroy(&sv->mu);
     free(sv->name);
+    free(sv->cors);
     free(sv);
 }

@@ -188,6 +188,13 @@ char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
                 int lp0, int lp1, const char *finish, bool first,
                 bool usage_only);
 
+/* POST /tokenize {"content", "add_special", "with_pieces"} -> {"tokens"};
+ * POST /detokenize {"tokens"} -> {"content"}; GET /props. Each returns the
+ * response body (malloc'ed), or NULL with err filled. */
+char *api_tokenize(const char *body, size_t len, const api_model *m, api_err *err);
+char *api_detokenize(const char *body, size_t len, const api_model *m, api_err *err);
+char *api_props(const api_model *m, int n_slots, const char *build, api_err *err);
+
 /* ---- gate (gate.c): accepts and screens request heads ---------------- */
 
 typedef struct gate gate;

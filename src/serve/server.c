@@ -103,6 +103,14 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     if (o.max_queue < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--max-queue must be >= 0");
     if (o.max_body < 64) o.max_body = 64;
+    if (o.log_format && strcmp(o.log_format, "text") && strcmp(o.log_format, "json") &&
+        strcmp(o.log_format, "off"))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--log-format '%s' is not text, json or off", o.log_format);
+    if (o.cors && !*o.cors)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--cors is empty; give \"*\" or the allowed origins "
+                         "(e.g. https://app.example.com), or leave it out");
     if (o.api_key && !*o.api_key)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "--api-key is empty, which would serve without authentication; "
