@@ -251,7 +251,56 @@ static int tokenize(const api_model *m, const char *text, size_t len, sreq *r, a
     free(ids);
     if (st) return fail(e, 500, NULL, NULL, "out of memory");
     r->n_prompt = (int)np;
+    r->n_added = (int)(np - n);
     return 0;
+}
+
+/* A copy of r for another choice of the same request, with its own seed. */
+static sreq *sreq_clone(const sreq *r, uint64_t seed)
+{
+    sreq *c = sreq_new();
+    if (!c) return NULL;
+    c->prompt = malloc((size_t)r->n_prompt * sizeof *c->prompt);
+    c->bias = r->n_bias ? malloc((size_t)r->n_bias * sizeof *c->bias) : NULL;
+    c->plps = r->plps ? calloc((size_t)r->n_prompt, sizeof *c->plps) : NULL;
+    bool ok = c->prompt && (!r->n_bias || c->bias) && (!r->plps || c->plps);
+    for (int i = 0; ok && i < r->n_stops; i++) {
+        c->stops[i] = strdup(r->stops[i]);
+        if (!c->stops[i]) ok = false;
+        else c->n_stops = i + 1;
+    }
+    if (!ok) {
+        sreq_free(c);
+        return NULL;
+    }
+    memcpy(c->prompt, r->prompt, (size_t)r->n_prompt * sizeof *c->prompt);
+    if (r->n_bias) memcpy(c->bias, r->bias, (size_t)r->n_bias * sizeof *c->bias);
+    c->n_prompt = r->n_prompt;
+    c->n_bias = r->n_bias;
+    c->sp = r->sp;
+    c->sp.seed = seed;
+    c->max_tokens = r->max_tokens;
+    c->want_logprobs = r->want_logprobs;
+    c->ignore_eos = r->ignore_eos;
+    c->skip_special = r->skip_special;
+    c->stop_id = r->stop_id;
+    memcpy(c->stop_ids, r->stop_ids, sizeof c->stop_ids);
+    c->n_stop_ids = r->n_stop_ids;
+    c->n_added = r->n_added;
+    c->prompt_lps = r->prompt_lps;
+    c->grouped = r->grouped;
+    return c;
+}
+
+void api_req_free(api_req *q)
+{
+    for (int i = 0; i < q->n; i++)
+        if (q->rs[i]) sreq_free(q->rs[i]);
+    free(q->rs);
+    free(q->echo_text);
+    q->rs = NULL;
+    q->echo_text = NULL;
+    q->n = 0;
 }
 
 int api_parse(const char *body, size_t len, bool chat, const api_model *m,
@@ -270,11 +319,16 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         return fail(e, 400, NULL, "invalid_json", "the request body must be a JSON object");
     }
     sreq *r = sreq_new();
-    if (!r) {
+    out->rs = calloc(1, sizeof *out->rs);
+    if (!r || !out->rs) {
         json_decref(o);
+        if (r) sreq_free(r);
+        free(out->rs);
+        out->rs = NULL;
         return fail(e, 500, NULL, NULL, "out of memory");
     }
-    out->r = r;
+    out->rs[0] = r;
+    out->n = 1;
     int rc = 0;
     double d;
     long long ll;
@@ -298,10 +352,15 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     }
     ll = 1;
     if ((rc = integer(o, "n", 1, 128, &ll, e))) goto done;
-    if (ll != 1) { rc = fail(e, 400, "n", "invalid_value", "only n = 1 is supported"); goto done; }
+    int n_choices = (int)ll;
     bool echo = false;
     if ((rc = boolean(o, "echo", &echo, e))) goto done;
-    if (echo) { rc = fail(e, 400, "echo", "invalid_value", "echo is not supported"); goto done; }
+    if (echo && chat) {
+        rc = fail(e, 400, "echo", "invalid_value",
+                  "'echo' is a parameter of /v1/completions; chat completions do not echo");
+        goto done;
+    }
+    out->echo = echo;
     if ((rc = unsupported(o, e))) goto done;
 
     d = 1.0;
@@ -468,6 +527,27 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
             goto done;
         }
     }
+    if (echo) {
+        /* the prompt as the model reads it, without the BOS the server added */
+        kiln_ctx *ctx = kiln_ctx_new();
+        char *t = NULL;
+        size_t tl = 0;
+        if (!ctx || kiln_tokenizer_decode(ctx, m->tok, r->prompt + r->n_added,
+                                          (size_t)(r->n_prompt - r->n_added), &t, &tl)) {
+            kiln_ctx_free(ctx);
+            rc = fail(e, 400, "prompt", "invalid_value", "cannot decode the prompt to echo it");
+            goto done;
+        }
+        kiln_ctx_free(ctx);
+        out->echo_text = infer_utf8_sanitize(t ? t : "", tl, &out->echo_len);
+        free(t);
+        if (!out->echo_text) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+        if (out->logprobs) {
+            r->prompt_lps = true;
+            r->plps = calloc((size_t)r->n_prompt, sizeof *r->plps);
+            if (!r->plps) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+        }
+    }
     if (r->n_prompt >= m->n_ctx) {
         rc = fail(e, 400, chat ? "messages" : "prompt", "context_length_exceeded",
                   "the prompt is %d tokens; this server's context is %d tokens (prompt plus "
@@ -482,7 +562,8 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         if (chat && json_object_get(o, "max_completion_tokens") &&
             !json_is_null(json_object_get(o, "max_completion_tokens")))
             key = "max_completion_tokens";
-        if ((rc = integer(o, key, 1, 1LL << 40, &mt, e))) goto done;
+        /* echo with max_tokens 0 scores the prompt without generating */
+        if ((rc = integer(o, key, echo ? 0 : 1, 1LL << 40, &mt, e))) goto done;
         if (mt < 0) mt = chat ? room : KILN_MIN(16, room);
         if (mt > room) {
             rc = fail(e, 400, key, "context_length_exceeded",
@@ -493,12 +574,22 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         }
         r->max_tokens = (int)mt;
     }
+    if (n_choices > 1) {
+        sreq **rs = realloc(out->rs, (size_t)n_choices * sizeof *rs);
+        if (!rs) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+        out->rs = rs;
+        r->grouped = true;
+        /* choice i draws from seed + i: a fixed seed gives the same n
+         * choices again, and choice 0 is the n = 1 answer */
+        for (int i = 1; i < n_choices; i++) {
+            rs[i] = sreq_clone(r, r->sp.seed + (uint64_t)i);
+            if (!rs[i]) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+            out->n = i + 1;
+        }
+    }
 done:
     json_decref(o);
-    if (rc) {
-        sreq_free(r);
-        out->r = NULL;
-    }
+    if (rc) api_req_free(out);
     return rc;
 }
 
@@ -556,8 +647,46 @@ static json_t *lp_entry_chat(const api_model *m, int32_t id, float lp, bool with
     return o;
 }
 
+/* The completions logprobs object under construction. */
+typedef struct lpb {
+    json_t *toks, *tlp, *top, *off;
+    size_t pos;          /* text offset of the next token */
+} lpb;
+
+/* Appends token id with entry e (NULL: the first prompt token, which has
+ * no logprob: null as in OpenAI's echo). */
+static void lpb_add(lpb *b, const api_model *m, int32_t id, const slp *e)
+{
+    char *p;
+    size_t n;
+    token_text(m, id, &p, &n);
+    json_array_append_new(b->toks, jstr_bytes(p ? p : "", n));
+    json_array_append_new(b->off, json_integer((json_int_t)b->pos));
+    b->pos += n;
+    free(p);
+    if (!e) {
+        json_array_append_new(b->tlp, json_null());
+        json_array_append_new(b->top, json_null());
+        return;
+    }
+    json_array_append_new(b->tlp, json_real(e->logprob));
+    json_t *alt = json_object();
+    for (int k = 0; k < e->n_top; k++) {
+        token_text(m, e->top[k].token, &p, &n);
+        size_t l;
+        char *s = infer_utf8_sanitize(p ? p : "", n, &l);
+        if (s) json_object_set_new(alt, s, json_real(e->top[k].logprob));
+        free(s);
+        free(p);
+    }
+    json_array_append_new(b->top, alt);
+}
+
+/* Logprobs of r: generated entries [lp0, lp1) at text offset text_off;
+ * with_prompt (completions echo): the echoed prompt tokens first, from
+ * offset 0. */
 static json_t *logprobs_json(const api_req *q, const sreq *r, const api_model *m,
-                             int lp0, int lp1, size_t text_off)
+                             int lp0, int lp1, size_t text_off, bool with_prompt)
 {
     if (!q->logprobs) return json_null();
     if (q->chat) {
@@ -567,85 +696,101 @@ static json_t *logprobs_json(const api_req *q, const sreq *r, const api_model *m
                                                          true, &r->lps[i]));
         return json_pack("{s:o}", "content", content);
     }
-    json_t *toks = json_array(), *tlp = json_array(), *top = json_array(), *off = json_array();
-    size_t pos = text_off;
-    for (int i = lp0; i < lp1; i++) {
-        char *p;
-        size_t n;
-        token_text(m, r->lps[i].token, &p, &n);
-        json_array_append_new(toks, jstr_bytes(p ? p : "", n));
-        json_array_append_new(tlp, json_real(r->lps[i].logprob));
-        json_array_append_new(off, json_integer((json_int_t)pos));
-        pos += n;
-        free(p);
-        json_t *alt = json_object();
-        for (int k = 0; k < r->lps[i].n_top; k++) {
-            token_text(m, r->lps[i].top[k].token, &p, &n);
-            size_t l;
-            char *s = infer_utf8_sanitize(p ? p : "", n, &l);
-            if (s) json_object_set_new(alt, s, json_real(r->lps[i].top[k].logprob));
-            free(s);
-            free(p);
-        }
-        json_array_append_new(top, alt);
+    lpb b = {json_array(), json_array(), json_array(), json_array(), text_off};
+    if (with_prompt) {
+        b.pos = 0;
+        for (int i = r->n_added; i < r->n_prompt; i++)
+            lpb_add(&b, m, r->prompt[i], i > 0 && r->plps && i < r->n_plps ? &r->plps[i] : NULL);
     }
-    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", toks, "token_logprobs", tlp,
-                     "top_logprobs", top, "text_offset", off);
+    for (int i = lp0; i < lp1; i++) lpb_add(&b, m, r->lps[i].token, &r->lps[i]);
+    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", b.toks, "token_logprobs", b.tlp,
+                     "top_logprobs", b.top, "text_offset", b.off);
 }
 
-static json_t *usage_json(const sreq *r)
+/* Usage of all choices: the prompt once (as OpenAI counts it), the
+ * completions of every choice. */
+static json_t *usage_json(const api_req *q)
 {
-    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", r->n_prompt, "completion_tokens",
-                     r->n_gen, "total_tokens", r->n_prompt + r->n_gen);
+    int gen = 0;
+    for (int i = 0; i < q->n; i++) gen += q->rs[i]->n_gen;
+    int np = q->rs[0]->n_prompt;
+    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", np, "completion_tokens", gen,
+                     "total_tokens", np + gen);
 }
 
-char *api_response(const api_req *q, const sreq *r, const api_model *m,
-                   const char *id, long created)
+/* echo text + s[0..n) as a JSON string */
+static json_t *with_echo(const api_req *q, const char *s, size_t n)
 {
-    json_t *choice;
-    json_t *text = jstr_bytes(r->text ? r->text : "", r->text_len);
-    const char *fin = r->finish ? r->finish : "stop";
-    if (q->chat)
-        choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role",
-                           "assistant", "content", text, "logprobs",
-                           logprobs_json(q, r, m, 0, r->n_lps, 0), "finish_reason", fin);
-    else
-        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text, "logprobs",
-                           logprobs_json(q, r, m, 0, r->n_lps, 0), "finish_reason", fin);
-    json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:[o], s:o}", "id", id, "object",
+    if (!q->echo) return jstr_bytes(s, n);
+    char *b = malloc(q->echo_len + n + 1);
+    if (!b) return json_string("");
+    memcpy(b, q->echo_text, q->echo_len);
+    if (n) memcpy(b + q->echo_len, s, n);
+    json_t *j = jstr_bytes(b, q->echo_len + n);
+    free(b);
+    return j;
+}
+
+char *api_response(const api_req *q, const api_model *m, const char *id, long created)
+{
+    json_t *choices = json_array();
+    for (int i = 0; i < q->n; i++) {
+        const sreq *r = q->rs[i];
+        json_t *choice;
+        const char *fin = r->finish ? r->finish : "stop";
+        if (q->chat)
+            choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", i, "message", "role",
+                               "assistant", "content", jstr_bytes(r->text ? r->text : "", r->text_len),
+                               "logprobs", logprobs_json(q, r, m, 0, r->n_lps, 0, false),
+                               "finish_reason", fin);
+        else
+            choice = json_pack("{s:i, s:o, s:o, s:s}", "index", i, "text",
+                               with_echo(q, r->text ? r->text : "", r->text_len), "logprobs",
+                               logprobs_json(q, r, m, 0, r->n_lps, q->echo ? q->echo_len : 0,
+                                             q->echo),
+                               "finish_reason", fin);
+        json_array_append_new(choices, choice);
+    }
+    json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:o, s:o}", "id", id, "object",
                           q->chat ? "chat.completion" : "text_completion", "created",
-                          (json_int_t)created, "model", m->name, "choices", choice, "usage",
-                          usage_json(r));
+                          (json_int_t)created, "model", m->name, "choices", choices, "usage",
+                          usage_json(q));
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     return s;
 }
 
-char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
+char *api_chunk(const api_req *q, int index, const api_model *m,
                 const char *id, long created, const char *text, size_t n,
                 int lp0, int lp1, const char *finish, bool first, bool usage_only)
 {
     json_t *choices = json_array();
     if (!usage_only) {
+        const sreq *r = q->rs[index];
         json_t *fin = finish ? json_string(finish) : json_null();
-        json_t *lp = lp1 > lp0 ? logprobs_json(q, r, m, lp0, lp1, (size_t)(text - r->text)) : json_null();
+        bool echo = first && !q->chat && q->echo;
+        size_t off = (size_t)(text - (r->text ? r->text : text)) + (q->echo ? q->echo_len : 0);
+        json_t *lp = lp1 > lp0 || (echo && q->logprobs)
+                         ? logprobs_json(q, r, m, lp0, lp1, off, echo)
+                         : json_null();
         json_t *c;
         if (q->chat) {
             json_t *delta = json_object();
             if (first) json_object_set_new(delta, "role", json_string("assistant"));
             if (n || first) json_object_set_new(delta, "content", jstr_bytes(text, n));
-            c = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs", lp,
+            c = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "delta", delta, "logprobs", lp,
                           "finish_reason", fin);
         } else {
-            c = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text", jstr_bytes(text, n),
-                          "logprobs", lp, "finish_reason", fin);
+            c = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "text",
+                          echo ? with_echo(q, text, n) : jstr_bytes(text, n), "logprobs", lp,
+                          "finish_reason", fin);
         }
         json_array_append_new(choices, c);
     }
     json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:o}", "id", id, "object",
                           q->chat ? "chat.completion.chunk" : "text_completion", "created",
                           (json_int_t)created, "model", m->name, "choices", choices);
-    if (usage_only) json_object_set_new(o, "usage", usage_json(r));
+    if (usage_only) json_object_set_new(o, "usage", usage_json(q));
     else if (q->include_usage) json_object_set_new(o, "usage", json_null());
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);

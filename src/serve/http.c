@@ -70,16 +70,18 @@ typedef struct conn {
     size_t len, cap;
     bool too_big;
     bool big;            /* counted in big_inflight */
-    /* streaming */
+    /* generation: the parsed request, its choices (q.n requests) */
     api_req q;
-    sreq *r;
+    bool submitted;      /* q.rs are the scheduler's too: release, not free */
     char id[48];
     long created;
+    /* streaming */
     char *pend;
     size_t pend_len, pend_off;
-    size_t text_sent;
-    int lp_sent;
-    bool first_sent, done;
+    size_t *text_sent;   /* (q.n) per choice */
+    int *lp_sent;
+    bool *first_sent, *fin_sent;
+    bool done;
     /* the access log */
     double t0;
     char method[16];
@@ -263,55 +265,74 @@ static bool pend_add(conn *k, char *ev)
     return true;
 }
 
+/* Something new to send for choice i? mu held. */
+static bool progressed(const conn *k, int i)
+{
+    const sreq *r = k->q.rs[i];
+    /* the opening chunk: chat's role; completions' echoed prompt once its
+     * logprobs are known (the prompt is through the engine) */
+    if (!k->first_sent[i] && k->q.chat) return true;
+    if (!k->first_sent[i] && k->q.echo) return r->n_gen > 0 || r->state == SREQ_DONE;
+    return r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i] ||
+           (r->state == SREQ_DONE && !k->fin_sent[i]);
+}
+
+/* Marks every choice cancelled (the client went away). mu held. */
+static void cancel_all(conn *k, sched *s)
+{
+    for (int i = 0; i < k->q.n; i++)
+        if (k->q.rs[i]->state != SREQ_DONE) k->q.rs[i]->cancelled = true;
+    pthread_cond_signal(&s->cv);
+}
+
+/* The condition variable a handler waits on: the request's own, or for
+ * n > 1 choices the scheduler's group one. */
+static pthread_cond_t *wait_cv(conn *k)
+{
+    return k->q.n > 1 ? &k->sv->s->gcv : &k->q.rs[0]->cv;
+}
+
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
     (void)pos;
     conn *k = cls;
     sched *s = k->sv->s;
-    sreq *r = k->r;
+    const api_model *m = &k->sv->m;
+    int n = k->q.n;
     int idle_ms = 0;
     for (;;) {
         if (k->pend_off < k->pend_len) {
-            size_t n = KILN_MIN(max, k->pend_len - k->pend_off);
-            memcpy(buf, k->pend + k->pend_off, n);
-            k->pend_off += n;
+            size_t c = KILN_MIN(max, k->pend_len - k->pend_off);
+            memcpy(buf, k->pend + k->pend_off, c);
+            k->pend_off += c;
             if (k->pend_off == k->pend_len) {
                 k->pend_off = k->pend_len = 0;
             }
-            k->bytes += n;
-            return (ssize_t)n;
+            k->bytes += c;
+            return (ssize_t)c;
         }
         if (k->done) return MHD_CONTENT_READER_END_OF_STREAM;
         pthread_mutex_lock(&s->mu);
-        if (!k->first_sent) {
-            k->first_sent = true;
-            if (k->q.chat)
-                pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
-                                      NULL, true, false));
-            pthread_mutex_unlock(&s->mu);
-            continue;
-        }
-        while (r->state != SREQ_DONE && r->text_len == k->text_sent && r->n_lps == k->lp_sent) {
+        bool any = false;
+        for (int i = 0; i < n && !any; i++) any = progressed(k, i);
+        while (!any) {
             struct timespec ts;
             deadline(&ts, 100);
-            pthread_cond_timedwait(&r->cv, &s->mu, &ts);
-            if (r->state == SREQ_DONE || r->text_len != k->text_sent || r->n_lps != k->lp_sent)
-                break;
+            pthread_cond_timedwait(wait_cv(k), &s->mu, &ts);
+            for (int i = 0; i < n && !any; i++) any = progressed(k, i);
+            if (any) break;
             pthread_mutex_unlock(&s->mu);
             bool gone = client_gone(k->fd);
             idle_ms += 100;
             pthread_mutex_lock(&s->mu);
             if (gone) {
-                if (r->state != SREQ_DONE) {
-                    r->cancelled = true;
-                    pthread_cond_signal(&s->cv);
-                }
+                cancel_all(k, s);
                 pthread_mutex_unlock(&s->mu);
                 return MHD_CONTENT_READER_END_WITH_ERROR;
             }
             if (idle_ms >= 10000) break;
         }
-        if (r->text_len == k->text_sent && r->n_lps == k->lp_sent && r->state != SREQ_DONE) {
+        if (!any) {
             /* nothing for a while: an SSE comment keeps proxies and the
              * connection timeout from closing the stream */
             idle_ms = 0;
@@ -319,32 +340,54 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
             pend_add(k, strdup(": keep-alive\n\n"));
             continue;
         }
-        if (r->text_len > k->text_sent || r->n_lps > k->lp_sent) {
-            pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, r->text + k->text_sent,
-                                  r->text_len - k->text_sent, k->lp_sent, r->n_lps, NULL,
-                                  false, false));
-            k->text_sent = r->text_len;
-            k->lp_sent = r->n_lps;
-        }
-        if (r->state == SREQ_DONE) {
-            if (r->err_status) {
-                api_err e = {.status = r->err_status, .type = "server_error"};
-                snprintf(e.msg, sizeof e.msg, "%s", r->err);
-                char *j = api_error_json(&e);
-                if (j) {
-                    size_t l = strlen(j);
-                    char *ev = malloc(l + 9);
-                    if (ev) snprintf(ev, l + 9, "data: %s\n\n", j);
-                    pend_add(k, ev);
-                    free(j);
-                }
-            } else {
-                pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
-                                      r->finish ? r->finish : "stop", false, false));
-                if (k->q.include_usage)
-                    pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
-                                          NULL, false, true));
+        /* chunks interleave by choice index, each choice in order */
+        bool all_fin = true, failed = false;
+        for (int i = 0; i < n && !failed; i++) {
+            sreq *r = k->q.rs[i];
+            if (!k->first_sent[i] && (k->q.chat || k->q.echo) && progressed(k, i)) {
+                k->first_sent[i] = true;
+                pend_add(k, api_chunk(&k->q, i, m, k->id, k->created, "", 0, 0, 0, NULL, true,
+                                      false));
             }
+            if (k->first_sent[i] || !(k->q.chat || k->q.echo)) {
+                k->first_sent[i] = true;
+                if (r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i]) {
+                    pend_add(k, api_chunk(&k->q, i, m, k->id, k->created,
+                                          r->text + k->text_sent[i], r->text_len - k->text_sent[i],
+                                          k->lp_sent[i], r->n_lps, NULL, false, false));
+                    k->text_sent[i] = r->text_len;
+                    k->lp_sent[i] = r->n_lps;
+                }
+                if (r->state == SREQ_DONE && !k->fin_sent[i]) {
+                    if (r->err_status) {
+                        api_err e = {.status = r->err_status, .type = "server_error"};
+                        snprintf(e.msg, sizeof e.msg, "%s", r->err);
+                        char *j = api_error_json(&e);
+                        if (j) {
+                            size_t l = strlen(j);
+                            char *ev = malloc(l + 9);
+                            if (ev) snprintf(ev, l + 9, "data: %s\n\n", j);
+                            pend_add(k, ev);
+                            free(j);
+                        }
+                        failed = true;
+                    } else {
+                        pend_add(k, api_chunk(&k->q, i, m, k->id, k->created, "", 0, 0, 0,
+                                              r->finish ? r->finish : "stop", false, false));
+                    }
+                    k->fin_sent[i] = true;
+                }
+            }
+            all_fin &= k->fin_sent[i];
+        }
+        if (failed) {
+            cancel_all(k, s);
+            pend_add(k, strdup("data: [DONE]\n\n"));
+            k->done = true;
+        } else if (all_fin) {
+            if (k->q.include_usage)
+                pend_add(k, api_chunk(&k->q, 0, m, k->id, k->created, "", 0, 0, 0, NULL, false,
+                                      true));
             pend_add(k, strdup("data: [DONE]\n\n"));
             k->done = true;
         }
@@ -360,8 +403,10 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
     api_err e = {0};
     if (api_parse(k->body ? k->body : "", k->len, chat, &sv->m, &k->q, &e))
         return send_err(k, c, &e);
-    sreq *r = k->q.r;
-    int st = sched_submit(sv->s, r);
+    int n = k->q.n;
+    sreq *r0 = k->q.rs[0];
+    k->n_prompt = r0->n_prompt;
+    int st = sched_submit_group(sv->s, k->q.rs, n);
     if (st) {
         /* api_parse has checked ids and lengths already; this is the
          * scheduler's own guard */
@@ -369,18 +414,21 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
                       .type = st == 503 ? "server_error" : "invalid_request_error",
                       .param = st == 503 ? NULL : "prompt",
                       .code = st == 503                      ? "server_overloaded"
-                              : r->n_prompt >= sv->m.n_ctx ? "context_length_exceeded"
-                                                           : "invalid_value"};
-        snprintf(e.msg, sizeof e.msg, "%s", r->err);
-        sreq_free(r);
-        k->q.r = NULL;
+                              : r0->n_prompt >= sv->m.n_ctx ? "context_length_exceeded"
+                                                            : "invalid_value"};
+        snprintf(e.msg, sizeof e.msg, "%s", r0->err);
+        api_req_free(&k->q);
         return send_err(k, c, &e);
     }
+    k->submitted = true; /* the requests are released in completed() */
     new_id(sv, k, chat);
     snprintf(k->rid, sizeof k->rid, "%s", k->id);
-    k->n_prompt = r->n_prompt;
     if (k->q.stream) {
-        k->r = r; /* released in completed() */
+        k->text_sent = calloc((size_t)n, sizeof *k->text_sent);
+        k->lp_sent = calloc((size_t)n, sizeof *k->lp_sent);
+        k->first_sent = calloc((size_t)n, sizeof *k->first_sent);
+        k->fin_sent = calloc((size_t)n, sizeof *k->fin_sent);
+        if (!k->text_sent || !k->lp_sent || !k->first_sent || !k->fin_sent) return MHD_NO;
         struct MHD_Response *resp =
             MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, k, NULL);
         if (!resp) return MHD_NO;
@@ -396,38 +444,38 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
     }
     sched *s = sv->s;
     pthread_mutex_lock(&s->mu);
-    while (r->state != SREQ_DONE) {
+    for (;;) {
+        int left = 0;
+        for (int i = 0; i < n; i++) left += k->q.rs[i]->state != SREQ_DONE;
+        if (!left) break;
         struct timespec ts;
         deadline(&ts, 100);
-        pthread_cond_timedwait(&r->cv, &s->mu, &ts);
-        if (r->state == SREQ_DONE) break;
+        pthread_cond_timedwait(wait_cv(k), &s->mu, &ts);
         pthread_mutex_unlock(&s->mu);
         bool gone = client_gone(k->fd);
         pthread_mutex_lock(&s->mu);
-        if (gone && r->state != SREQ_DONE) {
-            r->cancelled = true;
-            pthread_cond_signal(&s->cv);
+        if (gone) {
+            cancel_all(k, s);
+            for (int i = 0; i < n; i++) k->n_gen += k->q.rs[i]->n_gen;
             pthread_mutex_unlock(&s->mu);
-            k->n_gen = r->n_gen;
-            sreq_release(s, r);
             count(sv, k->route, 499);
             k->status = 499;
             return MHD_NO; /* closes the connection */
         }
     }
-    k->n_gen = r->n_gen;
-    pthread_mutex_unlock(&s->mu);
-    enum MHD_Result ret;
-    if (r->err_status) {
-        e = (api_err){.status = r->err_status, .type = "server_error"};
-        snprintf(e.msg, sizeof e.msg, "%s", r->err);
-        ret = send_err(k, c, &e);
-    } else {
-        ret = send_body(k, c, 200, api_response(&k->q, r, &sv->m, k->id, k->created),
-                        "application/json");
+    const sreq *bad = NULL;
+    for (int i = 0; i < n; i++) {
+        k->n_gen += k->q.rs[i]->n_gen;
+        if (k->q.rs[i]->err_status && !bad) bad = k->q.rs[i];
     }
-    sreq_release(s, r);
-    return ret;
+    pthread_mutex_unlock(&s->mu);
+    if (bad) {
+        e = (api_err){.status = bad->err_status, .type = "server_error"};
+        snprintf(e.msg, sizeof e.msg, "%s", bad->err);
+        return send_err(k, c, &e);
+    }
+    return send_body(k, c, 200, api_response(&k->q, &sv->m, k->id, k->created),
+                     "application/json");
 }
 
 static enum MHD_Result models(conn *k, struct MHD_Connection *c, const char *url)
@@ -704,13 +752,26 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
     server *sv = cls;
     conn *k = *con_cls;
     if (!k) return;
-    if (k->r) {
-        pthread_mutex_lock(&sv->s->mu);
-        k->n_gen = k->r->n_gen;
-        pthread_mutex_unlock(&sv->s->mu);
-        sched_cancel(sv->s, k->r);
-        sreq_release(sv->s, k->r);
+    if (k->submitted) {
+        if (k->q.stream) {
+            pthread_mutex_lock(&sv->s->mu);
+            k->n_gen = 0;
+            for (int i = 0; i < k->q.n; i++) k->n_gen += k->q.rs[i]->n_gen;
+            pthread_mutex_unlock(&sv->s->mu);
+        }
+        for (int i = 0; i < k->q.n; i++) {
+            sched_cancel(sv->s, k->q.rs[i]);
+            sreq_release(sv->s, k->q.rs[i]);
+        }
+        free(k->q.rs);
+        free(k->q.echo_text);
+    } else {
+        api_req_free(&k->q);
     }
+    free(k->text_sent);
+    free(k->lp_sent);
+    free(k->first_sent);
+    free(k->fin_sent);
     access_log(k, toe != MHD_REQUEST_TERMINATED_COMPLETED_OK);
     bool big = k->big;
     free(k->path);

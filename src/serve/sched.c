@@ -33,6 +33,7 @@ void sreq_free(sreq *r)
     free(r->bias);
     free(r->text);
     free(r->lps);
+    free(r->plps);
     kiln_gen_free(r->gen);
     pthread_cond_destroy(&r->cv);
     free(r);
@@ -66,6 +67,7 @@ static void finish(sched *s, sreq *r, const char *why, int err_status,
     if (!err_status && !r->cancelled)
         metrics_observe(s->m.lat_b, &s->m.lat_n, &s->m.lat_sum, r->t_done - r->t_submit);
     pthread_cond_broadcast(&r->cv);
+    if (r->grouped) pthread_cond_broadcast(&s->gcv);
     r->refs--; /* the scheduler's reference */
     if (r->refs == 0) {
         /* the HTTP side is gone too: free outside the lock is not needed,
@@ -136,10 +138,45 @@ static void admit(sched *s)
     }
 }
 
+/* Scores prompt token pos + 1 from the logits at position pos (echo with
+ * logprobs): its log-probability and the top_logprobs most likely tokens,
+ * of the distribution generated tokens are reported from (the model's,
+ * with logit_bias; before penalties and temperature). mu held. */
+static void on_prompt_logits(sreq *r, int pos, float *lg, int V)
+{
+    if (pos + 1 >= r->n_prompt || !r->plps) return;
+    /* logit_bias applies as to generated tokens (their logprobs include it) */
+    for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++) mx = fmaxf(mx, lg[i]);
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += exp((double)lg[i] - mx);
+    float lse = mx + (float)log(sum);
+    slp *e = &r->plps[pos + 1];
+    int32_t t = r->prompt[pos + 1];
+    e->token = t;
+    e->logprob = lg[t] - lse;
+    int k = KILN_MIN(r->sp.top_logprobs, SREQ_MAX_TOP), m = 0;
+    for (int i = 0; i < V && k > 0; i++) {
+        float v = lg[i] - lse;
+        if (m == k && !(v > e->top[m - 1].logprob)) continue;
+        int q = m < k ? m++ : k - 1;
+        while (q > 0 && v > e->top[q - 1].logprob) { e->top[q] = e->top[q - 1]; q--; }
+        e->top[q] = (kiln_token_logprob){i, v};
+    }
+    e->n_top = m;
+    r->n_plps = pos + 2;
+}
+
 /* Samples r's next token from lg (kiln_gen_next) and publishes its text.
  * mu held. */
 static void on_logits(sched *s, sreq *r, float *lg)
 {
+    if (r->max_tokens == 0) {
+        /* echo with max_tokens 0: the prompt (and its logprobs) only */
+        finish(s, r, "length", 0, "");
+        return;
+    }
     for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
     kiln_gen_token t;
     if (kiln_gen_next(s->ctx, r->gen, lg, &t)) {
@@ -190,6 +227,7 @@ static void on_logits(sched *s, sreq *r, float *lg)
     }
     r->next = t.id;
     pthread_cond_broadcast(&r->cv);
+    if (r->grouped) pthread_cond_broadcast(&s->gcv);
 }
 
 static void *sched_main(void *arg)
@@ -223,6 +261,7 @@ static void *sched_main(void *arg)
             sreq *r = s->slots[i];
             if (r && r->n_fed == r->n_prompt) {
                 s->toks[T++] = (kiln_engine_tok){i, r->next, true};
+                s->opos[nw] = -1;
                 s->owner[nw++] = r;
             }
         }
@@ -232,8 +271,14 @@ static void *sched_main(void *arg)
             int m = KILN_MIN(s->chunk - T, r->n_prompt - r->n_fed);
             for (int j = 0; j < m; j++) {
                 bool last = r->n_fed + j == r->n_prompt - 1;
-                s->toks[T++] = (kiln_engine_tok){i, r->prompt[r->n_fed + j], last};
-                if (last) s->owner[nw++] = r;
+                /* echo with logprobs: every prompt position's logits score
+                 * the next prompt token */
+                bool want = last || r->prompt_lps;
+                s->toks[T++] = (kiln_engine_tok){i, r->prompt[r->n_fed + j], want};
+                if (want) {
+                    s->opos[nw] = last ? -1 : r->n_fed + j;
+                    s->owner[nw++] = r;
+                }
             }
             r->n_fed += m;
             s->m.prompt_tokens += (uint64_t)m;
@@ -252,7 +297,8 @@ static void *sched_main(void *arg)
         for (int k = 0; k < nw; k++) {
             sreq *r = s->owner[k];
             if (r->state != SREQ_RUNNING || r->cancelled) continue;
-            on_logits(s, r, s->logits + (size_t)k * s->V);
+            if (s->opos[k] >= 0) on_prompt_logits(r, s->opos[k], s->logits + (size_t)k * s->V, s->V);
+            else on_logits(s, r, s->logits + (size_t)k * s->V);
         }
     }
     /* shutting down: fail what is left */
@@ -287,11 +333,13 @@ kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
     s->slots = calloc((size_t)s->n_slots, sizeof(sreq *));
     s->toks = calloc((size_t)s->chunk, sizeof(kiln_engine_tok));
     s->owner = calloc((size_t)s->chunk, sizeof(sreq *));
+    s->opos = calloc((size_t)s->chunk, sizeof(int));
     s->logits = malloc((size_t)s->chunk * s->V * sizeof(float));
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_cond_init(&s->gcv, NULL);
     s->mu_init = true;
-    if (!s->ctx || !s->slots || !s->toks || !s->owner || !s->logits) {
+    if (!s->ctx || !s->slots || !s->toks || !s->owner || !s->opos || !s->logits) {
         sched_free(s);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "scheduler: out of memory");
     }
@@ -320,21 +368,24 @@ void sched_free(sched *s)
     if (s->mu_init) {
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
+        pthread_cond_destroy(&s->gcv);
         s->mu_init = false;
     }
     free(s->slots);
     free(s->toks);
     free(s->owner);
+    free(s->opos);
     free(s->logits);
     kiln_ctx_free(s->ctx);
     s->slots = NULL;
     s->toks = NULL;
     s->owner = NULL;
+    s->opos = NULL;
     s->logits = NULL;
     s->ctx = NULL;
 }
 
-int sched_submit(sched *s, sreq *r)
+static int check_req(sched *s, sreq *r)
 {
     if (r->n_prompt < 1) {
         snprintf(r->err, sizeof r->err, "the prompt is empty");
@@ -359,31 +410,51 @@ int sched_submit(sched *s, sreq *r)
                      (int)r->bias[i].token, s->V);
             return 400;
         }
+    return 0;
+}
+
+int sched_submit_group(sched *s, sreq **rs, int n)
+{
+    for (int i = 0; i < n; i++) {
+        int st = check_req(s, rs[i]);
+        if (st) {
+            if (i) snprintf(rs[0]->err, sizeof rs[0]->err, "%s", rs[i]->err);
+            return st;
+        }
+    }
+    sreq *r = rs[0];
     pthread_mutex_lock(&s->mu);
     if (s->stop) {
         pthread_mutex_unlock(&s->mu);
         snprintf(r->err, sizeof r->err, "the server is shutting down");
         return 503;
     }
-    if (s->qlen >= s->max_queue) {
+    /* a group is one request: an empty queue takes it whole */
+    if (s->qlen >= s->max_queue || (s->qlen > 0 && s->qlen + n > s->max_queue)) {
         s->m.rejected_queue++;
         pthread_mutex_unlock(&s->mu);
         snprintf(r->err, sizeof r->err,
                  "the server is overloaded (%d requests waiting); retry later", s->qlen);
         return 503;
     }
-    r->t_submit = kiln_time_now();
-    r->state = SREQ_QUEUED;
-    r->refs++;
-    r->qnext = NULL;
-    if (s->qtail) s->qtail->qnext = r;
-    else s->qhead = r;
-    s->qtail = r;
-    s->qlen++;
+    double now = kiln_time_now();
+    for (int i = 0; i < n; i++) {
+        r = rs[i];
+        r->t_submit = now;
+        r->state = SREQ_QUEUED;
+        r->refs++;
+        r->qnext = NULL;
+        if (s->qtail) s->qtail->qnext = r;
+        else s->qhead = r;
+        s->qtail = r;
+        s->qlen++;
+    }
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
+
+int sched_submit(sched *s, sreq *r) { return sched_submit_group(s, &r, 1); }
 
 void sched_cancel(sched *s, sreq *r)
 {

@@ -57,6 +57,9 @@ typedef struct sreq {
     int n_stop_ids;
     logit_bias *bias;
     int n_bias;
+    int n_added;         /* ids the server put before the prompt (BOS): not echoed */
+    bool prompt_lps;     /* echo with logprobs: score every prompt token */
+    bool grouped;        /* one of n > 1 choices: progress also wakes sched.gcv */
 
     /* shared (sched.mu) */
     pthread_cond_t cv;
@@ -66,6 +69,9 @@ typedef struct sreq {
     size_t text_len, text_cap;
     slp *lps;            /* per generated token when want_logprobs */
     int n_lps, lps_cap;
+    slp *plps;           /* (n_prompt) when prompt_lps: plps[i] scores prompt[i]
+                            given prompt[0..i) (plps[0] unused) */
+    int n_plps;          /* prompt positions scored so far */
     int n_gen;           /* tokens generated */
     const char *finish;  /* "stop" | "length" | NULL (running) */
     int err_status;      /* > 0: failed with this HTTP status */
@@ -100,6 +106,7 @@ typedef struct sched {
     int eot, eos;
     pthread_mutex_t mu;
     pthread_cond_t cv;     /* work arrived / cancel */
+    pthread_cond_t gcv;    /* a grouped request (n > 1) progressed */
     pthread_t th;
     bool stop, started, mu_init;
     bool dirty;            /* ran since the last malloc_trim */
@@ -111,6 +118,7 @@ typedef struct sched {
     /* step scratch (scheduler thread) */
     kiln_engine_tok *toks;
     sreq **owner;          /* (chunk) request per logits row */
+    int *opos;             /* (chunk) the prompt position of the row, -1: sample */
     float *logits;         /* (chunk, V) */
     kiln_ctx *ctx;
 } sched;
@@ -135,6 +143,10 @@ void sreq_release(sched *s, sreq *r);
 /* Queues r (the scheduler takes a reference). Returns 0, or an HTTP
  * status (503 queue full, 400 prompt too long) with r->err set. */
 int sched_submit(sched *s, sreq *r);
+/* Queues the n choices of one request together (all or none): 0, or an
+ * HTTP status with rs[0]->err set. An empty queue takes any n; otherwise
+ * the queue must have room for all n. */
+int sched_submit_group(sched *s, sreq **rs, int n);
 /* Marks r cancelled (client gone); its slot is freed at the next step. */
 void sched_cancel(sched *s, sreq *r);
 
@@ -159,8 +171,15 @@ typedef struct api_req {
     bool stream;
     bool include_usage;
     bool logprobs;
-    sreq *r;             /* owned until submitted */
+    bool echo;           /* completions: the prompt comes before the text */
+    int n;               /* choices */
+    sreq **rs;           /* (n) one request per choice, owned until submitted */
+    char *echo_text;     /* echo: the prompt's text (malloc'ed) */
+    size_t echo_len;
 } api_req;
+
+/* Frees q's requests (those never submitted) and buffers. */
+void api_req_free(api_req *q);
 
 typedef struct api_model {
     const char *name;
@@ -177,13 +196,13 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
 /* The OpenAI error object as a JSON string (malloc'ed). */
 char *api_error_json(const api_err *e);
 /* Non-streamed response body (malloc'ed). r must be done. */
-char *api_response(const api_req *q, const sreq *r, const api_model *m,
-                   const char *id, long created);
-/* One SSE event "data: {...}\n\n" for streaming (malloc'ed): text delta
- * [text, text+n), logprob entries [lp0, lp1), finish reason or NULL; when
- * first (chat) the delta carries the role. usage_only: the final usage
- * chunk (choices empty). */
-char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
+char *api_response(const api_req *q, const api_model *m, const char *id, long created);
+/* One SSE event "data: {...}\n\n" for streaming (malloc'ed) of choice
+ * index (request r = q->rs[index]): text delta [text, text+n), logprob
+ * entries [lp0, lp1) of r->lps, finish reason or NULL; when first (chat)
+ * the delta carries the role, (completions with echo) the prompt and its
+ * logprobs. usage_only: the final usage chunk (choices empty). */
+char *api_chunk(const api_req *q, int index, const api_model *m,
                 const char *id, long created, const char *text, size_t n,
                 int lp0, int lp1, const char *finish, bool first,
                 bool usage_only);

@@ -1,7 +1,8 @@
 // serve_openai.js — the official `openai` npm client against kiln serve:
 // model list, a completion, a chat completion, a streamed chat completion
 // reassembled to the same text as the non-streamed one at temperature 0,
-// a streamed completion, usage counts, and error cases (unknown model ->
+// a streamed completion, usage counts, n = 3 (non-streamed and streamed),
+// echo with prompt logprobs, and error cases (unknown model ->
 // NotFoundError 404, bad parameter -> BadRequestError 400, wrong key ->
 // AuthenticationError 401). Usage: node serve_openai.js BASE_URL KEY MODEL
 // Prints PASS/FAIL lines.
@@ -52,6 +53,27 @@ async function main() {
   let ctext = "";
   for await (const ch of cs) ctext += ch.choices.length ? ch.choices[0].text : "";
   check("openai_completion_stream_equals", ctext === c.choices[0].text, JSON.stringify([ctext, c.choices[0].text]));
+
+  // n = 3 with a fixed seed: three distinct choices, usage over all three
+  const n3 = await client.completions.create({ model, prompt: "Once upon", max_tokens: 10, temperature: 1,
+                                               seed: 11, n: 3, ignore_eos: true });
+  const texts = n3.choices.map((x) => x.text);
+  check("openai_n3", n3.choices.length === 3 && n3.choices.every((x, i) => x.index === i) &&
+        new Set(texts).size === 3 && n3.usage.completion_tokens === 30, JSON.stringify(n3));
+  const n3c = await client.chat.completions.create({ model, messages: msgs, max_tokens: 6, temperature: 1,
+                                                     seed: 11, n: 3, stream: true });
+  const parts = ["", "", ""];
+  for await (const ch of n3c) for (const c of ch.choices) parts[c.index] += c.delta.content || "";
+  const n3full = await client.chat.completions.create({ model, messages: msgs, max_tokens: 6, temperature: 1,
+                                                        seed: 11, n: 3 });
+  check("openai_n3_chat_stream", JSON.stringify(parts) === JSON.stringify(n3full.choices.map((x) => x.message.content)),
+        JSON.stringify([parts, n3full.choices]));
+  // echo: the prompt before the text, prompt tokens scored
+  const ec = await client.completions.create({ model, prompt: "Once upon", max_tokens: 4, temperature: 0,
+                                               echo: true, logprobs: 1 });
+  check("openai_echo", ec.choices[0].text.startsWith("Once upon") &&
+        ec.choices[0].logprobs.tokens.length === ec.usage.prompt_tokens + ec.usage.completion_tokens,
+        JSON.stringify(ec));
 
   try {
     await client.chat.completions.create({ model: "no-such-model", messages: msgs });
