@@ -52,7 +52,7 @@ static void test_any_object(void)
         "{}",
         "{\"a\": [1, 2.5e-3, -0, \"x\\u00e9\\n\", true, false, null, {\"b\": {}}]}",
         "{\n  \"k\": \"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\",\n  \"n\": -12.5E+3\n}",
-        "  {\"\":[]}",
+        "{\"\":[]}",
     };
     for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) {
         bool acc, done;
@@ -72,6 +72,7 @@ static void test_any_object(void)
         {"{\"a\":1} ", 7},            /* nothing after the root value */
         {"{\"a\":1}{", 7},
         {"{a:1}", 1},
+        {" {}", 0},                   /* nothing before the root value */
         {"{\"a\":-}", 6},
         {"{\"a\":1.}", 7},
         {"{\"a\":1e}", 7},

@@ -3,7 +3,9 @@
  * compiled into a graph of nodes, a pushdown parser over bytes (one frame
  * per open value), and the allowed-token set by a depth-first walk of the
  * vocabulary's byte trie that copies the parse state at each edge and
- * prunes a subtree as soon as its prefix is rejected.
+ * prunes a subtree as soon as its prefix is rejected. ~1000 lines: the
+ * schema compiler, the byte parser and the trie walk share the node and
+ * frame types and are tested as one (tests/test_grammar.c).
  */
 #include "infer/grammar.h"
 
@@ -575,8 +577,8 @@ static bool feed1(infer_gstate *s, uint8_t c)
         const gnode *n = f->node;
         switch (f->kind) {
         case F_ROOT:
-            if (f->st != R_BEFORE) return false;
-            if (ws) return ws_ok(s);
+            /* no whitespace around the root value: the output is the value */
+            if (f->st != R_BEFORE || ws) return false;
             if (!start_value(s, n, c)) return false;
             f->st = R_VALUE;
             goto fed;
@@ -832,12 +834,19 @@ typedef struct tnode {
     int32_t child, next; /* first child, next sibling (-1 none) */
     int32_t tok;         /* first token ending here (-1 none); more via tok_next */
     uint8_t byte;
+    uint8_t unsafe;      /* a token in this subtree is not plain string text */
 } tnode;
 
+/* Inside a JSON string (no escape or UTF-8 sequence open) every token
+ * that is plain string text (no quote, backslash or control byte, whole
+ * UTF-8 characters) is allowed: those are listed once, and the walk then
+ * visits only subtrees holding another token. */
 struct infer_vocab_trie {
     tnode *n;
     int nn, cap;
     int32_t *tok_next;   /* (V) */
+    int32_t *plain;      /* the plain-string-text tokens */
+    int n_plain;
     int V, max_len;
 };
 
@@ -853,9 +862,36 @@ static int trie_child(infer_vocab_trie *t, int at, uint8_t b)
         t->cap = cap;
     }
     int c = t->nn++;
-    t->n[c] = (tnode){-1, t->n[at].child, -1, b};
+    t->n[c] = (tnode){-1, t->n[at].child, -1, b, 0};
     t->n[at].child = c;
     return c;
+}
+
+/* Whether bytes p[0..n) inside a string leave it open and plain. */
+static bool plain_string_text(const char *p, size_t n)
+{
+    infer_gstate s;
+    s.depth = 2;
+    s.ws = 0;
+    s.tool = -1;
+    memset(s.f, 0, 2 * sizeof *s.f);
+    s.f[0].kind = F_ROOT;
+    s.f[0].st = R_VALUE;
+    s.f[1].kind = F_STR;
+    s.f[1].st = S_IN;
+    for (size_t i = 0; i < n; i++)
+        if (!feed1(&s, (uint8_t)p[i]) || s.depth != 2) return false;
+    return s.f[1].st == S_IN && s.f[1].u8 == 0;
+}
+
+/* Marks nodes whose subtree holds a token that is not plain text. */
+static bool mark_unsafe(infer_vocab_trie *t, int at, const uint8_t *plain)
+{
+    bool u = false;
+    for (int32_t id = t->n[at].tok; id >= 0; id = t->tok_next[id]) u |= !plain[id];
+    for (int c = t->n[at].child; c >= 0; c = t->n[c].next) u |= mark_unsafe(t, c, plain);
+    t->n[at].unsafe = u;
+    return u;
 }
 
 kiln_status infer_vocab_trie_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
@@ -872,8 +908,15 @@ kiln_status infer_vocab_trie_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
         infer_vocab_trie_free(t);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
     }
-    t->n[0] = (tnode){-1, -1, -1, 0};
+    t->n[0] = (tnode){-1, -1, -1, 0, 0};
     t->nn = 1;
+    t->plain = malloc((size_t)t->V * sizeof *t->plain);
+    uint8_t *plain = calloc((size_t)t->V, 1);
+    if (!t->plain || !plain) {
+        free(plain);
+        infer_vocab_trie_free(t);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    }
     for (int32_t id = 0; id < t->V; id++) {
         t->tok_next[id] = -1;
         if (kiln_tokenizer_is_special(tok, id)) continue;
@@ -881,6 +924,7 @@ kiln_status infer_vocab_trie_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
         size_t n = 0;
         kiln_status st = kiln_tokenizer_decode(ctx, tok, &id, 1, &p, &n);
         if (st) {
+            free(plain);
             infer_vocab_trie_free(t);
             return st;
         }
@@ -890,8 +934,13 @@ kiln_status infer_vocab_trie_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
         }
         int at = 0;
         for (size_t i = 0; i < n && at >= 0; i++) at = trie_child(t, at, (uint8_t)p[i]);
+        if (at > 0 && plain_string_text(p, n)) {
+            plain[id] = 1;
+            t->plain[t->n_plain++] = id;
+        }
         free(p);
         if (at < 0) {
+            free(plain);
             infer_vocab_trie_free(t);
             return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
         }
@@ -900,6 +949,8 @@ kiln_status infer_vocab_trie_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
         t->n[at].tok = id;
         if ((int)n > t->max_len) t->max_len = (int)n;
     }
+    mark_unsafe(t, 0, plain);
+    free(plain);
     *out = t;
     return KILN_OK;
 }
@@ -909,6 +960,7 @@ void infer_vocab_trie_free(infer_vocab_trie *t)
     if (!t) return;
     free(t->n);
     free(t->tok_next);
+    free(t->plain);
     free(t);
 }
 
@@ -924,9 +976,13 @@ int infer_gstate_allowed(infer_gstate *s, const infer_vocab_trie *t, uint8_t *al
      * the child of that level's node being tried */
     infer_gstate *st = s->scratch;
     int it[260];
-    int count = 0;
     if (t->max_len >= (int)(sizeof it / sizeof *it)) return 0;
     copy_state(&st[0], s);
+    /* inside a string: the plain tokens at once, then only the others */
+    const gframe *top = &s->f[s->depth - 1];
+    bool in_str = top->kind == F_STR && top->st == S_IN && top->u8 == 0;
+    if (in_str)
+        for (int i = 0; i < t->n_plain; i++) allowed[t->plain[i]] = 1;
     int d = 0;
     it[0] = t->n[0].child;
     while (d >= 0) {
@@ -936,14 +992,14 @@ int infer_gstate_allowed(infer_gstate *s, const infer_vocab_trie *t, uint8_t *al
             continue;
         }
         it[d] = t->n[c].next;
+        if (in_str && !t->n[c].unsafe) continue;
         copy_state(&st[d + 1], &st[d]);
         if (!feed1(&st[d + 1], t->n[c].byte)) continue;
-        for (int32_t id = t->n[c].tok; id >= 0; id = t->tok_next[id]) {
-            allowed[id] = 1;
-            count++;
-        }
+        for (int32_t id = t->n[c].tok; id >= 0; id = t->tok_next[id]) allowed[id] = 1;
         d++;
         it[d] = t->n[c].child;
     }
+    int count = 0;
+    for (int i = 0; i < t->V; i++) count += allowed[i];
     return count;
 }

@@ -15,8 +15,8 @@
  * $comment. Any other keyword (anyOf, $ref, pattern, minItems, format,
  * ...) is refused, the message naming it. Objects with properties accept
  * them in any order, each at most once, nothing else; '}' only once every
- * required one is there. Whitespace runs are at most 16 bytes and nothing
- * may follow the root value, so a model cannot pad forever; numbers have
+ * required one is there. Whitespace runs are at most 16 bytes, none before
+ * or after the root value, so a model cannot pad forever; numbers have
  * at most 24 characters; nesting at most 32 levels.
  */
 #ifndef KILN_INFER_GRAMMAR_H
@@ -61,7 +61,8 @@ kiln_status infer_vocab_trie_new(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                  infer_vocab_trie **out);
 void infer_vocab_trie_free(infer_vocab_trie *t);
 /* Sets allowed[id] = 1 for every token of t whose bytes the state
- * accepts, leaves the other entries alone; returns how many it set. */
+ * accepts and leaves the other entries alone; returns how many entries
+ * of allowed are 1 then (allowed[0..V) as the vocabulary size). */
 int infer_gstate_allowed(infer_gstate *s, const infer_vocab_trie *t, uint8_t *allowed);
 
 #endif /* KILN_INFER_GRAMMAR_H */

@@ -4,7 +4,10 @@
  * OpenAI error objects, non-streamed responses and server-sent-event
  * streams, /health and /metrics. A handler thread submits a request to the
  * scheduler and waits on it; while it waits it watches its socket, and a
- * client that went away cancels its request, which frees the slot.
+ * client that went away cancels its request, which frees the slot. Also
+ * CORS, the access log and X-Request-Id. Over ~800 lines: the MHD
+ * callbacks, the stream of n choices and the daemon's setup share the
+ * connection state.
  */
 #include <microhttpd.h> /* before serve.h: declares gate_notify */
 
@@ -273,6 +276,7 @@ static bool progressed(const conn *k, int i)
      * logprobs are known (the prompt is through the engine) */
     if (!k->first_sent[i] && k->q.chat) return true;
     if (!k->first_sent[i] && k->q.echo) return r->n_gen > 0 || r->state == SREQ_DONE;
+    if (k->q.tool_call) return r->state == SREQ_DONE && !k->fin_sent[i];
     return r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i] ||
            (r->state == SREQ_DONE && !k->fin_sent[i]);
 }
@@ -351,7 +355,11 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
             }
             if (k->first_sent[i] || !(k->q.chat || k->q.echo)) {
                 k->first_sent[i] = true;
-                if (r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i]) {
+                /* a tool call is sent whole with its finish (its text, only
+                 * when it was cut short and is no call) */
+                bool hold = k->q.tool_call &&
+                            (r->state != SREQ_DONE || (r->finish && !strcmp(r->finish, "stop")));
+                if (!hold && (r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i])) {
                     pend_add(k, api_chunk(&k->q, i, m, k->id, k->created,
                                           r->text + k->text_sent[i], r->text_len - k->text_sent[i],
                                           k->lp_sent[i], r->n_lps, NULL, false, false));

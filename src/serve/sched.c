@@ -9,8 +9,10 @@
  * frees its slot. See serve.h for the threading rules.
  */
 #include "serve/serve.h"
+#include "infer/grammar.h"
 
 #include <malloc.h>
+#include <stdatomic.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,9 +36,20 @@ void sreq_free(sreq *r)
     free(r->text);
     free(r->lps);
     free(r->plps);
+    infer_gstate_free(r->gst);
+    sgrammar_release(r->gram);
     kiln_gen_free(r->gen);
     pthread_cond_destroy(&r->cv);
     free(r);
+}
+
+void sgrammar_release(sgrammar *g)
+{
+    if (!g || atomic_fetch_sub(&g->refs, 1) != 1) return;
+    infer_grammar_free(g->g);
+    for (int i = 0; i < g->n_tools; i++) free(g->tools[i]);
+    free(g->tools);
+    free(g);
 }
 
 void sreq_release(sched *s, sreq *r)
@@ -178,10 +191,42 @@ static void on_logits(sched *s, sreq *r, float *lg)
         return;
     }
     for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
+    if (r->gst) {
+        /* constrained output: only tokens whose bytes extend a valid
+         * prefix, and the turn's end once the output is complete */
+        memset(s->allowed, 0, (size_t)s->V);
+        int n_ok = infer_gstate_allowed(r->gst, s->trie, s->allowed);
+        if (infer_gstate_accepting(r->gst)) {
+            int32_t ends[SREQ_MAX_STOPS + 3] = {s->eot, s->eos, r->stop_id};
+            int ne = 3;
+            for (int i = 0; i < r->n_stop_ids; i++) ends[ne++] = r->stop_ids[i];
+            for (int i = 0; i < ne; i++)
+                if (ends[i] >= 0 && ends[i] < s->V && !s->allowed[ends[i]]) {
+                    s->allowed[ends[i]] = 1;
+                    n_ok++;
+                }
+        }
+        if (n_ok == 0) {
+            finish(s, r, NULL, 500, "constrained decoding: no token of the vocabulary can continue the output");
+            return;
+        }
+        for (int i = 0; i < s->V; i++)
+            if (!s->allowed[i]) lg[i] = -INFINITY;
+    }
     kiln_gen_token t;
     if (kiln_gen_next(s->ctx, r->gen, lg, &t)) {
         finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
         return;
+    }
+    bool complete = false;
+    if (r->gst && t.id >= 0 && (t.finish == KILN_FINISH_NONE || t.finish == KILN_FINISH_LENGTH)) {
+        char *p = NULL;
+        size_t n = 0;
+        if (!kiln_tokenizer_is_special(s->tok, t.id) &&
+            !kiln_tokenizer_decode(s->ctx, s->tok, &t.id, 1, &p, &n))
+            infer_gstate_feed(r->gst, p, n); /* allowed, so it is taken */
+        free(p);
+        complete = infer_gstate_done(r->gst);
     }
     if (r->n_gen == 0) {
         r->t_first = kiln_time_now();
@@ -210,6 +255,15 @@ static void on_logits(sched *s, sreq *r, float *lg)
     }
     append_text(r, t.text, t.len);
     if (t.finish == KILN_FINISH_STOP_STRING) {
+        finish(s, r, "stop", 0, "");
+        return;
+    }
+    if (complete) {
+        /* the output is whole and nothing may follow: end the turn here */
+        const char *o;
+        size_t n;
+        kiln_gen_end(r->gen, KILN_FINISH_STOP_TOKEN, &o, &n);
+        append_text(r, o, n);
         finish(s, r, "stop", 0, "");
         return;
     }
@@ -335,11 +389,14 @@ kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
     s->owner = calloc((size_t)s->chunk, sizeof(sreq *));
     s->opos = calloc((size_t)s->chunk, sizeof(int));
     s->logits = malloc((size_t)s->chunk * s->V * sizeof(float));
+    s->allowed = malloc((size_t)s->V);
+    if (s->ctx && infer_vocab_trie_new(s->ctx, tok, &s->trie)) s->trie = NULL;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->gcv, NULL);
     s->mu_init = true;
-    if (!s->ctx || !s->slots || !s->toks || !s->owner || !s->opos || !s->logits) {
+    if (!s->ctx || !s->slots || !s->toks || !s->owner || !s->opos || !s->logits || !s->allowed ||
+        !s->trie) {
         sched_free(s);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "scheduler: out of memory");
     }
@@ -376,6 +433,10 @@ void sched_free(sched *s)
     free(s->owner);
     free(s->opos);
     free(s->logits);
+    free(s->allowed);
+    infer_vocab_trie_free(s->trie);
+    s->allowed = NULL;
+    s->trie = NULL;
     kiln_ctx_free(s->ctx);
     s->slots = NULL;
     s->toks = NULL;

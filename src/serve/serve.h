@@ -35,6 +35,16 @@ typedef struct slp {
     kiln_token_logprob top[SREQ_MAX_TOP];
 } slp;
 
+/* A compiled output grammar shared by a request's choices (refcounted:
+ * each choice holds a reference and its own parse state). */
+typedef struct sgrammar {
+    _Atomic int refs;
+    struct infer_grammar *g;
+    char **tools;        /* tool-call grammars: the function names */
+    int n_tools;
+} sgrammar;
+void sgrammar_release(sgrammar *g);
+
 typedef struct logit_bias {
     int32_t token;
     float bias;
@@ -60,6 +70,8 @@ typedef struct sreq {
     int n_added;         /* ids the server put before the prompt (BOS): not echoed */
     bool prompt_lps;     /* echo with logprobs: score every prompt token */
     bool grouped;        /* one of n > 1 choices: progress also wakes sched.gcv */
+    sgrammar *gram;      /* constrained output (response_format, tools) or NULL */
+    struct infer_gstate *gst; /* this choice's parse state of gram */
 
     /* shared (sched.mu) */
     pthread_cond_t cv;
@@ -121,6 +133,8 @@ typedef struct sched {
     int *opos;             /* (chunk) the prompt position of the row, -1: sample */
     float *logits;         /* (chunk, V) */
     kiln_ctx *ctx;
+    struct infer_vocab_trie *trie; /* the tokenizer's vocabulary (grammars) */
+    uint8_t *allowed;      /* (V) scratch: tokens a grammar allows */
 } sched;
 
 /* Creates the scheduler over an engine (not owned) and starts its
@@ -172,6 +186,7 @@ typedef struct api_req {
     bool include_usage;
     bool logprobs;
     bool echo;           /* completions: the prompt comes before the text */
+    bool tool_call;      /* the output is a function call: answer tool_calls */
     int n;               /* choices */
     sreq **rs;           /* (n) one request per choice, owned until submitted */
     char *echo_text;     /* echo: the prompt's text (malloc'ed) */
@@ -206,6 +221,22 @@ char *api_chunk(const api_req *q, int index, const api_model *m,
                 const char *id, long created, const char *text, size_t n,
                 int lp0, int lp1, const char *finish, bool first,
                 bool usage_only);
+
+/* Helpers shared by api*.c: an error (returns status), an optional
+ * boolean field, bytes as a JSON string (invalid UTF-8 as U+FFFD), a
+ * token's bytes (malloc'ed, NULL on failure), a growing buffer. */
+int api_fail(api_err *e, int status, const char *param, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+int api_boolean(const json_t *o, const char *key, bool *out, api_err *e);
+json_t *api_jstr_bytes(const char *p, size_t n);
+/* response_format, tools, tool_choice of request body o (api_output.c):
+ * r->gram, q->tool_call, and the tools' system text (*tools_sys). */
+int api_parse_output(const json_t *o, bool chat, api_req *q, sreq *r, char **tools_sys,
+                     api_err *e);
+/* The tool_calls array of a finished tool-call choice, or NULL. */
+json_t *api_tool_calls(const sreq *r, const char *id, int index);
+void api_token_text(const api_model *m, int32_t id, char **p, size_t *n);
+bool api_sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len);
 
 /* POST /tokenize {"content", "add_special", "with_pieces"} -> {"tokens"};
  * POST /detokenize {"tokens"} -> {"content"}; GET /props. Each returns the
