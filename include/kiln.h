@@ -1178,6 +1178,11 @@ size_t kiln_engine_weight_bytes(const kiln_engine *e);
 void kiln_engine_reset(kiln_engine *e, int slot);
 /* Number of tokens in a slot's cache (the next token's position). */
 int kiln_engine_pos(const kiln_engine *e, int slot);
+/* Prefix caching: the first n positions of slot src's cache (n <= its
+ * position) become slot dst's cache, dst's position n; dst == src keeps
+ * the first n and drops the rest. Feeding dst the tokens that follow then
+ * gives the logits a full prefill would. KILN_ERR_RANGE on bad slots or n. */
+kiln_status kiln_engine_copy_prefix(kiln_ctx *ctx, kiln_engine *e, int dst, int src, int n);
 
 /* One entry of a forward step: append `token` to `slot` at the slot's
  * next position; when want_logits, its next-token logits are returned. */

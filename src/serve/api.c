@@ -362,6 +362,7 @@ static sreq *sreq_clone(const sreq *r, uint64_t seed)
     c->n_added = r->n_added;
     c->prompt_lps = r->prompt_lps;
     c->grouped = r->grouped;
+    c->group = r->group;
     if (r->gram) {
         c->gst = infer_gstate_new(r->gram->g);
         if (!c->gst) {
@@ -682,7 +683,10 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         sreq **rs = realloc(out->rs, (size_t)n_choices * sizeof *rs);
         if (!rs) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
         out->rs = rs;
+        static _Atomic uint64_t groups;
         r->grouped = true;
+        r->group = ++groups;
+        r->leader = true;
         /* choice i draws from seed + i: a fixed seed gives the same n
          * choices again, and choice 0 is the n = 1 answer */
         for (int i = 1; i < n_choices; i++) {
@@ -821,8 +825,13 @@ static json_t *usage_json(const api_req *q)
     int gen = 0;
     for (int i = 0; i < q->n; i++) gen += q->rs[i]->n_gen;
     int np = q->rs[0]->n_prompt;
-    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", np, "completion_tokens", gen,
-                     "total_tokens", np + gen);
+    json_t *u = json_pack("{s:i, s:i, s:i}", "prompt_tokens", np, "completion_tokens", gen,
+                          "total_tokens", np + gen);
+    /* prefix caching: the prompt tokens whose cache was reused (choice 0's) */
+    if (u && q->rs[0]->n_cached > 0)
+        json_object_set_new(u, "prompt_tokens_details",
+                            json_pack("{s:i}", "cached_tokens", q->rs[0]->n_cached));
+    return u;
 }
 
 /* echo text + s[0..n) as a JSON string */

@@ -105,10 +105,59 @@ static bool append_text(sreq *r, const char *p, size_t n)
     return true;
 }
 
+/* A choice of an n > 1 request waits while its leader's prompt is being
+ * prefilled, then copies that cache instead of computing it again. */
+static bool wait_for_leader(const sched *s, const sreq *r)
+{
+    if (!r->group || r->leader || r->prompt_lps) return false;
+    for (int i = 0; i < s->n_slots; i++) {
+        const sreq *o = s->slots[i];
+        if (o && o->group == r->group && o->leader && !o->cancelled && o->n_fed < o->n_prompt)
+            return true;
+    }
+    return false;
+}
+
+/* Prefix caching: puts r in a free slot whose cache holds the longest
+ * prefix of its prompt, or copies that prefix from a busy slot into the
+ * free slot whose cache is the shortest. At most n_prompt - 1 tokens are
+ * reused (the last is fed for its logits); none with echo logprobs. */
+static int place(sched *s, sreq *r)
+{
+    int src = -1, best = 0, dst = -1;
+    int most = r->prompt_lps ? 0 : r->n_prompt - 1;
+    for (int i = 0; i < s->n_slots; i++) {
+        const int32_t *c = s->cache_tok + (size_t)i * s->n_ctx;
+        int n = KILN_MIN(s->cache_n[i], most), l = 0;
+        while (l < n && c[l] == r->prompt[l]) l++;
+        if (l > best || (l == best && l > 0 && !s->slots[i] && src >= 0 && s->slots[src])) {
+            best = l;
+            src = i;
+        }
+        if (!s->slots[i] && (dst < 0 || s->cache_n[i] < s->cache_n[dst])) dst = i;
+    }
+    if (src >= 0 && !s->slots[src]) dst = src;
+    if (best > 0 && kiln_engine_copy_prefix(s->ctx, s->eng, dst, src, best) == KILN_OK) {
+        if (dst != src)
+            memcpy(s->cache_tok + (size_t)dst * s->n_ctx, s->cache_tok + (size_t)src * s->n_ctx,
+                   (size_t)best * sizeof *s->cache_tok);
+        s->cache_n[dst] = best;
+        s->m.cached_tokens += (uint64_t)best;
+        s->m.cache_hits++;
+    } else {
+        best = 0;
+        kiln_engine_reset(s->eng, dst);
+        s->cache_n[dst] = 0;
+    }
+    r->n_fed = r->n_cached = best;
+    return dst;
+}
+
 static void admit(sched *s)
 {
     while (s->qhead && s->n_active < s->n_slots) {
         sreq *r = s->qhead;
+        if (!r->cancelled && wait_for_leader(s, r)) break;
         s->qhead = r->qnext;
         if (!s->qhead) s->qtail = NULL;
         s->qlen--;
@@ -117,8 +166,6 @@ static void admit(sched *s)
             finish(s, r, "cancelled", 0, "");
             continue;
         }
-        int slot = 0;
-        while (s->slots[slot]) slot++;
         /* the library's generation loop, one token per engine step: the
          * chat turn's end (<|im_end|>) is a stop token unless ignore_eos,
          * stop_token_ids always are */
@@ -142,9 +189,8 @@ static void admit(sched *s)
             finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
             continue;
         }
-        kiln_engine_reset(s->eng, slot);
+        int slot = place(s, r);
         r->slot = slot;
-        r->n_fed = 0;
         r->state = SREQ_RUNNING;
         s->slots[slot] = r;
         s->n_active++;
@@ -191,6 +237,8 @@ static void on_logits(sched *s, sreq *r, float *lg)
         return;
     }
     for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
+    /* a model's rows past the tokenizer's vocabulary (padding) are no text */
+    for (int i = s->tok_V; i < s->V; i++) lg[i] = -INFINITY;
     if (r->gst) {
         /* constrained output: only tokens whose bytes extend a valid
          * prefix, and the turn's end once the output is complete */
@@ -314,6 +362,9 @@ static void *sched_main(void *arg)
         for (int i = 0; i < s->n_slots; i++) {
             sreq *r = s->slots[i];
             if (r && r->n_fed == r->n_prompt) {
+                /* the slot's token record follows what is fed; the engine's
+                 * position says how much of it stands after the step */
+                if (s->cache_n[i] < s->n_ctx) s->cache_tok[(size_t)i * s->n_ctx + s->cache_n[i]++] = r->next;
                 s->toks[T++] = (kiln_engine_tok){i, r->next, true};
                 s->opos[nw] = -1;
                 s->owner[nw++] = r;
@@ -328,6 +379,8 @@ static void *sched_main(void *arg)
                 /* echo with logprobs: every prompt position's logits score
                  * the next prompt token */
                 bool want = last || r->prompt_lps;
+                if (s->cache_n[i] < s->n_ctx)
+                    s->cache_tok[(size_t)i * s->n_ctx + s->cache_n[i]++] = r->prompt[r->n_fed + j];
                 s->toks[T++] = (kiln_engine_tok){i, r->prompt[r->n_fed + j], want};
                 if (want) {
                     s->opos[nw] = last ? -1 : r->n_fed + j;
@@ -342,6 +395,7 @@ static void *sched_main(void *arg)
         pthread_mutex_lock(&s->mu);
         s->m.steps++;
         s->m.step_tokens += (uint64_t)T;
+        for (int i = 0; i < s->n_slots; i++) s->cache_n[i] = kiln_engine_pos(s->eng, i);
         if (st) {
             /* a failed step leaves the caches unchanged; fail its owners */
             for (int i = 0; i < s->n_slots; i++)
@@ -382,9 +436,12 @@ kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
     s->chunk = KILN_MAX(64, s->n_slots);
     s->max_queue = max_queue;
     s->eot = kiln_tokenizer_eot(tok);
+    s->tok_V = KILN_MIN(kiln_tokenizer_vocab_size(tok), s->V);
     s->eos = c->eos_token_id;
     s->ctx = kiln_ctx_new();
     s->slots = calloc((size_t)s->n_slots, sizeof(sreq *));
+    s->cache_tok = malloc((size_t)s->n_slots * s->n_ctx * sizeof *s->cache_tok);
+    s->cache_n = calloc((size_t)s->n_slots, sizeof *s->cache_n);
     s->toks = calloc((size_t)s->chunk, sizeof(kiln_engine_tok));
     s->owner = calloc((size_t)s->chunk, sizeof(sreq *));
     s->opos = calloc((size_t)s->chunk, sizeof(int));
@@ -395,7 +452,7 @@ kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->gcv, NULL);
     s->mu_init = true;
-    if (!s->ctx || !s->slots || !s->toks || !s->owner || !s->opos || !s->logits || !s->allowed ||
+    if (!s->ctx || !s->slots || !s->cache_tok || !s->cache_n || !s->toks || !s->owner || !s->opos || !s->logits || !s->allowed ||
         !s->trie) {
         sched_free(s);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "scheduler: out of memory");
@@ -429,6 +486,10 @@ void sched_free(sched *s)
         s->mu_init = false;
     }
     free(s->slots);
+    free(s->cache_tok);
+    free(s->cache_n);
+    s->cache_tok = NULL;
+    s->cache_n = NULL;
     free(s->toks);
     free(s->owner);
     free(s->opos);

@@ -70,6 +70,8 @@ typedef struct sreq {
     int n_added;         /* ids the server put before the prompt (BOS): not echoed */
     bool prompt_lps;     /* echo with logprobs: score every prompt token */
     bool grouped;        /* one of n > 1 choices: progress also wakes sched.gcv */
+    uint64_t group;      /* n > 1: the request's choices share it (0: none) */
+    bool leader;         /* choice 0 of a group: the others copy its prompt's cache */
     sgrammar *gram;      /* constrained output (response_format, tools) or NULL */
     struct infer_gstate *gst; /* this choice's parse state of gram */
 
@@ -85,6 +87,7 @@ typedef struct sreq {
                             given prompt[0..i) (plps[0] unused) */
     int n_plps;          /* prompt positions scored so far */
     int n_gen;           /* tokens generated */
+    int n_cached;        /* prompt tokens whose cache was reused (prefix caching) */
     const char *finish;  /* "stop" | "length" | NULL (running) */
     int err_status;      /* > 0: failed with this HTTP status */
     char err[256];
@@ -109,12 +112,14 @@ typedef struct metrics {
     uint64_t ttft_n, lat_n;
     double ttft_sum, lat_sum;
     uint64_t cancelled, rejected_queue;
+    uint64_t cached_tokens, cache_hits; /* prefix caching */
 } metrics;
 
 typedef struct sched {
     kiln_engine *eng;
     const kiln_tokenizer *tok;
     int V, n_slots, n_ctx, chunk, max_queue;
+    int tok_V;             /* the tokenizer's vocabulary (<= V): ids past it are never sampled */
     int eot, eos;
     pthread_mutex_t mu;
     pthread_cond_t cv;     /* work arrived / cancel */
@@ -125,6 +130,8 @@ typedef struct sched {
     sreq *qhead, *qtail;
     int qlen;
     sreq **slots;          /* (n_slots) active request or NULL */
+    int32_t *cache_tok;    /* (n_slots, n_ctx) the tokens in each slot's cache */
+    int *cache_n;          /* (n_slots) how many (the engine's position) */
     int n_active;
     metrics m;
     /* step scratch (scheduler thread) */

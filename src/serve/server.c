@@ -66,6 +66,8 @@ char *metrics_render(sched *s, const metrics *http_m)
     k += (size_t)snprintf(o + k, cap - k, "# HELP " name " " help "\n# TYPE " name " " type \
                           "\n" name " %llu\n", (unsigned long long)(val))
     C("kiln_prompt_tokens_total", "Prompt tokens prefilled.", "counter", m.prompt_tokens);
+    C("kiln_prompt_tokens_cached_total", "Prompt tokens whose KV cache was reused (prefix caching), not prefilled.", "counter", m.cached_tokens);
+    C("kiln_prefix_cache_hits_total", "Requests that reused a cached prompt prefix.", "counter", m.cache_hits);
     C("kiln_generation_tokens_total", "Tokens generated.", "counter", m.gen_tokens);
     C("kiln_engine_steps_total", "Forward steps run by the scheduler.", "counter", m.steps);
     C("kiln_engine_step_tokens_total", "Tokens processed by forward steps.", "counter", m.step_tokens);
