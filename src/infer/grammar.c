@@ -708,7 +708,9 @@ static bool feed1(infer_gstate *s, uint8_t c)
                 for (int k = 0; k < n->n_props && found < 0; k++) {
                     if (f->seen & (1ULL << k)) continue;
                     if (tool && k != __builtin_popcountll(f->seen)) continue;
-                    if (f->pos && memcmp(n->names[k], n->names[f->cur], f->pos)) continue;
+                    if (n->name_len[k] < f->pos ||
+                        (f->pos && memcmp(n->names[k], n->names[f->cur], f->pos)))
+                        continue;
                     if (c == '"' ? n->name_len[k] == f->pos
                                  : n->name_len[k] > f->pos && (uint8_t)n->names[k][f->pos] == c)
                         found = k;

@@ -69,7 +69,9 @@ int api_parse_output(const json_t *o, bool chat, api_req *q, sreq *r, char **too
                          : api_fail(e, 500, NULL, NULL, "out of memory");
                 goto out;
             }
-            if (!(r->gram = sgrammar_new(g))) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto out; }
+            kiln_ctx_free(ctx);
+            ctx = NULL;
+            if (!(r->gram = sgrammar_new(g))) return api_fail(e, 500, NULL, NULL, "out of memory");
         } else if (strcmp(t, "text")) {
             return api_fail(e, 400, "response_format", "invalid_value",
                         "response_format.type '%.100s' is not text, json_object or json_schema", t);
