@@ -7,8 +7,8 @@
 # refused; tools with tool_choice "required" or a named function (tool_calls
 # with id, type, name and arguments that validate against the tool's
 # parameters, finish_reason "tool_calls", content null; streamed as one
-# tool_calls delta), "auto" refused with a clear 400, tool history
-# accepted. A random tiny model with the bytes tokenizer: logit_bias
+# tool_calls delta), "auto" (the default) answering text like any chat,
+# tool history accepted. A random tiny model with the bytes tokenizer: logit_bias
 # favours closing quotes and brackets so samples end within max_tokens
 # (the grammar alone decides what is allowed). Loopback only.
 set -u
@@ -173,10 +173,25 @@ full = json.load(open(sys.argv[2]))["choices"][0]["message"]["tool_calls"][0]
 assert tc["index"] == 0 and tc["id"].startswith("call_") and tc["function"] == full["function"], (tc, full)
 assert not any(ch["delta"].get("content") for e in ev for ch in e["choices"]), ev
 PYEOF
-post /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"tools":'"$TOOLS"',"tool_choice":"auto"}' "$D/e.json"
-check tool_auto_400 err tool_choice "auto"
-post /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"tools":'"$TOOLS"'}' "$D/e.json"
-check tool_default_auto_400 err tool_choice "auto"
+# auto (and its default): the model writes text or <tool_call> blocks; the
+# random model writes text, which comes back as content, streamed the same
+# (test_serve_tools checks the blocks becoming calls)
+post /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"tools":'"$TOOLS"',"tool_choice":"auto","max_tokens":12,"seed":3}' "$D/auto.json"
+check tool_auto_text "$PY" -c "
+import json; c=json.load(open('$D/auto.json'))['choices'][0]
+assert '$CODE'=='200' and isinstance(c['message']['content'], str) and 'tool_calls' not in c['message'] and c['finish_reason'] in ('stop','length'), c"
+sse /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"tools":'"$TOOLS"',"max_tokens":12,"seed":3,"stream":true}' "$D/auto.sse"
+check tool_auto_default_stream "$PY" - "$D/auto.sse" "$D/auto.json" <<'PYEOF'
+import json, sys
+raw = open(sys.argv[1]).read()
+assert raw.endswith("data: [DONE]\n\n"), raw[-80:]
+ev = [json.loads(e[6:]) for e in raw.split("\n\n")[:-2]]
+text = "".join(ch["delta"].get("content") or "" for e in ev for ch in e["choices"])
+full = json.load(open(sys.argv[2]))["choices"][0]
+assert text == full["message"]["content"] and ev[-1]["choices"][0]["finish_reason"] == full["finish_reason"], (text, full)
+PYEOF
+post /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"tools":'"$TOOLS"',"tool_choice":"sometimes"}' "$D/e.json"
+check tool_choice_bad_400 err tool_choice "required"
 post /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"tools":'"$TOOLS"',"tool_choice":{"type":"function","function":{"name":"nope"}}}' "$D/e.json"
 check tool_named_unknown_400 err tool_choice "name one of"
 post /v1/chat/completions '{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"a":{"anyOf":[]}}}}}],"tool_choice":"required"}' "$D/e.json"

@@ -381,8 +381,10 @@ void api_req_free(api_req *q)
         if (q->rs[i]) sreq_free(q->rs[i]);
     free(q->rs);
     free(q->echo_text);
+    infer_grammar_free(q->tool_auto);
     q->rs = NULL;
     q->echo_text = NULL;
+    q->tool_auto = NULL;
     q->n = 0;
 }
 
@@ -854,14 +856,21 @@ char *api_response(const api_req *q, const api_model *m, const char *id, long cr
         const sreq *r = q->rs[i];
         json_t *choice;
         const char *fin = r->finish ? r->finish : "stop";
-        json_t *calls = q->tool_call ? api_tool_calls(r, id, i) : NULL;
+        char *rest = NULL;
+        json_t *calls = q->tool_call ? api_tool_calls(r, id, i)
+                        : q->tool_auto ? api_auto_calls(q, r, id, i, &rest)
+                                       : NULL;
         if (calls) {
             for (size_t k = 0; k < json_array_size(calls); k++)
                 json_object_del(json_array_get(calls, k), "index");
-            choice = json_pack("{s:i, s:{s:s, s:n, s:o}, s:o, s:s}", "index", i, "message", "role",
-                               "assistant", "content", "tool_calls", calls, "logprobs",
+            /* (auto: text after the calls stays the content) */
+            choice = json_pack("{s:i, s:{s:s, s:o, s:o}, s:o, s:s}", "index", i, "message", "role",
+                               "assistant", "content",
+                               rest ? api_jstr_bytes(rest, strlen(rest)) : json_null(),
+                               "tool_calls", calls, "logprobs",
                                logprobs_json(q, r, m, 0, r->n_lps, 0, false), "finish_reason",
                                "tool_calls");
+            free(rest);
         } else if (q->chat)
             choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", i, "message", "role",
                                "assistant", "content", api_jstr_bytes(r->text ? r->text : "", r->text_len),
@@ -898,13 +907,20 @@ char *api_chunk(const api_req *q, int index, const api_model *m,
                          ? logprobs_json(q, r, m, lp0, lp1, off, echo)
                          : json_null();
         json_t *c;
-        json_t *calls = q->tool_call && finish ? api_tool_calls(r, id, index) : NULL;
+        char *rest = NULL;
+        json_t *calls = !finish         ? NULL
+                        : q->tool_call ? api_tool_calls(r, id, index)
+                        : q->tool_auto ? api_auto_calls(q, r, id, index, &rest)
+                                       : NULL;
         if (calls) {
             /* a tool call streams whole, in the delta before the finish */
             json_decref(fin);
             fin = json_string("tool_calls");
-            c = json_pack("{s:i, s:{s:o}, s:o, s:o}", "index", index, "delta", "tool_calls", calls,
-                          "logprobs", lp, "finish_reason", fin);
+            json_t *delta = json_pack("{s:o}", "tool_calls", calls);
+            if (rest) json_object_set_new(delta, "content", api_jstr_bytes(rest, strlen(rest)));
+            free(rest);
+            c = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "delta", delta, "logprobs", lp,
+                          "finish_reason", fin);
         } else if (q->chat) {
             json_t *delta = json_object();
             if (first) json_object_set_new(delta, "role", json_string("assistant"));

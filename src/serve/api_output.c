@@ -140,13 +140,10 @@ int api_parse_output(const json_t *o, bool chat, api_req *q, sreq *r, char **too
                       "\"function\": {\"name\": ...}}");
             goto tools_out;
         }
-    } else if (!tc || json_is_null(tc) || (choice && !strcmp(choice, "auto"))) {
-        rc = api_fail(e, 400, "tool_choice", "unsupported_parameter",
-                  "'tool_choice' \"auto\" (the default when 'tools' are given) is not supported: "
-                  "kiln serve makes tool calls by constrained decoding; send \"required\", "
-                  "{\"type\": \"function\", \"function\": {\"name\": ...}}, or \"none\"");
-        goto tools_out;
-    } else if (!choice || (strcmp(choice, "required") && strcmp(choice, "none"))) {
+    } else if (!tc || json_is_null(tc)) {
+        choice = "auto"; /* OpenAI's default when tools are given */
+    } else if (!choice || (strcmp(choice, "required") && strcmp(choice, "none") &&
+                           strcmp(choice, "auto"))) {
         rc = api_fail(e, 400, "tool_choice", "invalid_value",
                   "'tool_choice' must be \"none\", \"required\" or {\"type\": \"function\", "
                   "\"function\": {\"name\": ...}}");
@@ -158,7 +155,8 @@ int api_parse_output(const json_t *o, bool chat, api_req *q, sreq *r, char **too
         const char *head = "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n";
         const char *tail = "\n</tools>\n\nFor each function call, return a json object with function name "
-                           "and arguments: {\"name\": <function-name>, \"arguments\": <args-json-object>}";
+                           "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                           "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
         size_t l = lst ? strlen(head) + strlen(lst) + strlen(tail) + 1 : 0;
         *tools_sys = lst ? malloc(l) : NULL;
         if (*tools_sys) snprintf(*tools_sys, l, "%s%s%s", head, lst, tail);
@@ -187,7 +185,16 @@ int api_parse_output(const json_t *o, bool chat, api_req *q, sreq *r, char **too
             if (r->gram->tools[k]) r->gram->n_tools = k + 1;
         }
         if (r->gram->n_tools != n) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto tools_out; }
-        q->tool_call = true;
+        if (choice && !strcmp(choice, "auto")) {
+            /* the model decides: free text, checked afterwards against the
+             * calls' grammar (the request's grammar is dropped) */
+            q->tool_auto = r->gram->g;
+            r->gram->g = NULL;
+            sgrammar_release(r->gram);
+            r->gram = NULL;
+        } else {
+            q->tool_call = true;
+        }
     }
 tools_out:
     for (size_t k = 0; schemas && k < nt; k++) free(schemas[k]);
@@ -226,3 +233,82 @@ json_t *api_tool_calls(const sreq *r, const char *id, int index)
     return out;
 }
 
+
+/* ---- tool_choice auto: <tool_call> blocks in free text ----------------- */
+
+static const char TC_OPEN[] = "<tool_call>", TC_CLOSE[] = "</tool_call>";
+
+static const char *skip_ws(const char *p, const char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r')) p++;
+    return p;
+}
+
+bool api_auto_hold(const sreq *r)
+{
+    const char *p = r->text ? r->text : "", *end = p + r->text_len;
+    p = skip_ws(p, end);
+    size_t n = (size_t)(end - p), k = sizeof TC_OPEN - 1;
+    /* a prefix of the tag, or the tag itself: it may be a call */
+    return !memcmp(p, TC_OPEN, n < k ? n : k);
+}
+
+json_t *api_auto_calls(const api_req *q, const sreq *r, const char *id, int index, char **rest)
+{
+    *rest = NULL;
+    if (!q->tool_auto || !r->text) return NULL;
+    const char *p = r->text, *end = r->text + r->text_len;
+    json_t *calls = json_array();
+    int k = 0;
+    for (;;) {
+        p = skip_ws(p, end);
+        if ((size_t)(end - p) < sizeof TC_OPEN - 1 || memcmp(p, TC_OPEN, sizeof TC_OPEN - 1)) break;
+        const char *b = p + sizeof TC_OPEN - 1, *c = NULL;
+        for (const char *x = b; x + sizeof TC_CLOSE - 1 <= end && !c; x++)
+            if (!memcmp(x, TC_CLOSE, sizeof TC_CLOSE - 1)) c = x;
+        json_t *o = c ? json_loadb(b, (size_t)(c - b), 0, NULL) : NULL;
+        json_t *nm = json_object_get(o, "name"), *args = json_object_get(o, "arguments");
+        /* a call of one of the tools, valid against its parameters: the
+         * calls' grammar takes its compact form whole */
+        json_t *call = json_is_string(nm) && json_is_object(args)
+                           ? json_pack("{s:O, s:O}", "name", nm, "arguments", args)
+                           : NULL;
+        char *cs = call ? json_dumps(call, JSON_COMPACT) : NULL;
+        infer_gstate *st = cs ? infer_gstate_new(q->tool_auto) : NULL;
+        bool ok = st && infer_gstate_feed(st, cs, strlen(cs)) && infer_gstate_done(st);
+        infer_gstate_free(st);
+        char *as = ok ? json_dumps(args, JSON_COMPACT) : NULL;
+        if (as) {
+            const char *hex = strchr(id, '-');
+            char cid[96];
+            snprintf(cid, sizeof cid, "call_%s%02x%02x", hex ? hex + 1 : id, index & 0xff, k & 0xff);
+            json_array_append_new(calls, json_pack("{s:i, s:s, s:s, s:{s:O, s:s}}", "index", k, "id",
+                                                   cid, "type", "function", "function", "name",
+                                                   nm, "arguments", as));
+            k++;
+        }
+        free(as);
+        free(cs);
+        json_decref(call);
+        json_decref(o);
+        if (!ok) {
+            /* not a valid call: the whole output is text */
+            json_decref(calls);
+            return NULL;
+        }
+        p = c + sizeof TC_CLOSE - 1;
+    }
+    if (k == 0) {
+        json_decref(calls);
+        return NULL;
+    }
+    p = skip_ws(p, end);
+    if (p < end) {
+        *rest = malloc((size_t)(end - p) + 1);
+        if (*rest) {
+            memcpy(*rest, p, (size_t)(end - p));
+            (*rest)[end - p] = 0;
+        }
+    }
+    return calls;
+}

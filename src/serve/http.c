@@ -12,6 +12,7 @@
 #include <microhttpd.h> /* before serve.h: declares gate_notify */
 
 #include "serve/serve.h"
+#include "infer/grammar.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -276,7 +277,8 @@ static bool progressed(const conn *k, int i)
      * logprobs are known (the prompt is through the engine) */
     if (!k->first_sent[i] && k->q.chat) return true;
     if (!k->first_sent[i] && k->q.echo) return r->n_gen > 0 || r->state == SREQ_DONE;
-    if (k->q.tool_call) return r->state == SREQ_DONE && !k->fin_sent[i];
+    if (k->q.tool_call || (k->q.tool_auto && r->state != SREQ_DONE && api_auto_hold(r)))
+        return r->state == SREQ_DONE && !k->fin_sent[i];
     return r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i] ||
            (r->state == SREQ_DONE && !k->fin_sent[i]);
 }
@@ -359,6 +361,17 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
                  * when it was cut short and is no call) */
                 bool hold = k->q.tool_call &&
                             (r->state != SREQ_DONE || (r->finish && !strcmp(r->finish, "stop")));
+                if (k->q.tool_auto && api_auto_hold(r)) {
+                    /* text that may be tool calls waits for the end, then
+                     * goes out as calls or, when it is none, as text */
+                    char *rest = NULL;
+                    json_t *calls = r->state == SREQ_DONE
+                                        ? api_auto_calls(&k->q, r, k->id, i, &rest)
+                                        : NULL;
+                    hold = r->state != SREQ_DONE || calls;
+                    json_decref(calls);
+                    free(rest);
+                }
                 if (!hold && (r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i])) {
                     pend_add(k, api_chunk(&k->q, i, m, k->id, k->created,
                                           r->text + k->text_sent[i], r->text_len - k->text_sent[i],
@@ -773,6 +786,7 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
         }
         free(k->q.rs);
         free(k->q.echo_text);
+        infer_grammar_free(k->q.tool_auto);
     } else {
         api_req_free(&k->q);
     }

@@ -194,6 +194,8 @@ typedef struct api_req {
     bool logprobs;
     bool echo;           /* completions: the prompt comes before the text */
     bool tool_call;      /* the output is a function call: answer tool_calls */
+    struct infer_grammar *tool_auto; /* tool_choice auto: the calls' grammar, to
+                                        check <tool_call> blocks the model wrote */
     int n;               /* choices */
     sreq **rs;           /* (n) one request per choice, owned until submitted */
     char *echo_text;     /* echo: the prompt's text (malloc'ed) */
@@ -242,6 +244,15 @@ int api_parse_output(const json_t *o, bool chat, api_req *q, sreq *r, char **too
                      api_err *e);
 /* The tool_calls array of a finished tool-call choice, or NULL. */
 json_t *api_tool_calls(const sreq *r, const char *id, int index);
+/* tool_choice auto: the calls r's text makes — it starts (after
+ * whitespace) with <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+ * blocks, each a call of one of the tools valid against its parameters —
+ * as a tool_calls array (*rest: the text after them, malloc'ed), or NULL
+ * when it is text. */
+json_t *api_auto_calls(const api_req *q, const sreq *r, const char *id, int index, char **rest);
+/* tool_choice auto, streaming: whether r's text so far may still become
+ * tool calls (hold it back). */
+bool api_auto_hold(const sreq *r);
 void api_token_text(const api_model *m, int32_t id, char **p, size_t *n);
 bool api_sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len);
 

@@ -2,10 +2,11 @@
 // model list, a completion, a chat completion, a streamed chat completion
 // reassembled to the same text as the non-streamed one at temperature 0,
 // a streamed completion, usage counts, n = 3 (non-streamed and streamed),
-// echo with prompt logprobs, tool calls (tool_choice required; non-streamed
-// and streamed), json_schema output parsed and checked, and error cases (unknown model ->
-// NotFoundError 404, bad parameter -> BadRequestError 400, wrong key ->
-// AuthenticationError 401). Usage: node serve_openai.js BASE_URL KEY MODEL
+// echo with prompt logprobs, tool calls (tool_choice required, non-streamed
+// and streamed; auto answering text), json_schema output parsed and
+// checked, and error cases (unknown model -> NotFoundError 404, bad
+// parameter -> BadRequestError 400, wrong key -> AuthenticationError 401).
+// Usage: node serve_openai.js BASE_URL KEY MODEL
 // Prints PASS/FAIL lines.
 const OpenAI = require("openai");
 
@@ -105,6 +106,12 @@ async function main() {
   }
   check("openai_tool_call_stream", sfin === "tool_calls" && sid && sname === "get_weather" &&
         call && sargs === call.function.arguments, JSON.stringify([sid, sname, sargs, sfin]));
+  // tool_choice auto (the default): the random model answers in text
+  const auto = await client.chat.completions.create({ model, messages: [{ role: "user", content: "hi" }], tools,
+                                                      max_tokens: 8, seed: 1 });
+  check("openai_tool_auto_text", typeof auto.choices[0].message.content === "string" &&
+        !auto.choices[0].message.tool_calls && ["stop", "length"].includes(auto.choices[0].finish_reason),
+        JSON.stringify(auto));
   const schema = { type: "object", properties: { name: { type: "string" }, n: { type: "integer" },
                    ok: { type: "boolean" } }, required: ["name", "n", "ok"], additionalProperties: false };
   const js = await client.chat.completions.create({ model, messages: [{ role: "user", content: "json" }],
