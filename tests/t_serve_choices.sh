@@ -2,7 +2,7 @@
 # t_serve_choices.sh — n > 1 and echo on kiln serve: n independent choices
 # (indices, finish reasons, distinct texts with a fixed seed, choice i ==
 # the n = 1 answer with seed + i, usage over all, streamed chunks by index
-# reassembling the non-streamed choices), echo (the prompt before the
+# reassembling the non-streamed choices and interleaving), echo (the prompt before the
 # text; prompt-token logprobs equal to the logprobs the same tokens got
 # when generated; max_tokens 0 scores the prompt only; streamed echo).
 # Loopback only; the server is killed on exit.
@@ -141,5 +141,23 @@ import json; d=json.load(open('$D/echo_chat.json')); assert '$CODE'=='400' and d
 post /v1/completions '{"prompt":"Hi","max_tokens":0}' "$D/mt0.json"
 check max_tokens_0_needs_echo "$PY" -c "
 import json; d=json.load(open('$D/mt0.json')); assert '$CODE'=='400' and d['error']['param']=='max_tokens', d"
+stop_checked
+
+# interleaving: on a model slow enough that the reader keeps up, the
+# choices' chunks alternate (each step adds a token to every choice)
+cat >"$D/mid.json" <<'J'
+{"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 257, "n_positions": 128}
+J
+"$KILN" init --config "$D/mid.json" --out "$D/mid" --force >/dev/null || { fail init_mid; exit 1; }
+serve_start "$D/mid" --threads 1 --parallel 3 --log-format off || { fail start_server_mid; exit 1; }
+sse /v1/completions '{"prompt":"Hello","max_tokens":40,"temperature":1,"seed":7,"n":3,"ignore_eos":true,"stream":true}' "$D/inter.sse"
+check n_stream_interleaves "$PY" - "$D/inter.sse" <<'PYEOF'
+import json, sys
+raw = open(sys.argv[1]).read()
+idx = [json.loads(e[6:])["choices"][0]["index"] for e in raw.split("\n\n")[:-2]
+       if json.loads(e[6:])["choices"][0]["text"]]
+# not all of choice 0, then all of 1, then all of 2
+assert idx != sorted(idx) and set(idx) == {0, 1, 2}, idx
+PYEOF
 stop_checked
 exit 0
