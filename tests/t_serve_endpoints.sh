@@ -6,7 +6,8 @@
 # (context, slots, template, build), CORS (--cors: headers, the OPTIONS
 # preflight without a key, off by default, a listed origin), and the
 # access log (--log-format text|json|off: one line per request with
-# method, path, status, bytes, duration and the X-Request-Id). Loopback
+# method, path, status, bytes, duration and the X-Request-Id, the front
+# door's own refusals included). Loopback
 # only; the server is killed on exit.
 set -u
 D="$KILN_TMP/t_serve_endpoints"
@@ -117,6 +118,21 @@ n = [l for l in lines if l['path'] == '/nope'][0]
 assert n['status'] == 404 and n['request_id'].startswith('req-'), n
 o = [l for l in lines if l['method'] == 'OPTIONS'][0]
 assert o['status'] == 405, o
+PYEOF
+# a request the front door answers itself (HTTP/2.0: 505) is logged too
+"$PY" - "$PORT" <<'PYEOF'
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n")
+s.recv(4096); s.close()
+PYEOF
+sleep 0.3
+check access_log_gate "$PY" - "$D/serve.log" <<'PYEOF'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')]
+assert len(lines) == 17, len(lines)
+g = lines[-1]
+assert g['status'] == 505 and g['method'] == '-' and g['path'] == '-' and g['bytes'] > 50 and g['client'] == '127.0.0.1' and g['request_id'].startswith('req-'), g
 PYEOF
 stop_checked
 

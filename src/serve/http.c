@@ -766,6 +766,32 @@ static void access_log(const conn *k, bool aborted)
             status, (unsigned long long)k->bytes, ms, k->rid, toks, aborted ? " aborted" : "");
 }
 
+/* The access-log line of a request the gate answered itself (malformed,
+ * too slow, too large, too many connections): method and path "-". */
+static void gate_logged(void *ud, const struct sockaddr *sa, int status, size_t bytes, double secs)
+{
+    server *sv = ud;
+    if (sv->log == LOG_OFF) return;
+    conn k;
+    memset(&k, 0, sizeof k);
+    k.sv = sv;
+    k.route = R_OTHER;
+    k.t0 = kiln_time_now() - secs;
+    snprintf(k.method, sizeof k.method, "-");
+    k.path = (char *)"-";
+    k.status = status;
+    k.bytes = bytes;
+    snprintf(k.rid, sizeof k.rid, "req-%08lx%012llx", (unsigned long)sv->started,
+             (unsigned long long)atomic_fetch_add(&sv->next_id, 1));
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, k.client, sizeof k.client);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, k.client, sizeof k.client);
+    else
+        snprintf(k.client, sizeof k.client, "-");
+    access_log(&k, false);
+}
+
 static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
                       enum MHD_RequestTerminationCode toe)
 {
@@ -908,6 +934,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_NOTIFY_CONNECTION, gate_notify,
         sv->g, MHD_OPTION_CONNECTION_LIMIT, (unsigned)(4 * maxc + 64), MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)30, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536, MHD_OPTION_END);
+    gate_set_log(sv->g, gate_logged, sv);
     kiln_status st = sv->d ? gate_start(ctx, sv->g, sv->d)
                            : kiln_fail(ctx, KILN_ERR_IO, "cannot start the HTTP server on %s:%d (%s)",
                                        host, o->port, strerror(errno));

@@ -271,6 +271,12 @@ struct MHD_Daemon;
  * arrive within head_secs; max_connections open connections at most.
  * NULL when out of memory. */
 gate *gate_new(int lfd, int max_connections, double head_secs);
+/* Called for every request the gate answers itself (its access-log
+ * line): the client, the status, the body bytes, seconds since accept. */
+struct sockaddr;
+typedef void (*gate_log_fn)(void *ud, const struct sockaddr *sa, int status, size_t bytes,
+                            double secs);
+void gate_set_log(gate *g, gate_log_fn fn, void *ud);
 /* Starts the accept thread, handing screened connections to d. */
 kiln_status gate_start(kiln_ctx *ctx, gate *g, struct MHD_Daemon *d);
 /* Stops accepting and closes the connections still waiting. */
