@@ -18,7 +18,7 @@ int cmd_serve(int argc, char **argv)
         {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json), or a run directory: its latest checkpoint", true},
         {"host", CLI_STR, &o.host, "address to bind [127.0.0.1]", false},
         {"port", CLI_INT, &o.port, "port; 0 = any free port (printed) [8080]", false},
-        {"api-key", CLI_STR, &o.api_key, "require 'Authorization: Bearer KEY' on /v1 routes (not empty)", false},
+        {"api-key", CLI_STR, &o.api_key, "require 'Authorization: Bearer KEY' on /v1 routes, /tokenize, /detokenize and /props (not empty)", false},
         {"api-key-env", CLI_STR, &key_env, "read the API key from this environment variable", false},
         {"parallel", CLI_INT, &o.parallel, "requests decoded together (KV-cache slots) [4]", false},
         {"ctx", CLI_INT, &o.n_ctx, "context per slot, 0 = the model's [0]", false},
