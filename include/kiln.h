@@ -1200,6 +1200,11 @@ kiln_status kiln_engine_eval_tokens(kiln_ctx *ctx, kiln_engine *e, const int32_t
 void kiln_engine_reset(kiln_engine *e, int slot);
 /* Number of tokens in a slot's cache (the next token's position). */
 int kiln_engine_pos(const kiln_engine *e, int slot);
+/* Prefix caching: the first n positions of slot src's cache (n <= its
+ * position) become slot dst's cache, dst's position n; dst == src keeps
+ * the first n and drops the rest. Feeding dst the tokens that follow then
+ * gives the logits a full prefill would. KILN_ERR_RANGE on bad slots or n. */
+kiln_status kiln_engine_copy_prefix(kiln_ctx *ctx, kiln_engine *e, int dst, int src, int n);
 
 /* One entry of a forward step: append `token` to `slot` at the slot's
  * next position; when want_logits, its next-token logits are returned. */
@@ -1399,6 +1404,8 @@ typedef struct kiln_serve_opts {
     size_t max_body;        /* request body limit in bytes [1 MiB] */
     int max_connections;    /* [256] */
     kiln_dtype wtype;       /* engine weights (kiln_engine_opts.wtype) [F32] */
+    const char *cors;       /* CORS: "*" or comma-separated origins; NULL = off */
+    const char *log_format; /* access log on stderr: ["text"], "json" or "off" */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

@@ -236,8 +236,9 @@ req POST /v1/completions '{"prompt":"x","max_tokens":1000000000000}'
 check huge_max_tokens_400 err_is 400 invalid_request_error
 req POST /v1/completions '{"prompt":"x","max_tokens":-5}'
 check negative_max_tokens_400 err_is 400 invalid_request_error
-req POST /v1/completions '{"prompt":"x","n":3}'
-check n_gt_1_400 err_is 400 invalid_request_error
+req POST /v1/completions '{"prompt":"x","n":129}'
+check n_over_128_400 err_is 400 invalid_request_error
+check n_over_128_param py "d['error']['param']=='n'"
 req POST /v1/completions "{\"prompt\":\"$(head -c 300 /dev/zero | tr '\0' a)\"}"
 check prompt_too_long_400 err_is 400 invalid_request_error
 check prompt_too_long_code py "d['error']['code']=='context_length_exceeded'"

@@ -12,7 +12,7 @@ if ! command -v node >/dev/null || [ ! -d "$KILN_ROOT/tests/js/node_modules/open
 fi
 cat >"$D/tiny.json" <<'J'
 {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
- "vocab_size": 257, "max_position_embeddings": 256}
+ "vocab_size": 257, "max_position_embeddings": 1024}
 J
 "$KILN" init --config "$D/tiny.json" --out "$D/tiny-llama" --force >/dev/null || { echo "FAIL init"; exit 1; }
 serve_start "$D/tiny-llama" --api-key test-key-123 --parallel 2 || { echo "FAIL serve_start"; exit 1; }

@@ -285,6 +285,64 @@ static void test_generate_on_engine(void)
     kiln_engine_free(e);
 }
 
+/* kiln_engine_copy_prefix: a copied (or kept) prefix plus the rest of the
+ * prompt gives the logits of the whole prompt prefilled at once */
+static void test_copy_prefix(void)
+{
+    kiln_config c = kiln_config_default();
+    c.arch = KILN_ARCH_LLAMA;
+    c.n_layer = 2;
+    c.n_embd = 64;
+    c.n_head = 4;
+    c.n_kv_head = 2;
+    c.n_inner = 128;
+    c.vocab_size = V;
+    c.n_ctx = 32;
+    kiln_model *m = NULL;
+    CHECK_EQ(kiln_model_new(ctx, &c, &m), KILN_OK);
+    if (!m) return;
+    kiln_model_init_random(m, 5);
+    kiln_engine *e = NULL;
+    kiln_engine_opts eo = kiln_engine_opts_default();
+    eo.n_slots = 3;
+    CHECK_EQ(kiln_engine_new(ctx, m, &eo, &e), KILN_OK);
+    kiln_model_free(m);
+    if (!e) return;
+    int32_t p[8] = {72, 101, 108, 108, 111, 32, 119, 111};
+    float full[V], lg[V];
+    CHECK_EQ(kiln_engine_prefill(ctx, e, 0, p, 8, full), KILN_OK);
+    /* another slot: the first 5 positions copied, the last 3 fed */
+    CHECK_EQ(kiln_engine_prefill(ctx, e, 1, p + 2, 4, NULL), KILN_OK); /* stale content */
+    CHECK_EQ(kiln_engine_copy_prefix(ctx, e, 1, 0, 5), KILN_OK);
+    CHECK_EQ(kiln_engine_pos(e, 1), 5);
+    CHECK_EQ(kiln_engine_prefill(ctx, e, 1, p + 5, 3, lg), KILN_OK);
+    double d = 0;
+    for (int i = 0; i < V; i++) d = fmax(d, fabs(lg[i] - full[i]));
+    CHECK_MSG(d < 1e-4, "copied prefix: logits differ by %g", d);
+    /* the same slot: keep 6, feed 2 */
+    CHECK_EQ(kiln_engine_copy_prefix(ctx, e, 0, 0, 6), KILN_OK);
+    CHECK_EQ(kiln_engine_pos(e, 0), 6);
+    CHECK_EQ(kiln_engine_prefill(ctx, e, 0, p + 6, 2, lg), KILN_OK);
+    d = 0;
+    for (int i = 0; i < V; i++) d = fmax(d, fabs(lg[i] - full[i]));
+    CHECK_MSG(d < 1e-4, "kept prefix: logits differ by %g", d);
+    /* a copied prefix that is not the prompt's gives other logits */
+    CHECK_EQ(kiln_engine_copy_prefix(ctx, e, 2, 1, 4), KILN_OK);
+    int32_t q = 7;
+    CHECK_EQ(kiln_engine_prefill(ctx, e, 2, &q, 1, lg), KILN_OK);
+    CHECK_EQ(kiln_engine_pos(e, 2), 5);
+    d = 0;
+    for (int i = 0; i < V; i++) d = fmax(d, fabs(lg[i] - full[i]));
+    CHECK(d > 1e-3);
+    /* bounds */
+    CHECK_EQ(kiln_engine_copy_prefix(ctx, e, 2, 0, 9), KILN_ERR_RANGE);
+    CHECK_EQ(kiln_engine_copy_prefix(ctx, e, 3, 0, 1), KILN_ERR_RANGE);
+    CHECK_EQ(kiln_engine_copy_prefix(ctx, e, 0, -1, 1), KILN_ERR_RANGE);
+    CHECK_EQ(kiln_engine_copy_prefix(ctx, e, 2, 0, 0), KILN_OK);
+    CHECK_EQ(kiln_engine_pos(e, 2), 0);
+    kiln_engine_free(e);
+}
+
 int main(void)
 {
     ctx = kiln_ctx_new();
@@ -296,6 +354,7 @@ int main(void)
     RUN_TEST(test_finish_reasons);
     RUN_TEST(test_logprobs);
     RUN_TEST(test_generate_on_engine);
+    RUN_TEST(test_copy_prefix);
     kiln_tokenizer_free(bytes_tok);
     kiln_ctx_free(ctx);
     return TEST_EXIT();

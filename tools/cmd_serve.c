@@ -18,7 +18,7 @@ int cmd_serve(int argc, char **argv)
         {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json), or a run directory: its latest checkpoint", true},
         {"host", CLI_STR, &o.host, "address to bind [127.0.0.1]", false},
         {"port", CLI_INT, &o.port, "port; 0 = any free port (printed) [8080]", false},
-        {"api-key", CLI_STR, &o.api_key, "require 'Authorization: Bearer KEY' on /v1 routes (not empty)", false},
+        {"api-key", CLI_STR, &o.api_key, "require 'Authorization: Bearer KEY' on /v1 routes, /tokenize, /detokenize and /props (not empty)", false},
         {"api-key-env", CLI_STR, &key_env, "read the API key from this environment variable", false},
         {"parallel", CLI_INT, &o.parallel, "requests decoded together (KV-cache slots) [4]", false},
         {"ctx", CLI_INT, &o.n_ctx, "context per slot, 0 = the model's [0]", false},
@@ -29,6 +29,8 @@ int cmd_serve(int argc, char **argv)
         {"tokenizer", CLI_STR, &o.tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
         {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads of the engine, 0 = all cores [0]", false},
+        {"cors", CLI_STR, &o.cors, "allow browsers from these origins: \"*\" or comma-separated origins (CORS, OPTIONS preflight) [off]", false},
+        {"log-format", CLI_STR, &o.log_format, "access log on stderr, one line per request: text | json | off [text]", false},
         {NULL, 0, NULL, NULL, false},
     };
     int rc = cli_parse("serve",
@@ -36,7 +38,8 @@ int cmd_serve(int argc, char **argv)
                        "[--parallel N] [--ctx N]",
                        "Serves the model over OpenAI's HTTP API: GET /v1/models, POST\n"
                        "/v1/completions, POST /v1/chat/completions (stream: true for\n"
-                       "server-sent events), GET /health, GET /metrics (Prometheus). Requests\n"
+                       "server-sent events), POST /tokenize, POST /detokenize, GET /props,\n"
+                       "GET /health, GET /metrics (Prometheus). Requests\n"
                        "share the model through continuous batching over --parallel slots.\n"
                        "Stops on SIGINT / SIGTERM.",
                        opts, argc, argv, NULL);

@@ -424,3 +424,26 @@ kiln_status kiln_engine_prefill(kiln_ctx *ctx, kiln_engine *e, int slot,
     free(tk);
     return st;
 }
+
+/* Prefix caching (kiln serve): the first n positions of src's cache
+ * become dst's whole cache. Kept at the end of the file and free of the
+ * step's internals: it only moves cache rows (L, S, NCTX, KVD). */
+kiln_status kiln_engine_copy_prefix(kiln_ctx *ctx, kiln_engine *e, int dst, int src, int n)
+{
+    if (dst < 0 || dst >= e->S || src < 0 || src >= e->S)
+        return kiln_fail(ctx, KILN_ERR_RANGE, "engine copy_prefix: slot %d or %d out of range [0, %d)",
+                         dst, src, e->S);
+    if (n < 0 || n > e->pos[src])
+        return kiln_fail(ctx, KILN_ERR_RANGE,
+                         "engine copy_prefix: %d positions asked, slot %d holds %d", n, src,
+                         e->pos[src]);
+    if (dst != src)
+        for (int l = 0; l < e->L; l++) {
+            size_t d = ((size_t)l * e->S + dst) * e->NCTX * e->KVD;
+            size_t s = ((size_t)l * e->S + src) * e->NCTX * e->KVD;
+            memcpy(e->kc + d, e->kc + s, (size_t)n * e->KVD * sizeof *e->kc);
+            memcpy(e->vc + d, e->vc + s, (size_t)n * e->KVD * sizeof *e->vc);
+        }
+    e->pos[dst] = n;
+    return KILN_OK;
+}

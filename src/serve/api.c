@@ -3,19 +3,22 @@
  * and /v1/chat/completions bodies into generation requests (every field
  * type- and range-checked; the error names the field), rendering chat
  * messages with the ChatML template, and building responses, streamed
- * chunks and error objects.
+ * chunks and error objects (n choices, echo). Output constraints are in
+ * api_output.c, the llama.cpp-style routes in api_misc.c. Over ~800
+ * lines: one parser for every field of both routes, and their responses.
  */
 #include "serve/serve.h"
 #include "infer/infer.h"
+#include "infer/grammar.h"
+
+#include <stdatomic.h>
 
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int fail(api_err *e, int status, const char *param, const char *code,
-                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-static int fail(api_err *e, int status, const char *param, const char *code,
+int api_fail(api_err *e, int status, const char *param, const char *code,
                 const char *fmt, ...)
 {
     va_list ap;
@@ -36,10 +39,10 @@ static int num(const json_t *o, const char *key, double lo, double hi,
     json_t *v = json_object_get(o, key);
     if (!v || json_is_null(v)) return 0;
     if (!json_is_number(v))
-        return fail(e, 400, key, "invalid_type", "'%s' must be a number", key);
+        return api_fail(e, 400, key, "invalid_type", "'%s' must be a number", key);
     double d = json_number_value(v);
     if (!(d >= lo && d <= hi))
-        return fail(e, 400, key, "invalid_value", "'%s' must be in [%g, %g] (got %g)",
+        return api_fail(e, 400, key, "invalid_value", "'%s' must be in [%g, %g] (got %g)",
                     key, lo, hi, d);
     *out = d;
     return 0;
@@ -56,25 +59,25 @@ static int integer(const json_t *o, const char *key, long long lo, long long hi,
              fabs(json_real_value(v)) < 9e15)
         x = (long long)json_real_value(v);
     else
-        return fail(e, 400, key, "invalid_type", "'%s' must be an integer", key);
+        return api_fail(e, 400, key, "invalid_type", "'%s' must be an integer", key);
     if (x < lo || x > hi)
-        return fail(e, 400, key, "invalid_value", "'%s' must be in [%lld, %lld] (got %lld)",
+        return api_fail(e, 400, key, "invalid_value", "'%s' must be in [%lld, %lld] (got %lld)",
                     key, lo, hi, x);
     *out = x;
     return 0;
 }
 
-static int boolean(const json_t *o, const char *key, bool *out, api_err *e)
+int api_boolean(const json_t *o, const char *key, bool *out, api_err *e)
 {
     json_t *v = json_object_get(o, key);
     if (!v || json_is_null(v)) return 0;
     if (!json_is_boolean(v))
-        return fail(e, 400, key, "invalid_type", "'%s' must be true or false", key);
+        return api_fail(e, 400, key, "invalid_type", "'%s' must be true or false", key);
     *out = json_is_true(v);
     return 0;
 }
 
-static bool sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len)
+bool api_sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len)
 {
     if (*n + len + 1 > *cap) {
         size_t c = *cap ? *cap : 512;
@@ -97,19 +100,15 @@ static bool sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len
 static int unsupported(const json_t *o, api_err *e)
 {
     /* e->param must outlive the request's JSON: the static names */
-    static const char *const names[] = {"response_format", "tools", "functions", "tool_choice",
-                                        "function_call", "best_of", "suffix"};
+    static const char *const names[] = {"functions", "function_call", "best_of", "suffix"};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
         const char *key = names[i];
         json_t *v = json_object_get(o, key);
         if (!v || json_is_null(v)) continue;
         bool bad;
-        if (!strcmp(key, "response_format")) {
-            json_t *t = json_is_object(v) ? json_object_get(v, "type") : NULL;
-            bad = !json_is_string(t) || strcmp(json_string_value(t), "text") != 0;
-        } else if (!strcmp(key, "tools") || !strcmp(key, "functions")) {
+        if (!strcmp(key, "functions")) {
             bad = !json_is_array(v) || json_array_size(v) > 0;
-        } else if (!strcmp(key, "tool_choice") || !strcmp(key, "function_call")) {
+        } else if (!strcmp(key, "function_call")) {
             bad = !json_is_string(v) || (strcmp(json_string_value(v), "none") != 0 &&
                                          strcmp(json_string_value(v), "auto") != 0);
         } else if (!strcmp(key, "best_of")) {
@@ -118,38 +117,42 @@ static int unsupported(const json_t *o, api_err *e)
             bad = !json_is_string(v) || json_string_length(v) > 0;
         }
         if (bad)
-            return fail(e, 400, key, "unsupported_parameter",
-                        "Unsupported parameter: '%s' is not supported by this server "
-                        "(kiln serve generates plain text only; omit it)", key);
+            return api_fail(e, 400, key, "unsupported_parameter",
+                        "Unsupported parameter: '%s' is not supported by this server%s", key,
+                        !strcmp(key, "functions") || !strcmp(key, "function_call")
+                            ? " (the legacy functions API: use 'tools' and 'tool_choice')"
+                            : " (omit it)");
     }
     return 0;
 }
 
 /* Renders messages with the tokenizer's chat template (ChatML, see
  * kiln_chat_render) into prompt ids, with the assistant generation prompt. */
-static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err *e)
+static int render_chat(const api_model *m, const json_t *msgs, const char *tools_sys, sreq *r,
+                       api_err *e)
 {
     if (!json_is_array(msgs) || json_array_size(msgs) == 0)
-        return fail(e, 400, "messages", "invalid_type",
+        return api_fail(e, 400, "messages", "invalid_type",
                     "'messages' must be a non-empty array of {role, content} objects");
     size_t nm = json_array_size(msgs);
-    if (nm > 4096) return fail(e, 400, "messages", "invalid_value", "more than 4096 messages");
-    kiln_chat_msg *cm = calloc(nm, sizeof *cm);
-    char **owned = calloc(nm, sizeof *owned);
+    if (nm > 4096) return api_fail(e, 400, "messages", "invalid_value", "more than 4096 messages");
+    /* one slot more: the tools' system message when the first is not one */
+    kiln_chat_msg *cm = calloc(nm + 1, sizeof *cm);
+    char **owned = calloc(nm + 1, sizeof *owned);
     int rc = 0;
-    if (!cm || !owned) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto out; }
+    if (!cm || !owned) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto out; }
     size_t i;
     json_t *msg;
     json_array_foreach(msgs, i, msg) {
         if (!json_is_object(msg)) {
-            rc = fail(e, 400, "messages", "invalid_type", "messages[%zu] must be an object", i);
+            rc = api_fail(e, 400, "messages", "invalid_type", "messages[%zu] must be an object", i);
             goto out;
         }
         json_t *role = json_object_get(msg, "role"), *content = json_object_get(msg, "content");
         const char *rl = json_is_string(role) ? json_string_value(role) : NULL;
         if (!rl || (strcmp(rl, "system") && strcmp(rl, "user") && strcmp(rl, "assistant") &&
                     strcmp(rl, "developer") && strcmp(rl, "tool"))) {
-            rc = fail(e, 400, "messages", "invalid_value",
+            rc = api_fail(e, 400, "messages", "invalid_value",
                       "messages[%zu].role must be one of system, developer, user, assistant, tool", i);
             goto out;
         }
@@ -166,42 +169,112 @@ static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err 
                 json_t *ty = json_object_get(part, "type"), *tx = json_object_get(part, "text");
                 if (!json_is_string(ty) || strcmp(json_string_value(ty), "text") || !json_is_string(tx)) {
                     free(b);
-                    rc = fail(e, 400, "messages", "invalid_value",
+                    rc = api_fail(e, 400, "messages", "invalid_value",
                               "messages[%zu].content[%zu]: only {\"type\": \"text\", \"text\": ...} "
                               "parts are supported", i, j);
                     goto out;
                 }
-                if (!sbuf_add(&b, &n, &cap, json_string_value(tx), json_string_length(tx))) {
+                if (!api_sbuf_add(&b, &n, &cap, json_string_value(tx), json_string_length(tx))) {
                     free(b);
-                    rc = fail(e, 500, NULL, NULL, "out of memory");
+                    rc = api_fail(e, 500, NULL, NULL, "out of memory");
                     goto out;
                 }
             }
             owned[i] = b ? b : strdup("");
             cm[i].content = owned[i];
             cm[i].content_len = n;
-        } else if (json_is_null(content) && !strcmp(rl, "assistant")) {
+        } else if ((!content || json_is_null(content)) && !strcmp(rl, "assistant")) {
             cm[i].content = "";
         } else {
-            rc = fail(e, 400, "messages", "invalid_type",
+            rc = api_fail(e, 400, "messages", "invalid_type",
                       "messages[%zu].content must be a string or an array of text parts", i);
             goto out;
+        }
+    }
+    /* an assistant turn's tool calls, as the model writes them (Hermes):
+     * <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call> after its text */
+    json_array_foreach(msgs, i, msg) {
+        json_t *tc = json_object_get(msg, "tool_calls");
+        if (!tc || json_is_null(tc) || strcmp(cm[i].role, "assistant")) continue;
+        if (!json_is_array(tc)) {
+            rc = api_fail(e, 400, "messages", "invalid_type", "messages[%zu].tool_calls must be an array", i);
+            goto out;
+        }
+        char *b = NULL;
+        size_t n = 0, cap = 0;
+        bool ok = api_sbuf_add(&b, &n, &cap, cm[i].content, cm[i].content_len ? cm[i].content_len : strlen(cm[i].content));
+        size_t j;
+        json_t *call;
+        json_array_foreach(tc, j, call) {
+            json_t *fn = json_object_get(call, "function");
+            json_t *nm_ = json_object_get(fn, "name"), *args = json_object_get(fn, "arguments");
+            if (!json_is_string(nm_) || (args && !json_is_string(args) && !json_is_object(args))) {
+                free(b);
+                rc = api_fail(e, 400, "messages", "invalid_value",
+                          "messages[%zu].tool_calls[%zu] must have function.name and "
+                          "function.arguments (a JSON string)", i, j);
+                goto out;
+            }
+            json_t *aj = json_is_string(args) ? json_loads(json_string_value(args), 0, NULL)
+                                              : json_incref(args);
+            json_t *call_j = json_pack("{s:O, s:o}", "name", nm_, "arguments",
+                                       aj ? aj : json_object());
+            char *cs = call_j ? json_dumps(call_j, JSON_COMPACT) : NULL;
+            json_decref(call_j);
+            if (n) ok = ok && api_sbuf_add(&b, &n, &cap, "\n", 1);
+            ok = ok && cs && api_sbuf_add(&b, &n, &cap, "<tool_call>\n", 12) &&
+                 api_sbuf_add(&b, &n, &cap, cs, strlen(cs)) && api_sbuf_add(&b, &n, &cap, "\n</tool_call>", 13);
+            free(cs);
+        }
+        if (!ok) {
+            free(b);
+            rc = api_fail(e, 500, NULL, NULL, "out of memory");
+            goto out;
+        }
+        free(owned[i]);
+        owned[i] = b ? b : strdup("");
+        cm[i].content = owned[i];
+        cm[i].content_len = n;
+    }
+    int n_msgs = (int)nm;
+    if (tools_sys) {
+        /* the tools go into the system message, first in the conversation */
+        if (!strcmp(cm[0].role, "system")) {
+            char *b = NULL;
+            size_t n = 0, cap = 0;
+            size_t l0 = cm[0].content_len ? cm[0].content_len : strlen(cm[0].content);
+            if (!api_sbuf_add(&b, &n, &cap, cm[0].content, l0) || !api_sbuf_add(&b, &n, &cap, "\n\n", l0 ? 2 : 0) ||
+                !api_sbuf_add(&b, &n, &cap, tools_sys, strlen(tools_sys))) {
+                free(b);
+                rc = api_fail(e, 500, NULL, NULL, "out of memory");
+                goto out;
+            }
+            free(owned[0]);
+            owned[0] = b;
+            cm[0].content = b;
+            cm[0].content_len = n;
+        } else {
+            memmove(cm + 1, cm, nm * sizeof *cm);
+            memmove(owned + 1, owned, nm * sizeof *owned);
+            owned[0] = NULL;
+            cm[0] = (kiln_chat_msg){.role = "system", .content = tools_sys};
+            n_msgs++;
         }
     }
     {
         kiln_ctx *ctx = kiln_ctx_new();
         int32_t *ids = NULL;
         size_t n = 0;
-        kiln_status st = ctx ? kiln_chat_render(ctx, m->tok, cm, (int)nm, true, &ids, NULL, &n)
+        kiln_status st = ctx ? kiln_chat_render(ctx, m->tok, cm, n_msgs, true, &ids, NULL, &n)
                              : KILN_ERR_NOMEM;
         if (st) {
-            rc = fail(e, 400, "messages", "invalid_value", "cannot render the messages: %s",
+            rc = api_fail(e, 400, "messages", "invalid_value", "cannot render the messages: %s",
                       ctx ? kiln_errmsg(ctx) : "out of memory");
         } else {
             /* the BOS rule of kiln generate and kiln chat */
             size_t np = 0;
             if (kiln_prompt_ids(ctx, m->cfg, m->tok, ids, n, &r->prompt, &np)) {
-                rc = fail(e, 500, NULL, NULL, "out of memory");
+                rc = api_fail(e, 500, NULL, NULL, "out of memory");
             } else {
                 r->n_prompt = (int)np;
                 r->stop_id = kiln_chat_stop_id(m->tok);
@@ -212,7 +285,7 @@ static int render_chat(const api_model *m, const json_t *msgs, sreq *r, api_err 
     }
 out:
     if (owned)
-        for (size_t k = 0; k < nm; k++) free(owned[k]);
+        for (size_t k = 0; k < nm + 1; k++) free(owned[k]);
     free(owned);
     free(cm);
     return rc;
@@ -222,11 +295,11 @@ static int add_stop(sreq *r, const char *s, size_t n, api_err *e)
 {
     if (n == 0) return 0;
     if (r->n_stops >= SREQ_MAX_STOPS)
-        return fail(e, 400, "stop", "invalid_value", "at most %d stop strings are allowed",
+        return api_fail(e, 400, "stop", "invalid_value", "at most %d stop strings are allowed",
                     SREQ_MAX_STOPS - 1);
-    if (n > 256) return fail(e, 400, "stop", "invalid_value", "a stop string is longer than 256 bytes");
+    if (n > 256) return api_fail(e, 400, "stop", "invalid_value", "a stop string is longer than 256 bytes");
     r->stops[r->n_stops] = strndup(s, n);
-    if (!r->stops[r->n_stops]) return fail(e, 500, NULL, NULL, "out of memory");
+    if (!r->stops[r->n_stops]) return api_fail(e, 500, NULL, NULL, "out of memory");
     r->n_stops++;
     return 0;
 }
@@ -238,7 +311,7 @@ static int tokenize(const api_model *m, const char *text, size_t len, sreq *r, a
     size_t n = 0;
     kiln_status st = ctx ? kiln_tokenizer_encode(ctx, m->tok, text, len, &ids, &n) : KILN_ERR_NOMEM;
     if (st) {
-        fail(e, 400, "prompt", "invalid_value", "cannot tokenize the prompt: %s",
+        api_fail(e, 400, "prompt", "invalid_value", "cannot tokenize the prompt: %s",
              ctx ? kiln_errmsg(ctx) : "out of memory");
         kiln_ctx_free(ctx);
         return 400;
@@ -249,9 +322,70 @@ static int tokenize(const api_model *m, const char *text, size_t len, sreq *r, a
     st = kiln_prompt_ids(ctx, m->cfg, m->tok, ids, n, &r->prompt, &np);
     kiln_ctx_free(ctx);
     free(ids);
-    if (st) return fail(e, 500, NULL, NULL, "out of memory");
+    if (st) return api_fail(e, 500, NULL, NULL, "out of memory");
     r->n_prompt = (int)np;
+    r->n_added = (int)(np - n);
     return 0;
+}
+
+/* A copy of r for another choice of the same request, with its own seed. */
+static sreq *sreq_clone(const sreq *r, uint64_t seed)
+{
+    sreq *c = sreq_new();
+    if (!c) return NULL;
+    c->prompt = malloc((size_t)r->n_prompt * sizeof *c->prompt);
+    c->bias = r->n_bias ? malloc((size_t)r->n_bias * sizeof *c->bias) : NULL;
+    c->plps = r->plps ? calloc((size_t)r->n_prompt, sizeof *c->plps) : NULL;
+    bool ok = c->prompt && (!r->n_bias || c->bias) && (!r->plps || c->plps);
+    for (int i = 0; ok && i < r->n_stops; i++) {
+        c->stops[i] = strdup(r->stops[i]);
+        if (!c->stops[i]) ok = false;
+        else c->n_stops = i + 1;
+    }
+    if (!ok) {
+        sreq_free(c);
+        return NULL;
+    }
+    memcpy(c->prompt, r->prompt, (size_t)r->n_prompt * sizeof *c->prompt);
+    if (r->n_bias) memcpy(c->bias, r->bias, (size_t)r->n_bias * sizeof *c->bias);
+    c->n_prompt = r->n_prompt;
+    c->n_bias = r->n_bias;
+    c->sp = r->sp;
+    c->sp.seed = seed;
+    c->max_tokens = r->max_tokens;
+    c->want_logprobs = r->want_logprobs;
+    c->ignore_eos = r->ignore_eos;
+    c->skip_special = r->skip_special;
+    c->stop_id = r->stop_id;
+    memcpy(c->stop_ids, r->stop_ids, sizeof c->stop_ids);
+    c->n_stop_ids = r->n_stop_ids;
+    c->n_added = r->n_added;
+    c->prompt_lps = r->prompt_lps;
+    c->grouped = r->grouped;
+    c->group = r->group;
+    if (r->gram) {
+        c->gst = infer_gstate_new(r->gram->g);
+        if (!c->gst) {
+            sreq_free(c);
+            return NULL;
+        }
+        atomic_fetch_add(&r->gram->refs, 1);
+        c->gram = r->gram;
+    }
+    return c;
+}
+
+void api_req_free(api_req *q)
+{
+    for (int i = 0; i < q->n; i++)
+        if (q->rs[i]) sreq_free(q->rs[i]);
+    free(q->rs);
+    free(q->echo_text);
+    infer_grammar_free(q->tool_auto);
+    q->rs = NULL;
+    q->echo_text = NULL;
+    q->tool_auto = NULL;
+    q->n = 0;
 }
 
 int api_parse(const char *body, size_t len, bool chat, const api_model *m,
@@ -262,54 +396,81 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     json_error_t jerr;
     json_t *o = json_loadb(body, len, JSON_ALLOW_NUL, &jerr);
     if (!o)
-        return fail(e, 400, NULL, "invalid_json",
+        return api_fail(e, 400, NULL, "invalid_json",
                     "the request body is not valid JSON (line %d, column %d: %s)",
                     jerr.line, jerr.column, jerr.text);
     if (!json_is_object(o)) {
         json_decref(o);
-        return fail(e, 400, NULL, "invalid_json", "the request body must be a JSON object");
+        return api_fail(e, 400, NULL, "invalid_json", "the request body must be a JSON object");
     }
     sreq *r = sreq_new();
-    if (!r) {
+    out->rs = calloc(1, sizeof *out->rs);
+    if (!r || !out->rs) {
         json_decref(o);
-        return fail(e, 500, NULL, NULL, "out of memory");
+        if (r) sreq_free(r);
+        free(out->rs);
+        out->rs = NULL;
+        return api_fail(e, 500, NULL, NULL, "out of memory");
     }
-    out->r = r;
+    out->rs[0] = r;
+    out->n = 1;
     int rc = 0;
+    char *tools_sys = NULL;
     double d;
     long long ll;
     r->sp = kiln_sampling_default();
 
     json_t *mv = json_object_get(o, "model");
     if (mv && !json_is_null(mv)) {
-        if (!json_is_string(mv)) { rc = fail(e, 400, "model", "invalid_type", "'model' must be a string"); goto done; }
+        if (!json_is_string(mv)) { rc = api_fail(e, 400, "model", "invalid_type", "'model' must be a string"); goto done; }
         if (strcmp(json_string_value(mv), m->name) != 0) {
-            rc = fail(e, 404, "model", "model_not_found",
+            rc = api_fail(e, 404, "model", "model_not_found",
                       "The model '%.200s' does not exist; this server serves '%.200s' (GET /v1/models)",
                       json_string_value(mv), m->name);
             goto done;
         }
     }
-    if ((rc = boolean(o, "stream", &out->stream, e))) goto done;
+    if ((rc = api_boolean(o, "stream", &out->stream, e))) goto done;
     json_t *so = json_object_get(o, "stream_options");
     if (so && !json_is_null(so)) {
-        if (!json_is_object(so)) { rc = fail(e, 400, "stream_options", "invalid_type", "'stream_options' must be an object"); goto done; }
-        if ((rc = boolean(so, "include_usage", &out->include_usage, e))) goto done;
+        if (!json_is_object(so)) { rc = api_fail(e, 400, "stream_options", "invalid_type", "'stream_options' must be an object"); goto done; }
+        if ((rc = api_boolean(so, "include_usage", &out->include_usage, e))) goto done;
     }
     ll = 1;
     if ((rc = integer(o, "n", 1, 128, &ll, e))) goto done;
-    if (ll != 1) { rc = fail(e, 400, "n", "invalid_value", "only n = 1 is supported"); goto done; }
+    int n_choices = (int)ll;
     bool echo = false;
-    if ((rc = boolean(o, "echo", &echo, e))) goto done;
-    if (echo) { rc = fail(e, 400, "echo", "invalid_value", "echo is not supported"); goto done; }
+    if ((rc = api_boolean(o, "echo", &echo, e))) goto done;
+    if (echo && chat) {
+        rc = api_fail(e, 400, "echo", "invalid_value",
+                  "'echo' is a parameter of /v1/completions; chat completions do not echo");
+        goto done;
+    }
+    out->echo = echo;
     if ((rc = unsupported(o, e))) goto done;
+    if ((rc = api_parse_output(o, chat, out, r, &tools_sys, e))) goto done;
+    if (r->gram) {
+        if (json_object_get(o, "stop") && !json_is_null(json_object_get(o, "stop"))) {
+            rc = api_fail(e, 400, "stop", "invalid_value",
+                      "'stop' cannot be combined with 'response_format' json output or a tool "
+                      "call: a stop string could cut the JSON");
+            goto done;
+        }
+        if (echo) {
+            rc = api_fail(e, 400, "echo", "invalid_value",
+                      "'echo' cannot be combined with 'response_format' json output");
+            goto done;
+        }
+        r->gst = infer_gstate_new(r->gram->g);
+        if (!r->gst) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+    }
 
     d = 1.0;
     if ((rc = num(o, "temperature", 0, 2, &d, e))) goto done;
     r->sp.temperature = (float)d;
     d = 1.0;
     if ((rc = num(o, "top_p", 0, 1, &d, e))) goto done;
-    if (d <= 0) { rc = fail(e, 400, "top_p", "invalid_value", "'top_p' must be in (0, 1]"); goto done; }
+    if (d <= 0) { rc = api_fail(e, 400, "top_p", "invalid_value", "'top_p' must be in (0, 1]"); goto done; }
     r->sp.top_p = (float)d;
     ll = 0;
     if ((rc = integer(o, "top_k", -1, 1 << 30, &ll, e))) goto done;
@@ -329,16 +490,16 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     {
         json_t *sv = json_object_get(o, "seed");
         if (sv && !json_is_null(sv)) {
-            if (!json_is_integer(sv)) { rc = fail(e, 400, "seed", "invalid_type", "'seed' must be an integer"); goto done; }
+            if (!json_is_integer(sv)) { rc = api_fail(e, 400, "seed", "invalid_type", "'seed' must be an integer"); goto done; }
             r->sp.seed = (uint64_t)json_integer_value(sv);
         } else {
             static _Atomic uint64_t ctr;
             r->sp.seed = (uint64_t)(kiln_time_now() * 1e9) ^ (++ctr * 0x9e3779b97f4a7c15ULL);
         }
     }
-    if ((rc = boolean(o, "ignore_eos", &r->ignore_eos, e))) goto done;
+    if ((rc = api_boolean(o, "ignore_eos", &r->ignore_eos, e))) goto done;
     r->skip_special = true;
-    if ((rc = boolean(o, "skip_special_tokens", &r->skip_special, e))) goto done;
+    if ((rc = api_boolean(o, "skip_special_tokens", &r->skip_special, e))) goto done;
 
     /* logprobs: completions take an integer (0..5 alternatives); chat a
      * boolean plus top_logprobs (0..20). */
@@ -346,10 +507,10 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         json_t *lv = json_object_get(o, "logprobs");
         if (chat) {
             bool lp = false;
-            if ((rc = boolean(o, "logprobs", &lp, e))) goto done;
+            if ((rc = api_boolean(o, "logprobs", &lp, e))) goto done;
             ll = 0;
             if ((rc = integer(o, "top_logprobs", 0, 20, &ll, e))) goto done;
-            if (ll > 0 && !lp) { rc = fail(e, 400, "top_logprobs", "invalid_value", "'top_logprobs' requires 'logprobs': true"); goto done; }
+            if (ll > 0 && !lp) { rc = api_fail(e, 400, "top_logprobs", "invalid_value", "'top_logprobs' requires 'logprobs': true"); goto done; }
             out->logprobs = lp;
             r->sp.top_logprobs = (int)ll;
         } else if (lv && !json_is_null(lv)) {
@@ -363,11 +524,11 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     {
         json_t *lb = json_object_get(o, "logit_bias");
         if (lb && !json_is_null(lb)) {
-            if (!json_is_object(lb)) { rc = fail(e, 400, "logit_bias", "invalid_type", "'logit_bias' must be an object of token id -> bias"); goto done; }
+            if (!json_is_object(lb)) { rc = api_fail(e, 400, "logit_bias", "invalid_type", "'logit_bias' must be an object of token id -> bias"); goto done; }
             size_t nb = json_object_size(lb);
-            if (nb > 1024) { rc = fail(e, 400, "logit_bias", "invalid_value", "'logit_bias' has more than 1024 entries"); goto done; }
+            if (nb > 1024) { rc = api_fail(e, 400, "logit_bias", "invalid_value", "'logit_bias' has more than 1024 entries"); goto done; }
             r->bias = calloc(nb ? nb : 1, sizeof *r->bias);
-            if (!r->bias) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+            if (!r->bias) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
             const char *k;
             json_t *v;
             json_object_foreach(lb, k, v) {
@@ -375,12 +536,12 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
                 long id = strtol(k, &end, 10);
                 if (!*k || *end || id < 0 || id > 1 << 30 || !json_is_number(v) ||
                     !(json_number_value(v) >= -100 && json_number_value(v) <= 100)) {
-                    rc = fail(e, 400, "logit_bias", "invalid_value",
+                    rc = api_fail(e, 400, "logit_bias", "invalid_value",
                               "'logit_bias' keys must be token ids and values numbers in [-100, 100]");
                     goto done;
                 }
                 if (id >= m->vocab) {
-                    rc = fail(e, 400, "logit_bias", "invalid_value",
+                    rc = api_fail(e, 400, "logit_bias", "invalid_value",
                               "'logit_bias' key %ld is not a token id of this model (vocabulary "
                               "[0, %d))", id, m->vocab);
                     goto done;
@@ -397,11 +558,11 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
             size_t i;
             json_t *v;
             json_array_foreach(st, i, v) {
-                if (!json_is_string(v)) { rc = fail(e, 400, "stop", "invalid_type", "'stop' must be a string or an array of strings"); goto done; }
+                if (!json_is_string(v)) { rc = api_fail(e, 400, "stop", "invalid_type", "'stop' must be a string or an array of strings"); goto done; }
                 if ((rc = add_stop(r, json_string_value(v), json_string_length(v), e))) goto done;
             }
         } else if (st && !json_is_null(st)) {
-            rc = fail(e, 400, "stop", "invalid_type", "'stop' must be a string or an array of strings");
+            rc = api_fail(e, 400, "stop", "invalid_type", "'stop' must be a string or an array of strings");
             goto done;
         }
     }
@@ -412,14 +573,14 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
             size_t i;
             json_t *v;
             if (!json_is_array(sv) || json_array_size(sv) > SREQ_MAX_STOPS) {
-                rc = fail(e, 400, "stop_token_ids", "invalid_type",
+                rc = api_fail(e, 400, "stop_token_ids", "invalid_type",
                           "'stop_token_ids' must be an array of at most %d token ids", SREQ_MAX_STOPS);
                 goto done;
             }
             json_array_foreach(sv, i, v) {
                 if (!json_is_integer(v) || json_integer_value(v) < 0 ||
                     json_integer_value(v) >= m->vocab) {
-                    rc = fail(e, 400, "stop_token_ids", "invalid_value",
+                    rc = api_fail(e, 400, "stop_token_ids", "invalid_value",
                               "'stop_token_ids' entries must be token ids in [0, %d)", m->vocab);
                     goto done;
                 }
@@ -430,9 +591,14 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
 
     /* the prompt */
     if (chat) {
-        if ((rc = render_chat(m, json_object_get(o, "messages"), r, e))) goto done;
-        /* text-marker tokenizers spell the end of the turn out */
-        if ((rc = add_stop(r, "<|im_end|>", 10, e))) goto done;
+        rc = render_chat(m, json_object_get(o, "messages"), tools_sys, r, e);
+        free(tools_sys);
+        tools_sys = NULL;
+        if (rc) goto done;
+        /* text-marker tokenizers spell the end of the turn out (not with
+         * constrained output: the grammar ends it, and a JSON string may
+         * hold that text) */
+        if (!r->gram && (rc = add_stop(r, "<|im_end|>", 10, e))) goto done;
     } else {
         json_t *p = json_object_get(o, "prompt");
         if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
@@ -443,18 +609,18 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
                    json_is_integer(json_array_get(p, 0))) {
             size_t np = json_array_size(p);
             if (np > (size_t)m->n_ctx) {
-                rc = fail(e, 400, "prompt", "context_length_exceeded",
+                rc = api_fail(e, 400, "prompt", "context_length_exceeded",
                           "the prompt is %zu tokens; this server's context is %d tokens", np, m->n_ctx);
                 goto done;
             }
             r->prompt = malloc(np * sizeof(int32_t));
-            if (!r->prompt) { rc = fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+            if (!r->prompt) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
             for (size_t i = 0; i < np; i++) {
                 json_t *v = json_array_get(p, i);
-                if (!json_is_integer(v)) { rc = fail(e, 400, "prompt", "invalid_type", "a token-id prompt must contain only integers"); goto done; }
+                if (!json_is_integer(v)) { rc = api_fail(e, 400, "prompt", "invalid_type", "a token-id prompt must contain only integers"); goto done; }
                 json_int_t t = json_integer_value(v);
                 if (t < 0 || t >= m->vocab) {
-                    rc = fail(e, 400, "prompt", "invalid_value",
+                    rc = api_fail(e, 400, "prompt", "invalid_value",
                               "prompt[%zu] = %lld is not a token id of this model (vocabulary "
                               "[0, %d))", i, (long long)t, m->vocab);
                     goto done;
@@ -463,13 +629,34 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
             }
             r->n_prompt = (int)np;
         } else {
-            rc = fail(e, 400, "prompt", "invalid_type",
+            rc = api_fail(e, 400, "prompt", "invalid_type",
                       "'prompt' must be a string, an array of one string, or an array of token ids");
             goto done;
         }
     }
+    if (echo) {
+        /* the prompt as the model reads it, without the BOS the server added */
+        kiln_ctx *ctx = kiln_ctx_new();
+        char *t = NULL;
+        size_t tl = 0;
+        if (!ctx || kiln_tokenizer_decode(ctx, m->tok, r->prompt + r->n_added,
+                                          (size_t)(r->n_prompt - r->n_added), &t, &tl)) {
+            kiln_ctx_free(ctx);
+            rc = api_fail(e, 400, "prompt", "invalid_value", "cannot decode the prompt to echo it");
+            goto done;
+        }
+        kiln_ctx_free(ctx);
+        out->echo_text = infer_utf8_sanitize(t ? t : "", tl, &out->echo_len);
+        free(t);
+        if (!out->echo_text) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+        if (out->logprobs) {
+            r->prompt_lps = true;
+            r->plps = calloc((size_t)r->n_prompt, sizeof *r->plps);
+            if (!r->plps) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+        }
+    }
     if (r->n_prompt >= m->n_ctx) {
-        rc = fail(e, 400, chat ? "messages" : "prompt", "context_length_exceeded",
+        rc = api_fail(e, 400, chat ? "messages" : "prompt", "context_length_exceeded",
                   "the prompt is %d tokens; this server's context is %d tokens (prompt plus "
                   "at least one generated token must fit)",
                   r->n_prompt, m->n_ctx);
@@ -482,10 +669,11 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         if (chat && json_object_get(o, "max_completion_tokens") &&
             !json_is_null(json_object_get(o, "max_completion_tokens")))
             key = "max_completion_tokens";
-        if ((rc = integer(o, key, 1, 1LL << 40, &mt, e))) goto done;
+        /* echo with max_tokens 0 scores the prompt without generating */
+        if ((rc = integer(o, key, echo ? 0 : 1, 1LL << 40, &mt, e))) goto done;
         if (mt < 0) mt = chat ? room : KILN_MIN(16, room);
         if (mt > room) {
-            rc = fail(e, 400, key, "context_length_exceeded",
+            rc = api_fail(e, 400, key, "context_length_exceeded",
                       "'%s' is %lld but only %d tokens fit after the %d-token prompt in "
                       "this server's %d-token context",
                       key, mt, room, r->n_prompt, m->n_ctx);
@@ -493,12 +681,26 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         }
         r->max_tokens = (int)mt;
     }
-done:
-    json_decref(o);
-    if (rc) {
-        sreq_free(r);
-        out->r = NULL;
+    if (n_choices > 1) {
+        sreq **rs = realloc(out->rs, (size_t)n_choices * sizeof *rs);
+        if (!rs) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+        out->rs = rs;
+        static _Atomic uint64_t groups;
+        r->grouped = true;
+        r->group = ++groups;
+        r->leader = true;
+        /* choice i draws from seed + i: a fixed seed gives the same n
+         * choices again, and choice 0 is the n = 1 answer */
+        for (int i = 1; i < n_choices; i++) {
+            rs[i] = sreq_clone(r, r->sp.seed + (uint64_t)i);
+            if (!rs[i]) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+            out->n = i + 1;
+        }
     }
+done:
+    free(tools_sys);
+    json_decref(o);
+    if (rc) api_req_free(out);
     return rc;
 }
 
@@ -512,7 +714,7 @@ char *api_error_json(const api_err *e)
     return s;
 }
 
-static json_t *jstr_bytes(const char *p, size_t n)
+json_t *api_jstr_bytes(const char *p, size_t n)
 {
     size_t l;
     char *s = infer_utf8_sanitize(p, n, &l);
@@ -522,7 +724,7 @@ static json_t *jstr_bytes(const char *p, size_t n)
 }
 
 /* A token's text and bytes. */
-static void token_text(const api_model *m, int32_t id, char **p, size_t *n)
+void api_token_text(const api_model *m, int32_t id, char **p, size_t *n)
 {
     kiln_ctx *ctx = kiln_ctx_new();
     *p = NULL;
@@ -539,25 +741,65 @@ static json_t *lp_entry_chat(const api_model *m, int32_t id, float lp, bool with
 {
     char *p;
     size_t n;
-    token_text(m, id, &p, &n);
+    api_token_text(m, id, &p, &n);
     json_t *bytes = json_array();
     for (size_t i = 0; i < n; i++) json_array_append_new(bytes, json_integer((unsigned char)p[i]));
     json_t *o = json_object();
-    json_object_set_new(o, "token", jstr_bytes(p ? p : "", n));
+    json_object_set_new(o, "token", api_jstr_bytes(p ? p : "", n));
     json_object_set_new(o, "logprob", json_real(lp));
     json_object_set_new(o, "bytes", bytes);
     free(p);
     if (with_top) {
         json_t *top = json_array();
         for (int k = 0; k < e->n_top; k++)
-            json_array_append_new(top, lp_entry_chat(m, e->top[k].token, e->top[k].logprob, false, NULL));
+            if (isfinite(e->top[k].logprob)) /* (tokens a grammar masked are -inf) */
+                json_array_append_new(top, lp_entry_chat(m, e->top[k].token, e->top[k].logprob, false, NULL));
         json_object_set_new(o, "top_logprobs", top);
     }
     return o;
 }
 
+/* The completions logprobs object under construction. */
+typedef struct lpb {
+    json_t *toks, *tlp, *top, *off;
+    size_t pos;          /* text offset of the next token */
+} lpb;
+
+/* Appends token id with entry e (NULL: the first prompt token, which has
+ * no logprob: null as in OpenAI's echo). */
+static void lpb_add(lpb *b, const api_model *m, int32_t id, const slp *e)
+{
+    char *p;
+    size_t n;
+    api_token_text(m, id, &p, &n);
+    json_array_append_new(b->toks, api_jstr_bytes(p ? p : "", n));
+    json_array_append_new(b->off, json_integer((json_int_t)b->pos));
+    b->pos += n;
+    free(p);
+    if (!e) {
+        json_array_append_new(b->tlp, json_null());
+        json_array_append_new(b->top, json_null());
+        return;
+    }
+    json_array_append_new(b->tlp, json_real(e->logprob));
+    json_t *alt = json_object();
+    for (int k = 0; k < e->n_top; k++) {
+        if (!isfinite(e->top[k].logprob)) continue; /* masked by a grammar */
+        api_token_text(m, e->top[k].token, &p, &n);
+        size_t l;
+        char *s = infer_utf8_sanitize(p ? p : "", n, &l);
+        if (s) json_object_set_new(alt, s, json_real(e->top[k].logprob));
+        free(s);
+        free(p);
+    }
+    json_array_append_new(b->top, alt);
+}
+
+/* Logprobs of r: generated entries [lp0, lp1) at text offset text_off;
+ * with_prompt (completions echo): the echoed prompt tokens first, from
+ * offset 0. */
 static json_t *logprobs_json(const api_req *q, const sreq *r, const api_model *m,
-                             int lp0, int lp1, size_t text_off)
+                             int lp0, int lp1, size_t text_off, bool with_prompt)
 {
     if (!q->logprobs) return json_null();
     if (q->chat) {
@@ -567,85 +809,135 @@ static json_t *logprobs_json(const api_req *q, const sreq *r, const api_model *m
                                                          true, &r->lps[i]));
         return json_pack("{s:o}", "content", content);
     }
-    json_t *toks = json_array(), *tlp = json_array(), *top = json_array(), *off = json_array();
-    size_t pos = text_off;
-    for (int i = lp0; i < lp1; i++) {
-        char *p;
-        size_t n;
-        token_text(m, r->lps[i].token, &p, &n);
-        json_array_append_new(toks, jstr_bytes(p ? p : "", n));
-        json_array_append_new(tlp, json_real(r->lps[i].logprob));
-        json_array_append_new(off, json_integer((json_int_t)pos));
-        pos += n;
-        free(p);
-        json_t *alt = json_object();
-        for (int k = 0; k < r->lps[i].n_top; k++) {
-            token_text(m, r->lps[i].top[k].token, &p, &n);
-            size_t l;
-            char *s = infer_utf8_sanitize(p ? p : "", n, &l);
-            if (s) json_object_set_new(alt, s, json_real(r->lps[i].top[k].logprob));
-            free(s);
-            free(p);
-        }
-        json_array_append_new(top, alt);
+    lpb b = {json_array(), json_array(), json_array(), json_array(), text_off};
+    if (with_prompt) {
+        b.pos = 0;
+        for (int i = r->n_added; i < r->n_prompt; i++)
+            lpb_add(&b, m, r->prompt[i], i > 0 && r->plps && i < r->n_plps ? &r->plps[i] : NULL);
     }
-    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", toks, "token_logprobs", tlp,
-                     "top_logprobs", top, "text_offset", off);
+    for (int i = lp0; i < lp1; i++) lpb_add(&b, m, r->lps[i].token, &r->lps[i]);
+    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", b.toks, "token_logprobs", b.tlp,
+                     "top_logprobs", b.top, "text_offset", b.off);
 }
 
-static json_t *usage_json(const sreq *r)
+/* Usage of all choices: the prompt once (as OpenAI counts it), the
+ * completions of every choice. */
+static json_t *usage_json(const api_req *q)
 {
-    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", r->n_prompt, "completion_tokens",
-                     r->n_gen, "total_tokens", r->n_prompt + r->n_gen);
+    int gen = 0;
+    for (int i = 0; i < q->n; i++) gen += q->rs[i]->n_gen;
+    int np = q->rs[0]->n_prompt;
+    json_t *u = json_pack("{s:i, s:i, s:i}", "prompt_tokens", np, "completion_tokens", gen,
+                          "total_tokens", np + gen);
+    /* prefix caching: the prompt tokens whose cache was reused (choice 0's) */
+    if (u && q->rs[0]->n_cached > 0)
+        json_object_set_new(u, "prompt_tokens_details",
+                            json_pack("{s:i}", "cached_tokens", q->rs[0]->n_cached));
+    return u;
 }
 
-char *api_response(const api_req *q, const sreq *r, const api_model *m,
-                   const char *id, long created)
+/* echo text + s[0..n) as a JSON string */
+static json_t *with_echo(const api_req *q, const char *s, size_t n)
 {
-    json_t *choice;
-    json_t *text = jstr_bytes(r->text ? r->text : "", r->text_len);
-    const char *fin = r->finish ? r->finish : "stop";
-    if (q->chat)
-        choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role",
-                           "assistant", "content", text, "logprobs",
-                           logprobs_json(q, r, m, 0, r->n_lps, 0), "finish_reason", fin);
-    else
-        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text, "logprobs",
-                           logprobs_json(q, r, m, 0, r->n_lps, 0), "finish_reason", fin);
-    json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:[o], s:o}", "id", id, "object",
+    if (!q->echo) return api_jstr_bytes(s, n);
+    char *b = malloc(q->echo_len + n + 1);
+    if (!b) return json_string("");
+    memcpy(b, q->echo_text, q->echo_len);
+    if (n) memcpy(b + q->echo_len, s, n);
+    json_t *j = api_jstr_bytes(b, q->echo_len + n);
+    free(b);
+    return j;
+}
+
+char *api_response(const api_req *q, const api_model *m, const char *id, long created)
+{
+    json_t *choices = json_array();
+    for (int i = 0; i < q->n; i++) {
+        const sreq *r = q->rs[i];
+        json_t *choice;
+        const char *fin = r->finish ? r->finish : "stop";
+        char *rest = NULL;
+        json_t *calls = q->tool_call ? api_tool_calls(r, id, i)
+                        : q->tool_auto ? api_auto_calls(q, r, id, i, &rest)
+                                       : NULL;
+        if (calls) {
+            for (size_t k = 0; k < json_array_size(calls); k++)
+                json_object_del(json_array_get(calls, k), "index");
+            /* (auto: text after the calls stays the content) */
+            choice = json_pack("{s:i, s:{s:s, s:o, s:o}, s:o, s:s}", "index", i, "message", "role",
+                               "assistant", "content",
+                               rest ? api_jstr_bytes(rest, strlen(rest)) : json_null(),
+                               "tool_calls", calls, "logprobs",
+                               logprobs_json(q, r, m, 0, r->n_lps, 0, false), "finish_reason",
+                               "tool_calls");
+            free(rest);
+        } else if (q->chat)
+            choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", i, "message", "role",
+                               "assistant", "content", api_jstr_bytes(r->text ? r->text : "", r->text_len),
+                               "logprobs", logprobs_json(q, r, m, 0, r->n_lps, 0, false),
+                               "finish_reason", fin);
+        else
+            choice = json_pack("{s:i, s:o, s:o, s:s}", "index", i, "text",
+                               with_echo(q, r->text ? r->text : "", r->text_len), "logprobs",
+                               logprobs_json(q, r, m, 0, r->n_lps, q->echo ? q->echo_len : 0,
+                                             q->echo),
+                               "finish_reason", fin);
+        json_array_append_new(choices, choice);
+    }
+    json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:o, s:o}", "id", id, "object",
                           q->chat ? "chat.completion" : "text_completion", "created",
-                          (json_int_t)created, "model", m->name, "choices", choice, "usage",
-                          usage_json(r));
+                          (json_int_t)created, "model", m->name, "choices", choices, "usage",
+                          usage_json(q));
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     return s;
 }
 
-char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
+char *api_chunk(const api_req *q, int index, const api_model *m,
                 const char *id, long created, const char *text, size_t n,
                 int lp0, int lp1, const char *finish, bool first, bool usage_only)
 {
     json_t *choices = json_array();
     if (!usage_only) {
+        const sreq *r = q->rs[index];
         json_t *fin = finish ? json_string(finish) : json_null();
-        json_t *lp = lp1 > lp0 ? logprobs_json(q, r, m, lp0, lp1, (size_t)(text - r->text)) : json_null();
+        bool echo = first && !q->chat && q->echo;
+        size_t off = (size_t)(text - (r->text ? r->text : text)) + (q->echo ? q->echo_len : 0);
+        json_t *lp = lp1 > lp0 || (echo && q->logprobs)
+                         ? logprobs_json(q, r, m, lp0, lp1, off, echo)
+                         : json_null();
         json_t *c;
-        if (q->chat) {
+        char *rest = NULL;
+        json_t *calls = !finish         ? NULL
+                        : q->tool_call ? api_tool_calls(r, id, index)
+                        : q->tool_auto ? api_auto_calls(q, r, id, index, &rest)
+                                       : NULL;
+        if (calls) {
+            /* a tool call streams whole, in the delta before the finish */
+            json_decref(fin);
+            fin = json_string("tool_calls");
+            json_t *delta = json_pack("{s:o}", "tool_calls", calls);
+            if (rest) json_object_set_new(delta, "content", api_jstr_bytes(rest, strlen(rest)));
+            free(rest);
+            c = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "delta", delta, "logprobs", lp,
+                          "finish_reason", fin);
+        } else if (q->chat) {
             json_t *delta = json_object();
             if (first) json_object_set_new(delta, "role", json_string("assistant"));
-            if (n || first) json_object_set_new(delta, "content", jstr_bytes(text, n));
-            c = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs", lp,
+            if (n || first) json_object_set_new(delta, "content", api_jstr_bytes(text, n));
+            c = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "delta", delta, "logprobs", lp,
                           "finish_reason", fin);
         } else {
-            c = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text", jstr_bytes(text, n),
-                          "logprobs", lp, "finish_reason", fin);
+            c = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "text",
+                          echo ? with_echo(q, text, n) : api_jstr_bytes(text, n), "logprobs", lp,
+                          "finish_reason", fin);
         }
         json_array_append_new(choices, c);
     }
     json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:o}", "id", id, "object",
                           q->chat ? "chat.completion.chunk" : "text_completion", "created",
                           (json_int_t)created, "model", m->name, "choices", choices);
-    if (usage_only) json_object_set_new(o, "usage", usage_json(r));
+    if (usage_only) json_object_set_new(o, "usage", usage_json(q));
     else if (q->include_usage) json_object_set_new(o, "usage", json_null());
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
@@ -660,3 +952,4 @@ char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
     free(s);
     return ev;
 }
+

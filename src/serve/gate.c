@@ -70,8 +70,16 @@ struct gate {
     ipcount *ips;
     int n_ips, cap_ips;
     int active;
+    gate_log_fn log;
+    void *log_ud;
     char buf[GATE_HEAD_MAX + 1];
 };
+
+void gate_set_log(gate *g, gate_log_fn fn, void *ud)
+{
+    g->log = fn;
+    g->log_ud = ud;
+}
 
 static ipkey key_of(const struct sockaddr *sa)
 {
@@ -126,7 +134,7 @@ static const char *reason(int status)
 
 /* Writes an OpenAI error response (best effort: a nonblocking socket with
  * an empty send buffer takes it whole). */
-static void answer(int fd, int status, const char *type, const char *code, const char *msg)
+static size_t answer(int fd, int status, const char *type, const char *code, const char *msg)
 {
     api_err e = {.status = status, .type = type, .code = code};
     snprintf(e.msg, sizeof e.msg, "%s", msg);
@@ -137,8 +145,10 @@ static void answer(int fd, int status, const char *type, const char *code, const
                       "Content-Length: %zu\r\nConnection: close\r\n\r\n",
                       status, reason(status), j ? strlen(j) : 0);
     (void)!send(fd, head, (size_t)hl, MSG_NOSIGNAL | (j ? MSG_MORE : 0));
-    if (j) (void)!send(fd, j, strlen(j), MSG_NOSIGNAL);
+    size_t n = j ? strlen(j) : 0;
+    if (j) (void)!send(fd, j, n, MSG_NOSIGNAL);
     free(j);
+    return n;
 }
 
 /* Answers p and moves it to draining: its input is discarded until EOF
@@ -146,13 +156,15 @@ static void answer(int fd, int status, const char *type, const char *code, const
 static void reject(gate *g, pend *p, int status, const char *type, const char *code,
                    const char *msg)
 {
-    answer(p->fd, status, type, code, msg);
+    size_t n = answer(p->fd, status, type, code, msg);
+    if (g->log)
+        g->log(g->log_ud, (const struct sockaddr *)&p->sa, status, n,
+               kiln_time_now() - (p->deadline - g->head_secs));
     int one = 1;
     setsockopt(p->fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
     shutdown(p->fd, SHUT_WR);
     p->draining = true;
     p->deadline = kiln_time_now() + 2;
-    (void)g;
 }
 
 static void drop(gate *g, int i)
@@ -380,8 +392,9 @@ static void accept_all(gate *g)
         if (!full && c) c->pending++;
         pthread_mutex_unlock(&g->mu);
         if (full) {
-            answer(fd, 503, "server_error", "too_many_connections",
-                   "too many connections waiting to send their request; retry later");
+            size_t n = answer(fd, 503, "server_error", "too_many_connections",
+                              "too many connections waiting to send their request; retry later");
+            if (g->log) g->log(g->log_ud, (const struct sockaddr *)&sa, 503, n, 0);
             close(fd);
             continue;
         }

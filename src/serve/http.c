@@ -4,11 +4,15 @@
  * OpenAI error objects, non-streamed responses and server-sent-event
  * streams, /health and /metrics. A handler thread submits a request to the
  * scheduler and waits on it; while it waits it watches its socket, and a
- * client that went away cancels its request, which frees the slot.
+ * client that went away cancels its request, which frees the slot. Also
+ * CORS, the access log and X-Request-Id. Over ~800 lines: the MHD
+ * callbacks, the stream of n choices and the daemon's setup share the
+ * connection state.
  */
 #include <microhttpd.h> /* before serve.h: declares gate_notify */
 
 #include "serve/serve.h"
+#include "infer/grammar.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -27,11 +31,21 @@
  * (malloc_trim) when it completes. */
 #define BIG_BODY (64 * 1024)
 
-enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_OTHER, R_N };
-static const char *const route_name[R_N] = {"models", "model", "completions",
-                                            "chat_completions", "health", "metrics", "other"};
-static const int code_list[] = {200, 400, 401, 404, 405, 413, 429, 500, 503};
-#define N_CODES 10 /* the list plus "other" */
+#ifdef __VERSION__
+#define KILN_BUILD_INFO "kiln " KILN_VERSION " (cc " __VERSION__ ")"
+#else
+#define KILN_BUILD_INFO "kiln " KILN_VERSION
+#endif
+
+enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE,
+       R_PROPS, R_OTHER, R_N };
+static const char *const route_name[R_N] = {"models",   "model",      "completions",
+                                            "chat_completions", "health", "metrics",
+                                            "tokenize", "detokenize", "props", "other"};
+static const int code_list[] = {200, 204, 400, 401, 404, 405, 413, 429, 500, 503};
+#define N_CODES 11 /* the list plus "other" */
+
+enum { LOG_OFF, LOG_TEXT, LOG_JSON };
 
 struct server {
     struct MHD_Daemon *d;
@@ -47,6 +61,9 @@ struct server {
     _Atomic uint64_t next_id;
     _Atomic int big_inflight; /* requests with a body >= BIG_BODY */
     long started;
+    int n_slots;
+    char *cors;          /* "*" or comma-separated origins; NULL = off */
+    int log;             /* LOG_OFF, LOG_TEXT, LOG_JSON */
 };
 
 typedef struct conn {
@@ -57,16 +74,27 @@ typedef struct conn {
     size_t len, cap;
     bool too_big;
     bool big;            /* counted in big_inflight */
-    /* streaming */
+    /* generation: the parsed request, its choices (q.n requests) */
     api_req q;
-    sreq *r;
+    bool submitted;      /* q.rs are the scheduler's too: release, not free */
     char id[48];
     long created;
+    /* streaming */
     char *pend;
     size_t pend_len, pend_off;
-    size_t text_sent;
-    int lp_sent;
-    bool first_sent, done;
+    size_t *text_sent;   /* (q.n) per choice */
+    int *lp_sent;
+    bool *first_sent, *fin_sent;
+    bool done;
+    /* the access log */
+    double t0;
+    char method[16];
+    char *path;
+    char rid[48];        /* request id (X-Request-Id), the completion id on those routes */
+    char client[64];
+    int status;
+    uint64_t bytes;      /* response body bytes sent */
+    int n_prompt, n_gen; /* generation routes */
 } conn;
 
 static int route_of(const char *url)
@@ -77,7 +105,57 @@ static int route_of(const char *url)
     if (!strcmp(url, "/v1/chat/completions")) return R_CHAT;
     if (!strcmp(url, "/health")) return R_HEALTH;
     if (!strcmp(url, "/metrics")) return R_METRICS;
+    if (!strcmp(url, "/tokenize")) return R_TOKENIZE;
+    if (!strcmp(url, "/detokenize")) return R_DETOKENIZE;
+    if (!strcmp(url, "/props")) return R_PROPS;
     return R_OTHER;
+}
+
+static bool post_route(int route)
+{
+    return route == R_COMPL || route == R_CHAT || route == R_TOKENIZE || route == R_DETOKENIZE;
+}
+
+/* The Access-Control-Allow-Origin value for a request from origin (NULL
+ * when CORS is off or the origin is not allowed): "*", or the origin
+ * itself when it is one of the listed ones. */
+static const char *cors_allow(const server *sv, const char *origin)
+{
+    if (!sv->cors) return NULL;
+    if (!strcmp(sv->cors, "*")) return "*";
+    if (!origin || !*origin) return NULL;
+    size_t ol = strlen(origin);
+    for (const char *p = sv->cors; *p;) {
+        const char *e = strchr(p, ',');
+        size_t l = e ? (size_t)(e - p) : strlen(p);
+        while (l && *p == ' ') { p++; l--; }
+        while (l && p[l - 1] == ' ') l--;
+        if (l == ol && !memcmp(p, origin, l)) return origin;
+        if (!e) break;
+        p = e + 1;
+    }
+    return NULL;
+}
+
+/* Headers every response carries: the request id and, when enabled, CORS. */
+static void common_headers(conn *k, struct MHD_Connection *c, struct MHD_Response *resp)
+{
+    MHD_add_response_header(resp, "X-Request-Id", k->rid);
+    const char *allow =
+        cors_allow(k->sv, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Origin"));
+    if (allow) {
+        MHD_add_response_header(resp, "Access-Control-Allow-Origin", allow);
+        MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Request-Id");
+        if (!strcmp(k->method, "OPTIONS")) {
+            const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                        "Access-Control-Request-Headers");
+            MHD_add_response_header(resp, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+            MHD_add_response_header(resp, "Access-Control-Allow-Headers",
+                                    h && *h ? h : "Authorization, Content-Type");
+            MHD_add_response_header(resp, "Access-Control-Max-Age", "86400");
+        }
+    }
+    if (k->sv->cors && strcmp(k->sv->cors, "*")) MHD_add_response_header(resp, "Vary", "Origin");
 }
 
 static void count(server *sv, int route, int status)
@@ -105,15 +183,18 @@ static enum MHD_Result send_body(conn *k, struct MHD_Connection *c, int status,
         free(body);
         return MHD_NO;
     }
-    MHD_add_response_header(resp, "Content-Type", ctype);
+    size_t blen = strlen(body);
+    if (ctype) MHD_add_response_header(resp, "Content-Type", ctype);
     /* one request per connection: every request passes the gate */
     MHD_add_response_header(resp, "Connection", "close");
+    common_headers(k, c, resp);
     if (status == 405)
-        MHD_add_response_header(resp, "Allow",
-                                k->route == R_COMPL || k->route == R_CHAT ? "POST" : "GET, HEAD");
+        MHD_add_response_header(resp, "Allow", post_route(k->route) ? "POST" : "GET, HEAD");
     enum MHD_Result ret = MHD_queue_response(c, (unsigned)status, resp);
     MHD_destroy_response(resp);
     count(k->sv, k->route, status);
+    k->status = status;
+    k->bytes = blen;
     return ret;
 }
 
@@ -188,54 +269,76 @@ static bool pend_add(conn *k, char *ev)
     return true;
 }
 
+/* Something new to send for choice i? mu held. */
+static bool progressed(const conn *k, int i)
+{
+    const sreq *r = k->q.rs[i];
+    /* the opening chunk: chat's role; completions' echoed prompt once its
+     * logprobs are known (the prompt is through the engine) */
+    if (!k->first_sent[i] && k->q.chat) return true;
+    if (!k->first_sent[i] && k->q.echo) return r->n_gen > 0 || r->state == SREQ_DONE;
+    if (k->q.tool_call || (k->q.tool_auto && r->state != SREQ_DONE && api_auto_hold(r)))
+        return r->state == SREQ_DONE && !k->fin_sent[i];
+    return r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i] ||
+           (r->state == SREQ_DONE && !k->fin_sent[i]);
+}
+
+/* Marks every choice cancelled (the client went away). mu held. */
+static void cancel_all(conn *k, sched *s)
+{
+    for (int i = 0; i < k->q.n; i++)
+        if (k->q.rs[i]->state != SREQ_DONE) k->q.rs[i]->cancelled = true;
+    pthread_cond_signal(&s->cv);
+}
+
+/* The condition variable a handler waits on: the request's own, or for
+ * n > 1 choices the scheduler's group one. */
+static pthread_cond_t *wait_cv(conn *k)
+{
+    return k->q.n > 1 ? &k->sv->s->gcv : &k->q.rs[0]->cv;
+}
+
 static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
     (void)pos;
     conn *k = cls;
     sched *s = k->sv->s;
-    sreq *r = k->r;
+    const api_model *m = &k->sv->m;
+    int n = k->q.n;
     int idle_ms = 0;
     for (;;) {
         if (k->pend_off < k->pend_len) {
-            size_t n = KILN_MIN(max, k->pend_len - k->pend_off);
-            memcpy(buf, k->pend + k->pend_off, n);
-            k->pend_off += n;
+            size_t c = KILN_MIN(max, k->pend_len - k->pend_off);
+            memcpy(buf, k->pend + k->pend_off, c);
+            k->pend_off += c;
             if (k->pend_off == k->pend_len) {
                 k->pend_off = k->pend_len = 0;
             }
-            return (ssize_t)n;
+            k->bytes += c;
+            return (ssize_t)c;
         }
         if (k->done) return MHD_CONTENT_READER_END_OF_STREAM;
         pthread_mutex_lock(&s->mu);
-        if (!k->first_sent) {
-            k->first_sent = true;
-            if (k->q.chat)
-                pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
-                                      NULL, true, false));
-            pthread_mutex_unlock(&s->mu);
-            continue;
-        }
-        while (r->state != SREQ_DONE && r->text_len == k->text_sent && r->n_lps == k->lp_sent) {
+        bool any = false;
+        for (int i = 0; i < n && !any; i++) any = progressed(k, i);
+        while (!any) {
             struct timespec ts;
             deadline(&ts, 100);
-            pthread_cond_timedwait(&r->cv, &s->mu, &ts);
-            if (r->state == SREQ_DONE || r->text_len != k->text_sent || r->n_lps != k->lp_sent)
-                break;
+            pthread_cond_timedwait(wait_cv(k), &s->mu, &ts);
+            for (int i = 0; i < n && !any; i++) any = progressed(k, i);
+            if (any) break;
             pthread_mutex_unlock(&s->mu);
             bool gone = client_gone(k->fd);
             idle_ms += 100;
             pthread_mutex_lock(&s->mu);
             if (gone) {
-                if (r->state != SREQ_DONE) {
-                    r->cancelled = true;
-                    pthread_cond_signal(&s->cv);
-                }
+                cancel_all(k, s);
                 pthread_mutex_unlock(&s->mu);
                 return MHD_CONTENT_READER_END_WITH_ERROR;
             }
             if (idle_ms >= 10000) break;
         }
-        if (r->text_len == k->text_sent && r->n_lps == k->lp_sent && r->state != SREQ_DONE) {
+        if (!any) {
             /* nothing for a while: an SSE comment keeps proxies and the
              * connection timeout from closing the stream */
             idle_ms = 0;
@@ -243,32 +346,69 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
             pend_add(k, strdup(": keep-alive\n\n"));
             continue;
         }
-        if (r->text_len > k->text_sent || r->n_lps > k->lp_sent) {
-            pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, r->text + k->text_sent,
-                                  r->text_len - k->text_sent, k->lp_sent, r->n_lps, NULL,
-                                  false, false));
-            k->text_sent = r->text_len;
-            k->lp_sent = r->n_lps;
-        }
-        if (r->state == SREQ_DONE) {
-            if (r->err_status) {
-                api_err e = {.status = r->err_status, .type = "server_error"};
-                snprintf(e.msg, sizeof e.msg, "%s", r->err);
-                char *j = api_error_json(&e);
-                if (j) {
-                    size_t l = strlen(j);
-                    char *ev = malloc(l + 9);
-                    if (ev) snprintf(ev, l + 9, "data: %s\n\n", j);
-                    pend_add(k, ev);
-                    free(j);
-                }
-            } else {
-                pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
-                                      r->finish ? r->finish : "stop", false, false));
-                if (k->q.include_usage)
-                    pend_add(k, api_chunk(&k->q, r, &k->sv->m, k->id, k->created, "", 0, 0, 0,
-                                          NULL, false, true));
+        /* chunks interleave by choice index, each choice in order */
+        bool all_fin = true, failed = false;
+        for (int i = 0; i < n && !failed; i++) {
+            sreq *r = k->q.rs[i];
+            if (!k->first_sent[i] && (k->q.chat || k->q.echo) && progressed(k, i)) {
+                k->first_sent[i] = true;
+                pend_add(k, api_chunk(&k->q, i, m, k->id, k->created, "", 0, 0, 0, NULL, true,
+                                      false));
             }
+            if (k->first_sent[i] || !(k->q.chat || k->q.echo)) {
+                k->first_sent[i] = true;
+                /* a tool call is sent whole with its finish (its text, only
+                 * when it was cut short and is no call) */
+                bool hold = k->q.tool_call &&
+                            (r->state != SREQ_DONE || (r->finish && !strcmp(r->finish, "stop")));
+                if (k->q.tool_auto && api_auto_hold(r)) {
+                    /* text that may be tool calls waits for the end, then
+                     * goes out as calls or, when it is none, as text */
+                    char *rest = NULL;
+                    json_t *calls = r->state == SREQ_DONE
+                                        ? api_auto_calls(&k->q, r, k->id, i, &rest)
+                                        : NULL;
+                    hold = r->state != SREQ_DONE || calls;
+                    json_decref(calls);
+                    free(rest);
+                }
+                if (!hold && (r->text_len > k->text_sent[i] || r->n_lps > k->lp_sent[i])) {
+                    pend_add(k, api_chunk(&k->q, i, m, k->id, k->created,
+                                          r->text + k->text_sent[i], r->text_len - k->text_sent[i],
+                                          k->lp_sent[i], r->n_lps, NULL, false, false));
+                    k->text_sent[i] = r->text_len;
+                    k->lp_sent[i] = r->n_lps;
+                }
+                if (r->state == SREQ_DONE && !k->fin_sent[i]) {
+                    if (r->err_status) {
+                        api_err e = {.status = r->err_status, .type = "server_error"};
+                        snprintf(e.msg, sizeof e.msg, "%s", r->err);
+                        char *j = api_error_json(&e);
+                        if (j) {
+                            size_t l = strlen(j);
+                            char *ev = malloc(l + 9);
+                            if (ev) snprintf(ev, l + 9, "data: %s\n\n", j);
+                            pend_add(k, ev);
+                            free(j);
+                        }
+                        failed = true;
+                    } else {
+                        pend_add(k, api_chunk(&k->q, i, m, k->id, k->created, "", 0, 0, 0,
+                                              r->finish ? r->finish : "stop", false, false));
+                    }
+                    k->fin_sent[i] = true;
+                }
+            }
+            all_fin &= k->fin_sent[i];
+        }
+        if (failed) {
+            cancel_all(k, s);
+            pend_add(k, strdup("data: [DONE]\n\n"));
+            k->done = true;
+        } else if (all_fin) {
+            if (k->q.include_usage)
+                pend_add(k, api_chunk(&k->q, 0, m, k->id, k->created, "", 0, 0, 0, NULL, false,
+                                      true));
             pend_add(k, strdup("data: [DONE]\n\n"));
             k->done = true;
         }
@@ -284,8 +424,10 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
     api_err e = {0};
     if (api_parse(k->body ? k->body : "", k->len, chat, &sv->m, &k->q, &e))
         return send_err(k, c, &e);
-    sreq *r = k->q.r;
-    int st = sched_submit(sv->s, r);
+    int n = k->q.n;
+    sreq *r0 = k->q.rs[0];
+    k->n_prompt = r0->n_prompt;
+    int st = sched_submit_group(sv->s, k->q.rs, n);
     if (st) {
         /* api_parse has checked ids and lengths already; this is the
          * scheduler's own guard */
@@ -293,58 +435,68 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
                       .type = st == 503 ? "server_error" : "invalid_request_error",
                       .param = st == 503 ? NULL : "prompt",
                       .code = st == 503                      ? "server_overloaded"
-                              : r->n_prompt >= sv->m.n_ctx ? "context_length_exceeded"
-                                                           : "invalid_value"};
-        snprintf(e.msg, sizeof e.msg, "%s", r->err);
-        sreq_free(r);
-        k->q.r = NULL;
+                              : r0->n_prompt >= sv->m.n_ctx ? "context_length_exceeded"
+                                                            : "invalid_value"};
+        snprintf(e.msg, sizeof e.msg, "%s", r0->err);
+        api_req_free(&k->q);
         return send_err(k, c, &e);
     }
+    k->submitted = true; /* the requests are released in completed() */
     new_id(sv, k, chat);
+    snprintf(k->rid, sizeof k->rid, "%s", k->id);
     if (k->q.stream) {
-        k->r = r; /* released in completed() */
+        k->text_sent = calloc((size_t)n, sizeof *k->text_sent);
+        k->lp_sent = calloc((size_t)n, sizeof *k->lp_sent);
+        k->first_sent = calloc((size_t)n, sizeof *k->first_sent);
+        k->fin_sent = calloc((size_t)n, sizeof *k->fin_sent);
+        if (!k->text_sent || !k->lp_sent || !k->first_sent || !k->fin_sent) return MHD_NO;
         struct MHD_Response *resp =
             MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, k, NULL);
         if (!resp) return MHD_NO;
         MHD_add_response_header(resp, "Content-Type", "text/event-stream");
         MHD_add_response_header(resp, "Cache-Control", "no-cache");
         MHD_add_response_header(resp, "Connection", "close");
+        common_headers(k, c, resp);
         enum MHD_Result ret = MHD_queue_response(c, 200, resp);
         MHD_destroy_response(resp);
         count(sv, k->route, 200);
+        k->status = 200;
         return ret;
     }
     sched *s = sv->s;
     pthread_mutex_lock(&s->mu);
-    while (r->state != SREQ_DONE) {
+    for (;;) {
+        int left = 0;
+        for (int i = 0; i < n; i++) left += k->q.rs[i]->state != SREQ_DONE;
+        if (!left) break;
         struct timespec ts;
         deadline(&ts, 100);
-        pthread_cond_timedwait(&r->cv, &s->mu, &ts);
-        if (r->state == SREQ_DONE) break;
+        pthread_cond_timedwait(wait_cv(k), &s->mu, &ts);
         pthread_mutex_unlock(&s->mu);
         bool gone = client_gone(k->fd);
         pthread_mutex_lock(&s->mu);
-        if (gone && r->state != SREQ_DONE) {
-            r->cancelled = true;
-            pthread_cond_signal(&s->cv);
+        if (gone) {
+            cancel_all(k, s);
+            for (int i = 0; i < n; i++) k->n_gen += k->q.rs[i]->n_gen;
             pthread_mutex_unlock(&s->mu);
-            sreq_release(s, r);
             count(sv, k->route, 499);
+            k->status = 499;
             return MHD_NO; /* closes the connection */
         }
     }
-    pthread_mutex_unlock(&s->mu);
-    enum MHD_Result ret;
-    if (r->err_status) {
-        e = (api_err){.status = r->err_status, .type = "server_error"};
-        snprintf(e.msg, sizeof e.msg, "%s", r->err);
-        ret = send_err(k, c, &e);
-    } else {
-        ret = send_body(k, c, 200, api_response(&k->q, r, &sv->m, k->id, k->created),
-                        "application/json");
+    const sreq *bad = NULL;
+    for (int i = 0; i < n; i++) {
+        k->n_gen += k->q.rs[i]->n_gen;
+        if (k->q.rs[i]->err_status && !bad) bad = k->q.rs[i];
     }
-    sreq_release(s, r);
-    return ret;
+    pthread_mutex_unlock(&s->mu);
+    if (bad) {
+        e = (api_err){.status = bad->err_status, .type = "server_error"};
+        snprintf(e.msg, sizeof e.msg, "%s", bad->err);
+        return send_err(k, c, &e);
+    }
+    return send_body(k, c, 200, api_response(&k->q, &sv->m, k->id, k->created),
+                     "application/json");
 }
 
 static enum MHD_Result models(conn *k, struct MHD_Connection *c, const char *url)
@@ -413,6 +565,7 @@ static void refuse_body(conn *k)
              sv->max_body);
     char *j = api_error_json(&e);
     count(sv, k->route, 413);
+    k->status = 413;
     if (k->fd < 0 || !j) {
         free(j);
         return;
@@ -423,6 +576,7 @@ static void refuse_body(conn *k)
                       "Content-Length: %zu\r\nConnection: close\r\n\r\n", strlen(j));
     (void)!send(k->fd, head, (size_t)hl, MSG_NOSIGNAL | MSG_MORE);
     (void)!send(k->fd, j, strlen(j), MSG_NOSIGNAL);
+    k->bytes = strlen(j);
     free(j);
     shutdown(k->fd, SHUT_WR);
     char buf[4096];
@@ -453,20 +607,44 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         *con_cls = k;
         k->sv = sv;
         k->route = route_of(url);
+        k->t0 = kiln_time_now();
+        k->status = 0;
+        snprintf(k->method, sizeof k->method, "%s", method);
+        k->path = strndup(url, 1024);
+        snprintf(k->rid, sizeof k->rid, "req-%08lx%012llx", (unsigned long)sv->started,
+                 (unsigned long long)atomic_fetch_add(&sv->next_id, 1));
         const union MHD_ConnectionInfo *ci =
             MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
         k->fd = ci ? ci->connect_fd : -1;
+        ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        if (ci && ci->client_addr) {
+            const struct sockaddr *sa = ci->client_addr;
+            if (sa->sa_family == AF_INET)
+                inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, k->client,
+                          sizeof k->client);
+            else if (sa->sa_family == AF_INET6)
+                inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, k->client,
+                          sizeof k->client);
+        }
+        if (!k->client[0]) snprintf(k->client, sizeof k->client, "-");
         bool post = !strcmp(method, "POST");
         bool get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
         if (k->route == R_OTHER)
             return err(k, c, 404, "invalid_request_error", "unknown_url",
                        "Unknown route; kiln serves GET /v1/models, POST /v1/completions, "
-                       "POST /v1/chat/completions, GET /health, GET /metrics");
-        if (!strncmp(url, "/v1/", 4) && sv->key &&
+                       "POST /v1/chat/completions, POST /tokenize, POST /detokenize, "
+                       "GET /props, GET /health, GET /metrics");
+        if (!strcmp(method, "OPTIONS") && sv->cors) {
+            /* a CORS preflight: no API key (browsers send none), no body */
+            return send_body(k, c, 204, strdup(""), NULL);
+        }
+        bool keyed = !strncmp(url, "/v1/", 4) || k->route == R_TOKENIZE ||
+                     k->route == R_DETOKENIZE || k->route == R_PROPS;
+        if (keyed && sv->key &&
             !key_ok(sv, MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization")))
             return err(k, c, 401, "authentication_error", "invalid_api_key",
                        "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'");
-        bool want_post = k->route == R_COMPL || k->route == R_CHAT;
+        bool want_post = post_route(k->route);
         if ((want_post && !post) || (!want_post && !get))
             return err(k, c, 405, "invalid_request_error", "method_not_allowed",
                        want_post ? "This route accepts POST only" : "This route accepts GET only");
@@ -524,23 +702,127 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     case R_MODEL: return models(k, c, url);
     case R_COMPL: return generate(k, c, false);
     case R_CHAT: return generate(k, c, true);
+    case R_TOKENIZE:
+    case R_DETOKENIZE:
+    case R_PROPS: {
+        api_err e = {0};
+        char *out = k->route == R_TOKENIZE
+                        ? api_tokenize(k->body ? k->body : "", k->len, &sv->m, &e)
+                    : k->route == R_DETOKENIZE
+                        ? api_detokenize(k->body ? k->body : "", k->len, &sv->m, &e)
+                        : api_props(&sv->m, sv->n_slots, KILN_BUILD_INFO, &e);
+        return out ? send_body(k, c, 200, out, "application/json") : send_err(k, c, &e);
+    }
     default: return MHD_NO;
     }
+}
+
+/* One access-log line on stderr for a finished request. */
+static void access_log(const conn *k, bool aborted)
+{
+    const server *sv = k->sv;
+    if (sv->log == LOG_OFF) return;
+    double ms = (kiln_time_now() - k->t0) * 1e3;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    char when[96];
+    snprintf(when, sizeof when, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(ts.tv_nsec / 1000000L));
+    /* no status queued (the client left first): 499, as nginx logs it */
+    int status = k->status ? k->status : 499;
+    bool gen = k->route == R_COMPL || k->route == R_CHAT;
+    if (sv->log == LOG_JSON) {
+        json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:i, s:I, s:f, s:s}", "time", when, "client",
+                              k->client, "method", k->method, "path", k->path ? k->path : "",
+                              "status", status, "bytes", (json_int_t)k->bytes, "duration_ms",
+                              ms, "request_id", k->rid);
+        if (o && gen && status == 200) {
+            json_object_set_new(o, "prompt_tokens", json_integer(k->n_prompt));
+            json_object_set_new(o, "completion_tokens", json_integer(k->n_gen));
+        }
+        if (o && aborted) json_object_set_new(o, "aborted", json_true());
+        char *s = o ? json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_REAL_PRECISION(6)) : NULL;
+        json_decref(o);
+        if (s) fprintf(stderr, "%s\n", s);
+        free(s);
+        return;
+    }
+    /* text: the path with anything outside printable ASCII as %XX */
+    char path[1100];
+    size_t n = 0;
+    for (const char *p = k->path ? k->path : ""; *p && n + 4 < sizeof path; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch > 0x20 && ch < 0x7f && ch != '"') path[n++] = (char)ch;
+        else n += (size_t)snprintf(path + n, sizeof path - n, "%%%02X", ch);
+    }
+    path[n] = 0;
+    char toks[64] = "";
+    if (gen && status == 200)
+        snprintf(toks, sizeof toks, " prompt_tokens=%d completion_tokens=%d", k->n_prompt,
+                 k->n_gen);
+    fprintf(stderr, "%s %s %s %s %d %llu %.1fms %s%s%s\n", when, k->client, k->method, path,
+            status, (unsigned long long)k->bytes, ms, k->rid, toks, aborted ? " aborted" : "");
+}
+
+/* The access-log line of a request the gate answered itself (malformed,
+ * too slow, too large, too many connections): method and path "-". */
+static void gate_logged(void *ud, const struct sockaddr *sa, int status, size_t bytes, double secs)
+{
+    server *sv = ud;
+    if (sv->log == LOG_OFF) return;
+    conn k;
+    memset(&k, 0, sizeof k);
+    k.sv = sv;
+    k.route = R_OTHER;
+    k.t0 = kiln_time_now() - secs;
+    snprintf(k.method, sizeof k.method, "-");
+    k.path = (char *)"-";
+    k.status = status;
+    k.bytes = bytes;
+    snprintf(k.rid, sizeof k.rid, "req-%08lx%012llx", (unsigned long)sv->started,
+             (unsigned long long)atomic_fetch_add(&sv->next_id, 1));
+    if (sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, k.client, sizeof k.client);
+    else if (sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, k.client, sizeof k.client);
+    else
+        snprintf(k.client, sizeof k.client, "-");
+    access_log(&k, false);
 }
 
 static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
                       enum MHD_RequestTerminationCode toe)
 {
     (void)c;
-    (void)toe;
     server *sv = cls;
     conn *k = *con_cls;
     if (!k) return;
-    if (k->r) {
-        sched_cancel(sv->s, k->r);
-        sreq_release(sv->s, k->r);
+    if (k->submitted) {
+        if (k->q.stream) {
+            pthread_mutex_lock(&sv->s->mu);
+            k->n_gen = 0;
+            for (int i = 0; i < k->q.n; i++) k->n_gen += k->q.rs[i]->n_gen;
+            pthread_mutex_unlock(&sv->s->mu);
+        }
+        for (int i = 0; i < k->q.n; i++) {
+            sched_cancel(sv->s, k->q.rs[i]);
+            sreq_release(sv->s, k->q.rs[i]);
+        }
+        free(k->q.rs);
+        free(k->q.echo_text);
+        infer_grammar_free(k->q.tool_auto);
+    } else {
+        api_req_free(&k->q);
     }
+    free(k->text_sent);
+    free(k->lp_sent);
+    free(k->first_sent);
+    free(k->fin_sent);
+    access_log(k, toe != MHD_REQUEST_TERMINATED_COMPLETED_OK);
     bool big = k->big;
+    free(k->path);
     free(k->body);
     free(k->pend);
     free(k);
@@ -567,6 +849,11 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     sv->key_len = sv->key ? strlen(sv->key) : 0;
     sv->max_body = o->max_body;
     sv->started = (long)time(NULL);
+    sv->n_slots = s->n_slots;
+    sv->cors = o->cors ? strdup(o->cors) : NULL;
+    sv->log = !o->log_format || !strcmp(o->log_format, "text") ? LOG_TEXT
+              : !strcmp(o->log_format, "json")                 ? LOG_JSON
+                                                               : LOG_OFF;
     pthread_mutex_init(&sv->mu, NULL);
 
     struct sockaddr_storage ss;
@@ -579,6 +866,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
     if (o->port < 0 || o->port > 65535) {
         free(sv->name);
+        free(sv->cors);
         free(sv);
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.port = %d is not in 0..65535", o->port);
     }
@@ -593,6 +881,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         flags |= MHD_USE_IPv6;
     } else {
         free(sv->name);
+        free(sv->cors);
         free(sv);
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "kiln_serve_opts.host = '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1 or 0.0.0.0)",
@@ -608,6 +897,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         int e = errno;
         if (lfd >= 0) close(lfd);
         free(sv->name);
+        free(sv->cors);
         free(sv);
         if (e == EADDRINUSE)
             return kiln_fail(ctx, KILN_ERR_IO,
@@ -628,6 +918,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     if (!sv->g) {
         close(lfd);
         free(sv->name);
+        free(sv->cors);
         free(sv);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "serve: out of memory");
     }
@@ -643,6 +934,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         MHD_OPTION_NOTIFY_COMPLETED, completed, sv, MHD_OPTION_NOTIFY_CONNECTION, gate_notify,
         sv->g, MHD_OPTION_CONNECTION_LIMIT, (unsigned)(4 * maxc + 64), MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)30, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)65536, MHD_OPTION_END);
+    gate_set_log(sv->g, gate_logged, sv);
     kiln_status st = sv->d ? gate_start(ctx, sv->g, sv->d)
                            : kiln_fail(ctx, KILN_ERR_IO, "cannot start the HTTP server on %s:%d (%s)",
                                        host, o->port, strerror(errno));
@@ -650,6 +942,7 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
         if (sv->d) MHD_stop_daemon(sv->d);
         gate_free(sv->g);
         free(sv->name);
+        free(sv->cors);
         free(sv);
         return st;
     }
@@ -666,5 +959,6 @@ void http_stop(server *sv)
     gate_free(sv->g);
     pthread_mutex_destroy(&sv->mu);
     free(sv->name);
+    free(sv->cors);
     free(sv);
 }

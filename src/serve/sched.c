@@ -9,8 +9,10 @@
  * frees its slot. See serve.h for the threading rules.
  */
 #include "serve/serve.h"
+#include "infer/grammar.h"
 
 #include <malloc.h>
+#include <stdatomic.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,9 +35,21 @@ void sreq_free(sreq *r)
     free(r->bias);
     free(r->text);
     free(r->lps);
+    free(r->plps);
+    infer_gstate_free(r->gst);
+    sgrammar_release(r->gram);
     kiln_gen_free(r->gen);
     pthread_cond_destroy(&r->cv);
     free(r);
+}
+
+void sgrammar_release(sgrammar *g)
+{
+    if (!g || atomic_fetch_sub(&g->refs, 1) != 1) return;
+    infer_grammar_free(g->g);
+    for (int i = 0; i < g->n_tools; i++) free(g->tools[i]);
+    free(g->tools);
+    free(g);
 }
 
 void sreq_release(sched *s, sreq *r)
@@ -66,6 +80,7 @@ static void finish(sched *s, sreq *r, const char *why, int err_status,
     if (!err_status && !r->cancelled)
         metrics_observe(s->m.lat_b, &s->m.lat_n, &s->m.lat_sum, r->t_done - r->t_submit);
     pthread_cond_broadcast(&r->cv);
+    if (r->grouped) pthread_cond_broadcast(&s->gcv);
     r->refs--; /* the scheduler's reference */
     if (r->refs == 0) {
         /* the HTTP side is gone too: free outside the lock is not needed,
@@ -90,10 +105,59 @@ static bool append_text(sreq *r, const char *p, size_t n)
     return true;
 }
 
+/* A choice of an n > 1 request waits while its leader's prompt is being
+ * prefilled, then copies that cache instead of computing it again. */
+static bool wait_for_leader(const sched *s, const sreq *r)
+{
+    if (!r->group || r->leader || r->prompt_lps) return false;
+    for (int i = 0; i < s->n_slots; i++) {
+        const sreq *o = s->slots[i];
+        if (o && o->group == r->group && o->leader && !o->cancelled && o->n_fed < o->n_prompt)
+            return true;
+    }
+    return false;
+}
+
+/* Prefix caching: puts r in a free slot whose cache holds the longest
+ * prefix of its prompt, or copies that prefix from a busy slot into the
+ * free slot whose cache is the shortest. At most n_prompt - 1 tokens are
+ * reused (the last is fed for its logits); none with echo logprobs. */
+static int place(sched *s, sreq *r)
+{
+    int src = -1, best = 0, dst = -1;
+    int most = r->prompt_lps ? 0 : r->n_prompt - 1;
+    for (int i = 0; i < s->n_slots; i++) {
+        const int32_t *c = s->cache_tok + (size_t)i * s->n_ctx;
+        int n = KILN_MIN(s->cache_n[i], most), l = 0;
+        while (l < n && c[l] == r->prompt[l]) l++;
+        if (l > best || (l == best && l > 0 && !s->slots[i] && src >= 0 && s->slots[src])) {
+            best = l;
+            src = i;
+        }
+        if (!s->slots[i] && (dst < 0 || s->cache_n[i] < s->cache_n[dst])) dst = i;
+    }
+    if (src >= 0 && !s->slots[src]) dst = src;
+    if (best > 0 && kiln_engine_copy_prefix(s->ctx, s->eng, dst, src, best) == KILN_OK) {
+        if (dst != src)
+            memcpy(s->cache_tok + (size_t)dst * s->n_ctx, s->cache_tok + (size_t)src * s->n_ctx,
+                   (size_t)best * sizeof *s->cache_tok);
+        s->cache_n[dst] = best;
+        s->m.cached_tokens += (uint64_t)best;
+        s->m.cache_hits++;
+    } else {
+        best = 0;
+        kiln_engine_reset(s->eng, dst);
+        s->cache_n[dst] = 0;
+    }
+    r->n_fed = r->n_cached = best;
+    return dst;
+}
+
 static void admit(sched *s)
 {
     while (s->qhead && s->n_active < s->n_slots) {
         sreq *r = s->qhead;
+        if (!r->cancelled && wait_for_leader(s, r)) break;
         s->qhead = r->qnext;
         if (!s->qhead) s->qtail = NULL;
         s->qlen--;
@@ -102,8 +166,6 @@ static void admit(sched *s)
             finish(s, r, "cancelled", 0, "");
             continue;
         }
-        int slot = 0;
-        while (s->slots[slot]) slot++;
         /* the library's generation loop, one token per engine step: the
          * chat turn's end (<|im_end|>) is a stop token unless ignore_eos,
          * stop_token_ids always are */
@@ -127,24 +189,92 @@ static void admit(sched *s)
             finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
             continue;
         }
-        kiln_engine_reset(s->eng, slot);
+        int slot = place(s, r);
         r->slot = slot;
-        r->n_fed = 0;
         r->state = SREQ_RUNNING;
         s->slots[slot] = r;
         s->n_active++;
     }
 }
 
+/* Scores prompt token pos + 1 from the logits at position pos (echo with
+ * logprobs): its log-probability and the top_logprobs most likely tokens,
+ * of the distribution generated tokens are reported from (the model's,
+ * with logit_bias; before penalties and temperature). mu held. */
+static void on_prompt_logits(sreq *r, int pos, float *lg, int V)
+{
+    if (pos + 1 >= r->n_prompt || !r->plps) return;
+    /* logit_bias applies as to generated tokens (their logprobs include it) */
+    for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++) mx = fmaxf(mx, lg[i]);
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += exp((double)lg[i] - mx);
+    float lse = mx + (float)log(sum);
+    slp *e = &r->plps[pos + 1];
+    int32_t t = r->prompt[pos + 1];
+    e->token = t;
+    e->logprob = lg[t] - lse;
+    int k = KILN_MIN(r->sp.top_logprobs, SREQ_MAX_TOP), m = 0;
+    for (int i = 0; i < V && k > 0; i++) {
+        float v = lg[i] - lse;
+        if (m == k && !(v > e->top[m - 1].logprob)) continue;
+        int q = m < k ? m++ : k - 1;
+        while (q > 0 && v > e->top[q - 1].logprob) { e->top[q] = e->top[q - 1]; q--; }
+        e->top[q] = (kiln_token_logprob){i, v};
+    }
+    e->n_top = m;
+    r->n_plps = pos + 2;
+}
+
 /* Samples r's next token from lg (kiln_gen_next) and publishes its text.
  * mu held. */
 static void on_logits(sched *s, sreq *r, float *lg)
 {
+    if (r->max_tokens == 0) {
+        /* echo with max_tokens 0: the prompt (and its logprobs) only */
+        finish(s, r, "length", 0, "");
+        return;
+    }
     for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
+    /* a model's rows past the tokenizer's vocabulary (padding) are no text */
+    for (int i = s->tok_V; i < s->V; i++) lg[i] = -INFINITY;
+    if (r->gst) {
+        /* constrained output: only tokens whose bytes extend a valid
+         * prefix, and the turn's end once the output is complete */
+        memset(s->allowed, 0, (size_t)s->V);
+        int n_ok = infer_gstate_allowed(r->gst, s->trie, s->allowed);
+        if (infer_gstate_accepting(r->gst)) {
+            int32_t ends[SREQ_MAX_STOPS + 3] = {s->eot, s->eos, r->stop_id};
+            int ne = 3;
+            for (int i = 0; i < r->n_stop_ids; i++) ends[ne++] = r->stop_ids[i];
+            for (int i = 0; i < ne; i++)
+                if (ends[i] >= 0 && ends[i] < s->V && !s->allowed[ends[i]]) {
+                    s->allowed[ends[i]] = 1;
+                    n_ok++;
+                }
+        }
+        if (n_ok == 0) {
+            finish(s, r, NULL, 500, "constrained decoding: no token of the vocabulary can continue the output");
+            return;
+        }
+        for (int i = 0; i < s->V; i++)
+            if (!s->allowed[i]) lg[i] = -INFINITY;
+    }
     kiln_gen_token t;
     if (kiln_gen_next(s->ctx, r->gen, lg, &t)) {
         finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
         return;
+    }
+    bool complete = false;
+    if (r->gst && t.id >= 0 && (t.finish == KILN_FINISH_NONE || t.finish == KILN_FINISH_LENGTH)) {
+        char *p = NULL;
+        size_t n = 0;
+        if (!kiln_tokenizer_is_special(s->tok, t.id) &&
+            !kiln_tokenizer_decode(s->ctx, s->tok, &t.id, 1, &p, &n))
+            infer_gstate_feed(r->gst, p, n); /* allowed, so it is taken */
+        free(p);
+        complete = infer_gstate_done(r->gst);
     }
     if (r->n_gen == 0) {
         r->t_first = kiln_time_now();
@@ -176,6 +306,15 @@ static void on_logits(sched *s, sreq *r, float *lg)
         finish(s, r, "stop", 0, "");
         return;
     }
+    if (complete) {
+        /* the output is whole and nothing may follow: end the turn here */
+        const char *o;
+        size_t n;
+        kiln_gen_end(r->gen, KILN_FINISH_STOP_TOKEN, &o, &n);
+        append_text(r, o, n);
+        finish(s, r, "stop", 0, "");
+        return;
+    }
     if (t.finish == KILN_FINISH_NONE && kiln_engine_pos(s->eng, r->slot) >= s->n_ctx) {
         /* the context is full: no room to feed this token back */
         const char *o;
@@ -190,6 +329,7 @@ static void on_logits(sched *s, sreq *r, float *lg)
     }
     r->next = t.id;
     pthread_cond_broadcast(&r->cv);
+    if (r->grouped) pthread_cond_broadcast(&s->gcv);
 }
 
 static void *sched_main(void *arg)
@@ -222,7 +362,11 @@ static void *sched_main(void *arg)
         for (int i = 0; i < s->n_slots; i++) {
             sreq *r = s->slots[i];
             if (r && r->n_fed == r->n_prompt) {
+                /* the slot's token record follows what is fed; the engine's
+                 * position says how much of it stands after the step */
+                if (s->cache_n[i] < s->n_ctx) s->cache_tok[(size_t)i * s->n_ctx + s->cache_n[i]++] = r->next;
                 s->toks[T++] = (kiln_engine_tok){i, r->next, true};
+                s->opos[nw] = -1;
                 s->owner[nw++] = r;
             }
         }
@@ -232,8 +376,16 @@ static void *sched_main(void *arg)
             int m = KILN_MIN(s->chunk - T, r->n_prompt - r->n_fed);
             for (int j = 0; j < m; j++) {
                 bool last = r->n_fed + j == r->n_prompt - 1;
-                s->toks[T++] = (kiln_engine_tok){i, r->prompt[r->n_fed + j], last};
-                if (last) s->owner[nw++] = r;
+                /* echo with logprobs: every prompt position's logits score
+                 * the next prompt token */
+                bool want = last || r->prompt_lps;
+                if (s->cache_n[i] < s->n_ctx)
+                    s->cache_tok[(size_t)i * s->n_ctx + s->cache_n[i]++] = r->prompt[r->n_fed + j];
+                s->toks[T++] = (kiln_engine_tok){i, r->prompt[r->n_fed + j], want};
+                if (want) {
+                    s->opos[nw] = last ? -1 : r->n_fed + j;
+                    s->owner[nw++] = r;
+                }
             }
             r->n_fed += m;
             s->m.prompt_tokens += (uint64_t)m;
@@ -243,6 +395,7 @@ static void *sched_main(void *arg)
         pthread_mutex_lock(&s->mu);
         s->m.steps++;
         s->m.step_tokens += (uint64_t)T;
+        for (int i = 0; i < s->n_slots; i++) s->cache_n[i] = kiln_engine_pos(s->eng, i);
         if (st) {
             /* a failed step leaves the caches unchanged; fail its owners */
             for (int i = 0; i < s->n_slots; i++)
@@ -252,7 +405,8 @@ static void *sched_main(void *arg)
         for (int k = 0; k < nw; k++) {
             sreq *r = s->owner[k];
             if (r->state != SREQ_RUNNING || r->cancelled) continue;
-            on_logits(s, r, s->logits + (size_t)k * s->V);
+            if (s->opos[k] >= 0) on_prompt_logits(r, s->opos[k], s->logits + (size_t)k * s->V, s->V);
+            else on_logits(s, r, s->logits + (size_t)k * s->V);
         }
     }
     /* shutting down: fail what is left */
@@ -282,16 +436,24 @@ kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
     s->chunk = KILN_MAX(64, s->n_slots);
     s->max_queue = max_queue;
     s->eot = kiln_tokenizer_eot(tok);
+    s->tok_V = KILN_MIN(kiln_tokenizer_vocab_size(tok), s->V);
     s->eos = c->eos_token_id;
     s->ctx = kiln_ctx_new();
     s->slots = calloc((size_t)s->n_slots, sizeof(sreq *));
+    s->cache_tok = malloc((size_t)s->n_slots * s->n_ctx * sizeof *s->cache_tok);
+    s->cache_n = calloc((size_t)s->n_slots, sizeof *s->cache_n);
     s->toks = calloc((size_t)s->chunk, sizeof(kiln_engine_tok));
     s->owner = calloc((size_t)s->chunk, sizeof(sreq *));
+    s->opos = calloc((size_t)s->chunk, sizeof(int));
     s->logits = malloc((size_t)s->chunk * s->V * sizeof(float));
+    s->allowed = malloc((size_t)s->V);
+    if (s->ctx && infer_vocab_trie_new(s->ctx, tok, &s->trie)) s->trie = NULL;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
+    pthread_cond_init(&s->gcv, NULL);
     s->mu_init = true;
-    if (!s->ctx || !s->slots || !s->toks || !s->owner || !s->logits) {
+    if (!s->ctx || !s->slots || !s->cache_tok || !s->cache_n || !s->toks || !s->owner || !s->opos || !s->logits || !s->allowed ||
+        !s->trie) {
         sched_free(s);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "scheduler: out of memory");
     }
@@ -320,21 +482,32 @@ void sched_free(sched *s)
     if (s->mu_init) {
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);
+        pthread_cond_destroy(&s->gcv);
         s->mu_init = false;
     }
     free(s->slots);
+    free(s->cache_tok);
+    free(s->cache_n);
+    s->cache_tok = NULL;
+    s->cache_n = NULL;
     free(s->toks);
     free(s->owner);
+    free(s->opos);
     free(s->logits);
+    free(s->allowed);
+    infer_vocab_trie_free(s->trie);
+    s->allowed = NULL;
+    s->trie = NULL;
     kiln_ctx_free(s->ctx);
     s->slots = NULL;
     s->toks = NULL;
     s->owner = NULL;
+    s->opos = NULL;
     s->logits = NULL;
     s->ctx = NULL;
 }
 
-int sched_submit(sched *s, sreq *r)
+static int check_req(sched *s, sreq *r)
 {
     if (r->n_prompt < 1) {
         snprintf(r->err, sizeof r->err, "the prompt is empty");
@@ -359,31 +532,51 @@ int sched_submit(sched *s, sreq *r)
                      (int)r->bias[i].token, s->V);
             return 400;
         }
+    return 0;
+}
+
+int sched_submit_group(sched *s, sreq **rs, int n)
+{
+    for (int i = 0; i < n; i++) {
+        int st = check_req(s, rs[i]);
+        if (st) {
+            if (i) snprintf(rs[0]->err, sizeof rs[0]->err, "%s", rs[i]->err);
+            return st;
+        }
+    }
+    sreq *r = rs[0];
     pthread_mutex_lock(&s->mu);
     if (s->stop) {
         pthread_mutex_unlock(&s->mu);
         snprintf(r->err, sizeof r->err, "the server is shutting down");
         return 503;
     }
-    if (s->qlen >= s->max_queue) {
+    /* a group is one request: an empty queue takes it whole */
+    if (s->qlen >= s->max_queue || (s->qlen > 0 && s->qlen + n > s->max_queue)) {
         s->m.rejected_queue++;
         pthread_mutex_unlock(&s->mu);
         snprintf(r->err, sizeof r->err,
                  "the server is overloaded (%d requests waiting); retry later", s->qlen);
         return 503;
     }
-    r->t_submit = kiln_time_now();
-    r->state = SREQ_QUEUED;
-    r->refs++;
-    r->qnext = NULL;
-    if (s->qtail) s->qtail->qnext = r;
-    else s->qhead = r;
-    s->qtail = r;
-    s->qlen++;
+    double now = kiln_time_now();
+    for (int i = 0; i < n; i++) {
+        r = rs[i];
+        r->t_submit = now;
+        r->state = SREQ_QUEUED;
+        r->refs++;
+        r->qnext = NULL;
+        if (s->qtail) s->qtail->qnext = r;
+        else s->qhead = r;
+        s->qtail = r;
+        s->qlen++;
+    }
     pthread_cond_signal(&s->cv);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
+
+int sched_submit(sched *s, sreq *r) { return sched_submit_group(s, &r, 1); }
 
 void sched_cancel(sched *s, sreq *r)
 {

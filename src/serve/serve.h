@@ -35,6 +35,16 @@ typedef struct slp {
     kiln_token_logprob top[SREQ_MAX_TOP];
 } slp;
 
+/* A compiled output grammar shared by a request's choices (refcounted:
+ * each choice holds a reference and its own parse state). */
+typedef struct sgrammar {
+    _Atomic int refs;
+    struct infer_grammar *g;
+    char **tools;        /* tool-call grammars: the function names */
+    int n_tools;
+} sgrammar;
+void sgrammar_release(sgrammar *g);
+
 typedef struct logit_bias {
     int32_t token;
     float bias;
@@ -57,6 +67,13 @@ typedef struct sreq {
     int n_stop_ids;
     logit_bias *bias;
     int n_bias;
+    int n_added;         /* ids the server put before the prompt (BOS): not echoed */
+    bool prompt_lps;     /* echo with logprobs: score every prompt token */
+    bool grouped;        /* one of n > 1 choices: progress also wakes sched.gcv */
+    uint64_t group;      /* n > 1: the request's choices share it (0: none) */
+    bool leader;         /* choice 0 of a group: the others copy its prompt's cache */
+    sgrammar *gram;      /* constrained output (response_format, tools) or NULL */
+    struct infer_gstate *gst; /* this choice's parse state of gram */
 
     /* shared (sched.mu) */
     pthread_cond_t cv;
@@ -66,7 +83,11 @@ typedef struct sreq {
     size_t text_len, text_cap;
     slp *lps;            /* per generated token when want_logprobs */
     int n_lps, lps_cap;
+    slp *plps;           /* (n_prompt) when prompt_lps: plps[i] scores prompt[i]
+                            given prompt[0..i) (plps[0] unused) */
+    int n_plps;          /* prompt positions scored so far */
     int n_gen;           /* tokens generated */
+    int n_cached;        /* prompt tokens whose cache was reused (prefix caching) */
     const char *finish;  /* "stop" | "length" | NULL (running) */
     int err_status;      /* > 0: failed with this HTTP status */
     char err[256];
@@ -91,28 +112,36 @@ typedef struct metrics {
     uint64_t ttft_n, lat_n;
     double ttft_sum, lat_sum;
     uint64_t cancelled, rejected_queue;
+    uint64_t cached_tokens, cache_hits; /* prefix caching */
 } metrics;
 
 typedef struct sched {
     kiln_engine *eng;
     const kiln_tokenizer *tok;
     int V, n_slots, n_ctx, chunk, max_queue;
+    int tok_V;             /* the tokenizer's vocabulary (<= V): ids past it are never sampled */
     int eot, eos;
     pthread_mutex_t mu;
     pthread_cond_t cv;     /* work arrived / cancel */
+    pthread_cond_t gcv;    /* a grouped request (n > 1) progressed */
     pthread_t th;
     bool stop, started, mu_init;
     bool dirty;            /* ran since the last malloc_trim */
     sreq *qhead, *qtail;
     int qlen;
     sreq **slots;          /* (n_slots) active request or NULL */
+    int32_t *cache_tok;    /* (n_slots, n_ctx) the tokens in each slot's cache */
+    int *cache_n;          /* (n_slots) how many (the engine's position) */
     int n_active;
     metrics m;
     /* step scratch (scheduler thread) */
     kiln_engine_tok *toks;
     sreq **owner;          /* (chunk) request per logits row */
+    int *opos;             /* (chunk) the prompt position of the row, -1: sample */
     float *logits;         /* (chunk, V) */
     kiln_ctx *ctx;
+    struct infer_vocab_trie *trie; /* the tokenizer's vocabulary (grammars) */
+    uint8_t *allowed;      /* (V) scratch: tokens a grammar allows */
 } sched;
 
 /* Creates the scheduler over an engine (not owned) and starts its
@@ -135,6 +164,10 @@ void sreq_release(sched *s, sreq *r);
 /* Queues r (the scheduler takes a reference). Returns 0, or an HTTP
  * status (503 queue full, 400 prompt too long) with r->err set. */
 int sched_submit(sched *s, sreq *r);
+/* Queues the n choices of one request together (all or none): 0, or an
+ * HTTP status with rs[0]->err set. An empty queue takes any n; otherwise
+ * the queue must have room for all n. */
+int sched_submit_group(sched *s, sreq **rs, int n);
 /* Marks r cancelled (client gone); its slot is freed at the next step. */
 void sched_cancel(sched *s, sreq *r);
 
@@ -159,8 +192,18 @@ typedef struct api_req {
     bool stream;
     bool include_usage;
     bool logprobs;
-    sreq *r;             /* owned until submitted */
+    bool echo;           /* completions: the prompt comes before the text */
+    bool tool_call;      /* the output is a function call: answer tool_calls */
+    struct infer_grammar *tool_auto; /* tool_choice auto: the calls' grammar, to
+                                        check <tool_call> blocks the model wrote */
+    int n;               /* choices */
+    sreq **rs;           /* (n) one request per choice, owned until submitted */
+    char *echo_text;     /* echo: the prompt's text (malloc'ed) */
+    size_t echo_len;
 } api_req;
+
+/* Frees q's requests (those never submitted) and buffers. */
+void api_req_free(api_req *q);
 
 typedef struct api_model {
     const char *name;
@@ -177,16 +220,48 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
 /* The OpenAI error object as a JSON string (malloc'ed). */
 char *api_error_json(const api_err *e);
 /* Non-streamed response body (malloc'ed). r must be done. */
-char *api_response(const api_req *q, const sreq *r, const api_model *m,
-                   const char *id, long created);
-/* One SSE event "data: {...}\n\n" for streaming (malloc'ed): text delta
- * [text, text+n), logprob entries [lp0, lp1), finish reason or NULL; when
- * first (chat) the delta carries the role. usage_only: the final usage
- * chunk (choices empty). */
-char *api_chunk(const api_req *q, const sreq *r, const api_model *m,
+char *api_response(const api_req *q, const api_model *m, const char *id, long created);
+/* One SSE event "data: {...}\n\n" for streaming (malloc'ed) of choice
+ * index (request r = q->rs[index]): text delta [text, text+n), logprob
+ * entries [lp0, lp1) of r->lps, finish reason or NULL; when first (chat)
+ * the delta carries the role, (completions with echo) the prompt and its
+ * logprobs. usage_only: the final usage chunk (choices empty). */
+char *api_chunk(const api_req *q, int index, const api_model *m,
                 const char *id, long created, const char *text, size_t n,
                 int lp0, int lp1, const char *finish, bool first,
                 bool usage_only);
+
+/* Helpers shared by api*.c: an error (returns status), an optional
+ * boolean field, bytes as a JSON string (invalid UTF-8 as U+FFFD), a
+ * token's bytes (malloc'ed, NULL on failure), a growing buffer. */
+int api_fail(api_err *e, int status, const char *param, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+int api_boolean(const json_t *o, const char *key, bool *out, api_err *e);
+json_t *api_jstr_bytes(const char *p, size_t n);
+/* response_format, tools, tool_choice of request body o (api_output.c):
+ * r->gram, q->tool_call, and the tools' system text (*tools_sys). */
+int api_parse_output(const json_t *o, bool chat, api_req *q, sreq *r, char **tools_sys,
+                     api_err *e);
+/* The tool_calls array of a finished tool-call choice, or NULL. */
+json_t *api_tool_calls(const sreq *r, const char *id, int index);
+/* tool_choice auto: the calls r's text makes — it starts (after
+ * whitespace) with <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+ * blocks, each a call of one of the tools valid against its parameters —
+ * as a tool_calls array (*rest: the text after them, malloc'ed), or NULL
+ * when it is text. */
+json_t *api_auto_calls(const api_req *q, const sreq *r, const char *id, int index, char **rest);
+/* tool_choice auto, streaming: whether r's text so far may still become
+ * tool calls (hold it back). */
+bool api_auto_hold(const sreq *r);
+void api_token_text(const api_model *m, int32_t id, char **p, size_t *n);
+bool api_sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len);
+
+/* POST /tokenize {"content", "add_special", "with_pieces"} -> {"tokens"};
+ * POST /detokenize {"tokens"} -> {"content"}; GET /props. Each returns the
+ * response body (malloc'ed), or NULL with err filled. */
+char *api_tokenize(const char *body, size_t len, const api_model *m, api_err *err);
+char *api_detokenize(const char *body, size_t len, const api_model *m, api_err *err);
+char *api_props(const api_model *m, int n_slots, const char *build, api_err *err);
 
 /* ---- gate (gate.c): accepts and screens request heads ---------------- */
 
@@ -196,6 +271,12 @@ struct MHD_Daemon;
  * arrive within head_secs; max_connections open connections at most.
  * NULL when out of memory. */
 gate *gate_new(int lfd, int max_connections, double head_secs);
+/* Called for every request the gate answers itself (its access-log
+ * line): the client, the status, the body bytes, seconds since accept. */
+struct sockaddr;
+typedef void (*gate_log_fn)(void *ud, const struct sockaddr *sa, int status, size_t bytes,
+                            double secs);
+void gate_set_log(gate *g, gate_log_fn fn, void *ud);
 /* Starts the accept thread, handing screened connections to d. */
 kiln_status gate_start(kiln_ctx *ctx, gate *g, struct MHD_Daemon *d);
 /* Stops accepting and closes the connections still waiting. */

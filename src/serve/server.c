@@ -66,6 +66,8 @@ char *metrics_render(sched *s, const metrics *http_m)
     k += (size_t)snprintf(o + k, cap - k, "# HELP " name " " help "\n# TYPE " name " " type \
                           "\n" name " %llu\n", (unsigned long long)(val))
     C("kiln_prompt_tokens_total", "Prompt tokens prefilled.", "counter", m.prompt_tokens);
+    C("kiln_prompt_tokens_cached_total", "Prompt tokens whose KV cache was reused (prefix caching), not prefilled.", "counter", m.cached_tokens);
+    C("kiln_prefix_cache_hits_total", "Requests that reused a cached prompt prefix.", "counter", m.cache_hits);
     C("kiln_generation_tokens_total", "Tokens generated.", "counter", m.gen_tokens);
     C("kiln_engine_steps_total", "Forward steps run by the scheduler.", "counter", m.steps);
     C("kiln_engine_step_tokens_total", "Tokens processed by forward steps.", "counter", m.step_tokens);
@@ -103,6 +105,14 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     if (o.max_queue < 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.max_queue = %d must be >= 0", o.max_queue);
     if (o.max_body < 64) o.max_body = 64;
+    if (o.log_format && strcmp(o.log_format, "text") && strcmp(o.log_format, "json") &&
+        strcmp(o.log_format, "off"))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--log-format '%s' is not text, json or off", o.log_format);
+    if (o.cors && !*o.cors)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "--cors is empty; give \"*\" or the allowed origins "
+                         "(e.g. https://app.example.com), or leave it out");
     if (o.api_key && !*o.api_key)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "kiln_serve_opts.api_key is empty, which would serve without authentication; "

@@ -1,9 +1,12 @@
 // serve_openai.js — the official `openai` npm client against kiln serve:
 // model list, a completion, a chat completion, a streamed chat completion
 // reassembled to the same text as the non-streamed one at temperature 0,
-// a streamed completion, usage counts, and error cases (unknown model ->
-// NotFoundError 404, bad parameter -> BadRequestError 400, wrong key ->
-// AuthenticationError 401). Usage: node serve_openai.js BASE_URL KEY MODEL
+// a streamed completion, usage counts, n = 3 (non-streamed and streamed),
+// echo with prompt logprobs, tool calls (tool_choice required, non-streamed
+// and streamed; auto answering text), json_schema output parsed and
+// checked, and error cases (unknown model -> NotFoundError 404, bad
+// parameter -> BadRequestError 400, wrong key -> AuthenticationError 401).
+// Usage: node serve_openai.js BASE_URL KEY MODEL
 // Prints PASS/FAIL lines.
 const OpenAI = require("openai");
 
@@ -52,6 +55,76 @@ async function main() {
   let ctext = "";
   for await (const ch of cs) ctext += ch.choices.length ? ch.choices[0].text : "";
   check("openai_completion_stream_equals", ctext === c.choices[0].text, JSON.stringify([ctext, c.choices[0].text]));
+
+  // n = 3 with a fixed seed: three distinct choices, usage over all three
+  const n3 = await client.completions.create({ model, prompt: "Once upon", max_tokens: 10, temperature: 1,
+                                               seed: 11, n: 3, ignore_eos: true });
+  const texts = n3.choices.map((x) => x.text);
+  check("openai_n3", n3.choices.length === 3 && n3.choices.every((x, i) => x.index === i) &&
+        new Set(texts).size === 3 && n3.usage.completion_tokens === 30, JSON.stringify(n3));
+  const n3c = await client.chat.completions.create({ model, messages: msgs, max_tokens: 6, temperature: 1,
+                                                     seed: 11, n: 3, stream: true });
+  const parts = ["", "", ""];
+  for await (const ch of n3c) for (const c of ch.choices) parts[c.index] += c.delta.content || "";
+  const n3full = await client.chat.completions.create({ model, messages: msgs, max_tokens: 6, temperature: 1,
+                                                        seed: 11, n: 3 });
+  check("openai_n3_chat_stream", JSON.stringify(parts) === JSON.stringify(n3full.choices.map((x) => x.message.content)),
+        JSON.stringify([parts, n3full.choices]));
+  // echo: the prompt before the text, prompt tokens scored
+  const ec = await client.completions.create({ model, prompt: "Once upon", max_tokens: 4, temperature: 0,
+                                               echo: true, logprobs: 1 });
+  check("openai_echo", ec.choices[0].text.startsWith("Once upon") &&
+        ec.choices[0].logprobs.tokens.length === ec.usage.prompt_tokens + ec.usage.completion_tokens,
+        JSON.stringify(ec));
+
+  // tool calls (tool_choice required) and json_schema output; logit_bias
+  // favours closing quotes and brackets so the random model ends in time
+  const logit_bias = { 34: 6, 44: 2, 93: 6, 125: 6 };
+  const tools = [{ type: "function", function: { name: "get_weather", description: "Weather in a city",
+    parameters: { type: "object", properties: { city: { type: "string" }, days: { type: "integer" } },
+                  required: ["city", "days"] } } }];
+  const ask = { model, messages: [{ role: "user", content: "Weather in Oslo?" }], tools, tool_choice: "required",
+                max_tokens: 200, seed: 4, logit_bias };
+  const tc = await client.chat.completions.create(ask);
+  const call = tc.choices[0].message.tool_calls && tc.choices[0].message.tool_calls[0];
+  let args = null;
+  try { args = JSON.parse(call.function.arguments); } catch (e) { /* checked below */ }
+  check("openai_tool_call", tc.choices[0].finish_reason === "tool_calls" && call && call.type === "function" &&
+        call.function.name === "get_weather" && args && typeof args.city === "string" &&
+        Number.isInteger(args.days) && tc.choices[0].message.content === null, JSON.stringify(tc));
+  const tcs = await client.chat.completions.create({ ...ask, stream: true });
+  let sname = "", sargs = "", sid = null, sfin = null;
+  for await (const ch of tcs) {
+    for (const c of ch.choices) {
+      for (const d of c.delta.tool_calls || []) {
+        if (d.id) sid = d.id;
+        if (d.function && d.function.name) sname += d.function.name;
+        if (d.function && d.function.arguments) sargs += d.function.arguments;
+      }
+      if (c.finish_reason) sfin = c.finish_reason;
+    }
+  }
+  check("openai_tool_call_stream", sfin === "tool_calls" && sid && sname === "get_weather" &&
+        call && sargs === call.function.arguments, JSON.stringify([sid, sname, sargs, sfin]));
+  // tool_choice auto (the default): the random model answers in text
+  const auto = await client.chat.completions.create({ model, messages: [{ role: "user", content: "hi" }], tools,
+                                                      max_tokens: 8, seed: 1 });
+  check("openai_tool_auto_text", typeof auto.choices[0].message.content === "string" &&
+        !auto.choices[0].message.tool_calls && ["stop", "length"].includes(auto.choices[0].finish_reason),
+        JSON.stringify(auto));
+  const schema = { type: "object", properties: { name: { type: "string" }, n: { type: "integer" },
+                   ok: { type: "boolean" } }, required: ["name", "n", "ok"], additionalProperties: false };
+  const js = await client.chat.completions.create({ model, messages: [{ role: "user", content: "json" }],
+    response_format: { type: "json_schema", json_schema: { name: "thing", strict: true, schema } },
+    max_tokens: 200, seed: 2, n: 3, logit_bias });
+  let valid = 0;
+  for (const c of js.choices) {
+    if (c.finish_reason !== "stop") continue;
+    const v = JSON.parse(c.message.content);
+    if (typeof v.name === "string" && Number.isInteger(v.n) && typeof v.ok === "boolean" &&
+        Object.keys(v).length === 3) valid++;
+  }
+  check("openai_json_schema", valid === 3, JSON.stringify(js.choices));
 
   try {
     await client.chat.completions.create({ model: "no-such-model", messages: msgs });
