@@ -6,6 +6,7 @@
  */
 #include "cli.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,11 +99,55 @@ static void print_summary(const char *cmd, const char *out, const char *type,
         }
 }
 
+/* --calib: perplexity of the model before and after on held-out tokens
+ * (a data directory's val split, else its train split). */
+static kiln_status calibrate(kiln_ctx *ctx, kiln_model *before, const char *out,
+                             const char *data, int64_t max_tokens, const char *type)
+{
+    kiln_data *d = NULL;
+    kiln_model *after = NULL;
+    int32_t *ids = NULL;
+    kiln_status s = kiln_data_open(ctx, data, &d);
+    if (s) return kiln_fail(ctx, s, "--calib: %s", kiln_errmsg(ctx));
+    const kiln_config *c = kiln_model_config(before);
+    kiln_split sp = kiln_data_tokens(d, KILN_SPLIT_VAL) >= 2 ? KILN_SPLIT_VAL : KILN_SPLIT_TRAIN;
+    size_t n = kiln_data_tokens(d, sp);
+    if (max_tokens > 0 && (size_t)max_tokens < n) n = (size_t)max_tokens;
+    if (kiln_data_vocab_size(d) > c->vocab_size)
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                      "--calib: the data in '%s' has vocab_size %d but the model %d", data,
+                      kiln_data_vocab_size(d), c->vocab_size);
+    else if (n < 2)
+        s = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--calib: '%s' holds no tokens", data);
+    else if (!(ids = malloc(n * sizeof *ids)))
+        s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    if (!s) {
+        kiln_data_read(d, sp, 0, n, ids);
+        s = kiln_model_load(ctx, out, &after);
+    }
+    double l0 = 0, c0 = 0, l1 = 0, c1 = 0;
+    int T = c->n_ctx < 256 ? c->n_ctx : 256;
+    if (!s) s = kiln_eval_tokens(ctx, before, ids, n, 4, T, &l0, &c0);
+    if (!s) s = kiln_eval_tokens(ctx, after, ids, n, 4, T, &l1, &c1);
+    if (!s) {
+        double p0 = exp(l0 / c0), p1 = exp(l1 / c1);
+        printf("  calib     %s (%s split, %.0f tokens, seq %d): perplexity %.4f (fp32) -> "
+               "%.4f (%s), %+.2f%%\n", data, sp == KILN_SPLIT_VAL ? "val" : "train", c0, T, p0,
+               p1, type, 100.0 * (p1 / p0 - 1.0));
+    }
+    free(ids);
+    kiln_model_free(after);
+    kiln_data_close(d);
+    return s;
+}
+
 /* export and quantize: the same flags, the same writer. */
 static int run_export(const char *cmd, int argc, char **argv, bool quantize)
 {
     const char *model = NULL, *out = NULL, *type = quantize ? NULL : "f32", *tok_spec = NULL,
-               *name = NULL, *format = NULL;
+               *name = NULL, *format = NULL, *calib = NULL;
+    int64_t calib_tokens = 32768;
+    int threads = 0;
     bool quiet = false, tensors = false;
     cli_opt eopts[] = {
         {"format", CLI_STR, &format, "output format: gguf", true},
@@ -112,6 +157,7 @@ static int run_export(const char *cmd, int argc, char **argv, bool quantize)
         {"tokenizer", CLI_STR, &tok_spec, "tokenizer.json, directory or \"bytes\" [the model's]", false},
         {"name", CLI_STR, &name, "general.name [the model path]", false},
         {"tensors", CLI_BOOL, &tensors, "list every tensor with its type", false},
+        {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {"quiet", CLI_BOOL, &quiet, "no progress bar or summary", false},
         {NULL, 0, NULL, NULL, false},
     };
@@ -122,6 +168,9 @@ static int run_export(const char *cmd, int argc, char **argv, bool quantize)
         {"tokenizer", CLI_STR, &tok_spec, "tokenizer.json, directory or \"bytes\" [the model's]", false},
         {"name", CLI_STR, &name, "general.name [the model path]", false},
         {"tensors", CLI_BOOL, &tensors, "list every tensor with its type", false},
+        {"calib", CLI_STR, &calib, "data directory (kiln tokenize): perplexity before and after on its val split", false},
+        {"calib-tokens", CLI_I64, &calib_tokens, "tokens of --calib to evaluate, 0 = all [32768]", false},
+        {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {"quiet", CLI_BOOL, &quiet, "no progress bar or summary", false},
         {NULL, 0, NULL, NULL, false},
     };
@@ -136,6 +185,10 @@ static int run_export(const char *cmd, int argc, char **argv, bool quantize)
                              "Writes the model and its tokenizer as one GGUF file (the same\n"
                              "writer as kiln quantize).", eopts, argc, argv, NULL);
     if (rc) return rc == 1 ? 0 : 2;
+    if (calib_tokens < 0) {
+        fprintf(stderr, "kiln %s: --calib-tokens must be >= 0\n", cmd);
+        return 2;
+    }
     if (!quantize && strcmp(format, "gguf")) {
         fprintf(stderr, "kiln export: --format: '%s' is not a supported format (gguf)\n", format);
         return 2;
@@ -148,6 +201,7 @@ static int run_export(const char *cmd, int argc, char **argv, bool quantize)
         return 2;
     }
     kiln_ctx *ctx = kiln_ctx_new();
+    if (threads > 0) kiln_set_threads(ctx, threads);
     char dir[4096];
     kiln_model *m = NULL;
     kiln_tokenizer *tok = NULL;
@@ -168,8 +222,9 @@ static int run_export(const char *cmd, int argc, char **argv, bool quantize)
         o.progress_ud = &b;
         s = kiln_gguf_export(ctx, m, tok, out, &o, &st);
     }
+    if (!s && !quiet) print_summary(quantize ? "quantized" : "exported", out, type, &st, tensors);
+    if (!s && calib) s = calibrate(ctx, m, out, calib, calib_tokens, type);
     if (s) rc = cli_fail(ctx, cmd, s);
-    else if (!quiet) print_summary(quantize ? "quantized" : "exported", out, type, &st, tensors);
     kiln_gguf_export_stats_free(&st);
     kiln_tokenizer_free(tok);
     kiln_model_free(m);
