@@ -482,8 +482,8 @@ static size_t build(const spec *sp, unsigned char *out)
     for (uint32_t d = 0; d < nd; d++) b_u64(&b, d < 2 && sp->ne2[d] ? sp->ne2[d] : d == 0 ? 8 : 1);
     b_u32(&b, sp->type2 ? sp->type2 - 1 : KILN_DTYPE_F32);
     b_u64(&b, sp->off2 ? sp->off2 - 1 : 32);
-    while (b.n % 32) b.b[b.n++] = 0;
-    for (int i = 0; i < 64; i++) b.b[b.n++] = (unsigned char)i;
+    while (b.n % (sp->align ? sp->align : 32)) b.b[b.n++] = 0;
+    for (int i = 0; i < 128; i++) b.b[b.n++] = (unsigned char)i;
     size_t n = sp->cut ? sp->cut : b.n;
     memcpy(out, b.b, n);
     return n;
@@ -512,8 +512,17 @@ static void test_hostile(void)
     CHECK_EQ(gguf_parse(ctx, buf, n, "ok.gguf", &f), KILN_OK);
     CHECK(f.n_tensors == 2 && f.tensors[1].data[0] == 32);
     gguf_close(&f);
+    /* general.alignment 64 moves the data section: the header ends at 196
+     * bytes, so the data start at 256, not at 224 */
+    spec a64 = {.align = 64, .off2 = 64 + 1, .key2 = "b.arr.with.a.longer.name.xx"};
+    unsigned char buf64[8192];
+    size_t n64 = build(&a64, buf64);
+    CHECK_EQ(gguf_parse(ctx, buf64, n64, "a64.gguf", &f), KILN_OK);
+    CHECK(f.n_tensors == 2 && f.alignment == 64 && f.data == buf64 + 256);
+    CHECK(f.n_tensors == 2 && f.tensors[0].data[1] == 1 && f.tensors[1].data[0] == 64);
+    if (f.n_tensors) gguf_close(&f);
     /* every truncation is refused (ASan: no read past the end) */
-    for (size_t cut = 0; cut < n; cut++) {
+    for (size_t cut = 0; cut < n - 64; cut++) { /* the last 64 bytes: no tensor's */
         unsigned char *c = malloc(cut + 1);
         memcpy(c, buf, cut);
         kiln_status s = gguf_parse(ctx, c, cut, "cut.gguf", &f);
@@ -529,6 +538,8 @@ static void test_hostile(void)
     refused(&(spec){.keylen = 1ull << 62}, "runs past the end");
     refused(&(spec){.arr_n = 1ull << 61}, "does not fit in the");
     refused(&(spec){.arr_n = 1000}, "does not fit in the");
+    /* fits as a count of bytes, not as a count of int32s */
+    refused(&(spec){.arr_n = 100}, "does not fit in the");
     refused(&(spec){.arr_type = GGUF_TYPE_ARRAY}, "nested arrays");
     refused(&(spec){.arr_type = 77}, "array element type 77");
     refused(&(spec){.align = 24}, "\"general.alignment\" = 24 is not a power of two");
@@ -541,9 +552,9 @@ static void test_hostile(void)
     refused(&(spec){.ne2 = {1ull << 40, 1ull << 40}}, "overflows");
     refused(&(spec){.off2 = 4 + 1}, "offset 4 is not a multiple of the alignment 32");
     refused(&(spec){.off2 = 0 + 1}, "overlaps tensor");
-    refused(&(spec){.off2 = 64 + 1}, "lie outside");
+    refused(&(spec){.off2 = 128 + 1}, "lie outside");
     refused(&(spec){.off2 = (1ull << 63) + 1}, "lie outside");
-    refused(&(spec){.ne2 = {8, 3}}, "lie outside");
+    refused(&(spec){.ne2 = {8, 4}}, "lie outside");
     refused(&(spec){.cut = 24 + 8}, "truncated");
     refused(&(spec){.cut = 24 + 8 + 17 + 4 + 4 + 60}, "truncated");
 }
