@@ -15,13 +15,14 @@ PY=/usr/bin/python3
 . "$KILN_ROOT/tests/lib_serve.sh" # pass, fail, check
 if [ ! -x "$PY" ]; then echo "SKIP gguf_import: needs /usr/bin/python3"; exit 0; fi
 W="$KILN_ROOT/tests/gguf_write.py"
+pycheck() { "$PY" "$W" check "$@" >/dev/null 2>&1; } # quiet; DETAIL has its report
 
 for a in gpt2 llama; do
   "$PY" "$W" write $a "$D/$a.gguf" || { fail "${a}_write"; continue; }
   DETAIL=$("$KILN" import "$D/$a.gguf" --out "$D/$a" 2>&1)
   check "${a}_import" test -f "$D/$a/model.safetensors" -a -f "$D/$a/tokenizer.json" -a -f "$D/$a/config.json"
   DETAIL=$("$PY" "$W" check $a "$D/$a" 2>&1 | tail -5)
-  check "${a}_weights_bit_exact" "$PY" "$W" check $a "$D/$a" >/dev/null
+  check "${a}_weights_bit_exact" pycheck $a "$D/$a"
   # merges "h e", "l l", "he ll", "hell o": "hello" is id 259, " hello" is 32 259
   ids=$(printf 'hello hello' | "$KILN" tokenizer encode --tokenizer "$D/$a.gguf")
   DETAIL="ids: $ids"
@@ -39,11 +40,17 @@ for a in gpt2 llama; do
   DETAIL=$("$KILN" train --init-from "$D/$a" --data "$D/data_$a" --out "$D/run_$a" --steps 3 --batch 2 \
            --seq 8 --eval-every 0 --threads 1 --progress none 2>&1 | tail -3)
   check "${a}_imported_trains" test -f "$D/run_$a/latest"
+  e1=$("$KILN" eval --model "$D/$a.gguf" --data "$D/data_$a" --split train --threads 1 2>&1 | grep -o 'loss [0-9.]*')
+  e2=$("$KILN" eval --model "$D/$a" --data "$D/data_$a" --split train --threads 1 2>&1 | grep -o 'loss [0-9.]*')
+  DETAIL="gguf: '$e1' dir: '$e2'"
+  check "${a}_eval_from_gguf" test -n "$e1" -a "$e1" = "$e2"
+  DETAIL=$("$KILN" info --model "$D/$a.gguf" 2>&1 | head -3)
+  check "${a}_info_from_gguf" test -n "$("$KILN" info --model "$D/$a.gguf" 2>/dev/null | grep "model_type  $a")"
   # kiln -> GGUF F32 -> kiln: the same weights again
   "$KILN" export --format gguf --model "$D/$a" --out "$D/${a}_re.gguf" --quiet >/dev/null 2>&1
   "$KILN" import "$D/${a}_re.gguf" --out "$D/${a}_re" >/dev/null 2>&1
   DETAIL=$("$PY" "$W" check $a "$D/${a}_re" 2>&1 | tail -3)
-  check "${a}_reexport_same" "$PY" "$W" check $a "$D/${a}_re" >/dev/null
+  check "${a}_reexport_same" pycheck $a "$D/${a}_re"
 done
 
 # hostile input to the commands: a message naming the file, no crash
