@@ -340,6 +340,16 @@ static void quantized(const char *preset, kiln_arch arch)
         const kiln_gguf_tensor_summary *t = &st.tensors[i];
         if (t->ne[1] == 1) CHECK_EQ((int)t->dtype, (int)KILN_DTYPE_F32);
     }
+    /* llama.cpp's rule for the output matrix (the tied embedding): Q6_K for
+     * every quantized type but Q8_0 */
+    const gguf_tensor *out = gguf_find_tensor(&f, arch == KILN_ARCH_GPT2 ? "token_embd.weight" : "output.weight");
+    if (!strcmp(preset, "q8_0")) CHECK(out && out->type == KILN_DTYPE_Q8_0);
+    if (!strcmp(preset, "q4_0") || !strcmp(preset, "q6_k") || !strcmp(preset, "q4_k_m"))
+        CHECK(out && out->type == KILN_DTYPE_Q6_K);
+    if (!strcmp(preset, "q4_0")) {
+        const gguf_tensor *t = gguf_find_tensor(&f, "blk.1.attn_qkv.weight");
+        CHECK(t && t->type == KILN_DTYPE_Q4_0);
+    }
     if (!strcmp(preset, "q4_k_m")) {
         const gguf_tensor *t;
         /* tied gpt2: token_embd is the output -> q6_K; attn_qkv -> q6_K */

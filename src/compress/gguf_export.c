@@ -7,7 +7,9 @@
  * Presets (kiln_gguf_export_opts.type) and llama.cpp's recipe they follow
  * (src/llama-quant.cpp, llama_tensor_get_type):
  *   f32 f16 bf16   every matrix in that type
- *   q8_0 q4_0 q6_k every matrix in that type, position embeddings F32
+ *   q8_0 q4_0 q6_k every matrix in that type, position embeddings F32;
+ *                  with q4_0 (and q6_k) the output matrix is Q6_K, as
+ *                  llama.cpp does for every type but Q8_0
  *   q4_k_m         Q4_K; Q6_K for the output matrix (the token embedding
  *                  when the embeddings are tied), for attn_v and ffn_down
  *                  of the layers use_more_bits picks (the first and last
@@ -66,11 +68,15 @@ static kiln_dtype pick(const preset *p, const kiln_model *m, const model_gguf_te
     bool quant = dtype_traits_of(p->base)->quantized;
     if (t->ndim == 1) ty = KILN_DTYPE_F32;
     else if (quant && !strcmp(t->name, "position_embd.weight")) ty = KILN_DTYPE_F32;
-    else if (p->base == KILN_DTYPE_Q4_K) {
+    else if (quant) {
         bool output = !strcmp(t->name, "output.weight") ||
                       (m->cfg.tie_embeddings && !strcmp(t->name, "token_embd.weight"));
         if (output) {
-            ty = t->ne[0] % 256 ? KILN_DTYPE_Q8_0 : KILN_DTYPE_Q6_K;
+            /* llama.cpp: the output matrix Q6_K (Q8_0 when its rows are not
+             * 256s) for every preset but Q8_0 */
+            if (p->base != KILN_DTYPE_Q8_0) ty = t->ne[0] % 256 ? KILN_DTYPE_Q8_0 : KILN_DTYPE_Q6_K;
+        } else if (p->base != KILN_DTYPE_Q4_K) {
+            /* q8_0, q4_0, q6_k: one type for the other matrices */
         } else if (strstr(t->name, "attn_v.weight")) {
             if (use_more_bits((*i_wv)++, m->L)) ty = KILN_DTYPE_Q6_K;
         } else if (strstr(t->name, "attn_qkv.weight")) {
