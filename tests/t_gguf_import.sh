@@ -46,6 +46,9 @@ for a in gpt2 llama; do
   check "${a}_eval_from_gguf" test -n "$e1" -a "$e1" = "$e2"
   DETAIL=$("$KILN" info --model "$D/$a.gguf" 2>&1 | head -3)
   check "${a}_info_from_gguf" test -n "$("$KILN" info --model "$D/$a.gguf" 2>/dev/null | grep "model_type  $a")"
+  nt=$([ $a = gpt2 ] && echo 28 || echo 21)
+  DETAIL=$("$KILN" info --model "$D/$a.gguf" 2>&1 | grep gguf)
+  check "${a}_info_gguf_types" test -n "$("$KILN" info --model "$D/$a.gguf" 2>/dev/null | grep "^gguf  *$nt tensors" | grep q8_0 | grep bf16)"
   # kiln -> GGUF F32 -> kiln: the same weights again
   "$KILN" export --format gguf --model "$D/$a" --out "$D/${a}_re.gguf" --quiet >/dev/null 2>&1
   "$KILN" import "$D/${a}_re.gguf" --out "$D/${a}_re" >/dev/null 2>&1

@@ -54,6 +54,8 @@ typedef enum gguf_type {
 
 /* The name of a value type ("uint32", "string", ...; "?" when unknown). */
 const char *gguf_type_name(uint32_t t);
+/* Bytes of a scalar of type t; 0 for string, array and unknown types. */
+size_t gguf_type_size(uint32_t t);
 
 /* One key-value pair. For a scalar, n = 1 and val points at its bytes; a
  * string's val points at its (u64 length, bytes); an array's val points at
@@ -130,7 +132,7 @@ int64_t gguf_arr_int(const gguf_kv *kv, uint64_t i);
 kiln_status gguf_arr_strs(kiln_ctx *ctx, const gguf_kv *kv, const char ***ptrs,
                           size_t **lens);
 
-/* ---- writer ------------------------------------------------------------ */
+/* ---- writer (gguf_write.c) -------------------------------------------- */
 
 typedef struct gguf_wtensor {
     char *name;
