@@ -1209,9 +1209,11 @@ typedef struct kiln_gguf_export_stats {
  * (tokenizer.ggml.model "gpt2"), tensors under llama.cpp's names (llama's
  * q/k rows permuted to its RoPE order; tied embeddings: no output.weight).
  * stats (may be NULL) is filled on success; free it with
- * kiln_gguf_export_stats_free. Errors: an unknown preset (names the
- * field), a tokenizer llama.cpp could not reproduce or whose size differs
- * from the model's vocabulary, I/O. */
+ * kiln_gguf_export_stats_free. A model vocabulary larger than the
+ * tokenizer's (padded embeddings) gets placeholder tokens of type unused,
+ * one per row, as llama.cpp needs. Errors: an unknown preset (names the
+ * field), a tokenizer llama.cpp could not reproduce or larger than the
+ * model's vocabulary, I/O. */
 kiln_status kiln_gguf_export(kiln_ctx *ctx, const kiln_model *m, const kiln_tokenizer *tok,
                              const char *path, const kiln_gguf_export_opts *o,
                              kiln_gguf_export_stats *stats);

@@ -392,6 +392,48 @@ static void test_f16_bf16(void)
     quantized("bf16", KILN_ARCH_GPT2);
 }
 
+/* A model vocabulary larger than the tokenizer's: placeholder tokens of
+ * type unused fill the rows, llama.cpp's one token per row. */
+static void test_padded_vocab(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_tokenizer *tok = NULL, *rt = NULL;
+    kiln_tokenizer_load(ctx, "bytes", &tok);
+    kiln_model *m = make_model(ctx, KILN_ARCH_GPT2, 64, 300, true), *r = NULL;
+    CHECK_EQ(kiln_gguf_export(ctx, m, tok, path("pad.gguf"), NULL, NULL), KILN_OK);
+    gguf_file f;
+    CHECK_EQ(gguf_open(ctx, path("pad.gguf"), &f), KILN_OK);
+    const gguf_kv *tk = NULL, *tt = NULL;
+    CHECK_EQ(gguf_get_arr(ctx, &f, "p", "tokenizer.ggml.tokens", true, GGUF_TYPE_STRING, &tk), KILN_OK);
+    CHECK_EQ(gguf_get_arr(ctx, &f, "p", "tokenizer.ggml.token_type", true, GGUF_TYPE_INT64, &tt), KILN_OK);
+    CHECK(tk && tk->n == 300 && tt && tt->n == 300);
+    if (tt && tt->n == 300)
+        CHECK(gguf_arr_int(tt, 255) == 1 && gguf_arr_int(tt, 256) == 3 && gguf_arr_int(tt, 257) == 5 &&
+              gguf_arr_int(tt, 299) == 5);
+    gguf_close(&f);
+    CHECK_EQ(kiln_model_load(ctx, path("pad.gguf"), &r), KILN_OK);
+    CHECK_EQ(kiln_tokenizer_load(ctx, path("pad.gguf"), &rt), KILN_OK);
+    if (rt) {
+        CHECK_EQ(kiln_tokenizer_vocab_size(rt), 300);
+        CHECK_EQ(kiln_tokenizer_eot(rt), 256);
+        int32_t *ids = NULL;
+        size_t n = 0;
+        CHECK_EQ(kiln_tokenizer_encode(ctx, rt, "hi", 2, &ids, &n), KILN_OK);
+        CHECK(n == 2 && ids[0] == 'h' && ids[1] == 'i');
+        free(ids);
+    }
+    /* a tokenizer larger than the model: refused, naming both sizes */
+    kiln_model *small = make_model(ctx, KILN_ARCH_GPT2, 64, 200, true);
+    CHECK_EQ(kiln_gguf_export(ctx, small, tok, path("small.gguf"), NULL, NULL), KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), "257 ids") && strstr(kiln_errmsg(ctx), "vocab_size is 200"));
+    kiln_model_free(small);
+    kiln_model_free(m);
+    kiln_model_free(r);
+    kiln_tokenizer_free(tok);
+    kiln_tokenizer_free(rt);
+    kiln_ctx_free(ctx);
+}
+
 /* Rows that are not whole blocks fall back (Q4_K -> Q8_0 -> F16). */
 static void test_fallback(void)
 {
@@ -665,6 +707,7 @@ int main(void)
     RUN_TEST(test_q4_k_m_gpt2);
     RUN_TEST(test_f16_bf16);
     RUN_TEST(test_fallback);
+    RUN_TEST(test_padded_vocab);
     RUN_TEST(test_hostile);
     RUN_TEST(test_model_refusals);
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

@@ -143,11 +143,6 @@ kiln_status kiln_gguf_export(kiln_ctx *ctx, const kiln_model *m, const kiln_toke
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "%s: the tokenizer has %d ids but the model's vocab_size is %d",
                          path, kiln_tokenizer_vocab_size(tok), c->vocab_size);
-    if (kiln_tokenizer_vocab_size(tok) != c->vocab_size)
-        return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
-                         "%s: the tokenizer has %d ids and the model %d rows of embeddings; "
-                         "llama.cpp needs one token per row", path,
-                         kiln_tokenizer_vocab_size(tok), c->vocab_size);
     int n = model_gguf_tensors(m, NULL);
     model_gguf_tensor *map = calloc((size_t)n + 1, sizeof *map);
     kiln_dtype *types = calloc((size_t)n + 1, sizeof *types);
@@ -182,7 +177,8 @@ kiln_status kiln_gguf_export(kiln_ctx *ctx, const kiln_model *m, const kiln_toke
         if (dtype_traits_of(p->base)->quantized) gguf_w_u32(&w, "general.quantization_version", 2);
         model_gguf_write_hparams(&w, c);
         tok_gguf_ids ids = {.bos = c->bos_token_id, .eos = c->eos_token_id, .pad = -1,
-                            .add_bos = c->arch == KILN_ARCH_LLAMA && c->bos_token_id >= 0};
+                            .add_bos = c->arch == KILN_ARCH_LLAMA && c->bos_token_id >= 0,
+                            .n_vocab = c->vocab_size}; /* one token per row */
         s = tok_gguf_write(ctx, tok, &w, &ids);
     }
     for (int i = 0; i < n && !s; i++) {

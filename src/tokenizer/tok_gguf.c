@@ -4,7 +4,8 @@
  * llama.cpp calls tokenizer.ggml.model "gpt2":
  *   tokens      ordinary tokens as their byte-level strings (GPT-2's
  *               bytes_to_unicode), special and added tokens as their text,
- *               ids without a token as "<|kiln_unused_ID|>"
+ *               ids without a token (holes, and the rows of a model's
+ *               vocabulary past the tokenizer's) as "<|kiln_unused_ID|>"
  *   token_type  1 normal, 3 control (special), 4 user-defined (added,
  *               matched in text), 5 unused (no token)
  *   merges      "left right" in byte-level strings, in rank order
@@ -46,15 +47,15 @@ kiln_status tok_gguf_write(kiln_ctx *ctx, const kiln_tokenizer *t, gguf_writer *
                          "without add_prefix_space", t->name ? t->name : "",
                          t->pattern ? t->pattern : "no pattern",
                          t->add_prefix_space ? ", add_prefix_space" : "");
-    int32_t n = t->n_vocab;
+    int32_t n = ids->n_vocab > t->n_vocab ? ids->n_vocab : t->n_vocab;
     char **s = calloc((size_t)n + 1, sizeof *s);
     size_t *lens = calloc((size_t)n + 1, sizeof *lens);
     int32_t *types = calloc((size_t)n + 1, sizeof *types);
     kiln_status st = KILN_OK;
     if (!s || !lens || !types) st = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
     for (int32_t id = 0; id < n && !st; id++) {
-        uint8_t f = t->flags[id];
-        const char *p = t->blob + t->off[id];
+        uint8_t f = id < t->n_vocab ? t->flags[id] : TOKF_HOLE;
+        const char *p = id < t->n_vocab ? t->blob + t->off[id] : NULL;
         if (f & TOKF_HOLE) {
             char buf[48];
             snprintf(buf, sizeof buf, "<|kiln_unused_%d|>", id);

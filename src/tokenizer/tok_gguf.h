@@ -13,6 +13,8 @@
 typedef struct tok_gguf_ids {
     int32_t bos, eos, pad; /* -1: the end-of-text id */
     bool add_bos;          /* tokenizer.ggml.add_bos_token */
+    int32_t n_vocab;       /* tokens to write (>= the tokenizer's; the ids
+                              past it are unused placeholders), 0: its own */
 } tok_gguf_ids;
 
 /* Appends the tokenizer.* keys for tok. Fails (naming the tokenizer) when
