@@ -16,15 +16,21 @@
 
 typedef struct bar {
     bool on;
+    double t0;
 } bar;
 
+/* The progress bar on a terminal: tensors done, elapsed, ETA (by tensor
+ * count), the tensor being converted. */
 static void progress(void *ud, int i, int n, const char *tensor)
 {
     bar *b = ud;
     if (!b->on) return;
+    if (i == 0) b->t0 = kiln_time_now();
+    double el = kiln_time_now() - b->t0, eta = i > 0 ? el * (n - i) / i : 0;
     int w = 30, k = n ? i * w / n : w;
-    fprintf(stdout, "\r[%.*s%.*s] %d/%d %-32.32s", k, "##############################", w - k,
-            "..............................", i, n, tensor);
+    fprintf(stdout, "\r[%.*s%.*s] %d/%d %5.1fs ETA %5.1fs %-32.32s", k,
+            "##############################", w - k, "..............................", i, n, el,
+            eta, tensor);
     if (i == n) fputc('\n', stdout);
     fflush(stdout);
 }
