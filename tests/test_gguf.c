@@ -67,6 +67,16 @@ static void test_metadata_round_trip(void)
     gguf_w_f64(&w, "a.f64", -1.5);
     gguf_w_bool(&w, "a.bool", true);
     gguf_w_str(&w, "a.str", "h\xc3\xa9llo");
+    uint8_t u8 = 200;
+    int8_t i8 = -100;
+    uint16_t u16 = 60000;
+    int16_t i16 = -30000;
+    int64_t i64 = -(1LL << 50);
+    gguf_w_scalar(&w, "s.u8", GGUF_TYPE_UINT8, &u8);
+    gguf_w_scalar(&w, "s.i8", GGUF_TYPE_INT8, &i8);
+    gguf_w_scalar(&w, "s.u16", GGUF_TYPE_UINT16, &u16);
+    gguf_w_scalar(&w, "s.i16", GGUF_TYPE_INT16, &i16);
+    gguf_w_scalar(&w, "s.i64", GGUF_TYPE_INT64, &i64);
     int16_t arr[3] = {-1, 2, 300};
     gguf_w_arr(&w, "a.arr", GGUF_TYPE_INT16, arr, 3);
     const char *strs[3] = {"x", "", "a b"};
@@ -83,7 +93,14 @@ static void test_metadata_round_trip(void)
     gguf_file f;
     CHECK_EQ(gguf_open(ctx, path("meta.gguf"), &f), KILN_OK);
     CHECK_EQ(f.version, 3u);
-    CHECK_EQ((int)f.n_kv, 9);
+    CHECK_EQ((int)f.n_kv, 14);
+    static const struct { const char *k; int64_t v; } sc[] = {
+        {"s.u8", 200}, {"s.i8", -100}, {"s.u16", 60000}, {"s.i16", -30000}, {"s.i64", -(1LL << 50)}};
+    for (size_t i = 0; i < sizeof sc / sizeof *sc; i++) {
+        int64_t x = 0;
+        CHECK_EQ(gguf_get_int(ctx, &f, "x", sc[i].k, true, &x), KILN_OK);
+        CHECK_EQ(x, sc[i].v);
+    }
     int64_t v = 0;
     double d = 0;
     bool b = false;

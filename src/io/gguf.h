@@ -163,6 +163,9 @@ void gguf_w_f32(gguf_writer *w, const char *key, float v);
 void gguf_w_f64(gguf_writer *w, const char *key, double v);
 void gguf_w_bool(gguf_writer *w, const char *key, bool v);
 void gguf_w_str(gguf_writer *w, const char *key, const char *s);
+/* Any numeric or bool scalar: v points at its value in memory (e.g. an
+ * int16_t for GGUF_TYPE_INT16). */
+void gguf_w_scalar(gguf_writer *w, const char *key, uint32_t type, const void *v);
 void gguf_w_strn(gguf_writer *w, const char *key, const char *s, size_t len);
 /* A numeric (or bool) array: n elements of elem_type, little-endian
  * bytes as laid out in memory on this (little-endian) machine. */

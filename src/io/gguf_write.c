@@ -123,6 +123,13 @@ void gguf_w_str(gguf_writer *w, const char *k, const char *s)
     gguf_w_strn(w, k, s, strlen(s));
 }
 
+void gguf_w_scalar(gguf_writer *w, const char *k, uint32_t type, const void *v)
+{
+    KILN_ASSERT(type < GGUF_TYPE_COUNT && gguf_type_size(type));
+    key(w, k, type);
+    put(w, v, gguf_type_size(type)); /* little-endian machine: memory order is file order */
+}
+
 void gguf_w_arr(gguf_writer *w, const char *k, uint32_t elem_type, const void *data,
                 uint64_t n)
 {
