@@ -49,6 +49,18 @@ for a in gpt2 llama; do
   nt=$([ $a = gpt2 ] && echo 28 || echo 21)
   DETAIL=$("$KILN" info --model "$D/$a.gguf" 2>&1 | grep gguf)
   check "${a}_info_gguf_types" test -n "$("$KILN" info --model "$D/$a.gguf" 2>/dev/null | grep "^gguf  *$nt tensors" | grep q8_0 | grep bf16)"
+  # quantize's summary and --calib: the fp32 perplexity is kiln eval's
+  "$KILN" quantize --model "$D/$a" --type q4_k_m --out "$D/${a}_q.gguf" --calib "$D/data_$a" \
+    --threads 1 >"$D/q_$a.txt" 2>&1
+  DETAIL=$(cat "$D/q_$a.txt")
+  check "${a}_quantize_summary" grep -q "bits per weight" "$D/q_$a.txt"
+  # rows of 32 and 48 are not Q4_K's 256: every matrix falls back, and says so
+  check "${a}_quantize_fallbacks_listed" grep -q "fallback  blk.0.*q4_K -> q8_0 (row length 32" "$D/q_$a.txt"
+  p0=$(sed -n 's/.*perplexity \([0-9.]*\) (fp32).*/\1/p' "$D/q_$a.txt")
+  pe=$("$KILN" eval --model "$D/$a" --data "$D/data_$a" --split train --seq 16 --batch 4 --threads 1 --json |
+       "$PY" -c 'import json,sys; print("%.4f" % json.load(sys.stdin)["perplexity"])')
+  DETAIL="quantize --calib: '$p0', kiln eval: '$pe'"
+  check "${a}_calib_matches_eval" test -n "$p0" -a "$p0" = "$pe"
   # kiln -> GGUF F32 -> kiln: the same weights again
   "$KILN" export --format gguf --model "$D/$a" --out "$D/${a}_re.gguf" --quiet >/dev/null 2>&1
   "$KILN" import "$D/${a}_re.gguf" --out "$D/${a}_re" >/dev/null 2>&1
