@@ -2,6 +2,7 @@
 # fuzz/run.sh — builds each libFuzzer harness fuzz/fuzz_*.c with clang
 # (ASan + UBSan) against the library and runs it for FUZZ_SECONDS (default
 # 30) from its seed corpus fuzz/corpus/<name>/. Exits non-zero on a crash.
+# FUZZ_ONLY=name (e.g. gguf) runs only fuzz/fuzz_<name>.c.
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -16,6 +17,7 @@ status=0
 for h in fuzz/fuzz_*.c; do
   [ -e "$h" ] || continue
   name=$(basename "$h" .c)
+  [ -n "${FUZZ_ONLY:-}" ] && [ "$name" != "fuzz_${FUZZ_ONLY}" ] && continue
   clang -std=c11 -D_GNU_SOURCE -O1 -g -march=native -Iinclude -Isrc \
     -fsanitize=fuzzer,address,undefined -o $bd/$name "$h" $bd/libkiln.a $libs
   corpus=fuzz/corpus/${name#fuzz_}

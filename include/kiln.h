@@ -241,7 +241,9 @@ kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
 /* GPT-2 initialisation: N(0, 0.02), residual projections scaled by
  * 1/sqrt(2L), norms 1, biases 0. Same seed, same weights. */
 void kiln_model_init_random(kiln_model *m, uint64_t seed);
-/* Loads DIR/config.json + DIR/model.safetensors (validated). */
+/* Loads DIR/config.json + DIR/model.safetensors (validated), or a GGUF
+ * file (gpt2 or llama; its tensors dequantized to fp32, llama's q/k rows
+ * put back in HF order; docs/formats.md). */
 kiln_status kiln_model_load(kiln_ctx *ctx, const char *dir, kiln_model **out);
 /* Writes DIR/config.json + DIR/model.safetensors atomically (creates DIR). */
 kiln_status kiln_model_save(kiln_ctx *ctx, const kiln_model *m,
@@ -387,6 +389,34 @@ kiln_status kiln_cross_entropy(kiln_ctx *ctx, const float *logits,
  * io: safetensors, gguf, checkpoint directories
  * ====================================================================== */
 
+/* A GGUF file, memory-mapped and validated (docs/formats.md, "GGUF"):
+ * every count, length and offset checked against the file, tensor types
+ * known, rows whole blocks, data aligned and not overlapping. Its tensors
+ * are read where they lie, in their own type: the way an engine takes
+ * quantized weights without converting them. Errors name the file and the
+ * key or tensor. */
+typedef struct kiln_gguf kiln_gguf;
+
+/* One tensor as stored: ggml's shape order (ne[0] is the row length; a
+ * row is dtype's blocks), its bytes inside the mapping (valid until
+ * kiln_gguf_close). */
+typedef struct kiln_gguf_tensor {
+    const char *name;  /* llama.cpp's name, e.g. "blk.0.attn_q.weight" */
+    kiln_dtype dtype;
+    int ndim;          /* 1..4 */
+    int64_t ne[4];     /* unused dimensions are 1 */
+    const void *data;
+    size_t bytes;
+} kiln_gguf_tensor;
+
+kiln_status kiln_gguf_open(kiln_ctx *ctx, const char *path, kiln_gguf **out);
+void kiln_gguf_close(kiln_gguf *g);
+int64_t kiln_gguf_num_tensors(const kiln_gguf *g);
+/* Tensor i (file order) into *out; false when i is out of range. */
+bool kiln_gguf_tensor_at(const kiln_gguf *g, int64_t i, kiln_gguf_tensor *out);
+/* Index of the tensor with this name, or -1. */
+int64_t kiln_gguf_find_tensor(const kiln_gguf *g, const char *name);
+
 /* ======================================================================
  * tokenizer
  * ====================================================================== */
@@ -394,8 +424,9 @@ kiln_status kiln_cross_entropy(kiln_ctx *ctx, const float *logits,
 typedef struct kiln_tokenizer kiln_tokenizer;
 
 /* Loads a tokenizer. spec is a tokenizer.json path, a directory holding
- * tokenizer.json or GPT-2's encoder.json + vocab.bpe, or "bytes" (the
- * byte-level vocabulary: ids 0..255 are bytes, 256 is <|endoftext|>). */
+ * tokenizer.json or GPT-2's encoder.json + vocab.bpe, a GGUF file (its
+ * tokenizer.ggml.* keys, model "gpt2"), or "bytes" (the byte-level
+ * vocabulary: ids 0..255 are bytes, 256 is <|endoftext|>). */
 kiln_status kiln_tokenizer_load(kiln_ctx *ctx, const char *spec,
                                 kiln_tokenizer **out);
 /* Writes Hugging Face tokenizer.json atomically. */
@@ -1143,6 +1174,59 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
 /* ======================================================================
  * tune / compress
  * ====================================================================== */
+
+/* ---- GGUF export and quantization (`kiln export --format gguf`,
+ * `kiln quantize`; docs/quantize.md) ---------------------------------- */
+
+typedef struct kiln_gguf_export_opts {
+    /* preset: "f32", "f16", "bf16", "q8_0", "q4_0", "q6_k" or "q4_k_m"
+     * (llama.cpp's mix: Q6_K for the output and some attn_v / ffn_down
+     * matrices, Q4_K elsewhere); 1-D tensors stay F32 [f32] */
+    const char *type;
+    const char *name; /* general.name [NULL: "kiln model"] */
+    /* Called before tensor i of n is converted, and once with i == n at
+     * the end (NULL: none). */
+    void (*progress)(void *ud, int i, int n, const char *tensor);
+    void *progress_ud;
+} kiln_gguf_export_opts;
+
+kiln_gguf_export_opts kiln_gguf_export_opts_default(void);
+
+/* What went where. */
+typedef struct kiln_gguf_tensor_summary {
+    char name[64];
+    kiln_dtype dtype;  /* the type written */
+    kiln_dtype wanted; /* the recipe's type before a row-length fallback */
+    int64_t ne[2];
+    uint64_t numel;
+    size_t bytes;
+} kiln_gguf_tensor_summary;
+
+typedef struct kiln_gguf_export_stats {
+    int n_tensors;
+    kiln_gguf_tensor_summary *tensors; /* (n_tensors), GGUF order */
+    uint64_t params;         /* the model's fp32 parameters */
+    uint64_t weights;        /* elements written (tied: once) */
+    uint64_t bytes_before;   /* params x 4 */
+    uint64_t bytes_after;    /* tensor data written */
+    uint64_t file_bytes;     /* the whole file */
+    double bits_per_weight;  /* 8 x bytes_after / weights */
+} kiln_gguf_export_stats;
+
+/* Writes m and tok as one GGUF file at path (atomically) that llama.cpp
+ * loads: general.*, the {arch}.* hyper-parameters, the tokenizer
+ * (tokenizer.ggml.model "gpt2"), tensors under llama.cpp's names (llama's
+ * q/k rows permuted to its RoPE order; tied embeddings: no output.weight).
+ * stats (may be NULL) is filled on success; free it with
+ * kiln_gguf_export_stats_free. A model vocabulary larger than the
+ * tokenizer's (padded embeddings) gets placeholder tokens of type unused,
+ * one per row, as llama.cpp needs. Errors: an unknown preset (names the
+ * field), a tokenizer llama.cpp could not reproduce or larger than the
+ * model's vocabulary, I/O. */
+kiln_status kiln_gguf_export(kiln_ctx *ctx, const kiln_model *m, const kiln_tokenizer *tok,
+                             const char *path, const kiln_gguf_export_opts *o,
+                             kiln_gguf_export_stats *stats);
+void kiln_gguf_export_stats_free(kiln_gguf_export_stats *st);
 
 /* ======================================================================
  * infer: sampling, generation

@@ -91,7 +91,7 @@ bool cli_isatty(void);
     XX(prune, "prune a model")                                             \
     XX(quantize, "quantize a model")                                       \
     XX(export, "export to other formats (GGUF)")                           \
-    XX(import, "import Hugging Face models")                               \
+    XX(import, "a GGUF file to a model directory")                               \
     XX(bench, "measure kernels and training speed")
 
 #define KILN_XX_DECL(name, help) \

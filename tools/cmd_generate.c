@@ -14,13 +14,18 @@
  * (the end of the prefill). */
 typedef struct gen_clock {
     double t0, t1;
+    bool ids; /* --print-ids: token ids instead of text */
 } gen_clock;
 
 static bool print_token(void *user, const kiln_gen_token *t)
 {
     gen_clock *c = user;
     if (c->t1 == 0) c->t1 = kiln_time_now();
-    fwrite(t->text, 1, t->len, stdout);
+    if (c->ids) {
+        if (t->id >= 0) printf(" %d", (int)t->id);
+    } else {
+        fwrite(t->text, 1, t->len, stdout);
+    }
     fflush(stdout);
     return true;
 }
@@ -31,7 +36,7 @@ int cmd_generate(int argc, char **argv)
     int max_tokens = 128, top_k = 0, ctx_len = 0, threads = 0;
     double temperature = 1.0, top_p = 1.0, min_p = 0.0, rep = 1.0, freq = 0.0, pres = 0.0;
     int64_t seed = 0;
-    bool ignore_eos = false, no_echo = false, quiet = false;
+    bool ignore_eos = false, no_echo = false, quiet = false, print_ids = false;
     cli_list stops = {0}, stop_tokens = {0};
     cli_opt opts[] = {
         {"model", CLI_STR, &model, "model directory (config.json, model.safetensors, tokenizer.json), or a run directory: its latest checkpoint", true},
@@ -54,6 +59,7 @@ int cmd_generate(int argc, char **argv)
         {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {"no-echo", CLI_BOOL, &no_echo, "do not print the prompt before the continuation", false},
         {"quiet", CLI_BOOL, &quiet, "no speed report on stderr", false},
+        {"print-ids", CLI_BOOL, &print_ids, "print token ids, not text: the prompt's (BOS included) on one line, the generated ones on the next", false},
         {NULL, 0, NULL, NULL, false},
     };
     int rc = cli_parse("generate",
@@ -175,11 +181,14 @@ int cmd_generate(int argc, char **argv)
         st = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
         goto fail;
     }
-    if (!no_echo && prompt) {
+    if (print_ids) {
+        for (size_t i = 0; i < n; i++) printf("%s%d", i ? " " : "", (int)ids[i]);
+        fputc('\n', stdout);
+    } else if (!no_echo && prompt) {
         fputs(prompt, stdout);
         fflush(stdout);
     }
-    gen_clock clk = {.t0 = kiln_time_now()};
+    gen_clock clk = {.t0 = kiln_time_now(), .ids = print_ids};
     if (max_tokens > 0 && (st = kiln_generate(ctx, e, 0, g, ids, n, logits, print_token, &clk)))
         goto fail;
     double t2 = kiln_time_now();

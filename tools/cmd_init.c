@@ -77,7 +77,7 @@ int cmd_info(int argc, char **argv)
     const char *model = NULL, *config = NULL;
     bool tensors = false, json = false;
     cli_opt opts[] = {
-        {"model", CLI_STR, &model, "model directory (config.json + model.safetensors)", false},
+        {"model", CLI_STR, &model, "model directory (config.json + model.safetensors) or .gguf file", false},
         {"config", CLI_STR, &config, "a config.json alone (no weights needed)", false},
         {"tensors", CLI_BOOL, &tensors, "list every tensor with its shape", false},
         {"json", CLI_BOOL, &json, "print one JSON object", false},
@@ -153,6 +153,34 @@ int cmd_info(int argc, char **argv)
         printf("bias        %s\n", cfg.bias ? "yes" : "no");
         printf("parameters  %zu (%s; %s without embeddings)\n", np, h1, h2);
         printf("fp32 size   %.1f MiB\n", (double)np * 4 / (1 << 20));
+        kiln_gguf *g = NULL;
+        struct stat sb;
+        if (model && stat(model, &sb) == 0 && S_ISREG(sb.st_mode) &&
+            kiln_gguf_open(ctx, model, &g) == KILN_OK) {
+            /* a GGUF file: its tensors' types as stored */
+            int64_t nt = kiln_gguf_num_tensors(g);
+            size_t bytes = 0;
+            kiln_dtype types[32];
+            int cnt[32], nty = 0;
+            kiln_gguf_tensor t;
+            for (int64_t i = 0; kiln_gguf_tensor_at(g, i, &t); i++) {
+                bytes += t.bytes;
+                int j = 0;
+                while (j < nty && types[j] != t.dtype) j++;
+                if (j == nty && nty < 32) types[nty] = t.dtype, cnt[nty++] = 0;
+                if (j < 32) cnt[j]++;
+            }
+            printf("gguf        %lld tensors, %.2f MiB:", (long long)nt, (double)bytes / (1 << 20));
+            for (int j = 0; j < nty; j++)
+                printf("%s %s x%d", j ? "," : "", kiln_dtype_name(types[j]), cnt[j]);
+            printf("\n");
+            if (tensors)
+                for (int64_t i = 0; kiln_gguf_tensor_at(g, i, &t); i++)
+                    printf("  %-40s %-5s [%lld, %lld] %zu bytes\n", t.name, kiln_dtype_name(t.dtype),
+                           (long long)t.ne[0], (long long)t.ne[1], t.bytes);
+            kiln_gguf_close(g);
+            tensors = false;
+        }
         if (tensors)
             for (int i = 0; i < kiln_model_num_tensors(m); i++) {
                 const kiln_tensor_info *t = kiln_model_tensor(m, i);

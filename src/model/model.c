@@ -480,10 +480,16 @@ kiln_status kiln_model_load(kiln_ctx *ctx, const char *dir, kiln_model **out)
         s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
         goto done;
     }
+    if (!file_is_dir(dir) && file_exists(dir) && gguf_is_gguf(dir)) {
+        s = model_load_gguf(ctx, dir, &m);
+        if (!s) *out = m;
+        m = NULL;
+        goto done;
+    }
     if (!file_is_dir(dir)) {
         s = kiln_fail(ctx, KILN_ERR_IO,
                       "'%s' is not a model directory (expected config.json and "
-                      "model.safetensors in it)", dir);
+                      "model.safetensors in it) nor a GGUF file", dir);
         goto done;
     }
     if ((s = kiln_config_load(ctx, cpath, &cfg))) goto done;

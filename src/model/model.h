@@ -25,6 +25,7 @@
 #define KILN_MODEL_H
 
 #include "base/base.h"
+#include "io/gguf.h"
 #include "kernels/kernels.h"
 
 #include <time.h>
@@ -301,5 +302,45 @@ size_t model_act_bytes(const kiln_model *m, int B, int T);
 /* Loads weights from a validated safetensors file into m's parameter
  * block (names/shapes checked; F32/BF16/F16 converted). */
 kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *path);
+
+/* ---- GGUF (gguf_model.c): kiln's tensors as llama.cpp's ---------------- */
+
+/* How a kiln tensor (HF layout) becomes its GGUF tensor. */
+enum {
+    MODEL_GGUF_COPY = 0,      /* same bytes */
+    MODEL_GGUF_TRANSPOSE = 1, /* gpt2 Conv1D (in, out) -> rows of out */
+    MODEL_GGUF_PERMUTE_Q = 2, /* llama q rows: rotate-half -> interleaved */
+    MODEL_GGUF_PERMUTE_K = 3  /* llama k rows (KVH heads) */
+};
+
+typedef struct model_gguf_tensor {
+    char name[GGUF_MAX_NAME]; /* llama.cpp's name: "blk.0.attn_q.weight" */
+    int src;                  /* index into m->tensors */
+    int op;                   /* MODEL_GGUF_* */
+    int n_head;               /* heads of a permuted tensor */
+    int layer;                /* block index, -1 for the others */
+    int ndim;                 /* 1 or 2 */
+    int64_t ne[2];            /* GGUF shape: ne[0] row length, ne[1] rows */
+} model_gguf_tensor;
+
+/* The GGUF tensors of m in kiln's tensor order (tied embeddings: no
+ * output.weight). Fills out (may be NULL) and returns the count. */
+int model_gguf_tensors(const kiln_model *m, model_gguf_tensor *out);
+/* Tensor t in the GGUF layout as fp32: dst has ne[0] * ne[1] floats. */
+void model_gguf_get(const kiln_model *m, const model_gguf_tensor *t, float *dst);
+/* The inverse: writes src (GGUF layout) into m's parameters. */
+void model_gguf_put(kiln_model *m, const model_gguf_tensor *t, const float *src);
+/* "gpt2" or "llama": general.architecture and the hparams' key prefix. */
+const char *model_gguf_arch(const kiln_config *c);
+/* Writes the {arch}.* hyper-parameter keys llama.cpp reads. */
+void model_gguf_write_hparams(gguf_writer *w, const kiln_config *c);
+/* The config a GGUF file describes; errors name the key. */
+kiln_status model_gguf_config(kiln_ctx *ctx, const gguf_file *f, const char *what,
+                              kiln_config *out);
+/* Dequantizes f's tensors into m (whose config came from f). */
+kiln_status model_gguf_load_weights(kiln_ctx *ctx, kiln_model *m, const gguf_file *f,
+                                    const char *what);
+/* kiln_model_load of a .gguf file. */
+kiln_status model_load_gguf(kiln_ctx *ctx, const char *path, kiln_model **out);
 
 #endif /* KILN_MODEL_H */

@@ -6,6 +6,7 @@
  * A tokenizer is immutable once loaded, so one may be shared by any number
  * of threads; per-call scratch lives in tok_scratch (bpe.c).
  */
+#include "tokenizer/tok_gguf.h"
 #include "tokenizer/tok_internal.h"
 
 #include <stdlib.h>
@@ -355,6 +356,14 @@ kiln_status kiln_tokenizer_load(kiln_ctx *ctx, const char *spec,
                          "tokenizer '%s' not found: pass a tokenizer.json, a "
                          "directory holding one (or GPT-2's encoder.json + "
                          "vocab.bpe), or \"bytes\"", spec);
+    if (gguf_is_gguf(spec)) {
+        gguf_file f;
+        kiln_status s = gguf_open(ctx, spec, &f);
+        if (s) return s;
+        s = tok_gguf_read(ctx, &f, spec, out);
+        gguf_close(&f);
+        return s;
+    }
     return tok_load_hf(ctx, spec, out);
 }
 
