@@ -321,6 +321,8 @@ static const struct {
     {"kiln_serve_opts.n_ctx", "--ctx"},
     {"kiln_serve_opts.max_queue", "--max-queue"},
     {"kiln_serve_opts.max_body", "--max-body"},
+    {"kiln_serve_opts.log_format", "--log-format"},
+    {"kiln_serve_opts.cors", "--cors"},
     {"kiln_serve_opts.max_connections", "--max-connections"},
     {"kiln_serve_opts.wtype", "--dtype"},
 };

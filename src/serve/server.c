@@ -108,10 +108,11 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     if (o.log_format && strcmp(o.log_format, "text") && strcmp(o.log_format, "json") &&
         strcmp(o.log_format, "off"))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--log-format '%s' is not text, json or off", o.log_format);
+                         "kiln_serve_opts.log_format = '%s' is not text, json or off",
+                         o.log_format);
     if (o.cors && !*o.cors)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "--cors is empty; give \"*\" or the allowed origins "
+                         "kiln_serve_opts.cors is empty; give \"*\" or the allowed origins "
                          "(e.g. https://app.example.com), or leave it out");
     if (o.api_key && !*o.api_key)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
