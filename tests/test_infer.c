@@ -590,7 +590,7 @@ static void greedy_vs_model_forward(kiln_arch arch, kiln_dtype wt, double tol)
     if (st) { kiln_ctx_free(ctx); return; }
     kiln_model_init_random(m, 99 + arch);
     /* larger weights than GPT-2 init so the logits are not all alike */
-    float *p = kiln_model_params(m);
+    float *p = kiln_model_params_mut(m);
     kiln_rng r;
     kiln_rng_seed(&r, 3);
     for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.05f * kiln_rng_normal(&r);

@@ -104,7 +104,9 @@ static struct model_upd *upd_of(kiln_model *m)
 int model_wstrips(kiln_model *m, const model_wstrip **out)
 {
     *out = NULL;
-    if (kiln_model_precision(m) != KILN_PRECISION_BF16) return 0;
+    /* a caller holding kiln_model_params_mut may write at any time: no
+     * copy is marked fresh then (every forward repacks) */
+    if (kiln_model_precision(m) != KILN_PRECISION_BF16 || m->params_shared) return 0;
     struct model_upd *u = upd_of(m);
     if (!u) return 0;
     kern_gemm *g = m->gemm;
@@ -115,6 +117,7 @@ int model_wstrips(kiln_model *m, const model_wstrip **out)
     int nm = 0;
     for (int i = 0; i < u->n; i++) {
         const wmat *x = &u->wm[i];
+        if (m->any_frozen && model_range_frozen(m, x->off, x->len)) continue; /* not stepped */
         mp_weight *e = mp_kern_weight_entry(g, x->w, x->oc, x->c, x->io);
         int strip = mp_weight_strip_rows(e);
         if (!strip) continue;
@@ -131,6 +134,18 @@ int model_wstrips(kiln_model *m, const model_wstrip **out)
     }
     *out = u->ws;
     return nm;
+}
+
+void model_wkeep_frozen(kiln_model *m, bool (*untouched)(void *, size_t, size_t), void *ud)
+{
+    struct model_upd *u = m->upd;
+    if (!m->any_frozen || !u || m->params_shared || !m->gemm->invalidate ||
+        kiln_model_precision(m) == KILN_PRECISION_FP32)
+        return;
+    for (int i = 0; i < u->n; i++)
+        if (model_range_frozen(m, u->wm[i].off, u->wm[i].len) &&
+            untouched(ud, u->wm[i].off, u->wm[i].len))
+            mp_kern_weight_keep(m->gemm, u->wm[i].w, u->wm[i].oc, u->wm[i].c, u->wm[i].io);
 }
 
 void model_wstrip_fresh(kiln_model *m, int i)
@@ -160,6 +175,8 @@ void model_mp_zero_grad(kiln_model *m)
     }
     size_t pos = 0;
     for (int i = 0; i < u->n; i++) {
+        /* a frozen matrix is no backward's to store: zeros, as any gap */
+        if (m->any_frozen && model_range_frozen(m, u->wm[i].off, u->wm[i].len)) continue;
         memset(m->grads + pos, 0, (u->wm[i].off - pos) * sizeof(float));
         pos = u->wm[i].off + u->wm[i].len;
     }

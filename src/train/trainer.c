@@ -84,7 +84,7 @@ static kiln_status tr_dist_init(trainer *t)
 static kiln_status tr_dist_bcast_params(trainer *t)
 {
     if (t->world == 1) return KILN_OK;
-    return dist_bcast(t->ctx, t->dist, kiln_model_params(t->model),
+    return dist_bcast(t->ctx, t->dist, model_params_write(t->model),
                       kiln_model_num_params(t->model) * sizeof(float), 0);
 }
 
@@ -272,6 +272,74 @@ static kiln_status check_opts(kiln_ctx *ctx, const kiln_train_opts *o)
     return KILN_OK;
 }
 
+/* Freezes the tensors opts.freeze names (kiln_model_set_trainable). On
+ * resume the checkpoint's patterns hold: given none, they are taken over;
+ * given others, that is an error (the optimizer state has moments for
+ * exactly the trainable tensors of the run that wrote it). */
+static kiln_status tr_freeze(trainer *t)
+{
+    kiln_ctx *ctx = t->ctx;
+    const kiln_train_opts *o = &t->o;
+    t->freeze = o->freeze;
+    t->n_freeze = o->freeze ? o->n_freeze : 0;
+    if (o->n_freeze < 0 || (o->n_freeze > 0 && !o->freeze))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.n_freeze = %d needs kiln_train_opts.freeze to "
+                         "point at that many patterns", o->n_freeze);
+    if (o->resume) {
+        char *p = file_join(o->resume, "trainer_state.json");
+        json_t *st = NULL;
+        kiln_status s = p ? js_load_file(ctx, p, &st) : KILN_ERR_NOMEM;
+        free(p);
+        if (s) return s;
+        json_t *fz = json_object_get(json_object_get(st, "options"), "freeze");
+        t->ckpt_opts = json_incref(fz); /* NULL: a run without freezing */
+        json_decref(st);
+        size_t nk = json_array_size(fz);
+        if (t->n_freeze == 0 && nk > 0) {
+            t->freeze_buf = calloc(nk, sizeof *t->freeze_buf);
+            if (!t->freeze_buf) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+            for (size_t i = 0; i < nk; i++) {
+                t->freeze_buf[i] = json_string_value(json_array_get(fz, i));
+                if (!t->freeze_buf[i])
+                    return kiln_fail(ctx, KILN_ERR_FORMAT,
+                                     "%s/trainer_state.json: options.freeze[%zu] is not a "
+                                     "string", o->resume, i);
+            }
+            t->freeze = t->freeze_buf;
+            t->n_freeze = (int)nk;
+        } else if (t->n_freeze > 0) {
+            bool same = nk == (size_t)t->n_freeze;
+            for (size_t i = 0; same && i < nk; i++) {
+                const char *c = json_string_value(json_array_get(fz, i));
+                same = c && t->freeze[i] && !strcmp(c, t->freeze[i]);
+            }
+            if (!same)
+                return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                                 "kiln_train_opts.freeze (--freeze) differs from the patterns "
+                                 "the checkpoint %s was trained with (%zu of them, in "
+                                 "trainer_state.json options.freeze); resume with the same "
+                                 "ones, or leave them out to take the checkpoint's",
+                                 o->resume, nk);
+        }
+    }
+    if (t->n_freeze > 0 && o->zero)
+        return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                         "kiln_train_opts.freeze (--freeze) with zero = 1 (--zero 1) is not "
+                         "supported yet; train frozen tensors with zero = 0");
+    for (int i = 0; i < t->n_freeze; i++) {
+        if (!t->freeze[i])
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.freeze[%d] is NULL", i);
+        kiln_status s = kiln_model_set_trainable(ctx, t->model, t->freeze[i], false, NULL);
+        if (s) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", kiln_errmsg(ctx));
+            return kiln_fail(ctx, s, "kiln_train_opts.freeze[%d] (--freeze): %s", i, msg);
+        }
+    }
+    return KILN_OK;
+}
+
 static kiln_status make_model(trainer *t)
 {
     kiln_ctx *ctx = t->ctx;
@@ -325,6 +393,7 @@ static kiln_status make_model(trainer *t)
                          "--seq %d exceeds the model's context length (n_ctx "
                          "%d in %s); use --seq %d or less",
                          o->seq, cfg->n_ctx, from, cfg->n_ctx);
+    if ((s = tr_freeze(t))) return s;
     kiln_adamw_opts ao = {.beta1 = (float)o->beta1,
                           .beta2 = (float)o->beta2,
                           .eps = (float)o->eps,
@@ -549,8 +618,6 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         kiln_objective_batch mb = micro_batch(t, k);
         if (!obj->weigh) draw_micro(t, k, t->inputs, t->targets);
         float *logits;
-        /* the weights are those of micro-step 0: keep their packed copies */
-        if (k > 0) kiln_model_keep_weights(t->model);
         if ((s = kiln_model_forward(ctx, t->model, mb.tokens, B, T, &logits)))
             return s;
         if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;
@@ -566,7 +633,8 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         }
         if (s) return s;
     }
-    float *g = kiln_model_grads(t->model);
+    model_grads_materialize(t->model);
+    float *g = model_grads_deferred(t->model);
     size_t n = kiln_model_num_params(t->model);
     /* --zero 1: each rank receives the mean gradient of its shard only */
     if ((s = t->zero ? dist_zero_reduce_grads(ctx, t->zero, g)
@@ -609,7 +677,7 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     if (!isfinite(*gnorm)) return diverged(t, "the gradient norm", *gnorm, *lr);
     grad_mul *= kiln_clip_grad_coef(*gnorm, o->grad_clip);
     if (t->zero) {
-        if ((s = dist_zero_update_scaled(ctx, t->zero, kiln_model_params(t->model),
+        if ((s = dist_zero_update_scaled(ctx, t->zero, model_params_write(t->model),
                                          g, (float)*lr, grad_mul)))
             return s;
     } else {
@@ -633,6 +701,8 @@ static void trainer_free(trainer *t, kiln_status s)
     kiln_data_close(t->data);
     kiln_adamw_free(t->opt);
     kiln_model_free(t->model);
+    json_decref(t->ckpt_opts);
+    free(t->freeze_buf);
     tr_dist_free(t, s);
 }
 

@@ -52,6 +52,12 @@ typedef struct trainer {
     kiln_scaler scaler;   /* enabled for fp16 */
     double step_scale;    /* loss scale the last step ran with */
     bool step_skipped;    /* the last step was skipped (inf/NaN gradient) */
+    /* the freeze patterns in effect (opts.freeze, or on resume without
+     * them the checkpoint's, held by ckpt_opts) */
+    const char *const *freeze;
+    int n_freeze;
+    json_t *ckpt_opts;    /* the resumed checkpoint's "options", or NULL */
+    const char **freeze_buf;
 } trainer;
 
 /* ---- trainer_io.c ---------------------------------------------------- */

@@ -175,6 +175,11 @@ static json_t *options_json(const trainer *t)
     json_object_set_new(j, "seed", json_string(seed));
     json_object_set_new(j, "precision", json_string(kiln_precision_name(t->prec)));
     json_object_set_new(j, "objective", json_string(t->obj->name));
+    if (t->n_freeze > 0) {
+        json_t *fz = json_array();
+        for (int i = 0; i < t->n_freeze; i++) json_array_append_new(fz, json_string(t->freeze[i]));
+        json_object_set_new(j, "freeze", fz);
+    }
     return j;
 }
 

@@ -219,5 +219,18 @@ void mp_kern_weight_fresh(kern_gemm *g, const float *w, int OC, int C, bool in_o
     if (e) e->fwd_epoch = e->bwd_epoch = st->epoch + 2;
 }
 
+void mp_kern_weight_keep(kern_gemm *g, const float *w, int OC, int C, bool in_out)
+{
+    mp_state *st = state_of(g);
+    for (int i = 0; i < st->n_cache; i++) {
+        wentry *e = &st->cache[i];
+        if (e->w != w || e->OC != OC || e->C != C || e->in_out != in_out) continue;
+        /* a layout current in this epoch stays so in the next */
+        if (e->fwd_epoch == st->epoch + 1) e->fwd_epoch = st->epoch + 2;
+        if (e->bwd_epoch == st->epoch + 1) e->bwd_epoch = st->epoch + 2;
+        return;
+    }
+}
+
 size_t mp_kern_cache_bytes(kern_gemm *g) { return state_of(g)->cache_bytes; }
 uint64_t mp_kern_repacks(kern_gemm *g) { return state_of(g)->repacks; }

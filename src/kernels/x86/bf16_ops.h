@@ -37,5 +37,8 @@ const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, boo
  * (the next forward's), so that forward does not repack them. */
 mp_weight *mp_kern_weight_entry(kern_gemm *g, const float *w, int OC, int C, bool in_out);
 void mp_kern_weight_fresh(kern_gemm *g, const float *w, int OC, int C, bool in_out);
+/* For a weight the optimizer did not change (frozen): each of its packed
+ * layouts that is current now stays current for the next epoch. */
+void mp_kern_weight_keep(kern_gemm *g, const float *w, int OC, int C, bool in_out);
 
 #endif /* KILN_KERNELS_X86_BF16_OPS_H */
