@@ -175,8 +175,8 @@ void model_mp_zero_grad(kiln_model *m)
     }
     size_t pos = 0;
     for (int i = 0; i < u->n; i++) {
-        /* a frozen matrix is no backward's to store: zeros, as any gap */
-        if (m->any_frozen && model_range_frozen(m, u->wm[i].off, u->wm[i].len)) continue;
+        /* a frozen matrix too: no backward writes it, and its gradient is
+         * zeros already (kiln_model_set_trainable), lazy or not */
         memset(m->grads + pos, 0, (u->wm[i].off - pos) * sizeof(float));
         pos = u->wm[i].off + u->wm[i].len;
     }
