@@ -401,8 +401,18 @@ void tr_banner(trainer *t)
             (double)dist_zero_state_bytes(t->zero) / 1e6, t->world,
             t->world > 1 ? "s" : "", 8.0 * (double)np / 1e6);
     else
-        tr_say(t, "optimizer: AdamW state %.2f MB per rank%s", 8.0 * (double)np / 1e6,
+        tr_say(t, "optimizer: AdamW state %.2f MB per rank%s",
+            8.0 * (double)kiln_adamw_state_size(t->opt) / 1e6,
             t->world > 1 ? " (use --zero 1 to shard it)" : "");
+    if (t->n_freeze > 0) {
+        int nt = 0, nf = 0;
+        for (int i = 0; i < kiln_model_num_tensors(t->model); i++, nt++)
+            nf += !kiln_model_tensor(t->model, i)->trainable;
+        size_t tr = kiln_model_num_trainable(t->model);
+        tr_say(t, "frozen: %d of %d tensors (%.2fM parameters; %.2fM trainable) by %d pattern%s",
+            nf, nt, (double)(np - tr) / 1e6, (double)tr / 1e6, t->n_freeze,
+            t->n_freeze > 1 ? "s" : "");
+    }
     char cpu[256];
     kiln_precision_describe(cpu, sizeof cpu);
     tr_say(t, "precision: %s matrix products, fp32 master weights and AdamW%s [%s]",
