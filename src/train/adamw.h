@@ -37,6 +37,12 @@ void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float
  * trainable range overlaps them); ud is the kiln_adamw. */
 bool adamw_untouched(void *ud, size_t off, size_t len);
 
+/* For adamw_io.c: the names of all the tensors of the model o was made
+ * for and whether each has state (returns their count; 0 when o was made
+ * with kiln_adamw_new), and a read-only moment (second: v, else m). */
+int adamw_tensors(const kiln_adamw *o, char *const **names, const bool **trainable);
+const float *adamw_moment(const kiln_adamw *o, bool second);
+
 /* Room for n adamw_matrix entries, owned by o (grown, never shrunk, so a
  * step after the first allocates nothing); NULL when out of memory. */
 adamw_matrix *adamw_matrix_scratch(kiln_adamw *o, int n);
