@@ -169,7 +169,13 @@ void model_mp_zero_grad(kiln_model *m)
 {
     struct model_upd *u = m->act_mp ? upd_of(m) : NULL;
     if (!u) {
-        memset(m->grads, 0, m->num_params * sizeof(float));
+        if (m->any_frozen) { /* frozen ranges are zeros already */
+            for (int i = 0; i < m->n_tensors; i++)
+                if (m->tensors[i].trainable)
+                    memset(m->grads + m->tensors[i].offset, 0, m->tensors[i].numel * sizeof(float));
+        } else {
+            memset(m->grads, 0, m->num_params * sizeof(float));
+        }
         m->grads_lazy = false;
         return;
     }
