@@ -296,7 +296,9 @@ int kiln_model_find_tensor(const kiln_model *m, const char *name);
  * values never change in kiln_model_adamw_step. Returns the number of
  * tensors matched (>= 1) in *matched (may be NULL). Errors:
  * KILN_ERR_INVALID_ARG naming the pattern when no tensor matches (m
- * unchanged). Tied embeddings are one tensor (the token embedding). */
+ * unchanged). Tied embeddings are one tensor (the token embedding). An
+ * optimizer made before the call keeps the state it has (make it again:
+ * kiln_adamw_new_for_model). */
 kiln_status kiln_model_set_trainable(kiln_ctx *ctx, kiln_model *m, const char *pattern,
                                      bool trainable, int *matched);
 /* Moves every tensor matching pattern (as above) into parameter group
@@ -338,7 +340,8 @@ void kiln_model_zero_grad(kiln_model *m);
  * gradient block is final (per layer, in reverse layer order, then the
  * embeddings), so gradient communication can overlap the rest of the
  * backward pass. offset and numel are in floats from kiln_model_grads().
- * Every gradient float is reported exactly once per backward call. */
+ * Every gradient float is reported exactly once per backward call
+ * (frozen tensors' ranges too: zeros). */
 typedef void (*kiln_grad_ready_fn)(void *ud, size_t offset, size_t numel);
 void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud);
 
