@@ -337,6 +337,18 @@ static kiln_status tr_freeze(trainer *t)
             return kiln_fail(ctx, s, "kiln_train_opts.freeze[%d] (--freeze): %s", i, msg);
         }
     }
+    /* the frozen ranges, in block order (the registry's), for the allreduce */
+    int nt = kiln_model_num_tensors(t->model);
+    t->fz_off = calloc((size_t)nt + 1, sizeof *t->fz_off);
+    t->fz_len = calloc((size_t)nt + 1, sizeof *t->fz_len);
+    if (!t->fz_off || !t->fz_len) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    t->nfz = 0;
+    for (int i = 0; i < nt; i++) {
+        const kiln_tensor_info *ti = kiln_model_tensor(t->model, i);
+        if (ti->trainable) continue;
+        t->fz_off[t->nfz] = ti->offset;
+        t->fz_len[t->nfz++] = ti->numel;
+    }
     return KILN_OK;
 }
 
@@ -621,6 +633,8 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         if ((s = kiln_model_forward(ctx, t->model, mb.tokens, B, T, &logits)))
             return s;
         if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;
+        if (k == K - 1 && !t->zero && t->world > 1) /* frozen buckets: no allreduce */
+            dist_grads_skip(t->dist, t->fz_off, t->fz_len, t->nfz);
         if (obj->fused_ce) {
             /* cross-entropy + backward (in bf16 the logits' gradient goes
              * straight into the LM head's packed operands) */
@@ -703,6 +717,8 @@ static void trainer_free(trainer *t, kiln_status s)
     kiln_model_free(t->model);
     json_decref(t->ckpt_opts);
     free(t->freeze_buf);
+    free(t->fz_off);
+    free(t->fz_len);
     tr_dist_free(t, s);
 }
 

@@ -58,6 +58,8 @@ typedef struct trainer {
     int n_freeze;
     json_t *ckpt_opts;    /* the resumed checkpoint's "options", or NULL */
     const char **freeze_buf;
+    size_t *fz_off, *fz_len; /* the frozen tensors' ranges (nfz), sorted */
+    int nfz;
 } trainer;
 
 /* ---- trainer_io.c ---------------------------------------------------- */
