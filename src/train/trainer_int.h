@@ -72,6 +72,10 @@ void tr_say(trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3
 void tr_progress(trainer *t, double loss, double lr, double gnorm, double tps);
 /* The run's banner: model, data, batch, optimizer, precision. */
 void tr_banner(trainer *t);
+/* Applies opts.freeze to the model (on resume the checkpoint's patterns,
+ * which opts.freeze must equal when given) and records the frozen ranges
+ * (fz_off, fz_len) for the allreduce. Before the optimizer is made. */
+kiln_status tr_freeze(trainer *t);
 /* Appends a metrics object to the history and to RUN/metrics.jsonl. */
 void tr_metrics_append(trainer *t, json_t *obj);
 /* Rewrites RUN/metrics.jsonl from the history and opens it for appending
