@@ -174,7 +174,7 @@ int main(int argc, char **argv)
     }
     kiln_model_init_random(model, 42);
     size_t n = kiln_model_num_params(model);
-    float *p = kiln_model_params(model);
+    float *p = kiln_model_params_mut(model);
     float *m = kiln_adamw_m(opt), *v = kiln_adamw_v(opt);
     float *g = malloc(n * sizeof *g), *g0 = malloc(n * sizeof *g0);
     if (!g || !g0) {

@@ -111,7 +111,7 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
                                    &ls, &ws))
             return 1;
         double t2 = kiln_time_now();
-        float *g = kiln_model_grads(m);
+        const float *g = kiln_model_grads(m);
         /* the trainer's update: the norm of the scaled gradients is the
          * inf check; unscale and clip are folded into the AdamW pass */
         double gn = kiln_l2_norm(g, n);

@@ -115,7 +115,7 @@ int main(void)
         double l = smoothed_ce(logits, tg, N, V, eps, mine);
         kiln_model_zero_grad(m);
         kiln_model_backward(ctx, m, mine);
-        kiln_adamw_step(opt, kiln_model_params(m), kiln_model_grads(m), 1e-2f);
+        kiln_model_adamw_step(m, opt, kiln_model_grads(m), 1e-2f, 1.0f);
         if (step == 0) first = l;
         last = l;
     }

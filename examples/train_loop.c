@@ -100,11 +100,11 @@ int main(int argc, char **argv)
         double loss = loss_sum / count;
         kiln_model_zero_grad(model);
         if (kiln_model_backward(ctx, model, logits)) return die(ctx, "backward");
-        float *grads = kiln_model_grads(model);
+        const float *grads = kiln_model_grads(model);
+        /* clip to norm 1 inside the update (the gradients stay as they are) */
         double norm = kiln_l2_norm(grads, n_params);
-        kiln_clip_grad_norm(grads, n_params, norm, 1.0);
         double lr = kiln_lr_at(KILN_SCHEDULE_COSINE, 3e-3, 3e-4, 10, steps, step);
-        kiln_adamw_step(opt, kiln_model_params(model), grads, (float)lr);
+        kiln_model_adamw_step(model, opt, grads, (float)lr, kiln_clip_grad_coef(norm, 1.0));
         if (step == 0) first = loss;
         last = loss;
         if (step % 10 == 0 || step == steps - 1)

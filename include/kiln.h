@@ -223,16 +223,24 @@ size_t kiln_config_num_params(const kiln_config *cfg);
 
 typedef struct kiln_model kiln_model;
 
-/* One named parameter tensor, a view into the contiguous parameter block.
- * Names and shapes are those of HF GPT2LMHeadModel / LlamaForCausalLM. */
+/* The parameter registry: one entry per named parameter tensor, a view
+ * into the contiguous parameter block. Names and shapes are those of HF
+ * GPT2LMHeadModel / LlamaForCausalLM. Entries are read-only to callers;
+ * trainable changes through kiln_model_set_trainable, group through
+ * kiln_model_set_group. */
 typedef struct kiln_tensor_info {
     const char *name;  /* e.g. "transformer.h.0.attn.c_attn.weight" */
     int ndim;
     int64_t shape[4];
-    size_t offset;     /* in floats, from kiln_model_params() */
+    size_t offset;     /* in elements from kiln_model_params() */
     size_t numel;
-    bool decay;        /* AdamW weight decay applies (matrices, not
-                          norms, biases or embeddings) */
+    bool decay;        /* group is "decay" (kept for older callers) */
+    kiln_dtype dtype;  /* storage dtype of the parameter: KILN_DTYPE_F32 */
+    bool trainable;    /* false: frozen (no gradient, no optimizer state)
+                          [true] */
+    const char *group; /* parameter group for the optimizer: "decay"
+                          (matrices) or "no_decay" (norms, biases,
+                          embeddings) by default; kiln_model_set_group */
 } kiln_tensor_info;
 
 /* Creates a model with zeroed parameters. Free with kiln_model_free. */
@@ -252,22 +260,67 @@ void kiln_model_free(kiln_model *m);
 
 const kiln_config *kiln_model_config(const kiln_model *m);
 size_t kiln_model_num_params(const kiln_model *m);
-float *kiln_model_params(kiln_model *m);
-/* Declares that the parameters have not been written since the last
- * forward, as between the micro-steps of a gradient accumulation: the next
- * kiln_model_forward (only that one) keeps the bf16 / fp16 weight copies
- * that the last forward and backward packed instead of packing them again
- * from the fp32 weights. A call to kiln_model_params, a load or an init
- * after it cancels it; writing through an older kiln_model_params pointer
- * after it is the caller's error (the products would use the old
- * weights). No effect in fp32. */
-void kiln_model_keep_weights(kiln_model *m);
-/* Gradient block mirroring the parameters; NULL before kiln_model_prepare. */
-float *kiln_model_grads(kiln_model *m);
+
+/* Access to the parameters. The model may keep derived copies of its
+ * weights (the packed bf16/fp16 operands of mixed precision); the contract
+ * below means a caller can never make a product use a stale copy:
+ *  - kiln_model_params: read-only view of the fp32 parameter block
+ *    (kiln_tensor_info.offset indexes it). No side effect.
+ *  - kiln_model_set_tensor: copies values into one named tensor; the
+ *    model knows, and the next forward re-derives what depends on it.
+ *  - kiln_model_params_mut: the block for writing at any time. From this
+ *    call on, the model assumes its weights may change between any two
+ *    calls: every forward re-derives its packed copies (no cost in fp32;
+ *    in bf16/fp16 one conversion of the weights per forward) and the
+ *    optimizer step no longer refreshes them in place. Prefer
+ *    kiln_model_set_tensor or kiln_model_adamw_step where they do.
+ *  - a load, kiln_model_init_random and kiln_model_adamw_step tell the
+ *    model themselves.
+ * Between the micro-steps of a gradient accumulation (no write between
+ * two forwards) the model keeps its packed copies by itself. */
+const float *kiln_model_params(const kiln_model *m);
+float *kiln_model_params_mut(kiln_model *m);
+/* Copies numel floats into the tensor named name. Errors name the tensor:
+ * KILN_ERR_INVALID_ARG for an unknown name or numel != its numel. */
+kiln_status kiln_model_set_tensor(kiln_ctx *ctx, kiln_model *m, const char *name,
+                                  const float *data, size_t numel);
+/* The gradient block mirroring the parameters (same offsets), NULL before
+ * kiln_model_prepare: the gradients accumulated by the backward passes
+ * since the last kiln_model_zero_grad. Read-only; frozen tensors' ranges
+ * read as zeros. The pointer stays valid; its values are those of the
+ * last backward (read them after it, not between kiln_model_zero_grad and
+ * the next backward). */
+const float *kiln_model_grads(const kiln_model *m);
 int kiln_model_num_tensors(const kiln_model *m);
 const kiln_tensor_info *kiln_model_tensor(const kiln_model *m, int i);
 /* Index of the tensor with this HF name, or -1. */
 int kiln_model_find_tensor(const kiln_model *m, const char *name);
+
+/* Freezes (trainable = false) or unfreezes every tensor whose name
+ * matches pattern: an exact name, or a shell glob (fnmatch(3) without
+ * flags: '*' matches any run of characters including '.', '?' one
+ * character, [abc] a set), e.g. "*.attn.*", "transformer.h.0.*",
+ * "model.layers.[0-3].*", "*" (everything). A frozen tensor gets no
+ * gradient (the backward skips its weight gradient; its range of
+ * kiln_model_grads reads as zeros), no optimizer state
+ * (kiln_adamw_new_for_model, which must come after this call), and its
+ * values never change in kiln_model_adamw_step. Returns the number of
+ * tensors matched (>= 1) in *matched (may be NULL). Errors:
+ * KILN_ERR_INVALID_ARG naming the pattern when no tensor matches (m
+ * unchanged). Tied embeddings are one tensor (the token embedding). An
+ * optimizer made before the call keeps the state it has (make it again:
+ * kiln_adamw_new_for_model). */
+kiln_status kiln_model_set_trainable(kiln_ctx *ctx, kiln_model *m, const char *pattern,
+                                     bool trainable, int *matched);
+/* Moves every tensor matching pattern (as above) into parameter group
+ * group (copied; 1..63 characters of [A-Za-z0-9_.-]), e.g. "embed" for
+ * a group of its own learning-rate multiplier (kiln_adamw_opts.groups).
+ * Returns the count in *matched (may be NULL). Errors:
+ * KILN_ERR_INVALID_ARG naming the pattern (no match) or the group. */
+kiln_status kiln_model_set_group(kiln_ctx *ctx, kiln_model *m, const char *pattern,
+                                 const char *group, int *matched);
+/* Number of trainable parameters (elements of trainable tensors). */
+size_t kiln_model_num_trainable(const kiln_model *m);
 
 /* Allocates gradients and the activation arena for batches up to (B, T).
  * Call again to grow. T <= n_ctx is checked (the error names B or T). */
@@ -298,7 +351,8 @@ void kiln_model_zero_grad(kiln_model *m);
  * gradient block is final (per layer, in reverse layer order, then the
  * embeddings), so gradient communication can overlap the rest of the
  * backward pass. offset and numel are in floats from kiln_model_grads().
- * Every gradient float is reported exactly once per backward call. */
+ * Every gradient float is reported exactly once per backward call
+ * (frozen tensors' ranges too: zeros). */
 typedef void (*kiln_grad_ready_fn)(void *ud, size_t offset, size_t numel);
 void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud);
 
@@ -800,36 +854,67 @@ typedef enum kiln_optim_kernel {
 /* Parses "auto" | "portable"; -1 when unknown. */
 int kiln_optim_kernel_parse(const char *name);
 
+/* A parameter group's settings (kiln_adamw_opts.groups): the tensors
+ * whose kiln_tensor_info.group is name get learning rate lr * lr_mul and
+ * decoupled weight decay weight_decay. */
+typedef struct kiln_adamw_group {
+    const char *name;   /* a kiln_tensor_info.group ("decay", "no_decay",
+                           or one set with kiln_model_set_group) */
+    float lr_mul;       /* >= 0, finite [1] */
+    float weight_decay; /* >= 0, finite */
+} kiln_adamw_group;
+
+#define KILN_ADAMW_MAX_GROUPS 8
+
 typedef struct kiln_adamw_opts {
     float beta1;        /* 0.9 */
     float beta2;        /* 0.95 */
     float eps;          /* 1e-8 */
-    float weight_decay; /* 0.1, decoupled (AdamW), only where decay=true */
+    float weight_decay; /* 0.1, decoupled (AdamW), for the group "decay" */
     kiln_optim_kernel kernel; /* [AUTO]; kiln_adamw_new rejects other values
                                  naming kiln_adamw_opts.kernel */
+    /* Per-group settings [none]. A group not listed here gets lr_mul 1 and
+     * weight decay weight_decay when it is "decay", else 0 (so the
+     * default is the usual AdamW split: matrices decayed; norms, biases,
+     * embeddings not). kiln_adamw_new_for_model rejects a listed name no
+     * trainable tensor has, a name listed twice, and lr_mul or
+     * weight_decay out of range, naming kiln_adamw_opts.groups[i]. Names
+     * are borrowed for the call. */
+    int n_groups;
+    kiln_adamw_group groups[KILN_ADAMW_MAX_GROUPS];
 } kiln_adamw_opts;
 
 kiln_adamw_opts kiln_adamw_opts_default(void);
 
-/* AdamW over n fp32 parameters with first/second moments m, v (n each).
- * Weight decay applies to ranges marked with kiln_adamw_set_decay (none
- * by default). Free with kiln_adamw_free. */
+/* AdamW over n fp32 parameters with first/second moments m, v. Made with
+ * kiln_adamw_new, every parameter is trainable and in group "no_decay"
+ * until kiln_adamw_set_decay moves a range to "decay". Made with
+ * kiln_adamw_new_for_model, it follows the model's registry: moments only
+ * for trainable tensors (frozen ones have no state and are never
+ * written), each tensor's group as kiln_tensor_info.group. Free with
+ * kiln_adamw_free. */
 typedef struct kiln_adamw kiln_adamw;
 
 kiln_status kiln_adamw_new(kiln_ctx *ctx, size_t n,
                            const kiln_adamw_opts *opts, kiln_adamw **out);
-/* An optimizer for a model's parameter block: decay follows each tensor's
- * kiln_tensor_info.decay (matrices yes; norms, biases, embeddings no). */
+/* An optimizer for a model's parameter block, as it is now: frozen
+ * tensors (kiln_model_set_trainable) get no state, groups as above. Make
+ * it after freezing. Errors: KILN_ERR_INVALID_ARG when no tensor is
+ * trainable or opts->groups is invalid (named). */
 kiln_status kiln_adamw_new_for_model(kiln_ctx *ctx, const kiln_model *m,
                                      const kiln_adamw_opts *opts,
                                      kiln_adamw **out);
 void kiln_adamw_free(kiln_adamw *o);
-/* Marks floats [offset, offset+numel) as decayed or not. */
+/* Marks floats [offset, offset+numel) as group "decay" or "no_decay"
+ * (trainable ranges only; an optimizer made for a model with frozen
+ * tensors rejects a range that touches one). */
 kiln_status kiln_adamw_set_decay(kiln_ctx *ctx, kiln_adamw *o, size_t offset,
                                  size_t numel, bool decay);
-/* One update with learning rate lr: t += 1, then for each i
+/* One update with learning rate lr: t += 1, then for each trainable i
+ * (group g: lr_g = lr * lr_mul_g, wd_g its weight decay)
  * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
- * p -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd_i p). */
+ * p -= lr_g (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd_g p).
+ * Frozen parameters are not read or written. */
 void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
                      float lr);
 /* kiln_adamw_step with every gradient read as grads[i] * grad_mul, in the
@@ -846,27 +931,37 @@ void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
  * count. */
 void kiln_adamw_step_scaled(kiln_adamw *o, float *params, const float *grads,
                             float lr, float grad_mul);
-/* kiln_adamw_step_scaled(o, kiln_model_params(m), grads, lr, grad_mul)
- * for an o made for m's parameters, and for a bf16 model on a CPU with
- * AVX512_BF16, in the same pass the packed bf16 copies of its weight
- * matrices that the next forward and backward read: each strip of updated
- * rows is packed while it is in cache, so the next forward does not read
- * every fp32 weight back to convert it. The same parameter values and
- * products as the plain step. The copies count as current until the
- * parameters are written by other means (kiln_model_params, a load, an
- * init), which makes the next forward repack them. */
+/* The optimizer step on a model: kiln_adamw_step_scaled on m's parameter
+ * block for an o made for m (kiln_adamw_new_for_model), and for a bf16
+ * model on a CPU with AVX512_BF16, in the same pass the packed bf16
+ * copies of its weight matrices that the next forward and backward read:
+ * each strip of updated rows is packed while it is still in cache, so the
+ * next forward does not read every fp32 weight back to convert it; frozen
+ * matrices keep their copies. The same parameter values and products as
+ * the plain step. This is the way to update a model's weights in a
+ * training loop (the model stays consistent; see kiln_model_params). */
 void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, float lr,
                            float grad_mul);
 /* The kernel o's steps run on: "avx512" or "portable" (opts.kernel
  * resolved for this CPU). Static string. */
 const char *kiln_adamw_kernel_name(const kiln_adamw *o);
+/* n: the parameters o was made for (the whole block, frozen included). */
 size_t kiln_adamw_size(const kiln_adamw *o);
+/* Floats in each moment: the trainable parameters (n without frozen). */
+size_t kiln_adamw_state_size(const kiln_adamw *o);
 int64_t kiln_adamw_t(const kiln_adamw *o);
 void kiln_adamw_set_t(kiln_adamw *o, int64_t t);
-float *kiln_adamw_m(kiln_adamw *o); /* (n) */
-float *kiln_adamw_v(kiln_adamw *o); /* (n) */
+/* The moments (kiln_adamw_state_size floats each): the trainable ranges
+ * of the parameter block, in order, back to back. */
+float *kiln_adamw_m(kiln_adamw *o);
+float *kiln_adamw_v(kiln_adamw *o);
 /* Writes m, v and t to a safetensors file ("exp_avg", "exp_avg_sq", F32,
- * shape (n); metadata "step") atomically / reads it back (sizes checked). */
+ * shape (state size); metadata "step", and for an optimizer made for a
+ * model "tensors": the trainable tensors' names, comma-separated, in
+ * order) atomically / reads it back. Load checks the sizes and, when both
+ * sides know their tensors, that the file's tensors are exactly o's
+ * trainable ones: the error names the first tensor that is frozen on one
+ * side and trainable on the other (resume with the same freezing). */
 kiln_status kiln_adamw_save(kiln_ctx *ctx, const kiln_adamw *o,
                             const char *path);
 kiln_status kiln_adamw_load(kiln_ctx *ctx, kiln_adamw *o, const char *path);
@@ -1120,6 +1215,15 @@ typedef struct kiln_train_opts {
      * (kiln_objective_builtin), one's own is given again on resume.
      * [kiln_objective_ce()] */
     const kiln_objective *objective;
+    /* Tensors to freeze (kiln_model_set_trainable patterns: exact names or
+     * globs), n_freeze of them, applied to the model before the optimizer
+     * is made: frozen tensors get no gradient and no optimizer state and
+     * keep their values. A pattern that matches nothing is an error naming
+     * kiln_train_opts.freeze[i]. The checkpoint records the patterns;
+     * a resume must give the same ones (the error names the difference).
+     * Not with zero = 1 yet. [NULL, 0] */
+    const char *const *freeze;
+    int n_freeze;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);

@@ -171,7 +171,7 @@ static kiln_model *make_model(kiln_ctx *ctx, kiln_arch arch, int C, int V, bool 
     if (kiln_model_new(ctx, &c, &m)) return NULL;
     kiln_model_init_random(m, 7 + (uint64_t)arch);
     /* norms and biases away from 1 and 0, so a swap would show */
-    float *p = kiln_model_params(m);
+    float *p = kiln_model_params_mut(m);
     for (int i = 0; i < kiln_model_num_tensors(m); i++) {
         const kiln_tensor_info *t = kiln_model_tensor(m, i);
         if (t->ndim == 1)

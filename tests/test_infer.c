@@ -57,7 +57,7 @@ static kiln_model *store_model(kiln_ctx *ctx, const store *s, const kiln_config 
 {
     kiln_model *m = NULL;
     if (kiln_model_new(ctx, c, &m)) return NULL;
-    float *p = kiln_model_params(m);
+    float *p = kiln_model_params_mut(m);
     for (int i = 0; i < kiln_model_num_tensors(m); i++) {
         const kiln_tensor_info *t = kiln_model_tensor(m, i);
         const tens *st = NULL;
@@ -478,7 +478,7 @@ static void test_engine_quantized(void)
     kiln_model *m = NULL;
     CHECK(kiln_model_new(ctx, &c, &m) == KILN_OK);
     kiln_model_init_random(m, 31);
-    float *p = kiln_model_params(m);
+    float *p = kiln_model_params_mut(m);
     kiln_rng r;
     kiln_rng_seed(&r, 8);
     for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.02f * kiln_rng_normal(&r);
@@ -491,7 +491,7 @@ static void test_engine_quantized(void)
     for (size_t ti = 0; ti < 4; ti++) {
         kiln_model *md = NULL;
         CHECK(kiln_model_new(ctx, &c, &md) == KILN_OK);
-        float *pd = kiln_model_params(md);
+        float *pd = kiln_model_params_mut(md);
         memcpy(pd, p, kiln_model_num_params(m) * sizeof(float));
         /* every matrix (not the embedding table) rounded through the type */
         for (int i = 0; i < kiln_model_num_tensors(m); i++) {
@@ -597,7 +597,7 @@ static void engine_equals_forward(kiln_arch arch)
     kiln_model *m = NULL;
     CHECK(kiln_model_new(ctx, &c, &m) == KILN_OK);
     kiln_model_init_random(m, 5 + arch);
-    float *p = kiln_model_params(m);
+    float *p = kiln_model_params_mut(m);
     kiln_rng r;
     kiln_rng_seed(&r, 4);
     for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.05f * kiln_rng_normal(&r);
@@ -848,7 +848,7 @@ static void greedy_vs_model_forward(kiln_arch arch, kiln_dtype wt, double tol)
     if (st) { kiln_ctx_free(ctx); return; }
     kiln_model_init_random(m, 99 + arch);
     /* larger weights than GPT-2 init so the logits are not all alike */
-    float *p = kiln_model_params(m);
+    float *p = kiln_model_params_mut(m);
     kiln_rng r;
     kiln_rng_seed(&r, 3);
     for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.05f * kiln_rng_normal(&r);

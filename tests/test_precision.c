@@ -169,7 +169,7 @@ static void test_weights_follow_updates_and_determinism(void)
     run_batch(ctx, a, tok, tgt, B, T, lb, 1.f);
     CHECK(memcmp(la, lb, sizeof(float) * B * T * V) == 0);
     /* update a's parameters; b gets the same values before its first use */
-    float *pa = kiln_model_params(a), *pb = kiln_model_params(b);
+    float *pa = kiln_model_params_mut(a), *pb = kiln_model_params_mut(b);
     size_t n = kiln_model_num_params(a);
     for (size_t i = 0; i < n; i++) pa[i] = pb[i] = pa[i] * 1.25f + 0.001f;
     run_batch(ctx, a, tok, tgt, B, T, la, 1.f);
@@ -216,7 +216,8 @@ static void test_fused_update(void)
         CHECK(memcmp(la, lb, sizeof(float) * nl) == 0);
         CHECK(memcmp(kiln_model_grads(a), kiln_model_grads(b), sizeof(float) * n) == 0);
         kiln_model_adamw_step(a, oa, kiln_model_grads(a), 1e-2f, 0.5f);
-        kiln_adamw_step_scaled(ob, kiln_model_params(b), kiln_model_grads(b), 1e-2f, 0.5f);
+        kiln_adamw_step_scaled(ob, b->params, kiln_model_grads(b), 1e-2f, 0.5f);
+        model_params_touched(b); /* written behind the model's back, as a test may */
         CHECK(memcmp(a->params, b->params, sizeof(float) * n) == 0);
         /* the copies of a weight already hold its new values (without the
          * strip path they would still hold the old ones) */
@@ -232,7 +233,7 @@ static void test_fused_update(void)
         mp_weight_free(&ref);
     }
     /* a write by other means right after the fused step */
-    float *pa = kiln_model_params(a), *pb = kiln_model_params(b);
+    float *pa = kiln_model_params_mut(a), *pb = kiln_model_params_mut(b);
     for (size_t i = 0; i < n; i++) pa[i] = pb[i] = pa[i] * -0.75f;
     run_batch(ctx, a, tok, tgt, B, T, la, 1.f);
     run_batch(ctx, b, tok, tgt, B, T, lb, 1.f);
@@ -581,7 +582,7 @@ static double train_run(kiln_ctx *ctx, kiln_precision p, const unsigned char *te
     kiln_rng r;
     kiln_rng_seed(&r, seed);
     int32_t tok[B * T], tgt[B * T];
-    float *grads = kiln_model_grads(m);
+    float *grads = model_grads_deferred(m); /* read after each backward, unscaled in place */
     for (int s = 0; s < steps; s++) {
         for (int b = 0; b < B; b++) {
             size_t off = kiln_rng_below(&r, split - T - 1);
@@ -604,7 +605,7 @@ static double train_run(kiln_ctx *ctx, kiln_precision p, const unsigned char *te
         float lr = s < 20 ? 3e-3f * (float)(s + 1) / 20.f
                           : 3e-4f + 2.7e-3f * 0.5f * (1.f + cosf(3.14159265f * (float)(s - 20) /
                                                                  (float)(steps - 20)));
-        adam_step(&o, kiln_model_params(m), grads, n, lr);
+        adam_step(&o, kiln_model_params_mut(m), grads, n, lr);
     }
     *skipped = sc.skipped_steps;
     /* validation: fixed windows of the held-out tail, same for every run */
@@ -677,12 +678,14 @@ static void test_convergence_parity(void)
     kiln_ctx_free(ctx);
 }
 
-/* Gradient accumulation with kiln_model_keep_weights: the micro-steps
- * after the first keep the packed weight copies (no repack at all) and
- * give the bits of the same micro-steps repacking every time; a
- * kiln_model_params call after it cancels it, and a write through that
- * pointer is seen by the next forward. */
-static void test_keep_weights(void)
+/* The weight-copy contract (kiln.h, kiln_model_params): gradient
+ * accumulation keeps the packed copies by itself (micro-steps with no
+ * write in between pack nothing again) and gives the bits of the same
+ * micro-steps with a write of unchanged values in between (which repacks);
+ * kiln_model_set_tensor after a forward is seen by the next one; and a
+ * pointer from kiln_model_params_mut written after a forward is too (no
+ * stale weight whatever the caller does). */
+static void test_weight_contract(void)
 {
     enum { B = 2, T = 32, K = 3 };
     kiln_ctx *ctx = kiln_ctx_new();
@@ -699,35 +702,55 @@ static void test_keep_weights(void)
     float *g[2] = {malloc(sizeof(float) * n), malloc(sizeof(float) * n)};
     uint64_t reps[2];
     float *logits;
-    for (int keep = 0; keep < 2; keep++) {
+    const kiln_tensor_info *ln = kiln_model_tensor(m, kiln_model_find_tensor(m, "transformer.ln_f.weight"));
+    CHECK(ln != NULL);
+    if (!ln) return;
+    for (int touch = 0; touch < 2; touch++) {
         kiln_model_zero_grad(m);
         uint64_t r0 = mp_kern_repacks(m->gemm);
         for (int k = 0; k < K; k++) {
             double ls = 0, ws = 0;
-            if (keep && k) kiln_model_keep_weights(m);
+            /* the same values written again: the model must assume a change */
+            if (touch)
+                CHECK_EQ(kiln_model_set_tensor(ctx, m, ln->name, kiln_model_params(m) + ln->offset,
+                                               ln->numel), KILN_OK);
             CHECK_EQ(kiln_model_forward(ctx, m, tok[k], B, T, &logits), KILN_OK);
             CHECK_EQ(kiln_model_backward_ce(ctx, m, tgt[k], NULL, 1.0f / (B * T * K), &ls, &ws),
                      KILN_OK);
         }
-        reps[keep] = mp_kern_repacks(m->gemm) - r0;
-        memcpy(g[keep], kiln_model_grads(m), sizeof(float) * n);
+        reps[touch] = mp_kern_repacks(m->gemm) - r0;
+        memcpy(g[touch], kiln_model_grads(m), sizeof(float) * n);
     }
-    printf("  %d micro-steps: %llu layouts packed, %llu with keep_weights\n", K,
-           (unsigned long long)reps[0], (unsigned long long)reps[1]);
-    CHECK(reps[1] > 0 && reps[0] == K * reps[1]);
+    printf("  %d micro-steps: %llu layouts packed written between, %llu untouched\n", K,
+           (unsigned long long)reps[1], (unsigned long long)reps[0]);
+    /* untouched: packed once, at the first micro-step (after the init) */
+    CHECK(reps[0] > 0 && reps[1] == K * reps[0]);
     CHECK(!memcmp(g[0], g[1], sizeof(float) * n));
-    /* cancelled: the LM head (tied to the embedding here) changed through
-     * kiln_model_params after keep_weights moves that vocabulary column */
+    /* kiln_model_set_tensor of the LM head (tied to the embedding here)
+     * after a forward moves that vocabulary column at the next one */
     CHECK_EQ(kiln_model_forward(ctx, m, tok[0], B, T, &logits), KILN_OK);
     float before = logits[5];
-    uint64_t r0 = mp_kern_repacks(m->gemm);
-    kiln_model_keep_weights(m);
-    float *p = kiln_model_params(m);
-    size_t head = (size_t)(m->w.lm_head - m->params);
-    for (int c = 0; c < cfg.n_embd; c++) p[head + 5 * (size_t)cfg.n_embd + c] += 0.5f;
+    const kiln_tensor_info *wte = kiln_model_tensor(m, 0);
+    float *row = malloc(wte->numel * sizeof(float));
+    memcpy(row, kiln_model_params(m) + wte->offset, wte->numel * sizeof(float));
+    for (int c = 0; c < cfg.n_embd; c++) row[5 * (size_t)cfg.n_embd + c] += 0.5f;
+    CHECK_EQ(kiln_model_set_tensor(ctx, m, wte->name, row, wte->numel), KILN_OK);
+    CHECK_EQ(kiln_model_set_tensor(ctx, m, wte->name, row, 3), KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), wte->name) != NULL);
+    CHECK_EQ(kiln_model_set_tensor(ctx, m, "no.such.tensor", row, 3), KILN_ERR_INVALID_ARG);
+    CHECK(strstr(kiln_errmsg(ctx), "no.such.tensor") != NULL);
     CHECK_EQ(kiln_model_forward(ctx, m, tok[0], B, T, &logits), KILN_OK);
-    CHECK(mp_kern_repacks(m->gemm) > r0);
-    CHECK_MSG(fabsf(logits[5] - before) > 1e-3f, "logit of token 5 %g -> %g", before, logits[5]);
+    float after = logits[5];
+    CHECK_MSG(fabsf(after - before) > 1e-3f, "logit of token 5 %g -> %g", before, after);
+    /* a kiln_model_params_mut pointer written after a forward, not before */
+    float *p = kiln_model_params_mut(m);
+    CHECK_EQ(kiln_model_forward(ctx, m, tok[0], B, T, &logits), KILN_OK);
+    CHECK(logits[5] == after);
+    size_t head = (size_t)(m->w.lm_head - m->params);
+    for (int c = 0; c < cfg.n_embd; c++) p[head + 5 * (size_t)cfg.n_embd + c] -= 0.5f;
+    CHECK_EQ(kiln_model_forward(ctx, m, tok[0], B, T, &logits), KILN_OK);
+    CHECK_MSG(fabsf(logits[5] - after) > 1e-3f, "logit of token 5 %g -> %g", after, logits[5]);
+    free(row);
     free(g[0]), free(g[1]);
     kiln_model_free(m);
     kiln_ctx_free(ctx);
@@ -742,7 +765,7 @@ int main(void)
     RUN_TEST(test_fused_update);
     RUN_TEST(test_lazy_zero_grad);
     RUN_TEST(test_backward_ce);
-    RUN_TEST(test_keep_weights);
+    RUN_TEST(test_weight_contract);
     RUN_TEST(test_kernels_agree_in_model);
     RUN_TEST(test_ref_backend_in_model);
     RUN_TEST(test_convergence_parity);

@@ -109,7 +109,7 @@ static bool step(kiln_ctx *ctx, kiln_model *m, kiln_adamw *opt, const int32_t *t
     kiln_model_zero_grad(m);
     if (kiln_model_forward(ctx, m, tok, B, T, &logits)) return false;
     if (kiln_model_backward_ce(ctx, m, tgt, NULL, 1.0f / (float)(B * T), &ls, &ws)) return false;
-    float *g = kiln_model_grads(m);
+    const float *g = kiln_model_grads(m);
     size_t n = kiln_model_num_params(m);
     double gn = kiln_l2_norm(g, n);
     kiln_model_adamw_step(m, opt, g, 1e-3f, kiln_clip_grad_coef(gn, 1.0));

@@ -167,6 +167,7 @@ int cmd_train(int argc, char **argv)
     const char *objective = "ce";
     int64_t seed = (int64_t)o.seed;
     bool sequential = false;
+    cli_list freeze = {0};
     env_flags ef = {0};
     cli_opt opts[] = {
         {"config", CLI_STR, &o.config, "model config.json for a new model", false},
@@ -201,6 +202,7 @@ int cmd_train(int argc, char **argv)
         {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
         {"precision", CLI_STR, &precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products (fp32 master weights and AdamW; fp16 with dynamic loss scaling); auto = bf16 on CPUs with AMX-BF16 or AVX512_BF16 [auto]", false},
         {"objective", CLI_STR, &objective, "ce | masked_ce: what the run minimizes; masked_ce is cross-entropy over the tokens that have a target, averaged over their count (SFT's loss; on token shards every token has one) [ce]", false},
+        {"freeze", CLI_LIST, &freeze, "freeze the tensors matching PATTERN (a name, or a glob: '*.attn.*', 'transformer.h.0.*'; quote it): no gradient, no optimizer state, weights unchanged; repeatable. A resume takes the run's own", false},
         {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step (as an interruption would) [off]", false},
         {"bf16-kernel", CLI_STR, &ef.bf16_kernel, "auto | ref | avx512 | amx: kernel of bf16/fp16 products (env KILN_BF16_KERNEL) [auto]", false},
         {"fp32-acts", CLI_BOOL, &ef.fp32_acts, "bf16: keep fp32 activations between the bf16 products, for comparison (env KILN_BF16_ACTS=0)", false},
@@ -255,6 +257,8 @@ int cmd_train(int argc, char **argv)
         goto done;
     }
     o.precision = (kiln_precision)pp;
+    o.freeze = freeze.items;
+    o.n_freeze = freeze.n;
     o.objective = kiln_objective_builtin(objective);
     if (!o.objective) {
         fprintf(stderr, "kiln train: --objective '%s' is not one of ce, masked_ce\n", objective);
@@ -301,6 +305,8 @@ int cmd_train(int argc, char **argv)
         saved.zero = o.zero;
         if (given(argc, argv, "precision")) saved.precision = o.precision;
         if (given(argc, argv, "objective")) saved.objective = o.objective;
+        saved.freeze = o.freeze; /* none given: the checkpoint's (kiln_train) */
+        saved.n_freeze = o.n_freeze;
         if (!o.out) { /* the run directory holding the checkpoint */
             snprintf(outbuf, sizeof outbuf, "%s", ckpt);
             char *sl = strrchr(outbuf, '/');

@@ -153,7 +153,8 @@ typedef struct kern_ops {
      * assumed in range (the model checks them). */
     void (*embed_fwd)(float *out, const int32_t *tok, const float *wte,
                       const float *wpe, int B, int T, int C);
-    /* dwte[tok] += dout, dwpe[t] += dout (dwpe may be NULL). */
+    /* dwte[tok] += dout, dwpe[t] += dout (either may be NULL: a frozen
+     * tensor's gradient is not computed). */
     void (*embed_bwd)(float *dwte, float *dwpe, const float *dout,
                       const int32_t *tok, int B, int T, int C, int V);
 
@@ -161,7 +162,7 @@ typedef struct kern_ops {
     void (*layernorm_fwd)(float *out, float *mean, float *rstd,
                           const float *inp, const float *w, const float *b,
                           int N, int C, float eps);
-    /* dinp, dw, db accumulated (db may be NULL). */
+    /* dinp, dw, db accumulated (dw and db may be NULL). */
     void (*layernorm_bwd)(float *dinp, float *dw, float *db,
                           const float *dout, const float *inp, const float *w,
                           const float *mean, const float *rstd, int N, int C);
@@ -473,6 +474,9 @@ struct kern_backend {
     int (*weight_refresh_rows)(const kern_backend *b, const kern_weight *w);
     void (*weight_refresh)(kern_backend *b, kern_weight *w, int r0);
     void (*weight_fresh)(kern_backend *b, kern_weight *w);
+    /* The weight did not change this step (a frozen tensor): copies
+     * current now stay current in the next epoch (nothing is converted). */
+    void (*weight_keep)(kern_backend *b, kern_weight *w);
 
     /* The bf16 training path's ops (dtype BF16; NULL entries elsewhere). */
     kern_mp_ops mp;

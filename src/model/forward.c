@@ -115,9 +115,10 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
 
     const kern_ops *k = m->ops;
     kern_gemm *g = m->gemm;
-    /* parameters may have changed, unless the caller says they have not */
-    if (g->invalidate && !m->keep_weights) g->invalidate(g);
-    m->keep_weights = false;
+    /* re-derive the packed weight copies when the parameters were written
+     * since the last forward (or may have been: kiln_model_params_mut) */
+    if (g->invalidate && (m->weights_changed || m->params_shared)) g->invalidate(g);
+    m->weights_changed = false;
     if (m->act_mp) return model_mp_forward(ctx, m, logits);
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
     int C = m->C, F = m->F, QKV = m->QKV, V = m->V, n = (int)N;
@@ -150,6 +151,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
 
 static void hook(kiln_model *m, size_t begin, size_t end)
 {
+    model_grad_fixup(m, begin, end); /* frozen parts of fused matrices */
     if (m->hook && end > begin) m->hook(m->hook_ud, begin, end - begin);
 }
 
@@ -206,7 +208,7 @@ static kiln_status backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
     int n = (int)N, FH = gpt2 ? F : 2 * F;
     size_t lse_sz = (size_t)B * m->NH * T;
     model_acts *a = &m->a;
-    model_weights *dw = &m->g;
+    model_weights *dw = model_grad_views(m); /* NULL where frozen */
 
     /* LM head and final norm. */
     P(MATMUL_BWD, k->matmul_bwd(g, a->dc, dw->lm_head, NULL, dlogits, a->lnf, m->w.lm_head, n, C, V,

@@ -275,6 +275,7 @@ static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, float *dx, float *dw
 
 static void hook(kiln_model *m, size_t begin, size_t end)
 {
+    model_grad_fixup(m, begin, end); /* frozen parts of fused matrices */
     if (m->hook && end > begin) m->hook(m->hook_ud, begin, end - begin);
 }
 
@@ -291,7 +292,7 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
     int n = (int)N, FH = gpt2 ? F : 2 * F, act = gpt2 ? KERN_ACT_GELU : KERN_ACT_SWIGLU;
     size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(m, N, C), pkf = pk(m, N, FH);
     model_acts *a = &m->a;
-    model_weights *dw = &m->g;
+    model_weights *dw = model_grad_views(m); /* NULL where frozen */
     kiln_status s = KILN_OK;
     bool att = mp->attention_ok(be, m->HS, T);
 

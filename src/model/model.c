@@ -7,6 +7,7 @@
 #include "model/model.h"
 #include "io/safetensors.h"
 
+#include <fnmatch.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -48,6 +49,10 @@ static float *add(layout_state *s, bool decay, int ndim, int64_t d0,
         t->offset = s->off;
         t->numel = numel;
         t->decay = decay;
+        t->dtype = KILN_DTYPE_F32;
+        t->trainable = true;
+        t->group = strdup(decay ? "decay" : "no_decay");
+        if (!t->group) s->names_failed = true;
     }
     float *p = s->base ? s->base + s->off : NULL;
     s->off += numel;
@@ -210,13 +215,17 @@ kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
     m->layer_off = kiln_calloc(ctx, (size_t)m->L + 2, sizeof(size_t));
     m->w.layers = kiln_calloc(ctx, (size_t)m->L, sizeof(model_layer));
     m->g.layers = kiln_calloc(ctx, (size_t)m->L, sizeof(model_layer));
+    m->gf.layers = kiln_calloc(ctx, (size_t)m->L, sizeof(model_layer));
+    m->fixup = kiln_calloc(ctx, (size_t)m->n_tensors, sizeof(int));
+    m->weights_changed = true;
     m->params = kiln_aligned_alloc(ctx, m->num_params * sizeof(float));
     if (cfg->arch == KILN_ARCH_LLAMA) {
         size_t n = (size_t)cfg->n_ctx * (size_t)(m->HS / 2);
         m->rope_cos = kiln_aligned_alloc(ctx, n * sizeof(float));
         m->rope_sin = kiln_aligned_alloc(ctx, n * sizeof(float));
     }
-    if (!m->tensors || !m->layer_off || !m->w.layers || !m->g.layers ||
+    if (!m->tensors || !m->layer_off || !m->w.layers || !m->g.layers || !m->gf.layers ||
+        !m->fixup ||
         !m->params || (cfg->arch == KILN_ARCH_LLAMA && (!m->rope_cos || !m->rope_sin))) {
         kiln_model_free(m);
         return kiln_fail(ctx, KILN_ERR_NOMEM,
@@ -239,8 +248,13 @@ void kiln_model_free(kiln_model *m)
 {
     if (!m) return;
     if (m->tensors)
-        for (int i = 0; i < m->n_tensors; i++) free((char *)m->tensors[i].name);
+        for (int i = 0; i < m->n_tensors; i++) {
+            free((char *)m->tensors[i].name);
+            free((char *)m->tensors[i].group);
+        }
     free(m->tensors);
+    free(m->gf.layers);
+    free(m->fixup);
     free(m->layer_off);
     free(m->w.layers);
     free(m->g.layers);
@@ -287,25 +301,60 @@ void kiln_model_init_random(kiln_model *m, uint64_t seed)
 
 const kiln_config *kiln_model_config(const kiln_model *m) { return &m->cfg; }
 size_t kiln_model_num_params(const kiln_model *m) { return m->num_params; }
+
+/* ---- parameter access ----------------------------------------------------
+ * The packed bf16/fp16 copies of the weights (the x86 backend's cache) are
+ * re-derived at a forward when weights_changed says the parameters were
+ * written since the last one, or always once the block was handed out for
+ * writing (params_shared). Only the library's optimizer step keeps copies
+ * it refreshed itself (model_params_stepped). */
+
 void model_params_touched(kiln_model *m)
 {
-    m->keep_weights = false;
+    m->weights_changed = true;
     if (m->gemm && m->gemm->invalidate) m->gemm->invalidate(m->gemm);
 }
 
-void kiln_model_keep_weights(kiln_model *m) { m->keep_weights = true; }
-
-/* A writable view: whatever the caller writes there must be seen by the
- * next forward, so the packed copies made by kiln_model_adamw_step are no
- * longer taken as fresh. */
-float *kiln_model_params(kiln_model *m)
+float *model_params_write(kiln_model *m)
 {
     model_params_touched(m);
     return m->params;
 }
-float *kiln_model_grads(kiln_model *m)
+
+void model_params_stepped(kiln_model *m) { m->weights_changed = true; }
+
+const float *kiln_model_params(const kiln_model *m) { return m->params; }
+
+float *kiln_model_params_mut(kiln_model *m)
 {
-    model_grads_materialize(m);
+    m->params_shared = true;
+    return model_params_write(m);
+}
+
+kiln_status kiln_model_set_tensor(kiln_ctx *ctx, kiln_model *m, const char *name,
+                                  const float *data, size_t numel)
+{
+    int i = name ? kiln_model_find_tensor(m, name) : -1;
+    if (i < 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_model_set_tensor: the model has no tensor \"%s\" "
+                         "(kiln_model_tensor lists the names)", name ? name : "(null)");
+    const kiln_tensor_info *t = &m->tensors[i];
+    if (numel != t->numel)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_model_set_tensor: tensor \"%s\" has %zu elements, "
+                         "not %zu", name, t->numel, numel);
+    model_params_touched(m);
+    memcpy(m->params + t->offset, data, numel * sizeof(float));
+    return KILN_OK;
+}
+
+const float *kiln_model_grads(const kiln_model *m)
+{
+    /* Lazily zeroed matrices (bf16) are written out first: the values
+     * read are the gradients whatever the model keeps implicit. The model
+     * is never a const object (kiln_model_new allocates it). */
+    model_grads_materialize((kiln_model *)m);
     return m->grads;
 }
 float *model_grads_deferred(kiln_model *m) { return m->grads; }
@@ -321,6 +370,177 @@ int kiln_model_find_tensor(const kiln_model *m, const char *name)
     for (int i = 0; i < m->n_tensors; i++)
         if (!strcmp(m->tensors[i].name, name)) return i;
     return -1;
+}
+
+/* ---- trainable tensors and groups ---------------------------------------- */
+
+static bool name_matches(const char *pattern, const char *name)
+{
+    return !strcmp(pattern, name) || fnmatch(pattern, name, 0) == 0;
+}
+
+size_t kiln_model_num_trainable(const kiln_model *m)
+{
+    size_t n = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].trainable) n += m->tensors[i].numel;
+    return n;
+}
+
+bool model_range_frozen(const kiln_model *m, size_t off, size_t len)
+{
+    for (int i = 0; i < m->n_tensors; i++) {
+        const kiln_tensor_info *t = &m->tensors[i];
+        if (t->offset < off + len && off < t->offset + t->numel && t->trainable) return false;
+    }
+    return true;
+}
+
+/* Every gradient view (a pointer field of model_weights) with its offset. */
+typedef struct gview {
+    float **gf; /* the field in m->gf */
+    size_t off;
+} gview;
+
+static int gview_cmp(const void *a, const void *b)
+{
+    const gview *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* m->gf from m->g: a view is NULL when every tensor of its span (from its
+ * offset to the next view's: a fused matrix spans several tensors) is
+ * frozen; frozen tensors in a span with trainable ones go to m->fixup. */
+static void grad_views_update(kiln_model *m)
+{
+    m->any_frozen = false;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (!m->tensors[i].trainable) m->any_frozen = true;
+    m->n_fixup = 0;
+    if (!m->grads) return;
+    model_layer *keep = m->gf.layers;
+    memcpy(keep, m->g.layers, (size_t)m->L * sizeof *keep);
+    m->gf = m->g;
+    m->gf.layers = keep;
+    if (!m->any_frozen) return;
+    gview v[5 + 12 * 64], *vp = v;
+    int cap = 5 + 12 * m->L, n = 0;
+    if (m->L > 64) {
+        vp = malloc((size_t)cap * sizeof *vp);
+        KILN_ASSERT(vp);
+    }
+    float **top[] = {&m->gf.wte, &m->gf.wpe, &m->gf.lnf_w, &m->gf.lnf_b, &m->gf.lm_head};
+    for (int k = 0; k < 5; k++)
+        if (*top[k] && !(k == 4 && m->gf.lm_head == m->gf.wte))
+            vp[n++] = (gview){top[k], (size_t)(*top[k] - m->grads)};
+    for (int l = 0; l < m->L; l++) {
+        model_layer *y = &m->gf.layers[l];
+        float **f[] = {&y->ln1_w, &y->ln1_b, &y->qkv_w, &y->qkv_b, &y->proj_w, &y->proj_b,
+                       &y->ln2_w, &y->ln2_b, &y->fc_w, &y->fc_b, &y->fcproj_w, &y->fcproj_b};
+        for (int k = 0; k < 12; k++)
+            if (*f[k]) vp[n++] = (gview){f[k], (size_t)(*f[k] - m->grads)};
+    }
+    qsort(vp, (size_t)n, sizeof *vp, gview_cmp);
+    for (int j = 0; j < n; j++) {
+        size_t a = vp[j].off, b = j + 1 < n ? vp[j + 1].off : m->num_params;
+        bool all = true, some = false;
+        for (int i = 0; i < m->n_tensors; i++) {
+            const kiln_tensor_info *t = &m->tensors[i];
+            if (t->offset < a || t->offset >= b) continue;
+            if (t->trainable) all = false;
+            else some = true;
+        }
+        if (all) {
+            *vp[j].gf = NULL;
+        } else if (some) {
+            for (int i = 0; i < m->n_tensors; i++) {
+                const kiln_tensor_info *t = &m->tensors[i];
+                if (t->offset >= a && t->offset < b && !t->trainable) m->fixup[m->n_fixup++] = i;
+            }
+        }
+    }
+    if (m->cfg.tie_embeddings) m->gf.lm_head = m->gf.wte; /* one tensor */
+    if (vp != v) free(vp);
+}
+
+model_weights *model_grad_views(kiln_model *m) { return m->any_frozen ? &m->gf : &m->g; }
+
+void model_grad_fixup(kiln_model *m, size_t begin, size_t end)
+{
+    for (int j = 0; j < m->n_fixup; j++) {
+        const kiln_tensor_info *t = &m->tensors[m->fixup[j]];
+        if (t->offset >= begin && t->offset < end)
+            memset(m->grads + t->offset, 0, t->numel * sizeof(float));
+    }
+}
+
+kiln_status kiln_model_set_trainable(kiln_ctx *ctx, kiln_model *m, const char *pattern,
+                                     bool trainable, int *matched)
+{
+    if (matched) *matched = 0;
+    if (!pattern || !*pattern)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_model_set_trainable: empty pattern (give a tensor name or a "
+                         "glob such as \"*.attn.*\")");
+    int n = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (name_matches(pattern, m->tensors[i].name)) n++;
+    if (!n)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "pattern \"%s\" matches no tensor of the model (names are HF's, "
+                         "e.g. \"%s\"; globs: '*' any characters, '?' one, [abc] a set)",
+                         pattern, m->tensors[m->n_tensors > 2 ? 2 : 0].name);
+    for (int i = 0; i < m->n_tensors; i++) {
+        kiln_tensor_info *t = &m->tensors[i];
+        if (!name_matches(pattern, t->name)) continue;
+        t->trainable = trainable;
+        /* a frozen tensor's gradient reads as zeros from now on */
+        if (!trainable && m->grads) memset(m->grads + t->offset, 0, t->numel * sizeof(float));
+    }
+    grad_views_update(m);
+    if (matched) *matched = n;
+    return KILN_OK;
+}
+
+static bool group_name_ok(const char *g)
+{
+    size_t len = g ? strlen(g) : 0;
+    if (len < 1 || len > 63) return false;
+    for (size_t i = 0; i < len; i++) {
+        char c = g[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '.' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
+kiln_status kiln_model_set_group(kiln_ctx *ctx, kiln_model *m, const char *pattern,
+                                 const char *group, int *matched)
+{
+    if (matched) *matched = 0;
+    if (!group_name_ok(group))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_model_set_group: group \"%s\" is not a name of 1 to 63 "
+                         "characters from [A-Za-z0-9_.-]", group ? group : "(null)");
+    int n = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (pattern && name_matches(pattern, m->tensors[i].name)) n++;
+    if (!n)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_model_set_group: pattern \"%s\" matches no tensor of the model",
+                         pattern ? pattern : "(null)");
+    for (int i = 0; i < m->n_tensors; i++) {
+        kiln_tensor_info *t = &m->tensors[i];
+        if (!name_matches(pattern, t->name)) continue;
+        char *g = strdup(group);
+        if (!g) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        free((char *)t->group);
+        t->group = g;
+        t->decay = !strcmp(g, "decay");
+    }
+    if (matched) *matched = n;
+    return KILN_OK;
 }
 
 void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud)
@@ -379,7 +599,9 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
     if (!m->grads) {
         m->grads = kiln_aligned_alloc(ctx, m->num_params * sizeof(float));
         if (!m->grads) return KILN_ERR_NOMEM;
+        memset(m->grads, 0, m->num_params * sizeof(float));
         set_views(m, m->grads, &m->g);
+        grad_views_update(m);
     }
     int nB = KILN_MAX(B, m->B_cap), nT = KILN_MAX(T, m->T_cap);
     bool mp = model_mp_wanted(m);

@@ -140,8 +140,34 @@ void model_grads_materialize(kiln_model *m);
  * has written whole by then. */
 float *model_grads_deferred(kiln_model *m);
 /* The parameters are about to be written by other means than
- * kiln_model_adamw_step: packed copies marked fresh by it are stale. */
+ * kiln_model_adamw_step: packed copies marked fresh by it are stale, and
+ * the next forward re-derives every packed copy. */
 void model_params_touched(kiln_model *m);
+/* model_params_touched, then the block for writing: the library's own
+ * writers (the trainer's broadcast of rank 0's weights, ZeRO's update). */
+float *model_params_write(kiln_model *m);
+/* kiln_model_adamw_step has written the trainable parameters and marked
+ * the packed copies it refreshed (and those of frozen matrices, still
+ * current) fresh for the next forward: that forward starts a new epoch. */
+void model_params_stepped(kiln_model *m);
+/* Frozen weight matrices whose packed copies are current now stay so for
+ * the next forward, when untouched(ud, offset, numel) confirms that the
+ * step did not write them (the optimizer's own word: it may have been
+ * made before a tensor was frozen). update_mp.c. */
+void model_wkeep_frozen(kiln_model *m, bool (*untouched)(void *, size_t, size_t), void *ud);
+
+/* ---- trainable / frozen (model.c) ---------------------------------------
+ * The gradient views the backward writes: m->g, or with frozen tensors
+ * m->gf, where a view whose whole matrix (a fused one: llama q|k|v,
+ * gate|up) is frozen is NULL, so no kernel computes its gradient. */
+model_weights *model_grad_views(kiln_model *m);
+/* Frozen tensors inside a fused matrix that has trainable parts get a
+ * gradient computed with it: the backward calls this on each range it
+ * finishes (before the gradient hook), which zeroes them there, so a
+ * frozen tensor's gradient always reads as zeros. */
+void model_grad_fixup(kiln_model *m, size_t begin, size_t end);
+/* Whether every tensor overlapping [off, off+len) is frozen. */
+bool model_range_frozen(const kiln_model *m, size_t off, size_t len);
 
 struct kiln_model {
     kiln_config cfg;
@@ -176,8 +202,17 @@ struct kiln_model {
     struct model_upd *upd; /* kiln_model_adamw_step's matrix list (update_mp.c) */
     bool grads_lazy;       /* the weight matrices' gradients are zero but not
                               written: the next bf16 backward stores them */
-    bool keep_weights;     /* kiln_model_keep_weights: the next forward keeps
-                              the packed weight copies */
+    bool weights_changed;  /* the parameters were written since the last
+                              forward: it re-derives the packed copies */
+    bool params_shared;    /* kiln_model_params_mut was called: the caller
+                              may write at any time, every forward
+                              re-derives them */
+    bool any_frozen;       /* some tensor has trainable = false */
+    model_weights gf;      /* gradient views, NULL where frozen (after
+                              prepare; model_grad_views) */
+    int *fixup;            /* tensors zeroed after the backward of a
+                              fused matrix they are part of (model_grad_fixup) */
+    int n_fixup;
 };
 
 /* Profiling clock: wall time (m->profile == 1) or process CPU time

@@ -114,13 +114,16 @@ static struct model_upd *upd_of(kiln_model *m)
 int model_wstrips(kiln_model *m, const model_wstrip **out)
 {
     *out = NULL;
-    if (kiln_model_precision(m) != KILN_PRECISION_BF16 || !m->be) return 0;
+    /* a caller holding kiln_model_params_mut may write at any time: no
+     * copy is marked fresh then (every forward repacks) */
+    if (kiln_model_precision(m) != KILN_PRECISION_BF16 || !m->be || m->params_shared) return 0;
     struct model_upd *u = upd_of(m);
     if (!u) return 0;
     kern_backend *be = m->be;
     int nm = 0;
     for (int i = 0; i < u->n; i++) {
         const wmat *x = &u->wm[i];
+        if (m->any_frozen && model_range_frozen(m, x->off, x->len)) continue; /* not stepped */
         kern_weight *h = be->weight_prepare(be, x->w, x->oc, x->c,
                                             x->io ? KERN_W_IN_OUT : KERN_W_OUT_IN);
         if (!h) return 0; /* out of memory: the plain step; the forward repacks */
@@ -139,6 +142,22 @@ int model_wstrips(kiln_model *m, const model_wstrip **out)
     }
     *out = u->ws;
     return nm;
+}
+
+void model_wkeep_frozen(kiln_model *m, bool (*untouched)(void *, size_t, size_t), void *ud)
+{
+    struct model_upd *u = m->upd;
+    if (!m->any_frozen || !u || m->params_shared || !m->gemm->invalidate || !m->be ||
+        kiln_model_precision(m) == KILN_PRECISION_FP32)
+        return;
+    for (int i = 0; i < u->n; i++)
+        if (model_range_frozen(m, u->wm[i].off, u->wm[i].len) &&
+            untouched(ud, u->wm[i].off, u->wm[i].len))
+        {
+            kern_weight *h = m->be->weight_prepare(m->be, u->wm[i].w, u->wm[i].oc, u->wm[i].c,
+                                                   u->wm[i].io ? KERN_W_IN_OUT : KERN_W_OUT_IN);
+            if (h) m->be->weight_keep(m->be, h);
+        }
 }
 
 void model_wstrip_fresh(kiln_model *m, int i)
@@ -161,12 +180,20 @@ void model_mp_zero_grad(kiln_model *m)
 {
     struct model_upd *u = m->act_mp ? upd_of(m) : NULL;
     if (!u) {
-        memset(m->grads, 0, m->num_params * sizeof(float));
+        if (m->any_frozen) { /* frozen ranges are zeros already */
+            for (int i = 0; i < m->n_tensors; i++)
+                if (m->tensors[i].trainable)
+                    memset(m->grads + m->tensors[i].offset, 0, m->tensors[i].numel * sizeof(float));
+        } else {
+            memset(m->grads, 0, m->num_params * sizeof(float));
+        }
         m->grads_lazy = false;
         return;
     }
     size_t pos = 0;
     for (int i = 0; i < u->n; i++) {
+        /* a frozen matrix too: no backward writes it, and its gradient is
+         * zeros already (kiln_model_set_trainable), lazy or not */
         memset(m->grads + pos, 0, (u->wm[i].off - pos) * sizeof(float));
         pos = u->wm[i].off + u->wm[i].len;
     }

@@ -1,7 +1,10 @@
 /*
- * adamw.c — the AdamW optimizer (decoupled weight decay, per-range decay
- * mask), global-norm gradient clipping, learning-rate schedules, and the
- * optimizer-state file (optimizer.safetensors).
+ * adamw.c — the AdamW optimizer: moments for the trainable ranges of a
+ * parameter block only (frozen parameters have no state and are never
+ * written), parameter groups (learning-rate multiplier and decoupled
+ * weight decay per group; "decay" / "no_decay" by default), global-norm
+ * gradient clipping, learning-rate schedules, and the optimizer-state
+ * file (optimizer.safetensors).
  *
  * Everything here is elementwise or reduced in a fixed order, so results
  * do not depend on the OpenMP thread count.
@@ -23,19 +26,40 @@
 #define KILN_OPT_X86 1
 #endif
 
-typedef struct decay_range {
+/* A trainable range of the parameter block: its moments lie at
+ * m + so .. m + so + numel (frozen parameters have none), its settings are
+ * group g's. Ranges are disjoint and sorted; the moments are back to back
+ * in range order. */
+typedef struct prange {
     size_t offset, numel;
-    bool decay;
-} decay_range;
+    size_t so;
+    int g;
+} prange;
+
+/* A parameter group's resolved settings. 0 is "no_decay", 1 "decay". */
+typedef struct pgroup {
+    char name[64];
+    float lr_mul, wd;
+} pgroup;
+
+#define ADAMW_GROUPS 16
 
 struct kiln_adamw {
     kiln_adamw_opts opts;
-    size_t n;
+    size_t n;  /* parameters (the block, frozen included) */
+    size_t ns; /* floats per moment: the trainable ones */
     int64_t t;
-    float *m; /* (n) first moment */
-    float *v; /* (n) second moment */
-    decay_range *ranges; /* disjoint, sorted, cover [0, n) */
+    float *m; /* (ns) first moment */
+    float *v; /* (ns) second moment */
+    prange *ranges;
     int nranges;
+    pgroup grp[ADAMW_GROUPS];
+    int ngrp;
+    /* made for a model: every tensor's name and whether it has state, for
+     * the check of optimizer.safetensors at load; NULL otherwise */
+    char **names;
+    bool *trainable;
+    int nnames;
     adamw_matrix *mats;  /* adamw_matrix_scratch */
     int mats_cap;
 };
@@ -47,32 +71,108 @@ kiln_adamw_opts kiln_adamw_opts_default(void)
         .kernel = KILN_OPTIM_KERNEL_AUTO};
 }
 
+/* The group named name (added with its settings from o->opts if new);
+ * -1 when there are too many. */
+static int group_of(kiln_adamw *o, const char *name)
+{
+    for (int g = 0; g < o->ngrp; g++)
+        if (!strcmp(o->grp[g].name, name)) return g;
+    if (o->ngrp == ADAMW_GROUPS) return -1;
+    pgroup *p = &o->grp[o->ngrp];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->lr_mul = 1.0f;
+    p->wd = !strcmp(name, "decay") ? o->opts.weight_decay : 0.0f;
+    for (int i = 0; i < o->opts.n_groups; i++)
+        if (!strcmp(o->opts.groups[i].name, name)) {
+            p->lr_mul = o->opts.groups[i].lr_mul;
+            p->wd = o->opts.groups[i].weight_decay;
+        }
+    return o->ngrp++;
+}
+
+/* The checks of opts->kernel and opts->groups that need no model. */
+static kiln_status opts_check(kiln_ctx *ctx, const kiln_adamw_opts *op)
+{
+    if (op->kernel != KILN_OPTIM_KERNEL_AUTO && op->kernel != KILN_OPTIM_KERNEL_PORTABLE)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_adamw_opts.kernel = %d is not one of "
+                         "KILN_OPTIM_KERNEL_AUTO, KILN_OPTIM_KERNEL_PORTABLE",
+                         (int)op->kernel);
+    if (op->n_groups < 0 || op->n_groups > KILN_ADAMW_MAX_GROUPS)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_adamw_opts.n_groups = %d is outside [0, %d]", op->n_groups,
+                         KILN_ADAMW_MAX_GROUPS);
+    for (int i = 0; i < op->n_groups; i++) {
+        const kiln_adamw_group *g = &op->groups[i];
+        if (!g->name || !*g->name || strlen(g->name) > 63)
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "kiln_adamw_opts.groups[%d].name is empty or longer than 63 "
+                             "characters", i);
+        if (!(g->lr_mul >= 0.0f) || !isfinite(g->lr_mul))
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "kiln_adamw_opts.groups[%d].lr_mul = %g (group \"%s\") is not "
+                             "a finite number >= 0", i, (double)g->lr_mul, g->name);
+        if (!(g->weight_decay >= 0.0f) || !isfinite(g->weight_decay))
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "kiln_adamw_opts.groups[%d].weight_decay = %g (group \"%s\") is "
+                             "not a finite number >= 0", i, (double)g->weight_decay, g->name);
+        for (int j = 0; j < i; j++)
+            if (!strcmp(op->groups[j].name, g->name))
+                return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                                 "kiln_adamw_opts.groups[%d] and groups[%d] both name group "
+                                 "\"%s\"", j, i, g->name);
+    }
+    return KILN_OK;
+}
+
+/* An optimizer with ns floats of state over n parameters, ranges to be
+ * filled by the caller; groups 0 and 1 set up. */
+static kiln_status adamw_alloc(kiln_ctx *ctx, size_t n, size_t ns, int nranges,
+                               const kiln_adamw_opts *opts, kiln_adamw **out)
+{
+    *out = NULL;
+    kiln_adamw_opts op = opts ? *opts : kiln_adamw_opts_default();
+    kiln_status s = opts_check(ctx, &op);
+    if (s) return s;
+    kiln_adamw *o = kiln_calloc(ctx, 1, sizeof *o);
+    if (!o) return KILN_ERR_NOMEM;
+    o->opts = op;
+    o->n = n;
+    o->ns = ns;
+    o->m = kiln_aligned_alloc(ctx, ns * sizeof(float));
+    o->v = kiln_aligned_alloc(ctx, ns * sizeof(float));
+    o->ranges = kiln_calloc(ctx, (size_t)KILN_MAX(nranges, 1), sizeof *o->ranges);
+    if (!o->m || !o->v || !o->ranges) {
+        kiln_adamw_free(o);
+        return KILN_ERR_NOMEM;
+    }
+    group_of(o, "no_decay");
+    group_of(o, "decay");
+    *out = o;
+    return KILN_OK;
+}
+
 kiln_status kiln_adamw_new(kiln_ctx *ctx, size_t n,
                            const kiln_adamw_opts *opts, kiln_adamw **out)
 {
     *out = NULL;
     if (n == 0)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "AdamW over 0 parameters");
-    kiln_adamw *o = kiln_calloc(ctx, 1, sizeof *o);
-    if (!o) return KILN_ERR_NOMEM;
-    o->opts = opts ? *opts : kiln_adamw_opts_default();
-    if (o->opts.kernel != KILN_OPTIM_KERNEL_AUTO && o->opts.kernel != KILN_OPTIM_KERNEL_PORTABLE) {
-        int k = (int)o->opts.kernel;
-        free(o);
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "kiln_adamw_opts.kernel = %d is not one of "
-                         "KILN_OPTIM_KERNEL_AUTO, KILN_OPTIM_KERNEL_PORTABLE",
-                         k);
+    kiln_adamw *o;
+    kiln_status s = adamw_alloc(ctx, n, n, 1, opts, &o);
+    if (s) return s;
+    for (int i = 0; i < o->opts.n_groups; i++) {
+        const char *g = o->opts.groups[i].name;
+        if (strcmp(g, "decay") && strcmp(g, "no_decay")) {
+            kiln_adamw_free(o);
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "kiln_adamw_opts.groups[%d].name = \"%s\": an optimizer made "
+                             "with kiln_adamw_new has only the groups \"decay\" and "
+                             "\"no_decay\" (kiln_adamw_new_for_model knows the model's)",
+                             i, g);
+        }
     }
-    o->n = n;
-    o->m = kiln_aligned_alloc(ctx, n * sizeof(float));
-    o->v = kiln_aligned_alloc(ctx, n * sizeof(float));
-    o->ranges = kiln_malloc(ctx, sizeof *o->ranges);
-    if (!o->m || !o->v || !o->ranges) {
-        kiln_adamw_free(o);
-        return KILN_ERR_NOMEM;
-    }
-    o->ranges[0] = (decay_range){0, n, false};
+    o->ranges[0] = (prange){0, n, 0, 0};
     o->nranges = 1;
     *out = o;
     return KILN_OK;
@@ -85,6 +185,10 @@ void kiln_adamw_free(kiln_adamw *o)
     free(o->v);
     free(o->ranges);
     free(o->mats);
+    if (o->names)
+        for (int i = 0; i < o->nnames; i++) free(o->names[i]);
+    free(o->names);
+    free(o->trainable);
     free(o);
 }
 
@@ -99,6 +203,30 @@ adamw_matrix *adamw_matrix_scratch(kiln_adamw *o, int n)
     return o->mats;
 }
 
+bool adamw_untouched(void *ud, size_t off, size_t len)
+{
+    const kiln_adamw *o = ud;
+    for (int r = 0; r < o->nranges; r++) {
+        const prange *p = &o->ranges[r];
+        if (p->offset < off + len && off < p->offset + p->numel) return false;
+    }
+    return true;
+}
+
+/* Appends range x to rs (k of them), merged with the last one when they
+ * continue each other in the block and in the moments, in the same group. */
+static void push_range(prange *rs, int *k, prange x)
+{
+    if (*k > 0) {
+        prange *l = &rs[*k - 1];
+        if (l->g == x.g && l->offset + l->numel == x.offset && l->so + l->numel == x.so) {
+            l->numel += x.numel;
+            return;
+        }
+    }
+    rs[(*k)++] = x;
+}
+
 kiln_status kiln_adamw_set_decay(kiln_ctx *ctx, kiln_adamw *o, size_t offset,
                                  size_t numel, bool decay)
 {
@@ -107,13 +235,22 @@ kiln_status kiln_adamw_set_decay(kiln_ctx *ctx, kiln_adamw *o, size_t offset,
                          "AdamW decay range [%zu, %zu) outside %zu parameters",
                          offset, offset + numel, o->n);
     if (numel == 0) return KILN_OK;
-    /* Split ranges at offset and offset+numel, then set the flag. */
-    decay_range *nr = kiln_malloc(ctx, ((size_t)o->nranges + 2) * sizeof *nr);
-    if (!nr) return KILN_ERR_NOMEM;
-    int k = 0;
-    size_t lo = offset, hi = offset + numel;
+    size_t lo = offset, hi = offset + numel, covered = 0;
     for (int i = 0; i < o->nranges; i++) {
-        decay_range r = o->ranges[i];
+        size_t a = KILN_MAX(lo, o->ranges[i].offset);
+        size_t b = KILN_MIN(hi, o->ranges[i].offset + o->ranges[i].numel);
+        if (a < b) covered += b - a;
+    }
+    if (covered != numel)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "AdamW decay range [%zu, %zu) includes frozen parameters (they have "
+                         "no optimizer state)", lo, hi);
+    /* Split ranges at lo and hi, then set the group. */
+    prange *nr = kiln_malloc(ctx, ((size_t)o->nranges + 2) * sizeof *nr);
+    if (!nr) return KILN_ERR_NOMEM;
+    int k = 0, g = decay ? 1 : 0;
+    for (int i = 0; i < o->nranges; i++) {
+        prange r = o->ranges[i];
         size_t a = r.offset, b = r.offset + r.numel;
         size_t cuts[4] = {a, lo > a && lo < b ? lo : a, hi > a && hi < b ? hi : a, b};
         size_t pts[4];
@@ -121,22 +258,14 @@ kiln_status kiln_adamw_set_decay(kiln_ctx *ctx, kiln_adamw *o, size_t offset,
         for (int c = 0; c < 4; c++)
             if (np == 0 || cuts[c] > pts[np - 1]) pts[np++] = cuts[c];
         for (int c = 0; c + 1 < np; c++) {
-            decay_range piece = {pts[c], pts[c + 1] - pts[c], r.decay};
-            if (piece.offset >= lo && piece.offset < hi) piece.decay = decay;
-            nr[k++] = piece;
+            prange piece = {pts[c], pts[c + 1] - pts[c], r.so + (pts[c] - a), r.g};
+            if (piece.offset >= lo && piece.offset < hi) piece.g = g;
+            push_range(nr, &k, piece);
         }
-    }
-    /* merge neighbours with equal flags */
-    int m = 0;
-    for (int i = 0; i < k; i++) {
-        if (m > 0 && nr[m - 1].decay == nr[i].decay)
-            nr[m - 1].numel += nr[i].numel;
-        else
-            nr[m++] = nr[i];
     }
     free(o->ranges);
     o->ranges = nr;
-    o->nranges = m;
+    o->nranges = k;
     return KILN_OK;
 }
 
@@ -144,19 +273,58 @@ kiln_status kiln_adamw_new_for_model(kiln_ctx *ctx, const kiln_model *m,
                                      const kiln_adamw_opts *opts,
                                      kiln_adamw **out)
 {
-    kiln_status s = kiln_adamw_new(ctx, kiln_model_num_params(m), opts, out);
+    *out = NULL;
+    int nt = kiln_model_num_tensors(m);
+    size_t ns = kiln_model_num_trainable(m);
+    if (ns == 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "every tensor of the model is frozen: nothing for AdamW to train "
+                         "(kiln_model_set_trainable / kiln_train_opts.freeze)");
+    kiln_adamw *o;
+    kiln_status s = adamw_alloc(ctx, kiln_model_num_params(m), ns, nt, opts, &o);
     if (s) return s;
-    for (int i = 0; i < kiln_model_num_tensors(m); i++) {
+    o->names = calloc((size_t)nt, sizeof *o->names);
+    o->trainable = calloc((size_t)nt, sizeof *o->trainable);
+    if (!o->names || !o->trainable) goto nomem;
+    o->nnames = nt;
+    size_t so = 0;
+    int k = 0;
+    for (int i = 0; i < nt; i++) {
         const kiln_tensor_info *ti = kiln_model_tensor(m, i);
-        if (!ti->decay) continue;
-        s = kiln_adamw_set_decay(ctx, *out, ti->offset, ti->numel, true);
-        if (s) {
-            kiln_adamw_free(*out);
-            *out = NULL;
-            return s;
+        if (!(o->names[i] = strdup(ti->name))) goto nomem;
+        o->trainable[i] = ti->trainable;
+        if (!ti->trainable) continue;
+        int g = group_of(o, ti->group ? ti->group : (ti->decay ? "decay" : "no_decay"));
+        if (g < 0) {
+            kiln_adamw_free(o);
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "the model's tensors are in more than %d parameter groups "
+                             "(kiln_model_set_group)", ADAMW_GROUPS);
+        }
+        push_range(o->ranges, &k, (prange){ti->offset, ti->numel, so, g});
+        so += ti->numel;
+    }
+    o->nranges = k;
+    for (int i = 0; i < o->opts.n_groups; i++) {
+        bool found = false;
+        for (int g = 0; g < o->ngrp && !found; g++)
+            for (int r = 0; r < k && !found; r++)
+                found = o->ranges[r].g == g && !strcmp(o->grp[g].name, o->opts.groups[i].name);
+        if (!found) {
+            kiln_status e = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                                      "kiln_adamw_opts.groups[%d].name = \"%s\" is the group of "
+                                      "no trainable tensor (groups are kiln_tensor_info.group: "
+                                      "\"decay\", \"no_decay\" or kiln_model_set_group's)",
+                                      i, o->opts.groups[i].name);
+            kiln_adamw_free(o);
+            return e;
         }
     }
+    *out = o;
     return KILN_OK;
+nomem:
+    kiln_adamw_free(o);
+    return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
 }
 
 /* ---- the update kernel ---------------------------------------------- */
@@ -271,37 +439,43 @@ static adamw_fn adamw_kernel(const kiln_adamw *o)
     return adamw_portable;
 }
 
-/* Counts step t and returns its constants. */
-static adamw_k adamw_begin(kiln_adamw *o, float lr, float grad_mul, float *lrwd)
+/* Counts step t and returns each group's constants: k[g], and in lrwd[g]
+ * lr_g * weight decay, where lr_g = lr * lr_mul (lr itself for lr_mul 1,
+ * so the default groups give the bits of a single learning rate). */
+static void adamw_begin(kiln_adamw *o, float lr, float grad_mul, adamw_k *k, float *lrwd)
 {
     o->t++;
     const double b1 = o->opts.beta1, b2 = o->opts.beta2;
     const double bc1 = 1.0 - pow(b1, (double)o->t);
     const double bc2 = 1.0 - pow(b2, (double)o->t);
-    *lrwd = (float)((double)lr * (double)o->opts.weight_decay);
-    return (adamw_k){
-        .gmul = grad_mul,
-        .b1 = o->opts.beta1, .omb1 = 1.0f - o->opts.beta1,
-        .b2 = o->opts.beta2, .omb2 = 1.0f - o->opts.beta2,
-        .rsbc2 = (float)(1.0 / sqrt(bc2)),
-        .eps = o->opts.eps,
-        .step = (float)((double)lr / bc1),
-    };
+    for (int g = 0; g < o->ngrp; g++) {
+        float lrg = o->grp[g].lr_mul == 1.0f ? lr : (float)((double)lr * o->grp[g].lr_mul);
+        lrwd[g] = (float)((double)lrg * (double)o->grp[g].wd);
+        k[g] = (adamw_k){
+            .gmul = grad_mul,
+            .b1 = o->opts.beta1, .omb1 = 1.0f - o->opts.beta1,
+            .b2 = o->opts.beta2, .omb2 = 1.0f - o->opts.beta2,
+            .rsbc2 = (float)(1.0 / sqrt(bc2)),
+            .eps = o->opts.eps,
+            .step = (float)((double)lrg / bc1),
+        };
+    }
 }
 
-/* The pieces of [0, n) outside the matrices marked done (mats sorted by
- * offset, each inside one decay range), in order: calls visit(a, b, decay)
- * for each piece [a, b) that overlaps [lo, hi) in "gap space" (positions
- * counted over the pieces only), clipped to it; returns the gap total. */
+/* The pieces of the trainable ranges outside the matrices marked done
+ * (mats sorted by offset, each inside one range), in order: calls
+ * visit(ud, a, b, range) for each piece [a, b) that overlaps [lo, hi) in
+ * "gap space" (positions counted over the pieces only), clipped to it;
+ * returns the gap total. Frozen parameters are in no range: never visited. */
 typedef struct gap_walk {
-    const decay_range *rg;
+    const prange *rg;
     int nr;
     const adamw_matrix *mats;
     int nm;
 } gap_walk;
 
 static size_t walk_gaps(const gap_walk *w, size_t lo, size_t hi,
-                        void (*visit)(void *, size_t, size_t, bool), void *ud)
+                        void (*visit)(void *, size_t, size_t, const prange *), void *ud)
 {
     size_t pos = 0; /* gap-space position of the next piece */
     int j = 0;
@@ -313,7 +487,7 @@ static size_t walk_gaps(const gap_walk *w, size_t lo, size_t hi,
             if (j < w->nm && w->mats[j].offset < end) b = w->mats[j].offset;
             if (b > a && visit) {
                 size_t s = KILN_MAX(lo, pos), e = KILN_MIN(hi, pos + (b - a));
-                if (s < e) visit(ud, a + (s - pos), a + (e - pos), w->rg[r].decay);
+                if (s < e) visit(ud, a + (s - pos), a + (e - pos), &w->rg[r]);
             }
             pos += b - a;
             a = b;
@@ -330,26 +504,28 @@ typedef struct step_args {
     float *p;
     const float *g;
     float *m, *v;
-    const adamw_k *k;
-    float lrwd;
+    const adamw_k *k;  /* per group */
+    const float *lrwd; /* per group */
     adamw_fn fn;
 } step_args;
 
-static void step_piece(void *ud, size_t a, size_t b, bool decay)
+static void step_piece(void *ud, size_t a, size_t b, const prange *r)
 {
     const step_args *s = ud;
-    s->fn(s->p + a, s->g + a, s->m + a, s->v + a, b - a, s->k, decay ? s->lrwd : 0.0f);
+    size_t so = r->so + (a - r->offset);
+    s->fn(s->p + a, s->g + a, s->m + so, s->v + so, b - a, &s->k[r->g], s->lrwd[r->g]);
 }
 
 void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float lr,
                          float grad_mul, adamw_matrix *mats, int nmats)
 {
-    float lrwd;
-    const adamw_k k = adamw_begin(o, lr, grad_mul, &lrwd);
-    step_args sa = {params, grads, o->m, o->v, &k, lrwd, adamw_kernel(o)};
+    float lrwd[ADAMW_GROUPS];
+    adamw_k k[ADAMW_GROUPS];
+    adamw_begin(o, lr, grad_mul, k, lrwd);
+    step_args sa = {params, grads, o->m, o->v, k, lrwd, adamw_kernel(o)};
     /* Which matrices go strip by strip: in order, inside [0, n) and one
-     * decay range, rows a multiple of their strip. The others are plain
-     * parameters to this step (done = false). */
+     * trainable range, rows a multiple of their strip. The others are
+     * plain parameters to this step (done = false). */
     int units = 0;
     size_t prev_end = 0;
     for (int i = 0; i < nmats; i++) {
@@ -360,10 +536,10 @@ void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float
             a->offset < prev_end || a->offset > o->n || numel > o->n - a->offset)
             continue;
         for (int r = 0; r < o->nranges; r++) {
-            const decay_range *d = &o->ranges[r];
+            const prange *d = &o->ranges[r];
             if (a->offset >= d->offset && a->offset < d->offset + d->numel) {
                 a->done = a->offset + numel <= d->offset + d->numel;
-                a->decay = d->decay;
+                a->range = r;
                 break;
             }
         }
@@ -378,7 +554,7 @@ void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float
      * matrix's `after` while its rows are still in cache, go to whichever
      * thread is free; then the rest as kiln_adamw_step_scaled splits it
      * (a contiguous share of the pieces per thread). */
-#pragma omp parallel if (o->n > 65536)
+#pragma omp parallel if (o->ns > 65536)
     {
         int nt = 1, id = 0;
 #ifdef _OPENMP
@@ -395,10 +571,12 @@ void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float
             while (!mats[cur].done || u >= mats[cur].unit0 + mats[cur].rows / mats[cur].strip)
                 cur++;
             const adamw_matrix *a = &mats[cur];
+            const prange *r = &o->ranges[a->range];
             int r0 = (u - a->unit0) * a->strip;
             size_t off = a->offset + (size_t)r0 * (size_t)a->cols;
-            sa.fn(params + off, grads + off, o->m + off, o->v + off,
-                  (size_t)a->strip * (size_t)a->cols, &k, a->decay ? lrwd : 0.0f);
+            size_t so = r->so + (off - r->offset);
+            sa.fn(params + off, grads + off, o->m + so, o->v + so,
+                  (size_t)a->strip * (size_t)a->cols, &k[r->g], lrwd[r->g]);
             a->after(a->ud, params + a->offset, r0);
         }
         size_t per = ((gaps + (size_t)nt - 1) / (size_t)nt + 15) & ~(size_t)15;
@@ -420,6 +598,7 @@ void kiln_adamw_step(kiln_adamw *o, float *params, const float *grads,
 }
 
 size_t kiln_adamw_size(const kiln_adamw *o) { return o->n; }
+size_t kiln_adamw_state_size(const kiln_adamw *o) { return o->ns; }
 int64_t kiln_adamw_t(const kiln_adamw *o) { return o->t; }
 void kiln_adamw_set_t(kiln_adamw *o, int64_t t) { o->t = t; }
 float *kiln_adamw_m(kiln_adamw *o) { return o->m; }
@@ -551,97 +730,13 @@ double kiln_lr_at(kiln_schedule s, double lr, double min_lr, int64_t warmup,
     return min_lr + 0.5 * (1.0 + cos(M_PI * p)) * (lr - min_lr);
 }
 
-/* ---- optimizer.safetensors ------------------------------------------ */
+/* optimizer.safetensors: adamw_io.c */
 
-kiln_status kiln_adamw_save(kiln_ctx *ctx, const kiln_adamw *o,
-                            const char *path)
-{
-    size_t bytes = o->n * sizeof(float);
-    char hdr[512];
-    int len = snprintf(hdr, sizeof hdr,
-                       "{\"__metadata__\":{\"format\":\"kiln-adamw\",\"step\":"
-                       "\"%lld\"},\"exp_avg\":{\"dtype\":\"F32\",\"shape\":[%zu],"
-                       "\"data_offsets\":[0,%zu]},\"exp_avg_sq\":{\"dtype\":"
-                       "\"F32\",\"shape\":[%zu],\"data_offsets\":[%zu,%zu]}}",
-                       (long long)o->t, o->n, bytes, o->n, bytes, 2 * bytes);
-    while (len % 8) hdr[len++] = ' ';
-    unsigned char lenb[8];
-    for (int i = 0; i < 8; i++) lenb[i] = (unsigned char)((uint64_t)len >> (8 * i));
-    file_writer w;
-    kiln_status s = file_writer_open(ctx, &w, path);
-    if (s) return s;
-    file_writer_write(&w, lenb, 8);
-    file_writer_write(&w, hdr, (size_t)len);
-    file_writer_write(&w, o->m, bytes);
-    file_writer_write(&w, o->v, bytes);
-    return file_writer_commit(ctx, &w);
-}
+const float *adamw_moment(const kiln_adamw *o, bool second) { return second ? o->v : o->m; }
 
-static kiln_status tensor_range(kiln_ctx *ctx, json_t *h, const char *name,
-                                const char *path, size_t n, size_t data_size,
-                                size_t *off)
+int adamw_tensors(const kiln_adamw *o, char *const **names, const bool **trainable)
 {
-    json_t *t = json_object_get(h, name);
-    json_t *sh = json_object_get(t, "shape");
-    json_t *of = json_object_get(t, "data_offsets");
-    const char *dt = json_string_value(json_object_get(t, "dtype"));
-    if (!t || !dt || strcmp(dt, "F32") || json_array_size(sh) != 1 ||
-        json_array_size(of) != 2)
-        return kiln_fail(ctx, KILN_ERR_FORMAT,
-                         "'%s': tensor \"%s\" is missing or not a 1-D F32 "
-                         "tensor",
-                         path, name);
-    json_int_t len = json_integer_value(json_array_get(sh, 0));
-    json_int_t a = json_integer_value(json_array_get(of, 0));
-    json_int_t b = json_integer_value(json_array_get(of, 1));
-    if ((size_t)len != n)
-        return kiln_fail(ctx, KILN_ERR_FORMAT,
-                         "'%s': \"%s\" has %lld values but the model has %zu "
-                         "parameters (checkpoint of another model?)",
-                         path, name, (long long)len, n);
-    if (a < 0 || b < a || (size_t)(b - a) != n * sizeof(float) ||
-        (size_t)b > data_size)
-        return kiln_fail(ctx, KILN_ERR_FORMAT,
-                         "'%s': \"%s\" has data offsets outside the file",
-                         path, name);
-    *off = (size_t)a;
-    return KILN_OK;
-}
-
-kiln_status kiln_adamw_load(kiln_ctx *ctx, kiln_adamw *o, const char *path)
-{
-    file_map fm;
-    kiln_status s = file_map_open(ctx, path, &fm);
-    if (s) return s;
-    json_t *h = NULL;
-    uint64_t hl = 0;
-    if (fm.size >= 8)
-        for (int i = 0; i < 8; i++) hl |= (uint64_t)fm.data[i] << (8 * i);
-    if (fm.size < 8 || hl > fm.size - 8 || hl > (1u << 20)) {
-        s = kiln_fail(ctx, KILN_ERR_FORMAT,
-                      "'%s' is not a safetensors file (bad header length)", path);
-        goto done;
-    }
-    if ((s = js_load_buf(ctx, (const char *)fm.data + 8, (size_t)hl, path, &h)))
-        goto done;
-    const char *fmt = json_string_value(
-        json_object_get(json_object_get(h, "__metadata__"), "format"));
-    const char *st = json_string_value(
-        json_object_get(json_object_get(h, "__metadata__"), "step"));
-    if (!fmt || strcmp(fmt, "kiln-adamw") || !st) {
-        s = kiln_fail(ctx, KILN_ERR_FORMAT,
-                      "'%s' is not a kiln AdamW state (metadata format)", path);
-        goto done;
-    }
-    size_t data = (size_t)(8 + hl), moff = 0, voff = 0;
-    if ((s = tensor_range(ctx, h, "exp_avg", path, o->n, fm.size - data, &moff)) ||
-        (s = tensor_range(ctx, h, "exp_avg_sq", path, o->n, fm.size - data, &voff)))
-        goto done;
-    memcpy(o->m, fm.data + data + moff, o->n * sizeof(float));
-    memcpy(o->v, fm.data + data + voff, o->n * sizeof(float));
-    o->t = strtoll(st, NULL, 10);
-done:
-    json_decref(h);
-    file_map_close(&fm);
-    return s;
+    *names = o->names;
+    *trainable = o->trainable;
+    return o->names ? o->nnames : 0;
 }

@@ -21,7 +21,7 @@ typedef struct adamw_matrix {
     void (*after)(void *ud, const float *W, int r0);
     void *ud;
     bool done;        /* out: updated strip by strip, after() called */
-    bool decay;       /* internal */
+    int range;        /* internal: its trainable range */
     int unit0;        /* internal */
 } adamw_matrix;
 
@@ -32,6 +32,16 @@ typedef struct adamw_matrix {
  * (done = false). The updated values are the same bits either way. */
 void adamw_step_matrices(kiln_adamw *o, float *params, const float *grads, float lr,
                          float grad_mul, adamw_matrix *mats, int nmats);
+
+/* Whether o's steps leave floats [off, off+len) of the block alone (no
+ * trainable range overlaps them); ud is the kiln_adamw. */
+bool adamw_untouched(void *ud, size_t off, size_t len);
+
+/* For adamw_io.c: the names of all the tensors of the model o was made
+ * for and whether each has state (returns their count; 0 when o was made
+ * with kiln_adamw_new), and a read-only moment (second: v, else m). */
+int adamw_tensors(const kiln_adamw *o, char *const **names, const bool **trainable);
+const float *adamw_moment(const kiln_adamw *o, bool second);
 
 /* Room for n adamw_matrix entries, owned by o (grown, never shrunk, so a
  * step after the first allocates nothing); NULL when out of memory. */

@@ -676,7 +676,7 @@ void dist_grad_ready(void *ud, size_t offset, size_t numel)
         size_t hi = KILN_MIN(end, b * bf + bucket_size(d, b));
         d->ready[b] += hi - lo;
         if (d->ready[b] > bucket_size(d, b)) d->g_bad = true;
-        else if (d->ready[b] == bucket_size(d, b) && d->g_overlap)
+        else if (d->ready[b] == bucket_size(d, b) && d->g_overlap && !d->started[b])
             bucket_start(d, b);
     }
 #ifdef KILN_HAVE_MPI
@@ -686,6 +686,19 @@ void dist_grad_ready(void *ud, size_t offset, size_t numel)
         MPI_Testall((int)d->nb, d->req, &flag, MPI_STATUSES_IGNORE);
     }
 #endif
+}
+
+void dist_grads_skip(dist *d, const size_t *off, const size_t *len, int n)
+{
+    if (!d->g_active || d->nb == 0) return;
+    int j = 0;
+    for (size_t b = 0; b < d->nb; b++) {
+        size_t lo = b * d->bucket_floats, hi = lo + bucket_size(d, b), fz = 0;
+        while (j < n && off[j] + len[j] <= lo) j++;
+        for (int k = j; k < n && off[k] < hi; k++)
+            fz += KILN_MIN(hi, off[k] + len[k]) - KILN_MAX(lo, off[k]);
+        if (fz == hi - lo) d->started[b] = true; /* zeros on every rank: nothing to sum */
+    }
 }
 
 kiln_status dist_grads_finish(kiln_ctx *ctx, dist *d)
@@ -701,6 +714,7 @@ kiln_status dist_grads_finish(kiln_ctx *ctx, dist *d)
          * (Open MPI's blocking algorithms are the faster ones). */
         for (size_t b = d->nb; b-- > 0;) {
             size_t o = b * d->bucket_floats, k = bucket_size(d, b);
+            if (d->started[b]) continue; /* frozen: dist_grads_skip */
             d->started[b] = true;
             coll_start(d, "allreduce gradient bucket", k * sizeof(float));
             double t0 = guard_begin(d);

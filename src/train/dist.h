@@ -117,6 +117,10 @@ kiln_status dist_allreduce_max_f64(kiln_ctx *ctx, dist *d, double *buf,
  * dist_grad_ready installed as the model's grad hook (ud = d). No-op
  * bookkeeping when world == 1. */
 kiln_status dist_grads_begin(kiln_ctx *ctx, dist *d, float *grads, size_t n);
+/* After dist_grads_begin: the n ranges [off[i], off[i]+len[i]) (sorted,
+ * disjoint) are frozen parameters' gradients, zeros on every rank (the
+ * same ranges on all): a bucket made of them only is not reduced. */
+void dist_grads_skip(dist *d, const size_t *off, const size_t *len, int n);
 /* A kiln_grad_ready_fn (ud is the dist*): marks [offset, offset+numel) of
  * the gradient block final and starts the allreduce of every bucket that
  * became complete. Ignored outside begin/finish. */

@@ -4,7 +4,8 @@
  * packed bf16 copies can be refreshed strip by strip (model_wstrips) are
  * updated in strips of rows, each strip packed while it is still in cache,
  * so the next forward does not read every fp32 weight back to repack it;
- * the rest of the block is updated as any parameter. The optimizer owns
+ * the rest of the block is updated as any parameter; frozen matrices keep
+ * their copies (they did not change). The optimizer owns
  * the update; the model only says which matrices have copies and how to
  * refresh a strip of them.
  */
@@ -26,8 +27,10 @@ void kiln_model_adamw_step(kiln_model *m, kiln_adamw *o, const float *grads, flo
                                  .strip = ws[i].strip,
                                  .after = ws[i].after,
                                  .ud = ws[i].ud};
-    /* m->params, not kiln_model_params(): that one marks every copy stale */
+    /* m->params itself: the step tells the model what it refreshed */
     adamw_step_matrices(o, m->params, grads, lr, grad_mul, n ? mats : NULL, n);
     for (int i = 0; i < n; i++)
         if (mats[i].done) model_wstrip_fresh(m, i);
+    if (kiln_adamw_size(o) == m->num_params) model_wkeep_frozen(m, adamw_untouched, o);
+    model_params_stepped(m);
 }

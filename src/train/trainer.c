@@ -84,7 +84,7 @@ static kiln_status tr_dist_init(trainer *t)
 static kiln_status tr_dist_bcast_params(trainer *t)
 {
     if (t->world == 1) return KILN_OK;
-    return dist_bcast(t->ctx, t->dist, kiln_model_params(t->model),
+    return dist_bcast(t->ctx, t->dist, model_params_write(t->model),
                       kiln_model_num_params(t->model) * sizeof(float), 0);
 }
 
@@ -333,6 +333,7 @@ static kiln_status make_model(trainer *t)
                          "kiln_train_opts.seq = %d exceeds the model's context length "
                          "(n_ctx %d in %s); use kiln_train_opts.seq = %d or less",
                          o->seq, cfg->n_ctx, from, cfg->n_ctx);
+    if ((s = tr_freeze(t))) return s;
     kiln_adamw_opts ao = {.beta1 = (float)o->beta1,
                           .beta2 = (float)o->beta2,
                           .eps = (float)o->eps,
@@ -565,11 +566,11 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         kiln_objective_batch mb = micro_batch(t, k);
         if (!obj->weigh) draw_micro(t, k, t->inputs, t->targets);
         float *logits;
-        /* the weights are those of micro-step 0: keep their packed copies */
-        if (k > 0) kiln_model_keep_weights(t->model);
         if ((s = kiln_model_forward(ctx, t->model, mb.tokens, B, T, &logits)))
             return s;
         if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;
+        if (k == K - 1 && !t->zero && t->world > 1) /* frozen buckets: no allreduce */
+            dist_grads_skip(t->dist, t->fz_off, t->fz_len, t->nfz);
         if (obj->fused_ce) {
             /* cross-entropy + backward (in bf16 the logits' gradient goes
              * straight into the LM head's packed operands) */
@@ -582,7 +583,8 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         }
         if (s) return s;
     }
-    float *g = kiln_model_grads(t->model);
+    model_grads_materialize(t->model);
+    float *g = model_grads_deferred(t->model);
     size_t n = kiln_model_num_params(t->model);
     /* --zero 1: each rank receives the mean gradient of its shard only */
     if ((s = t->zero ? dist_zero_reduce_grads(ctx, t->zero, g)
@@ -625,7 +627,7 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     if (!isfinite(*gnorm)) return diverged(t, "the gradient norm", *gnorm, *lr);
     grad_mul *= kiln_clip_grad_coef(*gnorm, o->grad_clip);
     if (t->zero) {
-        if ((s = dist_zero_update_scaled(ctx, t->zero, kiln_model_params(t->model),
+        if ((s = dist_zero_update_scaled(ctx, t->zero, model_params_write(t->model),
                                          g, (float)*lr, grad_mul)))
             return s;
     } else {
@@ -649,6 +651,10 @@ static void trainer_free(trainer *t, kiln_status s)
     kiln_data_close(t->data);
     kiln_adamw_free(t->opt);
     kiln_model_free(t->model);
+    json_decref(t->ckpt_opts);
+    free(t->freeze_buf);
+    free(t->fz_off);
+    free(t->fz_len);
     tr_dist_free(t, s);
 }
 

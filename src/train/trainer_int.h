@@ -52,6 +52,14 @@ typedef struct trainer {
     kiln_scaler scaler;   /* enabled for fp16 */
     double step_scale;    /* loss scale the last step ran with */
     bool step_skipped;    /* the last step was skipped (inf/NaN gradient) */
+    /* the freeze patterns in effect (opts.freeze, or on resume without
+     * them the checkpoint's, held by ckpt_opts) */
+    const char *const *freeze;
+    int n_freeze;
+    json_t *ckpt_opts;    /* the resumed checkpoint's "options", or NULL */
+    const char **freeze_buf;
+    size_t *fz_off, *fz_len; /* the frozen tensors' ranges (nfz), sorted */
+    int nfz;
 } trainer;
 
 /* ---- trainer_io.c ---------------------------------------------------- */
@@ -64,6 +72,10 @@ void tr_say(trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3
 void tr_progress(trainer *t, double loss, double lr, double gnorm, double tps);
 /* The run's banner: model, data, batch, optimizer, precision. */
 void tr_banner(trainer *t);
+/* Applies opts.freeze to the model (on resume the checkpoint's patterns,
+ * which opts.freeze must equal when given) and records the frozen ranges
+ * (fz_off, fz_len) for the allreduce. Before the optimizer is made. */
+kiln_status tr_freeze(trainer *t);
 /* Appends a metrics object to the history and to RUN/metrics.jsonl. */
 void tr_metrics_append(trainer *t, json_t *obj);
 /* Rewrites RUN/metrics.jsonl from the history and opens it for appending

@@ -2,7 +2,9 @@
  * trainer_io.c — the trainer's run directory and console: the banner, the
  * progress bar or lines, RUN/metrics.jsonl, and trainer_state.json (written
  * into each checkpoint, read back on resume, and the options a resumed run
- * starts from: kiln_train_opts_load). The loop is in trainer.c.
+ * starts from: kiln_train_opts_load), and the freeze patterns a run
+ * applies (opts.freeze, or on resume the checkpoint's). The loop is in
+ * trainer.c.
  */
 #include "train/trainer_int.h"
 
@@ -175,6 +177,11 @@ static json_t *options_json(const trainer *t)
     json_object_set_new(j, "seed", json_string(seed));
     json_object_set_new(j, "precision", json_string(kiln_precision_name(t->prec)));
     json_object_set_new(j, "objective", json_string(t->obj->name));
+    if (t->n_freeze > 0) {
+        json_t *fz = json_array();
+        for (int i = 0; i < t->n_freeze; i++) json_array_append_new(fz, json_string(t->freeze[i]));
+        json_object_set_new(j, "freeze", fz);
+    }
     return j;
 }
 
@@ -299,6 +306,86 @@ done:
     return s;
 }
 
+/* Freezes the tensors opts.freeze names (kiln_model_set_trainable). On
+ * resume the checkpoint's patterns hold: given none, they are taken over;
+ * given others, that is an error (the optimizer state has moments for
+ * exactly the trainable tensors of the run that wrote it). */
+kiln_status tr_freeze(trainer *t)
+{
+    kiln_ctx *ctx = t->ctx;
+    const kiln_train_opts *o = &t->o;
+    t->freeze = o->freeze;
+    t->n_freeze = o->freeze ? o->n_freeze : 0;
+    if (o->n_freeze < 0 || (o->n_freeze > 0 && !o->freeze))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.n_freeze = %d needs kiln_train_opts.freeze to "
+                         "point at that many patterns", o->n_freeze);
+    if (o->resume) {
+        char *p = file_join(o->resume, "trainer_state.json");
+        json_t *st = NULL;
+        kiln_status s = p ? js_load_file(ctx, p, &st) : KILN_ERR_NOMEM;
+        free(p);
+        if (s) return s;
+        json_t *fz = json_object_get(json_object_get(st, "options"), "freeze");
+        t->ckpt_opts = json_incref(fz); /* NULL: a run without freezing */
+        json_decref(st);
+        size_t nk = json_array_size(fz);
+        if (t->n_freeze == 0 && nk > 0) {
+            t->freeze_buf = calloc(nk, sizeof *t->freeze_buf);
+            if (!t->freeze_buf) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+            for (size_t i = 0; i < nk; i++) {
+                t->freeze_buf[i] = json_string_value(json_array_get(fz, i));
+                if (!t->freeze_buf[i])
+                    return kiln_fail(ctx, KILN_ERR_FORMAT,
+                                     "%s/trainer_state.json: options.freeze[%zu] is not a "
+                                     "string", o->resume, i);
+            }
+            t->freeze = t->freeze_buf;
+            t->n_freeze = (int)nk;
+        } else if (t->n_freeze > 0) {
+            bool same = nk == (size_t)t->n_freeze;
+            for (size_t i = 0; same && i < nk; i++) {
+                const char *c = json_string_value(json_array_get(fz, i));
+                same = c && t->freeze[i] && !strcmp(c, t->freeze[i]);
+            }
+            if (!same)
+                return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                                 "kiln_train_opts.freeze (--freeze) differs from the patterns "
+                                 "the checkpoint %s was trained with (%zu of them, in "
+                                 "trainer_state.json options.freeze); resume with the same "
+                                 "ones, or leave them out to take the checkpoint's",
+                                 o->resume, nk);
+        }
+    }
+    if (t->n_freeze > 0 && o->zero)
+        return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                         "kiln_train_opts.freeze (--freeze) with zero = 1 (--zero 1) is not "
+                         "supported yet; train frozen tensors with zero = 0");
+    for (int i = 0; i < t->n_freeze; i++) {
+        if (!t->freeze[i])
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.freeze[%d] is NULL", i);
+        kiln_status s = kiln_model_set_trainable(ctx, t->model, t->freeze[i], false, NULL);
+        if (s) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", kiln_errmsg(ctx));
+            return kiln_fail(ctx, s, "kiln_train_opts.freeze[%d] (--freeze): %s", i, msg);
+        }
+    }
+    /* the frozen ranges, in block order (the registry's), for the allreduce */
+    int nt = kiln_model_num_tensors(t->model);
+    t->fz_off = calloc((size_t)nt + 1, sizeof *t->fz_off);
+    t->fz_len = calloc((size_t)nt + 1, sizeof *t->fz_len);
+    if (!t->fz_off || !t->fz_len) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    t->nfz = 0;
+    for (int i = 0; i < nt; i++) {
+        const kiln_tensor_info *ti = kiln_model_tensor(t->model, i);
+        if (ti->trainable) continue;
+        t->fz_off[t->nfz] = ti->offset;
+        t->fz_len[t->nfz++] = ti->numel;
+    }
+    return KILN_OK;
+}
+
 kiln_status kiln_train_opts_load(kiln_ctx *ctx, const char *ckpt_dir,
                                  kiln_train_opts *o, char *data_buf,
                                  size_t cap)
@@ -396,8 +483,18 @@ void tr_banner(trainer *t)
             (double)dist_zero_state_bytes(t->zero) / 1e6, t->world,
             t->world > 1 ? "s" : "", 8.0 * (double)np / 1e6);
     else
-        tr_say(t, "optimizer: AdamW state %.2f MB per rank%s", 8.0 * (double)np / 1e6,
+        tr_say(t, "optimizer: AdamW state %.2f MB per rank%s",
+            8.0 * (double)kiln_adamw_state_size(t->opt) / 1e6,
             t->world > 1 ? " (unsharded; ZeRO-1 would shard it)" : "");
+    if (t->n_freeze > 0) {
+        int nt = 0, nf = 0;
+        for (int i = 0; i < kiln_model_num_tensors(t->model); i++, nt++)
+            nf += !kiln_model_tensor(t->model, i)->trainable;
+        size_t tr = kiln_model_num_trainable(t->model);
+        tr_say(t, "frozen: %d of %d tensors (%.2fM parameters; %.2fM trainable) by %d pattern%s",
+            nf, nt, (double)(np - tr) / 1e6, (double)tr / 1e6, t->n_freeze,
+            t->n_freeze > 1 ? "s" : "");
+    }
     char cpu[256];
     kiln_precision_describe(cpu, sizeof cpu);
     tr_say(t, "precision: %s matrix products, fp32 master weights and AdamW%s [%s]",

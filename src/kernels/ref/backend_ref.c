@@ -107,6 +107,12 @@ static void ref_weight_refresh(kern_backend *b, kern_weight *w, int r0)
     KILN_ASSERT(!"ref has no strip refresh (weight_refresh_rows is 0)");
 }
 
+/* The ref backend reads the fp32 weight itself: nothing to keep. */
+static void ref_weight_keep(kern_backend *b, kern_weight *w)
+{
+    (void)b, (void)w;
+}
+
 static void ref_weight_fresh(kern_backend *b, kern_weight *w)
 {
     (void)b, (void)w;
@@ -385,6 +391,7 @@ kern_backend *kern_backend_ref_new(kiln_dtype dt)
         .weight_refresh_rows = ref_weight_refresh_rows,
         .weight_refresh = ref_weight_refresh,
         .weight_fresh = ref_weight_fresh,
+        .weight_keep = ref_weight_keep,
         .mp =
             {
                 .act_bytes = ref_act_bytes,

@@ -118,8 +118,10 @@ static void ref_embed_bwd(float *dwte, float *dwpe, const float *dout,
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             const float *d = dout + ((size_t)b * T + t) * C;
-            float *e = dwte + (size_t)tok[b * T + t] * C;
-            for (int i = 0; i < C; i++) e[i] += d[i];
+            if (dwte) {
+                float *e = dwte + (size_t)tok[b * T + t] * C;
+                for (int i = 0; i < C; i++) e[i] += d[i];
+            }
             if (dwpe)
                 for (int i = 0; i < C; i++) dwpe[(size_t)t * C + i] += d[i];
         }
@@ -167,7 +169,7 @@ static void ref_layernorm_bwd(float *dinp, float *dw, float *db,
         for (int i = 0; i < C; i++) {
             float xh = (x[i] - m) * s;
             if (db) db[i] += d[i];
-            dw[i] += xh * d[i];
+            if (dw) dw[i] += xh * d[i];
             di[i] += (w[i] * d[i] - dm - xh * dxm) * s;
         }
     }
@@ -200,7 +202,7 @@ static void ref_rmsnorm_bwd(float *dinp, float *dw, const float *dout,
         float k = (float)(dot / C) * s * s * s;
         float *di = dinp + (size_t)n * C;
         for (int i = 0; i < C; i++) {
-            dw[i] += d[i] * x[i] * s;
+            if (dw) dw[i] += d[i] * x[i] * s;
             di[i] += w[i] * d[i] * s - x[i] * k;
         }
     }

@@ -290,8 +290,9 @@ bool mp_linear_backward_w_packed(mp_backend be, mp_scratch *s, bool in_out,
 
 /* The whole backward of y = x W' + b from a packed bf16 activation (xp,
  * act as in mp_linear_backward_w_packed) and W's bf16 copy w: dW += the
- * weight gradient (dW = it when !dw_acc: dW's old contents are not read),
- * db += the bias gradient (db NULL: none), dx = dy W (overwritten). dy is
+ * weight gradient (dW = it when !dw_acc: dW's old contents are not read;
+ * dW NULL: none, a frozen weight), db += the bias gradient (db NULL:
+ * none), dx = dy W (overwritten). dy is
  * read once (mp_pack_dy). Returns false on OOM. */
 bool mp_linear_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w,
                                const float *dy, const uint16_t *xp, int act, int N,
@@ -353,8 +354,8 @@ bool mp_gemm_packed_epi(mp_backend be, mp_scratch *s, int M, int N, int K, const
 /* The backward of an MLP y = act(x W1' + b1) W2' + b2 (act NONE or GELU)
  * from the packed bf16 x (xp) and pre-activation h (hp), the weights'
  * bf16 copies w1, w2: dW1, dW2 += the weight gradients (= them when
- * !dw_acc), db1, db2 += the bias gradients (NULL: none), dx = the input
- * gradient (overwritten).
+ * !dw_acc; NULL: none), db1, db2 += the bias gradients (NULL: none),
+ * dx = the input gradient (overwritten).
  * The gradient of h is never stored in fp32: the product that makes it
  * writes it packed, both ways, through MP_EPI_DACT. Returns false on OOM. */
 bool mp_mlp_backward_packed(mp_backend be, mp_scratch *s, const mp_weight *w1,

@@ -265,6 +265,15 @@ static void cpu_weight_fresh(kern_backend *b, kern_weight *w)
     e->fwd_epoch = e->bwd_epoch = st->epoch + 2;
 }
 
+static void cpu_weight_keep(kern_backend *b, kern_weight *w)
+{
+    mp_state *st = state_of(b->gemm);
+    wentry *e = (wentry *)w;
+    /* a layout current in this epoch stays so in the next */
+    if (e->fwd_epoch == st->epoch + 1) e->fwd_epoch = st->epoch + 2;
+    if (e->bwd_epoch == st->epoch + 1) e->bwd_epoch = st->epoch + 2;
+}
+
 const mp_weight *mp_kern_weight_current(kern_backend *b, kern_weight *w, bool bwd)
 {
     return current(state_of(b->gemm), (wentry *)w, bwd);
@@ -276,6 +285,7 @@ void mp_kern_backend_weights(kern_backend *b)
     b->weight_refresh_rows = cpu_weight_refresh_rows;
     b->weight_refresh = cpu_weight_refresh;
     b->weight_fresh = cpu_weight_fresh;
+    b->weight_keep = cpu_weight_keep;
 }
 
 size_t mp_kern_cache_bytes(kern_gemm *g) { return state_of(g)->cache_bytes; }

@@ -37,6 +37,8 @@ const mp_weight *mp_kern_weight(kern_gemm *g, const float *w, int OC, int C, boo
  * (the next forward's), so that forward does not repack them. */
 mp_weight *mp_kern_weight_entry(kern_gemm *g, const float *w, int OC, int C, bool in_out);
 void mp_kern_weight_fresh(kern_gemm *g, const float *w, int OC, int C, bool in_out);
+/* For a weight the optimizer did not change (frozen): each of its packed
+ * layouts that is current now stays current for the next epoch. */
 
 /* The cpu backend (backend_cpu.c) lives in the state of its GEMM: the
  * kern_backend of g (filled by kern_backend_cpu_new), its weight entries

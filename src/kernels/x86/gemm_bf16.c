@@ -688,6 +688,7 @@ static bool backward_w_from(mp_backend be, mp_scratch *s, bool in_out, const uin
                             const uint16_t *xp, int act, int N, int OC, int C, float *dW,
                             bool acc)
 {
+    if (!dW) return true; /* a frozen weight: no gradient */
     if (w_tok(in_out, act)) {
         uint16_t *pxt = grow(&s->b, &s->b_cap, mp_packa_elems(KILN_DTYPE_BF16, C, N));
         if (!pxt) return false;

@@ -49,8 +49,10 @@ static void fast_embed_bwd(float *dwte, float *dwpe, const float *dout,
         int c0 = blk * 32, c1 = c0 + 32 < C ? c0 + 32 : C;
         for (int n = 0; n < B * T; n++) {
             const float *d = dout + (size_t)n * C;
-            float *e = dwte + (size_t)tok[n] * C;
-            for (int i = c0; i < c1; i++) e[i] += d[i];
+            if (dwte) {
+                float *e = dwte + (size_t)tok[n] * C;
+                for (int i = c0; i < c1; i++) e[i] += d[i];
+            }
             if (dwpe) {
                 float *p = dwpe + (size_t)(n % T) * C;
                 for (int i = c0; i < c1; i++) p[i] += d[i];
@@ -146,7 +148,7 @@ static void norm_sums(float *dw, float *db, const float *part, int nrb, int C)
                 for (int i = 0; i < w0; i++) ab[i] += pb[i];
         }
         for (int i = 0; i < w0; i++) {
-            dw[c0 + i] += aw[i];
+            if (dw) dw[c0 + i] += aw[i];
             if (db) db[c0 + i] += ab[i];
         }
     }
