@@ -738,6 +738,28 @@ typedef struct kiln_packed {
 
 kiln_status kiln_dataset_pack(kiln_ctx *ctx, const kiln_dataset *ds, int T,
                               kiln_packed **out);
+
+/* Which tokens of an SFT example are learned (kiln_dataset_rows). */
+typedef enum kiln_loss_on {
+    KILN_LOSS_ON_MASK = 0,       /* the dataset's mask: every assistant turn
+                                    (messages) or the completion */
+    KILN_LOSS_ON_ALL = 1,        /* every token after the first */
+    KILN_LOSS_ON_COMPLETION = 2  /* the last run of the mask only: the final
+                                    assistant turn, or the completion */
+} kiln_loss_on;
+
+/* SFT examples one per row, padded to T positions (no packing): row r is
+ * example idx[r] (idx NULL: example r, n_idx ignored and taken as the
+ * count). An example of n tokens fills positions 0..n-2 with inputs
+ * ids[0..n-1) and targets ids[1..n) where loss_on says so, else -1; the
+ * rest of the row is padding (end-of-text, target -1, doc -1). Examples
+ * longer than T+1 tokens are cut (counted in cut). T = 0: the longest
+ * example's n-1 (at least 1). Every row's doc is 0 or -1, so the rows train
+ * with a plain causal mask. Errors: not an SFT dataset, an index out of
+ * range, T < 0. Free with kiln_packed_free. */
+kiln_status kiln_dataset_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                              kiln_loss_on loss_on, const size_t *idx,
+                              size_t n_idx, kiln_packed **out);
 void kiln_packed_free(kiln_packed *p);
 
 /* Reads the string field `field` of one JSONL line (len bytes, no newline
@@ -1089,6 +1111,22 @@ typedef struct kiln_train_opts {
      * (kiln_objective_builtin), one's own is given again on resume.
      * [kiln_objective_ce()] */
     const kiln_objective *objective;
+    /* A second data source (SFT): training rows instead of token shards
+     * (borrowed for the run; e.g. kiln_dataset_rows). rows->T must equal
+     * seq, and every row must hold one document (doc 0 or -1: packed rows
+     * need attention kept inside each document, which the kernels do not
+     * do yet). Rows are drawn like windows: a seeded shuffle per epoch
+     * (shuffle) over rows->rows, the position saved in checkpoints. data
+     * is then only the name recorded in trainer_state.json (may be NULL).
+     * Use with kiln_objective_masked_ce(): targets -1 carry no loss. [NULL] */
+    const kiln_packed *rows;
+    /* With rows: held-out rows; val_loss is then the masked cross-entropy
+     * over their targets (eval_steps batches of B rows at most); NULL:
+     * no validation. [NULL] */
+    const kiln_packed *val_rows;
+    /* With rows: the tokenizer.json copied into every checkpoint (NULL:
+     * none). [NULL] */
+    const char *tokenizer_json;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);
