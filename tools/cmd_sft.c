@@ -86,7 +86,7 @@ static int load_args(const char *run, int argc, char **argv, sft_args *a, json_t
         a->val_fraction = json_number_value(json_object_get(j, "val_fraction"));
     if (!cli_given(argc, argv, "max-len"))
         a->max_len = (int)json_integer_value(json_object_get(j, "max_len"));
-    if (!cli_given(argc, argv, "skip-bad-lines"))
+    if (!cli_given(argc, argv, "skip-bad") && !cli_given(argc, argv, "skip-bad-lines"))
         a->skip_bad = json_is_true(json_object_get(j, "skip_bad_lines"));
     return 0;
 }
@@ -141,7 +141,7 @@ int cmd_sft(int argc, char **argv)
     sft_args a = {.loss_on = "assistant", .val_fraction = 0.1};
     const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
     int64_t seed = (int64_t)o.seed;
-    bool sequential = false;
+    bool sequential = false, skip_bad_lines = false;
     cli_env_flags ef = {0};
     cli_opt opts[] = {
         {"model", CLI_STR, &a.model, "model directory (or run directory: its newest checkpoint) to fine-tune", false},
@@ -153,7 +153,8 @@ int cmd_sft(int argc, char **argv)
         {"loss-on", CLI_STR, &a.loss_on, "assistant | completion | all: tokens learned: every assistant turn (or the completion), the last one only, or every token [assistant]", false},
         {"max-len", CLI_INT, &a.max_len, "tokens per example kept (longer ones are cut) [the model's n_ctx + 1]", false},
         {"pack", CLI_BOOL, &a.pack, "several conversations per row (not supported yet)", false},
-        {"skip-bad-lines", CLI_BOOL, &a.skip_bad, "skip malformed JSONL lines (each is still reported) instead of failing", false},
+        {"skip-bad", CLI_BOOL, &a.skip_bad, "skip malformed JSONL lines (each is still reported) instead of failing", false},
+        {"skip-bad-lines", CLI_BOOL, &skip_bad_lines, "the same as --skip-bad", false},
         {"batch", CLI_INT, &o.batch, "examples per micro-batch [8]", false},
         {"grad-accum", CLI_INT, &o.grad_accum, "micro-batches per optimizer step [1]", false},
         {"lr", CLI_F64, &o.lr, "peak learning rate [2e-5]", false},
@@ -211,6 +212,7 @@ int cmd_sft(int argc, char **argv)
     kiln_packed *rows = NULL, *vrows = NULL;
     size_t *tr_idx = NULL, *va_idx = NULL;
     kiln_status s = KILN_OK;
+    a.skip_bad = a.skip_bad || skip_bad_lines;
     if (a.pack) {
         fprintf(stderr, "kiln sft: --pack is not supported yet: several conversations in one "
                         "row need attention kept inside each conversation (document ids in the "
@@ -289,7 +291,7 @@ int cmd_sft(int argc, char **argv)
         sv.resume = ckpt;
         sv.config = sv.init_from = NULL;
         o = sv;
-    } else if (!a.model || !a.data || !o.out) {
+    } else if (!a.model || !*a.model || !a.data || !*a.data || !o.out || !*o.out) {
         fprintf(stderr, "kiln sft: --model, --data and --out are required (or --resume RUN_DIR; "
                         "see kiln sft --help)\n");
         goto done;

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# t_sft.sh — `kiln sft` as a user runs it: a tiny model pretrained here
+# with kiln train (bytes vocabulary), then fine-tuned on generated chat and
+# prompt/completion JSONL. Checks: the held-out loss on the assistant
+# tokens falls; --loss-on changes what is counted (loss_tokens); a run
+# stopped and resumed ends bit-identical to a straight one; bad lines are
+# reported as FILE:LINE; bad flags are refused naming the flag.
+set -u
+D="$KILN_TMP/t_sft"
+mkdir -p "$D"
+. "$KILN_ROOT/tests/lib_serve.sh" # pass, fail, check
+PY=/usr/bin/python3
+if [ ! -x "$PY" ]; then echo "SKIP sft: needs /usr/bin/python3"; exit 0; fi
+"$PY" - "$D" <<'EOF'
+import json, random, sys
+d = sys.argv[1]
+random.seed(1)
+words = "alpha beta gamma delta red green blue one two three cat dog bird".split()
+with open(d + "/corpus.txt", "w") as f:
+    for i in range(300):
+        f.write(" ".join(random.choice(words) for _ in range(12)) + "\n")
+with open(d + "/sft.jsonl", "w") as f:
+    for i in range(80):
+        a = random.sample(words, 3)
+        if i % 3 == 0:
+            f.write(json.dumps({"prompt": "reverse: " + " ".join(a) + "\n",
+                                "completion": " ".join(reversed(a))}) + "\n")
+        else:
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": "reverse " + " ".join(a)},
+                {"role": "assistant", "content": " ".join(reversed(a))}]}) + "\n")
+EOF
+cat >"$D/tiny.json" <<'EOF'
+{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 257, "n_positions": 96}
+EOF
+"$KILN" tokenize --input "$D/corpus.txt" --out "$D/data" --quiet >/dev/null 2>&1 || { fail sft_setup tokenize; exit 1; }
+"$KILN" train --config "$D/tiny.json" --data "$D/data" --out "$D/pre" --steps 30 --batch 4 --seq 64 \
+  --lr 1e-3 --warmup 5 --eval-every 0 --progress none --threads 2 >/dev/null 2>&1 || { fail sft_setup train; exit 1; }
+
+SFT=("$KILN" sft --model "$D/pre" --data "$D/sft.jsonl" --batch 4 --lr 3e-3 --progress none
+     --threads 2 --precision fp32 --warmup 2)
+
+# ---- the held-out loss on the assistant tokens falls ----
+"${SFT[@]}" --out "$D/run" --steps 40 --eval-every 20 >"$D/run.out" 2>&1
+rc=$?
+DETAIL="status $rc: $(tail -3 "$D/run.out" | tr '\n' ' ')"
+check sft_runs test "$rc" = 0 -a -f "$D/run/step_00000040/model.safetensors"
+read -r v0 v1 < <("$PY" - "$D/run/metrics.jsonl" <<'EOF'
+import json, sys
+m = [json.loads(l) for l in open(sys.argv[1])]
+v = [x["val_loss"] for x in m if "val_loss" in x]
+print(v[0], v[-1])
+EOF
+)
+DETAIL="val_loss $v0 -> $v1"
+check sft_val_loss_falls "$PY" -c "import sys; sys.exit(not (float('$v1') < 0.75 * float('$v0')))"
+check sft_rows_reported grep -q '^rows: 72 train, 8 held out' "$D/run.out"
+check sft_json_written grep -q '"loss_on": "assistant"' "$D/run/sft.json"
+# the fine-tuned checkpoint is a model directory the other commands load
+echo 'reverse red cat dog' >"$D/p.txt"
+"$KILN" generate --model "$D/run" --prompt "$(cat "$D/p.txt")" --max-tokens 4 --temperature 0 >"$D/gen.out" 2>&1
+DETAIL="$(tail -2 "$D/gen.out")"
+check sft_checkpoint_generates test $? = 0
+
+# ---- --loss-on: what the loss averages over (loss_tokens of step 1) ----
+lt() { "$PY" -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1])][0]['loss_tokens'])" "$1/metrics.jsonl"; }
+for mode in assistant completion all; do
+  "${SFT[@]}" --out "$D/lo_$mode" --steps 1 --eval-every 0 --val-fraction 0 --sequential --loss-on $mode >/dev/null 2>&1
+done
+a=$(lt "$D/lo_assistant"); c=$(lt "$D/lo_completion"); l=$(lt "$D/lo_all")
+DETAIL="assistant $a completion $c all $l"
+# single-turn examples: completion = assistant; all counts the prompts too
+check sft_loss_on_counts test "$a" -gt 0 -a "$a" = "$c" -a "$l" -gt "$a"
+
+# ---- exact resume: 12 straight == 5, stop, resume to 12 ----
+"${SFT[@]}" --out "$D/ra" --steps 12 --grad-accum 2 --eval-every 4 >/dev/null 2>&1
+"${SFT[@]}" --out "$D/rb" --steps 12 --grad-accum 2 --eval-every 4 --stop-at 5 >"$D/rb.out" 2>&1
+check sft_stop_at_saves grep -q 'resume with: kiln sft --resume' "$D/rb.out"
+(cd / && "$KILN" sft --resume "$D/rb" --progress none --threads 2 >"$D/rb2.out" 2>&1)
+DETAIL="$(tail -3 "$D/rb2.out" | tr '\n' ' ')"
+check sft_resume_bit_exact cmp -s "$D/ra/step_00000012/model.safetensors" "$D/rb/step_00000012/model.safetensors"
+check sft_resume_same_metrics cmp -s <(cut -d, -f1-3 "$D/ra/metrics.jsonl") <(cut -d, -f1-3 "$D/rb/metrics.jsonl")
+
+# ---- bad lines are named FILE:LINE ----
+{ head -2 "$D/sft.jsonl"; echo '{"messages": [{"role": "user", "content": "x"}'; head -4 "$D/sft.jsonl" | tail -2
+  echo '{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}'; } >"$D/bad.jsonl"
+"$KILN" sft --model "$D/pre" --data "$D/bad.jsonl" --out "$D/bad" --steps 1 --progress none >"$D/bad.out" 2>&1
+rc=$?
+DETAIL="status $rc: $(tr '\n' ' ' <"$D/bad.out" | head -c 600)"
+check sft_bad_line_named eval "test $rc = 1 && grep -q bad.jsonl:3: $D/bad.out && grep -q bad.jsonl:6: $D/bad.out && grep -q -- --skip-bad $D/bad.out"
+check sft_bad_line_fails_run test ! -e "$D/bad/latest"
+"$KILN" sft --model "$D/pre" --data "$D/bad.jsonl" --out "$D/bad2" --steps 1 --progress none --skip-bad-lines >"$D/bad2.out" 2>&1
+DETAIL="$(tr '\n' ' ' <"$D/bad2.out" | head -c 600)"
+check sft_skip_bad_lines grep -q '4 examples (6 lines, 2 bad' "$D/bad2.out"
+
+# ---- flags are checked, the flag named ----
+flag() { # NAME NEEDLE ARGS...: exit 2 or 1 and NEEDLE on stderr
+  local n=$1 needle=$2; shift 2
+  "$KILN" sft --model "$D/pre" --data "$D/sft.jsonl" --out "$D/f_$n" --progress none "$@" >"$D/f_$n.out" 2>&1
+  local rc=$?
+  DETAIL="status $rc: $(tr '\n' ' ' <"$D/f_$n.out" | head -c 300)"
+  check "sft_flag_$n" test "$rc" -ne 0 -a -n "$(grep -F -- "$needle" "$D/f_$n.out")"
+}
+flag loss_on "--loss-on 'bogus'" --loss-on bogus
+flag val_fraction "--val-fraction 1.5" --val-fraction 1.5
+flag pack "--pack is not supported yet" --pack
+flag max_len "--max-len 500 exceeds" --max-len 500
+flag batch "--batch" --batch 0 --steps 1
+flag steps "--steps must be positive" --steps 0
+flag no_model "--model, --data and --out are required" --model ""
+"$KILN" sft --model "$D/pre" --out "$D/f_nodata" >"$D/f_nodata.out" 2>&1
+DETAIL="$(cat "$D/f_nodata.out")"
+check sft_flag_data_required grep -q -- '--model, --data and --out are required' "$D/f_nodata.out"
+"$KILN" sft --model "$D/pre" --data "$D/sft.jsonl" --out "$D/run" --steps 1 --progress none >"$D/again.out" 2>&1
+DETAIL="$(cat "$D/again.out")"
+check sft_refuses_used_out grep -q -- "--resume $D/run" "$D/again.out"
+exit 0
