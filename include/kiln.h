@@ -475,10 +475,35 @@ kiln_status kiln_chat_render(kiln_ctx *ctx, const kiln_tokenizer *tok,
                              const kiln_chat_msg *msgs, int n,
                              bool add_generation_prompt, int32_t **ids,
                              uint8_t **mask, size_t *n_ids);
+/* The model's own chat template. kiln_tokenizer_load of a directory (or of
+ * a tokenizer.json) also reads tokenizer_config.json beside it when there
+ * is one: its "chat_template" (a Jinja2 string, or a list of {"name",
+ * "template"}: "default" or else the first), "bos_token" and "eos_token"
+ * (strings or {"content": ...}). With a template, kiln_chat_render renders
+ * conversations through it as transformers' apply_chat_template does
+ * (messages, add_generation_prompt, bos_token, eos_token; trim_blocks and
+ * lstrip_blocks), encodes the text with the tokenizer's special tokens
+ * recognised, and masks each assistant message's rendered span: from the
+ * end of the conversation before it rendered with a generation prompt to
+ * the end of the conversation through it (trailing whitespace left out),
+ * so the turn's end marker is learned; where a template renders prefixes
+ * differently, the message's content as found in the text. The Jinja
+ * subset: docs/finetuning.md. A template that calls raise_exception fails
+ * the render with its message.
+ * Sets (or with src NULL removes) the template; bos and eos may be NULL
+ * (""). Errors: a template kiln cannot parse (KILN_ERR_FORMAT, with line
+ * and column). */
+kiln_status kiln_tokenizer_set_chat_template(kiln_ctx *ctx, kiln_tokenizer *tok,
+                                             const char *src, const char *bos,
+                                             const char *eos);
+/* The template's source, or NULL when conversations render as ChatML. */
+const char *kiln_tokenizer_chat_template(const kiln_tokenizer *tok);
+
 /* The id that ends an assistant turn: <|im_end|> when the tokenizer has
  * it, else the end-of-text id. Generation should stop on it (and on the
  * end-of-text id). Text-marker tokenizers (no <|im_end|> special) should
- * also stop when the decoded text ends with "<|im_end|>". */
+ * also stop when the decoded text ends with "<|im_end|>". With a chat
+ * template whose eos_token is a special token: that token's id. */
 int kiln_chat_stop_id(const kiln_tokenizer *tok);
 
 /* ---- training a byte-level BPE (`kiln tokenizer train`) -------------
