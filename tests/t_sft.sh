@@ -72,6 +72,42 @@ DETAIL="assistant $a completion $c all $l"
 # single-turn examples: completion = assistant; all counts the prompts too
 check sft_loss_on_counts test "$a" -gt 0 -a "$a" = "$c" -a "$l" -gt "$a"
 
+# ---- the model's own chat template (tokenizer_config.json) ----
+mkdir -p "$D/tmpl"
+cp "$D/pre/step_00000030/config.json" "$D/pre/step_00000030/model.safetensors" \
+   "$D/pre/step_00000030/tokenizer.json" "$D/tmpl/"
+cat >"$D/tmpl/tokenizer_config.json" <<'EOF'
+{"eos_token": "</s>", "chat_template": "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n{% endif %}\n{% endfor %}"}
+EOF
+"$KILN" sft --model "$D/tmpl" --data "$D/sft.jsonl" --out "$D/tm" --steps 2 --batch 4 --sequential \
+  --val-fraction 0 --progress none --threads 2 >"$D/tm.out" 2>&1
+rc=$?
+DETAIL="status $rc: $(tail -3 "$D/tm.out" | tr '\n' ' ')"
+check sft_template_runs test "$rc" = 0
+# step 1 = the first 4 lines: an assistant turn learns its content and
+# "</s>" (4 bytes); a completion its text and the end-of-text id
+want=$("$PY" - "$D/sft.jsonl" <<'EOF'
+import json, sys
+n = 0
+for l in list(open(sys.argv[1]))[:4]:
+    x = json.loads(l)
+    n += len(x["completion"]) + 1 if "completion" in x else len(x["messages"][-1]["content"]) + 4
+print(n)
+EOF
+)
+got=$(lt "$D/tm")
+DETAIL="loss_tokens $got, want $want"
+check sft_template_mask test "$got" = "$want"
+check sft_template_in_checkpoint cmp -s "$D/tmpl/tokenizer_config.json" "$D/tm/step_00000002/tokenizer_config.json"
+cat >"$D/tmpl/tokenizer_config.json" <<'EOF'
+{"chat_template": "{% for m in messages %}{% if m.role == 'user' and loop.last %}{{ raise_exception('the last message must be the assistant reply') }}{% endif %}{{ m.content }}{% endfor %}"}
+EOF
+printf '%s\n' '{"messages":[{"role":"assistant","content":"a"},{"role":"user","content":"b"}]}' >"$D/raise.jsonl"
+"$KILN" sft --model "$D/tmpl" --data "$D/raise.jsonl" --out "$D/tr" --steps 1 --progress none >"$D/tr.out" 2>&1
+rc=$?
+DETAIL="status $rc: $(tr '\n' ' ' <"$D/tr.out" | head -c 400)"
+check sft_template_raise_named eval "test $rc = 1 && grep -q 'raise.jsonl:1: .*the last message must be the assistant reply' $D/tr.out"
+
 # ---- exact resume: 12 straight == 5, stop, resume to 12 ----
 "${SFT[@]}" --out "$D/ra" --steps 12 --grad-accum 2 --eval-every 4 >/dev/null 2>&1
 "${SFT[@]}" --out "$D/rb" --steps 12 --grad-accum 2 --eval-every 4 --stop-at 5 >"$D/rb.out" 2>&1

@@ -157,6 +157,19 @@ static bool get_string(loader *L, const json_t *obj, const char *key, const char
     return true;
 }
 
+/* A chat that does not render (a template's raise_exception, a template
+ * error at run time) is a bad line with the template's message. */
+static void render_failed(loader *L, kiln_status s)
+{
+    if (s == KILN_ERR_NOMEM) {
+        L->oom = true;
+        return;
+    }
+    char msg[600];
+    snprintf(msg, sizeof msg, "%s", kiln_errmsg(L->ctx));
+    bad_line(L, "%s", msg);
+}
+
 /* Encodes a prompt (string or messages). *chat says which. */
 static bool encode_prompt(loader *L, const json_t *obj, int32_t **ids, size_t *n, bool *chat)
 {
@@ -178,7 +191,7 @@ static bool encode_prompt(loader *L, const json_t *obj, int32_t **ids, size_t *n
         bad_line(L, "field \"prompt\" must be a string or a messages array");
         return false;
     }
-    if (s) { L->oom = true; return false; }
+    if (s) { render_failed(L, s); return false; }
     return true;
 }
 
@@ -233,7 +246,7 @@ static void load_sft(kiln_dataset *ds, loader *L, const json_t *obj, int max_len
         if (k < 0) return;
         kiln_status s = kiln_chat_render(L->ctx, L->tok, m, k, false, &ids, &mask, &n);
         free(m);
-        if (s) { L->oom = true; return; }
+        if (s) { render_failed(L, s); return; }
     } else if (json_object_get(obj, "prompt") || json_object_get(obj, "completion")) {
         const char *p, *c;
         if (!get_string(L, obj, "prompt", &p) || !get_string(L, obj, "completion", &c)) return;
