@@ -2,9 +2,10 @@
  * test_sft.c — supervised fine-tuning's pieces on tiny inputs: the rows
  * kiln_dataset_rows builds (tokens, padding and targets for each
  * kiln_loss_on, hand-computed), the trainer's row source (the first
- * step's loss is the masked cross-entropy of the initial model over
- * exactly the targeted tokens, recomputed here from its logits in double;
- * metrics.jsonl's loss_tokens counts them) and the row source's errors.
+ * step's loss and step 0's val_loss are the masked cross-entropy of the
+ * initial model over exactly the targeted tokens, recomputed here from its
+ * logits in double; metrics.jsonl's loss_tokens counts them) and the row
+ * source's errors.
  */
 #include "check.h"
 #include "kiln.h"
@@ -185,7 +186,9 @@ static void test_first_step_is_masked_ce(void)
     o.shuffle = false;
     o.seed = 11;
     o.threads = 1;
-    o.eval_every = 0;
+    o.val_rows = rows; /* step 0's val_loss: the same masked CE */
+    o.eval_every = 100;
+    o.eval_steps = 1;
     o.progress = KILN_PROGRESS_NONE;
     o.precision = KILN_PRECISION_FP32;
     o.on_step = first_step;
@@ -216,9 +219,13 @@ static void test_first_step_is_masked_ce(void)
     CHECK(n < n_all);
     free(all);
     kiln_model_free(m);
-    /* metrics.jsonl counts the loss tokens of the step */
+    /* metrics.jsonl: step 0's val_loss over the held-out rows' targets,
+     * then step 1 with the count of its loss tokens */
     FILE *f = fopen(P("run_first/metrics.jsonl"), "r");
     char line[2048] = "";
+    CHECK(f && fgets(line, sizeof line, f));
+    const char *vl = strstr(line, "\"val_loss\":");
+    CHECK_MSG(vl && fabs(strtod(vl + 11, NULL) - want) < 1e-5, "%s: want val_loss %.6f", line, want);
     CHECK(f && fgets(line, sizeof line, f));
     if (f) fclose(f);
     char want_tok[64];
