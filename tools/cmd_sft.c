@@ -389,6 +389,7 @@ int cmd_sft(int argc, char **argv)
                             "--resume %s, or choose another --out\n", o.out, o.out);
             goto done;
         }
+        a.model = model_dir; /* a run directory resolved: its checkpoint now */
         if (save_args(o.out, &a)) goto done;
     }
     kiln_train_result res;
