@@ -117,6 +117,28 @@ DETAIL="$(tail -3 "$D/rb2.out" | tr '\n' ' ')"
 check sft_resume_bit_exact cmp -s "$D/ra/step_00000012/model.safetensors" "$D/rb/step_00000012/model.safetensors"
 check sft_resume_same_metrics cmp -s <(cut -d, -f1-3 "$D/ra/metrics.jsonl") <(cut -d, -f1-3 "$D/rb/metrics.jsonl")
 
+# ---- under mpirun: 2 ranks x batch 2 train what 1 rank x batch 4 does ----
+if command -v mpirun >/dev/null 2>&1 && ldd "$KILN" 2>/dev/null | grep -q libmpi; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+  [ -n "${KILN_SANITIZE:-}" ] && export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
+  M=("$KILN" sft --model "$D/pre" --data "$D/sft.jsonl" --steps 4 --precision fp32 --threads 1
+     --progress none --eval-every 2 --lr 3e-3)
+  "${M[@]}" --out "$D/m1" --batch 4 >/dev/null 2>&1
+  timeout 120 mpirun --oversubscribe -np 2 "${M[@]}" --out "$D/m2" --batch 2 >"$D/m2.out" 2>&1
+  DETAIL="$(tail -3 "$D/m2.out" | tr '\n' ' ')"
+  check sft_mpi_same_losses "$PY" - "$D/m1/metrics.jsonl" "$D/m2/metrics.jsonl" <<'EOF'
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+ok = len(a) == len(b) == 5 and b[-1]["world_size"] == 2
+for x, y in zip(a, b):
+    for k in ("loss", "val_loss"):
+        if k in x: ok = ok and abs(x[k] - y[k]) < 1e-5 and x.get("loss_tokens") == y.get("loss_tokens")
+sys.exit(not ok)
+EOF
+else
+  echo "SKIP sft_mpi_same_losses: mpirun or an MPI build of kiln is absent"
+fi
+
 # ---- bad lines are named FILE:LINE ----
 { head -2 "$D/sft.jsonl"; echo '{"messages": [{"role": "user", "content": "x"}'; head -4 "$D/sft.jsonl" | tail -2
   echo '{"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}'; } >"$D/bad.jsonl"

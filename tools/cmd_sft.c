@@ -390,7 +390,11 @@ int cmd_sft(int argc, char **argv)
             goto done;
         }
         a.model = model_dir; /* a run directory resolved: its checkpoint now */
-        if (save_args(o.out, &a)) goto done;
+        /* under mpirun, rank 0 writes it (the launcher's variables say
+         * which rank this is; the library reads them too) */
+        const char *rk = getenv("OMPI_COMM_WORLD_RANK");
+        if (!rk) rk = getenv("PMIX_RANK");
+        if ((!rk || !strcmp(rk, "0")) && save_args(o.out, &a)) goto done;
     }
     kiln_train_result res;
     if ((s = cli_train_run(ctx, &o, &res))) goto fail;
