@@ -83,8 +83,9 @@ typedef struct cli_env_flags {
     bool fp32_acts, no_dist_overlap, no_dist_progress;
 } cli_env_flags;
 /* Applies the flags given, else the environment variables set, to *o.
- * Returns false after printing what is wrong. */
-bool cli_train_settings(int argc, char **argv, const cli_env_flags *f, kiln_train_opts *o);
+ * Returns false after printing what is wrong ("kiln CMD: ..."). */
+bool cli_train_settings(const char *cmd, int argc, char **argv, const cli_env_flags *f,
+                        kiln_train_opts *o);
 /* auto | bar | lines | none as a kiln_progress, -1 when unknown. */
 int cli_parse_progress(const char *s);
 /* Blocks SIGINT, SIGTERM and SIGUSR1 in this thread and every thread

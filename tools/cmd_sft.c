@@ -302,7 +302,7 @@ int cmd_sft(int argc, char **argv)
                 a.loss_on);
         goto done;
     }
-    if (!cli_train_settings(argc, argv, &ef, &o)) goto done;
+    if (!cli_train_settings("sft", argc, argv, &ef, &o)) goto done;
     ret = 1;
     /* the model, its tokenizer and its context */
     if ((s = cli_model_dir(ctx, a.model, model_dir, sizeof model_dir))) {

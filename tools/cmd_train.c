@@ -58,14 +58,14 @@ bool cli_given(int argc, char **argv, const char *name)
  * variables to the ranks with -x NAME. */
 
 /* A positive number no larger than 1e9, from flag or variable `what`. */
-static bool pos_number(const char *what, const char *s, double *out)
+static bool pos_number(const char *cmd, const char *what, const char *s, double *out)
 {
     char *end;
     double v = strtod(s, &end);
     if (!*s || *end || !(v > 0) || v > 1e9) {
-        fprintf(stderr, "kiln train: %s='%s' is not a positive number; set it to e.g. 300 "
+        fprintf(stderr, "kiln %s: %s='%s' is not a positive number; set it to e.g. 300 "
                         "or leave it out\n",
-                what, s);
+                cmd, what, s);
         return false;
     }
     *out = v;
@@ -74,14 +74,15 @@ static bool pos_number(const char *what, const char *s, double *out)
 
 /* Applies the flags given, else the environment variables set, to *o.
  * Returns false after printing what is wrong. */
-bool cli_train_settings(int argc, char **argv, const cli_env_flags *f, kiln_train_opts *o)
+bool cli_train_settings(const char *cmd, int argc, char **argv, const cli_env_flags *f,
+                        kiln_train_opts *o)
 {
     const char *e;
     const char *bk = cli_given(argc, argv, "bf16-kernel") ? f->bf16_kernel : getenv("KILN_BF16_KERNEL");
     if (bk && *bk) {
         int k = kiln_bf16_kernel_parse(bk);
         if (k < 0) {
-            fprintf(stderr, "kiln train: %s '%s' is not one of auto, ref, avx512, amx\n",
+            fprintf(stderr, "kiln %s: %s '%s' is not one of auto, ref, avx512, amx\n", cmd,
                     cli_given(argc, argv, "bf16-kernel") ? "--bf16-kernel" : "KILN_BF16_KERNEL", bk);
             return false;
         }
@@ -93,7 +94,7 @@ bool cli_train_settings(int argc, char **argv, const cli_env_flags *f, kiln_trai
     if (ok && *ok) {
         int k = kiln_optim_kernel_parse(ok);
         if (k < 0) {
-            fprintf(stderr, "kiln train: %s '%s' is not one of auto, portable\n",
+            fprintf(stderr, "kiln %s: %s '%s' is not one of auto, portable\n", cmd,
                     cli_given(argc, argv, "optim-kernel") ? "--optim-kernel" : "KILN_OPTIM_KERNEL", ok);
             return false;
         }
@@ -101,7 +102,7 @@ bool cli_train_settings(int argc, char **argv, const cli_env_flags *f, kiln_trai
     }
     if (cli_given(argc, argv, "loss-scale")) {
         if (!(f->loss_scale > 0) || f->loss_scale > 1e30) {
-            fprintf(stderr, "kiln train: --loss-scale must be a positive number\n");
+            fprintf(stderr, "kiln %s: --loss-scale must be a positive number\n", cmd);
             return false;
         }
         o->loss_scale = f->loss_scale;
@@ -109,28 +110,28 @@ bool cli_train_settings(int argc, char **argv, const cli_env_flags *f, kiln_trai
         char *end;
         double v = strtod(e, &end);
         if (*end || !(v > 0) || v > 1e30) {
-            fprintf(stderr, "kiln train: KILN_LOSS_SCALE='%s' is not a positive number\n", e);
+            fprintf(stderr, "kiln %s: KILN_LOSS_SCALE='%s' is not a positive number\n", cmd, e);
             return false;
         }
         o->loss_scale = v;
     }
     if (cli_given(argc, argv, "dist-timeout")) {
         if (!(f->dist_timeout > 0 && f->dist_timeout <= 1e9)) {
-            fprintf(stderr, "kiln train: --dist-timeout must be a positive number of seconds\n");
+            fprintf(stderr, "kiln %s: --dist-timeout must be a positive number of seconds\n", cmd);
             return false;
         }
         o->dist.timeout_s = f->dist_timeout;
     } else if ((e = getenv("KILN_DIST_TIMEOUT")) && *e &&
-             !pos_number("KILN_DIST_TIMEOUT", e, &o->dist.timeout_s))
+             !pos_number(cmd, "KILN_DIST_TIMEOUT", e, &o->dist.timeout_s))
         return false;
     if (cli_given(argc, argv, "dist-bucket-mb")) {
         if (!(f->dist_bucket_mb > 0 && f->dist_bucket_mb <= 1e9)) {
-            fprintf(stderr, "kiln train: --dist-bucket-mb must be a positive number\n");
+            fprintf(stderr, "kiln %s: --dist-bucket-mb must be a positive number\n", cmd);
             return false;
         }
         o->dist.bucket_mb = f->dist_bucket_mb;
     } else if ((e = getenv("KILN_DIST_BUCKET_MB")) && *e &&
-             !pos_number("KILN_DIST_BUCKET_MB", e, &o->dist.bucket_mb))
+             !pos_number(cmd, "KILN_DIST_BUCKET_MB", e, &o->dist.bucket_mb))
         return false;
     if (cli_given(argc, argv, "no-dist-overlap")) o->dist.overlap = !f->no_dist_overlap;
     else if ((e = getenv("KILN_DIST_OVERLAP")) && !strcmp(e, "0")) o->dist.overlap = false;
@@ -336,7 +337,7 @@ int cmd_train(int argc, char **argv)
         ret = 2;
         goto done;
     }
-    if (!cli_train_settings(argc, argv, &ef, &o)) {
+    if (!cli_train_settings("train", argc, argv, &ef, &o)) {
         ret = 2;
         goto done;
     }
