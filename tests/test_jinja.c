@@ -1,7 +1,7 @@
 /*
  * test_jinja.c — chat templates: well-known Hugging Face templates
  * (Qwen2/ChatML, Llama 3, Zephyr, Llama 2/Mistral with a system branch and
- * raise_exception) rendered against hand-written expected strings; bad
+ * raise_exception, Gemma) rendered against hand-written expected strings; bad
  * templates refused with line and column; the loss mask following each
  * assistant message's rendered span; tokenizer_config.json read beside
  * tokenizer.json.
@@ -58,6 +58,16 @@ static const char *LLAMA2 =
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
     "{% endif %}{% endfor %}";
+
+static const char *GEMMA =
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+    "{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}";
 
 /* Renders src with msgs; returns the malloc'ed text or NULL (message in
  * ctx). */
@@ -143,6 +153,15 @@ static void test_llama2_system_and_raise(void)
                "user/assistant/user/assistant/...");
 }
 
+static void test_gemma(void)
+{
+    expect(GEMMA, UA, 2, false, "<bos>", "<eos>",
+           "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\nyo<end_of_turn>\n");
+    expect(GEMMA, UA, 1, true, "<bos>", "<eos>",
+           "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n");
+    expect_err(GEMMA, SUA, 3, "chat template raised an error: System role not supported");
+}
+
 static void test_expressions(void)
 {
     const kiln_chat_msg m[] = {{"user", "Hello", 0}, {"assistant", "x", 0}};
@@ -205,6 +224,7 @@ static void test_mask_follows_template(void)
         {ZEPHYR, "yo</s>ok</s>"},
         {LLAMA3, "yo<|eot_id|>ok<|eot_id|>"},
         {QWEN2, "yo<|im_end|>ok<|im_end|>"},
+        {GEMMA, "yo<end_of_turn>ok<end_of_turn>"},
         /* the generation prompt is not what the turn renders as: the
          * content alone, found in the text */
         {"{% for m in messages %}<{{ m.role }}>{{ m.content }};{% endfor %}"
@@ -306,6 +326,7 @@ int main(void)
     RUN_TEST(test_llama3);
     RUN_TEST(test_zephyr);
     RUN_TEST(test_llama2_system_and_raise);
+    RUN_TEST(test_gemma);
     RUN_TEST(test_expressions);
     RUN_TEST(test_bad_templates);
     RUN_TEST(test_mask_follows_template);
