@@ -1146,8 +1146,9 @@ typedef struct kiln_train_opts {
      * Use with kiln_objective_masked_ce(): targets -1 carry no loss. [NULL] */
     const kiln_packed *rows;
     /* With rows: held-out rows; val_loss is then the masked cross-entropy
-     * over their targets (eval_steps batches of B rows at most); NULL:
-     * no validation. [NULL] */
+     * over their targets (eval_steps batches of B rows at most), at step 0,
+     * every eval_every steps and at the end (none when eval_every or
+     * eval_steps is 0); NULL: no validation. [NULL] */
     const kiln_packed *val_rows;
     /* With rows: the tokenizer.json copied into every checkpoint (NULL:
      * none). [NULL] */

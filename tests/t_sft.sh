@@ -65,8 +65,10 @@ check sft_checkpoint_generates test $? = 0
 # ---- --loss-on: what the loss averages over (loss_tokens of step 1) ----
 lt() { "$PY" -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1])][0]['loss_tokens'])" "$1/metrics.jsonl"; }
 for mode in assistant completion all; do
-  "${SFT[@]}" --out "$D/lo_$mode" --steps 1 --eval-every 0 --val-fraction 0 --sequential --loss-on $mode >/dev/null 2>&1
+  "${SFT[@]}" --out "$D/lo_$mode" --steps 1 --eval-every 0 --sequential --loss-on $mode >/dev/null 2>&1
 done
+# --eval-every 0: no validation, though 8 examples are held out
+check sft_eval_every_0_no_val eval "! grep -q val_loss $D/lo_all/metrics.jsonl && grep -q loss_tokens $D/lo_all/metrics.jsonl"
 a=$(lt "$D/lo_assistant"); c=$(lt "$D/lo_completion"); l=$(lt "$D/lo_all")
 DETAIL="assistant $a completion $c all $l"
 # single-turn examples: completion = assistant; all counts the prompts too

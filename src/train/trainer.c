@@ -697,7 +697,7 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
     if (t->o.resume) snprintf(t->last_ckpt, sizeof t->last_ckpt, "%s", t->o.resume);
     double loss = NAN, lr = 0, gnorm = 0;
     bool stopped = false;
-    if (t->step == 0 && (t->val || (t->o.rows && t->o.val_rows)) && !opts->resume) {
+    if (t->step == 0 && (t->val || t->row_val) && !opts->resume) {
         if ((s = evaluate(t, &t->val_loss))) goto out;
         tr_say(t, "step 0: val_loss %.4f (perplexity %.2f)", t->val_loss,
             exp(t->val_loss));
@@ -757,7 +757,7 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
             json_decref(m);
             goto out;
         }
-        if ((t->val || (t->o.rows && t->o.val_rows)) && ((t->o.eval_every > 0 && t->step % t->o.eval_every == 0) || last)) {
+        if ((t->val || t->row_val) && ((t->o.eval_every > 0 && t->step % t->o.eval_every == 0) || last)) {
             if ((s = evaluate(t, &t->val_loss))) {
                 json_decref(m);
                 goto out;

@@ -55,6 +55,7 @@ typedef struct trainer {
     double step_weight;   /* the last step's loss weight (tokens with a target) */
     int64_t *row_perm;    /* (rows->rows) with opts.rows and shuffle */
     int64_t row_perm_epoch; /* epoch whose permutation is in row_perm; -1 none */
+    bool row_val;         /* validate on opts.val_rows (given, evals on) */
 } trainer;
 
 /* ---- trainer_io.c ---------------------------------------------------- */

@@ -49,6 +49,8 @@ kiln_status tr_rows_setup(trainer *t)
     if ((s = check_rows(t, o->rows, "kiln_train_opts.rows"))) return s;
     if (o->val_rows && (s = check_rows(t, o->val_rows, "kiln_train_opts.val_rows"))) return s;
     t->row_perm_epoch = -1;
+    /* as for token shards: no validation when evals are off */
+    t->row_val = o->val_rows && o->val_rows->rows > 0 && o->eval_every > 0 && o->eval_steps > 0;
     if (o->shuffle &&
         !(t->row_perm = kiln_malloc(t->ctx, (size_t)o->rows->rows * sizeof *t->row_perm)))
         return KILN_ERR_NOMEM;
