@@ -560,10 +560,35 @@ kiln_status kiln_chat_render(kiln_ctx *ctx, const kiln_tokenizer *tok,
                              const kiln_chat_msg *msgs, int n,
                              bool add_generation_prompt, int32_t **ids,
                              uint8_t **mask, size_t *n_ids);
+/* The model's own chat template. kiln_tokenizer_load of a directory (or of
+ * a tokenizer.json) also reads tokenizer_config.json beside it when there
+ * is one: its "chat_template" (a Jinja2 string, or a list of {"name",
+ * "template"}: "default" or else the first), "bos_token" and "eos_token"
+ * (strings or {"content": ...}). With a template, kiln_chat_render renders
+ * conversations through it as transformers' apply_chat_template does
+ * (messages, add_generation_prompt, bos_token, eos_token; trim_blocks and
+ * lstrip_blocks), encodes the text with the tokenizer's special tokens
+ * recognised, and masks each assistant message's rendered span: from the
+ * end of the conversation before it rendered with a generation prompt to
+ * the end of the conversation through it (trailing whitespace left out),
+ * so the turn's end marker is learned; where a template renders prefixes
+ * differently, the message's content as found in the text. The Jinja
+ * subset: docs/finetuning.md. A template that calls raise_exception fails
+ * the render with its message.
+ * Sets (or with src NULL removes) the template; bos and eos may be NULL
+ * (""). Errors: a template kiln cannot parse (KILN_ERR_FORMAT, with line
+ * and column). */
+kiln_status kiln_tokenizer_set_chat_template(kiln_ctx *ctx, kiln_tokenizer *tok,
+                                             const char *src, const char *bos,
+                                             const char *eos);
+/* The template's source, or NULL when conversations render as ChatML. */
+const char *kiln_tokenizer_chat_template(const kiln_tokenizer *tok);
+
 /* The id that ends an assistant turn: <|im_end|> when the tokenizer has
  * it, else the end-of-text id. Generation should stop on it (and on the
  * end-of-text id). Text-marker tokenizers (no <|im_end|> special) should
- * also stop when the decoded text ends with "<|im_end|>". */
+ * also stop when the decoded text ends with "<|im_end|>". With a chat
+ * template whose eos_token is a special token: that token's id. */
 int kiln_chat_stop_id(const kiln_tokenizer *tok);
 
 /* ---- training a byte-level BPE (`kiln tokenizer train`) -------------
@@ -823,6 +848,28 @@ typedef struct kiln_packed {
 
 kiln_status kiln_dataset_pack(kiln_ctx *ctx, const kiln_dataset *ds, int T,
                               kiln_packed **out);
+
+/* Which tokens of an SFT example are learned (kiln_dataset_rows). */
+typedef enum kiln_loss_on {
+    KILN_LOSS_ON_MASK = 0,       /* the dataset's mask: every assistant turn
+                                    (messages) or the completion */
+    KILN_LOSS_ON_ALL = 1,        /* every token after the first */
+    KILN_LOSS_ON_COMPLETION = 2  /* the last run of the mask only: the final
+                                    assistant turn, or the completion */
+} kiln_loss_on;
+
+/* SFT examples one per row, padded to T positions (no packing): row r is
+ * example idx[r] (idx NULL: example r, n_idx ignored and taken as the
+ * count). An example of n tokens fills positions 0..n-2 with inputs
+ * ids[0..n-1) and targets ids[1..n) where loss_on says so, else -1; the
+ * rest of the row is padding (end-of-text, target -1, doc -1). Examples
+ * longer than T+1 tokens are cut (counted in cut). T = 0: the longest
+ * example's n-1 (at least 1). Every row's doc is 0 or -1, so the rows train
+ * with a plain causal mask. Errors: not an SFT dataset, an index out of
+ * range, T < 0. Free with kiln_packed_free. */
+kiln_status kiln_dataset_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                              kiln_loss_on loss_on, const size_t *idx,
+                              size_t n_idx, kiln_packed **out);
 void kiln_packed_free(kiln_packed *p);
 
 /* Reads the string field `field` of one JSONL line (len bytes, no newline
@@ -1224,6 +1271,23 @@ typedef struct kiln_train_opts {
      * Not with zero = 1 yet. [NULL, 0] */
     const char *const *freeze;
     int n_freeze;
+    /* A second data source (SFT): training rows instead of token shards
+     * (borrowed for the run; e.g. kiln_dataset_rows). rows->T must equal
+     * seq, and every row must hold one document (doc 0 or -1: packed rows
+     * need attention kept inside each document, which the kernels do not
+     * do yet). Rows are drawn like windows: a seeded shuffle per epoch
+     * (shuffle) over rows->rows, the position saved in checkpoints. data
+     * is then only the name recorded in trainer_state.json (may be NULL).
+     * Use with kiln_objective_masked_ce(): targets -1 carry no loss. [NULL] */
+    const kiln_packed *rows;
+    /* With rows: held-out rows; val_loss is then the masked cross-entropy
+     * over their targets (eval_steps batches of B rows at most), at step 0,
+     * every eval_every steps and at the end (none when eval_every or
+     * eval_steps is 0); NULL: no validation. [NULL] */
+    const kiln_packed *val_rows;
+    /* With rows: the tokenizer.json copied into every checkpoint (NULL:
+     * none). [NULL] */
+    const char *tokenizer_json;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);

@@ -71,6 +71,32 @@ kiln_status cli_model_dir(kiln_ctx *ctx, const char *model, char *out, size_t ca
 /* True when stdout is a terminal (progress bars) . */
 bool cli_isatty(void);
 
+/* ---- shared by kiln train and kiln sft (tools/cmd_train.c) ---------- */
+
+/* True when --name was given on the command line. */
+bool cli_given(int argc, char **argv, const char *name);
+/* The settings flags that older scripts also set through environment
+ * variables (docs/architecture.md, "Settings"). */
+typedef struct cli_env_flags {
+    const char *bf16_kernel, *optim_kernel;
+    double loss_scale, dist_timeout, dist_bucket_mb;
+    bool fp32_acts, no_dist_overlap, no_dist_progress;
+} cli_env_flags;
+/* Applies the flags given, else the environment variables set, to *o.
+ * Returns false after printing what is wrong ("kiln CMD: ..."). */
+bool cli_train_settings(const char *cmd, int argc, char **argv, const cli_env_flags *f,
+                        kiln_train_opts *o);
+/* auto | bar | lines | none as a kiln_progress, -1 when unknown. */
+int cli_parse_progress(const char *s);
+/* Blocks SIGINT, SIGTERM and SIGUSR1 in this thread and every thread
+ * started after (call first, before any thread starts); the unblock. */
+void cli_train_block_signals(void);
+void cli_train_unblock_signals(void);
+/* kiln_train with the stop signals taken by a thread of its own: the
+ * first finishes the step, saves and returns (res->interrupted), the
+ * second quits. Sets o->stop_flag. */
+kiln_status cli_train_run(kiln_ctx *ctx, kiln_train_opts *o, kiln_train_result *res);
+
 /* Subcommands. Each returns the process exit code. Families that a build
  * does not have are weak and reported as unavailable by the dispatcher. */
 #define KILN_COMMANDS(XX)                                                  \

@@ -179,7 +179,7 @@ int cmd_chat(int argc, char **argv)
         {NULL, 0, NULL, NULL, false},
     };
     int rc = cli_parse("chat", "chat --model DIR [--system TEXT] [--temperature T]",
-                       "Interactive chat (ChatML template). Type a message and Enter;\n"
+                       "Interactive chat (the model's chat template, else ChatML). Type a message and Enter;\n"
                        "/reset forgets the conversation, /exit quits. Ctrl-C stops a\n"
                        "reply; at the prompt it quits. The oldest turns are dropped when\n"
                        "the conversation outgrows the context.",

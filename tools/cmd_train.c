@@ -40,7 +40,7 @@ static void *stop_signal_thread(void *arg)
 }
 
 /* True when --name was given on the command line. */
-static bool given(int argc, char **argv, const char *name)
+bool cli_given(int argc, char **argv, const char *name)
 {
     size_t n = strlen(name);
     for (int i = 1; i < argc; i++)
@@ -58,56 +58,51 @@ static bool given(int argc, char **argv, const char *name)
  * variables to the ranks with -x NAME. */
 
 /* A positive number no larger than 1e9, from flag or variable `what`. */
-static bool pos_number(const char *what, const char *s, double *out)
+static bool pos_number(const char *cmd, const char *what, const char *s, double *out)
 {
     char *end;
     double v = strtod(s, &end);
     if (!*s || *end || !(v > 0) || v > 1e9) {
-        fprintf(stderr, "kiln train: %s='%s' is not a positive number; set it to e.g. 300 "
+        fprintf(stderr, "kiln %s: %s='%s' is not a positive number; set it to e.g. 300 "
                         "or leave it out\n",
-                what, s);
+                cmd, what, s);
         return false;
     }
     *out = v;
     return true;
 }
 
-typedef struct env_flags {
-    const char *bf16_kernel, *optim_kernel;
-    double loss_scale, dist_timeout, dist_bucket_mb;
-    bool fp32_acts, no_dist_overlap, no_dist_progress;
-} env_flags;
-
 /* Applies the flags given, else the environment variables set, to *o.
  * Returns false after printing what is wrong. */
-static bool apply_settings(int argc, char **argv, const env_flags *f, kiln_train_opts *o)
+bool cli_train_settings(const char *cmd, int argc, char **argv, const cli_env_flags *f,
+                        kiln_train_opts *o)
 {
     const char *e;
-    const char *bk = given(argc, argv, "bf16-kernel") ? f->bf16_kernel : getenv("KILN_BF16_KERNEL");
+    const char *bk = cli_given(argc, argv, "bf16-kernel") ? f->bf16_kernel : getenv("KILN_BF16_KERNEL");
     if (bk && *bk) {
         int k = kiln_bf16_kernel_parse(bk);
         if (k < 0) {
-            fprintf(stderr, "kiln train: %s '%s' is not one of auto, ref, avx512, amx\n",
-                    given(argc, argv, "bf16-kernel") ? "--bf16-kernel" : "KILN_BF16_KERNEL", bk);
+            fprintf(stderr, "kiln %s: %s '%s' is not one of auto, ref, avx512, amx\n", cmd,
+                    cli_given(argc, argv, "bf16-kernel") ? "--bf16-kernel" : "KILN_BF16_KERNEL", bk);
             return false;
         }
         o->bf16_kernel = (kiln_bf16_kernel)k;
     }
-    if (given(argc, argv, "fp32-acts")) o->bf16_acts = !f->fp32_acts;
+    if (cli_given(argc, argv, "fp32-acts")) o->bf16_acts = !f->fp32_acts;
     else if ((e = getenv("KILN_BF16_ACTS")) && !strcmp(e, "0")) o->bf16_acts = false;
-    const char *ok = given(argc, argv, "optim-kernel") ? f->optim_kernel : getenv("KILN_OPTIM_KERNEL");
+    const char *ok = cli_given(argc, argv, "optim-kernel") ? f->optim_kernel : getenv("KILN_OPTIM_KERNEL");
     if (ok && *ok) {
         int k = kiln_optim_kernel_parse(ok);
         if (k < 0) {
-            fprintf(stderr, "kiln train: %s '%s' is not one of auto, portable\n",
-                    given(argc, argv, "optim-kernel") ? "--optim-kernel" : "KILN_OPTIM_KERNEL", ok);
+            fprintf(stderr, "kiln %s: %s '%s' is not one of auto, portable\n", cmd,
+                    cli_given(argc, argv, "optim-kernel") ? "--optim-kernel" : "KILN_OPTIM_KERNEL", ok);
             return false;
         }
         o->optim_kernel = (kiln_optim_kernel)k;
     }
-    if (given(argc, argv, "loss-scale")) {
+    if (cli_given(argc, argv, "loss-scale")) {
         if (!(f->loss_scale > 0) || f->loss_scale > 1e30) {
-            fprintf(stderr, "kiln train: --loss-scale must be a positive number\n");
+            fprintf(stderr, "kiln %s: --loss-scale must be a positive number\n", cmd);
             return false;
         }
         o->loss_scale = f->loss_scale;
@@ -115,37 +110,37 @@ static bool apply_settings(int argc, char **argv, const env_flags *f, kiln_train
         char *end;
         double v = strtod(e, &end);
         if (*end || !(v > 0) || v > 1e30) {
-            fprintf(stderr, "kiln train: KILN_LOSS_SCALE='%s' is not a positive number\n", e);
+            fprintf(stderr, "kiln %s: KILN_LOSS_SCALE='%s' is not a positive number\n", cmd, e);
             return false;
         }
         o->loss_scale = v;
     }
-    if (given(argc, argv, "dist-timeout")) {
+    if (cli_given(argc, argv, "dist-timeout")) {
         if (!(f->dist_timeout > 0 && f->dist_timeout <= 1e9)) {
-            fprintf(stderr, "kiln train: --dist-timeout must be a positive number of seconds\n");
+            fprintf(stderr, "kiln %s: --dist-timeout must be a positive number of seconds\n", cmd);
             return false;
         }
         o->dist.timeout_s = f->dist_timeout;
     } else if ((e = getenv("KILN_DIST_TIMEOUT")) && *e &&
-             !pos_number("KILN_DIST_TIMEOUT", e, &o->dist.timeout_s))
+             !pos_number(cmd, "KILN_DIST_TIMEOUT", e, &o->dist.timeout_s))
         return false;
-    if (given(argc, argv, "dist-bucket-mb")) {
+    if (cli_given(argc, argv, "dist-bucket-mb")) {
         if (!(f->dist_bucket_mb > 0 && f->dist_bucket_mb <= 1e9)) {
-            fprintf(stderr, "kiln train: --dist-bucket-mb must be a positive number\n");
+            fprintf(stderr, "kiln %s: --dist-bucket-mb must be a positive number\n", cmd);
             return false;
         }
         o->dist.bucket_mb = f->dist_bucket_mb;
     } else if ((e = getenv("KILN_DIST_BUCKET_MB")) && *e &&
-             !pos_number("KILN_DIST_BUCKET_MB", e, &o->dist.bucket_mb))
+             !pos_number(cmd, "KILN_DIST_BUCKET_MB", e, &o->dist.bucket_mb))
         return false;
-    if (given(argc, argv, "no-dist-overlap")) o->dist.overlap = !f->no_dist_overlap;
+    if (cli_given(argc, argv, "no-dist-overlap")) o->dist.overlap = !f->no_dist_overlap;
     else if ((e = getenv("KILN_DIST_OVERLAP")) && !strcmp(e, "0")) o->dist.overlap = false;
-    if (given(argc, argv, "no-dist-progress")) o->dist.progress_table = !f->no_dist_progress;
+    if (cli_given(argc, argv, "no-dist-progress")) o->dist.progress_table = !f->no_dist_progress;
     else if ((e = getenv("KILN_DIST_PROGRESS")) && !strcmp(e, "0")) o->dist.progress_table = false;
     return true;
 }
 
-static int parse_progress(const char *s)
+int cli_parse_progress(const char *s)
 {
     if (!strcmp(s, "auto")) return KILN_PROGRESS_AUTO;
     if (!strcmp(s, "bar")) return KILN_PROGRESS_BAR;
@@ -154,21 +149,45 @@ static int parse_progress(const char *s)
     return -1;
 }
 
-int cmd_train(int argc, char **argv)
+void cli_train_block_signals(void)
 {
-    /* before any thread starts: see stop_signal_thread */
     sigemptyset(&g_stop_sigs);
     sigaddset(&g_stop_sigs, SIGINT);
     sigaddset(&g_stop_sigs, SIGTERM);
     sigaddset(&g_stop_sigs, SIGUSR1); /* mpirun forwards SIGUSR1 to the ranks */
     pthread_sigmask(SIG_BLOCK, &g_stop_sigs, NULL);
+}
+
+void cli_train_unblock_signals(void) { pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL); }
+
+kiln_status cli_train_run(kiln_ctx *ctx, kiln_train_opts *o, kiln_train_result *res)
+{
+    g_stop = 0;
+    o->stop_flag = &g_stop;
+    pthread_t sig_thread;
+    bool sig_thread_ok = pthread_create(&sig_thread, NULL, stop_signal_thread, NULL) == 0;
+    if (!sig_thread_ok) /* the signals keep their default action (terminate) */
+        pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL);
+    kiln_status s = kiln_train(ctx, o, res);
+    if (sig_thread_ok) {
+        pthread_cancel(sig_thread); /* sigwait is a cancellation point */
+        pthread_join(sig_thread, NULL);
+        pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL);
+    }
+    return s;
+}
+
+int cmd_train(int argc, char **argv)
+{
+    /* before any thread starts: see stop_signal_thread */
+    cli_train_block_signals();
     kiln_train_opts o = kiln_train_opts_default();
     const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
     const char *objective = "ce";
     int64_t seed = (int64_t)o.seed;
     bool sequential = false;
     cli_list freeze = {0};
-    env_flags ef = {0};
+    cli_env_flags ef = {0};
     cli_opt opts[] = {
         {"config", CLI_STR, &o.config, "model config.json for a new model", false},
         {"init-from", CLI_STR, &o.init_from, "start from this model directory", false},
@@ -229,7 +248,7 @@ int cmd_train(int argc, char **argv)
     int ret = 0;
     char ckpt[1024], databuf[4096], outbuf[1024];
     kiln_status s = KILN_OK;
-    if (given(argc, argv, "steps") && o.steps == 0) {
+    if (cli_given(argc, argv, "steps") && o.steps == 0) {
         /* steps 0 means "use --epochs" internally; typed on the command
          * line it silently trained a whole epoch */
         fprintf(stderr, "kiln train: --steps must be positive (leave it out to train "
@@ -239,7 +258,7 @@ int cmd_train(int argc, char **argv)
     }
     o.seed = (uint64_t)seed;
     o.shuffle = !sequential;
-    int k = kiln_schedule_parse(schedule), pk = parse_progress(progress);
+    int k = kiln_schedule_parse(schedule), pk = cli_parse_progress(progress);
     if (k < 0 || pk < 0) {
         fprintf(stderr, "kiln train: %s '%s' is not one of %s\n",
                 k < 0 ? "--schedule" : "--progress", k < 0 ? schedule : progress,
@@ -283,7 +302,7 @@ int cmd_train(int argc, char **argv)
             goto done;
         }
         /* flags given now override the saved run options */
-#define OVR(flag, field) if (given(argc, argv, flag)) saved.field = o.field
+#define OVR(flag, field) if (cli_given(argc, argv, flag)) saved.field = o.field
         OVR("data", data); OVR("batch", batch); OVR("seq", seq);
         OVR("grad-accum", grad_accum); OVR("lr", lr); OVR("min-lr", min_lr);
         OVR("warmup", warmup); OVR("schedule", schedule); OVR("weight-decay", weight_decay);
@@ -293,8 +312,8 @@ int cmd_train(int argc, char **argv)
         OVR("save-every", save_every); OVR("keep-last", keep_last); OVR("seed", seed);
         OVR("log-every", log_every);
 #undef OVR
-        if (given(argc, argv, "steps")) saved.steps = o.steps;
-        else if (given(argc, argv, "epochs")) {
+        if (cli_given(argc, argv, "steps")) saved.steps = o.steps;
+        else if (cli_given(argc, argv, "epochs")) {
             saved.steps = 0;
             saved.epochs = o.epochs;
         }
@@ -303,8 +322,8 @@ int cmd_train(int argc, char **argv)
         saved.max_time = o.max_time;
         saved.stop_at = o.stop_at;
         saved.zero = o.zero;
-        if (given(argc, argv, "precision")) saved.precision = o.precision;
-        if (given(argc, argv, "objective")) saved.objective = o.objective;
+        if (cli_given(argc, argv, "precision")) saved.precision = o.precision;
+        if (cli_given(argc, argv, "objective")) saved.objective = o.objective;
         saved.freeze = o.freeze; /* none given: the checkpoint's (kiln_train) */
         saved.n_freeze = o.n_freeze;
         if (!o.out) { /* the run directory holding the checkpoint */
@@ -324,23 +343,12 @@ int cmd_train(int argc, char **argv)
         ret = 2;
         goto done;
     }
-    if (!apply_settings(argc, argv, &ef, &o)) {
+    if (!cli_train_settings("train", argc, argv, &ef, &o)) {
         ret = 2;
         goto done;
     }
-    g_stop = 0;
-    o.stop_flag = &g_stop;
-    pthread_t sig_thread;
-    bool sig_thread_ok = pthread_create(&sig_thread, NULL, stop_signal_thread, NULL) == 0;
-    if (!sig_thread_ok) /* the signals keep their default action (terminate) */
-        pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL);
     kiln_train_result res;
-    s = kiln_train(ctx, &o, &res);
-    if (sig_thread_ok) {
-        pthread_cancel(sig_thread); /* sigwait is a cancellation point */
-        pthread_join(sig_thread, NULL);
-        pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL);
-    }
+    s = cli_train_run(ctx, &o, &res);
     if (s) {
         ret = cli_fail(ctx, "train", s);
         goto done;

@@ -157,6 +157,19 @@ static bool get_string(loader *L, const json_t *obj, const char *key, const char
     return true;
 }
 
+/* A chat that does not render (a template's raise_exception, a template
+ * error at run time) is a bad line with the template's message. */
+static void render_failed(loader *L, kiln_status s)
+{
+    if (s == KILN_ERR_NOMEM) {
+        L->oom = true;
+        return;
+    }
+    char msg[600];
+    snprintf(msg, sizeof msg, "%s", kiln_errmsg(L->ctx));
+    bad_line(L, "%s", msg);
+}
+
 /* Encodes a prompt (string or messages). *chat says which. */
 static bool encode_prompt(loader *L, const json_t *obj, int32_t **ids, size_t *n, bool *chat)
 {
@@ -178,7 +191,7 @@ static bool encode_prompt(loader *L, const json_t *obj, int32_t **ids, size_t *n
         bad_line(L, "field \"prompt\" must be a string or a messages array");
         return false;
     }
-    if (s) { L->oom = true; return false; }
+    if (s) { render_failed(L, s); return false; }
     return true;
 }
 
@@ -233,7 +246,7 @@ static void load_sft(kiln_dataset *ds, loader *L, const json_t *obj, int max_len
         if (k < 0) return;
         kiln_status s = kiln_chat_render(L->ctx, L->tok, m, k, false, &ids, &mask, &n);
         free(m);
-        if (s) { L->oom = true; return; }
+        if (s) { render_failed(L, s); return; }
     } else if (json_object_get(obj, "prompt") || json_object_get(obj, "completion")) {
         const char *p, *c;
         if (!get_string(L, obj, "prompt", &p) || !get_string(L, obj, "completion", &c)) return;
@@ -568,4 +581,76 @@ void kiln_packed_free(kiln_packed *p)
     free(p->pos);
     free(p->doc);
     free(p);
+}
+
+/* ---- one example per row (SFT without packing) ---------------------- */
+
+/* Start of the last run of 1s in mask[0..n), or n when there is none. */
+static size_t last_run(const uint8_t *m, size_t n)
+{
+    size_t e = n;
+    while (e > 0 && !m[e - 1]) e--;
+    size_t b = e;
+    while (b > 0 && m[b - 1]) b--;
+    return e ? b : n;
+}
+
+kiln_status kiln_dataset_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                              kiln_loss_on loss_on, const size_t *idx,
+                              size_t n_idx, kiln_packed **out)
+{
+    *out = NULL;
+    if (ds->kind != KILN_DATASET_SFT)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_dataset_rows needs an SFT dataset");
+    if (T < 0) return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_dataset_rows: T = %d must be >= 0", T);
+    if (loss_on != KILN_LOSS_ON_MASK && loss_on != KILN_LOSS_ON_ALL &&
+        loss_on != KILN_LOSS_ON_COMPLETION)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_dataset_rows: loss_on = %d is not a kiln_loss_on", (int)loss_on);
+    size_t n = idx ? n_idx : ds->n_ex;
+    size_t longest = 2;
+    for (size_t r = 0; r < n; r++) {
+        size_t i = idx ? idx[r] : r;
+        if (i >= ds->n_ex)
+            return kiln_fail(ctx, KILN_ERR_RANGE,
+                             "kiln_dataset_rows: index %zu (row %zu) is outside the "
+                             "dataset's %zu examples", i, r, ds->n_ex);
+        longest = KILN_MAX(longest, ds->ex[i].n);
+    }
+    if (T == 0) T = (int)KILN_MIN(longest - 1, (size_t)INT32_MAX);
+    kiln_packed *pk = kiln_calloc(ctx, 1, sizeof *pk);
+    if (!pk) return KILN_ERR_NOMEM;
+    size_t cells = n * (size_t)T;
+    pk->rows = (int64_t)n;
+    pk->T = T;
+    pk->tokens = malloc((cells + 1) * sizeof *pk->tokens);
+    pk->targets = malloc((cells + 1) * sizeof *pk->targets);
+    pk->pos = malloc((cells + 1) * sizeof *pk->pos);
+    pk->doc = malloc((cells + 1) * sizeof *pk->doc);
+    if (!pk->tokens || !pk->targets || !pk->pos || !pk->doc) {
+        kiln_packed_free(pk);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory for %zu rows of %d", n, T);
+    }
+    for (size_t r = 0; r < n; r++) {
+        const ex_rec *e = &ds->ex[idx ? idx[r] : r];
+        const int32_t *ids = ds->ids + e->ids;
+        const uint8_t *m = ds->mask + e->ids;
+        size_t len = e->n > 0 ? KILN_MIN(e->n - 1, (size_t)T) : 0;
+        if (e->n - 1 > (size_t)T) pk->cut++;
+        /* KILN_LOSS_ON_COMPLETION: targets from the last run of the mask
+         * (the whole example's, before any cut to T+1 tokens) */
+        size_t from = loss_on == KILN_LOSS_ON_COMPLETION ? last_run(m, e->n) : 0;
+        int32_t *tok = pk->tokens + r * (size_t)T, *tg = pk->targets + r * (size_t)T;
+        for (size_t j = 0; j < (size_t)T; j++) {
+            bool in = j < len;
+            bool learn = in && (loss_on == KILN_LOSS_ON_ALL || (m[j + 1] && j + 1 >= from));
+            tok[j] = in ? ids[j] : ds->eot;
+            tg[j] = learn ? ids[j + 1] : -1;
+            pk->pos[r * (size_t)T + j] = in ? (int32_t)j : 0;
+            pk->doc[r * (size_t)T + j] = in ? 0 : -1;
+        }
+        pk->examples++;
+    }
+    *out = pk;
+    return KILN_OK;
 }

@@ -82,7 +82,20 @@ struct kiln_tokenizer {
      * back unchanged on save (normalizer, post_processor, decoder,
      * truncation, padding, model options). NULL when none. */
     json_t *hf_extra;
+
+    /* The model's chat template (tokenizer_config.json "chat_template",
+     * or kiln_tokenizer_set_chat_template); NULL: ChatML. */
+    struct jinja_tmpl *chat_tmpl;
+    char *chat_src, *bos_token, *eos_token;
 };
+
+/* ---- chat templates (chat.c) ------------------------------------------ */
+
+/* Reads DIR/tokenizer_config.json when it exists and sets its
+ * chat_template, bos_token and eos_token on t. Errors name the file. */
+kiln_status tok_load_chat_config(kiln_ctx *ctx, kiln_tokenizer *t, const char *dir);
+/* Frees the template fields. */
+void tok_chat_free(kiln_tokenizer *t);
 
 /* ---- construction (tokenizer.c) ------------------------------------- */
 

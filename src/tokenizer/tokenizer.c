@@ -340,7 +340,13 @@ kiln_status kiln_tokenizer_load(kiln_ctx *ctx, const char *spec,
         char *vb = file_join(spec, "vocab.bpe");
         kiln_status s;
         if (!tj || !ej || !vb) s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
-        else if (file_exists(tj)) s = tok_load_hf(ctx, tj, out);
+        else if (file_exists(tj)) {
+            s = tok_load_hf(ctx, tj, out);
+            if (!s && (s = tok_load_chat_config(ctx, *out, spec))) {
+                kiln_tokenizer_free(*out);
+                *out = NULL;
+            }
+        }
         else if (file_exists(ej) && file_exists(vb)) s = tok_load_gpt2(ctx, spec, out);
         else
             s = kiln_fail(ctx, KILN_ERR_IO,
@@ -364,7 +370,19 @@ kiln_status kiln_tokenizer_load(kiln_ctx *ctx, const char *spec,
         gguf_close(&f);
         return s;
     }
-    return tok_load_hf(ctx, spec, out);
+    kiln_status s = tok_load_hf(ctx, spec, out);
+    if (s) return s;
+    /* a tokenizer.json's directory may hold its tokenizer_config.json */
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", spec);
+    char *sl = strrchr(dir, '/');
+    if (sl) *sl = 0;
+    else snprintf(dir, sizeof dir, ".");
+    if ((s = tok_load_chat_config(ctx, *out, dir))) {
+        kiln_tokenizer_free(*out);
+        *out = NULL;
+    }
+    return s;
 }
 
 kiln_status kiln_tokenizer_save(kiln_ctx *ctx, const kiln_tokenizer *tok,
@@ -400,6 +418,7 @@ void kiln_tokenizer_free(kiln_tokenizer *t)
     free(t->pattern);
     if (t->re) pcre2_code_free(t->re);
     if (t->hf_extra) json_decref(t->hf_extra);
+    tok_chat_free(t);
     free(t);
 }
 

@@ -4,6 +4,7 @@
  *   RUN/step_00000100/   config.json, model.safetensors (kiln_model_save),
  *                        optimizer.safetensors, trainer_state.json,
  *                        tokenizer.json (copied from the data directory),
+ *                        tokenizer_config.json (when one sits beside it),
  *                        checksums.json (size + CRC-32C of every other file)
  *   RUN/latest           the name of the newest complete checkpoint
  *
@@ -25,7 +26,7 @@
 
 static const char *const ckpt_files[] = {
     "config.json", "model.safetensors", "optimizer.safetensors",
-    "trainer_state.json", "tokenizer.json", NULL};
+    "trainer_state.json", "tokenizer.json", "tokenizer_config.json", NULL};
 
 /* Removes a flat directory (files only, as checkpoints are). */
 static void rm_flat_dir(const char *dir)
@@ -146,6 +147,19 @@ kiln_status ckpt_save(kiln_ctx *ctx, const ckpt_save_args *a, char *out_dir,
         p = file_join(tmp, "tokenizer.json");
         s = copy_file(ctx, a->tokenizer_json, p);
         free(p);
+        if (s) goto done;
+        /* its tokenizer_config.json (the chat template) goes along */
+        char *dir = strdup(a->tokenizer_json);
+        char *sl = dir ? strrchr(dir, '/') : NULL;
+        if (sl) *sl = 0;
+        char *cfg = dir ? file_join(sl ? dir : ".", "tokenizer_config.json") : NULL;
+        if (cfg && file_exists(cfg)) {
+            p = file_join(tmp, "tokenizer_config.json");
+            s = copy_file(ctx, cfg, p);
+            free(p);
+        }
+        free(cfg);
+        free(dir);
         if (s) goto done;
     }
     for (int i = 0; ckpt_files[i]; i++) {

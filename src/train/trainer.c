@@ -201,7 +201,8 @@ static kiln_status save(trainer *t, double lr)
         kiln_adamw_free(full);
         return kiln_fail(t->ctx, KILN_ERR_NOMEM, "out of memory");
     }
-    char *tokj = file_join(kiln_data_dir(t->data), "tokenizer.json");
+    char *tokj = t->o.rows ? (t->o.tokenizer_json ? strdup(t->o.tokenizer_json) : NULL)
+                           : file_join(kiln_data_dir(t->data), "tokenizer.json");
     ckpt_save_args a = {.run_dir = t->run_dir,
                         .step = t->step,
                         .model = t->model,
@@ -221,8 +222,14 @@ static kiln_status save(trainer *t, double lr)
 
 static kiln_status check_opts(kiln_ctx *ctx, const kiln_train_opts *o)
 {
-    if (!o->data)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.data (a data directory) is required");
+    if (!o->data && !o->rows)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.data (a data directory) or kiln_train_opts.rows "
+                         "is required");
+    if (o->rows && !o->config && !o->init_from && !o->resume)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.rows needs a model: kiln_train_opts.init_from or "
+                         "kiln_train_opts.config");
     if (!o->out)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.out (the run directory) is required");
     if (o->config && o->init_from)
@@ -312,7 +319,7 @@ static kiln_status make_model(trainer *t)
             if ((s = kiln_config_load(ctx, o->config, &cfg))) return s;
             from = o->config;
         } else {
-            cfg.vocab_size = kiln_data_vocab_size(t->data);
+            cfg.vocab_size = t->data ? kiln_data_vocab_size(t->data) : cfg.vocab_size;
             from = "the default config";
         }
         if ((s = kiln_config_validate(ctx, &cfg))) return s;
@@ -320,7 +327,7 @@ static kiln_status make_model(trainer *t)
         kiln_model_init_random(t->model, o->seed);
     }
     const kiln_config *cfg = kiln_model_config(t->model);
-    int dv = kiln_data_vocab_size(t->data);
+    int dv = t->data ? kiln_data_vocab_size(t->data) : 0;
     if (cfg->vocab_size < dv)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "vocab size mismatch: the model (%s) has vocab_size "
@@ -391,15 +398,18 @@ static kiln_status setup(trainer *t)
                          "(shard the optimizer state)",
                          o->zero);
     if (o->resume && (s = tr_dist_resume_batch(t))) return s;
-    if ((s = kiln_data_open(ctx, o->data, &t->data))) return s;
-    if (!realpath(o->data, t->data_real)) snprintf(t->data_real, sizeof t->data_real, "%s", o->data);
     snprintf(t->run_dir, sizeof t->run_dir, "%s", o->out);
-    if (kiln_data_tokens(t->data, KILN_SPLIT_TRAIN) == 0)
+    if (o->data && !realpath(o->data, t->data_real))
+        snprintf(t->data_real, sizeof t->data_real, "%s", o->data);
+    if (o->rows) { /* the second source: rows in memory (trainer_rows.c) */
+    } else if ((s = kiln_data_open(ctx, o->data, &t->data))) {
+        return s;
+    } else if (kiln_data_tokens(t->data, KILN_SPLIT_TRAIN) == 0)
         return kiln_fail(ctx, KILN_ERR_FORMAT,
                          "'%s' has no training shards (train_files is empty)",
                          o->data);
-    if ((s = kiln_loader_new(ctx, t->data, KILN_SPLIT_TRAIN, o->seq,
-                             o->shuffle, o->seed, &t->train))) {
+    if (!o->rows && (s = kiln_loader_new(ctx, t->data, KILN_SPLIT_TRAIN, o->seq,
+                                         o->shuffle, o->seed, &t->train))) {
         if (s == KILN_ERR_RANGE)
             kiln_fail(ctx, s, "%s (T = kiln_train_opts.seq)", kiln_errmsg(ctx));
         return s;
@@ -416,9 +426,10 @@ static kiln_status setup(trainer *t)
                              o->out, o->out);
     }
     if ((s = make_model(t))) return s;
+    if (o->rows && (s = tr_rows_setup(t))) return s;
     if ((s = tr_dist_bcast_params(t))) return s;
     t->G = (int64_t)o->batch * o->grad_accum * t->world;
-    int64_t nwin = kiln_loader_num_windows(t->train);
+    int64_t nwin = tr_num_windows(t);
     t->total = o->steps > 0 ? o->steps
                             : (int64_t)ceil(o->epochs * (double)nwin / (double)t->G);
     if (t->total < 1) t->total = 1;
@@ -427,8 +438,8 @@ static kiln_status setup(trainer *t)
     t->val_loss = NAN;
     if (o->resume && (s = tr_load_state(t, o->resume))) return s;
     /* validation tokens: enough for eval_steps batches of B windows */
-    size_t nv = kiln_data_tokens(t->data, KILN_SPLIT_VAL);
-    if (o->eval_every > 0 && o->eval_steps > 0) {
+    size_t nv = t->data ? kiln_data_tokens(t->data, KILN_SPLIT_VAL) : 0;
+    if (o->eval_every > 0 && o->eval_steps > 0 && !o->rows) {
         if (nv < 2) {
             kiln_log(ctx, KILN_LOG_WARN,
                      "'%s' has no validation split: no val_loss will be "
@@ -471,7 +482,9 @@ static kiln_status evaluate(trainer *t, double *out)
         end = KILN_MIN(b * T + 1, t->n_val);
     }
     kiln_status s = KILN_OK;
-    if (end > start)
+    if (t->o.rows)
+        s = tr_rows_eval(t, sums);
+    else if (end > start)
         s = kiln_eval_tokens(t->ctx, t->model, t->val + start, end - start,
                              t->o.batch, t->o.seq, &sums[0], &sums[1]);
     if (s) return s;
@@ -497,8 +510,10 @@ static void draw_micro(trainer *t, int k, int32_t *in, int32_t *tg)
 {
     const int B = t->o.batch, T = t->o.seq;
     int64_t row0 = t->pos + ((int64_t)k * t->world + t->rank) * B;
-    for (int b = 0; b < B; b++)
-        kiln_loader_get(t->train, row0 + b, in + (size_t)b * T, tg + (size_t)b * T);
+    for (int b = 0; b < B; b++) {
+        if (t->o.rows) tr_rows_get(t, row0 + b, in + (size_t)b * T, tg + (size_t)b * T);
+        else kiln_loader_get(t->train, row0 + b, in + (size_t)b * T, tg + (size_t)b * T);
+    }
 }
 
 /* The objective's view of micro-step k (its rows in t's buffers). */
@@ -592,6 +607,7 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         return s;
     if ((s = tr_dist_sum(t, sums, 2))) return s;
     *loss = sums[0] / sums[1];
+    t->step_weight = sums[1];
     *lr = kiln_lr_at(o->schedule, o->lr, o->min_lr, o->warmup, t->total, t->step);
     if (!isfinite(*loss)) return diverged(t, "the training loss", *loss, *lr);
     /* The update reads g once for the norm and once in the fused AdamW
@@ -647,6 +663,7 @@ static void trainer_free(trainer *t, kiln_status s)
     free(t->targets);
     free(t->weights);
     free(t->val);
+    free(t->row_perm);
     kiln_loader_free(t->train);
     kiln_data_close(t->data);
     kiln_adamw_free(t->opt);
@@ -686,7 +703,7 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
     if (t->o.resume) snprintf(t->last_ckpt, sizeof t->last_ckpt, "%s", t->o.resume);
     double loss = NAN, lr = 0, gnorm = 0;
     bool stopped = false;
-    if (t->step == 0 && t->val && !opts->resume) {
+    if (t->step == 0 && (t->val || t->row_val) && !opts->resume) {
         if ((s = evaluate(t, &t->val_loss))) goto out;
         tr_say(t, "step 0: val_loss %.4f (perplexity %.2f)", t->val_loss,
             exp(t->val_loss));
@@ -711,10 +728,12 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
             "loss", loss, "lr", lr, "grad_norm", isfinite(gnorm) ? gnorm : 0.0, "tokens_per_s",
             (double)(t->G * t->o.seq) / dt, "elapsed",
             t->elapsed_before + kiln_time_now() - t->t_start, "epoch",
-            (double)t->pos / (double)kiln_loader_num_windows(t->train),
+            (double)t->pos / (double)tr_num_windows(t),
             "tokens", (json_int_t)(t->pos * t->o.seq));
         /* communication: seconds this rank waited on other ranks */
         json_object_set_new(m, "world_size", json_integer(t->world));
+        /* with rows: the step's tokens with a target (what the loss averages) */
+        if (t->o.rows) json_object_set_new(m, "loss_tokens", json_integer((json_int_t)t->step_weight));
         json_object_set_new(m, "comm_s", json_real(comm.wait_s));
         json_object_set_new(m, "comm_frac", json_real(dt > 0 ? comm.wait_s / dt : 0));
         if (!isfinite(gnorm)) /* a skipped fp16 step: JSON has no inf/NaN */
@@ -744,7 +763,7 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
             json_decref(m);
             goto out;
         }
-        if (t->val && ((t->o.eval_every > 0 && t->step % t->o.eval_every == 0) || last)) {
+        if ((t->val || t->row_val) && ((t->o.eval_every > 0 && t->step % t->o.eval_every == 0) || last)) {
             if ((s = evaluate(t, &t->val_loss))) {
                 json_decref(m);
                 goto out;

@@ -60,6 +60,10 @@ typedef struct trainer {
     const char **freeze_buf;
     size_t *fz_off, *fz_len; /* the frozen tensors' ranges (nfz), sorted */
     int nfz;
+    double step_weight;   /* the last step's loss weight (tokens with a target) */
+    int64_t *row_perm;    /* (rows->rows) with opts.rows and shuffle */
+    int64_t row_perm_epoch; /* epoch whose permutation is in row_perm; -1 none */
+    bool row_val;         /* validate on opts.val_rows (given, evals on) */
 } trainer;
 
 /* ---- trainer_io.c ---------------------------------------------------- */
@@ -88,5 +92,20 @@ json_t *tr_state_json(trainer *t, double lr);
  * at the checkpoint's step) and, for fp16, the loss scaler from
  * DIR/trainer_state.json. */
 kiln_status tr_load_state(trainer *t, const char *dir);
+
+/* ---- trainer_rows.c: kiln_train_opts.rows, the second data source ------ */
+
+/* Checks opts.rows/val_rows against the options and the model (T, one
+ * document per row, token and target ids inside the vocabulary) and
+ * allocates the row order. */
+kiln_status tr_rows_setup(trainer *t);
+/* Rows (or windows of the token stream) in one epoch. */
+int64_t tr_num_windows(const trainer *t);
+/* The row at global position pos (seeded shuffle per epoch, as the window
+ * loader's) into in, tg (T each). */
+void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg);
+/* This rank's share of the validation rows: the masked cross-entropy's
+ * sums (loss, tokens with a target). */
+kiln_status tr_rows_eval(trainer *t, double sums[2]);
 
 #endif /* KILN_TRAINER_INT_H */

@@ -194,7 +194,7 @@ json_t *tr_state_json(trainer *t, double lr)
         snprintf(h, sizeof h, "%016llx", (unsigned long long)t->rng.s[i]);
         json_array_append_new(rng, json_string(h));
     }
-    int64_t nwin = kiln_loader_num_windows(t->train);
+    int64_t nwin = tr_num_windows(t);
     json_t *st = json_object();
     json_object_set_new(st, "format", json_string("kiln-trainer-state"));
     json_object_set_new(st, "version", json_integer(1));
@@ -463,14 +463,19 @@ void tr_banner(trainer *t)
 {
     const kiln_config *c = kiln_model_config(t->model);
     const kiln_train_opts *o = &t->o;
-    int64_t nwin = kiln_loader_num_windows(t->train);
+    int64_t nwin = tr_num_windows(t);
     tr_say(t, "model: %s L=%d C=%d NH=%d V=%d n_ctx=%d, %.2fM parameters",
         c->arch == KILN_ARCH_LLAMA ? "llama" : "gpt2", c->n_layer, c->n_embd,
         c->n_head, c->vocab_size, c->n_ctx,
         (double)kiln_model_num_params(t->model) / 1e6);
-    tr_say(t, "data: %s, %zu train tokens (%lld windows of %d+1), %zu val tokens",
-        o->data, kiln_data_tokens(t->data, KILN_SPLIT_TRAIN), (long long)nwin,
-        o->seq, kiln_data_tokens(t->data, KILN_SPLIT_VAL));
+    if (o->rows)
+        tr_say(t, "data: %s, %lld train rows of %d positions, %lld val rows",
+            o->data ? o->data : "rows", (long long)nwin, o->seq,
+            (long long)(o->val_rows ? o->val_rows->rows : 0));
+    else
+        tr_say(t, "data: %s, %zu train tokens (%lld windows of %d+1), %zu val tokens",
+            o->data, kiln_data_tokens(t->data, KILN_SPLIT_TRAIN), (long long)nwin,
+            o->seq, kiln_data_tokens(t->data, KILN_SPLIT_VAL));
     tr_say(t, "batch: %d x %d seq x %d accum x %d proc = %lld tokens/step; %lld "
            "steps (%.2f epochs); lr %.2e %s, warmup %lld, min %.2e",
         o->batch, o->seq, o->grad_accum, t->world, (long long)(t->G * o->seq),

@@ -1,0 +1,111 @@
+/*
+ * trainer_rows.c — the trainer's second data source (kiln_train_opts.rows):
+ * rows of (tokens, targets with -1 = no loss) held in memory, as SFT
+ * builds them from a JSONL dataset (kiln_dataset_rows), instead of windows
+ * of token shards. A row takes a window's place: the global position pos
+ * runs across epochs and epoch e visits the rows in a Fisher-Yates order
+ * drawn from an rng seeded by (seed, e) -- the window loader's rule -- so
+ * the order depends on nothing else and a resumed run draws the same rows.
+ * Validation is the masked cross-entropy over val_rows.
+ */
+#include "train/trainer_int.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static kiln_status check_rows(trainer *t, const kiln_packed *p, const char *field)
+{
+    kiln_ctx *ctx = t->ctx;
+    int V = kiln_model_config(t->model)->vocab_size;
+    if (p->T != t->o.seq)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "%s holds rows of T = %d positions but kiln_train_opts.seq = %d; "
+                         "they must be equal",
+                         field, p->T, t->o.seq);
+    size_t cells = (size_t)p->rows * (size_t)p->T;
+    for (size_t c = 0; c < cells; c++) {
+        if (p->doc && p->doc[c] > 0)
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "%s row %zu holds several documents (packed rows); the "
+                             "attention kernels do not keep documents apart yet: give one "
+                             "example per row (kiln_dataset_rows)",
+                             field, c / (size_t)p->T);
+        if (p->tokens[c] < 0 || p->tokens[c] >= V || p->targets[c] >= V)
+            return kiln_fail(ctx, KILN_ERR_RANGE,
+                             "%s row %zu position %zu: token %d / target %d is outside the "
+                             "model's vocabulary [0, %d): the data and the model do not match",
+                             field, c / (size_t)p->T, c % (size_t)p->T, (int)p->tokens[c],
+                             (int)p->targets[c], V);
+    }
+    return KILN_OK;
+}
+
+kiln_status tr_rows_setup(trainer *t)
+{
+    const kiln_train_opts *o = &t->o;
+    kiln_status s;
+    if (o->rows->rows < 1)
+        return kiln_fail(t->ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.rows holds no rows");
+    if ((s = check_rows(t, o->rows, "kiln_train_opts.rows"))) return s;
+    if (o->val_rows && (s = check_rows(t, o->val_rows, "kiln_train_opts.val_rows"))) return s;
+    t->row_perm_epoch = -1;
+    /* as for token shards: no validation when evals are off */
+    t->row_val = o->val_rows && o->val_rows->rows > 0 && o->eval_every > 0 && o->eval_steps > 0;
+    if (o->shuffle &&
+        !(t->row_perm = kiln_malloc(t->ctx, (size_t)o->rows->rows * sizeof *t->row_perm)))
+        return KILN_ERR_NOMEM;
+    return KILN_OK;
+}
+
+int64_t tr_num_windows(const trainer *t)
+{
+    return t->o.rows ? t->o.rows->rows : kiln_loader_num_windows(t->train);
+}
+
+void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg)
+{
+    const kiln_packed *p = t->o.rows;
+    int64_t n = p->rows, epoch = pos / n, r = pos % n;
+    if (t->row_perm) {
+        if (epoch != t->row_perm_epoch) {
+            kiln_rng g;
+            kiln_rng_seed(&g, t->o.seed ^ (0x9E3779B97F4A7C15ULL * (uint64_t)(epoch + 1)));
+            for (int64_t i = 0; i < n; i++) t->row_perm[i] = i;
+            for (int64_t i = n - 1; i > 0; i--) {
+                int64_t j = (int64_t)kiln_rng_below(&g, (uint64_t)i + 1);
+                int64_t x = t->row_perm[i];
+                t->row_perm[i] = t->row_perm[j];
+                t->row_perm[j] = x;
+            }
+            t->row_perm_epoch = epoch;
+        }
+        r = t->row_perm[r];
+    }
+    size_t T = (size_t)p->T;
+    memcpy(in, p->tokens + (size_t)r * T, T * sizeof *in);
+    memcpy(tg, p->targets + (size_t)r * T, T * sizeof *tg);
+}
+
+kiln_status tr_rows_eval(trainer *t, double sums[2])
+{
+    const kiln_packed *p = t->o.val_rows;
+    const int B = t->o.batch, T = t->o.seq;
+    int64_t n = p->rows;
+    if (t->o.eval_steps > 0)
+        n = KILN_MIN(n, t->o.eval_steps * (int64_t)B * t->world);
+    /* this rank's rows [a, b) */
+    int64_t a = n * t->rank / t->world, b = n * (t->rank + 1) / t->world;
+    int V = kiln_model_config(t->model)->vocab_size;
+    kiln_status s = KILN_OK;
+    for (int64_t r = a; r < b && !s; r += B) {
+        int nb = (int)KILN_MIN((int64_t)B, b - r);
+        float *logits;
+        const int32_t *tg = p->targets + (size_t)r * (size_t)T;
+        s = kiln_model_forward(t->ctx, t->model, p->tokens + (size_t)r * (size_t)T, nb, T,
+                               &logits);
+        if (!s)
+            s = kiln_cross_entropy(t->ctx, logits, tg, NULL, (int64_t)nb * T, V, 0.0f, NULL,
+                                   &sums[0], &sums[1]);
+    }
+    return s;
+}

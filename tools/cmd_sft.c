@@ -1,0 +1,431 @@
+/*
+ * cmd_sft.c — `kiln sft`: supervised fine-tuning of a model on chat or
+ * prompt/completion JSONL.
+ *
+ * The examples are loaded and rendered by the library (kiln_dataset_load:
+ * the chat template, the loss mask), split into training and held-out
+ * examples, laid out one per row (kiln_dataset_rows: padding, targets -1
+ * where no loss is taken) and handed to the trainer as its row source
+ * (kiln_train_opts.rows) with the masked cross-entropy objective. The
+ * run's own settings (model, data, split, loss_on, max_len) are written to
+ * RUN/sft.json so that --resume rebuilds the same rows; the trainer's
+ * checkpoints carry the rest (options, data position, rng), which makes a
+ * resumed run continue bit for bit.
+ */
+#include "cli.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+typedef struct sft_args {
+    const char *model, *data, *val_data, *loss_on;
+    double val_fraction;
+    int max_len;
+    bool skip_bad, pack;
+} sft_args;
+
+static int parse_loss_on(const char *s)
+{
+    if (!strcmp(s, "assistant")) return KILN_LOSS_ON_MASK;
+    if (!strcmp(s, "all")) return KILN_LOSS_ON_ALL;
+    if (!strcmp(s, "completion")) return KILN_LOSS_ON_COMPLETION;
+    return -1;
+}
+
+/* RUN/sft.json: what rebuilds the rows on --resume. */
+static int save_args(const char *out, const sft_args *a)
+{
+    /* absolute paths: a resume may start from another directory */
+    char m[PATH_MAX], d[PATH_MAX], v[PATH_MAX];
+    if (!realpath(a->model, m)) snprintf(m, sizeof m, "%s", a->model);
+    if (!realpath(a->data, d)) snprintf(d, sizeof d, "%s", a->data);
+    if (a->val_data && !realpath(a->val_data, v)) snprintf(v, sizeof v, "%s", a->val_data);
+    json_t *j = json_pack("{s:s,s:s,s:s?,s:f,s:s,s:i,s:b}", "model", m, "data", d,
+                          "val_data", a->val_data ? v : NULL, "val_fraction", a->val_fraction, "loss_on",
+                          a->loss_on, "max_len", a->max_len, "skip_bad_lines", a->skip_bad);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/sft.json", out);
+    int rc = j ? json_dump_file(j, path, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : -1;
+    json_decref(j);
+    if (rc) fprintf(stderr, "kiln sft: cannot write %s\n", path);
+    return rc ? 1 : 0;
+}
+
+/* Fills the settings not given on the command line from RUN/sft.json; the
+ * strings are copied into keep (freed by the caller with json_decref). */
+static int load_args(const char *run, int argc, char **argv, sft_args *a, json_t **keep)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/sft.json", run);
+    json_error_t err;
+    json_t *j = json_load_file(path, 0, &err);
+    if (!j) {
+        fprintf(stderr, "kiln sft: --resume: cannot read %s (%s, line %d): a kiln sft run "
+                        "directory has it\n", path, err.text, err.line);
+        return 1;
+    }
+    *keep = j;
+    const char *model = json_string_value(json_object_get(j, "model"));
+    const char *data = json_string_value(json_object_get(j, "data"));
+    const char *lo = json_string_value(json_object_get(j, "loss_on"));
+    if (!model || !data || !lo) {
+        fprintf(stderr, "kiln sft: %s: \"model\", \"data\" or \"loss_on\" is missing\n", path);
+        return 1;
+    }
+    if (!cli_given(argc, argv, "model")) a->model = model;
+    if (!cli_given(argc, argv, "data")) a->data = data;
+    if (!cli_given(argc, argv, "loss-on")) a->loss_on = lo;
+    if (!cli_given(argc, argv, "val-data"))
+        a->val_data = json_string_value(json_object_get(j, "val_data"));
+    if (!cli_given(argc, argv, "val-fraction"))
+        a->val_fraction = json_number_value(json_object_get(j, "val_fraction"));
+    if (!cli_given(argc, argv, "max-len"))
+        a->max_len = (int)json_integer_value(json_object_get(j, "max_len"));
+    if (!cli_given(argc, argv, "skip-bad") && !cli_given(argc, argv, "skip-bad-lines"))
+        a->skip_bad = json_is_true(json_object_get(j, "skip_bad_lines"));
+    return 0;
+}
+
+static void print_stats(const char *what, const kiln_dataset *ds)
+{
+    kiln_dataset_stats st;
+    kiln_dataset_get_stats(ds, &st);
+    printf("%s: %lld examples (%lld lines, %lld bad, %lld cut to --max-len, %lld dropped), "
+           "%lld tokens, %lld loss tokens\n",
+           what, (long long)st.examples, (long long)st.lines, (long long)st.bad_lines,
+           (long long)st.truncated, (long long)st.dropped, (long long)st.tokens,
+           (long long)st.loss_tokens);
+}
+
+/* The held-out examples: n_val of n chosen by a seeded shuffle, the rest
+ * for training, each list in dataset order. */
+static void split_indices(size_t n, size_t n_val, uint64_t seed, size_t *train, size_t *val)
+{
+    size_t *perm = malloc((n + 1) * sizeof *perm);
+    unsigned char *is_val = calloc(n + 1, 1);
+    kiln_rng r;
+    kiln_rng_seed(&r, seed ^ 0x5f7d1e3c2b4a6987ULL);
+    for (size_t i = 0; i < n; i++) perm[i] = i;
+    for (size_t i = n; i > 1; i--) {
+        size_t j = (size_t)kiln_rng_below(&r, (uint64_t)i);
+        size_t x = perm[i - 1];
+        perm[i - 1] = perm[j];
+        perm[j] = x;
+    }
+    for (size_t i = 0; i < n_val; i++) is_val[perm[i]] = 1;
+    size_t a = 0, b = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (is_val[i]) val[b++] = i;
+        else train[a++] = i;
+    }
+    free(perm);
+    free(is_val);
+}
+
+int cmd_sft(int argc, char **argv)
+{
+    cli_train_block_signals(); /* before any thread starts */
+    kiln_train_opts o = kiln_train_opts_default();
+    o.lr = 2e-5;
+    o.min_lr = 0;
+    o.warmup = 0;
+    o.weight_decay = 0;
+    o.eval_every = 50;
+    o.save_every = 0;
+    o.keep_last = 1;
+    sft_args a = {.loss_on = "assistant", .val_fraction = 0.1};
+    const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
+    int64_t seed = (int64_t)o.seed;
+    bool sequential = false, skip_bad_lines = false;
+    cli_env_flags ef = {0};
+    cli_opt opts[] = {
+        {"model", CLI_STR, &a.model, "model directory (or run directory: its newest checkpoint) to fine-tune", false},
+        {"data", CLI_STR, &a.data, "JSONL: {\"messages\":[...]} or {\"prompt\",\"completion\"} per line", false},
+        {"out", CLI_STR, &o.out, "run directory (checkpoints, metrics.jsonl)", false},
+        {"resume", CLI_OPTSTR, &resume, "continue a run: a run directory or a step_* checkpoint [--out]", false},
+        {"val-data", CLI_STR, &a.val_data, "held-out JSONL for val_loss (instead of --val-fraction)", false},
+        {"val-fraction", CLI_F64, &a.val_fraction, "share of --data held out for val_loss, in [0, 1) [0.1]", false},
+        {"loss-on", CLI_STR, &a.loss_on, "assistant | completion | all: tokens learned: every assistant turn (or the completion), the last one only, or every token [assistant]", false},
+        {"max-len", CLI_INT, &a.max_len, "tokens per example kept (longer ones are cut) [the model's n_ctx + 1]", false},
+        {"pack", CLI_BOOL, &a.pack, "several conversations per row (not supported yet)", false},
+        {"skip-bad", CLI_BOOL, &a.skip_bad, "skip malformed JSONL lines (each is still reported) instead of failing", false},
+        {"skip-bad-lines", CLI_BOOL, &skip_bad_lines, "the same as --skip-bad", false},
+        {"batch", CLI_INT, &o.batch, "examples per micro-batch [8]", false},
+        {"grad-accum", CLI_INT, &o.grad_accum, "micro-batches per optimizer step [1]", false},
+        {"lr", CLI_F64, &o.lr, "peak learning rate [2e-5]", false},
+        {"min-lr", CLI_F64, &o.min_lr, "final learning rate of cosine/linear decay [0]", false},
+        {"warmup", CLI_I64, &o.warmup, "linear warmup steps [0]", false},
+        {"schedule", CLI_STR, &schedule, "cosine | linear | constant [cosine]", false},
+        {"steps", CLI_I64, &o.steps, "optimizer steps (overrides --epochs)", false},
+        {"epochs", CLI_F64, &o.epochs, "passes over the training examples [1]", false},
+        {"weight-decay", CLI_F64, &o.weight_decay, "AdamW decoupled weight decay on matrices [0]", false},
+        {"beta1", CLI_F64, &o.beta1, "AdamW beta1 [0.9]", false},
+        {"beta2", CLI_F64, &o.beta2, "AdamW beta2 [0.95]", false},
+        {"eps", CLI_F64, &o.eps, "AdamW epsilon [1e-8]", false},
+        {"grad-clip", CLI_F64, &o.grad_clip, "max global gradient norm, 0 = off [1.0]", false},
+        {"sequential", CLI_BOOL, &sequential, "visit examples in file order instead of a seeded shuffle per epoch", false},
+        {"eval-every", CLI_I64, &o.eval_every, "steps between validation evals, 0 = off [50]", false},
+        {"eval-steps", CLI_I64, &o.eval_steps, "validation batches per eval [20]", false},
+        {"save-every", CLI_I64, &o.save_every, "steps between checkpoints, 0 = at the end only [0]", false},
+        {"keep-last", CLI_INT, &o.keep_last, "checkpoints to keep, 0 = all [1]", false},
+        {"seed", CLI_I64, &seed, "seed of the split and the data order [1337]", false},
+        {"threads", CLI_INT, &o.threads, "compute threads, 0 = all cores [0]", false},
+        {"log-every", CLI_I64, &o.log_every, "steps between progress lines when not on a terminal [10]", false},
+        {"progress", CLI_STR, &progress, "auto | bar | lines | none [auto]", false},
+        {"max-time", CLI_F64, &o.max_time, "stop, save and exit after this many seconds [off]", false},
+        {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step [off]", false},
+        {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
+        {"precision", CLI_STR, &precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products [auto]", false},
+        {"bf16-kernel", CLI_STR, &ef.bf16_kernel, "auto | ref | avx512 | amx (env KILN_BF16_KERNEL) [auto]", false},
+        {"fp32-acts", CLI_BOOL, &ef.fp32_acts, "bf16: keep fp32 activations (env KILN_BF16_ACTS=0)", false},
+        {"optim-kernel", CLI_STR, &ef.optim_kernel, "auto | portable (env KILN_OPTIM_KERNEL) [auto]", false},
+        {"loss-scale", CLI_F64, &ef.loss_scale, "fp16: initial loss scale (env KILN_LOSS_SCALE) [65536]", false},
+        {"dist-timeout", CLI_F64, &ef.dist_timeout, "under mpirun: collective timeout in seconds (env KILN_DIST_TIMEOUT) [300]", false},
+        {"dist-bucket-mb", CLI_F64, &ef.dist_bucket_mb, "under mpirun: gradient bucket MB (env KILN_DIST_BUCKET_MB) [25]", false},
+        {"no-dist-overlap", CLI_BOOL, &ef.no_dist_overlap, "under mpirun: reduce gradients after the backward (env KILN_DIST_OVERLAP=0)", false},
+        {"no-dist-progress", CLI_BOOL, &ef.no_dist_progress, "under mpirun: no progress table for the watchdog (env KILN_DIST_PROGRESS=0)", false},
+        {NULL, 0, NULL, NULL, false}};
+    int rc = cli_parse("sft", "sft --model DIR --data FILE.jsonl --out DIR [flags]\n       kiln sft --resume RUN_DIR [flags]",
+                       "Supervised fine-tuning: full training of a model's weights on chat\n"
+                       "({\"messages\":[{\"role\",\"content\"},...]}) or prompt/completion JSONL,\n"
+                       "rendered with the model's chat template (tokenizer_config.json) or\n"
+                       "ChatML; the loss is the mean cross-entropy over the learned tokens\n"
+                       "(--loss-on). One example per row, padded. Writes RUN/metrics.jsonl\n"
+                       "(with loss_tokens per step), RUN/step_*/ checkpoints (kiln model\n"
+                       "directories) and RUN/sft.json. Ctrl-C saves and exits 0.",
+                       opts, argc, argv, NULL);
+    if (rc) {
+        cli_free(opts, NULL);
+        return rc == 1 ? 0 : 2;
+    }
+    kiln_ctx *ctx = cli_ctx_new();
+    int ret = 2;
+    char ckpt[1024], databuf[4096], outbuf[1024], model_dir[4200], tokj[4300];
+    json_t *saved_args = NULL;
+    kiln_tokenizer *tok = NULL;
+    kiln_dataset *ds = NULL, *vds = NULL;
+    kiln_packed *rows = NULL, *vrows = NULL;
+    size_t *tr_idx = NULL, *va_idx = NULL;
+    kiln_status s = KILN_OK;
+    a.skip_bad = a.skip_bad || skip_bad_lines;
+    if (a.pack) {
+        fprintf(stderr, "kiln sft: --pack is not supported yet: several conversations in one "
+                        "row need attention kept inside each conversation (document ids in the "
+                        "attention kernels); leave --pack out to pad one conversation per row\n");
+        goto done;
+    }
+    if (cli_given(argc, argv, "steps") && o.steps <= 0) {
+        fprintf(stderr, "kiln sft: --steps must be positive (leave it out to train for --epochs)\n");
+        goto done;
+    }
+    if (!(a.val_fraction >= 0 && a.val_fraction < 1)) {
+        fprintf(stderr, "kiln sft: --val-fraction %g must be in [0, 1)\n", a.val_fraction);
+        goto done;
+    }
+    if (cli_given(argc, argv, "max-len") && a.max_len < 2) {
+        fprintf(stderr, "kiln sft: --max-len %d must be at least 2 (a token and its target)\n",
+                a.max_len);
+        goto done;
+    }
+    o.seed = (uint64_t)seed;
+    o.shuffle = !sequential;
+    int k = kiln_schedule_parse(schedule), pk = cli_parse_progress(progress);
+    int pp = kiln_precision_parse(precision);
+    if (k < 0 || pk < 0 || pp < 0) {
+        fprintf(stderr, "kiln sft: %s '%s' is not one of %s\n",
+                k < 0 ? "--schedule" : pk < 0 ? "--progress" : "--precision",
+                k < 0 ? schedule : pk < 0 ? progress : precision,
+                k < 0 ? "cosine, linear, constant"
+                      : pk < 0 ? "auto, bar, lines, none" : "fp32, bf16, fp16, auto");
+        goto done;
+    }
+    o.schedule = (kiln_schedule)k;
+    o.progress = (kiln_progress)pk;
+    o.precision = (kiln_precision)pp;
+    if (resume) {
+        const char *where = *resume ? resume : o.out;
+        if (!where) {
+            fprintf(stderr, "kiln sft: --resume needs a directory (or --out RUN)\n");
+            goto done;
+        }
+        if ((s = kiln_checkpoint_resolve(ctx, where, ckpt, sizeof ckpt))) {
+            kiln_fail(ctx, s, "--resume: %s", kiln_errmsg(ctx));
+            ret = cli_fail(ctx, "sft", s);
+            goto done;
+        }
+        kiln_train_opts sv = kiln_train_opts_default();
+        if ((s = kiln_train_opts_load(ctx, ckpt, &sv, databuf, sizeof databuf))) {
+            ret = cli_fail(ctx, "sft", s);
+            goto done;
+        }
+#define OVR(flag, field) if (cli_given(argc, argv, flag)) sv.field = o.field
+        OVR("batch", batch); OVR("grad-accum", grad_accum); OVR("lr", lr); OVR("min-lr", min_lr);
+        OVR("warmup", warmup); OVR("schedule", schedule); OVR("weight-decay", weight_decay);
+        OVR("beta1", beta1); OVR("beta2", beta2); OVR("eps", eps);
+        OVR("grad-clip", grad_clip); OVR("sequential", shuffle);
+        OVR("eval-every", eval_every); OVR("eval-steps", eval_steps);
+        OVR("save-every", save_every); OVR("keep-last", keep_last);
+        OVR("log-every", log_every); OVR("precision", precision);
+#undef OVR
+        if (cli_given(argc, argv, "steps")) sv.steps = o.steps;
+        else if (cli_given(argc, argv, "epochs")) {
+            sv.steps = 0;
+            sv.epochs = o.epochs;
+        }
+        sv.threads = o.threads;
+        sv.progress = o.progress;
+        sv.max_time = o.max_time;
+        sv.stop_at = o.stop_at;
+        sv.zero = o.zero;
+        snprintf(outbuf, sizeof outbuf, "%s", ckpt);
+        char *sl = strrchr(outbuf, '/');
+        if (sl) *sl = 0;
+        else snprintf(outbuf, sizeof outbuf, ".");
+        if (load_args(outbuf, argc, argv, &a, &saved_args)) goto done;
+        sv.out = o.out ? o.out : outbuf;
+        sv.resume = ckpt;
+        sv.config = sv.init_from = NULL;
+        o = sv;
+    } else if (!a.model || !*a.model || !a.data || !*a.data || !o.out || !*o.out) {
+        fprintf(stderr, "kiln sft: --model, --data and --out are required (or --resume RUN_DIR; "
+                        "see kiln sft --help)\n");
+        goto done;
+    }
+    int loss_on = parse_loss_on(a.loss_on);
+    if (loss_on < 0) {
+        fprintf(stderr, "kiln sft: --loss-on '%s' is not one of assistant, completion, all\n",
+                a.loss_on);
+        goto done;
+    }
+    if (!cli_train_settings("sft", argc, argv, &ef, &o)) goto done;
+    ret = 1;
+    /* the model, its tokenizer and its context */
+    if ((s = cli_model_dir(ctx, a.model, model_dir, sizeof model_dir))) {
+        kiln_fail(ctx, s, "--model: %s", kiln_errmsg(ctx));
+        goto fail;
+    }
+    char cfgp[4400];
+    snprintf(cfgp, sizeof cfgp, "%s/config.json", model_dir);
+    kiln_config cfg;
+    if ((s = kiln_config_load(ctx, cfgp, &cfg))) goto fail;
+    if (a.max_len > cfg.n_ctx + 1) {
+        fprintf(stderr, "kiln sft: --max-len %d exceeds the model's context (n_ctx %d in %s): "
+                        "use --max-len %d or less\n", a.max_len, cfg.n_ctx, cfgp, cfg.n_ctx + 1);
+        ret = 2;
+        goto done;
+    }
+    if ((s = kiln_tokenizer_load(ctx, model_dir, &tok))) goto fail;
+    snprintf(tokj, sizeof tokj, "%s/tokenizer.json", model_dir);
+    /* the examples */
+    kiln_dataset_opts dopt = kiln_dataset_opts_default();
+    dopt.max_len = a.max_len > 0 ? a.max_len : cfg.n_ctx + 1;
+    dopt.skip_bad = a.skip_bad;
+    if ((s = kiln_dataset_load(ctx, tok, a.data, KILN_DATASET_SFT, &dopt, &ds))) goto fail;
+    if (a.val_data && (s = kiln_dataset_load(ctx, tok, a.val_data, KILN_DATASET_SFT, &dopt, &vds)))
+        goto fail;
+    size_t n = kiln_dataset_count(ds);
+    size_t n_val = 0;
+    if (!a.val_data && a.val_fraction > 0 && n >= 2) {
+        n_val = (size_t)(a.val_fraction * (double)n + 0.5);
+        n_val = n_val < 1 ? 1 : n_val > n - 1 ? n - 1 : n_val;
+    }
+    if (n - n_val < 1) {
+        fprintf(stderr, "kiln sft: %s has no example left to train on\n", a.data);
+        goto done;
+    }
+    tr_idx = malloc((n + 1) * sizeof *tr_idx);
+    va_idx = malloc((n + 1) * sizeof *va_idx);
+    if (!tr_idx || !va_idx) goto done;
+    split_indices(n, n_val, o.seed, tr_idx, va_idx);
+    /* rows of one length T: the longest example of either split */
+    kiln_loss_on lo = (kiln_loss_on)loss_on;
+    if ((s = kiln_dataset_rows(ctx, ds, 0, lo, tr_idx, n - n_val, &rows))) goto fail;
+    int T = rows->T;
+    if (vds || n_val) {
+        s = vds ? kiln_dataset_rows(ctx, vds, 0, lo, NULL, 0, &vrows)
+                : kiln_dataset_rows(ctx, ds, 0, lo, va_idx, n_val, &vrows);
+        if (s) goto fail;
+        if (vrows->T > T) {
+            T = vrows->T;
+            kiln_packed_free(rows);
+            rows = NULL;
+            if ((s = kiln_dataset_rows(ctx, ds, T, lo, tr_idx, n - n_val, &rows))) goto fail;
+        } else if (vrows->T < T) {
+            kiln_packed_free(vrows);
+            vrows = NULL;
+            s = vds ? kiln_dataset_rows(ctx, vds, T, lo, NULL, 0, &vrows)
+                    : kiln_dataset_rows(ctx, ds, T, lo, va_idx, n_val, &vrows);
+            if (s) goto fail;
+        }
+    }
+    print_stats(a.data, ds);
+    if (vds) print_stats(a.val_data, vds);
+    printf("rows: %lld train, %lld held out, %d positions each; loss on %s\n",
+           (long long)rows->rows, (long long)(vrows ? vrows->rows : 0), T, a.loss_on);
+    fflush(stdout);
+    o.seq = T;
+    o.rows = rows;
+    o.val_rows = vrows;
+    o.data = a.data;
+    o.tokenizer_json = tokj;
+    o.objective = kiln_objective_masked_ce();
+    if (!resume) {
+        o.init_from = model_dir;
+        if (mkdir(o.out, 0777) != 0 && errno != EEXIST) {
+            fprintf(stderr, "kiln sft: --out: cannot create '%s': %s\n", o.out, strerror(errno));
+            goto done;
+        }
+        char lp[1100];
+        snprintf(lp, sizeof lp, "%s/latest", o.out);
+        FILE *f = fopen(lp, "r");
+        if (f) { /* the trainer refuses too; sft.json must not be overwritten */
+            fclose(f);
+            fprintf(stderr, "kiln sft: '%s' already holds checkpoints of a run; continue it with "
+                            "--resume %s, or choose another --out\n", o.out, o.out);
+            goto done;
+        }
+        a.model = model_dir; /* a run directory resolved: its checkpoint now */
+        /* under mpirun, rank 0 writes it (the launcher's variables say
+         * which rank this is; the library reads them too) */
+        const char *rk = getenv("OMPI_COMM_WORLD_RANK");
+        if (!rk) rk = getenv("PMIX_RANK");
+        if ((!rk || !strcmp(rk, "0")) && save_args(o.out, &a)) goto done;
+    }
+    kiln_train_result res;
+    if ((s = cli_train_run(ctx, &o, &res))) goto fail;
+    ret = 0;
+    if (res.rank != 0) goto done;
+    char svg[1100];
+    snprintf(svg, sizeof svg, "%s/loss.svg", o.out);
+    bool plotted = kiln_plot_metrics(ctx, o.out, svg) == KILN_OK;
+    if (res.interrupted)
+        printf("stopped at step %lld; checkpoint %s\nresume with: kiln sft --resume %s\n",
+               (long long)res.step, res.checkpoint, o.out);
+    else {
+        printf("done: step %lld, loss %.4f", (long long)res.step, res.loss);
+        if (res.val_loss == res.val_loss) printf(", val_loss %.4f", res.val_loss);
+        printf("\ncheckpoint: %s\nmetrics:    %s/metrics.jsonl\n", res.checkpoint, o.out);
+    }
+    if (plotted) printf("loss plot:  %s\n", svg);
+    goto done;
+fail:
+    ret = cli_fail(ctx, "sft", s);
+done:
+    cli_train_unblock_signals();
+    kiln_packed_free(rows);
+    kiln_packed_free(vrows);
+    free(tr_idx);
+    free(va_idx);
+    kiln_dataset_free(ds);
+    kiln_dataset_free(vds);
+    kiln_tokenizer_free(tok);
+    json_decref(saved_args);
+    kiln_ctx_free(ctx);
+    cli_free(opts, NULL);
+    return ret;
+}
