@@ -1420,6 +1420,12 @@ typedef struct kiln_engine_opts {
      * bits per weight, Q4_0 4.5, Q4_K 4.5, Q6_K 6.56. Embedding tables
      * and norms stay fp32. */
     kiln_dtype wtype;
+    /* The GGUF file the model was loaded from (kiln_model_load of a
+     * .gguf), or NULL. When set, each matrix is taken from the file in
+     * its own type (Q8_0, Q4_0, Q4_K, Q6_K, BF16, F32: a Q4_K_M file keeps
+     * its blocks byte for byte); a matrix the file stores otherwise (F16,
+     * or stacked parts of different types) is prepared as wtype. [NULL] */
+    const char *weights_gguf;
 } kiln_engine_opts;
 
 /* n_slots 1, n_ctx 0, chunk 64, fp32. */
@@ -1656,6 +1662,8 @@ typedef struct kiln_serve_opts {
     size_t max_body;        /* request body limit in bytes [1 MiB] */
     int max_connections;    /* [256] */
     kiln_dtype wtype;       /* engine weights (kiln_engine_opts.wtype) [F32] */
+    const char *weights_gguf; /* kiln_engine_opts.weights_gguf: model_dir when it is
+                                 the .gguf whose stored types to keep [NULL] */
     const char *cors;       /* CORS: "*" or comma-separated origins; NULL = off */
     const char *log_format; /* access log on stderr: ["text"], "json" or "off" */
 } kiln_serve_opts;

@@ -42,3 +42,18 @@ out=$("$KILN" generate --model "$D/run" --tokenizer bytes --prompt "the cat" --m
 DETAIL="exit $rc: $out"; check quant_generate_q4_k [ $rc -eq 0 ] && echo "$out" | grep -q "q4_K weights"
 out=$("$KILN" eval --model "$D/run" --data "$D/data" --dtype q5_0 2>&1); rc=$?
 DETAIL="exit $rc: $out"; check quant_bad_dtype_names_flag [ $rc -eq 2 ] && echo "$out" | grep -q -- "--dtype 'q5_0'"
+# a .gguf's matrices are served in the types the file stores: q8_0 taken
+# byte for byte gives the same greedy ids as quantizing its dequantized
+# weights again (q8_0's quantizer reproduces its own blocks); a q4_k_m
+# file keeps its q4_K/q6_K blocks (the log counts them)
+for t in q8_0 q4_k_m; do
+  "$KILN" quantize --model "$D/run" --type $t --out "$D/m_$t.gguf" --tokenizer bytes >"$D/q_$t.log" 2>&1 \
+    || fail "quant_gguf_$t" "kiln quantize failed: $(tail -3 "$D/q_$t.log")"
+done
+gen() { "$KILN" generate --prompt "the cat" --max-tokens 24 --temperature 0 --print-ids --threads 1 "$@" 2>"$D/gen.err"; }
+a=$(KILN_LOG=info gen --model "$D/m_q8_0.gguf"); b=$(gen --model "$D/m_q8_0.gguf" --dtype q8_0)
+DETAIL="stored: $a | requantized: $b | $(cat "$D/gen.err")"
+check quant_gguf_stored_q8_0_same_ids [ -n "$a" ] && [ "$a" = "$b" ]
+out=$(KILN_LOG=info "$KILN" generate --model "$D/m_q4_k_m.gguf" --prompt "the cat" --max-tokens 8 --temperature 0 --threads 1 2>&1); rc=$?
+n=$(echo "$out" | sed -n 's/.*engine: \([0-9]*\) matrices taken from .* in their stored types.*/\1/p')
+DETAIL="exit $rc: $out"; check quant_gguf_q4_k_m_kept [ $rc -eq 0 ] && [ "${n:-0}" -ge 8 ] && echo "$out" | grep -q "the .gguf's own weights"

@@ -536,6 +536,67 @@ static void test_engine_quantized(void)
     kiln_ctx_free(ctx);
 }
 
+/* An engine on a .gguf's stored types (kiln_engine_opts.weights_gguf)
+ * holds the file's blocks: for a Q8_0 file (whose quantizer reproduces
+ * its own blocks) its logits equal, bit for bit, those of an engine that
+ * quantizes the model's dequantized weights to Q8_0 again; llama's q/k
+ * rows, stored by llama.cpp in another order, come back in rope's. */
+static void test_engine_gguf_stored(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config c = tiny_cfg(KILN_ARCH_LLAMA);
+    c.n_embd = 256;
+    c.n_inner = 512;
+    c.vocab_size = 257;
+    kiln_model *m = NULL, *mg = NULL;
+    kiln_tokenizer *tok = NULL;
+    CHECK(kiln_model_new(ctx, &c, &m) == KILN_OK);
+    kiln_model_init_random(m, 41);
+    float *p = kiln_model_params(m);
+    kiln_rng r;
+    kiln_rng_seed(&r, 9);
+    for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.05f * kiln_rng_normal(&r);
+    char path[256];
+    snprintf(path, sizeof path, "%s/test_infer_stored.gguf", getenv("KILN_TMP") ? getenv("KILN_TMP") : "/tmp");
+    kiln_gguf_export_opts eo = kiln_gguf_export_opts_default();
+    eo.type = "q8_0";
+    CHECK(kiln_tokenizer_load(ctx, "bytes", &tok) == KILN_OK);
+    kiln_status st = kiln_gguf_export(ctx, m, tok, path, &eo, NULL);
+    CHECK_MSG(st == KILN_OK, "export: %s", kiln_errmsg(ctx));
+    CHECK(kiln_model_load(ctx, path, &mg) == KILN_OK);
+    enum { T = 20 };
+    const int V = c.vocab_size;
+    kiln_engine_opts o = kiln_engine_opts_default();
+    o.chunk = T;
+    kiln_engine *a = NULL, *b = NULL;
+    o.weights_gguf = path;
+    CHECK(mg && kiln_engine_new(ctx, mg, &o, &a) == KILN_OK);
+    o.weights_gguf = NULL;
+    o.wtype = KILN_DTYPE_Q8_0;
+    CHECK(mg && kiln_engine_new(ctx, mg, &o, &b) == KILN_OK);
+    if (a && b) {
+        CHECK_EQ(kiln_engine_weight_bytes(a), kiln_engine_weight_bytes(b));
+        kiln_engine_tok tk[T];
+        for (int i = 0; i < T; i++) tk[i] = (kiln_engine_tok){0, (i * 29 + 3) % V, true};
+        float *la = malloc(sizeof(float) * T * V), *lb = malloc(sizeof(float) * T * V);
+        CHECK(kiln_engine_step(ctx, a, tk, T, la) == KILN_OK);
+        CHECK(kiln_engine_step(ctx, b, tk, T, lb) == KILN_OK);
+        CHECK_MSG(memcmp(la, lb, sizeof(float) * T * V) == 0,
+                  "stored q8_0 blocks and requantized ones give different logits");
+        /* and decode steps after the prefill */
+        kiln_engine_tok one = {0, 5, true};
+        CHECK(kiln_engine_step(ctx, a, &one, 1, la) == KILN_OK);
+        CHECK(kiln_engine_step(ctx, b, &one, 1, lb) == KILN_OK);
+        CHECK(memcmp(la, lb, sizeof(float) * V) == 0);
+        free(la), free(lb);
+    }
+    kiln_engine_free(a), kiln_engine_free(b);
+    kiln_model_free(m), kiln_model_free(mg);
+    kiln_tokenizer_free(tok);
+    remove(path);
+    kiln_ctx_free(ctx);
+}
+
 /* rope_at and attention_kv (the engine's decode ops): fast against ref,
  * and rope_at at position p against rope at t = p (the training op): the
  * same arithmetic, so the same bits. */
@@ -891,6 +952,7 @@ int main(void)
     RUN_TEST(test_linear_matches_reference);
     RUN_TEST(test_linear_quantized);
     RUN_TEST(test_engine_quantized);
+    RUN_TEST(test_engine_gguf_stored);
     RUN_TEST(test_decode_ops_match_reference);
     RUN_TEST(test_engine_equals_forward_gpt2);
     RUN_TEST(test_engine_equals_forward_llama);

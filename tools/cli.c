@@ -429,3 +429,13 @@ bool cli_weight_dtype(const char *cmd, const char *s, kiln_dtype *out)
     fprintf(stderr, "kiln %s: --dtype '%s' is not one of %s\n", cmd, s, CLI_WEIGHT_DTYPES);
     return false;
 }
+
+bool cli_is_gguf(const char *path)
+{
+    char magic[4] = {0};
+    FILE *f = fopen(path, "rb");
+    if (!f) return false;
+    size_t n = fread(magic, 1, 4, f);
+    fclose(f);
+    return n == 4 && !memcmp(magic, "GGUF", 4);
+}

@@ -131,4 +131,7 @@ KILN_COMMANDS(KILN_XX_DECL)
 bool cli_weight_dtype(const char *cmd, const char *s, kiln_dtype *out);
 #define CLI_WEIGHT_DTYPES "fp32 | bf16 | q8_0 | q4_0 | q4_k | q6_k"
 
+/* Whether path is a GGUF file (its first bytes are "GGUF"). */
+bool cli_is_gguf(const char *path);
+
 #endif /* KILN_CLI_H */

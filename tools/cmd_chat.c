@@ -159,7 +159,7 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
 
 int cmd_chat(int argc, char **argv)
 {
-    const char *model = NULL, *tokenizer = NULL, *system = NULL, *dtype = "fp32";
+    const char *model = NULL, *tokenizer = NULL, *system = NULL, *dtype = NULL;
     int max_tokens = 256, top_k = 0, ctx_len = 0, threads = 0;
     double temperature = 0.7, top_p = 0.95, rep = 1.0;
     int64_t seed = 0;
@@ -173,7 +173,7 @@ int cmd_chat(int argc, char **argv)
         {"repetition-penalty", CLI_F64, &rep, "[1.0]", false},
         {"seed", CLI_I64, &seed, "sampling seed of the first reply (then +1 per reply) [0]", false},
         {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
-        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32]", false},
+        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32; a .gguf model: its own types]", false},
         {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {NULL, 0, NULL, NULL, false},
@@ -208,7 +208,7 @@ int cmd_chat(int argc, char **argv)
     }
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_ctx = ctx_len;
-    if (!cli_weight_dtype("chat", dtype, &eo.wtype)) {
+    if (dtype && !cli_weight_dtype("chat", dtype, &eo.wtype)) {
         kiln_ctx_free(c.ctx);
         return 2;
     }
@@ -217,8 +217,10 @@ int cmd_chat(int argc, char **argv)
     if (!(st = cli_model_dir(c.ctx, model, model_dir, sizeof model_dir))) model = model_dir;
     if (!st && !(st = kiln_checkpoint_verify(c.ctx, model)) &&
         !(st = kiln_model_load(c.ctx, model, &m)) &&
-        !(st = kiln_tokenizer_load(c.ctx, tokenizer ? tokenizer : model, &c.tok)))
+        !(st = kiln_tokenizer_load(c.ctx, tokenizer ? tokenizer : model, &c.tok))) {
+        if (!dtype && cli_is_gguf(model)) eo.weights_gguf = model; /* its own types */
         st = kiln_engine_new(c.ctx, m, &eo, &c.e);
+    }
     if (!st && kiln_tokenizer_vocab_size(c.tok) > kiln_model_config(m)->vocab_size)
         st = kiln_fail(c.ctx, KILN_ERR_INVALID_ARG,
                        "the tokenizer has %d tokens but the model's vocabulary is %d; "

@@ -32,7 +32,7 @@ static bool print_token(void *user, const kiln_gen_token *t)
 
 int cmd_generate(int argc, char **argv)
 {
-    const char *model = NULL, *prompt = NULL, *tokenizer = NULL, *dtype = "fp32";
+    const char *model = NULL, *prompt = NULL, *tokenizer = NULL, *dtype = NULL;
     int max_tokens = 128, top_k = 0, ctx_len = 0, threads = 0;
     double temperature = 1.0, top_p = 1.0, min_p = 0.0, rep = 1.0, freq = 0.0, pres = 0.0;
     int64_t seed = 0;
@@ -54,7 +54,7 @@ int cmd_generate(int argc, char **argv)
         {"stop-token", CLI_LIST, &stop_tokens, "token ids that end generation (besides end-of-text)", false},
         {"ignore-eos", CLI_BOOL, &ignore_eos, "keep going past end-of-text", false},
         {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
-        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32]", false},
+        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32; a .gguf model: its own types]", false},
         {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {"no-echo", CLI_BOOL, &no_echo, "do not print the prompt before the continuation", false},
@@ -72,8 +72,8 @@ int cmd_generate(int argc, char **argv)
         cli_free(opts, NULL);
         return rc == 1 ? 0 : 2;
     }
-    kiln_dtype wt;
-    if (!cli_weight_dtype("generate", dtype, &wt)) {
+    kiln_dtype wt = KILN_DTYPE_F32;
+    if (dtype && !cli_weight_dtype("generate", dtype, &wt)) {
         cli_free(opts, NULL);
         return 2;
     }
@@ -145,6 +145,7 @@ int cmd_generate(int argc, char **argv)
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_ctx = ctx_len;
     eo.wtype = wt;
+    if (!dtype && cli_is_gguf(model)) eo.weights_gguf = model; /* as the file stores them */
     if ((st = kiln_engine_new(ctx, m, &eo, &e))) goto fail;
     kiln_model_free(m);
     m = NULL;
@@ -204,7 +205,7 @@ int cmd_generate(int argc, char **argv)
                 n, (t1 - clk.t0) * 1e3, (double)n / (t1 - clk.t0 > 0 ? t1 - clk.t0 : 1e-9), gen,
                 (t2 - t1) * 1e3, steps > 0 ? (double)steps / (t2 - t1) : 0.0,
                 max_tokens > 0 ? kiln_finish_name(kiln_gen_finished(g)) : "length",
-                wt == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(wt));
+                eo.weights_gguf ? "the .gguf's own" : wt == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(wt));
     }
     rc = 0;
     goto out;

@@ -11,7 +11,7 @@
 int cmd_serve(int argc, char **argv)
 {
     kiln_serve_opts o = kiln_serve_opts_default();
-    const char *dtype = "fp32", *key_env = NULL;
+    const char *dtype = NULL, *key_env = NULL;
     int64_t max_body = (int64_t)o.max_body;
     int threads = 0;
     cli_opt opts[] = {
@@ -27,7 +27,7 @@ int cmd_serve(int argc, char **argv)
         {"max-connections", CLI_INT, &o.max_connections, "open connections at most; 3/4 of them per client address [256]", false},
         {"name", CLI_STR, &o.model_name, "model id in the API [the directory's name]", false},
         {"tokenizer", CLI_STR, &o.tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
-        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32]", false},
+        {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32; a .gguf model: its own types]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads of the engine, 0 = all cores [0]", false},
         {"cors", CLI_STR, &o.cors, "allow browsers from these origins: \"*\" or comma-separated origins (CORS, OPTIONS preflight) [off]", false},
         {"log-format", CLI_STR, &o.log_format, "access log on stderr, one line per request: text | json | off [text]", false},
@@ -47,7 +47,7 @@ int cmd_serve(int argc, char **argv)
         cli_free(opts, NULL);
         return rc == 1 ? 0 : 2;
     }
-    if (!cli_weight_dtype("serve", dtype, &o.wtype)) return 2;
+    if (dtype && !cli_weight_dtype("serve", dtype, &o.wtype)) return 2;
     if (max_body < 64 || max_body > (int64_t)1 << 32) {
         fprintf(stderr, "kiln serve: --max-body must be in 64..4294967296\n");
         return 2;
@@ -82,6 +82,7 @@ int cmd_serve(int argc, char **argv)
     }
     if (!st) {
         o.model_dir = model_dir;
+        if (!dtype && cli_is_gguf(model_dir)) o.weights_gguf = model_dir; /* its own types */
         st = kiln_serve_run(ctx, &o);
     }
     rc = st ? cli_fail(ctx, "serve", st) : 0;

@@ -61,6 +61,9 @@ struct kiln_engine {
     const kiln_engine_tok *step_toks;
     size_t weight_bytes;
     int n_fallback;    /* matrices stored in another type than opts.wtype */
+    kiln_gguf *gguf;   /* opts.weights_gguf while building */
+    model_gguf_tensor *gguf_list;
+    int gguf_n, n_stored, n_converted; /* matrices taken as stored / prepared */
     int nth;           /* OpenMP threads */
 };
 
@@ -111,13 +114,28 @@ static const float *vput(vcopy *v, const float *p, size_t n)
 
 static size_t vsize(size_t n) { return (n + 15) & ~(size_t)15; }
 
-/* weight_bytes counts what a decode step streams: the matrices and the
- * head (the embedding tables are looked up, a row per token). */
-static kiln_status prep(kiln_ctx *ctx, kiln_engine *e, const kern_wt *src, kern_wt *out)
+/* A matrix from the model's GGUF file in its stored type when the engine
+ * has one (engine_gguf.c), else prepared from the fp32 model as wtype (or
+ * the widest type of its stacked parts in the file). weight_bytes counts
+ * what a decode step streams: the matrices and the head (the embedding
+ * tables are looked up, a row per token). */
+static kiln_status prep_any(kiln_ctx *ctx, kiln_engine *e, const kiln_model *m,
+                            const kern_wt *src, kern_wt *out)
 {
-    if (!kern_weight_prepare(e->opts.wtype, src, out))
+    kiln_dtype as = e->opts.wtype;
+    if (e->gguf) {
+        int r = engine_gguf_matrix(m, e->gguf, e->gguf_list, e->gguf_n, src, out, &as);
+        if (r < 0) return kiln_fail(ctx, KILN_ERR_NOMEM, "engine: out of memory for the weights");
+        if (r == 1) {
+            e->weight_bytes += dtype_row_bytes(out->dtype, (int64_t)out->cols) * (size_t)out->rows;
+            e->n_stored++;
+            return KILN_OK;
+        }
+        e->n_converted++;
+    }
+    if (!kern_weight_prepare(as, src, out))
         return kiln_fail(ctx, KILN_ERR_NOMEM, "engine: out of memory for the weights");
-    if (out->dtype != e->opts.wtype) e->n_fallback++;
+    if (out->dtype != as) e->n_fallback++;
     e->weight_bytes += dtype_row_bytes(out->dtype, (int64_t)out->cols) * (size_t)out->rows;
     return KILN_OK;
 }
@@ -153,8 +171,10 @@ static kiln_status build_weights(kiln_ctx *ctx, kiln_engine *e, const kiln_model
         o->fc_b = vput(&v, b.fc_b, b.fc.rows);
         o->fcproj_b = vput(&v, b.fcproj_b, b.fcproj.rows);
         kiln_status st;
-        if ((st = prep(ctx, e, &b.qkv, &o->qkv)) || (st = prep(ctx, e, &b.proj, &o->proj)) ||
-            (st = prep(ctx, e, &b.fc, &o->fc)) || (st = prep(ctx, e, &b.fcproj, &o->fcproj)))
+        if ((st = prep_any(ctx, e, m, &b.qkv, &o->qkv)) ||
+            (st = prep_any(ctx, e, m, &b.proj, &o->proj)) ||
+            (st = prep_any(ctx, e, m, &b.fc, &o->fc)) ||
+            (st = prep_any(ctx, e, m, &b.fcproj, &o->fcproj)))
             return st;
     }
     KILN_ASSERT(v.used <= nv);
@@ -166,7 +186,7 @@ static kiln_status build_weights(kiln_ctx *ctx, kiln_engine *e, const kiln_model
         return KILN_OK;
     }
     e->head_owned = true;
-    return prep(ctx, e, &hw, &e->head);
+    return prep_any(ctx, e, m, &hw, &e->head);
 }
 
 kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engine_opts *opts,
@@ -221,7 +241,29 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
     e->k = kern_ops_fast();
     e->gemm = kern_gemm_fast_new();
     const bool llama = cfg->arch == KILN_ARCH_LLAMA;
-    kiln_status st = e->gemm ? build_weights(ctx, e, m) : KILN_ERR_NOMEM;
+    kiln_status st = KILN_OK;
+    if (o.weights_gguf) {
+        st = kiln_gguf_open(ctx, o.weights_gguf, &e->gguf);
+        if (!st) {
+            e->gguf_n = model_gguf_tensors(m, NULL);
+            e->gguf_list = kiln_calloc(ctx, (size_t)e->gguf_n + 1, sizeof *e->gguf_list);
+            if (!e->gguf_list) st = KILN_ERR_NOMEM;
+            else model_gguf_tensors(m, e->gguf_list);
+        }
+    }
+    if (!st) st = e->gemm ? build_weights(ctx, e, m) : KILN_ERR_NOMEM;
+    if (e->gguf) {
+        kiln_log(ctx, KILN_LOG_INFO,
+                 "engine: %d matrices taken from %s in their stored types, %d prepared from "
+                 "its dequantized values (stacked parts of different types: the widest; F16: "
+                 "as %s)",
+                 e->n_stored, o.weights_gguf, e->n_converted,
+                 o.wtype == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(o.wtype));
+        kiln_gguf_close(e->gguf);
+        e->gguf = NULL;
+        free(e->gguf_list);
+        e->gguf_list = NULL;
+    }
     if (st) { kiln_engine_free(e); return st; }
     if (e->n_fallback) {
         int blk = (int)dtype_traits_of(o.wtype)->block, wd = e->C % blk ? e->C : e->F;

@@ -152,6 +152,7 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     eo.n_slots = o.parallel;
     eo.n_ctx = o.n_ctx;
     eo.wtype = o.wtype;
+    eo.weights_gguf = o.weights_gguf;
     eo.chunk = KILN_MAX(64, o.parallel);
     st = kiln_engine_new(ctx, model, &eo, &eng);
     if (st) goto out;
@@ -172,7 +173,7 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     st = http_start(ctx, &sv, &s, &o, name, &port);
     if (st) goto out;
     printf("kiln serve: model '%s' (%s, %d slots x %d context) listening on http://%s:%d\n",
-           name, o.wtype == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(o.wtype), kiln_engine_n_slots(eng),
+           name, o.weights_gguf ? "the .gguf's own" : o.wtype == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(o.wtype), kiln_engine_n_slots(eng),
            kiln_engine_n_ctx(eng), o.host ? o.host : "127.0.0.1", port);
     fflush(stdout);
     int sig = 0;
