@@ -552,7 +552,7 @@ static void test_engine_gguf_stored(void)
     kiln_tokenizer *tok = NULL;
     CHECK(kiln_model_new(ctx, &c, &m) == KILN_OK);
     kiln_model_init_random(m, 41);
-    float *p = kiln_model_params(m);
+    float *p = kiln_model_params_mut(m);
     kiln_rng r;
     kiln_rng_seed(&r, 9);
     for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.05f * kiln_rng_normal(&r);
