@@ -30,7 +30,9 @@ for a in gpt2 llama; do
   ids2=$(printf 'hello hello' | "$KILN" tokenizer encode --tokenizer "$D/$a")
   DETAIL="from the .gguf: $ids, from the imported tokenizer.json: $ids2"
   check "${a}_tokenizer_json_same" test "$ids" = "$ids2"
-  g1=$("$KILN" generate --model "$D/$a.gguf" --prompt "hello" --max-tokens 6 --temperature 0 --ignore-eos --print-ids --quiet --threads 1 2>&1)
+  # --dtype fp32: the file's weights dequantized, as the imported directory
+  # holds them (without it the engine keeps the file's stored types)
+  g1=$("$KILN" generate --model "$D/$a.gguf" --dtype fp32 --prompt "hello" --max-tokens 6 --temperature 0 --ignore-eos --print-ids --quiet --threads 1 2>&1)
   g2=$("$KILN" generate --model "$D/$a" --prompt "hello" --max-tokens 6 --temperature 0 --ignore-eos --print-ids --quiet --threads 1 2>&1)
   DETAIL="gguf: $g1 / dir: $g2"
   check "${a}_generate_from_gguf" test -n "$g1" -a "$g1" = "$g2" -a "$(echo "$g1" | tail -1 | wc -w)" = 6

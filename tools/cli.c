@@ -260,6 +260,7 @@ static const struct {
     {"kiln_train_opts.max_time", "--max-time"},
     {"kiln_train_opts.stop_at", "--stop-at"},
     {"kiln_train_opts.zero", "--zero"},
+    {"kiln_train_opts.freeze", "--freeze"},
     {"kiln_train_opts.precision", "--precision"},
     {"kiln_train_opts.objective", "--objective"},
     {"kiln_train_opts.bf16_kernel", "--bf16-kernel"},

@@ -112,8 +112,7 @@ static bool list_has(const char *list, const char *name)
 static kiln_status check_tensors(kiln_ctx *ctx, const kiln_adamw *o, const char *list,
                                  const char *path)
 {
-    static const char *what = "resume with the same frozen tensors (kiln_train_opts.freeze, "
-                              "kiln train --freeze)";
+    static const char *what = "resume with the same frozen tensors (kiln_train_opts.freeze)";
     char *const *names;
     const bool *trainable;
     int nnames = adamw_tensors(o, &names, &trainable);

@@ -350,7 +350,7 @@ kiln_status tr_freeze(trainer *t)
             }
             if (!same)
                 return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                                 "kiln_train_opts.freeze (--freeze) differs from the patterns "
+                                 "kiln_train_opts.freeze differs from the patterns "
                                  "the checkpoint %s was trained with (%zu of them, in "
                                  "trainer_state.json options.freeze); resume with the same "
                                  "ones, or leave them out to take the checkpoint's",
@@ -359,8 +359,8 @@ kiln_status tr_freeze(trainer *t)
     }
     if (t->n_freeze > 0 && o->zero)
         return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
-                         "kiln_train_opts.freeze (--freeze) with zero = 1 (--zero 1) is not "
-                         "supported yet; train frozen tensors with zero = 0");
+                         "kiln_train_opts.freeze with kiln_train_opts.zero = 1 is not "
+                         "supported yet; train frozen tensors with kiln_train_opts.zero = 0");
     for (int i = 0; i < t->n_freeze; i++) {
         if (!t->freeze[i])
             return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.freeze[%d] is NULL", i);
@@ -368,7 +368,7 @@ kiln_status tr_freeze(trainer *t)
         if (s) {
             char msg[512];
             snprintf(msg, sizeof msg, "%s", kiln_errmsg(ctx));
-            return kiln_fail(ctx, s, "kiln_train_opts.freeze[%d] (--freeze): %s", i, msg);
+            return kiln_fail(ctx, s, "kiln_train_opts.freeze[%d]: %s", i, msg);
         }
     }
     /* the frozen ranges, in block order (the registry's), for the allreduce */
