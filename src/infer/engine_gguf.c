@@ -22,13 +22,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Row r of the GGUF layout holds HF row perm_src(r) (gguf_model.c). */
-static int64_t perm_src(int64_t r, int64_t HS)
-{
-    int64_t h = r / HS, k = r % HS, i = k / 2, j = k % 2;
-    return h * HS + j * (HS / 2) + i;
-}
-
 static bool linear_runs(kiln_dtype t)
 {
     return t == KILN_DTYPE_Q8_0 || t == KILN_DTYPE_Q4_0 || t == KILN_DTYPE_Q4_K ||
@@ -91,8 +84,10 @@ int engine_gguf_matrix(const kiln_model *m, const kiln_gguf *g, const model_gguf
         int64_t R = gt[i].ne[1];
         bool perm = parts[i]->op == MODEL_GGUF_PERMUTE_Q || parts[i]->op == MODEL_GGUF_PERMUTE_K;
         int64_t HS = perm ? R / parts[i]->n_head : 0;
-        for (int64_t r = 0; r < R; r++)
-            memcpy(d + rb * (size_t)(r0 + (perm ? perm_src(r, HS) : r)), src + rb * (size_t)r, rb);
+        for (int64_t r = 0; r < R; r++) {
+            int64_t dr = r0 + (perm ? model_gguf_perm_src(r, HS) : r);
+            memcpy(d + rb * (size_t)dr, src + rb * (size_t)r, rb);
+        }
         r0 += R;
     }
     *out = (kern_wt){dt, KERN_W_OUT_IN, w32->rows, w32->cols, d};

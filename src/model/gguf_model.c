@@ -124,8 +124,7 @@ int model_gguf_tensors(const kiln_model *m, model_gguf_tensor *out)
     return n;
 }
 
-/* Row r of the GGUF layout comes from row perm_src(r) of the HF one. */
-static int64_t perm_src(int64_t r, int64_t HS)
+int64_t model_gguf_perm_src(int64_t r, int64_t HS)
 {
     int64_t h = r / HS, k = r % HS, i = k / 2, j = k % 2;
     return h * HS + j * (HS / 2) + i;
@@ -147,7 +146,7 @@ void model_gguf_get(const kiln_model *m, const model_gguf_tensor *t, float *dst)
         }
         int64_t HS = R / t->n_head;
         for (int64_t r = 0; r < R; r++)
-            memcpy(dst + r * K, src + perm_src(r, HS) * K, (size_t)K * sizeof(float));
+            memcpy(dst + r * K, src + model_gguf_perm_src(r, HS) * K, (size_t)K * sizeof(float));
     } else {
         memcpy(dst, src, ti->numel * sizeof(float));
     }
@@ -168,7 +167,7 @@ void model_gguf_put(kiln_model *m, const model_gguf_tensor *t, const float *src)
         }
         int64_t HS = R / t->n_head;
         for (int64_t r = 0; r < R; r++)
-            memcpy(dst + perm_src(r, HS) * K, src + r * K, (size_t)K * sizeof(float));
+            memcpy(dst + model_gguf_perm_src(r, HS) * K, src + r * K, (size_t)K * sizeof(float));
     } else {
         memcpy(dst, src, ti->numel * sizeof(float));
     }

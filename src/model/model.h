@@ -358,6 +358,10 @@ typedef struct model_gguf_tensor {
     int64_t ne[2];            /* GGUF shape: ne[0] row length, ne[1] rows */
 } model_gguf_tensor;
 
+/* Row r of a permuted (MODEL_GGUF_PERMUTE_Q/K) tensor in the GGUF layout
+ * comes from row model_gguf_perm_src(r, HS) of the HF one (heads of HS
+ * rows: llama.cpp's interleaved rope order against rotate-half). */
+int64_t model_gguf_perm_src(int64_t r, int64_t HS);
 /* The GGUF tensors of m in kiln's tensor order (tied embeddings: no
  * output.weight). Fills out (may be NULL) and returns the count. */
 int model_gguf_tensors(const kiln_model *m, model_gguf_tensor *out);
