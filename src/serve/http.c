@@ -429,7 +429,8 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
         return send_err(k, c, &e);
     int n = k->q.n;
     sreq *r0 = k->q.rs[0];
-    k->n_prompt = r0->n_prompt;
+    for (int i = 0; i < n; i++)
+        if (!k->q.rs[i]->group || k->q.rs[i]->leader) k->n_prompt += k->q.rs[i]->n_prompt;
     int st = sched_submit_group(sv->s, k->q.rs, n);
     if (st) {
         /* api_parse has checked ids and lengths already; this is the
@@ -868,7 +869,6 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
             sreq_release(sv->s, k->q.rs[i]);
         }
         free(k->q.rs);
-        free(k->q.echo_text);
         infer_grammar_free(k->q.tool_auto);
     } else {
         api_req_free(&k->q);

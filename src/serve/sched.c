@@ -37,6 +37,7 @@ void sreq_free(sreq *r)
     free(r->lps);
     free(r->plps);
     free(r->emb);
+    free(r->echo_text);
     infer_gstate_free(r->gst);
     sgrammar_release(r->gram);
     kiln_gen_free(r->gen);

@@ -74,6 +74,8 @@ typedef struct sreq {
     bool leader;         /* choice 0 of a group: the others copy its prompt's cache */
     sgrammar *gram;      /* constrained output (response_format, tools) or NULL */
     struct infer_gstate *gst; /* this choice's parse state of gram */
+    char *echo_text;     /* echo: the prompt's text (malloc'ed) */
+    size_t echo_len;
     bool embed;          /* /v1/embeddings: pool the prompt's hidden states into emb */
     float *emb;          /* (n_embd) written by the scheduler before SREQ_DONE */
 
@@ -199,10 +201,8 @@ typedef struct api_req {
     bool tool_call;      /* the output is a function call: answer tool_calls */
     struct infer_grammar *tool_auto; /* tool_choice auto: the calls' grammar, to
                                         check <tool_call> blocks the model wrote */
-    int n;               /* choices */
+    int n;               /* choices: prompts x n, prompt-major (OpenAI's indices) */
     sreq **rs;           /* (n) one request per choice, owned until submitted */
-    char *echo_text;     /* echo: the prompt's text (malloc'ed) */
-    size_t echo_len;
     bool b64;            /* embeddings: encoding_format base64 */
 } api_req;
 

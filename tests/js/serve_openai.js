@@ -4,7 +4,7 @@
 // a streamed completion, usage counts, n = 3 (non-streamed and streamed),
 // echo with prompt logprobs, tool calls (tool_choice required, non-streamed
 // and streamed; auto answering text), json_schema output parsed and
-// checked, embeddings (base64 as the client asks by default, and float),
+// checked, batched prompts, embeddings (base64 as the client asks by default, and float),
 // and error cases (unknown model -> NotFoundError 404, bad
 // parameter -> BadRequestError 400, wrong key -> AuthenticationError 401).
 // Usage: node serve_openai.js BASE_URL KEY MODEL
@@ -126,6 +126,19 @@ async function main() {
         Object.keys(v).length === 3) valid++;
   }
   check("openai_json_schema", valid === 3, JSON.stringify(js.choices));
+
+  // batched prompts: one choice per prompt, prompt-major, each the text
+  // the prompt gives alone; usage summed
+  const bp = await client.completions.create({ model, prompt: ["Once upon", "The end"], max_tokens: 5,
+                                               temperature: 0, ignore_eos: true });
+  const b2 = await client.completions.create({ model, prompt: "The end", max_tokens: 5, temperature: 0,
+                                               ignore_eos: true });
+  const b1 = await client.completions.create({ model, prompt: "Once upon", max_tokens: 5, temperature: 0,
+                                               ignore_eos: true });
+  check("openai_batched_prompts", bp.choices.length === 2 && bp.choices[0].index === 0 &&
+        bp.choices[1].index === 1 && bp.choices[0].text === b1.choices[0].text &&
+        bp.choices[1].text === b2.choices[0].text && bp.usage.prompt_tokens === 16 &&
+        bp.usage.completion_tokens === 10, JSON.stringify([bp, b1.choices, b2.choices]));
 
   // embeddings: the client asks for base64 by default and decodes it; the
   // same vectors as encoding_format float, unit length, one per input
