@@ -1486,6 +1486,19 @@ kiln_status kiln_engine_step(kiln_ctx *ctx, kiln_engine *e,
 kiln_status kiln_engine_prefill(kiln_ctx *ctx, kiln_engine *e, int slot,
                                 const int32_t *tokens, int n, float *logits);
 
+/* How kiln_engine_embed pools a sequence's hidden states. */
+typedef enum kiln_pooling {
+    KILN_POOLING_MEAN = 0, /* the mean over all positions [default] */
+    KILN_POOLING_LAST = 1  /* the last position's (it has seen every token) */
+} kiln_pooling;
+
+/* An embedding of n tokens (1 <= n <= the engine's context): prefills them
+ * into slot (from position 0; its cache is overwritten) and writes the
+ * final norm's output (the hidden state the LM head reads), pooled, to
+ * out (C floats; not normalized). Leaves the slot empty. */
+kiln_status kiln_engine_embed(kiln_ctx *ctx, kiln_engine *e, int slot, const int32_t *tokens,
+                              int n, kiln_pooling pooling, float *out);
+
 /* Sampling parameters (OpenAI / HF semantics). Order of application:
  * repetition penalty (HF: over prompt and generated tokens), frequency and
  * presence penalties (OpenAI: over generated tokens), temperature (0 =
@@ -1666,6 +1679,9 @@ typedef struct kiln_serve_opts {
                                  the .gguf whose stored types to keep [NULL] */
     const char *cors;       /* CORS: "*" or comma-separated origins; NULL = off */
     const char *log_format; /* access log on stderr: ["text"], "json" or "off" */
+    /* /v1/embeddings: how a text's final-norm hidden states are pooled
+     * [KILN_POOLING_MEAN]; the vectors returned are unit length */
+    kiln_pooling embedding_pooling;
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

@@ -11,6 +11,7 @@
 #include "check.h"
 #include "infer/infer.h"
 #include "kernels/kernels.h"
+#include "model/model.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -692,6 +693,64 @@ static void engine_equals_forward(kiln_arch arch)
 static void test_engine_equals_forward_gpt2(void) { engine_equals_forward(KILN_ARCH_GPT2); }
 static void test_engine_equals_forward_llama(void) { engine_equals_forward(KILN_ARCH_LLAMA); }
 
+/* kiln_engine_embed: the mean (and the last) of the final norm's rows
+ * of the training forward (its activations a.lnf), in chunks of 5 so that
+ * the prompt takes several steps, in slot 1 of 2 whose cache it leaves
+ * empty, without touching slot 0. */
+static void engine_embed(kiln_arch arch)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config c = tiny_cfg(arch);
+    kiln_model *m = NULL;
+    CHECK(kiln_model_new(ctx, &c, &m) == KILN_OK);
+    kiln_model_init_random(m, 7 + arch);
+    float *p = kiln_model_params_mut(m);
+    kiln_rng r;
+    kiln_rng_seed(&r, 9);
+    for (size_t i = 0; i < kiln_model_num_params(m); i++) p[i] += 0.05f * kiln_rng_normal(&r);
+    enum { T = 17 };
+    const int V = c.vocab_size, C = c.n_embd;
+    int32_t tok[T];
+    for (int i = 0; i < T; i++) tok[i] = (i * 5 + 1) % V;
+    float *lg = NULL;
+    CHECK(kiln_model_forward(ctx, m, tok, 1, T, &lg) == KILN_OK);
+    const float *lnf = m->a.lnf;
+    kiln_engine_opts o = kiln_engine_opts_default();
+    o.n_slots = 2;
+    o.chunk = 5;
+    kiln_engine *e = NULL;
+    CHECK(kiln_engine_new(ctx, m, &o, &e) == KILN_OK);
+    CHECK(kiln_engine_prefill(ctx, e, 0, tok, 3, NULL) == KILN_OK);
+    float *mean = malloc(sizeof(float) * C), *last = malloc(sizeof(float) * C);
+    CHECK(kiln_engine_embed(ctx, e, 1, tok, T, KILN_POOLING_MEAN, mean) == KILN_OK);
+    CHECK_EQ(kiln_engine_pos(e, 1), 0);
+    CHECK(kiln_engine_embed(ctx, e, 1, tok, T, KILN_POOLING_LAST, last) == KILN_OK);
+    CHECK_EQ(kiln_engine_pos(e, 1), 0);
+    CHECK_EQ(kiln_engine_pos(e, 0), 3);
+    double wm = 0, wl = 0, norm = 0;
+    for (int i = 0; i < C; i++) {
+        double s = 0;
+        for (int t = 0; t < T; t++) s += lnf[(size_t)t * C + i];
+        wm = check_max(wm, fabs(mean[i] - s / T));
+        wl = check_max(wl, fabs(last[i] - lnf[(size_t)(T - 1) * C + i]));
+        norm += s / T * (s / T);
+    }
+    CHECK_MSG(norm > 1e-3, "arch %d: the reference embedding is ~0 (|v|^2 = %g)", arch, norm);
+    CHECK_MSG(wm < 1e-4, "arch %d: max |embed mean - forward| = %g", arch, wm);
+    CHECK_MSG(wl < 1e-4, "arch %d: max |embed last - forward| = %g", arch, wl);
+    /* errors leave the engine as it was */
+    CHECK(kiln_engine_embed(ctx, e, 2, tok, T, KILN_POOLING_MEAN, mean) == KILN_ERR_RANGE);
+    CHECK(kiln_engine_embed(ctx, e, 1, tok, 0, KILN_POOLING_MEAN, mean) == KILN_ERR_INVALID_ARG);
+    CHECK(kiln_engine_embed(ctx, e, 1, tok, T, (kiln_pooling)7, mean) == KILN_ERR_INVALID_ARG);
+    CHECK_EQ(kiln_engine_pos(e, 0), 3);
+    free(mean); free(last);
+    kiln_engine_free(e);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+static void test_engine_embed_gpt2(void) { engine_embed(KILN_ARCH_GPT2); }
+static void test_engine_embed_llama(void) { engine_embed(KILN_ARCH_LLAMA); }
+
 static kiln_engine *mk(kiln_arch arch, store *s, int slots, int chunk, kiln_dtype wt)
 {
     kiln_ctx *ctx = kiln_ctx_new();
@@ -956,6 +1015,8 @@ int main(void)
     RUN_TEST(test_decode_ops_match_reference);
     RUN_TEST(test_engine_equals_forward_gpt2);
     RUN_TEST(test_engine_equals_forward_llama);
+    RUN_TEST(test_engine_embed_gpt2);
+    RUN_TEST(test_engine_embed_llama);
     RUN_TEST(test_prefill_gpt2);
     RUN_TEST(test_prefill_llama);
     RUN_TEST(test_prefill_gpt2_bf16);

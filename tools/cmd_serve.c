@@ -11,7 +11,7 @@
 int cmd_serve(int argc, char **argv)
 {
     kiln_serve_opts o = kiln_serve_opts_default();
-    const char *dtype = NULL, *key_env = NULL;
+    const char *dtype = NULL, *key_env = NULL, *pooling = "mean";
     int64_t max_body = (int64_t)o.max_body;
     int threads = 0;
     cli_opt opts[] = {
@@ -31,6 +31,7 @@ int cmd_serve(int argc, char **argv)
         {"threads", CLI_INT, &threads, "OpenMP threads of the engine, 0 = all cores [0]", false},
         {"cors", CLI_STR, &o.cors, "allow browsers from these origins: \"*\" or comma-separated origins (CORS, OPTIONS preflight) [off]", false},
         {"log-format", CLI_STR, &o.log_format, "access log on stderr, one line per request: text | json | off [text]", false},
+        {"embedding-pooling", CLI_STR, &pooling, "/v1/embeddings: mean (of all positions' final-norm hidden states) | last (the last token's) [mean]", false},
         {NULL, 0, NULL, NULL, false},
     };
     int rc = cli_parse("serve",
@@ -38,7 +39,7 @@ int cmd_serve(int argc, char **argv)
                        "[--parallel N] [--ctx N]",
                        "Serves the model over OpenAI's HTTP API: GET /v1/models, POST\n"
                        "/v1/completions, POST /v1/chat/completions (stream: true for\n"
-                       "server-sent events), POST /tokenize, POST /detokenize, GET /props,\n"
+                       "server-sent events), POST /v1/embeddings, POST /tokenize, POST /detokenize, GET /props,\n"
                        "GET /health, GET /metrics (Prometheus). Requests\n"
                        "share the model through continuous batching over --parallel slots.\n"
                        "Stops on SIGINT / SIGTERM.",
@@ -48,6 +49,25 @@ int cmd_serve(int argc, char **argv)
         return rc == 1 ? 0 : 2;
     }
     if (dtype && !cli_weight_dtype("serve", dtype, &o.wtype)) return 2;
+    if (o.cors && !*o.cors) {
+        fprintf(stderr, "kiln serve: --cors is empty; give \"*\" or the allowed origins "
+                        "(e.g. https://app.example.com), or leave it out\n");
+        cli_free(opts, NULL);
+        return 2;
+    }
+    if (o.log_format && strcmp(o.log_format, "text") && strcmp(o.log_format, "json") &&
+        strcmp(o.log_format, "off")) {
+        fprintf(stderr, "kiln serve: --log-format '%s' is not text, json or off\n", o.log_format);
+        cli_free(opts, NULL);
+        return 2;
+    }
+    if (!strcmp(pooling, "mean") || !strcmp(pooling, "last")) {
+        o.embedding_pooling = !strcmp(pooling, "mean") ? KILN_POOLING_MEAN : KILN_POOLING_LAST;
+    } else {
+        fprintf(stderr, "kiln serve: --embedding-pooling must be mean or last, not '%s'\n", pooling);
+        cli_free(opts, NULL);
+        return 2;
+    }
     if (max_body < 64 || max_body > (int64_t)1 << 32) {
         fprintf(stderr, "kiln serve: --max-body must be in 64..4294967296\n");
         return 2;

@@ -65,6 +65,9 @@ struct kiln_engine {
     model_gguf_tensor *gguf_list;
     int gguf_n, n_stored, n_converted; /* matrices taken as stored / prepared */
     int nth;           /* OpenMP threads */
+    float *hid_out;    /* set by kiln_engine_embed: the step writes the wanted
+                          rows' final-norm hidden states (nw, C) here
+                          instead of their logits */
 };
 
 kiln_engine_opts kiln_engine_opts_default(void)
@@ -421,7 +424,10 @@ static kiln_status step(kiln_ctx *ctx, kiln_engine *e, const kiln_engine_tok *to
             rows = e->res2;
         }
         model_final_norm(&r, e->xn, e->mean, e->rstd, rows, e->lnf_w, e->lnf_b, nw);
-        e->k->linear(e->gemm, logits, e->xn, nw, &e->head, NULL);
+        if (e->hid_out)
+            memcpy(e->hid_out, e->xn, (size_t)nw * C * sizeof(float));
+        else
+            e->k->linear(e->gemm, logits, e->xn, nw, &e->head, NULL);
     }
     memcpy(e->pos, e->slot_next, (size_t)e->S * sizeof(int));
     return KILN_OK;
@@ -488,4 +494,49 @@ kiln_status kiln_engine_copy_prefix(kiln_ctx *ctx, kiln_engine *e, int dst, int 
         }
     e->pos[dst] = n;
     return KILN_OK;
+}
+
+/* Embeddings (kiln serve's /v1/embeddings): the tokens' final-norm hidden
+ * states, pooled. Kept at the end of the file: the step itself only
+ * learns to hand its normed rows over (hid_out) instead of the logits. */
+kiln_status kiln_engine_embed(kiln_ctx *ctx, kiln_engine *e, int slot, const int32_t *tokens,
+                              int n, kiln_pooling pooling, float *out)
+{
+    if (slot < 0 || slot >= e->S)
+        return kiln_fail(ctx, KILN_ERR_RANGE, "engine embed: slot %d out of range [0, %d)", slot,
+                         e->S);
+    if (n < 1) return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "engine embed: no tokens");
+    if (n > e->NCTX)
+        return kiln_fail(ctx, KILN_ERR_RANGE,
+                         "engine embed: %d tokens do not fit the context of %d", n, e->NCTX);
+    if (pooling != KILN_POOLING_MEAN && pooling != KILN_POOLING_LAST)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "engine embed: pooling = %d (KILN_POOLING_MEAN or KILN_POOLING_LAST)",
+                         (int)pooling);
+    const int C = e->C, chunk = e->opts.chunk;
+    kiln_engine_tok *tk = kiln_malloc(ctx, (size_t)chunk * sizeof *tk);
+    float *rows = kiln_malloc(ctx, (size_t)chunk * C * sizeof(float));
+    double *acc = kiln_calloc(ctx, (size_t)C, sizeof(double));
+    kiln_status st = tk && rows && acc ? KILN_OK : KILN_ERR_NOMEM;
+    e->pos[slot] = 0;
+    for (int i0 = 0; i0 < n && !st; i0 += chunk) {
+        int m = KILN_MIN(chunk, n - i0), nw = 0;
+        for (int j = 0; j < m; j++) {
+            bool want = pooling == KILN_POOLING_MEAN || i0 + j == n - 1;
+            tk[j] = (kiln_engine_tok){slot, tokens[i0 + j], want};
+            nw += want;
+        }
+        e->hid_out = rows;
+        st = kiln_engine_step(ctx, e, tk, m, NULL);
+        e->hid_out = NULL;
+        for (int r = 0; r < nw && !st; r++)
+            for (int i = 0; i < C; i++) acc[i] += rows[(size_t)r * C + i];
+    }
+    if (!st) {
+        double d = pooling == KILN_POOLING_MEAN ? n : 1;
+        for (int i = 0; i < C; i++) out[i] = (float)(acc[i] / d);
+    }
+    e->pos[slot] = 0; /* the slot is left empty */
+    free(tk); free(rows); free(acc);
+    return st;
 }

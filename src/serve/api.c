@@ -361,6 +361,15 @@ static sreq *sreq_clone(const sreq *r, uint64_t seed)
     c->n_stop_ids = r->n_stop_ids;
     c->n_added = r->n_added;
     c->prompt_lps = r->prompt_lps;
+    if (r->echo_text) {
+        c->echo_text = malloc(r->echo_len + 1);
+        if (!c->echo_text) {
+            sreq_free(c);
+            return NULL;
+        }
+        memcpy(c->echo_text, r->echo_text, r->echo_len + 1);
+        c->echo_len = r->echo_len;
+    }
     c->grouped = r->grouped;
     c->group = r->group;
     if (r->gram) {
@@ -380,12 +389,94 @@ void api_req_free(api_req *q)
     for (int i = 0; i < q->n; i++)
         if (q->rs[i]) sreq_free(q->rs[i]);
     free(q->rs);
-    free(q->echo_text);
     infer_grammar_free(q->tool_auto);
     q->rs = NULL;
-    q->echo_text = NULL;
     q->tool_auto = NULL;
     q->n = 0;
+}
+
+/* A completions prompt value into r->prompt: a string or an array of token
+ * ids (item: one of a batch, named prompt[] in errors). */
+static int prompt_ids(const json_t *p, bool item, const api_model *m, sreq *r, api_err *e)
+{
+    if (json_is_string(p))
+        return tokenize(m, json_string_value(p), json_string_length(p), r, e);
+    if (json_is_array(p) && json_array_size(p) > 0 && json_is_integer(json_array_get(p, 0))) {
+        size_t np = json_array_size(p);
+        if (np > (size_t)m->n_ctx)
+            return api_fail(e, 400, "prompt", "context_length_exceeded",
+                            "the prompt is %zu tokens; this server's context is %d tokens", np, m->n_ctx);
+        r->prompt = malloc(np * sizeof(int32_t));
+        if (!r->prompt) return api_fail(e, 500, NULL, NULL, "out of memory");
+        for (size_t i = 0; i < np; i++) {
+            json_t *v = json_array_get(p, i);
+            if (!json_is_integer(v))
+                return api_fail(e, 400, "prompt", "invalid_type", "a token-id prompt must contain only integers");
+            json_int_t t = json_integer_value(v);
+            if (t < 0 || t >= m->vocab)
+                return api_fail(e, 400, "prompt", "invalid_value",
+                                "prompt%s[%zu] = %lld is not a token id of this model (vocabulary "
+                                "[0, %d))", item ? "[]" : "", i, (long long)t, m->vocab);
+            r->prompt[i] = (int32_t)t;
+        }
+        r->n_prompt = (int)np;
+        return 0;
+    }
+    if (item)
+        return api_fail(e, 400, "prompt", "invalid_type",
+                        "each prompt of a batch must be a string or a non-empty array of token ids");
+    return api_fail(e, 400, "prompt", "invalid_type",
+                    "'prompt' must be a string, an array of token ids, or an array of strings or "
+                    "of token-id arrays (a batch)");
+}
+
+/* What depends on r's prompt: the echoed text (and prompt logprobs), the
+ * context check, max_tokens. */
+static int prompt_rest(const json_t *o, const api_model *m, bool chat, bool echo, bool logprobs,
+                       sreq *r, api_err *e)
+{
+    if (echo) {
+        /* the prompt as the model reads it, without the BOS the server added */
+        kiln_ctx *ctx = kiln_ctx_new();
+        char *t = NULL;
+        size_t tl = 0;
+        if (!ctx || kiln_tokenizer_decode(ctx, m->tok, r->prompt + r->n_added,
+                                          (size_t)(r->n_prompt - r->n_added), &t, &tl)) {
+            kiln_ctx_free(ctx);
+            return api_fail(e, 400, "prompt", "invalid_value", "cannot decode the prompt to echo it");
+        }
+        kiln_ctx_free(ctx);
+        r->echo_text = infer_utf8_sanitize(t ? t : "", tl, &r->echo_len);
+        free(t);
+        if (!r->echo_text) return api_fail(e, 500, NULL, NULL, "out of memory");
+        if (logprobs) {
+            r->prompt_lps = true;
+            r->plps = calloc((size_t)r->n_prompt, sizeof *r->plps);
+            if (!r->plps) return api_fail(e, 500, NULL, NULL, "out of memory");
+        }
+    }
+    if (r->n_prompt >= m->n_ctx)
+        return api_fail(e, 400, chat ? "messages" : "prompt", "context_length_exceeded",
+                        "the prompt is %d tokens; this server's context is %d tokens (prompt plus "
+                        "at least one generated token must fit)",
+                        r->n_prompt, m->n_ctx);
+    int room = m->n_ctx - r->n_prompt;
+    long long mt = -1;
+    const char *key = "max_tokens";
+    if (chat && json_object_get(o, "max_completion_tokens") &&
+        !json_is_null(json_object_get(o, "max_completion_tokens")))
+        key = "max_completion_tokens";
+    /* echo with max_tokens 0 scores the prompt without generating */
+    int rc = integer(o, key, echo ? 0 : 1, 1LL << 40, &mt, e);
+    if (rc) return rc;
+    if (mt < 0) mt = chat ? room : KILN_MIN(16, room);
+    if (mt > room)
+        return api_fail(e, 400, key, "context_length_exceeded",
+                        "'%s' is %lld but only %d tokens fit after the %d-token prompt in "
+                        "this server's %d-token context",
+                        key, mt, room, r->n_prompt, m->n_ctx);
+    r->max_tokens = (int)mt;
+    return 0;
 }
 
 int api_parse(const char *body, size_t len, bool chat, const api_model *m,
@@ -439,6 +530,8 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     ll = 1;
     if ((rc = integer(o, "n", 1, 128, &ll, e))) goto done;
     int n_choices = (int)ll;
+    const json_t *batch = NULL;
+    size_t n_prompts = 1;
     bool echo = false;
     if ((rc = api_boolean(o, "echo", &echo, e))) goto done;
     if (echo && chat) {
@@ -603,98 +696,58 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
         json_t *p = json_object_get(o, "prompt");
         if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
             p = json_array_get(p, 0);
-        if (json_is_string(p)) {
-            if ((rc = tokenize(m, json_string_value(p), json_string_length(p), r, e))) goto done;
-        } else if (json_is_array(p) && json_array_size(p) > 0 &&
-                   json_is_integer(json_array_get(p, 0))) {
-            size_t np = json_array_size(p);
-            if (np > (size_t)m->n_ctx) {
-                rc = api_fail(e, 400, "prompt", "context_length_exceeded",
-                          "the prompt is %zu tokens; this server's context is %d tokens", np, m->n_ctx);
+        /* batched: an array of strings or of token-id arrays, a prompt each */
+        if (json_is_array(p) && json_array_size(p) > 0 &&
+            (json_is_string(json_array_get(p, 0)) || json_is_array(json_array_get(p, 0)))) {
+            batch = p;
+            n_prompts = json_array_size(p);
+            if (n_prompts * (size_t)n_choices > 2048) {
+                rc = api_fail(e, 400, "prompt", "invalid_value",
+                              "%zu prompts x n = %d is %zu choices; at most 2048 in one request",
+                              n_prompts, n_choices, n_prompts * (size_t)n_choices);
                 goto done;
             }
-            r->prompt = malloc(np * sizeof(int32_t));
-            if (!r->prompt) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
-            for (size_t i = 0; i < np; i++) {
-                json_t *v = json_array_get(p, i);
-                if (!json_is_integer(v)) { rc = api_fail(e, 400, "prompt", "invalid_type", "a token-id prompt must contain only integers"); goto done; }
-                json_int_t t = json_integer_value(v);
-                if (t < 0 || t >= m->vocab) {
-                    rc = api_fail(e, 400, "prompt", "invalid_value",
-                              "prompt[%zu] = %lld is not a token id of this model (vocabulary "
-                              "[0, %d))", i, (long long)t, m->vocab);
-                    goto done;
-                }
-                r->prompt[i] = (int32_t)t;
-            }
-            r->n_prompt = (int)np;
-        } else {
-            rc = api_fail(e, 400, "prompt", "invalid_type",
-                      "'prompt' must be a string, an array of one string, or an array of token ids");
-            goto done;
+            p = json_array_get(p, 0);
         }
+        if ((rc = prompt_ids(p, batch != NULL, m, r, e))) goto done;
     }
-    if (echo) {
-        /* the prompt as the model reads it, without the BOS the server added */
-        kiln_ctx *ctx = kiln_ctx_new();
-        char *t = NULL;
-        size_t tl = 0;
-        if (!ctx || kiln_tokenizer_decode(ctx, m->tok, r->prompt + r->n_added,
-                                          (size_t)(r->n_prompt - r->n_added), &t, &tl)) {
-            kiln_ctx_free(ctx);
-            rc = api_fail(e, 400, "prompt", "invalid_value", "cannot decode the prompt to echo it");
-            goto done;
-        }
-        kiln_ctx_free(ctx);
-        out->echo_text = infer_utf8_sanitize(t ? t : "", tl, &out->echo_len);
-        free(t);
-        if (!out->echo_text) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
-        if (out->logprobs) {
-            r->prompt_lps = true;
-            r->plps = calloc((size_t)r->n_prompt, sizeof *r->plps);
-            if (!r->plps) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
-        }
-    }
-    if (r->n_prompt >= m->n_ctx) {
-        rc = api_fail(e, 400, chat ? "messages" : "prompt", "context_length_exceeded",
-                  "the prompt is %d tokens; this server's context is %d tokens (prompt plus "
-                  "at least one generated token must fit)",
-                  r->n_prompt, m->n_ctx);
-        goto done;
-    }
+    if ((rc = prompt_rest(o, m, chat, echo, out->logprobs, r, e))) goto done;
     {
-        int room = m->n_ctx - r->n_prompt;
-        long long mt = -1;
-        const char *key = "max_tokens";
-        if (chat && json_object_get(o, "max_completion_tokens") &&
-            !json_is_null(json_object_get(o, "max_completion_tokens")))
-            key = "max_completion_tokens";
-        /* echo with max_tokens 0 scores the prompt without generating */
-        if ((rc = integer(o, key, echo ? 0 : 1, 1LL << 40, &mt, e))) goto done;
-        if (mt < 0) mt = chat ? room : KILN_MIN(16, room);
-        if (mt > room) {
-            rc = api_fail(e, 400, key, "context_length_exceeded",
-                      "'%s' is %lld but only %d tokens fit after the %d-token prompt in "
-                      "this server's %d-token context",
-                      key, mt, room, r->n_prompt, m->n_ctx);
-            goto done;
-        }
-        r->max_tokens = (int)mt;
-    }
-    if (n_choices > 1) {
-        sreq **rs = realloc(out->rs, (size_t)n_choices * sizeof *rs);
+        size_t total = n_prompts * (size_t)n_choices;
+        sreq **rs = realloc(out->rs, total * sizeof *rs);
         if (!rs) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
         out->rs = rs;
         static _Atomic uint64_t groups;
-        r->grouped = true;
-        r->group = ++groups;
-        r->leader = true;
-        /* choice i draws from seed + i: a fixed seed gives the same n
-         * choices again, and choice 0 is the n = 1 answer */
-        for (int i = 1; i < n_choices; i++) {
-            rs[i] = sreq_clone(r, r->sp.seed + (uint64_t)i);
-            if (!rs[i]) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
-            out->n = i + 1;
+        /* several choices: progress wakes the handler's shared condition */
+        r->grouped = total > 1;
+        for (size_t pi = 0; pi < n_prompts; pi++) {
+            sreq *b = r;
+            if (pi > 0) {
+                /* prompt pi: r's parameters, its own ids, echo and max_tokens */
+                b = sreq_clone(r, r->sp.seed);
+                if (!b) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+                rs[out->n++] = b;
+                free(b->prompt); free(b->plps); free(b->echo_text);
+                b->prompt = NULL; b->plps = NULL; b->echo_text = NULL;
+                b->n_prompt = b->n_added = 0;
+                b->echo_len = 0;
+                b->prompt_lps = false;
+                if ((rc = prompt_ids(json_array_get(batch, pi), true, m, b, e)) ||
+                    (rc = prompt_rest(o, m, chat, echo, out->logprobs, b, e)))
+                    goto done;
+            }
+            if (n_choices > 1) {
+                b->group = ++groups;
+                b->leader = true;
+            }
+            /* choice i draws from seed + i: a fixed seed gives the same n
+             * choices again, and choice 0 is the n = 1 answer */
+            for (int i = 1; i < n_choices; i++) {
+                sreq *c = sreq_clone(b, b->sp.seed + (uint64_t)i);
+                if (!c) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
+                c->leader = false;
+                rs[out->n++] = c;
+            }
         }
     }
 done:
@@ -820,31 +873,36 @@ static json_t *logprobs_json(const api_req *q, const sreq *r, const api_model *m
                      "top_logprobs", b.top, "text_offset", b.off);
 }
 
-/* Usage of all choices: the prompt once (as OpenAI counts it), the
- * completions of every choice. */
+/* Usage of all choices: each prompt once (as OpenAI counts it: the n
+ * choices of a prompt share it), the completions of every choice. */
 static json_t *usage_json(const api_req *q)
 {
-    int gen = 0;
-    for (int i = 0; i < q->n; i++) gen += q->rs[i]->n_gen;
-    int np = q->rs[0]->n_prompt;
+    int gen = 0, np = 0, cached = 0;
+    for (int i = 0; i < q->n; i++) {
+        gen += q->rs[i]->n_gen;
+        if (!q->rs[i]->group || q->rs[i]->leader) {
+            np += q->rs[i]->n_prompt;
+            cached += q->rs[i]->n_cached;
+        }
+    }
     json_t *u = json_pack("{s:i, s:i, s:i}", "prompt_tokens", np, "completion_tokens", gen,
                           "total_tokens", np + gen);
-    /* prefix caching: the prompt tokens whose cache was reused (choice 0's) */
-    if (u && q->rs[0]->n_cached > 0)
-        json_object_set_new(u, "prompt_tokens_details",
-                            json_pack("{s:i}", "cached_tokens", q->rs[0]->n_cached));
+    /* prefix caching: the prompt tokens whose cache was reused (each
+     * prompt's choice 0) */
+    if (u && cached > 0)
+        json_object_set_new(u, "prompt_tokens_details", json_pack("{s:i}", "cached_tokens", cached));
     return u;
 }
 
-/* echo text + s[0..n) as a JSON string */
-static json_t *with_echo(const api_req *q, const char *s, size_t n)
+/* r's echo text + s[0..n) as a JSON string */
+static json_t *with_echo(const api_req *q, const sreq *r, const char *s, size_t n)
 {
     if (!q->echo) return api_jstr_bytes(s, n);
-    char *b = malloc(q->echo_len + n + 1);
+    char *b = malloc(r->echo_len + n + 1);
     if (!b) return json_string("");
-    memcpy(b, q->echo_text, q->echo_len);
-    if (n) memcpy(b + q->echo_len, s, n);
-    json_t *j = api_jstr_bytes(b, q->echo_len + n);
+    memcpy(b, r->echo_text, r->echo_len);
+    if (n) memcpy(b + r->echo_len, s, n);
+    json_t *j = api_jstr_bytes(b, r->echo_len + n);
     free(b);
     return j;
 }
@@ -878,8 +936,8 @@ char *api_response(const api_req *q, const api_model *m, const char *id, long cr
                                "finish_reason", fin);
         else
             choice = json_pack("{s:i, s:o, s:o, s:s}", "index", i, "text",
-                               with_echo(q, r->text ? r->text : "", r->text_len), "logprobs",
-                               logprobs_json(q, r, m, 0, r->n_lps, q->echo ? q->echo_len : 0,
+                               with_echo(q, r, r->text ? r->text : "", r->text_len), "logprobs",
+                               logprobs_json(q, r, m, 0, r->n_lps, q->echo ? r->echo_len : 0,
                                              q->echo),
                                "finish_reason", fin);
         json_array_append_new(choices, choice);
@@ -902,7 +960,7 @@ char *api_chunk(const api_req *q, int index, const api_model *m,
         const sreq *r = q->rs[index];
         json_t *fin = finish ? json_string(finish) : json_null();
         bool echo = first && !q->chat && q->echo;
-        size_t off = (size_t)(text - (r->text ? r->text : text)) + (q->echo ? q->echo_len : 0);
+        size_t off = (size_t)(text - (r->text ? r->text : text)) + (q->echo ? r->echo_len : 0);
         json_t *lp = lp1 > lp0 || (echo && q->logprobs)
                          ? logprobs_json(q, r, m, lp0, lp1, off, echo)
                          : json_null();
@@ -929,7 +987,7 @@ char *api_chunk(const api_req *q, int index, const api_model *m,
                           "finish_reason", fin);
         } else {
             c = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "text",
-                          echo ? with_echo(q, text, n) : api_jstr_bytes(text, n), "logprobs", lp,
+                          echo ? with_echo(q, r, text, n) : api_jstr_bytes(text, n), "logprobs", lp,
                           "finish_reason", fin);
         }
         json_array_append_new(choices, c);

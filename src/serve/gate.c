@@ -7,7 +7,12 @@
  * OpenAI error object, never libmicrohttpd's HTML pages: a malformed
  * request line or header (400), a head not complete within the deadline
  * (408), a target over 8 KiB (414), a head over 16 KiB (431), an HTTP
- * version other than 1.0/1.1 (505), too many connections (503).
+ * version other than 1.0/1.1 (505), too many connections (503), and a
+ * chunked body whose framing is malformed within its first 32 KiB (400;
+ * libmicrohttpd answers bad chunk framing with an HTML page and offers
+ * no hook for it, so the gate keeps such a connection until the body's
+ * end or its first 32 KiB have arrived, still by peeking, and checks
+ * them).
  *
  * Slow senders wait here, not in libmicrohttpd's connection limit, and
  * each client address gets a share: at most 3/4 of the pending heads and
@@ -24,6 +29,7 @@
 
 #include "serve/serve.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -36,6 +42,10 @@
 
 #define GATE_URI_MAX 8192
 #define GATE_HEAD_MAX 16384
+/* A chunked body's framing is checked here over its first bytes, up to
+ * this many (with the head, well inside a socket's default receive
+ * buffer, so peeking never waits for bytes the client cannot send) */
+#define GATE_BODY_PEEK 32768
 
 typedef struct ipkey {
     uint8_t a[16];
@@ -46,6 +56,7 @@ typedef struct pend {
     int fd;
     bool draining;       /* answered; discarding input until EOF */
     int peeked;          /* bytes seen at the last peek */
+    bool body;           /* the head is good: waiting for a chunked body's framing */
     double deadline;
     ipkey ip;
     struct sockaddr_storage sa;
@@ -72,7 +83,7 @@ struct gate {
     int active;
     gate_log_fn log;
     void *log_ud;
-    char buf[GATE_HEAD_MAX + 1];
+    char buf[GATE_HEAD_MAX + GATE_BODY_PEEK + 1];
 };
 
 void gate_set_log(gate *g, gate_log_fn fn, void *ud)
@@ -216,7 +227,7 @@ static int check_line(const char *b, size_t ll, char *msg, size_t cap)
 
 /* Checks a complete head b[0, n) (ending with its blank line). Returns 0,
  * or the status to answer with a message in msg. */
-static int check_head(const char *b, size_t n, char *msg, size_t cap)
+static int check_head(const char *b, size_t n, bool *is_chunked, char *msg, size_t cap)
 {
     const char *eol = memchr(b, '\n', n);
     size_t ll = (size_t)(eol - b);
@@ -258,6 +269,7 @@ static int check_head(const char *b, size_t n, char *msg, size_t cap)
         }
         line = e + 1;
     }
+    *is_chunked = chunked;
     if (has_te && !chunked) {
         snprintf(msg, cap, "only 'Transfer-Encoding: chunked' is supported");
         return 400;
@@ -273,6 +285,69 @@ static int check_head(const char *b, size_t n, char *msg, size_t cap)
     return 0;
 }
 
+/* The framing of a chunked body's first n bytes (RFC 9112 7.1: hex size,
+ * optional extension, CRLF, data, CRLF, ..., a zero size, trailer lines,
+ * an empty line; bare LF is taken for CRLF, as libmicrohttpd does). 1:
+ * complete, 0: good so far, -1: malformed (msg says why). */
+static int chunk_scan(const char *b, size_t n, char *msg, size_t cap)
+{
+    size_t k = 0;
+    for (;;) {
+        uint64_t size = 0;
+        int hex = 0;
+        for (; k < n && isxdigit((unsigned char)b[k]); k++, hex++) {
+            if (hex == 15) {
+                snprintf(msg, cap, "malformed chunked body: a chunk size of more than 15 hex digits");
+                return -1;
+            }
+            int c = (unsigned char)b[k];
+            size = size * 16 + (uint64_t)(c <= '9' ? c - '0' : (c | 32) - 'a' + 10);
+        }
+        if (k == n) return 0;
+        if (!hex) {
+            snprintf(msg, cap, "malformed chunked body: a chunk starts with '%s%c' where its size in hex is due",
+                     (unsigned char)b[k] < 32 ? "\\x" : "", (unsigned char)b[k] < 32 ? 'x' : b[k]);
+            return -1;
+        }
+        while (k < n && (b[k] == ' ' || b[k] == '\t')) k++;
+        if (k < n && b[k] == ';')
+            while (k < n && b[k] != '\r' && b[k] != '\n') k++;
+        if (k == n || (b[k] == '\r' && k + 1 == n)) return 0;
+        if (b[k] == '\r' && b[k + 1] == '\n') k += 2;
+        else if (b[k] == '\n') k++;
+        else {
+            snprintf(msg, cap, "malformed chunked body: the chunk size line has '%c' after the size",
+                     (unsigned char)b[k] < 32 || (unsigned char)b[k] > 126 ? '?' : b[k]);
+            return -1;
+        }
+        if (size == 0) {
+            /* trailer lines, then an empty one */
+            for (;;) {
+                const char *e = memchr(b + k, '\n', n - k);
+                if (!e) return 0;
+                size_t l = (size_t)(e - (b + k));
+                if (l && b[k + l - 1] == '\r') l--;
+                if (l == 0) return 1;
+                if (!memchr(b + k, ':', l)) {
+                    snprintf(msg, cap, "malformed chunked body: a trailer line after the last chunk is not 'Name: value'");
+                    return -1;
+                }
+                k = (size_t)(e - b) + 1;
+            }
+        }
+        if (size >= n - k) return 0; /* the data, then CRLF, still coming */
+        k += (size_t)size;
+        if (b[k] == '\r' && k + 1 == n) return 0;
+        if (b[k] == '\r' && b[k + 1] == '\n') k += 2;
+        else if (b[k] == '\n') k++;
+        else {
+            snprintf(msg, cap, "malformed chunked body: a chunk's data is longer than its size (%llu bytes)",
+                     (unsigned long long)size);
+            return -1;
+        }
+    }
+}
+
 /* Looks at p's bytes so far: hands it over, answers it, or waits. */
 static void look(gate *g, int i, bool hup)
 {
@@ -285,15 +360,18 @@ static void look(gate *g, int i, bool hup)
     }
     ssize_t n = recv(p->fd, g->buf, sizeof g->buf, MSG_PEEK | MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
-    if (n <= 0 || (hup && n == p->peeked)) {
+    if (n <= 0 || (hup && n == p->peeked && !p->body)) {
         drop(g, i); /* gone before its head was complete */
         return;
     }
     const char *b = g->buf;
     size_t len = (size_t)n;
     size_t end = 0;
-    for (size_t k = 0; k + 1 < len && !end; k++)
-        if (b[k] == '\n' && (b[k + 1] == '\n' || (b[k + 1] == '\r' && k + 2 < len && b[k + 2] == '\n')))
+    /* the head ends within its first GATE_HEAD_MAX bytes (the buffer also
+     * holds the start of a chunked body) */
+    const size_t hl = KILN_MIN(len, (size_t)GATE_HEAD_MAX);
+    for (size_t k = 0; k + 1 < hl && !end; k++)
+        if (b[k] == '\n' && (b[k + 1] == '\n' || (b[k + 1] == '\r' && k + 2 < hl && b[k + 2] == '\n')))
             end = k + (b[k + 1] == '\n' ? 2 : 3);
     char msg[200];
     if (!end) {
@@ -323,7 +401,7 @@ static void look(gate *g, int i, bool hup)
             setsockopt(p->fd, SOL_SOCKET, SO_RCVLOWAT, &low, sizeof low);
             return;
         }
-        if (!memchr(b, '\n', len)) {
+        if (!memchr(b, '\n', hl)) {
             snprintf(msg, sizeof msg, "the request line is longer than %d bytes", GATE_HEAD_MAX);
             reject(g, p, 414, "invalid_request_error", "uri_too_long", msg);
         } else {
@@ -332,13 +410,38 @@ static void look(gate *g, int i, bool hup)
         }
         goto unpend;
     }
-    int st = check_head(b, end, msg, sizeof msg);
+    bool chunked = false;
+    int st = check_head(b, end, &chunked, msg, sizeof msg);
     if (st) {
         reject(g, p, st, "invalid_request_error",
                st == 505 ? "http_version_not_supported" : st == 414 ? "uri_too_long"
                                                                     : "malformed_request",
                msg);
         goto unpend;
+    }
+    if (chunked) {
+        /* libmicrohttpd answers bad chunk framing with an HTML page of its
+         * own and has no hook to change it: check the framing here while
+         * the body fits the peek window (past it, what follows is
+         * libmicrohttpd's to parse) */
+        int cs = chunk_scan(b + end, len - end, msg, sizeof msg);
+        if (cs < 0) {
+            reject(g, p, 400, "invalid_request_error", "malformed_chunked_body", msg);
+            goto unpend;
+        }
+        if (cs == 0 && len < sizeof g->buf - 1) {
+            if (hup && n == p->peeked) {
+                reject(g, p, 400, "invalid_request_error", "malformed_chunked_body",
+                       "the chunked body ended (the client closed its side) before its last, "
+                       "zero-size chunk");
+                goto unpend;
+            }
+            p->body = true;
+            p->peeked = (int)len;
+            int low = (int)len + 1;
+            setsockopt(p->fd, SOL_SOCKET, SO_RCVLOWAT, &low, sizeof low);
+            return;
+        }
     }
     /* counted as open from the hand-over (MHD reports STARTED later, from
      * its own thread) until MHD reports it CLOSED */
@@ -435,8 +538,13 @@ static void *gate_main(void *arg)
                 drop(g, i);
             } else {
                 char msg[160];
-                snprintf(msg, sizeof msg, "the request head did not arrive within %g s",
-                         g->head_secs);
+                if (g->p[i].body)
+                    snprintf(msg, sizeof msg,
+                             "the chunked request body (its end, or its first %d bytes) did "
+                             "not arrive within %g s", GATE_BODY_PEEK, g->head_secs);
+                else
+                    snprintf(msg, sizeof msg, "the request head did not arrive within %g s",
+                             g->head_secs);
                 reject(g, &g->p[i], 408, "invalid_request_error", "request_timeout", msg);
                 pthread_mutex_lock(&g->mu);
                 ipcount *c = ip_get(g, &g->p[i].ip);

@@ -38,10 +38,11 @@
 #endif
 
 enum { R_MODELS, R_MODEL, R_COMPL, R_CHAT, R_HEALTH, R_METRICS, R_TOKENIZE, R_DETOKENIZE,
-       R_PROPS, R_OTHER, R_N };
+       R_PROPS, R_EMBED, R_OTHER, R_N };
 static const char *const route_name[R_N] = {"models",   "model",      "completions",
                                             "chat_completions", "health", "metrics",
-                                            "tokenize", "detokenize", "props", "other"};
+                                            "tokenize", "detokenize", "props", "embeddings",
+                                            "other"};
 static const int code_list[] = {200, 204, 400, 401, 404, 405, 413, 429, 500, 503};
 #define N_CODES 11 /* the list plus "other" */
 
@@ -103,6 +104,7 @@ static int route_of(const char *url)
     if (!strncmp(url, "/v1/models/", 11)) return R_MODEL;
     if (!strcmp(url, "/v1/completions")) return R_COMPL;
     if (!strcmp(url, "/v1/chat/completions")) return R_CHAT;
+    if (!strcmp(url, "/v1/embeddings")) return R_EMBED;
     if (!strcmp(url, "/health")) return R_HEALTH;
     if (!strcmp(url, "/metrics")) return R_METRICS;
     if (!strcmp(url, "/tokenize")) return R_TOKENIZE;
@@ -113,7 +115,8 @@ static int route_of(const char *url)
 
 static bool post_route(int route)
 {
-    return route == R_COMPL || route == R_CHAT || route == R_TOKENIZE || route == R_DETOKENIZE;
+    return route == R_COMPL || route == R_CHAT || route == R_TOKENIZE || route == R_DETOKENIZE ||
+           route == R_EMBED;
 }
 
 /* The Access-Control-Allow-Origin value for a request from origin (NULL
@@ -426,7 +429,8 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
         return send_err(k, c, &e);
     int n = k->q.n;
     sreq *r0 = k->q.rs[0];
-    k->n_prompt = r0->n_prompt;
+    for (int i = 0; i < n; i++)
+        if (!k->q.rs[i]->group || k->q.rs[i]->leader) k->n_prompt += k->q.rs[i]->n_prompt;
     int st = sched_submit_group(sv->s, k->q.rs, n);
     if (st) {
         /* api_parse has checked ids and lengths already; this is the
@@ -497,6 +501,59 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
     }
     return send_body(k, c, 200, api_response(&k->q, &sv->m, k->id, k->created),
                      "application/json");
+}
+
+/* POST /v1/embeddings: one scheduler request per input, waited for like a
+ * non-streamed completion. */
+static enum MHD_Result embeddings(conn *k, struct MHD_Connection *c)
+{
+    server *sv = k->sv;
+    api_err e = {0};
+    if (api_parse_embed(k->body ? k->body : "", k->len, &sv->m, &k->q, &e))
+        return send_err(k, c, &e);
+    int n = k->q.n;
+    for (int i = 0; i < n; i++) k->n_prompt += k->q.rs[i]->n_prompt;
+    int st = sched_submit_group(sv->s, k->q.rs, n);
+    if (st) {
+        e = (api_err){.status = st,
+                      .type = st == 503 ? "server_error" : "invalid_request_error",
+                      .param = st == 503 ? NULL : "input",
+                      .code = st == 503 ? "server_overloaded" : "invalid_value"};
+        snprintf(e.msg, sizeof e.msg, "%s", k->q.rs[0]->err);
+        api_req_free(&k->q);
+        return send_err(k, c, &e);
+    }
+    k->submitted = true;
+    sched *s = sv->s;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        int w = 0; /* the first input not done: wait on its request */
+        while (w < n && k->q.rs[w]->state == SREQ_DONE) w++;
+        if (w == n) break;
+        struct timespec ts;
+        deadline(&ts, 100);
+        pthread_cond_timedwait(&k->q.rs[w]->cv, &s->mu, &ts);
+        pthread_mutex_unlock(&s->mu);
+        bool gone = client_gone(k->fd);
+        pthread_mutex_lock(&s->mu);
+        if (gone) {
+            cancel_all(k, s);
+            pthread_mutex_unlock(&s->mu);
+            count(sv, k->route, 499);
+            k->status = 499;
+            return MHD_NO;
+        }
+    }
+    const sreq *bad = NULL;
+    for (int i = 0; i < n && !bad; i++)
+        if (k->q.rs[i]->err_status) bad = k->q.rs[i];
+    pthread_mutex_unlock(&s->mu);
+    if (bad) {
+        e = (api_err){.status = bad->err_status, .type = "server_error"};
+        snprintf(e.msg, sizeof e.msg, "%s", bad->err);
+        return send_err(k, c, &e);
+    }
+    return send_body(k, c, 200, api_embed_response(&k->q, &sv->m), "application/json");
 }
 
 static enum MHD_Result models(conn *k, struct MHD_Connection *c, const char *url)
@@ -632,7 +689,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         if (k->route == R_OTHER)
             return err(k, c, 404, "invalid_request_error", "unknown_url",
                        "Unknown route; kiln serves GET /v1/models, POST /v1/completions, "
-                       "POST /v1/chat/completions, POST /tokenize, POST /detokenize, "
+                       "POST /v1/chat/completions, POST /v1/embeddings, POST /tokenize, POST /detokenize, "
                        "GET /props, GET /health, GET /metrics");
         if (!strcmp(method, "OPTIONS") && sv->cors) {
             /* a CORS preflight: no API key (browsers send none), no body */
@@ -702,6 +759,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     case R_MODEL: return models(k, c, url);
     case R_COMPL: return generate(k, c, false);
     case R_CHAT: return generate(k, c, true);
+    case R_EMBED: return embeddings(k, c);
     case R_TOKENIZE:
     case R_DETOKENIZE:
     case R_PROPS: {
@@ -811,7 +869,6 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
             sreq_release(sv->s, k->q.rs[i]);
         }
         free(k->q.rs);
-        free(k->q.echo_text);
         infer_grammar_free(k->q.tool_auto);
     } else {
         api_req_free(&k->q);

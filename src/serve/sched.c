@@ -36,6 +36,8 @@ void sreq_free(sreq *r)
     free(r->text);
     free(r->lps);
     free(r->plps);
+    free(r->emb);
+    free(r->echo_text);
     infer_gstate_free(r->gst);
     sgrammar_release(r->gram);
     kiln_gen_free(r->gen);
@@ -164,6 +166,18 @@ static void admit(sched *s)
         if (r->cancelled) {
             s->m.cancelled++;
             finish(s, r, "cancelled", 0, "");
+            continue;
+        }
+        if (r->embed) {
+            /* an embedding takes a free slot, the one whose cache is the
+             * shortest (the least prefix-cache lost), for one prefill */
+            int slot = -1;
+            for (int i = 0; i < s->n_slots; i++)
+                if (!s->slots[i] && (slot < 0 || s->cache_n[i] < s->cache_n[slot])) slot = i;
+            r->slot = slot;
+            r->state = SREQ_RUNNING;
+            s->slots[slot] = r;
+            s->n_active++;
             continue;
         }
         /* the library's generation loop, one token per engine step: the
@@ -346,6 +360,23 @@ static void *sched_main(void *arg)
             }
         }
         admit(s);
+        /* embeddings: each its own prefill (kiln_engine_embed) on this
+         * thread, between generation steps; the slot is left empty */
+        bool embedded = false;
+        for (int i = 0; i < s->n_slots; i++) {
+            sreq *r = s->slots[i];
+            if (!r || !r->embed) continue;
+            kiln_pooling pool = s->pooling;
+            s->cache_n[i] = 0;
+            pthread_mutex_unlock(&s->mu);
+            kiln_status st = kiln_engine_embed(s->ctx, s->eng, i, r->prompt, r->n_prompt, pool, r->emb);
+            pthread_mutex_lock(&s->mu);
+            s->m.prompt_tokens += (uint64_t)r->n_prompt;
+            if (st) finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
+            else finish(s, r, "stop", 0, "");
+            embedded = true;
+        }
+        if (embedded) continue;
         if (s->n_active == 0) {
             /* idle: hand memory freed by finished requests (and their
              * connection threads' malloc arenas) back to the system */
@@ -513,7 +544,7 @@ static int check_req(sched *s, sreq *r)
         snprintf(r->err, sizeof r->err, "the prompt is empty");
         return 400;
     }
-    if (r->n_prompt >= s->n_ctx) {
+    if (r->n_prompt >= s->n_ctx + r->embed) {
         snprintf(r->err, sizeof r->err,
                  "the prompt is %d tokens; this server's context is %d tokens "
                  "(prompt plus at least one generated token must fit)",

@@ -74,6 +74,10 @@ typedef struct sreq {
     bool leader;         /* choice 0 of a group: the others copy its prompt's cache */
     sgrammar *gram;      /* constrained output (response_format, tools) or NULL */
     struct infer_gstate *gst; /* this choice's parse state of gram */
+    char *echo_text;     /* echo: the prompt's text (malloc'ed) */
+    size_t echo_len;
+    bool embed;          /* /v1/embeddings: pool the prompt's hidden states into emb */
+    float *emb;          /* (n_embd) written by the scheduler before SREQ_DONE */
 
     /* shared (sched.mu) */
     pthread_cond_t cv;
@@ -142,6 +146,7 @@ typedef struct sched {
     kiln_ctx *ctx;
     struct infer_vocab_trie *trie; /* the tokenizer's vocabulary (grammars) */
     uint8_t *allowed;      /* (V) scratch: tokens a grammar allows */
+    kiln_pooling pooling;  /* embeddings (kiln_serve_opts.embedding_pooling) */
 } sched;
 
 /* Creates the scheduler over an engine (not owned) and starts its
@@ -196,10 +201,9 @@ typedef struct api_req {
     bool tool_call;      /* the output is a function call: answer tool_calls */
     struct infer_grammar *tool_auto; /* tool_choice auto: the calls' grammar, to
                                         check <tool_call> blocks the model wrote */
-    int n;               /* choices */
+    int n;               /* choices: prompts x n, prompt-major (OpenAI's indices) */
     sreq **rs;           /* (n) one request per choice, owned until submitted */
-    char *echo_text;     /* echo: the prompt's text (malloc'ed) */
-    size_t echo_len;
+    bool b64;            /* embeddings: encoding_format base64 */
 } api_req;
 
 /* Frees q's requests (those never submitted) and buffers. */
@@ -255,6 +259,11 @@ json_t *api_auto_calls(const api_req *q, const sreq *r, const char *id, int inde
 bool api_auto_hold(const sreq *r);
 void api_token_text(const api_model *m, int32_t id, char **p, size_t *n);
 bool api_sbuf_add(char **b, size_t *n, size_t *cap, const char *s, size_t len);
+
+/* POST /v1/embeddings (api_embed.c): out->rs are embedding requests (one
+ * per input); the response of a done request (malloc'ed). */
+int api_parse_embed(const char *body, size_t len, const api_model *m, api_req *out, api_err *e);
+char *api_embed_response(const api_req *q, const api_model *m);
 
 /* POST /tokenize {"content", "add_special", "with_pieces"} -> {"tokens"};
  * POST /detokenize {"tokens"} -> {"content"}; GET /props. Each returns the

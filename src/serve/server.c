@@ -108,8 +108,11 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     if (o.log_format && strcmp(o.log_format, "text") && strcmp(o.log_format, "json") &&
         strcmp(o.log_format, "off"))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "kiln_serve_opts.log_format = '%s' is not text, json or off",
-                         o.log_format);
+                         "kiln_serve_opts.log_format = '%s' is not text, json or off", o.log_format);
+    if (o.embedding_pooling != KILN_POOLING_MEAN && o.embedding_pooling != KILN_POOLING_LAST)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_serve_opts.embedding_pooling = %d is not KILN_POOLING_MEAN or "
+                         "KILN_POOLING_LAST", (int)o.embedding_pooling);
     if (o.cors && !*o.cors)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "kiln_serve_opts.cors is empty; give \"*\" or the allowed origins "
@@ -160,6 +163,9 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     model = NULL;
     st = sched_start(ctx, &s, eng, tok, o.max_queue);
     if (st) goto out;
+    pthread_mutex_lock(&s.mu);
+    s.pooling = o.embedding_pooling;
+    pthread_mutex_unlock(&s.mu);
 
     /* Signals: block them in every thread (inherited), wait here. */
     sigset_t set;

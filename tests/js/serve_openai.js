@@ -4,7 +4,8 @@
 // a streamed completion, usage counts, n = 3 (non-streamed and streamed),
 // echo with prompt logprobs, tool calls (tool_choice required, non-streamed
 // and streamed; auto answering text), json_schema output parsed and
-// checked, and error cases (unknown model -> NotFoundError 404, bad
+// checked, batched prompts, embeddings (base64 as the client asks by default, and float),
+// and error cases (unknown model -> NotFoundError 404, bad
 // parameter -> BadRequestError 400, wrong key -> AuthenticationError 401).
 // Usage: node serve_openai.js BASE_URL KEY MODEL
 // Prints PASS/FAIL lines.
@@ -125,6 +126,40 @@ async function main() {
         Object.keys(v).length === 3) valid++;
   }
   check("openai_json_schema", valid === 3, JSON.stringify(js.choices));
+
+  // batched prompts: one choice per prompt, prompt-major, each the text
+  // the prompt gives alone; usage summed
+  const bp = await client.completions.create({ model, prompt: ["Once upon", "The end"], max_tokens: 5,
+                                               temperature: 0, ignore_eos: true });
+  const b2 = await client.completions.create({ model, prompt: "The end", max_tokens: 5, temperature: 0,
+                                               ignore_eos: true });
+  const b1 = await client.completions.create({ model, prompt: "Once upon", max_tokens: 5, temperature: 0,
+                                               ignore_eos: true });
+  check("openai_batched_prompts", bp.choices.length === 2 && bp.choices[0].index === 0 &&
+        bp.choices[1].index === 1 && bp.choices[0].text === b1.choices[0].text &&
+        bp.choices[1].text === b2.choices[0].text && bp.usage.prompt_tokens === 16 &&
+        bp.usage.completion_tokens === 10, JSON.stringify([bp, b1.choices, b2.choices]));
+
+  // embeddings: the client asks for base64 by default and decodes it; the
+  // same vectors as encoding_format float, unit length, one per input
+  const emb = await client.embeddings.create({ model, input: ["Once upon a time", "The end."] });
+  const embf = await client.embeddings.create({ model, input: ["Once upon a time", "The end."],
+                                                encoding_format: "float" });
+  const norm = (v) => Math.sqrt(v.reduce((a, x) => a + x * x, 0));
+  const same = emb.data.every((d, i) => d.embedding.length === 64 &&
+    d.embedding.every((x, j) => Math.abs(x - embf.data[i].embedding[j]) < 1e-6));
+  check("openai_embeddings", emb.data.length === 2 && emb.data.every((d, i) => d.index === i &&
+        d.object === "embedding" && Math.abs(norm(d.embedding) - 1) < 1e-5) && same &&
+        emb.usage.prompt_tokens === 24 && emb.usage.total_tokens === 24 &&
+        norm(emb.data[0].embedding.map((x, j) => x - emb.data[1].embedding[j])) > 1e-3,
+        JSON.stringify([emb.usage, emb.data[0].embedding.slice(0, 4), embf.data[0].embedding.slice(0, 4)]));
+  try {
+    await client.embeddings.create({ model, input: "x", dimensions: 8 });
+    check("openai_embeddings_dimensions_400", false, "no error");
+  } catch (e) {
+    check("openai_embeddings_dimensions_400", e instanceof OpenAI.BadRequestError && e.status === 400 &&
+          e.error && e.error.param === "dimensions", `${e.constructor.name} ${e.status}`);
+  }
 
   try {
     await client.chat.completions.create({ model: "no-such-model", messages: msgs });
