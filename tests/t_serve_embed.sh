@@ -69,7 +69,15 @@ curl -sN -H 'Content-Type: application/json' --data-binary "${BODY%\}}"',"stream
   "http://127.0.0.1:$PORT/v1/completions" >"$D/stream.txt" &
 CPID=$!
 for _ in $(seq 200); do [ -s "$D/stream.txt" ] && break; sleep 0.01; done
-for i in 1 2 3 4 5; do post /v1/embeddings '{"input":["'"$TEXT"'","'"$LONG"'"]}' "$D/load$i.json"; done
+# the five requests at once (sent one after another they can outlast a
+# fast stream); each is answered between the stream's decode steps
+EPIDS=()
+for i in 1 2 3 4 5; do
+  curl -s -o "$D/load$i.json" -H 'Content-Type: application/json' \
+    --data-binary '{"input":["'"$TEXT"'","'"$LONG"'"]}' "http://127.0.0.1:$PORT/v1/embeddings" &
+  EPIDS+=($!)
+done
+wait "${EPIDS[@]}"
 RUNNING=$(grep -c 'DONE' "$D/stream.txt")
 wait $CPID
 check embeddings_ran_during_the_stream test "$RUNNING" = 0
