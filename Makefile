@@ -149,7 +149,7 @@ fuzz: deps
 	@bash fuzz/run.sh
 
 mutate: deps
-	@python3 tests/mutate.py
+	@python3 tests/mutate.py --workers 2
 
 clean:
 	rm -rf build build-asan build-fuzz build-clang-portable

@@ -19,10 +19,11 @@ A mutation is
 Anything but `caught` fails the run (exit 1), as does a named test that
 fails on the unmutated tree or a list with fewer than MIN_MUTATIONS entries.
 
-Usage: tests/mutate.py [--list FILE] [--only ID[,ID...]] [--keep] [--jobs N]
+Usage: tests/mutate.py [--list FILE] [--only ID[,ID...]] [--keep] [--jobs N] [--workers N]
 The last line is "N passed, N failed" (one per mutation: caught = passed).
 """
 import argparse
+import threading
 import os
 import re
 import shutil
@@ -140,12 +141,54 @@ def last_lines(path, n=15):
         return ""
 
 
+def run_one(m, tree, work, jobs):
+    """Plants mutation m in tree, builds its tests, runs them, puts the
+    file back. Returns (status, by, seconds, log)."""
+    path = os.path.join(tree, m.get("file"))
+    with open(path, encoding="utf-8") as f:
+        orig = f.read()
+    find, repl = m.get("find"), m.get("replace")
+    count = orig.count(find)
+    mlog = os.path.join(work, "m-%s.log" % m.id)
+    status, by, secs_total = None, "", 0.0
+    if count != 1:
+        return ("stale", "'find' text occurs %d times in %s (must be exactly once)"
+                % (count, m.get("file")), 0.0, mlog)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(orig.replace(find, repl, 1))
+    try:
+        rc, secs = sh(["make", "-j" + jobs, "--no-print-directory"] + targets_for(m.tests), tree,
+                      mlog)
+        secs_total += secs
+        if rc:
+            status, by = "unbuildable", "the mutated tree does not compile (log: %s)" % mlog
+        else:
+            for t in m.tests:
+                rc, secs = run_test(tree, t, mlog)
+                secs_total += secs
+                if rc:
+                    status = "caught"
+                    by = t + (" (time limit)" if rc == 124 else "")
+                    break
+            if status is None:
+                status = "survived"
+                by = "passed: " + " ".join(m.tests)
+    finally:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(orig)
+        # newer than the mutated object: the next build recompiles it
+        os.utime(path, None)
+    return status, by, secs_total, mlog
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--list", default=os.path.join(ROOT, "tests", "mutations.txt"))
     ap.add_argument("--only", default="")
     ap.add_argument("--keep", action="store_true", help="keep the temporary copy")
     ap.add_argument("--jobs", default="2")
+    ap.add_argument("--workers", default="1",
+                    help="mutations run at once, each in its own copy of the tree (make -j1 then)")
     a = ap.parse_args()
     muts = parse(a.list)
     if len(muts) < MIN_MUTATIONS and not a.only:
@@ -205,49 +248,35 @@ def main():
         print("0 passed, %d failed" % len(muts))
         return 1
 
-    results = []
-    for i, m in enumerate(muts, 1):
-        path = os.path.join(tree, m.get("file"))
-        with open(path, encoding="utf-8") as f:
-            orig = f.read()
-        find, repl = m.get("find"), m.get("replace")
-        count = orig.count(find)
-        mlog = os.path.join(work, "m-%s.log" % m.id)
-        status, by, secs_total = None, "", 0.0
-        if count != 1:
-            status = "stale"
-            by = "'find' text occurs %d times in %s (must be exactly once)" % (count, m.get("file"))
-        else:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(orig.replace(find, repl, 1))
-            try:
-                rc, secs = sh(["make", "-j" + a.jobs, "--no-print-directory"] +
-                              targets_for(m.tests), tree, mlog)
-                secs_total += secs
-                if rc:
-                    status, by = "unbuildable", "the mutated tree does not compile (log: %s)" % mlog
-                else:
-                    for t in m.tests:
-                        rc, secs = run_test(tree, t, mlog)
-                        secs_total += secs
-                        if rc:
-                            status = "caught"
-                            by = t + (" (time limit)" if rc == 124 else "")
-                            break
-                    if status is None:
-                        status = "survived"
-                        by = "passed: " + " ".join(m.tests)
-            finally:
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(orig)
-                # newer than the mutated object: the next build recompiles it
-                os.utime(path, None)
-        results.append((m, status, by))
-        print("%-5s %2d/%d %-40s %-11s %s (%.0f s) [%s]" %
-              ("ok" if status == "caught" else "FAIL", i, len(muts), m.id, status, by, secs_total,
-               m.get("layer")), flush=True)
-        if status != "caught" and status != "stale":
-            print("      " + last_lines(mlog, 12).replace("\n", "\n      "))
+    # each worker has its own copy of the built tree (copied with its
+    # timestamps, so nothing rebuilds) and takes every workers-th mutation
+    nw = max(1, min(int(a.workers), len(muts)))
+    trees = [tree] + [os.path.join(work, "tree%d" % k) for k in range(1, nw)]
+    for t in trees[1:]:
+        shutil.copytree(tree, t, symlinks=True)
+    jobs = a.jobs if nw == 1 else "1"
+    lock = threading.Lock()
+    results = [None] * len(muts)
+    done = [0]
+
+    def worker(k):
+        for i in range(k, len(muts), nw):
+            m = muts[i]
+            status, by, secs_total, mlog = run_one(m, trees[k], work, jobs)
+            with lock:
+                results[i] = (m, status, by)
+                done[0] += 1
+                print("%-5s %2d/%d %-40s %-11s %s (%.0f s) [%s]" %
+                      ("ok" if status == "caught" else "FAIL", done[0], len(muts), m.id, status, by,
+                       secs_total, m.get("layer")), flush=True)
+                if status != "caught" and status != "stale":
+                    print("      " + last_lines(mlog, 12).replace("\n", "\n      "), flush=True)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(nw)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     caught = sum(1 for _, s, _ in results if s == "caught")
     bad = [(m, s) for m, s, _ in results if s != "caught"]
     print("mutate: %d of %d mutations caught in %.0f s" % (caught, len(results), time.monotonic() - t0))
