@@ -108,8 +108,7 @@ static kiln_status chat_from_json(kiln_ctx *ctx, const kiln_tokenizer *tok, cons
             }
             owned[no++] = role;
             owned[no++] = content;
-            msgs[nm].role = role;
-            msgs[nm].content = content;
+            msgs[nm] = (kiln_chat_msg){.role = role, .content = content, .content_len = cl};
             nm++;
         } else if (c == ']' && depth == 0) break;
     }
