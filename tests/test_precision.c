@@ -409,7 +409,7 @@ static void test_kernels_agree_in_model(void)
             /* with fp32 activations: layer 0's qkv product, whose input
              * (the first norm of the embeddings) is the same bits on every
              * kernel, so nothing has been re-rounded differently yet */
-            if (!acts) memcpy(q[i], m->a.qkv, sizeof(float) * nq);
+            if (!acts) memcpy(q[i], m->a.qkvh, sizeof(float) * nq); /* f32 rows */
             kiln_model_free(m);
             ran |= 1 << i;
         }

@@ -352,26 +352,30 @@ typedef struct kern_out {
     kern_out_kind kind;
     float *y;           /* F32, RES */
     const float *res;   /* RES */
-    uint16_t *rows;     /* ROWS */
+    void *rows;         /* ROWS (rows in the compute dtype: mp.row_size) */
     kern_act *hp, *ap;  /* GELU */
 } kern_out;
 
-/* The mixed-precision (bf16 compute, fp32 accumulation) ops of the bf16
- * training path (model/forward_mp.c). Activations that are inputs of
- * products are kern_act in the backend's layout; "rows" are plain bf16
- * rows (tensor.h's f32_to_bf16); everything else is fp32 host rows. The
+/* The activation ops of the model's one forward and backward pass
+ * (model/forward_mp.c), in the backend's compute dtype: bf16 compute with
+ * fp32 accumulation (ref, cpu), or fp32 (the f32 backend, below).
+ * Activations that are inputs of products are kern_act in the backend's
+ * layout; "rows" are plain rows of the compute dtype (bf16: tensor.h's
+ * f32_to_bf16; row_size bytes each); everything else is fp32 host rows. The
  * ops returning bool return false on out of memory (nothing is then
  * promised about their outputs). N rows of tokens throughout; weights are
  * prepared with weight_prepare (OC, C, layout). */
 typedef struct kern_mp_ops {
+    /* Bytes of one element of "rows" (2: bf16; 4: the f32 backend). */
+    size_t row_size;
     /* Bytes of a kern_act of (rows, cols). */
     size_t (*act_bytes)(const kern_backend *b, int rows, int cols);
     /* dst = bf16(x) for x (rows, cols) fp32; and back (exact). */
     void (*act_pack)(const kern_backend *b, kern_act *dst, const float *x, int rows, int cols);
     void (*act_unpack)(const kern_backend *b, float *x, const kern_act *src, int rows, int cols);
     /* Plain bf16 rows <-> fp32, n elements. */
-    void (*to_rows)(const kern_backend *b, uint16_t *dst, const float *x, size_t n);
-    void (*from_rows)(const kern_backend *b, float *dst, const uint16_t *x, size_t n);
+    void (*to_rows)(const kern_backend *b, void *dst, const float *x, size_t n);
+    void (*from_rows)(const kern_backend *b, float *dst, const void *x, size_t n);
     /* LayerNorm (rms false: mean, rstd; b may be NULL) or RMSNorm (rms
      * true: rstd only) of N rows of C, the output written only as outp =
      * bf16(the fp32 norm output of kern_ops.layernorm_fwd / rmsnorm_fwd). */
@@ -419,18 +423,18 @@ typedef struct kern_mp_ops {
      * rows qkvh (B*T, (NH+2*KVH)*HS); the output written as outp (B*T,
      * NH*HS) only. P is a bf16 product operand (torch.autocast's error). */
     void (*attention_fwd)(const kern_backend *b, kern_act *outp, float *lse,
-                          const uint16_t *qkvh, int B, int T, int NH, int KVH, int HS);
+                          const void *qkvh, int B, int T, int NH, int KVH, int HS);
     /* Its backward: dqkv (B*T, QKV) overwritten, from the forward's outp
      * and lse; dout, P and dS are bf16 product operands. */
     void (*attention_bwd)(const kern_backend *b, float *dqkv, const float *dout,
-                          const uint16_t *qkvh, const kern_act *outp, const float *lse, int B,
+                          const void *qkvh, const kern_act *outp, const float *lse, int B,
                           int T, int NH, int KVH, int HS);
     /* attention_bwd followed by linear_bwd of the qkv layer (w, input x,
      * no activation, bias gradient db): the same results, with the
      * gradient of qkv not stored as fp32 rows where the backend can
      * (dqkv: fp32 scratch of (B*T, QKV) for where it cannot). */
     bool (*attention_linear_bwd)(kern_backend *b, kern_weight *w, float *dqkv,
-                                 const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                 const float *dout, const void *qkvh, const kern_act *outp,
                                  const float *lse, int B, int T, int NH, int KVH, int HS,
                                  const kern_act *x, float *dW, bool dw_acc, float *db, float *dx);
 } kern_mp_ops;
@@ -492,6 +496,17 @@ struct kern_backend {
 kern_backend *kern_backend_new(const char *name, kiln_dtype dt, kiln_bf16_kernel k);
 kern_backend *kern_backend_ref_new(kiln_dtype dt);
 kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k);
+/* The f32 backend (kernels/acts_f32.c): the activation ops (mp) with fp32
+ * activations over the fp32 op table ops and GEMM gemm (not owned: the
+ * caller may swap b->ops / b->gemm between passes; fp16 and bf16 with
+ * fp32 activations put their mixed-precision GEMM here). Its products
+ * are ops->matmul_fwd / matmul_bwd, bit for bit the table's; with stream
+ * (inference) the forward product is ops->linear on typed weights. Its
+ * weight handles are kern_wt (weight_prepare: the fp32 tensor in place;
+ * kern_f32_weight: any typed weight the engine prepared). mp.ce_linear_bwd
+ * writes the logits' gradient over the logits. NULL on OOM. */
+kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool stream);
+kern_weight *kern_f32_weight(const kern_wt *w);
 void kern_backend_free(kern_backend *b);
 /* The kernel a cpu backend runs (resolved, never AUTO); AUTO for other
  * backends. */

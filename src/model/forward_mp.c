@@ -44,10 +44,10 @@
 #include <string.h>
 #include <time.h>
 
-/* Bytes of a bf16 (M, K) activation in the backend's layout. */
-static size_t pk(const kiln_model *m, size_t M, size_t K)
+/* Bytes of an (M, K) activation in the pass backend's dtype and layout. */
+static size_t pk(kern_backend *be, size_t M, size_t K)
 {
-    return m->be->mp.act_bytes(m->be, (int)M, (int)K);
+    return be->mp.act_bytes(be, (int)M, (int)K);
 }
 
 /* Layer l's kern_act in a block of them, each of bytes. */
@@ -62,9 +62,18 @@ bool model_mp_wanted(const kiln_model *m)
            m->be->mp.linear_fwd;
 }
 
+kern_backend *model_pass_backend(const kiln_model *m)
+{
+    if (model_mp_wanted(m)) return m->be;
+    m->fb->ops = m->ops; /* fp32 products: the table's; fp16 and bf16 with */
+    m->fb->gemm = m->gemm; /* fp32 activations: their backend's GEMM */
+    return m->fb;
+}
+
 /* The buffers, in carve order: {bytes per element, count}. */
 static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
 {
+    kern_backend *be = model_pass_backend(m);
     size_t N = (size_t)B * T, L = (size_t)m->L, C = (size_t)m->C;
     size_t F = (size_t)m->F, V = (size_t)m->V, NH = (size_t)m->NH, QKV = (size_t)m->QKV;
     size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
@@ -72,20 +81,20 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
     size_t s[][2] = {
         {4, N},                    /* tokens */
         {4, N * C},                /* encoded */
-        {1, L * pk(m, N, C)},      /* ln1p */
+        {1, L * pk(be, N, C)},      /* ln1p */
         {4, L * N}, {4, L * N},    /* ln1 mean, rstd */
-        {2, L * N * QKV},          /* qkvh */
+        {be->mp.row_size, L * N * QKV}, /* qkvh */
         {4, L * B * NH * T},       /* lse */
-        {1, L * pk(m, N, C)},      /* attyp */
+        {1, L * pk(be, N, C)},      /* attyp */
         {4, L * N * C},            /* res2 */
-        {1, L * pk(m, N, C)},      /* ln2p */
+        {1, L * pk(be, N, C)},      /* ln2p */
         {4, L * N}, {4, L * N},    /* ln2 mean, rstd */
-        {1, L * pk(m, N, FH)},     /* fchp */
+        {1, L * pk(be, N, FH)},     /* fchp */
         {4, L * N * C},            /* res3 */
-        {1, pk(m, N, C)},          /* lnfp */
+        {1, pk(be, N, C)},          /* lnfp */
         {4, N}, {4, N},            /* lnf mean, rstd */
         {4, N * V},                /* logits */
-        {1, pk(m, N, F)},          /* actp (one layer) */
+        {1, pk(be, N, F)},          /* actp (one layer) */
         {4, N * wide},             /* tmp (one layer) */
         {4, N * C},                /* atty (one layer) */
         {4, N * C}, {4, N * C},    /* dres, dc */
@@ -151,16 +160,15 @@ void model_mp_carve(kiln_model *m, int B, int T)
 #define NOMEM(ctx) kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory in the bf16 products")
 
 /* The handle of weight w (OC, C) of the model's backend. */
-static kern_weight *wh(kiln_model *m, const float *w, int OC, int C, bool io)
+static kern_weight *wh(kern_backend *be, const float *w, int OC, int C, bool io)
 {
-    return m->be->weight_prepare(m->be, w, OC, C, io ? KERN_W_IN_OUT : KERN_W_OUT_IN);
+    return be->weight_prepare(be, w, OC, C, io ? KERN_W_IN_OUT : KERN_W_OUT_IN);
 }
 
 /* A forward product x W' + bias into o, timed as MATMUL_FWD. */
-static kiln_status fwd(kiln_ctx *ctx, kiln_model *m, const kern_out *o, const kern_act *x,
-                       kern_weight *w, const float *bias, int n)
+static kiln_status fwd(kiln_ctx *ctx, kiln_model *m, kern_backend *be, const kern_out *o,
+                       const kern_act *x, kern_weight *w, const float *bias, int n)
 {
-    kern_backend *be = m->be;
     bool ok;
     P(MATMUL_FWD, ok = be->mp.linear_fwd(be, o, x, w, bias, n));
     return ok ? KILN_OK : NOMEM(ctx);
@@ -168,33 +176,34 @@ static kiln_status fwd(kiln_ctx *ctx, kiln_model *m, const kern_out *o, const ke
 
 /* out (n, C) = res + (x W' + bias): a residual product, the add done as
  * the product is stored. */
-static kiln_status fwd_res(kiln_ctx *ctx, kiln_model *m, float *out, const float *res, int n,
-                           const kern_act *x, kern_weight *w, const float *bias)
+static kiln_status fwd_res(kiln_ctx *ctx, kiln_model *m, kern_backend *be, float *out,
+                           const float *res, int n, const kern_act *x, kern_weight *w,
+                           const float *bias)
 {
     kern_out o = {.kind = KERN_OUT_RES, .y = out, .res = res};
-    return fwd(ctx, m, &o, x, w, bias, n);
+    return fwd(ctx, m, be, &o, x, w, bias, n);
 }
 
 /* The norm of one layer (n rows): fp32 statistics (mean, rstd; no mean
  * for RMSNorm), outp = the output in bf16 (the backend's layout). */
-static void norm_act(kiln_model *m, kern_act *outp, float *mean, float *rstd, const float *inp,
-                     const float *w, const float *b, int n)
+static void norm_act(const kiln_model *m, kern_backend *be, kern_act *outp, float *mean,
+                     float *rstd, const float *inp, const float *w, const float *b, int n)
 {
     bool ln = m->cfg.arch == KILN_ARCH_GPT2;
-    m->be->mp.norm_fwd(m->be, outp, mean, rstd, inp, w, b, n, m->C, m->cfg.norm_eps, !ln);
+    be->mp.norm_fwd(be, outp, mean, rstd, inp, w, b, n, m->C, m->cfg.norm_eps, !ln);
 }
 
 kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
 {
     const kern_ops *k = m->ops;
-    kern_backend *be = m->be;
+    kern_backend *be = model_pass_backend(m);
     const kern_mp_ops *mp = &be->mp;
     kern_gemm *g = m->gemm;
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2, io = gpt2;
     int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
     size_t N = (size_t)B * T;
     int n = (int)N, FH = gpt2 ? F : 2 * F, act = gpt2 ? KERN_ACT_GELU : KERN_ACT_SWIGLU;
-    size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(m, N, C), pkf = pk(m, N, FH);
+    size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(be, N, C), pkf = pk(be, N, FH);
     model_acts *a = &m->a;
     bool att = mp->attention_ok(be, m->HS, T); /* attention in bf16 */
 
@@ -204,22 +213,22 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
         const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
         kern_act *ln1p = at(a->ln1p, pkc, l), *attyp = at(a->attyp, pkc, l);
         kern_act *ln2p = at(a->ln2p, pkc, l), *fchp = at(a->fchp, pkf, l);
-        uint16_t *qkvh = a->qkvh + (size_t)l * N * QKV;
+        char *qkvh = (char *)a->qkvh + (size_t)l * N * QKV * mp->row_size;
         float *qkv = a->tmp, *lse = a->lse + (size_t)l * lse_sz;
         float *res2 = a->res2 + (size_t)l * N * C, *res3 = a->res3 + (size_t)l * N * C;
-        kern_weight *wq = wh(m, w->qkv_w, QKV, C, io), *wp = wh(m, w->proj_w, C, C, io);
-        kern_weight *wf = wh(m, w->fc_w, FH, C, io), *wo = wh(m, w->fcproj_w, C, F, io);
+        kern_weight *wq = wh(be, w->qkv_w, QKV, C, io), *wp = wh(be, w->proj_w, C, C, io);
+        kern_weight *wf = wh(be, w->fc_w, FH, C, io), *wo = wh(be, w->fcproj_w, C, F, io);
         if (!wq || !wp || !wf || !wo) return NOMEM(ctx);
         kiln_status s;
 
-        P(NORM, norm_act(m, ln1p, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, inp,
+        P(NORM, norm_act(m, be, ln1p, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, inp,
                          w->ln1_w, w->ln1_b, n));
         if (gpt2 && att) { /* no rope: qkv goes from the product to qkvh */
             kern_out o = {.kind = KERN_OUT_ROWS, .rows = qkvh};
-            s = fwd(ctx, m, &o, ln1p, wq, w->qkv_b, n);
+            s = fwd(ctx, m, be, &o, ln1p, wq, w->qkv_b, n);
         } else {
             kern_out o = {.kind = KERN_OUT_F32, .y = qkv};
-            s = fwd(ctx, m, &o, ln1p, wq, w->qkv_b, n);
+            s = fwd(ctx, m, be, &o, ln1p, wq, w->qkv_b, n);
         }
         if (s) return s;
         if (!gpt2)
@@ -232,29 +241,29 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
             P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
             P(OTHER, mp->act_pack(be, attyp, a->atty, n, C));
         }
-        s = fwd_res(ctx, m, res2, inp, n, attyp, wp, w->proj_b);
+        s = fwd_res(ctx, m, be, res2, inp, n, attyp, wp, w->proj_b);
         if (s) return s;
-        P(NORM, norm_act(m, ln2p, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res2,
+        P(NORM, norm_act(m, be, ln2p, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res2,
                          w->ln2_w, w->ln2_b, n));
         if (act == KERN_ACT_GELU) { /* the fc output goes from the product to fchp and actp */
             kern_out o = {.kind = KERN_OUT_GELU, .hp = fchp, .ap = a->actp};
-            s = fwd(ctx, m, &o, ln2p, wf, w->fc_b, n);
+            s = fwd(ctx, m, be, &o, ln2p, wf, w->fc_b, n);
             if (s) return s;
         } else {
             kern_out o = {.kind = KERN_OUT_F32, .y = a->tmp};
-            s = fwd(ctx, m, &o, ln2p, wf, w->fc_b, n);
+            s = fwd(ctx, m, be, &o, ln2p, wf, w->fc_b, n);
             if (s) return s;
             P(ACT, mp->act_fwd(be, fchp, a->actp, a->tmp, n, F, act));
         }
-        s = fwd_res(ctx, m, res3, res2, n, a->actp, wo, w->fcproj_b);
+        s = fwd_res(ctx, m, be, res3, res2, n, a->actp, wo, w->fcproj_b);
         if (s) return s;
     }
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
-    P(NORM, norm_act(m, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n));
-    kern_weight *whd = wh(m, m->w.lm_head, V, C, false);
+    P(NORM, norm_act(m, be, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n));
+    kern_weight *whd = wh(be, m->w.lm_head, V, C, false);
     if (!whd) return NOMEM(ctx);
     kern_out o = {.kind = KERN_OUT_F32, .y = a->logits};
-    kiln_status s = fwd(ctx, m, &o, a->lnfp, whd, NULL, n);
+    kiln_status s = fwd(ctx, m, be, &o, a->lnfp, whd, NULL, n);
     if (s) return s;
     *logits = a->logits;
     return KILN_OK;
@@ -262,12 +271,11 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
 
 /* The backward of one linear layer y = act(x) W' + b: bias and weight
  * gradient (accumulated), input gradient dx (overwritten). */
-static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, float *dx, float *dw, float *db,
-                              const float *dy, const kern_act *xp, int act, const float *w,
-                              int n, int Cin, int OC, bool io)
+static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, kern_backend *be, float *dx,
+                              float *dw, float *db, const float *dy, const kern_act *xp, int act,
+                              const float *w, int n, int Cin, int OC, bool io)
 {
-    kern_backend *be = m->be;
-    kern_weight *pw = wh(m, w, OC, Cin, io);
+    kern_weight *pw = wh(be, w, OC, Cin, io);
     if (!pw || !be->mp.linear_bwd(be, pw, dy, xp, act, n, dw, !m->grads_lazy, db, dx))
         return NOMEM(ctx);
     return KILN_OK;
@@ -283,14 +291,14 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
                               const model_ce *ce)
 {
     const kern_ops *k = m->ops;
-    kern_backend *be = m->be;
+    kern_backend *be = model_pass_backend(m);
     const kern_mp_ops *mp = &be->mp;
     kern_gemm *g = m->gemm;
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2, io = gpt2;
     int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
     size_t N = (size_t)B * T;
     int n = (int)N, FH = gpt2 ? F : 2 * F, act = gpt2 ? KERN_ACT_GELU : KERN_ACT_SWIGLU;
-    size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(m, N, C), pkf = pk(m, N, FH);
+    size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(be, N, C), pkf = pk(be, N, FH);
     model_acts *a = &m->a;
     model_weights *dw = model_grad_views(m); /* NULL where frozen */
     kiln_status s = KILN_OK;
@@ -298,14 +306,14 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
 
     /* LM head and final norm. */
     if (ce) { /* the loss's gradient straight into the head's backward */
-        kern_weight *pw = wh(m, m->w.lm_head, V, C, false);
+        kern_weight *pw = wh(be, m->w.lm_head, V, C, false);
         bool ok = pw != NULL;
         P(MATMUL_BWD, ok = ok && mp->ce_linear_bwd(be, pw, a->logits, ce->targets, ce->mask, n, V,
                                                    ce->grad_scale, ce->loss_sum, ce->weight_sum,
                                                    a->lnfp, dw->lm_head, !m->grads_lazy, a->dc));
         if (!ok) return NOMEM(ctx);
     } else {
-        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, dw->lm_head, NULL, dlogits, a->lnfp,
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, dw->lm_head, NULL, dlogits, a->lnfp,
                                      KERN_ACT_NONE, m->w.lm_head, n, C, V, false));
         if (s) return s;
     }
@@ -321,37 +329,37 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
         const kern_act *ln1p = at(a->ln1p, pkc, l), *attyp = at(a->attyp, pkc, l);
         const kern_act *ln2p = at(a->ln2p, pkc, l), *fchp = at(a->fchp, pkf, l);
-        const uint16_t *qkvh = a->qkvh + (size_t)l * N * QKV;
+        const char *qkvh = (char *)a->qkvh + (size_t)l * N * QKV * mp->row_size;
         const float *lse = a->lse + (size_t)l * lse_sz;
         const float *res2 = a->res2 + (size_t)l * N * C;
 
         /* MLP: res3 = res2 + fcproj(act(fc(ln2(res2)))) */
         if (act == KERN_ACT_GELU) { /* the gradient of the pre-activation stays bf16 */
-            kern_weight *w1 = wh(m, w->fc_w, F, C, io), *w2 = wh(m, w->fcproj_w, C, F, io);
+            kern_weight *w1 = wh(be, w->fc_w, F, C, io), *w2 = wh(be, w->fcproj_w, C, F, io);
             bool ok = w1 && w2;
             P(MATMUL_BWD, ok = ok && mp->mlp_bwd(be, w1, w2, a->dres, ln2p, fchp, act, n, d->fc_w,
                                                  d->fc_b, d->fcproj_w, d->fcproj_b, a->dc,
                                                  !m->grads_lazy));
             if (!ok) return NOMEM(ctx);
         } else {
-            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp,
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp,
                                          act, w->fcproj_w, n, F, C, io));
             if (s) return s;
             P(ACT, mp->act_bwd(be, a->dbig, fchp, a->df, n, F, act));
-            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p,
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p,
                                          KERN_ACT_NONE, w->fc_w, n, C, FH, io));
             if (s) return s;
         }
         P(NORM, model_norm_bwd(m, a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
                                a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n));
         /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */
-        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      KERN_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
         if (att && gpt2) {
             /* no rope: the backend may take the gradient of qkv from the
              * attention straight into the qkv layer's backward */
-            kern_weight *pw = wh(m, w->qkv_w, QKV, C, io);
+            kern_weight *pw = wh(be, w->qkv_w, QKV, C, io);
             bool ok = pw != NULL;
             P(ATTN_BWD, ok = ok && mp->attention_linear_bwd(be, pw, a->dbig, a->dc, qkvh, attyp,
                                                             lse, B, T, m->NH, m->KVH, m->HS, ln1p,
@@ -370,7 +378,7 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
             }
             if (!gpt2)
                 P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
-            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p,
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p,
                                          KERN_ACT_NONE, w->qkv_w, n, C, QKV, io));
             if (s) return s;
         }

@@ -60,33 +60,33 @@ typedef struct model_weights {
  * N = B*T. Per-layer tensors are (L, ...) blocks; layer l's slice starts at
  * l * (its per-layer size). */
 typedef struct model_acts {
+    /* The one pass (forward_mp.c) for every precision: the inputs of
+     * products are kern_act in the pass backend's dtype and layout
+     * (model_pass_backend: fp32 rows, or bf16 in the cpu backend's packed
+     * layout); the residual stream, norm statistics and logits are fp32. */
     int32_t *tokens;  /* (B, T) copy of the inputs */
     float *encoded;   /* (N, C) embeddings (+ positions) */
-    float *ln1;       /* (L, N, C) */
+    void *ln1p;       /* (L, kern_act (N, C)) normalized inputs of qkv */
     float *ln1_mean;  /* (L, N) gpt2 */
     float *ln1_rstd;  /* (L, N) */
-    float *qkv;       /* (L, N, QKV) after RoPE */
+    void *qkvh;       /* (L, N, QKV) rows in the compute dtype, after RoPE */
     float *lse;       /* (L, B, NH, T) log-sum-exp of each attention row's
                          scaled scores (flash attention: no (T, T) matrix) */
-    float *atty;      /* (L, N, C) attention output before c_proj/o_proj */
+    void *attyp;      /* (L, kern_act (N, C)) attention output */
     float *res2;      /* (L, N, C) residual after attention */
-    float *ln2;       /* (L, N, C) */
+    void *ln2p;       /* (L, kern_act (N, C)) */
     float *ln2_mean;  /* (L, N) gpt2 */
     float *ln2_rstd;  /* (L, N) */
-    float *fch;       /* (L, N, F) gpt2 pre-GELU; (L, N, 2F) llama gate|up */
-    float *fch_act;   /* (L, N, F) GELU / SwiGLU output */
+    void *fchp;       /* (L, kern_act (N, FH)) gpt2 pre-GELU; llama gate|up */
     float *res3;      /* (L, N, C) layer output */
-    float *lnf;       /* (N, C) */
+    void *lnfp;       /* kern_act (N, C) the final norm's output */
     float *lnf_mean;  /* (N) */
     float *lnf_rstd;  /* (N) */
     float *logits;    /* (N, V) */
-    /* bf16 training (forward_mp.c): packed bf16 copies instead of ln1,
-     * atty, ln2, fch, fch_act, lnf (those are NULL then, atty is one
-     * layer's fp32 scratch) */
-    void *ln1p, *attyp, *ln2p, *fchp, *lnfp; /* (L, kern_act) / (kern_act) */
-    void *actp;       /* one layer's act(fch), a kern_act */
-    uint16_t *qkvh;   /* (L, N, QKV) bf16 (qkv is NULL then) */
+    void *actp;       /* one layer's act(fch), a kern_act (N, F) */
     float *tmp;       /* (N, max(C, FH, QKV)) one layer's fp32 scratch */
+    float *atty;      /* (N, C) one layer's fp32 attention output (bf16
+                         values when the backend has no bf16 attention) */
     /* backward scratch */
     float *dres;      /* (N, C) gradient of the residual stream */
     float *dc;        /* (N, C) */
@@ -187,6 +187,8 @@ struct kiln_model {
     kern_gemm *gemm;
     kern_backend *be; /* the bf16/fp16 backend (precision.c), NULL in fp32;
                          it owns ops and gemm then */
+    kern_backend *fb; /* the f32 backend over ops and gemm: the pass's ops
+                         unless bf16 activations (model_pass_backend) */
     kiln_bf16_kernel bf16_kernel; /* kiln_precision_opts.bf16_kernel (asked) */
     bool bf16_f32_acts;  /* !kiln_precision_opts.bf16_acts (zero = default) */
     arena act;
@@ -317,6 +319,9 @@ void model_use_backend(kiln_model *m, kern_backend *be);
  * carving, and the passes (called by kiln_model_forward/backward after
  * their checks, with m->B, m->T and the tokens set). */
 bool model_mp_wanted(const kiln_model *m);
+/* The backend whose activation ops the pass runs: m->be for bf16
+ * activations, else the f32 backend over m's op table and GEMM. */
+kern_backend *model_pass_backend(const kiln_model *m);
 size_t model_mp_act_bytes(const kiln_model *m, int B, int T);
 void model_mp_carve(kiln_model *m, int B, int T);
 kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits);

@@ -178,7 +178,7 @@ void model_wstrip_fresh(kiln_model *m, int i)
 
 void model_mp_zero_grad(kiln_model *m)
 {
-    struct model_upd *u = m->act_mp ? upd_of(m) : NULL;
+    struct model_upd *u = upd_of(m);
     if (!u) {
         if (m->any_frozen) { /* frozen ranges are zeros already */
             for (int i = 0; i < m->n_tensors; i++)

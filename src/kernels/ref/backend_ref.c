@@ -126,15 +126,17 @@ static size_t ref_act_bytes(const kern_backend *b, int rows, int cols)
     return 2 * (size_t)rows * (size_t)cols;
 }
 
-static void ref_to_rows(const kern_backend *b, uint16_t *dst, const float *x, size_t n)
+static void ref_to_rows(const kern_backend *b, void *dst_, const float *x, size_t n)
 {
+    uint16_t *dst = dst_;
     (void)b;
     for (size_t i = 0; i < n; i++)
         dst[i] = f32_to_bf16(x[i]);
 }
 
-static void ref_from_rows(const kern_backend *b, float *dst, const uint16_t *x, size_t n)
+static void ref_from_rows(const kern_backend *b, float *dst, const void *x_, size_t n)
 {
+    const uint16_t *x = x_;
     (void)b;
     for (size_t i = 0; i < n; i++)
         dst[i] = bf16_to_f32(x[i]);
@@ -203,7 +205,7 @@ static bool ref_linear_fwd(kern_backend *b, const kern_out *o, const kern_act *x
                 o->y[i] = o->res[i] + v;
                 break;
             case KERN_OUT_ROWS:
-                o->rows[i] = f32_to_bf16(v);
+                ((uint16_t *)o->rows)[i] = f32_to_bf16(v);
                 break;
             case KERN_OUT_GELU: {
                 float h = rb(v), a;
@@ -324,7 +326,7 @@ static bool ref_attention_ok(const kern_backend *b, int HS, int T)
 }
 
 static void ref_attention_fwd(const kern_backend *b, kern_act *outp, float *lse,
-                              const uint16_t *qkvh, int B, int T, int NH, int KVH, int HS)
+                              const void *qkvh, int B, int T, int NH, int KVH, int HS)
 {
     size_t n = (size_t)B * T, QKV = (size_t)(NH + 2 * KVH) * HS;
     float *qkv = malloc(n * QKV * sizeof *qkv), *out = malloc(n * NH * HS * sizeof *out);
@@ -337,7 +339,7 @@ static void ref_attention_fwd(const kern_backend *b, kern_act *outp, float *lse,
 }
 
 static void ref_attention_bwd(const kern_backend *b, float *dqkv, const float *dout,
-                              const uint16_t *qkvh, const kern_act *outp, const float *lse, int B,
+                              const void *qkvh, const kern_act *outp, const float *lse, int B,
                               int T, int NH, int KVH, int HS)
 {
     size_t n = (size_t)B * T, QKV = (size_t)(NH + 2 * KVH) * HS;
@@ -351,7 +353,7 @@ static void ref_attention_bwd(const kern_backend *b, float *dqkv, const float *d
 }
 
 static bool ref_attention_linear_bwd(kern_backend *b, kern_weight *w, float *dqkv,
-                                     const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                     const float *dout, const void *qkvh, const kern_act *outp,
                                      const float *lse, int B, int T, int NH, int KVH, int HS,
                                      const kern_act *x, float *dW, bool dw_acc, float *db,
                                      float *dx)
@@ -394,6 +396,7 @@ kern_backend *kern_backend_ref_new(kiln_dtype dt)
         .weight_keep = ref_weight_keep,
         .mp =
             {
+                .row_size = 2,
                 .act_bytes = ref_act_bytes,
                 .act_pack = ref_act_pack,
                 .act_unpack = ref_act_unpack,

@@ -85,13 +85,13 @@ static void cpu_act_unpack(const kern_backend *b, float *x, const kern_act *src,
     mp_unpack_a(x, cols, (const uint16_t *)src, rows, cols);
 }
 
-static void cpu_to_rows(const kern_backend *b, uint16_t *dst, const float *x, size_t n)
+static void cpu_to_rows(const kern_backend *b, void *dst, const float *x, size_t n)
 {
     (void)b;
     mp_f32_to_bf16(x, dst, n);
 }
 
-static void cpu_from_rows(const kern_backend *b, float *dst, const uint16_t *x, size_t n)
+static void cpu_from_rows(const kern_backend *b, float *dst, const void *x, size_t n)
 {
     (void)b;
     mp_bf16_to_f32(x, dst, n);
@@ -186,14 +186,14 @@ static bool cpu_attention_ok(const kern_backend *b, int HS, int T)
 }
 
 static void cpu_attention_fwd(const kern_backend *b, kern_act *outp, float *lse,
-                              const uint16_t *qkvh, int B, int T, int NH, int KVH, int HS)
+                              const void *qkvh, int B, int T, int NH, int KVH, int HS)
 {
     (void)b;
     mp_attention_fwd_amx_packed((uint16_t *)outp, lse, qkvh, B, T, NH, KVH, HS);
 }
 
 static void cpu_attention_bwd(const kern_backend *b, float *dqkv, const float *dout,
-                              const uint16_t *qkvh, const kern_act *outp, const float *lse, int B,
+                              const void *qkvh, const kern_act *outp, const float *lse, int B,
                               int T, int NH, int KVH, int HS)
 {
     (void)b;
@@ -205,7 +205,7 @@ static void cpu_attention_bwd(const kern_backend *b, float *dqkv, const float *d
  * accumulators straight into the packed forms (and bias sums) the qkv
  * layer's backward reads, never as fp32 rows; else through dqkv. */
 static bool cpu_attention_linear_bwd(kern_backend *b, kern_weight *w, float *dqkv,
-                                     const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                     const float *dout, const void *qkvh, const kern_act *outp,
                                      const float *lse, int B, int T, int NH, int KVH, int HS,
                                      const kern_act *x, float *dW, bool dw_acc, float *db,
                                      float *dx)
@@ -269,6 +269,7 @@ kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k)
     mp_kern_backend_weights(b);
     if (dt == KILN_DTYPE_BF16)
         b->mp = (kern_mp_ops){
+            .row_size = 2,
             .act_bytes = cpu_act_bytes,
             .act_pack = cpu_act_pack,
             .act_unpack = cpu_act_unpack,
