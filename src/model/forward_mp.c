@@ -174,23 +174,52 @@ static kiln_status fwd(kiln_ctx *ctx, kiln_model *m, kern_backend *be, const ker
     return ok ? KILN_OK : NOMEM(ctx);
 }
 
-/* out (n, C) = res + (x W' + bias): a residual product, the add done as
- * the product is stored. */
-static kiln_status fwd_res(kiln_ctx *ctx, kiln_model *m, kern_backend *be, float *out,
-                           const float *res, int n, const kern_act *x, kern_weight *w,
-                           const float *bias)
+/* The training pass's attention of layer l (model_run.attend): rope
+ * (llama) on the fp32 qkv, then the attention in the compute dtype from
+ * the rows qkvh (kept for the backward) into attyp, or, where the backend
+ * has none for this head size and T, the fp32 attention on the rounded
+ * values (a->atty: one layer's fp32 scratch). */
+typedef struct pass_attend {
+    kiln_model *m;
+    kern_backend *be;
+    bool att, rows; /* attention in the compute dtype; qkv came as rows */
+    size_t lse_sz;
+} pass_attend;
+
+static void train_attend(void *ud, int l, const model_blk *io)
 {
-    kern_out o = {.kind = KERN_OUT_RES, .y = out, .res = res};
-    return fwd(ctx, m, be, &o, x, w, bias, n);
+    pass_attend *u = ud;
+    kiln_model *m = u->m;
+    kern_backend *be = u->be;
+    const kern_mp_ops *mp = &be->mp;
+    const kern_ops *k = m->ops;
+    int B = m->B, T = m->T, n = B * T;
+    size_t nq = (size_t)n * m->QKV;
+    float *lse = m->a.lse + (size_t)l * u->lse_sz;
+    if (m->cfg.arch != KILN_ARCH_GPT2)
+        P(OTHER, k->rope(io->qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
+    if (u->att) {
+        if (!u->rows) P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq));
+        P(ATTN_FWD, mp->attention_fwd(be, io->attyp, lse, io->qkvh, B, T, m->NH, m->KVH, m->HS));
+    } else {
+        P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq); mp->from_rows(be, io->qkv, io->qkvh, nq));
+        P(ATTN_FWD, k->attention_fwd(m->gemm, m->a.atty, lse, io->qkv, B, T, m->NH, m->KVH, m->HS));
+        P(OTHER, mp->act_pack(be, io->attyp, m->a.atty, n, m->C));
+    }
 }
 
-/* The norm of one layer (n rows): fp32 statistics (mean, rstd; no mean
- * for RMSNorm), outp = the output in bf16 (the backend's layout). */
-static void norm_act(const kiln_model *m, kern_backend *be, kern_act *outp, float *mean,
-                     float *rstd, const float *inp, const float *w, const float *b, int n)
+/* Layer l's weights as handles of the pass backend (NULL entries on OOM). */
+static model_blk_w pass_weights(kiln_model *m, kern_backend *be, int l)
 {
-    bool ln = m->cfg.arch == KILN_ARCH_GPT2;
-    be->mp.norm_fwd(be, outp, mean, rstd, inp, w, b, n, m->C, m->cfg.norm_eps, !ln);
+    model_blk_src s = model_blk_weights(m, l);
+    bool io = s.qkv.lay == KERN_W_IN_OUT;
+    return (model_blk_w){.ln1_w = s.ln1_w, .ln1_b = s.ln1_b, .ln2_w = s.ln2_w, .ln2_b = s.ln2_b,
+                         .qkv = wh(be, s.qkv.data, s.qkv.rows, s.qkv.cols, io),
+                         .proj = wh(be, s.proj.data, s.proj.rows, s.proj.cols, io),
+                         .fc = wh(be, s.fc.data, s.fc.rows, s.fc.cols, io),
+                         .fcproj = wh(be, s.fcproj.data, s.fcproj.rows, s.fcproj.cols, io),
+                         .qkv_b = s.qkv_b, .proj_b = s.proj_b, .fc_b = s.fc_b,
+                         .fcproj_b = s.fcproj_b};
 }
 
 kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
@@ -198,68 +227,35 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
     const kern_ops *k = m->ops;
     kern_backend *be = model_pass_backend(m);
     const kern_mp_ops *mp = &be->mp;
-    kern_gemm *g = m->gemm;
-    bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2, io = gpt2;
+    bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
     int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
     size_t N = (size_t)B * T;
-    int n = (int)N, FH = gpt2 ? F : 2 * F, act = gpt2 ? KERN_ACT_GELU : KERN_ACT_SWIGLU;
-    size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(be, N, C), pkf = pk(be, N, FH);
+    int n = (int)N, FH = gpt2 ? F : 2 * F;
+    size_t pkc = pk(be, N, C), pkf = pk(be, N, FH);
     model_acts *a = &m->a;
-    bool att = mp->attention_ok(be, m->HS, T); /* attention in bf16 */
+    bool att = mp->attention_ok(be, m->HS, T); /* attention in the compute dtype */
 
     P(OTHER, k->embed_fwd(a->encoded, a->tokens, m->w.wte, m->w.wpe, B, T, C));
+    model_shape sh = model_shape_of(m);
+    pass_attend u = {m, be, att, gpt2 && att, (size_t)B * m->NH * T};
+    model_run r = {.be = be, .s = &sh, .qkv_rows = u.rows, .attend = train_attend, .ud = &u,
+                   .prof = m};
     for (int l = 0; l < m->L; l++) {
-        const model_layer *w = &m->w.layers[l];
-        const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
-        kern_act *ln1p = at(a->ln1p, pkc, l), *attyp = at(a->attyp, pkc, l);
-        kern_act *ln2p = at(a->ln2p, pkc, l), *fchp = at(a->fchp, pkf, l);
-        char *qkvh = (char *)a->qkvh + (size_t)l * N * QKV * mp->row_size;
-        float *qkv = a->tmp, *lse = a->lse + (size_t)l * lse_sz;
-        float *res2 = a->res2 + (size_t)l * N * C, *res3 = a->res3 + (size_t)l * N * C;
-        kern_weight *wq = wh(be, w->qkv_w, QKV, C, io), *wp = wh(be, w->proj_w, C, C, io);
-        kern_weight *wf = wh(be, w->fc_w, FH, C, io), *wo = wh(be, w->fcproj_w, C, F, io);
-        if (!wq || !wp || !wf || !wo) return NOMEM(ctx);
-        kiln_status s;
-
-        P(NORM, norm_act(m, be, ln1p, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, inp,
-                         w->ln1_w, w->ln1_b, n));
-        if (gpt2 && att) { /* no rope: qkv goes from the product to qkvh */
-            kern_out o = {.kind = KERN_OUT_ROWS, .rows = qkvh};
-            s = fwd(ctx, m, be, &o, ln1p, wq, w->qkv_b, n);
-        } else {
-            kern_out o = {.kind = KERN_OUT_F32, .y = qkv};
-            s = fwd(ctx, m, be, &o, ln1p, wq, w->qkv_b, n);
-        }
-        if (s) return s;
-        if (!gpt2)
-            P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-        if (att) { /* bf16, from qkvh, straight to attyp */
-            if (!gpt2) P(OTHER, mp->to_rows(be, qkvh, qkv, N * QKV));
-            P(ATTN_FWD, mp->attention_fwd(be, attyp, lse, qkvh, B, T, m->NH, m->KVH, m->HS));
-        } else { /* fp32 on the bf16 values */
-            P(OTHER, mp->to_rows(be, qkvh, qkv, N * QKV); mp->from_rows(be, qkv, qkvh, N * QKV));
-            P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
-            P(OTHER, mp->act_pack(be, attyp, a->atty, n, C));
-        }
-        s = fwd_res(ctx, m, be, res2, inp, n, attyp, wp, w->proj_b);
-        if (s) return s;
-        P(NORM, norm_act(m, be, ln2p, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res2,
-                         w->ln2_w, w->ln2_b, n));
-        if (act == KERN_ACT_GELU) { /* the fc output goes from the product to fchp and actp */
-            kern_out o = {.kind = KERN_OUT_GELU, .hp = fchp, .ap = a->actp};
-            s = fwd(ctx, m, be, &o, ln2p, wf, w->fc_b, n);
-            if (s) return s;
-        } else {
-            kern_out o = {.kind = KERN_OUT_F32, .y = a->tmp};
-            s = fwd(ctx, m, be, &o, ln2p, wf, w->fc_b, n);
-            if (s) return s;
-            P(ACT, mp->act_fwd(be, fchp, a->actp, a->tmp, n, F, act));
-        }
-        s = fwd_res(ctx, m, be, res3, res2, n, a->actp, wo, w->fcproj_b);
-        if (s) return s;
+        model_blk_w w = pass_weights(m, be, l);
+        if (!w.qkv || !w.proj || !w.fc || !w.fcproj) return NOMEM(ctx);
+        size_t nc = (size_t)l * N * C, ns = (size_t)l * N;
+        model_blk io = {.inp = l == 0 ? a->encoded : a->res3 + nc - N * C,
+                        .ln1p = at(a->ln1p, pkc, l), .attyp = at(a->attyp, pkc, l),
+                        .ln2p = at(a->ln2p, pkc, l), .fchp = at(a->fchp, pkf, l),
+                        .actp = a->actp, .ln1_mean = a->ln1_mean + ns,
+                        .ln1_rstd = a->ln1_rstd + ns, .ln2_mean = a->ln2_mean + ns,
+                        .ln2_rstd = a->ln2_rstd + ns, .qkv = a->tmp, .tmp = a->tmp,
+                        .res2 = a->res2 + nc, .res3 = a->res3 + nc,
+                        .qkvh = (char *)a->qkvh + (size_t)l * N * QKV * mp->row_size};
+        if (!model_block_fwd(&r, l, &w, n, &io)) return NOMEM(ctx);
     }
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
-    P(NORM, norm_act(m, be, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n));
+    model_final_norm(&r, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n);
     kern_weight *whd = wh(be, m->w.lm_head, V, C, false);
     if (!whd) return NOMEM(ctx);
     kern_out o = {.kind = KERN_OUT_F32, .y = a->logits};

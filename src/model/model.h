@@ -258,46 +258,61 @@ typedef struct model_shape {
     float eps;
 } model_shape;
 
-/* One layer's weights as the block reads them: the four matrices typed
- * (kernels.h kern_wt), vectors fp32 (NULL where the architecture has
- * none). */
-typedef struct model_blk_w {
+/* One layer's tensors as typed views: the four matrices (kernels.h
+ * kern_wt), vectors fp32 (NULL where the architecture has none). */
+typedef struct model_blk_src {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     kern_wt qkv, proj, fc, fcproj;
     const float *qkv_b, *proj_b, *fc_b, *fcproj_b;
+} model_blk_src;
+
+/* One layer's weights as the block reads them: the matrices as handles of
+ * the run's backend (weight_prepare; on the f32 backend kern_f32_weight of
+ * any typed weight), vectors fp32. */
+typedef struct model_blk_w {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    kern_weight *qkv, *proj, *fc, *fcproj;
+    const float *qkv_b, *proj_b, *fc_b, *fcproj_b;
 } model_blk_w;
 
-/* One layer's buffers for n rows (see block.c for what each holds):
- * inp, res2, res3, ln1, ln2, atty (n, C); qkv (n, QKV); fch (n, F or 2F);
- * fca (n, F); ln*_mean (n, gpt2), ln*_rstd (n). res3 may alias inp. */
+/* One layer's buffers for n rows (block.c says what each holds). Inputs
+ * of products are kern_act of the run's backend: ln1p, attyp, ln2p (n, C),
+ * fchp (n, FH), actp (n, F); fp32: inp, res2, res3 (n, C; res3 may alias
+ * inp), qkv (n, QKV), tmp (n, FH), ln*_mean (n, gpt2), ln*_rstd (n);
+ * qkvh (n, QKV) rows of the compute dtype (for the attention callback;
+ * the product goes there when model_run.qkv_rows). */
 typedef struct model_blk {
     const float *inp;
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *res2;
-    float *ln2, *ln2_mean, *ln2_rstd, *fch, *fca, *res3;
+    kern_act *ln1p, *attyp, *ln2p, *fchp, *actp;
+    float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd;
+    float *qkv, *tmp, *res2, *res3;
+    void *qkvh;
 } model_blk;
 
-/* How a block runs: the op table and GEMM, the sizes, the attention
- * (rope included) of layer l from qkv (n, QKV; rotated in place) into
- * atty (n, C), and whether this is inference (typed linear) or training
- * (matmul_fwd: always the GEMM). prof: the model whose per-op clock the
- * block adds to (NULL: none). */
+/* How a block runs: the backend (its activation ops), the sizes, and the
+ * attention of layer l (rope included) from io->qkv (rotated in place) or
+ * io->qkvh into io->attyp: training's flash attention over the batch, or
+ * the engine's against its KV cache. qkv_rows: the qkv product is stored
+ * straight into io->qkvh (no rope, and the attention reads rows). prof:
+ * the model whose per-op clock the block adds to (NULL: none). */
 typedef struct model_run {
-    const kern_ops *k;
-    kern_gemm *g;
+    kern_backend *be;
     const model_shape *s;
-    void (*attend)(void *ud, int l, float *qkv, float *atty);
+    bool qkv_rows;
+    void (*attend)(void *ud, int l, const model_blk *io);
     void *ud;
-    bool infer;
     kiln_model *prof;
 } model_run;
 
-void model_block_fwd(const model_run *r, int l, const model_blk_w *w, int n, const model_blk *io);
-/* The final norm of n rows (the architecture's), timed as NORM. */
-void model_final_norm(const model_run *r, float *out, float *mean, float *rstd, const float *inp,
-                      const float *w, const float *b, int n);
+/* Layer l's forward; false when the backend ran out of memory. */
+bool model_block_fwd(const model_run *r, int l, const model_blk_w *w, int n, const model_blk *io);
+/* The final norm of n rows (the architecture's) into the act out, timed
+ * as NORM. */
+void model_final_norm(const model_run *r, kern_act *out, float *mean, float *rstd,
+                      const float *inp, const float *w, const float *b, int n);
 model_shape model_shape_of(const kiln_model *m);
-/* Layer l's weights of m, fp32 in the model's layout (read in place). */
-model_blk_w model_blk_weights(const kiln_model *m, int l);
+/* Layer l's tensors of m, fp32 in the model's layout (read in place). */
+model_blk_src model_blk_weights(const kiln_model *m, int l);
 
 /* Reads a config from parsed JSON (what names the source in messages).
  * Used by kiln_config_load and the fuzz harness. */
