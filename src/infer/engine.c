@@ -254,7 +254,7 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
     e->NCTX = o.n_ctx;
     e->k = kern_ops_fast();
     e->gemm = kern_gemm_fast_new();
-    e->be = e->gemm ? kern_backend_f32_new(e->k, e->gemm, true) : NULL;
+    e->be = e->gemm ? kern_backend_f32_new(e->k, e->gemm, false, true) : NULL;
     const bool llama = cfg->arch == KILN_ARCH_LLAMA;
     kiln_status st = KILN_OK;
     if (o.weights_gguf) {

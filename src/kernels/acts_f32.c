@@ -3,7 +3,7 @@
  * activation ops of the model's one forward and backward pass
  * (kern_mp_ops) with fp32 activations, over any fp32 op table and GEMM.
  *
- * The model runs one pass for every precision (model/forward_mp.c); what
+ * The model runs one pass for every precision (model/pass.c); what
  * differs is the backend under it. bf16 with bf16 activations runs the
  * cpu or ref backend's ops; fp32 — and fp16 and bf16 with fp32
  * activations, whose mixed-precision products sit in their backend's
@@ -37,7 +37,8 @@ typedef struct f32_state {
     int n, cap;
     float *scratch; /* the activation / MLP-backward scratch */
     size_t scratch_cap;
-    bool stream; /* inference: kern_ops.linear */
+    bool stream;   /* inference: kern_ops.linear */
+    bool own_gemm; /* made by kern_backend_new: freed with the backend */
 } f32_state;
 
 static float *scratch(kern_backend *b, size_t floats)
@@ -255,16 +256,15 @@ static bool f32_mlp_bwd(kern_backend *b, kern_weight *w1, kern_weight *w2, const
     return bwd_with(b, w1, dh, x, KERN_ACT_NONE, N, dW1, dw_acc, db1, dx, NULL);
 }
 
-/* The gradient of the logits is written over the logits (the fp32 pass's
- * in-place cross-entropy: no second (N, V) buffer). */
-static bool f32_ce_linear_bwd(kern_backend *b, kern_weight *w, const float *logits,
+/* The gradient of the logits is written over the logits (no second
+ * (N, V) buffer). */
+static bool f32_ce_linear_bwd(kern_backend *b, kern_weight *w, float *logits,
                               const int32_t *targets, const float *mask, int N, int V,
                               float grad_scale, double *loss_sum, double *weight_sum,
                               const kern_act *x, float *dW, bool dw_acc, float *dx)
 {
-    float *dl = (float *)logits;
-    b->ops->cross_entropy(logits, targets, mask, N, V, grad_scale, dl, loss_sum, weight_sum);
-    return bwd_with(b, w, dl, x, KERN_ACT_NONE, N, dW, dw_acc, NULL, dx, NULL);
+    b->ops->cross_entropy(logits, targets, mask, N, V, grad_scale, logits, loss_sum, weight_sum);
+    return bwd_with(b, w, logits, x, KERN_ACT_NONE, N, dW, dw_acc, NULL, dx, NULL);
 }
 
 static bool f32_attention_ok(const kern_backend *b, int HS, int T)
@@ -306,17 +306,23 @@ static void f32_destroy(kern_backend *b)
         free(st->w[i]);
     free(st->w);
     free(st->scratch);
+    if (st->own_gemm) kern_gemm_free(b->gemm);
     free(st);
 }
 
-kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool stream)
+kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool own_gemm,
+                                   bool stream)
 {
     f32_state *st = calloc(1, sizeof *st);
-    if (!st) return NULL;
+    if (!st) {
+        if (own_gemm) kern_gemm_free(gemm);
+        return NULL;
+    }
     st->stream = stream;
+    st->own_gemm = own_gemm;
     st->b = (kern_backend){
-        .name = "f32",
-        .kernel = "f32",
+        .name = ops == kern_ops_ref() ? "ref" : "cpu",
+        .kernel = ops->name,
         .dtype = KILN_DTYPE_F32,
         .state = st,
         .ops = ops,

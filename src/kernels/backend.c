@@ -9,6 +9,12 @@
 kern_backend *kern_backend_new(const char *name, kiln_dtype dt, kiln_bf16_kernel k)
 {
     if (!name) return NULL;
+    if (dt == KILN_DTYPE_F32) { /* the f32 backend over the ref or the fast table */
+        if (!strcmp(name, "ref"))
+            return kern_backend_f32_new(kern_ops_ref(), kern_gemm_ref(), false, false);
+        kern_gemm *g = strcmp(name, "cpu") ? NULL : kern_gemm_fast_new();
+        return g ? kern_backend_f32_new(kern_ops_fast(), g, true, false) : NULL;
+    }
     if (!strcmp(name, "ref")) return kern_backend_ref_new(dt);
     if (!strcmp(name, "cpu")) return kern_backend_cpu_new(dt, k);
     return NULL;

@@ -357,7 +357,7 @@ typedef struct kern_out {
 } kern_out;
 
 /* The activation ops of the model's one forward and backward pass
- * (model/forward_mp.c), in the backend's compute dtype: bf16 compute with
+ * (model/pass.c), in the backend's compute dtype: bf16 compute with
  * fp32 accumulation (ref, cpu), or fp32 (the f32 backend, below).
  * Activations that are inputs of products are kern_act in the backend's
  * layout; "rows" are plain rows of the compute dtype (bf16: tensor.h's
@@ -409,9 +409,11 @@ typedef struct kern_mp_ops {
                     float *dW2, float *db2, float *dx, bool dw_acc);
     /* Cross-entropy of logits (N, V) (kern_ops.cross_entropy's contract:
      * loss and weight sums added) fused with the LM head's backward: its
-     * gradient goes straight to linear_bwd(w, ., x, NONE, dW, dw_acc, no
-     * bias, dx) without being stored as fp32 rows. */
-    bool (*ce_linear_bwd)(kern_backend *b, kern_weight *w, const float *logits,
+     * gradient goes to linear_bwd(w, ., x, NONE, dW, dw_acc, no bias, dx)
+     * without a second (N, V) buffer: never stored as fp32 rows (bf16
+     * backends), or written over the logits (the f32 backend: the logits
+     * are the backend's to overwrite). */
+    bool (*ce_linear_bwd)(kern_backend *b, kern_weight *w, float *logits,
                           const int32_t *targets, const float *mask, int N, int V,
                           float grad_scale, double *loss_sum, double *weight_sum,
                           const kern_act *x, float *dW, bool dw_acc, float *dx);
@@ -489,7 +491,8 @@ struct kern_backend {
 };
 
 /* The backends: "ref" and "cpu", for compute dtype dt (KILN_DTYPE_BF16
- * or KILN_DTYPE_F16; ref: BF16 only) with the product kernel k (kiln.h's
+ * or KILN_DTYPE_F16, ref: BF16 only; KILN_DTYPE_F32: the f32 backend over
+ * kern_ops_ref / kern_ops_fast) with the product kernel k (kiln.h's
  * kiln_bf16_kernel; cpu: AUTO = the best this CPU has, a kernel it cannot
  * run also falls back to the best; ref ignores it). NULL on OOM or for an
  * unknown name / unsupported dtype. Free with kern_backend_free. */
@@ -497,15 +500,16 @@ kern_backend *kern_backend_new(const char *name, kiln_dtype dt, kiln_bf16_kernel
 kern_backend *kern_backend_ref_new(kiln_dtype dt);
 kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k);
 /* The f32 backend (kernels/acts_f32.c): the activation ops (mp) with fp32
- * activations over the fp32 op table ops and GEMM gemm (not owned: the
- * caller may swap b->ops / b->gemm between passes; fp16 and bf16 with
- * fp32 activations put their mixed-precision GEMM here). Its products
+ * activations over the fp32 op table ops and GEMM gemm (freed with the
+ * backend when own_gemm; else the caller's, who may swap b->ops / b->gemm
+ * between passes: fp16 and bf16 with fp32 activations put their
+ * mixed-precision GEMM here). Its products
  * are ops->matmul_fwd / matmul_bwd, bit for bit the table's; with stream
  * (inference) the forward product is ops->linear on typed weights. Its
  * weight handles are kern_wt (weight_prepare: the fp32 tensor in place;
- * kern_f32_weight: any typed weight the engine prepared). mp.ce_linear_bwd
- * writes the logits' gradient over the logits. NULL on OOM. */
-kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool stream);
+ * kern_f32_weight: any typed weight the engine prepared). NULL on OOM. */
+kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool own_gemm,
+                                   bool stream);
 kern_weight *kern_f32_weight(const kern_wt *w);
 void kern_backend_free(kern_backend *b);
 /* The kernel a cpu backend runs (resolved, never AUTO); AUTO for other

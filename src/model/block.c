@@ -1,6 +1,6 @@
 /*
  * block.c — one transformer layer's forward, the one every caller runs:
- * the training pass of every precision (forward_mp.c: the whole batch,
+ * the training pass of every precision (pass.c: the whole batch,
  * activations kept for the backward) and the inference engine
  * (infer/engine.c: a step of prefill or decode entries, scratch reused
  * layer after layer).

@@ -1,8 +1,9 @@
 /*
- * forward.c — the forward and backward passes of the transformer family
- * and the fused cross-entropy loss. Activations are carved from the arena
- * sized by kiln_model_prepare (no allocation inside a step); every matrix
- * product goes through m->ops->matmul_* on m->gemm (kernels.h).
+ * forward.c — the public forward and backward (kiln_model_forward,
+ * kiln_model_backward, kiln_model_backward_ce) and the cross-entropy
+ * loss: their checks, the arena (sized by kiln_model_prepare, carved per
+ * step: no allocation inside a step), the weight epoch, then the one pass
+ * of every precision (pass.c).
  */
 #include "model/model.h"
 
@@ -32,7 +33,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
                                const int32_t *tokens, int B, int T,
                                float **logits)
 {
-    if (B > m->B_cap || T > m->T_cap || !m->grads || model_mp_wanted(m) != m->act_mp) {
+    if (B > m->B_cap || T > m->T_cap || !m->grads || model_bf16_acts(m) != m->act_mp) {
         kiln_status s = kiln_model_prepare(ctx, m, B, T);
         if (s) return s;
     }
@@ -48,7 +49,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
     set_threads(m);
     m->threads = kiln_get_threads(ctx);
     set_threads(m);
-    model_mp_carve(m, B, T);
+    model_pass_carve(m, B, T);
     m->B = B;
     m->T = T;
     memcpy(m->a.tokens, tokens, N * sizeof(int32_t));
@@ -58,7 +59,7 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
      * since the last forward (or may have been: kiln_model_params_mut) */
     if (g->invalidate && (m->weights_changed || m->params_shared)) g->invalidate(g);
     m->weights_changed = false;
-    return model_mp_forward(ctx, m, logits);
+    return model_pass_forward(ctx, m, logits);
 }
 
 static kiln_status backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
@@ -93,7 +94,7 @@ static kiln_status backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "backward called without a forward pass");
     set_threads(m);
-    kiln_status s = model_mp_backward(ctx, m, dlogits, ce);
+    kiln_status s = model_pass_backward(ctx, m, dlogits, ce);
     if (s) model_grads_materialize(m); /* a failure leaves no stale matrices */
     m->grads_lazy = false;             /* else every matrix is written */
     return s;

@@ -240,7 +240,7 @@ kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
     }
     if (m->rope_cos) rope_tables(m);
     model_use_ref_kernels(m, false);
-    m->fb = kern_backend_f32_new(m->ops, m->gemm, false);
+    m->fb = kern_backend_f32_new(m->ops, m->gemm, false, false);
     if (!m->fb) {
         kiln_model_free(m);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
@@ -564,7 +564,7 @@ void kiln_model_zero_grad(kiln_model *m)
 
 size_t model_act_bytes(const kiln_model *m, int B, int T)
 {
-    return model_mp_act_bytes(m, B, T);
+    return model_pass_act_bytes(m, B, T);
 }
 
 kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
@@ -583,7 +583,7 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
         grad_views_update(m);
     }
     int nB = KILN_MAX(B, m->B_cap), nT = KILN_MAX(T, m->T_cap);
-    bool mp = model_mp_wanted(m);
+    bool mp = model_bf16_acts(m);
     if (nB == m->B_cap && nT == m->T_cap && mp == m->act_mp) return KILN_OK;
     /* Size in double first: B * NH * T^2 * L can overflow size_t long
      * before malloc would refuse. Kernels index rows with int. */
@@ -595,7 +595,7 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
                          "batch %d x sequence %d needs about %.3g GiB of activations, "
                          "beyond what kiln supports; lower B or T",
                          nB, nT, approx / (1u << 30));
-    size_t bytes = model_mp_act_bytes(m, nB, nT);
+    size_t bytes = model_pass_act_bytes(m, nB, nT);
     arena_free(&m->act);
     m->B_cap = m->T_cap = 0;
     m->B = m->T = 0;

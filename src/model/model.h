@@ -60,7 +60,7 @@ typedef struct model_weights {
  * N = B*T. Per-layer tensors are (L, ...) blocks; layer l's slice starts at
  * l * (its per-layer size). */
 typedef struct model_acts {
-    /* The one pass (forward_mp.c) for every precision: the inputs of
+    /* The one pass (pass.c) for every precision: the inputs of
      * products are kern_act in the pass backend's dtype and layout
      * (model_pass_backend: fp32 rows, or bf16 in the cpu backend's packed
      * layout); the residual stream, norm statistics and logits are fp32. */
@@ -325,21 +325,23 @@ json_t *config_to_json(const kiln_config *cfg);
  * reference GEMM (tests), false the fast ones (default). */
 void model_use_ref_kernels(kiln_model *m, bool ref);
 /* Installs backend be (owned by m from now on): its op table, GEMM and,
- * for a bf16 backend, the bf16-activation path (model_mp_*). Activations
- * of a forward in another backend's layout are dropped. */
+ * for a bf16 backend, its activation ops (the pass's with bf16
+ * activations). Activations of a forward in another backend's layout are
+ * dropped. */
 void model_use_backend(kiln_model *m, kern_backend *be);
 
-/* bf16 training with bf16 activations (forward_mp.c): whether m uses it
- * (precision bf16 and kiln_precision_opts.bf16_acts), its arena size and
- * carving, and the passes (called by kiln_model_forward/backward after
- * their checks, with m->B, m->T and the tokens set). */
-bool model_mp_wanted(const kiln_model *m);
+/* The one pass (pass.c): whether m stores bf16 activations (precision
+ * bf16 and kiln_precision_opts.bf16_acts), the pass backend, the arena
+ * size and carving, and the forward and backward (called by
+ * kiln_model_forward/backward after their checks, with m->B, m->T and the
+ * tokens set). */
+bool model_bf16_acts(const kiln_model *m);
 /* The backend whose activation ops the pass runs: m->be for bf16
  * activations, else the f32 backend over m's op table and GEMM. */
 kern_backend *model_pass_backend(const kiln_model *m);
-size_t model_mp_act_bytes(const kiln_model *m, int B, int T);
-void model_mp_carve(kiln_model *m, int B, int T);
-kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits);
+size_t model_pass_act_bytes(const kiln_model *m, int B, int T);
+void model_pass_carve(kiln_model *m, int B, int T);
+kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits);
 /* From dlogits, or (dlogits NULL) from the cross-entropy of the last
  * logits against ce's targets (kiln_model_backward_ce). */
 typedef struct model_ce {
@@ -348,7 +350,7 @@ typedef struct model_ce {
     float grad_scale;
     double *loss_sum, *weight_sum;
 } model_ce;
-kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
+kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
                               const model_ce *ce);
 
 /* Byte size of the activation arena for (B, T). */

@@ -21,7 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A weight matrix as model_mp_forward prepares it on the backend (w, OC,
+/* A weight matrix as model_pass_forward prepares it on the backend (w, OC,
  * C, in_out), and where it lies in the parameter block. */
 typedef struct wmat {
     const float *w;
@@ -169,7 +169,7 @@ void model_wstrip_fresh(kiln_model *m, int i)
 
 /* ---- lazily zeroed weight-matrix gradients ------------------------------
  * The bf16 backward writes each weight matrix's gradient with one product
- * (model_mp_backward). Zeroing those ~85% of the gradient block before it
+ * (model_pass_backward). Zeroing those ~85% of the gradient block before it
  * was a memset of them plus a read of the zeros by the first K chunk of
  * each product; now kiln_model_zero_grad zeroes the rest and marks the
  * matrices lazy, the next bf16 backward stores their products instead of

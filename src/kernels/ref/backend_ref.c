@@ -305,7 +305,7 @@ static bool ref_mlp_bwd(kern_backend *b, kern_weight *w1, kern_weight *w2, const
     return ok;
 }
 
-static bool ref_ce_linear_bwd(kern_backend *b, kern_weight *w, const float *logits,
+static bool ref_ce_linear_bwd(kern_backend *b, kern_weight *w, float *logits,
                               const int32_t *targets, const float *mask, int N, int V,
                               float grad_scale, double *loss_sum, double *weight_sum,
                               const kern_act *x, float *dW, bool dw_acc, float *dx)

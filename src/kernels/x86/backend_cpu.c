@@ -165,7 +165,7 @@ static bool cpu_mlp_bwd(kern_backend *b, kern_weight *w1, kern_weight *w2, const
                                   (const uint16_t *)h, act, N, dW1, db1, dW2, db2, dx, dw_acc);
 }
 
-static bool cpu_ce_linear_bwd(kern_backend *b, kern_weight *w, const float *logits,
+static bool cpu_ce_linear_bwd(kern_backend *b, kern_weight *w, float *logits,
                               const int32_t *targets, const float *mask, int N, int V,
                               float grad_scale, double *loss_sum, double *weight_sum,
                               const kern_act *x, float *dW, bool dw_acc, float *dx)

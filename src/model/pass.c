@@ -1,42 +1,40 @@
 /*
- * forward_mp.c — the forward and backward passes of bf16 training with
- * bf16 activations.
+ * pass.c — the model's one forward and backward pass, for every precision.
  *
- * Every input of a matrix product is stored once, in bf16, in the
- * backend's activation layout (a kern_act: on the cpu backend the
- * packed-A layout the AMX kernel reads), so no product converts or packs
- * its left operand from fp32 again, and the stored activations take half
- * the memory:
+ * The forward is the layer block (block.c) over the batch; the backward
+ * mirrors it. Both run on the pass backend (model_pass_backend): the
+ * activation ops of kernels.h's kern_mp_ops, in the backend's compute
+ * dtype and layout:
+ *   bf16 with bf16 activations (the default bf16): the model's cpu (or
+ *        ref) backend: the inputs of products stored once in bf16, in the
+ *        layout its kernel reads (the AMX kernel's packed-A layout), half
+ *        the memory, no product converting its left operand again;
+ *   fp32, fp16, and bf16 with fp32 activations: the f32 backend
+ *        (kernels/acts_f32.c) over the model's op table and GEMM (fp16's
+ *        and bf16's mixed-precision GEMM convert the operands themselves).
+ * Stored per layer (kern_act of that backend unless said otherwise):
  *   ln1p, ln2p   the normalized inputs of the qkv and fc products (L, N, C)
+ *   qkvh         qkv after RoPE as rows of the compute dtype    (L, N, QKV)
  *   attyp        the attention output, input of the projection    (L, N, C)
- *                (the bf16 attention writes it directly, and its
- *                backward reads it as it is)
  *   fchp         the fc product's output, pre-activation          (L, N, FH)
  *   lnfp         the final norm's output, input of the LM head    (N, C)
  * The activation function's output (the input of the MLP's second
  * product) is not stored: the forward writes it for one layer at a time
  * (actp) with the fc product (for GELU as the product's output form
- * KERN_OUT_GELU: no fp32 fc output), and the backward recomputes it from
- * fchp (the backend's linear_bwd / mlp_bwd take the pre-activation).
- * qkv is stored in bf16 too (qkvh, plain rows): when the backend runs
- * attention in bf16 for this head size and T (mp.attention_ok) attention
- * reads it directly; otherwise the fp32 attention kernels run on its
- * values, widened into one layer's scratch, in the forward and again in
- * the backward, so both see the same numbers. What stays fp32: the
- * residual stream (encoded, res2, res3), norm statistics, the softmax
- * (and the attention log-sum-exp), the logits (cross-entropy in fp32),
- * and all gradients. The residual adds are fused into the products
- * (KERN_OUT_RES), and the norms write their bf16 output only
- * (mp.norm_fwd).
+ * KERN_OUT_GELU), and the backward recomputes it from fchp (linear_bwd /
+ * mlp_bwd take the pre-activation). When the backend has no attention
+ * in its compute dtype for this head size and T (mp.attention_ok), the
+ * fp32 attention kernels run on the rounded values, widened into one
+ * layer's scratch, in the forward and again in the backward, so both see
+ * the same numbers. What stays fp32 everywhere: the residual stream
+ * (encoded, res2, res3), norm statistics, the softmax (and the attention
+ * log-sum-exp), the logits (cross-entropy in fp32), and all gradients.
+ * The residual adds are the products' output form (KERN_OUT_RES).
  *
- * Everything runs through the model's backend (kernels/kernels.h's
- * kern_backend, m->be): weights are prepared handles (weight_prepare),
+ * Weights are the backend's prepared handles (weight_prepare),
  * activations kern_act buffers carved here with the backend's act_bytes.
- *
- * Used when the model's precision is bf16 (fp16 keeps fp32 activations:
- * its exact hi/lo split needs the fp32 value) and
- * kiln_precision_opts.bf16_acts is true (the default); false switches it
- * off (bf16 products on fp32 activations, for comparison).
+ * The weight-matrix gradients are written, not added, by the first
+ * backward after kiln_model_zero_grad (grads_lazy; update_mp.c).
  */
 #include "model/model.h"
 
@@ -56,7 +54,7 @@ static kern_act *at(void *base, size_t bytes, int l)
     return (kern_act *)((char *)base + (size_t)l * bytes);
 }
 
-bool model_mp_wanted(const kiln_model *m)
+bool model_bf16_acts(const kiln_model *m)
 {
     return kiln_model_precision(m) == KILN_PRECISION_BF16 && !m->bf16_f32_acts && m->be &&
            m->be->mp.linear_fwd;
@@ -64,7 +62,7 @@ bool model_mp_wanted(const kiln_model *m)
 
 kern_backend *model_pass_backend(const kiln_model *m)
 {
-    if (model_mp_wanted(m)) return m->be;
+    if (model_bf16_acts(m)) return m->be;
     m->fb->ops = m->ops; /* fp32 products: the table's; fp16 and bf16 with */
     m->fb->gemm = m->gemm; /* fp32 activations: their backend's GEMM */
     return m->fb;
@@ -104,7 +102,7 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
     memcpy(out, s, sizeof s);
 }
 
-size_t model_mp_act_bytes(const kiln_model *m, int B, int T)
+size_t model_pass_act_bytes(const kiln_model *m, int B, int T)
 {
     size_t s[32][2], total = 0;
     int n;
@@ -113,7 +111,7 @@ size_t model_mp_act_bytes(const kiln_model *m, int B, int T)
     return total;
 }
 
-void model_mp_carve(kiln_model *m, int B, int T)
+void model_pass_carve(kiln_model *m, int B, int T)
 {
     size_t s[32][2];
     int n;
@@ -222,7 +220,7 @@ static model_blk_w pass_weights(kiln_model *m, kern_backend *be, int l)
                          .fcproj_b = s.fcproj_b};
 }
 
-kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
+kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
 {
     const kern_ops *k = m->ops;
     kern_backend *be = model_pass_backend(m);
@@ -283,7 +281,7 @@ static void hook(kiln_model *m, size_t begin, size_t end)
     if (m->hook && end > begin) m->hook(m->hook_ud, begin, end - begin);
 }
 
-kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
+kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
                               const model_ce *ce)
 {
     const kern_ops *k = m->ops;
