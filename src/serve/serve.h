@@ -292,6 +292,43 @@ kiln_status gate_start(kiln_ctx *ctx, gate *g, struct MHD_Daemon *d);
 void gate_stop(gate *g);
 /* Stops, closes the listening socket and frees. gate_free(NULL) is a no-op. */
 void gate_free(gate *g);
+/* Writes an OpenAI error response to fd (best effort) and returns the
+ * body's bytes. */
+size_t gate_answer(int fd, int status, const char *type, const char *code, const char *msg);
+
+/* ---- relay (relay.c): chunked request bodies ------------------------- */
+
+/* A streaming decoder of chunked transfer coding (RFC 9112 7.1). */
+typedef struct chunk_dec chunk_dec;
+void chunk_dec_init(chunk_dec *d);
+/* Decodes in[0, n) into out (room for n bytes): the data bytes in
+ * *out_n. Returns 1 when the body ended (the last chunk and its trailer
+ * lines: the bytes after it are left unread), 0 when more is due, -1 when
+ * the framing is malformed (msg says how). */
+int chunk_dec_feed(chunk_dec *d, const char *in, size_t n, char *out, size_t *out_n, char *msg,
+                   size_t cap);
+bool chunk_dec_done(const chunk_dec *d);
+
+/* The relay threads of one gate. */
+typedef struct relay_pool {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int live;            /* relay threads running */
+    int wake;            /* readable: every relay ends */
+    double idle_secs;    /* a body with no bytes this long gets a 408 */
+    gate_log_fn log;
+    void *log_ud;
+} relay_pool;
+void relay_pool_init(relay_pool *p, int wake, double idle_secs);
+/* Waits until every relay ended (after wake turned readable). */
+void relay_pool_wait(relay_pool *p);
+void relay_pool_destroy(relay_pool *p);
+struct sockaddr_storage;
+/* Takes over client socket cfd, whose request head (head_len bytes) was
+ * peeked and checked and announces a chunked body, and starts its relay
+ * thread. Returns the socket for libmicrohttpd, or -1 (out of memory or
+ * threads; the head may have been consumed: answer and close cfd). */
+int relay_start(relay_pool *p, int cfd, size_t head_len, const struct sockaddr_storage *sa);
 #ifdef MHD_VERSION
 /* MHD_OPTION_NOTIFY_CONNECTION callback (cls = the gate). */
 void gate_notify(void *cls, struct MHD_Connection *c, void **socket_context,
