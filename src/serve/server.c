@@ -109,8 +109,9 @@ static const char *base_name(const char *dir)
 kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
 {
     kiln_serve_opts o = *opts;
-    if (!o.model_dir)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.model_dir is required");
+    if (!o.model_dir && !o.run_dir)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_serve_opts.model_dir is required (or a kiln_serve_opts.run_dir to follow)");
     if (o.parallel < 1 || o.parallel > 256)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.parallel = %d is not in 1..256", o.parallel);
     if (o.max_queue < 0)
