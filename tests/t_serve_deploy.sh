@@ -245,13 +245,17 @@ check headers_too_large_431_json raw_json_err 431
 # libmicrohttpd's own answer would be an HTML page)
 cat >"$D/parts.py" <<'EOF'
 import socket, sys, time
-# parts.py PORT OUT [--shut] PART...: sends the parts 0.3 s apart (escapes
-# as in printf), --shut closes the sending side after the last
+# parts.py PORT OUT [--wait SECS] [--shut] PART...: sends the parts 0.3 s
+# apart (escapes as in printf), --shut closes the sending side after the
+# last; waits up to SECS (5) for each piece of the reply
 port, out, rest = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+wait = 5.0
+if rest[:1] == ["--wait"]:
+    wait, rest = float(rest[1]), rest[2:]
 shut = rest[:1] == ["--shut"]
 parts = [p.encode().decode("unicode_escape").encode("latin1") for p in rest[shut:]]
 s = socket.create_connection(("127.0.0.1", port))
-s.settimeout(5)
+s.settimeout(wait)
 for i, p in enumerate(parts):
     if i: time.sleep(0.3)
     s.sendall(p)
@@ -349,6 +353,12 @@ for _ in $(seq 20); do
 done
 check flood_then_health [ "$C" = 200 ]
 
+# a chunked body that stalls half-way (no byte for 10 s) gets a JSON 408
+# from the relay; it runs beside the next checks and is read after the
+# slow senders' (which take longer than 10 s)
+"$PY" "$D/parts.py" "$PORT" "$D/stalled" --wait 15 "$CH"'e\r\n{"prompt":"a"}\r\n5\r\nab' &
+STALLED=$!
+
 # ---- a chunked body over --max-body is refused when it passes the limit ----
 # 1.1 MB in one chunk (the limit is 1 MiB), then the body never ends: the
 # 413 must come anyway, within 3 s
@@ -411,6 +421,9 @@ check slow_senders_health_fast awk -v a="$T0" -v b="$T1" 'BEGIN{exit !(b-a < 3)}
 wait $SLOW
 DETAIL="$(cat "$D/slow.out" 2>/dev/null) (408s, seconds)"
 check slow_senders_get_408 awk '$1 == 8 && $2 < 14 {ok=1} END {exit !ok}' "$D/slow.out"
+wait $STALLED
+cp "$D/stalled" "$D/raw"
+check chunk_stalled_408_json raw_json_err 408
 
 # ---- a per-client share of the connection limit ----
 # 127.0.0.2 (loopback too) opens 8 connections with complete heads whose

@@ -243,6 +243,9 @@ static void relay_run(relay *r)
         int pr = poll(f, 3, ms);
         if (pr < 0 && errno != EINTR) break;
         if (f[2].revents) break; /* the server stops */
+        /* the body's deadline counts time spent waiting for the client,
+         * not for libmicrohttpd to take what was read */
+        if (r->mhd_len >= RELAY_BUF) idle_end = kiln_time_now() + pool->idle_secs;
         if (!r->body_done && kiln_time_now() >= idle_end) {
             snprintf(msg, sizeof msg, "the chunked request body stalled: no bytes of it for %g s",
                      pool->idle_secs);

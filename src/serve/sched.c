@@ -156,10 +156,14 @@ static int place(sched *s, sreq *r)
     return dst;
 }
 
-static void admit(sched *s)
+/* Starts queued requests in free slots; followers_only (a newer engine
+ * waits to be swapped in): only the remaining choices of a request whose
+ * first choice already started, so one request's choices share weights. */
+static void admit(sched *s, bool followers_only)
 {
     while (s->qhead && s->n_active < s->n_slots) {
         sreq *r = s->qhead;
+        if (followers_only && !(r->group && !r->leader)) break;
         if (!r->cancelled && wait_for_leader(s, r)) break;
         s->qhead = r->qnext;
         if (!s->qhead) s->qtail = NULL;
@@ -403,9 +407,12 @@ static void *sched_main(void *arg)
             }
         }
         /* a newer checkpoint's engine: once nothing runs, swap it in; until
-         * then nothing new starts (it would run on the old weights) */
-        if (s->next_eng && s->n_active == 0) swap_engine(s);
-        if (!s->next_eng) admit(s);
+         * then nothing new starts (it would run on the old weights), only
+         * the rest of a request whose first choice did (queued together,
+         * after it) */
+        bool follower = s->qhead && s->qhead->group && !s->qhead->leader;
+        if (s->next_eng && s->n_active == 0 && !follower) swap_engine(s);
+        admit(s, s->next_eng != NULL);
         /* embeddings: each its own prefill (kiln_engine_embed) on this
          * thread, between generation steps; the slot is left empty */
         bool embedded = false;
