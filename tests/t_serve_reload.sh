@@ -113,4 +113,64 @@ t80=$(text "$D/c80.json"); g80=$(gen "$D/run/step_00000080")
 DETAIL="served '$t80', checkpoint '$g80'"
 check step80_text_is_checkpoints [ "$t80" = "$g80" -a "$t80" != "$t60" ]
 stop_checked
+
+# ---- the swap rule: a request running when the new weights are ready
+# finishes on the old ones; one arriving then waits and runs on the new ----
+# two checkpoints of a model with a long context (2000 tokens stream for
+# far longer than a load takes), step 1 served, step 2 named by latest
+# once the stream runs
+cat >"$D/long.json" <<'J'
+{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 257, "n_positions": 2048}
+J
+mkdir -p "$D/lrun"
+"$KILN" init --config "$D/long.json" --out "$D/lrun/step_00000001" --seed 1 >/dev/null &&
+  "$KILN" init --config "$D/long.json" --out "$D/lrun/step_00000002" --seed 2 >/dev/null ||
+  { fail swap_rule_setup; exit 1; }
+echo step_00000001 >"$D/lrun/latest"
+serve_start "$D/lrun" --threads 1 --watch-ms 50 || { fail swap_rule_start; exit 1; }
+cat >"$D/inflight.py" <<'EOF'
+import json, os, sys, threading, urllib.request
+port, run, log, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+U = "http://127.0.0.1:%d" % port
+def post(body, stream=False):
+    req = urllib.request.Request(U + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=120)
+def text(body):
+    return json.load(post(body))["choices"][0]["text"]
+LONG = {"prompt": "Hi", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+SHORT = {"prompt": "Hello", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+ref_long, ref_short1 = text(LONG), text(SHORT)          # step 1, before anything
+r = post(dict(LONG, stream=True))
+got, flipped, during, late = "", False, None, {}
+for line in r:
+    line = line.decode().strip()
+    if not line.startswith("data: "): continue
+    if line == "data: [DONE]": break
+    d = json.loads(line[6:])
+    if d["choices"]: got += d["choices"][0]["text"]
+    if not flipped:                                      # the stream runs: step 2 becomes latest
+        with open(run + "/latest.tmp", "w") as f: f.write("step_00000002\n")
+        os.rename(run + "/latest.tmp", run + "/latest")
+        flipped = True
+    if during is None and "it takes over when" in open(log).read():
+        # the new engine waits: still step 1, and a new request waits for it
+        during = json.load(urllib.request.urlopen(U + "/props"))["checkpoint"]["step"]
+        th = threading.Thread(target=lambda: late.update(t=text(SHORT)))
+        th.start()
+if during is not None: th.join()
+res = {"handed_over_during_stream": during is not None, "step_during": during,
+       "inflight_same_as_step1": got == ref_long, "inflight_len": len(got),
+       "late_text": late.get("t"), "step1_short": ref_short1}
+res["step2_short"] = text(SHORT)
+res["step_after"] = json.load(urllib.request.urlopen(U + "/props"))["checkpoint"]["step"]
+json.dump(res, open(out, "w"))
+EOF
+"$PY" "$D/inflight.py" "$PORT" "$D/lrun" "$D/serve.log" "$D/inflight.json" 2>"$D/inflight.err"
+DETAIL="$(cat "$D/inflight.json" "$D/inflight.err" 2>/dev/null | head -c 600)"
+jq_() { "$PY" -c "import json,sys; d=json.load(open('$D/inflight.json')); sys.exit(0 if ($1) else 1)" 2>/dev/null; }
+check swap_ready_during_stream jq_ "d['handed_over_during_stream'] and d['step_during'] == 1"
+check inflight_finishes_on_old_weights jq_ "d['inflight_same_as_step1'] and d['inflight_len'] > 1000"
+check arriving_request_waits_for_new jq_ "d['late_text'] == d['step2_short'] != d['step1_short'] and d['step_after'] == 2"
+stop_checked
 exit 0

@@ -380,8 +380,13 @@ void sched_swap(sched *s, kiln_engine *eng, const char *name, double load_secs)
     s->next_eng = eng;
     snprintf(s->next_name, sizeof s->next_name, "%s", name);
     s->next_secs = load_secs;
+    int running = s->n_active;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
+    if (running)
+        kiln_log(s->log_ctx, KILN_LOG_INFO,
+                 "kiln serve: %s loaded in %.2f s; it takes over when the %d running request(s) "
+                 "finish (they finish on the old weights)", name, load_secs, running);
     kiln_engine_free(stale);
 }
 
