@@ -6,7 +6,8 @@
 # and an empty key is refused, errors of the HTTP layer are JSON, NUL
 # characters in chat content count, special tokens stay out of the text.
 # A tiny random model with the bytes tokenizer. Loopback only; servers are
-# killed on exit. Chunked bodies with bad framing get a JSON 400 too.
+# killed on exit. Chunked bodies with bad framing get a JSON 400 too, at
+# any offset (the relay decodes them all), and a stalled one a JSON 408.
 set -u
 D="$KILN_TMP/t_serve_deploy"
 mkdir -p "$D"
