@@ -54,32 +54,6 @@ static float *scratch(kern_backend *b, size_t floats)
     return st->scratch;
 }
 
-/* ---- buffers: host memory ---------------------------------------------- */
-
-static void *f32_buf_alloc(kern_backend *b, size_t bytes)
-{
-    (void)b;
-    return malloc(bytes ? bytes : 1);
-}
-
-static void f32_buf_free(kern_backend *b, void *buf)
-{
-    (void)b;
-    free(buf);
-}
-
-static void f32_buf_set(kern_backend *b, void *buf, size_t off, const void *src, size_t n)
-{
-    (void)b;
-    if (n) memcpy((char *)buf + off, src, n);
-}
-
-static void f32_buf_get(kern_backend *b, const void *buf, size_t off, void *dst, size_t n)
-{
-    (void)b;
-    if (n) memcpy(dst, (const char *)buf + off, n);
-}
-
 /* ---- weights: the fp32 tensor itself ------------------------------------ */
 
 static kern_weight *f32_weight_prepare(kern_backend *b, const float *w, int OC, int C,
@@ -327,10 +301,10 @@ kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool ow
         .state = st,
         .ops = ops,
         .gemm = gemm,
-        .buf_alloc = f32_buf_alloc,
-        .buf_free = f32_buf_free,
-        .buf_set = f32_buf_set,
-        .buf_get = f32_buf_get,
+        .buf_alloc = kern_host_buf_alloc,
+        .buf_free = kern_host_buf_free,
+        .buf_set = kern_host_buf_set,
+        .buf_get = kern_host_buf_get,
         .weight_prepare = f32_weight_prepare,
         .weight_refresh_rows = f32_weight_refresh_rows,
         .weight_refresh = f32_weight_refresh,

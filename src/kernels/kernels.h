@@ -511,6 +511,12 @@ kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k);
 kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool own_gemm,
                                    bool stream);
 kern_weight *kern_f32_weight(const kern_wt *w);
+/* The buffers of a backend whose device is the host (ref, cpu, f32):
+ * 64-byte aligned host memory, copies by memcpy. */
+void *kern_host_buf_alloc(kern_backend *b, size_t bytes);
+void kern_host_buf_free(kern_backend *b, void *buf);
+void kern_host_buf_set(kern_backend *b, void *buf, size_t off, const void *src, size_t n);
+void kern_host_buf_get(kern_backend *b, const void *buf, size_t off, void *dst, size_t n);
 void kern_backend_free(kern_backend *b);
 /* The kernel a cpu backend runs (resolved, never AUTO); AUTO for other
  * backends. */

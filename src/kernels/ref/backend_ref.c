@@ -44,32 +44,6 @@ static float wt(const ref_weight *w, int k, int o)
     return w->io ? w->w[(size_t)k * w->OC + o] : w->w[(size_t)o * w->C + k];
 }
 
-/* ---- buffers: host memory ---------------------------------------------- */
-
-static void *ref_buf_alloc(kern_backend *b, size_t bytes)
-{
-    (void)b;
-    return malloc(bytes ? bytes : 1);
-}
-
-static void ref_buf_free(kern_backend *b, void *buf)
-{
-    (void)b;
-    free(buf);
-}
-
-static void ref_buf_set(kern_backend *b, void *buf, size_t off, const void *src, size_t n)
-{
-    (void)b;
-    if (n) memcpy((char *)buf + off, src, n);
-}
-
-static void ref_buf_get(kern_backend *b, const void *buf, size_t off, void *dst, size_t n)
-{
-    (void)b;
-    if (n) memcpy(dst, (const char *)buf + off, n);
-}
-
 /* ---- weights ------------------------------------------------------------ */
 
 static kern_weight *ref_weight_prepare(kern_backend *b, const float *w, int OC, int C,
@@ -385,10 +359,10 @@ kern_backend *kern_backend_ref_new(kiln_dtype dt)
         .state = st,
         .ops = kern_ops_ref(),
         .gemm = kern_gemm_ref(),
-        .buf_alloc = ref_buf_alloc,
-        .buf_free = ref_buf_free,
-        .buf_set = ref_buf_set,
-        .buf_get = ref_buf_get,
+        .buf_alloc = kern_host_buf_alloc,
+        .buf_free = kern_host_buf_free,
+        .buf_set = kern_host_buf_set,
+        .buf_get = kern_host_buf_get,
         .weight_prepare = ref_weight_prepare,
         .weight_refresh_rows = ref_weight_refresh_rows,
         .weight_refresh = ref_weight_refresh,

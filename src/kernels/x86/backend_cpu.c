@@ -39,32 +39,6 @@ static const mp_weight *cur(kern_backend *b, kern_weight *w, bool bwd)
     return mp_kern_weight_current(b, w, bwd);
 }
 
-/* ---- buffers: host memory, 64-byte aligned ----------------------------- */
-
-static void *cpu_buf_alloc(kern_backend *b, size_t bytes)
-{
-    (void)b;
-    return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64 * !bytes);
-}
-
-static void cpu_buf_free(kern_backend *b, void *buf)
-{
-    (void)b;
-    free(buf);
-}
-
-static void cpu_buf_set(kern_backend *b, void *buf, size_t off, const void *src, size_t n)
-{
-    (void)b;
-    if (n) memcpy((char *)buf + off, src, n);
-}
-
-static void cpu_buf_get(kern_backend *b, const void *buf, size_t off, void *dst, size_t n)
-{
-    (void)b;
-    if (n) memcpy(dst, (const char *)buf + off, n);
-}
-
 /* ---- the mixed-precision ops ------------------------------------------- */
 
 static size_t cpu_act_bytes(const kern_backend *b, int rows, int cols)
@@ -260,10 +234,10 @@ kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k)
         .state = g,
         .ops = mp_kern_ops(g),
         .gemm = g,
-        .buf_alloc = cpu_buf_alloc,
-        .buf_free = cpu_buf_free,
-        .buf_set = cpu_buf_set,
-        .buf_get = cpu_buf_get,
+        .buf_alloc = kern_host_buf_alloc,
+        .buf_free = kern_host_buf_free,
+        .buf_set = kern_host_buf_set,
+        .buf_get = kern_host_buf_get,
         .destroy = cpu_destroy,
     };
     mp_kern_backend_weights(b);
