@@ -557,7 +557,7 @@ void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud)
 
 void kiln_model_zero_grad(kiln_model *m)
 {
-    if (m->grads) model_mp_zero_grad(m);
+    if (m->grads) model_grads_zero(m);
 }
 
 /* ---- activations ------------------------------------------------------ */

@@ -107,7 +107,7 @@ enum {
 };
 extern const char *const model_prof_names[MODEL_PROF_N];
 
-/* update_mp.c */
+/* matrices.c */
 struct model_upd;
 void model_upd_free(kiln_model *m);
 /* The weight matrices whose packed bf16 copies an optimizer step can
@@ -132,7 +132,7 @@ void model_wstrip_fresh(kiln_model *m, int i);
 /* kiln_model_zero_grad of the bf16-activation path: the weight matrices'
  * gradients only marked zero (grads_lazy); and the zeros written out, for
  * whatever reads or accumulates onto them other than that backward. */
-void model_mp_zero_grad(kiln_model *m);
+void model_grads_zero(kiln_model *m);
 void model_grads_materialize(kiln_model *m);
 /* The gradient block as it is, lazily zeroed matrices not written out: for
  * a reader of only the ranges the gradient hook reports final during the
@@ -153,7 +153,7 @@ void model_params_stepped(kiln_model *m);
 /* Frozen weight matrices whose packed copies are current now stay so for
  * the next forward, when untouched(ud, offset, numel) confirms that the
  * step did not write them (the optimizer's own word: it may have been
- * made before a tensor was frozen). update_mp.c. */
+ * made before a tensor was frozen). matrices.c. */
 void model_wkeep_frozen(kiln_model *m, bool (*untouched)(void *, size_t, size_t), void *ud);
 
 /* ---- trainable / frozen (model.c) ---------------------------------------
@@ -201,7 +201,7 @@ struct kiln_model {
     double prof[MODEL_PROF_N];
     kiln_grad_ready_fn hook;
     void *hook_ud;
-    struct model_upd *upd; /* kiln_model_adamw_step's matrix list (update_mp.c) */
+    struct model_upd *upd; /* kiln_model_adamw_step's matrix list (matrices.c) */
     bool grads_lazy;       /* the weight matrices' gradients are zero but not
                               written: the next bf16 backward stores them */
     bool weights_changed;  /* the parameters were written since the last

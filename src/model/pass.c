@@ -34,7 +34,7 @@
  * Weights are the backend's prepared handles (weight_prepare),
  * activations kern_act buffers carved here with the backend's act_bytes.
  * The weight-matrix gradients are written, not added, by the first
- * backward after kiln_model_zero_grad (grads_lazy; update_mp.c).
+ * backward after kiln_model_zero_grad (grads_lazy; matrices.c).
  */
 #include "model/model.h"
 
