@@ -158,7 +158,7 @@ static const float *nullable(const store *s, const char *name)
 }
 
 static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok,
-                        int n, double *logits, bool bf16)
+                        int n, double *logits, bool bf16, const bool *gemm_row)
 {
     const int C = c->n_embd, F = c->n_inner, V = c->vocab_size, NH = c->n_head;
     const int HS = C / NH, KVH = c->n_kv_head, KVD = KVH * HS;
@@ -170,8 +170,13 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
 #define W(name) find(s, name)
 #define RD(p, i) (bf16 ? (double)bf16_to_f32(f32_to_bf16((p)[i])) : (double)(p)[i])
     /* activations entering a bf16 product are rounded to bf16 too when the
-     * kernels use bf16 dot products (IK_BF16_DOT) */
-#define RX(v) (bf16 && KERN_BF16_DOT ? (double)bf16_to_f32(f32_to_bf16((float)(v))) : (double)(v))
+     * kernels use bf16 dot products (KERN_BF16_DOT), in decode-sized steps
+     * (gemm_row[t]: row t was in a prefill-sized step, whose GEMM takes
+     * them in fp32; NULL: none was) */
+    bool round_x = true;
+#define RX(v) (bf16 && round_x && KERN_BF16_DOT ? (double)bf16_to_f32(f32_to_bf16((float)(v))) \
+                                                : (double)(v))
+#define RXT(t, v) (gemm_row && gemm_row[t] ? (double)(v) : RX(v))
     const float *wte = W(llama ? "model.embed_tokens.weight" : "transformer.wte.weight");
     for (int t = 0; t < n; t++)
         for (int i = 0; i < C; i++) {
@@ -204,14 +209,14 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
             for (int t = 0; t < n; t++) {
                 for (int o = 0; o < C; o++) {
                     double acc = 0;
-                    for (int i = 0; i < C; i++) acc += RD(wq, o * C + i) * RX(xn[t * C + i]);
+                    for (int i = 0; i < C; i++) acc += RD(wq, o * C + i) * RXT(t, xn[t * C + i]);
                     q[t * C + o] = acc;
                 }
                 for (int o = 0; o < KVD; o++) {
                     double ak = 0, av = 0;
                     for (int i = 0; i < C; i++) {
-                        ak += RD(wk, o * C + i) * RX(xn[t * C + i]);
-                        av += RD(wv, o * C + i) * RX(xn[t * C + i]);
+                        ak += RD(wk, o * C + i) * RXT(t, xn[t * C + i]);
+                        av += RD(wv, o * C + i) * RXT(t, xn[t * C + i]);
                     }
                     k[t * KVD + o] = ak;
                     v[t * KVD + o] = av;
@@ -238,7 +243,7 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
             for (int t = 0; t < n; t++)
                 for (int o = 0; o < 3 * C; o++) {
                     double acc = bb[o];
-                    for (int i = 0; i < C; i++) acc += RD(w, i * 3 * C + o) * RX(xn[t * C + i]);
+                    for (int i = 0; i < C; i++) acc += RD(w, i * 3 * C + o) * RXT(t, xn[t * C + i]);
                     if (o < C) q[t * C + o] = acc;
                     else if (o < 2 * C) k[t * C + o - C] = acc;
                     else v[t * C + o - 2 * C] = acc;
@@ -273,7 +278,7 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
             for (int o = 0; o < C; o++) {
                 double acc = bo ? bo[o] : 0;
                 for (int i = 0; i < C; i++)
-                    acc += (llama ? RD(wo, o * C + i) : RD(wo, i * C + o)) * RX(att[t * C + i]);
+                    acc += (llama ? RD(wo, o * C + i) : RD(wo, i * C + o)) * RXT(t, att[t * C + i]);
                 x[t * C + o] += acc;
             }
         if (llama) {
@@ -287,14 +292,14 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
                 for (int o = 0; o < F; o++) {
                     double g = 0, u = 0;
                     for (int i = 0; i < C; i++) {
-                        g += RD(wg, o * C + i) * RX(xn[t * C + i]);
-                        u += RD(wu, o * C + i) * RX(xn[t * C + i]);
+                        g += RD(wg, o * C + i) * RXT(t, xn[t * C + i]);
+                        u += RD(wu, o * C + i) * RXT(t, xn[t * C + i]);
                     }
                     h[t * F + o] = g / (1 + exp(-g)) * u;
                 }
                 for (int o = 0; o < C; o++) {
                     double acc = 0;
-                    for (int i = 0; i < F; i++) acc += RD(wd, o * F + i) * RX(h[t * F + i]);
+                    for (int i = 0; i < F; i++) acc += RD(wd, o * F + i) * RXT(t, h[t * F + i]);
                     x[t * C + o] += acc;
                 }
             }
@@ -310,12 +315,12 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
             for (int t = 0; t < n; t++) {
                 for (int o = 0; o < F; o++) {
                     double acc = bf[o];
-                    for (int i = 0; i < C; i++) acc += RD(wf, i * F + o) * RX(xn[t * C + i]);
+                    for (int i = 0; i < C; i++) acc += RD(wf, i * F + o) * RXT(t, xn[t * C + i]);
                     h[t * F + o] = 0.5 * acc * (1 + tanh(sqrt(2 / M_PI) * (acc + 0.044715 * acc * acc * acc)));
                 }
                 for (int o = 0; o < C; o++) {
                     double acc = bp[o];
-                    for (int i = 0; i < F; i++) acc += RD(wp, i * C + o) * RX(h[t * F + i]);
+                    for (int i = 0; i < F; i++) acc += RD(wp, i * C + o) * RXT(t, h[t * F + i]);
                     x[t * C + o] += acc;
                 }
             }
@@ -324,6 +329,7 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
     if (llama) { NORM(xn, x, "model.norm.weight", (const char *)NULL); }
     else { NORM(xn, x, "transformer.ln_f.weight", "transformer.ln_f.bias"); }
     const float *head = W(llama ? "lm_head.weight" : "transformer.wte.weight");
+    /* the engine's head multiplies only the wanted rows: one, decode-sized */
     for (int t = 0; t < n; t++)
         for (int o = 0; o < V; o++) {
             double acc = 0;
@@ -333,6 +339,7 @@ static void ref_forward(const store *s, const kiln_config *c, const int32_t *tok
 #undef W
 #undef RD
 #undef RX
+#undef RXT
 #undef NORM
     free(x); free(xn); free(q); free(k); free(v); free(att); free(h);
 }
@@ -781,18 +788,25 @@ static void prefill_logits_vs_ref_chunk(kiln_arch arch, kiln_dtype wt, double to
     for (int i = 0; i < maxn; i++) tok[i] = (i * 7 + 3) % c.vocab_size;
     const int V = c.vocab_size;
     double *ref = malloc(sizeof(double) * (size_t)maxn * V);
-    ref_forward(&s, &c, tok, maxn, ref, wt == KILN_DTYPE_BF16);
+    bool *gemm_row = calloc((size_t)maxn, sizeof(bool));
     float *lg = malloc(sizeof(float) * V);
     /* logits at several prefix lengths n: prefill n tokens from empty */
     for (int n = 1; n <= maxn; n += 4) {
         kiln_engine_reset(e, 0);
         CHECK(kiln_engine_prefill(ctx, e, 0, tok, n, lg) == KILN_OK);
+        /* the prompt goes in steps of up to chunk rows; a step of
+         * KERN_GEMM_MIN_T rows or more is prefill-sized (the GEMM) */
+        for (int t0 = 0; t0 < n; t0 += chunk) {
+            int rows = n - t0 < chunk ? n - t0 : chunk;
+            for (int t = t0; t < t0 + rows; t++) gemm_row[t] = rows >= KERN_GEMM_MIN_T;
+        }
+        ref_forward(&s, &c, tok, n, ref, wt == KILN_DTYPE_BF16, gemm_row);
         double worst = 0;
         for (int i = 0; i < V; i++) worst = check_max(worst, fabs(lg[i] - ref[(size_t)(n - 1) * V + i]));
         CHECK_MSG(worst < tol, "arch %d wtype %d n=%d: max |engine - ref| = %g", arch, wt, n, worst);
         CHECK_EQ(kiln_engine_pos(e, 0), n);
     }
-    free(ref); free(lg);
+    free(ref); free(gemm_row); free(lg);
     kiln_ctx_free(ctx);
     kiln_engine_free(e);
     store_free(&s);
@@ -828,7 +842,7 @@ static void greedy_cache_vs_recompute(kiln_arch arch)
     int n = P, mismatches = 0;
     double worst = 0;
     for (int step = 0; step < N; step++) {
-        ref_forward(&s, &c, seq, n, ref, false);
+        ref_forward(&s, &c, seq, n, ref, false, NULL);
         int rt = argmax_d(ref + (size_t)(n - 1) * V, V), et = argmax_f(lg, V);
         for (int i = 0; i < V; i++) worst = check_max(worst, fabs(lg[i] - ref[(size_t)(n - 1) * V + i]));
         if (rt != et) mismatches++;

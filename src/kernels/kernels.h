@@ -98,10 +98,11 @@ typedef struct kern_wt {
 } kern_wt;
 
 /* With AVX512_BF16 (in the build's target), bf16 weights are dotted with
- * activations rounded to bf16 (products exact in fp32, sums in fp32), as
- * bf16 hardware does; without it the weights are widened and the
- * activations stay fp32. The reference linear follows the same rule, so
- * the two agree to fp32 rounding. */
+ * activations rounded to bf16 (products exact in fp32, sums in fp32) at
+ * decode sizes, as bf16 hardware does; without it, and at prefill sizes
+ * (the GEMM), the weights are widened and the activations stay fp32. The
+ * reference linear follows the same rule, so the two agree to fp32
+ * rounding. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define KERN_BF16_DOT 1
 #else
@@ -210,17 +211,17 @@ typedef struct kern_ops {
 
     /* Inference linear layer on a typed weight: Y (T, W->rows) = X (T,
      * W->cols) W^T + b (b may be NULL), overwritten. The backend picks the
-     * kernel by shape: a decode-sized T streams each weight row once for
-     * all T rows (the memory-bound case); a prefill-sized T of fp32
-     * weights is a GEMM on g, the same call as matmul_fwd (so a prefill
-     * and the training forward give the same bits). With AVX512_BF16, bf16
-     * weights are dotted with activations rounded to bf16 (exact products,
-     * fp32 sums), as bf16 hardware does; ref follows the same rule.
-     * Block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K): for T <
-     * KERN_GEMM_MIN_T the activations are quantized to 8 bits per block
-     * of 32 (kern_quant_act) and dotted in integers; from KERN_GEMM_MIN_T
-     * rows on the weights are dequantized and the activations stay fp32.
-     * Every backend, ref included, follows this rule. */
+     * kernel by shape: a decode-sized T (< KERN_GEMM_MIN_T) streams each
+     * weight row once for all T rows (the memory-bound case); a
+     * prefill-sized T is a GEMM on g: fp32 weights by the same call as
+     * matmul_fwd (so a prefill and the training forward give the same
+     * bits), bf16 and block-quantized weights widened / dequantized to
+     * fp32 a tile of rows at a time, the activations fp32. At decode
+     * sizes, with AVX512_BF16, bf16 weights are dotted with activations
+     * rounded to bf16 (exact products, fp32 sums), as bf16 hardware does;
+     * block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K) with activations
+     * quantized to 8 bits per block of 32 (kern_quant_act), dotted in
+     * integers. Every backend, ref included, follows these rules. */
     void (*linear)(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
                    const float *b);
 

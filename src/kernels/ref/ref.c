@@ -419,8 +419,10 @@ static void ref_cross_entropy(const float *logits, const int32_t *targets,
 /* ---- inference ops ---------------------------------------------------- */
 
 /* One output at a time, summed in double: the oracle of every backend's
- * linear. The weight may be stored either way round; bf16 activations are
- * rounded as the fast kernel rounds them (KERN_BF16_DOT). g is unused. */
+ * linear. The weight may be stored either way round; with bf16 weights
+ * the activations of a decode-sized step are rounded as the fast kernel
+ * rounds them (KERN_BF16_DOT), a prefill-sized step's stay fp32 (the
+ * widened weights go through the GEMM). g is unused. */
 static void ref_linear_q(float *Y, const float *X, int T, const kern_wt *W, const float *b)
 {
     const int R = W->rows, K = W->cols, nb = K / 32;
@@ -471,7 +473,7 @@ static void ref_linear(kern_gemm *g, float *Y, const float *X, int T, const kern
                 float w = f32 ? ((const float *)W->data)[i]
                               : bf16_to_f32(((const uint16_t *)W->data)[i]);
                 float x = X[(size_t)t * K + k];
-                if (!f32 && KERN_BF16_DOT) x = bf16_to_f32(f32_to_bf16(x));
+                if (!f32 && KERN_BF16_DOT && T < KERN_GEMM_MIN_T) x = bf16_to_f32(f32_to_bf16(x));
                 s += (double)w * x;
             }
             Y[(size_t)t * R + r] = (float)s;

@@ -7,11 +7,12 @@
  * W once and dots it with all T input rows while it is in registers (a 4
  * rows x 4 tokens register tile of AVX-512 accumulators); bf16 rows are
  * widened to fp32 in registers (or dotted as bf16 pairs with
- * AVX512_BF16), so they cost half the bytes. For prefill-sized T of fp32
- * weights the product is a GEMM (kern_matmul_fwd_gemm, as the training
- * forward computes it); bf16 rows are tiled in blocks that stay in L2
- * while all token groups pass over them. The reference versions are in
- * kernels/ref/ref.c; tests/test_kernels.c compares the two.
+ * AVX512_BF16), so they cost half the bytes. For prefill-sized T the
+ * product is a GEMM: fp32 weights as the training forward computes it
+ * (kern_matmul_fwd_gemm); bf16 and block-quantized rows widened to fp32
+ * a tile at a time (linear_tiles_gemm), the activations unrounded. The
+ * reference versions are in kernels/ref/ref.c; tests/test_kernels.c and
+ * test_backend_ops.c compare the two.
  */
 #include "base/base.h"
 #include "kernels/kernels.h"
@@ -212,11 +213,12 @@ static void linear_stream(float *Y, const float *X, int T, const kern_wt *W, con
 #endif
 }
 
-/* A prefill-sized product with block-quantized weights: tiles of rows are
- * dequantized to fp32 (exactly, tensor/quant.c) and multiplied through
- * the GEMM, the activations unquantized, so the dequantizing costs 1/T of
- * the products. false when out of memory (the caller falls back). */
-static bool linear_q_gemm(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
+/* A prefill-sized product with bf16 or block-quantized weights (rows (out,
+ * in)): tiles of rows are widened / dequantized to fp32 (exactly: the
+ * dtype's to_float) and multiplied through the GEMM, the activations
+ * unrounded, so the conversion costs 1/T of the products. false when out
+ * of memory (the caller falls back). */
+static bool linear_tiles_gemm(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
                           const float *b)
 {
     enum { TILE = 256 };
@@ -248,8 +250,10 @@ void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_
         kern_matmul_fwd_gemm(g, Y, X, W->data, b, T, W->cols, W->rows, W->lay);
         return;
     }
+    if (W->dtype != KILN_DTYPE_F32 && W->lay == KERN_W_OUT_IN && T >= GEMM_MIN_T && g &&
+        linear_tiles_gemm(g, Y, X, T, W, b))
+        return;
     if (dtype_traits_of(W->dtype)->quantized) {
-        if (T >= GEMM_MIN_T && g && linear_q_gemm(g, Y, X, T, W, b)) return;
         if (!kern_fast_linear_q(Y, X, T, W, b)) kern_ops_ref()->linear(g, Y, X, T, W, b);
         return;
     }
