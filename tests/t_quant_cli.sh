@@ -68,3 +68,11 @@ check quant_eval_engine_gguf_q8_0 [ -n "$la" ] && [ "$la" = "$lb" ] && echo "$a"
 a=$(KILN_LOG=info js --model "$D/m_q4_k_m.gguf" --engine)
 DETAIL="$a | $(cat "$D/eval.err")"
 check quant_eval_engine_gguf_q4_k_m_stored grep -q "matrices taken from .*m_q4_k_m.gguf in their stored types" "$D/eval.err"
+# --chunk 1: every token a decode step, the 8-bit-activation dot products
+# of generation (prefill widens the rows to fp32 for the GEMM instead):
+# a different loss from the prefill path's, and close to it
+l0=$(js --model "$D/m_q4_k_m.gguf" --engine | loss); l1=$(js --model "$D/m_q4_k_m.gguf" --engine --chunk 1 | loss)
+DETAIL="prefill path $l0, decode path $l1: $(cat "$D/eval.err")"
+check quant_eval_chunk1_decode_path "$PY" -c "import sys; a, b = map(float, sys.argv[1:]); sys.exit(0 if a != b and abs(a - b) <= 0.002 * a else 1)" "$l0" "$l1"
+out=$("$KILN" eval --model "$D/run" --data "$D/data" --engine --chunk -1 2>&1); rc=$?
+DETAIL="exit $rc: $out"; check quant_eval_bad_chunk [ $rc -eq 2 ] && echo "$out" | grep -q -- "--chunk must be >= 0"

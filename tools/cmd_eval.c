@@ -82,7 +82,7 @@ int cmd_eval(int argc, char **argv)
 {
     const char *model_dir = NULL, *tokens = NULL, *data = NULL, *split = "val", *dtype = NULL;
     bool json = false, engine = false;
-    int B = 4, T = 0, threads = 0;
+    int B = 4, T = 0, threads = 0, chunk = 0;
     int64_t max_tokens = 0;
     cli_opt opts[] = {
         {"model", CLI_STR, &model_dir, "model directory, checkpoint, or run directory (its latest checkpoint)", true},
@@ -95,6 +95,7 @@ int cmd_eval(int argc, char **argv)
         {"threads", CLI_INT, &threads, "compute threads, 0 = all cores [0]", false},
         {"json", CLI_BOOL, &json, "print one JSON object", false},
         {"engine", CLI_BOOL, &engine, "evaluate through the inference engine as generate, chat and serve run the model: a .gguf's matrices in the types it stores, 8-bit activations (a directory: fp32; with --dtype: that type)", false},
+        {"chunk", CLI_INT, &chunk, "with --engine or --dtype: tokens per engine step; 1 runs every token as a decode step (generation's path: quantized weights dotted with 8-bit activations), 16 or more the prefill's (quantized rows widened to fp32 for the GEMM) [--seq]", false},
         {"dtype", CLI_STR, &dtype, "evaluate through the inference engine with its weights stored as " CLI_WEIGHT_DTYPES " (the perplexity of a quantized model) [the training forward, fp32]", false},
         {NULL, 0, NULL, NULL, false}};
     int rc = cli_parse("eval", "eval --model DIR (--tokens FILE | --data DIR) [--json] [--batch B] [--seq T]",
@@ -108,6 +109,11 @@ int cmd_eval(int argc, char **argv)
     }
     if (!tokens == !data) {
         fprintf(stderr, "kiln eval: give exactly one of --tokens FILE or --data DIR\n");
+        cli_free(opts, NULL);
+        return 2;
+    }
+    if (chunk < 0) {
+        fprintf(stderr, "kiln eval: --chunk must be >= 0 (0 = --seq; got %d)\n", chunk);
         cli_free(opts, NULL);
         return 2;
     }
@@ -198,7 +204,7 @@ int cmd_eval(int argc, char **argv)
     if (dtype || engine) { /* the weights as the engine serves them */
         kiln_engine_opts eo = kiln_engine_opts_default();
         eo.n_ctx = T;
-        eo.chunk = T;
+        eo.chunk = chunk > 0 && chunk < T ? chunk : T;
         eo.wtype = wt;
         if (stored) eo.weights_gguf = dir; /* as the file stores them */
         if ((s = kiln_engine_new(ctx, m, &eo, &eng))) goto fail;
