@@ -35,8 +35,12 @@ DETAIL="$(readelf -dW "$S" 2>&1 | grep NEEDED)"
 check static_no_needed_libraries [ -z "$(readelf -dW "$S" 2>&1 | grep NEEDED)" ]
 out=$(ldd "$S" 2>&1)
 DETAIL="ldd: $out"; check static_ldd_not_dynamic grep -q "not a dynamic executable" <<<"$out"
-out=$(file -L "$S" 2>&1)
-DETAIL="file: $out"; check static_file_statically_linked grep -q "statically linked" <<<"$out"
+if command -v file >/dev/null; then
+  out=$(file -L "$S" 2>&1)
+  DETAIL="file: $out"; check static_file_statically_linked grep -q "statically linked" <<<"$out"
+else
+  echo "SKIP static_file_statically_linked: no file(1) (readelf and ldd above checked the same)"
+fi
 out=$(strings "$S" | grep -c 'dnnl_sgemm\|libdnnl')
 DETAIL="$out oneDNN strings"; check static_without_onednn [ "$out" = 0 ]
 
