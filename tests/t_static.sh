@@ -6,7 +6,7 @@
 # .gguf and gives the same greedy tokens, replies and perplexity as the
 # ordinary kiln on the same files. The build is make's: up to date it
 # costs nothing (CI builds it once before the tests), from nothing about
-# two minutes on two cores.
+# half a minute on two cores.
 set -u
 D="$KILN_TMP/t_static"
 rm -rf "$D"; mkdir -p "$D"
