@@ -225,7 +225,7 @@ int cmd_eval(int argc, char **argv)
                tokens ? tokens : data, weights, dt);
     } else {
         printf("%s (%s): %.0f tokens predicted, seq %d, %s\n", tokens ? tokens : data,
-               kind, cnt, T, weights);
+               kind, cnt, T, dtype || engine ? weights : "training forward (fp32)");
         printf("loss %.4f nats/token | perplexity %.3f | %.3f bits/token | "
                "%.1fs (%.0f tok/s)\n",
                loss, exp(loss), loss / log(2.0), dt, cnt / dt);
