@@ -21,7 +21,7 @@
 # QQ_STEPS (optimizer steps, default 1500), QQ_MAX_TIME (seconds of
 # training at most, default 900), QQ_THREADS (default 0: every core),
 # QQ_REUSE=1 (keep a finished run in QQ_DIR and only quantize and
-# evaluate again). About 12 minutes on 2 busy cores, nearly all training.
+# evaluate again). 16-20 minutes on 2 busy cores, two thirds of it training.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-${KILN_BUILD:-build}}
