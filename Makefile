@@ -9,6 +9,9 @@
 #   make fuzz       build the libFuzzer harnesses (clang) and run them briefly
 #   make mutate     plant each bug of tests/mutations.txt in a copy; every one
 #                   must be caught by the tests it names (tests/mutate.py)
+#   make static     the edge build: build-static/kiln-run, one statically
+#                   linked binary for inference (generate, chat, serve, eval,
+#                   info) with no shared libraries at all (docs/quantize.md)
 #
 # Variables: WERROR=1 (warnings are errors; CI), BUILD=dir, SAN=1,
 # ARCH=-march=native (set ARCH= for a portable build), NO_DNNL=1, NO_MPI=1,
@@ -74,7 +77,7 @@ LIB       := $(BUILD)/libkiln.a
 $(LIB_OBJ): LAYER_INC := $(LIB_INC)
 $(TOOL_OBJ): LAYER_INC := $(TOOL_INC)
 
-.PHONY: all info test asan bench demo deps fuzz mutate clean examples tests
+.PHONY: all info test asan bench demo deps fuzz mutate clean examples tests static
 all: info-line $(LIB) $(BUILD)/kiln
 
 info-line:
@@ -124,6 +127,25 @@ $(BUILD)/examples/%: examples/%.c $(LIB)
 	@$(if $(Q),echo "  LINK    $@")
 	$(Q)$(CC) $(CFLAGS) -o $@ $< $(LIB) $(LDLIBS)
 
+# The edge build: the inference commands alone (the other cmd_* are weak
+# symbols, so kiln.c lists only what is linked), linked with -static against
+# the static archives of glibc, libgomp, jansson, pcre2 and libmicrohttpd,
+# without oneDNN (Debian ships no static libdnnl; the fp32 products take the
+# blocked OpenMP GEMM, the quantized ones the same kernels as ever) and
+# without MPI. tools/static/notls.c stands in for the GnuTLS that Debian's
+# libmicrohttpd.a refers to (kiln serve never uses TLS). Stripped (-s).
+STATIC_BUILD := build-static
+KILN_RUN_OBJ := $(addprefix $(BUILD)/obj/tools/,kiln.o cli.o cmd_generate.o cmd_chat.o \
+                  cmd_serve.o cmd_eval.o cmd_init.o static/notls.o)
+
+static:
+	@$(MAKE) --no-print-directory BUILD=$(STATIC_BUILD) NO_DNNL=1 NO_MPI=1 $(STATIC_BUILD)/kiln-run
+
+$(BUILD)/kiln-run: $(KILN_RUN_OBJ) $(LIB)
+	@$(if $(Q),echo "  LINK    $@ (static)")
+	$(Q)$(CC) $(CFLAGS) -static -s -o $@ $(KILN_RUN_OBJ) $(LIB) $(LDLIBS) 2>$@.log || { cat $@.log; exit 1; }
+	$(Q)grep -v -e "Using 'dlopen' in statically linked" -e "in function .gomp_target_init" $@.log >&2 || true
+
 tests: all $(TEST_BIN) $(EX_BIN)
 examples: $(EX_BIN)
 
@@ -152,6 +174,6 @@ mutate: deps
 	@python3 tests/mutate.py --workers 2
 
 clean:
-	rm -rf build build-asan build-fuzz build-clang-portable
+	rm -rf build build-asan build-fuzz build-clang-portable build-static
 
--include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) $(TEST_BIN:=.d)
+-include $(LIB_OBJ:.o=.d) $(TOOL_OBJ:.o=.d) $(TEST_BIN:=.d) $(BUILD)/obj/tools/static/notls.d

@@ -57,3 +57,22 @@ check quant_gguf_stored_q8_0_same_ids [ -n "$a" ] && [ "$a" = "$b" ]
 out=$(KILN_LOG=info "$KILN" generate --model "$D/m_q4_k_m.gguf" --prompt "the cat" --max-tokens 8 --temperature 0 --threads 1 2>&1); rc=$?
 n=$(echo "$out" | sed -n 's/.*engine: \([0-9]*\) matrices taken from .* in their stored types.*/\1/p')
 DETAIL="exit $rc: $out"; check quant_gguf_q4_k_m_kept [ $rc -eq 0 ] && [ "${n:-0}" -ge 8 ] && echo "$out" | grep -q "the .gguf's own weights"
+# eval --engine on a .gguf: the file's stored types through the engine, as
+# generate runs them; q8_0 stored equals q8_0 quantized from the directory
+# (the same blocks), and the JSON says which weights ran
+js() { "$KILN" eval --data "$D/data" --split train --max-tokens 20000 --seq 64 --threads 1 --json "$@" 2>"$D/eval.err"; }
+a=$(js --model "$D/m_q8_0.gguf" --engine); b=$(js --model "$D/run" --dtype q8_0)
+la=$(echo "$a" | loss); lb=$(echo "$b" | loss)
+DETAIL="stored: $a | directory --dtype q8_0: $b | $(cat "$D/eval.err")"
+check quant_eval_engine_gguf_q8_0 [ -n "$la" ] && [ "$la" = "$lb" ] && echo "$a" | grep -q '"weights": "stored types (engine)"'
+a=$(KILN_LOG=info js --model "$D/m_q4_k_m.gguf" --engine)
+DETAIL="$a | $(cat "$D/eval.err")"
+check quant_eval_engine_gguf_q4_k_m_stored grep -q "matrices taken from .*m_q4_k_m.gguf in their stored types" "$D/eval.err"
+# --chunk 1: every token a decode step, the 8-bit-activation dot products
+# of generation (prefill widens the rows to fp32 for the GEMM instead):
+# a different loss from the prefill path's, and close to it
+l0=$(js --model "$D/m_q4_k_m.gguf" --engine | loss); l1=$(js --model "$D/m_q4_k_m.gguf" --engine --chunk 1 | loss)
+DETAIL="prefill path $l0, decode path $l1: $(cat "$D/eval.err")"
+check quant_eval_chunk1_decode_path "$PY" -c "import sys; a, b = map(float, sys.argv[1:]); sys.exit(0 if a != b and abs(a - b) <= 0.002 * a else 1)" "$l0" "$l1"
+out=$("$KILN" eval --model "$D/run" --data "$D/data" --engine --chunk -1 2>&1); rc=$?
+DETAIL="exit $rc: $out"; check quant_eval_bad_chunk [ $rc -eq 2 ] && echo "$out" | grep -q -- "--chunk must be >= 0"

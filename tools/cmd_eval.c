@@ -81,8 +81,8 @@ static kiln_status read_tokens(kiln_ctx *ctx, const char *path, int32_t **ids,
 int cmd_eval(int argc, char **argv)
 {
     const char *model_dir = NULL, *tokens = NULL, *data = NULL, *split = "val", *dtype = NULL;
-    bool json = false;
-    int B = 4, T = 0, threads = 0;
+    bool json = false, engine = false;
+    int B = 4, T = 0, threads = 0, chunk = 0;
     int64_t max_tokens = 0;
     cli_opt opts[] = {
         {"model", CLI_STR, &model_dir, "model directory, checkpoint, or run directory (its latest checkpoint)", true},
@@ -94,6 +94,8 @@ int cmd_eval(int argc, char **argv)
         {"max-tokens", CLI_I64, &max_tokens, "evaluate only the first N tokens [all]", false},
         {"threads", CLI_INT, &threads, "compute threads, 0 = all cores [0]", false},
         {"json", CLI_BOOL, &json, "print one JSON object", false},
+        {"engine", CLI_BOOL, &engine, "evaluate through the inference engine as generate, chat and serve run the model: a .gguf's matrices in the types it stores, 8-bit activations (a directory: fp32; with --dtype: that type)", false},
+        {"chunk", CLI_INT, &chunk, "with --engine or --dtype: tokens per engine step; 1 runs every token as a decode step (generation's path: quantized weights dotted with 8-bit activations), 16 or more the prefill's (quantized rows widened to fp32 for the GEMM) [--seq]", false},
         {"dtype", CLI_STR, &dtype, "evaluate through the inference engine with its weights stored as " CLI_WEIGHT_DTYPES " (the perplexity of a quantized model) [the training forward, fp32]", false},
         {NULL, 0, NULL, NULL, false}};
     int rc = cli_parse("eval", "eval --model DIR (--tokens FILE | --data DIR) [--json] [--batch B] [--seq T]",
@@ -107,6 +109,11 @@ int cmd_eval(int argc, char **argv)
     }
     if (!tokens == !data) {
         fprintf(stderr, "kiln eval: give exactly one of --tokens FILE or --data DIR\n");
+        cli_free(opts, NULL);
+        return 2;
+    }
+    if (chunk < 0) {
+        fprintf(stderr, "kiln eval: --chunk must be >= 0 (0 = --seq; got %d)\n", chunk);
         cli_free(opts, NULL);
         return 2;
     }
@@ -193,26 +200,32 @@ int cmd_eval(int argc, char **argv)
         goto fail;
     }
     double t0 = kiln_time_now(), ls = 0, cnt = 0;
-    if (dtype) { /* the weights as the engine serves them */
+    const bool stored = engine && !dtype && cli_is_gguf(dir);
+    if (dtype || engine) { /* the weights as the engine serves them */
         kiln_engine_opts eo = kiln_engine_opts_default();
         eo.n_ctx = T;
-        eo.chunk = T;
+        eo.chunk = chunk > 0 && chunk < T ? chunk : T;
         eo.wtype = wt;
+        if (stored) eo.weights_gguf = dir; /* as the file stores them */
         if ((s = kiln_engine_new(ctx, m, &eo, &eng))) goto fail;
         if ((s = kiln_engine_eval_tokens(ctx, eng, ids, n, T, &ls, &cnt))) goto fail;
     } else if ((s = kiln_eval_tokens(ctx, m, ids, n, B, T, &ls, &cnt))) {
         goto fail;
     }
     double dt = kiln_time_now() - t0, loss = ls / cnt;
+    const char *weights = dtype    ? dtype
+                          : stored ? "stored types (engine)"
+                          : engine ? "fp32 (engine)"
+                                   : "fp32 (training forward)";
     if (json) {
         printf("{\"loss\": %.6f, \"perplexity\": %.6f, \"tokens\": %.0f, "
                "\"bits_per_token\": %.6f, \"seq\": %d, \"model\": \"%s\", "
                "\"source\": \"%s\", \"weights\": \"%s\", \"seconds\": %.3f}\n",
                loss, exp(loss), cnt, loss / log(2.0), T, dir,
-               tokens ? tokens : data, dtype ? dtype : "fp32 (training forward)", dt);
+               tokens ? tokens : data, weights, dt);
     } else {
         printf("%s (%s): %.0f tokens predicted, seq %d, %s\n", tokens ? tokens : data,
-               kind, cnt, T, dtype ? dtype : "training forward (fp32)");
+               kind, cnt, T, dtype || engine ? weights : "training forward (fp32)");
         printf("loss %.4f nats/token | perplexity %.3f | %.3f bits/token | "
                "%.1fs (%.0f tok/s)\n",
                loss, exp(loss), loss / log(2.0), dt, cnt / dt);

@@ -451,13 +451,12 @@ kiln_status dist_init(kiln_ctx *ctx, dist **out, const kiln_dist_opts *opts)
     if (d->bucket_bytes < 4) d->bucket_bytes = 4;
     d->overlap = o.overlap;
     d->progress_table = o.progress_table;
-    kiln_status st;
 
     int lw = launcher_world();
 #ifdef KILN_HAVE_MPI
     if (lw > 0) {
         d->mpi = true;
-        st = mpi_setup(ctx, d);
+        kiln_status st = mpi_setup(ctx, d);
         if (st) {
             free(d);
             return st;
