@@ -3,7 +3,8 @@
 # with kiln train (bytes vocabulary), then fine-tuned on generated chat and
 # prompt/completion JSONL. Checks: the held-out loss on the assistant
 # tokens falls; --loss-on changes what is counted (loss_tokens); a run
-# stopped and resumed ends bit-identical to a straight one; bad lines are
+# stopped and resumed ends bit-identical to a straight one (resumed by kiln
+# sft --resume or by kiln train --resume, which hands it over); bad lines are
 # reported as FILE:LINE; bad flags are refused naming the flag.
 set -u
 D="$KILN_TMP/t_sft"
@@ -118,6 +119,11 @@ check sft_stop_at_saves grep -q 'resume with: kiln sft --resume' "$D/rb.out"
 DETAIL="$(tail -3 "$D/rb2.out" | tr '\n' ' ')"
 check sft_resume_bit_exact cmp -s "$D/ra/step_00000012/model.safetensors" "$D/rb/step_00000012/model.safetensors"
 check sft_resume_same_metrics cmp -s <(cut -d, -f1-3 "$D/ra/metrics.jsonl") <(cut -d, -f1-3 "$D/rb/metrics.jsonl")
+# kiln train --resume on an sft run hands it to kiln sft: the same trajectory
+"${SFT[@]}" --out "$D/rc" --steps 12 --grad-accum 2 --eval-every 4 --stop-at 5 >/dev/null 2>&1
+(cd / && "$KILN" train --resume "$D/rc" --progress none --threads 2 >"$D/rc2.out" 2>&1)
+DETAIL="$(tail -3 "$D/rc2.out" | tr '\n' ' ')"
+check train_resume_of_sft_run eval "grep -q 'is a kiln sft run' $D/rc2.out && cmp -s $D/ra/step_00000012/model.safetensors $D/rc/step_00000012/model.safetensors"
 
 # ---- under mpirun: 2 ranks x batch 2 train what 1 rank x batch 4 does ----
 if command -v mpirun >/dev/null 2>&1 && ldd "$KILN" 2>/dev/null | grep -q libmpi; then

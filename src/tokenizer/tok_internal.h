@@ -36,6 +36,10 @@ enum {
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| " \
     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 
+#define TOK_PATTERN_QWEN2                                                  \
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| " \
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+
 typedef enum tok_pre {
     TOK_PRE_BYTELEVEL = 0, /* HF ByteLevel(use_regex=true): GPT-2 pattern   */
     TOK_PRE_SPLIT = 1,     /* HF Sequence[Split(Regex), ByteLevel(no regex)]*/
