@@ -597,6 +597,12 @@ kiln_status kiln_tokenizer_set_chat_template(kiln_ctx *ctx, kiln_tokenizer *tok,
                                              const char *eos);
 /* The template's source, or NULL when conversations render as ChatML. */
 const char *kiln_tokenizer_chat_template(const kiln_tokenizer *tok);
+/* Writes DIR/tokenizer_config.json ({"chat_template", "bos_token",
+ * "eos_token"}: what kiln_tokenizer_load reads back) when tok has a chat
+ * template of its own (one from a GGUF file's tokenizer.chat_template, for
+ * instance); does nothing otherwise. */
+kiln_status kiln_tokenizer_save_chat_config(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                            const char *dir);
 
 /* The id that ends an assistant turn: <|im_end|> when the tokenizer has
  * it, else the end-of-text id. Generation should stop on it (and on the
