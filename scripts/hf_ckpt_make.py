@@ -1,11 +1,11 @@
 #!/usr/bin/python3
-"""hf_ckpt_make.py DIR ARCH DTYPE [SHARDS] — writes a small random Hugging
+"""hf_ckpt_make.py DIR ARCH DTYPE [SHARDS [VOCAB]] — writes a small random Hugging
 Face checkpoint as transformers' save_pretrained lays it out, for
 tests/test_model_torch.c: config.json with the keys of the real model
 family, and the weights in DTYPE (F32, BF16 or F16) split over SHARDS files
 model-0000i-of-0000n.safetensors plus model.safetensors.index.json
 ({"metadata": {"total_size"}, "weight_map": {name: file}}). SHARDS 1 writes
-model.safetensors alone.
+model.safetensors alone. VOCAB sets vocab_size (67 when not given).
 
 ARCH: qwen2 (Qwen2.5-0.5B's layout: q/k/v biases, no o_proj bias, tied
 embeddings, GQA, rope_theta 1e6), mistral (Mistral-7B-v0.2's: no biases,
@@ -110,6 +110,8 @@ def main():
     shards = int(sys.argv[4]) if len(sys.argv) > 4 else 2
     gen = torch.Generator().manual_seed(20240 + len(arch) + len(dtype))
     cfg = config(arch)
+    if len(sys.argv) > 5:
+        cfg["vocab_size"] = int(sys.argv[5])
     cfg["torch_dtype"] = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[dtype]
     W = weights(cfg, gen)
     os.makedirs(d, exist_ok=True)

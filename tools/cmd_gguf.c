@@ -296,7 +296,11 @@ int cmd_import(int argc, char **argv)
     else {
         const kiln_config *c = kiln_model_config(m);
         printf("imported %s -> %s: %s, %d layers, width %d, vocab %d, %zu parameters\n", in, out,
-               c->arch == KILN_ARCH_GPT2 ? "gpt2" : "llama", c->n_layer, c->n_embd,
+               c->arch == KILN_ARCH_GPT2               ? "gpt2"
+               : c->hf_type == KILN_HF_TYPE_QWEN2   ? "qwen2"
+               : c->hf_type == KILN_HF_TYPE_MISTRAL ? "mistral"
+                                                    : "llama",
+               c->n_layer, c->n_embd,
                c->vocab_size, kiln_model_num_params(m));
     }
     kiln_tokenizer_free(tok);

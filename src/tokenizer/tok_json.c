@@ -448,7 +448,8 @@ json_t *tok_to_hf_json(const kiln_tokenizer *t)
     json_object_set_new(root, "truncation", json_null());
     json_object_set_new(root, "padding", json_null());
     json_object_set(root, "added_tokens", added);
-    json_object_set_new(root, "normalizer", json_null());
+    json_object_set_new(root, "normalizer",
+                        t->nfc ? json_pack("{s:s}", "type", "NFC") : json_null());
     if (t->pre == TOK_PRE_SPLIT) {
         json_t *pre = json_pack(
             "{s:s, s:[{s:s, s:{s:s}, s:s, s:b}, {s:s, s:b, s:b, s:b}]}", "type",
