@@ -373,6 +373,32 @@ static void test_sharded(void)
     snprintf(extra, sizeof extra, ", \"extra.weight\": \"model-00001-of-00002.safetensors\"");
     write_shards(ctx, m, md, -1, NULL, extra);
     expect_load_error(ctx, md, "extra.weight", "no such tensor");
+    /* a tensor the config implies in no shard and not in the map */
+    write_shards(ctx, m, md, -1, NULL, NULL);
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", md);
+    size_t il = 0;
+    unsigned char *ix = slurp(p, &il);
+    char *cut = ix ? strstr((char *)ix, ", \"lm_head.weight\"") : NULL;
+    CHECK(cut != NULL);
+    if (cut) {
+        strcpy(cut, "}}\n");
+        spit(p, ix, strlen((char *)ix));
+        /* shard 2 without lm_head: rewrite it from the model's tensors */
+        st_entry e[64];
+        int k = 0;
+        for (int i = m->n_tensors / 2; i < m->n_tensors && k < 64; i++) {
+            const kiln_tensor_info *t = &m->tensors[i];
+            if (!strcmp(t->name, "lm_head.weight")) continue;
+            e[k++] = (st_entry){.name = t->name, .dtype = KILN_DTYPE_F32, .ndim = t->ndim,
+                                .shape = {t->shape[0], t->shape[1]},
+                                .data = m->params + t->offset};
+        }
+        char sp[256];
+        snprintf(sp, sizeof sp, "%s/model-00002-of-00002.safetensors", md);
+        CHECK(st_save(ctx, sp, e, k, NULL, 0) == KILN_OK);
+        expect_load_error(ctx, md, "\"lm_head.weight\" is missing from every shard", md);
+    }
+    free(ix);
     /* shard names are file names in the directory, never paths */
     write_shards(ctx, m, md, -1, "../model-00001-of-00002.safetensors", NULL);
     expect_load_error(ctx, md, first, "without '/'");

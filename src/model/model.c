@@ -639,9 +639,9 @@ kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *dir)
     st_set f;
     kiln_status s = st_set_open_dir(ctx, dir, &f);
     if (s) return s;
-    /* messages name the file holding the tensor, or the index when the
-     * tensor is in none */
-    const char *path = f.n_files == 1 ? f.paths[0] : dir;
+    /* messages name the file holding the tensor; a tensor in no file,
+     * the single file or the directory of shards */
+    const char *none = f.n_files == 1 ? f.paths[0] : dir, *path = none;
     /* Original GPT-2 checkpoints name tensors without "transformer.". */
     bool bare = m->cfg.arch == KILN_ARCH_GPT2 &&
                 !st_set_find(&f, "transformer.wte.weight", NULL) &&
@@ -652,11 +652,12 @@ kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *dir)
         if (bare && !strncmp(name, "transformer.", 12)) name += 12;
         int fi = 0;
         const st_tensor *t = st_set_find(&f, name, &fi);
-        if (t) path = f.paths[fi];
+        path = t ? f.paths[fi] : none;
         if (!t) {
             s = kiln_fail(ctx, KILN_ERR_FORMAT,
-                          "%s: tensor \"%s\" is missing (is config.json for this file?)",
-                          path, name);
+                          "%s: tensor \"%s\" is missing%s (is config.json for this "
+                          "file?)", path, name,
+                          f.n_files > 1 ? " from every shard" : "");
             break;
         }
         bool ok = t->ndim == ti->ndim;
