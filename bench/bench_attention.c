@@ -4,7 +4,7 @@
  * what the bf16 training step ran before), at the benchmark model's
  * attention shape (configs/bench-gpt2-30m.json: B 8, T 256, NH 8, HS 64).
  * Both read the same bf16-rounded q, k, v (fp32 widened for the reference,
- * bf16 for AMX: what forward_mp.c hands each). Forward and backward are
+ * bf16 for AMX: what model/pass.c hands each). Forward and backward are
  * timed separately, interleaved rep by rep (fp32 fwd, AMX fwd, fp32 bwd,
  * AMX bwd) so that a noisy machine slows both alike; each figure is the
  * best of --reps with the worst in brackets, ratios use the best.

@@ -153,7 +153,7 @@ static int child(const char *cfgpath, const char *prec, int B, int T, int steps,
 /* ---- the matrix products of one bf16 step, alone ---------------------- */
 
 /* As the bf16 training step of the gpt2 benchmark model runs them
- * (model/forward_mp.c with AMX attention): per layer the qkv product
+ * (model/pass.c with AMX attention): per layer the qkv product
  * writing bf16 rows through its epilogue, the projection and the MLP's
  * second product accumulating into the residual, the fc product writing
  * its packed bf16 pre-activation and GELU through its epilogue; backward

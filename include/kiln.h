@@ -1702,6 +1702,14 @@ typedef struct kiln_serve_opts {
     /* /v1/embeddings: how a text's final-norm hidden states are pooled
      * [KILN_POOLING_MEAN]; the vectors returned are unit length */
     kiln_pooling embedding_pooling;
+    /* A training run directory (RUN/latest names its newest checkpoint):
+     * serve that checkpoint (model_dir NULL: resolved from here) and
+     * follow the run: a newer checkpoint is verified and loaded in the
+     * background and swapped in between requests (those running finish on
+     * the old weights); one that fails to load is logged and the old
+     * weights stay [NULL] */
+    const char *run_dir;
+    int watch_ms;           /* how often run_dir/latest is read; 0 = never [1000] */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

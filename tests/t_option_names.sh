@@ -41,6 +41,8 @@ shows cli_generate_top_p "kiln generate: --top-p 2 must be in (0, 1]" \
   "$KILN" generate --model "$T/none" --top-p 2
 shows cli_serve_parallel "kiln serve: --parallel 0 is not in 1..256" \
   "$KILN" serve --model "$T/none" --parallel 0
+shows cli_serve_watch_ms "kiln serve: --watch-ms -5 must be >= 0" \
+  "$KILN" serve --model "$T/none" --watch-ms -5
 shows cli_tokenizer_vocab "--vocab-size 100 must be in" \
   "$KILN" tokenizer train --input "$T/none" --vocab-size 100 --out "$T/tok.json"
 printf 'one document\n' >"$T/one.txt"

@@ -16,7 +16,7 @@ if ! command -v curl >/dev/null || [ ! -x "$PY" ] || ! "$PY" -c 'import numpy' 2
   echo "SKIP serve_embed: needs curl and /usr/bin/python3 with numpy"; exit 0
 fi
 cat >"$D/tiny.json" <<'J'
-{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 257, "n_positions": 1024}
+{"model_type": "gpt2", "n_layer": 8, "n_embd": 64, "n_head": 4, "vocab_size": 257, "n_positions": 1024}
 J
 "$KILN" init --config "$D/tiny.json" --out "$D/tiny" --force >/dev/null || { fail init; exit 1; }
 post() { CODE=$(curl -s -o "$3" -w '%{http_code}' -H 'Content-Type: application/json' --data-binary "$2" "http://127.0.0.1:$PORT$1"); }

@@ -1,11 +1,15 @@
 /*
  * test_backend_ops.c — every op of every backend against the ref backend,
  * in one loop (ggml's test-backend-ops): backends {ref, cpu with the AMX,
- * AVX512_BF16 and portable product kernels, in bf16 and in fp16} x ops
+ * AVX512_BF16 and portable product kernels, in bf16 and in fp16; the f32
+ * backend over the fast table, against the f32 backend over the ref
+ * table: the oracle of each backend is ref in its compute dtype} x ops
  * {buffers, the fp32 op table's linear layers, the inference ops (the
  * typed linear on fp32, bf16 and the Q types at decode and prefill sizes,
  * rope_at, attention_kv), the weight refresh, and every kern_mp_ops entry
- * (bf16 backends: fp16 has none, which the op table's case checks)}.
+ * (bf16 and f32 backends: fp16 has none, which the op table's case
+ * checks)}. The bf16 bounds below hold for the f32 backend a fortiori
+ * (its operands are not rounded; its outputs are fp32).
  * Each (backend, op) pair prints one PASS / FAIL / SKIP line; a kernel
  * this CPU lacks is a SKIP. Inputs live in the backend's buffers
  * (buf_alloc / buf_set / buf_get), as a device backend needs.
@@ -237,7 +241,9 @@ static void op_table(kern_backend *b)
     SAME_AS(add);
     SAME_AS(cross_entropy);
 #undef SAME_AS
-    /* the bf16 path's ops: all offered with a bf16 compute dtype, none else */
+    /* the activation ops: all offered with a bf16 or f32 compute dtype,
+     * none with fp16 (its activations stay fp32: the model runs the f32
+     * backend over its GEMM) */
     const void *const mp[] = {
         (const void *)b->mp.act_bytes,     (const void *)b->mp.act_pack,
         (const void *)b->mp.act_unpack,    (const void *)b->mp.to_rows,
@@ -248,7 +254,7 @@ static void op_table(kern_backend *b)
         (const void *)b->mp.attention_ok,  (const void *)b->mp.attention_fwd,
         (const void *)b->mp.attention_bwd, (const void *)b->mp.attention_linear_bwd};
     for (size_t i = 0; i < sizeof mp / sizeof mp[0]; i++)
-        CHECK_MSG((mp[i] != NULL) == (b->dtype == KILN_DTYPE_BF16), "mp op %zu of a %s backend", i,
+        CHECK_MSG((mp[i] != NULL) == (b->dtype != KILN_DTYPE_F16), "mp op %zu of a %s backend", i,
                   kiln_dtype_name(b->dtype));
     int N = 37, C = 48, OC = 80;
     /* both operands rounded: bf16 2 ub + ub^2; fp16 (uh = 2^-11) the
@@ -310,13 +316,13 @@ static void op_act_pack(kern_backend *b)
     for (int s = 0; s < 4; s++) {
         int rows = shapes[s][0], cols = shapes[s][1];
         size_t n = (size_t)rows * cols;
-        CHECK(b->mp.act_bytes(b, rows, cols) >= 2 * n);
+        CHECK(b->mp.act_bytes(b, rows, cols) >= b->mp.row_size * n);
         float *x = rnd(n, 3);
-        x[0] = 1.0f + 1.0f / 256; /* a tie: to even */
+        x[0] = 1.0f + 1.0f / 256; /* a tie: to even in bf16; exact in f32 */
         kern_act *a = act_of(b, x, rows, cols), *ar = act_of(R, x, rows, cols);
         float *got = act_host(b, a, rows, cols), *ref = act_host(R, ar, rows, cols);
         within("act_pack/unpack", got, ref, NULL, n);
-        CHECK(ref[0] == 1.0f);
+        CHECK(ref[0] == (b->dtype == KILN_DTYPE_F32 ? x[0] : 1.0f));
         free(x), free(got), free(ref);
         b->buf_free(b, a);
         R->buf_free(R, ar);
@@ -329,13 +335,15 @@ static void op_rows(kern_backend *b)
     float *x = rnd(n, 10);
     x[1] = NAN;
     x[2] = 3.4e38f; /* rounds to inf */
-    uint16_t *h = malloc(n * 2), *hr = malloc(n * 2);
+    size_t rs = b->mp.row_size;
+    CHECK(rs == R->mp.row_size && rs == (b->dtype == KILN_DTYPE_F32 ? 4u : 2u));
+    void *h = malloc(n * rs), *hr = malloc(n * rs);
     float *xd = up(b, x, n * 4), *yd = b->buf_alloc(b, n * 4);
-    uint16_t *hd = b->buf_alloc(b, n * 2);
+    void *hd = b->buf_alloc(b, n * rs);
     b->mp.to_rows(b, hd, xd, n);
-    b->buf_get(b, hd, 0, h, n * 2);
+    b->buf_get(b, hd, 0, h, n * rs);
     R->mp.to_rows(R, hr, x, n);
-    CHECK(memcmp(h, hr, n * 2) == 0);
+    CHECK(memcmp(h, hr, n * rs) == 0);
     b->mp.from_rows(b, yd, hd, n);
     float *y = down(b, yd, n), *yr = malloc(n * 4);
     R->mp.from_rows(R, yr, hr, n);
@@ -409,7 +417,7 @@ static void op_linear_fwd(kern_backend *b)
                 CHECK(w && w == prep(b, W, OC, C, (kern_wlayout)lay));
                 kern_act *xa = act_of(b, x, N, C), *xr = act_of(R, x, N, C);
                 float *y = zeros(no), *yr = zeros(no);
-                uint16_t *rows = calloc(no, 2), *rowsr = calloc(no, 2);
+                void *rows = calloc(no, 4), *rowsr = calloc(no, 4);
                 kern_act *hp = b->buf_alloc(b, b->mp.act_bytes(b, N, OC));
                 kern_act *ap = b->buf_alloc(b, b->mp.act_bytes(b, N, OC));
                 kern_act *hpr = R->buf_alloc(R, R->mp.act_bytes(R, N, OC));
@@ -453,8 +461,8 @@ static void op_linear_fwd(kern_backend *b)
                     within(what, y, yr, tol, no);
                 } else if (kind == KERN_OUT_ROWS) {
                     float *g = zeros(no), *r = zeros(no);
-                    for (size_t i = 0; i < no; i++)
-                        g[i] = bf16_to_f32(rows[i]), r[i] = bf16_to_f32(rowsr[i]);
+                    b->mp.from_rows(b, g, rows, no); /* host rows: ref and cpu alike */
+                    R->mp.from_rows(R, r, rowsr, no);
                     after_bf16(tol, e, g, r, no);
                     within(what, g, r, tol, no);
                     free(g), free(r);
@@ -758,9 +766,12 @@ static void op_ce_linear_bwd(kern_backend *b)
             float *dW = zeros(nw), *dWr = zeros(nw), *dx = zeros(nx), *dxr = zeros(nx);
             double ls = 0.5, ws = 0.25, lsr = 0.5, wsr = 0.25;
             float scale = 1.0f / 29;
-            CHECK(b->mp.ce_linear_bwd(b, w, z, tg, mask, N, V, scale, &ls, &ws, xa, dW, false, dx));
-            CHECK(R->mp.ce_linear_bwd(R, wr, z, tg, mask, N, V, scale, &lsr, &wsr, xr, dWr, false,
+            float *zb = malloc(nl * 4), *zR = malloc(nl * 4); /* each backend may overwrite */
+            memcpy(zb, z, nl * 4), memcpy(zR, z, nl * 4);
+            CHECK(b->mp.ce_linear_bwd(b, w, zb, tg, mask, N, V, scale, &ls, &ws, xa, dW, false, dx));
+            CHECK(R->mp.ce_linear_bwd(R, wr, zR, tg, mask, N, V, scale, &lsr, &wsr, xr, dWr, false,
                                       dxr));
+            free(zb), free(zR);
             /* dlogits as the ref has them, and their error after bf16 */
             float *dl = zeros(nl), *dla = zeros(nl), *edl = zeros(nl);
             double l0 = 0, w0 = 0, tl = 0, sw = 0;
@@ -870,9 +881,9 @@ static void att_bound(double *tol, const double *M, const float *ref, size_t n)
         tol[i] = 2 * UB * M[i] + 1e-5 * mx;
 }
 
-static uint16_t *rows_of(kern_backend *b, const float *x, size_t n)
+static void *rows_of(kern_backend *b, const float *x, size_t n)
 {
-    uint16_t *h = b->buf_alloc(b, n * 2);
+    void *h = b->buf_alloc(b, n * b->mp.row_size);
     float *xd = up(b, x, n * 4);
     b->mp.to_rows(b, h, xd, n);
     b->buf_free(b, xd);
@@ -888,8 +899,7 @@ static void op_attention_fwd(kern_backend *b)
         any = true;
         att_in a = att_make(c);
         size_t no = (size_t)a.n * a.OC, nl = (size_t)c->B * c->NH * c->T;
-        uint16_t *q = rows_of(b, a.qkv, (size_t)a.n * a.S),
-                 *qr = rows_of(R, a.qkv, (size_t)a.n * a.S);
+        void *q = rows_of(b, a.qkv, (size_t)a.n * a.S), *qr = rows_of(R, a.qkv, (size_t)a.n * a.S);
         kern_act *o = b->buf_alloc(b, b->mp.act_bytes(b, a.n, a.OC));
         kern_act *orr = R->buf_alloc(R, R->mp.act_bytes(R, a.n, a.OC));
         float *lse = zeros(nl), *lser = zeros(nl);
@@ -922,7 +932,7 @@ static void op_attention_bwd(kern_backend *b)
         any = true;
         att_in a = att_make(c);
         size_t nq = (size_t)a.n * a.S;
-        uint16_t *q = rows_of(b, a.qkv, nq), *qr = rows_of(R, a.qkv, nq);
+        void *q = rows_of(b, a.qkv, nq), *qr = rows_of(R, a.qkv, nq);
         kern_act *o = act_of(b, a.out, a.n, a.OC), *orr = act_of(R, a.out, a.n, a.OC);
         float *dq = zeros(nq), *dqr = zeros(nq);
         b->mp.attention_bwd(b, dq, a.dout, q, o, a.lse, c->B, c->T, c->NH, c->KVH, c->HS);
@@ -955,7 +965,7 @@ static void op_attention_linear_bwd(kern_backend *b)
         for (int lay = 0; lay < 2; lay++) {
             kern_wlayout L = (kern_wlayout)lay;
             float *W = rnd(nw, 0.2f), *x = rnd(nx, 1);
-            uint16_t *q = rows_of(b, a.qkv, nq), *qr = rows_of(R, a.qkv, nq);
+            void *q = rows_of(b, a.qkv, nq), *qr = rows_of(R, a.qkv, nq);
             kern_act *o = act_of(b, a.out, n, a.OC), *orr = act_of(R, a.out, n, a.OC);
             kern_act *xa = act_of(b, x, n, C), *xr = act_of(R, x, n, C);
             kern_weight *w = prep(b, W, QKV, C, L), *wr = prep(R, W, QKV, C, L);
@@ -1195,7 +1205,9 @@ static const backend_spec BACKENDS[] = {
     {"ref", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AUTO}, {"cpu", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AMX},
     {"cpu", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AVX512}, {"cpu", KILN_DTYPE_BF16, KILN_BF16_KERNEL_REF},
     {"cpu", KILN_DTYPE_F16, KILN_BF16_KERNEL_AMX},  {"cpu", KILN_DTYPE_F16, KILN_BF16_KERNEL_AVX512},
-    {"cpu", KILN_DTYPE_F16, KILN_BF16_KERNEL_REF}};
+    {"cpu", KILN_DTYPE_F16, KILN_BF16_KERNEL_REF},
+    /* the f32 backend over the fast table, against it over the ref table */
+    {"cpu", KILN_DTYPE_F32, KILN_BF16_KERNEL_AUTO}};
 
 typedef struct op_spec {
     const char *name;
@@ -1239,12 +1251,15 @@ static void report(const char *label, const char *op)
 int main(void)
 {
     kiln_rng_seed(&rng, 16);
-    R = kern_backend_new("ref", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AUTO);
-    KILN_ASSERT(R);
+    kern_backend *Rb = kern_backend_new("ref", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AUTO);
+    kern_backend *Rf = kern_backend_new("ref", KILN_DTYPE_F32, KILN_BF16_KERNEL_AUTO);
+    KILN_ASSERT(Rb && Rf);
     CHECK(kern_backend_new("no-such-backend", KILN_DTYPE_BF16, KILN_BF16_KERNEL_AUTO) == NULL);
-    CHECK(kern_backend_new("ref", KILN_DTYPE_F32, KILN_BF16_KERNEL_AUTO) == NULL);
+    CHECK(kern_backend_new("no-such-backend", KILN_DTYPE_F32, KILN_BF16_KERNEL_AUTO) == NULL);
+    CHECK(kern_backend_new("ref", KILN_DTYPE_F16, KILN_BF16_KERNEL_AUTO) == NULL);
     for (size_t i = 0; i < sizeof BACKENDS / sizeof BACKENDS[0]; i++) {
         const backend_spec *s = &BACKENDS[i];
+        R = s->dtype == KILN_DTYPE_F32 ? Rf : Rb; /* the oracle of its dtype */
         kern_backend *b = kern_backend_new(s->name, s->dtype, s->kernel);
         char label[64];
         snprintf(label, sizeof label, "%s/%s/%s", s->name, kiln_dtype_name(s->dtype),
@@ -1276,6 +1291,7 @@ int main(void)
         printf("  %s: largest error / bound %.3f\n", label, worst);
         kern_backend_free(b);
     }
-    kern_backend_free(R);
+    kern_backend_free(Rb);
+    kern_backend_free(Rf);
     return TEST_EXIT();
 }

@@ -694,7 +694,7 @@ static void test_engine_equals_forward_gpt2(void) { engine_equals_forward(KILN_A
 static void test_engine_equals_forward_llama(void) { engine_equals_forward(KILN_ARCH_LLAMA); }
 
 /* kiln_engine_embed: the mean (and the last) of the final norm's rows
- * of the training forward (its activations a.lnf), in chunks of 5 so that
+ * of the training forward (its activations a.lnfp), in chunks of 5 so that
  * the prompt takes several steps, in slot 1 of 2 whose cache it leaves
  * empty, without touching slot 0. */
 static void engine_embed(kiln_arch arch)
@@ -714,7 +714,7 @@ static void engine_embed(kiln_arch arch)
     for (int i = 0; i < T; i++) tok[i] = (i * 5 + 1) % V;
     float *lg = NULL;
     CHECK(kiln_model_forward(ctx, m, tok, 1, T, &lg) == KILN_OK);
-    const float *lnf = m->a.lnf;
+    const float *lnf = m->a.lnfp; /* fp32: the f32 backend's acts are fp32 rows */
     kiln_engine_opts o = kiln_engine_opts_default();
     o.n_slots = 2;
     o.chunk = 5;

@@ -81,6 +81,10 @@ static void test_sampling_and_serve(void)
     so.parallel = 0;
     CHECK_NAMES(ctx, kiln_serve_run(ctx, &so), KILN_ERR_INVALID_ARG,
                 "kiln_serve_opts.parallel = 0");
+    so.parallel = 1;
+    so.watch_ms = -5;
+    CHECK_NAMES(ctx, kiln_serve_run(ctx, &so), KILN_ERR_INVALID_ARG,
+                "kiln_serve_opts.watch_ms = -5 must be >= 0");
     kiln_ctx_free(ctx);
 }
 

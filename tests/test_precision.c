@@ -409,7 +409,7 @@ static void test_kernels_agree_in_model(void)
             /* with fp32 activations: layer 0's qkv product, whose input
              * (the first norm of the embeddings) is the same bits on every
              * kernel, so nothing has been re-rounded differently yet */
-            if (!acts) memcpy(q[i], m->a.qkv, sizeof(float) * nq);
+            if (!acts) memcpy(q[i], m->a.qkvh, sizeof(float) * nq); /* f32 rows */
             kiln_model_free(m);
             ran |= 1 << i;
         }
@@ -441,7 +441,7 @@ static void test_kernels_agree_in_model(void)
 
 /* The model through the ref backend (kernels/ref/backend_ref.c: its own
  * activation layout, plain row-major bf16, and its own weight handles):
- * forward_mp.c knows no layout, so the bf16 path runs on it unchanged and
+ * pass.c knows no layout, so the bf16 path runs on it unchanged and
  * agrees with the cpu backend's portable kernel. Both round the same
  * operands to bf16 and differ by fp32 summation order only, so the
  * logits agree within test_kernels_agree_in_model's 3e-3 (last-bit

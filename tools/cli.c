@@ -326,6 +326,8 @@ static const struct {
     {"kiln_serve_opts.cors", "--cors"},
     {"kiln_serve_opts.max_connections", "--max-connections"},
     {"kiln_serve_opts.wtype", "--dtype"},
+    {"kiln_serve_opts.watch_ms", "--watch-ms"},
+    {"kiln_serve_opts.run_dir", "--model"},
 };
 
 static bool ident_char(char c)

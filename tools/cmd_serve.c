@@ -31,6 +31,7 @@ int cmd_serve(int argc, char **argv)
         {"threads", CLI_INT, &threads, "OpenMP threads of the engine, 0 = all cores [0]", false},
         {"cors", CLI_STR, &o.cors, "allow browsers from these origins: \"*\" or comma-separated origins (CORS, OPTIONS preflight) [off]", false},
         {"log-format", CLI_STR, &o.log_format, "access log on stderr, one line per request: text | json | off [text]", false},
+        {"watch-ms", CLI_INT, &o.watch_ms, "--model RUN (a run directory): read RUN/latest this often and swap in a newer checkpoint between requests; 0 = serve the one found at start [1000]", false},
         {"embedding-pooling", CLI_STR, &pooling, "/v1/embeddings: mean (of all positions' final-norm hidden states) | last (the last token's) [mean]", false},
         {NULL, 0, NULL, NULL, false},
     };
@@ -92,7 +93,9 @@ int cmd_serve(int argc, char **argv)
     /* a run directory serves its latest checkpoint, under the run's name */
     char model_dir[4096], name[256];
     kiln_status st = cli_model_dir(ctx, o.model_dir, model_dir, sizeof model_dir);
-    if (!st && !o.model_name && strcmp(model_dir, o.model_dir)) {
+    bool run = !st && strcmp(model_dir, o.model_dir) != 0;
+    if (run) o.run_dir = o.model_dir; /* followed: kiln_serve_opts.run_dir */
+    if (run && !o.model_name) {
         const char *b = o.model_dir + strlen(o.model_dir);
         while (b > o.model_dir && b[-1] == '/') b--;
         const char *e = b;

@@ -43,7 +43,9 @@ struct kiln_engine {
     const float *wte;  /* (V, C) token lookup */
     const float *wpe;  /* (NCTX, C) gpt2 */
     const float *lnf_w, *lnf_b;
-    model_blk_w *lw;   /* (L) the layers' prepared weights */
+    model_blk_src *lw; /* (L) the layers' prepared weights */
+    model_blk_w *lh;   /* (L) the same as handles of be (kern_f32_weight) */
+    kern_backend *be;  /* the f32 backend over k and gemm, streaming */
     kern_wt head;      /* (V, C) */
     bool head_owned;
     float *rope_cos, *rope_sin; /* (NCTX, HS/2) llama: the model's table */
@@ -89,6 +91,8 @@ void kiln_engine_free(kiln_engine *e)
             kern_weight_free(&e->lw[l].fcproj);
         }
     free(e->lw);
+    free(e->lh);
+    kern_backend_free(e->be);
     if (e->head_owned) kern_weight_free(&e->head);
     free(e->vecs);
     free(e->rope_cos); free(e->rope_sin);
@@ -151,20 +155,21 @@ static kiln_status build_weights(kiln_ctx *ctx, kiln_engine *e, const kiln_model
     /* the vectors: per layer ln1 w/b, ln2 w/b, 4 biases; wte, wpe, lnf */
     size_t nv = vsize((size_t)e->V * C) + (gpt2 ? vsize((size_t)e->NCTX * C) : 0) + 2 * vsize(C);
     for (int l = 0; l < L; l++) {
-        model_blk_w b = model_blk_weights(m, l);
+        model_blk_src b = model_blk_weights(m, l);
         nv += 4 * vsize(C) + vsize(b.qkv.rows) + vsize(b.proj.rows) + vsize(b.fc.rows) +
               vsize(b.fcproj.rows);
     }
     vcopy v = {kiln_aligned_alloc(ctx, nv * sizeof(float) + 64), 0};
     e->vecs = v.base;
     e->lw = kiln_calloc(ctx, (size_t)L, sizeof *e->lw);
-    if (!v.base || !e->lw) return KILN_ERR_NOMEM;
+    e->lh = kiln_calloc(ctx, (size_t)L, sizeof *e->lh);
+    if (!v.base || !e->lw || !e->lh) return KILN_ERR_NOMEM;
     e->wte = vput(&v, w->wte, (size_t)e->V * C);
     e->wpe = gpt2 ? vput(&v, w->wpe, (size_t)e->NCTX * C) : NULL;
     e->lnf_w = vput(&v, w->lnf_w, C);
     e->lnf_b = vput(&v, w->lnf_b, C);
     for (int l = 0; l < L; l++) {
-        model_blk_w b = model_blk_weights(m, l), *o = &e->lw[l];
+        model_blk_src b = model_blk_weights(m, l), *o = &e->lw[l];
         o->ln1_w = vput(&v, b.ln1_w, C);
         o->ln1_b = vput(&v, b.ln1_b, C);
         o->ln2_w = vput(&v, b.ln2_w, C);
@@ -179,6 +184,12 @@ static kiln_status build_weights(kiln_ctx *ctx, kiln_engine *e, const kiln_model
             (st = prep_any(ctx, e, m, &b.fc, &o->fc)) ||
             (st = prep_any(ctx, e, m, &b.fcproj, &o->fcproj)))
             return st;
+        e->lh[l] = (model_blk_w){.ln1_w = o->ln1_w, .ln1_b = o->ln1_b, .ln2_w = o->ln2_w,
+                                 .ln2_b = o->ln2_b, .qkv = kern_f32_weight(&o->qkv),
+                                 .proj = kern_f32_weight(&o->proj),
+                                 .fc = kern_f32_weight(&o->fc),
+                                 .fcproj = kern_f32_weight(&o->fcproj), .qkv_b = o->qkv_b,
+                                 .proj_b = o->proj_b, .fc_b = o->fc_b, .fcproj_b = o->fcproj_b};
     }
     KILN_ASSERT(v.used <= nv);
     /* LM head: the embedding itself when tied and fp32 */
@@ -243,6 +254,7 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
     e->NCTX = o.n_ctx;
     e->k = kern_ops_fast();
     e->gemm = kern_gemm_fast_new();
+    e->be = e->gemm ? kern_backend_f32_new(e->k, e->gemm, false, true) : NULL;
     const bool llama = cfg->arch == KILN_ARCH_LLAMA;
     kiln_status st = KILN_OK;
     if (o.weights_gguf) {
@@ -254,7 +266,7 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
             else model_gguf_tensors(m, e->gguf_list);
         }
     }
-    if (!st) st = e->gemm ? build_weights(ctx, e, m) : KILN_ERR_NOMEM;
+    if (!st) st = e->be ? build_weights(ctx, e, m) : KILN_ERR_NOMEM;
     if (e->gguf) {
         kiln_log(ctx, KILN_LOG_INFO,
                  "engine: %d matrices taken from %s in their stored types, %d prepared from "
@@ -342,9 +354,10 @@ int kiln_engine_pos(const kiln_engine *e, int slot)
  * slot's cache. A fresh sequence's first chunk runs the training
  * forward's rope and flash attention over the chunk (the same result up
  * to rounding, and the same bits as training). */
-static void attend(void *ud, int l, float *qkv, float *atty)
+static void attend(void *ud, int l, const model_blk *io)
 {
     kiln_engine *e = ud;
+    float *qkv = io->qkv, *atty = (float *)io->attyp; /* the f32 backend's acts */
     const int T = e->step_T, HS = e->HS, KVD = e->KVD, QKV = e->QKV;
     const bool llama = e->cfg.arch == KILN_ARCH_LLAMA;
     bool fresh = true;
@@ -408,13 +421,15 @@ static kiln_status step(kiln_ctx *ctx, kiln_engine *e, const kiln_engine_tok *to
         }
     }
     e->step_T = T;
-    model_run r = {.k = e->k, .g = e->gemm, .s = &e->sh, .attend = attend, .ud = e,
-                   .infer = true};
-    model_blk io = {.inp = e->x, .ln1 = e->xn, .ln1_mean = e->mean, .ln1_rstd = e->rstd,
-                    .qkv = e->qkv, .atty = e->att, .res2 = e->res2, .ln2 = e->xn,
-                    .ln2_mean = e->mean, .ln2_rstd = e->rstd, .fch = e->hid, .fca = e->ff,
-                    .res3 = e->x};
-    for (int l = 0; l < e->L; l++) model_block_fwd(&r, l, &e->lw[l], T, &io);
+    model_run r = {.be = e->be, .s = &e->sh, .attend = attend, .ud = e};
+    /* the f32 backend's kern_act are fp32 rows: the scratch is them; the
+     * SwiGLU product goes straight to fchp (tmp = fchp: nothing copied) */
+    model_blk io = {.inp = e->x, .ln1p = (kern_act *)e->xn, .attyp = (kern_act *)e->att,
+                    .ln2p = (kern_act *)e->xn, .fchp = (kern_act *)e->hid,
+                    .actp = (kern_act *)e->ff, .ln1_mean = e->mean, .ln1_rstd = e->rstd,
+                    .ln2_mean = e->mean, .ln2_rstd = e->rstd, .qkv = e->qkv, .tmp = e->hid,
+                    .res2 = e->res2, .res3 = e->x};
+    for (int l = 0; l < e->L; l++) model_block_fwd(&r, l, &e->lh[l], T, &io);
     if (nw > 0) {
         /* the final norm of the rows whose logits are wanted, compacted */
         const float *rows = e->x;
@@ -423,7 +438,7 @@ static kiln_status step(kiln_ctx *ctx, kiln_engine *e, const kiln_engine_tok *to
                 memcpy(e->res2 + (size_t)i * C, e->x + (size_t)e->wrow[i] * C, (size_t)C * 4);
             rows = e->res2;
         }
-        model_final_norm(&r, e->xn, e->mean, e->rstd, rows, e->lnf_w, e->lnf_b, nw);
+        model_final_norm(&r, (kern_act *)e->xn, e->mean, e->rstd, rows, e->lnf_w, e->lnf_b, nw);
         if (e->hid_out)
             memcpy(e->hid_out, e->xn, (size_t)nw * C * sizeof(float));
         else

@@ -352,26 +352,30 @@ typedef struct kern_out {
     kern_out_kind kind;
     float *y;           /* F32, RES */
     const float *res;   /* RES */
-    uint16_t *rows;     /* ROWS */
+    void *rows;         /* ROWS (rows in the compute dtype: mp.row_size) */
     kern_act *hp, *ap;  /* GELU */
 } kern_out;
 
-/* The mixed-precision (bf16 compute, fp32 accumulation) ops of the bf16
- * training path (model/forward_mp.c). Activations that are inputs of
- * products are kern_act in the backend's layout; "rows" are plain bf16
- * rows (tensor.h's f32_to_bf16); everything else is fp32 host rows. The
+/* The activation ops of the model's one forward and backward pass
+ * (model/pass.c), in the backend's compute dtype: bf16 compute with
+ * fp32 accumulation (ref, cpu), or fp32 (the f32 backend, below).
+ * Activations that are inputs of products are kern_act in the backend's
+ * layout; "rows" are plain rows of the compute dtype (bf16: tensor.h's
+ * f32_to_bf16; row_size bytes each); everything else is fp32 host rows. The
  * ops returning bool return false on out of memory (nothing is then
  * promised about their outputs). N rows of tokens throughout; weights are
  * prepared with weight_prepare (OC, C, layout). */
 typedef struct kern_mp_ops {
+    /* Bytes of one element of "rows" (2: bf16; 4: the f32 backend). */
+    size_t row_size;
     /* Bytes of a kern_act of (rows, cols). */
     size_t (*act_bytes)(const kern_backend *b, int rows, int cols);
     /* dst = bf16(x) for x (rows, cols) fp32; and back (exact). */
     void (*act_pack)(const kern_backend *b, kern_act *dst, const float *x, int rows, int cols);
     void (*act_unpack)(const kern_backend *b, float *x, const kern_act *src, int rows, int cols);
     /* Plain bf16 rows <-> fp32, n elements. */
-    void (*to_rows)(const kern_backend *b, uint16_t *dst, const float *x, size_t n);
-    void (*from_rows)(const kern_backend *b, float *dst, const uint16_t *x, size_t n);
+    void (*to_rows)(const kern_backend *b, void *dst, const float *x, size_t n);
+    void (*from_rows)(const kern_backend *b, float *dst, const void *x, size_t n);
     /* LayerNorm (rms false: mean, rstd; b may be NULL) or RMSNorm (rms
      * true: rstd only) of N rows of C, the output written only as outp =
      * bf16(the fp32 norm output of kern_ops.layernorm_fwd / rmsnorm_fwd). */
@@ -405,9 +409,11 @@ typedef struct kern_mp_ops {
                     float *dW2, float *db2, float *dx, bool dw_acc);
     /* Cross-entropy of logits (N, V) (kern_ops.cross_entropy's contract:
      * loss and weight sums added) fused with the LM head's backward: its
-     * gradient goes straight to linear_bwd(w, ., x, NONE, dW, dw_acc, no
-     * bias, dx) without being stored as fp32 rows. */
-    bool (*ce_linear_bwd)(kern_backend *b, kern_weight *w, const float *logits,
+     * gradient goes to linear_bwd(w, ., x, NONE, dW, dw_acc, no bias, dx)
+     * without a second (N, V) buffer: never stored as fp32 rows (bf16
+     * backends), or written over the logits (the f32 backend: the logits
+     * are the backend's to overwrite). */
+    bool (*ce_linear_bwd)(kern_backend *b, kern_weight *w, float *logits,
                           const int32_t *targets, const float *mask, int N, int V,
                           float grad_scale, double *loss_sum, double *weight_sum,
                           const kern_act *x, float *dW, bool dw_acc, float *dx);
@@ -419,18 +425,18 @@ typedef struct kern_mp_ops {
      * rows qkvh (B*T, (NH+2*KVH)*HS); the output written as outp (B*T,
      * NH*HS) only. P is a bf16 product operand (torch.autocast's error). */
     void (*attention_fwd)(const kern_backend *b, kern_act *outp, float *lse,
-                          const uint16_t *qkvh, int B, int T, int NH, int KVH, int HS);
+                          const void *qkvh, int B, int T, int NH, int KVH, int HS);
     /* Its backward: dqkv (B*T, QKV) overwritten, from the forward's outp
      * and lse; dout, P and dS are bf16 product operands. */
     void (*attention_bwd)(const kern_backend *b, float *dqkv, const float *dout,
-                          const uint16_t *qkvh, const kern_act *outp, const float *lse, int B,
+                          const void *qkvh, const kern_act *outp, const float *lse, int B,
                           int T, int NH, int KVH, int HS);
     /* attention_bwd followed by linear_bwd of the qkv layer (w, input x,
      * no activation, bias gradient db): the same results, with the
      * gradient of qkv not stored as fp32 rows where the backend can
      * (dqkv: fp32 scratch of (B*T, QKV) for where it cannot). */
     bool (*attention_linear_bwd)(kern_backend *b, kern_weight *w, float *dqkv,
-                                 const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                 const float *dout, const void *qkvh, const kern_act *outp,
                                  const float *lse, int B, int T, int NH, int KVH, int HS,
                                  const kern_act *x, float *dW, bool dw_acc, float *db, float *dx);
 } kern_mp_ops;
@@ -485,13 +491,32 @@ struct kern_backend {
 };
 
 /* The backends: "ref" and "cpu", for compute dtype dt (KILN_DTYPE_BF16
- * or KILN_DTYPE_F16; ref: BF16 only) with the product kernel k (kiln.h's
+ * or KILN_DTYPE_F16, ref: BF16 only; KILN_DTYPE_F32: the f32 backend over
+ * kern_ops_ref / kern_ops_fast) with the product kernel k (kiln.h's
  * kiln_bf16_kernel; cpu: AUTO = the best this CPU has, a kernel it cannot
  * run also falls back to the best; ref ignores it). NULL on OOM or for an
  * unknown name / unsupported dtype. Free with kern_backend_free. */
 kern_backend *kern_backend_new(const char *name, kiln_dtype dt, kiln_bf16_kernel k);
 kern_backend *kern_backend_ref_new(kiln_dtype dt);
 kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k);
+/* The f32 backend (kernels/acts_f32.c): the activation ops (mp) with fp32
+ * activations over the fp32 op table ops and GEMM gemm (freed with the
+ * backend when own_gemm; else the caller's, who may swap b->ops / b->gemm
+ * between passes: fp16 and bf16 with fp32 activations put their
+ * mixed-precision GEMM here). Its products
+ * are ops->matmul_fwd / matmul_bwd, bit for bit the table's; with stream
+ * (inference) the forward product is ops->linear on typed weights. Its
+ * weight handles are kern_wt (weight_prepare: the fp32 tensor in place;
+ * kern_f32_weight: any typed weight the engine prepared). NULL on OOM. */
+kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool own_gemm,
+                                   bool stream);
+kern_weight *kern_f32_weight(const kern_wt *w);
+/* The buffers of a backend whose device is the host (ref, cpu, f32):
+ * 64-byte aligned host memory, copies by memcpy. */
+void *kern_host_buf_alloc(kern_backend *b, size_t bytes);
+void kern_host_buf_free(kern_backend *b, void *buf);
+void kern_host_buf_set(kern_backend *b, void *buf, size_t off, const void *src, size_t n);
+void kern_host_buf_get(kern_backend *b, const void *buf, size_t off, void *dst, size_t n);
 void kern_backend_free(kern_backend *b);
 /* The kernel a cpu backend runs (resolved, never AUTO); AUTO for other
  * backends. */

@@ -1,29 +1,36 @@
 /*
- * block.c — one transformer layer's forward, shared by the training
- * forward (forward.c: the whole batch, activations kept for the backward)
- * and the inference engine (infer/engine.c: a step of prefill or decode
- * entries, scratch reused layer after layer).
+ * block.c — one transformer layer's forward, the one every caller runs:
+ * the training pass of every precision (pass.c: the whole batch,
+ * activations kept for the backward) and the inference engine
+ * (infer/engine.c: a step of prefill or decode entries, scratch reused
+ * layer after layer).
  *
  *   ln1  = norm(inp)                      LayerNorm (gpt2) / RMSNorm (llama)
  *   qkv  = ln1 Wqkv' + bqkv
  *   atty = attend(qkv)                    the caller's attention (rope
  *                                         included): flash over the batch,
  *                                         or against the KV cache
- *   res2 = (atty Wproj' + bproj) + inp
+ *   res2 = inp + (atty Wproj' + bproj)
  *   ln2  = norm(res2)
  *   fch  = ln2 Wfc' + bfc                 gpt2 (n, F); llama (n, 2F) gate|up
  *   fca  = gelu(fch) / swiglu(fch)
- *   res3 = (fca Wfcproj' + bfcproj) + res2
+ *   res3 = res2 + (fca Wfcproj' + bfcproj)
  *
- * Every op is the backend's (m->ops / the engine's table), in the same
- * order with the same arguments, so the two callers compute the same bits
- * where they run the same kernels: fp32 prefill of a fresh sequence in one
- * chunk equals the training forward of it bit for bit (tests/test_infer.c
- * test_engine_equals_forward). The only difference is the linear layer:
- * training always multiplies through the GEMM (matmul_fwd: its result for
- * a row does not depend on how a batch is split, which the N-ranks-vs-1
- * tests need), inference through the backend's typed linear (which
- * streams the weights for decode-sized steps and takes quantized types).
+ * Every op is the run's backend's activation op (kernels.h kern_mp_ops):
+ * the inputs of products are kern_act in the backend's compute dtype and
+ * layout — fp32 rows on the f32 backend (fp32 training, fp16 and bf16
+ * with fp32 activations, and the engine, whose f32 backend streams typed
+ * weights), bf16 in the cpu backend's packed layout for bf16 training —
+ * and the residual adds and GELU are the products' output forms. The
+ * residual stream, norm statistics and the attention's softmax stay fp32.
+ * Training and the engine call the same ops in the same order, so an fp32
+ * prefill of a fresh sequence in one chunk equals the training forward of
+ * it bit for bit (tests/test_infer.c test_engine_equals_forward); the one
+ * difference is the f32 backend's product: training's always multiplies
+ * through the GEMM (matmul_fwd: its result for a row does not depend on
+ * how a batch is split, which the N-ranks-vs-1 tests need), the engine's
+ * through the typed linear (which streams the weights for decode-sized
+ * steps and takes quantized types).
  */
 #include "model/model.h"
 
@@ -36,41 +43,49 @@
         if (pm_ && pm_->profile) pm_->prof[MODEL_PROF_##id] += model_prof_now(pm_) - t0_; \
     } while (0)
 
-static void lin(const model_run *r, float *Y, const float *X, int n, const kern_wt *W,
-                const float *b)
-{
-    if (r->infer) r->k->linear(r->g, Y, X, n, W, b);
-    else r->k->matmul_fwd(r->g, Y, X, W->data, b, n, W->cols, W->rows, W->lay);
-}
-
-static void norm(const model_run *r, float *out, float *mean, float *rstd, const float *inp,
+static void norm(const model_run *r, kern_act *out, float *mean, float *rstd, const float *inp,
                  const float *w, const float *b, int n)
 {
     const model_shape *s = r->s;
-    if (s->arch == KILN_ARCH_GPT2) r->k->layernorm_fwd(out, mean, rstd, inp, w, b, n, s->C, s->eps);
-    else r->k->rmsnorm_fwd(out, rstd, inp, w, n, s->C, s->eps);
+    r->be->mp.norm_fwd(r->be, out, mean, rstd, inp, w, b, n, s->C, s->eps,
+                       s->arch != KILN_ARCH_GPT2);
 }
 
-void model_block_fwd(const model_run *r, int l, const model_blk_w *w, int n, const model_blk *io)
+static bool lin(const model_run *r, const kern_out *o, const kern_act *x, kern_weight *w,
+                const float *b, int n)
 {
-    const kern_ops *k = r->k;
-    const model_shape *s = r->s;
-    const size_t nc = (size_t)n * s->C;
-    BP(NORM, norm(r, io->ln1, io->ln1_mean, io->ln1_rstd, io->inp, w->ln1_w, w->ln1_b, n));
-    BP(MATMUL_FWD, lin(r, io->qkv, io->ln1, n, &w->qkv, w->qkv_b));
-    r->attend(r->ud, l, io->qkv, io->atty); /* times itself (rope: OTHER) */
-    BP(MATMUL_FWD, lin(r, io->res2, io->atty, n, &w->proj, w->proj_b));
-    BP(OTHER, k->add(io->res2, io->res2, io->inp, nc));
-    BP(NORM, norm(r, io->ln2, io->ln2_mean, io->ln2_rstd, io->res2, w->ln2_w, w->ln2_b, n));
-    BP(MATMUL_FWD, lin(r, io->fch, io->ln2, n, &w->fc, w->fc_b));
-    if (s->arch == KILN_ARCH_GPT2) BP(ACT, k->gelu_fwd(io->fca, io->fch, (size_t)n * s->F));
-    else BP(ACT, k->swiglu_fwd(io->fca, io->fch, n, s->F));
-    BP(MATMUL_FWD, lin(r, io->res3, io->fca, n, &w->fcproj, w->fcproj_b));
-    BP(OTHER, k->add(io->res3, io->res3, io->res2, nc));
+    bool ok;
+    BP(MATMUL_FWD, ok = r->be->mp.linear_fwd(r->be, o, x, w, b, n));
+    return ok;
 }
 
-void model_final_norm(const model_run *r, float *out, float *mean, float *rstd, const float *inp,
-                      const float *w, const float *b, int n)
+bool model_block_fwd(const model_run *r, int l, const model_blk_w *w, int n, const model_blk *io)
+{
+    kern_backend *be = r->be;
+    const model_shape *s = r->s;
+    bool gelu = s->arch == KILN_ARCH_GPT2;
+    BP(NORM, norm(r, io->ln1p, io->ln1_mean, io->ln1_rstd, io->inp, w->ln1_w, w->ln1_b, n));
+    kern_out oq = r->qkv_rows ? (kern_out){.kind = KERN_OUT_ROWS, .rows = io->qkvh}
+                              : (kern_out){.kind = KERN_OUT_F32, .y = io->qkv};
+    if (!lin(r, &oq, io->ln1p, w->qkv, w->qkv_b, n)) return false;
+    r->attend(r->ud, l, io); /* times itself */
+    kern_out op = {.kind = KERN_OUT_RES, .y = io->res2, .res = io->inp};
+    if (!lin(r, &op, io->attyp, w->proj, w->proj_b, n)) return false;
+    BP(NORM, norm(r, io->ln2p, io->ln2_mean, io->ln2_rstd, io->res2, w->ln2_w, w->ln2_b, n));
+    if (gelu) { /* the fc output goes from the product to fchp and actp */
+        kern_out of = {.kind = KERN_OUT_GELU, .hp = io->fchp, .ap = io->actp};
+        if (!lin(r, &of, io->ln2p, w->fc, w->fc_b, n)) return false;
+    } else {
+        kern_out of = {.kind = KERN_OUT_F32, .y = io->tmp};
+        if (!lin(r, &of, io->ln2p, w->fc, w->fc_b, n)) return false;
+        BP(ACT, be->mp.act_fwd(be, io->fchp, io->actp, io->tmp, n, s->F, KERN_ACT_SWIGLU));
+    }
+    kern_out oo = {.kind = KERN_OUT_RES, .y = io->res3, .res = io->res2};
+    return lin(r, &oo, io->actp, w->fcproj, w->fcproj_b, n);
+}
+
+void model_final_norm(const model_run *r, kern_act *out, float *mean, float *rstd,
+                      const float *inp, const float *w, const float *b, int n)
 {
     BP(NORM, norm(r, out, mean, rstd, inp, w, b, n));
 }
@@ -81,14 +96,14 @@ model_shape model_shape_of(const kiln_model *m)
                          .KVH = m->KVH, .HS = m->HS, .eps = m->cfg.norm_eps};
 }
 
-model_blk_w model_blk_weights(const kiln_model *m, int l)
+model_blk_src model_blk_weights(const kiln_model *m, int l)
 {
     const model_layer *w = &m->w.layers[l];
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
     kern_wlayout lay = gpt2 ? KERN_W_IN_OUT : KERN_W_OUT_IN;
     int FH = gpt2 ? m->F : 2 * m->F;
 #define WT(p, R, K) ((kern_wt){KILN_DTYPE_F32, lay, (R), (K), (p)})
-    return (model_blk_w){.ln1_w = w->ln1_w, .ln1_b = w->ln1_b, .ln2_w = w->ln2_w,
+    return (model_blk_src){.ln1_w = w->ln1_w, .ln1_b = w->ln1_b, .ln2_w = w->ln2_w,
                          .ln2_b = w->ln2_b, .qkv = WT(w->qkv_w, m->QKV, m->C),
                          .proj = WT(w->proj_w, m->C, m->NH * m->HS),
                          .fc = WT(w->fc_w, FH, m->C), .fcproj = WT(w->fcproj_w, m->C, m->F),

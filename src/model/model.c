@@ -240,6 +240,11 @@ kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
     }
     if (m->rope_cos) rope_tables(m);
     model_use_ref_kernels(m, false);
+    m->fb = kern_backend_f32_new(m->ops, m->gemm, false, false);
+    if (!m->fb) {
+        kiln_model_free(m);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    }
     *out = m;
     return KILN_OK;
 }
@@ -263,6 +268,7 @@ void kiln_model_free(kiln_model *m)
     free(m->rope_cos);
     free(m->rope_sin);
     drop_kernels(m);
+    kern_backend_free(m->fb);
     model_upd_free(m);
     arena_free(&m->act);
     free(m);
@@ -551,41 +557,14 @@ void kiln_model_set_grad_hook(kiln_model *m, kiln_grad_ready_fn fn, void *ud)
 
 void kiln_model_zero_grad(kiln_model *m)
 {
-    if (m->grads) model_mp_zero_grad(m);
+    if (m->grads) model_grads_zero(m);
 }
 
 /* ---- activations ------------------------------------------------------ */
 
-/* The arena holds these buffers (each rounded up to 64 bytes). */
-static size_t act_bytes(const kiln_model *m, int B, int T)
-{
-    size_t N = (size_t)B * T, L = (size_t)m->L, C = (size_t)m->C;
-    size_t F = (size_t)m->F, V = (size_t)m->V, NH = (size_t)m->NH;
-    size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
-    size_t big = KILN_MAX((size_t)m->QKV, FH);
-    size_t lse = (size_t)B * NH * T;
-    size_t floats[] = {
-        N * C,                      /* encoded */
-        L * N * C, L * N, L * N,    /* ln1, mean, rstd */
-        L * N * (size_t)m->QKV,     /* qkv */
-        L * lse,                    /* lse */
-        L * N * C, L * N * C,       /* atty, res2 */
-        L * N * C, L * N, L * N,    /* ln2, mean, rstd */
-        L * N * FH, L * N * F,      /* fch, fch_act */
-        L * N * C,                  /* res3 */
-        N * C, N, N,                /* lnf, mean, rstd */
-        N * V,                      /* logits */
-        N * C, N * C, N * F, N * big, /* dres, dc, df, dbig */
-    };
-    size_t total = (N * sizeof(int32_t) + 63) & ~(size_t)63;
-    for (size_t i = 0; i < sizeof floats / sizeof floats[0]; i++)
-        total += (floats[i] * sizeof(float) + 63) & ~(size_t)63;
-    return total;
-}
-
 size_t model_act_bytes(const kiln_model *m, int B, int T)
 {
-    return model_mp_wanted(m) ? model_mp_act_bytes(m, B, T) : act_bytes(m, B, T);
+    return model_pass_act_bytes(m, B, T);
 }
 
 kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
@@ -604,7 +583,7 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
         grad_views_update(m);
     }
     int nB = KILN_MAX(B, m->B_cap), nT = KILN_MAX(T, m->T_cap);
-    bool mp = model_mp_wanted(m);
+    bool mp = model_bf16_acts(m);
     if (nB == m->B_cap && nT == m->T_cap && mp == m->act_mp) return KILN_OK;
     /* Size in double first: B * NH * T^2 * L can overflow size_t long
      * before malloc would refuse. Kernels index rows with int. */
@@ -616,7 +595,7 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
                          "batch %d x sequence %d needs about %.3g GiB of activations, "
                          "beyond what kiln supports; lower B or T",
                          nB, nT, approx / (1u << 30));
-    size_t bytes = mp ? model_mp_act_bytes(m, nB, nT) : act_bytes(m, nB, nT);
+    size_t bytes = model_pass_act_bytes(m, nB, nT);
     arena_free(&m->act);
     m->B_cap = m->T_cap = 0;
     m->B = m->T = 0;

@@ -60,33 +60,33 @@ typedef struct model_weights {
  * N = B*T. Per-layer tensors are (L, ...) blocks; layer l's slice starts at
  * l * (its per-layer size). */
 typedef struct model_acts {
+    /* The one pass (pass.c) for every precision: the inputs of
+     * products are kern_act in the pass backend's dtype and layout
+     * (model_pass_backend: fp32 rows, or bf16 in the cpu backend's packed
+     * layout); the residual stream, norm statistics and logits are fp32. */
     int32_t *tokens;  /* (B, T) copy of the inputs */
     float *encoded;   /* (N, C) embeddings (+ positions) */
-    float *ln1;       /* (L, N, C) */
+    void *ln1p;       /* (L, kern_act (N, C)) normalized inputs of qkv */
     float *ln1_mean;  /* (L, N) gpt2 */
     float *ln1_rstd;  /* (L, N) */
-    float *qkv;       /* (L, N, QKV) after RoPE */
+    void *qkvh;       /* (L, N, QKV) rows in the compute dtype, after RoPE */
     float *lse;       /* (L, B, NH, T) log-sum-exp of each attention row's
                          scaled scores (flash attention: no (T, T) matrix) */
-    float *atty;      /* (L, N, C) attention output before c_proj/o_proj */
+    void *attyp;      /* (L, kern_act (N, C)) attention output */
     float *res2;      /* (L, N, C) residual after attention */
-    float *ln2;       /* (L, N, C) */
+    void *ln2p;       /* (L, kern_act (N, C)) */
     float *ln2_mean;  /* (L, N) gpt2 */
     float *ln2_rstd;  /* (L, N) */
-    float *fch;       /* (L, N, F) gpt2 pre-GELU; (L, N, 2F) llama gate|up */
-    float *fch_act;   /* (L, N, F) GELU / SwiGLU output */
+    void *fchp;       /* (L, kern_act (N, FH)) gpt2 pre-GELU; llama gate|up */
     float *res3;      /* (L, N, C) layer output */
-    float *lnf;       /* (N, C) */
+    void *lnfp;       /* kern_act (N, C) the final norm's output */
     float *lnf_mean;  /* (N) */
     float *lnf_rstd;  /* (N) */
     float *logits;    /* (N, V) */
-    /* bf16 training (forward_mp.c): packed bf16 copies instead of ln1,
-     * atty, ln2, fch, fch_act, lnf (those are NULL then, atty is one
-     * layer's fp32 scratch) */
-    void *ln1p, *attyp, *ln2p, *fchp, *lnfp; /* (L, kern_act) / (kern_act) */
-    void *actp;       /* one layer's act(fch), a kern_act */
-    uint16_t *qkvh;   /* (L, N, QKV) bf16 (qkv is NULL then) */
+    void *actp;       /* one layer's act(fch), a kern_act (N, F) */
     float *tmp;       /* (N, max(C, FH, QKV)) one layer's fp32 scratch */
+    float *atty;      /* (N, C) one layer's fp32 attention output (bf16
+                         values when the backend has no bf16 attention) */
     /* backward scratch */
     float *dres;      /* (N, C) gradient of the residual stream */
     float *dc;        /* (N, C) */
@@ -107,7 +107,7 @@ enum {
 };
 extern const char *const model_prof_names[MODEL_PROF_N];
 
-/* update_mp.c */
+/* matrices.c */
 struct model_upd;
 void model_upd_free(kiln_model *m);
 /* The weight matrices whose packed bf16 copies an optimizer step can
@@ -132,7 +132,7 @@ void model_wstrip_fresh(kiln_model *m, int i);
 /* kiln_model_zero_grad of the bf16-activation path: the weight matrices'
  * gradients only marked zero (grads_lazy); and the zeros written out, for
  * whatever reads or accumulates onto them other than that backward. */
-void model_mp_zero_grad(kiln_model *m);
+void model_grads_zero(kiln_model *m);
 void model_grads_materialize(kiln_model *m);
 /* The gradient block as it is, lazily zeroed matrices not written out: for
  * a reader of only the ranges the gradient hook reports final during the
@@ -153,7 +153,7 @@ void model_params_stepped(kiln_model *m);
 /* Frozen weight matrices whose packed copies are current now stay so for
  * the next forward, when untouched(ud, offset, numel) confirms that the
  * step did not write them (the optimizer's own word: it may have been
- * made before a tensor was frozen). update_mp.c. */
+ * made before a tensor was frozen). matrices.c. */
 void model_wkeep_frozen(kiln_model *m, bool (*untouched)(void *, size_t, size_t), void *ud);
 
 /* ---- trainable / frozen (model.c) ---------------------------------------
@@ -187,6 +187,8 @@ struct kiln_model {
     kern_gemm *gemm;
     kern_backend *be; /* the bf16/fp16 backend (precision.c), NULL in fp32;
                          it owns ops and gemm then */
+    kern_backend *fb; /* the f32 backend over ops and gemm: the pass's ops
+                         unless bf16 activations (model_pass_backend) */
     kiln_bf16_kernel bf16_kernel; /* kiln_precision_opts.bf16_kernel (asked) */
     bool bf16_f32_acts;  /* !kiln_precision_opts.bf16_acts (zero = default) */
     arena act;
@@ -199,7 +201,7 @@ struct kiln_model {
     double prof[MODEL_PROF_N];
     kiln_grad_ready_fn hook;
     void *hook_ud;
-    struct model_upd *upd; /* kiln_model_adamw_step's matrix list (update_mp.c) */
+    struct model_upd *upd; /* kiln_model_adamw_step's matrix list (matrices.c) */
     bool grads_lazy;       /* the weight matrices' gradients are zero but not
                               written: the next bf16 backward stores them */
     bool weights_changed;  /* the parameters were written since the last
@@ -256,46 +258,61 @@ typedef struct model_shape {
     float eps;
 } model_shape;
 
-/* One layer's weights as the block reads them: the four matrices typed
- * (kernels.h kern_wt), vectors fp32 (NULL where the architecture has
- * none). */
-typedef struct model_blk_w {
+/* One layer's tensors as typed views: the four matrices (kernels.h
+ * kern_wt), vectors fp32 (NULL where the architecture has none). */
+typedef struct model_blk_src {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     kern_wt qkv, proj, fc, fcproj;
     const float *qkv_b, *proj_b, *fc_b, *fcproj_b;
+} model_blk_src;
+
+/* One layer's weights as the block reads them: the matrices as handles of
+ * the run's backend (weight_prepare; on the f32 backend kern_f32_weight of
+ * any typed weight), vectors fp32. */
+typedef struct model_blk_w {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    kern_weight *qkv, *proj, *fc, *fcproj;
+    const float *qkv_b, *proj_b, *fc_b, *fcproj_b;
 } model_blk_w;
 
-/* One layer's buffers for n rows (see block.c for what each holds):
- * inp, res2, res3, ln1, ln2, atty (n, C); qkv (n, QKV); fch (n, F or 2F);
- * fca (n, F); ln*_mean (n, gpt2), ln*_rstd (n). res3 may alias inp. */
+/* One layer's buffers for n rows (block.c says what each holds). Inputs
+ * of products are kern_act of the run's backend: ln1p, attyp, ln2p (n, C),
+ * fchp (n, FH), actp (n, F); fp32: inp, res2, res3 (n, C; res3 may alias
+ * inp), qkv (n, QKV), tmp (n, FH), ln*_mean (n, gpt2), ln*_rstd (n);
+ * qkvh (n, QKV) rows of the compute dtype (for the attention callback;
+ * the product goes there when model_run.qkv_rows). */
 typedef struct model_blk {
     const float *inp;
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *res2;
-    float *ln2, *ln2_mean, *ln2_rstd, *fch, *fca, *res3;
+    kern_act *ln1p, *attyp, *ln2p, *fchp, *actp;
+    float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd;
+    float *qkv, *tmp, *res2, *res3;
+    void *qkvh;
 } model_blk;
 
-/* How a block runs: the op table and GEMM, the sizes, the attention
- * (rope included) of layer l from qkv (n, QKV; rotated in place) into
- * atty (n, C), and whether this is inference (typed linear) or training
- * (matmul_fwd: always the GEMM). prof: the model whose per-op clock the
- * block adds to (NULL: none). */
+/* How a block runs: the backend (its activation ops), the sizes, and the
+ * attention of layer l (rope included) from io->qkv (rotated in place) or
+ * io->qkvh into io->attyp: training's flash attention over the batch, or
+ * the engine's against its KV cache. qkv_rows: the qkv product is stored
+ * straight into io->qkvh (no rope, and the attention reads rows). prof:
+ * the model whose per-op clock the block adds to (NULL: none). */
 typedef struct model_run {
-    const kern_ops *k;
-    kern_gemm *g;
+    kern_backend *be;
     const model_shape *s;
-    void (*attend)(void *ud, int l, float *qkv, float *atty);
+    bool qkv_rows;
+    void (*attend)(void *ud, int l, const model_blk *io);
     void *ud;
-    bool infer;
     kiln_model *prof;
 } model_run;
 
-void model_block_fwd(const model_run *r, int l, const model_blk_w *w, int n, const model_blk *io);
-/* The final norm of n rows (the architecture's), timed as NORM. */
-void model_final_norm(const model_run *r, float *out, float *mean, float *rstd, const float *inp,
-                      const float *w, const float *b, int n);
+/* Layer l's forward; false when the backend ran out of memory. */
+bool model_block_fwd(const model_run *r, int l, const model_blk_w *w, int n, const model_blk *io);
+/* The final norm of n rows (the architecture's) into the act out, timed
+ * as NORM. */
+void model_final_norm(const model_run *r, kern_act *out, float *mean, float *rstd,
+                      const float *inp, const float *w, const float *b, int n);
 model_shape model_shape_of(const kiln_model *m);
-/* Layer l's weights of m, fp32 in the model's layout (read in place). */
-model_blk_w model_blk_weights(const kiln_model *m, int l);
+/* Layer l's tensors of m, fp32 in the model's layout (read in place). */
+model_blk_src model_blk_weights(const kiln_model *m, int l);
 
 /* Reads a config from parsed JSON (what names the source in messages).
  * Used by kiln_config_load and the fuzz harness. */
@@ -308,18 +325,23 @@ json_t *config_to_json(const kiln_config *cfg);
  * reference GEMM (tests), false the fast ones (default). */
 void model_use_ref_kernels(kiln_model *m, bool ref);
 /* Installs backend be (owned by m from now on): its op table, GEMM and,
- * for a bf16 backend, the bf16-activation path (model_mp_*). Activations
- * of a forward in another backend's layout are dropped. */
+ * for a bf16 backend, its activation ops (the pass's with bf16
+ * activations). Activations of a forward in another backend's layout are
+ * dropped. */
 void model_use_backend(kiln_model *m, kern_backend *be);
 
-/* bf16 training with bf16 activations (forward_mp.c): whether m uses it
- * (precision bf16 and kiln_precision_opts.bf16_acts), its arena size and
- * carving, and the passes (called by kiln_model_forward/backward after
- * their checks, with m->B, m->T and the tokens set). */
-bool model_mp_wanted(const kiln_model *m);
-size_t model_mp_act_bytes(const kiln_model *m, int B, int T);
-void model_mp_carve(kiln_model *m, int B, int T);
-kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits);
+/* The one pass (pass.c): whether m stores bf16 activations (precision
+ * bf16 and kiln_precision_opts.bf16_acts), the pass backend, the arena
+ * size and carving, and the forward and backward (called by
+ * kiln_model_forward/backward after their checks, with m->B, m->T and the
+ * tokens set). */
+bool model_bf16_acts(const kiln_model *m);
+/* The backend whose activation ops the pass runs: m->be for bf16
+ * activations, else the f32 backend over m's op table and GEMM. */
+kern_backend *model_pass_backend(const kiln_model *m);
+size_t model_pass_act_bytes(const kiln_model *m, int B, int T);
+void model_pass_carve(kiln_model *m, int B, int T);
+kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits);
 /* From dlogits, or (dlogits NULL) from the cross-entropy of the last
  * logits against ce's targets (kiln_model_backward_ce). */
 typedef struct model_ce {
@@ -328,7 +350,7 @@ typedef struct model_ce {
     float grad_scale;
     double *loss_sum, *weight_sum;
 } model_ce;
-kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
+kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
                               const model_ce *ce);
 
 /* Byte size of the activation arena for (B, T). */

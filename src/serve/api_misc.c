@@ -159,7 +159,8 @@ static const char chatml_jinja[] =
     "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
-char *api_props(const api_model *m, int n_slots, const char *build, api_err *e)
+char *api_props(const api_model *m, int n_slots, const char *build, const sckpt *ck,
+                api_err *e)
 {
     const kiln_config *c = m->cfg;
     json_t *o = json_pack(
@@ -172,5 +173,12 @@ char *api_props(const api_model *m, int n_slots, const char *build, api_err *e)
         c->arch == KILN_ARCH_LLAMA ? "llama" : "gpt2", "build_info", build, "bos_token_id",
         c->bos_token_id, "eos_token_id", c->eos_token_id, "eot_token_id",
         kiln_tokenizer_eot(m->tok));
+    if (o && ck)
+        json_object_set_new(
+            o, "checkpoint",
+            json_pack("{s:s, s:I, s:I, s:I, s:I, s:s?}", "name", ck->name, "step",
+                      (json_int_t)ck->step, "loaded_at", (json_int_t)ck->loaded_at, "reloads",
+                      (json_int_t)ck->reloads, "reload_failures", (json_int_t)ck->failures,
+                      "last_error", ck->error[0] ? ck->error : NULL));
     return dump(o, e);
 }

@@ -7,12 +7,10 @@
  * OpenAI error object, never libmicrohttpd's HTML pages: a malformed
  * request line or header (400), a head not complete within the deadline
  * (408), a target over 8 KiB (414), a head over 16 KiB (431), an HTTP
- * version other than 1.0/1.1 (505), too many connections (503), and a
- * chunked body whose framing is malformed within its first 32 KiB (400;
- * libmicrohttpd answers bad chunk framing with an HTML page and offers
- * no hook for it, so the gate keeps such a connection until the body's
- * end or its first 32 KiB have arrived, still by peeking, and checks
- * them).
+ * version other than 1.0/1.1 (505), too many connections (503). A
+ * chunked request goes to libmicrohttpd through a relay (relay.c), which
+ * checks its body's framing at every offset: libmicrohttpd answers bad
+ * chunk framing with an HTML page and offers no hook for it.
  *
  * Slow senders wait here, not in libmicrohttpd's connection limit, and
  * each client address gets a share: at most 3/4 of the pending heads and
@@ -42,10 +40,6 @@
 
 #define GATE_URI_MAX 8192
 #define GATE_HEAD_MAX 16384
-/* A chunked body's framing is checked here over its first bytes, up to
- * this many (with the head, well inside a socket's default receive
- * buffer, so peeking never waits for bytes the client cannot send) */
-#define GATE_BODY_PEEK 32768
 
 typedef struct ipkey {
     uint8_t a[16];
@@ -56,7 +50,6 @@ typedef struct pend {
     int fd;
     bool draining;       /* answered; discarding input until EOF */
     int peeked;          /* bytes seen at the last peek */
-    bool body;           /* the head is good: waiting for a chunked body's framing */
     double deadline;
     ipkey ip;
     struct sockaddr_storage sa;
@@ -83,13 +76,16 @@ struct gate {
     int active;
     gate_log_fn log;
     void *log_ud;
-    char buf[GATE_HEAD_MAX + GATE_BODY_PEEK + 1];
+    relay_pool relays;   /* chunked requests' relay threads */
+    char buf[GATE_HEAD_MAX + 1];
 };
 
 void gate_set_log(gate *g, gate_log_fn fn, void *ud)
 {
     g->log = fn;
     g->log_ud = ud;
+    g->relays.log = fn;
+    g->relays.log_ud = ud;
 }
 
 static ipkey key_of(const struct sockaddr *sa)
@@ -145,7 +141,7 @@ static const char *reason(int status)
 
 /* Writes an OpenAI error response (best effort: a nonblocking socket with
  * an empty send buffer takes it whole). */
-static size_t answer(int fd, int status, const char *type, const char *code, const char *msg)
+size_t gate_answer(int fd, int status, const char *type, const char *code, const char *msg)
 {
     api_err e = {.status = status, .type = type, .code = code};
     snprintf(e.msg, sizeof e.msg, "%s", msg);
@@ -167,7 +163,7 @@ static size_t answer(int fd, int status, const char *type, const char *code, con
 static void reject(gate *g, pend *p, int status, const char *type, const char *code,
                    const char *msg)
 {
-    size_t n = answer(p->fd, status, type, code, msg);
+    size_t n = gate_answer(p->fd, status, type, code, msg);
     if (g->log)
         g->log(g->log_ud, (const struct sockaddr *)&p->sa, status, n,
                kiln_time_now() - (p->deadline - g->head_secs));
@@ -285,69 +281,6 @@ static int check_head(const char *b, size_t n, bool *is_chunked, char *msg, size
     return 0;
 }
 
-/* The framing of a chunked body's first n bytes (RFC 9112 7.1: hex size,
- * optional extension, CRLF, data, CRLF, ..., a zero size, trailer lines,
- * an empty line; bare LF is taken for CRLF, as libmicrohttpd does). 1:
- * complete, 0: good so far, -1: malformed (msg says why). */
-static int chunk_scan(const char *b, size_t n, char *msg, size_t cap)
-{
-    size_t k = 0;
-    for (;;) {
-        uint64_t size = 0;
-        int hex = 0;
-        for (; k < n && isxdigit((unsigned char)b[k]); k++, hex++) {
-            if (hex == 15) {
-                snprintf(msg, cap, "malformed chunked body: a chunk size of more than 15 hex digits");
-                return -1;
-            }
-            int c = (unsigned char)b[k];
-            size = size * 16 + (uint64_t)(c <= '9' ? c - '0' : (c | 32) - 'a' + 10);
-        }
-        if (k == n) return 0;
-        if (!hex) {
-            snprintf(msg, cap, "malformed chunked body: a chunk starts with '%s%c' where its size in hex is due",
-                     (unsigned char)b[k] < 32 ? "\\x" : "", (unsigned char)b[k] < 32 ? 'x' : b[k]);
-            return -1;
-        }
-        while (k < n && (b[k] == ' ' || b[k] == '\t')) k++;
-        if (k < n && b[k] == ';')
-            while (k < n && b[k] != '\r' && b[k] != '\n') k++;
-        if (k == n || (b[k] == '\r' && k + 1 == n)) return 0;
-        if (b[k] == '\r' && b[k + 1] == '\n') k += 2;
-        else if (b[k] == '\n') k++;
-        else {
-            snprintf(msg, cap, "malformed chunked body: the chunk size line has '%c' after the size",
-                     (unsigned char)b[k] < 32 || (unsigned char)b[k] > 126 ? '?' : b[k]);
-            return -1;
-        }
-        if (size == 0) {
-            /* trailer lines, then an empty one */
-            for (;;) {
-                const char *e = memchr(b + k, '\n', n - k);
-                if (!e) return 0;
-                size_t l = (size_t)(e - (b + k));
-                if (l && b[k + l - 1] == '\r') l--;
-                if (l == 0) return 1;
-                if (!memchr(b + k, ':', l)) {
-                    snprintf(msg, cap, "malformed chunked body: a trailer line after the last chunk is not 'Name: value'");
-                    return -1;
-                }
-                k = (size_t)(e - b) + 1;
-            }
-        }
-        if (size >= n - k) return 0; /* the data, then CRLF, still coming */
-        k += (size_t)size;
-        if (b[k] == '\r' && k + 1 == n) return 0;
-        if (b[k] == '\r' && b[k + 1] == '\n') k += 2;
-        else if (b[k] == '\n') k++;
-        else {
-            snprintf(msg, cap, "malformed chunked body: a chunk's data is longer than its size (%llu bytes)",
-                     (unsigned long long)size);
-            return -1;
-        }
-    }
-}
-
 /* Looks at p's bytes so far: hands it over, answers it, or waits. */
 static void look(gate *g, int i, bool hup)
 {
@@ -360,7 +293,7 @@ static void look(gate *g, int i, bool hup)
     }
     ssize_t n = recv(p->fd, g->buf, sizeof g->buf, MSG_PEEK | MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
-    if (n <= 0 || (hup && n == p->peeked && !p->body)) {
+    if (n <= 0 || (hup && n == p->peeked)) {
         drop(g, i); /* gone before its head was complete */
         return;
     }
@@ -419,30 +352,6 @@ static void look(gate *g, int i, bool hup)
                msg);
         goto unpend;
     }
-    if (chunked) {
-        /* libmicrohttpd answers bad chunk framing with an HTML page of its
-         * own and has no hook to change it: check the framing here while
-         * the body fits the peek window (past it, what follows is
-         * libmicrohttpd's to parse) */
-        int cs = chunk_scan(b + end, len - end, msg, sizeof msg);
-        if (cs < 0) {
-            reject(g, p, 400, "invalid_request_error", "malformed_chunked_body", msg);
-            goto unpend;
-        }
-        if (cs == 0 && len < sizeof g->buf - 1) {
-            if (hup && n == p->peeked) {
-                reject(g, p, 400, "invalid_request_error", "malformed_chunked_body",
-                       "the chunked body ended (the client closed its side) before its last, "
-                       "zero-size chunk");
-                goto unpend;
-            }
-            p->body = true;
-            p->peeked = (int)len;
-            int low = (int)len + 1;
-            setsockopt(p->fd, SOL_SOCKET, SO_RCVLOWAT, &low, sizeof low);
-            return;
-        }
-    }
     /* counted as open from the hand-over (MHD reports STARTED later, from
      * its own thread) until MHD reports it CLOSED */
     pthread_mutex_lock(&g->mu);
@@ -464,8 +373,20 @@ static void look(gate *g, int i, bool hup)
     int one = 1;
     setsockopt(p->fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
     ipkey ip = p->ip;
+    int fd = p->fd;
+    if (chunked) {
+        /* the relay owns the client's socket from here; MHD gets the
+         * other end of the relay's socketpair */
+        fd = relay_start(&g->relays, p->fd, end, &p->sa);
+        if (fd < 0) {
+            count_closed(g, &ip);
+            reject(g, p, 503, "server_error", "server_overloaded",
+                   "cannot relay a chunked body now (out of memory or threads); retry later");
+            return;
+        }
+    }
     /* MHD owns the socket from here, and closes it if it refuses it */
-    if (MHD_add_connection(g->d, p->fd, (struct sockaddr *)&p->sa, p->salen) != MHD_YES)
+    if (MHD_add_connection(g->d, fd, (struct sockaddr *)&p->sa, p->salen) != MHD_YES)
         count_closed(g, &ip);
     g->p[i] = g->p[--g->np];
     return;
@@ -495,7 +416,7 @@ static void accept_all(gate *g)
         if (!full && c) c->pending++;
         pthread_mutex_unlock(&g->mu);
         if (full) {
-            size_t n = answer(fd, 503, "server_error", "too_many_connections",
+            size_t n = gate_answer(fd, 503, "server_error", "too_many_connections",
                               "too many connections waiting to send their request; retry later");
             if (g->log) g->log(g->log_ud, (const struct sockaddr *)&sa, 503, n, 0);
             close(fd);
@@ -538,13 +459,8 @@ static void *gate_main(void *arg)
                 drop(g, i);
             } else {
                 char msg[160];
-                if (g->p[i].body)
-                    snprintf(msg, sizeof msg,
-                             "the chunked request body (its end, or its first %d bytes) did "
-                             "not arrive within %g s", GATE_BODY_PEEK, g->head_secs);
-                else
-                    snprintf(msg, sizeof msg, "the request head did not arrive within %g s",
-                             g->head_secs);
+                snprintf(msg, sizeof msg, "the request head did not arrive within %g s",
+                         g->head_secs);
                 reject(g, &g->p[i], 408, "invalid_request_error", "request_timeout", msg);
                 pthread_mutex_lock(&g->mu);
                 ipcount *c = ip_get(g, &g->p[i].ip);
@@ -589,8 +505,10 @@ gate *gate_new(int lfd, int max_connections, double head_secs)
     pthread_mutex_init(&g->mu, NULL);
     /* nonblocking: accept_all() takes connections until EAGAIN */
     int fl = fcntl(lfd, F_GETFL);
-    if (!g->p || !g->ips || pipe2(g->wake, O_CLOEXEC) || fl < 0 ||
-        fcntl(lfd, F_SETFL, fl | O_NONBLOCK)) {
+    bool ok = g->p && g->ips && !pipe2(g->wake, O_CLOEXEC);
+    /* relays end when the wake pipe turns readable (gate_stop) */
+    relay_pool_init(&g->relays, g->wake[0], head_secs);
+    if (!ok || fl < 0 || fcntl(lfd, F_SETFL, fl | O_NONBLOCK)) {
         gate_free(g);
         return NULL;
     }
@@ -613,6 +531,7 @@ void gate_stop(gate *g)
     pthread_join(g->th, NULL);
     g->started = false;
     while (g->np) drop(g, g->np - 1);
+    relay_pool_wait(&g->relays);
 }
 
 void gate_free(gate *g)
@@ -623,6 +542,7 @@ void gate_free(gate *g)
     if (g->wake[0] >= 0) close(g->wake[0]);
     if (g->wake[1] >= 0) close(g->wake[1]);
     pthread_mutex_destroy(&g->mu);
+    relay_pool_destroy(&g->relays);
     free(g->p);
     free(g->ips);
     free(g);

@@ -53,6 +53,7 @@ struct server {
     gate *g;
     sched *s;
     api_model m;
+    kiln_config cfg;     /* m.cfg: a copy (a reload frees the engine's) */
     char *name;
     const char *key;
     size_t key_len;
@@ -556,12 +557,33 @@ static enum MHD_Result embeddings(conn *k, struct MHD_Connection *c)
     return send_body(k, c, 200, api_embed_response(&k->q, &sv->m), "application/json");
 }
 
+/* The followed run's checkpoint now (ck.on false when not following). */
+static sckpt checkpoint(server *sv)
+{
+    pthread_mutex_lock(&sv->s->mu);
+    sckpt ck = sv->s->ck;
+    pthread_mutex_unlock(&sv->s->mu);
+    return ck;
+}
+
+static char *props(server *sv, api_err *e)
+{
+    sckpt ck = checkpoint(sv);
+    return api_props(&sv->m, sv->n_slots, KILN_BUILD_INFO, ck.on ? &ck : NULL, e);
+}
+
 static enum MHD_Result models(conn *k, struct MHD_Connection *c, const char *url)
 {
     server *sv = k->sv;
     json_t *mo = json_pack("{s:s, s:s, s:i, s:s, s:i}", "id", sv->name, "object", "model",
                            "created", (json_int_t)sv->started, "owned_by", "kiln",
                            "context_length", sv->m.n_ctx);
+    sckpt ck = checkpoint(sv);
+    if (mo && ck.on) {
+        /* following a run: the checkpoint served (extension fields) */
+        json_object_set_new(mo, "checkpoint", json_string(ck.name));
+        json_object_set_new(mo, "checkpoint_step", json_integer(ck.step));
+    }
     if (k->route == R_MODEL) {
         if (strcmp(url + 11, sv->name) != 0) {
             json_decref(mo);
@@ -768,7 +790,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
                         ? api_tokenize(k->body ? k->body : "", k->len, &sv->m, &e)
                     : k->route == R_DETOKENIZE
                         ? api_detokenize(k->body ? k->body : "", k->len, &sv->m, &e)
-                        : api_props(&sv->m, sv->n_slots, KILN_BUILD_INFO, &e);
+                        : props(sv, &e);
         return out ? send_body(k, c, 200, out, "application/json") : send_err(k, c, &e);
     }
     default: return MHD_NO;
@@ -900,8 +922,9 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     if (!sv) return KILN_ERR_NOMEM;
     sv->s = s;
     sv->name = strdup(model_name);
+    sv->cfg = *kiln_engine_config(s->eng);
     sv->m = (api_model){.name = sv->name, .tok = s->tok, .n_ctx = s->n_ctx,
-                        .cfg = kiln_engine_config(s->eng), .vocab = s->V};
+                        .cfg = &sv->cfg, .vocab = s->V};
     sv->key = o->api_key; /* kiln_serve_run refused an empty one */
     sv->key_len = sv->key ? strlen(sv->key) : 0;
     sv->max_body = o->max_body;

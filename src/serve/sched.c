@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 sreq *sreq_new(void)
 {
@@ -155,10 +156,14 @@ static int place(sched *s, sreq *r)
     return dst;
 }
 
-static void admit(sched *s)
+/* Starts queued requests in free slots; followers_only (a newer engine
+ * waits to be swapped in): only the remaining choices of a request whose
+ * first choice already started, so one request's choices share weights. */
+static void admit(sched *s, bool followers_only)
 {
     while (s->qhead && s->n_active < s->n_slots) {
         sreq *r = s->qhead;
+        if (followers_only && !(r->group && !r->leader)) break;
         if (!r->cancelled && wait_for_leader(s, r)) break;
         s->qhead = r->qnext;
         if (!s->qhead) s->qtail = NULL;
@@ -346,6 +351,53 @@ static void on_logits(sched *s, sreq *r, float *lg)
     if (r->grouped) pthread_cond_broadcast(&s->gcv);
 }
 
+/* Swaps in s->next_eng (no request runs): the caches are the old
+ * weights', so the prefix cache starts empty. mu held; dropped while the
+ * old engine is freed. */
+static void swap_engine(sched *s)
+{
+    kiln_engine *old = s->eng;
+    s->eng = s->next_eng;
+    s->next_eng = NULL;
+    for (int i = 0; i < s->n_slots; i++) s->cache_n[i] = 0;
+    snprintf(s->ck.name, sizeof s->ck.name, "%s", s->next_name);
+    s->ck.step = sckpt_step(s->ck.name);
+    s->ck.loaded_at = (long)time(NULL);
+    s->ck.reloads++;
+    s->ck.error[0] = 0;
+    kiln_log(s->log_ctx, KILN_LOG_INFO,
+             "kiln serve: reloaded: now serving checkpoint %s (step %ld; loaded in %.2f s)",
+             s->ck.name, s->ck.step, s->next_secs);
+    pthread_mutex_unlock(&s->mu);
+    kiln_engine_free(old);
+    pthread_mutex_lock(&s->mu);
+}
+
+void sched_swap(sched *s, kiln_engine *eng, const char *name, double load_secs)
+{
+    pthread_mutex_lock(&s->mu);
+    kiln_engine *stale = s->next_eng;
+    s->next_eng = eng;
+    snprintf(s->next_name, sizeof s->next_name, "%s", name);
+    s->next_secs = load_secs;
+    int running = s->n_active;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (running)
+        kiln_log(s->log_ctx, KILN_LOG_INFO,
+                 "kiln serve: %s loaded in %.2f s; it takes over when the %d running request(s) "
+                 "finish (they finish on the old weights)", name, load_secs, running);
+    kiln_engine_free(stale);
+}
+
+long sckpt_step(const char *name)
+{
+    if (strncmp(name, "step_", 5) || !name[5]) return -1;
+    char *e;
+    long v = strtol(name + 5, &e, 10);
+    return *e || v < 0 ? -1 : v;
+}
+
 static void *sched_main(void *arg)
 {
     sched *s = arg;
@@ -359,7 +411,13 @@ static void *sched_main(void *arg)
                 finish(s, r, "cancelled", 0, "");
             }
         }
-        admit(s);
+        /* a newer checkpoint's engine: once nothing runs, swap it in; until
+         * then nothing new starts (it would run on the old weights), only
+         * the rest of a request whose first choice did (queued together,
+         * after it) */
+        bool follower = s->qhead && s->qhead->group && !s->qhead->leader;
+        if (s->next_eng && s->n_active == 0 && !follower) swap_engine(s);
+        admit(s, s->next_eng != NULL);
         /* embeddings: each its own prefill (kiln_engine_embed) on this
          * thread, between generation steps; the slot is left empty */
         bool embedded = false;
@@ -510,6 +568,8 @@ void sched_stop(sched *s)
 void sched_free(sched *s)
 {
     sched_stop(s);
+    kiln_engine_free(s->next_eng); /* loaded, never swapped in */
+    s->next_eng = NULL;
     if (s->mu_init) {
         pthread_mutex_destroy(&s->mu);
         pthread_cond_destroy(&s->cv);

@@ -119,6 +119,18 @@ typedef struct metrics {
     uint64_t cached_tokens, cache_hits; /* prefix caching */
 } metrics;
 
+/* The checkpoint of a followed run directory being served (sched.mu). */
+typedef struct sckpt {
+    bool on;               /* following kiln_serve_opts.run_dir */
+    char name[64];         /* "step_00000012" */
+    long step;             /* parsed from the name, -1 when it has no number */
+    long loaded_at;        /* unix time it was swapped in (or loaded at start) */
+    uint64_t reloads, failures;
+    char error[320];       /* the last failed load's message, "" none */
+} sckpt;
+/* The step number of a checkpoint name "step_00000012" (12), or -1. */
+long sckpt_step(const char *name);
+
 typedef struct sched {
     kiln_engine *eng;
     const kiln_tokenizer *tok;
@@ -147,6 +159,13 @@ typedef struct sched {
     struct infer_vocab_trie *trie; /* the tokenizer's vocabulary (grammars) */
     uint8_t *allowed;      /* (V) scratch: tokens a grammar allows */
     kiln_pooling pooling;  /* embeddings (kiln_serve_opts.embedding_pooling) */
+    /* following a run directory (reload.c): the checkpoint served, and a
+     * newer one loaded in the background and waiting to be swapped in */
+    const kiln_ctx *log_ctx; /* for log lines (kiln_log only) */
+    sckpt ck;
+    kiln_engine *next_eng; /* swapped in once no request runs (sched_main) */
+    char next_name[64];
+    double next_secs;      /* its load time */
 } sched;
 
 /* Creates the scheduler over an engine (not owned) and starts its
@@ -175,6 +194,27 @@ int sched_submit(sched *s, sreq *r);
 int sched_submit_group(sched *s, sreq **rs, int n);
 /* Marks r cancelled (client gone); its slot is freed at the next step. */
 void sched_cancel(sched *s, sreq *r);
+/* Hands the scheduler a newly loaded engine (same config, slots and
+ * context as the one it runs) for checkpoint name. Requests running now
+ * finish on the old engine; none is admitted until they have, then the
+ * engine is swapped, the prefix cache dropped, and the old engine freed
+ * (on the scheduler's thread). A newer engine replaces one still
+ * waiting (freed here). Takes ownership of eng. */
+void sched_swap(sched *s, kiln_engine *eng, const char *name, double load_secs);
+
+/* ---- following a run directory (reload.c) ---------------------------- */
+
+typedef struct reloader reloader;
+/* Starts a thread that reads RUN/latest every watch_ms and, when it names
+ * another checkpoint than the one served (current, a directory name),
+ * verifies and loads it with eo and hands it to sched_swap; a checkpoint
+ * that fails (checksums, a truncated file, another config) is logged,
+ * counted in s->ck and not retried until it changes; the old weights stay.
+ * log_ctx: where log lines go (kiln_log only). */
+kiln_status reloader_start(kiln_ctx *log_ctx, reloader **out, sched *s, const char *run_dir,
+                           const char *current, const kiln_engine_opts *eo, int watch_ms);
+/* Stops the thread (waits for a load in progress) and frees. NULL: no-op. */
+void reloader_stop(reloader *r);
 
 /* Prometheus text of s's metrics (malloc'ed). */
 char *metrics_render(sched *s, const metrics *http_m);
@@ -270,7 +310,9 @@ char *api_embed_response(const api_req *q, const api_model *m);
  * response body (malloc'ed), or NULL with err filled. */
 char *api_tokenize(const char *body, size_t len, const api_model *m, api_err *err);
 char *api_detokenize(const char *body, size_t len, const api_model *m, api_err *err);
-char *api_props(const api_model *m, int n_slots, const char *build, api_err *err);
+/* ck: the followed run's checkpoint (a "checkpoint" object) or NULL. */
+char *api_props(const api_model *m, int n_slots, const char *build, const sckpt *ck,
+                api_err *err);
 
 /* ---- gate (gate.c): accepts and screens request heads ---------------- */
 
@@ -292,6 +334,43 @@ kiln_status gate_start(kiln_ctx *ctx, gate *g, struct MHD_Daemon *d);
 void gate_stop(gate *g);
 /* Stops, closes the listening socket and frees. gate_free(NULL) is a no-op. */
 void gate_free(gate *g);
+/* Writes an OpenAI error response to fd (best effort) and returns the
+ * body's bytes. */
+size_t gate_answer(int fd, int status, const char *type, const char *code, const char *msg);
+
+/* ---- relay (relay.c): chunked request bodies ------------------------- */
+
+/* A streaming decoder of chunked transfer coding (RFC 9112 7.1). */
+typedef struct chunk_dec chunk_dec;
+void chunk_dec_init(chunk_dec *d);
+/* Decodes in[0, n) into out (room for n bytes): the data bytes in
+ * *out_n. Returns 1 when the body ended (the last chunk and its trailer
+ * lines: the bytes after it are left unread), 0 when more is due, -1 when
+ * the framing is malformed (msg says how). */
+int chunk_dec_feed(chunk_dec *d, const char *in, size_t n, char *out, size_t *out_n, char *msg,
+                   size_t cap);
+bool chunk_dec_done(const chunk_dec *d);
+
+/* The relay threads of one gate. */
+typedef struct relay_pool {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int live;            /* relay threads running */
+    int wake;            /* readable: every relay ends */
+    double idle_secs;    /* a body with no bytes this long gets a 408 */
+    gate_log_fn log;
+    void *log_ud;
+} relay_pool;
+void relay_pool_init(relay_pool *p, int wake, double idle_secs);
+/* Waits until every relay ended (after wake turned readable). */
+void relay_pool_wait(relay_pool *p);
+void relay_pool_destroy(relay_pool *p);
+struct sockaddr_storage;
+/* Takes over client socket cfd, whose request head (head_len bytes) was
+ * peeked and checked and announces a chunked body, and starts its relay
+ * thread. Returns the socket for libmicrohttpd, or -1 (out of memory or
+ * threads; the head may have been consumed: answer and close cfd). */
+int relay_start(relay_pool *p, int cfd, size_t head_len, const struct sockaddr_storage *sa);
 #ifdef MHD_VERSION
 /* MHD_OPTION_NOTIFY_CONNECTION callback (cls = the gate). */
 void gate_notify(void *cls, struct MHD_Connection *c, void **socket_context,

@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 const double metrics_buckets[12] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                     0.5,   1,    2.5,   5,    10,  1e300};
@@ -18,7 +19,8 @@ kiln_serve_opts kiln_serve_opts_default(void)
 {
     return (kiln_serve_opts){.host = "127.0.0.1", .port = 8080, .parallel = 4,
                              .n_ctx = 0, .max_queue = 64, .max_body = 1 << 20,
-                             .max_connections = 256, .wtype = KILN_DTYPE_F32};
+                             .max_connections = 256, .wtype = KILN_DTYPE_F32,
+                             .watch_ms = 1000};
 }
 
 void metrics_observe(uint64_t *b, uint64_t *n, double *sum, double secs)
@@ -60,6 +62,7 @@ char *metrics_render(sched *s, const metrics *http_m)
     if (!o) return NULL;
     pthread_mutex_lock(&s->mu);
     metrics m = s->m;
+    sckpt ck = s->ck;
     int q = s->qlen, act = s->n_active;
     pthread_mutex_unlock(&s->mu);
 #define C(name, help, type, val)                                                   \
@@ -76,6 +79,14 @@ char *metrics_render(sched *s, const metrics *http_m)
     C("kiln_queue_depth", "Requests waiting for a slot.", "gauge", (uint64_t)q);
     C("kiln_slots_active", "Slots generating now.", "gauge", (uint64_t)act);
     C("kiln_slots_total", "Slots (parallel sequences).", "gauge", (uint64_t)s->n_slots);
+    if (ck.on) {
+        C("kiln_checkpoint_reloads_total", "Newer checkpoints of the followed run swapped in.", "counter", ck.reloads);
+        C("kiln_checkpoint_reload_failures_total", "Checkpoints of the followed run that failed to load (the old weights stayed).", "counter", ck.failures);
+        k += (size_t)snprintf(o + k, cap - k,
+                              "# HELP kiln_checkpoint_step The served checkpoint's training step.\n"
+                              "# TYPE kiln_checkpoint_step gauge\nkiln_checkpoint_step %ld\n",
+                              ck.step);
+    }
 #undef C
     k += hist(o + k, cap - k, "kiln_time_to_first_token_seconds",
               "Time from arrival to the first generated token.", m.ttft_b, m.ttft_n, m.ttft_sum);
@@ -98,8 +109,9 @@ static const char *base_name(const char *dir)
 kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
 {
     kiln_serve_opts o = *opts;
-    if (!o.model_dir)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.model_dir is required");
+    if (!o.model_dir && !o.run_dir)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_serve_opts.model_dir is required (or a kiln_serve_opts.run_dir to follow)");
     if (o.parallel < 1 || o.parallel > 256)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_serve_opts.parallel = %d is not in 1..256", o.parallel);
     if (o.max_queue < 0)
@@ -132,10 +144,23 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     mallopt(M_TRIM_THRESHOLD, 1024 * 1024);
     mallopt(M_ARENA_MAX, 2);
 
+    if (o.watch_ms < 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_serve_opts.watch_ms = %d must be >= 0 (0: do not follow the run)",
+                         o.watch_ms);
+    /* a run directory: serve its latest checkpoint (and follow it) */
+    char ck_dir[4096];
+    if (o.run_dir && !o.model_dir) {
+        kiln_status rs = kiln_checkpoint_resolve(ctx, o.run_dir, ck_dir, sizeof ck_dir);
+        if (rs) return rs;
+        o.model_dir = ck_dir;
+    }
     kiln_model *model = NULL;
     kiln_tokenizer *tok = NULL;
     kiln_engine *eng = NULL;
     server *sv = NULL;
+    reloader *rl = NULL;
+    bool sched_owns = false; /* s.eng is the scheduler's (a reload swaps it) */
     sched s;
     memset(&s, 0, sizeof s);
     /* a trainer checkpoint carries checksums.json: verify before loading */
@@ -163,9 +188,22 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     model = NULL;
     st = sched_start(ctx, &s, eng, tok, o.max_queue);
     if (st) goto out;
+    sched_owns = true;
+    eng = NULL;
     pthread_mutex_lock(&s.mu);
     s.pooling = o.embedding_pooling;
+    s.log_ctx = ctx;
+    if (o.run_dir) {
+        s.ck.on = true;
+        snprintf(s.ck.name, sizeof s.ck.name, "%s", base_name(o.model_dir));
+        s.ck.step = sckpt_step(s.ck.name);
+        s.ck.loaded_at = (long)time(NULL);
+    }
     pthread_mutex_unlock(&s.mu);
+    if (o.run_dir && o.watch_ms > 0) {
+        st = reloader_start(ctx, &rl, &s, o.run_dir, base_name(o.model_dir), &eo, o.watch_ms);
+        if (st) goto out;
+    }
 
     /* Signals: block them in every thread (inherited), wait here. */
     sigset_t set;
@@ -175,22 +213,30 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
     int port = 0;
-    const char *name = o.model_name ? o.model_name : base_name(o.model_dir);
+    const char *name = o.model_name ? o.model_name : base_name(o.run_dir ? o.run_dir : o.model_dir);
     st = http_start(ctx, &sv, &s, &o, name, &port);
     if (st) goto out;
     printf("kiln serve: model '%s' (%s, %d slots x %d context) listening on http://%s:%d\n",
-           name, o.weights_gguf ? "the .gguf's own" : o.wtype == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(o.wtype), kiln_engine_n_slots(eng),
-           kiln_engine_n_ctx(eng), o.host ? o.host : "127.0.0.1", port);
+           name, o.weights_gguf ? "the .gguf's own" : o.wtype == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(o.wtype), s.n_slots,
+           s.n_ctx, o.host ? o.host : "127.0.0.1", port);
+    if (o.run_dir)
+        printf("kiln serve: serving checkpoint %s of run %s%s\n", s.ck.name, o.run_dir,
+               rl ? "; following its 'latest' (new checkpoints load in the background)" : "");
     fflush(stdout);
     int sig = 0;
     sigwait(&set, &sig);
     kiln_log(ctx, KILN_LOG_INFO, "kiln serve: signal %d, shutting down", sig);
+    reloader_stop(rl);
+    rl = NULL;
     sched_stop(&s);
     http_stop(sv);
     sv = NULL;
 out:
+    reloader_stop(rl);
     if (sv) http_stop(sv);
+    kiln_engine *cur = sched_owns ? s.eng : NULL;
     sched_free(&s);
+    kiln_engine_free(cur);
     kiln_engine_free(eng);
     kiln_tokenizer_free(tok);
     kiln_model_free(model);

@@ -27,7 +27,10 @@
  * This file parses (segments with whitespace control, expressions,
  * statements; jinja_int.h holds the tree); jinja_render.c renders. Values
  * live in an arena freed after each render; the parsed template in
- * another, freed by jinja_free.
+ * another, freed by jinja_free. A little over 800 lines: the segmenter,
+ * the expression grammar (one function per precedence level, as the
+ * Jinja2 grammar reads) and the statements share the parser state, and
+ * split in two they would each need it in a header.
  */
 #include "tokenizer/jinja_int.h"
 
@@ -66,6 +69,18 @@ void ja_free(jarena *a)
     a->head = NULL;
 }
 
+
+kiln_status ja_vfail(kiln_ctx *ctx, kiln_status *err, const char *src, size_t pos,
+                     const char *fmt, va_list ap)
+{
+    if (*err) return *err;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    int line, col;
+    ja_line_col(src, pos, &line, &col);
+    *err = kiln_fail(ctx, KILN_ERR_FORMAT, "chat template line %d col %d: %s", line, col, msg);
+    return *err;
+}
 
 void ja_line_col(const char *s, size_t pos, int *line, int *col)
 {
@@ -109,16 +124,11 @@ static kiln_status perr(parser *P, size_t pos, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static kiln_status perr(parser *P, size_t pos, const char *fmt, ...)
 {
-    if (P->err) return P->err;
-    char msg[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    kiln_status s = ja_vfail(P->ctx, &P->err, P->s, pos, fmt, ap);
     va_end(ap);
-    int line, col;
-    ja_line_col(P->s, pos, &line, &col);
-    P->err = kiln_fail(P->ctx, KILN_ERR_FORMAT, "chat template line %d col %d: %s", line, col, msg);
-    return P->err;
+    return s;
 }
 
 static node *nnew(parser *P, int kind, size_t pos)
@@ -614,35 +624,24 @@ static node *parse_not(parser *P)
     return parse_cmp(P);
 }
 
-static node *parse_and(parser *P)
+/* left-associative `sub (word sub)*` as nodes of kind (and, or) */
+static node *parse_logic(parser *P, const char *word, int kind, node *(*sub)(parser *))
 {
-    node *e = parse_not(P);
+    node *e = sub(P);
     size_t pos = P->p;
-    while (e && accept_word(P, "and")) {
-        node *x = nnew(P, E_AND, pos);
+    while (e && accept_word(P, word)) {
+        node *x = nnew(P, kind, pos);
         if (!x) return NULL;
         x->a = e;
-        x->b = parse_not(P);
+        x->b = sub(P);
         e = x->b ? x : NULL;
         pos = P->p;
     }
     return e;
 }
 
-static node *parse_or(parser *P)
-{
-    node *e = parse_and(P);
-    size_t pos = P->p;
-    while (e && accept_word(P, "or")) {
-        node *x = nnew(P, E_OR, pos);
-        if (!x) return NULL;
-        x->a = e;
-        x->b = parse_and(P);
-        e = x->b ? x : NULL;
-        pos = P->p;
-    }
-    return e;
-}
+static node *parse_and(parser *P) { return parse_logic(P, "and", E_AND, parse_not); }
+static node *parse_or(parser *P) { return parse_logic(P, "or", E_OR, parse_and); }
 
 static node *parse_expr(parser *P)
 {

@@ -29,6 +29,11 @@ void ja_free(jarena *a);
 char *ja_strdup(jarena *a, const char *s, size_t n);
 /* The 1-based line and column of offset pos in s. */
 void ja_line_col(const char *s, size_t pos, int *line, int *col);
+/* Records the template's first error: *err (when still KILN_OK) becomes
+ * KILN_ERR_FORMAT on ctx with "chat template line L col C: <fmt>", the
+ * position pos of src; returns *err. The parser's and the renderer's. */
+kiln_status ja_vfail(kiln_ctx *ctx, kiln_status *err, const char *src, size_t pos,
+                     const char *fmt, va_list ap) __attribute__((format(printf, 5, 0)));
 
 /* ---- values ------------------------------------------------------------ */
 

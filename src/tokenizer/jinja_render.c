@@ -34,16 +34,11 @@ static kiln_status rerr(rstate *R, size_t pos, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static kiln_status rerr(rstate *R, size_t pos, const char *fmt, ...)
 {
-    if (R->err) return R->err;
-    char msg[512];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    kiln_status s = ja_vfail(R->ctx, &R->err, R->t->src, pos, fmt, ap);
     va_end(ap);
-    int line, col;
-    ja_line_col(R->t->src, pos, &line, &col);
-    R->err = kiln_fail(R->ctx, KILN_ERR_FORMAT, "chat template line %d col %d: %s", line, col, msg);
-    return R->err;
+    return s;
 }
 
 static void emit(rstate *R, const char *s, size_t n)

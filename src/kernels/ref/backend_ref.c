@@ -44,32 +44,6 @@ static float wt(const ref_weight *w, int k, int o)
     return w->io ? w->w[(size_t)k * w->OC + o] : w->w[(size_t)o * w->C + k];
 }
 
-/* ---- buffers: host memory ---------------------------------------------- */
-
-static void *ref_buf_alloc(kern_backend *b, size_t bytes)
-{
-    (void)b;
-    return malloc(bytes ? bytes : 1);
-}
-
-static void ref_buf_free(kern_backend *b, void *buf)
-{
-    (void)b;
-    free(buf);
-}
-
-static void ref_buf_set(kern_backend *b, void *buf, size_t off, const void *src, size_t n)
-{
-    (void)b;
-    if (n) memcpy((char *)buf + off, src, n);
-}
-
-static void ref_buf_get(kern_backend *b, const void *buf, size_t off, void *dst, size_t n)
-{
-    (void)b;
-    if (n) memcpy(dst, (const char *)buf + off, n);
-}
-
 /* ---- weights ------------------------------------------------------------ */
 
 static kern_weight *ref_weight_prepare(kern_backend *b, const float *w, int OC, int C,
@@ -126,15 +100,17 @@ static size_t ref_act_bytes(const kern_backend *b, int rows, int cols)
     return 2 * (size_t)rows * (size_t)cols;
 }
 
-static void ref_to_rows(const kern_backend *b, uint16_t *dst, const float *x, size_t n)
+static void ref_to_rows(const kern_backend *b, void *dst_, const float *x, size_t n)
 {
+    uint16_t *dst = dst_;
     (void)b;
     for (size_t i = 0; i < n; i++)
         dst[i] = f32_to_bf16(x[i]);
 }
 
-static void ref_from_rows(const kern_backend *b, float *dst, const uint16_t *x, size_t n)
+static void ref_from_rows(const kern_backend *b, float *dst, const void *x_, size_t n)
 {
+    const uint16_t *x = x_;
     (void)b;
     for (size_t i = 0; i < n; i++)
         dst[i] = bf16_to_f32(x[i]);
@@ -203,7 +179,7 @@ static bool ref_linear_fwd(kern_backend *b, const kern_out *o, const kern_act *x
                 o->y[i] = o->res[i] + v;
                 break;
             case KERN_OUT_ROWS:
-                o->rows[i] = f32_to_bf16(v);
+                ((uint16_t *)o->rows)[i] = f32_to_bf16(v);
                 break;
             case KERN_OUT_GELU: {
                 float h = rb(v), a;
@@ -303,7 +279,7 @@ static bool ref_mlp_bwd(kern_backend *b, kern_weight *w1, kern_weight *w2, const
     return ok;
 }
 
-static bool ref_ce_linear_bwd(kern_backend *b, kern_weight *w, const float *logits,
+static bool ref_ce_linear_bwd(kern_backend *b, kern_weight *w, float *logits,
                               const int32_t *targets, const float *mask, int N, int V,
                               float grad_scale, double *loss_sum, double *weight_sum,
                               const kern_act *x, float *dW, bool dw_acc, float *dx)
@@ -324,7 +300,7 @@ static bool ref_attention_ok(const kern_backend *b, int HS, int T)
 }
 
 static void ref_attention_fwd(const kern_backend *b, kern_act *outp, float *lse,
-                              const uint16_t *qkvh, int B, int T, int NH, int KVH, int HS)
+                              const void *qkvh, int B, int T, int NH, int KVH, int HS)
 {
     size_t n = (size_t)B * T, QKV = (size_t)(NH + 2 * KVH) * HS;
     float *qkv = malloc(n * QKV * sizeof *qkv), *out = malloc(n * NH * HS * sizeof *out);
@@ -337,7 +313,7 @@ static void ref_attention_fwd(const kern_backend *b, kern_act *outp, float *lse,
 }
 
 static void ref_attention_bwd(const kern_backend *b, float *dqkv, const float *dout,
-                              const uint16_t *qkvh, const kern_act *outp, const float *lse, int B,
+                              const void *qkvh, const kern_act *outp, const float *lse, int B,
                               int T, int NH, int KVH, int HS)
 {
     size_t n = (size_t)B * T, QKV = (size_t)(NH + 2 * KVH) * HS;
@@ -351,7 +327,7 @@ static void ref_attention_bwd(const kern_backend *b, float *dqkv, const float *d
 }
 
 static bool ref_attention_linear_bwd(kern_backend *b, kern_weight *w, float *dqkv,
-                                     const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                     const float *dout, const void *qkvh, const kern_act *outp,
                                      const float *lse, int B, int T, int NH, int KVH, int HS,
                                      const kern_act *x, float *dW, bool dw_acc, float *db,
                                      float *dx)
@@ -383,10 +359,10 @@ kern_backend *kern_backend_ref_new(kiln_dtype dt)
         .state = st,
         .ops = kern_ops_ref(),
         .gemm = kern_gemm_ref(),
-        .buf_alloc = ref_buf_alloc,
-        .buf_free = ref_buf_free,
-        .buf_set = ref_buf_set,
-        .buf_get = ref_buf_get,
+        .buf_alloc = kern_host_buf_alloc,
+        .buf_free = kern_host_buf_free,
+        .buf_set = kern_host_buf_set,
+        .buf_get = kern_host_buf_get,
         .weight_prepare = ref_weight_prepare,
         .weight_refresh_rows = ref_weight_refresh_rows,
         .weight_refresh = ref_weight_refresh,
@@ -394,6 +370,7 @@ kern_backend *kern_backend_ref_new(kiln_dtype dt)
         .weight_keep = ref_weight_keep,
         .mp =
             {
+                .row_size = 2,
                 .act_bytes = ref_act_bytes,
                 .act_pack = ref_act_pack,
                 .act_unpack = ref_act_unpack,

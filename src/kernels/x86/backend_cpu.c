@@ -39,32 +39,6 @@ static const mp_weight *cur(kern_backend *b, kern_weight *w, bool bwd)
     return mp_kern_weight_current(b, w, bwd);
 }
 
-/* ---- buffers: host memory, 64-byte aligned ----------------------------- */
-
-static void *cpu_buf_alloc(kern_backend *b, size_t bytes)
-{
-    (void)b;
-    return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64 * !bytes);
-}
-
-static void cpu_buf_free(kern_backend *b, void *buf)
-{
-    (void)b;
-    free(buf);
-}
-
-static void cpu_buf_set(kern_backend *b, void *buf, size_t off, const void *src, size_t n)
-{
-    (void)b;
-    if (n) memcpy((char *)buf + off, src, n);
-}
-
-static void cpu_buf_get(kern_backend *b, const void *buf, size_t off, void *dst, size_t n)
-{
-    (void)b;
-    if (n) memcpy(dst, (const char *)buf + off, n);
-}
-
 /* ---- the mixed-precision ops ------------------------------------------- */
 
 static size_t cpu_act_bytes(const kern_backend *b, int rows, int cols)
@@ -85,13 +59,13 @@ static void cpu_act_unpack(const kern_backend *b, float *x, const kern_act *src,
     mp_unpack_a(x, cols, (const uint16_t *)src, rows, cols);
 }
 
-static void cpu_to_rows(const kern_backend *b, uint16_t *dst, const float *x, size_t n)
+static void cpu_to_rows(const kern_backend *b, void *dst, const float *x, size_t n)
 {
     (void)b;
     mp_f32_to_bf16(x, dst, n);
 }
 
-static void cpu_from_rows(const kern_backend *b, float *dst, const uint16_t *x, size_t n)
+static void cpu_from_rows(const kern_backend *b, float *dst, const void *x, size_t n)
 {
     (void)b;
     mp_bf16_to_f32(x, dst, n);
@@ -165,7 +139,7 @@ static bool cpu_mlp_bwd(kern_backend *b, kern_weight *w1, kern_weight *w2, const
                                   (const uint16_t *)h, act, N, dW1, db1, dW2, db2, dx, dw_acc);
 }
 
-static bool cpu_ce_linear_bwd(kern_backend *b, kern_weight *w, const float *logits,
+static bool cpu_ce_linear_bwd(kern_backend *b, kern_weight *w, float *logits,
                               const int32_t *targets, const float *mask, int N, int V,
                               float grad_scale, double *loss_sum, double *weight_sum,
                               const kern_act *x, float *dW, bool dw_acc, float *dx)
@@ -186,14 +160,14 @@ static bool cpu_attention_ok(const kern_backend *b, int HS, int T)
 }
 
 static void cpu_attention_fwd(const kern_backend *b, kern_act *outp, float *lse,
-                              const uint16_t *qkvh, int B, int T, int NH, int KVH, int HS)
+                              const void *qkvh, int B, int T, int NH, int KVH, int HS)
 {
     (void)b;
     mp_attention_fwd_amx_packed((uint16_t *)outp, lse, qkvh, B, T, NH, KVH, HS);
 }
 
 static void cpu_attention_bwd(const kern_backend *b, float *dqkv, const float *dout,
-                              const uint16_t *qkvh, const kern_act *outp, const float *lse, int B,
+                              const void *qkvh, const kern_act *outp, const float *lse, int B,
                               int T, int NH, int KVH, int HS)
 {
     (void)b;
@@ -205,7 +179,7 @@ static void cpu_attention_bwd(const kern_backend *b, float *dqkv, const float *d
  * accumulators straight into the packed forms (and bias sums) the qkv
  * layer's backward reads, never as fp32 rows; else through dqkv. */
 static bool cpu_attention_linear_bwd(kern_backend *b, kern_weight *w, float *dqkv,
-                                     const float *dout, const uint16_t *qkvh, const kern_act *outp,
+                                     const float *dout, const void *qkvh, const kern_act *outp,
                                      const float *lse, int B, int T, int NH, int KVH, int HS,
                                      const kern_act *x, float *dW, bool dw_acc, float *db,
                                      float *dx)
@@ -260,15 +234,16 @@ kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k)
         .state = g,
         .ops = mp_kern_ops(g),
         .gemm = g,
-        .buf_alloc = cpu_buf_alloc,
-        .buf_free = cpu_buf_free,
-        .buf_set = cpu_buf_set,
-        .buf_get = cpu_buf_get,
+        .buf_alloc = kern_host_buf_alloc,
+        .buf_free = kern_host_buf_free,
+        .buf_set = kern_host_buf_set,
+        .buf_get = kern_host_buf_get,
         .destroy = cpu_destroy,
     };
     mp_kern_backend_weights(b);
     if (dt == KILN_DTYPE_BF16)
         b->mp = (kern_mp_ops){
+            .row_size = 2,
             .act_bytes = cpu_act_bytes,
             .act_pack = cpu_act_pack,
             .act_unpack = cpu_act_unpack,

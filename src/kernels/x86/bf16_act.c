@@ -1,5 +1,5 @@
 /*
- * bf16_act.c — the activation kernels of bf16 training (model/forward_mp.c),
+ * bf16_act.c — the activation kernels of bf16 training (model/pass.c),
  * where every input of a matrix product is stored once, in bf16, already
  * in the packed-A layout the AMX kernel reads (bf16.h):
  *   - the MLP's fused epilogue: the fc product's fp32 output x becomes the

@@ -21,7 +21,7 @@ size_t mp_kern_cache_bytes(kern_gemm *g);
  * (not counting the optimizer's strip-by-strip refresh). */
 uint64_t mp_kern_repacks(kern_gemm *g);
 
-/* For the bf16 training path (model/forward_mp.c): g's dtype, backend,
+/* For the bf16 training path (model/pass.c): g's dtype, backend,
  * scratch, and the packed copy of weight w, refreshed for the current
  * epoch (g->invalidate) in the forward (bwd = false) or input-gradient
  * (bwd = true) layout. NULL on OOM. */

@@ -1,42 +1,40 @@
 /*
- * forward_mp.c — the forward and backward passes of bf16 training with
- * bf16 activations.
+ * pass.c — the model's one forward and backward pass, for every precision.
  *
- * Every input of a matrix product is stored once, in bf16, in the
- * backend's activation layout (a kern_act: on the cpu backend the
- * packed-A layout the AMX kernel reads), so no product converts or packs
- * its left operand from fp32 again, and the stored activations take half
- * the memory:
+ * The forward is the layer block (block.c) over the batch; the backward
+ * mirrors it. Both run on the pass backend (model_pass_backend): the
+ * activation ops of kernels.h's kern_mp_ops, in the backend's compute
+ * dtype and layout:
+ *   bf16 with bf16 activations (the default bf16): the model's cpu (or
+ *        ref) backend: the inputs of products stored once in bf16, in the
+ *        layout its kernel reads (the AMX kernel's packed-A layout), half
+ *        the memory, no product converting its left operand again;
+ *   fp32, fp16, and bf16 with fp32 activations: the f32 backend
+ *        (kernels/acts_f32.c) over the model's op table and GEMM (fp16's
+ *        and bf16's mixed-precision GEMM convert the operands themselves).
+ * Stored per layer (kern_act of that backend unless said otherwise):
  *   ln1p, ln2p   the normalized inputs of the qkv and fc products (L, N, C)
+ *   qkvh         qkv after RoPE as rows of the compute dtype    (L, N, QKV)
  *   attyp        the attention output, input of the projection    (L, N, C)
- *                (the bf16 attention writes it directly, and its
- *                backward reads it as it is)
  *   fchp         the fc product's output, pre-activation          (L, N, FH)
  *   lnfp         the final norm's output, input of the LM head    (N, C)
  * The activation function's output (the input of the MLP's second
  * product) is not stored: the forward writes it for one layer at a time
  * (actp) with the fc product (for GELU as the product's output form
- * KERN_OUT_GELU: no fp32 fc output), and the backward recomputes it from
- * fchp (the backend's linear_bwd / mlp_bwd take the pre-activation).
- * qkv is stored in bf16 too (qkvh, plain rows): when the backend runs
- * attention in bf16 for this head size and T (mp.attention_ok) attention
- * reads it directly; otherwise the fp32 attention kernels run on its
- * values, widened into one layer's scratch, in the forward and again in
- * the backward, so both see the same numbers. What stays fp32: the
- * residual stream (encoded, res2, res3), norm statistics, the softmax
- * (and the attention log-sum-exp), the logits (cross-entropy in fp32),
- * and all gradients. The residual adds are fused into the products
- * (KERN_OUT_RES), and the norms write their bf16 output only
- * (mp.norm_fwd).
+ * KERN_OUT_GELU), and the backward recomputes it from fchp (linear_bwd /
+ * mlp_bwd take the pre-activation). When the backend has no attention
+ * in its compute dtype for this head size and T (mp.attention_ok), the
+ * fp32 attention kernels run on the rounded values, widened into one
+ * layer's scratch, in the forward and again in the backward, so both see
+ * the same numbers. What stays fp32 everywhere: the residual stream
+ * (encoded, res2, res3), norm statistics, the softmax (and the attention
+ * log-sum-exp), the logits (cross-entropy in fp32), and all gradients.
+ * The residual adds are the products' output form (KERN_OUT_RES).
  *
- * Everything runs through the model's backend (kernels/kernels.h's
- * kern_backend, m->be): weights are prepared handles (weight_prepare),
+ * Weights are the backend's prepared handles (weight_prepare),
  * activations kern_act buffers carved here with the backend's act_bytes.
- *
- * Used when the model's precision is bf16 (fp16 keeps fp32 activations:
- * its exact hi/lo split needs the fp32 value) and
- * kiln_precision_opts.bf16_acts is true (the default); false switches it
- * off (bf16 products on fp32 activations, for comparison).
+ * The weight-matrix gradients are written, not added, by the first
+ * backward after kiln_model_zero_grad (grads_lazy; matrices.c).
  */
 #include "model/model.h"
 
@@ -44,10 +42,10 @@
 #include <string.h>
 #include <time.h>
 
-/* Bytes of a bf16 (M, K) activation in the backend's layout. */
-static size_t pk(const kiln_model *m, size_t M, size_t K)
+/* Bytes of an (M, K) activation in the pass backend's dtype and layout. */
+static size_t pk(kern_backend *be, size_t M, size_t K)
 {
-    return m->be->mp.act_bytes(m->be, (int)M, (int)K);
+    return be->mp.act_bytes(be, (int)M, (int)K);
 }
 
 /* Layer l's kern_act in a block of them, each of bytes. */
@@ -56,15 +54,24 @@ static kern_act *at(void *base, size_t bytes, int l)
     return (kern_act *)((char *)base + (size_t)l * bytes);
 }
 
-bool model_mp_wanted(const kiln_model *m)
+bool model_bf16_acts(const kiln_model *m)
 {
     return kiln_model_precision(m) == KILN_PRECISION_BF16 && !m->bf16_f32_acts && m->be &&
            m->be->mp.linear_fwd;
 }
 
+kern_backend *model_pass_backend(const kiln_model *m)
+{
+    if (model_bf16_acts(m)) return m->be;
+    m->fb->ops = m->ops; /* fp32 products: the table's; fp16 and bf16 with */
+    m->fb->gemm = m->gemm; /* fp32 activations: their backend's GEMM */
+    return m->fb;
+}
+
 /* The buffers, in carve order: {bytes per element, count}. */
 static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
 {
+    kern_backend *be = model_pass_backend(m);
     size_t N = (size_t)B * T, L = (size_t)m->L, C = (size_t)m->C;
     size_t F = (size_t)m->F, V = (size_t)m->V, NH = (size_t)m->NH, QKV = (size_t)m->QKV;
     size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
@@ -72,20 +79,20 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
     size_t s[][2] = {
         {4, N},                    /* tokens */
         {4, N * C},                /* encoded */
-        {1, L * pk(m, N, C)},      /* ln1p */
+        {1, L * pk(be, N, C)},      /* ln1p */
         {4, L * N}, {4, L * N},    /* ln1 mean, rstd */
-        {2, L * N * QKV},          /* qkvh */
+        {be->mp.row_size, L * N * QKV}, /* qkvh */
         {4, L * B * NH * T},       /* lse */
-        {1, L * pk(m, N, C)},      /* attyp */
+        {1, L * pk(be, N, C)},      /* attyp */
         {4, L * N * C},            /* res2 */
-        {1, L * pk(m, N, C)},      /* ln2p */
+        {1, L * pk(be, N, C)},      /* ln2p */
         {4, L * N}, {4, L * N},    /* ln2 mean, rstd */
-        {1, L * pk(m, N, FH)},     /* fchp */
+        {1, L * pk(be, N, FH)},     /* fchp */
         {4, L * N * C},            /* res3 */
-        {1, pk(m, N, C)},          /* lnfp */
+        {1, pk(be, N, C)},          /* lnfp */
         {4, N}, {4, N},            /* lnf mean, rstd */
         {4, N * V},                /* logits */
-        {1, pk(m, N, F)},          /* actp (one layer) */
+        {1, pk(be, N, F)},          /* actp (one layer) */
         {4, N * wide},             /* tmp (one layer) */
         {4, N * C},                /* atty (one layer) */
         {4, N * C}, {4, N * C},    /* dres, dc */
@@ -95,7 +102,7 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
     memcpy(out, s, sizeof s);
 }
 
-size_t model_mp_act_bytes(const kiln_model *m, int B, int T)
+size_t model_pass_act_bytes(const kiln_model *m, int B, int T)
 {
     size_t s[32][2], total = 0;
     int n;
@@ -104,7 +111,7 @@ size_t model_mp_act_bytes(const kiln_model *m, int B, int T)
     return total;
 }
 
-void model_mp_carve(kiln_model *m, int B, int T)
+void model_pass_carve(kiln_model *m, int B, int T)
 {
     size_t s[32][2];
     int n;
@@ -151,110 +158,106 @@ void model_mp_carve(kiln_model *m, int B, int T)
 #define NOMEM(ctx) kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory in the bf16 products")
 
 /* The handle of weight w (OC, C) of the model's backend. */
-static kern_weight *wh(kiln_model *m, const float *w, int OC, int C, bool io)
+static kern_weight *wh(kern_backend *be, const float *w, int OC, int C, bool io)
 {
-    return m->be->weight_prepare(m->be, w, OC, C, io ? KERN_W_IN_OUT : KERN_W_OUT_IN);
+    return be->weight_prepare(be, w, OC, C, io ? KERN_W_IN_OUT : KERN_W_OUT_IN);
 }
 
 /* A forward product x W' + bias into o, timed as MATMUL_FWD. */
-static kiln_status fwd(kiln_ctx *ctx, kiln_model *m, const kern_out *o, const kern_act *x,
-                       kern_weight *w, const float *bias, int n)
+static kiln_status fwd(kiln_ctx *ctx, kiln_model *m, kern_backend *be, const kern_out *o,
+                       const kern_act *x, kern_weight *w, const float *bias, int n)
 {
-    kern_backend *be = m->be;
     bool ok;
     P(MATMUL_FWD, ok = be->mp.linear_fwd(be, o, x, w, bias, n));
     return ok ? KILN_OK : NOMEM(ctx);
 }
 
-/* out (n, C) = res + (x W' + bias): a residual product, the add done as
- * the product is stored. */
-static kiln_status fwd_res(kiln_ctx *ctx, kiln_model *m, float *out, const float *res, int n,
-                           const kern_act *x, kern_weight *w, const float *bias)
+/* The training pass's attention of layer l (model_run.attend): rope
+ * (llama) on the fp32 qkv, then the attention in the compute dtype from
+ * the rows qkvh (kept for the backward) into attyp, or, where the backend
+ * has none for this head size and T, the fp32 attention on the rounded
+ * values (a->atty: one layer's fp32 scratch). */
+typedef struct pass_attend {
+    kiln_model *m;
+    kern_backend *be;
+    bool att, rows; /* attention in the compute dtype; qkv came as rows */
+    size_t lse_sz;
+} pass_attend;
+
+static void train_attend(void *ud, int l, const model_blk *io)
 {
-    kern_out o = {.kind = KERN_OUT_RES, .y = out, .res = res};
-    return fwd(ctx, m, &o, x, w, bias, n);
+    pass_attend *u = ud;
+    kiln_model *m = u->m;
+    kern_backend *be = u->be;
+    const kern_mp_ops *mp = &be->mp;
+    const kern_ops *k = m->ops;
+    int B = m->B, T = m->T, n = B * T;
+    size_t nq = (size_t)n * m->QKV;
+    float *lse = m->a.lse + (size_t)l * u->lse_sz;
+    if (m->cfg.arch != KILN_ARCH_GPT2)
+        P(OTHER, k->rope(io->qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
+    if (u->att) {
+        if (!u->rows) P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq));
+        P(ATTN_FWD, mp->attention_fwd(be, io->attyp, lse, io->qkvh, B, T, m->NH, m->KVH, m->HS));
+    } else {
+        P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq); mp->from_rows(be, io->qkv, io->qkvh, nq));
+        P(ATTN_FWD, k->attention_fwd(m->gemm, m->a.atty, lse, io->qkv, B, T, m->NH, m->KVH, m->HS));
+        P(OTHER, mp->act_pack(be, io->attyp, m->a.atty, n, m->C));
+    }
 }
 
-/* The norm of one layer (n rows): fp32 statistics (mean, rstd; no mean
- * for RMSNorm), outp = the output in bf16 (the backend's layout). */
-static void norm_act(kiln_model *m, kern_act *outp, float *mean, float *rstd, const float *inp,
-                     const float *w, const float *b, int n)
+/* Layer l's weights as handles of the pass backend (NULL entries on OOM). */
+static model_blk_w pass_weights(kiln_model *m, kern_backend *be, int l)
 {
-    bool ln = m->cfg.arch == KILN_ARCH_GPT2;
-    m->be->mp.norm_fwd(m->be, outp, mean, rstd, inp, w, b, n, m->C, m->cfg.norm_eps, !ln);
+    model_blk_src s = model_blk_weights(m, l);
+    bool io = s.qkv.lay == KERN_W_IN_OUT;
+    return (model_blk_w){.ln1_w = s.ln1_w, .ln1_b = s.ln1_b, .ln2_w = s.ln2_w, .ln2_b = s.ln2_b,
+                         .qkv = wh(be, s.qkv.data, s.qkv.rows, s.qkv.cols, io),
+                         .proj = wh(be, s.proj.data, s.proj.rows, s.proj.cols, io),
+                         .fc = wh(be, s.fc.data, s.fc.rows, s.fc.cols, io),
+                         .fcproj = wh(be, s.fcproj.data, s.fcproj.rows, s.fcproj.cols, io),
+                         .qkv_b = s.qkv_b, .proj_b = s.proj_b, .fc_b = s.fc_b,
+                         .fcproj_b = s.fcproj_b};
 }
 
-kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
+kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
 {
     const kern_ops *k = m->ops;
-    kern_backend *be = m->be;
+    kern_backend *be = model_pass_backend(m);
     const kern_mp_ops *mp = &be->mp;
-    kern_gemm *g = m->gemm;
-    bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2, io = gpt2;
+    bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2;
     int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
     size_t N = (size_t)B * T;
-    int n = (int)N, FH = gpt2 ? F : 2 * F, act = gpt2 ? KERN_ACT_GELU : KERN_ACT_SWIGLU;
-    size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(m, N, C), pkf = pk(m, N, FH);
+    int n = (int)N, FH = gpt2 ? F : 2 * F;
+    size_t pkc = pk(be, N, C), pkf = pk(be, N, FH);
     model_acts *a = &m->a;
-    bool att = mp->attention_ok(be, m->HS, T); /* attention in bf16 */
+    bool att = mp->attention_ok(be, m->HS, T); /* attention in the compute dtype */
 
     P(OTHER, k->embed_fwd(a->encoded, a->tokens, m->w.wte, m->w.wpe, B, T, C));
+    model_shape sh = model_shape_of(m);
+    pass_attend u = {m, be, att, gpt2 && att, (size_t)B * m->NH * T};
+    model_run r = {.be = be, .s = &sh, .qkv_rows = u.rows, .attend = train_attend, .ud = &u,
+                   .prof = m};
     for (int l = 0; l < m->L; l++) {
-        const model_layer *w = &m->w.layers[l];
-        const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
-        kern_act *ln1p = at(a->ln1p, pkc, l), *attyp = at(a->attyp, pkc, l);
-        kern_act *ln2p = at(a->ln2p, pkc, l), *fchp = at(a->fchp, pkf, l);
-        uint16_t *qkvh = a->qkvh + (size_t)l * N * QKV;
-        float *qkv = a->tmp, *lse = a->lse + (size_t)l * lse_sz;
-        float *res2 = a->res2 + (size_t)l * N * C, *res3 = a->res3 + (size_t)l * N * C;
-        kern_weight *wq = wh(m, w->qkv_w, QKV, C, io), *wp = wh(m, w->proj_w, C, C, io);
-        kern_weight *wf = wh(m, w->fc_w, FH, C, io), *wo = wh(m, w->fcproj_w, C, F, io);
-        if (!wq || !wp || !wf || !wo) return NOMEM(ctx);
-        kiln_status s;
-
-        P(NORM, norm_act(m, ln1p, a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, inp,
-                         w->ln1_w, w->ln1_b, n));
-        if (gpt2 && att) { /* no rope: qkv goes from the product to qkvh */
-            kern_out o = {.kind = KERN_OUT_ROWS, .rows = qkvh};
-            s = fwd(ctx, m, &o, ln1p, wq, w->qkv_b, n);
-        } else {
-            kern_out o = {.kind = KERN_OUT_F32, .y = qkv};
-            s = fwd(ctx, m, &o, ln1p, wq, w->qkv_b, n);
-        }
-        if (s) return s;
-        if (!gpt2)
-            P(OTHER, k->rope(qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-        if (att) { /* bf16, from qkvh, straight to attyp */
-            if (!gpt2) P(OTHER, mp->to_rows(be, qkvh, qkv, N * QKV));
-            P(ATTN_FWD, mp->attention_fwd(be, attyp, lse, qkvh, B, T, m->NH, m->KVH, m->HS));
-        } else { /* fp32 on the bf16 values */
-            P(OTHER, mp->to_rows(be, qkvh, qkv, N * QKV); mp->from_rows(be, qkv, qkvh, N * QKV));
-            P(ATTN_FWD, k->attention_fwd(g, a->atty, lse, qkv, B, T, m->NH, m->KVH, m->HS));
-            P(OTHER, mp->act_pack(be, attyp, a->atty, n, C));
-        }
-        s = fwd_res(ctx, m, res2, inp, n, attyp, wp, w->proj_b);
-        if (s) return s;
-        P(NORM, norm_act(m, ln2p, a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, res2,
-                         w->ln2_w, w->ln2_b, n));
-        if (act == KERN_ACT_GELU) { /* the fc output goes from the product to fchp and actp */
-            kern_out o = {.kind = KERN_OUT_GELU, .hp = fchp, .ap = a->actp};
-            s = fwd(ctx, m, &o, ln2p, wf, w->fc_b, n);
-            if (s) return s;
-        } else {
-            kern_out o = {.kind = KERN_OUT_F32, .y = a->tmp};
-            s = fwd(ctx, m, &o, ln2p, wf, w->fc_b, n);
-            if (s) return s;
-            P(ACT, mp->act_fwd(be, fchp, a->actp, a->tmp, n, F, act));
-        }
-        s = fwd_res(ctx, m, res3, res2, n, a->actp, wo, w->fcproj_b);
-        if (s) return s;
+        model_blk_w w = pass_weights(m, be, l);
+        if (!w.qkv || !w.proj || !w.fc || !w.fcproj) return NOMEM(ctx);
+        size_t nc = (size_t)l * N * C, ns = (size_t)l * N;
+        model_blk io = {.inp = l == 0 ? a->encoded : a->res3 + nc - N * C,
+                        .ln1p = at(a->ln1p, pkc, l), .attyp = at(a->attyp, pkc, l),
+                        .ln2p = at(a->ln2p, pkc, l), .fchp = at(a->fchp, pkf, l),
+                        .actp = a->actp, .ln1_mean = a->ln1_mean + ns,
+                        .ln1_rstd = a->ln1_rstd + ns, .ln2_mean = a->ln2_mean + ns,
+                        .ln2_rstd = a->ln2_rstd + ns, .qkv = a->tmp, .tmp = a->tmp,
+                        .res2 = a->res2 + nc, .res3 = a->res3 + nc,
+                        .qkvh = (char *)a->qkvh + (size_t)l * N * QKV * mp->row_size};
+        if (!model_block_fwd(&r, l, &w, n, &io)) return NOMEM(ctx);
     }
     const float *last = a->res3 + (size_t)(m->L - 1) * N * C;
-    P(NORM, norm_act(m, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n));
-    kern_weight *whd = wh(m, m->w.lm_head, V, C, false);
+    model_final_norm(&r, a->lnfp, a->lnf_mean, a->lnf_rstd, last, m->w.lnf_w, m->w.lnf_b, n);
+    kern_weight *whd = wh(be, m->w.lm_head, V, C, false);
     if (!whd) return NOMEM(ctx);
     kern_out o = {.kind = KERN_OUT_F32, .y = a->logits};
-    kiln_status s = fwd(ctx, m, &o, a->lnfp, whd, NULL, n);
+    kiln_status s = fwd(ctx, m, be, &o, a->lnfp, whd, NULL, n);
     if (s) return s;
     *logits = a->logits;
     return KILN_OK;
@@ -262,12 +265,11 @@ kiln_status model_mp_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
 
 /* The backward of one linear layer y = act(x) W' + b: bias and weight
  * gradient (accumulated), input gradient dx (overwritten). */
-static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, float *dx, float *dw, float *db,
-                              const float *dy, const kern_act *xp, int act, const float *w,
-                              int n, int Cin, int OC, bool io)
+static kiln_status linear_bwd(kiln_ctx *ctx, kiln_model *m, kern_backend *be, float *dx,
+                              float *dw, float *db, const float *dy, const kern_act *xp, int act,
+                              const float *w, int n, int Cin, int OC, bool io)
 {
-    kern_backend *be = m->be;
-    kern_weight *pw = wh(m, w, OC, Cin, io);
+    kern_weight *pw = wh(be, w, OC, Cin, io);
     if (!pw || !be->mp.linear_bwd(be, pw, dy, xp, act, n, dw, !m->grads_lazy, db, dx))
         return NOMEM(ctx);
     return KILN_OK;
@@ -279,18 +281,18 @@ static void hook(kiln_model *m, size_t begin, size_t end)
     if (m->hook && end > begin) m->hook(m->hook_ud, begin, end - begin);
 }
 
-kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
+kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits,
                               const model_ce *ce)
 {
     const kern_ops *k = m->ops;
-    kern_backend *be = m->be;
+    kern_backend *be = model_pass_backend(m);
     const kern_mp_ops *mp = &be->mp;
     kern_gemm *g = m->gemm;
     bool gpt2 = m->cfg.arch == KILN_ARCH_GPT2, io = gpt2;
     int B = m->B, T = m->T, C = m->C, F = m->F, QKV = m->QKV, V = m->V;
     size_t N = (size_t)B * T;
     int n = (int)N, FH = gpt2 ? F : 2 * F, act = gpt2 ? KERN_ACT_GELU : KERN_ACT_SWIGLU;
-    size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(m, N, C), pkf = pk(m, N, FH);
+    size_t lse_sz = (size_t)B * m->NH * T, pkc = pk(be, N, C), pkf = pk(be, N, FH);
     model_acts *a = &m->a;
     model_weights *dw = model_grad_views(m); /* NULL where frozen */
     kiln_status s = KILN_OK;
@@ -298,14 +300,14 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
 
     /* LM head and final norm. */
     if (ce) { /* the loss's gradient straight into the head's backward */
-        kern_weight *pw = wh(m, m->w.lm_head, V, C, false);
+        kern_weight *pw = wh(be, m->w.lm_head, V, C, false);
         bool ok = pw != NULL;
         P(MATMUL_BWD, ok = ok && mp->ce_linear_bwd(be, pw, a->logits, ce->targets, ce->mask, n, V,
                                                    ce->grad_scale, ce->loss_sum, ce->weight_sum,
                                                    a->lnfp, dw->lm_head, !m->grads_lazy, a->dc));
         if (!ok) return NOMEM(ctx);
     } else {
-        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, dw->lm_head, NULL, dlogits, a->lnfp,
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, dw->lm_head, NULL, dlogits, a->lnfp,
                                      KERN_ACT_NONE, m->w.lm_head, n, C, V, false));
         if (s) return s;
     }
@@ -321,37 +323,37 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
         const float *inp = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * N * C;
         const kern_act *ln1p = at(a->ln1p, pkc, l), *attyp = at(a->attyp, pkc, l);
         const kern_act *ln2p = at(a->ln2p, pkc, l), *fchp = at(a->fchp, pkf, l);
-        const uint16_t *qkvh = a->qkvh + (size_t)l * N * QKV;
+        const char *qkvh = (char *)a->qkvh + (size_t)l * N * QKV * mp->row_size;
         const float *lse = a->lse + (size_t)l * lse_sz;
         const float *res2 = a->res2 + (size_t)l * N * C;
 
         /* MLP: res3 = res2 + fcproj(act(fc(ln2(res2)))) */
         if (act == KERN_ACT_GELU) { /* the gradient of the pre-activation stays bf16 */
-            kern_weight *w1 = wh(m, w->fc_w, F, C, io), *w2 = wh(m, w->fcproj_w, C, F, io);
+            kern_weight *w1 = wh(be, w->fc_w, F, C, io), *w2 = wh(be, w->fcproj_w, C, F, io);
             bool ok = w1 && w2;
             P(MATMUL_BWD, ok = ok && mp->mlp_bwd(be, w1, w2, a->dres, ln2p, fchp, act, n, d->fc_w,
                                                  d->fc_b, d->fcproj_w, d->fcproj_b, a->dc,
                                                  !m->grads_lazy));
             if (!ok) return NOMEM(ctx);
         } else {
-            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp,
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp,
                                          act, w->fcproj_w, n, F, C, io));
             if (s) return s;
             P(ACT, mp->act_bwd(be, a->dbig, fchp, a->df, n, F, act));
-            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p,
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p,
                                          KERN_ACT_NONE, w->fc_w, n, C, FH, io));
             if (s) return s;
         }
         P(NORM, model_norm_bwd(m, a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
                                a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n));
         /* Attention: res2 = inp + proj(attn(qkv(ln1(inp)))) */
-        P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
+        P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      KERN_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
         if (att && gpt2) {
             /* no rope: the backend may take the gradient of qkv from the
              * attention straight into the qkv layer's backward */
-            kern_weight *pw = wh(m, w->qkv_w, QKV, C, io);
+            kern_weight *pw = wh(be, w->qkv_w, QKV, C, io);
             bool ok = pw != NULL;
             P(ATTN_BWD, ok = ok && mp->attention_linear_bwd(be, pw, a->dbig, a->dc, qkvh, attyp,
                                                             lse, B, T, m->NH, m->KVH, m->HS, ln1p,
@@ -370,7 +372,7 @@ kiln_status model_mp_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogits
             }
             if (!gpt2)
                 P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
-            P(MATMUL_BWD, s = linear_bwd(ctx, m, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p,
+            P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p,
                                          KERN_ACT_NONE, w->qkv_w, n, C, QKV, io));
             if (s) return s;
         }

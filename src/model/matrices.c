@@ -1,8 +1,10 @@
 /*
- * update_mp.c — what the optimizer step of a bf16 model needs from the
- * model to write the packed bf16 copies of its weight matrices as it goes
- * (model_wstrips, model_wstrip_fresh; the step is kiln_model_adamw_step in
- * train/model_step.c), and the lazily zeroed weight-matrix gradients.
+ * matrices.c — the model's weight matrices as a list, for the two things
+ * that treat them apart from the other parameters: the optimizer's strip
+ * refresh of a bf16 backend's prepared copies (model_wstrips,
+ * model_wstrip_fresh; the step is kiln_model_adamw_step in
+ * train/model_step.c, which owns the optimizer state), and the lazily
+ * zeroed weight-matrix gradients of the one pass (pass.c).
  *
  * The bf16 products read each weight in the backend's prepared copies
  * (the cpu backend: packed two ways, the forward layout and the transposed
@@ -21,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A weight matrix as model_mp_forward prepares it on the backend (w, OC,
+/* A weight matrix as model_pass_forward prepares it on the backend (w, OC,
  * C, in_out), and where it lies in the parameter block. */
 typedef struct wmat {
     const float *w;
@@ -168,17 +170,18 @@ void model_wstrip_fresh(kiln_model *m, int i)
 }
 
 /* ---- lazily zeroed weight-matrix gradients ------------------------------
- * The bf16 backward writes each weight matrix's gradient with one product
- * (model_mp_backward). Zeroing those ~85% of the gradient block before it
+ * The backward writes each weight matrix's gradient with one product
+ * (model_pass_backward). Zeroing those ~85% of the gradient block before it
  * was a memset of them plus a read of the zeros by the first K chunk of
  * each product; now kiln_model_zero_grad zeroes the rest and marks the
- * matrices lazy, the next bf16 backward stores their products instead of
- * adding them, and anything else that would see the zeros first
- * (kiln_model_grads, the fp32-activation backward) writes them out. */
+ * matrices lazy, the next backward stores their products instead of
+ * adding them (the backend's dw_acc false; the f32 backend zeroes each
+ * matrix just before its product), and anything else that would see the
+ * zeros first (kiln_model_grads, the trainer's reads) writes them out. */
 
-void model_mp_zero_grad(kiln_model *m)
+void model_grads_zero(kiln_model *m)
 {
-    struct model_upd *u = m->act_mp ? upd_of(m) : NULL;
+    struct model_upd *u = upd_of(m);
     if (!u) {
         if (m->any_frozen) { /* frozen ranges are zeros already */
             for (int i = 0; i < m->n_tensors; i++)
