@@ -45,6 +45,11 @@ ifeq ($(HAVE_DNNL),1)
 DEFS    += -DKILN_HAVE_DNNL=1
 LDLIBS  += -ldnnl
 endif
+HAVE_ICU := $(if $(NO_ICU),,$(shell test -f /usr/include/unicode/unorm2.h && echo 1))
+ifeq ($(HAVE_ICU),1)
+DEFS    += -DKILN_HAVE_ICU=1
+LDLIBS  += -licuuc
+endif
 HAVE_MPI := $(if $(NO_MPI),,$(shell command -v mpicc >/dev/null 2>&1 && echo 1))
 ifeq ($(HAVE_MPI),1)
 DEFS    += -DKILN_HAVE_MPI=1
@@ -81,7 +86,7 @@ $(TOOL_OBJ): LAYER_INC := $(TOOL_INC)
 all: info-line $(LIB) $(BUILD)/kiln
 
 info-line:
-	@echo "kiln: oneDNN=$(if $(HAVE_DNNL),yes,no) MPI=$(if $(HAVE_MPI),yes,no) CC=$(CC) BUILD=$(BUILD)"
+	@echo "kiln: oneDNN=$(if $(HAVE_DNNL),yes,no) MPI=$(if $(HAVE_MPI),yes,no) ICU=$(if $(HAVE_ICU),yes,no) CC=$(CC) BUILD=$(BUILD)"
 .PHONY: info-line
 
 info:
@@ -90,6 +95,7 @@ info:
 	@echo "  flags    : $(OPT) $(ARCH)"
 	@echo "  oneDNN   : $(if $(HAVE_DNNL),yes (libdnnl: fast fp32/bf16 GEMM),no (portable kernels only; apt-get install libdnnl-dev))"
 	@echo "  Open MPI : $(if $(HAVE_MPI),yes (distributed training),no (world size 1; apt-get install libopenmpi-dev openmpi-bin))"
+	@echo "  ICU      : $(if $(HAVE_ICU),yes (NFC normalizer of Qwen2 tokenizers),no (tokenizers with an NFC normalizer refused; apt-get install libicu-dev))"
 
 ifeq ($(V),1)
 Q :=

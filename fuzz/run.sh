@@ -13,6 +13,7 @@ make --no-print-directory -s BUILD=$bd CC=clang OPT=-O1 NO_MPI=1 \
   $bd/libkiln.a >/dev/null
 libs="-fopenmp -lm -lpthread -ljansson -lpcre2-8 -lmicrohttpd"
 [ -f /usr/include/dnnl.h ] && libs="$libs -ldnnl"
+[ -f /usr/include/unicode/unorm2.h ] && libs="$libs -licuuc" # the Makefile detects ICU the same way
 status=0
 for h in fuzz/fuzz_*.c; do
   [ -e "$h" ] || continue

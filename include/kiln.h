@@ -187,8 +187,18 @@ typedef enum kiln_arch {
     KILN_ARCH_LLAMA = 1  /* RoPE, RMSNorm, SwiGLU MLP, GQA, no biases      */
 } kiln_arch;
 
+/* The config.json spelling of an arch llama model: which HF model_type it
+ * reads from and writes back. Qwen2 and Mistral (without a sliding window)
+ * are Llama's math with other biases; the type only names them. */
+typedef enum kiln_hf_type {
+    KILN_HF_TYPE_NATIVE = 0,  /* the arch's own: gpt2 or llama             */
+    KILN_HF_TYPE_QWEN2 = 1,   /* qwen2: q/k/v biases, no o_proj bias        */
+    KILN_HF_TYPE_MISTRAL = 2  /* mistral: sliding_window >= the context     */
+} kiln_hf_type;
+
 /* The transformer family's hyper-parameters, read from / written to an
- * HF-style config.json (model_type gpt2 | llama). Shapes elsewhere use
+ * HF-style config.json (model_type gpt2 | llama | qwen2 | mistral; the
+ * last two are arch llama). Shapes elsewhere use
  * B (batch), T (time), C (n_embd), V (vocab_size), L (n_layer),
  * NH (n_head), KVH (n_kv_head), HS = C / NH (head size), F (n_inner). */
 typedef struct kiln_config {
@@ -206,6 +216,9 @@ typedef struct kiln_config {
     bool bias;           /* biases on linear layers (gpt2: true) */
     int bos_token_id;    /* -1 when unset */
     int eos_token_id;    /* -1 when unset */
+    bool qkv_bias;       /* llama: q/k/v biases without an o_proj bias
+                            (qwen2); bias (all four) excludes it [false] */
+    kiln_hf_type hf_type; /* model_type written to config.json [NATIVE] */
 } kiln_config;
 
 /* A small gpt2 config (L=4, C=256, NH=4, V=257 bytes+eot, n_ctx=256). */
@@ -249,7 +262,8 @@ kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
 /* GPT-2 initialisation: N(0, 0.02), residual projections scaled by
  * 1/sqrt(2L), norms 1, biases 0. Same seed, same weights. */
 void kiln_model_init_random(kiln_model *m, uint64_t seed);
-/* Loads DIR/config.json + DIR/model.safetensors (validated), or a GGUF
+/* Loads DIR/config.json + DIR/model.safetensors (validated) or the shards
+ * DIR/model.safetensors.index.json names, or a GGUF
  * file (gpt2 or llama; its tensors dequantized to fp32, llama's q/k rows
  * put back in HF order; docs/formats.md). */
 kiln_status kiln_model_load(kiln_ctx *ctx, const char *dir, kiln_model **out);
@@ -583,6 +597,12 @@ kiln_status kiln_tokenizer_set_chat_template(kiln_ctx *ctx, kiln_tokenizer *tok,
                                              const char *eos);
 /* The template's source, or NULL when conversations render as ChatML. */
 const char *kiln_tokenizer_chat_template(const kiln_tokenizer *tok);
+/* Writes DIR/tokenizer_config.json ({"chat_template", "bos_token",
+ * "eos_token"}: what kiln_tokenizer_load reads back) when tok has a chat
+ * template of its own (one from a GGUF file's tokenizer.chat_template, for
+ * instance); does nothing otherwise. */
+kiln_status kiln_tokenizer_save_chat_config(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                            const char *dir);
 
 /* The id that ends an assistant turn: <|im_end|> when the tokenizer has
  * it, else the end-of-text id. Generation should stop on it (and on the

@@ -4,7 +4,8 @@
 # KILN_NO_INSTALL=1 it only reports what is missing.
 #
 #   required : build-essential, libjansson-dev, libpcre2-dev, libmicrohttpd-dev
-#   optional : libdnnl-dev (fast GEMM), openmpi-bin + libopenmpi-dev (MPI)
+#   optional : libdnnl-dev (fast GEMM), openmpi-bin + libopenmpi-dev (MPI),
+#              libicu-dev (the NFC normalizer of Qwen2 tokenizers)
 #   tests    : python3-torch (PyTorch reference), libopenblas0-pthread (its
 #              fp32 BLAS in the benchmarks), nodejs + npm (JS clients),
 #              clang + libclang-rt-14-dev (fuzzers, sanitizers), curl;
@@ -12,7 +13,7 @@
 #   corpus   : fortunes, fortunes-min (the demo's training text)
 set -u
 pkgs="build-essential libjansson-dev libpcre2-dev libmicrohttpd-dev
-libdnnl-dev openmpi-bin libopenmpi-dev python3-torch python3-numpy libopenblas0-pthread
+libdnnl-dev openmpi-bin libopenmpi-dev libicu-dev python3-torch python3-numpy libopenblas0-pthread
 clang libclang-rt-14-dev curl fortunes fortunes-min"
 missing=()
 for p in $pkgs; do

@@ -1,12 +1,14 @@
 #!/usr/bin/python3
 """torch_ref.py DIR — the independent PyTorch reference for kiln's model.
 
-DIR holds kiln's config.json and model.safetensors plus kiln_out.safetensors
+DIR holds a config.json and model.safetensors (or HF's shards with
+model.safetensors.index.json) plus kiln_out.safetensors
 (tokens, targets, kiln's logits, loss and every parameter gradient, written
 by tests/test_model_torch.c). This script rebuilds the model from the config
 in plain PyTorch (GPT2LMHeadModel and LlamaForCausalLM semantics written out
 by hand: Conv1D (in, out) weights, tanh GELU, HF rotate_half RoPE, RMSNorm,
-SwiGLU, GQA via repeat_kv), runs it in float64, and compares kiln's logits,
+SwiGLU, GQA via repeat_kv; Qwen2ForCausalLM's q/k/v biases without an o_proj
+bias, MistralForCausalLM without biases), runs it in float64, and compares kiln's logits,
 loss and gradients. Pass: max|kiln - torch| <= 1e-4 * max|torch| for every
 tensor. Prints one line per tensor checked and exits 1 on any failure.
 
@@ -47,6 +49,23 @@ def load_safetensors(path):
         out[name] = a.reshape(ent["shape"]).copy()
     assert base + pos == len(buf), f"{path}: trailing bytes after the last tensor"
     assert header.get("__metadata__", {}).get("format") in (None, "pt")
+    return out
+
+
+def load_weights(d):
+    """DIR's weights: the shards its index names (each tensor from the file
+    the weight_map gives), else model.safetensors."""
+    try:
+        index = json.load(open(f"{d}/model.safetensors.index.json"))
+    except FileNotFoundError:
+        return load_safetensors(f"{d}/model.safetensors")
+    out = {}
+    for fn in sorted(set(index["weight_map"].values())):
+        part = load_safetensors(f"{d}/{fn}")
+        for n, a in part.items():
+            assert index["weight_map"].get(n) == fn, f"{n} in {fn} but not mapped there"
+            out[n] = a
+    assert set(out) == set(index["weight_map"]), "the index names tensors no shard holds"
     return out
 
 
@@ -101,27 +120,31 @@ def forward_llama(cfg, P, tok):
     HS = C // NH
     eps = cfg.get("rms_norm_eps", 1e-6)
     theta = cfg.get("rope_theta", 10000.0)
-    bias = cfg.get("attention_bias", False)
+    # the biases each HF class hard-codes: LlamaAttention reads attention_bias
+    # (q/k/v/o); Qwen2Attention: q/k/v yes, o no; MistralAttention: none
+    mt = cfg["model_type"]
+    qkv_bias = mt == "qwen2" or (mt == "llama" and cfg.get("attention_bias", False))
+    o_bias = mt == "llama" and cfg.get("attention_bias", False)
     # HF LlamaRotaryEmbedding: fp32 inv_freq and angles, then cos/sin
     inv_freq = 1.0 / (theta ** (torch.arange(0, HS, 2, dtype=torch.int64).float() / HS))
     freqs = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().double(), emb.sin().double()
-    lin = lambda h, name: h @ P[name + ".weight"].T + (P[name + ".bias"] if bias else 0)
+    lin = lambda h, name, b: h @ P[name + ".weight"].T + (P[name + ".bias"] if b else 0)
     x = P["model.embed_tokens.weight"][tok]
     for l in range(L):
         p = f"model.layers.{l}."
         h = rms_norm(x, P[p + "input_layernorm.weight"], eps)
-        q = lin(h, p + "self_attn.q_proj").view(B, T, NH, HS).transpose(1, 2)
-        k = lin(h, p + "self_attn.k_proj").view(B, T, KVH, HS).transpose(1, 2)
-        v = lin(h, p + "self_attn.v_proj").view(B, T, KVH, HS).transpose(1, 2)
+        q = lin(h, p + "self_attn.q_proj", qkv_bias).view(B, T, NH, HS).transpose(1, 2)
+        k = lin(h, p + "self_attn.k_proj", qkv_bias).view(B, T, KVH, HS).transpose(1, 2)
+        v = lin(h, p + "self_attn.v_proj", qkv_bias).view(B, T, KVH, HS).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         rep = NH // KVH  # HF repeat_kv: kv head j serves query heads j*rep .. j*rep+rep-1
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         y = attention(q, k, v, T).transpose(1, 2).reshape(B, T, C)
-        x = x + lin(y, p + "self_attn.o_proj")
+        x = x + lin(y, p + "self_attn.o_proj", o_bias)
         h = rms_norm(x, P[p + "post_attention_layernorm.weight"], eps)
         g = h @ P[p + "mlp.gate_proj.weight"].T
         u = h @ P[p + "mlp.up_proj.weight"].T
@@ -134,7 +157,7 @@ def forward_llama(cfg, P, tok):
 def main():
     d = sys.argv[1]
     cfg = json.load(open(f"{d}/config.json"))
-    W = load_safetensors(f"{d}/model.safetensors")
+    W = load_weights(d)
     K = load_safetensors(f"{d}/kiln_out.safetensors")
     P = {n: torch.tensor(a, dtype=torch.float64, requires_grad=True) for n, a in W.items()}
     tok = torch.tensor(K["tokens"], dtype=torch.int64)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# t_gguf_llamacpp.sh — llama.cpp runs what kiln writes. Trains a small gpt2
-# and a small llama (kiln train, a generated corpus, BPE tokenizers with the
-# GPT-2 and the Llama 3 pre-tokenizer), exports each as F32, F16, Q8_0,
-# Q4_0 and Q4_K_M, and has llama.cpp (node-llama-cpp 3.21.1's prebuilt CPU
+# t_gguf_llamacpp.sh — llama.cpp runs what kiln writes. Trains a small gpt2,
+# a small llama and a small qwen2 (q/k/v biases without an o bias, tied;
+# written as a llama GGUF with those biases) (kiln train, a generated
+# corpus, BPE tokenizers with the GPT-2, Llama 3 and Qwen2 pre-tokenizers),
+# exports each as F32, F16, Q8_0, Q4_0 and Q4_K_M (qwen2: F32, Q8_0), and
+# has llama.cpp (node-llama-cpp 3.21.1's prebuilt CPU
 # binaries, tests/js/llama_gguf.mjs, run as a subprocess because malformed
 # metadata aborts llama.cpp; 1 thread, F32 KV cache) load every file,
 # tokenize prompts and decode greedily. Asserted:
@@ -54,15 +56,19 @@ with open(sys.argv[1], "w") as f:
             f.write("Numbers 12, 345 and 6789; caf\u00e9 na\u00efve \u65e5\u672c!\n")
 EOF
 "$KILN" tokenizer train --input "$D/corpus.txt" --vocab-size 512 --pattern gpt2 --out "$D/tok_gpt2.json" --threads 1 --quiet >/dev/null 2>&1 &&
-"$KILN" tokenizer train --input "$D/corpus.txt" --vocab-size 512 --pattern llama3 --out "$D/tok_llama.json" --threads 1 --quiet >/dev/null 2>&1 ||
+"$KILN" tokenizer train --input "$D/corpus.txt" --vocab-size 512 --pattern llama3 --out "$D/tok_llama.json" --threads 1 --quiet >/dev/null 2>&1 &&
+"$KILN" tokenizer train --input "$D/corpus.txt" --vocab-size 512 --out "$D/tok_qwen2.json" --threads 1 --quiet \
+  --pattern "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+" >/dev/null 2>&1 ||
   { fail setup_tokenizers; exit 0; }
-for a in gpt2 llama; do
+for a in gpt2 llama qwen2; do
   # the vocabulary: merges, then <|endoftext|>, <|im_start|>, <|im_end|>
   eot=$(printf '<|endoftext|>' | "$KILN" tokenizer encode --tokenizer "$D/tok_$a.json" --special)
   case "$eot" in ''|*[!0-9]*) fail "setup_eot_$a" "end-of-text id '$eot'"; exit 0;; esac
   V=$((eot + 3))
   if [ $a = gpt2 ]; then
     echo "{\"model_type\": \"gpt2\", \"n_layer\": 2, \"n_embd\": 256, \"n_head\": 4, \"vocab_size\": $V, \"n_positions\": 128, \"bos_token_id\": $eot, \"eos_token_id\": $eot}" >"$D/$a.json"
+  elif [ $a = qwen2 ]; then # q/k/v biases without an o bias, tied (Qwen2.5-0.5B's layout)
+    echo "{\"model_type\": \"qwen2\", \"num_hidden_layers\": 2, \"hidden_size\": 256, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"intermediate_size\": 512, \"vocab_size\": $V, \"max_position_embeddings\": 128, \"rope_theta\": 1000000.0, \"bos_token_id\": $eot, \"eos_token_id\": $eot, \"tie_word_embeddings\": true, \"use_sliding_window\": false}" >"$D/$a.json"
   else
     echo "{\"model_type\": \"llama\", \"num_hidden_layers\": 2, \"hidden_size\": 256, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"intermediate_size\": 512, \"vocab_size\": $V, \"max_position_embeddings\": 128, \"bos_token_id\": $eot, \"eos_token_id\": $eot, \"tie_word_embeddings\": false}" >"$D/$a.json"
   fi
@@ -84,8 +90,10 @@ json.dump(texts, open(sys.argv[2], "w"))
 EOF
 
 # ---- export, run both, compare ----
-for a in gpt2 llama; do
-  for ty in f32 f16 q8_0 q4_0 q4_k_m; do
+for a in gpt2 llama qwen2; do
+  types="f32 f16 q8_0 q4_0 q4_k_m"
+  [ $a = qwen2 ] && types="f32 q8_0"
+  for ty in $types; do
     f="$D/${a}_$ty.gguf"
     if ! "$KILN" quantize --model "$D/run_$a" --type $ty --out "$f" --quiet >"$D/q.log" 2>&1; then
       fail "${a}_${ty}_export" "$(cat "$D/q.log")"; continue

@@ -3,8 +3,10 @@
 # with kiln train (bytes vocabulary), then fine-tuned on generated chat and
 # prompt/completion JSONL. Checks: the held-out loss on the assistant
 # tokens falls; --loss-on changes what is counted (loss_tokens); a run
-# stopped and resumed ends bit-identical to a straight one; bad lines are
-# reported as FILE:LINE; bad flags are refused naming the flag.
+# stopped and resumed ends bit-identical to a straight one (resumed by kiln
+# sft --resume or by kiln train --resume, which hands it over); bad lines are
+# reported as FILE:LINE; bad flags are refused naming the flag; a .gguf
+# base is imported and its tokenizer.chat_template renders the examples.
 set -u
 D="$KILN_TMP/t_sft"
 mkdir -p "$D"
@@ -101,6 +103,36 @@ got=$(lt "$D/tm")
 DETAIL="loss_tokens $got, want $want"
 check sft_template_mask test "$got" = "$want"
 check sft_template_in_checkpoint cmp -s "$D/tmpl/tokenizer_config.json" "$D/tm/step_00000002/tokenizer_config.json"
+# ---- a .gguf base: its tokenizer.chat_template renders the examples ----
+# (eos_token travels as tokenizer.ggml.eos_token_id: a special token here)
+mkdir -p "$D/tg_src"
+cp "$D/tmpl/config.json" "$D/tmpl/model.safetensors" "$D/tmpl/tokenizer.json" "$D/tg_src/"
+cat >"$D/tg_src/tokenizer_config.json" <<'EOF'
+{"eos_token": "<|endoftext|>", "chat_template": "{% for message in messages %}{{ '[' + message['role'] + ']\\n' + message['content'] + eos_token }}{% endfor %}"}
+EOF
+"$KILN" export --format gguf --model "$D/tg_src" --out "$D/tg.gguf" --quiet >"$D/tg.out" 2>&1
+"$KILN" sft --model "$D/tg.gguf" --data "$D/sft.jsonl" --out "$D/tg" --steps 2 --batch 4 --sequential \
+  --val-fraction 0 --progress none --threads 2 >>"$D/tg.out" 2>&1
+rc=$?
+# step 1: each assistant turn learns its content and the one <|endoftext|> id
+want=$("$PY" - "$D/sft.jsonl" <<'EOF'
+import json, sys
+n = 0
+for l in list(open(sys.argv[1]))[:4]:
+    x = json.loads(l)
+    n += len(x["completion"]) + 1 if "completion" in x else len(x["messages"][-1]["content"]) + 1
+print(n)
+EOF
+)
+got=$(lt "$D/tg" 2>/dev/null)
+DETAIL="status $rc, loss_tokens $got, want $want: $(tail -3 "$D/tg.out" | tr '\n' ' ')"
+check sft_gguf_template eval "test $rc = 0 && test '$got' = '$want' && grep -q 'with its chat template' $D/tg.out"
+check sft_gguf_template_kept "$PY" -c "import json,sys; a=json.load(open(sys.argv[1])); b=json.load(open(sys.argv[2])); sys.exit(a['chat_template'] != b['chat_template'] or b.get('eos_token') != '<|endoftext|>')" "$D/tg_src/tokenizer_config.json" "$D/tg/step_00000002/tokenizer_config.json"
+# the run resumes from its imported base
+"$KILN" sft --resume "$D/tg" --steps 3 --progress none --threads 2 >"$D/tg2.out" 2>&1
+DETAIL="$(tail -3 "$D/tg2.out" | tr '\n' ' ')"
+check sft_gguf_resume test -f "$D/tg/step_00000003/model.safetensors"
+
 cat >"$D/tmpl/tokenizer_config.json" <<'EOF'
 {"chat_template": "{% for m in messages %}{% if m.role == 'user' and loop.last %}{{ raise_exception('the last message must be the assistant reply') }}{% endif %}{{ m.content }}{% endfor %}"}
 EOF
@@ -118,6 +150,11 @@ check sft_stop_at_saves grep -q 'resume with: kiln sft --resume' "$D/rb.out"
 DETAIL="$(tail -3 "$D/rb2.out" | tr '\n' ' ')"
 check sft_resume_bit_exact cmp -s "$D/ra/step_00000012/model.safetensors" "$D/rb/step_00000012/model.safetensors"
 check sft_resume_same_metrics cmp -s <(cut -d, -f1-3 "$D/ra/metrics.jsonl") <(cut -d, -f1-3 "$D/rb/metrics.jsonl")
+# kiln train --resume on an sft run hands it to kiln sft: the same trajectory
+"${SFT[@]}" --out "$D/rc" --steps 12 --grad-accum 2 --eval-every 4 --stop-at 5 >/dev/null 2>&1
+(cd / && "$KILN" train --resume "$D/rc" --progress none --threads 2 >"$D/rc2.out" 2>&1)
+DETAIL="$(tail -3 "$D/rc2.out" | tr '\n' ' ')"
+check train_resume_of_sft_run eval "grep -q 'is a kiln sft run' $D/rc2.out && cmp -s $D/ra/step_00000012/model.safetensors $D/rc/step_00000012/model.safetensors"
 
 # ---- under mpirun: 2 ranks x batch 2 train what 1 rank x batch 4 does ----
 if command -v mpirun >/dev/null 2>&1 && ldd "$KILN" 2>/dev/null | grep -q libmpi; then

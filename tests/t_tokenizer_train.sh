@@ -4,7 +4,9 @@
 # (tests/js/bpe_train_ref.js), its tokenizer.json encodes text to the same
 # ids in gpt-3-encoder's Encoder.js (OpenAI's encoder.py algorithm), the
 # result does not depend on the thread count, the Llama-3 pattern round
-# trips, and bad flags give clear errors.
+# trips, Qwen2's layout (its Split regex, normalizer NFC) encodes as
+# JavaScript's regex engine and String.normalize do, and bad flags give
+# clear errors.
 set -u
 T="$KILN_TMP/train"; rm -rf "$T"; mkdir -p "$T"
 JS="$KILN_ROOT/tests/js"
@@ -73,6 +75,25 @@ else
   node "$JS/gpt2_ref.js" bpe-json "$T/l3k.json" "$T/l3in.txt" >"$T/l3.r" 2>&1
   if [ -s "$T/l3.k" ] && cmp -s "$T/l3.k" "$T/l3.r"; then ok llama3_matches_js; echo "  $(wc -w <"$T/l3.k") ids identical"
   else no llama3_matches_js "$(head -c 200 "$T/l3.r")"; fi
+fi
+
+# 5b. Qwen2's layout: its Split regex (digits one by one) and normalizer
+#     NFC, on text with decomposed accents, against JavaScript's regex
+#     engine and String.normalize('NFC')
+QW_RX="(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+if [ $have_node = 0 ] || [ ! -f "$FORT/fortunes" ]; then echo "SKIP qwen2_matches_js: node, node_modules or fortunes missing"
+else
+  { head -c 40000 "$FORT/fortunes"; printf 'Caf\xc3\xa9 cafe\xcc\x81 na\xc3\xafve nai\xcc\x88ve \xe1\x84\x80\xe1\x85\xa1 12345 3.14159 DON'"'"'T\r\n'; } >"$T/qwtrain.txt"
+  "$KILN" tokenizer train --quiet --pattern "$QW_RX" --input "$T/qwtrain.txt" --vocab-size 1200 --out "$T/qwk0.json" >"$T/o5" 2>&1
+  /usr/bin/python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); j["normalizer"]={"type":"NFC"}; json.dump(j,open(sys.argv[2],"w"))' "$T/qwk0.json" "$T/qwk.json" 2>>"$T/o5"
+  { head -c 30000 "$FORT/fortunes" | tail -c 20000; printf 'cafe\xcc\x81 Cafe\xcc\x81! \xe1\x84\x80\xe1\x85\xa1\xe1\x86\xa8 A\xcc\x8a 2024-01-02 99 bottles\n'; } >"$T/qwin.txt"
+  "$KILN" tokenizer encode --tokenizer "$T/qwk.json" --input "$T/qwin.txt" >"$T/qw.k" 2>&1
+  node "$JS/gpt2_ref.js" bpe-json "$T/qwk.json" "$T/qwin.txt" >"$T/qw.r" 2>&1
+  # without the normalizer the decomposed text gives other ids: NFC is exercised
+  node "$JS/gpt2_ref.js" bpe-json "$T/qwk0.json" "$T/qwin.txt" >"$T/qw0.r" 2>&1
+  if [ -s "$T/qw.k" ] && cmp -s "$T/qw.k" "$T/qw.r" && ! cmp -s "$T/qw.r" "$T/qw0.r"; then
+    ok qwen2_matches_js; echo "  $(wc -w <"$T/qw.k") ids identical"
+  else no qwen2_matches_js "$(cat "$T/o5"; head -c 200 "$T/qw.k"; echo; head -c 200 "$T/qw.r")"; fi
 fi
 
 # 6. errors

@@ -41,6 +41,41 @@ static const char *hf_llama =
     " \"rope_theta\": 10000.0, \"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\","
     " \"transformers_version\": \"4.35.0\", \"use_cache\": true, \"vocab_size\": 32000}";
 
+/* Qwen2.5-0.5B's config.json (tied embeddings, q/k/v biases). */
+static const char *hf_qwen25 =
+    "{\"architectures\": [\"Qwen2ForCausalLM\"], \"attention_dropout\": 0.0,"
+    " \"bos_token_id\": 151643, \"eos_token_id\": 151643, \"hidden_act\": \"silu\","
+    " \"hidden_size\": 896, \"initializer_range\": 0.02, \"intermediate_size\": 4864,"
+    " \"max_position_embeddings\": 32768, \"max_window_layers\": 24, \"model_type\": \"qwen2\","
+    " \"num_attention_heads\": 14, \"num_hidden_layers\": 24, \"num_key_value_heads\": 2,"
+    " \"rms_norm_eps\": 1e-06, \"rope_theta\": 1000000.0, \"sliding_window\": 32768,"
+    " \"tie_word_embeddings\": true, \"torch_dtype\": \"bfloat16\","
+    " \"transformers_version\": \"4.40.1\", \"use_cache\": true, \"use_sliding_window\": false,"
+    " \"vocab_size\": 151936}";
+
+/* Mistral-7B-Instruct-v0.2's (no sliding window); v0.1 has 4096 there. */
+static const char *hf_mistral =
+    "{\"architectures\": [\"MistralForCausalLM\"], \"attention_dropout\": 0.0,"
+    " \"bos_token_id\": 1, \"eos_token_id\": 2, \"hidden_act\": \"silu\", \"hidden_size\": 4096,"
+    " \"initializer_range\": 0.02, \"intermediate_size\": 14336,"
+    " \"max_position_embeddings\": 32768, \"model_type\": \"mistral\","
+    " \"num_attention_heads\": 32, \"num_hidden_layers\": 32, \"num_key_value_heads\": 8,"
+    " \"rms_norm_eps\": 1e-05, \"rope_theta\": 1000000.0, \"sliding_window\": null,"
+    " \"tie_word_embeddings\": false, \"torch_dtype\": \"bfloat16\","
+    " \"transformers_version\": \"4.36.0\", \"use_cache\": true, \"vocab_size\": 32000}";
+
+/* SmolLM2-135M's (llama, tied, head_dim and rope_interleaved keys). */
+static const char *hf_smollm2 =
+    "{\"architectures\": [\"LlamaForCausalLM\"], \"attention_bias\": false,"
+    " \"attention_dropout\": 0.0, \"bos_token_id\": 0, \"eos_token_id\": 0, \"head_dim\": 64,"
+    " \"hidden_act\": \"silu\", \"hidden_size\": 576, \"initializer_range\": 0.041666666666666664,"
+    " \"intermediate_size\": 1536, \"is_llama_config\": true, \"max_position_embeddings\": 8192,"
+    " \"mlp_bias\": false, \"model_type\": \"llama\", \"num_attention_heads\": 9,"
+    " \"num_hidden_layers\": 30, \"num_key_value_heads\": 3, \"pretraining_tp\": 1,"
+    " \"rms_norm_eps\": 1e-05, \"rope_interleaved\": false, \"rope_scaling\": null,"
+    " \"rope_theta\": 100000, \"tie_word_embeddings\": true, \"torch_dtype\": \"bfloat16\","
+    " \"transformers_version\": \"4.42.3\", \"use_cache\": true, \"vocab_size\": 49152}";
+
 static void test_hf_configs(void)
 {
     kiln_ctx *ctx = kiln_ctx_new();
@@ -54,6 +89,20 @@ static void test_hf_configs(void)
     CHECK(c.arch == KILN_ARCH_LLAMA && c.n_layer == 22 && c.n_kv_head == 4);
     CHECK(c.n_inner == 5632 && !c.tie_embeddings && !c.bias && c.bos_token_id == 1);
     CHECK_EQ(kiln_config_num_params(&c), 1100048384); /* TinyLlama 1.1B */
+    CHECK(c.hf_type == KILN_HF_TYPE_NATIVE && !c.qkv_bias);
+    /* published parameter counts: 494,032,768 / 7,241,732,096 / 134,515,008 */
+    CHECK(parse(ctx, hf_qwen25, &c) == KILN_OK);
+    CHECK(c.arch == KILN_ARCH_LLAMA && c.hf_type == KILN_HF_TYPE_QWEN2);
+    CHECK(c.qkv_bias && !c.bias && c.tie_embeddings && c.n_kv_head == 2);
+    CHECK(c.rope_theta == 1000000.0f && c.n_ctx == 32768 && c.eos_token_id == 151643);
+    CHECK_EQ(kiln_config_num_params(&c), 494032768);
+    CHECK(parse(ctx, hf_mistral, &c) == KILN_OK);
+    CHECK(c.arch == KILN_ARCH_LLAMA && c.hf_type == KILN_HF_TYPE_MISTRAL);
+    CHECK(!c.qkv_bias && !c.bias && !c.tie_embeddings && c.n_kv_head == 8);
+    CHECK_EQ(kiln_config_num_params(&c), 7241732096);
+    CHECK(parse(ctx, hf_smollm2, &c) == KILN_OK);
+    CHECK(c.hf_type == KILN_HF_TYPE_NATIVE && c.tie_embeddings && c.n_kv_head == 3);
+    CHECK_EQ(kiln_config_num_params(&c), 134515008);
     kiln_ctx_free(ctx);
 }
 
@@ -64,9 +113,15 @@ static void test_roundtrip(void)
     int fd = mkstemp(path);
     CHECK(fd >= 0);
     close(fd);
-    for (int a = 0; a < 2; a++) {
+    for (int a = 0; a < 4; a++) {
         kiln_config c = kiln_config_default(), d;
-        if (a) {
+        if (a >= 2) {
+            c.arch = KILN_ARCH_LLAMA;
+            c.bias = false;
+            c.tie_embeddings = a == 2;
+            c.qkv_bias = a == 2;
+            c.hf_type = a == 2 ? KILN_HF_TYPE_QWEN2 : KILN_HF_TYPE_MISTRAL;
+        } else if (a) {
             c.arch = KILN_ARCH_LLAMA;
             c.n_kv_head = 2;
             c.rope_theta = 500000.0f;
@@ -81,6 +136,7 @@ static void test_roundtrip(void)
         CHECK(d.n_head == c.n_head && d.n_kv_head == c.n_kv_head && d.n_inner == c.n_inner);
         CHECK(d.vocab_size == c.vocab_size && d.n_ctx == c.n_ctx && d.norm_eps == c.norm_eps);
         CHECK(d.tie_embeddings == c.tie_embeddings && d.bias == c.bias);
+        CHECK(d.qkv_bias == c.qkv_bias && d.hf_type == c.hf_type);
         CHECK(d.bos_token_id == c.bos_token_id && d.eos_token_id == c.eos_token_id);
         CHECK(!a || d.rope_theta == c.rope_theta);
     }
@@ -103,6 +159,8 @@ static void expect_bad(const char *js, const char *key)
 }
 
 #define G "\"model_type\":\"gpt2\",\"vocab_size\":50,\"n_positions\":16,"
+#define MI "\"model_type\":\"mistral\",\"vocab_size\":50,\"hidden_size\":32,\"num_hidden_layers\":2,\"intermediate_size\":64,\"num_attention_heads\":4,"
+#define QW "\"model_type\":\"qwen2\",\"vocab_size\":50,\"hidden_size\":32,\"num_hidden_layers\":2,\"intermediate_size\":64,\"num_attention_heads\":4,\"max_position_embeddings\":128,"
 #define LL "\"model_type\":\"llama\",\"vocab_size\":50,\"hidden_size\":32,\"num_hidden_layers\":2,\"intermediate_size\":64,"
 
 static void test_rejections(void)
@@ -132,6 +190,19 @@ static void test_rejections(void)
                "sliding_window");
     expect_bad("{" LL "\"num_attention_heads\":32}", "head size");  /* HS = 1: odd */
     expect_bad("{" LL "\"num_attention_heads\":4,\"rope_theta\":0}", "rope_theta");
+    expect_bad("{" LL "\"num_attention_heads\":4,\"rope_interleaved\":true}",
+               "rope_interleaved");
+    /* mistral's window must cover the context; absent means 4096 */
+    expect_bad("{" MI "\"max_position_embeddings\":8192,\"sliding_window\":4096}",
+               "sliding_window");
+    expect_bad("{" MI "\"max_position_embeddings\":8192}", "sliding_window");
+    expect_bad("{" MI "\"sliding_window\":0}", "sliding_window");
+    /* qwen2: windowed layers (from max_window_layers on) need a full window */
+    expect_bad("{" QW "\"use_sliding_window\":true,\"sliding_window\":64,"
+               "\"max_window_layers\":1}", "use_sliding_window");
+    expect_bad("{" QW "\"sliding_window\":64,\"layer_types\":[\"full_attention\","
+               "\"sliding_attention\"]}", "layer_types");
+    expect_bad("{" QW "\"layer_types\":[\"full_attention\",\"chunked\"]}", "layer_types");
     expect_bad("{\"model_type\":\"bert\"}", "model_type");
     expect_bad("{\"n_layer\":2}", "model_type");
     expect_bad("[1,2]", "object");
@@ -145,6 +216,31 @@ static void test_rejections(void)
                      "\"head_dim\":8,\"eos_token_id\":[2,3],\"mlp_bias\":false,"
                      "\"torch_dtype\":\"bfloat16\",\"unknown_key_x\":1}", &c) == KILN_OK);
     CHECK_EQ(c.eos_token_id, 2);
+    /* windows that cover the context, or that no layer uses */
+    CHECK(parse(ctx, "{" MI "\"max_position_embeddings\":4096}", &c) == KILN_OK);
+    CHECK(parse(ctx, "{" MI "\"max_position_embeddings\":8192,\"sliding_window\":null}",
+                &c) == KILN_OK);
+    CHECK(parse(ctx, "{" QW "\"use_sliding_window\":true,\"sliding_window\":64,"
+                     "\"max_window_layers\":2}", &c) == KILN_OK);
+    CHECK(parse(ctx, "{" QW "\"use_sliding_window\":true,\"sliding_window\":128,"
+                     "\"max_window_layers\":0}", &c) == KILN_OK);
+    CHECK(parse(ctx, "{" QW "\"use_sliding_window\":false,\"sliding_window\":64}", &c) ==
+          KILN_OK);
+    /* qwen2 and mistral hard-code their biases, as HF does */
+    CHECK(parse(ctx, "{" QW "\"attention_bias\":false}", &c) == KILN_OK);
+    CHECK(c.qkv_bias && !c.bias);
+    CHECK(parse(ctx, "{" MI "\"max_position_embeddings\":64,\"attention_bias\":true}", &c) ==
+          KILN_OK);
+    CHECK(!c.qkv_bias && !c.bias);
+    /* the validator keeps qkv_bias and the model type together */
+    kiln_config q = c;
+    q.qkv_bias = true;
+    CHECK(kiln_config_validate(ctx, &q) == KILN_ERR_UNSUPPORTED);
+    CHECK(strstr(kiln_errmsg(ctx), "qkv_bias") != NULL);
+    q.hf_type = KILN_HF_TYPE_QWEN2;
+    CHECK(kiln_config_validate(ctx, &q) == KILN_OK);
+    q.bias = true;
+    CHECK(kiln_config_validate(ctx, &q) == KILN_ERR_UNSUPPORTED);
     kiln_ctx_free(ctx);
 }
 

@@ -12,6 +12,7 @@
 #include "check.h"
 #include "io/gguf.h"
 #include "model/model.h"
+#include "tokenizer/tok_gguf.h"
 
 #include <unistd.h>
 
@@ -706,6 +707,91 @@ static void test_model_refusals(void)
     kiln_ctx_free(ctx);
 }
 
+/* A Llama-3-style template: bos_token first, headers, trimmed content. */
+#define L3_TMPL                                                                             \
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] " \
+    "+ '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"     \
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}" \
+    "{% endif %}"
+
+/* Writes tok as a GGUF file of tokenizer keys only (bos id `bos`). */
+static void write_tok(kiln_ctx *ctx, const kiln_tokenizer *tok, const char *p, int32_t bos)
+{
+    gguf_writer w;
+    gguf_writer_init(&w);
+    tok_gguf_ids ids = {.bos = bos, .eos = -1, .pad = -1};
+    CHECK_EQ(tok_gguf_write(ctx, tok, &w, &ids), KILN_OK);
+    CHECK_EQ(gguf_write(ctx, &w, p, fill_zero, NULL), KILN_OK);
+    gguf_writer_free(&w);
+}
+
+/* GGUF tokenizer.chat_template: written from the tokenizer's own template,
+ * read back as the template kiln_chat_render uses, with bos_token the
+ * text of tokenizer.ggml.bos_token_id; a template kiln cannot parse is
+ * refused naming the key. */
+static void test_chat_template(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_tokenizer *tok = NULL, *back = NULL;
+    CHECK_EQ(kiln_tokenizer_load(ctx, "bytes", &tok), KILN_OK);
+    if (!tok) return;
+    CHECK_EQ(kiln_tokenizer_set_chat_template(ctx, tok, L3_TMPL, "<|endoftext|>", "<|eot_id|>"),
+             KILN_OK);
+    write_tok(ctx, tok, path("tmpl.gguf"), 256);
+    CHECK_MSG(kiln_tokenizer_load(ctx, path("tmpl.gguf"), &back) == KILN_OK, "%s",
+              kiln_errmsg(ctx));
+    if (back) {
+        const char *src = kiln_tokenizer_chat_template(back);
+        CHECK(src && !strcmp(src, L3_TMPL));
+        kiln_chat_msg msgs[] = {{"system", " Be brief. ", 0}, {"user", "hi", 0}};
+        int32_t *ids = NULL;
+        size_t n = 0;
+        CHECK_EQ(kiln_chat_render(ctx, back, msgs, 2, true, &ids, NULL, &n), KILN_OK);
+        /* by hand: the bos id, then the text as bytes (the bytes
+         * vocabulary has no header specials) */
+        const char *text = "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                           "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n";
+        size_t tl = strlen(text);
+        CHECK_EQ(n, tl + 1);
+        if (n == tl + 1) {
+            CHECK_EQ(ids[0], 256);
+            bool same = true;
+            for (size_t i = 0; i < tl; i++) same = same && ids[1 + i] == (unsigned char)text[i];
+            CHECK(same);
+        }
+        free(ids);
+        kiln_tokenizer_free(back);
+        back = NULL;
+    }
+    /* no template of its own, no ChatML specials: none written or read */
+    CHECK_EQ(kiln_tokenizer_set_chat_template(ctx, tok, NULL, NULL, NULL), KILN_OK);
+    write_tok(ctx, tok, path("notmpl.gguf"), -1);
+    CHECK_EQ(kiln_tokenizer_load(ctx, path("notmpl.gguf"), &back), KILN_OK);
+    if (back) CHECK(kiln_tokenizer_chat_template(back) == NULL);
+    kiln_tokenizer_free(back);
+    back = NULL;
+    /* a template that does not parse */
+    CHECK_EQ(kiln_tokenizer_set_chat_template(ctx, tok, "{{ ok }}", NULL, NULL), KILN_OK);
+    write_tok(ctx, tok, path("bad.gguf"), -1);
+    size_t len = 0;
+    unsigned char *b = slurp(path("bad.gguf"), &len);
+    unsigned char *at = b ? memmem(b, len, "{{ ok }}", 8) : NULL;
+    CHECK(at != NULL);
+    if (at) {
+        memcpy(at, "{% if x", 7);
+        FILE *fp = fopen(path("bad.gguf"), "wb");
+        fwrite(b, 1, len, fp);
+        fclose(fp);
+        CHECK_EQ(kiln_tokenizer_load(ctx, path("bad.gguf"), &back), KILN_ERR_FORMAT);
+        CHECK(back == NULL);
+        CHECK(strstr(kiln_errmsg(ctx), "tokenizer.chat_template") != NULL);
+    }
+    free(b);
+    kiln_tokenizer_free(tok);
+    kiln_ctx_free(ctx);
+}
+
 int main(void)
 {
     snprintf(dir, sizeof dir, "/tmp/kiln_test_gguf_%d", (int)getpid());
@@ -727,6 +813,7 @@ int main(void)
     RUN_TEST(test_padded_vocab);
     RUN_TEST(test_hostile);
     RUN_TEST(test_model_refusals);
+    RUN_TEST(test_chat_template);
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (system(cmd)) return 1;
     return TEST_EXIT();

@@ -6,6 +6,10 @@
  * directory plus its logits, loss and every parameter gradient; the script
  * rebuilds the model from config.json + model.safetensors in float64 and
  * requires every tensor to match within 1e-4 relative (to its max |value|).
+ * The same comparison runs on checkpoints written as transformers lays
+ * them out (scripts/hf_ckpt_make.py): qwen2 (q/k/v biases, no o bias,
+ * tied) in bf16 over 3 shards and fp32 over 2, mistral in fp16 over 2
+ * shards, a SmolLM2-style llama in one bf16 file.
  * Skips, saying so, when /usr/bin/python3 has no torch.
  */
 #include "check.h"
@@ -29,22 +33,14 @@ static const char *root(void)
     return r ? r : ".";
 }
 
-static void run_case(kiln_config cfg, int B, int T, const char *name)
+/* Runs m (whose files are in dir) forward and backward on random tokens,
+ * writes the results beside them and has scripts/torch_ref.py compare;
+ * frees m and removes dir. */
+static void compare(kiln_ctx *ctx, kiln_model *m, char *dir, int B, int T, const char *name)
 {
-    if (!have_torch()) SKIP("/usr/bin/python3 has no torch (apt-get install python3-torch)");
-    kiln_ctx *ctx = kiln_ctx_new();
-    char dir[] = "/tmp/kiln-torch-XXXXXX";
-    CHECK(mkdtemp(dir) != NULL);
-    kiln_model *m;
-    CHECK(kiln_model_new(ctx, &cfg, &m) == KILN_OK);
-    kiln_model_init_random(m, 1234);
+    kiln_config cfg = m->cfg;
     kiln_rng r;
     kiln_rng_seed(&r, 99);
-    /* Bigger weights than the init so attention is far from uniform and
-     * every path carries gradient; norms and biases moved off 1 / 0. */
-    for (size_t i = 0; i < m->num_params; i++)
-        m->params[i] = m->params[i] * 5.0f + 0.05f * kiln_rng_normal(&r);
-    CHECK(kiln_model_save(ctx, m, dir) == KILN_OK);
 
     int32_t *tok = malloc((size_t)B * T * sizeof(int32_t));
     int32_t *tgt = malloc((size_t)B * T * sizeof(int32_t));
@@ -106,7 +102,70 @@ static void run_case(kiln_config cfg, int B, int T, const char *name)
     kiln_model_free(m);
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     CHECK(system(cmd) == 0);
+}
+
+static void run_case(kiln_config cfg, int B, int T, const char *name)
+{
+    if (!have_torch()) SKIP("/usr/bin/python3 has no torch (apt-get install python3-torch)");
+    kiln_ctx *ctx = kiln_ctx_new();
+    char dir[] = "/tmp/kiln-torch-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    kiln_model *m;
+    CHECK(kiln_model_new(ctx, &cfg, &m) == KILN_OK);
+    kiln_model_init_random(m, 1234);
+    kiln_rng r;
+    kiln_rng_seed(&r, 98);
+    /* Bigger weights than the init so attention is far from uniform and
+     * every path carries gradient; norms and biases moved off 1 / 0. */
+    for (size_t i = 0; i < m->num_params; i++)
+        m->params[i] = m->params[i] * 5.0f + 0.05f * kiln_rng_normal(&r);
+    CHECK(kiln_model_save(ctx, m, dir) == KILN_OK);
+    compare(ctx, m, dir, B, T, name);
     kiln_ctx_free(ctx);
+}
+
+/* A checkpoint as transformers writes it (scripts/hf_ckpt_make.py: that
+ * family's config.json keys, weights in dtype over `shards` files with
+ * model.safetensors.index.json), loaded by kiln_model_load. */
+static void run_hf(const char *arch, const char *dtype, int shards, int B, int T,
+                   kiln_hf_type want_type, bool want_tied)
+{
+    if (!have_torch()) SKIP("/usr/bin/python3 has no torch (apt-get install python3-torch)");
+    kiln_ctx *ctx = kiln_ctx_new();
+    char dir[] = "/tmp/kiln-torch-XXXXXX", cmd[1024], name[64];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(name, sizeof name, "%s-%s-%d-shards", arch, dtype, shards);
+    snprintf(cmd, sizeof cmd, PY " '%s/scripts/hf_ckpt_make.py' '%s' %s %s %d", root(), dir,
+             arch, dtype, shards);
+    CHECK(system(cmd) == 0);
+    kiln_model *m = NULL;
+    kiln_status s = kiln_model_load(ctx, dir, &m);
+    CHECK_MSG(s == KILN_OK, "%s: %s", name, kiln_errmsg(ctx));
+    if (!m) return;
+    CHECK(m->cfg.hf_type == want_type && m->cfg.tie_embeddings == want_tied);
+    CHECK((m->cfg.hf_type == KILN_HF_TYPE_QWEN2) == m->cfg.qkv_bias);
+    /* qwen2: q/k/v biases loaded, no o_proj bias in the registry */
+    CHECK((kiln_model_find_tensor(m, "model.layers.0.self_attn.k_proj.bias") >= 0) ==
+          m->cfg.qkv_bias);
+    CHECK(kiln_model_find_tensor(m, "model.layers.0.self_attn.o_proj.bias") < 0);
+    compare(ctx, m, dir, B, T, name);
+    kiln_ctx_free(ctx);
+}
+
+static void test_hf_qwen2_sharded(void)
+{
+    run_hf("qwen2", "BF16", 3, 2, 14, KILN_HF_TYPE_QWEN2, true);
+    run_hf("qwen2", "F32", 2, 1, 9, KILN_HF_TYPE_QWEN2, true);
+}
+
+static void test_hf_mistral_sharded(void)
+{
+    run_hf("mistral", "F16", 2, 2, 11, KILN_HF_TYPE_MISTRAL, false);
+}
+
+static void test_hf_llama_smollm(void)
+{
+    run_hf("llama", "BF16", 1, 2, 10, KILN_HF_TYPE_NATIVE, true);
 }
 
 static kiln_config small(kiln_arch a)
@@ -145,5 +204,8 @@ int main(void)
     RUN_TEST(test_torch_gpt2);
     RUN_TEST(test_torch_llama);
     RUN_TEST(test_torch_llama_bias_tied);
+    RUN_TEST(test_hf_qwen2_sharded);
+    RUN_TEST(test_hf_mistral_sharded);
+    RUN_TEST(test_hf_llama_smollm);
     return TEST_EXIT();
 }

@@ -3,7 +3,8 @@
  * conversions: round trips, and every kind of malformed file (truncated,
  * header lying about its length or offsets, overlaps, holes, unknown or
  * wrong dtypes, bad shapes) rejected with a message, never a crash. Also
- * model directories with broken weights.
+ * model directories with broken weights, and sharded checkpoints
+ * (model.safetensors.index.json) with every inconsistency named.
  */
 #include "check.h"
 #include "io/safetensors.h"
@@ -276,6 +277,152 @@ static void test_model_dir_errors(void)
     kiln_ctx_free(ctx);
 }
 
+/* Writes md's model m as shards: tensors [0, half) in a, [half, n) in b
+ * (plus tensor `dup` again in b when dup >= 0), and an index mapping each
+ * tensor to its shard (map_fn overrides the shard named for tensor 0 when
+ * non-NULL; extra is appended inside weight_map verbatim). */
+static void write_shards(kiln_ctx *ctx, const kiln_model *m, const char *md, int dup,
+                         const char *map_fn, const char *extra)
+{
+    int n = m->n_tensors, half = n / 2;
+    st_entry *e = calloc((size_t)n + 1, sizeof *e);
+    for (int i = 0; i < n; i++) {
+        const kiln_tensor_info *t = &m->tensors[i];
+        e[i] = (st_entry){.name = t->name, .dtype = KILN_DTYPE_F32, .ndim = t->ndim,
+                          .shape = {t->shape[0], t->shape[1]}, .data = m->params + t->offset};
+    }
+    char p[256];
+    snprintf(p, sizeof p, "%s/model-00001-of-00002.safetensors", md);
+    CHECK(st_save(ctx, p, e, half, NULL, 0) == KILN_OK);
+    int nb = n - half;
+    if (dup >= 0) e[n] = e[dup], nb++;
+    snprintf(p, sizeof p, "%s/model-00002-of-00002.safetensors", md);
+    CHECK(st_save(ctx, p, e + half, nb, NULL, 0) == KILN_OK);
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", md);
+    FILE *f = fopen(p, "w");
+    fprintf(f, "{\"metadata\": {\"total_size\": %zu}, \"weight_map\": {",
+            m->num_params * 4);
+    for (int i = 0; i < n; i++)
+        fprintf(f, "%s\"%s\": \"%s\"", i ? ", " : "", m->tensors[i].name,
+                i == 0 && map_fn ? map_fn
+                : i < half       ? "model-00001-of-00002.safetensors"
+                                 : "model-00002-of-00002.safetensors");
+    fprintf(f, "%s}}\n", extra ? extra : "");
+    fclose(f);
+    free(e);
+}
+
+static void expect_load_error(kiln_ctx *ctx, const char *md, const char *n1, const char *n2)
+{
+    kiln_model *m2 = NULL;
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_ERR_FORMAT && m2 == NULL);
+    CHECK_MSG(strstr(kiln_errmsg(ctx), n1) != NULL, "'%s' lacks '%s'", kiln_errmsg(ctx), n1);
+    CHECK_MSG(!n2 || strstr(kiln_errmsg(ctx), n2) != NULL, "'%s' lacks '%s'",
+              kiln_errmsg(ctx), n2);
+    kiln_model_free(m2);
+}
+
+/* HF's sharded checkpoints: model.safetensors.index.json + shards load
+ * like model.safetensors; every inconsistency is named. */
+static void test_sharded(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_config cfg = kiln_config_default();
+    cfg.arch = KILN_ARCH_LLAMA;
+    cfg.n_layer = 2;
+    cfg.n_embd = 16;
+    cfg.n_head = 2;
+    cfg.n_kv_head = 1;
+    cfg.n_inner = 24;
+    cfg.n_ctx = 8;
+    cfg.bias = false;
+    cfg.tie_embeddings = false;
+    kiln_model *m, *m2 = NULL;
+    CHECK(kiln_model_new(ctx, &cfg, &m) == KILN_OK);
+    kiln_model_init_random(m, 5);
+    char md[128], p[256];
+    snprintf(md, sizeof md, "%s/sharded", dir);
+    CHECK(kiln_model_save(ctx, m, md) == KILN_OK);
+    snprintf(p, sizeof p, "%s/model.safetensors", md);
+    CHECK(unlink(p) == 0);
+    write_shards(ctx, m, md, -1, NULL, NULL);
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_OK);
+    if (m2) {
+        CHECK(m2->num_params == m->num_params);
+        CHECK(memcmp(m->params, m2->params, m->num_params * sizeof(float)) == 0);
+        kiln_model_free(m2);
+        m2 = NULL;
+    }
+    const char *last = m->tensors[m->n_tensors - 1].name, *first = m->tensors[0].name;
+    /* a shard missing */
+    snprintf(p, sizeof p, "%s/model-00002-of-00002.safetensors", md);
+    CHECK(unlink(p) == 0);
+    expect_load_error(ctx, md, "model-00002-of-00002.safetensors", "missing");
+    /* a tensor stored in both shards */
+    write_shards(ctx, m, md, 0, NULL, NULL);
+    expect_load_error(ctx, md, first, "stored twice");
+    /* a tensor mapped to the shard that lacks it */
+    write_shards(ctx, m, md, -1, "model-00002-of-00002.safetensors", NULL);
+    expect_load_error(ctx, md, first, "mapped to shard");
+    /* a tensor listed twice in the map */
+    char extra[256];
+    snprintf(extra, sizeof extra, ", \"%s\": \"model-00002-of-00002.safetensors\"", last);
+    write_shards(ctx, m, md, -1, NULL, extra);
+    expect_load_error(ctx, md, last, "duplicate");
+    /* a tensor mapped to a shard holding none of it */
+    snprintf(extra, sizeof extra, ", \"extra.weight\": \"model-00001-of-00002.safetensors\"");
+    write_shards(ctx, m, md, -1, NULL, extra);
+    expect_load_error(ctx, md, "extra.weight", "no such tensor");
+    /* a tensor the config implies in no shard and not in the map */
+    write_shards(ctx, m, md, -1, NULL, NULL);
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", md);
+    size_t il = 0;
+    unsigned char *ix = slurp(p, &il);
+    char *cut = ix ? strstr((char *)ix, ", \"lm_head.weight\"") : NULL;
+    CHECK(cut != NULL);
+    if (cut) {
+        strcpy(cut, "}}\n");
+        spit(p, ix, strlen((char *)ix));
+        /* shard 2 without lm_head: rewrite it from the model's tensors */
+        st_entry e[64];
+        int k = 0;
+        for (int i = m->n_tensors / 2; i < m->n_tensors && k < 64; i++) {
+            const kiln_tensor_info *t = &m->tensors[i];
+            if (!strcmp(t->name, "lm_head.weight")) continue;
+            e[k++] = (st_entry){.name = t->name, .dtype = KILN_DTYPE_F32, .ndim = t->ndim,
+                                .shape = {t->shape[0], t->shape[1]},
+                                .data = m->params + t->offset};
+        }
+        char sp[256];
+        snprintf(sp, sizeof sp, "%s/model-00002-of-00002.safetensors", md);
+        CHECK(st_save(ctx, sp, e, k, NULL, 0) == KILN_OK);
+        expect_load_error(ctx, md, "\"lm_head.weight\" is missing from every shard", md);
+    }
+    free(ix);
+    /* shard names are file names in the directory, never paths */
+    write_shards(ctx, m, md, -1, "../model-00001-of-00002.safetensors", NULL);
+    expect_load_error(ctx, md, first, "without '/'");
+    /* a map that is not {name: file} */
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", md);
+    spit(p, "{\"weight_map\": []}", 18);
+    expect_load_error(ctx, md, "weight_map", "model.safetensors.index.json");
+    /* a model saved over the directory wins over the stale index */
+    write_shards(ctx, m, md, 0, NULL, NULL);
+    kiln_model_init_random(m, 6);
+    CHECK(kiln_model_save(ctx, m, md) == KILN_OK);
+    CHECK(!file_exists(p));
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_OK);
+    if (m2) CHECK(memcmp(m->params, m2->params, m->num_params * sizeof(float)) == 0);
+    kiln_model_free(m2);
+    /* no weights at all */
+    snprintf(p, sizeof p, "%s/model.safetensors", md);
+    CHECK(unlink(p) == 0);
+    CHECK(kiln_model_load(ctx, md, &m2) == KILN_ERR_IO && m2 == NULL);
+    CHECK(strstr(kiln_errmsg(ctx), "model.safetensors.index.json") != NULL);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+
 int main(void)
 {
     snprintf(dir, sizeof dir, "/tmp/kiln-test-st-XXXXXX");
@@ -284,6 +431,7 @@ int main(void)
     RUN_TEST(test_malformed);
     RUN_TEST(test_dtype_conversions);
     RUN_TEST(test_model_dir_errors);
+    RUN_TEST(test_sharded);
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     if (system(cmd) != 0) return 1;

@@ -360,6 +360,125 @@ static void test_hf_added_tokens(void)
     kiln_tokenizer_free(t);
 }
 
+/* The pre-tokenizer sections of Llama-3's and Qwen2's tokenizer.json,
+ * verbatim (Qwen2 also sets normalizer NFC). */
+#define L3_RX "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}{1,3}| ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+"
+#define QW_RX "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}| ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+"
+#define SPLIT(rx, trim)                                                                      \
+    "\"pre_tokenizer\":{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\","       \
+    "\"pattern\":{\"Regex\":\"" rx "\"},\"behavior\":\"Isolated\",\"invert\":false},"        \
+    "{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"trim_offsets\":" trim ","         \
+    "\"use_regex\":false}]},"
+
+/* mini_json with its pre_tokenizer and normalizer replaced, and Qwen2's
+ * ChatML specials added as ids 301, 302. */
+static char *family_json(const char *pre, const char *norm)
+{
+    const char *more = ",\"12\":256,\"123\":257,\"\xc3\x83\xc2\xa9\":258,\"$a\":259";
+    const char *merges = "\"1 2\",\"12 3\",\"\xc3\x83 \xc2\xa9\",\"$ a\"";
+    const char *doc = mini_json(more, merges, "");
+    const char *pre0 = "\"pre_tokenizer\":{\"type\":\"ByteLevel\",\"add_prefix_space\":false},";
+    const char *at = strstr(doc, pre0), *nul = strstr(doc, "\"normalizer\":null,");
+    const char *sp = "\"special\":true}]";
+    const char *spat = strstr(doc, sp);
+    if (!at || !nul || !spat || nul > at || spat > nul) return NULL;
+    char *out = malloc(strlen(doc) + 2048);
+    size_t k = 0;
+#define PUT(p, n) (memcpy(out + k, (p), (n)), k += (n))
+    PUT(doc, (size_t)(spat - doc));
+    const char *sp2 = "\"special\":true},{\"id\":301,\"content\":\"<|im_start|>\",\"special\":true},"
+                      "{\"id\":302,\"content\":\"<|im_end|>\",\"special\":true}]";
+    PUT(sp2, strlen(sp2));
+    const char *r = spat + strlen(sp);
+    PUT(r, (size_t)(nul - r));
+    PUT(norm, strlen(norm));
+    r = nul + strlen("\"normalizer\":null,");
+    PUT(r, (size_t)(at - r));
+    PUT(pre, strlen(pre));
+    r = at + strlen(pre0);
+    PUT(r, strlen(r) + 1);
+#undef PUT
+    return out;
+}
+
+static void expect_ids(kiln_tokenizer *t, const char *text, bool special, const int32_t *want,
+                       size_t nw)
+{
+    int32_t *ids = NULL;
+    size_t n = 0;
+    kiln_status s = special ? kiln_tokenizer_encode_special(ctx, t, text, strlen(text), &ids, &n)
+                            : kiln_tokenizer_encode(ctx, t, text, strlen(text), &ids, &n);
+    CHECK_EQ(s, KILN_OK);
+    bool same = n == nw;
+    for (size_t i = 0; same && i < n; i++) same = ids[i] == want[i];
+    CHECK_MSG(same, "\"%s\": %zu ids (first %d), want %zu (first %d)", text, n,
+              n ? ids[0] : -1, nw, nw ? want[0] : -1);
+    free(ids);
+}
+
+/* Llama-3's and Qwen2's tokenizer.json layouts: Split(their regex) +
+ * ByteLevel(use_regex false), Qwen2's NFC normalizer and ChatML specials.
+ * Known splits, checked by hand: Llama-3 groups digits by up to three,
+ * Qwen2 takes them one by one; both glue one leading non-letter to a
+ * word ("$abc"), which GPT-2's ByteLevel pattern does not; NFC composes
+ * e + U+0301 into U+00E9 before BPE (Qwen2 only). */
+static void test_hf_llama3_qwen2(void)
+{
+    char *l3 = family_json(SPLIT(L3_RX, "true"), "\"normalizer\":null,");
+    char *qw = family_json(SPLIT(QW_RX, "false"), "\"normalizer\":{\"type\":\"NFC\"},");
+    char *g2 = family_json("\"pre_tokenizer\":{\"type\":\"ByteLevel\",\"add_prefix_space\":false},",
+                           "\"normalizer\":null,");
+    char *bad = family_json(SPLIT(QW_RX, "false"), "\"normalizer\":{\"type\":\"NFKC\"},");
+    CHECK(l3 && qw && g2 && bad);
+    if (!l3 || !qw || !g2 || !bad) return;
+    kiln_tokenizer *tl = NULL, *tq = NULL, *tg = NULL;
+    CHECK_EQ(load_text("l3.json", l3, &tl), KILN_OK);
+    CHECK_EQ(load_text("qw.json", qw, &tq), KILN_OK);
+    CHECK_EQ(load_text("g2.json", g2, &tg), KILN_OK);
+    expect_error("nfkc.json", bad, "NFKC");
+    if (!tl || !tq || !tg) return;
+    /* digits: 123|45 (Llama-3) against 1|2|3|4|5 (Qwen2) */
+    expect_ids(tl, "12345", false, (int32_t[]){257, '4', '5'}, 3);
+    expect_ids(tq, "12345", false, (int32_t[]){'1', '2', '3', '4', '5'}, 5);
+    expect_ids(tg, "12345", false, (int32_t[]){257, '4', '5'}, 3);
+    /* one leading symbol joins the word: "$abc" vs GPT-2's "$" "abc" */
+    expect_ids(tl, "$abc", false, (int32_t[]){259, 'b', 'c'}, 3);
+    expect_ids(tq, "$abc", false, (int32_t[]){259, 'b', 'c'}, 3);
+    expect_ids(tg, "$abc", false, (int32_t[]){'$', 'a', 'b', 'c'}, 4);
+    /* NFC: e + combining acute -> U+00E9 = C3 A9 -> id 258 (Qwen2 only) */
+    expect_ids(tq, "e\xcc\x81", false, (int32_t[]){258}, 1);
+    expect_ids(tq, "\xc3\xa9", false, (int32_t[]){258}, 1);
+    expect_ids(tl, "e\xcc\x81", false, (int32_t[]){'e', 0xcc, 0x81}, 3);
+    /* invalid UTF-8 is left alone (bytes, as without a normalizer) */
+    expect_ids(tq, "\xff" "12", false, (int32_t[]){0xff, '1', '2'}, 3);
+    /* ChatML specials around text; the digits still split Qwen2's way */
+    expect_ids(tq, "<|im_start|>user\n12<|im_end|>", true,
+               (int32_t[]){301, 'u', 's', 'e', 'r', '\n', '1', '2', 302}, 9);
+    expect_ids(tl, "<|im_start|>x12<|im_end|>", true, (int32_t[]){301, 'x', 256, 302}, 4);
+    /* not special unless asked: the text's own bytes */
+    expect_ids(tq, "<|im_end|>", false,
+               (int32_t[]){'<', '|', 'i', 'm', '_', 'e', 'n', 'd', '|', '>'}, 10);
+    /* save + load keeps the regex and the normalizer */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/qw_saved.json", tmpdir());
+    CHECK_EQ(kiln_tokenizer_save(ctx, tq, path), KILN_OK);
+    kiln_tokenizer *tq2 = NULL;
+    CHECK_EQ(kiln_tokenizer_load(ctx, path, &tq2), KILN_OK);
+    if (tq2) {
+        expect_ids(tq2, "e\xcc\x81 12345", false, (int32_t[]){258, ' ', '1', '2', '3', '4', '5'},
+                   7);
+        kiln_tokenizer_free(tq2);
+    }
+    unlink(path);
+    kiln_tokenizer_free(tl);
+    kiln_tokenizer_free(tq);
+    kiln_tokenizer_free(tg);
+    free(l3);
+    free(qw);
+    free(g2);
+    free(bad);
+}
+
 int main(void)
 {
     ctx = kiln_ctx_new();
@@ -370,6 +489,7 @@ int main(void)
     RUN_TEST(test_hf_errors);
     RUN_TEST(test_hf_roundtrip);
     RUN_TEST(test_hf_added_tokens);
+    RUN_TEST(test_hf_llama3_qwen2);
     RUN_TEST(test_gpt2_known);
     kiln_ctx_free(ctx);
     return TEST_EXIT();

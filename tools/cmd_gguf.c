@@ -256,7 +256,8 @@ int cmd_import(int argc, char **argv)
     int rc = cli_parse("import", "import FILE.gguf --out DIR",
                        "Writes a GGUF model (gpt2 or llama, any type kiln reads) as a model\n"
                        "directory: config.json, model.safetensors (fp32, dequantized; llama's\n"
-                       "q/k rows back in Hugging Face order) and tokenizer.json. kiln trains,\n"
+                       "q/k rows back in Hugging Face order), tokenizer.json and, when the\n"
+                       "file has tokenizer.chat_template, tokenizer_config.json. kiln trains,\n"
                        "tunes and generates from it.", opts, argc, argv, &pos);
     if (rc) {
         cli_free(opts, &pos);
@@ -290,11 +291,16 @@ int cmd_import(int argc, char **argv)
     char tj[4200];
     snprintf(tj, sizeof tj, "%s/tokenizer.json", out);
     if (!s) s = kiln_tokenizer_save(ctx, tok, tj);
+    if (!s) s = kiln_tokenizer_save_chat_config(ctx, tok, out); /* its chat template */
     if (s) rc = cli_fail(ctx, "import", s);
     else {
         const kiln_config *c = kiln_model_config(m);
         printf("imported %s -> %s: %s, %d layers, width %d, vocab %d, %zu parameters\n", in, out,
-               c->arch == KILN_ARCH_GPT2 ? "gpt2" : "llama", c->n_layer, c->n_embd,
+               c->arch == KILN_ARCH_GPT2               ? "gpt2"
+               : c->hf_type == KILN_HF_TYPE_QWEN2   ? "qwen2"
+               : c->hf_type == KILN_HF_TYPE_MISTRAL ? "mistral"
+                                                    : "llama",
+               c->n_layer, c->n_embd,
                c->vocab_size, kiln_model_num_params(m));
     }
     kiln_tokenizer_free(tok);

@@ -120,16 +120,20 @@ int cmd_info(int argc, char **argv)
     size_t np = kiln_model_num_params(m);
     size_t emb = (size_t)cfg.vocab_size * cfg.n_embd +
                  (cfg.arch == KILN_ARCH_GPT2 ? (size_t)cfg.n_ctx * cfg.n_embd : 0);
-    const char *arch = cfg.arch == KILN_ARCH_GPT2 ? "gpt2" : "llama";
+    const char *arch = cfg.arch == KILN_ARCH_GPT2               ? "gpt2"
+                       : cfg.hf_type == KILN_HF_TYPE_QWEN2   ? "qwen2"
+                       : cfg.hf_type == KILN_HF_TYPE_MISTRAL ? "mistral"
+                                                             : "llama";
     if (json) {
         printf("{\"model_type\": \"%s\", \"n_layer\": %d, \"n_embd\": %d, \"n_head\": %d, "
                "\"n_kv_head\": %d, \"n_inner\": %d, \"vocab_size\": %d, \"n_ctx\": %d, "
                "\"norm_eps\": %g, \"rope_theta\": %g, \"tie_word_embeddings\": %s, "
-               "\"bias\": %s, \"params\": %zu, \"non_embedding_params\": %zu, "
+               "\"bias\": %s, \"qkv_bias\": %s, \"params\": %zu, \"non_embedding_params\": %zu, "
                "\"tensors\": %d}\n",
                arch, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_inner,
                cfg.vocab_size, cfg.n_ctx, (double)cfg.norm_eps, (double)cfg.rope_theta,
-               cfg.tie_embeddings ? "true" : "false", cfg.bias ? "true" : "false", np,
+               cfg.tie_embeddings ? "true" : "false", cfg.bias ? "true" : "false",
+               cfg.qkv_bias ? "true" : "false", np,
                np - emb, kiln_model_num_tensors(m));
     } else {
         char h1[32], h2[32];
@@ -150,7 +154,9 @@ int cmd_info(int argc, char **argv)
         printf("norm eps    %g\n", (double)cfg.norm_eps);
         if (cfg.arch == KILN_ARCH_LLAMA) printf("rope theta  %g\n", (double)cfg.rope_theta);
         printf("embeddings  %s\n", cfg.tie_embeddings ? "tied (lm_head = wte)" : "untied");
-        printf("bias        %s\n", cfg.bias ? "yes" : "no");
+        printf("bias        %s\n", cfg.bias       ? "yes"
+                                    : cfg.qkv_bias ? "q/k/v only (no o_proj bias)"
+                                                   : "no");
         printf("parameters  %zu (%s; %s without embeddings)\n", np, h1, h2);
         printf("fp32 size   %.1f MiB\n", (double)np * 4 / (1 << 20));
         kiln_gguf *g = NULL;

@@ -127,6 +127,36 @@ static void split_indices(size_t n, size_t n_val, uint64_t seed, size_t *train, 
     free(is_val);
 }
 
+/* A .gguf base: imported once into OUT/base (config.json, fp32
+ * model.safetensors, tokenizer.json, and tokenizer_config.json with the
+ * file's tokenizer.chat_template), the model directory the run then
+ * starts from, records in sft.json and resumes with. */
+static kiln_status import_gguf(kiln_ctx *ctx, const char *gguf, const char *out, char *base,
+                               size_t cap)
+{
+    snprintf(base, cap, "%s/base", out);
+    char p[4400];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/config.json", base);
+    if (stat(p, &st) == 0) return KILN_OK; /* imported by an earlier start */
+    if (mkdir(out, 0777) != 0 && errno != EEXIST)
+        return kiln_fail(ctx, KILN_ERR_IO, "cannot create '%s': %s", out, strerror(errno));
+    kiln_model *m = NULL;
+    kiln_tokenizer *tok = NULL;
+    kiln_status s = kiln_model_load(ctx, gguf, &m);
+    if (!s) s = kiln_tokenizer_load(ctx, gguf, &tok);
+    if (!s) s = kiln_model_save(ctx, m, base);
+    snprintf(p, sizeof p, "%s/tokenizer.json", base);
+    if (!s) s = kiln_tokenizer_save(ctx, tok, p);
+    if (!s) s = kiln_tokenizer_save_chat_config(ctx, tok, base);
+    if (!s)
+        printf("base: %s imported to %s (%s chat template)\n", gguf, base,
+               kiln_tokenizer_chat_template(tok) ? "with its" : "no");
+    kiln_tokenizer_free(tok);
+    kiln_model_free(m);
+    return s;
+}
+
 int cmd_sft(int argc, char **argv)
 {
     cli_train_block_signals(); /* before any thread starts */
@@ -144,7 +174,7 @@ int cmd_sft(int argc, char **argv)
     bool sequential = false, skip_bad_lines = false;
     cli_env_flags ef = {0};
     cli_opt opts[] = {
-        {"model", CLI_STR, &a.model, "model directory (or run directory: its newest checkpoint) to fine-tune", false},
+        {"model", CLI_STR, &a.model, "model directory (or run directory: its newest checkpoint; or a .gguf file, imported into OUT/base with its chat template) to fine-tune", false},
         {"data", CLI_STR, &a.data, "JSONL: {\"messages\":[...]} or {\"prompt\",\"completion\"} per line", false},
         {"out", CLI_STR, &o.out, "run directory (checkpoints, metrics.jsonl)", false},
         {"resume", CLI_OPTSTR, &resume, "continue a run: a run directory or a step_* checkpoint [--out]", false},
@@ -308,6 +338,14 @@ int cmd_sft(int argc, char **argv)
     if ((s = cli_model_dir(ctx, a.model, model_dir, sizeof model_dir))) {
         kiln_fail(ctx, s, "--model: %s", kiln_errmsg(ctx));
         goto fail;
+    }
+    if (!resume && cli_is_gguf(model_dir)) {
+        char base[4200];
+        if ((s = import_gguf(ctx, model_dir, o.out, base, sizeof base))) {
+            kiln_fail(ctx, s, "--model: %s", kiln_errmsg(ctx));
+            goto fail;
+        }
+        snprintf(model_dir, sizeof model_dir, "%s", base);
     }
     char cfgp[4400];
     snprintf(cfgp, sizeof cfgp, "%s/config.json", model_dir);

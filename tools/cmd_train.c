@@ -296,6 +296,19 @@ int cmd_train(int argc, char **argv)
             ret = cli_fail(ctx, "train", s);
             goto done;
         }
+        /* a kiln sft run (RUN/sft.json rebuilds its rows from the JSONL):
+         * kiln sft continues it, with the flags given here */
+        char sftj[4200];
+        snprintf(sftj, sizeof sftj, "%s", ckpt);
+        char *cut = strrchr(sftj, '/');
+        snprintf(cut ? cut + 1 : sftj, sizeof sftj - (size_t)(cut ? cut + 1 - sftj : 0),
+                 "sft.json");
+        if (access(sftj, R_OK) == 0 && cmd_sft) {
+            fprintf(stderr, "kiln train: %s is a kiln sft run: continuing it as kiln sft "
+                            "--resume\n", where);
+            ret = cmd_sft(argc, argv);
+            goto done;
+        }
         kiln_train_opts saved = kiln_train_opts_default();
         if ((s = kiln_train_opts_load(ctx, ckpt, &saved, databuf, sizeof databuf))) {
             ret = cli_fail(ctx, "train", s);

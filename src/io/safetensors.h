@@ -69,4 +69,36 @@ typedef struct st_entry {
 kiln_status st_save(kiln_ctx *ctx, const char *path, const st_entry *e,
                     int n, const char *const *meta_kv, int n_meta);
 
+/* A model's weights: DIR/model.safetensors, or the shards that
+ * DIR/model.safetensors.index.json's "weight_map" ({tensor: shard file})
+ * names (HF's sharded checkpoints). Tensors are found by name in all the
+ * files together. */
+typedef struct st_ref {
+    const char *name;    /* the tensor's (owned by its st_file) */
+    int file;            /* index into files/paths */
+    const st_tensor *t;
+} st_ref;
+
+typedef struct st_set {
+    st_file *files;
+    char **paths; /* full path of each file, for messages */
+    int n_files;
+    st_ref *refs; /* every tensor of every file, sorted by name */
+    int n_refs;
+} st_set;
+
+/* Opens dir's weights: the index and its shards when
+ * model.safetensors.index.json exists, else model.safetensors. Errors
+ * (KILN_ERR_FORMAT unless the file system failed: KILN_ERR_IO) name the
+ * file and the key: neither file present, an index that is not
+ * {"weight_map": {name: file}}, a shard name that is not a plain file name
+ * in dir, a shard that is missing or not valid safetensors, a tensor the
+ * map places in a shard that lacks it, a tensor stored in two files. On
+ * failure *out is left closed. */
+kiln_status st_set_open_dir(kiln_ctx *ctx, const char *dir, st_set *out);
+/* The tensor called name, or NULL; *file (may be NULL) gets its file's
+ * index in out->files / out->paths. */
+const st_tensor *st_set_find(const st_set *s, const char *name, int *file);
+void st_set_close(st_set *s);
+
 #endif /* KILN_SAFETENSORS_H */

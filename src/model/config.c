@@ -1,6 +1,9 @@
 /*
  * config.c — the transformer family's hyper-parameters as an HF-style
- * config.json: gpt2 (GPT2Config keys) or llama (LlamaConfig keys).
+ * config.json: gpt2 (GPT2Config keys) or llama (LlamaConfig keys), and
+ * qwen2 / mistral (Qwen2Config, MistralConfig: arch llama with q/k/v
+ * biases, resp. no biases, and sliding windows kiln only accepts when
+ * they cover the whole context).
  *
  * Loading validates every key kiln reads, rejects keys whose values change
  * the math in ways kiln does not implement (rope_scaling, sliding windows,
@@ -49,6 +52,7 @@ size_t kiln_config_num_params(const kiln_config *c)
     } else {
         per = C + C * QKV + NHS * C + C + 3 * C * F;
         if (c->bias) per += QKV + C;
+        else if (c->qkv_bias) per += QKV;
         n += C; /* norm */
     }
     n += per * (size_t)c->n_layer;
@@ -105,7 +109,22 @@ static kiln_status validate(kiln_ctx *ctx, const kiln_config *c,
             return bad(ctx, what, "num_key_value_heads",
                        "must equal n_head for gpt2 (GQA needs model_type llama)");
         if (!c->bias) return bad(ctx, what, "bias", "must be true for gpt2");
+        if (c->qkv_bias) return bad(ctx, what, "qkv_bias", "is for llama-arch models (qwen2)");
+        if (c->hf_type != KILN_HF_TYPE_NATIVE)
+            return bad(ctx, what, "model_type", "qwen2 and mistral are arch llama");
     } else {
+        if ((unsigned)c->hf_type > KILN_HF_TYPE_MISTRAL)
+            return bad(ctx, what, "model_type", "is not llama, qwen2 or mistral");
+        if (c->qkv_bias && c->bias)
+            return bad(ctx, what, "qkv_bias",
+                       "excludes \"attention_bias\" (which adds q/k/v and o_proj biases)");
+        /* the biases each HF model type hard-codes */
+        if ((c->hf_type == KILN_HF_TYPE_QWEN2) != c->qkv_bias)
+            return bad(ctx, what, "qkv_bias",
+                       "(q/k/v biases without an o_proj bias) is qwen2's layout, and only "
+                       "qwen2's");
+        if (c->hf_type == KILN_HF_TYPE_MISTRAL && c->bias)
+            return bad(ctx, what, "attention_bias", "must be false for mistral");
         if ((c->n_embd / c->n_head) % 2)
             return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                              "%s: head size hidden_size/num_attention_heads = %d "
@@ -166,7 +185,10 @@ static const char *const known_keys[] = {
     "num_key_value_heads", "intermediate_size", "max_position_embeddings",
     "rms_norm_eps", "rope_theta", "rope_scaling", "hidden_act",
     "attention_bias", "mlp_bias", "attention_dropout", "pretraining_tp",
-    "head_dim", "sliding_window", "use_sliding_window",
+    "head_dim", "sliding_window", "use_sliding_window", "is_llama_config",
+    "rope_interleaved",
+    /* qwen2 */
+    "max_window_layers", "layer_types",
     NULL,
 };
 
@@ -226,6 +248,80 @@ static bool is_falsy(const json_t *v)
     return !v || json_is_null(v) || json_is_false(v);
 }
 
+/* Sliding-window attention, which kiln does not implement, is accepted
+ * only where it cannot change the result: absent, disabled, or a window
+ * at least the context long (every causal row fits in it).
+ *   llama:   sliding_window with use_sliding_window true is refused.
+ *   mistral: sliding_window (MistralConfig's default 4096 when absent; null
+ *            = none) must be >= max_position_embeddings.
+ *   qwen2:   with use_sliding_window true, layers from max_window_layers on
+ *            (or those "layer_types" marks "sliding_attention") use the
+ *            window: refused unless there are none or the window covers
+ *            the context. */
+static kiln_status sliding_window(kiln_ctx *ctx, const json_t *o, const char *what,
+                                  const kiln_config *c)
+{
+    json_t *sw = json_object_get(o, "sliding_window");
+    json_t *use = json_object_get(o, "use_sliding_window");
+    if (use && !json_is_boolean(use) && !json_is_null(use))
+        return kiln_fail(ctx, KILN_ERR_FORMAT,
+                         "%s: \"use_sliding_window\" must be true or false", what);
+    if (c->hf_type == KILN_HF_TYPE_NATIVE) {
+        if (!is_falsy(sw) && !is_falsy(use))
+            return bad(ctx, what, "sliding_window", "is not supported");
+        if (!is_falsy(use))
+            return bad(ctx, what, "use_sliding_window", "is not supported");
+        return KILN_OK;
+    }
+    int64_t win = c->hf_type == KILN_HF_TYPE_MISTRAL ? 4096 : -1;
+    if (sw && !json_is_null(sw)) {
+        if (!json_is_integer(sw) || json_integer_value(sw) < 1)
+            return kiln_fail(ctx, KILN_ERR_FORMAT,
+                             "%s: \"sliding_window\" must be a positive integer or null",
+                             what);
+        win = json_integer_value(sw);
+    } else if (sw) {
+        win = -1;
+    }
+    const char *key = "sliding_window";
+    bool windowed = true;
+    if (c->hf_type == KILN_HF_TYPE_QWEN2) {
+        int mwl = c->n_layer;
+        kiln_status s = get_int(ctx, o, "max_window_layers", what, false, &mwl);
+        if (s) return s;
+        json_t *lt = json_object_get(o, "layer_types");
+        windowed = false;
+        if (json_is_array(lt)) {
+            size_t i;
+            json_t *x;
+            json_array_foreach(lt, i, x)
+            {
+                if (!json_is_string(x))
+                    return kiln_fail(ctx, KILN_ERR_FORMAT,
+                                     "%s: \"layer_types\"[%zu] must be a string", what, i);
+                if (!strcmp(json_string_value(x), "sliding_attention")) windowed = true;
+                else if (strcmp(json_string_value(x), "full_attention"))
+                    return bad(ctx, what, "layer_types",
+                               "holds a layer type other than full_attention and "
+                               "sliding_attention");
+            }
+            key = "layer_types";
+        } else if (use && json_is_true(use)) {
+            windowed = mwl < c->n_layer;
+            key = "use_sliding_window";
+        }
+    }
+    if (windowed && win >= 1 && win < c->n_ctx)
+        return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                         "%s: \"%s\"%s asks for sliding-window attention with a window of "
+                         "%lld tokens, smaller than max_position_embeddings = %d: kiln "
+                         "attends to the whole context (set sliding_window to null, or to "
+                         "at least %d, or lower max_position_embeddings to %lld)",
+                         what, key, sw ? "" : " (absent: MistralConfig's default 4096)",
+                         (long long)win, c->n_ctx, c->n_ctx, (long long)win);
+    return KILN_OK;
+}
+
 kiln_status config_from_json(kiln_ctx *ctx, const json_t *o, const char *what,
                              kiln_config *out)
 {
@@ -279,12 +375,16 @@ kiln_status config_from_json(kiln_ctx *ctx, const json_t *o, const char *what,
         v = json_object_get(o, "bias");
         if (v && json_is_false(v))
             return bad(ctx, what, "bias", "= false is not supported for gpt2");
-    } else if (!strcmp(mt, "llama")) {
+    } else if (!strcmp(mt, "llama") || !strcmp(mt, "qwen2") || !strcmp(mt, "mistral")) {
         c.arch = KILN_ARCH_LLAMA;
+        c.hf_type = !strcmp(mt, "qwen2")     ? KILN_HF_TYPE_QWEN2
+                    : !strcmp(mt, "mistral") ? KILN_HF_TYPE_MISTRAL
+                                             : KILN_HF_TYPE_NATIVE;
         c.tie_embeddings = false;
         c.bias = false;
+        c.qkv_bias = c.hf_type == KILN_HF_TYPE_QWEN2; /* Qwen2Attention's */
         c.norm_eps = 1e-6f;
-        c.n_ctx = 2048;
+        c.n_ctx = c.hf_type == KILN_HF_TYPE_NATIVE ? 2048 : 32768;
         if ((s = get_int(ctx, o, "vocab_size", what, true, &c.vocab_size)) ||
             (s = get_int(ctx, o, "num_hidden_layers", what, true, &c.n_layer)) ||
             (s = get_int(ctx, o, "hidden_size", what, true, &c.n_embd)) ||
@@ -297,7 +397,10 @@ kiln_status config_from_json(kiln_ctx *ctx, const json_t *o, const char *what,
             (s = get_float(ctx, o, "rms_norm_eps", what, &c.norm_eps)) ||
             (s = get_float(ctx, o, "rope_theta", what, &c.rope_theta)) ||
             (s = js_get_bool(ctx, o, "tie_word_embeddings", what, false,
-                             &c.tie_embeddings)) ||
+                             &c.tie_embeddings)))
+            return s;
+        /* qwen2 and mistral hard-code their biases and ignore this key */
+        if (c.hf_type == KILN_HF_TYPE_NATIVE &&
             (s = js_get_bool(ctx, o, "attention_bias", what, false, &c.bias)))
             return s;
         const char *act = "silu";
@@ -309,14 +412,13 @@ kiln_status config_from_json(kiln_ctx *ctx, const json_t *o, const char *what,
         if (!is_falsy(json_object_get(o, "rope_scaling")))
             return bad(ctx, what, "rope_scaling",
                        "is not supported (remove it or set it to null)");
+        if (!is_falsy(json_object_get(o, "rope_interleaved")))
+            return bad(ctx, what, "rope_interleaved",
+                       "= true is not supported (kiln's RoPE rotates halves, as HF's "
+                       "LlamaForCausalLM does)");
         if (!is_falsy(json_object_get(o, "mlp_bias")))
             return bad(ctx, what, "mlp_bias", "= true is not supported");
-        if (!is_falsy(json_object_get(o, "sliding_window")) &&
-            !is_falsy(json_object_get(o, "use_sliding_window")))
-            return bad(ctx, what, "sliding_window", "is not supported");
-        if (json_object_get(o, "use_sliding_window") &&
-            !is_falsy(json_object_get(o, "use_sliding_window")))
-            return bad(ctx, what, "use_sliding_window", "is not supported");
+        if ((s = sliding_window(ctx, o, what, &c))) return s;
         v = json_object_get(o, "head_dim");
         if (v && !json_is_null(v)) {
             int hd = 0;
@@ -327,7 +429,8 @@ kiln_status config_from_json(kiln_ctx *ctx, const json_t *o, const char *what,
         }
     } else {
         return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
-                         "%s: \"model_type\" = \"%s\" is not supported (use gpt2 or llama)",
+                         "%s: \"model_type\" = \"%s\" is not supported (use gpt2, llama, "
+                         "qwen2 or mistral)",
                          what, mt);
     }
     v = json_object_get(o, "bias");
@@ -379,9 +482,15 @@ json_t *config_to_json(const kiln_config *c)
 {
     json_t *o = json_object();
     bool g = c->arch == KILN_ARCH_GPT2;
-    json_object_set_new(o, "architectures",
-                        json_pack("[s]", g ? "GPT2LMHeadModel" : "LlamaForCausalLM"));
-    json_object_set_new(o, "model_type", json_string(g ? "gpt2" : "llama"));
+    bool qwen2 = !g && c->hf_type == KILN_HF_TYPE_QWEN2;
+    bool mistral = !g && c->hf_type == KILN_HF_TYPE_MISTRAL;
+    const char *cls = g ? "GPT2LMHeadModel"
+                      : qwen2   ? "Qwen2ForCausalLM"
+                      : mistral ? "MistralForCausalLM"
+                                : "LlamaForCausalLM";
+    const char *type = g ? "gpt2" : qwen2 ? "qwen2" : mistral ? "mistral" : "llama";
+    json_object_set_new(o, "architectures", json_pack("[s]", cls));
+    json_object_set_new(o, "model_type", json_string(type));
     json_object_set_new(o, "vocab_size", json_integer(c->vocab_size));
     if (g) {
         json_object_set_new(o, "n_layer", json_integer(c->n_layer));
@@ -409,10 +518,18 @@ json_t *config_to_json(const kiln_config *c)
         json_object_set_new(o, "rope_theta", json_float(c->rope_theta));
         json_object_set_new(o, "rope_scaling", json_null());
         json_object_set_new(o, "hidden_act", json_string("silu"));
-        json_object_set_new(o, "attention_bias", json_boolean(c->bias));
-        json_object_set_new(o, "mlp_bias", json_false());
         json_object_set_new(o, "attention_dropout", json_real(0.0));
-        json_object_set_new(o, "pretraining_tp", json_integer(1));
+        if (qwen2) {
+            json_object_set_new(o, "use_sliding_window", json_false());
+            json_object_set_new(o, "sliding_window", json_null());
+            json_object_set_new(o, "max_window_layers", json_integer(c->n_layer));
+        } else if (mistral) {
+            json_object_set_new(o, "sliding_window", json_null());
+        } else {
+            json_object_set_new(o, "attention_bias", json_boolean(c->bias));
+            json_object_set_new(o, "mlp_bias", json_false());
+            json_object_set_new(o, "pretraining_tp", json_integer(1));
+        }
     }
     json_object_set_new(o, "tie_word_embeddings", json_boolean(c->tie_embeddings));
     if (c->bos_token_id >= 0)

@@ -245,7 +245,11 @@ kiln_status model_gguf_config(kiln_ctx *ctx, const gguf_file *f, const char *wha
         c.bias = true;
     } else if (an == 5 && !memcmp(as, "llama", 5)) {
         c.arch = KILN_ARCH_LLAMA;
-        c.bias = gguf_find_tensor(f, "blk.0.attn_q.bias") != NULL;
+        /* q/k/v biases without an o bias: a qwen2 model written as llama */
+        bool qb = gguf_find_tensor(f, "blk.0.attn_q.bias") != NULL;
+        c.bias = qb && gguf_find_tensor(f, "blk.0.attn_output.bias") != NULL;
+        c.qkv_bias = qb && !c.bias;
+        c.hf_type = c.qkv_bias ? KILN_HF_TYPE_QWEN2 : KILN_HF_TYPE_NATIVE;
     } else {
         return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
                          "%s: metadata key \"general.architecture\" = \"%.*s\" is not "

@@ -100,7 +100,7 @@ static void layout(layout_state *s, model_weights *w)
             ly->qkv_w = add(s, true, 2, QH, C, "%s.%d.self_attn.q_proj.weight", p, l);
             add(s, true, 2, KH, C, "%s.%d.self_attn.k_proj.weight", p, l);
             add(s, true, 2, KH, C, "%s.%d.self_attn.v_proj.weight", p, l);
-            if (c->bias) {
+            if (c->bias || c->qkv_bias) { /* qkv_bias: qwen2, no o_proj bias */
                 ly->qkv_b = add(s, false, 1, QH, 0, "%s.%d.self_attn.q_proj.bias", p, l);
                 add(s, false, 1, KH, 0, "%s.%d.self_attn.k_proj.bias", p, l);
                 add(s, false, 1, KH, 0, "%s.%d.self_attn.v_proj.bias", p, l);
@@ -613,23 +613,30 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T)
 
 /* ---- loading and saving ------------------------------------------------ */
 
-kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *path)
+kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *dir)
 {
-    st_file f;
-    kiln_status s = st_open(ctx, path, &f);
+    st_set f;
+    kiln_status s = st_set_open_dir(ctx, dir, &f);
     if (s) return s;
+    /* messages name the file holding the tensor; a tensor in no file,
+     * the single file or the directory of shards */
+    const char *none = f.n_files == 1 ? f.paths[0] : dir, *path = none;
     /* Original GPT-2 checkpoints name tensors without "transformer.". */
     bool bare = m->cfg.arch == KILN_ARCH_GPT2 &&
-                !st_find(&f, "transformer.wte.weight") && st_find(&f, "wte.weight");
+                !st_set_find(&f, "transformer.wte.weight", NULL) &&
+                st_set_find(&f, "wte.weight", NULL);
     for (int i = 0; i < m->n_tensors && !s; i++) {
         const kiln_tensor_info *ti = &m->tensors[i];
         const char *name = ti->name;
         if (bare && !strncmp(name, "transformer.", 12)) name += 12;
-        const st_tensor *t = st_find(&f, name);
+        int fi = 0;
+        const st_tensor *t = st_set_find(&f, name, &fi);
+        path = t ? f.paths[fi] : none;
         if (!t) {
             s = kiln_fail(ctx, KILN_ERR_FORMAT,
-                          "%s: tensor \"%s\" is missing (is config.json for this file?)",
-                          path, name);
+                          "%s: tensor \"%s\" is missing%s (is config.json for this "
+                          "file?)", path, name,
+                          f.n_files > 1 ? " from every shard" : "");
             break;
         }
         bool ok = t->ndim == ti->ndim;
@@ -651,7 +658,7 @@ kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *path)
             break;
         }
         model_params_touched(m);
-        s = st_read_f32(ctx, &f, t, path, m->params + ti->offset);
+        s = st_read_f32(ctx, &f.files[fi], t, path, m->params + ti->offset);
     }
     if (!s) {
         /* Non-finite weights poison everything downstream: say so now. */
@@ -659,13 +666,15 @@ kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *path)
             if (!isfinite(m->params[i])) {
                 int ti = 0;
                 while (ti + 1 < m->n_tensors && m->tensors[ti + 1].offset <= i) ti++;
+                int fi = 0;
+                st_set_find(&f, m->tensors[ti].name, &fi);
                 s = kiln_fail(ctx, KILN_ERR_NUMERIC,
-                              "%s: tensor \"%s\" contains NaN or infinity", path,
+                              "%s: tensor \"%s\" contains NaN or infinity", f.paths[fi],
                               m->tensors[ti].name);
                 break;
             }
     }
-    st_close(&f);
+    st_set_close(&f);
     return s;
 }
 
@@ -673,11 +682,10 @@ kiln_status kiln_model_load(kiln_ctx *ctx, const char *dir, kiln_model **out)
 {
     *out = NULL;
     char *cpath = file_join(dir, "config.json");
-    char *wpath = file_join(dir, "model.safetensors");
     kiln_status s = KILN_OK;
     kiln_model *m = NULL;
     kiln_config cfg;
-    if (!cpath || !wpath) {
+    if (!cpath) {
         s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
         goto done;
     }
@@ -690,18 +698,18 @@ kiln_status kiln_model_load(kiln_ctx *ctx, const char *dir, kiln_model **out)
     if (!file_is_dir(dir)) {
         s = kiln_fail(ctx, KILN_ERR_IO,
                       "'%s' is not a model directory (expected config.json and "
-                      "model.safetensors in it) nor a GGUF file", dir);
+                      "model.safetensors or model.safetensors.index.json with its "
+                      "shards in it) nor a GGUF file", dir);
         goto done;
     }
     if ((s = kiln_config_load(ctx, cpath, &cfg))) goto done;
     if ((s = kiln_model_new(ctx, &cfg, &m))) goto done;
-    if ((s = model_load_weights(ctx, m, wpath))) goto done;
+    if ((s = model_load_weights(ctx, m, dir))) goto done;
     *out = m;
     m = NULL;
 done:
     kiln_model_free(m);
     free(cpath);
-    free(wpath);
     return s;
 }
 
@@ -728,7 +736,13 @@ kiln_status kiln_model_save(kiln_ctx *ctx, const kiln_model *m, const char *dir)
     /* Weights first: a directory whose config.json is new always has
      * matching weights. */
     if ((s = st_save(ctx, wpath, e, m->n_tensors, NULL, 0))) goto done;
-    s = kiln_config_save(ctx, cpath, &m->cfg);
+    /* an index left from a sharded checkpoint would win over the new file */
+    char *ipath = file_join(dir, "model.safetensors.index.json");
+    if (ipath && file_exists(ipath) && remove(ipath) != 0)
+        s = kiln_fail(ctx, KILN_ERR_IO, "%s: cannot remove the stale index of a sharded "
+                      "checkpoint; delete it", ipath);
+    free(ipath);
+    if (!s) s = kiln_config_save(ctx, cpath, &m->cfg);
 done:
     free(e);
     free(cpath);

@@ -36,9 +36,9 @@ typedef struct model_layer {
     float *ln1_w;    /* (C)  ln_1 / input_layernorm */
     float *ln1_b;    /* (C)  gpt2 only */
     float *qkv_w;    /* gpt2 (C, 3C) c_attn; llama (QKV, C) q|k|v_proj */
-    float *qkv_b;    /* gpt2 (3C); llama (QKV) when attention_bias */
+    float *qkv_b;    /* gpt2 (3C); llama (QKV) when bias or qkv_bias */
     float *proj_w;   /* gpt2 (C, C) attn.c_proj (in,out); llama (C, C) o_proj */
-    float *proj_b;   /* (C) gpt2, llama when attention_bias */
+    float *proj_b;   /* (C) gpt2, llama when bias (not qkv_bias: qwen2) */
     float *ln2_w;    /* (C)  ln_2 / post_attention_layernorm */
     float *ln2_b;    /* (C)  gpt2 only */
     float *fc_w;     /* gpt2 (C, F) c_fc; llama (2F, C) gate_proj|up_proj */
@@ -356,9 +356,10 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
 /* Byte size of the activation arena for (B, T). */
 size_t model_act_bytes(const kiln_model *m, int B, int T);
 
-/* Loads weights from a validated safetensors file into m's parameter
- * block (names/shapes checked; F32/BF16/F16 converted). */
-kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *path);
+/* Loads the weights of model directory dir (model.safetensors, or the
+ * shards of model.safetensors.index.json; st_set_open_dir) into m's
+ * parameter block (names/shapes checked; F32/BF16/F16 converted). */
+kiln_status model_load_weights(kiln_ctx *ctx, kiln_model *m, const char *dir);
 
 /* ---- GGUF (gguf_model.c): kiln's tensors as llama.cpp's ---------------- */
 

@@ -309,8 +309,26 @@ bool tok_encode_text(const kiln_tokenizer *t, tok_scratch *s, const char *text,
     return encode_plain(t, s, text + start, len - start, out);
 }
 
+static bool encode_plain_nfc(const kiln_tokenizer *t, tok_scratch *s, const char *text,
+                             size_t len, tok_ids *out);
+
+/* The normalizer first (HF: on the text between added tokens, whose
+ * normalized flag is false in the tokenizers kiln reads). */
 static bool encode_plain(const kiln_tokenizer *t, tok_scratch *s, const char *text,
                          size_t len, tok_ids *out)
+{
+    if (!t->nfc || len == 0) return encode_plain_nfc(t, s, text, len, out);
+    char *norm;
+    size_t nl;
+    if (!tok_nfc(text, len, &norm, &nl)) return false;
+    if (!norm) return encode_plain_nfc(t, s, text, len, out);
+    bool ok = encode_plain_nfc(t, s, norm, nl, out);
+    free(norm);
+    return ok;
+}
+
+static bool encode_plain_nfc(const kiln_tokenizer *t, tok_scratch *s, const char *text,
+                             size_t len, tok_ids *out)
 {
     const unsigned char *p = (const unsigned char *)text;
     if (len == 0) return true;

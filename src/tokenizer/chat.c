@@ -211,6 +211,25 @@ kiln_status tok_load_chat_config(kiln_ctx *ctx, kiln_tokenizer *t, const char *d
     return s;
 }
 
+kiln_status kiln_tokenizer_save_chat_config(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                            const char *dir)
+{
+    if (!tok->chat_src) return KILN_OK;
+    char *p = file_join(dir, "tokenizer_config.json");
+    json_t *o = json_object();
+    kiln_status s = KILN_OK;
+    if (!p || !o || json_object_set_new(o, "chat_template", json_string(tok->chat_src)) ||
+        (tok->bos_token && json_object_set_new(o, "bos_token", json_string(tok->bos_token))) ||
+        (tok->eos_token && json_object_set_new(o, "eos_token", json_string(tok->eos_token))))
+        s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory writing %s/tokenizer_config.json",
+                      dir);
+    else
+        s = js_save_file(ctx, p, o);
+    json_decref(o);
+    free(p);
+    return s;
+}
+
 /* Renders msgs[0..n) to malloc'ed text. */
 static kiln_status tmpl_text(kiln_ctx *ctx, const kiln_tokenizer *tok, const kiln_chat_msg *msgs,
                              int n, bool gen, char **out, size_t *len)

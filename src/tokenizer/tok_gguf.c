@@ -9,8 +9,12 @@
  *   token_type  1 normal, 3 control (special), 4 user-defined (added,
  *               matched in text), 5 unused (no token)
  *   merges      "left right" in byte-level strings, in rank order
- *   pre         "gpt-2" or "llama-bpe": the pre-tokenizer regex llama.cpp
- *               applies (kiln.tokenizer.pattern keeps kiln's own spelling)
+ *   pre         "gpt-2", "llama-bpe" or "qwen2": the pre-tokenizer regex
+ *               llama.cpp applies (kiln.tokenizer.pattern keeps kiln's own
+ *               spelling); qwen2 also gets Qwen2's NFC normalizer back
+ *   chat_template  the tokenizer's own Jinja template (read back with
+ *               bos/eos_token from the bos/eos ids), else ChatML when the
+ *               vocabulary has its specials
  */
 #include "tokenizer/tok_gguf.h"
 #include "tokenizer/tok_internal.h"
@@ -33,6 +37,7 @@ static const char *pre_name(const kiln_tokenizer *t)
     if (!strcmp(t->pattern, TOK_PATTERN_GPT2) || !strcmp(t->pattern, TOK_PATTERN_HF_GPT2))
         return "gpt-2";
     if (!strcmp(t->pattern, TOK_PATTERN_LLAMA3)) return "llama-bpe";
+    if (!strcmp(t->pattern, TOK_PATTERN_QWEN2)) return "qwen2";
     return NULL;
 }
 
@@ -43,7 +48,7 @@ kiln_status tok_gguf_write(kiln_ctx *ctx, const kiln_tokenizer *t, gguf_writer *
     if (!pre || (t->add_prefix_space && t->n_merges))
         return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
                          "tokenizer %s: its pre-tokenization (%s%s) is not one llama.cpp "
-                         "reproduces; GGUF export supports the GPT-2 and Llama 3 patterns "
+                         "reproduces; GGUF export supports the GPT-2, Llama 3 and Qwen2 patterns "
                          "without add_prefix_space", t->name ? t->name : "",
                          t->pattern ? t->pattern : "no pattern",
                          t->add_prefix_space ? ", add_prefix_space" : "");
@@ -105,8 +110,11 @@ kiln_status tok_gguf_write(kiln_ctx *ctx, const kiln_tokenizer *t, gguf_writer *
         gguf_w_bool(w, "tokenizer.ggml.add_eos_token", false);
         gguf_w_str(w, "kiln.tokenizer.pattern",
                    t->pre == TOK_PRE_NONE || !t->pattern ? "" : t->pattern);
-        if (kiln_tokenizer_special_id(t, "<|im_start|>") >= 0 &&
-            kiln_tokenizer_special_id(t, "<|im_end|>") >= 0)
+        /* the model's own template; ChatML when its specials are there */
+        if (t->chat_src)
+            gguf_w_str(w, "tokenizer.chat_template", t->chat_src);
+        else if (kiln_tokenizer_special_id(t, "<|im_start|>") >= 0 &&
+                 kiln_tokenizer_special_id(t, "<|im_end|>") >= 0)
             gguf_w_str(w, "tokenizer.chat_template", CHATML_TEMPLATE);
     }
     for (int32_t id = 0; s && id < n; id++) free(s[id]);
@@ -189,6 +197,55 @@ static kiln_status read_merges(kiln_ctx *ctx, kiln_tokenizer *t, const gguf_kv *
     return tok_set_merges(ctx, t, n, L, R, what);
 }
 
+/* The text of special token id (tokenizer.ggml.KEY_token_id) as a
+ * malloc'ed string, or NULL when the key is absent or names no token. */
+static char *token_text(kiln_ctx *ctx, const gguf_file *f, const char *what,
+                        const kiln_tokenizer *t, const char *key)
+{
+    int64_t id = -1;
+    if (gguf_get_int(ctx, f, what, key, false, &id) || id < 0 || id >= t->n_vocab ||
+        (t->flags[id] & TOKF_HOLE))
+        return NULL;
+    char *s = malloc((size_t)t->len[id] + 1);
+    if (s) {
+        memcpy(s, t->blob + t->off[id], t->len[id]);
+        s[t->len[id]] = 0;
+    }
+    return s;
+}
+
+/* tokenizer.chat_template (llama.cpp's key, HF's Jinja text) becomes the
+ * tokenizer's chat template, with bos_token / eos_token the texts of
+ * tokenizer.ggml.bos_token_id / eos_token_id. A template kiln cannot parse
+ * is an error naming the key. */
+static kiln_status read_chat_template(kiln_ctx *ctx, const gguf_file *f, const char *what,
+                                      kiln_tokenizer *t)
+{
+    const char *src;
+    size_t n = 0;
+    kiln_status s = gguf_get_str(ctx, f, what, "tokenizer.chat_template", false, &src, &n);
+    if (s || !n) return s;
+    char *tmpl = malloc(n + 1);
+    char *bos = token_text(ctx, f, what, t, "tokenizer.ggml.bos_token_id");
+    char *eos = token_text(ctx, f, what, t, "tokenizer.ggml.eos_token_id");
+    if (!tmpl) {
+        s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    } else {
+        memcpy(tmpl, src, n);
+        tmpl[n] = 0;
+        if (strlen(tmpl) != n)
+            s = kiln_fail(ctx, KILN_ERR_FORMAT,
+                          "%s: metadata key \"tokenizer.chat_template\" holds a NUL byte", what);
+        else if ((s = kiln_tokenizer_set_chat_template(ctx, t, tmpl, bos, eos)))
+            kiln_fail(ctx, s, "%s: metadata key \"tokenizer.chat_template\": %s", what,
+                      kiln_errmsg(ctx));
+    }
+    free(tmpl);
+    free(bos);
+    free(eos);
+    return s;
+}
+
 kiln_status tok_gguf_read(kiln_ctx *ctx, const gguf_file *f, const char *what,
                           kiln_tokenizer **out)
 {
@@ -220,10 +277,13 @@ kiln_status tok_gguf_read(kiln_ctx *ctx, const gguf_file *f, const char *what,
                !strcmp(prebuf, "llama-v3")) {
         pattern = TOK_PATTERN_LLAMA3;
         kind = TOK_PRE_SPLIT;
+    } else if (!strcmp(prebuf, "qwen2")) {
+        pattern = TOK_PATTERN_QWEN2;
+        kind = TOK_PRE_SPLIT;
     } else {
         return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
                          "%s: metadata key \"tokenizer.ggml.pre\" = \"%s\" is not supported "
-                         "(kiln knows \"gpt-2\" and \"llama-bpe\")", what, prebuf);
+                         "(kiln knows \"gpt-2\", \"llama-bpe\" and \"qwen2\")", what, prebuf);
     }
     if (tk->n == 0 || tk->n > GGUF_MAX_VOCAB)
         return kiln_fail(ctx, KILN_ERR_FORMAT,
@@ -297,12 +357,15 @@ kiln_status tok_gguf_read(kiln_ctx *ctx, const gguf_file *f, const char *what,
             free(own);
             t->pre = kind;
             s = tok_set_pattern(ctx, t, pattern);
+            /* Qwen2's tokenizer.json normalizes to NFC (llama.cpp skips it) */
+            t->nfc = !strcmp(pattern, TOK_PATTERN_QWEN2) && tok_nfc_available();
         }
     }
     if (!s) {
         if (mk) s = read_merges(ctx, t, mk, what);
         else s = tok_set_merges(ctx, t, 0, NULL, NULL, what);
     }
+    if (!s) s = read_chat_template(ctx, f, what, t);
     if (s) {
         kiln_tokenizer_free(t);
         return s;

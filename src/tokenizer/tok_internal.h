@@ -36,6 +36,10 @@ enum {
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| " \
     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 
+#define TOK_PATTERN_QWEN2                                                  \
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| " \
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+
 typedef enum tok_pre {
     TOK_PRE_BYTELEVEL = 0, /* HF ByteLevel(use_regex=true): GPT-2 pattern   */
     TOK_PRE_SPLIT = 1,     /* HF Sequence[Split(Regex), ByteLevel(no regex)]*/
@@ -77,6 +81,9 @@ struct kiln_tokenizer {
     pcre2_code *re;
     bool add_prefix_space; /* HF ByteLevel add_prefix_space */
     bool ignore_merges;    /* HF BPE ignore_merges: whole-vocab pieces win */
+    bool nfc;              /* HF normalizer {"type": "NFC"} (Qwen2): the text
+                              between added tokens is put in Unicode NFC
+                              before pre-tokenization (tok_nfc) */
 
     /* Parts of a loaded tokenizer.json kiln does not interpret, written
      * back unchanged on save (normalizer, post_processor, decoder,
@@ -175,6 +182,14 @@ tok_scratch *tok_scratch_new(const kiln_tokenizer *t);
 void tok_scratch_free(tok_scratch *s);
 /* Encodes ordinary text (no special tokens recognised), appending to out.
  * Returns false when out of memory. */
+/* Unicode NFC of text[0..len) (normalize.c). Returns false when out of
+ * memory; *out is NULL when the text is already NFC, ASCII, or not valid
+ * UTF-8 (left as it is: Hugging Face never sees invalid UTF-8), else a
+ * malloc'ed copy of *out_len bytes the caller frees. */
+bool tok_nfc(const char *text, size_t len, char **out, size_t *out_len);
+/* Whether tok_nfc is available (built with ICU). */
+bool tok_nfc_available(void);
+
 bool tok_encode_text(const kiln_tokenizer *t, tok_scratch *s,
                      const char *text, size_t len, tok_ids *out);
 /* BPE of one pre-token's bytes, appending ids to out. */

@@ -3,10 +3,11 @@
  * BPE with a byte-level pre-tokenizer, added/special tokens) in both
  * directions, and GPT-2's encoder.json + vocab.bpe.
  *
- * Parts of a tokenizer.json that kiln does not interpret (normalizer
- * null, post_processor, decoder, truncation, padding, model options) are
- * kept and written back unchanged, so a load/save round trip preserves the
- * file's meaning. What kiln cannot honour exactly (a normalizer, a
+ * Parts of a tokenizer.json that kiln does not interpret (the normalizer:
+ * null, or NFC as Qwen2's, applied by bpe.c; post_processor, decoder,
+ * truncation, padding, model options) are kept and written back
+ * unchanged, so a load/save round trip preserves the file's meaning. What
+ * kiln cannot honour exactly (another normalizer, a
  * non-byte-level model, byte fallback, subword prefixes) is rejected with a
  * message naming the field, never silently approximated.
  */
@@ -166,10 +167,20 @@ kiln_status tok_load_hf_json(kiln_ctx *ctx, const json_t *root, const char *what
                              "has none)", what, strs[i], v);
     }
     const json_t *norm = json_object_get(root, "normalizer");
-    if (norm && !json_is_null(norm))
-        return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
-                         "%s: a normalizer is set; kiln supports byte-level BPE "
-                         "without normalization (normalizer null)", what);
+    bool nfc = false;
+    if (norm && !json_is_null(norm)) {
+        const char *nt = json_string_value(json_object_get(norm, "type"));
+        if (!nt || strcmp(nt, "NFC"))
+            return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                             "%s: normalizer \"%s\" is not supported; kiln supports "
+                             "byte-level BPE without a normalizer (null) or with NFC "
+                             "(Qwen2's)", what, nt ? nt : "(no type)");
+        if (!tok_nfc_available())
+            return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                             "%s: normalizer NFC needs Unicode tables this build lacks "
+                             "(rebuild kiln with ICU: apt-get install libicu-dev)", what);
+        nfc = true;
+    }
     const json_t *vocab = json_object_get(model, "vocab");
     const json_t *merges = json_object_get(model, "merges");
     if (!json_is_object(vocab))
@@ -210,6 +221,7 @@ kiln_status tok_load_hf_json(kiln_ctx *ctx, const json_t *root, const char *what
     if (!t) return KILN_ERR_NOMEM;
     kiln_status s = KILN_OK;
     t->name = strdup(what);
+    t->nfc = nfc;
     /* added tokens first: their content is literal text */
     json_array_foreach(added, ai, v) {
         int32_t id = (int32_t)json_integer_value(json_object_get(v, "id"));
@@ -436,7 +448,8 @@ json_t *tok_to_hf_json(const kiln_tokenizer *t)
     json_object_set_new(root, "truncation", json_null());
     json_object_set_new(root, "padding", json_null());
     json_object_set(root, "added_tokens", added);
-    json_object_set_new(root, "normalizer", json_null());
+    json_object_set_new(root, "normalizer",
+                        t->nfc ? json_pack("{s:s}", "type", "NFC") : json_null());
     if (t->pre == TOK_PRE_SPLIT) {
         json_t *pre = json_pack(
             "{s:s, s:[{s:s, s:{s:s}, s:s, s:b}, {s:s, s:b, s:b, s:b}]}", "type",

@@ -14,7 +14,8 @@
 //       with the tokenizer.json's pre-tokenization pattern run by
 //       JavaScript's Unicode regex engine (ByteLevel: GPT-2's pattern;
 //       Split: its Regex, with the (?i:...) group spelled out, which
-//       JavaScript lacks). FILE must be valid UTF-8.
+//       JavaScript lacks; normalizer NFC: String.prototype.normalize).
+//       FILE must be valid UTF-8.
 //   node gpt2_ref.js gpt3enc TOKENIZER_JSON FILE
 //       ids from gpt-3-encoder's Encoder.js (OpenAI's encoder.py ported,
 //       merge-rank BPE) run on the vocabulary and merges of a tokenizer.json,
@@ -168,7 +169,9 @@ if (mode === 'tiktoken') {
   const re = new RegExp(src, 'gu');
   const ranks = bpeRanks(hfMerges(tj));
   const vocab = tj.model.vocab;
-  const text = fs.readFileSync(process.argv[4], 'utf-8');
+  let text = fs.readFileSync(process.argv[4], 'utf-8');
+  // Qwen2's normalizer: JavaScript's own Unicode NFC
+  if (tj.normalizer && tj.normalizer.type === 'NFC') text = text.normalize('NFC');
   const enc = new TextEncoder();
   const cache = new Map();
   const ids = [];
