@@ -138,14 +138,17 @@ $(BUILD)/examples/%: examples/%.c $(LIB)
 # the static archives of glibc, libgomp, jansson, pcre2 and libmicrohttpd,
 # without oneDNN (Debian ships no static libdnnl; the fp32 products take the
 # blocked OpenMP GEMM, the quantized ones the same kernels as ever) and
-# without MPI. tools/static/notls.c stands in for the GnuTLS that Debian's
-# libmicrohttpd.a refers to (kiln serve never uses TLS). Stripped (-s).
+# without MPI, and without ICU (its static archives need libstdc++ and a
+# 30 MB data library: a tokenizer with an NFC normalizer, Qwen2's, is
+# refused there, saying so). tools/static/notls.c stands in for the GnuTLS
+# that Debian's libmicrohttpd.a refers to (kiln serve never uses TLS).
+# Stripped (-s).
 STATIC_BUILD := build-static
 KILN_RUN_OBJ := $(addprefix $(BUILD)/obj/tools/,kiln.o cli.o cmd_generate.o cmd_chat.o \
                   cmd_serve.o cmd_eval.o cmd_init.o static/notls.o)
 
 static:
-	@$(MAKE) --no-print-directory BUILD=$(STATIC_BUILD) NO_DNNL=1 NO_MPI=1 $(STATIC_BUILD)/kiln-run
+	@$(MAKE) --no-print-directory BUILD=$(STATIC_BUILD) NO_DNNL=1 NO_MPI=1 NO_ICU=1 $(STATIC_BUILD)/kiln-run
 
 $(BUILD)/kiln-run: $(KILN_RUN_OBJ) $(LIB)
 	@$(if $(Q),echo "  LINK    $@ (static)")
