@@ -45,6 +45,9 @@ static inline float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+#ifndef LQ_PF
+#define LQ_PF 2048
+#endif
 enum { NT = 4 }; /* tokens sharing one unpacked block */
 
 typedef struct qacts {
@@ -64,6 +67,11 @@ static inline __m256i init_q4_0(const int32_t *s16)
     return _mm256_castsi128_si256(_mm_cvtsi32_si128(-8 * (s16[0] + s16[1])));
 }
 
+static inline __m256i init_q8_0(const int32_t *s16)
+{
+    return _mm256_castsi128_si256(_mm_cvtsi32_si128(-128 * (s16[0] + s16[1])));
+}
+
 static inline __m256i init_q6_k(const int32_t *s16)
 {
     return _mm256_set_m128i(_mm_cvtsi32_si128(-32 * s16[1]), _mm_cvtsi32_si128(-32 * s16[0]));
@@ -77,7 +85,9 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
                                                           const qacts *a, int t0, int nt,
                                                           float *out)
 {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3),
+                  m80 = _mm256_set1_epi8((char)0x80);
+    int b;
     __m256 acc[2][NT];
     for (int t = 0; t < NT; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
     const int nb = a->nb;
@@ -94,32 +104,55 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
 #define ACC(k, t, is, f) acc[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), (f), acc[k][t])
     switch (W->dtype) {
     case KILN_DTYPE_Q8_0:
-        for (int b = 0; b < nb; b++, w += 34) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + 2));
-            __m256i u = _mm256_sign_epi8(wv, wv);
-            float dw = ld16(w);
-            for (int t = 0; t < nt; t++) {
-                __m256i is = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u,
-                                                 _mm256_sign_epi8(XQ(t, b), wv));
-                ACC(b & 1, t, is, _mm256_set1_ps(dw * xd[t][b]));
-            }
+        /* signed codes made unsigned (+128, an exclusive or); the 128
+         * sum(q) this adds is taken out by the block's start value
+         * (init_q8_0). Two blocks a round: the accumulators are named,
+         * so they stay in registers. */
+#define Q8_BLOCK(k, bb)                                                                    \
+    do {                                                                                   \
+        const uint8_t *wb = w + 34 * (size_t)(bb);                                         \
+        __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 2)), m80); \
+        float dw = ld16(wb);                                                               \
+        for (int t = 0; t < nt; t++) {                                                     \
+            __m256i is = _mm256_dpbusd_epi32(xi[t][bb], u, XQ(t, bb));                     \
+            ACC(k, t, is, _mm256_set1_ps(dw * xd[t][bb]));                                 \
+        }                                                                                  \
+    } while (0)
+        for (b = 0; b + 1 < nb; b += 2) {
+            _mm_prefetch((const char *)(w + 34 * (size_t)b + LQ_PF), _MM_HINT_T0);
+            Q8_BLOCK(0, b);
+            Q8_BLOCK(1, b + 1);
         }
+        if (b < nb) Q8_BLOCK(0, b);
+#undef Q8_BLOCK
         break;
     case KILN_DTYPE_Q4_0:
-        for (int b = 0; b < nb; b++, w += 18) {
-            __m128i qs = _mm_loadu_si128((const __m128i *)(w + 2));
-            __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), m4);
-            float dw = ld16(w);
-            for (int t = 0; t < nt; t++) {
-                __m256i is = _mm256_dpbusd_epi32(xi[t][b], u, XQ(t, b));
-                ACC(b & 1, t, is, _mm256_set1_ps(dw * xd[t][b]));
-            }
+#define Q4_BLOCK(k, bb)                                                                    \
+    do {                                                                                   \
+        const uint8_t *wb = w + 18 * (size_t)(bb);                                         \
+        __m128i qs = _mm_loadu_si128((const __m128i *)(wb + 2));                           \
+        __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), m4);    \
+        float dw = ld16(wb);                                                               \
+        for (int t = 0; t < nt; t++) {                                                     \
+            __m256i is = _mm256_dpbusd_epi32(xi[t][bb], u, XQ(t, bb));                     \
+            ACC(k, t, is, _mm256_set1_ps(dw * xd[t][bb]));                                 \
+        }                                                                                  \
+    } while (0)
+        for (b = 0; b + 1 < nb; b += 2) {
+            _mm_prefetch((const char *)(w + 18 * (size_t)b + LQ_PF), _MM_HINT_T0);
+            Q4_BLOCK(0, b);
+            Q4_BLOCK(1, b + 1);
         }
+        if (b < nb) Q4_BLOCK(0, b);
+#undef Q4_BLOCK
         break;
     case KILN_DTYPE_Q4_K: {
         __m256 accm[NT]; /* the minimum terms, 8 sub-blocks a lane each */
         for (int t = 0; t < NT; t++) accm[t] = _mm256_setzero_ps();
         for (int sb = 0; sb < nb / 8; sb++, w += 144) {
+            _mm_prefetch((const char *)(w + LQ_PF), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + LQ_PF + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + LQ_PF + 128), _MM_HINT_T0);
             const uint8_t *scl = w + 4;
             uint32_t u32[3];
             memcpy(u32, scl, 12);
@@ -158,8 +191,10 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
     }
     case KILN_DTYPE_Q6_K:
         for (int sb = 0; sb < nb / 8; sb++, w += 210) {
+            for (int l = 0; l < 256; l += 64) _mm_prefetch((const char *)(w + LQ_PF + l), _MM_HINT_T0);
             __m256 dw = _mm256_set1_ps(ld16(w + 208));
             const int8_t *sc = (const int8_t *)(w + 192);
+#pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
                 __m256i ql0 = _mm256_loadu_si256((const __m256i *)(w + 64 * h));
                 __m256i ql1 = _mm256_loadu_si256((const __m256i *)(w + 64 * h + 32));
@@ -174,14 +209,15 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
                                     _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4)),
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
                                     _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4))};
+#pragma GCC unroll 4
             for (int k = 0; k < 4; k++) { /* x block 8 sb + jb: elements 32 jb .. */
-                int jb = 4 * h + k, b = 8 * sb + jb;
+                int jb = 4 * h + k, xb = 8 * sb + jb;
                 __m256i u = uk[k];
                 __m256 fv = _mm256_mul_ps(
                     dw, _mm256_set_m128(_mm_set1_ps(sc[2 * jb + 1]), _mm_set1_ps(sc[2 * jb])));
                 for (int t = 0; t < nt; t++) {
-                    __m256i is = _mm256_dpbusd_epi32(xi[t][b], u, XQ(t, b));
-                    ACC(jb & 1, t, is, _mm256_mul_ps(fv, _mm256_set1_ps(xd[t][b])));
+                    __m256i is = _mm256_dpbusd_epi32(xi[t][xb], u, XQ(t, xb));
+                    ACC(jb & 1, t, is, _mm256_mul_ps(fv, _mm256_set1_ps(xd[t][xb])));
                 }
             }
             }
@@ -229,7 +265,8 @@ bool kern_fast_linear_q(float *Y, const float *X, int T, const kern_wt *W, const
                        s16 + (size_t)t * 2 * nb);
     for (size_t i = 0; i < (size_t)T * nb; i++) {
         ds[i] = d[i] * (float)(s16[2 * i] + s16[2 * i + 1]);
-        init[i] = W->dtype == KILN_DTYPE_Q4_0   ? init_q4_0(s16 + 2 * i)
+        init[i] = W->dtype == KILN_DTYPE_Q8_0   ? init_q8_0(s16 + 2 * i)
+                  : W->dtype == KILN_DTYPE_Q4_0 ? init_q4_0(s16 + 2 * i)
                   : W->dtype == KILN_DTYPE_Q6_K ? init_q6_k(s16 + 2 * i)
                                                 : _mm256_setzero_si256();
     }
