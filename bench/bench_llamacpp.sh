@@ -67,8 +67,9 @@ for r in $(seq 1 "$rounds"); do
     f="$dir/m-$t.gguf"
     k=$(OMP_WAIT_POLICY=passive OMP_NUM_THREADS=$threads "$build/bench/bench_decode" "$f" "$threads" 64 2>/dev/null | grep '^gguf')
     echo "kiln $t $k" >> "$res"
-    l=$( { /usr/bin/time -f 'peak_rss_kb %M' "$lb" -m "$f" -t "$threads" -p 128 -n 64 -r 3 -o csv; } 2>&1 )
-    echo "$l" | awk -v t="$t" '/^peak_rss_kb/ {print "llrss", t, $2}' >> "$res"
+    l=$( { /usr/bin/time -f 'peak_rss_kb %M exit %x' "$lb" -m "$f" -t "$threads" -p 128 -n 64 -r 3 -o csv; } 2>&1 )
+    echo "$l" | awk -v t="$t" '/^peak_rss_kb/ {print "llrss", t, $2; if ($4 != 0) print "llfail", t, $4}' >> "$res"
+    echo "$l" | grep -q 'Command terminated by signal' && echo "llfail $t signal" >> "$res"
     echo "$l" | grep -v '^peak_rss_kb' | python3 -c '
 import csv, sys
 t = sys.argv[1]
@@ -93,14 +94,18 @@ for l in lines:
                       r"\(([\d.]+) GB/s\).*rss ([\d.]+) MB", l)
         if not m: continue
         put((p[1], "kd"), float(m.group(1))); put((p[1], "kp"), float(m.group(2)))
+        md = re.search(r"decode [\d.]+ tok/s \(median ([\d.]+)\).*prefill \d+ [\d.]+ tok/s \(median ([\d.]+)\)", l)
+        if md: put((p[1], "kdm"), float(md.group(1))); put((p[1], "kpm"), float(md.group(2)))
         best[(p[1], "mb")] = float(m.group(3)); put((p[1], "bw"), float(m.group(4)))
         best[(p[1], "krss")] = float(m.group(5))
     elif p[0] == "llama":
         put((p[1], "ld" if p[2] == "tg" else "lp"), float(p[3]))
     elif p[0] == "llrss":
         best[(p[1], "lrss")] = float(p[2]) / 1024
-print(f"{'type':7} {'MB/token':>8} | {'decode kiln':>11} {'llama.cpp':>9} {'ratio':>6} | "
-      f"{'roofline':>8} {'kiln %':>6} {'llama %':>7} | {'prefill128 kiln':>15} {'llama.cpp':>9} {'ratio':>6} | "
+    elif p[0] == "llfail":
+        best[(p[1], "lfail")] = p[2]
+print(f"{'type':7} {'MB/token':>8} | {'decode kiln':>11} {'(median)':>8} {'llama.cpp':>9} {'ratio':>6} | "
+      f"{'roofline':>8} {'kiln %':>6} {'llama %':>7} | {'prefill128 kiln':>15} {'(median)':>8} {'llama.cpp':>9} {'ratio':>6} | "
       f"{'RSS kiln':>8} {'llama':>6}")
 for t in types:
     g = lambda k: best.get((t, k), 0.0)
@@ -109,9 +114,11 @@ for t in types:
     kd, ld, kp, lp = g("kd"), g("ld"), g("kp"), g("lp")
     r = lambda a, b: f"{a / b:6.2f}" if b else "     -"
     pc = lambda a: f"{100 * a / roof:5.0f}%" if roof else "     -"
-    print(f"{t:7} {mb:8.1f} | {kd:11.1f} {ld:9.1f} {r(kd, ld)} | {roof:8.1f} {pc(kd):>6} {pc(ld):>7} | "
-          f"{kp:15.1f} {lp:9.1f} {r(kp, lp)} | {g('krss'):7.0f}M {g('lrss'):5.0f}M")
-print("decode: tok/s at batch 1 (llama-bench tg64); prefill: 128-token prompt (pp128); best of "
-      "the rounds; roofline: tok/s if only the weight bytes cost, at the best read bandwidth "
+    print(f"{t:7} {mb:8.1f} | {kd:11.1f} {g('kdm'):8.1f} {ld:9.1f} {r(kd, ld)} | {roof:8.1f} {pc(kd):>6} {pc(ld):>7} | "
+          f"{kp:15.1f} {g('kpm'):8.1f} {lp:9.1f} {r(kp, lp)} | {g('krss'):7.0f}M {g('lrss'):5.0f}M"
+          + (f"  llama-bench failed ({best[(t, 'lfail')]})" if (t, "lfail") in best else ""))
+print("decode: tok/s at batch 1 (llama-bench tg64: the mean over 64 tokens); prefill: 128-token "
+      "prompt (pp128); kiln: its best step (and the median step), best of the rounds; llama.cpp: "
+      "llama-bench's mean of 3 repetitions, best of the rounds; ratio: kiln's best / llama.cpp's; roofline: tok/s if only the weight bytes cost, at the best read bandwidth "
       "measured by bench_decode in the same rounds")
 EOF
