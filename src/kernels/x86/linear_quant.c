@@ -117,11 +117,13 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
                   m80 = _mm256_set1_epi8((char)0x80);
     int b;
     __m256 acc[2][NT];
+    #pragma GCC unroll 4
     for (int t = 0; t < NT; t++) acc[0][t] = acc[1][t] = _mm256_setzero_ps();
     const int nb = a->nb;
     const int8_t *xq[NT];
     const float *xd[NT], *xds[NT];
     const __m256i *xi[NT];
+    #pragma GCC unroll 4
     for (int t = 0; t < nt; t++) {
         xi[t] = a->init + (size_t)(t0 + t) * nb;
         xq[t] = a->q + (size_t)(t0 + t) * a->K;
@@ -138,6 +140,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
     __m512 acz[2][NT];
     /* the 512-bit accumulators added into the 256-bit ones */
 #define FOLD2()                                                                              \
+    _Pragma("GCC unroll 4")                                                                  \
     for (int t = 0; t < nt; t++) {                                                           \
         __m512 z = _mm512_add_ps(acz[0][t], acz[1][t]);                                      \
         acc[0][t] = _mm256_add_ps(acc[0][t], _mm256_add_ps(_mm512_castps512_ps256(z),        \
@@ -157,6 +160,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
         const uint8_t *wb = w + 34 * (size_t)(bb);                                         \
         __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 2)), m80); \
         float dw = ld16(wb);                                                               \
+        _Pragma("GCC unroll 4")                                                            \
         for (int t = 0; t < nt; t++) {                                                     \
             __m256i is = _mm256_dpbusd_epi32(xi[t][bb], u, XQ(t, bb));                     \
             ACC(k, t, is, _mm256_set1_ps(dw * xd[t][bb]));                                 \
@@ -167,20 +171,25 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
          * 512-bit registers (one dpbusd, conversion and FMA for two), the
          * pair's factors picked from F by a permute. The blocks past the
          * last group go one by one, 256 bits wide. */
+        #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) acz[0][t] = acz[1][t] = _mm512_setzero_ps();
         for (b = 0; b + 16 <= nb; b += 16) {
             const uint8_t *wg = w + 34 * (size_t)b;
+            /* every line of the group's 544 bytes, LQ_PF ahead (one
+             * prefetch per 68-byte pair would skip one line in 16) */
+            for (int l = 0; l < 9; l++) _mm_prefetch((const char *)(wg + LQ_PF + 64 * l), _MM_HINT_T0);
             __m512 dwv = scales16(wg, 34), F[NT];
+            #pragma GCC unroll 4
             for (int t = 0; t < nt; t++) F[t] = _mm512_mul_ps(dwv, _mm512_loadu_ps(xd[t] + b));
 #pragma GCC unroll 8
             for (int p = 0; p < 8; p++) {
                 const uint8_t *wp = wg + 68 * p;
-                _mm_prefetch((const char *)(wp + LQ_PF), _MM_HINT_T0);
                 __m512i u = _mm512_xor_si512(
                     _mm512_inserti64x4(
                         _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(wp + 2))),
                         _mm256_loadu_si256((const __m256i *)(wp + 36)), 1),
                     m80z);
+                #pragma GCC unroll 4
                 for (int t = 0; t < nt; t++) {
                     __m512i is = _mm512_dpbusd_epi32(XI2(t, b + 2 * p), u, XQ2(t, b + 2 * p));
                     ACC2(p & 1, t, is, pair_scale(F[t], p));
@@ -203,6 +212,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
         __m128i qs = _mm_loadu_si128((const __m128i *)(wb + 2));                           \
         __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), m4);    \
         float dw = ld16(wb);                                                               \
+        _Pragma("GCC unroll 4")                                                            \
         for (int t = 0; t < nt; t++) {                                                     \
             __m256i is = _mm256_dpbusd_epi32(xi[t][bb], u, XQ(t, bb));                     \
             ACC(k, t, is, _mm256_set1_ps(dw * xd[t][bb]));                                 \
@@ -211,20 +221,23 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
         /* as Q8_0's groups; a pair's 32 code bytes are spread to the four
          * 128-bit lanes [b low, b high, b+1 low, b+1 high] nibbles (one
          * variable shift, one mask) */
+        #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) acz[0][t] = acz[1][t] = _mm512_setzero_ps();
         for (b = 0; b + 16 <= nb; b += 16) {
             const uint8_t *wg = w + 18 * (size_t)b;
+            for (int l = 0; l < 5; l++) _mm_prefetch((const char *)(wg + LQ_PF + 64 * l), _MM_HINT_T0);
             __m512 dwv = scales16(wg, 18), F[NT];
+            #pragma GCC unroll 4
             for (int t = 0; t < nt; t++) F[t] = _mm512_mul_ps(dwv, _mm512_loadu_ps(xd[t] + b));
 #pragma GCC unroll 8
             for (int p = 0; p < 8; p++) {
                 const uint8_t *wp = wg + 36 * p;
-                if (!(p & 1)) _mm_prefetch((const char *)(wp + LQ_PF), _MM_HINT_T0);
                 __m512i z = _mm512_inserti64x4(
                     _mm512_castsi256_si512(
                         _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wp + 2)))),
                     _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wp + 20))), 1);
                 __m512i u = _mm512_and_si512(_mm512_srlv_epi16(z, sh04), m4z);
+                #pragma GCC unroll 4
                 for (int t = 0; t < nt; t++) {
                     __m512i is = _mm512_dpbusd_epi32(XI2(t, b + 2 * p), u, XQ2(t, b + 2 * p));
                     ACC2(p & 1, t, is, pair_scale(F[t], p));
@@ -242,6 +255,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
         break;
     case KILN_DTYPE_Q4_K: {
         __m256 accm[NT]; /* the minimum terms, 8 sub-blocks a lane each */
+        #pragma GCC unroll 4
         for (int t = 0; t < NT; t++) accm[t] = _mm256_setzero_ps();
         for (int sb = 0; sb < nb / 8; sb++, w += 144) {
             _mm_prefetch((const char *)(w + LQ_PF), _MM_HINT_T0);
@@ -262,6 +276,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
             scv = _mm256_mul_ps(scv, _mm256_set1_ps(ld16(w)));
             mnv = _mm256_mul_ps(mnv, _mm256_set1_ps(ld16(w + 2)));
             __m256 f[NT];
+            #pragma GCC unroll 4
             for (int t = 0; t < nt; t++) {
                 f[t] = _mm256_mul_ps(scv, _mm256_loadu_ps(xd[t] + 8 * sb));
                 accm[t] = _mm256_fmadd_ps(mnv, _mm256_loadu_ps(xds[t] + 8 * sb), accm[t]);
@@ -272,6 +287,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
                 __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
                 const __m256i j0 = _mm256_set1_epi32(2 * c), j1 = _mm256_set1_epi32(2 * c + 1);
                 int b0 = 8 * sb + 2 * c;
+                #pragma GCC unroll 4
                 for (int t = 0; t < nt; t++) {
                     __m256i i0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, XQ(t, b0));
                     __m256i i1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u1, XQ(t, b0 + 1));
@@ -280,6 +296,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
                 }
             }
         }
+        #pragma GCC unroll 4
         for (int t = 0; t < nt; t++) acc[0][t] = _mm256_sub_ps(acc[0][t], accm[t]);
         break;
     }
@@ -309,6 +326,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
                 __m256i u = uk[k];
                 __m256 fv = _mm256_mul_ps(
                     dw, _mm256_set_m128(_mm_set1_ps(sc[2 * jb + 1]), _mm_set1_ps(sc[2 * jb])));
+                #pragma GCC unroll 4
                 for (int t = 0; t < nt; t++) {
                     __m256i is = _mm256_dpbusd_epi32(xi[t][xb], u, XQ(t, xb));
                     ACC(jb & 1, t, is, _mm256_mul_ps(fv, _mm256_set1_ps(xd[t][xb])));
@@ -326,6 +344,7 @@ static inline __attribute__((always_inline)) void row_dot(const kern_wt *W, cons
 #undef XI2
 #undef ACC2
 #undef FOLD2
+    #pragma GCC unroll 4
     for (int t = 0; t < nt; t++) out[t] = hsum8(_mm256_add_ps(acc[0][t], acc[1][t]));
 }
 
