@@ -11,6 +11,14 @@
  * medians are printed beside them.
  *
  *   bench_decode [CONFIG] [THREADS]
+ *   bench_decode FILE.gguf [THREADS] [REPS]
+ *
+ * With a .gguf file, the engine runs the file's own tensor types (as
+ * `kiln generate` does; an F16 matrix, which the engine does not keep,
+ * is prepared as BF16: the same bytes per weight) and prints one line:
+ * batch-1 decode and 128-token prefill tok/s, the best of REPS rounds
+ * [64], the roofline of the same weight bytes, and the resident memory
+ * after load (bench/bench_llamacpp.sh compares it with llama-bench).
  */
 #include "infer/infer.h"
 #include "kernels/kernels.h"
@@ -80,8 +88,68 @@ static void measure(kiln_ctx *ctx, kiln_engine *e, const void *buf, size_t wb, i
     free(te);
 }
 
+/* VmRSS of this process in MB (0 where /proc is absent). */
+static double rss_mb(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+    if (f) fclose(f);
+    return kb / 1024;
+}
+
+static int bench_gguf(const char *path, int nth, int reps)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    if (nth > 0) kiln_set_threads(ctx, nth);
+    kiln_model *m = NULL;
+    kiln_engine *e = NULL;
+    kiln_engine_opts o = kiln_engine_opts_default();
+    o.wtype = KILN_DTYPE_BF16; /* for what the engine does not keep as stored (F16) */
+    o.weights_gguf = path;
+    if (kiln_model_load(ctx, path, &m)) {
+        fprintf(stderr, "bench_decode: %s\n", kiln_errmsg(ctx));
+        return 1;
+    }
+    const kiln_config cfg = *kiln_model_config(m);
+    const int V = cfg.vocab_size, PRE = KILN_MIN(128, cfg.n_ctx - 1);
+    o.chunk = PRE;
+    if (kiln_engine_new(ctx, m, &o, &e)) {
+        fprintf(stderr, "bench_decode: %s\n", kiln_errmsg(ctx));
+        return 1;
+    }
+    kiln_model_free(m);
+    double rss = rss_mb();
+    float *logits = malloc((size_t)PRE * V * sizeof(float));
+    size_t wb = kiln_engine_weight_bytes(e);
+    unsigned char *buf = kiln_aligned_alloc(ctx, wb);
+    memset(buf, 1, wb);
+    timing roof, t1, tp;
+    measure(ctx, e, buf, wb, nth, 1, 0, 8, V, logits, &roof, &t1); /* warm up */
+    measure(ctx, e, buf, wb, nth, 1, 0, reps, V, logits, &roof, &t1);
+    timing roof_p;
+    measure(ctx, e, buf, wb, nth, 1, PRE, KILN_MAX(3, reps / 8), V, logits, &roof_p, &tp);
+    printf("gguf %s: decode %.1f tok/s (median %.1f) | prefill %d %.1f tok/s (median %.1f) | "
+           "weights %.2f MB | roofline %.1f tok/s (%.2f GB/s) | %.0f%% of roofline | rss %.1f MB\n",
+           path, 1 / t1.best, 1 / t1.median, PRE, PRE / tp.best, PRE / tp.median, wb / 1e6,
+           1 / roof.best, wb / roof.best / 1e9, 100.0 * roof.best / t1.best, rss);
+    free(buf);
+    free(logits);
+    kiln_engine_free(e);
+    kiln_ctx_free(ctx);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 1) {
+        size_t n = strlen(argv[1]);
+        if (n > 5 && !strcmp(argv[1] + n - 5, ".gguf"))
+            return bench_gguf(argv[1], argc > 2 ? atoi(argv[2]) : 0, argc > 3 ? atoi(argv[3]) : 64);
+    }
+
     const char *root = getenv("KILN_ROOT");
     char path[4096];
     snprintf(path, sizeof path, "%s/configs/bench-gpt2-30m.json", root ? root : ".");

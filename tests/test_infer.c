@@ -412,12 +412,16 @@ static void test_linear_quantized(void)
     kiln_rng_seed(&r, 23);
     kiln_dtype types[] = {KILN_DTYPE_Q8_0, KILN_DTYPE_Q4_0, KILN_DTYPE_Q4_K, KILN_DTYPE_Q6_K};
     kern_gemm *g = kern_gemm_fast_new();
+    /* K = 1376 (43 blocks of 32; a Llama MLP's down projection): the fast
+     * kernels' groups of 16 blocks, then pairs, then one block alone (Q8_0
+     * and Q4_0; the K-quants need multiples of 256) */
     int shapes[][3] = {{1, 7, 256}, {3, 33, 512}, {5, 16, 768}, {1, 64, 1024}, {9, 5, 256},
-                       {16, 300, 256}, {37, 70, 512}};
+                       {16, 300, 256}, {37, 70, 512}, {1, 9, 1376}, {4, 6, 1376}};
     for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++)
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
             kiln_dtype dt = types[ti];
             int T = shapes[si][0], R = shapes[si][1], K = shapes[si][2];
+            if (K % dtype_traits_of(dt)->block) continue;
             float *w = malloc((size_t)R * K * 4), *x = malloc((size_t)T * K * 4);
             float *b = malloc((size_t)R * 4), *y = malloc((size_t)T * R * 4);
             float *y2 = malloc((size_t)T * R * 4), *wd = malloc((size_t)K * 4);
