@@ -368,6 +368,10 @@ static kiln_status make_model(trainer *t)
                               .bf16_acts = o->bf16_acts};
     if ((s = kiln_model_set_precision_opts(ctx, t->model, &po))) return s;
     t->prec = kiln_model_precision(t->model);
+    /* AUTO was decided (and logged) by the setter; the same answer from
+     * the ctx, for the run's records */
+    t->prec_auto = o->precision == KILN_PRECISION_AUTO;
+    if (t->prec_auto) kiln_precision_auto(ctx, o->bf16_kernel, &t->auto_info);
     t->scaler = scaler_default(t->prec == KILN_PRECISION_FP16);
     /* opts.loss_scale: initial fp16 loss scale (tests force overflow with
      * a huge one; docs/precision.md). A checkpoint's scale wins on resume. */
