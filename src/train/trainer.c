@@ -639,6 +639,14 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
             t->step_skipped = true;
             tr_say(t, "step %lld: skipped: inf/NaN gradient at loss scale %g; loss scale now %g",
                 (long long)t->step + 1, t->step_scale, t->scaler.scale);
+            if (t->rank == 0 && scaler_warn_low(&t->scaler, &t->scale_warned))
+                kiln_log(ctx, KILN_LOG_WARN,
+                         "step %lld: the fp16 loss scale fell to %g, below 1: the gradients "
+                         "overflow fp16 even unscaled, so the model is most likely diverging "
+                         "(%lld steps skipped so far); lower kiln_train_opts.lr (now %g) or "
+                         "train in bf16 or fp32 (kiln_train_opts.precision)",
+                         (long long)t->step + 1, t->scaler.scale,
+                         (long long)t->scaler.skipped_steps, *lr);
             t->pos += t->G;
             t->step++;
             return KILN_OK;
