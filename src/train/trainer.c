@@ -366,12 +366,19 @@ static kiln_status make_model(trainer *t)
     kiln_precision_opts po = {.precision = o->precision,
                               .bf16_kernel = o->bf16_kernel,
                               .bf16_acts = o->bf16_acts};
+    /* AUTO: decided (probed, logged) on rank 0 and sent to every rank, so
+     * the ranks of one job never compute in different precisions (each
+     * probing on its own could tip a close case either way) */
+    t->prec_auto = o->precision == KILN_PRECISION_AUTO;
+    if (t->prec_auto) {
+        if (t->rank == 0) kiln_precision_auto(ctx, o->bf16_kernel, &t->auto_info);
+        if (t->world > 1 &&
+            (s = dist_bcast(ctx, t->dist, &t->auto_info, sizeof t->auto_info, 0)))
+            return s;
+        po.precision = t->auto_info.choice;
+    }
     if ((s = kiln_model_set_precision_opts(ctx, t->model, &po))) return s;
     t->prec = kiln_model_precision(t->model);
-    /* AUTO was decided (and logged) by the setter; the same answer from
-     * the ctx, for the run's records */
-    t->prec_auto = o->precision == KILN_PRECISION_AUTO;
-    if (t->prec_auto) kiln_precision_auto(ctx, o->bf16_kernel, &t->auto_info);
     t->scaler = scaler_default(t->prec == KILN_PRECISION_FP16);
     /* opts.loss_scale: initial fp16 loss scale (tests force overflow with
      * a huge one; docs/precision.md). A checkpoint's scale wins on resume. */
