@@ -22,6 +22,7 @@
  */
 #include "infer/infer.h"
 #include "kernels/kernels.h"
+#include "bench_cpu.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -165,8 +166,21 @@ int main(int argc, char **argv)
     }
     kiln_model_init_random(m, 1);
     const int V = cfg.vocab_size, PRE = KILN_MIN(128, cfg.n_ctx - 1);
+    bench_print_cpu();
     printf("model %s: %zu parameters, n_ctx %d; threads %s\n", cfg_path,
            kiln_model_num_params(m), cfg.n_ctx, nth > 0 ? argv[2] : "all");
+    /* the kernels the engine's paths take here (kernels.h's linear op) */
+    printf("kernels: decode (T < %d) fp32 rows streamed %s; bf16 rows %s; Q types %s; prefill "
+           "(T >= %d) fp32 GEMM %s (bf16 and Q weights widened first)\n",
+           KERN_GEMM_MIN_T, kern_cpu_avx512() ? "with AVX-512" : "by the portable loop",
+           KERN_BF16_DOT ? "dotted with bf16 activations (AVX512_BF16)"
+                         : "widened to fp32 (no AVX512_BF16 in this build)",
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__F16C__)
+           kern_cpu_avx512() ? "in int8 on AVX512-VNNI" : "in int8, portable",
+#else
+           "in int8, portable (no AVX512-VNNI in this build)",
+#endif
+           KERN_GEMM_MIN_T, "(the cpu line's)");
     float *logits = malloc((size_t)64 * V * sizeof(float));
     const kiln_dtype types[] = {KILN_DTYPE_F32, KILN_DTYPE_BF16, KILN_DTYPE_Q8_0,
                                 KILN_DTYPE_Q6_K, KILN_DTYPE_Q4_K, KILN_DTYPE_Q4_0};

@@ -11,7 +11,10 @@
  *     layers' forward, input-gradient and weight-gradient products at the
  *     step's shapes, packing included), as a fraction of that peak;
  *   - peak resident memory of each precision (each runs in its own
- *     process: this program re-executes itself with --child).
+ *     process: this program re-executes itself with --child);
+ *   - the CPU's model name and kernels (first line), and what precision
+ *     auto chooses here (its probe, run now, uncached) with its speed
+ *     against kiln fp32 on this model ("kiln auto / fp32": never below 1).
  * A training step is forward + cross-entropy + backward + AdamW (fp16 also
  * unscales). FLOPs per step = tokens * (6 * N + 12 * L * C * T): N = the
  * parameters in matrix products (tied head counted once), the second term
@@ -34,6 +37,7 @@
  */
 #include "kiln.h"
 #include "kernels/x86/bf16.h"
+#include "bench_cpu.h"
 #include "model/model.h"
 #include "train/scaler.h"
 
@@ -365,9 +369,16 @@ int main(int argc, char **argv)
     char desc[256];
     kiln_precision_describe(desc, sizeof desc);
     double flops = step_flops(&cfg, B, T), ftok = flops / (B * T);
+    bench_print_cpu();
     printf("config %s: L=%d C=%d NH=%d V=%d, B=%d T=%d, %.1f GFLOP per training step\n", cfgpath,
            cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, B, T, flops / 1e9);
     printf("%s; %d thread%s (kiln and PyTorch)\n", desc, threads, threads > 1 ? "s" : "");
+    /* what --precision auto chooses here: the probe itself (no cache) */
+    kiln_precision_auto_info ai;
+    kiln_set_log_level(ctx, KILN_LOG_WARN);
+    kiln_precision_auto(ctx, KILN_BF16_KERNEL_AUTO, &ai);
+    printf("precision auto: %s (%s; probe: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s)\n",
+           kiln_precision_name(ai.choice), ai.reason, ai.fp32_gflops, ai.bf16_gflops);
     double getl[3] = {0};
     if (getloadavg(getl, 3) > 0) printf("load average %.2f (on %ld CPUs)\n", getl[0], ncpu);
     torch = torch && access("/usr/bin/python3", X_OK) == 0;
@@ -432,6 +443,11 @@ int main(int argc, char **argv)
     print_ratio("kiln fp16 / kiln fp32", rr, best, rounds, K16, K32, NULL);
     print_ratio("kiln fp32 / torch fp32", rr, best, rounds, K32, T32, NULL);
     print_ratio("torch bf16 / torch fp32", rr, best, rounds, T16B, T32, NULL);
+    int ac = ai.choice == KILN_PRECISION_BF16 ? K16B : K32;
+    if (best[ac] >= 0 && best[K32] >= 0)
+        printf("  kiln auto (= %s) / fp32  %5.2fx   (%.0f vs %.0f tok/s; target: never below 1)\n",
+               kiln_precision_name(ai.choice), rr[best[ac]][ac].tps / rr[best[K32]][K32].tps,
+               rr[best[ac]][ac].tps, rr[best[K32]][K32].tps);
     if (peak > 0) {
         /* against the peak read just before, in the same round: the two
          * see the same state of the host */

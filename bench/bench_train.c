@@ -20,6 +20,7 @@
  */
 #include "kiln.h"
 #include "model/model.h" /* per-op profile */
+#include "bench_cpu.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -138,6 +139,7 @@ int main(int argc, char **argv)
     }
     if (steps < 1) steps = 1;
 
+    bench_print_cpu();
     /* PyTorch first: with --threads 0 both run at PyTorch's default thread
      * count (its physical-core count), so the comparison is like for like. */
     int tthreads = 0;
@@ -210,6 +212,7 @@ int main(int argc, char **argv)
     printf("config      %s (B=%d, T=%d, %zu matmul params, %.1f GFLOP/step)\n", config, B, T,
            N, flops / 1e9);
     printf("threads     %d (kiln and pytorch)\n", nt);
+    printf("kernel      fp32 products on %s (kiln_model's GEMM)\n", m->gemm ? m->gemm->name : "?");
     printf("kiln        %.1f tokens/s  %.1f GFLOP/s  (step %.3f s: forward+loss %.3f, "
            "backward %.3f; best step %.3f s; loss %.4f)\n",
            tps, gf, step, tf / steps, tb / steps, best, loss);

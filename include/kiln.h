@@ -108,6 +108,24 @@ void kiln_set_log_fn(kiln_ctx *ctx, kiln_log_fn fn, void *user);
 void kiln_set_threads(kiln_ctx *ctx, int n);
 int kiln_get_threads(const kiln_ctx *ctx);
 
+/* The folder where kiln keeps what outlives a process: today the result of
+ * precision AUTO's probe per CPU (docs/precision.md). NULL or "" (the
+ * default): no cache, the probe runs in every process. The kiln command
+ * sets $XDG_CACHE_HOME/kiln, else ~/.cache/kiln (the library reads no
+ * environment variable for it). Created when first written; a folder that
+ * cannot be written only means probing again. The string is copied.
+ * Errors: KILN_ERR_NOMEM. */
+kiln_status kiln_set_cache_dir(kiln_ctx *ctx, const char *dir);
+/* NULL when none is set. */
+const char *kiln_get_cache_dir(const kiln_ctx *ctx);
+/* Whether precision AUTO measures bf16 against fp32 products on this CPU
+ * (true, the default: a probe of a few milliseconds, cached per CPU) or
+ * trusts the capability table without measuring (false: bf16 whenever the
+ * CPU has bf16 hardware; for tests, and where the probe's timing is not
+ * trusted, e.g. a machine busy with other work). */
+void kiln_set_precision_probe(kiln_ctx *ctx, bool on);
+bool kiln_get_precision_probe(const kiln_ctx *ctx);
+
 /* Seeded random numbers: xoshiro256** seeded by splitmix64. The state is
  * plain data so it can be saved in checkpoints and restored exactly. */
 typedef struct kiln_rng {
@@ -380,14 +398,19 @@ typedef enum kiln_precision {
     KILN_PRECISION_FP32 = 0,
     KILN_PRECISION_BF16 = 1,
     KILN_PRECISION_FP16 = 2,
-    KILN_PRECISION_AUTO = 3 /* bf16 when the CPU has AMX-BF16 or AVX512_BF16 */
+    KILN_PRECISION_AUTO = 3 /* bf16 where its products are measured faster
+                               than fp32 here (kiln_precision_auto) */
 } kiln_precision;
 
 /* Parses "fp32" | "bf16" | "fp16" | "auto"; -1 when unknown. */
 int kiln_precision_parse(const char *name);
 const char *kiln_precision_name(kiln_precision p);
-/* AUTO -> BF16 or FP32 for this CPU; other values unchanged. */
+/* AUTO -> BF16 or FP32 by the capability table alone (BF16 when the CPU
+ * has AMX-BF16 or AVX512_BF16, without measuring: what AUTO means with
+ * kiln_set_precision_probe off); other values unchanged. The model's
+ * setters resolve AUTO with kiln_precision_auto. */
 kiln_precision kiln_precision_resolve(kiln_precision p);
+
 /* Writes one line naming the CPU's mixed-precision features and the
  * kernel bf16/fp16 products run on (for logs and benchmarks) into buf. */
 void kiln_precision_describe(char *buf, size_t cap);
@@ -413,6 +436,36 @@ typedef enum kiln_bf16_kernel {
 int kiln_bf16_kernel_parse(const char *name);
 /* "auto", "ref", "avx512", "amx" ("?" for a value out of range). */
 const char *kiln_bf16_kernel_name(kiln_bf16_kernel k);
+
+/* bf16 must be measured this many times faster than fp32 for AUTO. */
+#define KILN_PRECISION_AUTO_MARGIN 1.2
+/* The decision of AUTO from the probe's speeds (pure): FP32 without bf16
+ * hardware, or when a speed is not positive; BF16 when bf16_gflops >=
+ * KILN_PRECISION_AUTO_MARGIN * fp32_gflops; else FP32. */
+kiln_precision kiln_precision_decide(bool bf16_hw, double fp32_gflops, double bf16_gflops);
+/* How AUTO was decided (kiln_precision_auto). */
+typedef struct kiln_precision_auto_info {
+    kiln_precision choice; /* FP32 or BF16 */
+    double fp32_gflops;    /* the probe's speeds (one linear layer forward
+                              and backward); 0 when nothing was measured */
+    double bf16_gflops;
+    bool cached;           /* read from the cache folder, not measured by
+                              this process */
+    char reason[192];      /* "bf16 products measured 0.4x fp32 on this
+                              CPU, avx512_bf16; bf16 needs 1.2x" */
+} kiln_precision_auto_info;
+/* What AUTO means on this CPU for bf16 kernel k and ctx's thread count:
+ * FP32 without bf16 hardware (nothing measured); BF16 when the probe is
+ * off (kiln_set_precision_probe); else a probe of a few milliseconds times
+ * the bf16 products of kernel k against the fp32 GEMM on the same layer
+ * and kiln_precision_decide decides. The result is read from / written to
+ * kiln_get_cache_dir (one small file per CPU model, features, kernel,
+ * thread count and kiln version; atomic; a corrupt one is rewritten) and
+ * kept on ctx: decided, and logged at INFO as "precision: CHOICE
+ * (REASON)", once per ctx, kernel and thread count. info (may be NULL)
+ * receives the details. Never fails (out of memory: FP32). */
+kiln_precision kiln_precision_auto(kiln_ctx *ctx, kiln_bf16_kernel k,
+                                   kiln_precision_auto_info *info);
 
 /* How a model computes (docs/precision.md). Plain data; start from
  * kiln_precision_opts_default(). */

@@ -11,6 +11,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export KILN="$root/$build/kiln" KILN_BUILD="$root/$build" KILN_ROOT="$root"
 export KILN_TMP=$(mktemp -d /tmp/kiln-test.XXXXXX)
+# precision auto caches its probe in the kiln command's cache folder: the
+# tests keep theirs inside KILN_TMP, not in the user's ~/.cache
+export XDG_CACHE_HOME="$KILN_TMP/xdg-cache"
 trap 'rm -rf "$KILN_TMP"' EXIT
 pass=0 fail=0 skip=0
 failed_names=()

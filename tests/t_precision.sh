@@ -11,7 +11,9 @@
 #   - the scaler state is in trainer_state.json and a resumed fp16 run
 #     continues from that scale (stop + resume == straight run, bit for bit);
 #   - --loss-scale (over KILN_LOSS_SCALE) sets the first scale; bad
-#     --bf16-kernel / KILN_OPTIM_KERNEL values are refused naming them.
+#     --bf16-kernel / KILN_OPTIM_KERNEL values are refused naming them;
+#   - fp16 diverging at --lr 10 warns that the loss scale fell below 1;
+#   - --precision auto logs its choice and reason once and caches the probe.
 set -u
 if [ ! -x "$KILN" ]; then echo "FAIL precision_cli: $KILN not built"; exit 0; fi
 W="$KILN_TMP/precision"
@@ -106,3 +108,41 @@ o2=$(KILN_OPTIM_KERNEL=fast "$KILN" train "${COMMON[@]}" --steps 2 --out "$W/bad
 if [ $r1 -eq 2 ] && echo "$o1" | grep -q -- "--bf16-kernel 'avx2'" &&
    [ $r2 -eq 2 ] && echo "$o2" | grep -q "KILN_OPTIM_KERNEL 'fast'"; then echo "PASS precision_settings_bad_values"
 else echo "FAIL precision_settings_bad_values: $r1 '$o1' / $r2 '$o2'"; fi
+
+# 6. fp16 at a learning rate that diverges (--lr 10): the loss scale falls
+#    below 1 and the run warns, saying what it means, once and again per
+#    factor of 10 (a few lines, not one per skipped step); the normal fp16
+#    run (2b) and the overflowing initial scale of 3 (skips at scales >= 1)
+#    do not warn.
+timeout 300 "$KILN" train "${COMMON[@]}" --steps 40 --warmup 0 --lr 10 --out "$W/lr10" \
+  --precision fp16 >"$W/lr10.log" 2>&1
+nwarn=$(grep -c "^kiln: warn: .*loss scale fell to .*below 1: the gradients overflow fp16 even unscaled" "$W/lr10.log")
+nskip=$(grep -c "skipped: inf/NaN" "$W/lr10.log")
+minscale=$(field "$W/lr10/metrics.jsonl" loss_scale | sort -g | head -1)
+if [ "$nwarn" -ge 1 ] && [ "$nwarn" -le 4 ] && [ "$nskip" -gt "$nwarn" ] &&
+   awk -v s="$minscale" 'BEGIN { exit !(s < 1) }' && grep -q -- "lower --lr" "$W/lr10.log" &&
+   ! grep -q "below 1" "$W/h16d.log" "$W/h16.log"; then
+  echo "PASS precision_fp16_scale_below_1_warns ($nwarn warnings, $nskip skips, scale down to $minscale)"
+else
+  echo "FAIL precision_fp16_scale_below_1_warns: $nwarn warnings, $nskip skips, min scale $minscale"
+  grep "warn" "$W/lr10.log" "$W/h16d.log" "$W/h16.log" | head -5
+fi
+
+# 7. --precision auto: the choice and its reason on one log line; the probe
+#    cached in $XDG_CACHE_HOME/kiln (tests/run.sh points it into KILN_TMP);
+#    --no-precision-probe and KILN_PRECISION_PROBE=0 skip the measurement
+export XDG_CACHE_HOME="$W/xdg"
+timeout 300 "$KILN" train "${COMMON[@]}" --steps 2 --out "$W/auto1" >"$W/auto1.log" 2>&1
+timeout 300 "$KILN" train "${COMMON[@]}" --steps 2 --out "$W/auto2" --no-precision-probe >"$W/auto2.log" 2>&1
+KILN_PRECISION_PROBE=0 timeout 300 "$KILN" train "${COMMON[@]}" --steps 2 --out "$W/auto3" >"$W/auto3.log" 2>&1
+n1=$(grep -c "^kiln: info: precision: \(bf16\|fp32\) (" "$W/auto1.log")
+chosen=$(sed -n 's/^kiln: info: precision: \([a-z0-9]*\) (.*/\1/p' "$W/auto1.log")
+if [ "$n1" -eq 1 ] && grep -q "precision: $chosen matrix products" "$W/auto1.log" &&
+   grep -q "\"precision_auto\"" "$W/auto1/step_00000002/trainer_state.json" &&
+   { grep -q "no bf16 hardware" "$W/auto1.log" || ls "$W/xdg/kiln/"precision-auto-*.txt >/dev/null 2>&1; } &&
+   grep -q "not measured: the probe is off\|no bf16 hardware" "$W/auto2.log" &&
+   grep -q "not measured: the probe is off\|no bf16 hardware" "$W/auto3.log"; then
+  echo "PASS precision_auto_cli ($(grep '^kiln: info: precision:' "$W/auto1.log"))"
+else
+  echo "FAIL precision_auto_cli: $n1 lines, chosen '$chosen'"; grep -i "precision" "$W/auto1.log" "$W/auto2.log" "$W/auto3.log"
+fi

@@ -32,7 +32,7 @@ static void test_parse_and_resolve(void)
     char buf[256];
     kiln_precision_describe(buf, sizeof buf);
     printf("  %s\n", buf);
-    CHECK(strstr(buf, "auto = ") != NULL);
+    CHECK(strstr(buf, "auto by the table alone = ") != NULL);
 }
 
 static kiln_model *make_model(kiln_ctx *ctx, const kiln_config *cfg, kiln_precision p, int B,

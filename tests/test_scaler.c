@@ -242,8 +242,44 @@ static void test_fp16_overflow_end_to_end(void)
     free(x), free(dy), free(dyS), free(dW), free(ref);
 }
 
+/* The warning that the scale fell below 1: the first time, then once per
+ * factor of 10 further down, never at 1 or above or when disabled. */
+static void test_warn_below_one(void)
+{
+    kiln_scaler s = scaler_default(true);
+    s.scale = 4.0;
+    double warned = 0;
+    int warnings = 0, skips = 0;
+    while (s.scale > 1e-6) {
+        scaler_update(&s, true);
+        skips++;
+        bool w = scaler_warn_low(&s, &warned);
+        if (w) {
+            warnings++;
+            CHECK(s.scale < 1.0);
+            CHECK_EQ(warned, s.scale);
+        }
+        if (s.scale == 0.5) CHECK(w);   /* the first scale below 1 */
+        if (s.scale == 0.25) CHECK(!w); /* not yet 10x below 0.5 */
+        if (s.scale == 0.03125) CHECK(w); /* 0.5 / 16: warned again */
+    }
+    /* 4 -> 2^-20 is 22 halvings; warnings at 2^-1, 2^-5, 2^-9, 2^-13, 2^-17 */
+    CHECK(skips > 20);
+    CHECK_EQ(warnings, 5);
+    /* not below 1, or not scaling: no warning */
+    kiln_scaler t = scaler_default(true);
+    double w2 = 0;
+    t.scale = 1.0;
+    CHECK(!scaler_warn_low(&t, &w2));
+    CHECK_EQ(w2, 0.0);
+    kiln_scaler off = scaler_default(false);
+    off.scale = 0.25;
+    CHECK(!scaler_warn_low(&off, &w2));
+}
+
 int main(void)
 {
+    RUN_TEST(test_warn_below_one);
     RUN_TEST(test_defaults);
     RUN_TEST(test_inf_skips_and_halves);
     RUN_TEST(test_growth_after_2000_clean_steps);

@@ -326,6 +326,21 @@ static void test_env_ignored(void)
     kiln_train_result res;
     CHECK_EQ(kiln_train(ctx, &to, &res), KILN_OK);
     CHECK_NEAR(res.loss_scale, 65536, 0); /* not KILN_LOSS_SCALE=2 */
+    /* the CLI's KILN_PRECISION_PROBE and XDG_CACHE_HOME: a ctx made with
+     * them set probes, and caches nowhere (kiln_set_cache_dir is the setting) */
+    setenv("KILN_PRECISION_PROBE", "0", 1);
+    setenv("XDG_CACHE_HOME", P("xdg"), 1);
+    kiln_ctx *c2 = kiln_ctx_new();
+    CHECK(kiln_get_precision_probe(c2));
+    CHECK(kiln_get_cache_dir(c2) == NULL);
+    kiln_set_log_level(c2, KILN_LOG_WARN);
+    kiln_precision_auto_info ai;
+    kiln_precision_auto(c2, KILN_BF16_KERNEL_AUTO, &ai);
+    struct stat st;
+    CHECK(stat(P("xdg"), &st) != 0);
+    kiln_ctx_free(c2);
+    unsetenv("KILN_PRECISION_PROBE");
+    unsetenv("XDG_CACHE_HOME");
     set_old_env(false);
     free(a);
     kiln_ctx_free(ctx);

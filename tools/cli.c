@@ -395,10 +395,24 @@ static void cli_log(void *user, kiln_log_level level, const char *msg)
             cli_flags(msg, buf, sizeof buf));
 }
 
+/* The settings every command maps from the environment onto a new ctx
+ * (docs/architecture.md, "Settings"): the cache folder, $XDG_CACHE_HOME/kiln
+ * or else ~/.cache/kiln (precision AUTO's probe result lives there), and
+ * KILN_PRECISION_PROBE=0, which trusts the capability table instead of
+ * measuring (the same as --no-precision-probe). */
 kiln_ctx *cli_ctx_new(void)
 {
     kiln_ctx *ctx = kiln_ctx_new();
-    if (ctx) kiln_set_log_fn(ctx, cli_log, NULL);
+    if (!ctx) return NULL;
+    kiln_set_log_fn(ctx, cli_log, NULL);
+    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    char dir[4096];
+    dir[0] = 0;
+    if (xdg && *xdg == '/') snprintf(dir, sizeof dir, "%s/kiln", xdg);
+    else if (home && *home) snprintf(dir, sizeof dir, "%s/.cache/kiln", home);
+    if (dir[0]) kiln_set_cache_dir(ctx, dir); /* out of memory: no cache */
+    const char *e = getenv("KILN_PRECISION_PROBE");
+    if (e && !strcmp(e, "0")) kiln_set_precision_probe(ctx, false);
     return ctx;
 }
 

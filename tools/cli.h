@@ -81,7 +81,11 @@ typedef struct cli_env_flags {
     const char *bf16_kernel, *optim_kernel;
     double loss_scale, dist_timeout, dist_bucket_mb;
     bool fp32_acts, no_dist_overlap, no_dist_progress;
+    bool no_precision_probe; /* applied to the ctx: cli_precision_probe */
 } cli_env_flags;
+/* --no-precision-probe given: precision auto trusts the capability table
+ * on ctx (KILN_PRECISION_PROBE=0 is read by cli_ctx_new). */
+void cli_precision_probe(kiln_ctx *ctx, int argc, char **argv, const cli_env_flags *f);
 /* Applies the flags given, else the environment variables set, to *o.
  * Returns false after printing what is wrong ("kiln CMD: ..."). */
 bool cli_train_settings(const char *cmd, int argc, char **argv, const cli_env_flags *f,

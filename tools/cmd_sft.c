@@ -212,6 +212,7 @@ int cmd_sft(int argc, char **argv)
         {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
         {"precision", CLI_STR, &precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products [auto]", false},
         {"bf16-kernel", CLI_STR, &ef.bf16_kernel, "auto | ref | avx512 | amx (env KILN_BF16_KERNEL) [auto]", false},
+        {"no-precision-probe", CLI_BOOL, &ef.no_precision_probe, "precision auto: bf16 whenever the CPU has bf16 hardware, without measuring (env KILN_PRECISION_PROBE=0)", false},
         {"fp32-acts", CLI_BOOL, &ef.fp32_acts, "bf16: keep fp32 activations (env KILN_BF16_ACTS=0)", false},
         {"optim-kernel", CLI_STR, &ef.optim_kernel, "auto | portable (env KILN_OPTIM_KERNEL) [auto]", false},
         {"loss-scale", CLI_F64, &ef.loss_scale, "fp16: initial loss scale (env KILN_LOSS_SCALE) [65536]", false},
@@ -333,6 +334,7 @@ int cmd_sft(int argc, char **argv)
         goto done;
     }
     if (!cli_train_settings("sft", argc, argv, &ef, &o)) goto done;
+    cli_precision_probe(ctx, argc, argv, &ef);
     ret = 1;
     /* the model, its tokenizer and its context */
     if ((s = cli_model_dir(ctx, a.model, model_dir, sizeof model_dir))) {

@@ -36,6 +36,16 @@ void *kiln_calloc(kiln_ctx *ctx, size_t count, size_t size);
 /* 64-byte aligned allocation (free with free()); zeroed. */
 void *kiln_aligned_alloc(kiln_ctx *ctx, size_t n);
 
+/* ---- memo of precision AUTO (model/precision_auto.c) --------------- */
+
+#define CTX_AUTO_WHY_CAP 192
+/* The AUTO decision recorded on ctx for key (value a kiln_precision, why
+ * the reason, f32/bf16 the probe's GFLOP/s or 0): false when none is
+ * recorded for this key. *why points into ctx. */
+bool ctx_auto_get(const kiln_ctx *ctx, int key, int *value, const char **why, double *f32,
+                  double *bf16);
+void ctx_auto_set(kiln_ctx *ctx, int key, int value, const char *why, double f32, double bf16);
+
 /* ---- arena ---------------------------------------------------------- */
 
 /* A bump allocator over one block: sized once, reset per step. Every

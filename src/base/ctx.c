@@ -5,6 +5,7 @@
 #include "base.h"
 
 #include <sched.h>
+#include <stdio.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,14 @@ struct kiln_ctx {
     int auto_threads; /* physical cores we may run on; 0 = OpenMP decides */
     kiln_log_fn log_fn; /* kiln_set_log_fn; NULL = stderr */
     void *log_user;
+    char *cache_dir;    /* kiln_set_cache_dir; NULL = no cache */
+    bool no_probe;      /* kiln_set_precision_probe(ctx, false) */
+    /* precision AUTO as resolved on this ctx (ctx_auto_get/set): decided
+     * and logged once per key (the bf16 kernel and thread count) */
+    bool auto_set;
+    int auto_key, auto_value;
+    char auto_why[CTX_AUTO_WHY_CAP];
+    double auto_f32, auto_bf16;
 };
 
 /* Physical cores in this process's affinity mask: hyperthreads of one core
@@ -98,7 +107,55 @@ kiln_ctx *kiln_ctx_new(void)
     return ctx;
 }
 
-void kiln_ctx_free(kiln_ctx *ctx) { free(ctx); }
+void kiln_ctx_free(kiln_ctx *ctx)
+{
+    if (!ctx) return;
+    free(ctx->cache_dir);
+    free(ctx);
+}
+
+kiln_status kiln_set_cache_dir(kiln_ctx *ctx, const char *dir)
+{
+    char *d = NULL;
+    if (dir && *dir) {
+        d = strdup(dir);
+        if (!d) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    }
+    free(ctx->cache_dir);
+    ctx->cache_dir = d;
+    return KILN_OK;
+}
+
+const char *kiln_get_cache_dir(const kiln_ctx *ctx) { return ctx->cache_dir; }
+
+void kiln_set_precision_probe(kiln_ctx *ctx, bool on)
+{
+    if (ctx->no_probe != !on) ctx->auto_set = false; /* decide again */
+    ctx->no_probe = !on;
+}
+
+bool kiln_get_precision_probe(const kiln_ctx *ctx) { return !ctx->no_probe; }
+
+bool ctx_auto_get(const kiln_ctx *ctx, int key, int *value, const char **why, double *f32,
+                  double *bf16)
+{
+    if (!ctx->auto_set || ctx->auto_key != key) return false;
+    *value = ctx->auto_value;
+    *why = ctx->auto_why;
+    *f32 = ctx->auto_f32;
+    *bf16 = ctx->auto_bf16;
+    return true;
+}
+
+void ctx_auto_set(kiln_ctx *ctx, int key, int value, const char *why, double f32, double bf16)
+{
+    ctx->auto_set = true;
+    ctx->auto_key = key;
+    ctx->auto_value = value;
+    snprintf(ctx->auto_why, sizeof ctx->auto_why, "%s", why);
+    ctx->auto_f32 = f32;
+    ctx->auto_bf16 = bf16;
+}
 
 const char *kiln_errmsg(const kiln_ctx *ctx)
 {

@@ -1,7 +1,7 @@
 /*
  * precision.c — the model's compute precision: installs the cpu backend
  * for bf16 / fp16 (kernels.h's kern_backend: its op table and GEMM) or
- * the fp32 fast kernels. Master weights stay fp32 in the parameter block;
+ * the fp32 fast kernels (AUTO is decided in precision_auto.c). Master weights stay fp32 in the parameter block;
  * the backend keeps its prepared copies current (a new weight epoch at
  * the start of every forward pass).
  */
@@ -44,7 +44,7 @@ void kiln_precision_describe(char *buf, size_t cap)
 {
     char cpu[256];
     kern_cpu_describe(cpu, sizeof cpu);
-    snprintf(buf, cap, "%s; auto = %s", cpu,
+    snprintf(buf, cap, "%s; auto by the table alone = %s", cpu,
              kiln_precision_name(kiln_precision_resolve(KILN_PRECISION_AUTO)));
 }
 
@@ -113,7 +113,8 @@ kiln_status kiln_model_set_precision(kiln_ctx *ctx, kiln_model *m, kiln_precisio
     if (!precision_ok(p))
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "precision %d is not one of fp32, bf16, fp16, auto", (int)p);
-    return apply(ctx, m, kiln_precision_resolve(p), false);
+    if (p == KILN_PRECISION_AUTO) p = kiln_precision_auto(ctx, m->bf16_kernel, NULL);
+    return apply(ctx, m, p, false);
 }
 
 kiln_status kiln_model_set_precision_opts(kiln_ctx *ctx, kiln_model *m,
@@ -132,7 +133,9 @@ kiln_status kiln_model_set_precision_opts(kiln_ctx *ctx, kiln_model *m,
     bool changed = o->bf16_kernel != m->bf16_kernel;
     kiln_bf16_kernel keep = m->bf16_kernel;
     m->bf16_kernel = o->bf16_kernel;
-    kiln_status s = apply(ctx, m, kiln_precision_resolve(o->precision), changed);
+    kiln_precision p = o->precision;
+    if (p == KILN_PRECISION_AUTO) p = kiln_precision_auto(ctx, o->bf16_kernel, NULL);
+    kiln_status s = apply(ctx, m, p, changed);
     if (s) {
         m->bf16_kernel = keep;
         return s;

@@ -64,6 +64,14 @@ bool scaler_update(kiln_scaler *s, bool found_inf)
     return true;
 }
 
+bool scaler_warn_low(const kiln_scaler *s, double *warned)
+{
+    if (!s->enabled || !(s->scale < 1.0)) return false;
+    if (*warned > 0 && s->scale > *warned / 10.0) return false;
+    *warned = s->scale;
+    return true;
+}
+
 json_t *scaler_to_json(const kiln_scaler *s)
 {
     return json_pack("{s:b, s:f, s:f, s:f, s:i, s:i, s:I}", "enabled", s->enabled,

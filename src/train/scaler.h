@@ -65,6 +65,14 @@ bool scaler_unscale(const kiln_scaler *s, float *grads, size_t n);
  * optimizer step should be applied. Disabled: always true, no change. */
 bool scaler_update(kiln_scaler *s, bool found_inf);
 
+/* Whether the scale (after an update) calls for the warning that it fell
+ * below 1: a scale below 1 means the gradients overflow fp16 even
+ * unscaled, i.e. the run is diverging. True the first time the scale is
+ * below 1 and again each time it has fallen another factor of 10 below
+ * the scale last warned at (*warned: that scale, 0 = never; updated), so
+ * a diverging run warns a few times, not at every skipped step. */
+bool scaler_warn_low(const kiln_scaler *s, double *warned);
+
 /* State as a JSON object {"enabled","scale","growth_factor",
  * "backoff_factor","growth_interval","growth_tracker","skipped_steps"}.
  * Returns NULL on OOM. */

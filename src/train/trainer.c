@@ -366,6 +366,17 @@ static kiln_status make_model(trainer *t)
     kiln_precision_opts po = {.precision = o->precision,
                               .bf16_kernel = o->bf16_kernel,
                               .bf16_acts = o->bf16_acts};
+    /* AUTO: decided (probed, logged) on rank 0 and sent to every rank, so
+     * the ranks of one job never compute in different precisions (each
+     * probing on its own could tip a close case either way) */
+    t->prec_auto = o->precision == KILN_PRECISION_AUTO;
+    if (t->prec_auto) {
+        if (t->rank == 0) kiln_precision_auto(ctx, o->bf16_kernel, &t->auto_info);
+        if (t->world > 1 &&
+            (s = dist_bcast(ctx, t->dist, &t->auto_info, sizeof t->auto_info, 0)))
+            return s;
+        po.precision = t->auto_info.choice;
+    }
     if ((s = kiln_model_set_precision_opts(ctx, t->model, &po))) return s;
     t->prec = kiln_model_precision(t->model);
     t->scaler = scaler_default(t->prec == KILN_PRECISION_FP16);
@@ -635,6 +646,14 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
             t->step_skipped = true;
             tr_say(t, "step %lld: skipped: inf/NaN gradient at loss scale %g; loss scale now %g",
                 (long long)t->step + 1, t->step_scale, t->scaler.scale);
+            if (t->rank == 0 && scaler_warn_low(&t->scaler, &t->scale_warned))
+                kiln_log(ctx, KILN_LOG_WARN,
+                         "step %lld: the fp16 loss scale fell to %g, below 1: the gradients "
+                         "overflow fp16 even unscaled, so the model is most likely diverging "
+                         "(%lld steps skipped so far); lower kiln_train_opts.lr (now %g) or "
+                         "train in bf16 or fp32 (kiln_train_opts.precision)",
+                         (long long)t->step + 1, t->scaler.scale,
+                         (long long)t->scaler.skipped_steps, *lr);
             t->pos += t->G;
             t->step++;
             return KILN_OK;

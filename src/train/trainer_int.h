@@ -49,6 +49,9 @@ typedef struct trainer {
     int64_t bar_step;   /* the step it shows */
     char last_ckpt[1024];
     kiln_precision prec;  /* resolved compute precision */
+    double scale_warned;  /* scaler_warn_low's last warned scale (0: none) */
+    bool prec_auto;       /* opts.precision was AUTO: auto_info says why */
+    kiln_precision_auto_info auto_info;
     kiln_scaler scaler;   /* enabled for fp16 */
     double step_scale;    /* loss scale the last step ran with */
     bool step_skipped;    /* the last step was skipped (inf/NaN gradient) */

@@ -176,6 +176,13 @@ static json_t *options_json(const trainer *t)
     snprintf(seed, sizeof seed, "%llu", (unsigned long long)o->seed);
     json_object_set_new(j, "seed", json_string(seed));
     json_object_set_new(j, "precision", json_string(kiln_precision_name(t->prec)));
+    if (t->prec_auto) /* why AUTO chose it (not read back: a resume decides again) */
+        json_object_set_new(
+            j, "precision_auto",
+            json_pack("{s:s, s:s, s:f, s:f, s:b}", "choice",
+                      kiln_precision_name(t->auto_info.choice), "reason", t->auto_info.reason,
+                      "fp32_gflops", t->auto_info.fp32_gflops, "bf16_gflops",
+                      t->auto_info.bf16_gflops, "cached", t->auto_info.cached));
     json_object_set_new(j, "objective", json_string(t->obj->name));
     if (t->n_freeze > 0) {
         json_t *fz = json_array();
