@@ -119,13 +119,24 @@ timeout 300 "$KILN" train "${COMMON[@]}" --steps 40 --warmup 0 --lr 10 --out "$W
 nwarn=$(grep -c "^kiln: warn: .*loss scale fell to .*below 1: the gradients overflow fp16 even unscaled" "$W/lr10.log")
 nskip=$(grep -c "skipped: inf/NaN" "$W/lr10.log")
 minscale=$(field "$W/lr10/metrics.jsonl" loss_scale | sort -g | head -1)
-if [ "$nwarn" -ge 1 ] && [ "$nwarn" -le 4 ] && [ "$nskip" -gt "$nwarn" ] &&
-   awk -v s="$minscale" 'BEGIN { exit !(s < 1) }' && grep -q -- "lower --lr" "$W/lr10.log" &&
-   ! grep -q "below 1" "$W/h16d.log" "$W/h16.log"; then
-  echo "PASS precision_fp16_scale_below_1_warns ($nwarn warnings, $nskip skips, scale down to $minscale)"
+# Whether --lr 10 drives the scale below 1 depends on the fp16 products:
+# the native AMX/AVX-512 kernels overflow (~25 skips, scale ~1e-3); the
+# portable build's did not (one skip, scale 32768). Then the rule "no
+# warning while the scale is >= 1" is what can be checked here, and the
+# warning itself is a SKIP (test_scaler checks scaler_warn_low directly).
+if awk -v s="$minscale" 'BEGIN { exit !(s < 1) }'; then
+  if [ "$nwarn" -ge 1 ] && [ "$nwarn" -le 4 ] && [ "$nskip" -gt "$nwarn" ] &&
+     grep -q -- "lower --lr" "$W/lr10.log" && ! grep -q "below 1" "$W/h16d.log" "$W/h16.log"; then
+    echo "PASS precision_fp16_scale_below_1_warns ($nwarn warnings, $nskip skips, scale down to $minscale)"
+  else
+    echo "FAIL precision_fp16_scale_below_1_warns: $nwarn warnings, $nskip skips, min scale $minscale"
+    grep "warn" "$W/lr10.log" "$W/h16d.log" "$W/h16.log" | head -5
+  fi
+elif [ "$nwarn" -eq 0 ] && ! grep -q "below 1" "$W/h16d.log" "$W/h16.log"; then
+  echo "PASS precision_fp16_no_warning_at_scale_ge_1 (min scale $minscale, $nskip skips)"
+  echo "SKIP precision_fp16_scale_below_1_warns: this build's fp16 products did not overflow enough at --lr 10 to bring the scale below 1 (min $minscale); test_scaler covers the rule"
 else
-  echo "FAIL precision_fp16_scale_below_1_warns: $nwarn warnings, $nskip skips, min scale $minscale"
-  grep "warn" "$W/lr10.log" "$W/h16d.log" "$W/h16.log" | head -5
+  echo "FAIL precision_fp16_scale_below_1_warns: $nwarn warnings with the scale never below 1 (min $minscale)"
 fi
 
 # 7. --precision auto: the choice and its reason on one log line; the probe
