@@ -234,50 +234,72 @@ def main():
         print(last_lines(log, 30))
         sys.exit("mutate: the unmutated copy does not build (log: %s)" % log)
     print("mutate: built the copy in %.0f s" % secs, flush=True)
-    # every named test must pass before any mutation: "caught" means
-    # nothing when the test fails anyway
-    base_fail = []
-    for t in all_tests:
-        tlog = os.path.join(work, "base-" + t + ".log")
-        rc, secs = run_test(tree, t, tlog)
-        print("  baseline %-28s %s (%.1f s)" % (t, "ok" if rc == 0 else "FAILS", secs), flush=True)
-        if rc:
-            base_fail.append(t)
-            print(last_lines(tlog))
-    if base_fail:
-        print("mutate: these tests fail without any mutation: %s" % " ".join(base_fail))
-        print("0 passed, %d failed" % len(muts))
-        return 1
-
     # each worker has its own copy of the built tree (copied with its
-    # timestamps, so nothing rebuilds) and takes every workers-th mutation
+    # timestamps, so nothing rebuilds); the workers take the next baseline
+    # test, then the next mutation, from shared queues
     nw = max(1, min(int(a.workers), len(muts)))
     trees = [tree] + [os.path.join(work, "tree%d" % k) for k in range(1, nw)]
     for t in trees[1:]:
         shutil.copytree(tree, t, symlinks=True)
     jobs = a.jobs if nw == 1 else "1"
     lock = threading.Lock()
+
+    def in_parallel(n_items, one):
+        """Calls one(i, tree) for i in [0, n_items), nw at a time."""
+        nxt = [0]
+
+        def worker(k):
+            while True:
+                with lock:
+                    i = nxt[0]
+                    nxt[0] += 1
+                if i >= n_items:
+                    return
+                one(i, trees[k])
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(nw)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+
+    # every named test must pass before any mutation: "caught" means
+    # nothing when the test fails anyway
+    base_fail = []
+
+    def baseline(i, tr):
+        t = all_tests[i]
+        tlog = os.path.join(work, "base-" + t + ".log")
+        rc, secs = run_test(tr, t, tlog)
+        with lock:
+            print("  baseline %-28s %s (%.1f s)" % (t, "ok" if rc == 0 else "FAILS", secs), flush=True)
+            if rc:
+                base_fail.append(t)
+                print(last_lines(tlog))
+
+    in_parallel(len(all_tests), baseline)
+    print("mutate: baseline of %d tests done at %.0f s" % (len(all_tests), time.monotonic() - t0), flush=True)
+    if base_fail:
+        print("mutate: these tests fail without any mutation: %s" % " ".join(sorted(base_fail)))
+        print("0 passed, %d failed" % len(muts))
+        return 1
+
     results = [None] * len(muts)
     done = [0]
 
-    def worker(k):
-        for i in range(k, len(muts), nw):
-            m = muts[i]
-            status, by, secs_total, mlog = run_one(m, trees[k], work, jobs)
-            with lock:
-                results[i] = (m, status, by)
-                done[0] += 1
-                print("%-5s %2d/%d %-40s %-11s %s (%.0f s) [%s]" %
-                      ("ok" if status == "caught" else "FAIL", done[0], len(muts), m.id, status, by,
-                       secs_total, m.get("layer")), flush=True)
-                if status != "caught" and status != "stale":
-                    print("      " + last_lines(mlog, 12).replace("\n", "\n      "), flush=True)
+    def mutation(i, tr):
+        m = muts[i]
+        status, by, secs_total, mlog = run_one(m, tr, work, jobs)
+        with lock:
+            results[i] = (m, status, by)
+            done[0] += 1
+            print("%-5s %2d/%d %-40s %-11s %s (%.0f s) [%s]" %
+                  ("ok" if status == "caught" else "FAIL", done[0], len(muts), m.id, status, by,
+                   secs_total, m.get("layer")), flush=True)
+            if status != "caught" and status != "stale":
+                print("      " + last_lines(mlog, 12).replace("\n", "\n      "), flush=True)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(nw)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    in_parallel(len(muts), mutation)
     caught = sum(1 for _, s, _ in results if s == "caught")
     bad = [(m, s) for m, s, _ in results if s != "caught"]
     print("mutate: %d of %d mutations caught in %.0f s" % (caught, len(results), time.monotonic() - t0))

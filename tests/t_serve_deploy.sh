@@ -3,11 +3,12 @@
 # port is an error, unsupported OpenAI parameters (functions, function_call,
 # best_of, suffix) and out-of-vocabulary
 # ids get 400s naming the field, the API key's scheme is case-insensitive
-# and an empty key is refused, errors of the HTTP layer are JSON, NUL
-# characters in chat content count, special tokens stay out of the text.
-# A tiny random model with the bytes tokenizer. Loopback only; servers are
-# killed on exit. Chunked bodies with bad framing get a JSON 400 too, at
-# any offset (the relay decodes them all), and a stalled one a JSON 408.
+# and an empty key is refused, NUL characters in chat content count,
+# special tokens stay out of the text, a burst of hostile requests gives its
+# memory back, the connection limits hold (floods, slow senders, a stalled
+# chunked body gets a JSON 408, a per-client share). A tiny random model
+# with the bytes tokenizer. Loopback only; servers are killed on exit. The
+# HTTP layer's own errors and chunked framing: t_serve_http.sh.
 set -u
 D="$KILN_TMP/t_serve_deploy"
 mkdir -p "$D"
@@ -22,62 +23,7 @@ EOF
 "$KILN" init --config "$D/tiny.json" --out "$D/tiny" --force >/dev/null || { fail init; exit 1; }
 
 start_server() { serve_start "$D/tiny" --threads 1 "$@"; } # ARGS...: SPID, PORT
-# req METHOD PATH [BODY] [curl args...]: CODE <- status, body in $D/body, headers in $D/hdr
-req() {
-  local m=$1 p=$2 b=${3-}
-  shift 3 2>/dev/null || shift $#
-  if [ -n "$b" ]; then
-    CODE=$(curl -s -m 10 -o "$D/body" -D "$D/hdr" -w '%{http_code}' -X "$m" -H 'Content-Type: application/json' \
-      --data-binary "$b" "$@" "http://127.0.0.1:$PORT$p")
-  else
-    CODE=$(curl -s -m 10 -o "$D/body" -D "$D/hdr" -w '%{http_code}' -X "$m" "$@" "http://127.0.0.1:$PORT$p")
-  fi
-}
-py() { "$PY" -c "import json,sys; d=json.load(open('$D/body')); sys.exit(0 if ($1) else 1)" 2>/dev/null; }
-# err_is STATUS CODE PARAM: an OpenAI error object with that status, code and param
-err_is() {
-  DETAIL="$CODE $(head -c 300 "$D/body")"
-  [ "$CODE" = "$1" ] && py "set(d['error']) >= {'message','type','param','code'} and d['error']['code'] == '$2' and d['error']['param'] == ${3:-None} and len(d['error']['message']) > 10"
-}
-# raw SECS: sends stdin over a raw socket, the reply (status line, headers, body) in $D/raw
-# (the client is a file: "python3 -" would read its program from the data)
-cat >"$D/raw.py" <<'EOF'
-import socket, sys, time
-data = sys.stdin.buffer.read()
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.settimeout(float(sys.argv[2]))
-buf = b""
-try:
-    s.sendall(data)
-    end = time.time() + float(sys.argv[2])
-    while time.time() < end:
-        c = s.recv(65536)
-        if not c: break
-        buf += c
-except (socket.timeout, ConnectionError):
-    pass
-open(sys.argv[3], "wb").write(buf)
-EOF
-raw() { "$PY" "$D/raw.py" "$PORT" "${1:-5}" "$D/raw"; }
-# raw_json_err STATUS: the raw reply is that status with an OpenAI JSON error body
-raw_json_err() {
-  DETAIL=$(head -c 300 "$D/raw")
-  "$PY" - "$D/raw" "$1" <<'EOF'
-import json, sys
-b = open(sys.argv[1], "rb").read()
-head, _, body = b.partition(b"\r\n\r\n")
-lines = head.split(b"\r\n")
-ok = lines[0].startswith(b"HTTP/1.1 " + sys.argv[2].encode() + b" ")
-hdr = {l.split(b":", 1)[0].strip().lower(): l.split(b":", 1)[1].strip() for l in lines[1:] if b":" in l}
-ok = ok and hdr.get(b"content-type", b"").startswith(b"application/json")
-try:
-    e = json.loads(body)["error"]
-    ok = ok and set(e) >= {"message", "type", "param", "code"} and len(e["message"]) > 10
-except Exception:
-    ok = False
-sys.exit(0 if ok else 1)
-EOF
-}
+. "$KILN_ROOT/tests/lib_http.sh"
 
 # ---- a busy port is an error, not a second server sharing it ----
 start_server || { fail start_server; exit 1; }
@@ -224,104 +170,9 @@ else
   check rss_back_after_hostile_burst awk '$1 > 0 && $3 <= 1.10 * $1 && $4 == "{\"400\":" && $5 == "144}" {ok=1} END {exit !ok}' "$D/rss.out"
 fi
 
-# ---- errors of the HTTP layer are OpenAI JSON too ----
+# ---- the connection limits (the HTTP layer's errors and chunked framing: t_serve_http.sh) ----
 stop_checked
-start_server --max-connections 8 || { fail start_server_http; exit 1; }
-printf 'garbage\r\n\r\n' | raw 3
-check malformed_request_line_json raw_json_err 400
-printf 'GET /health HTTP/1.1\r\n\r\n' | raw 3
-check missing_host_json raw_json_err 400
-printf 'GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n' | raw 3
-check malformed_header_json raw_json_err 400
-printf 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12x\r\n\r\n{}' | raw 3
-check bad_content_length_json raw_json_err 400
-printf 'GET /health HTTP/2.0\r\nHost: x\r\n\r\n' | raw 3
-check http_version_505_json raw_json_err 505
-{ printf 'GET /health?'; head -c 10000 /dev/zero | tr '\0' a; printf ' HTTP/1.1\r\nHost: x\r\n\r\n'; } | raw 3
-check uri_too_long_414_json raw_json_err 414
-{ printf 'GET /health HTTP/1.1\r\nHost: x\r\nX-Big: '; head -c 40000 /dev/zero | tr '\0' a; printf '\r\n\r\n'; } | raw 3
-check headers_too_large_431_json raw_json_err 431
-# chunked bodies: bad framing is an OpenAI error, in the first packet or a
-# later one (kiln decodes every chunked body itself, relay.c;
-# libmicrohttpd's own answer would be an HTML page)
-cat >"$D/parts.py" <<'EOF'
-import socket, sys, time
-# parts.py PORT OUT [--wait SECS] [--shut] PART...: sends the parts 0.3 s
-# apart (escapes as in printf), --shut closes the sending side after the
-# last; waits up to SECS (5) for each piece of the reply
-port, out, rest = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-wait = 5.0
-if rest[:1] == ["--wait"]:
-    wait, rest = float(rest[1]), rest[2:]
-shut = rest[:1] == ["--shut"]
-parts = [p.encode().decode("unicode_escape").encode("latin1") for p in rest[shut:]]
-s = socket.create_connection(("127.0.0.1", port))
-s.settimeout(wait)
-for i, p in enumerate(parts):
-    if i: time.sleep(0.3)
-    s.sendall(p)
-if shut: s.shutdown(socket.SHUT_WR)
-buf = b""
-try:
-    while True:
-        c = s.recv(65536)
-        if not c: break
-        buf += c
-except (socket.timeout, ConnectionError):
-    pass
-open(out, "wb").write(buf)
-EOF
-CH='POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n'
-chunk_err() { "$PY" "$D/parts.py" "$PORT" "$D/raw" "$@"; raw_json_err 400 && grep -q 'malformed_chunked_body' "$D/raw"; }
-chunk_ok() { "$PY" "$D/parts.py" "$PORT" "$D/raw" "$@"; DETAIL=$(head -c 300 "$D/raw"); head -1 "$D/raw" | grep -q '^HTTP/1.1 200' && grep -q '"text_completion"' "$D/raw"; }
-check chunk_size_not_hex_json chunk_err "$CH"'zz\r\n{"prompt":"a"}\r\n0\r\n\r\n'
-check chunk_size_bad_in_later_packet_json chunk_err "$CH"'5\r\n{"pro\r\n' 'q;;\r\nxx\r\n0\r\n\r\n'
-check chunk_data_longer_than_size_json chunk_err "$CH"'5\r\n{"prompt":"a"}\r\n0\r\n\r\n'
-check chunk_size_overflow_json chunk_err "$CH"'10000000000000000\r\n'
-check chunk_bad_trailer_json chunk_err "$CH"'e\r\n{"prompt":"a"}\r\n0\r\nno colon\r\n\r\n'
-check chunk_body_cut_short_json chunk_err --shut "$CH"'e\r\n{"prompt":"a"}\r\n'
-check chunk_good_ext_trailer_200 chunk_ok "$CH"'e;x=1\r\n{"prompt":"a"}\r\n0\r\nX-T: 1\r\n\r\n'
-check chunk_good_split_200 chunk_ok "$CH"'9\r\n{"prompt"\r\n' '5\r\n:"a"}\r\n' '0\r\n\r\n'
-check chunk_good_bare_lf_200 chunk_ok "$CH"'e\n{"prompt":"a"}\n0\n\n'
-# bad framing at any offset is JSON too: after 80 KiB of good chunks (past
-# what a gate could peek) and after 600 KiB (past any socket buffer); the
-# same body with good framing to its end is served.
-# bigchunk.py PORT OUT KIB TAIL: a completion whose "x" field is KIB 1-KiB
-# chunks of spaces, then TAIL (escapes as in printf) sent 0.3 s later
-cat >"$D/bigchunk.py" <<'EOF'
-import socket, sys, time
-port, out, kib, tail = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-first = b'{"prompt":"a","x":"'
-body = b"%x\r\n%s\r\n" % (len(first), first) + (b"400\r\n" + b" " * 1024 + b"\r\n") * kib
-s = socket.create_connection(("127.0.0.1", port))
-s.settimeout(10)
-buf = b""
-try:
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Transfer-Encoding: chunked\r\n\r\n" + body)
-    time.sleep(0.3)
-    s.sendall(tail.encode().decode("unicode_escape").encode("latin1"))
-    while True:
-        c = s.recv(65536)
-        if not c: break
-        buf += c
-except (socket.timeout, ConnectionError):
-    pass
-open(out, "wb").write(buf)
-EOF
-big_err() { "$PY" "$D/bigchunk.py" "$PORT" "$D/raw" "$@"; raw_json_err 400 && grep -q 'malformed_chunked_body' "$D/raw"; }
-big_ok() { "$PY" "$D/bigchunk.py" "$PORT" "$D/raw" "$@"; DETAIL=$(head -c 300 "$D/raw"); head -1 "$D/raw" | grep -q '^HTTP/1.1 200' && grep -q '"text_completion"' "$D/raw"; }
-check chunk_bad_size_past_80k_json big_err 80 'zz\r\n0\r\n\r\n'
-check chunk_data_overrun_past_80k_json big_err 80 '2\r\n"}XY\r\n0\r\n\r\n'
-check chunk_bad_trailer_past_600k_json big_err 600 '2;e=1\r\n"}\r\n0\r\nno colon\r\n\r\n'
-check chunk_good_past_600k_200 big_ok 600 '2\r\n"}\r\n0\r\n\r\n'
-
-req GET /v1/completions
-check method_405_json err_is 405 method_not_allowed
-DETAIL=$(cat "$D/hdr")
-check method_405_allow_header grep -qi '^Allow: POST' "$D/hdr"
-req POST /health '{}'
-check method_405_allow_get grep -qi '^Allow: GET, HEAD' "$D/hdr"
+start_server --max-connections 8 || { fail start_server_limits; exit 1; }
 
 # ---- more clients than --max-connections: refused or served, never stuck ----
 # (libmicrohttpd 0.9.75 deadlocks when MHD_add_connection meets its own
