@@ -24,7 +24,11 @@ J
 "$KILN" train --data "$D/data" --config "$D/cfg.json" --out "$D/run" --seq 32 --batch 4 --steps 30 \
   --eval-every 0 --warmup 3 --lr 3e-3 --threads 1 --progress none >"$D/train.log" 2>&1 \
   || { fail quant_setup "kiln train failed: $(tail -3 "$D/train.log")"; exit 1; }
-ev() { "$KILN" eval --model "$D/run" --data "$D/data" --split train --max-tokens 20000 --seq 64 --threads 1 --json "$@" 2>"$D/eval.err"; }
+# 20000 held-out tokens per evaluation; 6000 under the sanitizers (make asan
+# runs the same arithmetic 10x slower: 11 evaluations, one a decode step
+# per token)
+NTOK=20000; [ -n "${KILN_SANITIZE:-}" ] && NTOK=6000
+ev() { "$KILN" eval --model "$D/run" --data "$D/data" --split train --max-tokens $NTOK --seq 64 --threads 1 --json "$@" 2>"$D/eval.err"; }
 loss() { "$PY" -c 'import json,sys; print(json.loads(sys.stdin.read())["loss"])' 2>/dev/null; }
 ref=$(ev | loss)
 f32=$(ev --dtype fp32 | loss)
@@ -60,7 +64,7 @@ DETAIL="exit $rc: $out"; check quant_gguf_q4_k_m_kept [ $rc -eq 0 ] && [ "${n:-0
 # eval --engine on a .gguf: the file's stored types through the engine, as
 # generate runs them; q8_0 stored equals q8_0 quantized from the directory
 # (the same blocks), and the JSON says which weights ran
-js() { "$KILN" eval --data "$D/data" --split train --max-tokens 20000 --seq 64 --threads 1 --json "$@" 2>"$D/eval.err"; }
+js() { "$KILN" eval --data "$D/data" --split train --max-tokens $NTOK --seq 64 --threads 1 --json "$@" 2>"$D/eval.err"; }
 a=$(js --model "$D/m_q8_0.gguf" --engine); b=$(js --model "$D/run" --dtype q8_0)
 la=$(echo "$a" | loss); lb=$(echo "$b" | loss)
 DETAIL="stored: $a | directory --dtype q8_0: $b | $(cat "$D/eval.err")"
