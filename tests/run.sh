@@ -4,7 +4,8 @@
 # ends with "N passed, N failed, N skipped". A program that exits non-zero
 # without printing FAIL counts as one failure (a crash is never a pass).
 # Set TESTS=pattern to run a subset (names containing it), or
-# TEST_NAMES="test_x t_y.sh" for exactly those.
+# TEST_NAMES="test_x t_y.sh" for exactly those, TEST_SKIP="t_serve*.sh ..."
+# (glob patterns) to leave those out (listed at the end as not run).
 set -u
 build=${1:-build}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +18,7 @@ export XDG_CACHE_HOME="$KILN_TMP/xdg-cache"
 trap 'rm -rf "$KILN_TMP"' EXIT
 pass=0 fail=0 skip=0
 failed_names=()
+not_run=()
 progs=()
 for p in "$build"/tests/test_*; do [ -x "$p" ] && progs+=("$p"); done
 for s in tests/t_*.sh; do [ -f "$s" ] && progs+=("$s"); done
@@ -24,6 +26,9 @@ for p in "${progs[@]}"; do
   name=$(basename "$p")
   if [ -n "${TESTS:-}" ] && [[ "$name" != *${TESTS}* ]]; then continue; fi
   if [ -n "${TEST_NAMES:-}" ] && [[ " $TEST_NAMES " != *" $name "* ]]; then continue; fi
+  left_out=0
+  for pat in ${TEST_SKIP:-}; do [[ "$name" == $pat ]] && left_out=1; done
+  if [ $left_out = 1 ]; then not_run+=("$name"); continue; fi
   log="$KILN_TMP/$name.log"
   start=$(date +%s.%N)
   case "$p" in
@@ -46,5 +51,6 @@ for p in "${progs[@]}"; do
   fi
 done
 [ ${#failed_names[@]} -gt 0 ] && echo "failed: ${failed_names[*]}"
+[ ${#not_run[@]} -gt 0 ] && echo "not run (TEST_SKIP): ${not_run[*]}"
 echo "$pass passed, $fail failed, $skip skipped"
 [ "$fail" -eq 0 ]
