@@ -8,6 +8,10 @@
 #                                     come up (the log is printed)
 #   stop_checked                      SIGTERM: the server must exit 0 within
 #                                     10 s with no sanitizer report
+#   serve_needs NAME                  PY=/usr/bin/python3; SKIP NAME (exit 0)
+#                                     without curl or python3
+#   serve_tiny_gpt2                   $D/tiny: a random 2-layer gpt2 over
+#                                     the 257 byte ids (exit 1 if init fails)
 # and an EXIT trap that kills a server still running (SPID, SPID2).
 SPID=""
 SPID2=""
@@ -20,6 +24,20 @@ serve_cleanup() {
   [ -n "$SPID" ] && kill "$SPID" 2>/dev/null && wait "$SPID" 2>/dev/null
 }
 trap serve_cleanup EXIT
+
+serve_needs() {
+  PY=/usr/bin/python3
+  if ! command -v curl >/dev/null || [ ! -x "$PY" ]; then
+    echo "SKIP $1: needs curl and /usr/bin/python3 (bash scripts/deps.sh installs them)"; exit 0
+  fi
+}
+
+serve_tiny_gpt2() {
+  cat >"$D/tiny.json" <<'EOF'
+{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 257, "n_positions": 128}
+EOF
+  "$KILN" init --config "$D/tiny.json" --out "$D/tiny" --force >/dev/null || { fail init; exit 1; }
+}
 
 serve_start() {
   local model=$1; shift

@@ -9,17 +9,8 @@ set -u
 D="$KILN_TMP/t_serve"
 mkdir -p "$D"
 . "$KILN_ROOT/tests/lib_serve.sh"
-PY=/usr/bin/python3
-
-
-if ! command -v curl >/dev/null || [ ! -x "$PY" ]; then
-  echo "SKIP serve_http: needs curl and /usr/bin/python3 (bash scripts/deps.sh installs them)"; exit 0
-fi
-
-cat >"$D/tiny.json" <<'EOF'
-{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 257, "n_positions": 128}
-EOF
-"$KILN" init --config "$D/tiny.json" --out "$D/tiny" --force >/dev/null || { fail init; exit 1; }
+serve_needs serve_http
+serve_tiny_gpt2
 
 # start_server ARGS... : the tiny model on a free port (SPID, PORT)
 start_server() { serve_start "$D/tiny" "$@"; }
