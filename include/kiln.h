@@ -363,6 +363,19 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T);
 kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
                                const int32_t *tokens, int B, int T,
                                float **logits);
+/* Forward pass of packed rows: several documents in one row of T, each
+ * token attending only to its own document up to itself (a block-diagonal
+ * causal mask) and its position (RoPE, or gpt2's learned positions)
+ * restarting at 0 in every document -- padding-free / varlen training.
+ * pos (B, T): each token's position inside its document; a document starts
+ * where pos is 0 and counts up by 1 (checked; the error names the row and
+ * position). pos NULL is kiln_model_forward. A row holding one document
+ * (pos 0..T-1) gives kiln_model_forward's result. The following backward
+ * uses the same documents. Attention then runs on the fp32 attention
+ * kernels by document in every precision (the bf16 backend's own attention
+ * takes no documents). */
+kiln_status kiln_model_forward_pos(kiln_ctx *ctx, kiln_model *m, const int32_t *tokens,
+                                   const int32_t *pos, int B, int T, float **logits);
 /* Backward pass of the last forward: accumulates d(loss)/d(params) into
  * the gradient block given dlogits (B, T, V) (may alias the logits). */
 kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,

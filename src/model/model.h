@@ -92,6 +92,9 @@ typedef struct model_acts {
     float *dc;        /* (N, C) */
     float *df;        /* (N, F) */
     float *dbig;      /* (N, max(QKV, 2F)) */
+    /* packed rows (kiln_model_forward_pos) */
+    int32_t *pos;     /* (B, T) position of each token inside its document */
+    float *lse_doc;   /* (NH, T) scratch of the document-masked attention */
 } model_acts;
 
 /* Per-op time accounting (bench/bench_train prints it). */
@@ -183,6 +186,8 @@ struct kiln_model {
                           layer_off[L+1] = num_params (the head ends there) */
     float *rope_cos;   /* (n_ctx, HS/2) llama */
     float *rope_sin;   /* (n_ctx, HS/2) */
+    float *rope_nsin;  /* (n_ctx, HS/2) -rope_sin: the inverse rotation of
+                          rope_at (the backward of packed rows) */
     const kern_ops *ops;
     kern_gemm *gemm;
     kern_backend *be; /* the bf16/fp16 backend (precision.c), NULL in fp32;
@@ -195,6 +200,8 @@ struct kiln_model {
     int B_cap, T_cap;  /* what the arena is sized for */
     bool act_mp;       /* ... and whether for bf16 activations */
     int B, T;          /* shape of the last forward (0 = none) */
+    bool packed;       /* the last forward had positions (a.pos): attention
+                          kept inside each document, positions per document */
     model_acts a;
     int threads;       /* 0 = OpenMP default */
     int profile;       /* 1: per-op wall seconds into prof[]; 2: CPU seconds */
