@@ -919,9 +919,11 @@ void kiln_dataset_get_stats(const kiln_dataset *ds, kiln_dataset_stats *st);
  * example goes to the first of the open rows it fits in). An example of n
  * tokens takes n-1 positions: inputs ids[0..n-1), targets ids[1..n) where
  * the mask is 1, else -1; longer examples are cut to T+1 tokens. Padding
- * has token = end-of-text, target -1, doc -1. pos and doc let a model
- * keep attention inside each document (doc equal, pos restarting at 0);
- * targets never cross a document boundary. Free with kiln_packed_free. */
+ * has token = end-of-text, target -1, doc -1, and pos 0, 1, ... from its
+ * start (a row's padding is one document of its own). pos and doc let a
+ * model keep attention inside each document (kiln_model_forward_pos: doc
+ * equal, pos restarting at 0); targets never cross a document boundary.
+ * Free with kiln_packed_free. */
 typedef struct kiln_packed {
     int64_t rows;
     int T;
@@ -943,6 +945,13 @@ typedef enum kiln_loss_on {
     KILN_LOSS_ON_COMPLETION = 2  /* the last run of the mask only: the final
                                     assistant turn, or the completion */
 } kiln_loss_on;
+
+/* kiln_dataset_pack over examples idx[0..n_idx) (idx NULL: all, in order)
+ * with kiln_dataset_rows' loss rule (loss_on): the packed counterpart of
+ * kiln_dataset_rows, for the same examples and targets. */
+kiln_status kiln_dataset_pack_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                                   kiln_loss_on loss_on, const size_t *idx, size_t n_idx,
+                                   kiln_packed **out);
 
 /* SFT examples one per row, padded to T positions (no packing): row r is
  * example idx[r] (idx NULL: example r, n_idx ignored and taken as the
