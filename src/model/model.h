@@ -200,6 +200,9 @@ struct kiln_model {
     int B_cap, T_cap;  /* what the arena is sized for */
     bool act_mp;       /* ... and whether for bf16 activations */
     int B, T;          /* shape of the last forward (0 = none) */
+    bool gguf_llama_qk; /* read from a "llama" GGUF with q/k/v biases and no
+                           o bias: its q/k rows are in llama's permuted
+                           order (model_gguf_arch: "llama", not "qwen2") */
     bool packed;       /* the last forward had positions (a.pos): attention
                           kept inside each document, positions per document */
     model_acts a;
@@ -399,10 +402,13 @@ int model_gguf_tensors(const kiln_model *m, model_gguf_tensor *out);
 void model_gguf_get(const kiln_model *m, const model_gguf_tensor *t, float *dst);
 /* The inverse: writes src (GGUF layout) into m's parameters. */
 void model_gguf_put(kiln_model *m, const model_gguf_tensor *t, const float *src);
-/* "gpt2" or "llama": general.architecture and the hparams' key prefix. */
-const char *model_gguf_arch(const kiln_config *c);
+/* "gpt2", "llama" or "qwen2" (q/k/v biases without an o bias, llama.cpp's
+ * NEOX rope: q/k rows in HF's order, not permuted; a model read from a
+ * "llama" file of that layout stays "llama", m->gguf_llama_qk):
+ * general.architecture and the hparams' key prefix. */
+const char *model_gguf_arch(const kiln_model *m);
 /* Writes the {arch}.* hyper-parameter keys llama.cpp reads. */
-void model_gguf_write_hparams(gguf_writer *w, const kiln_config *c);
+void model_gguf_write_hparams(gguf_writer *w, const kiln_model *m);
 /* The config a GGUF file describes; errors name the key. */
 kiln_status model_gguf_config(kiln_ctx *ctx, const gguf_file *f, const char *what,
                               kiln_config *out);
