@@ -580,6 +580,18 @@ bool kiln_tokenizer_is_special(const kiln_tokenizer *tok, int32_t id);
 kiln_status kiln_tokenizer_encode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const char *text, size_t len,
                                   int32_t **ids, size_t *n);
+/* kiln_tokenizer_encode with the ids the tokenizer.json's post_processor
+ * adds around one text (its "single" template: Hugging Face's
+ * add_special_tokens=True), e.g. Llama 3's <|begin_of_text|> before it;
+ * the same as kiln_tokenizer_encode where the file has no template. */
+kiln_status kiln_tokenizer_encode_add_special(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                              const char *text, size_t len, int32_t **ids,
+                                              size_t *n);
+/* Those ids: before the text (after false) or after it (true), count
+ * returned; -1 (and *ids NULL) when the tokenizer has no template
+ * (TemplateProcessing, BertProcessing, RobertaProcessing; a post_processor
+ * of ByteLevel only, or none, adds nothing and is no template). */
+int kiln_tokenizer_post_ids(const kiln_tokenizer *tok, bool after, const int32_t **ids);
 /* Decodes ids to exact bytes; *text is malloc'ed and NUL-terminated. */
 kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const int32_t *ids, size_t n, char **text,
@@ -1664,6 +1676,8 @@ const char *kiln_textstream_text(const kiln_textstream *ts, size_t *len);
  * tokens, the text stream with its stop strings, max_tokens. */
 
 /* The ids a model is prompted with, from encoded text or a rendered chat:
+ * what the tokenizer's post_processor template puts before a text where it
+ * has one (kiln_tokenizer_post_ids: Llama 3's <|begin_of_text|>); else
  * BOS first for Llama-family models with a bos_token_id (their tokenizers
  * add it), nothing for GPT-2; an empty prompt becomes one token to start
  * from, bos_token_id or else the tokenizer's end-of-text. *out is
