@@ -24,13 +24,14 @@ static kiln_status check_rows(trainer *t, const kiln_packed *p, const char *fiel
                          field, p->T, t->o.seq);
     size_t cells = (size_t)p->rows * (size_t)p->T;
     if (tr_rows_packed(p)) {
-        int64_t bad;
+        int64_t bad = 0;
+        while (!p->pos && p->doc[bad] <= 0) bad++; /* the first packed row */
         if (!p->pos || !kern_doc_pos_ok(p->pos, (int)p->rows, p->T, &bad))
             return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                              "%s row %lld holds several documents but its pos is %s at "
                              "position %lld: each document's positions run 0, 1, 2, ...",
-                             field, p->pos ? (long long)(bad / p->T) : 0LL,
-                             p->pos ? "broken" : "missing", p->pos ? (long long)(bad % p->T) : 0LL);
+                             field, (long long)(bad / p->T), p->pos ? "broken" : "missing",
+                             (long long)(bad % p->T));
     }
     for (size_t c = 0; c < cells; c++) {
         if (p->tokens[c] < 0 || p->tokens[c] >= V || p->targets[c] >= V)
