@@ -363,6 +363,19 @@ kiln_status kiln_model_prepare(kiln_ctx *ctx, kiln_model *m, int B, int T);
 kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
                                const int32_t *tokens, int B, int T,
                                float **logits);
+/* Forward pass of packed rows: several documents in one row of T, each
+ * token attending only to its own document up to itself (a block-diagonal
+ * causal mask) and its position (RoPE, or gpt2's learned positions)
+ * restarting at 0 in every document -- padding-free / varlen training.
+ * pos (B, T): each token's position inside its document; a document starts
+ * where pos is 0 and counts up by 1 (checked; the error names the row and
+ * position). pos NULL is kiln_model_forward. A row holding one document
+ * (pos 0..T-1) gives kiln_model_forward's result. The following backward
+ * uses the same documents. Attention then runs on the fp32 attention
+ * kernels by document in every precision (the bf16 backend's own attention
+ * takes no documents). */
+kiln_status kiln_model_forward_pos(kiln_ctx *ctx, kiln_model *m, const int32_t *tokens,
+                                   const int32_t *pos, int B, int T, float **logits);
 /* Backward pass of the last forward: accumulates d(loss)/d(params) into
  * the gradient block given dlogits (B, T, V) (may alias the logits). */
 kiln_status kiln_model_backward(kiln_ctx *ctx, kiln_model *m,
@@ -567,6 +580,18 @@ bool kiln_tokenizer_is_special(const kiln_tokenizer *tok, int32_t id);
 kiln_status kiln_tokenizer_encode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const char *text, size_t len,
                                   int32_t **ids, size_t *n);
+/* kiln_tokenizer_encode with the ids the tokenizer.json's post_processor
+ * adds around one text (its "single" template: Hugging Face's
+ * add_special_tokens=True), e.g. Llama 3's <|begin_of_text|> before it;
+ * the same as kiln_tokenizer_encode where the file has no template. */
+kiln_status kiln_tokenizer_encode_add_special(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                              const char *text, size_t len, int32_t **ids,
+                                              size_t *n);
+/* Those ids: before the text (after false) or after it (true), count
+ * returned; -1 (and *ids NULL) when the tokenizer has no template
+ * (TemplateProcessing, BertProcessing, RobertaProcessing; a post_processor
+ * of ByteLevel only, or none, adds nothing and is no template). */
+int kiln_tokenizer_post_ids(const kiln_tokenizer *tok, bool after, const int32_t **ids);
 /* Decodes ids to exact bytes; *text is malloc'ed and NUL-terminated. */
 kiln_status kiln_tokenizer_decode(kiln_ctx *ctx, const kiln_tokenizer *tok,
                                   const int32_t *ids, size_t n, char **text,
@@ -906,9 +931,11 @@ void kiln_dataset_get_stats(const kiln_dataset *ds, kiln_dataset_stats *st);
  * example goes to the first of the open rows it fits in). An example of n
  * tokens takes n-1 positions: inputs ids[0..n-1), targets ids[1..n) where
  * the mask is 1, else -1; longer examples are cut to T+1 tokens. Padding
- * has token = end-of-text, target -1, doc -1. pos and doc let a model
- * keep attention inside each document (doc equal, pos restarting at 0);
- * targets never cross a document boundary. Free with kiln_packed_free. */
+ * has token = end-of-text, target -1, doc -1, and pos 0, 1, ... from its
+ * start (a row's padding is one document of its own). pos and doc let a
+ * model keep attention inside each document (kiln_model_forward_pos: doc
+ * equal, pos restarting at 0); targets never cross a document boundary.
+ * Free with kiln_packed_free. */
 typedef struct kiln_packed {
     int64_t rows;
     int T;
@@ -930,6 +957,13 @@ typedef enum kiln_loss_on {
     KILN_LOSS_ON_COMPLETION = 2  /* the last run of the mask only: the final
                                     assistant turn, or the completion */
 } kiln_loss_on;
+
+/* kiln_dataset_pack over examples idx[0..n_idx) (idx NULL: all, in order)
+ * with kiln_dataset_rows' loss rule (loss_on): the packed counterpart of
+ * kiln_dataset_rows, for the same examples and targets. */
+kiln_status kiln_dataset_pack_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                                   kiln_loss_on loss_on, const size_t *idx, size_t n_idx,
+                                   kiln_packed **out);
 
 /* SFT examples one per row, padded to T positions (no packing): row r is
  * example idx[r] (idx NULL: example r, n_idx ignored and taken as the
@@ -1642,6 +1676,8 @@ const char *kiln_textstream_text(const kiln_textstream *ts, size_t *len);
  * tokens, the text stream with its stop strings, max_tokens. */
 
 /* The ids a model is prompted with, from encoded text or a rendered chat:
+ * what the tokenizer's post_processor template puts before a text where it
+ * has one (kiln_tokenizer_post_ids: Llama 3's <|begin_of_text|>); else
  * BOS first for Llama-family models with a bos_token_id (their tokenizers
  * add it), nothing for GPT-2; an empty prompt becomes one token to start
  * from, bos_token_id or else the tokenizer's end-of-text. *out is

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # t_gguf_llamacpp.sh — llama.cpp runs what kiln writes. Trains a small gpt2,
 # a small llama and a small qwen2 (q/k/v biases without an o bias, tied;
-# written as a llama GGUF with those biases) (kiln train, a generated
+# written as llama.cpp's "qwen2" architecture: qwen2.* keys, attn_q/k/v.bias,
+# NEOX rope with q/k unpermuted) (kiln train, a generated
 # corpus, BPE tokenizers with the GPT-2, Llama 3 and Qwen2 pre-tokenizers),
 # exports each as F32, F16, Q8_0, Q4_0 and Q4_K_M (qwen2: F32, Q8_0), and
 # has llama.cpp (node-llama-cpp 3.21.1's prebuilt CPU
@@ -105,6 +106,9 @@ for a in gpt2 llama qwen2; do
         "$KILN" generate --model "$f" --prompt "$p" --max-tokens $NGEN --temperature 0 --ignore-eos \
           --print-ids --quiet --threads 1 >>"$D/kiln_${a}_$ty.txt" 2>>"$D/kiln_err.txt"
       done
+    if [ $a = qwen2 ]; then
+      check "qwen2_${ty}_is_qwen2_arch" grep -qa 'qwen2.context_length' "$f"
+    fi
     timeout 300 node "$JS/llama_gguf.mjs" "$f" $NGEN "$D/prompts.json" >"$D/llama_${a}_$ty.json" 2>"$D/llama_${a}_$ty.err"
     rc=$?
     DETAIL="rc $rc: $(head -c 300 "$D/llama_${a}_$ty.json") $(tail -3 "$D/llama_${a}_$ty.err")"

@@ -6,7 +6,8 @@
 # stopped and resumed ends bit-identical to a straight one (resumed by kiln
 # sft --resume or by kiln train --resume, which hands it over); bad lines are
 # reported as FILE:LINE; bad flags are refused naming the flag; a .gguf
-# base is imported and its tokenizer.chat_template renders the examples.
+# base is imported and its tokenizer.chat_template renders the examples;
+# --packing gives the loss of one example per row.
 set -u
 D="$KILN_TMP/t_sft"
 mkdir -p "$D"
@@ -190,6 +191,40 @@ check sft_bad_line_fails_run test ! -e "$D/bad/latest"
 DETAIL="$(tr '\n' ' ' <"$D/bad2.out" | head -c 600)"
 check sft_skip_bad_lines grep -q '4 examples (6 lines, 2 bad' "$D/bad2.out"
 
+# ---- --packing: several examples per row, each attending to itself ----
+# One step over every training example (one batch) from the same model:
+# packed and one-per-row give the same loss, and the same update (the
+# held-out loss after it, itself measured on packed / padded rows).
+"${SFT[@]}" --out "$D/pk0" --steps 1 --eval-every 1 --sequential --batch 72 --max-len 97 >"$D/pk0.out" 2>&1
+rc0=$?
+"${SFT[@]}" --out "$D/pkr" --steps 1 --eval-every 0 --sequential --batch 72 --max-len 97 --packing >"$D/pkr.out" 2>&1
+R=$(grep -oE '^rows: [0-9]+' "$D/pkr.out" | grep -oE '[0-9]+')
+"${SFT[@]}" --out "$D/pk1" --steps 1 --eval-every 1 --sequential --batch "${R:-1}" --max-len 97 --packing >"$D/pk1.out" 2>&1
+rc1=$?
+DETAIL="status $rc0 $rc1: $(tail -3 "$D/pk1.out" | tr '\n' ' ')"
+check sft_packing_runs test "$rc0" = 0 -a "$rc1" = 0
+DETAIL="$(grep '^packing:' "$D/pk1.out")"
+check sft_packing_reported grep -qE '^packing: 72 examples in [0-9]+ rows, [0-9.]+% of positions filled' "$D/pk1.out"
+DETAIL="rows $R"
+check sft_packing_fewer_rows test "${R:-99}" -lt 72
+DETAIL=$("$PY" - "$D/pk0/metrics.jsonl" "$D/pk1/metrics.jsonl" <<'EOF'
+import json, sys
+def get(p):
+    m = [json.loads(l) for l in open(p)]
+    return [x["loss"] for x in m if "loss" in x], [x["val_loss"] for x in m if "val_loss" in x]
+a, b = get(sys.argv[1]), get(sys.argv[2])
+print(a, b)
+ok = len(a[0]) == len(b[0]) == 1 and len(a[1]) == len(b[1]) >= 1
+ok = ok and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+sys.exit(0 if ok else 1)
+EOF
+)
+check sft_packing_same_loss test $? = 0
+grep -q '"packing": true' "$D/pk1/sft.json"; check sft_packing_in_sft_json test $? = 0
+"${SFT[@]}" --out "$D/pk2" --steps 6 --eval-every 3 --batch 2 --max-len 97 --packing >"$D/pk2.out" 2>&1
+DETAIL="$(tail -3 "$D/pk2.out" | tr '\n' ' ')"
+check sft_packing_trains grep -q 'done: step 6' "$D/pk2.out"
+
 # ---- flags are checked, the flag named ----
 flag() { # NAME NEEDLE ARGS...: exit 2 or 1 and NEEDLE on stderr
   local n=$1 needle=$2; shift 2
@@ -200,7 +235,6 @@ flag() { # NAME NEEDLE ARGS...: exit 2 or 1 and NEEDLE on stderr
 }
 flag loss_on "--loss-on 'bogus'" --loss-on bogus
 flag val_fraction "--val-fraction 1.5" --val-fraction 1.5
-flag pack "--pack is not supported yet" --pack
 flag max_len "--max-len 500 exceeds" --max-len 500
 flag batch "--batch" --batch 0 --steps 1
 flag steps "--steps must be positive" --steps 0

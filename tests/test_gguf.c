@@ -300,6 +300,88 @@ static void round_trip(kiln_arch arch, bool tie, const char *pattern)
     kiln_ctx_free(ctx);
 }
 
+/* A qwen2 model (q/k/v biases, no o bias, tied): llama.cpp's "qwen2"
+ * architecture (qwen2.* keys, attn_q/k/v.bias, q/k rows in HF's order: its
+ * NEOX rope needs no permutation) and back, bit for bit; a model read from
+ * a "llama" file of that layout (older kiln's) keeps llama's permuted rows
+ * and reads back the same. */
+static void test_round_trip_qwen2(void)
+{
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_tokenizer *tok = train_tok(ctx, "llama3", 300);
+    CHECK(tok != NULL);
+    if (!tok) return;
+    kiln_config c = kiln_config_default();
+    c.arch = KILN_ARCH_LLAMA;
+    c.n_layer = 2, c.n_embd = 64, c.n_head = 4, c.n_kv_head = 2, c.n_inner = 128;
+    c.vocab_size = kiln_tokenizer_vocab_size(tok);
+    c.n_ctx = 64, c.norm_eps = 1e-6f, c.rope_theta = 1000000.0f, c.tie_embeddings = true;
+    c.bias = false, c.qkv_bias = true, c.hf_type = KILN_HF_TYPE_QWEN2;
+    c.bos_token_id = c.eos_token_id = 256;
+    kiln_model *m = NULL;
+    CHECK_EQ(kiln_model_new(ctx, &c, &m), KILN_OK);
+    if (!m) return;
+    kiln_model_init_random(m, 21);
+    float *p = kiln_model_params_mut(m);
+    for (int i = 0; i < kiln_model_num_tensors(m); i++) {
+        const kiln_tensor_info *t = kiln_model_tensor(m, i);
+        if (t->ndim == 1)
+            for (size_t k = 0; k < t->numel; k++) p[t->offset + k] = 0.5f + 0.01f * (float)(k % 37);
+    }
+    for (int legacy = 0; legacy < 2; legacy++) {
+        m->gguf_llama_qk = legacy; /* as if read from a "llama" file */
+        kiln_gguf_export_opts o = kiln_gguf_export_opts_default();
+        CHECK_EQ(kiln_gguf_export(ctx, m, tok, path("q2.gguf"), &o, NULL), KILN_OK);
+        gguf_file f;
+        CHECK_EQ(gguf_open(ctx, path("q2.gguf"), &f), KILN_OK);
+        const char *s;
+        size_t sl;
+        CHECK_EQ(gguf_get_str(ctx, &f, "t", "general.architecture", true, &s, &sl), KILN_OK);
+        CHECK(sl == 5 && !memcmp(s, legacy ? "llama" : "qwen2", sl));
+        int64_t hc = 0;
+        CHECK_EQ(gguf_get_int(ctx, &f, "t", legacy ? "llama.attention.head_count_kv"
+                                                   : "qwen2.attention.head_count_kv", true, &hc),
+                 KILN_OK);
+        CHECK_EQ(hc, 2);
+        CHECK(gguf_find_tensor(&f, "blk.1.attn_v.bias") != NULL);
+        CHECK(gguf_find_tensor(&f, "blk.1.attn_output.bias") == NULL);
+        CHECK(gguf_find_tensor(&f, "output.weight") == NULL);
+        /* q rows and bias: HF's order in qwen2, permuted (HS 16) in llama */
+        const gguf_tensor *q = gguf_find_tensor(&f, "blk.0.attn_q.weight");
+        const gguf_tensor *qb = gguf_find_tensor(&f, "blk.0.attn_q.bias");
+        int qi = kiln_model_find_tensor(m, "model.layers.0.self_attn.q_proj.weight");
+        int bi = kiln_model_find_tensor(m, "model.layers.0.self_attn.q_proj.bias");
+        CHECK(q && qb && qi >= 0 && bi >= 0 && q->ne[0] == 64 && q->ne[1] == 64 && qb->ne[0] == 64);
+        if (q && qb && qi >= 0 && bi >= 0) {
+            const float *w = kiln_model_params(m) + kiln_model_tensor(m, qi)->offset;
+            const float *b = kiln_model_params(m) + kiln_model_tensor(m, bi)->offset;
+            const float *g = (const float *)q->data, *gb = (const float *)qb->data;
+            for (int r = 0; r < 64; r++) {
+                int src = legacy ? (int)model_gguf_perm_src(r, 16) : r;
+                CHECK(!memcmp(g + r * 64, w + src * 64, 64 * sizeof(float)));
+                CHECK(gb[r] == b[src]);
+            }
+            CHECK(legacy || gb[1] != b[8]); /* the permuted order would differ */
+        }
+        gguf_close(&f);
+        kiln_model *r = NULL;
+        CHECK_EQ(kiln_model_load(ctx, path("q2.gguf"), &r), KILN_OK);
+        if (r) {
+            const kiln_config *b = kiln_model_config(r);
+            CHECK(b->qkv_bias && !b->bias && b->hf_type == KILN_HF_TYPE_QWEN2 && b->tie_embeddings);
+            CHECK(b->rope_theta == c.rope_theta && b->n_kv_head == 2 && b->n_inner == 128);
+            CHECK_EQ(r->gguf_llama_qk, legacy);
+            CHECK_EQ(kiln_model_num_params(m), kiln_model_num_params(r));
+            CHECK(!memcmp(kiln_model_params(m), kiln_model_params(r),
+                          kiln_model_num_params(m) * sizeof(float)));
+        }
+        kiln_model_free(r);
+    }
+    kiln_model_free(m);
+    kiln_tokenizer_free(tok);
+    kiln_ctx_free(ctx);
+}
+
 static void test_round_trip_gpt2_bytes(void) { round_trip(KILN_ARCH_GPT2, true, NULL); }
 static void test_round_trip_gpt2_bpe(void) { round_trip(KILN_ARCH_GPT2, false, "gpt2"); }
 static void test_round_trip_llama_bpe(void) { round_trip(KILN_ARCH_LLAMA, false, "llama3"); }
@@ -803,6 +885,7 @@ int main(void)
     RUN_TEST(test_round_trip_gpt2_bpe);
     RUN_TEST(test_round_trip_llama_bpe);
     RUN_TEST(test_round_trip_llama_tied);
+    RUN_TEST(test_round_trip_qwen2);
     RUN_TEST(test_q8_0);
     RUN_TEST(test_q4_0);
     RUN_TEST(test_q6_k);

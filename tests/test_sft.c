@@ -267,7 +267,15 @@ static void test_rows_errors(void)
     o.progress = KILN_PROGRESS_NONE;
     expect_fail(&o, KILN_ERR_INVALID_ARG, "kiln_train_opts.init_from or kiln_train_opts.config");
     o.config = P("cfg.json");
-    expect_fail(&o, KILN_ERR_INVALID_ARG, "kiln_train_opts.rows row 1 holds several documents");
+    /* packed rows need positions that restart per document */
+    expect_fail(&o, KILN_ERR_INVALID_ARG,
+                "kiln_train_opts.rows row 1 holds several documents but its pos is missing");
+    int32_t pos[8] = {0, 1, 2, 3, 0, 1, 0, 2};
+    p.pos = pos;
+    expect_fail(&o, KILN_ERR_INVALID_ARG,
+                "kiln_train_opts.rows row 1 holds several documents but its pos is broken at "
+                "position 3");
+    p.pos = NULL;
     doc[6] = doc[7] = 0;
     o.seq = 8;
     expect_fail(&o, KILN_ERR_INVALID_ARG, "T = 4 positions but kiln_train_opts.seq = 8");

@@ -268,6 +268,130 @@ static void test_hf_roundtrip(void)
     kiln_tokenizer_free(u);
 }
 
+/* A mini tokenizer.json with <|begin_of_text|> (id 301, special) added and
+ * the post_processor pp (JSON text). */
+static char *with_post(const char *pp)
+{
+    char tail[2048];
+    snprintf(tail, sizeof tail, ",\"post_processor\":%s", pp);
+    const char *src = mini_json(",\"ab\":256,\"abc\":257,\"<|endoftext|>\":300,"
+                                "\"<|begin_of_text|>\":301", "\"a b\",[\"ab\",\"c\"]", tail);
+    const char *one = "\"special\":true}]";
+    const char *at = strstr(src, one);
+    size_t k = at ? (size_t)(at - src) + strlen(one) - 1 : 0;
+    char *out = malloc(strlen(src) + 128);
+    memcpy(out, src, k);
+    sprintf(out + k, ",{\"id\":301,\"content\":\"<|begin_of_text|>\",\"special\":true}%s",
+            src + k);
+    return out;
+}
+
+/* The post_processor's "single" template, as Hugging Face's tokenizers
+ * applies it with add_special_tokens=True (Llama 3's tokenizer.json:
+ * Sequence[ByteLevel, TemplateProcessing(single = $<|begin_of_text|> $A)]):
+ * known answers from the spec: the template's specials around the text's
+ * own ids; Bert/RobertaProcessing: cls before, sep after; ByteLevel only:
+ * nothing. The prompt's first ids follow the template (kiln_prompt_ids),
+ * also where the config's rule would say otherwise. Bad templates are
+ * refused naming the field. */
+static void test_post_processor(void)
+{
+    const char *llama3 =
+        "{\"type\":\"Sequence\",\"processors\":[{\"type\":\"ByteLevel\",\"add_prefix_space\":true,"
+        "\"trim_offsets\":false,\"use_regex\":true},{\"type\":\"TemplateProcessing\",\"single\":["
+        "{\"SpecialToken\":{\"id\":\"<|begin_of_text|>\",\"type_id\":0}},{\"Sequence\":{\"id\":\"A\","
+        "\"type_id\":0}}],\"pair\":[{\"SpecialToken\":{\"id\":\"<|begin_of_text|>\",\"type_id\":0}},"
+        "{\"Sequence\":{\"id\":\"A\",\"type_id\":0}},{\"SpecialToken\":{\"id\":\"<|begin_of_text|>\","
+        "\"type_id\":1}},{\"Sequence\":{\"id\":\"B\",\"type_id\":1}}],\"special_tokens\":{"
+        "\"<|begin_of_text|>\":{\"id\":\"<|begin_of_text|>\",\"ids\":[301],\"tokens\":["
+        "\"<|begin_of_text|>\"]}}}]}";
+    const char *txt = "abcab abd";
+    kiln_tokenizer *t = NULL;
+    char *doc = with_post(llama3);
+    CHECK_EQ(load_text("pp_llama3.json", doc, &t), KILN_OK);
+    free(doc);
+    if (!t) return;
+    CHECK_EQ(kiln_tokenizer_special_id(t, "<|begin_of_text|>"), 301);
+    int32_t *plain, *full, *prompt;
+    size_t np, nf, npr;
+    CHECK_EQ(kiln_tokenizer_encode(ctx, t, txt, strlen(txt), &plain, &np), KILN_OK);
+    CHECK_EQ(kiln_tokenizer_encode_add_special(ctx, t, txt, strlen(txt), &full, &nf), KILN_OK);
+    /* "abcab abd": abc ab, then " abd": ' ' ab d (test_hf_mini) */
+    static const int32_t body[] = {257, 256, 32, 256, 100};
+    CHECK(np == 5 && !memcmp(plain, body, sizeof body));
+    CHECK(nf == 6 && full[0] == 301 && !memcmp(full + 1, body, sizeof body));
+    const int32_t *pre;
+    CHECK_EQ(kiln_tokenizer_post_ids(t, false, &pre), 1);
+    CHECK(pre && pre[0] == 301);
+    CHECK_EQ(kiln_tokenizer_post_ids(t, true, &pre), 0);
+    /* a gpt2 config adds nothing itself: the template's BOS comes first */
+    kiln_config c = kiln_config_default();
+    c.arch = KILN_ARCH_GPT2;
+    c.bos_token_id = -1;
+    CHECK_EQ(kiln_prompt_ids(ctx, &c, t, plain, np, &prompt, &npr), KILN_OK);
+    CHECK(npr == 6 && prompt[0] == 301 && !memcmp(prompt + 1, body, sizeof body));
+    free(prompt);
+    /* save and load keep the template */
+    char out[4096];
+    snprintf(out, sizeof out, "%s/pp_saved.json", tmpdir());
+    kiln_tokenizer *u = NULL;
+    CHECK_EQ(kiln_tokenizer_save(ctx, t, out), KILN_OK);
+    CHECK_EQ(kiln_tokenizer_load(ctx, out, &u), KILN_OK);
+    CHECK(u && kiln_tokenizer_post_ids(u, false, &pre) == 1 && pre[0] == 301);
+    kiln_tokenizer_free(u);
+    free(plain);
+    free(full);
+    kiln_tokenizer_free(t);
+
+    /* RobertaProcessing: <s> ... </s> (here 301 ... 300) */
+    doc = with_post("{\"type\":\"RobertaProcessing\",\"sep\":[\"<|endoftext|>\",300],\"cls\":["
+                    "\"<|begin_of_text|>\",301],\"trim_offsets\":true,\"add_prefix_space\":false}");
+    CHECK_EQ(load_text("pp_roberta.json", doc, &t), KILN_OK);
+    free(doc);
+    if (t) {
+        CHECK_EQ(kiln_tokenizer_encode_add_special(ctx, t, txt, strlen(txt), &full, &nf), KILN_OK);
+        CHECK(nf == 7 && full[0] == 301 && full[6] == 300 && !memcmp(full + 1, body, sizeof body));
+        free(full);
+        kiln_tokenizer_free(t);
+    }
+    /* a template without specials: a llama config's BOS is not added */
+    doc = with_post("{\"type\":\"TemplateProcessing\",\"single\":[{\"Sequence\":{\"id\":\"A\","
+                    "\"type_id\":0}}],\"pair\":[],\"special_tokens\":{}}");
+    CHECK_EQ(load_text("pp_none.json", doc, &t), KILN_OK);
+    free(doc);
+    if (t) {
+        c.arch = KILN_ARCH_LLAMA;
+        c.bos_token_id = 300;
+        CHECK_EQ(kiln_prompt_ids(ctx, &c, t, body, 5, &prompt, &npr), KILN_OK);
+        CHECK(npr == 5 && !memcmp(prompt, body, sizeof body));
+        free(prompt);
+        kiln_tokenizer_free(t);
+    }
+    /* ByteLevel only: no template, the config's rule (BOS for llama) */
+    doc = with_post("{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"trim_offsets\":true}");
+    CHECK_EQ(load_text("pp_bl.json", doc, &t), KILN_OK);
+    free(doc);
+    if (t) {
+        CHECK_EQ(kiln_tokenizer_post_ids(t, false, &pre), -1);
+        CHECK_EQ(kiln_prompt_ids(ctx, &c, t, body, 5, &prompt, &npr), KILN_OK);
+        CHECK(npr == 6 && prompt[0] == 300);
+        free(prompt);
+        kiln_tokenizer_free(t);
+    }
+    doc = with_post("{\"type\":\"TemplateProcessing\",\"single\":[{\"SpecialToken\":{\"id\":"
+                    "\"<|begin_of_text|>\",\"type_id\":0}},{\"Sequence\":{\"id\":\"A\",\"type_id\":0}}],"
+                    "\"special_tokens\":{\"<|begin_of_text|>\":{\"ids\":[9999]}}}");
+    expect_error("pp_range.json", doc, "post_processor.special_tokens[\"<|begin_of_text|>\"] id 9999");
+    free(doc);
+    doc = with_post("{\"type\":\"TemplateProcessing\",\"single\":[{\"SpecialToken\":{\"id\":"
+                    "\"<|nope|>\",\"type_id\":0}},{\"Sequence\":{\"id\":\"A\",\"type_id\":0}}]}");
+    expect_error("pp_unknown_tok.json", doc, "special token \"<|nope|>\" is neither");
+    free(doc);
+    doc = with_post("{\"type\":\"Fancy\"}");
+    expect_error("pp_type.json", doc, "post_processor.type \"Fancy\" is not supported");
+    free(doc);
+}
+
 /* GPT-2's vocabulary: known ids, special tokens only on request, and
  * cut points that leave the ids unchanged. */
 static void test_gpt2_known(void)
@@ -488,6 +612,7 @@ int main(void)
     RUN_TEST(test_hf_mini);
     RUN_TEST(test_hf_errors);
     RUN_TEST(test_hf_roundtrip);
+    RUN_TEST(test_post_processor);
     RUN_TEST(test_hf_added_tokens);
     RUN_TEST(test_hf_llama3_qwen2);
     RUN_TEST(test_gpt2_known);

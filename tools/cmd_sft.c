@@ -5,7 +5,9 @@
  * The examples are loaded and rendered by the library (kiln_dataset_load:
  * the chat template, the loss mask), split into training and held-out
  * examples, laid out one per row (kiln_dataset_rows: padding, targets -1
- * where no loss is taken) and handed to the trainer as its row source
+ * where no loss is taken) or, with --packing, several per row
+ * (kiln_dataset_pack_rows: attention kept inside each example, positions
+ * restarting per example) and handed to the trainer as its row source
  * (kiln_train_opts.rows) with the masked cross-entropy objective. The
  * run's own settings (model, data, split, loss_on, max_len) are written to
  * RUN/sft.json so that --resume rebuilds the same rows; the trainer's
@@ -45,9 +47,10 @@ static int save_args(const char *out, const sft_args *a)
     if (!realpath(a->model, m)) snprintf(m, sizeof m, "%s", a->model);
     if (!realpath(a->data, d)) snprintf(d, sizeof d, "%s", a->data);
     if (a->val_data && !realpath(a->val_data, v)) snprintf(v, sizeof v, "%s", a->val_data);
-    json_t *j = json_pack("{s:s,s:s,s:s?,s:f,s:s,s:i,s:b}", "model", m, "data", d,
+    json_t *j = json_pack("{s:s,s:s,s:s?,s:f,s:s,s:i,s:b,s:b}", "model", m, "data", d,
                           "val_data", a->val_data ? v : NULL, "val_fraction", a->val_fraction, "loss_on",
-                          a->loss_on, "max_len", a->max_len, "skip_bad_lines", a->skip_bad);
+                          a->loss_on, "max_len", a->max_len, "skip_bad_lines", a->skip_bad,
+                          "packing", a->pack);
     char path[4200];
     snprintf(path, sizeof path, "%s/sft.json", out);
     int rc = j ? json_dump_file(j, path, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : -1;
@@ -88,6 +91,7 @@ static int load_args(const char *run, int argc, char **argv, sft_args *a, json_t
         a->max_len = (int)json_integer_value(json_object_get(j, "max_len"));
     if (!cli_given(argc, argv, "skip-bad") && !cli_given(argc, argv, "skip-bad-lines"))
         a->skip_bad = json_is_true(json_object_get(j, "skip_bad_lines"));
+    if (!cli_given(argc, argv, "packing")) a->pack = json_is_true(json_object_get(j, "packing"));
     return 0;
 }
 
@@ -100,6 +104,24 @@ static void print_stats(const char *what, const kiln_dataset *ds)
            what, (long long)st.examples, (long long)st.lines, (long long)st.bad_lines,
            (long long)st.truncated, (long long)st.dropped, (long long)st.tokens,
            (long long)st.loss_tokens);
+}
+
+/* --packing's summary: how full the packed rows are, against one example
+ * per row padded to the longest. */
+static void print_packing(const kiln_packed *p)
+{
+    size_t cells = (size_t)p->rows * (size_t)p->T, used = 0, longest = 0, run = 0;
+    for (size_t c = 0; c < cells; c++) {
+        used += p->doc[c] >= 0;
+        run = p->doc[c] >= 0 && p->pos[c] > 0 ? run + 1 : p->doc[c] >= 0;
+        if (run > longest) longest = run;
+    }
+    size_t unpacked = (size_t)p->examples * longest;
+    printf("packing: %lld examples in %lld rows, %.1f%% of positions filled (%zu of %zu); one "
+           "per row would be %lld rows of %zu, %.1f%% filled: %.2fx fewer positions\n",
+           (long long)p->examples, (long long)p->rows, cells ? 100.0 * used / cells : 0.0, used,
+           cells, (long long)p->examples, longest, unpacked ? 100.0 * used / unpacked : 0.0,
+           cells ? (double)unpacked / cells : 0.0);
 }
 
 /* The held-out examples: n_val of n chosen by a seeded shuffle, the rest
@@ -182,7 +204,7 @@ int cmd_sft(int argc, char **argv)
         {"val-fraction", CLI_F64, &a.val_fraction, "share of --data held out for val_loss, in [0, 1) [0.1]", false},
         {"loss-on", CLI_STR, &a.loss_on, "assistant | completion | all: tokens learned: every assistant turn (or the completion), the last one only, or every token [assistant]", false},
         {"max-len", CLI_INT, &a.max_len, "tokens per example kept (longer ones are cut) [the model's n_ctx + 1]", false},
-        {"pack", CLI_BOOL, &a.pack, "several conversations per row (not supported yet)", false},
+        {"packing", CLI_BOOL, &a.pack, "several examples per row of --max-len - 1 positions (first fit), attention kept inside each example and positions restarting per example (padding-free training; same loss as unpadded rows) [off: one example per row, padded to the longest]", false},
         {"skip-bad", CLI_BOOL, &a.skip_bad, "skip malformed JSONL lines (each is still reported) instead of failing", false},
         {"skip-bad-lines", CLI_BOOL, &skip_bad_lines, "the same as --skip-bad", false},
         {"batch", CLI_INT, &o.batch, "examples per micro-batch [8]", false},
@@ -226,7 +248,8 @@ int cmd_sft(int argc, char **argv)
                        "({\"messages\":[{\"role\",\"content\"},...]}) or prompt/completion JSONL,\n"
                        "rendered with the model's chat template (tokenizer_config.json) or\n"
                        "ChatML; the loss is the mean cross-entropy over the learned tokens\n"
-                       "(--loss-on). One example per row, padded. Writes RUN/metrics.jsonl\n"
+                       "(--loss-on). One example per row, padded, or with --packing several\n"
+                       "per row, each attending only to itself. Writes RUN/metrics.jsonl\n"
                        "(with loss_tokens per step), RUN/step_*/ checkpoints (kiln model\n"
                        "directories) and RUN/sft.json. Ctrl-C saves and exits 0.",
                        opts, argc, argv, NULL);
@@ -244,12 +267,6 @@ int cmd_sft(int argc, char **argv)
     size_t *tr_idx = NULL, *va_idx = NULL;
     kiln_status s = KILN_OK;
     a.skip_bad = a.skip_bad || skip_bad_lines;
-    if (a.pack) {
-        fprintf(stderr, "kiln sft: --pack is not supported yet: several conversations in one "
-                        "row need attention kept inside each conversation (document ids in the "
-                        "attention kernels); leave --pack out to pad one conversation per row\n");
-        goto done;
-    }
     if (cli_given(argc, argv, "steps") && o.steps <= 0) {
         fprintf(stderr, "kiln sft: --steps must be positive (leave it out to train for --epochs)\n");
         goto done;
@@ -384,9 +401,23 @@ int cmd_sft(int argc, char **argv)
     split_indices(n, n_val, o.seed, tr_idx, va_idx);
     /* rows of one length T: the longest example of either split */
     kiln_loss_on lo = (kiln_loss_on)loss_on;
-    if ((s = kiln_dataset_rows(ctx, ds, 0, lo, tr_idx, n - n_val, &rows))) goto fail;
-    int T = rows->T;
-    if (vds || n_val) {
+    int T;
+    if (a.pack) { /* rows of max_len - 1 positions, several examples each */
+        T = dopt.max_len - 1;
+        if ((s = kiln_dataset_pack_rows(ctx, ds, T, lo, tr_idx, n - n_val, &rows))) goto fail;
+        s = vds ? kiln_dataset_pack_rows(ctx, vds, T, lo, NULL, 0, &vrows)
+            : n_val ? kiln_dataset_pack_rows(ctx, ds, T, lo, va_idx, n_val, &vrows) : KILN_OK;
+        if (s) goto fail;
+        if (rows->rows < 1) {
+            fprintf(stderr, "kiln sft: %s has no example of 2 tokens or more to train on\n",
+                    a.data);
+            goto done;
+        }
+    } else {
+        if ((s = kiln_dataset_rows(ctx, ds, 0, lo, tr_idx, n - n_val, &rows))) goto fail;
+        T = rows->T;
+    }
+    if (!a.pack && (vds || n_val)) {
         s = vds ? kiln_dataset_rows(ctx, vds, 0, lo, NULL, 0, &vrows)
                 : kiln_dataset_rows(ctx, ds, 0, lo, va_idx, n_val, &vrows);
         if (s) goto fail;
@@ -407,6 +438,7 @@ int cmd_sft(int argc, char **argv)
     if (vds) print_stats(a.val_data, vds);
     printf("rows: %lld train, %lld held out, %d positions each; loss on %s\n",
            (long long)rows->rows, (long long)(vrows ? vrows->rows : 0), T, a.loss_on);
+    if (a.pack) print_packing(rows);
     fflush(stdout);
     o.seq = T;
     o.rows = rows;

@@ -169,13 +169,13 @@ kiln_status kiln_gguf_export(kiln_ctx *ctx, const kiln_model *m, const kiln_toke
             sum[i].numel = (uint64_t)map[i].ne[0] * (uint64_t)map[i].ne[1];
             sum[i].bytes = dtype_row_bytes(types[i], map[i].ne[0]) * (size_t)map[i].ne[1];
         }
-        gguf_w_str(&w, "general.architecture", model_gguf_arch(c));
+        gguf_w_str(&w, "general.architecture", model_gguf_arch(m));
         gguf_w_str(&w, "general.type", "model");
         gguf_w_str(&w, "general.name", o->name && *o->name ? o->name : "kiln model");
         gguf_w_u32(&w, "general.alignment", GGUF_DEFAULT_ALIGNMENT);
         gguf_w_u32(&w, "general.file_type", p->file_type);
         if (dtype_traits_of(p->base)->quantized) gguf_w_u32(&w, "general.quantization_version", 2);
-        model_gguf_write_hparams(&w, c);
+        model_gguf_write_hparams(&w, m);
         tok_gguf_ids ids = {.bos = c->bos_token_id, .eos = c->eos_token_id, .pad = -1,
                             .add_bos = c->arch == KILN_ARCH_LLAMA && c->bos_token_id >= 0,
                             .n_vocab = c->vocab_size}; /* one token per row */

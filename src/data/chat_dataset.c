@@ -477,14 +477,43 @@ void kiln_dataset_get_stats(const kiln_dataset *ds, kiln_dataset_stats *st) { *s
 
 #define OPEN_ROWS 16
 
+static size_t last_run(const uint8_t *m, size_t n);
+
+/* Row r's padding (doc -1 after its last document) as one document of
+ * its own, positions 0, 1, ...: it attends to nothing else and costs one
+ * attention call, not one per position. */
+static void pad_positions(kiln_packed *pk)
+{
+    size_t T = (size_t)pk->T;
+    for (int64_t r = 0; r < pk->rows; r++)
+        for (size_t j = 0, c = (size_t)r * T; j < T; j++, c++)
+            if (pk->doc[c] < 0) pk->pos[c] = j > 0 && pk->doc[c - 1] < 0 ? pk->pos[c - 1] + 1 : 0;
+}
+
 kiln_status kiln_dataset_pack(kiln_ctx *ctx, const kiln_dataset *ds, int T, kiln_packed **out)
+{
+    return kiln_dataset_pack_rows(ctx, ds, T, KILN_LOSS_ON_MASK, NULL, 0, out);
+}
+
+kiln_status kiln_dataset_pack_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                                   kiln_loss_on loss_on, const size_t *idx, size_t n_idx,
+                                   kiln_packed **out)
 {
     *out = NULL;
     if (ds->kind != KILN_DATASET_SFT)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "packing needs an SFT dataset");
     if (T < 1) return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "pack: sequence length %d must be >= 1", T);
+    if (loss_on != KILN_LOSS_ON_MASK && loss_on != KILN_LOSS_ON_ALL &&
+        loss_on != KILN_LOSS_ON_COMPLETION)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_dataset_pack_rows: loss_on = %d is not a kiln_loss_on", (int)loss_on);
+    size_t n = idx ? n_idx : ds->n_ex;
+    for (size_t r = 0; r < n; r++)
+        if (idx && idx[r] >= ds->n_ex)
+            return kiln_fail(ctx, KILN_ERR_RANGE,
+                             "kiln_dataset_pack_rows: index %zu (entry %zu) is outside the "
+                             "dataset's %zu examples", idx[r], r, ds->n_ex);
     /* plan: row of each example and its offset, first fit over open rows */
-    size_t n = ds->n_ex;
     int64_t *row = malloc((n + 1) * sizeof *row);
     int32_t *at = malloc((n + 1) * sizeof *at);
     int64_t open_row[OPEN_ROWS];
@@ -498,9 +527,9 @@ kiln_status kiln_dataset_pack(kiln_ctx *ctx, const kiln_dataset *ds, int T, kiln
     }
     kiln_packed *pk = kiln_calloc(ctx, 1, sizeof *pk);
     if (!pk) { free(row); free(at); return KILN_ERR_NOMEM; }
-    for (size_t i = 0; i < n; i++) {
-        size_t len = ds->ex[i].n;
-        if (len < 2) { row[i] = -1; continue; }
+    for (size_t r = 0; r < n; r++) {
+        size_t len = ds->ex[idx ? idx[r] : r].n;
+        if (len < 2) { row[r] = -1; continue; }
         int32_t need = (int32_t)KILN_MIN(len - 1, (size_t)T);
         if (len - 1 > (size_t)T) pk->cut++;
         int k = 0;
@@ -518,8 +547,8 @@ kiln_status kiln_dataset_pack(kiln_ctx *ctx, const kiln_dataset *ds, int T, kiln
             open_used[k] = 0;
             n_open++;
         }
-        row[i] = open_row[k];
-        at[i] = open_used[k];
+        row[r] = open_row[k];
+        at[r] = open_used[k];
         open_used[k] += need;
         pk->examples++;
     }
@@ -551,21 +580,25 @@ kiln_status kiln_dataset_pack(kiln_ctx *ctx, const kiln_dataset *ds, int T, kiln
         kiln_packed_free(pk);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory packing");
     }
-    for (size_t i = 0; i < n; i++) {
-        if (row[i] < 0) continue;
-        const ex_rec *e = &ds->ex[i];
+    for (size_t r = 0; r < n; r++) {
+        if (row[r] < 0) continue;
+        const ex_rec *e = &ds->ex[idx ? idx[r] : r];
         const int32_t *ids = ds->ids + e->ids;
         const uint8_t *m = ds->mask + e->ids;
         size_t len = KILN_MIN(e->n - 1, (size_t)T);
-        size_t base = (size_t)row[i] * (size_t)T + (size_t)at[i];
-        int32_t d = next_doc[row[i]]++;
+        size_t base = (size_t)row[r] * (size_t)T + (size_t)at[r];
+        /* the loss rule of kiln_dataset_rows */
+        size_t from = loss_on == KILN_LOSS_ON_COMPLETION ? last_run(m, e->n) : 0;
+        int32_t d = next_doc[row[r]]++;
         for (size_t j = 0; j < len; j++) {
+            bool learn = loss_on == KILN_LOSS_ON_ALL || (m[j + 1] && j + 1 >= from);
             pk->tokens[base + j] = ids[j];
-            pk->targets[base + j] = m[j + 1] ? ids[j + 1] : -1;
+            pk->targets[base + j] = learn ? ids[j + 1] : -1;
             pk->pos[base + j] = (int32_t)j;
             pk->doc[base + j] = d;
         }
     }
+    pad_positions(pk);
     free(next_doc);
     free(row);
     free(at);

@@ -52,10 +52,17 @@ kiln_status kiln_prompt_ids(kiln_ctx *ctx, const kiln_config *cfg, const kiln_to
      * trained so); GPT-2's add nothing. An empty prompt starts from BOS or,
      * without one, the end-of-text separator the model was trained with. */
     bool bos = cfg->arch == KILN_ARCH_LLAMA && cfg->bos_token_id >= 0;
-    size_t extra = bos || n == 0 ? 1 : 0;
+    /* a tokenizer.json template says itself what goes first (Hugging
+     * Face's add_special_tokens); only the part before the text: a prompt
+     * is continued, not closed */
+    const int32_t *pre = NULL;
+    int npre = kiln_tokenizer_post_ids(tok, false, &pre);
+    size_t extra = npre >= 0 ? (size_t)npre : bos ? 1 : 0;
+    if (n + extra == 0) extra = 1;
     int32_t *p = malloc((n + extra) * sizeof *p);
     if (!p) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
-    if (extra) p[0] = cfg->bos_token_id >= 0 ? cfg->bos_token_id : kiln_tokenizer_eot(tok);
+    if (npre > 0) memcpy(p, pre, (size_t)npre * sizeof *p);
+    else if (extra) p[0] = cfg->bos_token_id >= 0 ? cfg->bos_token_id : kiln_tokenizer_eot(tok);
     if (n) memcpy(p + extra, ids, n * sizeof *p);
     *out = p;
     *n_out = n + extra;

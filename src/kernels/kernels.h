@@ -287,6 +287,24 @@ void kern_fast_attention_bwd(kern_gemm *g, float *dqkv, const float *dout, const
                              const float *out, const float *lse, int B, int T, int NH, int KVH,
                              int HS);
 
+/* Document-masked causal attention over packed rows (attn_doc.c): pos
+ * (B, T) is each token's position inside its document (a document starts
+ * where pos is 0 and runs 0, 1, 2, ...); a token attends to the tokens of
+ * its document up to itself (block-diagonal causal mask). Contracts as
+ * k's attention_fwd / attention_bwd (the same layouts of qkv, out, lse,
+ * dqkv), run once per document on k. scratch: NH * T floats. */
+void kern_attention_doc_fwd(const kern_ops *k, kern_gemm *g, float *out, float *lse,
+                            const float *qkv, const int32_t *pos, int B, int T, int NH, int KVH,
+                            int HS, float *scratch);
+void kern_attention_doc_bwd(const kern_ops *k, kern_gemm *g, float *dqkv, const float *dout,
+                            const float *qkv, const float *out, const float *lse,
+                            const int32_t *pos, int B, int T, int NH, int KVH, int HS,
+                            float *scratch);
+/* Whether pos (B, T) is a valid document layout: each row starts at 0 and
+ * every position is 0 or its predecessor + 1; else the first bad index in
+ * *bad. */
+bool kern_doc_pos_ok(const int32_t *pos, int B, int T, int64_t *bad);
+
 /* The fast table's inference ops (x86/linear_stream.c). */
 void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
                       const float *b);

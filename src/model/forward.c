@@ -33,6 +33,12 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
                                const int32_t *tokens, int B, int T,
                                float **logits)
 {
+    return kiln_model_forward_pos(ctx, m, tokens, NULL, B, T, logits);
+}
+
+kiln_status kiln_model_forward_pos(kiln_ctx *ctx, kiln_model *m, const int32_t *tokens,
+                                   const int32_t *pos, int B, int T, float **logits)
+{
     if (B > m->B_cap || T > m->T_cap || !m->grads || model_bf16_acts(m) != m->act_mp) {
         kiln_status s = kiln_model_prepare(ctx, m, B, T);
         if (s) return s;
@@ -46,6 +52,13 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
                              "token id %d at batch row %zu, position %zu is outside the "
                              "model's vocabulary [0, %d) (tokenizer and model do not match?)",
                              tokens[i], i / (size_t)T, i % (size_t)T, m->V);
+    int64_t bad;
+    if (pos && !kern_doc_pos_ok(pos, B, T, &bad))
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "positions: batch row %lld, position %lld holds %d; a row starts a "
+                         "document at 0 and each position is 0 (a new document) or the one "
+                         "before it + 1",
+                         (long long)(bad / T), (long long)(bad % T), (int)pos[bad]);
     set_threads(m);
     m->threads = kiln_get_threads(ctx);
     set_threads(m);
@@ -53,6 +66,8 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
     m->B = B;
     m->T = T;
     memcpy(m->a.tokens, tokens, N * sizeof(int32_t));
+    m->packed = pos != NULL;
+    if (pos) memcpy(m->a.pos, pos, N * sizeof(int32_t));
 
     kern_gemm *g = m->gemm;
     /* re-derive the packed weight copies when the parameters were written

@@ -15,6 +15,11 @@
  *         (convert_hf_to_gguf.py's LlamaModel.permute, with NH for q and
  *         KVH for k). The permutation moves whole rows, so it commutes with
  *         block quantization (whose blocks run along a row).
+ *   qwen2 (q/k/v biases without an o bias: Qwen2, Qwen2.5) is llama.cpp's
+ *         "qwen2" architecture: llama's tensor names plus attn_q/k/v.bias,
+ *         and NEOX rope (rotate-half, HF's order), so no permutation, as
+ *         convert_hf_to_gguf.py's Qwen2Model writes it. A "llama" file with
+ *         those biases (older kiln wrote qwen2 so) reads as before.
  *   Tied embeddings: no output.weight; llama.cpp then uses token_embd.
  */
 #include "model/model.h"
@@ -63,8 +68,16 @@ static const name_map llama_layer[] = {
     {NULL, NULL, 0},
 };
 
-/* The GGUF name and op of kiln tensor `name`; false when it has none. */
-static bool map_name(const kiln_config *c, const char *name, char *out, int *op, int *layer)
+static bool is_qwen2(const kiln_model *m)
+{
+    const kiln_config *c = &m->cfg;
+    return c->arch == KILN_ARCH_LLAMA && c->qkv_bias && !c->bias && !m->gguf_llama_qk;
+}
+
+/* The GGUF name and op of kiln tensor `name`; false when it has none.
+ * neox: q/k rows stay in HF's order (qwen2). */
+static bool map_name(const kiln_config *c, bool neox, const char *name, char *out, int *op,
+                     int *layer)
 {
     bool g = c->arch == KILN_ARCH_GPT2;
     *op = MODEL_GGUF_COPY;
@@ -92,7 +105,9 @@ static bool map_name(const kiln_config *c, const char *name, char *out, int *op,
     for (const name_map *nm = g ? gpt2_layer : llama_layer; nm->hf; nm++)
         if (!strcmp(end + 1, nm->hf)) {
             snprintf(out, GGUF_MAX_NAME, "blk.%ld.%s", l, nm->gguf);
-            *op = nm->op;
+            *op = neox && (nm->op == MODEL_GGUF_PERMUTE_Q || nm->op == MODEL_GGUF_PERMUTE_K)
+                      ? MODEL_GGUF_COPY
+                      : nm->op;
             *layer = (int)l;
             return true;
         }
@@ -105,7 +120,7 @@ int model_gguf_tensors(const kiln_model *m, model_gguf_tensor *out)
     for (int i = 0; i < m->n_tensors; i++) {
         const kiln_tensor_info *ti = &m->tensors[i];
         model_gguf_tensor t = {.src = i};
-        if (!map_name(&m->cfg, ti->name, t.name, &t.op, &t.layer)) continue;
+        if (!map_name(&m->cfg, is_qwen2(m), ti->name, t.name, &t.op, &t.layer)) continue;
         t.ndim = ti->ndim;
         if (ti->ndim == 1) {
             t.ne[0] = ti->shape[0];
@@ -173,14 +188,15 @@ void model_gguf_put(kiln_model *m, const model_gguf_tensor *t, const float *src)
     }
 }
 
-const char *model_gguf_arch(const kiln_config *c)
+const char *model_gguf_arch(const kiln_model *m)
 {
-    return c->arch == KILN_ARCH_GPT2 ? "gpt2" : "llama";
+    return m->cfg.arch == KILN_ARCH_GPT2 ? "gpt2" : is_qwen2(m) ? "qwen2" : "llama";
 }
 
-void model_gguf_write_hparams(gguf_writer *w, const kiln_config *c)
+void model_gguf_write_hparams(gguf_writer *w, const kiln_model *m)
 {
-    const char *a = model_gguf_arch(c);
+    const kiln_config *c = &m->cfg;
+    const char *a = model_gguf_arch(m);
     char k[96];
 #define KEY(s) (snprintf(k, sizeof k, "%s.%s", a, s), k)
     gguf_w_u32(w, KEY("context_length"), (uint32_t)c->n_ctx);
@@ -240,7 +256,16 @@ kiln_status model_gguf_config(kiln_ctx *ctx, const gguf_file *f, const char *wha
     if (s) return s;
     kiln_config c = kiln_config_default();
     char arch[16];
-    if (an == 4 && !memcmp(as, "gpt2", 4)) {
+    if (an == 5 && !memcmp(as, "qwen2", 5)) { /* llama.cpp's qwen2: q/k/v biases, NEOX rope */
+        c.arch = KILN_ARCH_LLAMA;
+        c.bias = false;
+        c.qkv_bias = true;
+        c.hf_type = KILN_HF_TYPE_QWEN2;
+        if (gguf_find_tensor(f, "blk.0.attn_output.bias"))
+            return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                             "%s: a qwen2 file with tensor \"blk.0.attn_output.bias\": kiln's "
+                             "qwen2 has q/k/v biases only", what);
+    } else if (an == 4 && !memcmp(as, "gpt2", 4)) {
         c.arch = KILN_ARCH_GPT2;
         c.bias = true;
     } else if (an == 5 && !memcmp(as, "llama", 5)) {
@@ -253,10 +278,10 @@ kiln_status model_gguf_config(kiln_ctx *ctx, const gguf_file *f, const char *wha
     } else {
         return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
                          "%s: metadata key \"general.architecture\" = \"%.*s\" is not "
-                         "supported (kiln reads gpt2 and llama)", what,
+                         "supported (kiln reads gpt2, llama and qwen2)", what,
                          (int)(an > 64 ? 64 : an), as);
     }
-    snprintf(arch, sizeof arch, "%s", c.arch == KILN_ARCH_GPT2 ? "gpt2" : "llama");
+    snprintf(arch, sizeof arch, "%.*s", (int)an, as);
     c.n_ctx = 0;
     if ((s = get_i(ctx, f, what, arch, "context_length", true, &c.n_ctx)) ||
         (s = get_i(ctx, f, what, arch, "embedding_length", true, &c.n_embd)) ||
@@ -292,26 +317,28 @@ kiln_status model_gguf_config(kiln_ctx *ctx, const gguf_file *f, const char *wha
         if ((s = get_i(ctx, f, what, arch, "rope.dimension_count", false, &rd))) return s;
         if (c.n_head > 0 && rd != c.n_embd / c.n_head)
             return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
-                             "%s: metadata key \"llama.rope.dimension_count\" = %d: kiln "
-                             "rotates whole heads (%d dimensions)", what, rd,
+                             "%s: metadata key \"%s.rope.dimension_count\" = %d: kiln "
+                             "rotates whole heads (%d dimensions)", what, arch, rd,
                              c.n_embd / c.n_head);
-        if (gguf_find(f, "llama.rope.scaling.type")) {
+        char key[64];
+        snprintf(key, sizeof key, "%s.rope.scaling.type", arch);
+        if (gguf_find(f, key)) {
             const char *st;
             size_t sn;
-            if ((s = gguf_get_str(ctx, f, what, "llama.rope.scaling.type", true, &st, &sn)))
-                return s;
+            if ((s = gguf_get_str(ctx, f, what, key, true, &st, &sn))) return s;
             if (!(sn == 4 && !memcmp(st, "none", 4)))
                 return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
-                                 "%s: metadata key \"llama.rope.scaling.type\" = \"%.*s\" is "
-                                 "not supported (kiln has no RoPE scaling)", what,
+                                 "%s: metadata key \"%s\" = \"%.*s\" is "
+                                 "not supported (kiln has no RoPE scaling)", what, key,
                                  (int)(sn > 32 ? 32 : sn), st);
         }
         int64_t nexp = 0;
-        if ((s = gguf_get_int(ctx, f, what, "llama.expert_count", false, &nexp))) return s;
+        snprintf(key, sizeof key, "%s.expert_count", arch);
+        if ((s = gguf_get_int(ctx, f, what, key, false, &nexp))) return s;
         if (nexp > 0)
             return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
-                             "%s: metadata key \"llama.expert_count\" = %lld: mixture-of-"
-                             "experts models are not supported", what, (long long)nexp);
+                             "%s: metadata key \"%s\" = %lld: mixture-of-"
+                             "experts models are not supported", what, key, (long long)nexp);
     }
     c.tie_embeddings = gguf_find_tensor(f, "output.weight") == NULL;
     /* Token ids: kiln prompts a llama with BOS when bos_token_id is set, so
@@ -401,7 +428,7 @@ kiln_status model_gguf_load_weights(kiln_ctx *ctx, kiln_model *m, const gguf_fil
         for (int j = 0; j < n && !used; j++) used = !strcmp(map[j].name, f->tensors[i].name);
         if (!used)
             kiln_log(ctx, KILN_LOG_WARN, "%s: ignoring tensor \"%s\" (not part of a kiln %s)",
-                     what, f->tensors[i].name, model_gguf_arch(&m->cfg));
+                     what, f->tensors[i].name, model_gguf_arch(m));
     }
     for (size_t i = 0; i < m->num_params && !s; i++)
         if (!isfinite(m->params[i])) {
@@ -423,8 +450,15 @@ kiln_status model_load_gguf(kiln_ctx *ctx, const char *path, kiln_model **out)
     if (s) return s;
     kiln_config cfg;
     kiln_model *m = NULL;
-    if (!(s = model_gguf_config(ctx, &f, path, &cfg)) && !(s = kiln_model_new(ctx, &cfg, &m)))
+    if (!(s = model_gguf_config(ctx, &f, path, &cfg)) && !(s = kiln_model_new(ctx, &cfg, &m))) {
+        const char *as;
+        size_t an;
+        /* a "llama" file of qwen2's layout: its q/k rows are permuted */
+        m->gguf_llama_qk = cfg.qkv_bias &&
+                           !gguf_get_str(ctx, &f, path, "general.architecture", true, &as, &an) &&
+                           an == 5 && !memcmp(as, "llama", 5);
         s = model_gguf_load_weights(ctx, m, &f, path);
+    }
     gguf_close(&f);
     if (s) {
         kiln_model_free(m);

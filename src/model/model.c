@@ -184,6 +184,7 @@ static void rope_tables(kiln_model *m)
             float f = (float)t * inv;
             m->rope_cos[(size_t)t * half + i] = (float)cos((double)f);
             m->rope_sin[(size_t)t * half + i] = (float)sin((double)f);
+            m->rope_nsin[(size_t)t * half + i] = -m->rope_sin[(size_t)t * half + i];
         }
     }
 }
@@ -223,10 +224,11 @@ kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
         size_t n = (size_t)cfg->n_ctx * (size_t)(m->HS / 2);
         m->rope_cos = kiln_aligned_alloc(ctx, n * sizeof(float));
         m->rope_sin = kiln_aligned_alloc(ctx, n * sizeof(float));
+        m->rope_nsin = kiln_aligned_alloc(ctx, n * sizeof(float));
     }
     if (!m->tensors || !m->layer_off || !m->w.layers || !m->g.layers || !m->gf.layers ||
         !m->fixup ||
-        !m->params || (cfg->arch == KILN_ARCH_LLAMA && (!m->rope_cos || !m->rope_sin))) {
+        !m->params || (cfg->arch == KILN_ARCH_LLAMA && (!m->rope_cos || !m->rope_sin || !m->rope_nsin))) {
         kiln_model_free(m);
         return kiln_fail(ctx, KILN_ERR_NOMEM,
                          "out of memory creating a model of %zu parameters (%.1f GiB)",
@@ -267,6 +269,7 @@ void kiln_model_free(kiln_model *m)
     free(m->grads);
     free(m->rope_cos);
     free(m->rope_sin);
+    free(m->rope_nsin);
     drop_kernels(m);
     kern_backend_free(m->fb);
     model_upd_free(m);

@@ -92,6 +92,9 @@ typedef struct model_acts {
     float *dc;        /* (N, C) */
     float *df;        /* (N, F) */
     float *dbig;      /* (N, max(QKV, 2F)) */
+    /* packed rows (kiln_model_forward_pos) */
+    int32_t *pos;     /* (B, T) position of each token inside its document */
+    float *lse_doc;   /* (NH, T) scratch of the document-masked attention */
 } model_acts;
 
 /* Per-op time accounting (bench/bench_train prints it). */
@@ -183,6 +186,8 @@ struct kiln_model {
                           layer_off[L+1] = num_params (the head ends there) */
     float *rope_cos;   /* (n_ctx, HS/2) llama */
     float *rope_sin;   /* (n_ctx, HS/2) */
+    float *rope_nsin;  /* (n_ctx, HS/2) -rope_sin: the inverse rotation of
+                          rope_at (the backward of packed rows) */
     const kern_ops *ops;
     kern_gemm *gemm;
     kern_backend *be; /* the bf16/fp16 backend (precision.c), NULL in fp32;
@@ -195,6 +200,11 @@ struct kiln_model {
     int B_cap, T_cap;  /* what the arena is sized for */
     bool act_mp;       /* ... and whether for bf16 activations */
     int B, T;          /* shape of the last forward (0 = none) */
+    bool gguf_llama_qk; /* read from a "llama" GGUF with q/k/v biases and no
+                           o bias: its q/k rows are in llama's permuted
+                           order (model_gguf_arch: "llama", not "qwen2") */
+    bool packed;       /* the last forward had positions (a.pos): attention
+                          kept inside each document, positions per document */
     model_acts a;
     int threads;       /* 0 = OpenMP default */
     int profile;       /* 1: per-op wall seconds into prof[]; 2: CPU seconds */
@@ -392,10 +402,13 @@ int model_gguf_tensors(const kiln_model *m, model_gguf_tensor *out);
 void model_gguf_get(const kiln_model *m, const model_gguf_tensor *t, float *dst);
 /* The inverse: writes src (GGUF layout) into m's parameters. */
 void model_gguf_put(kiln_model *m, const model_gguf_tensor *t, const float *src);
-/* "gpt2" or "llama": general.architecture and the hparams' key prefix. */
-const char *model_gguf_arch(const kiln_config *c);
+/* "gpt2", "llama" or "qwen2" (q/k/v biases without an o bias, llama.cpp's
+ * NEOX rope: q/k rows in HF's order, not permuted; a model read from a
+ * "llama" file of that layout stays "llama", m->gguf_llama_qk):
+ * general.architecture and the hparams' key prefix. */
+const char *model_gguf_arch(const kiln_model *m);
 /* Writes the {arch}.* hyper-parameter keys llama.cpp reads. */
-void model_gguf_write_hparams(gguf_writer *w, const kiln_config *c);
+void model_gguf_write_hparams(gguf_writer *w, const kiln_model *m);
 /* The config a GGUF file describes; errors name the key. */
 kiln_status model_gguf_config(kiln_ctx *ctx, const gguf_file *f, const char *what,
                               kiln_config *out);

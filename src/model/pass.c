@@ -97,6 +97,7 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
         {4, N * C},                /* atty (one layer) */
         {4, N * C}, {4, N * C},    /* dres, dc */
         {4, N * F}, {4, N * KILN_MAX(QKV, FH)}, /* df, dbig */
+        {4, N}, {4, NH * (size_t)T}, /* pos, lse_doc */
     };
     *n = (int)(sizeof s / sizeof s[0]);
     memcpy(out, s, sizeof s);
@@ -150,6 +151,8 @@ void model_pass_carve(kiln_model *m, int B, int T)
     a->dc = p[i++];
     a->df = p[i++];
     a->dbig = p[i++];
+    a->pos = p[i++];
+    a->lse_doc = p[i++];
     KILN_ASSERT(i == n);
 }
 
@@ -194,14 +197,22 @@ static void train_attend(void *ud, int l, const model_blk *io)
     int B = m->B, T = m->T, n = B * T;
     size_t nq = (size_t)n * m->QKV;
     float *lse = m->a.lse + (size_t)l * u->lse_sz;
-    if (m->cfg.arch != KILN_ARCH_GPT2)
+    if (m->cfg.arch != KILN_ARCH_GPT2 && m->packed) /* positions restart per document */
+        P(OTHER, k->rope_at(io->qkv, n, (size_t)m->QKV, m->a.pos, m->rope_cos, m->rope_sin,
+                            m->NH + m->KVH, m->HS));
+    else if (m->cfg.arch != KILN_ARCH_GPT2)
         P(OTHER, k->rope(io->qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
     if (u->att) {
         if (!u->rows) P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq));
         P(ATTN_FWD, mp->attention_fwd(be, io->attyp, lse, io->qkvh, B, T, m->NH, m->KVH, m->HS));
     } else {
         P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq); mp->from_rows(be, io->qkv, io->qkvh, nq));
-        P(ATTN_FWD, k->attention_fwd(m->gemm, m->a.atty, lse, io->qkv, B, T, m->NH, m->KVH, m->HS));
+        if (m->packed)
+            P(ATTN_FWD, kern_attention_doc_fwd(k, m->gemm, m->a.atty, lse, io->qkv, m->a.pos, B, T,
+                                               m->NH, m->KVH, m->HS, m->a.lse_doc));
+        else
+            P(ATTN_FWD, k->attention_fwd(m->gemm, m->a.atty, lse, io->qkv, B, T, m->NH, m->KVH,
+                                         m->HS));
         P(OTHER, mp->act_pack(be, io->attyp, m->a.atty, n, m->C));
     }
 }
@@ -220,6 +231,36 @@ static model_blk_w pass_weights(kiln_model *m, kern_backend *be, int l)
                          .fcproj_b = s.fcproj_b};
 }
 
+/* The embedding of packed rows: wte[tok] + wpe[pos] (gpt2's learned
+ * positions restart at 0 in every document). */
+static void embed_packed_fwd(kiln_model *m, const kern_ops *k, int B, int T)
+{
+    model_acts *a = &m->a;
+    size_t C = (size_t)m->C;
+    k->embed_fwd(a->encoded, a->tokens, m->w.wte, NULL, B, T, m->C);
+    if (!m->w.wpe) return;
+    for (size_t i = 0; i < (size_t)B * T; i++) {
+        float *o = a->encoded + i * C;
+        const float *e = m->w.wpe + (size_t)a->pos[i] * C;
+        for (size_t c = 0; c < C; c++) o[c] += e[c];
+    }
+}
+
+/* Its backward: dwte[tok] += dres, dwpe[pos] += dres (NULL: frozen). */
+static void embed_packed_bwd(kiln_model *m, const kern_ops *k, float *dwte, float *dwpe, int B,
+                             int T)
+{
+    model_acts *a = &m->a;
+    size_t C = (size_t)m->C;
+    k->embed_bwd(dwte, NULL, a->dres, a->tokens, B, T, m->C, m->V);
+    if (!dwpe) return;
+    for (size_t i = 0; i < (size_t)B * T; i++) {
+        float *d = dwpe + (size_t)a->pos[i] * C;
+        const float *g = a->dres + i * C;
+        for (size_t c = 0; c < C; c++) d[c] += g[c];
+    }
+}
+
 kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
 {
     const kern_ops *k = m->ops;
@@ -231,9 +272,12 @@ kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
     int n = (int)N, FH = gpt2 ? F : 2 * F;
     size_t pkc = pk(be, N, C), pkf = pk(be, N, FH);
     model_acts *a = &m->a;
-    bool att = mp->attention_ok(be, m->HS, T); /* attention in the compute dtype */
+    /* attention in the compute dtype; packed rows take kern_ops' fp32
+     * attention by document (on the compute dtype's values, as below) */
+    bool att = mp->attention_ok(be, m->HS, T) && !m->packed;
 
-    P(OTHER, k->embed_fwd(a->encoded, a->tokens, m->w.wte, m->w.wpe, B, T, C));
+    if (m->packed) P(OTHER, embed_packed_fwd(m, k, B, T));
+    else P(OTHER, k->embed_fwd(a->encoded, a->tokens, m->w.wte, m->w.wpe, B, T, C));
     model_shape sh = model_shape_of(m);
     pass_attend u = {m, be, att, gpt2 && att, (size_t)B * m->NH * T};
     model_run r = {.be = be, .s = &sh, .qkv_rows = u.rows, .attend = train_attend, .ud = &u,
@@ -296,7 +340,7 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
     model_acts *a = &m->a;
     model_weights *dw = model_grad_views(m); /* NULL where frozen */
     kiln_status s = KILN_OK;
-    bool att = mp->attention_ok(be, m->HS, T);
+    bool att = mp->attention_ok(be, m->HS, T) && !m->packed; /* as the forward */
 
     /* LM head and final norm. */
     if (ce) { /* the loss's gradient straight into the head's backward */
@@ -367,10 +411,18 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
             } else {
                 P(OTHER, mp->act_unpack(be, a->atty, attyp, n, C));
                 P(OTHER, mp->from_rows(be, a->tmp, qkvh, N * QKV));
-                P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T, m->NH,
-                                             m->KVH, m->HS));
+                if (m->packed)
+                    P(ATTN_BWD, kern_attention_doc_bwd(k, g, a->dbig, a->dc, a->tmp, a->atty, lse,
+                                                       a->pos, B, T, m->NH, m->KVH, m->HS,
+                                                       a->lse_doc));
+                else
+                    P(ATTN_BWD, k->attention_bwd(g, a->dbig, a->dc, a->tmp, a->atty, lse, B, T,
+                                                 m->NH, m->KVH, m->HS));
             }
-            if (!gpt2)
+            if (!gpt2 && m->packed) /* the inverse rotation: rope_at by -sin */
+                P(OTHER, k->rope_at(a->dbig, n, (size_t)QKV, a->pos, m->rope_cos, m->rope_nsin,
+                                    m->NH + m->KVH, m->HS));
+            else if (!gpt2)
                 P(OTHER, k->rope(a->dbig, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, true));
             P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p,
                                          KERN_ACT_NONE, w->qkv_w, n, C, QKV, io));
@@ -380,7 +432,8 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
                                a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n));
         hook(m, m->layer_off[l], m->layer_off[l + 1]);
     }
-    P(OTHER, k->embed_bwd(dw->wte, dw->wpe, a->dres, a->tokens, B, T, C, V));
+    if (m->packed) P(OTHER, embed_packed_bwd(m, k, dw->wte, dw->wpe, B, T));
+    else P(OTHER, k->embed_bwd(dw->wte, dw->wpe, a->dres, a->tokens, B, T, C, V));
     hook(m, 0, m->layer_off[0]);
     return KILN_OK;
 }

@@ -46,6 +46,9 @@ typedef enum tok_pre {
     TOK_PRE_NONE = 2       /* bytes tokenizer: no splitting needed          */
 } tok_pre;
 
+/* Most ids a post_processor template adds on either side of a sequence. */
+#define TOK_POST_MAX 8
+
 struct kiln_tokenizer {
     int32_t n_vocab;  /* ids are 0..n_vocab-1 (holes flagged TOKF_HOLE)   */
     int32_t eot;      /* end-of-text id, -1 when the vocab has none        */
@@ -89,6 +92,15 @@ struct kiln_tokenizer {
      * back unchanged on save (normalizer, post_processor, decoder,
      * truncation, padding, model options). NULL when none. */
     json_t *hf_extra;
+
+    /* The tokenizer.json post_processor's ids around one sequence (its
+     * "single" template: what Hugging Face adds with add_special_tokens),
+     * e.g. Llama 3's <|begin_of_text|> before; has_post: the file has a
+     * template (TemplateProcessing, BertProcessing, RobertaProcessing),
+     * which then decides the prompt's BOS (kiln_prompt_ids). */
+    bool has_post;
+    int n_post_pre, n_post_suf;
+    int32_t post_pre[TOK_POST_MAX], post_suf[TOK_POST_MAX];
 
     /* The model's chat template (tokenizer_config.json "chat_template",
      * or kiln_tokenizer_set_chat_template); NULL: ChatML. */

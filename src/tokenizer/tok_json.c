@@ -4,9 +4,12 @@
  * directions, and GPT-2's encoder.json + vocab.bpe.
  *
  * Parts of a tokenizer.json that kiln does not interpret (the normalizer:
- * null, or NFC as Qwen2's, applied by bpe.c; post_processor, decoder,
- * truncation, padding, model options) are kept and written back
- * unchanged, so a load/save round trip preserves the file's meaning. What
+ * null, or NFC as Qwen2's, applied by bpe.c; decoder, truncation,
+ * padding, model options) are kept and written back unchanged, so a
+ * load/save round trip preserves the file's meaning. The post_processor
+ * is kept so too, and its "single" template read (parse_post): the ids
+ * Hugging Face adds around a text with add_special_tokens=True (Llama 3's
+ * <|begin_of_text|>; kiln_tokenizer_encode_add_special, kiln_prompt_ids). What
  * kiln cannot honour exactly (another normalizer, a
  * non-byte-level model, byte fallback, subword prefixes) is rejected with a
  * message naming the field, never silently approximated.
@@ -138,6 +141,126 @@ static kiln_status parse_pre(kiln_ctx *ctx, kiln_tokenizer *t,
                      "Split(Regex, Isolated) and ByteLevel(use_regex false) "
                      "(the GPT-2 and Llama-3 layouts); kiln supports byte-level BPE "
                      "only", what);
+}
+
+/* The id of special token `name` of a TemplateProcessing: its entry in
+ * "special_tokens" (one id), else the vocabulary's special or added token
+ * of that text. */
+static kiln_status post_id(kiln_ctx *ctx, const kiln_tokenizer *t, const json_t *specials,
+                           const char *name, const char *what, int32_t *id)
+{
+    const json_t *e = json_object_get(specials, name);
+    if (e) {
+        const json_t *ids = json_object_get(e, "ids");
+        if (!json_is_array(ids) || json_array_size(ids) != 1 ||
+            !json_is_integer(json_array_get(ids, 0)))
+            return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                             "%s: post_processor.special_tokens[\"%s\"].ids must be one "
+                             "integer id", what, bl_quote(name));
+        json_int_t v = json_integer_value(json_array_get(ids, 0));
+        if (v < 0 || v >= t->n_vocab)
+            return kiln_fail(ctx, KILN_ERR_FORMAT,
+                             "%s: post_processor.special_tokens[\"%s\"] id %lld is outside "
+                             "the vocabulary of %d", what, bl_quote(name), (long long)v,
+                             t->n_vocab);
+        *id = (int32_t)v;
+        return KILN_OK;
+    }
+    *id = kiln_tokenizer_special_id(t, name);
+    if (*id < 0)
+        return kiln_fail(ctx, KILN_ERR_FORMAT,
+                         "%s: post_processor: special token \"%s\" is neither in its "
+                         "special_tokens nor an added token", what, bl_quote(name));
+    return KILN_OK;
+}
+
+static kiln_status post_push(kiln_ctx *ctx, kiln_tokenizer *t, bool after, int32_t id,
+                             const char *what)
+{
+    int *n = after ? &t->n_post_suf : &t->n_post_pre;
+    if (*n == TOK_POST_MAX)
+        return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                         "%s: post_processor adds more than %d tokens on one side", what,
+                         TOK_POST_MAX);
+    (after ? t->post_suf : t->post_pre)[(*n)++] = id;
+    return KILN_OK;
+}
+
+/* One post-processor (Hugging Face tokenizers' processors): ByteLevel
+ * changes offsets only; TemplateProcessing's "single" is SpecialToken and
+ * Sequence "A" items; BertProcessing / RobertaProcessing add cls before
+ * and sep after; Sequence applies its processors in order. */
+static kiln_status parse_post(kiln_ctx *ctx, kiln_tokenizer *t, const json_t *pp,
+                              const char *what, int depth)
+{
+    if (!pp || json_is_null(pp)) return KILN_OK;
+    const char *type = json_string_value(json_object_get(pp, "type"));
+    if (!type)
+        return kiln_fail(ctx, KILN_ERR_FORMAT, "%s: post_processor has no \"type\"", what);
+    if (!strcmp(type, "ByteLevel")) return KILN_OK;
+    if (!strcmp(type, "Sequence") && depth == 0) {
+        const json_t *list = json_object_get(pp, "processors");
+        if (!json_is_array(list))
+            return kiln_fail(ctx, KILN_ERR_FORMAT,
+                             "%s: post_processor Sequence has no \"processors\" list", what);
+        for (size_t i = 0; i < json_array_size(list); i++) {
+            kiln_status s = parse_post(ctx, t, json_array_get(list, i), what, 1);
+            if (s) return s;
+        }
+        return KILN_OK;
+    }
+    kiln_status s;
+    if (!strcmp(type, "BertProcessing") || !strcmp(type, "RobertaProcessing")) {
+        const json_t *cls = json_object_get(pp, "cls"), *sep = json_object_get(pp, "sep");
+        const json_t *ci = json_array_get(cls, 1), *si = json_array_get(sep, 1);
+        if (!json_is_integer(ci) || !json_is_integer(si) ||
+            json_integer_value(ci) < 0 || json_integer_value(ci) >= t->n_vocab ||
+            json_integer_value(si) < 0 || json_integer_value(si) >= t->n_vocab)
+            return kiln_fail(ctx, KILN_ERR_FORMAT,
+                             "%s: post_processor %s: \"cls\" and \"sep\" must be [token, id] "
+                             "with an id in the vocabulary", what, type);
+        t->has_post = true;
+        if ((s = post_push(ctx, t, false, (int32_t)json_integer_value(ci), what)) ||
+            (s = post_push(ctx, t, true, (int32_t)json_integer_value(si), what)))
+            return s;
+        return KILN_OK;
+    }
+    if (strcmp(type, "TemplateProcessing"))
+        return kiln_fail(ctx, KILN_ERR_UNSUPPORTED,
+                         "%s: post_processor.type \"%s\" is not supported (kiln reads "
+                         "ByteLevel, TemplateProcessing, BertProcessing, RobertaProcessing "
+                         "and a Sequence of them)", what, bl_quote(type));
+    const json_t *single = json_object_get(pp, "single");
+    const json_t *specials = json_object_get(pp, "special_tokens");
+    if (!json_is_array(single))
+        return kiln_fail(ctx, KILN_ERR_FORMAT,
+                         "%s: post_processor TemplateProcessing has no \"single\" list", what);
+    t->has_post = true;
+    bool seen_a = false;
+    for (size_t i = 0; i < json_array_size(single); i++) {
+        const json_t *it = json_array_get(single, i);
+        const json_t *sp = json_object_get(it, "SpecialToken");
+        const json_t *sq = json_object_get(it, "Sequence");
+        const char *id = json_string_value(json_object_get(sp ? sp : sq, "id"));
+        if (!id || (sq && (strcmp(id, "A") || seen_a)))
+            return kiln_fail(ctx, KILN_ERR_FORMAT,
+                             "%s: post_processor.single[%zu] must be {\"SpecialToken\": "
+                             "{\"id\": TOKEN}} or the one {\"Sequence\": {\"id\": \"A\"}}",
+                             what, i);
+        if (sq) {
+            seen_a = true;
+            continue;
+        }
+        int32_t v = -1;
+        if ((s = post_id(ctx, t, specials, id, what, &v)) ||
+            (s = post_push(ctx, t, seen_a, v, what)))
+            return s;
+    }
+    if (!seen_a)
+        return kiln_fail(ctx, KILN_ERR_FORMAT,
+                         "%s: post_processor.single has no {\"Sequence\": {\"id\": \"A\"}}",
+                         what);
+    return KILN_OK;
 }
 
 kiln_status tok_load_hf_json(kiln_ctx *ctx, const json_t *root, const char *what,
@@ -285,6 +408,7 @@ kiln_status tok_load_hf_json(kiln_ctx *ctx, const json_t *root, const char *what
         s = tok_finish_vocab(ctx, t, what);
     }
     if (!s) s = parse_merges(ctx, t, merges, what);
+    if (!s) s = parse_post(ctx, t, json_object_get(root, "post_processor"), what, 0);
     if (!s) {
         /* keep the rest for saving */
         t->hf_extra = json_deep_copy(root);
@@ -539,4 +663,39 @@ fail:
     json_decref(vocab);
     json_decref(merges);
     return NULL;
+}
+
+int kiln_tokenizer_post_ids(const kiln_tokenizer *tok, bool after, const int32_t **ids)
+{
+    if (!tok->has_post) {
+        *ids = NULL;
+        return -1;
+    }
+    *ids = after ? tok->post_suf : tok->post_pre;
+    return after ? tok->n_post_suf : tok->n_post_pre;
+}
+
+kiln_status kiln_tokenizer_encode_add_special(kiln_ctx *ctx, const kiln_tokenizer *tok,
+                                              const char *text, size_t len, int32_t **ids,
+                                              size_t *n)
+{
+    int32_t *body;
+    size_t nb;
+    kiln_status s = kiln_tokenizer_encode(ctx, tok, text, len, &body, &nb);
+    if (s) return s;
+    size_t pre = (size_t)tok->n_post_pre, suf = (size_t)tok->n_post_suf;
+    int32_t *all = malloc((pre + nb + suf + 1) * sizeof *all);
+    if (!all) {
+        free(body);
+        *ids = NULL;
+        *n = 0;
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    }
+    memcpy(all, tok->post_pre, pre * sizeof *all);
+    memcpy(all + pre, body, nb * sizeof *all);
+    memcpy(all + pre + nb, tok->post_suf, suf * sizeof *all);
+    free(body);
+    *ids = all;
+    *n = pre + nb + suf;
+    return KILN_OK;
 }

@@ -472,6 +472,9 @@ static kiln_status setup(trainer *t)
     t->inputs = kiln_malloc(ctx, bt * sizeof *t->inputs);
     t->targets = kiln_malloc(ctx, bt * sizeof *t->targets);
     if (!t->inputs || !t->targets) return KILN_ERR_NOMEM;
+    if (o->rows && tr_rows_packed(o->rows) &&
+        !(t->positions = kiln_malloc(ctx, bt * sizeof *t->positions)))
+        return KILN_ERR_NOMEM;
     if (t->obj->weigh && !(t->weights = kiln_malloc(ctx, bt * sizeof *t->weights)))
         return KILN_ERR_NOMEM;
     if (t->rank == 0 && (s = file_mkdirs(ctx, o->out))) return s;
@@ -517,12 +520,14 @@ static kiln_status diverged(trainer *t, const char *what, double v, double lr)
 }
 
 /* Draws micro-step k's B windows of this process into in, tg (B, T). */
-static void draw_micro(trainer *t, int k, int32_t *in, int32_t *tg)
+static void draw_micro(trainer *t, int k, int32_t *in, int32_t *tg, int32_t *ps)
 {
     const int B = t->o.batch, T = t->o.seq;
     int64_t row0 = t->pos + ((int64_t)k * t->world + t->rank) * B;
     for (int b = 0; b < B; b++) {
-        if (t->o.rows) tr_rows_get(t, row0 + b, in + (size_t)b * T, tg + (size_t)b * T);
+        if (t->o.rows)
+            tr_rows_get(t, row0 + b, in + (size_t)b * T, tg + (size_t)b * T,
+                        ps ? ps + (size_t)b * T : NULL);
         else kiln_loader_get(t->train, row0 + b, in + (size_t)b * T, tg + (size_t)b * T);
     }
 }
@@ -554,7 +559,8 @@ static kiln_status weigh_step(trainer *t, double *denom)
     double w = 0;
     kiln_status s;
     for (int k = 0; k < K; k++) {
-        draw_micro(t, k, t->inputs + (size_t)k * bt, t->targets + (size_t)k * bt);
+        draw_micro(t, k, t->inputs + (size_t)k * bt, t->targets + (size_t)k * bt,
+                   t->positions ? t->positions + (size_t)k * bt : NULL);
         kiln_objective_batch b = micro_batch(t, k);
         for (size_t i = 0; i < bt; i++) b.weights[i] = 1.0f;
         if ((s = t->obj->weigh(t->obj->user, t->ctx, &b, &w))) return s;
@@ -590,9 +596,11 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     t->step_skipped = false;
     for (int k = 0; k < K; k++) {
         kiln_objective_batch mb = micro_batch(t, k);
-        if (!obj->weigh) draw_micro(t, k, t->inputs, t->targets);
+        if (!obj->weigh) draw_micro(t, k, t->inputs, t->targets, t->positions);
         float *logits;
-        if ((s = kiln_model_forward(ctx, t->model, mb.tokens, B, T, &logits)))
+        const int32_t *ps = NULL; /* packed rows: this micro-batch's positions */
+        if (t->positions) ps = t->positions + (obj->weigh ? (size_t)k * B * T : 0);
+        if ((s = kiln_model_forward_pos(ctx, t->model, mb.tokens, ps, B, T, &logits)))
             return s;
         if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;
         if (k == K - 1 && !t->zero && t->world > 1) /* frozen buckets: no allreduce */
@@ -680,6 +688,7 @@ static void trainer_free(trainer *t, kiln_status s)
     json_decref(t->history);
     free(t->inputs);
     free(t->targets);
+    free(t->positions);
     free(t->weights);
     free(t->val);
     free(t->row_perm);

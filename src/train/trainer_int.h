@@ -27,6 +27,8 @@ typedef struct trainer {
     const kiln_objective *obj; /* opts.objective, NULL resolved to CE */
     int32_t *inputs;    /* (B, T); (K, B, T) when obj->weigh */
     int32_t *targets;   /* (B, T); (K, B, T) when obj->weigh */
+    int32_t *positions; /* as inputs, when the rows are packed (several
+                           documents in a row: kiln_model_forward_pos) */
     float *weights;     /* (K, B, T) when obj->weigh, else NULL */
     dist *dist;
     dist_zero *zero;    /* --zero 1: sharded AdamW (t->opt is then NULL) */
@@ -106,7 +108,10 @@ kiln_status tr_rows_setup(trainer *t);
 int64_t tr_num_windows(const trainer *t);
 /* The row at global position pos (seeded shuffle per epoch, as the window
  * loader's) into in, tg (T each). */
-void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg);
+void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg, int32_t *ps);
+/* Whether rows hold several documents in a row (packed: their positions
+ * go to the model). */
+bool tr_rows_packed(const kiln_packed *p);
 /* This rank's share of the validation rows: the masked cross-entropy's
  * sums (loss, tokens with a target). */
 kiln_status tr_rows_eval(trainer *t, double sums[2]);

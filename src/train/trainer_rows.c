@@ -23,13 +23,17 @@ static kiln_status check_rows(trainer *t, const kiln_packed *p, const char *fiel
                          "they must be equal",
                          field, p->T, t->o.seq);
     size_t cells = (size_t)p->rows * (size_t)p->T;
-    for (size_t c = 0; c < cells; c++) {
-        if (p->doc && p->doc[c] > 0)
+    if (tr_rows_packed(p)) {
+        int64_t bad = 0;
+        while (!p->pos && p->doc[bad] <= 0) bad++; /* the first packed row */
+        if (!p->pos || !kern_doc_pos_ok(p->pos, (int)p->rows, p->T, &bad))
             return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                             "%s row %zu holds several documents (packed rows); the "
-                             "attention kernels do not keep documents apart yet: give one "
-                             "example per row (kiln_dataset_rows)",
-                             field, c / (size_t)p->T);
+                             "%s row %lld holds several documents but its pos is %s at "
+                             "position %lld: each document's positions run 0, 1, 2, ...",
+                             field, (long long)(bad / p->T), p->pos ? "broken" : "missing",
+                             (long long)(bad % p->T));
+    }
+    for (size_t c = 0; c < cells; c++) {
         if (p->tokens[c] < 0 || p->tokens[c] >= V || p->targets[c] >= V)
             return kiln_fail(ctx, KILN_ERR_RANGE,
                              "%s row %zu position %zu: token %d / target %d is outside the "
@@ -38,6 +42,14 @@ static kiln_status check_rows(trainer *t, const kiln_packed *p, const char *fiel
                              (int)p->targets[c], V);
     }
     return KILN_OK;
+}
+
+bool tr_rows_packed(const kiln_packed *p)
+{
+    size_t cells = (size_t)p->rows * (size_t)p->T;
+    for (size_t c = 0; p->doc && c < cells; c++)
+        if (p->doc[c] > 0) return true;
+    return false;
 }
 
 kiln_status tr_rows_setup(trainer *t)
@@ -62,7 +74,7 @@ int64_t tr_num_windows(const trainer *t)
     return t->o.rows ? t->o.rows->rows : kiln_loader_num_windows(t->train);
 }
 
-void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg)
+void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg, int32_t *ps)
 {
     const kiln_packed *p = t->o.rows;
     int64_t n = p->rows, epoch = pos / n, r = pos % n;
@@ -84,6 +96,7 @@ void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg)
     size_t T = (size_t)p->T;
     memcpy(in, p->tokens + (size_t)r * T, T * sizeof *in);
     memcpy(tg, p->targets + (size_t)r * T, T * sizeof *tg);
+    if (ps) memcpy(ps, p->pos + (size_t)r * T, T * sizeof *ps);
 }
 
 kiln_status tr_rows_eval(trainer *t, double sums[2])
@@ -96,13 +109,14 @@ kiln_status tr_rows_eval(trainer *t, double sums[2])
     /* this rank's rows [a, b) */
     int64_t a = n * t->rank / t->world, b = n * (t->rank + 1) / t->world;
     int V = kiln_model_config(t->model)->vocab_size;
+    bool packed = tr_rows_packed(p);
     kiln_status s = KILN_OK;
     for (int64_t r = a; r < b && !s; r += B) {
         int nb = (int)KILN_MIN((int64_t)B, b - r);
         float *logits;
         const int32_t *tg = p->targets + (size_t)r * (size_t)T;
-        s = kiln_model_forward(t->ctx, t->model, p->tokens + (size_t)r * (size_t)T, nb, T,
-                               &logits);
+        s = kiln_model_forward_pos(t->ctx, t->model, p->tokens + (size_t)r * (size_t)T,
+                                   packed ? p->pos + (size_t)r * (size_t)T : NULL, nb, T, &logits);
         if (!s)
             s = kiln_cross_entropy(t->ctx, logits, tg, NULL, (int64_t)nb * T, V, 0.0f, NULL,
                                    &sums[0], &sums[1]);
