@@ -283,9 +283,12 @@ kiln_status kiln_model_add_lora(kiln_ctx *ctx, kiln_model **m, const kiln_lora_o
  * merged in (PEFT's merge_and_unload; fan_in_fan_out for gpt2's Conv1D). */
 kiln_status kiln_model_merge_lora(kiln_ctx *ctx, kiln_model **m);
 /* Dropout on the adapters' inputs (lora_dropout) applies in the forward
- * and backward while on (training; the trainer turns it on for its steps
- * and off for evaluation). Off by default. */
-void kiln_model_lora_train(kiln_model *m, bool on);
+ * and backward while on (training; the trainer turns it on for each
+ * micro-batch and off for evaluation). Each forward while on draws new
+ * masks, a function of seed and the forwards since this call (the
+ * trainer passes one of its seed, step and micro-batch: a resumed run
+ * draws the same masks). Off by default. */
+void kiln_model_lora_train(kiln_model *m, bool on, uint64_t seed);
 /* Writes the adapters of m as a PEFT directory: adapter_config.json
  * (base_model: base_model_name_or_path, may be NULL) and
  * adapter_model.safetensors with PEFT's names (written atomically). */
@@ -1420,6 +1423,10 @@ typedef struct kiln_train_opts {
     /* With rows: the tokenizer.json copied into every checkpoint (NULL:
      * none). [NULL] */
     const char *tokenizer_json;
+    /* LoRA (rank > 0): adapters added to the model the run starts from
+     * (kiln_model_add_lora; seed 0: the run's seed), its base frozen; a
+     * resumed run's checkpoint has them already. [rank 0: full training] */
+    kiln_lora_opts lora;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);

@@ -39,6 +39,18 @@ static json_t *targets_json(const kiln_config *c)
     return a;
 }
 
+/* A float as the shortest decimal that reads back to it (0.05, not
+ * 0.05000000074505806). */
+static double short_real(float v)
+{
+    char b[32];
+    for (int p = 6; p < 10; p++) {
+        snprintf(b, sizeof b, "%.*g", p, (double)v);
+        if ((float)strtod(b, NULL) == v) break;
+    }
+    return strtod(b, NULL);
+}
+
 kiln_status kiln_lora_save(kiln_ctx *ctx, const kiln_model *m, const char *dir,
                            const char *base_model)
 {
@@ -81,8 +93,8 @@ kiln_status kiln_lora_save(kiln_ctx *ctx, const kiln_model *m, const char *dir,
     json_object_set_new(o, "base_model_name_or_path",
                         base_model ? json_string(base_model) : json_null());
     json_object_set_new(o, "r", json_integer(c->lora_rank));
-    json_object_set_new(o, "lora_alpha", json_real(c->lora_alpha));
-    json_object_set_new(o, "lora_dropout", json_real(c->lora_dropout));
+    json_object_set_new(o, "lora_alpha", json_real(short_real(c->lora_alpha)));
+    json_object_set_new(o, "lora_dropout", json_real(short_real(c->lora_dropout)));
     json_object_set_new(o, "target_modules", tg);
     tg = NULL;
     json_object_set_new(o, "bias", json_string("none"));

@@ -260,7 +260,12 @@ void model_lora_bwd(const model_lora *lr, int l, int lin, const float *const *A,
 
 /* ---- the model object's side --------------------------------------------- */
 
-void kiln_model_lora_train(kiln_model *m, bool on) { m->lora_train = on; }
+void kiln_model_lora_train(kiln_model *m, bool on, uint64_t seed)
+{
+    m->lora_train = on;
+    m->lora_seed = seed;
+    m->lora_step = 0;
+}
 
 static kiln_status check_opts(kiln_ctx *ctx, const kiln_config *c, const kiln_lora_opts *o)
 {
@@ -345,7 +350,6 @@ kiln_status kiln_model_add_lora(kiln_ctx *ctx, kiln_model **mp, const kiln_lora_
                 A[i] = (float)((2.0 * kiln_rng_uniform(&rng) - 1.0) * bound);
             memset(n->w.layers[l].lora_b[k], 0, (size_t)sl.out * o->rank * sizeof(float));
         }
-    n->lora_seed = o->seed;
     kiln_model_free(m);
     *mp = n;
     return KILN_OK;
