@@ -423,7 +423,7 @@ static void test_dropout(void)
     m->cfg.lora_dropout = 0.3f;
     loss_of(ctx, m, tok, tgt, B, T, false, b);
     CHECK(memcmp(a, b, nl * 4) == 0); /* eval: no dropout */
-    kiln_model_lora_train(m, true);
+    kiln_model_lora_train(m, true, 42);
     loss_of(ctx, m, tok, tgt, B, T, true, b);
     CHECK(max_rel(b, a, nl) > 1e-4); /* training: masks applied */
     /* finite differences with the same masks: replay the step counter */

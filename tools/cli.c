@@ -422,6 +422,15 @@ kiln_ctx *cli_ctx_new(void)
 
 bool cli_isatty(void) { return isatty(STDOUT_FILENO) != 0; }
 
+kiln_status cli_apply_adapter(kiln_ctx *ctx, kiln_model **m, const char *adapter)
+{
+    kiln_status s;
+    if (adapter && (s = kiln_model_load_adapter(ctx, m, adapter)))
+        return kiln_fail(ctx, s, "--adapter: %s", kiln_errmsg(ctx));
+    if (kiln_model_config(*m)->lora_rank > 0) return kiln_model_merge_lora(ctx, m);
+    return KILN_OK;
+}
+
 kiln_status cli_model_dir(kiln_ctx *ctx, const char *model, char *out, size_t cap)
 {
     snprintf(out, cap, "%s", model);
