@@ -237,7 +237,69 @@ typedef struct kiln_config {
     bool qkv_bias;       /* llama: q/k/v biases without an o_proj bias
                             (qwen2); bias (all four) excludes it [false] */
     kiln_hf_type hf_type; /* model_type written to config.json [NATIVE] */
+    /* LoRA adapters (PEFT's y = W x + (alpha/r) B (A x)) on the linear
+     * layers whose slots lora_targets has (bit s: kiln_lora_slot_name(arch,
+     * s)); lora_rank 0: none. A model with adapters has its base tensors
+     * frozen and the adapters' tensors after each layer's own, named as
+     * PEFT names them without its "base_model.model." prefix. Written to
+     * config.json as "kiln_lora" (a checkpoint of a LoRA run resumes). */
+    int lora_rank;
+    float lora_alpha;
+    float lora_dropout;   /* on the adapter's input, in training only */
+    unsigned lora_targets;
 } kiln_config;
+
+typedef struct kiln_model kiln_model;
+
+/* ---- LoRA (src/model/lora.c, src/model/adapter.c) ----------------------
+ * The adapter slots of an architecture: llama q_proj k_proj v_proj o_proj
+ * gate_proj up_proj down_proj (7), gpt2 attn.c_attn attn.c_proj mlp.c_fc
+ * mlp.c_proj (4). */
+#define KILN_LORA_MAX_SLOTS 7
+int kiln_lora_num_slots(kiln_arch arch);
+/* The module path of slot s inside a layer, e.g. "self_attn.q_proj",
+ * "mlp.c_fc" (NULL when out of range). */
+const char *kiln_lora_slot_name(kiln_arch arch, int s);
+/* PEFT's target_modules as a slot mask: a comma-separated list of module
+ * names (q_proj, ..., c_attn, c_proj (both of gpt2), c_fc) or "all-linear"
+ * (every slot: PEFT's all-linear, which leaves out the LM head). An
+ * unknown name fails naming it and the names arch has (what: the option
+ * named in the message). */
+kiln_status kiln_lora_parse_targets(kiln_ctx *ctx, kiln_arch arch, const char *list,
+                                    const char *what, unsigned *mask);
+typedef struct kiln_lora_opts {
+    int rank;          /* r >= 1 */
+    float alpha;       /* scale = alpha / r */
+    float dropout;     /* [0, 1) */
+    unsigned targets;  /* slot mask (kiln_lora_parse_targets) */
+    uint64_t seed;     /* A's Kaiming-uniform init and the dropout masks */
+} kiln_lora_opts;
+/* Replaces *m by a model with adapters (opts) over its weights: base
+ * tensors copied and frozen, A Kaiming-uniform (PEFT: kaiming_uniform_(a =
+ * sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))), B zero. Before
+ * kiln_model_prepare. Errors name kiln_lora_opts.FIELD. */
+kiln_status kiln_model_add_lora(kiln_ctx *ctx, kiln_model **m, const kiln_lora_opts *opts);
+/* Replaces *m (with adapters) by the base model with W += (alpha/r) B A
+ * merged in (PEFT's merge_and_unload; fan_in_fan_out for gpt2's Conv1D). */
+kiln_status kiln_model_merge_lora(kiln_ctx *ctx, kiln_model **m);
+/* Dropout on the adapters' inputs (lora_dropout) applies in the forward
+ * and backward while on (training; the trainer turns it on for each
+ * micro-batch and off for evaluation). Each forward while on draws new
+ * masks, a function of seed and the forwards since this call (the
+ * trainer passes one of its seed, step and micro-batch: a resumed run
+ * draws the same masks). Off by default. */
+void kiln_model_lora_train(kiln_model *m, bool on, uint64_t seed);
+/* Writes the adapters of m as a PEFT directory: adapter_config.json
+ * (base_model: base_model_name_or_path, may be NULL) and
+ * adapter_model.safetensors with PEFT's names (written atomically). */
+kiln_status kiln_lora_save(kiln_ctx *ctx, const kiln_model *m, const char *dir,
+                           const char *base_model);
+/* Reads PEFT adapter directory dir over base *m (replaced by the model
+ * with adapters): r, lora_alpha, lora_dropout from adapter_config.json,
+ * the targets from the tensors present; every tensor's name and shape
+ * checked against the base (a mismatch names the tensor and both
+ * shapes). */
+kiln_status kiln_model_load_adapter(kiln_ctx *ctx, kiln_model **m, const char *dir);
 
 /* A small gpt2 config (L=4, C=256, NH=4, V=257 bytes+eot, n_ctx=256). */
 kiln_config kiln_config_default(void);
@@ -1395,6 +1457,10 @@ typedef struct kiln_train_opts {
     /* With rows: the tokenizer.json copied into every checkpoint (NULL:
      * none). [NULL] */
     const char *tokenizer_json;
+    /* LoRA (rank > 0): adapters added to the model the run starts from
+     * (kiln_model_add_lora; seed 0: the run's seed), its base frozen; a
+     * resumed run's checkpoint has them already. [rank 0: full training] */
+    kiln_lora_opts lora;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);

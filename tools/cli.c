@@ -308,6 +308,10 @@ static const struct {
     {"kiln_gen_opts.stops", "--stop"},
     {"kiln_gen_opts.stop_ids", "--stop-token"},
     {"kiln_gen_opts.ignore_eos", "--ignore-eos"},
+    {"kiln_lora_opts.rank", "--lora-rank"},
+    {"kiln_lora_opts.alpha", "--lora-alpha"},
+    {"kiln_lora_opts.dropout", "--lora-dropout"},
+    {"kiln_lora_opts.targets", "--lora-targets"},
     {"kiln_engine_opts.n_slots", "--parallel"},
     {"kiln_engine_opts.n_ctx", "--ctx"},
     {"kiln_engine_opts.wtype", "--dtype"},
@@ -417,6 +421,15 @@ kiln_ctx *cli_ctx_new(void)
 }
 
 bool cli_isatty(void) { return isatty(STDOUT_FILENO) != 0; }
+
+kiln_status cli_apply_adapter(kiln_ctx *ctx, kiln_model **m, const char *adapter)
+{
+    kiln_status s;
+    if (adapter && (s = kiln_model_load_adapter(ctx, m, adapter)))
+        return kiln_fail(ctx, s, "--adapter: %s", kiln_errmsg(ctx));
+    if (kiln_model_config(*m)->lora_rank > 0) return kiln_model_merge_lora(ctx, m);
+    return KILN_OK;
+}
 
 kiln_status cli_model_dir(kiln_ctx *ctx, const char *model, char *out, size_t cap)
 {

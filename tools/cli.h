@@ -67,6 +67,10 @@ kiln_ctx *cli_ctx_new(void);
  * (kiln_checkpoint_resolve). The directory to load goes to out (cap
  * bytes). */
 kiln_status cli_model_dir(kiln_ctx *ctx, const char *model, char *out, size_t cap);
+/* --adapter DIR (may be NULL): the PEFT LoRA adapter read over *m and
+ * merged in; a model that has adapters already (a LoRA run's checkpoint)
+ * is merged too, the form the engine runs. */
+kiln_status cli_apply_adapter(kiln_ctx *ctx, kiln_model **m, const char *adapter);
 
 /* True when stdout is a terminal (progress bars) . */
 bool cli_isatty(void);
@@ -115,6 +119,7 @@ kiln_status cli_train_run(kiln_ctx *ctx, kiln_train_opts *o, kiln_train_result *
     XX(chat, "interactive chat with a model")                              \
     XX(serve, "OpenAI-compatible HTTP server")                             \
     XX(sft, "supervised fine-tuning")                                      \
+    XX(merge, "merge a LoRA adapter into its base model")                  \
     XX(dpo, "direct preference optimisation")                              \
     XX(grpo, "group relative policy optimisation")                         \
     XX(distill, "knowledge distillation")                                  \

@@ -160,11 +160,13 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
 int cmd_chat(int argc, char **argv)
 {
     const char *model = NULL, *tokenizer = NULL, *system = NULL, *dtype = NULL;
+    const char *adapter = NULL;
     int max_tokens = 256, top_k = 0, ctx_len = 0, threads = 0;
     double temperature = 0.7, top_p = 0.95, rep = 1.0;
     int64_t seed = 0;
     cli_opt opts[] = {
         {"model", CLI_STR, &model, "model directory, or a run directory: its latest checkpoint", true},
+        {"adapter", CLI_STR, &adapter, "PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors; e.g. a kiln sft --lora-rank checkpoint) merged into --model at load [none]", false},
         {"system", CLI_STR, &system, "system message", false},
         {"max-tokens", CLI_INT, &max_tokens, "tokens per reply at most [256]", false},
         {"temperature", CLI_F64, &temperature, "0 = greedy [0.7]", false},
@@ -216,9 +218,9 @@ int cmd_chat(int argc, char **argv)
     char model_dir[4096]; /* a run directory stands for its latest checkpoint */
     if (!(st = cli_model_dir(c.ctx, model, model_dir, sizeof model_dir))) model = model_dir;
     if (!st && !(st = kiln_checkpoint_verify(c.ctx, model)) &&
-        !(st = kiln_model_load(c.ctx, model, &m)) &&
+        !(st = kiln_model_load(c.ctx, model, &m)) && !(st = cli_apply_adapter(c.ctx, &m, adapter)) &&
         !(st = kiln_tokenizer_load(c.ctx, tokenizer ? tokenizer : model, &c.tok))) {
-        if (!dtype && cli_is_gguf(model)) eo.weights_gguf = model; /* its own types */
+        if (!dtype && !adapter && cli_is_gguf(model)) eo.weights_gguf = model; /* its own types */
         st = kiln_engine_new(c.ctx, m, &eo, &c.e);
     }
     if (!st && kiln_tokenizer_vocab_size(c.tok) > kiln_model_config(m)->vocab_size)

@@ -81,11 +81,13 @@ static kiln_status read_tokens(kiln_ctx *ctx, const char *path, int32_t **ids,
 int cmd_eval(int argc, char **argv)
 {
     const char *model_dir = NULL, *tokens = NULL, *data = NULL, *split = "val", *dtype = NULL;
+    const char *adapter = NULL;
     bool json = false, engine = false;
     int B = 4, T = 0, threads = 0, chunk = 0;
     int64_t max_tokens = 0;
     cli_opt opts[] = {
         {"model", CLI_STR, &model_dir, "model directory, checkpoint, or run directory (its latest checkpoint)", true},
+        {"adapter", CLI_STR, &adapter, "PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors; e.g. a kiln sft --lora-rank checkpoint) merged into --model at load [none]", false},
         {"tokens", CLI_STR, &tokens, "token file: a kiln token shard or raw little-endian uint32 ids", false},
         {"data", CLI_STR, &data, "data directory from kiln tokenize", false},
         {"split", CLI_STR, &split, "with --data: val | train [val]", false},
@@ -151,6 +153,7 @@ int cmd_eval(int argc, char **argv)
     kiln_status s = cli_model_dir(ctx, model_dir, dir, sizeof dir);
     if (!s) s = kiln_checkpoint_verify(ctx, dir);
     if (!s) s = kiln_model_load(ctx, dir, &m);
+    if (!s) s = cli_apply_adapter(ctx, &m, adapter);
     if (s) goto fail;
     const kiln_config *cfg = kiln_model_config(m);
     if (T <= 0) T = cfg->n_ctx;
@@ -200,7 +203,7 @@ int cmd_eval(int argc, char **argv)
         goto fail;
     }
     double t0 = kiln_time_now(), ls = 0, cnt = 0;
-    const bool stored = engine && !dtype && cli_is_gguf(dir);
+    const bool stored = engine && !dtype && !adapter && cli_is_gguf(dir);
     if (dtype || engine) { /* the weights as the engine serves them */
         kiln_engine_opts eo = kiln_engine_opts_default();
         eo.n_ctx = T;

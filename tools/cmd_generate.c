@@ -33,6 +33,7 @@ static bool print_token(void *user, const kiln_gen_token *t)
 int cmd_generate(int argc, char **argv)
 {
     const char *model = NULL, *prompt = NULL, *tokenizer = NULL, *dtype = NULL;
+    const char *adapter = NULL;
     int max_tokens = 128, top_k = 0, ctx_len = 0, threads = 0;
     double temperature = 1.0, top_p = 1.0, min_p = 0.0, rep = 1.0, freq = 0.0, pres = 0.0;
     int64_t seed = 0;
@@ -40,6 +41,7 @@ int cmd_generate(int argc, char **argv)
     cli_list stops = {0}, stop_tokens = {0};
     cli_opt opts[] = {
         {"model", CLI_STR, &model, "model directory (config.json, model.safetensors, tokenizer.json), or a run directory: its latest checkpoint", true},
+        {"adapter", CLI_STR, &adapter, "PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors; e.g. a kiln sft --lora-rank checkpoint) merged into --model at load [none]", false},
         {"prompt", CLI_STR, &prompt, "text to continue [\"\": start from end-of-text]", false},
         {"max-tokens", CLI_INT, &max_tokens, "tokens to generate at most [128]", false},
         {"temperature", CLI_F64, &temperature, "0 = greedy [1.0]", false},
@@ -126,6 +128,7 @@ int cmd_generate(int argc, char **argv)
     model = model_dir;
     if ((st = kiln_checkpoint_verify(ctx, model))) goto fail;
     if ((st = kiln_model_load(ctx, model, &m))) goto fail;
+    if ((st = cli_apply_adapter(ctx, &m, adapter))) goto fail;
     if ((st = kiln_tokenizer_load(ctx, tokenizer ? tokenizer : model, &tok))) goto fail;
     const kiln_config cfg = *kiln_model_config(m);
     if (kiln_tokenizer_vocab_size(tok) > cfg.vocab_size) {
@@ -145,7 +148,8 @@ int cmd_generate(int argc, char **argv)
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_ctx = ctx_len;
     eo.wtype = wt;
-    if (!dtype && cli_is_gguf(model)) eo.weights_gguf = model; /* as the file stores them */
+    if (!dtype && !adapter && cli_is_gguf(model))
+        eo.weights_gguf = model; /* as the file stores them */
     if ((st = kiln_engine_new(ctx, m, &eo, &e))) goto fail;
     kiln_model_free(m);
     m = NULL;

@@ -59,29 +59,57 @@ static bool lin(const model_run *r, const kern_out *o, const kern_act *x, kern_w
     return ok;
 }
 
+/* Adds layer l's adapters on product lin (lora.c) to its fp32 output y
+ * (n, ldy), from the product's input x (n, in) unpacked to fp32. */
+static void lora_add(const model_run *r, int l, int lin, const model_blk_w *w,
+                     const kern_act *x, int in, float *y, int ldy, int n)
+{
+    const model_lora *lr = r->lora;
+    BP(MATMUL_FWD, r->be->mp.act_unpack(r->be, lr->xu, x, n, in);
+       model_lora_fwd(lr, l, lin, w->lora_a, w->lora_b, lr->xu, y, ldy, n));
+}
+
+static bool has(const model_run *r, int lin)
+{
+    return r->lora && model_lora_has(r->lora->cfg, lin);
+}
+
 bool model_block_fwd(const model_run *r, int l, const model_blk_w *w, int n, const model_blk *io)
 {
     kern_backend *be = r->be;
     const model_shape *s = r->s;
     bool gelu = s->arch == KILN_ARCH_GPT2;
     BP(NORM, norm(r, io->ln1p, io->ln1_mean, io->ln1_rstd, io->inp, w->ln1_w, w->ln1_b, n));
-    kern_out oq = r->qkv_rows ? (kern_out){.kind = KERN_OUT_ROWS, .rows = io->qkvh}
-                              : (kern_out){.kind = KERN_OUT_F32, .y = io->qkv};
-    if (!lin(r, &oq, io->ln1p, w->qkv, w->qkv_b, n)) return false;
+    if (has(r, 0)) { /* the adapters add to the fp32 product, then to rows */
+        kern_out oq = {.kind = KERN_OUT_F32, .y = io->qkv};
+        if (!lin(r, &oq, io->ln1p, w->qkv, w->qkv_b, n)) return false;
+        lora_add(r, l, 0, w, io->ln1p, s->C, io->qkv, s->QKV, n);
+        if (r->qkv_rows) BP(OTHER, be->mp.to_rows(be, io->qkvh, io->qkv, (size_t)n * s->QKV));
+    } else {
+        kern_out oq = r->qkv_rows ? (kern_out){.kind = KERN_OUT_ROWS, .rows = io->qkvh}
+                                  : (kern_out){.kind = KERN_OUT_F32, .y = io->qkv};
+        if (!lin(r, &oq, io->ln1p, w->qkv, w->qkv_b, n)) return false;
+    }
     r->attend(r->ud, l, io); /* times itself */
     kern_out op = {.kind = KERN_OUT_RES, .y = io->res2, .res = io->inp};
     if (!lin(r, &op, io->attyp, w->proj, w->proj_b, n)) return false;
+    if (has(r, 1)) lora_add(r, l, 1, w, io->attyp, s->NH * s->HS, io->res2, s->C, n);
     BP(NORM, norm(r, io->ln2p, io->ln2_mean, io->ln2_rstd, io->res2, w->ln2_w, w->ln2_b, n));
-    if (gelu) { /* the fc output goes from the product to fchp and actp */
+    if (gelu && !has(r, 2)) { /* the fc output goes from the product to fchp and actp */
         kern_out of = {.kind = KERN_OUT_GELU, .hp = io->fchp, .ap = io->actp};
         if (!lin(r, &of, io->ln2p, w->fc, w->fc_b, n)) return false;
     } else {
+        int FH = gelu ? s->F : 2 * s->F;
         kern_out of = {.kind = KERN_OUT_F32, .y = io->tmp};
         if (!lin(r, &of, io->ln2p, w->fc, w->fc_b, n)) return false;
-        BP(ACT, be->mp.act_fwd(be, io->fchp, io->actp, io->tmp, n, s->F, KERN_ACT_SWIGLU));
+        if (has(r, 2)) lora_add(r, l, 2, w, io->ln2p, s->C, io->tmp, FH, n);
+        BP(ACT, be->mp.act_fwd(be, io->fchp, io->actp, io->tmp, n, s->F,
+                               gelu ? KERN_ACT_GELU : KERN_ACT_SWIGLU));
     }
     kern_out oo = {.kind = KERN_OUT_RES, .y = io->res3, .res = io->res2};
-    return lin(r, &oo, io->actp, w->fcproj, w->fcproj_b, n);
+    if (!lin(r, &oo, io->actp, w->fcproj, w->fcproj_b, n)) return false;
+    if (has(r, 3)) lora_add(r, l, 3, w, io->actp, s->F, io->res3, s->C, n);
+    return true;
 }
 
 void model_final_norm(const model_run *r, kern_act *out, float *mean, float *rstd,

@@ -57,6 +57,12 @@ size_t kiln_config_num_params(const kiln_config *c)
     }
     n += per * (size_t)c->n_layer;
     if (!c->tie_embeddings) n += V * C;
+    if (c->lora_rank > 0) /* the adapters: A (r, in) and B (out, r) per slot */
+        for (int s = 0; s < kiln_lora_num_slots(c->arch); s++)
+            if (c->lora_targets >> s & 1) {
+                model_lora_slot sl = model_lora_slot_of(c, s);
+                n += (size_t)c->lora_rank * (size_t)(sl.in + sl.out) * (size_t)c->n_layer;
+            }
     return n;
 }
 
@@ -134,6 +140,13 @@ static kiln_status validate(kiln_ctx *ctx, const kiln_config *c,
             return kiln_fail(ctx, KILN_ERR_RANGE,
                              "%s: \"rope_theta\" must be a positive number", what);
     }
+    if (c->lora_rank < 0 || c->lora_rank > 4096 ||
+        (c->lora_rank > 0 &&
+         (!(c->lora_alpha > 0) || !(c->lora_dropout >= 0 && c->lora_dropout < 1) ||
+          !c->lora_targets || c->lora_targets >> kiln_lora_num_slots(c->arch))))
+        return bad(ctx, what, "kiln_lora",
+                   "needs r in [1, 4096], lora_alpha > 0, lora_dropout in [0, 1) and slots "
+                   "naming the architecture's linear modules");
     if (c->bos_token_id >= c->vocab_size || c->bos_token_id < -1)
         return kiln_fail(ctx, KILN_ERR_RANGE,
                          "%s: \"bos_token_id\" = %d is outside the vocabulary [0, %d)",
@@ -162,7 +175,7 @@ kiln_status kiln_config_validate(kiln_ctx *ctx, const kiln_config *cfg)
 
 /* Keys kiln reads or knows to be informational (no effect on the math of
  * forward/backward). Anything else draws a warning. */
-static const char *const known_keys[] = {
+static const char *const known_keys[] = {"kiln_lora", 
     /* common */
     "model_type", "architectures", "vocab_size", "torch_dtype",
     "transformers_version", "_name_or_path", "use_cache", "bos_token_id",
@@ -442,6 +455,18 @@ kiln_status config_from_json(kiln_ctx *ctx, const json_t *o, const char *what,
     if ((s = get_token_id(ctx, o, "bos_token_id", what, &c.bos_token_id)) ||
         (s = get_token_id(ctx, o, "eos_token_id", what, &c.eos_token_id)))
         return s;
+    json_t *lo = json_object_get(o, "kiln_lora");
+    if (lo) { /* a checkpoint of a LoRA run (lora.c) */
+        const char *lw = "its \"kiln_lora\"";
+        int64_t tg = 0;
+        if (!json_is_object(lo)) return bad(ctx, what, "kiln_lora", "must be an object");
+        if ((s = get_int(ctx, lo, "r", lw, true, &c.lora_rank)) ||
+            (s = get_float(ctx, lo, "lora_alpha", lw, &c.lora_alpha)) ||
+            (s = get_float(ctx, lo, "lora_dropout", lw, &c.lora_dropout)) ||
+            (s = js_get_int(ctx, lo, "slots", lw, true, &tg)))
+            return s;
+        c.lora_targets = (unsigned)tg;
+    }
     const char *key;
     json_t *val;
     json_object_foreach((json_t *)o, key, val)
@@ -539,6 +564,11 @@ json_t *config_to_json(const kiln_config *c)
     json_object_set_new(o, "initializer_range", json_real(0.02));
     json_object_set_new(o, "torch_dtype", json_string("float32"));
     json_object_set_new(o, "use_cache", json_true());
+    if (c->lora_rank > 0)
+        json_object_set_new(o, "kiln_lora",
+                            json_pack("{s:i, s:f, s:f, s:i}", "r", c->lora_rank, "lora_alpha",
+                                      (double)c->lora_alpha, "lora_dropout",
+                                      (double)c->lora_dropout, "slots", (int)c->lora_targets));
     return o;
 }
 

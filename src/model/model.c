@@ -113,6 +113,17 @@ static void layout(layout_state *s, model_weights *w)
             add(s, true, 2, F, C, "%s.%d.mlp.up_proj.weight", p, l);
             ly->fcproj_w = add(s, true, 2, C, F, "%s.%d.mlp.down_proj.weight", p, l);
         }
+        /* the layer's LoRA adapters after its own tensors (lora.c) */
+        const char *pre = c->arch == KILN_ARCH_GPT2 ? "transformer.h" : "model.layers";
+        for (int k = 0; c->lora_rank > 0 && k < kiln_lora_num_slots(c->arch); k++) {
+            if (!(c->lora_targets >> k & 1)) continue;
+            model_lora_slot sl = model_lora_slot_of(c, k);
+            const char *mod = kiln_lora_slot_name(c->arch, k);
+            ly->lora_a[k] = add(s, true, 2, c->lora_rank, sl.in, "%s.%d.%s.lora_A.weight", pre,
+                                l, mod);
+            ly->lora_b[k] = add(s, true, 2, sl.out, c->lora_rank, "%s.%d.%s.lora_B.weight", pre,
+                                l, mod);
+        }
     }
     if (m->layer_off && s->info) m->layer_off[m->L] = s->off;
     if (c->arch == KILN_ARCH_GPT2) {
@@ -246,6 +257,10 @@ kiln_status kiln_model_new(kiln_ctx *ctx, const kiln_config *cfg,
     if (!m->fb) {
         kiln_model_free(m);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    }
+    if ((s = model_lora_finish(ctx, m))) { /* a LoRA model's base is frozen */
+        kiln_model_free(m);
+        return s;
     }
     *out = m;
     return KILN_OK;
@@ -432,8 +447,9 @@ static void grad_views_update(kiln_model *m)
     m->gf = m->g;
     m->gf.layers = keep;
     if (!m->any_frozen) return;
-    gview v[5 + 12 * 64], *vp = v;
-    int cap = 5 + 12 * m->L, n = 0;
+    enum { PER = 12 + 2 * KILN_LORA_MAX_SLOTS };
+    gview v[5 + PER * 64], *vp = v;
+    int cap = 5 + PER * m->L, n = 0;
     if (m->L > 64) {
         vp = malloc((size_t)cap * sizeof *vp);
         KILN_ASSERT(vp);
@@ -448,6 +464,12 @@ static void grad_views_update(kiln_model *m)
                        &y->ln2_w, &y->ln2_b, &y->fc_w, &y->fc_b, &y->fcproj_w, &y->fcproj_b};
         for (int k = 0; k < 12; k++)
             if (*f[k]) vp[n++] = (gview){f[k], (size_t)(*f[k] - m->grads)};
+        /* the adapters are views of their own: the span of the layer's
+         * last base matrix ends where they begin */
+        for (int k = 0; k < KILN_LORA_MAX_SLOTS; k++) {
+            if (y->lora_a[k]) vp[n++] = (gview){&y->lora_a[k], (size_t)(y->lora_a[k] - m->grads)};
+            if (y->lora_b[k]) vp[n++] = (gview){&y->lora_b[k], (size_t)(y->lora_b[k] - m->grads)};
+        }
     }
     qsort(vp, (size_t)n, sizeof *vp, gview_cmp);
     for (int j = 0; j < n; j++) {

@@ -45,6 +45,8 @@ typedef struct model_layer {
     float *fc_b;     /* gpt2 (F) */
     float *fcproj_w; /* gpt2 (F, C) mlp.c_proj; llama (C, F) down_proj */
     float *fcproj_b; /* gpt2 (C) */
+    float *lora_a[KILN_LORA_MAX_SLOTS]; /* (r, in) per slot (lora.c), NULL */
+    float *lora_b[KILN_LORA_MAX_SLOTS]; /* (out, r) where not targeted */
 } model_layer;
 
 typedef struct model_weights {
@@ -95,6 +97,8 @@ typedef struct model_acts {
     /* packed rows (kiln_model_forward_pos) */
     int32_t *pos;     /* (B, T) position of each token inside its document */
     float *lse_doc;   /* (NH, T) scratch of the document-masked attention */
+    float *lora_x, *lora_h; /* the adapters' scratch (lora.c; NULL-sized without) */
+    kern_act *lora_hp;      /* the backward's recomputed fchp (one layer) */
 } model_acts;
 
 /* Per-op time accounting (bench/bench_train prints it). */
@@ -225,6 +229,10 @@ struct kiln_model {
     int *fixup;            /* tensors zeroed after the backward of a
                               fused matrix they are part of (model_grad_fixup) */
     int n_fixup;
+    bool lora_train;       /* dropout on (kiln_model_lora_train) */
+    uint64_t lora_seed;    /* kiln_lora_opts.seed */
+    uint64_t lora_step;    /* forwards while on: the dropout masks' step */
+    uint64_t lora_mask;    /* the masks' seed of the last forward */
 };
 
 /* Profiling clock: wall time (m->profile == 1) or process CPU time
@@ -283,6 +291,7 @@ typedef struct model_blk_w {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     kern_weight *qkv, *proj, *fc, *fcproj;
     const float *qkv_b, *proj_b, *fc_b, *fcproj_b;
+    const float *lora_a[KILN_LORA_MAX_SLOTS], *lora_b[KILN_LORA_MAX_SLOTS]; /* fp32, NULL */
 } model_blk_w;
 
 /* One layer's buffers for n rows (block.c says what each holds). Inputs
@@ -305,7 +314,42 @@ typedef struct model_blk {
  * the engine's against its KV cache. qkv_rows: the qkv product is stored
  * straight into io->qkvh (no rope, and the attention reads rows). prof:
  * the model whose per-op clock the block adds to (NULL: none). */
+/* ---- LoRA (lora.c) --------------------------------------------------- */
+
+/* Where slot s sits: the product lin (0 qkv, 1 proj, 2 fc, 3 fcproj) and
+ * the columns [off, off + out) of its output, input width in. */
+typedef struct model_lora_slot {
+    int lin, off, out, in;
+} model_lora_slot;
+model_lora_slot model_lora_slot_of(const kiln_config *c, int s);
+
+/* A run's adapters: scale alpha/r, dropout p (0: none) with the masks of
+ * seed, and fp32 scratch (xu, xs: n max(C, F); hs: 2 n r). */
+typedef struct model_lora {
+    const kiln_config *cfg;
+    int rank;
+    float scale, p;
+    uint64_t seed;
+    float *xu, *xs, *hs; /* the unpacked product input (n, in); scratch */
+} model_lora;
+
+/* y[:, off:off+out] (row stride ldy) += scale B dropout(x) A' for every
+ * targeted slot of product lin of layer l; x (n, in) fp32. */
+void model_lora_fwd(const model_lora *lr, int l, int lin, const float *const *A,
+                    const float *const *Bm, const float *x, float *y, int ldy, int n);
+/* The backward of model_lora_fwd from dy (n, ldy) of the product: dA, dB
+ * accumulated (slots with NULL gradients skipped), dx (n, in) += the
+ * adapters' input gradient. */
+void model_lora_bwd(const model_lora *lr, int l, int lin, const float *const *A,
+                    const float *const *Bm, float *const *dA, float *const *dB, const float *x,
+                    const float *dy, int ldy, float *dx, int n);
+/* Freezes the base of a model with adapters (kiln_model_new). */
+kiln_status model_lora_finish(kiln_ctx *ctx, kiln_model *m);
+/* Whether layer products lin has a targeted slot. */
+bool model_lora_has(const kiln_config *c, int lin);
+
 typedef struct model_run {
+    const model_lora *lora; /* NULL: no adapters */
     kern_backend *be;
     const model_shape *s;
     bool qkv_rows;

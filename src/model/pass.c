@@ -76,6 +76,8 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
     size_t F = (size_t)m->F, V = (size_t)m->V, NH = (size_t)m->NH, QKV = (size_t)m->QKV;
     size_t FH = m->cfg.arch == KILN_ARCH_LLAMA ? 2 * F : F;
     size_t wide = KILN_MAX(KILN_MAX(C, FH), QKV);
+    size_t lr = m->cfg.lora_rank > 0 ? (size_t)m->cfg.lora_rank : 0;
+    size_t lw = lr ? KILN_MAX(C, F) : 0;
     size_t s[][2] = {
         {4, N},                    /* tokens */
         {4, N * C},                /* encoded */
@@ -98,6 +100,9 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
         {4, N * C}, {4, N * C},    /* dres, dc */
         {4, N * F}, {4, N * KILN_MAX(QKV, FH)}, /* df, dbig */
         {4, N}, {4, NH * (size_t)T}, /* pos, lse_doc */
+        {4, 2 * N * lw},           /* LoRA xu, xs (lora.c) */
+        {4, 2 * N * lr},           /* LoRA hs */
+        {1, lr ? pk(be, N, FH) : 0}, /* LoRA: the backward's recomputed fchp */
     };
     *n = (int)(sizeof s / sizeof s[0]);
     memcpy(out, s, sizeof s);
@@ -153,6 +158,9 @@ void model_pass_carve(kiln_model *m, int B, int T)
     a->dbig = p[i++];
     a->pos = p[i++];
     a->lse_doc = p[i++];
+    a->lora_x = p[i++];
+    a->lora_h = p[i++];
+    a->lora_hp = p[i++];
     KILN_ASSERT(i == n);
 }
 
@@ -217,12 +225,32 @@ static void train_attend(void *ud, int l, const model_blk *io)
     }
 }
 
+/* The pass's adapters (NULL without): dropout while m->lora_train, its
+ * masks drawn anew for each forward (seed) and reused by its backward. */
+static const model_lora *pass_lora(kiln_model *m, model_lora *lr, bool forward)
+{
+    const kiln_config *c = &m->cfg;
+    if (c->lora_rank <= 0) return NULL;
+    size_t N = (size_t)m->B * m->T;
+    if (forward)
+        m->lora_mask = m->lora_train ? m->lora_seed * 0x9e3779b97f4a7c15ull + ++m->lora_step : 0;
+    *lr = (model_lora){.cfg = c, .rank = c->lora_rank, .scale = c->lora_alpha / c->lora_rank,
+                       .p = m->lora_train ? c->lora_dropout : 0, .seed = m->lora_mask,
+                       .xu = m->a.lora_x, .xs = m->a.lora_x + N * KILN_MAX(m->C, m->F),
+                       .hs = m->a.lora_h};
+    return lr;
+}
+
 /* Layer l's weights as handles of the pass backend (NULL entries on OOM). */
 static model_blk_w pass_weights(kiln_model *m, kern_backend *be, int l)
 {
     model_blk_src s = model_blk_weights(m, l);
     bool io = s.qkv.lay == KERN_W_IN_OUT;
-    return (model_blk_w){.ln1_w = s.ln1_w, .ln1_b = s.ln1_b, .ln2_w = s.ln2_w, .ln2_b = s.ln2_b,
+    const model_layer *ly = &m->w.layers[l];
+    return (model_blk_w){.lora_a = {ly->lora_a[0], ly->lora_a[1], ly->lora_a[2], ly->lora_a[3],
+                                    ly->lora_a[4], ly->lora_a[5], ly->lora_a[6]},
+                         .lora_b = {ly->lora_b[0], ly->lora_b[1], ly->lora_b[2], ly->lora_b[3],
+                                    ly->lora_b[4], ly->lora_b[5], ly->lora_b[6]},.ln1_w = s.ln1_w, .ln1_b = s.ln1_b, .ln2_w = s.ln2_w, .ln2_b = s.ln2_b,
                          .qkv = wh(be, s.qkv.data, s.qkv.rows, s.qkv.cols, io),
                          .proj = wh(be, s.proj.data, s.proj.rows, s.proj.cols, io),
                          .fc = wh(be, s.fc.data, s.fc.rows, s.fc.cols, io),
@@ -280,8 +308,12 @@ kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
     else P(OTHER, k->embed_fwd(a->encoded, a->tokens, m->w.wte, m->w.wpe, B, T, C));
     model_shape sh = model_shape_of(m);
     pass_attend u = {m, be, att, gpt2 && att, (size_t)B * m->NH * T};
-    model_run r = {.be = be, .s = &sh, .qkv_rows = u.rows, .attend = train_attend, .ud = &u,
-                   .prof = m};
+    model_lora lr;
+    const model_lora *pl = pass_lora(m, &lr, true);
+    if (pl && model_lora_has(&m->cfg, 0))
+        u.rows = false; /* the adapters add to the fp32 qkv: the attention makes the rows */
+    model_run r = {.lora = pl, .be = be, .s = &sh, .qkv_rows = u.rows, .attend = train_attend,
+                   .ud = &u, .prof = m};
     for (int l = 0; l < m->L; l++) {
         model_blk_w w = pass_weights(m, be, l);
         if (!w.qkv || !w.proj || !w.fc || !w.fcproj) return NOMEM(ctx);
@@ -341,6 +373,10 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
     model_weights *dw = model_grad_views(m); /* NULL where frozen */
     kiln_status s = KILN_OK;
     bool att = mp->attention_ok(be, m->HS, T) && !m->packed; /* as the forward */
+    model_lora lrs;
+    const model_lora *lr = pass_lora(m, &lrs, false);
+    bool lq = lr && model_lora_has(&m->cfg, 0), lo = lr && model_lora_has(&m->cfg, 1);
+    bool lf = lr && model_lora_has(&m->cfg, 2), ld = lr && model_lora_has(&m->cfg, 3);
 
     /* LM head and final norm. */
     if (ce) { /* the loss's gradient straight into the head's backward */
@@ -371,8 +407,10 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
         const float *lse = a->lse + (size_t)l * lse_sz;
         const float *res2 = a->res2 + (size_t)l * N * C;
 
+        const float *const *la = (const float *const *)w->lora_a;
+        const float *const *lb = (const float *const *)w->lora_b;
         /* MLP: res3 = res2 + fcproj(act(fc(ln2(res2)))) */
-        if (act == KERN_ACT_GELU) { /* the gradient of the pre-activation stays bf16 */
+        if (act == KERN_ACT_GELU && !lf && !ld) { /* the gradient of the pre-activation stays bf16 */
             kern_weight *w1 = wh(be, w->fc_w, F, C, io), *w2 = wh(be, w->fcproj_w, C, F, io);
             bool ok = w1 && w2;
             P(MATMUL_BWD, ok = ok && mp->mlp_bwd(be, w1, w2, a->dres, ln2p, fchp, act, n, d->fc_w,
@@ -383,10 +421,21 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
             P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->df, d->fcproj_w, d->fcproj_b, a->dres, fchp,
                                          act, w->fcproj_w, n, F, C, io));
             if (s) return s;
+            if (ld) { /* the adapters' input act(fc), recomputed as the forward made it */
+                P(MATMUL_BWD, mp->act_unpack(be, a->tmp, fchp, n, FH);
+                  mp->act_fwd(be, a->lora_hp, a->actp, a->tmp, n, F, act);
+                  mp->act_unpack(be, lr->xu, a->actp, n, F);
+                  model_lora_bwd(lr, l, 3, la, lb, d->lora_a, d->lora_b, lr->xu, a->dres, C,
+                                 a->df, n));
+            }
             P(ACT, mp->act_bwd(be, a->dbig, fchp, a->df, n, F, act));
             P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->fc_w, d->fc_b, a->dbig, ln2p,
                                          KERN_ACT_NONE, w->fc_w, n, C, FH, io));
             if (s) return s;
+            if (lf)
+                P(MATMUL_BWD, mp->act_unpack(be, lr->xu, ln2p, n, C);
+                  model_lora_bwd(lr, l, 2, la, lb, d->lora_a, d->lora_b, lr->xu, a->dbig, FH,
+                                 a->dc, n));
         }
         P(NORM, model_norm_bwd(m, a->dres, d->ln2_w, d->ln2_b, a->dc, res2, w->ln2_w,
                                a->ln2_mean + (size_t)l * N, a->ln2_rstd + (size_t)l * N, n));
@@ -394,7 +443,11 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
         P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->proj_w, d->proj_b, a->dres, attyp,
                                      KERN_ACT_NONE, w->proj_w, n, C, C, io));
         if (s) return s;
-        if (att && gpt2) {
+        if (lo)
+            P(MATMUL_BWD, mp->act_unpack(be, lr->xu, attyp, n, C);
+              model_lora_bwd(lr, l, 1, la, lb, d->lora_a, d->lora_b, lr->xu, a->dres, C, a->dc,
+                             n));
+        if (att && gpt2 && !lq) {
             /* no rope: the backend may take the gradient of qkv from the
              * attention straight into the qkv layer's backward */
             kern_weight *pw = wh(be, w->qkv_w, QKV, C, io);
@@ -427,6 +480,10 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
             P(MATMUL_BWD, s = linear_bwd(ctx, m, be, a->dc, d->qkv_w, d->qkv_b, a->dbig, ln1p,
                                          KERN_ACT_NONE, w->qkv_w, n, C, QKV, io));
             if (s) return s;
+            if (lq)
+                P(MATMUL_BWD, mp->act_unpack(be, lr->xu, ln1p, n, C);
+                  model_lora_bwd(lr, l, 0, la, lb, d->lora_a, d->lora_b, lr->xu, a->dbig, QKV,
+                                 a->dc, n));
         }
         P(NORM, model_norm_bwd(m, a->dres, d->ln1_w, d->ln1_b, a->dc, inp, w->ln1_w,
                                a->ln1_mean + (size_t)l * N, a->ln1_rstd + (size_t)l * N, n));

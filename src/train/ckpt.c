@@ -5,6 +5,9 @@
  *                        optimizer.safetensors, trainer_state.json,
  *                        tokenizer.json (copied from the data directory),
  *                        tokenizer_config.json (when one sits beside it),
+ *                        adapter_config.json, adapter_model.safetensors (a
+ *                        LoRA run: the checkpoint is a PEFT adapter directory
+ *                        too, kiln_lora_save),
  *                        checksums.json (size + CRC-32C of every other file)
  *   RUN/latest           the name of the newest complete checkpoint
  *
@@ -26,7 +29,8 @@
 
 static const char *const ckpt_files[] = {
     "config.json", "model.safetensors", "optimizer.safetensors",
-    "trainer_state.json", "tokenizer.json", "tokenizer_config.json", NULL};
+    "trainer_state.json", "tokenizer.json", "tokenizer_config.json", "adapter_config.json",
+    "adapter_model.safetensors", NULL};
 
 /* Removes a flat directory (files only, as checkpoints are). */
 static void rm_flat_dir(const char *dir)
@@ -135,6 +139,9 @@ kiln_status ckpt_save(kiln_ctx *ctx, const ckpt_save_args *a, char *out_dir,
     }
     if ((s = file_mkdirs(ctx, tmp))) goto done;
     if ((s = kiln_model_save(ctx, a->model, tmp))) goto done;
+    if (kiln_model_config(a->model)->lora_rank > 0 &&
+        (s = kiln_lora_save(ctx, a->model, tmp, a->base_model)))
+        goto done;
     char *p = file_join(tmp, "optimizer.safetensors");
     s = kiln_adamw_save(ctx, a->opt, p);
     free(p);

@@ -209,7 +209,8 @@ static kiln_status save(trainer *t, double lr)
                         .opt = t->zero ? full : t->opt,
                         .state = st,
                         .tokenizer_json = tokj,
-                        .keep_last = t->o.keep_last};
+                        .keep_last = t->o.keep_last,
+                        .base_model = t->base_model[0] ? t->base_model : NULL};
     kiln_status s = ckpt_save(t->ctx, &a, t->last_ckpt, sizeof t->last_ckpt);
     kiln_adamw_free(full);
     free(tokj);
@@ -325,6 +326,22 @@ static kiln_status make_model(trainer *t)
         if ((s = kiln_config_validate(ctx, &cfg))) return s;
         if ((s = kiln_model_new(ctx, &cfg, &t->model))) return s;
         kiln_model_init_random(t->model, o->seed);
+    }
+    if (o->init_from) snprintf(t->base_model, sizeof t->base_model, "%s", o->init_from);
+    if (o->resume) { /* the base the run's adapters were made for */
+        char *ap = file_join(o->resume, "adapter_config.json");
+        json_t *aj = NULL;
+        if (ap && file_exists(ap) && js_load_file(ctx, ap, &aj) == KILN_OK) {
+            const char *b = json_string_value(json_object_get(aj, "base_model_name_or_path"));
+            if (b) snprintf(t->base_model, sizeof t->base_model, "%s", b);
+        }
+        json_decref(aj);
+        free(ap);
+    }
+    if (o->lora.rank > 0 && !o->resume) { /* LoRA: adapters over the weights */
+        kiln_lora_opts lo = o->lora;
+        if (!lo.seed) lo.seed = o->seed;
+        if ((s = kiln_model_add_lora(ctx, &t->model, &lo))) return s;
     }
     const kiln_config *cfg = kiln_model_config(t->model);
     int dv = t->data ? kiln_data_vocab_size(t->data) : 0;
@@ -600,8 +617,14 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
         float *logits;
         const int32_t *ps = NULL; /* packed rows: this micro-batch's positions */
         if (t->positions) ps = t->positions + (obj->weigh ? (size_t)k * B * T : 0);
-        if ((s = kiln_model_forward_pos(ctx, t->model, mb.tokens, ps, B, T, &logits)))
+        /* LoRA dropout masks of (seed, step, micro-batch): a resumed run's */
+        kiln_model_lora_train(t->model, true,
+                              o->seed * 0x9e3779b97f4a7c15ull + (uint64_t)t->step * K + k);
+        s = kiln_model_forward_pos(ctx, t->model, mb.tokens, ps, B, T, &logits);
+        if (s) {
+            kiln_model_lora_train(t->model, false, 0);
             return s;
+        }
         if (k == K - 1 && !t->zero && (s = tr_dist_grads_begin(t))) return s;
         if (k == K - 1 && !t->zero && t->world > 1) /* frozen buckets: no allreduce */
             dist_grads_skip(t->dist, t->fz_off, t->fz_len, t->nfz);
@@ -615,6 +638,7 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
             s = obj->loss(obj->user, ctx, &mb, logits, scale, logits, &sums[0], &sums[1]);
             if (!s) s = kiln_model_backward(ctx, t->model, logits);
         }
+        kiln_model_lora_train(t->model, false, 0); /* evaluation runs without dropout */
         if (s) return s;
     }
     model_grads_materialize(t->model);

@@ -18,6 +18,7 @@ typedef struct trainer {
     char run_dir[1024];
     char data_real[PATH_MAX];
     char init_dir[1024]; /* --init-from resolved to a checkpoint */
+    char base_model[1024]; /* a LoRA run's base, for adapter_config.json */
     kiln_model *model;
     kiln_adamw *opt;
     kiln_data *data;
