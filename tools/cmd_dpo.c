@@ -318,7 +318,11 @@ int cmd_dpo(int argc, char **argv)
     bool cached;
     struct timespec ts0, ts1;
     clock_gettime(CLOCK_MONOTONIC, &ts0);
-    if ((s = kiln_dpo_reference(ctx, &ro, rows, vrows, ref_tr, ref_va, &cached))) goto fail;
+    if ((s = kiln_dpo_reference(ctx, &ro, rows, vrows, ref_tr, ref_va, &cached))) {
+        kiln_fail(ctx, s, "%s (the reference): %s", a.ref && !resume ? "--ref" : "--model",
+                  kiln_errmsg(ctx));
+        goto fail;
+    }
     clock_gettime(CLOCK_MONOTONIC, &ts1);
     if (cached)
         printf("reference: log-probabilities of %lld rows read from %s\n",

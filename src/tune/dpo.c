@@ -296,7 +296,7 @@ kiln_status kiln_rows_logprobs(kiln_ctx *ctx, kiln_model *m, const kiln_packed *
     return s;
 }
 
-#define REF_MAGIC "kiln-dpo-ref 1\n"
+#define REF_MAGIC "kiln-dpo-ref 2\n"
 
 /* FNV-1a over the rows' shape, tokens and targets and the reference's id:
  * what the cached numbers belong to. */
@@ -318,8 +318,8 @@ static uint64_t rows_key(const kiln_packed *a, const kiln_packed *b, const char 
     return h;
 }
 
-/* Reads the cache into the arrays when it is the one for key; false when
- * absent or different. */
+/* Reads the cache into the arrays when it is the one for key and its
+ * numbers are intact (CRC-32C trailer); false when absent or different. */
 static bool cache_read(const char *path, uint64_t key, int64_t nt, int64_t nv, double *rt,
                        double *rv)
 {
@@ -328,13 +328,18 @@ static bool cache_read(const char *path, uint64_t key, int64_t nt, int64_t nv, d
     char magic[sizeof REF_MAGIC];
     uint64_t k;
     int64_t n[2];
+    uint32_t crc = 0;
     bool ok = fread(magic, 1, sizeof REF_MAGIC - 1, f) == sizeof REF_MAGIC - 1 &&
               !memcmp(magic, REF_MAGIC, sizeof REF_MAGIC - 1) && fread(&k, sizeof k, 1, f) == 1 &&
               fread(n, sizeof n, 1, f) == 1 && k == key && n[0] == nt && n[1] == nv &&
               fread(rt, sizeof *rt, (size_t)nt, f) == (size_t)nt &&
-              (nv == 0 || fread(rv, sizeof *rv, (size_t)nv, f) == (size_t)nv);
+              (nv == 0 || fread(rv, sizeof *rv, (size_t)nv, f) == (size_t)nv) &&
+              fread(&crc, sizeof crc, 1, f) == 1 && fgetc(f) == EOF;
     fclose(f);
-    return ok;
+    if (!ok) return false;
+    uint32_t c = crc32c(0, rt, (size_t)nt * sizeof *rt);
+    if (nv) c = crc32c(c, rv, (size_t)nv * sizeof *rv);
+    return c == crc;
 }
 
 static kiln_status cache_write(kiln_ctx *ctx, const char *path, uint64_t key, int64_t nt,
@@ -344,11 +349,14 @@ static kiln_status cache_write(kiln_ctx *ctx, const char *path, uint64_t key, in
     kiln_status s = file_writer_open(ctx, &w, path);
     if (s) return s;
     int64_t n[2] = {nt, nv};
+    uint32_t c = crc32c(0, rt, (size_t)nt * sizeof *rt);
+    if (nv) c = crc32c(c, rv, (size_t)nv * sizeof *rv);
     file_writer_write(&w, REF_MAGIC, sizeof REF_MAGIC - 1);
     file_writer_write(&w, &key, sizeof key);
     file_writer_write(&w, n, sizeof n);
     file_writer_write(&w, rt, (size_t)nt * sizeof *rt);
     if (nv) file_writer_write(&w, rv, (size_t)nv * sizeof *rv);
+    file_writer_write(&w, &c, sizeof c);
     return file_writer_commit(ctx, &w);
 }
 
@@ -365,8 +373,8 @@ kiln_status kiln_dpo_reference(kiln_ctx *ctx, const kiln_dpo_ref_opts *o,
     }
     if (o->require_cache)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "%s is missing or belongs to other data or another reference model "
-                         "(%s): the run's reference log-probabilities cannot be reused; start "
+                         "%s is missing, damaged, or belongs to other data or another reference "
+                         "model (%s): the run's reference log-probabilities cannot be reused; start "
                          "a new run (another kiln_train_opts.out) for changed data",
                          o->cache_path ? o->cache_path : "(no cache path)",
                          o->ref_id ? o->ref_id : o->model_dir);
