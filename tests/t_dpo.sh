@@ -113,6 +113,34 @@ rc=$?
 DETAIL="status $rc: $(tail -2 "$D/rd.out" | tr '\n' ' ')"
 check dpo_resume_cache_checked eval "test $rc -ne 0 && grep -q 'ref_logps.bin' $D/rd.out"
 
+# kiln train --resume on a dpo run hands it to kiln dpo: the same trajectory
+"${R[@]}" --out "$D/re" --stop-at 3 >/dev/null 2>&1
+(cd / && "$KILN" train --resume "$D/re" --progress none --threads 2 >"$D/re2.out" 2>&1)
+DETAIL="$(tail -3 "$D/re2.out" | tr '\n' ' ')"
+check train_resume_of_dpo_run eval "grep -q 'is a kiln dpo run' $D/re2.out && cmp -s $D/ra/step_00000008/model.safetensors $D/re/step_00000008/model.safetensors"
+
+# ---- under mpirun: 2 ranks x 2 pairs == 1 rank x 4 pairs ----
+if command -v mpirun >/dev/null 2>&1 && ldd "$KILN" 2>/dev/null | grep -q libmpi; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+  [ -n "${KILN_SANITIZE:-}" ] && export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
+  M=("$KILN" dpo --model "$D/pre" --data "$D/prefs.jsonl" --steps 4 --precision fp32 --threads 1
+     --progress none --eval-every 2 --lr 2e-3 --val-fraction 0.2)
+  "${M[@]}" --out "$D/m1" --batch 4 >/dev/null 2>&1
+  timeout 120 mpirun --oversubscribe -np 2 "${M[@]}" --out "$D/m2" --batch 2 >"$D/m2.out" 2>&1
+  DETAIL="$(tail -3 "$D/m2.out" | tr '\n' ' ')"
+  check dpo_mpi_same_metrics "$PY" - "$D/m1/metrics.jsonl" "$D/m2/metrics.jsonl" <<'EOF'
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+ok = len(a) == len(b) == 5 and b[-1]["world_size"] == 2
+for x, y in zip(a, b):
+    for k in ("loss", "val_loss", "rewards/margins", "val_rewards/margins", "val_rewards/accuracies"):
+        if k in x: ok = ok and abs(x[k] - y[k]) < 1e-5
+sys.exit(not ok)
+EOF
+else
+  echo "SKIP dpo_mpi_same_metrics: mpirun or an MPI build of kiln is absent"
+fi
+
 # ---- --ref: another reference, so the first loss is not ln 2 ----
 "${DPO[@]}" --out "$D/ref" --ref "$D/run" --steps 1 --eval-every 0 >"$D/ref.out" 2>&1
 rc=$?
