@@ -164,6 +164,8 @@ int cmd_dpo(int argc, char **argv)
         {"skip-bad", CLI_BOOL, &a.skip_bad, "skip malformed JSONL lines (each is still reported) instead of failing", false},
     };
     cli_tune_flags(&tu, opts + 9, "preference pairs per micro-batch (two rows each: chosen, rejected) [4]");
+    for (cli_opt *f = opts; f->name; f++) /* DPO's own default */
+        if (!strcmp(f->name, "lr")) f->help = "peak learning rate [5e-6]";
     int rc = cli_parse("dpo", "dpo --model DIR --data PREFS.jsonl --out DIR [flags]\n       kiln dpo --resume RUN_DIR [flags]",
                        "Direct preference optimisation (TRL's DPOTrainer): full training of a\n"
                        "model's weights on {\"prompt\",\"chosen\",\"rejected\"} JSONL, prompts\n"
