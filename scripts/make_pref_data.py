@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""make_pref_data.py OUT [SEED] -- the word-list reversal task with a known
+"""make_pref_data.py OUT [SEED] [KINDS] -- the word-list reversal task with a known
 better answer, for kiln sft and kiln dpo (docs/alignment.md).
 
 Writes to OUT:
@@ -10,8 +10,10 @@ Writes to OUT:
                    [assistant: a corrupted reversal]}
   prefs_val.jsonl  200 held-out pairs (their word lists appear in no
                    training file)
-A corruption is one of: the list unreversed, two neighbouring words of the
-reversal swapped, or one word of it replaced by another word. Lists have 3
+A corruption is one of KINDS (comma-separated; default all three):
+"unreversed" (the list as given), "swap" (two neighbouring words of the
+reversal swapped) or "replace" (one word of the reversal replaced by a word
+that is not in the list). Lists have 3
 to 5 words from a 40-word vocabulary; the seed fixes everything.
 """
 import json
@@ -24,12 +26,12 @@ WORDS = ("red green blue black white cat dog bird fish cow one two three four fi
 SYSTEM = "You reverse word lists."
 
 
-def corrupt(rng, words):
+def corrupt(rng, words, kinds):
     rev = list(reversed(words))
-    kind = rng.randrange(3)
-    if kind == 0:
+    kind = rng.choice(kinds)
+    if kind == "unreversed":
         return list(words)
-    if kind == 1:
+    if kind == "swap":
         i = rng.randrange(len(rev) - 1)
         rev[i], rev[i + 1] = rev[i + 1], rev[i]
         return rev
@@ -41,6 +43,8 @@ def corrupt(rng, words):
 def main():
     out = sys.argv[1]
     rng = random.Random(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    kinds = (sys.argv[3] if len(sys.argv) > 3 else "unreversed,swap,replace").split(",")
+    assert all(k in ("unreversed", "swap", "replace") for k in kinds), kinds
     seen = set()
 
     def fresh():
@@ -64,7 +68,7 @@ def main():
     for name, lists in (("prefs", [fresh() for _ in range(2000)]), ("prefs_val", val)):
         with open(f"{out}/{name}.jsonl", "w") as f:
             for w in lists:
-                bad = corrupt(rng, w)
+                bad = corrupt(rng, w, kinds)
                 f.write(json.dumps({
                     "prompt": [{"role": "system", "content": SYSTEM},
                                {"role": "user", "content": "reverse: " + " ".join(w)}],
