@@ -65,6 +65,7 @@ steps = [x for x in m if "loss" in x]
 vals = [x for x in m if "val_loss" in x]
 ok = len(steps) == 30 and all(all(n in x for n in names) for x in steps)
 ok = ok and len(vals) == 3 and all(all("val_" + n in x for n in names) for x in vals)
+ok = ok and all(x.get("loss_weight") == 4 and "loss_tokens" not in x for x in steps)  # pairs
 # the reference is the initial policy: h = 0 at the start
 ok = ok and abs(vals[0]["val_loss"] - math.log(2)) < 1e-5 and abs(steps[0]["loss"] - math.log(2)) < 1e-5
 ok = ok and steps[0]["rewards/chosen"] == 0 and steps[0]["rewards/margins"] == 0

@@ -820,8 +820,11 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
             "tokens", (json_int_t)(t->pos * t->o.seq));
         /* communication: seconds this rank waited on other ranks */
         json_object_set_new(m, "world_size", json_integer(t->world));
-        /* with rows: the step's tokens with a target (what the loss averages) */
-        if (t->o.rows) json_object_set_new(m, "loss_tokens", json_integer((json_int_t)t->step_weight));
+        /* with rows: what the loss averages over: the step's tokens with a
+         * target (masked CE), else the objective's weight (DPO: pairs) */
+        if (t->o.rows)
+            json_object_set_new(m, t->obj->fused_ce ? "loss_tokens" : "loss_weight",
+                                json_integer((json_int_t)t->step_weight));
         json_object_set_new(m, "comm_s", json_real(comm.wait_s));
         json_object_set_new(m, "comm_frac", json_real(dt > 0 ? comm.wait_s / dt : 0));
         if (!isfinite(gnorm)) /* a skipped fp16 step: JSON has no inf/NaN */
