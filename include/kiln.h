@@ -1040,6 +1040,15 @@ kiln_status kiln_dataset_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
                               kiln_loss_on loss_on, const size_t *idx,
                               size_t n_idx, kiln_packed **out);
 void kiln_packed_free(kiln_packed *p);
+/* Preference examples two rows each, padded to T positions: rows 2r and
+ * 2r+1 are pair idx[r]'s prompt + chosen and prompt + rejected (idx NULL:
+ * pair r, n_idx ignored), targets on the completion's tokens only (-1 on
+ * the prompt and the padding). Sequences longer than T+1 tokens are cut
+ * (counted in cut). T = 0: the longest sequence's n-1. Errors: not a
+ * preference dataset, an index out of range, T < 0. Free with
+ * kiln_packed_free. */
+kiln_status kiln_dataset_pair_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                                   const size_t *idx, size_t n_idx, kiln_packed **out);
 
 /* Reads the string field `field` of one JSONL line (len bytes, no newline
  * needed). *out is malloc'ed, NUL-terminated, *out_len its length. Errors
@@ -1250,6 +1259,12 @@ typedef struct kiln_objective_batch {
                                1); written only by weigh (below) */
     int64_t step;           /* 0-based optimizer step */
     int micro;              /* micro-step in [0, grad_accum) */
+    /* (B) with kiln_train_opts.rows: each row's index in rows (in val_rows
+     * when eval), so an objective can find what it holds per example (DPO:
+     * the reference log-probabilities); NULL for token windows. */
+    const int64_t *rows;
+    bool eval;              /* a validation batch: grad_scale is 0 and the
+                               dlogits are thrown away */
 } kiln_objective_batch;
 
 /* A training objective: the model's logits for a micro-batch in; the loss,
@@ -1266,7 +1281,10 @@ typedef struct kiln_objective_batch {
  *      (times the process count, whose gradients are then averaged), so
  *      the step's gradient is that of (sum of loss terms) / W;
  *   3. logs the loss sum / weight sum (over micro-steps and processes).
- * The validation loss stays plain next-token cross-entropy.
+ * The validation loss is plain next-token cross-entropy, except with
+ * kiln_train_opts.rows and an objective that is not fused_ce: then it is
+ * that objective's loss over val_rows (loss called with b->eval, and
+ * grad_scale 0).
  *
  * How the coming objectives map onto it (B rows of a micro-batch are
  * sequences, their targets < 0 outside the part that is learned):
@@ -1313,7 +1331,19 @@ typedef struct kiln_objective {
     kiln_status (*loss)(void *user, kiln_ctx *ctx, const kiln_objective_batch *b,
                         const float *logits, float grad_scale, float *dlogits,
                         double *loss_sum, double *weight_sum);
-    void *user; /* passed to weigh and loss */
+    void *user; /* passed to weigh, loss, stats_take and metrics */
+    /* Optional metrics of its own (DPO: rewards/chosen, ...), logged by the
+     * trainer next to the loss in metrics.jsonl and the progress line, and
+     * after each validation with the prefix "val_". loss adds n_stats sums
+     * (in user) over the batches it sees; after a step's last micro-batch
+     * (eval false) and after an evaluation (eval true) the trainer calls
+     * stats_take, which copies those sums out and resets them, adds them
+     * over the MPI processes and calls metrics to turn them into
+     * n_metrics values named metric_names. n_stats 0: none. */
+    int n_stats, n_metrics;
+    const char *const *metric_names;
+    void (*stats_take)(void *user, bool eval, double *sums);
+    void (*metrics)(void *user, const double *sums, double *values);
 } kiln_objective;
 
 /* Next-token cross-entropy, the mean over all B*T rows (pretraining: the
@@ -1461,6 +1491,12 @@ typedef struct kiln_train_opts {
      * (kiln_model_add_lora; seed 0: the run's seed), its base frozen; a
      * resumed run's checkpoint has them already. [rank 0: full training] */
     kiln_lora_opts lora;
+    /* With rows: rows are drawn in groups of this many consecutive rows
+     * that stay together and in order in a micro-batch (DPO: 2, a chosen
+     * and a rejected row); the per-epoch shuffle permutes the groups.
+     * batch and the row counts of rows and val_rows must be multiples of
+     * it. Not saved in checkpoints: give it again on resume. [1] */
+    int row_group;
 } kiln_train_opts;
 
 kiln_train_opts kiln_train_opts_default(void);
@@ -1515,6 +1551,78 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
 /* ======================================================================
  * tune / compress
  * ====================================================================== */
+
+/* ---- DPO: direct preference optimisation (`kiln dpo`, docs/alignment.md)
+ * The policy is trained on pairs of rows (kiln_dataset_pair_rows: chosen,
+ * rejected) with kiln_train_opts.row_group = 2. The reference model's
+ * summed log-probabilities of every row are computed once before training
+ * (kiln_rows_logprobs, the reference then freed), so no second model is
+ * held while training; with a LoRA policy the reference is its base. */
+
+typedef enum kiln_dpo_loss {
+    KILN_DPO_SIGMOID = 0, /* -log sigmoid(beta h) (the DPO paper)           */
+    KILN_DPO_IPO = 1,     /* (h - 1/(2 beta))^2 on per-token mean log-probs  */
+    KILN_DPO_HINGE = 2    /* max(0, 1 - beta h) (SLiC)                        */
+} kiln_dpo_loss;
+/* h = (pc - rc) - (pr - rr): the policy's (p) and reference's (r) summed
+ * log-probabilities of the chosen (c) and rejected (r) completion, as TRL's
+ * DPOTrainer defines them (loss_type sigmoid / ipo / hinge, no label
+ * smoothing). */
+
+/* "sigmoid" | "ipo" | "hinge"; -1 when unknown. */
+int kiln_dpo_loss_parse(const char *name);
+const char *kiln_dpo_loss_name(kiln_dpo_loss l);
+
+/* Summed log-probabilities of each row's targets (the tokens with a
+ * target >= 0) under m: out[r] = sum_t log softmax(logits_{r,t})[target],
+ * the rows run B at a time through kiln_model_forward. out has
+ * rows->rows doubles. */
+kiln_status kiln_rows_logprobs(kiln_ctx *ctx, kiln_model *m, const kiln_packed *rows, int B,
+                               double *out);
+
+/* The reference's log-probabilities of the training rows (ref_train,
+ * rows->rows) and held-out rows (ref_val, val_rows->rows; val_rows may be
+ * NULL), computed by loading model_dir with precision po and running
+ * kiln_rows_logprobs B rows at a time on `threads` threads (0: as set),
+ * then freeing the model. With cache_path (may be NULL) they are read
+ * from there when it holds the same rows (a checksum of their tokens and
+ * targets and the reference's identity `ref_id`), else computed and
+ * written there atomically. *from_cache says which. require_cache: a
+ * missing or different cache is an error (a resumed run must use the
+ * same numbers). */
+typedef struct kiln_dpo_ref_opts {
+    const char *model_dir;  /* the reference model directory */
+    const char *ref_id;     /* what identifies it in the cache (a path) */
+    kiln_precision_opts po; /* its compute precision */
+    int batch;              /* rows per forward, >= 1 */
+    int threads;            /* 0: unchanged */
+    const char *cache_path; /* NULL: no cache */
+    bool require_cache;
+} kiln_dpo_ref_opts;
+kiln_status kiln_dpo_reference(kiln_ctx *ctx, const kiln_dpo_ref_opts *o,
+                               const kiln_packed *rows, const kiln_packed *val_rows,
+                               double *ref_train, double *ref_val, bool *from_cache);
+
+typedef struct kiln_dpo_opts {
+    double beta;        /* > 0 [0.1] */
+    kiln_dpo_loss loss; /* [KILN_DPO_SIGMOID] */
+} kiln_dpo_opts;
+kiln_dpo_opts kiln_dpo_opts_default(void);
+
+/* The DPO objective (a kiln_objective for kiln_train_opts.objective, or
+ * for direct calls): batches of B = 2k rows in pairs whose b->rows index
+ * the reference arrays (ref_train, or ref_val when b->eval; borrowed,
+ * n_train / n_val doubles). Its loss adds the summed pair losses and the
+ * pair count; weigh counts pairs. Metrics (TRL's names): rewards/chosen,
+ * rewards/rejected (beta times the policy-minus-reference log-probability,
+ * means over pairs), rewards/accuracies (share of pairs with chosen >
+ * rejected reward), rewards/margins, logps/chosen, logps/rejected (the
+ * policy's summed log-probabilities; per-token means for ipo). */
+typedef struct kiln_dpo kiln_dpo;
+kiln_status kiln_dpo_new(kiln_ctx *ctx, const kiln_dpo_opts *o, const double *ref_train,
+                         int64_t n_train, const double *ref_val, int64_t n_val, kiln_dpo **out);
+const kiln_objective *kiln_dpo_objective(kiln_dpo *d);
+void kiln_dpo_free(kiln_dpo *d);
 
 /* ---- GGUF export and quantization (`kiln export --format gguf`,
  * `kiln quantize`; docs/quantize.md) ---------------------------------- */

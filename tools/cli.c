@@ -286,6 +286,9 @@ static const struct {
     {"kiln_tokenize_opts.skip_bad", "--skip-bad"},
     {"kiln_dataset_opts.max_len", "--max-len"},
     {"kiln_dataset_opts.skip_bad", "--skip-bad"},
+    /* kiln dpo */
+    {"kiln_dpo_opts.beta", "--beta"},
+    {"kiln_dpo_opts.loss", "--loss"},
     /* kiln tokenizer train */
     {"kiln_tokenizer_train_opts.inputs", "--input"},
     {"kiln_tokenizer_train_opts.field", "--field"},

@@ -105,6 +105,46 @@ void cli_train_unblock_signals(void);
  * second quits. Sets o->stop_flag. */
 kiln_status cli_train_run(kiln_ctx *ctx, kiln_train_opts *o, kiln_train_result *res);
 
+/* ---- shared by kiln sft and kiln dpo (tools/cli_tune.c) ------------- */
+
+/* The fine-tuning commands' training settings and the flags that set them. */
+typedef struct cli_tune {
+    kiln_train_opts o;
+    const char *schedule, *progress, *precision, *resume;
+    int64_t seed;
+    bool sequential;
+    cli_env_flags ef;
+} cli_tune;
+enum { CLI_TUNE_NFLAGS = 37 };
+/* Fine-tuning defaults: lr 2e-5 (min 0, no warmup, no weight decay),
+ * eval every 50 steps, save at the end, keep 1. */
+void cli_tune_defaults(cli_tune *t);
+/* Writes the shared flags' entries (--out, --resume, --batch with
+ * batch_help, the optimizer, schedule, cadence, precision and MPI flags)
+ * to opts, which has room for CLI_TUNE_NFLAGS; returns how many. */
+int cli_tune_flags(cli_tune *t, cli_opt *opts, const char *batch_help);
+/* After cli_parse: checks --steps and applies --seed, --sequential,
+ * --schedule, --progress and --precision to t->o. false after printing
+ * what is wrong ("kiln CMD: ..."). */
+bool cli_tune_check(const char *cmd, cli_tune *t, int argc, char **argv);
+/* --resume given: resolves the checkpoint (ckpt), loads the options it was
+ * started with, applies the flags given on top, and sets t->o to resume
+ * it; run receives the run directory. Returns 0, or the exit code after
+ * printing the error. */
+int cli_tune_resume(kiln_ctx *ctx, const char *cmd, cli_tune *t, int argc, char **argv,
+                    char *ckpt, size_t ckpt_cap, char *databuf, size_t data_cap, char *run,
+                    size_t run_cap);
+/* The held-out examples: n_val of n chosen by a seeded shuffle, the rest
+ * for training (train, n - n_val) and held out (val, n_val), each list in
+ * dataset order. */
+void cli_split_indices(size_t n, size_t n_val, uint64_t seed, size_t *train, size_t *val);
+/* A .gguf base: imported once into OUT/base (config.json, fp32
+ * model.safetensors, tokenizer.json, tokenizer_config.json with the file's
+ * chat template), the model directory a run then starts from; its path
+ * to base. */
+kiln_status cli_import_gguf(kiln_ctx *ctx, const char *gguf, const char *out, char *base,
+                            size_t cap);
+
 /* Subcommands. Each returns the process exit code. Families that a build
  * does not have are weak and reported as unavailable by the dispatcher. */
 #define KILN_COMMANDS(XX)                                                  \

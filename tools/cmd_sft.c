@@ -126,61 +126,6 @@ static void print_packing(const kiln_packed *p)
            cells ? (double)unpacked / cells : 0.0);
 }
 
-/* The held-out examples: n_val of n chosen by a seeded shuffle, the rest
- * for training, each list in dataset order. */
-static void split_indices(size_t n, size_t n_val, uint64_t seed, size_t *train, size_t *val)
-{
-    size_t *perm = malloc((n + 1) * sizeof *perm);
-    unsigned char *is_val = calloc(n + 1, 1);
-    kiln_rng r;
-    kiln_rng_seed(&r, seed ^ 0x5f7d1e3c2b4a6987ULL);
-    for (size_t i = 0; i < n; i++) perm[i] = i;
-    for (size_t i = n; i > 1; i--) {
-        size_t j = (size_t)kiln_rng_below(&r, (uint64_t)i);
-        size_t x = perm[i - 1];
-        perm[i - 1] = perm[j];
-        perm[j] = x;
-    }
-    for (size_t i = 0; i < n_val; i++) is_val[perm[i]] = 1;
-    size_t a = 0, b = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (is_val[i]) val[b++] = i;
-        else train[a++] = i;
-    }
-    free(perm);
-    free(is_val);
-}
-
-/* A .gguf base: imported once into OUT/base (config.json, fp32
- * model.safetensors, tokenizer.json, and tokenizer_config.json with the
- * file's tokenizer.chat_template), the model directory the run then
- * starts from, records in sft.json and resumes with. */
-static kiln_status import_gguf(kiln_ctx *ctx, const char *gguf, const char *out, char *base,
-                               size_t cap)
-{
-    snprintf(base, cap, "%s/base", out);
-    char p[4400];
-    struct stat st;
-    snprintf(p, sizeof p, "%s/config.json", base);
-    if (stat(p, &st) == 0) return KILN_OK; /* imported by an earlier start */
-    if (mkdir(out, 0777) != 0 && errno != EEXIST)
-        return kiln_fail(ctx, KILN_ERR_IO, "cannot create '%s': %s", out, strerror(errno));
-    kiln_model *m = NULL;
-    kiln_tokenizer *tok = NULL;
-    kiln_status s = kiln_model_load(ctx, gguf, &m);
-    if (!s) s = kiln_tokenizer_load(ctx, gguf, &tok);
-    if (!s) s = kiln_model_save(ctx, m, base);
-    snprintf(p, sizeof p, "%s/tokenizer.json", base);
-    if (!s) s = kiln_tokenizer_save(ctx, tok, p);
-    if (!s) s = kiln_tokenizer_save_chat_config(ctx, tok, base);
-    if (!s)
-        printf("base: %s imported to %s (%s chat template)\n", gguf, base,
-               kiln_tokenizer_chat_template(tok) ? "with its" : "no");
-    kiln_tokenizer_free(tok);
-    kiln_model_free(m);
-    return s;
-}
-
 /* The LoRA flags into o.lora (targets need the base's architecture) and
  * a line saying what will train; nonzero on a bad flag (reported). */
 static int lora_flags(kiln_ctx *ctx, int argc, char **argv, const kiln_config *cfg,
@@ -232,72 +177,28 @@ static int lora_flags(kiln_ctx *ctx, int argc, char **argv, const kiln_config *c
 int cmd_sft(int argc, char **argv)
 {
     cli_train_block_signals(); /* before any thread starts */
-    kiln_train_opts o = kiln_train_opts_default();
-    o.lr = 2e-5;
-    o.min_lr = 0;
-    o.warmup = 0;
-    o.weight_decay = 0;
-    o.eval_every = 50;
-    o.save_every = 0;
-    o.keep_last = 1;
+    cli_tune tu;
+    cli_tune_defaults(&tu);
+    kiln_train_opts o; /* tu.o once the flags are read */
     sft_args a = {.loss_on = "assistant", .val_fraction = 0.1};
-    const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
-    int64_t seed = (int64_t)o.seed;
-    bool sequential = false, skip_bad_lines = false;
+    bool skip_bad_lines = false;
     double lora_alpha = 8, lora_dropout = 0;
-    cli_env_flags ef = {0};
-    cli_opt opts[] = {
+    cli_opt opts[20 + CLI_TUNE_NFLAGS] = {
         {"model", CLI_STR, &a.model, "model directory (or run directory: its newest checkpoint; or a .gguf file, imported into OUT/base with its chat template) to fine-tune", false},
         {"data", CLI_STR, &a.data, "JSONL: {\"messages\":[...]} or {\"prompt\",\"completion\"} per line", false},
-        {"out", CLI_STR, &o.out, "run directory (checkpoints, metrics.jsonl)", false},
-        {"resume", CLI_OPTSTR, &resume, "continue a run: a run directory or a step_* checkpoint [--out]", false},
         {"val-data", CLI_STR, &a.val_data, "held-out JSONL for val_loss (instead of --val-fraction)", false},
         {"val-fraction", CLI_F64, &a.val_fraction, "share of --data held out for val_loss, in [0, 1) [0.1]", false},
         {"loss-on", CLI_STR, &a.loss_on, "assistant | completion | all: tokens learned: every assistant turn (or the completion), the last one only, or every token [assistant]", false},
         {"max-len", CLI_INT, &a.max_len, "tokens per example kept (longer ones are cut) [the model's n_ctx + 1]", false},
         {"packing", CLI_BOOL, &a.pack, "several examples per row of --max-len - 1 positions (first fit), attention kept inside each example and positions restarting per example (padding-free training; same loss as unpadded rows) [off: one example per row, padded to the longest]", false},
-        {"lora-rank", CLI_INT, &o.lora.rank, "LoRA: train rank-R adapters (PEFT's formula, fp32) on a frozen base instead of every weight; 0 = full fine-tuning [0]", false},
+        {"lora-rank", CLI_INT, &tu.o.lora.rank, "LoRA: train rank-R adapters (PEFT's formula, fp32) on a frozen base instead of every weight; 0 = full fine-tuning [0]", false},
         {"lora-alpha", CLI_F64, &lora_alpha, "LoRA: alpha, the adapters' scale is alpha/R [8, PEFT's]", false},
         {"lora-dropout", CLI_F64, &lora_dropout, "LoRA: dropout on the adapters' input while training [0]", false},
         {"lora-targets", CLI_STR, &a.lora_targets, "LoRA: modules to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; gpt2 c_attn,c_proj,c_fc) or all-linear [PEFT's default: q_proj,v_proj; gpt2 c_attn]", false},
         {"skip-bad", CLI_BOOL, &a.skip_bad, "skip malformed JSONL lines (each is still reported) instead of failing", false},
         {"skip-bad-lines", CLI_BOOL, &skip_bad_lines, "the same as --skip-bad", false},
-        {"batch", CLI_INT, &o.batch, "examples per micro-batch [8]", false},
-        {"grad-accum", CLI_INT, &o.grad_accum, "micro-batches per optimizer step [1]", false},
-        {"lr", CLI_F64, &o.lr, "peak learning rate [2e-5]", false},
-        {"min-lr", CLI_F64, &o.min_lr, "final learning rate of cosine/linear decay [0]", false},
-        {"warmup", CLI_I64, &o.warmup, "linear warmup steps [0]", false},
-        {"schedule", CLI_STR, &schedule, "cosine | linear | constant [cosine]", false},
-        {"steps", CLI_I64, &o.steps, "optimizer steps (overrides --epochs)", false},
-        {"epochs", CLI_F64, &o.epochs, "passes over the training examples [1]", false},
-        {"weight-decay", CLI_F64, &o.weight_decay, "AdamW decoupled weight decay on matrices [0]", false},
-        {"beta1", CLI_F64, &o.beta1, "AdamW beta1 [0.9]", false},
-        {"beta2", CLI_F64, &o.beta2, "AdamW beta2 [0.95]", false},
-        {"eps", CLI_F64, &o.eps, "AdamW epsilon [1e-8]", false},
-        {"grad-clip", CLI_F64, &o.grad_clip, "max global gradient norm, 0 = off [1.0]", false},
-        {"sequential", CLI_BOOL, &sequential, "visit examples in file order instead of a seeded shuffle per epoch", false},
-        {"eval-every", CLI_I64, &o.eval_every, "steps between validation evals, 0 = off [50]", false},
-        {"eval-steps", CLI_I64, &o.eval_steps, "validation batches per eval [20]", false},
-        {"save-every", CLI_I64, &o.save_every, "steps between checkpoints, 0 = at the end only [0]", false},
-        {"keep-last", CLI_INT, &o.keep_last, "checkpoints to keep, 0 = all [1]", false},
-        {"seed", CLI_I64, &seed, "seed of the split and the data order [1337]", false},
-        {"threads", CLI_INT, &o.threads, "compute threads, 0 = all cores [0]", false},
-        {"log-every", CLI_I64, &o.log_every, "steps between progress lines when not on a terminal [10]", false},
-        {"progress", CLI_STR, &progress, "auto | bar | lines | none [auto]", false},
-        {"max-time", CLI_F64, &o.max_time, "stop, save and exit after this many seconds [off]", false},
-        {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step [off]", false},
-        {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
-        {"precision", CLI_STR, &precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products [auto]", false},
-        {"bf16-kernel", CLI_STR, &ef.bf16_kernel, "auto | ref | avx512 | amx (env KILN_BF16_KERNEL) [auto]", false},
-        {"no-precision-probe", CLI_BOOL, &ef.no_precision_probe, "precision auto: bf16 whenever the CPU has bf16 hardware, without measuring (env KILN_PRECISION_PROBE=0)", false},
-        {"fp32-acts", CLI_BOOL, &ef.fp32_acts, "bf16: keep fp32 activations (env KILN_BF16_ACTS=0)", false},
-        {"optim-kernel", CLI_STR, &ef.optim_kernel, "auto | portable (env KILN_OPTIM_KERNEL) [auto]", false},
-        {"loss-scale", CLI_F64, &ef.loss_scale, "fp16: initial loss scale (env KILN_LOSS_SCALE) [65536]", false},
-        {"dist-timeout", CLI_F64, &ef.dist_timeout, "under mpirun: collective timeout in seconds (env KILN_DIST_TIMEOUT) [300]", false},
-        {"dist-bucket-mb", CLI_F64, &ef.dist_bucket_mb, "under mpirun: gradient bucket MB (env KILN_DIST_BUCKET_MB) [25]", false},
-        {"no-dist-overlap", CLI_BOOL, &ef.no_dist_overlap, "under mpirun: reduce gradients after the backward (env KILN_DIST_OVERLAP=0)", false},
-        {"no-dist-progress", CLI_BOOL, &ef.no_dist_progress, "under mpirun: no progress table for the watchdog (env KILN_DIST_PROGRESS=0)", false},
-        {NULL, 0, NULL, NULL, false}};
+    };
+    cli_tune_flags(&tu, opts + 13, "examples per micro-batch [8]");
     int rc = cli_parse("sft", "sft --model DIR --data FILE.jsonl --out DIR [flags]\n       kiln sft --resume RUN_DIR [flags]",
                        "Supervised fine-tuning: full training of a model's weights on chat\n"
                        "({\"messages\":[{\"role\",\"content\"},...]}) or prompt/completion JSONL,\n"
@@ -325,10 +226,6 @@ int cmd_sft(int argc, char **argv)
     size_t *tr_idx = NULL, *va_idx = NULL;
     kiln_status s = KILN_OK;
     a.skip_bad = a.skip_bad || skip_bad_lines;
-    if (cli_given(argc, argv, "steps") && o.steps <= 0) {
-        fprintf(stderr, "kiln sft: --steps must be positive (leave it out to train for --epochs)\n");
-        goto done;
-    }
     if (!(a.val_fraction >= 0 && a.val_fraction < 1)) {
         fprintf(stderr, "kiln sft: --val-fraction %g must be in [0, 1)\n", a.val_fraction);
         goto done;
@@ -338,66 +235,15 @@ int cmd_sft(int argc, char **argv)
                 a.max_len);
         goto done;
     }
-    o.seed = (uint64_t)seed;
-    o.shuffle = !sequential;
-    int k = kiln_schedule_parse(schedule), pk = cli_parse_progress(progress);
-    int pp = kiln_precision_parse(precision);
-    if (k < 0 || pk < 0 || pp < 0) {
-        fprintf(stderr, "kiln sft: %s '%s' is not one of %s\n",
-                k < 0 ? "--schedule" : pk < 0 ? "--progress" : "--precision",
-                k < 0 ? schedule : pk < 0 ? progress : precision,
-                k < 0 ? "cosine, linear, constant"
-                      : pk < 0 ? "auto, bar, lines, none" : "fp32, bf16, fp16, auto");
-        goto done;
-    }
-    o.schedule = (kiln_schedule)k;
-    o.progress = (kiln_progress)pk;
-    o.precision = (kiln_precision)pp;
+    if (!cli_tune_check("sft", &tu, argc, argv)) goto done;
+    const char *resume = tu.resume;
     if (resume) {
-        const char *where = *resume ? resume : o.out;
-        if (!where) {
-            fprintf(stderr, "kiln sft: --resume needs a directory (or --out RUN)\n");
+        if ((ret = cli_tune_resume(ctx, "sft", &tu, argc, argv, ckpt, sizeof ckpt, databuf,
+                                   sizeof databuf, outbuf, sizeof outbuf)))
             goto done;
-        }
-        if ((s = kiln_checkpoint_resolve(ctx, where, ckpt, sizeof ckpt))) {
-            kiln_fail(ctx, s, "--resume: %s", kiln_errmsg(ctx));
-            ret = cli_fail(ctx, "sft", s);
-            goto done;
-        }
-        kiln_train_opts sv = kiln_train_opts_default();
-        if ((s = kiln_train_opts_load(ctx, ckpt, &sv, databuf, sizeof databuf))) {
-            ret = cli_fail(ctx, "sft", s);
-            goto done;
-        }
-#define OVR(flag, field) if (cli_given(argc, argv, flag)) sv.field = o.field
-        OVR("batch", batch); OVR("grad-accum", grad_accum); OVR("lr", lr); OVR("min-lr", min_lr);
-        OVR("warmup", warmup); OVR("schedule", schedule); OVR("weight-decay", weight_decay);
-        OVR("beta1", beta1); OVR("beta2", beta2); OVR("eps", eps);
-        OVR("grad-clip", grad_clip); OVR("sequential", shuffle);
-        OVR("eval-every", eval_every); OVR("eval-steps", eval_steps);
-        OVR("save-every", save_every); OVR("keep-last", keep_last);
-        OVR("log-every", log_every); OVR("precision", precision);
-#undef OVR
-        if (cli_given(argc, argv, "steps")) sv.steps = o.steps;
-        else if (cli_given(argc, argv, "epochs")) {
-            sv.steps = 0;
-            sv.epochs = o.epochs;
-        }
-        sv.threads = o.threads;
-        sv.progress = o.progress;
-        sv.max_time = o.max_time;
-        sv.stop_at = o.stop_at;
-        sv.zero = o.zero;
-        snprintf(outbuf, sizeof outbuf, "%s", ckpt);
-        char *sl = strrchr(outbuf, '/');
-        if (sl) *sl = 0;
-        else snprintf(outbuf, sizeof outbuf, ".");
+        ret = 2;
         if (load_args(outbuf, argc, argv, &a, &saved_args)) goto done;
-        sv.out = o.out ? o.out : outbuf;
-        sv.resume = ckpt;
-        sv.config = sv.init_from = NULL;
-        o = sv;
-    } else if (!a.model || !*a.model || !a.data || !*a.data || !o.out || !*o.out) {
+    } else if (!a.model || !*a.model || !a.data || !*a.data || !tu.o.out || !*tu.o.out) {
         fprintf(stderr, "kiln sft: --model, --data and --out are required (or --resume RUN_DIR; "
                         "see kiln sft --help)\n");
         goto done;
@@ -408,8 +254,9 @@ int cmd_sft(int argc, char **argv)
                 a.loss_on);
         goto done;
     }
-    if (!cli_train_settings("sft", argc, argv, &ef, &o)) goto done;
-    cli_precision_probe(ctx, argc, argv, &ef);
+    o = tu.o;
+    if (!cli_train_settings("sft", argc, argv, &tu.ef, &o)) goto done;
+    cli_precision_probe(ctx, argc, argv, &tu.ef);
     ret = 1;
     /* the model, its tokenizer and its context */
     if ((s = cli_model_dir(ctx, a.model, model_dir, sizeof model_dir))) {
@@ -418,7 +265,7 @@ int cmd_sft(int argc, char **argv)
     }
     if (!resume && cli_is_gguf(model_dir)) {
         char base[4200];
-        if ((s = import_gguf(ctx, model_dir, o.out, base, sizeof base))) {
+        if ((s = cli_import_gguf(ctx, model_dir, o.out, base, sizeof base))) {
             kiln_fail(ctx, s, "--model: %s", kiln_errmsg(ctx));
             goto fail;
         }
@@ -460,7 +307,7 @@ int cmd_sft(int argc, char **argv)
     tr_idx = malloc((n + 1) * sizeof *tr_idx);
     va_idx = malloc((n + 1) * sizeof *va_idx);
     if (!tr_idx || !va_idx) goto done;
-    split_indices(n, n_val, o.seed, tr_idx, va_idx);
+    cli_split_indices(n, n_val, o.seed, tr_idx, va_idx);
     /* rows of one length T: the longest example of either split */
     kiln_loss_on lo = (kiln_loss_on)loss_on;
     int T;

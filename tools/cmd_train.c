@@ -316,6 +316,15 @@ int cmd_train(int argc, char **argv)
             ret = cmd_sft(argc, argv);
             goto done;
         }
+        /* a kiln dpo run (RUN/dpo.json, RUN/ref_logps.bin): the same */
+        snprintf(cut ? cut + 1 : sftj, sizeof sftj - (size_t)(cut ? cut + 1 - sftj : 0),
+                 "dpo.json");
+        if (access(sftj, R_OK) == 0 && cmd_dpo) {
+            fprintf(stderr, "kiln train: %s is a kiln dpo run: continuing it as kiln dpo "
+                            "--resume\n", where);
+            ret = cmd_dpo(argc, argv);
+            goto done;
+        }
         kiln_train_opts saved = kiln_train_opts_default();
         if ((s = kiln_train_opts_load(ctx, ckpt, &saved, databuf, sizeof databuf))) {
             ret = cli_fail(ctx, "train", s);

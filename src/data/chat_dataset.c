@@ -687,3 +687,76 @@ kiln_status kiln_dataset_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
     *out = pk;
     return KILN_OK;
 }
+
+/* ---- preference pairs, two rows each (DPO) -------------------------- */
+
+/* One row of a pair: prompt then completion, targets on the completion. */
+static void pair_row(const kiln_dataset *ds, const int32_t *p, size_t np, const int32_t *c,
+                     size_t nc, int T, int32_t *tok, int32_t *tg, int32_t *pos, int32_t *doc,
+                     int64_t *cut)
+{
+    size_t n = np + nc; /* tokens of the sequence; n-1 positions */
+    size_t len = KILN_MIN(n - 1, (size_t)T);
+    if (n - 1 > (size_t)T) (*cut)++;
+    for (size_t j = 0; j < (size_t)T; j++) {
+        bool in = j < len;
+        /* position j predicts token j+1; learned when that is a completion token */
+        size_t k = j + 1;
+        int32_t next = !in ? -1 : k < np ? -1 : c[k - np];
+        tok[j] = in ? (j < np ? p[j] : c[j - np]) : ds->eot;
+        tg[j] = next;
+        pos[j] = in ? (int32_t)j : 0;
+        doc[j] = in ? 0 : -1;
+    }
+}
+
+kiln_status kiln_dataset_pair_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
+                                   const size_t *idx, size_t n_idx, kiln_packed **out)
+{
+    *out = NULL;
+    if (ds->kind != KILN_DATASET_PREFERENCE)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_dataset_pair_rows needs a preference dataset");
+    if (T < 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG, "kiln_dataset_pair_rows: T = %d must be >= 0",
+                         T);
+    size_t n = idx ? n_idx : ds->n_ex;
+    size_t longest = 2;
+    for (size_t r = 0; r < n; r++) {
+        size_t i = idx ? idx[r] : r;
+        if (i >= ds->n_ex)
+            return kiln_fail(ctx, KILN_ERR_RANGE,
+                             "kiln_dataset_pair_rows: index %zu (pair %zu) is outside the "
+                             "dataset's %zu examples", i, r, ds->n_ex);
+        const ex_rec *e = &ds->ex[i];
+        longest = KILN_MAX(longest, e->n + KILN_MAX(e->n_ch, e->n_rj));
+    }
+    if (T == 0) T = (int)KILN_MIN(longest - 1, (size_t)INT32_MAX);
+    kiln_packed *pk = kiln_calloc(ctx, 1, sizeof *pk);
+    if (!pk) return KILN_ERR_NOMEM;
+    size_t cells = 2 * n * (size_t)T;
+    pk->rows = (int64_t)(2 * n);
+    pk->T = T;
+    pk->tokens = malloc((cells + 1) * sizeof *pk->tokens);
+    pk->targets = malloc((cells + 1) * sizeof *pk->targets);
+    pk->pos = malloc((cells + 1) * sizeof *pk->pos);
+    pk->doc = malloc((cells + 1) * sizeof *pk->doc);
+    if (!pk->tokens || !pk->targets || !pk->pos || !pk->doc) {
+        kiln_packed_free(pk);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory for %zu pairs of %d", n, T);
+    }
+    for (size_t r = 0; r < n; r++) {
+        const ex_rec *e = &ds->ex[idx ? idx[r] : r];
+        const int32_t *p = ds->ids + e->ids;
+        for (int w = 0; w < 2; w++) {
+            size_t row = 2 * r + (size_t)w, at = row * (size_t)T;
+            const int32_t *c = ds->ids + (w ? e->rj : e->ch);
+            size_t nc = w ? e->n_rj : e->n_ch;
+            pair_row(ds, p, e->n, c, nc, T, pk->tokens + at, pk->targets + at, pk->pos + at,
+                     pk->doc + at, &pk->cut);
+        }
+        pk->examples++;
+    }
+    *out = pk;
+    return KILN_OK;
+}

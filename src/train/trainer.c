@@ -494,11 +494,64 @@ static kiln_status setup(trainer *t)
         return KILN_ERR_NOMEM;
     if (t->obj->weigh && !(t->weights = kiln_malloc(ctx, bt * sizeof *t->weights)))
         return KILN_ERR_NOMEM;
+    if (o->rows) {
+        size_t nb = (size_t)o->batch * (size_t)(t->obj->weigh ? o->grad_accum : 1);
+        if (!(t->row_ids = kiln_malloc(ctx, nb * sizeof *t->row_ids))) return KILN_ERR_NOMEM;
+    }
+    if (t->obj->n_stats > 0) {
+        if (t->obj->n_metrics < 1 || !t->obj->metric_names || !t->obj->stats_take ||
+            !t->obj->metrics)
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "objective '%s' has n_stats = %d but no n_metrics, "
+                             "metric_names, stats_take or metrics",
+                             t->obj->name, t->obj->n_stats);
+        t->stat_sums = kiln_malloc(ctx, (size_t)t->obj->n_stats * sizeof *t->stat_sums);
+        t->stat_vals = kiln_malloc(ctx, (size_t)t->obj->n_metrics * sizeof *t->stat_vals);
+        t->val_stat_vals = kiln_malloc(ctx, (size_t)t->obj->n_metrics * sizeof *t->val_stat_vals);
+        if (!t->stat_sums || !t->stat_vals || !t->val_stat_vals) return KILN_ERR_NOMEM;
+        t->obj->stats_take(t->obj->user, false, t->stat_sums); /* start from zero */
+        t->obj->stats_take(t->obj->user, true, t->stat_sums);
+    }
     if (t->rank == 0 && (s = file_mkdirs(ctx, o->out))) return s;
     return tr_metrics_open(t);
 }
 
 /* ---- the loop -------------------------------------------------------- */
+
+kiln_status tr_obj_stats(trainer *t, bool eval, double *vals)
+{
+    const kiln_objective *obj = t->obj;
+    if (obj->n_stats <= 0) return KILN_OK;
+    obj->stats_take(obj->user, eval, t->stat_sums);
+    kiln_status s = tr_dist_sum(t, t->stat_sums, obj->n_stats);
+    if (s) return s;
+    obj->metrics(obj->user, t->stat_sums, vals);
+    return KILN_OK;
+}
+
+/* The objective's metrics into a metrics object, prefixed. */
+static void put_obj_stats(trainer *t, json_t *m, const char *prefix, const double *vals)
+{
+    for (int i = 0; i < t->obj->n_metrics; i++) {
+        char key[128];
+        snprintf(key, sizeof key, "%s%s", prefix, t->obj->metric_names[i]);
+        json_object_set_new(m, key, isfinite(vals[i]) ? json_real(vals[i]) : json_null());
+    }
+}
+
+/* The validation line: perplexity for cross-entropy, else the
+ * objective's metrics. */
+static void say_val(trainer *t)
+{
+    if (t->val_stat_have) {
+        char st[512];
+        tr_fmt_stats(t, "val_", t->val_stat_vals, st, sizeof st);
+        tr_say(t, "step %lld: val_loss %.4f%s", (long long)t->step, t->val_loss, st);
+    } else {
+        tr_say(t, "step %lld: val_loss %.4f (perplexity %.2f)", (long long)t->step, t->val_loss,
+               exp(t->val_loss));
+    }
+}
 
 static kiln_status evaluate(trainer *t, double *out)
 {
@@ -521,6 +574,10 @@ static kiln_status evaluate(trainer *t, double *out)
     if (s) return s;
     if ((s = tr_dist_sum(t, sums, 2))) return s;
     *out = sums[1] > 0 ? sums[0] / sums[1] : NAN;
+    if (t->o.rows && t->obj->n_stats > 0) {
+        if ((s = tr_obj_stats(t, true, t->val_stat_vals))) return s;
+        t->val_stat_have = true;
+    }
     return KILN_OK;
 }
 
@@ -541,10 +598,11 @@ static void draw_micro(trainer *t, int k, int32_t *in, int32_t *tg, int32_t *ps)
 {
     const int B = t->o.batch, T = t->o.seq;
     int64_t row0 = t->pos + ((int64_t)k * t->world + t->rank) * B;
+    int64_t *ids = t->row_ids ? t->row_ids + (t->obj->weigh ? (size_t)k * (size_t)B : 0) : NULL;
     for (int b = 0; b < B; b++) {
         if (t->o.rows)
             tr_rows_get(t, row0 + b, in + (size_t)b * T, tg + (size_t)b * T,
-                        ps ? ps + (size_t)b * T : NULL);
+                        ps ? ps + (size_t)b * T : NULL, &ids[b]);
         else kiln_loader_get(t->train, row0 + b, in + (size_t)b * T, tg + (size_t)b * T);
     }
 }
@@ -562,6 +620,8 @@ static kiln_objective_batch micro_batch(trainer *t, int k)
         .weights = t->weights ? t->weights + off : NULL,
         .step = t->step,
         .micro = k,
+        .rows = t->row_ids ? t->row_ids + (t->obj->weigh ? (size_t)k * (size_t)t->o.batch : 0)
+                           : NULL,
     };
 }
 
@@ -651,6 +711,10 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     if ((s = tr_dist_sum(t, sums, 2))) return s;
     *loss = sums[0] / sums[1];
     t->step_weight = sums[1];
+    if (obj->n_stats > 0) {
+        if ((s = tr_obj_stats(t, false, t->stat_vals))) return s;
+        t->stat_have = true;
+    }
     *lr = kiln_lr_at(o->schedule, o->lr, o->min_lr, o->warmup, t->total, t->step);
     if (!isfinite(*loss)) return diverged(t, "the training loss", *loss, *lr);
     /* The update reads g once for the norm and once in the fused AdamW
@@ -716,6 +780,10 @@ static void trainer_free(trainer *t, kiln_status s)
     free(t->weights);
     free(t->val);
     free(t->row_perm);
+    free(t->row_ids);
+    free(t->stat_sums);
+    free(t->stat_vals);
+    free(t->val_stat_vals);
     kiln_loader_free(t->train);
     kiln_data_close(t->data);
     kiln_adamw_free(t->opt);
@@ -757,10 +825,10 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
     bool stopped = false;
     if (t->step == 0 && (t->val || t->row_val) && !opts->resume) {
         if ((s = evaluate(t, &t->val_loss))) goto out;
-        tr_say(t, "step 0: val_loss %.4f (perplexity %.2f)", t->val_loss,
-            exp(t->val_loss));
+        say_val(t);
         json_t *m = json_pack("{s:I,s:f}", "step", (json_int_t)0, "val_loss",
                               t->val_loss);
+        if (t->val_stat_have) put_obj_stats(t, m, "val_", t->val_stat_vals);
         if (t->rank == 0) tr_metrics_append(t, m);
         json_decref(m);
     }
@@ -784,8 +852,11 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
             "tokens", (json_int_t)(t->pos * t->o.seq));
         /* communication: seconds this rank waited on other ranks */
         json_object_set_new(m, "world_size", json_integer(t->world));
-        /* with rows: the step's tokens with a target (what the loss averages) */
-        if (t->o.rows) json_object_set_new(m, "loss_tokens", json_integer((json_int_t)t->step_weight));
+        /* with rows: what the loss averages over: the step's tokens with a
+         * target (masked CE), else the objective's weight (DPO: pairs) */
+        if (t->o.rows)
+            json_object_set_new(m, t->obj->fused_ce ? "loss_tokens" : "loss_weight",
+                                json_integer((json_int_t)t->step_weight));
         json_object_set_new(m, "comm_s", json_real(comm.wait_s));
         json_object_set_new(m, "comm_frac", json_real(dt > 0 ? comm.wait_s / dt : 0));
         if (!isfinite(gnorm)) /* a skipped fp16 step: JSON has no inf/NaN */
@@ -794,6 +865,7 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
             json_object_set_new(m, "loss_scale", json_real(t->step_scale));
             json_object_set_new(m, "skipped", json_boolean(t->step_skipped));
         }
+        if (t->stat_have) put_obj_stats(t, m, "", t->stat_vals);
         bool stop = false;
         if (t->o.on_step) {
             kiln_step_info si = {
@@ -821,8 +893,8 @@ kiln_status kiln_train(kiln_ctx *ctx, const kiln_train_opts *opts,
                 goto out;
             }
             json_object_set_new(m, "val_loss", json_real(t->val_loss));
-            tr_say(t, "step %lld: val_loss %.4f (perplexity %.2f)",
-                (long long)t->step, t->val_loss, exp(t->val_loss));
+            if (t->val_stat_have) put_obj_stats(t, m, "val_", t->val_stat_vals);
+            say_val(t);
         }
         if (t->rank == 0) tr_metrics_append(t, m);
         json_decref(m);

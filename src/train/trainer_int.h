@@ -70,6 +70,13 @@ typedef struct trainer {
     int64_t *row_perm;    /* (rows->rows) with opts.rows and shuffle */
     int64_t row_perm_epoch; /* epoch whose permutation is in row_perm; -1 none */
     bool row_val;         /* validate on opts.val_rows (given, evals on) */
+    int row_group;        /* opts.row_group, at least 1 */
+    int64_t *row_ids;     /* with rows: (B) or (K, B) when obj->weigh: each
+                             batch row's index in rows (val_rows in evals) */
+    double *stat_sums;    /* (obj->n_stats) the objective's summed stats */
+    double *stat_vals;    /* (obj->n_metrics) its last training metrics */
+    double *val_stat_vals;/* (obj->n_metrics) its last validation metrics */
+    bool stat_have, val_stat_have;
 } trainer;
 
 /* ---- trainer_io.c ---------------------------------------------------- */
@@ -80,6 +87,9 @@ void tr_say(trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3
 /* The step's progress: the bar (redrawn at most 10 times a second) or a
  * plain line every log_every steps. */
 void tr_progress(trainer *t, double loss, double lr, double gnorm, double tps);
+/* The objective's metrics vals as " | PREFIXNAME VALUE" pieces into buf. */
+void tr_fmt_stats(const trainer *t, const char *prefix, const double *vals, char *buf,
+                  size_t cap);
 /* The run's banner: model, data, batch, optimizer, precision. */
 void tr_banner(trainer *t);
 /* Applies opts.freeze to the model (on resume the checkpoint's patterns,
@@ -107,14 +117,19 @@ kiln_status tr_load_state(trainer *t, const char *dir);
 kiln_status tr_rows_setup(trainer *t);
 /* Rows (or windows of the token stream) in one epoch. */
 int64_t tr_num_windows(const trainer *t);
-/* The row at global position pos (seeded shuffle per epoch, as the window
- * loader's) into in, tg (T each). */
-void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg, int32_t *ps);
+/* The row at global position pos (seeded shuffle of the row groups per
+ * epoch, as the window loader's) into in, tg (T each), its positions into ps
+ * (packed rows; NULL: not wanted); its index in rows to *id. */
+void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg, int32_t *ps, int64_t *id);
 /* Whether rows hold several documents in a row (packed: their positions
  * go to the model). */
 bool tr_rows_packed(const kiln_packed *p);
-/* This rank's share of the validation rows: the masked cross-entropy's
- * sums (loss, tokens with a target). */
+/* This rank's share of the validation rows (whole row groups): the masked
+ * cross-entropy's sums (loss, tokens with a target), or with an objective
+ * that is not fused_ce that objective's (loss sum, weight). */
 kiln_status tr_rows_eval(trainer *t, double sums[2]);
+/* The objective's metrics (kiln_objective.n_stats): takes its sums, adds
+ * them over the processes and computes the values into vals. */
+kiln_status tr_obj_stats(trainer *t, bool eval, double *vals);
 
 #endif /* KILN_TRAINER_INT_H */

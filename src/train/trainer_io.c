@@ -49,6 +49,16 @@ void tr_say(trainer *t, const char *fmt, ...)
     fflush(stdout);
 }
 
+void tr_fmt_stats(const trainer *t, const char *prefix, const double *vals, char *buf,
+                  size_t cap)
+{
+    size_t n = 0;
+    buf[0] = 0;
+    for (int i = 0; i < t->obj->n_metrics && n < cap; i++)
+        n += (size_t)snprintf(buf + n, cap - n, " | %s%s %.4f", prefix, t->obj->metric_names[i],
+                              vals[i]);
+}
+
 void tr_progress(trainer *t, double loss, double lr, double gnorm,
                      double tps)
 {
@@ -81,9 +91,11 @@ void tr_progress(trainer *t, double loss, double lr, double gnorm,
     if (t->step % t->o.log_every == 0 || t->step == 1 || t->step == t->total) {
         char el[32];
         fmt_duration(el, sizeof el, t->elapsed_before + kiln_time_now() - t->t_start);
-        tr_say(t, "step %lld/%lld | loss %.4f | lr %.2e | grad_norm %.3f | "
+        char st[512] = "";
+        if (t->stat_have) tr_fmt_stats(t, "", t->stat_vals, st, sizeof st);
+        tr_say(t, "step %lld/%lld | loss %.4f%s | lr %.2e | grad_norm %.3f | "
                "%.0f tok/s | elapsed %s | ETA %s",
-            (long long)t->step, (long long)t->total, loss, lr, gnorm, tps, el,
+            (long long)t->step, (long long)t->total, loss, st, lr, gnorm, tps, el,
             eta);
     }
 }

@@ -6,7 +6,10 @@
  * runs across epochs and epoch e visits the rows in a Fisher-Yates order
  * drawn from an rng seeded by (seed, e) -- the window loader's rule -- so
  * the order depends on nothing else and a resumed run draws the same rows.
- * Validation is the masked cross-entropy over val_rows.
+ * With row_group g > 1 the shuffle permutes groups of g consecutive rows,
+ * which stay together and in order (DPO's chosen/rejected pairs).
+ * Validation is the masked cross-entropy over val_rows, or the objective's
+ * own loss when it is not the fused cross-entropy.
  */
 #include "train/trainer_int.h"
 
@@ -58,13 +61,22 @@ kiln_status tr_rows_setup(trainer *t)
     kiln_status s;
     if (o->rows->rows < 1)
         return kiln_fail(t->ctx, KILN_ERR_INVALID_ARG, "kiln_train_opts.rows holds no rows");
+    int g = t->row_group = o->row_group > 1 ? o->row_group : 1;
+    if (o->row_group < 0 || o->batch % g || o->rows->rows % g ||
+        (o->val_rows && o->val_rows->rows % g))
+        return kiln_fail(t->ctx, KILN_ERR_INVALID_ARG,
+                         "kiln_train_opts.row_group = %d: kiln_train_opts.batch (%d) and the "
+                         "row counts of kiln_train_opts.rows (%lld) and "
+                         "kiln_train_opts.val_rows (%lld) must be multiples of it",
+                         o->row_group, o->batch, (long long)o->rows->rows,
+                         (long long)(o->val_rows ? o->val_rows->rows : 0));
     if ((s = check_rows(t, o->rows, "kiln_train_opts.rows"))) return s;
     if (o->val_rows && (s = check_rows(t, o->val_rows, "kiln_train_opts.val_rows"))) return s;
     t->row_perm_epoch = -1;
     /* as for token shards: no validation when evals are off */
     t->row_val = o->val_rows && o->val_rows->rows > 0 && o->eval_every > 0 && o->eval_steps > 0;
     if (o->shuffle &&
-        !(t->row_perm = kiln_malloc(t->ctx, (size_t)o->rows->rows * sizeof *t->row_perm)))
+        !(t->row_perm = kiln_malloc(t->ctx, (size_t)(o->rows->rows / g) * sizeof *t->row_perm)))
         return KILN_ERR_NOMEM;
     return KILN_OK;
 }
@@ -74,10 +86,12 @@ int64_t tr_num_windows(const trainer *t)
     return t->o.rows ? t->o.rows->rows : kiln_loader_num_windows(t->train);
 }
 
-void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg, int32_t *ps)
+void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg, int32_t *ps, int64_t *id)
 {
     const kiln_packed *p = t->o.rows;
-    int64_t n = p->rows, epoch = pos / n, r = pos % n;
+    const int64_t grp = t->row_group;
+    /* the permutation is over the n groups; r the group, w the row in it */
+    int64_t n = p->rows / grp, epoch = pos / p->rows, r = (pos % p->rows) / grp, w = pos % grp;
     if (t->row_perm) {
         if (epoch != t->row_perm_epoch) {
             kiln_rng g;
@@ -93,6 +107,8 @@ void tr_rows_get(trainer *t, int64_t pos, int32_t *in, int32_t *tg, int32_t *ps)
         }
         r = t->row_perm[r];
     }
+    r = r * grp + w;
+    *id = r;
     size_t T = (size_t)p->T;
     memcpy(in, p->tokens + (size_t)r * T, T * sizeof *in);
     memcpy(tg, p->targets + (size_t)r * T, T * sizeof *tg);
@@ -103,13 +119,15 @@ kiln_status tr_rows_eval(trainer *t, double sums[2])
 {
     const kiln_packed *p = t->o.val_rows;
     const int B = t->o.batch, T = t->o.seq;
-    int64_t n = p->rows;
+    const int64_t g = t->row_group;
+    int64_t n = p->rows / g; /* in groups */
     if (t->o.eval_steps > 0)
-        n = KILN_MIN(n, t->o.eval_steps * (int64_t)B * t->world);
-    /* this rank's rows [a, b) */
-    int64_t a = n * t->rank / t->world, b = n * (t->rank + 1) / t->world;
+        n = KILN_MIN(n, t->o.eval_steps * (int64_t)(B / g) * t->world);
+    /* this rank's rows [a, b): whole groups */
+    int64_t a = n * t->rank / t->world * g, b = n * (t->rank + 1) / t->world * g;
     int V = kiln_model_config(t->model)->vocab_size;
     bool packed = tr_rows_packed(p);
+    const kiln_objective *obj = t->obj;
     kiln_status s = KILN_OK;
     for (int64_t r = a; r < b && !s; r += B) {
         int nb = (int)KILN_MIN((int64_t)B, b - r);
@@ -117,9 +135,22 @@ kiln_status tr_rows_eval(trainer *t, double sums[2])
         const int32_t *tg = p->targets + (size_t)r * (size_t)T;
         s = kiln_model_forward_pos(t->ctx, t->model, p->tokens + (size_t)r * (size_t)T,
                                    packed ? p->pos + (size_t)r * (size_t)T : NULL, nb, T, &logits);
-        if (!s)
+        if (s) break;
+        if (obj->fused_ce) {
             s = kiln_cross_entropy(t->ctx, logits, tg, NULL, (int64_t)nb * T, V, 0.0f, NULL,
                                    &sums[0], &sums[1]);
+            continue;
+        }
+        for (int i = 0; i < nb; i++) t->row_ids[i] = r + i;
+        kiln_objective_batch mb = {
+            .B = nb, .T = T, .V = V,
+            .tokens = p->tokens + (size_t)r * (size_t)T,
+            .targets = tg,
+            .step = t->step,
+            .rows = t->row_ids,
+            .eval = true,
+        };
+        s = obj->loss(obj->user, t->ctx, &mb, logits, 0.0f, logits, &sums[0], &sums[1]);
     }
     return s;
 }
