@@ -363,6 +363,16 @@ int cmd_train(int argc, char **argv)
             ret = cmd_sft(argc, argv);
             goto done;
         }
+        /* a kiln distill run (RUN/distill.json names its teacher): kiln
+         * distill continues it */
+        snprintf(cut ? cut + 1 : sftj, sizeof sftj - (size_t)(cut ? cut + 1 - sftj : 0),
+                 "distill.json");
+        if (access(sftj, R_OK) == 0 && cmd_distill) {
+            fprintf(stderr, "kiln train: %s is a kiln distill run: continuing it as kiln "
+                            "distill --resume\n", where);
+            ret = cmd_distill(argc, argv);
+            goto done;
+        }
         kiln_train_opts saved = kiln_train_opts_default();
         if ((s = kiln_train_opts_load(ctx, ckpt, &saved, databuf, sizeof databuf))) {
             ret = cli_fail(ctx, "train", s);

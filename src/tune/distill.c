@@ -235,9 +235,16 @@ static kiln_status distill_loss(void *user, kiln_ctx *ctx, const kiln_objective_
         d->tlogits = p;
         d->cap = need;
     }
-    kiln_status s = d->teacher(d->teacher_user, ctx, b->tokens, b->B, b->T, d->tlogits);
-    if (s) return s;
-    return kiln_kd_loss_rows(ctx, &d->opts, logits, d->tlogits, b->targets, b->weights,
+    /* alpha 1 is the data's cross-entropy alone: the teacher is not asked
+     * (its divergence term has weight 0; the student's own logits stand in
+     * for it, which makes that term exactly 0) */
+    const float *teacher = logits;
+    if (d->opts.alpha < 1) {
+        kiln_status s = d->teacher(d->teacher_user, ctx, b->tokens, b->B, b->T, d->tlogits);
+        if (s) return s;
+        teacher = d->tlogits;
+    }
+    return kiln_kd_loss_rows(ctx, &d->opts, logits, teacher, b->targets, b->weights,
                              (int64_t)b->B * b->T, b->V, grad_scale, dlogits, loss_sum,
                              weight_sum);
 }
