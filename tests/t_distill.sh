@@ -116,6 +116,26 @@ check distill_jsonl_tokenized grep -q 'text.jsonl tokenized with .*teacher.gguf'
 DETAIL="$(tail -3 "$D/q4.out" | tr '\n' ' ')"
 check distill_quantized_teacher grep -q '^teacher: .*q4_0 weights' "$D/q4.out"
 
+# ---- refused: another tokenizer of the same size (two byte tokens swapped) ----
+"$KILN" init --config "$D/student.json" --out "$D/student_tok" --seed 3 >/dev/null 2>&1
+"$PY" - "$D/teacher/step_00000040/tokenizer.json" "$D/student_tok/tokenizer.json" <<'EOF'
+import json, sys
+t = json.load(open(sys.argv[1]))
+v = t["model"]["vocab"]
+v["a"], v["b"] = v["b"], v["a"]
+json.dump(t, open(sys.argv[2], "w"))
+EOF
+out=$("$KILN" distill --teacher "$D/teacher" --student "$D/student_tok" --data "$D/data" --out "$D/tokbad" \
+  --steps 2 --seq 64 --progress none --threads 2 2>&1 >/dev/null)
+rc=$?
+DETAIL="status $rc: $out"
+check distill_tokenizer_mismatch eval '[ "$rc" -eq 2 ] && grep -q "differ at token id 97" <<<"$out"'
+cp "$D/teacher/step_00000040/tokenizer.json" "$D/student_tok/tokenizer.json"
+"$KILN" distill --teacher "$D/teacher" --student "$D/student_tok" --data "$D/data" --out "$D/tokok" \
+  --steps 2 --seq 64 --eval-every 0 --progress none --threads 2 >"$D/tokok.out" 2>&1
+DETAIL="$(tail -2 "$D/tokok.out")"
+check distill_same_tokenizer_accepted test -f "$D/tokok/step_00000002/model.safetensors"
+
 # ---- refused: another vocabulary, bad flags ----
 refused() { # NAME TEXT ARGS...: exits non-zero (not a crash) with TEXT on stderr
   local n=$1 want=$2 out rc

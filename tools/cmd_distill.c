@@ -329,6 +329,11 @@ int cmd_distill(int argc, char **argv)
         snprintf(cp, sizeof cp, "%s/config.json", ckpt);
         if ((s = kiln_config_load(ctx, cp, &scfg))) goto fail;
     }
+    const char *ttok_spec = model_tokenizer(tdir, ttok, sizeof ttok);
+    if (ttok_spec && stok_spec && !same_tokenizer(ctx, ttok_spec, stok_spec)) {
+        ret = 2;
+        goto done;
+    }
     if (!resume) {
         if (mkdir(o.out, 0777) != 0 && errno != EEXIST) {
             fprintf(stderr, "kiln distill: --out: cannot create '%s': %s\n", o.out,
@@ -344,11 +349,6 @@ int cmd_distill(int argc, char **argv)
             ret = 2;
             goto done;
         }
-    }
-    const char *ttok_spec = model_tokenizer(tdir, ttok, sizeof ttok);
-    if (ttok_spec && stok_spec && !same_tokenizer(ctx, ttok_spec, stok_spec)) {
-        ret = 2;
-        goto done;
     }
     /* the data: shards as they are, a JSONL/text file tokenized once */
     if (is_dir(a.data)) {
