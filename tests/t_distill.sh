@@ -116,6 +116,30 @@ check distill_jsonl_tokenized grep -q 'text.jsonl tokenized with .*teacher.gguf'
 DETAIL="$(tail -3 "$D/q4.out" | tr '\n' ' ')"
 check distill_quantized_teacher grep -q '^teacher: .*q4_0 weights' "$D/q4.out"
 
+# ---- mpirun: 2 ranks of batch 2 give 1 rank of batch 4's losses ----
+if command -v mpirun >/dev/null 2>&1 && ldd "$KILN" 2>/dev/null | grep -q libmpi; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+  [ -n "${KILN_SANITIZE:-}" ] && export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
+  M=(--student-config "$D/student.json" --steps 6 --eval-every 0 --kd-loss forward --temperature 2
+     --alpha 0.3)
+  timeout 120 mpirun --oversubscribe -np 2 "${DIST[@]}" "${M[@]}" --batch 2 \
+    --threads 1 --out "$D/np2" >"$D/np2.out" 2>&1
+  "${DIST[@]}" "${M[@]}" --out "$D/np1" >"$D/np1.out" 2>&1
+  read -r worst < <("$PY" - "$D/np1/metrics.jsonl" "$D/np2/metrics.jsonl" <<'EOF'
+import json, sys
+def run(p):
+    return [(x["loss"], x["world_size"]) for x in map(json.loads, open(p)) if "loss" in x]
+a, b = run(sys.argv[1]), run(sys.argv[2])
+ok = len(a) == len(b) == 6 and all(w == 1 for _, w in a) and all(w == 2 for _, w in b)
+print(max(abs(x[0] - y[0]) / abs(x[0]) for x, y in zip(a, b)) if ok else "nan")
+EOF
+)
+  DETAIL="largest relative loss difference $worst; $(tail -2 "$D/np2.out" | tr '\n' ' ')"
+  check distill_mpirun_matches_one_rank "$PY" -c "import sys; sys.exit(not (float('$worst') <= 1e-5))"
+else
+  echo "SKIP distill_mpirun: mpirun or an MPI build of kiln is absent"
+fi
+
 # ---- refused: another tokenizer of the same size (two byte tokens swapped) ----
 "$KILN" init --config "$D/student.json" --out "$D/student_tok" --seed 3 >/dev/null 2>&1
 "$PY" - "$D/teacher/step_00000040/tokenizer.json" "$D/student_tok/tokenizer.json" <<'EOF'
