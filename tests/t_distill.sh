@@ -172,6 +172,7 @@ refused() { # NAME TEXT ARGS...: exits non-zero (not a crash) with TEXT on stder
 B=(--teacher "$D/teacher" --data "$D/data" --out "$D/bad" --steps 2 --seq 64 --progress none --threads 2)
 refused distill_vocab_mismatch "vocabulary has 257 tokens and the student's 300" \
   "${B[@]}" --student-config "$D/other_vocab.json"
+check distill_refused_writes_nothing test ! -e "$D/bad"
 refused distill_bad_kd_loss "--kd-loss 'kl' is not one of forward, reverse, jsd" \
   "${B[@]}" --student-config "$D/student.json" --kd-loss kl
 refused distill_bad_temperature "--temperature 0 must be in (0, 1000]" \

@@ -334,6 +334,17 @@ int cmd_distill(int argc, char **argv)
         ret = 2;
         goto done;
     }
+    /* the teacher, and its vocabulary against the student's, before
+     * anything is written */
+    if ((s = kiln_teacher_new(ctx, tdir, tdt, o.seq, &teacher))) goto fail;
+    const kiln_config *tcfg = kiln_teacher_config(teacher);
+    if ((s = kiln_distill_new(ctx, &kd, scfg.vocab_size, tcfg->vocab_size, kiln_teacher_logits,
+                              teacher, &dist))) {
+        kiln_fail(ctx, s, "--teacher %s and the student: %s", tdir, kiln_errmsg(ctx));
+        ret = cli_fail(ctx, "distill", s);
+        goto done;
+    }
+    o.objective = kiln_distill_objective(dist);
     if (!resume) {
         if (mkdir(o.out, 0777) != 0 && errno != EEXIST) {
             fprintf(stderr, "kiln distill: --out: cannot create '%s': %s\n", o.out,
@@ -370,15 +381,6 @@ int cmd_distill(int argc, char **argv)
         ret = 2;
         goto done;
     }
-    if ((s = kiln_teacher_new(ctx, tdir, tdt, o.seq, &teacher))) goto fail;
-    const kiln_config *tcfg = kiln_teacher_config(teacher);
-    if ((s = kiln_distill_new(ctx, &kd, scfg.vocab_size, tcfg->vocab_size, kiln_teacher_logits,
-                              teacher, &dist))) {
-        kiln_fail(ctx, s, "--teacher %s and the student: %s", tdir, kiln_errmsg(ctx));
-        ret = cli_fail(ctx, "distill", s);
-        goto done;
-    }
-    o.objective = kiln_distill_objective(dist);
     if (is_rank0()) {
         printf("teacher: %s, L=%d C=%d V=%d, %s weights (%.2f MB), inference only\n", tdir,
                tcfg->n_layer, tcfg->n_embd, tcfg->vocab_size,
