@@ -6,8 +6,8 @@
 # width (2 x 96, 0.27M parameters) trained twice for the same 1500 steps of
 # 16 x 128 tokens, same seed and learning-rate schedule: on the data alone
 # (kiln train) and distilled from the teacher (kiln distill, several
-# losses). Prints every model's held-out loss and perplexity (kiln eval on
-# the held-out split).
+# losses, and from the teacher quantized to a Q4_0 .gguf). Prints every
+# model's held-out loss and perplexity (kiln eval on the held-out split).
 #
 # Environment: KILN_DISTILL_DIR (output, default /work/cache/distill-models
 # when it exists, else BUILD_DIR/distill), KILN_DISTILL_THREADS (per run,
@@ -66,12 +66,17 @@ run student-distill-t2a05 distill --teacher teacher-run --student-config student
 run student-distill-jsd distill --teacher teacher-run --student-config student-config.json \
   --kd-loss jsd --beta 0.5 --temperature 1 --alpha 0 &
 wait
+[ -f teacher-q4_0.gguf ] ||
+  "$kiln" quantize --model teacher-run --type q4_0 --out teacher-q4_0.gguf --quiet
 run student-distill-rev distill --teacher teacher-run --student-config student-config.json \
-  --kd-loss reverse --temperature 1 --alpha 0
+  --kd-loss reverse --temperature 1 --alpha 0 &
+run student-distill-fwd-q4t distill --teacher teacher-q4_0.gguf --student-config student-config.json \
+  --kd-loss forward --temperature 1 --alpha 0 &
+wait
 
 printf '%-24s %10s %10s\n' model "val loss" perplexity
-for m in teacher-run student-baseline student-distill-fwd student-distill-t2a05 \
-         student-distill-jsd student-distill-rev; do
+for m in teacher-run teacher-q4_0.gguf student-baseline student-distill-fwd \
+         student-distill-t2a05 student-distill-jsd student-distill-rev student-distill-fwd-q4t; do
   j=$("$kiln" eval --model "$m" --data data --seq 128 --threads "$threads" --json)
   printf '%-24s %10s %10s\n' "$m" "$(sed -n 's/.*"loss": *\([0-9.]*\).*/\1/p' <<<"$j")" \
     "$(sed -n 's/.*"perplexity": *\([0-9.]*\).*/\1/p' <<<"$j")"
