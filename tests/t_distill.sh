@@ -136,6 +136,13 @@ EOF
 )
   DETAIL="largest relative loss difference $worst; $(tail -2 "$D/np2.out" | tr '\n' ' ')"
   check distill_mpirun_matches_one_rank "$PY" -c "import sys; sys.exit(not (float('$worst') <= 1e-5))"
+  # JSONL data: rank 0 tokenizes it, the other ranks wait for it
+  timeout 120 mpirun --oversubscribe -np 2 "$KILN" distill --teacher "$D/teacher" \
+    --student-config "$D/student.json" --data "$D/text.jsonl" --out "$D/np2j" --steps 2 --batch 2 \
+    --seq 32 --eval-every 0 --progress none --threads 1 >"$D/np2j.out" 2>&1
+  rc=$?
+  DETAIL="status $rc: $(tail -3 "$D/np2j.out" | tr '\n' ' ')"
+  check distill_mpirun_jsonl test "$rc" = 0 -a -f "$D/np2j/step_00000002/model.safetensors"
 else
   echo "SKIP distill_mpirun: mpirun or an MPI build of kiln is absent"
 fi

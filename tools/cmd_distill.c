@@ -193,6 +193,23 @@ static bool is_rank0(void)
     return !rk || !strcmp(rk, "0");
 }
 
+/* Under mpirun, the other ranks wait for rank 0's tokenization: its
+ * meta.json is written last (atomically). false after timeout_s seconds,
+ * with a message. */
+static bool wait_for_data(const char *dir, double timeout_s)
+{
+    char meta[4400];
+    snprintf(meta, sizeof meta, "%s/meta.json", dir);
+    for (double waited = 0; waited < timeout_s; waited += 0.2) {
+        if (is_file(meta)) return true;
+        usleep(200000);
+    }
+    fprintf(stderr, "kiln distill: rank 0 did not finish tokenizing --data into %s within "
+                    "%g s (--dist-timeout); tokenize it first with kiln tokenize and pass "
+                    "the directory\n", dir, timeout_s);
+    return false;
+}
+
 int cmd_distill(int argc, char **argv)
 {
     cli_train_block_signals(); /* before any thread starts */
@@ -375,6 +392,7 @@ int cmd_distill(int argc, char **argv)
         a.tokenizer = spec;
         snprintf(ddir, sizeof ddir, "%s/data", o.out);
         if (is_rank0() && (s = tokenize_data(ctx, a.data, spec, a.val_fraction, ddir))) goto fail;
+        if (!is_rank0() && !wait_for_data(ddir, o.dist.timeout_s)) goto done;
         o.data = ddir;
     } else {
         fprintf(stderr, "kiln distill: --data %s: no such directory or file\n", a.data);
