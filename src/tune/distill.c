@@ -226,27 +226,35 @@ static kiln_status distill_loss(void *user, kiln_ctx *ctx, const kiln_objective_
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "distillation: the student's logits have %d entries per row, the "
                          "teacher's vocabulary %d", b->V, d->V);
-    size_t need = (size_t)b->B * (size_t)b->T * (size_t)b->V;
-    if (need > d->cap) {
-        float *p = realloc(d->tlogits, need * sizeof *p);
-        if (!p)
-            return kiln_fail(ctx, KILN_ERR_NOMEM, "distillation: no memory for %zu teacher "
-                                                  "logits", need);
-        d->tlogits = p;
-        d->cap = need;
-    }
     /* alpha 1 is the data's cross-entropy alone: the teacher is not asked
      * (its divergence term has weight 0; the student's own logits stand in
      * for it, which makes that term exactly 0) */
-    const float *teacher = logits;
-    if (d->opts.alpha < 1) {
-        kiln_status s = d->teacher(d->teacher_user, ctx, b->tokens, b->B, b->T, d->tlogits);
-        if (s) return s;
-        teacher = d->tlogits;
+    const int64_t TV = (int64_t)b->T * b->V;
+    if (d->opts.alpha == 1)
+        return kiln_kd_loss_rows(ctx, &d->opts, logits, logits, b->targets, b->weights,
+                                 (int64_t)b->B * b->T, b->V, grad_scale, dlogits, loss_sum,
+                                 weight_sum);
+    /* one sequence at a time: the teacher's logits take T x V floats, not
+     * B x T x V (with a 150k vocabulary that is the difference between
+     * hundreds of MB and gigabytes) */
+    if ((size_t)TV > d->cap) {
+        float *p = realloc(d->tlogits, (size_t)TV * sizeof *p);
+        if (!p)
+            return kiln_fail(ctx, KILN_ERR_NOMEM, "distillation: no memory for %lld teacher "
+                                                  "logits", (long long)TV);
+        d->tlogits = p;
+        d->cap = (size_t)TV;
     }
-    return kiln_kd_loss_rows(ctx, &d->opts, logits, teacher, b->targets, b->weights,
-                             (int64_t)b->B * b->T, b->V, grad_scale, dlogits, loss_sum,
-                             weight_sum);
+    for (int r = 0; r < b->B; r++) {
+        const int64_t o = (int64_t)r * b->T;
+        kiln_status s = d->teacher(d->teacher_user, ctx, b->tokens + o, 1, b->T, d->tlogits);
+        if (!s)
+            s = kiln_kd_loss_rows(ctx, &d->opts, logits + o * b->V, d->tlogits, b->targets + o,
+                                  b->weights ? b->weights + o : NULL, b->T, b->V, grad_scale,
+                                  dlogits + o * b->V, loss_sum, weight_sum);
+        if (s) return s;
+    }
+    return KILN_OK;
 }
 
 kiln_status kiln_distill_new(kiln_ctx *ctx, const kiln_kd_opts *o, int student_vocab,
