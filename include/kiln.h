@@ -1624,6 +1624,95 @@ kiln_status kiln_dpo_new(kiln_ctx *ctx, const kiln_dpo_opts *o, const double *re
 const kiln_objective *kiln_dpo_objective(kiln_dpo *d);
 void kiln_dpo_free(kiln_dpo *d);
 
+/* ---- knowledge distillation (`kiln distill`; docs/distill.md) --------- */
+
+/* The divergence between the teacher's and the student's next-token
+ * distributions at temperature tau, p = softmax(teacher / tau),
+ * q = softmax(student / tau), over the full vocabulary, per row:
+ *   FORWARD  KL(p || q) = sum_v p_v log(p_v / q_v)   (Hinton; mode covering)
+ *   REVERSE  KL(q || p) = sum_v q_v log(q_v / p_v)   (MiniLLM; mode seeking)
+ *   JSD      generalized Jensen-Shannon of GKD (TRL's generalized_jsd_loss):
+ *            m = beta p + (1 - beta) q,
+ *            beta KL(p || m) + (1 - beta) KL(q || m);
+ *            beta 0 is FORWARD and beta 1 REVERSE (as TRL).
+ * Values are only ever appended. */
+typedef enum kiln_kd_loss {
+    KILN_KD_FORWARD = 0,
+    KILN_KD_REVERSE = 1,
+    KILN_KD_JSD = 2
+} kiln_kd_loss;
+
+/* "forward" | "reverse" | "jsd"; -1 when unknown. */
+int kiln_kd_loss_parse(const char *name);
+const char *kiln_kd_loss_name(kiln_kd_loss k);
+
+/* The distillation loss of one row with a target y (plain data; start
+ * from kiln_kd_opts_default()):
+ *   loss = alpha * CE(student, y) + (1 - alpha) * tau^2 * D(p, q)
+ * where CE is the cross-entropy of the student's logits at temperature 1
+ * on the data's next token and D the divergence above. tau^2 keeps the
+ * gradient's size independent of tau (Hinton et al. 2015). alpha = 0 is
+ * pure distillation, 1 plain training on the data. */
+typedef struct kiln_kd_opts {
+    kiln_kd_loss loss;  /* [FORWARD] */
+    double temperature; /* tau, in (0, 1e3] [1] */
+    double alpha;       /* weight of the data's cross-entropy, in [0, 1] [0.5] */
+    double beta;        /* JSD only: the teacher's share of the mixture m, in
+                           [0, 1] [0.5] */
+} kiln_kd_opts;
+
+kiln_kd_opts kiln_kd_opts_default(void);
+/* Checks ranges (NaN refused); the message names kiln_kd_opts.FIELD. */
+kiln_status kiln_kd_opts_validate(kiln_ctx *ctx, const kiln_kd_opts *o);
+
+/* The loss above over N rows of V logits: student and teacher (N, V);
+ * rows with targets_i < 0 take no loss (0 gradient, no weight); weights
+ * (N, NULL = all 1) scale each row. Adds sum_i w_i loss_i to *loss_sum
+ * and sum_i w_i (rows with a target) to *weight_sum, and, when dlogits is
+ * non-NULL, writes grad_scale * w_i * d(loss_i)/d(student_i) there (may
+ * alias student). Sums per row in double. Errors: a target >= V
+ * (KILN_ERR_RANGE naming the row), bad options (kiln_kd_opts_validate). */
+kiln_status kiln_kd_loss_rows(kiln_ctx *ctx, const kiln_kd_opts *o, const float *student,
+                              const float *teacher, const int32_t *targets,
+                              const float *weights, int64_t N, int V, float grad_scale,
+                              float *dlogits, double *loss_sum, double *weight_sum);
+
+/* The teacher's logits (B, T, V) for tokens (B, T) (inference only). */
+typedef kiln_status (*kiln_teacher_fn)(void *user, kiln_ctx *ctx, const int32_t *tokens,
+                                       int B, int T, float *logits);
+
+/* A distillation objective for the trainer (kiln_train_opts.objective):
+ * per micro-batch it asks the teacher for the logits of b->tokens and
+ * applies kiln_kd_loss_rows; weigh counts the rows with a target (the
+ * loss is the mean over tokens). Its name is "distill". vocab is the
+ * student's vocabulary size; the teacher's must equal it (checked here:
+ * the error names both sizes). */
+typedef struct kiln_distill kiln_distill;
+kiln_status kiln_distill_new(kiln_ctx *ctx, const kiln_kd_opts *o, int student_vocab,
+                             int teacher_vocab, kiln_teacher_fn teacher, void *teacher_user,
+                             kiln_distill **out);
+/* The objective (valid until kiln_distill_free). */
+const kiln_objective *kiln_distill_objective(kiln_distill *d);
+void kiln_distill_free(kiln_distill *d);
+
+/* A teacher held for inference only: a model directory or a .gguf file
+ * loaded into an inference engine (kiln_engine) with weight storage
+ * wtype (F32, BF16, Q8_0, Q4_0, Q4_K, Q6_K; a .gguf keeps its own
+ * quantized blocks), one slot of context T. No gradient, no optimizer
+ * state, no activations kept for a backward. */
+typedef struct kiln_teacher kiln_teacher;
+kiln_status kiln_teacher_new(kiln_ctx *ctx, const char *path, kiln_dtype wtype, int T,
+                             kiln_teacher **out);
+const kiln_config *kiln_teacher_config(const kiln_teacher *t);
+/* A kiln_teacher_fn (user = the kiln_teacher): each of the B rows is
+ * prefilled from position 0 in one engine step; T <= the T given at
+ * kiln_teacher_new. */
+kiln_status kiln_teacher_logits(void *teacher, kiln_ctx *ctx, const int32_t *tokens, int B,
+                                int T, float *logits);
+/* Bytes of the teacher's prepared weights (kiln_engine_weight_bytes). */
+size_t kiln_teacher_weight_bytes(const kiln_teacher *t);
+void kiln_teacher_free(kiln_teacher *t);
+
 /* ---- GGUF export and quantization (`kiln export --format gguf`,
  * `kiln quantize`; docs/quantize.md) ---------------------------------- */
 

@@ -271,6 +271,10 @@ static const struct {
     {"kiln_dist_opts.timeout_s", "--dist-timeout"},
     {"kiln_dist_opts.bucket_mb", "--dist-bucket-mb"},
     {"kiln_precision_opts.precision", "--precision"},
+    {"kiln_kd_opts.loss", "--kd-loss"},
+    {"kiln_kd_opts.temperature", "--temperature"},
+    {"kiln_kd_opts.alpha", "--alpha"},
+    {"kiln_kd_opts.beta", "--beta"},
     {"kiln_precision_opts.bf16_kernel", "--bf16-kernel"},
     {"kiln_adamw_opts.kernel", "--optim-kernel"},
     /* kiln tokenize (--dataset: kiln_dataset_opts) */
@@ -448,6 +452,11 @@ kiln_status cli_model_dir(kiln_ctx *ctx, const char *model, char *out, size_t ca
 
 bool cli_weight_dtype(const char *cmd, const char *s, kiln_dtype *out)
 {
+    return cli_weight_dtype_flag(cmd, "--dtype", s, out);
+}
+
+bool cli_weight_dtype_flag(const char *cmd, const char *flag, const char *s, kiln_dtype *out)
+{
     static const struct {
         const char *name;
         kiln_dtype t;
@@ -459,7 +468,7 @@ bool cli_weight_dtype(const char *cmd, const char *s, kiln_dtype *out)
             *out = k[i].t;
             return true;
         }
-    fprintf(stderr, "kiln %s: --dtype '%s' is not one of %s\n", cmd, s, CLI_WEIGHT_DTYPES);
+    fprintf(stderr, "kiln %s: %s '%s' is not one of %s\n", cmd, flag, s, CLI_WEIGHT_DTYPES);
     return false;
 }
 

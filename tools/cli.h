@@ -145,6 +145,33 @@ void cli_split_indices(size_t n, size_t n_val, uint64_t seed, size_t *train, siz
 kiln_status cli_import_gguf(kiln_ctx *ctx, const char *gguf, const char *out, char *base,
                             size_t cap);
 
+/* The flags of a training run that kiln train and kiln distill share
+ * (batch, seq, ..., lr, schedule, steps, eval/save cadence, seed, threads,
+ * precision, the settings of cli_env_flags, MPI): the string and bool
+ * flags land here, the rest in kiln_train_opts. */
+typedef struct cli_train_flags {
+    const char *schedule, *progress, *precision;
+    int64_t seed;
+    bool sequential;
+    cli_env_flags ef;
+} cli_train_flags;
+/* Entries cli_train_common_opts writes. */
+#define CLI_TRAIN_COMMON_OPTS 36
+/* schedule cosine, progress auto, precision auto, seed o->seed. */
+void cli_train_flags_init(cli_train_flags *f, const kiln_train_opts *o);
+/* Writes the shared flags' entries to dst (room for CLI_TRAIN_COMMON_OPTS,
+ * not terminated); returns their count. */
+int cli_train_common_opts(cli_opt *dst, kiln_train_opts *o, cli_train_flags *f);
+/* After parsing: --steps positive when given, seed, shuffle, schedule,
+ * progress and precision into *o. false after printing what is wrong. */
+bool cli_train_flags_apply(const char *cmd, int argc, char **argv, cli_train_flags *f,
+                           kiln_train_opts *o);
+/* --resume: the flags given on this command line (in *o) override the
+ * checkpoint's options (*saved); threads, progress, max-time, stop-at and
+ * zero are always this invocation's. */
+void cli_train_resume_merge(int argc, char **argv, const kiln_train_opts *o,
+                            kiln_train_opts *saved);
+
 /* Subcommands. Each returns the process exit code. Families that a build
  * does not have are weak and reported as unavailable by the dispatcher. */
 #define KILN_COMMANDS(XX)                                                  \
@@ -178,6 +205,8 @@ KILN_COMMANDS(KILN_XX_DECL)
  * fp32 (or f32), bf16, q8_0, q4_0, q4_k, q6_k. false (and a message naming
  * the flag on stderr, prefixed by cmd) for anything else. */
 bool cli_weight_dtype(const char *cmd, const char *s, kiln_dtype *out);
+/* The same for another flag's name (e.g. --teacher-dtype). */
+bool cli_weight_dtype_flag(const char *cmd, const char *flag, const char *s, kiln_dtype *out);
 #define CLI_WEIGHT_DTYPES "fp32 | bf16 | q8_0 | q4_0 | q4_k | q6_k"
 
 /* Whether path is a GGUF file (its first bytes are "GGUF"). */

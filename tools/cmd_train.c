@@ -183,62 +183,133 @@ kiln_status cli_train_run(kiln_ctx *ctx, kiln_train_opts *o, kiln_train_result *
     return s;
 }
 
+/* ---- the training flags that kiln train and kiln distill share ------- */
+
+int cli_train_common_opts(cli_opt *dst, kiln_train_opts *o, cli_train_flags *f)
+{
+    const cli_opt opts[] = {
+        {"batch", CLI_INT, &o->batch, "sequences per micro-batch [8]", false},
+        {"seq", CLI_INT, &o->seq, "tokens per sequence [128]", false},
+        {"grad-accum", CLI_INT, &o->grad_accum, "micro-batches per optimizer step [1]", false},
+        {"lr", CLI_F64, &o->lr, "peak learning rate [3e-4]", false},
+        {"min-lr", CLI_F64, &o->min_lr, "final learning rate of cosine/linear decay [3e-5]", false},
+        {"warmup", CLI_I64, &o->warmup, "linear warmup steps [100]", false},
+        {"schedule", CLI_STR, &f->schedule, "cosine | linear | constant [cosine]", false},
+        {"steps", CLI_I64, &o->steps, "optimizer steps (overrides --epochs)", false},
+        {"epochs", CLI_F64, &o->epochs, "passes over the training split [1]", false},
+        {"weight-decay", CLI_F64, &o->weight_decay, "AdamW decoupled weight decay on matrices [0.1]", false},
+        {"beta1", CLI_F64, &o->beta1, "AdamW beta1 [0.9]", false},
+        {"beta2", CLI_F64, &o->beta2, "AdamW beta2 [0.95]", false},
+        {"eps", CLI_F64, &o->eps, "AdamW epsilon [1e-8]", false},
+        {"grad-clip", CLI_F64, &o->grad_clip, "max global gradient norm, 0 = off [1.0]", false},
+        {"sequential", CLI_BOOL, &f->sequential, "read windows in file order instead of a seeded shuffle per epoch", false},
+        {"eval-every", CLI_I64, &o->eval_every, "steps between validation evals, 0 = off [100]", false},
+        {"eval-steps", CLI_I64, &o->eval_steps, "validation batches per eval [20]", false},
+        {"save-every", CLI_I64, &o->save_every, "steps between checkpoints, 0 = at the end only [500]", false},
+        {"keep-last", CLI_INT, &o->keep_last, "checkpoints to keep, 0 = all [3]", false},
+        {"seed", CLI_I64, &f->seed, "seed of initialisation and data order [1337]", false},
+        {"threads", CLI_INT, &o->threads, "compute threads, 0 = all cores [0]", false},
+        {"log-every", CLI_I64, &o->log_every, "steps between progress lines when not on a terminal [10]", false},
+        {"progress", CLI_STR, &f->progress, "auto | bar | lines | none [auto]", false},
+        {"max-time", CLI_F64, &o->max_time, "stop, save and exit after this many seconds [off]", false},
+        {"zero", CLI_INT, &o->zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
+        {"precision", CLI_STR, &f->precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products (fp32 master weights and AdamW; fp16 with dynamic loss scaling); auto = bf16 where a short probe measures its products at least 1.2x faster than fp32 on this CPU (cached in ~/.cache/kiln), else fp32 [auto]", false},
+        {"stop-at", CLI_I64, &o->stop_at, "stop, save and exit after this step (as an interruption would) [off]", false},
+        {"bf16-kernel", CLI_STR, &f->ef.bf16_kernel, "auto | ref | avx512 | amx: kernel of bf16/fp16 products (env KILN_BF16_KERNEL) [auto]", false},
+        {"no-precision-probe", CLI_BOOL, &f->ef.no_precision_probe, "precision auto: bf16 whenever the CPU has bf16 hardware, without measuring (env KILN_PRECISION_PROBE=0)", false},
+        {"fp32-acts", CLI_BOOL, &f->ef.fp32_acts, "bf16: keep fp32 activations between the bf16 products, for comparison (env KILN_BF16_ACTS=0)", false},
+        {"optim-kernel", CLI_STR, &f->ef.optim_kernel, "auto | portable: the AdamW loop (env KILN_OPTIM_KERNEL) [auto]", false},
+        {"loss-scale", CLI_F64, &f->ef.loss_scale, "fp16: initial loss scale (env KILN_LOSS_SCALE) [65536]", false},
+        {"dist-timeout", CLI_F64, &f->ef.dist_timeout, "under mpirun: seconds a collective may take before the job is aborted (env KILN_DIST_TIMEOUT) [300]", false},
+        {"dist-bucket-mb", CLI_F64, &f->ef.dist_bucket_mb, "under mpirun: gradient bucket size in MB (env KILN_DIST_BUCKET_MB) [25]", false},
+        {"no-dist-overlap", CLI_BOOL, &f->ef.no_dist_overlap, "under mpirun: reduce gradients after the backward, not during it (env KILN_DIST_OVERLAP=0)", false},
+        {"no-dist-progress", CLI_BOOL, &f->ef.no_dist_progress, "under mpirun: no node-shared progress table for the watchdog (env KILN_DIST_PROGRESS=0)", false},
+    };
+    _Static_assert(sizeof opts / sizeof *opts == CLI_TRAIN_COMMON_OPTS,
+                   "CLI_TRAIN_COMMON_OPTS (cli.h) counts these entries");
+    int n = (int)(sizeof opts / sizeof *opts);
+    memcpy(dst, opts, sizeof opts);
+    return n;
+}
+
+void cli_train_flags_init(cli_train_flags *f, const kiln_train_opts *o)
+{
+    *f = (cli_train_flags){.schedule = "cosine", .progress = "auto", .precision = "auto",
+                           .seed = (int64_t)o->seed};
+}
+
+bool cli_train_flags_apply(const char *cmd, int argc, char **argv, cli_train_flags *f,
+                           kiln_train_opts *o)
+{
+    if (cli_given(argc, argv, "steps") && o->steps <= 0) {
+        /* steps 0 means "use --epochs" internally; typed on the command
+         * line it silently trained a whole epoch */
+        fprintf(stderr, "kiln %s: --steps must be positive (leave it out to train for "
+                        "--epochs)\n", cmd);
+        return false;
+    }
+    o->seed = (uint64_t)f->seed;
+    o->shuffle = !f->sequential;
+    int k = kiln_schedule_parse(f->schedule), pk = cli_parse_progress(f->progress);
+    int pp = kiln_precision_parse(f->precision);
+    if (k < 0 || pk < 0 || pp < 0) {
+        fprintf(stderr, "kiln %s: %s '%s' is not one of %s\n", cmd,
+                k < 0 ? "--schedule" : pk < 0 ? "--progress" : "--precision",
+                k < 0 ? f->schedule : pk < 0 ? f->progress : f->precision,
+                k < 0 ? "cosine, linear, constant"
+                      : pk < 0 ? "auto, bar, lines, none" : "fp32, bf16, fp16, auto");
+        return false;
+    }
+    o->schedule = (kiln_schedule)k;
+    o->progress = (kiln_progress)pk;
+    o->precision = (kiln_precision)pp;
+    return true;
+}
+
+void cli_train_resume_merge(int argc, char **argv, const kiln_train_opts *o,
+                            kiln_train_opts *saved)
+{
+    /* flags given now override the saved run options */
+#define OVR(flag, field) if (cli_given(argc, argv, flag)) saved->field = o->field
+    OVR("data", data); OVR("batch", batch); OVR("seq", seq);
+    OVR("grad-accum", grad_accum); OVR("lr", lr); OVR("min-lr", min_lr);
+    OVR("warmup", warmup); OVR("schedule", schedule); OVR("weight-decay", weight_decay);
+    OVR("beta1", beta1); OVR("beta2", beta2); OVR("eps", eps);
+    OVR("grad-clip", grad_clip); OVR("sequential", shuffle);
+    OVR("eval-every", eval_every); OVR("eval-steps", eval_steps);
+    OVR("save-every", save_every); OVR("keep-last", keep_last); OVR("seed", seed);
+    OVR("log-every", log_every); OVR("precision", precision);
+#undef OVR
+    if (cli_given(argc, argv, "steps")) saved->steps = o->steps;
+    else if (cli_given(argc, argv, "epochs")) {
+        saved->steps = 0;
+        saved->epochs = o->epochs;
+    }
+    saved->threads = o->threads;
+    saved->progress = o->progress;
+    saved->max_time = o->max_time;
+    saved->stop_at = o->stop_at;
+    saved->zero = o->zero;
+}
+
 int cmd_train(int argc, char **argv)
 {
     /* before any thread starts: see stop_signal_thread */
     cli_train_block_signals();
     kiln_train_opts o = kiln_train_opts_default();
-    const char *schedule = "cosine", *progress = "auto", *resume = NULL, *precision = "auto";
-    const char *objective = "ce";
-    int64_t seed = (int64_t)o.seed;
-    bool sequential = false;
+    const char *resume = NULL, *objective = "ce";
     cli_list freeze = {0};
-    cli_env_flags ef = {0};
-    cli_opt opts[] = {
+    cli_train_flags tf;
+    cli_train_flags_init(&tf, &o);
+    cli_opt opts[CLI_TRAIN_COMMON_OPTS + 8] = {
         {"config", CLI_STR, &o.config, "model config.json for a new model", false},
         {"init-from", CLI_STR, &o.init_from, "start from this model directory", false},
         {"data", CLI_STR, &o.data, "data directory from kiln tokenize", false},
         {"out", CLI_STR, &o.out, "run directory (checkpoints, metrics.jsonl)", false},
         {"resume", CLI_OPTSTR, &resume, "continue a run: a run directory (its latest checkpoint) or a step_* checkpoint [--out]", false},
-        {"batch", CLI_INT, &o.batch, "sequences per micro-batch [8]", false},
-        {"seq", CLI_INT, &o.seq, "tokens per sequence [128]", false},
-        {"grad-accum", CLI_INT, &o.grad_accum, "micro-batches per optimizer step [1]", false},
-        {"lr", CLI_F64, &o.lr, "peak learning rate [3e-4]", false},
-        {"min-lr", CLI_F64, &o.min_lr, "final learning rate of cosine/linear decay [3e-5]", false},
-        {"warmup", CLI_I64, &o.warmup, "linear warmup steps [100]", false},
-        {"schedule", CLI_STR, &schedule, "cosine | linear | constant [cosine]", false},
-        {"steps", CLI_I64, &o.steps, "optimizer steps (overrides --epochs)", false},
-        {"epochs", CLI_F64, &o.epochs, "passes over the training split [1]", false},
-        {"weight-decay", CLI_F64, &o.weight_decay, "AdamW decoupled weight decay on matrices [0.1]", false},
-        {"beta1", CLI_F64, &o.beta1, "AdamW beta1 [0.9]", false},
-        {"beta2", CLI_F64, &o.beta2, "AdamW beta2 [0.95]", false},
-        {"eps", CLI_F64, &o.eps, "AdamW epsilon [1e-8]", false},
-        {"grad-clip", CLI_F64, &o.grad_clip, "max global gradient norm, 0 = off [1.0]", false},
-        {"sequential", CLI_BOOL, &sequential, "read windows in file order instead of a seeded shuffle per epoch", false},
-        {"eval-every", CLI_I64, &o.eval_every, "steps between validation evals, 0 = off [100]", false},
-        {"eval-steps", CLI_I64, &o.eval_steps, "validation batches per eval [20]", false},
-        {"save-every", CLI_I64, &o.save_every, "steps between checkpoints, 0 = at the end only [500]", false},
-        {"keep-last", CLI_INT, &o.keep_last, "checkpoints to keep, 0 = all [3]", false},
-        {"seed", CLI_I64, &seed, "seed of initialisation and data order [1337]", false},
-        {"threads", CLI_INT, &o.threads, "compute threads, 0 = all cores [0]", false},
-        {"log-every", CLI_I64, &o.log_every, "steps between progress lines when not on a terminal [10]", false},
-        {"progress", CLI_STR, &progress, "auto | bar | lines | none [auto]", false},
-        {"max-time", CLI_F64, &o.max_time, "stop, save and exit after this many seconds [off]", false},
-        {"zero", CLI_INT, &o.zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
-        {"precision", CLI_STR, &precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products (fp32 master weights and AdamW; fp16 with dynamic loss scaling); auto = bf16 where a short probe measures its products at least 1.2x faster than fp32 on this CPU (cached in ~/.cache/kiln), else fp32 [auto]", false},
         {"objective", CLI_STR, &objective, "ce | masked_ce: what the run minimizes; masked_ce is cross-entropy over the tokens that have a target, averaged over their count (SFT's loss; on token shards every token has one) [ce]", false},
-        {"freeze", CLI_LIST, &freeze, "freeze the tensors matching PATTERN (a name, or a glob: '*.attn.*', 'transformer.h.0.*'; quote it): no gradient, no optimizer state, weights unchanged; repeatable. A resume takes the run's own", false},
-        {"stop-at", CLI_I64, &o.stop_at, "stop, save and exit after this step (as an interruption would) [off]", false},
-        {"bf16-kernel", CLI_STR, &ef.bf16_kernel, "auto | ref | avx512 | amx: kernel of bf16/fp16 products (env KILN_BF16_KERNEL) [auto]", false},
-        {"no-precision-probe", CLI_BOOL, &ef.no_precision_probe, "precision auto: bf16 whenever the CPU has bf16 hardware, without measuring (env KILN_PRECISION_PROBE=0)", false},
-        {"fp32-acts", CLI_BOOL, &ef.fp32_acts, "bf16: keep fp32 activations between the bf16 products, for comparison (env KILN_BF16_ACTS=0)", false},
-        {"optim-kernel", CLI_STR, &ef.optim_kernel, "auto | portable: the AdamW loop (env KILN_OPTIM_KERNEL) [auto]", false},
-        {"loss-scale", CLI_F64, &ef.loss_scale, "fp16: initial loss scale (env KILN_LOSS_SCALE) [65536]", false},
-        {"dist-timeout", CLI_F64, &ef.dist_timeout, "under mpirun: seconds a collective may take before the job is aborted (env KILN_DIST_TIMEOUT) [300]", false},
-        {"dist-bucket-mb", CLI_F64, &ef.dist_bucket_mb, "under mpirun: gradient bucket size in MB (env KILN_DIST_BUCKET_MB) [25]", false},
-        {"no-dist-overlap", CLI_BOOL, &ef.no_dist_overlap, "under mpirun: reduce gradients after the backward, not during it (env KILN_DIST_OVERLAP=0)", false},
-        {"no-dist-progress", CLI_BOOL, &ef.no_dist_progress, "under mpirun: no node-shared progress table for the watchdog (env KILN_DIST_PROGRESS=0)", false},
-        {NULL, 0, NULL, NULL, false}};
+        {"freeze", CLI_LIST, &freeze, "freeze the tensors matching PATTERN (a name, or a glob: '*.attn.*', 'transformer.h.0.*'; quote it): no gradient, no optimizer state, weights unchanged; repeatable. A resume takes the run's own", false}};
+    cli_train_common_opts(opts + 7, &o, &tf); /* the rest stays zero: the end */
     int rc = cli_parse("train", "train --data DIR --out DIR [--config C.json | --init-from DIR] [flags]\n       kiln train --resume RUN_DIR [flags]",
                        "Pretrains a causal language model on token shards. Writes\n"
                        "RUN/metrics.jsonl, RUN/step_*/ checkpoints and RUN/loss.svg.\n"
@@ -255,34 +326,10 @@ int cmd_train(int argc, char **argv)
     int ret = 0;
     char ckpt[1024], databuf[4096], outbuf[1024];
     kiln_status s = KILN_OK;
-    if (cli_given(argc, argv, "steps") && o.steps == 0) {
-        /* steps 0 means "use --epochs" internally; typed on the command
-         * line it silently trained a whole epoch */
-        fprintf(stderr, "kiln train: --steps must be positive (leave it out to train "
-                        "for --epochs)\n");
+    if (!cli_train_flags_apply("train", argc, argv, &tf, &o)) {
         ret = 2;
         goto done;
     }
-    o.seed = (uint64_t)seed;
-    o.shuffle = !sequential;
-    int k = kiln_schedule_parse(schedule), pk = cli_parse_progress(progress);
-    if (k < 0 || pk < 0) {
-        fprintf(stderr, "kiln train: %s '%s' is not one of %s\n",
-                k < 0 ? "--schedule" : "--progress", k < 0 ? schedule : progress,
-                k < 0 ? "cosine, linear, constant" : "auto, bar, lines, none");
-        ret = 2;
-        goto done;
-    }
-    o.schedule = (kiln_schedule)k;
-    o.progress = (kiln_progress)pk;
-    int pp = kiln_precision_parse(precision);
-    if (pp < 0) {
-        fprintf(stderr, "kiln train: --precision '%s' is not one of fp32, bf16, fp16, auto\n",
-                precision);
-        ret = 2;
-        goto done;
-    }
-    o.precision = (kiln_precision)pp;
     o.freeze = freeze.items;
     o.n_freeze = freeze.n;
     o.objective = kiln_objective_builtin(objective);
@@ -325,33 +372,22 @@ int cmd_train(int argc, char **argv)
             ret = cmd_dpo(argc, argv);
             goto done;
         }
+        /* a kiln distill run (RUN/distill.json names its teacher): kiln
+         * distill continues it */
+        snprintf(cut ? cut + 1 : sftj, sizeof sftj - (size_t)(cut ? cut + 1 - sftj : 0),
+                 "distill.json");
+        if (access(sftj, R_OK) == 0 && cmd_distill) {
+            fprintf(stderr, "kiln train: %s is a kiln distill run: continuing it as kiln "
+                            "distill --resume\n", where);
+            ret = cmd_distill(argc, argv);
+            goto done;
+        }
         kiln_train_opts saved = kiln_train_opts_default();
         if ((s = kiln_train_opts_load(ctx, ckpt, &saved, databuf, sizeof databuf))) {
             ret = cli_fail(ctx, "train", s);
             goto done;
         }
-        /* flags given now override the saved run options */
-#define OVR(flag, field) if (cli_given(argc, argv, flag)) saved.field = o.field
-        OVR("data", data); OVR("batch", batch); OVR("seq", seq);
-        OVR("grad-accum", grad_accum); OVR("lr", lr); OVR("min-lr", min_lr);
-        OVR("warmup", warmup); OVR("schedule", schedule); OVR("weight-decay", weight_decay);
-        OVR("beta1", beta1); OVR("beta2", beta2); OVR("eps", eps);
-        OVR("grad-clip", grad_clip); OVR("sequential", shuffle);
-        OVR("eval-every", eval_every); OVR("eval-steps", eval_steps);
-        OVR("save-every", save_every); OVR("keep-last", keep_last); OVR("seed", seed);
-        OVR("log-every", log_every);
-#undef OVR
-        if (cli_given(argc, argv, "steps")) saved.steps = o.steps;
-        else if (cli_given(argc, argv, "epochs")) {
-            saved.steps = 0;
-            saved.epochs = o.epochs;
-        }
-        saved.threads = o.threads;
-        saved.progress = o.progress;
-        saved.max_time = o.max_time;
-        saved.stop_at = o.stop_at;
-        saved.zero = o.zero;
-        if (cli_given(argc, argv, "precision")) saved.precision = o.precision;
+        cli_train_resume_merge(argc, argv, &o, &saved);
         if (cli_given(argc, argv, "objective")) saved.objective = o.objective;
         saved.freeze = o.freeze; /* none given: the checkpoint's (kiln_train) */
         saved.n_freeze = o.n_freeze;
@@ -372,11 +408,11 @@ int cmd_train(int argc, char **argv)
         ret = 2;
         goto done;
     }
-    if (!cli_train_settings("train", argc, argv, &ef, &o)) {
+    if (!cli_train_settings("train", argc, argv, &tf.ef, &o)) {
         ret = 2;
         goto done;
     }
-    cli_precision_probe(ctx, argc, argv, &ef);
+    cli_precision_probe(ctx, argc, argv, &tf.ef);
     kiln_train_result res;
     s = cli_train_run(ctx, &o, &res);
     if (s) {
