@@ -67,6 +67,8 @@ typedef struct trainer {
     int64_t *row_perm;    /* (rows->rows) with opts.rows and shuffle */
     int64_t row_perm_epoch; /* epoch whose permutation is in row_perm; -1 none */
     bool row_val;         /* validate on opts.val_rows (given, evals on) */
+    uint64_t *sparse;     /* a pruned model's zeros (sparsity.c), or NULL */
+    char sparse_mark[1024]; /* its sparsity.json, copied into checkpoints */
 } trainer;
 
 /* ---- trainer_io.c ---------------------------------------------------- */
