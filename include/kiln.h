@@ -1528,6 +1528,9 @@ kiln_prune_opts kiln_prune_opts_default(void);
  * shorter than one window, mlp removing every channel. */
 kiln_status kiln_prune(kiln_ctx *ctx, kiln_model *m, const kiln_prune_opts *o,
                        kiln_model **smaller);
+/* The checks kiln_prune makes before it starts (the same errors), for a
+ * caller with work to do before it (a perplexity to measure). */
+kiln_status kiln_prune_validate(kiln_ctx *ctx, const kiln_model *m, const kiln_prune_opts *o);
 
 /* Writes DIR/sparsity.json, the mark of a sparse model: kiln_train with
  * init_from (or resume) at a directory that has it keeps every weight of

@@ -288,6 +288,10 @@ int cmd_prune(int argc, char **argv)
                       cfg0.n_ctx);
         goto fail;
     }
+    kiln_prune_opts early = po; /* the flags' own errors before any work */
+    early.method = po.method == KILN_PRUNE_WANDA ? KILN_PRUNE_MAGNITUDE : po.method;
+    early.score = KILN_PRUNE_SCORE_MAGNITUDE;
+    if ((s = kiln_prune_validate(ctx, m, &early))) goto fail;
     if (calib && (s = read_tokens(ctx, calib, cfg0.vocab_size, calib_tokens,
                                   eval_tokens, &ids, &nc, &ne)))
         goto fail;
@@ -296,6 +300,7 @@ int cmd_prune(int argc, char **argv)
      * same held-out tokens */
     po.calib = ids;
     po.n_calib = nc;
+    if ((s = kiln_prune_validate(ctx, m, &po))) goto fail;
     report r = {.method = methods[mi], .score = needs || po.method != KILN_PRUNE_MAGNITUDE
                                                     ? score : "magnitude",
                 .group = group, .sparsity = sparsity, .L = cfg0.n_layer, .F0 = cfg0.n_inner,

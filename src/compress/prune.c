@@ -413,10 +413,23 @@ static kiln_status check(kiln_ctx *ctx, const kiln_model *m, const kiln_prune_op
     for (size_t i = 0; i < o->n_calib; i++)
         if (o->calib[i] < 0 || o->calib[i] >= m->V)
             return kiln_fail(ctx, KILN_ERR_RANGE,
-                             "kiln_prune_opts.calib[%zu] = %d is outside the model's "
-                             "vocabulary [0, %d)",
-                             i, o->calib[i], m->V);
+                             "kiln_prune_opts.calib holds the token id %d (at %zu), outside "
+                             "the model's vocabulary [0, %d)",
+                             o->calib[i], i, m->V);
     return KILN_OK;
+}
+
+/* Whether o's method reads activations. */
+static bool uses_acts(const kiln_prune_opts *o)
+{
+    return o->method == KILN_PRUNE_WANDA ||
+           ((o->method == KILN_PRUNE_2_4 || o->method == KILN_PRUNE_MLP) &&
+            o->score == KILN_PRUNE_SCORE_WANDA);
+}
+
+kiln_status kiln_prune_validate(kiln_ctx *ctx, const kiln_model *m, const kiln_prune_opts *o)
+{
+    return check(ctx, m, o, o->seq > 0 ? o->seq : m->cfg.n_ctx, uses_acts(o));
 }
 
 kiln_status kiln_prune(kiln_ctx *ctx, kiln_model *m, const kiln_prune_opts *o,
@@ -424,9 +437,7 @@ kiln_status kiln_prune(kiln_ctx *ctx, kiln_model *m, const kiln_prune_opts *o,
 {
     *smaller = NULL;
     int T = o->seq > 0 ? o->seq : m->cfg.n_ctx;
-    bool act = o->method == KILN_PRUNE_WANDA ||
-               ((o->method == KILN_PRUNE_2_4 || o->method == KILN_PRUNE_MLP) &&
-                o->score == KILN_PRUNE_SCORE_WANDA);
+    bool act = uses_acts(o);
     kiln_status s = check(ctx, m, o, T, act);
     if (s) return s;
     if (act) {
