@@ -324,7 +324,17 @@ int cmd_prune(int argc, char **argv)
     if (r.n_eval && (s = perplexity(ctx, pm, ids + nc, ne, B, T, &r.loss1))) goto fail;
     if ((s = kiln_model_save(ctx, pm, out))) goto fail;
     static const char *const extra[] = {"tokenizer.json", "tokenizer_config.json"};
-    for (int i = 0; i < 2 && !s; i++) {
+    if (cli_is_gguf(dir)) { /* the file's tokenizer and chat template */
+        kiln_tokenizer *tok = NULL;
+        char tj[4400];
+        snprintf(tj, sizeof tj, "%s/tokenizer.json", out);
+        s = kiln_tokenizer_load(ctx, dir, &tok);
+        if (!s) s = kiln_tokenizer_save(ctx, tok, tj);
+        if (!s) s = kiln_tokenizer_save_chat_config(ctx, tok, out);
+        kiln_tokenizer_free(tok);
+        if (s) goto fail;
+    }
+    for (int i = 0; i < 2 && !s && !cli_is_gguf(dir); i++) {
         char a[4400], b[4400];
         bool copied;
         snprintf(a, sizeof a, "%s/%s", dir, extra[i]);
