@@ -1506,8 +1506,9 @@ typedef struct kiln_prune_opts {
     double sparsity;
     kiln_prune_score score;    /* 2:4 and mlp [WANDA] */
     kiln_prune_group group;    /* magnitude and wanda [ROW] */
-    /* Calibration tokens (borrowed): windows of seq tokens, batch at a
-     * time, through the fp32 forward. Wanda runs layer by layer, as the
+    /* Calibration tokens (borrowed): windows of seq tokens (a remainder
+     * shorter than seq is left out), batch at a time, through the fp32
+     * forward. Wanda runs layer by layer, as the
      * paper's code: layer l's activations come from the model whose
      * layers before l are already pruned. Needed by every
      * activation-weighted score; ignored otherwise. */

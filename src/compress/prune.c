@@ -233,8 +233,7 @@ static kiln_status prune_unstructured(kiln_ctx *ctx, kiln_model *m, const kiln_p
             for (int k = 0; k < PL_N; k++) memset(cn.ss[k], 0, (size_t)cn.width[k] * sizeof(double));
             if ((s = calib_pass(ctx, m, o, T, l, l + 1, &cn))) break;
         }
-        float *params = model_params_write(m); /* the next forward re-derives */
-        (void)params;
+        model_params_touched(m); /* the next forward re-derives its copies */
         layer_lins(m, &m->w, l, p);
         for (int k = 0; k < PL_N; k++) {
             if (act)
