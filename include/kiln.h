@@ -1766,6 +1766,82 @@ kiln_status kiln_gguf_export(kiln_ctx *ctx, const kiln_model *m, const kiln_toke
                              kiln_gguf_export_stats *stats);
 void kiln_gguf_export_stats_free(kiln_gguf_export_stats *st);
 
+/* ---- pruning (`kiln prune`; docs/prune.md) ---------------------------
+ * Which weights: the four linear matrices of every layer (qkv, attention
+ * output, MLP in, MLP out); embeddings, norms, biases and the LM head stay
+ * dense, as in Wanda (Sun et al. 2023) and SparseGPT. Scores compare
+ * weights of one output row (the Wanda paper's per-output group) unless
+ * group says per matrix. Values are only ever appended. */
+typedef enum kiln_prune_method {
+    KILN_PRUNE_MAGNITUDE = 0, /* unstructured, score |W_ij| */
+    KILN_PRUNE_WANDA = 1,     /* unstructured, score |W_ij| * ||X_j||_2 */
+    KILN_PRUNE_2_4 = 2,       /* 2 of every 4 consecutive inputs of a row
+                                 zeroed (score: kiln_prune_opts.score) */
+    KILN_PRUNE_MLP = 3        /* structured: whole MLP channels removed, a
+                                 smaller n_inner (kiln_prune_opts.score) */
+} kiln_prune_method;
+
+typedef enum kiln_prune_score {
+    KILN_PRUNE_SCORE_WANDA = 0,    /* activation-weighted (needs calib) */
+    KILN_PRUNE_SCORE_MAGNITUDE = 1 /* weights alone */
+} kiln_prune_score;
+
+typedef enum kiln_prune_group {
+    KILN_PRUNE_GROUP_ROW = 0,   /* each output row loses the same share */
+    KILN_PRUNE_GROUP_MATRIX = 1 /* one threshold over the whole matrix */
+} kiln_prune_group;
+
+/* "magnitude" | "wanda" | "2:4" | "mlp" -> the method; -1 when unknown. */
+int kiln_prune_method_parse(const char *name);
+const char *kiln_prune_method_name(kiln_prune_method m);
+
+typedef struct kiln_prune_opts {
+    kiln_prune_method method;  /* [MAGNITUDE] */
+    /* The share removed, in [0, 1): of each comparison group's weights
+     * (unstructured), of each layer's MLP channels (mlp). 2:4 removes
+     * exactly half: sparsity must be 0.5 there. [0.5] */
+    double sparsity;
+    kiln_prune_score score;    /* 2:4 and mlp [WANDA] */
+    kiln_prune_group group;    /* magnitude and wanda [ROW] */
+    /* Calibration tokens (borrowed): windows of seq tokens (a remainder
+     * shorter than seq is left out), batch at a time, through the fp32
+     * forward. Wanda runs layer by layer, as the
+     * paper's code: layer l's activations come from the model whose
+     * layers before l are already pruned. Needed by every
+     * activation-weighted score; ignored otherwise. */
+    const int32_t *calib;
+    size_t n_calib;
+    int batch;                 /* [4] */
+    int seq;                   /* [the model's n_ctx] when 0 */
+} kiln_prune_opts;
+
+kiln_prune_opts kiln_prune_opts_default(void);
+
+/* Prunes m by o. Unstructured methods (magnitude, wanda, 2:4) zero
+ * weights of m in place (switching it to fp32 products) and set
+ * *smaller = NULL; mlp leaves m's weights unchanged and returns a new
+ * model with the smaller config in *smaller (free it). Errors name the
+ * field: sparsity outside [0, 1), 2:4 with sparsity != 0.5 or on a
+ * matrix whose input width is not a multiple of 4, a calibration set
+ * shorter than one window, mlp removing every channel. */
+kiln_status kiln_prune(kiln_ctx *ctx, kiln_model *m, const kiln_prune_opts *o,
+                       kiln_model **smaller);
+/* The checks kiln_prune makes before it starts (the same errors), for a
+ * caller with work to do before it (a perplexity to measure). */
+kiln_status kiln_prune_validate(kiln_ctx *ctx, const kiln_model *m, const kiln_prune_opts *o);
+
+/* Writes DIR/sparsity.json, the mark of a sparse model: kiln_train with
+ * init_from (or resume) at a directory that has it keeps every weight of
+ * the pruned matrices that is zero at the start at zero (its gradient is
+ * masked before the optimizer step, so AdamW's moments and update stay
+ * zero there), and copies the mark into its checkpoints. */
+kiln_status kiln_prune_mark_save(kiln_ctx *ctx, const char *dir, const kiln_prune_opts *o);
+/* Whether DIR has the mark (a readable kiln sparsity.json); errors name
+ * the file when it is there but malformed. */
+kiln_status kiln_prune_mark_load(kiln_ctx *ctx, const char *dir, bool *marked);
+/* Whether tensor i of m is one of the matrices pruning works on. */
+bool kiln_prune_target(const kiln_model *m, int i);
+
 /* ======================================================================
  * infer: sampling, generation
  * ====================================================================== */

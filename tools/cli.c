@@ -339,6 +339,15 @@ static const struct {
     {"kiln_serve_opts.wtype", "--dtype"},
     {"kiln_serve_opts.watch_ms", "--watch-ms"},
     {"kiln_serve_opts.run_dir", "--model"},
+    /* kiln prune */
+    {"kiln_prune_opts.method", "--method"},
+    {"kiln_prune_opts.sparsity", "--sparsity"},
+    {"kiln_prune_opts.score", "--score"},
+    {"kiln_prune_opts.group", "--group"},
+    {"kiln_prune_opts.calib", "--calib"},
+    {"kiln_prune_opts.n_calib", "--calib-tokens"},
+    {"kiln_prune_opts.batch", "--batch"},
+    {"kiln_prune_opts.seq", "--seq"},
 };
 
 static bool ident_char(char c)

@@ -30,7 +30,7 @@
 static const char *const ckpt_files[] = {
     "config.json", "model.safetensors", "optimizer.safetensors",
     "trainer_state.json", "tokenizer.json", "tokenizer_config.json", "adapter_config.json",
-    "adapter_model.safetensors", NULL};
+    "adapter_model.safetensors", "sparsity.json", NULL};
 
 /* Removes a flat directory (files only, as checkpoints are). */
 static void rm_flat_dir(const char *dir)
@@ -167,6 +167,12 @@ kiln_status ckpt_save(kiln_ctx *ctx, const ckpt_save_args *a, char *out_dir,
         }
         free(cfg);
         free(dir);
+        if (s) goto done;
+    }
+    if (a->sparsity_json) {
+        p = file_join(tmp, "sparsity.json");
+        s = p ? copy_file(ctx, a->sparsity_json, p) : kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        free(p);
         if (s) goto done;
     }
     for (int i = 0; ckpt_files[i]; i++) {

@@ -16,6 +16,7 @@ typedef struct ckpt_save_args {
     const char *tokenizer_json; /* copied when it exists; may be NULL */
     int keep_last;              /* remove older step_* beyond this; 0 keep */
     const char *base_model;     /* a LoRA run's base (adapter_config.json) */
+    const char *sparsity_json;  /* a pruned model's mark, copied; may be NULL */
 } ckpt_save_args;
 
 /* Writes a complete checkpoint atomically (see ckpt.c) and updates

@@ -20,6 +20,7 @@
  * step in RUN/metrics.jsonl.
  */
 #include "train/ckpt.h"
+#include "train/sparsity.h"
 #include "train/trainer_int.h"
 
 #include <errno.h>
@@ -210,7 +211,8 @@ static kiln_status save(trainer *t, double lr)
                         .state = st,
                         .tokenizer_json = tokj,
                         .keep_last = t->o.keep_last,
-                        .base_model = t->base_model[0] ? t->base_model : NULL};
+                        .base_model = t->base_model[0] ? t->base_model : NULL,
+                        .sparsity_json = t->sparse ? t->sparse_mark : NULL};
     kiln_status s = ckpt_save(t->ctx, &a, t->last_ckpt, sizeof t->last_ckpt);
     kiln_adamw_free(full);
     free(tokj);
@@ -288,6 +290,23 @@ static kiln_status check_opts(kiln_ctx *ctx, const kiln_train_opts *o)
     return KILN_OK;
 }
 
+/* A pruned model (DIR/sparsity.json, kiln prune): its zeros stay zero
+ * (sparsity.c). */
+static kiln_status sparse_setup(trainer *t, const char *dir)
+{
+    bool marked;
+    kiln_status s = kiln_prune_mark_load(t->ctx, dir, &marked);
+    if (s || !marked) return s;
+    size_t zeros;
+    if ((s = sparse_mask_build(t->ctx, t->model, &t->sparse, &zeros))) return s;
+    int n = snprintf(t->sparse_mark, sizeof t->sparse_mark, "%s/sparsity.json", dir);
+    if (n < 0 || (size_t)n >= sizeof t->sparse_mark)
+        return kiln_fail(t->ctx, KILN_ERR_INVALID_ARG, "the path '%s' is too long", dir);
+    tr_say(t, "sparse model (%s): its %zu zero weights in the pruned matrices stay zero",
+           t->sparse_mark, zeros);
+    return KILN_OK;
+}
+
 static kiln_status make_model(trainer *t)
 {
     kiln_ctx *ctx = t->ctx;
@@ -357,6 +376,7 @@ static kiln_status make_model(trainer *t)
                          "kiln_train_opts.seq = %d exceeds the model's context length "
                          "(n_ctx %d in %s); use kiln_train_opts.seq = %d or less",
                          o->seq, cfg->n_ctx, from, cfg->n_ctx);
+    if ((o->resume || o->init_from) && (s = sparse_setup(t, from))) return s;
     if ((s = tr_freeze(t))) return s;
     kiln_adamw_opts ao = {.beta1 = (float)o->beta1,
                           .beta2 = (float)o->beta2,
@@ -708,6 +728,7 @@ static kiln_status train_step(trainer *t, double *loss, double *gnorm,
     if ((s = t->zero ? dist_zero_reduce_grads(ctx, t->zero, g)
                      : tr_dist_grads_finish(t)))
         return s;
+    if (t->sparse) sparse_mask_apply(t->model, t->sparse, g); /* zeros stay zero */
     if ((s = tr_dist_sum(t, sums, 2))) return s;
     *loss = sums[0] / sums[1];
     t->step_weight = sums[1];
@@ -784,6 +805,7 @@ static void trainer_free(trainer *t, kiln_status s)
     free(t->stat_sums);
     free(t->stat_vals);
     free(t->val_stat_vals);
+    free(t->sparse);
     kiln_loader_free(t->train);
     kiln_data_close(t->data);
     kiln_adamw_free(t->opt);

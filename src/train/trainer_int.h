@@ -77,6 +77,8 @@ typedef struct trainer {
     double *stat_vals;    /* (obj->n_metrics) its last training metrics */
     double *val_stat_vals;/* (obj->n_metrics) its last validation metrics */
     bool stat_have, val_stat_have;
+    uint64_t *sparse;     /* a pruned model's zeros (sparsity.c), or NULL */
+    char sparse_mark[1024]; /* its sparsity.json, copied into checkpoints */
 } trainer;
 
 /* ---- trainer_io.c ---------------------------------------------------- */
