@@ -52,8 +52,9 @@ typedef struct grpo_run {
     kiln_reward *rw;
     kiln_rng rng;          /* the rollouts' seeds: saved in checkpoints */
     int64_t step, opt_step; /* completed GRPO steps, optimizer steps */
-    size_t n_prompts;
-    char **prompt_text;    /* (n_prompts) decoded, for the reward command */
+    size_t n_prompts;      /* kept: shorter than the context */
+    size_t *keep;          /* (n_prompts) their dataset indices */
+    char **prompt_text;    /* (dataset count) decoded, for the reward command */
     size_t *perm;          /* the shuffle of epoch perm_epoch */
     int64_t perm_epoch;
     int32_t stop_id;       /* the chat turn's end, -1 when it is the eot */
@@ -280,7 +281,7 @@ static size_t prompt_at(grpo_run *r, int64_t pos)
         }
         r->perm_epoch = epoch;
     }
-    return r->perm[pos % (int64_t)r->n_prompts];
+    return r->keep[r->perm[pos % (int64_t)r->n_prompts]];
 }
 
 typedef struct step_buf {
@@ -614,27 +615,40 @@ static kiln_status setup(grpo_run *r, const char *model_dir, const char *ckpt)
     const kiln_config *cfg = kiln_model_config(r->m);
     r->n_ctx = cfg->n_ctx;
     kiln_dataset_opts dopt = kiln_dataset_opts_default();
-    dopt.max_len = r->n_ctx - 1; /* room for at least one new token */
     dopt.skip_bad = a->skip_bad;
     if ((s = kiln_dataset_load(ctx, r->tok, a->prompts, KILN_DATASET_PROMPTS, &dopt, &r->ds)))
         return s;
     kiln_dataset_stats st;
     kiln_dataset_get_stats(r->ds, &st);
-    printf("%s: %lld prompts (%lld lines, %lld bad, %lld longer than the context of %d and "
-           "dropped)\n", a->prompts, (long long)st.examples, (long long)st.lines,
-           (long long)st.bad_lines, (long long)st.dropped, r->n_ctx);
-    r->n_prompts = kiln_dataset_count(r->ds);
-    r->prompt_text = calloc(r->n_prompts, sizeof *r->prompt_text);
-    r->perm = malloc(r->n_prompts * sizeof *r->perm);
+    size_t n_all = kiln_dataset_count(r->ds);
+    r->keep = malloc((n_all + 1) * sizeof *r->keep);
+    r->prompt_text = calloc(n_all + 1, sizeof *r->prompt_text);
+    r->perm = malloc((n_all + 1) * sizeof *r->perm);
     r->perm_epoch = -1;
-    if (!r->prompt_text || !r->perm) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
-    for (size_t i = 0; i < r->n_prompts; i++) {
+    if (!r->prompt_text || !r->perm || !r->keep) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    /* a prompt needs room for at least one new token */
+    int64_t dropped = 0;
+    for (size_t i = 0; i < n_all; i++) {
         kiln_example ex;
         kiln_dataset_get(r->ds, i, &ex);
+        if (ex.n > (size_t)r->n_ctx - 1) {
+            if (dropped++ < 5)
+                fprintf(stderr, "kiln grpo: %s:%lld: the prompt is %zu tokens; the context of "
+                                "%d leaves no room to complete it: dropped\n",
+                        a->prompts, (long long)ex.line, ex.n, r->n_ctx);
+            continue;
+        }
+        r->keep[r->n_prompts++] = i;
         size_t len;
         if ((s = kiln_tokenizer_decode(ctx, r->tok, ex.ids, ex.n, &r->prompt_text[i], &len)))
             return s;
     }
+    printf("%s: %zu prompts (%lld lines, %lld bad, %lld longer than the context of %d and "
+           "dropped)\n", a->prompts, r->n_prompts, (long long)st.lines,
+           (long long)st.bad_lines, (long long)dropped, r->n_ctx);
+    if (r->n_prompts == 0)
+        return kiln_fail(ctx, KILN_ERR_FORMAT, "%s: no prompt fits the model's context of %d",
+                         a->prompts, r->n_ctx);
     /* a chat turn ends with its own token when the template has one */
     int sid = kiln_chat_stop_id(r->tok);
     r->stop_id = sid >= 0 && sid != kiln_tokenizer_eot(r->tok) ? sid : -1;
@@ -660,7 +674,7 @@ static kiln_status setup(grpo_run *r, const char *model_dir, const char *ckpt)
     int longest = 0;
     for (size_t i = 0; i < r->n_prompts; i++) {
         kiln_example ex;
-        kiln_dataset_get(r->ds, i, &ex);
+        kiln_dataset_get(r->ds, r->keep[i], &ex);
         longest = (int)ex.n > longest ? (int)ex.n : longest;
     }
     r->T_max = longest + a->max_new - 1 < r->n_ctx ? longest + a->max_new - 1 : r->n_ctx;
@@ -711,8 +725,9 @@ static kiln_status alloc_step(grpo_run *r, step_buf *b)
 
 static void run_free(grpo_run *r)
 {
-    if (r->prompt_text)
-        for (size_t i = 0; i < r->n_prompts; i++) free(r->prompt_text[i]);
+    if (r->prompt_text && r->ds)
+        for (size_t i = 0; i < kiln_dataset_count(r->ds); i++) free(r->prompt_text[i]);
+    free(r->keep);
     free(r->prompt_text);
     free(r->perm);
     kiln_reward_free(r->rw);
