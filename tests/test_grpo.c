@@ -31,9 +31,14 @@ static const char *root(void)
     return r ? r : ".";
 }
 
+static int torch_known = -1; /* importing torch takes seconds: once */
+
 static bool have_torch(void)
 {
-    return access(PY, X_OK) == 0 && system(PY " -c 'import torch, numpy' >/dev/null 2>&1") == 0;
+    if (torch_known < 0)
+        torch_known = access(PY, X_OK) == 0 &&
+                      system(PY " -c 'import torch, numpy' >/dev/null 2>&1") == 0;
+    return torch_known == 1;
 }
 
 static void put(const char *path, const void *p, size_t n)

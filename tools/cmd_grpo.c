@@ -32,11 +32,11 @@
 #include <unistd.h>
 
 typedef struct grpo_args {
-    const char *model, *tokenizer, *prompts, *reward, *reward_cmd, *regex, *precision, *schedule;
+    const char *model, *tokenizer, *prompts, *eval_prompts, *reward, *reward_cmd, *regex, *precision, *schedule;
     int group, max_new, batch_prompts, micro_batch, updates, keep_last, sample_every, top_k;
     double temperature, top_p, beta, clip, clip_high, lr, min_lr, weight_decay, beta1, beta2,
         eps, grad_clip, tolerance, cmd_timeout;
-    int64_t steps, warmup, seed, save_every;
+    int64_t steps, warmup, seed, save_every, eval_every;
     bool dr_grpo, skip_bad;
 } grpo_args;
 
@@ -49,6 +49,7 @@ typedef struct grpo_run {
     kiln_adamw *opt;
     kiln_tokenizer *tok;
     kiln_dataset *ds;
+    kiln_dataset *eval_ds; /* --eval-prompts */
     kiln_reward *rw;
     kiln_rng rng;          /* the rollouts' seeds: saved in checkpoints */
     int64_t step, opt_step; /* completed GRPO steps, optimizer steps */
@@ -538,6 +539,96 @@ static void log_step(grpo_run *r, step_buf *b, const step_stats *ss)
     }
 }
 
+/* Greedy completions of the --eval-prompts, scored with the run's reward:
+ * a line {"step", "eval_reward", "eval_<term>"..., "eval_prompts"} in
+ * metrics.jsonl. No randomness: the rollout RNG is untouched. */
+static kiln_status evaluate(grpo_run *r)
+{
+    kiln_ctx *ctx = r->ctx;
+    size_t n = kiln_dataset_count(r->eval_ds);
+    int nt = kiln_reward_n_terms(r->rw), S = n < 64 ? (int)n : 64, cap = r->a.max_new;
+    kiln_engine_opts eo = kiln_engine_opts_default();
+    eo.n_slots = S;
+    eo.n_ctx = r->n_ctx;
+    eo.chunk = S > 64 ? S : 64;
+    kiln_engine *e = NULL;
+    char **text = calloc(n, sizeof *text), **ptext = calloc(n, sizeof *ptext);
+    const char **ans = calloc(n, sizeof *ans);
+    float *rew = calloc(n, sizeof *rew), *terms = calloc(n * (size_t)nt, sizeof *terms);
+    int32_t *ids = malloc((size_t)S * cap * sizeof *ids);
+    int *n_ids = calloc((size_t)S, sizeof *n_ids);
+    kiln_gen **gens = calloc((size_t)S, sizeof *gens);
+    const int32_t **pp = calloc((size_t)S, sizeof *pp);
+    size_t *np = calloc((size_t)S, sizeof *np), used = 0, skipped = 0;
+    kiln_status s = text && ptext && ans && rew && terms && ids && n_ids && gens && pp && np
+                        ? kiln_engine_new(ctx, r->m, &eo, &e)
+                        : kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    double t0 = kiln_time_now();
+    for (size_t i = 0; i < n && !s;) {
+        int k = 0;
+        for (; k < S && i < n && !s; i++) {
+            kiln_example ex;
+            kiln_dataset_get(r->eval_ds, i, &ex);
+            if (ex.n > (size_t)r->n_ctx - 1) { skipped++; continue; }
+            kiln_gen_opts go = kiln_gen_opts_default();
+            go.sampling.temperature = 0;
+            go.max_tokens = cap;
+            if (r->stop_id >= 0) {
+                go.stop_ids = &r->stop_id;
+                go.n_stop_ids = 1;
+            }
+            size_t len;
+            pp[k] = ex.ids;
+            np[k] = ex.n;
+            ans[used + k] = ex.answer;
+            s = kiln_tokenizer_decode(ctx, r->tok, ex.ids, ex.n, &ptext[used + k], &len);
+            if (!s) s = kiln_gen_new(ctx, r->tok, kiln_model_config(r->m), &go, ex.ids, ex.n, &gens[k]);
+            k++;
+        }
+        if (!s && k) s = kiln_generate_batch(ctx, e, k, pp, np, gens, ids, cap, n_ids, NULL);
+        for (int j = 0; j < k; j++) {
+            size_t len;
+            const char *t = gens[j] ? kiln_gen_text(gens[j], &len) : "";
+            if (!s && !(text[used + j] = strndup(t, gens[j] ? len : 0)))
+                s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+            kiln_gen_free(gens[j]);
+            gens[j] = NULL;
+        }
+        used += (size_t)k;
+    }
+    kiln_engine_free(e);
+    kiln_reward_report rep = {0};
+    if (!s && used)
+        s = kiln_reward_score(ctx, r->rw, (int)used, (const char *const *)ptext,
+                              (const char *const *)text, ans, rew, terms, &rep);
+    if (!s && used) {
+        double m = 0;
+        for (size_t i = 0; i < used; i++) m += rew[i];
+        json_t *j = json_pack("{s:I,s:f}", "step", (json_int_t)r->step, "eval_reward", m / used);
+        printf("eval at step %lld: reward %.4f", (long long)r->step, m / used);
+        for (int k = 0; k < nt; k++) {
+            double mk = 0;
+            for (size_t i = 0; i < used; i++) mk += terms[(size_t)k * used + i];
+            char key[64];
+            snprintf(key, sizeof key, "eval_%s", kiln_reward_term_name(r->rw, k));
+            json_object_set_new(j, key, json_real(mk / used));
+            printf(", %s %.4f", kiln_reward_term_name(r->rw, k), mk / used);
+        }
+        json_object_set_new(j, "eval_prompts", json_integer((json_int_t)used));
+        append_line(r->out, "metrics.jsonl", j);
+        json_decref(j);
+        printf(" (%zu prompts greedy, %zu too long; %.1f s)\n", used, skipped, kiln_time_now() - t0);
+        fflush(stdout);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (text) free(text[i]);
+        if (ptext) free(ptext[i]);
+    }
+    free(text); free(ptext); free(ans); free(rew); free(terms); free(ids); free(n_ids);
+    free(gens); free(pp); free(np);
+    return s;
+}
+
 static kiln_status grpo_step(grpo_run *r, step_buf *b)
 {
     const int P = r->a.batch_prompts, G = r->a.group, R = P * G;
@@ -649,6 +740,14 @@ static kiln_status setup(grpo_run *r, const char *model_dir, const char *ckpt)
     if (r->n_prompts == 0)
         return kiln_fail(ctx, KILN_ERR_FORMAT, "%s: no prompt fits the model's context of %d",
                          a->prompts, r->n_ctx);
+    if (a->eval_prompts) {
+        kiln_dataset_opts eopt = kiln_dataset_opts_default();
+        if ((s = kiln_dataset_load(ctx, r->tok, a->eval_prompts, KILN_DATASET_PROMPTS, &eopt,
+                                   &r->eval_ds))) {
+            kiln_fail(ctx, s, "--eval-prompts: %s", kiln_errmsg(ctx));
+            return s;
+        }
+    }
     /* a chat turn ends with its own token when the template has one */
     int sid = kiln_chat_stop_id(r->tok);
     r->stop_id = sid >= 0 && sid != kiln_tokenizer_eot(r->tok) ? sid : -1;
@@ -735,6 +834,7 @@ static void run_free(grpo_run *r)
     kiln_model_free(r->m);
     kiln_model_free(r->ref);
     kiln_dataset_free(r->ds);
+    kiln_dataset_free(r->eval_ds);
     kiln_tokenizer_free(r->tok);
 }
 
@@ -754,6 +854,8 @@ int cmd_grpo(int argc, char **argv)
         {"prompts", CLI_STR, &a.prompts, "JSONL: {\"prompt\": string or messages, \"answer\": string or number} per line; prompts longer than the context are counted and dropped", false},
         {"out", CLI_STR, &out, "run directory (metrics.jsonl, samples.jsonl, step_* checkpoints)", false},
         {"resume", CLI_OPTSTR, &resume, "continue a run: a run directory or a step_* checkpoint [--out]", false},
+        {"eval-prompts", CLI_STR, &a.eval_prompts, "held-out prompts (same JSONL): greedy completions scored with --reward at the start, every --eval-every steps and at the end (eval_* in metrics.jsonl)", false},
+        {"eval-every", CLI_I64, &a.eval_every, "steps between evaluations of --eval-prompts, 0 = start and end only [0]", false},
         {"group", CLI_INT, &a.group, "completions sampled per prompt, >= 2 [8]", false},
         {"batch-prompts", CLI_INT, &a.batch_prompts, "prompts per step (rows = batch-prompts x group) [4]", false},
         {"micro-batch", CLI_INT, &a.micro_batch, "rows per forward/backward (gradients accumulate over the step's rows) [8]", false},
@@ -809,7 +911,7 @@ int cmd_grpo(int argc, char **argv)
     step_buf b = {0};
     json_t *saved = NULL;
     int ret = 2;
-    char ckpt[1024], run_dir[1024], model_dir[4200];
+    char ckpt[1024], run_dir[1024], model_dir[4200], eabs[PATH_MAX];
     const char *ck = NULL;
     kiln_status s = KILN_OK;
     int64_t steps_given = a.steps;
@@ -863,6 +965,7 @@ int cmd_grpo(int argc, char **argv)
         char abs[PATH_MAX], pabs[PATH_MAX];
         if (realpath(model_dir, abs)) a.model = abs; /* a resume may start elsewhere */
         if (realpath(a.prompts, pabs)) a.prompts = pabs;
+        if (a.eval_prompts && realpath(a.eval_prompts, eabs)) a.eval_prompts = eabs;
         if (save_settings(out, opts)) goto done;
         snprintf(model_dir, sizeof model_dir, "%s", a.model);
         a.model = model_dir;
@@ -889,8 +992,12 @@ int cmd_grpo(int argc, char **argv)
            a.reward, a.reward_cmd ? " + cmd " : "", a.reward_cmd ? a.reward_cmd : "", a.beta,
            a.clip, a.dr_grpo ? ", dr-grpo" : "");
     fflush(stdout);
+    if (r.eval_ds && r.step == 0 && (s = evaluate(&r))) goto fail;
     while (r.step < a.steps) {
         if ((s = grpo_step(&r, &b))) goto fail;
+        if (r.eval_ds && ((a.eval_every > 0 && r.step % a.eval_every == 0) || r.step == a.steps) &&
+            (s = evaluate(&r)))
+            goto fail;
         if ((a.save_every > 0 && r.step % a.save_every == 0) || r.step == a.steps)
             if ((s = save_checkpoint(&r))) goto fail;
     }
