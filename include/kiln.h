@@ -1857,11 +1857,13 @@ kiln_status kiln_generate(kiln_ctx *ctx, kiln_engine *e, int slot, kiln_gen *g,
  * kiln_engine_step. The ids each sequence generated (the ending token
  * included, as kiln_gen_next returns them) go to ids (n, cap), their
  * count to n_ids (n); a sequence whose context or cap fills ends with
- * KILN_FINISH_LENGTH. steps (may be NULL) receives the decode steps run. */
+ * KILN_FINISH_LENGTH. logprobs (may be NULL; (n, cap)) receives each id's
+ * log-probability under the engine's raw logits (log-softmax, before any
+ * temperature). steps (may be NULL) receives the decode steps run. */
 kiln_status kiln_generate_batch(kiln_ctx *ctx, kiln_engine *e, int n,
                                 const int32_t *const *prompts, const size_t *n_prompt,
                                 kiln_gen **gens, int32_t *ids, int cap, int *n_ids,
-                                int64_t *steps);
+                                float *logprobs, int64_t *steps);
 
 /* ======================================================================
  * serve: HTTP server

@@ -2,7 +2,8 @@
 # t_grpo.sh — `kiln grpo` as a user runs it, on a tiny random model (bytes
 # vocabulary) and generated addition prompts: a run with the exact, regex
 # and command rewards, the KL reference and two updates per batch writes
-# every metric per step and sample completions; a prompt longer than the
+# every metric per step and sample completions, and the engine's
+# log-probs of the sampled tokens equal the training forward's; a prompt longer than the
 # context is counted and dropped; a run stopped at step 2 and resumed
 # ends bit-identical to a straight one (weights, rewards, samples: the
 # rollout RNG is in the checkpoint); a reward command that prints garbage
@@ -53,6 +54,8 @@ for x in m:
         assert k in x and math.isfinite(x[k]), (k, x)
     assert 1 <= x["completion_len"] <= 10 and x["rollout_tokens_per_s"] > 0
     assert x["train_tokens_per_s"] > 0 and x["reward_cmd_failures"] == 0
+    # the engine's log-probs of the sampled tokens are the training forward's
+    assert x["rollout_logp_diff_max"] < 1e-3, x
 # the command's reward varies within groups, so the policy moves away from
 # the reference and the second update clips some tokens
 assert any(x["kl"] > 0 for x in m[1:]) and any(x["clip_frac"] > 0 for x in m), m

@@ -289,6 +289,7 @@ typedef struct step_buf {
     int R, T, cap;              /* rows, positions, ids per completion */
     size_t *pidx;               /* (P) prompt index */
     int32_t *ids;               /* (R, cap) completion ids */
+    float *gen_logp;            /* (R, cap) their log-probs under the engine */
     int *n_ids;                 /* (R) */
     kiln_finish *finish;        /* (R) */
     char **text;                /* (R) completion text */
@@ -301,7 +302,7 @@ static void step_buf_free(step_buf *b)
 {
     if (b->text)
         for (int i = 0; i < b->R; i++) free(b->text[i]);
-    free(b->pidx); free(b->ids); free(b->n_ids); free(b->finish); free(b->text);
+    free(b->pidx); free(b->ids); free(b->gen_logp); free(b->n_ids); free(b->finish); free(b->text);
     free(b->reward); free(b->terms); free(b->adv); free(b->tokens); free(b->targets);
     free(b->old); free(b->ref); free(b->logp); free(b->dlogp);
     memset(b, 0, sizeof *b);
@@ -309,6 +310,7 @@ static void step_buf_free(step_buf *b)
 
 typedef struct step_stats {
     double rollout_s, train_s, gen_tokens, train_tokens, loss, kl, clipped, tok, grad_norm, lr;
+    double logp_diff_sum, logp_diff_max; /* |engine - training| log-probs of the samples */
     int truncated, cmd_failures, cmd_bad_lines;
 } step_stats;
 
@@ -348,7 +350,8 @@ static kiln_status rollout(grpo_run *r, step_buf *b, step_stats *ss)
         }
         s = kiln_gen_new(ctx, r->tok, kiln_model_config(r->m), &go, ex.ids, ex.n, &gens[i]);
     }
-    if (!s) s = kiln_generate_batch(ctx, e, R, pp, np, gens, b->ids, b->cap, b->n_ids, NULL);
+    if (!s) s = kiln_generate_batch(ctx, e, R, pp, np, gens, b->ids, b->cap, b->n_ids,
+                                     b->gen_logp, NULL);
     for (int i = 0; i < R && !s; i++) {
         size_t len;
         const char *t = kiln_gen_text(gens[i], &len);
@@ -407,6 +410,24 @@ static kiln_status ref_logprobs(grpo_run *r, step_buf *b)
     return KILN_OK;
 }
 
+/* The sampled tokens' log-probs as the engine computed them against the
+ * training forward's (the same weights): a check that rollouts and
+ * training see one policy (verl's rollout-vs-actor gap). Completion token
+ * k of a row is its k-th learned position. */
+static void logp_gap(const step_buf *b, int first, int B, step_stats *ss)
+{
+    for (int i = first; i < first + B; i++) {
+        int k = 0;
+        for (int t = 0; t < b->T; t++) {
+            size_t q = (size_t)i * b->T + t;
+            if (b->targets[q] < 0 || k >= b->n_ids[i]) continue;
+            double d = fabs((double)b->logp[q] - b->gen_logp[(size_t)i * b->cap + k++]);
+            ss->logp_diff_sum += d;
+            ss->logp_diff_max = d > ss->logp_diff_max ? d : ss->logp_diff_max;
+        }
+    }
+}
+
 /* --updates optimizer steps on the batch. */
 static kiln_status train(grpo_run *r, step_buf *b, step_stats *ss)
 {
@@ -449,7 +470,10 @@ static kiln_status train(grpo_run *r, step_buf *b, step_stats *ss)
             st.dlogp = b->dlogp + off;
             if ((s = obj.loss(obj.user, ctx, &ob, logits, (float)(1.0 / W), logits, &ls, &ws))) break;
             if ((s = kiln_model_backward(ctx, r->m, logits))) break;
-            if (u == 0) memcpy(b->old + off, b->logp + off, (size_t)B * b->T * sizeof(float));
+            if (u == 0) {
+                memcpy(b->old + off, b->logp + off, (size_t)B * b->T * sizeof(float));
+                logp_gap(b, o, B, ss);
+            }
             ss->train_tokens += (double)B * b->T;
         }
         if (s) break;
@@ -514,6 +538,8 @@ static void log_step(grpo_run *r, step_buf *b, const step_stats *ss)
     json_object_set_new(j, "rollout_tokens_per_s", json_real(ss->gen_tokens / ss->rollout_s));
     json_object_set_new(j, "train_tokens_per_s", json_real(ss->train_tokens / ss->train_s));
     json_object_set_new(j, "lr", json_real(ss->lr));
+    json_object_set_new(j, "rollout_logp_diff", json_real(ss->gen_tokens ? ss->logp_diff_sum / ss->gen_tokens : 0));
+    json_object_set_new(j, "rollout_logp_diff_max", json_real(ss->logp_diff_max));
     json_object_set_new(j, "grad_norm", json_real(ss->grad_norm));
     json_object_set_new(j, "reward_cmd_failures", json_integer(ss->cmd_failures));
     json_object_set_new(j, "reward_cmd_bad_lines", json_integer(ss->cmd_bad_lines));
@@ -585,7 +611,7 @@ static kiln_status evaluate(grpo_run *r)
             if (!s) s = kiln_gen_new(ctx, r->tok, kiln_model_config(r->m), &go, ex.ids, ex.n, &gens[k]);
             k++;
         }
-        if (!s && k) s = kiln_generate_batch(ctx, e, k, pp, np, gens, ids, cap, n_ids, NULL);
+        if (!s && k) s = kiln_generate_batch(ctx, e, k, pp, np, gens, ids, cap, n_ids, NULL, NULL);
         for (int j = 0; j < k; j++) {
             size_t len;
             const char *t = gens[j] ? kiln_gen_text(gens[j], &len) : "";
@@ -803,6 +829,7 @@ static kiln_status alloc_step(grpo_run *r, step_buf *b)
     b->cap = r->a.max_new;
     b->pidx = calloc((size_t)r->a.batch_prompts, sizeof *b->pidx);
     b->ids = calloc((size_t)R * b->cap, sizeof *b->ids);
+    b->gen_logp = calloc((size_t)R * b->cap, sizeof *b->gen_logp);
     b->n_ids = calloc((size_t)R, sizeof *b->n_ids);
     b->finish = calloc((size_t)R, sizeof *b->finish);
     b->text = calloc((size_t)R, sizeof *b->text);
@@ -815,7 +842,7 @@ static kiln_status alloc_step(grpo_run *r, step_buf *b)
     b->ref = calloc(RT, sizeof *b->ref);
     b->logp = calloc(RT, sizeof *b->logp);
     b->dlogp = calloc(RT, sizeof *b->dlogp);
-    if (!b->pidx || !b->ids || !b->n_ids || !b->finish || !b->text || !b->reward || !b->terms ||
+    if (!b->pidx || !b->ids || !b->gen_logp || !b->n_ids || !b->finish || !b->text || !b->reward || !b->terms ||
         !b->adv || !b->tokens || !b->targets || !b->old || !b->ref || !b->logp || !b->dlogp)
         return kiln_fail(r->ctx, KILN_ERR_NOMEM, "out of memory for %d rollouts of %d positions",
                          R, r->T_max);

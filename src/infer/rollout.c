@@ -10,13 +10,14 @@
  */
 #include "infer/infer.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 kiln_status kiln_generate_batch(kiln_ctx *ctx, kiln_engine *e, int n,
                                 const int32_t *const *prompts, const size_t *n_prompt,
                                 kiln_gen **gens, int32_t *ids, int cap, int *n_ids,
-                                int64_t *steps)
+                                float *logprobs, int64_t *steps)
 {
     const int V = kiln_engine_config(e)->vocab_size, n_ctx = kiln_engine_n_ctx(e);
     if (n < 1 || n > kiln_engine_n_slots(e) || n > kiln_engine_chunk(e))
@@ -33,8 +34,9 @@ kiln_status kiln_generate_batch(kiln_ctx *ctx, kiln_engine *e, int n,
     float *logits = malloc((size_t)n * V * sizeof *logits);
     kiln_engine_tok *toks = malloc((size_t)n * sizeof *toks);
     int *who = malloc((size_t)n * sizeof *who);
-    if (!logits || !toks || !who) {
-        free(logits); free(toks); free(who);
+    float *raw = malloc((size_t)V * sizeof *raw);
+    if (!logits || !toks || !who || !raw) {
+        free(logits); free(toks); free(who); free(raw);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory for the batch's logits");
     }
     kiln_status st = KILN_OK;
@@ -61,8 +63,21 @@ kiln_status kiln_generate_batch(kiln_ctx *ctx, kiln_engine *e, int n,
         for (int i = 0; i < n && !st; i++) {
             if (kiln_gen_finished(gens[i]) != KILN_FINISH_NONE) continue;
             kiln_gen_token t;
-            if ((st = kiln_gen_next(ctx, gens[i], logits + (size_t)i * V, &t))) break;
-            if (t.id >= 0 && n_ids[i] < cap) ids[(size_t)i * cap + n_ids[i]++] = t.id;
+            float *li = logits + (size_t)i * V;
+            /* log-sum-exp of the raw logits before the sampler overwrites them */
+            double lse = 0;
+            if (logprobs) {
+                float mx = li[0];
+                for (int j = 1; j < V; j++) mx = li[j] > mx ? li[j] : mx;
+                for (int j = 0; j < V; j++) lse += exp((double)li[j] - mx);
+                lse = mx + log(lse);
+                memcpy(raw, li, (size_t)V * sizeof *raw);
+            }
+            if ((st = kiln_gen_next(ctx, gens[i], li, &t))) break;
+            if (t.id >= 0 && n_ids[i] < cap) {
+                if (logprobs) logprobs[(size_t)i * cap + n_ids[i]] = (float)((double)raw[t.id] - lse);
+                ids[(size_t)i * cap + n_ids[i]++] = t.id;
+            }
             if (t.finish != KILN_FINISH_NONE) continue;
             if (kiln_engine_pos(e, i) >= n_ctx || n_ids[i] >= cap) {
                 const char *tail;
@@ -81,6 +96,7 @@ kiln_status kiln_generate_batch(kiln_ctx *ctx, kiln_engine *e, int n,
     }
     if (steps) *steps = n_steps;
     free(step_out);
+    free(raw);
     free(logits);
     free(toks);
     free(who);
