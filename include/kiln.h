@@ -1411,6 +1411,12 @@ kiln_status kiln_eval_tokens(kiln_ctx *ctx, kiln_model *m,
  * loss vs step) as an SVG file at svg_path. */
 kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
                               const char *svg_path);
+/* The same for any number a metrics.jsonl line holds: key (a line per
+ * step, with its moving average, e.g. GRPO's "reward_mean") and val_key
+ * (may be NULL; points, e.g. "eval_exact") vs step. kiln_plot_metrics is
+ * key "loss", val_key "val_loss". */
+kiln_status kiln_plot_metric(kiln_ctx *ctx, const char *run_dir, const char *key,
+                             const char *val_key, const char *svg_path);
 
 /* ======================================================================
  * tune / compress
