@@ -129,9 +129,10 @@ kiln_status kiln_plot_metric(kiln_ctx *ctx, const char *run_dir, const char *key
     }
     free(text);
     if (!s && tr.n == 0 && va.n == 0)
-        s = kiln_fail(ctx, KILN_ERR_FORMAT, "'%s' holds no \"%s\"%s%s%s values yet",
-                      path, key, val_key ? " or \"" : "", val_key ? val_key : "",
-                      val_key ? "\"" : "");
+        s = is_loss ? kiln_fail(ctx, KILN_ERR_FORMAT, "'%s' holds no loss values yet", path)
+                    : kiln_fail(ctx, KILN_ERR_FORMAT, "'%s' holds no \"%s\"%s%s%s values yet",
+                                path, key, val_key ? " or \"" : "", val_key ? val_key : "",
+                                val_key ? "\"" : "");
     if (s) goto done;
     /* moving average of the training loss (window ~ 2% of the run) */
     size_t win = tr.n / 50 + 1;
