@@ -2,7 +2,7 @@
 # t_grpo.sh — `kiln grpo` as a user runs it, on a tiny random model (bytes
 # vocabulary) and generated addition prompts: a run with the exact, regex
 # and command rewards, the KL reference and two updates per batch writes
-# every metric per step and sample completions, and the engine's
+# every metric per step, held-out evaluations and sample completions, and the engine's
 # log-probs of the sampled tokens equal the training forward's; a prompt longer than the
 # context is counted and dropped; a run stopped at step 2 and resumed
 # ends bit-identical to a straight one (weights, rewards, samples: the
@@ -33,7 +33,7 @@ JEOF
 G=("$KILN" grpo --model "$D/m" --tokenizer bytes --prompts "$D/prompts.jsonl" --group 4
    --batch-prompts 2 --micro-batch 3 --max-new-tokens 10 --beta 0.05 --updates 2 --lr 3e-3
    --reward exact,regex:0.2 --regex '[0-9]' --reward-cmd "awk '{print length(\$0) % 3}'"
-   --save-every 2 --keep-last 0 --threads 1 --seed 5)
+   --save-every 2 --keep-last 0 --threads 1 --seed 5 --eval-prompts "$D/prompts.jsonl" --eval-every 2)
 
 "${G[@]}" --out "$D/a" --steps 4 >"$D/a.out" 2>&1
 rc=$?
@@ -45,7 +45,13 @@ DETAIL="$(cat "$D/a/metrics.jsonl" 2>&1 | head -3)"
 check grpo_metrics "$PY" - "$D/a/metrics.jsonl" <<'PYEOF'
 import json, math, sys
 m = [json.loads(l) for l in open(sys.argv[1])]
+ev = [x for x in m if "eval_reward" in x]
+m = [x for x in m if "loss" in x]
 assert [x["step"] for x in m] == [1, 2, 3, 4], m
+# held-out evaluations at the start, every 2 steps and at the end, over
+# the 12 prompts that fit (the long one is skipped)
+assert [x["step"] for x in ev] == [0, 2, 4], ev
+assert all(x["eval_prompts"] == 12 and 0 <= x["eval_exact"] <= 1 for x in ev), ev
 keys = ["loss", "reward_mean", "reward_std", "reward_exact", "reward_regex", "reward_cmd", "kl",
         "clip_frac", "completion_len", "rollout_tokens_per_s", "train_tokens_per_s", "lr",
         "grad_norm", "reward_cmd_failures"]

@@ -34,7 +34,7 @@
 typedef struct grpo_args {
     const char *model, *tokenizer, *prompts, *eval_prompts, *reward, *reward_cmd, *regex, *precision, *schedule;
     int group, max_new, batch_prompts, micro_batch, updates, keep_last, sample_every, top_k;
-    double temperature, top_p, beta, clip, clip_high, lr, min_lr, weight_decay, beta1, beta2,
+    double temperature, eval_temperature, top_p, beta, clip, clip_high, lr, min_lr, weight_decay, beta1, beta2,
         eps, grad_clip, tolerance, cmd_timeout;
     int64_t steps, warmup, seed, save_every, eval_every;
     bool dr_grpo, skip_bad;
@@ -565,7 +565,8 @@ static void log_step(grpo_run *r, step_buf *b, const step_stats *ss)
     }
 }
 
-/* Greedy completions of the --eval-prompts, scored with the run's reward:
+/* Completions of the --eval-prompts (greedy, or sampled at
+ * --eval-temperature), scored with the run's reward:
  * a line {"step", "eval_reward", "eval_<term>"..., "eval_prompts"} in
  * metrics.jsonl. No randomness: the rollout RNG is untouched. */
 static kiln_status evaluate(grpo_run *r)
@@ -597,7 +598,13 @@ static kiln_status evaluate(grpo_run *r)
             kiln_dataset_get(r->eval_ds, i, &ex);
             if (ex.n > (size_t)r->n_ctx - 1) { skipped++; continue; }
             kiln_gen_opts go = kiln_gen_opts_default();
-            go.sampling.temperature = 0;
+            /* sampled evaluations draw from seeds of their own (the run's
+             * seed, the step, the prompt): the rollout RNG is untouched */
+            go.sampling.temperature = (float)r->a.eval_temperature;
+            go.sampling.top_p = (float)r->a.top_p;
+            go.sampling.top_k = r->a.top_k;
+            go.sampling.seed = (uint64_t)r->a.seed * 0x9e3779b97f4a7c15ULL ^
+                               ((uint64_t)r->step << 32) ^ (uint64_t)i;
             go.max_tokens = cap;
             if (r->stop_id >= 0) {
                 go.stop_ids = &r->stop_id;
@@ -643,7 +650,9 @@ static kiln_status evaluate(grpo_run *r)
         json_object_set_new(j, "eval_prompts", json_integer((json_int_t)used));
         append_line(r->out, "metrics.jsonl", j);
         json_decref(j);
-        printf(" (%zu prompts greedy, %zu too long; %.1f s)\n", used, skipped, kiln_time_now() - t0);
+        json_object_set_new(j, "eval_temperature", json_real(r->a.eval_temperature));
+        printf(" (%zu prompts, temperature %g, %zu too long; %.1f s)\n", used,
+               r->a.eval_temperature, skipped, kiln_time_now() - t0);
         fflush(stdout);
     }
     for (size_t i = 0; i < n; i++) {
@@ -883,6 +892,7 @@ int cmd_grpo(int argc, char **argv)
         {"resume", CLI_OPTSTR, &resume, "continue a run: a run directory or a step_* checkpoint [--out]", false},
         {"eval-prompts", CLI_STR, &a.eval_prompts, "held-out prompts (same JSONL): greedy completions scored with --reward at the start, every --eval-every steps and at the end (eval_* in metrics.jsonl)", false},
         {"eval-every", CLI_I64, &a.eval_every, "steps between evaluations of --eval-prompts, 0 = start and end only [0]", false},
+        {"eval-temperature", CLI_F64, &a.eval_temperature, "sampling temperature of the evaluations (0 = greedy; above 0 each prompt is sampled once, with --top-p/--top-k, from seeds of its own) [0]", false},
         {"group", CLI_INT, &a.group, "completions sampled per prompt, >= 2 [8]", false},
         {"batch-prompts", CLI_INT, &a.batch_prompts, "prompts per step (rows = batch-prompts x group) [4]", false},
         {"micro-batch", CLI_INT, &a.micro_batch, "rows per forward/backward (gradients accumulate over the step's rows) [8]", false},
