@@ -1547,6 +1547,12 @@ kiln_status kiln_eval_tokens(kiln_ctx *ctx, kiln_model *m,
  * loss vs step) as an SVG file at svg_path. */
 kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
                               const char *svg_path);
+/* The same for any number a metrics.jsonl line holds: key (a line per
+ * step, with its moving average, e.g. GRPO's "reward_mean") and val_key
+ * (may be NULL; points, e.g. "eval_exact") vs step. kiln_plot_metrics is
+ * key "loss", val_key "val_loss". */
+kiln_status kiln_plot_metric(kiln_ctx *ctx, const char *run_dir, const char *key,
+                             const char *val_key, const char *svg_path);
 
 /* ======================================================================
  * tune / compress
@@ -1712,6 +1718,123 @@ kiln_status kiln_teacher_logits(void *teacher, kiln_ctx *ctx, const int32_t *tok
 /* Bytes of the teacher's prepared weights (kiln_engine_weight_bytes). */
 size_t kiln_teacher_weight_bytes(const kiln_teacher *t);
 void kiln_teacher_free(kiln_teacher *t);
+
+/* ---- GRPO (`kiln grpo`; docs/alignment.md) ---------------------------- */
+
+/* The GRPO loss (TRL GRPOTrainer's): per learned token of a sampled
+ * completion (row i), r = exp(logp - old_logp),
+ *   l = -min(r A_i, clip(r, 1 - clip_low, 1 + clip_high) A_i)
+ *       + beta (exp(ref - logp) - (ref - logp) - 1)      (k3 estimator).
+ * GRPO: each token weighs 1 / (learned tokens of its row), the step's sum
+ * is divided by the rows (mean per sequence, then over sequences).
+ * Dr. GRPO (dr_grpo): each token weighs 1, the sum is divided by rows *
+ * max_new_tokens, and the advantages are not divided by the group's std
+ * (kiln_grpo_advantages' scale_std false). Start from
+ * kiln_grpo_opts_default(). */
+typedef struct kiln_grpo_opts {
+    double clip_low;    /* eps: ratio clipped below at 1 - clip_low [0.2] */
+    double clip_high;   /* above at 1 + clip_high (DAPO's clip-higher) [0.2] */
+    double beta;        /* KL coefficient; 0 = no reference [0] */
+    bool dr_grpo;       /* Dr. GRPO normalisation [false] */
+    int max_new_tokens; /* dr_grpo's normaliser, > 0 with dr_grpo [0] */
+} kiln_grpo_opts;
+
+kiln_grpo_opts kiln_grpo_opts_default(void);
+/* Checks ranges; the message names the kiln_grpo_opts field. */
+kiln_status kiln_grpo_opts_validate(kiln_ctx *ctx, const kiln_grpo_opts *o);
+
+/* What the GRPO objective reads and writes for the micro-batch it is
+ * called on (B rows of T; the caller points the arrays at that batch's
+ * rows before each call). Statistics accumulate until the caller resets
+ * them. */
+typedef struct kiln_grpo_state {
+    kiln_grpo_opts opts;
+    const float *adv;      /* (B) advantage of each row */
+    const float *old_logp; /* (B*T) log-probs of the rollout policy; NULL:
+                              the current ones (ratio 1: the first update
+                              on a rollout batch, then keep .logp as old) */
+    const float *ref_logp; /* (B*T) the reference model's; beta > 0 only */
+    float *logp;           /* (B*T) out: the current log-probs (0 where
+                              targets < 0) */
+    float *dlogp;          /* (B*T) scratch */
+    double kl_sum;         /* += k3 KL over learned tokens (beta > 0) */
+    double clipped;        /* += tokens whose clipped branch was taken */
+    double tokens;         /* += learned tokens */
+} kiln_grpo_state;
+
+/* The objective over st (borrowed): weigh counts the rows with a learned
+ * token (times max_new_tokens with dr_grpo); loss as above, its gradient
+ * through kiln_token_logprobs_backward. Name "grpo" or "dr_grpo". */
+kiln_objective kiln_objective_grpo(kiln_grpo_state *st);
+/* Group-relative advantages of n_groups groups of G >= 2 rewards (group
+ * g is rewards[g*G .. g*G+G)): A = r - mean(group), divided by
+ * (std + 1e-4) when scale_std (std unbiased, as torch.std). Errors: bad
+ * sizes, a non-finite reward (KILN_ERR_NUMERIC). */
+kiln_status kiln_grpo_advantages(kiln_ctx *ctx, const float *rewards, int n_groups, int G,
+                                 bool scale_std, float *adv);
+
+/* ---- verifiable rewards (`kiln grpo --reward`) ------------------------ */
+
+/* The final answer of a completion: the text after the last "####" (to
+ * the end of that line), else the content of the last \boxed{...} (braces
+ * balanced), trimmed of spaces; NULL when it has neither. *len receives
+ * its length. Points into text. */
+const char *kiln_answer_extract(const char *text, size_t *len);
+
+/* A reward: a weighted sum of terms, spec "NAME[:WEIGHT],..." with NAME
+ *   exact    1 when the extracted answer equals the answer (both trimmed;
+ *            for numbers also when they parse to the same value), else 0
+ *   numeric  1 when the extracted answer and the answer parse as numbers
+ *            (commas, a leading '$' ignored) with |x - y| <= tolerance *
+ *            max(1, |y|), else 0
+ *   regex    1 when the whole completion matches regex (PCRE2, searched
+ *            anywhere; anchor it to require the whole), else 0
+ *   cmd      the number the program cmd prints for it (below)
+ * e.g. "exact:1,regex:0.2". Start from kiln_reward_opts_default(). */
+typedef struct kiln_reward_opts {
+    const char *spec;   /* ["exact"] */
+    double tolerance;   /* numeric's relative tolerance, >= 0 [1e-6] */
+    const char *regex;  /* regex's pattern [####\s*-?[0-9][0-9,.]*\s*$] */
+    /* cmd: run as /bin/sh -c CMD once per scoring call; it reads one JSON
+     * object per completion on stdin, {"prompt","completion","answer"},
+     * and writes one number per line on stdout, in order. The rule for a
+     * failure: when it exits non-zero, is killed, runs past cmd_timeout
+     * seconds (it is killed) or prints another count of lines, every
+     * completion of the call gets 0 for the term (report: cmd_failures);
+     * a line that is not a finite number gives its completion 0
+     * (report: cmd_bad_lines). Both are logged as warnings. */
+    const char *cmd;
+    double cmd_timeout; /* seconds, > 0 [60] */
+} kiln_reward_opts;
+
+kiln_reward_opts kiln_reward_opts_default(void);
+
+typedef struct kiln_reward kiln_reward;
+
+/* Parses spec and compiles the regex. Errors name kiln_reward_opts.spec
+ * (unknown term, bad weight, cmd without .cmd), .regex (with PCRE2's
+ * message and offset), .tolerance or .cmd_timeout. */
+kiln_status kiln_reward_new(kiln_ctx *ctx, const kiln_reward_opts *o, kiln_reward **out);
+void kiln_reward_free(kiln_reward *r);
+int kiln_reward_n_terms(const kiln_reward *r);
+/* "exact", "numeric", "regex" or "cmd" (static). */
+const char *kiln_reward_term_name(const kiln_reward *r, int i);
+
+/* What went wrong with the reward command in one scoring call. */
+typedef struct kiln_reward_report {
+    int cmd_failures;  /* calls whose whole output was refused (0 or 1) */
+    int cmd_bad_lines; /* lines that were not a finite number */
+    char why[256];     /* the first problem ("" when none) */
+} kiln_reward_report;
+
+/* Scores n completions: out[i] = sum over terms of weight * term score.
+ * terms (may be NULL) receives each term's unweighted score, (n_terms, n).
+ * prompts and answers may hold NULLs (exact and numeric then score 0).
+ * Only out-of-memory and a reward command that cannot be started fail
+ * (KILN_ERR_IO); its other failures follow the rule above. */
+kiln_status kiln_reward_score(kiln_ctx *ctx, kiln_reward *r, int n, const char *const *prompts,
+                              const char *const *completions, const char *const *answers,
+                              float *out, float *terms, kiln_reward_report *rep);
 
 /* ---- GGUF export and quantization (`kiln export --format gguf`,
  * `kiln quantize`; docs/quantize.md) ---------------------------------- */
@@ -2105,6 +2228,23 @@ typedef bool (*kiln_gen_cb)(void *user, const kiln_gen_token *t);
 kiln_status kiln_generate(kiln_ctx *ctx, kiln_engine *e, int slot, kiln_gen *g,
                           const int32_t *prompt, size_t n, float *logits, kiln_gen_cb cb,
                           void *user);
+
+/* Samples n sequences at once (GRPO's rollouts, a batch of prompts):
+ * sequence i continues prompts[i] (n_prompt[i] ids, 1 to the context - 1)
+ * in slot i (reset first; n <= the engine's slots and chunk), drawing from
+ * gens[i] (made by the caller with its sampling, seed, max_tokens and
+ * stops). A prompt equal to the one before is prefilled once and the cache
+ * copied. Each decode step feeds one token of every live sequence in one
+ * kiln_engine_step. The ids each sequence generated (the ending token
+ * included, as kiln_gen_next returns them) go to ids (n, cap), their
+ * count to n_ids (n); a sequence whose context or cap fills ends with
+ * KILN_FINISH_LENGTH. logprobs (may be NULL; (n, cap)) receives each id's
+ * log-probability under the engine's raw logits (log-softmax, before any
+ * temperature). steps (may be NULL) receives the decode steps run. */
+kiln_status kiln_generate_batch(kiln_ctx *ctx, kiln_engine *e, int n,
+                                const int32_t *const *prompts, const size_t *n_prompt,
+                                kiln_gen **gens, int32_t *ids, int cap, int *n_ids,
+                                float *logprobs, int64_t *steps);
 
 /* ======================================================================
  * serve: HTTP server

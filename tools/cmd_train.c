@@ -446,14 +446,16 @@ done:
 
 int cmd_plot(int argc, char **argv)
 {
-    const char *out = NULL;
+    const char *out = NULL, *metric = "loss", *val_metric = NULL;
     cli_opt opts[] = {
-        {"out", CLI_STR, &out, "SVG file to write [RUN_DIR/loss.svg]", false},
+        {"out", CLI_STR, &out, "SVG file to write [RUN_DIR/loss.svg, RUN_DIR/METRIC.svg]", false},
+        {"metric", CLI_STR, &metric, "the metrics.jsonl number drawn as a line with its moving average, e.g. reward_mean (kiln grpo) [loss]", false},
+        {"val-metric", CLI_STR, &val_metric, "a second number drawn as points, e.g. eval_exact [val_loss with --metric loss, else none]", false},
         {NULL, 0, NULL, NULL, false}};
     cli_list pos;
-    int rc = cli_parse("plot", "plot RUN_DIR [--out FILE.svg]",
+    int rc = cli_parse("plot", "plot RUN_DIR [--metric KEY] [--val-metric KEY] [--out FILE.svg]",
                        "Renders RUN_DIR/metrics.jsonl (train and validation loss vs\n"
-                       "step) as an SVG image.",
+                       "step, or the numbers --metric and --val-metric name) as an SVG image.",
                        opts, argc, argv, &pos);
     if (rc) {
         cli_free(opts, &pos);
@@ -466,11 +468,12 @@ int cmd_plot(int argc, char **argv)
     }
     kiln_ctx *ctx = cli_ctx_new();
     const char *run = pos.items[0];
-    char *def = malloc(strlen(run) + 16);
+    char *def = malloc(strlen(run) + strlen(metric) + 16);
     if (!def) return 1;
-    sprintf(def, "%s/loss.svg", run);
+    sprintf(def, "%s/%s.svg", run, metric);
     const char *svg = out ? out : def;
-    kiln_status s = kiln_plot_metrics(ctx, run, svg);
+    if (!val_metric && !strcmp(metric, "loss")) val_metric = "val_loss";
+    kiln_status s = kiln_plot_metric(ctx, run, metric, val_metric, svg);
     int ret = 0;
     if (s) ret = cli_fail(ctx, "plot", s);
     else printf("wrote %s\n", svg);

@@ -77,6 +77,13 @@ static void sb_printf(sbuf *b, const char *fmt, ...)
 kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
                               const char *svg_path)
 {
+    return kiln_plot_metric(ctx, run_dir, "loss", "val_loss", svg_path);
+}
+
+kiln_status kiln_plot_metric(kiln_ctx *ctx, const char *run_dir, const char *key,
+                             const char *val_key, const char *svg_path)
+{
+    bool is_loss = !strcmp(key, "loss");
     char *path = file_join(run_dir, "metrics.jsonl");
     char *text = NULL;
     size_t len = 0;
@@ -107,8 +114,8 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
             break;
         }
         json_t *st = json_object_get(j, "step");
-        json_t *lo = json_object_get(j, "loss");
-        json_t *vl = json_object_get(j, "val_loss");
+        json_t *lo = json_object_get(j, key);
+        json_t *vl = val_key ? json_object_get(j, val_key) : NULL;
         double x = json_number_value(st);
         /* a point needs a numeric step; values so large that the axis
          * range overflows would turn every coordinate into NaN */
@@ -122,8 +129,10 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
     }
     free(text);
     if (!s && tr.n == 0 && va.n == 0)
-        s = kiln_fail(ctx, KILN_ERR_FORMAT, "'%s' holds no loss values yet",
-                      path);
+        s = is_loss ? kiln_fail(ctx, KILN_ERR_FORMAT, "'%s' holds no loss values yet", path)
+                    : kiln_fail(ctx, KILN_ERR_FORMAT, "'%s' holds no \"%s\"%s%s%s values yet",
+                                path, key, val_key ? " or \"" : "", val_key ? val_key : "",
+                                val_key ? "\"" : "");
     if (s) goto done;
     /* moving average of the training loss (window ~ 2% of the run) */
     size_t win = tr.n / 50 + 1;
@@ -169,8 +178,9 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
     title = title && title[1] ? title + 1 : run_dir;
     sb_printf(&b,
               "<text x=\"%.0f\" y=\"24\" text-anchor=\"middle\" "
-              "font-size=\"15\">loss — %s</text>\n",
-              L + pw / 2, title);
+              "font-size=\"15\">%s%s%s — %s</text>\n",
+              L + pw / 2, key, val_key && !is_loss ? ", " : "",
+              val_key && !is_loss ? val_key : "", title);
     for (double y = y0; y <= y1 + ys / 2; y += ys) {
         sb_printf(&b,
                   "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" "
@@ -191,8 +201,9 @@ kiln_status kiln_plot_metrics(kiln_ctx *ctx, const char *run_dir,
               "fill=\"none\" stroke=\"#333\"/>\n"
               "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">step</text>\n"
               "<text transform=\"translate(18 %.0f) rotate(-90)\" "
-              "text-anchor=\"middle\">cross-entropy (nats/token)</text>\n",
-              L, TOP, pw, ph, L + pw / 2, H - 10, TOP + ph / 2);
+              "text-anchor=\"middle\">%s</text>\n",
+              L, TOP, pw, ph, L + pw / 2, H - 10, TOP + ph / 2,
+              is_loss ? "cross-entropy (nats/token)" : key);
     series *draw[3] = {&tr, &ma, &va};
     const char *style[3] = {"stroke=\"#9ecae1\" stroke-width=\"1\"",
                             "stroke=\"#08519c\" stroke-width=\"2\"",
