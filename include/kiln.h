@@ -1823,12 +1823,6 @@ typedef struct kiln_serve_opts {
      * weights stay [NULL] */
     const char *run_dir;
     int watch_ms;           /* how often run_dir/latest is read; 0 = never [1000] */
-    /* Speculative decoding: a draft model (a directory or .gguf) sharing the
-     * target's tokenizer; each decoding slot drafts draft_tokens tokens a
-     * step and the target verifies them in the step's batch. Requests with
-     * a grammar (response_format, tools) decode without the draft [NULL] */
-    const char *draft_dir;
-    int draft_tokens;       /* kiln_spec_opts.n_draft [4] */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

@@ -314,8 +314,6 @@ static const struct {
     {"kiln_engine_opts.wtype", "--dtype"},
     /* kiln serve */
     {"kiln_serve_opts.model_dir", "--model"},
-    {"kiln_serve_opts.draft_dir", "--draft"},
-    {"kiln_serve_opts.draft_tokens", "--draft-tokens"},
     {"kiln_serve_opts.model_name", "--name"},
     {"kiln_serve_opts.tokenizer", "--tokenizer"},
     {"kiln_serve_opts.host", "--host"},
@@ -450,9 +448,9 @@ bool cli_weight_dtype(const char *cmd, const char *s, kiln_dtype *out)
     return false;
 }
 
-kiln_status cli_load_draft(kiln_ctx *ctx, const char *draft, const kiln_config *tcfg,
-                           const kiln_tokenizer *ttok, const kiln_engine_opts *teo,
-                           kiln_engine **out)
+kiln_status cli_load_draft(kiln_ctx *ctx, const char *draft, const char *tok_spec,
+                           const kiln_config *tcfg, const kiln_tokenizer *ttok,
+                           const kiln_engine_opts *teo, kiln_engine **out)
 {
     *out = NULL;
     char dir[4096];
@@ -461,7 +459,8 @@ kiln_status cli_load_draft(kiln_ctx *ctx, const char *draft, const kiln_config *
     kiln_status st = cli_model_dir(ctx, draft, dir, sizeof dir);
     if (!st) st = kiln_checkpoint_verify(ctx, dir);
     if (!st) st = kiln_model_load(ctx, dir, &m);
-    if (!st && kiln_tokenizer_load(ctx, dir, &dtok)) {
+    if (!st && kiln_tokenizer_load(ctx, dir, &dtok) &&
+        (!tok_spec || kiln_tokenizer_load(ctx, tok_spec, &dtok))) {
         char why[1024];
         snprintf(why, sizeof why, "%s", kiln_errmsg(ctx));
         st = kiln_fail(ctx, KILN_ERR_FORMAT,

@@ -158,7 +158,7 @@ int cmd_generate(int argc, char **argv)
     if ((st = kiln_engine_new(ctx, m, &eo, &e))) goto fail;
     kiln_model_free(m);
     m = NULL;
-    if (draft && (st = cli_load_draft(ctx, draft, &cfg, tok, &eo, &de))) goto fail;
+    if (draft && (st = cli_load_draft(ctx, draft, tokenizer, &cfg, tok, &eo, &de))) goto fail;
     const int V = cfg.vocab_size, n_ctx = kiln_engine_n_ctx(e);
     size_t n = 0, n_text = 0;
     const char *p = prompt ? prompt : "";
