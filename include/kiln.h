@@ -1823,6 +1823,15 @@ typedef struct kiln_serve_opts {
      * weights stay [NULL] */
     const char *run_dir;
     int watch_ms;           /* how often run_dir/latest is read; 0 = never [1000] */
+    /* Speculative decoding: a draft model directory (or .gguf) sharing the
+     * target's tokenizer (kiln_spec_check; a draft without a tokenizer is
+     * checked with `tokenizer`). Each decoding slot drafts up to
+     * draft_tokens tokens a step on the draft's engine and the target
+     * verifies them in its batched step. Requests with a grammar
+     * (response_format, tools) or echo logprobs decode without the draft,
+     * one token a step [NULL] */
+    const char *draft_dir;
+    int draft_tokens;       /* kiln_spec_opts.n_draft, 1..KILN_SPEC_MAX_DRAFT [4] */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

@@ -314,6 +314,8 @@ static const struct {
     {"kiln_engine_opts.wtype", "--dtype"},
     /* kiln serve */
     {"kiln_serve_opts.model_dir", "--model"},
+    {"kiln_serve_opts.draft_dir", "--draft"},
+    {"kiln_serve_opts.draft_tokens", "--draft-tokens"},
     {"kiln_serve_opts.model_name", "--name"},
     {"kiln_serve_opts.tokenizer", "--tokenizer"},
     {"kiln_serve_opts.host", "--host"},
