@@ -41,3 +41,42 @@ else no draft_tokens_range "rc $rc: $out"; fi
 out=$(gen --draft "$T/none" 2>&1 >/dev/null); rc=$?
 if [ $rc -ne 0 ] && [ $rc -lt 124 ] && grep -q "$T/none" <<<"$out"; then ok missing_draft
 else no missing_draft "rc $rc: $out"; fi
+
+# ---- kiln serve --draft ----------------------------------------------------
+D="$T"
+. "$(dirname "$0")/lib_serve.sh"
+prompts=("Hello there" "The quick brown fox" "%%" "Once upon a time")
+# the target alone, by kiln generate (greedy, 24 tokens)
+for i in 0 1 2 3; do
+  "$KILN" generate --model "$T/t" --tokenizer bytes --prompt "${prompts[$i]}" --max-tokens 24 \
+    --temperature 0 --ignore-eos --threads 1 --no-echo 2>/dev/null | head -c -1 > "$T/want$i"
+done
+if serve_start "$T/t" --draft "$T/d" --draft-tokens 3 --parallel 2 --threads 1; then
+  # four requests at once over two slots: drafting batched over the slots
+  for i in 0 1 2 3; do
+    body=$(python3 -c 'import json,sys; print(json.dumps({"prompt": sys.argv[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True}))' "${prompts[$i]}")
+    curl -s "http://127.0.0.1:$PORT/v1/completions" -d "$body" > "$T/got$i.json" &
+  done
+  wait $(jobs -p | grep -v "^$SPID$") 2>/dev/null
+  same=1
+  for i in 0 1 2 3; do
+    got=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["choices"][0]["text"], end="")' "$T/got$i.json" 2>/dev/null)
+    [ "$got" = "$(cat "$T/want$i")" ] || { same=0; DETAIL="prompt $i: '$got' vs '$(cat "$T/want$i")'"; }
+  done
+  check serve_greedy_identical [ $same = 1 ]
+  # a grammar request decodes without the draft (and still works)
+  out=$(curl -s "http://127.0.0.1:$PORT/v1/chat/completions" \
+    -d '{"messages":[{"role":"user","content":"hi"}],"max_tokens":8,"response_format":{"type":"json_object"}}')
+  DETAIL="$out"; check serve_grammar_falls_back grep -q '"choices"' <<<"$out"
+  m=$(curl -s "http://127.0.0.1:$PORT/metrics")
+  drafted=$(sed -n 's/^kiln_spec_draft_tokens_total \([0-9]*\)$/\1/p' <<<"$m")
+  acc=$(sed -n 's/^kiln_spec_accepted_tokens_total \([0-9]*\)$/\1/p' <<<"$m")
+  DETAIL="$(grep spec <<<"$m")"
+  metrics_ok() { [ "${drafted:-0}" -gt 0 ] && [ -n "$acc" ] && [ "$acc" -le "$drafted" ] &&
+                 grep -q '^kiln_spec_acceptance_rate [01]\.[0-9]*$' <<<"$m"; }
+  check serve_metrics metrics_ok
+  stop_checked
+fi
+out=$("$KILN" serve --model "$T/t" --tokenizer bytes --port 0 --draft "$T/v" 2>&1 >/dev/null); rc=$?
+if [ $rc -ne 0 ] && [ $rc -lt 124 ] && grep -q "vocabulary is 300 tokens" <<<"$out"; then ok serve_vocab_refused
+else no serve_vocab_refused "rc $rc: $out"; fi
