@@ -7,11 +7,12 @@
  * ratio, the acceptance rate, tokens per target step, and whether the
  * tokens were identical (they must be: greedy).
  *
- *   bench_spec TARGET DRAFT [K] [TOKENS] [THREADS] [ROUNDS]
+ *   bench_spec TARGET DRAFT [K] [TOKENS] [THREADS] [ROUNDS] [fp32|bf16]
  *
  * TARGET and DRAFT are model directories (or run directories: their
  * latest checkpoint) sharing a tokenizer; K [4], TOKENS generated per
- * prompt [128], THREADS [1], ROUNDS [3].
+ * prompt [128], THREADS [1], ROUNDS [3], the weights of both engines
+ * [fp32].
  */
 #include "kiln.h"
 #include "bench_cpu.h"
@@ -37,7 +38,8 @@ static bool take(void *u, const kiln_gen_token *t)
     return true;
 }
 
-static kiln_engine *load(kiln_ctx *ctx, const char *path, kiln_config *cfg, kiln_tokenizer **tok)
+static kiln_engine *load(kiln_ctx *ctx, const char *path, kiln_dtype wt, kiln_config *cfg,
+                         kiln_tokenizer **tok)
 {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s", path);
@@ -58,6 +60,7 @@ static kiln_engine *load(kiln_ctx *ctx, const char *path, kiln_config *cfg, kiln
     }
     *cfg = *kiln_model_config(m);
     kiln_engine_opts eo = kiln_engine_opts_default();
+    eo.wtype = wt;
     if (kiln_engine_new(ctx, m, &eo, &e)) fprintf(stderr, "bench_spec: %s\n", kiln_errmsg(ctx));
     kiln_model_free(m);
     return e;
@@ -72,27 +75,29 @@ static size_t n_params(const kiln_config *c)
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: bench_spec TARGET DRAFT [K] [TOKENS] [THREADS] [ROUNDS]\n");
+        fprintf(stderr,
+                "usage: bench_spec TARGET DRAFT [K] [TOKENS] [THREADS] [ROUNDS] [fp32|bf16]\n");
         return 2;
     }
     int K = argc > 3 ? atoi(argv[3]) : 4, ntok = argc > 4 ? atoi(argv[4]) : 128;
     int threads = argc > 5 ? atoi(argv[5]) : 1, rounds = argc > 6 ? atoi(argv[6]) : 3;
+    kiln_dtype wt = argc > 7 && !strcmp(argv[7], "bf16") ? KILN_DTYPE_BF16 : KILN_DTYPE_F32;
     bench_print_cpu();
     kiln_ctx *ctx = kiln_ctx_new();
     kiln_set_threads(ctx, threads);
     kiln_config tc, dc;
     kiln_tokenizer *tt = NULL, *dt = NULL;
-    kiln_engine *e = load(ctx, argv[1], &tc, &tt), *de = load(ctx, argv[2], &dc, &dt);
+    kiln_engine *e = load(ctx, argv[1], wt, &tc, &tt), *de = load(ctx, argv[2], wt, &dc, &dt);
     if (!e || !de) return 1;
     if (kiln_spec_check(ctx, &tc, tt, &dc, dt)) {
         fprintf(stderr, "bench_spec: %s\n", kiln_errmsg(ctx));
         return 1;
     }
     printf("target %d layers x %d (%.2fM weights), draft %d layers x %d (%.2fM): %.1fx; "
-           "K = %d, %d tokens per prompt, %d prompts, %d threads\n",
+           "K = %d, %d tokens per prompt, %d prompts, %d threads, %s weights\n",
            tc.n_layer, tc.n_embd, n_params(&tc) / 1e6, dc.n_layer, dc.n_embd,
            n_params(&dc) / 1e6, (double)n_params(&tc) / (double)n_params(&dc), K, ntok, NP,
-           threads);
+           threads, kiln_dtype_name(wt));
     float *logits = malloc((size_t)tc.vocab_size * sizeof(float));
     double best_base = 1e30, best_spec = 1e30;
     kiln_spec_stats tot = {0};
