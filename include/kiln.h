@@ -1768,8 +1768,9 @@ typedef struct kiln_spec_stats {
 } kiln_spec_stats;
 
 /* The estimated speed-up of the rounds over the target alone: tokens per
- * second of the rounds (draft + verify time) times the fastest plain
- * target step's time. 0 when there is no round or no plain step. */
+ * second of the rounds (draft + verify time) times the mean plain target
+ * step's time (a few steps: an estimate; bench/bench_spec measures it).
+ * 0 when there is no round or no plain step. */
 double kiln_spec_speedup(const kiln_spec_stats *s);
 
 /* Checks that a draft can serve a target: the same vocabulary size, and

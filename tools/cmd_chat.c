@@ -161,7 +161,7 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
     char spec[160] = "";
     if (c->de && ss.drafted)
         snprintf(spec, sizeof spec, ", draft accepted %.0f%%, %.2f tokens per target step, "
-                 "speed-up %.2fx", 100.0 * (double)ss.accepted / (double)ss.drafted,
+                 "estimated speed-up %.2fx", 100.0 * (double)ss.accepted / (double)ss.drafted,
                  (double)ss.emitted / (double)ss.rounds, kiln_spec_speedup(&ss));
     fprintf(stderr, "[%d tokens, %.1f tok/s%s%s]\n", gen, dt > 0 ? gen / dt : 0.0, spec,
             kiln_gen_finished(g) == KILN_FINISH_CANCELLED ? ", stopped by Ctrl-C" : "");
