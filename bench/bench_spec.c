@@ -69,7 +69,10 @@ static kiln_engine *load(kiln_ctx *ctx, const char *path, kiln_dtype wt, kiln_co
 static size_t n_params(const kiln_config *c)
 {
     size_t C = (size_t)c->n_embd, F = c->n_inner > 0 ? (size_t)c->n_inner : 4 * C;
-    return (size_t)c->n_layer * (4 * C * C + 2 * C * F) + (size_t)c->vocab_size * C;
+    size_t kv = c->n_kv_head > 0 && c->n_head > 0 ? C / (size_t)c->n_head * c->n_kv_head : C;
+    size_t per = c->arch == KILN_ARCH_LLAMA ? 2 * C * C + 2 * C * kv + 3 * C * F /* SwiGLU */
+                                            : 4 * C * C + 2 * C * F;
+    return (size_t)c->n_layer * per + (size_t)c->vocab_size * C;
 }
 
 int main(int argc, char **argv)
