@@ -2246,6 +2246,67 @@ kiln_status kiln_generate_batch(kiln_ctx *ctx, kiln_engine *e, int n,
                                 kiln_gen **gens, int32_t *ids, int cap, int *n_ids,
                                 float *logprobs, int64_t *steps);
 
+/* ---- speculative decoding ---------------------------------------------
+ * A small draft model proposes n_draft tokens on its own engine; the
+ * target verifies them all in one batched forward step and keeps the
+ * longest acceptable prefix (the standard accept/reject rule: draft token
+ * x drawn from q is kept with probability min(1, p(x)/q(x)), the first
+ * rejected one is replaced by a draw from max(0, p - q) renormalised, and
+ * a bonus token is drawn from p when all are kept), so the output has
+ * exactly the target's distribution under the sampling settings, and at
+ * temperature 0 the target's greedy tokens. p and q are both processed by
+ * the same kiln_sampling (penalties, temperature, top-k, top-p, min-p). */
+
+#define KILN_SPEC_MAX_DRAFT 16
+
+typedef struct kiln_spec_opts {
+    int n_draft; /* tokens drafted per round, 1..KILN_SPEC_MAX_DRAFT [4] */
+} kiln_spec_opts;
+
+kiln_spec_opts kiln_spec_opts_default(void);
+
+/* What a speculative generation did. A round is one target forward over
+ * the last token and the drafted ones; plain steps are single-token
+ * target steps (the first few of every generation, which time the target
+ * alone for the speed-up estimate, and those after the draft ran out of
+ * room). */
+typedef struct kiln_spec_stats {
+    uint64_t rounds;    /* verify steps of the target */
+    uint64_t drafted;   /* tokens the draft proposed */
+    uint64_t accepted;  /* of them, kept */
+    uint64_t emitted;   /* tokens the rounds produced (kept + one per round) */
+    uint64_t plain;     /* single-token target steps */
+    double draft_s;     /* seconds in the draft's forward steps */
+    double verify_s;    /* seconds in the target's verify steps */
+    double plain_s;     /* seconds in the plain steps */
+    double plain_min_s; /* the fastest plain step */
+} kiln_spec_stats;
+
+/* The estimated speed-up of the rounds over the target alone: tokens per
+ * second of the rounds (draft + verify time) times the mean plain target
+ * step's time (a few steps: an estimate; bench/bench_spec measures it).
+ * 0 when there is no round or no plain step. */
+double kiln_spec_speedup(const kiln_spec_stats *s);
+
+/* Checks that a draft can serve a target: the same vocabulary size, and
+ * (when both tokenizers are given) the same tokens, byte for byte, with
+ * the same special tokens. KILN_ERR_INVALID_ARG saying where they differ. */
+kiln_status kiln_spec_check(kiln_ctx *ctx, const kiln_config *target, const kiln_tokenizer *ttok,
+                            const kiln_config *draft, const kiln_tokenizer *dtok);
+
+/* kiln_generate with a draft engine: prefills prompt into slot of both
+ * engines (which must hold the same number of tokens; a draft whose
+ * context cannot hold the prompt is left out), then runs rounds of
+ * o->n_draft drafted tokens (fewer near max_tokens and the end of either
+ * context) until g ends, calling cb for every token as kiln_generate
+ * does. The target's slot ends holding all tokens but the last generated,
+ * as kiln_generate leaves it, and the draft's the same. n_draft + 1 must
+ * not exceed the target engine's chunk. stats (may be NULL) is filled. */
+kiln_status kiln_generate_spec(kiln_ctx *ctx, kiln_engine *e, kiln_engine *draft,
+                               const kiln_spec_opts *o, int slot, kiln_gen *g,
+                               const int32_t *prompt, size_t n, kiln_gen_cb cb, void *user,
+                               kiln_spec_stats *stats);
+
 /* ======================================================================
  * serve: HTTP server
  * ====================================================================== */
@@ -2278,6 +2339,15 @@ typedef struct kiln_serve_opts {
      * weights stay [NULL] */
     const char *run_dir;
     int watch_ms;           /* how often run_dir/latest is read; 0 = never [1000] */
+    /* Speculative decoding: a draft model directory (or .gguf) sharing the
+     * target's tokenizer (kiln_spec_check; a draft without a tokenizer is
+     * checked with `tokenizer`). Each decoding slot drafts up to
+     * draft_tokens tokens a step on the draft's engine and the target
+     * verifies them in its batched step. Requests with a grammar
+     * (response_format, tools) or echo logprobs decode without the draft,
+     * one token a step [NULL] */
+    const char *draft_dir;
+    int draft_tokens;       /* kiln_spec_opts.n_draft, 1..KILN_SPEC_MAX_DRAFT [4] */
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

@@ -303,6 +303,7 @@ static const struct {
     {"kiln_tokenizer_train_opts.threads", "--threads"},
     {"kiln_tokenizer_train_opts.max_bytes", "--max-bytes"},
     /* kiln generate, chat */
+    {"kiln_spec_opts.n_draft", "--draft-tokens"},
     {"kiln_sampling.temperature", "--temperature"},
     {"kiln_sampling.top_k", "--top-k"},
     {"kiln_sampling.top_p", "--top-p"},
@@ -334,6 +335,8 @@ static const struct {
     {"kiln_engine_opts.wtype", "--dtype"},
     /* kiln serve */
     {"kiln_serve_opts.model_dir", "--model"},
+    {"kiln_serve_opts.draft_dir", "--draft"},
+    {"kiln_serve_opts.draft_tokens", "--draft-tokens"},
     {"kiln_serve_opts.model_name", "--name"},
     {"kiln_serve_opts.tokenizer", "--tokenizer"},
     {"kiln_serve_opts.host", "--host"},
@@ -489,6 +492,36 @@ bool cli_weight_dtype_flag(const char *cmd, const char *flag, const char *s, kil
         }
     fprintf(stderr, "kiln %s: %s '%s' is not one of %s\n", cmd, flag, s, CLI_WEIGHT_DTYPES);
     return false;
+}
+
+kiln_status cli_load_draft(kiln_ctx *ctx, const char *draft, const char *tok_spec,
+                           const kiln_config *tcfg, const kiln_tokenizer *ttok,
+                           const kiln_engine_opts *teo, kiln_engine **out)
+{
+    *out = NULL;
+    char dir[4096];
+    kiln_model *m = NULL;
+    kiln_tokenizer *dtok = NULL;
+    kiln_status st = cli_model_dir(ctx, draft, dir, sizeof dir);
+    if (!st) st = kiln_checkpoint_verify(ctx, dir);
+    if (!st) st = kiln_model_load(ctx, dir, &m);
+    if (!st && kiln_tokenizer_load(ctx, dir, &dtok) &&
+        (!tok_spec || kiln_tokenizer_load(ctx, tok_spec, &dtok))) {
+        char why[1024];
+        snprintf(why, sizeof why, "%s", kiln_errmsg(ctx));
+        st = kiln_fail(ctx, KILN_ERR_FORMAT,
+                       "the draft %s has no tokenizer to check against the target's (%s)", dir,
+                       why);
+    }
+    if (!st) st = kiln_spec_check(ctx, tcfg, ttok, kiln_model_config(m), dtok);
+    kiln_engine_opts eo = *teo;
+    /* a .gguf draft keeps its stored types unless a --dtype was asked */
+    eo.weights_gguf = cli_is_gguf(dir) && teo->wtype == KILN_DTYPE_F32 ? dir : NULL;
+    if (m && eo.n_ctx > kiln_model_config(m)->n_ctx) eo.n_ctx = 0; /* the draft's own */
+    if (!st) st = kiln_engine_new(ctx, m, &eo, out);
+    kiln_model_free(m);
+    kiln_tokenizer_free(dtok);
+    return st;
 }
 
 bool cli_is_gguf(const char *path)

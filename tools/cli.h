@@ -212,4 +212,16 @@ bool cli_weight_dtype_flag(const char *cmd, const char *flag, const char *s, kil
 /* Whether path is a GGUF file (its first bytes are "GGUF"). */
 bool cli_is_gguf(const char *path);
 
+/* --draft: loads the draft model (a directory, a run directory or a .gguf;
+ * checksums verified), checks that it shares the target's vocabulary and
+ * tokenizer (kiln_spec_check, with the draft's own tokenizer; one without
+ * a tokenizer is read with tok_spec, the --tokenizer given, when not
+ * NULL), and builds
+ * its engine with the target's engine options (teo: slots, context
+ * capped at the draft's, weight type; a .gguf draft keeps its stored
+ * types unless a --dtype other than fp32 was asked). */
+kiln_status cli_load_draft(kiln_ctx *ctx, const char *draft, const char *tok_spec,
+                           const kiln_config *tcfg, const kiln_tokenizer *ttok,
+                           const kiln_engine_opts *teo, kiln_engine **out);
+
 #endif /* KILN_CLI_H */

@@ -29,6 +29,8 @@ static void on_sigint(int sig)
 typedef struct chat {
     kiln_ctx *ctx;
     kiln_engine *e;
+    kiln_engine *de;     /* --draft: speculative decoding, or NULL */
+    int draft_tokens;
     kiln_tokenizer *tok;
     kiln_sampling sp;
     float *logits;
@@ -121,6 +123,7 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
     if (!st) st = kiln_prompt_ids(c->ctx, &c->cfg, c->tok, ids, n, &prompt, &np);
     free(ids);
     kiln_gen *g = NULL;
+    kiln_spec_stats ss = {0};
     kiln_gen_opts go = kiln_gen_opts_default();
     go.sampling = c->sp;
     go.sampling.seed = seed;
@@ -136,7 +139,14 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
     interrupted = 0;
     if (!st) {
         kiln_engine_reset(c->e, 0);
-        st = kiln_generate(c->ctx, c->e, 0, g, prompt, np, c->logits, print_piece, NULL);
+        if (c->de) {
+            kiln_spec_opts so = {.n_draft = c->draft_tokens};
+            kiln_engine_reset(c->de, 0);
+            st = kiln_generate_spec(c->ctx, c->e, c->de, &so, 0, g, prompt, np, print_piece, NULL,
+                                    &ss);
+        } else {
+            st = kiln_generate(c->ctx, c->e, 0, g, prompt, np, c->logits, print_piece, NULL);
+        }
     }
     free(prompt);
     if (st && (!g || kiln_gen_count(g) == 0)) {
@@ -148,7 +158,12 @@ static kiln_status turn(chat *c, const char *user, uint64_t seed)
     int gen = kiln_gen_count(g);
     fprintf(stdout, "\n");
     fflush(stdout);
-    fprintf(stderr, "[%d tokens, %.1f tok/s%s]\n", gen, dt > 0 ? gen / dt : 0.0,
+    char spec[160] = "";
+    if (c->de && ss.drafted)
+        snprintf(spec, sizeof spec, ", draft accepted %.0f%%, %.2f tokens per target step, "
+                 "estimated speed-up %.2fx", 100.0 * (double)ss.accepted / (double)ss.drafted,
+                 (double)ss.emitted / (double)ss.rounds, kiln_spec_speedup(&ss));
+    fprintf(stderr, "[%d tokens, %.1f tok/s%s%s]\n", gen, dt > 0 ? gen / dt : 0.0, spec,
             kiln_gen_finished(g) == KILN_FINISH_CANCELLED ? ", stopped by Ctrl-C" : "");
     interrupted = 0;
     if (!st && !push(c, "assistant", kiln_gen_text(g, NULL)))
@@ -161,6 +176,8 @@ int cmd_chat(int argc, char **argv)
 {
     const char *model = NULL, *tokenizer = NULL, *system = NULL, *dtype = NULL;
     const char *adapter = NULL;
+    const char *draft = NULL;
+    int draft_tokens = 4;
     int max_tokens = 256, top_k = 0, ctx_len = 0, threads = 0;
     double temperature = 0.7, top_p = 0.95, rep = 1.0;
     int64_t seed = 0;
@@ -177,6 +194,8 @@ int cmd_chat(int argc, char **argv)
         {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
         {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32; a .gguf model: its own types]", false},
         {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
+        {"draft", CLI_STR, &draft, "speculative decoding: a smaller draft model (directory or .gguf) sharing the model's tokenizer; replies are distributed exactly as without it [off]", false},
+        {"draft-tokens", CLI_INT, &draft_tokens, "tokens the draft proposes per target step, 1..16 [4]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {NULL, 0, NULL, NULL, false},
     };
@@ -223,6 +242,12 @@ int cmd_chat(int argc, char **argv)
         if (!dtype && !adapter && cli_is_gguf(model)) eo.weights_gguf = model; /* its own types */
         st = kiln_engine_new(c.ctx, m, &eo, &c.e);
     }
+    if (!st && draft && (draft_tokens < 1 || draft_tokens > KILN_SPEC_MAX_DRAFT))
+        st = kiln_fail(c.ctx, KILN_ERR_INVALID_ARG, "--draft-tokens %d must be in 1..%d",
+                       draft_tokens, KILN_SPEC_MAX_DRAFT);
+    c.draft_tokens = draft_tokens;
+    if (!st && draft)
+        st = cli_load_draft(c.ctx, draft, tokenizer, kiln_model_config(m), c.tok, &eo, &c.de);
     if (!st && kiln_tokenizer_vocab_size(c.tok) > kiln_model_config(m)->vocab_size)
         st = kiln_fail(c.ctx, KILN_ERR_INVALID_ARG,
                        "the tokenizer has %d tokens but the model's vocabulary is %d; "
@@ -284,6 +309,7 @@ out:
     free(c.hist);
     free(c.logits);
     kiln_engine_free(c.e);
+    kiln_engine_free(c.de);
     kiln_tokenizer_free(c.tok);
     kiln_ctx_free(c.ctx);
     return rc;

@@ -34,6 +34,8 @@ int cmd_generate(int argc, char **argv)
 {
     const char *model = NULL, *prompt = NULL, *tokenizer = NULL, *dtype = NULL;
     const char *adapter = NULL;
+    const char *draft = NULL;
+    int draft_tokens = 4;
     int max_tokens = 128, top_k = 0, ctx_len = 0, threads = 0;
     double temperature = 1.0, top_p = 1.0, min_p = 0.0, rep = 1.0, freq = 0.0, pres = 0.0;
     int64_t seed = 0;
@@ -58,6 +60,8 @@ int cmd_generate(int argc, char **argv)
         {"tokenizer", CLI_STR, &tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory]", false},
         {"dtype", CLI_STR, &dtype, "weight storage: " CLI_WEIGHT_DTYPES " [fp32; a .gguf model: its own types]", false},
         {"ctx", CLI_INT, &ctx_len, "context length, 0 = the model's [0]", false},
+        {"draft", CLI_STR, &draft, "speculative decoding: a smaller draft model (directory or .gguf) sharing the model's tokenizer; the output is distributed exactly as without it [off]", false},
+        {"draft-tokens", CLI_INT, &draft_tokens, "tokens the draft proposes per target step, 1..16 [4]", false},
         {"threads", CLI_INT, &threads, "OpenMP threads, 0 = all cores [0]", false},
         {"no-echo", CLI_BOOL, &no_echo, "do not print the prompt before the continuation", false},
         {"quiet", CLI_BOOL, &quiet, "no speed report on stderr", false},
@@ -101,7 +105,8 @@ int cmd_generate(int argc, char **argv)
     if (threads > 0) kiln_set_threads(ctx, threads);
     kiln_model *m = NULL;
     kiln_tokenizer *tok = NULL;
-    kiln_engine *e = NULL;
+    kiln_engine *e = NULL, *de = NULL;
+    kiln_spec_stats ss = {0};
     kiln_gen *g = NULL;
     int32_t *ids = NULL;
     float *logits = NULL;
@@ -150,9 +155,15 @@ int cmd_generate(int argc, char **argv)
     eo.wtype = wt;
     if (!dtype && !adapter && cli_is_gguf(model))
         eo.weights_gguf = model; /* as the file stores them */
+    if (draft && (draft_tokens < 1 || draft_tokens > KILN_SPEC_MAX_DRAFT)) {
+        st = kiln_fail(ctx, KILN_ERR_INVALID_ARG, "--draft-tokens %d must be in 1..%d",
+                       draft_tokens, KILN_SPEC_MAX_DRAFT);
+        goto fail;
+    }
     if ((st = kiln_engine_new(ctx, m, &eo, &e))) goto fail;
     kiln_model_free(m);
     m = NULL;
+    if (draft && (st = cli_load_draft(ctx, draft, tokenizer, &cfg, tok, &eo, &de))) goto fail;
     const int V = cfg.vocab_size, n_ctx = kiln_engine_n_ctx(e);
     size_t n = 0, n_text = 0;
     const char *p = prompt ? prompt : "";
@@ -194,8 +205,13 @@ int cmd_generate(int argc, char **argv)
         fflush(stdout);
     }
     gen_clock clk = {.t0 = kiln_time_now(), .ids = print_ids};
-    if (max_tokens > 0 && (st = kiln_generate(ctx, e, 0, g, ids, n, logits, print_token, &clk)))
-        goto fail;
+    kiln_spec_opts so = kiln_spec_opts_default();
+    so.n_draft = draft_tokens;
+    if (max_tokens > 0 && de)
+        st = kiln_generate_spec(ctx, e, de, &so, 0, g, ids, n, print_token, &clk, &ss);
+    else if (max_tokens > 0)
+        st = kiln_generate(ctx, e, 0, g, ids, n, logits, print_token, &clk);
+    if (st) goto fail;
     double t2 = kiln_time_now();
     fputc('\n', stdout);
     fflush(stdout);
@@ -210,6 +226,18 @@ int cmd_generate(int argc, char **argv)
                 (t2 - t1) * 1e3, steps > 0 ? (double)steps / (t2 - t1) : 0.0,
                 max_tokens > 0 ? kiln_finish_name(kiln_gen_finished(g)) : "length",
                 eo.weights_gguf ? "the .gguf's own" : wt == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(wt));
+        if (de)
+            fprintf(stderr,
+                    "[kiln generate] draft %d tokens/step: accepted %llu of %llu (%.1f%%), "
+                    "%.2f tokens per target step over %llu steps; draft %.1f ms, target verify "
+                    "%.1f ms; estimated speed-up %.2fx over the target alone (its %llu "
+                    "single-token steps: %.2f ms each)\n",
+                    so.n_draft, (unsigned long long)ss.accepted, (unsigned long long)ss.drafted,
+                    ss.drafted ? 100.0 * (double)ss.accepted / (double)ss.drafted : 0.0,
+                    ss.rounds ? (double)ss.emitted / (double)ss.rounds : 0.0,
+                    (unsigned long long)ss.rounds, ss.draft_s * 1e3, ss.verify_s * 1e3,
+                    kiln_spec_speedup(&ss), (unsigned long long)ss.plain,
+                    ss.plain ? ss.plain_s / (double)ss.plain * 1e3 : 0.0);
     }
     rc = 0;
     goto out;
@@ -220,6 +248,7 @@ out:
     free(ids);
     kiln_gen_free(g);
     kiln_engine_free(e);
+    kiln_engine_free(de);
     kiln_tokenizer_free(tok);
     kiln_model_free(m);
     kiln_ctx_free(ctx);

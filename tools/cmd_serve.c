@@ -14,6 +14,7 @@ int cmd_serve(int argc, char **argv)
     const char *dtype = NULL, *key_env = NULL, *pooling = "mean";
     int64_t max_body = (int64_t)o.max_body;
     int threads = 0;
+    const char *draft = NULL;
     cli_opt opts[] = {
         {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json), or a run directory: its latest checkpoint", true},
         {"host", CLI_STR, &o.host, "address to bind [127.0.0.1]", false},
@@ -22,6 +23,8 @@ int cmd_serve(int argc, char **argv)
         {"api-key-env", CLI_STR, &key_env, "read the API key from this environment variable", false},
         {"parallel", CLI_INT, &o.parallel, "requests decoded together (KV-cache slots) [4]", false},
         {"ctx", CLI_INT, &o.n_ctx, "context per slot, 0 = the model's [0]", false},
+        {"draft", CLI_STR, &draft, "speculative decoding: a smaller draft model (directory, run directory or .gguf) sharing the model's tokenizer; outputs are distributed exactly as without it; requests with response_format/tools or echo logprobs decode without it [off]", false},
+        {"draft-tokens", CLI_INT, &o.draft_tokens, "tokens the draft proposes per slot and step, 1..16 [4]", false},
         {"max-queue", CLI_INT, &o.max_queue, "waiting requests before 503 [64]", false},
         {"max-body", CLI_I64, &max_body, "request body limit in bytes [1048576]", false},
         {"max-connections", CLI_INT, &o.max_connections, "open connections at most; 3/4 of them per client address [256]", false},
@@ -103,6 +106,9 @@ int cmd_serve(int argc, char **argv)
         snprintf(name, sizeof name, "%.*s", (int)(e - b), b);
         if (*name) o.model_name = name;
     }
+    char draft_dir[4096];
+    if (!st && draft && !(st = cli_model_dir(ctx, draft, draft_dir, sizeof draft_dir)))
+        o.draft_dir = draft_dir;
     if (!st) {
         o.model_dir = model_dir;
         if (!dtype && cli_is_gguf(model_dir)) o.weights_gguf = model_dir; /* its own types */

@@ -7,7 +7,7 @@
  * through kiln_generate(), the server one kiln_gen_next() per slot of its
  * batched engine step.
  */
-#include "infer/infer.h"
+#include "infer/spec.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -136,6 +136,8 @@ void kiln_gen_end(kiln_gen *g, kiln_finish why, const char **text, size_t *len)
     kiln_textstream_finish(g->ts, text, len);
 }
 
+static kiln_status gen_emit(kiln_ctx *ctx, kiln_gen *g, int32_t id, kiln_gen_token *t);
+
 kiln_status kiln_gen_next(kiln_ctx *ctx, kiln_gen *g, float *logits, kiln_gen_token *t)
 {
     memset(t, 0, sizeof *t);
@@ -147,6 +149,32 @@ kiln_status kiln_gen_next(kiln_ctx *ctx, kiln_gen *g, float *logits, kiln_gen_to
     }
     bool lp = g->o.logprobs;
     int32_t id = kiln_sampler_sample(g->smp, logits, lp ? &t->chosen : NULL, lp ? g->top : NULL);
+    return gen_emit(ctx, g, id, t);
+}
+
+kiln_status infer_gen_push(kiln_ctx *ctx, kiln_gen *g, const float *raw, int32_t id,
+                           kiln_gen_token *t)
+{
+    memset(t, 0, sizeof *t);
+    t->text = "";
+    t->id = -1;
+    if (g->finish != KILN_FINISH_NONE) {
+        t->finish = g->finish;
+        return KILN_OK;
+    }
+    bool lp = g->o.logprobs;
+    infer_sampler_take(g->smp, raw, id, lp ? &t->chosen : NULL, lp ? g->top : NULL);
+    return gen_emit(ctx, g, id, t);
+}
+
+kiln_sampler *infer_gen_sampler(kiln_gen *g) { return g->smp; }
+const kiln_gen_opts *infer_gen_opts(const kiln_gen *g) { return &g->o; }
+
+/* The token id was chosen (and recorded by the sampler): counts it,
+ * decides whether it ends the sequence and releases its text into t. */
+static kiln_status gen_emit(kiln_ctx *ctx, kiln_gen *g, int32_t id, kiln_gen_token *t)
+{
+    bool lp = g->o.logprobs;
     t->id = id;
     if (lp) {
         t->top = g->top;

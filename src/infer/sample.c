@@ -220,6 +220,25 @@ static void log_softmax_into(const float *x, int V, float *out)
     for (int i = 0; i < V; i++) out[i] = x[i] - lse;
 }
 
+/* The reported log-probabilities of a choice: lp = log-softmax of the raw
+ * logits (before they are processed), then chosen's and the top ones. */
+static void report_logprobs(kiln_sampler *s, const float *lp, int32_t id,
+                            kiln_token_logprob *chosen, kiln_token_logprob *top)
+{
+    const int V = s->V;
+    if (chosen) *chosen = (kiln_token_logprob){id, lp ? lp[id] : 0.0f};
+    if (top && s->p.top_logprobs > 0 && lp) {
+        int k = KILN_MIN(s->p.top_logprobs, V), m = 0;
+        for (int i = 0; i < V; i++) {
+            float v = lp[i];
+            if (m == k && !(v > top[m - 1].logprob)) continue;
+            int q = m < k ? m++ : k - 1;
+            while (q > 0 && v > top[q - 1].logprob) { top[q] = top[q - 1]; q--; }
+            top[q] = (kiln_token_logprob){i, v};
+        }
+    }
+}
+
 int32_t kiln_sampler_sample(kiln_sampler *s, float *logits,
                             kiln_token_logprob *chosen,
                             kiln_token_logprob *top)
@@ -240,18 +259,54 @@ int32_t kiln_sampler_sample(kiln_sampler *s, float *logits,
             if (r < cum) { id = s->idx[j]; break; }
         }
     }
-    if (chosen) *chosen = (kiln_token_logprob){id, lp ? lp[id] : 0.0f};
-    if (top && s->p.top_logprobs > 0 && lp) {
-        int k = KILN_MIN(s->p.top_logprobs, V), m = 0;
-        for (int i = 0; i < V; i++) {
-            float v = lp[i];
-            if (m == k && !(v > top[m - 1].logprob)) continue;
-            int q = m < k ? m++ : k - 1;
-            while (q > 0 && v > top[q - 1].logprob) { top[q] = top[q - 1]; q--; }
-            top[q] = (kiln_token_logprob){i, v};
-        }
-    }
+    report_logprobs(s, lp, id, chosen, top);
     s->count[id]++;
     s->seen[id] = 1;
     return id;
 }
+
+/* ---- what speculative decoding (spec.c) needs of a sampler ---------- */
+
+void infer_sample_dense(kiln_sampler *s, float *logits, float *probs)
+{
+    int n = infer_sample_probs(s, logits, s->idx);
+    memset(probs, 0, (size_t)s->V * sizeof *probs);
+    for (int j = 0; j < n; j++) probs[s->idx[j]] = s->prob[s->idx[j]];
+}
+
+int32_t infer_sample_draw(kiln_rng *rng, const float *probs, int V)
+{
+    double tot = 0;
+    int last = -1;
+    for (int i = 0; i < V; i++)
+        if (probs[i] > 0) { tot += probs[i]; last = i; }
+    if (last < 0) return 0;
+    double r = (double)kiln_rng_uniform(rng) * tot, cum = 0;
+    for (int i = 0; i < V; i++) {
+        if (!(probs[i] > 0)) continue;
+        cum += probs[i];
+        if (r < cum) return i;
+    }
+    return last; /* rounding: the mass ran out just short of r */
+}
+
+void infer_sampler_take(kiln_sampler *s, const float *raw, int32_t id,
+                        kiln_token_logprob *chosen, kiln_token_logprob *top)
+{
+    float *lp = NULL;
+    if (raw && (chosen || (top && s->p.top_logprobs > 0))) {
+        lp = s->lp;
+        log_softmax_into(raw, s->V, lp);
+    }
+    report_logprobs(s, lp, id, chosen, top);
+    s->count[id]++;
+    s->seen[id] = 1;
+}
+
+void infer_sampler_copy_history(kiln_sampler *dst, const kiln_sampler *src)
+{
+    memcpy(dst->count, src->count, (size_t)src->V * sizeof *dst->count);
+    memcpy(dst->seen, src->seen, (size_t)src->V);
+}
+
+kiln_rng *infer_sampler_rng(kiln_sampler *s) { return &s->rng; }

@@ -10,6 +10,7 @@
  */
 #include "serve/serve.h"
 #include "infer/grammar.h"
+#include "infer/spec.h"
 
 #include <malloc.h>
 #include <stdatomic.h>
@@ -42,6 +43,8 @@ void sreq_free(sreq *r)
     infer_gstate_free(r->gst);
     sgrammar_release(r->gram);
     kiln_gen_free(r->gen);
+    if (r->spec) infer_spec_free(r->spec);
+    free(r->spec);
     pthread_cond_destroy(&r->cv);
     free(r);
 }
@@ -208,6 +211,16 @@ static void admit(sched *s, bool followers_only)
             finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
             continue;
         }
+        /* speculative decoding: not under a grammar (its masks would need
+         * the draft's tokens fed through the parse state) nor for echo
+         * logprobs; those decode one token a step */
+        if (s->draft && !r->gram && !r->prompt_lps) {
+            r->spec = calloc(1, sizeof *r->spec);
+            if (!r->spec || infer_spec_init(s->ctx, r->spec, r->gen, s->V, s->K)) {
+                free(r->spec);
+                r->spec = NULL; /* (out of memory: without the draft) */
+            }
+        }
         int slot = place(s, r);
         r->slot = slot;
         r->state = SREQ_RUNNING;
@@ -246,6 +259,9 @@ static void on_prompt_logits(sreq *r, int pos, float *lg, int V)
     r->n_plps = pos + 2;
 }
 
+static bool publish(sched *s, sreq *r, kiln_gen_token *tp, int fed_pos);
+static void bias_logits(const sched *s, const sreq *r, float *lg);
+
 /* Samples r's next token from lg (kiln_gen_next) and publishes its text.
  * mu held. */
 static void on_logits(sched *s, sreq *r, float *lg)
@@ -255,9 +271,8 @@ static void on_logits(sched *s, sreq *r, float *lg)
         finish(s, r, "length", 0, "");
         return;
     }
-    for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
-    /* a model's rows past the tokenizer's vocabulary (padding) are no text */
-    for (int i = s->tok_V; i < s->V; i++) lg[i] = -INFINITY;
+    /* (a model's rows past the tokenizer's vocabulary, padding, are no text) */
+    bias_logits(s, r, lg);
     if (r->gst) {
         /* constrained output: only tokens whose bytes extend a valid
          * prefix, and the turn's end once the output is complete */
@@ -285,6 +300,23 @@ static void on_logits(sched *s, sreq *r, float *lg)
         finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
         return;
     }
+    publish(s, r, &t, kiln_engine_pos(s->eng, r->slot));
+}
+
+/* The logit changes a request asks for before sampling: logit_bias, and
+ * no padding rows past the tokenizer's vocabulary. */
+static void bias_logits(const sched *s, const sreq *r, float *lg)
+{
+    for (int i = 0; i < r->n_bias; i++) lg[r->bias[i].token] += r->bias[i].bias;
+    for (int i = s->tok_V; i < s->V; i++) lg[i] = -INFINITY;
+}
+
+/* Publishes r's token t (its text, logprobs and finish); fed_pos: where
+ * the token would be fed next (a full context ends the request). Returns
+ * whether r goes on. mu held. */
+static bool publish(sched *s, sreq *r, kiln_gen_token *tp, int fed_pos)
+{
+    kiln_gen_token t = *tp;
     bool complete = false;
     if (r->gst && t.id >= 0 && (t.finish == KILN_FINISH_NONE || t.finish == KILN_FINISH_LENGTH)) {
         char *p = NULL;
@@ -305,7 +337,7 @@ static void on_logits(sched *s, sreq *r, float *lg)
         /* the ending token is counted but has no text and no logprobs */
         append_text(r, t.text, t.len);
         finish(s, r, "stop", 0, "");
-        return;
+        return false;
     }
     if (r->want_logprobs) {
         slp e = {.token = t.chosen.token, .logprob = t.chosen.logprob, .n_top = t.n_top};
@@ -323,7 +355,7 @@ static void on_logits(sched *s, sreq *r, float *lg)
     append_text(r, t.text, t.len);
     if (t.finish == KILN_FINISH_STOP_STRING) {
         finish(s, r, "stop", 0, "");
-        return;
+        return false;
     }
     if (complete) {
         /* the output is whole and nothing may follow: end the turn here */
@@ -332,9 +364,9 @@ static void on_logits(sched *s, sreq *r, float *lg)
         kiln_gen_end(r->gen, KILN_FINISH_STOP_TOKEN, &o, &n);
         append_text(r, o, n);
         finish(s, r, "stop", 0, "");
-        return;
+        return false;
     }
-    if (t.finish == KILN_FINISH_NONE && kiln_engine_pos(s->eng, r->slot) >= s->n_ctx) {
+    if (t.finish == KILN_FINISH_NONE && fed_pos >= s->n_ctx) {
         /* the context is full: no room to feed this token back */
         const char *o;
         size_t n;
@@ -344,11 +376,150 @@ static void on_logits(sched *s, sreq *r, float *lg)
     }
     if (t.finish == KILN_FINISH_LENGTH) {
         finish(s, r, "length", 0, "");
-        return;
+        return false;
     }
     r->next = t.id;
     pthread_cond_broadcast(&r->cv);
     if (r->grouped) pthread_cond_broadcast(&s->gcv);
+    return true;
+}
+
+/* ---- speculative decoding --------------------------------------------
+ * Before a step, every decoding slot whose request has a drafting state
+ * (r->spec) drafts r->sk tokens on the draft's engine: the draft first
+ * catches up on the slot's tokens it lacks (its cache is matched against
+ * the target's token record, so prefix caching and reused slots need
+ * nothing else), then the K draft steps run batched over those slots. The
+ * target's step then takes each such slot's last token and its drafts,
+ * all with logits, and spec_rows decides the round's tokens and cuts both
+ * caches back to what was kept. */
+
+/* Feeds the draft's slot i the target's tokens it lacks and then `next`;
+ * the logits after next go to row. 0 or an error status. */
+static kiln_status draft_catch_up(sched *s, int i, int32_t next, float *row)
+{
+    const int32_t *want = s->cache_tok + (size_t)i * s->n_ctx;
+    int32_t *have = s->dcache_tok + (size_t)i * s->n_ctx;
+    int nw = s->cache_n[i], l = 0, nh = s->dcache_n[i];
+    while (l < nh && l < nw && have[l] == want[l]) l++;
+    kiln_status st = kiln_engine_copy_prefix(s->ctx, s->draft, i, i, l);
+    if (st) return st;
+    s->dcache_n[i] = l;
+    int chunk = kiln_engine_chunk(s->draft);
+    while (!st && l <= nw) {
+        int m = 0;
+        for (; m < chunk && l + m <= nw; m++) {
+            int32_t t = l + m < nw ? want[l + m] : next;
+            s->dtoks[m] = (kiln_engine_tok){i, t, l + m == nw};
+            have[l + m] = t;
+        }
+        st = kiln_engine_step(s->ctx, s->draft, s->dtoks, m, row);
+        l += m;
+    }
+    s->dcache_n[i] = st ? 0 : l;
+    if (st) kiln_engine_reset(s->draft, i);
+    return st;
+}
+
+/* Drafts for the decoding slots (mu held; dropped while the draft runs). */
+static void draft_all(sched *s)
+{
+    int dctx = kiln_engine_n_ctx(s->draft), kmax = 0;
+    for (int i = 0; i < s->n_slots; i++) {
+        sreq *r = s->slots[i];
+        if (!r) continue;
+        r->sk = 0;
+        if (!r->spec || r->embed || r->cancelled || r->n_fed != r->n_prompt || r->max_tokens <= 0)
+            continue;
+        int tpos = s->cache_n[i], left = r->max_tokens - r->n_gen;
+        int k = KILN_MIN(s->K, KILN_MIN(left - 1, KILN_MIN(s->n_ctx - tpos - 1, dctx - tpos)));
+        r->sk = k > 0 ? k : 0;
+        kmax = KILN_MAX(kmax, r->sk);
+    }
+    if (kmax == 0) return;
+    pthread_mutex_unlock(&s->mu);
+    double t0 = kiln_time_now();
+    kiln_status st = KILN_OK;
+    for (int i = 0; i < s->n_slots && !st; i++) {
+        sreq *r = s->slots[i];
+        if (!r || r->sk == 0) continue;
+        float *row = s->dlogits + (size_t)i * s->V;
+        st = draft_catch_up(s, i, r->next, row);
+        if (st) break;
+        bias_logits(s, r, row);
+        infer_spec_begin(r->spec, r->gen);
+        infer_spec_draft(r->spec, row);
+    }
+    for (int j = 1; j < kmax && !st; j++) {
+        int T = 0;
+        for (int i = 0; i < s->n_slots; i++) {
+            sreq *r = s->slots[i];
+            if (!r || r->sk <= j) continue;
+            int32_t x = r->spec->d[j - 1];
+            s->dtoks[T++] = (kiln_engine_tok){i, x, true};
+            s->dcache_tok[(size_t)i * s->n_ctx + s->dcache_n[i]++] = x;
+        }
+        st = kiln_engine_step(s->ctx, s->draft, s->dtoks, T, s->dlogits);
+        for (int i = 0, row = 0; i < s->n_slots && !st; i++) {
+            sreq *r = s->slots[i];
+            if (!r || r->sk <= j) continue;
+            float *lg = s->dlogits + (size_t)row++ * s->V;
+            bias_logits(s, r, lg);
+            infer_spec_draft(r->spec, lg);
+        }
+    }
+    double dt = kiln_time_now() - t0;
+    pthread_mutex_lock(&s->mu);
+    s->m.spec_draft_s += dt;
+    if (st) {
+        /* the draft failed: this step decodes one token a slot */
+        kiln_log(s->log_ctx, KILN_LOG_WARN, "kiln serve: the draft model's step failed (%s); "
+                 "decoding without it this step", kiln_errmsg(s->ctx));
+        for (int i = 0; i < s->n_slots; i++) {
+            if (s->slots[i]) s->slots[i]->sk = 0;
+            kiln_engine_reset(s->draft, i);
+            s->dcache_n[i] = 0;
+        }
+    }
+}
+
+/* The rows of r's round, from row k0 of s->logits: decides and publishes
+ * its tokens, then cuts the target's and the draft's caches back to the
+ * tokens kept. Returns the number of rows (sk + 1). mu held; r may be
+ * finished (and freed) on return. */
+static int spec_rows(sched *s, sreq *r, int k0)
+{
+    const int slot = r->slot, kk = r->sk, tpos = s->cache_n[slot] - (kk + 1);
+    int n_e = 0, acc = 0;
+    bool alive = true;
+    for (int i = 0; i <= kk && alive; i++) {
+        float *row = s->logits + (size_t)(k0 + i) * s->V;
+        bias_logits(s, r, row);
+        bool ok;
+        int32_t id = infer_spec_decide(r->spec, r->gen, i, row, &ok);
+        kiln_gen_token t;
+        if (infer_gen_push(s->ctx, r->gen, r->spec->raw, id, &t)) {
+            finish(s, r, NULL, 500, kiln_errmsg(s->ctx));
+            alive = false;
+            break;
+        }
+        n_e++;
+        acc += ok;
+        alive = publish(s, r, &t, tpos + 1 + i);
+        if (!ok) break;
+    }
+    s->m.spec_rounds++;
+    s->m.spec_drafted += (uint64_t)kk;
+    s->m.spec_accepted += (uint64_t)acc;
+    s->m.spec_emitted += (uint64_t)n_e;
+    /* keep the last token and the accepted drafts that were emitted */
+    if (kiln_engine_copy_prefix(s->ctx, s->eng, slot, slot, tpos + n_e) == KILN_OK)
+        s->cache_n[slot] = tpos + n_e;
+    int dk = KILN_MIN(s->dcache_n[slot], tpos + n_e);
+    if (kiln_engine_copy_prefix(s->ctx, s->draft, slot, slot, dk) == KILN_OK)
+        s->dcache_n[slot] = dk;
+    if (alive) r->sk = 0;
+    return kk + 1;
 }
 
 /* Swaps in s->next_eng (no request runs): the caches are the old
@@ -446,17 +617,24 @@ static void *sched_main(void *arg)
             continue;
         }
         s->dirty = true;
-        /* build the step: decodes first, then prefill chunks */
+        if (s->draft) draft_all(s);
+        /* build the step: decodes first (a drafting slot's last token and
+         * its drafts), then prefill chunks */
         int T = 0, nw = 0;
         for (int i = 0; i < s->n_slots; i++) {
             sreq *r = s->slots[i];
             if (r && r->n_fed == r->n_prompt) {
-                /* the slot's token record follows what is fed; the engine's
-                 * position says how much of it stands after the step */
-                if (s->cache_n[i] < s->n_ctx) s->cache_tok[(size_t)i * s->n_ctx + s->cache_n[i]++] = r->next;
-                s->toks[T++] = (kiln_engine_tok){i, r->next, true};
-                s->opos[nw] = -1;
-                s->owner[nw++] = r;
+                int k = s->draft ? r->sk : 0;
+                for (int j = 0; j <= k; j++) {
+                    int32_t t = j ? r->spec->d[j - 1] : r->next;
+                    /* the slot's token record follows what is fed; the
+                     * engine's position says how much of it stands after */
+                    if (s->cache_n[i] < s->n_ctx) s->cache_tok[(size_t)i * s->n_ctx + s->cache_n[i]++] = t;
+                    s->toks[T++] = (kiln_engine_tok){i, t, true};
+                    s->opos[nw] = -1;
+                    s->orow[nw] = k ? j : -1;
+                    s->owner[nw++] = r;
+                }
             }
         }
         for (int i = 0; i < s->n_slots && T < s->chunk; i++) {
@@ -472,6 +650,7 @@ static void *sched_main(void *arg)
                     s->cache_tok[(size_t)i * s->n_ctx + s->cache_n[i]++] = r->prompt[r->n_fed + j];
                 s->toks[T++] = (kiln_engine_tok){i, r->prompt[r->n_fed + j], want};
                 if (want) {
+                    s->orow[nw] = -1;
                     s->opos[nw] = last ? -1 : r->n_fed + j;
                     s->owner[nw++] = r;
                 }
@@ -493,6 +672,12 @@ static void *sched_main(void *arg)
         }
         for (int k = 0; k < nw; k++) {
             sreq *r = s->owner[k];
+            if (s->orow[k] == 0) { /* a drafting slot's round: its rows together */
+                int n = r->sk + 1;
+                if (r->state == SREQ_RUNNING && !r->cancelled) n = spec_rows(s, r, k);
+                k += n - 1;
+                continue;
+            }
             if (r->state != SREQ_RUNNING || r->cancelled) continue;
             if (s->opos[k] >= 0) on_prompt_logits(r, s->opos[k], s->logits + (size_t)k * s->V, s->V);
             else on_logits(s, r, s->logits + (size_t)k * s->V);
@@ -512,17 +697,19 @@ static void *sched_main(void *arg)
     return NULL;
 }
 
-kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
+kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng, kiln_engine *draft, int K,
                         const kiln_tokenizer *tok, int max_queue)
 {
     memset(s, 0, sizeof *s);
     s->eng = eng;
+    s->draft = draft;
+    s->K = K;
     s->tok = tok;
     const kiln_config *c = kiln_engine_config(eng);
     s->V = c->vocab_size;
     s->n_slots = kiln_engine_n_slots(eng);
     s->n_ctx = kiln_engine_n_ctx(eng);
-    s->chunk = KILN_MAX(64, s->n_slots);
+    s->chunk = KILN_MAX(KILN_MAX(64, s->n_slots), kiln_engine_chunk(eng));
     s->max_queue = max_queue;
     s->eot = kiln_tokenizer_eot(tok);
     s->tok_V = KILN_MIN(kiln_tokenizer_vocab_size(tok), s->V);
@@ -536,13 +723,23 @@ kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
     s->opos = calloc((size_t)s->chunk, sizeof(int));
     s->logits = malloc((size_t)s->chunk * s->V * sizeof(float));
     s->allowed = malloc((size_t)s->V);
+    s->orow = calloc((size_t)s->chunk, sizeof(int));
+    bool draft_ok = true;
+    if (draft) {
+        int dn = KILN_MAX(s->chunk, kiln_engine_chunk(draft));
+        s->dcache_tok = malloc((size_t)s->n_slots * s->n_ctx * sizeof *s->dcache_tok);
+        s->dcache_n = calloc((size_t)s->n_slots, sizeof *s->dcache_n);
+        s->dlogits = malloc((size_t)s->n_slots * s->V * sizeof(float));
+        s->dtoks = calloc((size_t)dn, sizeof(kiln_engine_tok));
+        draft_ok = s->dcache_tok && s->dcache_n && s->dlogits && s->dtoks;
+    }
     if (s->ctx && infer_vocab_trie_new(s->ctx, tok, &s->trie)) s->trie = NULL;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     pthread_cond_init(&s->gcv, NULL);
     s->mu_init = true;
     if (!s->ctx || !s->slots || !s->cache_tok || !s->cache_n || !s->toks || !s->owner || !s->opos || !s->logits || !s->allowed ||
-        !s->trie) {
+        !s->trie || !s->orow || !draft_ok) {
         sched_free(s);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "scheduler: out of memory");
     }
@@ -586,6 +783,18 @@ void sched_free(sched *s)
     free(s->opos);
     free(s->logits);
     free(s->allowed);
+    free(s->orow);
+    free(s->dcache_tok);
+    free(s->dcache_n);
+    free(s->dlogits);
+    free(s->dtoks);
+    kiln_engine_free(s->draft);
+    s->orow = NULL;
+    s->dcache_tok = NULL;
+    s->dcache_n = NULL;
+    s->dlogits = NULL;
+    s->dtoks = NULL;
+    s->draft = NULL;
     infer_vocab_trie_free(s->trie);
     s->allowed = NULL;
     s->trie = NULL;

@@ -103,6 +103,8 @@ typedef struct sreq {
     int n_fed;           /* prompt tokens already in the cache */
     int32_t next;        /* sampled token to feed next step */
     kiln_gen *gen;       /* the generation loop's state (sched.c) */
+    struct infer_spec *spec; /* its drafting state (a draft is served), or NULL */
+    int sk;              /* tokens drafted for the coming step (0: one-token step) */
     struct sreq *qnext;  /* queue link */
 } sreq;
 
@@ -117,6 +119,9 @@ typedef struct metrics {
     double ttft_sum, lat_sum;
     uint64_t cancelled, rejected_queue;
     uint64_t cached_tokens, cache_hits; /* prefix caching */
+    /* speculative decoding */
+    uint64_t spec_drafted, spec_accepted, spec_rounds, spec_emitted;
+    double spec_draft_s;
 } metrics;
 
 /* The checkpoint of a followed run directory being served (sched.mu). */
@@ -164,13 +169,24 @@ typedef struct sched {
     const kiln_ctx *log_ctx; /* for log lines (kiln_log only) */
     sckpt ck;
     kiln_engine *next_eng; /* swapped in once no request runs (sched_main) */
+    /* speculative decoding (sched.c): the draft's engine (owned; same
+     * slots), up to K tokens a round, and the tokens in each draft slot's
+     * cache (n_slots, n_ctx) beside how many */
+    kiln_engine *draft;
+    int K;
+    int32_t *dcache_tok;
+    int *dcache_n;
+    int *orow;             /* (chunk) a logits row's place in its slot's round */
+    float *dlogits;        /* (n_slots, V) the draft's rows */
+    kiln_engine_tok *dtoks; /* (chunk) */
     char next_name[64];
     double next_secs;      /* its load time */
 } sched;
 
 /* Creates the scheduler over an engine (not owned) and starts its
- * thread. */
-kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng,
+ * thread. draft (owned from here on, even on failure; may be NULL): the
+ * draft model's engine of speculative decoding, K tokens a round. */
+kiln_status sched_start(kiln_ctx *ctx, sched *s, kiln_engine *eng, kiln_engine *draft, int K,
                         const kiln_tokenizer *tok, int max_queue);
 /* Stops the thread and fails every queued/active request (503); the
  * mutex stays usable for HTTP threads still draining. */
