@@ -161,6 +161,14 @@ out=$("$KILN" distill --teacher "$D/teacher" --student "$D/student_tok" --data "
 rc=$?
 DETAIL="status $rc: $out"
 check distill_tokenizer_mismatch eval '[ "$rc" -eq 2 ] && grep -q "differ at token id 97" <<<"$out"'
+# token shards written with the swapped tokenizer
+cp -r "$D/data" "$D/data_tok"
+cp "$D/student_tok/tokenizer.json" "$D/data_tok/tokenizer.json"
+out=$("$KILN" distill --teacher "$D/teacher" --student-config "$D/student.json" --data "$D/data_tok" \
+  --out "$D/tokbad2" --steps 2 --seq 64 --progress none --threads 2 2>&1 >/dev/null)
+rc=$?
+DETAIL="status $rc: $out"
+check distill_data_tokenizer_mismatch eval '[ "$rc" -eq 2 ] && grep -q "data.s (--data) .* differ at token id 97" <<<"$out" && [ ! -e "$D/tokbad2" ]'
 cp "$D/teacher/step_00000040/tokenizer.json" "$D/student_tok/tokenizer.json"
 "$KILN" distill --teacher "$D/teacher" --student "$D/student_tok" --data "$D/data" --out "$D/tokok" \
   --steps 2 --seq 64 --eval-every 0 --progress none --threads 2 >"$D/tokok.out" 2>&1

@@ -120,7 +120,8 @@ static const char *model_tokenizer(const char *model, char *buf, size_t cap)
 /* Teacher and student tokenizers, where both have one: the same tokens
  * (every id decodes to the same bytes). Returns false after printing the
  * first difference. */
-static bool same_tokenizer(kiln_ctx *ctx, const char *tspec, const char *sspec)
+static bool same_tokenizer(kiln_ctx *ctx, const char *tspec, const char *sspec,
+                           const char *whose)
 {
     kiln_tokenizer *a = NULL, *b = NULL;
     bool ok = true;
@@ -133,8 +134,8 @@ static bool same_tokenizer(kiln_ctx *ctx, const char *tspec, const char *sspec)
     int na = kiln_tokenizer_vocab_size(a), nb = kiln_tokenizer_vocab_size(b);
     if (na != nb) {
         fprintf(stderr, "kiln distill: the teacher's tokenizer (%s) has %d tokens and the "
-                        "student's (%s) %d: distill a student that uses the teacher's tokenizer\n",
-                tspec, na, sspec, nb);
+                        "%s (%s) %d: the student must learn on the teacher's tokenizer\n",
+                tspec, na, whose, sspec, nb);
         ok = false;
         goto out;
     }
@@ -143,9 +144,9 @@ static bool same_tokenizer(kiln_ctx *ctx, const char *tspec, const char *sspec)
         size_t lx = 0, ly = 0;
         if (kiln_tokenizer_decode(ctx, a, &id, 1, &x, &lx) ||
             kiln_tokenizer_decode(ctx, b, &id, 1, &y, &ly) || lx != ly || memcmp(x, y, lx)) {
-            fprintf(stderr, "kiln distill: the teacher's tokenizer (%s) and the student's (%s) "
-                            "differ at token id %d: distill a student that uses the teacher's "
-                            "tokenizer\n", tspec, sspec, id);
+            fprintf(stderr, "kiln distill: the teacher's tokenizer (%s) and the %s (%s) "
+                            "differ at token id %d: the student must learn on the teacher's "
+                            "tokenizer\n", tspec, whose, sspec, id);
             ok = false;
         }
         free(x);
@@ -347,7 +348,16 @@ int cmd_distill(int argc, char **argv)
         if ((s = kiln_config_load(ctx, cp, &scfg))) goto fail;
     }
     const char *ttok_spec = model_tokenizer(tdir, ttok, sizeof ttok);
-    if (ttok_spec && stok_spec && !same_tokenizer(ctx, ttok_spec, stok_spec)) {
+    if (ttok_spec && stok_spec && !same_tokenizer(ctx, ttok_spec, stok_spec, "student's")) {
+        ret = 2;
+        goto done;
+    }
+    /* token shards written with another tokenizer would pair the teacher's
+     * distributions with other tokens' ids */
+    char dtok[4300];
+    snprintf(dtok, sizeof dtok, "%s/tokenizer.json", a.data);
+    if (ttok_spec && is_dir(a.data) && is_file(dtok) &&
+        !same_tokenizer(ctx, ttok_spec, dtok, "data's (--data)")) {
         ret = 2;
         goto done;
     }
