@@ -105,17 +105,44 @@ void cli_train_unblock_signals(void);
  * second quits. Sets o->stop_flag. */
 kiln_status cli_train_run(kiln_ctx *ctx, kiln_train_opts *o, kiln_train_result *res);
 
+/* The flags of a training run that kiln train and kiln distill share
+ * (batch, seq, ..., lr, schedule, steps, eval/save cadence, seed, threads,
+ * precision, the settings of cli_env_flags, MPI): the string and bool
+ * flags land here, the rest in kiln_train_opts. */
+typedef struct cli_train_flags {
+    const char *schedule, *progress, *precision;
+    int64_t seed;
+    bool sequential;
+    cli_env_flags ef;
+} cli_train_flags;
+/* Entries cli_train_common_opts writes. */
+#define CLI_TRAIN_COMMON_OPTS 36
+/* schedule cosine, progress auto, precision auto, seed o->seed. */
+void cli_train_flags_init(cli_train_flags *f, const kiln_train_opts *o);
+/* Writes the shared flags' entries to dst (room for CLI_TRAIN_COMMON_OPTS,
+ * not terminated); returns their count. */
+int cli_train_common_opts(cli_opt *dst, kiln_train_opts *o, cli_train_flags *f);
+/* After parsing: --steps positive when given, seed, shuffle, schedule,
+ * progress and precision into *o. false after printing what is wrong. */
+bool cli_train_flags_apply(const char *cmd, int argc, char **argv, cli_train_flags *f,
+                           kiln_train_opts *o);
+/* --resume: the flags given on this command line (in *o) override the
+ * checkpoint's options (*saved); threads, progress, max-time, stop-at and
+ * zero are always this invocation's. */
+void cli_train_resume_merge(int argc, char **argv, const kiln_train_opts *o,
+                            kiln_train_opts *saved);
+
 /* ---- shared by kiln sft and kiln dpo (tools/cli_tune.c) ------------- */
 
 /* The fine-tuning commands' training settings and the flags that set them. */
 typedef struct cli_tune {
     kiln_train_opts o;
-    const char *schedule, *progress, *precision, *resume;
-    int64_t seed;
-    bool sequential;
-    cli_env_flags ef;
+    cli_train_flags f; /* kiln train's shared flags (cli_train_common_opts) */
+    const char *resume;
 } cli_tune;
-enum { CLI_TUNE_NFLAGS = 37 };
+/* --out, --resume and cli_train_common_opts's entries less --seq (the
+ * examples set the row length) */
+enum { CLI_TUNE_NFLAGS = CLI_TRAIN_COMMON_OPTS + 1 };
 /* Fine-tuning defaults: lr 2e-5 (min 0, no warmup, no weight decay),
  * eval every 50 steps, save at the end, keep 1. */
 void cli_tune_defaults(cli_tune *t);
@@ -144,33 +171,6 @@ void cli_split_indices(size_t n, size_t n_val, uint64_t seed, size_t *train, siz
  * to base. */
 kiln_status cli_import_gguf(kiln_ctx *ctx, const char *gguf, const char *out, char *base,
                             size_t cap);
-
-/* The flags of a training run that kiln train and kiln distill share
- * (batch, seq, ..., lr, schedule, steps, eval/save cadence, seed, threads,
- * precision, the settings of cli_env_flags, MPI): the string and bool
- * flags land here, the rest in kiln_train_opts. */
-typedef struct cli_train_flags {
-    const char *schedule, *progress, *precision;
-    int64_t seed;
-    bool sequential;
-    cli_env_flags ef;
-} cli_train_flags;
-/* Entries cli_train_common_opts writes. */
-#define CLI_TRAIN_COMMON_OPTS 36
-/* schedule cosine, progress auto, precision auto, seed o->seed. */
-void cli_train_flags_init(cli_train_flags *f, const kiln_train_opts *o);
-/* Writes the shared flags' entries to dst (room for CLI_TRAIN_COMMON_OPTS,
- * not terminated); returns their count. */
-int cli_train_common_opts(cli_opt *dst, kiln_train_opts *o, cli_train_flags *f);
-/* After parsing: --steps positive when given, seed, shuffle, schedule,
- * progress and precision into *o. false after printing what is wrong. */
-bool cli_train_flags_apply(const char *cmd, int argc, char **argv, cli_train_flags *f,
-                           kiln_train_opts *o);
-/* --resume: the flags given on this command line (in *o) override the
- * checkpoint's options (*saved); threads, progress, max-time, stop-at and
- * zero are always this invocation's. */
-void cli_train_resume_merge(int argc, char **argv, const kiln_train_opts *o,
-                            kiln_train_opts *saved);
 
 /* Subcommands. Each returns the process exit code. Families that a build
  * does not have are weak and reported as unavailable by the dispatcher. */

@@ -23,84 +23,50 @@ void cli_tune_defaults(cli_tune *t)
     t->o.eval_every = 50;
     t->o.save_every = 0;
     t->o.keep_last = 1;
-    t->schedule = "cosine";
-    t->progress = "auto";
-    t->precision = "auto";
-    t->seed = (int64_t)t->o.seed;
+    cli_train_flags_init(&t->f, &t->o);
+}
+
+/* kiln train's help texts where fine-tuning's defaults or meaning differ. */
+static const char *tune_help(const char *name)
+{
+    static const struct {
+        const char *name, *help;
+    } h[] = {
+        {"lr", "peak learning rate [2e-5]"},
+        {"min-lr", "final learning rate of cosine/linear decay [0]"},
+        {"warmup", "linear warmup steps [0]"},
+        {"epochs", "passes over the training examples [1]"},
+        {"weight-decay", "AdamW decoupled weight decay on matrices [0]"},
+        {"sequential", "visit examples in file order instead of a seeded shuffle per epoch"},
+        {"eval-every", "steps between validation evals, 0 = off [50]"},
+        {"save-every", "steps between checkpoints, 0 = at the end only [0]"},
+        {"keep-last", "checkpoints to keep, 0 = all [1]"},
+        {"seed", "seed of the split and the data order [1337]"},
+    };
+    for (size_t i = 0; i < sizeof h / sizeof *h; i++)
+        if (!strcmp(h[i].name, name)) return h[i].help;
+    return NULL;
 }
 
 int cli_tune_flags(cli_tune *t, cli_opt *opts, const char *batch_help)
 {
-    kiln_train_opts *o = &t->o;
-    cli_env_flags *ef = &t->ef;
-    const cli_opt v[] = {
-        {"out", CLI_STR, &o->out, "run directory (checkpoints, metrics.jsonl)", false},
-        {"resume", CLI_OPTSTR, &t->resume, "continue a run: a run directory or a step_* checkpoint [--out]", false},
-        {"batch", CLI_INT, &o->batch, batch_help, false},
-        {"grad-accum", CLI_INT, &o->grad_accum, "micro-batches per optimizer step [1]", false},
-        {"lr", CLI_F64, &o->lr, "peak learning rate [2e-5]", false},
-        {"min-lr", CLI_F64, &o->min_lr, "final learning rate of cosine/linear decay [0]", false},
-        {"warmup", CLI_I64, &o->warmup, "linear warmup steps [0]", false},
-        {"schedule", CLI_STR, &t->schedule, "cosine | linear | constant [cosine]", false},
-        {"steps", CLI_I64, &o->steps, "optimizer steps (overrides --epochs)", false},
-        {"epochs", CLI_F64, &o->epochs, "passes over the training examples [1]", false},
-        {"weight-decay", CLI_F64, &o->weight_decay, "AdamW decoupled weight decay on matrices [0]", false},
-        {"beta1", CLI_F64, &o->beta1, "AdamW beta1 [0.9]", false},
-        {"beta2", CLI_F64, &o->beta2, "AdamW beta2 [0.95]", false},
-        {"eps", CLI_F64, &o->eps, "AdamW epsilon [1e-8]", false},
-        {"grad-clip", CLI_F64, &o->grad_clip, "max global gradient norm, 0 = off [1.0]", false},
-        {"sequential", CLI_BOOL, &t->sequential, "visit examples in file order instead of a seeded shuffle per epoch", false},
-        {"eval-every", CLI_I64, &o->eval_every, "steps between validation evals, 0 = off [50]", false},
-        {"eval-steps", CLI_I64, &o->eval_steps, "validation batches per eval [20]", false},
-        {"save-every", CLI_I64, &o->save_every, "steps between checkpoints, 0 = at the end only [0]", false},
-        {"keep-last", CLI_INT, &o->keep_last, "checkpoints to keep, 0 = all [1]", false},
-        {"seed", CLI_I64, &t->seed, "seed of the split and the data order [1337]", false},
-        {"threads", CLI_INT, &o->threads, "compute threads, 0 = all cores [0]", false},
-        {"log-every", CLI_I64, &o->log_every, "steps between progress lines when not on a terminal [10]", false},
-        {"progress", CLI_STR, &t->progress, "auto | bar | lines | none [auto]", false},
-        {"max-time", CLI_F64, &o->max_time, "stop, save and exit after this many seconds [off]", false},
-        {"stop-at", CLI_I64, &o->stop_at, "stop, save and exit after this step [off]", false},
-        {"zero", CLI_INT, &o->zero, "under mpirun: 1 shards the optimizer state across ranks (ZeRO-1) [0]", false},
-        {"precision", CLI_STR, &t->precision, "fp32 | bf16 | fp16 | auto: dtype of the matrix products [auto]", false},
-        {"bf16-kernel", CLI_STR, &ef->bf16_kernel, "auto | ref | avx512 | amx (env KILN_BF16_KERNEL) [auto]", false},
-        {"no-precision-probe", CLI_BOOL, &ef->no_precision_probe, "precision auto: bf16 whenever the CPU has bf16 hardware, without measuring (env KILN_PRECISION_PROBE=0)", false},
-        {"fp32-acts", CLI_BOOL, &ef->fp32_acts, "bf16: keep fp32 activations (env KILN_BF16_ACTS=0)", false},
-        {"optim-kernel", CLI_STR, &ef->optim_kernel, "auto | portable (env KILN_OPTIM_KERNEL) [auto]", false},
-        {"loss-scale", CLI_F64, &ef->loss_scale, "fp16: initial loss scale (env KILN_LOSS_SCALE) [65536]", false},
-        {"dist-timeout", CLI_F64, &ef->dist_timeout, "under mpirun: collective timeout in seconds (env KILN_DIST_TIMEOUT) [300]", false},
-        {"dist-bucket-mb", CLI_F64, &ef->dist_bucket_mb, "under mpirun: gradient bucket MB (env KILN_DIST_BUCKET_MB) [25]", false},
-        {"no-dist-overlap", CLI_BOOL, &ef->no_dist_overlap, "under mpirun: reduce gradients after the backward (env KILN_DIST_OVERLAP=0)", false},
-        {"no-dist-progress", CLI_BOOL, &ef->no_dist_progress, "under mpirun: no progress table for the watchdog (env KILN_DIST_PROGRESS=0)", false},
-    };
-    int n = (int)(sizeof v / sizeof v[0]);
-    memcpy(opts, v, sizeof v);
+    cli_opt common[CLI_TRAIN_COMMON_OPTS];
+    int nc = cli_train_common_opts(common, &t->o, &t->f), n = 0;
+    opts[n++] = (cli_opt){"out", CLI_STR, &t->o.out, "run directory (checkpoints, metrics.jsonl)", false};
+    opts[n++] = (cli_opt){"resume", CLI_OPTSTR, &t->resume, "continue a run: a run directory or a step_* checkpoint [--out]", false};
+    for (int i = 0; i < nc; i++) {
+        if (!strcmp(common[i].name, "seq")) continue;
+        opts[n] = common[i];
+        if (!strcmp(common[i].name, "batch")) opts[n].help = batch_help;
+        else if (tune_help(common[i].name)) opts[n].help = tune_help(common[i].name);
+        n++;
+    }
     return n;
 }
 
 bool cli_tune_check(const char *cmd, cli_tune *t, int argc, char **argv)
 {
-    kiln_train_opts *o = &t->o;
-    if (cli_given(argc, argv, "steps") && o->steps <= 0) {
-        fprintf(stderr, "kiln %s: --steps must be positive (leave it out to train for --epochs)\n",
-                cmd);
-        return false;
-    }
-    o->seed = (uint64_t)t->seed;
-    o->shuffle = !t->sequential;
-    int k = kiln_schedule_parse(t->schedule), pk = cli_parse_progress(t->progress);
-    int pp = kiln_precision_parse(t->precision);
-    if (k < 0 || pk < 0 || pp < 0) {
-        fprintf(stderr, "kiln %s: %s '%s' is not one of %s\n", cmd,
-                k < 0 ? "--schedule" : pk < 0 ? "--progress" : "--precision",
-                k < 0 ? t->schedule : pk < 0 ? t->progress : t->precision,
-                k < 0 ? "cosine, linear, constant"
-                      : pk < 0 ? "auto, bar, lines, none" : "fp32, bf16, fp16, auto");
-        return false;
-    }
-    o->schedule = (kiln_schedule)k;
-    o->progress = (kiln_progress)pk;
-    o->precision = (kiln_precision)pp;
-    return true;
+    return cli_train_flags_apply(cmd, argc, argv, &t->f, &t->o);
 }
 
 int cli_tune_resume(kiln_ctx *ctx, const char *cmd, cli_tune *t, int argc, char **argv,

@@ -224,8 +224,8 @@ int cmd_dpo(int argc, char **argv)
         goto done;
     }
     o = tu.o;
-    if (!cli_train_settings("dpo", argc, argv, &tu.ef, &o)) goto done;
-    cli_precision_probe(ctx, argc, argv, &tu.ef);
+    if (!cli_train_settings("dpo", argc, argv, &tu.f.ef, &o)) goto done;
+    cli_precision_probe(ctx, argc, argv, &tu.f.ef);
     ret = 1;
     /* the policy's initial weights, the reference, the tokenizer */
     if ((s = cli_model_dir(ctx, a.model, model_dir, sizeof model_dir))) {

@@ -255,8 +255,8 @@ int cmd_sft(int argc, char **argv)
         goto done;
     }
     o = tu.o;
-    if (!cli_train_settings("sft", argc, argv, &tu.ef, &o)) goto done;
-    cli_precision_probe(ctx, argc, argv, &tu.ef);
+    if (!cli_train_settings("sft", argc, argv, &tu.f.ef, &o)) goto done;
+    cli_precision_probe(ctx, argc, argv, &tu.f.ef);
     ret = 1;
     /* the model, its tokenizer and its context */
     if ((s = cli_model_dir(ctx, a.model, model_dir, sizeof model_dir))) {
