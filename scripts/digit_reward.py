@@ -6,7 +6,7 @@ and prints, per line, the share of the answer's digits that the
 completion's final answer (after the last "####") has in the same place,
 counted from the right: 1 for a correct answer, 0.5 for "#### 47" when the
 answer is 57, 0 without a marker or a number. A denser signal than exact
-match for docs/alignment.md's addition run.
+match, tried in docs/alignment.md's addition run.
 """
 import json
 import sys

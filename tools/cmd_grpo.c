@@ -890,7 +890,7 @@ int cmd_grpo(int argc, char **argv)
         {"prompts", CLI_STR, &a.prompts, "JSONL: {\"prompt\": string or messages, \"answer\": string or number} per line; prompts longer than the context are counted and dropped", false},
         {"out", CLI_STR, &out, "run directory (metrics.jsonl, samples.jsonl, step_* checkpoints)", false},
         {"resume", CLI_OPTSTR, &resume, "continue a run: a run directory or a step_* checkpoint [--out]", false},
-        {"eval-prompts", CLI_STR, &a.eval_prompts, "held-out prompts (same JSONL): greedy completions scored with --reward at the start, every --eval-every steps and at the end (eval_* in metrics.jsonl)", false},
+        {"eval-prompts", CLI_STR, &a.eval_prompts, "held-out prompts (same JSONL): completions (greedy, or at --eval-temperature) scored with --reward at the start, every --eval-every steps and at the end (eval_* in metrics.jsonl)", false},
         {"eval-every", CLI_I64, &a.eval_every, "steps between evaluations of --eval-prompts, 0 = start and end only [0]", false},
         {"eval-temperature", CLI_F64, &a.eval_temperature, "sampling temperature of the evaluations (0 = greedy; above 0 each prompt is sampled once, with --top-p/--top-k, from seeds of its own) [0]", false},
         {"group", CLI_INT, &a.group, "completions sampled per prompt, >= 2 [8]", false},
