@@ -31,6 +31,14 @@
  * log-sum-exp), the logits (cross-entropy in fp32), and all gradients.
  * The residual adds are the products' output form (KERN_OUT_RES).
  *
+ * Packed rows (kiln_model_forward_pos: m->packed, a.pos the position of
+ * each token inside its document): the embedding adds wpe[pos], RoPE
+ * rotates by pos (rope_at; the backward by -sin, rope_nsin), and the
+ * attention runs by document (kernels/attn_doc.c) on kern_ops' fp32
+ * kernels, through the same path as a backend without attention in its
+ * compute dtype (the values rounded to it first), so every precision
+ * keeps documents apart.
+ *
  * Weights are the backend's prepared handles (weight_prepare),
  * activations kern_act buffers carved here with the backend's act_bytes.
  * The weight-matrix gradients are written, not added, by the first
