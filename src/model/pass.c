@@ -34,9 +34,11 @@
  * Packed rows (kiln_model_forward_pos: m->packed, a.pos the position of
  * each token inside its document): the embedding adds wpe[pos], RoPE
  * rotates by pos (rope_at; the backward by -sin, rope_nsin), and the
- * attention runs by document (kernels/attn_doc.c) on kern_ops' fp32
- * kernels, through the same path as a backend without attention in its
- * compute dtype (the values rounded to it first), so every precision
+ * attention runs by document (kernels/attn_doc.c): on the backend's own
+ * attention where it has a document form (mp.attention_doc_fwd: the bf16
+ * backend's AMX kernel, out as fp32 rows packed after), else on kern_ops'
+ * fp32 kernels through the same path as a backend without attention in
+ * its compute dtype (the values rounded to it first), so every precision
  * keeps documents apart.
  *
  * Weights are the backend's prepared handles (weight_prepare),
@@ -192,6 +194,7 @@ typedef struct pass_attend {
     kiln_model *m;
     kern_backend *be;
     bool att, rows; /* attention in the compute dtype; qkv came as rows */
+    bool doc;       /* packed rows on the backend's own document attention */
     size_t lse_sz;
 } pass_attend;
 
@@ -210,7 +213,12 @@ static void train_attend(void *ud, int l, const model_blk *io)
                             m->NH + m->KVH, m->HS));
     else if (m->cfg.arch != KILN_ARCH_GPT2)
         P(OTHER, k->rope(io->qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-    if (u->att) {
+    if (u->doc) { /* out as fp32 rows, packed for the projection */
+        P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq));
+        P(ATTN_FWD, mp->attention_doc_fwd(be, m->a.atty, lse, io->qkvh, m->a.pos, B, T, m->NH,
+                                          m->KVH, m->HS, m->a.lse_doc));
+        P(OTHER, mp->act_pack(be, io->attyp, m->a.atty, n, m->C));
+    } else if (u->att) {
         if (!u->rows) P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq));
         P(ATTN_FWD, mp->attention_fwd(be, io->attyp, lse, io->qkvh, B, T, m->NH, m->KVH, m->HS));
     } else {
@@ -223,6 +231,14 @@ static void train_attend(void *ud, int l, const model_blk *io)
                                          m->HS));
         P(OTHER, mp->act_pack(be, io->attyp, m->a.atty, n, m->C));
     }
+}
+
+/* Whether packed rows run on the backend's own document attention (the
+ * bf16 backend's AMX kernel by document) rather than kern_ops' fp32 one. */
+static bool model_pass_doc_native(const kiln_model *m, kern_backend *be)
+{
+    return m->packed && be->mp.attention_doc_fwd && be->mp.attention_doc_bwd &&
+           be->mp.attention_ok(be, m->HS, m->T);
 }
 
 /* Layer l's weights as handles of the pass backend (NULL entries on OOM). */
@@ -287,7 +303,7 @@ kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
     if (m->packed) P(OTHER, embed_packed_fwd(m, k, B, T));
     else P(OTHER, k->embed_fwd(a->encoded, a->tokens, m->w.wte, m->w.wpe, B, T, C));
     model_shape sh = model_shape_of(m);
-    pass_attend u = {m, be, att, gpt2 && att, (size_t)B * m->NH * T};
+    pass_attend u = {m, be, att, gpt2 && att, model_pass_doc_native(m, be), (size_t)B * m->NH * T};
     model_run r = {.be = be, .s = &sh, .qkv_rows = u.rows, .attend = train_attend, .ud = &u,
                    .prof = m};
     for (int l = 0; l < m->L; l++) {
@@ -349,6 +365,7 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
     model_weights *dw = model_grad_views(m); /* NULL where frozen */
     kiln_status s = KILN_OK;
     bool att = mp->attention_ok(be, m->HS, T) && !m->packed; /* as the forward */
+    bool doc = model_pass_doc_native(m, be);
 
     /* LM head and final norm. */
     if (ce) { /* the loss's gradient straight into the head's backward */
@@ -416,6 +433,10 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
             if (att) { /* as the forward */
                 P(ATTN_BWD, mp->attention_bwd(be, a->dbig, a->dc, qkvh, attyp, lse, B, T, m->NH,
                                               m->KVH, m->HS));
+            } else if (doc) { /* the forward's out as the projection read it */
+                P(OTHER, mp->act_unpack(be, a->atty, attyp, n, C));
+                P(ATTN_BWD, mp->attention_doc_bwd(be, a->dbig, a->dc, qkvh, a->atty, lse, a->pos, B,
+                                                  T, m->NH, m->KVH, m->HS, a->lse_doc));
             } else {
                 P(OTHER, mp->act_unpack(be, a->atty, attyp, n, C));
                 P(OTHER, mp->from_rows(be, a->tmp, qkvh, N * QKV));
