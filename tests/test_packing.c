@@ -14,7 +14,10 @@
  *   - bf16 (where the CPU has the AMX attention): packed rows run on the
  *     backend's own attention by document (mp.attention_doc_fwd, the AMX
  *     kernel as unpacked rows use); packed and unpacked give the same loss
- *     (<= 1e-6) and gradients (<= 1e-5 of the largest);
+ *     (<= 1e-6) and gradients (<= 1e-5 of the largest); with the portable
+ *     bf16 kernel (no bf16 attention) packed rows take kern_ops' fp32
+ *     attention by document on the rounded values, as unpacked rows take
+ *     it whole, with the same bounds;
  *   - positions that do not describe documents are refused, naming the
  *     row and position.
  */
@@ -250,7 +253,7 @@ static void test_packed_equals_unpacked_gpt2(void) { packed_equals_unpacked(KILN
 
 /* bf16 with bf16 activations on the AMX attention (HS 32): the packed
  * rows take the backend's document attention. */
-static void packed_bf16(kiln_arch arch)
+static void packed_bf16(kiln_arch arch, kiln_bf16_kernel kern)
 {
     kiln_rng_seed(&rng, 17 + arch);
     kiln_ctx *ctx = kiln_ctx_new();
@@ -260,10 +263,18 @@ static void packed_bf16(kiln_arch arch)
     c.n_ctx = 64;
     kiln_model *m;
     CHECK_EQ(kiln_model_new(ctx, &c, &m), KILN_OK);
-    CHECK_EQ(kiln_model_set_precision(ctx, m, KILN_PRECISION_BF16), KILN_OK);
+    kiln_precision_opts po = kiln_precision_opts_default();
+    po.precision = KILN_PRECISION_BF16;
+    po.bf16_kernel = kern;
+    CHECK_EQ(kiln_model_set_precision_opts(ctx, m, &po), KILN_OK);
     kiln_model_init_random(m, 5);
-    if (!model_bf16_acts(m) || !m->be->mp.attention_doc_fwd ||
-        !m->be->mp.attention_ok(m->be, 32, 24) || !m->be->mp.attention_ok(m->be, 32, 48)) {
+    /* AMX: the backend's document attention; REF: none (kern_ops' fp32
+     * attention by document on the bf16-rounded values) */
+    bool amx = kern == KILN_BF16_KERNEL_AMX;
+    if (!model_bf16_acts(m) || (amx && (!m->be->mp.attention_doc_fwd ||
+                                        !m->be->mp.attention_ok(m->be, 32, 24) ||
+                                        !m->be->mp.attention_ok(m->be, 32, 48))) ||
+        (!amx && m->be->mp.attention_ok(m->be, 32, 48))) {
         kiln_model_free(m);
         kiln_ctx_free(ctx);
         SKIP("no bf16 attention with documents on this CPU (needs AMX)");
@@ -308,8 +319,10 @@ static void packed_bf16(kiln_arch arch)
     kiln_ctx_free(ctx);
 }
 
-static void test_packed_bf16_gpt2(void) { packed_bf16(KILN_ARCH_GPT2); }
-static void test_packed_bf16_llama(void) { packed_bf16(KILN_ARCH_LLAMA); }
+static void test_packed_bf16_gpt2(void) { packed_bf16(KILN_ARCH_GPT2, KILN_BF16_KERNEL_AMX); }
+static void test_packed_bf16_llama(void) { packed_bf16(KILN_ARCH_LLAMA, KILN_BF16_KERNEL_AMX); }
+static void test_packed_bf16_ref_gpt2(void) { packed_bf16(KILN_ARCH_GPT2, KILN_BF16_KERNEL_REF); }
+static void test_packed_bf16_ref_llama(void) { packed_bf16(KILN_ARCH_LLAMA, KILN_BF16_KERNEL_REF); }
 static void test_packed_equals_unpacked_llama(void) { packed_equals_unpacked(KILN_ARCH_LLAMA); }
 
 /* Rows of one document each: the packed path is the unpacked one. */
@@ -374,6 +387,8 @@ int main(void)
     RUN_TEST(test_packed_equals_unpacked_llama);
     RUN_TEST(test_packed_bf16_gpt2);
     RUN_TEST(test_packed_bf16_llama);
+    RUN_TEST(test_packed_bf16_ref_gpt2);
+    RUN_TEST(test_packed_bf16_ref_llama);
     RUN_TEST(test_one_document_per_row);
     RUN_TEST(test_bad_positions);
     return TEST_EXIT();
