@@ -433,9 +433,9 @@ kiln_status kiln_model_forward(kiln_ctx *ctx, kiln_model *m,
  * where pos is 0 and counts up by 1 (checked; the error names the row and
  * position). pos NULL is kiln_model_forward. A row holding one document
  * (pos 0..T-1) gives kiln_model_forward's result. The following backward
- * uses the same documents. Attention then runs on the fp32 attention
- * kernels by document in every precision (the bf16 backend's own attention
- * takes no documents). */
+ * uses the same documents. Attention runs document by document: in bf16
+ * on the AMX attention where the CPU has it (as unpacked rows), else on
+ * the fp32 attention kernels. */
 kiln_status kiln_model_forward_pos(kiln_ctx *ctx, kiln_model *m, const int32_t *tokens,
                                    const int32_t *pos, int B, int T, float **logits);
 /* Backward pass of the last forward: accumulates d(loss)/d(params) into

@@ -101,4 +101,42 @@ if [ $rc -ne 0 ] && grep -q 'sft.jsonl:2: messages\[0\]: unknown role "bot"' "$T
   ok dataset_check_bad_lines; else no dataset_check_bad_lines "rc $rc $(cat "$T/ds.out")"; fi
 "$KILN" tokenize --tokenizer bytes --dataset sft --skip-bad --input "$T/sft.jsonl" >"$T/ds2.out" 2>&1
 if grep -q '3 lines, 1 examples' "$T/ds2.out" && grep -q '2 malformed' "$T/ds2.out"; then ok dataset_check_stats; else no dataset_check_stats "$(cat "$T/ds2.out")"; fi
+# --- --add-special: a Llama 3 style post_processor (ByteLevel, then a
+# template putting <|begin_of_text|> first), as Hugging Face's
+# add_special_tokens=True: that id, then the text's own ids ---------------
+printf 'the cat sat on the mat\nthe dog sat\n' >"$T/pp.txt"
+if "$KILN" tokenizer train --input "$T/pp.txt" --vocab-size 270 --out "$T/pp.json" --quiet >/dev/null 2>&1 &&
+   /usr/bin/python3 - "$T/pp.json" <<'EOF'
+import json, sys
+p = sys.argv[1]
+t = json.load(open(p))
+bid = max(a["id"] for a in t["added_tokens"]) + 1
+t["added_tokens"].append({"id": bid, "content": "<|begin_of_text|>", "single_word": False,
+    "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+t["post_processor"] = {"type": "Sequence", "processors": [
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+    {"type": "TemplateProcessing",
+     "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}],
+     "pair": [], "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>",
+                                                          "ids": [bid], "tokens": ["<|begin_of_text|>"]}}}]}
+json.dump(t, open(p, "w"))
+open(p + ".bid", "w").write(str(bid))
+EOF
+then
+  bid=$(cat "$T/pp.json.bid")
+  plain=$(printf 'the cat' | "$KILN" tokenizer encode --tokenizer "$T/pp.json")
+  full=$(printf 'the cat' | "$KILN" tokenizer encode --tokenizer "$T/pp.json" --add-special)
+  if [ -n "$plain" ] && [ "$full" = "$bid $plain" ]; then ok encode_add_special_bos
+  else no encode_add_special_bos "plain '$plain' with --add-special '$full' (BOS $bid)"; fi
+  spec=$(printf 'the<|begin_of_text|>' | "$KILN" tokenizer encode --tokenizer "$T/pp.json" --add-special --special)
+  case "$spec" in "$bid "*" $bid") ok encode_add_special_with_special ;;
+    *) no encode_add_special_with_special "'$spec'" ;; esac
+else
+  no encode_add_special_bos "setup failed"
+fi
+"$KILN" tokenizer encode --tokenizer bytes --chat --add-special </dev/null >"$T/oas" 2>&1
+if [ $? -eq 2 ] && grep -q -- '--add-special is for text' "$T/oas"; then ok encode_add_special_chat_refused
+else no encode_add_special_chat_refused "$(cat "$T/oas")"; fi
+
 exit 0

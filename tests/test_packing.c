@@ -11,12 +11,20 @@
  *     (<= 1e-5 relative to the largest gradient);
  *   - rows that each hold one document (pos 0..T-1): forward_pos gives
  *     kiln_model_forward's logits and gradients;
+ *   - bf16 (where the CPU has the AMX attention): packed rows run on the
+ *     backend's own attention by document (mp.attention_doc_fwd, the AMX
+ *     kernel as unpacked rows use); packed and unpacked give the same loss
+ *     (<= 1e-6) and gradients (<= 1e-5 of the largest); with the portable
+ *     bf16 kernel (no bf16 attention) packed rows take kern_ops' fp32
+ *     attention by document on the rounded values, as unpacked rows take
+ *     it whole, with the same bounds;
  *   - positions that do not describe documents are refused, naming the
  *     row and position.
  */
 #include "check.h"
 #include "kiln.h"
 #include "kernels/kernels.h"
+#include "model/model.h"
 
 static kiln_rng rng;
 
@@ -242,6 +250,79 @@ static void packed_equals_unpacked(kiln_arch arch)
 }
 
 static void test_packed_equals_unpacked_gpt2(void) { packed_equals_unpacked(KILN_ARCH_GPT2); }
+
+/* bf16 with bf16 activations on the AMX attention (HS 32): the packed
+ * rows take the backend's document attention. */
+static void packed_bf16(kiln_arch arch, kiln_bf16_kernel kern)
+{
+    kiln_rng_seed(&rng, 17 + arch);
+    kiln_ctx *ctx = kiln_ctx_new();
+    kiln_set_threads(ctx, 2);
+    kiln_config c = cfg_of(arch);
+    c.n_embd = 64, c.n_head = 2, c.n_kv_head = arch == KILN_ARCH_GPT2 ? 2 : 1, c.n_inner = 128;
+    c.n_ctx = 64;
+    kiln_model *m;
+    CHECK_EQ(kiln_model_new(ctx, &c, &m), KILN_OK);
+    kiln_precision_opts po = kiln_precision_opts_default();
+    po.precision = KILN_PRECISION_BF16;
+    po.bf16_kernel = kern;
+    CHECK_EQ(kiln_model_set_precision_opts(ctx, m, &po), KILN_OK);
+    kiln_model_init_random(m, 5);
+    /* AMX: the backend's document attention; REF: none (kern_ops' fp32
+     * attention by document on the bf16-rounded values) */
+    bool amx = kern == KILN_BF16_KERNEL_AMX;
+    if (!model_bf16_acts(m) || (amx && (!m->be->mp.attention_doc_fwd ||
+                                        !m->be->mp.attention_ok(m->be, 32, 24) ||
+                                        !m->be->mp.attention_ok(m->be, 32, 48))) ||
+        (!amx && m->be->mp.attention_ok(m->be, 32, 48))) {
+        kiln_model_free(m);
+        kiln_ctx_free(ctx);
+        SKIP("no bf16 attention with documents on this CPU (needs AMX)");
+    }
+    enum { ND = 5, TU = 24, TP = 48 }; /* T the AMX attention takes */
+    const int n[ND] = {25, 17, 3, 21, 12}; /* 24 + 16 + 2, pad 6 | 20 + 11, pad 17 */
+    int32_t ut[ND * TU], ug[ND * TU], pt[2 * TP], pg[2 * TP], pp[2 * TP];
+    int at = 0;
+    for (int d = 0; d < ND; d++) {
+        int L = n[d] - 1;
+        int32_t ids[25];
+        for (int j = 0; j < n[d]; j++) ids[j] = (int32_t)kiln_rng_below(&rng, 22);
+        if (d == 3) at = TP; /* the second row */
+        for (int j = 0; j < TU; j++) {
+            ut[d * TU + j] = j < L ? ids[j] : 22;
+            ug[d * TU + j] = j < L ? ids[j + 1] : -1;
+        }
+        for (int j = 0; j < L; j++, at++) pt[at] = ids[j], pg[at] = ids[j + 1], pp[at] = j;
+        if (d == 2)
+            for (int j = 0; at < TP; j++, at++) pt[at] = 22, pg[at] = -1, pp[at] = j;
+    }
+    for (int j = 0; at < 2 * TP; j++, at++) pt[at] = 22, pg[at] = -1, pp[at] = j;
+    size_t np = kiln_model_num_params(m);
+    float *gu = malloc(np * 4), *gp = malloc(np * 4);
+    double lu, wu, lp, wp;
+    run(ctx, m, ut, ug, NULL, ND, TU, &lu, &wu, gu, NULL);
+    run(ctx, m, pt, pg, pp, 2, TP, &lp, &wp, gp, NULL);
+    CHECK(wu == wp && wu == 73);
+    CHECK_MSG(fabs(lu / wu - lp / wp) <= 1e-6 * fabs(lu / wu), "loss %.9g vs %.9g", lu / wu,
+              lp / wp);
+    double sc, d = check_maxdiff(gp, gu, np, &sc), gmax = 0;
+    for (size_t i = 0; i < np; i++) gmax = fmax(gmax, fabs(gu[i]));
+    CHECK_MSG(d <= 1e-5 * gmax && gmax > 0, "max grad diff %g (largest %g)", d, gmax);
+    fprintf(stderr, "  bf16 arch %d: loss %.9g vs %.9g, grad diff %.3g of %.3g\n", (int)arch,
+            lu / wu, lp / wp, d, gmax);
+    double lc, wc;
+    run(ctx, m, pt, pg, NULL, 2, TP, &lc, &wc, gp, NULL);
+    CHECK_MSG(fabs(lc - lp) > 1e-3 * fabs(lp), "causal %.9g vs packed %.9g", lc, lp);
+    free(gu);
+    free(gp);
+    kiln_model_free(m);
+    kiln_ctx_free(ctx);
+}
+
+static void test_packed_bf16_gpt2(void) { packed_bf16(KILN_ARCH_GPT2, KILN_BF16_KERNEL_AMX); }
+static void test_packed_bf16_llama(void) { packed_bf16(KILN_ARCH_LLAMA, KILN_BF16_KERNEL_AMX); }
+static void test_packed_bf16_ref_gpt2(void) { packed_bf16(KILN_ARCH_GPT2, KILN_BF16_KERNEL_REF); }
+static void test_packed_bf16_ref_llama(void) { packed_bf16(KILN_ARCH_LLAMA, KILN_BF16_KERNEL_REF); }
 static void test_packed_equals_unpacked_llama(void) { packed_equals_unpacked(KILN_ARCH_LLAMA); }
 
 /* Rows of one document each: the packed path is the unpacked one. */
@@ -304,6 +385,10 @@ int main(void)
     RUN_TEST(test_doc_attention_vs_naive);
     RUN_TEST(test_packed_equals_unpacked_gpt2);
     RUN_TEST(test_packed_equals_unpacked_llama);
+    RUN_TEST(test_packed_bf16_gpt2);
+    RUN_TEST(test_packed_bf16_llama);
+    RUN_TEST(test_packed_bf16_ref_gpt2);
+    RUN_TEST(test_packed_bf16_ref_llama);
     RUN_TEST(test_one_document_per_row);
     RUN_TEST(test_bad_positions);
     return TEST_EXIT();

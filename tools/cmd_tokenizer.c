@@ -120,12 +120,13 @@ static kiln_status chat_from_json(kiln_ctx *ctx, const kiln_tokenizer *tok, cons
 static int tokenizer_encode(int argc, char **argv)
 {
     const char *spec = NULL, *input = NULL;
-    bool json = false, chat = false, special = false, gen = false;
+    bool json = false, chat = false, special = false, gen = false, add_special = false;
     cli_opt opts[] = {
         {"tokenizer", CLI_STR, &spec, "tokenizer.json, a directory, or bytes", true},
         {"input", CLI_STR, &input, "text file to encode [stdin]", false},
         {"json", CLI_BOOL, &json, "print a JSON array instead of space-separated ids", false},
         {"special", CLI_BOOL, &special, "recognise special tokens such as <|endoftext|> in the text", false},
+        {"add-special", CLI_BOOL, &add_special, "add what the tokenizer.json post_processor puts around a text (Hugging Face's add_special_tokens=True, e.g. Llama 3's <|begin_of_text|>) [off]", false},
         {"chat", CLI_BOOL, &chat, "the input is a JSON messages array (or {\"messages\": [...]}): "
                                   "render it with the chat template, print ids and the loss mask", false},
         {"generation-prompt", CLI_BOOL, &gen, "with --chat: end with the assistant prompt", false},
@@ -139,6 +140,11 @@ static int tokenizer_encode(int argc, char **argv)
     if (rc) return rc == 1 ? 0 : 2;
     if (gen && !chat) {
         fprintf(stderr, "kiln tokenizer encode: --generation-prompt needs --chat\n");
+        return 2;
+    }
+    if (add_special && chat) {
+        fprintf(stderr, "kiln tokenizer encode: --add-special is for text; with --chat the "
+                        "template decides the special tokens\n");
         return 2;
     }
     kiln_ctx *ctx = cli_ctx_new();
@@ -155,8 +161,27 @@ static int tokenizer_encode(int argc, char **argv)
         s = chat_from_json(ctx, tok, buf, len, gen, &ids, &mask, &n);
     } else if (special) {
         s = kiln_tokenizer_encode_special(ctx, tok, buf, len, &ids, &n);
+    } else if (add_special) {
+        s = kiln_tokenizer_encode_add_special(ctx, tok, buf, len, &ids, &n);
     } else {
         s = kiln_tokenizer_encode(ctx, tok, buf, len, &ids, &n);
+    }
+    if (!s && special && add_special) { /* the template around the parsed text */
+        const int32_t *pre, *suf;
+        int np = kiln_tokenizer_post_ids(tok, false, &pre), ns = kiln_tokenizer_post_ids(tok, true, &suf);
+        np = np < 0 ? 0 : np, ns = ns < 0 ? 0 : ns;
+        int32_t *all = malloc((n + (size_t)np + (size_t)ns + 1) * sizeof *all);
+        if (!all) {
+            free(ids);
+            s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        } else {
+            if (np) memcpy(all, pre, (size_t)np * sizeof *all);
+            memcpy(all + np, ids, n * sizeof *all);
+            if (ns) memcpy(all + np + n, suf, (size_t)ns * sizeof *all);
+            free(ids);
+            ids = all;
+            n += (size_t)(np + ns);
+        }
     }
     if (s) { rc = cli_fail(ctx, "tokenizer encode", s); goto done; }
     if (json && mask) printf("{\"ids\": [");

@@ -261,6 +261,24 @@ static void f32_attention_bwd(const kern_backend *b, float *dqkv, const float *d
                           T, NH, KVH, HS);
 }
 
+/* Packed rows: the table's attention by document (attn_doc.c). */
+static void f32_attention_doc_fwd(const kern_backend *b, float *out, float *lse, const void *qkvh,
+                                  const int32_t *pos, int B, int T, int NH, int KVH, int HS,
+                                  float *scratch)
+{
+    kern_attention_doc_fwd(b->ops, b->gemm, out, lse, (const float *)qkvh, pos, B, T, NH, KVH, HS,
+                           scratch);
+}
+
+static void f32_attention_doc_bwd(const kern_backend *b, float *dqkv, const float *dout,
+                                  const void *qkvh, const float *out, const float *lse,
+                                  const int32_t *pos, int B, int T, int NH, int KVH, int HS,
+                                  float *scratch)
+{
+    kern_attention_doc_bwd(b->ops, b->gemm, dqkv, dout, (const float *)qkvh, out, lse, pos, B, T,
+                           NH, KVH, HS, scratch);
+}
+
 static bool f32_attention_linear_bwd(kern_backend *b, kern_weight *w, float *dqkv,
                                      const float *dout, const void *qkvh, const kern_act *outp,
                                      const float *lse, int B, int T, int NH, int KVH, int HS,
@@ -329,6 +347,8 @@ kern_backend *kern_backend_f32_new(const kern_ops *ops, kern_gemm *gemm, bool ow
                 .attention_fwd = f32_attention_fwd,
                 .attention_bwd = f32_attention_bwd,
                 .attention_linear_bwd = f32_attention_linear_bwd,
+                .attention_doc_fwd = f32_attention_doc_fwd,
+                .attention_doc_bwd = f32_attention_doc_bwd,
             },
         .destroy = f32_destroy,
     };

@@ -300,6 +300,21 @@ void kern_attention_doc_bwd(const kern_ops *k, kern_gemm *g, float *dqkv, const 
                             const float *qkv, const float *out, const float *lse,
                             const int32_t *pos, int B, int T, int NH, int KVH, int HS,
                             float *scratch);
+/* The same over any per-document kernel: fwd / bwd run one document of T
+ * rows (B = 1) with the contracts above, qkv being rows of row_bytes (fp32
+ * or a compute dtype's), out, dout and dqkv fp32 rows. */
+typedef void (*kern_doc_fwd_fn)(const void *ud, float *out, float *lse, const void *qkv, int T,
+                                int NH, int KVH, int HS);
+typedef void (*kern_doc_bwd_fn)(const void *ud, float *dqkv, const float *dout, const void *qkv,
+                                const float *out, const float *lse, int T, int NH, int KVH,
+                                int HS);
+void kern_attention_doc_fwd_by(kern_doc_fwd_fn fwd, const void *ud, float *out, float *lse,
+                               const void *qkv, size_t row_bytes, const int32_t *pos, int B,
+                               int T, int NH, int KVH, int HS, float *scratch);
+void kern_attention_doc_bwd_by(kern_doc_bwd_fn bwd, const void *ud, float *dqkv,
+                               const float *dout, const void *qkv, size_t row_bytes,
+                               const float *out, const float *lse, const int32_t *pos, int B,
+                               int T, int NH, int KVH, int HS, float *scratch);
 /* Whether pos (B, T) is a valid document layout: each row starts at 0 and
  * every position is 0 or its predecessor + 1; else the first bad index in
  * *bad. */
@@ -458,6 +473,19 @@ typedef struct kern_mp_ops {
                                  const float *dout, const void *qkvh, const kern_act *outp,
                                  const float *lse, int B, int T, int NH, int KVH, int HS,
                                  const kern_act *x, float *dW, bool dw_acc, float *db, float *dx);
+    /* Document-masked attention (kern_attention_doc_fwd's contract: pos,
+     * scratch of NH * T floats) in the compute dtype from the rows qkvh,
+     * the output as fp32 rows (B*T, NH*HS); the backward from those rows
+     * (dqkv overwritten). Called where attention_ok; NULL where the backend
+     * has none (the model then runs kern_ops' attention by document on the
+     * widened values). */
+    void (*attention_doc_fwd)(const kern_backend *b, float *out, float *lse, const void *qkvh,
+                              const int32_t *pos, int B, int T, int NH, int KVH, int HS,
+                              float *scratch);
+    void (*attention_doc_bwd)(const kern_backend *b, float *dqkv, const float *dout,
+                              const void *qkvh, const float *out, const float *lse,
+                              const int32_t *pos, int B, int T, int NH, int KVH, int HS,
+                              float *scratch);
 } kern_mp_ops;
 
 struct kern_backend {

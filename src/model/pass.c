@@ -31,6 +31,16 @@
  * log-sum-exp), the logits (cross-entropy in fp32), and all gradients.
  * The residual adds are the products' output form (KERN_OUT_RES).
  *
+ * Packed rows (kiln_model_forward_pos: m->packed, a.pos the position of
+ * each token inside its document): the embedding adds wpe[pos], RoPE
+ * rotates by pos (rope_at; the backward by -sin, rope_nsin), and the
+ * attention runs by document (kernels/attn_doc.c): on the backend's own
+ * attention where it has a document form (mp.attention_doc_fwd: the bf16
+ * backend's AMX kernel, out as fp32 rows packed after), else on kern_ops'
+ * fp32 kernels through the same path as a backend without attention in
+ * its compute dtype (the values rounded to it first), so every precision
+ * keeps documents apart.
+ *
  * Weights are the backend's prepared handles (weight_prepare),
  * activations kern_act buffers carved here with the backend's act_bytes.
  * The weight-matrix gradients are written, not added, by the first
@@ -192,6 +202,7 @@ typedef struct pass_attend {
     kiln_model *m;
     kern_backend *be;
     bool att, rows; /* attention in the compute dtype; qkv came as rows */
+    bool doc;       /* packed rows on the backend's own document attention */
     size_t lse_sz;
 } pass_attend;
 
@@ -210,7 +221,12 @@ static void train_attend(void *ud, int l, const model_blk *io)
                             m->NH + m->KVH, m->HS));
     else if (m->cfg.arch != KILN_ARCH_GPT2)
         P(OTHER, k->rope(io->qkv, m->rope_cos, m->rope_sin, B, T, m->NH, m->KVH, m->HS, false));
-    if (u->att) {
+    if (u->doc) { /* out as fp32 rows, packed for the projection */
+        P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq));
+        P(ATTN_FWD, mp->attention_doc_fwd(be, m->a.atty, lse, io->qkvh, m->a.pos, B, T, m->NH,
+                                          m->KVH, m->HS, m->a.lse_doc));
+        P(OTHER, mp->act_pack(be, io->attyp, m->a.atty, n, m->C));
+    } else if (u->att) {
         if (!u->rows) P(OTHER, mp->to_rows(be, io->qkvh, io->qkv, nq));
         P(ATTN_FWD, mp->attention_fwd(be, io->attyp, lse, io->qkvh, B, T, m->NH, m->KVH, m->HS));
     } else {
@@ -239,6 +255,14 @@ static const model_lora *pass_lora(kiln_model *m, model_lora *lr, bool forward)
                        .xu = m->a.lora_x, .xs = m->a.lora_x + N * KILN_MAX(m->C, m->F),
                        .hs = m->a.lora_h};
     return lr;
+}
+
+/* Whether packed rows run on the backend's own document attention (the
+ * bf16 backend's AMX kernel by document) rather than kern_ops' fp32 one. */
+static bool model_pass_doc_native(const kiln_model *m, kern_backend *be)
+{
+    return m->packed && be->mp.attention_doc_fwd && be->mp.attention_doc_bwd &&
+           be->mp.attention_ok(be, m->HS, m->T);
 }
 
 /* Layer l's weights as handles of the pass backend (NULL entries on OOM). */
@@ -307,7 +331,7 @@ kiln_status model_pass_forward(kiln_ctx *ctx, kiln_model *m, float **logits)
     if (m->packed) P(OTHER, embed_packed_fwd(m, k, B, T));
     else P(OTHER, k->embed_fwd(a->encoded, a->tokens, m->w.wte, m->w.wpe, B, T, C));
     model_shape sh = model_shape_of(m);
-    pass_attend u = {m, be, att, gpt2 && att, (size_t)B * m->NH * T};
+    pass_attend u = {m, be, att, gpt2 && att, model_pass_doc_native(m, be), (size_t)B * m->NH * T};
     model_lora lr;
     const model_lora *pl = pass_lora(m, &lr, true);
     if (pl && model_lora_has(&m->cfg, 0))
@@ -377,6 +401,7 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
     const model_lora *lr = pass_lora(m, &lrs, false);
     bool lq = lr && model_lora_has(&m->cfg, 0), lo = lr && model_lora_has(&m->cfg, 1);
     bool lf = lr && model_lora_has(&m->cfg, 2), ld = lr && model_lora_has(&m->cfg, 3);
+    bool doc = model_pass_doc_native(m, be);
 
     /* LM head and final norm. */
     if (ce) { /* the loss's gradient straight into the head's backward */
@@ -461,6 +486,10 @@ kiln_status model_pass_backward(kiln_ctx *ctx, kiln_model *m, const float *dlogi
             if (att) { /* as the forward */
                 P(ATTN_BWD, mp->attention_bwd(be, a->dbig, a->dc, qkvh, attyp, lse, B, T, m->NH,
                                               m->KVH, m->HS));
+            } else if (doc) { /* the forward's out as the projection read it */
+                P(OTHER, mp->act_unpack(be, a->atty, attyp, n, C));
+                P(ATTN_BWD, mp->attention_doc_bwd(be, a->dbig, a->dc, qkvh, a->atty, lse, a->pos, B,
+                                                  T, m->NH, m->KVH, m->HS, a->lse_doc));
             } else {
                 P(OTHER, mp->act_unpack(be, a->atty, attyp, n, C));
                 P(OTHER, mp->from_rows(be, a->tmp, qkvh, N * QKV));

@@ -175,6 +175,43 @@ static void cpu_attention_bwd(const kern_backend *b, float *dqkv, const float *d
                                 HS);
 }
 
+/* Packed rows: the AMX attention by document (kern_attention_doc_fwd_by)
+ * on the bf16 rows, out as fp32 rows (the model packs them). */
+static void amx_doc_fwd(const void *ud, float *out, float *lse, const void *qkv, int T, int NH,
+                        int KVH, int HS)
+{
+    (void)ud;
+    mp_attention_fwd_amx(out, lse, qkv, 1, T, NH, KVH, HS);
+}
+
+static void amx_doc_bwd(const void *ud, float *dqkv, const float *dout, const void *qkv,
+                        const float *out, const float *lse, int T, int NH, int KVH, int HS)
+{
+    (void)ud;
+    mp_attention_bwd_amx(dqkv, dout, qkv, out, lse, 1, T, NH, KVH, HS);
+}
+
+static void cpu_attention_doc_fwd(const kern_backend *b, float *out, float *lse, const void *qkvh,
+                                  const int32_t *pos, int B, int T, int NH, int KVH, int HS,
+                                  float *scratch)
+{
+    (void)b;
+    kern_attention_doc_fwd_by(amx_doc_fwd, NULL, out, lse, qkvh,
+                              (size_t)(NH + 2 * KVH) * HS * sizeof(uint16_t), pos, B, T, NH, KVH,
+                              HS, scratch);
+}
+
+static void cpu_attention_doc_bwd(const kern_backend *b, float *dqkv, const float *dout,
+                                  const void *qkvh, const float *out, const float *lse,
+                                  const int32_t *pos, int B, int T, int NH, int KVH, int HS,
+                                  float *scratch)
+{
+    (void)b;
+    kern_attention_doc_bwd_by(amx_doc_bwd, NULL, dqkv, dout, qkvh,
+                              (size_t)(NH + 2 * KVH) * HS * sizeof(uint16_t), out, lse, pos, B, T,
+                              NH, KVH, HS, scratch);
+}
+
 /* With T a multiple of 32 the gradient of qkv goes from the attention's
  * accumulators straight into the packed forms (and bias sums) the qkv
  * layer's backward reads, never as fp32 rows; else through dqkv. */
@@ -260,6 +297,8 @@ kern_backend *kern_backend_cpu_new(kiln_dtype dt, kiln_bf16_kernel k)
             .attention_fwd = cpu_attention_fwd,
             .attention_bwd = cpu_attention_bwd,
             .attention_linear_bwd = cpu_attention_linear_bwd,
+            .attention_doc_fwd = cpu_attention_doc_fwd,
+            .attention_doc_bwd = cpu_attention_doc_bwd,
         };
     return b;
 }
