@@ -170,6 +170,14 @@ static void xa(float *h, const float *x, const float *A, int n, int in, int r)
         }
 }
 
+/* dst (r, out) = B' for B (out, r): rows of out contiguous. */
+static const float *transposed(float *dst, const float *B, int out, int r)
+{
+    for (int o = 0; o < out; o++)
+        for (int k = 0; k < r; k++) dst[(size_t)k * out + o] = B[(size_t)o * r + k];
+    return dst;
+}
+
 void model_lora_fwd(const model_lora *lr, int l, int lin, const float *const *A,
                     const float *const *Bm, const float *x, float *y, int ldy, int n)
 {
@@ -181,17 +189,17 @@ void model_lora_fwd(const model_lora *lr, int l, int lin, const float *const *A,
         const float *xd = dropped(lr, l, s, x, lr->xs, (size_t)n * sl.in);
         float *h = lr->hs;
         xa(h, xd, A[s], n, sl.in, r);
-        const float *B = Bm[s];
         float sc = lr->scale;
+        const float *bt = transposed(lr->bt, Bm[s], sl.out, r);
 #pragma omp parallel for schedule(static) if ((long)n * sl.out * r > 65536)
         for (int i = 0; i < n; i++) {
             float *yi = y + (size_t)i * ldy + sl.off;
             const float *hi = h + (size_t)i * r;
-            for (int o = 0; o < sl.out; o++) {
-                const float *bo = B + (size_t)o * r;
-                float acc = 0;
-                for (int k = 0; k < r; k++) acc += hi[k] * bo[k];
-                yi[o] += sc * acc;
+            for (int k = 0; k < r; k++) {
+                const float *bk = bt + (size_t)k * sl.out;
+                float ck = sc * hi[k];
+#pragma omp simd
+                for (int o = 0; o < sl.out; o++) yi[o] += ck * bk[o];
             }
         }
     }
@@ -212,30 +220,34 @@ void model_lora_bwd(const model_lora *lr, int l, int lin, const float *const *A,
         float *h = lr->hs, *dh = lr->hs + (size_t)n * r;
         const float *B = Bm[s], *a = A[s];
         xa(h, xd, a, n, in, r);
-        /* dh (n, r) = scale dy_slot B */
+        /* dh (n, r) = scale dy_slot B, with B' rows contiguous */
+        const float *bt = transposed(lr->bt, B, out, r);
 #pragma omp parallel for schedule(static) if ((long)n * out * r > 65536)
         for (int i = 0; i < n; i++) {
             const float *gi = dy + (size_t)i * ldy + sl.off;
-            float *di = dh + (size_t)i * r;
-            for (int k = 0; k < r; k++) di[k] = 0;
-            for (int o = 0; o < out; o++) {
-                const float *bo = B + (size_t)o * r;
-                float g = gi[o];
-                for (int k = 0; k < r; k++) di[k] += g * bo[k];
+            for (int k = 0; k < r; k++) {
+                const float *bk = bt + (size_t)k * out;
+                float acc = 0;
+#pragma omp simd reduction(+ : acc)
+                for (int o = 0; o < out; o++) acc += gi[o] * bk[o];
+                dh[(size_t)i * r + k] = sc * acc;
             }
-            for (int k = 0; k < r; k++) di[k] *= sc;
         }
-        if (dB[s]) { /* dB (out, r) += scale dy_slot' h */
-            float *gb = dB[s];
+        if (dB[s]) { /* dB (out, r) += scale dy_slot' h, summed as dB' (r, out) */
+            float *gt = lr->bt + (size_t)r * out, *gb = dB[s];
 #pragma omp parallel for schedule(static) if ((long)n * out * r > 65536)
-            for (int o = 0; o < out; o++) {
-                float *go = gb + (size_t)o * r;
+            for (int k = 0; k < r; k++) {
+                float *gk = gt + (size_t)k * out;
+                for (int o = 0; o < out; o++) gk[o] = 0;
                 for (int i = 0; i < n; i++) {
-                    float g = sc * dy[(size_t)i * ldy + sl.off + o];
-                    const float *hi = h + (size_t)i * r;
-                    for (int k = 0; k < r; k++) go[k] += g * hi[k];
+                    float ck = sc * h[(size_t)i * r + k];
+                    const float *gi = dy + (size_t)i * ldy + sl.off;
+#pragma omp simd
+                    for (int o = 0; o < out; o++) gk[o] += ck * gi[o];
                 }
             }
+            for (int o = 0; o < out; o++)
+                for (int k = 0; k < r; k++) gb[(size_t)o * r + k] += gt[(size_t)k * out + o];
         }
         if (dA[s]) { /* dA (r, in) += dh' xd */
             float *ga = dA[s];

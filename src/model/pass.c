@@ -100,7 +100,7 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
         {4, N * C}, {4, N * C},    /* dres, dc */
         {4, N * F}, {4, N * KILN_MAX(QKV, FH)}, /* df, dbig */
         {4, 2 * N * lw},           /* LoRA xu, xs (lora.c) */
-        {4, 2 * N * lr},           /* LoRA hs */
+        {4, 2 * N * lr + 2 * lr * wide}, /* LoRA hs, bt */
         {1, lr ? pk(be, N, FH) : 0}, /* LoRA: the backward's recomputed fchp */
     };
     *n = (int)(sizeof s / sizeof s[0]);
@@ -226,7 +226,7 @@ static const model_lora *pass_lora(kiln_model *m, model_lora *lr, bool forward)
     *lr = (model_lora){.cfg = c, .rank = c->lora_rank, .scale = c->lora_alpha / c->lora_rank,
                        .p = m->lora_train ? c->lora_dropout : 0, .seed = m->lora_mask,
                        .xu = m->a.lora_x, .xs = m->a.lora_x + N * KILN_MAX(m->C, m->F),
-                       .hs = m->a.lora_h};
+                       .hs = m->a.lora_h, .bt = m->a.lora_h + 2 * N * (size_t)c->lora_rank};
     return lr;
 }
 
