@@ -35,6 +35,13 @@
  * activations kern_act buffers carved here with the backend's act_bytes.
  * The weight-matrix gradients are written, not added, by the first
  * backward after kiln_model_zero_grad (grads_lazy; matrices.c).
+ *
+ * With LoRA adapters (lora.c) the backward adds each adapter's part to the
+ * input gradient of its product and accumulates dA, dB, from the product's
+ * fp32 output gradient and its input re-read from the stored activations
+ * (the MLP's second input recomputed from fchp as the forward made it);
+ * the fused paths that never hold those gradients in fp32 (gpt2's
+ * mlp_bwd and attention_linear_bwd) give way to the unfused ones then.
  */
 #include "model/model.h"
 
