@@ -139,6 +139,10 @@ kiln_status kiln_gguf_export(kiln_ctx *ctx, const kiln_model *m, const kiln_toke
                          "kiln_gguf_export_opts.type = \"%s\" is not one of f32, f16, bf16, "
                          "q8_0, q4_0, q4_k_m, q6_k", o->type);
     const kiln_config *c = &m->cfg;
+    if (c->lora_rank > 0) /* llama.cpp's tensors are the base's */
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "the model has LoRA adapters (a LoRA run's checkpoint): merge them "
+                         "first (kiln_model_merge_lora)");
     if (kiln_tokenizer_vocab_size(tok) > c->vocab_size)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "%s: the tokenizer has %d ids but the model's vocab_size is %d",

@@ -479,6 +479,22 @@ void kiln_dataset_get_stats(const kiln_dataset *ds, kiln_dataset_stats *st) { *s
 
 static size_t last_run(const uint8_t *m, size_t n);
 
+/* The loss rule of kiln_dataset_rows and kiln_dataset_pack_rows, in two
+ * parts: loss_from is where an example's learned targets may start (mask m,
+ * n ids; KILN_LOSS_ON_COMPLETION: the last run of the mask only, the whole
+ * example's before any cut to T + 1 tokens), learns whether position j
+ * learns its target ids[j + 1]. */
+static size_t loss_from(const uint8_t *m, size_t n, kiln_loss_on lo)
+{
+    size_t from = lo == KILN_LOSS_ON_COMPLETION ? last_run(m, n) : 0;
+    return from;
+}
+
+static bool learns(const uint8_t *m, size_t j, kiln_loss_on lo, size_t from)
+{
+    return lo == KILN_LOSS_ON_ALL || (m[j + 1] && j + 1 >= from);
+}
+
 /* Row r's padding (doc -1 after its last document) as one document of
  * its own, positions 0, 1, ...: it attends to nothing else and costs one
  * attention call, not one per position. */
@@ -587,11 +603,10 @@ kiln_status kiln_dataset_pack_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
         const uint8_t *m = ds->mask + e->ids;
         size_t len = KILN_MIN(e->n - 1, (size_t)T);
         size_t base = (size_t)row[r] * (size_t)T + (size_t)at[r];
-        /* the loss rule of kiln_dataset_rows */
-        size_t from = loss_on == KILN_LOSS_ON_COMPLETION ? last_run(m, e->n) : 0;
         int32_t d = next_doc[row[r]]++;
+        size_t from = loss_from(m, e->n, loss_on);
         for (size_t j = 0; j < len; j++) {
-            bool learn = loss_on == KILN_LOSS_ON_ALL || (m[j + 1] && j + 1 >= from);
+            bool learn = learns(m, j, loss_on, from);
             pk->tokens[base + j] = ids[j];
             pk->targets[base + j] = learn ? ids[j + 1] : -1;
             pk->pos[base + j] = (int32_t)j;
@@ -670,13 +685,11 @@ kiln_status kiln_dataset_rows(kiln_ctx *ctx, const kiln_dataset *ds, int T,
         const uint8_t *m = ds->mask + e->ids;
         size_t len = e->n > 0 ? KILN_MIN(e->n - 1, (size_t)T) : 0;
         if (e->n - 1 > (size_t)T) pk->cut++;
-        /* KILN_LOSS_ON_COMPLETION: targets from the last run of the mask
-         * (the whole example's, before any cut to T+1 tokens) */
-        size_t from = loss_on == KILN_LOSS_ON_COMPLETION ? last_run(m, e->n) : 0;
+        size_t from = loss_from(m, e->n, loss_on);
         int32_t *tok = pk->tokens + r * (size_t)T, *tg = pk->targets + r * (size_t)T;
         for (size_t j = 0; j < (size_t)T; j++) {
             bool in = j < len;
-            bool learn = in && (loss_on == KILN_LOSS_ON_ALL || (m[j + 1] && j + 1 >= from));
+            bool learn = in && learns(m, j, loss_on, from);
             tok[j] = in ? ids[j] : ds->eot;
             tg[j] = learn ? ids[j + 1] : -1;
             pk->pos[r * (size_t)T + j] = in ? (int32_t)j : 0;

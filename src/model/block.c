@@ -31,6 +31,12 @@
  * how a batch is split, which the N-ranks-vs-1 tests need), the engine's
  * through the typed linear (which streams the weights for decode-sized
  * steps and takes quantized types).
+ *
+ * LoRA adapters (model_run.lora, lora.c; the training pass only: the
+ * engine runs merged weights) add (alpha/r) B A x to a product's fp32
+ * output: the product is then stored as fp32 (qkv, the SwiGLU/GELU input)
+ * and its output form (rows, GELU) applied after the adapters, or the
+ * adapters add onto the residual sum (proj, fcproj).
  */
 #include "model/model.h"
 

@@ -156,17 +156,26 @@ static const float *dropped(const model_lora *lr, int l, int s, const float *x, 
     return buf;
 }
 
-/* h (n, r) = x (n, in) A' */
+/* h (n, r) = x (n, in) A' (rows of both contiguous) */
 static void xa(float *h, const float *x, const float *A, int n, int in, int r)
 {
 #pragma omp parallel for schedule(static) if ((long)n * in * r > 65536)
     for (int i = 0; i < n; i++)
         for (int k = 0; k < r; k++) {
             const float *xi = x + (size_t)i * in, *ak = A + (size_t)k * in;
-            double acc = 0;
-            for (int j = 0; j < in; j++) acc += (double)xi[j] * ak[j];
-            h[(size_t)i * r + k] = (float)acc;
+            float acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int j = 0; j < in; j++) acc += xi[j] * ak[j];
+            h[(size_t)i * r + k] = acc;
         }
+}
+
+/* dst (r, out) = B' for B (out, r): rows of out contiguous. */
+static const float *transposed(float *dst, const float *B, int out, int r)
+{
+    for (int o = 0; o < out; o++)
+        for (int k = 0; k < r; k++) dst[(size_t)k * out + o] = B[(size_t)o * r + k];
+    return dst;
 }
 
 void model_lora_fwd(const model_lora *lr, int l, int lin, const float *const *A,
@@ -180,16 +189,17 @@ void model_lora_fwd(const model_lora *lr, int l, int lin, const float *const *A,
         const float *xd = dropped(lr, l, s, x, lr->xs, (size_t)n * sl.in);
         float *h = lr->hs;
         xa(h, xd, A[s], n, sl.in, r);
-        const float *B = Bm[s];
         float sc = lr->scale;
+        const float *bt = transposed(lr->bt, Bm[s], sl.out, r);
 #pragma omp parallel for schedule(static) if ((long)n * sl.out * r > 65536)
         for (int i = 0; i < n; i++) {
             float *yi = y + (size_t)i * ldy + sl.off;
             const float *hi = h + (size_t)i * r;
-            for (int o = 0; o < sl.out; o++) {
-                double acc = 0;
-                for (int k = 0; k < r; k++) acc += (double)hi[k] * B[(size_t)o * r + k];
-                yi[o] += sc * (float)acc;
+            for (int k = 0; k < r; k++) {
+                const float *bk = bt + (size_t)k * sl.out;
+                float ck = sc * hi[k];
+#pragma omp simd
+                for (int o = 0; o < sl.out; o++) yi[o] += ck * bk[o];
             }
         }
     }
@@ -208,52 +218,68 @@ void model_lora_bwd(const model_lora *lr, int l, int lin, const float *const *A,
         int in = sl.in, out = sl.out;
         const float *xd = dropped(lr, l, s, x, lr->xs, (size_t)n * in);
         float *h = lr->hs, *dh = lr->hs + (size_t)n * r;
-        const float *B = Bm[s];
-        xa(h, xd, A[s], n, in, r);
-        /* dh (n, r) = scale dy_slot B */
+        const float *B = Bm[s], *a = A[s];
+        xa(h, xd, a, n, in, r);
+        /* dh (n, r) = scale dy_slot B, with B' rows contiguous */
+        const float *bt = transposed(lr->bt, B, out, r);
 #pragma omp parallel for schedule(static) if ((long)n * out * r > 65536)
         for (int i = 0; i < n; i++) {
             const float *gi = dy + (size_t)i * ldy + sl.off;
             for (int k = 0; k < r; k++) {
-                double acc = 0;
-                for (int o = 0; o < out; o++) acc += (double)gi[o] * B[(size_t)o * r + k];
-                dh[(size_t)i * r + k] = sc * (float)acc;
+                const float *bk = bt + (size_t)k * out;
+                float acc = 0;
+#pragma omp simd reduction(+ : acc)
+                for (int o = 0; o < out; o++) acc += gi[o] * bk[o];
+                dh[(size_t)i * r + k] = sc * acc;
             }
         }
-        if (dB[s]) { /* dB (out, r) += scale dy_slot' h */
-            float *g = dB[s];
+        if (dB[s]) { /* dB (out, r) += scale dy_slot' h, summed as dB' (r, out) */
+            float *gt = lr->bt + (size_t)r * out, *gb = dB[s];
 #pragma omp parallel for schedule(static) if ((long)n * out * r > 65536)
-            for (int o = 0; o < out; o++)
-                for (int k = 0; k < r; k++) {
-                    double acc = 0;
-                    for (int i = 0; i < n; i++)
-                        acc += (double)dy[(size_t)i * ldy + sl.off + o] * h[(size_t)i * r + k];
-                    g[(size_t)o * r + k] += sc * (float)acc;
+            for (int k = 0; k < r; k++) {
+                float *gk = gt + (size_t)k * out;
+                for (int o = 0; o < out; o++) gk[o] = 0;
+                for (int i = 0; i < n; i++) {
+                    float ck = sc * h[(size_t)i * r + k];
+                    const float *gi = dy + (size_t)i * ldy + sl.off;
+#pragma omp simd
+                    for (int o = 0; o < out; o++) gk[o] += ck * gi[o];
                 }
+            }
+            for (int o = 0; o < out; o++)
+                for (int k = 0; k < r; k++) gb[(size_t)o * r + k] += gt[(size_t)k * out + o];
         }
         if (dA[s]) { /* dA (r, in) += dh' xd */
-            float *g = dA[s];
+            float *ga = dA[s];
 #pragma omp parallel for schedule(static) if ((long)n * in * r > 65536)
-            for (int k = 0; k < r; k++)
-                for (int j = 0; j < in; j++) {
-                    double acc = 0;
-                    for (int i = 0; i < n; i++)
-                        acc += (double)dh[(size_t)i * r + k] * xd[(size_t)i * in + j];
-                    g[(size_t)k * in + j] += (float)acc;
+            for (int k = 0; k < r; k++) {
+                float *gk = ga + (size_t)k * in;
+                for (int i = 0; i < n; i++) {
+                    float d = dh[(size_t)i * r + k];
+                    const float *xi = xd + (size_t)i * in;
+#pragma omp simd
+                    for (int j = 0; j < in; j++) gk[j] += d * xi[j];
                 }
+            }
         }
         if (dx) { /* dx += dropout'(dh A) */
-            const float *a = A[s];
             uint64_t key = lr->p > 0 ? slot_key(lr, l, s) : 0;
 #pragma omp parallel for schedule(static) if ((long)n * in * r > 65536)
-            for (int i = 0; i < n; i++)
-                for (int j = 0; j < in; j++) {
-                    double acc = 0;
-                    for (int k = 0; k < r; k++)
-                        acc += (double)dh[(size_t)i * r + k] * a[(size_t)k * in + j];
-                    size_t e = (size_t)i * in + j;
-                    dx[e] += (float)acc * (lr->p > 0 ? keep(lr, key, e) : 1.0f);
+            for (int i = 0; i < n; i++) {
+                float *t = lr->xs + (size_t)i * in; /* xd is no longer needed */
+                for (int j = 0; j < in; j++) t[j] = 0;
+                for (int k = 0; k < r; k++) {
+                    float d = dh[(size_t)i * r + k];
+                    const float *ak = a + (size_t)k * in;
+#pragma omp simd
+                    for (int j = 0; j < in; j++) t[j] += d * ak[j];
                 }
+                float *di = dx + (size_t)i * in;
+                if (lr->p > 0)
+                    for (int j = 0; j < in; j++) di[j] += t[j] * keep(lr, key, (size_t)i * in + j);
+                else
+                    for (int j = 0; j < in; j++) di[j] += t[j];
+            }
         }
     }
 }

@@ -331,6 +331,7 @@ typedef struct model_lora {
     float scale, p;
     uint64_t seed;
     float *xu, *xs, *hs; /* the unpacked product input (n, in); scratch */
+    float *bt;           /* scratch: 2 r max(C, FH, QKV) (B and dB transposed) */
 } model_lora;
 
 /* y[:, off:off+out] (row stride ldy) += scale B dropout(x) A' for every

@@ -45,6 +45,13 @@
  * activations kern_act buffers carved here with the backend's act_bytes.
  * The weight-matrix gradients are written, not added, by the first
  * backward after kiln_model_zero_grad (grads_lazy; matrices.c).
+ *
+ * With LoRA adapters (lora.c) the backward adds each adapter's part to the
+ * input gradient of its product and accumulates dA, dB, from the product's
+ * fp32 output gradient and its input re-read from the stored activations
+ * (the MLP's second input recomputed from fchp as the forward made it);
+ * the fused paths that never hold those gradients in fp32 (gpt2's
+ * mlp_bwd and attention_linear_bwd) give way to the unfused ones then.
  */
 #include "model/model.h"
 
@@ -111,7 +118,7 @@ static void sizes(const kiln_model *m, int B, int T, size_t out[][2], int *n)
         {4, N * F}, {4, N * KILN_MAX(QKV, FH)}, /* df, dbig */
         {4, N}, {4, NH * (size_t)T}, /* pos, lse_doc */
         {4, 2 * N * lw},           /* LoRA xu, xs (lora.c) */
-        {4, 2 * N * lr},           /* LoRA hs */
+        {4, 2 * N * lr + 2 * lr * wide}, /* LoRA hs, bt */
         {1, lr ? pk(be, N, FH) : 0}, /* LoRA: the backward's recomputed fchp */
     };
     *n = (int)(sizeof s / sizeof s[0]);
@@ -253,7 +260,7 @@ static const model_lora *pass_lora(kiln_model *m, model_lora *lr, bool forward)
     *lr = (model_lora){.cfg = c, .rank = c->lora_rank, .scale = c->lora_alpha / c->lora_rank,
                        .p = m->lora_train ? c->lora_dropout : 0, .seed = m->lora_mask,
                        .xu = m->a.lora_x, .xs = m->a.lora_x + N * KILN_MAX(m->C, m->F),
-                       .hs = m->a.lora_h};
+                       .hs = m->a.lora_h, .bt = m->a.lora_h + 2 * N * (size_t)c->lora_rank};
     return lr;
 }
 
