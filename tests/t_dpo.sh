@@ -6,7 +6,8 @@
 # held-out pairs); with the reference equal to the initial policy the first
 # losses are ln 2 and the rewards 0; the reference is cached and a resumed
 # run reads it and ends bit-identical to a straight one; --ref changes the
-# reference; held-out preference accuracy rises; bad lines are named
+# reference; LoRA trains adapters against the base as the reference;
+# held-out preference accuracy rises; bad lines are named
 # FILE:LINE with the field; bad flags are refused naming the flag; the
 # checkpoint generates.
 set -u
@@ -151,6 +152,24 @@ import json, math, sys
 m = [json.loads(l) for l in open(sys.argv[1])]
 sys.exit(not (abs(m[0]["loss"] - math.log(2)) > 0.05 and m[0]["rewards/margins"] < 0))
 EOF
+
+# ---- LoRA: adapters on the policy, the base (without them) the reference ----
+# B starts at zero, so the policy is the reference at step 0 (ln 2); the
+# adapters learn (the rewards move), the checkpoint is a PEFT directory,
+# and the base's own weights are those of --model
+"${DPO[@]}" --out "$D/lora" --lora-rank 4 --lora-alpha 8 --lora-targets c_attn,c_fc --lr 5e-3 \
+  --beta 0.5 --steps 12 --eval-every 0 >"$D/lora.out" 2>&1
+rc=$?
+DETAIL="status $rc: $(tail -3 "$D/lora.out" | tr '\n' ' ')"
+check dpo_lora_runs eval "test $rc = 0 && grep -q '^lora: r 4' $D/lora.out && test -f $D/lora/step_00000012/adapter_config.json"
+check dpo_lora_starts_at_ln2_and_learns "$PY" - "$D/lora/metrics.jsonl" <<'EOF'
+import json, math, sys
+m = [json.loads(l) for l in open(sys.argv[1]) if '"loss"' in l]
+sys.exit(not (abs(m[0]["loss"] - math.log(2)) < 1e-6 and abs(m[-1]["rewards/margins"]) > 1e-3))
+EOF
+"$KILN" merge --model "$D/pre" --adapter "$D/lora/step_00000012" --out "$D/lora_merged" >"$D/lora_merge.out" 2>&1
+DETAIL="$(tail -2 "$D/lora_merge.out" | tr '\n' ' ')"
+check dpo_lora_adapter_merges test -f "$D/lora_merged/model.safetensors"
 
 # ---- losses: ipo and hinge run and start where their formulas say ----
 for L in ipo hinge; do

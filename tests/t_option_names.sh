@@ -128,6 +128,6 @@ fi
 # every flag of the table is a flag of a kiln command
 missing=""
 for fl in $(sed -n 's/^ *{"kiln_[a-z0-9_.]*", "--\([a-z0-9-]*\)"},.*/\1/p' tools/cli.c | sort -u); do
-  grep -qE "\{\"$fl\", CLI_" tools/cmd_*.c || missing="$missing --$fl"
+  grep -qE "\{\"$fl\", CLI_" tools/*.c || missing="$missing --$fl"
 done
 if [ -z "$missing" ]; then ok table_flags_exist; else no table_flags_exist "no command has$missing"; fi

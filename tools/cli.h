@@ -139,10 +139,14 @@ typedef struct cli_tune {
     kiln_train_opts o;
     cli_train_flags f; /* kiln train's shared flags (cli_train_common_opts) */
     const char *resume;
+    /* --lora-alpha, --lora-dropout, --lora-targets (--lora-rank is
+     * o.lora.rank); cli_tune_lora turns them into o.lora */
+    double lora_alpha, lora_dropout;
+    const char *lora_targets;
 } cli_tune;
-/* --out, --resume and cli_train_common_opts's entries less --seq (the
- * examples set the row length) */
-enum { CLI_TUNE_NFLAGS = CLI_TRAIN_COMMON_OPTS + 1 };
+/* --out, --resume, cli_train_common_opts's entries less --seq (the
+ * examples set the row length) and the four LoRA flags */
+enum { CLI_TUNE_NFLAGS = CLI_TRAIN_COMMON_OPTS + 5 };
 /* Fine-tuning defaults: lr 2e-5 (min 0, no warmup, no weight decay),
  * eval every 50 steps, save at the end, keep 1. */
 void cli_tune_defaults(cli_tune *t);
@@ -154,6 +158,14 @@ int cli_tune_flags(cli_tune *t, cli_opt *opts, const char *batch_help);
  * --schedule, --progress and --precision to t->o. false after printing
  * what is wrong ("kiln CMD: ..."). */
 bool cli_tune_check(const char *cmd, cli_tune *t, int argc, char **argv);
+/* A new run's LoRA flags (t's, o->lora.rank) into o->lora for the base
+ * model's config cfg
+ * (targets by its architecture; PEFT's default q_proj,v_proj or c_attn),
+ * printing what will train. 0, or 2 after printing what is wrong ("kiln
+ * CMD: ..."): LoRA flags without --lora-rank, a base that has adapters
+ * already, bad targets or values. */
+int cli_tune_lora(kiln_ctx *ctx, const char *cmd, const cli_tune *t, int argc, char **argv,
+                  const kiln_config *cfg, kiln_train_opts *o);
 /* --resume given: resolves the checkpoint (ckpt), loads the options it was
  * started with, applies the flags given on top, and sets t->o to resume
  * it; run receives the run directory. Returns 0, or the exit code after

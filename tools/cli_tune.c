@@ -23,6 +23,7 @@ void cli_tune_defaults(cli_tune *t)
     t->o.eval_every = 50;
     t->o.save_every = 0;
     t->o.keep_last = 1;
+    t->lora_alpha = 8; /* PEFT's */
     cli_train_flags_init(&t->f, &t->o);
 }
 
@@ -61,12 +62,62 @@ int cli_tune_flags(cli_tune *t, cli_opt *opts, const char *batch_help)
         else if (tune_help(common[i].name)) opts[n].help = tune_help(common[i].name);
         n++;
     }
+    opts[n++] = (cli_opt){"lora-rank", CLI_INT, &t->o.lora.rank, "LoRA: train rank-R adapters (PEFT's formula, fp32) on a frozen base instead of every weight; 0 = full fine-tuning [0]", false};
+    opts[n++] = (cli_opt){"lora-alpha", CLI_F64, &t->lora_alpha, "LoRA: alpha, the adapters' scale is alpha/R [8, PEFT's]", false};
+    opts[n++] = (cli_opt){"lora-dropout", CLI_F64, &t->lora_dropout, "LoRA: dropout on the adapters' input while training [0]", false};
+    opts[n++] = (cli_opt){"lora-targets", CLI_STR, &t->lora_targets, "LoRA: modules to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; gpt2 c_attn,c_proj,c_fc) or all-linear [PEFT's default: q_proj,v_proj; gpt2 c_attn]", false};
     return n;
 }
 
 bool cli_tune_check(const char *cmd, cli_tune *t, int argc, char **argv)
 {
     return cli_train_flags_apply(cmd, argc, argv, &t->f, &t->o);
+}
+
+int cli_tune_lora(kiln_ctx *ctx, const char *cmd, const cli_tune *t, int argc, char **argv,
+                  const kiln_config *cfg, kiln_train_opts *o)
+{
+    bool any = cli_given(argc, argv, "lora-alpha") || cli_given(argc, argv, "lora-dropout") ||
+               cli_given(argc, argv, "lora-targets");
+    if (o->lora.rank <= 0) {
+        if (any || cli_given(argc, argv, "lora-rank")) {
+            fprintf(stderr, "kiln %s: --lora-alpha, --lora-dropout and --lora-targets need "
+                            "--lora-rank R (R >= 1)\n", cmd);
+            return 2;
+        }
+        return 0;
+    }
+    if (cfg->lora_rank > 0) {
+        fprintf(stderr, "kiln %s: --model has LoRA adapters already (a LoRA run's "
+                        "checkpoint): merge them first (kiln merge) or continue that run with "
+                        "--resume\n", cmd);
+        return 2;
+    }
+    const char *tg = t->lora_targets ? t->lora_targets
+                     : cfg->arch == KILN_ARCH_GPT2 ? "c_attn" : "q_proj,v_proj";
+    unsigned mask;
+    if (kiln_lora_parse_targets(ctx, cfg->arch, tg, "--lora-targets", &mask)) {
+        fprintf(stderr, "kiln %s: %s\n", cmd, kiln_errmsg(ctx));
+        return 2;
+    }
+    o->lora.alpha = (float)t->lora_alpha;
+    o->lora.dropout = (float)t->lora_dropout;
+    o->lora.targets = mask;
+    kiln_config lc = *cfg;
+    lc.lora_rank = o->lora.rank;
+    lc.lora_alpha = o->lora.alpha;
+    lc.lora_dropout = o->lora.dropout;
+    lc.lora_targets = mask;
+    if (kiln_config_validate(ctx, &lc)) {
+        fprintf(stderr, "kiln %s: --lora-rank/--lora-alpha/--lora-dropout: %s\n", cmd,
+                kiln_errmsg(ctx));
+        return 2;
+    }
+    size_t all = kiln_config_num_params(&lc), base = kiln_config_num_params(cfg);
+    printf("lora: r %d, alpha %g, dropout %g, targets %s: %zu trainable of %zu parameters "
+           "(%.3f%%)\n", o->lora.rank, t->lora_alpha, t->lora_dropout, tg, all - base, all,
+           100.0 * (double)(all - base) / (double)all);
+    return 0;
 }
 
 int cli_tune_resume(kiln_ctx *ctx, const char *cmd, cli_tune *t, int argc, char **argv,

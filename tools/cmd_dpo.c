@@ -167,9 +167,11 @@ int cmd_dpo(int argc, char **argv)
     for (cli_opt *f = opts; f->name; f++) /* DPO's own default */
         if (!strcmp(f->name, "lr")) f->help = "peak learning rate [5e-6]";
     int rc = cli_parse("dpo", "dpo --model DIR --data PREFS.jsonl --out DIR [flags]\n       kiln dpo --resume RUN_DIR [flags]",
-                       "Direct preference optimisation (TRL's DPOTrainer): full training of a\n"
-                       "model's weights on {\"prompt\",\"chosen\",\"rejected\"} JSONL, prompts\n"
-                       "rendered with the chat template when they are message lists. The\n"
+                       "Direct preference optimisation (TRL's DPOTrainer): training of a\n"
+                       "model's weights (or, with --lora-rank, of LoRA adapters on a frozen\n"
+                       "base, which is then the reference) on {\"prompt\",\"chosen\",\"rejected\"}\n"
+                       "JSONL, prompts rendered with the chat template when they are message\n"
+                       "lists. The\n"
                        "reference's log-probabilities are computed once before training and\n"
                        "cached in RUN/ref_logps.bin. Each step logs loss and rewards/chosen,\n"
                        "rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,\n"
@@ -249,6 +251,10 @@ int cmd_dpo(int argc, char **argv)
     snprintf(cfgp, sizeof cfgp, "%s/config.json", model_dir);
     kiln_config cfg;
     if ((s = kiln_config_load(ctx, cfgp, &cfg))) goto fail;
+    /* LoRA: adapters on the policy; the reference (by default the same
+     * directory) is then the base without them, as PEFT's DPO does */
+    if (!resume && (ret = cli_tune_lora(ctx, "dpo", &tu, argc, argv, &cfg, &o))) goto done;
+    ret = 1;
     if (a.max_len > cfg.n_ctx + 1) {
         fprintf(stderr, "kiln dpo: --max-len %d exceeds the model's context (n_ctx %d in %s): "
                         "use --max-len %d or less\n", a.max_len, cfg.n_ctx, cfgp, cfg.n_ctx + 1);

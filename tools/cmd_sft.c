@@ -30,7 +30,6 @@ typedef struct sft_args {
     double val_fraction;
     int max_len;
     bool skip_bad, pack;
-    const char *lora_targets; /* --lora-targets (NULL: PEFT's default) */
 } sft_args;
 
 static int parse_loss_on(const char *s)
@@ -126,54 +125,6 @@ static void print_packing(const kiln_packed *p)
            cells ? (double)unpacked / cells : 0.0);
 }
 
-/* The LoRA flags into o.lora (targets need the base's architecture) and
- * a line saying what will train; nonzero on a bad flag (reported). */
-static int lora_flags(kiln_ctx *ctx, int argc, char **argv, const kiln_config *cfg,
-                      const sft_args *a, double alpha, double dropout, kiln_train_opts *o)
-{
-    bool any = cli_given(argc, argv, "lora-alpha") || cli_given(argc, argv, "lora-dropout") ||
-               cli_given(argc, argv, "lora-targets");
-    if (o->lora.rank <= 0) {
-        if (any || cli_given(argc, argv, "lora-rank")) {
-            fprintf(stderr, "kiln sft: --lora-alpha, --lora-dropout and --lora-targets need "
-                            "--lora-rank R (R >= 1)\n");
-            return 1;
-        }
-        return 0;
-    }
-    if (cfg->lora_rank > 0) {
-        fprintf(stderr, "kiln sft: --model has LoRA adapters already (a LoRA run's "
-                        "checkpoint): merge them first (kiln merge) or continue that run with "
-                        "--resume\n");
-        return 1;
-    }
-    const char *tg = a->lora_targets ? a->lora_targets
-                     : cfg->arch == KILN_ARCH_GPT2 ? "c_attn" : "q_proj,v_proj";
-    unsigned mask;
-    if (kiln_lora_parse_targets(ctx, cfg->arch, tg, "--lora-targets", &mask)) {
-        fprintf(stderr, "kiln sft: %s\n", kiln_errmsg(ctx));
-        return 1;
-    }
-    o->lora.alpha = (float)alpha;
-    o->lora.dropout = (float)dropout;
-    o->lora.targets = mask;
-    kiln_config lc = *cfg;
-    lc.lora_rank = o->lora.rank;
-    lc.lora_alpha = o->lora.alpha;
-    lc.lora_dropout = o->lora.dropout;
-    lc.lora_targets = mask;
-    if (kiln_config_validate(ctx, &lc)) {
-        fprintf(stderr, "kiln sft: --lora-rank/--lora-alpha/--lora-dropout: %s\n",
-                kiln_errmsg(ctx));
-        return 1;
-    }
-    size_t all = kiln_config_num_params(&lc), base = kiln_config_num_params(cfg);
-    printf("lora: r %d, alpha %g, dropout %g, targets %s: %zu trainable of %zu parameters "
-           "(%.3f%%)\n", o->lora.rank, alpha, dropout, tg, all - base, all,
-           100.0 * (double)(all - base) / (double)all);
-    return 0;
-}
-
 int cmd_sft(int argc, char **argv)
 {
     cli_train_block_signals(); /* before any thread starts */
@@ -182,8 +133,7 @@ int cmd_sft(int argc, char **argv)
     kiln_train_opts o; /* tu.o once the flags are read */
     sft_args a = {.loss_on = "assistant", .val_fraction = 0.1};
     bool skip_bad_lines = false;
-    double lora_alpha = 8, lora_dropout = 0;
-    cli_opt opts[20 + CLI_TUNE_NFLAGS] = {
+    cli_opt opts[16 + CLI_TUNE_NFLAGS] = {
         {"model", CLI_STR, &a.model, "model directory (or run directory: its newest checkpoint; or a .gguf file, imported into OUT/base with its chat template) to fine-tune", false},
         {"data", CLI_STR, &a.data, "JSONL: {\"messages\":[...]} or {\"prompt\",\"completion\"} per line", false},
         {"val-data", CLI_STR, &a.val_data, "held-out JSONL for val_loss (instead of --val-fraction)", false},
@@ -191,14 +141,10 @@ int cmd_sft(int argc, char **argv)
         {"loss-on", CLI_STR, &a.loss_on, "assistant | completion | all: tokens learned: every assistant turn (or the completion), the last one only, or every token [assistant]", false},
         {"max-len", CLI_INT, &a.max_len, "tokens per example kept (longer ones are cut) [the model's n_ctx + 1]", false},
         {"packing", CLI_BOOL, &a.pack, "several examples per row of --max-len - 1 positions (first fit), attention kept inside each example and positions restarting per example (padding-free training; same loss as unpadded rows) [off: one example per row, padded to the longest]", false},
-        {"lora-rank", CLI_INT, &tu.o.lora.rank, "LoRA: train rank-R adapters (PEFT's formula, fp32) on a frozen base instead of every weight; 0 = full fine-tuning [0]", false},
-        {"lora-alpha", CLI_F64, &lora_alpha, "LoRA: alpha, the adapters' scale is alpha/R [8, PEFT's]", false},
-        {"lora-dropout", CLI_F64, &lora_dropout, "LoRA: dropout on the adapters' input while training [0]", false},
-        {"lora-targets", CLI_STR, &a.lora_targets, "LoRA: modules to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; gpt2 c_attn,c_proj,c_fc) or all-linear [PEFT's default: q_proj,v_proj; gpt2 c_attn]", false},
         {"skip-bad", CLI_BOOL, &a.skip_bad, "skip malformed JSONL lines (each is still reported) instead of failing", false},
         {"skip-bad-lines", CLI_BOOL, &skip_bad_lines, "the same as --skip-bad", false},
     };
-    cli_tune_flags(&tu, opts + 13, "examples per micro-batch [8]");
+    cli_tune_flags(&tu, opts + 9, "examples per micro-batch [8]");
     int rc = cli_parse("sft", "sft --model DIR --data FILE.jsonl --out DIR [flags]\n       kiln sft --resume RUN_DIR [flags]",
                        "Supervised fine-tuning: full training of a model's weights on chat\n"
                        "({\"messages\":[{\"role\",\"content\"},...]}) or prompt/completion JSONL,\n"
@@ -275,10 +221,8 @@ int cmd_sft(int argc, char **argv)
     snprintf(cfgp, sizeof cfgp, "%s/config.json", model_dir);
     kiln_config cfg;
     if ((s = kiln_config_load(ctx, cfgp, &cfg))) goto fail;
-    if (!resume && lora_flags(ctx, argc, argv, &cfg, &a, lora_alpha, lora_dropout, &o)) {
-        ret = 2;
-        goto done;
-    }
+    if (!resume && (ret = cli_tune_lora(ctx, "sft", &tu, argc, argv, &cfg, &o))) goto done;
+    ret = 1;
     if (a.max_len > cfg.n_ctx + 1) {
         fprintf(stderr, "kiln sft: --max-len %d exceeds the model's context (n_ctx %d in %s): "
                         "use --max-len %d or less\n", a.max_len, cfg.n_ctx, cfgp, cfg.n_ctx + 1);
