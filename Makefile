@@ -180,7 +180,7 @@ fuzz: deps
 	@bash fuzz/run.sh
 
 mutate: deps
-	@python3 tests/mutate.py --workers 2
+	@python3 tests/mutate.py --workers 2 $(MUTATE_ARGS)
 
 clean:
 	rm -rf build build-asan build-fuzz build-clang-portable build-static
