@@ -75,6 +75,39 @@ static size_t n_params(const kiln_config *c)
     return (size_t)c->n_layer * per + (size_t)c->vocab_size * C;
 }
 
+/* The cost of one target step over T tokens of one sequence (what a
+ * verification of T - 1 drafted tokens costs), at position 64, against a
+ * 1-token step: the ratio that bounds the speed-up. Best of 30 tries. */
+static void step_costs(kiln_ctx *ctx, kiln_engine *e, int V, int maxT, const char *name)
+{
+    enum { P = 64, TRIES = 30 };
+    int32_t ids[P];
+    for (int i = 0; i < P; i++) ids[i] = (int32_t)((i * 7 + 3) % V);
+    float *lg = malloc((size_t)(maxT + 1) * (size_t)V * sizeof(float));
+    if (!lg) return;
+    kiln_engine_reset(e, 0);
+    kiln_engine_prefill(ctx, e, 0, ids, P, NULL);
+    printf("%s step over T tokens (ms, x the 1-token step):", name);
+    double one = 0;
+    for (int T = 1; T <= maxT; T++) {
+        kiln_engine_tok tk[64];
+        for (int t = 0; t < T; t++) tk[t] = (kiln_engine_tok){0, ids[t], true};
+        double best = 1e30;
+        for (int i = 0; i < TRIES; i++) {
+            double t0 = kiln_time_now();
+            kiln_engine_step(ctx, e, tk, T, lg);
+            double dt = kiln_time_now() - t0;
+            kiln_engine_copy_prefix(ctx, e, 0, 0, P);
+            if (dt < best) best = dt;
+        }
+        if (T == 1) one = best;
+        printf(" T=%d %.3f (%.2fx)", T, best * 1e3, best / one);
+    }
+    printf("\n");
+    kiln_engine_reset(e, 0);
+    free(lg);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -102,6 +135,8 @@ int main(int argc, char **argv)
            n_params(&dc) / 1e6, (double)n_params(&tc) / (double)n_params(&dc), K, ntok, NP,
            threads, kiln_dtype_name(wt));
     float *logits = malloc((size_t)tc.vocab_size * sizeof(float));
+    step_costs(ctx, e, tc.vocab_size, K + 1 > 8 ? K + 1 : 8, "target");
+    step_costs(ctx, de, dc.vocab_size, 1, "draft ");
     double best_base = 1e30, best_spec = 1e30;
     kiln_spec_stats tot = {0};
     bool same = true;
@@ -150,6 +185,10 @@ int main(int argc, char **argv)
                 tot.accepted += ss.accepted;
                 tot.rounds += ss.rounds;
                 tot.emitted += ss.emitted;
+                tot.plain += ss.plain;
+                tot.draft_s += ss.draft_s;
+                tot.verify_s += ss.verify_s;
+                tot.plain_s += ss.plain_s;
             }
             free(pid);
         }
@@ -165,6 +204,16 @@ int main(int argc, char **argv)
            tot.drafted ? 100.0 * (double)tot.accepted / (double)tot.drafted : 0.0,
            (unsigned long long)tot.accepted, (unsigned long long)tot.drafted,
            tot.rounds ? (double)tot.emitted / (double)tot.rounds : 0.0, same ? "yes" : "NO");
+    /* where a round's time goes, in units of a plain 1-token target step
+     * (the last round's means; the rest is sampling and bookkeeping) */
+    if (tot.rounds && tot.plain) {
+        double one = tot.plain_s / (double)tot.plain, nr = (double)tot.rounds;
+        double in_steps = (tot.draft_s + tot.verify_s) / nr;
+        printf("per round (in 1-token target steps of %.3f ms): draft %.2f, verify %.2f; "
+               "the rounds' steps alone would give %.2fx, the whole loop gives %.2fx\n",
+               one * 1e3, tot.draft_s / nr / one, tot.verify_s / nr / one,
+               (double)tot.emitted / nr / (in_steps / one), best_base / best_spec);
+    }
     free(logits);
     kiln_engine_free(e);
     kiln_engine_free(de);
