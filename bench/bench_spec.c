@@ -78,6 +78,12 @@ static size_t n_params(const kiln_config *c)
     return (size_t)c->n_layer * per + (size_t)c->vocab_size * C;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 /* The cost of one target step over T tokens of one sequence (what a
  * verification of T - 1 drafted tokens costs), at position 64, against a
  * 1-token step: the ratio that bounds the speed-up. Best of 30 tries. */
@@ -91,12 +97,13 @@ static void step_costs(kiln_ctx *ctx, kiln_engine *e, int V, int maxT, const cha
     if (!lg) return;
     kiln_engine_reset(e, 0);
     kiln_engine_prefill(ctx, e, 0, ids, P, NULL);
-    printf("%s step over T tokens (ms, x the 1-token step):", name);
-    double one = 0;
+    printf("%s step over T tokens (best ms, x the 1-token step's best; median x its median):",
+           name);
+    double one = 0, one_med = 0;
     for (int T = 1; T <= maxT; T++) {
         kiln_engine_tok tk[64];
         for (int t = 0; t < T; t++) tk[t] = (kiln_engine_tok){0, ids[t], true};
-        double best = 1e30;
+        double best = 1e30, all[TRIES];
         for (int i = 0; i < TRIES; i++) {
             if (other) { /* as in a round: the draft's steps run between the target's */
                 kiln_engine_reset(other, 0);
@@ -108,9 +115,12 @@ static void step_costs(kiln_ctx *ctx, kiln_engine *e, int V, int maxT, const cha
             double dt = kiln_time_now() - t0;
             kiln_engine_copy_prefix(ctx, e, 0, 0, P);
             if (dt < best) best = dt;
+            all[i] = dt;
         }
-        if (T == 1) one = best;
-        printf(" T=%d %.3f (%.2fx)", T, best * 1e3, best / one);
+        qsort(all, TRIES, sizeof all[0], cmp_double);
+        if (T == 1) one = best, one_med = all[TRIES / 2];
+        printf(" T=%d %.3f (%.2fx; median %.2fx)", T, best * 1e3, best / one,
+               all[TRIES / 2] / one_med);
     }
     printf("\n");
     kiln_engine_reset(e, 0);
