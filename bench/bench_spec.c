@@ -5,7 +5,10 @@
  * the same prompts, alternating the two runs round by round so both see
  * the same load on a shared machine; prints the best round of each, their
  * ratio, the acceptance rate, tokens per target step, and whether the
- * tokens were identical (they must be: greedy).
+ * tokens were identical (they must be: greedy). Before that, the
+ * target's step cost for T = 1..max(K + 1, 8) tokens of one sequence
+ * (alone, and with three draft steps before each try, as in a round) and
+ * the draft's 1-token step; after it, where the last round's time went.
  *
  *   bench_spec TARGET DRAFT [K] [TOKENS] [THREADS] [ROUNDS] [fp32|bf16]
  *
@@ -75,6 +78,55 @@ static size_t n_params(const kiln_config *c)
     return (size_t)c->n_layer * per + (size_t)c->vocab_size * C;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The cost of one target step over T tokens of one sequence (what a
+ * verification of T - 1 drafted tokens costs), at position 64, against a
+ * 1-token step: the ratio that bounds the speed-up. Best of 30 tries. */
+static void step_costs(kiln_ctx *ctx, kiln_engine *e, int V, int maxT, const char *name,
+                       kiln_engine *other)
+{
+    enum { P = 64, TRIES = 30 };
+    int32_t ids[P];
+    for (int i = 0; i < P; i++) ids[i] = (int32_t)((i * 7 + 3) % V);
+    float *lg = malloc((size_t)(maxT + 1) * (size_t)V * sizeof(float));
+    if (!lg) return;
+    kiln_engine_reset(e, 0);
+    kiln_engine_prefill(ctx, e, 0, ids, P, NULL);
+    printf("%s step over T tokens (best ms, x the 1-token step's best; median x its median):",
+           name);
+    double one = 0, one_med = 0;
+    for (int T = 1; T <= maxT; T++) {
+        kiln_engine_tok tk[64];
+        for (int t = 0; t < T; t++) tk[t] = (kiln_engine_tok){0, ids[t], true};
+        double best = 1e30, all[TRIES];
+        for (int i = 0; i < TRIES; i++) {
+            if (other) { /* as in a round: the draft's steps run between the target's */
+                kiln_engine_reset(other, 0);
+                kiln_engine_tok dk = {0, ids[0], false};
+                for (int j = 0; j < 3; j++) kiln_engine_step(ctx, other, &dk, 1, NULL);
+            }
+            double t0 = kiln_time_now();
+            kiln_engine_step(ctx, e, tk, T, lg);
+            double dt = kiln_time_now() - t0;
+            kiln_engine_copy_prefix(ctx, e, 0, 0, P);
+            if (dt < best) best = dt;
+            all[i] = dt;
+        }
+        qsort(all, TRIES, sizeof all[0], cmp_double);
+        if (T == 1) one = best, one_med = all[TRIES / 2];
+        printf(" T=%d %.3f (%.2fx; median %.2fx)", T, best * 1e3, best / one,
+               all[TRIES / 2] / one_med);
+    }
+    printf("\n");
+    kiln_engine_reset(e, 0);
+    free(lg);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -102,7 +154,10 @@ int main(int argc, char **argv)
            n_params(&dc) / 1e6, (double)n_params(&tc) / (double)n_params(&dc), K, ntok, NP,
            threads, kiln_dtype_name(wt));
     float *logits = malloc((size_t)tc.vocab_size * sizeof(float));
-    double best_base = 1e30, best_spec = 1e30;
+    step_costs(ctx, e, tc.vocab_size, K + 1 > 8 ? K + 1 : 8, "target", NULL);
+    step_costs(ctx, e, tc.vocab_size, K + 1 > 8 ? K + 1 : 8, "target, 3 draft steps between,", de);
+    step_costs(ctx, de, dc.vocab_size, 1, "draft ", NULL);
+    double best_base = 1e30, best_spec = 1e30, last_base = 0, last_spec = 0;
     kiln_spec_stats tot = {0};
     bool same = true;
     static sink a, b;
@@ -150,9 +205,14 @@ int main(int argc, char **argv)
                 tot.accepted += ss.accepted;
                 tot.rounds += ss.rounds;
                 tot.emitted += ss.emitted;
+                tot.plain += ss.plain;
+                tot.draft_s += ss.draft_s;
+                tot.verify_s += ss.verify_s;
+                tot.plain_s += ss.plain_s;
             }
             free(pid);
         }
+        last_base = t_base, last_spec = t_spec;
         if (t_base < best_base) best_base = t_base;
         if (t_spec < best_spec) best_spec = t_spec;
     }
@@ -165,6 +225,17 @@ int main(int argc, char **argv)
            tot.drafted ? 100.0 * (double)tot.accepted / (double)tot.drafted : 0.0,
            (unsigned long long)tot.accepted, (unsigned long long)tot.drafted,
            tot.rounds ? (double)tot.emitted / (double)tot.rounds : 0.0, same ? "yes" : "NO");
+    /* where the last round's time went, per verify round of the target,
+     * against the target alone's time per token in the same round */
+    if (tot.rounds) {
+        double nr = (double)tot.rounds, per = last_spec / nr;
+        printf("last round: %.3f ms per verify round = draft steps %.3f + verify step %.3f + "
+               "plain steps %.3f + the rest %.3f; target alone %.3f ms per token\n",
+               per * 1e3, tot.draft_s / nr * 1e3, tot.verify_s / nr * 1e3,
+               tot.plain_s / nr * 1e3,
+               (last_spec - tot.draft_s - tot.verify_s - tot.plain_s) / nr * 1e3,
+               last_base / toks * 1e3);
+    }
     free(logits);
     kiln_engine_free(e);
     kiln_engine_free(de);

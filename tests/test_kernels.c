@@ -226,6 +226,44 @@ static void test_cross_entropy(void)
     free(x); free(x2); free(d1); free(d2);
 }
 
+/* linear at decode sizes (T < KERN_GEMM_MIN_T) on fp32 weights stored
+ * (in, out), GPT-2's layout: the fast table streams the rows of W itself
+ * (not the GEMM). Every T of a decode step (token groups of 6 and their
+ * tails), widths that are not a multiple of 16 or 64 and depths that are
+ * not a multiple of 8, with and without bias, against ref's double sums;
+ * and a token's result is the same bits whatever T it shares the step
+ * with (what lets a speculative verify step match the target alone). */
+static void test_linear_in_out(void)
+{
+    const kern_ops *F = kern_ops_fast(), *R = kern_ops_ref();
+    kern_gemm *g = kern_gemm_fast_new();
+    const int shapes[][2] = {{37, 150}, {384, 1152}, {200, 16}};
+    for (int s = 0; s < 3; s++) {
+        const int K = shapes[s][0], OC = shapes[s][1], TM = KERN_GEMM_MIN_T - 1;
+        float *w = rnd((size_t)K * OC, 0.2f), *x = rnd((size_t)TM * K, 1), *b = rnd(OC, 1);
+        float *y = malloc((size_t)TM * OC * 4), *yr = malloc((size_t)TM * OC * 4);
+        float *y1 = malloc((size_t)OC * 4);
+        kern_wt W = {KILN_DTYPE_F32, KERN_W_IN_OUT, OC, K, w};
+        for (int T = 1; T <= TM; T++)
+            for (int hb = 0; hb < 2; hb++) {
+                const float *bias = hb ? b : NULL;
+                F->linear(g, y, x, T, &W, bias);
+                R->linear(kern_gemm_ref(), yr, x, T, &W, bias);
+                char what[96];
+                snprintf(what, sizeof what, "linear in_out K=%d OC=%d T=%d bias=%d", K, OC, T, hb);
+                SAME(y, yr, (size_t)T * OC, what);
+                bool same = true;
+                for (int t = 0; t < T; t++) {
+                    F->linear(g, y1, x + (size_t)t * K, 1, &W, bias);
+                    same = same && !memcmp(y1, y + (size_t)t * OC, (size_t)OC * 4);
+                }
+                CHECK_MSG(same, "%s: a token's row differs from its 1-token step", what);
+            }
+        free(w), free(x), free(b), free(y), free(yr), free(y1);
+    }
+    kern_gemm_free(g);
+}
+
 int main(void)
 {
     kiln_rng_seed(&rng, 2024);
@@ -234,5 +272,6 @@ int main(void)
     RUN_TEST(test_elementwise);
     RUN_TEST(test_attention_rope);
     RUN_TEST(test_cross_entropy);
+    RUN_TEST(test_linear_in_out);
     return TEST_EXIT();
 }

@@ -7,7 +7,9 @@
  * W once and dots it with all T input rows while it is in registers (a 4
  * rows x 4 tokens register tile of AVX-512 accumulators); bf16 rows are
  * widened to fp32 in registers (or dotted as bf16 pairs with
- * AVX512_BF16), so they cost half the bytes. For prefill-sized T the
+ * AVX512_BF16), so they cost half the bytes. fp32 weights stored (in, out)
+ * (GPT-2's) stream their rows in order into 64-column x 6-token register
+ * tiles instead (linear_stream_io). For prefill-sized T the
  * product is a GEMM: fp32 weights as the training forward computes it
  * (kern_matmul_fwd_gemm); bf16 and block-quantized rows widened to fp32
  * a tile at a time (linear_tiles_gemm), the activations unrounded. The
@@ -213,6 +215,93 @@ static void linear_stream(float *Y, const float *X, int T, const kern_wt *W, con
 #endif
 }
 
+#ifdef LS_AVX512
+/* Y[t0..t0+NT) columns c..c+64 (below c_hi) += X[t][k0..k0+nk) W rows
+ * k0..k0+nk: the 4 x NT accumulators stay in registers over the nk rows. */
+static inline __attribute__((always_inline)) void io_tile(const float *W, int R, int c_hi,
+                                                          const float *X, int K, int k0, int nk,
+                                                          int c, int t0, const int NT, float *Y)
+{
+    __mmask16 m[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; v++) {
+        int left = c_hi - c - 16 * v;
+        m[v] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+    }
+    __m512 acc[6][4];
+#pragma GCC unroll 6
+    for (int t = 0; t < NT; t++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+            acc[t][v] = _mm512_maskz_loadu_ps(m[v], Y + (size_t)(t0 + t) * R + c + 16 * v);
+    for (int k = k0; k < k0 + nk; k++) {
+        const float *wr = W + (size_t)k * R + c;
+        __m512 w[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) w[v] = _mm512_maskz_loadu_ps(m[v], wr + 16 * v);
+#pragma GCC unroll 6
+        for (int t = 0; t < NT; t++) {
+            __m512 xb = _mm512_set1_ps(X[(size_t)(t0 + t) * K + k]);
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) acc[t][v] = _mm512_fmadd_ps(w[v], xb, acc[t][v]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int t = 0; t < NT; t++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+            _mm512_mask_storeu_ps(Y + (size_t)(t0 + t) * R + c + 16 * v, m[v], acc[t][v]);
+}
+#endif
+
+/* A decode-sized product (T < KERN_GEMM_MIN_T) with fp32 weights stored
+ * (in, out), as GPT-2's are: Y[t] = b + sum_k X[t][k] W[k]. The weights
+ * are streamed once, 8 rows k at a time; each 64-column piece of those
+ * rows is multiplied into up to 6 tokens' accumulators held in registers
+ * (io_tile), the outputs (T x R floats) staying in L1 between blocks. The
+ * 8 rows are read in order, so the prefetcher keeps up (a strip of columns
+ * down all K rows would jump a page per row). Before this the product went
+ * to the GEMM library for every T, which on the 30M benchmark model made
+ * an 8-token step 2.3x a 1-token one (now 1.7x; docs/performance.md).
+ * Each output sums over k in order whatever T is, so a token's result is
+ * the same bits whether it shares the step or not. */
+static void linear_stream_io(float *Y, const float *X, int T, const kern_wt *W, const float *b)
+{
+#ifndef LS_AVX512
+    kern_ops_ref()->linear(NULL, Y, X, T, W, b);
+#else
+    const int R = W->rows, K = W->cols;
+    const float *Wd = W->data;
+#ifdef _OPENMP
+    const int nth = omp_get_max_threads();
+#else
+    const int nth = 1;
+#endif
+    /* Column ranges per thread, whole 16-column pieces. */
+    const int npiece = (R + 15) / 16;
+    const int nchunk = nth > 1 && (size_t)R * K * T > 131072 ? KILN_MIN(nth, npiece) : 1;
+#pragma omp parallel for schedule(static) if (nchunk > 1)
+    for (int ch = 0; ch < nchunk; ch++) {
+        const int c_lo = (int)((long)npiece * ch / nchunk) * 16;
+        const int c_hi = KILN_MIN(R, (int)((long)npiece * (ch + 1) / nchunk) * 16);
+        for (int t = 0; t < T; t++)
+            for (int c = c_lo; c < c_hi; c++) Y[(size_t)t * R + c] = b ? b[c] : 0.0f;
+        for (int k0 = 0; k0 < K; k0 += 8) {
+            const int nk = KILN_MIN(8, K - k0);
+            for (int c = c_lo; c < c_hi; c += 64)
+                for (int t0 = 0; t0 < T; t0 += 6) switch (KILN_MIN(6, T - t0)) {
+                    case 1: io_tile(Wd, R, c_hi, X, K, k0, nk, c, t0, 1, Y); break;
+                    case 2: io_tile(Wd, R, c_hi, X, K, k0, nk, c, t0, 2, Y); break;
+                    case 3: io_tile(Wd, R, c_hi, X, K, k0, nk, c, t0, 3, Y); break;
+                    case 4: io_tile(Wd, R, c_hi, X, K, k0, nk, c, t0, 4, Y); break;
+                    case 5: io_tile(Wd, R, c_hi, X, K, k0, nk, c, t0, 5, Y); break;
+                    default: io_tile(Wd, R, c_hi, X, K, k0, nk, c, t0, 6, Y); break;
+                    }
+        }
+    }
+#endif
+}
+
 /* A prefill-sized product with bf16 or block-quantized weights (rows (out,
  * in)): tiles of rows are widened / dequantized to fp32 (exactly: the
  * dtype's to_float) and multiplied through the GEMM, the activations
@@ -246,8 +335,12 @@ static bool linear_tiles_gemm(kern_gemm *g, float *Y, const float *X, int T, con
 void kern_fast_linear(kern_gemm *g, float *Y, const float *X, int T, const kern_wt *W,
                       const float *b)
 {
-    if (W->dtype == KILN_DTYPE_F32 && (T >= GEMM_MIN_T || W->lay == KERN_W_IN_OUT) && g) {
+    if (W->dtype == KILN_DTYPE_F32 && T >= GEMM_MIN_T && g) {
         kern_matmul_fwd_gemm(g, Y, X, W->data, b, T, W->cols, W->rows, W->lay);
+        return;
+    }
+    if (W->dtype == KILN_DTYPE_F32 && W->lay == KERN_W_IN_OUT) {
+        linear_stream_io(Y, X, T, W, b);
         return;
     }
     if (W->dtype != KILN_DTYPE_F32 && W->lay == KERN_W_OUT_IN && T >= GEMM_MIN_T && g &&
