@@ -164,7 +164,10 @@ static kiln_status write_text(kiln_ctx *ctx, const char *path, const char *text)
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "w");
     bool ok = f && fputs(text, f) >= 0;
-    if (f) ok = (fflush(f) == 0) & (fsync(fileno(f)) == 0) & (fclose(f) == 0) && ok;
+    if (f) { /* all three run, whatever each returns */
+        bool flushed = fflush(f) == 0, synced = fsync(fileno(f)) == 0, closed = fclose(f) == 0;
+        ok = ok && flushed && synced && closed;
+    }
     if (!ok || rename(tmp, path))
         return kiln_fail(ctx, KILN_ERR_IO, "cannot write '%s': %s", path, strerror(errno));
     return KILN_OK;

@@ -46,10 +46,11 @@ kiln_status kiln_teacher_new(kiln_ctx *ctx, const char *path, kiln_dtype wtype, 
     if (s) return kiln_fail(ctx, s, "teacher %s: %s", path, kiln_errmsg(ctx));
     const kiln_config *cfg = kiln_model_config(m);
     if (T > cfg->n_ctx) {
+        int n_ctx = cfg->n_ctx; /* cfg is the model's: read before it is freed */
         kiln_model_free(m);
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "teacher %s: sequences of %d tokens exceed its context (n_ctx %d)",
-                         path, T, cfg->n_ctx);
+                         path, T, n_ctx);
     }
     kiln_teacher *t = calloc(1, sizeof *t);
     if (!t || !(t->toks = malloc((size_t)T * sizeof *t->toks))) {
