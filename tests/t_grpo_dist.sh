@@ -8,7 +8,9 @@
 # GRPO (per-completion token means) and Dr. GRPO (rows x max-new-tokens);
 # only rank 0 writes metrics, samples and checkpoints; a 2-rank run stopped
 # at step 2 and resumed under mpirun ends bit-identical to a straight one;
-# fewer prompts per step than ranks is refused.
+# held-out evaluations are split across the ranks too (sampled, from
+# per-prompt seeds: the same as one process); fewer prompts per step than
+# ranks is refused.
 set -u
 D="$KILN_TMP/t_grpo_dist"
 rm -rf "$D"; mkdir -p "$D"
@@ -41,7 +43,8 @@ JEOF
 G=("$KILN" grpo --model "$D/m" --tokenizer bytes --prompts "$D/prompts.jsonl" --group 4
    --batch-prompts 3 --micro-batch 3 --max-new-tokens 10 --beta 0.05 --updates 2 --lr 3e-3
    --reward exact,regex:0.2 --regex '[0-9]' --reward-cmd "awk '{print length(\$0) % 3}'"
-   --save-every 2 --keep-last 0 --threads 1 --seed 5 --eval-prompts "$D/prompts.jsonl" --eval-every 2)
+   --save-every 2 --keep-last 0 --threads 1 --seed 5 --eval-prompts "$D/prompts.jsonl" --eval-every 2
+   --eval-temperature 0.8)
 
 # same: metrics (all but throughput) within 1e-5 relative, the same
 # samples, final weights within 1e-5 relative (per tensor, in the L2 norm;

@@ -622,7 +622,9 @@ static kiln_status log_all(grpo_run *r, step_buf *b, step_stats *ss)
 /* Completions of the --eval-prompts (greedy, or sampled at
  * --eval-temperature), scored with the run's reward:
  * a line {"step", "eval_reward", "eval_<term>"..., "eval_prompts"} in
- * metrics.jsonl. No randomness: the rollout RNG is untouched. */
+ * metrics.jsonl. No randomness: the rollout RNG is untouched. Under mpirun
+ * each rank completes and scores its share of the prompts (a prompt's seed
+ * is its index's), rank 0 writes the means over all of them. */
 static kiln_status evaluate(grpo_run *r)
 {
     kiln_ctx *ctx = r->ctx;
@@ -641,13 +643,16 @@ static kiln_status evaluate(grpo_run *r)
     kiln_gen **gens = calloc((size_t)S, sizeof *gens);
     const int32_t **pp = calloc((size_t)S, sizeof *pp);
     size_t *np = calloc((size_t)S, sizeof *np), used = 0, skipped = 0;
-    kiln_status s = text && ptext && ans && rew && terms && ids && n_ids && gens && pp && np
+    size_t *gi = calloc(n + 1, sizeof *gi); /* dataset index of each used prompt */
+    const int rank = kiln_dist_rank(r->dist), world = kiln_dist_world(r->dist);
+    const size_t lo = n * (size_t)rank / (size_t)world, hi = n * (size_t)(rank + 1) / (size_t)world;
+    kiln_status s = text && ptext && ans && rew && terms && ids && n_ids && gens && pp && np && gi
                         ? kiln_engine_new(ctx, r->m, &eo, &e)
                         : kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
     double t0 = kiln_time_now();
-    for (size_t i = 0; i < n && !s;) {
+    for (size_t i = lo; i < hi && !s;) {
         int k = 0;
-        for (; k < S && i < n && !s; i++) {
+        for (; k < S && i < hi && !s; i++) {
             kiln_example ex;
             kiln_dataset_get(r->eval_ds, i, &ex);
             if (ex.n > (size_t)r->n_ctx - 1) { skipped++; continue; }
@@ -668,6 +673,7 @@ static kiln_status evaluate(grpo_run *r)
             pp[k] = ex.ids;
             np[k] = ex.n;
             ans[used + k] = ex.answer;
+            gi[used + k] = i;
             s = kiln_tokenizer_decode(ctx, r->tok, ex.ids, ex.n, &ptext[used + k], &len);
             if (!s) s = kiln_gen_new(ctx, r->tok, kiln_model_config(r->m), &go, ex.ids, ex.n, &gens[k]);
             k++;
@@ -688,27 +694,44 @@ static kiln_status evaluate(grpo_run *r)
     if (!s && used)
         s = kiln_reward_score(ctx, r->rw, (int)used, (const char *const *)ptext,
                               (const char *const *)text, ans, rew, terms, &rep);
-    if (!s && used) {
+    /* every rank's results at their dataset index (rewards, a mask, the
+     * terms), so the means are summed in the order of one process */
+    double *all = s ? NULL : calloc(n * (size_t)(nt + 2) + 1, sizeof *all);
+    if (!s && !all) s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    if (!s) {
+        for (size_t u = 0; u < used; u++) {
+            all[gi[u]] = rew[u];
+            all[n + gi[u]] = 1;
+            for (int k = 0; k < nt; k++) all[(size_t)(k + 2) * n + gi[u]] = terms[(size_t)k * used + u];
+        }
+        all[n * (size_t)(nt + 2)] = (double)skipped;
+        s = kiln_dist_sum_f64(ctx, r->dist, all, n * (size_t)(nt + 2) + 1);
+    }
+    size_t n_used = 0;
+    for (size_t i = 0; !s && i < n; i++) n_used += all[n + i] > 0;
+    if (!s && n_used && r->root) {
         double m = 0;
-        for (size_t i = 0; i < used; i++) m += rew[i];
-        json_t *j = json_pack("{s:I,s:f}", "step", (json_int_t)r->step, "eval_reward", m / used);
-        printf("eval at step %lld: reward %.4f", (long long)r->step, m / used);
+        for (size_t i = 0; i < n; i++) m += all[i];
+        json_t *j = json_pack("{s:I,s:f}", "step", (json_int_t)r->step, "eval_reward", m / n_used);
+        printf("eval at step %lld: reward %.4f", (long long)r->step, m / n_used);
         for (int k = 0; k < nt; k++) {
             double mk = 0;
-            for (size_t i = 0; i < used; i++) mk += terms[(size_t)k * used + i];
+            for (size_t i = 0; i < n; i++) mk += all[(size_t)(k + 2) * n + i];
             char key[64];
             snprintf(key, sizeof key, "eval_%s", kiln_reward_term_name(r->rw, k));
-            json_object_set_new(j, key, json_real(mk / used));
-            printf(", %s %.4f", kiln_reward_term_name(r->rw, k), mk / used);
+            json_object_set_new(j, key, json_real(mk / n_used));
+            printf(", %s %.4f", kiln_reward_term_name(r->rw, k), mk / n_used);
         }
-        json_object_set_new(j, "eval_prompts", json_integer((json_int_t)used));
+        json_object_set_new(j, "eval_prompts", json_integer((json_int_t)n_used));
+        json_object_set_new(j, "eval_temperature", json_real(r->a.eval_temperature));
         append_line(r->out, "metrics.jsonl", j);
         json_decref(j);
-        json_object_set_new(j, "eval_temperature", json_real(r->a.eval_temperature));
-        printf(" (%zu prompts, temperature %g, %zu too long; %.1f s)\n", used,
-               r->a.eval_temperature, skipped, kiln_time_now() - t0);
+        printf(" (%zu prompts, temperature %g, %.0f too long; %.1f s)\n", n_used,
+               r->a.eval_temperature, all[n * (size_t)(nt + 2)], kiln_time_now() - t0);
         fflush(stdout);
     }
+    free(all);
+    free(gi);
     for (size_t i = 0; i < n; i++) {
         if (text) free(text[i]);
         if (ptext) free(ptext[i]);
@@ -982,7 +1005,7 @@ int cmd_grpo(int argc, char **argv)
         {"sample-every", CLI_INT, &a.sample_every, "steps between the completions of a group written to samples.jsonl, 0 = never [1]", false},
         {"skip-bad", CLI_BOOL, &a.skip_bad, "skip malformed prompt lines (each is still reported) instead of failing", false},
         {"threads", CLI_INT, &threads, "threads, 0 = all cores [0]", false},
-        {"dist-timeout", CLI_F64, &dist_timeout, "under mpirun: seconds a collective may take before the job is aborted (rank 0's evaluations and checkpoints included) [300]", false},
+        {"dist-timeout", CLI_F64, &dist_timeout, "under mpirun: seconds a collective may take before the job is aborted (rank 0 writing a checkpoint included) [300]", false},
         {NULL, 0, NULL, NULL, false}};
     int rc = cli_parse("grpo", "grpo --model DIR --prompts FILE --out DIR [options]",
                        "Group relative policy optimisation with verifiable rewards: per step,\n"
@@ -1112,12 +1135,12 @@ int cmd_grpo(int argc, char **argv)
                kiln_dist_world(r.dist), a.batch_prompts / kiln_dist_world(r.dist),
                (a.batch_prompts + kiln_dist_world(r.dist) - 1) / kiln_dist_world(r.dist), a.group);
     fflush(stdout);
-    /* evaluations and checkpoints are rank 0's; the others wait at the
-     * next step's first collective (--dist-timeout bounds the wait) */
-    if (r.root && r.eval_ds && r.step == 0 && (s = evaluate(&r))) goto fail;
+    /* checkpoints are rank 0's; the others wait at the next step's first
+     * collective (--dist-timeout bounds the wait) */
+    if (r.eval_ds && r.step == 0 && (s = evaluate(&r))) goto fail;
     while (r.step < a.steps) {
         if ((s = grpo_step(&r, &b))) goto fail;
-        if (r.root && r.eval_ds && ((a.eval_every > 0 && r.step % a.eval_every == 0) || r.step == a.steps) &&
+        if (r.eval_ds && ((a.eval_every > 0 && r.step % a.eval_every == 0) || r.step == a.steps) &&
             (s = evaluate(&r)))
             goto fail;
         if (r.root && ((a.save_every > 0 && r.step % a.save_every == 0) || r.step == a.steps))
