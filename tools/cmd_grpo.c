@@ -835,7 +835,7 @@ static kiln_status setup(grpo_run *r, const char *model_dir, const char *ckpt)
         kiln_example ex;
         kiln_dataset_get(r->ds, i, &ex);
         if (ex.n > (size_t)r->n_ctx - 1) {
-            if (dropped++ < 5)
+            if (dropped++ < 5 && r->root) /* every rank drops the same ones */
                 fprintf(stderr, "kiln grpo: %s:%lld: the prompt is %zu tokens; the context of "
                                 "%d leaves no room to complete it: dropped\n",
                         a->prompts, (long long)ex.line, ex.n, r->n_ctx);
