@@ -1396,6 +1396,34 @@ typedef struct kiln_dist_opts {
 /* timeout_s 300, bucket_mb 25, overlap true, progress_table true. */
 kiln_dist_opts kiln_dist_opts_default(void);
 
+/* A handle on the MPI job for programs that run their own loop (kiln
+ * grpo): the same launcher detection, watchdog and error handling as the
+ * trainer's. Under `mpirun -np N` it joins the job (once per process);
+ * otherwise it is world size 1 and every collective is a no-op. Collectives
+ * must be called in the same order on every rank. Errors as the trainer's
+ * (KILN_ERR_DIST: N > 1 ranks by a build without MPI, or MPI cannot start;
+ * KILN_ERR_INVALID_ARG naming the kiln_dist_opts field). */
+typedef struct kiln_dist kiln_dist;
+kiln_status kiln_dist_new(kiln_ctx *ctx, const kiln_dist_opts *opts, kiln_dist **out);
+/* Frees d and finalizes MPI (every rank must reach it). NULL is a no-op. */
+void kiln_dist_free(kiln_dist *d);
+/* Frees d after an error on this rank without MPI_Finalize; the process
+ * must then exit non-zero (mpirun ends the job). NULL is a no-op. */
+void kiln_dist_abandon(kiln_dist *d);
+int kiln_dist_rank(const kiln_dist *d);
+int kiln_dist_world(const kiln_dist *d);
+/* In-place sums / maxima across ranks (every rank gets the result). */
+kiln_status kiln_dist_sum_f32(kiln_ctx *ctx, kiln_dist *d, float *buf, size_t n);
+kiln_status kiln_dist_sum_f64(kiln_ctx *ctx, kiln_dist *d, double *buf, size_t n);
+kiln_status kiln_dist_max_f64(kiln_ctx *ctx, kiln_dist *d, double *buf, size_t n);
+/* Blocks until every rank arrives. */
+kiln_status kiln_dist_barrier(kiln_ctx *ctx, kiln_dist *d);
+/* Sums m's gradient block (kiln_model_grads) across ranks in place: with
+ * each rank's loss scaled by 1 / (the global normaliser), the sum is the
+ * gradient of the whole batch. Every rank's model must have the same
+ * shapes. One blocking allreduce after the backward (no overlap). */
+kiln_status kiln_dist_sum_grads(kiln_ctx *ctx, kiln_dist *d, kiln_model *m);
+
 /* Everything a pretraining run is configured by (kiln train's flags).
  * Start from kiln_train_opts_default(). Strings are borrowed. */
 typedef struct kiln_train_opts {

@@ -61,6 +61,9 @@ typedef struct grpo_run {
     int32_t stop_id;       /* the chat turn's end, -1 when it is the eot */
     int n_ctx, T_max;
     bool chat;
+    kiln_dist *dist;       /* the MPI job (world size 1 without mpirun) */
+    bool root;             /* rank 0: logs, writes metrics, samples, checkpoints */
+    int p_lo, p_n;         /* this rank's prompts of a step: [p_lo, p_lo + p_n) */
 } grpo_run;
 
 /* ---- settings saved for --resume -------------------------------------- */
@@ -68,7 +71,7 @@ typedef struct grpo_run {
 /* The flags a resumed run keeps from RUN/grpo.json (all but these). */
 static bool run_flag(const char *name)
 {
-    static const char *const own[] = {"out", "resume", "threads", "steps", "help", NULL};
+    static const char *const own[] = {"out", "resume", "threads", "steps", "dist-timeout", "help", NULL};
     for (int i = 0; own[i]; i++)
         if (!strcmp(name, own[i])) return false;
     return true;
@@ -321,8 +324,15 @@ typedef struct step_stats {
 static kiln_status rollout(grpo_run *r, step_buf *b, step_stats *ss)
 {
     kiln_ctx *ctx = r->ctx;
-    const int P = r->a.batch_prompts, G = r->a.group, R = P * G;
+    const int G = r->a.group, R = b->R, first = r->p_lo * G;
+    const int all = r->a.batch_prompts * G;
     double t0 = kiln_time_now();
+    /* every rank draws the whole step's seeds (row k of the step gets the
+     * k-th) and uses its own rows': the completions do not depend on how
+     * many ranks share the step, and the RNG state is the same on all */
+    uint64_t *seed = malloc((size_t)all * sizeof *seed);
+    if (!seed) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    for (int k = 0; k < all; k++) seed[k] = kiln_rng_u64(&r->rng);
     kiln_engine_opts eo = kiln_engine_opts_default();
     eo.n_slots = R;
     eo.n_ctx = r->n_ctx;
@@ -332,7 +342,7 @@ static kiln_status rollout(grpo_run *r, step_buf *b, step_stats *ss)
     const int32_t **pp = calloc((size_t)R, sizeof *pp);
     size_t *np = calloc((size_t)R, sizeof *np);
     if (!gens || !pp || !np) {
-        free(gens); free(pp); free(np);
+        free(gens); free(pp); free(np); free(seed);
         return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
     }
     kiln_status s = kiln_engine_new(ctx, r->m, &eo, &e);
@@ -345,7 +355,7 @@ static kiln_status rollout(grpo_run *r, step_buf *b, step_stats *ss)
         go.sampling.temperature = (float)r->a.temperature;
         go.sampling.top_p = (float)r->a.top_p;
         go.sampling.top_k = r->a.top_k;
-        go.sampling.seed = kiln_rng_u64(&r->rng);
+        go.sampling.seed = seed[first + i];
         go.max_tokens = r->a.max_new;
         if (r->stop_id >= 0) {
             go.stop_ids = &r->stop_id;
@@ -368,6 +378,7 @@ static kiln_status rollout(grpo_run *r, step_buf *b, step_stats *ss)
     free(gens);
     free(pp);
     free(np);
+    free(seed);
     ss->rollout_s = kiln_time_now() - t0;
     return s;
 }
@@ -458,6 +469,9 @@ static kiln_status train(grpo_run *r, step_buf *b, step_stats *ss)
                                        .step = r->opt_step};
             s = obj.weigh(obj.user, ctx, &ob, &W);
         }
+        /* the normaliser of the whole step (all ranks' rows): each rank's
+         * gradient is then its share of the single-process gradient */
+        if (!s) s = kiln_dist_sum_f64(ctx, r->dist, &W, 1);
         double ls = 0, ws = 0;
         for (int o = 0; o < b->R && !s; o += MB) {
             int B = b->R - o < MB ? b->R - o : MB;
@@ -480,6 +494,8 @@ static kiln_status train(grpo_run *r, step_buf *b, step_stats *ss)
             ss->train_tokens += (double)B * b->T;
         }
         if (s) break;
+        if ((s = kiln_dist_sum_grads(ctx, r->dist, r->m)) || (s = kiln_dist_sum_f64(ctx, r->dist, &ls, 1)))
+            break;
         double norm = kiln_l2_norm(kiln_model_grads(r->m), kiln_model_num_params(r->m));
         if (!isfinite(norm) || !isfinite(ls))
             return kiln_fail(ctx, KILN_ERR_NUMERIC, "step %lld: the loss or gradient is not "
@@ -494,6 +510,9 @@ static kiln_status train(grpo_run *r, step_buf *b, step_stats *ss)
         ss->grad_norm += norm / r->a.updates;
         ss->lr = lr;
     }
+    double tot[3] = {st.kl_sum, st.clipped, st.tokens};
+    if (!s) s = kiln_dist_sum_f64(ctx, r->dist, tot, 3);
+    st.kl_sum = tot[0], st.clipped = tot[1], st.tokens = tot[2];
     ss->kl = st.tokens ? st.kl_sum / st.tokens : 0;
     ss->clipped = st.tokens ? st.clipped / st.tokens : 0;
     ss->tok = st.tokens;
@@ -512,23 +531,27 @@ static void append_line(const char *out, const char *name, json_t *j)
     free(txt);
 }
 
-static void log_step(grpo_run *r, step_buf *b, const step_stats *ss)
+/* The step's metrics over all ranks' rows (rew, terms (n_terms, R) and
+ * len of the R = batch-prompts x group rows, in the step's order); the
+ * samples from this rank's first group (rank 0 holds the step's first). */
+static void log_step(grpo_run *r, step_buf *b, const step_stats *ss, const double *rew,
+                     const double *terms, const double *lens, int R)
 {
-    int R = b->R, nt = kiln_reward_n_terms(r->rw);
+    int nt = kiln_reward_n_terms(r->rw);
     double mean = 0, var = 0, len = 0, lmax = 0;
-    for (int i = 0; i < R; i++) mean += b->reward[i], len += b->n_ids[i];
+    for (int i = 0; i < R; i++) mean += rew[i], len += lens[i];
     mean /= R;
     len /= R;
     for (int i = 0; i < R; i++) {
-        var += (b->reward[i] - mean) * (b->reward[i] - mean);
-        lmax = b->n_ids[i] > lmax ? b->n_ids[i] : lmax;
+        var += (rew[i] - mean) * (rew[i] - mean);
+        lmax = lens[i] > lmax ? lens[i] : lmax;
     }
     double sd = R > 1 ? sqrt(var / (R - 1)) : 0;
     json_t *j = json_pack("{s:I,s:f,s:f,s:f}", "step", (json_int_t)r->step, "loss", ss->loss,
                           "reward_mean", mean, "reward_std", sd);
     for (int k = 0; k < nt; k++) {
         double m = 0;
-        for (int i = 0; i < R; i++) m += b->terms[(size_t)k * R + i];
+        for (int i = 0; i < R; i++) m += terms[(size_t)k * R + i];
         char key[64];
         snprintf(key, sizeof key, "reward_%s", kiln_reward_term_name(r->rw, k));
         json_object_set_new(j, key, json_real(m / R));
@@ -546,6 +569,7 @@ static void log_step(grpo_run *r, step_buf *b, const step_stats *ss)
     json_object_set_new(j, "grad_norm", json_real(ss->grad_norm));
     json_object_set_new(j, "reward_cmd_failures", json_integer(ss->cmd_failures));
     json_object_set_new(j, "reward_cmd_bad_lines", json_integer(ss->cmd_bad_lines));
+    json_object_set_new(j, "world_size", json_integer(kiln_dist_world(r->dist)));
     append_line(r->out, "metrics.jsonl", j);
     json_decref(j);
     printf("step %lld/%lld | reward %.3f (std %.3f) | loss %+.4f | kl %.4f | clip %.3f | len "
@@ -568,10 +592,42 @@ static void log_step(grpo_run *r, step_buf *b, const step_stats *ss)
     }
 }
 
+/* Gathers the step's rows and counters from every rank (sums; times and
+ * the largest gap: maxima), then rank 0 logs them. */
+static kiln_status log_all(grpo_run *r, step_buf *b, step_stats *ss)
+{
+    const int G = r->a.group, R = r->a.batch_prompts * G, nt = kiln_reward_n_terms(r->rw);
+    const int first = r->p_lo * G;
+    double *all = calloc((size_t)R * (nt + 2), sizeof *all);
+    if (!all) return kiln_fail(r->ctx, KILN_ERR_NOMEM, "out of memory");
+    double *rew = all, *lens = all + R, *terms = all + 2 * (size_t)R;
+    for (int i = 0; i < b->R; i++) {
+        rew[first + i] = b->reward[i];
+        lens[first + i] = b->n_ids[i];
+        for (int k = 0; k < nt; k++) terms[(size_t)k * R + first + i] = b->terms[(size_t)k * b->R + i];
+    }
+    double sum[8] = {ss->gen_tokens, ss->train_tokens, ss->logp_diff_sum, ss->truncated,
+                     ss->cmd_failures, ss->cmd_bad_lines}, mx[3] = {ss->rollout_s, ss->train_s,
+                     ss->logp_diff_max};
+    kiln_status s = kiln_dist_sum_f64(r->ctx, r->dist, all, (size_t)R * (nt + 2));
+    if (!s) s = kiln_dist_sum_f64(r->ctx, r->dist, sum, 6);
+    if (!s) s = kiln_dist_max_f64(r->ctx, r->dist, mx, 3);
+    if (!s) {
+        ss->gen_tokens = sum[0], ss->train_tokens = sum[1], ss->logp_diff_sum = sum[2];
+        ss->truncated = (int)sum[3], ss->cmd_failures = (int)sum[4], ss->cmd_bad_lines = (int)sum[5];
+        ss->rollout_s = mx[0], ss->train_s = mx[1], ss->logp_diff_max = mx[2];
+        if (r->root) log_step(r, b, ss, rew, terms, lens, R);
+    }
+    free(all);
+    return s;
+}
+
 /* Completions of the --eval-prompts (greedy, or sampled at
  * --eval-temperature), scored with the run's reward:
  * a line {"step", "eval_reward", "eval_<term>"..., "eval_prompts"} in
- * metrics.jsonl. No randomness: the rollout RNG is untouched. */
+ * metrics.jsonl. No randomness: the rollout RNG is untouched. Under mpirun
+ * each rank completes and scores its share of the prompts (a prompt's seed
+ * is its index's), rank 0 writes the means over all of them. */
 static kiln_status evaluate(grpo_run *r)
 {
     kiln_ctx *ctx = r->ctx;
@@ -590,13 +646,16 @@ static kiln_status evaluate(grpo_run *r)
     kiln_gen **gens = calloc((size_t)S, sizeof *gens);
     const int32_t **pp = calloc((size_t)S, sizeof *pp);
     size_t *np = calloc((size_t)S, sizeof *np), used = 0, skipped = 0;
-    kiln_status s = text && ptext && ans && rew && terms && ids && n_ids && gens && pp && np
+    size_t *gi = calloc(n + 1, sizeof *gi); /* dataset index of each used prompt */
+    const int rank = kiln_dist_rank(r->dist), world = kiln_dist_world(r->dist);
+    const size_t lo = n * (size_t)rank / (size_t)world, hi = n * (size_t)(rank + 1) / (size_t)world;
+    kiln_status s = text && ptext && ans && rew && terms && ids && n_ids && gens && pp && np && gi
                         ? kiln_engine_new(ctx, r->m, &eo, &e)
                         : kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
     double t0 = kiln_time_now();
-    for (size_t i = 0; i < n && !s;) {
+    for (size_t i = lo; i < hi && !s;) {
         int k = 0;
-        for (; k < S && i < n && !s; i++) {
+        for (; k < S && i < hi && !s; i++) {
             kiln_example ex;
             kiln_dataset_get(r->eval_ds, i, &ex);
             if (ex.n > (size_t)r->n_ctx - 1) { skipped++; continue; }
@@ -617,6 +676,7 @@ static kiln_status evaluate(grpo_run *r)
             pp[k] = ex.ids;
             np[k] = ex.n;
             ans[used + k] = ex.answer;
+            gi[used + k] = i;
             s = kiln_tokenizer_decode(ctx, r->tok, ex.ids, ex.n, &ptext[used + k], &len);
             if (!s) s = kiln_gen_new(ctx, r->tok, kiln_model_config(r->m), &go, ex.ids, ex.n, &gens[k]);
             k++;
@@ -637,27 +697,44 @@ static kiln_status evaluate(grpo_run *r)
     if (!s && used)
         s = kiln_reward_score(ctx, r->rw, (int)used, (const char *const *)ptext,
                               (const char *const *)text, ans, rew, terms, &rep);
-    if (!s && used) {
+    /* every rank's results at their dataset index (rewards, a mask, the
+     * terms), so the means are summed in the order of one process */
+    double *all = s ? NULL : calloc(n * (size_t)(nt + 2) + 1, sizeof *all);
+    if (!s && !all) s = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+    if (!s) {
+        for (size_t u = 0; u < used; u++) {
+            all[gi[u]] = rew[u];
+            all[n + gi[u]] = 1;
+            for (int k = 0; k < nt; k++) all[(size_t)(k + 2) * n + gi[u]] = terms[(size_t)k * used + u];
+        }
+        all[n * (size_t)(nt + 2)] = (double)skipped;
+        s = kiln_dist_sum_f64(ctx, r->dist, all, n * (size_t)(nt + 2) + 1);
+    }
+    size_t n_used = 0;
+    for (size_t i = 0; !s && i < n; i++) n_used += all[n + i] > 0;
+    if (!s && n_used && r->root) {
         double m = 0;
-        for (size_t i = 0; i < used; i++) m += rew[i];
-        json_t *j = json_pack("{s:I,s:f}", "step", (json_int_t)r->step, "eval_reward", m / used);
-        printf("eval at step %lld: reward %.4f", (long long)r->step, m / used);
+        for (size_t i = 0; i < n; i++) m += all[i];
+        json_t *j = json_pack("{s:I,s:f}", "step", (json_int_t)r->step, "eval_reward", m / n_used);
+        printf("eval at step %lld: reward %.4f", (long long)r->step, m / n_used);
         for (int k = 0; k < nt; k++) {
             double mk = 0;
-            for (size_t i = 0; i < used; i++) mk += terms[(size_t)k * used + i];
+            for (size_t i = 0; i < n; i++) mk += all[(size_t)(k + 2) * n + i];
             char key[64];
             snprintf(key, sizeof key, "eval_%s", kiln_reward_term_name(r->rw, k));
-            json_object_set_new(j, key, json_real(mk / used));
-            printf(", %s %.4f", kiln_reward_term_name(r->rw, k), mk / used);
+            json_object_set_new(j, key, json_real(mk / n_used));
+            printf(", %s %.4f", kiln_reward_term_name(r->rw, k), mk / n_used);
         }
-        json_object_set_new(j, "eval_prompts", json_integer((json_int_t)used));
+        json_object_set_new(j, "eval_prompts", json_integer((json_int_t)n_used));
+        json_object_set_new(j, "eval_temperature", json_real(r->a.eval_temperature));
         append_line(r->out, "metrics.jsonl", j);
         json_decref(j);
-        json_object_set_new(j, "eval_temperature", json_real(r->a.eval_temperature));
-        printf(" (%zu prompts, temperature %g, %zu too long; %.1f s)\n", used,
-               r->a.eval_temperature, skipped, kiln_time_now() - t0);
+        printf(" (%zu prompts, temperature %g, %.0f too long; %.1f s)\n", n_used,
+               r->a.eval_temperature, all[n * (size_t)(nt + 2)], kiln_time_now() - t0);
         fflush(stdout);
     }
+    free(all);
+    free(gi);
     for (size_t i = 0; i < n; i++) {
         if (text) free(text[i]);
         if (ptext) free(ptext[i]);
@@ -669,9 +746,10 @@ static kiln_status evaluate(grpo_run *r)
 
 static kiln_status grpo_step(grpo_run *r, step_buf *b)
 {
-    const int P = r->a.batch_prompts, G = r->a.group, R = P * G;
+    const int P = r->p_n, G = r->a.group, R = P * G;
     step_stats ss = {0};
-    for (int j = 0; j < P; j++) b->pidx[j] = prompt_at(r, r->step * P + j);
+    for (int j = 0; j < P; j++)
+        b->pidx[j] = prompt_at(r, r->step * r->a.batch_prompts + r->p_lo + j);
     for (int i = 0; i < R; i++) {
         free(b->text[i]);
         b->text[i] = NULL;
@@ -699,8 +777,7 @@ static kiln_status grpo_step(grpo_run *r, step_buf *b)
     build_rows(r, b);
     if ((s = train(r, b, &ss))) return s;
     r->step++;
-    log_step(r, b, &ss);
-    return KILN_OK;
+    return log_all(r, b, &ss);
 }
 
 /* ---- setup -------------------------------------------------------------- */
@@ -761,7 +838,7 @@ static kiln_status setup(grpo_run *r, const char *model_dir, const char *ckpt)
         kiln_example ex;
         kiln_dataset_get(r->ds, i, &ex);
         if (ex.n > (size_t)r->n_ctx - 1) {
-            if (dropped++ < 5)
+            if (dropped++ < 5 && r->root) /* every rank drops the same ones */
                 fprintf(stderr, "kiln grpo: %s:%lld: the prompt is %zu tokens; the context of "
                                 "%d leaves no room to complete it: dropped\n",
                         a->prompts, (long long)ex.line, ex.n, r->n_ctx);
@@ -835,11 +912,11 @@ static kiln_status setup(grpo_run *r, const char *model_dir, const char *ckpt)
 
 static kiln_status alloc_step(grpo_run *r, step_buf *b)
 {
-    const int R = r->a.batch_prompts * r->a.group, nt = kiln_reward_n_terms(r->rw);
+    const int R = r->p_n * r->a.group, nt = kiln_reward_n_terms(r->rw);
     size_t RT = (size_t)R * r->T_max;
     b->R = R;
     b->cap = r->a.max_new;
-    b->pidx = calloc((size_t)r->a.batch_prompts, sizeof *b->pidx);
+    b->pidx = calloc((size_t)r->p_n, sizeof *b->pidx);
     b->ids = calloc((size_t)R * b->cap, sizeof *b->ids);
     b->gen_logp = calloc((size_t)R * b->cap, sizeof *b->gen_logp);
     b->n_ids = calloc((size_t)R, sizeof *b->n_ids);
@@ -887,6 +964,7 @@ int cmd_grpo(int argc, char **argv)
                    .cmd_timeout = 60, .steps = 100, .seed = 1, .save_every = 50};
     const char *out = NULL, *resume = NULL;
     int threads = 0;
+    double dist_timeout = 300;
     cli_opt opts[] = {
         {"model", CLI_STR, &a.model, "model directory (or run directory: its newest checkpoint) to train; also the reference of --beta", false},
         {"tokenizer", CLI_STR, &a.tokenizer, "tokenizer.json, a directory, or \"bytes\" [the model directory's]", false},
@@ -930,6 +1008,7 @@ int cmd_grpo(int argc, char **argv)
         {"sample-every", CLI_INT, &a.sample_every, "steps between the completions of a group written to samples.jsonl, 0 = never [1]", false},
         {"skip-bad", CLI_BOOL, &a.skip_bad, "skip malformed prompt lines (each is still reported) instead of failing", false},
         {"threads", CLI_INT, &threads, "threads, 0 = all cores [0]", false},
+        {"dist-timeout", CLI_F64, &dist_timeout, "under mpirun: seconds a collective may take before the job is aborted (rank 0 writing a checkpoint included) [300]", false},
         {NULL, 0, NULL, NULL, false}};
     int rc = cli_parse("grpo", "grpo --model DIR --prompts FILE --out DIR [options]",
                        "Group relative policy optimisation with verifiable rewards: per step,\n"
@@ -940,7 +1019,9 @@ int cmd_grpo(int argc, char **argv)
                        "x KL to the initial model). Writes RUN/metrics.jsonl (reward, KL, clip\n"
                        "fraction, lengths, rollout and training tokens/s), RUN/samples.jsonl\n"
                        "and RUN/step_*/ checkpoints (model directories) that --resume continues\n"
-                       "exactly. docs/alignment.md.",
+                       "exactly. Under mpirun -np N each rank rolls out its share of the\n"
+                       "step's prompts and the gradients are summed: the same update as one\n"
+                       "process. docs/alignment.md.",
                        opts, argc, argv, NULL);
     if (rc) {
         cli_free(opts, NULL);
@@ -986,12 +1067,33 @@ int cmd_grpo(int argc, char **argv)
     if ((ret = check_args(&a))) goto done;
     ret = 1;
     kiln_set_threads(ctx, threads);
+    kiln_dist_opts dopt = kiln_dist_opts_default();
+    dopt.timeout_s = dist_timeout;
+    if ((s = kiln_dist_new(ctx, &dopt, &r.dist))) goto fail;
+    {
+        int rank = kiln_dist_rank(r.dist), world = kiln_dist_world(r.dist);
+        if (a.batch_prompts < world) {
+            fprintf(stderr, "kiln grpo: --batch-prompts %d is less than the %d ranks of the job: "
+                            "each rank rolls out whole groups; use at least %d prompts per step\n",
+                    a.batch_prompts, world, world);
+            goto done;
+        }
+        /* rank k: prompts [k P / N, (k + 1) P / N) of each step, whole groups */
+        r.p_lo = (int)((int64_t)rank * a.batch_prompts / world);
+        r.p_n = (int)((int64_t)(rank + 1) * a.batch_prompts / world) - r.p_lo;
+        r.root = rank == 0;
+        /* one voice: the other ranks' progress lines would repeat rank 0's */
+        if (!r.root && !freopen("/dev/null", "w", stdout)) {
+            fprintf(stderr, "kiln grpo: rank %d: cannot silence stdout\n", rank);
+            goto done;
+        }
+    }
     if ((s = cli_model_dir(ctx, a.model, model_dir, sizeof model_dir))) {
         kiln_fail(ctx, s, "--model: %s", kiln_errmsg(ctx));
         goto fail;
     }
     if (!resume) {
-        if (mkdir(out, 0777) != 0 && errno != EEXIST) {
+        if (r.root && mkdir(out, 0777) != 0 && errno != EEXIST) {
             fprintf(stderr, "kiln grpo: --out: cannot create '%s': %s\n", out, strerror(errno));
             goto done;
         }
@@ -1006,21 +1108,21 @@ int cmd_grpo(int argc, char **argv)
         if (realpath(model_dir, abs)) a.model = abs; /* a resume may start elsewhere */
         if (realpath(a.prompts, pabs)) a.prompts = pabs;
         if (a.eval_prompts && realpath(a.eval_prompts, eabs)) a.eval_prompts = eabs;
-        if (save_settings(out, opts)) goto done;
+        if (r.root && save_settings(out, opts)) goto done;
         snprintf(model_dir, sizeof model_dir, "%s", a.model);
         a.model = model_dir;
         a.prompts = strdup(a.prompts);
         char mp[1100];
         snprintf(mp, sizeof mp, "%s/metrics.jsonl", out);
-        unlink(mp);
+        if (r.root) unlink(mp);
         snprintf(mp, sizeof mp, "%s/samples.jsonl", out);
-        unlink(mp);
+        if (r.root) unlink(mp);
     } else
         a.prompts = strdup(a.prompts);
     r.a = a;
     r.out = out;
     if ((s = setup(&r, model_dir, ck))) goto fail;
-    if (ck) {
+    if (ck && r.root) {
         truncate_jsonl(out, "metrics.jsonl", r.step);
         truncate_jsonl(out, "samples.jsonl", r.step);
         printf("resumed from %s at step %lld\n", ck, (long long)r.step);
@@ -1031,14 +1133,20 @@ int cmd_grpo(int argc, char **argv)
            a.batch_prompts, a.group, (long long)a.steps, a.updates, a.updates == 1 ? "" : "s",
            a.reward, a.reward_cmd ? " + cmd " : "", a.reward_cmd ? a.reward_cmd : "", a.beta,
            a.clip, a.dr_grpo ? ", dr-grpo" : "");
+    if (kiln_dist_world(r.dist) > 1)
+        printf("mpi: %d ranks, %d or %d prompts (x %d completions) each per step\n",
+               kiln_dist_world(r.dist), a.batch_prompts / kiln_dist_world(r.dist),
+               (a.batch_prompts + kiln_dist_world(r.dist) - 1) / kiln_dist_world(r.dist), a.group);
     fflush(stdout);
+    /* checkpoints are rank 0's; the others wait at the next step's first
+     * collective (--dist-timeout bounds the wait) */
     if (r.eval_ds && r.step == 0 && (s = evaluate(&r))) goto fail;
     while (r.step < a.steps) {
         if ((s = grpo_step(&r, &b))) goto fail;
         if (r.eval_ds && ((a.eval_every > 0 && r.step % a.eval_every == 0) || r.step == a.steps) &&
             (s = evaluate(&r)))
             goto fail;
-        if ((a.save_every > 0 && r.step % a.save_every == 0) || r.step == a.steps)
+        if (r.root && ((a.save_every > 0 && r.step % a.save_every == 0) || r.step == a.steps))
             if ((s = save_checkpoint(&r))) goto fail;
     }
     printf("done: step %lld\ncheckpoint: %s/step_%08lld\nmetrics:    %s/metrics.jsonl\n",
@@ -1052,6 +1160,10 @@ done:
     if (r.a.prompts) free((char *)r.a.prompts);
     run_free(&r);
     json_decref(saved);
+    /* after an error this rank leaves without MPI_Finalize (the others may be
+     * inside a collective); its non-zero exit ends the job */
+    if (ret) kiln_dist_abandon(r.dist);
+    else kiln_dist_free(r.dist);
     kiln_ctx_free(ctx);
     cli_free(opts, NULL);
     return ret;
