@@ -2366,6 +2366,12 @@ typedef struct kiln_serve_opts {
      * one token a step [NULL] */
     const char *draft_dir;
     int draft_tokens;       /* kiln_spec_opts.n_draft, 1..KILN_SPEC_MAX_DRAFT [4] */
+    /* LoRA adapters served over the one base (kiln_engine_add_adapter):
+     * each "NAME=DIR" (a PEFT directory) is model id NAME in /v1/models,
+     * chosen per request by its "model" field; the base's id uses none.
+     * Requests of different adapters share batched steps [none] */
+    const char *const *adapters;
+    int n_adapters;
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);
