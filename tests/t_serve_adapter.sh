@@ -95,6 +95,14 @@ check adapter_changes_text [ "$g_rev" != "$g_rev_base" ]
 DETAIL="$(cat "$D/model.rev") $(cat "$D/model.dup") $(cat "$D/model.base")"
 check response_names_model [ "$(cat "$D/model.rev")" = rev -a "$(cat "$D/model.dup")" = dup -a "$(cat "$D/model.base")" = base ]
 
+# a prompt cached under one model id is not reused for another (a slot's
+# cache holds its adapter's keys and values): the base's prompt P3 again,
+# now under rev, then P1 (cached under rev) under the base
+t_rev3=$(complete rev "$P3"); g_rev3=$(gen "$P3" --adapter "$A1")
+t_base1=$(complete base "$P1")
+DETAIL="rev on the base's cached prompt '$t_rev3' vs '$g_rev3'; base on rev's '$t_base1' vs '$g_rev_base'"
+check prefix_cache_per_adapter [ "$t_rev3" = "$g_rev3" -a "$t_base1" = "$g_rev_base" -a "$g_rev3" != "$g_base" ]
+
 # concurrently: the three models in shared steps
 metric() { curl -s "$U/metrics" | sed -n "s/^$1 //p"; }
 s0=$(metric kiln_engine_steps_total)
@@ -136,7 +144,7 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "$U/v1/models/nope")
 check unknown_model_route_404 [ "$code" = 404 ]
 
 mt=$(curl -s "$U/metrics"); DETAIL=$(grep kiln_model_requests_total <<<"$mt")
-check metrics_per_model eval "grep -q '^kiln_model_requests_total{model=\"rev\"} 3$' <<<\"\$mt\" && grep -q '^kiln_model_requests_total{model=\"base\"} 3$' <<<\"\$mt\""
+check metrics_per_model eval "grep -q '^kiln_model_requests_total{model=\"rev\"} 4$' <<<\"\$mt\" && grep -q '^kiln_model_requests_total{model=\"base\"} 4$' <<<\"\$mt\""
 DETAIL=$(grep "POST /v1/completions" "$D/serve.log" | tail -2)
 check access_log_names_model grep -q 'POST /v1/completions 200 .* model=dup' "$D/serve.log"
 stop_checked
