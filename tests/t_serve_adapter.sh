@@ -8,7 +8,8 @@
 # base id, both one at a time and with the three requests running
 # concurrently over --parallel 3 (they share engine steps: fewer steps than
 # tokens generated); the response names the model asked for; an unknown
-# id gets the OpenAI 404 model_not_found; metrics count requests per model
+# id gets the OpenAI 404 model_not_found; a prompt cached under one id is
+# not reused for another; /v1/embeddings takes an adapter id; metrics count requests per model
 # id and the access log names it; the startup log gives the base's and
 # each adapter's bytes; an adapter for another base is refused at startup
 # naming the tensor; bad NAME=DIR values are refused naming the flag.
@@ -72,7 +73,7 @@ check model_route_adapter "$PY" -c "import json,sys; d=json.loads(sys.argv[1]); 
 
 # startup log: the base's bytes once, each adapter's bytes
 DETAIL=$(grep "kiln serve:" "$D/serve.log" | head -8)
-check startup_memory_logged eval "grep -q \"adapter 'rev' ($A1): [0-9]* bytes of fp32 A and B\" $D/serve.log && grep -q \"base 'base': [0-9]* bytes of weights, held once for it and its 2 adapters\" $D/serve.log"
+check startup_memory_logged eval "grep -q \"adapter 'rev' ($A1): [0-9]* bytes of fp32 A and B\" $D/serve.log && grep -q \"base 'base': [0-9]* bytes of weight matrices, held once for it and its 2 adapters\" $D/serve.log"
 
 complete() { # model prompt -> prompt + text (and the model the response names in $D/model.$1)
   curl -s -m 30 -H 'Content-Type: application/json' \
@@ -135,6 +136,17 @@ check concurrent_equal_generate eval "[[ '$ntok' =~ ^[0-9]+$ ]] && [ '$ntok' -gt
 DETAIL="$((s1 - s0)) steps for $ntok generated tokens"; echo "  concurrent: $DETAIL"
 check concurrent_shared_steps eval "[[ '$ntok' =~ ^[0-9]+$ ]] && [ $((s1 - s0)) -lt '$ntok' ]"
 
+# embeddings: the adapter's hidden states under its id
+emb() { curl -s -m 10 -H 'Content-Type: application/json' -d "{\"model\":\"$1\",\"input\":\"reverse cat dog\"}" "$U/v1/embeddings"; }
+e_rev=$(emb rev); e_base=$(emb base); DETAIL="$(head -c 200 <<<"$e_rev")"
+check embeddings_per_adapter "$PY" -c "
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+assert a['model'] == 'rev' and b['model'] == 'base'
+va, vb = a['data'][0]['embedding'], b['data'][0]['embedding']
+assert len(va) == len(vb) == 64 and max(abs(x - y) for x, y in zip(va, vb)) > 1e-3
+" "$e_rev" "$e_base"
+
 # unknown model: OpenAI's 404
 code=$(curl -s -o "$D/nf.json" -w '%{http_code}' -H 'Content-Type: application/json' \
   -d '{"model":"nope","prompt":"x","max_tokens":2}' "$U/v1/completions")
@@ -144,7 +156,7 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "$U/v1/models/nope")
 check unknown_model_route_404 [ "$code" = 404 ]
 
 mt=$(curl -s "$U/metrics"); DETAIL=$(grep kiln_model_requests_total <<<"$mt")
-check metrics_per_model eval "grep -q '^kiln_model_requests_total{model=\"rev\"} 4$' <<<\"\$mt\" && grep -q '^kiln_model_requests_total{model=\"base\"} 4$' <<<\"\$mt\""
+check metrics_per_model eval "grep -q '^kiln_model_requests_total{model=\"rev\"} 5$' <<<\"\$mt\" && grep -q '^kiln_model_requests_total{model=\"base\"} 5$' <<<\"\$mt\""
 DETAIL=$(grep "POST /v1/completions" "$D/serve.log" | tail -2)
 check access_log_names_model grep -q 'POST /v1/completions 200 .* model=dup' "$D/serve.log"
 stop_checked

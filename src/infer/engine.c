@@ -225,7 +225,8 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
     if (cfg->lora_rank > 0) /* the engine streams the base weights only */
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "the model has LoRA adapters (a LoRA run's checkpoint or "
-                         "kiln_model_load_adapter): merge them first (kiln_model_merge_lora)");
+                         "kiln_model_load_adapter): merge them first (kiln_model_merge_lora), or build "
+                         "the engine over the base and add them (kiln_engine_add_adapter)");
     if (o.n_slots < 1 || o.n_slots > 4096)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "kiln_engine_opts.n_slots = %d is outside 1..4096", o.n_slots);

@@ -358,7 +358,7 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     if ((st = add_adapters(ctx, &o, eng, name, ad_ids, ad_dirs))) goto out;
     if (o.n_adapters)
         kiln_log(ctx, KILN_LOG_INFO,
-                 "kiln serve: base '%s': %zu bytes of weights, held once for it and its %d "
+                 "kiln serve: base '%s': %zu bytes of weight matrices, held once for it and its %d "
                  "adapter%s", name, kiln_engine_weight_bytes(eng), o.n_adapters,
                  o.n_adapters > 1 ? "s" : "");
     if (o.draft_dir) {
