@@ -12,7 +12,9 @@
 # not reused for another; /v1/embeddings takes an adapter id; metrics count requests per model
 # id and the access log names it; the startup log gives the base's and
 # each adapter's bytes; an adapter for another base is refused at startup
-# naming the tensor; bad NAME=DIR values are refused naming the flag.
+# naming the tensor; bad NAME=DIR values are refused naming the flag;
+# with --draft the adapter's greedy text is unchanged, and following a run
+# (--model RUN) each reloaded checkpoint gets the adapter again.
 D="$KILN_TMP/t_serve_adapter"
 rm -rf "$D"; mkdir -p "$D"
 . "$KILN_ROOT/tests/lib_serve.sh"
@@ -159,6 +161,22 @@ mt=$(curl -s "$U/metrics"); DETAIL=$(grep kiln_model_requests_total <<<"$mt")
 check metrics_per_model eval "grep -q '^kiln_model_requests_total{model=\"rev\"} 5$' <<<\"\$mt\" && grep -q '^kiln_model_requests_total{model=\"base\"} 5$' <<<\"\$mt\""
 DETAIL=$(grep "POST /v1/completions" "$D/serve.log" | tail -2)
 check access_log_names_model grep -q 'POST /v1/completions 200 .* model=dup' "$D/serve.log"
+stop_checked
+
+# a followed run with a draft: the adapter over each reloaded checkpoint,
+# speculative decoding (the draft without adapters) keeping greedy text
+serve_start "$D/pre" --name base --parallel 2 --threads 1 --watch-ms 100 \
+  --draft "$BASE" --draft-tokens 3 --adapter "rev=$A1" || { fail adapter_run_starts; exit 1; }
+U="http://127.0.0.1:$PORT"
+t=$(complete rev "$P1"); DETAIL="served '$t', generate --adapter '$g_rev'"
+check adapter_with_draft_equals_generate [ "$t" = "$g_rev" ]
+"$KILN" train --data "$D/data" --out "$D/pre" --steps 30 --batch 4 --seq 48 --lr 1e-3 --warmup 5 \
+  --eval-every 0 --progress none --threads 1 --resume "$D/pre" >"$D/train2.log" 2>&1 \
+  || { fail adapter_reload_train "$(tail -3 "$D/train2.log")"; exit 1; }
+for _ in $(seq 200); do grep -q "now serving checkpoint step_00000030" "$D/serve.log" && break; sleep 0.05; done
+g30=$("$KILN" generate --model "$D/pre/step_00000030" --adapter "$A1" --prompt "$P1" --max-tokens 40 --temperature 0 --threads 1 --quiet 2>&1)
+t=$(complete rev "$P1"); DETAIL="reloaded: served '$t', generate --adapter over step 30 '$g30'; $(grep -c 'now serving checkpoint step_00000030' "$D/serve.log") reloads"
+check adapter_over_reloaded_checkpoint [ "$t" = "$g30" -a "$g30" != "$g_rev" ]
 stop_checked
 
 # refusals at startup
