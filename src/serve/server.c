@@ -355,6 +355,7 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
         st = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
         goto out;
     }
+    name = ad_ids[0]; /* (base_name's buffer is reused below) */
     if ((st = add_adapters(ctx, &o, eng, name, ad_ids, ad_dirs))) goto out;
     if (o.n_adapters)
         kiln_log(ctx, KILN_LOG_INFO,
