@@ -2061,6 +2061,24 @@ int kiln_engine_pos(const kiln_engine *e, int slot);
  * gives the logits a full prefill would. KILN_ERR_RANGE on bad slots or n. */
 kiln_status kiln_engine_copy_prefix(kiln_ctx *ctx, kiln_engine *e, int dst, int src, int n);
 
+/* Served LoRA adapters (vLLM-style multi-LoRA): the base weights exist
+ * once; each adapter holds only its fp32 A and B. kiln_engine_add_adapter
+ * reads PEFT directory dir (names and shapes checked against the base:
+ * an adapter for another base is refused naming the tensor) and returns
+ * its id (1, 2, ...) in *id; 0 is the base (no adapter). A slot's
+ * adapter (kiln_engine_set_slot_adapter; 0 at start) applies to every
+ * entry of that slot in a step: the base product W x runs for all rows of
+ * a step and each adapter's (alpha/r) B (A x) is added to its own slots'
+ * rows only, so requests of different adapters share one batched step.
+ * A slot's cache holds the keys and values of the adapter it was filled
+ * with: reset (or copy a prefix of the same adapter) on a change. */
+kiln_status kiln_engine_add_adapter(kiln_ctx *ctx, kiln_engine *e, const char *dir, int *id);
+kiln_status kiln_engine_set_slot_adapter(kiln_ctx *ctx, kiln_engine *e, int slot, int id);
+int kiln_engine_slot_adapter(const kiln_engine *e, int slot);
+int kiln_engine_n_adapters(const kiln_engine *e);
+/* Bytes of adapter id's A and B (fp32); 0 for a bad id. */
+size_t kiln_engine_adapter_bytes(const kiln_engine *e, int id);
+
 /* One entry of a forward step: append `token` to `slot` at the slot's
  * next position; when want_logits, its next-token logits are returned. */
 typedef struct kiln_engine_tok {
@@ -2376,6 +2394,12 @@ typedef struct kiln_serve_opts {
      * one token a step [NULL] */
     const char *draft_dir;
     int draft_tokens;       /* kiln_spec_opts.n_draft, 1..KILN_SPEC_MAX_DRAFT [4] */
+    /* LoRA adapters served over the one base (kiln_engine_add_adapter):
+     * each "NAME=DIR" (a PEFT directory) is model id NAME in /v1/models,
+     * chosen per request by its "model" field; the base's id uses none.
+     * Requests of different adapters share batched steps [none] */
+    const char *const *adapters;
+    int n_adapters;
 } kiln_serve_opts;
 
 kiln_serve_opts kiln_serve_opts_default(void);

@@ -336,6 +336,8 @@ static const struct {
     /* kiln serve */
     {"kiln_serve_opts.model_dir", "--model"},
     {"kiln_serve_opts.draft_dir", "--draft"},
+    {"kiln_serve_opts.adapters", "--adapter"},
+    {"kiln_serve_opts.n_adapters", "--adapter"},
     {"kiln_serve_opts.draft_tokens", "--draft-tokens"},
     {"kiln_serve_opts.model_name", "--name"},
     {"kiln_serve_opts.tokenizer", "--tokenizer"},

@@ -15,6 +15,7 @@ int cmd_serve(int argc, char **argv)
     int64_t max_body = (int64_t)o.max_body;
     int threads = 0;
     const char *draft = NULL;
+    cli_list adapters = {0};
     cli_opt opts[] = {
         {"model", CLI_STR, &o.model_dir, "model directory (config.json, model.safetensors, tokenizer.json), or a run directory: its latest checkpoint", true},
         {"host", CLI_STR, &o.host, "address to bind [127.0.0.1]", false},
@@ -24,6 +25,7 @@ int cmd_serve(int argc, char **argv)
         {"parallel", CLI_INT, &o.parallel, "requests decoded together (KV-cache slots) [4]", false},
         {"ctx", CLI_INT, &o.n_ctx, "context per slot, 0 = the model's [0]", false},
         {"draft", CLI_STR, &draft, "speculative decoding: a smaller draft model (directory, run directory or .gguf) sharing the model's tokenizer; outputs are distributed exactly as without it; requests with response_format/tools or echo logprobs decode without it [off]", false},
+        {"adapter", CLI_LIST, &adapters, "LoRA adapters served over the one base: NAME=DIR (a PEFT directory, e.g. from kiln sft --lora-rank) is model id NAME in /v1/models, chosen per request by \"model\"; the base's id uses none; several, or the flag repeated [none]", false},
         {"draft-tokens", CLI_INT, &o.draft_tokens, "tokens the draft proposes per slot and step, 1..16 [4]", false},
         {"max-queue", CLI_INT, &o.max_queue, "waiting requests before 503 [64]", false},
         {"max-body", CLI_I64, &max_body, "request body limit in bytes [1048576]", false},
@@ -40,7 +42,7 @@ int cmd_serve(int argc, char **argv)
     };
     int rc = cli_parse("serve",
                        "serve --model DIR [--host 127.0.0.1] [--port 8080] [--api-key KEY] "
-                       "[--parallel N] [--ctx N]",
+                       "[--parallel N] [--ctx N] [--adapter NAME=DIR ...]",
                        "Serves the model over OpenAI's HTTP API: GET /v1/models, POST\n"
                        "/v1/completions, POST /v1/chat/completions (stream: true for\n"
                        "server-sent events), POST /v1/embeddings, POST /tokenize, POST /detokenize, GET /props,\n"
@@ -111,6 +113,8 @@ int cmd_serve(int argc, char **argv)
         o.draft_dir = draft_dir;
     if (!st) {
         o.model_dir = model_dir;
+        o.adapters = adapters.items;
+        o.n_adapters = adapters.n;
         if (!dtype && cli_is_gguf(model_dir)) o.weights_gguf = model_dir; /* its own types */
         st = kiln_serve_run(ctx, &o);
     }

@@ -67,6 +67,16 @@ struct kiln_engine {
     model_gguf_tensor *gguf_list;
     int gguf_n, n_stored, n_converted; /* matrices taken as stored / prepared */
     int nth;           /* OpenMP threads */
+    /* served LoRA adapters (ids 1..n_ad; ad[0] unused): each its A, B
+     * and run state over shared scratch (lora_*: T rows, the largest
+     * rank); the slots' adapter ids; a step's row groups */
+    model_adapter *ad;
+    model_lora *ad_run;
+    int n_ad, ad_rank;
+    int *slot_ad;      /* (S) */
+    float *lora_xu, *lora_xs, *lora_hs, *lora_bt;
+    model_lora_group *groups; /* (n_ad) */
+    int *grow;         /* (n_ad, T) each group's rows */
     float *hid_out;    /* set by kiln_engine_embed: the step writes the wanted
                           rows' final-norm hidden states (nw, C) here
                           instead of their logits */
@@ -101,6 +111,9 @@ void kiln_engine_free(kiln_engine *e)
     free(e->ff); free(e->mean); free(e->rstd); free(e->lse); free(e->scores);
     free(e->epos); free(e->eslot); free(e->wrow); free(e->slot_next);
     kern_gemm_free(e->gemm);
+    for (int i = 1; i <= e->n_ad; i++) model_adapter_free(&e->ad[i]);
+    free(e->ad); free(e->ad_run); free(e->slot_ad); free(e->groups); free(e->grow);
+    free(e->lora_xu); free(e->lora_xs); free(e->lora_hs); free(e->lora_bt);
     free(e);
 }
 
@@ -212,7 +225,8 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
     if (cfg->lora_rank > 0) /* the engine streams the base weights only */
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "the model has LoRA adapters (a LoRA run's checkpoint or "
-                         "kiln_model_load_adapter): merge them first (kiln_model_merge_lora)");
+                         "kiln_model_load_adapter): merge them first (kiln_model_merge_lora), or build "
+                         "the engine over the base and add them (kiln_engine_add_adapter)");
     if (o.n_slots < 1 || o.n_slots > 4096)
         return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
                          "kiln_engine_opts.n_slots = %d is outside 1..4096", o.n_slots);
@@ -322,7 +336,8 @@ kiln_status kiln_engine_new(kiln_ctx *ctx, const kiln_model *m, const kiln_engin
     e->epos = kiln_calloc(ctx, (size_t)T, sizeof(int));
     e->eslot = kiln_calloc(ctx, (size_t)T, sizeof(int));
     e->wrow = kiln_calloc(ctx, (size_t)T, sizeof(int));
-    if (!e->kc || !e->vc || !e->pos || !e->slot_next || !e->x || !e->xn || !e->res2 ||
+    e->slot_ad = kiln_calloc(ctx, (size_t)e->S, sizeof(int));
+    if (!e->slot_ad ||!e->kc || !e->vc || !e->pos || !e->slot_next || !e->x || !e->xn || !e->res2 ||
         !e->qkv || !e->att || !e->hid || !e->ff || !e->mean || !e->rstd || !e->lse ||
         !e->scores || !e->epos || !e->eslot || !e->wrow) {
         kiln_engine_free(e);
@@ -349,6 +364,111 @@ void kiln_engine_reset(kiln_engine *e, int slot)
 int kiln_engine_pos(const kiln_engine *e, int slot)
 {
     return (slot >= 0 && slot < e->S) ? e->pos[slot] : -1;
+}
+
+/* ---- served adapters ------------------------------------------------ */
+
+/* Grows the adapters' shared scratch for rank r (T rows). */
+static kiln_status lora_scratch(kiln_ctx *ctx, kiln_engine *e, int r)
+{
+    if (r <= e->ad_rank && e->lora_xu) return KILN_OK;
+    r = KILN_MAX(r, e->ad_rank);
+    const int T = e->opts.chunk, FH = e->cfg.arch == KILN_ARCH_LLAMA ? 2 * e->F : e->F;
+    size_t wide = (size_t)KILN_MAX(e->C, e->F), outs = (size_t)KILN_MAX(KILN_MAX(e->QKV, FH), e->C);
+    free(e->lora_xu); free(e->lora_xs); free(e->lora_hs); free(e->lora_bt);
+    e->lora_xu = kiln_aligned_alloc(ctx, (size_t)T * wide * 4 + 64);
+    e->lora_xs = kiln_aligned_alloc(ctx, (size_t)T * wide * 4 + 64);
+    e->lora_hs = kiln_aligned_alloc(ctx, (size_t)2 * T * r * 4 + 64);
+    e->lora_bt = kiln_aligned_alloc(ctx, (size_t)2 * r * outs * 4 + 64);
+    if (!e->lora_xu || !e->lora_xs || !e->lora_hs || !e->lora_bt) {
+        e->ad_rank = 0;
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "engine: out of memory for the adapters' scratch");
+    }
+    e->ad_rank = r;
+    return KILN_OK;
+}
+
+kiln_status kiln_engine_add_adapter(kiln_ctx *ctx, kiln_engine *e, const char *dir, int *id)
+{
+    *id = 0;
+    if (e->n_ad >= 1024)
+        return kiln_fail(ctx, KILN_ERR_RANGE, "engine: 1024 adapters at most");
+    model_adapter ad;
+    kiln_status st = model_adapter_read(ctx, &e->cfg, dir, &ad);
+    if (st) return st;
+    int n = e->n_ad + 1;
+    model_adapter *na = realloc(e->ad, (size_t)(n + 1) * sizeof *na);
+    if (na) e->ad = na;
+    model_lora *nr = na ? realloc(e->ad_run, (size_t)(n + 1) * sizeof *nr) : NULL;
+    if (nr) e->ad_run = nr;
+    model_lora_group *ng = nr ? realloc(e->groups, (size_t)n * sizeof *ng) : NULL;
+    if (ng) e->groups = ng;
+    int *gr = ng ? realloc(e->grow, (size_t)n * e->opts.chunk * sizeof *gr) : NULL;
+    if (gr) e->grow = gr;
+    if (!gr) {
+        model_adapter_free(&ad);
+        return kiln_fail(ctx, KILN_ERR_NOMEM, "engine: out of memory for adapter %s", dir);
+    }
+    e->ad[n] = ad;
+    e->n_ad = n;
+    /* the adapter's own config from here on (e->ad may not move again
+     * before the next add, which re-points every run below) */
+    for (int i = 1; i <= n; i++) {
+        const kiln_config *c = &e->ad[i].cfg;
+        e->ad_run[i] = (model_lora){.cfg = c, .rank = c->lora_rank,
+                                    .scale = c->lora_alpha / (float)c->lora_rank};
+    }
+    if ((st = lora_scratch(ctx, e, ad.cfg.lora_rank))) {
+        model_adapter_free(&e->ad[n]);
+        e->n_ad = n - 1;
+        return st;
+    }
+    for (int i = 1; i <= n; i++) { /* every adapter runs on the shared scratch */
+        e->ad_run[i].xu = e->lora_xu;
+        e->ad_run[i].xs = e->lora_xs;
+        e->ad_run[i].hs = e->lora_hs;
+        e->ad_run[i].bt = e->lora_bt;
+    }
+    *id = n;
+    return KILN_OK;
+}
+
+kiln_status kiln_engine_set_slot_adapter(kiln_ctx *ctx, kiln_engine *e, int slot, int id)
+{
+    if (slot < 0 || slot >= e->S)
+        return kiln_fail(ctx, KILN_ERR_RANGE, "engine: slot %d out of range", slot);
+    if (id < 0 || id > e->n_ad)
+        return kiln_fail(ctx, KILN_ERR_RANGE, "engine: adapter %d out of range (0..%d)", id,
+                         e->n_ad);
+    e->slot_ad[slot] = id;
+    return KILN_OK;
+}
+
+int kiln_engine_slot_adapter(const kiln_engine *e, int slot)
+{
+    return (slot >= 0 && slot < e->S) ? e->slot_ad[slot] : -1;
+}
+
+int kiln_engine_n_adapters(const kiln_engine *e) { return e->n_ad; }
+
+size_t kiln_engine_adapter_bytes(const kiln_engine *e, int id)
+{
+    return (id >= 1 && id <= e->n_ad) ? e->ad[id].n_floats * sizeof(float) : 0;
+}
+
+/* The step's rows of each adapter that has any (r->groups). */
+static void group_rows(kiln_engine *e, model_run *r, int T)
+{
+    int ng = 0;
+    for (int a = 1; a <= e->n_ad; a++) {
+        int *rows = e->grow + (size_t)(a - 1) * e->opts.chunk, n = 0;
+        for (int t = 0; t < T; t++)
+            if (e->slot_ad[e->eslot[t]] == a) rows[n++] = t;
+        if (n) e->groups[ng++] = (model_lora_group){&e->ad_run[a], &e->ad[a], rows, n};
+    }
+    r->groups = e->groups;
+    r->n_groups = ng;
+    r->xu = e->lora_xu;
 }
 
 /* ---- forward ------------------------------------------------------- */
@@ -426,6 +546,7 @@ static kiln_status step(kiln_ctx *ctx, kiln_engine *e, const kiln_engine_tok *to
     }
     e->step_T = T;
     model_run r = {.be = e->be, .s = &e->sh, .attend = attend, .ud = e};
+    if (e->n_ad) group_rows(e, &r, T);
     /* the f32 backend's kern_act are fp32 rows: the scratch is them; the
      * SwiGLU product goes straight to fchp (tmp = fchp: nothing copied) */
     model_blk io = {.inp = e->x, .ln1p = (kern_act *)e->xn, .attyp = (kern_act *)e->att,

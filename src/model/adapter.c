@@ -180,17 +180,16 @@ static int slot_of(const kiln_config *c, const char *name, int *layer, bool *is_
     return -1;
 }
 
-kiln_status kiln_model_load_adapter(kiln_ctx *ctx, kiln_model **mp, const char *dir)
+/* Opens PEFT adapter directory dir for base config c: its settings
+ * (adapter_config.json) and its tensors, every name and shape checked
+ * against the base (an adapter for another base is refused naming the
+ * tensor). *f open on success (the caller closes it); *wpath malloc'ed. */
+static kiln_status open_adapter(kiln_ctx *ctx, const kiln_config *c, const char *dir,
+                                kiln_lora_opts *lo, st_file *f, char **wpath_out)
 {
-    kiln_model *m = *mp;
-    const kiln_config *c = &m->cfg;
-    if (c->lora_rank > 0)
-        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
-                         "%s: the base model has LoRA adapters already (merge them first)", dir);
     char *cpath = file_join(dir, "adapter_config.json");
     char *wpath = file_join(dir, "adapter_model.safetensors");
     json_t *o = NULL;
-    st_file f = {0};
     bool opened = false;
     kiln_status s = KILN_OK;
     if (!cpath || !wpath) {
@@ -219,25 +218,25 @@ kiln_status kiln_model_load_adapter(kiln_ctx *ctx, kiln_model **mp, const char *
                       "PEFT adapter, not adapter_model.bin)", wpath);
         goto done;
     }
-    if ((s = st_open(ctx, wpath, &f))) goto done;
+    if ((s = st_open(ctx, wpath, f))) goto done;
     opened = true;
     /* the targets are the slots that have tensors; all layers alike */
     int L = c->n_layer, ns = kiln_lora_num_slots(c->arch);
     int cnt[KILN_LORA_MAX_SLOTS] = {0};
-    for (int i = 0; i < f.n_tensors; i++) {
+    for (int i = 0; i < f->n_tensors; i++) {
         int l;
         bool b;
-        int sl = slot_of(c, f.tensors[i].name, &l, &b);
+        int sl = slot_of(c, f->tensors[i].name, &l, &b);
         if (sl < 0) {
             s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: tensor \"%s\" is no LoRA A/B matrix of a "
                           "linear module of this %s base of %d layers", wpath,
-                          f.tensors[i].name, c->arch == KILN_ARCH_GPT2 ? "gpt2" : "llama", L);
+                          f->tensors[i].name, c->arch == KILN_ARCH_GPT2 ? "gpt2" : "llama", L);
             goto done;
         }
         cnt[sl]++;
         /* the shape the base needs, checked before anything changes */
         model_lora_slot g = model_lora_slot_of(c, sl);
-        const st_tensor *ft = &f.tensors[i];
+        const st_tensor *ft = &f->tensors[i];
         int64_t want0 = b ? g.out : r, want1 = b ? r : g.in;
         if (ft->ndim != 2 || ft->shape[0] != want0 || ft->shape[1] != want1) {
             char fs[64] = "";
@@ -266,8 +265,31 @@ kiln_status kiln_model_load_adapter(kiln_ctx *ctx, kiln_model **mp, const char *
         s = kiln_fail(ctx, KILN_ERR_FORMAT, "%s: no LoRA tensors in it", wpath);
         goto done;
     }
-    kiln_lora_opts lo = {.rank = (int)r, .alpha = (float)alpha, .dropout = (float)drop,
-                         .targets = targets};
+    *lo = (kiln_lora_opts){.rank = (int)r, .alpha = (float)alpha, .dropout = (float)drop,
+                           .targets = targets};
+done:
+    if (s && opened) st_close(f);
+    if (s) {
+        free(wpath);
+        wpath = NULL;
+    }
+    *wpath_out = wpath;
+    json_decref(o);
+    free(cpath);
+    return s;
+}
+
+kiln_status kiln_model_load_adapter(kiln_ctx *ctx, kiln_model **mp, const char *dir)
+{
+    kiln_model *m = *mp;
+    if (m->cfg.lora_rank > 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "%s: the base model has LoRA adapters already (merge them first)", dir);
+    st_file f = {0};
+    char *wpath = NULL;
+    kiln_lora_opts lo;
+    kiln_status s = open_adapter(ctx, &m->cfg, dir, &lo, &f, &wpath);
+    if (s) return s;
     if ((s = kiln_model_add_lora(ctx, mp, &lo))) goto done;
     m = *mp;
     for (int i = 0; i < m->n_tensors && !s; i++) {
@@ -281,9 +303,72 @@ kiln_status kiln_model_load_adapter(kiln_ctx *ctx, kiln_model **mp, const char *
     }
     if (!s) model_params_touched(m);
 done:
-    if (opened) st_close(&f);
-    json_decref(o);
-    free(cpath);
+    st_close(&f);
     free(wpath);
     return s;
+}
+
+kiln_status model_adapter_read(kiln_ctx *ctx, const kiln_config *base, const char *dir,
+                               model_adapter *ad)
+{
+    memset(ad, 0, sizeof *ad);
+    if (base->lora_rank > 0)
+        return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                         "%s: the base model has LoRA adapters already (merge them first)", dir);
+    st_file f = {0};
+    char *wpath = NULL;
+    kiln_lora_opts lo;
+    kiln_status s = open_adapter(ctx, base, dir, &lo, &f, &wpath);
+    if (s) return s;
+    ad->cfg = *base;
+    ad->cfg.lora_rank = lo.rank;
+    ad->cfg.lora_alpha = lo.alpha;
+    ad->cfg.lora_dropout = 0; /* inference: no dropout */
+    ad->cfg.lora_targets = lo.targets;
+    int L = base->n_layer, ns = kiln_lora_num_slots(base->arch);
+    size_t n = 0;
+    for (int sl = 0; sl < ns; sl++) {
+        if (!(lo.targets >> sl & 1)) continue;
+        model_lora_slot g = model_lora_slot_of(base, sl);
+        n += (size_t)L * lo.rank * (size_t)(g.in + g.out);
+    }
+    ad->n_floats = n;
+    ad->data = malloc(n * sizeof(float));
+    ad->a = calloc((size_t)L * KILN_LORA_MAX_SLOTS, sizeof *ad->a);
+    ad->b = calloc((size_t)L * KILN_LORA_MAX_SLOTS, sizeof *ad->b);
+    if (!ad->data || !ad->a || !ad->b) {
+        s = kiln_fail(ctx, KILN_ERR_NOMEM, "%s: out of memory for the adapter", dir);
+        goto done;
+    }
+    float *p = ad->data;
+    const char *pre = base->arch == KILN_ARCH_GPT2 ? PEFT_PREFIX "transformer.h."
+                                                   : PEFT_PREFIX "model.layers.";
+    for (int l = 0; l < L && !s; l++)
+        for (int sl = 0; sl < ns && !s; sl++) {
+            if (!(lo.targets >> sl & 1)) continue;
+            model_lora_slot g = model_lora_slot_of(base, sl);
+            for (int ab = 0; ab < 2 && !s; ab++) {
+                char name[256];
+                snprintf(name, sizeof name, "%s%d.%s.lora_%c.weight", pre, l,
+                         kiln_lora_slot_name(base->arch, sl), ab ? 'B' : 'A');
+                const st_tensor *ft = st_find(&f, name);
+                KILN_ASSERT(ft); /* counted and shape-checked by open_adapter */
+                (ab ? ad->b : ad->a)[l * KILN_LORA_MAX_SLOTS + sl] = p;
+                s = st_read_f32(ctx, &f, ft, wpath, p);
+                p += (size_t)lo.rank * (ab ? g.out : g.in);
+            }
+        }
+done:
+    st_close(&f);
+    free(wpath);
+    if (s) model_adapter_free(ad);
+    return s;
+}
+
+void model_adapter_free(model_adapter *ad)
+{
+    free(ad->data);
+    free(ad->a);
+    free(ad->b);
+    memset(ad, 0, sizeof *ad);
 }

@@ -32,8 +32,9 @@
  * through the typed linear (which streams the weights for decode-sized
  * steps and takes quantized types).
  *
- * LoRA adapters (model_run.lora, lora.c; the training pass only: the
- * engine runs merged weights) add (alpha/r) B A x to a product's fp32
+ * LoRA adapters (model_run.lora, lora.c: the training pass; or
+ * model_run.groups: the engine's served adapters, each on its own rows of
+ * the step over the one shared base) add (alpha/r) B A x to a product's fp32
  * output: the product is then stored as fp32 (qkv, the SwiGLU/GELU input)
  * and its output form (rows, GELU) applied after the adapters, or the
  * adapters add onto the residual sum (proj, fcproj).
@@ -65,11 +66,29 @@ static bool lin(const model_run *r, const kern_out *o, const kern_act *x, kern_w
     return ok;
 }
 
+/* lora_add of the engine's adapters: each group's adapter on its rows. */
+static void lora_add_groups(const model_run *r, int l, int lin, const kern_act *x, int in,
+                            float *y, int ldy, int n)
+{
+    BP(MATMUL_FWD, r->be->mp.act_unpack(r->be, r->xu, x, n, in);
+       for (int g = 0; g < r->n_groups; g++) {
+           const model_lora_group *gr = &r->groups[g];
+           size_t at = (size_t)l * KILN_LORA_MAX_SLOTS;
+           if (!model_lora_has(&gr->ad->cfg, lin)) continue;
+           model_lora_fwd_rows(gr->lr, lin, gr->ad->a + at, gr->ad->b + at, r->xu, in, y, ldy,
+                               gr->rows, gr->n);
+       });
+}
+
 /* Adds layer l's adapters on product lin (lora.c) to its fp32 output y
  * (n, ldy), from the product's input x (n, in) unpacked to fp32. */
 static void lora_add(const model_run *r, int l, int lin, const model_blk_w *w,
                      const kern_act *x, int in, float *y, int ldy, int n)
 {
+    if (r->n_groups) {
+        lora_add_groups(r, l, lin, x, in, y, ldy, n);
+        return;
+    }
     const model_lora *lr = r->lora;
     BP(MATMUL_FWD, r->be->mp.act_unpack(r->be, lr->xu, x, n, in);
        model_lora_fwd(lr, l, lin, w->lora_a, w->lora_b, lr->xu, y, ldy, n));
@@ -77,6 +96,8 @@ static void lora_add(const model_run *r, int l, int lin, const model_blk_w *w,
 
 static bool has(const model_run *r, int lin)
 {
+    for (int g = 0; g < r->n_groups; g++)
+        if (model_lora_has(&r->groups[g].ad->cfg, lin)) return true;
     return r->lora && model_lora_has(r->lora->cfg, lin);
 }
 

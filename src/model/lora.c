@@ -205,6 +205,35 @@ void model_lora_fwd(const model_lora *lr, int l, int lin, const float *const *A,
     }
 }
 
+void model_lora_fwd_rows(const model_lora *lr, int lin, const float *const *A,
+                         const float *const *Bm, const float *x, int ldx, float *y, int ldy,
+                         const int *rows, int n)
+{
+    const kiln_config *c = lr->cfg;
+    int r = lr->rank;
+    for (int s = 0; s < kiln_lora_num_slots(c->arch); s++) {
+        model_lora_slot sl = model_lora_slot_of(c, s);
+        if (sl.lin != lin || !A[s]) continue;
+        float *xg = lr->xs; /* the group's rows gathered (n, in) */
+        for (int i = 0; i < n; i++)
+            memcpy(xg + (size_t)i * sl.in, x + (size_t)rows[i] * ldx, (size_t)sl.in * 4);
+        float *h = lr->hs;
+        xa(h, xg, A[s], n, sl.in, r);
+        float sc = lr->scale;
+        const float *bt = transposed(lr->bt, Bm[s], sl.out, r);
+        for (int i = 0; i < n; i++) {
+            float *yi = y + (size_t)rows[i] * ldy + sl.off;
+            const float *hi = h + (size_t)i * r;
+            for (int k = 0; k < r; k++) {
+                const float *bk = bt + (size_t)k * sl.out;
+                float ck = sc * hi[k];
+#pragma omp simd
+                for (int o = 0; o < sl.out; o++) yi[o] += ck * bk[o];
+            }
+        }
+    }
+}
+
 void model_lora_bwd(const model_lora *lr, int l, int lin, const float *const *A,
                     const float *const *Bm, float *const *dA, float *const *dB, const float *x,
                     const float *dy, int ldy, float *dx, int n)

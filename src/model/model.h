@@ -344,6 +344,37 @@ void model_lora_fwd(const model_lora *lr, int l, int lin, const float *const *A,
 void model_lora_bwd(const model_lora *lr, int l, int lin, const float *const *A,
                     const float *const *Bm, float *const *dA, float *const *dB, const float *x,
                     const float *dy, int ldy, float *dx, int n);
+/* y[rows[i], off:off+out] += scale B A' x[rows[i]] for every targeted
+ * slot of product lin: the adapter of only some rows of a step (the
+ * engine's served adapters; no dropout). Uses lr->xs, hs, bt. */
+void model_lora_fwd_rows(const model_lora *lr, int lin, const float *const *A,
+                         const float *const *Bm, const float *x, int ldx, float *y, int ldy,
+                         const int *rows, int n);
+
+/* A PEFT adapter held apart from its base (the engine's served adapters):
+ * cfg is the base's config with the adapter's lora_rank, lora_alpha and
+ * lora_targets; a[l * KILN_LORA_MAX_SLOTS + s] (r, in) and b (out, r)
+ * fp32, NULL where slot s is not targeted; n_floats in data. */
+typedef struct model_adapter {
+    kiln_config cfg;
+    float *data;
+    size_t n_floats;
+    const float **a, **b;
+} model_adapter;
+/* Reads PEFT directory dir for a base of config base (names and shapes
+ * checked as kiln_model_load_adapter does). */
+kiln_status model_adapter_read(kiln_ctx *ctx, const kiln_config *base, const char *dir,
+                               model_adapter *ad);
+void model_adapter_free(model_adapter *ad);
+
+/* The rows of a step that one adapter applies to (model_run.groups). */
+typedef struct model_lora_group {
+    const model_lora *lr;   /* cfg: the adapter's (model_adapter.cfg) */
+    const model_adapter *ad;
+    const int *rows;
+    int n;
+} model_lora_group;
+
 /* Freezes the base of a model with adapters (kiln_model_new). */
 kiln_status model_lora_finish(kiln_ctx *ctx, kiln_model *m);
 /* Whether layer products lin has a targeted slot. */
@@ -351,6 +382,11 @@ bool model_lora_has(const kiln_config *c, int lin);
 
 typedef struct model_run {
     const model_lora *lora; /* NULL: no adapters */
+    /* the engine's adapters per row group (their rows only; lora NULL):
+     * groups share the unpacked-input scratch xu */
+    const model_lora_group *groups;
+    int n_groups;
+    float *xu;
     kern_backend *be;
     const model_shape *s;
     bool qkv_rows;

@@ -361,6 +361,7 @@ static sreq *sreq_clone(const sreq *r, uint64_t seed)
     c->n_stop_ids = r->n_stop_ids;
     c->n_added = r->n_added;
     c->prompt_lps = r->prompt_lps;
+    c->adapter = r->adapter;
     if (r->echo_text) {
         c->echo_text = malloc(r->echo_len + 1);
         if (!c->echo_text) {
@@ -479,6 +480,32 @@ static int prompt_rest(const json_t *o, const api_model *m, bool chat, bool echo
     return 0;
 }
 
+int api_pick_model(const json_t *mv, const api_model *m, int *adapter, const char **name,
+                   api_err *e)
+{
+    *adapter = 0;
+    *name = m->name;
+    if (!mv || json_is_null(mv)) return 0;
+    if (!json_is_string(mv))
+        return api_fail(e, 400, "model", "invalid_type", "'model' must be a string");
+    const char *want = json_string_value(mv);
+    if (!strcmp(want, m->name)) return 0;
+    for (int i = 0; i < m->n_adapters; i++)
+        if (!strcmp(want, m->adapters[i])) {
+            *adapter = i + 1;
+            *name = m->adapters[i];
+            return 0;
+        }
+    if (m->n_adapters)
+        return api_fail(e, 404, "model", "model_not_found",
+                        "The model '%.200s' does not exist; this server serves '%.200s' and "
+                        "%d LoRA adapter%s over it (GET /v1/models)",
+                        want, m->name, m->n_adapters, m->n_adapters > 1 ? "s" : "");
+    return api_fail(e, 404, "model", "model_not_found",
+                    "The model '%.200s' does not exist; this server serves '%.200s' (GET /v1/models)",
+                    want, m->name);
+}
+
 int api_parse(const char *body, size_t len, bool chat, const api_model *m,
               api_req *out, api_err *e)
 {
@@ -511,16 +538,8 @@ int api_parse(const char *body, size_t len, bool chat, const api_model *m,
     long long ll;
     r->sp = kiln_sampling_default();
 
-    json_t *mv = json_object_get(o, "model");
-    if (mv && !json_is_null(mv)) {
-        if (!json_is_string(mv)) { rc = api_fail(e, 400, "model", "invalid_type", "'model' must be a string"); goto done; }
-        if (strcmp(json_string_value(mv), m->name) != 0) {
-            rc = api_fail(e, 404, "model", "model_not_found",
-                      "The model '%.200s' does not exist; this server serves '%.200s' (GET /v1/models)",
-                      json_string_value(mv), m->name);
-            goto done;
-        }
-    }
+    if ((rc = api_pick_model(json_object_get(o, "model"), m, &r->adapter, &out->model, e)))
+        goto done;
     if ((rc = api_boolean(o, "stream", &out->stream, e))) goto done;
     json_t *so = json_object_get(o, "stream_options");
     if (so && !json_is_null(so)) {
@@ -944,7 +963,7 @@ char *api_response(const api_req *q, const api_model *m, const char *id, long cr
     }
     json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:o, s:o}", "id", id, "object",
                           q->chat ? "chat.completion" : "text_completion", "created",
-                          (json_int_t)created, "model", m->name, "choices", choices, "usage",
+                          (json_int_t)created, "model", q->model ? q->model : m->name, "choices", choices, "usage",
                           usage_json(q));
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
@@ -994,7 +1013,7 @@ char *api_chunk(const api_req *q, int index, const api_model *m,
     }
     json_t *o = json_pack("{s:s, s:s, s:i, s:s, s:o}", "id", id, "object",
                           q->chat ? "chat.completion.chunk" : "text_completion", "created",
-                          (json_int_t)created, "model", m->name, "choices", choices);
+                          (json_int_t)created, "model", q->model ? q->model : m->name, "choices", choices);
     if (usage_only) json_object_set_new(o, "usage", usage_json(q));
     else if (q->include_usage) json_object_set_new(o, "usage", json_null());
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;

@@ -80,16 +80,9 @@ int api_parse_embed(const char *body, size_t len, const api_model *m, api_req *o
         rc = api_fail(e, 400, NULL, "invalid_json", "the request body must be a JSON object");
         goto done;
     }
-    json_t *mv = json_object_get(o, "model");
-    if (mv && !json_is_null(mv)) {
-        if (!json_is_string(mv)) { rc = api_fail(e, 400, "model", "invalid_type", "'model' must be a string"); goto done; }
-        if (strcmp(json_string_value(mv), m->name) != 0) {
-            rc = api_fail(e, 404, "model", "model_not_found",
-                          "The model '%.200s' does not exist; this server serves '%.200s' (GET /v1/models)",
-                          json_string_value(mv), m->name);
-            goto done;
-        }
-    }
+    int adapter = 0;
+    if ((rc = api_pick_model(json_object_get(o, "model"), m, &adapter, &out->model, e)))
+        goto done;
     json_t *fv = json_object_get(o, "encoding_format");
     if (fv && !json_is_null(fv)) {
         const char *f = json_string_value(fv);
@@ -130,6 +123,7 @@ int api_parse_embed(const char *body, size_t len, const api_model *m, api_req *o
         sreq *r = out->rs[i] = sreq_new();
         if (!r) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
         r->embed = true;
+        r->adapter = adapter;
         r->emb = malloc((size_t)m->cfg->n_embd * sizeof *r->emb);
         if (!r->emb) { rc = api_fail(e, 500, NULL, NULL, "out of memory"); goto done; }
         if ((rc = one_input(many ? json_array_get(in, i) : in, many ? "input[]" : "input", m, r, e)))
@@ -194,7 +188,7 @@ char *api_embed_response(const api_req *q, const api_model *m)
     }
     free(v);
     json_t *o = json_pack("{s:s, s:o, s:s, s:{s:I, s:I}}", "object", "list", "data", data,
-                          "model", m->name, "usage", "prompt_tokens", (json_int_t)np,
+                          "model", q->model ? q->model : m->name, "usage", "prompt_tokens", (json_int_t)np,
                           "total_tokens", (json_int_t)np);
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);

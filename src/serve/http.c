@@ -97,6 +97,7 @@ typedef struct conn {
     int status;
     uint64_t bytes;      /* response body bytes sent */
     int n_prompt, n_gen; /* generation routes */
+    const char *model;   /* the model id a request named (adapters served), NULL */
 } conn;
 
 static int route_of(const char *url)
@@ -428,6 +429,7 @@ static enum MHD_Result generate(conn *k, struct MHD_Connection *c, bool chat)
     api_err e = {0};
     if (api_parse(k->body ? k->body : "", k->len, chat, &sv->m, &k->q, &e))
         return send_err(k, c, &e);
+    if (sv->m.n_adapters) k->model = k->q.model;
     int n = k->q.n;
     sreq *r0 = k->q.rs[0];
     for (int i = 0; i < n; i++)
@@ -512,6 +514,7 @@ static enum MHD_Result embeddings(conn *k, struct MHD_Connection *c)
     api_err e = {0};
     if (api_parse_embed(k->body ? k->body : "", k->len, &sv->m, &k->q, &e))
         return send_err(k, c, &e);
+    if (sv->m.n_adapters) k->model = k->q.model;
     int n = k->q.n;
     for (int i = 0; i < n; i++) k->n_prompt += k->q.rs[i]->n_prompt;
     int st = sched_submit_group(sv->s, k->q.rs, n);
@@ -584,8 +587,26 @@ static enum MHD_Result models(conn *k, struct MHD_Connection *c, const char *url
         json_object_set_new(mo, "checkpoint", json_string(ck.name));
         json_object_set_new(mo, "checkpoint_step", json_integer(ck.step));
     }
+    /* served LoRA adapters: a model each, over the base (vLLM's "parent") */
+    json_t *list = json_array();
+    if (list && mo) json_array_append(list, mo);
+    for (int i = 0; list && i < sv->m.n_adapters; i++) {
+        json_t *ao = json_pack("{s:s, s:s, s:i, s:s, s:i, s:s, s:s}", "id", sv->m.adapters[i],
+                               "object", "model", "created", (json_int_t)sv->started, "owned_by",
+                               "kiln", "context_length", sv->m.n_ctx, "parent", sv->name,
+                               "root", sv->s->ad_dirs[i]);
+        if (ao) json_array_append_new(list, ao);
+    }
     if (k->route == R_MODEL) {
-        if (strcmp(url + 11, sv->name) != 0) {
+        for (int i = 0; list && i < sv->m.n_adapters; i++)
+            if (!strcmp(url + 11, sv->m.adapters[i])) {
+                json_decref(mo);
+                mo = json_incref(json_array_get(list, (size_t)i + 1));
+                break;
+            }
+        json_decref(list);
+        const char *id = mo ? json_string_value(json_object_get(mo, "id")) : NULL;
+        if (!id || strcmp(url + 11, id) != 0) {
             json_decref(mo);
             char msg[300];
             snprintf(msg, sizeof msg, "The model '%.200s' does not exist", url + 11);
@@ -595,8 +616,9 @@ static enum MHD_Result models(conn *k, struct MHD_Connection *c, const char *url
         json_decref(mo);
         return send_body(k, c, 200, s, "application/json");
     }
-    json_t *o = json_pack("{s:s, s:[o]}", "object", "list", "data", mo);
-    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(mo);
+    json_t *o = list ? json_pack("{s:s, s:o}", "object", "list", "data", list) : NULL;
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     return send_body(k, c, 200, s, "application/json");
 }
@@ -822,6 +844,7 @@ static void access_log(const conn *k, bool aborted)
             json_object_set_new(o, "prompt_tokens", json_integer(k->n_prompt));
             json_object_set_new(o, "completion_tokens", json_integer(k->n_gen));
         }
+        if (o && k->model) json_object_set_new(o, "model", json_string(k->model));
         if (o && aborted) json_object_set_new(o, "aborted", json_true());
         char *s = o ? json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII | JSON_REAL_PRECISION(6)) : NULL;
         json_decref(o);
@@ -838,10 +861,12 @@ static void access_log(const conn *k, bool aborted)
         else n += (size_t)snprintf(path + n, sizeof path - n, "%%%02X", ch);
     }
     path[n] = 0;
-    char toks[64] = "";
+    char toks[400] = "";
     if (gen && status == 200)
         snprintf(toks, sizeof toks, " prompt_tokens=%d completion_tokens=%d", k->n_prompt,
                  k->n_gen);
+    if (k->model) /* adapters served: the model id each request ran on */
+        snprintf(toks + strlen(toks), sizeof toks - strlen(toks), " model=%.300s", k->model);
     fprintf(stderr, "%s %s %s %s %d %llu %.1fms %s%s%s\n", when, k->client, k->method, path,
             status, (unsigned long long)k->bytes, ms, k->rid, toks, aborted ? " aborted" : "");
 }
@@ -924,7 +949,8 @@ kiln_status http_start(kiln_ctx *ctx, server **out, sched *s,
     sv->name = strdup(model_name);
     sv->cfg = *kiln_engine_config(s->eng);
     sv->m = (api_model){.name = sv->name, .tok = s->tok, .n_ctx = s->n_ctx,
-                        .cfg = &sv->cfg, .vocab = s->V};
+                        .cfg = &sv->cfg, .vocab = s->V,
+                        .adapters = s->n_ad ? s->model_ids + 1 : NULL, .n_adapters = s->n_ad};
     sv->key = o->api_key; /* kiln_serve_run refused an empty one */
     sv->key_len = sv->key ? strlen(sv->key) : 0;
     sv->max_body = o->max_body;

@@ -81,6 +81,15 @@ static kiln_status load(reloader *r, const char *dir, kiln_engine **out)
     if (!st) st = kiln_model_load(r->ctx, dir, &m);
     if (!st) st = same_config(r->ctx, &r->cfg, kiln_model_config(m));
     if (!st) st = kiln_engine_new(r->ctx, m, &r->eo, out);
+    /* the served adapters over the new base (their ids in the same order) */
+    for (int i = 0; !st && i < r->s->n_ad; i++) {
+        int id = 0;
+        st = kiln_engine_add_adapter(r->ctx, *out, r->s->ad_dirs[i], &id);
+    }
+    if (st) {
+        kiln_engine_free(*out);
+        *out = NULL;
+    }
     kiln_model_free(m);
     return st;
 }

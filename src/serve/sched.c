@@ -134,7 +134,9 @@ static int place(sched *s, sreq *r)
     int most = r->prompt_lps ? 0 : r->n_prompt - 1;
     for (int i = 0; i < s->n_slots; i++) {
         const int32_t *c = s->cache_tok + (size_t)i * s->n_ctx;
-        int n = KILN_MIN(s->cache_n[i], most), l = 0;
+        /* a cache holds the keys and values of its slot's adapter */
+        int n = kiln_engine_slot_adapter(s->eng, i) == r->adapter ? KILN_MIN(s->cache_n[i], most)
+                                                                   : 0, l = 0;
         while (l < n && c[l] == r->prompt[l]) l++;
         if (l > best || (l == best && l > 0 && !s->slots[i] && src >= 0 && s->slots[src])) {
             best = l;
@@ -155,6 +157,7 @@ static int place(sched *s, sreq *r)
         kiln_engine_reset(s->eng, dst);
         s->cache_n[dst] = 0;
     }
+    kiln_engine_set_slot_adapter(s->ctx, s->eng, dst, r->adapter); /* (a checked id) */
     r->n_fed = r->n_cached = best;
     return dst;
 }
@@ -182,6 +185,8 @@ static void admit(sched *s, bool followers_only)
             int slot = -1;
             for (int i = 0; i < s->n_slots; i++)
                 if (!s->slots[i] && (slot < 0 || s->cache_n[i] < s->cache_n[slot])) slot = i;
+            kiln_engine_set_slot_adapter(s->ctx, s->eng, slot, r->adapter);
+            if (s->model_requests) s->model_requests[r->adapter]++;
             r->slot = slot;
             r->state = SREQ_RUNNING;
             s->slots[slot] = r;
@@ -222,6 +227,7 @@ static void admit(sched *s, bool followers_only)
             }
         }
         int slot = place(s, r);
+        if (s->model_requests) s->model_requests[r->adapter]++;
         r->slot = slot;
         r->state = SREQ_RUNNING;
         s->slots[slot] = r;

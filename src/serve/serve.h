@@ -76,6 +76,7 @@ typedef struct sreq {
     struct infer_gstate *gst; /* this choice's parse state of gram */
     char *echo_text;     /* echo: the prompt's text (malloc'ed) */
     size_t echo_len;
+    int adapter;         /* the engine's adapter id (0: the base) of the model asked for */
     bool embed;          /* /v1/embeddings: pool the prompt's hidden states into emb */
     float *emb;          /* (n_embd) written by the scheduler before SREQ_DONE */
 
@@ -181,6 +182,13 @@ typedef struct sched {
     kiln_engine_tok *dtoks; /* (chunk) */
     char next_name[64];
     double next_secs;      /* its load time */
+    /* served adapters (set before requests arrive; read-only then): the
+     * model ids (0 the base, i adapter i), the adapters' directories (a
+     * reloaded engine adds them again), requests admitted per model id */
+    int n_ad;
+    const char *const *model_ids; /* (n_ad + 1) */
+    const char *const *ad_dirs;   /* (n_ad) */
+    uint64_t *model_requests;     /* (n_ad + 1) */
 } sched;
 
 /* Creates the scheduler over an engine (not owned) and starts its
@@ -260,6 +268,7 @@ typedef struct api_req {
     int n;               /* choices: prompts x n, prompt-major (OpenAI's indices) */
     sreq **rs;           /* (n) one request per choice, owned until submitted */
     bool b64;            /* embeddings: encoding_format base64 */
+    const char *model;   /* the model id asked for (api_model's string) */
 } api_req;
 
 /* Frees q's requests (those never submitted) and buffers. */
@@ -271,7 +280,15 @@ typedef struct api_model {
     int n_ctx;
     const kiln_config *cfg; /* the model's (kiln_prompt_ids' BOS rule) */
     int vocab;           /* the model's vocabulary size */
+    const char *const *adapters; /* (n_adapters) served adapters' ids: adapter i + 1 */
+    int n_adapters;
 } api_model;
+
+/* The model a request's "model" field names (absent or null: the base):
+ * its adapter id (0: the base) and id string; 0, or a 404 (an unknown
+ * id) / 400 in e. */
+int api_pick_model(const json_t *mv, const api_model *m, int *adapter, const char **name,
+                   api_err *e);
 
 /* Parses an OpenAI completions (chat=false) or chat completions body into
  * out->r. Returns 0, or fills err (status 400 / 404) and returns it. */

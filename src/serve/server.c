@@ -55,6 +55,51 @@ static size_t hist(char *o, size_t cap, const char *name, const char *help,
     return KILN_MIN(k, cap);
 }
 
+/* Appends kiln_model_requests_total{model="ID"} of every model id (the
+ * base and each adapter) to o (k bytes of cap, grown); NULL when out of
+ * memory. */
+static char *model_counts(sched *s, char *o, size_t *k, size_t *cap)
+{
+    int n = s->n_ad + 1;
+    uint64_t *cnt = malloc((size_t)n * sizeof *cnt);
+    if (!cnt) {
+        free(o);
+        return NULL;
+    }
+    pthread_mutex_lock(&s->mu);
+    memcpy(cnt, s->model_requests, (size_t)n * sizeof *cnt);
+    pthread_mutex_unlock(&s->mu);
+    const char *head = "# HELP kiln_model_requests_total Requests admitted per model id (the "
+                       "base and each LoRA adapter).\n# TYPE kiln_model_requests_total counter\n";
+    for (int i = -1; i < n && o; i++) {
+        if (*cap - *k < 1024) {
+            char *g = realloc(o, *cap * 2);
+            if (!g) {
+                free(o);
+                o = NULL;
+                break;
+            }
+            o = g;
+            *cap *= 2;
+        }
+        if (i < 0) {
+            *k += (size_t)snprintf(o + *k, *cap - *k, "%s", head);
+            continue;
+        }
+        char id[600];
+        size_t j = 0; /* the label value, \ and " escaped */
+        for (const char *p = s->model_ids[i]; *p && j + 3 < sizeof id; p++) {
+            if (*p == '\\' || *p == '"') id[j++] = '\\';
+            id[j++] = *p == '\n' ? ' ' : *p;
+        }
+        id[j] = 0;
+        *k += (size_t)snprintf(o + *k, *cap - *k, "kiln_model_requests_total{model=\"%s\"} %llu\n",
+                               id, (unsigned long long)cnt[i]);
+    }
+    free(cnt);
+    return o;
+}
+
 char *metrics_render(sched *s, const metrics *http_m)
 {
     (void)http_m;
@@ -109,7 +154,50 @@ char *metrics_render(sched *s, const metrics *http_m)
               "Time from arrival to the first generated token.", m.ttft_b, m.ttft_n, m.ttft_sum);
     k += hist(o + k, cap - k, "kiln_request_duration_seconds",
               "Time from arrival to the last generated token.", m.lat_b, m.lat_n, m.lat_sum);
+    if (s->n_ad > 0) /* served adapters: requests per model id */
+        o = model_counts(s, o, &k, &cap);
     return o;
+}
+
+/* The served adapters (kiln_serve_opts.adapters, "NAME=DIR" each): added
+ * to the engine, their ids and directories in ids[1..n] and dirs[0..n)
+ * (ids[0]: the base's, set by the caller), and their memory logged. */
+static kiln_status add_adapters(kiln_ctx *ctx, const kiln_serve_opts *o, kiln_engine *eng,
+                                const char *base_id, char **ids, char **dirs)
+{
+    for (int i = 0; i < o->n_adapters; i++) {
+        const char *a = o->adapters[i], *eq = a ? strchr(a, '=') : NULL;
+        if (!eq || eq == a || !eq[1])
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "kiln_serve_opts.adapters entry %d = \"%s\": give NAME=DIR (the model id "
+                             "and a PEFT adapter directory)", i + 1, a ? a : "(null)");
+        for (const char *p = a; p < eq; p++)
+            if ((unsigned char)*p <= ' ' || *p == '"' || *p == '\\' || *p == 0x7f)
+                return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                                 "kiln_serve_opts.adapters entry %d: the model id \"%.*s\" has a "
+                                 "space, quote, backslash or control character", i + 1,
+                                 (int)(eq - a), a);
+        ids[i + 1] = strndup(a, (size_t)(eq - a));
+        dirs[i] = strdup(eq + 1);
+        if (!ids[i + 1] || !dirs[i]) return kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        if (!strcmp(ids[i + 1], base_id))
+            return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                             "kiln_serve_opts.adapters entry %d: the id \"%s\" is the base model's "
+                             "(kiln_serve_opts.model_name); name the adapter otherwise", i + 1,
+                             ids[i + 1]);
+        for (int j = 1; j <= i; j++)
+            if (!strcmp(ids[j], ids[i + 1]))
+                return kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                                 "kiln_serve_opts.adapters entry %d: the id \"%s\" is given twice",
+                                 i + 1, ids[i + 1]);
+        int id = 0;
+        kiln_status st = kiln_engine_add_adapter(ctx, eng, dirs[i], &id);
+        if (st) return st;
+        kiln_log(ctx, KILN_LOG_INFO,
+                 "kiln serve: adapter '%s' (%s): %zu bytes of fp32 A and B over the shared base",
+                 ids[i + 1], dirs[i], kiln_engine_adapter_bytes(eng, id));
+    }
+    return KILN_OK;
 }
 
 static const char *base_name(const char *dir)
@@ -215,6 +303,8 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     kiln_engine *eng = NULL, *draft = NULL;
     server *sv = NULL;
     reloader *rl = NULL;
+    char **ad_ids = NULL, **ad_dirs = NULL; /* the served adapters: ids (0 the base), dirs */
+    uint64_t *ad_count = NULL;
     bool sched_owns = false; /* s.eng is the scheduler's (a reload swaps it) */
     sched s;
     memset(&s, 0, sizeof s);
@@ -251,6 +341,27 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     if (st) goto out;
     kiln_model_free(model); /* the engine holds its own packed copy */
     model = NULL;
+    const char *name = o.model_name ? o.model_name : base_name(o.run_dir ? o.run_dir : o.model_dir);
+    if (o.n_adapters < 0 || (o.n_adapters > 0 && !o.adapters)) {
+        st = kiln_fail(ctx, KILN_ERR_INVALID_ARG,
+                       "kiln_serve_opts.n_adapters = %d without kiln_serve_opts.adapters",
+                       o.n_adapters);
+        goto out;
+    }
+    ad_ids = calloc((size_t)o.n_adapters + 1, sizeof *ad_ids);
+    ad_dirs = calloc((size_t)o.n_adapters + 1, sizeof *ad_dirs);
+    ad_count = calloc((size_t)o.n_adapters + 1, sizeof *ad_count);
+    if (!ad_ids || !ad_dirs || !ad_count || !(ad_ids[0] = strdup(name))) {
+        st = kiln_fail(ctx, KILN_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    name = ad_ids[0]; /* (base_name's buffer is reused below) */
+    if ((st = add_adapters(ctx, &o, eng, name, ad_ids, ad_dirs))) goto out;
+    if (o.n_adapters)
+        kiln_log(ctx, KILN_LOG_INFO,
+                 "kiln serve: base '%s': %zu bytes of weight matrices, held once for it and its %d "
+                 "adapter%s", name, kiln_engine_weight_bytes(eng), o.n_adapters,
+                 o.n_adapters > 1 ? "s" : "");
     if (o.draft_dir) {
         st = load_draft(ctx, &o, kiln_engine_config(eng), tok, &eo, &draft);
         if (st) goto out;
@@ -263,6 +374,10 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     pthread_mutex_lock(&s.mu);
     s.pooling = o.embedding_pooling;
     s.log_ctx = ctx;
+    s.n_ad = o.n_adapters;
+    s.model_ids = (const char *const *)ad_ids;
+    s.ad_dirs = (const char *const *)ad_dirs;
+    s.model_requests = ad_count;
     if (o.run_dir) {
         s.ck.on = true;
         snprintf(s.ck.name, sizeof s.ck.name, "%s", base_name(o.model_dir));
@@ -283,12 +398,13 @@ kiln_status kiln_serve_run(kiln_ctx *ctx, const kiln_serve_opts *opts)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
     int port = 0;
-    const char *name = o.model_name ? o.model_name : base_name(o.run_dir ? o.run_dir : o.model_dir);
     st = http_start(ctx, &sv, &s, &o, name, &port);
     if (st) goto out;
     if (s.draft)
         printf("kiln serve: speculative decoding with draft %s, %d tokens a step\n",
                o.draft_dir, s.K);
+    for (int i = 1; i <= o.n_adapters; i++)
+        printf("kiln serve: LoRA adapter '%s' from %s\n", ad_ids[i], ad_dirs[i - 1]);
     printf("kiln serve: model '%s' (%s, %d slots x %d context) listening on http://%s:%d\n",
            name, o.weights_gguf ? "the .gguf's own" : o.wtype == KILN_DTYPE_F32 ? "fp32" : kiln_dtype_name(o.wtype), s.n_slots,
            s.n_ctx, o.host ? o.host : "127.0.0.1", port);
@@ -314,5 +430,10 @@ out:
     kiln_engine_free(draft);
     kiln_tokenizer_free(tok);
     kiln_model_free(model);
+    for (int i = 0; ad_ids && i <= o.n_adapters; i++) free(ad_ids[i]);
+    for (int i = 0; ad_dirs && i < o.n_adapters; i++) free(ad_dirs[i]);
+    free(ad_ids);
+    free(ad_dirs);
+    free(ad_count);
     return st;
 }
