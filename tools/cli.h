@@ -104,6 +104,13 @@ void cli_train_unblock_signals(void);
  * first finishes the step, saves and returns (res->interrupted), the
  * second quits. Sets o->stop_flag. */
 kiln_status cli_train_run(kiln_ctx *ctx, kiln_train_opts *o, kiln_train_result *res);
+/* What a finished run says (rank 0 only; nothing on other ranks): the loss
+ * plot RUN/loss.svg drawn, then "done: step N, loss L[, val_loss V]", the
+ * checkpoint, metrics and plot (and, for a LoRA run, its PEFT adapter
+ * directory), or for an interrupted run where it stopped and
+ * "resume with: kiln CMD --resume RUN". */
+void cli_train_report(kiln_ctx *ctx, const char *cmd, const char *out,
+                      const kiln_train_result *res);
 
 /* The flags of a training run that kiln train and kiln distill share
  * (batch, seq, ..., lr, schedule, steps, eval/save cadence, seed, threads,
@@ -131,6 +138,13 @@ bool cli_train_flags_apply(const char *cmd, int argc, char **argv, cli_train_fla
  * zero are always this invocation's. */
 void cli_train_resume_merge(int argc, char **argv, const kiln_train_opts *o,
                             kiln_train_opts *saved);
+
+/* A run's own settings file RUN/NAME (sft.json, dpo.json, distill.json,
+ * grpo.json), written as NAME.tmp and renamed; takes j (NULL: out of
+ * memory) and frees it. 0, or 1 after printing "kiln CMD: cannot write
+ * ...". (tools/cli_tune.c) */
+struct json_t;
+int cli_save_run_json(const char *cmd, const char *out, const char *name, struct json_t *j);
 
 /* ---- shared by kiln sft and kiln dpo (tools/cli_tune.c) ------------- */
 

@@ -7,6 +7,7 @@
 #include "cli.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -222,3 +223,14 @@ kiln_status cli_import_gguf(kiln_ctx *ctx, const char *gguf, const char *out, ch
     return s;
 }
 
+int cli_save_run_json(const char *cmd, const char *out, const char *name, json_t *j)
+{
+    char path[4200], tmp[4300];
+    snprintf(path, sizeof path, "%s/%s", out, name);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    int rc = j ? json_dump_file(j, tmp, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : -1;
+    if (!rc && rename(tmp, path) != 0) rc = -1;
+    json_decref(j);
+    if (rc) fprintf(stderr, "kiln %s: cannot write %s\n", cmd, path);
+    return rc ? 1 : 0;
+}

@@ -46,15 +46,7 @@ static int save_args(const char *out, const distill_args *a, const kiln_kd_opts 
                           kd->alpha, "beta", kd->beta, "data", abs_path(a->data, d), "tokenizer",
                           a->tokenizer, "student", abs_path(a->student, s), "student_config",
                           abs_path(a->student_config, c));
-    char path[4200];
-    snprintf(path, sizeof path, "%s/distill.json", out);
-    char tmp[4300];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    int rc = j ? json_dump_file(j, tmp, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : -1;
-    if (!rc && rename(tmp, path) != 0) rc = -1;
-    json_decref(j);
-    if (rc) fprintf(stderr, "kiln distill: cannot write %s\n", path);
-    return rc ? 1 : 0;
+    return cli_save_run_json("distill", out, "distill.json", j);
 }
 
 /* Fills the settings not given on the command line from RUN/distill.json;
@@ -428,19 +420,7 @@ int cmd_distill(int argc, char **argv)
     kiln_train_result res;
     if ((s = cli_train_run(ctx, &o, &res))) goto fail;
     ret = 0;
-    if (res.rank != 0) goto done;
-    char svg[1100];
-    snprintf(svg, sizeof svg, "%s/loss.svg", o.out);
-    bool plotted = kiln_plot_metrics(ctx, o.out, svg) == KILN_OK;
-    if (res.interrupted)
-        printf("stopped at step %lld; checkpoint %s\nresume with: kiln distill --resume %s\n",
-               (long long)res.step, res.checkpoint, o.out);
-    else {
-        printf("done: step %lld, loss %.4f", (long long)res.step, res.loss);
-        if (res.val_loss == res.val_loss) printf(", val_loss %.4f", res.val_loss);
-        printf("\ncheckpoint: %s\nmetrics:    %s/metrics.jsonl\n", res.checkpoint, o.out);
-    }
-    if (plotted) printf("loss plot:  %s\n", svg);
+    cli_train_report(ctx, "distill", o.out, &res);
     goto done;
 fail:
     ret = cli_fail(ctx, "distill", s);

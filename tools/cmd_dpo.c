@@ -51,14 +51,7 @@ static int save_args(const char *out, const dpo_args *a)
                           d, "val_data", a->val_data ? v : NULL, "val_fraction", a->val_fraction,
                           "beta", a->beta, "loss", a->loss, "max_len", a->max_len,
                           "skip_bad_lines", a->skip_bad);
-    char path[4200], tmp[4300];
-    snprintf(path, sizeof path, "%s/dpo.json", out);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    int rc = j ? json_dump_file(j, tmp, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : -1;
-    if (!rc) rc = rename(tmp, path);
-    json_decref(j);
-    if (rc) fprintf(stderr, "kiln dpo: cannot write %s\n", path);
-    return rc ? 1 : 0;
+    return cli_save_run_json("dpo", out, "dpo.json", j);
 }
 
 /* The settings not given on the command line from RUN/dpo.json (strings
@@ -363,19 +356,7 @@ int cmd_dpo(int argc, char **argv)
     kiln_train_result res;
     if ((s = cli_train_run(ctx, &o, &res))) goto fail;
     ret = 0;
-    if (res.rank != 0) goto done;
-    char svg[1100];
-    snprintf(svg, sizeof svg, "%s/loss.svg", o.out);
-    bool plotted = kiln_plot_metrics(ctx, o.out, svg) == KILN_OK;
-    if (res.interrupted)
-        printf("stopped at step %lld; checkpoint %s\nresume with: kiln dpo --resume %s\n",
-               (long long)res.step, res.checkpoint, o.out);
-    else {
-        printf("done: step %lld, loss %.4f", (long long)res.step, res.loss);
-        if (res.val_loss == res.val_loss) printf(", val_loss %.4f", res.val_loss);
-        printf("\ncheckpoint: %s\nmetrics:    %s/metrics.jsonl\n", res.checkpoint, o.out);
-    }
-    if (plotted) printf("loss plot:  %s\n", svg);
+    cli_train_report(ctx, "dpo", o.out, &res);
     goto done;
 fail:
     ret = cli_fail(ctx, "dpo", s);

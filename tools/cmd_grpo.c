@@ -97,14 +97,7 @@ static int save_settings(const char *out, const cli_opt *opts)
         }
         json_object_set_new(j, o->name, v);
     }
-    char path[4200], tmp[4300];
-    snprintf(path, sizeof path, "%s/grpo.json", out);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    int rc = j ? json_dump_file(j, tmp, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : -1;
-    json_decref(j);
-    if (!rc) rc = rename(tmp, path);
-    if (rc) fprintf(stderr, "kiln grpo: cannot write %s\n", path);
-    return rc ? 1 : 0;
+    return cli_save_run_json("grpo", out, "grpo.json", j);
 }
 
 /* Fills every run flag from RUN/grpo.json; a run flag given on the

@@ -52,12 +52,7 @@ static int save_args(const char *out, const sft_args *a)
                           "val_data", a->val_data ? v : NULL, "val_fraction", a->val_fraction, "loss_on",
                           a->loss_on, "max_len", a->max_len, "skip_bad_lines", a->skip_bad,
                           "packing", a->pack);
-    char path[4200];
-    snprintf(path, sizeof path, "%s/sft.json", out);
-    int rc = j ? json_dump_file(j, path, JSON_INDENT(2) | JSON_PRESERVE_ORDER) : -1;
-    json_decref(j);
-    if (rc) fprintf(stderr, "kiln sft: cannot write %s\n", path);
-    return rc ? 1 : 0;
+    return cli_save_run_json("sft", out, "sft.json", j);
 }
 
 /* Fills the settings not given on the command line from RUN/sft.json; the
@@ -324,24 +319,7 @@ int cmd_sft(int argc, char **argv)
     kiln_train_result res;
     if ((s = cli_train_run(ctx, &o, &res))) goto fail;
     ret = 0;
-    if (res.rank != 0) goto done;
-    char svg[1100];
-    snprintf(svg, sizeof svg, "%s/loss.svg", o.out);
-    bool plotted = kiln_plot_metrics(ctx, o.out, svg) == KILN_OK;
-    if (res.interrupted)
-        printf("stopped at step %lld; checkpoint %s\nresume with: kiln sft --resume %s\n",
-               (long long)res.step, res.checkpoint, o.out);
-    else {
-        printf("done: step %lld, loss %.4f", (long long)res.step, res.loss);
-        if (res.val_loss == res.val_loss) printf(", val_loss %.4f", res.val_loss);
-        printf("\ncheckpoint: %s\nmetrics:    %s/metrics.jsonl\n", res.checkpoint, o.out);
-        char ap[1200];
-        snprintf(ap, sizeof ap, "%s/adapter_config.json", res.checkpoint);
-        if (access(ap, F_OK) == 0)
-            printf("adapter:    %s (PEFT directory; kiln merge --adapter, or --adapter on "
-                   "generate/chat/eval)\n", res.checkpoint);
-    }
-    if (plotted) printf("loss plot:  %s\n", svg);
+    cli_train_report(ctx, "sft", o.out, &res);
     goto done;
 fail:
     ret = cli_fail(ctx, "sft", s);

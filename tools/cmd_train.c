@@ -183,6 +183,28 @@ kiln_status cli_train_run(kiln_ctx *ctx, kiln_train_opts *o, kiln_train_result *
     return s;
 }
 
+void cli_train_report(kiln_ctx *ctx, const char *cmd, const char *out,
+                      const kiln_train_result *res)
+{
+    if (res->rank != 0) return; /* rank 0 reports for an MPI job */
+    char svg[4200], ap[4200];
+    snprintf(svg, sizeof svg, "%s/loss.svg", out);
+    bool plotted = kiln_plot_metrics(ctx, out, svg) == KILN_OK;
+    if (res->interrupted) {
+        printf("stopped at step %lld; checkpoint %s\nresume with: kiln %s --resume %s\n",
+               (long long)res->step, res->checkpoint, cmd, out);
+    } else {
+        printf("done: step %lld, loss %.4f", (long long)res->step, res->loss);
+        if (res->val_loss == res->val_loss) printf(", val_loss %.4f", res->val_loss);
+        printf("\ncheckpoint: %s\nmetrics:    %s/metrics.jsonl\n", res->checkpoint, out);
+        snprintf(ap, sizeof ap, "%s/adapter_config.json", res->checkpoint);
+        if (access(ap, F_OK) == 0)
+            printf("adapter:    %s (PEFT directory; kiln merge --adapter, or --adapter on "
+                   "generate/chat/eval)\n", res->checkpoint);
+    }
+    if (plotted) printf("loss plot:  %s\n", svg);
+}
+
 /* ---- the training flags that kiln train and kiln distill share ------- */
 
 int cli_train_common_opts(cli_opt *dst, kiln_train_opts *o, cli_train_flags *f)
@@ -419,24 +441,7 @@ int cmd_train(int argc, char **argv)
         ret = cli_fail(ctx, "train", s);
         goto done;
     }
-    if (res.rank != 0) goto done; /* rank 0 reports for an MPI job */
-    char *svg = malloc(strlen(o.out) + 16);
-    bool plotted = false;
-    if (svg) {
-        sprintf(svg, "%s/loss.svg", o.out);
-        plotted = kiln_plot_metrics(ctx, o.out, svg) == KILN_OK;
-    }
-    if (res.interrupted) {
-        printf("stopped at step %lld; checkpoint %s\n"
-               "resume with: kiln train --resume %s\n",
-               (long long)res.step, res.checkpoint, o.out);
-    } else {
-        printf("done: step %lld, loss %.4f", (long long)res.step, res.loss);
-        if (res.val_loss == res.val_loss) printf(", val_loss %.4f", res.val_loss);
-        printf("\ncheckpoint: %s\nmetrics:    %s/metrics.jsonl\n", res.checkpoint, o.out);
-    }
-    if (plotted) printf("loss plot:  %s\n", svg);
-    free(svg);
+    cli_train_report(ctx, "train", o.out, &res);
 done:
     pthread_sigmask(SIG_UNBLOCK, &g_stop_sigs, NULL);
     kiln_ctx_free(ctx);
