@@ -145,6 +145,9 @@ void cli_train_resume_merge(int argc, char **argv, const kiln_train_opts *o,
  * ...". (tools/cli_tune.c) */
 struct json_t;
 int cli_save_run_json(const char *cmd, const char *out, const char *name, struct json_t *j);
+/* RUN/NAME read back for --resume, or NULL after printing "kiln CMD:
+ * --resume: cannot read ...: a kiln CMD run directory has it". */
+struct json_t *cli_load_run_json(const char *cmd, const char *run, const char *name);
 
 /* ---- shared by kiln sft and kiln dpo (tools/cli_tune.c) ------------- */
 

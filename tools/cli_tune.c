@@ -234,3 +234,15 @@ int cli_save_run_json(const char *cmd, const char *out, const char *name, json_t
     if (rc) fprintf(stderr, "kiln %s: cannot write %s\n", cmd, path);
     return rc ? 1 : 0;
 }
+
+json_t *cli_load_run_json(const char *cmd, const char *run, const char *name)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", run, name);
+    json_error_t err;
+    json_t *j = json_load_file(path, 0, &err);
+    if (!j)
+        fprintf(stderr, "kiln %s: --resume: cannot read %s (%s, line %d): a kiln %s run "
+                        "directory has it\n", cmd, path, err.text, err.line, cmd);
+    return j;
+}

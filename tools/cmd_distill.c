@@ -54,15 +54,10 @@ static int save_args(const char *out, const distill_args *a, const kiln_kd_opts 
 static int load_args(const char *run, int argc, char **argv, distill_args *a, kiln_kd_opts *kd,
                      json_t **keep)
 {
-    char path[4200];
+    char path[4200]; /* for the messages below */
     snprintf(path, sizeof path, "%s/distill.json", run);
-    json_error_t err;
-    json_t *j = json_load_file(path, 0, &err);
-    if (!j) {
-        fprintf(stderr, "kiln distill: --resume: cannot read %s (%s, line %d): a kiln distill "
-                        "run directory has it\n", path, err.text, err.line);
-        return 1;
-    }
+    json_t *j = cli_load_run_json("distill", run, "distill.json");
+    if (!j) return 1;
     *keep = j;
     const char *teacher = json_string_value(json_object_get(j, "teacher"));
     const char *dtype = json_string_value(json_object_get(j, "teacher_dtype"));

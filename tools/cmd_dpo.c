@@ -58,15 +58,10 @@ static int save_args(const char *out, const dpo_args *a)
  * kept alive by *keep). */
 static int load_args(const char *run, int argc, char **argv, dpo_args *a, json_t **keep)
 {
-    char path[4200];
+    char path[4200]; /* for the messages below */
     snprintf(path, sizeof path, "%s/dpo.json", run);
-    json_error_t err;
-    json_t *j = json_load_file(path, 0, &err);
-    if (!j) {
-        fprintf(stderr, "kiln dpo: --resume: cannot read %s (%s, line %d): a kiln dpo run "
-                        "directory has it\n", path, err.text, err.line);
-        return 1;
-    }
+    json_t *j = cli_load_run_json("dpo", run, "dpo.json");
+    if (!j) return 1;
     *keep = j;
     const char *model = json_string_value(json_object_get(j, "model"));
     const char *ref = json_string_value(json_object_get(j, "ref"));

@@ -105,15 +105,10 @@ static int save_settings(const char *out, const cli_opt *opts)
  * point into *keep. */
 static int load_settings(const char *run, int argc, char **argv, cli_opt *opts, json_t **keep)
 {
-    char path[4200];
+    char path[4200]; /* for the messages below */
     snprintf(path, sizeof path, "%s/grpo.json", run);
-    json_error_t err;
-    json_t *j = json_load_file(path, 0, &err);
-    if (!j) {
-        fprintf(stderr, "kiln grpo: --resume: cannot read %s (%s): a kiln grpo run directory "
-                        "has it\n", path, err.text);
-        return 1;
-    }
+    json_t *j = cli_load_run_json("grpo", run, "grpo.json");
+    if (!j) return 1;
     *keep = j;
     for (cli_opt *o = opts; o->name; o++) {
         if (!run_flag(o->name)) continue;

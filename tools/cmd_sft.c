@@ -59,15 +59,10 @@ static int save_args(const char *out, const sft_args *a)
  * strings are copied into keep (freed by the caller with json_decref). */
 static int load_args(const char *run, int argc, char **argv, sft_args *a, json_t **keep)
 {
-    char path[4200];
+    char path[4200]; /* for the messages below */
     snprintf(path, sizeof path, "%s/sft.json", run);
-    json_error_t err;
-    json_t *j = json_load_file(path, 0, &err);
-    if (!j) {
-        fprintf(stderr, "kiln sft: --resume: cannot read %s (%s, line %d): a kiln sft run "
-                        "directory has it\n", path, err.text, err.line);
-        return 1;
-    }
+    json_t *j = cli_load_run_json("sft", run, "sft.json");
+    if (!j) return 1;
     *keep = j;
     const char *model = json_string_value(json_object_get(j, "model"));
     const char *data = json_string_value(json_object_get(j, "data"));
