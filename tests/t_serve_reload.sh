@@ -96,6 +96,10 @@ check bad_checksum_logged grep -q "reload failed: cannot load checkpoint .*step_
 bad step_00000091 --truncated
 check bad_truncated_counted wait_for reload_failures 2
 check bad_truncated_logged grep -q "reload failed: cannot load checkpoint .*step_00000091: " "$D/serve.log"
+# a broken checkpoint is tried once, not at every look (--watch-ms 100):
+# five looks later the count is still 2
+sleep 0.6
+check bad_not_retried [ "$(props reload_failures)" = 2 ]
 check metrics_failures [ "$(metric kiln_checkpoint_reload_failures_total)" = 2 ]
 complete "$D/c60b.json"
 DETAIL="$(text "$D/c60b.json") vs $t60"
